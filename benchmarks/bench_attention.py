@@ -5,8 +5,8 @@ Sparse attention backends against their peers, measured in the same process on t
 1. one packed row of 16K tokens, lognormal document lengths (mean ~550), causal inside documents: attnmask "auto"
    forward, and forward + backward, against the per-document SDPA loop (the ideal: only useful pairs computed) and
    SDPA with a dense document-causal bool mask (what transformers does for packed rows under sdpa; forward, timed once);
-2. 2,000 documents of 4-12 tokens in one row: "auto", "banded" and "varlen" forward against the per-document SDPA
-   loop;
+2. 2,000 documents of 4-12 tokens in one row: "auto", "native", "banded" and "varlen" forward against the
+   per-document SDPA loop;
 3. a causal sliding window of 4,096 on a 32K row: "auto" and "blocksparse" forward against SDPA with a dense mask
    (a 1 GiB bool mask, which SDPA expands to a float mask per head: 4 GiB a head, so this scenario runs with
    ``--window-heads 1`` by default; both sides scale linearly in heads) and, with --flex, compiled FlexAttention with
@@ -128,7 +128,7 @@ def tiny_documents(n_docs: int, gen, rows: list):
     rows.append(
         (title, f"auto ({picked}) fwd", t_ours, "per-document SDPA loop", t_loop, (o_ours - o_loop).abs().max().item())
     )
-    for backend in ("banded", "varlen"):
+    for backend in ("native", "banded", "varlen"):
         t_b, o_b = best_time(lambda b=backend: am.attention(q, k, v, spec, backend=b), 3)
         rows.append((title, f"{backend} fwd", t_b, "per-document SDPA loop", t_loop, (o_b - o_loop).abs().max().item()))
 

@@ -109,7 +109,10 @@ def test_banded_refuses_a_tensor_mask():
     )
 
 
-def test_auto_picks_banded_for_a_row_of_tiny_documents():
+def test_auto_picks_banded_for_a_row_of_tiny_documents_when_the_native_kernel_is_missing(monkeypatch):
+    from attnmask import native
+
+    monkeypatch.setattr(native, "native_available", lambda: "no C compiler (simulated)")
     lens = tiny_documents(500)
     spec = am.causal() & am.document(seq_lens=lens)
     q = torch.empty(1, 8, sum(lens), 64)

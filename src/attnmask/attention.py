@@ -279,12 +279,13 @@ def attention(
     - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost), ``"sdpa"``, ``"reference"``,
       ``"varlen"`` (per document), ``"blocksparse"`` (tiles of a block layout) or ``"flex"`` (compiled FlexAttention,
       opt-in; see ``attnmask.sparse``), ``"banded"`` (rows of many short documents: one SDPA call on a narrow band
-      of small tiles, see ``attnmask.banded``), or one registered later. ``scale`` defaults to ``D ** -0.5``.
+      of small tiles, see ``attnmask.banded``), ``"native"`` (per document in a small C kernel built on first use:
+      rows of many short documents, see ``attnmask.native``), or one registered later. ``scale`` defaults to ``D ** -0.5``.
 
     Memory: ``"sdpa"`` builds an O(B·Q·K) bool mask from a spec (none for ``None``, ``full()`` and a plain
     ``causal()`` with ``Q == K``, which uses ``is_causal``); ``"reference"`` materialises O(B·H·Q·K) float32 scores;
     ``"varlen"`` and ``"blocksparse"`` never build more than one document's or one tile group's mask; ``"banded"``
-    builds an O(B·L·W·bs) bool mask of its band.
+    builds an O(B·L·W·bs) bool mask of its band; ``"native"`` builds no mask at all.
 
     Example: ``attention(q, k, v, causal() & key_padding(batch.attention_mask))`` on a left-padded batch gives 0 at
     the padding queries, which see no key.
@@ -379,3 +380,7 @@ FLEX = register_backend(Backend("flex", _sparse.flex_run, _sparse.flex_unsupport
 from attnmask import banded as _banded  # noqa: E402  (banded does not import this module)
 
 BANDED = register_backend(Backend("banded", _banded.banded_run, _banded.banded_unsupported, _banded.banded_cost))
+
+from attnmask import native as _native  # noqa: E402  (native does not import this module)
+
+NATIVE = register_backend(Backend("native", _native.native_run, _native.native_unsupported, _native.native_cost))

@@ -24,13 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from attnmask import masks as M
-from attnmask.sparse import COPY_COST, SMALL_MATMUL_COST, _cached
+from attnmask.sparse import COPY_COST, _cached
 
 __all__ = ["banded_cost", "banded_run", "banded_unsupported"]
 
 _TILE_SIZES = (8, 16, 32, 64)  # candidate tile sizes; the cheapest by banded_cost wins (ties: the smaller)
 MAX_BAND_KEYS = 256  # wider bands go to sdpa / varlen / blocksparse
 _HEAD_COST = 1e5  # Python and dispatch overhead of one head's few kernel calls, in element operations
+_TILE_COST = (
+    2.3e5  # per (tile, head) item of the SDPA batch: measured 4-7 us with the mask and edge tiles, any tile size
+)
 _MASK_COST = 20.0  # evaluating the spec on one (query, key) pair of the band, once for all heads
 
 
@@ -110,7 +113,7 @@ def banded_unsupported(call) -> str | None:
 
 
 def banded_cost(call) -> float:
-    """Pairs computed ``B·H·Lp·W·bs`` times ``D + Dv``, two small matmuls per tile and head, the copy of the
+    """Pairs computed ``B·H·Lp·W·bs`` times ``D + Dv``, a charge per tile and head (SDPA item), the copy of the
     output, the band's mask evaluations (once for all heads) and a charge per head
     (comparable with ``attnmask.sparse.varlen_cost``)."""
     plan = _cached_plan(call)
@@ -121,7 +124,7 @@ def _estimate(call, bs: int, width: int) -> float:
     n_tiles = -(-call.q_len // bs)
     band = n_tiles * bs * width * bs
     heads = call.batch * call.heads
-    per_head = band * (call.head_dim + call.value_dim) + 2 * n_tiles * SMALL_MATMUL_COST + _HEAD_COST
+    per_head = band * (call.head_dim + call.value_dim) + n_tiles * _TILE_COST + _HEAD_COST
     work = heads * (per_head + call.q_len * call.value_dim * COPY_COST)  # the output is assembled by one copy
     return float(work + (call.mask.batch_size or 1) * band * _MASK_COST)
 

@@ -36,6 +36,7 @@ __all__ = [
     "NONE",
     "PARTIAL",
     "FULL",
+    "check_segments",
     "segments_from_varlen",
     "varlen_attention",
     "blocksparse_attention",
@@ -123,13 +124,10 @@ def varlen_attention(
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise bad(BackendError, "window", "None or an int >= 1", repr(window))
     causal = causal or window is not None
-    segs = torch.as_tensor(segments, dtype=torch.long).cpu().reshape(-1, 6)
+    segs = check_segments(segments, q, k, v)
     scale = D**-0.5 if scale is None else float(scale)
     gqa = H != Hkv
     seg_list = [tuple(s) for s in segs.tolist()]
-    for row, qs, ql, ks, kl, _ in seg_list:
-        if not (0 <= row < B and 0 <= qs and qs + ql <= Q and 0 <= ks and ks + kl <= K and ql >= 0 and kl >= 0):
-            raise bad(ShapeError, "segments", f"ranges inside rows of B={B}, Q={Q}, K={K}", (row, qs, ql, ks, kl))
 
     results = []  # (output (n, H, q_len, Dv), the n segments it holds)
     groups: dict[tuple[int, int, int], list] = {}
@@ -146,7 +144,6 @@ def varlen_attention(
         results.append((_dense_segment(qb, kb, vb, off, causal, window, scale, gqa), members))
     if small_segs:
         results.extend(_small_segments(q, k, v, small_segs, causal, window, scale))
-    _check_disjoint(seg_list, B)
     if sum(len(m) for _, m in results) > 64:
         out = _assemble_by_index(q, v, results)
     else:
@@ -158,17 +155,36 @@ def varlen_attention(
     return out.to(q.dtype)
 
 
-def _check_disjoint(segs: list, B: int) -> None:
-    by_row: list[list] = [[] for _ in range(B)]
-    for seg in segs:
-        if seg[2] > 0:
-            by_row[seg[0]].append((seg[1], seg[2]))
-    for r, ranges in enumerate(by_row):
-        at = 0
-        for qs, ql in sorted(ranges):
-            if qs < at:
-                raise bad(ShapeError, "segments", "non-overlapping query ranges", f"overlap at row {r}, q {qs}")
-            at = qs + ql
+def check_segments(segments, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``segments`` as a contiguous CPU int64 ``(N, 6)`` tensor, checked against ``q`` ``(B, H, Q, D)`` and ``k``,
+    ``v``: every range inside its row, lengths >= 0, and no two query ranges of a row overlapping (empty ones aside).
+    Raises ``ShapeError`` naming the first offending segment. O(N log N), vectorised."""
+    B, _, Q, _, _, K = _check_qkv(q, k, v)
+    segs = torch.as_tensor(segments, dtype=torch.long).cpu()
+    if segs.numel() % 6 or (segs.dim() == 2 and segs.shape[1] != 6) or segs.dim() > 2:
+        raise bad(
+            ShapeError,
+            "segments",
+            "an (N, 6) int tensor (row, q_start, q_len, k_start, k_len, offset)",
+            tuple(segs.shape),
+        )
+    segs = segs.reshape(-1, 6).contiguous()
+    row, qs, ql, ks, kl, _ = segs.unbind(1)
+    inside = (row >= 0) & (row < B) & (qs >= 0) & (ql >= 0) & (qs + ql <= Q) & (ks >= 0) & (kl >= 0) & (ks + kl <= K)
+    if not bool(inside.all()):
+        first = segs[int((~inside).nonzero()[0])].tolist()
+        raise bad(ShapeError, "segments", f"ranges inside rows of B={B}, Q={Q}, K={K}", first[:5])
+    used = segs[ql > 0]
+    if len(used) > 1:
+        order = torch.argsort(used[:, 0] * (Q + 1) + used[:, 1])
+        s = used[order]
+        clash = (s[1:, 0] == s[:-1, 0]) & (s[1:, 1] < s[:-1, 1] + s[:-1, 2])
+        if bool(clash.any()):
+            at = s[1:][clash][0]
+            raise bad(
+                ShapeError, "segments", "non-overlapping query ranges", f"overlap at row {int(at[0])}, q {int(at[1])}"
+            )
+    return segs
 
 
 def _split_rows(t: torch.Tensor, ranges: list) -> dict:
@@ -710,7 +726,11 @@ _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL til
 # One small matrix product inside a batched matmul (a tiny document's scores or output for one head): about a
 # microsecond of fixed cost on CPU whatever its size, which is what dominates rows of thousands of tiny documents.
 SMALL_MATMUL_COST = 2e4
-COPY_COST = 10.0  # copying one element in a gather or scatter: a pass over memory costs about ten multiply-adds
+# Copying one element in a gather, scatter or into a fresh tensor: measured ~1 ns per float32 element on one core
+# here (page faults of the fresh allocation included), about thirty multiply-adds of SDPA's kernel.
+COPY_COST = 30.0
+_SDPA_ROW_COST = 40.0  # SDPA's fixed work per query row and head (per element of D + Dv): short documents pay it
+_SMALL_ROW_COST = 130.0  # the tiny-document path's unfused softmax, masking and casts, per query row element and head
 _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this many keys go through batched matmuls
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -760,6 +780,9 @@ def varlen_unsupported(call) -> str | None:
 
 
 def varlen_cost(call) -> float:
+    """Pairs SDPA computes (its CPU kernel's key blocks included), a charge per SDPA call, per query row for the
+    documents SDPA runs, and per element copied (stacked inputs, the assembled output); tiny documents pay per small
+    matrix product instead (see ``_SMALL_SEGMENT``)."""
     plan = _cached(call, "varlen", _varlen_plan)
     segs = plan.segments
     if not len(segs):
@@ -768,18 +791,30 @@ def varlen_cost(call) -> float:
     if whole_rows and plan.window is None:
         return float("inf")  # one SDPA call per row, exactly what "sdpa" does without the lowering
     ql, kl = segs[:, 2].double(), segs[:, 4].double()
-    pairs = ql * kl
-    if plan.causal:
-        pairs = pairs * 0.5
+    pairs = sdpa_pairs(ql, kl, plan.causal)
     if plan.window is not None:
         pairs = torch.minimum(pairs, ql * plan.window * 2)
     calls = len({(a, b, c) for a, b, c in segs[:, [2, 4, 5]].tolist()})
-    work = float(pairs.sum()) * call.heads * (call.head_dim + call.value_dim)
+    width = call.head_dim + call.value_dim
+    work = float(pairs.sum()) * call.heads * width
     small = segs[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
-    small_tokens = float((segs[small, 2] * call.heads).sum() * (call.head_dim + call.value_dim))
-    small_tokens += float((segs[small, 4] * call.kv_heads).sum() * (call.head_dim + call.value_dim))
-    overhead = int(small.sum()) * 2 * call.heads * SMALL_MATMUL_COST + small_tokens * COPY_COST
+    tokens = (segs[:, 2] * call.heads + segs[:, 4] * call.kv_heads).double() * width
+    overhead = int(small.sum()) * 2 * call.heads * SMALL_MATMUL_COST + float(tokens.sum()) * COPY_COST
+    overhead += float(segs[~small, 2].sum()) * call.heads * width * _SDPA_ROW_COST
+    overhead += float(segs[small, 2].sum()) * call.heads * width * _SMALL_ROW_COST
     return work + calls * _CALL_COST + overhead
+
+
+def sdpa_pairs(q_len: torch.Tensor, kv_len: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(query, key) pairs torch's CPU SDPA kernel computes per segment (float64, elementwise over the lengths).
+
+    It walks keys in blocks of 512 (or all keys when fewer than 512) and, when causal, stops after the block that
+    holds the end of the query block: up to 512 keys beyond the diagonal. So a causal document of 256 tokens costs
+    all 256·256 pairs, and one of 4096 about half of its pairs plus 256 per query."""
+    if not causal:
+        return q_len * kv_len
+    half = q_len * (kv_len + 1) / 2 + q_len * 256.0
+    return torch.where(kv_len <= 512, q_len * kv_len, torch.minimum(half, q_len * kv_len))
 
 
 def varlen_run(call) -> torch.Tensor:

@@ -1,0 +1,302 @@
+"""The "native" attention backend: per-document attention in a small C kernel, for rows of many short documents.
+
+Layer 3 (attention), beside ``sparse.py``. For each document segment (as ``attnmask.sparse.segments_from_varlen``
+gives them) and head, the kernel in ``segattn.c`` walks the queries and, for each, only the keys it may see: scores,
+softmax and the weighted sum of values in one pass, forward and backward (a hand-written gradient through the saved
+log-sum-exp). It computes exactly the useful pairs with no per-document call, no gather and no mask, which is what
+thousands of documents of a few tokens need: there the per-document SDPA loop pays tens of microseconds per call and
+batched matmuls pay per tiny matrix. Long documents stay with ``"varlen"`` (SDPA's blocked matrix products are faster
+there); ``"auto"`` chooses by ``native_cost``.
+
+The C source is compiled on first use with the system C compiler (``$CC``, default ``cc``; about a second) into
+``$ATTNMASK_CACHE_DIR`` (default ``$XDG_CACHE_HOME/attnmask`` or ``~/.cache/attnmask``), keyed by a hash of the
+source, the flags and the CPU, and loaded with ctypes; no Python or torch headers are involved. Without a compiler, or
+with ``ATTNMASK_NATIVE=0``, the backend reports itself unsupported and ``"auto"`` uses the others.
+
+Semantics are those of every attnmask backend (``tests/naive.py::naive_attention``): CPU tensors, float32 and float64
+computed in their own precision, float16 / bfloat16 computed in float32; rows with no allowed key give exactly 0 and a
+zero gradient; grouped-query attention. Threads: ``torch.get_num_threads()``.
+
+Worked example, three documents of lengths 2, 4, 3 in one row, causal inside each::
+
+    >>> segs = segments_from_varlen((causal() & document(seq_lens=[2, 4, 3])).varlen(9), 1, 9, 9)
+    >>> out = segment_attention(q, k, v, segs, causal=True)    # (1, H, 9, Dv); query 3 sees keys 2 and 3
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from attnmask.errors import BackendError, bad
+
+__all__ = ["native_available", "segment_attention"]
+
+_SOURCE = Path(__file__).with_name("segattn.c")
+_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=gnu11")
+_LIBS = ("-lm", "-lpthread")
+_COMPILE_TIMEOUT_S = 120
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building and loading the kernel
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("ATTNMASK_CACHE_DIR"):
+        return Path(os.environ["ATTNMASK_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "attnmask"
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the machine and its CPU flags (Linux), so a shared cache stays correct."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()}|{platform.system()}|{flags.strip()}"
+
+
+def _build(compiler: str) -> Path:
+    """Compile ``segattn.c`` once per source, flags, compiler and CPU; returns the shared library's path."""
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(), _cpu_signature().encode()]))
+    target = _cache_dir() / f"segattn-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".tmp.so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *_FLAGS, "-o", tmp, str(_SOURCE), *_LIBS]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
+        if done.returncode != 0:
+            raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
+        os.replace(tmp, target)  # atomic: concurrent processes building the same key are harmless
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The loaded kernel, or why there is none (disabled, not Linux/macOS, no compiler, compile error)."""
+    if os.environ.get("ATTNMASK_NATIVE", "1") == "0":
+        return "disabled by ATTNMASK_NATIVE=0"
+    if sys.platform not in ("linux", "darwin"):
+        return f"the C kernel is built on Linux and macOS only (this is {sys.platform})"
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        return f"no C compiler {compiler!r} on PATH (set CC) to build the kernel"
+    try:
+        lib = ctypes.CDLL(str(_build(shutil.which(compiler))))
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"could not build the C kernel: {err}"
+    fn = lib.attnmask_segattn
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 12, ctypes.c_int64, ctypes.c_double, ctypes.c_int]
+    return lib
+
+
+def native_available() -> str | None:
+    """``None`` when the C kernel is built and loaded (building it on first call), else the reason it is not."""
+    lib = _library()
+    return lib if isinstance(lib, str) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The kernel call
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(t: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """``t`` in ``work`` dtype with a contiguous last dimension (strided otherwise: no copy when it already is)."""
+    t = t.to(work)
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _call(backward, q, k, v, res, dout, lse, grads, segs, causal, window, scale, threads) -> None:
+    lib = _library()
+    if isinstance(lib, str):
+        raise bad(BackendError, "backend", "a built C kernel for 'native'", lib)
+    dq, dk, dv = grads if grads is not None else (None, None, None)
+    strided = (q, k, v, res, dout if dout is not None else res)
+    strides = torch.tensor([s for t in strided for s in t.stride()[:3]] + [k.shape[2]], dtype=torch.int64)
+    kmax = int(segs[:, 4].max()) if len(segs) else 0
+    dims = torch.tensor(
+        [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], kmax, window or 0, int(causal)], dtype=torch.int64
+    )
+    bits = 64 if q.dtype == torch.float64 else 32
+    status = lib.attnmask_segattn(
+        bits,
+        int(backward),
+        *(_ptr(t) for t in (q, k, v, res, dout, lse, dq, dk, dv, strides, dims, segs)),
+        len(segs),
+        float(scale),
+        threads,
+    )
+    if status != 0:
+        raise MemoryError(f"attnmask native kernel: status {status} (scratch allocation failed)")
+
+
+def _covers_all(segs: torch.Tensor, B: int, Q: int) -> bool:
+    """Whether the (disjoint) query ranges cover every query of every row."""
+    return int(segs[:, 2].sum()) == B * Q
+
+
+def _keys_disjoint(segs: torch.Tensor) -> bool:
+    """Whether no two segments of a row share a key (then each thread owns the dk / dv rows it writes)."""
+    if len(segs) < 2:
+        return True
+    order = torch.argsort(segs[:, 0] * (1 << 40) + segs[:, 3])
+    s = segs[order]
+    same_row = s[1:, 0] == s[:-1, 0]
+    return not bool((same_row & (s[1:, 3] < s[:-1, 3] + s[:-1, 4])).any())
+
+
+class _SegmentAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, segs, causal, window, scale):
+        work = _work_dtype(q.dtype)
+        qw, kw, vw = (_rows(t, work) for t in (q, k, v))
+        B, H, Q, _ = q.shape
+        shape = (B, H, Q, v.shape[3])
+        res = torch.empty(shape, dtype=work) if _covers_all(segs, B, Q) else torch.zeros(shape, dtype=work)
+        lse = torch.empty((B, H, Q), dtype=work)
+        _call(False, qw, kw, vw, res, None, lse, None, segs, causal, window, scale, torch.get_num_threads())
+        ctx.save_for_backward(qw, kw, vw, res, lse, segs)
+        ctx.meta = (causal, window, scale, q.dtype)
+        return res.to(q.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        qw, kw, vw, res, lse, segs = ctx.saved_tensors
+        causal, window, scale, dtype = ctx.meta
+        dout = _rows(grad, qw.dtype)
+        grads = tuple(torch.zeros(t.shape, dtype=qw.dtype) for t in (qw, kw, vw))
+        threads = torch.get_num_threads() if _keys_disjoint(segs) else 1
+        _call(True, qw, kw, vw, res, dout, lse, grads, segs, causal, window, scale, threads)
+        return (*(g.to(dtype) for g in grads), None, None, None, None)
+
+
+def segment_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segments: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention inside each segment (document), by the C kernel; query rows in no segment give 0.
+
+    ``q`` ``(B, H, Q, D)``, ``k`` ``(B, Hkv, K, D)``, ``v`` ``(B, Hkv, K, Dv)`` on the CPU, ``H % Hkv == 0``;
+    ``segments`` ``(N, 6)`` int ``(row, q_start, q_len, k_start, k_len, offset)`` with non-overlapping query ranges, as
+    ``attnmask.sparse.varlen_attention`` takes them (same rule: query ``i`` sees key ``j`` if not ``causal`` or
+    ``0 <= i + offset - j``, and ``i + offset - j < window`` with a window). Returns ``(B, H, Q, Dv)`` in ``q``'s
+    dtype; differentiable in ``q``, ``k``, ``v`` (once).
+
+    Work: the allowed pairs only, ``O(pairs · (D + Dv))``. Memory: the output, a ``(B, H, Q)`` log-sum-exp saved for
+    the backward, the gradients; float32 copies of float16 / bfloat16 inputs; no mask and no copy of float32 inputs
+    whose last dimension is contiguous.
+    """
+    from attnmask.sparse import check_segments
+
+    if q.device.type != "cpu":
+        raise bad(BackendError, "q", "a CPU tensor (the native kernel runs on the CPU)", q.device)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise bad(BackendError, "window", "None or an int >= 1", repr(window))
+    segs = check_segments(segments, q, k, v)
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    return _SegmentAttention.apply(q, k, v, segs, bool(causal or window is not None), window, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backend for attention(): run / unsupported / cost on an ``AttentionCall`` (registered in attention.py as "native")
+
+# In "varlen"'s unit (one multiply-add of a pair inside SDPA's blocked kernel, ~0.03 ns on one core here): the
+# kernel walks each allowed pair with vector dot products and axpys instead of blocked matrix products (measured
+# 2.5-3x slower per pair than SDPA's kernel, which however computes whole key blocks), and reads and writes each
+# query row once (measured about as costly as SDPA's own per-row work).
+_PAIR_COST = 2.7
+_ROW_COST = 50.0  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
+_CALL_COST = 2e4  # one ctypes call and the output allocation
+
+
+def allowed_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> float:
+    """Number of (query, key) pairs the segments allow, in closed form (no per-query loop). ``segments`` ``(N, 6)``.
+
+    Causal: query ``i`` of a segment sees ``clamp(a, 0, k_len) - clamp(a - w, 0, k_len)`` keys with
+    ``a = i + offset + 1`` (the second term only with a window ``w``), summed through ``F(x) = sum_{a=1..x}
+    clamp(a, 0, k_len)``. Example: one segment of 4 queries and 4 keys, offset 0, causal: 1 + 2 + 3 + 4 = 10."""
+    seg = segments.double()
+    ql, kl, off = seg[:, 2], seg[:, 4], seg[:, 5]
+    if not causal:
+        return float((ql * kl).sum())
+
+    def F(x: torch.Tensor) -> torch.Tensor:  # sum_{a=1..x} clamp(a, 0, kl), 0 for x <= 0
+        x = x.clamp(min=0)
+        inside = torch.minimum(x, kl)
+        return inside * (inside + 1) / 2 + (x - inside) * kl
+
+    pairs = F(off + ql) - F(off)
+    if window is not None:
+        pairs = pairs - (F(off + ql - window) - F(off - window))
+    return float(pairs.sum())
+
+
+def native_unsupported(call) -> str | None:
+    from attnmask.sparse import _cached, _varlen_plan
+
+    if call.q.device.type != "cpu":
+        return f"runs on the CPU only (inputs on {call.q.device})"
+    plan = _cached(call, "varlen", _varlen_plan)
+    if isinstance(plan, str):
+        return plan
+    return native_available()
+
+
+def native_cost(call) -> float:
+    """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each, each query row and head at ``_ROW_COST`` per
+    element, and float32 copies of half-precision inputs (comparable with ``attnmask.sparse.varlen_cost``)."""
+    from attnmask.sparse import COPY_COST, _cached, _varlen_plan
+
+    plan = _cached(call, "varlen", _varlen_plan)
+    width = call.head_dim + call.value_dim
+    pairs = allowed_pairs(plan.segments, plan.causal or plan.window is not None, plan.window)
+    work = pairs * call.heads * width * _PAIR_COST + call.batch * call.heads * call.q_len * width * _ROW_COST
+    if call.q.dtype not in (torch.float32, torch.float64):
+        tokens = call.batch * (call.heads * call.q_len + 2 * call.kv_heads * call.kv_len)
+        work += tokens * width * 2 * COPY_COST
+    return work + _CALL_COST
+
+
+def native_run(call) -> torch.Tensor:
+    from attnmask.sparse import _cached, _varlen_plan
+
+    plan = _cached(call, "varlen", _varlen_plan)
+    return _SegmentAttention.apply(
+        call.q, call.k, call.v, plan.segments, plan.causal or plan.window is not None, plan.window, call.scale
+    )

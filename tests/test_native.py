@@ -1,0 +1,208 @@
+"""The "native" backend (a C kernel over document segments) equals the naive reference in outputs and gradients."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnmask as am
+from attnmask import native as N
+from attnmask.attention import AttentionCall, choose_backend
+from attnmask.errors import BackendError, ShapeError
+from attnmask.sparse import segments_from_varlen, varlen_attention
+from tests.naive import naive_attention
+from tests.test_attention import grads
+from tests.test_banded import short_documents_case, tiny_documents
+from tests.test_sparse import DTYPES, check_against_naive, packed_case, padded_case
+
+if N.native_available() is not None:
+    if os.environ.get("ATTNMASK_STRICT_DEPS") == "1":  # `make test`: a C compiler is part of the set-up
+        raise RuntimeError(f"the native kernel is unavailable: {N.native_available()}")
+    pytest.skip(f"native kernel unavailable: {N.native_available()}", allow_module_level=True)
+
+
+def call_of(q, k, v, spec):
+    pos = torch.arange(k.shape[2])
+    return AttentionCall(q, k, v, spec, q.shape[-1] ** -0.5, pos[-q.shape[2] :], pos)
+
+
+def random_segments(draw, batch, q_len, kv_len):
+    """Disjoint query ranges with arbitrary key ranges (overlapping, empty) and offsets: the kernel's general form."""
+    segs = []
+    for row in range(batch):
+        at = 0
+        while at < q_len and draw(st.booleans()):
+            ql = draw(st.integers(0, q_len - at))
+            ks = draw(st.integers(0, kv_len))
+            kl = draw(st.integers(0, kv_len - ks))
+            segs.append([row, at, ql, ks, kl, draw(st.integers(-4, 8))])
+            at += ql + draw(st.integers(0, 2))
+    return torch.tensor(segs, dtype=torch.long).reshape(-1, 6)
+
+
+def segment_mask(segs, batch, q_len, kv_len, causal, window):
+    """The dense ``(B, Q, K)`` mask the segments describe, element by element (the independent reference)."""
+    allowed = torch.zeros(batch, q_len, kv_len, dtype=torch.bool)
+    for row, qs, ql, ks, kl, off in segs.tolist():
+        for i in range(ql):
+            for j in range(kl):
+                d = i + off - j
+                if (not causal or d >= 0) and (window is None or d < window):
+                    allowed[row, qs + i, ks + j] = True
+    return allowed
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=40)
+@given(problem=st.one_of(packed_case(), padded_case(), short_documents_case()))
+def test_native_matches_naive_on_packed_padded_and_tiny_documents(dtype, problem):
+    spec, case = problem
+    check_against_naive(lambda q, k, v: am.attention(q, k, v, spec, backend="native"), case, spec, dtype)
+
+
+@settings(max_examples=60)
+@given(data=st.data(), rule=st.sampled_from(["full", "causal", "window"]), threads=st.sampled_from([1, 2]))
+def test_segment_attention_matches_naive_on_arbitrary_segments(data, rule, threads):
+    batch, q_len, kv_len = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 14)), data.draw(st.integers(1, 14))
+    kv_heads = data.draw(st.integers(1, 2))
+    heads = kv_heads * data.draw(st.sampled_from([1, 3]))
+    segs = random_segments(data.draw, batch, q_len, kv_len)
+    window = data.draw(st.integers(1, 6)) if rule == "window" else None
+    causal = rule != "full"
+    q = torch.randn(batch, heads, q_len, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(batch, kv_heads, kv_len, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(batch, kv_heads, kv_len, 3, dtype=torch.float64, requires_grad=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = N.segment_attention(q, k, v, segs, causal=causal, window=window)
+        got_grads = grads(got, (q, k, v))
+    finally:
+        torch.set_num_threads(before)
+    allowed = segment_mask(segs, batch, q_len, kv_len, causal, window).unsqueeze(1)
+    want = naive_attention(q, k, v, allowed)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    for name, g, w in zip("qkv", got_grads, grads(want, (q, k, v)), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=f"d{name}")
+
+
+def test_native_reads_strided_inputs_without_copying_them():
+    # (B, L, H, D) projections viewed as (B, H, L, D), as transformers hands them over.
+    lens = [3, 5, 4]
+    spec = am.causal() & am.document(seq_lens=lens)
+    q, k, v = (torch.randn(1, 12, 4, 8).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    got = am.attention(q, k, v, spec, backend="native")
+    torch.testing.assert_close(got, am.attention(q, k, v, spec, backend="reference"))
+
+
+def test_native_rows_with_no_key_and_rows_outside_documents_are_exactly_zero():
+    spec = am.causal() & am.document(seq_lens=[3, 4], length=10)
+    q, k, v = (torch.randn(1, 2, 10, 4, requires_grad=True) for _ in range(3))
+    out = am.attention(q, k, v, spec, backend="native")
+    assert torch.equal(out[:, :, 7:], torch.zeros_like(out[:, :, 7:])) and (out[:, :, :7] != 0).all()
+    (dq,) = torch.autograd.grad(out.sum(), (q,))
+    assert torch.equal(dq[:, :, 7:], torch.zeros_like(dq[:, :, 7:]))
+    # A segment whose queries all sit before its keys (offset -5, causal): no key, zero output and gradient.
+    segs = torch.tensor([[0, 0, 3, 5, 5, -5]])
+    out = N.segment_attention(q, k, v, segs, causal=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(out.sum(), (q, k, v)))
+
+
+def test_native_float64_is_computed_in_float64():
+    lens = [2, 6, 1, 5]
+    spec = am.sliding_window(3) & am.document(seq_lens=lens)
+    q, k, v = (torch.randn(1, 2, 14, 4, dtype=torch.float64) for _ in range(3))
+    got = am.attention(q, k, v, spec, backend="native")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, naive_attention(q, k, v, spec.to_dense(14).unsqueeze(1)), atol=1e-13, rtol=0)
+
+
+def test_native_equals_varlen_on_decoding_queries_against_a_cache():
+    # Q < K: the queries are the last positions of their documents (offsets > 0 inside the segments).
+    spec = am.causal() & am.document(seq_lens=[[6, 4], [3, 7]])
+    q = torch.randn(2, 4, 3, 8)
+    k, v = torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    segs = segments_from_varlen(spec.varlen(3, 10), 2, 3, 10, spec_rows=2)
+    torch.testing.assert_close(
+        N.segment_attention(q, k, v, segs, causal=True), varlen_attention(q, k, v, segs, causal=True)
+    )
+
+
+def test_auto_picks_native_for_thousands_of_tiny_documents_and_varlen_for_long_ones():
+    tiny = tiny_documents(500)
+    q = torch.randn(1, 4, sum(tiny), 16)
+    assert choose_backend(call_of(q, q, q, am.causal() & am.document(seq_lens=tiny))).name == "native"
+    q = torch.randn(1, 4, 4096, 64)
+    assert choose_backend(call_of(q, q, q, am.causal() & am.document(seq_lens=[2048, 2048]))).name == "varlen"
+
+
+def test_allowed_pairs_counts_every_pair_the_mask_allows():
+    gen = torch.Generator().manual_seed(1)
+    segs = torch.cat([torch.zeros(40, 1, dtype=torch.long), torch.randint(0, 9, (40, 5), generator=gen)], 1)
+    segs[:, 1] = 0  # the count does not need disjoint ranges
+    segs[:, 5] -= 4  # offsets -4 .. 4
+    for causal, window in [(False, None), (True, None), (True, 1), (True, 3)]:
+        want = 0
+        for seg in segs:
+            want += int(segment_mask(seg[None], 1, 20, 20, causal, window).sum())
+        assert N.allowed_pairs(segs, causal, window) == want
+
+
+def test_segment_attention_rejects_bad_arguments():
+    q = torch.randn(1, 2, 6, 4)
+    with pytest.raises(ShapeError, match="non-overlapping query ranges"):
+        N.segment_attention(q, q, q, torch.tensor([[0, 0, 4, 0, 4, 0], [0, 2, 3, 2, 3, 0]]))
+    with pytest.raises(ShapeError, match="inside rows"):
+        N.segment_attention(q, q, q, torch.tensor([[0, 4, 4, 0, 4, 0]]))
+    with pytest.raises(ShapeError, match=r"\(N, 6\)"):
+        N.segment_attention(q, q, q, torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(BackendError, match="window"):
+        N.segment_attention(q, q, q, torch.tensor([[0, 0, 6, 0, 6, 0]]), window=0)
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """An empty kernel cache and a forgotten loaded library, restored afterwards."""
+    monkeypatch.setenv("ATTNMASK_CACHE_DIR", str(tmp_path))
+    N._library.cache_clear()
+    yield tmp_path
+    N._library.cache_clear()
+
+
+def test_native_is_skipped_by_auto_and_refused_by_name_when_disabled(fresh_library, monkeypatch):
+    monkeypatch.setenv("ATTNMASK_NATIVE", "0")
+    tiny = tiny_documents(300)
+    spec = am.causal() & am.document(seq_lens=tiny)
+    q = torch.randn(1, 2, sum(tiny), 8)
+    assert choose_backend(call_of(q, q, q, spec)).name != "native"
+    with pytest.raises(BackendError, match="ATTNMASK_NATIVE=0"):
+        am.attention(q, q, q, spec, backend="native")
+
+
+def test_a_failed_build_is_reported_not_raised(fresh_library, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert "could not build" in N.native_available()
+    assert not list(fresh_library.iterdir())  # no half-written library left in the cache
+
+
+def test_the_kernel_is_built_once_into_the_cache(fresh_library):
+    assert N.native_available() is None
+    (built,) = fresh_library.glob("segattn-*.so")
+    stamp = built.stat().st_mtime_ns
+    N._library.cache_clear()
+    assert N.native_available() is None and built.stat().st_mtime_ns == stamp
+
+
+def test_rows_without_keys_are_zero_even_in_a_recycled_output_buffer():
+    # Every query is in a segment (so the output is allocated uninitialised) but the segment has no key.
+    segs = torch.tensor([[0, 0, 6, 2, 0, 0]])
+    q = torch.randn(1, 2, 6, 4)
+    for _ in range(5):
+        garbage = torch.full((1, 2, 6, 4), float("nan"))
+        del garbage
+        out = N.segment_attention(q, q, q, segs, causal=True)
+        assert torch.equal(out, torch.zeros_like(out))
