@@ -229,3 +229,85 @@ def test_the_shared_helper_names_dropout_only_when_it_is_on():
     spec = am.causal() & am.document(seq_lens=[4, 4])
     assert sparse.dropout_unsupported(call_with_dropout(spec, 8, 0.0)) is None
     assert "dropout" in sparse.dropout_unsupported(call_with_dropout(spec, 8, 0.2))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# transformers: attention_dropout reaches attention() and packed rows stay per document
+
+
+def tiny_llama(attention_dropout: float):
+    transformers = pytest.importorskip("transformers")
+    from attnmask.integrations import hf
+
+    hf.register()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=300,
+        attention_dropout=attention_dropout,
+    )
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="attnmask")
+
+
+def packed_rows():
+    """Three rows of 512 tokens, each holding documents of 5 to 300 tokens (long enough rows that "auto" runs them
+    per document rather than through SDPA with a dense mask) and some padding."""
+    from attnmask.integrations.hf import DataCollatorForCausalLM
+
+    gen = torch.Generator().manual_seed(0)
+    lens = (9, 130, 14, 200, 5, 220, 170, 300, 60, 250, 40, 33)
+    docs = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in lens]
+    return DataCollatorForCausalLM(pad_id=0, packing=True, max_length=512)(docs)
+
+
+@pytest.fixture
+def no_dense_masks(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an O(L^2) mask was built")
+
+    monkeypatch.setattr(am.MaskSpec, "to_dense", refuse)
+
+
+def test_hf_llama_trains_with_attention_dropout_on_packed_rows_without_a_dense_mask(monkeypatch, no_dense_masks):
+    model = tiny_llama(0.1).train()
+    batch = packed_rows()
+    assert batch["input_ids"].shape == (3, 512)
+    seen = []
+    run_varlen = sparse.varlen_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return run_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(sparse, "varlen_attention", spy)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        loss = model(**batch).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()
+        opt.zero_grad()
+    assert seen == [0.1] * 4  # two layers, two steps: every attention call ran per document, with dropout
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_hf_attention_dropout_acts_in_training_only():
+    model = tiny_llama(0.5)
+    batch = {k: v for k, v in packed_rows().items() if k != "labels"}
+
+    def logits(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model(**batch).logits
+
+    model.train()
+    assert torch.equal(logits(0), logits(0))
+    assert not torch.allclose(logits(0), logits(1))
+    model.eval()
+    assert torch.equal(logits(0), logits(1))
