@@ -279,8 +279,9 @@ def attention_forward(
     to ``attnmask.attention``, which picks the cheapest exact backend; no O(Q·K) mask is built for causal, window,
     padding or document masks unless the chosen backend needs one. A 4D tensor mask (a user's own) is honoured as is.
     Attention dropout (``dropout``, which transformers passes as ``attention_dropout`` in training and 0 in
-    evaluation; ignored while ``module`` is in eval mode) goes to ``attention(..., dropout_p=dropout)``: packed rows
-    then still run per document (``varlen``), with no O(Q·K) mask.
+    evaluation; ignored while ``module`` is in eval mode) goes to ``attention(..., dropout_p=dropout)``, so "auto"
+    chooses among the backends with dropout: packed rows still run per document (``varlen``, no O(Q·K) mask) wherever
+    that is the cheapest.
     """
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise bad(BackendError, "attention kwargs", "no softcap or attention sinks", sorted(kwargs))
