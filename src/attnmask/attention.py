@@ -306,7 +306,8 @@ def attention(
     Memory: ``"sdpa"`` builds an O(B·Q·K) bool mask from a spec (none for ``None``, ``full()`` and a plain
     ``causal()`` with ``Q == K``, which uses ``is_causal``); ``"reference"`` materialises O(B·H·Q·K) float32 scores;
     ``"varlen"`` and ``"blocksparse"`` never build more than one document's or one tile group's mask; ``"banded"``
-    builds an O(B·L·W·bs) bool mask of its band.
+    builds an O(B·L·W·bs) bool mask of its band. With ``dropout_p > 0``, torch's CPU SDPA runs its unfused kernel,
+    which holds the O(B·H·Q·K) probabilities and dropout mask (``"varlen"``: one document group's at a time).
 
     Example: ``attention(q, k, v, causal() & key_padding(batch.attention_mask))`` on a left-padded batch gives 0 at
     the padding queries, which see no key.
