@@ -25,30 +25,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_attention import best_time, lognormal_lengths  # same folder: the timing and lengths of bench_attention
 
 import attnmask as am
 from attnmask.attention import _prepare_call, choose_backend
-
-
-def best_time(fn, reps: int):
-    """Best wall and best process CPU seconds of ``reps`` calls after one warm-up call, and the last result."""
-    out = fn()
-    walls, cpus = [], []
-    for _ in range(reps):
-        w0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return (min(walls), min(cpus)), out
-
-
-def lognormal_lengths(total: int, gen: torch.Generator) -> list[int]:
-    """Document lengths ``max(1, int(exp(N(6, 0.8))))`` until ``total`` tokens, the last one cut to fit."""
-    lens: list[int] = []
-    while sum(lens) < total:
-        lens.append(max(1, int(torch.exp(6.0 + 0.8 * torch.randn((), generator=gen)))))
-    lens[-1] -= sum(lens) - total
-    return lens
 
 
 def dense_sdpa(q, k, v, spec, p):

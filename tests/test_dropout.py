@@ -5,6 +5,7 @@ probability row itself, after dropout, so each entry can be checked to be either
 scaled by ``1 / (1 - p)``.
 """
 
+import copy
 import importlib
 
 import pytest
@@ -235,33 +236,29 @@ def test_the_shared_helper_names_dropout_only_when_it_is_on():
 # transformers: attention_dropout reaches attention() and packed rows stay per document
 
 
-def tiny_llama(attention_dropout: float):
+@pytest.fixture(scope="module")
+def llama_with_dropout():
+    """A tiny random-weight Llama (``tests.hf_models`` sizes) with ``attention_dropout=0.1``; tests that train it
+    work on a copy."""
     transformers = pytest.importorskip("transformers")
     from attnmask.integrations import hf
+    from tests.hf_models import COMMON
 
     hf.register()
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        vocab_size=300,
-        attention_dropout=attention_dropout,
-    )
+    cfg = transformers.LlamaConfig(attention_dropout=0.1, **COMMON)
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="attnmask")
 
 
-def packed_rows():
-    """Three rows of 512 tokens, each holding documents of 5 to 300 tokens (long enough rows that "auto" runs them
-    per document rather than through SDPA with a dense mask) and some padding."""
+def packed_rows(max_length: int = 512):
+    """Rows of ``max_length`` tokens packed with documents of 5 to 300 tokens (cut to fit) and some padding; rows of
+    512 (three) are long enough that "auto" runs them per document rather than through SDPA with a dense mask."""
     from attnmask.integrations.hf import DataCollatorForCausalLM
 
     gen = torch.Generator().manual_seed(0)
     lens = (9, 130, 14, 200, 5, 220, 170, 300, 60, 250, 40, 33)
     docs = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in lens]
-    return DataCollatorForCausalLM(pad_id=0, packing=True, max_length=512)(docs)
+    return DataCollatorForCausalLM(pad_id=0, packing=True, max_length=max_length)(docs)
 
 
 @pytest.fixture
@@ -272,8 +269,10 @@ def no_dense_masks(monkeypatch):
     monkeypatch.setattr(am.MaskSpec, "to_dense", refuse)
 
 
-def test_hf_llama_trains_with_attention_dropout_on_packed_rows_without_a_dense_mask(monkeypatch, no_dense_masks):
-    model = tiny_llama(0.1).train()
+def test_hf_llama_trains_with_attention_dropout_on_packed_rows_without_a_dense_mask(
+    monkeypatch, no_dense_masks, llama_with_dropout
+):
+    model = copy.deepcopy(llama_with_dropout).train()
     batch = packed_rows()
     assert batch["input_ids"].shape == (3, 512)
     seen = []
@@ -286,20 +285,18 @@ def test_hf_llama_trains_with_attention_dropout_on_packed_rows_without_a_dense_m
     monkeypatch.setattr(sparse, "varlen_attention", spy)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(2):
-        loss = model(**batch).loss
-        loss.backward()
-        assert torch.isfinite(loss)
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-        opt.step()
-        opt.zero_grad()
-    assert seen == [0.1] * 4  # two layers, two steps: every attention call ran per document, with dropout
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    opt.step()
+    assert seen == [0.1, 0.1]  # both layers ran per document, with dropout
     assert all(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def test_hf_attention_dropout_acts_in_training_only():
-    model = tiny_llama(0.5)
-    batch = {k: v for k, v in packed_rows().items() if k != "labels"}
+def test_hf_attention_dropout_acts_in_training_only(llama_with_dropout):
+    model = llama_with_dropout
+    batch = {k: v for k, v in packed_rows(64).items() if k != "labels"}
 
     def logits(seed: int) -> torch.Tensor:
         torch.manual_seed(seed)
