@@ -14,8 +14,9 @@ float32, ``dropout_p=--p``):
 Also printed: attnmask with ``dropout_p=0`` on the same inputs, so the cost of dropout itself shows. Outputs under
 dropout are random draws, so instead of a max abs difference the table checks that the mean over all outputs of
 attnmask and the dense peer agree (unbiased dropout: both estimate the no-dropout output) and reports the no-dropout
-max abs difference of attnmask against the dense peer. Prints a table of best-of-N wall and process CPU times and ratios
-(peer / attnmask: > 1 means attnmask is faster). ``--quick``: rows of 1024 tokens (a smoke run).
+max abs difference of attnmask against the dense peer. Prints a table of best-of-``--reps`` wall and process CPU
+times (rounds interleave the four, so other load on a shared machine hits all alike) and ratios (peer / attnmask:
+> 1 means attnmask is faster). ``--quick``: rows of 1024 tokens (a smoke run).
 """
 
 from __future__ import annotations
@@ -25,10 +26,25 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_attention import best_time, lognormal_lengths  # same folder: the timing and lengths of bench_attention
+from bench_attention import lognormal_lengths  # same folder: the document lengths of bench_attention
 
 import attnmask as am
 from attnmask.attention import _prepare_call, choose_backend
+
+
+def interleaved_best(fns: dict, reps: int) -> tuple[dict, dict]:
+    """Best wall and best process CPU seconds of each of ``fns`` over ``reps`` rounds that call every function once
+    (after one warm-up round), and each one's last result: a burst of other load on a shared machine then hits every
+    side alike instead of one."""
+    times = {name: [] for name in fns}
+    outs = {name: fn() for name, fn in fns.items()}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            outs[name] = fn()
+            times[name].append((time.perf_counter() - w0, time.process_time() - c0))
+    best = {name: (min(t[0] for t in ts), min(t[1] for t in ts)) for name, ts in times.items()}
+    return best, outs
 
 
 def dense_sdpa(q, k, v, spec, p):
@@ -81,12 +97,18 @@ def main() -> None:
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    t_ours, o_ours = best_time(
-        lambda: fwd_bwd(lambda *t: am.attention(*t, spec, dropout_p=p), q, k, v, grad_out), args.reps
+    step = lambda fn: lambda: fwd_bwd(fn, q, k, v, grad_out)  # noqa: E731
+    best, outs = interleaved_best(
+        {
+            "ours": step(lambda *t: am.attention(*t, spec, dropout_p=p)),
+            "zero": step(lambda *t: am.attention(*t, spec)),
+            "dense": step(lambda *t: dense_sdpa(*t, spec, p)),
+            "loop": step(lambda *t: per_document_loop(*t, row_lens, p)),
+        },
+        args.reps,
     )
-    t_zero, o_zero = best_time(lambda: fwd_bwd(lambda *t: am.attention(*t, spec), q, k, v, grad_out), args.reps)
-    t_dense, o_dense = best_time(lambda: fwd_bwd(lambda *t: dense_sdpa(*t, spec, p), q, k, v, grad_out), args.reps)
-    t_loop, _ = best_time(lambda: fwd_bwd(lambda *t: per_document_loop(*t, row_lens, p), q, k, v, grad_out), args.reps)
+    t_ours, t_zero, t_dense, t_loop = best["ours"], best["zero"], best["dense"], best["loop"]
+    o_ours, o_zero, o_dense = outs["ours"], outs["zero"], outs["dense"]
     exact_dense = dense_sdpa(q, k, v, spec, 0.0)
     zero_diff = (o_zero - exact_dense).abs().max().item()
     mean_gap = abs(o_ours.mean().item() - o_dense.mean().item())
