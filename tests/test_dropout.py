@@ -141,15 +141,17 @@ def test_gradients_flow_through_the_same_dropped_probabilities_as_the_output(bac
 # The mask still holds: empty rows, other documents
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.5])
 @pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
-def test_rows_with_no_key_are_exactly_zero_with_finite_gradients(backend, dropout_p):
+def test_rows_with_no_key_are_exactly_zero_with_finite_gradients(backend, dropout_p, dtype):
     spec, Q, K = CASES["tiny documents and padding"]  # the last two queries are padding: in no document
-    q, k, v = qkv(2, Q, K, requires_grad=True)
+    q, k, v = (t.to(dtype).requires_grad_() for t in qkv(2, Q, K))
     torch.manual_seed(4)
     out = am.attention(q, k, v, spec, backend=backend, dropout_p=dropout_p)
+    assert out.dtype == dtype and torch.isfinite(out).all()
     assert torch.equal(out[:, :, -2:], torch.zeros_like(out[:, :, -2:]))
-    grad_q, grad_k, grad_v = torch.autograd.grad(out.square().sum(), (q, k, v))
+    grad_q, grad_k, grad_v = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     assert all(torch.isfinite(g).all() for g in (grad_q, grad_k, grad_v))
     assert torch.equal(grad_q[:, :, -2:], torch.zeros_like(grad_q[:, :, -2:]))
 
