@@ -228,6 +228,13 @@ def test_a_bad_dropout_p_raises_an_input_error_naming_it(dropout_p):
         am.attention(q, k, v, am.causal(), dropout_p=dropout_p)
 
 
+def test_varlen_attention_itself_checks_dropout_p():
+    q, k, v = qkv(1, 6, 6)
+    segments = [[0, 0, 6, 0, 6, 0]]
+    with pytest.raises(InputError, match="dropout_p"):
+        sparse.varlen_attention(q, k, v, segments, causal=True, dropout_p=1.0)
+
+
 def test_the_shared_helper_names_dropout_only_when_it_is_on():
     spec = am.causal() & am.document(seq_lens=[4, 4])
     assert sparse.dropout_unsupported(call_with_dropout(spec, 8, 0.0)) is None

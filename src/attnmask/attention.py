@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from attnmask.errors import BackendError, DeviceError, DTypeError, InputError, ShapeError, bad
 from attnmask.masks import Causal, Full, MaskSpec, resolve_positions
+from attnmask.sparse import check_dropout_p  # sparse never imports this module
 
 __all__ = [
     "AttentionCall",
@@ -343,7 +344,7 @@ def _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p=0.0
         scale = D**-0.5 if D else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise bad(InputError, "scale", "a finite number or None", repr(scale))
-    dropout_p = _check_dropout_p(dropout_p)
+    dropout_p = check_dropout_p(dropout_p)
     K = k.shape[2]
     if isinstance(mask, MaskSpec):
         return _prepare_spec_call(q, k, v, mask, float(scale), q_positions, kv_positions, dropout_p)
@@ -354,13 +355,6 @@ def _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p=0.0
         _check_tensor_mask(mask, (B, H, Q, K), q.device)
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
     return AttentionCall(q, k, v, mask, float(scale), dropout_p=dropout_p)
-
-
-def _check_dropout_p(dropout_p) -> float:
-    """``dropout_p`` as a float in ``[0, 1)``; ``InputError`` naming it otherwise (a bool or a tensor included)."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
-        raise bad(InputError, "dropout_p", "a float in [0, 1)", repr(dropout_p))
-    return float(dropout_p)
 
 
 def _prepare_spec_call(q, k, v, spec, scale, q_positions, kv_positions, dropout_p=0.0) -> AttentionCall:

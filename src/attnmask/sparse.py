@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from attnmask import masks as M
-from attnmask.errors import BackendError, ShapeError, bad
+from attnmask.errors import BackendError, InputError, ShapeError, bad
 from attnmask.masks import FULL, NONE, PARTIAL
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "blocksparse_attention",
     "run_layout",
     "spec_tile_mask",
+    "check_dropout_p",
     "dropout_unsupported",
 ]
 
@@ -64,6 +65,13 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, 
     if Hkv == 0 or H % Hkv:
         raise bad(ShapeError, "k", f"a number of heads dividing H={H}", Hkv)
     return B, H, Q, D, Hkv, K
+
+
+def check_dropout_p(dropout_p) -> float:
+    """``dropout_p`` as a float in ``[0, 1)``; ``InputError`` naming it otherwise (a bool or a tensor included)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise bad(InputError, "dropout_p", "a float in [0, 1)", repr(dropout_p))
+    return float(dropout_p)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -131,6 +139,7 @@ def varlen_attention(
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise bad(BackendError, "window", "None or an int >= 1", repr(window))
     causal = causal or window is not None
+    dropout_p = check_dropout_p(dropout_p)
     segs = torch.as_tensor(segments, dtype=torch.long).cpu().reshape(-1, 6)
     scale = D**-0.5 if scale is None else float(scale)
     gqa = H != Hkv
