@@ -13,6 +13,15 @@ Semantics every backend obeys (the tests hold each one to ``tests/naive.py::naiv
   True means "may attend".
 - A query row with no allowed key returns exactly 0, and its gradient with respect to ``q``, ``k`` and ``v`` is
   exactly 0: never NaN, never a uniform average over the masked keys.
+- ``dropout_p`` (attention dropout, as SDPA's): each attention probability, after the softmax, is zeroed with
+  probability ``p`` and the kept ones are scaled by ``1 / (1 - p)``, independently per (row, head, query, key); the
+  output's expectation is the output without dropout. Dropout never moves weight to a masked key (a key the mask
+  denies has probability 0 before and after), and a row with no allowed key still returns exactly 0. It is applied
+  whenever ``dropout_p > 0`` (a functional API: pass 0 in evaluation); masks are drawn from torch's global RNG
+  (SDPA takes no generator), so ``torch.manual_seed`` (or ``torch.random.fork_rng``) makes a backend's result
+  reproducible, while two backends draw different masks for the same seed. Backends ``"reference"``, ``"sdpa"`` and
+  ``"varlen"`` support it; the others report it from ``unsupported``, so ``"auto"`` never picks them for such a call.
+  ``dropout_p=0`` runs exactly the code without dropout (bit-for-bit, no RNG draw).
 
 Backend contract (how to add ``"varlen"``, ``"blocksparse"`` or ``"flex"``): build a :class:`Backend` and call
 :func:`register_backend`. Its three functions each receive one :class:`AttentionCall`, whose fields are
@@ -22,7 +31,9 @@ Backend contract (how to add ``"varlen"``, ``"blocksparse"`` or ``"flex"``): bui
 - ``scale``: the softmax scale as a float (``D ** -0.5`` unless given);
 - ``q_positions`` / ``kv_positions``: for a spec, the resolved int64 positions, ``(Q,)`` / ``(K,)`` or per row
   ``(B, Q)`` / ``(B, K)``, on ``q``'s device; ``None`` for a tensor or no mask;
-- ``positions_given``: whether the caller passed explicit positions (a backend may then not assume alignment).
+- ``positions_given``: whether the caller passed explicit positions (a backend may then not assume alignment);
+- ``dropout_p``: the attention dropout probability in ``[0, 1)`` (0.0: none). A backend without dropout must return a
+  reason from ``unsupported`` when it is > 0 (``attnmask.sparse.dropout_unsupported``).
 
 ``run(call)`` returns the ``(B, H, Q, Dv)`` output in ``q``'s dtype; ``unsupported(call)`` returns ``None`` when the
 backend can serve the call, else a short reason (shown when the backend was named explicitly); ``cost(call)`` is an
@@ -47,6 +58,7 @@ import torch.nn.functional as F
 
 from attnmask.errors import BackendError, DeviceError, DTypeError, InputError, ShapeError, bad
 from attnmask.masks import Causal, Full, MaskSpec, resolve_positions
+from attnmask.sparse import check_dropout_p  # sparse never imports this module
 
 __all__ = [
     "AttentionCall",
@@ -76,6 +88,7 @@ class AttentionCall:
     q_positions: torch.Tensor | None = None
     kv_positions: torch.Tensor | None = None
     positions_given: bool = False
+    dropout_p: float = 0.0
 
     @property
     def batch(self) -> int:
@@ -207,6 +220,8 @@ def _reference_run(call: AttentionCall) -> torch.Tensor:
         probs = torch.softmax(scores, dim=-1).masked_fill(~has_key, 0.0)
     else:
         probs = torch.softmax(scores, dim=-1)
+    if call.dropout_p > 0:
+        probs = F.dropout(probs, call.dropout_p)  # zeros stay zero: empty rows and masked keys are untouched
     return torch.matmul(probs, v).to(call.q.dtype)
 
 
@@ -220,8 +235,11 @@ def _reference_cost(call: AttentionCall) -> float:
 
 def _sdpa_run(call: AttentionCall) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` with the dense bool mask (O(B·Q·K) for a spec)."""
-    gqa = call.heads != call.kv_heads
-    sdpa_kwargs = {"scale": call.scale, "enable_gqa": True} if gqa else {"scale": call.scale}
+    sdpa_kwargs = {"scale": call.scale}
+    if call.heads != call.kv_heads:
+        sdpa_kwargs["enable_gqa"] = True
+    if call.dropout_p > 0:
+        sdpa_kwargs["dropout_p"] = call.dropout_p
     if call.is_full:
         return F.scaled_dot_product_attention(call.q, call.k, call.v, **sdpa_kwargs)
     if call.is_plain_causal:
@@ -269,6 +287,7 @@ def attention(
     scale: float | None = None,
     q_positions: torch.Tensor | None = None,
     kv_positions: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Scaled dot-product attention honouring ``mask``; rows with no allowed key give exactly 0.
 
@@ -280,21 +299,28 @@ def attention(
       ``"varlen"`` (per document), ``"blocksparse"`` (tiles of a block layout) or ``"flex"`` (compiled FlexAttention,
       opt-in; see ``attnmask.sparse``), ``"banded"`` (rows of many short documents: one SDPA call on a narrow band
       of small tiles, see ``attnmask.banded``), ``"native"`` (per document in a small C kernel built on first use:
-      rows of many short documents, see ``attnmask.native``), or one registered later. ``scale`` defaults to ``D ** -0.5``.
+      rows of many short documents, see ``attnmask.native``), or one registered later. ``scale`` defaults to
+      ``D ** -0.5``.
+    - ``dropout_p``: attention dropout in ``[0, 1)`` on the probabilities after the softmax, kept ones scaled by
+      ``1 / (1 - p)`` (applied whenever > 0: pass 0 in evaluation). Only ``"reference"``, ``"sdpa"`` and
+      ``"varlen"`` support it (``"auto"`` chooses among them); reproducible under ``torch.manual_seed`` for a given
+      backend. See the module docstring.
 
     Memory: ``"sdpa"`` builds an O(B·Q·K) bool mask from a spec (none for ``None``, ``full()`` and a plain
     ``causal()`` with ``Q == K``, which uses ``is_causal``); ``"reference"`` materialises O(B·H·Q·K) float32 scores;
     ``"varlen"`` and ``"blocksparse"`` never build more than one document's or one tile group's mask; ``"banded"``
-    builds an O(B·L·W·bs) bool mask of its band; ``"native"`` builds no mask at all.
+    builds an O(B·L·W·bs) bool mask of its band; ``"native"`` builds no mask at all. With ``dropout_p > 0``, torch's
+    CPU SDPA runs its unfused kernel, which holds the O(B·H·Q·K) probabilities and dropout mask (``"varlen"``: one
+    document group's at a time).
 
     Example: ``attention(q, k, v, causal() & key_padding(batch.attention_mask))`` on a left-padded batch gives 0 at
     the padding queries, which see no key.
     """
-    call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions)
+    call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p)
     return choose_backend(call, backend).run(call)
 
 
-def _prepare_call(q, k, v, mask, scale, q_positions, kv_positions) -> AttentionCall:
+def _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p=0.0) -> AttentionCall:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise bad(InputError, name, "a torch.Tensor", type(t).__name__)
@@ -321,19 +347,20 @@ def _prepare_call(q, k, v, mask, scale, q_positions, kv_positions) -> AttentionC
         scale = D**-0.5 if D else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise bad(InputError, "scale", "a finite number or None", repr(scale))
+    dropout_p = check_dropout_p(dropout_p)
     K = k.shape[2]
     if isinstance(mask, MaskSpec):
-        return _prepare_spec_call(q, k, v, mask, float(scale), q_positions, kv_positions)
+        return _prepare_spec_call(q, k, v, mask, float(scale), q_positions, kv_positions, dropout_p)
     for name, pos in (("q_positions", q_positions), ("kv_positions", kv_positions)):
         if pos is not None:
             raise bad(InputError, name, "None unless mask is a MaskSpec (positions only place a spec)", "a value")
     if mask is not None:
         _check_tensor_mask(mask, (B, H, Q, K), q.device)
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    return AttentionCall(q, k, v, mask, float(scale))
+    return AttentionCall(q, k, v, mask, float(scale), dropout_p=dropout_p)
 
 
-def _prepare_spec_call(q, k, v, spec, scale, q_positions, kv_positions) -> AttentionCall:
+def _prepare_spec_call(q, k, v, spec, scale, q_positions, kv_positions, dropout_p=0.0) -> AttentionCall:
     B, Q, K = q.shape[0], q.shape[2], k.shape[2]
     if spec.batch_size not in (None, 1, B):
         raise bad(ShapeError, "mask", f"a spec with per-row data for 1 or {B} rows (q's batch)", spec.batch_size)
@@ -347,7 +374,7 @@ def _prepare_spec_call(q, k, v, spec, scale, q_positions, kv_positions) -> Atten
                 raise bad(ShapeError, name, f"1 or {B} rows (q's batch)", f"shape {tuple(pos.shape)}")
     q_pos, kv_pos = resolve_positions(Q, K, q_positions=q_positions, kv_positions=kv_positions, device=q.device)
     given = q_positions is not None or kv_positions is not None
-    return AttentionCall(q, k, v, spec, scale, q_pos, kv_pos, given)
+    return AttentionCall(q, k, v, spec, scale, q_pos, kv_pos, given, dropout_p)
 
 
 def _check_tensor_mask(mask, target: tuple[int, int, int, int], device: torch.device) -> None:

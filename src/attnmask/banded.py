@@ -7,6 +7,7 @@ tiles of a batch row in ONE fused SDPA call: the query tiles ``(nT, H, bs, D)`` 
 per-document call), and the mask is evaluated from the spec on just those pairs. The first ``W - 1`` tiles (whose
 band starts before the row) and a short last tile are gathered and computed apart. Rows with no allowed key give
 exactly 0 and a zero gradient; the band views have a hand-written gradient (``W`` shifted adds).
+No attention dropout: a call with ``dropout_p > 0`` is reported unsupported (``"auto"`` then runs it elsewhere).
 
 Worked example: ``L = 6``, documents ``[2, 3, 1]``, ``bs = 2``: query tiles ``[0, 1], [2, 3], [4, 5]``; the document
 of tokens 2-4 reaches back one tile from tile ``[4, 5]``, so ``W = 2`` and each query scores 4 keys (the band), of
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from attnmask import masks as M
-from attnmask.sparse import COPY_COST, _cached
+from attnmask.sparse import COPY_COST, _cached, dropout_unsupported
 
 __all__ = ["banded_cost", "banded_run", "banded_unsupported"]
 
@@ -108,6 +109,8 @@ def _cached_plan(call) -> _BandPlan | str:
 
 
 def banded_unsupported(call) -> str | None:
+    if (no_dropout := dropout_unsupported(call)) is not None:
+        return no_dropout
     plan = _cached_plan(call)
     return plan if isinstance(plan, str) else None
 

@@ -268,8 +268,10 @@ def allowed_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> f
 
 
 def native_unsupported(call) -> str | None:
-    from attnmask.sparse import _cached, _varlen_plan
+    from attnmask.sparse import _cached, _varlen_plan, dropout_unsupported
 
+    if (reason := dropout_unsupported(call)) is not None:
+        return reason
     if call.q.device.type != "cpu":
         return f"runs on the CPU only (inputs on {call.q.device})"
     plan = _cached(call, "varlen", _varlen_plan)

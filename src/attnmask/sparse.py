@@ -9,6 +9,8 @@ Shapes everywhere: ``q`` ``(B, H, Q, D)``, ``k`` ``(B, Hkv, K, D)``, ``v`` ``(B,
 (grouped-query attention: query head ``h`` reads key/value head ``h // (H // Hkv)``). Output ``(B, H, Q, Dv)`` in
 ``q.dtype``.
 A query row with no allowed key gives exactly 0 and a zero gradient, as on every attnmask backend.
+Attention dropout (``dropout_p``, on the probabilities after the softmax, as SDPA): varlen only; block-sparse and
+FlexAttention report it as unsupported (``dropout_unsupported``, shared with the other backends that lack it).
 
 Worked example, one packed row of 3 documents of lengths 2, 4, 3 (``doc_ids = [0, 0, 1, 1, 1, 1, 2, 2, 2]``),
 causal inside each document::
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from attnmask import masks as M
-from attnmask.errors import BackendError, ShapeError, bad
+from attnmask.errors import BackendError, InputError, ShapeError, bad
 from attnmask.masks import FULL, NONE, PARTIAL
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "blocksparse_attention",
     "run_layout",
     "spec_tile_mask",
+    "check_dropout_p",
+    "dropout_unsupported",
 ]
 
 TileMask = Callable[[int, int, int, int, int], torch.Tensor]
@@ -62,6 +66,13 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, 
     if Hkv == 0 or H % Hkv:
         raise bad(ShapeError, "k", f"a number of heads dividing H={H}", Hkv)
     return B, H, Q, D, Hkv, K
+
+
+def check_dropout_p(dropout_p) -> float:
+    """``dropout_p`` as a float in ``[0, 1)``; ``InputError`` naming it otherwise (a bool or a tensor included)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise bad(InputError, "dropout_p", "a float in [0, 1)", repr(dropout_p))
+    return float(dropout_p)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -101,6 +112,7 @@ def varlen_attention(
     window: int | None = None,
     scale: float | None = None,
     small: int = 32,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention where each segment (document) attends only within itself; query rows in no segment give 0.
 
@@ -117,6 +129,10 @@ def varlen_attention(
       ``offset == 0`` (top-left equals bottom-right then), else a ``(q_len, k_len)`` mask of that document;
     - a window shorter than a document runs by query blocks over a key band (``O(q_len·(block + window))`` work).
 
+    ``dropout_p``: attention dropout on each document's probabilities after the softmax (kept ones scaled by
+    ``1 / (1 - p)``), by SDPA's own ``dropout_p`` or, for tiny documents, on the batched probabilities; a document's
+    queries still read only its own keys, and rows with no allowed key stay exactly 0. Drawn from torch's global RNG.
+
     Memory: the inputs of stacked or grouped documents are copied once; the output is assembled with one ``cat`` per
     row, or (more than 64 segments) written once by row index. Forward and backward are autograd through SDPA.
     """
@@ -124,6 +140,7 @@ def varlen_attention(
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise bad(BackendError, "window", "None or an int >= 1", repr(window))
     causal = causal or window is not None
+    dropout_p = check_dropout_p(dropout_p)
     segs = check_segments(segments, q, k, v)
     scale = D**-0.5 if scale is None else float(scale)
     gqa = H != Hkv
@@ -141,9 +158,9 @@ def varlen_attention(
         k_parts, v_parts = (_split_rows(t, [(seg[0], seg[3], seg[4]) for seg in big]) for t in (k, v))
     for (_, _, off), members in groups.items():
         qb, kb, vb = (_stack_segments(parts, members, idx) for parts, idx in ((q_parts, 1), (k_parts, 3), (v_parts, 3)))
-        results.append((_dense_segment(qb, kb, vb, off, causal, window, scale, gqa), members))
+        results.append((_dense_segment(qb, kb, vb, off, causal, window, scale, gqa, dropout_p), members))
     if small_segs:
-        results.extend(_small_segments(q, k, v, small_segs, causal, window, scale))
+        results.extend(_small_segments(q, k, v, small_segs, causal, window, scale, dropout_p))
     if sum(len(m) for _, m in results) > 64:
         out = _assemble_by_index(q, v, results)
     else:
@@ -221,20 +238,22 @@ def _stack_segments(parts: dict, members: list, idx: int) -> torch.Tensor:
     return views[0] if len(views) == 1 else torch.cat(views)
 
 
-def _sdpa(q, k, v, mask, is_causal, scale, gqa):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+def _sdpa(q, k, v, mask, is_causal, scale, gqa, dropout_p=0.0):
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+    )
 
 
-def _dense_segment(q, k, v, off, causal, window, scale, gqa):
+def _dense_segment(q, k, v, off, causal, window, scale, gqa, dropout_p=0.0):
     """Stacked segments of one shape: ``q`` ``(n, H, ql, D)``, ``k, v`` ``(n, Hkv, kl, D)``, same ``offset``."""
     ql, kl = q.shape[2], k.shape[2]
     if not causal:
-        return _sdpa(q, k, v, None, False, scale, gqa)
+        return _sdpa(q, k, v, None, False, scale, gqa, dropout_p)
     widest = ql - 1 + off  # largest i + offset - j over the segment (j = 0)
     if window is None or window > widest:
         if off == 0:
-            return _sdpa(q, k, v, None, True, scale, gqa)
-        return _masked_rows(q, k, v, _band_mask(0, ql, 0, kl, off, None, q.device), scale, gqa)
+            return _sdpa(q, k, v, None, True, scale, gqa, dropout_p)
+        return _masked_rows(q, k, v, _band_mask(0, ql, 0, kl, off, None, q.device), scale, gqa, dropout_p)
     # Window shorter than the document: query blocks over a key band.
     block = max(window, 64)
     outs = []
@@ -246,7 +265,7 @@ def _dense_segment(q, k, v, off, causal, window, scale, gqa):
             outs.append(v.new_zeros(q.shape[0], q.shape[1], b_end - a, v.shape[3]))
             continue
         mask = _band_mask(a, b_end, k0, k1, off, window, q.device)
-        outs.append(_masked_rows(q[:, :, a:b_end], k[:, :, k0:k1], v[:, :, k0:k1], mask, scale, gqa))
+        outs.append(_masked_rows(q[:, :, a:b_end], k[:, :, k0:k1], v[:, :, k0:k1], mask, scale, gqa, dropout_p))
     return torch.cat(outs, dim=2)
 
 
@@ -256,18 +275,18 @@ def _band_mask(q0, q1, k0, k1, off, window, device):
     return (d >= 0) & (d < window) if window is not None else d >= 0
 
 
-def _masked_rows(q, k, v, mask, scale, gqa):
+def _masked_rows(q, k, v, mask, scale, gqa, dropout_p=0.0):
     """SDPA with a bool mask ``(..., Lq, Lk)``; rows with no allowed key are set to exactly 0.
 
     Such rows attend to every key inside the kernel (finite on every device), then are zeroed: their gradient is 0.
     """
     empty = ~mask.any(-1, keepdim=True)
     if not bool(empty.any()):
-        return _sdpa(q, k, v, mask, False, scale, gqa)
-    return _sdpa(q, k, v, mask | empty, False, scale, gqa).masked_fill(empty, 0.0)
+        return _sdpa(q, k, v, mask, False, scale, gqa, dropout_p)
+    return _sdpa(q, k, v, mask | empty, False, scale, gqa, dropout_p).masked_fill(empty, 0.0)
 
 
-def _small_segments(q, k, v, segs, causal, window, scale) -> list:
+def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list:
     """Tiny documents, grouped by exact shape ``(q_len, k_len, offset)`` (at most a few dozen groups): one gather per
     tensor and one batched attention per group, computed in a heads-major layout ``(H, n, L, D)`` without copies.
 
@@ -288,7 +307,7 @@ def _small_segments(q, k, v, segs, causal, window, scale) -> list:
             for t, idx in ((qf, q_idx), (kf, k_idx), (vf, k_idx))
         )
         mask = _band_mask(0, ql, 0, kl, off, window, dev) if causal else None
-        results.append((_tiny_attention(qb, kb, vb, mask, scale).transpose(0, 1), members))
+        results.append((_tiny_attention(qb, kb, vb, mask, scale, dropout_p).transpose(0, 1), members))
     return results
 
 
@@ -297,11 +316,12 @@ def _heads_major(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[3])
 
 
-def _tiny_attention(q, k, v, mask, scale):
+def _tiny_attention(q, k, v, mask, scale, dropout_p=0.0):
     """Unfused attention for tiny documents (a fused kernel's per-call overhead dominates there), heads-major.
 
     ``q`` ``(H, n, Lq, D)``, ``k, v`` ``(Hkv, n, Lk, ·)``, ``mask`` ``(Lq, Lk)`` bool or None; rows with no allowed
-    key give 0. Low precision is computed in float32. Memory ``O(H·n·Lq·Lk)``: used for documents of few tokens.
+    key give 0; ``dropout_p > 0`` drops probabilities (zeros stay 0). Low precision is computed in float32.
+    Memory ``O(H·n·Lq·Lk)``: used for documents of few tokens.
     """
     H, Hkv = q.shape[0], k.shape[0]
     qh = q.unflatten(0, (Hkv, H // Hkv))  # (Hkv, rep, n, Lq, D): query head h reads key head h // rep
@@ -312,6 +332,8 @@ def _tiny_attention(q, k, v, mask, scale):
     p = torch.softmax(s, dim=-1)
     if mask is not None and not bool(has_key.all()):
         p = p.masked_fill(~has_key, 0.0)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
     return torch.matmul(p, v.float().unsqueeze(1)).flatten(0, 1).to(v.dtype)
 
 
@@ -736,6 +758,13 @@ _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this man
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def dropout_unsupported(call) -> str | None:
+    """The ``unsupported`` reason of a backend without attention dropout: a reason when ``call.dropout_p > 0``."""
+    if call.dropout_p > 0:
+        return f"has no attention dropout (dropout_p={call.dropout_p}; use 'sdpa', 'varlen' or 'reference')"
+    return None
+
+
 def _cached(call, key: str, build):
     """``build(call)`` once per call object (``unsupported``, ``cost`` and ``run`` all need the same lowering)."""
     entry = _PLANS.setdefault(call, {})
@@ -820,7 +849,14 @@ def sdpa_pairs(q_len: torch.Tensor, kv_len: torch.Tensor, causal: bool) -> torch
 def varlen_run(call) -> torch.Tensor:
     plan = _cached(call, "varlen", _varlen_plan)
     return varlen_attention(
-        call.q, call.k, call.v, plan.segments, causal=plan.causal, window=plan.window, scale=call.scale
+        call.q,
+        call.k,
+        call.v,
+        plan.segments,
+        causal=plan.causal,
+        window=plan.window,
+        scale=call.scale,
+        dropout_p=call.dropout_p,
     )
 
 
@@ -842,7 +878,7 @@ def _layout(call):
 def blocksparse_unsupported(call) -> str | None:
     if call.mask is not None and not isinstance(call.mask, M.MaskSpec):
         return "needs a mask spec (a dense tensor mask has no block structure)"
-    return None
+    return dropout_unsupported(call)
 
 
 def blocksparse_cost(call) -> float:
@@ -887,6 +923,8 @@ def _flex():
 def flex_unsupported(call) -> str | None:
     if call.mask is not None and not isinstance(call.mask, M.MaskSpec):
         return "needs a mask spec"
+    if (no_dropout := dropout_unsupported(call)) is not None:
+        return no_dropout
     if (
         call.q.device.type == "cpu"
         and torch.is_grad_enabled()

@@ -278,7 +278,10 @@ def attention_forward(
     The mask spec is built by :func:`spec_for_call` from the module and the call (see the module docstring) and handed
     to ``attnmask.attention``, which picks the cheapest exact backend; no O(Q·K) mask is built for causal, window,
     padding or document masks unless the chosen backend needs one. A 4D tensor mask (a user's own) is honoured as is.
-    Attention dropout (``dropout > 0`` in training) runs through dense SDPA, O(B·Q·K) memory.
+    Attention dropout (``dropout``, which transformers passes as ``attention_dropout`` in training and 0 in
+    evaluation; ignored while ``module`` is in eval mode) goes to ``attention(..., dropout_p=dropout)``, so "auto"
+    chooses among the backends with dropout: packed rows still run per document (``varlen``, no O(Q·K) mask) wherever
+    that is the cheapest.
     """
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise bad(BackendError, "attention kwargs", "no softcap or attention sinks", sorted(kwargs))
@@ -309,12 +312,17 @@ def attention_forward(
                 # e.g. a static cache with unused slots: queries are not the last Q keys
                 q_positions = torch.arange(info.q_offset - info.kv_offset, info.q_offset - info.kv_offset + q_len)
                 q_positions = q_positions.to(query.device)
-    if dropout and module.training:
-        out = _dense_sdpa(query, key, value, spec, scaling, q_positions, kv_positions, dropout=dropout)
-    else:
-        out = attention(
-            query, key, value, spec, backend=backend, scale=scaling, q_positions=q_positions, kv_positions=kv_positions
-        )
+    out = attention(
+        query,
+        key,
+        value,
+        spec,
+        backend=backend,
+        scale=scaling,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        dropout_p=float(dropout) if module.training else 0.0,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -334,27 +342,6 @@ def _dense_mask_as_bool(mask: torch.Tensor, batch: int, q_len: int, kv_len: int)
         raise bad(ShapeError, "attention_mask", "a 4D mask (B, 1, Q, K) or transformers' 2D mask", tuple(mask.shape))
     mask = mask[..., :kv_len]
     return mask if mask.dtype == torch.bool else mask == 0
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Attention dropout (attnmask.attention has none)
-
-
-def _dense_sdpa(q, k, v, spec, scale, q_positions, kv_positions, *, dropout: float) -> torch.Tensor:
-    """SDPA with a dense bool mask ``(B, 1, Q, K)``; query rows without any allowed key give exactly 0. O(B·Q·K)."""
-    if isinstance(spec, MaskSpec):
-        allowed = spec.to_dense(
-            q.shape[2], k.shape[2], q_positions=q_positions, kv_positions=kv_positions, device=q.device
-        ).unsqueeze(1)
-    else:
-        allowed = spec
-    has_key = allowed.any(dim=-1, keepdim=True)
-    allowed = allowed | ~has_key  # finite softmax on empty rows, zeroed below
-    gqa = q.shape[1] != k.shape[1]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale, enable_gqa=gqa
-    )
-    return out.masked_fill(~has_key, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
