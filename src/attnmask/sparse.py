@@ -21,7 +21,6 @@ causal inside each document::
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from attnmask import masks as M
 from attnmask.errors import BackendError, ShapeError, bad
 from attnmask.masks import FULL, NONE, PARTIAL
+from attnmask.plancache import call_plans
 
 __all__ = [
     "NONE",
@@ -713,12 +713,13 @@ SMALL_MATMUL_COST = 2e4
 COPY_COST = 10.0  # copying one element in a gather or scatter: a pass over memory costs about ten multiply-adds
 _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this many keys go through batched matmuls
 
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 def _cached(call, key: str, build):
-    """``build(call)`` once per call object (``unsupported``, ``cost`` and ``run`` all need the same lowering)."""
-    entry = _PLANS.setdefault(call, {})
+    """``build(call)`` once per spec object and call signature (``unsupported``, ``cost`` and ``run`` all need the
+    same lowering, and so do the layers of a model that share one spec): see ``attnmask.plancache``. ``build`` may
+    read the spec, shapes, dtype, device and whether a gradient is needed, nothing else of the call; its result is
+    stored under ``key`` and must not be mutated."""
+    entry = call_plans(call)
     if key not in entry:
         entry[key] = build(call)
     return entry[key]
