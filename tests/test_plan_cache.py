@@ -1,0 +1,274 @@
+"""Attention plans are cached per spec object and call signature: repeated calls plan once, distinct shapes get
+their own entries, an in-place write to the spec's tensors invalidates them, entries die with the spec, and results
+across cache hits equal the reference backend."""
+
+import copy
+import gc
+import importlib
+import pickle
+import weakref
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnmask as am
+from attnmask import banded, plancache, sparse
+from attnmask.attention import Backend, _prepare_call, choose_backend
+from attnmask.masks import PLANS_ATTRIBUTE
+from tests.naive import naive_attention, naive_dense
+from tests.test_attention import assert_matches_reference, grads
+
+A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
+SPARSE = ("varlen", "blocksparse", "banded")
+
+
+def qkv(batch=1, heads=4, kv_heads=2, length=24, dim=8, dtype=torch.float32, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((batch, heads, length, dim), (batch, kv_heads, length, dim), (batch, kv_heads, length, dim))
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_(requires_grad) for s in shapes]
+
+
+def packed_spec(lens=(5, 9, 3, 7), length=24):
+    return am.causal() & am.document(seq_lens=list(lens), length=length)
+
+
+@pytest.fixture
+def planning_counts(monkeypatch):
+    """How many times each planning function ran (varlen segments, block layout, key band)."""
+    counts = {"varlen": 0, "layout": 0, "banded": 0}
+    for module, name, key in (
+        (sparse, "_varlen_plan", "varlen"),
+        (sparse, "_layout", "layout"),
+        (banded, "_plan", "banded"),
+    ):
+        original = getattr(module, name)
+
+        def counted(call, original=original, key=key):
+            counts[key] += 1
+            return original(call)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hits
+
+
+def test_repeated_calls_with_one_spec_plan_each_backend_once(planning_counts):
+    spec = packed_spec()
+    q, k, v = qkv()
+    for backend in ("auto", *SPARSE, "auto"):
+        am.attention(q, k, v, spec, backend=backend)
+    assert planning_counts == {"varlen": 1, "layout": 1, "banded": 1}
+
+
+def test_a_cache_hit_returns_the_same_plan_object():
+    spec = packed_spec()
+    q, k, v = qkv()
+    first, second = (_prepare_call(q, k, v, spec, None, None, None) for _ in range(2))
+    plan = sparse._cached(first, "varlen", sparse._varlen_plan)
+    assert sparse._cached(second, "varlen", lambda call: pytest.fail("planned again")) is plan
+
+
+def test_a_repeated_auto_call_asks_no_backend_for_support_or_cost(monkeypatch):
+    asked = []
+
+    def spy(b):
+        def unsupported(call):
+            asked.append(b.name)
+            return b.unsupported(call)
+
+        return Backend(b.name, b.run, unsupported, b.cost)
+
+    monkeypatch.setattr(A, "_BACKENDS", {name: spy(b) for name, b in A._BACKENDS.items()})
+    spec = packed_spec()
+    q, k, v = qkv()
+    first = choose_backend(_prepare_call(q, k, v, spec, None, None, None))
+    n_asked = len(asked)
+    assert choose_backend(_prepare_call(q, k, v, spec, None, None, None)) is first
+    assert n_asked == len(A._BACKENDS) and len(asked) == n_asked
+
+
+def test_a_backend_registered_after_a_call_is_considered_by_the_next_auto_call(monkeypatch):
+    spec = packed_spec()
+    q, k, v = qkv()
+    before = am.attention(q, k, v, spec)
+    free = Backend("free", A.REFERENCE.run, lambda call: None, lambda call: 0.0)
+    monkeypatch.setattr(A, "_BACKENDS", {**A._BACKENDS, "free": free})
+    assert choose_backend(_prepare_call(q, k, v, spec, None, None, None)) is free
+    torch.testing.assert_close(am.attention(q, k, v, spec), before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Separate entries
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(heads=8),
+        dict(kv_heads=1),
+        dict(batch=3),
+        dict(dim=16),
+        dict(dtype=torch.float64),
+        dict(requires_grad=True),
+    ],
+    ids=lambda change: ",".join(f"{k}={v}" for k, v in change.items()),
+)
+def test_a_different_shape_dtype_or_grad_requirement_gets_its_own_entry(planning_counts, change):
+    spec = packed_spec()
+    am.attention(*qkv(), spec, backend="varlen")
+    q, k, v = qkv(**change)
+    got = am.attention(q, k, v, spec, backend="varlen")
+    assert planning_counts["varlen"] == 2 and plancache.cached_signatures(spec) == 2
+    want = naive_attention(q, k, v, naive_dense(spec, 24, 24).unsqueeze(1))
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_at_most_entries_per_spec_signatures_are_kept_least_recent_dropped(planning_counts):
+    spec = packed_spec()
+    n = plancache.ENTRIES_PER_SPEC + 2
+    for heads in range(1, n + 1):
+        am.attention(*qkv(heads=heads, kv_heads=1), spec, backend="varlen")
+    assert plancache.cached_signatures(spec) == plancache.ENTRIES_PER_SPEC
+    am.attention(*qkv(heads=n, kv_heads=1), spec, backend="varlen")  # newest: kept
+    assert planning_counts["varlen"] == n
+    am.attention(*qkv(heads=1, kv_heads=1), spec, backend="varlen")  # oldest: dropped, planned again
+    assert planning_counts["varlen"] == n + 1
+
+
+def test_specs_with_a_custom_predicate_or_explicit_positions_are_planned_per_call(planning_counts):
+    custom = am.custom(lambda b, h, q, k: k <= q) & am.document(seq_lens=[5, 9, 3, 7], length=24)
+    q, k, v = qkv()
+    for _ in range(2):
+        am.attention(q, k, v, custom, backend="blocksparse")
+    spec = packed_spec()
+    pos = torch.arange(24)
+    for _ in range(2):
+        am.attention(q, k, v, spec, backend="blocksparse", q_positions=pos, kv_positions=pos)
+    assert planning_counts["layout"] == 4
+    assert plancache.cached_signatures(custom) == 0 and plancache.cached_signatures(spec) == 0
+
+
+def test_explicit_positions_are_never_served_a_plan_made_for_other_positions():
+    backend = "blocksparse"  # its layout depends on the positions
+    spec = packed_spec(lens=(40, 60, 28), length=128)
+    q, k, v = qkv(length=128)
+    am.attention(q, k, v, spec, backend=backend)
+    pos = torch.arange(128)
+    kw = dict(q_positions=pos.flip(0), kv_positions=pos)
+    got = am.attention(q, k, v, spec, backend=backend, **kw)
+    torch.testing.assert_close(got, am.attention(q, k, v, spec, backend="reference", **kw))
+
+
+def test_a_spec_of_inference_mode_tensors_is_not_cached_and_still_correct():
+    with torch.inference_mode():
+        mask = torch.arange(24).expand(2, 24) < torch.tensor([[24], [13]])
+        spec = am.causal() & am.key_padding(mask)
+        q, k, v = qkv(batch=2)
+        got = [am.attention(q, k, v, spec, backend="blocksparse") for _ in range(2)]
+    assert plancache.cached_signatures(spec) == 0
+    want = naive_attention(q, k, v, naive_dense(spec, 24, 24).unsqueeze(1))
+    for out in got:
+        assert_matches_reference(out, want)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Invalidation
+
+
+@pytest.mark.parametrize("backend", ["auto", "varlen", "blocksparse"])  # banded's band only narrows: stale is right
+def test_writing_the_key_padding_mask_in_place_invalidates_the_plans(backend):
+    mask = torch.ones(2, 512, dtype=torch.bool)
+    spec = am.causal() & am.key_padding(mask)
+    q, k, v = qkv(batch=2, length=512)  # long enough that "auto" plans a sparse backend
+    before = am.attention(q, k, v, spec, backend=backend)
+    mask[1, :100] = False  # row 1 becomes left-padded, row 0 too by 3 tokens
+    mask[0, :3] = False
+    after = am.attention(q, k, v, spec, backend=backend)
+    torch.testing.assert_close(after, am.attention(q, k, v, spec, backend="reference"))
+    assert not torch.allclose(after, before)  # the write changes the answer, so a stale plan would be caught
+
+
+@pytest.mark.parametrize("backend", ["auto", *SPARSE])
+def test_writing_document_ids_in_place_invalidates_the_plans(backend):
+    ids = torch.arange(256).div(4, rounding_mode="floor").unsqueeze(0)  # 64 documents of 4 tokens
+    spec = am.causal() & am.document(doc_ids=ids)
+    q, k, v = qkv(length=256)  # long enough that "auto" plans a sparse backend
+    before = am.attention(q, k, v, spec, backend=backend)
+    ids[0, :192] = 0  # the first 48 merge: a document of 192 tokens, wider than any band or tile planned for 4
+    after = am.attention(q, k, v, spec, backend=backend)
+    torch.testing.assert_close(after, am.attention(q, k, v, spec, backend="reference"))
+    assert not torch.allclose(after, before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Lifetime
+
+
+@pytest.mark.parametrize("backend", SPARSE)
+def test_cached_plans_die_with_the_spec(backend):
+    spec = am.causal() & am.key_padding(torch.arange(24).expand(2, 24) >= torch.tensor([[0], [11]]))  # left padding
+    q, k, v = qkv(batch=2)
+    am.attention(q, k, v, spec, backend=backend)
+    record = weakref.ref(spec.__dict__[PLANS_ATTRIBUTE])  # holds the entries and through them every plan
+    assert plancache.cached_signatures(spec) == 1
+    spec_ref = weakref.ref(spec)
+    del spec
+    gc.collect()
+    assert spec_ref() is None and record() is None
+
+
+def test_pickling_or_copying_a_spec_leaves_its_plans_behind():
+    spec = packed_spec()
+    am.attention(*qkv(), spec, backend="varlen")
+    for other in (pickle.loads(pickle.dumps(spec)), copy.copy(spec), copy.deepcopy(spec)):
+        assert PLANS_ATTRIBUTE not in other.__dict__ and repr(other) == repr(spec)
+        assert torch.equal(other.to_dense(24), spec.to_dense(24))
+
+
+def test_spec_tensors_lists_every_tensor_of_every_part():
+    mask, ids, prefix = torch.ones(2, 8, dtype=torch.bool), torch.zeros(2, 8, dtype=torch.long), torch.tensor([2, 3])
+    spec = (am.causal() | am.prefix_lm(prefix)) & am.key_padding(mask) & ~am.document(doc_ids=ids)
+    assert [id(t) for t in spec.tensors()] == [id(prefix), id(mask), id(ids)]
+    assert am.causal().tensors() == ()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results across hits
+
+
+@st.composite
+def packed_rows(draw):
+    """Causal packed rows of 1-2 rows, documents of 1-12 tokens, a trailing gap outside every document, maybe a
+    sliding window: a form every sparse backend takes."""
+    batch, length = draw(st.integers(1, 2)), draw(st.integers(2, 40))
+    rows = []
+    for _ in range(batch):
+        lens, left = [], length - draw(st.integers(0, 4))
+        while left > 0:
+            lens.append(min(left, draw(st.integers(1, 12))))
+            left -= lens[-1]
+        rows.append(lens)
+    spec = am.causal() & am.document(seq_lens=rows, length=length)
+    if draw(st.booleans()):
+        spec = spec & am.sliding_window(draw(st.integers(1, 6)))
+    return spec, batch, length
+
+
+@pytest.mark.parametrize("backend", ["auto", *SPARSE])
+@settings(max_examples=20)
+@given(problem=packed_rows())
+def test_outputs_and_gradients_across_cache_hits_equal_the_reference_backend(backend, problem):
+    spec, batch, length = problem
+    for seed in range(3):  # the first call plans, the others hit the cache with new inputs
+        q, k, v = qkv(batch=batch, length=length, seed=seed, requires_grad=True)
+        got = am.attention(q, k, v, spec, backend=backend)
+        want = am.attention(q, k, v, spec, backend="reference")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        for g, w in zip(grads(got, (q, k, v)), grads(want, (q, k, v)), strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    assert plancache.cached_signatures(spec) == 1
