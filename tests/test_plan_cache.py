@@ -272,3 +272,69 @@ def test_outputs_and_gradients_across_cache_hits_equal_the_reference_backend(bac
         for g, w in zip(grads(got, (q, k, v)), grads(want, (q, k, v)), strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     assert plancache.cached_signatures(spec) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The transformers integration hands every layer of a forward the same spec object
+
+
+def packed_llama_inputs():
+    ids = torch.randint(1, 300, (1, 14), generator=torch.Generator().manual_seed(0))
+    return ids, torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 1, 2, 3, 4]])
+
+
+def spy_on_specs(monkeypatch, hf):
+    specs = []
+
+    def spying(q, k, v, spec, **kwargs):
+        specs.append(spec)
+        return am.attention(q, k, v, spec, **kwargs)
+
+    monkeypatch.setattr(hf, "attention", spying)
+    return specs
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_every_layer_of_a_transformers_forward_gets_the_same_spec_object(monkeypatch, family):
+    pytest.importorskip("transformers")
+    from attnmask.integrations import hf
+    from tests.hf_models import model
+
+    specs = spy_on_specs(monkeypatch, hf)
+    ids, pos = packed_llama_inputs()
+    with torch.no_grad():
+        shared = model(family)(ids, position_ids=pos).logits
+        monkeypatch.setattr(hf, "_recent_specs", hf._RecentSpecs(size=0))  # a fresh spec per layer, as before
+        fresh = model(family)(ids, position_ids=pos).logits
+    layers = len(specs) // 2
+    assert layers == 2 and all(s is specs[0] for s in specs[:layers])
+    assert all(a is not b for a, b in zip(specs[layers:], specs[layers + 1 :], strict=False))
+    assert torch.equal(shared, fresh)
+
+
+def test_a_forward_after_position_ids_are_written_in_place_builds_a_new_spec(monkeypatch):
+    pytest.importorskip("transformers")
+    from attnmask.integrations import hf
+    from tests.hf_models import alone, model
+
+    specs = spy_on_specs(monkeypatch, hf)
+    ids, pos = packed_llama_inputs()
+    with torch.no_grad():
+        model("llama")(ids, position_ids=pos)
+        pos[0, 6:] = torch.arange(8)  # now two documents: 6 and 8 tokens
+        logits = model("llama")(ids, position_ids=pos).logits[0]
+    assert specs[-1] is not specs[0]
+    want = torch.cat([alone("llama", ids[0, :6].tolist()), alone("llama", ids[0, 6:].tolist())])
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_transformers_forward_in_inference_mode_with_packed_position_ids_runs():
+    pytest.importorskip("transformers")
+    from tests.hf_models import model
+
+    ids, pos = packed_llama_inputs()
+    with torch.no_grad():
+        want = model("llama")(ids, position_ids=pos).logits
+    with torch.inference_mode():
+        got = model("llama")(ids.clone(), position_ids=pos.clone()).logits  # inference tensors: no version counter
+    torch.testing.assert_close(got, want)
