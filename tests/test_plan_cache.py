@@ -36,11 +36,12 @@ def packed_spec(lens=(5, 9, 3, 7), length=24):
 
 @pytest.fixture
 def planning_counts(monkeypatch):
-    """How many times each planning function ran (varlen segments, block layout, key band)."""
-    counts = {"varlen": 0, "layout": 0, "banded": 0}
+    """How many times each planning function ran (varlen segments, block layout, its tile groups, key band)."""
+    counts = {"varlen": 0, "layout": 0, "groups": 0, "banded": 0}
     for module, name, key in (
         (sparse, "_varlen_plan", "varlen"),
         (sparse, "_layout", "layout"),
+        (sparse, "_layout_groups", "groups"),
         (banded, "_plan", "banded"),
     ):
         original = getattr(module, name)
@@ -62,7 +63,7 @@ def test_repeated_calls_with_one_spec_plan_each_backend_once(planning_counts):
     q, k, v = qkv()
     for backend in ("auto", *SPARSE, "auto"):
         am.attention(q, k, v, spec, backend=backend)
-    assert planning_counts == {"varlen": 1, "layout": 1, "banded": 1}
+    assert planning_counts == {"varlen": 1, "layout": 1, "groups": 1, "banded": 1}
 
 
 def test_a_cache_hit_returns_the_same_plan_object():

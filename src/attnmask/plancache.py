@@ -6,8 +6,9 @@ Layer 3 (attention), under ``attention.py`` and the backends (``sparse``, ``band
 ``sparse._cached(call, key, build)`` and ``attention.choose_backend``. Imports only ``masks``.
 
 What an entry holds: a dict ``{key: plan}``, where each backend stores what its ``build(call)`` returned (a
-``_VarlenPlan``, a ``BlockLayout``, a band plan, or the reason it cannot serve the call), and ``"auto"`` holds the
-``"auto"`` choice with the registry it was made from.
+``_VarlenPlan``, a ``BlockLayout`` and its tile groups with the element masks of their PARTIAL tiles, a band plan,
+or the reason it cannot serve the call), and ``"auto"`` holds the ``"auto"`` choice with the registry it was made
+from.
 
 Key: the spec OBJECT, then the call's signature. The spec's entries live in an attribute of the spec itself
 (``masks.PLANS_ATTRIBUTE``), so they die with it: at once, or at the next garbage collection when a plan refers back
@@ -24,7 +25,8 @@ holding inference-mode tensors (they have no version counter); an AttentionCall 
 that bypass the version counter (``t.data[...] = x``, through numpy or DLPack) are not seen: build a new spec then.
 
 Memory: at most ``ENTRIES_PER_SPEC`` entries per live spec, each the size of its plans: O(documents) for varlen
-segments, O(B·nQ·nK) bytes for a block layout, O(1) for a band plan.
+segments, O(B·nQ·nK) bytes for a block layout plus O(partial tiles · block_size²) bools for its PARTIAL tiles' masks
+(which a blocksparse forward keeps for its backward anyway), O(1) for a band plan.
 
 Example: the second call finds the plans of the first, keyed by this spec object::
 

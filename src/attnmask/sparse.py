@@ -439,6 +439,9 @@ def _runs(row, block_k: int, K: int, max_keys: int) -> tuple[_Run, ...]:
     return tuple(out)
 
 
+MAX_KEYS, MAX_ROWS = 4096, 512  # blocksparse_attention's defaults: keys per chunk, query rows per group
+
+
 def blocksparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -448,8 +451,8 @@ def blocksparse_attention(
     tile_mask: TileMask,
     *,
     scale: float | None = None,
-    max_keys: int = 4096,
-    max_rows: int = 512,
+    max_keys: int = MAX_KEYS,
+    max_rows: int = MAX_ROWS,
 ) -> torch.Tensor:
     """Attention over a block layout: NONE key tiles skipped, FULL tiles unmasked, PARTIAL tiles masked element-wise.
 
@@ -471,6 +474,14 @@ def blocksparse_attention(
     of PARTIAL tiles (kept from forward to backward): O(partial tiles · bq · bk) bools. Never O(Q·K).
     """
     B, H, Q, D, Hkv, K = _check_qkv(q, k, v)
+    plan, masks = _tile_groups(B, Q, K, tile_class, block_size, tile_mask, max_keys, max_rows)
+    scale = D**-0.5 if scale is None else float(scale)
+    return _BlockSparse.apply(q, k, v, plan, masks, scale)
+
+
+def _tile_groups(B: int, Q: int, K: int, tile_class, block_size, tile_mask: TileMask, max_keys: int, max_rows: int):
+    """The query groups of a block layout (``_plan``) and the element masks of their PARTIAL key spans
+    (``_group_masks``): what ``blocksparse_attention`` computes from the layout before touching q, k or v."""
     bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     n_q, n_k = -(-Q // bq), -(-K // bk)
     if tuple(tile_class.shape) != (B, n_q, n_k) and not (
@@ -482,8 +493,7 @@ def blocksparse_attention(
     if tile_class.shape[0] == 1 and B > 1:
         tile_class = tile_class.expand(B, n_q, n_k)
     plan = _plan(tile_class, bq, bk, Q, K, max(max_keys, bk), max(max_rows, bq))
-    scale = D**-0.5 if scale is None else float(scale)
-    return _BlockSparse.apply(q, k, v, plan, tile_mask, scale)
+    return plan, _group_masks(plan, tile_mask)
 
 
 def _group_masks(plan, tile_mask) -> dict:
@@ -605,7 +615,7 @@ class _BlockSparse(torch.autograd.Function):
     """Block-sparse attention with recomputation in backward; see ``blocksparse_attention``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, tile_mask, scale):
+    def forward(ctx, q, k, v, plan, masks, scale):
         B, H, Q, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
         rep = H // Hkv
@@ -615,7 +625,6 @@ class _BlockSparse(torch.autograd.Function):
         qf, kf, vf = (t.to(cdt) for t in (q, k, v))
         out = torch.zeros(B, H, Q, Dv, dtype=cdt, device=q.device)
         lse = torch.full((B, H, Q), float("inf"), dtype=cdt, device=q.device)
-        masks = _group_masks(plan, tile_mask)
         for gi, g in enumerate(plan):
             rows = g.q1 - g.q0
             if flash:
@@ -826,8 +835,19 @@ def blocksparse_cost(call) -> float:
     return 1.3 * work + counts["partial"] * rows * tile * _MASK_COST + groups * _CALL_COST
 
 
+def _layout_groups(call):
+    """The layout's query groups and the element masks of its PARTIAL tiles, kept with the plans: O(partial tiles ·
+    block_size²) bools, which the forward keeps for the backward anyway."""
+    layout = _cached(call, "layout", _layout)
+    tile_mask = spec_tile_mask(layout.spec, layout.q_positions, layout.kv_positions)
+    return _tile_groups(
+        call.batch, call.q_len, call.kv_len, layout.classes, layout.block_size, tile_mask, MAX_KEYS, MAX_ROWS
+    )
+
+
 def blocksparse_run(call) -> torch.Tensor:
-    return run_layout(call.q, call.k, call.v, _cached(call, "layout", _layout), scale=call.scale)
+    plan, masks = _cached(call, "blocksparse", _layout_groups)
+    return _BlockSparse.apply(call.q, call.k, call.v, plan, masks, call.scale)
 
 
 def run_layout(q, k, v, layout, *, scale: float | None = None) -> torch.Tensor:
