@@ -36,13 +36,15 @@ def packed_spec(lens=(5, 9, 3, 7), length=24):
 
 @pytest.fixture
 def planning_counts(monkeypatch):
-    """How many times each planning function ran (varlen segments, block layout, its tile groups, key band)."""
-    counts = {"varlen": 0, "layout": 0, "groups": 0, "banded": 0}
+    """How many times each planning function ran (varlen segments, block layout, its tile groups, key band, the
+    band's masks)."""
+    counts = {"varlen": 0, "layout": 0, "groups": 0, "banded": 0, "band_masks": 0}
     for module, name, key in (
         (sparse, "_varlen_plan", "varlen"),
         (sparse, "_layout", "layout"),
         (sparse, "_layout_groups", "groups"),
         (banded, "_plan", "banded"),
+        (banded, "_call_band_masks", "band_masks"),
     ):
         original = getattr(module, name)
 
@@ -63,7 +65,7 @@ def test_repeated_calls_with_one_spec_plan_each_backend_once(planning_counts):
     q, k, v = qkv()
     for backend in ("auto", *SPARSE, "auto"):
         am.attention(q, k, v, spec, backend=backend)
-    assert planning_counts == {"varlen": 1, "layout": 1, "groups": 1, "banded": 1}
+    assert planning_counts == {"varlen": 1, "layout": 1, "groups": 1, "banded": 1, "band_masks": 1}
 
 
 def test_a_cache_hit_returns_the_same_plan_object():
@@ -181,10 +183,15 @@ def test_a_spec_of_inference_mode_tensors_is_not_cached_and_still_correct():
 # Invalidation
 
 
-@pytest.mark.parametrize("backend", ["auto", "varlen", "blocksparse"])  # banded's band only narrows: stale is right
-def test_writing_the_key_padding_mask_in_place_invalidates_the_plans(backend):
+@pytest.mark.parametrize(
+    "attention_span, backend",
+    [(am.causal(), b) for b in ("auto", "varlen", "blocksparse")]  # a causal row of 512 keys has no narrow band
+    + [(am.sliding_window(16), b) for b in ("auto", *SPARSE)],
+    ids=repr,
+)
+def test_writing_the_key_padding_mask_in_place_invalidates_the_plans(attention_span, backend):
     mask = torch.ones(2, 512, dtype=torch.bool)
-    spec = am.causal() & am.key_padding(mask)
+    spec = attention_span & am.key_padding(mask)
     q, k, v = qkv(batch=2, length=512)  # long enough that "auto" plans a sparse backend
     before = am.attention(q, k, v, spec, backend=backend)
     mask[1, :100] = False  # row 1 becomes left-padded, row 0 too by 3 tokens
