@@ -892,8 +892,14 @@ def flex_cost(call) -> float:
 
 
 def flex_run(call) -> torch.Tensor:
-    """Compiled FlexAttention with ``layout.to_flex()``. A query row with no allowed key comes back as exact 0 from
-    FlexAttention itself (the tests hold it to that)."""
+    """Compiled FlexAttention with ``layout.to_flex()`` (kept with the call's plans). A query row with no allowed key
+    comes back as exact 0 from FlexAttention itself (the tests hold it to that)."""
+    gqa = call.heads != call.kv_heads
+    block_mask = _cached(call, "flex", _flex_block_mask)
+    return _flex()(call.q, call.k, call.v, block_mask=block_mask, scale=call.scale, enable_gqa=gqa)
+
+
+def _flex_block_mask(call):
     from attnmask.lowering import block_layout
 
     spec = M.full() if call.mask is None else call.mask
@@ -901,5 +907,4 @@ def flex_run(call) -> torch.Tensor:
     layout = block_layout(
         spec, call.q_len, call.kv_len, _FLEX_BLOCK, q_positions=q_pos, kv_positions=kv_pos, device=call.q.device
     )
-    gqa = call.heads != call.kv_heads
-    return _flex()(call.q, call.k, call.v, block_mask=layout.to_flex(), scale=call.scale, enable_gqa=gqa)
+    return layout.to_flex()

@@ -33,6 +33,7 @@ loops, and :func:`num_items_in_step` (the target count of an optimizer step, for
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -213,21 +214,24 @@ class _RecentSpecs:
     def __init__(self, size: int = 4) -> None:
         self._size = size
         self._entries: OrderedDict = OrderedDict()  # key -> (weak refs to the tensors, spec)
+        self._lock = threading.Lock()
 
     def get(self, settings: tuple, tensors: tuple, build: Callable[[], MaskSpec]) -> MaskSpec:
         present = [t for t in tensors if t is not None]
         if any(t.is_inference() for t in present):
             return build()
         key = (settings, tuple(None if t is None else (id(t), t._version) for t in tensors))
-        hit = self._entries.get(key)
-        if hit is not None and all(ref() is t for ref, t in zip(hit[0], present, strict=True)):
-            self._entries.move_to_end(key)
-            return hit[1]
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and all(ref() is t for ref, t in zip(hit[0], present, strict=True)):
+                self._entries.move_to_end(key)
+                return hit[1]
         spec = build()
-        self._entries[key] = (tuple(weakref.ref(t) for t in present), spec)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = (tuple(weakref.ref(t) for t in present), spec)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
         return spec
 
 
