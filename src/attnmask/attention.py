@@ -175,7 +175,8 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
     Ties go to the backend registered first. Raises ``BackendError`` for an unknown name or an unsupported call.
     The ``"auto"`` choice is cached with the call's plans (``attnmask.plancache``: per spec object and call
     signature) together with the registry it was made from, so a repeated spec and shape skips every ``unsupported``
-    and ``cost``.
+    and ``cost``: these may depend only on the spec, the shapes, strides, dtype and device of q, k, v, whether a
+    gradient is needed and scalar fields of the call, never on tensor values outside the spec.
     """
     if backend == "auto":
         plans = call_plans(call)
