@@ -131,6 +131,15 @@ def test_a_different_shape_dtype_or_grad_requirement_gets_its_own_entry(planning
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
+def test_a_different_scale_gets_its_own_entry_and_is_applied():
+    spec = packed_spec()
+    q, k, v = qkv()
+    am.attention(q, k, v, spec)
+    got = am.attention(q, k, v, spec, scale=0.5)
+    assert plancache.cached_signatures(spec) == 2
+    torch.testing.assert_close(got, am.attention(q, k, v, spec, backend="reference", scale=0.5))
+
+
 def test_at_most_entries_per_spec_signatures_are_kept_least_recent_dropped(planning_counts):
     spec = packed_spec()
     n = plancache.ENTRIES_PER_SPEC + 2

@@ -176,7 +176,7 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
     The ``"auto"`` choice is cached with the call's plans (``attnmask.plancache``: per spec object and call
     signature) together with the registry it was made from, so a repeated spec and shape skips every ``unsupported``
     and ``cost``: these may depend only on the spec, the shapes, strides, dtype and device of q, k, v, whether a
-    gradient is needed and scalar fields of the call, never on tensor values outside the spec.
+    gradient is needed and the call's scalar fields (the scale), never on tensor values outside the spec.
     """
     if backend == "auto":
         plans = call_plans(call)

@@ -13,8 +13,9 @@ from.
 Key: the spec OBJECT, then the call's signature. The spec's entries live in an attribute of the spec itself
 (``masks.PLANS_ATTRIBUTE``), so they die with it: at once, or at the next garbage collection when a plan refers back
 to the spec (a ``BlockLayout`` keeps its spec); pickling or copying a spec leaves them behind. Per spec, an LRU of at
-most ``ENTRIES_PER_SPEC`` signatures ``(q, k, v shapes and strides, dtype, device, whether a gradient is needed, any
-scalar field added to AttentionCall)``; shapes carry ``B, H, Hkv, Q, K, D, Dv``.
+most ``ENTRIES_PER_SPEC`` signatures ``(q, k, v shapes and strides, dtype, device, whether a gradient is needed, the
+scale and any other scalar field of AttentionCall)``; shapes carry ``B, H, Hkv, Q, K, D, Dv``. Positions are not in
+it: only calls at the default positions are cached, and those follow from ``Q`` and ``K``.
 
 Validity: the ``_version`` counter of every tensor the spec holds (``MaskSpec.tensors()``), checked on every call; an
 in-place write to any of them (``spec_mask[0, 3] = False``) drops all of that spec's entries.
@@ -51,8 +52,9 @@ __all__ = ["ENTRIES_PER_SPEC", "cached_signatures", "call_plans"]
 ENTRIES_PER_SPEC = 8
 """Call signatures (shapes, dtype, device, grad) kept per spec, least recently used dropped first."""
 
-# The fields of AttentionCall whose effect on plans the signature already captures (or that plans never read).
-_KNOWN_FIELDS = frozenset({"q", "k", "v", "mask", "scale", "q_positions", "kv_positions", "positions_given"})
+# The fields of AttentionCall the signature captures otherwise; every other field joins it by value (a scalar) or makes
+# the call uncacheable (anything else).
+_KNOWN_FIELDS = frozenset({"q", "k", "v", "mask", "q_positions", "kv_positions", "positions_given"})
 _SCALARS = (bool, int, float, str)
 
 _per_call: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # uncacheable calls: plans die with the call
@@ -120,7 +122,8 @@ _extra_by_type: dict[type, tuple[str, ...]] = {}
 
 
 def _extra_fields(call_type: type) -> tuple[str, ...]:
-    """Fields of the call's dataclass beyond the known ones (e.g. a dropout probability): they join the signature."""
+    """Fields of the call's dataclass beyond the known ones (the scale, e.g. a dropout probability): they join the
+    signature."""
     names = _extra_by_type.get(call_type)
     if names is None:
         names = tuple(f.name for f in dataclasses.fields(call_type) if f.name not in _KNOWN_FIELDS)
