@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from attnmask.errors import BackendError, DeviceError, DTypeError, InputError, ShapeError, bad
 from attnmask.masks import Causal, Full, MaskSpec, resolve_positions
+from attnmask.plancache import call_plans
 from attnmask.sparse import check_dropout_p  # sparse never imports this module
 
 __all__ = [
@@ -185,13 +186,24 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
     """The backend named ``backend``, or for ``"auto"`` the cheapest registered backend that supports ``call``.
 
     Ties go to the backend registered first. Raises ``BackendError`` for an unknown name or an unsupported call.
+    The ``"auto"`` choice is cached with the call's plans (``attnmask.plancache``: per spec object and call
+    signature) together with the registry it was made from, so a repeated spec and shape skips every ``unsupported``
+    and ``cost``: these may depend only on the spec, the shapes, strides, dtype and device of q, k, v, whether a
+    gradient is needed and the call's scalar fields (the scale), never on tensor values outside the spec.
     """
     if backend == "auto":
-        candidates = [b for b in _BACKENDS.values() if b.unsupported(call) is None]
+        plans = call_plans(call)
+        registry = tuple(_BACKENDS.values())
+        made = plans.get("auto")
+        if made is not None and made[0] == registry:
+            return made[1]
+        candidates = [b for b in registry if b.unsupported(call) is None]
         if not candidates:
-            reasons = "; ".join(f"{b.name}: {b.unsupported(call)}" for b in _BACKENDS.values())
+            reasons = "; ".join(f"{b.name}: {b.unsupported(call)}" for b in registry)
             raise bad(BackendError, "backend", "a registered backend that supports these inputs", reasons)
-        return min(candidates, key=lambda b: b.cost(call))
+        chosen = min(candidates, key=lambda b: b.cost(call))
+        plans["auto"] = (registry, chosen)
+        return chosen
     if not isinstance(backend, str) or backend not in _BACKENDS:
         raise bad(BackendError, "backend", f"one of {['auto', *_BACKENDS]}", repr(backend))
     chosen = _BACKENDS[backend]

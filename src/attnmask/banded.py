@@ -134,7 +134,16 @@ def _estimate(call, bs: int, width: int) -> float:
 
 def banded_run(call) -> torch.Tensor:
     plan = _cached_plan(call)
-    return banded_attention(call.q, call.k, call.v, call.mask, plan.block_size, plan.width, scale=call.scale)
+    masks = _cached(call, "banded_masks", _call_band_masks)
+    return banded_attention(
+        call.q, call.k, call.v, call.mask, plan.block_size, plan.width, scale=call.scale, masks=masks
+    )
+
+
+def _call_band_masks(call) -> _BandMasks:
+    plan = _cached_plan(call)
+    work = torch.promote_types(call.q.dtype, torch.float32)
+    return band_masks(call.mask, call.q_len, plan.block_size, plan.width, work, call.q.device)
 
 
 def band_mask(spec: M.MaskSpec, length: int, bs: int, width: int, rows: int, device) -> torch.Tensor:
@@ -180,6 +189,36 @@ class _BandView(torch.autograd.Function):
         return out, None, None, None, None
 
 
+class _BandMasks(NamedTuple):
+    """What ``banded_attention`` derives from the spec alone (``band_masks``): the band's mask ``allowed``
+    ``(R, nT, bs, W·bs)``, ``has_key`` ``(R, nT, bs, 1)``, ``keep`` (``has_key``, or None when every real query has
+    a key), the edge tiles ``(E,)``, and their additive bias ``(R, E, bs, W·bs)`` and ``keep`` in the work dtype."""
+
+    allowed: torch.Tensor
+    has_key: torch.Tensor
+    keep: torch.Tensor | None
+    edges: torch.Tensor
+    edge_bias: torch.Tensor
+    edge_keep: torch.Tensor | None
+
+
+def band_masks(spec: M.MaskSpec, length: int, bs: int, width: int, work: torch.dtype, device) -> _BandMasks:
+    """The spec's masks on the band of a row of ``length`` (see ``_BandMasks``), for ``banded_attention``'s
+    ``masks=``; ``work`` is the float dtype its edge tiles are computed in. O(R·L·W·bs) bools and O(R·W·bs²) floats
+    for the at most ``W`` edge tiles."""
+    rows = spec.batch_size or 1
+    allowed = band_mask(spec, length, bs, width, rows, device)  # (R, nT, bs, W·bs)
+    has_key = allowed.any(-1, keepdim=True)  # (R, nT, bs, 1); the padding queries past L have none
+    keep = None if bool(has_key.view(rows, -1)[:, :length].all()) else has_key
+    edges = _edge_tiles(allowed.shape[1], length // bs, width, device)
+    # Additive 0 / finfo.min for the edge tiles, added once to scores of finite inputs (never two minima).
+    edge_allowed = allowed[:, edges]
+    edge_bias = torch.zeros(edge_allowed.shape, dtype=work, device=device)
+    edge_bias.masked_fill_(~edge_allowed, torch.finfo(work).min)
+    edge_keep = None if keep is None else keep[:, edges].to(work)
+    return _BandMasks(allowed, has_key, keep, edges, edge_bias, edge_keep)
+
+
 def _edge_tiles(n_tiles: int, n_inner: int, width: int, device) -> torch.Tensor:
     """Query tiles whose band leaves the row: the first ``W - 1`` and a short last one. ``(E,)`` int64."""
     front = torch.arange(min(width - 1, n_tiles), device=device)
@@ -189,16 +228,17 @@ def _edge_tiles(n_tiles: int, n_inner: int, width: int, device) -> torch.Tensor:
 
 def _edge_attention(q, k, v, tiles, bs, width, bias, keep, scale):
     """Attention of the query tiles ``tiles`` ``(E,)`` of every row and head, their bands gathered (clamped indices:
-    the bias blocks keys outside the row): ``(B, H, E, bs, Dv)`` in float32 (float64 stays). A small copy."""
+    the bias ``(R, E, bs, W·bs)`` blocks keys outside the row; ``keep`` ``(R, E, bs, 1)`` or None zeroes rows with
+    no key): ``(B, H, E, bs, Dv)`` in float32 (float64 stays). A small copy."""
     work = torch.promote_types(q.dtype, torch.float32)
     rep, L = q.shape[1] // k.shape[1], q.shape[2]
     q_rows = (tiles[:, None] * bs + torch.arange(bs, device=q.device)).clamp(max=L - 1)
     k_rows = ((tiles[:, None] - width + 1) * bs + torch.arange(width * bs, device=q.device)).clamp(0, L - 1)
     k_band, v_band = (t[:, :, k_rows].to(work).repeat_interleave(rep, dim=1) for t in (k, v))
-    s = torch.matmul(q[:, :, q_rows].to(work), k_band.transpose(-1, -2)).mul_(scale).add_(bias[:, None, tiles])
+    s = torch.matmul(q[:, :, q_rows].to(work), k_band.transpose(-1, -2)).mul_(scale).add_(bias[:, None])
     p = torch.softmax(s, dim=-1)
     if keep is not None:  # rows with no allowed key: a softmax over blocked keys, zeroed (and so its gradient)
-        p = p * keep[:, None, tiles]
+        p = p * keep[:, None]
     return torch.matmul(p, v_band)
 
 
@@ -211,6 +251,7 @@ def banded_attention(
     width: int,
     *,
     scale: float | None = None,
+    masks: _BandMasks | None = None,
 ) -> torch.Tensor:
     """Attention where query tile ``t`` of ``block_size`` tokens sees at most key tiles ``t - width + 1 .. t``.
 
@@ -224,6 +265,8 @@ def banded_attention(
     ``(nI, H, bs, D)`` and the key / value bands ``(nI, Hkv, W·bs, ·)`` are strided views of q, k and v (no copy;
     GQA through SDPA's ``enable_gqa``) and the mask is the band's ``(nI, 1, bs, W·bs)`` bool. The at most ``W`` edge
     tiles per head (the first ``W - 1`` and a short last one) are gathered and computed together, in float32.
+    ``masks``: ``band_masks(spec, L, block_size, width, work dtype, device)`` when the caller keeps them (the
+    ``"banded"`` backend caches them with its plan); computed here otherwise.
     """
     B, H, L, D = q.shape
     Hkv, Dv, bs = k.shape[1], v.shape[3], block_size
@@ -231,14 +274,10 @@ def banded_attention(
     q, k, v = (t.contiguous() for t in (q, k, v))
     n_tiles, n_inner = -(-L // bs), L // bs  # n_inner: tiles with bs real queries
     rows = spec.batch_size or 1
-    allowed = band_mask(spec, L, bs, width, rows, q.device)  # (R, nT, bs, W·bs)
-    has_key = allowed.any(-1, keepdim=True)  # (R, nT, bs, 1); the padding queries past L have none
-    keep = None if bool(has_key.view(rows, -1)[:, :L].all()) else has_key
-    work = torch.promote_types(q.dtype, torch.float32)
-    # Additive 0 / finfo.min for the edge tiles, added once to scores of finite inputs (never two minima).
-    bias = torch.zeros(allowed.shape, dtype=work, device=q.device).masked_fill_(~allowed, torch.finfo(work).min)
-    edges = _edge_tiles(n_tiles, n_inner, width, q.device)
-    out_edge = _edge_attention(q, k, v, edges, bs, width, bias, None if keep is None else keep.to(work), scale)
+    if masks is None:
+        masks = band_masks(spec, L, bs, width, torch.promote_types(q.dtype, torch.float32), q.device)
+    allowed, has_key, keep = masks.allowed, masks.has_key, masks.keep
+    out_edge = _edge_attention(q, k, v, masks.edges, bs, width, masks.edge_bias, masks.edge_keep, scale)
     out_edge = out_edge.to(q.dtype)
     front = min(width - 1, n_tiles)
     n_mid = max(n_inner - front, 0)

@@ -53,6 +53,9 @@ __all__ = [
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+PLANS_ATTRIBUTE = "_attnmask_plans"
+"""Name of the attribute ``attnmask.plancache`` stores a spec's cached attention plans under (not a field)."""
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Positions
@@ -386,6 +389,21 @@ class MaskSpec:
         yield self
         for child in self.children:
             yield from child.walk()
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the spec and its parts hold (document ids, padding masks, offsets, prefix lengths), depth
+        first. A ``custom`` predicate's captured data is not among them. Example: ``(causal() & key_padding(m))
+        .tensors()`` is ``(m,)`` for a bool ``m``. ``attnmask.plancache`` watches their ``_version`` counters."""
+        return tuple(
+            value
+            for spec in self.walk()
+            for field in dataclasses.fields(spec)
+            if isinstance(value := getattr(spec, field.name), torch.Tensor)
+        )
+
+    def __getstate__(self) -> dict:
+        """Pickle and copy the spec's fields only, never the plans ``attention`` cached on the object."""
+        return {name: value for name, value in self.__dict__.items() if name != PLANS_ATTRIBUTE}
 
     def max_position(self) -> int | None:
         """Largest position the spec's per-row data describes plus one (``L``), or ``None`` if unbounded."""

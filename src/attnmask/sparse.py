@@ -23,7 +23,6 @@ causal inside each document::
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from attnmask import masks as M
 from attnmask.errors import BackendError, InputError, ShapeError, bad
 from attnmask.masks import FULL, NONE, PARTIAL
+from attnmask.plancache import call_plans
 
 __all__ = [
     "NONE",
@@ -477,6 +477,9 @@ def _runs(row, block_k: int, K: int, max_keys: int) -> tuple[_Run, ...]:
     return tuple(out)
 
 
+MAX_KEYS, MAX_ROWS = 4096, 512  # blocksparse_attention's defaults: keys per chunk, query rows per group
+
+
 def blocksparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -486,8 +489,8 @@ def blocksparse_attention(
     tile_mask: TileMask,
     *,
     scale: float | None = None,
-    max_keys: int = 4096,
-    max_rows: int = 512,
+    max_keys: int = MAX_KEYS,
+    max_rows: int = MAX_ROWS,
 ) -> torch.Tensor:
     """Attention over a block layout: NONE key tiles skipped, FULL tiles unmasked, PARTIAL tiles masked element-wise.
 
@@ -509,6 +512,14 @@ def blocksparse_attention(
     of PARTIAL tiles (kept from forward to backward): O(partial tiles · bq · bk) bools. Never O(Q·K).
     """
     B, H, Q, D, Hkv, K = _check_qkv(q, k, v)
+    plan, masks = _tile_groups(B, Q, K, tile_class, block_size, tile_mask, max_keys, max_rows)
+    scale = D**-0.5 if scale is None else float(scale)
+    return _BlockSparse.apply(q, k, v, plan, masks, scale)
+
+
+def _tile_groups(B: int, Q: int, K: int, tile_class, block_size, tile_mask: TileMask, max_keys: int, max_rows: int):
+    """The query groups of a block layout (``_plan``) and the element masks of their PARTIAL key spans
+    (``_group_masks``): what ``blocksparse_attention`` computes from the layout before touching q, k or v."""
     bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     n_q, n_k = -(-Q // bq), -(-K // bk)
     if tuple(tile_class.shape) != (B, n_q, n_k) and not (
@@ -520,8 +531,7 @@ def blocksparse_attention(
     if tile_class.shape[0] == 1 and B > 1:
         tile_class = tile_class.expand(B, n_q, n_k)
     plan = _plan(tile_class, bq, bk, Q, K, max(max_keys, bk), max(max_rows, bq))
-    scale = D**-0.5 if scale is None else float(scale)
-    return _BlockSparse.apply(q, k, v, plan, tile_mask, scale)
+    return plan, _group_masks(plan, tile_mask)
 
 
 def _group_masks(plan, tile_mask) -> dict:
@@ -643,7 +653,7 @@ class _BlockSparse(torch.autograd.Function):
     """Block-sparse attention with recomputation in backward; see ``blocksparse_attention``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, tile_mask, scale):
+    def forward(ctx, q, k, v, plan, masks, scale):
         B, H, Q, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
         rep = H // Hkv
@@ -653,7 +663,6 @@ class _BlockSparse(torch.autograd.Function):
         qf, kf, vf = (t.to(cdt) for t in (q, k, v))
         out = torch.zeros(B, H, Q, Dv, dtype=cdt, device=q.device)
         lse = torch.full((B, H, Q), float("inf"), dtype=cdt, device=q.device)
-        masks = _group_masks(plan, tile_mask)
         for gi, g in enumerate(plan):
             rows = g.q1 - g.q0
             if flash:
@@ -755,8 +764,6 @@ _SDPA_ROW_COST = 40.0  # SDPA's fixed work per query row and head (per element o
 _SMALL_ROW_COST = 130.0  # the tiny-document path's unfused softmax, masking and casts, per query row element and head
 _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this many keys go through batched matmuls
 
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 def dropout_unsupported(call) -> str | None:
     """The ``unsupported`` reason of a backend without attention dropout: a reason when ``call.dropout_p > 0``."""
@@ -766,8 +773,11 @@ def dropout_unsupported(call) -> str | None:
 
 
 def _cached(call, key: str, build):
-    """``build(call)`` once per call object (``unsupported``, ``cost`` and ``run`` all need the same lowering)."""
-    entry = _PLANS.setdefault(call, {})
+    """``build(call)`` once per spec object and call signature (``unsupported``, ``cost`` and ``run`` all need the
+    same lowering, and so do the layers of a model that share one spec): see ``attnmask.plancache``. ``build`` may
+    read the spec, shapes, dtype, device and whether a gradient is needed, nothing else of the call; its result is
+    stored under ``key`` and must not be mutated."""
+    entry = call_plans(call)
     if key not in entry:
         entry[key] = build(call)
     return entry[key]
@@ -896,8 +906,19 @@ def blocksparse_cost(call) -> float:
     return 1.3 * work + counts["partial"] * rows * tile * _MASK_COST + groups * _CALL_COST
 
 
+def _layout_groups(call):
+    """The layout's query groups and the element masks of its PARTIAL tiles, kept with the plans: O(partial tiles ·
+    block_size²) bools, which the forward keeps for the backward anyway."""
+    layout = _cached(call, "layout", _layout)
+    tile_mask = spec_tile_mask(layout.spec, layout.q_positions, layout.kv_positions)
+    return _tile_groups(
+        call.batch, call.q_len, call.kv_len, layout.classes, layout.block_size, tile_mask, MAX_KEYS, MAX_ROWS
+    )
+
+
 def blocksparse_run(call) -> torch.Tensor:
-    return run_layout(call.q, call.k, call.v, _cached(call, "layout", _layout), scale=call.scale)
+    plan, masks = _cached(call, "blocksparse", _layout_groups)
+    return _BlockSparse.apply(call.q, call.k, call.v, plan, masks, call.scale)
 
 
 def run_layout(q, k, v, layout, *, scale: float | None = None) -> torch.Tensor:
@@ -944,8 +965,14 @@ def flex_cost(call) -> float:
 
 
 def flex_run(call) -> torch.Tensor:
-    """Compiled FlexAttention with ``layout.to_flex()``. A query row with no allowed key comes back as exact 0 from
-    FlexAttention itself (the tests hold it to that)."""
+    """Compiled FlexAttention with ``layout.to_flex()`` (kept with the call's plans). A query row with no allowed key
+    comes back as exact 0 from FlexAttention itself (the tests hold it to that)."""
+    gqa = call.heads != call.kv_heads
+    block_mask = _cached(call, "flex", _flex_block_mask)
+    return _flex()(call.q, call.k, call.v, block_mask=block_mask, scale=call.scale, enable_gqa=gqa)
+
+
+def _flex_block_mask(call):
     from attnmask.lowering import block_layout
 
     spec = M.full() if call.mask is None else call.mask
@@ -953,5 +980,4 @@ def flex_run(call) -> torch.Tensor:
     layout = block_layout(
         spec, call.q_len, call.kv_len, _FLEX_BLOCK, q_positions=q_pos, kv_positions=kv_pos, device=call.q.device
     )
-    gqa = call.heads != call.kv_heads
-    return _flex()(call.q, call.k, call.v, block_mask=layout.to_flex(), scale=call.scale, enable_gqa=gqa)
+    return layout.to_flex()

@@ -33,7 +33,9 @@ loops, and :func:`num_items_in_step` (the target count of an optimizer step, for
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -186,6 +188,8 @@ class _LastDocuments:
         self._value: torch.Tensor | None = None
 
     def get(self, position_ids: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor | None:
+        if position_ids.is_inference() or (padding is not None and padding.is_inference()):
+            return document_ids_from_position_ids(position_ids, padding)  # no version counter: nothing to key on
         key = (position_ids._version, None if padding is None else (id(padding), padding._version))
         if self._ref is not None and self._ref() is position_ids and self._key == key:
             return self._value
@@ -195,6 +199,54 @@ class _LastDocuments:
 
 
 _documents_memo = _LastDocuments()
+
+
+class _RecentSpecs:
+    """The spec objects of the last few distinct calls, so that every layer of one forward hands ``attention`` the
+    SAME spec object, whose plans (``attnmask.plancache``) are then made once per forward instead of once per layer.
+
+    A spec is reused when the call's settings are equal and its input tensors are the same objects, unchanged
+    (``_version``; held weakly, since a freed tensor's id can be reused). Inference-mode tensors have no version
+    counter: those calls build their spec every time. Keeps ``size`` specs (full-attention and sliding-window layers
+    make two per forward) and through them their padding masks and document ids, O(B·L) each.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self._size = size
+        self._entries: OrderedDict = OrderedDict()  # key -> (weak refs to the tensors, spec)
+        self._lock = threading.Lock()
+
+    def get(self, settings: tuple, tensors: tuple, build: Callable[[], MaskSpec]) -> MaskSpec:
+        present = [t for t in tensors if t is not None]
+        if any(t.is_inference() for t in present):
+            return build()
+        key = (settings, tuple(None if t is None else (id(t), t._version) for t in tensors))
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and all(ref() is t for ref, t in zip(hit[0], present, strict=True)):
+                self._entries.move_to_end(key)
+                return hit[1]
+        spec = build()
+        with self._lock:
+            self._entries[key] = (tuple(weakref.ref(t) for t in present), spec)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+        return spec
+
+
+_recent_specs = _RecentSpecs()
+
+
+def _frozen(value: Any) -> Any:
+    """Nested lists / tuples of ints as nested tuples (a hashable memo key), or ``_UNHASHABLE``."""
+    if isinstance(value, (list, tuple)):
+        items = tuple(_frozen(v) for v in value)
+        return _UNHASHABLE if _UNHASHABLE in items else items
+    return value if isinstance(value, int) else _UNHASHABLE
+
+
+_UNHASHABLE = object()
 
 
 def _documents_spec(
@@ -306,8 +358,14 @@ def attention_forward(
             kv_positions = torch.arange(info.kv_offset, info.kv_offset + kv_len, device=query.device)
         else:
             padding = info.padding if info is not None else None
-            documents = _documents_spec(kwargs, info, (batch, q_len), padding, query.device)
-            spec = spec_for_call(is_causal=is_causal, window=sliding_window, padding=padding, documents=documents)
+
+            def build() -> MaskSpec:
+                documents = _documents_spec(kwargs, info, (batch, q_len), padding, query.device)
+                return spec_for_call(is_causal=is_causal, window=sliding_window, padding=padding, documents=documents)
+
+            spec = _shared_spec(
+                kwargs, info, (batch, q_len, kv_len), padding, query.device, is_causal, sliding_window, build
+            )
             if info is not None and info.q_offset + q_len != info.kv_offset + kv_len:
                 # e.g. a static cache with unused slots: queries are not the last Q keys
                 q_positions = torch.arange(info.q_offset - info.kv_offset, info.q_offset - info.kv_offset + q_len)
@@ -324,6 +382,20 @@ def attention_forward(
         dropout_p=float(dropout) if module.training else 0.0,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _shared_spec(kwargs, info, shape, padding, device, is_causal, window, build) -> MaskSpec:
+    """``build()``, or the spec an earlier layer of this forward built from the same inputs (``_RecentSpecs``)."""
+    seq_lens = kwargs.get("seq_lens")
+    listed = None if seq_lens is None or isinstance(seq_lens, torch.Tensor) else _frozen(seq_lens)
+    if listed is _UNHASHABLE:
+        return build()
+    settings = (is_causal, window, shape, device, info is not None and info.has_past, listed)
+    tensors = (padding, kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"))
+    tensors += (seq_lens,) if isinstance(seq_lens, torch.Tensor) else (None,)
+    if not all(t is None or isinstance(t, torch.Tensor) for t in tensors):
+        return build()
+    return _recent_specs.get(settings, tensors, build)
 
 
 def _overlay_spec(info: HFMaskInfo) -> MaskSpec:

@@ -1,0 +1,145 @@
+"""Attention plans cached per mask spec: a model that calls ``attention`` once per layer with the same spec object
+and shapes lowers the spec (varlen segments, block layout, key band) and picks the ``"auto"`` backend once, not once
+per layer.
+
+Layer 3 (attention), under ``attention.py`` and the backends (``sparse``, ``banded``), which reach it through
+``sparse._cached(call, key, build)`` and ``attention.choose_backend``. Imports only ``masks``.
+
+What an entry holds: a dict ``{key: plan}``, where each backend stores what its ``build(call)`` returned (a
+``_VarlenPlan``, a ``BlockLayout`` and its tile groups with the element masks of their PARTIAL tiles, a band plan,
+or the reason it cannot serve the call), and ``"auto"`` holds the ``"auto"`` choice with the registry it was made
+from.
+
+Key: the spec OBJECT, then the call's signature. The spec's entries live in an attribute of the spec itself
+(``masks.PLANS_ATTRIBUTE``), so they die with it: at once, or at the next garbage collection when a plan refers back
+to the spec (a ``BlockLayout`` keeps its spec); pickling or copying a spec leaves them behind. Per spec, an LRU of at
+most ``ENTRIES_PER_SPEC`` signatures ``(q, k, v shapes and strides, dtype, device, whether a gradient is needed, the
+scale and any other scalar field of AttentionCall)``; shapes carry ``B, H, Hkv, Q, K, D, Dv``. Positions are not in
+it: only calls at the default positions are cached, and those follow from ``Q`` and ``K``.
+
+Validity: the ``_version`` counter of every tensor the spec holds (``MaskSpec.tensors()``), checked on every call; an
+in-place write to any of them (``spec_mask[0, 3] = False``) drops all of that spec's entries.
+
+Not cached (a dict per call object, as before this module): no mask or a tensor mask; a spec with a ``custom``
+predicate (its function may read data the spec cannot list); explicit ``q_positions`` / ``kv_positions``; a spec
+holding inference-mode tensors (they have no version counter); an AttentionCall field that is not a scalar. Writes
+that bypass the version counter (``t.data[...] = x``, through numpy or DLPack) are not seen: build a new spec then.
+
+Memory: at most ``ENTRIES_PER_SPEC`` entries per live spec, each the size of its plans: O(documents) for varlen
+segments, O(B·nQ·nK) bytes for a block layout plus O(partial tiles · block_size²) bools for its PARTIAL tiles' masks
+(which a blocksparse forward keeps for its backward anyway), O(1) for a band plan.
+
+Example: the second call finds the plans of the first, keyed by this spec object::
+
+    >>> spec = causal() & document(seq_lens=[3, 5])
+    >>> attention(q, k, v, spec)   # plans, picks a backend, caches both on ``spec``
+    >>> attention(q, k, v, spec)   # one dict lookup and a version check, then runs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import weakref
+from collections import OrderedDict
+
+import torch
+
+from attnmask.masks import PLANS_ATTRIBUTE, MaskSpec
+
+__all__ = ["ENTRIES_PER_SPEC", "cached_signatures", "call_plans"]
+
+ENTRIES_PER_SPEC = 8
+"""Call signatures (shapes, dtype, device, grad) kept per spec, least recently used dropped first."""
+
+# The fields of AttentionCall the signature captures otherwise; every other field joins it by value (a scalar) or makes
+# the call uncacheable (anything else).
+_KNOWN_FIELDS = frozenset({"q", "k", "v", "mask", "q_positions", "kv_positions", "positions_given"})
+_SCALARS = (bool, int, float, str)
+
+_per_call: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # uncacheable calls: plans die with the call
+_lock = threading.Lock()
+
+
+@dataclasses.dataclass(eq=False)
+class _SpecPlans:
+    """A spec's cached plans: the tensors it holds, their versions when the entries were made, the LRU of entries."""
+
+    tensors: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
+    entries: OrderedDict = dataclasses.field(default_factory=OrderedDict)
+
+
+_UNCACHEABLE = _SpecPlans((), ())  # stored on specs that can never be cached (custom predicate, inference tensors)
+
+
+def call_plans(call) -> dict:
+    """The dict of plans of ``call`` (an ``AttentionCall``): shared by every call with the same spec object and
+    signature while the spec's tensors are unchanged, else private to this call object."""
+    signature = _signature(call)
+    record = _record(call.mask) if signature is not None else _UNCACHEABLE
+    if record is _UNCACHEABLE:
+        with _lock:
+            return _per_call.setdefault(call, {})
+    versions = tuple(t._version for t in record.tensors)
+    with _lock:
+        if versions != record.versions:
+            record.entries.clear()
+            record.versions = versions
+        entry = record.entries.get(signature)
+        if entry is None:
+            entry = record.entries[signature] = {}
+            if len(record.entries) > ENTRIES_PER_SPEC:
+                record.entries.popitem(last=False)
+        else:
+            record.entries.move_to_end(signature)
+        return entry
+
+
+def cached_signatures(spec: MaskSpec) -> int:
+    """How many call signatures have plans cached on ``spec`` (0 to ``ENTRIES_PER_SPEC``)."""
+    record = spec.__dict__.get(PLANS_ATTRIBUTE)
+    return 0 if record is None else len(record.entries)
+
+
+def _signature(call) -> tuple | None:
+    """What a cached plan may depend on besides the spec, or ``None`` when the call's plans are not shared."""
+    spec = call.mask
+    if not isinstance(spec, MaskSpec) or call.positions_given:
+        return None
+    extra = []
+    for name in _extra_fields(type(call)):
+        value = getattr(call, name)
+        if value is not None and not isinstance(value, _SCALARS):
+            return None
+        extra.append(value)
+    q, k, v = call.q, call.k, call.v
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, needs_grad, *extra)
+
+
+_extra_by_type: dict[type, tuple[str, ...]] = {}
+
+
+def _extra_fields(call_type: type) -> tuple[str, ...]:
+    """Fields of the call's dataclass beyond the known ones (the scale, e.g. a dropout probability): they join the
+    signature."""
+    names = _extra_by_type.get(call_type)
+    if names is None:
+        names = tuple(f.name for f in dataclasses.fields(call_type) if f.name not in _KNOWN_FIELDS)
+        _extra_by_type[call_type] = names
+    return names
+
+
+def _record(spec: MaskSpec) -> _SpecPlans:
+    """The spec's record, made on first use (``_UNCACHEABLE`` for a spec whose plans cannot be trusted later)."""
+    record = spec.__dict__.get(PLANS_ATTRIBUTE)
+    if record is None:
+        tensors = spec.tensors()
+        if not spec.is_structural or any(t.is_inference() for t in tensors):
+            record = _UNCACHEABLE
+        else:
+            record = _SpecPlans(tensors, tuple(t._version for t in tensors))
+        with _lock:
+            record = spec.__dict__.setdefault(PLANS_ATTRIBUTE, record)
+    return record

@@ -1,0 +1,339 @@
+"""Attention plans are cached per spec object and call signature: repeated calls plan once, distinct shapes get
+their own entries, an in-place write to the spec's tensors invalidates them, entries die with the spec, and results
+across cache hits equal the reference backend."""
+
+import copy
+import gc
+import importlib
+import pickle
+import weakref
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import attnmask as am
+from attnmask import banded, plancache, sparse
+from attnmask.attention import Backend, _prepare_call, choose_backend
+from attnmask.masks import PLANS_ATTRIBUTE
+from tests.naive import naive_attention, naive_dense
+from tests.test_attention import assert_matches_reference, grads, make_qkv
+from tests.test_banded import short_documents_case
+
+A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
+SPARSE = ("varlen", "blocksparse", "banded")
+
+
+def qkv(batch=1, heads=4, kv_heads=2, length=24, dim=8, dtype=torch.float32, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((batch, heads, length, dim), (batch, kv_heads, length, dim), (batch, kv_heads, length, dim))
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_(requires_grad) for s in shapes]
+
+
+def packed_spec(lens=(5, 9, 3, 7), length=24):
+    return am.causal() & am.document(seq_lens=list(lens), length=length)
+
+
+@pytest.fixture
+def planning_counts(monkeypatch):
+    """How many times each planning function ran (varlen segments, block layout, its tile groups, key band, the
+    band's masks)."""
+    counts = {"varlen": 0, "layout": 0, "groups": 0, "banded": 0, "band_masks": 0}
+    for module, name, key in (
+        (sparse, "_varlen_plan", "varlen"),
+        (sparse, "_layout", "layout"),
+        (sparse, "_layout_groups", "groups"),
+        (banded, "_plan", "banded"),
+        (banded, "_call_band_masks", "band_masks"),
+    ):
+        original = getattr(module, name)
+
+        def counted(call, original=original, key=key):
+            counts[key] += 1
+            return original(call)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hits
+
+
+def test_repeated_calls_with_one_spec_plan_each_backend_once(planning_counts):
+    spec = packed_spec()
+    q, k, v = qkv()
+    for backend in ("auto", *SPARSE, "auto"):
+        am.attention(q, k, v, spec, backend=backend)
+    assert planning_counts == {"varlen": 1, "layout": 1, "groups": 1, "banded": 1, "band_masks": 1}
+
+
+def test_a_cache_hit_returns_the_same_plan_object():
+    spec = packed_spec()
+    q, k, v = qkv()
+    first, second = (_prepare_call(q, k, v, spec, None, None, None) for _ in range(2))
+    plan = sparse._cached(first, "varlen", sparse._varlen_plan)
+    assert sparse._cached(second, "varlen", lambda call: pytest.fail("planned again")) is plan
+
+
+def test_a_repeated_auto_call_asks_no_backend_for_support_or_cost(monkeypatch):
+    asked = []
+
+    def spy(b):
+        def unsupported(call):
+            asked.append(b.name)
+            return b.unsupported(call)
+
+        return Backend(b.name, b.run, unsupported, b.cost)
+
+    monkeypatch.setattr(A, "_BACKENDS", {name: spy(b) for name, b in A._BACKENDS.items()})
+    spec = packed_spec()
+    q, k, v = qkv()
+    first = choose_backend(_prepare_call(q, k, v, spec, None, None, None))
+    n_asked = len(asked)
+    assert choose_backend(_prepare_call(q, k, v, spec, None, None, None)) is first
+    assert n_asked == len(A._BACKENDS) and len(asked) == n_asked
+
+
+def test_a_backend_registered_after_a_call_is_considered_by_the_next_auto_call(monkeypatch):
+    spec = packed_spec()
+    q, k, v = qkv()
+    before = am.attention(q, k, v, spec)
+    free = Backend("free", A.REFERENCE.run, lambda call: None, lambda call: 0.0)
+    monkeypatch.setattr(A, "_BACKENDS", {**A._BACKENDS, "free": free})
+    assert choose_backend(_prepare_call(q, k, v, spec, None, None, None)) is free
+    torch.testing.assert_close(am.attention(q, k, v, spec), before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Separate entries
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(heads=8),
+        dict(kv_heads=1),
+        dict(batch=3),
+        dict(dim=16),
+        dict(dtype=torch.float64),
+        dict(requires_grad=True),
+    ],
+    ids=lambda change: ",".join(f"{k}={v}" for k, v in change.items()),
+)
+def test_a_different_shape_dtype_or_grad_requirement_gets_its_own_entry(planning_counts, change):
+    spec = packed_spec()
+    am.attention(*qkv(), spec, backend="varlen")
+    q, k, v = qkv(**change)
+    got = am.attention(q, k, v, spec, backend="varlen")
+    assert planning_counts["varlen"] == 2 and plancache.cached_signatures(spec) == 2
+    want = naive_attention(q, k, v, naive_dense(spec, 24, 24).unsqueeze(1))
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_different_scale_gets_its_own_entry_and_is_applied():
+    spec = packed_spec()
+    q, k, v = qkv()
+    am.attention(q, k, v, spec)
+    got = am.attention(q, k, v, spec, scale=0.5)
+    assert plancache.cached_signatures(spec) == 2
+    torch.testing.assert_close(got, am.attention(q, k, v, spec, backend="reference", scale=0.5))
+
+
+def test_at_most_entries_per_spec_signatures_are_kept_least_recent_dropped(planning_counts):
+    spec = packed_spec()
+    n = plancache.ENTRIES_PER_SPEC + 2
+    for heads in range(1, n + 1):
+        am.attention(*qkv(heads=heads, kv_heads=1), spec, backend="varlen")
+    assert plancache.cached_signatures(spec) == plancache.ENTRIES_PER_SPEC
+    am.attention(*qkv(heads=n, kv_heads=1), spec, backend="varlen")  # newest: kept
+    assert planning_counts["varlen"] == n
+    am.attention(*qkv(heads=1, kv_heads=1), spec, backend="varlen")  # oldest: dropped, planned again
+    assert planning_counts["varlen"] == n + 1
+
+
+def test_specs_with_a_custom_predicate_or_explicit_positions_are_planned_per_call(planning_counts):
+    custom = am.custom(lambda b, h, q, k: k <= q) & am.document(seq_lens=[5, 9, 3, 7], length=24)
+    q, k, v = qkv()
+    for _ in range(2):
+        am.attention(q, k, v, custom, backend="blocksparse")
+    spec = packed_spec()
+    pos = torch.arange(24)
+    for _ in range(2):
+        am.attention(q, k, v, spec, backend="blocksparse", q_positions=pos, kv_positions=pos)
+    assert planning_counts["layout"] == 4
+    assert plancache.cached_signatures(custom) == 0 and plancache.cached_signatures(spec) == 0
+
+
+def test_explicit_positions_are_never_served_a_plan_made_for_other_positions():
+    backend = "blocksparse"  # its layout depends on the positions
+    spec = packed_spec(lens=(40, 60, 28), length=128)
+    q, k, v = qkv(length=128)
+    am.attention(q, k, v, spec, backend=backend)
+    pos = torch.arange(128)
+    kw = dict(q_positions=pos.flip(0), kv_positions=pos)
+    got = am.attention(q, k, v, spec, backend=backend, **kw)
+    torch.testing.assert_close(got, am.attention(q, k, v, spec, backend="reference", **kw))
+
+
+def test_a_spec_of_inference_mode_tensors_is_not_cached_and_still_correct():
+    with torch.inference_mode():
+        mask = torch.arange(24).expand(2, 24) < torch.tensor([[24], [13]])
+        spec = am.causal() & am.key_padding(mask)
+        q, k, v = qkv(batch=2)
+        got = [am.attention(q, k, v, spec, backend="blocksparse") for _ in range(2)]
+    assert plancache.cached_signatures(spec) == 0
+    want = naive_attention(q, k, v, naive_dense(spec, 24, 24).unsqueeze(1))
+    for out in got:
+        assert_matches_reference(out, want)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Invalidation
+
+
+@pytest.mark.parametrize(
+    "attention_span, backend",
+    [(am.causal(), b) for b in ("auto", "varlen", "blocksparse")]  # a causal row of 512 keys has no narrow band
+    + [(am.sliding_window(16), b) for b in ("auto", *SPARSE)],
+    ids=repr,
+)
+def test_writing_the_key_padding_mask_in_place_invalidates_the_plans(attention_span, backend):
+    mask = torch.ones(2, 512, dtype=torch.bool)
+    spec = attention_span & am.key_padding(mask)
+    q, k, v = qkv(batch=2, length=512)  # long enough that "auto" plans a sparse backend
+    before = am.attention(q, k, v, spec, backend=backend)
+    mask[1, :100] = False  # row 1 becomes left-padded, row 0 too by 3 tokens
+    mask[0, :3] = False
+    after = am.attention(q, k, v, spec, backend=backend)
+    torch.testing.assert_close(after, am.attention(q, k, v, spec, backend="reference"))
+    assert not torch.allclose(after, before)  # the write changes the answer, so a stale plan would be caught
+
+
+@pytest.mark.parametrize("backend", ["auto", *SPARSE])
+def test_writing_document_ids_in_place_invalidates_the_plans(backend):
+    ids = torch.arange(256).div(4, rounding_mode="floor").unsqueeze(0)  # 64 documents of 4 tokens
+    spec = am.causal() & am.document(doc_ids=ids)
+    q, k, v = qkv(length=256)  # long enough that "auto" plans a sparse backend
+    before = am.attention(q, k, v, spec, backend=backend)
+    ids[0, :192] = 0  # the first 48 merge: a document of 192 tokens, wider than any band or tile planned for 4
+    after = am.attention(q, k, v, spec, backend=backend)
+    torch.testing.assert_close(after, am.attention(q, k, v, spec, backend="reference"))
+    assert not torch.allclose(after, before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Lifetime
+
+
+@pytest.mark.parametrize("backend", SPARSE)
+def test_cached_plans_die_with_the_spec(backend):
+    spec = am.causal() & am.key_padding(torch.arange(24).expand(2, 24) >= torch.tensor([[0], [11]]))  # left padding
+    q, k, v = qkv(batch=2)
+    am.attention(q, k, v, spec, backend=backend)
+    record = weakref.ref(spec.__dict__[PLANS_ATTRIBUTE])  # holds the entries and through them every plan
+    assert plancache.cached_signatures(spec) == 1
+    spec_ref = weakref.ref(spec)
+    del spec
+    gc.collect()
+    assert spec_ref() is None and record() is None
+
+
+def test_pickling_or_copying_a_spec_leaves_its_plans_behind():
+    spec = packed_spec()
+    am.attention(*qkv(), spec, backend="varlen")
+    for other in (pickle.loads(pickle.dumps(spec)), copy.copy(spec), copy.deepcopy(spec)):
+        assert PLANS_ATTRIBUTE not in other.__dict__ and repr(other) == repr(spec)
+        assert torch.equal(other.to_dense(24), spec.to_dense(24))
+
+
+def test_spec_tensors_lists_every_tensor_of_every_part():
+    mask, ids, prefix = torch.ones(2, 8, dtype=torch.bool), torch.zeros(2, 8, dtype=torch.long), torch.tensor([2, 3])
+    spec = (am.causal() | am.prefix_lm(prefix)) & am.key_padding(mask) & ~am.document(doc_ids=ids)
+    assert [id(t) for t in spec.tensors()] == [id(prefix), id(mask), id(ids)]
+    assert am.causal().tensors() == ()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results across hits
+
+
+@pytest.mark.parametrize("backend", ["auto", *SPARSE])
+@settings(max_examples=20)
+@given(problem=short_documents_case())
+def test_outputs_and_gradients_across_cache_hits_equal_the_reference_backend(backend, problem):
+    spec, case = problem  # causal rows of short documents, maybe a window and key padding: every sparse backend's form
+    for seed in range(3):  # the first call plans, the others hit the cache with new inputs
+        q, k, v = make_qkv(case, seed=seed, requires_grad=True)
+        got = am.attention(q, k, v, spec, backend=backend)
+        want = am.attention(q, k, v, spec, backend="reference")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        for g, w in zip(grads(got, (q, k, v)), grads(want, (q, k, v)), strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    assert plancache.cached_signatures(spec) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The transformers integration hands every layer of a forward the same spec object
+
+
+def packed_llama_inputs():
+    ids = torch.randint(1, 300, (1, 14), generator=torch.Generator().manual_seed(0))
+    return ids, torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 1, 2, 3, 4]])
+
+
+def spy_on_specs(monkeypatch, hf):
+    specs = []
+
+    def spying(q, k, v, spec, **kwargs):
+        specs.append(spec)
+        return am.attention(q, k, v, spec, **kwargs)
+
+    monkeypatch.setattr(hf, "attention", spying)
+    return specs
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_every_layer_of_a_transformers_forward_gets_the_same_spec_object(monkeypatch, family):
+    pytest.importorskip("transformers")
+    from attnmask.integrations import hf
+    from tests.hf_models import model
+
+    specs = spy_on_specs(monkeypatch, hf)
+    ids, pos = packed_llama_inputs()
+    with torch.no_grad():
+        shared = model(family)(ids, position_ids=pos).logits
+        monkeypatch.setattr(hf, "_recent_specs", hf._RecentSpecs(size=0))  # a fresh spec per layer, as before
+        fresh = model(family)(ids, position_ids=pos).logits
+    layers = len(specs) // 2
+    assert layers == 2 and all(s is specs[0] for s in specs[:layers])
+    assert all(a is not b for a, b in zip(specs[layers:], specs[layers + 1 :], strict=False))
+    assert torch.equal(shared, fresh)
+
+
+def test_a_forward_after_position_ids_are_written_in_place_builds_a_new_spec(monkeypatch):
+    pytest.importorskip("transformers")
+    from attnmask.integrations import hf
+    from tests.hf_models import alone, model
+
+    specs = spy_on_specs(monkeypatch, hf)
+    ids, pos = packed_llama_inputs()
+    with torch.no_grad():
+        model("llama")(ids, position_ids=pos)
+        pos[0, 6:] = torch.arange(8)  # now two documents: 6 and 8 tokens
+        logits = model("llama")(ids, position_ids=pos).logits[0]
+    assert specs[-1] is not specs[0]
+    want = torch.cat([alone("llama", ids[0, :6].tolist()), alone("llama", ids[0, 6:].tolist())])
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_transformers_forward_in_inference_mode_with_packed_position_ids_runs():
+    pytest.importorskip("transformers")
+    from tests.hf_models import model
+
+    ids, pos = packed_llama_inputs()
+    with torch.no_grad():
+        want = model("llama")(ids, position_ids=pos).logits
+    with torch.inference_mode():
+        got = model("llama")(ids.clone(), position_ids=pos.clone()).logits  # inference tensors: no version counter
+    torch.testing.assert_close(got, want)
