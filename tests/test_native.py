@@ -1,6 +1,7 @@
 """The "native" backend (a C kernel over document segments) equals the naive reference in outputs and gradients."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -206,3 +207,15 @@ def test_rows_without_keys_are_zero_even_in_a_recycled_output_buffer():
         del garbage
         out = N.segment_attention(q, q, q, segs, causal=True)
         assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_a_compiler_that_refuses_march_native_gets_a_portable_build(fresh_library, tmp_path, monkeypatch):
+    real = shutil.which("cc")
+    wrapper = tmp_path / "picky-cc"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert N.native_available() is None
+    q = torch.randn(1, 2, 6, 4)
+    out = N.segment_attention(q, q, q, torch.tensor([[0, 0, 6, 0, 6, 0]]), causal=True)
+    torch.testing.assert_close(out, am.attention(q, q, q, am.causal(), backend="reference"))

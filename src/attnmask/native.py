@@ -38,12 +38,14 @@ from pathlib import Path
 
 import torch
 
+from attnmask._dense import empty_buffer
 from attnmask.errors import BackendError, bad
 
 __all__ = ["native_available", "segment_attention"]
 
 _SOURCE = Path(__file__).with_name("segattn.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=gnu11")
+_PORTABLE = "-march=native"  # dropped on a second try: some compilers (older Apple clang on arm64) refuse it
 _LIBS = ("-lm", "-lpthread")
 _COMPILE_TIMEOUT_S = 120
 
@@ -70,9 +72,20 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: str) -> Path:
-    """Compile ``segattn.c`` once per source, flags, compiler and CPU; returns the shared library's path."""
+    """Compile ``segattn.c`` once per source, flags, compiler and CPU; returns the shared library's path. A compiler
+    that refuses ``-march=native`` gets a second try without it."""
+    try:
+        return _build_with(compiler, _FLAGS)
+    except OSError as first:
+        try:
+            return _build_with(compiler, tuple(f for f in _FLAGS if f != _PORTABLE))
+        except OSError:
+            raise first from None
+
+
+def _build_with(compiler: str, flags: tuple[str, ...]) -> Path:
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(), _cpu_signature().encode()]))
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(), _cpu_signature().encode()]))
     target = _cache_dir() / f"segattn-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -80,7 +93,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".tmp.so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *_FLAGS, "-o", tmp, str(_SOURCE), *_LIBS]
+        cmd = [compiler, *flags, "-o", tmp, str(_SOURCE), *_LIBS]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
         if done.returncode != 0:
             raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
@@ -181,7 +194,9 @@ class _SegmentAttention(torch.autograd.Function):
         qw, kw, vw = (_rows(t, work) for t in (q, k, v))
         B, H, Q, _ = q.shape
         shape = (B, H, Q, v.shape[3])
-        res = torch.empty(shape, dtype=work) if _covers_all(segs, B, Q) else torch.zeros(shape, dtype=work)
+        res = empty_buffer(shape, work)  # huge pages when opted in (ATTNMASK_HUGE_PAGES=1): far fewer page faults
+        if not _covers_all(segs, B, Q):
+            res.zero_()
         lse = torch.empty((B, H, Q), dtype=work)
         _call(False, qw, kw, vw, res, None, lse, None, segs, causal, window, scale, torch.get_num_threads())
         ctx.save_for_backward(qw, kw, vw, res, lse, segs)
