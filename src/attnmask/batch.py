@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from attnmask.errors import DeviceError, InputError, ShapeError, bad
-from attnmask.labels import IGNORE_INDEX, span_mask
+from attnmask._spans import IGNORE_INDEX, span_mask
 from attnmask.masks import MaskSpec, causal, key_padding
 
 __all__ = ["Batch", "pad", "Collator"]

@@ -15,7 +15,8 @@ Worked example, right padding, prompt of 2 tokens in row 0::
 The functions are pure (they return new arrays) and O(B·L). Span masks are built on the host with numpy from
 lengths, which collators know there (``pad`` and the packer both use `span_mask`); `mask_spans`, `mask_padding` and
 `mask_document_starts` apply masks to label tensors on their own device.
-This module depends only on ``torch`` and ``attnmask.errors``.
+This module depends only on ``torch``, ``numpy``, ``attnmask.errors`` and ``attnmask._spans`` (where ``IGNORE_INDEX``
+and `span_mask` live, below ``batch`` and ``pack``, which use them too).
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnmask._spans import IGNORE_INDEX, int_vector, span_mask
 from attnmask.errors import InputError, ShapeError, bad
 
 __all__ = ["IGNORE_INDEX", "labels_from_input_ids", "mask_padding", "span_mask", "mask_spans", "mask_document_starts"]
-
-IGNORE_INDEX = -100
 
 
 def labels_from_input_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -51,36 +51,6 @@ def mask_padding(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
     return labels.long().masked_fill(~keep, IGNORE_INDEX)
 
 
-def span_mask(shape: tuple[int, int], rows: Any, starts: Any, lengths: Any) -> np.ndarray:
-    """Bool ``(B, L)`` numpy array, True on ``[rows[j], starts[j] : starts[j] + lengths[j]]`` for every span j.
-
-    ``rows``, ``starts``, ``lengths``: ``(N,)`` ints (lists, arrays or CPU tensors), one entry per span, e.g. the
-    prompt of each sequence or the first token of each document of a packed row. Spans may be empty and may overlap;
-    each must lie inside ``[0, L]``. Built on the host from the lengths (which collators know on the host) with a
-    difference array: O(B·L + N) whatever the number of spans.
-
-    ``span_mask((1, 4), rows=[0], starts=[1], lengths=[2])`` gives ``[[False, True, True, False]]``.
-    """
-    n_rows, length = shape
-    rows_a, starts_a, lens_a = (
-        _int_vector(k, v) for k, v in (("rows", rows), ("starts", starts), ("lengths", lengths))
-    )
-    if not (rows_a.shape == starts_a.shape == lens_a.shape):
-        sizes = (rows_a.size, starts_a.size, lens_a.size)
-        raise bad(ShapeError, "rows, starts, lengths", "one entry per span in each", f"sizes {sizes}")
-    if rows_a.size == 0:
-        return np.zeros(shape, dtype=bool)
-    ends = starts_a + lens_a
-    _check_range("rows", rows_a, 0, n_rows - 1)
-    _check_range("lengths", lens_a, 0, length)
-    _check_range("starts", starts_a, 0, length)
-    _check_range("starts + lengths", ends, 0, length)
-    delta = np.zeros((n_rows, length + 1), dtype=np.int32)
-    np.add.at(delta, (rows_a, starts_a), 1)
-    np.add.at(delta, (rows_a, ends), -1)
-    return np.cumsum(delta[:, :length], axis=1) > 0
-
-
 def mask_spans(labels: torch.Tensor, rows: Any, starts: Any, lengths: Any) -> torch.Tensor:
     """``labels`` ``(B, L)`` with ``IGNORE_INDEX`` on the spans of `span_mask` (e.g. prompts), on labels' device.
 
@@ -96,7 +66,7 @@ def mask_document_starts(labels: torch.Tensor, rows: Any, starts: Any) -> torch.
 
     In a packed row that token would otherwise be predicted from the previous document, across a boundary.
     """
-    return mask_spans(labels, rows, starts, np.ones_like(_int_vector("starts", starts)))
+    return mask_spans(labels, rows, starts, np.ones_like(int_vector("starts", starts)))
 
 
 def _check_2d(name: str, t: torch.Tensor) -> None:
@@ -104,21 +74,3 @@ def _check_2d(name: str, t: torch.Tensor) -> None:
         raise bad(InputError, name, "a torch.Tensor", type(t).__name__)
     if t.dim() != 2:
         raise bad(ShapeError, name, "shape (B, L)", tuple(t.shape))
-
-
-def _int_vector(name: str, value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    a = np.asarray(value)
-    if a.size and a.dtype.kind not in "iu":
-        raise bad(InputError, name, "integers", f"dtype {a.dtype}")
-    if a.ndim == 0:
-        a = a.reshape(1)
-    if a.ndim != 1:
-        raise bad(ShapeError, name, "a (N,) vector", a.shape)
-    return a.astype(np.int64, copy=False)
-
-
-def _check_range(name: str, t: np.ndarray, low: int, high: int) -> None:
-    if int(t.min()) < low or int(t.max()) > high:
-        raise bad(InputError, name, f"values in [{low}, {high}]", f"range [{int(t.min())}, {int(t.max())}]")

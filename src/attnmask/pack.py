@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnmask._spans import IGNORE_INDEX, span_mask
 from attnmask.batch import Batch
 from attnmask.errors import InputError, ShapeError, bad
-from attnmask.labels import IGNORE_INDEX, span_mask
 from attnmask.masks import causal, document, key_padding
 
 __all__ = ["PackPlan", "PackStats", "PackedRow", "PackingCollator", "pack", "pack_stream"]
