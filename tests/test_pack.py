@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnmask as am
@@ -478,6 +478,57 @@ def test_stream_rejects_bad_arguments():
         am.pack_stream([], 8, buffer_size=0)
     with pytest.raises(am.InputError, match="^sequence 1 of the stream: expected"):
         list(am.pack_stream([[1], 5], 8))
+
+
+@settings(max_examples=40)
+@given(
+    lengths=st.lists(st.integers(0, 25), min_size=1, max_size=30),
+    max_length=st.integers(1, 12),
+    group=st.integers(1, 4),
+    pad_to=st.sampled_from(["max_length", "longest"]),
+)
+def test_collate_rows_builds_each_streamed_row_token_for_token(lengths, max_length, group, pad_to):
+    seqs = make_sequences(lengths)
+    rows = list(am.pack_stream(seqs, max_length, buffer_size=5))
+    for first in range(0, len(rows), group):
+        chosen = rows[first : first + group]
+        batch = am.collate_rows(chosen, pad_id=0, max_length=max_length, pad_to=pad_to)
+        width = max_length if pad_to == "max_length" else max(len(r.input_ids) for r in chosen)
+        assert batch.input_ids.shape == (len(chosen), width)
+        doc_ids = torch.full((len(chosen), width), -1)
+        for b, row in enumerate(chosen):  # the reference, built from the row alone
+            n = len(row.input_ids)
+            assert batch.input_ids[b, :n].tolist() == row.input_ids and (batch.input_ids[b, n:] == 0).all()
+            assert batch.attention_mask[b].tolist() == [1] * n + [0] * (width - n)
+            assert batch.position_ids[b, :n].tolist() == row.position_ids
+            starts = np.cumsum([0, *row.seq_lens[:-1]]).tolist()
+            want_labels = [-100 if t in starts or t >= n else row.input_ids[t] for t in range(width)]
+            assert batch.labels[b].tolist() == want_labels
+            for d, (a, n_doc) in enumerate(zip(starts, row.seq_lens, strict=True)):
+                doc_ids[b, a : a + n_doc] = d
+        same_doc = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (doc_ids[:, :, None] >= 0)
+        want = same_doc & torch.ones(width, width, dtype=torch.bool).tril()
+        assert torch.equal(batch.mask.to_dense(width), want)
+        assert batch.extras["sequence_index"].tolist() == [i for r in chosen for i, _, _ in r.segments]
+
+
+def test_collate_rows_reports_truncation_and_packs_padding_free():
+    rows = list(am.pack_stream([[1] * 10, [2] * 3, [3] * 2], 4, overflow="truncate"))
+    batch = am.collate_rows(rows, pad_id=0)
+    assert batch.num_truncated_tokens == sum(r.truncated_tokens for r in rows) == 6
+    flat = am.collate_rows(rows, pad_id=0, padding_free=True)
+    assert flat.input_ids.shape == (1, sum(len(r.input_ids) for r in rows))
+    assert flat.cu_seqlens.tolist() == np.cumsum([0, *[n for r in rows for n in r.seq_lens]]).tolist()
+
+
+def test_collate_rows_rejects_what_it_cannot_build():
+    rows = list(am.pack_stream([[1] * 6], 6))
+    with pytest.raises(am.InputError, match="^rows: expected"):
+        am.collate_rows([], pad_id=0)
+    with pytest.raises(am.InputError, match=r"^rows\[0\]: expected a PackedRow"):
+        am.collate_rows([[1, 2]], pad_id=0)
+    with pytest.raises(am.InputError, match="^max_length: expected at least the longest row's 6 tokens"):
+        am.collate_rows(rows, pad_id=0, max_length=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

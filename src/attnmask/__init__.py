@@ -30,7 +30,7 @@ from attnmask.masks import (
     prefix_lm,
     sliding_window,
 )
-from attnmask.pack import PackingCollator, PackPlan, PackStats, pack, pack_stream
+from attnmask.pack import PackingCollator, PackPlan, PackStats, collate_rows, pack, pack_stream
 from attnmask.tokenizers import ByteTokenizer, get_tokenizer
 from attnmask.viz import draw_mask
 
@@ -71,6 +71,7 @@ __all__ = [
     "masked_cross_entropy",
     "pack",
     "pack_stream",
+    "collate_rows",
     "pad",
     "parse_spec",
     "position_ids_from_mask",

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnmask.errors import DeviceError, InputError, ShapeError, bad
 from attnmask._spans import IGNORE_INDEX, span_mask
+from attnmask.errors import DeviceError, InputError, ShapeError, bad
 from attnmask.masks import MaskSpec, causal, key_padding
 
 __all__ = ["Batch", "pad", "Collator"]

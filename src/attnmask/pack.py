@@ -32,6 +32,7 @@ Zero-length sequences hold no tokens: they are placed in no row and counted in `
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from attnmask.batch import Batch
 from attnmask.errors import InputError, ShapeError, bad
 from attnmask.masks import causal, document, key_padding
 
-__all__ = ["PackPlan", "PackStats", "PackedRow", "PackingCollator", "pack", "pack_stream"]
+__all__ = ["PackPlan", "PackStats", "PackedRow", "PackingCollator", "collate_rows", "pack", "pack_stream"]
 
 STRATEGIES = ("bfd", "ffd", "wrapped", "ordered")
 OVERFLOWS = ("split", "truncate", "error")
@@ -793,7 +794,8 @@ def pack_stream(
     buffer instead of being yielded; for ``"ordered"`` and ``"wrapped"`` only the last row is carried, so order is
     kept. When the iterator ends, everything left is flushed. Every token is yielded exactly once (unless
     ``overflow="truncate"``, whose drops are counted in ``truncated_tokens``). Memory: O(buffer_size) sequences.
-    Example: ``for row in pack_stream(seqs, 2048, buffer_size=10_000): ...``
+    Example: ``for row in pack_stream(seqs, 2048, buffer_size=10_000): ...``; `collate_rows` makes a `Batch` of
+    several rows.
     """
     _check_int("max_length", max_length, minimum=1)
     _check_int("buffer_size", buffer_size, minimum=1)
@@ -802,6 +804,55 @@ def pack_stream(
     if overflow not in OVERFLOWS:
         raise bad(InputError, "overflow", f"one of {OVERFLOWS}", repr(overflow))
     return _stream(iter(iterable), max_length, buffer_size, strategy, overflow)
+
+
+def collate_rows(
+    rows: Iterable[PackedRow],
+    *,
+    pad_id: int,
+    max_length: int | None = None,
+    pad_to: str = "max_length",
+    padding_free: bool = False,
+) -> Batch:
+    """The `Batch` of some `PackedRow` s from `pack_stream`, built as `PackPlan.collate` builds one from a plan.
+
+    ``max_length``: the padded width (default: the longest row's length; must hold every row). Labels are the token
+    ids with ``-100`` on the first token of every document and on padding; ``position_ids`` restart in every
+    document; ``mask = causal() & document(...) & key_padding(attention_mask)``; ``extras["sequence_index"]`` holds
+    the stream index of every document and ``num_truncated_tokens`` the rows' ``truncated_tokens``. Memory O(B·L);
+    Python work per document, not per token. Example, batches of 8 rows from a stream::
+
+        stream = pack_stream(seqs, 2048)
+        while group := list(itertools.islice(stream, 8)):
+            batch = collate_rows(group, pad_id=0, max_length=2048)
+    """
+    rows = list(rows)
+    if not rows:
+        raise bad(InputError, "rows", "at least one PackedRow", "none")
+    for i, row in enumerate(rows):
+        if not isinstance(row, PackedRow):
+            raise bad(InputError, f"rows[{i}]", "a PackedRow (from pack_stream)", type(row).__name__)
+    totals = np.array([len(row.input_ids) for row in rows], np.int64)
+    width = int(totals.max()) if max_length is None else max_length
+    _check_int("max_length", width, minimum=1)
+    if int(totals.max()) > width:
+        raise bad(InputError, "max_length", f"at least the longest row's {int(totals.max())} tokens", width)
+    # A plan over the rows themselves: "sequence" r is row r's tokens, and its documents are ranges of it.
+    index, start, stop = [], [], []
+    for r, row in enumerate(rows):
+        at = 0
+        for n in row.seq_lens:
+            index.append(r), start.append(at), stop.append(at + n)
+            at += n
+    index_a, start_a, stop_a = (np.array(a, np.int64) for a in (index, start, stop))
+    row_offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum([len(row.segments) for row in rows], out=row_offsets[1:])
+    stats = _stats(totals, totals, index_a, len(rows), width)
+    plan = PackPlan(width, "ordered", "split", totals, index_a, start_a, stop_a, row_offsets, stats)
+    batch = plan.collate([row.input_ids for row in rows], pad_id=pad_id, pad_to=pad_to, padding_free=padding_free)
+    stream_index = torch.tensor([i for row in rows for i, _, _ in row.segments], dtype=torch.long)
+    truncated = sum(row.truncated_tokens for row in rows)
+    return dataclasses.replace(batch, extras={"sequence_index": stream_index}, num_truncated_tokens=truncated)
 
 
 def _stream(it, max_length, buffer_size, strategy, overflow) -> Iterator[PackedRow]:
