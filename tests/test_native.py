@@ -219,3 +219,28 @@ def test_a_compiler_that_refuses_march_native_gets_a_portable_build(fresh_librar
     q = torch.randn(1, 2, 6, 4)
     out = N.segment_attention(q, q, q, torch.tensor([[0, 0, 6, 0, 6, 0]]), causal=True)
     torch.testing.assert_close(out, am.attention(q, q, q, am.causal(), backend="reference"))
+
+
+def test_the_kernels_float32_exp_is_within_two_ulp_of_exp_and_zero_below_minus_87():
+    import ctypes
+
+    x = torch.cat([torch.linspace(-87.0, 0.0, 200_001), torch.tensor([-87.5, -100.0, -1e4, float("-inf")])])
+    y = torch.empty_like(x)
+    N._library().attnmask_exp_f32(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(len(x)))
+    want = torch.exp(x[:-4].double())
+    rel = ((y[:-4].double() - want) / want).abs().max().item()
+    assert rel < 2 * 2**-23, rel
+    assert torch.equal(y[-4:], torch.zeros(4))
+
+
+@pytest.mark.parametrize("spread", [1.0, 30.0])
+def test_float32_attention_holds_over_a_wide_range_of_scores(spread):
+    # Scores up to about +-200 (spread 30): probabilities that underflow to 0 included.
+    gen = torch.Generator().manual_seed(3)
+    spec = am.causal() & am.document(seq_lens=[40, 7, 90, 1, 62])
+    q = torch.randn(1, 2, 200, 16, generator=gen) * spread
+    k, v = torch.randn(1, 2, 200, 16, generator=gen), torch.randn(1, 2, 200, 16, generator=gen)
+    got = am.attention(q, k, v, spec, backend="native")
+    want = naive_attention(q.double(), k.double(), v.double(), spec.to_dense(200).unsqueeze(1))
+    # float32 scores carry ~|s| * 6e-8 of rounding: the tolerance grows with the spread.
+    torch.testing.assert_close(got.double(), want, atol=2e-6 * spread, rtol=2e-6 * spread)

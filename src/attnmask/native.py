@@ -44,7 +44,16 @@ from attnmask.errors import BackendError, bad
 __all__ = ["native_available", "segment_attention"]
 
 _SOURCE = Path(__file__).with_name("segattn.c")
-_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=gnu11")
+_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp-simd",
+    "-fno-trapping-math",
+    "-fno-math-errno",
+    "-fPIC",
+    "-shared",
+    "-std=gnu11",
+)
 _PORTABLE = "-march=native"  # dropped on a second try: some compilers (older Apple clang on arm64) refuse it
 _LIBS = ("-lm", "-lpthread")
 _COMPILE_TIMEOUT_S = 120
@@ -252,10 +261,10 @@ def segment_attention(
 # Backend for attention(): run / unsupported / cost on an ``AttentionCall`` (registered in attention.py as "native")
 
 # In "varlen"'s unit (one multiply-add of a pair inside SDPA's blocked kernel, ~0.03 ns on one core here): the
-# kernel walks each allowed pair with vector dot products and axpys instead of blocked matrix products (measured
-# 2.5-3x slower per pair than SDPA's kernel, which however computes whole key blocks), and reads and writes each
-# query row once (measured about as costly as SDPA's own per-row work).
-_PAIR_COST = 2.7
+# kernel walks each allowed pair with vector dot products, a vectorised exp and axpys instead of blocked matrix
+# products (measured ~2x slower per pair than SDPA's kernel, which however computes whole key blocks), and reads and
+# writes each query row once (measured about as costly as SDPA's own per-row work). See bench_backends.py.
+_PAIR_COST = 1.8
 _ROW_COST = 50.0  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
 _CALL_COST = 2e4  # one ctypes call and the output allocation
 
