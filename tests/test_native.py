@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import attnmask as am
 from attnmask import native as N
 from attnmask.attention import AttentionCall, choose_backend
-from attnmask.errors import BackendError, ShapeError
+from attnmask.errors import BackendError, DeviceError, DTypeError, ShapeError
 from attnmask.sparse import segments_from_varlen, varlen_attention
 from tests.naive import naive_attention
 from tests.test_attention import grads
@@ -163,6 +163,13 @@ def test_segment_attention_rejects_bad_arguments():
         N.segment_attention(q, q, q, torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(BackendError, match="window"):
         N.segment_attention(q, q, q, torch.tensor([[0, 0, 6, 0, 6, 0]]), window=0)
+    with pytest.raises(DTypeError, match="^k: expected q's floating dtype"):
+        N.segment_attention(q, q.double(), q, torch.tensor([[0, 0, 6, 0, 6, 0]]))
+    with pytest.raises(DTypeError, match="^q: expected"):
+        N.segment_attention(q.long(), q.long(), q.long(), torch.tensor([[0, 0, 6, 0, 6, 0]]))
+    meta = torch.empty(1, 2, 6, 4, device="meta")
+    with pytest.raises(DeviceError, match="^v: expected a CPU tensor"):
+        N.segment_attention(q, q, meta, torch.tensor([[0, 0, 6, 0, 6, 0]]))
 
 
 @pytest.fixture

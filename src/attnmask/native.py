@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from attnmask._dense import empty_buffer
-from attnmask.errors import BackendError, bad
+from attnmask.errors import BackendError, DeviceError, DTypeError, bad
 
 __all__ = ["native_available", "segment_attention"]
 
@@ -248,8 +248,11 @@ def segment_attention(
     """
     from attnmask.sparse import check_segments
 
-    if q.device.type != "cpu":
-        raise bad(BackendError, "q", "a CPU tensor (the native kernel runs on the CPU)", q.device)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            raise bad(DeviceError, name, "a CPU tensor (the native kernel runs on the CPU)", t.device)
+        if isinstance(t, torch.Tensor) and (not t.is_floating_point() or t.dtype != q.dtype):
+            raise bad(DTypeError, name, f"q's floating dtype ({q.dtype})", t.dtype)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise bad(BackendError, "window", "None or an int >= 1", repr(window))
     segs = check_segments(segments, q, k, v)
