@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -251,3 +252,13 @@ def test_float32_attention_holds_over_a_wide_range_of_scores(spread):
     want = naive_attention(q.double(), k.double(), v.double(), spec.to_dense(200).unsqueeze(1))
     # float32 scores carry ~|s| * 6e-8 of rounding: the tolerance grows with the spread.
     torch.testing.assert_close(got.double(), want, atol=2e-6 * spread, rtol=2e-6 * spread)
+
+
+def test_an_unwritable_cache_folder_falls_back_to_the_temporary_directory(fresh_library, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("ATTNMASK_CACHE_DIR", str(blocker / "cache"))  # cannot be created: its parent is a file
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert N.native_available() is None
+    assert list((tmp_path / "tmp").glob("attnmask-*/segattn-*.so"))

@@ -9,9 +9,10 @@ batched matmuls pay per tiny matrix. Long documents stay with ``"varlen"`` (SDPA
 there); ``"auto"`` chooses by ``native_cost``.
 
 The C source is compiled on first use with the system C compiler (``$CC``, default ``cc``; about a second) into
-``$ATTNMASK_CACHE_DIR`` (default ``$XDG_CACHE_HOME/attnmask`` or ``~/.cache/attnmask``), keyed by a hash of the
-source, the flags and the CPU, and loaded with ctypes; no Python or torch headers are involved. Without a compiler, or
-with ``ATTNMASK_NATIVE=0``, the backend reports itself unsupported and ``"auto"`` uses the others.
+``$ATTNMASK_CACHE_DIR`` (default ``$XDG_CACHE_HOME/attnmask`` or ``~/.cache/attnmask``; a per-user folder in the
+temporary directory when that one is not writable), keyed by a hash of the source, the flags and the CPU, and loaded
+with ctypes; no Python or torch headers are involved. Without a compiler, or with ``ATTNMASK_NATIVE=0``, the backend
+reports itself unsupported and ``"auto"`` uses the others.
 
 Semantics are those of every attnmask backend (``tests/naive.py::naive_attention``): CPU tensors, float32 and float64
 computed in their own precision, float16 / bfloat16 computed in float32; rows with no allowed key give exactly 0 and a
@@ -63,11 +64,15 @@ _COMPILE_TIMEOUT_S = 120
 # Building and loading the kernel
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where the built kernel is kept: ``$ATTNMASK_CACHE_DIR``, else ``$XDG_CACHE_HOME/attnmask`` or
+    ``~/.cache/attnmask``; then a per-user folder in the temporary directory, for a read-only home."""
     if os.environ.get("ATTNMASK_CACHE_DIR"):
-        return Path(os.environ["ATTNMASK_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "attnmask"
+        first = Path(os.environ["ATTNMASK_CACHE_DIR"])
+    else:
+        first = Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")) / "attnmask"
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return [first, Path(tempfile.gettempdir()) / f"attnmask-{user}"]
 
 
 def _cpu_signature() -> str:
@@ -95,12 +100,22 @@ def _build(compiler: str) -> Path:
 def _build_with(compiler: str, flags: tuple[str, ...]) -> Path:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(), _cpu_signature().encode()]))
-    target = _cache_dir() / f"segattn-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".tmp.so", dir=target.parent)
-    os.close(fd)
+    name = f"segattn-{key.hexdigest()[:16]}.so"
+    for folder in _cache_dirs():
+        if (folder / name).exists():
+            return folder / name
+    for folder in _cache_dirs():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=Path(name).stem, suffix=".tmp.so", dir=folder)
+        except OSError:
+            continue  # not writable: try the next folder
+        os.close(fd)
+        return _compile(compiler, flags, tmp, folder / name)
+    raise OSError(f"no writable cache folder among {[str(f) for f in _cache_dirs()]}")
+
+
+def _compile(compiler: str, flags: tuple[str, ...], tmp: str, target: Path) -> Path:
     try:
         cmd = [compiler, *flags, "-o", tmp, str(_SOURCE), *_LIBS]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
