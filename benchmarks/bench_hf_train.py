@@ -1,4 +1,5 @@
 """PYTHONPATH=src python benchmarks/bench_hf_train.py [--seqs 48] [--max-length 1024] [--repeats 5] [--backend auto]
+[--log-mean 5.0]
 
 Training-step time of a tiny random-weight Llama on the same sequences, three ways, in the same process:
 
@@ -32,9 +33,9 @@ from attnmask.loss import masked_cross_entropy
 from attnmask.masks import MaskSpec
 
 
-def make_sequences(n: int, max_length: int, seed: int) -> list[list[int]]:
+def make_sequences(n: int, max_length: int, seed: int, log_mean: float = 5.0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    lens = np.clip(rng.lognormal(5.0, 0.7, n).astype(int), 8, max_length)
+    lens = np.clip(rng.lognormal(log_mean, 0.7, n).astype(int), 8, max_length)
     return [rng.integers(1, 1000, int(m)).tolist() for m in lens]
 
 
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--log-mean", type=float, default=5.0, help="mean of log(length): 5.0 gives ~190 tokens, 3.5 gives ~40"
+    )
     parser.add_argument("--backend", default="auto", help="attnmask.attention backend of the attnmask run")
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, a smoke run: 16 sequences, rows of 256, 2 rounds"
@@ -83,7 +87,7 @@ def main() -> None:
         args.seqs, args.max_length, args.repeats = 16, 256, 2
 
     hf.register(backend=args.backend)
-    seqs = make_sequences(args.seqs, args.max_length, args.seed)
+    seqs = make_sequences(args.seqs, args.max_length, args.seed, args.log_mean)
     examples = [{"input_ids": s} for s in seqs]
     packed = hf.DataCollatorForCausalLM(0, packing=True, max_length=args.max_length, return_batch=True)(examples)
     padded = hf.DataCollatorForCausalLM(0, return_batch=True)(examples)
