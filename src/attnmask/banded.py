@@ -32,9 +32,8 @@ __all__ = ["banded_cost", "banded_run", "banded_unsupported"]
 _TILE_SIZES = (8, 16, 32, 64)  # candidate tile sizes; the cheapest by banded_cost wins (ties: the smaller)
 MAX_BAND_KEYS = 256  # wider bands go to sdpa / varlen / blocksparse
 _HEAD_COST = 1e5  # Python and dispatch overhead of one head's few kernel calls, in element operations
-_TILE_COST = (
-    2.3e5  # per (tile, head) item of the SDPA batch: measured 4-7 us with the mask and edge tiles, any tile size
-)
+# Per (tile, head) item of the SDPA batch: measured 4-7 us with the mask and edge tiles, whatever the tile size.
+_TILE_COST = 2.3e5
 _MASK_COST = 20.0  # evaluating the spec on one (query, key) pair of the band, once for all heads
 
 
