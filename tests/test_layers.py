@@ -23,6 +23,8 @@ LAYER = {
     "lowering": 2,
     # 3: attention and its backends
     "plancache": 3,
+    "backends": 3,
+    "backends.contract": 3,
     "sparse": 3,
     "banded": 3,
     "native": 3,

@@ -1,0 +1,1 @@
+"""Attention backends: one module each, and the contract they share (``attnmask.backends.contract``)."""
