@@ -10,24 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnmask as am
-from attnmask import native as N
-from attnmask.attention import AttentionCall, choose_backend
+from attnmask.attention import choose_backend
+from attnmask.backends import native as N
+from attnmask.backends.varlen import segments_from_varlen, varlen_attention
 from attnmask.errors import BackendError, DeviceError, DTypeError, ShapeError
-from attnmask.sparse import segments_from_varlen, varlen_attention
+from tests.helpers import DTYPES, call_of, check_against_naive, grads, tiny_documents
 from tests.naive import naive_attention
-from tests.test_attention import grads
-from tests.test_banded import short_documents_case, tiny_documents
-from tests.test_sparse import DTYPES, check_against_naive, packed_case, padded_case
+from tests.strategies import packed_case, padded_case, short_documents_case
 
 if N.native_available() is not None:
     if os.environ.get("ATTNMASK_STRICT_DEPS") == "1":  # `make test`: a C compiler is part of the set-up
         raise RuntimeError(f"the native kernel is unavailable: {N.native_available()}")
     pytest.skip(f"native kernel unavailable: {N.native_available()}", allow_module_level=True)
-
-
-def call_of(q, k, v, spec):
-    pos = torch.arange(k.shape[2])
-    return AttentionCall(q, k, v, spec, q.shape[-1] ** -0.5, pos[-q.shape[2] :], pos)
 
 
 def random_segments(draw, batch, q_len, kv_len):

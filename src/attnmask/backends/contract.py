@@ -28,6 +28,7 @@ from attnmask.masks import Causal, Full, MaskSpec
 __all__ = [
     "ALL_DTYPES",
     "MASK_KINDS",
+    "TORCH_DEVICES",
     "AttentionCall",
     "Backend",
     "check_dropout_p",
@@ -37,6 +38,8 @@ __all__ = [
 ]
 
 ALL_DTYPES = frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16})
+TORCH_DEVICES = frozenset({"cpu", "cuda", "mps", "xpu"})
+"""Device types torch's own operators (matmul, softmax, SDPA) run on: the devices of a backend written in torch."""
 MASK_KINDS = frozenset({"none", "tensor", "structural", "custom"})
 """What ``mask`` holds: ``None`` (or ``full()``), a bool tensor, a spec built from structural primitives, or a spec
 holding a ``custom`` predicate (evaluated per pair, no structure to lower)."""

@@ -1,6 +1,6 @@
 """The "native" attention backend: per-document attention in a small C kernel, for rows of many short documents.
 
-Layer 3 (attention), beside ``sparse.py``. For each document segment (as ``attnmask.sparse.segments_from_varlen``
+Layer 3 (attention). For each document segment (as ``attnmask.backends._common.segments_from_varlen``
 gives them) and head, the kernel in ``segattn.c`` walks the queries and, for each, only the keys it may see: scores,
 softmax and the weighted sum of values in one pass, forward and backward (a hand-written gradient through the saved
 log-sum-exp). It computes exactly the useful pairs with no per-document call, no gather and no mask, which is what
@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 
 from attnmask._dense import empty_buffer
+from attnmask.backends._common import COPY_COST, check_segments, varlen_plan
+from attnmask.backends.contract import ALL_DTYPES, Backend
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
-from attnmask.sparse import COPY_COST, _cached, _varlen_plan, check_segments, dropout_unsupported
 
-__all__ = ["native_available", "segment_attention"]
+__all__ = ["BACKEND", "native_available", "segment_attention"]
 
 _SOURCE = Path(__file__).with_name("segattn.c")
 _FLAGS = (
@@ -254,7 +255,7 @@ def segment_attention(
 
     ``q`` ``(B, H, Q, D)``, ``k`` ``(B, Hkv, K, D)``, ``v`` ``(B, Hkv, K, Dv)`` on the CPU, ``H % Hkv == 0``;
     ``segments`` ``(N, 6)`` int ``(row, q_start, q_len, k_start, k_len, offset)`` with non-overlapping query ranges, as
-    ``attnmask.sparse.varlen_attention`` takes them (same rule: query ``i`` sees key ``j`` if not ``causal`` or
+    ``attnmask.backends.varlen.varlen_attention`` takes them (same rule: query ``i`` sees key ``j`` if not ``causal`` or
     ``0 <= i + offset - j``, and ``i + offset - j < window`` with a window). Returns ``(B, H, Q, Dv)`` in ``q``'s
     dtype; differentiable in ``q``, ``k``, ``v`` (once).
 
@@ -275,7 +276,7 @@ def segment_attention(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Backend for attention(): run / unsupported / cost on an ``AttentionCall`` (registered in attention.py as "native")
+# The "native" backend: run / unsupported / cost on an ``AttentionCall``
 
 # In "varlen"'s unit (one multiply-add of a pair inside SDPA's blocked kernel, ~0.03 ns on one core here): the
 # kernel walks each allowed pair with vector dot products, a vectorised exp and axpys instead of blocked matrix
@@ -308,21 +309,15 @@ def allowed_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> f
     return float(pairs.sum())
 
 
-def native_unsupported(call) -> str | None:
-    if (reason := dropout_unsupported(call)) is not None:
-        return reason
-    if call.q.device.type != "cpu":
-        return f"runs on the CPU only (inputs on {call.q.device})"
-    plan = _cached(call, "varlen", _varlen_plan)
-    if isinstance(plan, str):
-        return plan
-    return native_available()
+def unsupported(call) -> str | None:
+    plan = varlen_plan(call)
+    return plan if isinstance(plan, str) else None
 
 
-def native_cost(call) -> float:
+def cost(call) -> float:
     """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each, each query row and head at ``_ROW_COST`` per
-    element, and float32 copies of half-precision inputs (comparable with ``attnmask.sparse.varlen_cost``)."""
-    plan = _cached(call, "varlen", _varlen_plan)
+    element, and float32 copies of half-precision inputs (comparable with the ``"varlen"`` backend's cost)."""
+    plan = varlen_plan(call)
     width = call.head_dim + call.value_dim
     pairs = allowed_pairs(plan.segments, plan.causal or plan.window is not None, plan.window)
     work = pairs * call.heads * width * _PAIR_COST + call.batch * call.heads * call.q_len * width * _ROW_COST
@@ -332,8 +327,20 @@ def native_cost(call) -> float:
     return work + _CALL_COST
 
 
-def native_run(call) -> torch.Tensor:
-    plan = _cached(call, "varlen", _varlen_plan)
+def run(call) -> torch.Tensor:
+    plan = varlen_plan(call)
     return _SegmentAttention.apply(
         call.q, call.k, call.v, plan.segments, plan.causal or plan.window is not None, plan.window, call.scale
     )
+
+
+BACKEND = Backend(
+    "native",
+    run,
+    cost,
+    devices=frozenset({"cpu"}),
+    dtypes=ALL_DTYPES,
+    masks=frozenset({"structural"}),
+    unsupported=unsupported,
+    available=native_available,
+)
