@@ -23,9 +23,10 @@ Semantics every backend obeys (the tests hold each one to ``tests/naive.py::naiv
   ``"varlen"`` support it; the others report it from ``unsupported``, so ``"auto"`` never picks them for such a call.
   ``dropout_p=0`` runs exactly the code without dropout (bit-for-bit, no RNG draw).
 
-Masked keys never affect the output: a query's result reads only the keys its mask allows, so a NaN or an infinity
-in a key or value it may not see leaves it untouched (on every backend), while one it may see propagates as in
-SDPA.
+Masked keys never affect the output: a query's result reads only the keys and values its mask allows, so a NaN or
+an infinity in a key or value it may not see leaves it untouched, on every backend, while a query that may see one
+gets NaN. (``attention`` checks that keys and values are finite, one pass over them; when they are not, the backend
+runs on cleaned keys and values and a second, cheap run finds the queries that see a non-finite one.)
 
 Backends: one module each under ``attnmask/backends/`` builds a :class:`Backend` (``backends/contract.py``) that
 declares what it supports (devices, dtypes, mask kinds, dropout, backward, score modifiers, whether ``"auto"`` may
@@ -43,6 +44,7 @@ Worked example, two queries decoding against four cached keys (bottom-right: the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -255,11 +257,39 @@ def attention(
     CPU SDPA runs its unfused kernel, which holds the O(B·H·Q·K) probabilities and dropout mask (``"varlen"``: one
     document group's at a time).
 
+    Masked keys never affect the output: a NaN or infinity in a key or value that a query may not see leaves that
+    query's output untouched on every backend; a query that may see one gets NaN.
+
     Example: ``attention(q, k, v, causal() & key_padding(batch.attention_mask))`` on a left-padded batch gives 0 at
     the padding queries, which see no key.
     """
     call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p)
-    return choose_backend(call, backend).run(call)
+    chosen = choose_backend(call, backend)
+    if not call.is_full and not _all_finite(call.k, call.v):
+        return _contained(chosen, call)
+    return chosen.run(call)
+
+
+def _all_finite(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether every key and value is finite (one pass over ``k`` and ``v``, O(K·(D + Dv)), against attention's
+    O(Q·K·(D + Dv)))."""
+    return bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())
+
+
+def _contained(backend: Backend, call: AttentionCall) -> torch.Tensor:
+    """``backend`` on a call with a NaN or infinity among its keys or values, keeping them from the queries that may
+    not see them: the backend runs on keys and values with those entries set to 0, and a second run (queries 0, so
+    every allowed key gets the same weight; values 1 on a non-finite key, else 0) finds the queries that give a
+    non-finite key weight; their output is NaN. Masked-out keys thus never reach the output, as the semantics say,
+    whatever the backend's kernel does with masked scores."""
+    finite_k, finite_v = torch.isfinite(call.k), torch.isfinite(call.v)
+    clean = dataclasses.replace(call, k=call.k.masked_fill(~finite_k, 0.0), v=call.v.masked_fill(~finite_v, 0.0))
+    out = backend.run(clean)
+    bad = ~(finite_k.all(-1, keepdim=True) & finite_v.all(-1, keepdim=True))  # (B, Hkv, K, 1)
+    probe = dataclasses.replace(clean, q=torch.zeros_like(call.q), v=bad.to(call.q.dtype), dropout_p=0.0)
+    with torch.no_grad():
+        sees_bad = backend.run(probe) > 0  # (B, H, Q, 1)
+    return out.masked_fill(sees_bad, float("nan"))
 
 
 def _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p=0.0) -> AttentionCall:

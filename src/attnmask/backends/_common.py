@@ -102,7 +102,7 @@ def segments_from_varlen(args, batch: int, q_len: int, kv_len: int, spec_rows: i
     q_start, k_start = q_flat % max(q_len, 1), k_flat % max(kv_len, 1)
     offset = q_start + (kv_len - q_len) - k_start
     segs = torch.stack([rows, q_start, lens_q, k_start, lens_k, offset], dim=1)
-    if spec_rows == 1 and batch > 1:
+    if spec_rows == 1 and batch != 1:  # batch 0: no segment
         segs = segs.repeat(batch, 1)
         segs[:, 0] = torch.arange(batch).repeat_interleave(len(lens_k))
     return segs
@@ -198,4 +198,4 @@ def _build_varlen_plan(call) -> VarlenPlan | str:
         return "padding queries attend to real keys under this spec, and varlen computes only the sequences"
     window = None if args.window_size[0] < 0 else args.window_size[0] + 1
     segs = segments_from_varlen(args, call.batch, call.q_len, call.kv_len, spec.batch_size or 1)
-    return VarlenPlan(segs, args.causal, window)
+    return VarlenPlan(check_segments(segs, call.q, call.k, call.v), args.causal, window)

@@ -54,7 +54,8 @@ class AttentionCall:
     """Validated inputs of one ``attention`` call.
 
     - ``q``, ``k``, ``v``: ``(B, H, Q, D)``, ``(B, Hkv, K, D)``, ``(B, Hkv, K, Dv)``, one floating dtype and one
-      device, ``H % Hkv == 0``; not made contiguous (a backend that needs unit strides makes them so itself).
+      device, ``H % Hkv == 0``; not made contiguous (a backend that needs unit strides makes them so itself). Under a
+      mask, ``k`` and ``v`` reach ``run`` finite (``attention`` contains non-finite ones around the backend).
     - ``mask``: ``None``, the ``MaskSpec`` as given, or the bool tensor viewed as 4D (leading 1s added, not expanded).
     - ``scale``: the softmax scale as a float (``D ** -0.5`` unless given).
     - ``q_positions`` / ``kv_positions``: for a spec, the resolved int64 positions, ``(Q,)`` / ``(K,)`` or per row

@@ -60,6 +60,9 @@ _FLAGS = (
 _PORTABLE = "-march=native"  # dropped on a second try: some compilers (older Apple clang on arm64) refuse it
 _LIBS = ("-lm", "-lpthread")
 _COMPILE_TIMEOUT_S = 120
+# Windows wider than any query-key distance (positions and offsets stay within 2**41) all mean "no limit": clamped to
+# this, so that the kernel's int64 arithmetic never overflows.
+_WIDEST = 1 << 60
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -271,7 +274,8 @@ def segment_attention(
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise bad(BackendError, "window", "None or an int >= 1", repr(window))
     segs = check_segments(segments, q, k, v)
-    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    window = None if window is None else min(window, _WIDEST)
+    scale = q.shape[3] ** -0.5 if scale is None and q.shape[3] else 1.0 if scale is None else float(scale)
     return _SegmentAttention.apply(q, k, v, segs, bool(causal or window is not None), window, scale)
 
 
@@ -329,8 +333,9 @@ def cost(call) -> float:
 
 def run(call) -> torch.Tensor:
     plan = varlen_plan(call)
+    window = None if plan.window is None else min(plan.window, _WIDEST)
     return _SegmentAttention.apply(
-        call.q, call.k, call.v, plan.segments, plan.causal or plan.window is not None, plan.window, call.scale
+        call.q, call.k, call.v, plan.segments, plan.causal or window is not None, window, call.scale
     )
 
 

@@ -33,11 +33,13 @@ typedef struct {
     int backward;
 } job_t;
 
+/* Keys [lo, hi) of query i. The caller keeps |off| <= 2^40 and window <= 2^60, so a = i + off never overflows, and
+ * no expression below leaves the int64 range (a + 1 only when a < kl, a - window + 1 only when a >= window). */
 static void key_range(const job_t *J, int64_t i, int64_t off, int64_t kl, int64_t *lo, int64_t *hi) {
-    int64_t h_ = J->causal ? i + off + 1 : kl;
-    int64_t l_ = J->window > 0 ? i + off - J->window + 1 : 0;
-    *lo = l_ < 0 ? 0 : l_;
-    *hi = h_ > kl ? kl : h_;
+    int64_t a = i + off; /* the query's position minus the segment's first key */
+    int64_t h_ = !J->causal || a >= kl ? kl : a + 1;
+    *lo = J->window > 0 && a >= J->window ? a - J->window + 1 : 0;
+    *hi = h_ < 0 ? 0 : h_;
 }
 
 /* exp(x) for float32 in a form the compiler vectorises (libm's expf is one scalar call per value; this made documents

@@ -32,7 +32,7 @@ from attnmask.backends._common import (
     varlen_plan,
 )
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend, check_dropout_p
-from attnmask.errors import BackendError, bad
+from attnmask.errors import BackendError, ShapeError, bad
 
 __all__ = ["BACKEND", "segments_from_varlen", "varlen_attention"]
 
@@ -76,6 +76,8 @@ def varlen_attention(
     row, or (more than 64 segments) written once by row index. Forward and backward are autograd through SDPA.
     """
     B, H, Q, D, Hkv, K = check_qkv(q, k, v)
+    if D == 0:
+        raise bad(ShapeError, "q", "a head dim >= 1 (SDPA takes no empty head)", f"shape {tuple(q.shape)}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise bad(BackendError, "window", "None or an int >= 1", repr(window))
     causal = causal or window is not None
@@ -100,7 +102,9 @@ def varlen_attention(
         results.append((_dense_segment(qb, kb, vb, off, causal, window, scale, gqa, dropout_p), members))
     if small_segs:
         results.extend(_small_segments(q, k, v, small_segs, causal, window, scale, dropout_p))
-    if sum(len(m) for _, m in results) > 64:
+    if not results:
+        out = v.new_zeros(B, H, Q, v.shape[3])
+    elif sum(len(m) for _, m in results) > 64:
         out = _assemble_by_index(q, v, results)
     else:
         out = _assemble(q, v, {(seg[0], seg[1]): res[i, :, : seg[2]] for res, m in results for i, seg in enumerate(m)})
@@ -302,6 +306,8 @@ class _ScatterRows(torch.autograd.Function):
 
 
 def unsupported(call) -> str | None:
+    if call.head_dim == 0:
+        return "needs a head dim >= 1 (SDPA takes no empty head)"
     plan = varlen_plan(call)
     return plan if isinstance(plan, str) else None
 
