@@ -4,22 +4,12 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import given, settings
 
 import attnmask as am
 from attnmask.attention import AttentionCall, choose_backend
 from attnmask.backends.banded import MAX_BAND_KEYS, _band_width, _first_keys, band_mask, banded_attention, unsupported
-from tests.helpers import DTYPES, call_of, check_against_naive, tiny_documents
+from tests.helpers import call_of, check_against_naive, tiny_documents
 from tests.naive import naive_dense
-from tests.strategies import short_documents_case
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=40)
-@given(problem=short_documents_case())
-def test_banded_matches_naive_on_rows_of_short_documents(dtype, problem):
-    spec, case = problem
-    check_against_naive(lambda q, k, v: am.attention(q, k, v, spec, backend="banded"), case, spec, dtype)
 
 
 def test_band_mask_equals_the_dense_mask_on_the_band():

@@ -85,6 +85,7 @@ def allowed(case) -> torch.Tensor:
         return torch.ones(B, 1, Q, K, dtype=torch.bool)
     if isinstance(mask, am.MaskSpec):
         return mask.to_dense(Q, K).expand(B, Q, K).unsqueeze(1)
+    mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
     return torch.broadcast_to(mask, (B, mask.shape[1], Q, K))
 
 
@@ -207,3 +208,127 @@ def test_outputs_match_the_reference_or_are_refused(backend, case):
 @given(case=conformance_case(dtypes=(torch.float32, torch.float64, torch.bfloat16)))
 def test_gradients_match_the_reference_or_are_refused(backend, case):
     check(runnable(backend), case, with_grads=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rows with no allowed key: exactly 0, and exactly 0 gradient
+
+
+def empty_row_cases():
+    """Cases with query rows that see no key, and which rows those are (``(B, Q)`` bool)."""
+    pad = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
+    trailing = am.causal() & am.document(seq_lens=[3, 4], length=10)
+    dims = dict(heads=4, kv_heads=2, head_dim=8, value_dim=8)
+    return [
+        (dict(dims, batch=2, q_len=8, kv_len=8, mask=am.causal() & am.key_padding(pad)), pad == 0),
+        (dict(dims, batch=1, q_len=10, kv_len=10, mask=trailing), torch.arange(10)[None] >= 7),
+        (dict(dims, batch=2, q_len=8, kv_len=8, mask=~am.full()), torch.ones(2, 8, dtype=torch.bool)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_with_no_allowed_key_give_exact_zero_and_zero_gradient(auto_backend, dtype):
+    if dtype not in auto_backend.dtypes:
+        pytest.skip(f"{auto_backend.name} does not declare {dtype}")
+    ran = 0
+    for case, empty in empty_row_cases():
+        q, k, v = make_inputs(dict(case, dtype=dtype), requires_grad=True)
+        if auto_backend.not_supported_reasons(_prepare_call(q, k, v, case["mask"], None, None, None)):
+            continue
+        out = am.attention(q, k, v, case["mask"], backend=auto_backend.name)
+        rows = empty[:, None, :, None].expand(out.shape)
+        assert torch.equal(out[rows], torch.zeros_like(out[rows])) and torch.isfinite(out).all()
+        weight = rows.to(dtype)  # a loss on the empty rows only: every gradient must be exactly 0
+        for g in torch.autograd.grad((out * weight).sum(), (q, k, v)):
+            assert torch.equal(g, torch.zeros_like(g))
+        ran += 1
+    assert ran, f"{auto_backend.name} refused every case with empty rows"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Degenerate shapes: a result or a refusal, never a raw exception
+
+
+DEGENERATE = {"B=0": (0, 4, 8, 4), "Q=0": (1, 0, 8, 6), "K=0": (1, 3, 8, 0), "D=0": (1, 4, 0, 4)}
+
+
+@pytest.mark.parametrize("shape", list(DEGENERATE))
+@pytest.mark.parametrize("mask", ["none", "tensor", "causal", "documents"])
+def test_degenerate_shapes_give_a_result_or_a_refusal(backend, shape, mask):
+    B, Q, D, K = DEGENERATE[shape]
+    case = dict(batch=B, heads=2, kv_heads=2, q_len=Q, kv_len=K, head_dim=D, value_dim=D, mask=None)
+    if mask == "tensor":
+        case["mask"] = torch.ones(Q, K, dtype=torch.bool)
+    elif mask == "causal":
+        case["mask"] = am.causal() if Q <= K else pytest.skip("a spec needs Q <= K at the default positions")
+    elif mask == "documents":
+        case["mask"] = am.causal() & am.document(seq_lens=[K], length=K) if 0 < Q <= K else pytest.skip("no keys")
+    q, k, v = make_inputs(case)
+    if backend.not_supported_reasons(_prepare_call(q, k, v, case["mask"], None, None, None)):
+        with pytest.raises(am.BackendError):
+            am.attention(q, k, v, case["mask"], backend=backend.name)
+        return
+    got = am.attention(q, k, v, case["mask"], backend=backend.name)
+    want = naive_attention(q, k, v, allowed(case), scale=1.0 if D == 0 else None)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Masked-out keys never affect the output, NaN included
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_a_nan_in_a_key_reaches_only_the_rows_that_may_see_it(auto_backend, where):
+    ran = 0
+    for case in (REPRESENTATIVE["packed documents"], REPRESENTATIVE["window and prefix"], REPRESENTATIVE["causal"]):
+        q, k, v = make_inputs(case)
+        if auto_backend.not_supported_reasons(_prepare_call(q, k, v, case["mask"], None, None, None)):
+            continue
+        key = case["kv_len"] // 2 + 3
+        poisoned = (k if where == "k" else v).clone()
+        poisoned[:, :, key] = float("nan")
+        qkv = (q, poisoned, v) if where == "k" else (q, k, poisoned)
+        got = am.attention(*qkv, case["mask"], backend=auto_backend.name)
+        sees = allowed(case)[..., key].expand(got.shape[:3])  # (B, H, Q)
+        assert got[sees].isnan().all(), "a query that may see the NaN key should get NaN"
+        clean = naive_attention(q, k, v, allowed(case))
+        torch.testing.assert_close(got[~sees].double(), clean[~sees], atol=2e-5, rtol=1e-4)
+        ran += 1
+    assert ran, f"{auto_backend.name} refused every case"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A K-transposed cache (last-dimension stride != 1)
+
+
+def test_keys_of_a_transposed_cache_give_the_reference_output_and_gradients(auto_backend):
+    L = 512
+    case = dict(batch=1, heads=2, kv_heads=2, q_len=L, kv_len=L, head_dim=16, value_dim=16)
+    case.update(mask=am.causal() & am.chunked(64), layout="keys_transposed")
+    assert make_inputs(case)[1].stride(-1) == L
+    check(auto_backend, case, with_grads=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention dropout, where declared
+
+
+@pytest.mark.parametrize("backend", [b for b in AUTO if b.dropout], ids=[b.name for b in AUTO if b.dropout])
+def test_dropout_is_unbiased_and_never_weights_a_masked_key(backend):
+    backend = runnable(backend)
+    spec = am.causal() & am.document(seq_lens=[5, 30, 40], length=80)  # tiny and longer documents, then padding
+    draws, Q = 200, 80
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, Q, 8, generator=gen), torch.randn(1, 1, Q, 8, generator=gen)
+    v = torch.eye(Q).expand(1, 1, Q, Q)  # values I: the output row is the query's probability row
+    assert not backend.not_supported_reasons(_prepare_call(q, k, v, spec, None, None, None, 0.5))
+    probs = am.attention(q, k, v, spec, backend=backend.name)
+    torch.manual_seed(0)
+    samples = am.attention(*(t.expand(draws, -1, -1, -1) for t in (q, k, v)), spec, backend=backend.name, dropout_p=0.5)
+    assert not (samples[:, (probs == 0)[0]] != 0).any(), "dropout gave weight to a masked key"
+    kept = samples != 0
+    torch.testing.assert_close(samples[kept], (probs / 0.5).expand_as(samples)[kept], rtol=1e-5, atol=1e-6)
+    mean, sem = samples.double().mean(0), samples.double().std(0) / draws**0.5
+    z = (mean - probs[0].double()).abs() / (sem + 1e-9)
+    assert float(z.amax()) < 6.0, f"the average over draws is biased: largest z-score {float(z.amax()):.1f}"

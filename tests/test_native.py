@@ -14,9 +14,8 @@ from attnmask.attention import choose_backend
 from attnmask.backends import native as N
 from attnmask.backends.varlen import segments_from_varlen, varlen_attention
 from attnmask.errors import BackendError, DeviceError, DTypeError, ShapeError
-from tests.helpers import DTYPES, call_of, check_against_naive, grads, tiny_documents
+from tests.helpers import call_of, grads, tiny_documents
 from tests.naive import naive_attention
-from tests.strategies import packed_case, padded_case, short_documents_case
 
 if N.native_available() is not None:
     if os.environ.get("ATTNMASK_STRICT_DEPS") == "1":  # `make test`: a C compiler is part of the set-up
@@ -48,14 +47,6 @@ def segment_mask(segs, batch, q_len, kv_len, causal, window):
                 if (not causal or d >= 0) and (window is None or d < window):
                     allowed[row, qs + i, ks + j] = True
     return allowed
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=40)
-@given(problem=st.one_of(packed_case(), padded_case(), short_documents_case()))
-def test_native_matches_naive_on_packed_padded_and_tiny_documents(dtype, problem):
-    spec, case = problem
-    check_against_naive(lambda q, k, v: am.attention(q, k, v, spec, backend="native"), case, spec, dtype)
 
 
 @settings(max_examples=60)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from attnmask import masks as M
-from attnmask.backends._common import cached
+from attnmask.backends._common import cached, degenerate
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.lowering import block_layout
 
@@ -30,6 +30,8 @@ def _flex():
 
 
 def unsupported(call) -> str | None:
+    if (empty := degenerate(call)) is not None or call.head_dim == 0:
+        return empty or "needs a head dim >= 1"  # the compiled kernel dies on a division by zero otherwise
     if (
         call.q.device.type == "cpu"
         and torch.is_grad_enabled()

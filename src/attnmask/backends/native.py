@@ -57,6 +57,9 @@ _FLAGS = (
     "-shared",
     "-std=gnu11",
 )
+# ATTNMASK_NATIVE_SANITIZE=1 (``make sanitize``): the kernel built with AddressSanitizer and UndefinedBehaviorSanitizer,
+# any finding fatal; the process must preload the ASan runtime (LD_PRELOAD=$(cc -print-file-name=libasan.so)).
+_SANITIZE = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
 _PORTABLE = "-march=native"  # dropped on a second try: some compilers (older Apple clang on arm64) refuse it
 _LIBS = ("-lm", "-lpthread")
 _COMPILE_TIMEOUT_S = 120
@@ -93,11 +96,14 @@ def _cpu_signature() -> str:
 def _build(compiler: str) -> Path:
     """Compile ``segattn.c`` once per source, flags, compiler and CPU; returns the shared library's path. A compiler
     that refuses ``-march=native`` gets a second try without it."""
+    flags = _FLAGS
+    if os.environ.get("ATTNMASK_NATIVE_SANITIZE") == "1":
+        flags = tuple(f for f in _FLAGS if f != "-O3") + _SANITIZE
     try:
-        return _build_with(compiler, _FLAGS)
+        return _build_with(compiler, flags)
     except OSError as first:
         try:
-            return _build_with(compiler, tuple(f for f in _FLAGS if f != _PORTABLE))
+            return _build_with(compiler, tuple(f for f in flags if f != _PORTABLE))
         except OSError:
             raise first from None
 
