@@ -20,7 +20,7 @@ Semantics every backend obeys (the tests hold each one to ``tests/naive.py::naiv
   whenever ``dropout_p > 0`` (a functional API: pass 0 in evaluation); masks are drawn from torch's global RNG
   (SDPA takes no generator), so ``torch.manual_seed`` (or ``torch.random.fork_rng``) makes a backend's result
   reproducible, while two backends draw different masks for the same seed. Backends ``"reference"``, ``"sdpa"`` and
-  ``"varlen"`` support it; the others report it from ``unsupported``, so ``"auto"`` never picks them for such a call.
+  ``"varlen"`` declare it; the others declare they have none, so ``"auto"`` never picks them for such a call.
   ``dropout_p=0`` runs exactly the code without dropout (bit-for-bit, no RNG draw).
 
 Masked keys never affect the output: a query's result reads only the keys and values its mask allows, so a NaN or

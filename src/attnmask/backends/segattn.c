@@ -1,9 +1,9 @@
 /* Per-segment (per-document) attention on the CPU, forward and backward, for the "native" backend.
  *
- * Built on first use by attnmask/native.py (cc -O3 -march=native -fopenmp-simd -shared) and called through ctypes;
- * no Python or torch headers. One segment is (row, q_start, q_len, k_start, k_len, offset), as
- * attnmask.sparse.segments_from_varlen gives: inside it, query i may see key j when 0 <= j < k_len and, if causal,
- * j <= i + offset and, with a window w > 0, i + offset - j < w. Rows with no allowed key are written as 0 and get
+ * Built on first use by attnmask/backends/native.py (cc -O3 -march=native -fopenmp-simd -shared) and called through
+ * ctypes; no Python or torch headers. One segment is (row, q_start, q_len, k_start, k_len, offset), as
+ * attnmask.backends._common.segments_from_varlen gives: inside it, query i may see key j when 0 <= j < k_len and, if
+ * causal, j <= i + offset and, with a window w > 0, i + offset - j < w. Rows with no allowed key are written as 0 and get
  * lse = -inf, which the backward skips: their gradient is exactly 0. Query rows in no segment are not touched.
  *
  * Layouts: q, k, v, out, dout are (B, H, L, D) arrays addressed through element strides for B, H and L; the last
