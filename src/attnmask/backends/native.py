@@ -352,6 +352,7 @@ BACKEND = Backend(
     devices=frozenset({"cpu"}),
     dtypes=ALL_DTYPES,
     masks=frozenset({"structural"}),
+    reads_masked_keys=False,  # each query walks only the keys it may see
     unsupported=unsupported,
     available=native_available,
 )
