@@ -125,13 +125,17 @@ def conformance_case(draw, dtypes=tuple(DTYPES)):
 
 
 def representative_cases():
-    """Fixed cases, one per kind of input a backend may specialise in: every backend must accept some of them."""
+    """Fixed cases, one per kind of input a backend may specialise in: every backend must accept some of them (a
+    backend declared ``auto=False`` runs the first it accepts: rows with no key first)."""
 
     def dims(B, Q, K, H=4, Hkv=2, D=8, Dv=8):
         return dict(batch=B, heads=H, kv_heads=Hkv, q_len=Q, kv_len=K, head_dim=D, value_dim=Dv)
 
     lens = [5, 3, 12, 1, 9, 7, 2]
     return {
+        "left padded": dict(
+            dims(2, 6, 6), mask=am.causal() & am.key_padding(torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6]))
+        ),
         "no mask": dict(dims(2, 6, 9), mask=None),
         "bool tensor": dict(
             dims(2, 5, 7), mask=torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.4
@@ -140,9 +144,6 @@ def representative_cases():
         "decoding": dict(dims(2, 3, 20), mask=am.causal()),
         "packed documents": dict(dims(1, 39, 39), mask=am.causal() & am.document(seq_lens=lens)),
         "long documents": dict(dims(1, 100, 100), mask=am.causal() & am.document(seq_lens=[60, 40])),
-        "left padded": dict(
-            dims(2, 6, 6), mask=am.causal() & am.key_padding(torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6]))
-        ),
         "window and prefix": dict(dims(1, 70, 70), mask=am.sliding_window(9) | am.prefix_lm(4)),
         "custom": dict(dims(1, 12, 12), mask=am.custom(lambda b, h, q, k: (q + k) % 3 != 0, name="q_plus_k_mod3")),
     }
@@ -172,6 +173,8 @@ def check(backend, case, *, with_grads=False, seed=0):
     assert got.dtype == q.dtype and got.shape == want.shape
     atol, rtol = TOLERANCE[got.dtype]
     torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol, msg=f"{backend.name}: {case['mask']!r}")
+    empty = ~allowed(case).any(-1, keepdim=True).expand(got.shape)  # rows with no allowed key: exactly 0
+    assert torch.equal(got[empty], torch.zeros_like(got[empty])), f"{backend.name}: a row with no key is not 0"
     if with_grads:
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
         want_grads = grads(naive_attention(q64, k64, v64, allowed(case)), (q64, k64, v64))
