@@ -414,7 +414,10 @@ VARLEN = register_backend(Backend("varlen", _sparse.varlen_run, _sparse.varlen_u
 BLOCKSPARSE = register_backend(
     Backend("blocksparse", _sparse.blocksparse_run, _sparse.blocksparse_unsupported, _sparse.blocksparse_cost)
 )
-FLEX = register_backend(Backend("flex", _sparse.flex_run, _sparse.flex_unsupported, _sparse.flex_cost))
+
+from attnmask.backends import flex as _flex  # noqa: E402  (backends.flex does not import this module)
+
+FLEX = register_backend(Backend("flex", _flex.flex_run, _flex.flex_unsupported, _flex.flex_cost))
 
 from attnmask import banded as _banded  # noqa: E402  (banded does not import this module)
 

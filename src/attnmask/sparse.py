@@ -2,8 +2,9 @@
 
 Layer 3 (attention), beside ``attention.py``. Both kernels take explicit arguments (tensors, document segments, a
 tile-class tensor) so that they can be tested on their own; the backend functions at the end (``varlen_run``,
-``blocksparse_run``, ``flex_run`` with their ``*_unsupported`` and ``*_cost``) lower an ``AttentionCall``'s spec
-through ``attnmask.lowering`` and are registered in ``attention.py`` as ``"varlen"``, ``"blocksparse"``, ``"flex"``.
+``blocksparse_run`` with their ``*_unsupported`` and ``*_cost``) lower an ``AttentionCall``'s spec through
+``attnmask.lowering`` and are registered in ``attention.py`` as ``"varlen"`` and ``"blocksparse"`` (FlexAttention:
+``attnmask.backends.flex``).
 
 Shapes everywhere: ``q`` ``(B, H, Q, D)``, ``k`` ``(B, Hkv, K, D)``, ``v`` ``(B, Hkv, K, Dv)`` with ``H % Hkv == 0``
 (grouped-query attention: query head ``h`` reads key/value head ``h // (H // Hkv)``). Output ``(B, H, Q, Dv)`` in
@@ -925,59 +926,3 @@ def run_layout(q, k, v, layout, *, scale: float | None = None) -> torch.Tensor:
     """``blocksparse_attention`` over a ``BlockLayout`` (its classes, block size, positions and spec)."""
     tile_mask = spec_tile_mask(layout.spec, layout.q_positions, layout.kv_positions)
     return blocksparse_attention(q, k, v, layout.classes, layout.block_size, tile_mask, scale=scale)
-
-
-_FLEX_BLOCK = 128  # FlexAttention's CPU and GPU kernels are tuned for tiles of 128
-_compiled_flex = None
-
-
-def _flex():
-    """``torch.compile(flex_attention)``, compiled once per process (the first call of each shape compiles)."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
-
-
-def flex_unsupported(call) -> str | None:
-    if call.mask is not None and not isinstance(call.mask, M.MaskSpec):
-        return "needs a mask spec"
-    if (no_dropout := dropout_unsupported(call)) is not None:
-        return no_dropout
-    if (
-        call.q.device.type == "cpu"
-        and torch.is_grad_enabled()
-        and any(t.requires_grad for t in (call.q, call.k, call.v))
-    ):
-        return "compiled FlexAttention on CPU has no backward (use 'blocksparse' to train)"
-    try:
-        from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
-    except ImportError:
-        return "this torch has no FlexAttention"
-    return None
-
-
-def flex_cost(call) -> float:
-    """Opt-in: never chosen by "auto" (the first call of every shape compiles for seconds)."""
-    return float("inf")
-
-
-def flex_run(call) -> torch.Tensor:
-    """Compiled FlexAttention with ``layout.to_flex()`` (kept with the call's plans). A query row with no allowed key
-    comes back as exact 0 from FlexAttention itself (the tests hold it to that)."""
-    gqa = call.heads != call.kv_heads
-    block_mask = _cached(call, "flex", _flex_block_mask)
-    return _flex()(call.q, call.k, call.v, block_mask=block_mask, scale=call.scale, enable_gqa=gqa)
-
-
-def _flex_block_mask(call):
-    from attnmask.lowering import block_layout
-
-    spec = M.full() if call.mask is None else call.mask
-    q_pos, kv_pos = (call.q_positions, call.kv_positions) if call.positions_given else (None, None)
-    layout = block_layout(
-        spec, call.q_len, call.kv_len, _FLEX_BLOCK, q_positions=q_pos, kv_positions=kv_pos, device=call.q.device
-    )
-    return layout.to_flex()

@@ -1,0 +1,123 @@
+"""``"flex"``: FlexAttention compiled with the spec's block layout (``BlockLayout.to_flex()``).
+
+Layer 3 (attention); imports ``masks``, ``lowering``, ``plancache`` and ``backends.contract``.
+
+Any mask spec, structural or ``custom`` (the predicate is the spec's ``mask_mod``, evaluated only in PARTIAL tiles of
+128 x 128), explicit positions, grouped-query attention (``enable_gqa``), ``Q < K``. A query row with no allowed key
+comes back as exact 0 from FlexAttention itself (the tests and ``benchmarks/device_check.py`` hold it to that).
+
+- On CUDA: forward and backward, float32, float16 and bfloat16, head dims of at least 16 (Triton's ``tl.dot``); a
+  real candidate of ``"auto"``, costed by ``cuda_costs.flex_cost`` (the tiles it computes).
+- On CPU: forward only (compiled FlexAttention has no CPU backward: train with ``"blocksparse"``), and never chosen
+  by ``"auto"`` (cost ``inf``): named explicitly only.
+
+Every new shape compiles (``torch.compile(flex_attention, dynamic=False)``, seconds; forward and backward on first use
+with a gradient), so rows of a fixed length suit it best; after torch's recompile limit torch falls back to an
+uncompiled FlexAttention that materialises the scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnmask.backends import cuda_costs
+from attnmask.backends.contract import Backend
+from attnmask.lowering import block_layout
+from attnmask.masks import MaskSpec, full
+from attnmask.plancache import call_plans
+
+__all__ = ["BACKEND", "BLOCK_SIZE", "flex_cost", "flex_run", "flex_unsupported"]
+
+BLOCK_SIZE = 128  # FlexAttention's CPU and GPU kernels are tuned for tiles of 128
+_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})  # the CPU kernel refuses float64
+_MIN_CUDA_HEAD_DIM = 16
+_compiled_flex = None
+
+
+def _flex():
+    """``torch.compile(flex_attention)``, compiled once per process (the first call of each shape compiles)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def _cached(call, key: str, build):
+    plans = call_plans(call)
+    if key not in plans:
+        plans[key] = build(call)
+    return plans[key]
+
+
+def _layout(call):
+    """The call's ``BlockLayout`` in tiles of ``BLOCK_SIZE`` on ``q``'s device."""
+    spec = full() if call.mask is None else call.mask
+    q_pos, kv_pos = (call.q_positions, call.kv_positions) if call.positions_given else (None, None)
+    return block_layout(
+        spec, call.q_len, call.kv_len, BLOCK_SIZE, q_positions=q_pos, kv_positions=kv_pos, device=call.q.device
+    )
+
+
+def _block_mask(call):
+    return _cached(call, "flex_layout", _layout).to_flex()
+
+
+def flex_unsupported(call) -> str | None:
+    """What the declarations cannot say, plus (while ``attention.py`` registers this backend without reading
+    declarations) the mask kind, dropout and dtype."""
+    if call.mask is not None and not isinstance(call.mask, MaskSpec):
+        return "needs a mask spec"
+    if call.dropout_p > 0:
+        return f"has no attention dropout (dropout_p={call.dropout_p}; use 'sdpa', 'varlen' or 'reference')"
+    if call.q.dtype not in _DTYPES:
+        return f"computes float32, float16 and bfloat16, not {str(call.q.dtype).removeprefix('torch.')}"
+    device = call.q.device.type
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+    if device == "cpu" and needs_grad:
+        return "compiled FlexAttention on CPU has no backward (use 'blocksparse' to train)"
+    if device == "cuda" and min(call.head_dim, call.value_dim) < _MIN_CUDA_HEAD_DIM:
+        return f"FlexAttention's CUDA kernel needs head dims >= {_MIN_CUDA_HEAD_DIM}, got D={call.head_dim}, " \
+            f"Dv={call.value_dim}"
+    return None
+
+
+def flex_available() -> str | None:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
+    except ImportError:
+        return "this torch has no FlexAttention"
+    return None
+
+
+def flex_cost(call) -> float:
+    """``inf`` on CPU (compiles per shape: named explicitly only); on CUDA ``cuda_costs.flex_cost`` of the tiles the
+    layout computes. A ``custom`` predicate is not laid out just to estimate (that evaluates every pair)."""
+    if call.q.device.type != "cuda":
+        return float("inf")
+    if isinstance(call.mask, MaskSpec) and not call.mask.is_structural:
+        return cuda_costs.flex_cost(call, None, BLOCK_SIZE, 1)
+    layout = _cached(call, "flex_layout", _layout)
+    return cuda_costs.flex_cost(call, layout.counts(), BLOCK_SIZE, layout.batch_size)
+
+
+def flex_run(call) -> torch.Tensor:
+    """Compiled FlexAttention with the layout's ``BlockMask`` (kept with the call's plans)."""
+    block_mask = _cached(call, "flex", _block_mask)
+    gqa = call.heads != call.kv_heads
+    return _flex()(call.q, call.k, call.v, block_mask=block_mask, scale=call.scale, enable_gqa=gqa)
+
+
+BACKEND = Backend(
+    "flex",
+    flex_run,
+    flex_cost,
+    devices=frozenset({"cpu", "cuda"}),
+    dtypes=_DTYPES,
+    masks=frozenset({"none", "structural", "custom"}),
+    dropout=False,
+    backward=True,  # on CUDA; flex_unsupported refuses a CPU call that needs a gradient
+    unsupported=flex_unsupported,
+    available=flex_available,
+)
