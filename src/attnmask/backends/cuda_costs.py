@@ -1,6 +1,6 @@
 """Cost estimates of attention on a CUDA GPU, shared by the CUDA backends so that ``"auto"`` compares like with like.
 
-Layer 3 (attention); imports only ``torch``.
+Layer 3 (attention); imports only ``masks``.
 
 Unit: one multiply-add of one (query, key) pair, for one head and one element of ``D + Dv``, inside a fused
 FlashAttention-2 class kernel in half precision (about 4e-15 s on an H100/H200-class GPU). Every constant below is an
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from attnmask.masks import MaskSpec
+
 __all__ = [
     "CALL",
     "COPY",
@@ -31,8 +33,8 @@ __all__ = [
     "MASKED_SDPA_PAIR",
     "TILE_K",
     "TILE_Q",
-    "dense_cost",
     "flex_cost",
+    "sdpa_cost",
     "sequence_pairs",
     "varlen_cost",
 ]
@@ -73,8 +75,9 @@ def _window_prefix(n: torch.Tensor, w: int) -> torch.Tensor:
     return inside * (inside + 1) / 2 + torch.clamp(n - w, min=0) * w
 
 
-def varlen_cost(call, lens_q: torch.Tensor, lens_k: torch.Tensor, causal: bool, window: int | None, width: int,
-                gathered: bool) -> float:
+def varlen_cost(
+    call, lens_q: torch.Tensor, lens_k: torch.Tensor, causal: bool, window: int | None, width: int, gathered: bool
+) -> float:
     """A FlashAttention varlen kernel over sequences of ``lens_q`` / ``lens_k`` tokens with heads padded to ``width``,
     plus the copies into and out of the packed layout (``gathered``: rows are picked by index, else only re-laid
     out) and a handful of launches."""
@@ -85,18 +88,18 @@ def varlen_cost(call, lens_q: torch.Tensor, lens_k: torch.Tensor, causal: bool, 
     return pairs * call.heads * 2 * width * FUSED_PAIR + copies * COPY + 6 * CALL
 
 
-def dense_cost(call, plain_causal: bool, mask_rows: int) -> float:
-    """SDPA on CUDA: the flash kernel without a mask (``plain_causal``: the tiles above the diagonal skipped), else the
-    memory-efficient kernel with a dense mask, of which ``mask_rows`` rows (0 for a tensor the caller built) are
-    built from a spec."""
+def sdpa_cost(call) -> float:
+    """SDPA on CUDA: the flash kernel without a mask (a plain ``causal()`` skips the tiles above the diagonal), else
+    the memory-efficient kernel with a dense mask, built from a spec (``B·Q·K`` elements) or given as a tensor."""
     per_pair = call.heads * (call.head_dim + call.value_dim)
     B, Q, K = call.batch, call.q_len, call.kv_len
-    if plain_causal:
+    if call.is_plain_causal:
         lens = torch.full((B,), float(Q))
         return sequence_pairs(lens, lens, True, None) * per_pair * FUSED_PAIR + CALL
-    if mask_rows < 0:  # no mask at all
+    if call.is_full:
         return B * Q * K * per_pair * FUSED_PAIR + CALL
-    return B * Q * K * per_pair * MASKED_SDPA_PAIR + max(mask_rows, 1) * Q * K * MASK_ELEMENT + 4 * CALL
+    mask_rows = B if isinstance(call.mask, MaskSpec) else 1
+    return B * Q * K * per_pair * MASKED_SDPA_PAIR + mask_rows * Q * K * MASK_ELEMENT + 4 * CALL
 
 
 def flex_cost(call, counts: dict[str, int] | None, block_size: int, layout_rows: int) -> float:

@@ -70,7 +70,9 @@ def flash_available() -> str | None:
         return f"flash_attn does not import: {err}"
     version = getattr(flash_attn, "__version__", "0")
     if _version(version) < MIN_VERSION:
-        return f"flash_attn >= {'.'.join(map(str, MIN_VERSION))} is needed (bottom-right causal, windows), got {version}"
+        return (
+            f"flash_attn >= {'.'.join(map(str, MIN_VERSION))} is needed (bottom-right causal, windows), got {version}"
+        )
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     return None

@@ -52,16 +52,19 @@ def _cached(call, key: str, build):
 
 
 def _layout(call):
-    """The call's ``BlockLayout`` in tiles of ``BLOCK_SIZE`` on ``q``'s device."""
+    """The call's ``BlockLayout`` in tiles of ``BLOCK_SIZE``: on the device of a structural spec's data (the CPU for a
+    spec without tensors, where its O(B·nQ·nK) tile arithmetic is cheapest), else on ``q``'s device (explicit
+    positions, or a ``custom`` predicate, which may read tensors of its own)."""
     spec = full() if call.mask is None else call.mask
     q_pos, kv_pos = (call.q_positions, call.kv_positions) if call.positions_given else (None, None)
+    device = call.q.device if call.positions_given or not spec.is_structural else spec.device
     return block_layout(
-        spec, call.q_len, call.kv_len, BLOCK_SIZE, q_positions=q_pos, kv_positions=kv_pos, device=call.q.device
+        spec, call.q_len, call.kv_len, BLOCK_SIZE, q_positions=q_pos, kv_positions=kv_pos, device=device
     )
 
 
 def _block_mask(call):
-    return _cached(call, "flex_layout", _layout).to_flex()
+    return _cached(call, "flex_layout", _layout).to_flex().to(call.q.device)
 
 
 def flex_unsupported(call) -> str | None:
@@ -78,8 +81,10 @@ def flex_unsupported(call) -> str | None:
     if device == "cpu" and needs_grad:
         return "compiled FlexAttention on CPU has no backward (use 'blocksparse' to train)"
     if device == "cuda" and min(call.head_dim, call.value_dim) < _MIN_CUDA_HEAD_DIM:
-        return f"FlexAttention's CUDA kernel needs head dims >= {_MIN_CUDA_HEAD_DIM}, got D={call.head_dim}, " \
+        return (
+            f"FlexAttention's CUDA kernel needs head dims >= {_MIN_CUDA_HEAD_DIM}, got D={call.head_dim}, "
             f"Dv={call.value_dim}"
+        )
     return None
 
 

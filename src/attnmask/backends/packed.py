@@ -36,8 +36,17 @@ from attnmask.lowering import VarlenArgs, varlen_args
 from attnmask.masks import MaskSpec
 from attnmask.plancache import call_plans
 
-__all__ = ["MAX_HEAD_DIM", "PackedPlan", "gather", "head_width", "packed_attention", "packed_cost", "packed_plan",
-           "packed_unsupported", "scatter"]
+__all__ = [
+    "MAX_HEAD_DIM",
+    "PackedPlan",
+    "gather",
+    "head_width",
+    "packed_attention",
+    "packed_cost",
+    "packed_plan",
+    "packed_unsupported",
+    "scatter",
+]
 
 MAX_HEAD_DIM = 256  # FlashAttention-2's largest head dimension
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "PackedPlan", float, float], torch.Tensor]
@@ -160,7 +169,7 @@ def gather(t: torch.Tensor, index: torch.Tensor, every: bool, width: int) -> tor
 def scatter(out: torch.Tensor, plan: PackedPlan, batch: int, q_len: int, value_dim: int) -> torch.Tensor:
     """The packed output ``(Tq, H, width)`` -> ``(B, H, Q, Dv)`` (a view of a ``(B, Q, H, Dv)`` tensor), exactly 0 at
     every query in no sequence. A gather from the output with a zero row in front, so the backward is a gather too."""
-    out = out[..., :value_dim]
+    out = out.narrow(-1, 0, value_dim)
     if not plan.every_query:
         out = torch.cat([out.new_zeros((1, *out.shape[1:])), out]).index_select(0, plan.q_slot)
     return out.unflatten(0, (batch, q_len)).transpose(1, 2)
