@@ -93,3 +93,35 @@ def varlen_attn(
     return flash_attn_varlen_func(
         query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, softmax_scale=scale, window_size=window_size
     )
+
+
+def flex_attention(query, key, value, block_mask=None, scale=None, enable_gqa=False):
+    """FlexAttention's documented semantics with a ``BlockMask``: a pair is computed when its tile is listed FULL, or
+    listed PARTIAL (``kv_num_blocks`` / ``kv_indices``) and ``mask_mod(b, h, q_idx, kv_idx)`` allows it; tiles listed
+    in neither are skipped; a row with no computed pair outputs 0. ``mask_mod`` is called once on broadcast index
+    tensors. ``(B, H, Q, Dv)`` in ``query``'s dtype, computed in float64."""
+    B, H, Q, _ = query.shape
+    K, Hkv = key.shape[2], key.shape[1]
+    assert enable_gqa or H == Hkv, "flex_attention needs enable_gqa=True for fewer key heads"
+    bs_q, bs_k = block_mask.BLOCK_SIZE
+    partial = _listed(block_mask.kv_num_blocks, block_mask.kv_indices)
+    full = _listed(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    tile_q, tile_k = torch.arange(Q) // bs_q, torch.arange(K) // bs_k
+    partial = partial[:, :, tile_q][..., tile_k]
+    full = torch.zeros_like(partial) if full is None else full[:, :, tile_q][..., tile_k]
+    b, h = torch.arange(partial.shape[0]).view(-1, 1, 1, 1), torch.arange(partial.shape[1]).view(1, -1, 1, 1)
+    allowed = full | (partial & block_mask.mask_mod(b, h, torch.arange(Q).view(1, 1, -1, 1), torch.arange(K)))
+    k = key.double().repeat_interleave(H // Hkv, dim=1)
+    v = value.double().repeat_interleave(H // Hkv, dim=1)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = (query.double() @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return (torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v).to(query.dtype)
+
+
+def _listed(num, indices):
+    """``(Bm, Hm, nQ, nK)`` bool: the first ``num[b, h, i]`` entries of ``indices[b, h, i]`` as key tiles."""
+    if num is None:
+        return None
+    first = torch.arange(indices.shape[-1]) < num[..., None]
+    out = torch.zeros(indices.shape, dtype=torch.int8)
+    return out.scatter_reduce(-1, indices.long(), first.to(torch.int8), reduce="amax").bool()

@@ -287,8 +287,20 @@ def test_cuda_calls_are_refused_by_the_cpu_only_declarations_and_accepted_by_the
         assert backend.not_supported_reasons(call) == [], backend.name
 
 
-def test_auto_on_cuda_runs_packed_documents_through_the_varlen_kernel():
-    assert auto_pick(cuda_call(am.causal() & am.document(seq_lens=MIXED), 16384)) in {"cuda_varlen", "flash"}
+@pytest.mark.parametrize("length", [16384, 131072])
+def test_auto_on_cuda_runs_packed_documents_through_a_kernel_that_skips_other_documents(length):
+    lens = [length // 16] * 4 + [length // 32] * 8 + [length // 128] * 64  # mixed lengths filling the row
+    call = cuda_call(am.causal() & am.document(seq_lens=lens), length)
+    picked = auto_pick(call)
+    assert picked in {"cuda_varlen", "flash", "flex"}
+    costs = {b.name: b.cost(call) for b in cuda_candidates()}
+    assert costs["sdpa"] > 10 * costs[picked]  # dense SDPA computes every pair of the row
+
+
+def test_cuda_varlen_and_flex_estimates_count_the_same_pairs_on_long_documents():
+    call = cuda_call(am.causal() & am.document(seq_lens=[2048] * 8), 16384)
+    varlen, flex_ = cuda_varlen.BACKEND.cost(call), flex.BACKEND.cost(call)
+    assert 0.8 < varlen / flex_ < 1.25  # same kernel class, same pairs: the estimates differ only in their constants
 
 
 def test_auto_on_cuda_keeps_sdpa_for_plain_causal_and_full_attention():

@@ -43,7 +43,8 @@ FUSED_PAIR = 1.0  # FlashAttention-2's kernel: torch's varlen_attn, flash-attn, 
 MASKED_SDPA_PAIR = 2.0  # SDPA with an attn_mask has no flash path: the memory-efficient kernel, reading a bias tile
 FLEX_PAIR = 1.15  # FlexAttention's Triton kernel: ~90% of FlashAttention-2 forward, ~85% backward (PyTorch's blog)
 FLEX_MASK_PAIR = 16.0  # mask_mod evaluated on one pair of a PARTIAL tile, per head (a few gathers and compares)
-CALL = 2.5e9  # one kernel launch and the Python around it: ~10 µs
+CALL = 2.5e9  # ~10 µs of Python and launches the GPU waits for: one for SDPA, two for our gathers around a varlen
+# kernel (the plan lookup, the kernels queue behind each other), three for compiled FlexAttention (its guards)
 COPY = 300.0  # one element gathered, scattered or padded: memory-bound, ~1.3 ps per half-precision element
 MASK_ELEMENT = 600.0  # one element of a dense (B, 1, Q, K) mask: built from the spec, made additive, read per tile
 TILE_Q, TILE_K = 128, 64  # FlashAttention-2's forward tile for head dims up to 128 on sm80/sm90
@@ -76,16 +77,16 @@ def _window_prefix(n: torch.Tensor, w: int) -> torch.Tensor:
 
 
 def varlen_cost(
-    call, lens_q: torch.Tensor, lens_k: torch.Tensor, causal: bool, window: int | None, width: int, gathered: bool
+    call, lens_q: torch.Tensor, lens_k: torch.Tensor, causal: bool, window: int | None, width: int, scattered: bool
 ) -> float:
     """A FlashAttention varlen kernel over sequences of ``lens_q`` / ``lens_k`` tokens with heads padded to ``width``,
-    plus the copies into and out of the packed layout (``gathered``: rows are picked by index, else only re-laid
-    out) and a handful of launches."""
+    plus the copies into the packed layout and, when some query is in no sequence (``scattered``), out of it."""
     pairs = sequence_pairs(lens_q, lens_k, causal, window)
     tokens_q, tokens_k = float(lens_q.sum()), float(lens_k.sum())
     copies = tokens_q * call.heads * width + tokens_k * call.kv_heads * 2 * width
-    copies += call.batch * call.q_len * call.heads * call.value_dim * (2 if gathered else 1)
-    return pairs * call.heads * 2 * width * FUSED_PAIR + copies * COPY + 6 * CALL
+    if scattered:  # a zero row put in front of the output, then a gather of every query
+        copies += (tokens_q + call.batch * call.q_len) * call.heads * call.value_dim
+    return pairs * call.heads * 2 * width * FUSED_PAIR + copies * COPY + 2 * CALL
 
 
 def sdpa_cost(call) -> float:
@@ -109,9 +110,9 @@ def flex_cost(call, counts: dict[str, int] | None, block_size: int, layout_rows:
     per_pair = call.heads * (call.head_dim + call.value_dim)
     if counts is None:
         pairs = call.batch * call.q_len * call.kv_len
-        return pairs * (per_pair * FLEX_PAIR + call.heads * FLEX_MASK_PAIR + MASK_ELEMENT) + 2 * CALL
+        return pairs * (per_pair * FLEX_PAIR + call.heads * FLEX_MASK_PAIR + MASK_ELEMENT) + 3 * CALL
     repeat = call.batch // layout_rows
     tile = block_size * block_size
     computed = (counts["full"] + counts["partial"]) * repeat * tile
     masked = counts["partial"] * repeat * tile
-    return computed * per_pair * FLEX_PAIR + masked * call.heads * FLEX_MASK_PAIR + 2 * CALL
+    return computed * per_pair * FLEX_PAIR + masked * call.heads * FLEX_MASK_PAIR + 3 * CALL

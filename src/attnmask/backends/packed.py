@@ -153,8 +153,7 @@ def packed_cost(call) -> float:
     left = args.window_size[0]
     window = None if left < 0 else left + 1
     lens_q, lens_k = args.cu_seqlens_q.diff(), args.cu_seqlens_k.diff()
-    gathered = not (plan.every_query and plan.every_key)
-    return cuda_costs.varlen_cost(call, lens_q, lens_k, args.causal, window, head_width(call), gathered)
+    return cuda_costs.varlen_cost(call, lens_q, lens_k, args.causal, window, head_width(call), not plan.every_query)
 
 
 def gather(t: torch.Tensor, index: torch.Tensor, every: bool, width: int) -> torch.Tensor:
