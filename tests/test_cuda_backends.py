@@ -30,6 +30,7 @@ from attnmask.backends.contract import AttentionCall, Backend
 from attnmask.masks import resolve_positions
 from tests import flash_emulator
 from tests.naive import naive_attention, naive_dense
+from tests.strategies import heads_and_dims
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKED_BACKENDS = {"cuda_varlen": cuda_varlen, "flash": flash}
@@ -172,18 +173,7 @@ def varlen_case(draw):
         left = layout == "left_padding"
         mask = torch.tensor([[int((i >= kv_len - n) if left else (i < n)) for i in range(kv_len)] for n in real])
         spec = base & am.key_padding(mask)
-    kv_heads = draw(st.integers(1, 2))
-    head_dim = draw(st.sampled_from([4, 8]))
-    return dict(
-        spec=spec,
-        batch=batch,
-        heads=kv_heads * draw(st.sampled_from([1, 2, 3])),
-        kv_heads=kv_heads,
-        q_len=q_len,
-        kv_len=kv_len,
-        head_dim=head_dim,
-        value_dim=draw(st.sampled_from([head_dim, 6])),
-    )
+    return dict(spec=spec, **draw(heads_and_dims(batch, q_len, kv_len)))
 
 
 def random_qkv(case, dtype=torch.float64, seed=0):

@@ -17,7 +17,6 @@ import functools
 import torch
 
 from attnmask.backends import packed
-from attnmask.backends.contract import Backend
 
 __all__ = ["BACKEND", "varlen_attn_kwargs", "varlen_window"]
 
@@ -55,10 +54,6 @@ def _kernel(q, k, v, plan, scale, dropout_p):
     return _varlen_attn()(q, k, v, **varlen_attn_kwargs(plan, scale, q.shape[1] != k.shape[1]))
 
 
-def cuda_varlen_run(call) -> torch.Tensor:
-    return packed.packed_attention(call, _kernel)
-
-
 @functools.cache
 def cuda_varlen_available() -> str | None:
     """``None`` when this torch has ``varlen_attn`` and a CUDA GPU of compute capability >= 8.0, else why not."""
@@ -74,15 +69,4 @@ def cuda_varlen_available() -> str | None:
     return None
 
 
-BACKEND = Backend(
-    "cuda_varlen",
-    cuda_varlen_run,
-    packed.packed_cost,
-    devices=frozenset({"cuda"}),
-    dtypes=frozenset({torch.float16, torch.bfloat16}),
-    masks=frozenset({"structural"}),
-    dropout=False,
-    backward=True,
-    unsupported=packed.packed_unsupported,
-    available=cuda_varlen_available,
-)
+BACKEND = packed.packed_backend("cuda_varlen", _kernel, dropout=False, available=cuda_varlen_available)

@@ -20,7 +20,6 @@ import importlib.util
 import torch
 
 from attnmask.backends import packed
-from attnmask.backends.contract import Backend
 
 __all__ = ["BACKEND", "MIN_VERSION", "flash_kwargs"]
 
@@ -41,10 +40,6 @@ def _flash_attn_varlen_func():
 
 def _kernel(q, k, v, plan, scale, dropout_p):
     return _flash_attn_varlen_func()(q, k, v, **flash_kwargs(plan, scale, dropout_p))
-
-
-def flash_run(call) -> torch.Tensor:
-    return packed.packed_attention(call, _kernel)
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -78,15 +73,4 @@ def flash_available() -> str | None:
     return None
 
 
-BACKEND = Backend(
-    "flash",
-    flash_run,
-    packed.packed_cost,
-    devices=frozenset({"cuda"}),
-    dtypes=frozenset({torch.float16, torch.bfloat16}),
-    masks=frozenset({"structural"}),
-    dropout=True,
-    backward=True,
-    unsupported=packed.packed_unsupported,
-    available=flash_available,
-)
+BACKEND = packed.packed_backend("flash", _kernel, dropout=True, available=flash_available)

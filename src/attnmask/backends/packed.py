@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from attnmask.backends import cuda_costs
+from attnmask.backends.contract import Backend
 from attnmask.errors import BackendError
 from attnmask.lowering import VarlenArgs, varlen_args
 from attnmask.masks import MaskSpec
@@ -38,6 +39,8 @@ from attnmask.plancache import call_plans
 
 __all__ = [
     "MAX_HEAD_DIM",
+    "call_varlen_args",
+    "packed_backend",
     "PackedPlan",
     "gather",
     "head_width",
@@ -82,8 +85,9 @@ class PackedPlan:
         return dataclasses.replace(self, args=dataclasses.replace(self.args, **moved), q_slot=self.q_slot.to(device))
 
 
-def packed_plan(call) -> PackedPlan | str:
-    """The call's :class:`PackedPlan` on the spec's device, or why it has none. O(B·K)."""
+def call_varlen_args(call) -> VarlenArgs | str:
+    """``varlen_args`` of the call's spec at its shape, or why the call has none: not a spec of the varlen form,
+    explicit positions, or padding queries that see keys (a varlen kernel computes only the sequences). O(B·K)."""
     spec = call.mask
     if not isinstance(spec, MaskSpec):
         return "needs a mask spec of the varlen form (documents, padding, causal, sliding window)"
@@ -94,7 +98,16 @@ def packed_plan(call) -> PackedPlan | str:
     except BackendError as err:
         return str(err)
     if args.padding_queries_attend:
-        return "padding queries attend to real keys under this spec, and the varlen kernel computes only the sequences"
+        return "padding queries attend to real keys under this spec, and a varlen kernel computes only the sequences"
+    return args
+
+
+def packed_plan(call) -> PackedPlan | str:
+    """The call's :class:`PackedPlan` on the spec's device, or why it has none. O(B·K)."""
+    args = call_varlen_args(call)
+    if isinstance(args, str):
+        return args
+    spec = call.mask
     if (spec.batch_size or 1) == 1 and call.batch > 1:
         args = _repeat_rows(args, call.batch, call.q_len, call.kv_len)
     B, Q, K = call.batch, call.q_len, call.kv_len
@@ -192,3 +205,20 @@ def packed_attention(call, kernel: Kernel) -> torch.Tensor:
         # No query sees a key: empty sums are exactly 0 and keep the zeros connected to q, k and v (gradients 0).
         out = q.new_zeros((0, call.heads, width)) + (q.sum() + k.sum() + v.sum())
     return scatter(out, plan, call.batch, call.q_len, call.value_dim).to(call.q.dtype)
+
+
+def packed_backend(name: str, kernel: Kernel, *, dropout: bool, available: Callable[[], str | None]) -> Backend:
+    """A CUDA backend running ``kernel`` on the packed layout: float16 / bfloat16, structural specs of the varlen
+    form, backward, ``dropout`` as the kernel has it, ``available`` its environment check."""
+    return Backend(
+        name,
+        lambda call: packed_attention(call, kernel),
+        packed_cost,
+        devices=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16}),
+        masks=frozenset({"structural"}),
+        dropout=dropout,
+        backward=True,
+        unsupported=packed_unsupported,
+        available=available,
+    )
