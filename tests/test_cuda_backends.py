@@ -376,7 +376,7 @@ def test_device_check_dry_run_passes(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--dry-run", "--out", str(out)],
         env=env,
         cwd=ROOT,
-        timeout=120,
+        timeout=240,
         capture_output=True,
         text=True,
     )
