@@ -22,7 +22,7 @@ The CUDA backends on a GPU, in one run (under 6 minutes on one H200, FlexAttenti
 ``--out``: write the results as JSON there and as markdown next to it (``.md``).
 ``--dry-run``: everything except the CUDA kernels, on the CPU, in well under a minute: the same checks and timing
 harness on tiny shapes, with ``varlen_attn``, ``flash_attn_varlen_func`` and compiled FlexAttention replaced by the
-emulators of their documented semantics in ``tests/flash_emulator.py`` (FlexAttention forward only, as declared on a
+emulators of their documented semantics in ``tests/kernel_emulators.py`` (FlexAttention forward only, as declared on a
 CPU).
 """
 
@@ -49,7 +49,7 @@ import attnmask as am  # noqa: E402
 from attnmask.backends import cuda_costs, cuda_varlen, flash, flex  # noqa: E402
 from attnmask.backends.contract import AttentionCall, Backend  # noqa: E402
 from attnmask.masks import resolve_positions  # noqa: E402
-from tests import flash_emulator  # noqa: E402
+from tests import kernel_emulators  # noqa: E402
 from tests.naive import naive_attention  # noqa: E402
 
 # (atol, rtol) against float64 attention on the same rounded inputs: outputs, then gradients.
@@ -88,9 +88,9 @@ def cuda_backends(dry_run: bool) -> dict[str, Backend]:
 def cpu_stand_ins():
     """The dry run: the varlen kernels and FlexAttention replaced by emulators of their documented semantics."""
     with (
-        mock.patch.object(cuda_varlen, "_varlen_attn", lambda: flash_emulator.varlen_attn),
-        mock.patch.object(flash, "_flash_attn_varlen_func", lambda: flash_emulator.flash_attn_varlen_func),
-        mock.patch.object(flex, "_flex", lambda: flash_emulator.flex_attention),
+        mock.patch.object(cuda_varlen, "_varlen_attn", lambda: kernel_emulators.varlen_attn),
+        mock.patch.object(flash, "_flash_attn_varlen_func", lambda: kernel_emulators.flash_attn_varlen_func),
+        mock.patch.object(flex, "_flex", lambda: kernel_emulators.flex_attention),
     ):
         yield
 

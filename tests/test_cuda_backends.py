@@ -2,8 +2,8 @@
 
 - Arguments: ``cu_seqlens``, ``max_seqlen``, ``window_size`` and bottom-right alignment, against flash-attn's and
   torch's documented conventions.
-- Semantics: our gather, arguments and scatter around ``tests/flash_emulator.py`` (the kernels' documented semantics in
-  plain torch) equal ``tests/naive.py`` in outputs and gradients on random specs, empty rows exactly 0.
+- Semantics: our gather, arguments and scatter around ``tests/kernel_emulators.py`` (the kernels' documented
+  semantics in plain torch) equal ``tests/naive.py`` in outputs and gradients on random specs, empty rows exactly 0.
 - Dispatch: calls whose tensors live on a fake CUDA device (``FakeTensorMode``) are accepted or refused by the
   declarations, and "auto"'s choice by cost among the CUDA backends is the expected one.
 - ``benchmarks/device_check.py --dry-run`` runs (as CI does).
@@ -28,7 +28,7 @@ import attnmask as am
 from attnmask.backends import cuda_costs, cuda_varlen, flash, flex, packed
 from attnmask.backends.contract import AttentionCall, Backend
 from attnmask.masks import resolve_positions
-from tests import flash_emulator
+from tests import kernel_emulators
 from tests.naive import naive_attention, naive_dense
 from tests.strategies import heads_and_dims
 
@@ -47,8 +47,8 @@ def make_call(q, k, v, spec, scale=None, dropout_p=0.0):
 def emulated_kernels():
     """The CUDA kernels replaced by the emulators of their documented semantics."""
     with (
-        mock.patch.object(cuda_varlen, "_varlen_attn", lambda: flash_emulator.varlen_attn),
-        mock.patch.object(flash, "_flash_attn_varlen_func", lambda: flash_emulator.flash_attn_varlen_func),
+        mock.patch.object(cuda_varlen, "_varlen_attn", lambda: kernel_emulators.varlen_attn),
+        mock.patch.object(flash, "_flash_attn_varlen_func", lambda: kernel_emulators.flash_attn_varlen_func),
     ):
         yield
 

@@ -1,7 +1,8 @@
-"""Pure-torch emulators of the documented semantics of flash-attn's ``flash_attn_varlen_func`` and torch's
-``varlen_attn``, written from their docstrings (no attnmask import): one Python loop over the sequences, textbook
-attention inside each. The CUDA backends are checked on CPU by running their gather, arguments and scatter around
-these in place of the GPU kernels.
+"""Pure-torch emulators of the documented semantics of flash-attn's ``flash_attn_varlen_func``, torch's
+``varlen_attn`` and FlexAttention with a ``BlockMask``, written from their docstrings (no attnmask import): textbook
+attention in float64. The CUDA backends are checked on a CPU by running their own arguments, gathers, scatters and
+block masks through these in place of the GPU kernels (``tests/test_cuda_backends.py``, ``benchmarks/device_check.py
+--dry-run``).
 
 flash-attn (``flash_attn_interface.py``, 2.x): ``q`` ``(total_q, H, D)``, ``k`` / ``v`` ``(total_k, Hkv, D)``;
 ``cu_seqlens_*`` ``(N + 1,)`` int32 offsets; a query at ``i`` of a sequence with ``lq`` queries and ``lk`` keys sees,
