@@ -230,6 +230,24 @@ def test_flash_passes_dropout_to_the_kernel():
     assert not torch.allclose(plain, dropped)
 
 
+@given(
+    lens=st.lists(st.tuples(st.integers(1, 300), st.integers(0, 300)), min_size=1, max_size=4),
+    causal=st.booleans(),
+    window=st.none() | st.integers(1, 400),
+)
+def test_cost_estimates_count_the_allowed_pairs_of_each_sequence_plus_one_tile_per_query_block(lens, causal, window):
+    lens_q = torch.tensor([q for q, _ in lens])
+    lens_k = lens_q + torch.tensor([extra for _, extra in lens])  # the queries are the last tokens of each sequence
+    causal = causal or window is not None
+    allowed = 0
+    for lq, lk in zip(lens_q.tolist(), lens_k.tolist(), strict=True):
+        for i in range(lk - lq, lk):
+            seen = range(lk) if not causal else range(max(0, i - window + 1) if window else 0, i + 1)
+            allowed += len(seen)
+    tiles = sum(-(-lq // cuda_costs.TILE_Q) for lq in lens_q.tolist()) * cuda_costs.TILE_Q * cuda_costs.TILE_K
+    assert cuda_costs.sequence_pairs(lens_q, lens_k, causal, window) == allowed + tiles
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Dispatch of calls on a (fake) CUDA device
 
@@ -359,7 +377,7 @@ def test_flex_forward_on_cpu_decodes_with_gqa_a_custom_predicate_and_empty_rows(
     call = make_call(q, k, v, spec)
     assert flex.BACKEND.not_supported_reasons(call) == []
     out = flex.BACKEND.run(call)
-    allowed = spec.to_dense(40, 200).unsqueeze(1)
+    allowed = naive_dense(spec, 40, 200, 2).unsqueeze(1)
     torch.testing.assert_close(out.double(), naive_attention(q, k, v, allowed), atol=2e-5, rtol=1e-4)
     empty = ~allowed.any(-1).expand(2, 4, 40)
     assert bool((out[empty] == 0).all()) and bool(empty.any())
