@@ -91,6 +91,8 @@ def attention_case(draw, max_len=12):
 
 @st.composite
 def heads_and_dims(draw, batch, q_len, kv_len):
+    """Shapes of an attention problem: grouped-query heads (``heads`` a multiple of ``kv_heads``), head dims 4 or 8
+    and a value dim equal to it or 6. Returns ``dict(batch, heads, kv_heads, q_len, kv_len, head_dim, value_dim)``."""
     kv_heads = draw(st.integers(1, 2))
     head_dim = draw(st.sampled_from([4, 8]))
     return dict(

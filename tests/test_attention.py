@@ -193,7 +193,7 @@ def _qkv(q=(2, 4, 3, 8), k=(2, 2, 5, 8), v=(2, 2, 5, 8), dtype=torch.float32):
         (lambda: am.attention(*_qkv(v=(2, 2, 4, 8))), am.ShapeError, ["v:", "(2, 2, 5)", "(2, 2, 4, 8)"]),
         (lambda: am.attention(*_qkv(dtype=torch.int64)), am.DTypeError, ["q:", "floating", "int64"]),
         (lambda: am.attention(*_qkv()[:2], _qkv()[2].half()), am.DTypeError, ["v:", "float32", "float16"]),
-        (lambda: am.attention(*_qkv(), backend="flash"), am.BackendError, ["backend", "'sdpa'", "'flash'"]),
+        (lambda: am.attention(*_qkv(), backend="flashy"), am.BackendError, ["backend", "'sdpa'", "'flashy'"]),
         (
             lambda: am.attention(*_qkv(), torch.ones(2, 4, 3, 4, dtype=torch.bool)),
             am.ShapeError,

@@ -4,8 +4,8 @@ Nothing here names a backend: the tests parametrise over ``attnmask.backends.REG
 at run time). A case a backend cannot serve must be refused through ``Backend.not_supported_reasons`` (and then
 ``attention(..., backend=name)`` raises a ``BackendError``); every other case must match the reference. Backends whose
 environment is missing (``available()``, or no CPU among their devices) are skipped with that reason, except under
-``ATTNMASK_STRICT_DEPS=1``, where a backend that declares the CPU must run. A backend declared ``auto=False`` (one that
-compiles per shape, seconds each) runs the fixed representative cases only, not the generated ones.
+``ATTNMASK_STRICT_DEPS=1``, where a backend that declares the CPU must run. A backend that ``auto`` excludes on the
+CPU (one that compiles per shape, seconds each) runs the fixed representative cases only, not the generated ones.
 """
 
 import os
@@ -22,7 +22,7 @@ from tests.naive import naive_attention
 from tests.strategies import heads_and_dims, packed_case, padded_case, short_documents_case, spec_tree
 
 BACKENDS = list(_BACKENDS.values())
-AUTO = [b for b in BACKENDS if b.auto]  # the others compile per shape: representative cases only
+AUTO = [b for b in BACKENDS if b.auto_on("cpu")]  # the others compile per shape: representative cases only
 STRICT = os.environ.get("ATTNMASK_STRICT_DEPS") == "1"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "heads_last", "keys_transposed"]
@@ -126,7 +126,7 @@ def conformance_case(draw, dtypes=tuple(DTYPES)):
 
 def representative_cases():
     """Fixed cases, one per kind of input a backend may specialise in: every backend must accept some of them (a
-    backend declared ``auto=False`` runs the first it accepts: rows with no key first)."""
+    backend that ``auto`` excludes on the CPU runs the first it accepts: rows with no key first)."""
 
     def dims(B, Q, K, H=4, Hkv=2, D=8, Dv=8):
         return dict(batch=B, heads=H, kv_heads=Hkv, q_len=Q, kv_len=K, head_dim=D, value_dim=Dv)
@@ -191,7 +191,16 @@ def test_every_backend_accepts_some_representative_cases(backend):
 
     accepted = [name for name, case in REPRESENTATIVE.items() if accepts(case)]
     assert accepted, f"{backend.name} refused every representative case: its conformance tests would be vacuous"
-    assert check(backend, REPRESENTATIVE[accepted[0]])  # and runs it (the only run of a backend declared auto=False)
+    assert check(backend, REPRESENTATIVE[accepted[0]])  # and runs it (the only run of one auto excludes on the CPU)
+
+
+def test_a_spec_of_one_row_serves_every_row_of_the_batch(backend):
+    case = dict(
+        batch=3, heads=4, kv_heads=2, q_len=12, kv_len=12, head_dim=16, value_dim=16,
+        mask=am.causal() & am.document(seq_lens=[5, 7]),
+    )
+    if not check(backend, case):
+        pytest.skip(f"{backend.name} refuses it through its declarations")
 
 
 @pytest.mark.parametrize("name", list(REPRESENTATIVE))

@@ -19,7 +19,7 @@ from tests.naive import naive_attention
 A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
 # The registered backends that run on the CPU here (the C kernel's build aside: test_native fails without it),
 # and those of them that declare attention dropout.
-CPU_BACKENDS = [b.name for b in REGISTRY if "cpu" in b.devices and b.auto]
+CPU_BACKENDS = [b.name for b in REGISTRY if "cpu" in b.devices and b.auto_on("cpu")]
 DROPOUT_BACKENDS = [name for name in CPU_BACKENDS if A._BACKENDS[name].dropout]
 P = 0.3
 

@@ -33,6 +33,10 @@ LAYER = {
     "backends.banded": 3,
     "backends.native": 3,
     "backends.flex": 3,
+    "backends.cuda_costs": 3,
+    "backends.packed": 3,
+    "backends.cuda_varlen": 3,
+    "backends.flash": 3,
     "attention": 3,
     # 4-7: batches, packing, labels and loss, generation
     "batch": 4,

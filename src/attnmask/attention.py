@@ -101,7 +101,7 @@ def _pick(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[Backend |
         reasons = b.not_supported_reasons(call)
         if reasons:
             refused[b.name] = reasons
-        elif b.auto:
+        elif b.auto_on(call.device_type):
             cost = b.cost(call)
             if best is None or cost < best_cost:
                 best, best_cost = b, cost
@@ -115,13 +115,13 @@ def _reasons_text(refused: dict[str, list[str]]) -> str:
 def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
     """The backend named ``backend``, or for ``"auto"`` the cheapest registered backend that supports ``call``.
 
-    Ties go to the backend registered first; backends declared ``auto=False`` are only used by name. Raises
-    ``BackendError`` for an unknown name, or for a call the named backend (or, for ``"auto"``, every backend)
-    refuses, listing every reason. The ``"auto"`` choice is cached with the call's plans (``attnmask.plancache``:
-    per spec object and call signature) together with the registry it was made from, so a repeated spec and shape
-    skips every ``unsupported`` and ``cost``: these may depend only on the spec, the shapes, strides, dtype and device
-    of q, k, v, whether a gradient is needed and the call's scalar fields (the scale), never on tensor values outside
-    the spec.
+    Ties go to the backend registered first; a backend whose ``auto`` excludes the call's device is only used by
+    name. Raises ``BackendError`` for an unknown name, or for a call the named backend (or, for ``"auto"``, every
+    backend) refuses, listing every reason. The ``"auto"`` choice is cached with the call's plans
+    (``attnmask.plancache``: per spec object and call signature) together with the registry it was made from, so a
+    repeated spec and shape skips every ``unsupported`` and ``cost``: these may depend only on the spec, the shapes,
+    strides, dtype and device of q, k, v, whether a gradient is needed and the call's scalar fields (the scale),
+    never on tensor values outside the spec.
     """
     if backend == "auto":
         plans = call_plans(call)
@@ -212,7 +212,7 @@ def explain(
     picked, _ = _pick(call, registry)
     reasons = tuple(tuple(b.not_supported_reasons(call)) for b in registry)
     costs = tuple(None if r else float(b.cost(call)) for b, r in zip(registry, reasons, strict=True))
-    eligible = tuple(b.auto for b in registry)
+    eligible = tuple(b.auto_on(call.device_type) for b in registry)
     names = tuple(b.name for b in registry)
     return Explanation(names, costs, reasons, eligible, None if picked is None else picked.name)
 

@@ -151,7 +151,14 @@ class BlockLayout:
     # -- exports -------------------------------------------------------------------------------------------------------
     def mask_mod(self):
         """FlexAttention predicate ``(b, h, q_idx, kv_idx) -> bool`` on query/key *indices*, for this layout's
-        positions (bottom-right offsets or the explicit positions)."""
+        positions (bottom-right offsets or the explicit positions). A layout of one row serves every batch row
+        (FlexAttention broadcasts its ``BlockMask`` and passes each row's ``b``): its predicate reads row 0."""
+        mod = self._row_mask_mod()
+        if self.batch_size > 1:
+            return mod
+        return lambda b, h, q_idx, kv_idx: mod(b * 0, h, q_idx, kv_idx)
+
+    def _row_mask_mod(self):
         q_pos, kv_pos = self.q_positions, self.kv_positions
         if _is_range(q_pos) and _is_range(kv_pos):
             q_start = int(q_pos.view(-1)[0]) if self.q_len else 0

@@ -7,7 +7,7 @@ builds ``BACKEND = Backend(...)`` with its declarations (``contract.py``), and o
 ``attnmask.attention.register_backend``.
 """
 
-from attnmask.backends import banded, blocksparse, flex, native, reference, sdpa, varlen
+from attnmask.backends import banded, blocksparse, cuda_varlen, flash, flex, native, reference, sdpa, varlen
 from attnmask.backends.contract import Backend
 
 __all__ = ["REGISTRY"]
@@ -19,5 +19,7 @@ REGISTRY: tuple[Backend, ...] = (
     blocksparse.BACKEND,
     banded.BACKEND,
     native.BACKEND,
+    cuda_varlen.BACKEND,
+    flash.BACKEND,
     flex.BACKEND,
 )

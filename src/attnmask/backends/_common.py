@@ -70,6 +70,13 @@ def degenerate(call) -> str | None:
     return f"has nothing to plan with {', '.join(empty)} (sdpa returns the empty or zero output)" if empty else None
 
 
+def off_cpu(call) -> bool:
+    """The call runs on an accelerator, where the CPU-calibrated estimates of ``varlen``, ``blocksparse`` and
+    ``banded`` (many SDPA calls, tuned for torch's CPU kernels) are not comparable with ``cuda_costs``: they cost
+    ``inf`` there, so ``"auto"`` chooses among the fused kernels (still runnable when named)."""
+    return call.q.device.type != "cpu"
+
+
 def cached(call, key: str, build):
     """``build(call)`` once per spec object and call signature (``unsupported``, ``cost`` and ``run`` all need the
     same lowering, and so do the layers of a model that share one spec): see ``attnmask.plancache``. ``build`` may

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from attnmask import masks as M
-from attnmask.backends._common import COPY_COST, cached, degenerate
+from attnmask.backends._common import COPY_COST, cached, degenerate, off_cpu
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 
 __all__ = ["BACKEND", "MAX_BAND_KEYS", "band_mask", "banded_attention"]
@@ -117,6 +117,8 @@ def cost(call) -> float:
     """Pairs computed ``B·H·Lp·W·bs`` times ``D + Dv``, a charge per tile and head (SDPA item), the copy of the
     output, the band's mask evaluations (once for all heads) and a charge per head
     (comparable with the ``"varlen"`` backend's cost)."""
+    if off_cpu(call):
+        return float("inf")
     plan = _cached_plan(call)
     return _estimate(call, plan.block_size, plan.width)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from attnmask import masks as M
-from attnmask.backends._common import CALL_COST, cached, check_qkv, degenerate
+from attnmask.backends._common import CALL_COST, cached, check_qkv, degenerate, off_cpu
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.errors import ShapeError, bad
 from attnmask.lowering import block_layout
@@ -408,6 +408,8 @@ def unsupported(call) -> str | None:
 def cost(call) -> float:
     """Pairs of the FULL and PARTIAL tiles, mask evaluations of the PARTIAL ones, a charge per query tile. A ``custom``
     predicate is not laid out just to estimate (that evaluates every pair): it is charged as dense plus its mask."""
+    if off_cpu(call):
+        return float("inf")
     per_pair = call.heads * (call.head_dim + call.value_dim)
     if call.mask is not None and not call.mask.is_structural:
         return (1.3 * per_pair + _MASK_COST) * call.batch * call.q_len * call.kv_len

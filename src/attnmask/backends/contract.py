@@ -189,7 +189,9 @@ class Backend:
       declaration holds.
     - ``dropout``: attention dropout (``dropout_p > 0``); ``backward``: a gradient through ``q``, ``k``, ``v``;
       ``score_mods``: the score modifiers it honours.
-    - ``auto``: whether ``"auto"`` may pick it (a backend that compiles per shape is named explicitly only).
+    - ``auto``: where ``"auto"`` may pick it: ``True`` (on every declared device), ``False`` (named explicitly only),
+      or the device types where it may (FlexAttention: CUDA, where it trains; on CPU it compiles per shape and has no
+      backward). Read through :meth:`auto_on`.
     - ``reads_masked_keys``: whether its kernel may touch a key or value the mask denies (a dense matmul multiplies
       by probability 0, and 0 · NaN is NaN). ``attention`` then keeps non-finite keys and values from the queries that
       may not see them; a backend that never reads a denied key (``False``) skips that check.
@@ -206,10 +208,14 @@ class Backend:
     dropout: bool = False
     backward: bool = True
     score_mods: frozenset[str] = frozenset()
-    auto: bool = True
+    auto: bool | frozenset[str] = True
     reads_masked_keys: bool = True
     unsupported: Callable[[AttentionCall], str | None] = _no_reason
     available: Callable[[], str | None] = _always_available
+
+    def auto_on(self, device_type: str) -> bool:
+        """Whether ``"auto"`` may pick this backend for a call on ``device_type`` (if it supports the call)."""
+        return self.auto if isinstance(self.auto, bool) else device_type in self.auto
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         """Why this backend cannot serve ``call``, from its declarations first; empty when it can."""

@@ -1,21 +1,36 @@
-"""The "flex" backend: compiled FlexAttention with the spec's block layout (opt-in: never picked by ``"auto"``).
+"""``"flex"``: FlexAttention compiled with the spec's block layout (``BlockLayout.to_flex()``).
 
-Layer 3 (attention). The first call of each shape compiles for seconds, so ``"auto"`` never picks it
-(``auto=False``); on CPU it runs forward only (compiled FlexAttention has no CPU backward: ``unsupported`` says so).
+Layer 3 (attention); imports ``masks``, ``lowering``, ``plancache`` and ``backends.contract``.
+
+Any mask spec, structural or ``custom`` (the predicate is the spec's ``mask_mod``, evaluated only in PARTIAL tiles of
+128 x 128), explicit positions, grouped-query attention (``enable_gqa``), ``Q < K``. A query row with no allowed key
+comes back as exact 0 from FlexAttention itself (the tests and ``benchmarks/device_check.py`` hold it to that).
+
+- On CUDA: forward and backward, float32, float16 and bfloat16, head dims of at least 16 (Triton's ``tl.dot``); a
+  real candidate of ``"auto"``, costed by ``cuda_costs.flex_cost`` (the tiles it computes).
+- On CPU: forward only (compiled FlexAttention has no CPU backward: train with ``"blocksparse"``), and never chosen
+  by ``"auto"`` (cost ``inf``): named explicitly only.
+
+Every new shape compiles (``torch.compile(flex_attention, dynamic=False)``, seconds; forward and backward on first use
+with a gradient), so rows of a fixed length suit it best; after torch's recompile limit torch falls back to an
+uncompiled FlexAttention that materialises the scores.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attnmask import masks as M
+from attnmask.backends import cuda_costs
 from attnmask.backends._common import cached, degenerate
-from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
+from attnmask.backends.contract import Backend
 from attnmask.lowering import block_layout
+from attnmask.masks import MaskSpec, full
 
-__all__ = ["BACKEND"]
+__all__ = ["BACKEND", "BLOCK_SIZE", "flex_cost", "flex_run", "flex_unsupported"]
 
-_FLEX_BLOCK = 128  # FlexAttention's CPU and GPU kernels are tuned for tiles of 128
+BLOCK_SIZE = 128  # FlexAttention's CPU and GPU kernels are tuned for tiles of 128
+_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})  # the CPU kernel refuses float64
+_MIN_CUDA_HEAD_DIM = 16
 _compiled_flex = None
 
 
@@ -29,41 +44,39 @@ def _flex():
     return _compiled_flex
 
 
-def unsupported(call) -> str | None:
+def _layout(call):
+    """The call's ``BlockLayout`` in tiles of ``BLOCK_SIZE``: on the device of a structural spec's data (the CPU for a
+    spec without tensors, where its O(B·nQ·nK) tile arithmetic is cheapest), else on ``q``'s device (explicit
+    positions, or a ``custom`` predicate, which may read tensors of its own)."""
+    spec = full() if call.mask is None else call.mask
+    q_pos, kv_pos = (call.q_positions, call.kv_positions) if call.positions_given else (None, None)
+    device = call.q.device if call.positions_given or not spec.is_structural else spec.device
+    return block_layout(
+        spec, call.q_len, call.kv_len, BLOCK_SIZE, q_positions=q_pos, kv_positions=kv_pos, device=device
+    )
+
+
+def _block_mask(call):
+    return cached(call, "flex_layout", _layout).to_flex().to(call.q.device)
+
+
+def flex_unsupported(call) -> str | None:
+    """What the declarations cannot say: degenerate shapes (the compiled kernel dies on them), no CPU backward,
+    Triton's smallest head dim on CUDA."""
     if (empty := degenerate(call)) is not None or call.head_dim == 0:
         return empty or "needs a head dim >= 1"  # the compiled kernel dies on a division by zero otherwise
-    if (
-        call.q.device.type == "cpu"
-        and torch.is_grad_enabled()
-        and any(t.requires_grad for t in (call.q, call.k, call.v))
-    ):
+    device = call.q.device.type
+    if device == "cpu" and call.needs_grad:
         return "compiled FlexAttention on CPU has no backward (use 'blocksparse' to train)"
+    if device == "cuda" and min(call.head_dim, call.value_dim) < _MIN_CUDA_HEAD_DIM:
+        return (
+            f"FlexAttention's CUDA kernel needs head dims >= {_MIN_CUDA_HEAD_DIM}, got D={call.head_dim}, "
+            f"Dv={call.value_dim}"
+        )
     return None
 
 
-def cost(call) -> float:
-    """Opt-in: never chosen by "auto" (the first call of every shape compiles for seconds)."""
-    return float("inf")
-
-
-def run(call) -> torch.Tensor:
-    """Compiled FlexAttention with ``layout.to_flex()`` (kept with the call's plans). A query row with no allowed key
-    comes back as exact 0 from FlexAttention itself (the tests hold it to that)."""
-    gqa = call.heads != call.kv_heads
-    block_mask = cached(call, "flex", _flex_block_mask)
-    return _flex()(call.q, call.k, call.v, block_mask=block_mask, scale=call.scale, enable_gqa=gqa)
-
-
-def _flex_block_mask(call):
-    spec = M.full() if call.mask is None else call.mask
-    q_pos, kv_pos = (call.q_positions, call.kv_positions) if call.positions_given else (None, None)
-    layout = block_layout(
-        spec, call.q_len, call.kv_len, _FLEX_BLOCK, q_positions=q_pos, kv_positions=kv_pos, device=call.q.device
-    )
-    return layout.to_flex()
-
-
-def _available() -> str | None:
+def flex_available() -> str | None:
     try:
         from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
     except ImportError:
@@ -71,14 +84,34 @@ def _available() -> str | None:
     return None
 
 
+def flex_cost(call) -> float:
+    """``inf`` on CPU (compiles per shape: named explicitly only); on CUDA ``cuda_costs.flex_cost`` of the tiles the
+    layout computes. A ``custom`` predicate is not laid out just to estimate (that evaluates every pair)."""
+    if call.q.device.type != "cuda":
+        return float("inf")
+    if isinstance(call.mask, MaskSpec) and not call.mask.is_structural:
+        return cuda_costs.flex_cost(call, None, BLOCK_SIZE, 1)
+    layout = cached(call, "flex_layout", _layout)
+    return cuda_costs.flex_cost(call, layout.counts(), BLOCK_SIZE, layout.batch_size)
+
+
+def flex_run(call) -> torch.Tensor:
+    """Compiled FlexAttention with the layout's ``BlockMask`` (kept with the call's plans)."""
+    block_mask = cached(call, "flex", _block_mask)
+    gqa = call.heads != call.kv_heads
+    return _flex()(call.q, call.k, call.v, block_mask=block_mask, scale=call.scale, enable_gqa=gqa)
+
+
 BACKEND = Backend(
     "flex",
-    run,
-    cost,
-    devices=TORCH_DEVICES,
-    dtypes=ALL_DTYPES,
+    flex_run,
+    flex_cost,
+    devices=frozenset({"cpu", "cuda"}),
+    dtypes=_DTYPES,
     masks=frozenset({"none", "structural", "custom"}),
-    auto=False,
-    unsupported=unsupported,
-    available=_available,
+    dropout=False,
+    backward=True,  # on CUDA; flex_unsupported refuses a CPU call that needs a gradient
+    auto=frozenset({"cuda"}),  # on CPU every shape compiles and nothing trains: named explicitly only
+    unsupported=flex_unsupported,
+    available=flex_available,
 )

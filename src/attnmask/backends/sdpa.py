@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnmask.backends import cuda_costs
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, AttentionCall, Backend, dense_mask, rows_with_keys
 from attnmask.masks import MaskSpec
 
@@ -39,7 +40,10 @@ def run(call: AttentionCall) -> torch.Tensor:
 
 
 def cost(call: AttentionCall) -> float:
-    """Pairs times ``D + Dv`` (half for ``is_causal``), plus building the dense mask of a spec."""
+    """Pairs times ``D + Dv`` (half for ``is_causal``), plus building the dense mask of a spec; on CUDA
+    ``cuda_costs.sdpa_cost`` (comparable with the fused varlen and flex kernels)."""
+    if call.q.device.type == "cuda":
+        return cuda_costs.sdpa_cost(call)
     work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
     if call.is_full:
         return float(work)

@@ -28,6 +28,7 @@ from attnmask.backends._common import (
     SMALL_MATMUL_COST,
     check_qkv,
     check_segments,
+    off_cpu,
     segments_from_varlen,
     varlen_plan,
 )
@@ -316,6 +317,8 @@ def cost(call) -> float:
     """Pairs SDPA computes (its CPU kernel's key blocks included), a charge per SDPA call, per query row for the
     documents SDPA runs, and per element copied (stacked inputs, the assembled output); tiny documents pay per small
     matrix product instead (see ``_SMALL_SEGMENT``)."""
+    if off_cpu(call):
+        return float("inf")
     plan = varlen_plan(call)
     segs = plan.segments
     if not len(segs):
