@@ -16,6 +16,7 @@ LAYER = {
     "errors": 0,
     "_dense": 0,
     "_spans": 0,
+    "tiles": 0,  # tile grid and interval arithmetic, below the spec algebra
     # 1: the spec algebra and its expression parser
     "masks": 1,
     "expr": 1,

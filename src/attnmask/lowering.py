@@ -1,6 +1,6 @@
 """Lowering a mask spec to the forms backends consume: block layouts, FlexAttention ``BlockMask``, varlen arguments.
 
-Layer 2 of DESIGN.md: it imports only ``masks`` and ``errors``.
+Layer 2 of DESIGN.md: it imports only ``masks``, ``tiles`` and ``errors``.
 
 - ``block_layout(spec, Q, K, block_size)`` -> ``BlockLayout``: the class of every ``block_size x block_size`` tile of
   the ``(Q, K)`` mask, per batch row: FULL (every pair allowed: no mask needed), PARTIAL (mask needed) or NONE
@@ -32,6 +32,7 @@ import torch
 
 from attnmask import masks as M
 from attnmask.errors import BackendError, SpecError, bad
+from attnmask.tiles import FULL, NONE, PARTIAL, TileGrid
 
 __all__ = [
     "BlockLayout",
@@ -45,7 +46,6 @@ __all__ = [
     "FULL",
 ]
 
-NONE, PARTIAL, FULL = M.NONE, M.PARTIAL, M.FULL
 _CHARS = {NONE: ".", PARTIAL: "+", FULL: "#"}
 
 
@@ -254,12 +254,12 @@ def block_layout(
     kv_len = q_len if kv_len is None else kv_len
     q_pos, kv_pos, n_rows = spec.resolve(q_len, kv_len, q_positions, kv_positions, device)
     starts = (kv_len - q_len, 0) if q_positions is None and kv_positions is None else None
-    grid = M.TileGrid.build(q_pos, kv_pos, block_size, n_rows, starts)
+    grid = TileGrid.build(q_pos, kv_pos, block_size, n_rows, starts)
     classes = _classify(spec, grid, band)
     return BlockLayout(classes, q_len, kv_len, block_size, q_pos, kv_pos, spec)
 
 
-def _classify(spec: M.MaskSpec, grid: M.TileGrid, band: bool | None) -> torch.Tensor:
+def _classify(spec: M.MaskSpec, grid: TileGrid, band: bool | None) -> torch.Tensor:
     """Classes ``(B, nQ, nK)`` int8 of every tile: on the band of reachable key tiles when it pays, else all tiles."""
     shape = (grid.n_rows, grid.n_q_tiles, grid.n_kv_tiles)
     bounds = None if band is False else spec.key_band(grid)
