@@ -123,7 +123,11 @@ def loss_inputs(world_size, seed=0):
 
 
 def job_attention(rank: int, world_size: int):
-    from attnmask.distributed import context_parallel_attention, context_parallel_positions, shard_for_context_parallel
+    from attnmask.integrations.context_parallel import (
+        context_parallel_attention,
+        context_parallel_positions,
+        shard_for_context_parallel,
+    )
 
     out = {}
     for (name, spec, seq_len, B, H, Hkv, D), method in itertools.product(attention_cases(), ("all_gather", "ring")):
@@ -142,7 +146,7 @@ def job_attention(rank: int, world_size: int):
 
 
 def job_sampler(rank: int, world_size: int):
-    from attnmask.distributed import DistributedPackedSampler
+    from attnmask.integrations.sampler import DistributedPackedSampler
 
     sampler = DistributedPackedSampler(sampler_lengths(), 2048, seed=3)  # replicas and rank from the group
     sampler.set_epoch(1)
@@ -154,7 +158,7 @@ def job_sampler(rank: int, world_size: int):
 
 def job_loss(rank: int, world_size: int):
     from attnmask import masked_cross_entropy
-    from attnmask.distributed import global_num_items
+    from attnmask.integrations.ranks import global_num_items
 
     logits, labels, owner = loss_inputs(world_size)
     mine = [r for r in range(len(owner)) if owner[r] == rank]

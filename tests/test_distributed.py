@@ -19,15 +19,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnmask as am
-from attnmask.distributed import (
-    DistributedPackedSampler,
+from attnmask.errors import InputError, ShapeError
+from attnmask.integrations.context_parallel import (
     context_parallel_attention,
     context_parallel_positions,
     context_parallel_slices,
-    global_num_items,
     shard_for_context_parallel,
 )
-from attnmask.errors import InputError, ShapeError
+from attnmask.integrations.ranks import global_num_items
+from attnmask.integrations.sampler import DistributedPackedSampler
 from tests.dist_workers import (
     attention_cases,
     attention_inputs,
@@ -434,3 +434,12 @@ def test_ddp_example_per_step_loss_equals_a_single_process_run(tmp_path):
     assert len(ddp["losses"]) == 3
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert ddp["losses"][2] != pytest.approx(ddp["losses"][0], rel=1e-6)  # the model did train
+
+
+def test_attnmask_distributed_is_a_namespace_over_the_integrations():
+    import attnmask.distributed as namespace
+    from attnmask.integrations import context_parallel, ranks, sampler
+
+    homes = {"global_num_items": ranks, "DistributedPackedSampler": sampler, "SamplerStats": sampler}
+    for name in namespace.__all__:
+        assert getattr(namespace, name) is getattr(homes.get(name, context_parallel), name), name

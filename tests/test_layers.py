@@ -41,6 +41,9 @@ LAYER = {
     "integrations": 8,
     "integrations.hf": 8,
     "integrations.datasets": 8,
+    "integrations.ranks": 8,
+    "integrations.context_parallel": 8,
+    "integrations.sampler": 8,
     "distributed": 8,
     # 9: the command line and pictures
     "cli": 9,
