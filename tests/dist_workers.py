@@ -171,12 +171,30 @@ def job_loss(rank: int, world_size: int):
     return {"rows": mine, "num_items": int(n), "loss": float(total), "grad": (lg.grad / world_size).numpy()}
 
 
+def job_flex_forward(rank: int, world_size: int):
+    """Forward of PyTorch's context-parallel FlexAttention path and of our ring, without gradients (FlexAttention has
+    no CPU backward), on the cases whose zig-zag shards have equal lengths."""
+    from attnmask.integrations.context_parallel import (
+        context_parallel_attention,
+        context_parallel_positions,
+        shard_for_context_parallel,
+    )
+
+    out = {}
+    for name, spec, seq_len, B, H, Hkv, D in attention_cases():
+        if len({len(context_parallel_positions(seq_len, world_size, r)) for r in range(world_size)}) > 1:
+            continue  # unequal shards: the flex path refuses them
+        q, k, v, _ = attention_inputs(seq_len, B, H, Hkv, D)
+        ql, kl, vl = (shard_for_context_parallel(t, dim=2) for t in (q, k, v))
+        with torch.no_grad():
+            out[name] = {m: context_parallel_attention(ql, kl, vl, spec, method=m).numpy() for m in ("flex", "ring")}
+    return out
+
+
 def job_all(rank: int, world_size: int):
     """Every job in one world, so that each world size pays the process start-up once."""
-    return {
-        name: fn(rank, world_size)
-        for name, fn in (("attention", job_attention), ("sampler", job_sampler), ("loss", job_loss))
-    }
+    jobs = (("attention", job_attention), ("sampler", job_sampler), ("loss", job_loss), ("flex", job_flex_forward))
+    return {name: fn(rank, world_size) for name, fn in jobs}
 
 
-JOBS = {"attention": job_attention, "sampler": job_sampler, "loss": job_loss, "all": job_all}
+JOBS = {"attention": job_attention, "sampler": job_sampler, "loss": job_loss, "flex": job_flex_forward, "all": job_all}

@@ -19,9 +19,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnmask as am
-from attnmask.errors import InputError, ShapeError
+from attnmask.errors import BackendError, InputError, ShapeError
 from attnmask.integrations.context_parallel import (
     context_parallel_attention,
+    context_parallel_method,
     context_parallel_positions,
     context_parallel_slices,
     shard_for_context_parallel,
@@ -192,6 +193,48 @@ def test_padding_queries_get_exact_zeros_and_no_gradient(method, dtype):
     assert torch.equal(out[:, :, pad], torch.zeros_like(out[:, :, pad]))
     assert torch.equal(q.grad[:, :, pad], torch.zeros_like(q.grad[:, :, pad]))
     assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+def _local(seq_len, world_size, rank):
+    return len(context_parallel_positions(seq_len, world_size, rank))
+
+
+def test_pytorch_flex_path_and_our_ring_give_the_same_forward_on_gloo_ranks(world):
+    world_size, results = world
+    cases = {c[0]: c for c in attention_cases() if len({_local(c[2], world_size, r) for r in range(world_size)}) == 1}
+    assert cases, "no case whose shards have equal length"
+    for rank, res in enumerate(results):
+        assert set(res["flex"]) == set(cases)
+        for name, (_, spec, seq_len, B, H, Hkv, D) in cases.items():
+            ref = reference_attention(spec, seq_len, B, H, Hkv, D)[0][
+                :, :, context_parallel_positions(seq_len, world_size, rank)
+            ]
+            got = res["flex"][name]
+            torch.testing.assert_close(torch.as_tensor(got["flex"]), torch.as_tensor(got["ring"]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.as_tensor(got["flex"]).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_our_ring_for_cpu_training_and_says_why():
+    q, k, v, _ = attention_inputs(8, 1, 2, 2, 4)
+    method, reason = context_parallel_method(q.requires_grad_(), k, v, 8, 2)
+    assert method == "ring" and "no CPU backward" in reason
+    with pytest.raises(BackendError, match="no CPU backward"):
+        context_parallel_attention(q, k, v, am.causal(), method="flex")
+    with torch.no_grad():
+        assert context_parallel_method(q, k, v, 8, 2) == ("flex", None)
+        assert context_parallel_method(q, k, v, 10, 2) == ("flex", None)  # shards [0, 2) + [7, 10) and [2, 7): 5 each
+        method, reason = context_parallel_method(q, k, v, 9, 2)  # shards [0, 2) + [6, 9) and [2, 6): 5 and 4
+        assert method == "ring" and "unequal length [5, 4]" in reason
+
+
+@pytest.mark.parametrize("case", attention_cases(), ids=lambda c: c[0])
+def test_pytorch_flex_path_in_one_process_equals_naive_forward(case):
+    name, spec, seq_len, B, H, Hkv, D = case
+    q, k, v, _ = attention_inputs(seq_len, B, H, Hkv, D)
+    with torch.no_grad():
+        out = context_parallel_attention(q, k, v, spec, method="auto", block_size=8)
+    ref = reference_attention(spec, seq_len, B, H, Hkv, D)[0]
+    torch.testing.assert_close(out.double(), ref[:, :, context_parallel_positions(seq_len, 1, 0)], atol=1e-5, rtol=1e-5)
 
 
 def test_shard_length_that_does_not_match_the_row_is_a_shape_error():

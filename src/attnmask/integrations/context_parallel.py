@@ -8,6 +8,16 @@ and values from the group (all-gather, or a ring exchange with online-softmax me
 single-process attention of the local queries, forward and backward. Nothing touches ``torch.distributed`` at import
 time; an uninitialised process group means one process.
 
+Whose engine: ``method="flex"`` (and ``"auto"`` where it serves) runs PyTorch's own context parallelism
+(``torch.distributed.tensor.experimental._context_parallel``: its FlexAttention all-gather with a reduce-scatter
+backward) with a ``BlockMask`` built from our block layout of the rank's positions, O(tiles). Our ring and all-gather
+kernels stay for what PyTorch's cannot serve: training on CPU (FlexAttention has no CPU backward, so CPU/gloo
+training runs our ring), and zig-zag shards of unequal length (PyTorch's all-gather needs equal shards).
+:func:`context_parallel_method` names the choice and the reason. Not used from PyTorch: its ``context_parallel()``
+context manager (SDPA's ring through DTensor dispatch, causal or full masks only) and its BlockMask sharding
+(``_create_cp_block_mask``: a compiled ``create_block_mask`` per element, ``L`` a multiple of ``W·128``) nor its
+per-document load balancer (every document a multiple of ``2W`` long; our layout is the zig-zag of the whole row).
+
 Worked example, a row of 16 tokens on 2 ranks (4 chunks of 4)::
 
     >>> context_parallel_positions(16, 2, 0).tolist()
@@ -26,13 +36,14 @@ import torch
 import torch.distributed as dist
 
 from attnmask.attention import attention
-from attnmask.errors import InputError, ShapeError, bad
+from attnmask.errors import BackendError, InputError, ShapeError, bad
 from attnmask.integrations.ranks import _check_int, resolve_world, world
 from attnmask.masks import And, Causal, Chunked, Document, MaskSpec, Or, PrefixLM, SlidingWindow
 
 __all__ = [
     "SpecSlice",
     "context_parallel_attention",
+    "context_parallel_method",
     "context_parallel_positions",
     "context_parallel_slices",
     "shard_for_context_parallel",
@@ -268,6 +279,7 @@ def context_parallel_attention(
     group: Any = None,
     scale: float | None = None,
     method: str = "all_gather",
+    block_size: int = 128,
 ) -> torch.Tensor:
     """Attention of this rank's queries against the whole row, exactly as one process would compute it.
 
@@ -286,14 +298,24 @@ def context_parallel_attention(
       (online softmax), and the backward sends the shards round again with their gradient accumulators. Memory per
       rank O(B·Hkv·L_r·(D + Dv)) for two shards plus the float32 scores of one block (a query chunk against one
       key chunk); attention in float32 with this module's own kernels.
+      ``"flex"``: PyTorch's own context-parallel engine: keys and values are all-gathered by
+      ``torch.distributed.tensor.experimental._context_parallel.flex_cp_allgather`` (its FlexAttention path, whose
+      backward reduce-scatters the gradients) and the local queries run ``flex_attention`` with a ``BlockMask``
+      made from this module's block layout of the rank's positions (``spec.block_layout(..., q_positions=...,
+      kv_positions=...).to_flex()``: O(tiles) by interval arithmetic, no compiled ``create_block_mask`` over
+      ``L x L`` elements, no ``L % (W·128) == 0`` limit). It serves where FlexAttention does: on CPU only without
+      gradients (FlexAttention has no CPU backward), and only when the zig-zag shards have equal lengths (always
+      when ``2W`` divides ``L``; the gather is an equal-size all-gather). ``block_size``: its tile size.
+      ``"auto"``: ``"flex"`` where it serves, else ``"ring"``; :func:`context_parallel_method` says which and why.
 
-    Both give the single-process output and gradients of ``q``, ``k`` and ``v`` (up to float rounding), evaluate the
+    All give the single-process output and gradients of ``q``, ``k`` and ``v`` (up to float rounding), evaluate the
     spec only on blocks of this rank's queries against the key range each can reach (:func:`context_parallel_slices`:
     the causal part of the row for a causal spec), and give rows with no allowed key exactly 0 with zero gradient.
     """
     _check_attention_inputs(q_local, k_local, v_local, spec)
-    if method not in ("all_gather", "ring"):
-        raise bad(InputError, "method", "'all_gather' or 'ring'", repr(method))
+    if method not in METHODS:
+        raise bad(InputError, "method", f"one of {METHODS}", repr(method))
+    _check_int("block_size", block_size, 1)
     world_size, rank = world(group)
     n_local = q_local.shape[2]
     if seq_len is None:
@@ -307,6 +329,13 @@ def context_parallel_attention(
         if n_local != _local_len(seq_len, world_size, rank):
             expected = _local_len(seq_len, world_size, rank)
             raise bad(ShapeError, "q_local", f"{expected} positions (rank {rank}'s shard of {seq_len})", n_local)
+    if method in ("auto", "flex"):
+        chosen, why_not = context_parallel_method(q_local, k_local, v_local, seq_len, world_size)
+        if method == "flex" and chosen != "flex":
+            raise bad(BackendError, "method", "a method that serves these inputs", f"'flex': {why_not}")
+        method = chosen
+    if method == "flex":
+        return _flex_attention(q_local, k_local, v_local, spec, seq_len, world_size, rank, group, scale, block_size)
     if method == "ring":
         scale = q_local.shape[-1] ** -0.5 if scale is None else float(scale)
         ring = _Ring(spec, seq_len, world_size, rank, group, scale)
@@ -325,6 +354,69 @@ def context_parallel_attention(
     # The empty-slice sum (exactly 0) ties the output to the gathered keys and values even when no block reads them,
     # so every rank runs the gather's backward (a collective) and none waits for a missing partner.
     return torch.cat(outs, dim=2) + kv.narrow(2, 0, 0).sum().to(q_local.dtype)
+
+
+METHODS = ("all_gather", "ring", "flex", "auto")
+
+
+def context_parallel_method(
+    q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor, seq_len: int, world_size: int
+) -> tuple[str, str | None]:
+    """The method ``method="auto"`` runs, and why PyTorch's engine (``"flex"``) does not serve (``None`` when it does).
+
+    ``"flex"`` where PyTorch's context-parallel FlexAttention path serves these inputs, else ``"ring"`` (this module's
+    own kernels, which train on CPU with gloo). Example: CPU tensors that need gradients give ``("ring", "FlexAttention
+    has no CPU backward ...")``.
+    """
+    reason = _flex_refusal(q_local, k_local, v_local, seq_len, world_size)
+    return ("ring", reason) if reason else ("flex", None)
+
+
+def _flex_refusal(q, k, v, seq_len: int, world_size: int) -> str | None:
+    try:
+        from torch.distributed.tensor.experimental._context_parallel import flex_cp_allgather  # noqa: F401
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the torch version
+        return f"this torch has no context-parallel FlexAttention ({e})"
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu" and needs_grad:
+        return "FlexAttention has no CPU backward (inputs on CPU need gradients)"
+    sizes = [_local_len(seq_len, world_size, r) for r in range(world_size)]
+    if len(set(sizes)) > 1:
+        return f"zig-zag shards of unequal length {sizes} (the all-gather needs equal ones)"
+    if q.shape[1] % k.shape[1]:
+        return f"query heads ({q.shape[1]}) not a multiple of key heads ({k.shape[1]})"
+    return None
+
+
+def _flex_attention(q_local, k_local, v_local, spec, seq_len, world_size, rank, group, scale, block_size):
+    """PyTorch's context-parallel FlexAttention: equal-size all-gather of the shards (reduce-scatter backward), then
+    ``flex_attention`` of the local queries with a ``BlockMask`` from our block layout on the zig-zag positions."""
+    import torch.distributed.distributed_c10d as c10d
+    from torch.distributed.tensor.experimental._context_parallel import flex_cp_allgather
+    from torch.nn.attention.flex_attention import flex_attention
+
+    device = q_local.device
+    q_pos = context_parallel_positions(seq_len, world_size, rank, device=device)
+    kv_pos = torch.cat([context_parallel_positions(seq_len, world_size, r, device=device) for r in range(world_size)])
+    if world_size == 1:
+        k_all, v_all = k_local, v_local
+    else:
+        k_all, v_all = flex_cp_allgather(k_local, v_local, 2, c10d._get_process_group_name(group or dist.group.WORLD))
+    layout = spec.block_layout(q_pos.numel(), seq_len, block_size, q_positions=q_pos, kv_positions=kv_pos)
+    block_mask = layout.to_flex()
+    if layout.batch_size == 1 < q_local.shape[0]:  # one row of mask for every row of the batch
+        mod = block_mask.mask_mod
+        block_mask.mask_mod = lambda b, h, q, k: mod(torch.zeros_like(b), h, q, k)
+    out = flex_attention(
+        q_local,
+        k_all,
+        v_all,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q_local.shape[1] != k_local.shape[1],
+    )
+    return out.to(q_local.dtype)
 
 
 def _check_attention_inputs(q, k, v, spec) -> None:
