@@ -17,6 +17,7 @@ LAYER = {
     "_dense": 0,
     "_spans": 0,
     "tiles": 0,  # tile grid and interval arithmetic, below the spec algebra
+    "_draw": 0,  # the text-drawing primitives of viz that lowering and pack print through
     # 1: the spec algebra and its expression parser
     "masks": 1,
     "expr": 1,

@@ -128,6 +128,20 @@ def test_plan_picture_scales_long_rows():
     assert lines[2].startswith("row 1 |" + "A" * 13 + "·" * 19 + "|")
 
 
+def test_printed_plan_draws_its_rows_as_draw_plan_does():
+    plan = am.pack([1200, 600, 43, 900, 2000, 5000], 2048)
+    printed = [line.split("|")[1] for line in str(plan).splitlines()[1:]]
+    drawn = [line.split("|")[1] for line in draw_plan(plan, ascii_only=True).splitlines()[1:]]  # after "one cell"
+    assert printed == drawn and all(len(bar) == 64 for bar in printed)
+
+
+def test_printed_block_layout_draws_the_tiles_as_draw_tiles_does():
+    layout = (am.causal() & am.document([3, 5, 4])).block_layout(12, block_size=2)
+    labelled = draw_tiles(layout.classes[0], 2, 12, 12, ascii_only=True).splitlines()[3:]  # after title and labels
+    cells = [line[-11:].replace(" ", "") for line in labelled]  # 6 tiles: 11 characters with the spaces
+    assert str(layout).splitlines()[1:] == cells and "#" in "".join(cells) and "+" in "".join(cells)
+
+
 def test_histogram_bins_count_every_length():
     assert histogram([1, 2, 2, 3], bins=3) == [(1, 2, 1), (2, 3, 2), (3, 4, 1)]
     assert sum(c for *_, c in histogram(list(range(1000)), bins=7)) == 1000

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from attnmask import masks as M
+from attnmask._draw import tile_lines
 from attnmask.errors import BackendError, SpecError, bad
 from attnmask.tiles import FULL, NONE, PARTIAL, TileGrid
 
@@ -45,8 +46,6 @@ __all__ = [
     "PARTIAL",
     "FULL",
 ]
-
-_CHARS = {NONE: ".", PARTIAL: "+", FULL: "#"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,7 +201,8 @@ class BlockLayout:
         return self.to_string()
 
     def to_string(self, max_size: int = 64, max_rows: int = 4) -> str:
-        """ASCII picture, one line per query tile: ``#`` FULL, ``+`` PARTIAL, ``.`` NONE.
+        """ASCII picture, one line per query tile: ``#`` FULL, ``+`` PARTIAL, ``.`` NONE (``attnmask.viz``'s ASCII set;
+        ``viz.draw_tiles(layout.classes[b], ...)`` draws a row with position labels).
 
         Layouts wider or taller than ``max_size`` tiles are drawn with each character standing for a group of tiles:
         ``#`` / ``.`` when the whole group is FULL / NONE, ``+`` otherwise. At most ``max_rows`` batch rows.
@@ -216,7 +216,7 @@ class BlockLayout:
         for b in range(min(self.batch_size, max_rows)):
             if self.batch_size > 1:
                 lines.append(f"row {b}:")
-            lines.extend(_picture(self.classes[b], max_size))
+            lines.extend(tile_lines(self.classes[b], max_size))
         if self.batch_size > max_rows:
             lines.append(f"... {self.batch_size - max_rows} more rows")
         return "\n".join(lines)
@@ -308,18 +308,6 @@ def _is_range(pos: torch.Tensor) -> bool:
         return False
     pos = pos.reshape(-1)
     return pos.numel() == 0 or bool((pos == torch.arange(pos.numel(), device=pos.device) + pos[0]).all())
-
-
-def _picture(classes: torch.Tensor, max_size: int) -> list[str]:
-    """``(nQ, nK)`` int8 -> lines of characters, grouping tiles so that no side exceeds ``max_size``."""
-    n_q, n_k = classes.shape
-    gq, gk = max(1, -(-n_q // max_size)), max(1, -(-n_k // max_size))
-    if gq > 1 or gk > 1:
-        c = classes[None].long()
-        lo = -torch.nn.functional.max_pool2d(-c.float(), (gq, gk), ceil_mode=True)[0].long()
-        hi = torch.nn.functional.max_pool2d(c.float(), (gq, gk), ceil_mode=True)[0].long()
-        classes = torch.where(lo == hi, lo, torch.full_like(lo, PARTIAL))
-    return ["".join(_CHARS[int(x)] for x in row) for row in classes.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
