@@ -1,6 +1,7 @@
 """Lowering a mask spec to the forms backends consume: block layouts, FlexAttention ``BlockMask``, varlen arguments.
 
-Layer 2 of DESIGN.md: it imports only ``masks``, ``tiles`` and ``errors``.
+Layer 2 of DESIGN.md: it imports only ``masks``, ``tiles``, ``errors`` and ``_draw`` (to print a layout), and lends
+``masks.LOWERINGS`` the ``block_layout`` and ``varlen_args`` that ``MaskSpec.block_layout`` / ``.varlen`` call.
 
 - ``block_layout(spec, Q, K, block_size)`` -> ``BlockLayout``: the class of every ``block_size x block_size`` tile of
   the ``(Q, K)`` mask, per batch row: FULL (every pair allowed: no mask needed), PARTIAL (mask needed) or NONE
@@ -529,3 +530,6 @@ def _padding_queries_attend(real: torch.Tensor, causal: bool, window: int | None
     else:
         bad_rows = has_tokens & (left | right)
     return bool(bad_rows.any())
+
+
+M.LOWERINGS.update(block_layout=block_layout, varlen_args=varlen_args)  # what MaskSpec.block_layout / .varlen call

@@ -305,9 +305,7 @@ class MaskSpec:
         band: bool | None = None,
     ):
         """The FULL / PARTIAL / NONE class of every ``block_size`` tile: see ``attnmask.lowering.block_layout``."""
-        from attnmask.lowering import block_layout
-
-        return block_layout(
+        return _lowering("block_layout")(
             self,
             q_len,
             kv_len,
@@ -320,9 +318,7 @@ class MaskSpec:
 
     def varlen(self, q_len: int, kv_len: int | None = None):
         """``cu_seqlens``, ``max_seqlen``, ``window_size`` for varlen attention: see ``lowering.varlen_args``."""
-        from attnmask.lowering import varlen_args
-
-        return varlen_args(self, q_len, kv_len)
+        return _lowering("varlen_args")(self, q_len, kv_len)
 
     def key_band(self, grid: TileGrid) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per query tile, key tiles ``[lo, hi)`` (two ``(R, nQ)`` int64) outside which every tile is NONE, or ``None``
@@ -368,6 +364,18 @@ class MaskSpec:
                     f"positions in [0, {limit}) covered by the spec's per-row data",
                     f"range [{int(pos.min())}, {int(pos.max())}]",
                 )
+
+
+LOWERINGS: dict[str, Callable[..., Any]] = {}
+"""``block_layout`` and ``varlen_args``, lent by ``attnmask.lowering`` when it is imported (``import attnmask`` imports
+it before anything else can run): the layer above provides what ``MaskSpec.block_layout`` / ``MaskSpec.varlen`` call,
+so no import points up and masks <-> lowering is no cycle (``tests/test_layers.py``)."""
+
+
+def _lowering(name: str) -> Callable[..., Any]:
+    if name not in LOWERINGS:  # only if attnmask.masks was loaded without the package (e.g. from a bare file)
+        raise SpecError(f"{name}: attnmask.lowering is not imported; import attnmask first")
+    return LOWERINGS[name]
 
 
 def _and_into(
