@@ -1,8 +1,5 @@
 """Text pictures of masks, plans and histograms match pictures written out by hand; PNGs have the asked size."""
 
-import struct
-import zlib
-
 import pytest
 import torch
 
@@ -20,18 +17,8 @@ from attnmask.viz import (
     save_mask_png,
     save_tiles_png,
 )
+from tests.images import png_size
 from tests.naive import naive_dense
-
-
-def png_size(path) -> tuple[int, int]:
-    """Width and height from a PNG's IHDR chunk, checking the signature and the chunk's CRC."""
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    length, kind = struct.unpack(">I4s", data[8:16])
-    assert kind == b"IHDR" and length == 13
-    body = data[16:29]
-    assert struct.unpack(">I", data[29:33])[0] == zlib.crc32(kind + body)
-    return struct.unpack(">II", body[:8])
 
 
 def test_causal_picture_has_query_labels_and_lower_triangle():
