@@ -191,9 +191,38 @@ def job_flex_forward(rank: int, world_size: int):
     return out
 
 
+def per_document_case():
+    """(spec, seq_len, seq_lens, B, H, Hkv, D): a packed row whose documents 2W divides for W = 2 and 4, and padding."""
+    import attnmask as am
+
+    seq_lens = [8, 16, 8]
+    return am.causal() & am.document(seq_lens=seq_lens, length=40), 40, seq_lens, 1, 4, 2, 8
+
+
+def job_per_document(rank: int, world_size: int):
+    """The per-document layout: all-gather forward and backward, PyTorch's flex path forward."""
+    from attnmask.integrations.context_parallel import context_parallel_attention, shard_for_context_parallel
+
+    spec, seq_len, seq_lens, B, H, Hkv, D = per_document_case()
+    q, k, v, grad = attention_inputs(seq_len, B, H, Hkv, D)
+    ql, kl, vl = (shard_for_context_parallel(t, dim=2, seq_lens=seq_lens).requires_grad_() for t in (q, k, v))
+    o = context_parallel_attention(ql, kl, vl, spec, method="all_gather", seq_lens=seq_lens)
+    (o * shard_for_context_parallel(grad, dim=2, seq_lens=seq_lens)).sum().backward()
+    with torch.no_grad():
+        flex = context_parallel_attention(ql, kl, vl, spec, method="flex", seq_lens=seq_lens, block_size=4)
+    grads = {"dq": ql.grad.numpy(), "dk": kl.grad.numpy(), "dv": vl.grad.numpy()}
+    return {"out": o.detach().numpy(), "flex": flex.numpy(), **grads}
+
+
 def job_all(rank: int, world_size: int):
     """Every job in one world, so that each world size pays the process start-up once."""
-    jobs = (("attention", job_attention), ("sampler", job_sampler), ("loss", job_loss), ("flex", job_flex_forward))
+    jobs = (
+        ("attention", job_attention),
+        ("sampler", job_sampler),
+        ("loss", job_loss),
+        ("flex", job_flex_forward),
+        ("per_document", job_per_document),
+    )
     return {name: fn(rank, world_size) for name, fn in jobs}
 
 

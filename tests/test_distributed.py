@@ -34,6 +34,7 @@ from tests.dist_workers import (
     attention_inputs,
     free_port,
     loss_inputs,
+    per_document_case,
     run_world,
     sampler_lengths,
 )
@@ -235,6 +236,59 @@ def test_pytorch_flex_path_in_one_process_equals_naive_forward(case):
         out = context_parallel_attention(q, k, v, spec, method="auto", block_size=8)
     ref = reference_attention(spec, seq_len, B, H, Hkv, D)[0]
     torch.testing.assert_close(out.double(), ref[:, :, context_parallel_positions(seq_len, 1, 0)], atol=1e-5, rtol=1e-5)
+
+
+def test_per_document_layout_is_the_head_tail_of_every_document():
+    assert context_parallel_positions(16, 2, 0, seq_lens=[4, 8, 4]).tolist() == [0, 3, 4, 5, 10, 11, 12, 15]
+    assert context_parallel_positions(16, 2, 1, seq_lens=[4, 8, 4]).tolist() == [1, 2, 6, 7, 8, 9, 13, 14]
+    # a document of 5 in chunks [0, 1) [1, 2) [2, 3) [3, 5), then 2 positions past it in chunks [], [5], [], [6]
+    assert context_parallel_positions(7, 2, 0, seq_lens=[5]).tolist() == [0, 3, 4, 6]
+    assert context_parallel_positions(7, 2, 1, seq_lens=[5]).tolist() == [1, 2, 5]
+    balancer = pytest.importorskip("torch.distributed.tensor.experimental._context_parallel")
+    lens, world_size = [8, 16, 24], 2
+    indices = balancer._PerDocumentHeadTailLoadBalancer([lens], world_size, "cpu")._generate_indices()[0]
+    starts = [0, 8, 24]
+    for rank in range(world_size):  # PyTorch's indices hold, document by document, each rank's head and tail chunks
+        theirs = torch.cat(
+            [
+                indices[o + 2 * rank * (n // 4) : o + 2 * (rank + 1) * (n // 4)]
+                for o, n in zip(starts, lens, strict=True)
+            ]
+        )
+        assert torch.equal(context_parallel_positions(48, world_size, rank, seq_lens=lens), theirs)
+
+
+@pytest.mark.parametrize("method", ["all_gather", "auto"])
+def test_per_document_layout_in_one_process_equals_naive(method):
+    spec, seq_len, seq_lens, B, H, Hkv, D = per_document_case()
+    q, k, v, grad = attention_inputs(seq_len, B, H, Hkv, D)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = context_parallel_attention(q, k, v, spec, method=method, seq_lens=seq_lens)
+    (out * grad).sum().backward()
+    ref, dq, dk, dv = reference_attention(spec, seq_len, B, H, Hkv, D)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for got, want in ((q.grad, dq), (k.grad, dk), (v.grad, dv)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_per_document_layout_on_gloo_ranks_equals_single_process(world):
+    world_size, results = world
+    spec, seq_len, seq_lens, B, H, Hkv, D = per_document_case()
+    ref, dq, dk, dv = reference_attention(spec, seq_len, B, H, Hkv, D)
+    for rank, res in enumerate(results):
+        pos = context_parallel_positions(seq_len, world_size, rank, seq_lens=seq_lens)
+        got = res["per_document"]
+        for key, want in (("out", ref), ("flex", ref), ("dq", dq), ("dk", dk), ("dv", dv)):
+            torch.testing.assert_close(
+                torch.as_tensor(got[key]).double(), want[:, :, pos], atol=1e-5, rtol=1e-5, msg=f"rank {rank} {key}"
+            )
+
+
+def test_ring_refuses_the_per_document_layout():
+    spec, seq_len, seq_lens, B, H, Hkv, D = per_document_case()
+    q, k, v, _ = attention_inputs(seq_len, B, H, Hkv, D)
+    with pytest.raises(BackendError, match="ring"):
+        context_parallel_attention(q, k, v, spec, method="ring", seq_lens=seq_lens)
 
 
 def test_shard_length_that_does_not_match_the_row_is_a_shape_error():

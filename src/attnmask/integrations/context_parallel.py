@@ -14,9 +14,11 @@ backward) with a ``BlockMask`` built from our block layout of the rank's positio
 kernels stay for what PyTorch's cannot serve: training on CPU (FlexAttention has no CPU backward, so CPU/gloo
 training runs our ring), and zig-zag shards of unequal length (PyTorch's all-gather needs equal shards).
 :func:`context_parallel_method` names the choice and the reason. Not used from PyTorch: its ``context_parallel()``
-context manager (SDPA's ring through DTensor dispatch, causal or full masks only) and its BlockMask sharding
-(``_create_cp_block_mask``: a compiled ``create_block_mask`` per element, ``L`` a multiple of ``W·128``) nor its
-per-document load balancer (every document a multiple of ``2W`` long; our layout is the zig-zag of the whole row).
+context manager (SDPA's ring through DTensor dispatch, causal or full masks only), its BlockMask sharding
+(``_create_cp_block_mask``: a compiled ``create_block_mask`` per element, ``L`` a multiple of ``W·128``) and the
+indices of its per-document load balancer: ``seq_lens=`` (a packed row's document lengths, as a pack plan or a
+``Batch`` gives them) lays the shards out per document as that balancer documents, for any lengths, and runs on the
+``"flex"`` and ``"all_gather"`` methods.
 
 Worked example, a row of 16 tokens on 2 ranks (4 chunks of 4)::
 
@@ -28,6 +30,7 @@ Worked example, a row of 16 tokens on 2 ranks (4 chunks of 4)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +74,33 @@ def _local_len(seq_len: int, world_size: int, rank: int) -> int:
     return (b - a) + (d - c)
 
 
+def _layout_ranges(seq_len: int, world_size: int, rank: int, seq_lens: tuple[int, ...] | None) -> list[tuple[int, int]]:
+    """Position ranges of ``rank``: the zig-zag of the whole row, or with ``seq_lens`` the zig-zag of every document
+    (chunks ``rank`` and ``2W - 1 - rank`` of each; the positions past the last document count as one more)."""
+    if seq_lens is None:
+        return list(_rank_ranges(seq_len, world_size, rank))
+    out, start = [], 0
+    for n in (*seq_lens, seq_len - sum(seq_lens)):
+        out.extend((start + a, start + b) for a, b in _rank_ranges(n, world_size, rank) if b > a)
+        start += n
+    return out
+
+
+def _layout_sizes(seq_len: int, world_size: int, seq_lens: tuple[int, ...] | None) -> list[int]:
+    return [sum(b - a for a, b in _layout_ranges(seq_len, world_size, r, seq_lens)) for r in range(world_size)]
+
+
+def _check_seq_lens(seq_lens: Any, seq_len: int) -> tuple[int, ...] | None:
+    if seq_lens is None:
+        return None
+    lens = tuple(seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens)
+    for n in lens:
+        _check_int("seq_lens", n, 0)
+    if sum(lens) > seq_len:
+        raise bad(InputError, "seq_lens", f"document lengths of one row adding up to at most {seq_len}", sum(lens))
+    return tuple(int(n) for n in lens)
+
+
 def context_parallel_positions(
     seq_len: int,
     world_size: int | None = None,
@@ -78,35 +108,52 @@ def context_parallel_positions(
     *,
     group: Any = None,
     device: torch.device | str | None = None,
+    seq_lens: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Row positions ``(L_local,)`` int64 held by ``rank``: chunks ``rank`` and ``2W - 1 - rank`` of ``2W`` chunks.
 
     Chunks are near-equal (``L = 10, W = 2``: bounds ``[0, 2, 5, 7, 10]``), so ranks hold ``L / W`` positions each when
     ``2W`` divides ``L`` and within 2 of it otherwise. ``world_size`` / ``rank`` default to ``group``'s.
     Example: ``L = 8, W = 2``: rank 0 holds ``[0, 1, 6, 7]``, rank 1 holds ``[2, 3, 4, 5]``.
+
+    ``seq_lens``: the document lengths of a packed row (``batch.seq_lens[0]``, a pack plan's row): the per-document
+    layout, each document cut so, and the positions past the last document as one more. It is the layout PyTorch's
+    ``_PerDocumentHeadTailLoadBalancer`` documents (its code, in torch 2.13, orders the indices document by document,
+    so that its contiguous shards are not that layout; and it needs ``2W`` to divide every length, here any length
+    will do). Causal work within documents is then balanced whatever their lengths. Example: ``seq_lens=[4, 8]``,
+    ``W = 2``: rank 0 holds ``[0, 3, 4, 5, 10, 11]``, rank 1 ``[1, 2, 6, 7, 8, 9]``.
     """
     _check_int("seq_len", seq_len, 0)
     world_size, rank = resolve_world(world_size, rank, group)
-    (a, b), (c, d) = _rank_ranges(seq_len, world_size, rank)
-    return torch.cat([torch.arange(a, b, device=device), torch.arange(c, d, device=device)])
+    ranges = _layout_ranges(seq_len, world_size, rank, _check_seq_lens(seq_lens, seq_len))
+    return torch.cat(
+        [torch.arange(a, b, device=device) for a, b in ranges] or [torch.zeros(0, dtype=torch.long, device=device)]
+    )
 
 
 def shard_for_context_parallel(
-    x: torch.Tensor, *, dim: int = 1, world_size: int | None = None, rank: int | None = None, group: Any = None
+    x: torch.Tensor,
+    *,
+    dim: int = 1,
+    world_size: int | None = None,
+    rank: int | None = None,
+    group: Any = None,
+    seq_lens: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The zig-zag shard of ``x`` along ``dim`` (the sequence dimension, length ``L``) held by ``rank``.
 
     Use it on every per-token tensor of a row: ``input_ids`` / ``labels`` / ``position_ids`` ``(B, L)`` with ``dim=1``,
     ``q`` / ``k`` / ``v`` ``(B, H, L, D)`` with ``dim=2``. Returns a copy of ``L_local`` positions along ``dim``
-    (``context_parallel_positions`` lists them). ``world_size`` / ``rank`` default to ``group``'s.
+    (``context_parallel_positions`` lists them). ``world_size`` / ``rank`` default to ``group``'s. ``seq_lens``: the
+    per-document layout (see ``context_parallel_positions``).
     """
     if not isinstance(x, torch.Tensor):
         raise bad(InputError, "x", "a torch.Tensor", type(x).__name__)
     if not -x.dim() <= dim < x.dim():
         raise bad(ShapeError, "dim", f"a dimension of a {x.dim()}D tensor", dim)
     world_size, rank = resolve_world(world_size, rank, group)
-    (a, b), (c, d) = _rank_ranges(x.shape[dim], world_size, rank)
-    return torch.cat([x.narrow(dim, a, b - a), x.narrow(dim, c, d - c)], dim=dim)
+    ranges = _layout_ranges(x.shape[dim], world_size, rank, _check_seq_lens(seq_lens, x.shape[dim]))
+    return torch.cat([x.narrow(dim, a, b - a) for a, b in ranges] or [x.narrow(dim, 0, 0)], dim=dim)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -280,6 +327,7 @@ def context_parallel_attention(
     scale: float | None = None,
     method: str = "all_gather",
     block_size: int = 128,
+    seq_lens: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Attention of this rank's queries against the whole row, exactly as one process would compute it.
 
@@ -307,6 +355,11 @@ def context_parallel_attention(
       gradients (FlexAttention has no CPU backward), and only when the zig-zag shards have equal lengths (always
       when ``2W`` divides ``L``; the gather is an equal-size all-gather). ``block_size``: its tile size.
       ``"auto"``: ``"flex"`` where it serves, else ``"ring"``; :func:`context_parallel_method` says which and why.
+    - ``seq_lens``: the shards are in the per-document layout of ``context_parallel_positions(..., seq_lens=...)``
+      (one row's document lengths, the same layout for every batch row). ``"all_gather"`` then attends through
+      :func:`attnmask.attention` with the gathered positions (one block of the local queries against the row),
+      ``"flex"`` as above, ``"auto"`` picks ``"flex"`` where it serves, else ``"all_gather"``; ``"ring"`` refuses
+      (it passes whole-row zig-zag chunks round).
 
     All give the single-process output and gradients of ``q``, ``k`` and ``v`` (up to float rounding), evaluate the
     spec only on blocks of this rank's queries against the key range each can reach (:func:`context_parallel_slices`:
@@ -321,21 +374,34 @@ def context_parallel_attention(
     if seq_len is None:
         sizes = _shard_lengths(n_local, world_size, group, q_local.device)
         seq_len = sum(sizes)
-        expected = [_local_len(seq_len, world_size, r) for r in range(world_size)]
+        seq_lens = _check_seq_lens(seq_lens, seq_len)
+        expected = _layout_sizes(seq_len, world_size, seq_lens)
         if sizes != expected:
-            raise bad(ShapeError, "q_local", f"zig-zag shard lengths {expected} of a row of {seq_len}", sizes)
+            raise bad(ShapeError, "q_local", f"shard lengths {expected} of a row of {seq_len}", sizes)
     else:
         _check_int("seq_len", seq_len, 0)
-        if n_local != _local_len(seq_len, world_size, rank):
-            expected = _local_len(seq_len, world_size, rank)
+        seq_lens = _check_seq_lens(seq_lens, seq_len)
+        expected = _layout_sizes(seq_len, world_size, seq_lens)[rank]
+        if n_local != expected:
             raise bad(ShapeError, "q_local", f"{expected} positions (rank {rank}'s shard of {seq_len})", n_local)
     if method in ("auto", "flex"):
-        chosen, why_not = context_parallel_method(q_local, k_local, v_local, seq_len, world_size)
+        chosen, why_not = context_parallel_method(q_local, k_local, v_local, seq_len, world_size, seq_lens=seq_lens)
         if method == "flex" and chosen != "flex":
             raise bad(BackendError, "method", "a method that serves these inputs", f"'flex': {why_not}")
         method = chosen
     if method == "flex":
-        return _flex_attention(q_local, k_local, v_local, spec, seq_len, world_size, rank, group, scale, block_size)
+        return _flex_attention(
+            q_local, k_local, v_local, spec, seq_len, seq_lens, world_size, rank, group, scale, block_size
+        )
+    if seq_lens is not None:
+        if method == "ring":
+            raise bad(
+                BackendError,
+                "method",
+                "'all_gather', 'flex' or 'auto' with seq_lens= (the per-document layout)",
+                "'ring'",
+            )
+        return _gathered_attention(q_local, k_local, v_local, spec, seq_len, seq_lens, world_size, rank, group, scale)
     if method == "ring":
         scale = q_local.shape[-1] ** -0.5 if scale is None else float(scale)
         ring = _Ring(spec, seq_len, world_size, rank, group, scale)
@@ -360,19 +426,27 @@ METHODS = ("all_gather", "ring", "flex", "auto")
 
 
 def context_parallel_method(
-    q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor, seq_len: int, world_size: int
+    q_local: torch.Tensor,
+    k_local: torch.Tensor,
+    v_local: torch.Tensor,
+    seq_len: int,
+    world_size: int,
+    *,
+    seq_lens: Sequence[int] | None = None,
 ) -> tuple[str, str | None]:
     """The method ``method="auto"`` runs, and why PyTorch's engine (``"flex"``) does not serve (``None`` when it does).
 
     ``"flex"`` where PyTorch's context-parallel FlexAttention path serves these inputs, else ``"ring"`` (this module's
-    own kernels, which train on CPU with gloo). Example: CPU tensors that need gradients give ``("ring", "FlexAttention
-    has no CPU backward ...")``.
+    own kernels, which train on CPU with gloo), or ``"all_gather"`` for the per-document layout (``seq_lens``).
+    Example: CPU tensors that need gradients give ``("ring", "FlexAttention has no CPU backward ...")``.
     """
-    reason = _flex_refusal(q_local, k_local, v_local, seq_len, world_size)
-    return ("ring", reason) if reason else ("flex", None)
+    seq_lens = _check_seq_lens(seq_lens, seq_len)
+    reason = _flex_refusal(q_local, k_local, v_local, _layout_sizes(seq_len, world_size, seq_lens))
+    ours = "ring" if seq_lens is None else "all_gather"
+    return (ours, reason) if reason else ("flex", None)
 
 
-def _flex_refusal(q, k, v, seq_len: int, world_size: int) -> str | None:
+def _flex_refusal(q, k, v, sizes: list[int]) -> str | None:
     try:
         from torch.distributed.tensor.experimental._context_parallel import flex_cp_allgather  # noqa: F401
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
@@ -381,24 +455,21 @@ def _flex_refusal(q, k, v, seq_len: int, world_size: int) -> str | None:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if q.device.type == "cpu" and needs_grad:
         return "FlexAttention has no CPU backward (inputs on CPU need gradients)"
-    sizes = [_local_len(seq_len, world_size, r) for r in range(world_size)]
     if len(set(sizes)) > 1:
-        return f"zig-zag shards of unequal length {sizes} (the all-gather needs equal ones)"
+        return f"shards of unequal length {sizes} (the all-gather needs equal ones)"
     if q.shape[1] % k.shape[1]:
         return f"query heads ({q.shape[1]}) not a multiple of key heads ({k.shape[1]})"
     return None
 
 
-def _flex_attention(q_local, k_local, v_local, spec, seq_len, world_size, rank, group, scale, block_size):
+def _flex_attention(q_local, k_local, v_local, spec, seq_len, seq_lens, world_size, rank, group, scale, block_size):
     """PyTorch's context-parallel FlexAttention: equal-size all-gather of the shards (reduce-scatter backward), then
     ``flex_attention`` of the local queries with a ``BlockMask`` from our block layout on the zig-zag positions."""
     import torch.distributed.distributed_c10d as c10d
     from torch.distributed.tensor.experimental._context_parallel import flex_cp_allgather
     from torch.nn.attention.flex_attention import flex_attention
 
-    device = q_local.device
-    q_pos = context_parallel_positions(seq_len, world_size, rank, device=device)
-    kv_pos = torch.cat([context_parallel_positions(seq_len, world_size, r, device=device) for r in range(world_size)])
+    q_pos, kv_pos = _gathered_positions(seq_len, seq_lens, world_size, rank, q_local.device)
     if world_size == 1:
         k_all, v_all = k_local, v_local
     else:
@@ -408,6 +479,8 @@ def _flex_attention(q_local, k_local, v_local, spec, seq_len, world_size, rank, 
     if layout.batch_size == 1 < q_local.shape[0]:  # one row of mask for every row of the batch
         mod = block_mask.mask_mod
         block_mask.mask_mod = lambda b, h, q, k: mod(torch.zeros_like(b), h, q, k)
+    if not torch.is_grad_enabled():  # FlexAttention refuses CPU inputs that require grad even under no_grad
+        q_local, k_all, v_all = q_local.detach(), k_all.detach(), v_all.detach()
     out = flex_attention(
         q_local,
         k_all,
@@ -417,6 +490,28 @@ def _flex_attention(q_local, k_local, v_local, spec, seq_len, world_size, rank, 
         enable_gqa=q_local.shape[1] != k_local.shape[1],
     )
     return out.to(q_local.dtype)
+
+
+def _gathered_positions(seq_len, seq_lens, world_size, rank, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row positions of this rank's queries ``(L_r,)`` and of the keys gathered in rank order ``(L,)``."""
+    positions = [
+        context_parallel_positions(seq_len, world_size, r, device=device, seq_lens=seq_lens) for r in range(world_size)
+    ]
+    return positions[rank], torch.cat(positions)
+
+
+def _gathered_attention(q_local, k_local, v_local, spec, seq_len, seq_lens, world_size, rank, group, scale):
+    """All-gather of the shards in rank order (any layout), then :func:`attnmask.attention` of the local queries
+    against the whole row at the gathered positions; differentiable (reduce-scatter backward)."""
+    q_pos, kv_pos = _gathered_positions(seq_len, seq_lens, world_size, rank, q_local.device)
+    kv = torch.cat([k_local, v_local], dim=-1)
+    if world_size > 1:
+        sizes = tuple(_layout_sizes(seq_len, world_size, seq_lens))
+        kv = _GatherSequence.apply(kv, group, sizes, rank)
+    dk = k_local.shape[-1]
+    if q_local.shape[2] == 0:
+        return q_local.new_zeros(*q_local.shape[:3], v_local.shape[-1]) + kv.narrow(2, 0, 0).sum().to(q_local.dtype)
+    return attention(q_local, kv[..., :dk], kv[..., dk:], spec, scale=scale, q_positions=q_pos, kv_positions=kv_pos)
 
 
 def _check_attention_inputs(q, k, v, spec) -> None:
