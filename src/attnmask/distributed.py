@@ -8,6 +8,7 @@ A namespace only; the code lives in :mod:`attnmask.integrations.context_parallel
 from attnmask.integrations.context_parallel import (
     SpecSlice,
     context_parallel_attention,
+    context_parallel_method,
     context_parallel_positions,
     context_parallel_slices,
     shard_for_context_parallel,
@@ -20,6 +21,7 @@ __all__ = [
     "SamplerStats",
     "SpecSlice",
     "context_parallel_attention",
+    "context_parallel_method",
     "context_parallel_positions",
     "context_parallel_slices",
     "global_num_items",
