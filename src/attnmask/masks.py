@@ -32,16 +32,7 @@ import torch
 
 from attnmask._dense import empty_buffer, fold
 from attnmask.errors import DeviceError, DTypeError, ShapeError, SpecError, bad
-from attnmask.tiles import (  # FULL, NONE, PARTIAL and TileGrid re-exported for the backends until the merge
-    FULL,
-    NONE,
-    PARTIAL,  # noqa: F401
-    TileGrid,
-    per_row,
-    segment_min_max,
-    tile_classes,
-    tile_view,
-)
+from attnmask.tiles import FULL, NONE, TileGrid, per_row, segment_min_max, tile_classes, tile_view
 
 __all__ = [
     "MaskSpec",
