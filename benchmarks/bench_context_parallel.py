@@ -22,7 +22,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import attnmask as am
-from attnmask.distributed import context_parallel_attention, context_parallel_positions, shard_for_context_parallel
+from attnmask.integrations.context_parallel import (
+    context_parallel_attention,
+    context_parallel_positions,
+    shard_for_context_parallel,
+)
 
 
 def inputs(length: int, docs: int, seed: int = 0):

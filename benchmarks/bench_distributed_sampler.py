@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from attnmask.distributed import DistributedPackedSampler
+from attnmask.integrations.sampler import DistributedPackedSampler
 
 
 def lognormal_lengths(n: int, max_length: int, seed: int = 0) -> np.ndarray:

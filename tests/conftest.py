@@ -23,3 +23,9 @@ if os.environ.get("ATTNMASK_STRICT_DEPS") == "1":
         return importlib.import_module(modname)
 
     pytest.importorskip = _import_or_fail
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """The shared tiny random-weight Llama (tests/hf_models.py), with transformers' sdpa attention."""
+    return pytest.importorskip("tests.hf_models").model("llama", "sdpa")

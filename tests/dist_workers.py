@@ -123,7 +123,11 @@ def loss_inputs(world_size, seed=0):
 
 
 def job_attention(rank: int, world_size: int):
-    from attnmask.distributed import context_parallel_attention, context_parallel_positions, shard_for_context_parallel
+    from attnmask.integrations.context_parallel import (
+        context_parallel_attention,
+        context_parallel_positions,
+        shard_for_context_parallel,
+    )
 
     out = {}
     for (name, spec, seq_len, B, H, Hkv, D), method in itertools.product(attention_cases(), ("all_gather", "ring")):
@@ -142,7 +146,7 @@ def job_attention(rank: int, world_size: int):
 
 
 def job_sampler(rank: int, world_size: int):
-    from attnmask.distributed import DistributedPackedSampler
+    from attnmask.integrations.sampler import DistributedPackedSampler
 
     sampler = DistributedPackedSampler(sampler_lengths(), 2048, seed=3)  # replicas and rank from the group
     sampler.set_epoch(1)
@@ -154,7 +158,7 @@ def job_sampler(rank: int, world_size: int):
 
 def job_loss(rank: int, world_size: int):
     from attnmask import masked_cross_entropy
-    from attnmask.distributed import global_num_items
+    from attnmask.integrations.ranks import global_num_items
 
     logits, labels, owner = loss_inputs(world_size)
     mine = [r for r in range(len(owner)) if owner[r] == rank]
@@ -167,12 +171,65 @@ def job_loss(rank: int, world_size: int):
     return {"rows": mine, "num_items": int(n), "loss": float(total), "grad": (lg.grad / world_size).numpy()}
 
 
+def job_flex_forward(rank: int, world_size: int):
+    """Forward of PyTorch's context-parallel FlexAttention path and of our ring, without gradients (FlexAttention has
+    no CPU backward), on the cases whose zig-zag shards have equal lengths."""
+    from attnmask.integrations.context_parallel import (
+        context_parallel_attention,
+        context_parallel_positions,
+        shard_for_context_parallel,
+    )
+
+    out = {}
+    for name, spec, seq_len, B, H, Hkv, D in attention_cases():
+        if len({len(context_parallel_positions(seq_len, world_size, r)) for r in range(world_size)}) > 1:
+            continue  # unequal shards: the flex path refuses them
+        q, k, v, _ = attention_inputs(seq_len, B, H, Hkv, D)
+        ql, kl, vl = (shard_for_context_parallel(t, dim=2) for t in (q, k, v))
+        with torch.no_grad():
+            out[name] = {m: context_parallel_attention(ql, kl, vl, spec, method=m).numpy() for m in ("flex", "ring")}
+    return out
+
+
+def per_document_case():
+    """(spec, seq_len, seq_lens, B, H, Hkv, D): a packed row whose documents 2W divides for W = 2 and 4, and padding."""
+    import attnmask as am
+
+    seq_lens = [8, 16, 8]
+    return am.causal() & am.document(seq_lens=seq_lens, length=40), 40, seq_lens, 1, 4, 2, 8
+
+
+def job_per_document(rank: int, world_size: int):
+    """The per-document layout: all-gather forward and backward, PyTorch's flex path forward."""
+    from attnmask.integrations.context_parallel import context_parallel_attention, shard_for_context_parallel
+
+    spec, seq_len, seq_lens, B, H, Hkv, D = per_document_case()
+    q, k, v, grad = attention_inputs(seq_len, B, H, Hkv, D)
+    ql, kl, vl = (shard_for_context_parallel(t, dim=2, seq_lens=seq_lens).requires_grad_() for t in (q, k, v))
+    o = context_parallel_attention(ql, kl, vl, spec, method="all_gather", seq_lens=seq_lens)
+    (o * shard_for_context_parallel(grad, dim=2, seq_lens=seq_lens)).sum().backward()
+    with torch.no_grad():
+        flex = context_parallel_attention(ql, kl, vl, spec, method="flex", seq_lens=seq_lens, block_size=4)
+    grads = {"dq": ql.grad.numpy(), "dk": kl.grad.numpy(), "dv": vl.grad.numpy()}
+    return {"out": o.detach().numpy(), "flex": flex.numpy(), **grads}
+
+
 def job_all(rank: int, world_size: int):
     """Every job in one world, so that each world size pays the process start-up once."""
-    return {
-        name: fn(rank, world_size)
-        for name, fn in (("attention", job_attention), ("sampler", job_sampler), ("loss", job_loss))
-    }
+    jobs = (("attention", job_attention), ("sampler", job_sampler), ("loss", job_loss))
+    return {name: fn(rank, world_size) for name, fn in jobs}
 
 
-JOBS = {"attention": job_attention, "sampler": job_sampler, "loss": job_loss, "all": job_all}
+def job_pytorch_cp(rank: int, world_size: int):
+    """The jobs that run PyTorch's context-parallel FlexAttention path (slow to start: FlexAttention's first call)."""
+    return {"flex": job_flex_forward(rank, world_size), "per_document": job_per_document(rank, world_size)}
+
+
+JOBS = {
+    "attention": job_attention,
+    "sampler": job_sampler,
+    "loss": job_loss,
+    "flex": job_flex_forward,
+    "pytorch_cp": job_pytorch_cp,
+    "all": job_all,
+}

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import attnmask
 from attnmask import cli, packfile
 from attnmask import errors as am_errors
-from tests.test_viz import png_size
+from tests.images import png_size
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_ROOT = str(Path(attnmask.__file__).resolve().parents[1])  # the attnmask this test imports, for subprocesses

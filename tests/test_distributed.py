@@ -19,20 +19,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnmask as am
-from attnmask.distributed import (
-    DistributedPackedSampler,
+from attnmask.errors import BackendError, InputError, ShapeError
+from attnmask.integrations.context_parallel import (
     context_parallel_attention,
+    context_parallel_method,
     context_parallel_positions,
     context_parallel_slices,
-    global_num_items,
     shard_for_context_parallel,
 )
-from attnmask.errors import InputError, ShapeError
+from attnmask.integrations.ranks import global_num_items
+from attnmask.integrations.sampler import DistributedPackedSampler
 from tests.dist_workers import (
     attention_cases,
     attention_inputs,
     free_port,
     loss_inputs,
+    per_document_case,
     run_world,
     sampler_lengths,
 )
@@ -192,6 +194,98 @@ def test_padding_queries_get_exact_zeros_and_no_gradient(method, dtype):
     assert torch.equal(out[:, :, pad], torch.zeros_like(out[:, :, pad]))
     assert torch.equal(q.grad[:, :, pad], torch.zeros_like(q.grad[:, :, pad]))
     assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+def _local(seq_len, world_size, rank):
+    return len(context_parallel_positions(seq_len, world_size, rank))
+
+
+def test_on_two_gloo_ranks_pytorchs_flex_path_equals_our_ring_and_one_process():
+    """One world of 2 processes (FlexAttention's first call is slow to start): the zig-zag cases whose shards have
+    equal length, flex against ring and the single-process reference, forward (no CPU backward); the per-document
+    layout, all-gather forward and backward and flex forward against the reference."""
+    world_size, results = 2, run_world(2, "pytorch_cp", timeout=240)
+    cases = {c[0]: c for c in attention_cases() if len({_local(c[2], world_size, r) for r in range(world_size)}) == 1}
+    assert cases, "no case whose shards have equal length"
+    spec, seq_len, seq_lens, B, H, Hkv, D = per_document_case()
+    doc_ref = reference_attention(spec, seq_len, B, H, Hkv, D)
+    for rank, res in enumerate(results):
+        assert set(res["flex"]) == set(cases)
+        for name, (_, case_spec, case_len, *dims) in cases.items():
+            ref = reference_attention(case_spec, case_len, *dims)[0]
+            got = res["flex"][name]
+            torch.testing.assert_close(torch.as_tensor(got["flex"]), torch.as_tensor(got["ring"]), atol=1e-5, rtol=1e-5)
+            want = ref[:, :, context_parallel_positions(case_len, world_size, rank)]
+            torch.testing.assert_close(torch.as_tensor(got["flex"]).double(), want, atol=1e-5, rtol=1e-5)
+        pos = context_parallel_positions(seq_len, world_size, rank, seq_lens=seq_lens)
+        got = res["per_document"]
+        for key, want in zip(("out", "flex", "dq", "dk", "dv"), (doc_ref[0], *doc_ref), strict=True):
+            torch.testing.assert_close(
+                torch.as_tensor(got[key]).double(), want[:, :, pos], atol=1e-5, rtol=1e-5, msg=f"rank {rank} {key}"
+            )
+
+
+def test_auto_picks_our_ring_for_cpu_training_and_says_why():
+    q, k, v, _ = attention_inputs(8, 1, 2, 2, 4)
+    method, reason = context_parallel_method(q.requires_grad_(), k, v, 8, 2)
+    assert method == "ring" and "no CPU backward" in reason
+    with pytest.raises(BackendError, match="no CPU backward"):
+        context_parallel_attention(q, k, v, am.causal(), method="flex")
+    with torch.no_grad():
+        assert context_parallel_method(q, k, v, 8, 2) == ("flex", None)
+        assert context_parallel_method(q, k, v, 10, 2) == ("flex", None)  # shards [0, 2) + [7, 10) and [2, 7): 5 each
+        method, reason = context_parallel_method(q, k, v, 9, 2)  # shards [0, 2) + [6, 9) and [2, 6): 5 and 4
+        assert method == "ring" and "unequal length [5, 4]" in reason
+
+
+@pytest.mark.parametrize("case", attention_cases(), ids=lambda c: c[0])
+def test_pytorch_flex_path_in_one_process_equals_naive_forward(case):
+    name, spec, seq_len, B, H, Hkv, D = case
+    q, k, v, _ = attention_inputs(seq_len, B, H, Hkv, D)
+    with torch.no_grad():
+        out = context_parallel_attention(q, k, v, spec, method="auto", block_size=8)
+    ref = reference_attention(spec, seq_len, B, H, Hkv, D)[0]
+    torch.testing.assert_close(out.double(), ref[:, :, context_parallel_positions(seq_len, 1, 0)], atol=1e-5, rtol=1e-5)
+
+
+def test_per_document_layout_is_the_head_tail_of_every_document():
+    assert context_parallel_positions(16, 2, 0, seq_lens=[4, 8, 4]).tolist() == [0, 3, 4, 5, 10, 11, 12, 15]
+    assert context_parallel_positions(16, 2, 1, seq_lens=[4, 8, 4]).tolist() == [1, 2, 6, 7, 8, 9, 13, 14]
+    # a document of 5 in chunks [0, 1) [1, 2) [2, 3) [3, 5), then 2 positions past it in chunks [], [5], [], [6]
+    assert context_parallel_positions(7, 2, 0, seq_lens=[5]).tolist() == [0, 3, 4, 6]
+    assert context_parallel_positions(7, 2, 1, seq_lens=[5]).tolist() == [1, 2, 5]
+    balancer = pytest.importorskip("torch.distributed.tensor.experimental._context_parallel")
+    lens, world_size = [8, 16, 24], 2
+    indices = balancer._PerDocumentHeadTailLoadBalancer([lens], world_size, "cpu")._generate_indices()[0]
+    starts = [0, 8, 24]
+    for rank in range(world_size):  # PyTorch's indices hold, document by document, each rank's head and tail chunks
+        theirs = torch.cat(
+            [
+                indices[o + 2 * rank * (n // 4) : o + 2 * (rank + 1) * (n // 4)]
+                for o, n in zip(starts, lens, strict=True)
+            ]
+        )
+        assert torch.equal(context_parallel_positions(48, world_size, rank, seq_lens=lens), theirs)
+
+
+@pytest.mark.parametrize("method", ["all_gather", "auto"])
+def test_per_document_layout_in_one_process_equals_naive(method):
+    spec, seq_len, seq_lens, B, H, Hkv, D = per_document_case()
+    q, k, v, grad = attention_inputs(seq_len, B, H, Hkv, D)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = context_parallel_attention(q, k, v, spec, method=method, seq_lens=seq_lens)
+    (out * grad).sum().backward()
+    ref, dq, dk, dv = reference_attention(spec, seq_len, B, H, Hkv, D)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for got, want in ((q.grad, dq), (k.grad, dk), (v.grad, dv)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_ring_refuses_the_per_document_layout():
+    spec, seq_len, seq_lens, B, H, Hkv, D = per_document_case()
+    q, k, v, _ = attention_inputs(seq_len, B, H, Hkv, D)
+    with pytest.raises(BackendError, match="ring"):
+        context_parallel_attention(q, k, v, spec, method="ring", seq_lens=seq_lens)
 
 
 def test_shard_length_that_does_not_match_the_row_is_a_shape_error():
@@ -434,3 +528,12 @@ def test_ddp_example_per_step_loss_equals_a_single_process_run(tmp_path):
     assert len(ddp["losses"]) == 3
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert ddp["losses"][2] != pytest.approx(ddp["losses"][0], rel=1e-6)  # the model did train
+
+
+def test_attnmask_distributed_is_a_namespace_over_the_integrations():
+    import attnmask.distributed as namespace
+    from attnmask.integrations import context_parallel, ranks, sampler
+
+    homes = {"global_num_items": ranks, "DistributedPackedSampler": sampler, "SamplerStats": sampler}
+    for name in namespace.__all__:
+        assert getattr(namespace, name) is getattr(homes.get(name, context_parallel), name), name

@@ -535,12 +535,6 @@ def test_collate_rows_rejects_what_it_cannot_build():
 # A model: a packed batch gives, at every real position, the logits of each document run alone
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    """The shared tiny random-weight Llama (tests/hf_models.py), with transformers' sdpa attention."""
-    return pytest.importorskip("tests.hf_models").model("llama", "sdpa")
-
-
 def test_packed_batch_matches_each_document_run_alone(tiny_llama):
     rng = np.random.default_rng(0)
     lengths = [7, 3, 12, 5, 1, 9, 4]

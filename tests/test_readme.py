@@ -6,8 +6,6 @@ from pathlib import Path
 
 import torch
 
-from tests.test_pack import tiny_llama  # noqa: F401  (a pytest fixture: the shared tiny random Llama)
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -19,7 +17,7 @@ def section_code(title: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], flags=re.S)
 
 
-def test_api_tour_code_runs(tiny_llama):  # noqa: F811
+def test_api_tour_code_runs(tiny_llama):  # the shared tiny random Llama, a fixture of conftest.py
     blocks = section_code("API tour")
     assert len(blocks) == 5
     torch.manual_seed(0)

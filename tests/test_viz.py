@@ -1,8 +1,5 @@
 """Text pictures of masks, plans and histograms match pictures written out by hand; PNGs have the asked size."""
 
-import struct
-import zlib
-
 import pytest
 import torch
 
@@ -20,18 +17,8 @@ from attnmask.viz import (
     save_mask_png,
     save_tiles_png,
 )
+from tests.images import png_size
 from tests.naive import naive_dense
-
-
-def png_size(path) -> tuple[int, int]:
-    """Width and height from a PNG's IHDR chunk, checking the signature and the chunk's CRC."""
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    length, kind = struct.unpack(">I4s", data[8:16])
-    assert kind == b"IHDR" and length == 13
-    body = data[16:29]
-    assert struct.unpack(">I", data[29:33])[0] == zlib.crc32(kind + body)
-    return struct.unpack(">II", body[:8])
 
 
 def test_causal_picture_has_query_labels_and_lower_triangle():
@@ -126,6 +113,20 @@ def test_plan_picture_scales_long_rows():
     assert lines[0] == "one cell = 4 tokens"
     assert lines[1] == "row 0 |" + "A" * 25 + "B" * 7 + "| 128/128 100%"
     assert lines[2].startswith("row 1 |" + "A" * 13 + "·" * 19 + "|")
+
+
+def test_printed_plan_draws_its_rows_as_draw_plan_does():
+    plan = am.pack([1200, 600, 43, 900, 2000, 5000], 2048)
+    printed = [line.split("|")[1] for line in str(plan).splitlines()[1:]]
+    drawn = [line.split("|")[1] for line in draw_plan(plan, ascii_only=True).splitlines()[1:]]  # after "one cell"
+    assert printed == drawn and all(len(bar) == 64 for bar in printed)
+
+
+def test_printed_block_layout_draws_the_tiles_as_draw_tiles_does():
+    layout = (am.causal() & am.document([3, 5, 4])).block_layout(12, block_size=2)
+    labelled = draw_tiles(layout.classes[0], 2, 12, 12, ascii_only=True).splitlines()[3:]  # after title and labels
+    cells = [line[-11:].replace(" ", "") for line in labelled]  # 6 tiles: 11 characters with the spaces
+    assert str(layout).splitlines()[1:] == cells and "#" in "".join(cells) and "+" in "".join(cells)
 
 
 def test_histogram_bins_count_every_length():

@@ -19,10 +19,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from attnmask.errors import AttnmaskError
+from attnmask.viz import FillReport, pct
+from attnmask.viz import draw_table as table
 
 __all__ = ["main", "CliError", "build_parser"]
 
@@ -35,61 +36,6 @@ EXIT_SKIP = 77
 
 class CliError(Exception):
     """A user-facing failure: printed as ``attnmask: error: <message>`` with exit code 2."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Reports
-
-
-def table(rows: list[tuple[str, str]]) -> str:
-    """Two aligned columns."""
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-@dataclass(frozen=True)
-class FillReport:
-    """Padding vs packing for a set of lengths: padding every sequence to the longest, or packing into rows of
-    ``max_length`` (``rows`` of the plan)."""
-
-    sequences: int
-    tokens: int
-    longest: int
-    max_length: int
-    rows: int
-
-    @property
-    def pad_fill(self) -> float:
-        return self.tokens / (self.sequences * self.longest) if self.sequences else 0.0
-
-    @property
-    def pack_fill(self) -> float:
-        return self.tokens / (self.rows * self.max_length) if self.rows else 0.0
-
-    @property
-    def lower_bound(self) -> int:
-        return math.ceil(self.tokens / self.max_length)
-
-    def lines(self) -> list[tuple[str, str]]:
-        slots_pad = self.sequences * self.longest
-        return [
-            ("sequences", f"{self.sequences:,}"),
-            ("tokens", f"{self.tokens:,}"),
-            (
-                "padding",
-                f"{self.sequences:,} rows x {self.longest} = {slots_pad:,} slots, fill {pct(self.pad_fill)}, "
-                f"waste {pct(1 - self.pad_fill)} ({slots_pad - self.tokens:,} pad tokens)",
-            ),
-            (
-                "packing",
-                f"{self.rows:,} rows x {self.max_length} = {self.rows * self.max_length:,} slots, fill "
-                f"{pct(self.pack_fill)} (lower bound {self.lower_bound:,} rows)",
-            ),
-        ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

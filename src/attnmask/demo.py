@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from attnmask.viz import draw_histogram, draw_mask, draw_plan, save_histogram_png, save_mask_png
+from attnmask.viz import FillReport, draw_histogram, draw_mask, draw_plan, draw_table, save_histogram_png, save_mask_png
 
 __all__ = ["CORPUS", "run_demo"]
 
@@ -62,7 +62,6 @@ def run_demo(out: Path, *, max_length: int = 256) -> int:
     """Print the demo report (padding vs packing of ``CORPUS``) and write ``packed-mask.png`` and ``lengths.png``
     into ``out``; returns 0. Tokenizes with the built-in byte tokenizer, so nothing downloads; about a second."""
     from attnmask.batch import pad
-    from attnmask.cli import FillReport, table
     from attnmask.pack import pack
     from attnmask.tokenizers import get_tokenizer
 
@@ -92,7 +91,7 @@ def run_demo(out: Path, *, max_length: int = 256) -> int:
     packed = plan.collate(sequences, pad_id=tok.pad_id)
     report = FillReport(len(lengths), sum(lengths), padded.shape[1], max_length, plan.stats.rows)
     print(f"\n3. Padding vs packing the whole corpus (attnmask.pack(lengths, {max_length}), best-fit decreasing)")
-    print(_indent(table(report.lines()), 1))
+    print(_indent(draw_table(report.lines()), 1))
     kept = packed.num_tokens == padded.num_tokens == sum(lengths)
     print(f"   every token kept: {'yes' if kept else 'NO'} ({packed.num_tokens:,} in the packed batch)")
     print(_indent(draw_plan(plan.bins, max_length, width=64), 3))

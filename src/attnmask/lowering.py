@@ -1,6 +1,7 @@
 """Lowering a mask spec to the forms backends consume: block layouts, FlexAttention ``BlockMask``, varlen arguments.
 
-Layer 2 of DESIGN.md: it imports only ``masks`` and ``errors``.
+Layer 2 of DESIGN.md: it imports only ``masks``, ``tiles``, ``errors`` and ``_draw`` (to print a layout), and lends
+``masks.LOWERINGS`` the ``block_layout`` and ``varlen_args`` that ``MaskSpec.block_layout`` / ``.varlen`` call.
 
 - ``block_layout(spec, Q, K, block_size)`` -> ``BlockLayout``: the class of every ``block_size x block_size`` tile of
   the ``(Q, K)`` mask, per batch row: FULL (every pair allowed: no mask needed), PARTIAL (mask needed) or NONE
@@ -31,7 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from attnmask import masks as M
+from attnmask._draw import tile_lines
 from attnmask.errors import BackendError, SpecError, bad
+from attnmask.tiles import FULL, NONE, PARTIAL, TileGrid
 
 __all__ = [
     "BlockLayout",
@@ -44,9 +47,6 @@ __all__ = [
     "PARTIAL",
     "FULL",
 ]
-
-NONE, PARTIAL, FULL = M.NONE, M.PARTIAL, M.FULL
-_CHARS = {NONE: ".", PARTIAL: "+", FULL: "#"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -209,7 +209,8 @@ class BlockLayout:
         return self.to_string()
 
     def to_string(self, max_size: int = 64, max_rows: int = 4) -> str:
-        """ASCII picture, one line per query tile: ``#`` FULL, ``+`` PARTIAL, ``.`` NONE.
+        """ASCII picture, one line per query tile: ``#`` FULL, ``+`` PARTIAL, ``.`` NONE (``attnmask.viz``'s ASCII set;
+        ``viz.draw_tiles(layout.classes[b], ...)`` draws a row with position labels).
 
         Layouts wider or taller than ``max_size`` tiles are drawn with each character standing for a group of tiles:
         ``#`` / ``.`` when the whole group is FULL / NONE, ``+`` otherwise. At most ``max_rows`` batch rows.
@@ -223,7 +224,7 @@ class BlockLayout:
         for b in range(min(self.batch_size, max_rows)):
             if self.batch_size > 1:
                 lines.append(f"row {b}:")
-            lines.extend(_picture(self.classes[b], max_size))
+            lines.extend(tile_lines(self.classes[b], max_size))
         if self.batch_size > max_rows:
             lines.append(f"... {self.batch_size - max_rows} more rows")
         return "\n".join(lines)
@@ -261,12 +262,12 @@ def block_layout(
     kv_len = q_len if kv_len is None else kv_len
     q_pos, kv_pos, n_rows = spec.resolve(q_len, kv_len, q_positions, kv_positions, device)
     starts = (kv_len - q_len, 0) if q_positions is None and kv_positions is None else None
-    grid = M.TileGrid.build(q_pos, kv_pos, block_size, n_rows, starts)
+    grid = TileGrid.build(q_pos, kv_pos, block_size, n_rows, starts)
     classes = _classify(spec, grid, band)
     return BlockLayout(classes, q_len, kv_len, block_size, q_pos, kv_pos, spec)
 
 
-def _classify(spec: M.MaskSpec, grid: M.TileGrid, band: bool | None) -> torch.Tensor:
+def _classify(spec: M.MaskSpec, grid: TileGrid, band: bool | None) -> torch.Tensor:
     """Classes ``(B, nQ, nK)`` int8 of every tile: on the band of reachable key tiles when it pays, else all tiles."""
     shape = (grid.n_rows, grid.n_q_tiles, grid.n_kv_tiles)
     bounds = None if band is False else spec.key_band(grid)
@@ -315,18 +316,6 @@ def _is_range(pos: torch.Tensor) -> bool:
         return False
     pos = pos.reshape(-1)
     return pos.numel() == 0 or bool((pos == torch.arange(pos.numel(), device=pos.device) + pos[0]).all())
-
-
-def _picture(classes: torch.Tensor, max_size: int) -> list[str]:
-    """``(nQ, nK)`` int8 -> lines of characters, grouping tiles so that no side exceeds ``max_size``."""
-    n_q, n_k = classes.shape
-    gq, gk = max(1, -(-n_q // max_size)), max(1, -(-n_k // max_size))
-    if gq > 1 or gk > 1:
-        c = classes[None].long()
-        lo = -torch.nn.functional.max_pool2d(-c.float(), (gq, gk), ceil_mode=True)[0].long()
-        hi = torch.nn.functional.max_pool2d(c.float(), (gq, gk), ceil_mode=True)[0].long()
-        classes = torch.where(lo == hi, lo, torch.full_like(lo, PARTIAL))
-    return ["".join(_CHARS[int(x)] for x in row) for row in classes.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -548,3 +537,6 @@ def _padding_queries_attend(real: torch.Tensor, causal: bool, window: int | None
     else:
         bad_rows = has_tokens & (left | right)
     return bool(bad_rows.any())
+
+
+M.LOWERINGS.update(block_layout=block_layout, varlen_args=varlen_args)  # what MaskSpec.block_layout / .varlen call

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnmask._draw import ASCII, plan_bar
 from attnmask._spans import IGNORE_INDEX, span_mask
 from attnmask.batch import Batch
 from attnmask.errors import InputError, ShapeError, bad
@@ -243,28 +244,21 @@ class PackPlan:
 
 
 def _picture(plan: PackPlan, *, rows: int = 8, width: int = 64) -> str:
-    """The stats and a small picture of the first rows: one letter per document (cycling a-z), ``.`` for free space.
+    """The stats and a small picture of the first rows, drawn as ``attnmask.viz.draw_plan`` draws them (ASCII set):
+    one letter per document, ``.`` for free space, then the tokens used and the first segments.
 
-    ``row    0 |aaaaaaaaaaaaaaaabbbbbbbbcc......| 1,843  [17 0:1200] [3 0:600] [9 0:43]``
+    ``row    0 |AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAABBBBBBBBBBBBBBBBCC.............| 1843  [17 0:1200] [3 0:600] [9 0:43]``
     """
     lines = [f"PackPlan(strategy={plan.strategy!r}, overflow={plan.overflow!r}): {plan.stats}"]
-    scale = plan.max_length / width
-    letter = 0
     idx, start, stop, offsets = plan.segments(range(min(rows, plan.stats.rows)))
     bounds = offsets.tolist()
     segments = list(zip(idx.tolist(), start.tolist(), stop.tolist(), strict=True))
     for r, (first, last) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         segs = segments[first:last]
-        cells, used = [], 0
-        for i, (_, a, b) in enumerate(segs):
-            n = b - a
-            lo, hi = round(used / scale), round((used + n) / scale)
-            cells.append(chr(ord("a") + (letter + i) % 26) * max(hi - lo, 1 if n else 0))
-            used += n
-        letter += len(segs)
-        bar = "".join(cells)[:width].ljust(width, ".")
+        lengths = [b - a for _, a, b in segs]
+        bar = plan_bar(lengths, plan.max_length, width, ASCII["none"])
         shown = " ".join(f"[{i} {a}:{b}]" for i, a, b in segs[:6]) + (" ..." if len(segs) > 6 else "")
-        lines.append(f"row {r:>4} |{bar}| {used:>{len(str(plan.max_length))}}  {shown}")
+        lines.append(f"row {r:>4} |{bar}| {sum(lengths):>{len(str(plan.max_length))}}  {shown}")
     if plan.stats.rows > rows:
         lines.append(f"... {plan.stats.rows - rows:,} more rows")
     return "\n".join(lines)

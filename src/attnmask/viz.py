@@ -15,6 +15,13 @@ Larger masks are drawn in tiles of ``block`` positions (or shrunk to at most ``m
 ``■`` when every pair in it may attend, ``▒`` (``+``) when some may, ``·`` when none may.
 
 PNG output imports matplotlib lazily with the Agg backend; the image is exactly ``width x height`` pixels as asked.
+
+The only drawing module: every picture and table of attnmask is drawn here or by ``attnmask._draw``, the leaf module
+holding the few primitives that layers below this one print through (``BlockLayout.__str__`` in ``lowering``,
+``PackPlan.__str__`` in ``pack``: tile lines, plan bars, the character set). Imports point down: ``viz`` -> ``_draw``
+<- ``lowering``, ``pack``. One character set: ``UNICODE`` (``■ ▒ ·``) in the terminal, ``ASCII`` (``# + .``) with
+``ascii_only=True`` and in every ``__str__``; documents of a packed row are letters ``A``, ``B``, ... The command line's
+reports print through ``draw_table`` and ``FillReport``.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from attnmask._draw import ASCII, UNICODE, group_tiles, marks, plan_bar, tile_symbols
 from attnmask.errors import InputError, ShapeError, SpecError, bad
 from attnmask.masks import MaskSpec
 
@@ -36,14 +45,16 @@ __all__ = [
     "draw_tiles",
     "group_tiles",
     "draw_histogram",
+    "draw_table",
+    "FillReport",
+    "ASCII",
+    "UNICODE",
     "mask_tiles",
     "save_mask_png",
     "save_tiles_png",
     "save_histogram_png",
 ]
 
-UNICODE = {"full": "■", "partial": "▒", "none": "·"}
-ASCII = {"full": "#", "partial": "+", "none": "."}
 # Denser masks are refused: drawing is for looking, not for 100K-token rows (that is what block layouts are for).
 MAX_DRAW_ELEMENTS = 1 << 26
 
@@ -102,21 +113,6 @@ def mask_tiles(dense: torch.Tensor, block_q: int, block_k: int | None = None) ->
     return tiles.to(torch.int8)
 
 
-def group_tiles(tiles: torch.Tensor, group: int) -> torch.Tensor:
-    """Merge ``group x group`` tiles of classes ``(nQ, nK)`` (2 all, 1 some, 0 none): a group is 2 or 0 when all its
-    tiles are, else 1. Edge groups hold only the tiles that exist. Example: ``[[2, 0], [2, 2]]``, group 2 -> ``[[1]]``.
-    """
-    n_q, n_k = tiles.shape
-    gq, gk = math.ceil(n_q / group), math.ceil(n_k / group)
-    lo = torch.full((gq * group, gk * group), 2, dtype=torch.int8)
-    hi = torch.zeros((gq * group, gk * group), dtype=torch.int8)
-    lo[:n_q, :n_k] = tiles.cpu()
-    hi[:n_q, :n_k] = tiles.cpu()
-    lo = lo.view(gq, group, gk, group).amin(dim=(1, 3))
-    hi = hi.view(gq, group, gk, group).amax(dim=(1, 3))
-    return torch.where(lo == hi, lo, torch.ones_like(lo))
-
-
 def draw_mask(
     mask: MaskSpec | torch.Tensor,
     q_len: int | None = None,
@@ -158,16 +154,15 @@ def draw_tiles(
     """Draw tile classes ``(nQ, nK)`` (2 = every pair allowed, 1 = some, 0 = none; as ``mask_tiles`` or a
     ``BlockLayout``'s ``classes[b]``) of a ``(q_len, kv_len)`` mask cut in tiles of ``block``. Query labels start
     at ``q_offset``. With ``block=1`` the tiles are the elements and the picture is the mask itself."""
-    marks = ASCII if ascii_only else UNICODE
+    m = marks(ascii_only)
     q_labels = [str(q_offset + i * block) for i in range(tiles.shape[0])]
     k_labels = [i * block for i in range(tiles.shape[1])]
     width = max(len(q_labels[-1]) if q_labels else 1, 1)
-    symbol = {2: marks["full"], 1: marks["partial"], 0: marks["none"]}
+    symbol = tile_symbols(ascii_only)
     lines = []
     if block > 1:
         lines.append(
-            f"{q_len} x {kv_len}, tiles of {block}: {marks['full']} all, {marks['partial']} some, "
-            f"{marks['none']} none may attend"
+            f"{q_len} x {kv_len}, tiles of {block}: {m['full']} all, {m['partial']} some, {m['none']} none may attend"
         )
     for digit in range(len(str(max(k_labels, default=0))) - 1, 0, -1):
         lines.append(f"  {' ' * width} " + " ".join(_header_digit(k, block, digit) for k in k_labels))
@@ -229,23 +224,74 @@ def draw_plan(
     if max_length < 1:
         raise bad(InputError, "max_length", "an int >= 1", max_length)
     scale = max(1, math.ceil(max_length / width))
-    cells = math.ceil(max_length / scale)
-    pad_mark = "." if ascii_only else "·"
-    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
     digits = len(str(max(len(lens) - 1, 0)))
     lines = []
     if scale > 1:
         lines.append(f"one cell = {scale} tokens")
     for i, r in enumerate(lens[:max_rows]):
-        owner = []
-        for d, n in enumerate(r):
-            owner.extend([letters[d % len(letters)]] * n)
-        bar = "".join(owner[c * scale] if c * scale < len(owner) else pad_mark for c in range(cells))
+        bar = plan_bar(r, max_length, width, marks(ascii_only)["none"])
         used = sum(r)
         lines.append(f"row {str(i).rjust(digits)} |{bar}| {used}/{max_length} {100 * used / max_length:3.0f}%")
     if len(lens) > max_rows:
         lines.append(f"... {len(lens) - max_rows} more rows")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tables (the command line's reports)
+
+
+def draw_table(rows: list[tuple[str, str]]) -> str:
+    """Two aligned columns, indented by two spaces: ``[("rows", "3"), ("tokens", "4,743")]`` ->
+    ``"  rows    3\n  tokens  4,743"``."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def pct(x: float) -> str:
+    """A share as a percentage with one decimal: ``0.5`` -> ``"50.0%"``."""
+    return f"{100 * x:.1f}%"
+
+
+@dataclass(frozen=True)
+class FillReport:
+    """Padding vs packing for a set of lengths: padding every sequence to the longest, or packing into rows of
+    ``max_length`` (``rows`` of the plan). ``lines()`` are the rows of a ``draw_table``."""
+
+    sequences: int
+    tokens: int
+    longest: int
+    max_length: int
+    rows: int
+
+    @property
+    def pad_fill(self) -> float:
+        return self.tokens / (self.sequences * self.longest) if self.sequences else 0.0
+
+    @property
+    def pack_fill(self) -> float:
+        return self.tokens / (self.rows * self.max_length) if self.rows else 0.0
+
+    @property
+    def lower_bound(self) -> int:
+        return math.ceil(self.tokens / self.max_length)
+
+    def lines(self) -> list[tuple[str, str]]:
+        slots_pad = self.sequences * self.longest
+        return [
+            ("sequences", f"{self.sequences:,}"),
+            ("tokens", f"{self.tokens:,}"),
+            (
+                "padding",
+                f"{self.sequences:,} rows x {self.longest} = {slots_pad:,} slots, fill {pct(self.pad_fill)}, "
+                f"waste {pct(1 - self.pad_fill)} ({slots_pad - self.tokens:,} pad tokens)",
+            ),
+            (
+                "packing",
+                f"{self.rows:,} rows x {self.max_length} = {self.rows * self.max_length:,} slots, fill "
+                f"{pct(self.pack_fill)} (lower bound {self.lower_bound:,} rows)",
+            ),
+        ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from attnmask import masks as M
 from attnmask.backends._common import COPY_COST, cached, degenerate, off_cpu
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
+from attnmask.tiles import TileGrid
 
 __all__ = ["BACKEND", "MAX_BAND_KEYS", "band_mask", "banded_attention"]
 
@@ -51,7 +52,7 @@ def _first_keys(spec: M.MaskSpec, length: int, rows: int, device) -> torch.Tenso
     a tile with no key), from ``spec.key_band``; or why the spec has no band ending at the query tile. O(n log n)."""
     bs = _TILE_SIZES[0]
     pos = torch.arange(length, device=device)
-    grid = M.TileGrid.build(pos, pos, bs, rows, (0, 0))
+    grid = TileGrid.build(pos, pos, bs, rows, (0, 0))
     band = spec.key_band(grid)
     if band is None:
         return "the spec gives no key band (needs e.g. causal() & document(...) or a sliding window)"

@@ -24,7 +24,7 @@ from attnmask.backends._common import CALL_COST, cached, check_qkv, degenerate, 
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.errors import ShapeError, bad
 from attnmask.lowering import block_layout
-from attnmask.masks import PARTIAL
+from attnmask.tiles import PARTIAL
 
 __all__ = ["BACKEND", "MAX_KEYS", "MAX_ROWS", "blocksparse_attention", "run_layout", "spec_tile_mask"]
 

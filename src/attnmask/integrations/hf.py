@@ -45,8 +45,8 @@ import torch
 from attnmask.attention import attention
 from attnmask.batch import Batch, pad
 from attnmask.errors import BackendError, InputError, ShapeError, bad
+from attnmask.integrations.ranks import global_num_items
 from attnmask.labels import IGNORE_INDEX
-from attnmask.loss import count_target_tokens
 from attnmask.masks import MaskSpec, causal, custom, document, full, key_padding, sliding_window
 
 __all__ = [
@@ -582,14 +582,7 @@ def num_items_in_step(micro_batches: Iterable[Any], *, group: Any = None) -> tor
     gradients over ranks, scale each loss by the world size). Example: micro-batches with 3 and 5 targets give 8.
     """
     labels = [mb["labels"] if isinstance(mb, Mapping) else mb for mb in micro_batches]
-    count = count_target_tokens(labels)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return count
-    if torch.distributed.get_world_size(group) == 1:
-        return count
-    on_wire = count.cpu() if torch.distributed.get_backend(group) == "gloo" else count.clone()
-    torch.distributed.all_reduce(on_wire, group=group)
-    return on_wire.to(count.device)
+    return global_num_items(labels, group=group)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
