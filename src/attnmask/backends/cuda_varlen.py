@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from attnmask.backends import packed
+import attnmask.backends.packed as packed
 
 __all__ = ["BACKEND", "varlen_attn_kwargs", "varlen_window"]
 

@@ -19,7 +19,7 @@ import importlib.util
 
 import torch
 
-from attnmask.backends import packed
+import attnmask.backends.packed as packed
 
 __all__ = ["BACKEND", "MIN_VERSION", "flash_kwargs"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from attnmask.backends import cuda_costs
+import attnmask.backends.cuda_costs as cuda_costs
 from attnmask.backends._common import cached, degenerate
 from attnmask.backends.contract import Backend
 from attnmask.lowering import block_layout

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attnmask.backends import cuda_costs
+import attnmask.backends.cuda_costs as cuda_costs
 from attnmask.backends.contract import Backend
 from attnmask.errors import BackendError
 from attnmask.lowering import VarlenArgs, varlen_args

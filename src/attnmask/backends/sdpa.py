@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnmask.backends import cuda_costs
+import attnmask.backends.cuda_costs as cuda_costs
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, AttentionCall, Backend, dense_mask, rows_with_keys
 from attnmask.masks import MaskSpec
 
