@@ -12,6 +12,8 @@ from attnmask.errors import (
     DeviceError,
     DTypeError,
     InputError,
+    LabelError,
+    NoTargetError,
     ShapeError,
     SpecError,
 )
@@ -47,7 +49,9 @@ __all__ = [
     "DeviceError",
     "ExprError",
     "InputError",
+    "LabelError",
     "MaskSpec",
+    "NoTargetError",
     "PackPlan",
     "PackStats",
     "PackingCollator",

@@ -45,7 +45,7 @@ import torch
 from attnmask.attention import attention
 from attnmask.batch import Batch, pad
 from attnmask.errors import BackendError, InputError, ShapeError, bad
-from attnmask.labels import IGNORE_INDEX
+from attnmask.labels import check_targets, example_labels, label_hints
 from attnmask.loss import count_target_tokens
 from attnmask.masks import MaskSpec, causal, custom, document, full, key_padding, sliding_window
 
@@ -420,30 +420,34 @@ def _dense_mask_as_bool(mask: torch.Tensor, batch: int, q_len: int, kv_len: int)
 # Collators
 
 
-_PROMPT_KEYS = ("prompt_lengths", "prompt_length")
-
-
 class DataCollatorForCausalLM:
     """Collator for the ``Trainer`` and plain loops: pads (``attnmask.pad``) or packs (``attnmask.pack``) examples.
 
     ``examples``: dicts with ``input_ids`` and optionally ``labels`` (aligned with ``input_ids``, -100 = ignored),
-    ``prompt_lengths`` (or ``prompt_length``, an int: the first tokens that are prompt) and ``assistant_masks`` (0/1
+    ``prompt_lengths`` (or ``prompt_length``, an int: the first tokens that are prompt), ``assistant_masks`` (0/1
     per token, as ``tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True, return_dict=True)`` gives
-    it); plain token lists are accepted too. Returns a dict of ``(B, L)`` int64 tensors:
+    it) and ``completion_mask`` (0/1 per token, TRL's prompt-completion column); plain token lists are accepted too.
+    Returns a dict of ``(B, L)`` int64 tensors:
 
     - padding (``packing=False``): ``input_ids``, ``attention_mask``, ``position_ids``, ``labels``; rows padded on
       ``padding_side`` (right by default) to the longest example, rounded up to ``pad_to_multiple_of``;
     - packing (``packing=True``): rows of ``max_length`` tokens holding several documents each: ``input_ids``,
       ``position_ids`` (restarting at 0 in every document: the document boundaries the ``"attnmask"`` attention
-      reads) and ``labels`` (-100 on each document's first token, so no target crosses a boundary). No
-      ``attention_mask``: a 2D mask next to packed ``position_ids`` makes transformers' own sdpa and eager paths
-      attend across documents (PR #46634); they also do so whenever the model creates a KV cache (``use_cache``,
-      on by default). The ``"attnmask"`` implementation separates documents in every case.
+      reads), ``labels`` (-100 on each document's first token, so no target crosses a boundary) and
+      ``use_cache=False``. No ``attention_mask``: a 2D mask next to packed ``position_ids`` makes transformers' own
+      sdpa and eager paths attend across documents (PR #46634); they also do so whenever the model creates a KV cache
+      (``use_cache``, on by default in the config), hence ``use_cache=False`` in the batch. The ``"attnmask"``
+      implementation separates documents in every case.
       ``padding_free=True`` gives one ``(1, total)`` row plus transformers' flash-attention kwargs
       ``cu_seq_lens_q/k`` and ``max_length_q/k``.
 
-    ``completion_only=True``: labels are -100 on the prompt, from ``prompt_lengths`` or ``assistant_masks`` (by
-    position, never by comparing token ids). Too-long examples are an error, unless ``truncation=True`` (padding:
+    Labels follow the one convention of ``attnmask._spans`` (the same as `attnmask.pad` and
+    `attnmask.PackingCollator`): the hints ``labels``, ``assistant_masks``, ``completion_mask``, ``prompt_length`` /
+    ``prompt_lengths`` present in the examples are always honoured, and a token is a target unless a hint excludes it
+    (by position, never by comparing token ids). ``completion_only=True`` requires a hint that marks the prompt in
+    every example (``LabelError`` names the keys looked for and found). A batch with no target token raises
+    ``NoTargetError`` unless ``allow_empty=True``.
+    Too-long examples are an error, unless ``truncation=True`` (padding:
     the first ``max_length`` tokens are kept) or packing, which splits them into ``max_length`` pieces; the running
     count of cut tokens is ``self.num_truncated_tokens``. ``return_batch=True`` returns the ``Batch`` instead.
     With the ``Trainer``, set ``remove_unused_columns=False`` so that ``prompt_lengths`` / ``assistant_masks`` reach
@@ -468,6 +472,7 @@ class DataCollatorForCausalLM:
         strategy: str = "bfd",
         padding_free: bool = False,
         return_batch: bool = False,
+        allow_empty: bool = False,
     ) -> None:
         if packing and max_length is None:
             raise bad(InputError, "max_length", "the row length (an int) when packing=True", None)
@@ -483,12 +488,13 @@ class DataCollatorForCausalLM:
         self.strategy = strategy
         self.padding_free = padding_free
         self.return_batch = return_batch
+        self.allow_empty = allow_empty
         self.num_truncated_tokens = 0
 
-    def __call__(self, examples: Sequence[Any]) -> dict[str, torch.Tensor] | Batch:
+    def __call__(self, examples: Sequence[Any]) -> dict[str, Any] | Batch:
         if not len(examples):
             raise bad(InputError, "examples", "at least one example", "an empty list")
-        ids, labels, prompts = _read_examples(examples, self.completion_only)
+        ids, labels, prompts, hints = _read_examples(examples, self.completion_only)
         if self.packing:
             from attnmask.pack import pack
 
@@ -507,60 +513,37 @@ class DataCollatorForCausalLM:
                 labels=labels,
                 prompt_lengths=prompts,
             )
+        check_targets(batch.labels, allow_empty=self.allow_empty, hints=hints)
         self.num_truncated_tokens += batch.num_truncated_tokens
         if self.return_batch:
             return batch
         out = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "labels": batch.labels}
         if not self.packing:
             out["attention_mask"] = batch.attention_mask
-        elif self.padding_free:
+            return out
+        out["use_cache"] = False  # with no cache, transformers' own attention paths find the documents too
+        if self.padding_free:
             cu = batch.cu_seqlens
             out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
         return out
 
 
-def _read_examples(examples: Sequence[Any], completion_only: bool) -> tuple[list, list | None, list | None]:
-    """Token ids, labels (or None) and prompt lengths (or None) of the examples; assistant masks become labels."""
+def _read_examples(examples: Sequence[Any], completion_only: bool) -> tuple[list, list | None, list | None, tuple]:
+    """Token ids, labels (or None), prompt lengths (or None) and the label hints found, by the one convention of
+    ``attnmask._spans`` (the same as `attnmask.pad` and `attnmask.PackingCollator`)."""
+    hints = label_hints(examples, completion_only=completion_only)
     if not isinstance(examples[0], Mapping):
-        if completion_only:
-            raise bad(
-                InputError,
-                "examples",
-                "dicts with 'prompt_lengths' or 'assistant_masks' (completion_only)",
-                type(examples[0]).__name__,
-            )
-        return list(examples), None, None
-    missing = [i for i, ex in enumerate(examples) if "input_ids" not in ex]
+        return list(examples), None, None, hints
+    missing = [i for i, ex in enumerate(examples) if not isinstance(ex, Mapping) or "input_ids" not in ex]
     if missing:
         raise bad(InputError, "examples", "dicts with 'input_ids'", f"none at {missing[:5]}")
     ids = [ex["input_ids"] for ex in examples]
-    labels = [ex["labels"] for ex in examples] if all("labels" in ex for ex in examples) else None
-    if not completion_only:
-        return ids, labels, None
-    prompt_key = next((k for k in _PROMPT_KEYS if all(k in ex for ex in examples)), None)
-    if prompt_key is not None:
-        return ids, labels, [int(ex[prompt_key]) for ex in examples]
-    if all("assistant_masks" in ex for ex in examples):
-        labels = [_assistant_labels(i, ex, labels) for i, ex in enumerate(examples)]
-        return ids, labels, None
-    raise bad(
-        InputError,
-        "examples",
-        "'prompt_lengths' or 'assistant_masks' in every example (completion_only)",
-        sorted(examples[0]),
-    )
-
-
-def _assistant_labels(i: int, example: Mapping, labels: list | None) -> torch.Tensor:
-    """Labels of one example: its ids (or labels) where ``assistant_masks`` is 1, else -100."""
-    ids = torch.as_tensor(example["input_ids"]).reshape(-1)
-    keep = torch.as_tensor(example["assistant_masks"]).reshape(-1)
-    if keep.shape != ids.shape:
-        raise bad(
-            ShapeError, f"examples[{i}]['assistant_masks']", f"{ids.numel()} entries like input_ids", keep.numel()
-        )
-    base = ids if labels is None else torch.as_tensor(labels[i]).reshape(-1)
-    return base.long().masked_fill(keep == 0, IGNORE_INDEX)
+    read = [example_labels(f"examples[{i}]", ex, ids[i], hints) for i, ex in enumerate(examples)]
+    with_labels = bool(set(hints) & {"labels", "assistant_masks", "completion_mask"})
+    with_prompt = bool(set(hints) & {"prompt_length", "prompt_lengths"})
+    labels = [lab for lab, _ in read] if with_labels else None
+    prompts = [p for _, p in read] if with_prompt else None
+    return ids, labels, prompts, hints
 
 
 # ----------------------------------------------------------------------------------------------------------------------
