@@ -24,7 +24,10 @@ mask function to transformers' ``AttentionMaskInterface``; it returns an :class:
 the model hands back to the attention function in place of the 4D mask. ``attnmask.attention`` then picks the cheapest
 exact backend (per-document ``varlen`` for packed rows). Limits: models whose masks add ``or``/``and`` overlays (e.g.
 image tokens) are honoured through their predicate, per element (O(B·Q·K)); ``block_sequence_ids`` overlays,
-attention sinks and logit soft-capping are not supported (the latter two raise ``BackendError``).
+attention sinks, logit soft-capping and additive position biases (T5) are not supported. The attention function
+keeps an explicit list of the keywords it knows to be harmless (`HARMLESS_KEYWORDS`); any other keyword, and a score
+modifier (`SCORE_MODIFIERS`: ``softcap``, ``s_aux`` / ``sinks``, ``position_bias``) that is not None, raises
+``BackendError`` naming it at the first forward, so a new transformers version cannot slip a score change past it.
 
 Also here: :class:`DataCollatorForCausalLM` (padding or packing, completion-only labels) for the ``Trainer`` and plain
 loops, and :func:`num_items_in_step` (the target count of an optimizer step, for ``masked_cross_entropy``).
@@ -335,8 +338,7 @@ def attention_forward(
     chooses among the backends with dropout: packed rows still run per document (``varlen``, no O(Q·K) mask) wherever
     that is the cheapest.
     """
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise bad(BackendError, "attention kwargs", "no softcap or attention sinks", sorted(kwargs))
+    _check_keywords(kwargs)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     is_causal = kwargs.get("is_causal")
@@ -382,6 +384,65 @@ def attention_forward(
         dropout_p=float(dropout) if module.training else 0.0,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+# Keywords transformers 5.x hands attention functions that leave the scores unchanged, or that `attention_forward`
+# reads itself (is_causal, position_ids, cu_seq_lens_q/k, seq_lens). Found by recording every keyword of forwards,
+# packed / padded / flattened batches, generate and training steps of Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma,
+# Gemma2, Gemma3, OLMo2, Granite, Starcoder2 and Cohere. Anything else is refused: a new keyword may change the
+# scores, and one silently dropped is a silent wrong result.
+HARMLESS_KEYWORDS = frozenset(
+    {
+        "is_causal",
+        "position_ids",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "seq_lens",
+        "seq_idx",  # linear-attention / convolution layers' packed index, not attention's
+        "use_cache",
+        "output_attentions",  # attention weights are not returned (None), as with sdpa
+        "output_hidden_states",
+        "output_router_logits",
+        "num_items_in_batch",
+        "deterministic",  # flash-attention backward determinism
+    }
+)
+# Score modifiers that models pass and attnmask's attention does not honour: refused unless None (no modifier).
+SCORE_MODIFIERS = {
+    "softcap": "logit soft-capping (Gemma2's attn_logit_softcapping)",
+    "s_aux": "attention sinks (gpt-oss)",
+    "sinks": "attention sinks",
+    "position_bias": "an additive position bias (T5-family relative attention)",
+}
+
+
+def _check_keywords(kwargs: dict) -> None:
+    """Refuse, with `BackendError` naming it, every keyword that is not known to be harmless."""
+    for name, value in kwargs.items():
+        if name in HARMLESS_KEYWORDS or (name in SCORE_MODIFIERS and value is None):
+            continue
+        if name in SCORE_MODIFIERS:
+            feature = f"None: attnmask's attention does not support {SCORE_MODIFIERS[name]}"
+            raise bad(BackendError, name, feature, _describe(value))
+        raise bad(
+            BackendError,
+            name,
+            "a keyword attnmask's attention knows to leave the scores unchanged, refused rather than ignored "
+            f"(known: {', '.join(sorted(HARMLESS_KEYWORDS))})",
+            _describe(value),
+        )
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_k is not None and (cu_q is None or not torch.equal(torch.as_tensor(cu_k), torch.as_tensor(cu_q))):
+        wanted = "equal to cu_seq_lens_q (the keys are the queries' own tokens)"
+        raise bad(BackendError, "cu_seq_lens_k", wanted, None if cu_k is None else torch.as_tensor(cu_k).tolist())
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return repr(value) if isinstance(value, (int, float, bool, str)) else f"a {type(value).__name__}"
 
 
 def _shared_spec(kwargs, info, shape, padding, device, is_causal, window, build) -> MaskSpec:
