@@ -183,21 +183,30 @@ def document_ids_from_position_ids(
 
 
 class _LastDocuments:
-    """One-entry memo: every layer of a forward sees the same ``position_ids``; detect documents once per forward."""
+    """One-entry memo: every layer of a forward sees the same ``position_ids``; detect documents once per forward.
+
+    An entry is reused only for the very same tensors (held by weak references, never by ``id()``, which a freed
+    tensor hands on to the next allocation) at the same ``_version`` (unchanged in place).
+    """
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._ref: Callable | None = None
+        self._refs: tuple = ()
+        self._versions: tuple = ()
         self._value: torch.Tensor | None = None
+        self._lock = threading.Lock()
 
     def get(self, position_ids: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor | None:
-        if position_ids.is_inference() or (padding is not None and padding.is_inference()):
+        tensors = (position_ids,) if padding is None else (position_ids, padding)
+        if any(t.is_inference() for t in tensors):
             return document_ids_from_position_ids(position_ids, padding)  # no version counter: nothing to key on
-        key = (position_ids._version, None if padding is None else (id(padding), padding._version))
-        if self._ref is not None and self._ref() is position_ids and self._key == key:
-            return self._value
+        versions = tuple(t._version for t in tensors)
+        with self._lock:
+            same = len(self._refs) == len(tensors) and all(r() is t for r, t in zip(self._refs, tensors, strict=True))
+            if same and self._versions == versions:
+                return self._value
         value = document_ids_from_position_ids(position_ids, padding)
-        self._ref, self._key, self._value = weakref.ref(position_ids), key, value
+        with self._lock:
+            self._refs, self._versions, self._value = tuple(weakref.ref(t) for t in tensors), versions, value
         return value
 
 
