@@ -36,6 +36,7 @@ loops, and :func:`num_items_in_step` (the target count of an optimizer step, for
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import weakref
 from collections import OrderedDict
@@ -58,6 +59,7 @@ __all__ = [
     "HFMaskInfo",
     "attention_forward",
     "build_mask_info",
+    "check_packed_inputs",
     "document_ids_from_position_ids",
     "num_items_in_step",
     "register",
@@ -65,6 +67,8 @@ __all__ = [
 ]
 
 ATTN_IMPLEMENTATION = "attnmask"
+logger = logging.getLogger("attnmask")
+_registered_names: set[str] = set()  # every name register() gave attnmask's attention
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -668,4 +672,57 @@ def register(name: str = ATTN_IMPLEMENTATION, *, backend: str = "auto") -> str:
     forward = attention_forward if backend == "auto" else functools.partial(attention_forward, backend=backend)
     AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, build_mask_info)
+    _registered_names.add(name)
     return name
+
+
+def check_packed_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> bool:
+    """Whether ``model(**inputs)`` keeps the documents of packed rows apart; warns on the ``attnmask`` logger when
+    packed ``position_ids`` meet a model whose attention is not attnmask's.
+
+    ``inputs``: the dict the model is called with (a collator's output, ``batch.model_inputs()``). Rows are packed when
+    their ``position_ids`` restart inside them (`document_ids_from_position_ids`). Under ``attn_implementation`` names
+    given by `register`, packed rows are always separate: True, no warning. Under any other attention, transformers
+    finds the documents from ``position_ids`` only when there is no ``attention_mask`` and no KV cache (neither
+    ``past_key_values`` nor ``use_cache``, which defaults to the config's, usually True): the warning says whether
+    that holds (True: exact, as attnmask's collators arrange) or not (False: tokens attend across documents).
+    Example: ``hf.check_packed_inputs(model, collate(examples))`` before a training loop on a stock model.
+    """
+    position_ids = inputs.get("position_ids")
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+        return True
+    mask = inputs.get("attention_mask")
+    padding = mask if isinstance(mask, torch.Tensor) and mask.shape == position_ids.shape else None
+    if document_ids_from_position_ids(position_ids, padding) is None:
+        return True
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl in _registered_names:
+        return True
+    use_cache = inputs.get("use_cache")
+    use_cache = getattr(config, "use_cache", True) if use_cache is None else use_cache
+    leaks = [
+        reason
+        for reason, present in (
+            ("an attention_mask", mask is not None),
+            ("past_key_values", inputs.get("past_key_values") is not None),
+            ("use_cache (a KV cache is created)", bool(use_cache)),
+        )
+        if present
+    ]
+    if leaks:
+        logger.warning(
+            "packed position_ids meet attn_implementation=%r, not attnmask's: with %s, transformers does not detect "
+            "the documents and tokens attend across them; use attn_implementation=hf.register(), or pass no "
+            "attention_mask and use_cache=False",
+            impl,
+            " and ".join(leaks),
+        )
+        return False
+    logger.warning(
+        "packed position_ids meet attn_implementation=%r, not attnmask's: exact only through transformers' own "
+        "packed-sequence detection (no attention_mask, no cache); attn_implementation=hf.register() keeps documents "
+        "apart in every case",
+        impl,
+    )
+    return True
