@@ -160,7 +160,12 @@ def check_targets(labels: torch.Tensor, *, allow_empty: bool, hints: tuple[str, 
     """Raise `NoTargetError` when ``labels`` ``(B, L)`` holds no target after the causal shift (``labels[:, 1:]``
     all -100), unless ``allow_empty``: such a step trains nothing and its loss is 0. ``hints``: the label hints that
     were applied, named in the message."""
-    if allow_empty or bool((labels[:, 1:] != IGNORE_INDEX).any()):
+    if allow_empty:
+        return
+    targets = labels[:, 1:]
+    if targets.device.type == "cpu":  # numpy: one thread, no intra-op pool to wake for a collator-sized check
+        targets = targets.detach().numpy()
+    if bool((targets != IGNORE_INDEX).any()):
         return
     used = ", ".join(hints) if hints else "none"
     raise bad(
