@@ -326,3 +326,15 @@ def test_a_batch_with_no_target_raises_unless_allowed(make, examples):
     with pytest.raises(am.NoTargetError, match="^labels: expected at least one target token in the batch"):
         make()(examples)
     assert int(am.count_target_tokens(labels_of(make(allow_empty=True)(examples)))) == 0
+
+
+def test_an_examples_own_padding_is_stripped_by_padding_and_refused_by_packing():
+    ex = {"input_ids": [0, 5, 6, 7], "attention_mask": [0, 1, 1, 1], "completion_mask": [1, 0, 1, 1]}
+    assert DataCollatorForCausalLM(pad_id=0)([ex])["labels"].tolist() == [[-100, 6, 7]]
+    assert am.Collator(pad_id=0)([ex]).labels.tolist() == [[-100, 6, 7]]
+    packers = [am.PackingCollator(8, pad_id=0), DataCollatorForCausalLM(pad_id=0, packing=True, max_length=8)]
+    for collate in packers:
+        with pytest.raises(am.InputError, match=r"^examples\[0\]\['attention_mask'\]: expected all 1"):
+            collate([ex])
+        unpadded = {**ex, "attention_mask": [1, 1, 1, 1]}
+        assert labels_of(collate([unpadded])).tolist()[0][:4] == [-100, -100, 6, 7]

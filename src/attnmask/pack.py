@@ -776,12 +776,27 @@ def _read_hints(
     labels = [None] * len(examples) if with_labels else None
     prompts = [0] * len(examples) if with_prompt else None
     for i in needed.tolist():
+        _check_unpadded(i, examples[i], len(ids[i]))
         lab, prompt = example_labels(f"examples[{i}]", examples[i], ids[i], hints, labels_key=labels_key)
         if with_labels:
             labels[i] = lab
         if with_prompt:
             prompts[i] = prompt
     return ids, labels, prompts, hints
+
+
+def _check_unpadded(i: int, example: Mapping, n: int) -> None:
+    """Packing takes examples as they are: an ``attention_mask`` with padding (0) in it is refused, not packed."""
+    mask = example.get("attention_mask")
+    if mask is None:
+        return
+    name = f"examples[{i}]['attention_mask']"
+    m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if m.shape != (n,):
+        raise bad(ShapeError, name, f"{n} entries like its input_ids", m.shape)
+    if not bool((m == 1).all()):
+        wanted = "all 1 (packing takes unpadded examples; attnmask.pad strips padding)"
+        raise bad(InputError, name, wanted, f"{int((m != 1).sum())} other entries")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

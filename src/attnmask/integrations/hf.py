@@ -49,7 +49,7 @@ import torch
 from attnmask.attention import attention
 from attnmask.batch import Batch, pad
 from attnmask.errors import BackendError, InputError, ShapeError, bad
-from attnmask.labels import check_targets, example_labels, label_hints
+from attnmask.labels import check_targets, label_hints
 from attnmask.loss import count_target_tokens
 from attnmask.masks import MaskSpec, causal, custom, document, full, key_padding, sliding_window
 
@@ -521,6 +521,8 @@ class DataCollatorForCausalLM:
     (by position, never by comparing token ids). ``completion_only=True`` requires a hint that marks the prompt in
     every example (``LabelError`` names the keys looked for and found). A batch with no target token raises
     ``NoTargetError`` unless ``allow_empty=True``.
+    An example's own ``attention_mask`` (examples that come padded) is honoured: padding strips its 0 positions, as
+    `attnmask.pad` does; packing refuses an example with padding in it (``InputError``) rather than pack pad tokens.
     Too-long examples are an error, unless ``truncation=True`` (padding:
     the first ``max_length`` tokens are kept) or packing, which splits them into ``max_length`` pieces; the running
     count of cut tokens is ``self.num_truncated_tokens``. ``return_batch=True`` returns the ``Batch`` instead.
@@ -568,26 +570,28 @@ class DataCollatorForCausalLM:
     def __call__(self, examples: Sequence[Any]) -> dict[str, Any] | Batch:
         if not len(examples):
             raise bad(InputError, "examples", "at least one example", "an empty list")
-        ids, labels, prompts, hints = _read_examples(examples, self.completion_only)
         if self.packing:
-            from attnmask.pack import pack
+            from attnmask.pack import PackingCollator
 
-            plan = pack(ids, self.max_length, strategy=self.strategy)
-            batch = plan.collate(
-                ids, pad_id=self.pad_id, labels=labels, prompt_lengths=prompts, padding_free=self.padding_free
-            )
+            batch = PackingCollator(
+                self.max_length,
+                self.pad_id,
+                strategy=self.strategy,
+                padding_free=self.padding_free,
+                completion_only=self.completion_only,
+                allow_empty=self.allow_empty,
+            )(examples)
         else:
+            hints = label_hints(examples, completion_only=self.completion_only)
             batch = pad(
-                ids,
+                list(examples),
                 pad_id=self.pad_id,
                 side=self.padding_side,
                 pad_to_multiple_of=self.pad_to_multiple_of,
                 max_length=self.max_length,
                 truncation=self.truncation,
-                labels=labels,
-                prompt_lengths=prompts,
             )
-        check_targets(batch.labels, allow_empty=self.allow_empty, hints=hints)
+            check_targets(batch.labels, allow_empty=self.allow_empty, hints=hints)
         self.num_truncated_tokens += batch.num_truncated_tokens
         if self.return_batch:
             return batch
@@ -600,24 +604,6 @@ class DataCollatorForCausalLM:
             cu = batch.cu_seqlens
             out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
         return out
-
-
-def _read_examples(examples: Sequence[Any], completion_only: bool) -> tuple[list, list | None, list | None, tuple]:
-    """Token ids, labels (or None), prompt lengths (or None) and the label hints found, by the one convention of
-    ``attnmask._spans`` (the same as `attnmask.pad` and `attnmask.PackingCollator`)."""
-    hints = label_hints(examples, completion_only=completion_only)
-    if not isinstance(examples[0], Mapping):
-        return list(examples), None, None, hints
-    missing = [i for i, ex in enumerate(examples) if not isinstance(ex, Mapping) or "input_ids" not in ex]
-    if missing:
-        raise bad(InputError, "examples", "dicts with 'input_ids'", f"none at {missing[:5]}")
-    ids = [ex["input_ids"] for ex in examples]
-    read = [example_labels(f"examples[{i}]", ex, ids[i], hints) for i, ex in enumerate(examples)]
-    with_labels = bool(set(hints) & {"labels", "assistant_masks", "completion_mask"})
-    with_prompt = bool(set(hints) & {"prompt_length", "prompt_lengths"})
-    labels = [lab for lab, _ in read] if with_labels else None
-    prompts = [p for _, p in read] if with_prompt else None
-    return ids, labels, prompts, hints
 
 
 # ----------------------------------------------------------------------------------------------------------------------
