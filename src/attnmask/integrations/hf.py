@@ -47,9 +47,8 @@ from typing import Any
 import torch
 
 from attnmask.attention import attention
-from attnmask.batch import Batch, pad
+from attnmask.batch import Batch, Collator
 from attnmask.errors import BackendError, InputError, ShapeError, bad
-from attnmask.labels import check_targets, label_hints
 from attnmask.loss import count_target_tokens
 from attnmask.masks import MaskSpec, causal, custom, document, full, key_padding, sliding_window
 
@@ -495,7 +494,8 @@ def _dense_mask_as_bool(mask: torch.Tensor, batch: int, q_len: int, kv_len: int)
 
 
 class DataCollatorForCausalLM:
-    """Collator for the ``Trainer`` and plain loops: pads (``attnmask.pad``) or packs (``attnmask.pack``) examples.
+    """Collator for the ``Trainer`` and plain loops: pads (`attnmask.Collator`) or packs (`attnmask.PackingCollator`)
+    examples and returns the dict the model takes.
 
     ``examples``: dicts with ``input_ids`` and optionally ``labels`` (aligned with ``input_ids``, -100 = ignored),
     ``prompt_lengths`` (or ``prompt_length``, an int: the first tokens that are prompt), ``assistant_masks`` (0/1
@@ -582,16 +582,15 @@ class DataCollatorForCausalLM:
                 allow_empty=self.allow_empty,
             )(examples)
         else:
-            hints = label_hints(examples, completion_only=self.completion_only)
-            batch = pad(
-                list(examples),
+            batch = Collator(
                 pad_id=self.pad_id,
                 side=self.padding_side,
                 pad_to_multiple_of=self.pad_to_multiple_of,
                 max_length=self.max_length,
                 truncation=self.truncation,
-            )
-            check_targets(batch.labels, allow_empty=self.allow_empty, hints=hints)
+                completion_only=self.completion_only,
+                allow_empty=self.allow_empty,
+            )(examples)
         self.num_truncated_tokens += batch.num_truncated_tokens
         if self.return_batch:
             return batch
