@@ -305,7 +305,7 @@ def test_collator_return_dict_gives_model_inputs():
         ([[1, 2]], {"labels": [[1]]}, r"labels\[0\]: expected 2 labels like sequences\[0\], got 1"),
         ([[1, 2]], {"labels": [[1, -5]]}, r"labels: expected ids >= 0 or -100"),
         ([{"input_ids": [1]}, {"ids": [1]}], {}, r"sequences\[1\]: expected an example dict with 'input_ids'"),
-        ([{"input_ids": [1], "labels": [1]}, {"input_ids": [1]}], {}, r"sequences\[1\]: expected the same keys"),
+        ([{"input_ids": [1], "labels": [1]}, {"input_ids": [1]}], {}, r"sequences: expected 'labels' in every"),
         ([{"input_ids": [1, 2], "attention_mask": [1, 2]}], {}, r"attention_mask'\]: expected values 0"),
         ([{"input_ids": [1], "labels": [1]}], {"labels": [[1]]}, r"labels: expected None when the example dicts"),
     ],

@@ -28,7 +28,8 @@ def test_padding_collator_returns_the_model_inputs_of_a_right_padded_batch():
     assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9], [11, 12, 13, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 0]]
-    assert out["labels"].tolist() == [[5, 6, 7, 8, 9], [11, 12, 13, -100, -100]]
+    # the prompt_lengths hint is honoured whether or not completion_only is set (one label convention)
+    assert out["labels"].tolist() == [[-100, -100, 7, 8, 9], [-100, 12, 13, -100, -100]]
 
 
 def test_completion_only_masks_the_prompt_by_length():
@@ -147,7 +148,7 @@ def test_num_items_in_step_accepts_dicts_batches_and_label_tensors():
 
 def test_packing_collator_restarts_positions_per_document_and_omits_the_attention_mask():
     out = DataCollatorForCausalLM(pad_id=0, packing=True, max_length=8)([[1, 2, 3], [4, 5, 6, 7, 8]])
-    assert sorted(out) == ["input_ids", "labels", "position_ids"]
+    assert sorted(out) == ["input_ids", "labels", "position_ids", "use_cache"] and out["use_cache"] is False
     assert out["input_ids"].shape == (1, 8)
     docs = {tuple(out["input_ids"][0, :5].tolist()), tuple(out["input_ids"][0, 5:].tolist())}
     assert docs == {(4, 5, 6, 7, 8), (1, 2, 3)}

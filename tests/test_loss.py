@@ -58,14 +58,24 @@ def test_micro_batch_losses_with_the_step_count_sum_to_the_step_mean():
     torch.testing.assert_close(summed, torch.nn.functional.cross_entropy(all_logits, all_targets))
 
 
-def test_zero_target_batch_gives_zero_loss_and_zero_gradient():
+def test_zero_target_micro_batch_gives_zero_loss_and_zero_gradient():
     logits = torch.randn(2, 4, 6, requires_grad=True)
     labels = torch.full((2, 4), -100)
     labels[:, 0] = 3  # the first label is never a target after the shift
-    for num_items in (None, 0, 7):
-        loss = am.masked_cross_entropy(logits, labels, num_items=num_items)
+    for num_items, allow_empty in ((7, False), (torch.tensor(7), False), (None, True), (0, True)):
+        loss = am.masked_cross_entropy(logits, labels, num_items=num_items, allow_empty=allow_empty)
         (grad,) = torch.autograd.grad(loss, logits)
         assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("num_items", [None, 0, torch.tensor(0)])
+def test_a_step_with_no_target_raises_unless_allowed(num_items):
+    logits = torch.randn(2, 4, 6)
+    labels = torch.full((2, 4), -100)
+    labels[:, 0] = 3  # targets only where the shift drops them
+    with pytest.raises(am.NoTargetError, match="^num_items: expected at least one target token"):
+        am.masked_cross_entropy(logits, labels, num_items=num_items)
+    assert issubclass(am.NoTargetError, am.InputError)
 
 
 def test_count_target_tokens_counts_after_the_shift_and_accepts_batches():

@@ -12,6 +12,8 @@ from attnmask.errors import (
     DeviceError,
     DTypeError,
     InputError,
+    LabelError,
+    NoTargetError,
     ShapeError,
     SpecError,
 )
@@ -48,7 +50,9 @@ __all__ = [
     "DeviceError",
     "ExprError",
     "InputError",
+    "LabelError",
     "MaskSpec",
+    "NoTargetError",
     "PackPlan",
     "PackStats",
     "PackingCollator",

@@ -11,12 +11,16 @@ slower than plain pages. ``benchmarks/bench_mask.py`` reports both.
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import os
 from collections.abc import Callable, Sequence
 
 import torch
+
+logger = logging.getLogger("attnmask")
+DENSE_WARN_BYTES = 2**30  # a dense mask above this is worth a warning: a structural backend needs none
 
 HUGE_PAGES_AVAILABLE = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
 USE_HUGE_PAGES = HUGE_PAGES_AVAILABLE and os.environ.get("ATTNMASK_HUGE_PAGES", "0") == "1"
@@ -31,6 +35,22 @@ def huge_pages_for(shape: Sequence[int], dtype: torch.dtype, device: torch.devic
     device = torch.device("cpu") if device is None else torch.device(device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return device.type == "cpu" and nbytes >= HUGE_PAGE_MIN_BYTES
+
+
+def warn_if_large(shape: Sequence[int], dtype: torch.dtype) -> None:
+    """Log a warning on the ``attnmask`` logger when a dense mask of ``shape`` and ``dtype`` is above 1 GiB.
+
+    Called before the allocation, so the warning is there even when the allocation then fails.
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes > DENSE_WARN_BYTES:
+        logger.warning(
+            "building a dense attention mask of shape %s (%s, %.1f GiB): O(B·Q·K) memory; a structural backend "
+            "(varlen, blocksparse, banded, native, flex) needs none",
+            tuple(shape),
+            dtype,
+            nbytes / 2**30,
+        )
 
 
 def empty_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:

@@ -27,15 +27,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnmask._spans import IGNORE_INDEX, span_mask
-from attnmask.errors import DeviceError, InputError, ShapeError, bad
+from attnmask._spans import (
+    IGNORE_INDEX,
+    LABEL_HINTS,
+    MASK_HINTS,
+    PROMPT_HINTS,
+    check_targets,
+    example_labels,
+    label_hints,
+    span_mask,
+)
+from attnmask.errors import DeviceError, InputError, LabelError, ShapeError, bad
 from attnmask.masks import MaskSpec, causal, key_padding
 
 __all__ = ["Batch", "pad", "Collator"]
 
 _SIDES = ("left", "right")
 # Keys of an example dict that `pad` reads; every other key is passed through in `Batch.extras`.
-_EXAMPLE_KEYS = ("input_ids", "labels", "attention_mask", "prompt_length")
+_EXAMPLE_KEYS = ("input_ids", "attention_mask", *LABEL_HINTS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,9 +87,28 @@ class Batch:
         """Label positions that count in the loss after the causal shift (labels[:, 1:] != -100)."""
         return int((self.labels[:, 1:] != -100).sum())
 
-    def model_inputs(self, *, labels: bool = True) -> dict[str, torch.Tensor]:
-        """The dict a Hugging Face causal LM takes: input_ids, attention_mask, position_ids (and labels)."""
-        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+    @property
+    def is_packed(self) -> bool:
+        """Whether some row holds more than one document (``seq_lens``)."""
+        return any(len(row) > 1 for row in self.seq_lens)
+
+    def model_inputs(self, *, labels: bool = True) -> dict[str, Any]:
+        """The dict a Hugging Face causal LM takes: input_ids, attention_mask, position_ids (and labels).
+
+        Packed rows (`is_packed`) give ``input_ids``, ``position_ids``, ``use_cache=False`` (and labels) instead, with
+        no ``attention_mask``: transformers' own sdpa / eager / flash attention find the documents from the restarting
+        ``position_ids`` only when neither a 2D mask nor a KV cache is there (``use_cache`` is on by default), so the
+        batch is exact with or without ``attn_implementation="attnmask"``. Padding positions then form one-token
+        documents of their own, seen by no real token (their labels are -100).
+        """
+        if self.is_packed:
+            out = {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
+        else:
+            out = {
+                "input_ids": self.input_ids,
+                "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids,
+            }
         if labels:
             out["labels"] = self.labels
         return out
@@ -129,9 +157,10 @@ def pad(
 
     ``sequences`` (B of them, B >= 1): a list of int lists, 1D numpy arrays or 1D integer tensors (mixed freely), a 2D
     array / tensor (its rows), a list of example dicts, or a dict of columns such as a tokenizer's output. An example
-    dict has ``input_ids`` and optionally ``labels`` (same length; e.g. already -100 on the prompt),
-    ``attention_mask`` (its 0 positions are padding and are removed before re-padding) and ``prompt_length`` (an
-    int, as ``prompt_lengths``); its other keys are not interpreted and come back per example in ``batch.extras``.
+    dict has ``input_ids``, optionally ``attention_mask`` (its 0 positions are padding and are removed before
+    re-padding) and the label hints of ``attnmask._spans`` (``labels``, ``assistant_masks``, ``completion_mask``,
+    ``prompt_length`` / ``prompt_lengths``: a token is a target unless a hint excludes it); its other keys are not
+    interpreted and come back per example in ``batch.extras``.
     Token ids must be integers >= 0; a zero-length sequence is allowed: its row is all padding (attention gives 0
     on rows with nothing to attend), its ``seq_lens`` entry is ``()`` and it has no ``cu_seqlens`` entry.
 
@@ -168,11 +197,11 @@ def pad(
     n = len(rows.ids)
     if labels is not None:
         if rows.labels is not None:
-            raise bad(InputError, "labels", "None when the example dicts carry 'labels'", "both")
+            raise bad(LabelError, "labels", "None when the example dicts carry label hints", list(rows.hints))
         rows.labels = _read_labels(labels, rows.ids)
     if prompt_lengths is not None:
         if rows.prompt_lengths is not None:
-            raise bad(InputError, "prompt_lengths", "None when the example dicts carry 'prompt_length'", "both")
+            raise bad(LabelError, "prompt_lengths", "None when the example dicts carry a prompt length", "both")
         rows.prompt_lengths = _read_prompt_lengths(prompt_lengths, n)
     lens = [len(x) for x in rows.ids]
     if rows.prompt_lengths is not None:
@@ -276,9 +305,12 @@ def _tensor(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
 class Collator:
     """``collate_fn`` for ``torch.utils.data.DataLoader``: pads a list of examples with `pad` into a `Batch`.
 
-    Examples may be anything `pad` accepts per sequence: example dicts (``input_ids``, optional ``labels``,
-    ``attention_mask``, ``prompt_length``), int lists, arrays or tensors. ``return_dict=True`` returns
-    ``batch.model_inputs()`` instead (the dict a Hugging Face ``Trainer`` passes to the model).
+    Examples may be anything `pad` accepts per sequence: example dicts (``input_ids``, optional ``attention_mask`` and
+    label hints ``labels``, ``assistant_masks``, ``completion_mask``, ``prompt_length(s)``), int lists, arrays or
+    tensors. ``completion_only=True``: every example must carry a hint that marks its prompt (else `LabelError`
+    naming the keys looked for and found). A batch with no target token raises `NoTargetError` unless
+    ``allow_empty=True``. ``return_dict=True`` returns ``batch.model_inputs()`` instead (the dict a Hugging Face
+    ``Trainer`` passes to the model).
 
     >>> loader = DataLoader(dataset, batch_size=8, collate_fn=Collator(pad_id=tok.pad_id))
     """
@@ -290,16 +322,24 @@ class Collator:
     truncation: bool = False
     truncation_side: str = "right"
     return_dict: bool = False
+    completion_only: bool = False
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         pad([[0]], **self._options())  # validate the options once, at construction
+        for name in ("return_dict", "completion_only", "allow_empty"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(InputError, name, "a bool", repr(getattr(self, name)))
 
     def _options(self) -> dict[str, Any]:
         names = ("pad_id", "side", "pad_to_multiple_of", "max_length", "truncation", "truncation_side")
         return {k: getattr(self, k) for k in names}
 
-    def __call__(self, examples: Sequence[Any]) -> Batch | dict[str, torch.Tensor]:
-        batch = pad(list(examples), **self._options())
+    def __call__(self, examples: Sequence[Any]) -> Batch | dict[str, Any]:
+        examples = list(examples)
+        hints = label_hints(examples, completion_only=self.completion_only)
+        batch = pad(examples, **self._options())
+        check_targets(batch.labels, allow_empty=self.allow_empty, hints=hints)
         return batch.model_inputs() if self.return_dict else batch
 
 
@@ -315,6 +355,7 @@ class _Rows:
     labels: list | None = None
     prompt_lengths: list[int] | None = None
     extras: dict = field(default_factory=dict)
+    hints: tuple[str, ...] = ()
 
 
 def _read_sequences(sequences: Any) -> _Rows:
@@ -347,18 +388,19 @@ def _columns_to_examples(columns: Mapping) -> list[dict]:
 def _read_examples(examples: Sequence[Any]) -> _Rows:
     if len(examples) == 0:
         raise bad(InputError, "sequences", "at least one example", "none")
-    with_labels = "labels" in examples[0]
-    with_prompt = "prompt_length" in examples[0]
-    rows = _Rows(ids=[], labels=[] if with_labels else None, prompt_lengths=[] if with_prompt else None)
-    extra_keys = [k for k in examples[0] if k not in _EXAMPLE_KEYS]
-    rows.extras = {k: [] for k in extra_keys}
     for i, ex in enumerate(examples):
         if not isinstance(ex, Mapping) or "input_ids" not in ex:
             raise bad(InputError, f"sequences[{i}]", "an example dict with 'input_ids'", type(ex).__name__)
-        if ("labels" in ex) != with_labels or ("prompt_length" in ex) != with_prompt:
-            raise bad(InputError, f"sequences[{i}]", "the same keys as sequences[0]", sorted(ex))
+    hints = label_hints(examples, name="sequences")
+    with_labels = bool({"labels", *MASK_HINTS} & set(hints))
+    with_prompt = bool(set(PROMPT_HINTS) & set(hints))
+    rows = _Rows(ids=[], labels=[] if with_labels else None, prompt_lengths=[] if with_prompt else None, hints=hints)
+    extra_keys = [k for k in examples[0] if k not in _EXAMPLE_KEYS]
+    rows.extras = {k: [] for k in extra_keys}
+    for i, ex in enumerate(examples):
         ids = _as_row(f"sequences[{i}]['input_ids']", ex["input_ids"])
-        lab = _as_row(f"sequences[{i}]['labels']", ex["labels"]) if with_labels else None
+        lab, prompt = example_labels(f"sequences[{i}]", ex, ids, hints)
+        lab = _as_row(f"sequences[{i}]['labels']", lab) if with_labels else None
         if lab is not None and len(lab) != len(ids):
             raise bad(ShapeError, f"sequences[{i}]['labels']", f"{len(ids)} labels like its input_ids", len(lab))
         if ex.get("attention_mask") is not None:
@@ -367,7 +409,7 @@ def _read_examples(examples: Sequence[Any]) -> _Rows:
         if with_labels:
             rows.labels.append(lab)
         if with_prompt:
-            rows.prompt_lengths.append(_check_int(f"sequences[{i}]['prompt_length']", ex["prompt_length"], low=0))
+            rows.prompt_lengths.append(prompt)
         for k in extra_keys:
             rows.extras[k].append(ex.get(k))
     return rows

@@ -31,6 +31,14 @@ class InputError(AttnmaskError):
     """Data (sequences, lengths, labels, options) that cannot be used as given."""
 
 
+class LabelError(InputError):
+    """Label hints (``labels``, ``assistant_masks``, ``completion_mask``, ``prompt_length(s)``) that cannot be used."""
+
+
+class NoTargetError(LabelError):
+    """A step or batch with no target token: its loss would be 0 and it would train nothing."""
+
+
 class BackendError(AttnmaskError):
     """An attention backend or lowering cannot serve the requested mask or inputs."""
 

@@ -15,8 +15,11 @@ Worked example, right padding, prompt of 2 tokens in row 0::
 The functions are pure (they return new arrays) and O(B·L). Span masks are built on the host with numpy from
 lengths, which collators know there (``pad`` and the packer both use `span_mask`); `mask_spans`, `mask_padding` and
 `mask_document_starts` apply masks to label tensors on their own device.
-This module depends only on ``torch``, ``numpy``, ``attnmask.errors`` and ``attnmask._spans`` (where ``IGNORE_INDEX``
-and `span_mask` live, below ``batch`` and ``pack``, which use them too).
+This module depends only on ``torch``, ``numpy``, ``attnmask.errors`` and ``attnmask._spans`` (where ``IGNORE_INDEX``,
+`span_mask` and the label hints live, below ``batch`` and ``pack``, which use them too). The label convention every
+collator follows (hints ``labels``, ``assistant_masks``, ``completion_mask``, ``prompt_length(s)``: a token is a
+target unless a hint excludes it) is described in ``attnmask._spans`` and applied by `label_hints` and
+`example_labels`; `check_targets` refuses a batch with no target token.
 """
 
 from __future__ import annotations
@@ -26,10 +29,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnmask._spans import IGNORE_INDEX, int_vector, span_mask
+from attnmask._spans import IGNORE_INDEX, LABEL_HINTS, check_targets, example_labels, int_vector, label_hints, span_mask
 from attnmask.errors import InputError, ShapeError, bad
 
-__all__ = ["IGNORE_INDEX", "labels_from_input_ids", "mask_padding", "span_mask", "mask_spans", "mask_document_starts"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LABEL_HINTS",
+    "check_targets",
+    "example_labels",
+    "label_hints",
+    "labels_from_input_ids",
+    "mask_padding",
+    "span_mask",
+    "mask_spans",
+    "mask_document_starts",
+]
 
 
 def labels_from_input_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnmask.errors import DTypeError, InputError, ShapeError, bad
+from attnmask.errors import DTypeError, InputError, NoTargetError, ShapeError, bad
 from attnmask.labels import IGNORE_INDEX
 
 __all__ = ["masked_cross_entropy", "count_target_tokens"]
 
 
 def masked_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, num_items: int | torch.Tensor | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items: int | torch.Tensor | None = None,
+    *,
+    allow_empty: bool = False,
 ) -> torch.Tensor:
     """Causal-LM cross entropy, shifted as in transformers' ``ForCausalLMLoss``: ``logits[:, t]`` predicts label t+1.
 
@@ -32,7 +36,11 @@ def masked_cross_entropy(
       aligned with the inputs, ``-100`` = not a target.
     - ``num_items``: the target-token count of the whole optimizer step (an int or a 0-dim tensor, e.g. from
       `count_target_tokens`); the summed loss is divided by it. ``None``: divide by this batch's own count.
-    - A batch with no target gives exactly 0 (and a zero gradient), never NaN; ``num_items=0`` is then allowed too.
+    - A micro-batch with no target gives exactly 0 (and a zero gradient), never NaN, when ``num_items`` (the step's
+      count) is positive. A **step** with no target trains nothing: ``num_items=0``, or ``num_items=None`` with no
+      target in this batch, raises `NoTargetError` unless ``allow_empty=True`` (then the loss is exactly 0). The
+      check reads the count on the host: it is made for an int and for CPU tensors, and skipped for a count on an
+      accelerator (it would cost a synchronisation).
 
     Returns a 0-dim float32 tensor. Memory: one float32 copy of ``logits`` (as transformers). Label values are checked
     against the vocabulary when ``labels`` is on the CPU (on an accelerator that check would cost a synchronisation).
@@ -57,8 +65,15 @@ def masked_cross_entropy(
     if num_items is None:
         denominator = (targets != IGNORE_INDEX).sum()
     else:
-        denominator = _check_num_items(num_items).to(total.device)
-    return total / denominator.clamp_min(1).to(total.dtype)
+        denominator = _check_num_items(num_items)
+    if not allow_empty and denominator.device.type == "cpu" and int(denominator) == 0:
+        raise bad(
+            NoTargetError,
+            "num_items",
+            "at least one target token in the optimizer step (or allow_empty=True)",
+            "0" if num_items is not None else f"0 (no label of labels[:, 1:] {tuple(targets.shape)} is a target)",
+        )
+    return total / denominator.to(total.device).clamp_min(1).to(total.dtype)
 
 
 def count_target_tokens(labels: torch.Tensor | Any | Iterable[Any]) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from attnmask._dense import empty_buffer, fold
+from attnmask._dense import empty_buffer, fold, warn_if_large
 from attnmask.errors import DeviceError, DTypeError, ShapeError, SpecError, bad
 from attnmask.tiles import FULL, NONE, TileGrid, per_row, segment_min_max, tile_classes, tile_view
 
@@ -225,6 +225,7 @@ class MaskSpec:
             return _and_into(
                 self, b, q, k, out, torch.tensor(True, device=q.device), torch.tensor(False, device=q.device)
             )
+        warn_if_large(shape, torch.bool)
         out = self.evaluate(b, q, k)
         if tuple(out.shape) != shape or not out.is_contiguous():
             out = empty_buffer(shape, torch.bool, out.device).copy_(torch.broadcast_to(out, shape))
@@ -253,6 +254,7 @@ class MaskSpec:
             raise bad(SpecError, "dtype", "a floating dtype", dtype)
         b, q, k, shape = _index_grid(self, q_len, kv_len, q_positions, kv_positions, device)
         if out is None:
+            warn_if_large(shape, dtype)
             bias = empty_buffer(shape, dtype, q.device)
         else:
             _check_out(out, (shape[0], 1, *shape[1:]), dtype, q.device)

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 
 from attnmask._draw import ASCII, plan_bar
-from attnmask._spans import IGNORE_INDEX, span_mask
+from attnmask._spans import IGNORE_INDEX, MASK_HINTS, check_targets, example_labels, label_hints, span_mask
 from attnmask.batch import Batch
-from attnmask.errors import InputError, ShapeError, bad
+from attnmask.errors import InputError, LabelError, ShapeError, bad
 from attnmask.masks import causal, document, key_padding
 
 __all__ = ["PackPlan", "PackStats", "PackedRow", "PackingCollator", "collate_rows", "pack", "pack_stream"]
@@ -162,10 +162,13 @@ class PackPlan:
     ) -> Batch:
         """Build the `Batch` of the plan's rows (all rows, or those named by ``rows``).
 
-        ``sequences[i]`` (list, array or 1D tensor of token ids) must have the length the plan was made for; only
-        the sequences the chosen rows use are read. ``labels`` (same lengths) default to the token ids; ``-100`` is
-        set on the first token of every document, on padding, and on the first ``prompt_lengths[i]`` tokens of
-        sequence ``i`` (a split piece masks only the part of the prompt that falls inside it).
+        ``sequences[i]`` (list, array or 1D tensor of token ids, or an example dict with ``input_ids`` and the label
+        hints of ``attnmask._spans``: ``labels``, ``assistant_masks``, ``completion_mask``, ``prompt_length(s)``)
+        must have the length the plan was made for; only the sequences the chosen rows use are read. ``labels``
+        (same lengths) default to the token ids; ``-100`` is set on the first token of every document, on padding,
+        on the first ``prompt_lengths[i]`` tokens of sequence ``i`` (a split piece masks only the part of the prompt
+        that falls inside it) and wherever a mask hint is 0. Hints in the example dicts and the ``labels`` /
+        ``prompt_lengths`` arguments together raise `LabelError`.
 
         Returns ``(B, L)`` int64 tensors, ``B`` = rows, ``L = max_length`` (``pad_to="longest"``: the longest chosen
         row); ``position_ids`` restart at 0 in every document; ``seq_lens`` per row; ``cu_seqlens`` ``(docs + 1,)``
@@ -179,6 +182,11 @@ class PackPlan:
         _check_int("pad_id", pad_id, minimum=0)
         idx, start, stop, row_offsets = self.segments(rows)
         needed = np.unique(idx)
+        if len(sequences) and isinstance(sequences[0], Mapping):
+            if labels is not None or prompt_lengths is not None:
+                raise bad(LabelError, "labels, prompt_lengths", "None when sequences are example dicts", "given")
+            _check_same_len("sequences", sequences, self.lengths.shape[0])
+            sequences, labels, prompt_lengths, _ = _read_hints(sequences, needed)
         device = _device_of(sequences, needed)
         flat_ids, seq_offsets = _flatten(sequences, needed, self.lengths, "sequences", device)
         flat_labels = None
@@ -681,10 +689,14 @@ def _lengths_of(x: Any) -> np.ndarray:
 class PackingCollator:
     """Pack the examples of one DataLoader batch into rows and collate them: ``collator(examples) -> Batch``.
 
-    ``examples``: token sequences, or mappings with ``input_key`` (default ``"input_ids"``) and optionally
-    ``labels_key`` and ``prompt_length_key``. The batch has as many rows as the examples need (``B`` varies with
+    ``examples``: token sequences, or mappings with ``input_key`` (default ``"input_ids"``) and optionally the label
+    hints of ``attnmask._spans``: ``labels_key`` (``labels``), ``assistant_masks``, ``completion_mask``,
+    ``prompt_length_key`` (``prompt_length``) or ``prompt_lengths``; a token is a target unless a hint excludes it,
+    and the first token of every document never is. ``completion_only=True``: every example must carry a hint that
+    marks its prompt (else `LabelError` naming the keys looked for and found). A batch with no target token raises
+    `NoTargetError` unless ``allow_empty=True``. The batch has as many rows as the examples need (``B`` varies with
     the data; ``padding_free=True`` always gives one row). Example: ``DataLoader(ds, batch_size=64,
-    collate_fn=PackingCollator(2048, pad_id=0))``.
+    collate_fn=PackingCollator(2048, pad_id=0))``; ``batch.model_inputs()`` is what a transformers model takes.
     """
 
     max_length: int
@@ -696,6 +708,8 @@ class PackingCollator:
     input_key: str = "input_ids"
     labels_key: str | None = "labels"
     prompt_length_key: str | None = "prompt_length"
+    completion_only: bool = False
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         _check_int("max_length", self.max_length, minimum=1)
@@ -704,19 +718,22 @@ class PackingCollator:
             raise bad(InputError, "strategy", f"one of {STRATEGIES}", repr(self.strategy))
         if self.overflow not in OVERFLOWS:
             raise bad(InputError, "overflow", f"one of {OVERFLOWS}", repr(self.overflow))
+        for name in ("padding_free", "completion_only", "allow_empty"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(InputError, name, "a bool", repr(getattr(self, name)))
 
     def __call__(self, examples: Sequence[Any]) -> Batch:
         if not len(examples):
             raise bad(InputError, "examples", "at least one example", "an empty list")
-        seqs, labels, prompts = examples, None, None
+        seqs, labels, prompts, hints = examples, None, None, ()
         if isinstance(examples[0], Mapping):
-            if self.input_key not in examples[0]:
-                raise bad(InputError, "examples", f"mappings with key {self.input_key!r}", sorted(examples[0]))
-            seqs = [ex[self.input_key] for ex in examples]
-            labels = _optional_column(examples, self.labels_key)
-            prompts = _optional_column(examples, self.prompt_length_key)
+            keys = dict(input_key=self.input_key, labels_key=self.labels_key, prompt_key=self.prompt_length_key)
+            everything = np.arange(len(examples))
+            seqs, labels, prompts, hints = _read_hints(examples, everything, self.completion_only, **keys)
+        elif self.completion_only:
+            label_hints(examples, completion_only=True)  # raises: plain sequences carry no hint
         plan = pack(seqs, self.max_length, strategy=self.strategy, overflow=self.overflow)
-        return plan.collate(
+        batch = plan.collate(
             seqs,
             pad_id=self.pad_id,
             labels=labels,
@@ -724,18 +741,56 @@ class PackingCollator:
             padding_free=self.padding_free,
             pad_to=self.pad_to,
         )
+        check_targets(batch.labels, allow_empty=self.allow_empty, hints=hints)
+        return batch
 
 
-def _optional_column(examples: Sequence[Mapping], key: str | None) -> list | None:
-    """``[ex[key] for ex in examples]`` when every example has ``key``, None when none has it, else an error."""
-    if not key:
-        return None
-    has = [key in ex for ex in examples]
-    if not any(has):
-        return None
-    if not all(has):
-        raise bad(InputError, "examples", f"{key!r} in every example or in none", f"missing in {has.count(False)}")
-    return [ex[key] for ex in examples]
+def _read_hints(
+    examples: Sequence[Any],
+    needed: np.ndarray,
+    completion_only: bool = False,
+    *,
+    input_key: str = "input_ids",
+    labels_key: str | None = "labels",
+    prompt_key: str | None = "prompt_length",
+) -> tuple[list, list | None, list | None, tuple[str, ...]]:
+    """Token ids, labels, prompt lengths and hint keys of example dicts (``attnmask._spans.example_labels``).
+
+    Only the examples in ``needed`` are read; the others get ``[]`` ids, no labels and prompt 0 (never looked at).
+    """
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, Mapping) or input_key not in ex:
+            got = sorted(ex) if isinstance(ex, Mapping) else type(ex).__name__
+            raise bad(InputError, f"examples[{i}]", f"a mapping with key {input_key!r}", got)
+    hints = label_hints(examples, labels_key=labels_key, prompt_key=prompt_key, completion_only=completion_only)
+    read = set(needed.tolist())
+    ids = [ex[input_key] if i in read else [] for i, ex in enumerate(examples)]
+    with_labels = bool(set(hints) & {labels_key, *MASK_HINTS})
+    with_prompt = bool(set(hints) - {labels_key, *MASK_HINTS})
+    labels = [None] * len(examples) if with_labels else None
+    prompts = [0] * len(examples) if with_prompt else None
+    for i in needed.tolist():
+        _check_unpadded(i, examples[i], len(ids[i]))
+        lab, prompt = example_labels(f"examples[{i}]", examples[i], ids[i], hints, labels_key=labels_key)
+        if with_labels:
+            labels[i] = lab
+        if with_prompt:
+            prompts[i] = prompt
+    return ids, labels, prompts, hints
+
+
+def _check_unpadded(i: int, example: Mapping, n: int) -> None:
+    """Packing takes examples as they are: an ``attention_mask`` with padding (0) in it is refused, not packed."""
+    mask = example.get("attention_mask")
+    if mask is None:
+        return
+    name = f"examples[{i}]['attention_mask']"
+    m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if m.shape != (n,):
+        raise bad(ShapeError, name, f"{n} entries like its input_ids", m.shape)
+    if not bool((m == 1).all()):
+        wanted = "all 1 (packing takes unpadded examples; attnmask.pad strips padding)"
+        raise bad(InputError, name, wanted, f"{int((m != 1).sum())} other entries")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

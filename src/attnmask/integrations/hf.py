@@ -24,7 +24,10 @@ mask function to transformers' ``AttentionMaskInterface``; it returns an :class:
 the model hands back to the attention function in place of the 4D mask. ``attnmask.attention`` then picks the cheapest
 exact backend (per-document ``varlen`` for packed rows). Limits: models whose masks add ``or``/``and`` overlays (e.g.
 image tokens) are honoured through their predicate, per element (O(B·Q·K)); ``block_sequence_ids`` overlays,
-attention sinks and logit soft-capping are not supported (the latter two raise ``BackendError``).
+attention sinks, logit soft-capping and additive position biases (T5) are not supported. The attention function
+keeps an explicit list of the keywords it knows to be harmless (`HARMLESS_KEYWORDS`); any other keyword, and a score
+modifier (`SCORE_MODIFIERS`: ``softcap``, ``s_aux`` / ``sinks``, ``position_bias``) that is not None, raises
+``BackendError`` naming it at the first forward, so a new transformers version cannot slip a score change past it.
 
 Also here: :class:`DataCollatorForCausalLM` (padding or packing, completion-only labels) for the ``Trainer`` and plain
 loops, and :func:`num_items_in_step` (the target count of an optimizer step, for ``masked_cross_entropy``).
@@ -33,6 +36,7 @@ loops, and :func:`num_items_in_step` (the target count of an optimizer step, for
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import weakref
 from collections import OrderedDict
@@ -43,10 +47,9 @@ from typing import Any
 import torch
 
 from attnmask.attention import attention
-from attnmask.batch import Batch, pad
+from attnmask.batch import Batch, Collator
 from attnmask.errors import BackendError, InputError, ShapeError, bad
 from attnmask.integrations.ranks import global_num_items
-from attnmask.labels import IGNORE_INDEX
 from attnmask.masks import MaskSpec, causal, custom, document, full, key_padding, sliding_window
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
     "HFMaskInfo",
     "attention_forward",
     "build_mask_info",
+    "check_packed_inputs",
     "document_ids_from_position_ids",
     "num_items_in_step",
     "register",
@@ -62,6 +66,8 @@ __all__ = [
 ]
 
 ATTN_IMPLEMENTATION = "attnmask"
+logger = logging.getLogger("attnmask")
+_registered_names: set[str] = set()  # every name register() gave attnmask's attention
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -180,21 +186,30 @@ def document_ids_from_position_ids(
 
 
 class _LastDocuments:
-    """One-entry memo: every layer of a forward sees the same ``position_ids``; detect documents once per forward."""
+    """One-entry memo: every layer of a forward sees the same ``position_ids``; detect documents once per forward.
+
+    An entry is reused only for the very same tensors (held by weak references, never by ``id()``, which a freed
+    tensor hands on to the next allocation) at the same ``_version`` (unchanged in place).
+    """
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._ref: Callable | None = None
+        self._refs: tuple = ()
+        self._versions: tuple = ()
         self._value: torch.Tensor | None = None
+        self._lock = threading.Lock()
 
     def get(self, position_ids: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor | None:
-        if position_ids.is_inference() or (padding is not None and padding.is_inference()):
+        tensors = (position_ids,) if padding is None else (position_ids, padding)
+        if any(t.is_inference() for t in tensors):
             return document_ids_from_position_ids(position_ids, padding)  # no version counter: nothing to key on
-        key = (position_ids._version, None if padding is None else (id(padding), padding._version))
-        if self._ref is not None and self._ref() is position_ids and self._key == key:
-            return self._value
+        versions = tuple(t._version for t in tensors)
+        with self._lock:
+            same = len(self._refs) == len(tensors) and all(r() is t for r, t in zip(self._refs, tensors, strict=True))
+            if same and self._versions == versions:
+                return self._value
         value = document_ids_from_position_ids(position_ids, padding)
-        self._ref, self._key, self._value = weakref.ref(position_ids), key, value
+        with self._lock:
+            self._refs, self._versions, self._value = tuple(weakref.ref(t) for t in tensors), versions, value
         return value
 
 
@@ -335,8 +350,7 @@ def attention_forward(
     chooses among the backends with dropout: packed rows still run per document (``varlen``, no O(Q·K) mask) wherever
     that is the cheapest.
     """
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise bad(BackendError, "attention kwargs", "no softcap or attention sinks", sorted(kwargs))
+    _check_keywords(kwargs)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     is_causal = kwargs.get("is_causal")
@@ -384,6 +398,65 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+# Keywords transformers 5.x hands attention functions that leave the scores unchanged, or that `attention_forward`
+# reads itself (is_causal, position_ids, cu_seq_lens_q/k, seq_lens). Found by recording every keyword of forwards,
+# packed / padded / flattened batches, generate and training steps of Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma,
+# Gemma2, Gemma3, OLMo2, Granite, Starcoder2 and Cohere. Anything else is refused: a new keyword may change the
+# scores, and one silently dropped is a silent wrong result.
+HARMLESS_KEYWORDS = frozenset(
+    {
+        "is_causal",
+        "position_ids",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "seq_lens",
+        "seq_idx",  # linear-attention / convolution layers' packed index, not attention's
+        "use_cache",
+        "output_attentions",  # attention weights are not returned (None), as with sdpa
+        "output_hidden_states",
+        "output_router_logits",
+        "num_items_in_batch",
+        "deterministic",  # flash-attention backward determinism
+    }
+)
+# Score modifiers that models pass and attnmask's attention does not honour: refused unless None (no modifier).
+SCORE_MODIFIERS = {
+    "softcap": "logit soft-capping (Gemma2's attn_logit_softcapping)",
+    "s_aux": "attention sinks (gpt-oss)",
+    "sinks": "attention sinks",
+    "position_bias": "an additive position bias (T5-family relative attention)",
+}
+
+
+def _check_keywords(kwargs: dict) -> None:
+    """Refuse, with `BackendError` naming it, every keyword that is not known to be harmless."""
+    for name, value in kwargs.items():
+        if name in HARMLESS_KEYWORDS or (name in SCORE_MODIFIERS and value is None):
+            continue
+        if name in SCORE_MODIFIERS:
+            feature = f"None: attnmask's attention does not support {SCORE_MODIFIERS[name]}"
+            raise bad(BackendError, name, feature, _describe(value))
+        raise bad(
+            BackendError,
+            name,
+            "a keyword attnmask's attention knows to leave the scores unchanged, refused rather than ignored "
+            f"(known: {', '.join(sorted(HARMLESS_KEYWORDS))})",
+            _describe(value),
+        )
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_k is not None and (cu_q is None or not torch.equal(torch.as_tensor(cu_k), torch.as_tensor(cu_q))):
+        wanted = "equal to cu_seq_lens_q (the keys are the queries' own tokens)"
+        raise bad(BackendError, "cu_seq_lens_k", wanted, None if cu_k is None else torch.as_tensor(cu_k).tolist())
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return repr(value) if isinstance(value, (int, float, bool, str)) else f"a {type(value).__name__}"
+
+
 def _shared_spec(kwargs, info, shape, padding, device, is_causal, window, build) -> MaskSpec:
     """``build()``, or the spec an earlier layer of this forward built from the same inputs (``_RecentSpecs``)."""
     seq_lens = kwargs.get("seq_lens")
@@ -420,30 +493,37 @@ def _dense_mask_as_bool(mask: torch.Tensor, batch: int, q_len: int, kv_len: int)
 # Collators
 
 
-_PROMPT_KEYS = ("prompt_lengths", "prompt_length")
-
-
 class DataCollatorForCausalLM:
-    """Collator for the ``Trainer`` and plain loops: pads (``attnmask.pad``) or packs (``attnmask.pack``) examples.
+    """Collator for the ``Trainer`` and plain loops: pads (`attnmask.Collator`) or packs (`attnmask.PackingCollator`)
+    examples and returns the dict the model takes.
 
     ``examples``: dicts with ``input_ids`` and optionally ``labels`` (aligned with ``input_ids``, -100 = ignored),
-    ``prompt_lengths`` (or ``prompt_length``, an int: the first tokens that are prompt) and ``assistant_masks`` (0/1
+    ``prompt_lengths`` (or ``prompt_length``, an int: the first tokens that are prompt), ``assistant_masks`` (0/1
     per token, as ``tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True, return_dict=True)`` gives
-    it); plain token lists are accepted too. Returns a dict of ``(B, L)`` int64 tensors:
+    it) and ``completion_mask`` (0/1 per token, TRL's prompt-completion column); plain token lists are accepted too.
+    Returns a dict of ``(B, L)`` int64 tensors:
 
     - padding (``packing=False``): ``input_ids``, ``attention_mask``, ``position_ids``, ``labels``; rows padded on
       ``padding_side`` (right by default) to the longest example, rounded up to ``pad_to_multiple_of``;
     - packing (``packing=True``): rows of ``max_length`` tokens holding several documents each: ``input_ids``,
       ``position_ids`` (restarting at 0 in every document: the document boundaries the ``"attnmask"`` attention
-      reads) and ``labels`` (-100 on each document's first token, so no target crosses a boundary). No
-      ``attention_mask``: a 2D mask next to packed ``position_ids`` makes transformers' own sdpa and eager paths
-      attend across documents (PR #46634); they also do so whenever the model creates a KV cache (``use_cache``,
-      on by default). The ``"attnmask"`` implementation separates documents in every case.
+      reads), ``labels`` (-100 on each document's first token, so no target crosses a boundary) and
+      ``use_cache=False``. No ``attention_mask``: a 2D mask next to packed ``position_ids`` makes transformers' own
+      sdpa and eager paths attend across documents (PR #46634); they also do so whenever the model creates a KV cache
+      (``use_cache``, on by default in the config), hence ``use_cache=False`` in the batch. The ``"attnmask"``
+      implementation separates documents in every case.
       ``padding_free=True`` gives one ``(1, total)`` row plus transformers' flash-attention kwargs
       ``cu_seq_lens_q/k`` and ``max_length_q/k``.
 
-    ``completion_only=True``: labels are -100 on the prompt, from ``prompt_lengths`` or ``assistant_masks`` (by
-    position, never by comparing token ids). Too-long examples are an error, unless ``truncation=True`` (padding:
+    Labels follow the one convention of ``attnmask._spans`` (the same as `attnmask.pad` and
+    `attnmask.PackingCollator`): the hints ``labels``, ``assistant_masks``, ``completion_mask``, ``prompt_length`` /
+    ``prompt_lengths`` present in the examples are always honoured, and a token is a target unless a hint excludes it
+    (by position, never by comparing token ids). ``completion_only=True`` requires a hint that marks the prompt in
+    every example (``LabelError`` names the keys looked for and found). A batch with no target token raises
+    ``NoTargetError`` unless ``allow_empty=True``.
+    An example's own ``attention_mask`` (examples that come padded) is honoured: padding strips its 0 positions, as
+    `attnmask.pad` does; packing refuses an example with padding in it (``InputError``) rather than pack pad tokens.
+    Too-long examples are an error, unless ``truncation=True`` (padding:
     the first ``max_length`` tokens are kept) or packing, which splits them into ``max_length`` pieces; the running
     count of cut tokens is ``self.num_truncated_tokens``. ``return_batch=True`` returns the ``Batch`` instead.
     With the ``Trainer``, set ``remove_unused_columns=False`` so that ``prompt_lengths`` / ``assistant_masks`` reach
@@ -468,6 +548,7 @@ class DataCollatorForCausalLM:
         strategy: str = "bfd",
         padding_free: bool = False,
         return_batch: bool = False,
+        allow_empty: bool = False,
     ) -> None:
         if packing and max_length is None:
             raise bad(InputError, "max_length", "the row length (an int) when packing=True", None)
@@ -483,84 +564,45 @@ class DataCollatorForCausalLM:
         self.strategy = strategy
         self.padding_free = padding_free
         self.return_batch = return_batch
+        self.allow_empty = allow_empty
         self.num_truncated_tokens = 0
 
-    def __call__(self, examples: Sequence[Any]) -> dict[str, torch.Tensor] | Batch:
+    def __call__(self, examples: Sequence[Any]) -> dict[str, Any] | Batch:
         if not len(examples):
             raise bad(InputError, "examples", "at least one example", "an empty list")
-        ids, labels, prompts = _read_examples(examples, self.completion_only)
         if self.packing:
-            from attnmask.pack import pack
+            from attnmask.pack import PackingCollator
 
-            plan = pack(ids, self.max_length, strategy=self.strategy)
-            batch = plan.collate(
-                ids, pad_id=self.pad_id, labels=labels, prompt_lengths=prompts, padding_free=self.padding_free
-            )
+            batch = PackingCollator(
+                self.max_length,
+                self.pad_id,
+                strategy=self.strategy,
+                padding_free=self.padding_free,
+                completion_only=self.completion_only,
+                allow_empty=self.allow_empty,
+            )(examples)
         else:
-            batch = pad(
-                ids,
+            batch = Collator(
                 pad_id=self.pad_id,
                 side=self.padding_side,
                 pad_to_multiple_of=self.pad_to_multiple_of,
                 max_length=self.max_length,
                 truncation=self.truncation,
-                labels=labels,
-                prompt_lengths=prompts,
-            )
+                completion_only=self.completion_only,
+                allow_empty=self.allow_empty,
+            )(examples)
         self.num_truncated_tokens += batch.num_truncated_tokens
         if self.return_batch:
             return batch
         out = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "labels": batch.labels}
         if not self.packing:
             out["attention_mask"] = batch.attention_mask
-        elif self.padding_free:
+            return out
+        out["use_cache"] = False  # with no cache, transformers' own attention paths find the documents too
+        if self.padding_free:
             cu = batch.cu_seqlens
             out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
         return out
-
-
-def _read_examples(examples: Sequence[Any], completion_only: bool) -> tuple[list, list | None, list | None]:
-    """Token ids, labels (or None) and prompt lengths (or None) of the examples; assistant masks become labels."""
-    if not isinstance(examples[0], Mapping):
-        if completion_only:
-            raise bad(
-                InputError,
-                "examples",
-                "dicts with 'prompt_lengths' or 'assistant_masks' (completion_only)",
-                type(examples[0]).__name__,
-            )
-        return list(examples), None, None
-    missing = [i for i, ex in enumerate(examples) if "input_ids" not in ex]
-    if missing:
-        raise bad(InputError, "examples", "dicts with 'input_ids'", f"none at {missing[:5]}")
-    ids = [ex["input_ids"] for ex in examples]
-    labels = [ex["labels"] for ex in examples] if all("labels" in ex for ex in examples) else None
-    if not completion_only:
-        return ids, labels, None
-    prompt_key = next((k for k in _PROMPT_KEYS if all(k in ex for ex in examples)), None)
-    if prompt_key is not None:
-        return ids, labels, [int(ex[prompt_key]) for ex in examples]
-    if all("assistant_masks" in ex for ex in examples):
-        labels = [_assistant_labels(i, ex, labels) for i, ex in enumerate(examples)]
-        return ids, labels, None
-    raise bad(
-        InputError,
-        "examples",
-        "'prompt_lengths' or 'assistant_masks' in every example (completion_only)",
-        sorted(examples[0]),
-    )
-
-
-def _assistant_labels(i: int, example: Mapping, labels: list | None) -> torch.Tensor:
-    """Labels of one example: its ids (or labels) where ``assistant_masks`` is 1, else -100."""
-    ids = torch.as_tensor(example["input_ids"]).reshape(-1)
-    keep = torch.as_tensor(example["assistant_masks"]).reshape(-1)
-    if keep.shape != ids.shape:
-        raise bad(
-            ShapeError, f"examples[{i}]['assistant_masks']", f"{ids.numel()} entries like input_ids", keep.numel()
-        )
-    base = ids if labels is None else torch.as_tensor(labels[i]).reshape(-1)
-    return base.long().masked_fill(keep == 0, IGNORE_INDEX)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -608,4 +650,57 @@ def register(name: str = ATTN_IMPLEMENTATION, *, backend: str = "auto") -> str:
     forward = attention_forward if backend == "auto" else functools.partial(attention_forward, backend=backend)
     AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, build_mask_info)
+    _registered_names.add(name)
     return name
+
+
+def check_packed_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> bool:
+    """Whether ``model(**inputs)`` keeps the documents of packed rows apart; warns on the ``attnmask`` logger when
+    packed ``position_ids`` meet a model whose attention is not attnmask's.
+
+    ``inputs``: the dict the model is called with (a collator's output, ``batch.model_inputs()``). Rows are packed when
+    their ``position_ids`` restart inside them (`document_ids_from_position_ids`). Under ``attn_implementation`` names
+    given by `register`, packed rows are always separate: True, no warning. Under any other attention, transformers
+    finds the documents from ``position_ids`` only when there is no ``attention_mask`` and no KV cache (neither
+    ``past_key_values`` nor ``use_cache``, which defaults to the config's, usually True): the warning says whether
+    that holds (True: exact, as attnmask's collators arrange) or not (False: tokens attend across documents).
+    Example: ``hf.check_packed_inputs(model, collate(examples))`` before a training loop on a stock model.
+    """
+    position_ids = inputs.get("position_ids")
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+        return True
+    mask = inputs.get("attention_mask")
+    padding = mask if isinstance(mask, torch.Tensor) and mask.shape == position_ids.shape else None
+    if document_ids_from_position_ids(position_ids, padding) is None:
+        return True
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl in _registered_names:
+        return True
+    use_cache = inputs.get("use_cache")
+    use_cache = getattr(config, "use_cache", True) if use_cache is None else use_cache
+    leaks = [
+        reason
+        for reason, present in (
+            ("an attention_mask", mask is not None),
+            ("past_key_values", inputs.get("past_key_values") is not None),
+            ("use_cache (a KV cache is created)", bool(use_cache)),
+        )
+        if present
+    ]
+    if leaks:
+        logger.warning(
+            "packed position_ids meet attn_implementation=%r, not attnmask's: with %s, transformers does not detect "
+            "the documents and tokens attend across them; use attn_implementation=hf.register(), or pass no "
+            "attention_mask and use_cache=False",
+            impl,
+            " and ".join(leaks),
+        )
+        return False
+    logger.warning(
+        "packed position_ids meet attn_implementation=%r, not attnmask's: exact only through transformers' own "
+        "packed-sequence detection (no attention_mask, no cache); attn_implementation=hf.register() keeps documents "
+        "apart in every case",
+        impl,
+    )
+    return True
