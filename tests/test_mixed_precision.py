@@ -1,4 +1,4 @@
-"""Mixed precision: under autocast every backend gets what SDPA gets and returns SDPA's dtype; training runs under it."""
+"""Mixed precision: under autocast every backend gets what SDPA gets and returns SDPA's dtype."""
 
 import pytest
 import torch
