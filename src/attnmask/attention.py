@@ -44,6 +44,7 @@ Worked example, two queries decoding against four cached keys (bottom-right: the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -236,7 +237,10 @@ def attention(
     """Scaled dot-product attention honouring ``mask``; rows with no allowed key give exactly 0.
 
     - ``q``: ``(B, H, Q, D)``; ``k``: ``(B, Hkv, K, D)``; ``v``: ``(B, Hkv, K, Dv)``, ``H % Hkv == 0``, one floating
-      dtype and one device. Returns ``(B, H, Q, Dv)`` in that dtype.
+      dtype and one device. Returns ``(B, H, Q, Dv)`` in that dtype. Mixed dtypes: under autocast (CPU or CUDA,
+      bfloat16 or float16) every non-float64 input is cast to the autocast dtype first, exactly as autocast casts
+      SDPA's inputs, and the output is in that dtype (``autocast_inputs``); outside autocast, mixed dtypes are a
+      ``DTypeError``, as SDPA refuses them.
     - ``mask``: ``None``, a ``MaskSpec`` (queries bottom-right aligned unless ``q_positions`` / ``kv_positions`` are
       given, as ``MaskSpec.to_dense``), or a bool tensor broadcastable to ``(B, H, Q, K)``; True = may attend.
     - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost), ``"sdpa"``, ``"reference"``,
@@ -263,11 +267,36 @@ def attention(
     Example: ``attention(q, k, v, causal() & key_padding(batch.attention_mask))`` on a left-padded batch gives 0 at
     the padding queries, which see no key.
     """
-    call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p)
-    chosen = choose_backend(call, backend)
-    if chosen.reads_masked_keys and not call.is_full and not _all_finite(call.k, call.v):
-        return _contained(chosen, call)
-    return chosen.run(call)
+    q, k, v = autocast_inputs(q, k, v)
+    with torch.autocast(q.device.type, enabled=False) if _autocasting(q) else contextlib.nullcontext():
+        call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p)
+        chosen = choose_backend(call, backend)
+        if chosen.reads_masked_keys and not call.is_full and not _all_finite(call.k, call.v):
+            return _contained(chosen, call)
+        return chosen.run(call)
+
+
+def _autocasting(t: torch.Tensor) -> bool:
+    return isinstance(t, torch.Tensor) and torch.is_autocast_enabled(t.device.type)
+
+
+def autocast_inputs(q, k, v) -> tuple:
+    """``q``, ``k``, ``v`` as SDPA receives them under the autocast active on ``q``'s device, else unchanged.
+
+    Autocast runs ``scaled_dot_product_attention`` in its lower precision: every floating input that is not float64
+    is cast to the autocast dtype (bfloat16 or float16), whatever mix of dtypes the model handed over (rotary
+    embeddings often leave ``q`` and ``k`` in float32 beside a bfloat16 ``v``). The backend then runs with autocast
+    disabled, so it computes in its declared precision for that dtype and returns that dtype, as SDPA does.
+    """
+    if not _autocasting(q):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (torch.float64, dtype)
+        return t.to(dtype) if eligible else t
+
+    return cast(q), cast(k), cast(v)
 
 
 def _all_finite(k: torch.Tensor, v: torch.Tensor) -> bool:
