@@ -33,6 +33,7 @@ LAYER = {
     "pack": 5,
     "labels": 6,
     "loss": 6,
+    "chat": 6,
     "generation": 7,
     # 8: integrations
     "integrations": 8,

@@ -1,0 +1,545 @@
+"""Conversations to token ids and assistant-only labels through any tokenizer's chat template.
+
+The template is rendered as it is (no ``{% generation %}`` tags needed); each message's span in the rendered text is
+*located*, never guessed from token ids:
+
+1. render the conversation as is (the text that is tokenized), and once more with every message's content wrapped
+   in two private-use marker characters (``U+F0000 + 2i`` before message ``i``'s content, ``U+F0001 + 2i`` after);
+2. the marked render with its markers deleted must equal the plain render character for character (else the
+   markers are moved inside the content's edge whitespace, which ``trim`` / ``strip`` filters remove, and tried
+   again; else the conversation is refused with `ChatTemplateError`); the markers then give where each content
+   starts and ends in the plain text;
+3. a trained turn runs from its content's start (or, where the template parsed the start away, as Qwen3 does with
+   reasoning, from the end of the assistant header, which is the generation prompt) through the template's
+   end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ...; found once per template by rendering a probe
+   conversation), so tool calls rendered after the content are trained too. Exactly one end-of-turn token must lie
+   between the content and the next message, or the conversation is refused;
+4. one batched tokenizer call with offsets maps the character spans to tokens: a token is trained when its
+   characters overlap a trained span (as transformers' ``return_assistant_tokens_mask`` maps its spans).
+
+Worked example (ChatML)::
+
+    <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
+                                                      ^^^^^^^^^^^^^^^^ trained: content + end-of-turn token
+
+Labels follow Hugging Face (aligned with ``input_ids``, -100 elsewhere; the model shifts). Nothing is cut silently:
+conversations longer than ``max_length`` are refused, dropped, truncated or split at turn boundaries, as chosen,
+and counted in `ChatStats`, as are conversations left with no trained token. Requires a ``transformers`` tokenizer
+(``apply_chat_template`` and a fast tokenizer's offsets), used as given: nothing downloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from attnmask._spans import IGNORE_INDEX
+from attnmask.errors import ChatTemplateError, InputError, bad
+
+__all__ = ["ChatEncoding", "ChatStats", "encode_chat", "chat_char_spans", "TRAIN_ON", "OVERFLOW"]
+
+log = logging.getLogger("attnmask")
+
+TRAIN_ON = ("assistant", "last", "all")
+OVERFLOW = ("error", "drop", "truncate", "split")
+_MARK0 = 0xF0000
+_MARKS = re.compile("[\U000f0000-\U0010ffff]")
+_MAX_MESSAGES = (0x10FFFF - _MARK0) // 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class ChatStats:
+    """What encoding did to the conversations: nothing is cut or dropped without being counted here.
+
+    Index lists name conversations by their position in the input. ``untrained`` lists conversations that gave a
+    row with no trained token (e.g. a conversation with no assistant turn, or one truncated before its first).
+    """
+
+    conversations: int
+    rows: int
+    tokens: int
+    trained_tokens: int
+    dropped: tuple[int, ...] = ()
+    truncated: tuple[int, ...] = ()
+    split: tuple[int, ...] = ()
+    cut_tokens: int = 0
+    untrained: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        parts = [
+            f"{self.conversations:,} conversations -> {self.rows:,} rows, {self.tokens:,} tokens, "
+            f"{self.trained_tokens:,} trained"
+        ]
+        for name in ("dropped", "truncated", "split", "untrained"):
+            found = getattr(self, name)
+            if found:
+                parts.append(f"{name} {len(found):,} (first: {list(found[:5])})")
+        if self.cut_tokens:
+            parts.append(f"{self.cut_tokens:,} tokens cut")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class ChatEncoding:
+    """Rows ready for `pad`, the packer or a collator: one per kept conversation (or per piece when split).
+
+    ``input_ids``, ``labels`` (-100 outside trained spans) and ``assistant_masks`` (1 on every assistant turn,
+    trained or not, as transformers' mask) are lists of int lists of equal lengths; ``source[r]`` is the conversation
+    row ``r`` comes from. ``texts`` are the rendered conversations (kept only with ``return_texts=True``).
+    """
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    assistant_masks: list[list[int]]
+    source: list[int]
+    stats: ChatStats
+    texts: list[str] | None = None
+
+    def rows(self) -> list[dict[str, list[int]]]:
+        """The rows as example dicts (``input_ids``, ``labels``, ``assistant_masks``) for a collator."""
+        return [
+            {"input_ids": i, "labels": lab, "assistant_masks": m}
+            for i, lab, m in zip(self.input_ids, self.labels, self.assistant_masks, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class _Template:
+    """What is learnt once per tokenizer and template: the assistant header and the end-of-turn strings."""
+
+    header: str | None
+    end_of_turn: tuple[str, ...]
+    eot_pattern: re.Pattern = field(repr=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def encode_chat(
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Mapping[str, Any]]],
+    *,
+    train_on: str = "assistant",
+    tools: Any = None,
+    max_length: int | None = None,
+    overflow: str = "error",
+    end_of_turn: Sequence[str] | None = None,
+    train_key: str = "train",
+    return_texts: bool = False,
+    **template_kwargs: Any,
+) -> ChatEncoding:
+    """Token ids, labels and assistant masks of ``conversations`` (lists of ``{"role", "content", ...}`` messages).
+
+    ``train_on``: ``"assistant"`` (every assistant turn: its content and end-of-turn token), ``"last"`` (the final
+    assistant turn), ``"all"`` (every token). A message's ``train_key`` field (``"train": True / False``) overrides
+    the choice for that message (any role: its content through the next end-of-turn token).
+    ``tools``: one list of tool schemas for every conversation, or one per conversation (``None`` entries allowed).
+    ``max_length`` with ``overflow``: ``"error"`` (default: refuse), ``"drop"`` (the conversation), ``"truncate"``
+    (keep the turns up to the last assistant end-of-turn that fits) or ``"split"`` (cut at assistant turn ends into
+    pieces of at most ``max_length`` tokens; a single turn longer than that is dropped); all counted in ``stats``.
+    ``end_of_turn``: the strings that end a turn, when the template's own (found by a probe render) are not wanted.
+    ``template_kwargs`` go to ``apply_chat_template`` (e.g. ``enable_thinking=False``, ``chat_template=...``).
+
+    Raises `ChatTemplateError` (naming the conversation and message) for a template whose rendering cannot be
+    located exactly, and `InputError` for malformed messages (multimodal content, unknown options).
+    """
+    if train_on not in TRAIN_ON:
+        raise bad(InputError, "train_on", f"one of {TRAIN_ON}", repr(train_on))
+    if overflow not in OVERFLOW:
+        raise bad(InputError, "overflow", f"one of {OVERFLOW}", repr(overflow))
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise bad(InputError, "max_length", "None or an int >= 1", repr(max_length))
+    if not hasattr(tokenizer, "apply_chat_template"):
+        raise bad(InputError, "tokenizer", "a transformers tokenizer (with apply_chat_template)", type(tokenizer).__name__)
+    if isinstance(conversations, Mapping) or isinstance(conversations, str):
+        raise bad(InputError, "conversations", "a list of conversations (lists of messages)", type(conversations).__name__)
+    convs = [_check_conversation(c, i, train_key) for i, c in enumerate(conversations)]
+    tool_lists = _per_conversation_tools(tools, len(convs))
+    template = _learn_template(tokenizer, end_of_turn, template_kwargs)
+    texts = _render(tokenizer, convs, tool_lists, template_kwargs)
+    spans = [
+        _locate(tokenizer, conv, text, tool_lists[i], template, template_kwargs, i, train_on, train_key)
+        for i, (conv, text) in enumerate(zip(convs, texts, strict=True))
+    ]
+    ids, offsets = _tokenize(tokenizer, texts)
+    return _assemble(ids, offsets, spans, train_on, max_length, overflow, texts if return_texts else None)
+
+
+def chat_char_spans(
+    tokenizer: Any,
+    conversation: Sequence[Mapping[str, Any]],
+    *,
+    tools: Any = None,
+    end_of_turn: Sequence[str] | None = None,
+    train_key: str = "train",
+    **template_kwargs: Any,
+) -> tuple[str, list[tuple[int, int, int, str]]]:
+    """The rendered text of one conversation and ``(message index, start, stop, role)`` of each located turn (the
+    characters `encode_chat` trains for that message), for inspection and tests."""
+    conv = _check_conversation(conversation, 0, train_key)
+    template = _learn_template(tokenizer, end_of_turn, template_kwargs)
+    text = _render(tokenizer, [conv], [tools], template_kwargs)[0]
+    located = _locate(tokenizer, conv, text, tools, template, template_kwargs, 0, "assistant", train_key)
+    return text, [(i, a, b, conv[i]["role"]) for i, a, b, _ in located.turns]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checking the input
+
+
+def _check_conversation(conv: Any, i: int, train_key: str) -> list[dict]:
+    if isinstance(conv, Mapping) and "messages" in conv:
+        conv = conv["messages"]
+    if isinstance(conv, (str, Mapping)) or not isinstance(conv, Sequence) or not len(conv):
+        raise bad(InputError, f"conversations[{i}]", "a non-empty list of messages", _short(conv))
+    if len(conv) > _MAX_MESSAGES:
+        raise bad(InputError, f"conversations[{i}]", f"at most {_MAX_MESSAGES} messages", len(conv))
+    out = []
+    for j, m in enumerate(conv):
+        where = f"conversations[{i}][{j}]"
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise bad(InputError, where, "a message dict with a str 'role'", _short(m))
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            raise bad(
+                InputError,
+                f"{where}['content']",
+                "a str or None (multimodal / list-of-parts content is not supported)",
+                type(content).__name__,
+            )
+        flag = m.get(train_key)
+        if flag is not None and not isinstance(flag, bool):
+            raise bad(InputError, f"{where}[{train_key!r}]", "True, False or absent", repr(flag))
+        out.append(dict(m))
+    return out
+
+
+def _per_conversation_tools(tools: Any, n: int) -> list[Any]:
+    if tools is None:
+        return [None] * n
+    if isinstance(tools, Sequence) and len(tools) == n and all(t is None or isinstance(t, list) for t in tools):
+        if n and any(isinstance(t, list) for t in tools):
+            return list(tools)
+    if isinstance(tools, list):
+        return [tools] * n
+    raise bad(InputError, "tools", "None, a list of tool schemas, or one such list per conversation", _short(tools))
+
+
+def _short(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _render(tokenizer, convs: list[list[dict]], tools: list[Any], kwargs: dict) -> list[str]:
+    """Rendered texts, one ``apply_chat_template`` call per run of conversations sharing their tools."""
+    out: list[str] = []
+    start = 0
+    for k in range(1, len(convs) + 1):
+        if k == len(convs) or tools[k] is not tools[start]:
+            rendered = tokenizer.apply_chat_template(
+                convs[start:k], tools=tools[start], tokenize=False, add_generation_prompt=False, **kwargs
+            )
+            out.extend(rendered)
+            start = k
+    return out
+
+
+def _marked(conv: list[dict], inner: bool, skip_empty: bool) -> list[dict]:
+    """``conv`` with every content wrapped in its message's two markers (inside the edge whitespace when ``inner``)."""
+    out = []
+    for j, m in enumerate(conv):
+        content = m.get("content")
+        if content is None or (skip_empty and not content):
+            out.append(m)
+            continue
+        left, right = chr(_MARK0 + 2 * j), chr(_MARK0 + 2 * j + 1)
+        if inner:
+            core = content.strip()
+            lead = content[: len(content) - len(content.lstrip())]
+            trail = content[len(lead) + len(core) :]
+            wrapped = lead + left + core + right + trail
+        else:
+            wrapped = left + content + right
+        out.append({**m, "content": wrapped})
+    return out
+
+
+def _learn_template(tokenizer, end_of_turn: Sequence[str] | None, kwargs: dict) -> _Template:
+    """The assistant header (generation prompt) and the end-of-turn strings, from probe renders of the template."""
+    user = {"role": "user", "content": "hi"}
+    without = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=False, **kwargs)
+    with_prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True, **kwargs)
+    header = with_prompt[len(without) :] if with_prompt.startswith(without) and len(with_prompt) > len(without) else None
+    if end_of_turn is not None:
+        if isinstance(end_of_turn, str) or not all(isinstance(s, str) and s for s in end_of_turn) or not end_of_turn:
+            raise bad(InputError, "end_of_turn", "a non-empty list of non-empty strings", _short(end_of_turn))
+        found = tuple(end_of_turn)
+    else:
+        found = _probe_end_of_turn(tokenizer, kwargs)
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(set(found), key=len, reverse=True)))
+    return _Template(header, found, pattern)
+
+
+def _special_tokens(tokenizer) -> list[str]:
+    names = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            names.add(str(tok))
+    return sorted((n for n in names if n), key=len, reverse=True)
+
+
+def _probe_end_of_turn(tokenizer, kwargs: dict) -> tuple[str, ...]:
+    """The first special token after each assistant content of a two-exchange probe conversation."""
+    probe = [
+        {"role": "user", "content": "probe one"},
+        {"role": "assistant", "content": "answer one"},
+        {"role": "user", "content": "probe two"},
+        {"role": "assistant", "content": "answer two"},
+    ]
+    specials = _special_tokens(tokenizer)
+    if not specials:
+        raise ChatTemplateError("end_of_turn: the tokenizer declares no special tokens; pass end_of_turn=[...]")
+    pattern = re.compile("|".join(re.escape(s) for s in specials))
+    text = tokenizer.apply_chat_template(_marked(probe, False, False), tokenize=False, **kwargs)
+    found = []
+    for j in (1, 3):
+        right = text.find(chr(_MARK0 + 2 * j + 1))
+        hit = pattern.search(text, right) if right >= 0 else None
+        if hit is None:
+            raise ChatTemplateError(
+                "end_of_turn: no special token follows an assistant message in the template's rendering; "
+                "pass end_of_turn=[...] (the strings that end an assistant turn)"
+            )
+        found.append(hit.group())
+    return tuple(dict.fromkeys(found))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Locating the turns of one conversation
+
+
+@dataclass(frozen=True)
+class _Located:
+    """Character spans of one rendered conversation: ``turns`` as ``(message, start, stop, trained)``."""
+
+    turns: list[tuple[int, int, int, bool]]
+    all_tokens: bool = False
+
+
+def _locate(tokenizer, conv, text, tools, template: _Template, kwargs, i, train_on, train_key) -> _Located:
+    if _MARKS.search(text):
+        raise ChatTemplateError(
+            f"conversations[{i}]: contains characters of Unicode planes 15-16 (U+F0000 and above), "
+            "which attnmask uses as markers; remove them"
+        )
+    wanted = _wanted(conv, train_on, train_key)
+    located = None
+    for inner, skip_empty in ((False, False), (True, False), (True, True)):
+        marked = _render(tokenizer, [_marked(conv, inner, skip_empty)], [tools], kwargs)[0]
+        if _MARKS.sub("", marked) == text:
+            located = marked
+            break
+    if located is None:
+        raise ChatTemplateError(
+            f"conversations[{i}][{_first_changed(tokenizer, conv, text, tools, kwargs)}]: the template renders this "
+            "message's content transformed, so its span cannot be located exactly"
+        )
+    return _Located(_turns(conv, located, wanted, template, i), all_tokens=train_on == "all")
+
+
+def _wanted(conv: list[dict], train_on: str, train_key: str) -> dict[int, bool]:
+    """Message index -> trained, for every message whose span is needed (every assistant turn, flagged messages)."""
+    assistants = [j for j, m in enumerate(conv) if m["role"] == "assistant"]
+    out = {j: train_on in ("assistant", "all") for j in assistants}
+    if train_on == "last" and assistants:
+        out[assistants[-1]] = True
+    for j, m in enumerate(conv):
+        flag = m.get(train_key)
+        if flag is not None:
+            out[j] = flag
+    return out
+
+
+def _first_changed(tokenizer, conv, text, tools, kwargs) -> int:
+    """The first message whose marked content makes the rendering differ from the plain one (for error messages)."""
+    marked = _render(tokenizer, [_marked(conv, False, False)], [tools], kwargs)[0]
+    plain_pos, last_mark = 0, 0
+    for k, ch in enumerate(marked):
+        if _MARK0 <= ord(ch):
+            last_mark = (ord(ch) - _MARK0) // 2
+            continue
+        if plain_pos >= len(text) or text[plain_pos] != ch:
+            return last_mark
+        plain_pos += 1
+    return last_mark
+
+
+def _turns(conv, marked: str, wanted: dict[int, bool], template: _Template, i: int) -> list[tuple[int, int, int, bool]]:
+    """``(message, start, stop, trained)`` character spans in the plain text, from the marker positions."""
+    left: dict[int, int] = {}
+    right: dict[int, int] = {}
+    seen: list[tuple[int, int]] = []  # (plain position, message) of every marker, in text order
+    for count, hit in enumerate(_MARKS.finditer(marked)):
+        code = ord(hit.group()) - _MARK0
+        j, pos = code // 2, hit.start() - count
+        where = right if code % 2 else left
+        if j in where and j in wanted:
+            raise ChatTemplateError(
+                f"conversations[{i}][{j}]: the template renders this message's content more than once"
+            )
+        where.setdefault(j, pos)
+        seen.append((pos, j))
+    plain = _MARKS.sub("", marked)
+    turns = []
+    for j, trained in sorted(wanted.items()):
+        where = f"conversations[{i}][{j}]"
+        lo = max((p for p, k in seen if k < j), default=0)
+        hi = min((p for p, k in seen if k > j), default=len(plain))
+        if j in left and j in right and not lo <= left[j] <= right[j] <= hi:
+            raise ChatTemplateError(f"{where}: the template renders the messages out of order")
+        if j in left:
+            start = left[j]
+        else:
+            start = _after_header(plain, template, lo, right.get(j, hi), where)
+        frm = right.get(j, start)
+        hits = list(template.eot_pattern.finditer(plain, frm, hi))
+        if len(hits) != 1:
+            what = "no end-of-turn token" if not hits else f"{len(hits)} end-of-turn tokens ({template.end_of_turn})"
+            raise ChatTemplateError(
+                f"{where}: {what} between this message's content and the next message; "
+                "its turn cannot be located exactly (pass end_of_turn=[...] if the template ends turns differently)"
+            )
+        turns.append((j, start, hits[0].end(), trained))
+    return turns
+
+
+def _after_header(plain: str, template: _Template, lo: int, hi: int, where: str) -> int:
+    """End of the assistant header (the generation prompt, or its longest prefix ending at a line or special token)
+    first found in ``plain[lo:hi]``: where a turn starts when the template parsed its content's start away."""
+    header = template.header
+    if header:
+        cuts = sorted({len(header)} | {m.end() for m in re.finditer(r"\n|" + template.eot_pattern.pattern, header)})
+        for cut in reversed(cuts):
+            found = plain.find(header[:cut], lo, hi)
+            if cut and found >= 0:
+                return found + cut
+    raise ChatTemplateError(
+        f"{where}: the template does not render this message's content as given and no assistant header "
+        "(generation prompt) was found before it, so its start cannot be located"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokens
+
+
+def _tokenize(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[np.ndarray]]:
+    """One batched call: ids and ``(n, 2)`` character offsets per text."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise bad(InputError, "tokenizer", "a fast tokenizer (character offsets are needed)", type(tokenizer).__name__)
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2) for e in encodings]
+    out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return out["input_ids"], [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in out["offset_mapping"]]
+
+
+def _token_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """``(n,)`` bool: tokens whose characters ``[s, e)`` overlap one of the sorted disjoint ``spans``; a token with no
+    characters counts as covering its position."""
+    if not spans or not len(offsets):
+        return np.zeros(len(offsets), dtype=bool)
+    starts = np.fromiter((a for a, _ in spans), np.int64, len(spans))
+    stops = np.fromiter((b for _, b in spans), np.int64, len(spans))
+    s = offsets[:, 0]
+    e = np.maximum(offsets[:, 1], s + 1)
+    k = np.searchsorted(stops, s, side="right")  # the first span ending after the token starts
+    inside = k < len(spans)
+    return inside & (starts[np.minimum(k, len(spans) - 1)] < e)
+
+
+def _assemble(ids, offsets, located: list[_Located], train_on, max_length, overflow, texts) -> ChatEncoding:
+    out_ids, out_labels, out_masks, source = [], [], [], []
+    dropped, truncated, split, untrained = [], [], [], []
+    cut = trained_tokens = 0
+    for i, (row, offs, loc) in enumerate(zip(ids, offsets, located, strict=True)):
+        row = np.asarray(row, dtype=np.int64)
+        assistant = _token_mask(offs, [(a, b) for _, a, b, _ in loc.turns])
+        trained = (
+            np.ones(len(row), dtype=bool) if loc.all_tokens else _token_mask(offs, [(a, b) for _, a, b, t in loc.turns if t])
+        )
+        labels = np.where(trained, row, IGNORE_INDEX)
+        pieces = [(0, len(row))]
+        if max_length is not None and len(row) > max_length:
+            ends = sorted({int(np.searchsorted(offs[:, 0], b, side="left")) for _, _, b, _ in loc.turns})
+            pieces = _cut(len(row), ends, max_length, overflow, i)
+            kept = sum(b - a for a, b in pieces)
+            cut += len(row) - kept
+            (dropped if not pieces else truncated if overflow == "truncate" else split).append(i)
+        for a, b in pieces:
+            out_ids.append(row[a:b].tolist())
+            out_labels.append(labels[a:b].tolist())
+            out_masks.append(assistant[a:b].astype(np.int64).tolist())
+            source.append(i)
+            count = int(np.count_nonzero(trained[a:b]))
+            trained_tokens += count
+            if not count:
+                untrained.append(i)
+    stats = ChatStats(
+        conversations=len(ids),
+        rows=len(out_ids),
+        tokens=sum(len(r) for r in out_ids),
+        trained_tokens=trained_tokens,
+        dropped=tuple(dropped),
+        truncated=tuple(truncated),
+        split=tuple(split),
+        cut_tokens=cut,
+        untrained=tuple(dict.fromkeys(untrained)),
+    )
+    if dropped or truncated or split or untrained:
+        log.warning("attnmask.encode_chat: %s", stats)
+    return ChatEncoding(out_ids, out_labels, out_masks, source, stats, texts)
+
+
+def _cut(n: int, ends: list[int], max_length: int, overflow: str, i: int) -> list[tuple[int, int]]:
+    """Token ranges kept of a conversation of ``n`` tokens longer than ``max_length``; ``ends`` are the token indices
+    just after each located turn (the turn boundaries)."""
+    if overflow == "error":
+        raise bad(
+            InputError,
+            f"conversations[{i}]",
+            f"at most max_length={max_length} tokens (or choose overflow='drop' | 'truncate' | 'split')",
+            f"{n} tokens",
+        )
+    if overflow == "drop":
+        return []
+    if overflow == "truncate":
+        fit = [e for e in ends if 0 < e <= max_length]
+        return [(0, fit[-1])] if fit else []
+    pieces, start, fits = [], 0, None  # fits: the last boundary within max_length of start
+    for e in [e for e in ends if 0 < e < n] + [n]:
+        if e - start > max_length and fits is not None:
+            pieces.append((start, fits))
+            start, fits = fits, None
+        if e - start > max_length:  # one turn alone is longer than max_length: dropped, counted in cut_tokens
+            start = e
+            continue
+        fits = e
+    if fits is not None:
+        pieces.append((start, fits))
+    return pieces
