@@ -31,8 +31,8 @@ SPECIAL = [
     "<|assistant|>",
     "<|end|>",
 ]
-# Added but not special (as in Qwen's tokenizers): part of what the assistant writes.
-PLAIN_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+# Added but not special (as in Qwen's tokenizers): text a turn may contain; [INST] so no token straddles it.
+PLAIN_ADDED = ["[INST]", "[/INST]", "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
 # bos / eos of each family's tokenizer.
 FAMILY_TOKENS = {

@@ -167,9 +167,10 @@ def encode_chat(
     tool_lists = _per_conversation_tools(tools, len(convs))
     template = _learn_template(tokenizer, end_of_turn, template_kwargs)
     texts = _render(tokenizer, convs, tool_lists, template_kwargs)
+    marked = _render(tokenizer, [_marked(c, _outer(c)) for c in convs], tool_lists, template_kwargs)
     spans = [
-        _locate(tokenizer, conv, text, tool_lists[i], template, template_kwargs, i, train_on, train_key)
-        for i, (conv, text) in enumerate(zip(convs, texts, strict=True))
+        _locate(tokenizer, conv, text, mark, tool_lists[i], template, template_kwargs, i, train_on, train_key)
+        for i, (conv, text, mark) in enumerate(zip(convs, texts, marked, strict=True))
     ]
     ids, offsets = _tokenize(tokenizer, texts)
     return _assemble(ids, offsets, spans, train_on, max_length, overflow, texts if return_texts else None)
@@ -188,8 +189,8 @@ def chat_char_spans(
     characters `encode_chat` trains for that message), for inspection and tests."""
     conv = _check_conversation(conversation, 0, train_key)
     template = _learn_template(tokenizer, end_of_turn, template_kwargs)
-    text = _render(tokenizer, [conv], [tools], template_kwargs)[0]
-    located = _locate(tokenizer, conv, text, tools, template, template_kwargs, 0, "assistant", train_key)
+    text, marked = _render(tokenizer, [conv, _marked(conv, _outer(conv))], [tools, tools], template_kwargs)
+    located = _locate(tokenizer, conv, text, marked, tools, template, template_kwargs, 0, "assistant", train_key)
     return text, [(i, a, b, conv[i]["role"]) for i, a, b, _ in located.turns]
 
 
@@ -258,22 +259,34 @@ def _render(tokenizer, convs: list[list[dict]], tools: list[Any], kwargs: dict) 
     return out
 
 
-def _marked(conv: list[dict], inner: bool, skip_empty: bool) -> list[dict]:
-    """``conv`` with every content wrapped in its message's two markers (inside the edge whitespace when ``inner``)."""
+def _outer(conv: list[dict]) -> list[tuple[int, int] | None]:
+    """Marker places around every whole content: ``(a, b)`` puts the markers before ``content[a]`` and ``content[b]``."""
+    return [None if m.get("content") is None else (0, len(m["content"])) for m in conv]
+
+
+def _inner(conv: list[dict], skip_empty: bool) -> list[tuple[int, int] | None]:
+    """Marker places inside each content's edge whitespace (which ``trim`` / ``strip`` filters remove); none around
+    empty contents when ``skip_empty`` (templates that test a content's truth)."""
     out = []
-    for j, m in enumerate(conv):
+    for m in conv:
         content = m.get("content")
         if content is None or (skip_empty and not content):
+            out.append(None)
+            continue
+        a = len(content) - len(content.lstrip())
+        out.append((a, max(a, len(content.rstrip()))))
+    return out
+
+
+def _marked(conv: list[dict], places: list[tuple[int, int] | None]) -> list[dict]:
+    """``conv`` with message ``j``'s content wrapped in its markers at ``places[j]``."""
+    out = []
+    for j, (m, place) in enumerate(zip(conv, places, strict=True)):
+        if place is None:
             out.append(m)
             continue
-        left, right = chr(_MARK0 + 2 * j), chr(_MARK0 + 2 * j + 1)
-        if inner:
-            core = content.strip()
-            lead = content[: len(content) - len(content.lstrip())]
-            trail = content[len(lead) + len(core) :]
-            wrapped = lead + left + core + right + trail
-        else:
-            wrapped = left + content + right
+        content, (a, b) = m["content"], place
+        wrapped = content[:a] + chr(_MARK0 + 2 * j) + content[a:b] + chr(_MARK0 + 2 * j + 1) + content[b:]
         out.append({**m, "content": wrapped})
     return out
 
@@ -314,7 +327,7 @@ def _probe_end_of_turn(tokenizer, kwargs: dict) -> tuple[str, ...]:
     if not specials:
         raise ChatTemplateError("end_of_turn: the tokenizer declares no special tokens; pass end_of_turn=[...]")
     pattern = re.compile("|".join(re.escape(s) for s in specials))
-    text = tokenizer.apply_chat_template(_marked(probe, False, False), tokenize=False, **kwargs)
+    text = tokenizer.apply_chat_template(_marked(probe, _outer(probe)), tokenize=False, **kwargs)
     found = []
     for j in (1, 3):
         right = text.find(chr(_MARK0 + 2 * j + 1))
@@ -340,25 +353,49 @@ class _Located:
     all_tokens: bool = False
 
 
-def _locate(tokenizer, conv, text, tools, template: _Template, kwargs, i, train_on, train_key) -> _Located:
+def _locate(tokenizer, conv, text, marked, tools, template: _Template, kwargs, i, train_on, train_key) -> _Located:
+    """The turns of conversation ``i`` (plain render ``text``, ``marked``: rendered with outer markers)."""
     if _MARKS.search(text):
         raise ChatTemplateError(
             f"conversations[{i}]: contains characters of Unicode planes 15-16 (U+F0000 and above), "
             "which attnmask uses as markers; remove them"
         )
     wanted = _wanted(conv, train_on, train_key)
-    located = None
-    for inner, skip_empty in ((False, False), (True, False), (True, True)):
-        marked = _render(tokenizer, [_marked(conv, inner, skip_empty)], [tools], kwargs)[0]
-        if _MARKS.sub("", marked) == text:
-            located = marked
+    places = _outer(conv)
+    if _MARKS.sub("", marked) != text:
+        marked, places = _relocate(tokenizer, conv, text, tools, kwargs, i, wanted)
+    return _Located(_turns(conv, marked, places, wanted, template, i), all_tokens=train_on == "all")
+
+
+def _relocate(tokenizer, conv, text, tools, kwargs, i, wanted: dict[int, bool]) -> tuple[str, list]:
+    """A marked render for a template that transforms contents' edges: markers inside the edge whitespace (then none
+    around empty contents); the left marker of each located message is then moved as early as the rendering stays
+    exact, so that the leading whitespace the template keeps stays in the turn."""
+
+    def render(places):
+        marked = _render(tokenizer, [_marked(conv, places)], [tools], kwargs)[0]
+        return marked if _MARKS.sub("", marked) == text else None
+
+    for skip_empty in (False, True):
+        places = _inner(conv, skip_empty)
+        marked = render(places)
+        if marked is not None:
             break
-    if located is None:
+    else:
         raise ChatTemplateError(
-            f"conversations[{i}][{_first_changed(tokenizer, conv, text, tools, kwargs)}]: the template renders this "
-            "message's content transformed, so its span cannot be located exactly"
+            f"conversations[{i}][{_first_changed(tokenizer, conv, text, tools, kwargs)}]: the template renders "
+            "this message's content transformed, so its span cannot be located exactly"
         )
-    return _Located(_turns(conv, located, wanted, template, i), all_tokens=train_on == "all")
+    for j, place in enumerate(places):
+        if place is None or j not in wanted:
+            continue
+        for a in range(place[0]):
+            candidate = places[:j] + [(a, place[1])] + places[j + 1 :]
+            found = render(candidate)
+            if found is not None:
+                places, marked = candidate, found
+                break
+    return marked, places
 
 
 def _wanted(conv: list[dict], train_on: str, train_key: str) -> dict[int, bool]:
@@ -376,7 +413,7 @@ def _wanted(conv: list[dict], train_on: str, train_key: str) -> dict[int, bool]:
 
 def _first_changed(tokenizer, conv, text, tools, kwargs) -> int:
     """The first message whose marked content makes the rendering differ from the plain one (for error messages)."""
-    marked = _render(tokenizer, [_marked(conv, False, False)], [tools], kwargs)[0]
+    marked = _render(tokenizer, [_marked(conv, _outer(conv))], [tools], kwargs)[0]
     plain_pos, last_mark = 0, 0
     for k, ch in enumerate(marked):
         if _MARK0 <= ord(ch):
@@ -388,8 +425,9 @@ def _first_changed(tokenizer, conv, text, tools, kwargs) -> int:
     return last_mark
 
 
-def _turns(conv, marked: str, wanted: dict[int, bool], template: _Template, i: int) -> list[tuple[int, int, int, bool]]:
-    """``(message, start, stop, trained)`` character spans in the plain text, from the marker positions."""
+def _turns(conv, marked: str, places, wanted: dict[int, bool], template: _Template, i: int) -> list:
+    """``(message, start, stop, trained)`` character spans in the plain text, from the marker positions. Where both
+    markers of a message arrived, the text between them must be its content (as marked at ``places``)."""
     left: dict[int, int] = {}
     right: dict[int, int] = {}
     seen: list[tuple[int, int]] = []  # (plain position, message) of every marker, in text order
@@ -404,6 +442,13 @@ def _turns(conv, marked: str, wanted: dict[int, bool], template: _Template, i: i
         where.setdefault(j, pos)
         seen.append((pos, j))
     plain = _MARKS.sub("", marked)
+    for j in sorted(set(left) & set(right)):
+        a, b = places[j]
+        if plain[left[j] : right[j]] != conv[j]["content"][a:b]:
+            raise ChatTemplateError(
+                f"conversations[{i}][{j}]: the template renders this message's content transformed, so its span "
+                "cannot be located exactly"
+            )
     turns = []
     for j, trained in sorted(wanted.items()):
         where = f"conversations[{i}][{j}]"

@@ -1,0 +1,259 @@
+"""`attnmask.chat.encode_chat`: assistant-only labels from stock chat templates (no generation tags).
+
+The reference is transformers itself: each family's template (tests/chat_templates.py) also exists with
+``{% generation %}`` tags around what an assistant turn should train, and ``apply_chat_template(...,
+return_assistant_tokens_mask=True)`` on that copy gives the mask attnmask must reproduce from the stock copy.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnmask._spans import IGNORE_INDEX
+from attnmask.chat import chat_char_spans, encode_chat
+from attnmask.errors import ChatTemplateError, InputError
+from tests.chat_templates import FAMILIES, chat_tokenizer, template
+
+pytest.importorskip("transformers")
+
+SYSTEM = "You answer briefly."
+TURNS = [
+    ("What is two plus two?", "Two plus two is four."),
+    ("And the capital of France?", "Paris. 🙂"),
+    ("Thanks!", "You are welcome."),
+]
+# How each family renders an assistant content and its end of turn (the trained characters).
+END = {
+    "chatml": lambda c: c + "<|im_end|>",
+    "qwen3": lambda c: c + "<|im_end|>",
+    "tools": lambda c: c + "<|im_end|>",
+    "llama3": lambda c: c.strip() + "<|eot_id|>",
+    "llama2": lambda c: c.strip() + " </s>",
+    "mistral": lambda c: c + "</s>",
+    "gemma": lambda c: c.strip() + "<end_of_turn>",
+    "phi3": lambda c: c + "<|end|>",
+    "zephyr": lambda c: c + "</s>",
+}
+
+
+def conversation(turns=TURNS, system=SYSTEM):
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages
+
+
+def runs(ids, mask, tok) -> list[str]:
+    """The decoded text of each maximal run of tokens where ``mask`` is set."""
+    ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
+    edges = np.flatnonzero(np.diff(np.r_[0, mask.astype(np.int8), 0]))
+    return [tok.decode(ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def reference(family, conv, **kwargs):
+    """transformers' input ids and assistant mask from the copy of the template with generation tags."""
+    out = chat_tokenizer(family, tags=True).apply_chat_template(
+        conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs
+    )
+    return out["input_ids"], out["assistant_masks"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trained_tokens_are_assistant_contents_and_their_end_of_turn(family):
+    tok = chat_tokenizer(family)
+    enc = encode_chat(tok, [conversation()])
+    labels = np.asarray(enc.labels[0])
+    trained = labels != IGNORE_INDEX
+    assert runs(enc.input_ids[0], trained, tok) == [END[family](a) for _, a in TURNS]
+    assert np.array_equal(labels[trained], np.asarray(enc.input_ids[0])[trained])
+    assert enc.assistant_masks[0] == trained.astype(int).tolist()
+    assert enc.stats.trained_tokens == trained.sum() and enc.stats.untrained == ()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_equals_return_assistant_tokens_mask_of_the_tagged_template(family):
+    convs = [conversation(), conversation(TURNS[:1], system=None), conversation(TURNS[1:], system="  spaced  ")]
+    enc = encode_chat(chat_tokenizer(family), convs)
+    for k, conv in enumerate(convs):
+        ids, mask = reference(family, conv)
+        assert enc.input_ids[k] == ids
+        assert enc.assistant_masks[k] == mask
+
+
+def test_qwen3_reasoning_is_trained_where_rendered_and_the_empty_think_block_is_not():
+    tok = chat_tokenizer("qwen3")
+    conv = conversation([("Q1?", "<think>\nearly thought\n</think>\n\nA1."), ("Q2?", "A2.")])
+    enc = encode_chat(tok, [conv], return_texts=True)
+    assert "early thought" not in enc.texts[0]  # Qwen3 drops the reasoning of turns before the last question
+    assert "<think>\n\n</think>\n\nA2." in enc.texts[0]  # and inserts an empty block in the last turn
+    assert runs(enc.input_ids[0], np.asarray(enc.labels[0]) != IGNORE_INDEX, tok) == ["A1.<|im_end|>", "A2.<|im_end|>"]
+    conv = conversation([("Q1?", "A1."), ("Q2?", "<think>\nlast thought\n</think>\n\nA2.")])
+    enc = encode_chat(tok, [conv])
+    got = runs(enc.input_ids[0], np.asarray(enc.labels[0]) != IGNORE_INDEX, tok)
+    assert got == ["A1.<|im_end|>", "<think>\nlast thought\n</think>\n\nA2.<|im_end|>"]
+    assert enc.assistant_masks[0] == reference("qwen3", conv)[1]
+
+
+def test_tool_calls_and_tool_responses():
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    conv = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [call]},
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "It is 4."},
+    ]
+    tok = chat_tokenizer("tools")
+    enc = encode_chat(tok, [conv], tools=tools)
+    got = runs(enc.input_ids[0], np.asarray(enc.labels[0]) != IGNORE_INDEX, tok)
+    tool_call = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>'
+    assert got == [tool_call, "Let me check.\n" + tool_call, "It is 4.<|im_end|>"]
+    assert enc.assistant_masks[0] == reference("tools", conv, tools=tools)[1]
+
+
+@pytest.mark.parametrize(
+    ("train_on", "expected"),
+    [
+        ("assistant", ["Two plus two is four.<|im_end|>", "Paris. 🙂<|im_end|>", "You are welcome.<|im_end|>"]),
+        ("last", ["You are welcome.<|im_end|>"]),
+    ],
+)
+def test_train_on_every_or_the_last_assistant_turn(train_on, expected):
+    tok = chat_tokenizer("chatml")
+    enc = encode_chat(tok, [conversation()], train_on=train_on)
+    assert runs(enc.input_ids[0], np.asarray(enc.labels[0]) != IGNORE_INDEX, tok) == expected
+    assert sum(enc.assistant_masks[0]) > sum(np.asarray(enc.labels[0]) != IGNORE_INDEX) or train_on == "assistant"
+
+
+def test_train_on_all_and_per_message_flags():
+    tok = chat_tokenizer("chatml")
+    enc = encode_chat(tok, [conversation()], train_on="all")
+    assert enc.labels[0] == enc.input_ids[0]
+    conv = conversation()
+    conv[2]["train"] = False  # first assistant turn not trained
+    conv[3]["train"] = True  # a user turn trained
+    enc = encode_chat(tok, [conv])
+    got = runs(enc.input_ids[0], np.asarray(enc.labels[0]) != IGNORE_INDEX, tok)
+    assert got == ["And the capital of France?<|im_end|>", "Paris. 🙂<|im_end|>", "You are welcome.<|im_end|>"]
+
+
+def test_overflow_is_refused_dropped_truncated_or_split_at_turn_boundaries_and_counted(caplog):
+    tok = chat_tokenizer("chatml")
+    convs = [conversation(), conversation(TURNS[:1])]
+    full = encode_chat(tok, convs)
+    n0, n1 = (len(r) for r in full.input_ids)
+    ends = [int(e) + 1 for e in np.flatnonzero(np.diff(np.r_[np.asarray(full.assistant_masks[0]), 0]) == -1)]
+    limit = ends[1] + 1  # fits two of the three exchanges of conversation 0
+    assert n1 <= limit < n0
+    with pytest.raises(InputError, match=r"conversations\[0\].*max_length"):
+        encode_chat(tok, convs, max_length=limit)
+    with caplog.at_level(logging.WARNING, logger="attnmask"):
+        dropped = encode_chat(tok, convs, max_length=limit, overflow="drop")
+    assert dropped.source == [1] and dropped.stats.dropped == (0,) and dropped.stats.cut_tokens == n0
+    assert "dropped 1" in caplog.text
+    truncated = encode_chat(tok, convs, max_length=limit, overflow="truncate")
+    assert truncated.input_ids[0] == full.input_ids[0][: ends[1]] and truncated.stats.truncated == (0,)
+    assert truncated.stats.cut_tokens == n0 - ends[1]
+    split = encode_chat(tok, convs, max_length=limit, overflow="split")
+    assert split.source == [0, 0, 1] and split.stats.split == (0,) and split.stats.cut_tokens == 0
+    assert split.input_ids[0] + split.input_ids[1] == full.input_ids[0]
+    assert split.labels[0] + split.labels[1] == full.labels[0]
+
+
+def test_conversation_without_trained_tokens_is_counted_and_reported(caplog):
+    tok = chat_tokenizer("chatml")
+    with caplog.at_level(logging.WARNING, logger="attnmask"):
+        enc = encode_chat(tok, [conversation(), [{"role": "user", "content": "anyone?"}]])
+    assert enc.stats.untrained == (1,) and set(enc.labels[1]) == {IGNORE_INDEX}
+    assert "untrained 1" in caplog.text
+
+
+def test_template_that_transforms_contents_is_refused_naming_the_message():
+    tok = chat_tokenizer("chatml")
+    tok.chat_template = template("chatml").replace("message.content + '<|im_end|>' }}", "message.content | upper + '<|im_end|>' }}")
+    with pytest.raises(ChatTemplateError, match=r"conversations\[1\]\[2\].*transformed"):
+        encode_chat(tok, [conversation([("a", "OK")]), conversation()])
+
+
+def test_template_without_end_of_turn_is_refused():
+    tok = chat_tokenizer("chatml")
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="end_of_turn"):
+        encode_chat(tok, [conversation()])
+
+
+def test_multimodal_content_is_refused():
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    with pytest.raises(InputError, match=r"conversations\[0\]\[0\]\['content'\].*multimodal"):
+        encode_chat(chat_tokenizer("chatml"), [conv])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"train_on": "user"}, "train_on"), ({"overflow": "wrap"}, "overflow"), ({"max_length": 0}, "max_length")],
+)
+def test_bad_options_are_refused(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        encode_chat(chat_tokenizer("chatml"), [conversation()], **kwargs)
+
+
+def test_char_spans_name_the_trained_characters():
+    text, spans = chat_char_spans(chat_tokenizer("chatml"), conversation(TURNS[:1]))
+    assert [(j, text[a:b], role) for j, a, b, role in spans] == [(2, "Two plus two is four.<|im_end|>", "assistant")]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Property: random conversations never put a label on a character outside an assistant turn
+
+MARKER_TEXT = ["<|im_end|>", "<|im_start|>assistant\n", "<|eot_id|>", "</s>", "[INST]", "<end_of_turn>", "</think>",
+               "<think>", "<|end|>", "<|assistant|>\n", "{{ x }}", " ", "\n", ""]
+contents = st.lists(
+    st.one_of(st.text(st.characters(blacklist_categories=("Cs", "Co")), max_size=12), st.sampled_from(MARKER_TEXT)),
+    max_size=4,
+).map("".join)
+
+
+@st.composite
+def conversations(draw):
+    turns = draw(st.lists(st.tuples(contents, contents), min_size=1, max_size=8))
+    system = draw(st.one_of(st.none(), contents))
+    return conversation(turns, system=system)
+
+
+def reference_char_spans(family, conv):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tok = chat_tokenizer(family, tags=True)
+    texts, spans = render_jinja_template(
+        conversations=[conv], chat_template=tok.chat_template, return_assistant_tokens_mask=True,
+        **tok.special_tokens_map,
+    )
+    return texts[0], spans[0]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(FAMILIES), conv=conversations())
+def test_random_conversations_label_only_assistant_characters(family, conv):
+    tok = chat_tokenizer(family)
+    try:
+        enc = encode_chat(tok, [conv], return_texts=True)
+    except ChatTemplateError:
+        return  # refused, never a wrong mask
+    text, spans = reference_char_spans(family, conv)
+    assert enc.texts[0] == text
+    inside = np.zeros(len(text) + 1, dtype=bool)
+    for a, b in spans:
+        inside[a:b] = True
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    for (a, b), label in zip(offsets, enc.labels[0], strict=True):
+        if label != IGNORE_INDEX:
+            assert inside[a:max(b, a + 1)].all(), (text[a:b], text)
+    assert enc.assistant_masks[0] == reference(family, conv)[1]
