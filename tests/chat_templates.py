@@ -32,7 +32,8 @@ SPECIAL = [
     "<|end|>",
 ]
 # Added but not special (as in Qwen's tokenizers): text a turn may contain; [INST] so no token straddles it.
-PLAIN_ADDED = ["[INST]", "[/INST]", "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+PLAIN_ADDED = ["[INST]", "[/INST]", "<think>", "</think>"]
+PLAIN_ADDED += ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
 # bos / eos of each family's tokenizer.
 FAMILY_TOKENS = {
@@ -61,7 +62,9 @@ _CHATML = r"""
 
 _QWEN3 = r"""
 {%- set ns = namespace(last_query=-1) %}
-{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}{%- endfor %}
+{%- for message in messages %}
+{%- if message.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}
+{%- endfor %}
 {%- for message in messages %}
 {%- if message.role == 'assistant' %}
 {%- set content = message.content %}
@@ -72,7 +75,8 @@ _QWEN3 = r"""
 {%- endif %}
 {{- '<|im_start|>assistant\n' }}
 {%- if loop.index0 > ns.last_query and (loop.last or reasoning) %}
-{%- if reasoning %}[[G]]{{- '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') + '<|im_end|>' }}[[E]]
+{%- if reasoning %}[[G]]{{- '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' }}
+{{- content.lstrip('\n') + '<|im_end|>' }}[[E]]
 {%- else %}{{- '<think>\n\n</think>\n\n' }}[[G]]{{- content.lstrip('\n') + '<|im_end|>' }}[[E]]{%- endif %}
 {%- else %}[[G]]{{- content + '<|im_end|>' }}[[E]]{%- endif %}
 {{- '\n' }}
@@ -218,7 +222,8 @@ _CORPUS = [
 def template(name: str, tags: bool = False) -> str:
     """The family's template, stock (no generation tags) or with ``{% generation %}`` tags around what is trained."""
     text = _TEMPLATES[name].strip()
-    return text.replace("[[G]]", "{% generation %}" if tags else "").replace("[[E]]", "{% endgeneration %}" if tags else "")
+    text = text.replace("[[G]]", "{% generation %}" if tags else "")
+    return text.replace("[[E]]", "{% endgeneration %}" if tags else "")
 
 
 @functools.lru_cache(maxsize=1)

@@ -52,7 +52,7 @@ def runs(ids, mask, tok) -> list[str]:
     """The decoded text of each maximal run of tokens where ``mask`` is set."""
     ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
     edges = np.flatnonzero(np.diff(np.r_[0, mask.astype(np.int8), 0]))
-    return [tok.decode(ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])]
+    return [tok.decode(ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
 def reference(family, conv, **kwargs):
@@ -178,7 +178,8 @@ def test_conversation_without_trained_tokens_is_counted_and_reported(caplog):
 
 def test_template_that_transforms_contents_is_refused_naming_the_message():
     tok = chat_tokenizer("chatml")
-    tok.chat_template = template("chatml").replace("message.content + '<|im_end|>' }}", "message.content | upper + '<|im_end|>' }}")
+    upper = "message.content | upper + '<|im_end|>' }}"
+    tok.chat_template = template("chatml").replace("message.content + '<|im_end|>' }}", upper)
     with pytest.raises(ChatTemplateError, match=r"conversations\[1\]\[2\].*transformed"):
         encode_chat(tok, [conversation([("a", "OK")]), conversation()])
 
@@ -213,8 +214,22 @@ def test_char_spans_name_the_trained_characters():
 # ----------------------------------------------------------------------------------------------------------------------
 # Property: random conversations never put a label on a character outside an assistant turn
 
-MARKER_TEXT = ["<|im_end|>", "<|im_start|>assistant\n", "<|eot_id|>", "</s>", "[INST]", "<end_of_turn>", "</think>",
-               "<think>", "<|end|>", "<|assistant|>\n", "{{ x }}", " ", "\n", ""]
+MARKER_TEXT = [
+    "<|im_end|>",
+    "<|im_start|>assistant\n",
+    "<|eot_id|>",
+    "</s>",
+    "[INST]",
+    "<end_of_turn>",
+    "</think>",
+    "<think>",
+    "<|end|>",
+    "<|assistant|>\n",
+    "{{ x }}",
+    " ",
+    "\n",
+    "",
+]
 contents = st.lists(
     st.one_of(st.text(st.characters(blacklist_categories=("Cs", "Co")), max_size=12), st.sampled_from(MARKER_TEXT)),
     max_size=4,
@@ -233,7 +248,9 @@ def reference_char_spans(family, conv):
 
     tok = chat_tokenizer(family, tags=True)
     texts, spans = render_jinja_template(
-        conversations=[conv], chat_template=tok.chat_template, return_assistant_tokens_mask=True,
+        conversations=[conv],
+        chat_template=tok.chat_template,
+        return_assistant_tokens_mask=True,
         **tok.special_tokens_map,
     )
     return texts[0], spans[0]
@@ -255,5 +272,5 @@ def test_random_conversations_label_only_assistant_characters(family, conv):
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     for (a, b), label in zip(offsets, enc.labels[0], strict=True):
         if label != IGNORE_INDEX:
-            assert inside[a:max(b, a + 1)].all(), (text[a:b], text)
+            assert inside[a : max(b, a + 1)].all(), (text[a:b], text)
     assert enc.assistant_masks[0] == reference(family, conv)[1]

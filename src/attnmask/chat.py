@@ -160,9 +160,11 @@ def encode_chat(
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
         raise bad(InputError, "max_length", "None or an int >= 1", repr(max_length))
     if not hasattr(tokenizer, "apply_chat_template"):
-        raise bad(InputError, "tokenizer", "a transformers tokenizer (with apply_chat_template)", type(tokenizer).__name__)
+        expected = "a transformers tokenizer (with apply_chat_template)"
+        raise bad(InputError, "tokenizer", expected, type(tokenizer).__name__)
     if isinstance(conversations, Mapping) or isinstance(conversations, str):
-        raise bad(InputError, "conversations", "a list of conversations (lists of messages)", type(conversations).__name__)
+        expected = "a list of conversations (lists of messages)"
+        raise bad(InputError, "conversations", expected, type(conversations).__name__)
     convs = [_check_conversation(c, i, train_key) for i, c in enumerate(conversations)]
     tool_lists = _per_conversation_tools(tools, len(convs))
     template = _learn_template(tokenizer, end_of_turn, template_kwargs)
@@ -260,7 +262,8 @@ def _render(tokenizer, convs: list[list[dict]], tools: list[Any], kwargs: dict) 
 
 
 def _outer(conv: list[dict]) -> list[tuple[int, int] | None]:
-    """Marker places around every whole content: ``(a, b)`` puts the markers before ``content[a]`` and ``content[b]``."""
+    """Marker places around every whole content: ``(a, b)`` puts the markers before ``content[a]`` and
+    ``content[b]``."""
     return [None if m.get("content") is None else (0, len(m["content"])) for m in conv]
 
 
@@ -296,7 +299,8 @@ def _learn_template(tokenizer, end_of_turn: Sequence[str] | None, kwargs: dict) 
     user = {"role": "user", "content": "hi"}
     without = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=False, **kwargs)
     with_prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True, **kwargs)
-    header = with_prompt[len(without) :] if with_prompt.startswith(without) and len(with_prompt) > len(without) else None
+    grows = with_prompt.startswith(without) and len(with_prompt) > len(without)
+    header = with_prompt[len(without) :] if grows else None
     if end_of_turn is not None:
         if isinstance(end_of_turn, str) or not all(isinstance(s, str) and s for s in end_of_turn) or not end_of_turn:
             raise bad(InputError, "end_of_turn", "a non-empty list of non-empty strings", _short(end_of_turn))
@@ -415,7 +419,7 @@ def _first_changed(tokenizer, conv, text, tools, kwargs) -> int:
     """The first message whose marked content makes the rendering differ from the plain one (for error messages)."""
     marked = _render(tokenizer, [_marked(conv, _outer(conv))], [tools], kwargs)[0]
     plain_pos, last_mark = 0, 0
-    for k, ch in enumerate(marked):
+    for ch in marked:
         if _MARK0 <= ord(ch):
             last_mark = (ord(ch) - _MARK0) // 2
             continue
@@ -525,9 +529,10 @@ def _assemble(ids, offsets, located: list[_Located], train_on, max_length, overf
     for i, (row, offs, loc) in enumerate(zip(ids, offsets, located, strict=True)):
         row = np.asarray(row, dtype=np.int64)
         assistant = _token_mask(offs, [(a, b) for _, a, b, _ in loc.turns])
-        trained = (
-            np.ones(len(row), dtype=bool) if loc.all_tokens else _token_mask(offs, [(a, b) for _, a, b, t in loc.turns if t])
-        )
+        if loc.all_tokens:
+            trained = np.ones(len(row), dtype=bool)
+        else:
+            trained = _token_mask(offs, [(a, b) for _, a, b, t in loc.turns if t])
         labels = np.where(trained, row, IGNORE_INDEX)
         pieces = [(0, len(row))]
         if max_length is not None and len(row) > max_length:
