@@ -94,7 +94,8 @@ class ChatEncoding:
 
     ``input_ids``, ``labels`` (-100 outside trained spans) and ``assistant_masks`` (1 on every assistant turn,
     trained or not, as transformers' mask) are lists of int lists of equal lengths; ``source[r]`` is the conversation
-    row ``r`` comes from. ``texts`` are the rendered conversations (kept only with ``return_texts=True``).
+    row ``r`` comes from; ``lengths[i]`` is conversation ``i``'s token count before any cut. ``texts`` are the rendered
+    conversations (kept only with ``return_texts=True``).
     """
 
     input_ids: list[list[int]]
@@ -102,6 +103,7 @@ class ChatEncoding:
     assistant_masks: list[list[int]]
     source: list[int]
     stats: ChatStats
+    lengths: list[int]
     texts: list[str] | None = None
 
     def rows(self) -> list[dict[str, list[int]]]:
@@ -136,6 +138,7 @@ def encode_chat(
     end_of_turn: Sequence[str] | None = None,
     train_key: str = "train",
     return_texts: bool = False,
+    report: bool = True,
     **template_kwargs: Any,
 ) -> ChatEncoding:
     """Token ids, labels and assistant masks of ``conversations`` (lists of ``{"role", "content", ...}`` messages).
@@ -149,6 +152,7 @@ def encode_chat(
     pieces of at most ``max_length`` tokens; a single turn longer than that is dropped); all counted in ``stats``.
     ``end_of_turn``: the strings that end a turn, when the template's own (found by a probe render) are not wanted.
     ``template_kwargs`` go to ``apply_chat_template`` (e.g. ``enable_thinking=False``, ``chat_template=...``).
+    ``report``: log ``stats`` on the ``attnmask`` logger (a warning) when anything was cut, dropped or left untrained.
 
     Raises `ChatTemplateError` (naming the conversation and message) for a template whose rendering cannot be
     located exactly, and `InputError` for malformed messages (multimodal content, unknown options).
@@ -175,7 +179,11 @@ def encode_chat(
         for i, (conv, text, mark) in enumerate(zip(convs, texts, marked, strict=True))
     ]
     ids, offsets = _tokenize(tokenizer, texts)
-    return _assemble(ids, offsets, spans, train_on, max_length, overflow, texts if return_texts else None)
+    enc = _assemble(ids, offsets, spans, max_length, overflow, texts if return_texts else None)
+    s = enc.stats
+    if report and (s.dropped or s.truncated or s.split or s.untrained):
+        log.warning("attnmask.encode_chat: %s", s)
+    return enc
 
 
 def chat_char_spans(
@@ -522,7 +530,7 @@ def _token_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray
     return inside & (starts[np.minimum(k, len(spans) - 1)] < e)
 
 
-def _assemble(ids, offsets, located: list[_Located], train_on, max_length, overflow, texts) -> ChatEncoding:
+def _assemble(ids, offsets, located: list[_Located], max_length, overflow, texts) -> ChatEncoding:
     out_ids, out_labels, out_masks, source = [], [], [], []
     dropped, truncated, split, untrained = [], [], [], []
     cut = trained_tokens = 0
@@ -561,9 +569,7 @@ def _assemble(ids, offsets, located: list[_Located], train_on, max_length, overf
         cut_tokens=cut,
         untrained=tuple(dict.fromkeys(untrained)),
     )
-    if dropped or truncated or split or untrained:
-        log.warning("attnmask.encode_chat: %s", stats)
-    return ChatEncoding(out_ids, out_labels, out_masks, source, stats, texts)
+    return ChatEncoding(out_ids, out_labels, out_masks, source, stats, [len(r) for r in ids], texts)
 
 
 def _cut(n: int, ends: list[int], max_length: int, overflow: str, i: int) -> list[tuple[int, int]]:
