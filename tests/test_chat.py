@@ -274,3 +274,75 @@ def test_random_conversations_label_only_assistant_characters(family, conv):
         if label != IGNORE_INDEX:
             assert inside[a : max(b, a + 1)].all(), (text[a:b], text)
     assert enc.assistant_masks[0] == reference(family, conv)[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: packed chat rows through the transformers Trainer
+
+
+def _example(name: str):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    examples_dir = str(Path(__file__).resolve().parents[1] / "examples")
+    sys.path.insert(0, examples_dir)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(examples_dir)
+
+
+def test_packed_chat_training_gives_every_conversation_its_loss_alone(tmp_path):
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    chat_sft = _example("chat_sft")
+    tok = chat_sft.build_tokenizer()
+    enc = encode_chat(tok, chat_sft.conversations(24))
+    data = chat_sft.PackedRows(enc, 160, tok.pad_token_id)
+    model = chat_sft.tiny_llama(len(tok), tok.pad_token_id)
+    eager = AutoModelForCausalLM.from_config(model.config, attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=data.collate)
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels_of = {tuple(ids): labels for ids, labels in zip(enc.input_ids, enc.labels, strict=True)}
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        token_loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="none"
+        ).view(logits.shape[0], -1)
+        packed_total, alone_total, targets, seen = 0.0, 0.0, 0, 0
+        for r in range(batch["input_ids"].shape[0]):
+            pos = batch["position_ids"][r].tolist()
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+            for a, b in zip(starts, starts[1:], strict=False):
+                ids = tuple(batch["input_ids"][r, a:b].tolist())
+                if ids not in labels_of:
+                    continue  # padding
+                labels = torch.tensor([labels_of[ids]])
+                assert batch["labels"][r, a:b].tolist() == labels[0].tolist()  # nothing else trained
+                alone = eager(torch.tensor([ids])).logits
+                loss_alone = F.cross_entropy(alone[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+                loss_packed = token_loss[r, a : b - 1].sum()
+                torch.testing.assert_close(loss_packed, loss_alone, atol=1e-4, rtol=1e-5)
+                packed_total, alone_total = packed_total + loss_packed, alone_total + loss_alone
+                targets, seen = targets + int((labels[0, 1:] != -100).sum()), seen + 1
+        assert seen >= 3
+        trainer_loss = trainer.compute_loss(model, batch)
+        torch.testing.assert_close(trainer_loss, alone_total / targets, atol=1e-5, rtol=1e-5)
+    model.train()
+    assert np.isfinite(trainer.train().training_loss)
+
+
+def test_chat_sft_example_trains_and_lowers_the_loss():
+    chat_sft = _example("chat_sft")
+    first = chat_sft.main(["--conversations", "48", "--steps", "1", "--max-length", "128"])
+    later = chat_sft.main(["--conversations", "48", "--steps", "6", "--max-length", "128"])
+    assert later < first
