@@ -306,8 +306,15 @@ def test_packed_chat_training_gives_every_conversation_its_loss_alone(tmp_path):
     eager = AutoModelForCausalLM.from_config(model.config, attn_implementation="eager")
     eager.load_state_dict(model.state_dict())
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3, report_to=[], use_cpu=True,
-        save_strategy="no", disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=data.collate)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -346,3 +353,123 @@ def test_chat_sft_example_trains_and_lowers_the_loss():
     first = chat_sft.main(["--conversations", "48", "--steps", "1", "--max-length", "128"])
     later = chat_sft.main(["--conversations", "48", "--steps", "6", "--max-length", "128"])
     assert later < first
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# TRL hand-off: a dataset TRL prepared goes through attnmask's collators with no flags
+
+
+def trl_prepared(convs, *, prompt_completion=False, completion_only_loss=False):
+    """``SFTTrainer``'s own dataset preparation (in-process, assistant_only_loss on the tagged ChatML template)."""
+    import tempfile
+    import types
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tok = chat_tokenizer("chatml", tags=True)
+    if prompt_completion:
+        ds = Dataset.from_dict({"prompt": [c[:-1] for c in convs], "completion": [c[-1:] for c in convs]})
+    else:
+        ds = Dataset.from_dict({"messages": convs})
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        assistant_only_loss=not prompt_completion,
+        max_length=None,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        shuffle_dataset=False,
+        dataset_num_proc=None,
+    )
+    stub = types.SimpleNamespace(_tokenizer=tok, chat_template=None, completion_only_loss=completion_only_loss)
+    return SFTTrainer._prepare_dataset(stub, ds, tok, args, False, None, "train")
+
+
+def collators():
+    import attnmask as am
+    from attnmask.integrations import hf
+
+    pad_id = chat_tokenizer("chatml").pad_token_id
+    return {
+        "pad": lambda ex: am.pad(ex, pad_id=pad_id).labels,
+        "Collator": lambda ex: am.Collator(pad_id=pad_id)(ex).labels,
+        "PackingCollator": lambda ex: am.PackingCollator(512, pad_id=pad_id)(ex).labels,
+        "DataCollatorForCausalLM": lambda ex: hf.DataCollatorForCausalLM(pad_id)(ex)["labels"],
+        "DataCollatorForCausalLM packed": lambda ex: hf.DataCollatorForCausalLM(pad_id, packing=True, max_length=512)(
+            ex
+        )["labels"],
+    }
+
+
+def trained_texts(labels, tok) -> list[str]:
+    """Decoded runs of trained tokens in a ``(B, L)`` label tensor, row by row."""
+    out = []
+    for row in labels.tolist():
+        row = np.asarray(row)
+        out += runs(np.where(row == IGNORE_INDEX, 0, row), row != IGNORE_INDEX, tok)
+    return out
+
+
+CONVS = [conversation(), conversation(TURNS[1:2]), conversation(TURNS[:2], system=None)]
+
+
+def expected_runs(convs, last_only=False):
+    tok = chat_tokenizer("chatml")
+    enc = encode_chat(tok, convs, train_on="last" if last_only else "assistant")
+    return [
+        r for ids, lab in zip(enc.input_ids, enc.labels, strict=True) for r in runs(ids, np.asarray(lab) != -100, tok)
+    ]
+
+
+@pytest.mark.parametrize("collator", list(collators()))
+def test_trl_prepared_labels_go_through_every_collator_without_flags(collator):
+    pytest.importorskip("trl")
+    prepared = trl_prepared(CONVS)
+    assert {"input_ids", "labels"} <= set(prepared.column_names)
+    examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in prepared]
+    labels = collators()[collator](examples)
+    got = trained_texts(labels, chat_tokenizer("chatml"))
+    expected = expected_runs(CONVS)
+    if "packed" in collator or collator == "PackingCollator":
+        assert sorted(got) == sorted(expected)
+    else:
+        assert got == expected
+
+
+NEEDS_HINTS = pytest.mark.xfail(strict=True, reason="needs issue-12 label hints in the collators")
+
+
+@pytest.mark.parametrize("collator", [pytest.param(c, marks=NEEDS_HINTS) for c in collators()])
+def test_trl_assistant_masks_column_alone_trains_only_assistant_tokens(collator):
+    pytest.importorskip("trl")
+    prepared = trl_prepared(CONVS)
+    examples = [
+        {"input_ids": r["input_ids"], "assistant_masks": [int(x != -100) for x in r["labels"]]} for r in prepared
+    ]
+    got = trained_texts(collators()[collator](examples), chat_tokenizer("chatml"))
+    assert sorted(got) == sorted(expected_runs(CONVS))
+
+
+@pytest.mark.parametrize("collator", [pytest.param(c, marks=NEEDS_HINTS) for c in collators()])
+def test_trl_completion_mask_column_trains_only_the_completion(collator):
+    pytest.importorskip("trl")
+    prepared = trl_prepared(CONVS, prompt_completion=True)
+    assert "completion_mask" in prepared.column_names
+    examples = [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in prepared]
+    tok = chat_tokenizer("chatml")
+    expected = [r for ex in examples for r in runs(ex["input_ids"], ex["completion_mask"], tok)]
+    assert expected == [
+        END["chatml"](a) + "\n" for a in ("You are welcome.", "Paris. 🙂", "Paris. 🙂")
+    ]  # TRL: after the prompt
+    got = trained_texts(collators()[collator](examples), tok)
+    assert sorted(got) == sorted(expected)
+
+
+def test_trl_completion_mask_is_everything_after_the_prompt():
+    """The reference the xfail test above uses holds (so that test can fail only in the collators)."""
+    pytest.importorskip("trl")
+    tok = chat_tokenizer("chatml")
+    prepared = trl_prepared(CONVS, prompt_completion=True)
+    got = [r for ex in prepared for r in runs(ex["input_ids"], ex["completion_mask"], tok)]
+    assert got == [END["chatml"](a) + "\n" for a in ("You are welcome.", "Paris. 🙂", "Paris. 🙂")]
