@@ -178,8 +178,7 @@ def encode_chat(
         _locate(tokenizer, conv, text, mark, tool_lists[i], template, template_kwargs, i, train_on, train_key)
         for i, (conv, text, mark) in enumerate(zip(convs, texts, marked, strict=True))
     ]
-    ids, offsets = _tokenize(tokenizer, texts)
-    enc = _assemble(ids, offsets, spans, max_length, overflow, texts if return_texts else None)
+    enc = _assemble(_tokenize(tokenizer, texts), spans, max_length, overflow, texts if return_texts else None)
     s = enc.stats
     if report and (s.dropped or s.truncated or s.split or s.untrained):
         log.warning("attnmask.encode_chat: %s", s)
@@ -256,17 +255,83 @@ def _short(x: Any) -> str:
 
 
 def _render(tokenizer, convs: list[list[dict]], tools: list[Any], kwargs: dict) -> list[str]:
-    """Rendered texts, one ``apply_chat_template`` call per run of conversations sharing their tools."""
+    """``apply_chat_template(conv, tools=..., tokenize=False)`` of each conversation: straight through the compiled
+    template where `_fast_renderer` vouches for it and the messages hold only plain JSON values, else one
+    ``apply_chat_template`` call per run of conversations sharing their tools."""
+    fast = _fast_renderer(tokenizer, kwargs)
     out: list[str] = []
     start = 0
     for k in range(1, len(convs) + 1):
-        if k == len(convs) or tools[k] is not tools[start]:
-            rendered = tokenizer.apply_chat_template(
-                convs[start:k], tools=tools[start], tokenize=False, add_generation_prompt=False, **kwargs
+        if k < len(convs) and tools[k] is tools[start]:
+            continue
+        if fast is not None and _plain(tools[start]) and all(_plain_messages(c) for c in convs[start:k]):
+            out.extend(fast(c, tools[start]) for c in convs[start:k])
+        else:
+            out.extend(
+                tokenizer.apply_chat_template(
+                    convs[start:k], tools=tools[start], tokenize=False, add_generation_prompt=False, **kwargs
+                )
             )
-            out.extend(rendered)
-            start = k
+        start = k
     return out
+
+
+_FAST: dict[tuple, Any] = {}
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers aliases these: not fast
+
+
+def _fast_renderer(tokenizer, kwargs: dict):
+    """``(conv, tools) -> text`` rendering with the tokenizer's compiled template and the variables
+    ``apply_chat_template`` passes it (its special tokens, ``kwargs``), skipping the per-call conversion of inputs
+    to plain data (done by `_plain_messages` instead); ``None`` when that cannot be vouched for. A probe conversation
+    is rendered both ways once per tokenizer, template and ``kwargs``, and must come out identical."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or "chat_template" in kwargs or not _plain(kwargs):
+        return None
+    key = (id(tokenizer), template, repr(sorted(kwargs.items())), repr(tokenizer.special_tokens_map))
+    if key in _FAST:
+        return _FAST[key]
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # pragma: no cover - another transformers layout: the public path is used
+        _FAST[key] = None
+        return None
+    variables = {**tokenizer.special_tokens_map, **kwargs}
+    compiled = _compile_jinja_template(template)
+
+    def render(conv: list[dict], tools: Any) -> str:
+        messages = [{k: v for k, v in m.items() if v is not None} for m in conv]
+        return compiled.render(messages=messages, tools=tools, documents=None, add_generation_prompt=False, **variables)
+
+    probe = [{"role": r, "content": r[0]} for r in ("system", "user", "assistant")]
+    try:
+        same = render(probe, None) == tokenizer.apply_chat_template(probe, tokenize=False, **kwargs)
+    except Exception:  # noqa: BLE001 - a template that fails on the probe is rendered the public way
+        same = False
+    if len(_FAST) > 64:
+        _FAST.clear()
+    _FAST[key] = render if same and _plain(variables) else None
+    return _FAST[key]
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is built of exact JSON types only (what a template may safely see)."""
+    kind = type(value)
+    if value is None or kind in (str, int, float, bool):
+        return True
+    if kind is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    if kind is list:
+        return all(_plain(v) for v in value)
+    return False
+
+
+def _plain_messages(conv: list[dict]) -> bool:
+    for m in conv:
+        for k, v in m.items():
+            if k in _REASONING_FIELDS or not (type(v) is str or v is None or _plain(v)):
+                return False
+    return True
 
 
 def _outer(conv: list[dict]) -> list[tuple[int, int] | None]:
@@ -504,62 +569,71 @@ def _after_header(plain: str, template: _Template, lo: int, hi: int, where: str)
 # Tokens
 
 
-def _tokenize(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[np.ndarray]]:
-    """One batched call: ids and ``(n, 2)`` character offsets per text."""
-    if not getattr(tokenizer, "is_fast", False):
+def _tokenize(tokenizer, texts: list[str]) -> list[Any]:
+    """One batched call of the Rust tokenizer: an ``Encoding`` (ids, character offsets) per text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not getattr(tokenizer, "is_fast", False) or not hasattr(backend, "encode_batch"):
         raise bad(InputError, "tokenizer", "a fast tokenizer (character offsets are needed)", type(tokenizer).__name__)
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch"):
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
-        return [e.ids for e in encodings], [np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2) for e in encodings]
-    out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return out["input_ids"], [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in out["offset_mapping"]]
+    return backend.encode_batch(texts, add_special_tokens=False)
 
 
-def _token_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
-    """``(n,)`` bool: tokens whose characters ``[s, e)`` overlap one of the sorted disjoint ``spans``; a token with no
-    characters counts as covering its position."""
-    if not spans or not len(offsets):
-        return np.zeros(len(offsets), dtype=bool)
-    starts = np.fromiter((a for a, _ in spans), np.int64, len(spans))
-    stops = np.fromiter((b for _, b in spans), np.int64, len(spans))
+def _token_ranges(encoding, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token ranges ``[first, stop)`` of the tokens whose characters overlap each character span ``[a, b)``: from the
+    token holding the span's first character to the one holding its last (as transformers maps its generation
+    spans); from the offsets where a character belongs to no token (offsets trimmed of whitespace)."""
+    out = []
+    for a, b in spans:
+        first, last = encoding.char_to_token(a), encoding.char_to_token(b - 1)
+        if first is None or last is None:
+            return _ranges_from_offsets(np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2), spans)
+        out.append((first, last + 1))
+    return out
+
+
+def _ranges_from_offsets(offsets: np.ndarray, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`_token_ranges` from ``(n, 2)`` offsets: a token overlaps ``[a, b)`` when ``s < b`` and ``e > a`` (a token with
+    no characters counts as covering its position)."""
     s = offsets[:, 0]
     e = np.maximum(offsets[:, 1], s + 1)
-    k = np.searchsorted(stops, s, side="right")  # the first span ending after the token starts
-    inside = k < len(spans)
-    return inside & (starts[np.minimum(k, len(spans) - 1)] < e)
+    out = []
+    for a, b in spans:
+        hit = np.flatnonzero((s < b) & (e > a))
+        out.append((int(hit[0]), int(hit[-1]) + 1) if len(hit) else (int(np.searchsorted(s, a)),) * 2)
+    return out
 
 
-def _assemble(ids, offsets, located: list[_Located], max_length, overflow, texts) -> ChatEncoding:
-    out_ids, out_labels, out_masks, source = [], [], [], []
+def _assemble(encodings, located: list[_Located], max_length, overflow, texts) -> ChatEncoding:
+    out_ids, out_labels, out_masks, source, lengths = [], [], [], [], []
     dropped, truncated, split, untrained = [], [], [], []
     cut = trained_tokens = 0
-    for i, (row, offs, loc) in enumerate(zip(ids, offsets, located, strict=True)):
-        row = np.asarray(row, dtype=np.int64)
-        assistant = _token_mask(offs, [(a, b) for _, a, b, _ in loc.turns])
-        if loc.all_tokens:
-            trained = np.ones(len(row), dtype=bool)
-        else:
-            trained = _token_mask(offs, [(a, b) for _, a, b, t in loc.turns if t])
-        labels = np.where(trained, row, IGNORE_INDEX)
-        pieces = [(0, len(row))]
-        if max_length is not None and len(row) > max_length:
-            ends = sorted({int(np.searchsorted(offs[:, 0], b, side="left")) for _, _, b, _ in loc.turns})
-            pieces = _cut(len(row), ends, max_length, overflow, i)
-            kept = sum(b - a for a, b in pieces)
-            cut += len(row) - kept
+    for i, (encoding, loc) in enumerate(zip(encodings, located, strict=True)):
+        ids = encoding.ids
+        n = len(ids)
+        ranges = _token_ranges(encoding, [(a, b) for _, a, b, _ in loc.turns])
+        labels = list(ids) if loc.all_tokens else [IGNORE_INDEX] * n
+        assistant = [0] * n
+        for (_, _, _, trained), (first, stop) in zip(loc.turns, ranges, strict=True):
+            assistant[first:stop] = [1] * (stop - first)
+            if trained and not loc.all_tokens:
+                labels[first:stop] = ids[first:stop]
+        pieces = [(0, n)]
+        if max_length is not None and n > max_length:
+            pieces = _cut(n, sorted({stop for _, stop in ranges}), max_length, overflow, i)
+            cut += n - sum(b - a for a, b in pieces)
             (dropped if not pieces else truncated if overflow == "truncate" else split).append(i)
+        lengths.append(n)
         for a, b in pieces:
-            out_ids.append(row[a:b].tolist())
-            out_labels.append(labels[a:b].tolist())
-            out_masks.append(assistant[a:b].astype(np.int64).tolist())
+            piece = labels if (a, b) == (0, n) else labels[a:b]
+            out_ids.append(ids if (a, b) == (0, n) else ids[a:b])
+            out_labels.append(piece)
+            out_masks.append(assistant if (a, b) == (0, n) else assistant[a:b])
             source.append(i)
-            count = int(np.count_nonzero(trained[a:b]))
+            count = len(piece) - piece.count(IGNORE_INDEX)
             trained_tokens += count
             if not count:
                 untrained.append(i)
     stats = ChatStats(
-        conversations=len(ids),
+        conversations=len(encodings),
         rows=len(out_ids),
         tokens=sum(len(r) for r in out_ids),
         trained_tokens=trained_tokens,
@@ -569,7 +643,7 @@ def _assemble(ids, offsets, located: list[_Located], max_length, overflow, texts
         cut_tokens=cut,
         untrained=tuple(dict.fromkeys(untrained)),
     )
-    return ChatEncoding(out_ids, out_labels, out_masks, source, stats, [len(r) for r in ids], texts)
+    return ChatEncoding(out_ids, out_labels, out_masks, source, stats, lengths, texts)
 
 
 def _cut(n: int, ends: list[int], max_length: int, overflow: str, i: int) -> list[tuple[int, int]]:
