@@ -214,8 +214,9 @@ def _check_conversation(conv: Any, i: int, train_key: str) -> list[dict]:
         raise bad(InputError, f"conversations[{i}]", "a non-empty list of messages", _short(conv))
     if len(conv) > _MAX_MESSAGES:
         raise bad(InputError, f"conversations[{i}]", f"at most {_MAX_MESSAGES} messages", len(conv))
-    out = []
     for j, m in enumerate(conv):
+        if type(m) is dict and type(m.get("role")) is str and type(m.get("content")) is str and train_key not in m:
+            continue  # the common case, checked at the cost of a few type tests
         where = f"conversations[{i}][{j}]"
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise bad(InputError, where, "a message dict with a str 'role'", _short(m))
@@ -230,8 +231,7 @@ def _check_conversation(conv: Any, i: int, train_key: str) -> list[dict]:
         flag = m.get(train_key)
         if flag is not None and not isinstance(flag, bool):
             raise bad(InputError, f"{where}[{train_key!r}]", "True, False or absent", repr(flag))
-        out.append(dict(m))
-    return out
+    return [m if type(m) is dict else dict(m) for m in conv]
 
 
 def _per_conversation_tools(tools: Any, n: int) -> list[Any]:
@@ -441,7 +441,7 @@ def _locate(tokenizer, conv, text, marked, tools, template: _Template, kwargs, i
     places = _outer(conv)
     if _MARKS.sub("", marked) != text:
         marked, places = _relocate(tokenizer, conv, text, tools, kwargs, i, wanted)
-    return _Located(_turns(conv, marked, places, wanted, template, i), all_tokens=train_on == "all")
+    return _Located(_turns(conv, marked, text, places, wanted, template, i), all_tokens=train_on == "all")
 
 
 def _relocate(tokenizer, conv, text, tools, kwargs, i, wanted: dict[int, bool]) -> tuple[str, list]:
@@ -502,24 +502,27 @@ def _first_changed(tokenizer, conv, text, tools, kwargs) -> int:
     return last_mark
 
 
-def _turns(conv, marked: str, places, wanted: dict[int, bool], template: _Template, i: int) -> list:
-    """``(message, start, stop, trained)`` character spans in the plain text, from the marker positions. Where both
-    markers of a message arrived, the text between them must be its content (as marked at ``places``)."""
+def _turns(conv, marked: str, plain: str, places, wanted: dict[int, bool], template: _Template, i: int) -> list:
+    """``(message, start, stop, trained)`` character spans in ``plain``, from the marker positions in ``marked``.
+    Where both markers of a message arrived, the text between them must be its content (as marked at ``places``)."""
+    n = len(conv)
     left: dict[int, int] = {}
     right: dict[int, int] = {}
-    seen: list[tuple[int, int]] = []  # (plain position, message) of every marker, in text order
+    first = [len(plain)] * (n + 1)  # first / last marker position of each message
+    last = [0] * (n + 1)
     for count, hit in enumerate(_MARKS.finditer(marked)):
         code = ord(hit.group()) - _MARK0
         j, pos = code // 2, hit.start() - count
         where = right if code % 2 else left
         if j in where and j in wanted:
-            raise ChatTemplateError(
-                f"conversations[{i}][{j}]: the template renders this message's content more than once"
-            )
+            raise ChatTemplateError(f"conversations[{i}][{j}]: the template renders this message's content twice")
         where.setdefault(j, pos)
-        seen.append((pos, j))
-    plain = _MARKS.sub("", marked)
-    for j in sorted(set(left) & set(right)):
+        first[j], last[j] = min(first[j], pos), max(last[j], pos)
+    for j in range(n - 1, -1, -1):  # first[j]: the earliest marker of message j or any later one
+        first[j] = min(first[j], first[j + 1])
+    for j in range(1, n):  # last[j]: the latest marker of message j or any earlier one
+        last[j] = max(last[j], last[j - 1])
+    for j in left.keys() & right.keys():
         a, b = places[j]
         if plain[left[j] : right[j]] != conv[j]["content"][a:b]:
             raise ChatTemplateError(
@@ -529,23 +532,19 @@ def _turns(conv, marked: str, places, wanted: dict[int, bool], template: _Templa
     turns = []
     for j, trained in sorted(wanted.items()):
         where = f"conversations[{i}][{j}]"
-        lo = max((p for p, k in seen if k < j), default=0)
-        hi = min((p for p, k in seen if k > j), default=len(plain))
+        lo, hi = (last[j - 1] if j else 0), first[j + 1]
         if j in left and j in right and not lo <= left[j] <= right[j] <= hi:
             raise ChatTemplateError(f"{where}: the template renders the messages out of order")
-        if j in left:
-            start = left[j]
-        else:
-            start = _after_header(plain, template, lo, right.get(j, hi), where)
-        frm = right.get(j, start)
-        hits = list(template.eot_pattern.finditer(plain, frm, hi))
+        start = left[j] if j in left else _after_header(plain, template, lo, right.get(j, hi), where)
+        hits = template.eot_pattern.findall(plain, right.get(j, start), hi)
         if len(hits) != 1:
             what = "no end-of-turn token" if not hits else f"{len(hits)} end-of-turn tokens ({template.end_of_turn})"
             raise ChatTemplateError(
                 f"{where}: {what} between this message's content and the next message; "
                 "its turn cannot be located exactly (pass end_of_turn=[...] if the template ends turns differently)"
             )
-        turns.append((j, start, hits[0].end(), trained))
+        stop = template.eot_pattern.search(plain, right.get(j, start), hi).end()
+        turns.append((j, start, stop, trained))
     return turns
 
 
