@@ -473,3 +473,84 @@ def test_trl_completion_mask_is_everything_after_the_prompt():
     prepared = trl_prepared(CONVS, prompt_completion=True)
     got = [r for ex in prepared for r in runs(ex["input_ids"], ex["completion_mask"], tok)]
     assert got == [END["chatml"](a) + "\n" for a in ("You are welcome.", "Paris. 🙂", "Paris. 🙂")]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line: pack --chat and inspect --chat
+
+
+def test_cli_pack_chat_writes_labels_of_the_assistant_turns_and_inspect_shows_them(tmp_path, capsys):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from attnmask.cli import main
+
+    tok = chat_tokenizer("chatml")
+    tok.save_pretrained(tmp_path / "tok")
+    convs = [conversation(), conversation(TURNS[1:]), conversation(TURNS[:1], system=None)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs), encoding="utf-8")
+    out = tmp_path / "packed.parquet"
+    args = ["pack", "--chat", "--tokenizer", str(tmp_path / "tok"), str(data), "--max-length", "256", "-o", str(out)]
+    assert main(args) == 0
+    report = capsys.readouterr().out
+    assert "3 -> 3 sequences" in report and "0 dropped" in report
+    rows = pq.read_table(out).to_pylist()
+    enc = encode_chat(tok, convs)
+    found = {}
+    for row in rows:
+        offset = 0
+        for (record, _, _), n in zip(row["segments"], row["seq_lens"], strict=True):
+            found[record] = (row["input_ids"][offset : offset + n], row["labels"][offset : offset + n])
+            offset += n
+    assert [found[k] for k in range(3)] == list(zip(enc.input_ids, enc.labels, strict=True))
+
+    assert (
+        main(
+            [
+                "inspect",
+                "--chat",
+                "--tokenizer",
+                str(tmp_path / "tok"),
+                str(data),
+                "--row",
+                "2",
+                "--ascii",
+                "--out",
+                str(tmp_path / "pics"),
+            ]
+        )
+        == 0
+    )
+    shown = capsys.readouterr().out
+    assert "[[Two plus two is four.<|im_end|>]]" in shown and "[[What" not in shown
+    assert (tmp_path / "pics" / "row2-labels.png").stat().st_size > 0
+    assert main(["inspect", "--chat", "--tokenizer", str(tmp_path / "tok"), str(out), "--ascii"]) == 0
+    assert "[[Paris. 🙂<|im_end|>]]" in capsys.readouterr().out
+
+
+def test_cli_pack_chat_names_the_line_of_a_bad_record(tmp_path, capsys):
+    import json
+
+    from attnmask.cli import main
+
+    chat_tokenizer("chatml").save_pretrained(tmp_path / "tok")
+    data = tmp_path / "chat.jsonl"
+    bad = [{"role": "user", "content": [{"type": "image"}]}]
+    data.write_text(json.dumps({"messages": conversation()}) + "\n" + json.dumps({"messages": bad}) + "\n")
+    args = [
+        "pack",
+        "--chat",
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        str(data),
+        "--max-length",
+        "256",
+        "-o",
+        str(tmp_path / "o.jsonl"),
+    ]
+    assert main(args) == 2
+    assert "chat.jsonl:2: message 0['content']" in capsys.readouterr().err
+    assert main([*args, "--skip-bad"]) == 0
+    assert "1 bad records" in capsys.readouterr().out

@@ -42,6 +42,7 @@ LAYER = {
     "distributed": 8,
     # 9: the command line and pictures
     "cli": 9,
+    "chatcli": 9,
     "viz": 9,
     "demo": 9,
     "packfile": 9,
