@@ -129,12 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     assert trl["labels"] == ours["labels"] == lists.labels, "labels differ"
     tokens = sum(len(r) for r in lists.input_ids)
     trl_time = best["TRL SFTTrainer preparation"]
-    print(f"\n{args.n:,} conversations, {tokens:,} tokens, {lists.stats.trained_tokens:,} trained; best of {args.repeat}")
+    trained = lists.stats.trained_tokens
+    print(f"\n{args.n:,} conversations, {tokens:,} tokens, {trained:,} trained; best of {args.repeat}")
     print(f"| {'labelling':<32} | {'time (s)':>9} | {'conv/s':>9} | {'TRL / this':>10} |")
     print(f"|{'-' * 34}|{'-' * 11}|{'-' * 11}|{'-' * 12}|")
     for name, seconds in best.items():
         print(f"| {name:<32} | {seconds:9.2f} | {args.n / seconds:9,.0f} | {trl_time / seconds:9.2f}x |")
-    print(f"\nlabels identical: yes\ncommand: PYTHONPATH=src python {shlex.join(['benchmarks/bench_chat.py', *sys.argv[1:]])}")
+    command = shlex.join(["benchmarks/bench_chat.py", *sys.argv[1:]])
+    print(f"\nlabels identical: yes\ncommand: PYTHONPATH=src python {command}")
 
 
 if __name__ == "__main__":
