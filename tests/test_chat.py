@@ -85,6 +85,23 @@ def test_equals_return_assistant_tokens_mask_of_the_tagged_template(family):
         assert enc.assistant_masks[k] == mask
 
 
+def test_a_template_with_generation_tags_is_followed_as_transformers_follows_it(caplog):
+    tok = chat_tokenizer("chatml", tags=True)
+    tok.chat_template = tok.chat_template.replace("{% endgeneration %}{{- '\\n' }}", "{{- '\\n' }}{% endgeneration %}")
+    tok.chat_template = tok.chat_template.replace("message.content + '<|im_end|>' }}", "message.content }}")
+    tok.chat_template = tok.chat_template.replace(
+        "{{- '\\n' }}{% endgeneration %}", "{% endgeneration %}{{- '<|im_end|>\\n' }}"
+    )
+    assert "{% endgeneration %}{{- '<|im_end|>" in tok.chat_template  # tags now leave <|im_end|> out
+    conv = conversation()
+    with caplog.at_level(logging.WARNING, logger="attnmask"):
+        enc = encode_chat(tok, [conv])
+    out = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert enc.input_ids[0] == out["input_ids"] and enc.assistant_masks[0] == out["assistant_masks"]
+    assert runs(enc.input_ids[0], np.asarray(enc.labels[0]) != IGNORE_INDEX, tok)[0] == "Two plus two is four."
+    assert "may not learn to stop" in caplog.text
+
+
 def test_qwen3_reasoning_is_trained_where_rendered_and_the_empty_think_block_is_not():
     tok = chat_tokenizer("qwen3")
     conv = conversation([("Q1?", "<think>\nearly thought\n</think>\n\nA1."), ("Q2?", "A2.")])
@@ -259,6 +276,8 @@ def reference_char_spans(family, conv):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(family=st.sampled_from(FAMILIES), conv=conversations())
 def test_random_conversations_label_only_assistant_characters(family, conv):
+    tagged = encode_chat(chat_tokenizer(family, tags=True), [conv])  # a template with tags: they decide, exactly
+    assert (tagged.input_ids[0], tagged.assistant_masks[0]) == reference(family, conv)
     tok = chat_tokenizer(family)
     try:
         enc = encode_chat(tok, [conv], return_texts=True)

@@ -172,12 +172,16 @@ def encode_chat(
     convs = [_check_conversation(c, i, train_key) for i, c in enumerate(conversations)]
     tool_lists = _per_conversation_tools(tools, len(convs))
     template = _learn_template(tokenizer, end_of_turn, template_kwargs)
-    texts = _render(tokenizer, convs, tool_lists, template_kwargs)
-    marked = _render(tokenizer, [_marked(c, _outer(c)) for c in convs], tool_lists, template_kwargs)
-    spans = [
-        _locate(tokenizer, conv, text, mark, tool_lists[i], template, template_kwargs, i, train_on, train_key)
-        for i, (conv, text, mark) in enumerate(zip(convs, texts, marked, strict=True))
-    ]
+    flagged = any(train_key in m for c in convs for m in c)
+    if train_on in ("assistant", "all") and not flagged and _generation_tagged(tokenizer, template_kwargs):
+        texts, spans = _render_tagged(tokenizer, convs, tool_lists, template_kwargs, template, train_on)
+    else:
+        texts = _render(tokenizer, convs, tool_lists, template_kwargs)
+        marked = _render(tokenizer, [_marked(c, _outer(c)) for c in convs], tool_lists, template_kwargs)
+        spans = [
+            _locate(tokenizer, conv, text, mark, tool_lists[i], template, template_kwargs, i, train_on, train_key)
+            for i, (conv, text, mark) in enumerate(zip(convs, texts, marked, strict=True))
+        ]
     enc = _assemble(_tokenize(tokenizer, texts), spans, max_length, overflow, texts if return_texts else None)
     s = enc.stats
     if report and (s.dropped or s.truncated or s.split or s.untrained):
@@ -428,6 +432,45 @@ class _Located:
 
     turns: list[tuple[int, int, int, bool]]
     all_tokens: bool = False
+    tagged: bool = False  # spans of {% generation %} tags, mapped to tokens exactly as transformers maps them
+
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _generation_tagged(tokenizer, kwargs: dict) -> bool:
+    template = kwargs.get("chat_template", getattr(tokenizer, "chat_template", None))
+    return isinstance(template, str) and _GENERATION_TAG.search(template) is not None
+
+
+def _render_tagged(tokenizer, convs, tools, kwargs, template: _Template, train_on) -> tuple[list[str], list]:
+    """Texts and the spans of the template's own ``{% generation %}`` tags (transformers' tracked rendering), for a
+    template that has them: its tags decide what is trained, as ``return_assistant_tokens_mask``. One rendering per
+    conversation instead of two."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    variables = {**tokenizer.special_tokens_map, **kwargs}
+    variables["chat_template"] = tokenizer.get_chat_template(kwargs.get("chat_template"), None)
+    texts, located, start = [], [], 0
+    for k in range(1, len(convs) + 1):
+        if k < len(convs) and tools[k] is tools[start]:
+            continue
+        chats = [[{key: v for key, v in m.items() if v is not None} for m in c] for c in convs[start:k]]
+        rendered, indices = render_jinja_template(
+            conversations=chats, tools=tools[start], return_assistant_tokens_mask=True, **variables
+        )
+        texts.extend(rendered)
+        located.extend(_Located([(-1, a, b, True) for a, b in spans], train_on == "all", True) for spans in indices)
+        start = k
+    ends = tuple(template.end_of_turn)
+    spans = [(t, a, b) for t, loc in zip(texts, located, strict=True) for _, a, b, _ in loc.turns]
+    if any(not t.endswith(ends, a, b) for t, a, b in spans):
+        log.warning(
+            "attnmask.encode_chat: the chat template's generation tags leave the end-of-turn token (%s) out of some "
+            "assistant spans, so the model may not learn to stop; the tags are followed as they are",
+            ", ".join(ends),
+        )
+    return texts, located
 
 
 def _locate(tokenizer, conv, text, marked, tools, template: _Template, kwargs, i, train_on, train_key) -> _Located:
@@ -589,6 +632,19 @@ def _token_ranges(encoding, spans: list[tuple[int, int]]) -> list[tuple[int, int
     return out
 
 
+def _ranges_like_transformers(encoding, spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """Token ranges of generation-tag spans exactly as ``apply_chat_template(return_assistant_tokens_mask=True)``
+    maps them (including its quirks: it stops at a span whose start has no token, and a span whose last character
+    has no token, or lies in token 0, runs to the end)."""
+    out = []
+    for a, b in spans:
+        first, last = encoding.char_to_token(a), encoding.char_to_token(b - 1)
+        if first is None:
+            break
+        out.append((first, last + 1 if last else n))
+    return out
+
+
 def _ranges_from_offsets(offsets: np.ndarray, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """`_token_ranges` from ``(n, 2)`` offsets: a token overlaps ``[a, b)`` when ``s < b`` and ``e > a`` (a token with
     no characters counts as covering its position)."""
@@ -608,7 +664,8 @@ def _assemble(encodings, located: list[_Located], max_length, overflow, texts) -
     for i, (encoding, loc) in enumerate(zip(encodings, located, strict=True)):
         ids = encoding.ids
         n = len(ids)
-        ranges = _token_ranges(encoding, [(a, b) for _, a, b, _ in loc.turns])
+        spans = [(a, b) for _, a, b, _ in loc.turns]
+        ranges = _ranges_like_transformers(encoding, spans, n) if loc.tagged else _token_ranges(encoding, spans)
         labels = list(ids) if loc.all_tokens else [IGNORE_INDEX] * n
         assistant = [0] * n
         for (_, _, _, trained), (first, stop) in zip(loc.turns, ranges, strict=True):
