@@ -75,12 +75,13 @@ def tokenizer():
     return tok
 
 
-def trl_prepare(dataset, tok):
+def trl_prepare(dataset, tok, *, assistant_only_loss: bool = True, completion_only_loss: bool = False):
+    """TRL's own dataset preparation (``SFTTrainer._prepare_dataset``) on a stand-in trainer: no model is built."""
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
         output_dir=tempfile.mkdtemp(),
-        assistant_only_loss=True,
+        assistant_only_loss=assistant_only_loss,
         max_length=None,
         report_to=[],
         use_cpu=True,
@@ -88,7 +89,7 @@ def trl_prepare(dataset, tok):
         shuffle_dataset=False,
         dataset_num_proc=None,
     )
-    stand_in = types.SimpleNamespace(_tokenizer=tok, chat_template=None, completion_only_loss=False)
+    stand_in = types.SimpleNamespace(_tokenizer=tok, chat_template=None, completion_only_loss=completion_only_loss)
     return SFTTrainer._prepare_dataset(stand_in, dataset, tok, args, False, None, "train")
 
 

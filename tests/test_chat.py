@@ -299,12 +299,12 @@ def test_random_conversations_label_only_assistant_characters(family, conv):
 # Training: packed chat rows through the transformers Trainer
 
 
-def _example(name: str):
+def _example(name: str, folder: str = "examples"):
     import importlib
     import sys
     from pathlib import Path
 
-    examples_dir = str(Path(__file__).resolve().parents[1] / "examples")
+    examples_dir = str(Path(__file__).resolve().parents[1] / folder)
     sys.path.insert(0, examples_dir)
     try:
         return importlib.import_module(name)
@@ -380,29 +380,17 @@ def test_chat_sft_example_trains_and_lowers_the_loss():
 
 def trl_prepared(convs, *, prompt_completion=False, completion_only_loss=False):
     """``SFTTrainer``'s own dataset preparation (in-process, assistant_only_loss on the tagged ChatML template)."""
-    import tempfile
-    import types
-
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
 
     tok = chat_tokenizer("chatml", tags=True)
     if prompt_completion:
         ds = Dataset.from_dict({"prompt": [c[:-1] for c in convs], "completion": [c[-1:] for c in convs]})
     else:
         ds = Dataset.from_dict({"messages": convs})
-    args = SFTConfig(
-        output_dir=tempfile.mkdtemp(),
-        assistant_only_loss=not prompt_completion,
-        max_length=None,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        shuffle_dataset=False,
-        dataset_num_proc=None,
+    bench_chat = _example("bench_chat", folder="benchmarks")
+    return bench_chat.trl_prepare(
+        ds, tok, assistant_only_loss=not prompt_completion, completion_only_loss=completion_only_loss
     )
-    stub = types.SimpleNamespace(_tokenizer=tok, chat_template=None, completion_only_loss=completion_only_loss)
-    return SFTTrainer._prepare_dataset(stub, ds, tok, args, False, None, "train")
 
 
 def collators():
