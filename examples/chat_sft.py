@@ -53,7 +53,7 @@ def build_tokenizer():
     trainer = trainers.BpeTrainer(
         vocab_size=512, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    texts = [m["content"] for conv in conversations(500, seed=123) for m in conv]
+    texts = [m["content"] for conv in conversations(100, seed=123) for m in conv]
     backend.train_from_iterator(texts, trainer=trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|endoftext|>"

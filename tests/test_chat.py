@@ -326,7 +326,7 @@ def test_packed_chat_training_gives_every_conversation_its_loss_alone(tmp_path):
     eager.load_state_dict(model.state_dict())
     args = TrainingArguments(
         output_dir=str(tmp_path),
-        max_steps=2,
+        max_steps=1,
         per_device_train_batch_size=3,
         report_to=[],
         use_cpu=True,
@@ -369,8 +369,8 @@ def test_packed_chat_training_gives_every_conversation_its_loss_alone(tmp_path):
 
 def test_chat_sft_example_trains_and_lowers_the_loss():
     chat_sft = _example("chat_sft")
-    first = chat_sft.main(["--conversations", "48", "--steps", "1", "--max-length", "128"])
-    later = chat_sft.main(["--conversations", "48", "--steps", "6", "--max-length", "128"])
+    first = chat_sft.main(["--conversations", "32", "--steps", "1", "--max-length", "96"])
+    later = chat_sft.main(["--conversations", "32", "--steps", "4", "--max-length", "96"])
     assert later < first
 
 
