@@ -8,7 +8,7 @@ The template is rendered as it is (no ``{% generation %}`` tags needed); each me
 2. the marked render with its markers deleted must equal the plain render character for character (else the
    markers are moved inside the content's edge whitespace, which ``trim`` / ``strip`` filters remove, and tried
    again; else the conversation is refused with `ChatTemplateError`); the markers then give where each content
-   starts and ends in the plain text;
+   starts and ends in the plain text, and the text between two markers must be the content itself;
 3. a trained turn runs from its content's start (or, where the template parsed the start away, as Qwen3 does with
    reasoning, from the end of the assistant header, which is the generation prompt) through the template's
    end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ...; found once per template by rendering a probe
@@ -16,6 +16,10 @@ The template is rendered as it is (no ``{% generation %}`` tags needed); each me
    between the content and the next message, or the conversation is refused;
 4. one batched tokenizer call with offsets maps the character spans to tokens: a token is trained when its
    characters overlap a trained span (as transformers' ``return_assistant_tokens_mask`` maps its spans).
+
+A template that has ``{% generation %}`` tags is followed as it is instead (``train_on`` "assistant" or "all", no
+per-message flags): one tracked rendering gives the tags' spans, mapped to tokens exactly as
+``return_assistant_tokens_mask`` maps them, with a warning when they leave the end-of-turn token out.
 
 Worked example (ChatML)::
 
@@ -172,7 +176,7 @@ def encode_chat(
     convs = [_check_conversation(c, i, train_key) for i, c in enumerate(conversations)]
     tool_lists = _per_conversation_tools(tools, len(convs))
     template = _learn_template(tokenizer, end_of_turn, template_kwargs)
-    flagged = any(train_key in m for c in convs for m in c)
+    flagged = any(m.get(train_key) is not None for c in convs for m in c)
     if train_on in ("assistant", "all") and not flagged and _generation_tagged(tokenizer, template_kwargs):
         texts, spans = _render_tagged(tokenizer, convs, tool_lists, template_kwargs, template, train_on)
     else:
