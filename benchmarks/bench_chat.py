@@ -7,12 +7,14 @@ conversations (a system prompt and 1-4 user / assistant exchanges of 5-60 words)
 - by TRL: ``SFTTrainer``'s dataset preparation (``_prepare_dataset``, ``assistant_only_loss=True``, the tokenizer's
   template has ``{% generation %}`` tags, so TRL uses ``return_assistant_tokens_mask``), called on a stand-in
   trainer object so that no model is built;
-- by attnmask: ``encode_chat_dataset`` (Dataset in, Dataset out, as TRL) on the same tokenizer and template (it
-  ignores the tags: it locates the turns itself), and ``encode_chat`` on plain lists.
+- by attnmask: ``encode_chat_dataset`` (Dataset in, Dataset out, as TRL) on the same tokenizer and template (whose
+  tags it follows, as transformers does), ``encode_chat`` on plain lists, and ``encode_chat`` on a copy of the
+  template without the tags (the stock case: turns located by marker renderings, two renderings per conversation).
 
 Both give ``input_ids`` and ``labels``; they are asserted equal before the times are printed. The tokenizer is a
 byte-level BPE (GPT-2 pre-tokenizer, vocabulary 4,000) trained here on the same kind of text; nothing downloads.
-Runs alternate (TRL, attnmask, TRL, ...); the table shows the best time of each and the ratio TRL / attnmask.
+A warm-up on 20 conversations first (imports, template compilation); then runs alternate (TRL, attnmask, TRL,
+...); the table shows the best time of each and the ratio TRL / attnmask.
 """
 
 from __future__ import annotations
@@ -110,13 +112,18 @@ def main(argv: list[str] | None = None) -> None:
 
     datasets.disable_progress_bars()
     tok = tokenizer()
+    stock = tokenizer()
+    stock.chat_template = CHATML_TAGGED.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
     convs = conversations(args.n)
     dataset = Dataset.from_dict({"messages": convs})
     runs = {
         "TRL SFTTrainer preparation": lambda: trl_prepare(dataset, tok),
         "attnmask encode_chat_dataset": lambda: encode_chat_dataset(dataset, tok),
         "attnmask encode_chat (lists)": lambda: encode_chat(tok, convs),
+        "attnmask encode_chat, stock template": lambda: encode_chat(stock, convs),
     }
+    small = Dataset.from_dict({"messages": convs[:20]})
+    trl_prepare(small, tok), encode_chat_dataset(small, tok), encode_chat(stock, convs[:20])  # imports, compilation
     best = {name: float("inf") for name in runs}
     outputs = {}
     for _ in range(args.repeat):
@@ -125,17 +132,17 @@ def main(argv: list[str] | None = None) -> None:
             t = time.perf_counter()
             outputs[name] = fn()
             best[name] = min(best[name], time.perf_counter() - t)
-    trl, ours, lists = (outputs[name] for name in runs)
-    assert trl["input_ids"] == ours["input_ids"] == lists.input_ids, "token ids differ"
-    assert trl["labels"] == ours["labels"] == lists.labels, "labels differ"
+    trl, ours, lists, located = (outputs[name] for name in runs)
+    assert trl["input_ids"] == ours["input_ids"] == lists.input_ids == located.input_ids, "token ids differ"
+    assert trl["labels"] == ours["labels"] == lists.labels == located.labels, "labels differ"
     tokens = sum(len(r) for r in lists.input_ids)
     trl_time = best["TRL SFTTrainer preparation"]
     trained = lists.stats.trained_tokens
     print(f"\n{args.n:,} conversations, {tokens:,} tokens, {trained:,} trained; best of {args.repeat}")
-    print(f"| {'labelling':<32} | {'time (s)':>9} | {'conv/s':>9} | {'TRL / this':>10} |")
-    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 11}|{'-' * 12}|")
+    print(f"| {'labelling':<36} | {'time (s)':>9} | {'conv/s':>9} | {'TRL / this':>10} |")
+    print(f"|{'-' * 38}|{'-' * 11}|{'-' * 11}|{'-' * 12}|")
     for name, seconds in best.items():
-        print(f"| {name:<32} | {seconds:9.2f} | {args.n / seconds:9,.0f} | {trl_time / seconds:9.2f}x |")
+        print(f"| {name:<36} | {seconds:9.2f} | {args.n / seconds:9,.0f} | {trl_time / seconds:9.2f}x |")
     command = shlex.join(["benchmarks/bench_chat.py", *sys.argv[1:]])
     print(f"\nlabels identical: yes\ncommand: PYTHONPATH=src python {command}")
 
