@@ -201,6 +201,16 @@ def test_template_that_transforms_contents_is_refused_naming_the_message():
         encode_chat(tok, [conversation([("a", "OK")]), conversation()])
 
 
+def test_template_that_raises_is_refused_naming_the_conversation():
+    tok = chat_tokenizer("chatml")
+    tok.chat_template = template("chatml").replace(
+        "{%- for message in messages %}",
+        "{%- if messages|length > 4 %}{{ raise_exception('too long') }}{%- endif %}{%- for message in messages %}",
+    )
+    with pytest.raises(ChatTemplateError, match=r"conversations\[1\]: the chat template raised: too long"):
+        encode_chat(tok, [conversation(TURNS[:1]), conversation()])
+
+
 def test_template_without_end_of_turn_is_refused():
     tok = chat_tokenizer("chatml")
     tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"

@@ -272,16 +272,28 @@ def _render(tokenizer, convs: list[list[dict]], tools: list[Any], kwargs: dict) 
     for k in range(1, len(convs) + 1):
         if k < len(convs) and tools[k] is tools[start]:
             continue
-        if fast is not None and _plain(tools[start]) and all(_plain_messages(c) for c in convs[start:k]):
-            out.extend(fast(c, tools[start]) for c in convs[start:k])
-        else:
-            out.extend(
-                tokenizer.apply_chat_template(
-                    convs[start:k], tools=tools[start], tokenize=False, add_generation_prompt=False, **kwargs
+        try:
+            if fast is not None and _plain(tools[start]) and all(_plain_messages(c) for c in convs[start:k]):
+                out.extend(fast(c, tools[start]) for c in convs[start:k])
+            else:
+                out.extend(
+                    tokenizer.apply_chat_template(
+                        convs[start:k], tools=tools[start], tokenize=False, add_generation_prompt=False, **kwargs
+                    )
                 )
-            )
+        except Exception as e:  # noqa: BLE001 - the template's own errors (raise_exception, jinja) are named here
+            culprit = next((j for j in range(len(out), k) if not _renders(tokenizer, convs[j], tools[j], kwargs)), k)
+            raise ChatTemplateError(f"conversations[{culprit}]: the chat template raised: {e}") from e
         start = k
     return out
+
+
+def _renders(tokenizer, conv, tools, kwargs) -> bool:
+    try:
+        tokenizer.apply_chat_template(conv, tools=tools, tokenize=False, **kwargs)
+    except Exception:  # noqa: BLE001 - only whether it fails matters here
+        return False
+    return True
 
 
 _FAST: dict[tuple, Any] = {}
@@ -377,9 +389,12 @@ def _marked(conv: list[dict], places: list[tuple[int, int] | None]) -> list[dict
 
 def _learn_template(tokenizer, end_of_turn: Sequence[str] | None, kwargs: dict) -> _Template:
     """The assistant header (generation prompt) and the end-of-turn strings, from probe renders of the template."""
-    user = {"role": "user", "content": "hi"}
-    without = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=False, **kwargs)
-    with_prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True, **kwargs)
+    user = [{"role": "user", "content": "hi"}]
+    try:
+        without = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=False, **kwargs)
+        with_prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True, **kwargs)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe: no header known (turns need their markers)
+        without = with_prompt = ""
     grows = with_prompt.startswith(without) and len(with_prompt) > len(without)
     header = with_prompt[len(without) :] if grows else None
     if end_of_turn is not None:
@@ -412,7 +427,12 @@ def _probe_end_of_turn(tokenizer, kwargs: dict) -> tuple[str, ...]:
     if not specials:
         raise ChatTemplateError("end_of_turn: the tokenizer declares no special tokens; pass end_of_turn=[...]")
     pattern = re.compile("|".join(re.escape(s) for s in specials))
-    text = tokenizer.apply_chat_template(_marked(probe, _outer(probe)), tokenize=False, **kwargs)
+    try:
+        text = tokenizer.apply_chat_template(_marked(probe, _outer(probe)), tokenize=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the template's own error, named
+        raise ChatTemplateError(
+            f"end_of_turn: the template failed on a probe conversation ({e}); pass end_of_turn=[...]"
+        ) from e
     found = []
     for j in (1, 3):
         right = text.find(chr(_MARK0 + 2 * j + 1))
