@@ -4,7 +4,7 @@ Padding, packing, attention masks (as composable specs), position ids, labels, a
 every backend. See the README for a tour.
 """
 
-from attnmask.attention import attention
+from attnmask.attention import Explanation, attention, explain
 from attnmask.batch import Batch, Collator, pad
 from attnmask.chat import ChatEncoding, ChatStats, encode_chat
 from attnmask.errors import (
@@ -49,6 +49,7 @@ __all__ = [
     "Collator",
     "BlockLayout",
     "DTypeError",
+    "Explanation",
     "DeviceError",
     "ExprError",
     "InputError",
@@ -69,6 +70,7 @@ __all__ = [
     "document",
     "draw_mask",
     "encode_chat",
+    "explain",
     "full",
     "get_tokenizer",
     "greedy_generate",

@@ -1,0 +1,241 @@
+"""The contract between ``attention()`` and its backends: the call a backend receives and what a backend declares.
+
+A backend is one module under ``attnmask/backends/`` that builds one :class:`Backend`: three functions of an
+:class:`AttentionCall` (``run``, ``cost`` and, for what no declaration can say, ``unsupported``) plus plain declared
+capabilities (devices, dtypes, mask kinds, dropout, backward, score modifiers, whether ``"auto"`` may pick it).
+:meth:`Backend.not_supported_reasons` turns the declarations into reasons, and the same reasons drive ``"auto"``'s
+choice, the message of a refused explicit ``backend=``, ``attnmask.explain`` and the conformance tests.
+
+Layer 3 (attention); imports only ``masks`` and ``errors``.
+
+Worked example, a backend that only runs float32 CUDA calls without dropout::
+
+    >>> Backend("mine", run, cost, devices=frozenset({"cuda"}), dtypes=frozenset({torch.float32}))
+    >>> backend.not_supported_reasons(call_on_cpu)
+    ["runs on cuda, not cpu"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from attnmask.errors import InputError, bad
+from attnmask.masks import Causal, Full, MaskSpec
+
+__all__ = [
+    "ALL_DTYPES",
+    "MASK_KINDS",
+    "TORCH_DEVICES",
+    "AttentionCall",
+    "Backend",
+    "check_dropout_p",
+    "dense_mask",
+    "mask_kind",
+    "rows_with_keys",
+]
+
+ALL_DTYPES = frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16})
+TORCH_DEVICES = frozenset({"cpu", "cuda", "mps", "xpu"})
+"""Device types torch's own operators (matmul, softmax, SDPA) run on: the devices of a backend written in torch."""
+MASK_KINDS = frozenset({"none", "tensor", "structural", "custom"})
+"""What ``mask`` holds: ``None`` (or ``full()``), a bool tensor, a spec built from structural primitives, or a spec
+holding a ``custom`` predicate (evaluated per pair, no structure to lower)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The call
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionCall:
+    """Validated inputs of one ``attention`` call.
+
+    - ``q``, ``k``, ``v``: ``(B, H, Q, D)``, ``(B, Hkv, K, D)``, ``(B, Hkv, K, Dv)``, one floating dtype and one
+      device, ``H % Hkv == 0``; not made contiguous (a backend that needs unit strides makes them so itself). Under a
+      mask, ``k`` and ``v`` reach ``run`` finite unless the backend declares ``reads_masked_keys=False``
+      (``attention`` contains non-finite ones around the backend).
+    - ``mask``: ``None``, the ``MaskSpec`` as given, or the bool tensor viewed as 4D (leading 1s added, not expanded).
+    - ``scale``: the softmax scale as a float (``D ** -0.5`` unless given).
+    - ``q_positions`` / ``kv_positions``: for a spec, the resolved int64 positions, ``(Q,)`` / ``(K,)`` or per row
+      ``(B, Q)`` / ``(B, K)``, on ``q``'s device; ``None`` for a tensor or no mask.
+    - ``positions_given``: whether the caller passed explicit positions (a backend may then not assume alignment).
+    - ``dropout_p``: attention dropout probability in ``[0, 1)`` (0.0: none).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: MaskSpec | torch.Tensor | None
+    scale: float
+    q_positions: torch.Tensor | None = None
+    kv_positions: torch.Tensor | None = None
+    positions_given: bool = False
+    dropout_p: float = 0.0
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def q_len(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def kv_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def value_dim(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def device_type(self) -> str:
+        return self.q.device.type
+
+    @property
+    def needs_grad(self) -> bool:
+        """Autograd will record this call: grad mode is on and ``q``, ``k`` or ``v`` requires a gradient."""
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+    @property
+    def score_mods(self) -> frozenset[str]:
+        """Names of the score modifiers the call carries (softcap, sinks, ALiBi, an additive bias): none yet."""
+        return frozenset()
+
+    @property
+    def is_plain_causal(self) -> bool:
+        """The mask is exactly ``causal()`` with ``Q == K`` and default positions (SDPA's top-left ``is_causal``)."""
+        return type(self.mask) is Causal and self.q_len == self.kv_len and not self.positions_given
+
+    @property
+    def is_full(self) -> bool:
+        """No key is ever masked: no mask, or exactly ``full()``."""
+        return self.mask is None or type(self.mask) is Full
+
+
+def mask_kind(call: AttentionCall) -> str:
+    """One of :data:`MASK_KINDS` for ``call.mask``."""
+    if call.is_full:
+        return "none"
+    if isinstance(call.mask, MaskSpec):
+        return "structural" if call.mask.is_structural else "custom"
+    return "tensor"
+
+
+def check_dropout_p(dropout_p) -> float:
+    """``dropout_p`` as a float in ``[0, 1)``, or an ``InputError`` naming it."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise bad(InputError, "dropout_p", "a number in [0, 1)", repr(dropout_p))
+    return float(dropout_p)
+
+
+def dense_mask(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
+    """The call's mask as a bool tensor that broadcasts to ``(B, H, Q, K)``, and whether the caller owns it.
+
+    A spec becomes ``(B or 1, 1, Q, K)`` via ``MaskSpec.to_dense`` (O(B·Q·K) memory; a fresh tensor the caller may
+    write to, unless the spec holds a ``custom`` predicate, whose result might alias the user's data); a tensor mask is
+    returned as given (not owned); ``None`` stays ``None``.
+    """
+    if isinstance(call.mask, MaskSpec):
+        dense = call.mask.to_dense(
+            call.q_len, call.kv_len, q_positions=call.q_positions, kv_positions=call.kv_positions, device=call.q.device
+        )
+        return dense.unsqueeze(1), call.mask.is_structural
+    return call.mask, False
+
+
+def rows_with_keys(mask: torch.Tensor) -> torch.Tensor:
+    """``(..., Q, 1)`` bool: whether each query row of a dense mask ``(..., Q, K)`` allows at least one key."""
+    return mask.any(dim=-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The backend
+
+
+def _no_reason(call: AttentionCall) -> str | None:
+    return None
+
+
+def _always_available() -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An attention implementation and what it declares it supports.
+
+    - ``run(call)``: the ``(B, H, Q, Dv)`` output in ``q``'s dtype.
+    - ``cost(call)``: estimated work in element operations, only compared between backends (``inf``: never auto).
+    - ``devices``: device types it runs on (``"cpu"``, ``"cuda"``, ...); ``dtypes``: the floating dtypes it computes
+      in their declared precision (float64 in float64, the rest at least in float32 accumulation).
+    - ``masks``: the mask kinds of :data:`MASK_KINDS` it takes; ``unsupported(call)``: a reason for what no
+      declaration can say (the spec's structure, explicit positions), or ``None``; consulted only when every
+      declaration holds.
+    - ``dropout``: attention dropout (``dropout_p > 0``); ``backward``: a gradient through ``q``, ``k``, ``v``;
+      ``score_mods``: the score modifiers it honours.
+    - ``auto``: whether ``"auto"`` may pick it (a backend that compiles per shape is named explicitly only).
+    - ``reads_masked_keys``: whether its kernel may touch a key or value the mask denies (a dense matmul multiplies
+      by probability 0, and 0 · NaN is NaN). ``attention`` then keeps non-finite keys and values from the queries that
+      may not see them; a backend that never reads a denied key (``False``) skips that check.
+    - ``available()``: ``None`` when its environment serves it (a compiler, an optional package, a torch with the
+      kernel), else why not; called on every dispatch, so it should cache its answer.
+    """
+
+    name: str
+    run: Callable[[AttentionCall], torch.Tensor]
+    cost: Callable[[AttentionCall], float]
+    devices: frozenset[str] = frozenset({"cpu"})
+    dtypes: frozenset[torch.dtype] = ALL_DTYPES
+    masks: frozenset[str] = MASK_KINDS
+    dropout: bool = False
+    backward: bool = True
+    score_mods: frozenset[str] = frozenset()
+    auto: bool = True
+    reads_masked_keys: bool = True
+    unsupported: Callable[[AttentionCall], str | None] = _no_reason
+    available: Callable[[], str | None] = _always_available
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        """Why this backend cannot serve ``call``, from its declarations first; empty when it can."""
+        reasons = []
+        if call.device_type not in self.devices:
+            reasons.append(f"runs on {', '.join(sorted(self.devices))}, not {call.device_type}")
+        if call.q.dtype not in self.dtypes:
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
+            reasons.append(f"computes {names}, not {str(call.q.dtype).removeprefix('torch.')}")
+        kind = mask_kind(call)
+        if kind not in self.masks:
+            reasons.append(f"takes masks of kind {', '.join(sorted(self.masks))}, not {kind}")
+        if call.dropout_p > 0 and not self.dropout:
+            reasons.append(f"has no attention dropout (dropout_p={call.dropout_p})")
+        if call.needs_grad and not self.backward:
+            reasons.append("has no backward (a gradient is needed)")
+        missing = call.score_mods - self.score_mods
+        if missing:
+            reasons.append(f"does not honour score modifiers {', '.join(sorted(missing))}")
+        if reasons:
+            return reasons
+        environment = self.available()
+        if environment is not None:
+            return [environment]
+        specific = self.unsupported(call)
+        return [] if specific is None else [specific]
+
+    def supports(self, call: AttentionCall) -> bool:
+        return not self.not_supported_reasons(call)
