@@ -23,7 +23,6 @@ from attnmask.packfile import RecordProblem, at, atomic_output, build_columns, c
 
 __all__ = ["cmd_pack_chat", "cmd_inspect_chat", "load_chat_tokenizer", "read_conversations", "trained_picture"]
 
-_OVERFLOW = {"split": "split", "truncate": "truncate", "error": "error"}
 _GREEN, _DIM, _RESET = "\033[1;32m", "\033[2m", "\033[0m"
 
 
@@ -111,7 +110,7 @@ def cmd_pack_chat(args) -> int:
         skip_bad=args.skip_bad,
         train_on=args.train_on,
         max_length=args.max_length,
-        overflow=_OVERFLOW[args.overflow],
+        overflow=args.overflow,
     )
     records = [lines[i] - 1 for i in enc.source]  # 0-based line of the record each row comes from
     ids = ReadResult.of(enc.input_ids, records=records)
@@ -130,7 +129,7 @@ def cmd_pack_chat(args) -> int:
             "trained",
             f"{s.trained_tokens:,} tokens ({pct(s.trained_tokens / max(s.tokens, 1))}), train on {args.train_on}",
         ),
-        ("overflow", f"{args.overflow}: " + _overflow_line(s, lines)),
+        ("overflow", f"{args.overflow}: " + _overflow_line(s)),
         ("untrained", f"{len(s.untrained):,} conversations with no trained token" + _first(s.untrained, lines, args)),
         (
             "packing",
@@ -143,7 +142,7 @@ def cmd_pack_chat(args) -> int:
     return 0
 
 
-def _overflow_line(s, lines) -> str:
+def _overflow_line(s) -> str:
     return (
         f"{len(s.dropped):,} dropped, {len(s.truncated):,} truncated, {len(s.split):,} split at turn boundaries, "
         f"{s.cut_tokens:,} tokens cut"
