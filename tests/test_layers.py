@@ -47,6 +47,7 @@ LAYER = {
     "pack": 5,
     "labels": 6,
     "loss": 6,
+    "chat": 6,
     "generation": 7,
     # 8: integrations
     "integrations": 8,
@@ -58,6 +59,7 @@ LAYER = {
     "distributed": 8,
     # 9: the command line and pictures
     "cli": 9,
+    "chatcli": 9,
     "viz": 9,
     "demo": 9,
     "packfile": 9,

@@ -129,6 +129,10 @@ class Progress:
 
 
 def cmd_pack(args) -> int:
+    if args.chat:
+        from attnmask.chatcli import cmd_pack_chat
+
+        return cmd_pack_chat(args)
     from attnmask.packfile import build_columns, check_every_token, check_output, read_sequences, write_rows
 
     check_output(args.out)  # refuse a bad output path before reading anything
@@ -183,6 +187,10 @@ def _first_bad(path: str, bad: list[tuple[int, str]]) -> str:
 
 
 def cmd_inspect(args) -> int:
+    if args.chat:
+        from attnmask.chatcli import cmd_inspect_chat
+
+        return cmd_inspect_chat(args)
     from attnmask.masks import causal, document
     from attnmask.packfile import check_pieces, read_packed
     from attnmask.viz import draw_histogram, draw_plan, save_histogram_png, save_mask_png
@@ -345,9 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-eos", action="store_true", help="append the tokenizer's EOS token to every text")
     p.add_argument("--strategy", default="bfd", choices=["bfd", "ffd", "wrapped", "ordered"])
     p.add_argument("--overflow", default="split", choices=["split", "truncate", "error"])
-    p.add_argument("--out", required=True, help="output file (.jsonl or .parquet), written atomically")
+    p.add_argument("--out", "-o", required=True, help="output file (.jsonl or .parquet), written atomically")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted and reported) instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress counter on stderr")
+    p.add_argument("--chat", action="store_true", help="records are {'messages': [...]}: chat template of --tokenizer")
+    p.add_argument("--train-on", default="assistant", choices=["assistant", "last", "all"], help="with --chat")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("inspect", help="statistics and pictures of a packed file")
@@ -357,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for PNG pictures (mask of --row, document length histogram)")
     p.add_argument("--row", type=int, default=0, help="row whose mask is drawn as PNG (default: 0)")
     p.add_argument("--ascii", action="store_true", help="ASCII characters only")
+    p.add_argument("--chat", action="store_true", help="show the trained tokens of --row (packed --chat file or JSONL)")
+    p.add_argument("--tokenizer", help="with --chat: the tokenizer folder, to decode the tokens")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="run the benchmark scripts under benchmarks/ and print their tables")

@@ -46,3 +46,7 @@ class BackendError(AttnmaskError):
 def bad(cls: type[AttnmaskError], arg: str, expected: str, actual: object) -> AttnmaskError:
     """Build ``cls("<arg>: expected <expected>, got <actual>")``; the caller raises it."""
     return cls(f"{arg}: expected {expected}, got {actual}")
+
+
+class ChatTemplateError(InputError):
+    """A chat template renders a conversation in a way whose turns cannot be located exactly."""
