@@ -454,10 +454,7 @@ def test_trl_prepared_labels_go_through_every_collator_without_flags(collator):
         assert got == expected
 
 
-NEEDS_HINTS = pytest.mark.xfail(strict=True, reason="needs issue-12 label hints in the collators")
-
-
-@pytest.mark.parametrize("collator", [pytest.param(c, marks=NEEDS_HINTS) for c in collators()])
+@pytest.mark.parametrize("collator", list(collators()))
 def test_trl_assistant_masks_column_alone_trains_only_assistant_tokens(collator):
     pytest.importorskip("trl")
     prepared = trl_prepared(CONVS)
@@ -468,7 +465,7 @@ def test_trl_assistant_masks_column_alone_trains_only_assistant_tokens(collator)
     assert sorted(got) == sorted(expected_runs(CONVS))
 
 
-@pytest.mark.parametrize("collator", [pytest.param(c, marks=NEEDS_HINTS) for c in collators()])
+@pytest.mark.parametrize("collator", list(collators()))
 def test_trl_completion_mask_column_trains_only_the_completion(collator):
     pytest.importorskip("trl")
     prepared = trl_prepared(CONVS, prompt_completion=True)
@@ -484,7 +481,7 @@ def test_trl_completion_mask_column_trains_only_the_completion(collator):
 
 
 def test_trl_completion_mask_is_everything_after_the_prompt():
-    """The reference the xfail test above uses holds (so that test can fail only in the collators)."""
+    """The reference the test above uses holds (so that test can fail only in the collators)."""
     pytest.importorskip("trl")
     tok = chat_tokenizer("chatml")
     prepared = trl_prepared(CONVS, prompt_completion=True)
