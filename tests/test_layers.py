@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "attnmask"
 LAYER = {
     # 0: leaf helpers
     "errors": 0,
+    "_checks": 0,
     "_dense": 0,
     "_spans": 0,
     # 1: the spec algebra and its expression parser

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnmask.errors import AttnmaskError
+from attnmask.errors import AttnmaskError, CliError
 
 __all__ = ["main", "CliError", "build_parser"]
 
@@ -31,10 +31,6 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DENSE_PICTURE_LIMIT = 1 << 22
 # A benchmark script exits with this code to say it does not apply on this machine (e.g. it needs a GPU).
 EXIT_SKIP = 77
-
-
-class CliError(Exception):
-    """A user-facing failure: printed as ``attnmask: error: <message>`` with exit code 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -28,28 +28,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnmask import masks
-from attnmask.errors import AttnmaskError, SpecError
+from attnmask.errors import AttnmaskError, ExprError, SpecError
 
 __all__ = ["ExprError", "PRIMITIVES", "parse_spec", "tokenize"]
 
 # Integer literals and document lengths above this are refused: an expression is for drawing and testing masks, and
 # ``document([10**12])`` would otherwise allocate a huge tensor.
 MAX_INT = 1 << 24
-
-
-class ExprError(SpecError):
-    """A mask expression that cannot be parsed or built. ``column`` is 1-based; ``caret()`` points at it.
-
-    ``str(err)`` is one line, e.g. ``unknown name 'foo' at column 9``.
-    """
-
-    def __init__(self, message: str, text: str, column: int, hint: str | None = None):
-        self.message, self.text, self.column, self.hint = message, text, column, hint
-        super().__init__(f"{message} at column {column}" + (f"; {hint}" if hint else ""))
-
-    def caret(self) -> str:
-        """The expression and a caret under the offending column, two lines."""
-        return f"  {self.text}\n  {' ' * (self.column - 1)}^"
 
 
 @dataclass(frozen=True)

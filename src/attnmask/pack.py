@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnmask._checks import check_int
 from attnmask._spans import IGNORE_INDEX, span_mask
 from attnmask.batch import Batch
 from attnmask.errors import InputError, ShapeError, bad
@@ -175,7 +176,7 @@ class PackPlan:
         """
         if pad_to not in ("max_length", "longest"):
             raise bad(InputError, "pad_to", "'max_length' or 'longest'", repr(pad_to))
-        _check_int("pad_id", pad_id, minimum=0)
+        check_int("pad_id", pad_id, low=0)
         idx, start, stop, row_offsets = self.segments(rows)
         needed = np.unique(idx)
         device = _device_of(sequences, needed)
@@ -281,7 +282,7 @@ def pack(lengths_or_sequences: Any, max_length: int, *, strategy: str = "bfd", o
     (anything with ``len``). Deterministic: the same input gives the same plan. Time O(N log N) for N pieces
     (about a second for a million on one core); memory O(N).
     """
-    _check_int("max_length", max_length, minimum=1)
+    check_int("max_length", max_length, low=1)
     if strategy not in STRATEGIES:
         raise bad(InputError, "strategy", f"one of {STRATEGIES}", repr(strategy))
     if overflow not in OVERFLOWS:
@@ -647,11 +648,6 @@ def _check_same_len(name: str, seqs, n: int) -> None:
 # Input checks
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise bad(InputError, name, f"an int >= {minimum}", repr(value))
-
-
 def _lengths_of(x: Any) -> np.ndarray:
     """int64 lengths from lengths (1D int array / tensor / list of ints) or from a list of sequences."""
     if isinstance(x, torch.Tensor):
@@ -704,8 +700,8 @@ class PackingCollator:
     prompt_length_key: str | None = "prompt_length"
 
     def __post_init__(self) -> None:
-        _check_int("max_length", self.max_length, minimum=1)
-        _check_int("pad_id", self.pad_id, minimum=0)
+        check_int("max_length", self.max_length, low=1)
+        check_int("pad_id", self.pad_id, low=0)
         if self.strategy not in STRATEGIES:
             raise bad(InputError, "strategy", f"one of {STRATEGIES}", repr(self.strategy))
         if self.overflow not in OVERFLOWS:
@@ -797,8 +793,8 @@ def pack_stream(
     Example: ``for row in pack_stream(seqs, 2048, buffer_size=10_000): ...``; `collate_rows` makes a `Batch` of
     several rows.
     """
-    _check_int("max_length", max_length, minimum=1)
-    _check_int("buffer_size", buffer_size, minimum=1)
+    check_int("max_length", max_length, low=1)
+    check_int("buffer_size", buffer_size, low=1)
     if strategy not in STRATEGIES:
         raise bad(InputError, "strategy", f"one of {STRATEGIES}", repr(strategy))
     if overflow not in OVERFLOWS:
@@ -834,7 +830,7 @@ def collate_rows(
             raise bad(InputError, f"rows[{i}]", "a PackedRow (from pack_stream)", type(row).__name__)
     totals = np.array([len(row.input_ids) for row in rows], np.int64)
     width = int(totals.max()) if max_length is None else max_length
-    _check_int("max_length", width, minimum=1)
+    check_int("max_length", width, low=1)
     if int(totals.max()) > width:
         raise bad(InputError, "max_length", f"at least the longest row's {int(totals.max())} tokens", width)
     # A plan over the rows themselves: "sequence" r is row r's tokens, and its documents are ranges of it.
