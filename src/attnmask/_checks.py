@@ -25,7 +25,9 @@ def check_int(
         value = operator.index(value)
     except TypeError:
         raise bad(error, name, expected, short_repr(value)) from None
-    if value < low or (high is not None and value > high):
+    if value < low:
+        raise bad(error, name, f"an int >= {low}", short_repr(value))
+    if high is not None and value > high:
         raise bad(error, name, expected, short_repr(value))
     return value
 

@@ -32,6 +32,7 @@ Zero-length sequences hold no tokens: they are placed in no row and counted in `
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -52,6 +53,8 @@ __all__ = ["PackPlan", "PackStats", "PackedRow", "PackingCollator", "collate_row
 
 STRATEGIES = ("bfd", "ffd", "wrapped", "ordered")
 OVERFLOWS = ("split", "truncate", "error")
+MAX_LENGTH = 1 << 62
+"""Largest ``max_length``: row offsets are int64 and a row boundary plus a length must not overflow."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ def pack(lengths_or_sequences: Any, max_length: int, *, strategy: str = "bfd", o
     (anything with ``len``). Deterministic: the same input gives the same plan. Time O(N log N) for N pieces
     (about a second for a million on one core); memory O(N).
     """
-    check_int("max_length", max_length, low=1)
+    check_int("max_length", max_length, low=1, high=MAX_LENGTH)
     if strategy not in STRATEGIES:
         raise bad(InputError, "strategy", f"one of {STRATEGIES}", repr(strategy))
     if overflow not in OVERFLOWS:
@@ -373,28 +376,34 @@ def _best_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, 
     buckets ``r >= s`` upwards, each row there takes ``r // s`` items (best fit keeps choosing it while its free
     space stays ``>= s``, since no bucket lies in ``[s, r)``), then new rows take ``capacity // s`` each. One walk per
     distinct size; buckets are FIFO, so among rows with equal free space the one that has had it longest wins. The
-    non-empty buckets are the set bits of one Python int, so "smallest non-empty bucket >= s" is a shift and a
-    lowest-set-bit, and rows moved by a walk land below ``s`` (or end it), outside the rest of the walk.
+    free spaces of the non-empty buckets are kept sorted, so "smallest non-empty bucket >= s" is a binary search,
+    and rows moved by a walk land below ``s`` (or end it), outside the rest of the walk. Memory O(items), whatever
+    the capacity (there are at most as many buckets as open rows).
     """
     order, groups = _decreasing(sizes, capacity)
-    buckets: list[list[int]] = [[] for _ in range(capacity + 1)]
-    open_bits = 0  # bit r set <=> some row has exactly r free slots (0 < r < capacity)
+    buckets: dict[int, list[int]] = {}  # free slots r (0 < r < capacity) -> the rows with exactly r free, FIFO
+    free_spaces: list[int] = []  # the keys of ``buckets``, ascending
     row_of: list[int] = []
     nrows = 0
 
     def move(rows, free: int) -> None:
-        nonlocal open_bits
         if free and rows:
+            if free not in buckets:
+                buckets[free] = []
+                bisect.insort(free_spaces, free)
             buckets[free].extend(rows)
-            open_bits |= 1 << free
+
+    def close(r: int) -> None:
+        del buckets[r]
+        del free_spaces[bisect.bisect_left(free_spaces, r)]
 
     for s, count in groups:
         left = count
         while left:
-            above = open_bits >> s
-            if not above:
+            i = bisect.bisect_left(free_spaces, s)
+            if i == len(free_spaces):
                 break
-            r = s + (above & -above).bit_length() - 1
+            r = free_spaces[i]
             bucket, per_row = buckets[r], r // s
             full = min(len(bucket), left // per_row)
             if full:
@@ -402,13 +411,13 @@ def _best_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, 
                 del bucket[:full]
                 left -= full * per_row
                 if not bucket:
-                    open_bits &= ~(1 << r)
+                    close(r)
                 move(taken, r - per_row * s)
                 row_of.extend(_each(taken, per_row))
             if left and bucket:
                 row = bucket.pop(0)
                 if not bucket:
-                    open_bits &= ~(1 << r)
+                    close(r)
                 move((row,), r - left * s)
                 row_of.extend([row] * left)
                 left = 0
