@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -94,8 +93,8 @@ def naive_best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]
 def test_best_fit_decreasing_equals_a_naive_best_fit(lengths, max_length):
     plan = am.pack(lengths, max_length)
     pieces = [(i, a, min(a + max_length, n)) for i, n in enumerate(lengths) for a in range(0, n, max_length)]
-    expected = [[pieces[j] for j in row] for row in naive_best_fit_decreasing([b - a for _, a, b in pieces], max_length)]
-    assert plan.bins == expected
+    rows = naive_best_fit_decreasing([b - a for _, a, b in pieces], max_length)
+    assert plan.bins == [[pieces[j] for j in row] for row in rows]
 
 
 @pytest.mark.parametrize("strategy", ["bfd", "ffd", "wrapped", "ordered"])
@@ -114,9 +113,9 @@ def test_cli_pack_with_max_length_2_to_the_40_runs_in_bounded_memory(tmp_path):
     data.write_text('{"input_ids": [1, 2, 3]}\n')
     limit = 6 * 2**30  # address space: torch needs a few GiB of it; a list per capacity slot needs terabytes
     code = (
-        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({0}, {0}));"
+        f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}));"
         "from attnmask.cli import main; sys.exit(main(sys.argv[1:]))"
-    ).format(limit)
+    )
     args = [str(data), "--ids-field", "input_ids", "--max-length", str(2**40), "--out", str(tmp_path / "o.jsonl")]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     done = subprocess.run([sys.executable, "-c", code, "pack", *args], capture_output=True, text=True, env=env)
@@ -187,10 +186,10 @@ def test_specs_nested_past_the_depth_limit_are_refused():
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "auto", "blocksparse", "varlen"])
 def test_one_row_of_padding_broadcasts_over_three_documents_rows(backend):
     pad = torch.tensor([[1, 1, 1, 1, 1, 0]])
-    rows = [[2, 4], [6], [1, 3, 2]]
-    spec = am.key_padding(pad) & am.document(seq_lens=rows)
-    ids = torch.tensor([[d for d, n in enumerate(r) for _ in range(n)] for r in rows])
-    allowed = (ids[:, :, None] == ids[:, None, :]) & pad.bool()[:, None, :]
+    rows = [[2, 3], [5], [1, 3, 1]]
+    spec = am.key_padding(pad) & am.document(seq_lens=rows, length=6)
+    ids = torch.tensor([[d for d, n in enumerate(r) for _ in range(n)] + [-1] for r in rows])
+    allowed = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0) & pad.bool()[:, None, :]
     assert spec.batch_size == 3 and torch.equal(spec.to_dense(6), allowed)
     torch.manual_seed(0)
     q = torch.randn(3, 2, 6, 4)

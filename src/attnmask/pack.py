@@ -55,6 +55,8 @@ STRATEGIES = ("bfd", "ffd", "wrapped", "ordered")
 OVERFLOWS = ("split", "truncate", "error")
 MAX_LENGTH = 1 << 62
 """Largest ``max_length``: row offsets are int64 and a row boundary plus a length must not overflow."""
+MAX_PIECES = 1 << 32
+"""Most pieces a plan may hold (the planner keeps a few int64 per piece): ``pack([2**40], 8)`` is refused up front."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -295,11 +297,14 @@ def pack(lengths_or_sequences: Any, max_length: int, *, strategy: str = "bfd", o
     if overflow == "error" and too_long.any():
         raise bad(
             InputError,
-            "lengths_or_sequences",
+            "lengths",
             f"sequences of at most max_length={max_length} tokens with overflow='error'",
             f"{int(too_long.sum())} longer ones, the longest {int(lengths.max())} tokens",
         )
     kept = np.minimum(lengths, max_length) if overflow == "truncate" else lengths
+    pieces = int((-(-kept // max_length)).sum())
+    if pieces > MAX_PIECES:
+        raise bad(InputError, "lengths", f"at most {MAX_PIECES:,} pieces of max_length={max_length} tokens", pieces)
     if strategy == "wrapped":
         index, start, stop, row_of = _wrap(kept, max_length)
     else:
@@ -663,24 +668,26 @@ def _lengths_of(x: Any) -> np.ndarray:
         x = x.detach().cpu().numpy()
     if isinstance(x, np.ndarray):
         if x.ndim != 1 or not (np.issubdtype(x.dtype, np.integer) or x.size == 0):
-            raise bad(InputError, "lengths_or_sequences", "a 1D integer array of lengths", f"{x.dtype} {x.shape}")
+            raise bad(InputError, "lengths", "a 1D integer array of lengths", f"{x.dtype} {x.shape}")
         lengths = x.astype(np.int64)
     elif not isinstance(x, Sequence) and not hasattr(x, "__len__"):
-        raise bad(InputError, "lengths_or_sequences", "lengths or a list of sequences", type(x).__name__)
+        raise bad(InputError, "lengths", "lengths or a list of sequences", type(x).__name__)
     elif len(x) == 0:
         lengths = np.zeros(0, np.int64)
     elif isinstance(x[0], (int, np.integer)) and not isinstance(x[0], bool):
         lengths = np.asarray(x)
         if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer):
-            raise bad(InputError, "lengths_or_sequences", "a list of int lengths", f"mixed items ({lengths.dtype})")
+            raise bad(InputError, "lengths", "a list of int lengths", f"mixed items ({lengths.dtype})")
         lengths = lengths.astype(np.int64)
     else:
         try:
             lengths = np.fromiter((len(s) for s in x), dtype=np.int64, count=len(x))
         except TypeError as e:
-            raise bad(InputError, "lengths_or_sequences", "lengths or sequences with a len()", str(e)) from None
+            raise bad(InputError, "sequences", "lengths or sequences with a len()", str(e)) from None
     if lengths.size and lengths.min() < 0:
-        raise bad(InputError, "lengths_or_sequences", "lengths >= 0", int(lengths.min()))
+        raise bad(InputError, "lengths", "lengths >= 0", int(lengths.min()))
+    if lengths.size and int(lengths.max()) > MAX_LENGTH // max(len(lengths), 1):  # so that their sum fits in int64
+        raise bad(InputError, "lengths", f"a total of at most {MAX_LENGTH} tokens", f"{int(lengths.max())} in one")
     return lengths
 
 
