@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 from typing import Any
 
 import numpy as np
@@ -38,3 +39,16 @@ def short_repr(value: Any) -> str:
         return f"an int of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_allocation(name: str, nbytes: int, error: type[AttnmaskError] = InputError) -> None:
+    """Refuse, naming ``name``, to build a tensor of more than half the machine's physical memory: the allocator may
+    overcommit and the kernel's OOM killer end the process instead of a typed error."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: let the allocator decide
+        return
+    if nbytes > physical // 2:
+        raise bad(
+            error, name, f"data that fits in half the memory ({physical / 2**31:.1f} GiB)", f"{nbytes / 2**30:,.1f} GiB"
+        )

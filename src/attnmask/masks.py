@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from attnmask._checks import check_int, short_repr
+from attnmask._checks import check_allocation, check_int, short_repr
 from attnmask._dense import empty_buffer, fold
 from attnmask.errors import DeviceError, DTypeError, ShapeError, SpecError, bad
 
@@ -520,7 +520,7 @@ class MaskSpec:
         q_pos, kv_pos = resolve_positions(
             q_len, kv_len, q_positions=q_positions, kv_positions=kv_positions, device=device
         )
-        n_rows = self.batch_size or 1
+        n_rows = 1 if self.batch_size is None else self.batch_size  # 0 rows of per-row data: an empty batch
         for name, pos in (("q_positions", q_pos), ("kv_positions", kv_pos)):
             if pos.dim() == 2 and pos.shape[0] not in (1, n_rows):
                 if self.batch_size is not None:
@@ -673,7 +673,7 @@ def _combine(cls: type, left: MaskSpec, right: MaskSpec) -> MaskSpec:
     for side in (left, right):
         parts.extend(side.parts if isinstance(side, cls) else (side,))
     rows = _common_batch_size(parts)
-    if rows is not None and rows > 1:
+    if rows is not None and rows != 1:
         parts = [_with_rows(p, rows) if p.batch_size == 1 else p for p in parts]
     return _nested(cls(tuple(parts)), tuple(parts))
 
@@ -1246,6 +1246,7 @@ def document(
     longest = max((sum(r) for r in rows), default=0)
     if longest > MAX_SIZE:
         raise bad(SpecError, "seq_lens", f"rows of at most {MAX_SIZE} positions in all", short_repr(longest))
+    check_allocation("seq_lens", len(rows) * max(length or 0, longest) * 8, SpecError)
     try:
         ids = doc_ids_from_seq_lens(rows, length=length, device=device)
     except (RuntimeError, MemoryError) as e:  # the allocator refused the (B, L) ids, e.g. seq_lens=[2**40]
@@ -1333,8 +1334,8 @@ def _as_row_vector(name: str, value: Any) -> torch.Tensor:
         raise bad(SpecError, name, "integers", f"dtype {t.dtype}")
     if t.dim() == 0:
         t = t.unsqueeze(0)
-    if t.dim() != 1:
-        raise bad(ShapeError, name, "an int or a (B,) vector", tuple(t.shape))
+    if t.dim() != 1 or t.numel() == 0:
+        raise bad(ShapeError, name, "an int or a (B,) vector with B >= 1", tuple(t.shape))
     return t.long()
 
 

@@ -55,8 +55,9 @@ STRATEGIES = ("bfd", "ffd", "wrapped", "ordered")
 OVERFLOWS = ("split", "truncate", "error")
 MAX_LENGTH = 1 << 62
 """Largest ``max_length``: row offsets are int64 and a row boundary plus a length must not overflow."""
-MAX_PIECES = 1 << 32
-"""Most pieces a plan may hold (the planner keeps a few int64 per piece): ``pack([2**40], 8)`` is refused up front."""
+MAX_PIECES = 1 << 26
+"""Most pieces a plan may hold, 67M: the planner keeps about 100 bytes per piece, so ``pack([2**40], 8)`` is refused
+up front rather than by the OOM killer (real corpora are split into far fewer pieces)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -675,7 +676,10 @@ def _lengths_of(x: Any) -> np.ndarray:
     elif len(x) == 0:
         lengths = np.zeros(0, np.int64)
     elif isinstance(x[0], (int, np.integer)) and not isinstance(x[0], bool):
-        lengths = np.asarray(x)
+        try:
+            lengths = np.asarray(x)
+        except (ValueError, TypeError, OverflowError):  # ints mixed with lists
+            raise bad(InputError, "lengths", "a list of int lengths", "mixed items") from None
         if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer):
             raise bad(InputError, "lengths", "a list of int lengths", f"mixed items ({lengths.dtype})")
         lengths = lengths.astype(np.int64)
