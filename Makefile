@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test sanitize lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ demo: $(STAMP)
 # pytest exits 5 when it collects no test: make treats every non-zero exit as failure.
 test: $(STAMP)
 	ATTNMASK_STRICT_DEPS=1 $(PY) -m pytest -q -n 2 tests
+
+# The native backend's C kernel built with AddressSanitizer and UndefinedBehaviorSanitizer (any finding fails), under
+# its tests and the conformance cases; one line and success where the compiler has no sanitizers. CI runs it after test.
+CC ?= cc
+sanitize: $(STAMP)
+	@if ! echo 'int main(void) { return 0; }' | $(CC) -x c -fsanitize=address,undefined -o /dev/null - 2>/dev/null; then \
+		echo "sanitize: $(CC) cannot build with -fsanitize=address,undefined; skipped"; exit 0; fi; \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 ATTNMASK_NATIVE_SANITIZE=1 ATTNMASK_STRICT_DEPS=1 \
+	ATTNMASK_CACHE_DIR="$$(mktemp -d)" LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" \
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_conformance.py -k native
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
-from attnmask.attention import AttentionCall, choose_backend
 
 
 class Timing(tuple):
@@ -93,8 +92,7 @@ def fwd_bwd(fn, q, k, v, grad_out):
 
 
 def auto_name(q, k, v, spec):
-    pos = torch.arange(k.shape[2])
-    return choose_backend(AttentionCall(q, k, v, spec, q.shape[-1] ** -0.5, pos[-q.shape[2] :], pos)).name
+    return am.explain(q, k, v, spec).picked
 
 
 def packed_row(n: int, gen, rows: list):

@@ -17,7 +17,6 @@ import time
 import torch
 
 import attnmask as am
-from attnmask.attention import _BACKENDS, AttentionCall, choose_backend
 
 DOCS = (8, 32, 128, 512, 2048)
 WINDOWS = (256, 2048)
@@ -42,16 +41,19 @@ def cpu_time(fn, reps: int) -> float:
 
 def measure(title: str, spec: am.MaskSpec, length: int, reps: int, gen: torch.Generator) -> tuple:
     q, k, v = (torch.randn(1, 8, length, 64, generator=gen) for _ in range(3))
-    pos = torch.arange(length)
-    call = AttentionCall(q, k, v, spec, 64**-0.5, pos, pos)
-    costs = {name: b.cost(call) for name, b in _BACKENDS.items() if name != "flex" and b.unsupported(call) is None}
+    explained = am.explain(q, k, v, spec)
+    costs = {
+        name: cost
+        for name, cost, auto in zip(explained.backends, explained.costs, explained.auto_eligible, strict=True)
+        if auto and cost is not None
+    }
     cheapest = min(costs.values())
     times = {}
     for name, cost in costs.items():
         if name == "reference" or cost > SKIP_ABOVE * cheapest:
             continue
         times[name] = cpu_time(lambda n=name: am.attention(q, k, v, spec, backend=n), reps)
-    picked = choose_backend(call).name
+    picked = explained.picked
     fastest = min(times, key=times.get)
     return title, picked, fastest, times, costs
 
@@ -68,7 +70,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     rows = [measure(title, spec, length, args.reps, gen) for title, spec in scenarios(length)]
-    names = [n for n in _BACKENDS if n not in ("reference", "flex")]
+    names = list(dict.fromkeys(n for row in rows for n in row[4] if n != "reference"))  # registry order
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), one row of {length} tokens, H=8, D=64")
     print(
         "| scenario | auto picks | fastest | auto / fastest | " + " | ".join(f"{n}: ms (ps/unit)" for n in names) + " |"

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from bench_attention import lognormal_lengths  # same folder: the document lengths of bench_attention
 
 import attnmask as am
-from attnmask.attention import _prepare_call, choose_backend
 
 
 def interleaved_best(fns: dict, reps: int) -> tuple[dict, dict]:
@@ -113,7 +112,7 @@ def attention_scenario(args) -> None:
     q, k, v = (torch.randn(args.rows, 8, length, 64, generator=gen) for _ in range(3))
     grad_out = torch.randn(q.shape, generator=gen)
     p = args.p
-    picked = choose_backend(_prepare_call(q, k, v, spec, None, None, None, p)).name
+    picked = am.explain(q, k, v, spec, dropout_p=p).picked
 
     t0 = time.perf_counter()
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ import torch
 from hypothesis import strategies as st
 
 import attnmask as am
+from attnmask import masks as M
 
 
 @st.composite
@@ -86,3 +87,78 @@ def attention_case(draw, max_len=12):
         head_dim=head_dim,
         value_dim=value_dim,
     )
+
+
+@st.composite
+def heads_and_dims(draw, batch, q_len, kv_len):
+    kv_heads = draw(st.integers(1, 2))
+    head_dim = draw(st.sampled_from([4, 8]))
+    return dict(
+        batch=batch,
+        heads=kv_heads * draw(st.sampled_from([1, 2, 3])),
+        kv_heads=kv_heads,
+        q_len=q_len,
+        kv_len=kv_len,
+        head_dim=head_dim,
+        value_dim=draw(st.sampled_from([head_dim, 6])),
+    )
+
+
+@st.composite
+def packed_case(draw):
+    """Packed rows of documents (some longer than varlen's tiny-document limit of 32 tokens, some tiny), trailing
+    padding, causal / bidirectional / sliding window, optional key padding of the positions outside documents."""
+    batch = draw(st.integers(1, 2))
+    kv_len = draw(st.integers(1, 90))
+    q_len = draw(st.one_of(st.just(kv_len), st.integers(1, kv_len)))
+    rows = []
+    for _ in range(batch):
+        lens, left = [], draw(st.integers(0, kv_len))
+        while left > 0:
+            n = min(left, draw(st.one_of(st.integers(1, 6), st.integers(30, 70))))
+            lens.append(n)
+            left -= n
+        rows.append(lens)
+    spec = am.document(seq_lens=rows, length=kv_len)
+    rule = draw(st.sampled_from(["causal", "full", "window"]))
+    if rule == "causal":
+        spec = am.causal() & spec
+    elif rule == "window":
+        spec = spec & am.sliding_window(draw(st.integers(1, 40)))
+    if draw(st.booleans()):
+        spec = spec & am.key_padding(next(p for p in spec.walk() if isinstance(p, M.Document)).doc_ids >= 0)
+    return spec, draw(heads_and_dims(batch, q_len, kv_len))
+
+
+@st.composite
+def padded_case(draw):
+    """A left-padded batch (the padding queries see no key), causal or sliding window."""
+    batch = draw(st.integers(1, 3))
+    kv_len = q_len = draw(st.integers(1, 60))
+    mask = torch.zeros(batch, kv_len, dtype=torch.long)
+    for b in range(batch):
+        mask[b, kv_len - draw(st.integers(0, kv_len)) :] = 1
+    rule = draw(st.sampled_from([am.causal(), am.sliding_window(draw(st.integers(1, 20)))]))
+    return rule & am.key_padding(mask), draw(heads_and_dims(batch, q_len, kv_len))
+
+
+@st.composite
+def short_documents_case(draw):
+    """Rows of documents of 1-12 tokens (lengths any, not multiples of a tile), causal, optionally with a sliding
+    window smaller than the band and key padding of an untokenised tail of up to 10 positions."""
+    batch = draw(st.integers(1, 2))
+    length = draw(st.integers(1, 80))
+    tail = draw(st.integers(0, min(10, length - 1)))
+    rows = []
+    for _ in range(batch):
+        lens, left = [], length - tail
+        while left > 0:
+            lens.append(min(left, draw(st.integers(1, 12))))
+            left -= lens[-1]
+        rows.append(lens)
+    spec = am.causal() & am.document(seq_lens=rows, length=length)
+    if draw(st.booleans()):
+        spec = spec & am.sliding_window(draw(st.integers(1, 8)))
+    if draw(st.booleans()):
+        spec = spec & am.key_padding(torch.arange(length).expand(batch, length) < length - tail)
+    return spec, draw(heads_and_dims(batch, length, length))

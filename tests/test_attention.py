@@ -9,142 +9,44 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnmask as am
+from attnmask.backends import sdpa as sdpa_backend
+from tests.helpers import LOW_PRECISION, allowed_of, assert_matches_reference, left_padded_problem, make_qkv
 from tests.naive import naive_attention
 from tests.strategies import attention_case
 
 A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
-BACKENDS = ["reference", "sdpa", "auto"]
-LOW_PRECISION = [torch.bfloat16, torch.float16]
-# (atol, rtol) of an output against the float64 reference of the same (rounded) inputs.
-TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (4e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
-
-
-def make_qkv(case, dtype=torch.float32, seed=0, requires_grad=False):
-    gen = torch.Generator().manual_seed(seed)
-    B, H, Hkv = case["batch"], case["heads"], case["kv_heads"]
-    Q, K, D, Dv = case["q_len"], case["kv_len"], case["head_dim"], case["value_dim"]
-    tensors = [
-        torch.randn(B, H, Q, D, generator=gen),
-        torch.randn(B, Hkv, K, D, generator=gen),
-        torch.randn(B, Hkv, K, Dv, generator=gen),
-    ]
-    return [t.to(dtype).requires_grad_(requires_grad) for t in tensors]
-
-
-def allowed_of(case):
-    """The spec's dense mask as ``(B, 1, Q, K)``, broadcast to the case's batch."""
-    dense = case["spec"].to_dense(case["q_len"], case["kv_len"])
-    return dense.expand(case["batch"], -1, -1).unsqueeze(1)
-
-
-def assert_matches_reference(got, want, msg=None):
-    """``got`` (any dtype) equals the float64 reference ``want`` within the tolerance of ``got``'s dtype."""
-    atol, rtol = TOLERANCE[got.dtype]
-    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol, msg=msg)
-
-
-def grads(out, inputs, seed=1):
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return torch.autograd.grad((out.double() * weight).sum(), inputs)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Equality with the naive reference
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @given(case=attention_case())
-def test_every_backend_matches_naive_attention_on_random_specs(backend, case):
+def test_every_backend_matches_naive_attention_on_random_specs(case):
     q, k, v = make_qkv(case)
-    got = am.attention(q, k, v, case["spec"], backend=backend)
+    got = am.attention(q, k, v, case["spec"])
     want = naive_attention(q, k, v, allowed_of(case))
     assert got.shape == want.shape and got.dtype == torch.float32
     assert_matches_reference(got, want, msg=repr(case["spec"]))
-
-
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
-@settings(max_examples=30)
-@given(case=attention_case())
-def test_gradients_match_gradients_of_naive_attention(backend, case):
-    q, k, v = make_qkv(case, requires_grad=True)
-    got = grads(am.attention(q, k, v, case["spec"], backend=backend), (q, k, v))
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    want = grads(naive_attention(q64, k64, v64, allowed_of(case)), (q64, k64, v64))
-    for name, g, w in zip("qkv", got, want, strict=True):
-        assert torch.isfinite(w).all()
-        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-3, msg=f"d{name} for {case['spec']!r}")
-
-
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-@settings(max_examples=20)
-@given(case=attention_case())
-def test_low_precision_outputs_match_naive_within_dtype_tolerance(backend, dtype, case):
-    q, k, v = make_qkv(case, dtype=dtype)
-    got = am.attention(q, k, v, case["spec"], backend=backend)
-    assert got.dtype == dtype
-    assert_matches_reference(got, naive_attention(q, k, v, allowed_of(case)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Rows with no allowed key
 
 
-def left_padded_problem(dtype):
-    """Two rows, the first left-padded by 3: its queries at positions 0-2 see no key under causal & key_padding."""
-    attention_mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    case = dict(batch=2, heads=4, kv_heads=2, q_len=6, kv_len=6, head_dim=8, value_dim=8)
-    return make_qkv(case, dtype=dtype, requires_grad=True), am.causal() & am.key_padding(attention_mask)
-
-
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
-def test_fully_masked_rows_return_exact_zero(backend, dtype):
+def test_gradients_stay_finite_with_empty_rows_in_the_batch(dtype):
     (q, k, v), spec = left_padded_problem(dtype)
-    out = am.attention(q, k, v, spec, backend=backend)
-    assert torch.isfinite(out).all()
-    assert torch.equal(out[0, :, :3], torch.zeros_like(out[0, :, :3]))
-    assert (out[0, :, 3:] != 0).any() and (out[1] != 0).any()
-
-
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
-@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
-def test_fully_masked_rows_have_exact_zero_finite_gradients(backend, dtype):
-    (q, k, v), spec = left_padded_problem(dtype)
-    out = am.attention(q, k, v, spec, backend=backend)
-    weight = torch.zeros(out.shape, dtype=dtype)
-    weight[0, :, :3] = 1.0  # loss only on the empty rows: every gradient must be exactly 0
-    dq, dk, dv = torch.autograd.grad((out * weight).sum(), (q, k, v))
-    for g in (dq, dk, dv):
-        assert torch.equal(g, torch.zeros_like(g))
-
-
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
-@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
-def test_gradients_stay_finite_with_empty_rows_in_the_batch(backend, dtype):
-    (q, k, v), spec = left_padded_problem(dtype)
-    out = am.attention(q, k, v, spec, backend=backend)
+    out = am.attention(q, k, v, spec)
     dq, dk, dv = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
     assert torch.equal(dq[0, :, :3], torch.zeros_like(dq[0, :, :3]))
     assert (dk[0, :, 3:] != 0).any()
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
-def test_a_mask_that_allows_nothing_gives_zeros_and_no_nan(backend):
-    q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
-    out = am.attention(q, k, v, ~am.full(), backend=backend)
-    out.sum().backward()
-    assert torch.equal(out, torch.zeros_like(out))
-    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in (q, k, v))
-
-
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
-def test_empty_rows_of_a_bool_tensor_mask_return_zero(backend):
+def test_empty_rows_of_a_bool_tensor_mask_return_zero():
     q, k, v = (torch.randn(2, 2, 3, 4) for _ in range(3))
     mask = torch.ones(2, 2, 3, 3, dtype=torch.bool)
     mask[1, 0, 2] = False
-    out = am.attention(q, k, v, mask, backend=backend)
+    out = am.attention(q, k, v, mask)
     assert torch.equal(out[1, 0, 2], torch.zeros(4))
     assert_matches_reference(out, naive_attention(q, k, v, mask))
 
@@ -153,35 +55,31 @@ def test_empty_rows_of_a_bool_tensor_mask_return_zero(backend):
 # Masks given as tensors, positions and alignment
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(2, 4, 5, 7), (2, 1, 5, 7), (1, 4, 5, 7), (5, 7), (7,)])
-def test_bool_tensor_masks_broadcast_like_torch(backend, shape):
+def test_bool_tensor_masks_broadcast_like_torch(shape):
     gen = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(2, 4, 5, 8, generator=gen), torch.randn(2, 2, 7, 8, generator=gen), torch.randn(2, 2, 7, 8)
     mask = torch.rand(shape, generator=gen) > 0.4
-    got = am.attention(q, k, v, mask, backend=backend)
+    got = am.attention(q, k, v, mask)
     assert_matches_reference(got, naive_attention(q, k, v, mask))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_no_mask_is_full_attention(backend):
+def test_no_mask_is_full_attention():
     q, k, v = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
     full = torch.ones(4, 6, dtype=torch.bool)
-    assert_matches_reference(am.attention(q, k, v, backend=backend), naive_attention(q, k, v, full))
-    assert_matches_reference(am.attention(q, k, v, am.full(), backend=backend), naive_attention(q, k, v, full))
+    assert_matches_reference(am.attention(q, k, v), naive_attention(q, k, v, full))
+    assert_matches_reference(am.attention(q, k, v, am.full()), naive_attention(q, k, v, full))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_more_queries_than_keys_work_without_a_spec(backend):
+def test_more_queries_than_keys_work_without_a_spec():
     q, k, v = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
     mask = torch.tensor([True, False, True])
-    assert_matches_reference(am.attention(q, k, v, mask, backend=backend), naive_attention(q, k, v, mask))
+    assert_matches_reference(am.attention(q, k, v, mask), naive_attention(q, k, v, mask))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_causal_with_fewer_queries_than_keys_is_bottom_right_aligned(backend):
+def test_causal_with_fewer_queries_than_keys_is_bottom_right_aligned():
     q, k, v = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
-    got = am.attention(q, k, v, am.causal(), backend=backend)
+    got = am.attention(q, k, v, am.causal())
     bottom_right = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     assert_matches_reference(got, naive_attention(q, k, v, bottom_right))
 
@@ -194,7 +92,7 @@ def test_sdpa_is_causal_is_used_only_when_queries_equal_keys(monkeypatch, q_len,
         seen.append(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(sdpa_backend.F, "scaled_dot_product_attention", spy)
     q, k, v = torch.randn(1, 2, q_len, 4), torch.randn(1, 2, kv_len, 4), torch.randn(1, 2, kv_len, 4)
     out = am.attention(q, k, v, am.causal(), backend="sdpa")
     assert seen and seen[0].get("is_causal", False) == expect_is_causal
@@ -202,32 +100,29 @@ def test_sdpa_is_causal_is_used_only_when_queries_equal_keys(monkeypatch, q_len,
     assert_matches_reference(out, naive_attention(q, k, v, am.causal().to_dense(q_len, kv_len)))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_explicit_positions_place_the_spec_like_to_dense(backend):
+def test_explicit_positions_place_the_spec_like_to_dense():
     q, k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4)
     q_pos = torch.tensor([[0, 1, 2], [3, 4, 5]])
     spec = am.sliding_window(2)
-    got = am.attention(q, k, v, spec, backend=backend, q_positions=q_pos)
+    got = am.attention(q, k, v, spec, q_positions=q_pos)
     want = naive_attention(q, k, v, spec.to_dense(3, 6, q_positions=q_pos).unsqueeze(1))
     assert_matches_reference(got, want)
-    assert not torch.allclose(got, am.attention(q, k, v, spec, backend=backend))
+    assert not torch.allclose(got, am.attention(q, k, v, spec))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_grouped_query_heads_read_their_shared_key_value_head(backend):
+def test_grouped_query_heads_read_their_shared_key_value_head():
     q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8)
     spec = am.causal()
-    grouped = am.attention(q, k, v, spec, backend=backend)
-    repeated = am.attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), spec, backend=backend)
+    grouped = am.attention(q, k, v, spec)
+    repeated = am.attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), spec)
     torch.testing.assert_close(grouped, repeated)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @given(scale=st.floats(0.01, 4.0))
 @settings(max_examples=10)
-def test_scale_multiplies_the_scores(backend, scale):
+def test_scale_multiplies_the_scores(scale):
     q, k, v = (torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    got = am.attention(q, k, v, am.causal(), backend=backend, scale=scale)
+    got = am.attention(q, k, v, am.causal(), scale=scale)
     want = naive_attention(q, k, v, am.causal().to_dense(4), scale=scale)
     assert_matches_reference(got, want)
 
@@ -260,7 +155,9 @@ def test_a_registered_backend_is_chosen_by_auto_when_cheapest(monkeypatch):
         calls.append(call)
         return torch.zeros(call.batch, call.heads, call.q_len, call.value_dim, dtype=call.q.dtype)
 
-    cheap = A.Backend("cheap", run, lambda call: None if call.head_dim == 4 else "head_dim must be 4", lambda c: 0.0)
+    cheap = A.Backend(
+        "cheap", run, lambda c: 0.0, unsupported=lambda call: None if call.head_dim == 4 else "head_dim must be 4"
+    )
     monkeypatch.setitem(A._BACKENDS, "cheap", cheap)
     q, k, v = (torch.randn(1, 2, 3, 4) for _ in range(3))
     am.attention(q, k, v, am.causal())
@@ -274,7 +171,7 @@ def test_a_registered_backend_is_chosen_by_auto_when_cheapest(monkeypatch):
 
 def test_registering_a_taken_name_is_an_error():
     with pytest.raises(am.BackendError, match="'sdpa'"):
-        A.register_backend(A.Backend("sdpa", A.SDPA.run, A.SDPA.unsupported, A.SDPA.cost))
+        A.register_backend(A.Backend("sdpa", sdpa_backend.BACKEND.run, sdpa_backend.BACKEND.cost))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -338,3 +235,50 @@ def test_sdpa_never_writes_to_a_mask_it_does_not_own():
     tensor_mask = before.unsqueeze(1).clone()
     am.attention(q, k, v, tensor_mask, backend="sdpa")
     assert torch.equal(tensor_mask, before.unsqueeze(1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# "auto" serves every valid call; explain() shows its choice
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(9, 3), (4, 0), (0, 5)])
+def test_auto_serves_calls_without_a_mask_for_any_query_and_key_count(q_len, kv_len):
+    q, k, v = torch.randn(1, 2, q_len, 4), torch.randn(1, 2, kv_len, 4), torch.randn(1, 2, kv_len, 4)
+    got = am.attention(q, k, v)
+    assert_matches_reference(got, naive_attention(q, k, v, torch.ones(q_len, kv_len, dtype=torch.bool)))
+
+
+def test_explain_lists_every_backend_with_its_cost_or_its_reasons_and_auto_s_pick():
+    q, k, v = (torch.randn(1, 2, 64, 8) for _ in range(3))
+    spec = am.causal() & am.document(seq_lens=[32, 32])
+    got = am.explain(q, k, v, spec, dropout_p=0.1)
+    assert got.backends == A.available_backends()
+    assert got.picked == A.choose_backend(A._prepare_call(q, k, v, spec, None, None, None, 0.1)).name
+    for name, cost, reasons in zip(got.backends, got.costs, got.reasons, strict=True):
+        backend = A._BACKENDS[name]
+        assert (cost is None) == bool(reasons)
+        assert (not backend.dropout) <= any("dropout" in r for r in reasons)  # a backend without dropout says so
+    text = str(got)
+    assert all(name in text for name in got.backends) and f"auto picks: {got.picked}" in text
+    assert "has no attention dropout" in text and got.why_none is None
+
+
+def test_explain_says_why_no_backend_serves_a_call(monkeypatch):
+    monkeypatch.setattr(A, "_BACKENDS", {"reference": A._BACKENDS["reference"]})
+    q = torch.randn(1, 2, 4, 8)
+    with torch.no_grad():
+        got = am.explain(q, q, q, am.causal(), dropout_p=0.0)
+    assert got.picked == "reference"
+    refusing = A.Backend("cuda_only", A._BACKENDS["reference"].run, lambda c: 0.0, devices=frozenset({"cuda"}))
+    monkeypatch.setattr(A, "_BACKENDS", {"cuda_only": refusing})
+    got = am.explain(q, q, q, am.causal())
+    assert got.picked is None and "runs on cuda, not cpu" in got.why_none and "picks nothing" in str(got)
+    with pytest.raises(am.BackendError, match="runs on cuda, not cpu"):
+        am.attention(q, q, q, am.causal())
+
+
+def test_a_refused_explicit_backend_lists_all_its_reasons():
+    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    with pytest.raises(am.BackendError) as info:
+        am.attention(q, q, q, torch.ones(4, 4, dtype=torch.bool), backend="banded", dropout_p=0.1)
+    assert "takes masks of kind" in str(info.value) and "dropout" in str(info.value)

@@ -1,55 +1,15 @@
 """The "banded" backend equals the naive reference on rows of many short documents, and "auto" picks it for them."""
 
+import dataclasses
+
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import attnmask as am
 from attnmask.attention import AttentionCall, choose_backend
-from attnmask.banded import MAX_BAND_KEYS, _band_width, _first_keys, band_mask, banded_attention, banded_unsupported
+from attnmask.backends.banded import MAX_BAND_KEYS, _band_width, _first_keys, band_mask, banded_attention, unsupported
+from tests.helpers import call_of, check_against_naive, tiny_documents
 from tests.naive import naive_dense
-from tests.test_sparse import DTYPES, check_against_naive, heads_and_dims
-
-
-def call_of(q, k, v, spec, positions_given=False):
-    pos = torch.arange(k.shape[2])
-    return AttentionCall(q, k, v, spec, q.shape[-1] ** -0.5, pos[-q.shape[2] :], pos, positions_given)
-
-
-def tiny_documents(n_docs, seed=0, low=4, high=12):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high + 1, (n_docs,), generator=gen).tolist()
-
-
-@st.composite
-def short_documents_case(draw):
-    """Rows of documents of 1-12 tokens (lengths any, not multiples of a tile), causal, optionally with a sliding
-    window smaller than the band and key padding of an untokenised tail of up to 10 positions."""
-    batch = draw(st.integers(1, 2))
-    length = draw(st.integers(1, 80))
-    tail = draw(st.integers(0, min(10, length - 1)))
-    rows = []
-    for _ in range(batch):
-        lens, left = [], length - tail
-        while left > 0:
-            lens.append(min(left, draw(st.integers(1, 12))))
-            left -= lens[-1]
-        rows.append(lens)
-    spec = am.causal() & am.document(seq_lens=rows, length=length)
-    if draw(st.booleans()):
-        spec = spec & am.sliding_window(draw(st.integers(1, 8)))
-    if draw(st.booleans()):
-        spec = spec & am.key_padding(torch.arange(length).expand(batch, length) < length - tail)
-    return spec, draw(heads_and_dims(batch, length, length))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=40)
-@given(problem=short_documents_case())
-def test_banded_matches_naive_on_rows_of_short_documents(dtype, problem):
-    spec, case = problem
-    check_against_naive(lambda q, k, v: am.attention(q, k, v, spec, backend="banded"), case, spec, dtype)
 
 
 def test_band_mask_equals_the_dense_mask_on_the_band():
@@ -91,28 +51,27 @@ def test_rows_with_no_allowed_key_are_exactly_zero_with_zero_gradient():
 )
 def test_banded_names_what_it_cannot_serve(spec, q_len, positions_given, reason):
     q, k = torch.zeros(1, 2, q_len, 4), torch.zeros(1, 2, max(q_len, 6), 4)
-    got = banded_unsupported(call_of(q, k, k, spec, positions_given))
+    got = unsupported(call_of(q, k, k, spec, positions_given))
     assert got is not None and reason in got
 
 
 def test_bidirectional_documents_inside_one_tile_are_served():
     spec = am.document(seq_lens=[3, 3])
     case = dict(batch=1, heads=2, kv_heads=1, q_len=6, kv_len=6, head_dim=4, value_dim=4)
-    assert banded_unsupported(call_of(torch.zeros(1, 2, 6, 4), *[torch.zeros(1, 1, 6, 4)] * 2, spec)) is None
+    assert unsupported(call_of(torch.zeros(1, 2, 6, 4), *[torch.zeros(1, 1, 6, 4)] * 2, spec)) is None
     check_against_naive(lambda q, k, v: am.attention(q, k, v, spec, backend="banded"), case, spec, torch.float32)
 
 
 def test_banded_refuses_a_tensor_mask():
     q = torch.zeros(1, 2, 6, 4)
-    assert "mask spec" in banded_unsupported(
-        AttentionCall(q, q, q, torch.ones(6, 6, dtype=torch.bool)[None, None], 1.0)
-    )
+    assert "mask spec" in unsupported(AttentionCall(q, q, q, torch.ones(6, 6, dtype=torch.bool)[None, None], 1.0))
 
 
 def test_auto_picks_banded_for_a_row_of_tiny_documents_when_the_native_kernel_is_missing(monkeypatch):
-    from attnmask import native
+    from attnmask.attention import _BACKENDS
 
-    monkeypatch.setattr(native, "native_available", lambda: "no C compiler (simulated)")
+    missing = dataclasses.replace(_BACKENDS["native"], available=lambda: "no C compiler (simulated)")
+    monkeypatch.setitem(_BACKENDS, "native", missing)
     lens = tiny_documents(500)
     spec = am.causal() & am.document(seq_lens=lens)
     q = torch.empty(1, 8, sum(lens), 64)

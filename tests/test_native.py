@@ -10,24 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnmask as am
-from attnmask import native as N
-from attnmask.attention import AttentionCall, choose_backend
+from attnmask.attention import choose_backend
+from attnmask.backends import native as N
+from attnmask.backends.varlen import segments_from_varlen, varlen_attention
 from attnmask.errors import BackendError, DeviceError, DTypeError, ShapeError
-from attnmask.sparse import segments_from_varlen, varlen_attention
+from tests.helpers import call_of, grads, tiny_documents
 from tests.naive import naive_attention
-from tests.test_attention import grads
-from tests.test_banded import short_documents_case, tiny_documents
-from tests.test_sparse import DTYPES, check_against_naive, packed_case, padded_case
 
 if N.native_available() is not None:
     if os.environ.get("ATTNMASK_STRICT_DEPS") == "1":  # `make test`: a C compiler is part of the set-up
         raise RuntimeError(f"the native kernel is unavailable: {N.native_available()}")
     pytest.skip(f"native kernel unavailable: {N.native_available()}", allow_module_level=True)
-
-
-def call_of(q, k, v, spec):
-    pos = torch.arange(k.shape[2])
-    return AttentionCall(q, k, v, spec, q.shape[-1] ** -0.5, pos[-q.shape[2] :], pos)
 
 
 def random_segments(draw, batch, q_len, kv_len):
@@ -54,14 +47,6 @@ def segment_mask(segs, batch, q_len, kv_len, causal, window):
                 if (not causal or d >= 0) and (window is None or d < window):
                     allowed[row, qs + i, ks + j] = True
     return allowed
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=40)
-@given(problem=st.one_of(packed_case(), padded_case(), short_documents_case()))
-def test_native_matches_naive_on_packed_padded_and_tiny_documents(dtype, problem):
-    spec, case = problem
-    check_against_naive(lambda q, k, v: am.attention(q, k, v, spec, backend="native"), case, spec, dtype)
 
 
 @settings(max_examples=60)

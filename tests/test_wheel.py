@@ -78,7 +78,7 @@ def run(installed, *args):
 
 def test_wheel_holds_the_license_the_type_marker_and_the_c_source(installed):
     names = zipfile.ZipFile(installed[1]).namelist()
-    assert {"attnmask/py.typed", "attnmask/segattn.c"} <= set(names)
+    assert {"attnmask/py.typed", "attnmask/backends/segattn.c"} <= set(names)
     assert any(n.endswith("licenses/LICENSE") for n in names)
     metadata = zipfile.ZipFile(installed[1]).read("attnmask-0.1.0.dist-info/METADATA").decode()
     assert "License-Expression: Apache-2.0" in metadata

@@ -4,7 +4,7 @@ Padding, packing, attention masks (as composable specs), position ids, labels, a
 every backend. See the README for a tour.
 """
 
-from attnmask.attention import attention
+from attnmask.attention import Explanation, attention, explain
 from attnmask.batch import Batch, Collator, pad
 from attnmask.errors import (
     AttnmaskError,
@@ -44,6 +44,7 @@ __all__ = [
     "Collator",
     "BlockLayout",
     "DTypeError",
+    "Explanation",
     "DeviceError",
     "ExprError",
     "InputError",
@@ -63,6 +64,7 @@ __all__ = [
     "decode_spec",
     "document",
     "draw_mask",
+    "explain",
     "full",
     "get_tokenizer",
     "greedy_generate",

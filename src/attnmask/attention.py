@@ -20,25 +20,20 @@ Semantics every backend obeys (the tests hold each one to ``tests/naive.py::naiv
   whenever ``dropout_p > 0`` (a functional API: pass 0 in evaluation); masks are drawn from torch's global RNG
   (SDPA takes no generator), so ``torch.manual_seed`` (or ``torch.random.fork_rng``) makes a backend's result
   reproducible, while two backends draw different masks for the same seed. Backends ``"reference"``, ``"sdpa"`` and
-  ``"varlen"`` support it; the others report it from ``unsupported``, so ``"auto"`` never picks them for such a call.
+  ``"varlen"`` declare it; the others declare they have none, so ``"auto"`` never picks them for such a call.
   ``dropout_p=0`` runs exactly the code without dropout (bit-for-bit, no RNG draw).
 
-Backend contract (how to add ``"varlen"``, ``"blocksparse"`` or ``"flex"``): build a :class:`Backend` and call
-:func:`register_backend`. Its three functions each receive one :class:`AttentionCall`, whose fields are
+Masked keys never affect the output: a query's result reads only the keys and values its mask allows, so a NaN or
+an infinity in a key or value it may not see leaves it untouched, on every backend, while a query that may see one
+gets NaN. (``attention`` checks that keys and values are finite, one pass over them; when they are not, the backend
+runs on cleaned keys and values and a second, cheap run finds the queries that see a non-finite one.)
 
-- ``q``, ``k``, ``v``: the validated tensors (same dtype and device, shapes as above, not made contiguous);
-- ``mask``: ``None``, the ``MaskSpec`` as given, or the bool tensor viewed as 4D (leading 1s added, not expanded);
-- ``scale``: the softmax scale as a float (``D ** -0.5`` unless given);
-- ``q_positions`` / ``kv_positions``: for a spec, the resolved int64 positions, ``(Q,)`` / ``(K,)`` or per row
-  ``(B, Q)`` / ``(B, K)``, on ``q``'s device; ``None`` for a tensor or no mask;
-- ``positions_given``: whether the caller passed explicit positions (a backend may then not assume alignment);
-- ``dropout_p``: the attention dropout probability in ``[0, 1)`` (0.0: none). A backend without dropout must return a
-  reason from ``unsupported`` when it is > 0 (``attnmask.sparse.dropout_unsupported``).
-
-``run(call)`` returns the ``(B, H, Q, Dv)`` output in ``q``'s dtype; ``unsupported(call)`` returns ``None`` when the
-backend can serve the call, else a short reason (shown when the backend was named explicitly); ``cost(call)`` is an
-estimate of the work in element operations, only compared between backends. :func:`dense_mask` and
-:func:`rows_with_keys` are the shared helpers a backend needs to honour the empty-row rule.
+Backends: one module each under ``attnmask/backends/`` builds a :class:`Backend` (``backends/contract.py``) that
+declares what it supports (devices, dtypes, mask kinds, dropout, backward, score modifiers, whether ``"auto"`` may
+pick it) and gives ``run``, ``cost`` and, for what no declaration can say, ``unsupported``, each a function of one
+:class:`AttentionCall`. ``attnmask.backends.REGISTRY`` lists them in priority order; :func:`register_backend` adds
+one at run time. ``Backend.not_supported_reasons`` turns the declarations into reasons, which drive ``"auto"``, the
+error of a refused ``backend=`` and :func:`explain`.
 
 Worked example, two queries decoding against four cached keys (bottom-right: the queries sit at positions 2 and 3)::
 
@@ -49,126 +44,42 @@ Worked example, two queries decoding against four cached keys (bottom-right: the
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from attnmask.backends import REGISTRY
+from attnmask.backends.contract import AttentionCall, Backend, check_dropout_p, dense_mask, rows_with_keys
 from attnmask.errors import BackendError, DeviceError, DTypeError, InputError, ShapeError, bad
-from attnmask.masks import Causal, Full, MaskSpec, resolve_positions
+from attnmask.masks import MaskSpec, resolve_positions
 from attnmask.plancache import call_plans
-from attnmask.sparse import check_dropout_p  # sparse never imports this module
 
 __all__ = [
     "AttentionCall",
     "Backend",
+    "Explanation",
     "attention",
     "available_backends",
     "choose_backend",
     "dense_mask",
+    "explain",
     "register_backend",
     "rows_with_keys",
 ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The call a backend receives
+# The registry
 
-
-@dataclass(frozen=True, eq=False)
-class AttentionCall:
-    """Validated inputs of one ``attention`` call; see the module docstring for each field."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: MaskSpec | torch.Tensor | None
-    scale: float
-    q_positions: torch.Tensor | None = None
-    kv_positions: torch.Tensor | None = None
-    positions_given: bool = False
-    dropout_p: float = 0.0
-
-    @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def heads(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def kv_heads(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def q_len(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def kv_len(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[3]
-
-    @property
-    def value_dim(self) -> int:
-        return self.v.shape[3]
-
-    @property
-    def is_plain_causal(self) -> bool:
-        """The mask is exactly ``causal()`` with ``Q == K`` and default positions (SDPA's top-left ``is_causal``)."""
-        return type(self.mask) is Causal and self.q_len == self.kv_len and not self.positions_given
-
-    @property
-    def is_full(self) -> bool:
-        """No key is ever masked: no mask, or exactly ``full()``."""
-        return self.mask is None or type(self.mask) is Full
-
-
-def dense_mask(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
-    """The call's mask as a bool tensor that broadcasts to ``(B, H, Q, K)``, and whether the caller owns it.
-
-    A spec becomes ``(B or 1, 1, Q, K)`` via ``MaskSpec.to_dense`` (O(B·Q·K) memory; a fresh tensor the caller may
-    write to, unless the spec holds a ``custom`` predicate, whose result might alias the user's data); a tensor mask is
-    returned as given (not owned); ``None`` stays ``None``.
-    """
-    if isinstance(call.mask, MaskSpec):
-        dense = call.mask.to_dense(
-            call.q_len, call.kv_len, q_positions=call.q_positions, kv_positions=call.kv_positions, device=call.q.device
-        )
-        return dense.unsqueeze(1), call.mask.is_structural
-    return call.mask, False
-
-
-def rows_with_keys(mask: torch.Tensor) -> torch.Tensor:
-    """``(..., Q, 1)`` bool: whether each query row of a dense mask ``(..., Q, K)`` allows at least one key."""
-    return mask.any(dim=-1, keepdim=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Backends
-
-
-@dataclass(frozen=True)
-class Backend:
-    """An attention implementation: ``run``, ``unsupported`` and ``cost`` each take an :class:`AttentionCall`."""
-
-    name: str
-    run: Callable[[AttentionCall], torch.Tensor]
-    unsupported: Callable[[AttentionCall], str | None]
-    cost: Callable[[AttentionCall], float]
-
-
-_BACKENDS: dict[str, Backend] = {}
+_BACKENDS: dict[str, Backend] = {b.name: b for b in REGISTRY}
+"""The run-time registry: ``attnmask.backends.REGISTRY`` in its order, then the backends registered later."""
 
 
 def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
-    """Add ``backend`` to the registry that ``attention(..., backend=name)`` and ``"auto"`` draw from."""
+    """Add ``backend`` to the registry that ``attention(..., backend=name)`` and ``"auto"`` draw from (after the
+    built-in ones: a tie in cost goes to the earlier backend)."""
     if not isinstance(backend, Backend):
         raise bad(BackendError, "backend", "a Backend", type(backend).__name__)
     if backend.name == "auto" or (backend.name in _BACKENDS and not replace):
@@ -178,18 +89,39 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
 
 
 def available_backends() -> tuple[str, ...]:
-    """Names of the registered backends, in registration order."""
+    """Names of the registered backends, in priority order."""
     return tuple(_BACKENDS)
+
+
+def _pick(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[Backend | None, dict[str, list[str]]]:
+    """The cheapest backend of ``registry`` that ``"auto"`` may pick for ``call`` (ties: the earlier), and the
+    reasons of every backend that refused."""
+    refused, best, best_cost = {}, None, math.inf
+    for b in registry:
+        reasons = b.not_supported_reasons(call)
+        if reasons:
+            refused[b.name] = reasons
+        elif b.auto:
+            cost = b.cost(call)
+            if best is None or cost < best_cost:
+                best, best_cost = b, cost
+    return best, refused
+
+
+def _reasons_text(refused: dict[str, list[str]]) -> str:
+    return "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in refused.items())
 
 
 def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
     """The backend named ``backend``, or for ``"auto"`` the cheapest registered backend that supports ``call``.
 
-    Ties go to the backend registered first. Raises ``BackendError`` for an unknown name or an unsupported call.
-    The ``"auto"`` choice is cached with the call's plans (``attnmask.plancache``: per spec object and call
-    signature) together with the registry it was made from, so a repeated spec and shape skips every ``unsupported``
-    and ``cost``: these may depend only on the spec, the shapes, strides, dtype and device of q, k, v, whether a
-    gradient is needed and the call's scalar fields (the scale), never on tensor values outside the spec.
+    Ties go to the backend registered first; backends declared ``auto=False`` are only used by name. Raises
+    ``BackendError`` for an unknown name, or for a call the named backend (or, for ``"auto"``, every backend)
+    refuses, listing every reason. The ``"auto"`` choice is cached with the call's plans (``attnmask.plancache``:
+    per spec object and call signature) together with the registry it was made from, so a repeated spec and shape
+    skips every ``unsupported`` and ``cost``: these may depend only on the spec, the shapes, strides, dtype and device
+    of q, k, v, whether a gradient is needed and the call's scalar fields (the scale), never on tensor values outside
+    the spec.
     """
     if backend == "auto":
         plans = call_plans(call)
@@ -197,92 +129,92 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
         made = plans.get("auto")
         if made is not None and made[0] == registry:
             return made[1]
-        candidates = [b for b in registry if b.unsupported(call) is None]
-        if not candidates:
-            reasons = "; ".join(f"{b.name}: {b.unsupported(call)}" for b in registry)
-            raise bad(BackendError, "backend", "a registered backend that supports these inputs", reasons)
-        chosen = min(candidates, key=lambda b: b.cost(call))
+        chosen, refused = _pick(call, registry)
+        if chosen is None:
+            raise bad(
+                BackendError, "backend", "a registered backend that supports these inputs", _reasons_text(refused)
+            )
         plans["auto"] = (registry, chosen)
         return chosen
     if not isinstance(backend, str) or backend not in _BACKENDS:
         raise bad(BackendError, "backend", f"one of {['auto', *_BACKENDS]}", repr(backend))
     chosen = _BACKENDS[backend]
-    reason = chosen.unsupported(call)
-    if reason is not None:
-        raise bad(BackendError, "backend", f"a backend that supports these inputs ({backend!r} cannot)", reason)
+    reasons = chosen.not_supported_reasons(call)
+    if reasons:
+        raise bad(
+            BackendError, "backend", f"a backend that supports these inputs ({backend!r} cannot)", "; ".join(reasons)
+        )
     return chosen
 
 
-# -- reference ---------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
+# Explaining the choice
 
 
-def _reference_run(call: AttentionCall) -> torch.Tensor:
-    """Textbook attention in float32 (float64 stays float64), scores materialised: O(B·H·Q·K) memory."""
-    work = torch.promote_types(call.q.dtype, torch.float32)
-    rep = call.heads // call.kv_heads
-    q = call.q.to(work)
-    k = call.k.to(work).repeat_interleave(rep, dim=1)
-    v = call.v.to(work).repeat_interleave(rep, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
-    allowed, _ = dense_mask(call)
-    if allowed is not None:
-        has_key = rows_with_keys(allowed)
-        # Empty rows get finite scores (a harmless uniform softmax) and are then zeroed: no NaN forward or backward.
-        scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
-        probs = torch.softmax(scores, dim=-1).masked_fill(~has_key, 0.0)
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    if call.dropout_p > 0:
-        probs = F.dropout(probs, call.dropout_p)  # zeros stay zero: empty rows and masked keys are untouched
-    return torch.matmul(probs, v).to(call.q.dtype)
+@dataclass(frozen=True)
+class Explanation:
+    """What ``"auto"`` sees for one call: per registered backend (in priority order) its estimated cost (``None``
+    when it refuses), its refusal reasons and whether ``"auto"`` may pick it; the backend ``"auto"`` picks (``None``
+    when none serves the call) and, then, why. ``str()`` prints a table."""
+
+    backends: tuple[str, ...]
+    costs: tuple[float | None, ...]
+    reasons: tuple[tuple[str, ...], ...]
+    auto_eligible: tuple[bool, ...]
+    picked: str | None
+
+    @property
+    def why_none(self) -> str | None:
+        """``None`` when ``"auto"`` picks a backend, else every backend's reasons in one line."""
+        if self.picked is not None:
+            return None
+        return "; ".join(
+            f"{n}: {', '.join(r) or 'named only'}" for n, r in zip(self.backends, self.reasons, strict=True)
+        )
+
+    def __str__(self) -> str:
+        rows = [("backend", "cost", "auto", "why not")]
+        for name, cost, reasons, eligible in zip(
+            self.backends, self.costs, self.reasons, self.auto_eligible, strict=True
+        ):
+            mark = "<- picked" if name == self.picked else ("yes" if eligible else "named only")
+            rows.append((name, "-" if cost is None else f"{cost:.3g}", mark, "; ".join(reasons)))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
+        lines = [line.rstrip() for line in lines]
+        lines.append(f"auto picks: {self.picked}" if self.picked else "auto picks nothing: no backend serves this call")
+        return "\n".join(lines)
 
 
-def _reference_cost(call: AttentionCall) -> float:
-    # Unfused, upcast and with materialised scores: several passes over B·H·Q·K.
-    return 4.0 * call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim + 8)
+def explain(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: MaskSpec | torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    q_positions: torch.Tensor | None = None,
+    kv_positions: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Explanation:
+    """Which backend ``attention(q, k, v, mask, ...)`` with ``backend="auto"`` would run, every backend's estimated
+    cost and why each other one refuses; computes no attention. Arguments as :func:`attention` (and validated the
+    same way). Example::
 
-
-# -- sdpa --------------------------------------------------------------------------------------------------------------
-
-
-def _sdpa_run(call: AttentionCall) -> torch.Tensor:
-    """``torch.nn.functional.scaled_dot_product_attention`` with the dense bool mask (O(B·Q·K) for a spec)."""
-    sdpa_kwargs = {"scale": call.scale}
-    if call.heads != call.kv_heads:
-        sdpa_kwargs["enable_gqa"] = True
-    if call.dropout_p > 0:
-        sdpa_kwargs["dropout_p"] = call.dropout_p
-    if call.is_full:
-        return F.scaled_dot_product_attention(call.q, call.k, call.v, **sdpa_kwargs)
-    if call.is_plain_causal:
-        # is_causal is top-left aligned: only used when Q == K, where both alignments agree.
-        return F.scaled_dot_product_attention(call.q, call.k, call.v, is_causal=True, **sdpa_kwargs)
-    allowed, owned = dense_mask(call)
-    has_key = rows_with_keys(allowed)
-    empty_rows = not bool(has_key.all())
-    if empty_rows:
-        # Let empty rows attend to every key (finite, NaN-free), then zero their output: their gradient is then 0 too.
-        allowed = allowed.logical_or_(~has_key) if owned else allowed | ~has_key
-    out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, **sdpa_kwargs)
-    return out.masked_fill(~has_key, 0.0) if empty_rows else out
-
-
-def _sdpa_cost(call: AttentionCall) -> float:
-    work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
-    if call.is_full:
-        return float(work)
-    if call.is_plain_causal:
-        return work / 2  # the fused kernel skips the tiles above the diagonal
-    mask_rows = call.batch if isinstance(call.mask, MaskSpec) else 0
-    return float(work + 2 * mask_rows * call.q_len * call.kv_len)
-
-
-def _never_unsupported(call: AttentionCall) -> str | None:
-    return None
-
-
-REFERENCE = register_backend(Backend("reference", _reference_run, _never_unsupported, _reference_cost))
-SDPA = register_backend(Backend("sdpa", _sdpa_run, _never_unsupported, _sdpa_cost))
+        >>> print(attnmask.explain(q, k, v, causal() & document(seq_lens=[3, 5])))
+        backend      cost     auto        why not
+        reference    1.2e+04  yes
+        sdpa         2.3e+03  <- picked
+        varlen       ...
+    """
+    call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p)
+    registry = tuple(_BACKENDS.values())
+    picked, _ = _pick(call, registry)
+    reasons = tuple(tuple(b.not_supported_reasons(call)) for b in registry)
+    costs = tuple(None if r else float(b.cost(call)) for b, r in zip(registry, reasons, strict=True))
+    eligible = tuple(b.auto for b in registry)
+    names = tuple(b.name for b in registry)
+    return Explanation(names, costs, reasons, eligible, None if picked is None else picked.name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -309,9 +241,9 @@ def attention(
       given, as ``MaskSpec.to_dense``), or a bool tensor broadcastable to ``(B, H, Q, K)``; True = may attend.
     - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost), ``"sdpa"``, ``"reference"``,
       ``"varlen"`` (per document), ``"blocksparse"`` (tiles of a block layout) or ``"flex"`` (compiled FlexAttention,
-      opt-in; see ``attnmask.sparse``), ``"banded"`` (rows of many short documents: one SDPA call on a narrow band
-      of small tiles, see ``attnmask.banded``), ``"native"`` (per document in a small C kernel built on first use:
-      rows of many short documents, see ``attnmask.native``), or one registered later. ``scale`` defaults to
+      opt-in; ``attnmask.backends.flex``), ``"banded"`` (rows of many short documents: one SDPA call on a narrow band
+      of small tiles, ``attnmask.backends.banded``), ``"native"`` (per document in a small C kernel built on first use:
+      rows of many short documents, ``attnmask.backends.native``), or one registered later. ``scale`` defaults to
       ``D ** -0.5``.
     - ``dropout_p``: attention dropout in ``[0, 1)`` on the probabilities after the softmax, kept ones scaled by
       ``1 / (1 - p)`` (applied whenever > 0: pass 0 in evaluation). Only ``"reference"``, ``"sdpa"`` and
@@ -325,11 +257,45 @@ def attention(
     CPU SDPA runs its unfused kernel, which holds the O(B·H·Q·K) probabilities and dropout mask (``"varlen"``: one
     document group's at a time).
 
+    Masked keys never affect the output: a NaN or infinity in a key or value that a query may not see leaves that
+    query's output untouched on every backend; a query that may see one gets NaN.
+
     Example: ``attention(q, k, v, causal() & key_padding(batch.attention_mask))`` on a left-padded batch gives 0 at
     the padding queries, which see no key.
     """
     call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p)
-    return choose_backend(call, backend).run(call)
+    chosen = choose_backend(call, backend)
+    if chosen.reads_masked_keys and not call.is_full and not _all_finite(call.k, call.v):
+        return _contained(chosen, call)
+    return chosen.run(call)
+
+
+def _all_finite(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether every key and value is finite: their sums (in float32 at least, so half precision does not overflow)
+    are finite exactly when no element is NaN or infinite, or when the sum of finite ones overflows, which the exact
+    elementwise check then settles. One vectorised pass over ``k`` and ``v`` (O(K·(D + Dv)), against attention's
+    O(Q·K·(D + Dv))); ``isfinite(t).all()`` costs several times more."""
+    for t in (k, v):
+        total = t.sum(dtype=torch.promote_types(t.dtype, torch.float32))
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
+def _contained(backend: Backend, call: AttentionCall) -> torch.Tensor:
+    """``backend`` on a call with a NaN or infinity among its keys or values, keeping them from the queries that may
+    not see them: the backend runs on keys and values with those entries set to 0, and a second run (queries 0, so
+    every allowed key gets the same weight; values 1 on a non-finite key, else 0) finds the queries that give a
+    non-finite key weight; their output is NaN. Masked-out keys thus never reach the output, as the semantics say,
+    whatever the backend's kernel does with masked scores."""
+    finite_k, finite_v = torch.isfinite(call.k), torch.isfinite(call.v)
+    clean = dataclasses.replace(call, k=call.k.masked_fill(~finite_k, 0.0), v=call.v.masked_fill(~finite_v, 0.0))
+    out = backend.run(clean)
+    bad = ~(finite_k.all(-1, keepdim=True) & finite_v.all(-1, keepdim=True))  # (B, Hkv, K, 1)
+    probe = dataclasses.replace(clean, q=torch.zeros_like(call.q), v=bad.to(call.q.dtype), dropout_p=0.0)
+    with torch.no_grad():
+        sees_bad = backend.run(probe) > 0  # (B, H, Q, 1)
+    return out.masked_fill(sees_bad, float("nan"))
 
 
 def _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p=0.0) -> AttentionCall:
@@ -403,23 +369,3 @@ def _check_tensor_mask(mask, target: tuple[int, int, int, int], device: torch.de
     if not fits:
         hint = " (a (B, Q, K) mask from to_dense needs .unsqueeze(1))" if mask.dim() == 3 else ""
         raise bad(ShapeError, "mask", f"a bool tensor broadcastable to (B, H, Q, K) = {target}{hint}", shape)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Sparse backends (attnmask.sparse): per-document SDPA, block-sparse tiles, compiled FlexAttention (opt-in)
-
-from attnmask import sparse as _sparse  # noqa: E402  (sparse does not import this module)
-
-VARLEN = register_backend(Backend("varlen", _sparse.varlen_run, _sparse.varlen_unsupported, _sparse.varlen_cost))
-BLOCKSPARSE = register_backend(
-    Backend("blocksparse", _sparse.blocksparse_run, _sparse.blocksparse_unsupported, _sparse.blocksparse_cost)
-)
-FLEX = register_backend(Backend("flex", _sparse.flex_run, _sparse.flex_unsupported, _sparse.flex_cost))
-
-from attnmask import banded as _banded  # noqa: E402  (banded does not import this module)
-
-BANDED = register_backend(Backend("banded", _banded.banded_run, _banded.banded_unsupported, _banded.banded_cost))
-
-from attnmask import native as _native  # noqa: E402  (native does not import this module)
-
-NATIVE = register_backend(Backend("native", _native.native_run, _native.native_unsupported, _native.native_cost))

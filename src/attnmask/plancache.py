@@ -2,8 +2,8 @@
 and shapes lowers the spec (varlen segments, block layout, key band) and picks the ``"auto"`` backend once, not once
 per layer.
 
-Layer 3 (attention), under ``attention.py`` and the backends (``sparse``, ``banded``), which reach it through
-``sparse._cached(call, key, build)`` and ``attention.choose_backend``. Imports only ``masks``.
+Layer 3 (attention), under ``attention.py`` and the backends (``attnmask/backends/``), which reach it through
+``backends._common.cached(call, key, build)`` and ``attention.choose_backend``. Imports only ``masks``.
 
 What an entry holds: a dict ``{key: plan}``, where each backend stores what its ``build(call)`` returned (a
 ``_VarlenPlan``, a ``BlockLayout`` and its tile groups with the element masks of their PARTIAL tiles, a band plan,

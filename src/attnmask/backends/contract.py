@@ -28,6 +28,7 @@ from attnmask.masks import Causal, Full, MaskSpec
 __all__ = [
     "ALL_DTYPES",
     "MASK_KINDS",
+    "TORCH_DEVICES",
     "AttentionCall",
     "Backend",
     "check_dropout_p",
@@ -37,6 +38,8 @@ __all__ = [
 ]
 
 ALL_DTYPES = frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16})
+TORCH_DEVICES = frozenset({"cpu", "cuda", "mps", "xpu"})
+"""Device types torch's own operators (matmul, softmax, SDPA) run on: the devices of a backend written in torch."""
 MASK_KINDS = frozenset({"none", "tensor", "structural", "custom"})
 """What ``mask`` holds: ``None`` (or ``full()``), a bool tensor, a spec built from structural primitives, or a spec
 holding a ``custom`` predicate (evaluated per pair, no structure to lower)."""
@@ -51,7 +54,9 @@ class AttentionCall:
     """Validated inputs of one ``attention`` call.
 
     - ``q``, ``k``, ``v``: ``(B, H, Q, D)``, ``(B, Hkv, K, D)``, ``(B, Hkv, K, Dv)``, one floating dtype and one
-      device, ``H % Hkv == 0``; not made contiguous (a backend that needs unit strides makes them so itself).
+      device, ``H % Hkv == 0``; not made contiguous (a backend that needs unit strides makes them so itself). Under a
+      mask, ``k`` and ``v`` reach ``run`` finite unless the backend declares ``reads_masked_keys=False``
+      (``attention`` contains non-finite ones around the backend).
     - ``mask``: ``None``, the ``MaskSpec`` as given, or the bool tensor viewed as 4D (leading 1s added, not expanded).
     - ``scale``: the softmax scale as a float (``D ** -0.5`` unless given).
     - ``q_positions`` / ``kv_positions``: for a spec, the resolved int64 positions, ``(Q,)`` / ``(K,)`` or per row
@@ -185,6 +190,9 @@ class Backend:
     - ``dropout``: attention dropout (``dropout_p > 0``); ``backward``: a gradient through ``q``, ``k``, ``v``;
       ``score_mods``: the score modifiers it honours.
     - ``auto``: whether ``"auto"`` may pick it (a backend that compiles per shape is named explicitly only).
+    - ``reads_masked_keys``: whether its kernel may touch a key or value the mask denies (a dense matmul multiplies
+      by probability 0, and 0 · NaN is NaN). ``attention`` then keeps non-finite keys and values from the queries that
+      may not see them; a backend that never reads a denied key (``False``) skips that check.
     - ``available()``: ``None`` when its environment serves it (a compiler, an optional package, a torch with the
       kernel), else why not; called on every dispatch, so it should cache its answer.
     """
@@ -199,6 +207,7 @@ class Backend:
     backward: bool = True
     score_mods: frozenset[str] = frozenset()
     auto: bool = True
+    reads_masked_keys: bool = True
     unsupported: Callable[[AttentionCall], str | None] = _no_reason
     available: Callable[[], str | None] = _always_available
 

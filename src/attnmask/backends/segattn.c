@@ -1,9 +1,9 @@
 /* Per-segment (per-document) attention on the CPU, forward and backward, for the "native" backend.
  *
- * Built on first use by attnmask/native.py (cc -O3 -march=native -fopenmp-simd -shared) and called through ctypes;
- * no Python or torch headers. One segment is (row, q_start, q_len, k_start, k_len, offset), as
- * attnmask.sparse.segments_from_varlen gives: inside it, query i may see key j when 0 <= j < k_len and, if causal,
- * j <= i + offset and, with a window w > 0, i + offset - j < w. Rows with no allowed key are written as 0 and get
+ * Built on first use by attnmask/backends/native.py (cc -O3 -march=native -fopenmp-simd -shared) and called through
+ * ctypes; no Python or torch headers. One segment is (row, q_start, q_len, k_start, k_len, offset), as
+ * attnmask.backends._common.segments_from_varlen gives: inside it, query i may see key j when 0 <= j < k_len and, if
+ * causal, j <= i + offset and, with a window w > 0, i + offset - j < w. Rows with no allowed key are written as 0 and get
  * lse = -inf, which the backward skips: their gradient is exactly 0. Query rows in no segment are not touched.
  *
  * Layouts: q, k, v, out, dout are (B, H, L, D) arrays addressed through element strides for B, H and L; the last
@@ -33,11 +33,13 @@ typedef struct {
     int backward;
 } job_t;
 
+/* Keys [lo, hi) of query i. The caller keeps |off| <= 2^40 and window <= 2^60, so a = i + off never overflows, and
+ * no expression below leaves the int64 range (a + 1 only when a < kl, a - window + 1 only when a >= window). */
 static void key_range(const job_t *J, int64_t i, int64_t off, int64_t kl, int64_t *lo, int64_t *hi) {
-    int64_t h_ = J->causal ? i + off + 1 : kl;
-    int64_t l_ = J->window > 0 ? i + off - J->window + 1 : 0;
-    *lo = l_ < 0 ? 0 : l_;
-    *hi = h_ > kl ? kl : h_;
+    int64_t a = i + off; /* the query's position minus the segment's first key */
+    int64_t h_ = !J->causal || a >= kl ? kl : a + 1;
+    *lo = J->window > 0 && a >= J->window ? a - J->window + 1 : 0;
+    *hi = h_ < 0 ? 0 : h_;
 }
 
 /* exp(x) for float32 in a form the compiler vectorises (libm's expf is one scalar call per value; this made documents

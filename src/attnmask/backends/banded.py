@@ -7,7 +7,7 @@ tiles of a batch row in ONE fused SDPA call: the query tiles ``(nT, H, bs, D)`` 
 per-document call), and the mask is evaluated from the spec on just those pairs. The first ``W - 1`` tiles (whose
 band starts before the row) and a short last tile are gathered and computed apart. Rows with no allowed key give
 exactly 0 and a zero gradient; the band views have a hand-written gradient (``W`` shifted adds).
-No attention dropout: a call with ``dropout_p > 0`` is reported unsupported (``"auto"`` then runs it elsewhere).
+No attention dropout (declared: ``"auto"`` runs such a call elsewhere).
 
 Worked example: ``L = 6``, documents ``[2, 3, 1]``, ``bs = 2``: query tiles ``[0, 1], [2, 3], [4, 5]``; the document
 of tokens 2-4 reaches back one tile from tile ``[4, 5]``, so ``W = 2`` and each query scores 4 keys (the band), of
@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from attnmask import masks as M
-from attnmask.sparse import COPY_COST, _cached, dropout_unsupported
+from attnmask.backends._common import COPY_COST, cached, degenerate
+from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 
-__all__ = ["banded_cost", "banded_run", "banded_unsupported"]
+__all__ = ["BACKEND", "MAX_BAND_KEYS", "band_mask", "banded_attention"]
 
 _TILE_SIZES = (8, 16, 32, 64)  # candidate tile sizes; the cheapest by banded_cost wins (ties: the smaller)
 MAX_BAND_KEYS = 256  # wider bands go to sdpa / varlen / blocksparse
@@ -85,8 +86,8 @@ def _plan(call) -> _BandPlan | str:
         return "needs default positions (no explicit q_positions / kv_positions)"
     if call.q_len != call.kv_len:
         return f"needs as many queries as keys (got Q={call.q_len}, K={call.kv_len})"
-    if call.q_len == 0:
-        return "needs at least one query"
+    if (empty := degenerate(call)) is not None:
+        return empty
     rows = spec.batch_size or 1
     first_keys = _first_keys(spec, call.q_len, rows, call.q.device)
     if isinstance(first_keys, str):
@@ -104,20 +105,18 @@ def _plan(call) -> _BandPlan | str:
 
 
 def _cached_plan(call) -> _BandPlan | str:
-    return _cached(call, "banded", _plan)
+    return cached(call, "banded", _plan)
 
 
-def banded_unsupported(call) -> str | None:
-    if (no_dropout := dropout_unsupported(call)) is not None:
-        return no_dropout
+def unsupported(call) -> str | None:
     plan = _cached_plan(call)
     return plan if isinstance(plan, str) else None
 
 
-def banded_cost(call) -> float:
+def cost(call) -> float:
     """Pairs computed ``B·H·Lp·W·bs`` times ``D + Dv``, a charge per tile and head (SDPA item), the copy of the
     output, the band's mask evaluations (once for all heads) and a charge per head
-    (comparable with ``attnmask.sparse.varlen_cost``)."""
+    (comparable with the ``"varlen"`` backend's cost)."""
     plan = _cached_plan(call)
     return _estimate(call, plan.block_size, plan.width)
 
@@ -131,9 +130,9 @@ def _estimate(call, bs: int, width: int) -> float:
     return float(work + (call.mask.batch_size or 1) * band * _MASK_COST)
 
 
-def banded_run(call) -> torch.Tensor:
+def run(call) -> torch.Tensor:
     plan = _cached_plan(call)
-    masks = _cached(call, "banded_masks", _call_band_masks)
+    masks = cached(call, "banded_masks", _call_band_masks)
     return banded_attention(
         call.q, call.k, call.v, call.mask, plan.block_size, plan.width, scale=call.scale, masks=masks
     )
@@ -256,7 +255,7 @@ def banded_attention(
 
     ``q`` ``(B, H, L, D)``, ``k`` ``(B, Hkv, L, D)``, ``v`` ``(B, Hkv, L, Dv)``, ``H % Hkv == 0``; ``spec`` at the
     default positions (query ``i`` is position ``i``), with every allowed key inside the band (the caller checks
-    this with ``spec.key_band``: ``banded_unsupported``). Returns ``(B, H, L, Dv)`` in ``q``'s dtype (a view of a
+    this with ``spec.key_band``: ``unsupported``). Returns ``(B, H, L, Dv)`` in ``q``'s dtype (a view of a
     padded buffer when ``L`` is not a multiple of ``block_size``); rows with no allowed key are exactly 0 with zero
     gradient.
 
@@ -298,3 +297,14 @@ def banded_attention(
         per_row.append(torch.cat(pieces, dim=1))  # (H, nT, bs, Dv)
     out = per_row[0].unsqueeze(0) if B == 1 else torch.stack(per_row)
     return out.view(B, H, n_tiles * bs, Dv)[:, :, :L]
+
+
+BACKEND = Backend(
+    "banded",
+    run,
+    cost,
+    devices=TORCH_DEVICES,
+    dtypes=ALL_DTYPES,
+    masks=frozenset({"structural"}),
+    unsupported=unsupported,
+)

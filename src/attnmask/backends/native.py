@@ -1,6 +1,6 @@
 """The "native" attention backend: per-document attention in a small C kernel, for rows of many short documents.
 
-Layer 3 (attention), beside ``sparse.py``. For each document segment (as ``attnmask.sparse.segments_from_varlen``
+Layer 3 (attention). For each document segment (as ``attnmask.backends._common.segments_from_varlen``
 gives them) and head, the kernel in ``segattn.c`` walks the queries and, for each, only the keys it may see: scores,
 softmax and the weighted sum of values in one pass, forward and backward (a hand-written gradient through the saved
 log-sum-exp). It computes exactly the useful pairs with no per-document call, no gather and no mask, which is what
@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 
 from attnmask._dense import empty_buffer
+from attnmask.backends._common import COPY_COST, check_segments, varlen_plan
+from attnmask.backends.contract import ALL_DTYPES, Backend
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
-from attnmask.sparse import COPY_COST, _cached, _varlen_plan, check_segments, dropout_unsupported
 
-__all__ = ["native_available", "segment_attention"]
+__all__ = ["BACKEND", "native_available", "segment_attention"]
 
 _SOURCE = Path(__file__).with_name("segattn.c")
 _FLAGS = (
@@ -56,9 +57,15 @@ _FLAGS = (
     "-shared",
     "-std=gnu11",
 )
+# ATTNMASK_NATIVE_SANITIZE=1 (``make sanitize``): the kernel built with AddressSanitizer and UndefinedBehaviorSanitizer,
+# any finding fatal; the process must preload the ASan runtime (LD_PRELOAD=$(cc -print-file-name=libasan.so)).
+_SANITIZE = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
 _PORTABLE = "-march=native"  # dropped on a second try: some compilers (older Apple clang on arm64) refuse it
 _LIBS = ("-lm", "-lpthread")
 _COMPILE_TIMEOUT_S = 120
+# Windows wider than any query-key distance (positions and offsets stay within 2**41) all mean "no limit": clamped to
+# this, so that the kernel's int64 arithmetic never overflows.
+_WIDEST = 1 << 60
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -89,11 +96,14 @@ def _cpu_signature() -> str:
 def _build(compiler: str) -> Path:
     """Compile ``segattn.c`` once per source, flags, compiler and CPU; returns the shared library's path. A compiler
     that refuses ``-march=native`` gets a second try without it."""
+    flags = _FLAGS
+    if os.environ.get("ATTNMASK_NATIVE_SANITIZE") == "1":
+        flags = tuple(f for f in _FLAGS if f != "-O3") + _SANITIZE
     try:
-        return _build_with(compiler, _FLAGS)
+        return _build_with(compiler, flags)
     except OSError as first:
         try:
-            return _build_with(compiler, tuple(f for f in _FLAGS if f != _PORTABLE))
+            return _build_with(compiler, tuple(f for f in flags if f != _PORTABLE))
         except OSError:
             raise first from None
 
@@ -254,7 +264,7 @@ def segment_attention(
 
     ``q`` ``(B, H, Q, D)``, ``k`` ``(B, Hkv, K, D)``, ``v`` ``(B, Hkv, K, Dv)`` on the CPU, ``H % Hkv == 0``;
     ``segments`` ``(N, 6)`` int ``(row, q_start, q_len, k_start, k_len, offset)`` with non-overlapping query ranges, as
-    ``attnmask.sparse.varlen_attention`` takes them (same rule: query ``i`` sees key ``j`` if not ``causal`` or
+    ``attnmask.backends.varlen.varlen_attention`` takes them (same rule: query ``i`` sees key ``j`` if not ``causal`` or
     ``0 <= i + offset - j``, and ``i + offset - j < window`` with a window). Returns ``(B, H, Q, Dv)`` in ``q``'s
     dtype; differentiable in ``q``, ``k``, ``v`` (once).
 
@@ -270,12 +280,13 @@ def segment_attention(
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise bad(BackendError, "window", "None or an int >= 1", repr(window))
     segs = check_segments(segments, q, k, v)
-    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    window = None if window is None else min(window, _WIDEST)
+    scale = q.shape[3] ** -0.5 if scale is None and q.shape[3] else 1.0 if scale is None else float(scale)
     return _SegmentAttention.apply(q, k, v, segs, bool(causal or window is not None), window, scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Backend for attention(): run / unsupported / cost on an ``AttentionCall`` (registered in attention.py as "native")
+# The "native" backend: run / unsupported / cost on an ``AttentionCall``
 
 # In "varlen"'s unit (one multiply-add of a pair inside SDPA's blocked kernel, ~0.03 ns on one core here): the
 # kernel walks each allowed pair with vector dot products, a vectorised exp and axpys instead of blocked matrix
@@ -308,21 +319,15 @@ def allowed_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> f
     return float(pairs.sum())
 
 
-def native_unsupported(call) -> str | None:
-    if (reason := dropout_unsupported(call)) is not None:
-        return reason
-    if call.q.device.type != "cpu":
-        return f"runs on the CPU only (inputs on {call.q.device})"
-    plan = _cached(call, "varlen", _varlen_plan)
-    if isinstance(plan, str):
-        return plan
-    return native_available()
+def unsupported(call) -> str | None:
+    plan = varlen_plan(call)
+    return plan if isinstance(plan, str) else None
 
 
-def native_cost(call) -> float:
+def cost(call) -> float:
     """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each, each query row and head at ``_ROW_COST`` per
-    element, and float32 copies of half-precision inputs (comparable with ``attnmask.sparse.varlen_cost``)."""
-    plan = _cached(call, "varlen", _varlen_plan)
+    element, and float32 copies of half-precision inputs (comparable with the ``"varlen"`` backend's cost)."""
+    plan = varlen_plan(call)
     width = call.head_dim + call.value_dim
     pairs = allowed_pairs(plan.segments, plan.causal or plan.window is not None, plan.window)
     work = pairs * call.heads * width * _PAIR_COST + call.batch * call.heads * call.q_len * width * _ROW_COST
@@ -332,8 +337,22 @@ def native_cost(call) -> float:
     return work + _CALL_COST
 
 
-def native_run(call) -> torch.Tensor:
-    plan = _cached(call, "varlen", _varlen_plan)
+def run(call) -> torch.Tensor:
+    plan = varlen_plan(call)
+    window = None if plan.window is None else min(plan.window, _WIDEST)
     return _SegmentAttention.apply(
-        call.q, call.k, call.v, plan.segments, plan.causal or plan.window is not None, plan.window, call.scale
+        call.q, call.k, call.v, plan.segments, plan.causal or window is not None, window, call.scale
     )
+
+
+BACKEND = Backend(
+    "native",
+    run,
+    cost,
+    devices=frozenset({"cpu"}),
+    dtypes=ALL_DTYPES,
+    masks=frozenset({"structural"}),
+    reads_masked_keys=False,  # each query walks only the keys it may see
+    unsupported=unsupported,
+    available=native_available,
+)

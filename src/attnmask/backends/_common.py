@@ -1,0 +1,201 @@
+"""What several backends share: argument checks, document segments, the plan cache and the cost units.
+
+Layer 3 (attention); imports ``masks``, ``lowering``, ``plancache`` and ``errors``, never a backend.
+
+Costs are estimates in element operations, comparable between backends: multiply-adds of the pairs actually computed,
+plus fixed charges per kernel call, tile group or copied element for Python and dispatch overhead (the constants
+below are the ones more than one backend charges).
+
+Document segments, the form ``"varlen"`` and ``"native"`` run: ``(N, 6)`` int64 rows ``(row, q_start, q_len,
+k_start, k_len, offset)``. Example, one packed row of 3 documents of lengths 2, 4, 3, causal inside each::
+
+    >>> segments_from_varlen((causal() & document(seq_lens=[2, 4, 3])).varlen(9), 1, 9, 9).tolist()
+    [[0, 0, 2, 0, 2, 0], [0, 2, 4, 2, 4, 0], [0, 6, 3, 6, 3, 0]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnmask import masks as M
+from attnmask.errors import BackendError, DTypeError, ShapeError, bad
+from attnmask.lowering import varlen_args
+from attnmask.plancache import call_plans
+
+__all__ = [
+    "CALL_COST",
+    "COPY_COST",
+    "SMALL_MATMUL_COST",
+    "VarlenPlan",
+    "cached",
+    "check_qkv",
+    "check_segments",
+    "degenerate",
+    "segments_from_varlen",
+    "varlen_plan",
+]
+
+CALL_COST = 3e5  # one SDPA call or one tile group: tens of microseconds of overhead
+# One small matrix product inside a batched matmul (a tiny document's scores or output for one head): about a
+# microsecond of fixed cost on CPU whatever its size, which is what dominates rows of thousands of tiny documents.
+SMALL_MATMUL_COST = 2e4
+# Copying one element in a gather, scatter or into a fresh tensor: measured ~1 ns per float32 element on one core
+# here (page faults of the fresh allocation included), about thirty multiply-adds of SDPA's kernel.
+COPY_COST = 30.0
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """``(B, H, Q, D, Hkv, K)`` of 4D ``q`` ``(B, H, Q, D)``, ``k`` ``(B, Hkv, K, D)``, ``v`` ``(B, Hkv, K, Dv)``
+    with ``H % Hkv == 0``; a ``ShapeError`` naming the tensor otherwise."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise bad(ShapeError, name, "a 4D tensor (B, H, L, D)", getattr(t, "shape", type(t).__name__))
+    B, H, Q, D = q.shape
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != B or k.shape[3] != D:
+        raise bad(ShapeError, "k, v", f"shapes (B={B}, Hkv, K, D={D}) and (B, Hkv, K, Dv)", (k.shape, v.shape))
+    Hkv, K = k.shape[1], k.shape[2]
+    if Hkv == 0 or H % Hkv:
+        raise bad(ShapeError, "k", f"a number of heads dividing H={H}", Hkv)
+    return B, H, Q, D, Hkv, K
+
+
+def degenerate(call) -> str | None:
+    """Why the call has no pair to compute (an empty batch, no query, no key or no head), or ``None``: the backends
+    that plan per document or per tile refuse such calls (``"sdpa"`` and ``"reference"`` return the empty or zero
+    output)."""
+    sizes = {"B": call.batch, "H": call.heads, "Q": call.q_len, "K": call.kv_len}
+    empty = [f"{name}=0" for name, n in sizes.items() if n == 0]
+    return f"has nothing to plan with {', '.join(empty)} (sdpa returns the empty or zero output)" if empty else None
+
+
+def cached(call, key: str, build):
+    """``build(call)`` once per spec object and call signature (``unsupported``, ``cost`` and ``run`` all need the
+    same lowering, and so do the layers of a model that share one spec): see ``attnmask.plancache``. ``build`` may
+    read the spec, shapes, dtype, device and whether a gradient is needed, nothing else of the call; its result is
+    stored under ``key`` and must not be mutated."""
+    entry = call_plans(call)
+    if key not in entry:
+        entry[key] = build(call)
+    return entry[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Document segments
+
+
+def segments_from_varlen(args, batch: int, q_len: int, kv_len: int, spec_rows: int = 1) -> torch.Tensor:
+    """Document segments ``(N, 6)`` int64 ``(row, q_start, q_len, k_start, k_len, offset)`` from varlen arguments.
+
+    ``args``: ``attnmask.lowering.VarlenArgs`` for rows of ``kv_len`` keys whose last ``q_len`` positions are the
+    queries; ``offset`` is the query position of ``q_start`` minus the key position of ``k_start``. A spec of
+    ``spec_rows == 1`` applied to ``batch`` rows repeats its segments for every row. Example: documents of lengths
+    2, 4, 3 in one row (``Q = K = 9``) give ``[[0, 0, 2, 0, 2, 0], [0, 2, 4, 2, 4, 0], [0, 6, 3, 6, 3, 0]]``.
+    O(number of sequences).
+    """
+    lens_q = args.cu_seqlens_q.diff().long().cpu()
+    lens_k = args.cu_seqlens_k.diff().long().cpu()
+    q_flat = args.indices_q.cpu()[args.cu_seqlens_q[:-1].long().cpu()]
+    k_flat = args.indices_k.cpu()[args.cu_seqlens_k[:-1].long().cpu()]
+    rows = torch.div(k_flat, max(kv_len, 1), rounding_mode="floor")
+    q_start, k_start = q_flat % max(q_len, 1), k_flat % max(kv_len, 1)
+    offset = q_start + (kv_len - q_len) - k_start
+    segs = torch.stack([rows, q_start, lens_q, k_start, lens_k, offset], dim=1)
+    if spec_rows == 1 and batch != 1:  # batch 0: no segment
+        segs = segs.repeat(batch, 1)
+        segs[:, 0] = torch.arange(batch).repeat_interleave(len(lens_k))
+    return segs
+
+
+def check_segments(segments, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``segments`` as a contiguous CPU int64 ``(N, 6)`` tensor, checked against ``q`` ``(B, H, Q, D)`` and ``k``,
+    ``v``: an integer tensor (or nested list of ints: no float is truncated), every range inside its row, lengths
+    >= 0, offsets within ``±2**40``, and no two query ranges of a row overlapping (empty ones aside). Raises
+    ``ShapeError`` (``DTypeError`` for a non-integer tensor) naming the first offending segment. O(N log N),
+    vectorised."""
+    B, _, Q, _, _, K = check_qkv(q, k, v)
+    segs = _as_int64(segments)
+    if segs.numel() % 6 or (segs.dim() == 2 and segs.shape[1] != 6) or segs.dim() > 2:
+        raise bad(
+            ShapeError,
+            "segments",
+            "an (N, 6) int tensor (row, q_start, q_len, k_start, k_len, offset)",
+            tuple(segs.shape),
+        )
+    segs = segs.reshape(-1, 6).contiguous()
+    row, qs, ql, ks, kl, off = segs.unbind(1)
+    inside = (row >= 0) & (row < B) & (qs >= 0) & (ql >= 0) & (qs <= Q - ql) & (ks >= 0) & (kl >= 0) & (ks <= K - kl)
+    inside &= off.abs() <= 1 << 40  # query minus key position: far beyond any row, and no overflow in the C kernel
+    if not bool(inside.all()):
+        first = segs[int((~inside).nonzero()[0])].tolist()
+        raise bad(ShapeError, "segments", f"ranges inside rows of B={B}, Q={Q}, K={K}", first)
+    used = segs[ql > 0]
+    if len(used) > 1:
+        order = torch.argsort(used[:, 0] * (Q + 1) + used[:, 1])
+        s = used[order]
+        clash = (s[1:, 0] == s[:-1, 0]) & (s[1:, 1] < s[:-1, 1] + s[:-1, 2])
+        if bool(clash.any()):
+            at = s[1:][clash][0]
+            raise bad(
+                ShapeError, "segments", "non-overlapping query ranges", f"overlap at row {int(at[0])}, q {int(at[1])}"
+            )
+    return segs
+
+
+def _as_int64(segments) -> torch.Tensor:
+    """An integer tensor or nested list of ints as a CPU int64 tensor; floats, bools and huge ints are refused."""
+    if isinstance(segments, torch.Tensor):
+        if segments.dtype == torch.bool or segments.is_floating_point() or segments.is_complex():
+            raise bad(
+                DTypeError,
+                "segments",
+                "an integer tensor (row, q_start, q_len, k_start, k_len, offset)",
+                segments.dtype,
+            )
+        return segments.to("cpu", torch.long)
+    try:
+        segs = torch.as_tensor(segments)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise bad(ShapeError, "segments", "an (N, 6) int tensor or nested list of ints", type(err).__name__) from None
+    if segs.numel() and (segs.dtype == torch.bool or segs.is_floating_point() or segs.is_complex()):
+        raise bad(DTypeError, "segments", "integers (row, q_start, q_len, k_start, k_len, offset)", segs.dtype)
+    return segs.to(torch.long)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The varlen lowering of a call (shared by "varlen" and "native")
+
+
+@dataclass(frozen=True)
+class VarlenPlan:
+    """Lowered form of a varlen-able spec: segments ``(N, 6)`` and the causal / window rule inside them."""
+
+    segments: torch.Tensor
+    causal: bool
+    window: int | None
+
+
+def varlen_plan(call) -> VarlenPlan | str:
+    """Segments from ``spec.varlen`` (``[causal | full] & [sliding_window] & document(...) & [key_padding]``, or a
+    padded batch), or why the call has no such form. Cached per spec and signature under ``"varlen"``. O(B·L)."""
+    return cached(call, "varlen", _build_varlen_plan)
+
+
+def _build_varlen_plan(call) -> VarlenPlan | str:
+    spec = call.mask
+    if not isinstance(spec, M.MaskSpec):
+        return "needs a structural mask spec"
+    if call.positions_given:
+        return "needs default (bottom-right) positions"
+    if (empty := degenerate(call)) is not None:
+        return empty
+    try:
+        args = varlen_args(spec, call.q_len, call.kv_len)
+    except BackendError as err:
+        return str(err)
+    if args.padding_queries_attend:
+        return "padding queries attend to real keys under this spec, and varlen computes only the sequences"
+    window = None if args.window_size[0] < 0 else args.window_size[0] + 1
+    segs = segments_from_varlen(args, call.batch, call.q_len, call.kv_len, spec.batch_size or 1)
+    return VarlenPlan(check_segments(segs, call.q, call.k, call.v), args.causal, window)

@@ -1,0 +1,452 @@
+"""The "blocksparse" backend: attention tile by tile over a block layout, never building a dense ``(Q, K)`` mask.
+
+Layer 3 (attention). The spec is laid out once per call signature (``attnmask.lowering.block_layout``: FULL, PARTIAL
+and NONE tiles by interval arithmetic); NONE tiles are skipped, FULL tiles run unmasked, PARTIAL tiles with the
+spec evaluated on just their pairs. Online softmax over key chunks, a custom backward that recomputes from the saved
+log-sum-exp. Any structural or ``custom`` spec; no attention dropout (declared).
+
+Shapes: ``q`` ``(B, H, Q, D)``, ``k`` ``(B, Hkv, K, D)``, ``v`` ``(B, Hkv, K, Dv)``, ``H % Hkv == 0``; output
+``(B, H, Q, Dv)`` in ``q.dtype``; a query row with no allowed key gives exactly 0 and a zero gradient.
+
+Worked example: ``(causal() & document(seq_lens=[32, 32])).block_layout(64, block_size=16)`` has 4 query tiles;
+tile 2 (queries 32-47) reads key tile 2 only (PARTIAL, the diagonal) and skips tiles 0-1 (NONE, another document).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from attnmask import masks as M
+from attnmask.backends._common import CALL_COST, cached, check_qkv, degenerate
+from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
+from attnmask.errors import ShapeError, bad
+from attnmask.lowering import block_layout
+from attnmask.masks import PARTIAL
+
+__all__ = ["BACKEND", "MAX_KEYS", "MAX_ROWS", "blocksparse_attention", "run_layout", "spec_tile_mask"]
+
+TileMask = Callable[[int, int, int, int, int], torch.Tensor]
+_MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL tile
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a contiguous last dimension (the CPU flash kernel reads rows as vectors): no copy when it has one."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def spec_tile_mask(spec, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> TileMask:
+    """A tile predicate ``(b, q0, q1, k0, k1) -> (q1 - q0, k1 - k0) bool`` from a mask spec (True = may attend).
+
+    ``q_pos``: ``(Q,)`` or ``(B, Q)`` positions of the queries, ``kv_pos``: ``(K,)`` or ``(B, K)`` of the keys.
+    Evaluates the spec only on the tile's positions: O(tile) time and memory.
+    """
+    one_row = spec.batch_size in (None, 1)
+
+    def tile(b: int, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
+        qp = (q_pos[b if q_pos.shape[0] > 1 else 0] if q_pos.dim() == 2 else q_pos)[q0:q1]
+        kp = (kv_pos[b if kv_pos.shape[0] > 1 else 0] if kv_pos.dim() == 2 else kv_pos)[k0:k1]
+        bi = torch.tensor(0 if one_row else b, device=qp.device)
+        out = spec.evaluate(bi, qp.unsqueeze(1), kp.unsqueeze(0))
+        return torch.broadcast_to(out, (q1 - q0, k1 - k0))
+
+    return tile
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Contiguous key range ``[k0, k1)`` of one query group; ``partial`` lists the key ranges that need a mask."""
+
+    k0: int
+    k1: int
+    partial: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Query rows ``[q0, q1)`` of batch row ``b`` that share one list of key tiles."""
+
+    b: int
+    q0: int
+    q1: int
+    runs: tuple[_Run, ...]
+
+
+def _plan(tile_class: torch.Tensor, block_q: int, block_k: int, Q: int, K: int, max_keys: int, max_rows: int):
+    """Groups of query tiles with identical key-tile lists, their contiguous key runs split at ``max_keys`` keys."""
+    tc = tile_class.to("cpu", torch.int8).numpy()
+    groups = []
+    for b in range(tc.shape[0]):
+        prev, start = None, 0
+        n_q = tc.shape[1]
+        for i in range(n_q + 1):
+            row = tc[b, i] if i < n_q else None
+            same = (
+                row is not None and prev is not None and (row == prev).all() and (i - start + 1) * block_q <= max_rows
+            )
+            if same:
+                continue
+            if prev is not None and prev.any():
+                groups.append(_Group(b, start * block_q, min(i * block_q, Q), _runs(prev, block_k, K, max_keys)))
+            prev, start = row, i
+    return groups
+
+
+def _runs(row, block_k: int, K: int, max_keys: int) -> tuple[_Run, ...]:
+    runs, cur = [], []
+    tiles_per_run = max(1, max_keys // block_k)
+    for j in row.nonzero()[0].tolist():
+        if cur and (j != cur[-1] + 1 or len(cur) >= tiles_per_run):
+            runs.append(cur)
+            cur = []
+        cur.append(j)
+    if cur:
+        runs.append(cur)
+    out = []
+    for tiles in runs:
+        partial: list[list[int]] = []
+        for j in tiles:
+            if row[j] == PARTIAL:
+                if partial and partial[-1][1] == j:
+                    partial[-1][1] = j + 1
+                else:
+                    partial.append([j, j + 1])
+        spans = tuple((a * block_k, min(e * block_k, K)) for a, e in partial)
+        out.append(_Run(tiles[0] * block_k, min((tiles[-1] + 1) * block_k, K), spans))
+    return tuple(out)
+
+
+MAX_KEYS, MAX_ROWS = 4096, 512  # blocksparse_attention's defaults: keys per chunk, query rows per group
+
+
+def blocksparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tile_class: torch.Tensor,
+    block_size: int | tuple[int, int],
+    tile_mask: TileMask,
+    *,
+    scale: float | None = None,
+    max_keys: int = MAX_KEYS,
+    max_rows: int = MAX_ROWS,
+) -> torch.Tensor:
+    """Attention over a block layout: NONE key tiles skipped, FULL tiles unmasked, PARTIAL tiles masked element-wise.
+
+    ``tile_class``: ``(B, ceil(Q / bq), ceil(K / bk))`` int, ``NONE`` (0), ``PARTIAL`` (1) or ``FULL`` (2) for every
+    (query tile, key tile); ``block_size``: ``bq`` or ``(bq, bk)`` (lengths need not be multiples).
+    ``tile_mask(b, q0, q1, k0, k1)``: ``(q1 - q0, k1 - k0)`` bool, True = may attend, called on PARTIAL tiles only
+    (e.g. ``spec_tile_mask(spec, q_pos, kv_pos)``). The layout must be sound: a NONE tile has no allowed pair, a FULL
+    tile no masked pair.
+
+    Consecutive query tiles with the same key-tile list are processed together (up to ``max_rows`` rows); their
+    contiguous key tiles are read as one slice (no copy) in chunks of at most ``max_keys`` keys, combined by an online
+    softmax (running max and sum, rescaled per chunk). All heads at once; GQA without repeating keys. Low-precision
+    inputs are computed in float32 (float64 stays float64). On CPU in float32, each chunk runs through PyTorch's fused
+    CPU flash-attention kernel (which returns the log-sum-exp) and chunks are merged by log-sum-exp; elsewhere, or
+    with ``USE_CPU_FLASH = False``, a portable loop of ``bmm`` and ``exp`` does the same.
+
+    Backward: a custom autograd function that recomputes scores chunk by chunk from the saved log-sum-exp (the
+    FlashAttention scheme). Memory: O(B·H·Q) for the log-sum-exp, one chunk of scores at a time, and the element masks
+    of PARTIAL tiles (kept from forward to backward): O(partial tiles · bq · bk) bools. Never O(Q·K).
+    """
+    B, H, Q, D, Hkv, K = check_qkv(q, k, v)
+    plan, masks = _tile_groups(B, Q, K, tile_class, block_size, tile_mask, max_keys, max_rows)
+    scale = D**-0.5 if scale is None else float(scale)
+    return _BlockSparse.apply(q, k, v, plan, masks, scale)
+
+
+def _tile_groups(B: int, Q: int, K: int, tile_class, block_size, tile_mask: TileMask, max_keys: int, max_rows: int):
+    """The query groups of a block layout (``_plan``) and the element masks of their PARTIAL key spans
+    (``_group_masks``): what ``blocksparse_attention`` computes from the layout before touching q, k or v."""
+    bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    n_q, n_k = -(-Q // bq), -(-K // bk)
+    if tuple(tile_class.shape) != (B, n_q, n_k) and not (
+        tile_class.shape[0] == 1 and tile_class.shape[1:] == (n_q, n_k)
+    ):
+        raise bad(
+            ShapeError, "tile_class", f"shape ({B}, {n_q}, {n_k}) for block size ({bq}, {bk})", tuple(tile_class.shape)
+        )
+    if tile_class.shape[0] == 1 and B > 1:
+        tile_class = tile_class.expand(B, n_q, n_k)
+    plan = _plan(tile_class, bq, bk, Q, K, max(max_keys, bk), max(max_rows, bq))
+    return plan, _group_masks(plan, tile_mask)
+
+
+def _group_masks(plan, tile_mask) -> dict:
+    """Element masks of the PARTIAL key spans of every run: ``{(group, run): [(start, denied)]}``.
+
+    ``start`` is the span's first key relative to the run, ``denied`` ``(rows, span_keys)`` bool is True where a pair
+    is masked out (stored inverted, ready for ``masked_fill_``).
+    """
+    masks = {}
+    for gi, g in enumerate(plan):
+        for ri, r in enumerate(g.runs):
+            if r.partial:
+                masks[(gi, ri)] = [(p0 - r.k0, ~tile_mask(g.b, g.q0, g.q1, p0, p1)) for p0, p1 in r.partial]
+    return masks
+
+
+def _apply_masks(s: torch.Tensor, spans, rep: int) -> torch.Tensor:
+    """Set denied pairs of scores ``s`` ``(Hkv, rep·rows, n)`` to ``-inf`` in place, span by span."""
+    if spans:
+        s4 = s.view(s.shape[0], rep, s.shape[1] // rep, s.shape[2])
+        for start, denied in spans:
+            s4[..., start : start + denied.shape[1]].masked_fill_(denied, float("-inf"))
+    return s
+
+
+def _online_softmax(qg: torch.Tensor, runs: list, rep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of scaled queries ``qg`` ``(Hkv, rep·rows, D)`` over key chunks, one chunk at a time.
+
+    ``runs``: ``(k, v, spans)``, ``k, v`` ``(Hkv, n, D)``, ``spans`` as in ``_group_masks`` or None. Keeps a running
+    max ``m`` and sum ``denom`` per row and rescales the accumulator when the max grows. Returns the output
+    ``(Hkv, rep·rows, D)`` (0 on rows with no allowed key) and the log-sum-exp (``+inf`` on those rows).
+    """
+    Hkv, n_rows, _ = qg.shape
+    m = denom = acc = None
+    for kt, vt, mask in runs:
+        s = _apply_masks(torch.bmm(qg, kt.transpose(1, 2)), mask, rep)
+        m_new = s.amax(-1) if m is None else torch.maximum(m, s.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = s.sub_(m_safe.unsqueeze(-1)).exp_()
+        pv = torch.bmm(p, vt)
+        if m is None:
+            denom, acc = p.sum(-1), pv
+        else:
+            alpha = torch.exp(m - m_safe)
+            denom = denom * alpha + p.sum(-1)
+            acc = acc * alpha.unsqueeze(-1) + pv
+        m = m_new
+    ok = denom > 0
+    safe_denom = torch.where(ok, denom, torch.ones_like(denom))
+    out = torch.where(ok.unsqueeze(-1), acc / safe_denom.unsqueeze(-1), 0.0)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    lse = torch.where(ok, m_safe + torch.log(safe_denom), float("inf"))
+    return out, lse
+
+
+def _flash_cpu_ops():
+    """The CPU flash-attention kernels (forward returns the log-sum-exp), or None where this torch lacks them."""
+    ops = torch.ops.aten
+    if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+        ops, "_scaled_dot_product_flash_attention_for_cpu_backward"
+    ):
+        return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
+    return None
+
+
+# Set to False to force the portable tile loop on CPU as well (the tests run both paths).
+USE_CPU_FLASH = True
+
+
+def _run_bias(spans, rows: int, n: int, rep: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """Additive ``(rep·rows, n)`` bias of one run: ``-inf`` on denied pairs of its PARTIAL spans, None if none."""
+    if not spans:
+        return None
+    bias = torch.zeros(rows, n, dtype=dtype, device=device)
+    for start, denied in spans:
+        bias[:, start : start + denied.shape[1]].masked_fill_(denied, float("-inf"))
+    return bias.repeat(rep, 1) if rep > 1 else bias
+
+
+def _run_empty_rows(spans, n: int, rep: int) -> torch.Tensor | None:
+    """``(rep·rows,)`` bool: rows of a run whose every key is denied; None when the run has an unmasked key tile."""
+    if not spans or sum(d.shape[1] for _, d in spans) < n:
+        return None
+    empty = spans[0][1].all(-1)
+    for _, denied in spans[1:]:
+        empty = empty & denied.all(-1)
+    return empty.repeat(rep) if rep > 1 else empty
+
+
+def _flash_group_forward(qg, runs, rep, scale):
+    """Group forward with the CPU flash kernel, one call per run, merged by log-sum-exp.
+
+    ``qg`` ``(1, Hkv, rep·rows, D)``; ``runs``: ``(k, v, spans)`` with ``k, v`` ``(1, Hkv, n, D)``. Returns the
+    output and the log-sum-exp (``+inf`` on rows with no allowed key).
+    """
+    fwd, _ = _flash_cpu_ops()
+    n_rows = qg.shape[2]
+    outs, lses = [], []
+    for kt, vt, spans in runs:
+        bias = _run_bias(spans, n_rows // rep, kt.shape[2], rep, qg.dtype, qg.device)
+        o, lse = fwd(qg, kt, vt, 0.0, False, attn_mask=bias, scale=scale)
+        empty = _run_empty_rows(spans, kt.shape[2], rep)
+        if empty is not None:
+            lse = lse.masked_fill(empty, float("-inf"))  # the kernel reports 0 for an empty row
+        outs.append(o)
+        lses.append(lse.to(qg.dtype))
+    if len(outs) == 1:
+        lse, out = lses[0], outs[0]
+    else:
+        stacked = torch.stack(lses)
+        lse = torch.logsumexp(stacked, 0)
+        weights = torch.exp(stacked - lse).nan_to_num_(0.0)
+        out = sum(w.unsqueeze(-1) * o for w, o in zip(weights, outs, strict=True))
+    empty = torch.isneginf(lse)
+    return out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("inf"))
+
+
+class _BlockSparse(torch.autograd.Function):
+    """Block-sparse attention with recomputation in backward; see ``blocksparse_attention``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, masks, scale):
+        B, H, Q, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[3]
+        rep = H // Hkv
+        cdt = torch.promote_types(q.dtype, torch.float32)
+        flash = USE_CPU_FLASH and q.device.type == "cpu" and cdt == torch.float32 and D == Dv
+        flash = flash and _flash_cpu_ops() is not None
+        qf, kf, vf = (_unit_stride(t.to(cdt)) for t in (q, k, v))
+        out = torch.zeros(B, H, Q, Dv, dtype=cdt, device=q.device)
+        lse = torch.full((B, H, Q), float("inf"), dtype=cdt, device=q.device)
+        for gi, g in enumerate(plan):
+            rows = g.q1 - g.q0
+            if flash:
+                qg = qf[g.b, :, g.q0 : g.q1].reshape(1, Hkv, rep * rows, D)
+                runs = [_run_kv(kf, vf, g, r, True) + (masks.get((gi, ri)),) for ri, r in enumerate(g.runs)]
+                o, g_lse = _flash_group_forward(qg, runs, rep, scale)
+            else:
+                qg = (qf[g.b, :, g.q0 : g.q1] * scale).reshape(Hkv, rep * rows, D)
+                runs = [_run_kv(kf, vf, g, r, False) + (masks.get((gi, ri)),) for ri, r in enumerate(g.runs)]
+                o, g_lse = _online_softmax(qg, runs, rep)
+            out[g.b, :, g.q0 : g.q1] = o.view(H, rows, Dv)
+            lse[g.b, :, g.q0 : g.q1] = g_lse.view(H, rows)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.masks, ctx.scale, ctx.flash = plan, masks, scale, flash
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, masks, scale = ctx.plan, ctx.masks, ctx.scale
+        qf, kf, vf = (_unit_stride(t.to(out.dtype)) for t in (q, k, v))
+        do = d_out.to(out.dtype)
+        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        group_backward = _flash_group_backward if ctx.flash else _torch_group_backward
+        for gi, g in enumerate(plan):
+            spans = [masks.get((gi, ri)) for ri in range(len(g.runs))]
+            group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _run_kv(kf, vf, g: _Group, r: _Run, batched: bool):
+    """Key and value slices of one run: ``(Hkv, n, D)``, or ``(1, Hkv, n, D)`` when ``batched``."""
+    kt, vt = kf[g.b, :, r.k0 : r.k1], vf[g.b, :, r.k0 : r.k1]
+    return (kt.unsqueeze(0), vt.unsqueeze(0)) if batched else (kt, vt)
+
+
+def _group_views(t: torch.Tensor, g: _Group, heads: int, batched: bool) -> torch.Tensor:
+    """Rows ``[q0, q1)`` of ``t`` ``(B, H, Q, X)`` as ``(Hkv, rep·rows, X)`` (``(1, ...)`` when ``batched``)."""
+    x = t[g.b, :, g.q0 : g.q1]
+    shape = (heads, -1, x.shape[-1]) if x.dim() == 3 else (heads, -1)
+    x = x.reshape(shape)
+    return x.unsqueeze(0) if batched else x
+
+
+def _flash_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale):
+    """One group's gradients with the CPU flash backward kernel, run by run, from the global output and lse."""
+    _, bwd = _flash_cpu_ops()
+    Hkv = kf.shape[1]
+    rep = qf.shape[1] // Hkv
+    rows = g.q1 - g.q0
+    qg, og, dog = (_group_views(t, g, Hkv, True) for t in (qf, out, do))
+    lse_g = _group_views(lse, g, Hkv, True).float()
+    dq_g = None
+    for r, run_spans in zip(g.runs, spans, strict=True):
+        kt, vt = _run_kv(kf, vf, g, r, True)
+        bias = _run_bias(run_spans, rows, kt.shape[2], rep, qf.dtype, qf.device)
+        gq, gk, gv = bwd(dog, qg, kt, vt, og, lse_g, 0.0, False, attn_mask=bias, scale=scale)
+        dq_g = gq if dq_g is None else dq_g + gq
+        dk[g.b, :, r.k0 : r.k1] += gk[0]
+        dv[g.b, :, r.k0 : r.k1] += gv[0]
+    dq[g.b, :, g.q0 : g.q1] = dq_g.reshape(qf.shape[1], rows, qf.shape[3])
+
+
+def _torch_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale):
+    """One group's gradients by recomputing probabilities ``exp(s - lse)`` chunk by chunk (portable)."""
+    Hkv = kf.shape[1]
+    rep = qf.shape[1] // Hkv
+    rows = g.q1 - g.q0
+    qg = _group_views(qf, g, Hkv, False) * scale
+    dog = _group_views(do, g, Hkv, False)
+    lse_g = _group_views(lse, g, Hkv, False).unsqueeze(-1)
+    delta_g = (dog * _group_views(out, g, Hkv, False)).sum(-1, keepdim=True)
+    dq_g = torch.zeros_like(qg)
+    for r, run_spans in zip(g.runs, spans, strict=True):
+        kt, vt = _run_kv(kf, vf, g, r, False)
+        p = _apply_masks(torch.bmm(qg, kt.transpose(1, 2)), run_spans, rep).sub_(lse_g).exp_()
+        dv[g.b, :, r.k0 : r.k1] += torch.bmm(p.transpose(1, 2), dog)
+        ds = torch.bmm(dog, vt.transpose(1, 2)).sub_(delta_g).mul_(p)
+        dq_g += torch.bmm(ds, kt)
+        dk[g.b, :, r.k0 : r.k1] += torch.bmm(ds.transpose(1, 2), qg)
+    dq[g.b, :, g.q0 : g.q1] = (dq_g * scale).view(qf.shape[1], rows, qf.shape[3])
+
+
+def _block_size(q_len: int, kv_len: int) -> int:
+    """Tiles of 128 for long rows; smaller for short ones, so that the layout still skips work."""
+    longest = max(q_len, kv_len)
+    return 128 if longest >= 2048 else 64 if longest >= 256 else 16
+
+
+def _layout(call):
+    spec = M.full() if call.mask is None else call.mask
+    bs = _block_size(call.q_len, call.kv_len)
+    q_pos, kv_pos = (call.q_positions, call.kv_positions) if call.positions_given else (None, None)
+    return block_layout(spec, call.q_len, call.kv_len, bs, q_positions=q_pos, kv_positions=kv_pos, device=call.q.device)
+
+
+def unsupported(call) -> str | None:
+    """The declarations say the rest (a spec, no dropout); a call with no pair has no layout to build."""
+    return degenerate(call)
+
+
+def cost(call) -> float:
+    """Pairs of the FULL and PARTIAL tiles, mask evaluations of the PARTIAL ones, a charge per query tile. A ``custom``
+    predicate is not laid out just to estimate (that evaluates every pair): it is charged as dense plus its mask."""
+    per_pair = call.heads * (call.head_dim + call.value_dim)
+    if call.mask is not None and not call.mask.is_structural:
+        return (1.3 * per_pair + _MASK_COST) * call.batch * call.q_len * call.kv_len
+    layout = cached(call, "layout", _layout)
+    counts = layout.counts()
+    tile = layout.block_size**2
+    rows = call.batch if layout.batch_size == 1 else 1
+    work = (counts["full"] + counts["partial"]) * rows * tile * per_pair
+    groups = layout.batch_size * layout.n_q_tiles * rows
+    return 1.3 * work + counts["partial"] * rows * tile * _MASK_COST + groups * CALL_COST
+
+
+def _layout_groups(call):
+    """The layout's query groups and the element masks of its PARTIAL tiles, kept with the plans: O(partial tiles ·
+    block_size²) bools, which the forward keeps for the backward anyway."""
+    layout = cached(call, "layout", _layout)
+    tile_mask = spec_tile_mask(layout.spec, layout.q_positions, layout.kv_positions)
+    return _tile_groups(
+        call.batch, call.q_len, call.kv_len, layout.classes, layout.block_size, tile_mask, MAX_KEYS, MAX_ROWS
+    )
+
+
+def run(call) -> torch.Tensor:
+    plan, masks = cached(call, "blocksparse", _layout_groups)
+    return _BlockSparse.apply(call.q, call.k, call.v, plan, masks, call.scale)
+
+
+def run_layout(q, k, v, layout, *, scale: float | None = None) -> torch.Tensor:
+    """``blocksparse_attention`` over a ``BlockLayout`` (its classes, block size, positions and spec)."""
+    tile_mask = spec_tile_mask(layout.spec, layout.q_positions, layout.kv_positions)
+    return blocksparse_attention(q, k, v, layout.classes, layout.block_size, tile_mask, scale=scale)
+
+
+BACKEND = Backend(
+    "blocksparse",
+    run,
+    cost,
+    devices=TORCH_DEVICES,
+    dtypes=ALL_DTYPES,
+    masks=frozenset({"structural", "custom"}),
+    unsupported=unsupported,
+)

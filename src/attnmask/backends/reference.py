@@ -1,0 +1,43 @@
+"""The "reference" backend: textbook attention with the scores materialised, the semantics every backend matches.
+
+Layer 3 (attention). Float32 (float64 stays float64), O(B·H·Q·K) memory; any device, dtype, mask kind, dropout and
+a gradient through autograd. ``"auto"`` picks it only when nothing else serves a call (its cost is the highest).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, AttentionCall, Backend, dense_mask, rows_with_keys
+
+__all__ = ["BACKEND"]
+
+
+def run(call: AttentionCall) -> torch.Tensor:
+    """Textbook attention in float32 (float64 stays float64), scores materialised: O(B·H·Q·K) memory."""
+    work = torch.promote_types(call.q.dtype, torch.float32)
+    rep = call.heads // call.kv_heads
+    q = call.q.to(work)
+    k = call.k.to(work).repeat_interleave(rep, dim=1)
+    v = call.v.to(work).repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
+    allowed, _ = dense_mask(call)
+    if allowed is not None:
+        has_key = rows_with_keys(allowed)
+        # Empty rows get finite scores (a harmless uniform softmax) and are then zeroed: no NaN forward or backward.
+        scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
+        probs = torch.softmax(scores, dim=-1).masked_fill(~has_key, 0.0)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if call.dropout_p > 0:
+        probs = F.dropout(probs, call.dropout_p)  # zeros stay zero: empty rows and masked keys are untouched
+    return torch.matmul(probs, v).to(call.q.dtype)
+
+
+def cost(call: AttentionCall) -> float:
+    """Unfused, upcast and with materialised scores: several passes over B·H·Q·K."""
+    return 4.0 * call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim + 8)
+
+
+BACKEND = Backend("reference", run, cost, devices=TORCH_DEVICES, dtypes=ALL_DTYPES, dropout=True)

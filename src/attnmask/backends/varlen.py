@@ -1,0 +1,376 @@
+"""The "varlen" backend: each document (segment) of a packed or padded row runs through SDPA on its own.
+
+Layer 3 (attention). For specs with a varlen form (``[causal | full] & [sliding_window] & document(...) &
+[key_padding]``, or a padded batch): the spec is lowered to document segments once (``_common.varlen_plan``) and
+``varlen_attention`` never builds a mask larger than one document. Attention dropout: SDPA's own ``dropout_p``.
+
+Shapes: ``q`` ``(B, H, Q, D)``, ``k`` ``(B, Hkv, K, D)``, ``v`` ``(B, Hkv, K, Dv)`` with ``H % Hkv == 0``
+(grouped-query attention: query head ``h`` reads key/value head ``h // (H // Hkv)``). Output ``(B, H, Q, Dv)`` in
+``q.dtype``. A query row with no allowed key gives exactly 0 and a zero gradient.
+
+Worked example, one packed row of 3 documents of lengths 2, 4, 3 (``doc_ids = [0, 0, 1, 1, 1, 1, 2, 2, 2]``),
+causal inside each document::
+
+    >>> segs = segments_from_varlen((causal() & document(seq_lens=[2, 4, 3])).varlen(9), 1, 9, 9)
+    >>> segs.tolist()   # (row, q_start, q_len, k_start, k_len, offset)
+    [[0, 0, 2, 0, 2, 0], [0, 2, 4, 2, 4, 0], [0, 6, 3, 6, 3, 0]]
+    >>> out = varlen_attention(q, k, v, segs, causal=True)   # one SDPA per distinct document length
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnmask.backends._common import (
+    CALL_COST,
+    COPY_COST,
+    SMALL_MATMUL_COST,
+    check_qkv,
+    check_segments,
+    segments_from_varlen,
+    varlen_plan,
+)
+from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend, check_dropout_p
+from attnmask.errors import BackendError, ShapeError, bad
+
+__all__ = ["BACKEND", "segments_from_varlen", "varlen_attention"]
+
+_SDPA_ROW_COST = 40.0  # SDPA's fixed work per query row and head (per element of D + Dv): short documents pay it
+_SMALL_ROW_COST = 130.0  # the tiny-document path's unfused softmax, masking and casts, per query row element and head
+_SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this many keys go through batched matmuls
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segments: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+    small: int = 32,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention where each segment (document) attends only within itself; query rows in no segment give 0.
+
+    ``segments``: ``(N, 6)`` int ``(row, q_start, q_len, k_start, k_len, offset)`` as from ``segments_from_varlen``;
+    query ranges must not overlap. Inside a segment, query ``i`` may attend to key ``j`` if ``causal`` is False, or if
+    ``0 <= i + offset - j`` and, with a ``window``, ``i + offset - j < window`` (a window is inclusive of the query:
+    ``window=1`` is the diagonal; it implies causal).
+
+    How it runs, never building a mask larger than one document:
+
+    - documents of ``small`` tokens or fewer are grouped by exact length, gathered once, and run as one batched
+      (unfused) attention per group with one small ``(Lq, Lk)`` mask;
+    - longer documents of equal shape are stacked into one SDPA call; causal uses ``is_causal=True`` when
+      ``offset == 0`` (top-left equals bottom-right then), else a ``(q_len, k_len)`` mask of that document;
+    - a window shorter than a document runs by query blocks over a key band (``O(q_len·(block + window))`` work).
+
+    ``dropout_p``: attention dropout on each document's probabilities after the softmax (kept ones scaled by
+    ``1 / (1 - p)``), by SDPA's own ``dropout_p`` or, for tiny documents, on the batched probabilities; a document's
+    queries still read only its own keys, and rows with no allowed key stay exactly 0. Drawn from torch's global RNG.
+
+    Memory: the inputs of stacked or grouped documents are copied once; the output is assembled with one ``cat`` per
+    row, or (more than 64 segments) written once by row index. Forward and backward are autograd through SDPA.
+    """
+    B, H, Q, D, Hkv, K = check_qkv(q, k, v)
+    if D == 0:
+        raise bad(ShapeError, "q", "a head dim >= 1 (SDPA takes no empty head)", f"shape {tuple(q.shape)}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise bad(BackendError, "window", "None or an int >= 1", repr(window))
+    causal = causal or window is not None
+    dropout_p = check_dropout_p(dropout_p)
+    segs = check_segments(segments, q, k, v)
+    scale = D**-0.5 if scale is None else float(scale)
+    gqa = H != Hkv
+    seg_list = [tuple(s) for s in segs.tolist()]
+
+    results = []  # (output (n, H, q_len, Dv), the n segments it holds)
+    groups: dict[tuple[int, int, int], list] = {}
+    small_segs = []
+    for seg in seg_list:
+        if seg[2] > 0:
+            (small_segs.append(seg) if seg[4] <= small else groups.setdefault((seg[2], seg[4], seg[5]), []).append(seg))
+    if groups:
+        big = [seg for members in groups.values() for seg in members]
+        q_parts = _split_rows(q, [(seg[0], seg[1], seg[2]) for seg in big])
+        k_parts, v_parts = (_split_rows(t, [(seg[0], seg[3], seg[4]) for seg in big]) for t in (k, v))
+    for (_, _, off), members in groups.items():
+        qb, kb, vb = (_stack_segments(parts, members, idx) for parts, idx in ((q_parts, 1), (k_parts, 3), (v_parts, 3)))
+        results.append((_dense_segment(qb, kb, vb, off, causal, window, scale, gqa, dropout_p), members))
+    if small_segs:
+        results.extend(_small_segments(q, k, v, small_segs, causal, window, scale, dropout_p))
+    if not results:
+        out = v.new_zeros(B, H, Q, v.shape[3])
+    elif sum(len(m) for _, m in results) > 64:
+        out = _assemble_by_index(q, v, results)
+    else:
+        out = _assemble(q, v, {(seg[0], seg[1]): res[i, :, : seg[2]] for res, m in results for i, seg in enumerate(m)})
+    if not results and any(t.requires_grad for t in (q, k, v)) and torch.is_grad_enabled():
+        # No query sees any key: keep the zeros connected to the inputs so that their gradient is a defined 0.
+        anchor = torch.stack([t.reshape(-1)[:1].sum() for t in (q, k, v)]).sum()
+        out = out + torch.where(torch.ones((), dtype=torch.bool, device=out.device), 0.0, anchor)
+    return out.to(q.dtype)
+
+
+def _split_rows(t: torch.Tensor, ranges: list) -> dict:
+    """Views ``(1, H, n, D)`` of ``t`` ``(B, H, L, D)`` for ranges ``(row, start, n)``: ``{(row, start): view}``.
+
+    Where a row's ranges do not overlap, the row is cut with one ``split`` (its backward writes every piece's gradient
+    into one tensor, instead of a full-size zero tensor per piece as separate slices would); otherwise by slicing.
+    """
+    parts = {}
+    for r in sorted({row for row, _, _ in ranges}):
+        spans = sorted({(start, n) for row, start, n in ranges if row == r})
+        row_t = t[r : r + 1]
+        ends = [start + n for start, n in spans]
+        if all(spans[i + 1][0] >= ends[i] for i in range(len(spans) - 1)):
+            sizes, at, keep = [], 0, []
+            for start, n in spans:
+                if start > at:
+                    sizes.append(start - at)
+                keep.append(len(sizes))
+                sizes.append(n)
+                at = start + n
+            if at < t.shape[2]:
+                sizes.append(t.shape[2] - at)
+            pieces = torch.split(row_t, sizes, dim=2)
+            parts.update({(r, start): pieces[i] for (start, _), i in zip(spans, keep, strict=True)})
+        else:
+            parts.update({(r, start): row_t[:, :, start : start + n] for start, n in spans})
+    return parts
+
+
+def _stack_segments(parts: dict, members: list, idx: int) -> torch.Tensor:
+    """Segments of one shape as a batch ``(n, H, L, D)``: a view for one segment, a copy for several."""
+    views = [parts[(s[0], s[idx])] for s in members]
+    return views[0] if len(views) == 1 else torch.cat(views)
+
+
+def _sdpa(q, k, v, mask, is_causal, scale, gqa, dropout_p=0.0):
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+    )
+
+
+def _dense_segment(q, k, v, off, causal, window, scale, gqa, dropout_p=0.0):
+    """Stacked segments of one shape: ``q`` ``(n, H, ql, D)``, ``k, v`` ``(n, Hkv, kl, D)``, same ``offset``."""
+    ql, kl = q.shape[2], k.shape[2]
+    if not causal:
+        return _sdpa(q, k, v, None, False, scale, gqa, dropout_p)
+    widest = ql - 1 + off  # largest i + offset - j over the segment (j = 0)
+    if window is None or window > widest:
+        if off == 0:
+            return _sdpa(q, k, v, None, True, scale, gqa, dropout_p)
+        return _masked_rows(q, k, v, _band_mask(0, ql, 0, kl, off, None, q.device), scale, gqa, dropout_p)
+    # Window shorter than the document: query blocks over a key band.
+    block = max(window, 64)
+    outs = []
+    for a in range(0, ql, block):
+        b_end = min(a + block, ql)
+        k0 = max(0, a + off - window + 1)
+        k1 = min(kl, b_end + off)
+        if k1 <= k0:
+            outs.append(v.new_zeros(q.shape[0], q.shape[1], b_end - a, v.shape[3]))
+            continue
+        mask = _band_mask(a, b_end, k0, k1, off, window, q.device)
+        outs.append(_masked_rows(q[:, :, a:b_end], k[:, :, k0:k1], v[:, :, k0:k1], mask, scale, gqa, dropout_p))
+    return torch.cat(outs, dim=2)
+
+
+def _band_mask(q0, q1, k0, k1, off, window, device):
+    """``(q1 - q0, k1 - k0)`` bool: ``0 <= i + off - j (< window)`` for segment query ``i`` and key ``j``."""
+    d = torch.arange(q0, q1, device=device).unsqueeze(1) + off - torch.arange(k0, k1, device=device)
+    return (d >= 0) & (d < window) if window is not None else d >= 0
+
+
+def _masked_rows(q, k, v, mask, scale, gqa, dropout_p=0.0):
+    """SDPA with a bool mask ``(..., Lq, Lk)``; rows with no allowed key are set to exactly 0.
+
+    Such rows attend to every key inside the kernel (finite on every device), then are zeroed: their gradient is 0.
+    """
+    empty = ~mask.any(-1, keepdim=True)
+    if not bool(empty.any()):
+        return _sdpa(q, k, v, mask, False, scale, gqa, dropout_p)
+    return _sdpa(q, k, v, mask | empty, False, scale, gqa, dropout_p).masked_fill(empty, 0.0)
+
+
+def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list:
+    """Tiny documents, grouped by exact shape ``(q_len, k_len, offset)`` (at most a few dozen groups): one gather per
+    tensor and one batched attention per group, computed in a heads-major layout ``(H, n, L, D)`` without copies.
+
+    Returns ``[(output (n, H, q_len, Dv), the group's n segments)]``.
+    """
+    dev = q.device
+    qf, kf, vf = (_heads_major(t) for t in (q, k, v))
+    groups: dict[tuple[int, int, int], list] = {}
+    for seg in segs:
+        groups.setdefault((seg[2], seg[4], seg[5]), []).append(seg)
+    results = []
+    for (ql, kl, off), members in groups.items():
+        row, qs, _, ks, _, _ = torch.tensor(members, dtype=torch.long, device=dev).unbind(1)
+        q_idx = (row * q.shape[2] + qs)[:, None] + torch.arange(ql, device=dev)
+        k_idx = (row * k.shape[2] + ks)[:, None] + torch.arange(kl, device=dev)
+        qb, kb, vb = (
+            t.index_select(1, idx.reshape(-1)).unflatten(1, idx.shape)
+            for t, idx in ((qf, q_idx), (kf, k_idx), (vf, k_idx))
+        )
+        mask = _band_mask(0, ql, 0, kl, off, window, dev) if causal else None
+        results.append((_tiny_attention(qb, kb, vb, mask, scale, dropout_p).transpose(0, 1), members))
+    return results
+
+
+def _heads_major(t: torch.Tensor) -> torch.Tensor:
+    """``(B, H, L, X)`` -> ``(H, B·L, X)`` (a view when ``B == 1``): tokens of all rows along one axis."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[3])
+
+
+def _tiny_attention(q, k, v, mask, scale, dropout_p=0.0):
+    """Unfused attention for tiny documents (a fused kernel's per-call overhead dominates there), heads-major.
+
+    ``q`` ``(H, n, Lq, D)``, ``k, v`` ``(Hkv, n, Lk, ·)``, ``mask`` ``(Lq, Lk)`` bool or None; rows with no allowed
+    key give 0; ``dropout_p > 0`` drops probabilities (zeros stay 0). Low precision is computed in float32, float64
+    in float64.
+    Memory ``O(H·n·Lq·Lk)``: used for documents of few tokens.
+    """
+    H, Hkv = q.shape[0], k.shape[0]
+    work = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64
+    qh = q.unflatten(0, (Hkv, H // Hkv))  # (Hkv, rep, n, Lq, D): query head h reads key head h // rep
+    s = torch.matmul(qh.to(work), k.to(work).unsqueeze(1).transpose(-1, -2)) * scale
+    if mask is not None:
+        has_key = mask.any(-1, keepdim=True)
+        s = s.masked_fill(~(mask | ~has_key), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if mask is not None and not bool(has_key.all()):
+        p = p.masked_fill(~has_key, 0.0)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    return torch.matmul(p, v.to(work).unsqueeze(1)).flatten(0, 1).to(v.dtype)
+
+
+def _assemble(q: torch.Tensor, v: torch.Tensor, pieces: dict) -> torch.Tensor:
+    """Concatenate segment outputs ``{(row, q_start): (H, q_len, Dv)}`` along the query axis per row, zeros in the
+    gaps: ``(B, H, Q, Dv)``. Few segments: one ``cat`` per row, no scatter."""
+    B, H, Q, Dv = q.shape[:3] + v.shape[3:]
+    rows = []
+    for r in range(B):
+        parts, at = [], 0
+        for _, qs in sorted(key for key in pieces if key[0] == r):
+            piece = pieces[(r, qs)]
+            if qs > at:
+                parts.append(v.new_zeros(H, qs - at, Dv))
+            parts.append(piece)
+            at = qs + piece.shape[1]
+        if at < Q:
+            parts.append(v.new_zeros(H, Q - at, Dv))
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    return torch.stack(rows) if B > 1 else rows[0].unsqueeze(0)
+
+
+def _assemble_by_index(q: torch.Tensor, v: torch.Tensor, results: list) -> torch.Tensor:
+    """Many segments: every group's output written once into the ``(B, H, Q, Dv)`` result by row index.
+
+    The result is the only allocation of its size (fresh large allocations cost page faults); the backward pass
+    gathers each group's gradient rows back with ``index_select``.
+    """
+    B, H, Q, Dv = q.shape[:3] + v.shape[3:]
+    dev = q.device
+    indices, sources = [], []
+    for res, members in results:
+        n, _, lq, _ = res.shape
+        row, qs = torch.tensor(members, dtype=torch.long, device=dev)[:, :2].unbind(1)
+        indices.append(((row * Q + qs)[:, None] + torch.arange(lq, device=dev)).reshape(-1))
+        sources.append(res.transpose(0, 1).reshape(H, n * lq, Dv))
+    return _ScatterRows.apply((H, B, Q, Dv), indices, *sources)
+
+
+class _ScatterRows(torch.autograd.Function):
+    """``out[:, idx_i] = src_i`` on a heads-major zero tensor ``(H, B·Q, Dv)``, returned as ``(B, H, Q, Dv)``."""
+
+    @staticmethod
+    def forward(ctx, shape, indices, *sources):
+        H, B, Q, Dv = shape
+        out = sources[0].new_zeros(H, B * Q, Dv)
+        for idx, src in zip(indices, sources, strict=True):
+            out.index_copy_(1, idx, src)
+        ctx.indices, ctx.shape = indices, shape
+        return out.view(H, B, Q, Dv).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        H, B, Q, Dv = ctx.shape
+        flat = grad.transpose(0, 1).reshape(H, B * Q, Dv)
+        return (None, None, *(flat.index_select(1, idx) for idx in ctx.indices))
+
+
+def unsupported(call) -> str | None:
+    if call.head_dim == 0:
+        return "needs a head dim >= 1 (SDPA takes no empty head)"
+    plan = varlen_plan(call)
+    return plan if isinstance(plan, str) else None
+
+
+def cost(call) -> float:
+    """Pairs SDPA computes (its CPU kernel's key blocks included), a charge per SDPA call, per query row for the
+    documents SDPA runs, and per element copied (stacked inputs, the assembled output); tiny documents pay per small
+    matrix product instead (see ``_SMALL_SEGMENT``)."""
+    plan = varlen_plan(call)
+    segs = plan.segments
+    if not len(segs):
+        return CALL_COST
+    whole_rows = len(segs) == call.batch and bool((segs[:, 2] == call.q_len).all() & (segs[:, 4] == call.kv_len).all())
+    if whole_rows and plan.window is None:
+        return float("inf")  # one SDPA call per row, exactly what "sdpa" does without the lowering
+    ql, kl = segs[:, 2].double(), segs[:, 4].double()
+    pairs = sdpa_pairs(ql, kl, plan.causal)
+    if plan.window is not None:
+        pairs = torch.minimum(pairs, ql * plan.window * 2)
+    calls = len({(a, b, c) for a, b, c in segs[:, [2, 4, 5]].tolist()})
+    width = call.head_dim + call.value_dim
+    work = float(pairs.sum()) * call.heads * width
+    small = segs[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
+    tokens = (segs[:, 2] * call.heads + segs[:, 4] * call.kv_heads).double() * width
+    overhead = int(small.sum()) * 2 * call.heads * SMALL_MATMUL_COST + float(tokens.sum()) * COPY_COST
+    overhead += float(segs[~small, 2].sum()) * call.heads * width * _SDPA_ROW_COST
+    overhead += float(segs[small, 2].sum()) * call.heads * width * _SMALL_ROW_COST
+    return work + calls * CALL_COST + overhead
+
+
+def sdpa_pairs(q_len: torch.Tensor, kv_len: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(query, key) pairs torch's CPU SDPA kernel computes per segment (float64, elementwise over the lengths).
+
+    It walks keys in blocks of 512 (or all keys when fewer than 512) and, when causal, stops after the block that
+    holds the end of the query block: up to 512 keys beyond the diagonal. So a causal document of 256 tokens costs
+    all 256·256 pairs, and one of 4096 about half of its pairs plus 256 per query."""
+    if not causal:
+        return q_len * kv_len
+    half = q_len * (kv_len + 1) / 2 + q_len * 256.0
+    return torch.where(kv_len <= 512, q_len * kv_len, torch.minimum(half, q_len * kv_len))
+
+
+def run(call) -> torch.Tensor:
+    plan = varlen_plan(call)
+    return varlen_attention(
+        call.q,
+        call.k,
+        call.v,
+        plan.segments,
+        causal=plan.causal,
+        window=plan.window,
+        scale=call.scale,
+        dropout_p=call.dropout_p,
+    )
+
+
+BACKEND = Backend(
+    "varlen",
+    run,
+    cost,
+    devices=TORCH_DEVICES,
+    dtypes=ALL_DTYPES,
+    masks=frozenset({"structural"}),
+    dropout=True,
+    unsupported=unsupported,
+)

@@ -1,0 +1,337 @@
+"""Every registered backend against the naive float64 reference, driven by the registry's declarations.
+
+Nothing here names a backend: the tests parametrise over ``attnmask.backends.REGISTRY`` (plus any backend registered
+at run time). A case a backend cannot serve must be refused through ``Backend.not_supported_reasons`` (and then
+``attention(..., backend=name)`` raises a ``BackendError``); every other case must match the reference. Backends whose
+environment is missing (``available()``, or no CPU among their devices) are skipped with that reason, except under
+``ATTNMASK_STRICT_DEPS=1``, where a backend that declares the CPU must run. A backend declared ``auto=False`` (one that
+compiles per shape, seconds each) runs the fixed representative cases only, not the generated ones.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnmask as am
+from attnmask.attention import _BACKENDS, _prepare_call
+from tests.helpers import GRAD_TOLERANCE, TOLERANCE, grads
+from tests.naive import naive_attention
+from tests.strategies import heads_and_dims, packed_case, padded_case, short_documents_case, spec_tree
+
+BACKENDS = list(_BACKENDS.values())
+AUTO = [b for b in BACKENDS if b.auto]  # the others compile per shape: representative cases only
+STRICT = os.environ.get("ATTNMASK_STRICT_DEPS") == "1"
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+LAYOUTS = ["contiguous", "heads_last", "keys_transposed"]
+
+
+def runnable(backend):
+    """The backend, or a skip naming why its environment cannot run it here (a failure under strict deps on CPU)."""
+    if "cpu" not in backend.devices:
+        pytest.skip(f"{backend.name} runs on {', '.join(sorted(backend.devices))}, not on this CPU")
+    missing = backend.available()
+    if missing is not None:
+        if STRICT:
+            pytest.fail(f"{backend.name} declares the CPU but its environment is missing: {missing}")
+        pytest.skip(f"{backend.name}: {missing}")
+    return backend
+
+
+@pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
+def backend(request):
+    return runnable(request.param)
+
+
+@pytest.fixture(params=AUTO, ids=[b.name for b in AUTO])
+def auto_backend(request):
+    return runnable(request.param)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cases: a mask, shapes, a dtype and a memory layout
+
+
+def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` ``(B, H, L, D)`` with the same values in another memory layout: ``heads_last`` as transformers hands
+    projections over (``(B, L, H, D)`` transposed), ``keys_transposed`` with a last-dimension stride of ``L`` (a
+    K-transposed cache)."""
+    if layout == "heads_last":
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "keys_transposed":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t
+
+
+def make_inputs(case, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    B, H, Hkv = case["batch"], case["heads"], case["kv_heads"]
+    Q, K, D, Dv = case["q_len"], case["kv_len"], case["head_dim"], case["value_dim"]
+    shapes = ((B, H, Q, D), (B, Hkv, K, D), (B, Hkv, K, Dv))
+    dtype, layout = case.get("dtype", torch.float32), case.get("layout", "contiguous")
+    made = []
+    for shape in shapes:
+        t = laid_out(torch.randn(shape, generator=gen).to(dtype), layout)
+        made.append(t.requires_grad_(requires_grad))
+    return made
+
+
+def allowed(case) -> torch.Tensor:
+    """``(B, 1 or H, Q, K)`` bool: the case's mask, dense (the reference's input)."""
+    mask, B, Q, K = case["mask"], case["batch"], case["q_len"], case["kv_len"]
+    if mask is None:
+        return torch.ones(B, 1, Q, K, dtype=torch.bool)
+    if isinstance(mask, am.MaskSpec):
+        return mask.to_dense(Q, K).expand(B, Q, K).unsqueeze(1)
+    mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    return torch.broadcast_to(mask, (B, mask.shape[1], Q, K))
+
+
+@st.composite
+def tensor_mask_case(draw):
+    batch, kv_len = draw(st.integers(1, 2)), draw(st.integers(1, 12))
+    case = draw(heads_and_dims(batch, draw(st.integers(1, 12)), kv_len))
+    heads = draw(st.sampled_from([1, case["heads"]]))
+    seed = draw(st.integers(0, 2**16))
+    mask = torch.rand(batch, heads, case["q_len"], kv_len, generator=torch.Generator().manual_seed(seed)) > 0.3
+    return mask, case
+
+
+@st.composite
+def spec_tree_case(draw):
+    batch, kv_len = draw(st.integers(1, 2)), draw(st.integers(1, 24))
+    q_len = draw(st.one_of(st.just(kv_len), st.integers(1, kv_len)))
+    return draw(spec_tree(batch, kv_len)), draw(heads_and_dims(batch, q_len, kv_len))
+
+
+@st.composite
+def no_mask_case(draw):
+    batch = draw(st.integers(1, 2))
+    return None, draw(heads_and_dims(batch, draw(st.integers(1, 10)), draw(st.integers(1, 10))))
+
+
+@st.composite
+def conformance_case(draw, dtypes=tuple(DTYPES)):
+    """A mask (a random spec tree, packed documents, a padded batch, short documents, a bool tensor or none), GQA
+    heads, a dtype and a memory layout."""
+    mask, case = draw(
+        st.one_of(
+            spec_tree_case(), packed_case(), padded_case(), short_documents_case(), tensor_mask_case(), no_mask_case()
+        )
+    )
+    return dict(case, mask=mask, dtype=draw(st.sampled_from(dtypes)), layout=draw(st.sampled_from(LAYOUTS)))
+
+
+def representative_cases():
+    """Fixed cases, one per kind of input a backend may specialise in: every backend must accept some of them (a
+    backend declared ``auto=False`` runs the first it accepts: rows with no key first)."""
+
+    def dims(B, Q, K, H=4, Hkv=2, D=8, Dv=8):
+        return dict(batch=B, heads=H, kv_heads=Hkv, q_len=Q, kv_len=K, head_dim=D, value_dim=Dv)
+
+    lens = [5, 3, 12, 1, 9, 7, 2]
+    return {
+        "left padded": dict(
+            dims(2, 6, 6), mask=am.causal() & am.key_padding(torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6]))
+        ),
+        "no mask": dict(dims(2, 6, 9), mask=None),
+        "bool tensor": dict(
+            dims(2, 5, 7), mask=torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.4
+        ),
+        "causal": dict(dims(1, 40, 40), mask=am.causal()),
+        "decoding": dict(dims(2, 3, 20), mask=am.causal()),
+        "packed documents": dict(dims(1, 39, 39), mask=am.causal() & am.document(seq_lens=lens)),
+        "long documents": dict(dims(1, 100, 100), mask=am.causal() & am.document(seq_lens=[60, 40])),
+        "window and prefix": dict(dims(1, 70, 70), mask=am.sliding_window(9) | am.prefix_lm(4)),
+        "custom": dict(dims(1, 12, 12), mask=am.custom(lambda b, h, q, k: (q + k) % 3 != 0, name="q_plus_k_mod3")),
+    }
+
+
+REPRESENTATIVE = representative_cases()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One check: refused through the declarations, or equal to the reference
+
+
+def check(backend, case, *, with_grads=False, seed=0):
+    """``backend`` either refuses ``case`` through ``not_supported_reasons`` (and ``attention`` then raises a
+    ``BackendError``) or matches the naive reference in output (and gradients); returns whether it ran."""
+    q, k, v = make_inputs(case, seed=seed, requires_grad=with_grads)
+    call = _prepare_call(q, k, v, case["mask"], None, None, None)
+    reasons = backend.not_supported_reasons(call)
+    if reasons:
+        assert all(isinstance(r, str) and r for r in reasons)
+        with pytest.raises(am.BackendError):
+            am.attention(q, k, v, case["mask"], backend=backend.name)
+        return False
+    assert isinstance(backend.cost(call), float)
+    got = am.attention(q, k, v, case["mask"], backend=backend.name)
+    want = naive_attention(q.detach(), k.detach(), v.detach(), allowed(case))
+    assert got.dtype == q.dtype and got.shape == want.shape
+    atol, rtol = TOLERANCE[got.dtype]
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol, msg=f"{backend.name}: {case['mask']!r}")
+    empty = ~allowed(case).any(-1, keepdim=True).expand(got.shape)  # rows with no allowed key: exactly 0
+    assert torch.equal(got[empty], torch.zeros_like(got[empty])), f"{backend.name}: a row with no key is not 0"
+    if with_grads:
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        want_grads = grads(naive_attention(q64, k64, v64, allowed(case)), (q64, k64, v64))
+        atol, rtol = GRAD_TOLERANCE[q.dtype]
+        for name, g, w in zip("qkv", grads(got, (q, k, v)), want_grads, strict=True):
+            torch.testing.assert_close(g.double(), w, atol=atol, rtol=rtol, msg=f"{backend.name}: d{name}")
+    return True
+
+
+def test_every_backend_accepts_some_representative_cases(backend):
+    def accepts(case):
+        q, k, v = make_inputs(case)
+        return not backend.not_supported_reasons(_prepare_call(q, k, v, case["mask"], None, None, None))
+
+    accepted = [name for name, case in REPRESENTATIVE.items() if accepts(case)]
+    assert accepted, f"{backend.name} refused every representative case: its conformance tests would be vacuous"
+    assert check(backend, REPRESENTATIVE[accepted[0]])  # and runs it (the only run of a backend declared auto=False)
+
+
+@pytest.mark.parametrize("name", list(REPRESENTATIVE))
+def test_representative_cases_train_or_are_refused(auto_backend, name):
+    check(auto_backend, REPRESENTATIVE[name], with_grads=True)
+
+
+@pytest.mark.parametrize("backend", AUTO, ids=[b.name for b in AUTO])
+@settings(max_examples=40)
+@given(case=conformance_case())
+def test_outputs_match_the_reference_or_are_refused(backend, case):
+    check(runnable(backend), case)
+
+
+@pytest.mark.parametrize("backend", AUTO, ids=[b.name for b in AUTO])
+@settings(max_examples=20)
+@given(case=conformance_case(dtypes=(torch.float32, torch.float64, torch.bfloat16)))
+def test_gradients_match_the_reference_or_are_refused(backend, case):
+    check(runnable(backend), case, with_grads=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rows with no allowed key: exactly 0, and exactly 0 gradient
+
+
+def empty_row_cases():
+    """Cases with query rows that see no key, and which rows those are (``(B, Q)`` bool)."""
+    pad = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
+    trailing = am.causal() & am.document(seq_lens=[3, 4], length=10)
+    dims = dict(heads=4, kv_heads=2, head_dim=8, value_dim=8)
+    return [
+        (dict(dims, batch=2, q_len=8, kv_len=8, mask=am.causal() & am.key_padding(pad)), pad == 0),
+        (dict(dims, batch=1, q_len=10, kv_len=10, mask=trailing), torch.arange(10)[None] >= 7),
+        (dict(dims, batch=2, q_len=8, kv_len=8, mask=~am.full()), torch.ones(2, 8, dtype=torch.bool)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_with_no_allowed_key_give_exact_zero_and_zero_gradient(auto_backend, dtype):
+    if dtype not in auto_backend.dtypes:
+        pytest.skip(f"{auto_backend.name} does not declare {dtype}")
+    ran = 0
+    for case, empty in empty_row_cases():
+        q, k, v = make_inputs(dict(case, dtype=dtype), requires_grad=True)
+        if auto_backend.not_supported_reasons(_prepare_call(q, k, v, case["mask"], None, None, None)):
+            continue
+        out = am.attention(q, k, v, case["mask"], backend=auto_backend.name)
+        rows = empty[:, None, :, None].expand(out.shape)
+        assert torch.equal(out[rows], torch.zeros_like(out[rows])) and torch.isfinite(out).all()
+        weight = rows.to(dtype)  # a loss on the empty rows only: every gradient must be exactly 0
+        for g in torch.autograd.grad((out * weight).sum(), (q, k, v)):
+            assert torch.equal(g, torch.zeros_like(g))
+        ran += 1
+    assert ran, f"{auto_backend.name} refused every case with empty rows"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Degenerate shapes: a result or a refusal, never a raw exception
+
+
+DEGENERATE = {"B=0": (0, 4, 8, 4), "Q=0": (1, 0, 8, 6), "K=0": (1, 3, 8, 0), "D=0": (1, 4, 0, 4)}
+
+
+@pytest.mark.parametrize("shape", list(DEGENERATE))
+@pytest.mark.parametrize("mask", ["none", "tensor", "causal", "documents"])
+def test_degenerate_shapes_give_a_result_or_a_refusal(backend, shape, mask):
+    B, Q, D, K = DEGENERATE[shape]
+    case = dict(batch=B, heads=2, kv_heads=2, q_len=Q, kv_len=K, head_dim=D, value_dim=D, mask=None)
+    if mask == "tensor":
+        case["mask"] = torch.ones(Q, K, dtype=torch.bool)
+    elif mask == "causal":
+        case["mask"] = am.causal() if Q <= K else pytest.skip("a spec needs Q <= K at the default positions")
+    elif mask == "documents":
+        case["mask"] = am.causal() & am.document(seq_lens=[K], length=K) if 0 < Q <= K else pytest.skip("no keys")
+    q, k, v = make_inputs(case)
+    if backend.not_supported_reasons(_prepare_call(q, k, v, case["mask"], None, None, None)):
+        with pytest.raises(am.BackendError):
+            am.attention(q, k, v, case["mask"], backend=backend.name)
+        return
+    got = am.attention(q, k, v, case["mask"], backend=backend.name)
+    want = naive_attention(q, k, v, allowed(case), scale=1.0 if D == 0 else None)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Masked-out keys never affect the output, NaN included
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_a_nan_in_a_key_reaches_only_the_rows_that_may_see_it(auto_backend, where):
+    ran = 0
+    for case in (REPRESENTATIVE["packed documents"], REPRESENTATIVE["window and prefix"], REPRESENTATIVE["causal"]):
+        q, k, v = make_inputs(case)
+        if auto_backend.not_supported_reasons(_prepare_call(q, k, v, case["mask"], None, None, None)):
+            continue
+        key = case["kv_len"] // 2 + 3
+        poisoned = (k if where == "k" else v).clone()
+        poisoned[:, :, key] = float("nan")
+        qkv = (q, poisoned, v) if where == "k" else (q, k, poisoned)
+        got = am.attention(*qkv, case["mask"], backend=auto_backend.name)
+        sees = allowed(case)[..., key].expand(got.shape[:3])  # (B, H, Q)
+        assert got[sees].isnan().all(), "a query that may see the NaN key should get NaN"
+        clean = naive_attention(q, k, v, allowed(case))
+        torch.testing.assert_close(got[~sees].double(), clean[~sees], atol=2e-5, rtol=1e-4)
+        ran += 1
+    assert ran, f"{auto_backend.name} refused every case"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A K-transposed cache (last-dimension stride != 1)
+
+
+def test_keys_of_a_transposed_cache_give_the_reference_output_and_gradients(auto_backend):
+    L = 512
+    case = dict(batch=1, heads=2, kv_heads=2, q_len=L, kv_len=L, head_dim=16, value_dim=16)
+    case.update(mask=am.causal() & am.chunked(64), layout="keys_transposed")
+    assert make_inputs(case)[1].stride(-1) == L
+    check(auto_backend, case, with_grads=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention dropout, where declared
+
+
+@pytest.mark.parametrize("backend", [b for b in AUTO if b.dropout], ids=[b.name for b in AUTO if b.dropout])
+def test_dropout_is_unbiased_and_never_weights_a_masked_key(backend):
+    backend = runnable(backend)
+    spec = am.causal() & am.document(seq_lens=[5, 30, 40], length=80)  # tiny and longer documents, then padding
+    draws, Q = 200, 80
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, Q, 8, generator=gen), torch.randn(1, 1, Q, 8, generator=gen)
+    v = torch.eye(Q).expand(1, 1, Q, Q)  # values I: the output row is the query's probability row
+    assert not backend.not_supported_reasons(_prepare_call(q, k, v, spec, None, None, None, 0.5))
+    probs = am.attention(q, k, v, spec, backend=backend.name)
+    torch.manual_seed(0)
+    samples = am.attention(*(t.expand(draws, -1, -1, -1) for t in (q, k, v)), spec, backend=backend.name, dropout_p=0.5)
+    assert not (samples[:, (probs == 0)[0]] != 0).any(), "dropout gave weight to a masked key"
+    kept = samples != 0
+    torch.testing.assert_close(samples[kept], (probs / 0.5).expand_as(samples)[kept], rtol=1e-5, atol=1e-6)
+    mean, sem = samples.double().mean(0), samples.double().std(0) / draws**0.5
+    z = (mean - probs[0].double()).abs() / (sem + 1e-9)
+    assert float(z.amax()) < 6.0, f"the average over draws is biased: largest z-score {float(z.amax()):.1f}"
