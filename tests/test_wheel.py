@@ -41,8 +41,14 @@ def installed(tmp_path_factory):
     if shutil.which("pip", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("this environment has no pip to install the wheel with")
     tmp = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources, and two test workers may build.
+    source = tmp / "source"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so")
+    shutil.copytree(ROOT / "src", source / "src", ignore=skip)
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
     built = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp / "dist"), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp / "dist"), str(source)],
         capture_output=True,
         text=True,
         timeout=120,
