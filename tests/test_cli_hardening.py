@@ -67,6 +67,7 @@ def test_usage_errors_are_one_line(capsys):
         (["show", "document(" + "[" * 5000 + "1" + "]" * 5000 + ")", "--q-len", "4"], "nested deeper"),
         (["show", "causal & document([3, 5])", "--q-len", "10"], "--q-len 10: the expression covers positions [0, 8)"),
         (["show", "document([3, 5])", "--q-len", "2", "--kv-len", "9"], "--kv-len 9: the expression covers"),
+        (["show", "causal", "--q-len", str(2**24), "--block-size", "1"], "--block-size 1: too many tiles"),
     ],
 )
 def test_show_refuses_in_the_users_terms(capsys, args, fragment):

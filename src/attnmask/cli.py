@@ -131,6 +131,10 @@ def cmd_show(args) -> int:
     block = args.block_size
     if block is None and q_len * kv_len > DENSE_PICTURE_LIMIT:
         block = math.ceil(max(q_len, kv_len) / args.max_cells)
+    if block is not None and math.ceil(q_len / block) * math.ceil(kv_len / block) > DENSE_PICTURE_LIMIT:
+        smallest = math.ceil(math.sqrt(q_len * kv_len / DENSE_PICTURE_LIMIT))
+        sizes = f"--q-len {q_len}, --kv-len {kv_len}"
+        raise CliError(f"--block-size {block}: too many tiles for {sizes}; use {smallest} or more")
     lines = [f"{spec!r}   (q_len={q_len}, kv_len={kv_len}, row {args.row})"]
     if covered is not None and kv_len < covered:
         shown = f"note: keys 0-{kv_len - 1} of the {covered} positions the expression covers"
