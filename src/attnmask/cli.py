@@ -380,19 +380,21 @@ def cmd_bench(args) -> int:
 
 
 def _positive(name: str, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type for an int in ``[1, high]``; argparse puts ``argument NAME:`` before a refusal."""
+
     def parse(text: str) -> int:
         digits = text.strip().lstrip("+-").lstrip("0")
         if high is not None and digits.isdigit() and len(digits) > len(str(high)):
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer <= {high}, got {len(digits):,} digits")
+            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {len(digits):,} digits")
         try:
             value = int(text)
         except ValueError:
             shown = text if len(text) <= 40 else text[:37] + "..."
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer, got {shown!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer, got {shown!r}") from None
         if value < 1:
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 1, got {value}")
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
         if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer <= {high}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {value}")
         return value
 
     return parse
