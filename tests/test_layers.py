@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "attnmask"
 LAYER = {
     # 0: leaf helpers
     "errors": 0,
+    "_checks": 0,
     "_dense": 0,
     "_spans": 0,
     "tiles": 0,  # tile grid and interval arithmetic, below the spec algebra
