@@ -241,3 +241,14 @@ def test_two_rows_against_three_rows_is_refused_when_combined():
 def test_huge_or_wrong_typed_values_give_typed_errors(build, argument):
     with pytest.raises(am.AttnmaskError, match=f"^{argument}: expected"):
         build()
+
+
+def test_ragged_token_lists_are_refused_with_a_typed_error():
+    with pytest.raises(am.InputError, match=r"sequences\[0\].*flat sequence of integer token ids"):
+        am.pad([[1, [2, 3]], [4]], pad_id=0)
+
+
+def test_a_spec_with_zero_rows_of_data_is_refused_when_laid_out():
+    spec = am.causal() & am.key_padding(torch.ones(0, 5, dtype=torch.bool))
+    with pytest.raises(am.SpecError, match="0 rows"):
+        spec.block_layout(5, block_size=2)

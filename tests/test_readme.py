@@ -17,8 +17,8 @@ FENCE = re.compile(r"^```(\S*)\n(.*?)^```$", flags=re.S | re.M)
 SHELL_NOT_RUN = {
     "make demo": "creates a virtual environment and installs packages (CI's `make test` is that very command)",
     "torchrun --nproc-per-node 2 examples/ddp_train.py": "two processes training a model: tests/test_distributed.py",
-    "attnmask pack --chat --tokenizer ./tok": "needs a tokenizer folder: tests/test_chat.py runs it on one built there",
-    "attnmask inspect --chat --tokenizer ./tok": "needs a tokenizer folder: tests/test_chat.py runs it on one built there",
+    "attnmask pack --chat --tokenizer ./tok": "a tokenizer folder: tests/test_chat.py runs it on one it builds",
+    "attnmask inspect --chat --tokenizer ./tok": "a tokenizer folder: tests/test_chat.py runs it on one it builds",
 }
 
 

@@ -10,6 +10,9 @@ import numpy as np
 
 from attnmask.errors import AttnmaskError, InputError, bad
 
+INT64_MAX = 2**63 - 1
+"""The largest token id or length a tensor of int64 holds."""
+
 
 def check_int(
     name: str, value: Any, *, low: int, high: int | None = None, error: type[AttnmaskError] = InputError
@@ -37,7 +40,10 @@ def short_repr(value: Any) -> str:
     """``repr(value)``, cut to 60 characters (a 5,000-digit int or a long list must not flood a message)."""
     if isinstance(value, int) and value.bit_length() > 200:  # repr of a 5,000-digit int raises in Python >= 3.11
         return f"an int of {value.bit_length()} bits"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # a huge int nested in a list or tuple
+        return f"a {type(value).__name__} holding a huge int"
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnmask._checks import check_int
+from attnmask._checks import INT64_MAX, check_int
 from attnmask._spans import (
     IGNORE_INDEX,
     LABEL_HINTS,
@@ -181,7 +181,7 @@ def pad(
 
     Cost: O(total tokens) in numpy / torch (no per-token Python) plus O(B·L) for the padded tensors; no O(L^2) mask.
     """
-    check_int("pad_id", pad_id, low=0)
+    check_int("pad_id", pad_id, low=0, high=INT64_MAX)
     _check_choice("side", side, _SIDES)
     _check_choice("truncation_side", truncation_side, _SIDES)
     if pad_to_multiple_of is not None:
@@ -482,7 +482,10 @@ def _as_row(name: str, value: Any) -> Any:
         return value
     if isinstance(value, (str, bytes)):
         raise bad(InputError, name, "integer token ids (tokenize text first)", type(value).__name__)
-    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    try:
+        arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as err:  # ragged nesting, objects numpy cannot hold, huge ints
+        raise bad(InputError, name, "a flat sequence of integer token ids", f"{type(value).__name__} ({err})") from None
     if arr.ndim != 1:
         raise bad(ShapeError, name, "a 1D sequence of token ids", f"shape {arr.shape}")
     if arr.dtype.kind not in "iu":

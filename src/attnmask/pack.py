@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnmask._checks import check_int
+from attnmask._checks import INT64_MAX, check_int
 from attnmask._draw import ASCII, plan_bar
 from attnmask._spans import IGNORE_INDEX, MASK_HINTS, check_targets, example_labels, label_hints, span_mask
 from attnmask.batch import Batch
@@ -186,7 +186,7 @@ class PackPlan:
         """
         if pad_to not in ("max_length", "longest"):
             raise bad(InputError, "pad_to", "'max_length' or 'longest'", repr(pad_to))
-        check_int("pad_id", pad_id, low=0)
+        check_int("pad_id", pad_id, low=0, high=INT64_MAX)
         idx, start, stop, row_offsets = self.segments(rows)
         needed = np.unique(idx)
         if len(sequences) and isinstance(sequences[0], Mapping):
@@ -729,7 +729,7 @@ class PackingCollator:
 
     def __post_init__(self) -> None:
         check_int("max_length", self.max_length, low=1)
-        check_int("pad_id", self.pad_id, low=0)
+        check_int("pad_id", self.pad_id, low=0, high=INT64_MAX)
         if self.strategy not in STRATEGIES:
             raise bad(InputError, "strategy", f"one of {STRATEGIES}", repr(self.strategy))
         if self.overflow not in OVERFLOWS:
