@@ -568,14 +568,3 @@ def test_cli_pack_chat_names_the_line_of_a_bad_record(tmp_path, capsys):
     assert "chat.jsonl:2: message 0['content']" in capsys.readouterr().err
     assert main([*args, "--skip-bad"]) == 0
     assert "1 bad records" in capsys.readouterr().out
-
-
-def test_readme_chat_section_runs():
-    from tests.test_readme import section_code
-
-    blocks = section_code("Chat fine-tuning: assistant-only labels from any chat template")
-    assert len(blocks) == 2
-    scope: dict = {}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), scope)  # our own README, not user input
-    assert scope["stats"].conversations == 100 and scope["stats"].untrained == ()

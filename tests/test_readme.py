@@ -54,6 +54,8 @@ def test_python_blocks_run_as_written(title, tmp_path, monkeypatch):
     scope: dict = {"__name__": "readme"}
     for code in blocks("python")[title]:
         exec(compile(code, f"{README}: {title}", "exec"), scope)  # our own README, not user input
+    if title.startswith("Chat fine-tuning"):
+        assert scope["stats"].conversations == 100 and scope["stats"].untrained == ()
     if title == "API tour":
         assert scope["packed"].input_ids.shape == (3, 2048)
         assert scope["logits"].shape == (3, 2048, 300)

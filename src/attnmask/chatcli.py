@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from attnmask.chat import encode_chat
-from attnmask.cli import CliError, pct, table
-from attnmask.errors import AttnmaskError
+from attnmask.errors import AttnmaskError, CliError
 from attnmask.packfile import RecordProblem, at, atomic_output, build_columns, check_output, file_format, iter_records
+from attnmask.viz import draw_table as table
+from attnmask.viz import pct
 
 __all__ = ["cmd_pack_chat", "cmd_inspect_chat", "load_chat_tokenizer", "read_conversations", "trained_picture"]
 
