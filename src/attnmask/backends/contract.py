@@ -28,6 +28,7 @@ from attnmask.masks import Causal, Full, MaskSpec
 __all__ = [
     "ALL_DTYPES",
     "MASK_KINDS",
+    "SCORE_MODS",
     "TORCH_DEVICES",
     "AttentionCall",
     "Backend",
@@ -35,11 +36,15 @@ __all__ = [
     "dense_mask",
     "mask_kind",
     "rows_with_keys",
+    "score_bias",
+    "score_positions",
 ]
 
 ALL_DTYPES = frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16})
 TORCH_DEVICES = frozenset({"cpu", "cuda", "mps", "xpu"})
 """Device types torch's own operators (matmul, softmax, SDPA) run on: the devices of a backend written in torch."""
+SCORE_MODS = frozenset({"softcap", "sinks", "alibi"})
+"""Score modifiers a call may carry and a backend may declare: logit soft-capping, attention sinks, ALiBi slopes."""
 MASK_KINDS = frozenset({"none", "tensor", "structural", "custom"})
 """What ``mask`` holds: ``None`` (or ``full()``), a bool tensor, a spec built from structural primitives, or a spec
 holding a ``custom`` predicate (evaluated per pair, no structure to lower)."""
@@ -63,6 +68,11 @@ class AttentionCall:
       ``(B, Q)`` / ``(B, K)``, on ``q``'s device; ``None`` for a tensor or no mask.
     - ``positions_given``: whether the caller passed explicit positions (a backend may then not assume alignment).
     - ``dropout_p``: attention dropout probability in ``[0, 1)`` (0.0: none).
+    - Score modifiers (``None``: absent), applied in this order to each score ``s = scale · q·k``, before the mask:
+      ``softcap`` (a float > 0): ``s -> softcap · tanh(s / softcap)``; ``alibi_slopes`` ``(H,)`` float32/float64:
+      ``s -> s - slope_h · (q_pos - k_pos)`` at the call's positions (bottom-right by default); ``sinks`` ``(H,)``
+      (q's dtype or float32/float64): one logit per head added to the softmax denominator only (a virtual key whose
+      value is 0), so a row's weights sum to less than 1; a row with no allowed key still gives exactly 0.
     """
 
     q: torch.Tensor
@@ -74,6 +84,9 @@ class AttentionCall:
     kv_positions: torch.Tensor | None = None
     positions_given: bool = False
     dropout_p: float = 0.0
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -109,13 +122,15 @@ class AttentionCall:
 
     @property
     def needs_grad(self) -> bool:
-        """Autograd will record this call: grad mode is on and ``q``, ``k`` or ``v`` requires a gradient."""
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+        """Autograd will record this call: grad mode is on and ``q``, ``k``, ``v`` or ``sinks`` requires a gradient."""
+        tensors = (self.q, self.k, self.v) if self.sinks is None else (self.q, self.k, self.v, self.sinks)
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
     @property
     def score_mods(self) -> frozenset[str]:
-        """Names of the score modifiers the call carries (softcap, sinks, ALiBi, an additive bias): none yet."""
-        return frozenset()
+        """Names of the score modifiers the call carries, among :data:`SCORE_MODS`."""
+        present = (("softcap", self.softcap), ("sinks", self.sinks), ("alibi", self.alibi_slopes))
+        return frozenset(name for name, value in present if value is not None)
 
     @property
     def is_plain_causal(self) -> bool:
@@ -157,6 +172,28 @@ def dense_mask(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
         )
         return dense.unsqueeze(1), call.mask.is_structural
     return call.mask, False
+
+
+def score_positions(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key positions ``(B or 1, Q)`` and ``(B or 1, K)`` int64 on q's device: the call's resolved ones for
+    a spec, else the default bottom-right ones (queries ``K - Q .. K - 1``, keys ``0 .. K - 1``)."""
+    device = call.q.device
+    q_pos, kv_pos = call.q_positions, call.kv_positions
+    if q_pos is None:
+        q_pos = torch.arange(call.kv_len - call.q_len, call.kv_len, device=device)
+    if kv_pos is None:
+        kv_pos = torch.arange(call.kv_len, device=device)
+    return q_pos.reshape(-1, call.q_len), kv_pos.reshape(-1, call.kv_len)
+
+
+def score_bias(call: AttentionCall, dtype: torch.dtype) -> torch.Tensor | None:
+    """The ALiBi term ``-slope_h · (q_pos - k_pos)`` as ``(B or 1, H, Q, K)`` in ``dtype`` (O(B·H·Q·K)), or ``None``
+    without ``alibi_slopes``. For the dense backends only; the native kernel adds it per pair."""
+    if call.alibi_slopes is None:
+        return None
+    q_pos, kv_pos = score_positions(call)
+    distance = (q_pos[:, :, None] - kv_pos[:, None, :]).to(dtype)  # (B or 1, Q, K)
+    return -call.alibi_slopes.to(dtype)[None, :, None, None] * distance[:, None]
 
 
 def rows_with_keys(mask: torch.Tensor) -> torch.Tensor:
