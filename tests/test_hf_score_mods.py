@@ -116,4 +116,3 @@ def test_sinks_given_twice_are_refused():
     q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
     with pytest.raises(BackendError, match="^sinks: expected None when 's_aux' is given"):
         hf.attention_forward(torch.nn.Module(), q, k, k, None, s_aux=torch.zeros(4), sinks=torch.zeros(4))
-

@@ -61,6 +61,4 @@ def cost(call: AttentionCall) -> float:
     return 4.0 * call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim + 8)
 
 
-BACKEND = Backend(
-    "reference", run, cost, devices=TORCH_DEVICES, dtypes=ALL_DTYPES, dropout=True, score_mods=SCORE_MODS
-)
+BACKEND = Backend("reference", run, cost, devices=TORCH_DEVICES, dtypes=ALL_DTYPES, dropout=True, score_mods=SCORE_MODS)
