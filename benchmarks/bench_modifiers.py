@@ -18,26 +18,12 @@ the first document. ``--quick``: a 4,096-token row.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from bench_attention import lognormal_lengths  # same folder: the document lengths of bench_attention
+from bench_dropout import interleaved_best  # same folder: best wall and CPU times over interleaved rounds
 
 import attnmask as am
-
-
-def interleaved_best(fns: dict, reps: int) -> dict:
-    """Best wall and best process CPU seconds of each of ``fns`` over ``reps`` rounds that call every function once
-    (after one warm-up round): a burst of other load on a shared machine then hits every variant alike."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            times[name].append((time.perf_counter() - w0, time.process_time() - c0))
-    return {name: (min(t[0] for t in ts), min(t[1] for t in ts)) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -90,8 +76,8 @@ def main() -> None:
         f"float32, native kernel, {args.threads} thread(s), best of {args.reps}"
     )
     print(f"{'variant':<12} {'forward ms (cpu)':>18} {'ratio':>7} {'fwd+bwd ms (cpu)':>18} {'ratio':>7}")
-    fwd = interleaved_best({n: forward(m) for n, m in variants.items()}, args.reps)
-    bwd = interleaved_best({n: training(m) for n, m in variants.items()}, args.reps)
+    fwd, _ = interleaved_best({n: forward(m) for n, m in variants.items()}, args.reps)
+    bwd, _ = interleaved_best({n: training(m) for n, m in variants.items()}, args.reps)
     for name in variants:
         f, b = fwd[name], bwd[name]
         print(
