@@ -188,3 +188,19 @@ def test_explain_shows_which_backends_honour_the_modifiers():
     q, k, v = qkv()
     text = str(am.explain(q, k, v, am.causal(), sinks=torch.zeros(H), alibi_slopes=torch.ones(H)))
     assert "does not honour score modifiers alibi, sinks" in text
+
+
+def test_the_native_kernels_own_entry_checks_the_modifiers_too():
+    from attnmask.backends.native import native_available, segment_attention
+
+    if native_available() is not None:
+        pytest.skip(native_available())
+    q, k, v = qkv()
+    segs = torch.tensor([[0, 0, 12, 0, 12, 0]])
+    with pytest.raises(ShapeError, match=r"^sinks: expected shape \(4,\)"):
+        segment_attention(q, k, v, segs, causal=True, sinks=torch.zeros(2))  # the kernel would read past its end
+    with pytest.raises(InputError, match="^softcap: "):
+        segment_attention(q, k, v, segs, causal=True, softcap=0.0)
+    got = segment_attention(q, k, v, segs, causal=True, softcap=2.0, sinks=torch.ones(H))
+    want = naive_attention(q, k, v, torch.ones(12, 12, dtype=torch.bool).tril(), softcap=2.0, sinks=torch.ones(H))
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)

@@ -52,7 +52,14 @@ from dataclasses import dataclass
 import torch
 
 from attnmask.backends import REGISTRY
-from attnmask.backends.contract import AttentionCall, Backend, check_dropout_p, dense_mask, rows_with_keys
+from attnmask.backends.contract import (
+    AttentionCall,
+    Backend,
+    check_dropout_p,
+    check_score_mods,
+    dense_mask,
+    rows_with_keys,
+)
 from attnmask.errors import BackendError, DeviceError, DTypeError, InputError, ShapeError, bad
 from attnmask.masks import MaskSpec, resolve_positions
 from attnmask.plancache import call_plans
@@ -380,7 +387,7 @@ def _prepare_call(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise bad(InputError, "scale", "a finite number or None", repr(scale))
     dropout_p = check_dropout_p(dropout_p)
-    mods = _check_score_mods(q, softcap, sinks, alibi_slopes)
+    mods = check_score_mods(q, softcap, sinks, alibi_slopes)
     K = k.shape[2]
     if isinstance(mask, MaskSpec):
         call = _prepare_spec_call(q, k, v, mask, float(scale), q_positions, kv_positions, dropout_p)
@@ -392,34 +399,6 @@ def _prepare_call(
         _check_tensor_mask(mask, (B, H, Q, K), q.device)
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
     return AttentionCall(q, k, v, mask, float(scale), dropout_p=dropout_p, **mods)
-
-
-def _check_score_mods(q: torch.Tensor, softcap, sinks, alibi_slopes) -> dict:
-    """The score modifiers that are given, checked: ``softcap`` a finite number > 0; ``sinks`` and ``alibi_slopes``
-    finite floating ``(H,)`` tensors on q's device (slopes without a gradient). Typed errors name the argument."""
-    mods = {}
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
-            raise bad(InputError, "softcap", "None or a finite number > 0", repr(softcap))
-        mods["softcap"] = float(softcap)
-    H = q.shape[1]
-    for name, t in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise bad(InputError, name, f"None or a ({H},) tensor (one value per query head)", type(t).__name__)
-        if tuple(t.shape) != (H,):
-            raise bad(ShapeError, name, f"shape ({H},) (one value per query head)", f"shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise bad(DTypeError, name, "a floating dtype", t.dtype)
-        if t.device != q.device:
-            raise bad(DeviceError, name, f"q's device {q.device}", t.device)
-        if not bool(torch.isfinite(t.detach()).all()):
-            raise bad(InputError, name, "finite values", t.detach().tolist())
-        mods[name] = t
-    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
-        raise bad(InputError, "alibi_slopes", "fixed slopes (no gradient: detach them)", "a tensor requiring grad")
-    return mods
 
 
 def _prepare_spec_call(q, k, v, spec, scale, q_positions, kv_positions, dropout_p=0.0) -> AttentionCall:

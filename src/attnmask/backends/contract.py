@@ -17,12 +17,13 @@ Worked example, a backend that only runs float32 CUDA calls without dropout::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from attnmask.errors import InputError, bad
+from attnmask.errors import DeviceError, DTypeError, InputError, ShapeError, bad
 from attnmask.masks import Causal, Full, MaskSpec
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "AttentionCall",
     "Backend",
     "check_dropout_p",
+    "check_score_mods",
     "dense_mask",
     "mask_kind",
     "rows_with_keys",
@@ -157,6 +159,34 @@ def check_dropout_p(dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise bad(InputError, "dropout_p", "a number in [0, 1)", repr(dropout_p))
     return float(dropout_p)
+
+
+def check_score_mods(q: torch.Tensor, softcap, sinks, alibi_slopes) -> dict:
+    """The score modifiers that are given, checked: ``softcap`` a finite number > 0; ``sinks`` and ``alibi_slopes``
+    finite floating ``(H,)`` tensors on q's device (slopes without a gradient). Typed errors name the argument."""
+    mods = {}
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
+            raise bad(InputError, "softcap", "None or a finite number > 0", repr(softcap))
+        mods["softcap"] = float(softcap)
+    H = q.shape[1]
+    for name, t in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise bad(InputError, name, f"None or a ({H},) tensor (one value per query head)", type(t).__name__)
+        if tuple(t.shape) != (H,):
+            raise bad(ShapeError, name, f"shape ({H},) (one value per query head)", f"shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise bad(DTypeError, name, "a floating dtype", t.dtype)
+        if t.device != q.device:
+            raise bad(DeviceError, name, f"q's device {q.device}", t.device)
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise bad(InputError, name, "finite values", t.detach().tolist())
+        mods[name] = t
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise bad(InputError, "alibi_slopes", "fixed slopes (no gradient: detach them)", "a tensor requiring grad")
+    return mods
 
 
 def dense_mask(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:

@@ -41,7 +41,7 @@ import torch
 
 from attnmask._dense import empty_buffer
 from attnmask.backends._common import COPY_COST, check_segments, varlen_plan
-from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend
+from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
 
 __all__ = ["BACKEND", "native_available", "segment_attention"]
@@ -311,8 +311,8 @@ def segment_attention(
     the backward, the gradients; float32 copies of float16 / bfloat16 inputs; no mask and no copy of float32 inputs
     whose last dimension is contiguous.
 
-    Score modifiers as ``attnmask.attention`` defines them (``softcap``, ``sinks`` and ``alibi_slopes``, ``(H,)``,
-    the ALiBi distance being ``i + offset - j``); differentiable in ``sinks`` too. Checked by ``attention``, not here.
+    Score modifiers as ``attnmask.attention`` defines them and checks them (``softcap``, ``sinks`` and
+    ``alibi_slopes``, ``(H,)``, the ALiBi distance being ``i + offset - j``); differentiable in ``sinks`` too.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.device.type != "cpu":
@@ -322,10 +322,12 @@ def segment_attention(
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise bad(BackendError, "window", "None or an int >= 1", repr(window))
     segs = check_segments(segments, q, k, v)
+    mods = check_score_mods(q, softcap, sinks, alibi_slopes)
     window = None if window is None else min(window, _WIDEST)
     scale = q.shape[3] ** -0.5 if scale is None and q.shape[3] else 1.0 if scale is None else float(scale)
     rule = (bool(causal or window is not None), window, scale)
-    return _SegmentAttention.apply(q, k, v, segs, *rule, softcap, sinks, alibi_slopes)
+    softcap, sinks, slopes = (mods.get(name) for name in ("softcap", "sinks", "alibi_slopes"))
+    return _SegmentAttention.apply(q, k, v, segs, *rule, softcap, sinks, slopes)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
