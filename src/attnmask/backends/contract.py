@@ -255,7 +255,8 @@ class Backend:
       declaration can say (the spec's structure, explicit positions), or ``None``; consulted only when every
       declaration holds.
     - ``dropout``: attention dropout (``dropout_p > 0``); ``backward``: a gradient through ``q``, ``k``, ``v``;
-      ``score_mods``: the score modifiers it honours.
+      ``score_mods``: the score modifiers it honours, by name (:data:`SCORE_MODS`); a call carrying any other is
+      refused, so a backend written before a modifier existed never drops it.
     - ``auto``: where ``"auto"`` may pick it: ``True`` (on every declared device), ``False`` (named explicitly only),
       or the device types where it may (FlexAttention: CUDA, where it trains; on CPU it compiles per shape and has no
       backward). Read through :meth:`auto_on`.
