@@ -116,3 +116,13 @@ def test_sinks_given_twice_are_refused():
     q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
     with pytest.raises(BackendError, match="^sinks: expected None when 's_aux' is given"):
         hf.attention_forward(torch.nn.Module(), q, k, k, None, s_aux=torch.zeros(4), sinks=torch.zeros(4))
+
+
+def test_left_padded_greedy_generation_equals_each_prompt_alone(pair):
+    ours, eager = pair
+    ids, mask = _padded(SEQS, "left")
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = ours.generate(ids, attention_mask=mask, **kw)
+    for r, p in enumerate(SEQS):
+        expected = eager.generate(torch.tensor([p]), **kw)[0, len(p) :]
+        assert out[r, ids.shape[1] :].tolist() == expected.tolist()
