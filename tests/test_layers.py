@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "attnmask"
 LAYER = {
     # 0: leaf helpers
     "errors": 0,
+    "_checks": 0,
     "_dense": 0,
     "_spans": 0,
     "tiles": 0,  # tile grid and interval arithmetic, below the spec algebra
@@ -47,6 +48,7 @@ LAYER = {
     "pack": 5,
     "labels": 6,
     "loss": 6,
+    "chat": 6,
     "generation": 7,
     # 8: integrations
     "integrations": 8,
@@ -58,6 +60,7 @@ LAYER = {
     "distributed": 8,
     # 9: the command line and pictures
     "cli": 9,
+    "chatcli": 9,
     "viz": 9,
     "demo": 9,
     "packfile": 9,

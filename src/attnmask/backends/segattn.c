@@ -53,12 +53,14 @@ static void key_range(const job_t *J, int64_t i, int64_t off, int64_t kl, int64_
 /* exp(x) for float32 in a form the compiler vectorises (libm's expf is one scalar call per value; this made documents
  * of 128-512 tokens 1.4x faster, tiny ones unchanged). Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, a
  * degree-6 polynomial for exp(r) (relative error ~2e-7, about 1 ulp), and 2^n assembled in the exponent bits. Inputs
- * below -87 give 0 and the softmax only passes x <= 0, so no overflow; NaN is not expected (finite scores). */
+ * below -87 give 0; the softmax only passes x <= 0 (clamped at 88 all the same, so 2^n stays a normal float); a NaN
+ * (a NaN score: a NaN in a key the query may see) comes back as NaN, without converting NaN to an integer. */
 #pragma omp declare simd notinbranch
 static inline float exp_f32(float x) {
-    const float lo = -87.0f;
-    int tiny = x < lo;
-    x = tiny ? lo : x;
+    const float lo = -87.0f, hi = 88.0f;
+    int tiny = x < lo, nan = x != x;
+    float given = x;
+    x = tiny || nan ? lo : (x > hi ? hi : x);
     float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -72,7 +74,7 @@ static inline float exp_f32(float x) {
         int32_t i;
         float f;
     } scale = {.i = ((int32_t)n + 127) << 23};
-    return tiny ? 0.0f : p * scale.f;
+    return nan ? given : (tiny ? 0.0f : p * scale.f);
 }
 
 /* tanh(x) for float32 through exp_f32, so that the softcap loop vectorises: (e^2x - 1) / (e^2x + 1) with x clamped to
