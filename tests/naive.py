@@ -29,7 +29,7 @@ def naive_allowed(spec: M.MaskSpec, b: int, q: int, k: int) -> bool:
         row = spec.doc_ids[b if spec.doc_ids.shape[0] > 1 else 0]
         return int(row[q]) != -1 and int(row[q]) == int(row[k])
     if isinstance(spec, M.PrefixKeys):
-        return k <= q or bool(spec.in_prefix[b if spec.in_prefix.shape[0] > 1 else 0][k])
+        return q >= int(spec.visible_from[b if spec.visible_from.shape[0] > 1 else 0][k])
     if isinstance(spec, M.Document):
         row = spec.doc_ids[b if spec.doc_ids.shape[0] > 1 else 0]
         return int(row[q]) >= 0 and int(row[q]) == int(row[k])

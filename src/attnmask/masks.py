@@ -773,46 +773,40 @@ class KeyFilter(KeyPadding):
 
 @dataclass(frozen=True, eq=False)
 class PrefixKeys(MaskSpec):
-    """Keys in a prefix are visible to every query, the rest is causal: ``k <= q  or  in_prefix[b, k]``.
+    """Each key is visible from a query position on: ``q >= visible_from[b, k]``.
 
-    ``in_prefix``: ``(B, L)`` bool. With ``document(...)`` it is a prefix-LM per packed document
-    (`document_prefix_lm`). Tiles: FULL when every key outside the prefix precedes every query, NONE when no key is
-    in the prefix and every key follows every query. Exact for contiguous positions; sound for any.
+    ``visible_from``: ``(B, L)`` int64. ``visible_from[b, k] = k`` is causal; a smaller value opens the key to earlier
+    queries: for a prefix-LM per packed document (`document_prefix_lm`) a key in its document's prefix is visible from
+    the document's first position on. Tiles, on each key tile's smallest and largest ``visible_from``: FULL when the
+    largest is at most the first query, NONE when the smallest is past the last query. Exact for contiguous query
+    positions; sound for any.
     """
 
-    in_prefix: torch.Tensor
+    visible_from: torch.Tensor
 
     @property
     def batch_size(self):
-        return self.in_prefix.shape[0]
+        return self.visible_from.shape[0]
 
     @property
     def device(self):
-        return self.in_prefix.device
+        return self.visible_from.device
 
     def max_position(self):
-        return self.in_prefix.shape[1]
+        return self.visible_from.shape[1]
 
     def evaluate(self, b, q, k):
-        return (k <= q) | self.in_prefix[b, k]
+        return q >= self.visible_from[b, k]
 
     def __repr__(self) -> str:
-        return f"prefix_keys(<{tuple(self.in_prefix.shape)}, {int(self.in_prefix.sum())} prefix keys>)"
+        n_open = int((self.visible_from < torch.arange(self.visible_from.shape[1], device=self.device)).sum())
+        return f"prefix_keys(<{tuple(self.visible_from.shape)}, {n_open} keys open to earlier queries>)"
 
     def classify_tiles(self, grid):
-        last_open, any_prefix = grid.cached(id(self), lambda: self._tile_bounds(grid))
-        every = grid.key_axis(last_open) <= grid.q_min
-        none = (grid.k_min > grid.q_max) & ~grid.key_axis(any_prefix)
-        return tile_classes(every, none)
-
-    def _tile_bounds(self, grid):
-        """Per key tile: the largest position of a key outside the prefix (``iinfo.min`` without one), and whether
-        any key is in the prefix."""
-        prefix = grid.read(self.in_prefix, "kv")
-        pos = torch.broadcast_to(grid.kv_pos, prefix.shape)
-        info = torch.iinfo(pos.dtype)
-        last_open = tile_view(pos.masked_fill(prefix, info.min), grid.block_size, info.min).amax(-1)
-        return last_open, tile_view(prefix, grid.block_size, False).any(-1)
+        lo, hi = grid.cached(
+            id(self), lambda: segment_min_max(grid.read(self.visible_from, "kv"), grid.block_size)
+        )
+        return tile_classes(grid.key_axis(hi) <= grid.q_min, grid.key_axis(lo) > grid.q_max)
 
 
 @dataclass(frozen=True, eq=False)
@@ -1144,15 +1138,13 @@ def document_prefix_lm(
     if n_docs > width:
         raise bad(ShapeError, "prefix_lens", f"a length for each of {n_docs} documents", width)
     if position_ids is None:
-        column = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
-        starts = torch.ones_like(ids, dtype=torch.bool)
-        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        within = column - torch.where(starts, column, 0).cummax(dim=-1).values
+        within = offsets_in_runs(ids)
     else:
         within = _check_positions("position_ids", torch.as_tensor(position_ids, device=ids.device), ids.shape[-1])
         within = within.expand_as(ids)
     in_prefix = (ids >= 0) & (within < torch.gather(table, 1, ids.clamp(min=0)))
-    return docs & PrefixKeys(in_prefix)
+    column = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+    return docs & PrefixKeys(torch.where(in_prefix, column - offsets_in_runs(ids), column))
 
 
 def custom(fn: MaskMod, name: str | None = None) -> MaskSpec:
@@ -1185,6 +1177,16 @@ def from_mask_mod(mask_mod: Callable, name: str | None = None) -> MaskSpec:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Argument helpers
+
+
+def offsets_in_runs(ids: torch.Tensor) -> torch.Tensor:
+    """Offset of every position from the start of its run of equal ids, ``(B, L)`` -> ``(B, L)`` int64.
+
+    Example: ``[[0, 0, 0, 1, 1, -1]]`` gives ``[[0, 1, 2, 0, 1, 0]]``. O(B·L)."""
+    column = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    return column - torch.where(starts, column, 0).cummax(dim=-1).values
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -53,7 +53,17 @@ from attnmask.attention import attention
 from attnmask.batch import Batch, Collator
 from attnmask.errors import BackendError, InputError, ShapeError, bad
 from attnmask.integrations.ranks import global_num_items
-from attnmask.masks import MaskSpec, causal, chunked, custom, document, full, key_padding, sliding_window
+from attnmask.masks import (
+    MaskSpec,
+    causal,
+    chunked,
+    custom,
+    document,
+    full,
+    key_padding,
+    offsets_in_runs,
+    sliding_window,
+)
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -368,9 +378,7 @@ def _chunked_documents(
     if packed and isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == ids.shape[-1]:
         within = position_ids.to(ids.device).expand_as(ids)
     elif packed:
-        starts = torch.ones_like(ids, dtype=torch.bool)
-        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        within = column - torch.where(starts, column, 0).cummax(dim=-1).values
+        within = offsets_in_runs(ids)
     else:
         within = column if left_padding is None else column - left_padding.to(ids.device).view(-1, 1)
     inside = ids >= 0
