@@ -46,7 +46,9 @@ def test_causal_or_blocks_equals_transformers_blockwise_overlay_and_its_layout_i
         expected = want(torch.tensor(b), torch.tensor(0), q, k)
         assert torch.equal((am.causal() | am.bidirectional_blocks(ids)).to_dense(n)[b], expected)
     blocks = am.bidirectional_blocks(ids)
-    assert torch.equal(blocks.block_layout(n, block_size=block_size).classes, dense_classes(blocks.to_dense(n), block_size))
+    assert torch.equal(
+        blocks.block_layout(n, block_size=block_size).classes, dense_classes(blocks.to_dense(n), block_size)
+    )
 
 
 def test_a_block_sees_its_own_later_tokens_and_text_stays_causal():
@@ -94,7 +96,9 @@ def test_document_prefix_lm_is_a_prefix_lm_inside_each_document(data, block_size
     expected = (doc[q] == doc[k]) & ((k <= q) | in_prefix)
     assert torch.equal(spec.to_dense(n)[0], expected)
     assert torch.equal(spec.block_layout(n, block_size=block_size).classes, dense_classes(spec.to_dense(n), block_size))
-    assert_same_block_mask(spec.block_layout(n, block_size=block_size).to_flex(), flex_reference(spec, n, n, block_size))
+    assert_same_block_mask(
+        spec.block_layout(n, block_size=block_size).to_flex(), flex_reference(spec, n, n, block_size)
+    )
 
 
 def test_document_prefix_lm_counts_prefixes_in_position_space():

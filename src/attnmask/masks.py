@@ -803,9 +803,7 @@ class PrefixKeys(MaskSpec):
         return f"prefix_keys(<{tuple(self.visible_from.shape)}, {n_open} keys open to earlier queries>)"
 
     def classify_tiles(self, grid):
-        lo, hi = grid.cached(
-            id(self), lambda: segment_min_max(grid.read(self.visible_from, "kv"), grid.block_size)
-        )
+        lo, hi = grid.cached(id(self), lambda: segment_min_max(grid.read(self.visible_from, "kv"), grid.block_size))
         return tile_classes(grid.key_axis(hi) <= grid.q_min, grid.key_axis(lo) > grid.q_max)
 
 
