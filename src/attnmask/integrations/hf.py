@@ -26,7 +26,8 @@ To get the 2D padding mask and the cache geometry without transformers building 
 mask function to transformers' ``AttentionMaskInterface``; it returns an :class:`HFMaskInfo` (O(B·L) memory) that
 the model hands back to the attention function in place of the 4D mask. ``attnmask.attention`` then picks the cheapest
 exact backend (per-document ``varlen`` for packed rows). Limits: models whose masks add ``or``/``and`` overlays (e.g.
-image tokens) are honoured through their predicate, per element (O(B·Q·K)); ``block_sequence_ids`` overlays,
+image tokens) are honoured through their predicate, per element (O(B·Q·K)), and transformers' own
+``block_sequence_ids`` overlay (Gemma3 / PaliGemma image tokens) structurally, as ``| bidirectional_blocks(ids)``;
 attention sinks, logit soft-capping and additive position biases (T5) are not supported. The attention function
 keeps an explicit list of the keywords it knows to be harmless (`HARMLESS_KEYWORDS`); any other keyword, and a score
 modifier (`SCORE_MODIFIERS`: ``softcap``, ``s_aux`` / ``sinks``, ``position_bias``) that is not None, raises
@@ -55,6 +56,7 @@ from attnmask.errors import BackendError, InputError, ShapeError, bad
 from attnmask.integrations.ranks import global_num_items
 from attnmask.masks import (
     MaskSpec,
+    bidirectional_blocks,
     causal,
     chunked,
     custom,
@@ -105,6 +107,9 @@ class HFMaskInfo:
     - ``position_ids``: ``(B, L)``, the packed rows' positions when transformers found packed sequences (it tells the
       mask function only, inside its predicate); the documents of models that do not hand ``position_ids`` to their
       attention function (Llama4) come from them.
+    - ``block_ids``: ``(B, kv_length)`` int64, transformers' ``block_sequence_ids`` for the keys of this call (sliced
+      like ``padding``, -1 past the given ids): tokens of one block (an image) attend to each other both ways, on top
+      of the causal rule (``| bidirectional_blocks``).
 
     Example: decoding one token after a 5-token prompt with a dynamic cache gives ``q_length=1, kv_length=6,
     q_offset=5, kv_offset=0``. Transformers treats it as an already-prepared 4D mask (``ndim == 4``) when
@@ -121,6 +126,7 @@ class HFMaskInfo:
     chunk_size: int | None = None
     left_padding: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
+    block_ids: torch.Tensor | None = None
 
     ndim = 4  # read by transformers' mask preprocessing: "already prepared, pass it through"
 
@@ -174,18 +180,36 @@ def build_mask_info(
         if bool(padding.all()):
             padding = None
     overlay = overlay or bool(use_vmap)
-    packed = None
+    packed = blocks = None
     if attention_mask is None and mask_function is not None:
         packed = _closure_tensor(mask_function, "position_ids")
+    if not overlay and mask_function is not None:
+        blocks = _closure_tensor(mask_function, "block_sequence_ids")
+        if blocks is not None:
+            missing = kv_offset + kv_length - blocks.shape[-1]
+            if missing > 0:
+                blocks = torch.nn.functional.pad(blocks, (0, missing), value=-1)
+            blocks = blocks[:, kv_offset : kv_offset + kv_length].long()
     return HFMaskInfo(
-        padding, q_length, kv_length, q_offset, kv_offset, mask_function, overlay, chunk_size, left_padding, packed
+        padding,
+        q_length,
+        kv_length,
+        q_offset,
+        kv_offset,
+        mask_function,
+        overlay,
+        chunk_size,
+        left_padding,
+        packed,
+        blocks,
     )
 
 
 def _closure_tensor(fn: Callable, name: str, depth: int = 0) -> torch.Tensor | None:
     """The 2D tensor a transformers mask predicate holds under the free variable ``name`` (its and/or combinators
     nest predicates in closures), or ``None``. transformers' packed-sequence predicate is the only one of its mask
-    builders that captures ``position_ids``; they are read, never called. O(size of the predicate tree)."""
+    builders that captures ``position_ids``, its block overlay the only one that captures ``block_sequence_ids``;
+    they are read, never called. O(size of the predicate tree)."""
     code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
     if code is None or cells is None or depth > 8:
         return None
@@ -494,9 +518,13 @@ def attention_forward(
                 elif chunk is not None:
                     position_ids = kwargs.get("position_ids")
                     documents = _chunked_documents(documents, chunk, packed, position_ids, info.left_padding)
-                return spec_for_call(
+                spec = spec_for_call(
                     is_causal=is_causal, window=sliding_window, padding=padding, documents=documents, chunks=chunks
                 )
+                if info is not None and info.block_ids is not None:  # transformers ORs the blocks in, then pads
+                    spec = spec | bidirectional_blocks(info.block_ids)
+                    spec = spec if padding is None else spec & key_padding(padding)
+                return spec
 
             spec = _shared_spec(
                 kwargs, info, (batch, q_len, kv_len), padding, query.device, is_causal, sliding_window, build
@@ -588,7 +616,7 @@ def _shared_spec(kwargs, info, shape, padding, device, is_causal, window, build)
     chunk = None if info is None else (info.chunk_size, info.kv_offset)
     settings = (is_causal, window, shape, device, has_past, listed, chunk)
     tensors = (padding, kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"))
-    tensors += (None if info is None else info.left_padding,)
+    tensors += (None, None) if info is None else (info.left_padding, info.block_ids)
     tensors += (seq_lens,) if isinstance(seq_lens, torch.Tensor) else (None,)
     if not all(t is None or isinstance(t, torch.Tensor) for t in tensors):
         return build()
