@@ -498,7 +498,12 @@ def attention_forward(
         info = attention_mask
         if info is not None and (info.kv_length != kv_len or info.q_length != q_len):
             raise bad(ShapeError, "attention_mask", f"a mask for Q={q_len}, K={kv_len}", info.shape)
-        if info is not None and info.overlay:
+        if _is_cross_attention(module, is_causal, sliding_window, q_len, kv_len):
+            # keys are the encoder's: only its padding matters, never the queries' own positions
+            spec = full() if info is None or info.padding is None else full() & key_padding(info.padding)
+            if q_len > kv_len:  # the rule ignores query positions; any in range will do
+                q_positions = torch.zeros(q_len, dtype=torch.long, device=query.device)
+        elif info is not None and info.overlay:
             spec = _overlay_spec(info)
             q_positions = torch.arange(info.q_offset, info.q_offset + q_len, device=query.device)
             kv_positions = torch.arange(info.kv_offset, info.kv_offset + kv_len, device=query.device)
@@ -621,6 +626,17 @@ def _shared_spec(kwargs, info, shape, padding, device, is_causal, window, build)
     if not all(t is None or isinstance(t, torch.Tensor) for t in tensors):
         return build()
     return _recent_specs.get(settings, tensors, build)
+
+
+def _is_cross_attention(module: Any, is_causal: bool, window: int | None, q_len: int, kv_len: int) -> bool:
+    """Whether the call attends from decoder queries to encoder keys (BART-family ``encoder_attn``, Whisper, ...).
+
+    transformers says so to neither the mask nor the attention function; its encoder-decoder attention modules are
+    built ``is_decoder=True, is_causal=False`` for cross-attention only (decoder self-attention is causal, encoder
+    self-attention is not a decoder's). A bidirectional call with more queries than keys can only be one too."""
+    if is_causal or window is not None:
+        return False
+    return getattr(module, "is_decoder", False) is True or q_len > kv_len
 
 
 def _overlay_spec(info: HFMaskInfo) -> MaskSpec:
