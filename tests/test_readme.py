@@ -35,3 +35,11 @@ def test_api_tour_code_runs(tiny_llama):  # the shared tiny random Llama, a fixt
     assert scope["packed"].input_ids.shape == (3, 2048)
     assert scope["logits"].shape == (3, 2048, 300)
     assert scope["out"].shape == (3, 4, 2048, 8)
+
+
+def test_more_mask_primitives_code_runs():
+    blocks = section_code("More mask primitives")
+    assert len(blocks) == 4
+    scope: dict = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), scope)  # our own README, not user input
