@@ -145,3 +145,16 @@ def test_from_mask_mod_runs_through_attention_like_the_structural_spec():
     q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
     got = am.attention(q, k, v, am.from_mask_mod(sliding_gym), backend="reference")
     torch.testing.assert_close(got, am.attention(q, k, v, am.sliding_window(3), backend="reference"))
+
+
+def test_custom_and_mask_mod_predicates_see_head_zero_the_mask_is_shared_by_every_head():
+    seen = []
+
+    def record(b, h, q_idx, kv_idx):
+        seen.append(h)
+        return q_idx >= kv_idx
+
+    q, k, v = (torch.randn(1, 3, 5, 4, dtype=torch.float64) for _ in range(3))
+    out = am.attention(q, k, v, am.custom(record), backend="reference")
+    torch.testing.assert_close(out, am.attention(q, k, v, am.causal(), backend="reference"))
+    assert seen and all(int(torch.as_tensor(h).abs().max()) == 0 for h in seen)
