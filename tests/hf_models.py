@@ -45,6 +45,22 @@ def model(family: str, impl: str = "attnmask") -> torch.nn.Module:
     return _MODELS[family, impl]
 
 
+_SHARED: dict[tuple, torch.nn.Module] = {}
+
+
+def same_weights(key: tuple, impl: str, build) -> torch.nn.Module:
+    """``build(impl)`` (a model with ``attn_implementation=impl``) in eval mode, holding the weights of the attnmask
+    model of the same ``key`` (built first, seed 0), so that implementations are compared on one set of weights."""
+    if (key, impl) not in _SHARED:
+        hf.register()
+        torch.manual_seed(0)
+        m = build(impl).eval()
+        if impl != "attnmask":
+            m.load_state_dict(same_weights(key, "attnmask", build).state_dict())
+        _SHARED[key, impl] = m
+    return _SHARED[key, impl]
+
+
 def alone(family: str, ids: list[int]) -> torch.Tensor:
     """Logits ``(len(ids), VOCAB)`` of one sequence run by itself through transformers' eager attention."""
     with torch.no_grad():

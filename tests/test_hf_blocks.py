@@ -10,16 +10,16 @@ transformers = pytest.importorskip("transformers")
 
 from attnmask import masks as M  # noqa: E402
 from attnmask.integrations import hf  # noqa: E402
+from tests.hf_models import same_weights  # noqa: E402
 
 IMAGE, BOI, EOI = 299, 297, 298
-_MODELS: dict[str, torch.nn.Module] = {}
 
 
 def model(impl: str = "attnmask", sliding: bool = True) -> torch.nn.Module:
     """A tiny Gemma3 with a one-layer SigLIP tower: 4 tokens per image, layer 0 sliding (window 4) unless
     ``sliding=False``, layer 1 full."""
-    if (impl, sliding) not in _MODELS:
-        hf.register()
+
+    def build(impl: str) -> torch.nn.Module:
         text = transformers.Gemma3TextConfig(
             hidden_size=32,
             intermediate_size=64,
@@ -47,13 +47,9 @@ def model(impl: str = "attnmask", sliding: bool = True) -> torch.nn.Module:
             boi_token_index=BOI,
             eoi_token_index=EOI,
         )
-        torch.manual_seed(0)
-        cls = transformers.Gemma3ForConditionalGeneration
-        m = cls._from_config(config, attn_implementation=impl).eval()
-        if impl != "attnmask":
-            m.load_state_dict(model("attnmask", sliding).state_dict())
-        _MODELS[impl, sliding] = m
-    return _MODELS[impl, sliding]
+        return transformers.Gemma3ForConditionalGeneration._from_config(config, attn_implementation=impl)
+
+    return same_weights(("gemma3", sliding), impl, build)
 
 
 def with_image(before: list[int], after: list[int]) -> list[int]:

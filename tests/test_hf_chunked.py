@@ -13,11 +13,10 @@ transformers = pytest.importorskip("transformers")
 
 from attnmask.integrations import hf  # noqa: E402
 from attnmask.masks import causal, chunked, document  # noqa: E402
-from tests.hf_models import VOCAB, tokens  # noqa: E402
+from tests.hf_models import VOCAB, same_weights, tokens  # noqa: E402
 from tests.naive import naive_dense  # noqa: E402
 
 CHUNK = 4
-_MODELS: dict[str, torch.nn.Module] = {}
 
 
 def _config(chunk: int = CHUNK):
@@ -38,14 +37,11 @@ def _config(chunk: int = CHUNK):
 
 
 def model(impl: str = "attnmask") -> torch.nn.Module:
-    if impl not in _MODELS:
-        hf.register()
-        torch.manual_seed(0)
-        m = transformers.AutoModelForCausalLM.from_config(_config(), attn_implementation=impl).eval()
-        if impl != "attnmask":
-            m.load_state_dict(model().state_dict())
-        _MODELS[impl] = m
-    return _MODELS[impl]
+    return same_weights(
+        ("llama4",),
+        impl,
+        lambda impl: transformers.AutoModelForCausalLM.from_config(_config(), attn_implementation=impl),
+    )
 
 
 def alone(ids: list[int]) -> torch.Tensor:

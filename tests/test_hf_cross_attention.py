@@ -3,36 +3,30 @@ decoder queries see the encoder's real tokens whatever the two lengths."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from attnmask.integrations import hf  # noqa: E402
-
-_MODELS: dict[str, torch.nn.Module] = {}
+from tests.hf_models import same_weights  # noqa: E402
 
 
 def model(impl: str = "attnmask") -> torch.nn.Module:
-    if impl not in _MODELS:
-        hf.register()
-        config = transformers.BartConfig(
-            vocab_size=300,
-            d_model=32,
-            encoder_layers=1,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            max_position_embeddings=64,
-        )
-        torch.manual_seed(0)
-        m = transformers.BartForConditionalGeneration._from_config(config, attn_implementation=impl).eval()
-        if impl != "attnmask":
-            m.load_state_dict(model().state_dict())
-        _MODELS[impl] = m
-    return _MODELS[impl]
+    config = transformers.BartConfig(
+        vocab_size=300,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+    )
+    build = functools.partial(transformers.BartForConditionalGeneration._from_config, config)
+    return same_weights(("bart",), impl, lambda impl: build(attn_implementation=impl))
 
 
 def encoder_batch() -> tuple[torch.Tensor, torch.Tensor]:
