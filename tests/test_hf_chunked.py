@@ -122,3 +122,13 @@ def test_chunked_documents_equal_documents_and_chunks_in_position_space():
     expected = same_doc & same_chunk & (k <= q)
     assert torch.equal(naive_dense(causal() & split, n, n)[0], expected)
     assert torch.equal(naive_dense(causal() & chunked(2), 5, 5)[0], (causal() & split).to_dense(n)[0, :5, :5])
+
+
+def test_left_padded_batch_without_position_ids_equals_eager_on_the_same_batch():
+    """Chunks start after each row's left padding (transformers' ``chunked_overlay``), whatever the positions."""
+    seqs = [tokens(10, 12), tokens(5, 13)]
+    ids = torch.tensor([[0] * (10 - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (10 - len(s)) + [1] * len(s) for s in seqs])
+    with torch.no_grad():
+        got, want = model()(ids, attention_mask=mask).logits, model("eager")(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-4, rtol=0)
