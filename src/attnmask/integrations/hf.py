@@ -387,18 +387,18 @@ def _documents_spec(
 
 
 def _chunked_documents(
-    documents: MaskSpec, size: int, packed: bool, position_ids: Any, left_padding: torch.Tensor | None
+    documents: MaskSpec, size: int, packed: bool, position_ids: Any, left_padding: torch.Tensor | None, first: int = 0
 ) -> MaskSpec:
     """``documents & chunked(...)`` as one ``document`` spec whose ids are the (document, chunk) pairs, so that every
     backend, varlen included, runs it per chunk.
 
     Chunks are counted as transformers counts them: in position space per document on packed rows (its packed-mask
     path evaluates the chunk predicate on ``position_ids``; without them, on the position inside the document), else
-    on the column minus the row's left padding (``chunked_overlay``). Example, ``size=2``, packed positions
-    ``[0, 1, 2, 0, 1]``: ids ``[0, 0, 1, 2, 2]``. O(B·L).
+    on the absolute column (``first``: that of the first key) minus the row's left padding (``chunked_overlay``).
+    Example, ``size=2``, packed positions ``[0, 1, 2, 0, 1]``: ids ``[0, 0, 1, 2, 2]``. O(B·L).
     """
     ids = documents.doc_ids
-    column = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+    column = torch.arange(first, first + ids.shape[-1], device=ids.device).expand_as(ids)
     if packed and isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == ids.shape[-1]:
         within = position_ids.to(ids.device).expand_as(ids)
     elif packed:
@@ -414,10 +414,12 @@ def _chunked_documents(
     return document(doc_ids=torch.where(inside, pairs, -1))
 
 
-def _chunks_with_past(size: int, info: HFMaskInfo, batch: int, device: torch.device) -> MaskSpec:
-    """``chunked(size)`` on the key positions of a call with a cache (relative to ``info.kv_offset``): chunks start
-    after each row's left padding, counted on absolute columns as transformers does."""
+def _chunks_on_keys(size: int, info: HFMaskInfo, batch: int, device: torch.device) -> MaskSpec:
+    """``chunked(size)`` on the key positions of a call (relative to ``info.kv_offset``, e.g. with a cache): chunks
+    start after each row's left padding, counted on absolute columns as transformers does."""
     left = info.left_padding
+    if left is None and info.kv_offset == 0:
+        return chunked(size)
     left = torch.zeros(batch, dtype=torch.long, device=device) if left is None else left.to(device).long()
     return chunked(size, offsets=left - info.kv_offset)
 
@@ -516,13 +518,11 @@ def attention_forward(
             def build() -> MaskSpec:
                 documents, packed = _documents_spec(kwargs, info, (batch, q_len), padding, query.device)
                 chunks = None
-                if chunk is not None and info.has_past:
-                    chunks = _chunks_with_past(chunk, info, batch, query.device)
-                elif chunk is not None and documents is None:
-                    chunks = chunked(chunk)
+                if chunk is not None and documents is None:  # with a cache, or one unpadded sequence per row
+                    chunks = _chunks_on_keys(chunk, info, batch, query.device)
                 elif chunk is not None:
-                    position_ids = kwargs.get("position_ids")
-                    documents = _chunked_documents(documents, chunk, packed, position_ids, info.left_padding)
+                    position_ids, first = kwargs.get("position_ids"), info.kv_offset
+                    documents = _chunked_documents(documents, chunk, packed, position_ids, info.left_padding, first)
                 spec = spec_for_call(
                     is_causal=is_causal, window=sliding_window, padding=padding, documents=documents, chunks=chunks
                 )
