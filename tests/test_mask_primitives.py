@@ -147,14 +147,26 @@ def test_from_mask_mod_runs_through_attention_like_the_structural_spec():
     torch.testing.assert_close(got, am.attention(q, k, v, am.sliding_window(3), backend="reference"))
 
 
-def test_custom_and_mask_mod_predicates_see_head_zero_the_mask_is_shared_by_every_head():
-    seen = []
-
-    def record(b, h, q_idx, kv_idx):
-        seen.append(h)
-        return q_idx >= kv_idx
-
+def test_custom_and_mask_mod_predicates_that_ignore_the_head_run_on_every_head():
     q, k, v = (torch.randn(1, 3, 5, 4, dtype=torch.float64) for _ in range(3))
-    out = am.attention(q, k, v, am.custom(record), backend="reference")
-    torch.testing.assert_close(out, am.attention(q, k, v, am.causal(), backend="reference"))
-    assert seen and all(int(torch.as_tensor(h).abs().max()) == 0 for h in seen)
+    for spec in (am.custom(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx), am.from_mask_mod(lambda b, h, q, kv: q >= kv)):
+        out = am.attention(q, k, v, spec, backend="reference")
+        torch.testing.assert_close(out, am.attention(q, k, v, am.causal(), backend="reference"))
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda h: h % 2 == 0,
+        lambda h: h == 0,
+        lambda h: torch.tensor([True, False, True])[h],
+        lambda h: bool(h),
+    ],
+)
+def test_predicates_that_depend_on_the_head_are_refused_not_evaluated_for_head_zero(use):
+    q, k, v = (torch.randn(1, 3, 5, 4) for _ in range(3))
+    per_head = am.custom(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & use(h))
+    mod = am.from_mask_mod(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & use(h))
+    for spec in (per_head, mod):
+        with pytest.raises(am.SpecError, match="depend on the head index h"):
+            am.attention(q, k, v, spec, backend="reference")

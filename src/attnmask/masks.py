@@ -873,12 +873,43 @@ class PrefixKeys(MaskSpec):
         return tile_classes(grid.key_axis(hi) <= grid.q_min, grid.key_axis(lo) > grid.q_max)
 
 
+class _NoHead:
+    """What a ``custom`` predicate receives as ``h``: a spec is one mask for every head, so a predicate that computes
+    with the head index (``h % 2``, ``h == 0``, ``table[h]``) raises a ``SpecError`` instead of being evaluated for
+    head 0 alone. Passing ``h`` on to another function untouched is fine."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args, **kwargs):
+        raise bad(
+            SpecError,
+            "custom fn",
+            "a predicate that does not depend on the head index h (a spec is one mask for every head)",
+            "a predicate computing with h",
+        )
+
+    __index__ = __int__ = __float__ = __bool__ = __len__ = __iter__ = __getitem__ = __array__ = _refuse
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse  # type: ignore[assignment]
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __mod__ = __rmod__ = _refuse
+    __floordiv__ = __rfloordiv__ = __truediv__ = __rtruediv__ = __pow__ = __neg__ = _refuse
+    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = __invert__ = _refuse
+    __lshift__ = __rshift__ = __abs__ = _refuse
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return "h (one mask for every head)"
+
+
+NO_HEAD = _NoHead()
+
+
 @dataclass(frozen=True, eq=False)
 class Custom(MaskSpec):
     """An arbitrary predicate ``fn(b, h, q_pos, k_pos) -> bool tensor`` (FlexAttention's ``mask_mod`` form).
 
-    ``h`` is passed as zeros: specs are the same for every head. Consumers must evaluate it per element (tile by tile
-    in block layouts), so prefer the structural primitives where they fit.
+    A spec is one mask for every head: ``h`` is passed as :data:`NO_HEAD`, which refuses (``SpecError``) any use
+    that would make the result depend on the head, rather than evaluating head 0 for all. Consumers must evaluate
+    the predicate per element (tile by tile in block layouts), so prefer the structural primitives where they fit.
     """
 
     fn: MaskMod
@@ -890,7 +921,7 @@ class Custom(MaskSpec):
 
     def evaluate(self, b, q, k):
         b = torch.as_tensor(b)
-        out = self.fn(b, torch.zeros_like(b), q, k)
+        out = self.fn(b, NO_HEAD, q, k)
         if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
             raise bad(
                 SpecError,
@@ -1236,17 +1267,18 @@ def from_mask_mod(mask_mod: Callable, name: str | None = None) -> MaskSpec:
     The mod is written for one element; it is vectorised with ``torch.vmap`` over the broadcast index tensors, as
     FlexAttention's ``create_block_mask`` does, and wrapped as ``custom`` (evaluated per element). ``q_idx`` /
     ``kv_idx`` are attnmask positions: with ``Q == K`` FlexAttention's indices; with ``Q < K`` the queries are the
-    last positions. ``h`` is always 0: the mask is the same for every head (as every ``custom``).
+    last positions. The mask is the same for every head (as every ``custom``): a mod that computes with ``h``
+    raises a ``SpecError`` (see ``Custom``).
     """
     if not callable(mask_mod):
         raise bad(SpecError, "mask_mod", "a callable (b, h, q_idx, kv_idx) -> bool", type(mask_mod).__name__)
 
     def fn(b, h, q, k):
-        shape = torch.broadcast_shapes(b.shape, h.shape, q.shape, k.shape)
+        shape = torch.broadcast_shapes(b.shape, q.shape, k.shape)
         if not math.prod(shape):
             return torch.zeros(shape, dtype=torch.bool, device=q.device)
-        flat = [torch.broadcast_to(t, shape).reshape(-1) for t in (b, h, q, k)]
-        return torch.vmap(mask_mod)(*flat).view(shape)
+        flat = [torch.broadcast_to(t, shape).reshape(-1) for t in (b, q, k)]
+        return torch.vmap(lambda b1, q1, k1: mask_mod(b1, h, q1, k1))(*flat).view(shape)
 
     return custom(fn, name or getattr(mask_mod, "__name__", "mask_mod"))
 
