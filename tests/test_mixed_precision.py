@@ -86,3 +86,10 @@ def test_mixed_dtypes_outside_autocast_are_refused_as_sdpa_refuses_them():
     q, k, v = _mixed_inputs(torch.bfloat16)
     with pytest.raises(DTypeError, match="v: expected q's dtype"):
         am.attention(q, k, v, am.causal())
+
+
+def test_explain_under_autocast_sees_the_dtype_the_backend_gets():
+    q, k, v = _mixed_inputs(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seen = am.explain(q, k, v, am.causal())
+    assert seen.picked is not None

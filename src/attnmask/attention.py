@@ -219,6 +219,7 @@ def explain(
         varlen       ...
     """
     mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+    q, k, v = autocast_inputs(q, k, v)  # the dtypes attention() would hand its backend under the active autocast
     call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p, **mods)
     registry = tuple(_BACKENDS.values())
     picked, _ = _pick(call, registry)
