@@ -1,0 +1,295 @@
+"""PYTHONPATH=src python benchmarks/bench_limit.py [--quick | --dry-run] [--mode fwd,fwdbwd] [--dtype float32,bfloat16]
+[--threads 1] [--busy] [--reps 3] [--only causal,window]
+
+How close does attention come to the pair-proportional limit on each mask structure, and does ``"auto"`` pick the
+fastest backend? The pair-proportional ideal is unmasked SDPA's time on the same shapes times the fraction of allowed
+(query, key) pairs, measured in the same process. For each structure it prints the allowed fraction, the ideal, the
+time of every backend ``attnmask.explain`` says supports the call and ``"auto"`` may pick on this device (``reference``
+aside: the dense O(B·H·Q·K) definition), ``auto``'s pick (from ``explain``), auto / ideal, auto / best, and the
+issue's bound for that row (runs of allowed keys >= 512: forward 1.25x, forward + backward 1.5x; shorter runs: 2x).
+
+Sizes (default): rows of 8,192 tokens, B=1 (B=2 for the padded rows), H=4, D=64; decode: Q of 1, 8, 16 against 32,768
+keys. ``--quick``: rows of 1,024 and 4,096 keys (under a minute); ``--dry-run``: rows of 256, one round (a smoke test).
+
+Timing: wall clock, median of ``--reps`` interleaved rounds (each round times every backend once, in a rotated
+order) after one warm-up call each; plans are cached per spec object, as across the layers of a model sharing one
+spec, so the times are of the steady state. ``auto``'s time is its pick's time. ``--busy``: in every round the
+backends are timed once idle and once while another process spins on a core (started before, killed after each busy
+phase; it also ends itself after 15 minutes): the table then shows each backend's slowdown next to stock SDPA's.
+
+ps/unit columns (``--units``): measured picoseconds per unit of each backend's cost estimate; a calibrated cost model
+has the same ps/unit across backends and rows (``auto`` compares estimates, so only their ratios matter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import attnmask as am
+
+SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the table: a mask on ``B`` rows of ``q_len`` queries and ``kv_len`` keys; ``run`` is the length of
+    the shortest run of allowed keys the structure is about (document, window, chunk), which sets the bound."""
+
+    name: str
+    spec: am.MaskSpec | None
+    batch: int
+    q_len: int
+    kv_len: int
+    run: int
+
+
+def _lengths(total: int, low: int, high: int, gen: torch.Generator) -> list[int]:
+    """Random document lengths in ``[low, high]`` summing to ``total`` (the last one cut to fit)."""
+    lens, left = [], total
+    while left > 0:
+        n = min(left, int(torch.randint(low, high + 1, (1,), generator=gen)))
+        lens.append(n)
+        left -= n
+    return lens
+
+
+def cases(length: int, decode_keys: int, seed: int = 0) -> list[Case]:
+    """The structures of issue 15 on rows of ``length`` tokens (decode against ``decode_keys`` keys)."""
+    gen = torch.Generator().manual_seed(seed)
+    L = length
+    real = torch.ones(2, L, dtype=torch.bool)
+    left, right = real.clone(), real.clone()
+    left[1, : L // 2] = False  # row 1 holds L/2 real tokens, padded on the left ...
+    right[1, L // 2 :] = False  # ... or on the right
+    few = [L // 2, L // 4, L // 8, L - L // 2 - L // 4 - L // 8]
+    short = _lengths(L, max(L // 40, 8), max(L // 14, 16), gen)  # ~400 tokens at L = 8192
+    tiny = _lengths(L, 8, 32, gen)
+    mixed_docs = _lengths(L, L // 6, L // 3, gen)  # ~2,000 tokens at L = 8192
+    w = [max(L // 32, 4), max(L // 8, 8), max(L // 2, 16)]  # 256, 1024, 4096 at L = 8192
+    chunk, prefix = max(L // 8, 8), L // 4
+    rows = [
+        Case("causal", am.causal(), 1, L, L, L),
+        Case("causal + left padding", am.causal() & am.key_padding(left), 2, L, L, L // 2),
+        Case("causal + right padding", am.causal() & am.key_padding(right), 2, L, L, L // 2),
+        Case(f"documents: few long ({min(few)}+)", am.causal() & am.document(seq_lens=few), 1, L, L, min(few)),
+        Case(
+            f"documents: many short (~{L // len(short)})",
+            am.causal() & am.document(seq_lens=short),
+            1,
+            L,
+            L,
+            min(short),
+        ),
+        Case("documents: tiny (8-32)", am.causal() & am.document(seq_lens=tiny), 1, L, L, 8),
+        *(Case(f"sliding window {n}", am.sliding_window(n), 1, L, L, n) for n in w),
+        Case(f"causal chunked {chunk}", am.causal() & am.chunked(chunk), 1, L, L, chunk),
+        Case(f"prefix-LM {prefix}", am.prefix_lm(prefix), 1, L, L, prefix),
+        Case(
+            f"window {w[1]} + documents (~{L // len(mixed_docs)})",
+            am.sliding_window(w[1]) & am.document(seq_lens=mixed_docs),
+            1,
+            L,
+            L,
+            w[1],
+        ),
+    ]
+    rows += [Case(f"decode Q={n}, K={decode_keys}", am.causal(), 1, n, decode_keys, decode_keys) for n in (1, 8, 16)]
+    return rows
+
+
+def allowed_fraction(case: Case) -> float:
+    """Fraction of the ``B·Q·K`` (query, key) pairs the mask allows (dense evaluation, 64 query rows at a time)."""
+    if case.spec is None:
+        return 1.0
+    allowed = 0
+    q_pos = torch.arange(case.kv_len - case.q_len, case.kv_len)
+    kv_pos = torch.arange(case.kv_len)
+    for start in range(0, case.q_len, 512):
+        dense = case.spec.to_dense(
+            min(512, case.q_len - start), case.kv_len, q_positions=q_pos[start : start + 512], kv_positions=kv_pos
+        )
+        allowed += int(dense.sum()) * (case.batch if dense.shape[0] == 1 else 1)
+    return allowed / (case.batch * case.q_len * case.kv_len)
+
+
+def inputs(case: Case, heads: int, dim: int, dtype: torch.dtype, grad: bool, gen: torch.Generator):
+    q = torch.randn(case.batch, heads, case.q_len, dim, generator=gen).to(dtype)
+    k, v = (torch.randn(case.batch, heads, case.kv_len, dim, generator=gen).to(dtype) for _ in range(2))
+    return tuple(t.requires_grad_(grad) for t in (q, k, v))
+
+
+def step(fn, qkv, grad: bool):
+    """One call of ``fn(q, k, v)``, with its backward when ``grad`` (gradients reset, so nothing accumulates)."""
+    if not grad:
+        with torch.no_grad():
+            fn(*qkv)
+        return
+    for t in qkv:
+        t.grad = None
+    out = fn(*qkv)
+    out.backward(torch.ones_like(out))
+
+
+class Spinner:
+    """Another process spinning on one core while in the ``with`` block (ended on exit, and by itself in 15 min)."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=900)])
+        time.sleep(0.3)  # let it take a core
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generator) -> dict:
+    """Times of the stock unmasked SDPA and every backend auto may pick (idle, and busy with ``--busy``)."""
+    qkv = inputs(case, args.heads, args.dim, dtype, grad, gen)
+    explained = am.explain(*qkv, case.spec)
+    costs = {
+        n: c
+        for n, c, ok in zip(explained.backends, explained.costs, explained.auto_eligible, strict=True)
+        if ok and c is not None and c != float("inf") and n != "reference"
+    }
+    fns = {"(unmasked sdpa)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+    for name in costs:
+        fns[name] = lambda q, k, v, n=name: am.attention(q, k, v, case.spec, backend=n)
+    phases = ("idle", "busy") if args.busy else ("idle",)
+    times = {(p, n): [] for p in phases for n in fns}
+    for fn in fns.values():
+        step(fn, qkv, grad)  # warm-up: plans built and cached, kernel compiled
+    names = list(fns)
+    for r in range(args.reps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for phase in phases:
+            spinner = Spinner() if phase == "busy" else None
+            try:
+                if spinner:
+                    spinner.__enter__()
+                for name in order:
+                    t0 = time.perf_counter()
+                    step(fns[name], qkv, grad)
+                    times[phase, name].append(time.perf_counter() - t0)
+            finally:
+                if spinner:
+                    spinner.__exit__()
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    return {"fraction": allowed_fraction(case), "med": med, "costs": costs, "picked": explained.picked}
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}" if seconds < 0.1 else f"{seconds * 1e3:.0f}"
+
+
+def table(case_rows, args, dtype, grad) -> list[str]:
+    names = list(dict.fromkeys(n for _, m in case_rows for n in m["costs"]))
+    mode = "forward + backward" if grad else "forward"
+    lines = [
+        f"**{mode}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} thread(s)** "
+        f"(ms, median of {args.reps}; auto = its pick's time)",
+        "",
+        "| structure | allowed | ideal ms | "
+        + " | ".join(names)
+        + " | auto picks | auto / ideal | auto / best | bound | ok |",
+        "|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|",
+    ]
+    bound_of = (1.5 if grad else 1.25, 2.0)
+    for case, m in case_rows:
+        med = m["med"]
+        ideal = med["idle", "(unmasked sdpa)"] * m["fraction"]
+        timed = {n: med["idle", n] for n in m["costs"]}
+        best = min(timed.values())
+        auto = timed[m["picked"]] if m["picked"] in timed else float("nan")
+        bound = bound_of[0] if case.run >= 512 else bound_of[1]
+        ok = "yes" if auto / ideal <= bound and auto / best <= 1.1 else "**no**"
+        cells = []
+        for n in names:
+            if n not in timed:
+                cells.append("-")
+                continue
+            cell = fmt_ms(timed[n])
+            if args.units:
+                cell += f" ({timed[n] / m['costs'][n] * 1e12:.0f})"
+            cells.append(f"**{cell}**" if timed[n] == best else cell)
+        lines.append(
+            f"| {case.name} | {m['fraction']:.3f} | {fmt_ms(ideal)} | "
+            + " | ".join(cells)
+            + f" | {m['picked']} | {auto / ideal:.2f} | {auto / best:.2f} | {bound:.2f} | {ok} |"
+        )
+    if args.busy:
+        lines += ["", f"**{mode}, one core busy: slowdown busy / idle (stock unmasked SDPA first)**", ""]
+        cols = ["(unmasked sdpa)", *names]
+        lines.append("| structure | " + " | ".join(cols) + " | auto picks | auto busy / best busy | worse than sdpa |")
+        lines.append("|---|" + "---|" * len(cols) + "---|---|---|")
+        for case, m in case_rows:
+            med = m["med"]
+            slow = {n: med["busy", n] / med["idle", n] for n in ["(unmasked sdpa)", *m["costs"]]}
+            busy = {n: med["busy", n] for n in m["costs"]}
+            auto_busy = busy.get(m["picked"], float("nan")) / min(busy.values())
+            worse = [n for n in m["costs"] if slow[n] > slow["(unmasked sdpa)"] * 1.1]
+            cells = [f"{slow[n]:.2f} ({fmt_ms(med['busy', n])})" if n in slow else "-" for n in cols]
+            lines.append(
+                f"| {case.name} | "
+                + " | ".join(cells)
+                + f" | {m['picked']} | {auto_busy:.2f} | {', '.join(worse) or '-'} |"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--decode-keys", type=int, default=32768)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--mode", default="fwd", help="comma-separated: fwd, fwdbwd")
+    parser.add_argument("--dtype", default="float32", help="comma-separated: float32, bfloat16")
+    parser.add_argument("--only", default="", help="comma-separated substrings of structure names")
+    parser.add_argument("--busy", action="store_true", help="also time every backend with one core busy")
+    parser.add_argument("--units", action="store_true", help="add ps per cost unit to every time")
+    parser.add_argument("--quick", action="store_true", help="rows of 1,024, decode against 4,096 keys")
+    parser.add_argument("--dry-run", action="store_true", help="rows of 256, decode against 512 keys, one round")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.length, args.decode_keys = 1024, 4096
+    if args.dry_run:
+        args.length, args.decode_keys, args.reps = 256, 512, 1
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    wanted = [s for s in args.only.split(",") if s]
+    selected = [c for c in cases(args.length, args.decode_keys) if not wanted or any(w in c.name for w in wanted)]
+    t0 = time.perf_counter()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), H={args.heads}, D={args.dim}, load {_load()}"
+    )
+    for dtype_name in args.dtype.split(","):
+        dtype = getattr(torch, dtype_name)
+        for mode in args.mode.split(","):
+            grad = {"fwd": False, "fwdbwd": True}[mode]
+            rows = [(c, measure(c, args, dtype, grad, gen)) for c in selected]
+            print()
+            print("\n".join(table(rows, args, dtype, grad)))
+    print(f"\nload {_load()}; total {time.perf_counter() - t0:.0f} s")
+    print(
+        "reproduce: PYTHONPATH=src python benchmarks/bench_limit.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+if __name__ == "__main__":
+    main()
