@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
+from attnmask.backends import REGISTRY
 
 SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
@@ -191,58 +192,62 @@ def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}" if seconds < 0.1 else f"{seconds * 1e3:.0f}"
 
 
-def table(case_rows, args, dtype, grad) -> list[str]:
-    names = list(dict.fromkeys(n for _, m in case_rows for n in m["costs"]))
+def header(names: list[str], args, dtype, grad) -> list[str]:
     mode = "forward + backward" if grad else "forward"
-    lines = [
+    return [
+        "",
         f"**{mode}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} thread(s)** "
-        f"(ms, median of {args.reps}; auto = its pick's time)",
+        f"(ms, median of {args.reps}; auto = its pick's time{'; ps per cost unit in brackets' if args.units else ''})",
         "",
         "| structure | allowed | ideal ms | "
         + " | ".join(names)
         + " | auto picks | auto / ideal | auto / best | bound | ok |",
         "|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|",
     ]
-    bound_of = (1.5 if grad else 1.25, 2.0)
+
+
+def row(case: Case, m: dict, names: list[str], args, grad: bool) -> str:
+    """One line of the idle table: times, auto's pick, its ratios to the ideal and the best, and the bound."""
+    med = m["med"]
+    ideal = med["idle", "(unmasked sdpa)"] * m["fraction"]
+    timed = {n: med["idle", n] for n in m["costs"]}
+    best = min(timed.values())
+    auto = timed.get(m["picked"], float("nan"))
+    bound = (1.5 if grad else 1.25) if case.run >= 512 else 2.0
+    ok = "yes" if auto / ideal <= bound and auto / best <= 1.1 else "**no**"
+    cells = []
+    for n in names:
+        if n not in timed:
+            cells.append("-")
+            continue
+        cell = fmt_ms(timed[n]) + (f" ({timed[n] / m['costs'][n] * 1e12:.0f})" if args.units else "")
+        cells.append(f"**{cell}**" if timed[n] == best else cell)
+    return (
+        f"| {case.name} | {m['fraction']:.3f} | {fmt_ms(ideal)} | "
+        + " | ".join(cells)
+        + f" | {m['picked']} | {auto / ideal:.2f} | {auto / best:.2f} | {bound:.2f} | {ok} |"
+    )
+
+
+def busy_table(case_rows, names: list[str], grad: bool) -> list[str]:
+    """Slowdown busy / idle of stock unmasked SDPA and of every backend, and auto's pick against the best when busy."""
+    mode = "forward + backward" if grad else "forward"
+    cols = ["(unmasked sdpa)", *names]
+    lines = ["", f"**{mode}, one core busy: slowdown busy / idle (busy ms)**", ""]
+    lines.append("| structure | " + " | ".join(cols) + " | auto picks | auto busy / best busy | slows more than sdpa |")
+    lines.append("|---|" + "---|" * len(cols) + "---|---|---|")
     for case, m in case_rows:
         med = m["med"]
-        ideal = med["idle", "(unmasked sdpa)"] * m["fraction"]
-        timed = {n: med["idle", n] for n in m["costs"]}
-        best = min(timed.values())
-        auto = timed[m["picked"]] if m["picked"] in timed else float("nan")
-        bound = bound_of[0] if case.run >= 512 else bound_of[1]
-        ok = "yes" if auto / ideal <= bound and auto / best <= 1.1 else "**no**"
-        cells = []
-        for n in names:
-            if n not in timed:
-                cells.append("-")
-                continue
-            cell = fmt_ms(timed[n])
-            if args.units:
-                cell += f" ({timed[n] / m['costs'][n] * 1e12:.0f})"
-            cells.append(f"**{cell}**" if timed[n] == best else cell)
+        slow = {n: med["busy", n] / med["idle", n] for n in ["(unmasked sdpa)", *m["costs"]]}
+        busy = {n: med["busy", n] for n in m["costs"]}
+        auto_busy = busy.get(m["picked"], float("nan")) / min(busy.values())
+        worse = [n for n in m["costs"] if slow[n] > slow["(unmasked sdpa)"] * 1.1]
+        cells = [f"{slow[n]:.2f} ({fmt_ms(med['busy', n])})" if n in slow else "-" for n in cols]
         lines.append(
-            f"| {case.name} | {m['fraction']:.3f} | {fmt_ms(ideal)} | "
+            f"| {case.name} | "
             + " | ".join(cells)
-            + f" | {m['picked']} | {auto / ideal:.2f} | {auto / best:.2f} | {bound:.2f} | {ok} |"
+            + f" | {m['picked']} | {auto_busy:.2f} | {', '.join(worse) or '-'} |"
         )
-    if args.busy:
-        lines += ["", f"**{mode}, one core busy: slowdown busy / idle (stock unmasked SDPA first)**", ""]
-        cols = ["(unmasked sdpa)", *names]
-        lines.append("| structure | " + " | ".join(cols) + " | auto picks | auto busy / best busy | worse than sdpa |")
-        lines.append("|---|" + "---|" * len(cols) + "---|---|---|")
-        for case, m in case_rows:
-            med = m["med"]
-            slow = {n: med["busy", n] / med["idle", n] for n in ["(unmasked sdpa)", *m["costs"]]}
-            busy = {n: med["busy", n] for n in m["costs"]}
-            auto_busy = busy.get(m["picked"], float("nan")) / min(busy.values())
-            worse = [n for n in m["costs"] if slow[n] > slow["(unmasked sdpa)"] * 1.1]
-            cells = [f"{slow[n]:.2f} ({fmt_ms(med['busy', n])})" if n in slow else "-" for n in cols]
-            lines.append(
-                f"| {case.name} | "
-                + " | ".join(cells)
-                + f" | {m['picked']} | {auto_busy:.2f} | {', '.join(worse) or '-'} |"
-            )
     return lines
 
 
@@ -278,9 +283,14 @@ def main(argv: list[str] | None = None) -> None:
         dtype = getattr(torch, dtype_name)
         for mode in args.mode.split(","):
             grad = {"fwd": False, "fwdbwd": True}[mode]
-            rows = [(c, measure(c, args, dtype, grad, gen)) for c in selected]
-            print()
-            print("\n".join(table(rows, args, dtype, grad)))
+            names = [b.name for b in REGISTRY if "cpu" in b.devices and b.auto_on("cpu") and b.name != "reference"]
+            print("\n".join(header(names, args, dtype, grad)), flush=True)
+            rows = []
+            for case in selected:
+                rows.append((case, measure(case, args, dtype, grad, gen)))
+                print(row(*rows[-1], names, args, grad), flush=True)
+            if args.busy:
+                print("\n".join(busy_table(rows, names, grad)), flush=True)
     print(f"\nload {_load()}; total {time.perf_counter() - t0:.0f} s")
     print(
         "reproduce: PYTHONPATH=src python benchmarks/bench_limit.py " + " ".join(sys.argv[1:] if argv is None else argv)
