@@ -24,7 +24,9 @@ has the same ps/unit across backends and rows (``auto`` compares estimates, so o
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +39,14 @@ import torch.nn.functional as F
 import attnmask as am
 from attnmask.backends import REGISTRY
 
+# The constants of each backend's CPU cost estimate that ``--fit`` refits (module attributes of
+# ``attnmask.backends.<name>``; every estimate is linear in them). "sdpa"'s estimate (pairs times D + Dv) is the unit.
+FITTED = {
+    "varlen": ("_PAIR_COST", "CALL_COST", "COPY_COST", "SMALL_MATMUL_COST", "_SDPA_ROW_COST", "_SMALL_ROW_COST"),
+    "blocksparse": ("_PAIR_COST", "_MASK_COST", "CALL_COST"),
+    "banded": ("_PAIR_COST", "_TILE_COST", "_HEAD_COST", "_MASK_COST", "COPY_COST"),
+    "native": ("_PAIR_COST", "_ROW_COST", "_CALL_COST", "COPY_COST"),
+}
 SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
 
@@ -251,6 +261,109 @@ def busy_table(case_rows, names: list[str], grad: bool) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# --fit: the cost constants from measured tables
+
+
+def parse_tables(path: str, length: int, decode_keys: int) -> list[tuple[Case, bool, torch.dtype, str, float]]:
+    """``(case, grad, dtype, backend, seconds)`` of every timed cell of this script's idle tables in ``path``."""
+    text = open(path, encoding="utf-8").read()
+    sizes = re.search(r"rows of (\d+), decode against (\d+) keys", text)
+    if sizes:
+        length, decode_keys = int(sizes.group(1)), int(sizes.group(2))
+    by_name = {c.name: c for c in cases(length, decode_keys)}
+    out, grad, dtype, names = [], False, torch.float32, []
+    for line in text.splitlines():
+        title = re.match(r"\*\*(forward \+ backward|forward), (\w+), ", line)
+        if title:
+            grad, dtype = title.group(1) != "forward", getattr(torch, title.group(2))
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if cells[0] == "structure" and cells[1] == "allowed":
+            names = cells[3 : cells.index("auto picks")]
+        elif names and cells[0] in by_name and len(cells) > 3 + len(names):
+            for name, cell in zip(names, cells[3 : 3 + len(names)], strict=True):
+                if cell != "-":
+                    out.append((by_name[cells[0]], grad, dtype, name, float(cell.split()[0]) / 1e3))
+    return out
+
+
+def features(case: Case, grad: bool, dtype: torch.dtype, name: str, args) -> list[float]:
+    """``name``'s estimate for the case split by constant: ``[the rest, d estimate / d constant for FITTED[name]]``
+    (the estimate is linear in each constant), read through ``am.explain`` with the constants patched."""
+    qkv = tuple(torch.zeros(s).requires_grad_(grad) for s in _shapes(case, args))
+    qkv = tuple(t.to(dtype) if dtype != torch.float32 else t for t in qkv)
+    module = importlib.import_module(f"attnmask.backends.{name}")
+    constants = FITTED.get(name, ())
+    saved = {c: getattr(module, c) for c in constants}
+
+    def estimate(ones: set[str]) -> float:
+        for c in constants:
+            setattr(module, c, 1.0 if c in ones else 0.0)
+        explained = am.explain(*qkv, case.spec)
+        at = explained.backends.index(name)
+        if explained.costs[at] is None:
+            raise RuntimeError(f"{name} refuses {case.name}: {explained.reasons[at]}")
+        return explained.costs[at]
+
+    try:
+        rest = estimate(set())
+        return [rest] + [estimate({c}) - rest for c in constants]
+    finally:
+        for c, value in saved.items():
+            setattr(module, c, value)
+
+
+def _shapes(case: Case, args) -> list[tuple[int, ...]]:
+    q = (case.batch, args.heads, case.q_len, args.dim)
+    kv = (case.batch, args.heads, case.kv_len, args.dim)
+    return [q, kv, kv]
+
+
+def nonnegative_fit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Least squares ``a @ x ~ b`` with ``x >= 0`` (columns whose coefficient would go negative are dropped and the
+    rest refitted until none does; an all-zero column gets ``nan``: the data do not determine it)."""
+    x = torch.full((a.shape[1],), float("nan"), dtype=torch.float64)
+    active = [j for j in range(a.shape[1]) if bool(a[:, j].abs().sum() > 0)]
+    x[active] = 0.0
+    while active:
+        sol = torch.linalg.lstsq(a[:, active], b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        x[active] = sol
+        if bool((sol >= 0).all()):
+            break
+        dropped = [j for j, v in zip(active, sol.tolist(), strict=True) if v < 0]
+        x[dropped] = 0.0
+        active = [j for j in active if j not in dropped]
+    return x
+
+
+def fit(paths: list[str], args) -> None:
+    """Per backend, the constants of ``FITTED`` that best predict the measured times in relative error (a
+    non-negative least-squares fit), in "sdpa"'s unit: ps per unit = median of sdpa's time / estimate."""
+    cells = [cell for p in paths for cell in parse_tables(p, args.length, args.decode_keys)]
+    sdpa = [t / features(c, g, d, n, args)[0] for c, g, d, n, t in cells if n == "sdpa"]
+    unit = statistics.median(sdpa)
+    print(
+        f"{len(cells)} timed cells from {', '.join(paths)}; sdpa: {unit * 1e12:.1f} ps per unit (median of {len(sdpa)})"
+    )
+    print("| backend | constant | now | fitted | cells | median abs error now -> fitted |")
+    print("|---|---|---|---|---|---|")
+    for name, constants in FITTED.items():
+        rows = [(features(c, g, d, n, args), t / unit) for c, g, d, n, t in cells if n == name]
+        if not rows:
+            continue
+        module = importlib.import_module(f"attnmask.backends.{name}")
+        now = torch.tensor([getattr(module, c) for c in constants], dtype=torch.float64)
+        f = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+        y = torch.tensor([r[1] for r in rows], dtype=torch.float64)
+        fitted = nonnegative_fit(f[:, 1:] / y.unsqueeze(1), (1 - f[:, 0] / y))
+        fitted = torch.where(torch.isnan(fitted), now, fitted)
+        err_now = ((f[:, 0] + f[:, 1:] @ now) / y - 1).abs().median()
+        err_fit = ((f[:, 0] + f[:, 1:] @ fitted) / y - 1).abs().median()
+        for j, c in enumerate(constants):
+            errors = f"{err_now:.2f} -> {err_fit:.2f}" if j == 0 else ""
+            print(f"| {name} | {c} | {now[j]:.3g} | {fitted[j]:.3g} | {len(rows)} | {errors} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=8192)
@@ -266,18 +379,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--units", action="store_true", help="add ps per cost unit to every time")
     parser.add_argument("--quick", action="store_true", help="rows of 1,024, decode against 4,096 keys")
     parser.add_argument("--dry-run", action="store_true", help="rows of 256, decode against 512 keys, one round")
+    parser.add_argument("--fit", nargs="+", metavar="OUTPUT", help="fit the cost constants to saved outputs; no timing")
     args = parser.parse_args(argv)
     if args.quick:
         args.length, args.decode_keys = 1024, 4096
     if args.dry_run:
         args.length, args.decode_keys, args.reps = 256, 512, 1
     torch.set_num_threads(args.threads)
+    if args.fit:
+        fit(args.fit, args)
+        return
     gen = torch.Generator().manual_seed(0)
     wanted = [s for s in args.only.split(",") if s]
     selected = [c for c in cases(args.length, args.decode_keys) if not wanted or any(w in c.name for w in wanted)]
     t0 = time.perf_counter()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), H={args.heads}, D={args.dim}, load {_load()}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), rows of {args.length}, decode against "
+        f"{args.decode_keys} keys, H={args.heads}, D={args.dim}, load {_load()}"
     )
     for dtype_name in args.dtype.split(","):
         dtype = getattr(torch, dtype_name)
