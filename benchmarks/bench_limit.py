@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import re
 import statistics
@@ -42,6 +43,7 @@ from attnmask.backends import REGISTRY
 # The constants of each backend's CPU cost estimate that ``--fit`` refits (module attributes of
 # ``attnmask.backends.<name>``; every estimate is linear in them). "sdpa"'s estimate (pairs times D + Dv) is the unit.
 FITTED = {
+    "sdpa": ("_MASK_COST", "_CALL_COST"),
     "varlen": ("_PAIR_COST", "CALL_COST", "COPY_COST", "SMALL_MATMUL_COST", "_SDPA_ROW_COST", "_SMALL_ROW_COST"),
     "blocksparse": ("_PAIR_COST", "_MASK_COST", "CALL_COST"),
     "banded": ("_PAIR_COST", "_TILE_COST", "_HEAD_COST", "_MASK_COST", "COPY_COST"),
@@ -337,16 +339,19 @@ def nonnegative_fit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def fit(paths: list[str], args) -> None:
-    """Per backend, the constants of ``FITTED`` that best predict the measured times in relative error (a
-    non-negative least-squares fit), in "sdpa"'s unit: ps per unit = median of sdpa's time / estimate."""
-    cells = [cell for p in paths for cell in parse_tables(p, args.length, args.decode_keys)]
+    """Per backend, the constants of ``FITTED`` scaled by the median of measured time / estimate, in "sdpa"'s unit
+    (ps per unit = median of sdpa's time / its pair work), and auto's picks on the measured rows before and after."""
+    # forward cells only: the estimates do not yet tell a call that will be differentiated from one that will not
+    cells = [cell for p in paths for cell in parse_tables(p, args.length, args.decode_keys) if not cell[1]]
     sdpa = [t / features(c, g, d, n, args)[0] for c, g, d, n, t in cells if n == "sdpa"]
     unit = statistics.median(sdpa)
     print(
         f"{len(cells)} timed cells from {', '.join(paths)}; sdpa: {unit * 1e12:.1f} ps per unit (median of {len(sdpa)})"
     )
+    before = pick_quality(cells, args)
     print("| backend | constant | now | fitted | cells | median abs error now -> fitted |")
     print("|---|---|---|---|---|---|")
+    fits = {}
     for name, constants in FITTED.items():
         rows = [(features(c, g, d, n, args), t / unit) for c, g, d, n, t in cells if n == name]
         if not rows:
@@ -355,13 +360,58 @@ def fit(paths: list[str], args) -> None:
         now = torch.tensor([getattr(module, c) for c in constants], dtype=torch.float64)
         f = torch.tensor([r[0] for r in rows], dtype=torch.float64)
         y = torch.tensor([r[1] for r in rows], dtype=torch.float64)
-        fitted = nonnegative_fit(f[:, 1:] / y.unsqueeze(1), (1 - f[:, 0] / y))
-        fitted = torch.where(torch.isnan(fitted), now, fitted)
+        # One factor per backend on all its constants, the median of measured / estimated (robust to the noisy
+        # cells of a shared machine; a free fit of every constant is not determined by a few dozen cells). "sdpa"'s
+        # pair cost is the unit; its mask and call costs are left as they are.
+        estimate = f[:, 0] + f[:, 1:] @ now
+        scale = 1.0 if name == "sdpa" else float((y / estimate).median())
+        fitted = now * scale
         err_now = ((f[:, 0] + f[:, 1:] @ now) / y - 1).abs().median()
         err_fit = ((f[:, 0] + f[:, 1:] @ fitted) / y - 1).abs().median()
         for j, c in enumerate(constants):
             errors = f"{err_now:.2f} -> {err_fit:.2f}" if j == 0 else ""
             print(f"| {name} | {c} | {now[j]:.3g} | {fitted[j]:.3g} | {len(rows)} | {errors} |")
+        fits[module] = dict(zip(constants, fitted.tolist(), strict=True))
+    for module, values in fits.items():  # each backend's factor alone: does it improve auto's picks?
+        saved = {c: getattr(module, c) for c in values}
+        for c, value in values.items():
+            setattr(module, c, value)
+        alone = pick_quality(cells, args)
+        for c, value in saved.items():
+            setattr(module, c, value)
+        print(f"{module.__name__.rsplit('.', 1)[1]} factor alone: {summary(alone)}")
+    for module, values in fits.items():  # auto's picks under all the fitted constants (this process only)
+        for c, value in values.items():
+            setattr(module, c, value)
+    after = pick_quality(cells, args)
+    print("\n| structure | rows | auto / best now | with the fitted constants |")
+    print("|---|---|---|---|")
+    for key in before:
+        print(f"| {key[0]} | {key[1]} | {before[key][0]} {before[key][1]:.2f} | {after[key][0]} {after[key][1]:.2f} |")
+    print(f"now: {summary(before)}\nall fitted: {summary(after)}")
+
+
+def summary(result: dict) -> str:
+    ratios = [r[1] for r in result.values()]
+    within = sum(r <= 1.1 for r in ratios)
+    geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    return (
+        f"{within} of {len(ratios)} rows within 1.1x of the fastest, geometric mean {geo:.2f}, worst {max(ratios):.2f}"
+    )
+
+
+def pick_quality(cells, args) -> dict:
+    """``(structure, row length) -> (auto's pick, its measured time / the fastest measured)`` under the constants
+    the backend modules hold now."""
+    groups: dict = {}
+    for case, _grad, dtype, name, seconds in cells:
+        groups.setdefault((case.name, case.kv_len, dtype), (case, {}))[1][name] = seconds
+    out = {}
+    for (title, kv_len, dtype), (case, times) in groups.items():
+        qkv = tuple(torch.zeros(s, dtype=dtype) for s in _shapes(case, args))
+        picked = am.explain(*qkv, case.spec).picked
+        out[title, kv_len] = (picked, times.get(picked, float("nan")) / min(times.values()))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -292,9 +292,12 @@ def segment_attention(
 # kernel walks each allowed pair with vector dot products, a vectorised exp and axpys instead of blocked matrix
 # products (measured ~2x slower per pair than SDPA's kernel, which however computes whole key blocks), and reads and
 # writes each query row once (measured about as costly as SDPA's own per-row work). See bench_backends.py.
-_PAIR_COST = 1.8
-_ROW_COST = 50.0  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
-_CALL_COST = 2e4  # one ctypes call and the output allocation
+# Calibrated by ``benchmarks/bench_limit.py --fit`` (RESULTS.md, issue 15): the former 1.8 / 50 / 2e4 times 1.33, the
+# median of measured time / estimate over 24 forward cells (rows of 1K and 8K tokens, every structure native serves),
+# in "sdpa"'s unit; of the backends' factors, native's alone improved auto's picks on the measured rows.
+_PAIR_COST = 2.4
+_ROW_COST = 66.5  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
+_CALL_COST = 2.7e4  # one ctypes call and the output allocation
 
 
 def allowed_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> float:

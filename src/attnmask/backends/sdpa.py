@@ -12,9 +12,13 @@ import torch.nn.functional as F
 
 import attnmask.backends.cuda_costs as cuda_costs
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, AttentionCall, Backend, dense_mask, rows_with_keys
-from attnmask.masks import MaskSpec
+from attnmask.masks import Causal, MaskSpec
 
 __all__ = ["BACKEND"]
+
+# On CPU the estimate is in multiply-adds of SDPA's kernel (the unit of every CPU backend's estimate), plus:
+_MASK_COST = 2.0  # building and reading one element of a spec's dense bool mask
+_CALL_COST = 0.0  # fixed cost of a call with a spec's mask (positions, to_dense, the masked kernel's set-up)
 
 
 def run(call: AttentionCall) -> torch.Tensor:
@@ -24,7 +28,7 @@ def run(call: AttentionCall) -> torch.Tensor:
         sdpa_kwargs["enable_gqa"] = True
     if call.dropout_p > 0:
         sdpa_kwargs["dropout_p"] = call.dropout_p
-    if call.is_full:
+    if call.is_full or _one_query_sees_all(call):
         return F.scaled_dot_product_attention(call.q, call.k, call.v, **sdpa_kwargs)
     if call.is_plain_causal:
         # is_causal is top-left aligned: only used when Q == K, where both alignments agree.
@@ -39,18 +43,24 @@ def run(call: AttentionCall) -> torch.Tensor:
     return out.masked_fill(~has_key, 0.0) if empty_rows else out
 
 
+def _one_query_sees_all(call: AttentionCall) -> bool:
+    """``causal()`` with one query at default (bottom-right) positions: the query is the last position and sees every
+    key, so the unmasked kernel is exact (a decoding step: no dense mask, SDPA's fastest path)."""
+    return type(call.mask) is Causal and call.q_len == 1 and call.kv_len >= 1 and not call.positions_given
+
+
 def cost(call: AttentionCall) -> float:
     """Pairs times ``D + Dv`` (half for ``is_causal``), plus building the dense mask of a spec; on CUDA
     ``cuda_costs.sdpa_cost`` (comparable with the fused varlen and flex kernels)."""
     if call.q.device.type == "cuda":
         return cuda_costs.sdpa_cost(call)
     work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
-    if call.is_full:
+    if call.is_full or _one_query_sees_all(call):
         return float(work)
     if call.is_plain_causal:
         return work / 2  # the fused kernel skips the tiles above the diagonal
     mask_rows = call.batch if isinstance(call.mask, MaskSpec) else 0
-    return float(work + 2 * mask_rows * call.q_len * call.kv_len)
+    return float(work + _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0))
 
 
 BACKEND = Backend("sdpa", run, cost, devices=TORCH_DEVICES, dtypes=ALL_DTYPES, dropout=True)
