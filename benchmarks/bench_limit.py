@@ -373,17 +373,24 @@ def fit(paths: list[str], args) -> None:
             print(f"| {name} | {c} | {now[j]:.3g} | {fitted[j]:.3g} | {len(rows)} | {errors} |")
         fits[module] = dict(zip(constants, fitted.tolist(), strict=True))
     for module, values in fits.items():  # each backend's factor alone: does it improve auto's picks?
-        saved = {c: getattr(module, c) for c in values}
-        for c, value in values.items():
-            setattr(module, c, value)
-        alone = pick_quality(cells, args)
-        for c, value in saved.items():
-            setattr(module, c, value)
+        own = {c: getattr(module, c) for c in values}
+        try:
+            for c, value in values.items():
+                setattr(module, c, value)
+            alone = pick_quality(cells, args)
+        finally:
+            for c, value in own.items():
+                setattr(module, c, value)
         print(f"{module.__name__.rsplit('.', 1)[1]} factor alone: {summary(alone)}")
-    for module, values in fits.items():  # auto's picks under all the fitted constants (this process only)
-        for c, value in values.items():
+    saved = {(module, c): getattr(module, c) for module, values in fits.items() for c in values}
+    try:  # auto's picks under all the fitted constants, then the modules' own constants back
+        for module, values in fits.items():
+            for c, value in values.items():
+                setattr(module, c, value)
+        after = pick_quality(cells, args)
+    finally:
+        for (module, c), value in saved.items():
             setattr(module, c, value)
-    after = pick_quality(cells, args)
     print("\n| structure | rows | auto / best now | with the fitted constants |")
     print("|---|---|---|---|")
     for key in before:

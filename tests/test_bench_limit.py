@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import attnmask as am
+import attnmask.backends.native as native
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_limit.py"
 
@@ -44,3 +45,17 @@ def test_cases_cover_the_issue_structures():
     parts += ("chunked 1024", "prefix-LM 2048", "+ documents", "Q=1,", "Q=16, K=32768")
     for part in parts:
         assert part in names, part
+
+
+def test_fit_reads_its_own_tables_and_replays_autos_choice(capsys, tmp_path):
+    bench = load_bench()
+    bench.main(["--dry-run", "--only", "tiny,window 8", "--units"])
+    table = tmp_path / "limit.txt"
+    table.write_text(capsys.readouterr().out)
+    cells = bench.parse_tables(str(table), 8192, 32768)  # the sizes come from the table's first line
+    assert {c.q_len for c, *_ in cells} == {256} and {"sdpa", "native"} <= {name for *_, name, _ in cells}
+    own = native._PAIR_COST
+    bench.main(["--fit", str(table)])
+    out = capsys.readouterr().out
+    assert "| native | _PAIR_COST |" in out and "now: " in out and "native factor alone: " in out
+    assert native._PAIR_COST == own  # the fit replays picks under its factors, then puts the modules' own back
