@@ -18,19 +18,22 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/attnmask demo
 
-# pytest exits 5 when it collects no test: make treats every non-zero exit as failure.
+# pytest exits 5 when it collects no test: make treats every non-zero exit as failure. Then the C kernel's tests again
+# under the sanitizers (below).
 test: $(STAMP)
 	ATTNMASK_STRICT_DEPS=1 $(PY) -m pytest -q -n 2 tests
+	$(MAKE) --no-print-directory sanitize
 
 # The native backend's C kernel built with AddressSanitizer and UndefinedBehaviorSanitizer (any finding fails), under
-# its tests and the conformance cases; one line and success where the compiler has no sanitizers. CI runs it after test.
+# its tests and the conformance cases (--capture=sys: a sanitizer's report, written by C to fd 2, is shown); one line
+# and success where the compiler has no sanitizers. `make test` ends with it.
 CC ?= cc
 sanitize: $(STAMP)
 	@if ! echo 'int main(void) { return 0; }' | $(CC) -x c -fsanitize=address,undefined -o /dev/null - 2>/dev/null; then \
 		echo "sanitize: $(CC) cannot build with -fsanitize=address,undefined; skipped"; exit 0; fi; \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 ATTNMASK_NATIVE_SANITIZE=1 ATTNMASK_STRICT_DEPS=1 \
 	ATTNMASK_CACHE_DIR="$$(mktemp -d)" LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" \
-	$(PY) -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_conformance.py -k native
+	$(PY) -m pytest -q -p no:cacheprovider --capture=sys tests/test_native.py tests/test_conformance.py -k native
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -3,14 +3,18 @@
 Test files import from here (and from ``naive.py`` and ``strategies.py``), never from one another.
 """
 
+import pytest
 import torch
 
 import attnmask as am
 from attnmask import masks as M
 from attnmask.attention import AttentionCall
+from attnmask.backends import REGISTRY
 from tests.naive import naive_attention
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
+CPU_BACKENDS = [b.name for b in REGISTRY if "cpu" in b.devices and b.auto_on("cpu")] + ["auto"]
+"""Every backend "auto" may pick on a CPU, from the registry's declarations, and "auto" itself."""
 DTYPES = [torch.float32, *LOW_PRECISION]
 # (atol, rtol) of an output against the float64 reference of the same (rounded) inputs.
 TOLERANCE = {
@@ -78,6 +82,17 @@ def check_against_naive(out_fn, case, spec, dtype, batch_allowed=None):
     atol, rtol = GRAD_TOLERANCE[dtype]
     for name, g, w in zip("qkv", grads(got, (q, k, v)), want_grads, strict=True):
         torch.testing.assert_close(g.double(), w, atol=atol, rtol=rtol, msg=f"d{name} for {spec!r}")
+
+
+def attention_or_skip(q, k, v, mask, backend, **kwargs):
+    """``am.attention(..., backend=backend)``, or a pytest skip when the backend refuses the call through its
+    declarations (``am.explain`` shows no cost for it)."""
+    if backend != "auto":
+        seen = am.explain(q, k, v, mask, **kwargs)
+        reasons = dict(zip(seen.backends, seen.reasons, strict=True))[backend]
+        if reasons:
+            pytest.skip(f"{backend} refuses: {'; '.join(reasons)}")
+    return am.attention(q, k, v, mask, backend=backend, **kwargs)
 
 
 def call_of(q, k, v, spec, positions_given=False):

@@ -55,19 +55,39 @@ def naive_dense(spec: M.MaskSpec, q_len: int, kv_len: int, batch: int | None = N
     return out
 
 
-def naive_attention(q, k, v, allowed, scale=None):
+def naive_attention(q, k, v, allowed, scale=None, *, softcap=None, sinks=None, alibi_slopes=None, q_positions=None):
     """Attention by the textbook formula in float64; rows with no allowed key give 0.
 
-    q: (B, H, Q, D); k, v: (B, Hkv, K, D); allowed: bool broadcastable to (B, H, Q, K).
+    q: (B, H, Q, D); k, v: (B, Hkv, K, D); allowed: bool broadcastable to (B, H, Q, K). Score modifiers, written
+    from their definitions and independently of attnmask: ``softcap`` c gives ``c · tanh(s / c)``; ``alibi_slopes``
+    ``(H,)`` adds ``-slope_h · (q_pos - k_pos)``, one Python loop per (head, query, key), with ``q_positions`` ``(Q,)``
+    (default: the last Q of ``0 .. K - 1``) and keys at ``0 .. K - 1``; ``sinks`` ``(H,)`` is a real extra key column
+    whose score is the sink and whose value is 0, always allowed (so a row with no other key gives 0 by itself).
+    Differentiable in q, k, v and sinks.
     """
     B, H, Q, D = q.shape
+    K = k.shape[2]
     rep = H // k.shape[1]
     k = k.double().repeat_interleave(rep, dim=1)
     v = v.double().repeat_interleave(rep, dim=1)
     scale = D**-0.5 if scale is None else scale
     s = (q.double() @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        q_pos = list(range(K - Q, K)) if q_positions is None else [int(p) for p in q_positions]
+        bias = torch.zeros(H, Q, K, dtype=torch.float64)
+        for h in range(H):
+            for i in range(Q):
+                for j in range(K):
+                    bias[h, i, j] = -float(alibi_slopes[h]) * (q_pos[i] - j)
+        s = s + bias
     allowed = torch.broadcast_to(allowed, s.shape)
     s = s.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        sink_scores = sinks.double()[None, :, None, None].expand(B, H, Q, 1)
+        s = torch.cat([s, sink_scores], dim=-1)
+        v = torch.cat([v, torch.zeros(B, H, 1, v.shape[-1], dtype=torch.float64)], dim=2)
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)
     return p @ v

@@ -146,7 +146,7 @@ def test_show_open_call_runs_nothing(tmp_path, monkeypatch, capsys):
 
 def test_show_spec_shorter_than_q_len_is_a_clear_error(capsys):
     proc = call(capsys, "show", "document([2, 2])", "--q-len", "6")
-    assert_usage_error(proc, "positions in [0, 4)")
+    assert_usage_error(proc, "--q-len 6: the expression covers positions [0, 4) only", "use --q-len 4 or less")
 
 
 @pytest.mark.parametrize("args", [["--q-len", "0"], ["--q-len", "x"], []])
@@ -298,7 +298,8 @@ def test_pack_overflow_error_names_the_file(tmp_path, capsys):
         "--out",
         tmp_path / "o.jsonl",
     )
-    assert_usage_error(proc, f"{src}: ", "the longest 9 tokens")
+    assert_usage_error(proc, f"{src}: record 1 has 9 tokens, more than --max-length 4")
+    assert "lengths_or_sequences" not in proc.stderr
     assert not (tmp_path / "o.jsonl").exists()
 
 
@@ -671,7 +672,7 @@ def test_show_long_row_png_is_drawn_from_tiles(tmp_path, capsys):
 
 def test_show_error_prints_no_partial_picture(capsys):
     proc = call(capsys, "show", "causal", "--q-len", "8", "--kv-len", "4")
-    assert_usage_error(proc, "q_len: expected <= kv_len (4)")
+    assert_usage_error(proc, "--q-len 8: expected at most --kv-len 4")
     assert proc.stdout == ""
 
 

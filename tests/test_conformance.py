@@ -113,15 +113,42 @@ def no_mask_case(draw):
 
 
 @st.composite
+def score_mods(draw):
+    """Score modifiers for ``attention(..., **mods)``, each present with probability 1/3, as numbers: ``softcap``, and
+    seeds of the ``(H,)`` sinks and ALiBi slopes (made by :func:`make_mods` in the case's dtype and head count)."""
+    mods = {}
+    if draw(st.integers(0, 2)) == 0:
+        mods["softcap"] = draw(st.floats(0.5, 8.0))
+    if draw(st.integers(0, 2)) == 0:
+        mods["sinks"] = draw(st.integers(0, 2**16))
+    if draw(st.integers(0, 2)) == 0:
+        mods["alibi_slopes"] = draw(st.integers(0, 2**16))
+    return mods
+
+
+def make_mods(case, requires_grad=False) -> dict:
+    """The case's score modifiers as ``attention`` takes them: sinks ``(H,)`` in the case's dtype (a gradient when
+    asked), slopes ``(H,)`` float32 in ``[0, 1)``."""
+    mods, H = dict(case.get("mods", {})), case["heads"]
+    if "sinks" in mods:
+        sinks = 2 * torch.randn(H, generator=torch.Generator().manual_seed(mods["sinks"]))
+        mods["sinks"] = sinks.to(case.get("dtype", torch.float32)).requires_grad_(requires_grad)
+    if "alibi_slopes" in mods:
+        mods["alibi_slopes"] = torch.rand(H, generator=torch.Generator().manual_seed(mods["alibi_slopes"]))
+    return mods
+
+
+@st.composite
 def conformance_case(draw, dtypes=tuple(DTYPES)):
     """A mask (a random spec tree, packed documents, a padded batch, short documents, a bool tensor or none), GQA
-    heads, a dtype and a memory layout."""
+    heads, a dtype, a memory layout and score modifiers (softcap, sinks, ALiBi slopes, each one time in three)."""
     mask, case = draw(
         st.one_of(
             spec_tree_case(), packed_case(), padded_case(), short_documents_case(), tensor_mask_case(), no_mask_case()
         )
     )
-    return dict(case, mask=mask, dtype=draw(st.sampled_from(dtypes)), layout=draw(st.sampled_from(LAYOUTS)))
+    layout = draw(st.sampled_from(LAYOUTS))
+    return dict(case, mask=mask, dtype=draw(st.sampled_from(dtypes)), layout=layout, mods=draw(score_mods()))
 
 
 def representative_cases():
@@ -160,26 +187,36 @@ def check(backend, case, *, with_grads=False, seed=0):
     """``backend`` either refuses ``case`` through ``not_supported_reasons`` (and ``attention`` then raises a
     ``BackendError``) or matches the naive reference in output (and gradients); returns whether it ran."""
     q, k, v = make_inputs(case, seed=seed, requires_grad=with_grads)
-    call = _prepare_call(q, k, v, case["mask"], None, None, None)
+    mods = make_mods(case, requires_grad=with_grads)
+    call = _prepare_call(q, k, v, case["mask"], None, None, None, **mods)
     reasons = backend.not_supported_reasons(call)
     if reasons:
         assert all(isinstance(r, str) and r for r in reasons)
+        if set(mods) - {m.replace("alibi", "alibi_slopes") for m in backend.score_mods}:
+            assert any("score modifiers" in r for r in reasons), reasons
         with pytest.raises(am.BackendError):
-            am.attention(q, k, v, case["mask"], backend=backend.name)
+            am.attention(q, k, v, case["mask"], backend=backend.name, **mods)
         return False
     assert isinstance(backend.cost(call), float)
-    got = am.attention(q, k, v, case["mask"], backend=backend.name)
-    want = naive_attention(q.detach(), k.detach(), v.detach(), allowed(case))
+    got = am.attention(q, k, v, case["mask"], backend=backend.name, **mods)
+    naive_mods = {name: t.detach() if isinstance(t, torch.Tensor) else t for name, t in mods.items()}
+    want = naive_attention(q.detach(), k.detach(), v.detach(), allowed(case), **naive_mods)
     assert got.dtype == q.dtype and got.shape == want.shape
     atol, rtol = TOLERANCE[got.dtype]
     torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol, msg=f"{backend.name}: {case['mask']!r}")
     empty = ~allowed(case).any(-1, keepdim=True).expand(got.shape)  # rows with no allowed key: exactly 0
     assert torch.equal(got[empty], torch.zeros_like(got[empty])), f"{backend.name}: a row with no key is not 0"
     if with_grads:
-        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        want_grads = grads(naive_attention(q64, k64, v64, allowed(case)), (q64, k64, v64))
+        inputs, names = [q, k, v], ["q", "k", "v"]
+        if "sinks" in mods:
+            inputs.append(mods["sinks"])
+            names.append("sinks")
+        ins64 = [t.detach().double().requires_grad_() for t in inputs]
+        if "sinks" in mods:
+            naive_mods["sinks"] = ins64[3]
+        want_grads = grads(naive_attention(*ins64[:3], allowed(case), **naive_mods), ins64)
         atol, rtol = GRAD_TOLERANCE[q.dtype]
-        for name, g, w in zip("qkv", grads(got, (q, k, v)), want_grads, strict=True):
+        for name, g, w in zip(names, grads(got, inputs), want_grads, strict=True):
             torch.testing.assert_close(g.double(), w, atol=atol, rtol=rtol, msg=f"{backend.name}: d{name}")
     return True
 

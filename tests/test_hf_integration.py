@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
-from attnmask.errors import BackendError, ShapeError  # noqa: E402
+from attnmask.errors import BackendError, InputError, ShapeError  # noqa: E402
 from attnmask.generation import greedy_generate, left_pad_prompts  # noqa: E402
 from attnmask.integrations import hf  # noqa: E402
 from attnmask.masks import causal, document, key_padding, sliding_window  # noqa: E402
@@ -283,12 +283,12 @@ def test_document_ids_recover_packed_lengths(lengths, pad):
 # Bad input
 
 
-def test_softcap_is_rejected_not_ignored():
+def test_a_bad_softcap_is_rejected_not_ignored():
     q = torch.randn(1, 4, 3, 8)
     k = torch.randn(1, 2, 3, 8)
     module = torch.nn.Module()
-    with pytest.raises(BackendError, match="softcap"):
-        hf.attention_forward(module, q, k, k, None, softcap=30.0)
+    with pytest.raises(InputError, match="^softcap: expected None or a finite number > 0"):
+        hf.attention_forward(module, q, k, k, None, softcap=-30.0)
 
 
 def test_cu_seq_lens_that_do_not_cover_the_row_are_rejected():

@@ -10,7 +10,6 @@ transformers = pytest.importorskip("transformers")
 
 from attnmask.errors import BackendError  # noqa: E402
 from attnmask.integrations import hf  # noqa: E402
-from tests.hf_models import COMMON  # noqa: E402
 
 Q = torch.randn(1, 4, 6, 8)
 K = torch.randn(1, 2, 6, 8)
@@ -41,16 +40,13 @@ NEUTRAL = {
 
 @pytest.mark.parametrize("name", sorted(NEUTRAL))
 def test_harmless_keywords_and_absent_modifiers_leave_the_output_unchanged(name):
-    assert name in hf.HARMLESS_KEYWORDS | set(hf.SCORE_MODIFIERS)
+    assert name in hf.HARMLESS_KEYWORDS | set(hf.SCORE_MODIFIERS) | set(hf.PASSED_MODIFIERS)
     assert torch.equal(call(**{name: NEUTRAL[name]}), call())
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"softcap": 30.0}, r"^softcap: expected None: attnmask's attention does not support logit soft-capping"),
-        ({"s_aux": torch.zeros(4)}, r"^s_aux: expected None: .* attention sinks .* got a torch.float32 tensor"),
-        ({"sinks": torch.zeros(4)}, r"^sinks: expected None: .* attention sinks"),
         ({"position_bias": torch.zeros(1, 4, 6, 6)}, r"^position_bias: expected None: .* additive position bias"),
         (
             {"indices": torch.zeros(1, 6, 2, dtype=torch.long)},
@@ -68,29 +64,21 @@ def test_unknown_keywords_and_score_modifiers_are_refused_by_name(kwargs, match)
         call(**kwargs)
 
 
-def _tiny(config_cls, model_cls, **extra):
-    hf.register()
-    torch.manual_seed(0)
-    return model_cls._from_config(config_cls(**{**COMMON, **extra}), attn_implementation="attnmask").eval()
-
-
 @pytest.mark.parametrize(
-    ("build", "match"),
+    ("kwargs", "mods"),
     [
-        (lambda: _tiny(transformers.Gemma2Config, transformers.Gemma2ForCausalLM), "^softcap: .*soft-capping"),
-        (
-            lambda: _tiny(
-                transformers.GptOssConfig, transformers.GptOssForCausalLM, num_local_experts=2, num_experts_per_tok=1
-            ),
-            "^s_aux: .*attention sinks",
-        ),
+        ({"softcap": 0.7}, {"softcap": 0.7}),
+        ({"s_aux": torch.tensor([0.5, -1.0, 2.0, 0.0])}, {"sinks": torch.tensor([0.5, -1.0, 2.0, 0.0])}),
+        ({"sinks": torch.tensor([1.5, 0.0, -2.0, 3.0])}, {"sinks": torch.tensor([1.5, 0.0, -2.0, 3.0])}),
     ],
-    ids=["gemma2 softcap", "gpt-oss sinks"],
+    ids=["softcap", "s_aux", "sinks"],
 )
-def test_models_with_score_modifiers_are_refused_at_the_first_forward(build, match):
-    model = build()
-    with pytest.raises(BackendError, match=match), torch.no_grad():
-        model(torch.tensor([[1, 2, 3, 4]]))
+def test_score_modifiers_reach_the_attention(kwargs, mods):
+    from attnmask import attention, causal
+
+    want = attention(Q, K, V, causal(), **mods).transpose(1, 2)
+    torch.testing.assert_close(call(is_causal=True, **kwargs), want, atol=0, rtol=0)
+    assert not torch.allclose(call(is_causal=True, **kwargs), call(is_causal=True), atol=1e-3)
 
 
 def test_t5_relative_position_bias_is_refused_not_dropped():

@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "attnmask"
 LAYER = {
     # 0: leaf helpers
     "errors": 0,
+    "_checks": 0,
     "_dense": 0,
     "_spans": 0,
     "tiles": 0,  # tile grid and interval arithmetic, below the spec algebra
@@ -47,6 +48,7 @@ LAYER = {
     "pack": 5,
     "labels": 6,
     "loss": 6,
+    "chat": 6,
     "generation": 7,
     # 8: integrations
     "integrations": 8,
@@ -58,6 +60,7 @@ LAYER = {
     "distributed": 8,
     # 9: the command line and pictures
     "cli": 9,
+    "chatcli": 9,
     "viz": 9,
     "demo": 9,
     "packfile": 9,
@@ -170,3 +173,16 @@ def test_cycle_finder_finds_cycles_within_a_layer_and_through_lazy_imports():
     assert cycles({"a": {"b"}, "b": set()}) == []
     assert ("demo", True) in imports(PACKAGE / "cli.py") and "demo" in import_graph()["cli"]  # a lazy import
     assert "integrations.context_parallel" in import_graph()["distributed"]  # ``from attnmask.pkg import name``
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize("path", sorted(TESTS.glob("test_*.py")), ids=lambda p: p.name)
+def test_test_files_import_helpers_never_another_test_file(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        for name in names:
+            assert not name.startswith("tests.test_"), f"{path.name} imports {name}: move it to tests/helpers.py"

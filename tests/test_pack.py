@@ -227,7 +227,7 @@ def test_bad_options_raise_typed_errors_naming_the_argument(kwargs, arg):
 
 @pytest.mark.parametrize("bad", [[3, -1], np.array([[1, 2]]), np.array([1.5]), [1, "a"], 7])
 def test_bad_lengths_raise_input_error(bad):
-    with pytest.raises(am.InputError, match="^lengths_or_sequences: expected"):
+    with pytest.raises(am.InputError, match="^lengths: expected"):
         am.pack(bad, 8)
 
 

@@ -6,9 +6,11 @@ every backend. See the README for a tour.
 
 from attnmask.attention import Explanation, attention, explain
 from attnmask.batch import Batch, Collator, pad
+from attnmask.chat import ChatEncoding, ChatStats, encode_chat
 from attnmask.errors import (
     AttnmaskError,
     BackendError,
+    ChatTemplateError,
     DeviceError,
     DTypeError,
     InputError,
@@ -43,6 +45,9 @@ __all__ = [
     "BackendError",
     "Batch",
     "ByteTokenizer",
+    "ChatEncoding",
+    "ChatStats",
+    "ChatTemplateError",
     "Collator",
     "BlockLayout",
     "DTypeError",
@@ -68,6 +73,7 @@ __all__ = [
     "decode_spec",
     "document",
     "draw_mask",
+    "encode_chat",
     "explain",
     "full",
     "get_tokenizer",

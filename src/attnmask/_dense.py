@@ -72,14 +72,20 @@ def empty_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device 
 def fold(op: Callable[..., torch.Tensor], parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Combine bool tensors that broadcast together with ``op`` (``torch.logical_and`` / ``torch.logical_or``).
 
-    At each step the two parts whose combination is smallest meet first, so small ones (``(1, Q, K)`` causal and
-    window, ``(B, 1, K)`` padding) are combined before the one operation that produces the full broadcast shape.
+    Parts of one shape are combined first, in order (each step keeps that shape); then, of the few distinct shapes
+    left, the two whose combination is smallest meet first, so small ones (``(1, Q, K)`` causal and window,
+    ``(B, 1, K)`` padding) are combined before the one operation that produces the full broadcast shape. O(n) steps for
+    n parts (the distinct broadcast shapes of a mask are few: each size is 1 or the full one).
     Out-of-place only (parts are never written, and it works under ``torch.vmap``, as FlexAttention calls a
     ``mask_mod``), except that the last, full-size result goes to a huge-page buffer when those are enabled
     (never under vmap or torch.compile).
     Example: shapes ``(2, 1, 5)``, ``(1, 3, 5)``, ``(1, 3, 5)`` give one ``(1, 3, 5)`` and one ``(2, 3, 5)`` operation.
     """
-    pending = list(parts)
+    by_shape: dict[tuple[int, ...], torch.Tensor] = {}
+    for part in parts:
+        shape = tuple(part.shape)
+        by_shape[shape] = op(by_shape[shape], part) if shape in by_shape else part
+    pending = list(by_shape.values())
     while len(pending) > 1:
         pairs = [(i, j) for i in range(len(pending)) for j in range(i + 1, len(pending))]
         size = {(i, j): math.prod(torch.broadcast_shapes(pending[i].shape, pending[j].shape)) for i, j in pairs}

@@ -52,7 +52,14 @@ from dataclasses import dataclass
 import torch
 
 from attnmask.backends import REGISTRY
-from attnmask.backends.contract import AttentionCall, Backend, check_dropout_p, dense_mask, rows_with_keys
+from attnmask.backends.contract import (
+    AttentionCall,
+    Backend,
+    check_dropout_p,
+    check_score_mods,
+    dense_mask,
+    rows_with_keys,
+)
 from attnmask.errors import BackendError, DeviceError, DTypeError, InputError, ShapeError, bad
 from attnmask.masks import MaskSpec, resolve_positions
 from attnmask.plancache import call_plans
@@ -197,6 +204,9 @@ def explain(
     q_positions: torch.Tensor | None = None,
     kv_positions: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> Explanation:
     """Which backend ``attention(q, k, v, mask, ...)`` with ``backend="auto"`` would run, every backend's estimated
     cost and why each other one refuses; computes no attention. Arguments as :func:`attention` (and validated the
@@ -208,7 +218,8 @@ def explain(
         sdpa         2.3e+03  <- picked
         varlen       ...
     """
-    call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p)
+    mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+    call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p, **mods)
     registry = tuple(_BACKENDS.values())
     picked, _ = _pick(call, registry)
     reasons = tuple(tuple(b.not_supported_reasons(call)) for b in registry)
@@ -233,6 +244,9 @@ def attention(
     q_positions: torch.Tensor | None = None,
     kv_positions: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention honouring ``mask``; rows with no allowed key give exactly 0.
 
@@ -253,6 +267,18 @@ def attention(
       ``1 / (1 - p)`` (applied whenever > 0: pass 0 in evaluation). Only ``"reference"``, ``"sdpa"`` and
       ``"varlen"`` support it (``"auto"`` chooses among them); reproducible under ``torch.manual_seed`` for a given
       backend. See the module docstring.
+    - Score modifiers, carried with the call (never as dense tensors; a backend that does not declare one refuses
+      it, and ``"auto"`` chooses among those that do: ``"reference"``, ``"native"`` and, for sinks and ALiBi,
+      ``"sdpa"``). Each score ``s = scale · q·k`` becomes, in this order and before the mask:
+
+      - ``softcap`` (a float > 0; Gemma2's ``attn_logit_softcapping``): ``s -> softcap · tanh(s / softcap)``;
+      - ``alibi_slopes`` (``(H,)`` float, no gradient; ALiBi): ``s -> s - slope_h · (q_pos - k_pos)`` at the positions
+        the mask is evaluated at (bottom-right aligned, or ``q_positions`` / ``kv_positions``);
+
+      and ``sinks`` (``(H,)`` float, gpt-oss's learned sinks) adds ``exp(sinks[h])`` to each row's softmax
+      denominator only, as a virtual key whose value is 0: the weights of a row sum to less than 1. The sink does
+      not see the softcap, the ALiBi term nor the mask; a row with no allowed key still returns exactly 0 (and a zero
+      gradient, the sink's included). Differentiable in ``sinks`` when it requires a gradient.
 
     Memory: ``"sdpa"`` builds an O(B·Q·K) bool mask from a spec (none for ``None``, ``full()`` and a plain
     ``causal()`` with ``Q == K``, which uses ``is_causal``); ``"reference"`` materialises O(B·H·Q·K) float32 scores;
@@ -269,7 +295,8 @@ def attention(
     """
     q, k, v = autocast_inputs(q, k, v)
     with torch.autocast(q.device.type, enabled=False) if _autocasting(q) else contextlib.nullcontext():
-        call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p)
+        mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+        call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p, **mods)
         chosen = choose_backend(call, backend)
         if chosen.reads_masked_keys and not call.is_full and not _all_finite(call.k, call.v):
             return _contained(chosen, call)
@@ -321,13 +348,18 @@ def _contained(backend: Backend, call: AttentionCall) -> torch.Tensor:
     clean = dataclasses.replace(call, k=call.k.masked_fill(~finite_k, 0.0), v=call.v.masked_fill(~finite_v, 0.0))
     out = backend.run(clean)
     bad = ~(finite_k.all(-1, keepdim=True) & finite_v.all(-1, keepdim=True))  # (B, Hkv, K, 1)
-    probe = dataclasses.replace(clean, q=torch.zeros_like(call.q), v=bad.to(call.q.dtype), dropout_p=0.0)
+    # Score modifiers dropped from the probe: without them every allowed key gets the same weight, which no sink or
+    # slope can round down to 0.
+    plain = dict(dropout_p=0.0, softcap=None, sinks=None, alibi_slopes=None)
+    probe = dataclasses.replace(clean, q=torch.zeros_like(call.q), v=bad.to(call.q.dtype), **plain)
     with torch.no_grad():
         sees_bad = backend.run(probe) > 0  # (B, H, Q, 1)
     return out.masked_fill(sees_bad, float("nan"))
 
 
-def _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p=0.0) -> AttentionCall:
+def _prepare_call(
+    q, k, v, mask, scale, q_positions, kv_positions, dropout_p=0.0, *, softcap=None, sinks=None, alibi_slopes=None
+) -> AttentionCall:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise bad(InputError, name, "a torch.Tensor", type(t).__name__)
@@ -355,16 +387,18 @@ def _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p=0.0
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise bad(InputError, "scale", "a finite number or None", repr(scale))
     dropout_p = check_dropout_p(dropout_p)
+    mods = check_score_mods(q, softcap, sinks, alibi_slopes)
     K = k.shape[2]
     if isinstance(mask, MaskSpec):
-        return _prepare_spec_call(q, k, v, mask, float(scale), q_positions, kv_positions, dropout_p)
+        call = _prepare_spec_call(q, k, v, mask, float(scale), q_positions, kv_positions, dropout_p)
+        return dataclasses.replace(call, **mods) if mods else call
     for name, pos in (("q_positions", q_positions), ("kv_positions", kv_positions)):
         if pos is not None:
             raise bad(InputError, name, "None unless mask is a MaskSpec (positions only place a spec)", "a value")
     if mask is not None:
         _check_tensor_mask(mask, (B, H, Q, K), q.device)
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    return AttentionCall(q, k, v, mask, float(scale), dropout_p=dropout_p)
+    return AttentionCall(q, k, v, mask, float(scale), dropout_p=dropout_p, **mods)
 
 
 def _prepare_spec_call(q, k, v, spec, scale, q_positions, kv_positions, dropout_p=0.0) -> AttentionCall:

@@ -19,7 +19,6 @@ With ``side="left"`` the rows are ``[[5, 6, 7], [0, 0, 8]]`` and the position id
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnmask._checks import INT64_MAX, check_int
 from attnmask._spans import (
     IGNORE_INDEX,
     LABEL_HINTS,
@@ -181,13 +181,13 @@ def pad(
 
     Cost: O(total tokens) in numpy / torch (no per-token Python) plus O(B·L) for the padded tensors; no O(L^2) mask.
     """
-    _check_int("pad_id", pad_id, low=0)
+    check_int("pad_id", pad_id, low=0, high=INT64_MAX)
     _check_choice("side", side, _SIDES)
     _check_choice("truncation_side", truncation_side, _SIDES)
     if pad_to_multiple_of is not None:
-        _check_int("pad_to_multiple_of", pad_to_multiple_of, low=1)
+        check_int("pad_to_multiple_of", pad_to_multiple_of, low=1)
     if max_length is not None:
-        _check_int("max_length", max_length, low=1)
+        check_int("max_length", max_length, low=1)
     if not isinstance(truncation, bool):
         raise bad(InputError, "truncation", "a bool", repr(truncation))
     if truncation and max_length is None:
@@ -461,7 +461,7 @@ def _read_prompt_lengths(prompt_lengths: Any, n: int) -> list[int]:
         raise bad(InputError, "prompt_lengths", f"{n} ints", type(prompt_lengths).__name__)
     if len(prompt_lengths) != n:
         raise bad(ShapeError, "prompt_lengths", f"one per sequence ({n})", len(prompt_lengths))
-    return [_check_int(f"prompt_lengths[{i}]", p, low=0) for i, p in enumerate(prompt_lengths)]
+    return [check_int(f"prompt_lengths[{i}]", p, low=0) for i, p in enumerate(prompt_lengths)]
 
 
 def _check_prompts_fit(prompts: list[int], lens: list[int]) -> None:
@@ -482,7 +482,10 @@ def _as_row(name: str, value: Any) -> Any:
         return value
     if isinstance(value, (str, bytes)):
         raise bad(InputError, name, "integer token ids (tokenize text first)", type(value).__name__)
-    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    try:
+        arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as err:  # ragged nesting, objects numpy cannot hold, huge ints
+        raise bad(InputError, name, "a flat sequence of integer token ids", f"{type(value).__name__} ({err})") from None
     if arr.ndim != 1:
         raise bad(ShapeError, name, "a 1D sequence of token ids", f"shape {arr.shape}")
     if arr.dtype.kind not in "iu":
@@ -526,18 +529,6 @@ def _check_label_values(flat: np.ndarray | torch.Tensor) -> None:
         wrong = flat[(flat < 0) & (flat != IGNORE_INDEX)]
         if len(wrong):
             raise bad(InputError, "labels", f"ids >= 0 or {IGNORE_INDEX} (ignored)", f"{int(wrong[0])}")
-
-
-def _check_int(name: str, value: Any, *, low: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or isinstance(value, (float, np.floating)):
-        raise bad(InputError, name, f"an int >= {low}", repr(value))
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise bad(InputError, name, f"an int >= {low}", repr(value)) from None
-    if value < low:
-        raise bad(InputError, name, f"an int >= {low}", value)
-    return value
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -13,15 +13,19 @@ code 2; never a traceback. ``main(argv)`` returns the exit code, so it can be ca
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from attnmask.errors import AttnmaskError
+import numpy as np
+
+from attnmask.errors import AttnmaskError, CliError
 from attnmask.viz import FillReport, pct
 from attnmask.viz import draw_table as table
 
@@ -32,6 +36,10 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DENSE_PICTURE_LIMIT = 1 << 22
 # A benchmark script exits with this code to say it does not apply on this machine (e.g. it needs a GPU).
 EXIT_SKIP = 77
+# `show` refuses longer rows: positions are drawn from index tensors of this many entries.
+SHOW_LIMIT = 1 << 24
+# Unix tools killed by SIGPIPE (`attnmask demo | head -2`) end with this status; we exit quietly with it.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
 # README headlines measured by a script whose --quick sizes are smaller, and why its quick ratios differ:
 # `attnmask bench --quick` prints the note after that script's table (tests/test_cli.py checks each headline is in
 # README.md word for word, so a changed headline updates its note).
@@ -75,10 +83,6 @@ QUICK_NOTES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-class CliError(Exception):
-    """A user-facing failure: printed as ``attnmask: error: <message>`` with exit code 2."""
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Subcommands
 
@@ -95,10 +99,28 @@ def cmd_show(args) -> int:
     rows = spec.batch_size or 1
     if not 0 <= args.row < rows:
         raise CliError(f"--row {args.row}: expected a row in [0, {rows}) of the spec")
+    if q_len > kv_len:
+        raise CliError(f"--q-len {q_len}: expected at most --kv-len {kv_len} (queries are the last keys' positions)")
+    covered = spec.max_position()
+    length_flag = "--kv-len" if args.kv_len else "--q-len"
+    if covered is not None and kv_len > covered:
+        raise CliError(
+            f"{length_flag} {kv_len}: the expression covers positions [0, {covered}) only (the lengths of its "
+            f"documents or padding mask); use {length_flag} {covered} or less"
+        )
+    if args.png:
+        _check_png_path(args.png)
     block = args.block_size
     if block is None and q_len * kv_len > DENSE_PICTURE_LIMIT:
         block = math.ceil(max(q_len, kv_len) / args.max_cells)
+    if block is not None and math.ceil(q_len / block) * math.ceil(kv_len / block) > DENSE_PICTURE_LIMIT:
+        smallest = math.ceil(math.sqrt(q_len * kv_len / DENSE_PICTURE_LIMIT))
+        sizes = f"--q-len {q_len}, --kv-len {kv_len}"
+        raise CliError(f"--block-size {block}: too many tiles for {sizes}; use {smallest} or more")
     lines = [f"{spec!r}   (q_len={q_len}, kv_len={kv_len}, row {args.row})"]
+    if covered is not None and kv_len < covered:
+        shown = f"note: keys 0-{kv_len - 1} of the {covered} positions the expression covers"
+        lines.append(f"{shown} ({length_flag} {covered} shows all)")
     if block is None:
         lines.append(draw_mask(spec, q_len, kv_len, row=args.row, max_cells=args.max_cells, ascii_only=args.ascii))
         if args.png:
@@ -123,6 +145,22 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
+def _check_png_path(path: str) -> None:
+    """A PNG goes to an existing folder under a ``.png`` name: nothing is created or renamed behind the user's back."""
+    if Path(path).suffix.lower() != ".png":
+        raise CliError(f"--png {path}: expected a file name ending in .png (the picture is written as PNG)")
+    if not Path(path).parent.is_dir():
+        raise CliError(f"--png {path}: the folder {Path(path).parent} does not exist (create it first)")
+
+
+def _matplotlib_missing(what: str) -> bool:
+    """True, after one line on stderr, when matplotlib is not installed (PNG pictures are then skipped)."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        return False
+    print(f"attnmask: {what} skipped: matplotlib is not installed (pip install 'attnmask[viz]')", file=sys.stderr)
+    return True
+
+
 def load_tokenizer(name: str, *, add_eos: bool = False) -> Callable[[str], list[int]]:
     """``"byte"`` (built in, nothing downloads) or a path to a Hugging Face ``tokenizer.json`` or tokenizer folder;
     returns ``text -> token ids`` (with the tokenizer's EOS id appended when ``add_eos``)."""
@@ -133,7 +171,7 @@ def load_tokenizer(name: str, *, add_eos: bool = False) -> Callable[[str], list[
     try:
         tok = get_tokenizer(name)
     except (AttnmaskError, OSError, ValueError, ImportError) as e:
-        raise CliError(f"--tokenizer {name}: {e}") from None
+        raise CliError(f"--tokenizer {name}: {_first_line(e)}") from None
     if add_eos and tok.eos_id is None:
         raise CliError(f"--add-eos: the tokenizer {name} has no EOS token")
     return lambda text: tok.encode(text, add_eos=add_eos)
@@ -170,6 +208,10 @@ class Progress:
 
 
 def cmd_pack(args) -> int:
+    if args.chat:
+        from attnmask.chatcli import cmd_pack_chat
+
+        return cmd_pack_chat(args)
     from attnmask.packfile import build_columns, check_every_token, check_output, read_sequences, write_rows
 
     check_output(args.out)  # refuse a bad output path before reading anything
@@ -187,10 +229,14 @@ def cmd_pack(args) -> int:
     finally:
         progress.close()
     lengths = data.lengths
-    try:
-        from attnmask.pack import pack
-    except ImportError:  # pragma: no cover - only before the packing module is part of the build
-        raise CliError("packing is not available in this build of attnmask") from None
+    from attnmask.pack import pack
+
+    if args.overflow == "error" and int(lengths.max()) > args.max_length:
+        first = int(np.flatnonzero(lengths > args.max_length)[0])
+        raise CliError(
+            f"{args.input}: record {int(data.records[first]) + 1} has {int(lengths[first]):,} tokens, more than "
+            f"--max-length {args.max_length} (--overflow error; split or truncate would keep going)"
+        )
     try:
         plan = pack(lengths, args.max_length, strategy=args.strategy, overflow=args.overflow)
     except AttnmaskError as e:
@@ -200,7 +246,10 @@ def cmd_pack(args) -> int:
     dropped = check_every_token(rows, data, keep=keep)
     write_rows(args.out, rows)
     stats = plan.stats
-    report = FillReport(len(lengths), int(lengths.sum()), int(lengths.max()), args.max_length, len(rows))
+    # The padding baseline: one row of --max-length per sequence (per piece of a longer one, as packing splits).
+    kept = np.minimum(lengths, args.max_length) if args.overflow == "truncate" else lengths
+    pad_rows = int((-(-kept // args.max_length)).sum())
+    report = FillReport(len(lengths), int(kept.sum()), args.max_length, args.max_length, len(rows), pad_rows)
     lines = [
         ("input", f"{args.input} ({data.total_records:,} records)"),
         ("skipped", f"{len(data.bad):,} bad records" + _first_bad(args.input, data.bad)),
@@ -210,12 +259,13 @@ def cmd_pack(args) -> int:
     ]
     if args.overflow == "truncate":
         lines.append(("truncated", f"{stats.truncated_sequences:,} sequences, {dropped:,} tokens dropped"))
-    kept = report.tokens - dropped
+    arrived = int(lengths.sum()) - dropped
+    after = " (after truncation)" if dropped else ""
     lines += [
-        ("check", f"every token arrived: {kept:,} of {kept:,} in order" + (" (after truncation)" if dropped else "")),
-        ("output", f"{args.out} ({len(rows):,} rows, written atomically)"),
+        ("check", f"every token arrived: {arrived:,} of {arrived:,} in order{after}"),
+        ("output", f"{args.out} ({len(rows):,} rows, written atomically)" if args.out != "-" else "stdout"),
     ]
-    print(table(lines))
+    print(table(lines), file=sys.stderr if args.out == "-" else sys.stdout)  # stdout then holds the rows only
     return EXIT_OK
 
 
@@ -224,6 +274,10 @@ def _first_bad(path: str, bad: list[tuple[int, str]]) -> str:
 
 
 def cmd_inspect(args) -> int:
+    if args.chat:
+        from attnmask.chatcli import cmd_inspect_chat
+
+        return cmd_inspect_chat(args)
     from attnmask.masks import causal, document
     from attnmask.packfile import check_pieces, read_packed
     from attnmask.viz import draw_histogram, draw_plan, save_histogram_png, save_mask_png
@@ -258,7 +312,7 @@ def cmd_inspect(args) -> int:
     print(draw_plan([r.seq_lens for r in rows], max_length, max_rows=args.rows, ascii_only=args.ascii))
     print("\nDocument lengths:")
     print(draw_histogram(lens, bins=10, ascii_only=args.ascii))
-    if args.out:
+    if args.out and not _matplotlib_missing("PNG pictures"):
         out = Path(args.out)
         if not 0 <= args.row < len(rows):
             raise CliError(f"--row {args.row}: expected a row in [0, {len(rows)})")
@@ -280,7 +334,10 @@ def find_benchmarks(directory: str | None) -> Path:
     for c in candidates:
         if c.is_dir():
             return c
-    raise CliError(f"no benchmarks folder found (looked in {', '.join(str(c) for c in candidates)})")
+    raise CliError(
+        f"no benchmarks folder found (looked in {', '.join(str(c) for c in candidates)}): the benchmarks time "
+        "attnmask against its peers from a checkout of the repository; run from there or pass --dir"
+    )
 
 
 def cmd_bench(args) -> int:
@@ -315,17 +372,42 @@ def cmd_bench(args) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
-def _positive(name: str) -> Callable[[str], int]:
+def _positive(name: str, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type for an int in ``[1, high]``; argparse puts ``argument NAME:`` before a refusal."""
+
     def parse(text: str) -> int:
+        digits = text.strip().lstrip("+-").lstrip("0")
+        if high is not None and digits.isdigit() and len(digits) > len(str(high)):
+            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {len(digits):,} digits")
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer, got {text!r}") from None
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            raise argparse.ArgumentTypeError(f"expected an integer, got {shown!r}") from None
         if value < 1:
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 1, got {value}")
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {value}")
         return value
 
     return parse
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM ends the command as Ctrl-C does: unwinding, so a half-written output's temporary file is removed."""
+    raise SystemExit(128 + signum)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``attnmask show: error: ...``), as every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,11 +415,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse prints its own one-line usage error
+    except SystemExit as e:  # argparse printed its one-line usage error, or --help / --version
         return int(e.code or 0)
     if not hasattr(args, "func"):
         parser.print_help()
         return EXIT_USAGE
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (main() called in-process): leave signals alone
+        previous = None
     try:
         return args.func(args)
     except CliError as e:
@@ -346,22 +432,37 @@ def main(argv: list[str] | None = None) -> int:
     except AttnmaskError as e:
         print(f"attnmask: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `attnmask demo | head -2`: the reader left; stop quietly, as Unix tools do
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except OSError as e:  # files that cannot be read or written (permissions, disk full)
         print(f"attnmask: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("attnmask: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `attnmask show ... | head`
-        sys.stderr.close()
-        return EXIT_OK
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not hit the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout replaced in-process (tests): nothing to redirect
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="attnmask", description="Padding, packing and attention masks for variable-length sequences."
-    )
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    from attnmask import __version__
+    from attnmask.pack import MAX_LENGTH
+
+    parser = _Parser(prog="attnmask", description="Padding, packing and attention masks for variable-length sequences.")
+    parser.add_argument("--version", action="version", version=f"attnmask {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("demo", help="pad and pack a built-in corpus; print a report and write pictures")
     p.add_argument("--out", default="attnmask-demo", help="folder for the pictures (default: ./attnmask-demo/)")
@@ -370,18 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help='draw a mask expression, e.g. "causal & sliding_window(4)"')
     p.add_argument("expr", help="mask expression: names, integer and list literals, & | ~ and parentheses")
-    p.add_argument("--q-len", type=_positive("--q-len"), required=True, help="number of queries")
-    p.add_argument("--kv-len", type=_positive("--kv-len"), help="number of keys (default: --q-len)")
+    p.add_argument("--q-len", type=_positive("--q-len", SHOW_LIMIT), required=True, help="number of queries")
+    p.add_argument("--kv-len", type=_positive("--kv-len", SHOW_LIMIT), help="number of keys (default: --q-len)")
     p.add_argument("--block-size", type=_positive("--block-size"), help="draw tiles of this size (block layout)")
     p.add_argument("--row", type=int, default=0, help="batch row to draw for per-row specs")
     p.add_argument("--max-cells", type=_positive("--max-cells"), default=48, help="largest picture side in cells")
-    p.add_argument("--png", help="also write the mask as a PNG file")
+    p.add_argument("--png", help="also write the mask as a PNG file (its folder must exist)")
     p.add_argument("--ascii", action="store_true", help="ASCII characters only (# and .)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("pack", help="pack a JSONL or Parquet file of sequences into rows of --max-length tokens")
-    p.add_argument("input", help="input file (.jsonl or .parquet), one sequence per record")
-    p.add_argument("--max-length", type=_positive("--max-length"), required=True, help="tokens per packed row")
+    p.add_argument("input", help="input file (.jsonl or .parquet, or - for JSONL on stdin), one sequence per record")
+    p.add_argument(
+        "--max-length", type=_positive("--max-length", MAX_LENGTH), required=True, help="tokens per packed row"
+    )
     field = p.add_mutually_exclusive_group()
     field.add_argument("--text-field", default="text", help="field holding text to tokenize (default: text)")
     field.add_argument("--ids-field", help="field holding token ids (e.g. input_ids); no tokenizer is used")
@@ -389,18 +492,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-eos", action="store_true", help="append the tokenizer's EOS token to every text")
     p.add_argument("--strategy", default="bfd", choices=["bfd", "ffd", "wrapped", "ordered"])
     p.add_argument("--overflow", default="split", choices=["split", "truncate", "error"])
-    p.add_argument("--out", required=True, help="output file (.jsonl or .parquet), written atomically")
+    p.add_argument("--out", "-o", required=True, help="output (.jsonl or .parquet, written atomically; - for stdout)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted and reported) instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress counter on stderr")
+    p.add_argument("--chat", action="store_true", help="records are {'messages': [...]}: chat template of --tokenizer")
+    p.add_argument("--train-on", default="assistant", choices=["assistant", "last", "all"], help="with --chat")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("inspect", help="statistics and pictures of a packed file")
-    p.add_argument("packed", help="a file written by `attnmask pack` (.jsonl or .parquet)")
+    p.add_argument("packed", help="a file written by `attnmask pack` (.jsonl or .parquet, or - for JSONL on stdin)")
     p.add_argument("--max-length", type=_positive("--max-length"), help="row length (default: the longest row)")
     p.add_argument("--rows", type=_positive("--rows"), default=16, help="rows to draw (default: 16)")
     p.add_argument("--out", help="folder for PNG pictures (mask of --row, document length histogram)")
     p.add_argument("--row", type=int, default=0, help="row whose mask is drawn as PNG (default: 0)")
     p.add_argument("--ascii", action="store_true", help="ASCII characters only")
+    p.add_argument("--chat", action="store_true", help="show the trained tokens of --row (packed --chat file or JSONL)")
+    p.add_argument("--tokenizer", help="with --chat: the tokenizer folder, to decode the tokens")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="run the benchmark scripts under benchmarks/ and print their tables")

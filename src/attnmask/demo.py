@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -101,14 +102,21 @@ def run_demo(out: Path, *, max_length: int = 256) -> int:
     print(f"\n4. Packed row {busiest}: mask = causal & document & key_padding, documents of {list(docs)} tokens")
     print(_indent(draw_mask(packed.mask, max_length, row=busiest, max_cells=32), 3))
 
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"\nPictures skipped: matplotlib is not installed (pip install 'attnmask[viz]')  ({_seconds(start)})")
+        return 0 if kept else 1
     paths = [
         save_mask_png(
             packed.mask, out / "packed-mask.png", max_length, row=busiest, title=f"packed row {busiest}: {list(docs)}"
         ),
         save_histogram_png(lengths, out / "lengths.png", title=f"{len(lengths)} sentences, tokens per sentence"),
     ]
-    print(f"\nPictures written to {out}/: {', '.join(p.name for p in paths)}  ({time.perf_counter() - start:.1f} s)")
+    print(f"\nPictures written to {out}/: {', '.join(p.name for p in paths)}  ({_seconds(start)})")
     return 0 if kept else 1
+
+
+def _seconds(start: float) -> str:
+    return f"{time.perf_counter() - start:.1f} s"
 
 
 def _indent(text: str, n: int) -> str:

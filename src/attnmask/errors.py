@@ -43,6 +43,32 @@ class BackendError(AttnmaskError):
     """An attention backend or lowering cannot serve the requested mask or inputs."""
 
 
+class ExprError(SpecError):
+    """A mask expression that cannot be parsed or built. ``column`` is 1-based; ``caret()`` points at it.
+
+    ``str(err)`` is one line, e.g. ``unknown name 'foo' at column 9``.
+    """
+
+    def __init__(self, message: str, text: str, column: int, hint: str | None = None):
+        self.message, self.text, self.column, self.hint = message, text, column, hint
+        super().__init__(f"{message} at column {column}" + (f"; {hint}" if hint else ""))
+
+    def caret(self) -> str:
+        """The expression and a caret under the offending column, two lines (at most 120 columns around it)."""
+        start = max(0, self.column - 60)
+        text = self.text[start : start + 120]
+        return f"  {text}\n  {' ' * (self.column - 1 - start)}^"
+
+
+class CliError(AttnmaskError):
+    """A failure of the ``attnmask`` command caused by its arguments: printed as ``attnmask: error: <message>`` with
+    exit code 2."""
+
+
 def bad(cls: type[AttnmaskError], arg: str, expected: str, actual: object) -> AttnmaskError:
     """Build ``cls("<arg>: expected <expected>, got <actual>")``; the caller raises it."""
     return cls(f"{arg}: expected {expected}, got {actual}")
+
+
+class ChatTemplateError(InputError):
+    """A chat template renders a conversation in a way whose turns cannot be located exactly."""

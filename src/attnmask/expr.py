@@ -23,33 +23,24 @@ constructors (``window=``, ``size=``, ``offsets=``, ``prefix_lens=``, ``seq_lens
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from attnmask import masks
-from attnmask.errors import AttnmaskError, SpecError
+from attnmask.errors import AttnmaskError, ExprError, SpecError
 
 __all__ = ["ExprError", "PRIMITIVES", "parse_spec", "tokenize"]
 
 # Integer literals and document lengths above this are refused: an expression is for drawing and testing masks, and
 # ``document([10**12])`` would otherwise allocate a huge tensor.
 MAX_INT = 1 << 24
-
-
-class ExprError(SpecError):
-    """A mask expression that cannot be parsed or built. ``column`` is 1-based; ``caret()`` points at it.
-
-    ``str(err)`` is one line, e.g. ``unknown name 'foo' at column 9``.
-    """
-
-    def __init__(self, message: str, text: str, column: int, hint: str | None = None):
-        self.message, self.text, self.column, self.hint = message, text, column, hint
-        super().__init__(f"{message} at column {column}" + (f"; {hint}" if hint else ""))
-
-    def caret(self) -> str:
-        """The expression and a caret under the offending column, two lines."""
-        return f"  {self.text}\n  {' ' * (self.column - 1)}^"
+# Longest expression, in characters (a few hundred primitives, or documents of thousands of lengths).
+MAX_LENGTH = 20_000
+# Deepest nesting of "(", "~" and "[" together: the parser is recursive, and a spec nests at most
+# ``masks.MAX_DEPTH`` levels.
+MAX_NESTING = 50
 
 
 @dataclass(frozen=True)
@@ -94,6 +85,8 @@ def tokenize(text: str, *, strict: bool = True) -> list[Token]:
     """
     if not isinstance(text, str):
         raise SpecError(f"expression: expected a str, got {type(text).__name__}")
+    if len(text) > MAX_LENGTH:
+        raise ExprError(f"expression of {len(text):,} characters is longer than the limit {MAX_LENGTH:,}", text, 1)
     out, i = [], 0
     while i < len(text):
         ch = text[i]
@@ -140,6 +133,13 @@ class _Parser:
         self.text = text
         self.tokens = tokenize(text, strict=False)
         self.pos = 0
+        self.depth = 0  # open "(", "~" and "[" around the current token
+
+    def enter(self) -> None:
+        """Step into a "(", "~" or "[" (the current token); past ``MAX_NESTING`` levels, an ``ExprError``."""
+        if self.depth >= MAX_NESTING:
+            raise self.error(f"nested deeper than the limit of {MAX_NESTING} levels of '(', '~' and '['")
+        self.depth += 1
 
     @property
     def tok(self) -> Token:
@@ -164,33 +164,48 @@ class _Parser:
 
     # expr := and ("|" and)*
     def expr(self) -> masks.MaskSpec:
-        spec = self.conj()
+        parts = [self.conj()]
         while self.at("|"):
             self.pos += 1
-            spec = spec | self.conj()
-        return spec
+            parts.append(self.conj())
+        return _balanced(operator.or_, parts)
 
     # and := unary ("&" unary)*
     def conj(self) -> masks.MaskSpec:
-        spec = self.unary()
+        parts = [self.unary()]
         while self.at("&"):
             self.pos += 1
-            spec = spec & self.unary()
-        return spec
+            parts.append(self.unary())
+        return _balanced(operator.and_, parts)
 
     # unary := "~" unary | atom
     def unary(self) -> masks.MaskSpec:
         if self.at("~"):
+            tok = self.tok
+            self.enter()
             self.pos += 1
-            return ~self.unary()
+            part = self.unary()
+            self.depth -= 1
+            try:
+                return ~part
+            except AttnmaskError as e:  # nested deeper than masks.MAX_DEPTH
+                raise self.error(str(e), tok) from None
         return self.atom()
 
     # atom := NAME ["(" args ")"] | "(" expr ")"
     def atom(self) -> masks.MaskSpec:
         if self.at("("):
+            tok = self.tok
+            self.enter()
             self.pos += 1
-            spec = self.expr()
+            try:
+                spec = self.expr()
+            except ExprError:
+                raise
+            except AttnmaskError as e:  # e.g. row counts that do not match, nested deeper than masks.MAX_DEPTH
+                raise self.error(str(e), tok) from None
             self.take(")")
+            self.depth -= 1
             return spec
         tok = self.tok
         if tok.kind != "name":
@@ -262,11 +277,14 @@ class _Parser:
                 self.pos += 1
                 sign = -1
             num = self.take(kind="int")
+            if len(num.text.lstrip("0")) > len(str(MAX_INT)):  # before int(): Python refuses 4,300+ digits
+                raise self.error(f"integer of {len(num.text):,} digits is larger than the limit {MAX_INT}", num)
             n = int(num.text)
             if n > MAX_INT:
                 raise self.error(f"integer {num.text} is larger than the limit {MAX_INT}", num)
             return sign * n
         if self.at("["):
+            self.enter()
             self.pos += 1
             items = []
             while not self.at("]"):
@@ -275,10 +293,19 @@ class _Parser:
                     break
                 self.pos += 1
             self.take("]")
+            self.depth -= 1
             return items
         if tok.kind == "name":
             raise self.error(f"expected an integer or a list, found name {tok.text!r} (arguments are literals)")
         raise self.error(f"expected an integer or a list, found {_describe(tok)}")
+
+
+def _balanced(op: Callable[[Any, Any], masks.MaskSpec], parts: list[masks.MaskSpec]) -> masks.MaskSpec:
+    """``parts[0] op parts[1] op ...`` combined as a balanced tree: ``&`` and ``|`` flatten, so the spec is the same
+    as left to right, but each combination copies O(n) parts only O(log n) times instead of n times."""
+    while len(parts) > 1:
+        parts = [op(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    return parts[0]
 
 
 def _check_sizes(parser: _Parser, tok: Token, named: dict) -> None:
@@ -316,7 +343,12 @@ def parse_spec(text: str) -> masks.MaskSpec:
     parser = _Parser(text)
     if parser.tok.kind == "end":
         raise parser.error("empty expression")
-    spec = parser.expr()
+    try:
+        spec = parser.expr()
+    except ExprError:
+        raise
+    except AttnmaskError as e:  # combining parts: row counts that do not match, nesting past masks.MAX_DEPTH
+        raise ExprError(str(e), text, 1) from None
     if parser.tok.kind != "end":
         raise parser.error(f"unexpected {_describe(parser.tok)} after a complete expression")
     return spec

@@ -261,6 +261,8 @@ def block_layout(
         raise bad(SpecError, "block_size", "an int >= 1", repr(block_size))
     kv_len = q_len if kv_len is None else kv_len
     q_pos, kv_pos, n_rows = spec.resolve(q_len, kv_len, q_positions, kv_positions, device)
+    if spec.batch_size == 0:
+        raise bad(SpecError, "spec", "per-row data of at least one row to lay out", "0 rows")
     starts = (kv_len - q_len, 0) if q_positions is None and kv_positions is None else None
     grid = TileGrid.build(q_pos, kv_pos, block_size, n_rows, starts)
     classes = _classify(spec, grid, band)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from attnmask._checks import check_allocation, check_int, short_repr
 from attnmask._dense import empty_buffer, fold, warn_if_large
 from attnmask.errors import DeviceError, DTypeError, ShapeError, SpecError, bad
 from attnmask.tiles import FULL, NONE, TileGrid, per_row, segment_min_max, tile_classes, tile_view
@@ -49,6 +50,14 @@ __all__ = [
 ]
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+MAX_SIZE = (1 << 62) - 1
+"""Largest window, chunk size, prefix or document length a spec accepts: positions are int64, and ``q - k`` plus or
+minus a size must not overflow. Anything larger is refused with a ``SpecError`` (nothing is clamped)."""
+
+MAX_DEPTH = 100
+"""Deepest nesting of ``&``, ``|`` and ``~`` a spec may have: evaluation, ``repr`` and lowering recurse over the tree,
+and Python's stack would give out (``RecursionError``) a few hundred levels down. Real masks have a handful."""
 
 PLANS_ATTRIBUTE = "_attnmask_plans"
 """Name of the attribute ``attnmask.plancache`` stores a spec's cached attention plans under (not a field)."""
@@ -131,7 +140,7 @@ class MaskSpec:
     def __invert__(self) -> MaskSpec:
         if isinstance(self, Not):
             return self.part
-        return Not(self)
+        return _nested(Not(self), (self,))
 
     # -- structure -----------------------------------------------------------------------------------------------------
     @property
@@ -147,8 +156,8 @@ class MaskSpec:
     def device(self) -> torch.device | None:
         """Device of the spec's per-row data, or ``None`` when it carries none."""
         for child in self.children:
-            if child.device is not None:
-                return child.device
+            if (device := child.device) is not None:  # once per child: asking twice is exponential in the depth
+                return device
         return None
 
     @property
@@ -181,6 +190,15 @@ class MaskSpec:
         """Largest position the spec's per-row data describes plus one (``L``), or ``None`` if unbounded."""
         lengths = [c.max_position() for c in self.children]
         lengths = [n for n in lengths if n is not None]
+        return min(lengths) if lengths else None
+
+    def max_query_position(self) -> int | None:
+        """Like ``max_position``, but only for data read at query positions: ``None`` for a spec that never looks at
+        the query's position (``key_padding``), so queries may lie outside its data (a decoder longer than the padded
+        encoder it attends to)."""
+        if not self.children:
+            return self.max_position()
+        lengths = [n for n in (c.max_query_position() for c in self.children) if n is not None]
         return min(lengths) if lengths else None
 
     # -- evaluation ----------------------------------------------------------------------------------------------------
@@ -276,7 +294,7 @@ class MaskSpec:
         q_pos, kv_pos = resolve_positions(
             q_len, kv_len, q_positions=q_positions, kv_positions=kv_positions, device=device
         )
-        n_rows = self.batch_size or 1
+        n_rows = 1 if self.batch_size is None else self.batch_size  # 0 rows of per-row data: an empty batch
         for name, pos in (("q_positions", q_pos), ("kv_positions", kv_pos)):
             if pos.dim() == 2 and pos.shape[0] not in (1, n_rows):
                 if self.batch_size is not None:
@@ -346,11 +364,11 @@ class MaskSpec:
         return grid.on_key_axis(out)
 
     def _check_range(self, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> None:
-        limit = self.max_position()
-        if limit is None:
-            return
-        for name, pos in (("kv_positions", kv_pos), ("q_positions", q_pos)):
-            if pos.numel() and (int(pos.max()) >= limit or int(pos.min()) < 0):
+        for name, pos, limit in (
+            ("kv_positions", kv_pos, self.max_position()),
+            ("q_positions", q_pos, self.max_query_position()),
+        ):
+            if limit is not None and pos.numel() and (int(pos.max()) >= limit or int(pos.min()) < 0):
                 raise bad(
                     SpecError,
                     name,
@@ -425,14 +443,21 @@ def _index_grid(
 
 
 def _combine(cls: type, left: MaskSpec, right: MaskSpec) -> MaskSpec:
+    """``left & right`` (``cls=And``) or ``left | right`` (``Or``), flattened: ``(a & b) & c`` has three parts.
+
+    Per-row data of one row broadcasts over the other parts' ``B`` rows (as in numpy): ``key_padding`` of one row
+    ``& document`` of three rows holds the padding row expanded to three (a view, no copy). ``B`` rows against ``C``
+    rows (both > 1) are refused here, not at evaluation."""
     for side in (left, right):
         if not isinstance(side, MaskSpec):
             raise bad(SpecError, "operand", "a MaskSpec", type(side).__name__)
     parts: list[MaskSpec] = []
     for side in (left, right):
         parts.extend(side.parts if isinstance(side, cls) else (side,))
-    _common_batch_size(parts)
-    return cls(tuple(parts))
+    rows = _common_batch_size(parts)
+    if rows is not None and rows != 1:
+        parts = [_with_rows(p, rows) if p.batch_size == 1 else p for p in parts]
+    return _nested(cls(tuple(parts)), tuple(parts))
 
 
 def _common_batch_size(parts: Sequence[MaskSpec]) -> int | None:
@@ -440,8 +465,46 @@ def _common_batch_size(parts: Sequence[MaskSpec]) -> int | None:
     if len(sizes) > 1 and 1 in sizes:
         sizes.discard(1)
     if len(sizes) > 1:
-        raise SpecError(f"specs combined: expected the same number of rows in their per-row data, got {sorted(sizes)}")
+        raise bad(
+            ShapeError,
+            "specs combined",
+            "per-row data of the same number of rows (or of one row, which broadcasts)",
+            f"{sorted(sizes)} rows",
+        )
     return sizes.pop() if sizes else None
+
+
+def _with_rows(spec: MaskSpec, rows: int) -> MaskSpec:
+    """A spec whose per-row data has one row, with that row repeated ``rows`` times (expanded views, no copy)."""
+    if isinstance(spec, (And, Or)):
+        return type(spec)(tuple(_with_rows(p, rows) if p.batch_size == 1 else p for p in spec.parts))
+    if isinstance(spec, Not):
+        return Not(_with_rows(spec.part, rows))
+    changes: dict[str, Any] = {
+        f.name: value.expand(rows, *value.shape[1:])
+        for f in dataclasses.fields(spec)
+        if isinstance(value := getattr(spec, f.name), torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1
+    }
+    if isinstance(spec, Document) and spec.seq_lens is not None:
+        changes["seq_lens"] = spec.seq_lens * rows
+    return dataclasses.replace(spec, **changes)
+
+
+_DEPTH_ATTRIBUTE = "_attnmask_depth"
+
+
+def _depth(spec: MaskSpec) -> int:
+    """Nesting depth of a spec (1 for a primitive), remembered on the combinators ``_nested`` builds."""
+    return getattr(spec, _DEPTH_ATTRIBUTE, 1)
+
+
+def _nested(spec: MaskSpec, operands: tuple[MaskSpec, ...]) -> MaskSpec:
+    """Record ``spec``'s depth (one more than its deepest operand) and refuse one past ``MAX_DEPTH``."""
+    depth = 1 + max(_depth(o) for o in operands)
+    if depth > MAX_DEPTH:
+        raise bad(SpecError, "spec", f"at most {MAX_DEPTH} levels of nested &, | and ~", f"{depth} levels")
+    object.__setattr__(spec, _DEPTH_ATTRIBUTE, depth)
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -711,6 +774,9 @@ class KeyPadding(MaskSpec):
     def max_position(self):
         return self.attention_mask.shape[1]
 
+    def max_query_position(self):
+        return None  # the padding of keys only: any query position is fine
+
     def evaluate(self, b, q, k):
         return self.attention_mask[b, k]
 
@@ -906,8 +972,7 @@ def sliding_window(window: int) -> MaskSpec:
     The window is *inclusive of the query*: ``sliding_window(1)`` is the diagonal. Same as transformers'
     ``sliding_window`` config value and flash-attn ``window_size=(window - 1, 0)``.
     """
-    _check_positive_int("window", window)
-    return SlidingWindow(int(window))
+    return SlidingWindow(_check_size("window", window))
 
 
 def chunked(size: int, offsets: Any = None) -> MaskSpec:
@@ -916,9 +981,11 @@ def chunked(size: int, offsets: Any = None) -> MaskSpec:
     ``offsets``: optional per-row shift ``(B,)``, e.g. the count of left-padding tokens, so chunks start at the first
     real token. ``causal() & chunked(size, offsets)`` equals transformers' ``chunked_causal_mask_function``.
     """
-    _check_positive_int("size", size)
+    size = _check_size("size", size)
     off = None if offsets is None else _as_row_vector("offsets", offsets)
-    return Chunked(int(size), off)
+    if off is not None and off.numel() and int(off.abs().max()) > MAX_SIZE:
+        raise bad(SpecError, "offsets", f"shifts in [-{MAX_SIZE}, {MAX_SIZE}]", short_repr(off.tolist()))
+    return Chunked(size, off)
 
 
 def prefix_lm(prefix_lens: Any) -> MaskSpec:
@@ -928,7 +995,7 @@ def prefix_lm(prefix_lens: Any) -> MaskSpec:
     """
     lens = _as_row_vector("prefix_lens", prefix_lens)
     if lens.numel() and int(lens.min()) < 0:
-        raise bad(SpecError, "prefix_lens", "lengths >= 0", lens.tolist())
+        raise bad(SpecError, "prefix_lens", "lengths >= 0", short_repr(lens.tolist()))
     return PrefixLM(lens)
 
 
@@ -947,8 +1014,8 @@ def document(
             SpecError, "document", "exactly one of seq_lens= or doc_ids=", "both" if seq_lens is not None else "neither"
         )
     if doc_ids is not None:
-        ids = torch.as_tensor(doc_ids, device=device)
-        if ids.dtype == torch.bool or ids.is_floating_point():
+        ids = _as_tensor("doc_ids", doc_ids, device)
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
             raise bad(SpecError, "doc_ids", "an integer tensor", f"dtype {ids.dtype}")
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
@@ -956,7 +1023,18 @@ def document(
             raise bad(ShapeError, "doc_ids", "shape (L,) or (B, L)", tuple(ids.shape))
         return Document(ids.long())
     rows = _seq_lens_rows(seq_lens)
-    ids = doc_ids_from_seq_lens(rows, length=length, device=device)
+    if length is not None:
+        length = check_int("length", length, low=0, high=MAX_SIZE, error=SpecError)
+    longest = max((sum(r) for r in rows), default=0)
+    if longest > MAX_SIZE:
+        raise bad(SpecError, "seq_lens", f"rows of at most {MAX_SIZE} positions in all", short_repr(longest))
+    check_allocation("seq_lens", len(rows) * max(length or 0, longest) * 8, SpecError)
+    try:
+        ids = doc_ids_from_seq_lens(rows, length=length, device=device)
+    except (RuntimeError, MemoryError) as e:  # the allocator refused the (B, L) ids, e.g. seq_lens=[2**40]
+        raise bad(
+            SpecError, "seq_lens", f"rows whose document ids fit in memory ({len(rows)} x {length or longest})", e
+        ) from None
     return Document(ids, tuple(tuple(r) for r in rows))
 
 
@@ -985,7 +1063,7 @@ def key_padding(attention_mask: Any) -> MaskSpec:
 
     Accepts bool, int or float tensors, numpy arrays or nested lists; values other than 0 and 1 are an error.
     """
-    m = torch.as_tensor(attention_mask)
+    m = _as_tensor("attention_mask", attention_mask)
     if m.dim() == 1:
         m = m.unsqueeze(0)
     if m.dim() != 2:
@@ -1015,19 +1093,31 @@ def custom(fn: MaskMod, name: str | None = None) -> MaskSpec:
 # Argument helpers
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise bad(SpecError, name, "an int >= 1", repr(value))
+def _check_size(name: str, value: Any) -> int:
+    return check_int(name, value, low=1, high=MAX_SIZE, error=SpecError)
+
+
+def _as_tensor(name: str, value: Any, device: torch.device | str | None = None) -> torch.Tensor:
+    """``torch.as_tensor(value)``, or a ``SpecError`` naming ``name`` for what torch cannot read (strings, ragged or
+    mixed lists, ints beyond int64)."""
+    if isinstance(value, (str, bytes)):
+        raise bad(SpecError, name, "a tensor, an array or (nested) lists of numbers", type(value).__name__)
+    try:
+        return torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        expected = "a tensor, an array or (nested) lists of numbers"
+        raise bad(SpecError, name, expected, f"{type(value).__name__} ({reason})") from None
 
 
 def _as_row_vector(name: str, value: Any) -> torch.Tensor:
-    t = torch.as_tensor(value)
+    t = _as_tensor(name, value)
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise bad(SpecError, name, "integers", f"dtype {t.dtype}")
     if t.dim() == 0:
         t = t.unsqueeze(0)
-    if t.dim() != 1:
-        raise bad(ShapeError, name, "an int or a (B,) vector", tuple(t.shape))
+    if t.dim() != 1 or t.numel() == 0:
+        raise bad(ShapeError, name, "an int or a (B,) vector with B >= 1", tuple(t.shape))
     return t.long()
 
 
@@ -1039,9 +1129,12 @@ def _seq_lens_rows(seq_lens: Any) -> list[list[int]]:
     if not isinstance(seq_lens, (list, tuple)):
         raise bad(SpecError, "seq_lens", "a list of lengths or a list of rows of lengths", type(seq_lens).__name__)
     nested = any(isinstance(x, (list, tuple)) for x in seq_lens)
+    if nested and not all(isinstance(x, (list, tuple)) for x in seq_lens):
+        expected = "a list of lengths or a list of rows of lengths, not both"
+        raise bad(SpecError, "seq_lens", expected, short_repr(seq_lens))
     rows = [list(r) for r in seq_lens] if nested else [list(seq_lens)]
     for r in rows:
         for n in r:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise bad(SpecError, "seq_lens", "non-negative int lengths", repr(n))
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_SIZE:
+                raise bad(SpecError, "seq_lens", f"int lengths in [0, {MAX_SIZE}]", short_repr(n))
     return rows

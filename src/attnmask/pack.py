@@ -32,6 +32,7 @@ Zero-length sequences hold no tokens: they are placed in no row and counted in `
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -42,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnmask._checks import INT64_MAX, check_int
 from attnmask._draw import ASCII, plan_bar
 from attnmask._spans import IGNORE_INDEX, MASK_HINTS, check_targets, example_labels, label_hints, span_mask
 from attnmask.batch import Batch
@@ -52,6 +54,11 @@ __all__ = ["PackPlan", "PackStats", "PackedRow", "PackingCollator", "collate_row
 
 STRATEGIES = ("bfd", "ffd", "wrapped", "ordered")
 OVERFLOWS = ("split", "truncate", "error")
+MAX_LENGTH = 1 << 62
+"""Largest ``max_length``: row offsets are int64 and a row boundary plus a length must not overflow."""
+MAX_PIECES = 1 << 26
+"""Most pieces a plan may hold, 67M: the planner keeps about 100 bytes per piece, so ``pack([2**40], 8)`` is refused
+up front rather than by the OOM killer (real corpora are split into far fewer pieces)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -179,7 +186,7 @@ class PackPlan:
         """
         if pad_to not in ("max_length", "longest"):
             raise bad(InputError, "pad_to", "'max_length' or 'longest'", repr(pad_to))
-        _check_int("pad_id", pad_id, minimum=0)
+        check_int("pad_id", pad_id, low=0, high=INT64_MAX)
         idx, start, stop, row_offsets = self.segments(rows)
         needed = np.unique(idx)
         if len(sequences) and isinstance(sequences[0], Mapping):
@@ -283,7 +290,7 @@ def pack(lengths_or_sequences: Any, max_length: int, *, strategy: str = "bfd", o
     (anything with ``len``). Deterministic: the same input gives the same plan. Time O(N log N) for N pieces
     (about a second for a million on one core); memory O(N).
     """
-    _check_int("max_length", max_length, minimum=1)
+    check_int("max_length", max_length, low=1, high=MAX_LENGTH)
     if strategy not in STRATEGIES:
         raise bad(InputError, "strategy", f"one of {STRATEGIES}", repr(strategy))
     if overflow not in OVERFLOWS:
@@ -293,11 +300,14 @@ def pack(lengths_or_sequences: Any, max_length: int, *, strategy: str = "bfd", o
     if overflow == "error" and too_long.any():
         raise bad(
             InputError,
-            "lengths_or_sequences",
+            "lengths",
             f"sequences of at most max_length={max_length} tokens with overflow='error'",
             f"{int(too_long.sum())} longer ones, the longest {int(lengths.max())} tokens",
         )
     kept = np.minimum(lengths, max_length) if overflow == "truncate" else lengths
+    pieces = int((-(-kept // max_length)).sum())
+    if pieces > MAX_PIECES:
+        raise bad(InputError, "lengths", f"at most {MAX_PIECES:,} pieces of max_length={max_length} tokens", pieces)
     if strategy == "wrapped":
         index, start, stop, row_of = _wrap(kept, max_length)
     else:
@@ -374,28 +384,34 @@ def _best_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, 
     buckets ``r >= s`` upwards, each row there takes ``r // s`` items (best fit keeps choosing it while its free
     space stays ``>= s``, since no bucket lies in ``[s, r)``), then new rows take ``capacity // s`` each. One walk per
     distinct size; buckets are FIFO, so among rows with equal free space the one that has had it longest wins. The
-    non-empty buckets are the set bits of one Python int, so "smallest non-empty bucket >= s" is a shift and a
-    lowest-set-bit, and rows moved by a walk land below ``s`` (or end it), outside the rest of the walk.
+    free spaces of the non-empty buckets are kept sorted, so "smallest non-empty bucket >= s" is a binary search,
+    and rows moved by a walk land below ``s`` (or end it), outside the rest of the walk. Memory O(items), whatever
+    the capacity (there are at most as many buckets as open rows).
     """
     order, groups = _decreasing(sizes, capacity)
-    buckets: list[list[int]] = [[] for _ in range(capacity + 1)]
-    open_bits = 0  # bit r set <=> some row has exactly r free slots (0 < r < capacity)
+    buckets: dict[int, list[int]] = {}  # free slots r (0 < r < capacity) -> the rows with exactly r free, FIFO
+    free_spaces: list[int] = []  # the keys of ``buckets``, ascending
     row_of: list[int] = []
     nrows = 0
 
     def move(rows, free: int) -> None:
-        nonlocal open_bits
         if free and rows:
+            if free not in buckets:
+                buckets[free] = []
+                bisect.insort(free_spaces, free)
             buckets[free].extend(rows)
-            open_bits |= 1 << free
+
+    def close(r: int) -> None:
+        del buckets[r]
+        del free_spaces[bisect.bisect_left(free_spaces, r)]
 
     for s, count in groups:
         left = count
         while left:
-            above = open_bits >> s
-            if not above:
+            i = bisect.bisect_left(free_spaces, s)
+            if i == len(free_spaces):
                 break
-            r = s + (above & -above).bit_length() - 1
+            r = free_spaces[i]
             bucket, per_row = buckets[r], r // s
             full = min(len(bucket), left // per_row)
             if full:
@@ -403,13 +419,13 @@ def _best_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, 
                 del bucket[:full]
                 left -= full * per_row
                 if not bucket:
-                    open_bits &= ~(1 << r)
+                    close(r)
                 move(taken, r - per_row * s)
                 row_of.extend(_each(taken, per_row))
             if left and bucket:
                 row = bucket.pop(0)
                 if not bucket:
-                    open_bits &= ~(1 << r)
+                    close(r)
                 move((row,), r - left * s)
                 row_of.extend([row] * left)
                 left = 0
@@ -649,35 +665,35 @@ def _check_same_len(name: str, seqs, n: int) -> None:
 # Input checks
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise bad(InputError, name, f"an int >= {minimum}", repr(value))
-
-
 def _lengths_of(x: Any) -> np.ndarray:
     """int64 lengths from lengths (1D int array / tensor / list of ints) or from a list of sequences."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     if isinstance(x, np.ndarray):
         if x.ndim != 1 or not (np.issubdtype(x.dtype, np.integer) or x.size == 0):
-            raise bad(InputError, "lengths_or_sequences", "a 1D integer array of lengths", f"{x.dtype} {x.shape}")
+            raise bad(InputError, "lengths", "a 1D integer array of lengths", f"{x.dtype} {x.shape}")
         lengths = x.astype(np.int64)
     elif not isinstance(x, Sequence) and not hasattr(x, "__len__"):
-        raise bad(InputError, "lengths_or_sequences", "lengths or a list of sequences", type(x).__name__)
+        raise bad(InputError, "lengths", "lengths or a list of sequences", type(x).__name__)
     elif len(x) == 0:
         lengths = np.zeros(0, np.int64)
     elif isinstance(x[0], (int, np.integer)) and not isinstance(x[0], bool):
-        lengths = np.asarray(x)
+        try:
+            lengths = np.asarray(x)
+        except (ValueError, TypeError, OverflowError):  # ints mixed with lists
+            raise bad(InputError, "lengths", "a list of int lengths", "mixed items") from None
         if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer):
-            raise bad(InputError, "lengths_or_sequences", "a list of int lengths", f"mixed items ({lengths.dtype})")
+            raise bad(InputError, "lengths", "a list of int lengths", f"mixed items ({lengths.dtype})")
         lengths = lengths.astype(np.int64)
     else:
         try:
             lengths = np.fromiter((len(s) for s in x), dtype=np.int64, count=len(x))
         except TypeError as e:
-            raise bad(InputError, "lengths_or_sequences", "lengths or sequences with a len()", str(e)) from None
+            raise bad(InputError, "sequences", "lengths or sequences with a len()", str(e)) from None
     if lengths.size and lengths.min() < 0:
-        raise bad(InputError, "lengths_or_sequences", "lengths >= 0", int(lengths.min()))
+        raise bad(InputError, "lengths", "lengths >= 0", int(lengths.min()))
+    if lengths.size and int(lengths.max()) > MAX_LENGTH // max(len(lengths), 1):  # so that their sum fits in int64
+        raise bad(InputError, "lengths", f"a total of at most {MAX_LENGTH} tokens", f"{int(lengths.max())} in one")
     return lengths
 
 
@@ -712,8 +728,8 @@ class PackingCollator:
     allow_empty: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("max_length", self.max_length, minimum=1)
-        _check_int("pad_id", self.pad_id, minimum=0)
+        check_int("max_length", self.max_length, low=1)
+        check_int("pad_id", self.pad_id, low=0, high=INT64_MAX)
         if self.strategy not in STRATEGIES:
             raise bad(InputError, "strategy", f"one of {STRATEGIES}", repr(self.strategy))
         if self.overflow not in OVERFLOWS:
@@ -846,8 +862,8 @@ def pack_stream(
     Example: ``for row in pack_stream(seqs, 2048, buffer_size=10_000): ...``; `collate_rows` makes a `Batch` of
     several rows.
     """
-    _check_int("max_length", max_length, minimum=1)
-    _check_int("buffer_size", buffer_size, minimum=1)
+    check_int("max_length", max_length, low=1)
+    check_int("buffer_size", buffer_size, low=1)
     if strategy not in STRATEGIES:
         raise bad(InputError, "strategy", f"one of {STRATEGIES}", repr(strategy))
     if overflow not in OVERFLOWS:
@@ -883,7 +899,7 @@ def collate_rows(
             raise bad(InputError, f"rows[{i}]", "a PackedRow (from pack_stream)", type(row).__name__)
     totals = np.array([len(row.input_ids) for row in rows], np.int64)
     width = int(totals.max()) if max_length is None else max_length
-    _check_int("max_length", width, minimum=1)
+    check_int("max_length", width, low=1)
     if int(totals.max()) > width:
         raise bad(InputError, "max_length", f"at least the longest row's {int(totals.max())} tokens", width)
     # A plan over the rows themselves: "sequence" r is row r's tokens, and its documents are ranges of it.

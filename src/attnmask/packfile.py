@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,8 @@ __all__ = [
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+STDIO = "-"
+"""The path that means stdin (to read) or stdout (to write), always JSONL."""
 
 
 def at(path: str | Path, line: int, message: str) -> InputError:
@@ -63,6 +66,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     exception (Ctrl-C included) the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     directory = _output_directory(path)
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -70,11 +74,23 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     _fsync_directory(directory)
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permissions the output gets: an existing file's own, else what ``open`` would give (0666 less the umask;
+    ``mkstemp`` alone would leave 0600)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _output_directory(path: Path) -> Path:
@@ -84,7 +100,9 @@ def _output_directory(path: Path) -> Path:
 
 
 def check_output(path: str | Path) -> str:
-    """Check an output path before any work: a known format (returned) in an existing directory."""
+    """Check an output path before any work: a known format (returned) in an existing directory (``-``: stdout)."""
+    if str(path) == STDIO:
+        return "jsonl"
     fmt = file_format(path, "output")
     _output_directory(Path(path))
     return fmt
@@ -109,7 +127,9 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def file_format(path: str | Path, role: str = "input") -> str:
-    """``"jsonl"`` or ``"parquet"`` from the file's suffix."""
+    """``"jsonl"`` or ``"parquet"`` from the file's suffix (``-``, stdin or stdout, is JSONL)."""
+    if str(path) == STDIO:
+        return "jsonl"
     suffix = Path(path).suffix.lower()
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
@@ -140,6 +160,11 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
     A JSONL line that is not valid JSON yields a ``RecordProblem`` in place of the record, so the caller decides
     whether to stop or to skip it. Memory: one line (JSONL) or one batch of 4,096 rows (Parquet) at a time.
     """
+    if str(path) == STDIO:
+        for line_no, raw in enumerate(sys.stdin.buffer, start=1):
+            if raw.strip():
+                yield line_no, _parse_json_line(raw)
+        return
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -177,6 +202,8 @@ def _parse_json_line(raw: bytes) -> object:
         return RecordProblem("not valid UTF-8")
     except json.JSONDecodeError as e:
         return RecordProblem(f"malformed JSON ({e.msg} at column {e.colno})")
+    except ValueError as e:  # Python's limit on integer digits (4,300 by default)
+        return RecordProblem(f"unreadable JSON ({str(e).splitlines()[0][:80]})")
     except RecursionError:
         return RecordProblem("malformed JSON (nested too deeply)")
 
@@ -424,6 +451,11 @@ def _row_to_json(row: PackedFileRow) -> str:
 def write_rows(path: str | Path, columns: PackedColumns) -> Path:
     """Write packed rows as JSONL or Parquet (by the suffix of ``path``), atomically (see ``atomic_output``)."""
     fmt = file_format(path, "output")
+    if str(path) == STDIO:
+        for r in range(len(columns)):
+            sys.stdout.write(_row_to_json(columns.row(r)) + "\n")
+        sys.stdout.flush()
+        return Path(path)
     pa = _pyarrow() if fmt == "parquet" else None
     with atomic_output(path) as tmp:
         if fmt == "jsonl":
@@ -483,6 +515,8 @@ def _packed_row(rec: object) -> PackedFileRow:
         if rec.get(name) is None:
             raise ValueError(f"missing field {name!r}")
     ids, lens = _int_list(rec, "input_ids"), _int_list(rec, "seq_lens")
+    if not ids:
+        raise ValueError("field 'input_ids': an empty row (attnmask pack never writes one)")
     if any(n < 1 for n in lens):
         raise ValueError("field 'seq_lens': lengths must be >= 1")
     if sum(lens) != len(ids):

@@ -14,15 +14,20 @@ Key: the spec OBJECT, then the call's signature. The spec's entries live in an a
 (``masks.PLANS_ATTRIBUTE``), so they die with it: at once, or at the next garbage collection when a plan refers back
 to the spec (a ``BlockLayout`` keeps its spec); pickling or copying a spec leaves them behind. Per spec, an LRU of at
 most ``ENTRIES_PER_SPEC`` signatures ``(q, k, v shapes and strides, dtype, device, whether a gradient is needed, the
-scale and any other scalar field of AttentionCall)``; shapes carry ``B, H, Hkv, Q, K, D, Dv``. Positions are not in
-it: only calls at the default positions are cached, and those follow from ``Q`` and ``K``.
+scale and any other scalar field of AttentionCall, which modifier tensors the call carries)``; shapes carry ``B, H,
+Hkv, Q, K, D, Dv``. Positions are not in it: only calls at the default positions are cached, and those follow from
+``Q`` and ``K``. The score modifier tensors (``sinks``, ``alibi_slopes``, ``(H,)`` each) join it by presence only
+(and, for ``sinks``, whether it needs a gradient), not by value: a plan depends on the mask, never on a sink or a
+slope, and the ``"auto"`` choice only on which modifiers are present (a backend declares modifiers by name), so a
+model whose layers pass their own sinks still plans once per spec. ``softcap`` is a scalar and joins by value.
 
 Validity: the ``_version`` counter of every tensor the spec holds (``MaskSpec.tensors()``), checked on every call; an
 in-place write to any of them (``spec_mask[0, 3] = False``) drops all of that spec's entries.
 
 Not cached (a dict per call object, as before this module): no mask or a tensor mask; a spec with a ``custom``
 predicate (its function may read data the spec cannot list); explicit ``q_positions`` / ``kv_positions``; a spec
-holding inference-mode tensors (they have no version counter); an AttentionCall field that is not a scalar. Writes
+holding inference-mode tensors (they have no version counter); an AttentionCall field that is not a scalar (other than
+the modifier tensors above). Writes
 that bypass the version counter (``t.data[...] = x``, through numpy or DLPack) are not seen: build a new spec then.
 
 Memory: at most ``ENTRIES_PER_SPEC`` entries per live spec, each the size of its plans: O(documents) for varlen
@@ -54,7 +59,8 @@ ENTRIES_PER_SPEC = 8
 
 # The fields of AttentionCall the signature captures otherwise; every other field joins it by value (a scalar) or makes
 # the call uncacheable (anything else).
-_KNOWN_FIELDS = frozenset({"q", "k", "v", "mask", "q_positions", "kv_positions", "positions_given"})
+_MODIFIER_TENSORS = ("sinks", "alibi_slopes")  # by presence (and the sinks' grad), never by value
+_KNOWN_FIELDS = frozenset({"q", "k", "v", "mask", "q_positions", "kv_positions", "positions_given", *_MODIFIER_TENSORS})
 _SCALARS = (bool, int, float, str)
 
 _per_call: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # uncacheable calls: plans die with the call
@@ -113,6 +119,9 @@ def _signature(call) -> tuple | None:
         if value is not None and not isinstance(value, _SCALARS):
             return None
         extra.append(value)
+    for name in _MODIFIER_TENSORS:
+        value = getattr(call, name, None)
+        extra.append(None if value is None else (name, value.requires_grad and torch.is_grad_enabled()))
     q, k, v = call.q, call.k, call.v
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, needs_grad, *extra)

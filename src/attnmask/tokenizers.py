@@ -179,7 +179,11 @@ def _load_from_disk(path: str) -> Any:
     if os.path.isfile(path):
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(path)
+        try:
+            return Tokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises its own exception types on a file it cannot parse
+            reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            raise bad(InputError, "tokenizer", "a readable tokenizer.json file", f"{path!r} ({reason})") from None
     if not os.path.isdir(path):
         raise bad(InputError, "tokenizer", "'byte', a tokenizer.json file or a tokenizer directory", f"{path!r}")
     json_file = os.path.join(path, "tokenizer.json")

@@ -255,18 +255,24 @@ def pct(x: float) -> str:
 
 @dataclass(frozen=True)
 class FillReport:
-    """Padding vs packing for a set of lengths: padding every sequence to the longest, or packing into rows of
-    ``max_length`` (``rows`` of the plan). ``lines()`` are the rows of a ``draw_table``."""
+    """Padding vs packing for a set of lengths: padding every sequence to ``longest`` (one row each, or
+    ``pad_rows`` when long sequences take several), or packing into rows of ``max_length`` (``rows`` of the plan).
+    ``lines()`` are the rows of a ``draw_table``."""
 
     sequences: int
     tokens: int
     longest: int
     max_length: int
     rows: int
+    pad_rows: int | None = None
+
+    @property
+    def padded_rows(self) -> int:
+        return self.sequences if self.pad_rows is None else self.pad_rows
 
     @property
     def pad_fill(self) -> float:
-        return self.tokens / (self.sequences * self.longest) if self.sequences else 0.0
+        return self.tokens / (self.padded_rows * self.longest) if self.padded_rows else 0.0
 
     @property
     def pack_fill(self) -> float:
@@ -277,13 +283,13 @@ class FillReport:
         return math.ceil(self.tokens / self.max_length)
 
     def lines(self) -> list[tuple[str, str]]:
-        slots_pad = self.sequences * self.longest
+        slots_pad = self.padded_rows * self.longest
         return [
             ("sequences", f"{self.sequences:,}"),
             ("tokens", f"{self.tokens:,}"),
             (
                 "padding",
-                f"{self.sequences:,} rows x {self.longest} = {slots_pad:,} slots, fill {pct(self.pad_fill)}, "
+                f"{self.padded_rows:,} rows x {self.longest} = {slots_pad:,} slots, fill {pct(self.pad_fill)}, "
                 f"waste {pct(1 - self.pad_fill)} ({slots_pad - self.tokens:,} pad tokens)",
             ),
             (

@@ -17,29 +17,36 @@ Worked example, a backend that only runs float32 CUDA calls without dropout::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from attnmask.errors import InputError, bad
+from attnmask.errors import DeviceError, DTypeError, InputError, ShapeError, bad
 from attnmask.masks import Causal, Full, MaskSpec
 
 __all__ = [
     "ALL_DTYPES",
     "MASK_KINDS",
+    "SCORE_MODS",
     "TORCH_DEVICES",
     "AttentionCall",
     "Backend",
     "check_dropout_p",
+    "check_score_mods",
     "dense_mask",
     "mask_kind",
     "rows_with_keys",
+    "score_bias",
+    "score_positions",
 ]
 
 ALL_DTYPES = frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16})
 TORCH_DEVICES = frozenset({"cpu", "cuda", "mps", "xpu"})
 """Device types torch's own operators (matmul, softmax, SDPA) run on: the devices of a backend written in torch."""
+SCORE_MODS = frozenset({"softcap", "sinks", "alibi"})
+"""Score modifiers a call may carry and a backend may declare: logit soft-capping, attention sinks, ALiBi slopes."""
 MASK_KINDS = frozenset({"none", "tensor", "structural", "custom"})
 """What ``mask`` holds: ``None`` (or ``full()``), a bool tensor, a spec built from structural primitives, or a spec
 holding a ``custom`` predicate (evaluated per pair, no structure to lower)."""
@@ -63,6 +70,11 @@ class AttentionCall:
       ``(B, Q)`` / ``(B, K)``, on ``q``'s device; ``None`` for a tensor or no mask.
     - ``positions_given``: whether the caller passed explicit positions (a backend may then not assume alignment).
     - ``dropout_p``: attention dropout probability in ``[0, 1)`` (0.0: none).
+    - Score modifiers (``None``: absent), applied in this order to each score ``s = scale · q·k``, before the mask:
+      ``softcap`` (a float > 0): ``s -> softcap · tanh(s / softcap)``; ``alibi_slopes`` ``(H,)`` float32/float64:
+      ``s -> s - slope_h · (q_pos - k_pos)`` at the call's positions (bottom-right by default); ``sinks`` ``(H,)``
+      (q's dtype or float32/float64): one logit per head added to the softmax denominator only (a virtual key whose
+      value is 0), so a row's weights sum to less than 1; a row with no allowed key still gives exactly 0.
     """
 
     q: torch.Tensor
@@ -74,6 +86,9 @@ class AttentionCall:
     kv_positions: torch.Tensor | None = None
     positions_given: bool = False
     dropout_p: float = 0.0
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -109,13 +124,15 @@ class AttentionCall:
 
     @property
     def needs_grad(self) -> bool:
-        """Autograd will record this call: grad mode is on and ``q``, ``k`` or ``v`` requires a gradient."""
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+        """Autograd will record this call: grad mode is on and ``q``, ``k``, ``v`` or ``sinks`` requires a gradient."""
+        tensors = (self.q, self.k, self.v) if self.sinks is None else (self.q, self.k, self.v, self.sinks)
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
     @property
     def score_mods(self) -> frozenset[str]:
-        """Names of the score modifiers the call carries (softcap, sinks, ALiBi, an additive bias): none yet."""
-        return frozenset()
+        """Names of the score modifiers the call carries, among :data:`SCORE_MODS`."""
+        present = (("softcap", self.softcap), ("sinks", self.sinks), ("alibi", self.alibi_slopes))
+        return frozenset(name for name, value in present if value is not None)
 
     @property
     def is_plain_causal(self) -> bool:
@@ -144,6 +161,34 @@ def check_dropout_p(dropout_p) -> float:
     return float(dropout_p)
 
 
+def check_score_mods(q: torch.Tensor, softcap, sinks, alibi_slopes) -> dict:
+    """The score modifiers that are given, checked: ``softcap`` a finite number > 0; ``sinks`` and ``alibi_slopes``
+    finite floating ``(H,)`` tensors on q's device (slopes without a gradient). Typed errors name the argument."""
+    mods = {}
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
+            raise bad(InputError, "softcap", "None or a finite number > 0", repr(softcap))
+        mods["softcap"] = float(softcap)
+    H = q.shape[1]
+    for name, t in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise bad(InputError, name, f"None or a ({H},) tensor (one value per query head)", type(t).__name__)
+        if tuple(t.shape) != (H,):
+            raise bad(ShapeError, name, f"shape ({H},) (one value per query head)", f"shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise bad(DTypeError, name, "a floating dtype", t.dtype)
+        if t.device != q.device:
+            raise bad(DeviceError, name, f"q's device {q.device}", t.device)
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise bad(InputError, name, "finite values", t.detach().tolist())
+        mods[name] = t
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise bad(InputError, "alibi_slopes", "fixed slopes (no gradient: detach them)", "a tensor requiring grad")
+    return mods
+
+
 def dense_mask(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
     """The call's mask as a bool tensor that broadcasts to ``(B, H, Q, K)``, and whether the caller owns it.
 
@@ -157,6 +202,28 @@ def dense_mask(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
         )
         return dense.unsqueeze(1), call.mask.is_structural
     return call.mask, False
+
+
+def score_positions(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key positions ``(B or 1, Q)`` and ``(B or 1, K)`` int64 on q's device: the call's resolved ones for
+    a spec, else the default bottom-right ones (queries ``K - Q .. K - 1``, keys ``0 .. K - 1``)."""
+    device = call.q.device
+    q_pos, kv_pos = call.q_positions, call.kv_positions
+    if q_pos is None:
+        q_pos = torch.arange(call.kv_len - call.q_len, call.kv_len, device=device)
+    if kv_pos is None:
+        kv_pos = torch.arange(call.kv_len, device=device)
+    return q_pos.reshape(-1, call.q_len), kv_pos.reshape(-1, call.kv_len)
+
+
+def score_bias(call: AttentionCall, dtype: torch.dtype) -> torch.Tensor | None:
+    """The ALiBi term ``-slope_h · (q_pos - k_pos)`` as ``(B or 1, H, Q, K)`` in ``dtype`` (O(B·H·Q·K)), or ``None``
+    without ``alibi_slopes``. For the dense backends only; the native kernel adds it per pair."""
+    if call.alibi_slopes is None:
+        return None
+    q_pos, kv_pos = score_positions(call)
+    distance = (q_pos[:, :, None] - kv_pos[:, None, :]).to(dtype)  # (B or 1, Q, K)
+    return -call.alibi_slopes.to(dtype)[None, :, None, None] * distance[:, None]
 
 
 def rows_with_keys(mask: torch.Tensor) -> torch.Tensor:
@@ -188,7 +255,8 @@ class Backend:
       declaration can say (the spec's structure, explicit positions), or ``None``; consulted only when every
       declaration holds.
     - ``dropout``: attention dropout (``dropout_p > 0``); ``backward``: a gradient through ``q``, ``k``, ``v``;
-      ``score_mods``: the score modifiers it honours.
+      ``score_mods``: the score modifiers it honours, by name (:data:`SCORE_MODS`); a call carrying any other is
+      refused, so a backend written before a modifier existed never drops it.
     - ``auto``: where ``"auto"`` may pick it: ``True`` (on every declared device), ``False`` (named explicitly only),
       or the device types where it may (FlexAttention: CUDA, where it trains; on CPU it compiles per shape and has no
       backward). Read through :meth:`auto_on`.

@@ -41,7 +41,7 @@ import torch
 
 from attnmask._dense import empty_buffer
 from attnmask.backends._common import COPY_COST, check_segments, varlen_plan
-from attnmask.backends.contract import ALL_DTYPES, Backend
+from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
 
 __all__ = ["BACKEND", "native_available", "segment_attention"]
@@ -155,7 +155,17 @@ def _library() -> ctypes.CDLL | str:
         return f"could not build the C kernel: {err}"
     fn = lib.attnmask_segattn
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 12, ctypes.c_int64, ctypes.c_double, ctypes.c_int]
+    fn.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int,
+        *[ctypes.c_void_p] * 12,
+        ctypes.c_int64,
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
     return lib
 
 
@@ -183,7 +193,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _call(backward, q, k, v, res, dout, lse, grads, segs, causal, window, scale, threads) -> None:
+def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, threads) -> None:
+    """One kernel call. ``rule``: ``(causal, window, scale)``; ``mods``: ``(softcap or 0, sinks, slopes)``, the
+    tensors ``(H,)`` contiguous in the kernel's dtype or ``None``."""
+    causal, window, scale = rule
+    softcap, sinks, slopes = mods
     lib = _library()
     if isinstance(lib, str):
         raise bad(BackendError, "backend", "a built C kernel for 'native'", lib)
@@ -201,6 +215,9 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, causal, window, scale,
         *(_ptr(t) for t in (q, k, v, res, dout, lse, dq, dk, dv, strides, dims, segs)),
         len(segs),
         float(scale),
+        float(softcap),
+        _ptr(sinks),
+        _ptr(slopes),
         threads,
     )
     if status != 0:
@@ -222,32 +239,51 @@ def _keys_disjoint(segs: torch.Tensor) -> bool:
     return not bool((same_row & (s[1:, 3] < s[:-1, 3] + s[:-1, 4])).any())
 
 
+def _modifier(t: torch.Tensor | None, work: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(work).contiguous()
+
+
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, segs, causal, window, scale):
+    def forward(ctx, q, k, v, segs, causal, window, scale, softcap=None, sinks=None, slopes=None):
         work = _work_dtype(q.dtype)
         qw, kw, vw = (_rows(t, work) for t in (q, k, v))
+        mods = (softcap or 0.0, _modifier(sinks, work), _modifier(slopes, work))
         B, H, Q, _ = q.shape
         shape = (B, H, Q, v.shape[3])
         res = empty_buffer(shape, work)  # huge pages when opted in (ATTNMASK_HUGE_PAGES=1): far fewer page faults
+        lse = torch.empty((B, H, Q), dtype=work)
         if not _covers_all(segs, B, Q):
             res.zero_()
-        lse = torch.empty((B, H, Q), dtype=work)
-        _call(False, qw, kw, vw, res, None, lse, None, segs, causal, window, scale, torch.get_num_threads())
+            lse.fill_(-torch.inf)  # rows in no segment: no key (read by the sinks' gradient)
+        rule = (causal, window, scale)
+        _call(False, qw, kw, vw, res, None, lse, None, segs, rule, mods, torch.get_num_threads())
         ctx.save_for_backward(qw, kw, vw, res, lse, segs)
-        ctx.meta = (causal, window, scale, q.dtype)
+        ctx.meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype)
         return res.to(q.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         qw, kw, vw, res, lse, segs = ctx.saved_tensors
-        causal, window, scale, dtype = ctx.meta
+        rule, mods, dtype, sinks_dtype = ctx.meta
         dout = _rows(grad, qw.dtype)
         grads = tuple(torch.zeros(t.shape, dtype=qw.dtype) for t in (qw, kw, vw))
         threads = torch.get_num_threads() if _keys_disjoint(segs) else 1
-        _call(True, qw, kw, vw, res, dout, lse, grads, segs, causal, window, scale, threads)
-        return (*(g.to(dtype) for g in grads), None, None, None, None)
+        _call(True, qw, kw, vw, res, dout, lse, grads, segs, rule, mods, threads)
+        dsinks = None
+        if ctx.needs_input_grad[8]:
+            dsinks = _sinks_grad(mods[1], lse, res, dout).to(sinks_dtype)
+        return (*(g.to(dtype) for g in grads), None, None, None, None, None, dsinks, None)
+
+
+def _sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """``(H,)``: the gradient of the sinks, ``-sum_{b, i} p_sink(b, h, i) · (dout · out)(b, h, i)`` with the sink's
+    probability ``exp(sink_h - lse)`` (0 on rows with no key, whose ``lse`` is ``-inf``). O(B·H·Q·Dv)."""
+    has_key = torch.isfinite(lse)
+    p_sink = torch.exp(torch.where(has_key, sinks[None, :, None] - lse, -torch.inf))  # (B, H, Q)
+    di = (dout * out).sum(-1)
+    return -(p_sink * torch.where(has_key, di, 0)).sum((0, 2))
 
 
 def segment_attention(
@@ -259,6 +295,9 @@ def segment_attention(
     causal: bool = False,
     window: int | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention inside each segment (document), by the C kernel; query rows in no segment give 0.
 
@@ -271,6 +310,9 @@ def segment_attention(
     Work: the allowed pairs only, ``O(pairs · (D + Dv))``. Memory: the output, a ``(B, H, Q)`` log-sum-exp saved for
     the backward, the gradients; float32 copies of float16 / bfloat16 inputs; no mask and no copy of float32 inputs
     whose last dimension is contiguous.
+
+    Score modifiers as ``attnmask.attention`` defines them and checks them (``softcap``, ``sinks`` and
+    ``alibi_slopes``, ``(H,)``, the ALiBi distance being ``i + offset - j``); differentiable in ``sinks`` too.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.device.type != "cpu":
@@ -280,9 +322,12 @@ def segment_attention(
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise bad(BackendError, "window", "None or an int >= 1", repr(window))
     segs = check_segments(segments, q, k, v)
+    mods = check_score_mods(q, softcap, sinks, alibi_slopes)
     window = None if window is None else min(window, _WIDEST)
     scale = q.shape[3] ** -0.5 if scale is None and q.shape[3] else 1.0 if scale is None else float(scale)
-    return _SegmentAttention.apply(q, k, v, segs, bool(causal or window is not None), window, scale)
+    rule = (bool(causal or window is not None), window, scale)
+    softcap, sinks, slopes = (mods.get(name) for name in ("softcap", "sinks", "alibi_slopes"))
+    return _SegmentAttention.apply(q, k, v, segs, *rule, softcap, sinks, slopes)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -343,8 +388,9 @@ def cost(call) -> float:
 def run(call) -> torch.Tensor:
     plan = varlen_plan(call)
     window = None if plan.window is None else min(plan.window, _WIDEST)
+    rule = (plan.causal or window is not None, window, call.scale)
     return _SegmentAttention.apply(
-        call.q, call.k, call.v, plan.segments, plan.causal or window is not None, window, call.scale
+        call.q, call.k, call.v, plan.segments, *rule, call.softcap, call.sinks, call.alibi_slopes
     )
 
 
@@ -355,6 +401,7 @@ BACKEND = Backend(
     devices=frozenset({"cpu"}),
     dtypes=ALL_DTYPES,
     masks=frozenset({"structural"}),
+    score_mods=SCORE_MODS,
     reads_masked_keys=False,  # each query walks only the keys it may see
     unsupported=unsupported,
     available=native_available,

@@ -1,7 +1,8 @@
 """The "reference" backend: textbook attention with the scores materialised, the semantics every backend matches.
 
 Layer 3 (attention). Float32 (float64 stays float64), O(B·H·Q·K) memory; any device, dtype, mask kind, dropout and
-a gradient through autograd. ``"auto"`` picks it only when nothing else serves a call (its cost is the highest).
+a gradient through autograd, and every score modifier (softcap, sinks, ALiBi) written out as its definition.
+``"auto"`` picks it only when nothing else serves a call (its cost is the highest).
 """
 
 from __future__ import annotations
@@ -9,7 +10,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, AttentionCall, Backend, dense_mask, rows_with_keys
+from attnmask.backends.contract import (
+    ALL_DTYPES,
+    SCORE_MODS,
+    TORCH_DEVICES,
+    AttentionCall,
+    Backend,
+    dense_mask,
+    rows_with_keys,
+    score_bias,
+)
 
 __all__ = ["BACKEND"]
 
@@ -22,14 +32,25 @@ def run(call: AttentionCall) -> torch.Tensor:
     k = call.k.to(work).repeat_interleave(rep, dim=1)
     v = call.v.to(work).repeat_interleave(rep, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
+    if call.softcap is not None:
+        scores = torch.tanh(scores / call.softcap) * call.softcap
+    bias = score_bias(call, work)
+    if bias is not None:
+        scores = scores + bias
     allowed, _ = dense_mask(call)
+    has_key = None
     if allowed is not None:
         has_key = rows_with_keys(allowed)
         # Empty rows get finite scores (a harmless uniform softmax) and are then zeroed: no NaN forward or backward.
         scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
-        probs = torch.softmax(scores, dim=-1).masked_fill(~has_key, 0.0)
+    if call.sinks is not None:
+        # The sink: one more column of the softmax whose value is 0, so it only enlarges the denominator.
+        sink = call.sinks.to(work)[None, :, None, None].expand(*scores.shape[:3], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
+    if has_key is not None:
+        probs = probs.masked_fill(~has_key, 0.0)
     if call.dropout_p > 0:
         probs = F.dropout(probs, call.dropout_p)  # zeros stay zero: empty rows and masked keys are untouched
     return torch.matmul(probs, v).to(call.q.dtype)
@@ -40,4 +61,4 @@ def cost(call: AttentionCall) -> float:
     return 4.0 * call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim + 8)
 
 
-BACKEND = Backend("reference", run, cost, devices=TORCH_DEVICES, dtypes=ALL_DTYPES, dropout=True)
+BACKEND = Backend("reference", run, cost, devices=TORCH_DEVICES, dtypes=ALL_DTYPES, dropout=True, score_mods=SCORE_MODS)

@@ -3,6 +3,12 @@
 Layer 3 (attention). No mask, ``full()`` and a plain ``causal()`` with ``Q == K`` (``is_causal``) build no mask;
 any other spec becomes an O(B·Q·K) bool mask. Rows with no allowed key attend to every key inside the kernel (finite,
 NaN-free) and are zeroed afterwards, so their output and gradient are exactly 0.
+
+Score modifiers: attention sinks and ALiBi slopes, as one float additive bias ``(B or 1, H, Q, K + 1)`` built from the
+dense mask (O(B·H·Q·K), as dense as SDPA itself): the ALiBi term where allowed, ``finfo.min`` where not, and the
+sink as one more key whose key and value are 0 and whose bias is the sink logit (its output column is dropped with
+the value 0). Half-precision inputs run in float32 then, so the bias is not rounded to 8 or 11 bits. Softcapping
+changes the scores inside the kernel, which SDPA cannot: not declared.
 """
 
 from __future__ import annotations
@@ -11,7 +17,15 @@ import torch
 import torch.nn.functional as F
 
 import attnmask.backends.cuda_costs as cuda_costs
-from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, AttentionCall, Backend, dense_mask, rows_with_keys
+from attnmask.backends.contract import (
+    ALL_DTYPES,
+    TORCH_DEVICES,
+    AttentionCall,
+    Backend,
+    dense_mask,
+    rows_with_keys,
+    score_bias,
+)
 from attnmask.masks import Causal, MaskSpec
 
 __all__ = ["BACKEND"]
@@ -28,6 +42,8 @@ def run(call: AttentionCall) -> torch.Tensor:
         sdpa_kwargs["enable_gqa"] = True
     if call.dropout_p > 0:
         sdpa_kwargs["dropout_p"] = call.dropout_p
+    if call.score_mods:
+        return _run_with_bias(call, sdpa_kwargs)
     if call.is_full or _one_query_sees_all(call):
         return F.scaled_dot_product_attention(call.q, call.k, call.v, **sdpa_kwargs)
     if call.is_plain_causal:
@@ -49,6 +65,32 @@ def _one_query_sees_all(call: AttentionCall) -> bool:
     return type(call.mask) is Causal and call.q_len == 1 and call.kv_len >= 1 and not call.positions_given
 
 
+def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:
+    """SDPA with a float bias carrying the mask, the ALiBi term and the sink key (see the module docstring)."""
+    work = torch.promote_types(call.q.dtype, torch.float32)
+    q, k, v = call.q.to(work), call.k.to(work), call.v.to(work)
+    B, H, Q, K = call.batch, call.heads, call.q_len, call.kv_len
+    allowed, _ = dense_mask(call)
+    has_key = None if allowed is None else rows_with_keys(allowed)
+    if has_key is not None:
+        allowed = allowed | ~has_key  # empty rows see every key (finite), zeroed afterwards
+    bias = score_bias(call, work)
+    if bias is None:
+        bias = torch.zeros((1, 1, Q, K), dtype=work, device=q.device)
+    if allowed is not None:
+        bias = bias.masked_fill(~allowed, torch.finfo(work).min)
+    if call.sinks is not None:
+        rows = bias.shape[0]
+        sink = call.sinks.to(work)[None, :, None, None].expand(rows, H, Q, 1)
+        bias = torch.cat([bias.expand(rows, H, Q, K), sink], dim=-1)
+        k = torch.cat([k, k.new_zeros(B, call.kv_heads, 1, call.head_dim)], dim=2)
+        v = torch.cat([v, v.new_zeros(B, call.kv_heads, 1, call.value_dim)], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, **sdpa_kwargs)
+    if has_key is not None:
+        out = out.masked_fill(~has_key, 0.0)
+    return out.to(call.q.dtype)
+
+
 def cost(call: AttentionCall) -> float:
     """Pairs times ``D + Dv`` (half for ``is_causal``), plus building the dense mask of a spec; on CUDA
     ``cuda_costs.sdpa_cost`` (comparable with the fused varlen and flex kernels)."""
@@ -60,7 +102,17 @@ def cost(call: AttentionCall) -> float:
     if call.is_plain_causal:
         return work / 2  # the fused kernel skips the tiles above the diagonal
     mask_rows = call.batch if isinstance(call.mask, MaskSpec) else 0
-    return float(work + _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0))
+    bias = 4 * call.batch * call.heads * call.q_len * call.kv_len if call.score_mods else 0  # the float bias
+    masked = _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0)
+    return float(work + masked + bias)
 
 
-BACKEND = Backend("sdpa", run, cost, devices=TORCH_DEVICES, dtypes=ALL_DTYPES, dropout=True)
+BACKEND = Backend(
+    "sdpa",
+    run,
+    cost,
+    devices=TORCH_DEVICES,
+    dtypes=ALL_DTYPES,
+    dropout=True,
+    score_mods=frozenset({"sinks", "alibi"}),
+)

@@ -14,6 +14,13 @@
  * two items write the same output row: the backward's dk / dv rows belong to one segment only when the segments' key
  * ranges are disjoint, which the caller checks (else it passes threads = 1). Items are handed out to `threads` pthreads
  * through an atomic counter. Memory: two scratch vectors of max(k_len) scores and one of Dv per thread.
+ *
+ * Score modifiers, in this order on each score s = scale * q.k: softcap c > 0 (0: none): s -> c tanh(s / c); ALiBi
+ * slopes (NULL: none), one per query head: s -> s - slope_h (i + offset - j), the query's minus the key's position;
+ * sinks (NULL: none), one logit per query head added to the softmax denominator only (a key whose value is 0): lse then
+ * includes it, so the backward's probabilities exp(s - lse) are right as they are, and the sinks' own gradient,
+ * -sum_i exp(sink_h - lse_i) (dout_i . out_i), is left to the caller (one vectorised pass over the rows). Rows with no
+ * allowed key stay exactly 0 with lse = -inf, sinks or not.
  */
 #include <math.h>
 #include <pthread.h>
@@ -28,7 +35,8 @@ typedef struct {
     const int64_t *segs;
     int64_t nseg, H, Hkv, Q, D, Dv, kmax, window;
     int causal;
-    double scale;
+    double scale, softcap;
+    const void *sinks, *slopes;        /* (H,) each in the kernel's dtype, or NULL */
     int64_t n_items, next;             /* next: shared counter */
     int backward;
 } job_t;
@@ -45,12 +53,14 @@ static void key_range(const job_t *J, int64_t i, int64_t off, int64_t kl, int64_
 /* exp(x) for float32 in a form the compiler vectorises (libm's expf is one scalar call per value; this made documents
  * of 128-512 tokens 1.4x faster, tiny ones unchanged). Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, a
  * degree-6 polynomial for exp(r) (relative error ~2e-7, about 1 ulp), and 2^n assembled in the exponent bits. Inputs
- * below -87 give 0 and the softmax only passes x <= 0, so no overflow; NaN is not expected (finite scores). */
+ * below -87 give 0; the softmax only passes x <= 0 (clamped at 88 all the same, so 2^n stays a normal float); a NaN
+ * (a NaN score: a NaN in a key the query may see) comes back as NaN, without converting NaN to an integer. */
 #pragma omp declare simd notinbranch
 static inline float exp_f32(float x) {
-    const float lo = -87.0f;
-    int tiny = x < lo;
-    x = tiny ? lo : x;
+    const float lo = -87.0f, hi = 88.0f;
+    int tiny = x < lo, nan = x != x;
+    float given = x;
+    x = tiny || nan ? lo : (x > hi ? hi : x);
     float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -64,10 +74,19 @@ static inline float exp_f32(float x) {
         int32_t i;
         float f;
     } scale = {.i = ((int32_t)n + 127) << 23};
-    return tiny ? 0.0f : p * scale.f;
+    return nan ? given : (tiny ? 0.0f : p * scale.f);
 }
 
-#define DEFINE_KERNELS(T, SUF, EXP, LOG)                                                                              \
+/* tanh(x) for float32 through exp_f32, so that the softcap loop vectorises: (e^2x - 1) / (e^2x + 1) with x clamped to
+ * [-9, 9], where tanh is +-1 to float32 precision (absolute error ~1e-7, relative ~1e-7 away from 0). */
+#pragma omp declare simd notinbranch
+static inline float tanh_f32(float x) {
+    float y = x < -9.0f ? -9.0f : (x > 9.0f ? 9.0f : x);
+    float e = exp_f32(2.0f * y);
+    return (e - 1.0f) / (e + 1.0f);
+}
+
+#define DEFINE_KERNELS(T, SUF, EXP, LOG, TANH)                                                                              \
     static inline T dot_##SUF(const T *restrict a, const T *restrict b, int64_t n) {                                   \
         T acc = 0;                                                                                                     \
         _Pragma("omp simd reduction(+ : acc)") for (int64_t d = 0; d < n; d++) acc += a[d] * b[d];                     \
@@ -104,7 +123,10 @@ static inline float exp_f32(float x) {
         const T *v = (const T *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                           \
         T *o = (T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                                     \
         T *lse = (T *)J->lse + (b * J->H + h) * J->Q + qs;                                                             \
-        const T scale = (T)J->scale;                                                                                   \
+        const T scale = (T)J->scale, cap = (T)J->softcap, inv_cap = J->softcap > 0 ? (T)(1 / J->softcap) : 0;         \
+        const T slope = J->slopes ? ((const T *)J->slopes)[h] : 0;                                                     \
+        const int sunk = J->sinks != NULL;                                                                             \
+        const T sink = sunk ? ((const T *)J->sinks)[h] : 0;                                                            \
         for (int64_t i = 0; i < ql; i++) {                                                                             \
             int64_t lo, hi;                                                                                            \
             key_range(J, i, off, kl, &lo, &hi);                                                                        \
@@ -118,13 +140,20 @@ static inline float exp_f32(float x) {
             int64_t j = lo;                                                                                            \
             for (; j + 4 <= hi; j += 4) dot4_##SUF(qi, k + j * st[5], st[5], J->D, s + j);                             \
             for (; j < hi; j++) s[j] = dot_##SUF(qi, k + j * st[5], J->D);                                             \
-            T m = -INFINITY, sum = 0;                                                                                  \
-            for (j = lo; j < hi; j++) {                                                                                \
-                s[j] *= scale;                                                                                         \
-                m = s[j] > m ? s[j] : m;                                                                               \
+            T m = sunk ? sink : -INFINITY, sum = 0;                                                                    \
+            const int64_t a = i + off;                                                                                 \
+            if (cap > 0) {                                                                                             \
+                _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] = cap * TANH(s[j] * scale * inv_cap);               \
+            } else {                                                                                                   \
+                _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] *= scale;                                           \
             }                                                                                                          \
+            if (slope != 0) {                                                                                          \
+                _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] += slope * (T)(j - a);                              \
+            }                                                                                                          \
+            for (j = lo; j < hi; j++) m = s[j] > m ? s[j] : m;                                                         \
             _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] = EXP(s[j] - m);                                        \
             _Pragma("omp simd reduction(+ : sum)") for (j = lo; j < hi; j++) sum += s[j];                              \
+            if (sunk) sum += EXP(sink - m);                                                                            \
             for (int64_t d = 0; d < J->Dv; d++) acc[d] = 0;                                                            \
             for (j = lo; j + 4 <= hi; j += 4) axpy4_##SUF(acc, s + j, v + j * st[8], st[8], J->Dv);                    \
             for (; j < hi; j++) axpy_##SUF(acc, s[j], v + j * st[8], J->Dv);                                           \
@@ -141,8 +170,9 @@ static inline float exp_f32(float x) {
         const T *v = (const T *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                           \
         T *dk = (T *)J->dk + ((b * J->Hkv + kvh) * K + ks) * D;                                                        \
         T *dv = (T *)J->dv + ((b * J->Hkv + kvh) * K + ks) * Dv;                                                       \
-        const T scale = (T)J->scale;                                                                                   \
+        const T scale = (T)J->scale, cap = (T)J->softcap, inv_cap = J->softcap > 0 ? (T)(1 / J->softcap) : 0;         \
         for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++) {                                                        \
+            const T slope = J->slopes ? ((const T *)J->slopes)[h] : 0;                                                 \
             const T *q = (const T *)J->q + b * st[0] + h * st[1] + qs * st[2];                                         \
             const T *o = (const T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                     \
             const T *dO = (const T *)J->dout + b * st[12] + h * st[13] + qs * st[14];                                  \
@@ -164,10 +194,22 @@ static inline float exp_f32(float x) {
                     dp[j] = dot_##SUF(doi, v + j * st[8], Dv);                                                         \
                 }                                                                                                      \
                 const T lse_i = lse[i];                                                                                \
-                _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] = EXP(scale * s[j] - lse_i); /* P */                \
+                const int64_t a = i + off;                                                                             \
+                if (cap > 0) { /* d(c tanh(x / c)) / dx = 1 - tanh^2, folded into dP - di */                           \
+                    _Pragma("omp simd") for (j = lo; j < hi; j++) {                                                    \
+                        T t = TANH(scale * s[j] * inv_cap);                                                            \
+                        s[j] = EXP(cap * t + slope * (T)(j - a) - lse_i); /* P */                                      \
+                        dp[j] = (dp[j] - di) * (1 - t * t);                                                            \
+                    }                                                                                                  \
+                } else {                                                                                               \
+                    _Pragma("omp simd") for (j = lo; j < hi; j++) {                                                    \
+                        s[j] = EXP(scale * s[j] + slope * (T)(j - a) - lse_i); /* P */                                 \
+                        dp[j] -= di;                                                                                   \
+                    }                                                                                                  \
+                }                                                                                                      \
                 for (j = lo; j < hi; j++) {                                                                            \
                     axpy_##SUF(dv + j * Dv, s[j], doi, Dv);                                                            \
-                    s[j] = s[j] * (dp[j] - di) * scale; /* dS */                                                       \
+                    s[j] = s[j] * dp[j] * scale; /* dS */                                                              \
                     axpy_##SUF(dk + j * D, s[j], qi, D);                                                               \
                 }                                                                                                      \
                 for (j = lo; j + 4 <= hi; j += 4) axpy4_##SUF(dqi, s + j, k + j * st[5], st[5], D);                    \
@@ -200,8 +242,8 @@ static inline float exp_f32(float x) {
         return NULL;                                                                                                   \
     }
 
-DEFINE_KERNELS(float, f32, exp_f32, logf)
-DEFINE_KERNELS(double, f64, exp, log)
+DEFINE_KERNELS(float, f32, exp_f32, logf, tanh_f32)
+DEFINE_KERNELS(double, f64, exp, log, tanh)
 
 static int run(job_t *J, int threads, void *(*worker)(void *)) {
     if (threads < 1) threads = 1;
@@ -222,14 +264,16 @@ static int run(job_t *J, int threads, void *(*worker)(void *)) {
 }
 
 /* dims: H, Hkv, Q, D, Dv, kmax, window, causal; strides: 16 int64, the (b, h, l) element strides of q, k, v, out and
- * dout, then K (the key length of the contiguous dk / dv). Returns 0, or 1 when a thread's scratch allocation failed,
- * 2 for an unknown dtype. */
+ * dout, then K (the key length of the contiguous dk / dv); softcap (0: none), sinks and slopes ((H,) or NULL): the
+ * score modifiers. Returns 0, or 1 when a thread's scratch allocation failed, 2 for an unknown dtype. */
 int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k, const void *v, void *res,
                      const void *dout, void *lse, void *dq, void *dk, void *dv, const int64_t *strides,
-                     const int64_t *dims, const int64_t *segs, int64_t nseg, double scale, int threads) {
+                     const int64_t *dims, const int64_t *segs, int64_t nseg, double scale, double softcap,
+                     const void *sinks, const void *slopes, int threads) {
     job_t J = {0};
     J.q = q, J.k = k, J.v = v, J.res = res, J.dout = dout, J.lse = lse, J.dq = dq, J.dk = dk, J.dv = dv;
     J.st = strides, J.segs = segs, J.nseg = nseg, J.scale = scale, J.backward = backward;
+    J.softcap = softcap, J.sinks = sinks, J.slopes = slopes;
     J.H = dims[0], J.Hkv = dims[1], J.Q = dims[2], J.D = dims[3], J.Dv = dims[4], J.kmax = dims[5];
     J.window = dims[6], J.causal = (int)dims[7];
     J.n_items = nseg * (backward ? J.Hkv : J.H);

@@ -12,20 +12,27 @@ Every token column (``labels``, ``attention_mask``, ... : list columns whose len
 example) travels with the tokens; ``position_ids`` restart at 0 in every document and ``seq_lengths`` lists the
 documents of each row. Columns that are not token-aligned (text, scalars) have no meaning per packed row and are left
 out. Requires ``datasets`` and ``pyarrow`` (imported when called).
+
+Chat data: ``encode_chat_dataset(ds, tokenizer)`` maps a ``messages`` column through `attnmask.chat.encode_chat`
+(batched, ``num_proc`` processes) into ``input_ids``, ``labels`` (assistant turns only) and ``assistant_masks``,
+ready for ``pack_dataset`` and the collators.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from attnmask.chat import ChatStats, encode_chat
 from attnmask.errors import InputError, bad
 from attnmask.pack import PackPlan, pack
 
-__all__ = ["pack_dataset"]
+__all__ = ["pack_dataset", "encode_chat_dataset"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -229,3 +236,113 @@ def _concat_views(values, starts: np.ndarray, sizes: np.ndarray, row_offsets: np
     flat = view.from_arrays(pa.array(starts.astype(otype)), pa.array(sizes.astype(otype)), values).flatten()
     kind = pa.LargeListArray if pa.types.is_large_list(list_type) else pa.ListArray
     return kind.from_arrays(pa.array(row_offsets.astype(np.int64 if kind is pa.LargeListArray else np.int32)), flat)
+
+
+def encode_chat_dataset(
+    dataset: Any,
+    tokenizer: Any,
+    *,
+    messages_column: str = "messages",
+    tools_column: str | None = None,
+    num_proc: int | None = None,
+    batch_size: int = 1000,
+    return_stats: bool = False,
+    **encode_kwargs: Any,
+) -> Any:
+    """Encode the conversations of ``dataset[messages_column]`` with `attnmask.chat.encode_chat`; returns a `Dataset`.
+
+    Columns out: ``input_ids``, ``labels``, ``assistant_masks`` (token lists) and ``chat_source`` (the input row;
+    pieces of a split conversation share it); the input columns are dropped. ``tools_column`` names a column of
+    per-conversation tool lists. ``encode_kwargs`` go to ``encode_chat`` (``train_on``, ``max_length``,
+    ``overflow``, template variables, ...). ``return_stats=True`` returns ``(dataset, ChatStats)``: conversations
+    dropped, truncated or split by ``max_length``, tokens cut, and conversations left with no trained token, all
+    counted over every process. A template the chat layer cannot locate raises `ChatTemplateError` naming the row.
+    """
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        raise bad(InputError, "dataset", "a datasets.Dataset", type(dataset).__name__)
+    for name, column in (("messages_column", messages_column), ("tools_column", tools_column)):
+        if column is not None and column not in dataset.column_names:
+            raise bad(InputError, name, f"a column of the dataset {dataset.column_names}", repr(column))
+    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+        raise bad(InputError, "num_proc", "None or an int >= 1", repr(num_proc))
+    out = dataset.map(
+        _encode_chat_batch,
+        batched=True,
+        batch_size=batch_size,
+        with_indices=True,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        remove_columns=dataset.column_names,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "messages_column": messages_column,
+            "tools_column": tools_column,
+            "encode_kwargs": encode_kwargs,
+        },
+        desc="attnmask encode_chat",
+    )
+    stats, empty = _chat_stats(out, len(dataset), encode_kwargs.get("overflow", "error"))
+    if stats.dropped or stats.truncated or stats.split or stats.untrained:
+        logging.getLogger("attnmask").warning("attnmask.encode_chat_dataset: %s", stats)
+    out = out.remove_columns(["_chat_cut"])
+    if len(empty):
+        out = out.select(np.flatnonzero(np.isin(np.arange(len(out)), empty, invert=True)))
+    return (out, stats) if return_stats else out
+
+
+def _encode_chat_batch(batch, indices, tokenizer, messages_column, tools_column, encode_kwargs):
+    tools = batch[tools_column] if tools_column is not None else None
+    if tools is not None and all(t is None for t in tools):
+        tools = None
+    try:
+        enc = encode_chat(tokenizer, batch[messages_column], tools=tools, report=False, **encode_kwargs)
+    except InputError as e:  # name the dataset row, not the position in this batch
+        raise type(e)(re.sub(r"conversations\[(\d+)\]", lambda m: f"row {indices[int(m.group(1))]}", str(e))) from None
+    rows = {"input_ids": [], "labels": [], "assistant_masks": [], "chat_source": [], "_chat_cut": []}
+    by_source: dict[int, list[int]] = {}
+    for r, i in enumerate(enc.source):
+        by_source.setdefault(i, []).append(r)
+    for i, length in enumerate(enc.lengths):
+        found = by_source.get(i, [])
+        cut = length - sum(len(enc.input_ids[r]) for r in found)
+        for k, r in enumerate(found or [None]):  # a dropped conversation leaves one empty row, removed afterwards
+            rows["input_ids"].append(enc.input_ids[r] if r is not None else [])
+            rows["labels"].append(enc.labels[r] if r is not None else [])
+            rows["assistant_masks"].append(enc.assistant_masks[r] if r is not None else [])
+            rows["chat_source"].append(indices[i])
+            rows["_chat_cut"].append(cut if k == 0 else 0)
+    return rows
+
+
+def _chat_stats(out, conversations: int, overflow: str) -> tuple[ChatStats, np.ndarray]:
+    """`ChatStats` of an encoded dataset, and its empty rows (left by dropped conversations, to be removed)."""
+    import pyarrow.compute as pc
+
+    table = out.with_format("arrow")[:]
+    lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    source = table["chat_source"].to_numpy().astype(np.int64)
+    cut = table["_chat_cut"].to_numpy().astype(np.int64)
+    flat = pc.list_flatten(table["labels"]).to_numpy(zero_copy_only=False)
+    row_of_token = np.repeat(np.arange(len(lengths)), lengths)
+    trained = np.bincount(row_of_token, weights=flat != -100, minlength=len(lengths)).astype(np.int64)
+    kept = lengths > 0
+    pieces = np.bincount(source[kept], minlength=conversations)
+    cut_by = np.bincount(source, weights=cut, minlength=conversations).astype(np.int64)
+    cut_kept = (cut_by > 0) & (pieces > 0)
+    stats = ChatStats(
+        conversations=conversations,
+        rows=int(kept.sum()),
+        tokens=int(lengths.sum()),
+        trained_tokens=int(trained.sum()),
+        dropped=_ints(np.flatnonzero(pieces == 0)),
+        truncated=_ints(np.flatnonzero(cut_kept)) if overflow == "truncate" else (),
+        split=_ints(np.flatnonzero((pieces > 1) | cut_kept)) if overflow == "split" else (),
+        cut_tokens=int(cut_by.sum()),
+        untrained=_ints(np.unique(source[kept & (trained == 0)])),
+    )
+    return stats, np.flatnonzero(~kept)
+
+
+def _ints(values: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)

@@ -23,11 +23,13 @@ To get the 2D padding mask and the cache geometry without transformers building 
 mask function to transformers' ``AttentionMaskInterface``; it returns an :class:`HFMaskInfo` (O(B·L) memory) that
 the model hands back to the attention function in place of the 4D mask. ``attnmask.attention`` then picks the cheapest
 exact backend (per-document ``varlen`` for packed rows). Limits: models whose masks add ``or``/``and`` overlays (e.g.
-image tokens) are honoured through their predicate, per element (O(B·Q·K)); ``block_sequence_ids`` overlays,
-attention sinks, logit soft-capping and additive position biases (T5) are not supported. The attention function
-keeps an explicit list of the keywords it knows to be harmless (`HARMLESS_KEYWORDS`); any other keyword, and a score
-modifier (`SCORE_MODIFIERS`: ``softcap``, ``s_aux`` / ``sinks``, ``position_bias``) that is not None, raises
-``BackendError`` naming it at the first forward, so a new transformers version cannot slip a score change past it.
+image tokens) are honoured through their predicate, per element (O(B·Q·K)); ``block_sequence_ids`` overlays and
+additive position biases (T5) are not supported. Score modifiers models pass (`PASSED_MODIFIERS`: Gemma2's
+``softcap``, gpt-oss's sinks as ``s_aux``, or ``sinks``) go to ``attnmask.attention`` with the call, which chooses
+among the backends that declare them. The attention function keeps an explicit list of the keywords it knows to be
+harmless (`HARMLESS_KEYWORDS`); any other keyword, and a score modifier it cannot honour (`SCORE_MODIFIERS`:
+``position_bias``) that is not None, raises ``BackendError`` naming it at the first forward, so a new transformers
+version cannot slip a score change past it.
 
 Also here: :class:`DataCollatorForCausalLM` (padding or packing, completion-only labels) for the ``Trainer`` and plain
 loops, and :func:`num_items_in_step` (the target count of an optimizer step, for ``masked_cross_entropy``).
@@ -351,6 +353,7 @@ def attention_forward(
     that is the cheapest.
     """
     _check_keywords(kwargs)
+    mods = _score_mods(kwargs)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     is_causal = kwargs.get("is_causal")
@@ -394,6 +397,7 @@ def attention_forward(
         q_positions=q_positions,
         kv_positions=kv_positions,
         dropout_p=float(dropout) if module.training else 0.0,
+        **mods,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -421,11 +425,11 @@ HARMLESS_KEYWORDS = frozenset(
         "deterministic",  # flash-attention backward determinism
     }
 )
+# Score modifiers models pass that attnmask's attention honours: the keyword, and the `attention` argument it becomes
+# (Gemma2 passes `softcap=config.attn_logit_softcapping`, gpt-oss `s_aux=module.sinks`, one logit per head).
+PASSED_MODIFIERS = {"softcap": "softcap", "s_aux": "sinks", "sinks": "sinks"}
 # Score modifiers that models pass and attnmask's attention does not honour: refused unless None (no modifier).
 SCORE_MODIFIERS = {
-    "softcap": "logit soft-capping (Gemma2's attn_logit_softcapping)",
-    "s_aux": "attention sinks (gpt-oss)",
-    "sinks": "attention sinks",
     "position_bias": "an additive position bias (T5-family relative attention)",
 }
 
@@ -433,7 +437,7 @@ SCORE_MODIFIERS = {
 def _check_keywords(kwargs: dict) -> None:
     """Refuse, with `BackendError` naming it, every keyword that is not known to be harmless."""
     for name, value in kwargs.items():
-        if name in HARMLESS_KEYWORDS or (name in SCORE_MODIFIERS and value is None):
+        if name in HARMLESS_KEYWORDS or name in PASSED_MODIFIERS or (name in SCORE_MODIFIERS and value is None):
             continue
         if name in SCORE_MODIFIERS:
             feature = f"None: attnmask's attention does not support {SCORE_MODIFIERS[name]}"
@@ -449,6 +453,20 @@ def _check_keywords(kwargs: dict) -> None:
     if cu_k is not None and (cu_q is None or not torch.equal(torch.as_tensor(cu_k), torch.as_tensor(cu_q))):
         wanted = "equal to cu_seq_lens_q (the keys are the queries' own tokens)"
         raise bad(BackendError, "cu_seq_lens_k", wanted, None if cu_k is None else torch.as_tensor(cu_k).tolist())
+
+
+def _score_mods(kwargs: dict) -> dict:
+    """The score modifiers among ``kwargs`` as ``attnmask.attention`` keywords (absent ones, None, left out); a
+    ``BackendError`` when two keywords name the same modifier (``s_aux`` and ``sinks``)."""
+    mods, given_as = {}, {}
+    for name, target in PASSED_MODIFIERS.items():
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if target in mods:
+            raise bad(BackendError, name, f"None when {given_as[target]!r} is given (both are {target})", "a value")
+        mods[target], given_as[target] = value, name
+    return mods
 
 
 def _describe(value: Any) -> str:

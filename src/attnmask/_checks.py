@@ -1,0 +1,60 @@
+"""Argument checks shared by the modules above: one definition of "an int in a range"."""
+
+from __future__ import annotations
+
+import operator
+import os
+from typing import Any
+
+import numpy as np
+
+from attnmask.errors import AttnmaskError, InputError, bad
+
+INT64_MAX = 2**63 - 1
+"""The largest token id or length a tensor of int64 holds."""
+
+
+def check_int(
+    name: str, value: Any, *, low: int, high: int | None = None, error: type[AttnmaskError] = InputError
+) -> int:
+    """``value`` as a Python int in ``[low, high]`` (``high=None``: no upper bound), else ``error`` naming ``name``.
+
+    Accepts ``int`` and numpy / torch integer scalars (anything with ``__index__``); refuses ``bool``, floats (even
+    ``2.0``) and strings. Example: ``check_int("max_length", np.int64(8), low=1)`` gives ``8``.
+    """
+    expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+    if isinstance(value, (bool, np.bool_, float, np.floating)):
+        raise bad(error, name, expected, repr(value))
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise bad(error, name, expected, short_repr(value)) from None
+    if value < low:
+        raise bad(error, name, f"an int >= {low}", short_repr(value))
+    if high is not None and value > high:
+        raise bad(error, name, expected, short_repr(value))
+    return value
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters (a 5,000-digit int or a long list must not flood a message)."""
+    if isinstance(value, int) and value.bit_length() > 200:  # repr of a 5,000-digit int raises in Python >= 3.11
+        return f"an int of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except ValueError:  # a huge int nested in a list or tuple
+        return f"a {type(value).__name__} holding a huge int"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_allocation(name: str, nbytes: int, error: type[AttnmaskError] = InputError) -> None:
+    """Refuse, naming ``name``, to build a tensor of more than half the machine's physical memory: the allocator may
+    overcommit and the kernel's OOM killer end the process instead of a typed error."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: let the allocator decide
+        return
+    if nbytes > physical // 2:
+        raise bad(
+            error, name, f"data that fits in half the memory ({physical / 2**31:.1f} GiB)", f"{nbytes / 2**30:,.1f} GiB"
+        )
