@@ -45,6 +45,22 @@ def model(family: str, impl: str = "attnmask") -> torch.nn.Module:
     return _MODELS[family, impl]
 
 
+_SHARED: dict[tuple, torch.nn.Module] = {}
+
+
+def same_weights(key: tuple, impl: str, build) -> torch.nn.Module:
+    """``build(impl)`` (a model with ``attn_implementation=impl``) in eval mode, holding the weights of the attnmask
+    model of the same ``key`` (built first, seed 0), so that implementations are compared on one set of weights."""
+    if (key, impl) not in _SHARED:
+        hf.register()
+        torch.manual_seed(0)
+        m = build(impl).eval()
+        if impl != "attnmask":
+            m.load_state_dict(same_weights(key, "attnmask", build).state_dict())
+        _SHARED[key, impl] = m
+    return _SHARED[key, impl]
+
+
 def alone(family: str, ids: list[int]) -> torch.Tensor:
     """Logits ``(len(ids), VOCAB)`` of one sequence run by itself through transformers' eager attention."""
     with torch.no_grad():
@@ -54,3 +70,27 @@ def alone(family: str, ids: list[int]) -> torch.Tensor:
 def tokens(n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB, (n,), generator=g).tolist()
+
+
+def packed_batch(rows: list[list[list[int]]], length: int) -> dict[str, torch.Tensor]:
+    """Rows of documents packed end to end, right-padded with 0 to ``length``; positions restart per document."""
+    ids, pos, mask = [], [], []
+    for docs in rows:
+        r_ids = [t for d in docs for t in d]
+        r_pos = [p for d in docs for p in range(len(d))]
+        pad = length - len(r_ids)
+        ids.append(r_ids + [0] * pad)
+        pos.append(r_pos + [0] * pad)
+        mask.append([1] * len(r_ids) + [0] * pad)
+    return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(pos), "attention_mask": torch.tensor(mask)}
+
+
+def padded_batch(seqs: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences padded with 0 on ``side`` ("right" or "left") to the longest: ``(input_ids, attention_mask)``."""
+    length = max(map(len, seqs))
+    ids, mask = [], []
+    for s in seqs:
+        pad = length - len(s)
+        ids.append(s + [0] * pad if side == "right" else [0] * pad + s)
+        mask.append([1] * len(s) + [0] * pad if side == "right" else [0] * pad + [1] * len(s))
+    return torch.tensor(ids), torch.tensor(mask)

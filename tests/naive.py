@@ -25,6 +25,11 @@ def naive_allowed(spec: M.MaskSpec, b: int, q: int, k: int) -> bool:
     if isinstance(spec, M.PrefixLM):
         p = int(spec.prefix_lens[b if spec.prefix_lens.shape[0] > 1 else 0])
         return k <= q or k < p
+    if isinstance(spec, M.BidirectionalBlocks):
+        row = spec.doc_ids[b if spec.doc_ids.shape[0] > 1 else 0]
+        return int(row[q]) != -1 and int(row[q]) == int(row[k])
+    if isinstance(spec, M.PrefixKeys):
+        return q >= int(spec.visible_from[b if spec.visible_from.shape[0] > 1 else 0][k])
     if isinstance(spec, M.Document):
         row = spec.doc_ids[b if spec.doc_ids.shape[0] > 1 else 0]
         return int(row[q]) >= 0 and int(row[q]) == int(row[k])

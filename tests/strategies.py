@@ -14,7 +14,8 @@ def row_lengths(draw, batch, length):
 
 @st.composite
 def primitive(draw, batch, length):
-    kind = draw(st.sampled_from(["causal", "window", "chunk", "chunk_off", "prefix", "doc", "pad", "full", "custom"]))
+    kinds = ["causal", "window", "chunk", "chunk_off", "prefix", "doc", "pad", "full", "custom"]
+    kind = draw(st.sampled_from(kinds + ["blocks", "key_filter", "doc_prefix", "mask_mod"]))
     if kind == "causal":
         return am.causal()
     if kind == "window":
@@ -25,7 +26,7 @@ def primitive(draw, batch, length):
         return am.chunked(draw(st.integers(1, length + 1)), [draw(st.integers(0, length)) for _ in range(batch)])
     if kind == "prefix":
         return am.prefix_lm(draw(row_lengths(batch, length)))
-    if kind == "doc":
+    if kind in ("doc", "doc_prefix"):
         rows = []
         for _ in range(batch):
             lens, left = [], draw(st.integers(0, length))
@@ -34,7 +35,24 @@ def primitive(draw, batch, length):
                 lens.append(n)
                 left -= n
             rows.append(lens)
+        if kind == "doc_prefix":
+            prefixes = [[draw(st.integers(0, n)) for n in lens] for lens in rows]
+            spec = am.document_prefix_lm(prefixes, rows, length=length)
+            return spec.parts[1] if draw(st.booleans()) else spec  # the prefix-keys primitive, or with its documents
         return am.document(seq_lens=rows, length=length)
+    if kind == "blocks":  # runs of image tokens numbered in order along the row, -1 between them
+        rows = []
+        for _ in range(batch):
+            flags = [draw(st.booleans()) for _ in range(length)]
+            starts = [f and (i == 0 or not flags[i - 1]) for i, f in enumerate(flags)]
+            ids = torch.tensor(starts).long().cumsum(0) - 1
+            rows.append(torch.where(torch.tensor(flags, dtype=torch.bool), ids, -1))
+        return am.bidirectional_blocks(torch.stack(rows))
+    if kind == "key_filter":
+        ids = torch.tensor([[draw(st.integers(0, 4)) for _ in range(length)] for _ in range(batch)])
+        return am.key_filter(ids, draw(st.lists(st.integers(0, 4), min_size=1, max_size=2)))
+    if kind == "mask_mod":
+        return am.from_mask_mod(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) % 2 == 0, name="even_distance")
     if kind == "pad":
         m = torch.tensor([[draw(st.integers(0, 1)) for _ in range(length)] for _ in range(batch)])
         return am.key_padding(m)

@@ -17,21 +17,8 @@ from attnmask.errors import BackendError, InputError, ShapeError  # noqa: E402
 from attnmask.generation import greedy_generate, left_pad_prompts  # noqa: E402
 from attnmask.integrations import hf  # noqa: E402
 from attnmask.masks import causal, document, key_padding, sliding_window  # noqa: E402
-from tests.hf_models import FAMILIES, VOCAB, alone, model, tokens  # noqa: E402
+from tests.hf_models import FAMILIES, VOCAB, alone, model, packed_batch, padded_batch, tokens  # noqa: E402
 from tests.naive import naive_attention, naive_dense  # noqa: E402
-
-
-def packed_batch(rows: list[list[list[int]]], length: int) -> dict[str, torch.Tensor]:
-    """Rows of documents packed end to end, right-padded with 0 to ``length``; positions restart per document."""
-    ids, pos, mask = [], [], []
-    for docs in rows:
-        r_ids = [t for d in docs for t in d]
-        r_pos = [p for d in docs for p in range(len(d))]
-        pad = length - len(r_ids)
-        ids.append(r_ids + [0] * pad)
-        pos.append(r_pos + [0] * pad)
-        mask.append([1] * len(r_ids) + [0] * pad)
-    return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(pos), "attention_mask": torch.tensor(mask)}
 
 
 def assert_docs_match(family: str, rows: list[list[list[int]]], logits: torch.Tensor) -> None:
@@ -161,20 +148,10 @@ def test_packed_training_gradients_equal_the_sum_over_documents_alone():
 # Padding
 
 
-def _padded(seqs: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(map(len, seqs))
-    ids, mask = [], []
-    for s in seqs:
-        pad = length - len(s)
-        ids.append(s + [0] * pad if side == "right" else [0] * pad + s)
-        mask.append([1] * len(s) + [0] * pad if side == "right" else [0] * pad + [1] * len(s))
-    return torch.tensor(ids), torch.tensor(mask)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_right_padded_batch_matches_unpadded(family):
     seqs = [tokens(10, 51), tokens(3, 52), tokens(7, 53)]
-    ids, mask = _padded(seqs, "right")
+    ids, mask = padded_batch(seqs, "right")
     with torch.no_grad():
         logits = model(family)(ids, attention_mask=mask).logits
     for r, s in enumerate(seqs):
@@ -184,7 +161,7 @@ def test_right_padded_batch_matches_unpadded(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_batch_matches_unpadded_and_is_finite(family):
     seqs = [tokens(10, 61), tokens(2, 62), tokens(6, 63)]
-    ids, mask = _padded(seqs, "left")
+    ids, mask = padded_batch(seqs, "left")
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(family)(ids, attention_mask=mask, position_ids=position_ids).logits
@@ -201,7 +178,7 @@ def test_left_padded_batch_matches_unpadded_and_is_finite(family):
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_generate_left_padded_batch_yields_each_prompt_generated_alone(family, cache):
     prompts = [tokens(9, 71), tokens(3, 72), tokens(6, 73)]
-    ids, mask = _padded(prompts, "left")
+    ids, mask = padded_batch(prompts, "left")
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, cache_implementation=cache)
     out = model(family).generate(ids, attention_mask=mask, **kw)
     for r, p in enumerate(prompts):
@@ -390,7 +367,7 @@ def test_packed_and_padded_forwards_build_no_quadratic_mask(family, monkeypatch)
     from attnmask import masks
 
     seqs = [ROWS[0][0], ROWS[1][0]]
-    ids, mask = _padded(seqs, "right")
+    ids, mask = padded_batch(seqs, "right")
     expected = [alone(family, s) for s in seqs]
 
     def refuse(*args, **kwargs):

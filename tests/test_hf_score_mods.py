@@ -11,8 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from attnmask.errors import BackendError  # noqa: E402
 from attnmask.integrations import hf  # noqa: E402
-from tests.hf_models import COMMON, tokens  # noqa: E402
-from tests.test_hf_integration import _padded, packed_batch  # noqa: E402
+from tests.hf_models import COMMON, packed_batch, padded_batch, tokens  # noqa: E402  # noqa: E402
 
 # Weights large enough that scores reach the softcap and compete with the sinks (the default 0.02 leaves every score
 # near 0, where neither modifier changes anything).
@@ -56,7 +55,7 @@ SEQS = [tokens(10, 71), tokens(3, 72), tokens(7, 73)]
 
 def test_right_padded_batch_equals_each_sequence_alone(pair):
     ours, eager = pair
-    ids, mask = _padded(SEQS, "right")
+    ids, mask = padded_batch(SEQS, "right")
     with torch.no_grad():
         logits = ours(ids, attention_mask=mask).logits
     for r, s in enumerate(SEQS):
@@ -65,7 +64,7 @@ def test_right_padded_batch_equals_each_sequence_alone(pair):
 
 def test_left_padded_batch_equals_each_sequence_alone(pair):
     ours, eager = pair
-    ids, mask = _padded(SEQS, "left")
+    ids, mask = padded_batch(SEQS, "left")
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = ours(ids, attention_mask=mask, position_ids=position_ids).logits
@@ -120,7 +119,7 @@ def test_sinks_given_twice_are_refused():
 
 def test_left_padded_greedy_generation_equals_each_prompt_alone(pair):
     ours, eager = pair
-    ids, mask = _padded(SEQS, "left")
+    ids, mask = padded_batch(SEQS, "left")
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     out = ours.generate(ids, attention_mask=mask, **kw)
     for r, p in enumerate(SEQS):

@@ -24,6 +24,7 @@ Query 3 (second token of the second document) may attend to keys 2 and 3 only.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,10 @@ __all__ = [
     "key_padding",
     "full",
     "custom",
+    "bidirectional_blocks",
+    "key_filter",
+    "document_prefix_lm",
+    "from_mask_mod",
     "resolve_positions",
     "doc_ids_from_seq_lens",
 ]
@@ -803,6 +808,72 @@ class KeyPadding(MaskSpec):
 
 
 @dataclass(frozen=True, eq=False)
+class BidirectionalBlocks(Document):
+    """Tokens of one block attend to each other both ways: ``block[b, q] == block[b, k] >= 0``.
+
+    ``doc_ids``: ``(B, L)`` int64 block ids, -1 for a token in no block (text). Combine with ``|`` on top of a causal
+    rule: ``causal() | bidirectional_blocks(ids)`` is transformers' ``block_sequence_ids`` overlay (Gemma3 and
+    PaliGemma image tokens). The predicate is ``document``'s, so every lowering of it applies; tiles are classified on
+    each tile's smallest and largest block id, exact when ids are non-decreasing apart from -1 (blocks numbered in
+    order along the row, as transformers numbers them).
+    """
+
+    def __repr__(self) -> str:
+        n_blocks = int((self.doc_ids >= 0).sum())
+        return f"bidirectional_blocks(<{tuple(self.doc_ids.shape)}, {n_blocks} tokens in blocks>)"
+
+
+@dataclass(frozen=True, eq=False)
+class KeyFilter(KeyPadding):
+    """Keys whose token id is in ``ignored_ids`` are never attended (special tokens): ``input_ids[b, k] not in ids``.
+
+    Held as the ``(B, L)`` bool mask of kept keys, so every ``key_padding`` lowering applies (exact tiles: FULL where
+    every key of a tile is kept, NONE where none is). Queries are not filtered.
+    """
+
+    ignored_ids: tuple[int, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"key_filter(ignored_ids={list(self.ignored_ids)})"
+
+
+@dataclass(frozen=True, eq=False)
+class PrefixKeys(MaskSpec):
+    """Each key is visible from a query position on: ``q >= visible_from[b, k]``.
+
+    ``visible_from``: ``(B, L)`` int64. ``visible_from[b, k] = k`` is causal; a smaller value opens the key to earlier
+    queries: for a prefix-LM per packed document (`document_prefix_lm`) a key in its document's prefix is visible from
+    the document's first position on. Tiles, on each key tile's smallest and largest ``visible_from``: FULL when the
+    largest is at most the first query, NONE when the smallest is past the last query. Exact for contiguous query
+    positions; sound for any.
+    """
+
+    visible_from: torch.Tensor
+
+    @property
+    def batch_size(self):
+        return self.visible_from.shape[0]
+
+    @property
+    def device(self):
+        return self.visible_from.device
+
+    def max_position(self):
+        return self.visible_from.shape[1]
+
+    def evaluate(self, b, q, k):
+        return q >= self.visible_from[b, k]
+
+    def __repr__(self) -> str:
+        n_open = int((self.visible_from < torch.arange(self.visible_from.shape[1], device=self.device)).sum())
+        return f"prefix_keys(<{tuple(self.visible_from.shape)}, {n_open} keys open to earlier queries>)"
+
+    def classify_tiles(self, grid):
+        lo, hi = grid.cached(id(self), lambda: segment_min_max(grid.read(self.visible_from, "kv"), grid.block_size))
+        return tile_classes(grid.key_axis(hi) <= grid.q_min, grid.key_axis(lo) > grid.q_max)
+
+
+@dataclass(frozen=True, eq=False)
 class Custom(MaskSpec):
     """An arbitrary predicate ``fn(b, h, q_pos, k_pos) -> bool tensor`` (FlexAttention's ``mask_mod`` form).
 
@@ -1082,11 +1153,102 @@ def key_padding(attention_mask: Any) -> MaskSpec:
     return KeyPadding(m)
 
 
+def bidirectional_blocks(block_ids: Any, device: torch.device | str | None = None) -> MaskSpec:
+    """Blocks of tokens that see each other both ways: ``block_ids[b, q] == block_ids[b, k] >= 0``.
+
+    ``block_ids``: ``(L,)`` or ``(B, L)`` ints, -1 = in no block. Not causal by itself: ``causal() |
+    bidirectional_blocks(ids)`` lets the tokens of one block (an image) attend to each other in both directions and
+    everything else causally, as transformers' ``block_sequence_ids``. Example: ids ``[-1, 0, 0, -1]``: query 1 sees
+    key 2.
+    """
+    ids = document(doc_ids=block_ids, device=device).doc_ids
+    return BidirectionalBlocks(ids)
+
+
+def key_filter(input_ids: Any, ignored_ids: Any) -> MaskSpec:
+    """Keys whose token id is one of ``ignored_ids`` are never attended (e.g. special tokens).
+
+    ``input_ids``: ``(L,)`` or ``(B, L)`` ints; ``ignored_ids``: an int or a sequence of ints. Example:
+    ``causal() & key_filter(ids, [tokenizer.bos_token_id])``. O(B·L) to build.
+    """
+    ids = torch.as_tensor(input_ids)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise bad(SpecError, "input_ids", "an integer tensor", f"dtype {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2:
+        raise bad(ShapeError, "input_ids", "shape (L,) or (B, L)", tuple(ids.shape))
+    ignored = _as_row_vector("ignored_ids", ignored_ids).to(ids.device)
+    return KeyFilter(~torch.isin(ids.long(), ignored), tuple(ignored.tolist()))
+
+
+def document_prefix_lm(
+    prefix_lens: Any,
+    seq_lens: Any = None,
+    *,
+    doc_ids: Any = None,
+    position_ids: Any = None,
+    length: int | None = None,
+    device: torch.device | str | None = None,
+) -> MaskSpec:
+    """Prefix-LM per document of packed rows: each document is bidirectional over its prefix and causal after it,
+    and never sees another document.
+
+    ``prefix_lens``: one prefix length per document, a list per row (``[[2, 0], [3]]``; a flat list for one row);
+    lengths count positions inside the document (position space). Documents as in `document`: ``seq_lens`` or
+    ``doc_ids`` (ids must number a row's documents 0, 1, ... in order). ``position_ids`` ``(B, L)`` optional: the
+    position of each token in its document (default: its offset from the document's first token). A key ``k`` of a
+    query's document is visible when ``k <= q`` or its position is below the document's prefix length. Returns
+    ``document(...) & prefix_keys``. Example: ``document_prefix_lm([[2, 1]], [[3, 2]])``: query 0 sees keys 0, 1.
+    """
+    docs = document(seq_lens, doc_ids=doc_ids, length=length, device=device)
+    ids = docs.doc_ids
+    rows = _seq_lens_rows(prefix_lens)
+    if len(rows) != ids.shape[0]:
+        raise bad(ShapeError, "prefix_lens", f"one list per row ({ids.shape[0]} rows)", len(rows))
+    width = max((len(r) for r in rows), default=0)
+    table = torch.zeros((ids.shape[0], width + 1), dtype=torch.long, device=ids.device)
+    for i, row in enumerate(rows):
+        table[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=ids.device)
+    n_docs = int(ids.max()) + 1 if ids.numel() else 0
+    if n_docs > width:
+        raise bad(ShapeError, "prefix_lens", f"a length for each of {n_docs} documents", width)
+    if position_ids is None:
+        within = offsets_in_runs(ids)
+    else:
+        within = _check_positions("position_ids", torch.as_tensor(position_ids, device=ids.device), ids.shape[-1])
+        within = within.expand_as(ids)
+    in_prefix = (ids >= 0) & (within < torch.gather(table, 1, ids.clamp(min=0)))
+    column = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+    return docs & PrefixKeys(torch.where(in_prefix, column - offsets_in_runs(ids), column))
+
+
 def custom(fn: MaskMod, name: str | None = None) -> MaskSpec:
     """Wrap a predicate ``fn(b, h, q_pos, k_pos) -> bool tensor`` (FlexAttention's ``mask_mod`` convention)."""
     if not callable(fn):
         raise bad(SpecError, "fn", "a callable (b, h, q, k) -> bool tensor", type(fn).__name__)
     return Custom(fn, name)
+
+
+def from_mask_mod(mask_mod: Callable, name: str | None = None) -> MaskSpec:
+    """A FlexAttention-style scalar ``mask_mod(b, h, q_idx, kv_idx) -> bool`` as is (attention-gym's mods).
+
+    The mod is written for one element; it is vectorised with ``torch.vmap`` over the broadcast index tensors, as
+    FlexAttention's ``create_block_mask`` does, and wrapped as ``custom`` (evaluated per element). ``q_idx`` /
+    ``kv_idx`` are attnmask positions: with ``Q == K`` FlexAttention's indices; with ``Q < K`` the queries are the
+    last positions. ``h`` is always 0: the mask is the same for every head (as every ``custom``).
+    """
+    if not callable(mask_mod):
+        raise bad(SpecError, "mask_mod", "a callable (b, h, q_idx, kv_idx) -> bool", type(mask_mod).__name__)
+
+    def fn(b, h, q, k):
+        shape = torch.broadcast_shapes(b.shape, h.shape, q.shape, k.shape)
+        if not math.prod(shape):
+            return torch.zeros(shape, dtype=torch.bool, device=q.device)
+        flat = [torch.broadcast_to(t, shape).reshape(-1) for t in (b, h, q, k)]
+        return torch.vmap(mask_mod)(*flat).view(shape)
+
+    return custom(fn, name or getattr(mask_mod, "__name__", "mask_mod"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1108,6 +1270,21 @@ def _as_tensor(name: str, value: Any, device: torch.device | str | None = None) 
         reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
         expected = "a tensor, an array or (nested) lists of numbers"
         raise bad(SpecError, name, expected, f"{type(value).__name__} ({reason})") from None
+
+
+def offsets_in_runs(ids: torch.Tensor) -> torch.Tensor:
+    """Offset of every position from the start of its run of equal ids, ``(B, L)`` -> ``(B, L)`` int64.
+
+    Example: ``[[0, 0, 0, 1, 1, -1]]`` gives ``[[0, 1, 2, 0, 1, 0]]``. O(B·L)."""
+    column = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    return column - torch.where(starts, column, 0).cummax(dim=-1).values
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad(SpecError, name, "an int >= 1", repr(value))
 
 
 def _as_row_vector(name: str, value: Any) -> torch.Tensor:

@@ -15,6 +15,9 @@ Per attention call, the mask is rebuilt as a *spec* from what transformers passe
   ``position_ids`` (a document starts wherever a position is not the previous one plus one, as in transformers'
   ``find_packed_sequence_indices``). Unlike transformers' own sdpa/eager path this also holds when an all-ones 2D mask
   or a (still empty) KV cache comes with packed ``position_ids`` (transformers PR #46634); padding gets document -1;
+- chunked-attention layers (Llama4's ``attention_chunk_size``; transformers says so only to the mask call, as
+  ``local_size``) -> chunks counted as transformers counts them: per document in position space on packed rows
+  (folded into the document ids, so varlen runs per chunk), else after each row's left padding;
 - a KV cache: the queries are the last ``Q`` positions (bottom-right), or the positions the cache reports (static
   caches). Documents are only detected when the keys are the queries' own (no cache content, no static-cache slots):
   a decoding step treats each row as one sequence.
@@ -23,7 +26,8 @@ To get the 2D padding mask and the cache geometry without transformers building 
 mask function to transformers' ``AttentionMaskInterface``; it returns an :class:`HFMaskInfo` (O(B·L) memory) that
 the model hands back to the attention function in place of the 4D mask. ``attnmask.attention`` then picks the cheapest
 exact backend (per-document ``varlen`` for packed rows). Limits: models whose masks add ``or``/``and`` overlays (e.g.
-image tokens) are honoured through their predicate, per element (O(B·Q·K)); ``block_sequence_ids`` overlays and
+image tokens) are honoured through their predicate, per element (O(B·Q·K)), and transformers' own
+``block_sequence_ids`` overlay (Gemma3 / PaliGemma image tokens) structurally, as ``| bidirectional_blocks(ids)``;
 additive position biases (T5) are not supported. Score modifiers models pass (`PASSED_MODIFIERS`: Gemma2's
 ``softcap``, gpt-oss's sinks as ``s_aux``, or ``sinks``) go to ``attnmask.attention`` with the call, which chooses
 among the backends that declare them. The attention function keeps an explicit list of the keywords it knows to be
@@ -52,7 +56,18 @@ from attnmask.attention import attention
 from attnmask.batch import Batch, Collator
 from attnmask.errors import BackendError, InputError, ShapeError, bad
 from attnmask.integrations.ranks import global_num_items
-from attnmask.masks import MaskSpec, causal, custom, document, full, key_padding, sliding_window
+from attnmask.masks import (
+    MaskSpec,
+    bidirectional_blocks,
+    causal,
+    chunked,
+    custom,
+    document,
+    full,
+    key_padding,
+    offsets_in_runs,
+    sliding_window,
+)
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -88,6 +103,15 @@ class HFMaskInfo:
     - ``mask_function``: transformers' predicate ``(b, h, q, k) -> bool`` on absolute positions. Only consulted when
       ``overlay`` is True (a model added and/or mask functions, e.g. image tokens): then the mask is evaluated per
       element, O(B·Q·K).
+    - ``chunk_size``: set for the mask of chunked-attention layers (Llama4's ``attention_chunk_size``): a query sees
+      keys of its own chunk only. ``left_padding``: ``(B,)`` int64, the leading padding of every row of the full 2D
+      mask, which chunks start after (as transformers' ``chunked_overlay``); ``None`` when there is no mask.
+    - ``position_ids``: ``(B, L)``, the packed rows' positions when transformers found packed sequences (it tells the
+      mask function only, inside its predicate); the documents of models that do not hand ``position_ids`` to their
+      attention function (Llama4) come from them.
+    - ``block_ids``: ``(B, kv_length)`` int64, transformers' ``block_sequence_ids`` for the keys of this call (sliced
+      like ``padding``, -1 past the given ids): tokens of one block (an image) attend to each other both ways, on top
+      of the causal rule (``| bidirectional_blocks``).
 
     Example: decoding one token after a 5-token prompt with a dynamic cache gives ``q_length=1, kv_length=6,
     q_offset=5, kv_offset=0``. Transformers treats it as an already-prepared 4D mask (``ndim == 4``) when
@@ -101,6 +125,10 @@ class HFMaskInfo:
     kv_offset: int = 0
     mask_function: Callable | None = None
     overlay: bool = False
+    chunk_size: int | None = None
+    left_padding: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    block_ids: torch.Tensor | None = None
 
     ndim = 4  # read by transformers' mask preprocessing: "already prepared, pass it through"
 
@@ -141,8 +169,11 @@ def build_mask_info(
     if isinstance(attention_mask, HFMaskInfo):
         return attention_mask
     q_offset, kv_offset = int(q_offset), int(kv_offset)
-    padding = None
+    chunk_size, overlay = _chunk_size(kwargs.get("config"), kwargs.get("local_size"))
+    padding = left_padding = None
     if attention_mask is not None:
+        if chunk_size is not None:  # counted on the whole 2D mask, before the cache window slices it
+            left_padding = (attention_mask.long().cumsum(dim=-1) == 0).sum(dim=-1)
         padding = attention_mask.bool()
         missing = kv_offset + kv_length - padding.shape[-1]
         if missing > 0:  # e.g. a static cache longer than the tokens seen: the unused slots are not real keys
@@ -150,7 +181,67 @@ def build_mask_info(
         padding = padding[:, kv_offset : kv_offset + kv_length]
         if bool(padding.all()):
             padding = None
-    return HFMaskInfo(padding, q_length, kv_length, q_offset, kv_offset, mask_function, bool(use_vmap))
+    overlay = overlay or bool(use_vmap)
+    packed = blocks = None
+    if attention_mask is None and mask_function is not None:
+        packed = _closure_tensor(mask_function, "position_ids")
+    if not overlay and mask_function is not None:
+        blocks = _closure_tensor(mask_function, "block_sequence_ids")
+        if blocks is not None:
+            missing = kv_offset + kv_length - blocks.shape[-1]
+            if missing > 0:
+                blocks = torch.nn.functional.pad(blocks, (0, missing), value=-1)
+            blocks = blocks[:, kv_offset : kv_offset + kv_length].long()
+    return HFMaskInfo(
+        padding,
+        q_length,
+        kv_length,
+        q_offset,
+        kv_offset,
+        mask_function,
+        overlay,
+        chunk_size,
+        left_padding,
+        packed,
+        blocks,
+    )
+
+
+def _closure_tensor(fn: Callable, name: str, depth: int = 0) -> torch.Tensor | None:
+    """The 2D tensor a transformers mask predicate holds under the free variable ``name`` (its and/or combinators
+    nest predicates in closures), or ``None``. transformers' packed-sequence predicate is the only one of its mask
+    builders that captures ``position_ids``, its block overlay the only one that captures ``block_sequence_ids``;
+    they are read, never called. O(size of the predicate tree)."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or cells is None or depth > 8:
+        return None
+    for var, cell in zip(code.co_freevars, cells, strict=True):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if var == name and isinstance(value, torch.Tensor) and value.dim() == 2:
+            return value
+        for item in value if isinstance(value, tuple) else (value,):
+            found = _closure_tensor(item, name, depth + 1) if callable(item) else None
+            if found is not None:
+                return found
+    return None
+
+
+def _chunk_size(config: Any, local_size: Any) -> tuple[int | None, bool]:
+    """The chunk of a chunked-attention mask call, and whether the call must fall back to the model's predicate.
+
+    transformers tells the mask function nothing but ``local_size``: the chunk size for ``create_chunked_causal_mask``
+    and the window for sliding-window masks. It is a chunk when it equals the config's ``attention_chunk_size``; when
+    the config's ``sliding_window`` has the same value the two cannot be told apart, and the model's own predicate is
+    evaluated per element instead (exact, O(B·Q·K))."""
+    chunk = getattr(config, "attention_chunk_size", None)
+    if local_size is None or chunk is None or int(local_size) != int(chunk):
+        return None, False
+    if getattr(config, "sliding_window", None) == chunk:
+        return None, True
+    return int(chunk), False
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -268,8 +359,9 @@ _UNHASHABLE = object()
 
 def _documents_spec(
     kwargs: dict, info: HFMaskInfo | None, shape: tuple[int, int], padding: torch.Tensor | None, device: torch.device
-) -> MaskSpec | None:
-    """``document(...)`` for the rows of a call without past keys, or ``None`` (then ``key_padding`` applies).
+) -> tuple[MaskSpec | None, bool]:
+    """``document(...)`` for the rows of a call without past keys, or ``None`` (then ``key_padding`` applies), and
+    whether the rows are packed (documents from the call's boundaries rather than one per padded row).
 
     Packed rows: from ``seq_lens``, ``cu_seq_lens_q`` or ``position_ids`` (in that order). A padded batch of single
     sequences becomes one document per row with padding in none (``doc_ids = mask - 1``): the real queries see the
@@ -277,23 +369,61 @@ def _documents_spec(
     form is one varlen backends take. ``shape``: ``(B, Q)``.
     """
     if info is not None and info.has_past:
-        return None  # decoding: documents of past keys are not known; rows are single sequences
+        return None, False  # decoding: documents of past keys are not known; rows are single sequences
     batch, q_len = shape
     seq_lens = kwargs.get("seq_lens")
     if seq_lens is not None:
-        return document(seq_lens=seq_lens, length=q_len, device=device)
+        return document(seq_lens=seq_lens, length=q_len, device=device), True
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
         if batch != 1 or int(cu[-1]) != q_len:
             raise bad(ShapeError, "cu_seq_lens_q", f"one flattened row whose lengths sum to {q_len}", cu.tolist())
-        return document(seq_lens=torch.diff(cu).tolist(), length=q_len, device=device)
+        return document(seq_lens=torch.diff(cu).tolist(), length=q_len, device=device), True
     pos = kwargs.get("position_ids")
     ids = None
     if pos is not None and pos.dim() == 2 and pos.shape[-1] == q_len:
         ids = _documents_memo.get(pos, padding)
     if ids is None:
-        return None if padding is None else document(doc_ids=padding.long() - 1)
-    return document(doc_ids=ids.expand(batch, -1) if ids.shape[0] != batch else ids)
+        return (None if padding is None else document(doc_ids=padding.long() - 1)), False
+    return document(doc_ids=ids.expand(batch, -1) if ids.shape[0] != batch else ids), True
+
+
+def _chunked_documents(
+    documents: MaskSpec, size: int, packed: bool, position_ids: Any, left_padding: torch.Tensor | None, first: int = 0
+) -> MaskSpec:
+    """``documents & chunked(...)`` as one ``document`` spec whose ids are the (document, chunk) pairs, so that every
+    backend, varlen included, runs it per chunk.
+
+    Chunks are counted as transformers counts them: in position space per document on packed rows (its packed-mask
+    path evaluates the chunk predicate on ``position_ids``; without them, on the position inside the document), else
+    on the absolute column (``first``: that of the first key) minus the row's left padding (``chunked_overlay``).
+    Example, ``size=2``, packed positions ``[0, 1, 2, 0, 1]``: ids ``[0, 0, 1, 2, 2]``. O(B·L).
+    """
+    ids = documents.doc_ids
+    column = torch.arange(first, first + ids.shape[-1], device=ids.device).expand_as(ids)
+    if packed and isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == ids.shape[-1]:
+        within = position_ids.to(ids.device).expand_as(ids)
+    elif packed:
+        within = offsets_in_runs(ids)
+    else:
+        within = column if left_padding is None else column - left_padding.to(ids.device).view(-1, 1)
+    inside = ids >= 0
+    chunk = torch.div(within, size, rounding_mode="floor")
+    if not bool(inside.any()):
+        return documents
+    chunk = chunk - chunk[inside].min()
+    pairs = ids * (int(chunk[inside].max()) + 1) + chunk
+    return document(doc_ids=torch.where(inside, pairs, -1))
+
+
+def _chunks_on_keys(size: int, info: HFMaskInfo, batch: int, device: torch.device) -> MaskSpec:
+    """``chunked(size)`` on the key positions of a call (relative to ``info.kv_offset``, e.g. with a cache): chunks
+    start after each row's left padding, counted on absolute columns as transformers does."""
+    left = info.left_padding
+    if left is None and info.kv_offset == 0:
+        return chunked(size)
+    left = torch.zeros(batch, dtype=torch.long, device=device) if left is None else left.to(device).long()
+    return chunked(size, offsets=left - info.kv_offset)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -306,13 +436,15 @@ def spec_for_call(
     window: int | None = None,
     padding: torch.Tensor | None = None,
     documents: MaskSpec | None = None,
+    chunks: MaskSpec | None = None,
 ) -> MaskSpec:
-    """The mask spec of one call: ``causal() | sliding_window(w) | full()`` & documents & key padding.
+    """The mask spec of one call: ``causal() | sliding_window(w) | full()`` & documents & key padding [& chunks].
 
     ``window``: keys per query including itself (transformers' ``sliding_window``); implies causal.
     ``padding``: ``(B, K)`` True = real key. ``documents``: a ``document(...)`` spec; positions outside every document
-    attend to nothing, so padding is then already excluded. Example: ``spec_for_call(window=3)`` is
-    ``sliding_window(3)``.
+    attend to nothing, so padding is then already excluded. ``chunks``: a ``chunked(...)`` spec (chunked-attention
+    layers with a cache; without one the chunks are folded into ``documents``). Example: ``spec_for_call(window=3)``
+    is ``sliding_window(3)``.
     """
     if window is not None and not is_causal:
         raise bad(BackendError, "sliding_window", "a causal layer (bidirectional windows are not supported)", window)
@@ -321,6 +453,8 @@ def spec_for_call(
         spec = spec & documents
     if padding is not None and documents is None:
         spec = spec & key_padding(padding)
+    if chunks is not None:
+        spec = spec & chunks
     return spec
 
 
@@ -369,16 +503,36 @@ def attention_forward(
         info = attention_mask
         if info is not None and (info.kv_length != kv_len or info.q_length != q_len):
             raise bad(ShapeError, "attention_mask", f"a mask for Q={q_len}, K={kv_len}", info.shape)
-        if info is not None and info.overlay:
+        if _is_cross_attention(module, is_causal, sliding_window, q_len, kv_len):
+            # keys are the encoder's: only its padding matters, never the queries' own positions
+            spec = full() if info is None or info.padding is None else full() & key_padding(info.padding)
+            if q_len > kv_len:  # the rule ignores query positions; any in range will do
+                q_positions = torch.zeros(q_len, dtype=torch.long, device=query.device)
+        elif info is not None and info.overlay:
             spec = _overlay_spec(info)
             q_positions = torch.arange(info.q_offset, info.q_offset + q_len, device=query.device)
             kv_positions = torch.arange(info.kv_offset, info.kv_offset + kv_len, device=query.device)
         else:
             padding = info.padding if info is not None else None
+            chunk = info.chunk_size if info is not None else None
+            if kwargs.get("position_ids") is None and info is not None and info.position_ids is not None:
+                kwargs = {**kwargs, "position_ids": info.position_ids}  # the model's attention is not given them
 
             def build() -> MaskSpec:
-                documents = _documents_spec(kwargs, info, (batch, q_len), padding, query.device)
-                return spec_for_call(is_causal=is_causal, window=sliding_window, padding=padding, documents=documents)
+                documents, packed = _documents_spec(kwargs, info, (batch, q_len), padding, query.device)
+                chunks = None
+                if chunk is not None and documents is None:  # with a cache, or one unpadded sequence per row
+                    chunks = _chunks_on_keys(chunk, info, batch, query.device)
+                elif chunk is not None:
+                    position_ids, first = kwargs.get("position_ids"), info.kv_offset
+                    documents = _chunked_documents(documents, chunk, packed, position_ids, info.left_padding, first)
+                spec = spec_for_call(
+                    is_causal=is_causal, window=sliding_window, padding=padding, documents=documents, chunks=chunks
+                )
+                if info is not None and info.block_ids is not None:  # transformers ORs the blocks in, then pads
+                    spec = spec | bidirectional_blocks(info.block_ids)
+                    spec = spec if padding is None else spec & key_padding(padding)
+                return spec
 
             spec = _shared_spec(
                 kwargs, info, (batch, q_len, kv_len), padding, query.device, is_causal, sliding_window, build
@@ -481,12 +635,26 @@ def _shared_spec(kwargs, info, shape, padding, device, is_causal, window, build)
     listed = None if seq_lens is None or isinstance(seq_lens, torch.Tensor) else _frozen(seq_lens)
     if listed is _UNHASHABLE:
         return build()
-    settings = (is_causal, window, shape, device, info is not None and info.has_past, listed)
+    has_past = info is not None and info.has_past
+    chunk = None if info is None else (info.chunk_size, info.kv_offset)
+    settings = (is_causal, window, shape, device, has_past, listed, chunk)
     tensors = (padding, kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"))
+    tensors += (None, None) if info is None else (info.left_padding, info.block_ids)
     tensors += (seq_lens,) if isinstance(seq_lens, torch.Tensor) else (None,)
     if not all(t is None or isinstance(t, torch.Tensor) for t in tensors):
         return build()
     return _recent_specs.get(settings, tensors, build)
+
+
+def _is_cross_attention(module: Any, is_causal: bool, window: int | None, q_len: int, kv_len: int) -> bool:
+    """Whether the call attends from decoder queries to encoder keys (BART-family ``encoder_attn``, Whisper, ...).
+
+    transformers says so to neither the mask nor the attention function; its encoder-decoder attention modules are
+    built ``is_decoder=True, is_causal=False`` for cross-attention only (decoder self-attention is causal, encoder
+    self-attention is not a decoder's). A bidirectional call with more queries than keys can only be one too."""
+    if is_causal or window is not None:
+        return False
+    return getattr(module, "is_decoder", False) is True or q_len > kv_len
 
 
 def _overlay_spec(info: HFMaskInfo) -> MaskSpec:
