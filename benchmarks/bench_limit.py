@@ -47,7 +47,7 @@ FITTED = {
     "varlen": ("_PAIR_COST", "CALL_COST", "COPY_COST", "SMALL_MATMUL_COST", "_SDPA_ROW_COST", "_SMALL_ROW_COST"),
     "blocksparse": ("_PAIR_COST", "_MASK_COST", "CALL_COST"),
     "banded": ("_PAIR_COST", "_TILE_COST", "_HEAD_COST", "_MASK_COST", "COPY_COST"),
-    "native": ("_PAIR_COST", "_ROW_COST", "_CALL_COST", "COPY_COST"),
+    "native": ("_PAIR_COST", "_LONG_PAIR_COST", "_ROW_COST", "_CALL_COST", "COPY_COST"),
 }
 SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
