@@ -28,6 +28,7 @@ import importlib
 import math
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -468,7 +469,8 @@ def main(argv: list[str] | None = None) -> None:
                 print("\n".join(busy_table(rows, names, grad)), flush=True)
     print(f"\nload {_load()}; total {time.perf_counter() - t0:.0f} s")
     print(
-        "reproduce: PYTHONPATH=src python benchmarks/bench_limit.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        "reproduce: PYTHONPATH=src python benchmarks/bench_limit.py "
+        + shlex.join(sys.argv[1:] if argv is None else argv)
     )
 
 
