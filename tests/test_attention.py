@@ -84,8 +84,11 @@ def test_causal_with_fewer_queries_than_keys_is_bottom_right_aligned():
     assert_matches_reference(got, naive_attention(q, k, v, bottom_right))
 
 
-@pytest.mark.parametrize("q_len, kv_len, expect_is_causal", [(5, 5, True), (3, 5, False), (1, 5, False)])
-def test_sdpa_is_causal_is_used_only_when_queries_equal_keys(monkeypatch, q_len, kv_len, expect_is_causal):
+@pytest.mark.parametrize(
+    "q_len, kv_len, expect_is_causal, expect_mask", [(5, 5, True, False), (3, 5, False, True), (1, 5, False, False)]
+)
+def test_sdpa_is_causal_is_used_only_when_queries_equal_keys(monkeypatch, q_len, kv_len, expect_is_causal, expect_mask):
+    """(1 query: the last position sees every key, so no mask at all.)"""
     seen, original = [], F.scaled_dot_product_attention
 
     def spy(*args, **kwargs):
@@ -96,7 +99,7 @@ def test_sdpa_is_causal_is_used_only_when_queries_equal_keys(monkeypatch, q_len,
     q, k, v = torch.randn(1, 2, q_len, 4), torch.randn(1, 2, kv_len, 4), torch.randn(1, 2, kv_len, 4)
     out = am.attention(q, k, v, am.causal(), backend="sdpa")
     assert seen and seen[0].get("is_causal", False) == expect_is_causal
-    assert (seen[0].get("attn_mask") is None) == expect_is_causal
+    assert (seen[0].get("attn_mask") is not None) == expect_mask
     assert_matches_reference(out, naive_attention(q, k, v, am.causal().to_dense(q_len, kv_len)))
 
 
@@ -282,3 +285,15 @@ def test_a_refused_explicit_backend_lists_all_its_reasons():
     with pytest.raises(am.BackendError) as info:
         am.attention(q, q, q, torch.ones(4, 4, dtype=torch.bool), backend="banded", dropout_p=0.1)
     assert "takes masks of kind" in str(info.value) and "dropout" in str(info.value)
+
+
+def test_sdpa_decode_step_under_causal_is_the_unmasked_kernel():
+    """One query at the default (last) position sees every key: "sdpa" runs no mask, and matches naive attention."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 1, 8, generator=g)
+    k, v = torch.randn(2, 2, 37, 8, generator=g), torch.randn(2, 2, 37, 8, generator=g)
+    out = am.attention(q, k, v, am.causal(), backend="sdpa")
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    torch.testing.assert_close(out, naive_attention(q, k, v, torch.ones(1, 37, dtype=torch.bool)).float())
+    first = am.attention(q, k, v, am.causal(), backend="sdpa", q_positions=torch.tensor([0]))  # explicit: one key
+    torch.testing.assert_close(first, v[:, :, :1].repeat_interleave(2, dim=1))

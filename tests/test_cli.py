@@ -520,6 +520,26 @@ def test_bench_reports_a_failing_script(tmp_path, capsys):
     assert "bench_alpha.py   ok" in proc.stdout
 
 
+def test_quick_notes_quote_the_readme_headlines_word_for_word():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for script, notes in cli.QUICK_NOTES.items():
+        assert (ROOT / "benchmarks" / script).is_file(), script
+        for headline, _ in notes:
+            assert f"| {headline}" in readme, headline
+
+
+def test_bench_quick_prints_why_a_quick_ratio_differs_from_the_readme(tmp_path):
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    (folder / "bench_hf_train.py").write_text("import sys\nprint('--quick' in sys.argv)\n")
+    proc = run("bench", "--quick", "--dir", folder)
+    assert proc.returncode == 0, proc.stderr
+    assert "True\nnote: README headline training step, tiny Llama, rows of 4096" in proc.stdout
+    assert "rows of 256" in proc.stdout
+    proc = run("bench", "--dir", folder)  # full size: the README's own sizes, no note
+    assert "note:" not in proc.stdout
+
+
 def test_bench_without_scripts_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "benchmarks").mkdir()
     assert_usage_error(call(capsys, "bench", "--dir", tmp_path / "benchmarks"), "no bench_*.py scripts")

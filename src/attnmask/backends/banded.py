@@ -36,6 +36,7 @@ MAX_BAND_KEYS = 256  # wider bands go to sdpa / varlen / blocksparse
 _HEAD_COST = 1e5  # Python and dispatch overhead of one head's few kernel calls, in element operations
 # Per (tile, head) item of the SDPA batch: measured 4-7 us with the mask and edge tiles, whatever the tile size.
 _TILE_COST = 2.3e5
+_PAIR_COST = 1.0  # one multiply-add of a pair of the band (one SDPA call on small tiles)
 _MASK_COST = 20.0  # evaluating the spec on one (query, key) pair of the band, once for all heads
 
 
@@ -128,7 +129,7 @@ def _estimate(call, bs: int, width: int) -> float:
     n_tiles = -(-call.q_len // bs)
     band = n_tiles * bs * width * bs
     heads = call.batch * call.heads
-    per_head = band * (call.head_dim + call.value_dim) + n_tiles * _TILE_COST + _HEAD_COST
+    per_head = band * (call.head_dim + call.value_dim) * _PAIR_COST + n_tiles * _TILE_COST + _HEAD_COST
     work = heads * (per_head + call.q_len * call.value_dim * COPY_COST)  # the output is assembled by one copy
     return float(work + (call.mask.batch_size or 1) * band * _MASK_COST)
 

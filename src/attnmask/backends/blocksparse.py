@@ -29,6 +29,7 @@ from attnmask.tiles import PARTIAL
 __all__ = ["BACKEND", "MAX_KEYS", "MAX_ROWS", "blocksparse_attention", "run_layout", "spec_tile_mask"]
 
 TileMask = Callable[[int, int, int, int, int], torch.Tensor]
+_PAIR_COST = 1.3  # one multiply-add of a pair of a FULL or PARTIAL tile (tile-sized matmuls, online softmax)
 _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL tile
 
 
@@ -412,14 +413,14 @@ def cost(call) -> float:
         return float("inf")
     per_pair = call.heads * (call.head_dim + call.value_dim)
     if call.mask is not None and not call.mask.is_structural:
-        return (1.3 * per_pair + _MASK_COST) * call.batch * call.q_len * call.kv_len
+        return (_PAIR_COST * per_pair + _MASK_COST) * call.batch * call.q_len * call.kv_len
     layout = cached(call, "layout", _layout)
     counts = layout.counts()
     tile = layout.block_size**2
     rows = call.batch if layout.batch_size == 1 else 1
     work = (counts["full"] + counts["partial"]) * rows * tile * per_pair
     groups = layout.batch_size * layout.n_q_tiles * rows
-    return 1.3 * work + counts["partial"] * rows * tile * _MASK_COST + groups * CALL_COST
+    return _PAIR_COST * work + counts["partial"] * rows * tile * _MASK_COST + groups * CALL_COST
 
 
 def _layout_groups(call):

@@ -337,13 +337,25 @@ def segment_attention(
 # kernel walks each allowed pair with vector dot products, a vectorised exp and axpys instead of blocked matrix
 # products (measured ~2x slower per pair than SDPA's kernel, which however computes whole key blocks), and reads and
 # writes each query row once (measured about as costly as SDPA's own per-row work). See bench_backends.py.
-_PAIR_COST = 1.8
+# A pair costs more once a query's run of keys no longer stays in the L1 cache (64 keys and values of D=64 floats are
+# 32 KiB): measured as native's ps per unit of this estimate against the other backends' on the same rows
+# (bench_backends.py --quick and bench_limit.py, RESULTS.md issue 15): about the same for documents of 8-32 tokens,
+# 1.5-2.1x (median ~1.9) for runs of 256 keys and more. A run is a document's keys, or the window when narrower.
+_PAIR_COST = 1.8  # a pair of a run of at most _SHORT_RUN keys
+_LONG_PAIR_COST = 3.4  # a pair of a longer run (1.8 x 1.9)
+_SHORT_RUN = 64
 _ROW_COST = 50.0  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
 _CALL_COST = 2e4  # one ctypes call and the output allocation
 
 
 def allowed_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> float:
     """Number of (query, key) pairs the segments allow, in closed form (no per-query loop). ``segments`` ``(N, 6)``.
+    The sum of :func:`segment_pairs`."""
+    return float(segment_pairs(segments, causal, window).sum())
+
+
+def segment_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
+    """``(N,)`` float64: the (query, key) pairs each segment allows, in closed form (no per-query loop).
 
     Causal: query ``i`` of a segment sees ``clamp(a, 0, k_len) - clamp(a - w, 0, k_len)`` keys with
     ``a = i + offset + 1`` (the second term only with a window ``w``), summed through ``F(x) = sum_{a=1..x}
@@ -351,7 +363,7 @@ def allowed_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> f
     seg = segments.double()
     ql, kl, off = seg[:, 2], seg[:, 4], seg[:, 5]
     if not causal:
-        return float((ql * kl).sum())
+        return ql * kl
 
     def F(x: torch.Tensor) -> torch.Tensor:  # sum_{a=1..x} clamp(a, 0, kl), 0 for x <= 0
         x = x.clamp(min=0)
@@ -361,7 +373,7 @@ def allowed_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> f
     pairs = F(off + ql) - F(off)
     if window is not None:
         pairs = pairs - (F(off + ql - window) - F(off - window))
-    return float(pairs.sum())
+    return pairs
 
 
 def unsupported(call) -> str | None:
@@ -370,12 +382,17 @@ def unsupported(call) -> str | None:
 
 
 def cost(call) -> float:
-    """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each, each query row and head at ``_ROW_COST`` per
-    element, and float32 copies of half-precision inputs (comparable with the ``"varlen"`` backend's cost)."""
+    """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each (``_LONG_PAIR_COST`` in runs of more than
+    ``_SHORT_RUN`` keys), each query row and head at ``_ROW_COST`` per element, and float32 copies of half-precision
+    inputs (comparable with the ``"varlen"`` backend's cost)."""
     plan = varlen_plan(call)
     width = call.head_dim + call.value_dim
-    pairs = allowed_pairs(plan.segments, plan.causal or plan.window is not None, plan.window)
-    work = pairs * call.heads * width * _PAIR_COST + call.batch * call.heads * call.q_len * width * _ROW_COST
+    segs = plan.segments
+    per_segment = segment_pairs(segs, plan.causal or plan.window is not None, plan.window)
+    run = segs[:, 4] if plan.window is None else segs[:, 4].clamp(max=plan.window)
+    long = run > _SHORT_RUN
+    pairs = float(per_segment[~long].sum()) * _PAIR_COST + float(per_segment[long].sum()) * _LONG_PAIR_COST
+    work = pairs * call.heads * width + call.batch * call.heads * call.q_len * width * _ROW_COST
     if call.q.dtype not in (torch.float32, torch.float64):
         tokens = call.batch * (call.heads * call.q_len + 2 * call.kv_heads * call.kv_len)
         work += tokens * width * 2 * COPY_COST

@@ -26,9 +26,13 @@ from attnmask.backends.contract import (
     rows_with_keys,
     score_bias,
 )
-from attnmask.masks import MaskSpec
+from attnmask.masks import Causal, MaskSpec
 
 __all__ = ["BACKEND"]
+
+# On CPU the estimate is in multiply-adds of SDPA's kernel (the unit of every CPU backend's estimate), plus:
+_MASK_COST = 2.0  # building and reading one element of a spec's dense bool mask
+_CALL_COST = 0.0  # fixed cost of a call with a spec's mask (positions, to_dense, the masked kernel's set-up)
 
 
 def run(call: AttentionCall) -> torch.Tensor:
@@ -40,7 +44,7 @@ def run(call: AttentionCall) -> torch.Tensor:
         sdpa_kwargs["dropout_p"] = call.dropout_p
     if call.score_mods:
         return _run_with_bias(call, sdpa_kwargs)
-    if call.is_full:
+    if call.is_full or _one_query_sees_all(call):
         return F.scaled_dot_product_attention(call.q, call.k, call.v, **sdpa_kwargs)
     if call.is_plain_causal:
         # is_causal is top-left aligned: only used when Q == K, where both alignments agree.
@@ -53,6 +57,12 @@ def run(call: AttentionCall) -> torch.Tensor:
         allowed = allowed.logical_or_(~has_key) if owned else allowed | ~has_key
     out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, **sdpa_kwargs)
     return out.masked_fill(~has_key, 0.0) if empty_rows else out
+
+
+def _one_query_sees_all(call: AttentionCall) -> bool:
+    """``causal()`` with one query at default (bottom-right) positions: the query is the last position and sees every
+    key, so the unmasked kernel is exact (a decoding step: no dense mask, SDPA's fastest path)."""
+    return type(call.mask) is Causal and call.q_len == 1 and call.kv_len >= 1 and not call.positions_given
 
 
 def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:
@@ -87,13 +97,14 @@ def cost(call: AttentionCall) -> float:
     if call.q.device.type == "cuda":
         return cuda_costs.sdpa_cost(call)
     work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
-    if call.is_full:
+    if call.is_full or _one_query_sees_all(call):
         return float(work)
     if call.is_plain_causal:
         return work / 2  # the fused kernel skips the tiles above the diagonal
     mask_rows = call.batch if isinstance(call.mask, MaskSpec) else 0
     bias = 4 * call.batch * call.heads * call.q_len * call.kv_len if call.score_mods else 0  # the float bias
-    return float(work + 2 * mask_rows * call.q_len * call.kv_len + bias)
+    masked = _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0)
+    return float(work + masked + bias)
 
 
 BACKEND = Backend(

@@ -37,6 +37,7 @@ from attnmask.errors import BackendError, ShapeError, bad
 
 __all__ = ["BACKEND", "segments_from_varlen", "varlen_attention"]
 
+_PAIR_COST = 1.0  # one multiply-add of a pair inside SDPA's blocked kernel: the unit every CPU estimate is in
 _SDPA_ROW_COST = 40.0  # SDPA's fixed work per query row and head (per element of D + Dv): short documents pay it
 _SMALL_ROW_COST = 130.0  # the tiny-document path's unfused softmax, masking and casts, per query row element and head
 _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this many keys go through batched matmuls
@@ -332,7 +333,7 @@ def cost(call) -> float:
         pairs = torch.minimum(pairs, ql * plan.window * 2)
     calls = len({(a, b, c) for a, b, c in segs[:, [2, 4, 5]].tolist()})
     width = call.head_dim + call.value_dim
-    work = float(pairs.sum()) * call.heads * width
+    work = float(pairs.sum()) * call.heads * width * _PAIR_COST
     small = segs[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
     tokens = (segs[:, 2] * call.heads + segs[:, 4] * call.kv_heads).double() * width
     overhead = int(small.sum()) * 2 * call.heads * SMALL_MATMUL_COST + float(tokens.sum()) * COPY_COST

@@ -1,0 +1,482 @@
+"""PYTHONPATH=src python benchmarks/bench_limit.py [--quick | --dry-run] [--mode fwd,fwdbwd] [--dtype float32,bfloat16]
+[--threads 1] [--busy] [--reps 3] [--only causal,window]
+
+How close does attention come to the pair-proportional limit on each mask structure, and does ``"auto"`` pick the
+fastest backend? The pair-proportional ideal is unmasked SDPA's time on the same shapes times the fraction of allowed
+(query, key) pairs, measured in the same process. For each structure it prints the allowed fraction, the ideal, the
+time of every backend ``attnmask.explain`` says supports the call and ``"auto"`` may pick on this device (``reference``
+aside: the dense O(B·H·Q·K) definition), ``auto``'s pick (from ``explain``), auto / ideal, auto / best, and the
+issue's bound for that row (runs of allowed keys >= 512: forward 1.25x, forward + backward 1.5x; shorter runs: 2x).
+
+Sizes (default): rows of 8,192 tokens, B=1 (B=2 for the padded rows), H=4, D=64; decode: Q of 1, 8, 16 against 32,768
+keys. ``--quick``: rows of 1,024 and 4,096 keys (under a minute); ``--dry-run``: rows of 256, one round (a smoke test).
+
+Timing: wall clock, median of ``--reps`` interleaved rounds (each round times every backend once, in a rotated
+order) after one warm-up call each; plans are cached per spec object, as across the layers of a model sharing one
+spec, so the times are of the steady state. ``auto``'s time is its pick's time. ``--busy``: in every round the
+backends are timed once idle and once while another process spins on a core (started before, killed after each busy
+phase; it also ends itself after 15 minutes): the table then shows each backend's slowdown next to stock SDPA's.
+
+ps/unit columns (``--units``): measured picoseconds per unit of each backend's cost estimate; a calibrated cost model
+has the same ps/unit across backends and rows (``auto`` compares estimates, so only their ratios matter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import attnmask as am
+from attnmask.backends import REGISTRY
+
+# The constants of each backend's CPU cost estimate that ``--fit`` refits (module attributes of
+# ``attnmask.backends.<name>``; every estimate is linear in them). "sdpa"'s estimate (pairs times D + Dv) is the unit.
+FITTED = {
+    "sdpa": ("_MASK_COST", "_CALL_COST"),
+    "varlen": ("_PAIR_COST", "CALL_COST", "COPY_COST", "SMALL_MATMUL_COST", "_SDPA_ROW_COST", "_SMALL_ROW_COST"),
+    "blocksparse": ("_PAIR_COST", "_MASK_COST", "CALL_COST"),
+    "banded": ("_PAIR_COST", "_TILE_COST", "_HEAD_COST", "_MASK_COST", "COPY_COST"),
+    "native": ("_PAIR_COST", "_LONG_PAIR_COST", "_ROW_COST", "_CALL_COST", "COPY_COST"),
+}
+SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the table: a mask on ``B`` rows of ``q_len`` queries and ``kv_len`` keys; ``run`` is the length of
+    the shortest run of allowed keys the structure is about (document, window, chunk), which sets the bound."""
+
+    name: str
+    spec: am.MaskSpec | None
+    batch: int
+    q_len: int
+    kv_len: int
+    run: int
+
+
+def _lengths(total: int, low: int, high: int, gen: torch.Generator) -> list[int]:
+    """Random document lengths in ``[low, high]`` summing to ``total`` (the last one cut to fit)."""
+    lens, left = [], total
+    while left > 0:
+        n = min(left, int(torch.randint(low, high + 1, (1,), generator=gen)))
+        lens.append(n)
+        left -= n
+    return lens
+
+
+def cases(length: int, decode_keys: int, seed: int = 0) -> list[Case]:
+    """The structures of issue 15 on rows of ``length`` tokens (decode against ``decode_keys`` keys)."""
+    gen = torch.Generator().manual_seed(seed)
+    L = length
+    real = torch.ones(2, L, dtype=torch.bool)
+    left, right = real.clone(), real.clone()
+    left[1, : L // 2] = False  # row 1 holds L/2 real tokens, padded on the left ...
+    right[1, L // 2 :] = False  # ... or on the right
+    few = [L // 2, L // 4, L // 8, L - L // 2 - L // 4 - L // 8]
+    short = _lengths(L, max(L // 40, 8), max(L // 14, 16), gen)  # ~400 tokens at L = 8192
+    tiny = _lengths(L, 8, 32, gen)
+    mixed_docs = _lengths(L, L // 6, L // 3, gen)  # ~2,000 tokens at L = 8192
+    w = [max(L // 32, 4), max(L // 8, 8), max(L // 2, 16)]  # 256, 1024, 4096 at L = 8192
+    chunk, prefix = max(L // 8, 8), L // 4
+    rows = [
+        Case("causal", am.causal(), 1, L, L, L),
+        Case("causal + left padding", am.causal() & am.key_padding(left), 2, L, L, L // 2),
+        Case("causal + right padding", am.causal() & am.key_padding(right), 2, L, L, L // 2),
+        Case(f"documents: few long ({min(few)}+)", am.causal() & am.document(seq_lens=few), 1, L, L, min(few)),
+        Case(
+            f"documents: many short (~{L // len(short)})",
+            am.causal() & am.document(seq_lens=short),
+            1,
+            L,
+            L,
+            min(short),
+        ),
+        Case("documents: tiny (8-32)", am.causal() & am.document(seq_lens=tiny), 1, L, L, 8),
+        *(Case(f"sliding window {n}", am.sliding_window(n), 1, L, L, n) for n in w),
+        Case(f"causal chunked {chunk}", am.causal() & am.chunked(chunk), 1, L, L, chunk),
+        Case(f"prefix-LM {prefix}", am.prefix_lm(prefix), 1, L, L, prefix),
+        Case(
+            f"window {w[1]} + documents (~{L // len(mixed_docs)})",
+            am.sliding_window(w[1]) & am.document(seq_lens=mixed_docs),
+            1,
+            L,
+            L,
+            w[1],
+        ),
+    ]
+    rows += [Case(f"decode Q={n}, K={decode_keys}", am.causal(), 1, n, decode_keys, decode_keys) for n in (1, 8, 16)]
+    return rows
+
+
+def allowed_fraction(case: Case) -> float:
+    """Fraction of the ``B·Q·K`` (query, key) pairs the mask allows (dense evaluation, 64 query rows at a time)."""
+    if case.spec is None:
+        return 1.0
+    allowed = 0
+    q_pos = torch.arange(case.kv_len - case.q_len, case.kv_len)
+    kv_pos = torch.arange(case.kv_len)
+    for start in range(0, case.q_len, 512):
+        dense = case.spec.to_dense(
+            min(512, case.q_len - start), case.kv_len, q_positions=q_pos[start : start + 512], kv_positions=kv_pos
+        )
+        allowed += int(dense.sum()) * (case.batch if dense.shape[0] == 1 else 1)
+    return allowed / (case.batch * case.q_len * case.kv_len)
+
+
+def inputs(case: Case, heads: int, dim: int, dtype: torch.dtype, grad: bool, gen: torch.Generator):
+    q = torch.randn(case.batch, heads, case.q_len, dim, generator=gen).to(dtype)
+    k, v = (torch.randn(case.batch, heads, case.kv_len, dim, generator=gen).to(dtype) for _ in range(2))
+    return tuple(t.requires_grad_(grad) for t in (q, k, v))
+
+
+def step(fn, qkv, grad: bool):
+    """One call of ``fn(q, k, v)``, with its backward when ``grad`` (gradients reset, so nothing accumulates)."""
+    if not grad:
+        with torch.no_grad():
+            fn(*qkv)
+        return
+    for t in qkv:
+        t.grad = None
+    out = fn(*qkv)
+    out.backward(torch.ones_like(out))
+
+
+class Spinner:
+    """Another process spinning on one core while in the ``with`` block (ended on exit, and by itself in 15 min)."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=900)])
+        time.sleep(0.3)  # let it take a core
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generator) -> dict:
+    """Times of the stock unmasked SDPA and every backend auto may pick (idle, and busy with ``--busy``)."""
+    qkv = inputs(case, args.heads, args.dim, dtype, grad, gen)
+    explained = am.explain(*qkv, case.spec)
+    costs = {
+        n: c
+        for n, c, ok in zip(explained.backends, explained.costs, explained.auto_eligible, strict=True)
+        if ok and c is not None and c != float("inf") and n != "reference"
+    }
+    fns = {"(unmasked sdpa)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+    for name in costs:
+        fns[name] = lambda q, k, v, n=name: am.attention(q, k, v, case.spec, backend=n)
+    phases = ("idle", "busy") if args.busy else ("idle",)
+    times = {(p, n): [] for p in phases for n in fns}
+    for fn in fns.values():
+        step(fn, qkv, grad)  # warm-up: plans built and cached, kernel compiled
+    names = list(fns)
+    for r in range(args.reps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for phase in phases:
+            spinner = Spinner() if phase == "busy" else None
+            try:
+                if spinner:
+                    spinner.__enter__()
+                for name in order:
+                    t0 = time.perf_counter()
+                    step(fns[name], qkv, grad)
+                    times[phase, name].append(time.perf_counter() - t0)
+            finally:
+                if spinner:
+                    spinner.__exit__()
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    return {"fraction": allowed_fraction(case), "med": med, "costs": costs, "picked": explained.picked}
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}" if seconds < 0.1 else f"{seconds * 1e3:.0f}"
+
+
+def header(names: list[str], args, dtype, grad) -> list[str]:
+    mode = "forward + backward" if grad else "forward"
+    return [
+        "",
+        f"**{mode}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} thread(s)** "
+        f"(ms, median of {args.reps}; auto = its pick's time{'; ps per cost unit in brackets' if args.units else ''})",
+        "",
+        "| structure | allowed | ideal ms | "
+        + " | ".join(names)
+        + " | auto picks | auto / ideal | auto / best | bound | ok |",
+        "|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|",
+    ]
+
+
+def row(case: Case, m: dict, names: list[str], args, grad: bool) -> str:
+    """One line of the idle table: times, auto's pick, its ratios to the ideal and the best, and the bound."""
+    med = m["med"]
+    ideal = med["idle", "(unmasked sdpa)"] * m["fraction"]
+    timed = {n: med["idle", n] for n in m["costs"]}
+    best = min(timed.values())
+    auto = timed.get(m["picked"], float("nan"))
+    bound = (1.5 if grad else 1.25) if case.run >= 512 else 2.0
+    ok = "yes" if auto / ideal <= bound and auto / best <= 1.1 else "**no**"
+    cells = []
+    for n in names:
+        if n not in timed:
+            cells.append("-")
+            continue
+        cell = fmt_ms(timed[n]) + (f" ({timed[n] / m['costs'][n] * 1e12:.0f})" if args.units else "")
+        cells.append(f"**{cell}**" if timed[n] == best else cell)
+    return (
+        f"| {case.name} | {m['fraction']:.3f} | {fmt_ms(ideal)} | "
+        + " | ".join(cells)
+        + f" | {m['picked']} | {auto / ideal:.2f} | {auto / best:.2f} | {bound:.2f} | {ok} |"
+    )
+
+
+def busy_table(case_rows, names: list[str], grad: bool) -> list[str]:
+    """Slowdown busy / idle of stock unmasked SDPA and of every backend, and auto's pick against the best when busy."""
+    mode = "forward + backward" if grad else "forward"
+    cols = ["(unmasked sdpa)", *names]
+    lines = ["", f"**{mode}, one core busy: slowdown busy / idle (busy ms)**", ""]
+    lines.append("| structure | " + " | ".join(cols) + " | auto picks | auto busy / best busy | slows more than sdpa |")
+    lines.append("|---|" + "---|" * len(cols) + "---|---|---|")
+    for case, m in case_rows:
+        med = m["med"]
+        slow = {n: med["busy", n] / med["idle", n] for n in ["(unmasked sdpa)", *m["costs"]]}
+        busy = {n: med["busy", n] for n in m["costs"]}
+        auto_busy = busy.get(m["picked"], float("nan")) / min(busy.values())
+        worse = [n for n in m["costs"] if slow[n] > slow["(unmasked sdpa)"] * 1.1]
+        cells = [f"{slow[n]:.2f} ({fmt_ms(med['busy', n])})" if n in slow else "-" for n in cols]
+        lines.append(
+            f"| {case.name} | "
+            + " | ".join(cells)
+            + f" | {m['picked']} | {auto_busy:.2f} | {', '.join(worse) or '-'} |"
+        )
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --fit: the cost constants from measured tables
+
+
+def parse_tables(path: str, length: int, decode_keys: int) -> list[tuple[Case, bool, torch.dtype, str, float]]:
+    """``(case, grad, dtype, backend, seconds)`` of every timed cell of this script's idle tables in ``path``."""
+    text = open(path, encoding="utf-8").read()
+    sizes = re.search(r"rows of (\d+), decode against (\d+) keys", text)
+    if sizes:
+        length, decode_keys = int(sizes.group(1)), int(sizes.group(2))
+    by_name = {c.name: c for c in cases(length, decode_keys)}
+    out, grad, dtype, names = [], False, torch.float32, []
+    for line in text.splitlines():
+        title = re.match(r"\*\*(forward \+ backward|forward), (\w+), ", line)
+        if title:
+            grad, dtype = title.group(1) != "forward", getattr(torch, title.group(2))
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if cells[0] == "structure" and cells[1] == "allowed":
+            names = cells[3 : cells.index("auto picks")]
+        elif names and cells[0] in by_name and len(cells) > 3 + len(names):
+            for name, cell in zip(names, cells[3 : 3 + len(names)], strict=True):
+                if cell != "-":
+                    out.append((by_name[cells[0]], grad, dtype, name, float(cell.split()[0]) / 1e3))
+    return out
+
+
+def features(case: Case, grad: bool, dtype: torch.dtype, name: str, args) -> list[float]:
+    """``name``'s estimate for the case split by constant: ``[the rest, d estimate / d constant for FITTED[name]]``
+    (the estimate is linear in each constant), read through ``am.explain`` with the constants patched."""
+    qkv = tuple(torch.zeros(s).requires_grad_(grad) for s in _shapes(case, args))
+    qkv = tuple(t.to(dtype) if dtype != torch.float32 else t for t in qkv)
+    module = importlib.import_module(f"attnmask.backends.{name}")
+    constants = FITTED.get(name, ())
+    saved = {c: getattr(module, c) for c in constants}
+
+    def estimate(ones: set[str]) -> float:
+        for c in constants:
+            setattr(module, c, 1.0 if c in ones else 0.0)
+        explained = am.explain(*qkv, case.spec)
+        at = explained.backends.index(name)
+        if explained.costs[at] is None:
+            raise RuntimeError(f"{name} refuses {case.name}: {explained.reasons[at]}")
+        return explained.costs[at]
+
+    try:
+        rest = estimate(set())
+        return [rest] + [estimate({c}) - rest for c in constants]
+    finally:
+        for c, value in saved.items():
+            setattr(module, c, value)
+
+
+def _shapes(case: Case, args) -> list[tuple[int, ...]]:
+    q = (case.batch, args.heads, case.q_len, args.dim)
+    kv = (case.batch, args.heads, case.kv_len, args.dim)
+    return [q, kv, kv]
+
+
+def nonnegative_fit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Least squares ``a @ x ~ b`` with ``x >= 0`` (columns whose coefficient would go negative are dropped and the
+    rest refitted until none does; an all-zero column gets ``nan``: the data do not determine it)."""
+    x = torch.full((a.shape[1],), float("nan"), dtype=torch.float64)
+    active = [j for j in range(a.shape[1]) if bool(a[:, j].abs().sum() > 0)]
+    x[active] = 0.0
+    while active:
+        sol = torch.linalg.lstsq(a[:, active], b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        x[active] = sol
+        if bool((sol >= 0).all()):
+            break
+        dropped = [j for j, v in zip(active, sol.tolist(), strict=True) if v < 0]
+        x[dropped] = 0.0
+        active = [j for j in active if j not in dropped]
+    return x
+
+
+def fit(paths: list[str], args) -> None:
+    """Per backend, the constants of ``FITTED`` scaled by the median of measured time / estimate, in "sdpa"'s unit
+    (ps per unit = median of sdpa's time / its pair work), and auto's picks on the measured rows before and after."""
+    # forward cells only: the estimates do not yet tell a call that will be differentiated from one that will not
+    cells = [cell for p in paths for cell in parse_tables(p, args.length, args.decode_keys) if not cell[1]]
+    sdpa = [t / features(c, g, d, n, args)[0] for c, g, d, n, t in cells if n == "sdpa"]
+    unit = statistics.median(sdpa)
+    print(
+        f"{len(cells)} timed cells from {', '.join(paths)}; sdpa: {unit * 1e12:.1f} ps per unit (median of {len(sdpa)})"
+    )
+    before = pick_quality(cells, args)
+    print("| backend | constant | now | fitted | cells | median abs error now -> fitted |")
+    print("|---|---|---|---|---|---|")
+    fits = {}
+    for name, constants in FITTED.items():
+        rows = [(features(c, g, d, n, args), t / unit) for c, g, d, n, t in cells if n == name]
+        if not rows:
+            continue
+        module = importlib.import_module(f"attnmask.backends.{name}")
+        now = torch.tensor([getattr(module, c) for c in constants], dtype=torch.float64)
+        f = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+        y = torch.tensor([r[1] for r in rows], dtype=torch.float64)
+        # One factor per backend on all its constants, the median of measured / estimated (robust to the noisy
+        # cells of a shared machine; a free fit of every constant is not determined by a few dozen cells). "sdpa"'s
+        # pair cost is the unit; its mask and call costs are left as they are.
+        estimate = f[:, 0] + f[:, 1:] @ now
+        scale = 1.0 if name == "sdpa" else float((y / estimate).median())
+        fitted = now * scale
+        err_now = ((f[:, 0] + f[:, 1:] @ now) / y - 1).abs().median()
+        err_fit = ((f[:, 0] + f[:, 1:] @ fitted) / y - 1).abs().median()
+        for j, c in enumerate(constants):
+            errors = f"{err_now:.2f} -> {err_fit:.2f}" if j == 0 else ""
+            print(f"| {name} | {c} | {now[j]:.3g} | {fitted[j]:.3g} | {len(rows)} | {errors} |")
+        fits[module] = dict(zip(constants, fitted.tolist(), strict=True))
+    for module, values in fits.items():  # each backend's factor alone: does it improve auto's picks?
+        own = {c: getattr(module, c) for c in values}
+        try:
+            for c, value in values.items():
+                setattr(module, c, value)
+            alone = pick_quality(cells, args)
+        finally:
+            for c, value in own.items():
+                setattr(module, c, value)
+        print(f"{module.__name__.rsplit('.', 1)[1]} factor alone: {summary(alone)}")
+    saved = {(module, c): getattr(module, c) for module, values in fits.items() for c in values}
+    try:  # auto's picks under all the fitted constants, then the modules' own constants back
+        for module, values in fits.items():
+            for c, value in values.items():
+                setattr(module, c, value)
+        after = pick_quality(cells, args)
+    finally:
+        for (module, c), value in saved.items():
+            setattr(module, c, value)
+    print("\n| structure | rows | auto / best now | with the fitted constants |")
+    print("|---|---|---|---|")
+    for key in before:
+        print(f"| {key[0]} | {key[1]} | {before[key][0]} {before[key][1]:.2f} | {after[key][0]} {after[key][1]:.2f} |")
+    print(f"now: {summary(before)}\nall fitted: {summary(after)}")
+
+
+def summary(result: dict) -> str:
+    ratios = [r[1] for r in result.values()]
+    within = sum(r <= 1.1 for r in ratios)
+    geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    return (
+        f"{within} of {len(ratios)} rows within 1.1x of the fastest, geometric mean {geo:.2f}, worst {max(ratios):.2f}"
+    )
+
+
+def pick_quality(cells, args) -> dict:
+    """``(structure, row length) -> (auto's pick, its measured time / the fastest measured)`` under the constants
+    the backend modules hold now."""
+    groups: dict = {}
+    for case, _grad, dtype, name, seconds in cells:
+        groups.setdefault((case.name, case.kv_len, dtype), (case, {}))[1][name] = seconds
+    out = {}
+    for (title, kv_len, dtype), (case, times) in groups.items():
+        qkv = tuple(torch.zeros(s, dtype=dtype) for s in _shapes(case, args))
+        picked = am.explain(*qkv, case.spec).picked
+        out[title, kv_len] = (picked, times.get(picked, float("nan")) / min(times.values()))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--decode-keys", type=int, default=32768)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--mode", default="fwd", help="comma-separated: fwd, fwdbwd")
+    parser.add_argument("--dtype", default="float32", help="comma-separated: float32, bfloat16")
+    parser.add_argument("--only", default="", help="comma-separated substrings of structure names")
+    parser.add_argument("--busy", action="store_true", help="also time every backend with one core busy")
+    parser.add_argument("--units", action="store_true", help="add ps per cost unit to every time")
+    parser.add_argument("--quick", action="store_true", help="rows of 1,024, decode against 4,096 keys")
+    parser.add_argument("--dry-run", action="store_true", help="rows of 256, decode against 512 keys, one round")
+    parser.add_argument("--fit", nargs="+", metavar="OUTPUT", help="fit the cost constants to saved outputs; no timing")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.length, args.decode_keys = 1024, 4096
+    if args.dry_run:
+        args.length, args.decode_keys, args.reps = 256, 512, 1
+    torch.set_num_threads(args.threads)
+    if args.fit:
+        fit(args.fit, args)
+        return
+    gen = torch.Generator().manual_seed(0)
+    wanted = [s for s in args.only.split(",") if s]
+    selected = [c for c in cases(args.length, args.decode_keys) if not wanted or any(w in c.name for w in wanted)]
+    t0 = time.perf_counter()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), rows of {args.length}, decode against "
+        f"{args.decode_keys} keys, H={args.heads}, D={args.dim}, load {_load()}"
+    )
+    for dtype_name in args.dtype.split(","):
+        dtype = getattr(torch, dtype_name)
+        for mode in args.mode.split(","):
+            grad = {"fwd": False, "fwdbwd": True}[mode]
+            names = [b.name for b in REGISTRY if "cpu" in b.devices and b.auto_on("cpu") and b.name != "reference"]
+            print("\n".join(header(names, args, dtype, grad)), flush=True)
+            rows = []
+            for case in selected:
+                rows.append((case, measure(case, args, dtype, grad, gen)))
+                print(row(*rows[-1], names, args, grad), flush=True)
+            if args.busy:
+                print("\n".join(busy_table(rows, names, grad)), flush=True)
+    print(f"\nload {_load()}; total {time.perf_counter() - t0:.0f} s")
+    print(
+        "reproduce: PYTHONPATH=src python benchmarks/bench_limit.py "
+        + shlex.join(sys.argv[1:] if argv is None else argv)
+    )
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+if __name__ == "__main__":
+    main()

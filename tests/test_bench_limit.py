@@ -1,0 +1,61 @@
+"""``benchmarks/bench_limit.py`` runs (its smallest setting, as CI does) and counts allowed pairs exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import attnmask as am
+import attnmask.backends.native as native
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_limit.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_limit", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_limit", module)  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_prints_a_row_per_structure_and_the_command(capsys):
+    bench = load_bench()
+    bench.main(["--dry-run", "--mode", "fwd,fwdbwd", "--only", "causal,tiny,decode Q=8"])
+    out = capsys.readouterr().out
+    for name in ("| causal |", "| causal + left padding |", "| documents: tiny (8-32) |", "| decode Q=8, K=512 |"):
+        assert out.count(name) == 2, name  # forward, forward + backward
+    assert "auto / ideal" in out and "reproduce: PYTHONPATH=src python benchmarks/bench_limit.py --dry-run" in out
+
+
+def test_allowed_fraction_matches_dense_count():
+    bench = load_bench()
+    for case in bench.cases(96, 160):
+        dense = case.spec.to_dense(case.q_len, case.kv_len)
+        expected = float(dense.expand(case.batch, -1, -1).double().mean())
+        assert abs(bench.allowed_fraction(case) - expected) < 1e-12, case.name
+    causal = bench.Case("causal", am.causal(), 1, 1000, 1000, 1000)
+    assert bench.allowed_fraction(causal) == 1001 / 2000
+
+
+def test_cases_cover_the_issue_structures():
+    names = " / ".join(c.name for c in load_bench().cases(8192, 32768))
+    parts = ("left padding", "right padding", "few long", "~4", "tiny", "window 256", "window 1024", "window 4096")
+    parts += ("chunked 1024", "prefix-LM 2048", "+ documents", "Q=1,", "Q=16, K=32768")
+    for part in parts:
+        assert part in names, part
+
+
+def test_fit_reads_its_own_tables_and_replays_autos_choice(capsys, tmp_path):
+    bench = load_bench()
+    bench.main(["--dry-run", "--only", "tiny,window 8", "--units"])
+    table = tmp_path / "limit.txt"
+    table.write_text(capsys.readouterr().out)
+    cells = bench.parse_tables(str(table), 8192, 32768)  # the sizes come from the table's first line
+    assert {c.q_len for c, *_ in cells} == {256} and {"sdpa", "native"} <= {name for *_, name, _ in cells}
+    own = native._PAIR_COST
+    bench.main(["--fit", str(table)])
+    out = capsys.readouterr().out
+    assert "| native | _PAIR_COST |" in out and "now: " in out and "native factor alone: " in out
+    assert native._PAIR_COST == own  # the fit replays picks under its factors, then puts the modules' own back
