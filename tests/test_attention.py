@@ -1,6 +1,7 @@
 """attention(): every backend equals the float64 naive reference, empty rows give exact zeros, bad input is named."""
 
 import importlib
+import sys
 
 import pytest
 import torch
@@ -297,3 +298,18 @@ def test_sdpa_decode_step_under_causal_is_the_unmasked_kernel():
     torch.testing.assert_close(out, naive_attention(q, k, v, torch.ones(1, 37, dtype=torch.bool)).float())
     first = am.attention(q, k, v, am.causal(), backend="sdpa", q_positions=torch.tensor([0]))  # explicit: one key
     torch.testing.assert_close(first, v[:, :, :1].repeat_interleave(2, dim=1))
+
+
+def test_a_decoding_step_skips_the_masked_key_scan_since_its_query_sees_every_key(monkeypatch):
+    attention_module = sys.modules["attnmask.attention"]  # the package's ``attention`` names the function
+
+    def scanned(k, v):
+        raise AssertionError("scanned k and v for a call that masks no key")
+
+    monkeypatch.setattr(attention_module, "_all_finite", scanned)
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    out = am.attention(q, k, v, am.causal())
+    full = am.attention(q, k, v, None)
+    assert torch.equal(out, full)
+    with pytest.raises(AssertionError, match="scanned"):  # two queries: the first does not see the last key
+        am.attention(torch.randn(2, 4, 2, 8), k, v, am.causal())

@@ -144,6 +144,13 @@ class AttentionCall:
         """No key is ever masked: no mask, or exactly ``full()``."""
         return self.mask is None or type(self.mask) is Full
 
+    @property
+    def masks_no_key(self) -> bool:
+        """Every query may see every key: :attr:`is_full`, or ``causal()`` with one query at the default
+        (bottom-right) position, the last one, which sees every key (a decoding step)."""
+        one_causal_query = type(self.mask) is Causal and self.q_len == 1 and not self.positions_given
+        return self.is_full or (one_causal_query and self.kv_len >= 1)
+
 
 def mask_kind(call: AttentionCall) -> str:
     """One of :data:`MASK_KINDS` for ``call.mask``."""

@@ -26,7 +26,7 @@ from attnmask.backends.contract import (
     rows_with_keys,
     score_bias,
 )
-from attnmask.masks import Causal, MaskSpec
+from attnmask.masks import MaskSpec
 
 __all__ = ["BACKEND"]
 
@@ -44,7 +44,7 @@ def run(call: AttentionCall) -> torch.Tensor:
         sdpa_kwargs["dropout_p"] = call.dropout_p
     if call.score_mods:
         return _run_with_bias(call, sdpa_kwargs)
-    if call.is_full or _one_query_sees_all(call):
+    if call.masks_no_key:
         return F.scaled_dot_product_attention(call.q, call.k, call.v, **sdpa_kwargs)
     if call.is_plain_causal:
         # is_causal is top-left aligned: only used when Q == K, where both alignments agree.
@@ -57,12 +57,6 @@ def run(call: AttentionCall) -> torch.Tensor:
         allowed = allowed.logical_or_(~has_key) if owned else allowed | ~has_key
     out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, **sdpa_kwargs)
     return out.masked_fill(~has_key, 0.0) if empty_rows else out
-
-
-def _one_query_sees_all(call: AttentionCall) -> bool:
-    """``causal()`` with one query at default (bottom-right) positions: the query is the last position and sees every
-    key, so the unmasked kernel is exact (a decoding step: no dense mask, SDPA's fastest path)."""
-    return type(call.mask) is Causal and call.q_len == 1 and call.kv_len >= 1 and not call.positions_given
 
 
 def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:
@@ -97,7 +91,7 @@ def cost(call: AttentionCall) -> float:
     if call.q.device.type == "cuda":
         return cuda_costs.sdpa_cost(call)
     work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
-    if call.is_full or _one_query_sees_all(call):
+    if call.masks_no_key:
         return float(work)
     if call.is_plain_causal:
         return work / 2  # the fused kernel skips the tiles above the diagonal
