@@ -21,7 +21,7 @@ import torch
 
 from attnmask import masks as M
 from attnmask.errors import BackendError, DTypeError, ShapeError, bad
-from attnmask.lowering import varlen_args
+from attnmask.lowering import VarlenArgs, varlen_args
 from attnmask.plancache import call_plans
 
 __all__ = [
@@ -189,20 +189,31 @@ def varlen_plan(call) -> VarlenPlan | str:
     return cached(call, "varlen", _build_varlen_plan)
 
 
-def _build_varlen_plan(call) -> VarlenPlan | str:
+def call_varlen_args(call) -> VarlenArgs | str:
+    """``varlen_args`` of the call's spec at its shape, or why the call has none: not a spec of the varlen form,
+    explicit positions, or padding queries that see keys (a varlen kernel computes only the sequences). O(B·K).
+    Shared by the CPU ``varlen`` backend and the CUDA varlen kernels (``backends.packed``)."""
     spec = call.mask
     if not isinstance(spec, M.MaskSpec):
-        return "needs a structural mask spec"
+        return "needs a mask spec of the varlen form (documents, padding, causal, sliding window)"
     if call.positions_given:
         return "needs default (bottom-right) positions"
-    if (empty := degenerate(call)) is not None:
-        return empty
     try:
         args = varlen_args(spec, call.q_len, call.kv_len)
     except BackendError as err:
         return str(err)
     if args.padding_queries_attend:
-        return "padding queries attend to real keys under this spec, and varlen computes only the sequences"
+        return "padding queries attend to real keys under this spec, and a varlen kernel computes only the sequences"
+    return args
+
+
+def _build_varlen_plan(call) -> VarlenPlan | str:
+    if (empty := degenerate(call)) is not None:
+        return empty
+    args = call_varlen_args(call)
+    if isinstance(args, str):
+        return args
+    spec = call.mask
     window = None if args.window_size[0] < 0 else args.window_size[0] + 1
     segs = segments_from_varlen(args, call.batch, call.q_len, call.kv_len, spec.batch_size or 1)
     return VarlenPlan(check_segments(segs, call.q, call.k, call.v), args.causal, window)

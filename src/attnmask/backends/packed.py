@@ -31,15 +31,13 @@ import torch
 import torch.nn.functional as F
 
 import attnmask.backends.cuda_costs as cuda_costs
+from attnmask.backends._common import call_varlen_args
 from attnmask.backends.contract import Backend
-from attnmask.errors import BackendError
-from attnmask.lowering import VarlenArgs, varlen_args
-from attnmask.masks import MaskSpec
+from attnmask.lowering import VarlenArgs
 from attnmask.plancache import call_plans
 
 __all__ = [
     "MAX_HEAD_DIM",
-    "call_varlen_args",
     "packed_backend",
     "PackedPlan",
     "gather",
@@ -83,23 +81,6 @@ class PackedPlan:
             if isinstance(getattr(self.args, f.name), torch.Tensor)
         }
         return dataclasses.replace(self, args=dataclasses.replace(self.args, **moved), q_slot=self.q_slot.to(device))
-
-
-def call_varlen_args(call) -> VarlenArgs | str:
-    """``varlen_args`` of the call's spec at its shape, or why the call has none: not a spec of the varlen form,
-    explicit positions, or padding queries that see keys (a varlen kernel computes only the sequences). O(B·K)."""
-    spec = call.mask
-    if not isinstance(spec, MaskSpec):
-        return "needs a mask spec of the varlen form (documents, padding, causal, sliding window)"
-    if call.positions_given:
-        return "needs default (bottom-right) positions"
-    try:
-        args = varlen_args(spec, call.q_len, call.kv_len)
-    except BackendError as err:
-        return str(err)
-    if args.padding_queries_attend:
-        return "padding queries attend to real keys under this spec, and a varlen kernel computes only the sequences"
-    return args
 
 
 def packed_plan(call) -> PackedPlan | str:
