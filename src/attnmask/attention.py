@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from attnmask.backends import REGISTRY
+from attnmask.backends._common import allowed_fraction, off_cpu
 from attnmask.backends.contract import (
     AttentionCall,
     Backend,
@@ -101,9 +102,41 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
+# Small rows on CPU: where torch's SDPA kernel holds a row's keys in one block (it walks keys in blocks of 512), its
+# one fused call beats every built-in structural backend unless the mask denies most pairs: their per-document and
+# per-tile calls (and their backward) cost more than the pairs they skip. Measured with benchmarks/bench_hf_train.py
+# (benchmarks/RESULTS.md, "Small rows"): on rows of 128 to 512 keys allowing 0.23-0.43 of the pairs, "sdpa" was the
+# fastest forward + backward (by 1.0-3x); at 0.13 and below the per-document backends won (by 1.2-6x).
+_STOCK_MAX_KEYS = 512
+_STOCK_MIN_FRACTION = 0.2
+_BUILT_IN = frozenset(id(b) for b in REGISTRY)
+
+
+def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None:
+    """``"sdpa"`` (what stock attention runs: one SDPA call with the dense mask, or ``is_causal``) for a CPU call on
+    rows of at most ``_STOCK_MAX_KEYS`` keys whose spec allows at least ``_STOCK_MIN_FRACTION`` of the pairs
+    (``_common.allowed_fraction``: a few O(B·K) operations), decided without planning or costing the other backends.
+    ``None`` for any other call (the costs decide), and whenever ``registry`` holds a backend registered at run time
+    (the crossover was measured against the built-in ones only)."""
+    sdpa = _BACKENDS.get("sdpa")
+    if sdpa is None or off_cpu(call) or call.kv_len > _STOCK_MAX_KEYS:
+        return None
+    if any(id(b) not in _BUILT_IN for b in registry) or not any(b is sdpa for b in registry):
+        return None
+    if not sdpa.auto_on(call.device_type) or sdpa.not_supported_reasons(call):
+        return None
+    if call.is_full or call.is_plain_causal:
+        return sdpa
+    fraction = allowed_fraction(call) if isinstance(call.mask, MaskSpec) and call.mask.is_structural else None
+    return sdpa if fraction is not None and fraction >= _STOCK_MIN_FRACTION else None
+
+
 def _pick(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[Backend | None, dict[str, list[str]]]:
-    """The cheapest backend of ``registry`` that ``"auto"`` may pick for ``call`` (ties: the earlier), and the
-    reasons of every backend that refused."""
+    """The backend ``"auto"`` picks for ``call`` among ``registry``: ``_stock`` on small rows, else the cheapest that
+    supports it (ties: the earlier); and the reasons of every backend that refused (empty after ``_stock``)."""
+    stock = _stock(call, registry)
+    if stock is not None:
+        return stock, {}
     refused, best, best_cost = {}, None, math.inf
     for b in registry:
         reasons = b.not_supported_reasons(call)
