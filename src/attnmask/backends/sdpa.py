@@ -56,9 +56,9 @@ def run(call: AttentionCall) -> torch.Tensor:
         # is_causal is top-left aligned: only used when Q == K, where both alignments agree.
         return F.scaled_dot_product_attention(call.q, call.k, call.v, is_causal=True, **sdpa_kwargs)
     if isinstance(call.mask, MaskSpec):
-        bias, keep = _spec_mask(call)
+        bias, empty = _spec_mask(call)
         out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=bias, **sdpa_kwargs)
-        return out if keep is None else out.masked_fill(~keep, 0.0)
+        return out if empty is None else torch.where(empty, 0.0, out)  # exactly 0, whatever the row computed
     allowed, _ = dense_mask(call)
     has_key = rows_with_keys(allowed)
     empty_rows = not bool(has_key.all())
@@ -71,11 +71,11 @@ def run(call: AttentionCall) -> torch.Tensor:
 
 class _SpecMask(NamedTuple):
     """A spec's mask as SDPA takes it: ``bias`` ``(B or 1, 1, Q, K)`` additive in q's dtype (0 where allowed,
-    ``finfo.min`` elsewhere; every key 0 in a row with no allowed key), and ``keep`` ``(B or 1, 1, Q, 1)`` bool, the
-    rows that have a key (``None`` when all do)."""
+    ``finfo.min`` elsewhere; every key 0 in a row with no allowed key), and ``empty`` ``(B or 1, 1, Q, 1)`` bool, the
+    rows with no allowed key (``None`` when there is none)."""
 
     bias: torch.Tensor
-    keep: torch.Tensor | None
+    empty: torch.Tensor | None
 
 
 def _spec_mask(call: AttentionCall) -> _SpecMask:
@@ -92,13 +92,15 @@ def _spec_mask(call: AttentionCall) -> _SpecMask:
 
 
 def _build_spec_mask(call: AttentionCall) -> _SpecMask:
-    allowed, owned = dense_mask(call)  # (B or 1, 1, Q, K)
+    allowed, _ = dense_mask(call)  # (B or 1, 1, Q, K)
     has_key = rows_with_keys(allowed)
-    keep = None if bool(has_key.all()) else has_key
-    if keep is not None:  # empty rows see every key (finite, NaN-free); their output (and gradient) is zeroed
-        allowed = allowed.logical_or_(~has_key) if owned else allowed | ~has_key
-    bias = torch.zeros(allowed.shape, dtype=call.q.dtype, device=call.q.device)
-    return _SpecMask(bias.masked_fill_(~allowed, torch.finfo(call.q.dtype).min), keep)
+    empty = None if bool(has_key.all()) else ~has_key
+    dtype, device = call.q.dtype, call.q.device
+    zero = torch.zeros((), dtype=dtype, device=device)
+    denied = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+    if empty is not None:  # empty rows see every key (finite, NaN-free); their output (and gradient) is zeroed
+        denied = torch.where(empty, zero, denied)  # (B or 1, 1, Q, 1)
+    return _SpecMask(torch.where(allowed, zero, denied), empty)
 
 
 def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:
