@@ -1,5 +1,5 @@
 """PYTHONPATH=src python benchmarks/bench_hf_train.py [--rows 128,256,512,1024,4096] [--tokens 8192] [--repeats 5]
-[--backend auto] [--log-mean 5.0] [--seqs N] [--quick]
+[--backend auto] [--log-mean 5.0] [--seqs N] [--threads N] [--clock wall|cpu] [--quick]
 
 Training-step time of a tiny random-weight Llama on the same sequences, three ways, in the same process:
 
@@ -84,7 +84,7 @@ def step(model, optimizer, inputs: dict, labels: torch.Tensor) -> float:
     return loss.item()
 
 
-def measure(seqs: list[list[int]], row_length: int, repeats: int, state: dict) -> dict:
+def measure(seqs: list[list[int]], row_length: int, repeats: int, state: dict, clock=time.perf_counter) -> dict:
     """Best step time (seconds) of each of ``RUNS`` on ``seqs`` over ``repeats`` interleaved rounds, with the
     batches' shapes and the first step's losses."""
     examples = [{"input_ids": s} for s in seqs]
@@ -105,9 +105,9 @@ def measure(seqs: list[list[int]], row_length: int, repeats: int, state: dict) -
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, (_, inputs, batch) in runs.items():
-            t = time.perf_counter()
+            t = clock()
             step(models[name], optims[name], inputs, batch.labels)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     return {
         "best": {name: min(ts) for name, ts in times.items()},
         "losses": losses,
@@ -130,6 +130,13 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="attnmask.attention backend of the attnmask run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (with --threads 1: the step's own work, not the time other "
+        "processes of a shared machine held the core)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="small sizes, a smoke run: 16 sequences, rows of 256, 2 rounds"
     )
     args = parser.parse_args()
@@ -138,11 +145,13 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")] if args.rows else [args.max_length]
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     hf.register(backend=args.backend)
     state = tiny_llama("sdpa", None).state_dict()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, attnmask backend {args.backend!r}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, attnmask backend "
+        f"{args.backend!r}, "
         f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     summary = []
@@ -151,7 +160,7 @@ def main() -> None:
             seqs = make_sequences(args.seqs, length, args.seed, args.log_mean)
         else:
             seqs = sequences_for(args.tokens, length, args.seed, args.log_mean)
-        result = measure(seqs, length, args.repeats, state)
+        result = measure(seqs, length, args.repeats, state, clock)
         best, real = result["best"], sum(map(len, seqs))
         print(
             f"\nrows of {length}: {len(seqs)} sequences, {real} real tokens (mean {real / len(seqs):.0f}, longest "

@@ -154,7 +154,8 @@ def _reasons_text(refused: dict[str, list[str]]) -> str:
 
 
 def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
-    """The backend named ``backend``, or for ``"auto"`` the cheapest registered backend that supports ``call``.
+    """The backend named ``backend``, or for ``"auto"`` the cheapest registered backend that supports ``call``
+    (on small CPU rows that most pairs may attend, ``"sdpa"`` without costing the others: ``_stock``).
 
     Ties go to the backend registered first; a backend whose ``auto`` excludes the call's device is only used by
     name. Raises ``BackendError`` for an unknown name, or for a call the named backend (or, for ``"auto"``, every
@@ -291,12 +292,13 @@ def attention(
       ``DTypeError``, as SDPA refuses them.
     - ``mask``: ``None``, a ``MaskSpec`` (queries bottom-right aligned unless ``q_positions`` / ``kv_positions`` are
       given, as ``MaskSpec.to_dense``), or a bool tensor broadcastable to ``(B, H, Q, K)``; True = may attend.
-    - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost), ``"sdpa"``, ``"reference"``,
-      ``"varlen"`` (per document), ``"blocksparse"`` (tiles of a block layout) or ``"flex"`` (compiled FlexAttention,
-      opt-in; ``attnmask.backends.flex``), ``"banded"`` (rows of many short documents: one SDPA call on a narrow band
-      of small tiles, ``attnmask.backends.banded``), ``"native"`` (per document in a small C kernel built on first use:
-      rows of many short documents, ``attnmask.backends.native``), or one registered later. ``scale`` defaults to
-      ``D ** -0.5``.
+    - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost; on CPU rows of at most 512 keys
+      whose spec allows at least a fifth of the pairs, ``"sdpa"``, decided without planning the others), ``"sdpa"``,
+      ``"reference"``, ``"varlen"`` (per document), ``"blocksparse"`` (tiles of a block layout) or ``"flex"`` (compiled
+      FlexAttention, opt-in; ``attnmask.backends.flex``), ``"banded"`` (rows of many short documents: one SDPA call on
+      a narrow band of small tiles, ``attnmask.backends.banded``), ``"native"`` (per document in a small C kernel
+      built on first use: rows of many short documents, ``attnmask.backends.native``), or one registered later.
+      ``scale`` defaults to ``D ** -0.5``.
     - ``dropout_p``: attention dropout in ``[0, 1)`` on the probabilities after the softmax, kept ones scaled by
       ``1 / (1 - p)`` (applied whenever > 0: pass 0 in evaluation). Only ``"reference"``, ``"sdpa"`` and
       ``"varlen"`` support it (``"auto"`` chooses among them); reproducible under ``torch.manual_seed`` for a given
