@@ -102,7 +102,8 @@ def test_allowed_fraction_is_none_for_specs_without_a_varlen_form_or_with_explic
 def test_auto_runs_stock_sdpa_on_small_rows_with_the_same_output_bit_for_bit():
     spec = packed([[40, 24], [64], [20, 20, 10]], 64)  # the last row ends with 14 padding queries: no key
     q, k, v = qkv()
-    assert am.explain(q, k, v, spec).picked == "sdpa"
+    explanation = am.explain(q, k, v, spec)
+    assert explanation.picked == "sdpa" and explanation.stock and "stock SDPA" in str(explanation)
     allowed = naive_dense(spec, 64, 64, 3).unsqueeze(1)
     has_key = allowed.any(-1, keepdim=True)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, enable_gqa=True)
@@ -153,5 +154,6 @@ def test_the_dense_mask_of_a_spec_is_built_once_for_every_layer(monkeypatch):
 def test_sparse_masks_and_long_rows_are_left_to_the_costs(spec, length):
     assert A._stock(call(spec, length=length), tuple(A._BACKENDS.values())) is None
     ex = am.explain(*qkv(length=length), spec)
+    assert not ex.stock
     costs = {n: c for n, c, e in zip(ex.backends, ex.costs, ex.auto_eligible, strict=True) if c is not None and e}
     assert ex.picked == min(costs, key=costs.get)

@@ -204,6 +204,8 @@ class Explanation:
     reasons: tuple[tuple[str, ...], ...]
     auto_eligible: tuple[bool, ...]
     picked: str | None
+    stock: bool = False
+    """Whether ``"auto"`` took the small-rows shortcut to ``"sdpa"`` (``_stock``) instead of the lowest cost."""
 
     @property
     def why_none(self) -> str | None:
@@ -224,7 +226,12 @@ class Explanation:
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
         lines = [line.rstrip() for line in lines]
-        lines.append(f"auto picks: {self.picked}" if self.picked else "auto picks nothing: no backend serves this call")
+        if self.picked is None:
+            lines.append("auto picks nothing: no backend serves this call")
+        elif self.stock:
+            lines.append(f"auto picks: {self.picked} (small rows that most pairs may attend: stock SDPA, not costed)")
+        else:
+            lines.append(f"auto picks: {self.picked}")
         return "\n".join(lines)
 
 
@@ -261,7 +268,8 @@ def explain(
     costs = tuple(None if r else float(b.cost(call)) for b, r in zip(registry, reasons, strict=True))
     eligible = tuple(b.auto_on(call.device_type) for b in registry)
     names = tuple(b.name for b in registry)
-    return Explanation(names, costs, reasons, eligible, None if picked is None else picked.name)
+    stock = picked is not None and _stock(call, registry) is picked
+    return Explanation(names, costs, reasons, eligible, None if picked is None else picked.name, stock)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

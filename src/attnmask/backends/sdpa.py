@@ -38,7 +38,7 @@ __all__ = ["BACKEND"]
 # On CPU the estimate is in multiply-adds of SDPA's kernel (the unit of every CPU backend's estimate), plus:
 _MASK_COST = 2.0  # building and reading one element of a spec's dense bool mask
 _CALL_COST = 0.0  # fixed cost of a call with a spec's mask (positions, to_dense, the masked kernel's set-up)
-_CACHED_MASK_BYTES = 64 << 20  # a spec's additive mask up to this size is kept with its plans (a few layers' worth)
+_CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept with its plans (the layers share it)
 
 
 def run(call: AttentionCall) -> torch.Tensor:
