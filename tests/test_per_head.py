@@ -140,11 +140,12 @@ def test_the_flex_predicate_receives_the_head_and_matches_create_mask():
 
 
 @settings(max_examples=30, deadline=None)
-@given(case=per_head_case(), block_size=st.sampled_from([1, 2, 3, 4]))
-def test_the_block_layout_of_a_per_head_spec_is_the_union_over_heads(case, block_size):
-    """FULL where every head allows every pair of the tile, NONE where no head allows any, PARTIAL otherwise."""
+@given(case=per_head_case(), block_size=st.sampled_from([1, 2, 3, 4]), band=st.sampled_from([None, True, False]))
+def test_the_block_layout_of_a_per_head_spec_is_the_union_over_heads(case, block_size, band):
+    """FULL where every head allows every pair of the tile, NONE where no head allows any, PARTIAL otherwise (whether
+    only the band of reachable key tiles is classified or all of them)."""
     Q, K = case["q_len"], case["kv_len"]
-    layout = case["mask"].block_layout(Q, K, block_size=block_size)
+    layout = case["mask"].block_layout(Q, K, block_size=block_size, band=band)
     dense = reference_mask(case)  # (B, H, Q, K)
     for b in range(case["batch"]):
         for i in range(layout.n_q_tiles):
@@ -302,8 +303,9 @@ def test_consumers_that_take_one_mask_for_every_head_refuse_a_per_head_spec():
         spec.evaluate(torch.tensor(0), torch.tensor(3), torch.tensor(1))
     with pytest.raises(am.SpecError, match="without a head index"):
         spec.block_layout(8, block_size=4).tile_mask(0, 0, 4, 0, 4)
-    with pytest.raises(am.SpecError, match="per-head spec of 4 heads"):
+    with pytest.raises(am.SpecError, match=r"draw one head h as spec.to_dense\(Q, K, per_head=True\)\[:, h\]"):
         viz.draw_mask(spec, 8)
+    assert "■" in viz.draw_mask(spec.to_dense(8, per_head=True)[:, 2])  # the way the message names
     with pytest.raises(am.BackendError):
         am.varlen_args(spec, 8)
 
@@ -323,3 +325,18 @@ def test_per_head_must_be_a_bool():
 
 def test_repr_names_the_head_count():
     assert repr(am.causal() & window_per_head()) == "causal() & custom(window_per_head, heads=4)"
+
+
+def test_context_parallel_honours_a_per_head_spec_or_refuses_it():
+    """One process (no process group): "all_gather" runs the rank's blocks through ``attention``; "ring" takes one
+    mask for every head and refuses; a spec for another number of heads is refused up front."""
+    from attnmask.integrations.context_parallel import context_parallel_attention
+
+    q, k, v = inputs(dims(B=1, H=4, Hkv=2, Q=12, K=12), torch.float64)
+    spec = window_per_head() & am.document(seq_lens=[5, 7])
+    got = context_parallel_attention(q, k, v, spec, seq_len=12, method="all_gather")
+    torch.testing.assert_close(got, naive_attention(q, k, v, spec.to_dense(12, per_head=True)))
+    with pytest.raises(am.BackendError, match="per-head"):
+        context_parallel_attention(q, k, v, spec, seq_len=12, method="ring")
+    with pytest.raises(am.ShapeError, match="4 query heads, got a spec of 3 heads"):
+        context_parallel_attention(q, k, v, am.custom(lambda b, h, q, k: k <= q, heads=3), seq_len=12)

@@ -222,6 +222,7 @@ class MaskSpec:
 
         ``b``, ``q`` and ``k`` are int64 tensors that broadcast against each other; the result is a bool tensor of
         their broadcast shape (or a shape that broadcasts to it). Costs one element of work per broadcast element.
+        A per-head spec has no answer without the head: it raises a ``SpecError`` (see ``evaluate_heads``).
         """
         raise NotImplementedError
 
