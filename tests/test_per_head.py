@@ -240,14 +240,20 @@ def test_flex_gives_each_query_head_its_own_mask(block_size):
     """The "flex" backend's block mask (the union layout: FULL, PARTIAL and NONE tiles) and predicate, run through an
     emulator of FlexAttention's documented semantics (FULL tiles computed without the predicate, PARTIAL ones with it,
     given the query head); the compiled kernel would compile for half a minute per shape on this CPU."""
-    case = dict(dims(B=2, H=4, Hkv=2, Q=13, K=16), mask=window_per_head() & am.document(seq_lens=[[5, 11], [16]]))
+    image = torch.tensor([-1] * 8 + [0] * 4 + [-1] * 4)  # positions 8-11 see each other in every head
+    mask = (window_per_head() & am.document(seq_lens=[[5, 11], [16]])) | am.bidirectional_blocks(image)
+    case = dict(dims(B=2, H=4, Hkv=2, Q=12, K=16), mask=mask)
     q, k, v = inputs(case)
+    if block_size == 4:  # tiles of every class; FULL ones are computed without the predicate
+        layout = mask.block_layout(12, 16, block_size=4)
+        assert all(layout.counts().values())
+        assert int(layout.classes[1, 2, 2]) == PARTIAL  # full in the widest head (8 keys back), not in the others
     with (
         mock.patch.object(flex, "_flex", lambda: kernel_emulators.flex_attention),
         mock.patch.object(flex, "BLOCK_SIZE", block_size),
     ):
         got = am.attention(q, k, v, case["mask"], backend="flex")
-    want = naive_attention(q, k, v, case["mask"].to_dense(13, 16, per_head=True))
+    want = naive_attention(q, k, v, case["mask"].to_dense(12, 16, per_head=True))
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
 
 
