@@ -32,6 +32,7 @@ from attnmask.backends._common import (
     segments_from_varlen,
     varlen_plan,
 )
+from attnmask.backends._workers import parallel_map
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend, check_dropout_p
 from attnmask.errors import BackendError, ShapeError, bad
 
@@ -99,9 +100,16 @@ def varlen_attention(
         big = [seg for members in groups.values() for seg in members]
         q_parts = _split_rows(q, [(seg[0], seg[1], seg[2]) for seg in big])
         k_parts, v_parts = (_split_rows(t, [(seg[0], seg[3], seg[4]) for seg in big]) for t in (k, v))
-    for (_, _, off), members in groups.items():
+
+    def dense_group(members: list) -> tuple[torch.Tensor, list]:
         qb, kb, vb = (_stack_segments(parts, members, idx) for parts, idx in ((q_parts, 1), (k_parts, 3), (v_parts, 3)))
-        results.append((_dense_segment(qb, kb, vb, off, causal, window, scale, gqa, dropout_p), members))
+        return _dense_segment(qb, kb, vb, members[0][5], causal, window, scale, gqa, dropout_p), members
+
+    # One task per group of stacked documents, dealt to single-threaded workers (see backends._workers); with dropout
+    # in the caller, so that the probabilities drawn from the global RNG do not depend on the threads' timing.
+    members_by_group = list(groups.values())
+    weights = [seg[2] * seg[4] * len(members) for members in members_by_group for seg in members[:1]]
+    results.extend(_map(dense_group, members_by_group, weights, dropout_p, q.device.type))
     if small_segs:
         results.extend(_small_segments(q, k, v, small_segs, causal, window, scale, dropout_p))
     if not results:
@@ -115,6 +123,13 @@ def varlen_attention(
         anchor = torch.stack([t.reshape(-1)[:1].sum() for t in (q, k, v)]).sum()
         out = out + torch.where(torch.ones((), dtype=torch.bool, device=out.device), 0.0, anchor)
     return out.to(q.dtype)
+
+
+def _map(fn, items: list, weights: list, dropout_p: float, device_type: str) -> list:
+    """``[fn(item) for item in items]`` on the coarse-grained workers, or in the caller under dropout."""
+    if dropout_p > 0:
+        return [fn(item) for item in items]
+    return parallel_map(fn, items, weights, device=device_type)
 
 
 def _split_rows(t: torch.Tensor, ranges: list) -> dict:
@@ -210,8 +225,9 @@ def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list
     groups: dict[tuple[int, int, int], list] = {}
     for seg in segs:
         groups.setdefault((seg[2], seg[4], seg[5]), []).append(seg)
-    results = []
-    for (ql, kl, off), members in groups.items():
+
+    def tiny_group(members: list) -> tuple[torch.Tensor, list]:
+        _, ql, _, kl, off = members[0][1:]
         row, qs, _, ks, _, _ = torch.tensor(members, dtype=torch.long, device=dev).unbind(1)
         q_idx = (row * q.shape[2] + qs)[:, None] + torch.arange(ql, device=dev)
         k_idx = (row * k.shape[2] + ks)[:, None] + torch.arange(kl, device=dev)
@@ -220,8 +236,10 @@ def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list
             for t, idx in ((qf, q_idx), (kf, k_idx), (vf, k_idx))
         )
         mask = _band_mask(0, ql, 0, kl, off, window, dev) if causal else None
-        results.append((_tiny_attention(qb, kb, vb, mask, scale, dropout_p).transpose(0, 1), members))
-    return results
+        return _tiny_attention(qb, kb, vb, mask, scale, dropout_p).transpose(0, 1), members
+
+    weights = [len(members) * (members[0][2] + 8) * members[0][4] for members in groups.values()]
+    return _map(tiny_group, list(groups.values()), weights, dropout_p, dev.type)
 
 
 def _heads_major(t: torch.Tensor) -> torch.Tensor:
