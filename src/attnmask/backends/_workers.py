@@ -18,6 +18,8 @@ own OpenMP thread count (``omp_set_num_threads`` is per thread) and oneMKL's thr
 Where that is not possible (another parallel backend than OpenMP, no such symbols, a torch without oneMKL symbols
 while it uses oneMKL) :func:`parallel_map` runs its tasks one after the other in the caller, as before.
 
+``ATTNMASK_WORKERS=0`` in the environment (or ``ENABLED = False`` here) keeps every task in the caller.
+
 Thread-local state travels with the tasks: grad mode and inference mode are set in the worker as in the caller, so
 autograd records the graph built in a worker (its backward runs wherever ``backward`` is called). Calls under
 autocast, under ``torch.compile`` tracing, or off the CPU run in the caller.
@@ -45,6 +47,7 @@ __all__ = ["parallel_map", "workers_available"]
 T = TypeVar("T")
 R = TypeVar("R")
 
+ENABLED = os.environ.get("ATTNMASK_WORKERS", "1") != "0"
 _local = threading.local()  # .worker: this thread is one of the pool's
 _broken: list[str] = []  # why a worker did not end up with one intra-op thread (then parallel_map stays serial)
 _pool_lock = threading.Lock()
@@ -111,9 +114,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def _in_caller(device_types: set[str]) -> bool:
-    """Whether tasks must run in the calling thread: one intra-op thread, already a worker, autocast or tracing on,
-    a device other than the CPU, or no way to make single-threaded workers."""
-    if torch.get_num_threads() < 2 or getattr(_local, "worker", False) or device_types != {"cpu"}:
+    """Whether tasks must run in the calling thread: switched off, one intra-op thread, already a worker, autocast or
+    tracing on, a device other than the CPU, or no way to make single-threaded workers."""
+    if not ENABLED or torch.get_num_threads() < 2 or getattr(_local, "worker", False) or device_types != {"cpu"}:
         return True
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return True
