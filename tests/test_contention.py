@@ -81,6 +81,21 @@ def test_parallel_map_returns_every_result_in_input_order_from_single_threaded_w
     assert {threads for _, threads in seen} == {1}
 
 
+def test_items_too_large_to_share_out_run_in_the_caller_first(two_threads):
+    where = {}
+
+    def fn(i):
+        where[i] = (threading.current_thread().name, torch.get_num_threads())
+        return i
+
+    # 2 threads: 6 > (6 + 3 + 1 + 1) / 2 and then 3 > (3 + 1 + 1) / 2: items 1 and 3 run alone with both threads.
+    assert W.parallel_map(fn, range(5), weights=[1, 6, 1, 3, 0]) == list(range(5))
+    caller = (threading.current_thread().name, 2)
+    assert where[1] == where[3] == caller
+    assert {where[i][1] for i in (0, 2, 4)} == {1} and caller not in {where[i] for i in (0, 2, 4)}
+    assert [W._too_big([0, 1], [5, 5], 2), W._too_big([0, 1, 2], [9, 4, 4], 2), W._too_big([0], [1], 2)] == [0, 1, 1]
+
+
 def test_parallel_map_leaves_the_callers_and_new_threads_counts_alone(two_threads):
     W.parallel_map(lambda i: torch.randn(64, 64) @ torch.randn(64, 64), range(4))
     assert torch.get_num_threads() == 2
@@ -133,8 +148,8 @@ def test_parallel_map_works_in_a_forked_child(two_threads):
 
 VARLEN_SPECS = {
     "documents": lambda: am.causal() & am.document(seq_lens=[70, 40, 90, 40, 9, 5, 5, 12, 29]),
-    "documents, window": lambda: am.sliding_window(24) & am.document(seq_lens=[100, 60, 40, 100]),
-    "left padding": lambda: am.causal() & am.key_padding(torch.tensor([[False] * 50 + [True] * 250, [True] * 300])),
+    "documents, window": lambda: am.sliding_window(24) & am.document(seq_lens=[60, 40, 50, 70, 80]),
+    "left padding": lambda: am.causal() & am.key_padding(torch.arange(300) >= torch.tensor([[50], [0], [20], [30]])),
 }
 
 

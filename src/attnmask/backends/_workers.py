@@ -123,11 +123,25 @@ def _in_caller(device_types: set[str]) -> bool:
     return workers_available() is not None
 
 
+def _too_big(order: list[int], weights: Sequence[float], threads: int) -> int:
+    """How many of the largest items (``order``: largest first) hold more than a fair share (``1 / threads``) of the
+    work left with them: one worker holding such an item alone would finish last, every other one idle, so they run
+    in the caller with all intra-op threads. Example, 2 threads and weights 6, 3, 1, 1: 6 > 11 / 2, then 3 <= 5 / 2
+    is false too (3 > 2.5), then 1 <= 2 / 2: the first two run in the caller."""
+    left = float(sum(weights[i] for i in order))
+    for count, i in enumerate(order):
+        if weights[i] * threads <= left:
+            return count
+        left -= weights[i]
+    return len(order)
+
+
 def parallel_map(
     fn: Callable[[T], R], items: Sequence[T], weights: Sequence[float] | None = None, *, device: str = "cpu"
 ) -> list[R]:
     """``[fn(item) for item in items]``, computed by up to ``torch.get_num_threads()`` worker threads with one
-    intra-op thread each, items dealt largest ``weights`` first to whichever worker is free.
+    intra-op thread each, items dealt largest ``weights`` first to whichever worker is free. Items too large to share
+    out (:func:`_too_big`) run first, in the caller, each split across all intra-op threads.
 
     Runs in the caller instead (same results) where :func:`_in_caller` says so, or for fewer than two items. The
     first exception raised by ``fn`` is raised here once every worker has stopped. ``fn`` must be safe to run
@@ -139,6 +153,14 @@ def parallel_map(
         return [fn(item) for item in items]
     order = sorted(range(n), key=lambda i: -weights[i]) if weights is not None else list(range(n))
     results: list = [None] * n
+    big = _too_big(order, weights, threads) if weights is not None else 0
+    for i in order[:big]:  # one large call each, split across every intra-op thread, as SDPA runs it
+        results[i] = fn(items[i])
+    order = order[big:]
+    if len(order) < 2:
+        for i in order:
+            results[i] = fn(items[i])
+        return results
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     next_lock, state = threading.Lock(), {"at": 0, "error": None}
 
@@ -146,7 +168,7 @@ def parallel_map(
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             while True:
                 with next_lock:
-                    if state["at"] >= n or state["error"] is not None:
+                    if state["at"] >= len(order) or state["error"] is not None:
                         return
                     i = order[state["at"]]
                     state["at"] += 1
@@ -157,7 +179,7 @@ def parallel_map(
                         state["error"] = state["error"] or err
                     return
 
-    futures = [_executor(threads).submit(work) for _ in range(min(threads, n))]
+    futures = [_executor(threads).submit(work) for _ in range(min(threads, len(order)))]
     for f in futures:
         f.result()
     if state["error"] is not None:
