@@ -149,13 +149,14 @@ def test_parallel_map_works_in_a_forked_child(two_threads):
 VARLEN_SPECS = {
     "documents": lambda: am.causal() & am.document(seq_lens=[70, 40, 90, 40, 9, 5, 5, 12, 29]),
     "documents, window": lambda: am.sliding_window(24) & am.document(seq_lens=[60, 40, 50, 70, 80]),
+    "one long row, window": lambda: am.sliding_window(40),  # one task: its query blocks are the tasks then
     "left padding": lambda: am.causal() & am.key_padding(torch.arange(300) >= torch.tensor([[50], [0], [20], [30]])),
 }
 
 
 @pytest.mark.parametrize("name", VARLEN_SPECS)
 def test_varlen_parallel_path_matches_the_serial_loop_and_the_reference(two_threads, serial, monkeypatch, name):
-    in_worker = spy_threads(monkeypatch, VL, ["_dense_segment"])
+    in_worker = spy_threads(monkeypatch, VL, ["_dense_segment", "_masked_rows"])
     spec = VARLEN_SPECS[name]()
     L = 300
     q, k, v = qkv(L, heads=4, kv_heads=2, grad=True, batch=spec.batch_size or 1)

@@ -182,18 +182,20 @@ def _dense_segment(q, k, v, off, causal, window, scale, gqa, dropout_p=0.0):
         if off == 0:
             return _sdpa(q, k, v, None, True, scale, gqa, dropout_p)
         return _masked_rows(q, k, v, _band_mask(0, ql, 0, kl, off, None, q.device), scale, gqa, dropout_p)
-    # Window shorter than the document: query blocks over a key band.
+    # Window shorter than the document: query blocks over a key band, as tasks for the workers (one per block).
     block = max(window, 64)
-    outs = []
-    for a in range(0, ql, block):
+
+    def band(a: int) -> torch.Tensor:
         b_end = min(a + block, ql)
         k0 = max(0, a + off - window + 1)
         k1 = min(kl, b_end + off)
         if k1 <= k0:
-            outs.append(v.new_zeros(q.shape[0], q.shape[1], b_end - a, v.shape[3]))
-            continue
+            return v.new_zeros(q.shape[0], q.shape[1], b_end - a, v.shape[3])
         mask = _band_mask(a, b_end, k0, k1, off, window, q.device)
-        outs.append(_masked_rows(q[:, :, a:b_end], k[:, :, k0:k1], v[:, :, k0:k1], mask, scale, gqa, dropout_p))
+        return _masked_rows(q[:, :, a:b_end], k[:, :, k0:k1], v[:, :, k0:k1], mask, scale, gqa, dropout_p)
+
+    starts = list(range(0, ql, block))
+    outs = _map(band, starts, [min(block, ql - a) for a in starts], dropout_p, q.device.type)
     return torch.cat(outs, dim=2)
 
 
