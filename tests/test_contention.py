@@ -146,6 +146,23 @@ def test_parallel_map_works_in_a_forked_child(two_threads):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def check_parallel_path(q, k, v, spec, backend, serial, in_worker):
+    """``backend``'s parallel path (outputs, gradients) equals its serial loop and the float64 naive reference, and
+    the spied kernels ran in workers for the one and in the caller for the other."""
+    out = am.attention(q, k, v, spec, backend=backend)
+    got = grads(out, (q, k, v))
+    want_out = serial(lambda: am.attention(q, k, v, spec, backend=backend))
+    want = grads(want_out, (q, k, v))
+    assert in_worker == {True, False}
+    torch.testing.assert_close(out, want_out, atol=1e-6, rtol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    ref, ref_inputs = reference(q, k, v, spec)
+    assert_matches_reference(out, ref)
+    for g, w in zip(got, grads(ref, ref_inputs), strict=True):
+        assert_matches_reference(g, w)
+
+
 VARLEN_SPECS = {
     "documents": lambda: am.causal() & am.document(seq_lens=[70, 40, 90, 40, 9, 5, 5, 12, 29]),
     "documents, window": lambda: am.sliding_window(24) & am.document(seq_lens=[60, 40, 50, 70, 80]),
@@ -160,18 +177,7 @@ def test_varlen_parallel_path_matches_the_serial_loop_and_the_reference(two_thre
     spec = VARLEN_SPECS[name]()
     L = 300
     q, k, v = qkv(L, heads=4, kv_heads=2, grad=True, batch=spec.batch_size or 1)
-    out = am.attention(q, k, v, spec, backend="varlen")
-    got = grads(out, (q, k, v))
-    want_out = serial(lambda: am.attention(q, k, v, spec, backend="varlen"))
-    want = grads(want_out, (q, k, v))
-    assert in_worker == {True, False}  # the parallel call ran in workers, the serial one in the caller
-    torch.testing.assert_close(out, want_out, atol=1e-6, rtol=1e-5)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
-    ref, ref_inputs = reference(q, k, v, spec)
-    assert_matches_reference(out, ref)
-    for g, w in zip(got, grads(ref, ref_inputs), strict=True):
-        assert_matches_reference(g, w)
+    check_parallel_path(q, k, v, spec, "varlen", serial, in_worker)
 
 
 BLOCK_SPECS = {
@@ -194,18 +200,7 @@ def test_blocksparse_parallel_path_matches_the_serial_loop_and_the_reference(
     spec = BLOCK_SPECS[name]()
     L = 320
     q, k, v = qkv(L, heads=4, kv_heads=2, grad=True)
-    out = am.attention(q, k, v, spec, backend="blocksparse")
-    got = grads(out, (q, k, v))
-    want_out = serial(lambda: am.attention(q, k, v, spec, backend="blocksparse"))
-    want = grads(want_out, (q, k, v))
-    assert in_worker == {True, False}  # the parallel call ran in workers, the serial one in the caller
-    torch.testing.assert_close(out, want_out, atol=1e-6, rtol=1e-5)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
-    ref, ref_inputs = reference(q, k, v, spec)
-    assert_matches_reference(out, ref)
-    for g, w in zip(got, grads(ref, ref_inputs), strict=True):
-        assert_matches_reference(g, w)
+    check_parallel_path(q, k, v, spec, "blocksparse", serial, in_worker)
 
 
 def test_varlen_with_dropout_stays_reproducible_under_threads(two_threads):
