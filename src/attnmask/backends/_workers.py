@@ -42,7 +42,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["parallel_map", "workers_available"]
+__all__ = ["parallel_map", "workers_active", "workers_available"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -121,6 +121,11 @@ def _in_caller(device_types: set[str]) -> bool:
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return True
     return workers_available() is not None
+
+
+def workers_active(device: str = "cpu") -> bool:
+    """Whether :func:`parallel_map` would deal tasks to workers for a call on ``device`` now."""
+    return not _in_caller({device})
 
 
 def _too_big(order: list[int], weights: Sequence[float], threads: int) -> int:

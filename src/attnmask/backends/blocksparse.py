@@ -152,8 +152,12 @@ def blocksparse_attention(
     with ``USE_CPU_FLASH = False``, a portable loop of ``bmm`` and ``exp`` does the same.
 
     Backward: a custom autograd function that recomputes scores chunk by chunk from the saved log-sum-exp (the
-    FlashAttention scheme). Memory: O(B·H·Q) for the log-sum-exp, one chunk of scores at a time, and the element masks
-    of PARTIAL tiles (kept from forward to backward): O(partial tiles · bq · bk) bools. Never O(Q·K).
+    FlashAttention scheme). Threads: forward and backward deal the query groups to ``backends._workers``'s
+    single-threaded workers when torch has more than one intra-op thread (each group writes its own rows; the
+    gradients of keys shared by several groups are added under a lock).
+
+    Memory: O(B·H·Q) for the log-sum-exp, one chunk of scores at a time, and the element masks of PARTIAL tiles (kept
+    from forward to backward): O(partial tiles · bq · bk) bools. Never O(Q·K).
     """
     B, H, Q, D, Hkv, K = check_qkv(q, k, v)
     plan, masks = _tile_groups(B, Q, K, tile_class, block_size, tile_mask, max_keys, max_rows)
