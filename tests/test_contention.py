@@ -116,6 +116,25 @@ def test_parallel_map_runs_in_the_caller_with_one_thread():
     assert set(names) == {threading.current_thread().name}
 
 
+def test_parallel_map_stays_in_the_caller_under_thread_local_modes_and_transforms(two_threads):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    here = threading.current_thread().name
+    with Passthrough():
+        assert set(W.parallel_map(lambda i: threading.current_thread().name, range(3))) == {here}
+    names = []
+    torch.func.vmap(lambda x: names.extend(W.parallel_map(lambda i: threading.current_thread().name, range(3))) or x)(
+        torch.ones(2)
+    )
+    assert set(names) == {here}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert set(W.parallel_map(lambda i: threading.current_thread().name, range(3))) == {here}
+
+
 def test_parallel_map_raises_the_tasks_error(two_threads):
     def fn(i):
         if i == 3:

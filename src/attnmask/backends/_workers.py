@@ -22,7 +22,8 @@ while it uses oneMKL) :func:`parallel_map` runs its tasks one after the other in
 
 Thread-local state travels with the tasks: grad mode and inference mode are set in the worker as in the caller, so
 autograd records the graph built in a worker (its backward runs wherever ``backward`` is called). Calls under
-autocast, under ``torch.compile`` tracing, or off the CPU run in the caller.
+autocast, ``torch.compile`` tracing, a dispatch or function mode (fake tensors), a functorch transform (``vmap``,
+``torch.func.grad``), or off the CPU run in the caller: that state is the calling thread's.
 
 Worked example::
 
@@ -114,11 +115,17 @@ if hasattr(os, "register_at_fork"):
 
 
 def _in_caller(device_types: set[str]) -> bool:
-    """Whether tasks must run in the calling thread: switched off, one intra-op thread, already a worker, autocast or
-    tracing on, a device other than the CPU, or no way to make single-threaded workers."""
+    """Whether tasks must run in the calling thread: switched off, one intra-op thread, already a worker, autocast,
+    tracing, a dispatch or function mode or a functorch transform on (all thread-local), a device other than the CPU,
+    or no way to make single-threaded workers."""
     if not ENABLED or torch.get_num_threads() < 2 or getattr(_local, "worker", False) or device_types != {"cpu"}:
         return True
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return True
+    # Modes and transforms live on the calling thread's stack (fake tensors, vmap, torch.func.grad): not in a worker.
+    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
+        return True
+    if torch._C._are_functorch_transforms_active():
         return True
     return workers_available() is not None
 
