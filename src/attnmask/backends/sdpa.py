@@ -2,9 +2,10 @@
 
 Layer 3 (attention). No mask, ``full()`` and a plain ``causal()`` with ``Q == K`` (``is_causal``) build no mask;
 any other spec becomes an O(B·Q·K) additive mask in q's dtype (0 / ``finfo.min``: what SDPA's fused kernels turn a
-bool mask into on every call), kept with the spec's plans up to ``_CACHED_MASK_BYTES`` so that the layers of a model
-build it once per forward; a bool tensor mask is passed as given. Rows with no allowed key attend to every key inside
-the kernel (finite, NaN-free) and are zeroed afterwards, so their output and gradient are exactly 0.
+bool mask into on every call), a per-head spec an O(B·H·Q·K) one (SDPA takes ``(B, H, Q, K)``), kept with the spec's
+plans up to ``_CACHED_MASK_BYTES`` so that the layers of a model build it once per forward; a bool tensor mask is
+passed as given. Rows with no allowed key attend to every key inside the kernel (finite, NaN-free) and are zeroed
+afterwards, so their output and gradient are exactly 0.
 
 Score modifiers: attention sinks and ALiBi slopes, as one float additive bias ``(B or 1, H, Q, K + 1)`` built from the
 dense mask (O(B·H·Q·K), as dense as SDPA itself): the ALiBi term where allowed, ``finfo.min`` where not, and the
@@ -70,9 +71,9 @@ def run(call: AttentionCall) -> torch.Tensor:
 
 
 class _SpecMask(NamedTuple):
-    """A spec's mask as SDPA takes it: ``bias`` ``(B or 1, 1, Q, K)`` additive in q's dtype (0 where allowed,
-    ``finfo.min`` elsewhere; every key 0 in a row with no allowed key), and ``empty`` ``(B or 1, 1, Q, 1)`` bool, the
-    rows with no allowed key (``None`` when there is none)."""
+    """A spec's mask as SDPA takes it: ``bias`` ``(B or 1, 1 or H, Q, K)`` additive in q's dtype (0 where allowed,
+    ``finfo.min`` elsewhere; every key 0 in a row with no allowed key), and ``empty`` ``(B or 1, 1 or H, Q, 1)`` bool,
+    the rows with no allowed key (``None`` when there is none)."""
 
     bias: torch.Tensor
     empty: torch.Tensor | None
@@ -85,14 +86,14 @@ def _spec_mask(call: AttentionCall) -> _SpecMask:
     Additive, as SDPA's fused CPU and CUDA kernels take a mask (they turn a bool one into a float one per call): the
     same scores, bit for bit, as the bool mask on every row with a key (``exp(finfo.min + s - max)`` is 0, as
     ``exp(-inf)``), one conversion per spec instead of one per call and layer."""
-    nbytes = (call.mask.batch_size or 1) * call.q_len * call.kv_len * call.q.element_size()
+    nbytes = (call.mask.batch_size or 1) * (call.mask_heads or 1) * call.q_len * call.kv_len * call.q.element_size()
     if nbytes <= _CACHED_MASK_BYTES:
         return cached(call, "sdpa_mask", _build_spec_mask)
     return _build_spec_mask(call)
 
 
 def _build_spec_mask(call: AttentionCall) -> _SpecMask:
-    allowed, _ = dense_mask(call)  # (B or 1, 1, Q, K)
+    allowed, _ = dense_mask(call)  # (B or 1, 1 or H, Q, K)
     has_key = rows_with_keys(allowed)
     empty = None if bool(has_key.all()) else ~has_key
     dtype, device = call.q.dtype, call.q.device
@@ -139,7 +140,7 @@ def cost(call: AttentionCall) -> float:
         return float(work)
     if call.is_plain_causal:
         return work / 2  # the fused kernel skips the tiles above the diagonal
-    mask_rows = call.batch if isinstance(call.mask, MaskSpec) else 0
+    mask_rows = call.batch * (call.mask_heads or 1) if isinstance(call.mask, MaskSpec) else 0
     bias = 4 * call.batch * call.heads * call.q_len * call.kv_len if call.score_mods else 0  # the float bias
     masked = _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0)
     return float(work + masked + bias)
@@ -151,6 +152,7 @@ BACKEND = Backend(
     cost,
     devices=TORCH_DEVICES,
     dtypes=ALL_DTYPES,
+    per_head=True,
     dropout=True,
     score_mods=frozenset({"sinks", "alibi"}),
 )
