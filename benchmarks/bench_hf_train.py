@@ -1,5 +1,5 @@
-"""PYTHONPATH=src python benchmarks/bench_hf_train.py [--seqs 48] [--max-length 1024] [--repeats 5] [--backend auto]
-[--log-mean 5.0]
+"""PYTHONPATH=src python benchmarks/bench_hf_train.py [--rows 128,256,512,1024,4096] [--tokens 8192] [--repeats 5]
+[--backend auto] [--log-mean 5.0] [--seqs N] [--threads N] [--clock wall|cpu] [--quick]
 
 Training-step time of a tiny random-weight Llama on the same sequences, three ways, in the same process:
 
@@ -14,15 +14,19 @@ Training-step time of a tiny random-weight Llama on the same sequences, three wa
   timed step, as the other two build theirs inside the forward.
 
 A step is forward + backward + AdamW over all the sequences, loss normalised over their target tokens. Lengths are
-lognormal (mean about 180 tokens, some longer than 1000). The three losses of the first step are printed as a
-check (same tokens, same targets: equal up to float rounding). Reports the best step time over ``--repeats``
-interleaved rounds (the least disturbed by other load on a shared machine), real tokens per second and the speed-up
-of packed + attnmask over each peer.
+lognormal (``--log-mean 5.0``: mean about 180 tokens before clipping), clipped to the row length. Per row length of
+``--rows``, sequences are drawn until they hold ``--tokens`` real tokens (or ``--seqs`` of them, when given), so every
+size trains on about the same number of tokens. The three losses of the first step are printed as a check (same
+tokens, same targets: equal up to float rounding). Per size, the three runs alternate in ``--repeats`` rounds; the
+best step time of each (the least disturbed by other load on a shared machine) gives the speed-up of packed +
+attnmask over each peer (> 1: attnmask is faster). A table of every size follows, with the command that made it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
@@ -32,11 +36,22 @@ from attnmask.integrations import hf
 from attnmask.loss import masked_cross_entropy
 from attnmask.masks import MaskSpec
 
+RUNS = ("packed + attnmask", "padded + sdpa", "packed + sdpa (dense)")
+
 
 def make_sequences(n: int, max_length: int, seed: int, log_mean: float = 5.0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     lens = np.clip(rng.lognormal(log_mean, 0.7, n).astype(int), 8, max_length)
     return [rng.integers(1, 1000, int(m)).tolist() for m in lens]
+
+
+def sequences_for(tokens: int, max_length: int, seed: int, log_mean: float) -> list[list[int]]:
+    """Lognormal sequences clipped to ``max_length``, the fewest whose lengths add up to at least ``tokens``."""
+    rng = np.random.default_rng(seed)
+    lens: list[int] = []
+    while sum(lens) < tokens:
+        lens.append(int(np.clip(rng.lognormal(log_mean, 0.7), 8, max_length)))
+    return [rng.integers(1, 1000, m).tolist() for m in lens]
 
 
 def tiny_llama(impl: str, state: dict | None):
@@ -69,64 +84,108 @@ def step(model, optimizer, inputs: dict, labels: torch.Tensor) -> float:
     return loss.item()
 
 
+def measure(seqs: list[list[int]], row_length: int, repeats: int, state: dict, clock=time.perf_counter) -> dict:
+    """Best step time (seconds) of each of ``RUNS`` on ``seqs`` over ``repeats`` interleaved rounds, with the
+    batches' shapes and the first step's losses."""
+    examples = [{"input_ids": s} for s in seqs]
+    packed = hf.DataCollatorForCausalLM(0, packing=True, max_length=row_length, return_batch=True)(examples)
+    padded = hf.DataCollatorForCausalLM(0, return_batch=True)(examples)
+    runs = {
+        RUNS[0]: ("attnmask", {"input_ids": packed.input_ids, "position_ids": packed.position_ids}, packed),
+        RUNS[1]: ("sdpa", padded.model_inputs(labels=False), padded),
+        RUNS[2]: (
+            "sdpa",
+            {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "attention_mask": packed.mask},
+            packed,
+        ),
+    }
+    models = {name: tiny_llama(impl, state) for name, (impl, _, _) in runs.items()}
+    optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    losses = {name: step(models[name], optims[name], inputs, batch.labels) for name, (_, inputs, batch) in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (_, inputs, batch) in runs.items():
+            t = clock()
+            step(models[name], optims[name], inputs, batch.labels)
+            times[name].append(clock() - t)
+    return {
+        "best": {name: min(ts) for name, ts in times.items()},
+        "losses": losses,
+        "packed": tuple(packed.input_ids.shape),
+        "padded": tuple(padded.input_ids.shape),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seqs", type=int, default=48)
-    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--rows", default=None, help="comma-separated row lengths (packed rows), e.g. 128,256,4096")
+    parser.add_argument("--max-length", type=int, default=1024, help="one row length (when --rows is not given)")
+    parser.add_argument("--tokens", type=int, default=8192, help="real tokens per batch (drawn until reached)")
+    parser.add_argument("--seqs", type=int, default=None, help="a fixed number of sequences instead of --tokens")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--log-mean", type=float, default=5.0, help="mean of log(length): 5.0 gives ~190 tokens, 3.5 gives ~40"
     )
     parser.add_argument("--backend", default="auto", help="attnmask.attention backend of the attnmask run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (with --threads 1: the step's own work, not the time other "
+        "processes of a shared machine held the core)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, a smoke run: 16 sequences, rows of 256, 2 rounds"
     )
     args = parser.parse_args()
     if args.quick:
-        args.seqs, args.max_length, args.repeats = 16, 256, 2
+        args.seqs, args.rows, args.repeats = 16, "256", 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = [int(r) for r in args.rows.split(",")] if args.rows else [args.max_length]
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     hf.register(backend=args.backend)
-    seqs = make_sequences(args.seqs, args.max_length, args.seed, args.log_mean)
-    examples = [{"input_ids": s} for s in seqs]
-    packed = hf.DataCollatorForCausalLM(0, packing=True, max_length=args.max_length, return_batch=True)(examples)
-    padded = hf.DataCollatorForCausalLM(0, return_batch=True)(examples)
-
-    runs = {
-        "packed + attnmask": ("attnmask", {"input_ids": packed.input_ids, "position_ids": packed.position_ids}, packed),
-        "padded + sdpa": ("sdpa", padded.model_inputs(labels=False), padded),
-        "packed + sdpa (dense)": (
-            "sdpa",
-            {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "attention_mask": packed.mask},
-            packed,
-        ),
-    }
     state = tiny_llama("sdpa", None).state_dict()
-    models = {name: tiny_llama(impl, state) for name, (impl, _, _) in runs.items()}
-    optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-
-    losses = {name: step(models[name], optims[name], inputs, batch.labels) for name, (_, inputs, batch) in runs.items()}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, (_, inputs, batch) in runs.items():
-            t = time.perf_counter()
-            step(models[name], optims[name], inputs, batch.labels)
-            times[name].append(time.perf_counter() - t)
-
-    real = sum(map(len, seqs))
     print(
-        f"{len(seqs)} sequences, {real} real tokens (mean {real / len(seqs):.0f}, longest {max(map(len, seqs))}); "
-        f"packed {tuple(packed.input_ids.shape)}, padded {tuple(padded.input_ids.shape)}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, attnmask backend {args.backend!r}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, attnmask backend "
+        f"{args.backend!r}, "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
-    print("first-step losses (should agree): " + ", ".join(f"{k}: {v:.5f}" for k, v in losses.items()))
-    ours = min(times["packed + attnmask"])
-    header = f"| run | tokens in batch | ms/step (best of {args.repeats}) | real tokens/s | attnmask speed-up |"
-    print("\n" + header)
-    print("|---|---:|---:|---:|---:|")
-    for name, (_, _, batch) in runs.items():
-        med = min(times[name])
-        print(f"| {name} | {batch.input_ids.numel()} | {med * 1e3:.0f} | {real / med:,.0f} | {med / ours:.2f}x |")
+    summary = []
+    for length in rows:
+        if args.seqs is not None:
+            seqs = make_sequences(args.seqs, length, args.seed, args.log_mean)
+        else:
+            seqs = sequences_for(args.tokens, length, args.seed, args.log_mean)
+        result = measure(seqs, length, args.repeats, state, clock)
+        best, real = result["best"], sum(map(len, seqs))
+        print(
+            f"\nrows of {length}: {len(seqs)} sequences, {real} real tokens (mean {real / len(seqs):.0f}, longest "
+            f"{max(map(len, seqs))}); packed {result['packed']}, padded {result['padded']}"
+        )
+        print("first-step losses (should agree): " + ", ".join(f"{k}: {v:.5f}" for k, v in result["losses"].items()))
+        print(f"| run | ms/step (best of {args.repeats}) | real tokens/s | attnmask speed-up |")
+        print("|---|---:|---:|---:|")
+        for name in RUNS:
+            ms = best[name]
+            print(f"| {name} | {ms * 1e3:.1f} | {real / ms:,.0f} | {ms / best[RUNS[0]]:.2f}x |")
+        summary.append((length, result, real))
+
+    print(f"\nspeed-up of packed + attnmask (> 1: faster), best of {args.repeats} interleaved rounds per size")
+    print("| row length | packed | padded | real tokens | attnmask ms | vs packed + sdpa (dense) | vs padded + sdpa |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    for length, result, real in summary:
+        best = result["best"]
+        ours = best[RUNS[0]]
+        print(
+            f"| {length} | {result['packed'][0]} x {result['packed'][1]} | {result['padded'][0]} x "
+            f"{result['padded'][1]} | {real} | {ours * 1e3:.1f} | {best[RUNS[2]] / ours:.2f}x | "
+            f"{best[RUNS[1]] / ours:.2f}x |"
+        )
+    print("\ncommand: PYTHONPATH=src python benchmarks/bench_hf_train.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

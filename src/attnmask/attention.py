@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from attnmask.backends import REGISTRY
+from attnmask.backends._common import allowed_fraction, off_cpu
 from attnmask.backends.contract import (
     AttentionCall,
     Backend,
@@ -101,9 +102,41 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
+# Small rows on CPU: where torch's SDPA kernel holds a row's keys in one block (it walks keys in blocks of 512), its
+# one fused call beats every built-in structural backend unless the mask denies most pairs: their per-document and
+# per-tile calls (and their backward) cost more than the pairs they skip. Measured with benchmarks/bench_hf_train.py
+# (benchmarks/RESULTS.md, "Small rows"): on rows of 128 to 512 keys allowing 0.23-0.43 of the pairs, "sdpa" was the
+# fastest forward + backward (by 1.0-3x); at 0.13 and below the per-document backends won (by 1.2-6x).
+_STOCK_MAX_KEYS = 512
+_STOCK_MIN_FRACTION = 0.2
+_BUILT_IN = frozenset(id(b) for b in REGISTRY)
+
+
+def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None:
+    """``"sdpa"`` (what stock attention runs: one SDPA call with the dense mask, or ``is_causal``) for a CPU call on
+    rows of at most ``_STOCK_MAX_KEYS`` keys whose spec allows at least ``_STOCK_MIN_FRACTION`` of the pairs
+    (``_common.allowed_fraction``: a few O(B·K) operations), decided without planning or costing the other backends.
+    ``None`` for any other call (the costs decide), and whenever ``registry`` holds a backend registered at run time
+    (the crossover was measured against the built-in ones only)."""
+    sdpa = _BACKENDS.get("sdpa")
+    if sdpa is None or off_cpu(call) or call.kv_len > _STOCK_MAX_KEYS:
+        return None
+    if any(id(b) not in _BUILT_IN for b in registry) or not any(b is sdpa for b in registry):
+        return None
+    if not sdpa.auto_on(call.device_type) or sdpa.not_supported_reasons(call):
+        return None
+    if call.is_full or call.is_plain_causal:
+        return sdpa
+    fraction = allowed_fraction(call) if isinstance(call.mask, MaskSpec) and call.mask.is_structural else None
+    return sdpa if fraction is not None and fraction >= _STOCK_MIN_FRACTION else None
+
+
 def _pick(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[Backend | None, dict[str, list[str]]]:
-    """The cheapest backend of ``registry`` that ``"auto"`` may pick for ``call`` (ties: the earlier), and the
-    reasons of every backend that refused."""
+    """The backend ``"auto"`` picks for ``call`` among ``registry``: ``_stock`` on small rows, else the cheapest that
+    supports it (ties: the earlier); and the reasons of every backend that refused (empty after ``_stock``)."""
+    stock = _stock(call, registry)
+    if stock is not None:
+        return stock, {}
     refused, best, best_cost = {}, None, math.inf
     for b in registry:
         reasons = b.not_supported_reasons(call)
@@ -121,7 +154,8 @@ def _reasons_text(refused: dict[str, list[str]]) -> str:
 
 
 def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
-    """The backend named ``backend``, or for ``"auto"`` the cheapest registered backend that supports ``call``.
+    """The backend named ``backend``, or for ``"auto"`` the cheapest registered backend that supports ``call``
+    (on small CPU rows that most pairs may attend, ``"sdpa"`` without costing the others: ``_stock``).
 
     Ties go to the backend registered first; a backend whose ``auto`` excludes the call's device is only used by
     name. Raises ``BackendError`` for an unknown name, or for a call the named backend (or, for ``"auto"``, every
@@ -170,6 +204,8 @@ class Explanation:
     reasons: tuple[tuple[str, ...], ...]
     auto_eligible: tuple[bool, ...]
     picked: str | None
+    stock: bool = False
+    """Whether ``"auto"`` took the small-rows shortcut to ``"sdpa"`` (``_stock``) instead of the lowest cost."""
 
     @property
     def why_none(self) -> str | None:
@@ -190,7 +226,12 @@ class Explanation:
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
         lines = [line.rstrip() for line in lines]
-        lines.append(f"auto picks: {self.picked}" if self.picked else "auto picks nothing: no backend serves this call")
+        if self.picked is None:
+            lines.append("auto picks nothing: no backend serves this call")
+        elif self.stock:
+            lines.append(f"auto picks: {self.picked} (small rows that most pairs may attend: stock SDPA, not costed)")
+        else:
+            lines.append(f"auto picks: {self.picked}")
         return "\n".join(lines)
 
 
@@ -227,7 +268,8 @@ def explain(
     costs = tuple(None if r else float(b.cost(call)) for b, r in zip(registry, reasons, strict=True))
     eligible = tuple(b.auto_on(call.device_type) for b in registry)
     names = tuple(b.name for b in registry)
-    return Explanation(names, costs, reasons, eligible, None if picked is None else picked.name)
+    stock = picked is not None and _stock(call, registry) is picked
+    return Explanation(names, costs, reasons, eligible, None if picked is None else picked.name, stock)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -262,12 +304,13 @@ def attention(
       ``q`` with exactly ``H`` heads (per *query* head under grouped-query attention; else a ``ShapeError`` naming
       both) and runs on the backends that declare ``per_head``: ``"reference"``, ``"sdpa"`` (an O(B·H·Q·K) mask)
       and ``"flex"``; the others refuse it.
-    - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost), ``"sdpa"``, ``"reference"``,
-      ``"varlen"`` (per document), ``"blocksparse"`` (tiles of a block layout) or ``"flex"`` (compiled FlexAttention,
-      opt-in; ``attnmask.backends.flex``), ``"banded"`` (rows of many short documents: one SDPA call on a narrow band
-      of small tiles, ``attnmask.backends.banded``), ``"native"`` (per document in a small C kernel built on first use:
-      rows of many short documents, ``attnmask.backends.native``), or one registered later. ``scale`` defaults to
-      ``D ** -0.5``.
+    - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost; on CPU rows of at most 512 keys
+      whose spec allows at least a fifth of the pairs, ``"sdpa"``, decided without planning the others), ``"sdpa"``,
+      ``"reference"``, ``"varlen"`` (per document), ``"blocksparse"`` (tiles of a block layout) or ``"flex"`` (compiled
+      FlexAttention, opt-in; ``attnmask.backends.flex``), ``"banded"`` (rows of many short documents: one SDPA call on
+      a narrow band of small tiles, ``attnmask.backends.banded``), ``"native"`` (per document in a small C kernel
+      built on first use: rows of many short documents, ``attnmask.backends.native``), or one registered later.
+      ``scale`` defaults to ``D ** -0.5``.
     - ``dropout_p``: attention dropout in ``[0, 1)`` on the probabilities after the softmax, kept ones scaled by
       ``1 / (1 - p)`` (applied whenever > 0: pass 0 in evaluation). Only ``"reference"``, ``"sdpa"`` and
       ``"varlen"`` support it (``"auto"`` chooses among them); reproducible under ``torch.manual_seed`` for a given

@@ -21,7 +21,7 @@ import torch
 
 from attnmask import masks as M
 from attnmask.errors import BackendError, DTypeError, ShapeError, bad
-from attnmask.lowering import VarlenArgs, varlen_args
+from attnmask.lowering import VarlenArgs, varlen_args, varlen_form
 from attnmask.plancache import call_plans
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "COPY_COST",
     "SMALL_MATMUL_COST",
     "VarlenPlan",
+    "allowed_fraction",
     "cached",
     "check_qkv",
     "check_segments",
@@ -193,18 +194,63 @@ def call_varlen_args(call) -> VarlenArgs | str:
     """``varlen_args`` of the call's spec at its shape, or why the call has none: not a spec of the varlen form,
     explicit positions, or padding queries that see keys (a varlen kernel computes only the sequences). O(B·K).
     Shared by the CPU ``varlen`` backend and the CUDA varlen kernels (``backends.packed``)."""
+    args = cached(call, "varlen_args", _lowered_varlen)
+    if not isinstance(args, str) and args.padding_queries_attend:
+        return "padding queries attend to real keys under this spec, and a varlen kernel computes only the sequences"
+    return args
+
+
+def _lowered_varlen(call) -> VarlenArgs | str:
     spec = call.mask
     if not isinstance(spec, M.MaskSpec):
         return "needs a mask spec of the varlen form (documents, padding, causal, sliding window)"
     if call.positions_given:
         return "needs default (bottom-right) positions"
     try:
-        args = varlen_args(spec, call.q_len, call.kv_len)
+        return varlen_args(spec, call.q_len, call.kv_len)
     except BackendError as err:
         return str(err)
-    if args.padding_queries_attend:
-        return "padding queries attend to real keys under this spec, and a varlen kernel computes only the sequences"
-    return args
+
+
+def allowed_fraction(call) -> float | None:
+    """About the fraction of the call's ``B·Q·K`` (query, key) pairs its spec allows, for a spec of the varlen form
+    (``[causal | full] & [sliding_window] & [document] & [key_padding]``) with ``Q == K`` at default positions;
+    ``None`` for any other call. A handful of vectorised O(B·K) operations and one host sync: cheap enough to decide
+    from before any backend plans.
+
+    Exact for documents (each id one contiguous run: a query sees the earlier keys of its run, at most ``w`` under a
+    window, all of its run without ``causal``) and for padded rows (a query sees every real key up to it; under a
+    window at most ``w``); padding inside a document is not subtracted. Example: ``causal() & document(seq_lens=[2,
+    2])`` on a row of 4 allows 3 + 3 of 16 pairs: 0.375."""
+    spec = call.mask
+    if not isinstance(spec, M.MaskSpec) or call.positions_given or call.q_len != call.kv_len or degenerate(call):
+        return None
+    try:
+        form = varlen_form(spec)
+    except BackendError:
+        return None
+    length = call.kv_len
+    parts = [form.document.doc_ids] if form.document is not None else []
+    parts += [pad.attention_mask for pad in form.key_padding]
+    if any(t.dim() != 2 or t.shape[1] < length for t in parts):
+        return None  # the spec does not cover the row: the backend that runs says so
+    window = length if form.window is None else form.window
+    if form.document is not None:
+        ids = form.document.doc_ids[:, :length]
+        pos = torch.arange(length, device=ids.device)
+        change = torch.ones_like(ids, dtype=torch.bool)
+        change[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        within = pos - torch.where(change, pos, 0).cummax(1).values  # position inside its run of equal ids
+        seen = (within + 1).clamp(max=window) if form.causal else 2 * within + 1  # summed over a run: l² if full
+        pairs = torch.where(ids >= 0, seen, 0).sum()
+    elif form.key_padding:
+        real = torch.stack([pad.attention_mask[:, :length] for pad in form.key_padding]).all(0)
+        counts = real.long().cumsum(1)
+        pairs = counts.clamp(max=window).sum() if form.causal else counts[:, -1].sum() * length
+    else:
+        return None  # causal() / full() / a window alone: no per-row data, and sdpa or the costs settle it
+    rows = call.batch if (spec.batch_size or 1) == 1 else 1  # a spec without per-row data repeats per row
+    return float(pairs) * rows / (call.batch * call.q_len * call.kv_len)
 
 
 def _build_varlen_plan(call) -> VarlenPlan | str:

@@ -1,9 +1,11 @@
-"""The "sdpa" backend: ``torch.nn.functional.scaled_dot_product_attention`` with the mask as a dense bool tensor.
+"""The "sdpa" backend: ``torch.nn.functional.scaled_dot_product_attention`` with the mask as a dense tensor.
 
 Layer 3 (attention). No mask, ``full()`` and a plain ``causal()`` with ``Q == K`` (``is_causal``) build no mask;
-any other spec becomes an O(B·Q·K) bool mask, a per-head spec an O(B·H·Q·K) one (SDPA takes ``(B, H, Q, K)``). Rows
-with no allowed key attend to every key inside the kernel (finite, NaN-free) and are zeroed afterwards, so their output
-and gradient are exactly 0.
+any other spec becomes an O(B·Q·K) additive mask in q's dtype (0 / ``finfo.min``: what SDPA's fused kernels turn a
+bool mask into on every call), a per-head spec an O(B·H·Q·K) one (SDPA takes ``(B, H, Q, K)``), kept with the spec's
+plans up to ``_CACHED_MASK_BYTES`` so that the layers of a model build it once per forward; a bool tensor mask is
+passed as given. Rows with no allowed key attend to every key inside the kernel (finite, NaN-free) and are zeroed
+afterwards, so their output and gradient are exactly 0.
 
 Score modifiers: attention sinks and ALiBi slopes, as one float additive bias ``(B or 1, H, Q, K + 1)`` built from the
 dense mask (O(B·H·Q·K), as dense as SDPA itself): the ALiBi term where allowed, ``finfo.min`` where not, and the
@@ -14,10 +16,13 @@ changes the scores inside the kernel, which SDPA cannot: not declared.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 import attnmask.backends.cuda_costs as cuda_costs
+from attnmask.backends._common import cached
 from attnmask.backends.contract import (
     ALL_DTYPES,
     TORCH_DEVICES,
@@ -34,6 +39,7 @@ __all__ = ["BACKEND"]
 # On CPU the estimate is in multiply-adds of SDPA's kernel (the unit of every CPU backend's estimate), plus:
 _MASK_COST = 2.0  # building and reading one element of a spec's dense bool mask
 _CALL_COST = 0.0  # fixed cost of a call with a spec's mask (positions, to_dense, the masked kernel's set-up)
+_CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept with its plans (the layers share it)
 
 
 def run(call: AttentionCall) -> torch.Tensor:
@@ -50,14 +56,52 @@ def run(call: AttentionCall) -> torch.Tensor:
     if call.is_plain_causal:
         # is_causal is top-left aligned: only used when Q == K, where both alignments agree.
         return F.scaled_dot_product_attention(call.q, call.k, call.v, is_causal=True, **sdpa_kwargs)
-    allowed, owned = dense_mask(call)
+    if isinstance(call.mask, MaskSpec):
+        bias, empty = _spec_mask(call)
+        out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=bias, **sdpa_kwargs)
+        return out if empty is None else torch.where(empty, 0.0, out)  # exactly 0, whatever the row computed
+    allowed, _ = dense_mask(call)
     has_key = rows_with_keys(allowed)
     empty_rows = not bool(has_key.all())
     if empty_rows:
         # Let empty rows attend to every key (finite, NaN-free), then zero their output: their gradient is then 0 too.
-        allowed = allowed.logical_or_(~has_key) if owned else allowed | ~has_key
+        allowed = allowed | ~has_key
     out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, **sdpa_kwargs)
     return out.masked_fill(~has_key, 0.0) if empty_rows else out
+
+
+class _SpecMask(NamedTuple):
+    """A spec's mask as SDPA takes it: ``bias`` ``(B or 1, 1 or H, Q, K)`` additive in q's dtype (0 where allowed,
+    ``finfo.min`` elsewhere; every key 0 in a row with no allowed key), and ``empty`` ``(B or 1, 1 or H, Q, 1)`` bool,
+    the rows with no allowed key (``None`` when there is none)."""
+
+    bias: torch.Tensor
+    empty: torch.Tensor | None
+
+
+def _spec_mask(call: AttentionCall) -> _SpecMask:
+    """The call's ``_SpecMask``, cached with its plans (``_common.cached``: the layers of a model share it) when it
+    takes at most ``_CACHED_MASK_BYTES``.
+
+    Additive, as SDPA's fused CPU and CUDA kernels take a mask (they turn a bool one into a float one per call): the
+    same scores, bit for bit, as the bool mask on every row with a key (``exp(finfo.min + s - max)`` is 0, as
+    ``exp(-inf)``), one conversion per spec instead of one per call and layer."""
+    nbytes = (call.mask.batch_size or 1) * (call.mask_heads or 1) * call.q_len * call.kv_len * call.q.element_size()
+    if nbytes <= _CACHED_MASK_BYTES:
+        return cached(call, "sdpa_mask", _build_spec_mask)
+    return _build_spec_mask(call)
+
+
+def _build_spec_mask(call: AttentionCall) -> _SpecMask:
+    allowed, _ = dense_mask(call)  # (B or 1, 1 or H, Q, K)
+    has_key = rows_with_keys(allowed)
+    empty = None if bool(has_key.all()) else ~has_key
+    dtype, device = call.q.dtype, call.q.device
+    zero = torch.zeros((), dtype=dtype, device=device)
+    denied = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+    if empty is not None:  # empty rows see every key (finite, NaN-free); their output (and gradient) is zeroed
+        denied = torch.where(empty, zero, denied)  # (B or 1, 1, Q, 1)
+    return _SpecMask(torch.where(allowed, zero, denied), empty)
 
 
 def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""PYTHONPATH=src python benchmarks/bench_small_rows.py [--rows 8] [--length 256] [--heads 4] [--dim 64] [--reps 30]
+[--threads 1]
+
+Per-call overhead of ``attnmask.attention`` on a batch of small rows (issue 15: under 5% of the attention call),
+against stock SDPA, in one process, interleaved. Two batches of ``--rows`` rows of ``--length`` tokens, fp32: packed
+documents (``causal() & document(...)``, 1-4 documents a row, some trailing padding) and right-padded rows
+(``causal() & key_padding(mask)``). Per batch, forward and forward + backward, medians of ``--reps`` rounds:
+
+- ``stock``: ``F.scaled_dot_product_attention`` with the spec's dense bool mask, built in the call (a fresh spec each
+  call, as transformers builds its mask each forward);
+- ``auto, fresh spec``: ``attention(q, k, v, spec)`` on a new spec object each call (planning included);
+- ``auto, repeated spec``: the same spec object every call (the layers of a model after the first);
+- ``planning``: ``choose_backend`` alone on a fresh spec (validation, the plan cache, the choice), no attention.
+
+``overhead`` = planning / stock; the ratios are stock / auto (> 1: attnmask faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from attnmask import attention, causal, document, explain, key_padding
+from attnmask.attention import _prepare_call, choose_backend
+
+
+def packed_spec(rows: int, length: int, seed: int = 0):
+    """1-4 documents a row, filling 60-100% of it; positions after the last are padding (document -1)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.full((rows, length), -1, dtype=torch.long)
+    for r in range(rows):
+        n_docs = int(torch.randint(1, 5, (), generator=gen))
+        used = int(length * (0.6 + 0.4 * torch.rand((), generator=gen)))
+        cuts = sorted(torch.randperm(used - 1, generator=gen)[: n_docs - 1].add(1).tolist())
+        for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, used], strict=True)):
+            ids[r, a:b] = i
+    return causal() & document(doc_ids=ids)
+
+
+def padded_spec(rows: int, length: int, seed: int = 0):
+    """Right padding: 40-100% of each row is real."""
+    gen = torch.Generator().manual_seed(seed)
+    real = (length * (0.4 + 0.6 * torch.rand(rows, generator=gen))).long().clamp(min=1)
+    return causal() & key_padding((torch.arange(length)[None] < real[:, None]).long())
+
+
+def median_ms(fns: dict, reps: int) -> dict:
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def case_fns(make_spec, q, k, v, grad: bool, reps: int) -> dict:
+    """The four timed functions of one batch; fresh specs are made beforehand (their construction is not timed)."""
+    rows, length = q.shape[0], q.shape[2]
+    spec = make_spec(rows, length)
+    fresh = {name: iter([make_spec(rows, length) for _ in range(reps + 1)]) for name in ("stock", "auto", "plan")}
+    gqa = q.shape[1] != k.shape[1]
+    inputs = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
+
+    def finish(out):
+        if grad:
+            out.sum().backward()
+
+    def stock():
+        mask = next(fresh["stock"]).to_dense(length)[:, None]
+        finish(F.scaled_dot_product_attention(*inputs, attn_mask=mask, enable_gqa=gqa))
+
+    return {
+        "stock": stock,
+        "auto, fresh spec": lambda: finish(attention(*inputs, next(fresh["auto"]))),
+        "auto, repeated spec": lambda: finish(attention(*inputs, spec)),
+        "planning": lambda: choose_backend(_prepare_call(*inputs, next(fresh["plan"]), None, None, None)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(args.rows, args.heads, args.length, args.dim, generator=gen) for _ in range(3))
+    print(
+        f"B={args.rows} rows of {args.length} tokens, H={args.heads}, D={args.dim}, fp32; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    print(
+        "| batch | mode | auto picks | stock ms | auto fresh ms | auto repeated ms | planning ms | overhead "
+        "| stock / auto fresh | stock / auto repeated |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, make_spec in (("packed documents", packed_spec), ("padded rows", padded_spec)):
+        picked = explain(q, k, v, make_spec(args.rows, args.length)).picked
+        for grad in (False, True):
+            ms = median_ms(case_fns(make_spec, q, k, v, grad, args.reps), args.reps)
+            stock, fresh, repeated, planning = ms.values()
+            print(
+                f"| {name} | {'fwd+bwd' if grad else 'fwd'} | {picked} | {stock:.2f} | {fresh:.2f} | {repeated:.2f} | "
+                f"{planning:.3f} | {planning / stock:.1%} | {stock / fresh:.2f}x | {stock / repeated:.2f}x |"
+            )
+    print("\ncommand: PYTHONPATH=src python benchmarks/bench_small_rows.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

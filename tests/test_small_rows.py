@@ -1,0 +1,159 @@
+"""Small rows on CPU: "auto" runs stock SDPA (one call, the dense mask, bit for bit what SDPA computes) without
+planning the other backends where they cannot win, decides that from a cheap allowed-pair count that matches the
+mask, still costs every backend where the mask denies most pairs, and builds the dense mask once per spec."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnmask as am
+from attnmask.attention import _prepare_call
+from attnmask.backends import _common, banded, blocksparse, sdpa
+from tests.naive import naive_dense
+
+A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
+
+
+def qkv(batch=3, length=64, heads=4, kv_heads=2, dim=16, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((batch, heads, length, dim), (batch, kv_heads, length, dim), (batch, kv_heads, length, dim))
+    return [torch.randn(s, generator=gen).requires_grad_(requires_grad) for s in shapes]
+
+
+def packed(lens_per_row, length):
+    """``causal() & document(doc_ids)``, ids from document lengths per row, -1 after the last document."""
+    rows = []
+    for lens in lens_per_row:
+        ids = torch.full((length,), -1, dtype=torch.long)
+        at = 0
+        for i, n in enumerate(lens):
+            ids[at : at + n] = i
+            at += n
+        rows.append(ids)
+    return am.causal() & am.document(doc_ids=torch.stack(rows))
+
+
+def call(spec, **shape):
+    q, k, v = qkv(**shape)
+    return _prepare_call(q, k, v, spec, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The allowed-pair count
+
+
+@st.composite
+def documents_spec(draw):
+    length = draw(st.integers(1, 24))
+    batch = draw(st.integers(1, 3))
+    rows = []
+    for _ in range(batch):
+        lens, left = [], length
+        while left and draw(st.booleans()) or not lens and left:
+            n = draw(st.integers(1, left))
+            lens.append(n)
+            left -= n
+        rows.append(lens)
+    base = draw(st.sampled_from([am.causal(), am.full(), *(am.sliding_window(w) for w in (1, 2, 5))]))
+    return base & packed(rows, length).parts[1], length
+
+
+@st.composite
+def padded_spec(draw):
+    length = draw(st.integers(1, 24))
+    batch = draw(st.integers(1, 3))
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for b in range(batch):
+        n = draw(st.integers(0, length))
+        if draw(st.booleans()):
+            mask[b, :n] = 1
+        else:
+            mask[b, length - n :] = 1
+    base = am.causal() if draw(st.booleans()) else am.full()
+    return base & am.key_padding(mask), length
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(documents_spec(), padded_spec()))
+def test_allowed_fraction_equals_the_fraction_of_the_naive_dense_mask(case):
+    spec, length = case
+    batch = spec.batch_size
+    got = _common.allowed_fraction(call(spec, batch=batch, length=length))
+    want = naive_dense(spec, length, length, batch).double().mean().item()
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_allowed_fraction_is_none_for_specs_without_a_varlen_form_or_with_explicit_positions():
+    assert _common.allowed_fraction(call(am.causal() & am.chunked(8), batch=1)) is None
+    q, k, v = qkv(batch=1)
+    positions = torch.arange(64)
+    spec = packed([[30, 34]], 64)
+    assert _common.allowed_fraction(_prepare_call(q, k, v, spec, None, positions, positions)) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The stock path
+
+
+def test_auto_runs_stock_sdpa_on_small_rows_with_the_same_output_bit_for_bit():
+    spec = packed([[40, 24], [64], [20, 20, 10]], 64)  # the last row ends with 14 padding queries: no key
+    q, k, v = qkv()
+    explanation = am.explain(q, k, v, spec)
+    assert explanation.picked == "sdpa" and explanation.stock and "stock SDPA" in str(explanation)
+    allowed = naive_dense(spec, 64, 64, 3).unsqueeze(1)
+    has_key = allowed.any(-1, keepdim=True)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, enable_gqa=True)
+    got = am.attention(q, k, v, spec)
+    assert torch.equal(got, want.masked_fill(~has_key, 0.0))
+    assert not bool(got[2, :, 50:].any())
+
+
+def test_stock_sdpa_gradients_match_sdpa_with_the_bool_mask():
+    spec = packed([[40, 24], [64], [20, 44]], 64)
+    q, k, v = qkv(requires_grad=True)
+    allowed = naive_dense(spec, 64, 64, 3).unsqueeze(1)
+    got = torch.autograd.grad(am.attention(q, k, v, spec).square().sum(), (q, k, v))
+    want_out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    want = torch.autograd.grad(want_out.square().sum(), (q, k, v))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_on_small_rows_plans_no_other_backend(monkeypatch):
+    def refuse(call):
+        pytest.fail("planned a backend that the stock path skips")
+
+    for module, name in ((_common, "_build_varlen_plan"), (blocksparse, "_layout"), (banded, "_plan")):
+        monkeypatch.setattr(module, name, refuse)
+    q, k, v = qkv()
+    am.attention(q, k, v, packed([[40, 24], [64], [30, 34]], 64))
+
+
+def test_the_dense_mask_of_a_spec_is_built_once_for_every_layer(monkeypatch):
+    built = []
+    original = sdpa._build_spec_mask
+    monkeypatch.setattr(sdpa, "_build_spec_mask", lambda call: built.append(1) or original(call))
+    spec = packed([[40, 24], [64], [30, 34]], 64)
+    q, k, v = qkv()
+    first = am.attention(q, k, v, spec)
+    assert torch.equal(am.attention(q, k, v, spec), first) and len(built) == 1
+
+
+@pytest.mark.parametrize(
+    "spec, length",
+    [
+        (packed([[4] * 16, [8] * 8, [4] * 16], 64), 64),  # tiny documents: a sixth of the pairs at most
+        (packed([[300, 300], [600], [200, 400]], 600), 600),  # rows over 512 keys
+    ],
+    ids=["tiny-documents", "long-rows"],
+)
+def test_sparse_masks_and_long_rows_are_left_to_the_costs(spec, length):
+    assert A._stock(call(spec, length=length), tuple(A._BACKENDS.values())) is None
+    ex = am.explain(*qkv(length=length), spec)
+    assert not ex.stock
+    costs = {n: c for n, c, e in zip(ex.backends, ex.costs, ex.auto_eligible, strict=True) if c is not None and e}
+    assert ex.picked == min(costs, key=costs.get)
