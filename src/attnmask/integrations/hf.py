@@ -35,6 +35,19 @@ harmless (`HARMLESS_KEYWORDS`); any other keyword, and a score modifier it canno
 ``position_bias``) that is not None, raises ``BackendError`` naming it at the first forward, so a new transformers
 version cannot slip a score change past it.
 
+Models it cannot serve exactly are refused with a typed error at the first forward, never computed wrong:
+
+- a model whose own code computes with the mask (``scores + mask``: BLOOM, MPT, XGLM, BigBird, Doge's dynamic mask,
+  ...): ``MaskObjectError`` (from :class:`HFMaskInfo`, which is no tensor) naming the model type and the operation;
+  a dense 4D mask carrying a score bias (values other than 0 and ``finfo.min``): ``BackendError``;
+- packed rows in a model that mixes tokens outside attention (state-space, convolution, linear-attention layers:
+  Falcon-H1, Qwen3-Next, LFM2, ...; `token_mixing_outside_attention` reads it from the config):
+  ``UnsupportedModelError`` naming the layer type;
+- packed rows whose boundaries reach neither the attention function nor transformers' mask (a model that does not
+  hand ``position_ids`` to its attention, called with an attention_mask or a KV cache: GPT-BigCode, Persimmon, Llama4
+  with ``use_cache=True``): found on the call stack (`enclosing_position_ids`, a few µs per call without
+  boundaries) and refused with ``UnsupportedModelError``.
+
 Also here: :class:`DataCollatorForCausalLM` (padding or packing, completion-only labels) for the ``Trainer`` and plain
 loops, and :func:`num_items_in_step` (the target count of an optimizer step, for ``masked_cross_entropy``).
 """
@@ -43,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -54,7 +68,7 @@ import torch
 
 from attnmask.attention import attention
 from attnmask.batch import Batch, Collator
-from attnmask.errors import BackendError, InputError, ShapeError, bad
+from attnmask.errors import BackendError, InputError, MaskObjectError, ShapeError, UnsupportedModelError, bad
 from attnmask.integrations.ranks import global_num_items
 from attnmask.masks import (
     MaskSpec,
@@ -80,6 +94,7 @@ __all__ = [
     "num_items_in_step",
     "register",
     "spec_for_call",
+    "token_mixing_outside_attention",
 ]
 
 ATTN_IMPLEMENTATION = "attnmask"
@@ -113,9 +128,17 @@ class HFMaskInfo:
       like ``padding``, -1 past the given ids): tokens of one block (an image) attend to each other both ways, on top
       of the causal rule (``| bidirectional_blocks``).
 
+    - ``model_type``: the config's ``model_type``, named by the errors below.
+
     Example: decoding one token after a 5-token prompt with a dynamic cache gives ``q_length=1, kv_length=6,
     q_offset=5, kv_offset=0``. Transformers treats it as an already-prepared 4D mask (``ndim == 4``) when
     ``generate`` builds masks ahead of the forward (compilable caches).
+
+    It is no tensor: a model whose own code computes with the mask (``scores + mask``, ``mask.size()``,
+    ``masked_fill(mask, ...)``, ``mask[..., :k]``: models whose attention does not go through transformers'
+    ``AttentionInterface``, e.g. BLOOM, MPT, XGLM) gets a ``MaskObjectError`` naming the model type and the operation
+    at its first forward, from ``__torch_function__`` (torch dispatches every torch function and tensor operator that
+    meets the object to it) and from the operators and attribute lookups below; never a raw ``TypeError``.
     """
 
     padding: torch.Tensor | None
@@ -129,6 +152,7 @@ class HFMaskInfo:
     left_padding: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     block_ids: torch.Tensor | None = None
+    model_type: str | None = None
 
     ndim = 4  # read by transformers' mask preprocessing: "already prepared, pass it through"
 
@@ -147,6 +171,41 @@ class HFMaskInfo:
 
     def to(self, *args, **kwargs) -> HFMaskInfo:
         return self
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        found = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, HFMaskInfo)]
+        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        raise _mask_used_as_tensor(found[0].model_type if found else None, f"torch's {name}")
+
+    def __getattr__(self, name: str) -> Any:  # only reached for names the dataclass does not define
+        raise _mask_used_as_tensor(self.model_type, f"the tensor attribute .{name}")
+
+
+def _mask_used_as_tensor(model_type: str | None, use: str) -> MaskObjectError:
+    who = f"model type {model_type!r}" if model_type else "a model"
+    return bad(
+        MaskObjectError,
+        "attention_mask",
+        "a model that hands the mask untouched to its attention function through transformers' AttentionInterface "
+        "(attnmask gives its layers a mask description, HFMaskInfo, not a tensor)",
+        f"{who} using {use} on it in its own attention code; run it with attn_implementation='eager' or 'sdpa'",
+    )
+
+
+def _refuse_operator(name: str) -> Callable:
+    def operator(self: HFMaskInfo, *args: Any) -> Any:
+        raise _mask_used_as_tensor(self.model_type, f"the operator {name}")
+
+    operator.__name__ = name
+    return operator
+
+
+for _name in (
+    "__add__ __radd__ __sub__ __rsub__ __mul__ __rmul__ __truediv__ __rtruediv__ __and__ __rand__ __or__ __ror__ "
+    "__xor__ __rxor__ __invert__ __neg__ __lt__ __le__ __gt__ __ge__ __getitem__ __iter__ __float__ __int__ __index__"
+).split():
+    setattr(HFMaskInfo, _name, _refuse_operator(_name))
 
 
 def build_mask_info(
@@ -204,6 +263,7 @@ def build_mask_info(
         left_padding,
         packed,
         blocks,
+        getattr(kwargs.get("config"), "model_type", None),
     )
 
 
@@ -427,6 +487,113 @@ def _chunks_on_keys(size: int, info: HFMaskInfo, batch: int, device: torch.devic
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Packed rows a model's attention cannot keep apart
+
+# Words that name token mixing outside softmax attention in transformers' per-layer type lists (``layer_types``,
+# ``layers_block_type``, ``block_types``) and in config attribute names (``mamba_d_state``, ``conv_L_cache``, ...).
+_MIXING_WORDS = ("mamba", "ssm", "linear", "conv", "recurrent", "rwkv", "hybrid", "lstm", "delta", "retention")
+_LAYER_LISTS = ("layer_types", "layers_block_type", "block_types")
+_mixing_verdicts: dict[int, tuple[weakref.ref, str | None]] = {}
+_mixing_lock = threading.Lock()
+
+
+def token_mixing_outside_attention(config: Any) -> str | None:
+    """What in ``config`` mixes tokens outside attention (a state-space, convolution, recurrent or linear-attention
+    layer), in words, or ``None``. No attention mask can cut such mixing at the documents of a packed row.
+
+    Read from the config only: an entry of its per-layer type lists (``layer_types``, ``layers_block_type``,
+    ``block_types``) or a set attribute (``mamba_d_state``, ``conv_L_cache``, ``linear_conv_kernel_dim``, ...) whose
+    name holds one of ``_MIXING_WORDS``. Example: Qwen3-Next's ``layer_types`` entry ``'linear_attention'``.
+    Cached per config object (its layer lists do not change after the model is built).
+    """
+    if config is None:
+        return None
+    key = id(config)
+    with _mixing_lock:
+        hit = _mixing_verdicts.get(key)
+        if hit is not None and hit[0]() is config:
+            return hit[1]
+    verdict = _find_mixing(config)
+    with _mixing_lock:
+        for stale in [k for k, (ref, _) in _mixing_verdicts.items() if ref() is None]:
+            del _mixing_verdicts[stale]
+        _mixing_verdicts[key] = (weakref.ref(config), verdict)
+    return verdict
+
+
+def _find_mixing(config: Any) -> str | None:
+    for name in _LAYER_LISTS:
+        entries = getattr(config, name, None)
+        for entry in entries if isinstance(entries, (list, tuple)) else ():
+            if isinstance(entry, str) and any(word in entry.lower() for word in _MIXING_WORDS):
+                return f"{name} entry {entry!r}"
+    for name, value in sorted(vars(config).items()):
+        if value and not name.startswith("_") and any(word in name.lower() for word in _MIXING_WORDS):
+            return f"config attribute {name}={value!r}"
+    return None
+
+
+def _refuse_packed_rows(config: Any, how: str) -> None:
+    """Raise ``UnsupportedModelError`` for packed rows (``how``: where their documents were found) when the model
+    mixes tokens outside attention."""
+    mixing = token_mixing_outside_attention(config)
+    if mixing is not None:
+        model_type = getattr(config, "model_type", None)
+        raise bad(
+            UnsupportedModelError,
+            "position_ids",
+            f"one sequence per row for model type {model_type!r}, which mixes tokens outside attention ({mixing}): "
+            "no attention mask can keep the documents of a packed row apart there; pad them into separate rows",
+            f"packed rows ({how})",
+        )
+
+
+_FRAMES_SEARCHED = 40
+_BOUNDS = ("position_ids", "seq_lens", "cu_seq_lens_q")  # keywords that tell an attention call its documents
+
+
+def enclosing_position_ids(length: int, depth: int | None = None) -> torch.Tensor | None:
+    """The ``(B, length)`` ``position_ids`` tensor of the nearest enclosing module ``forward`` on the call stack (a
+    local of that name), or ``None``: the packed positions a model took in its forward but did not hand to its
+    attention. Frames are skipped on their code object (name ``forward``, ``position_ids`` among its variables)
+    before their locals are read. ``depth``: frames searched (``_FRAMES_SEARCHED`` by default). O(depth); a few µs
+    (``benchmarks/bench_hf_overhead.py``).
+    """
+    frame = sys._getframe(1)
+    for _ in range(_FRAMES_SEARCHED if depth is None else depth):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_name == "forward" and "position_ids" in code.co_varnames:
+            value = frame.f_locals.get("position_ids")
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[-1] == length:
+                return value
+    return None
+
+
+def _refuse_hidden_boundaries(config: Any, q_len: int, padding: torch.Tensor | None) -> None:
+    """For a call that carries no document boundaries and no past keys: raise ``UnsupportedModelError`` when an
+    enclosing forward holds packed ``position_ids`` (restarting inside a row; padding ``(B, L)`` True = real) that
+    neither the attention function nor transformers' mask was told about. Computing the call as one sequence per row
+    would let tokens attend across documents."""
+    position_ids = enclosing_position_ids(q_len)
+    if position_ids is None or _documents_memo.get(position_ids, padding) is None:
+        return
+    _refuse_packed_rows(config, "position_ids restart inside a row")
+    model_type = getattr(config, "model_type", None)
+    raise bad(
+        UnsupportedModelError,
+        "position_ids",
+        f"document boundaries that reach the attention; model type {model_type!r} does not hand the packed rows' "
+        "position_ids to its attention function, and transformers tells its mask only without an attention_mask "
+        "and without a KV cache: pass use_cache=False and no attention_mask (as attnmask's packing collators do), "
+        "or pad the documents into separate rows",
+        "packed rows (position_ids restart inside a row) with no boundaries at the attention call",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The mask spec of one attention call
 
 
@@ -503,23 +670,30 @@ def attention_forward(
         info = attention_mask
         if info is not None and (info.kv_length != kv_len or info.q_length != q_len):
             raise bad(ShapeError, "attention_mask", f"a mask for Q={q_len}, K={kv_len}", info.shape)
-        if _is_cross_attention(module, is_causal, sliding_window, q_len, kv_len):
+        cross = _is_cross_attention(module, is_causal, sliding_window, q_len, kv_len)
+        if not cross and kwargs.get("position_ids") is None and info is not None and info.position_ids is not None:
+            kwargs = {**kwargs, "position_ids": info.position_ids}  # the model's attention is not given them
+        if not cross and (info is None or not info.has_past) and not any(kwargs.get(k) is not None for k in _BOUNDS):
+            _refuse_hidden_boundaries(config, q_len, None if info is None else info.padding)
+        if cross:
             # keys are the encoder's: only its padding matters, never the queries' own positions
             spec = full() if info is None or info.padding is None else full() & key_padding(info.padding)
             if q_len > kv_len:  # the rule ignores query positions; any in range will do
                 q_positions = torch.zeros(q_len, dtype=torch.long, device=query.device)
         elif info is not None and info.overlay:
+            if info.position_ids is not None:  # transformers found packed rows: its predicate keeps them apart
+                _refuse_packed_rows(config, "transformers found packed sequences")
             spec = _overlay_spec(info)
             q_positions = torch.arange(info.q_offset, info.q_offset + q_len, device=query.device)
             kv_positions = torch.arange(info.kv_offset, info.kv_offset + kv_len, device=query.device)
         else:
             padding = info.padding if info is not None else None
             chunk = info.chunk_size if info is not None else None
-            if kwargs.get("position_ids") is None and info is not None and info.position_ids is not None:
-                kwargs = {**kwargs, "position_ids": info.position_ids}  # the model's attention is not given them
 
             def build() -> MaskSpec:
                 documents, packed = _documents_spec(kwargs, info, (batch, q_len), padding, query.device)
+                if packed:
+                    _refuse_packed_rows(config, "documents from seq_lens, cu_seq_lens_q or position_ids")
                 chunks = None
                 if chunk is not None and documents is None:  # with a cache, or one unpadded sequence per row
                     chunks = _chunks_on_keys(chunk, info, batch, query.device)
@@ -586,12 +760,17 @@ PASSED_MODIFIERS = {"softcap": "softcap", "s_aux": "sinks", "sinks": "sinks"}
 SCORE_MODIFIERS = {
     "position_bias": "an additive position bias (T5-family relative attention)",
 }
+# Keywords harmless when None (absent), refused otherwise: BERT-family layers (RoBERTa, XLM-R, Data2Vec, ...) hand
+# their attention function the cross-attention inputs they were called with, None outside encoder-decoder use.
+ABSENT_KEYWORDS = frozenset({"encoder_hidden_states", "encoder_attention_mask"})
 
 
 def _check_keywords(kwargs: dict) -> None:
     """Refuse, with `BackendError` naming it, every keyword that is not known to be harmless."""
     for name, value in kwargs.items():
-        if name in HARMLESS_KEYWORDS or name in PASSED_MODIFIERS or (name in SCORE_MODIFIERS and value is None):
+        if name in HARMLESS_KEYWORDS or name in PASSED_MODIFIERS:
+            continue
+        if value is None and (name in SCORE_MODIFIERS or name in ABSENT_KEYWORDS):
             continue
         if name in SCORE_MODIFIERS:
             feature = f"None: attnmask's attention does not support {SCORE_MODIFIERS[name]}"
@@ -668,11 +847,21 @@ def _overlay_spec(info: HFMaskInfo) -> MaskSpec:
 
 
 def _dense_mask_as_bool(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
-    """A user's 4D mask ``(B, 1, Q, K')`` (bool, or additive with 0 = allowed) as bool ``(B, 1, Q, K)``."""
+    """A user's 4D mask ``(B, 1, Q, K')`` (bool, or additive with 0 = allowed and ``finfo.min`` / ``-inf`` =
+    masked) as bool ``(B, 1, Q, K)``. An additive mask holding any other value is a score bias (e.g. Doge's dynamic
+    mask), which attnmask's attention does not take: ``BackendError``, never a bias silently dropped."""
     if mask.dim() != 4:
         raise bad(ShapeError, "attention_mask", "a 4D mask (B, 1, Q, K) or transformers' 2D mask", tuple(mask.shape))
     mask = mask[..., :kv_len]
-    return mask if mask.dtype == torch.bool else mask == 0
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise bad(BackendError, "attention_mask", "a bool or an additive (floating) 4D mask", mask.dtype)
+    allowed = mask == 0
+    if not bool((allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
+        wanted = "a bool mask or an additive one of 0 and finfo(dtype).min only (attnmask's attention takes no bias)"
+        raise bad(BackendError, "attention_mask", wanted, "an additive mask with other values (a score bias)")
+    return allowed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
