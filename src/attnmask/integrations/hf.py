@@ -289,6 +289,28 @@ def _closure_tensor(fn: Callable, name: str, depth: int = 0) -> torch.Tensor | N
     return None
 
 
+def _packed_inner_predicate(fn: Callable, depth: int = 0) -> Callable | None:
+    """The predicate transformers' packed-rows remap wraps (``remap_positions_for_packed_sequence``: the closure that
+    holds both ``mask_function`` and ``position_ids``) inside ``fn``, or ``None``. Read, never called."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or cells is None or depth > 8:
+        return None
+    values = {}
+    for var, cell in zip(code.co_freevars, cells, strict=True):
+        try:
+            values[var] = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    if callable(values.get("mask_function")) and isinstance(values.get("position_ids"), torch.Tensor):
+        return values["mask_function"]
+    for value in values.values():
+        for item in value if isinstance(value, tuple) else (value,):
+            found = _packed_inner_predicate(item, depth + 1) if callable(item) else None
+            if found is not None:
+                return found
+    return None
+
+
 def _chunk_size(config: Any, local_size: Any) -> tuple[int | None, bool]:
     """The chunk of a chunked-attention mask call, and whether the call must fall back to the model's predicate.
 
@@ -837,8 +859,20 @@ def _is_cross_attention(module: Any, is_causal: bool, window: int | None, q_len:
 
 
 def _overlay_spec(info: HFMaskInfo) -> MaskSpec:
-    """A model's own and/or overlays: its predicate, evaluated per element on absolute positions (O(B·Q·K))."""
+    """A model's own and/or overlays: its predicate, evaluated per element on absolute positions (O(B·Q·K)).
+
+    Packed rows whose predicate looks tensors up by column (transformers' ``block_sequence_ids`` overlays, as
+    Gemma3's sliding layers pass them): transformers wraps the predicate in a packed-rows remap that hands it
+    in-document positions, so those lookups read the wrong tokens (its own sdpa and eager masks differ from each
+    document alone). There the wrapped predicate is evaluated on columns, within each document (``document``): the
+    mask each document gets alone, since columns and positions differ by a constant inside a document.
+    """
     fn = info.mask_function
+    inner = _packed_inner_predicate(fn) if info.position_ids is not None else None
+    if inner is not None and _closure_tensor(inner, "block_sequence_ids") is not None:
+        documents = document_ids_from_position_ids(info.position_ids)
+        spec = custom(lambda b, h, q, k: inner(b, h, q, k).bool(), name="transformers mask_function, unpacked")
+        return spec if documents is None else spec & document(doc_ids=documents)
     spec = custom(lambda b, h, q, k: fn(b, h, q, k).bool(), name="transformers mask_function")
     if info.padding is not None:
         padding = torch.nn.functional.pad(info.padding, (info.kv_offset, 0), value=False)
