@@ -608,9 +608,9 @@ def _refuse_hidden_boundaries(config: Any, q_len: int, padding: torch.Tensor | N
         UnsupportedModelError,
         "position_ids",
         f"document boundaries that reach the attention; model type {model_type!r} does not hand the packed rows' "
-        "position_ids to its attention function, and transformers tells its mask only without an attention_mask "
-        "and without a KV cache: pass use_cache=False and no attention_mask (as attnmask's packing collators do), "
-        "or pad the documents into separate rows",
+        "position_ids to its attention function, and transformers tells its mask about packed rows only when the "
+        "model hands it position_ids, with no attention_mask and no KV cache: pass use_cache=False and no "
+        "attention_mask (as attnmask's packing collators do), or pad the documents into separate rows",
         "packed rows (position_ids restart inside a row) with no boundaries at the attention call",
     )
 
@@ -702,7 +702,8 @@ def attention_forward(
             spec = full() if info is None or info.padding is None else full() & key_padding(info.padding)
             if q_len > kv_len:  # the rule ignores query positions; any in range will do
                 q_positions = torch.zeros(q_len, dtype=torch.long, device=query.device)
-        elif info is not None and info.overlay:
+        elif info is not None and (info.overlay or (sliding_window is not None and not is_causal)):
+            # a bidirectional window (ModernBERT's local layers) has no structural form yet: transformers' predicate
             if info.position_ids is not None:  # transformers found packed rows: its predicate keeps them apart
                 _refuse_packed_rows(config, "transformers found packed sequences")
             spec = _overlay_spec(info)
