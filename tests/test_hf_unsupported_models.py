@@ -59,6 +59,7 @@ FAMILY = {
     "minimax": dict(layer_types=["linear_attention", "full_attention"], num_local_experts=2, num_experts_per_tok=1),
     "gpt_bigcode": dict(n_embd=32, n_head=4, n_layer=2, n_positions=64),
     "persimmon": dict(),
+    "roberta": dict(is_decoder=True),
 }
 MASK_ARITHMETIC = ["bloom", "mpt", "big_bird", "megatron-bert", "rembert", "roformer", "gpt_neox_japanese", "doge"]
 MASK_ARITHMETIC += ["trocr", "xglm"]
@@ -169,6 +170,18 @@ def test_packed_rows_whose_boundaries_reach_no_attention_are_refused_and_exact_w
     for row, seq in enumerate((SEQS[1], SEQS[0])):
         expected = model(family, "eager").generate(torch.tensor([seq]), **kw)[0, len(seq) :]
         assert out[row, 5:].tolist() == expected.tolist()
+
+
+def test_roberta_packed_rows_must_number_positions_as_roberta_does_alone():
+    """RoBERTa numbers a sequence's positions from ``padding_idx + 1`` (2): documents restarting at 0 (a packing
+    collator's) would be embedded at other positions than alone; restarting at 2 they are exact."""
+    assert hf.position_offset_on_stack() == 0  # no model forward encloses the test
+    with torch.no_grad():
+        with pytest.raises(UnsupportedModelError, match=r"start at position 2, where model type 'roberta' starts"):
+            model("roberta")(**packed(use_cache=False))
+        roberta_positions = torch.tensor([[2, 3, 4, 5, 6, 2, 3, 4]])
+        logits = model("roberta")(**packed(use_cache=False) | {"position_ids": roberta_positions}).logits
+    assert_each_row_equals_alone("roberta", logits, [(0, 0), (0, 5)])
 
 
 def test_the_llama4_packed_row_with_a_kv_cache_is_refused():

@@ -46,7 +46,9 @@ Models it cannot serve exactly are refused with a typed error at the first forwa
 - packed rows whose boundaries reach neither the attention function nor transformers' mask (a model that does not
   hand ``position_ids`` to its attention, called with an attention_mask or a KV cache: GPT-BigCode, Persimmon, Llama4
   with ``use_cache=True``): found on the call stack (`enclosing_position_ids`, a few µs per call without
-  boundaries) and refused with ``UnsupportedModelError``.
+  boundaries) and refused with ``UnsupportedModelError``;
+- packed rows whose documents start at another position than a sequence alone does (RoBERTa-family models count
+  from ``padding_idx + 1``, a packing collator from 0; `position_offset_on_stack`): ``UnsupportedModelError``.
 
 Also here: :class:`DataCollatorForCausalLM` (padding or packing, completion-only labels) for the ``Trainer`` and plain
 loops, and :func:`num_items_in_step` (the target count of an optimizer step, for ``masked_cross_entropy``).
@@ -91,7 +93,9 @@ __all__ = [
     "build_mask_info",
     "check_packed_inputs",
     "document_ids_from_position_ids",
+    "enclosing_position_ids",
     "num_items_in_step",
+    "position_offset_on_stack",
     "register",
     "spec_for_call",
     "token_mixing_outside_attention",
@@ -594,6 +598,48 @@ def enclosing_position_ids(length: int, depth: int | None = None) -> torch.Tenso
     return None
 
 
+def position_offset_on_stack(depth: int | None = None) -> int:
+    """The first position of a sequence in the model whose ``forward`` encloses this call: ``padding_idx + 1`` when
+    its learned position embedding reserves a padding row (RoBERTa, XLM-R, CamemBERT, Data2Vec-Text, ESM, ...,
+    which number a sequence's positions from there), else 0. Read from the ``embeddings.position_embeddings`` of the
+    ``self`` of enclosing ``forward`` frames. O(depth)."""
+    frame = sys._getframe(1)
+    for _ in range(_FRAMES_SEARCHED if depth is None else depth):
+        frame = frame.f_back
+        if frame is None:
+            return 0
+        if frame.f_code.co_name == "forward" and "self" in frame.f_code.co_varnames:
+            owner = frame.f_locals.get("self")
+            table = getattr(getattr(owner, "embeddings", None), "position_embeddings", None)
+            if isinstance(table, torch.nn.Embedding):
+                return 0 if table.padding_idx is None else int(table.padding_idx) + 1
+    return 0
+
+
+def _refuse_offset_positions(config: Any, position_ids: Any, documents: MaskSpec) -> None:
+    """Raise ``UnsupportedModelError`` when the documents of packed rows start at a position other than the one a
+    sequence alone starts at in this model (`position_offset_on_stack`): a RoBERTa-family model given positions that
+    restart at 0 (a packing collator's) embeds every document at other positions than alone, silently."""
+    if not isinstance(position_ids, torch.Tensor):
+        return
+    first = position_offset_on_stack()
+    if first == 0:
+        return
+    ids = documents.doc_ids
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    given = position_ids.to(ids.device).expand_as(ids)[starts & (ids >= 0)]
+    if bool((given != first).any()):
+        model_type = getattr(config, "model_type", None)
+        raise bad(
+            UnsupportedModelError,
+            "position_ids",
+            f"every document of a packed row to start at position {first}, where model type {model_type!r} starts a "
+            "sequence alone (its position embedding reserves padding_idx and counts from padding_idx + 1)",
+            f"documents starting at {sorted(set(given.tolist()))[:8]}",
+        )
+
+
 def _refuse_hidden_boundaries(config: Any, q_len: int, padding: torch.Tensor | None) -> None:
     """For a call that carries no document boundaries and no past keys: raise ``UnsupportedModelError`` when an
     enclosing forward holds packed ``position_ids`` (restarting inside a row; padding ``(B, L)`` True = real) that
@@ -717,6 +763,7 @@ def attention_forward(
                 documents, packed = _documents_spec(kwargs, info, (batch, q_len), padding, query.device)
                 if packed:
                     _refuse_packed_rows(config, "documents from seq_lens, cu_seq_lens_q or position_ids")
+                    _refuse_offset_positions(config, kwargs.get("position_ids"), documents)
                 chunks = None
                 if chunk is not None and documents is None:  # with a cache, or one unpadded sequence per row
                     chunks = _chunks_on_keys(chunk, info, batch, query.device)
