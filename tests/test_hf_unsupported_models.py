@@ -60,6 +60,15 @@ FAMILY = {
     "gpt_bigcode": dict(n_embd=32, n_head=4, n_layer=2, n_positions=64),
     "persimmon": dict(),
     "roberta": dict(is_decoder=True),
+    "bart": dict(
+        d_model=32,
+        decoder_layers=2,
+        encoder_layers=2,
+        decoder_attention_heads=4,
+        encoder_attention_heads=4,
+        decoder_ffn_dim=64,
+        encoder_ffn_dim=64,
+    ),
 }
 MASK_ARITHMETIC = ["bloom", "mpt", "big_bird", "megatron-bert", "rembert", "roformer", "gpt_neox_japanese", "doge"]
 MASK_ARITHMETIC += ["trocr", "xglm"]
@@ -182,6 +191,16 @@ def test_roberta_packed_rows_must_number_positions_as_roberta_does_alone():
         roberta_positions = torch.tensor([[2, 3, 4, 5, 6, 2, 3, 4]])
         logits = model("roberta")(**packed(use_cache=False) | {"position_ids": roberta_positions}).logits
     assert_each_row_equals_alone("roberta", logits, [(0, 0), (0, 5)])
+
+
+def test_a_decoder_numbering_positions_itself_refuses_packed_rows_and_keeps_padded_ones_exact():
+    """BART's decoder embeds ``arange(L)`` over the whole row whatever ``position_ids`` it is given (they reach only
+    its attention): every document after the first would be embedded at other positions than alone."""
+    with torch.no_grad():
+        logits = model("bart")(**right_padded()).logits
+        assert_each_row_equals_alone("bart", logits, [(0, 0), (1, 0)])
+        with pytest.raises(UnsupportedModelError, match=r"model type 'bart' numbers the positions of a row itself"):
+            model("bart")(**packed(use_cache=False))
 
 
 def test_the_llama4_packed_row_with_a_kv_cache_is_refused():

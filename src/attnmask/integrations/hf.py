@@ -68,6 +68,7 @@ from typing import Any
 
 import torch
 
+from attnmask._checks import short_repr
 from attnmask.attention import attention
 from attnmask.batch import Batch, Collator
 from attnmask.errors import BackendError, InputError, MaskObjectError, ShapeError, UnsupportedModelError, bad
@@ -579,23 +580,30 @@ _BOUNDS = ("position_ids", "seq_lens", "cu_seq_lens_q")  # keywords that tell an
 
 
 def enclosing_position_ids(length: int, depth: int | None = None) -> torch.Tensor | None:
-    """The ``(B, length)`` ``position_ids`` tensor of the nearest enclosing module ``forward`` on the call stack (a
-    local of that name), or ``None``: the packed positions a model took in its forward but did not hand to its
-    attention. Frames are skipped on their code object (name ``forward``, ``position_ids`` among its variables)
-    before their locals are read. ``depth``: frames searched (``_FRAMES_SEARCHED`` by default). O(depth); a few µs
+    """The ``(B, length)`` or ``(length,)`` ``position_ids`` tensor of the nearest enclosing module ``forward`` on
+    the call stack (a local of that name), or ``None``: the positions the model embeds, e.g. packed positions a model
+    took in its forward but did not hand to its attention, or positions it numbered itself (BART's decoder). Frames
+    are skipped on their code object (name ``forward``, ``position_ids`` among its variables) before their locals
+    are read. ``depth``: frames searched (``_FRAMES_SEARCHED`` by default). O(depth); a few µs
     (``benchmarks/bench_hf_overhead.py``).
     """
+    for value in _enclosing_locals("position_ids", depth):
+        if isinstance(value, torch.Tensor) and value.dim() in (1, 2) and value.shape[-1] == length:
+            return value
+    return None
+
+
+def _enclosing_locals(name: str, depth: int | None = None) -> Iterable[Any]:
+    """The values of the local ``name`` in the enclosing module ``forward`` frames, innermost first (frames whose
+    code has no such variable are skipped before their locals are read)."""
     frame = sys._getframe(1)
     for _ in range(_FRAMES_SEARCHED if depth is None else depth):
         frame = frame.f_back
         if frame is None:
-            return None
+            return
         code = frame.f_code
-        if code.co_name == "forward" and "position_ids" in code.co_varnames:
-            value = frame.f_locals.get("position_ids")
-            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[-1] == length:
-                return value
-    return None
+        if code.co_name == "forward" and name in code.co_varnames:
+            yield frame.f_locals.get(name)
 
 
 def position_offset_on_stack(depth: int | None = None) -> int:
@@ -603,16 +611,10 @@ def position_offset_on_stack(depth: int | None = None) -> int:
     its learned position embedding reserves a padding row (RoBERTa, XLM-R, CamemBERT, Data2Vec-Text, ESM, ...,
     which number a sequence's positions from there), else 0. Read from the ``embeddings.position_embeddings`` of the
     ``self`` of enclosing ``forward`` frames. O(depth)."""
-    frame = sys._getframe(1)
-    for _ in range(_FRAMES_SEARCHED if depth is None else depth):
-        frame = frame.f_back
-        if frame is None:
-            return 0
-        if frame.f_code.co_name == "forward" and "self" in frame.f_code.co_varnames:
-            owner = frame.f_locals.get("self")
-            table = getattr(getattr(owner, "embeddings", None), "position_embeddings", None)
-            if isinstance(table, torch.nn.Embedding):
-                return 0 if table.padding_idx is None else int(table.padding_idx) + 1
+    for owner in _enclosing_locals("self", depth):
+        table = getattr(getattr(owner, "embeddings", None), "position_embeddings", None)
+        if isinstance(table, torch.nn.Embedding):
+            return 0 if table.padding_idx is None else int(table.padding_idx) + 1
     return 0
 
 
@@ -640,13 +642,40 @@ def _refuse_offset_positions(config: Any, position_ids: Any, documents: MaskSpec
         )
 
 
+def _refuse_ignored_positions(config: Any, position_ids: Any) -> None:
+    """Raise ``UnsupportedModelError`` when the packed rows' ``position_ids`` ``(B, L)`` (which the attention was
+    given) are not the positions the model embeds: an enclosing forward numbers positions of its own (BART-family
+    decoders: ``arange(L)`` over the whole row), so every document after the first is embedded at other positions
+    than alone."""
+    if not isinstance(position_ids, torch.Tensor):
+        return
+    embedded = next((v for v in _enclosing_locals("position_ids") if isinstance(v, torch.Tensor)), None)
+    if embedded is None or embedded is position_ids:
+        return
+    if not embedded.is_floating_point():  # else: the name now holds the position embeddings the model made itself
+        if embedded.dim() not in (1, 2) or embedded.shape[-1] != position_ids.shape[-1]:
+            return  # positions of another form (e.g. multimodal rotary sections): not comparable
+        if embedded.device == position_ids.device and torch.equal(embedded.expand_as(position_ids), position_ids):
+            return
+    model_type = getattr(config, "model_type", None)
+    raise bad(
+        UnsupportedModelError,
+        "position_ids",
+        f"positions the model embeds; model type {model_type!r} numbers the positions of a row itself, so the "
+        "documents of a packed row are not embedded as each alone: pad them into separate rows",
+        f"packed position_ids, where the model embeds {short_repr(embedded.tolist())}"
+        if not embedded.is_floating_point()
+        else "packed position_ids, where the model embeds positions it numbered itself",
+    )
+
+
 def _refuse_hidden_boundaries(config: Any, q_len: int, padding: torch.Tensor | None) -> None:
     """For a call that carries no document boundaries and no past keys: raise ``UnsupportedModelError`` when an
     enclosing forward holds packed ``position_ids`` (restarting inside a row; padding ``(B, L)`` True = real) that
     neither the attention function nor transformers' mask was told about. Computing the call as one sequence per row
     would let tokens attend across documents."""
     position_ids = enclosing_position_ids(q_len)
-    if position_ids is None or _documents_memo.get(position_ids, padding) is None:
+    if position_ids is None or position_ids.dim() != 2 or _documents_memo.get(position_ids, padding) is None:
         return
     _refuse_packed_rows(config, "position_ids restart inside a row")
     model_type = getattr(config, "model_type", None)
@@ -764,6 +793,7 @@ def attention_forward(
                 if packed:
                     _refuse_packed_rows(config, "documents from seq_lens, cu_seq_lens_q or position_ids")
                     _refuse_offset_positions(config, kwargs.get("position_ids"), documents)
+                    _refuse_ignored_positions(config, kwargs.get("position_ids"))
                 chunks = None
                 if chunk is not None and documents is None:  # with a cache, or one unpadded sequence per row
                     chunks = _chunks_on_keys(chunk, info, batch, query.device)
