@@ -134,6 +134,11 @@ class HFMaskInfo:
       of the causal rule (``| bidirectional_blocks``).
 
     - ``model_type``: the config's ``model_type``, named by the errors below.
+    - ``causal``: whether transformers built a causal mask (its predicate holds ``causal_mask_function``: causal,
+      sliding-window and chunked masks) or a bidirectional one (``bidirectional_mask_function``: encoders,
+      cross-attention), ``None`` when it holds neither or adds and/or overlays. The attention function follows it
+      over the module's ``is_causal`` flag, as transformers' eager and sdpa follow the mask (BigBird-Pegasus and
+      NLLB-MoE build their decoder self-attention ``is_causal=False``).
 
     Example: decoding one token after a 5-token prompt with a dynamic cache gives ``q_length=1, kv_length=6,
     q_offset=5, kv_offset=0``. Transformers treats it as an already-prepared 4D mask (``ndim == 4``) when
@@ -158,6 +163,7 @@ class HFMaskInfo:
     position_ids: torch.Tensor | None = None
     block_ids: torch.Tensor | None = None
     model_type: str | None = None
+    causal: bool | None = None
 
     ndim = 4  # read by transformers' mask preprocessing: "already prepared, pass it through"
 
@@ -269,7 +275,30 @@ def build_mask_info(
         packed,
         blocks,
         getattr(kwargs.get("config"), "model_type", None),
+        None if overlay or mask_function is None else _mask_rule(mask_function),
     )
+
+
+def _mask_rule(fn: Callable, depth: int = 0) -> bool | None:
+    """True when transformers' mask predicate ``fn`` is built on its ``causal_mask_function``, False when on its
+    ``bidirectional_mask_function``, else ``None`` (looked up in the predicates' closures, never called)."""
+    utils = sys.modules.get("transformers.masking_utils")
+    if utils is None or depth > 8:
+        return None
+    if fn is getattr(utils, "causal_mask_function", None):
+        return True
+    if fn is getattr(utils, "bidirectional_mask_function", None):
+        return False
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        for item in value if isinstance(value, tuple) else (value,):
+            found = _mask_rule(item, depth + 1) if callable(item) else None
+            if found is not None:
+                return found
+    return None
 
 
 def _closure_tensor(fn: Callable, name: str, depth: int = 0) -> torch.Tensor | None:
@@ -759,6 +788,8 @@ def attention_forward(
         is_causal = getattr(module, "is_causal", True)
     config = getattr(module, "config", None)
     is_causal = bool(is_causal) and getattr(config, "is_causal", True) is not False
+    if isinstance(attention_mask, HFMaskInfo) and attention_mask.causal is not None:
+        is_causal = attention_mask.causal  # transformers' mask rules over the module's flag, as in its eager and sdpa
 
     q_positions = kv_positions = None
     if isinstance(attention_mask, torch.Tensor):
@@ -928,12 +959,14 @@ def _shared_spec(kwargs, info, shape, padding, device, is_causal, window, build)
 def _is_cross_attention(module: Any, is_causal: bool, window: int | None, q_len: int, kv_len: int) -> bool:
     """Whether the call attends from decoder queries to encoder keys (BART-family ``encoder_attn``, Whisper, ...).
 
-    transformers says so to neither the mask nor the attention function; its encoder-decoder attention modules are
-    built ``is_decoder=True, is_causal=False`` for cross-attention only (decoder self-attention is causal, encoder
-    self-attention is not a decoder's). A bidirectional call with more queries than keys can only be one too."""
+    transformers says so to neither the mask nor the attention function. A bidirectional call is one when its module
+    is a decoder's (``is_decoder=True``: decoder self-attention is causal, by its mask, and encoder self-attention is
+    not a decoder's), says so (``is_cross_attention``, a ``...CrossAttention`` class: BERT-family decoders), or has
+    more queries than keys."""
     if is_causal or window is not None:
         return False
-    return getattr(module, "is_decoder", False) is True or q_len > kv_len
+    named = getattr(module, "is_cross_attention", False) is True or "CrossAttention" in type(module).__name__
+    return named or getattr(module, "is_decoder", False) is True or q_len > kv_len
 
 
 def _overlay_spec(info: HFMaskInfo) -> MaskSpec:
