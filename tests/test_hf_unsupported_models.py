@@ -203,6 +203,26 @@ def test_a_decoder_numbering_positions_itself_refuses_packed_rows_and_keeps_padd
             model("bart")(**packed(use_cache=False))
 
 
+def test_an_encoder_with_its_own_key_padding_mask_refuses_packed_rows():
+    """LayoutLM hands its attention a (B, 1, 1, L) additive padding mask of its own, which holds no documents, and no
+    ``position_ids``: packed rows are refused; a padded batch stays exact."""
+    config = transformers.LayoutLMConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    hf.register()
+    torch.manual_seed(0)
+    ours = transformers.AutoModelForMaskedLM.from_config(copy.deepcopy(config), attn_implementation="attnmask").eval()
+    eager = transformers.AutoModelForMaskedLM.from_config(config, attn_implementation="eager").eval()
+    eager.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        logits = ours(**right_padded()).logits
+        for row, seq in enumerate(SEQS):
+            alone = eager(input_ids=torch.tensor([seq])).logits[0]
+            torch.testing.assert_close(logits[row, : len(seq)], alone, atol=1e-4, rtol=0)
+        with pytest.raises(UnsupportedModelError, match=r"model type 'layoutlm' does not hand the packed rows'"):
+            ours(**packed())
+
+
 def test_the_llama4_packed_row_with_a_kv_cache_is_refused():
     """Llama4 hands its attention no ``position_ids``; with ``use_cache=True`` (its default) transformers does not
     tell the mask either: refused, where it attended across documents before."""

@@ -794,6 +794,9 @@ def attention_forward(
     q_positions = kv_positions = None
     if isinstance(attention_mask, torch.Tensor):
         spec = _dense_mask_as_bool(attention_mask, batch, q_len, kv_len)
+        if spec.shape[-2] == 1 < q_len == kv_len and not any(kwargs.get(k) is not None for k in _BOUNDS):
+            # a model's own key-padding mask (B, 1, 1, K), e.g. LayoutLM's: it holds no documents
+            _refuse_hidden_boundaries(config, q_len, spec[:, 0, 0, :] if spec.shape[0] == batch else None)
     else:
         info = attention_mask
         if info is not None and (info.kv_length != kv_len or info.q_length != q_len):
