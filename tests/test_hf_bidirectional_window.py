@@ -3,6 +3,8 @@ positions on either side) through attnmask, against each sequence alone with eag
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -74,3 +76,40 @@ def test_a_packed_row_is_refused_since_transformers_never_tells_a_bidirectional_
     position_ids = torch.tensor([list(range(len(SEQS[0]))) + list(range(len(SEQS[1])))])
     with torch.no_grad(), pytest.raises(UnsupportedModelError, match=r"model type 'modernbert' does not hand"):
         model()(input_ids=ids, position_ids=position_ids)
+
+
+def test_a_packed_row_with_boundaries_at_the_attention_keeps_the_bidirectional_window_inside_each_document():
+    """Ultrabert hands its attention ``position_ids``: transformers' bidirectional-window predicate knows nothing of
+    the documents, attnmask adds them, so each document of a packed row gets its logits alone."""
+    config = transformers.AutoConfig.for_model(
+        "ultrabert",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=2,
+        layer_types=["sliding_attention", "full_attention"],
+        prediction_head_size=32,
+        initializer_range=0.3,
+    )
+    hf.register()
+    torch.manual_seed(0)
+    ours = transformers.AutoModelForMaskedLM.from_config(copy.deepcopy(config), attn_implementation="attnmask").eval()
+    eager = transformers.AutoModelForMaskedLM.from_config(config, attn_implementation="eager").eval()
+    eager.load_state_dict(ours.state_dict())
+    ids = torch.tensor([SEQS[0] + SEQS[2]])
+    position_ids = torch.tensor([list(range(len(SEQS[0]))) + list(range(len(SEQS[2])))])
+    with torch.no_grad():
+        logits = ours(input_ids=ids, position_ids=position_ids).logits[0]
+        start = 0
+        for seq in (SEQS[0], SEQS[2]):
+            alone = eager(input_ids=torch.tensor([seq])).logits[0]
+            torch.testing.assert_close(logits[start : start + len(seq)], alone, atol=1e-4, rtol=0)
+            start += len(seq)
+        across = eager(input_ids=ids, position_ids=position_ids).logits[0]  # the control: eager attends across
+        assert (
+            across[len(SEQS[0]) - 2 : len(SEQS[0]) + 2] - logits[len(SEQS[0]) - 2 : len(SEQS[0]) + 2]
+        ).abs().max() > 1e-2

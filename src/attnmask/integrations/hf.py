@@ -504,6 +504,24 @@ def _documents_spec(
     return document(doc_ids=ids.expand(batch, -1) if ids.shape[0] != batch else ids), True
 
 
+def _packed_documents(
+    kwargs: dict,
+    info: HFMaskInfo | None,
+    shape: tuple[int, int],
+    padding: torch.Tensor | None,
+    device: torch.device,
+    config: Any,
+) -> tuple[MaskSpec | None, bool]:
+    """`_documents_spec`, with packed rows refused where the model cannot keep them apart or does not embed each
+    document as alone (``UnsupportedModelError``: mixing outside attention, offset or self-numbered positions)."""
+    documents, packed = _documents_spec(kwargs, info, shape, padding, device)
+    if packed:
+        _refuse_packed_rows(config, "documents from seq_lens, cu_seq_lens_q or position_ids")
+        _refuse_offset_positions(config, kwargs.get("position_ids"), documents)
+        _refuse_ignored_positions(config, kwargs.get("position_ids"))
+    return documents, packed
+
+
 def _chunked_documents(
     documents: MaskSpec, size: int, packed: bool, position_ids: Any, left_padding: torch.Tensor | None, first: int = 0
 ) -> MaskSpec:
@@ -813,9 +831,10 @@ def attention_forward(
                 q_positions = torch.zeros(q_len, dtype=torch.long, device=query.device)
         elif info is not None and (info.overlay or (sliding_window is not None and not is_causal)):
             # a bidirectional window (ModernBERT's local layers) has no structural form yet: transformers' predicate
-            if info.position_ids is not None:  # transformers found packed rows: its predicate keeps them apart
-                _refuse_packed_rows(config, "transformers found packed sequences")
             spec = _overlay_spec(info)
+            documents, packed = _packed_documents(kwargs, info, (batch, q_len), info.padding, query.device, config)
+            if packed:  # the predicate knows them only when transformers found the packed rows itself
+                spec = spec & documents
             q_positions = torch.arange(info.q_offset, info.q_offset + q_len, device=query.device)
             kv_positions = torch.arange(info.kv_offset, info.kv_offset + kv_len, device=query.device)
         else:
@@ -823,11 +842,7 @@ def attention_forward(
             chunk = info.chunk_size if info is not None else None
 
             def build() -> MaskSpec:
-                documents, packed = _documents_spec(kwargs, info, (batch, q_len), padding, query.device)
-                if packed:
-                    _refuse_packed_rows(config, "documents from seq_lens, cu_seq_lens_q or position_ids")
-                    _refuse_offset_positions(config, kwargs.get("position_ids"), documents)
-                    _refuse_ignored_positions(config, kwargs.get("position_ids"))
+                documents, packed = _packed_documents(kwargs, info, (batch, q_len), padding, query.device, config)
                 chunks = None
                 if chunk is not None and documents is None:  # with a cache, or one unpadded sequence per row
                     chunks = _chunks_on_keys(chunk, info, batch, query.device)
@@ -885,6 +900,7 @@ HARMLESS_KEYWORDS = frozenset(
         "output_router_logits",
         "num_items_in_batch",
         "deterministic",  # flash-attention backward determinism
+        "logits_to_keep",  # which positions the LM head computes (GOT-OCR2 hands it down)
     }
 )
 # Score modifiers models pass that attnmask's attention honours: the keyword, and the `attention` argument it becomes
@@ -895,8 +911,9 @@ SCORE_MODIFIERS = {
     "position_bias": "an additive position bias (T5-family relative attention)",
 }
 # Keywords harmless when None (absent), refused otherwise: BERT-family layers (RoBERTa, XLM-R, Data2Vec, ...) hand
-# their attention function the cross-attention inputs they were called with, None outside encoder-decoder use.
-ABSENT_KEYWORDS = frozenset({"encoder_hidden_states", "encoder_attention_mask"})
+# their attention function the cross-attention inputs they were called with, None outside encoder-decoder use;
+# Ultrabert its (absent) cache.
+ABSENT_KEYWORDS = frozenset({"encoder_hidden_states", "encoder_attention_mask", "past_key_values"})
 
 
 def _check_keywords(kwargs: dict) -> None:
