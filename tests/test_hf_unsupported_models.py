@@ -12,6 +12,7 @@ wrong and never a raw ``TypeError``; what they can do (padded batches) stays equ
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -138,6 +139,8 @@ def test_the_mask_description_refuses_tensor_use_but_answers_attribute_probes():
             use()
     assert not hasattr(info, "dtype") and getattr(info, "device", None) is None  # probes see AttributeError
     assert info.shape == (2, 1, 3, 3) and info.ndim == 4 and info.to("cpu") is info
+    for twin in (copy.deepcopy(info), pickle.loads(pickle.dumps(info))):  # noqa: S301 (our own bytes)
+        assert twin.shape == info.shape and torch.equal(twin.padding, info.padding)
 
 
 @pytest.mark.parametrize("family", sorted(HYBRID))

@@ -26,9 +26,12 @@ To get the 2D padding mask and the cache geometry without transformers building 
 mask function to transformers' ``AttentionMaskInterface``; it returns an :class:`HFMaskInfo` (O(B·L) memory) that
 the model hands back to the attention function in place of the 4D mask. ``attnmask.attention`` then picks the cheapest
 exact backend (per-document ``varlen`` for packed rows). Limits: models whose masks add ``or``/``and`` overlays (e.g.
-image tokens) are honoured through their predicate, per element (O(B·Q·K)), and transformers' own
-``block_sequence_ids`` overlay (Gemma3 / PaliGemma image tokens) structurally, as ``| bidirectional_blocks(ids)``;
-additive position biases (T5) are not supported. Score modifiers models pass (`PASSED_MODIFIERS`: Gemma2's
+image tokens), and bidirectional sliding windows (ModernBERT, Ultrabert: no structural form yet), are honoured
+through their predicate, per element (O(B·Q·K)), with the documents of packed rows added when the call carries them;
+transformers' own ``block_sequence_ids`` overlay (Gemma3 / PaliGemma image tokens) structurally, as
+``| bidirectional_blocks(ids)``; additive position biases (T5) are not supported. Which rule a call follows (causal,
+bidirectional, cross-attention) comes from transformers' mask (`HFMaskInfo.causal`), as in its own attention.
+Score modifiers models pass (`PASSED_MODIFIERS`: Gemma2's
 ``softcap``, gpt-oss's sinks as ``s_aux``, or ``sinks``) go to ``attnmask.attention`` with the call, which chooses
 among the backends that declare them. The attention function keeps an explicit list of the keywords it knows to be
 harmless (`HARMLESS_KEYWORDS`); any other keyword, and a score modifier it cannot honour (`SCORE_MODIFIERS`:
@@ -190,7 +193,8 @@ class HFMaskInfo:
         raise _mask_used_as_tensor(found[0].model_type if found else None, f"torch's {name}")
 
     def __getattr__(self, name: str) -> Any:  # only reached for names the dataclass does not define
-        raise _mask_used_as_tensor(self.model_type, f"the tensor attribute .{name}")
+        # read through __dict__: during copy / unpickling the fields are not set yet, and self.model_type would recurse
+        raise _mask_used_as_tensor(self.__dict__.get("model_type"), f"the tensor attribute .{name}")
 
 
 def _mask_used_as_tensor(model_type: str | None, use: str) -> MaskObjectError:
