@@ -673,12 +673,12 @@ def _refuse_offset_positions(config: Any, position_ids: Any, documents: MaskSpec
     """Raise ``UnsupportedModelError`` when the documents of packed rows start at a position other than the one a
     sequence alone starts at in this model (`position_offset_on_stack`): a RoBERTa-family model given positions that
     restart at 0 (a packing collator's) embeds every document at other positions than alone, silently."""
-    if not isinstance(position_ids, torch.Tensor):
+    ids = documents.doc_ids
+    if not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] != ids.shape[-1]:
         return
     first = position_offset_on_stack()
     if first == 0:
         return
-    ids = documents.doc_ids
     starts = torch.ones_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
     given = position_ids.to(ids.device).expand_as(ids)[starts & (ids >= 0)]
