@@ -60,6 +60,7 @@ FAMILY = {
     "minimax": dict(layer_types=["linear_attention", "full_attention"], num_local_experts=2, num_experts_per_tok=1),
     "gpt_bigcode": dict(n_embd=32, n_head=4, n_layer=2, n_positions=64),
     "persimmon": dict(),
+    "openai-gpt": dict(n_embd=32, n_head=4, n_layer=2, n_positions=64),
     "roberta": dict(is_decoder=True),
     "bart": dict(
         d_model=32,
@@ -257,3 +258,18 @@ def test_a_dense_mask_carrying_a_score_bias_is_refused_not_turned_into_a_bool_ma
         hf.attention_forward(module, q, k, k, additive + 0.5)
     with pytest.raises(BackendError, match=r"^attention_mask: expected a bool or an additive \(floating\) 4D mask"):
         hf.attention_forward(module, q, k, k, (additive == 0).long())
+
+
+@pytest.mark.parametrize(("family", "why"), [("openai-gpt", "AttentionInterface"), ("lfm2", "outside attention")])
+def test_check_packed_inputs_says_where_attnmask_cannot_keep_documents_apart(family, why, caplog):
+    """OpenAI-GPT computes its own attention (attnmask never runs: its packed rows attend across documents, silently,
+    against each document alone); LFM2 mixes tokens in convolutions."""
+    inputs = packed(use_cache=False)
+    with caplog.at_level("WARNING", logger="attnmask"):
+        assert hf.check_packed_inputs(model(family), inputs) is False
+    assert why in caplog.text
+    if family == "openai-gpt":
+        with torch.no_grad():
+            logits = model(family)(**inputs).logits
+        assert (logits[0, 5:] - alone(family, SEQS[1])).abs().max() > 1e-3  # what the warning is about
+    assert hf.check_packed_inputs(model("gpt_bigcode"), inputs) is True

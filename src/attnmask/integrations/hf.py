@@ -1198,13 +1198,35 @@ def register(name: str = ATTN_IMPLEMENTATION, *, backend: str = "auto") -> str:
     return name
 
 
+def _attnmask_keeps_documents_apart(model: torch.nn.Module, impl: str) -> bool:
+    """Under attnmask's attention: False, with a warning, for a model whose attention never reaches it (its modeling
+    code does not look its attention up in transformers' ``AttentionInterface``, by transformers' own test
+    ``_can_set_attn_implementation``: OpenAI-GPT, XLM, DeBERTa, ...) or that mixes tokens outside attention (Mamba,
+    hybrids: those raise at the first attention call, if any)."""
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    own_attention = callable(can_set) and not can_set()
+    mixing = token_mixing_outside_attention(getattr(model, "config", None))
+    if not own_attention and mixing is None:
+        return True
+    why = "its attention does not go through transformers' AttentionInterface" if own_attention else ""
+    why = why or f"it mixes tokens outside attention ({mixing})"
+    logger.warning(
+        "packed position_ids meet attn_implementation=%r on a model attnmask cannot keep them apart in: %s; "
+        "tokens attend across documents (or the forward is refused): pad the documents into separate rows",
+        impl,
+        why,
+    )
+    return False
+
+
 def check_packed_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> bool:
     """Whether ``model(**inputs)`` keeps the documents of packed rows apart; warns on the ``attnmask`` logger when
     packed ``position_ids`` meet a model whose attention is not attnmask's.
 
     ``inputs``: the dict the model is called with (a collator's output, ``batch.model_inputs()``). Rows are packed when
     their ``position_ids`` restart inside them (`document_ids_from_position_ids`). Under ``attn_implementation`` names
-    given by `register`, packed rows are always separate: True, no warning. Under any other attention, transformers
+    given by `register`, packed rows are separate (True, no warning) unless the model's attention never reaches
+    attnmask's or it mixes tokens outside attention (False, a warning). Under any other attention, transformers
     finds the documents from ``position_ids`` only when there is no ``attention_mask`` and no KV cache (neither
     ``past_key_values`` nor ``use_cache``, which defaults to the config's, usually True): the warning says whether
     that holds (True: exact, as attnmask's collators arrange) or not (False: tokens attend across documents).
@@ -1220,7 +1242,7 @@ def check_packed_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> bo
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if impl in _registered_names:
-        return True
+        return _attnmask_keeps_documents_apart(model, impl)
     use_cache = inputs.get("use_cache")
     use_cache = getattr(config, "use_cache", True) if use_cache is None else use_cache
     leaks = [
