@@ -627,22 +627,23 @@ def _smoke(family: Family, case: _Case) -> None:
     _logits(case.eager, inputs)
 
 
-def sweep_family(family: Family, through: bool = True) -> Result:
+def sweep_family(family: Family, through: bool = True, impl: str | None = None) -> Result:
     """Build the family's tiny model twice (attnmask, eager; same weights) and run every scenario of its kind, on one
-    intra-op thread (tiny models gain nothing from more; on shared cores they lose)."""
+    intra-op thread (tiny models gain nothing from more; on shared cores they lose). ``impl``: the attention
+    implementation under test instead of attnmask's (the classifier's own tests give broken ones)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _sweep_family(family, through)
+        return _sweep_family(family, through, impl)
     finally:
         torch.set_num_threads(threads)
 
 
-def _sweep_family(family: Family, through: bool) -> Result:
+def _sweep_family(family: Family, through: bool, impl: str | None) -> Result:
     from attnmask.integrations import hf
 
     start = time.perf_counter()
-    name = hf.register()
+    name = hf.register() if impl is None else impl
     try:
         eager = build(family, "eager")
     except Exception as exc:

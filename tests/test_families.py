@@ -165,3 +165,44 @@ def test_readme_table_is_the_sweeps():
     assert section, "README.md has no '## Model families' section"
     expected = families.table([result(f) for f in families.all_families()])
     assert expected in section.group(1), "README table is stale: regenerate with `python -m tests.families --table`"
+
+
+def _family(model_type: str) -> families.Family:
+    return next(f for f in families.all_families() if f.model_type == model_type)
+
+
+def _register(name: str, forward) -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, forward)
+    return name
+
+
+def test_an_attention_that_ignores_the_mask_is_classified_wrong():
+    """The classifier can fail: transformers' sdpa called without its mask (causal only) is exact on right-padded
+    rows (padding comes last) and WRONG on left-padded and packed ones."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def maskless(module, query, key, value, attention_mask, **kwargs):
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+    found = families.sweep_family(_family("llama"), impl=_register("families-test-maskless", maskless))
+    status = {scenario: outcome.status for scenario, outcome in found.outcomes.items()}
+    assert status["right-padded"] == "exact"
+    assert status["left-padded"] == status["packed"] == "WRONG"
+
+
+def test_typed_errors_are_refusals_and_other_errors_crashes():
+    from attnmask.errors import BackendError
+
+    def refusing(module, query, key, value, attention_mask, **kwargs):
+        raise BackendError("softcap: expected None, got 1.0")
+
+    def crashing(module, query, key, value, attention_mask, **kwargs):
+        return attention_mask + query
+
+    refused = families.sweep_family(_family("llama"), impl=_register("families-test-refusing", refusing))
+    assert {o.status for o in refused.outcomes.values()} == {"refused"}
+    assert "BackendError: softcap" in refused.outcomes["packed"].detail
+    crashed = families.sweep_family(_family("llama"), impl=_register("families-test-crashing", crashing))
+    assert {o.status for o in crashed.outcomes.values()} == {"CRASH"}
