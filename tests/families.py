@@ -188,10 +188,23 @@ SIZES = {
     **dict.fromkeys(["mamba_chunk_size", "linear_head_dim"], 8),
     **dict.fromkeys(["moe_shared_expert_intermediate_size", "shared_intermediate_size"], 2 * HIDDEN),
     "encoder_hash_byte_group_vocab": 64,
+    # other towers and tables that would dominate the model (audio convolutions, entity and glyph vocabularies, ...)
+    **dict.fromkeys(["src_vocab_size", "tgt_vocab_size", "decoder_vocab_size"], VOCAB),
+    **dict.fromkeys(["entity_vocab_size", "shape_vocab_size", "pronunciation_vocab_size"], 64),
+    **dict.fromkeys(["entity_emb_size", "shape_embed_dim", "pronunciation_embed_dim", "num_latents"], 16),
+    **dict.fromkeys(["d_latents", "lru_width"], HIDDEN),
+    **dict.fromkeys(["dim_ff"], 2 * HIDDEN),
+    **dict.fromkeys(["dim_head"], HEAD_DIM),
+    "num_filters": 2,
+    **dict.fromkeys(["embedding_size", "intra_bottleneck_size", "true_hidden_size"], HIDDEN),
     **dict.fromkeys(["qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"], HEAD_DIM),
     "vocab_size": VOCAB,
+    "vocab_size_per_layer_input": VOCAB,  # Gemma 3n / 4 per-layer embeddings
+    "hidden_size_per_layer_input": HEAD_DIM,
     "initializer_range": 0.2,  # scores far from 0, so that a wrong mask shows in the logits
 }
+# Sizes set even where the default is None ("derived from the others"): their derivation would use the full sizes
+DERIVED = {"head_dim", "vocab_size", "num_experts_per_tok", "n_routed_experts"}
 KV_HEAD_NAMES = ["num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"]
 LAYER_NAMES = ["num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers", "num_decoder_layers"]
 MAX_POSITIONS = ["max_position_embeddings", "n_positions", "max_seq_len", "n_ctx", "max_sequence_length"]
@@ -201,12 +214,15 @@ SPECIAL_IDS |= {"cls_token_id": 1, "mask_token_id": 3, "unk_token_id": 3}
 
 def _per_layer_names(config: Any, n: int) -> list[str]:
     """The config's attributes that list one entry per layer (``layer_types``, ``no_rope_layers``, hybrid patterns as
-    strings, ...): lists, tuples and strings of exactly ``n`` entries."""
+    strings such as ``"M-M*"``, ...): lists and tuples of exactly ``n`` entries, and strings of ``n`` characters from
+    an alphabet of at most 4 (``"gelu_new"`` of an 8-layer T5 is a name, not a pattern)."""
     found = []
     for name, value in vars(config).items():
-        if name.startswith("_") or name in SPECIAL_IDS:
+        if name.startswith("_") or name in SPECIAL_IDS or n < 2:
             continue
-        if isinstance(value, (list, tuple, str)) and len(value) == n and n > 1:
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            found.append(name)
+        elif isinstance(value, str) and len(value) == n and len(set(value)) <= 4:
             found.append(name)
     return found
 
@@ -228,31 +244,53 @@ def _kept_layers(config: Any, n: int, names: list[str]) -> list[int]:
     return sorted(keep)
 
 
+def _get(config: Any, name: str) -> Any:
+    """The attribute, or None where the config has none or refuses to give one global value (per-layer configs)."""
+    try:
+        return getattr(config, name, None)
+    except Exception:
+        return None
+
+
+def _put(config: Any, name: str, value: Any) -> None:
+    """Set the attribute unless it is a read-only property (derived from the others, which are shrunk instead)."""
+    try:
+        setattr(config, name, value)
+    except AttributeError:
+        pass
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _shrink(config: Any) -> None:
     """Shrink one config in place (sub-configs are shrunk by the caller)."""
     for name, value in SIZES.items():
-        if isinstance(getattr(config, name, None), int) and not isinstance(getattr(config, name), bool):
-            setattr(config, name, value)
+        current = _get(config, name)
+        if _is_number(current) or (current is None and name in DERIVED and name in vars(config)):
+            _put(config, name, value)
     for name in KV_HEAD_NAMES:  # multi-head latent attention (kv_lora_rank) expands keys to every head
-        if isinstance(getattr(config, name, None), int):
-            setattr(config, name, HEADS if hasattr(config, "kv_lora_rank") else KV_HEADS)
+        current = _get(config, name)
+        if isinstance(current, int) or (current is None and name in vars(config)):
+            _put(config, name, HEADS if hasattr(config, "kv_lora_rank") else KV_HEADS)
     for name in MAX_POSITIONS:
-        if isinstance(getattr(config, name, None), int) and getattr(config, name) > 512:
-            setattr(config, name, 512)
+        if isinstance(_get(config, name), int) and _get(config, name) > 512:
+            _put(config, name, 512)
     for name, value in SPECIAL_IDS.items():
-        if isinstance(getattr(config, name, None), int) or isinstance(getattr(config, name, None), list):
-            setattr(config, name, value)
-    layers = [name for name in LAYER_NAMES if isinstance(getattr(config, name, None), int)]
-    n = max((getattr(config, name) for name in layers), default=0)
+        if isinstance(_get(config, name), (int, list)):
+            _put(config, name, value)
+    layers = [name for name in LAYER_NAMES if isinstance(_get(config, name), int)]
+    n = max((_get(config, name) for name in layers), default=0)
     if n:
         per_layer = _per_layer_names(config, n)
         keep = _kept_layers(config, n, per_layer)
         for name in per_layer:
-            value = getattr(config, name)
+            value = _get(config, name)
             kept = [value[i] for i in keep]
-            setattr(config, name, "".join(kept) if isinstance(value, str) else type(value)(kept))
+            _put(config, name, "".join(kept) if isinstance(value, str) else type(value)(kept))
         for name in layers:
-            setattr(config, name, min(getattr(config, name), len(keep)) if getattr(config, name) < n else len(keep))
+            _put(config, name, min(_get(config, name), len(keep)) if _get(config, name) < n else len(keep))
 
 
 def _configs(config: Any) -> list[Any]:
@@ -268,7 +306,22 @@ def _configs(config: Any) -> list[Any]:
 
 
 # Per-family overrides, applied after the generic shrink, each with the reason the generic shrink fails.
-OVERRIDES: dict[str, Callable[[Any], None]] = {}
+OVERRIDES: dict[str, Callable[[Any], None]] = {
+    # attention layers placed by period / offset or indices: the first two layers would hold none
+    "jamba": lambda c: _set(c, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "bamba": lambda c: _set(c, attn_layer_indices=[1]),
+    # block types repeat a 3-layer cycle (recurrent, recurrent, attention): keep one cycle
+    "recurrent_gemma": lambda c: _set(c, num_hidden_layers=3),
+    # layer types are derived at init from the default 32-layer layout: give the two kept layers' types
+    "lfm2_moe": lambda c: _set(c, layer_types=["conv", "full_attention"], num_dense_layers=1),
+    # no special ids by default, and the model compares input_ids with pad_token_id
+    "esm": lambda c: _set(c, pad_token_id=PAD, mask_token_id=3),
+}
+
+
+def _set(config: Any, **values: Any) -> None:
+    for name, value in values.items():
+        setattr(config, name, value)
 
 
 def tiny_config(family: Family) -> Any:
@@ -327,6 +380,7 @@ class Result:
     family: Family
     outcomes: dict[str, Outcome] = dataclasses.field(default_factory=dict)
     kind: str = ""  # the scenarios run: the family's kind, but causal for a seq2seq mapping's decoder-only model
+    through: bool = True  # whether its attention goes through AttentionInterface
     not_built: str = ""
     seconds: float = 0.0
 
@@ -573,30 +627,43 @@ def _smoke(family: Family, case: _Case) -> None:
     _logits(case.eager, inputs)
 
 
-def sweep_family(family: Family) -> Result:
-    """Build the family's tiny model twice (attnmask, eager; same weights) and run every scenario of its kind."""
+def sweep_family(family: Family, through: bool = True, impl: str | None = None) -> Result:
+    """Build the family's tiny model twice (attnmask, eager; same weights) and run every scenario of its kind, on one
+    intra-op thread (tiny models gain nothing from more; on shared cores they lose). ``impl``: the attention
+    implementation under test instead of attnmask's (the classifier's own tests give broken ones)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _sweep_family(family, through, impl)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sweep_family(family: Family, through: bool, impl: str | None) -> Result:
     from attnmask.integrations import hf
 
     start = time.perf_counter()
-    name = hf.register()
+    name = hf.register() if impl is None else impl
     try:
         eager = build(family, "eager")
     except Exception as exc:
-        return Result(family, not_built=_first_line(exc), seconds=time.perf_counter() - start)
+        return Result(family, not_built=_first_line(exc), seconds=time.perf_counter() - start, through=through)
     try:
         ours = build(family, name)
         ours.load_state_dict(eager.state_dict())
     except Exception as exc:
         outcome = Outcome("n/a", f"transformers refuses attn_implementation={name!r}: {_first_line(exc)}")
         outcomes = dict.fromkeys(SCENARIOS[family.kind], outcome)
-        return Result(family, outcomes, family.kind, seconds=time.perf_counter() - start)
+        return Result(family, outcomes, family.kind, seconds=time.perf_counter() - start, through=through)
     vocab = _vocab(eager)
     case = _Case(ours, eager, [_tokens(n, i, vocab) for i, n in enumerate(LENGTHS)], vocab)
     try:  # the tiny model must run one plain sequence under eager, else its config is what fails
         with _quiet():
             _smoke(family, case)
     except Exception as exc:
-        return Result(family, not_built=f"eager forward: {_first_line(exc)}", seconds=time.perf_counter() - start)
+        return Result(
+            family, not_built=f"eager forward: {_first_line(exc)}", seconds=time.perf_counter() - start, through=through
+        )
     kind = family.kind
     if kind == "seq2seq" and not getattr(eager.config, "is_encoder_decoder", False):
         kind = "causal"  # audio-to-text models of the seq2seq mapping whose text model is a decoder-only LM
@@ -604,16 +671,17 @@ def sweep_family(family: Family) -> Result:
     with _quiet():
         for scenario in SCENARIOS[kind]:
             outcomes[scenario] = _scenario(case, kind, scenario)
-    return Result(family, outcomes, kind, seconds=time.perf_counter() - start)
+    return Result(family, outcomes, kind, seconds=time.perf_counter() - start, through=through)
 
 
-def attention_families() -> tuple[list[Family], list[Family]]:
+@functools.cache
+def attention_families() -> tuple[tuple[Family, ...], tuple[Family, ...]]:
     """(families whose attention goes through ``AttentionInterface``, the others)."""
     through, others = [], []
     with _quiet():
         for family in all_families():
             (through if uses_attention_interface(family) else others).append(family)
-    return through, others
+    return tuple(through), tuple(others)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -664,33 +732,48 @@ def _notes(result: Result) -> str:
     return "; ".join(f"{', '.join(scenarios)}: {note}" for note, scenarios in by_note.items())
 
 
-def failure(result: Result) -> str:
-    """The family's WRONG and CRASH scenarios, as a ``KNOWN_FAILURES`` reason ('' when there are none)."""
-    failed = [(s, o) for s, o in result.outcomes.items() if o.status in ("WRONG", "CRASH")]
-    by_detail: dict[str, list[str]] = {}
-    for scenario, outcome in failed:
-        by_detail.setdefault(str(outcome), []).append(scenario)
-    return "; ".join(f"{', '.join(scenarios)}: {detail}" for detail, scenarios in by_detail.items())
+def failure(result: Result, width: int = 90) -> str:
+    """The family's WRONG and CRASH scenarios in a few words, for ``KNOWN_FAILURES`` ('' when there are none)."""
+    by_what: dict[str, list[str]] = {}
+    for scenario, outcome in result.outcomes.items():
+        if outcome.status == "WRONG":
+            numbers = re.findall(r"diff ([-+.e0-9inf]+)", outcome.detail)
+            what = f"WRONG ({float(numbers[0]):.2g})" if numbers else "WRONG (generated tokens differ)"
+        elif outcome.status == "CRASH":
+            what = f"CRASH ({outcome.detail})"
+        else:
+            continue
+        by_what.setdefault(what, []).append(scenario)
+    if len(by_what) == 1 and len(next(iter(by_what.values()))) == len(result.outcomes):
+        text = f"every scenario: {next(iter(by_what))}"
+    else:
+        text = "; ".join(f"{', '.join(scenarios)}: {what}" for what, scenarios in by_what.items())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def counts(results: list[Result], others: list[Family]) -> dict[str, int]:
+def counts(results: list[Result]) -> dict[str, int]:
+    """Families per status (`family_status`)."""
     found = {status: 0 for status in (*SEVERITY, "not built")}
     for result in results:
         found[family_status(result)] += 1
-    return {**found, "not AttentionInterface": len(others)}
+    return found
 
 
-def table(results: list[Result], others: list[Family]) -> str:
-    """The README's "Model families" table: the counts line, one row per family, the families left out."""
+def table(results: list[Result]) -> str:
+    """The README's "Model families" table: the counts lines, then one row per family."""
     import transformers
 
-    n = counts(results, others)
+    through = counts([r for r in results if r.through])
+    outside = counts([r for r in results if not r.through])
+    n_outside = sum(outside.values())
     lines = [
-        f"transformers {transformers.__version__}: {len(results) + len(others)} causal, seq2seq and masked-LM "
-        "families; "
-        f"**{n['exact']} exact, {n['refused']} refused, {n['not built']} not built** by a generic tiny config, "
-        f"{n['not AttentionInterface']} not AttentionInterface; {n['WRONG']} WRONG, {n['CRASH']} CRASH, "
-        f"{n['n/a']} n/a only.",
+        f"transformers {transformers.__version__}: {len(results)} causal, seq2seq and masked-LM families. "
+        f"Through `AttentionInterface` ({len(results) - n_outside}): **{through['exact']} exact, "
+        f"{through['refused']} refused, {through['not built']} not built** by a generic tiny config, "
+        f"{through['WRONG']} WRONG, {through['CRASH']} CRASH, {through['n/a']} n/a. **{n_outside} not through "
+        f"`AttentionInterface`** (attnmask's mask function still reaches them): {outside['exact']} exact, "
+        f"{outside['refused']} refused, {outside['not built']} not built, {outside['WRONG']} WRONG, "
+        f"{outside['CRASH']} CRASH, {outside['n/a']} n/a.",
         "",
         "| family | kind | padded | packed | generation | notes |",
         "|---|---|---|---|---|---|",
@@ -700,22 +783,18 @@ def table(results: list[Result], others: list[Family]) -> str:
             cells = ["—"] * 3
         else:
             cells = [_cell([result.outcomes[s] for s in COLUMNS[c][result.kind]]) for c in COLUMNS]
-        row = [result.family.id, result.kind or result.family.kind, *cells, _notes(result)]
-        lines.append(f"| {' | '.join(row)} |")
-    lines += [
-        "",
-        f'Not through `AttentionInterface` ({len(others)}: `attn_implementation="attnmask"` cannot reach their '
-        f"attention): {', '.join(f.id for f in others)}.",
-    ]
+        kind = result.kind or result.family.kind
+        kind = kind if result.through else f"{kind}, no AttentionInterface"
+        lines.append(f"| {' | '.join([result.family.id, kind, *cells, _notes(result)])} |")
     return "\n".join(lines)
 
 
 def sweep(families=None, *, progress: Callable[[Result], None] | None = None) -> list[Result]:
-    """Every family through attnmask (``families``: default all that go through ``AttentionInterface``)."""
-    families = attention_families()[0] if families is None else families
+    """Every family (or ``families``) through attnmask, in the order of `all_families`."""
+    through = set(attention_families()[0])
     results = []
-    for family in families:
-        results.append(sweep_family(family))
+    for family in all_families() if families is None else families:
+        results.append(sweep_family(family, through=family in through))
         if progress is not None:
             progress(results[-1])
     return results
@@ -728,27 +807,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", help="model types to sweep")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    through, others = attention_families()
-    if args.only:
-        through = [f for f in through if f.model_type in args.only]
+    families = [f for f in all_families() if not args.only or f.model_type in args.only]
 
-    def progress(result: Result) -> None:
-        if not (args.table or args.known):
-            status = (
-                result.not_built
-                and f"not built: {result.not_built}"
-                or "; ".join(f"{k}: {v}" for k, v in result.outcomes.items())
-            )
-            print(f"{result.family.id:32s} {result.seconds:6.2f}s  {status}", flush=True)
+    def progress(result: Result) -> None:  # one line per family; on stderr when the table or list is asked for
+        status = (
+            result.not_built
+            and f"not built: {result.not_built}"
+            or "; ".join(f"{k}: {v}" for k, v in result.outcomes.items())
+        )
+        out = sys.stderr if args.table or args.known else sys.stdout
+        print(f"{result.family.id:32s} {result.seconds:6.2f}s  {status}", file=out, flush=True)
 
     start = time.perf_counter()
-    results = sweep(through, progress=progress)
+    results = sweep(families, progress=progress)
     if args.table:
-        print(table(results, others))
+        print(table(results))
     if args.known:
-        print("\n".join(f"    {r.family.id!r}: {failure(r)!r}," for r in results if failure(r)))
-    if not (args.table or args.known):
-        print(f"{len(results)} families in {time.perf_counter() - start:.1f}s")
+        print("\n".join(f'    "{r.family.id}": "{failure(r, 109 - len(r.family.id))}",' for r in results if failure(r)))
+    print(f"{len(results)} families in {time.perf_counter() - start:.1f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":
