@@ -1,5 +1,5 @@
 """PYTHONPATH=src python benchmarks/bench_limit.py [--quick | --dry-run] [--mode fwd,fwdbwd] [--dtype float32,bfloat16]
-[--threads 1] [--busy] [--reps 3] [--only causal,window]
+[--threads 1] [--busy] [--serial] [--reps 3] [--only causal,window]
 
 How close does attention come to the pair-proportional limit on each mask structure, and does ``"auto"`` pick the
 fastest backend? The pair-proportional ideal is unmasked SDPA's time on the same shapes times the fraction of allowed
@@ -16,6 +16,8 @@ order) after one warm-up call each; plans are cached per spec object, as across 
 spec, so the times are of the steady state. ``auto``'s time is its pick's time. ``--busy``: in every round the
 backends are timed once idle and once while another process spins on a core (started before, killed after each busy
 phase; it also ends itself after 15 minutes): the table then shows each backend's slowdown next to stock SDPA's.
+``--serial``: also time "varlen" and "blocksparse" with their tasks run one by one in the caller (columns
+"... 1-by-1"), each call split across all intra-op threads as before the coarse-grained workers (``backends._workers``).
 
 ps/unit columns (``--units``): measured picoseconds per unit of each backend's cost estimate; a calibrated cost model
 has the same ps/unit across backends and rows (``auto`` compares estimates, so only their ratios matter).
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 
 import attnmask as am
 from attnmask.backends import REGISTRY
+from attnmask.backends import _workers as workers
 
 # The constants of each backend's CPU cost estimate that ``--fit`` refits (module attributes of
 # ``attnmask.backends.<name>``; every estimate is linear in them). "sdpa"'s estimate (pairs times D + Dv) is the unit.
@@ -50,6 +53,8 @@ FITTED = {
     "banded": ("_PAIR_COST", "_TILE_COST", "_HEAD_COST", "_MASK_COST", "COPY_COST"),
     "native": ("_PAIR_COST", "_LONG_PAIR_COST", "_ROW_COST", "_CALL_COST", "COPY_COST"),
 }
+TASKED = ("varlen", "blocksparse")  # the backends whose calls run as coarse-grained tasks (backends._workers)
+SERIAL = " 1-by-1"  # column suffix (--serial): the same backend with its tasks run one by one in the caller
 SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
 
@@ -88,7 +93,7 @@ def cases(length: int, decode_keys: int, seed: int = 0) -> list[Case]:
     short = _lengths(L, max(L // 40, 8), max(L // 14, 16), gen)  # ~400 tokens at L = 8192
     tiny = _lengths(L, 8, 32, gen)
     mixed_docs = _lengths(L, L // 6, L // 3, gen)  # ~2,000 tokens at L = 8192
-    w = [max(L // 32, 4), max(L // 8, 8), max(L // 2, 16)]  # 256, 1024, 4096 at L = 8192
+    w = [max(L // 32, 4), max(L // 16, 6), max(L // 8, 8), max(L // 2, 16)]  # 256, 512, 1024, 4096 at L = 8192
     chunk, prefix = max(L // 8, 8), L // 4
     rows = [
         Case("causal", am.causal(), 1, L, L, L),
@@ -108,12 +113,12 @@ def cases(length: int, decode_keys: int, seed: int = 0) -> list[Case]:
         Case(f"causal chunked {chunk}", am.causal() & am.chunked(chunk), 1, L, L, chunk),
         Case(f"prefix-LM {prefix}", am.prefix_lm(prefix), 1, L, L, prefix),
         Case(
-            f"window {w[1]} + documents (~{L // len(mixed_docs)})",
-            am.sliding_window(w[1]) & am.document(seq_lens=mixed_docs),
+            f"window {w[2]} + documents (~{L // len(mixed_docs)})",
+            am.sliding_window(w[2]) & am.document(seq_lens=mixed_docs),
             1,
             L,
             L,
-            w[1],
+            w[2],
         ),
     ]
     rows += [Case(f"decode Q={n}, K={decode_keys}", am.causal(), 1, n, decode_keys, decode_keys) for n in (1, 8, 16)]
@@ -139,6 +144,15 @@ def inputs(case: Case, heads: int, dim: int, dtype: torch.dtype, grad: bool, gen
     q = torch.randn(case.batch, heads, case.q_len, dim, generator=gen).to(dtype)
     k, v = (torch.randn(case.batch, heads, case.kv_len, dim, generator=gen).to(dtype) for _ in range(2))
     return tuple(t.requires_grad_(grad) for t in (q, k, v))
+
+
+def serially(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with the coarse-grained workers switched off (every task in the caller)."""
+    workers.ENABLED = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        workers.ENABLED = True
 
 
 def step(fn, qkv, grad: bool):
@@ -178,6 +192,9 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
     fns = {"(unmasked sdpa)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
     for name in costs:
         fns[name] = lambda q, k, v, n=name: am.attention(q, k, v, case.spec, backend=n)
+    if args.serial:  # the same backends with their tasks run one by one in the caller (as before issue 15's fix)
+        for name in [n for n in costs if n in TASKED]:
+            fns[name + SERIAL] = lambda q, k, v, n=name: serially(am.attention, q, k, v, case.spec, backend=n)
     phases = ("idle", "busy") if args.busy else ("idle",)
     times = {(p, n): [] for p in phases for n in fns}
     for fn in fns.values():
@@ -230,11 +247,12 @@ def row(case: Case, m: dict, names: list[str], args, grad: bool) -> str:
     ok = "yes" if auto / ideal <= bound and auto / best <= 1.1 else "**no**"
     cells = []
     for n in names:
-        if n not in timed:
+        t, base = med.get(("idle", n)), n.removesuffix(SERIAL)
+        if t is None or base not in m["costs"]:
             cells.append("-")
             continue
-        cell = fmt_ms(timed[n]) + (f" ({timed[n] / m['costs'][n] * 1e12:.0f})" if args.units else "")
-        cells.append(f"**{cell}**" if timed[n] == best else cell)
+        cell = fmt_ms(t) + (f" ({t / m['costs'][base] * 1e12:.0f})" if args.units else "")
+        cells.append(f"**{cell}**" if n in timed and t == best else cell)
     return (
         f"| {case.name} | {m['fraction']:.3f} | {fmt_ms(ideal)} | "
         + " | ".join(cells)
@@ -251,7 +269,7 @@ def busy_table(case_rows, names: list[str], grad: bool) -> list[str]:
     lines.append("|---|" + "---|" * len(cols) + "---|---|---|")
     for case, m in case_rows:
         med = m["med"]
-        slow = {n: med["busy", n] / med["idle", n] for n in ["(unmasked sdpa)", *m["costs"]]}
+        slow = {n: med["busy", n] / med["idle", n] for n in cols if ("busy", n) in med}
         busy = {n: med["busy", n] for n in m["costs"]}
         auto_busy = busy.get(m["picked"], float("nan")) / min(busy.values())
         worse = [n for n in m["costs"] if slow[n] > slow["(unmasked sdpa)"] * 1.1]
@@ -285,7 +303,7 @@ def parse_tables(path: str, length: int, decode_keys: int) -> list[tuple[Case, b
             names = cells[3 : cells.index("auto picks")]
         elif names and cells[0] in by_name and len(cells) > 3 + len(names):
             for name, cell in zip(names, cells[3 : 3 + len(names)], strict=True):
-                if cell != "-":
+                if cell != "-" and not name.endswith(SERIAL):
                     out.append((by_name[cells[0]], grad, dtype, name, float(cell.split()[0]) / 1e3))
     return out
 
@@ -435,6 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="comma-separated substrings of structure names")
     parser.add_argument("--busy", action="store_true", help="also time every backend with one core busy")
     parser.add_argument("--units", action="store_true", help="add ps per cost unit to every time")
+    parser.add_argument(
+        "--serial", action="store_true", help="also time varlen and blocksparse with their tasks run one by one"
+    )
     parser.add_argument("--quick", action="store_true", help="rows of 1,024, decode against 4,096 keys")
     parser.add_argument("--dry-run", action="store_true", help="rows of 256, decode against 512 keys, one round")
     parser.add_argument("--fit", nargs="+", metavar="OUTPUT", help="fit the cost constants to saved outputs; no timing")
@@ -460,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in args.mode.split(","):
             grad = {"fwd": False, "fwdbwd": True}[mode]
             names = [b.name for b in REGISTRY if "cpu" in b.devices and b.auto_on("cpu") and b.name != "reference"]
+            names += [n + SERIAL for n in TASKED] if args.serial else []
             print("\n".join(header(names, args, dtype, grad)), flush=True)
             rows = []
             for case in selected:

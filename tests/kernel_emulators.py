@@ -100,7 +100,8 @@ def flex_attention(query, key, value, block_mask=None, scale=None, enable_gqa=Fa
     """FlexAttention's documented semantics with a ``BlockMask``: a pair is computed when its tile is listed FULL, or
     listed PARTIAL (``kv_num_blocks`` / ``kv_indices``) and ``mask_mod(b, h, q_idx, kv_idx)`` allows it; tiles listed
     in neither are skipped; a row with no computed pair outputs 0. ``mask_mod`` is called once on broadcast index
-    tensors. ``(B, H, Q, Dv)`` in ``query``'s dtype, computed in float64."""
+    tensors, ``h`` the query head (a block mask of one head serves every head). ``(B, H, Q, Dv)`` in ``query``'s
+    dtype, computed in float64."""
     B, H, Q, _ = query.shape
     K, Hkv = key.shape[2], key.shape[1]
     assert enable_gqa or H == Hkv, "flex_attention needs enable_gqa=True for fewer key heads"
@@ -110,7 +111,7 @@ def flex_attention(query, key, value, block_mask=None, scale=None, enable_gqa=Fa
     tile_q, tile_k = torch.arange(Q) // bs_q, torch.arange(K) // bs_k
     partial = partial[:, :, tile_q][..., tile_k]
     full = torch.zeros_like(partial) if full is None else full[:, :, tile_q][..., tile_k]
-    b, h = torch.arange(partial.shape[0]).view(-1, 1, 1, 1), torch.arange(partial.shape[1]).view(1, -1, 1, 1)
+    b, h = torch.arange(partial.shape[0]).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1)
     allowed = full | (partial & block_mask.mask_mod(b, h, torch.arange(Q).view(1, 1, -1, 1), torch.arange(K)))
     k = key.double().repeat_interleave(H // Hkv, dim=1)
     v = value.double().repeat_interleave(H // Hkv, dim=1)

@@ -182,3 +182,37 @@ def short_documents_case(draw):
     if draw(st.booleans()):
         spec = spec & am.key_padding(torch.arange(length).expand(batch, length) < length - tail)
     return spec, draw(heads_and_dims(batch, length, length))
+
+
+@st.composite
+def per_head_predicate(draw, heads, length):
+    """A per-head spec for ``heads`` query heads over rows of ``length`` positions, and the same rule written on
+    Python ints, ``rule(b, h, q, k) -> bool``, as the independent reference. Kinds: a causal window per head
+    (``0 <= q - k < w[h]``), an ALiBi-style cut-off (a key is dropped once ``slope_h · (q - k)`` passes ``t``, slopes
+    ``2^(-8(h+1)/H)``), and attention-gym style scalar mods taken as is (``from_mask_mod``): a dilation per head, a
+    table of the keys each head may see, and a head that sees nothing (its rows give 0)."""
+    kind = draw(st.sampled_from(["window", "alibi_cutoff", "dilated_mod", "key_table_mod", "silent_head"]))
+    if kind == "window":
+        widths = [draw(st.integers(1, length + 1)) for _ in range(heads)]
+        w = torch.tensor(widths)
+        spec = am.custom(lambda b, h, q, k: (k <= q) & (q - k < w[h]), name="window_per_head", heads=heads)
+        return spec, lambda b, h, q, k: 0 <= q - k < widths[h]
+    if kind == "alibi_cutoff":
+        t = draw(st.floats(0.0, 4.0))
+        slopes = [2 ** (-8 * (i + 1) / heads) for i in range(heads)]
+        s = torch.tensor(slopes, dtype=torch.float64)
+        spec = am.custom(lambda b, h, q, k: (q - k) * s[h] <= t, name="alibi_cutoff", heads=heads)
+        return spec, lambda b, h, q, k: (q - k) * slopes[h] <= t
+    if kind == "dilated_mod":
+        spec = am.from_mask_mod(
+            lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx) % (h + 1) == 0), heads=heads
+        )
+        return spec, lambda b, h, q, k: q >= k and (q - k) % (h + 1) == 0
+    if kind == "key_table_mod":
+        table = [[draw(st.booleans()) for _ in range(length)] for _ in range(heads)]
+        t = torch.tensor(table, dtype=torch.bool).view(heads, length)
+        spec = am.from_mask_mod(lambda b, h, q_idx, kv_idx: t[h, kv_idx], name="key_table", heads=heads)
+        return spec, lambda b, h, q, k: table[h][k]
+    silent = draw(st.integers(0, heads - 1))
+    spec = am.custom(lambda b, h, q, k: (h != silent) & (k <= q), name="silent_head", heads=heads)
+    return spec, lambda b, h, q, k: h != silent and k <= q

@@ -29,6 +29,14 @@ def test_dry_run_prints_a_row_per_structure_and_the_command(capsys):
     assert "auto / ideal" in out and "reproduce: PYTHONPATH=src python benchmarks/bench_limit.py --dry-run" in out
 
 
+def test_busy_serial_run_prints_slowdowns_of_both_paths(capsys):
+    bench = load_bench()
+    bench.main(["--dry-run", "--busy", "--serial", "--threads", "2", "--only", "chunked"])
+    out = capsys.readouterr().out
+    busy = out[out.index("one core busy") :]
+    assert "blocksparse 1-by-1" in busy and busy.count("| causal chunked 32 |") == 1
+
+
 def test_allowed_fraction_matches_dense_count():
     bench = load_bench()
     for case in bench.cases(96, 160):

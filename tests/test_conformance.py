@@ -19,7 +19,14 @@ import attnmask as am
 from attnmask.attention import _BACKENDS, _prepare_call
 from tests.helpers import GRAD_TOLERANCE, TOLERANCE, grads
 from tests.naive import naive_attention
-from tests.strategies import heads_and_dims, packed_case, padded_case, short_documents_case, spec_tree
+from tests.strategies import (
+    heads_and_dims,
+    packed_case,
+    padded_case,
+    per_head_predicate,
+    short_documents_case,
+    spec_tree,
+)
 
 BACKENDS = list(_BACKENDS.values())
 AUTO = [b for b in BACKENDS if b.auto_on("cpu")]  # the others compile per shape: representative cases only
@@ -83,6 +90,8 @@ def allowed(case) -> torch.Tensor:
     mask, B, Q, K = case["mask"], case["batch"], case["q_len"], case["kv_len"]
     if mask is None:
         return torch.ones(B, 1, Q, K, dtype=torch.bool)
+    if isinstance(mask, am.MaskSpec) and mask.heads is not None:
+        return mask.to_dense(Q, K, per_head=True).expand(B, -1, Q, K)
     if isinstance(mask, am.MaskSpec):
         return mask.to_dense(Q, K).expand(B, Q, K).unsqueeze(1)
     mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
@@ -104,6 +113,16 @@ def spec_tree_case(draw):
     batch, kv_len = draw(st.integers(1, 2)), draw(st.integers(1, 24))
     q_len = draw(st.one_of(st.just(kv_len), st.integers(1, kv_len)))
     return draw(spec_tree(batch, kv_len)), draw(heads_and_dims(batch, q_len, kv_len))
+
+
+@st.composite
+def per_head_case(draw):
+    """A per-head predicate for the case's query heads (``per_head_predicate``), with a random spec tree."""
+    batch, kv_len = draw(st.integers(1, 2)), draw(st.integers(1, 16))
+    case = draw(heads_and_dims(batch, draw(st.integers(1, kv_len)), kv_len))
+    per_head, _ = draw(per_head_predicate(case["heads"], kv_len))
+    tree = draw(spec_tree(batch, kv_len, depth=1))
+    return draw(st.sampled_from([per_head, per_head & tree, tree | per_head, ~per_head])), case
 
 
 @st.composite
@@ -140,15 +159,27 @@ def make_mods(case, requires_grad=False) -> dict:
 
 @st.composite
 def conformance_case(draw, dtypes=tuple(DTYPES)):
-    """A mask (a random spec tree, packed documents, a padded batch, short documents, a bool tensor or none), GQA
+    """A mask (a random spec tree, packed documents, a padded batch, short documents, a bool tensor, a per-head spec
+    or none), GQA
     heads, a dtype, a memory layout and score modifiers (softcap, sinks, ALiBi slopes, each one time in three)."""
     mask, case = draw(
         st.one_of(
-            spec_tree_case(), packed_case(), padded_case(), short_documents_case(), tensor_mask_case(), no_mask_case()
+            spec_tree_case(),
+            packed_case(),
+            padded_case(),
+            short_documents_case(),
+            tensor_mask_case(),
+            per_head_case(),
+            no_mask_case(),
         )
     )
     layout = draw(st.sampled_from(LAYOUTS))
     return dict(case, mask=mask, dtype=draw(st.sampled_from(dtypes)), layout=layout, mods=draw(score_mods()))
+
+
+def per_head_window(b, h, q, k):
+    """Query head ``h`` sees ``2 ** h`` keys back, itself included."""
+    return q - k < 2**h
 
 
 def representative_cases():
@@ -173,6 +204,7 @@ def representative_cases():
         "long documents": dict(dims(1, 100, 100), mask=am.causal() & am.document(seq_lens=[60, 40])),
         "window and prefix": dict(dims(1, 70, 70), mask=am.sliding_window(9) | am.prefix_lm(4)),
         "custom": dict(dims(1, 12, 12), mask=am.custom(lambda b, h, q, k: (q + k) % 3 != 0, name="q_plus_k_mod3")),
+        "per-head windows": dict(dims(2, 10, 12), mask=am.causal() & am.custom(per_head_window, heads=4)),
     }
 
 

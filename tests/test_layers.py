@@ -30,6 +30,7 @@ LAYER = {
     "backends": 3,
     "backends.contract": 3,
     "backends._common": 3,
+    "backends._workers": 3,
     "backends.reference": 3,
     "backends.sdpa": 3,
     "backends.varlen": 3,

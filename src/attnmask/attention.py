@@ -258,6 +258,10 @@ def attention(
       ``DTypeError``, as SDPA refuses them.
     - ``mask``: ``None``, a ``MaskSpec`` (queries bottom-right aligned unless ``q_positions`` / ``kv_positions`` are
       given, as ``MaskSpec.to_dense``), or a bool tensor broadcastable to ``(B, H, Q, K)``; True = may attend.
+      A per-head spec (``custom(fn, heads=H)``, ``from_mask_mod(mod, heads=H)`` and what is combined with them) needs
+      ``q`` with exactly ``H`` heads (per *query* head under grouped-query attention; else a ``ShapeError`` naming
+      both) and runs on the backends that declare ``per_head``: ``"reference"``, ``"sdpa"`` (an O(B·H·Q·K) mask)
+      and ``"flex"``; the others refuse it.
     - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost), ``"sdpa"``, ``"reference"``,
       ``"varlen"`` (per document), ``"blocksparse"`` (tiles of a block layout) or ``"flex"`` (compiled FlexAttention,
       opt-in; ``attnmask.backends.flex``), ``"banded"`` (rows of many short documents: one SDPA call on a narrow band
@@ -408,6 +412,10 @@ def _prepare_spec_call(q, k, v, spec, scale, q_positions, kv_positions, dropout_
         raise bad(ShapeError, "mask", f"a spec with per-row data for 1 or {B} rows (q's batch)", spec.batch_size)
     if spec.device is not None and spec.device != q.device:
         raise bad(DeviceError, "mask", f"a spec whose per-row data is on q's device {q.device}", spec.device)
+    if spec.heads not in (None, q.shape[1]):
+        raise bad(
+            ShapeError, "mask", f"a per-head spec for q's {q.shape[1]} query heads", f"a spec of {spec.heads} heads"
+        )
     for name, pos in (("q_positions", q_positions), ("kv_positions", kv_positions)):
         if isinstance(pos, torch.Tensor):
             if pos.device != q.device:

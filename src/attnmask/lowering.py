@@ -72,6 +72,11 @@ class BlockLayout:
     documents and key padding (``tests/test_lowering.py`` lists the combinations checked against FlexAttention);
     a tile that two PARTIAL parts together cover or empty stays PARTIAL. Memory: ``B·nQ·nK`` bytes.
 
+    A per-head spec (``spec.heads == H``) has one layout for all its heads, the union over heads: a tile is FULL when
+    every head allows every pair, NONE when no head allows any, PARTIAL otherwise, so a consumer that visits the
+    tiles once for every head stays exact by evaluating ``mask_mod()`` per head inside PARTIAL tiles (FlexAttention
+    passes the query head); ``tile_mask``, which has no head, refuses such a spec (``SpecError``).
+
     Example, ``causal()`` on ``Q = K = 5`` with ``block_size = 2``::
 
         +..
@@ -142,7 +147,8 @@ class BlockLayout:
 
     def tile_mask(self, b: int, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
         """The element mask ``(q1 - q0, k1 - k0)`` bool (True = may attend) of query rows ``[q0, q1)`` and key columns
-        ``[k0, k1)`` of batch row ``b``, evaluated on this layout's positions: what a PARTIAL tile needs."""
+        ``[k0, k1)`` of batch row ``b``, evaluated on this layout's positions: what a PARTIAL tile needs. One mask for
+        every head: a per-head spec raises a ``SpecError``."""
         q = _row_positions(self.q_positions, b)[q0:q1]
         k = _row_positions(self.kv_positions, b)[k0:k1]
         allowed = self.spec.evaluate(torch.tensor(b, device=q.device), q[:, None], k[None, :])
@@ -152,7 +158,8 @@ class BlockLayout:
     def mask_mod(self):
         """FlexAttention predicate ``(b, h, q_idx, kv_idx) -> bool`` on query/key *indices*, for this layout's
         positions (bottom-right offsets or the explicit positions). A layout of one row serves every batch row
-        (FlexAttention broadcasts its ``BlockMask`` and passes each row's ``b``): its predicate reads row 0."""
+        (FlexAttention broadcasts its ``BlockMask`` and passes each row's ``b``): its predicate reads row 0. The
+        query head ``h`` reaches a per-head spec's predicates."""
         mod = self._row_mask_mod()
         if self.batch_size > 1:
             return mod
@@ -171,7 +178,7 @@ class BlockLayout:
         def mod(b, h, q_idx, kv_idx):
             q = q_pos[b, q_idx] if q_rows else q_pos.view(-1)[q_idx]
             k = kv_pos[b, kv_idx] if kv_rows else kv_pos.view(-1)[kv_idx]
-            return spec.evaluate(b, q, k)
+            return spec.evaluate_heads(b, h, q, k)
 
         return mod
 
@@ -179,9 +186,10 @@ class BlockLayout:
         """A FlexAttention ``BlockMask`` (``BlockMask.from_kv_blocks``) with this layout's tiles and ``mask_mod()``.
 
         ``BLOCK_SIZE = block_size``, ``seq_lengths = (Q, K)``, shape ``(B, 1, nQ, nK)`` (one head, broadcast over
-        heads). FlexAttention pads a short edge tile with denied pairs and never treats it as full, so short edge tiles
-        that are FULL here are exported as PARTIAL (the predicate then masks nothing): the result equals
-        ``create_block_mask`` on the same predicate. O(B·nQ·nK); no per-element work.
+        heads; for a per-head spec the union layout, the predicate deciding per head). FlexAttention pads a short edge
+        tile with denied pairs and never treats it as full, so short edge tiles that are FULL here are exported as
+        PARTIAL (the predicate then masks nothing): the result equals ``create_block_mask`` on the same predicate.
+        O(B·nQ·nK); no per-element work.
         """
         from torch.nn.attention.flex_attention import BlockMask
 

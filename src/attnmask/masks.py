@@ -11,6 +11,10 @@ Conventions, shared with SDPA's boolean ``attn_mask`` and FlexAttention's ``mask
 - With ``Q < K`` (decoding with a KV cache, chunked prefill) the queries are the **last** ``Q`` positions
   (bottom-right alignment, as flash-attn >= 2.1 and transformers with a cache). ``q_positions=`` /
   ``kv_positions=`` override this.
+- A spec is one mask for every head, unless it holds a predicate built per head (``custom(fn, heads=H)``,
+  ``from_mask_mod(mod, heads=H)``): then ``spec.heads == H``, the predicate is evaluated for every query head
+  ``h in range(H)`` and the mask is ``(B, H, Q, K)`` (``to_dense(..., per_head=True)``). Combined with specs that are
+  the same for every head, the result is per-head; two per-head parts must agree on ``H``.
 
 Worked example, one packed row of 3 documents of lengths 2, 4, 3 (offsets ``[0, 2, 6, 9]``)::
 
@@ -154,6 +158,12 @@ class MaskSpec:
         return None
 
     @property
+    def heads(self) -> int | None:
+        """Number of query heads of a per-head spec (one holding ``custom(fn, heads=H)``), else ``None``: the spec is
+        then one mask for every head."""
+        return _common_heads(self.children)
+
+    @property
     def children(self) -> tuple[MaskSpec, ...]:
         return ()
 
@@ -212,17 +222,26 @@ class MaskSpec:
 
         ``b``, ``q`` and ``k`` are int64 tensors that broadcast against each other; the result is a bool tensor of
         their broadcast shape (or a shape that broadcasts to it). Costs one element of work per broadcast element.
+        A per-head spec has no answer without the head: it raises a ``SpecError`` (see ``evaluate_heads``).
         """
         raise NotImplementedError
 
+    def evaluate_heads(self, b: torch.Tensor, h: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``evaluate`` with the query head: whether query position ``q`` of row ``b`` may attend to key position
+        ``k`` in query head ``h`` (int64, broadcasting with ``b``, ``q``, ``k``). A spec that is the same for every
+        head ignores ``h``; a per-head spec (:attr:`heads` set) needs it: ``h=None`` (no head known) raises a
+        ``SpecError`` rather than evaluating one head for all."""
+        return self.evaluate(b, q, k)
+
     def mask_mod(self, q_offset: int = 0, kv_offset: int = 0) -> MaskMod:
-        """A FlexAttention-style predicate ``(b, h, q_idx, kv_idx) -> bool`` (the head index is ignored).
+        """A FlexAttention-style predicate ``(b, h, q_idx, kv_idx) -> bool``; ``h`` (the query head) reaches the
+        predicates of a per-head spec and is ignored by the rest.
 
         FlexAttention indexes queries and keys from 0; pass ``q_offset = K - Q`` for bottom-right alignment.
         """
 
         def mod(b, h, q_idx, kv_idx):
-            return self.evaluate(b, q_idx + q_offset, kv_idx + kv_offset)
+            return self.evaluate_heads(b, h, q_idx + q_offset, kv_idx + kv_offset)
 
         return mod
 
@@ -235,13 +254,23 @@ class MaskSpec:
         kv_positions: torch.Tensor | None = None,
         device: torch.device | str | None = None,
         out: torch.Tensor | None = None,
+        per_head: bool = False,
     ) -> torch.Tensor:
         """Materialise the mask as a bool tensor ``(B, Q, K)``, True = may attend; ``B = 1`` without per-row data.
 
         Memory and time: O(B·Q·K). Use it only where a dense mask is really consumed (SDPA, eager attention).
         ``out``: a contiguous bool ``(B, Q, K)`` tensor to write into and return, so a loop whose mask shape repeats
         reuses one buffer instead of allocating (and page-faulting) O(B·Q·K) fresh memory each step.
+
+        ``per_head=True``: ``(B, H, Q, K)`` with ``H = spec.heads`` (``H = 1`` for a spec that is the same for every
+        head), O(B·H·Q·K); ``out`` then has that shape. A per-head spec without ``per_head=True`` raises a
+        ``SpecError`` (a ``(B, Q, K)`` mask cannot hold it).
         """
+        if per_head is not False:
+            if per_head is not True:
+                raise bad(SpecError, "per_head", "True or False", repr(per_head))
+            return self._to_dense_heads(q_len, kv_len, q_positions, kv_positions, device, out)
+        self._refuse_per_head("to_dense", "pass per_head=True for a (B, H, Q, K) mask")
         b, q, k, shape = _index_grid(self, q_len, kv_len, q_positions, kv_positions, device)
         if out is not None:
             _check_out(out, shape, torch.bool, q.device)
@@ -253,6 +282,30 @@ class MaskSpec:
         if tuple(out.shape) != shape or not out.is_contiguous():
             out = empty_buffer(shape, torch.bool, out.device).copy_(torch.broadcast_to(out, shape))
         return out
+
+    def _to_dense_heads(self, q_len, kv_len, q_positions, kv_positions, device, out) -> torch.Tensor:
+        """``to_dense(..., per_head=True)``: the ``(B, H, Q, K)`` bool mask, every head's predicate evaluated."""
+        b, q, k, (rows, n_q, n_k) = _index_grid(self, q_len, kv_len, q_positions, kv_positions, device)
+        n_heads = self.heads or 1
+        h = torch.arange(n_heads, device=q.device).view(1, -1, 1, 1)
+        shape = (rows, n_heads, n_q, n_k)
+        if out is not None:
+            _check_out(out, shape, torch.bool, q.device)
+        else:
+            warn_if_large(shape, torch.bool)
+            out = empty_buffer(shape, torch.bool, q.device)
+        allowed = self.evaluate_heads(b.unsqueeze(1), h, q.unsqueeze(1), k.unsqueeze(1))
+        return out.copy_(torch.broadcast_to(allowed, shape))
+
+    def _refuse_per_head(self, consumer: str, hint: str) -> None:
+        """A ``SpecError`` when this spec is per-head and ``consumer`` takes one mask for every head."""
+        if self.heads is not None:
+            raise bad(
+                SpecError,
+                consumer,
+                f"a spec that is one mask for every head ({hint})",
+                f"a per-head spec of {self.heads} heads",
+            )
 
     def to_additive(
         self,
@@ -275,6 +328,7 @@ class MaskSpec:
         """
         if not dtype.is_floating_point:
             raise bad(SpecError, "dtype", "a floating dtype", dtype)
+        self._refuse_per_head("to_additive", "a (B, 1, Q, K) bias is the same for every head")
         b, q, k, shape = _index_grid(self, q_len, kv_len, q_positions, kv_positions, device)
         if out is None:
             warn_if_large(shape, dtype)
@@ -347,9 +401,15 @@ class MaskSpec:
         This default evaluates the predicate per element, one row of query tiles at a time, on the key tiles of the
         grid's band and those ``grid.need`` marks (others are NONE): O(R·Q·K) time at most and O(R·block_size·K)
         memory. Every built-in primitive overrides it with interval arithmetic on the tile bounds.
+
+        A per-head spec is classified over all its heads at once (O(R·H·Q·K) time, O(R·H·block_size·K) memory): FULL
+        where every head allows every pair, NONE where no head allows any, PARTIAL otherwise; the predicate of a
+        PARTIAL tile then decides per head (``mask_mod`` passes the head).
         """
         bs, device = grid.block_size, grid.q_pos.device
         b = torch.arange(grid.n_rows, device=device).view(-1, 1, 1)
+        heads = self.heads
+        h = None if heads is None else torch.arange(heads, device=device).view(-1, 1, 1)
         out = torch.zeros((grid.n_rows, grid.n_q_tiles, grid.n_kv_tiles), dtype=torch.int8, device=device)
         for i in range(grid.n_q_tiles):
             tiles = grid.needed_key_tiles(i)
@@ -359,7 +419,12 @@ class MaskSpec:
                 columns = (tiles[:, None] * bs + torch.arange(bs, device=device)).view(-1)
                 k = grid.kv_pos[:, None, columns[columns < grid.kv_pos.shape[-1]]]
             q = grid.q_pos[:, i * bs : (i + 1) * bs, None]
-            allowed = torch.broadcast_to(self.evaluate(b, q, k), (grid.n_rows, q.shape[1], k.shape[-1]))
+            if h is None:
+                allowed = torch.broadcast_to(self.evaluate(b, q, k), (grid.n_rows, q.shape[1], k.shape[-1]))
+            else:  # (R, H, queries, keys) -> (R, H * queries, keys): a tile's pairs in every head
+                every_head = self.evaluate_heads(b.unsqueeze(1), h, q.unsqueeze(1), k.unsqueeze(1))
+                shape = (grid.n_rows, heads, q.shape[1], k.shape[-1])
+                allowed = torch.broadcast_to(every_head, shape).reshape(grid.n_rows, -1, k.shape[-1])
             tile_all, _ = segment_min_max(allowed.all(1), bs)  # (R, keys) -> (R, tiles)
             _, tile_any = segment_min_max(allowed.any(1), bs)
             if tiles is None:
@@ -460,6 +525,7 @@ def _combine(cls: type, left: MaskSpec, right: MaskSpec) -> MaskSpec:
     for side in (left, right):
         parts.extend(side.parts if isinstance(side, cls) else (side,))
     rows = _common_batch_size(parts)
+    _common_heads(parts)
     if rows is not None and rows != 1:
         parts = [_with_rows(p, rows) if p.batch_size == 1 else p for p in parts]
     return _nested(cls(tuple(parts)), tuple(parts))
@@ -477,6 +543,15 @@ def _common_batch_size(parts: Sequence[MaskSpec]) -> int | None:
             f"{sorted(sizes)} rows",
         )
     return sizes.pop() if sizes else None
+
+
+def _common_heads(parts: Sequence[MaskSpec]) -> int | None:
+    """The head count of the per-head parts (``None`` when no part is per-head); parts of different counts are
+    refused: a per-head spec is built for one number of query heads."""
+    counts = {n for n in (p.heads for p in parts) if n is not None}
+    if len(counts) > 1:
+        raise bad(ShapeError, "specs combined", "per-head specs of the same number of heads", f"{sorted(counts)} heads")
+    return counts.pop() if counts else None
 
 
 def _with_rows(spec: MaskSpec, rows: int) -> MaskSpec:
@@ -874,9 +949,10 @@ class PrefixKeys(MaskSpec):
 
 
 class _NoHead:
-    """What a ``custom`` predicate receives as ``h``: a spec is one mask for every head, so a predicate that computes
-    with the head index (``h % 2``, ``h == 0``, ``table[h]``) raises a ``SpecError`` instead of being evaluated for
-    head 0 alone. Passing ``h`` on to another function untouched is fine."""
+    """What a ``custom`` predicate that is not per-head receives as ``h``: such a spec is one mask for every head, so
+    a predicate that computes with the head index (``h % 2``, ``h == 0``, ``table[h]``) raises a ``SpecError``
+    instead of being evaluated for head 0 alone (``custom(fn, heads=H)`` evaluates it per head). Passing ``h`` on to
+    another function untouched is fine."""
 
     __slots__ = ()
 
@@ -884,7 +960,8 @@ class _NoHead:
         raise bad(
             SpecError,
             "custom fn",
-            "a predicate that does not depend on the head index h (a spec is one mask for every head)",
+            "a predicate that does not depend on the head index h (a spec is one mask for every head unless built "
+            "per head: custom(fn, heads=H) / from_mask_mod(mod, heads=H))",
             "a predicate computing with h",
         )
 
@@ -907,21 +984,43 @@ NO_HEAD = _NoHead()
 class Custom(MaskSpec):
     """An arbitrary predicate ``fn(b, h, q_pos, k_pos) -> bool tensor`` (FlexAttention's ``mask_mod`` form).
 
-    A spec is one mask for every head: ``h`` is passed as :data:`NO_HEAD`, which refuses (``SpecError``) any use
-    that would make the result depend on the head, rather than evaluating head 0 for all. Consumers must evaluate
-    the predicate per element (tile by tile in block layouts), so prefer the structural primitives where they fit.
+    ``n_heads=None``: one mask for every head; ``h`` is passed as :data:`NO_HEAD`, which refuses (``SpecError``) any
+    use that would make the result depend on the head, rather than evaluating head 0 for all. ``n_heads=H``: a
+    per-head spec (``heads == H``): ``h`` is an int64 tensor of query-head indices in ``[0, H)`` broadcasting with
+    ``b``, ``q`` and ``k``, and evaluating without a head (``evaluate``, a consumer that takes one mask for every
+    head) raises a ``SpecError``. Consumers must evaluate the predicate per element (tile by tile in block layouts),
+    so prefer the structural primitives where they fit.
     """
 
     fn: MaskMod
     name: str | None = None
+    n_heads: int | None = None
 
     @property
     def is_structural(self):
         return False
 
+    @property
+    def heads(self):
+        return self.n_heads
+
     def evaluate(self, b, q, k):
-        b = torch.as_tensor(b)
-        out = self.fn(b, NO_HEAD, q, k)
+        return self.evaluate_heads(b, None, q, k)
+
+    def evaluate_heads(self, b, h, q, k):
+        if self.n_heads is None:
+            h = NO_HEAD
+        elif h is None:
+            raise bad(
+                SpecError,
+                "mask",
+                "a consumer that evaluates every head of a per-head spec (to_dense(..., per_head=True), "
+                "mask_mod, a backend declaring per_head)",
+                f"{self!r} evaluated without a head index",
+            )
+        else:
+            h = torch.as_tensor(h)
+        out = self.fn(torch.as_tensor(b), h, q, k)
         if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
             raise bad(
                 SpecError,
@@ -932,7 +1031,8 @@ class Custom(MaskSpec):
         return out
 
     def __repr__(self) -> str:
-        return f"custom({self.name or getattr(self.fn, '__name__', 'fn')})"
+        name = self.name or getattr(self.fn, "__name__", "fn")
+        return f"custom({name})" if self.n_heads is None else f"custom({name}, heads={self.n_heads})"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -954,8 +1054,11 @@ class And(MaskSpec):
         return _common_batch_size(self.parts)
 
     def evaluate(self, b, q, k):
+        return self.evaluate_heads(b, None, q, k)
+
+    def evaluate_heads(self, b, h, q, k):
         # Small parts meet first; one full-size operation writes a fresh buffer (see attnmask._dense.fold).
-        return fold(torch.logical_and, [part.evaluate(b, q, k) for part in self.parts])
+        return fold(torch.logical_and, [part.evaluate_heads(b, h, q, k) for part in self.parts])
 
     def __repr__(self) -> str:
         return " & ".join(_wrap(p, (Or,)) for p in self.parts)
@@ -999,7 +1102,10 @@ class Or(MaskSpec):
         return _common_batch_size(self.parts)
 
     def evaluate(self, b, q, k):
-        return fold(torch.logical_or, [part.evaluate(b, q, k) for part in self.parts])
+        return self.evaluate_heads(b, None, q, k)
+
+    def evaluate_heads(self, b, h, q, k):
+        return fold(torch.logical_or, [part.evaluate_heads(b, h, q, k) for part in self.parts])
 
     def __repr__(self) -> str:
         return " | ".join(_wrap(p, (And,)) for p in self.parts)
@@ -1033,7 +1139,10 @@ class Not(MaskSpec):
         return self.part.batch_size
 
     def evaluate(self, b, q, k):
-        return ~self.part.evaluate(b, q, k)
+        return self.evaluate_heads(b, None, q, k)
+
+    def evaluate_heads(self, b, h, q, k):
+        return ~self.part.evaluate_heads(b, h, q, k)
 
     def __repr__(self) -> str:
         return "~" + _wrap(self.part, (And, Or))
@@ -1254,33 +1363,55 @@ def document_prefix_lm(
     return docs & PrefixKeys(torch.where(in_prefix, column - offsets_in_runs(ids), column))
 
 
-def custom(fn: MaskMod, name: str | None = None) -> MaskSpec:
-    """Wrap a predicate ``fn(b, h, q_pos, k_pos) -> bool tensor`` (FlexAttention's ``mask_mod`` convention)."""
+def custom(fn: MaskMod, name: str | None = None, *, heads: int | None = None) -> MaskSpec:
+    """Wrap a predicate ``fn(b, h, q_pos, k_pos) -> bool tensor`` (FlexAttention's ``mask_mod`` convention).
+
+    ``b``, ``q_pos``, ``k_pos`` are int64 tensors that broadcast against each other (the result must broadcast to
+    their shape). ``heads=None`` (default): one mask for every head; a predicate that computes with ``h`` raises a
+    ``SpecError`` (never evaluated for head 0 alone). ``heads=H``: a per-head spec, evaluated for every query head
+    ``h in range(H)`` (``h`` an int64 tensor broadcasting with the others); its mask is ``(B, H, Q, K)``, it stays
+    per-head under ``&``, ``|``, ``~`` with any other spec, and ``attention`` refuses q with another number of query
+    heads (with grouped-query attention the mask is per *query* head). Example, a window per head::
+
+        >>> w = torch.tensor([1, 2, 4, 8])
+        >>> spec = causal() & custom(lambda b, h, q, k: q - k < w[h], heads=4)
+        >>> spec.to_dense(8, per_head=True).shape
+        torch.Size([1, 4, 8, 8])
+    """
     if not callable(fn):
         raise bad(SpecError, "fn", "a callable (b, h, q, k) -> bool tensor", type(fn).__name__)
-    return Custom(fn, name)
+    return Custom(fn, name, _check_heads(heads))
 
 
-def from_mask_mod(mask_mod: Callable, name: str | None = None) -> MaskSpec:
+def from_mask_mod(mask_mod: Callable, name: str | None = None, *, heads: int | None = None) -> MaskSpec:
     """A FlexAttention-style scalar ``mask_mod(b, h, q_idx, kv_idx) -> bool`` as is (attention-gym's mods).
 
     The mod is written for one element; it is vectorised with ``torch.vmap`` over the broadcast index tensors, as
     FlexAttention's ``create_block_mask`` does, and wrapped as ``custom`` (evaluated per element). ``q_idx`` /
     ``kv_idx`` are attnmask positions: with ``Q == K`` FlexAttention's indices; with ``Q < K`` the queries are the
-    last positions. The mask is the same for every head (as every ``custom``): a mod that computes with ``h``
-    raises a ``SpecError`` (see ``Custom``).
+    last positions. ``heads=None``: one mask for every head, and a mod that computes with ``h`` raises a
+    ``SpecError`` (see ``Custom``); ``heads=H``: the mod is evaluated for every query head ``h in range(H)``, as
+    ``custom(fn, heads=H)``. Example: ``from_mask_mod(lambda b, h, q, kv: q - kv <= h, heads=4)``.
     """
     if not callable(mask_mod):
         raise bad(SpecError, "mask_mod", "a callable (b, h, q_idx, kv_idx) -> bool", type(mask_mod).__name__)
 
     def fn(b, h, q, k):
-        shape = torch.broadcast_shapes(b.shape, q.shape, k.shape)
+        per_head = isinstance(h, torch.Tensor)
+        shape = torch.broadcast_shapes(b.shape, q.shape, k.shape, *((h.shape,) if per_head else ()))
         if not math.prod(shape):
             return torch.zeros(shape, dtype=torch.bool, device=q.device)
+        if per_head:
+            flat = [torch.broadcast_to(t, shape).reshape(-1) for t in (b, h, q, k)]
+            return torch.vmap(mask_mod)(*flat).view(shape)
         flat = [torch.broadcast_to(t, shape).reshape(-1) for t in (b, q, k)]
         return torch.vmap(lambda b1, q1, k1: mask_mod(b1, h, q1, k1))(*flat).view(shape)
 
-    return custom(fn, name or getattr(mask_mod, "__name__", "mask_mod"))
+    return custom(fn, name or getattr(mask_mod, "__name__", "mask_mod"), heads=heads)
+
+
+def _check_heads(heads: Any) -> int | None:
+    return None if heads is None else check_int("heads", heads, low=1, high=MAX_SIZE, error=SpecError)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

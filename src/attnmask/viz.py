@@ -78,6 +78,9 @@ def dense_row(
         rows = mask.batch_size or 1
         if not 0 <= row < rows:
             raise bad(SpecError, "row", f"a row in [0, {rows})", row)
+        if mask.heads is not None:  # one picture per head: the caller picks the head
+            hint = "draw one head h as spec.to_dense(Q, K, per_head=True)[:, h]"
+            raise bad(SpecError, "mask", f"a spec that is one mask for every head ({hint})", repr(mask))
         return mask.to_dense(q_len, kv_len)[row].cpu()
     if not isinstance(mask, torch.Tensor):
         raise bad(SpecError, "mask", "a MaskSpec or a bool tensor", type(mask).__name__)

@@ -14,6 +14,7 @@ tile 2 (queries 32-47) reads key tile 2 only (PARTIAL, the diagonal) and skips t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch
 
 from attnmask import masks as M
 from attnmask.backends._common import CALL_COST, cached, check_qkv, degenerate, off_cpu
+from attnmask.backends._workers import parallel_map
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.errors import ShapeError, bad
 from attnmask.lowering import block_layout
@@ -150,8 +152,12 @@ def blocksparse_attention(
     with ``USE_CPU_FLASH = False``, a portable loop of ``bmm`` and ``exp`` does the same.
 
     Backward: a custom autograd function that recomputes scores chunk by chunk from the saved log-sum-exp (the
-    FlashAttention scheme). Memory: O(B·H·Q) for the log-sum-exp, one chunk of scores at a time, and the element masks
-    of PARTIAL tiles (kept from forward to backward): O(partial tiles · bq · bk) bools. Never O(Q·K).
+    FlashAttention scheme). Threads: forward and backward deal the query groups to ``backends._workers``'s
+    single-threaded workers when torch has more than one intra-op thread (each group writes its own rows; the
+    gradients of keys shared by several groups are added under a lock).
+
+    Memory: O(B·H·Q) for the log-sum-exp, one chunk of scores at a time, and the element masks of PARTIAL tiles (kept
+    from forward to backward): O(partial tiles · bq · bk) bools. Never O(Q·K).
     """
     B, H, Q, D, Hkv, K = check_qkv(q, k, v)
     plan, masks = _tile_groups(B, Q, K, tile_class, block_size, tile_mask, max_keys, max_rows)
@@ -305,7 +311,9 @@ class _BlockSparse(torch.autograd.Function):
         qf, kf, vf = (_unit_stride(t.to(cdt)) for t in (q, k, v))
         out = torch.zeros(B, H, Q, Dv, dtype=cdt, device=q.device)
         lse = torch.full((B, H, Q), float("inf"), dtype=cdt, device=q.device)
-        for gi, g in enumerate(plan):
+
+        def group_forward(gi: int) -> None:  # writes only the group's own query rows of out and lse
+            g = plan[gi]
             rows = g.q1 - g.q0
             if flash:
                 qg = qf[g.b, :, g.q0 : g.q1].reshape(1, Hkv, rep * rows, D)
@@ -317,6 +325,8 @@ class _BlockSparse(torch.autograd.Function):
                 o, g_lse = _online_softmax(qg, runs, rep)
             out[g.b, :, g.q0 : g.q1] = o.view(H, rows, Dv)
             lse[g.b, :, g.q0 : g.q1] = g_lse.view(H, rows)
+
+        parallel_map(group_forward, range(len(plan)), _group_weights(plan), device=q.device.type)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.masks, ctx.scale, ctx.flash = plan, masks, scale, flash
         return out.to(q.dtype)
@@ -329,9 +339,13 @@ class _BlockSparse(torch.autograd.Function):
         do = d_out.to(out.dtype)
         dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
         group_backward = _flash_group_backward if ctx.flash else _torch_group_backward
-        for gi, g in enumerate(plan):
-            spans = [masks.get((gi, ri)) for ri in range(len(g.runs))]
-            group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale)
+        adding = threading.Lock()  # groups write their own rows of dq but may share keys: dk, dv add under it
+
+        def one_group(gi: int) -> None:
+            spans = [masks.get((gi, ri)) for ri in range(len(plan[gi].runs))]
+            group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, plan[gi], spans, scale, adding)
+
+        parallel_map(one_group, range(len(plan)), _group_weights(plan), device=q.device.type)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
@@ -349,8 +363,14 @@ def _group_views(t: torch.Tensor, g: _Group, heads: int, batched: bool) -> torch
     return x.unsqueeze(0) if batched else x
 
 
-def _flash_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale):
-    """One group's gradients with the CPU flash backward kernel, run by run, from the global output and lse."""
+def _group_weights(plan) -> list[float]:
+    """Work of each query group (rows times keys read), to deal the largest groups to the workers first."""
+    return [(g.q1 - g.q0) * sum(r.k1 - r.k0 for r in g.runs) for g in plan]
+
+
+def _flash_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale, adding):
+    """One group's gradients with the CPU flash backward kernel, run by run, from the global output and lse; its
+    ``dk``, ``dv`` rows are added under the lock ``adding`` (other groups may read the same keys)."""
     _, bwd = _flash_cpu_ops()
     Hkv = kf.shape[1]
     rep = qf.shape[1] // Hkv
@@ -363,13 +383,15 @@ def _flash_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale)
         bias = _run_bias(run_spans, rows, kt.shape[2], rep, qf.dtype, qf.device)
         gq, gk, gv = bwd(dog, qg, kt, vt, og, lse_g, 0.0, False, attn_mask=bias, scale=scale)
         dq_g = gq if dq_g is None else dq_g + gq
-        dk[g.b, :, r.k0 : r.k1] += gk[0]
-        dv[g.b, :, r.k0 : r.k1] += gv[0]
+        with adding:
+            dk[g.b, :, r.k0 : r.k1] += gk[0]
+            dv[g.b, :, r.k0 : r.k1] += gv[0]
     dq[g.b, :, g.q0 : g.q1] = dq_g.reshape(qf.shape[1], rows, qf.shape[3])
 
 
-def _torch_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale):
-    """One group's gradients by recomputing probabilities ``exp(s - lse)`` chunk by chunk (portable)."""
+def _torch_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale, adding):
+    """One group's gradients by recomputing probabilities ``exp(s - lse)`` chunk by chunk (portable); ``dk``, ``dv``
+    added under the lock ``adding``."""
     Hkv = kf.shape[1]
     rep = qf.shape[1] // Hkv
     rows = g.q1 - g.q0
@@ -381,10 +403,13 @@ def _torch_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale)
     for r, run_spans in zip(g.runs, spans, strict=True):
         kt, vt = _run_kv(kf, vf, g, r, False)
         p = _apply_masks(torch.bmm(qg, kt.transpose(1, 2)), run_spans, rep).sub_(lse_g).exp_()
-        dv[g.b, :, r.k0 : r.k1] += torch.bmm(p.transpose(1, 2), dog)
+        gv = torch.bmm(p.transpose(1, 2), dog)
         ds = torch.bmm(dog, vt.transpose(1, 2)).sub_(delta_g).mul_(p)
         dq_g += torch.bmm(ds, kt)
-        dk[g.b, :, r.k0 : r.k1] += torch.bmm(ds.transpose(1, 2), qg)
+        gk = torch.bmm(ds.transpose(1, 2), qg)
+        with adding:
+            dv[g.b, :, r.k0 : r.k1] += gv
+            dk[g.b, :, r.k0 : r.k1] += gk
     dq[g.b, :, g.q0 : g.q1] = (dq_g * scale).view(qf.shape[1], rows, qf.shape[3])
 
 

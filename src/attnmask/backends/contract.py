@@ -135,6 +135,11 @@ class AttentionCall:
         return frozenset(name for name, value in present if value is not None)
 
     @property
+    def mask_heads(self) -> int | None:
+        """The head count of a per-head spec (``mask.heads``, equal to :attr:`heads`), else ``None``."""
+        return self.mask.heads if isinstance(self.mask, MaskSpec) else None
+
+    @property
     def is_plain_causal(self) -> bool:
         """The mask is exactly ``causal()`` with ``Q == K`` and default positions (SDPA's top-left ``is_causal``)."""
         return type(self.mask) is Causal and self.q_len == self.kv_len and not self.positions_given
@@ -199,14 +204,17 @@ def check_score_mods(q: torch.Tensor, softcap, sinks, alibi_slopes) -> dict:
 def dense_mask(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
     """The call's mask as a bool tensor that broadcasts to ``(B, H, Q, K)``, and whether the caller owns it.
 
-    A spec becomes ``(B or 1, 1, Q, K)`` via ``MaskSpec.to_dense`` (O(B·Q·K) memory; a fresh tensor the caller may
-    write to, unless the spec holds a ``custom`` predicate, whose result might alias the user's data); a tensor mask is
-    returned as given (not owned); ``None`` stays ``None``.
+    A spec becomes ``(B or 1, 1, Q, K)`` via ``MaskSpec.to_dense`` (O(B·Q·K) memory), a per-head spec
+    ``(B or 1, H, Q, K)`` (``to_dense(..., per_head=True)``, O(B·H·Q·K)): a fresh tensor the caller may write to
+    (owned), unless the spec holds a ``custom`` predicate whose result might alias the user's data, which only a
+    per-head spec's copy into its ``(B, H, Q, K)`` buffer rules out; a tensor mask is returned as given (not owned);
+    ``None`` stays ``None``.
     """
     if isinstance(call.mask, MaskSpec):
-        dense = call.mask.to_dense(
-            call.q_len, call.kv_len, q_positions=call.q_positions, kv_positions=call.kv_positions, device=call.q.device
-        )
+        where = dict(q_positions=call.q_positions, kv_positions=call.kv_positions, device=call.q.device)
+        if call.mask_heads is not None:
+            return call.mask.to_dense(call.q_len, call.kv_len, per_head=True, **where), True
+        dense = call.mask.to_dense(call.q_len, call.kv_len, **where)
         return dense.unsqueeze(1), call.mask.is_structural
     return call.mask, False
 
@@ -258,8 +266,10 @@ class Backend:
     - ``cost(call)``: estimated work in element operations, only compared between backends (``inf``: never auto).
     - ``devices``: device types it runs on (``"cpu"``, ``"cuda"``, ...); ``dtypes``: the floating dtypes it computes
       in their declared precision (float64 in float64, the rest at least in float32 accumulation).
-    - ``masks``: the mask kinds of :data:`MASK_KINDS` it takes; ``unsupported(call)``: a reason for what no
-      declaration can say (the spec's structure, explicit positions), or ``None``; consulted only when every
+    - ``masks``: the mask kinds of :data:`MASK_KINDS` it takes; ``per_head``: whether it honours a per-head spec
+      (``mask.heads`` set, one mask per query head, ``(B, H, Q, K)``), False by default, so a backend that applies
+      one mask to every head refuses such a spec instead of using one head's; ``unsupported(call)``: a reason for
+      what no declaration can say (the spec's structure, explicit positions), or ``None``; consulted only when every
       declaration holds.
     - ``dropout``: attention dropout (``dropout_p > 0``); ``backward``: a gradient through ``q``, ``k``, ``v``;
       ``score_mods``: the score modifiers it honours, by name (:data:`SCORE_MODS`); a call carrying any other is
@@ -280,6 +290,7 @@ class Backend:
     devices: frozenset[str] = frozenset({"cpu"})
     dtypes: frozenset[torch.dtype] = ALL_DTYPES
     masks: frozenset[str] = MASK_KINDS
+    per_head: bool = False
     dropout: bool = False
     backward: bool = True
     score_mods: frozenset[str] = frozenset()
@@ -303,6 +314,8 @@ class Backend:
         kind = mask_kind(call)
         if kind not in self.masks:
             reasons.append(f"takes masks of kind {', '.join(sorted(self.masks))}, not {kind}")
+        if call.mask_heads is not None and not self.per_head:
+            reasons.append(f"takes one mask for every head, not a per-head spec ({call.mask_heads} heads)")
         if call.dropout_p > 0 and not self.dropout:
             reasons.append(f"has no attention dropout (dropout_p={call.dropout_p})")
         if call.needs_grad and not self.backward:

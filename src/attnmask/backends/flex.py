@@ -3,7 +3,9 @@
 Layer 3 (attention); imports ``masks``, ``lowering``, ``plancache`` and ``backends.contract``.
 
 Any mask spec, structural or ``custom`` (the predicate is the spec's ``mask_mod``, evaluated only in PARTIAL tiles of
-128 x 128), explicit positions, grouped-query attention (``enable_gqa``), ``Q < K``. A query row with no allowed key
+128 x 128), explicit positions, grouped-query attention (``enable_gqa``), ``Q < K``. A per-head spec: one layout for
+all heads (the union over heads, ``BlockLayout``), and FlexAttention hands the predicate of PARTIAL tiles the query
+head, so every head gets its own mask. A query row with no allowed key
 comes back as exact 0 from FlexAttention itself (the tests and ``benchmarks/device_check.py`` hold it to that).
 
 - On CUDA: forward and backward, float32, float16 and bfloat16, head dims of at least 16 (Triton's ``tl.dot``); a
@@ -109,6 +111,7 @@ BACKEND = Backend(
     devices=frozenset({"cpu", "cuda"}),
     dtypes=_DTYPES,
     masks=frozenset({"none", "structural", "custom"}),
+    per_head=True,  # the layout is the union over heads; FlexAttention passes the query head to the predicate
     dropout=False,
     backward=True,  # on CUDA; flex_unsupported refuses a CPU call that needs a gradient
     auto=frozenset({"cuda"}),  # on CPU every shape compiles and nothing trains: named explicitly only

@@ -1,7 +1,8 @@
 """The "reference" backend: textbook attention with the scores materialised, the semantics every backend matches.
 
-Layer 3 (attention). Float32 (float64 stays float64), O(B·H·Q·K) memory; any device, dtype, mask kind, dropout and
-a gradient through autograd, and every score modifier (softcap, sinks, ALiBi) written out as its definition.
+Layer 3 (attention). Float32 (float64 stays float64), O(B·H·Q·K) memory; any device, dtype, mask kind (per-head
+specs included: the ``(B, H, Q, K)`` mask of ``dense_mask``), dropout and a gradient through autograd, and every score
+modifier (softcap, sinks, ALiBi) written out as its definition.
 ``"auto"`` picks it only when nothing else serves a call (its cost is the highest).
 """
 
@@ -61,4 +62,13 @@ def cost(call: AttentionCall) -> float:
     return 4.0 * call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim + 8)
 
 
-BACKEND = Backend("reference", run, cost, devices=TORCH_DEVICES, dtypes=ALL_DTYPES, dropout=True, score_mods=SCORE_MODS)
+BACKEND = Backend(
+    "reference",
+    run,
+    cost,
+    devices=TORCH_DEVICES,
+    dtypes=ALL_DTYPES,
+    per_head=True,
+    dropout=True,
+    score_mods=SCORE_MODS,
+)

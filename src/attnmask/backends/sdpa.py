@@ -1,8 +1,9 @@
 """The "sdpa" backend: ``torch.nn.functional.scaled_dot_product_attention`` with the mask as a dense bool tensor.
 
 Layer 3 (attention). No mask, ``full()`` and a plain ``causal()`` with ``Q == K`` (``is_causal``) build no mask;
-any other spec becomes an O(B·Q·K) bool mask. Rows with no allowed key attend to every key inside the kernel (finite,
-NaN-free) and are zeroed afterwards, so their output and gradient are exactly 0.
+any other spec becomes an O(B·Q·K) bool mask, a per-head spec an O(B·H·Q·K) one (SDPA takes ``(B, H, Q, K)``). Rows
+with no allowed key attend to every key inside the kernel (finite, NaN-free) and are zeroed afterwards, so their output
+and gradient are exactly 0.
 
 Score modifiers: attention sinks and ALiBi slopes, as one float additive bias ``(B or 1, H, Q, K + 1)`` built from the
 dense mask (O(B·H·Q·K), as dense as SDPA itself): the ALiBi term where allowed, ``finfo.min`` where not, and the
@@ -95,7 +96,7 @@ def cost(call: AttentionCall) -> float:
         return float(work)
     if call.is_plain_causal:
         return work / 2  # the fused kernel skips the tiles above the diagonal
-    mask_rows = call.batch if isinstance(call.mask, MaskSpec) else 0
+    mask_rows = call.batch * (call.mask_heads or 1) if isinstance(call.mask, MaskSpec) else 0
     bias = 4 * call.batch * call.heads * call.q_len * call.kv_len if call.score_mods else 0  # the float bias
     masked = _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0)
     return float(work + masked + bias)
@@ -107,6 +108,7 @@ BACKEND = Backend(
     cost,
     devices=TORCH_DEVICES,
     dtypes=ALL_DTYPES,
+    per_head=True,
     dropout=True,
     score_mods=frozenset({"sinks", "alibi"}),
 )

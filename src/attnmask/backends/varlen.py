@@ -19,6 +19,8 @@ causal inside each document::
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,7 @@ from attnmask.backends._common import (
     segments_from_varlen,
     varlen_plan,
 )
+from attnmask.backends._workers import parallel_map, workers_active
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend, check_dropout_p
 from attnmask.errors import BackendError, ShapeError, bad
 
@@ -76,6 +79,10 @@ def varlen_attention(
 
     Memory: the inputs of stacked or grouped documents are copied once; the output is assembled with one ``cat`` per
     row, or (more than 64 segments) written once by row index. Forward and backward are autograd through SDPA.
+
+    Threads: with more than one intra-op thread and no dropout, the groups (and a long document's query blocks) are
+    tasks for ``backends._workers.parallel_map``, each run with one intra-op thread, so that a busy core slows the
+    call as much as it slows one SDPA call, not once per small call; the backward runs where ``backward`` is called.
     """
     B, H, Q, D, Hkv, K = check_qkv(q, k, v)
     if D == 0:
@@ -95,13 +102,25 @@ def varlen_attention(
     for seg in seg_list:
         if seg[2] > 0:
             (small_segs.append(seg) if seg[4] <= small else groups.setdefault((seg[2], seg[4], seg[5]), []).append(seg))
-    if groups:
-        big = [seg for members in groups.values() for seg in members]
+    # One task per group of stacked documents, dealt to single-threaded workers (see backends._workers); with dropout
+    # in the caller, so that the probabilities drawn from the global RNG do not depend on the threads' timing.
+    members_by_group = list(groups.values())
+    weights = [seg[2] * seg[4] * len(members) for members in members_by_group for seg in members[:1]]
+    records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if members_by_group and records_grad and dropout_p == 0 and workers_active(q.device.type):
+        outs = _GroupsInWorkers.apply(members_by_group, weights, (causal, window, scale, gqa), q, k, v)
+        results.extend(zip(outs, members_by_group, strict=True))
+    elif members_by_group:
+        big = [seg for members in members_by_group for seg in members]
         q_parts = _split_rows(q, [(seg[0], seg[1], seg[2]) for seg in big])
         k_parts, v_parts = (_split_rows(t, [(seg[0], seg[3], seg[4]) for seg in big]) for t in (k, v))
-    for (_, _, off), members in groups.items():
-        qb, kb, vb = (_stack_segments(parts, members, idx) for parts, idx in ((q_parts, 1), (k_parts, 3), (v_parts, 3)))
-        results.append((_dense_segment(qb, kb, vb, off, causal, window, scale, gqa, dropout_p), members))
+
+        def dense_group(members: list) -> tuple[torch.Tensor, list]:
+            parts = ((q_parts, 1), (k_parts, 3), (v_parts, 3))
+            qb, kb, vb = (_stack_segments(by_start, members, idx) for by_start, idx in parts)
+            return _dense_segment(qb, kb, vb, members[0][5], causal, window, scale, gqa, dropout_p), members
+
+        results.extend(_map(dense_group, members_by_group, weights, dropout_p, q.device.type))
     if small_segs:
         results.extend(_small_segments(q, k, v, small_segs, causal, window, scale, dropout_p))
     if not results:
@@ -115,6 +134,65 @@ def varlen_attention(
         anchor = torch.stack([t.reshape(-1)[:1].sum() for t in (q, k, v)]).sum()
         out = out + torch.where(torch.ones((), dtype=torch.bool, device=out.device), 0.0, anchor)
     return out.to(q.dtype)
+
+
+def _map(fn, items: list, weights: list, dropout_p: float, device_type: str) -> list:
+    """``[fn(item) for item in items]`` on the coarse-grained workers, or in the caller under dropout."""
+    if dropout_p > 0:
+        return [fn(item) for item in items]
+    return parallel_map(fn, items, weights, device=device_type)
+
+
+_STARTS = (1, 3, 3)  # where q's, k's and v's range starts in a segment (row, q_start, q_len, k_start, k_len, offset)
+
+
+def _segment_leaves(t: torch.Tensor, members: list, at: int) -> list[torch.Tensor]:
+    """One detached view of ``t`` ``(B, H, L, X)`` per segment, requiring grad: positions ``seg[at]`` to
+    ``seg[at] + seg[at + 1]`` of the segment's row, ``(1, H, n, X)`` (the leaves of one task's graph)."""
+    return [t[s[0] : s[0] + 1, :, s[at] : s[at] + s[at + 1]].detach().requires_grad_() for s in members]
+
+
+class _GroupsInWorkers(torch.autograd.Function):
+    """The stacked document groups as worker tasks in the backward too (``varlen_attention`` with a gradient and no
+    dropout): each task records its own graph, from its own leaves (detached views of q, k, v), in the worker that
+    runs it; backward differentiates each task's graph in a worker and adds its leaves' gradients into dq, dk, dv,
+    under a lock (documents may share keys). Outputs: one ``(n, H, q_len, Dv)`` tensor per group."""
+
+    @staticmethod
+    def forward(ctx, members_by_group, weights, rule, q, k, v):
+        causal, window, scale, gqa = rule
+
+        def task(members: list):
+            with torch.enable_grad():
+                leaves = tuple(_segment_leaves(t, members, at) for t, at in zip((q, k, v), _STARTS, strict=True))
+                qb, kb, vb = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in leaves)
+                return _dense_segment(qb, kb, vb, members[0][5], causal, window, scale, gqa), leaves
+
+        ctx.done = parallel_map(task, members_by_group, weights, device=q.device.type)
+        ctx.members, ctx.weights = members_by_group, weights
+        ctx.inputs = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return tuple(out.detach() for out, _ in ctx.done)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        d_inputs = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.inputs]
+        adding = threading.Lock()
+
+        def task(i: int) -> None:
+            out, leaves = ctx.done[i]
+            flat = [x for parts in leaves for x in parts]
+            # The task graphs live as long as this node (a second backward, retain_graph=True, may come).
+            got = iter(torch.autograd.grad(out, flat, grads[i], retain_graph=True, allow_unused=True))
+            with adding:
+                for d, at in zip(d_inputs, _STARTS, strict=True):
+                    for s in ctx.members[i]:
+                        g = next(got)
+                        if g is not None:
+                            d[s[0] : s[0] + 1, :, s[at] : s[at] + s[at + 1]] += g
+
+        parallel_map(task, range(len(ctx.done)), ctx.weights, device=d_inputs[0].device.type)
+        return (None, None, None, *d_inputs)
 
 
 def _split_rows(t: torch.Tensor, ranges: list) -> dict:
@@ -167,18 +245,20 @@ def _dense_segment(q, k, v, off, causal, window, scale, gqa, dropout_p=0.0):
         if off == 0:
             return _sdpa(q, k, v, None, True, scale, gqa, dropout_p)
         return _masked_rows(q, k, v, _band_mask(0, ql, 0, kl, off, None, q.device), scale, gqa, dropout_p)
-    # Window shorter than the document: query blocks over a key band.
+    # Window shorter than the document: query blocks over a key band, as tasks for the workers (one per block).
     block = max(window, 64)
-    outs = []
-    for a in range(0, ql, block):
+
+    def band(a: int) -> torch.Tensor:
         b_end = min(a + block, ql)
         k0 = max(0, a + off - window + 1)
         k1 = min(kl, b_end + off)
         if k1 <= k0:
-            outs.append(v.new_zeros(q.shape[0], q.shape[1], b_end - a, v.shape[3]))
-            continue
+            return v.new_zeros(q.shape[0], q.shape[1], b_end - a, v.shape[3])
         mask = _band_mask(a, b_end, k0, k1, off, window, q.device)
-        outs.append(_masked_rows(q[:, :, a:b_end], k[:, :, k0:k1], v[:, :, k0:k1], mask, scale, gqa, dropout_p))
+        return _masked_rows(q[:, :, a:b_end], k[:, :, k0:k1], v[:, :, k0:k1], mask, scale, gqa, dropout_p)
+
+    starts = list(range(0, ql, block))
+    outs = _map(band, starts, [min(block, ql - a) for a in starts], dropout_p, q.device.type)
     return torch.cat(outs, dim=2)
 
 
@@ -210,8 +290,9 @@ def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list
     groups: dict[tuple[int, int, int], list] = {}
     for seg in segs:
         groups.setdefault((seg[2], seg[4], seg[5]), []).append(seg)
-    results = []
-    for (ql, kl, off), members in groups.items():
+
+    def tiny_group(members: list) -> tuple[torch.Tensor, list]:
+        _, ql, _, kl, off = members[0][1:]
         row, qs, _, ks, _, _ = torch.tensor(members, dtype=torch.long, device=dev).unbind(1)
         q_idx = (row * q.shape[2] + qs)[:, None] + torch.arange(ql, device=dev)
         k_idx = (row * k.shape[2] + ks)[:, None] + torch.arange(kl, device=dev)
@@ -220,8 +301,10 @@ def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list
             for t, idx in ((qf, q_idx), (kf, k_idx), (vf, k_idx))
         )
         mask = _band_mask(0, ql, 0, kl, off, window, dev) if causal else None
-        results.append((_tiny_attention(qb, kb, vb, mask, scale, dropout_p).transpose(0, 1), members))
-    return results
+        return _tiny_attention(qb, kb, vb, mask, scale, dropout_p).transpose(0, 1), members
+
+    weights = [len(members) * (members[0][2] + 8) * members[0][4] for members in groups.values()]
+    return _map(tiny_group, list(groups.values()), weights, dropout_p, dev.type)
 
 
 def _heads_major(t: torch.Tensor) -> torch.Tensor:

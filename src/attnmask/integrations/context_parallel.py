@@ -403,6 +403,8 @@ def context_parallel_attention(
             )
         return _gathered_attention(q_local, k_local, v_local, spec, seq_len, seq_lens, world_size, rank, group, scale)
     if method == "ring":
+        if spec.heads is not None:  # its blocks take one mask for every head
+            raise bad(BackendError, "method", "'all_gather' or 'flex' for a per-head spec", "'ring'")
         scale = q_local.shape[-1] ** -0.5 if scale is None else float(scale)
         ring = _Ring(spec, seq_len, world_size, rank, group, scale)
         return _RingAttention.apply(q_local, k_local, v_local, ring)
@@ -527,6 +529,9 @@ def _check_attention_inputs(q, k, v, spec) -> None:
         raise bad(ShapeError, "v_local", f"(B, Hkv, L_local) = {tuple(k.shape[:3])} like k_local", tuple(v.shape))
     if not isinstance(spec, MaskSpec):
         raise bad(InputError, "spec", "a MaskSpec of the whole row", type(spec).__name__)
+    if spec.heads not in (None, q.shape[1]):
+        expected = f"a per-head spec for q_local's {q.shape[1]} query heads"
+        raise bad(ShapeError, "spec", expected, f"a spec of {spec.heads} heads")
 
 
 def _block_attention(q, k, v, piece: SpecSlice, scale: float | None) -> torch.Tensor:

@@ -1,0 +1,254 @@
+"""The coarse-grained parallel path of "varlen" and "blocksparse" (``backends._workers``): tasks dealt to worker threads
+with one intra-op thread each compute what the serial loop computes, outputs and gradients, and leave the caller's
+thread settings alone. Correctness only; the timing is benchmarks/bench_limit.py --busy."""
+
+import os
+import threading
+
+import pytest
+import torch
+
+import attnmask as am
+from attnmask.backends import _workers as W
+from attnmask.backends import blocksparse as BS
+from attnmask.backends import varlen as VL
+from tests.helpers import assert_matches_reference, grads
+from tests.naive import naive_attention
+
+pytestmark = pytest.mark.skipif(W.workers_available() is not None, reason=str(W.workers_available()))
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads in the caller (the test suite runs with one under xdist), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def serial(monkeypatch):
+    """A function that runs ``fn()`` with the parallel path switched off (every task in the caller)."""
+
+    def run(fn):
+        with monkeypatch.context() as m:
+            m.setattr(W, "_in_caller", lambda device_types: True)
+            return fn()
+
+    return run
+
+
+def spy_threads(monkeypatch, module, names):
+    """Names of the threads that run ``module``'s functions ``names`` (wrapped in place)."""
+    seen = set()
+    for name in names:
+        original = getattr(module, name)
+
+        def wrapped(*args, _original=original, **kwargs):
+            seen.add(threading.current_thread().name.startswith("attnmask-worker"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+    return seen
+
+
+def qkv(L, heads=2, kv_heads=None, dim=16, seed=0, grad=False, batch=1):
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads = kv_heads or heads
+    q = torch.randn(batch, heads, L, dim, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, L, dim, generator=gen) for _ in range(2))
+    return tuple(t.requires_grad_(grad) for t in (q, k, v))
+
+
+def reference(q, k, v, spec):
+    q64, k64, v64 = (t.detach().double().requires_grad_(t.requires_grad) for t in (q, k, v))
+    return naive_attention(q64, k64, v64, spec.to_dense(q.shape[2], k.shape[2]).unsqueeze(1)), (q64, k64, v64)
+
+
+def test_parallel_map_returns_every_result_in_input_order_from_single_threaded_workers(two_threads):
+    seen = []
+
+    def fn(i):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return torch.full((3,), float(i)) * 2
+
+    out = W.parallel_map(fn, list(range(7)), weights=[1, 7, 2, 6, 3, 5, 4])
+    assert [o.tolist() for o in out] == [[2.0 * i] * 3 for i in range(7)]
+    assert {name.startswith("attnmask-worker") for name, _ in seen} == {True}
+    assert {threads for _, threads in seen} == {1}
+
+
+def test_items_too_large_to_share_out_run_in_the_caller_first(two_threads):
+    where = {}
+
+    def fn(i):
+        where[i] = (threading.current_thread().name, torch.get_num_threads())
+        return i
+
+    # 2 threads: 6 > (6 + 3 + 1 + 1) / 2 and then 3 > (3 + 1 + 1) / 2: items 1 and 3 run alone with both threads.
+    assert W.parallel_map(fn, range(5), weights=[1, 6, 1, 3, 0]) == list(range(5))
+    caller = (threading.current_thread().name, 2)
+    assert where[1] == where[3] == caller
+    assert {where[i][1] for i in (0, 2, 4)} == {1} and caller not in {where[i] for i in (0, 2, 4)}
+    assert [W._too_big([0, 1], [5, 5], 2), W._too_big([0, 1, 2], [9, 4, 4], 2), W._too_big([0], [1], 2)] == [0, 1, 1]
+
+
+def test_parallel_map_leaves_the_callers_and_new_threads_counts_alone(two_threads):
+    W.parallel_map(lambda i: torch.randn(64, 64) @ torch.randn(64, 64), range(4))
+    assert torch.get_num_threads() == 2
+    fresh = []
+    t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert fresh == [2]
+
+
+def test_parallel_map_runs_in_the_caller_with_one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        names = W.parallel_map(lambda i: threading.current_thread().name, range(3))
+    finally:
+        torch.set_num_threads(before)
+    assert set(names) == {threading.current_thread().name}
+
+
+def test_parallel_map_stays_in_the_caller_under_thread_local_modes_and_transforms(two_threads):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    here = threading.current_thread().name
+    with Passthrough():
+        assert set(W.parallel_map(lambda i: threading.current_thread().name, range(3))) == {here}
+    names = []
+    torch.func.vmap(lambda x: names.extend(W.parallel_map(lambda i: threading.current_thread().name, range(3))) or x)(
+        torch.ones(2)
+    )
+    assert set(names) == {here}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert set(W.parallel_map(lambda i: threading.current_thread().name, range(3))) == {here}
+
+
+def test_parallel_map_raises_the_tasks_error(two_threads):
+    def fn(i):
+        if i == 3:
+            raise ValueError("task 3")
+        return i
+
+    with pytest.raises(ValueError, match="task 3"):
+        W.parallel_map(fn, range(6))
+
+
+def test_parallel_map_carries_grad_and_inference_mode(two_threads):
+    x = torch.ones(2, requires_grad=True)
+    with torch.no_grad():
+        assert not any(y.requires_grad for y in W.parallel_map(lambda i: x * i, range(3)))
+    assert all(y.requires_grad for y in W.parallel_map(lambda i: x * i, range(3)))
+    with torch.inference_mode():
+        assert all(y.is_inference() for y in W.parallel_map(lambda i: torch.ones(1) * i, range(3)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_parallel_map_works_in_a_forked_child(two_threads):
+    W.parallel_map(lambda i: i, range(3))  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh pool, the same results
+        ok = W.parallel_map(lambda i: torch.ones(2) * i, range(4))[3].tolist() == [3.0, 3.0]
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def check_parallel_path(q, k, v, spec, backend, serial, in_worker):
+    """``backend``'s parallel path (outputs, gradients) equals its serial loop and the float64 naive reference, and
+    the spied kernels ran in workers for the one and in the caller for the other."""
+    out = am.attention(q, k, v, spec, backend=backend)
+    got = grads(out, (q, k, v))
+    want_out = serial(lambda: am.attention(q, k, v, spec, backend=backend))
+    want = grads(want_out, (q, k, v))
+    assert in_worker == {True, False}
+    torch.testing.assert_close(out, want_out, atol=1e-6, rtol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    ref, ref_inputs = reference(q, k, v, spec)
+    assert_matches_reference(out, ref)
+    for g, w in zip(got, grads(ref, ref_inputs), strict=True):
+        assert_matches_reference(g, w)
+
+
+VARLEN_SPECS = {
+    "documents": lambda: am.causal() & am.document(seq_lens=[70, 40, 90, 40, 9, 5, 5, 12, 29]),
+    "documents, window": lambda: am.sliding_window(24) & am.document(seq_lens=[60, 40, 50, 70, 80]),
+    "one long row, window": lambda: am.sliding_window(40),  # one task: its query blocks are the tasks then
+    "left padding": lambda: am.causal() & am.key_padding(torch.arange(300) >= torch.tensor([[50], [0], [20], [30]])),
+}
+
+
+@pytest.mark.parametrize("name", VARLEN_SPECS)
+def test_varlen_parallel_path_matches_the_serial_loop_and_the_reference(two_threads, serial, monkeypatch, name):
+    in_worker = spy_threads(monkeypatch, VL, ["_dense_segment", "_masked_rows"])
+    spec = VARLEN_SPECS[name]()
+    L = 300
+    q, k, v = qkv(L, heads=4, kv_heads=2, grad=True, batch=spec.batch_size or 1)
+    check_parallel_path(q, k, v, spec, "varlen", serial, in_worker)
+
+
+BLOCK_SPECS = {
+    "window": lambda: am.sliding_window(40),  # query groups share keys: dk, dv added by several tasks
+    "chunked": lambda: am.causal() & am.chunked(64),
+    "prefix": lambda: am.prefix_lm(50),
+}
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["cpu flash kernel", "portable loop"])
+@pytest.mark.parametrize("name", BLOCK_SPECS)
+def test_blocksparse_parallel_path_matches_the_serial_loop_and_the_reference(
+    two_threads, serial, monkeypatch, name, flash
+):
+    monkeypatch.setattr(BS, "USE_CPU_FLASH", flash)
+    kernels = ["_flash_group_forward", "_flash_group_backward"]
+    if not flash:
+        kernels = ["_online_softmax", "_torch_group_backward"]
+    in_worker = spy_threads(monkeypatch, BS, kernels)
+    spec = BLOCK_SPECS[name]()
+    L = 320
+    q, k, v = qkv(L, heads=4, kv_heads=2, grad=True)
+    check_parallel_path(q, k, v, spec, "blocksparse", serial, in_worker)
+
+
+def test_varlen_backward_differentiates_each_group_in_a_worker(two_threads, monkeypatch):
+    seen, original = set(), torch.autograd.grad
+
+    def grad(*args, **kwargs):
+        seen.add(threading.current_thread().name.startswith("attnmask-worker"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    spec = VARLEN_SPECS["documents"]()
+    q, k, v = qkv(300, grad=True)
+    out = am.attention(q, k, v, spec, backend="varlen")
+    (out * out).sum().backward(retain_graph=True)
+    assert seen == {True}
+    want, inputs = reference(q, k, v, spec)
+    (want * want).sum().backward()
+    for got, ref in zip((q, k, v), inputs, strict=True):
+        assert_matches_reference(got.grad, ref.grad)
+    (out * out).sum().backward()  # a second backward through the retained graph adds the same gradients again
+    for got, ref in zip((q, k, v), inputs, strict=True):
+        assert_matches_reference(got.grad, 2 * ref.grad)
+
+
+def test_varlen_with_dropout_stays_reproducible_under_threads(two_threads):
+    spec = am.causal() & am.document(seq_lens=[70, 40, 90, 100])
+    q, k, v = qkv(300)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        outs.append(am.attention(q, k, v, spec, backend="varlen", dropout_p=0.3))
+    assert torch.equal(outs[0], outs[1])
