@@ -95,22 +95,26 @@ def test_padded_batch_with_images_equals_transformers_sdpa(side):
     torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=0)
 
 
-def test_packed_row_with_images_equals_each_document_alone():
-    """Full-attention layers only: on packed rows transformers' sliding-layer predicate looks the image blocks up at
-    the remapped in-document positions (its or-overlay sits inside the packed-sequence remap), so its own sdpa and
-    attnmask's per-element evaluation of that predicate are both off there; the full layers' blocks are exact."""
+@pytest.mark.parametrize("sliding", [False, True], ids=["full layers", "sliding layer"])
+def test_packed_row_with_images_equals_each_document_alone(sliding):
+    """On packed rows transformers' sliding-layer predicate looks the image blocks up at the remapped in-document
+    positions (its or-overlay sits inside the packed-sequence remap), so its own sdpa is off there (the control below);
+    attnmask evaluates the wrapped predicate on columns within each document: each document gets its mask alone."""
     docs = [with_image([5, 6], [7]), with_image([8], [9, 10, 11])]
     ids = torch.tensor([[t for d in docs for t in d]])
     position_ids = torch.tensor([[p for d in docs for p in range(len(d))]])
-    got = run("attnmask", ids, sliding=False, position_ids=position_ids, use_cache=False)
-    want = run("sdpa", ids, sliding=False, position_ids=position_ids, use_cache=False)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    got = run("attnmask", ids, sliding=sliding, position_ids=position_ids, use_cache=False)
+    want = run("sdpa", ids, sliding=sliding, position_ids=position_ids, use_cache=False)
+    if sliding:
+        assert (got - want).abs().max() > 1e-2
+    else:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     start = 0
     for i, d in enumerate(docs):
         one = torch.tensor([d])
         with torch.no_grad():
-            m = model("eager", sliding=False)
+            m = model("eager", sliding=sliding)
             alone = m(input_ids=one, pixel_values=images[i : i + 1], token_type_ids=(one == IMAGE).long()).logits
         torch.testing.assert_close(got[0, start : start + len(d)], alone[0], atol=1e-4, rtol=0)
         start += len(d)

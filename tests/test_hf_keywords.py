@@ -35,12 +35,16 @@ NEUTRAL = {
     "s_aux": None,
     "sinks": None,
     "position_bias": None,
+    "logits_to_keep": 1,
+    "encoder_hidden_states": None,
+    "encoder_attention_mask": None,
+    "past_key_values": None,
 }
 
 
 @pytest.mark.parametrize("name", sorted(NEUTRAL))
 def test_harmless_keywords_and_absent_modifiers_leave_the_output_unchanged(name):
-    assert name in hf.HARMLESS_KEYWORDS | set(hf.SCORE_MODIFIERS) | set(hf.PASSED_MODIFIERS)
+    assert name in hf.HARMLESS_KEYWORDS | set(hf.SCORE_MODIFIERS) | set(hf.PASSED_MODIFIERS) | hf.ABSENT_KEYWORDS
     assert torch.equal(call(**{name: NEUTRAL[name]}), call())
 
 
@@ -53,6 +57,7 @@ def test_harmless_keywords_and_absent_modifiers_leave_the_output_unchanged(name)
             r"^indices: expected a keyword attnmask's attention knows",
         ),
         ({"a_new_keyword": None}, r"^a_new_keyword: expected a keyword .* \(known: cu_seq_lens_k, cu_seq_lens_q"),
+        ({"encoder_hidden_states": torch.zeros(1, 6, 32)}, r"^encoder_hidden_states: expected a keyword attnmask"),
         (
             {"cu_seq_lens_q": torch.tensor([0, 3, 6]), "cu_seq_lens_k": torch.tensor([0, 2, 6])},
             r"^cu_seq_lens_k: expected equal to cu_seq_lens_q",

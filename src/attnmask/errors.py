@@ -43,6 +43,17 @@ class BackendError(AttnmaskError):
     """An attention backend or lowering cannot serve the requested mask or inputs."""
 
 
+class UnsupportedModelError(BackendError):
+    """A transformers model whose attention attnmask cannot serve exactly: it computes with the mask itself (its own
+    attention code), mixes tokens outside attention (state-space, convolution, linear-attention layers) on packed
+    rows, or does not hand the packed rows' document boundaries to its attention."""
+
+
+class MaskObjectError(UnsupportedModelError, AttributeError):
+    """A model used the mask description attnmask's transformers integration hands its layers (``HFMaskInfo``) as a
+    tensor. Also an ``AttributeError``, so that ``hasattr`` / ``getattr(..., default)`` probes keep working."""
+
+
 class ExprError(SpecError):
     """A mask expression that cannot be parsed or built. ``column`` is 1-based; ``caret()`` points at it.
 

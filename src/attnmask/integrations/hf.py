@@ -26,14 +26,32 @@ To get the 2D padding mask and the cache geometry without transformers building 
 mask function to transformers' ``AttentionMaskInterface``; it returns an :class:`HFMaskInfo` (O(B·L) memory) that
 the model hands back to the attention function in place of the 4D mask. ``attnmask.attention`` then picks the cheapest
 exact backend (per-document ``varlen`` for packed rows). Limits: models whose masks add ``or``/``and`` overlays (e.g.
-image tokens) are honoured through their predicate, per element (O(B·Q·K)), and transformers' own
-``block_sequence_ids`` overlay (Gemma3 / PaliGemma image tokens) structurally, as ``| bidirectional_blocks(ids)``;
-additive position biases (T5) are not supported. Score modifiers models pass (`PASSED_MODIFIERS`: Gemma2's
+image tokens), and bidirectional sliding windows (ModernBERT, Ultrabert: no structural form yet), are honoured
+through their predicate, per element (O(B·Q·K)), with the documents of packed rows added when the call carries them;
+transformers' own ``block_sequence_ids`` overlay (Gemma3 / PaliGemma image tokens) structurally, as
+``| bidirectional_blocks(ids)``; additive position biases (T5) are not supported. Which rule a call follows (causal,
+bidirectional, cross-attention) comes from transformers' mask (`HFMaskInfo.causal`), as in its own attention.
+Score modifiers models pass (`PASSED_MODIFIERS`: Gemma2's
 ``softcap``, gpt-oss's sinks as ``s_aux``, or ``sinks``) go to ``attnmask.attention`` with the call, which chooses
 among the backends that declare them. The attention function keeps an explicit list of the keywords it knows to be
 harmless (`HARMLESS_KEYWORDS`); any other keyword, and a score modifier it cannot honour (`SCORE_MODIFIERS`:
 ``position_bias``) that is not None, raises ``BackendError`` naming it at the first forward, so a new transformers
 version cannot slip a score change past it.
+
+Models it cannot serve exactly are refused with a typed error at the first forward, never computed wrong:
+
+- a model whose own code computes with the mask (``scores + mask``: BLOOM, MPT, XGLM, BigBird, Doge's dynamic mask,
+  ...): ``MaskObjectError`` (from :class:`HFMaskInfo`, which is no tensor) naming the model type and the operation;
+  a dense 4D mask carrying a score bias (values other than 0 and ``finfo.min``): ``BackendError``;
+- packed rows in a model that mixes tokens outside attention (state-space, convolution, linear-attention layers:
+  Falcon-H1, Qwen3-Next, LFM2, ...; `token_mixing_outside_attention` reads it from the config):
+  ``UnsupportedModelError`` naming the layer type;
+- packed rows whose boundaries reach neither the attention function nor transformers' mask (a model that does not
+  hand ``position_ids`` to its attention, called with an attention_mask or a KV cache: GPT-BigCode, Persimmon, Llama4
+  with ``use_cache=True``): found on the call stack (`enclosing_position_ids`, a few µs per call without
+  boundaries) and refused with ``UnsupportedModelError``;
+- packed rows whose documents start at another position than a sequence alone does (RoBERTa-family models count
+  from ``padding_idx + 1``, a packing collator from 0; `position_offset_on_stack`): ``UnsupportedModelError``.
 
 Also here: :class:`DataCollatorForCausalLM` (padding or packing, completion-only labels) for the ``Trainer`` and plain
 loops, and :func:`num_items_in_step` (the target count of an optimizer step, for ``masked_cross_entropy``).
@@ -43,6 +61,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -52,9 +71,10 @@ from typing import Any
 
 import torch
 
+from attnmask._checks import short_repr
 from attnmask.attention import attention
 from attnmask.batch import Batch, Collator
-from attnmask.errors import BackendError, InputError, ShapeError, bad
+from attnmask.errors import BackendError, InputError, MaskObjectError, ShapeError, UnsupportedModelError, bad
 from attnmask.integrations.ranks import global_num_items
 from attnmask.masks import (
     MaskSpec,
@@ -77,9 +97,12 @@ __all__ = [
     "build_mask_info",
     "check_packed_inputs",
     "document_ids_from_position_ids",
+    "enclosing_position_ids",
     "num_items_in_step",
+    "position_offset_on_stack",
     "register",
     "spec_for_call",
+    "token_mixing_outside_attention",
 ]
 
 ATTN_IMPLEMENTATION = "attnmask"
@@ -113,9 +136,22 @@ class HFMaskInfo:
       like ``padding``, -1 past the given ids): tokens of one block (an image) attend to each other both ways, on top
       of the causal rule (``| bidirectional_blocks``).
 
+    - ``model_type``: the config's ``model_type``, named by the errors below.
+    - ``causal``: whether transformers built a causal mask (its predicate holds ``causal_mask_function``: causal,
+      sliding-window and chunked masks) or a bidirectional one (``bidirectional_mask_function``: encoders,
+      cross-attention), ``None`` when it holds neither or adds and/or overlays. The attention function follows it
+      over the module's ``is_causal`` flag, as transformers' eager and sdpa follow the mask (BigBird-Pegasus and
+      NLLB-MoE build their decoder self-attention ``is_causal=False``).
+
     Example: decoding one token after a 5-token prompt with a dynamic cache gives ``q_length=1, kv_length=6,
     q_offset=5, kv_offset=0``. Transformers treats it as an already-prepared 4D mask (``ndim == 4``) when
     ``generate`` builds masks ahead of the forward (compilable caches).
+
+    It is no tensor: a model whose own code computes with the mask (``scores + mask``, ``mask.size()``,
+    ``masked_fill(mask, ...)``, ``mask[..., :k]``: models whose attention does not go through transformers'
+    ``AttentionInterface``, e.g. BLOOM, MPT, XGLM) gets a ``MaskObjectError`` naming the model type and the operation
+    at its first forward, from ``__torch_function__`` (torch dispatches every torch function and tensor operator that
+    meets the object to it) and from the operators and attribute lookups below; never a raw ``TypeError``.
     """
 
     padding: torch.Tensor | None
@@ -129,6 +165,8 @@ class HFMaskInfo:
     left_padding: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     block_ids: torch.Tensor | None = None
+    model_type: str | None = None
+    causal: bool | None = None
 
     ndim = 4  # read by transformers' mask preprocessing: "already prepared, pass it through"
 
@@ -147,6 +185,42 @@ class HFMaskInfo:
 
     def to(self, *args, **kwargs) -> HFMaskInfo:
         return self
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        found = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, HFMaskInfo)]
+        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        raise _mask_used_as_tensor(found[0].model_type if found else None, f"torch's {name}")
+
+    def __getattr__(self, name: str) -> Any:  # only reached for names the dataclass does not define
+        # read through __dict__: during copy / unpickling the fields are not set yet, and self.model_type would recurse
+        raise _mask_used_as_tensor(self.__dict__.get("model_type"), f"the tensor attribute .{name}")
+
+
+def _mask_used_as_tensor(model_type: str | None, use: str) -> MaskObjectError:
+    who = f"model type {model_type!r}" if model_type else "a model"
+    return bad(
+        MaskObjectError,
+        "attention_mask",
+        "a model that hands the mask untouched to its attention function through transformers' AttentionInterface "
+        "(attnmask gives its layers a mask description, HFMaskInfo, not a tensor)",
+        f"{who} using {use} on it in its own attention code; run it with attn_implementation='eager' or 'sdpa'",
+    )
+
+
+def _refuse_operator(name: str) -> Callable:
+    def operator(self: HFMaskInfo, *args: Any) -> Any:
+        raise _mask_used_as_tensor(self.model_type, f"the operator {name}")
+
+    operator.__name__ = name
+    return operator
+
+
+for _name in (
+    "__add__ __radd__ __sub__ __rsub__ __mul__ __rmul__ __truediv__ __rtruediv__ __and__ __rand__ __or__ __ror__ "
+    "__xor__ __rxor__ __invert__ __neg__ __lt__ __le__ __gt__ __ge__ __getitem__ __iter__ __float__ __int__ __index__"
+).split():
+    setattr(HFMaskInfo, _name, _refuse_operator(_name))
 
 
 def build_mask_info(
@@ -204,7 +278,31 @@ def build_mask_info(
         left_padding,
         packed,
         blocks,
+        getattr(kwargs.get("config"), "model_type", None),
+        None if overlay or mask_function is None else _mask_rule(mask_function),
     )
+
+
+def _mask_rule(fn: Callable, depth: int = 0) -> bool | None:
+    """True when transformers' mask predicate ``fn`` is built on its ``causal_mask_function``, False when on its
+    ``bidirectional_mask_function``, else ``None`` (looked up in the predicates' closures, never called)."""
+    utils = sys.modules.get("transformers.masking_utils")
+    if utils is None or depth > 8:
+        return None
+    if fn is getattr(utils, "causal_mask_function", None):
+        return True
+    if fn is getattr(utils, "bidirectional_mask_function", None):
+        return False
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        for item in value if isinstance(value, tuple) else (value,):
+            found = _mask_rule(item, depth + 1) if callable(item) else None
+            if found is not None:
+                return found
+    return None
 
 
 def _closure_tensor(fn: Callable, name: str, depth: int = 0) -> torch.Tensor | None:
@@ -224,6 +322,28 @@ def _closure_tensor(fn: Callable, name: str, depth: int = 0) -> torch.Tensor | N
             return value
         for item in value if isinstance(value, tuple) else (value,):
             found = _closure_tensor(item, name, depth + 1) if callable(item) else None
+            if found is not None:
+                return found
+    return None
+
+
+def _packed_inner_predicate(fn: Callable, depth: int = 0) -> Callable | None:
+    """The predicate transformers' packed-rows remap wraps (``remap_positions_for_packed_sequence``: the closure that
+    holds both ``mask_function`` and ``position_ids``) inside ``fn``, or ``None``. Read, never called."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or cells is None or depth > 8:
+        return None
+    values = {}
+    for var, cell in zip(code.co_freevars, cells, strict=True):
+        try:
+            values[var] = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    if callable(values.get("mask_function")) and isinstance(values.get("position_ids"), torch.Tensor):
+        return values["mask_function"]
+    for value in values.values():
+        for item in value if isinstance(value, tuple) else (value,):
+            found = _packed_inner_predicate(item, depth + 1) if callable(item) else None
             if found is not None:
                 return found
     return None
@@ -388,6 +508,24 @@ def _documents_spec(
     return document(doc_ids=ids.expand(batch, -1) if ids.shape[0] != batch else ids), True
 
 
+def _packed_documents(
+    kwargs: dict,
+    info: HFMaskInfo | None,
+    shape: tuple[int, int],
+    padding: torch.Tensor | None,
+    device: torch.device,
+    config: Any,
+) -> tuple[MaskSpec | None, bool]:
+    """`_documents_spec`, with packed rows refused where the model cannot keep them apart or does not embed each
+    document as alone (``UnsupportedModelError``: mixing outside attention, offset or self-numbered positions)."""
+    documents, packed = _documents_spec(kwargs, info, shape, padding, device)
+    if packed:
+        _refuse_packed_rows(config, "documents from seq_lens, cu_seq_lens_q or position_ids")
+        _refuse_offset_positions(config, kwargs.get("position_ids"), documents)
+        _refuse_ignored_positions(config, kwargs.get("position_ids"))
+    return documents, packed
+
+
 def _chunked_documents(
     documents: MaskSpec, size: int, packed: bool, position_ids: Any, left_padding: torch.Tensor | None, first: int = 0
 ) -> MaskSpec:
@@ -424,6 +562,183 @@ def _chunks_on_keys(size: int, info: HFMaskInfo, batch: int, device: torch.devic
         return chunked(size)
     left = torch.zeros(batch, dtype=torch.long, device=device) if left is None else left.to(device).long()
     return chunked(size, offsets=left - info.kv_offset)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Packed rows a model's attention cannot keep apart
+
+# Words that name token mixing outside softmax attention in transformers' per-layer type lists (``layer_types``,
+# ``layers_block_type``, ``block_types``) and in config attribute names (``mamba_d_state``, ``conv_L_cache``, ...).
+_MIXING_WORDS = ("mamba", "ssm", "linear", "conv", "recurrent", "rwkv", "hybrid", "lstm", "delta", "retention")
+_LAYER_LISTS = ("layer_types", "layers_block_type", "block_types")
+_mixing_verdicts: dict[int, tuple[weakref.ref, str | None]] = {}
+_mixing_lock = threading.Lock()
+
+
+def token_mixing_outside_attention(config: Any) -> str | None:
+    """What in ``config`` mixes tokens outside attention (a state-space, convolution, recurrent or linear-attention
+    layer), in words, or ``None``. No attention mask can cut such mixing at the documents of a packed row.
+
+    Read from the config only: an entry of its per-layer type lists (``layer_types``, ``layers_block_type``,
+    ``block_types``) or a set attribute (``mamba_d_state``, ``conv_L_cache``, ``linear_conv_kernel_dim``, ...) whose
+    name holds one of ``_MIXING_WORDS``. Example: Qwen3-Next's ``layer_types`` entry ``'linear_attention'``.
+    Cached per config object (its layer lists do not change after the model is built).
+    """
+    if config is None:
+        return None
+    key = id(config)
+    with _mixing_lock:
+        hit = _mixing_verdicts.get(key)
+        if hit is not None and hit[0]() is config:
+            return hit[1]
+    verdict = _find_mixing(config)
+    with _mixing_lock:
+        for stale in [k for k, (ref, _) in _mixing_verdicts.items() if ref() is None]:
+            del _mixing_verdicts[stale]
+        _mixing_verdicts[key] = (weakref.ref(config), verdict)
+    return verdict
+
+
+def _find_mixing(config: Any) -> str | None:
+    for name in _LAYER_LISTS:
+        entries = getattr(config, name, None)
+        for entry in entries if isinstance(entries, (list, tuple)) else ():
+            if isinstance(entry, str) and any(word in entry.lower() for word in _MIXING_WORDS):
+                return f"{name} entry {entry!r}"
+    for name, value in sorted(vars(config).items()):
+        if value and not name.startswith("_") and any(word in name.lower() for word in _MIXING_WORDS):
+            return f"config attribute {name}={value!r}"
+    return None
+
+
+def _refuse_packed_rows(config: Any, how: str) -> None:
+    """Raise ``UnsupportedModelError`` for packed rows (``how``: where their documents were found) when the model
+    mixes tokens outside attention."""
+    mixing = token_mixing_outside_attention(config)
+    if mixing is not None:
+        model_type = getattr(config, "model_type", None)
+        raise bad(
+            UnsupportedModelError,
+            "position_ids",
+            f"one sequence per row for model type {model_type!r}, which mixes tokens outside attention ({mixing}): "
+            "no attention mask can keep the documents of a packed row apart there; pad them into separate rows",
+            f"packed rows ({how})",
+        )
+
+
+_FRAMES_SEARCHED = 40
+_BOUNDS = ("position_ids", "seq_lens", "cu_seq_lens_q")  # keywords that tell an attention call its documents
+
+
+def enclosing_position_ids(length: int, depth: int | None = None) -> torch.Tensor | None:
+    """The ``(B, length)`` or ``(length,)`` ``position_ids`` tensor of the nearest enclosing module ``forward`` on
+    the call stack (a local of that name), or ``None``: the positions the model embeds, e.g. packed positions a model
+    took in its forward but did not hand to its attention, or positions it numbered itself (BART's decoder). Frames
+    are skipped on their code object (name ``forward``, ``position_ids`` among its variables) before their locals
+    are read. ``depth``: frames searched (``_FRAMES_SEARCHED`` by default). O(depth); a few µs
+    (``benchmarks/bench_hf_overhead.py``).
+    """
+    for value in _enclosing_locals("position_ids", depth):
+        if isinstance(value, torch.Tensor) and value.dim() in (1, 2) and value.shape[-1] == length:
+            return value
+    return None
+
+
+def _enclosing_locals(name: str, depth: int | None = None) -> Iterable[Any]:
+    """The values of the local ``name`` in the enclosing module ``forward`` frames, innermost first (frames whose
+    code has no such variable are skipped before their locals are read)."""
+    frame = sys._getframe(1)
+    for _ in range(_FRAMES_SEARCHED if depth is None else depth):
+        frame = frame.f_back
+        if frame is None:
+            return
+        code = frame.f_code
+        if code.co_name == "forward" and name in code.co_varnames:
+            yield frame.f_locals.get(name)
+
+
+def position_offset_on_stack(depth: int | None = None) -> int:
+    """The first position of a sequence in the model whose ``forward`` encloses this call: ``padding_idx + 1`` when
+    its learned position embedding reserves a padding row (RoBERTa, XLM-R, CamemBERT, Data2Vec-Text, ESM, ...,
+    which number a sequence's positions from there), else 0. Read from the ``embeddings.position_embeddings`` of the
+    ``self`` of enclosing ``forward`` frames. O(depth)."""
+    for owner in _enclosing_locals("self", depth):
+        table = getattr(getattr(owner, "embeddings", None), "position_embeddings", None)
+        if isinstance(table, torch.nn.Embedding):
+            return 0 if table.padding_idx is None else int(table.padding_idx) + 1
+    return 0
+
+
+def _refuse_offset_positions(config: Any, position_ids: Any, documents: MaskSpec) -> None:
+    """Raise ``UnsupportedModelError`` when the documents of packed rows start at a position other than the one a
+    sequence alone starts at in this model (`position_offset_on_stack`): a RoBERTa-family model given positions that
+    restart at 0 (a packing collator's) embeds every document at other positions than alone, silently."""
+    ids = documents.doc_ids
+    if not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] != ids.shape[-1]:
+        return
+    first = position_offset_on_stack()
+    if first == 0:
+        return
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    given = position_ids.to(ids.device).expand_as(ids)[starts & (ids >= 0)]
+    if bool((given != first).any()):
+        model_type = getattr(config, "model_type", None)
+        raise bad(
+            UnsupportedModelError,
+            "position_ids",
+            f"every document of a packed row to start at position {first}, where model type {model_type!r} starts a "
+            "sequence alone (its position embedding reserves padding_idx and counts from padding_idx + 1)",
+            f"documents starting at {sorted(set(given.tolist()))[:8]}",
+        )
+
+
+def _refuse_ignored_positions(config: Any, position_ids: Any) -> None:
+    """Raise ``UnsupportedModelError`` when the packed rows' ``position_ids`` ``(B, L)`` (which the attention was
+    given) are not the positions the model embeds: an enclosing forward numbers positions of its own (BART-family
+    decoders: ``arange(L)`` over the whole row), so every document after the first is embedded at other positions
+    than alone."""
+    if not isinstance(position_ids, torch.Tensor):
+        return
+    embedded = next((v for v in _enclosing_locals("position_ids") if isinstance(v, torch.Tensor)), None)
+    if embedded is None or embedded is position_ids:
+        return
+    if not embedded.is_floating_point():  # else: the name now holds the position embeddings the model made itself
+        if embedded.dim() not in (1, 2) or embedded.shape[-1] != position_ids.shape[-1]:
+            return  # positions of another form (e.g. multimodal rotary sections): not comparable
+        if embedded.device == position_ids.device and torch.equal(embedded.expand_as(position_ids), position_ids):
+            return
+    model_type = getattr(config, "model_type", None)
+    raise bad(
+        UnsupportedModelError,
+        "position_ids",
+        f"positions the model embeds; model type {model_type!r} numbers the positions of a row itself, so the "
+        "documents of a packed row are not embedded as each alone: pad them into separate rows",
+        f"packed position_ids, where the model embeds {short_repr(embedded.tolist())}"
+        if not embedded.is_floating_point()
+        else "packed position_ids, where the model embeds positions it numbered itself",
+    )
+
+
+def _refuse_hidden_boundaries(config: Any, q_len: int, padding: torch.Tensor | None) -> None:
+    """For a call that carries no document boundaries and no past keys: raise ``UnsupportedModelError`` when an
+    enclosing forward holds packed ``position_ids`` (restarting inside a row; padding ``(B, L)`` True = real) that
+    neither the attention function nor transformers' mask was told about. Computing the call as one sequence per row
+    would let tokens attend across documents."""
+    position_ids = enclosing_position_ids(q_len)
+    if position_ids is None or position_ids.dim() != 2 or _documents_memo.get(position_ids, padding) is None:
+        return
+    _refuse_packed_rows(config, "position_ids restart inside a row")
+    model_type = getattr(config, "model_type", None)
+    raise bad(
+        UnsupportedModelError,
+        "position_ids",
+        f"document boundaries that reach the attention; model type {model_type!r} does not hand the packed rows' "
+        "position_ids to its attention function, and transformers tells its mask about packed rows only when the "
+        "model hands it position_ids, with no attention_mask and no KV cache: pass use_cache=False and no "
+        "attention_mask (as attnmask's packing collators do), or pad the documents into separate rows",
+        "packed rows (position_ids restart inside a row) with no boundaries at the attention call",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -495,31 +810,43 @@ def attention_forward(
         is_causal = getattr(module, "is_causal", True)
     config = getattr(module, "config", None)
     is_causal = bool(is_causal) and getattr(config, "is_causal", True) is not False
+    if isinstance(attention_mask, HFMaskInfo) and attention_mask.causal is not None:
+        is_causal = attention_mask.causal  # transformers' mask rules over the module's flag, as in its eager and sdpa
 
     q_positions = kv_positions = None
     if isinstance(attention_mask, torch.Tensor):
         spec = _dense_mask_as_bool(attention_mask, batch, q_len, kv_len)
+        if spec.shape[-2] == 1 < q_len == kv_len and not any(kwargs.get(k) is not None for k in _BOUNDS):
+            # a model's own key-padding mask (B, 1, 1, K), e.g. LayoutLM's: it holds no documents
+            _refuse_hidden_boundaries(config, q_len, spec[:, 0, 0, :] if spec.shape[0] == batch else None)
     else:
         info = attention_mask
         if info is not None and (info.kv_length != kv_len or info.q_length != q_len):
             raise bad(ShapeError, "attention_mask", f"a mask for Q={q_len}, K={kv_len}", info.shape)
-        if _is_cross_attention(module, is_causal, sliding_window, q_len, kv_len):
+        cross = _is_cross_attention(module, is_causal, sliding_window, q_len, kv_len)
+        if not cross and kwargs.get("position_ids") is None and info is not None and info.position_ids is not None:
+            kwargs = {**kwargs, "position_ids": info.position_ids}  # the model's attention is not given them
+        if not cross and (info is None or not info.has_past) and not any(kwargs.get(k) is not None for k in _BOUNDS):
+            _refuse_hidden_boundaries(config, q_len, None if info is None else info.padding)
+        if cross:
             # keys are the encoder's: only its padding matters, never the queries' own positions
             spec = full() if info is None or info.padding is None else full() & key_padding(info.padding)
             if q_len > kv_len:  # the rule ignores query positions; any in range will do
                 q_positions = torch.zeros(q_len, dtype=torch.long, device=query.device)
-        elif info is not None and info.overlay:
+        elif info is not None and (info.overlay or (sliding_window is not None and not is_causal)):
+            # a bidirectional window (ModernBERT's local layers) has no structural form yet: transformers' predicate
             spec = _overlay_spec(info)
+            documents, packed = _packed_documents(kwargs, info, (batch, q_len), info.padding, query.device, config)
+            if packed:  # the predicate knows them only when transformers found the packed rows itself
+                spec = spec & documents
             q_positions = torch.arange(info.q_offset, info.q_offset + q_len, device=query.device)
             kv_positions = torch.arange(info.kv_offset, info.kv_offset + kv_len, device=query.device)
         else:
             padding = info.padding if info is not None else None
             chunk = info.chunk_size if info is not None else None
-            if kwargs.get("position_ids") is None and info is not None and info.position_ids is not None:
-                kwargs = {**kwargs, "position_ids": info.position_ids}  # the model's attention is not given them
 
             def build() -> MaskSpec:
-                documents, packed = _documents_spec(kwargs, info, (batch, q_len), padding, query.device)
+                documents, packed = _packed_documents(kwargs, info, (batch, q_len), padding, query.device, config)
                 chunks = None
                 if chunk is not None and documents is None:  # with a cache, or one unpadded sequence per row
                     chunks = _chunks_on_keys(chunk, info, batch, query.device)
@@ -577,6 +904,7 @@ HARMLESS_KEYWORDS = frozenset(
         "output_router_logits",
         "num_items_in_batch",
         "deterministic",  # flash-attention backward determinism
+        "logits_to_keep",  # which positions the LM head computes (GOT-OCR2 hands it down)
     }
 )
 # Score modifiers models pass that attnmask's attention honours: the keyword, and the `attention` argument it becomes
@@ -586,12 +914,18 @@ PASSED_MODIFIERS = {"softcap": "softcap", "s_aux": "sinks", "sinks": "sinks"}
 SCORE_MODIFIERS = {
     "position_bias": "an additive position bias (T5-family relative attention)",
 }
+# Keywords harmless when None (absent), refused otherwise: BERT-family layers (RoBERTa, XLM-R, Data2Vec, ...) hand
+# their attention function the cross-attention inputs they were called with, None outside encoder-decoder use;
+# Ultrabert its (absent) cache.
+ABSENT_KEYWORDS = frozenset({"encoder_hidden_states", "encoder_attention_mask", "past_key_values"})
 
 
 def _check_keywords(kwargs: dict) -> None:
     """Refuse, with `BackendError` naming it, every keyword that is not known to be harmless."""
     for name, value in kwargs.items():
-        if name in HARMLESS_KEYWORDS or name in PASSED_MODIFIERS or (name in SCORE_MODIFIERS and value is None):
+        if name in HARMLESS_KEYWORDS or name in PASSED_MODIFIERS:
+            continue
+        if value is None and (name in SCORE_MODIFIERS or name in ABSENT_KEYWORDS):
             continue
         if name in SCORE_MODIFIERS:
             feature = f"None: attnmask's attention does not support {SCORE_MODIFIERS[name]}"
@@ -649,17 +983,31 @@ def _shared_spec(kwargs, info, shape, padding, device, is_causal, window, build)
 def _is_cross_attention(module: Any, is_causal: bool, window: int | None, q_len: int, kv_len: int) -> bool:
     """Whether the call attends from decoder queries to encoder keys (BART-family ``encoder_attn``, Whisper, ...).
 
-    transformers says so to neither the mask nor the attention function; its encoder-decoder attention modules are
-    built ``is_decoder=True, is_causal=False`` for cross-attention only (decoder self-attention is causal, encoder
-    self-attention is not a decoder's). A bidirectional call with more queries than keys can only be one too."""
+    transformers says so to neither the mask nor the attention function. A bidirectional call is one when its module
+    is a decoder's (``is_decoder=True``: decoder self-attention is causal, by its mask, and encoder self-attention is
+    not a decoder's), says so (``is_cross_attention``, a ``...CrossAttention`` class: BERT-family decoders), or has
+    more queries than keys."""
     if is_causal or window is not None:
         return False
-    return getattr(module, "is_decoder", False) is True or q_len > kv_len
+    named = getattr(module, "is_cross_attention", False) is True or "CrossAttention" in type(module).__name__
+    return named or getattr(module, "is_decoder", False) is True or q_len > kv_len
 
 
 def _overlay_spec(info: HFMaskInfo) -> MaskSpec:
-    """A model's own and/or overlays: its predicate, evaluated per element on absolute positions (O(B·Q·K))."""
+    """A model's own and/or overlays: its predicate, evaluated per element on absolute positions (O(B·Q·K)).
+
+    Packed rows whose predicate looks tensors up by column (transformers' ``block_sequence_ids`` overlays, as
+    Gemma3's sliding layers pass them): transformers wraps the predicate in a packed-rows remap that hands it
+    in-document positions, so those lookups read the wrong tokens (its own sdpa and eager masks differ from each
+    document alone). There the wrapped predicate is evaluated on columns, within each document (``document``): the
+    mask each document gets alone, since columns and positions differ by a constant inside a document.
+    """
     fn = info.mask_function
+    inner = _packed_inner_predicate(fn) if info.position_ids is not None else None
+    if inner is not None and _closure_tensor(inner, "block_sequence_ids") is not None:
+        documents = document_ids_from_position_ids(info.position_ids)
+        spec = custom(lambda b, h, q, k: inner(b, h, q, k).bool(), name="transformers mask_function, unpacked")
+        return spec if documents is None else spec & document(doc_ids=documents)
     spec = custom(lambda b, h, q, k: fn(b, h, q, k).bool(), name="transformers mask_function")
     if info.padding is not None:
         padding = torch.nn.functional.pad(info.padding, (info.kv_offset, 0), value=False)
@@ -668,11 +1016,21 @@ def _overlay_spec(info: HFMaskInfo) -> MaskSpec:
 
 
 def _dense_mask_as_bool(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
-    """A user's 4D mask ``(B, 1, Q, K')`` (bool, or additive with 0 = allowed) as bool ``(B, 1, Q, K)``."""
+    """A user's 4D mask ``(B, 1, Q, K')`` (bool, or additive with 0 = allowed and ``finfo.min`` / ``-inf`` =
+    masked) as bool ``(B, 1, Q, K)``. An additive mask holding any other value is a score bias (e.g. Doge's dynamic
+    mask), which attnmask's attention does not take: ``BackendError``, never a bias silently dropped."""
     if mask.dim() != 4:
         raise bad(ShapeError, "attention_mask", "a 4D mask (B, 1, Q, K) or transformers' 2D mask", tuple(mask.shape))
     mask = mask[..., :kv_len]
-    return mask if mask.dtype == torch.bool else mask == 0
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise bad(BackendError, "attention_mask", "a bool or an additive (floating) 4D mask", mask.dtype)
+    allowed = mask == 0
+    if not bool((allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
+        wanted = "a bool mask or an additive one of 0 and finfo(dtype).min only (attnmask's attention takes no bias)"
+        raise bad(BackendError, "attention_mask", wanted, "an additive mask with other values (a score bias)")
+    return allowed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -840,13 +1198,35 @@ def register(name: str = ATTN_IMPLEMENTATION, *, backend: str = "auto") -> str:
     return name
 
 
+def _attnmask_keeps_documents_apart(model: torch.nn.Module, impl: str) -> bool:
+    """Under attnmask's attention: False, with a warning, for a model whose attention never reaches it (its modeling
+    code does not look its attention up in transformers' ``AttentionInterface``, by transformers' own test
+    ``_can_set_attn_implementation``: OpenAI-GPT, XLM, DeBERTa, ...) or that mixes tokens outside attention (Mamba,
+    hybrids: those raise at the first attention call, if any)."""
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    own_attention = callable(can_set) and not can_set()
+    mixing = token_mixing_outside_attention(getattr(model, "config", None))
+    if not own_attention and mixing is None:
+        return True
+    why = "its attention does not go through transformers' AttentionInterface" if own_attention else ""
+    why = why or f"it mixes tokens outside attention ({mixing})"
+    logger.warning(
+        "packed position_ids meet attn_implementation=%r on a model attnmask cannot keep them apart in: %s; "
+        "tokens attend across documents (or the forward is refused): pad the documents into separate rows",
+        impl,
+        why,
+    )
+    return False
+
+
 def check_packed_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> bool:
     """Whether ``model(**inputs)`` keeps the documents of packed rows apart; warns on the ``attnmask`` logger when
     packed ``position_ids`` meet a model whose attention is not attnmask's.
 
     ``inputs``: the dict the model is called with (a collator's output, ``batch.model_inputs()``). Rows are packed when
     their ``position_ids`` restart inside them (`document_ids_from_position_ids`). Under ``attn_implementation`` names
-    given by `register`, packed rows are always separate: True, no warning. Under any other attention, transformers
+    given by `register`, packed rows are separate (True, no warning) unless the model's attention never reaches
+    attnmask's or it mixes tokens outside attention (False, a warning). Under any other attention, transformers
     finds the documents from ``position_ids`` only when there is no ``attention_mask`` and no KV cache (neither
     ``past_key_values`` nor ``use_cache``, which defaults to the config's, usually True): the warning says whether
     that holds (True: exact, as attnmask's collators arrange) or not (False: tokens attend across documents).
@@ -862,7 +1242,7 @@ def check_packed_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> bo
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if impl in _registered_names:
-        return True
+        return _attnmask_keeps_documents_apart(model, impl)
     use_cache = inputs.get("use_cache")
     use_cache = getattr(config, "use_cache", True) if use_cache is None else use_cache
     leaks = [
