@@ -195,6 +195,8 @@ SIZES = {
     **dict.fromkeys(["d_latents", "lru_width"], HIDDEN),
     **dict.fromkeys(["dim_ff"], 2 * HIDDEN),
     **dict.fromkeys(["dim_head"], HEAD_DIM),
+    "rotary_dim": HEAD_DIM // 2,  # partial rotary (CodeGen, GPT-J): a part of a head
+    "mamba_headdim": 8,
     "num_filters": 2,
     **dict.fromkeys(["embedding_size", "intra_bottleneck_size", "true_hidden_size"], HIDDEN),
     **dict.fromkeys(["qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"], HEAD_DIM),
@@ -314,6 +316,12 @@ OVERRIDES: dict[str, Callable[[Any], None]] = {
     "recurrent_gemma": lambda c: _set(c, num_hidden_layers=3),
     # layer types are derived at init from the default 32-layer layout: give the two kept layers' types
     "lfm2_moe": lambda c: _set(c, layer_types=["conv", "full_attention"], num_dense_layers=1),
+    # the default layout has no attention layer at all
+    "granitemoehybrid": lambda c: _set(c, layer_types=["linear_attention", "full_attention"]),
+    # state-space heads must tile the expanded width (heads x head_dim = expand x hidden)
+    "mamba2": lambda c: _set(c, num_heads=8, n_groups=1),
+    # RWKV's time-mixing width
+    "rwkv": lambda c: _set(c, attention_hidden_size=HIDDEN),
     # no special ids by default, and the model compares input_ids with pad_token_id
     "esm": lambda c: _set(c, pad_token_id=PAD, mask_token_id=3),
 }
