@@ -16,11 +16,16 @@ generated tokens equal), ``refused`` (an ``AttnmaskError`` subclass was raised),
 ``CRASH`` (any other exception under attnmask) or ``n/a`` (the eager reference itself fails or transformers refuses
 the setting; for padded batches and generation also when eager on the very same batch differs from each sequence
 alone, so that the model itself, not its attention, makes the difference, and attnmask equals eager there).
+A packed row that differs while attnmask never ran (neither its attention function nor its mask function was called:
+the model keeps its own attention, or has none) is ``not reached``, provided `hf.check_packed_inputs` warns that the
+model cannot keep the documents apart; otherwise it is ``WRONG`` too. attnmask runs under its own name here
+(``IMPLEMENTATION``), registered with call counters around the very functions `hf.register` installs.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -195,6 +200,8 @@ SIZES = {
     **dict.fromkeys(["d_latents", "lru_width"], HIDDEN),
     **dict.fromkeys(["dim_ff"], 2 * HIDDEN),
     **dict.fromkeys(["dim_head"], HEAD_DIM),
+    "rotary_dim": HEAD_DIM // 2,  # partial rotary (CodeGen, GPT-J): a part of a head
+    "mamba_headdim": 8,
     "num_filters": 2,
     **dict.fromkeys(["embedding_size", "intra_bottleneck_size", "true_hidden_size"], HIDDEN),
     **dict.fromkeys(["qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"], HEAD_DIM),
@@ -314,6 +321,12 @@ OVERRIDES: dict[str, Callable[[Any], None]] = {
     "recurrent_gemma": lambda c: _set(c, num_hidden_layers=3),
     # layer types are derived at init from the default 32-layer layout: give the two kept layers' types
     "lfm2_moe": lambda c: _set(c, layer_types=["conv", "full_attention"], num_dense_layers=1),
+    # the default layout has no attention layer at all
+    "granitemoehybrid": lambda c: _set(c, layer_types=["linear_attention", "full_attention"]),
+    # state-space heads must tile the expanded width (heads x head_dim = expand x hidden)
+    "mamba2": lambda c: _set(c, num_heads=8, n_groups=1),
+    # RWKV's time-mixing width
+    "rwkv": lambda c: _set(c, attention_hidden_size=HIDDEN),
     # no special ids by default, and the model compares input_ids with pad_token_id
     "esm": lambda c: _set(c, pad_token_id=PAD, mask_token_id=3),
 }
@@ -455,18 +468,54 @@ def _compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return max(float((g - w).abs().max()) if g.numel() else 0.0 for g, w in zip(got, want, strict=True))
 
 
-def _judge(case: _Case, run: Callable[[torch.nn.Module], Any], reference: Callable[[], Any], diff, fallback: bool):
+IMPLEMENTATION = "attnmask-sweep"
+_CALLS: collections.Counter = collections.Counter()  # calls of attnmask's attention and mask functions
+
+
+@functools.cache
+def implementation() -> str:
+    """attnmask's attention and mask functions registered as ``IMPLEMENTATION``, each call counted in ``_CALLS``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from attnmask.integrations import hf
+
+    name = hf.register(IMPLEMENTATION)
+
+    def attention(*args, **kwargs):
+        _CALLS["attention"] += 1
+        return hf.attention_forward(*args, **kwargs)
+
+    def mask(*args, **kwargs):
+        _CALLS["mask"] += 1
+        return hf.build_mask_info(*args, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, mask)
+    return name
+
+
+def _judge(
+    case: _Case,
+    run: Callable[[torch.nn.Module], Any],
+    reference: Callable[[], Any],
+    diff,
+    fallback: bool,
+    warned: Callable[[], bool] | None = None,
+):
     """Run one scenario under attnmask and classify it (see the module docstring).
 
     ``run(model)`` -> the scenario's output; ``reference()`` -> each sequence alone (eager); ``diff(got, want)`` ->
     (max abs difference, description or ''). ``fallback``: a difference that eager on the same batch shows too is
-    the model's own (n/a), when attnmask equals eager there."""
+    the model's own (n/a), when attnmask equals eager there. ``warned()``: whether attnmask warns of the batch (packed
+    rows): then a difference made while attnmask never ran is ``not reached``."""
     from attnmask.errors import AttnmaskError
 
     try:
         want = reference()
     except _Unsupported as exc:
         return Outcome("n/a", str(exc))
+    calls = sum(_CALLS.values())
     try:
         got = run(case.ours)
     except AttnmaskError as exc:
@@ -478,9 +527,12 @@ def _judge(case: _Case, run: Callable[[torch.nn.Module], Any], reference: Callab
             if type(eager_exc) is type(exc):
                 return Outcome("n/a", f"eager fails the same way: {_first_line(eager_exc)}")
         return Outcome("CRASH", _first_line(exc))
+    reached = sum(_CALLS.values()) > calls
     worst, what = diff(got, want)
     if worst <= ATOL and not what:
         return Outcome("exact")
+    if not reached and warned is not None and warned():
+        return Outcome("not reached", "attnmask never runs in this model; hf.check_packed_inputs warns")
     if fallback:
         try:
             same_batch = run(case.eager)
@@ -540,7 +592,15 @@ def _packed_scenario(case: _Case, use_cache: bool) -> Outcome:
         ]
         return [alone[i] for i in order]
 
-    return _judge(case, run, reference, _logit_diff, fallback=False)
+    def warned() -> bool:
+        log = logging.getLogger("attnmask")
+        level, log.level = log.level, logging.CRITICAL  # the warning is what is asked for, not to be printed
+        try:
+            return not hf.check_packed_inputs(case.ours, batch)
+        finally:
+            log.setLevel(level)
+
+    return _judge(case, run, reference, _logit_diff, fallback=False, warned=warned)
 
 
 def _generate(model: torch.nn.Module, inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -640,10 +700,9 @@ def sweep_family(family: Family, through: bool = True, impl: str | None = None) 
 
 
 def _sweep_family(family: Family, through: bool, impl: str | None) -> Result:
-    from attnmask.integrations import hf
 
     start = time.perf_counter()
-    name = hf.register() if impl is None else impl
+    name = implementation() if impl is None else impl
     try:
         eager = build(family, "eager")
     except Exception as exc:
@@ -687,7 +746,7 @@ def attention_families() -> tuple[tuple[Family, ...], tuple[Family, ...]]:
 # ----------------------------------------------------------------------------------------------------------------------
 # The README's table
 
-SEVERITY = ("WRONG", "CRASH", "refused", "n/a", "exact")
+SEVERITY = ("WRONG", "CRASH", "not reached", "refused", "n/a", "exact")
 COLUMNS = {  # table column -> the scenarios it sums up, per kind
     "padded": {
         "causal": ("right-padded", "left-padded"),
@@ -772,8 +831,9 @@ def table(results: list[Result]) -> str:
         f"{through['refused']} refused, {through['not built']} not built** by a generic tiny config, "
         f"{through['WRONG']} WRONG, {through['CRASH']} CRASH, {through['n/a']} n/a. **{n_outside} not through "
         f"`AttentionInterface`** (attnmask's mask function still reaches them): {outside['exact']} exact, "
-        f"{outside['refused']} refused, {outside['not built']} not built, {outside['WRONG']} WRONG, "
-        f"{outside['CRASH']} CRASH, {outside['n/a']} n/a.",
+        f"{outside['refused']} refused, {outside['not reached']} not reached (attnmask never runs in them; "
+        f"`hf.check_packed_inputs` warns of their packed rows), {outside['not built']} not built, "
+        f"{outside['WRONG']} WRONG, {outside['CRASH']} CRASH, {outside['n/a']} n/a.",
         "",
         "| family | kind | padded | packed | generation | notes |",
         "|---|---|---|---|---|---|",

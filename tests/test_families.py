@@ -2,11 +2,13 @@
 ``attn_implementation="attnmask"``: each scenario (padded batches, packed rows, greedy generation; see
 tests/families.py) equals each sequence run alone under eager attention, or is refused with a typed error. A silent
 difference (WRONG) or a raw exception (CRASH) fails. Families whose attention does not go through
-``AttentionInterface`` are held to the same rule: attnmask's mask function still reaches them, so they must run
-exactly or refuse, never crash on it or mix packed documents.
+``AttentionInterface`` are held to the same rule where attnmask's mask function reaches them; where neither of
+attnmask's functions is ever called (the model keeps its own attention, or has none), a packed row that mixes documents
+is ``not reached`` and must be flagged by `hf.check_packed_inputs` (a warning and False), never passed as exact.
 
-Today's failures are listed in ``KNOWN_FAILURES`` (strict xfail): a fix flips the family's test to XPASS, which fails
-until its entry is removed. The README's "Model families" table is the sweep's, checked here so it cannot go stale.
+Failures found and not yet fixed go in ``KNOWN_FAILURES`` (strict xfail): a fix flips the family's test to XPASS,
+which fails until its entry is removed. The README's "Model families" table is the sweep's, checked here so it
+cannot go stale.
 """
 
 from __future__ import annotations
@@ -23,26 +25,10 @@ from tests import families  # noqa: E402
 THROUGH, OTHERS = families.attention_families()
 README = Path(__file__).resolve().parents[1] / "README.md"
 
-# family id -> "scenarios: what is wrong", as the sweep found them (transformers 5.23.0; `python -m tests.families
-# --known` prints these lines). Remove an entry when its fix lands: the strict xfail then reports XPASS. What is left
-# are models that attnmask never reaches: they call neither the attention function nor the mask function (their
-# attention is their own and builds its own mask, or they have none: Mamba, FNet), so their packed rows attend across
-# documents whatever attn_implementation says; `hf.check_packed_inputs` warns where it can tell (OpenAI-GPT, XLM,
-# DeBERTa, Mamba, ...).
-KNOWN_FAILURES = {
-    "cpmant": "packed, packed+cache: WRONG (24)",
-    "deberta": "packed: WRONG (4.1)",
-    "deberta-v2": "packed: WRONG (4.8)",
-    "falcon_mamba": "packed, packed+cache: WRONG (2.3)",
-    "flaubert": "packed: WRONG (0.003)",
-    "fnet": "packed: WRONG (4.6)",
-    "mamba": "packed, packed+cache: WRONG (2.3)",
-    "mra": "packed: WRONG (4.6)",
-    "openai-gpt": "packed, packed+cache: WRONG (0.071)",
-    "xlm": "packed, packed+cache: WRONG (0.003)",
-    "xlnet": "packed, packed+cache: WRONG (2.8)",
-    "yoso": "packed: WRONG (4.9)",
-}
+# family id -> "scenarios: what is wrong", as the sweep finds them (`python -m tests.families --known` prints these
+# lines). Remove an entry when its fix lands: the strict xfail then reports XPASS. Empty since every family is exact,
+# refused, or (outside AttentionInterface only) not reached by attnmask with `hf.check_packed_inputs` warning.
+KNOWN_FAILURES: dict[str, str] = {}
 
 _RESULTS: dict[str, families.Result] = {}
 
@@ -65,7 +51,8 @@ def test_every_scenario_is_exact_or_refused(family):
     found = result(family)
     if found.not_built:
         pytest.skip(f"no tiny model: {found.not_built}")
-    failed = {s: str(o) for s, o in found.outcomes.items() if o.status in ("WRONG", "CRASH")}
+    bad = ("WRONG", "CRASH") if not found.through else ("WRONG", "CRASH", "not reached")
+    failed = {s: str(o) for s, o in found.outcomes.items() if o.status in bad}
     assert not failed, failed
 
 
@@ -90,7 +77,10 @@ def test_readme_table_is_the_sweeps():
     section = re.search(r"^## Model families\n(.*?)(?=^## )", text, flags=re.S | re.M)
     assert section, "README.md has no '## Model families' section"
     expected = families.table([result(f) for f in families.all_families()])
-    assert expected in section.group(1), "README table is stale: regenerate with `python -m tests.families --table`"
+    if expected not in section.group(1):
+        found = set(section.group(1).splitlines())
+        stale = [line for line in expected.splitlines() if line not in found]
+        pytest.fail(f"README table is stale (`python -m tests.families --table` prints it); expected lines: {stale}")
 
 
 def _family(model_type: str) -> families.Family:

@@ -1198,13 +1198,34 @@ def register(name: str = ATTN_IMPLEMENTATION, *, backend: str = "auto") -> str:
     return name
 
 
+@functools.cache
+def _dispatches_attention(module_name: str) -> bool:
+    """Whether the Python module ``module_name`` looks attention functions up in transformers'
+    ``ALL_ATTENTION_FUNCTIONS`` (its source, read once per module); True when the source cannot be read."""
+    import inspect
+
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(sys.modules[module_name])
+    except (KeyError, OSError, TypeError):
+        return True
+
+
+def _reaches_attnmask(model: torch.nn.Module) -> bool:
+    """Whether some layer of ``model`` (its own modeling modules in transformers, sub-models included) dispatches its
+    attention through ``AttentionInterface``; True for a model with no transformers modeling module (not known)."""
+    names = {type(m).__module__ for m in model.modules()}
+    names = {n for n in names if n.startswith("transformers.models.")}
+    return not names or any(_dispatches_attention(n) for n in names)
+
+
 def _attnmask_keeps_documents_apart(model: torch.nn.Module, impl: str) -> bool:
     """Under attnmask's attention: False, with a warning, for a model whose attention never reaches it (its modeling
-    code does not look its attention up in transformers' ``AttentionInterface``, by transformers' own test
-    ``_can_set_attn_implementation``: OpenAI-GPT, XLM, DeBERTa, ...) or that mixes tokens outside attention (Mamba,
-    hybrids: those raise at the first attention call, if any)."""
+    code does not look its attention up in transformers' ``AttentionInterface``: by transformers' own test
+    ``_can_set_attn_implementation`` (OpenAI-GPT, XLM, DeBERTa, ...) or because none of its modeling modules uses it
+    (FNet, Mamba: no attention layer at all)) or that mixes tokens outside attention (hybrids: those raise at the
+    first attention call, if any)."""
     can_set = getattr(type(model), "_can_set_attn_implementation", None)
-    own_attention = callable(can_set) and not can_set()
+    own_attention = (callable(can_set) and not can_set()) or not _reaches_attnmask(model)
     mixing = token_mixing_outside_attention(getattr(model, "config", None))
     if not own_attention and mixing is None:
         return True
