@@ -313,76 +313,72 @@ def _mask_rule(fn: Callable, depth: int = 0) -> bool | None:
     return None
 
 
-def _closure_values(code: Any, cells: tuple) -> dict[str, Any]:
-    """A closure's free variables by name (``fn.__code__``, ``fn.__closure__``); empty cells left out."""
+def _search_closures(fn: Callable, match: Callable[[Any, dict[str, Any]], Any], depth: int = 0) -> Any:
+    """The first result that is not ``None`` of ``match(code, free_variables)`` on ``fn`` and the predicates nested
+    in its closure (transformers' and/or combinators nest them; depth first, at most 8 levels), else ``None``.
+    ``free_variables``: the closure's cells by name, empty ones left out. Read, never called."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or cells is None or depth > 8:
+        return None
     values = {}
     for var, cell in zip(code.co_freevars, cells, strict=True):
         try:
             values[var] = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-    return values
+    found = match(code, values)
+    if found is not None:
+        return found
+    for value in values.values():
+        for item in value if isinstance(value, tuple) else (value,):
+            found = _search_closures(item, match, depth + 1) if callable(item) else None
+            if found is not None:
+                return found
+    return None
 
 
-def _bidirectional_window(fn: Callable, depth: int = 0) -> int | None:
+def _bidirectional_window(fn: Callable) -> int | None:
     """``w`` when transformers' mask predicate ``fn`` holds its ``sliding_window_bidirectional_overlay(w)`` (the
     predicate ``abs(q - k) <= w``, recognised by its code object), else ``None``. Read, never called."""
-    utils = sys.modules.get("transformers.masking_utils")
-    overlay = getattr(utils, "sliding_window_bidirectional_overlay", None)
-    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
-    if overlay is None or code is None or cells is None or depth > 8:
+    overlay = getattr(sys.modules.get("transformers.masking_utils"), "sliding_window_bidirectional_overlay", None)
+    if overlay is None:
         return None
-    values = _closure_values(code, cells)
-    if code is overlay(1).__code__:
+    overlay_code = overlay(1).__code__
+
+    def window_of(code: Any, values: dict[str, Any]) -> int | None:
+        if code is not overlay_code:
+            return None
         window = values.get("sliding_window")
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise bad(BackendError, "sliding_window", "an int >= 0 in a bidirectional window mask", repr(window))
         return window
-    for value in values.values():
-        for item in value if isinstance(value, tuple) else (value,):
-            found = _bidirectional_window(item, depth + 1) if callable(item) else None
-            if found is not None:
-                return found
-    return None
+
+    return _search_closures(fn, window_of)
 
 
-def _closure_tensor(fn: Callable, name: str, depth: int = 0) -> torch.Tensor | None:
+def _closure_tensor(fn: Callable, name: str) -> torch.Tensor | None:
     """The 2D tensor a transformers mask predicate holds under the free variable ``name`` (its and/or combinators
     nest predicates in closures), or ``None``. transformers' packed-sequence predicate is the only one of its mask
     builders that captures ``position_ids``, its block overlay the only one that captures ``block_sequence_ids``;
     they are read, never called. O(size of the predicate tree)."""
-    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
-    if code is None or cells is None or depth > 8:
-        return None
-    for var, cell in zip(code.co_freevars, cells, strict=True):
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if var == name and isinstance(value, torch.Tensor) and value.dim() == 2:
-            return value
-        for item in value if isinstance(value, tuple) else (value,):
-            found = _closure_tensor(item, name, depth + 1) if callable(item) else None
-            if found is not None:
-                return found
-    return None
+
+    def tensor(code: Any, values: dict[str, Any]) -> torch.Tensor | None:
+        value = values.get(name)
+        return value if isinstance(value, torch.Tensor) and value.dim() == 2 else None
+
+    return _search_closures(fn, tensor)
 
 
-def _packed_inner_predicate(fn: Callable, depth: int = 0) -> Callable | None:
+def _packed_inner_predicate(fn: Callable) -> Callable | None:
     """The predicate transformers' packed-rows remap wraps (``remap_positions_for_packed_sequence``: the closure that
     holds both ``mask_function`` and ``position_ids``) inside ``fn``, or ``None``. Read, never called."""
-    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
-    if code is None or cells is None or depth > 8:
+
+    def wrapped(code: Any, values: dict[str, Any]) -> Callable | None:
+        if callable(values.get("mask_function")) and isinstance(values.get("position_ids"), torch.Tensor):
+            return values["mask_function"]
         return None
-    values = _closure_values(code, cells)
-    if callable(values.get("mask_function")) and isinstance(values.get("position_ids"), torch.Tensor):
-        return values["mask_function"]
-    for value in values.values():
-        for item in value if isinstance(value, tuple) else (value,):
-            found = _packed_inner_predicate(item, depth + 1) if callable(item) else None
-            if found is not None:
-                return found
-    return None
+
+    return _search_closures(fn, wrapped)
 
 
 def _chunk_size(config: Any, local_size: Any) -> tuple[int | None, bool]:
