@@ -19,6 +19,8 @@ def naive_allowed(spec: M.MaskSpec, b: int, q: int, k: int) -> bool:
         return k <= q
     if isinstance(spec, M.SlidingWindow):
         return 0 <= q - k < spec.window
+    if isinstance(spec, M.LocalWindow):
+        return -spec.after <= q - k <= spec.before
     if isinstance(spec, M.Chunked):
         off = 0 if spec.offsets is None else int(spec.offsets[b if spec.offsets.shape[0] > 1 else 0])
         return (q - off) // spec.size == (k - off) // spec.size

@@ -14,12 +14,14 @@ def row_lengths(draw, batch, length):
 
 @st.composite
 def primitive(draw, batch, length):
-    kinds = ["causal", "window", "chunk", "chunk_off", "prefix", "doc", "pad", "full", "custom"]
+    kinds = ["causal", "window", "local", "chunk", "chunk_off", "prefix", "doc", "pad", "full", "custom"]
     kind = draw(st.sampled_from(kinds + ["blocks", "key_filter", "doc_prefix", "mask_mod"]))
     if kind == "causal":
         return am.causal()
     if kind == "window":
         return am.sliding_window(draw(st.integers(1, length + 1)))
+    if kind == "local":
+        return am.local_window(draw(st.integers(0, length + 1)), draw(st.integers(0, length + 1)))
     if kind == "chunk":
         return am.chunked(draw(st.integers(1, length + 1)))
     if kind == "chunk_off":

@@ -10,7 +10,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from attnmask.errors import UnsupportedModelError  # noqa: E402
+import attnmask as am  # noqa: E402
+from attnmask import masks as M  # noqa: E402
+from attnmask.errors import BackendError, UnsupportedModelError  # noqa: E402
 from attnmask.integrations import hf  # noqa: E402
 
 SEQS = [list(range(5, 14)), [10, 11, 12], list(range(20, 26))]  # longer than the window: it matters
@@ -69,6 +71,52 @@ def test_padded_batch_equals_each_sequence_alone(side):
     for r, s in enumerate(SEQS):
         got = logits[r, : len(s)] if side == "right" else logits[r, length - len(s) :]
         torch.testing.assert_close(got, alone(s), atol=1e-4, rtol=0)
+
+
+def recorded_specs(monkeypatch) -> list:
+    specs, original = [], hf.attention
+    monkeypatch.setattr(
+        hf, "attention", lambda q, k, v, spec, **kw: specs.append(spec) or original(q, k, v, spec, **kw)
+    )
+    return specs
+
+
+def test_the_local_layer_runs_a_structural_local_window_of_the_configs_width_with_the_padding(monkeypatch):
+    """``local_attention=4`` is ``config.sliding_window = 2`` (``abs(q - k) <= 2``) although the layer tells its
+    attention ``sliding_window=3`` (flash-attn's convention): the window comes from transformers' mask."""
+    specs = recorded_specs(monkeypatch)
+    ids = torch.tensor([SEQS[0], SEQS[1] + [0] * 6])
+    with torch.no_grad():
+        model()(input_ids=ids, attention_mask=(ids != 0).long())
+    local = [s for s in specs if any(isinstance(p, M.LocalWindow) for p in s.walk())]
+    assert len(local) == 1 and len(specs) == 2  # the full layer and the local one
+    assert local[0].is_structural
+    assert [p for p in local[0].walk() if isinstance(p, M.LocalWindow)] == [am.local_window(2, 2)]
+    real = (ids != 0)[:, :, None]  # queries at padding positions: their outputs are unused
+    want = (am.local_window(2, 2) & am.key_padding(ids != 0)).to_dense(9)
+    assert torch.equal(local[0].to_dense(9) & real, want & real)
+
+
+def test_the_bidirectional_window_is_read_from_transformers_own_predicate():
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    for w in (0, 1, 5):
+        fn = masking_utils.sliding_window_bidirectional_mask_function(w)
+        info = hf.build_mask_info(2, 7, 7, mask_function=fn)
+        assert info.bidirectional_window == w and info.causal is False
+        q, k = torch.arange(7).view(-1, 1), torch.arange(7).view(1, -1)
+        assert torch.equal(am.local_window(w, w).to_dense(7)[0], fn(torch.tensor(0), torch.tensor(0), q, k))
+    for other in (masking_utils.bidirectional_mask_function, masking_utils.causal_mask_function):
+        assert hf.build_mask_info(1, 4, 4, mask_function=other).bidirectional_window is None
+
+
+def test_spec_for_call_builds_a_local_window_only_for_a_bidirectional_call():
+    padding = torch.tensor([[True, True, True, False]])
+    spec = hf.spec_for_call(is_causal=False, bidirectional_window=1, padding=padding)
+    assert torch.equal(spec.to_dense(4), (am.local_window(1, 1) & am.key_padding(padding)).to_dense(4))
+    with pytest.raises(BackendError, match="bidirectional_window"):
+        hf.spec_for_call(is_causal=True, bidirectional_window=1)
+    with pytest.raises(BackendError, match="sliding_window"):
+        hf.spec_for_call(is_causal=False, window=3)
 
 
 def test_a_packed_row_is_refused_since_transformers_never_tells_a_bidirectional_mask_about_packing():

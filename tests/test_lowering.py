@@ -278,6 +278,27 @@ def test_conjunction_of_custom_predicates_uses_every_part():
     assert (layout.classes == PARTIAL).sum() == 3
 
 
+def test_partial_parts_that_together_leave_a_tile_empty_or_cover_it_are_exact_when_a_custom_part_is_there():
+    """Each part alone is PARTIAL on the one tile; together they allow nothing (&) or everything (|)."""
+    odd = am.custom(lambda b, h, q, k: (q + k) % 2 == 1, name="odd")
+    even = am.custom(lambda b, h, q, k: (q + k) % 2 == 0, name="even")
+    for spec, want in (
+        (~am.custom(lambda b, h, q, k: k <= q) & am.causal() & am.sliding_window(1), NONE),
+        (odd & am.local_window(0, 0), NONE),
+        (odd | (am.local_window(0, 0) | ~am.local_window(0, 0)), FULL),
+        (odd | even, FULL),
+        (odd & even, NONE),
+    ):
+        assert spec.block_layout(4, 4, block_size=4).classes.flatten().tolist() == [want], repr(spec)
+        assert torch.equal(spec.block_layout(9, block_size=3).classes, dense_classes(spec.to_dense(9), 3))
+
+
+def test_a_per_head_predicate_outside_every_band_is_classified_none_not_an_error():
+    per_head = am.custom(lambda b, h, q, k: k <= q, heads=2)
+    spec = per_head & ~(am.causal() & am.causal())  # the structural part leaves no key tile to evaluate
+    assert spec.block_layout(1, 1, block_size=1).classes.tolist() == [[[NONE]]]
+
+
 def test_layout_leaves_the_thread_setting_as_it_found_it():
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -1,5 +1,5 @@
-"""bidirectional_blocks, key_filter, document_prefix_lm and from_mask_mod: each against a definition written out here,
-transformers' own predicates, and FlexAttention's ``create_block_mask`` of the same rule."""
+"""local_window, bidirectional_blocks, key_filter, document_prefix_lm and from_mask_mod: each against a definition
+written out here, transformers' own predicates, and FlexAttention's ``create_block_mask`` of the same rule."""
 
 from __future__ import annotations
 
@@ -11,11 +11,100 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 import attnmask as am
 from attnmask.errors import ShapeError, SpecError
+from tests.helpers import CPU_BACKENDS, assert_matches_reference, check_against_naive, make_qkv
 from tests.lowering_refs import assert_same_block_mask, dense_classes, flex_reference
+from tests.naive import naive_attention, naive_dense
 
 
 def grid(n):
     return torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# local_window
+
+
+def test_local_window_sees_before_keys_itself_and_after_keys():
+    dense = am.local_window(2, 1).to_dense(8)[0]
+    assert dense[5].nonzero().view(-1).tolist() == [3, 4, 5, 6]
+    assert dense[0].nonzero().view(-1).tolist() == [0, 1]  # clipped at the row's edges
+    assert repr(am.local_window(2, 1)) == "local_window(2, 1)"
+    assert am.parse_spec("local_window(before=2, after=1)") == am.local_window(2, 1)
+
+
+@given(st.integers(0, 12), st.integers(0, 12), st.integers(1, 14))
+def test_local_window_equals_the_written_definition_and_transformers_bidirectional_overlay(before, after, n):
+    q, k = grid(n)
+    assert torch.equal(am.local_window(before, after).to_dense(n)[0], (q - k <= before) & (k - q <= after))
+    assert torch.equal(am.local_window(before, after).to_dense(n), naive_dense(am.local_window(before, after), n, n))
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    overlay = masking_utils.sliding_window_bidirectional_overlay(before)
+    want = overlay(torch.tensor(0), torch.tensor(0), q, k)
+    assert torch.equal(am.local_window(before, before).to_dense(n)[0], want)
+
+
+@given(st.integers(0, 9), st.integers(1, 9))
+def test_a_local_window_with_nothing_after_is_a_sliding_window(before, n):
+    assert torch.equal(am.local_window(before, 0).to_dense(n), am.sliding_window(before + 1).to_dense(n))
+
+
+@settings(max_examples=80)
+@given(st.data(), st.integers(1, 6), st.sampled_from([None, True, False]))
+def test_local_window_tiles_are_exact_and_equal_create_block_mask(data, block_size, band):
+    kv_len = data.draw(st.integers(1, 30))
+    q_len = data.draw(st.integers(1, kv_len))
+    spec = am.local_window(data.draw(st.integers(0, 12)), data.draw(st.integers(0, 12)))
+    layout = spec.block_layout(q_len, kv_len, block_size=block_size, band=band)
+    assert torch.equal(layout.classes, dense_classes(spec.to_dense(q_len, kv_len), block_size))
+    assert_same_block_mask(layout.to_flex(), flex_reference(spec, q_len, kv_len, block_size))
+
+
+def test_the_key_band_of_a_long_row_spans_the_window_on_both_sides():
+    spec = am.local_window(20, 9)
+    layout = spec.block_layout(256, block_size=16)
+    reached = (layout.classes[0] != 0).nonzero()
+    # query tile i (16 queries) reaches key tiles from (16 i - 20) // 16 to (16 i + 15 + 9) // 16
+    for i in range(16):
+        tiles = reached[reached[:, 0] == i, 1].tolist()
+        assert tiles == list(range(max(0, (16 * i - 20) // 16), min(15, (16 * i + 24) // 16) + 1))
+
+
+def test_local_window_refuses_negative_or_non_int_bounds():
+    for before, after in ((-1, 0), (0, -2), (1.5, 1), (True, 1)):
+        with pytest.raises(SpecError, match="before|after"):
+            am.local_window(before, after)
+
+
+LOCAL_CASE = dict(batch=2, heads=4, kv_heads=2, q_len=40, kv_len=40, head_dim=8, value_dim=8)
+
+
+def local_problem(after):
+    padding = torch.arange(40).expand(2, 40) < torch.tensor([[40], [33]])
+    return am.local_window(5, after) & am.key_padding(padding)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("after", [0, 3])
+def test_every_cpu_backend_that_accepts_a_local_window_equals_naive_attention(backend, after):
+    """Structural backends (blocksparse; banded only for a window ending at the query) run it from the tiles; the
+    varlen-form backends (varlen, native) refuse it by their declarations, never compute it wrongly."""
+    spec = local_problem(after)
+    q, k, v = make_qkv(LOCAL_CASE, requires_grad=True)
+    explained = am.explain(q, k, v, spec)
+    reasons = dict(zip(explained.backends, explained.reasons, strict=True)).get(backend, ())
+    if backend in ("reference", "sdpa", "blocksparse", "auto") or (backend == "banded" and after == 0):
+        assert not reasons
+    if reasons:
+        assert "local_window" in " ".join(reasons) or "later tiles" in " ".join(reasons)
+        return
+    check_against_naive(lambda q, k, v: am.attention(q, k, v, spec, backend=backend), LOCAL_CASE, spec, torch.float32)
+
+
+def test_flex_attention_runs_a_local_window_from_its_block_mask():
+    spec = local_problem(3)
+    q, k, v = make_qkv(LOCAL_CASE)
+    allowed = spec.to_dense(40).unsqueeze(1)
+    assert_matches_reference(am.attention(q, k, v, spec, backend="flex"), naive_attention(q, k, v, allowed))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from attnmask.masks import (
     full,
     key_filter,
     key_padding,
+    local_window,
     prefix_lm,
     sliding_window,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "greedy_generate",
     "key_padding",
     "left_pad_prompts",
+    "local_window",
     "masked_cross_entropy",
     "pack",
     "pack_stream",

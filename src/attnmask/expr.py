@@ -11,11 +11,11 @@ parsed by recursive descent into calls of the mask constructors listed in ``PRIM
     arg     := [NAME "="] value
     value   := ["-"] INT | "[" [value ("," value)* [","]] "]"
 
-Names: ``full``, ``causal`` (bare or with ``()``), ``sliding_window(w)``, ``chunked(size)``, ``prefix_lm(n)`` or
-``prefix_lm([n, ...])``, ``document([lens])`` or ``document([[lens], ...])`` or ``document(doc_ids=[...])``,
-``key_padding([1, 1, 0])`` or ``key_padding([[...], ...])``. Keyword arguments: the parameter names of those
-constructors (``window=``, ``size=``, ``offsets=``, ``prefix_lens=``, ``seq_lens=``, ``doc_ids=``, ``length=``,
-``attention_mask=``).
+Names: ``full``, ``causal`` (bare or with ``()``), ``sliding_window(w)``, ``local_window(before, after)``,
+``chunked(size)``, ``prefix_lm(n)`` or ``prefix_lm([n, ...])``, ``document([lens])`` or ``document([[lens], ...])``
+or ``document(doc_ids=[...])``, ``key_padding([1, 1, 0])`` or ``key_padding([[...], ...])``. Keyword arguments: the
+parameter names of those constructors (``window=``, ``before=``, ``after=``, ``size=``, ``offsets=``,
+``prefix_lens=``, ``seq_lens=``, ``doc_ids=``, ``length=``, ``attention_mask=``).
 
     >>> parse_spec("causal & document([3, 5, 4])")
     causal() & document(seq_lens=[3, 5, 4])
@@ -56,6 +56,7 @@ PRIMITIVES: dict[str, Primitive] = {
     "full": Primitive(masks.full, (), 0),
     "causal": Primitive(masks.causal, (), 0),
     "sliding_window": Primitive(masks.sliding_window, ("window",), 1),
+    "local_window": Primitive(masks.local_window, ("before", "after"), 2),
     "chunked": Primitive(masks.chunked, ("size", "offsets"), 1),
     "prefix_lm": Primitive(masks.prefix_lm, ("prefix_lens",), 1),
     "document": Primitive(masks.document, ("seq_lens", "doc_ids", "length"), 0),

@@ -44,6 +44,7 @@ __all__ = [
     "MaskSpec",
     "causal",
     "sliding_window",
+    "local_window",
     "chunked",
     "prefix_lm",
     "document",
@@ -424,7 +425,7 @@ class MaskSpec:
             else:  # (R, H, queries, keys) -> (R, H * queries, keys): a tile's pairs in every head
                 every_head = self.evaluate_heads(b.unsqueeze(1), h, q.unsqueeze(1), k.unsqueeze(1))
                 shape = (grid.n_rows, heads, q.shape[1], k.shape[-1])
-                allowed = torch.broadcast_to(every_head, shape).reshape(grid.n_rows, -1, k.shape[-1])
+                allowed = torch.broadcast_to(every_head, shape).reshape(grid.n_rows, heads * q.shape[1], k.shape[-1])
             tile_all, _ = segment_min_max(allowed.all(1), bs)  # (R, keys) -> (R, tiles)
             _, tile_any = segment_min_max(allowed.any(1), bs)
             if tiles is None:
@@ -657,6 +658,43 @@ class SlidingWindow(MaskSpec):
             return None
         lo = grid.first_tile(grid.tile_k_max, grid.q_min - self.window, right=True)
         return lo, grid.first_tile(grid.tile_k_min, grid.q_max, right=True)
+
+
+@dataclass(frozen=True)
+class LocalWindow(MaskSpec):
+    """Local attention both ways: a query sees the ``before`` keys preceding it, itself, and the ``after`` keys
+    following it: ``-after <= q - k <= before`` (both bounds inclusive).
+
+    ``local_window(w, w)`` is transformers' ``sliding_window_bidirectional_overlay(w)`` (``abs(q - k) <= w``,
+    ModernBERT's local layers) and flash-attn's ``window_size=(w, w)``; ``local_window(w - 1, 0)`` equals
+    ``sliding_window(w)``. Example, ``before=2, after=1``: query 5 sees keys 3, 4, 5, 6.
+    """
+
+    before: int
+    after: int
+
+    def evaluate(self, b, q, k):
+        d = q - k
+        return (d <= self.before) & (d >= -self.after)
+
+    def __repr__(self) -> str:
+        return f"local_window({self.before}, {self.after})"
+
+    def classify_tiles(self, grid):
+        """On the range of ``q - k`` over the tile, ``[q_min - k_max, q_max - k_min]``, against ``[-after, before]``.
+
+        Exact for contiguous positions (the default); sound for any positions."""
+        before, after = self.before, self.after
+        every = (grid.q_max - before <= grid.k_min) & (grid.k_max <= grid.q_min + after)
+        none = (grid.q_min - before > grid.k_max) | (grid.k_min > grid.q_max + after)
+        return tile_classes(every, none)
+
+    def key_band(self, grid):
+        """From the first key tile reaching ``q_min - before`` to the last starting at or before ``q_max + after``."""
+        if not grid.kv_sorted:
+            return None
+        lo = grid.first_tile(grid.tile_k_max, grid.q_min - self.before)
+        return lo, grid.first_tile(grid.tile_k_min, grid.q_max + self.after, right=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -1066,16 +1104,11 @@ class And(MaskSpec):
     def classify_tiles(self, grid):
         """NONE if any part is NONE, FULL if all are FULL (the minimum class): sound, exact only when parts agree.
 
-        Structural parts come first; parts evaluated per element (``custom``) then see only the tiles left."""
-        structural = [p for p in self.parts if p.is_structural]
-        rest = [p for p in self.parts if not p.is_structural]
-        if not structural or not rest:
+        With parts evaluated per element (``custom``), the structural parts decide first and the whole conjunction
+        is then evaluated per element on the tiles left (exact there, see `_classify_rest`)."""
+        if self.is_structural:
             return _reduce_classes(torch.minimum, [p.classify_tiles(grid) for p in self.parts])
-        classes = _reduce_classes(torch.minimum, [p.classify_tiles(grid) for p in structural])
-        need = grid.to_every_tile(classes != NONE)
-        need = need if grid.need is None else need & grid.need
-        narrow = dataclasses.replace(grid, need=need)
-        return _reduce_classes(torch.minimum, [classes] + [p.classify_tiles(narrow) for p in rest])
+        return _classify_rest(self, grid, torch.minimum, NONE)
 
     def key_band(self, grid):
         """The intersection of the parts' bands (a part without a band does not narrow it)."""
@@ -1111,8 +1144,11 @@ class Or(MaskSpec):
         return " | ".join(_wrap(p, (And,)) for p in self.parts)
 
     def classify_tiles(self, grid):
-        """FULL if any part is FULL, NONE if all are NONE (the maximum class): sound."""
-        return _reduce_classes(torch.maximum, [p.classify_tiles(grid) for p in self.parts])
+        """FULL if any part is FULL, NONE if all are NONE (the maximum class): sound. With parts evaluated per element
+        (``custom``), the tiles no structural part makes FULL are evaluated per element (exact, `_classify_rest`)."""
+        if self.is_structural:
+            return _reduce_classes(torch.maximum, [p.classify_tiles(grid) for p in self.parts])
+        return _classify_rest(self, grid, torch.maximum, FULL)
 
     def key_band(self, grid):
         """The hull of the parts' bands; none if a part has none."""
@@ -1152,6 +1188,21 @@ class Not(MaskSpec):
         return FULL - self.part.classify_tiles(grid)
 
 
+def _classify_rest(spec: And | Or, grid: TileGrid, op: Callable, decisive: int) -> torch.Tensor:
+    """Classes of ``spec`` (an ``&`` or ``|`` holding parts evaluated per element): its structural parts combined by
+    ``op`` decide the tiles where they give ``decisive`` (NONE for ``&``, FULL for ``|``); every other tile of the
+    grid's band that ``grid.need`` keeps is classified by evaluating the whole of ``spec`` per element
+    (`MaskSpec.classify_tiles`), so it is exact: two PARTIAL parts that together leave a tile empty (``&``) or cover
+    it (``|``) give NONE or FULL. Costs what evaluating the ``custom`` parts per element on those tiles costs."""
+    structural = [p.classify_tiles(grid) for p in spec.parts if p.is_structural]
+    if not structural:
+        return MaskSpec.classify_tiles(spec, grid)
+    classes = _reduce_classes(op, structural)
+    need = grid.to_every_tile(classes != decisive)
+    narrow = dataclasses.replace(grid, need=need if grid.need is None else need & grid.need)
+    return torch.where(classes == decisive, classes, MaskSpec.classify_tiles(spec, narrow))
+
+
 def _wrap(spec: MaskSpec, needs_parens: tuple[type, ...]) -> str:
     return f"({spec!r})" if isinstance(spec, needs_parens) else repr(spec)
 
@@ -1184,6 +1235,19 @@ def sliding_window(window: int) -> MaskSpec:
     ``sliding_window`` config value and flash-attn ``window_size=(window - 1, 0)``.
     """
     return SlidingWindow(_check_size("window", window))
+
+
+def local_window(before: int, after: int) -> MaskSpec:
+    """Bidirectional local window: a query at ``q`` sees keys ``k`` with ``-after <= q - k <= before``, i.e. up to
+    ``before`` keys before it, itself, and up to ``after`` keys after it (``before + after + 1`` keys at most).
+
+    Both bounds are *inclusive*: ``local_window(0, 0)`` is the diagonal, and ``local_window(w, w)`` is transformers'
+    bidirectional sliding window ``abs(q - k) <= w`` (ModernBERT's ``config.sliding_window``) and flash-attn
+    ``window_size=(w, w)``. Not causal unless ``after == 0``: ``local_window(w - 1, 0)`` equals ``sliding_window(w)``.
+    Example: ``local_window(1, 2)`` lets query 4 see keys 3, 4, 5, 6.
+    """
+    before = check_int("before", before, low=0, high=MAX_SIZE, error=SpecError)
+    return LocalWindow(before, check_int("after", after, low=0, high=MAX_SIZE, error=SpecError))
 
 
 def chunked(size: int, offsets: Any = None) -> MaskSpec:

@@ -10,6 +10,8 @@ Per attention call, the mask is rebuilt as a *spec* from what transformers passe
 
 - the module's ``is_causal`` (and the config's ``is_causal``) -> ``causal()``, or ``full()`` for bidirectional models;
 - the layer's ``sliding_window`` (``w`` keys including the query itself, as transformers) -> ``sliding_window(w)``;
+- transformers' bidirectional sliding window (ModernBERT's, Ultrabert's local layers: ``abs(q - k) <= w``, ``w`` read
+  from its mask predicate) -> ``local_window(w, w)``, with documents and padding as for causal windows;
 - the 2D padding mask ``(B, past + Q)`` -> ``key_padding(mask)`` (dropped when it is all ones);
 - packed rows -> ``document(...)``: boundaries from ``seq_lens`` / ``cu_seq_lens_q`` kwargs when given, else from
   ``position_ids`` (a document starts wherever a position is not the previous one plus one, as in transformers'
@@ -26,8 +28,8 @@ To get the 2D padding mask and the cache geometry without transformers building 
 mask function to transformers' ``AttentionMaskInterface``; it returns an :class:`HFMaskInfo` (O(B·L) memory) that
 the model hands back to the attention function in place of the 4D mask. ``attnmask.attention`` then picks the cheapest
 exact backend (per-document ``varlen`` for packed rows). Limits: models whose masks add ``or``/``and`` overlays (e.g.
-image tokens), and bidirectional sliding windows (ModernBERT, Ultrabert: no structural form yet), are honoured
-through their predicate, per element (O(B·Q·K)), with the documents of packed rows added when the call carries them;
+image tokens) are honoured through their predicate, per element (O(B·Q·K)), with the documents of packed rows added
+when the call carries them;
 transformers' own ``block_sequence_ids`` overlay (Gemma3 / PaliGemma image tokens) structurally, as
 ``| bidirectional_blocks(ids)``; additive position biases (T5) are not supported. Which rule a call follows (causal,
 bidirectional, cross-attention) comes from transformers' mask (`HFMaskInfo.causal`), as in its own attention.
@@ -85,6 +87,7 @@ from attnmask.masks import (
     document,
     full,
     key_padding,
+    local_window,
     offsets_in_runs,
     sliding_window,
 )
@@ -142,6 +145,9 @@ class HFMaskInfo:
       cross-attention), ``None`` when it holds neither or adds and/or overlays. The attention function follows it
       over the module's ``is_causal`` flag, as transformers' eager and sdpa follow the mask (BigBird-Pegasus and
       NLLB-MoE build their decoder self-attention ``is_causal=False``).
+    - ``bidirectional_window``: ``w`` when the predicate is transformers' bidirectional sliding window
+      (``sliding_window_bidirectional_overlay(w)``: ``abs(q - k) <= w``, ModernBERT's and Ultrabert's local layers,
+      without and/or overlays), read from its closure; the attention function then builds ``local_window(w, w)``.
 
     Example: decoding one token after a 5-token prompt with a dynamic cache gives ``q_length=1, kv_length=6,
     q_offset=5, kv_offset=0``. Transformers treats it as an already-prepared 4D mask (``ndim == 4``) when
@@ -167,6 +173,7 @@ class HFMaskInfo:
     block_ids: torch.Tensor | None = None
     model_type: str | None = None
     causal: bool | None = None
+    bidirectional_window: int | None = None
 
     ndim = 4  # read by transformers' mask preprocessing: "already prepared, pass it through"
 
@@ -280,6 +287,7 @@ def build_mask_info(
         blocks,
         getattr(kwargs.get("config"), "model_type", None),
         None if overlay or mask_function is None else _mask_rule(mask_function),
+        None if overlay or mask_function is None else _bidirectional_window(mask_function),
     )
 
 
@@ -305,31 +313,10 @@ def _mask_rule(fn: Callable, depth: int = 0) -> bool | None:
     return None
 
 
-def _closure_tensor(fn: Callable, name: str, depth: int = 0) -> torch.Tensor | None:
-    """The 2D tensor a transformers mask predicate holds under the free variable ``name`` (its and/or combinators
-    nest predicates in closures), or ``None``. transformers' packed-sequence predicate is the only one of its mask
-    builders that captures ``position_ids``, its block overlay the only one that captures ``block_sequence_ids``;
-    they are read, never called. O(size of the predicate tree)."""
-    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
-    if code is None or cells is None or depth > 8:
-        return None
-    for var, cell in zip(code.co_freevars, cells, strict=True):
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if var == name and isinstance(value, torch.Tensor) and value.dim() == 2:
-            return value
-        for item in value if isinstance(value, tuple) else (value,):
-            found = _closure_tensor(item, name, depth + 1) if callable(item) else None
-            if found is not None:
-                return found
-    return None
-
-
-def _packed_inner_predicate(fn: Callable, depth: int = 0) -> Callable | None:
-    """The predicate transformers' packed-rows remap wraps (``remap_positions_for_packed_sequence``: the closure that
-    holds both ``mask_function`` and ``position_ids``) inside ``fn``, or ``None``. Read, never called."""
+def _search_closures(fn: Callable, match: Callable[[Any, dict[str, Any]], Any], depth: int = 0) -> Any:
+    """The first result that is not ``None`` of ``match(code, free_variables)`` on ``fn`` and the predicates nested
+    in its closure (transformers' and/or combinators nest them; depth first, at most 8 levels), else ``None``.
+    ``free_variables``: the closure's cells by name, empty ones left out. Read, never called."""
     code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
     if code is None or cells is None or depth > 8:
         return None
@@ -339,14 +326,59 @@ def _packed_inner_predicate(fn: Callable, depth: int = 0) -> Callable | None:
             values[var] = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-    if callable(values.get("mask_function")) and isinstance(values.get("position_ids"), torch.Tensor):
-        return values["mask_function"]
+    found = match(code, values)
+    if found is not None:
+        return found
     for value in values.values():
         for item in value if isinstance(value, tuple) else (value,):
-            found = _packed_inner_predicate(item, depth + 1) if callable(item) else None
+            found = _search_closures(item, match, depth + 1) if callable(item) else None
             if found is not None:
                 return found
     return None
+
+
+def _bidirectional_window(fn: Callable) -> int | None:
+    """``w`` when transformers' mask predicate ``fn`` holds its ``sliding_window_bidirectional_overlay(w)`` (the
+    predicate ``abs(q - k) <= w``, recognised by its code object), else ``None``. Read, never called."""
+    overlay = getattr(sys.modules.get("transformers.masking_utils"), "sliding_window_bidirectional_overlay", None)
+    if overlay is None:
+        return None
+    overlay_code = overlay(1).__code__
+
+    def window_of(code: Any, values: dict[str, Any]) -> int | None:
+        if code is not overlay_code:
+            return None
+        window = values.get("sliding_window")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise bad(BackendError, "sliding_window", "an int >= 0 in a bidirectional window mask", repr(window))
+        return window
+
+    return _search_closures(fn, window_of)
+
+
+def _closure_tensor(fn: Callable, name: str) -> torch.Tensor | None:
+    """The 2D tensor a transformers mask predicate holds under the free variable ``name`` (its and/or combinators
+    nest predicates in closures), or ``None``. transformers' packed-sequence predicate is the only one of its mask
+    builders that captures ``position_ids``, its block overlay the only one that captures ``block_sequence_ids``;
+    they are read, never called. O(size of the predicate tree)."""
+
+    def tensor(code: Any, values: dict[str, Any]) -> torch.Tensor | None:
+        value = values.get(name)
+        return value if isinstance(value, torch.Tensor) and value.dim() == 2 else None
+
+    return _search_closures(fn, tensor)
+
+
+def _packed_inner_predicate(fn: Callable) -> Callable | None:
+    """The predicate transformers' packed-rows remap wraps (``remap_positions_for_packed_sequence``: the closure that
+    holds both ``mask_function`` and ``position_ids``) inside ``fn``, or ``None``. Read, never called."""
+
+    def wrapped(code: Any, values: dict[str, Any]) -> Callable | None:
+        if callable(values.get("mask_function")) and isinstance(values.get("position_ids"), torch.Tensor):
+            return values["mask_function"]
+        return None
+
+    return _search_closures(fn, wrapped)
 
 
 def _chunk_size(config: Any, local_size: Any) -> tuple[int | None, bool]:
@@ -752,18 +784,29 @@ def spec_for_call(
     padding: torch.Tensor | None = None,
     documents: MaskSpec | None = None,
     chunks: MaskSpec | None = None,
+    bidirectional_window: int | None = None,
 ) -> MaskSpec:
-    """The mask spec of one call: ``causal() | sliding_window(w) | full()`` & documents & key padding [& chunks].
+    """The mask spec of one call: ``causal() | sliding_window(w) | local_window(r, r) | full()`` & documents & key
+    padding [& chunks].
 
     ``window``: keys per query including itself (transformers' ``sliding_window``); implies causal.
+    ``bidirectional_window``: ``r`` of transformers' bidirectional sliding window, keys within ``r`` positions on
+    either side (``abs(q - k) <= r``, inclusive) -> ``local_window(r, r)``; only for a bidirectional call.
     ``padding``: ``(B, K)`` True = real key. ``documents``: a ``document(...)`` spec; positions outside every document
     attend to nothing, so padding is then already excluded. ``chunks``: a ``chunked(...)`` spec (chunked-attention
     layers with a cache; without one the chunks are folded into ``documents``). Example: ``spec_for_call(window=3)``
     is ``sliding_window(3)``.
     """
     if window is not None and not is_causal:
-        raise bad(BackendError, "sliding_window", "a causal layer (bidirectional windows are not supported)", window)
-    spec = sliding_window(int(window)) if window is not None else (causal() if is_causal else full())
+        wanted = "a causal layer (a bidirectional window comes from transformers' mask: bidirectional_window=)"
+        raise bad(BackendError, "sliding_window", wanted, window)
+    if bidirectional_window is not None:
+        if is_causal or window is not None:
+            wanted = "a bidirectional call without a causal sliding_window"
+            raise bad(BackendError, "bidirectional_window", wanted, f"is_causal={is_causal}, sliding_window={window}")
+        spec = local_window(int(bidirectional_window), int(bidirectional_window))
+    else:
+        spec = sliding_window(int(window)) if window is not None else (causal() if is_causal else full())
     if documents is not None:
         spec = spec & documents
     if padding is not None and documents is None:
@@ -823,7 +866,9 @@ def attention_forward(
         info = attention_mask
         if info is not None and (info.kv_length != kv_len or info.q_length != q_len):
             raise bad(ShapeError, "attention_mask", f"a mask for Q={q_len}, K={kv_len}", info.shape)
-        cross = _is_cross_attention(module, is_causal, sliding_window, q_len, kv_len)
+        local = None if info is None else info.bidirectional_window  # abs(q - k) <= local, from transformers' mask
+        window = sliding_window if local is None else local
+        cross = _is_cross_attention(module, is_causal, window, q_len, kv_len)
         if not cross and kwargs.get("position_ids") is None and info is not None and info.position_ids is not None:
             kwargs = {**kwargs, "position_ids": info.position_ids}  # the model's attention is not given them
         if not cross and (info is None or not info.has_past) and not any(kwargs.get(k) is not None for k in _BOUNDS):
@@ -833,8 +878,9 @@ def attention_forward(
             spec = full() if info is None or info.padding is None else full() & key_padding(info.padding)
             if q_len > kv_len:  # the rule ignores query positions; any in range will do
                 q_positions = torch.zeros(q_len, dtype=torch.long, device=query.device)
-        elif info is not None and (info.overlay or (sliding_window is not None and not is_causal)):
-            # a bidirectional window (ModernBERT's local layers) has no structural form yet: transformers' predicate
+        elif info is not None and (info.overlay or (sliding_window is not None and not is_causal and local is None)):
+            # and/or overlays, or a window the attention is told of and transformers' mask holds none of (its sdpa
+            # and eager follow the mask): transformers' predicate, per element
             spec = _overlay_spec(info)
             documents, packed = _packed_documents(kwargs, info, (batch, q_len), info.padding, query.device, config)
             if packed:  # the predicate knows them only when transformers found the packed rows itself
@@ -854,7 +900,12 @@ def attention_forward(
                     position_ids, first = kwargs.get("position_ids"), info.kv_offset
                     documents = _chunked_documents(documents, chunk, packed, position_ids, info.left_padding, first)
                 spec = spec_for_call(
-                    is_causal=is_causal, window=sliding_window, padding=padding, documents=documents, chunks=chunks
+                    is_causal=is_causal,
+                    window=sliding_window if local is None else None,
+                    padding=padding,
+                    documents=documents,
+                    chunks=chunks,
+                    bidirectional_window=local,
                 )
                 if info is not None and info.block_ids is not None:  # transformers ORs the blocks in, then pads
                     spec = spec | bidirectional_blocks(info.block_ids)
@@ -971,7 +1022,8 @@ def _shared_spec(kwargs, info, shape, padding, device, is_causal, window, build)
         return build()
     has_past = info is not None and info.has_past
     chunk = None if info is None else (info.chunk_size, info.kv_offset)
-    settings = (is_causal, window, shape, device, has_past, listed, chunk)
+    local = None if info is None else info.bidirectional_window
+    settings = (is_causal, window, shape, device, has_past, listed, chunk, local)
     tensors = (padding, kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"))
     tensors += (None, None) if info is None else (info.left_padding, info.block_ids)
     tensors += (seq_lens,) if isinstance(seq_lens, torch.Tensor) else (None,)
