@@ -96,11 +96,13 @@ def test_shard_selects_the_rank_positions_along_dim():
 @st.composite
 def structural_spec(draw, length, depth=2):
     if depth == 0 or draw(st.booleans()):
-        kind = draw(st.sampled_from(["causal", "window", "chunk", "prefix", "doc", "pad", "full"]))
+        kind = draw(st.sampled_from(["causal", "window", "local", "chunk", "prefix", "doc", "pad", "full"]))
         if kind == "causal":
             return am.causal()
         if kind == "window":
             return am.sliding_window(draw(st.integers(1, length)))
+        if kind == "local":
+            return am.local_window(draw(st.integers(0, length)), draw(st.integers(0, length)))
         if kind == "chunk":
             return am.chunked(draw(st.integers(1, length)))
         if kind == "prefix":
@@ -121,14 +123,30 @@ def structural_spec(draw, length, depth=2):
 
 @given(st.data(), st.integers(1, 24), st.integers(1, 4))
 def test_slices_keep_every_key_the_spec_allows(data, seq_len, world):
-    spec = data.draw(structural_spec(seq_len))
-    rank = data.draw(st.integers(0, world - 1))
+    _check_slices(data.draw(structural_spec(seq_len)), seq_len, world, data.draw(st.integers(0, world - 1)))
+
+
+@given(st.data(), st.integers(1, 24), st.integers(2, 4))
+def test_local_window_slices_keep_every_key(data, seq_len, world):
+    spec = am.local_window(data.draw(st.integers(0, seq_len)), data.draw(st.integers(0, seq_len)))
+    _check_slices(spec, seq_len, world, data.draw(st.integers(0, world - 1)))
+
+
+def _check_slices(spec, seq_len, world, rank):
+    """Every key a query of a rank's slices may attend lies in the slice's key range, and the slice's mask is the
+    spec's there."""
     full = naive_dense(spec, seq_len, seq_len, batch=1)[0]
     for piece in context_parallel_slices(spec, seq_len, world, rank):
         rows = full[piece.q_start : piece.q_stop]
         assert not rows[:, : piece.kv_start].any() and not rows[:, piece.kv_stop :].any(), repr(spec)
         if piece.q_stop > piece.q_start and piece.kv_stop > piece.kv_start:
             assert torch.equal(piece.to_dense()[0], rows[:, piece.kv_start : piece.kv_stop])
+
+
+def test_local_window_slices_reach_both_ways():
+    early, late = context_parallel_slices(am.local_window(2, 1), 16, 2, 0)
+    assert (early.kv_start, early.kv_stop) == (0, 5)  # queries 0-3 reach keys up to 4
+    assert (late.kv_start, late.kv_stop) == (10, 16)  # queries 12-15 reach back to key 10
 
 
 def test_causal_slices_stop_at_the_last_query():

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from attnmask.attention import attention
 from attnmask.errors import BackendError, InputError, ShapeError, bad
 from attnmask.integrations.ranks import _check_int, resolve_world, world
-from attnmask.masks import And, Causal, Chunked, Document, MaskSpec, Or, PrefixLM, SlidingWindow
+from attnmask.masks import And, Causal, Chunked, Document, LocalWindow, MaskSpec, Or, PrefixLM, SlidingWindow
 
 __all__ = [
     "SpecSlice",
@@ -198,7 +198,7 @@ def context_parallel_slices(
 ) -> tuple[SpecSlice, SpecSlice]:
     """``spec`` cut to ``rank``'s two query chunks (early, late), each with the key range it can reach.
 
-    Key ranges come from the spec's structure (causal, sliding window, chunks, prefix, documents given by
+    Key ranges come from the spec's structure (causal, sliding and local windows, chunks, prefix, documents given by
     ``seq_lens``; ``&`` intersects, ``|`` joins); anything else keeps the whole row, which is always exact.
     O(number of spec nodes + B · documents) time, no mask is materialised.
     """
@@ -220,6 +220,8 @@ def _key_range(spec: MaskSpec, q_start: int, q_stop: int, seq_len: int) -> tuple
         return 0, q_stop
     if isinstance(spec, SlidingWindow):
         return max(0, q_start - spec.window + 1), q_stop
+    if isinstance(spec, LocalWindow):
+        return max(0, q_start - spec.before), min(seq_len, q_stop + spec.after)
     if isinstance(spec, Chunked) and spec.offsets is None:
         lo = (q_start // spec.size) * spec.size
         return lo, min(seq_len, ((q_stop - 1) // spec.size + 1) * spec.size)
