@@ -55,7 +55,7 @@ def varlen_attention(
     causal: bool = False,
     window: int | None = None,
     scale: float | None = None,
-    small: int = 32,
+    small: int = _SMALL_SEGMENT,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention where each segment (document) attends only within itself; query rows in no segment give 0.
