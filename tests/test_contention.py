@@ -244,7 +244,7 @@ VARLEN_SPECS = {
 @pytest.mark.parametrize("name", VARLEN_SPECS)
 def test_varlen_parallel_path_matches_the_serial_loop_and_the_reference(two_threads, serial, monkeypatch, name):
     monkeypatch.setattr(VL, "MIN_TASK_WORK", 0.0)  # these small documents would otherwise all run in the caller
-    in_worker = spy_threads(monkeypatch, VL, ["_dense_segment", "_masked_rows"])
+    in_worker = spy_threads(monkeypatch, VL.F, ["scaled_dot_product_attention"])
     spec = VARLEN_SPECS[name]()
     L = 300
     q, k, v = qkv(L, heads=4, kv_heads=2, grad=True, batch=spec.batch_size or 1)
@@ -323,14 +323,8 @@ def test_banded_runs_its_small_ops_with_one_thread_and_its_sdpa_call_with_all(tw
     and assembly none; outputs and gradients (GQA, per-row specs) equal the workers-off path and the reference."""
     from attnmask.backends import banded as BD
 
-    kernels, sdpa = spy_threads(monkeypatch, BD, ["_edge_attention"]), set()
-    original = BD.F.scaled_dot_product_attention
-
-    def spied(*args, **kwargs):
-        sdpa.add(torch.get_num_threads())
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(BD.F, "scaled_dot_product_attention", spied)
+    kernels = spy_threads(monkeypatch, BD, ["_edge_attention"])
+    sdpa = spy_threads(monkeypatch, BD.F, ["scaled_dot_product_attention"])
     spec = BANDED_SPECS[name]()
     q, k, v = qkv(200, heads=4, kv_heads=2, grad=True, batch=spec.batch_size or 1)
     out = am.attention(q, k, v, spec, backend="banded")
@@ -350,24 +344,45 @@ def test_banded_runs_its_small_ops_with_one_thread_and_its_sdpa_call_with_all(tw
         assert_matches_reference(g, w)
 
 
-def test_small_varlen_documents_run_in_the_caller_with_one_thread(two_threads, monkeypatch):
-    """Documents far under ``MIN_TASK_WORK`` each: every SDPA call and tiny-document product in the caller with one
-    intra-op thread (no parallel region, no hand-over), the result that of the workers-off path and the reference."""
-    names = set()
-    original = VL._sdpa
+def spy_where(monkeypatch, module, name):
+    """``(thread name, intra-op threads)`` of every call of ``module.name`` (wrapped in place)."""
+    seen, original = set(), getattr(module, name)
 
     def spied(*args, **kwargs):
-        names.add((threading.current_thread().name, torch.get_num_threads()))
+        seen.add((threading.current_thread().name, torch.get_num_threads()))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(VL, "_sdpa", spied)
-    small = spy_threads(monkeypatch, VL, ["_tiny_attention"])
+    monkeypatch.setattr(module, name, spied)
+    return seen
+
+
+def test_small_varlen_documents_run_in_the_caller_with_one_thread(two_threads, monkeypatch):
+    """Documents far under ``MIN_TASK_WORK`` each: every SDPA call and tiny-document product in the caller with one
+    intra-op thread (no parallel region, no hand-over); outputs and gradients those of the reference."""
+    sdpa = spy_where(monkeypatch, VL.F, "scaled_dot_product_attention")
+    small = spy_where(monkeypatch, VL, "_tiny_products")
     spec = VARLEN_SPECS["documents"]()
     q, k, v = qkv(300, heads=4, kv_heads=2, grad=True)
     out = am.attention(q, k, v, spec, backend="varlen")
     got = grads(out, (q, k, v))
-    assert names == {(threading.current_thread().name, 1)} and small == {1}
+    here = (threading.current_thread().name, 1)
+    assert sdpa == {here} and small == {here}
     ref, ref_inputs = reference(q, k, v, spec)
     assert_matches_reference(out, ref)
     for g, w in zip(got, grads(ref, ref_inputs), strict=True):
         assert_matches_reference(g, w)
+
+
+def test_a_varlen_document_too_large_to_share_gets_every_thread_for_its_sdpa_call_only(two_threads, monkeypatch):
+    """A long document beside small ones runs its one SDPA call across both threads (as stock SDPA would), its
+    copies with one; the small documents' calls run with one."""
+    monkeypatch.setattr(VL, "MIN_TASK_WORK", 1e6)
+    sdpa = spy_where(monkeypatch, VL.F, "scaled_dot_product_attention")
+    copies = spy_where(monkeypatch, VL, "_stack_segments")
+    spec = am.causal() & am.document(seq_lens=[200, 40, 50, 10])
+    q, k, v = qkv(300, heads=4, kv_heads=2)
+    out = am.attention(q, k, v, spec, backend="varlen")
+    here = threading.current_thread().name
+    assert (here, 2) in sdpa and (here, 1) in sdpa  # the long document's call, and the small ones'
+    assert {threads for _, threads in copies} == {1}
+    assert_matches_reference(out, reference(q, k, v, spec)[0])

@@ -149,7 +149,18 @@ def _map(fn, items: list, weights: list, dropout_p: float, device_type: str) -> 
     if dropout_p > 0:
         with all_threads():
             return [fn(item) for item in items]
-    return parallel_map(fn, items, weights, device=device_type, min_work=MIN_TASK_WORK)
+    return parallel_map(_serially(fn), items, weights, device=device_type, min_work=MIN_TASK_WORK)
+
+
+def _serially(fn):
+    """``fn`` with its small ops in a ``serial_steps`` block: a task that gets every intra-op thread (one too large to
+    share) uses them only in its SDPA calls (``_sdpa``) and batched products (``_tiny_attention``)."""
+
+    def run(item):
+        with serial_steps():
+            return fn(item)
+
+    return run
 
 
 _STARTS = (1, 3, 3)  # where q's, k's and v's range starts in a segment (row, q_start, q_len, k_start, k_len, offset)
@@ -177,7 +188,9 @@ class _GroupsInWorkers(torch.autograd.Function):
                 qb, kb, vb = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in leaves)
                 return _dense_segment(qb, kb, vb, members[0][5], causal, window, scale, gqa), leaves
 
-        ctx.done = parallel_map(task, members_by_group, weights, device=q.device.type, min_work=MIN_TASK_WORK)
+        ctx.done = parallel_map(
+            _serially(task), members_by_group, weights, device=q.device.type, min_work=MIN_TASK_WORK
+        )
         ctx.members, ctx.weights = members_by_group, weights
         ctx.inputs = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
         return tuple(out.detach() for out, _ in ctx.done)
@@ -239,9 +252,10 @@ def _stack_segments(parts: dict, members: list, idx: int) -> torch.Tensor:
 
 
 def _sdpa(q, k, v, mask, is_causal, scale, gqa, dropout_p=0.0):
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
-    )
+    with all_threads():  # the task's intra-op threads: all of them for a task too large to share, else one
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+        )
 
 
 def _dense_segment(q, k, v, off, causal, window, scale, gqa, dropout_p=0.0):
@@ -331,6 +345,11 @@ def _tiny_attention(q, k, v, mask, scale, dropout_p=0.0):
     in float64.
     Memory ``O(H·n·Lq·Lk)``: used for documents of few tokens.
     """
+    with all_threads():  # a handful of batched ops, each as large as the group
+        return _tiny_products(q, k, v, mask, scale, dropout_p)
+
+
+def _tiny_products(q, k, v, mask, scale, dropout_p):
     H, Hkv = q.shape[0], k.shape[0]
     work = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64
     qh = q.unflatten(0, (Hkv, H // Hkv))  # (Hkv, rep, n, Lq, D): query head h reads key head h // rep
