@@ -54,7 +54,15 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["parallel_map", "workers_active", "workers_available"]
+__all__ = [
+    "MIN_TASK_WORK",
+    "all_threads",
+    "parallel_map",
+    "serial_steps",
+    "threads_available",
+    "workers_active",
+    "workers_available",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -109,7 +117,10 @@ def _thread_counts(count: int, budget: int):
     """Inside the block the calling thread computes with ``count`` intra-op threads (OpenMP's and oneMKL's
     per-thread counts) and :func:`parallel_map` called from it uses ``budget`` threads; both restored on exit.
     Other threads and threads started later keep theirs. Where the counts cannot be set per thread
-    (:func:`workers_available` says why) only the budget changes."""
+    (:func:`workers_available` says why) only the budget changes; while ``torch.compile`` traces, nothing."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     setters = _thread_count_setters()
     settable = not isinstance(setters, str) and not _broken
     before, outer = torch.get_num_threads(), getattr(_local, "budget", None)
