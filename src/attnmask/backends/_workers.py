@@ -43,7 +43,6 @@ Worked example::
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import os
@@ -112,28 +111,41 @@ def _init_worker() -> None:
         _broken.append(f"a worker thread still reads {torch.get_num_threads()} intra-op threads")
 
 
-@contextlib.contextmanager
-def _thread_counts(count: int, budget: int):
+class _thread_counts:  # noqa: N801 (used as a function: ``with _thread_counts(1, 2): ...``)
     """Inside the block the calling thread computes with ``count`` intra-op threads (OpenMP's and oneMKL's
     per-thread counts) and :func:`parallel_map` called from it uses ``budget`` threads; both restored on exit.
     Other threads and threads started later keep theirs. Where the counts cannot be set per thread
-    (:func:`workers_available` says why) only the budget changes; while ``torch.compile`` traces, nothing."""
-    if torch.compiler.is_compiling():
-        yield
-        return
-    setters = _thread_count_setters()
-    settable = not isinstance(setters, str) and not _broken
-    before, outer = torch.get_num_threads(), getattr(_local, "budget", None)
-    previous = [setter(count) for setter in setters] if settable and count != before else None
-    _local.budget = budget
-    try:
-        yield
-    finally:
-        _local.budget = outer
-        if previous is not None:
-            setters[0](before)
-            for setter, was in zip(setters[1:], previous[1:], strict=True):
+    (:func:`workers_available` says why) only the budget changes; while ``torch.compile`` traces, nothing.
+    (A class, not a generator: it is entered around every SDPA call of a backend, a few microseconds each.)"""
+
+    __slots__ = ("count", "budget", "before", "outer", "previous")
+
+    def __init__(self, count: int, budget: int):
+        self.count, self.budget, self.previous = count, budget, None
+
+    def __enter__(self) -> None:
+        self.outer = getattr(_local, "budget", None)
+        if torch.compiler.is_compiling():
+            self.outer = _UNSET
+            return
+        setters = _thread_count_setters()
+        self.before = torch.get_num_threads()
+        if self.count != self.before and not isinstance(setters, str) and not _broken:
+            self.previous = [setter(self.count) for setter in setters]
+        _local.budget = self.budget
+
+    def __exit__(self, *exc) -> None:
+        if self.outer is _UNSET:
+            return
+        _local.budget = self.outer
+        if self.previous is not None:
+            setters = _thread_count_setters()
+            setters[0](self.before)
+            for setter, was in zip(setters[1:], self.previous[1:], strict=True):
                 setter(was)
+
+
+_UNSET = object()
 
 
 def threads_available() -> int:
