@@ -13,6 +13,10 @@ Worked example: ``L = 6``, documents ``[2, 3, 1]``, ``bs = 2``: query tiles ``[0
 of tokens 2-4 reaches back one tile from tile ``[4, 5]``, so ``W = 2`` and each query scores 4 keys (the band), of
 which the spec allows at most 3.
 
+Threads: the gathers, edge tiles, masks and assembly run with one intra-op thread (``_workers.serial_steps``), the
+one SDPA call per batch row with all of them: one parallel region per row, as stock SDPA opens, so that a core taken
+by another process costs one wait, not one per small op (issue 15). The backward is autograd's, on every thread.
+
 Memory: an O(B·L·W·bs) bool mask (no head dim) and float bias for the edge tiles; SDPA's own O(B·H·L·W·bs) work at
 most; one copy of the output (assembled from the tiles). No copy of q, k or v (the edge tiles gather O(W·bs) rows).
 """
