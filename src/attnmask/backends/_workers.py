@@ -17,8 +17,9 @@ around every torch call, and with a core taken each can last a time slice, so ta
 (``MIN_TASK_WORK`` multiply-adds, ~1 ms) run in the caller with one intra-op thread, and a backend's many small
 bookkeeping ops (gathers, masks, assembly) run in a :func:`serial_steps` block, with one intra-op thread too, only
 its large calls split across every thread (:func:`all_threads`, or a task too large to share). A call then opens
-about as many parallel regions as stock SDPA does: one per large kernel. Measured (2 cores, load 5-6, rows of 1,024
-tokens): "banded" 48 -> 15 ms, "varlen" on ~46-token documents 77 -> 6 ms, against 14 and 5 ms at one thread.
+about as many parallel regions as stock SDPA does: one per large kernel. Measured on rows of 1,024 tokens with one
+of 2 cores busy: "banded" 130-184 -> 12-14 ms, "varlen" 34-212 -> 13-30 ms (``benchmarks/RESULTS.md``, "Contention
+on small rows").
 
 How a worker gets one intra-op thread without touching the caller's setting: ``torch.set_num_threads`` is not
 per-thread (it also resets the default of threads started later and oneMKL's global count), so each worker sets its
