@@ -270,8 +270,9 @@ def banded_attention(
 
     The inner tiles (whose band lies inside the row) of each batch row take ONE fused SDPA call: the query tiles
     ``(nI, H, bs, D)`` and the key / value bands ``(nI, Hkv, W·bs, ·)`` are strided views of q, k and v (no copy;
-    GQA through SDPA's ``enable_gqa``) and the mask is the band's ``(nI, 1, bs, W·bs)`` bool. The at most ``W`` edge
-    tiles per head (the first ``W - 1`` and a short last one) are gathered and computed together, in float32.
+    GQA through SDPA's ``enable_gqa``) and the mask is the band's ``(nI, 1, bs, W·bs)``, additive (0 / -inf, what
+    SDPA makes of a bool one). The at most ``W`` edge tiles per head (the first ``W - 1`` and a short last one) are
+    gathered and computed together, in float32.
     ``masks``: ``band_masks(spec, L, block_size, width, work dtype, device)`` when the caller keeps them (the
     ``"banded"`` backend caches them with its plan); computed here otherwise.
     """
