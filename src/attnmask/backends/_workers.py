@@ -57,6 +57,7 @@ import torch
 __all__ = [
     "MIN_TASK_WORK",
     "all_threads",
+    "graph_in",
     "parallel_map",
     "serial_steps",
     "threads_available",
@@ -171,6 +172,41 @@ def all_threads():
     caller's intra-op threads again, one parallel region as stock SDPA runs it. ``with all_threads(): ...``"""
     budget = threads_available()
     return _thread_counts(budget, budget)
+
+
+def graph_in(mode: Callable, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """``fn(*inputs)`` (one tensor) computed inside ``with mode():`` (:func:`serial_steps` or :func:`all_threads`),
+    and its backward too: autograd would run the backward of its ops on every intra-op thread, one parallel region
+    each, whatever block the forward ran in. Only where the workers could run (:func:`workers_active`: no functorch
+    transform, mode or tracing) and a gradient is being recorded; otherwise plain ``fn`` inside ``mode()``. The
+    result is not differentiable twice (a second-order gradient raises)."""
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if not recording or _in_caller({t.device.type for t in inputs}):
+        with mode():
+            return fn(*inputs)
+    return _GraphIn.apply(mode, fn, *inputs)
+
+
+class _GraphIn(torch.autograd.Function):
+    """:func:`graph_in`'s node: ``fn``'s graph recorded on detached copies of the inputs (leaves), differentiated
+    inside ``mode()`` by ``torch.autograd.grad`` (kept for a second backward, ``retain_graph=True``)."""
+
+    @staticmethod
+    def forward(ctx, mode, fn, *inputs):
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+        with torch.enable_grad(), mode():
+            out = fn(*leaves)
+        ctx.mode, ctx.graph = mode, (out, leaves)
+        return out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        out, leaves = ctx.graph
+        wanted = [t for t in leaves if t.requires_grad]
+        with ctx.mode():
+            got = iter(torch.autograd.grad(out, wanted, grad, retain_graph=True, allow_unused=True))
+        return (None, None, *(next(got) if t.requires_grad else None for t in leaves))
 
 
 def workers_available() -> str | None:

@@ -23,6 +23,7 @@ most; one copy of the output (assembled from the tiles). No copy of q, k or v (t
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from attnmask import masks as M
 from attnmask.backends._common import COPY_COST, cached, degenerate, off_cpu
-from attnmask.backends._workers import all_threads, serial_steps
+from attnmask.backends._workers import all_threads, graph_in, serial_steps
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.tiles import TileGrid
 
@@ -276,40 +277,47 @@ def banded_attention(
     ``masks``: ``band_masks(spec, L, block_size, width, work dtype, device)`` when the caller keeps them (the
     ``"banded"`` backend caches them with its plan); computed here otherwise.
     """
-    B, H, L, D = q.shape
-    Hkv, Dv, bs = k.shape[1], v.shape[3], block_size
+    L, D, bs = q.shape[2], q.shape[3], block_size
     scale = D**-0.5 if scale is None else scale
     q, k, v = (t.contiguous() for t in (q, k, v))
-    n_tiles, n_inner = -(-L // bs), L // bs  # n_inner: tiles with bs real queries
-    rows = spec.batch_size or 1
     if masks is None:
         masks = band_masks(spec, L, bs, width, torch.promote_types(q.dtype, torch.float32), q.device)
-    with serial_steps():  # the few dozen small ops with one intra-op thread: no parallel region each
-        allowed, has_key, keep = masks.allowed, masks.has_key, masks.keep
-        out_edge = _edge_attention(q, k, v, masks.edges, bs, width, masks.edge_bias, masks.edge_keep, scale)
-        out_edge = out_edge.to(q.dtype)
-        front = min(width - 1, n_tiles)
-        n_mid = max(n_inner - front, 0)
-        per_row = []
-        for b in range(B):
-            r = b if rows > 1 else 0
-            pieces = [out_edge[b, :, :front]]
-            if n_mid:
-                qt = q[b, :, front * bs : n_inner * bs].view(H, n_mid, bs, D).transpose(0, 1)
-                kb, vb = (_band_view(t[b], front, n_mid, bs, width) for t in (k, v))
-                mask = allowed[r, front:n_inner, None]
-                if keep is not None:  # empty rows attend to every band key (finite), their output is zeroed below
-                    mask = mask | ~has_key[r, front:n_inner, None]
-                mask = _additive(mask, qt.dtype)
-                with all_threads():  # the one large call: one parallel region, as stock SDPA runs it
-                    mid = F.scaled_dot_product_attention(qt, kb, vb, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
-                if keep is not None:
-                    mid = mid * keep[r, front:n_inner, None].to(mid.dtype)
-                pieces.append(mid.transpose(0, 1))  # (H, n_mid, bs, Dv)
-            pieces.append(out_edge[b, :, front:])
-            per_row.append(torch.cat(pieces, dim=1))  # (H, nT, bs, Dv)
-        out = per_row[0].unsqueeze(0) if B == 1 else torch.stack(per_row)
-        return out.view(B, H, n_tiles * bs, Dv)[:, :, :L]
+    # The few dozen small ops with one intra-op thread, forward and backward (no parallel region each); the one
+    # large SDPA call per row with all of them.
+    return graph_in(serial_steps, functools.partial(_banded_rows, masks, bs, width, scale, L), q, k, v)
+
+
+def _banded_rows(masks: _BandMasks, bs: int, width: int, scale: float, L: int, q, k, v) -> torch.Tensor:
+    """``banded_attention``'s computation on contiguous ``q``, ``k``, ``v`` with the band's ``masks``."""
+    B, H, _, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    n_tiles, n_inner = -(-L // bs), L // bs  # n_inner: tiles with bs real queries
+    rows = masks.allowed.shape[0]
+    allowed, has_key, keep = masks.allowed, masks.has_key, masks.keep
+    out_edge = _edge_attention(q, k, v, masks.edges, bs, width, masks.edge_bias, masks.edge_keep, scale)
+    out_edge = out_edge.to(q.dtype)
+    front = min(width - 1, n_tiles)
+    n_mid = max(n_inner - front, 0)
+    per_row = []
+    for b in range(B):
+        r = b if rows > 1 else 0
+        pieces = [out_edge[b, :, :front]]
+        if n_mid:
+            qt = q[b, :, front * bs : n_inner * bs].view(H, n_mid, bs, D).transpose(0, 1)
+            kb, vb = (_band_view(t[b], front, n_mid, bs, width) for t in (k, v))
+            mask = allowed[r, front:n_inner, None]
+            if keep is not None:  # empty rows attend to every band key (finite), their output is zeroed below
+                mask = mask | ~has_key[r, front:n_inner, None]
+            mask = _additive(mask, qt.dtype)
+            sdpa = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+            mid = graph_in(all_threads, sdpa, qt, kb, vb)  # one parallel region, as stock SDPA runs it
+            if keep is not None:
+                mid = mid * keep[r, front:n_inner, None].to(mid.dtype)
+            pieces.append(mid.transpose(0, 1))  # (H, n_mid, bs, Dv)
+        pieces.append(out_edge[b, :, front:])
+        per_row.append(torch.cat(pieces, dim=1))  # (H, nT, bs, Dv)
+    out = per_row[0].unsqueeze(0) if B == 1 else torch.stack(per_row)
+    return out.view(B, H, n_tiles * bs, Dv)[:, :, :L]
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
