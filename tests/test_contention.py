@@ -328,8 +328,10 @@ def test_banded_runs_its_small_ops_with_one_thread_and_its_sdpa_call_with_all(tw
     spec = BANDED_SPECS[name]()
     q, k, v = qkv(200, heads=4, kv_heads=2, grad=True, batch=spec.batch_size or 1)
     out = am.attention(q, k, v, spec, backend="banded")
+    differentiated = spy_threads(monkeypatch, torch.autograd, ["grad"])
     got = grads(out, (q, k, v))
     assert kernels == {1} and sdpa == {2} and torch.get_num_threads() == 2
+    assert differentiated == {1, 2}  # the backward of the small ops with one thread, SDPA's (and the caller's) with two
     with monkeypatch.context() as m:
         m.setattr(W, "ENABLED", False)
         kernels.clear()
@@ -386,3 +388,24 @@ def test_a_varlen_document_too_large_to_share_gets_every_thread_for_its_sdpa_cal
     assert (here, 2) in sdpa and (here, 1) in sdpa  # the long document's call, and the small ones'
     assert {threads for _, threads in copies} == {1}
     assert_matches_reference(out, reference(q, k, v, spec)[0])
+
+
+def test_graph_in_differentiates_inside_its_block_and_equals_plain_autograd(two_threads):
+    counts = []
+
+    def fn(a, b):
+        counts.append(torch.get_num_threads())
+        return (a * b).sin().cumsum(-1)
+
+    x, y = torch.randn(3, 50, requires_grad=True), torch.randn(3, 50)
+    out = W.graph_in(W.serial_steps, fn, x, y)
+    assert counts == [1] and torch.get_num_threads() == 2 and not y.requires_grad
+    weight = torch.randn(3, 50)
+    (gx,) = torch.autograd.grad(out, x, weight, retain_graph=True)
+    torch.testing.assert_close(gx, torch.autograd.grad(fn(x, y), x, weight)[0], atol=0, rtol=0)
+    (out * weight).sum().backward()
+    (out * weight).sum().backward()  # the recorded graph is kept for a second backward
+    torch.testing.assert_close(x.grad, 2 * gx)
+    with torch.no_grad():
+        assert W.graph_in(W.serial_steps, fn, x, y).grad_fn is None
+    assert counts[-1] == 1
