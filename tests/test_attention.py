@@ -322,6 +322,28 @@ def test_sdpa_splits_bottom_right_causal_with_fewer_queries_than_keys_and_matche
     torch.testing.assert_close(out, want, **({"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {}))
 
 
+def test_the_causal_split_scans_only_its_last_keys_and_still_contains_a_masked_nan(monkeypatch):
+    """Every query sees the first K - Q keys, so only the last Q are scanned for non-finite values; a NaN there reaches
+    only the queries that may see it, and a NaN among the first keys reaches every query, as the semantics say."""
+    scanned = []
+    scan = A._all_finite
+    monkeypatch.setattr(A, "_all_finite", lambda k, v: scanned.append(k.shape[2]) or scan(k, v))
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 2, 30, 8)
+    allowed = am.causal().to_dense(4, 30)
+    for at, seen_by in ((28, [False, False, True, True]), (3, [True] * 4)):
+        assert allowed[0, :, at].tolist() == seen_by
+        poisoned = v.clone()
+        poisoned[:, :, at] = float("nan")
+        with torch.no_grad():
+            out = am.attention(q, k, poisoned, am.causal(), backend="sdpa")
+        assert scanned[-1] == 4
+        nan_rows = out.isnan().any(-1)  # (1, 2, 4)
+        assert nan_rows.eq(torch.tensor(seen_by)).all()
+        clean = naive_attention(q, k, poisoned.nan_to_num(0.0), allowed).float()
+        torch.testing.assert_close(out[~nan_rows], clean[~nan_rows])
+
+
 def test_sdpa_keeps_the_masked_call_where_the_causal_split_does_not_apply(monkeypatch):
     """A gradient, half precision, explicit positions or Q == K do not take the split; all still match naive."""
     monkeypatch.setattr(sdpa_backend, "_split_causal", lambda call: pytest.fail("split"))

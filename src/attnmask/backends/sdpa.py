@@ -95,8 +95,13 @@ def _splits_causal(call: AttentionCall) -> bool:
         return False
     if call.batch == 0 or not call.head_dim == call.value_dim > 0:  # the fused op takes one head size, no empty batch
         return False
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
-    return not grad and _flash_cpu() is not None
+    return not call.needs_grad and _flash_cpu() is not None
+
+
+def _masked_key_span(call: AttentionCall) -> slice:
+    """Where a denied key may be read: in the split, only the ``is_causal`` part's keys (every query sees the rest);
+    otherwise any key (the dense kernel multiplies denied values by 0)."""
+    return slice(call.kv_len - call.q_len, None) if _splits_causal(call) else slice(None)
 
 
 def _split_causal(call: AttentionCall) -> torch.Tensor:
@@ -198,4 +203,5 @@ BACKEND = Backend(
     per_head=True,
     dropout=True,
     score_mods=frozenset({"sinks", "alibi"}),
+    masked_key_span=_masked_key_span,
 )
