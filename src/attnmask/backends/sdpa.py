@@ -112,8 +112,8 @@ def _split_causal(call: AttentionCall) -> torch.Tensor:
     k, v = call.k, call.v
     head, head_lse = flash(call.q, k[:, :, :cut], v[:, :, :cut], scale=call.scale)
     tail, tail_lse = flash(call.q, k[:, :, cut:], v[:, :, cut:], is_causal=True, scale=call.scale)
-    lse = torch.logaddexp(head_lse, tail_lse).unsqueeze(-1)  # (B, H, Q, 1)
-    return head * (head_lse.unsqueeze(-1) - lse).exp() + tail * (tail_lse.unsqueeze(-1) - lse).exp()
+    # weights exp(lse_part - lse_all): the tail's is sigmoid(tail_lse - head_lse), the head's 1 minus it
+    return torch.lerp(head, tail, torch.sigmoid(tail_lse - head_lse).unsqueeze(-1))
 
 
 class _SpecMask(NamedTuple):
