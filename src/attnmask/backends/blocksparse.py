@@ -28,7 +28,7 @@ from attnmask.errors import ShapeError, bad
 from attnmask.lowering import block_layout
 from attnmask.tiles import PARTIAL
 
-__all__ = ["BACKEND", "MAX_KEYS", "MAX_ROWS", "blocksparse_attention", "run_layout", "spec_tile_mask"]
+__all__ = ["BACKEND", "MAX_KEYS", "MAX_ROWS", "blocksparse_attention", "cover", "run_layout", "spec_tile_mask"]
 
 TileMask = Callable[[int, int, int, int, int], torch.Tensor]
 _PAIR_COST = 1.3  # one multiply-add of a pair of a FULL or PARTIAL tile (tile-sized matmuls, online softmax)
@@ -456,6 +456,16 @@ def _layout_groups(call):
     return _tile_groups(
         call.batch, call.q_len, call.kv_len, layout.classes, layout.block_size, tile_mask, MAX_KEYS, MAX_ROWS
     )
+
+
+def cover(call) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The dense blocks ``run`` computes for a call: ``(b, q0, q1, k0, k1)``, queries ``[q0, q1)`` of batch row ``b``
+    against keys ``[k0, k1)``, one per key run of every query group (FULL and PARTIAL tiles together, split at
+    ``MAX_KEYS``). Every allowed pair lies in one block; ``benchmarks/bench_limit.py`` times unmasked SDPA on them
+    (the floor of this tiling). Example: ``causal()`` on rows of 256 (tiles of 64) gives ``((0, 0, 64, 0, 64),
+    (0, 64, 128, 0, 128), (0, 128, 192, 0, 192), (0, 192, 256, 0, 256))``."""
+    plan, _ = cached(call, "blocksparse", _layout_groups)
+    return tuple((g.b, g.q0, g.q1, r.k0, r.k1) for g in plan for r in g.runs)
 
 
 def run(call) -> torch.Tensor:
