@@ -162,7 +162,7 @@ def blocksparse_attention(
     B, H, Q, D, Hkv, K = check_qkv(q, k, v)
     plan, masks = _tile_groups(B, Q, K, tile_class, block_size, tile_mask, max_keys, max_rows)
     scale = D**-0.5 if scale is None else float(scale)
-    return _BlockSparse.apply(q, k, v, plan, masks, scale)
+    return _BlockSparse.apply(q, k, v, plan, masks, scale, {})
 
 
 def _tile_groups(B: int, Q: int, K: int, tile_class, block_size, tile_mask: TileMask, max_keys: int, max_rows: int):
@@ -259,6 +259,44 @@ def _run_bias(spans, rows: int, n: int, rep: int, dtype: torch.dtype, device) ->
     return bias.repeat(rep, 1) if rep > 1 else bias
 
 
+_BIAS_BUDGET = 1 << 23  # elements of the biases a plan keeps (32 MiB of float32); past it they are built per call
+
+
+def _shared_biases(plan, masks: dict, rep: int) -> dict:
+    """The additive bias of every run with PARTIAL spans (``_run_bias``, float32, ``(rep·rows, n)``), built once
+    for a cached plan: ``{(group, run): bias}``.
+
+    Runs of the same rows whose spans sit at the same places counted from the run's end with the same denied pairs
+    (the diagonal tile of every causal group, a window's every inner group) share one template as wide as the widest;
+    each gets the view of its last ``n`` columns (the flash kernel reads a mask through its row stride), so the memory
+    is that of the distinct patterns, not O(Q·K). Example: ``causal()`` on rows of 1,024 in tiles of 128: 8 runs of
+    128 ... 1,024 keys, one ``(128, 1024)`` template. ``{}`` when the templates would pass ``_BIAS_BUDGET``.
+    """
+    members: dict[tuple, list] = {}
+    for (gi, ri), spans in masks.items():
+        g, r = plan[gi], plan[gi].runs[ri]
+        n = r.k1 - r.k0
+        pattern = tuple((start - n, denied.shape[1], denied.cpu().numpy().tobytes()) for start, denied in spans)
+        members.setdefault((g.q1 - g.q0, pattern), []).append(((gi, ri), n, spans))
+    if sum(rows * max(n for _, n, _ in runs) for (rows, _), runs in members.items()) * rep > _BIAS_BUDGET:
+        return {}
+    out = {}
+    for (rows, _), runs in members.items():
+        width = max(n for _, n, _ in runs)
+        _, n, spans = runs[0]
+        template = _run_bias(
+            [(start + width - n, denied) for start, denied in spans],
+            rows,
+            width,
+            rep,
+            torch.float32,
+            spans[0][1].device,
+        )
+        for key, n, _ in runs:
+            out[key] = template[:, width - n :]
+    return out
+
+
 def _run_empty_rows(spans, n: int, rep: int) -> torch.Tensor | None:
     """``(rep·rows,)`` bool: rows of a run whose every key is denied; None when the run has an unmasked key tile."""
     if not spans or sum(d.shape[1] for _, d in spans) < n:
@@ -272,14 +310,16 @@ def _run_empty_rows(spans, n: int, rep: int) -> torch.Tensor | None:
 def _flash_group_forward(qg, runs, rep, scale):
     """Group forward with the CPU flash kernel, one call per run, merged by log-sum-exp.
 
-    ``qg`` ``(1, Hkv, rep·rows, D)``; ``runs``: ``(k, v, spans)`` with ``k, v`` ``(1, Hkv, n, D)``. Returns the
-    output and the log-sum-exp (``+inf`` on rows with no allowed key).
+    ``qg`` ``(1, Hkv, rep·rows, D)``; ``runs``: ``(k, v, spans, bias)`` with ``k, v`` ``(1, Hkv, n, D)``, ``bias``
+    the run's ``_run_bias`` when the plan keeps it (else None: built here). Returns the output and the log-sum-exp
+    (``+inf`` on rows with no allowed key).
     """
     fwd, _ = _flash_cpu_ops()
     n_rows = qg.shape[2]
     outs, lses = [], []
-    for kt, vt, spans in runs:
-        bias = _run_bias(spans, n_rows // rep, kt.shape[2], rep, qg.dtype, qg.device)
+    for kt, vt, spans, bias in runs:
+        if bias is None:
+            bias = _run_bias(spans, n_rows // rep, kt.shape[2], rep, qg.dtype, qg.device)
         o, lse = fwd(qg, kt, vt, 0.0, False, attn_mask=bias, scale=scale)
         empty = _run_empty_rows(spans, kt.shape[2], rep)
         if empty is not None:
@@ -301,7 +341,7 @@ class _BlockSparse(torch.autograd.Function):
     """Block-sparse attention with recomputation in backward; see ``blocksparse_attention``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, masks, scale):
+    def forward(ctx, q, k, v, plan, masks, scale, biases):
         B, H, Q, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
         rep = H // Hkv
@@ -317,7 +357,10 @@ class _BlockSparse(torch.autograd.Function):
             rows = g.q1 - g.q0
             if flash:
                 qg = qf[g.b, :, g.q0 : g.q1].reshape(1, Hkv, rep * rows, D)
-                runs = [_run_kv(kf, vf, g, r, True) + (masks.get((gi, ri)),) for ri, r in enumerate(g.runs)]
+                runs = [
+                    _run_kv(kf, vf, g, r, True) + (masks.get((gi, ri)), biases.get((gi, ri)))
+                    for ri, r in enumerate(g.runs)
+                ]
                 o, g_lse = _flash_group_forward(qg, runs, rep, scale)
             else:
                 qg = (qf[g.b, :, g.q0 : g.q1] * scale).reshape(Hkv, rep * rows, D)
@@ -328,13 +371,13 @@ class _BlockSparse(torch.autograd.Function):
 
         parallel_map(group_forward, range(len(plan)), _group_weights(plan), device=q.device.type)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.masks, ctx.scale, ctx.flash = plan, masks, scale, flash
+        ctx.plan, ctx.masks, ctx.scale, ctx.flash, ctx.biases = plan, masks, scale, flash, biases
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out, lse = ctx.saved_tensors
-        plan, masks, scale = ctx.plan, ctx.masks, ctx.scale
+        plan, masks, scale, biases = ctx.plan, ctx.masks, ctx.scale, ctx.biases
         qf, kf, vf = (_unit_stride(t.to(out.dtype)) for t in (q, k, v))
         do = d_out.to(out.dtype)
         dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
@@ -342,11 +385,11 @@ class _BlockSparse(torch.autograd.Function):
         adding = threading.Lock()  # groups write their own rows of dq but may share keys: dk, dv add under it
 
         def one_group(gi: int) -> None:
-            spans = [masks.get((gi, ri)) for ri in range(len(plan[gi].runs))]
+            spans = [(masks.get((gi, ri)), biases.get((gi, ri))) for ri in range(len(plan[gi].runs))]
             group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, plan[gi], spans, scale, adding)
 
         parallel_map(one_group, range(len(plan)), _group_weights(plan), device=q.device.type)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def _run_kv(kf, vf, g: _Group, r: _Run, batched: bool):
@@ -378,9 +421,10 @@ def _flash_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale,
     qg, og, dog = (_group_views(t, g, Hkv, True) for t in (qf, out, do))
     lse_g = _group_views(lse, g, Hkv, True).float()
     dq_g = None
-    for r, run_spans in zip(g.runs, spans, strict=True):
+    for r, (run_spans, bias) in zip(g.runs, spans, strict=True):
         kt, vt = _run_kv(kf, vf, g, r, True)
-        bias = _run_bias(run_spans, rows, kt.shape[2], rep, qf.dtype, qf.device)
+        if bias is None:
+            bias = _run_bias(run_spans, rows, kt.shape[2], rep, qf.dtype, qf.device)
         gq, gk, gv = bwd(dog, qg, kt, vt, og, lse_g, 0.0, False, attn_mask=bias, scale=scale)
         dq_g = gq if dq_g is None else dq_g + gq
         with adding:
@@ -400,7 +444,7 @@ def _torch_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale,
     lse_g = _group_views(lse, g, Hkv, False).unsqueeze(-1)
     delta_g = (dog * _group_views(out, g, Hkv, False)).sum(-1, keepdim=True)
     dq_g = torch.zeros_like(qg)
-    for r, run_spans in zip(g.runs, spans, strict=True):
+    for r, (run_spans, _) in zip(g.runs, spans, strict=True):
         kt, vt = _run_kv(kf, vf, g, r, False)
         p = _apply_masks(torch.bmm(qg, kt.transpose(1, 2)), run_spans, rep).sub_(lse_g).exp_()
         gv = torch.bmm(p.transpose(1, 2), dog)
@@ -449,13 +493,17 @@ def cost(call) -> float:
 
 
 def _layout_groups(call):
-    """The layout's query groups and the element masks of its PARTIAL tiles, kept with the plans: O(partial tiles ·
-    block_size²) bools, which the forward keeps for the backward anyway."""
+    """The layout's query groups, the element masks of its PARTIAL tiles and, for the CPU flash kernel, their shared
+    additive biases (``_shared_biases``), kept with the plans: O(partial tiles · block_size²) bools, which the
+    forward keeps for the backward anyway, and at most ``_BIAS_BUDGET`` floats."""
     layout = cached(call, "layout", _layout)
     tile_mask = spec_tile_mask(layout.spec, layout.q_positions, layout.kv_positions)
-    return _tile_groups(
+    plan, masks = _tile_groups(
         call.batch, call.q_len, call.kv_len, layout.classes, layout.block_size, tile_mask, MAX_KEYS, MAX_ROWS
     )
+    flash = call.device_type == "cpu" and torch.promote_types(call.q.dtype, torch.float32) == torch.float32
+    biases = _shared_biases(plan, masks, call.heads // call.kv_heads) if flash else {}
+    return plan, masks, biases
 
 
 def cover(call) -> tuple[tuple[int, int, int, int, int], ...]:
@@ -464,13 +512,13 @@ def cover(call) -> tuple[tuple[int, int, int, int, int], ...]:
     ``MAX_KEYS``). Every allowed pair lies in one block; ``benchmarks/bench_limit.py`` times unmasked SDPA on them
     (the floor of this tiling). Example: ``causal()`` on rows of 256 (tiles of 64) gives ``((0, 0, 64, 0, 64),
     (0, 64, 128, 0, 128), (0, 128, 192, 0, 192), (0, 192, 256, 0, 256))``."""
-    plan, _ = cached(call, "blocksparse", _layout_groups)
+    plan, _, _ = cached(call, "blocksparse", _layout_groups)
     return tuple((g.b, g.q0, g.q1, r.k0, r.k1) for g in plan for r in g.runs)
 
 
 def run(call) -> torch.Tensor:
-    plan, masks = cached(call, "blocksparse", _layout_groups)
-    return _BlockSparse.apply(call.q, call.k, call.v, plan, masks, call.scale)
+    plan, masks, biases = cached(call, "blocksparse", _layout_groups)
+    return _BlockSparse.apply(call.q, call.k, call.v, plan, masks, call.scale, biases)
 
 
 def run_layout(q, k, v, layout, *, scale: float | None = None) -> torch.Tensor:
