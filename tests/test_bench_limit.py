@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import attnmask as am
@@ -90,3 +92,14 @@ def test_floor_blocks_hold_every_allowed_pair_and_are_timed(capsys):
     assert "| covered | floor ms |" in out and "| auto / floor |" in out
     line = next(x for x in out.splitlines() if x.startswith("| causal chunked"))
     assert float(line.split("|")[4]) > 0 and float(line.split("|")[5]) > 0  # covered, floor ms: measured, not "-"
+
+
+def test_blocksparse_ab_times_this_checkout_against_a_revision(capsys):
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=SCRIPT.parents[1], capture_output=True).returncode:
+        pytest.skip("not a git checkout: no revision to compare with")
+    spec = importlib.util.spec_from_file_location("bench_blocksparse_ab", SCRIPT.parent / "bench_blocksparse_ab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--base", "HEAD", "--length", "256", "--reps", "1", "--only", "chunked", "--mode", "fwd,fwdbwd"])
+    out = capsys.readouterr().out
+    assert out.count("| causal chunked 32 |") == 2 and "reproduce: " in out
