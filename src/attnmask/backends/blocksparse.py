@@ -79,10 +79,11 @@ class _Group:
 
 # Consecutive query groups whose key tiles differ are computed as one group of ``max_rows`` rows over the union of
 # their key tiles (the pairs outside a group's own tiles masked) when that computes at most this many times their own
-# pairs. Measured (benchmarks/RESULTS.md, "Long rows and the floor"): one flash call of 512 query rows against 4,096
-# keys takes ~0.91x the time of four calls of 128 rows on the same keys, masked pairs included, and the whole call
-# on rows of 8K runs 0.8-0.9x on prefix-LM 2048 and window + documents (fewer calls and log-sum-exp merges); short
-# runs (a window of 512: the union of four tiles is 1.6x their pairs) stay tile by tile.
+# pairs: fewer, larger flash calls and fewer log-sum-exp merges for rows whose key runs are long (a prefix, a window
+# of 4,096, the late tiles of a long document). Measured on rows of 8K (``benchmarks/bench_blocksparse_ab.py``,
+# RESULTS.md "Long rows and the floor"): prefix-LM 2048 0.76-0.88x, window 4096 0.80-1.11x of main's blocksparse
+# (the shared biases included), where the rows without merged groups moved 0.82-1.03x.
+# Short runs (a window of 512: the union of four tiles is 1.6x their pairs) stay tile by tile.
 _MERGE_GAIN = 1.1
 
 
