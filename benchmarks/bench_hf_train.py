@@ -17,9 +17,11 @@ A step is forward + backward + AdamW over all the sequences, loss normalised ove
 lognormal (``--log-mean 5.0``: mean about 180 tokens before clipping), clipped to the row length. Per row length of
 ``--rows``, sequences are drawn until they hold ``--tokens`` real tokens (or ``--seqs`` of them, when given), so every
 size trains on about the same number of tokens. The three losses of the first step are printed as a check (same
-tokens, same targets: equal up to float rounding). Per size, the three runs alternate in ``--repeats`` rounds; the
-best step time of each (the least disturbed by other load on a shared machine) gives the speed-up of packed +
-attnmask over each peer (> 1: attnmask is faster). A table of every size follows, with the command that made it.
+tokens, same targets: equal up to float rounding). Per size, the three runs alternate in ``--repeats`` rounds (the
+order rotated each round). The speed-up of packed + attnmask over a peer (> 1: attnmask is faster) is the median over
+rounds of the peer's step time over attnmask's in the same round: the two steps ran seconds apart, so load on a shared
+machine that comes and goes between rounds cancels in the ratio; the best step time of each run is printed beside it.
+A table of every size follows, with the command that made it.
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ def step(model, optimizer, inputs: dict, labels: torch.Tensor) -> float:
 
 
 def measure(seqs: list[list[int]], row_length: int, repeats: int, state: dict, clock=time.perf_counter) -> dict:
-    """Best step time (seconds) of each of ``RUNS`` on ``seqs`` over ``repeats`` interleaved rounds, with the
-    batches' shapes and the first step's losses."""
+    """Best step time (seconds) of each of ``RUNS`` on ``seqs`` over ``repeats`` interleaved rounds, the median over
+    rounds of each run's time over packed + attnmask's in the same round (``ratio``), the batches' shapes and the first
+    step's losses."""
     examples = [{"input_ids": s} for s in seqs]
     packed = hf.DataCollatorForCausalLM(0, packing=True, max_length=row_length, return_batch=True)(examples)
     padded = hf.DataCollatorForCausalLM(0, return_batch=True)(examples)
@@ -103,13 +106,17 @@ def measure(seqs: list[list[int]], row_length: int, repeats: int, state: dict, c
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
     losses = {name: step(models[name], optims[name], inputs, batch.labels) for name, (_, inputs, batch) in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, (_, inputs, batch) in runs.items():
+    order = list(runs)
+    for r in range(repeats):
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            _, inputs, batch = runs[name]
             t = clock()
             step(models[name], optims[name], inputs, batch.labels)
             times[name].append(clock() - t)
+    ours = times[RUNS[0]]
     return {
         "best": {name: min(ts) for name, ts in times.items()},
+        "ratio": {name: float(np.median([t / o for t, o in zip(ts, ours, strict=True)])) for name, ts in times.items()},
         "losses": losses,
         "packed": tuple(packed.input_ids.shape),
         "padded": tuple(padded.input_ids.shape),
@@ -167,23 +174,27 @@ def main() -> None:
             f"{max(map(len, seqs))}); packed {result['packed']}, padded {result['padded']}"
         )
         print("first-step losses (should agree): " + ", ".join(f"{k}: {v:.5f}" for k, v in result["losses"].items()))
-        print(f"| run | ms/step (best of {args.repeats}) | real tokens/s | attnmask speed-up |")
+        print(f"| run | ms/step (best of {args.repeats}) | real tokens/s | attnmask speed-up (median of rounds) |")
         print("|---|---:|---:|---:|")
         for name in RUNS:
             ms = best[name]
-            print(f"| {name} | {ms * 1e3:.1f} | {real / ms:,.0f} | {ms / best[RUNS[0]]:.2f}x |")
+            print(f"| {name} | {ms * 1e3:.1f} | {real / ms:,.0f} | {result['ratio'][name]:.2f}x |")
         summary.append((length, result, real))
 
-    print(f"\nspeed-up of packed + attnmask (> 1: faster), best of {args.repeats} interleaved rounds per size")
+    print(
+        f"\nspeed-up of packed + attnmask (> 1: faster): median over {args.repeats} interleaved rounds of the peer's "
+        "step time over attnmask's in the same round (in brackets: ratio of the best step times)"
+    )
     print("| row length | packed | padded | real tokens | attnmask ms | vs packed + sdpa (dense) | vs padded + sdpa |")
     print("|---:|---|---|---:|---:|---:|---:|")
     for length, result, real in summary:
-        best = result["best"]
+        best, ratio = result["best"], result["ratio"]
         ours = best[RUNS[0]]
         print(
             f"| {length} | {result['packed'][0]} x {result['packed'][1]} | {result['padded'][0]} x "
-            f"{result['padded'][1]} | {real} | {ours * 1e3:.1f} | {best[RUNS[2]] / ours:.2f}x | "
-            f"{best[RUNS[1]] / ours:.2f}x |"
+            f"{result['padded'][1]} | {real} | {ours * 1e3:.1f} | "
+            f"{ratio[RUNS[2]]:.2f}x ({best[RUNS[2]] / ours:.2f}x) | "
+            f"{ratio[RUNS[1]]:.2f}x ({best[RUNS[1]] / ours:.2f}x) |"
         )
     print("\ncommand: PYTHONPATH=src python benchmarks/bench_hf_train.py " + " ".join(sys.argv[1:]))
 

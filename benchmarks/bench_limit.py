@@ -19,6 +19,15 @@ phase; it also ends itself after 15 minutes): the table then shows each backend'
 ``--serial``: also time "varlen" and "blocksparse" with their tasks run one by one in the caller (columns
 "... 1-by-1"), each call split across all intra-op threads as before the coarse-grained workers (``backends._workers``).
 
+The floor (columns "covered", "floor ms", "floor / ideal", "auto / floor"): ``blocksparse`` computes a call as dense
+blocks, a query group's rows against each run of key tiles it reads (FULL and PARTIAL tiles, ``blocksparse.cover``).
+"covered" is the pairs inside those blocks over all pairs (next to "allowed"); "floor ms" is a real timed call in
+the same interleaved rounds: stock unmasked SDPA on every block, one call each on views of q, k, v, no mask built or
+applied, no log-sum-exp merging (forward + backward: each block's own backward, its gradients not scattered back).
+It is what the stock kernel itself pays for the pairs in that shape (short key runs, the diagonal, the wasted pairs of
+PARTIAL tiles), so auto / ideal splits into floor / ideal (the kernel and the tiling) times auto / floor (attnmask's
+own overhead: masks of PARTIAL tiles, Python, merges; below 1 where the pick is not blocksparse and beats the cover).
+
 ps/unit columns (``--units``): measured picoseconds per unit of each backend's cost estimate; a calibrated cost model
 has the same ps/unit across backends and rows (``auto`` compares estimates, so only their ratios matter).
 """
@@ -41,8 +50,9 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
-from attnmask.backends import REGISTRY
+from attnmask.backends import REGISTRY, blocksparse
 from attnmask.backends import _workers as workers
+from attnmask.backends.contract import AttentionCall
 
 # The constants of each backend's CPU cost estimate that ``--fit`` refits (module attributes of
 # ``attnmask.backends.<name>``; every estimate is linear in them). "sdpa"'s estimate (pairs times D + Dv) is the unit.
@@ -55,6 +65,7 @@ FITTED = {
 }
 TASKED = ("varlen", "blocksparse")  # the backends whose calls run as coarse-grained tasks (backends._workers)
 SERIAL = " 1-by-1"  # column suffix (--serial): the same backend with its tasks run one by one in the caller
+FLOOR = "(floor)"  # unmasked SDPA on blocksparse's dense blocks (cover_blocks), timed with the backends
 SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
 
@@ -156,7 +167,8 @@ def serially(fn, *args, **kwargs):
 
 
 def step(fn, qkv, grad: bool):
-    """One call of ``fn(q, k, v)``, with its backward when ``grad`` (gradients reset, so nothing accumulates)."""
+    """One call of ``fn(q, k, v)``, with its backward when ``grad`` (gradients reset, so nothing accumulates); a
+    ``fn`` that returns None ran its own backward."""
     if not grad:
         with torch.no_grad():
             fn(*qkv)
@@ -164,7 +176,56 @@ def step(fn, qkv, grad: bool):
     for t in qkv:
         t.grad = None
     out = fn(*qkv)
-    out.backward(torch.ones_like(out))
+    if out is not None:
+        out.backward(torch.ones_like(out))
+
+
+def cover_blocks(case: Case, qkv) -> tuple[tuple[int, int, int, int, int], ...] | None:
+    """``blocksparse``'s dense blocks ``(b, q0, q1, k0, k1)`` for the case (``blocksparse.cover``), None when it has no
+    layout (no spec, or a call it refuses)."""
+    q, k, v = qkv
+    spec = am.full() if case.spec is None else case.spec
+    q_pos, kv_pos = am.masks.resolve_positions(case.q_len, case.kv_len, device=q.device)
+    call = AttentionCall(q, k, v, spec, q.shape[-1] ** -0.5, q_pos, kv_pos)
+    if blocksparse.BACKEND.not_supported_reasons(call):
+        return None
+    return blocksparse.cover(call)
+
+
+def covered_fraction(blocks, case: Case) -> float:
+    """Pairs inside the blocks over all ``B·Q·K`` pairs (the blocks of one batch row do not overlap)."""
+    return sum((q1 - q0) * (k1 - k0) for _, q0, q1, k0, k1 in blocks) / (case.batch * case.q_len * case.kv_len)
+
+
+def floor_fn(blocks, qkv):
+    """The floor: stock unmasked SDPA on the blocks, one call per distinct block shape ``(rows, keys)``, the blocks of
+    a shape stacked along the batch. The stacks are copied from q, k, v here, once, outside the timed call (layout
+    work, not the kernel's); the call builds and applies no mask and merges nothing. With grad enabled each stack's
+    output is differentiated on its own (gradients of the stacks, not scattered back into q, k, v)."""
+    shapes: dict[tuple[int, int], list] = {}
+    for b, q0, q1, k0, k1 in blocks:
+        shapes.setdefault((q1 - q0, k1 - k0), []).append((b, q0, q1, k0, k1))
+    q, k, v = (t.detach() for t in qkv)
+    stacks = [
+        (
+            torch.stack([q[b, :, q0:q1] for b, q0, q1, _, _ in same]),
+            torch.stack([k[b, :, k0:k1] for b, _, _, k0, k1 in same]),
+            torch.stack([v[b, :, k0:k1] for b, _, _, k0, k1 in same]),
+        )
+        for same in shapes.values()
+    ]
+
+    def run(q, k, v):
+        grad = torch.is_grad_enabled() and q.requires_grad
+        for parts in stacks:
+            out = F.scaled_dot_product_attention(*(t.requires_grad_(grad) for t in parts))
+            if grad:
+                for t in parts:
+                    t.grad = None
+                out.backward(torch.ones_like(out))
+        return None
+
+    return run
 
 
 class Spinner:
@@ -190,6 +251,9 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
         if ok and c is not None and c != float("inf") and n != "reference"
     }
     fns = {"(unmasked sdpa)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+    blocks = cover_blocks(case, qkv)
+    if blocks is not None:
+        fns[FLOOR] = floor_fn(blocks, qkv)
     for name in costs:
         fns[name] = lambda q, k, v, n=name: am.attention(q, k, v, case.spec, backend=n)
     if args.serial:  # the same backends with their tasks run one by one in the caller (as before issue 15's fix)
@@ -215,7 +279,14 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
                 if spinner:
                     spinner.__exit__()
     med = {key: statistics.median(ts) for key, ts in times.items()}
-    return {"fraction": allowed_fraction(case), "med": med, "costs": costs, "picked": explained.picked}
+    covered = None if blocks is None else covered_fraction(blocks, case)
+    return {
+        "fraction": allowed_fraction(case),
+        "covered": covered,
+        "med": med,
+        "costs": costs,
+        "picked": explained.picked,
+    }
 
 
 def fmt_ms(seconds: float) -> str:
@@ -229,10 +300,10 @@ def header(names: list[str], args, dtype, grad) -> list[str]:
         f"**{mode}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} thread(s)** "
         f"(ms, median of {args.reps}; auto = its pick's time{'; ps per cost unit in brackets' if args.units else ''})",
         "",
-        "| structure | allowed | ideal ms | "
+        "| structure | allowed | ideal ms | covered | floor ms | "
         + " | ".join(names)
-        + " | auto picks | auto / ideal | auto / best | bound | ok |",
-        "|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|",
+        + " | auto picks | auto / ideal | floor / ideal | auto / floor | auto / best | bound | ok |",
+        "|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|---|---|",
     ]
 
 
@@ -253,17 +324,21 @@ def row(case: Case, m: dict, names: list[str], args, grad: bool) -> str:
             continue
         cell = fmt_ms(t) + (f" ({t / m['costs'][base] * 1e12:.0f})" if args.units else "")
         cells.append(f"**{cell}**" if n in timed and t == best else cell)
+    floor = med.get(("idle", FLOOR))
+    covered = "-" if m["covered"] is None else f"{m['covered']:.3f}"
+    floor_cells = ("-", "-", "-") if floor is None else (fmt_ms(floor), f"{floor / ideal:.2f}", f"{auto / floor:.2f}")
     return (
-        f"| {case.name} | {m['fraction']:.3f} | {fmt_ms(ideal)} | "
+        f"| {case.name} | {m['fraction']:.3f} | {fmt_ms(ideal)} | {covered} | {floor_cells[0]} | "
         + " | ".join(cells)
-        + f" | {m['picked']} | {auto / ideal:.2f} | {auto / best:.2f} | {bound:.2f} | {ok} |"
+        + f" | {m['picked']} | {auto / ideal:.2f} | {floor_cells[1]} | {floor_cells[2]} | {auto / best:.2f} "
+        + f"| {bound:.2f} | {ok} |"
     )
 
 
 def busy_table(case_rows, names: list[str], grad: bool) -> list[str]:
     """Slowdown busy / idle of stock unmasked SDPA and of every backend, and auto's pick against the best when busy."""
     mode = "forward + backward" if grad else "forward"
-    cols = ["(unmasked sdpa)", *names]
+    cols = ["(unmasked sdpa)", FLOOR, *names]
     lines = ["", f"**{mode}, one core busy: slowdown busy / idle (busy ms)**", ""]
     lines.append("| structure | " + " | ".join(cols) + " | auto picks | auto busy / best busy | slows more than sdpa |")
     lines.append("|---|" + "---|" * len(cols) + "---|---|---|")
@@ -293,16 +368,18 @@ def parse_tables(path: str, length: int, decode_keys: int) -> list[tuple[Case, b
     if sizes:
         length, decode_keys = int(sizes.group(1)), int(sizes.group(2))
     by_name = {c.name: c for c in cases(length, decode_keys)}
-    out, grad, dtype, names = [], False, torch.float32, []
+    out, grad, dtype, names, first = [], False, torch.float32, [], 3
     for line in text.splitlines():
         title = re.match(r"\*\*(forward \+ backward|forward), (\w+), ", line)
         if title:
             grad, dtype = title.group(1) != "forward", getattr(torch, title.group(2))
         cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
         if cells[0] == "structure" and cells[1] == "allowed":
-            names = cells[3 : cells.index("auto picks")]
-        elif names and cells[0] in by_name and len(cells) > 3 + len(names):
-            for name, cell in zip(names, cells[3 : 3 + len(names)], strict=True):
+            first = cells.index("ideal ms") + 1  # then the floor's columns (tables since branch floor), the backends
+            first += sum(c in ("covered", "floor ms") for c in cells[first : first + 2])
+            names = cells[first : cells.index("auto picks")]
+        elif names and cells[0] in by_name and len(cells) > first + len(names):
+            for name, cell in zip(names, cells[first : first + len(names)], strict=True):
                 if cell != "-" and not name.endswith(SERIAL):
                     out.append((by_name[cells[0]], grad, dtype, name, float(cell.split()[0]) / 1e3))
     return out

@@ -89,7 +89,8 @@ def test_causal_with_fewer_queries_than_keys_is_bottom_right_aligned():
     "q_len, kv_len, expect_is_causal, expect_mask", [(5, 5, True, False), (3, 5, False, True), (1, 5, False, False)]
 )
 def test_sdpa_is_causal_is_used_only_when_queries_equal_keys(monkeypatch, q_len, kv_len, expect_is_causal, expect_mask):
-    """(1 query: the last position sees every key, so no mask at all.)"""
+    """(1 query: the last position sees every key, so no mask at all. With a gradient, so that Q < K takes the masked
+    call, not the forward-only split: test_sdpa_splits_bottom_right_causal_...)"""
     seen, original = [], F.scaled_dot_product_attention
 
     def spy(*args, **kwargs):
@@ -97,8 +98,10 @@ def test_sdpa_is_causal_is_used_only_when_queries_equal_keys(monkeypatch, q_len,
         return original(*args, **kwargs)
 
     monkeypatch.setattr(sdpa_backend.F, "scaled_dot_product_attention", spy)
-    q, k, v = torch.randn(1, 2, q_len, 4), torch.randn(1, 2, kv_len, 4), torch.randn(1, 2, kv_len, 4)
-    out = am.attention(q, k, v, am.causal(), backend="sdpa")
+    q = torch.randn(1, 2, q_len, 4, requires_grad=True)
+    k, v = torch.randn(1, 2, kv_len, 4), torch.randn(1, 2, kv_len, 4)
+    out = am.attention(q, k, v, am.causal(), backend="sdpa").detach()
+    q = q.detach()
     assert seen and seen[0].get("is_causal", False) == expect_is_causal
     assert (seen[0].get("attn_mask") is not None) == expect_mask
     assert_matches_reference(out, naive_attention(q, k, v, am.causal().to_dense(q_len, kv_len)))
@@ -298,6 +301,60 @@ def test_sdpa_decode_step_under_causal_is_the_unmasked_kernel():
     torch.testing.assert_close(out, naive_attention(q, k, v, torch.ones(1, 37, dtype=torch.bool)).float())
     first = am.attention(q, k, v, am.causal(), backend="sdpa", q_positions=torch.tensor([0]))  # explicit: one key
     torch.testing.assert_close(first, v[:, :, :1].repeat_interleave(2, dim=1))
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 4, 2, 3), (2, 4, 2, 8, 37), (1, 2, 1, 40, 41), (2, 4, 2, 30, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sdpa_splits_bottom_right_causal_with_fewer_queries_than_keys_and_matches_naive(monkeypatch, shape, dtype):
+    """Q < K under causal(), no gradient: an unmasked part and an is_causal part merged by log-sum-exp, no mask."""
+    B, H, Hkv, Q, K = shape
+    g = torch.Generator().manual_seed(Q)
+    q = torch.randn(B, H, Q, 8, generator=g, dtype=dtype)
+    k, v = torch.randn(B, Hkv, K, 8, generator=g, dtype=dtype), torch.randn(B, Hkv, K, 8, generator=g, dtype=dtype)
+    calls = []
+    split = sdpa_backend._split_causal
+    monkeypatch.setattr(sdpa_backend, "_split_causal", lambda call: calls.append(call) or split(call))
+    monkeypatch.setattr(sdpa_backend, "dense_mask", lambda call: pytest.fail("built a mask"))
+    with torch.no_grad():
+        out = am.attention(q, k, v, am.causal(), backend="sdpa")
+    assert len(calls) == 1 and out.dtype == dtype
+    want = naive_attention(q, k, v, am.causal().to_dense(Q, K)).to(dtype)
+    torch.testing.assert_close(out, want, **({"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {}))
+
+
+def test_the_causal_split_scans_only_its_last_keys_and_still_contains_a_masked_nan(monkeypatch):
+    """Every query sees the first K - Q keys, so only the last Q are scanned for non-finite values; a NaN there reaches
+    only the queries that may see it, and a NaN among the first keys reaches every query, as the semantics say."""
+    scanned = []
+    scan = A._all_finite
+    monkeypatch.setattr(A, "_all_finite", lambda k, v: scanned.append(k.shape[2]) or scan(k, v))
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 2, 30, 8)
+    allowed = am.causal().to_dense(4, 30)
+    for at, seen_by in ((28, [False, False, True, True]), (3, [True] * 4)):
+        assert allowed[0, :, at].tolist() == seen_by
+        poisoned = v.clone()
+        poisoned[:, :, at] = float("nan")
+        with torch.no_grad():
+            out = am.attention(q, k, poisoned, am.causal(), backend="sdpa")
+        assert scanned[-1] == 4
+        nan_rows = out.isnan().any(-1)  # (1, 2, 4)
+        assert nan_rows.eq(torch.tensor(seen_by)).all()
+        clean = naive_attention(q, k, poisoned.nan_to_num(0.0), allowed).float()
+        torch.testing.assert_close(out[~nan_rows], clean[~nan_rows])
+
+
+def test_sdpa_keeps_the_masked_call_where_the_causal_split_does_not_apply(monkeypatch):
+    """A gradient, half precision, explicit positions or Q == K do not take the split; all still match naive."""
+    monkeypatch.setattr(sdpa_backend, "_split_causal", lambda call: pytest.fail("split"))
+    q, k, v = torch.randn(1, 2, 3, 8, requires_grad=True), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    want = naive_attention(q.detach(), k, v, am.causal().to_dense(3, 9)).float()
+    torch.testing.assert_close(am.attention(q, k, v, am.causal(), backend="sdpa"), want)
+    with torch.no_grad():
+        half = am.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), am.causal(), backend="sdpa")
+        torch.testing.assert_close(half.float(), want, atol=2e-2, rtol=2e-2)
+        at = torch.arange(6, 9)
+        torch.testing.assert_close(am.attention(q, k, v, am.causal(), backend="sdpa", q_positions=at), want)
 
 
 def test_a_decoding_step_skips_the_masked_key_scan_since_its_query_sees_every_key(monkeypatch):

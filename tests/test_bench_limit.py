@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 import attnmask as am
 import attnmask.backends.native as native
@@ -67,3 +71,35 @@ def test_fit_reads_its_own_tables_and_replays_autos_choice(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "| native | _PAIR_COST |" in out and "now: " in out and "native factor alone: " in out
     assert native._PAIR_COST == own  # the fit replays picks under its factors, then puts the modules' own back
+
+
+def test_floor_blocks_hold_every_allowed_pair_and_are_timed(capsys):
+    bench = load_bench()
+    gen = torch.Generator().manual_seed(0)
+    for case in bench.cases(96, 160):
+        qkv = bench.inputs(case, 2, 8, torch.float32, False, gen)
+        blocks = bench.cover_blocks(case, qkv)
+        inside = torch.zeros(case.batch, case.q_len, case.kv_len, dtype=torch.bool)
+        for b, q0, q1, k0, k1 in blocks:
+            assert not inside[b, q0:q1, k0:k1].any(), (case.name, "blocks overlap")
+            inside[b, q0:q1, k0:k1] = True
+        dense = case.spec.to_dense(case.q_len, case.kv_len).expand(case.batch, -1, -1)
+        assert not (dense & ~inside).any(), case.name
+        covered = bench.covered_fraction(blocks, case)
+        assert covered == float(inside.double().mean()) and covered >= bench.allowed_fraction(case), case.name
+    bench.main(["--dry-run", "--only", "chunked"])
+    out = capsys.readouterr().out
+    assert "| covered | floor ms |" in out and "| auto / floor |" in out
+    line = next(x for x in out.splitlines() if x.startswith("| causal chunked"))
+    assert float(line.split("|")[4]) > 0 and float(line.split("|")[5]) > 0  # covered, floor ms: measured, not "-"
+
+
+def test_blocksparse_ab_times_this_checkout_against_a_revision(capsys):
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=SCRIPT.parents[1], capture_output=True).returncode:
+        pytest.skip("not a git checkout: no revision to compare with")
+    spec = importlib.util.spec_from_file_location("bench_blocksparse_ab", SCRIPT.parent / "bench_blocksparse_ab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--base", "HEAD", "--length", "256", "--reps", "1", "--only", "chunked", "--mode", "fwd,fwdbwd"])
+    out = capsys.readouterr().out
+    assert out.count("| causal chunked 32 |") == 2 and "reproduce: " in out

@@ -164,6 +164,54 @@ def test_blocksparse_skips_none_tiles(monkeypatch):
     assert all(k1 <= 32 for q0, k0, k1 in seen if q0 < 32) and all(k0 >= 32 for q0, k0, k1 in seen if q0 >= 32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=40, suppress_health_check=FIXTURE_OK)
+@given(tiled=tiled_case(), max_keys=st.integers(1, 12), tiles=st.integers(1, 4), gain=st.sampled_from([1.0, 1.2, 9.0]))
+def test_blocksparse_with_merged_groups_and_shared_biases_matches_naive(
+    kernel_path, dtype, tiled, max_keys, tiles, gain, monkeypatch
+):
+    spec, case, block = tiled
+    monkeypatch.setattr(BS, "_MERGE_GAIN", gain)  # 9.0: groups of `tiles` tiles over the union of their key tiles
+    layout = spec.block_layout(case["q_len"], case["kv_len"], block)
+    tile_mask = BS.spec_tile_mask(spec, layout.q_positions, layout.kv_positions)
+    plan, masks = BS._tile_groups(
+        case["batch"], case["q_len"], case["kv_len"], layout.classes, block, tile_mask, max_keys, tiles * block
+    )
+    biases = BS._shared_biases(plan, masks, case["heads"] // case["kv_heads"])
+    assert biases.keys() == masks.keys()
+
+    def run(q, k, v):
+        return BS._BlockSparse.apply(q, k, v, plan, masks, q.shape[-1] ** -0.5, biases)
+
+    check_against_naive(run, case, spec, dtype)
+
+
+def test_plan_merges_query_tiles_only_where_their_key_runs_are_long():
+    def group_rows(spec):
+        layout = spec.block_layout(512, 512, 16)
+        plan = BS._plan(layout.classes, 16, 16, 512, 512, 512, 64)
+        return [g.q1 - g.q0 for g in plan]
+
+    # rows past the prefix of 256 read 256+ keys each: four tiles of 16 rows are one group of 64 (waste <= 1.2x)
+    assert set(group_rows(am.prefix_lm(256))) == {64}
+    # a window of 32 keys: the union of four tiles reads 96 keys for 64 rows, 1.6x their own pairs: tile by tile
+    assert set(group_rows(am.sliding_window(32))) == {16}
+
+
+def test_shared_biases_are_views_of_one_template_per_pattern(monkeypatch):
+    rows, block = 8, 8
+    layout = am.causal().block_layout(64, 64, block)
+    tile_mask = BS.spec_tile_mask(am.causal(), layout.q_positions, layout.kv_positions)
+    plan, masks = BS._tile_groups(1, 64, 64, layout.classes, block, tile_mask, 64, rows)
+    biases = BS._shared_biases(plan, masks, 2)
+    assert len(biases) == 8 and len({b.untyped_storage().data_ptr() for b in biases.values()}) == 1
+    for (gi, ri), bias in biases.items():
+        r = plan[gi].runs[ri]
+        assert torch.equal(bias, BS._run_bias(masks[gi, ri], rows, r.k1 - r.k0, 2, torch.float32, "cpu"))
+    monkeypatch.setattr(BS, "_BIAS_BUDGET", 2 * rows * 64 - 1)  # the template (2·8, 64) no longer fits
+    assert BS._shared_biases(plan, masks, 2) == {}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Rows with no allowed key, on every sparse backend
 

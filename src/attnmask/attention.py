@@ -347,8 +347,10 @@ def attention(
         mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
         call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p, **mods)
         chosen = choose_backend(call, backend)
-        if chosen.reads_masked_keys and not call.masks_no_key and not _all_finite(call.k, call.v):
-            return _contained(chosen, call)
+        if chosen.reads_masked_keys and not call.masks_no_key:
+            span = chosen.masked_key_span(call)
+            if not _all_finite(call.k[:, :, span], call.v[:, :, span]):
+                return _contained(chosen, call)
         return chosen.run(call)
 
 

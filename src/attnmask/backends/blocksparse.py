@@ -26,9 +26,9 @@ from attnmask.backends._workers import parallel_map
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.errors import ShapeError, bad
 from attnmask.lowering import block_layout
-from attnmask.tiles import PARTIAL
+from attnmask.tiles import NONE, PARTIAL
 
-__all__ = ["BACKEND", "MAX_KEYS", "MAX_ROWS", "blocksparse_attention", "run_layout", "spec_tile_mask"]
+__all__ = ["BACKEND", "MAX_KEYS", "MAX_ROWS", "blocksparse_attention", "cover", "run_layout", "spec_tile_mask"]
 
 TileMask = Callable[[int, int, int, int, int], torch.Tensor]
 _PAIR_COST = 1.3  # one multiply-add of a pair of a FULL or PARTIAL tile (tile-sized matmuls, online softmax)
@@ -77,24 +77,63 @@ class _Group:
     runs: tuple[_Run, ...]
 
 
+# Consecutive query groups whose key tiles differ are computed as one group of ``max_rows`` rows over the union of
+# their key tiles (the pairs outside a group's own tiles masked) when that computes at most this many times their own
+# pairs: fewer, larger flash calls and fewer log-sum-exp merges for rows whose key runs are long (a prefix, a window
+# of 4,096, the late tiles of a long document). Measured on rows of 8K (``benchmarks/bench_blocksparse_ab.py``,
+# RESULTS.md "Long rows and the floor"): prefix-LM 2048 0.76-0.88x, window 4096 0.80-1.11x of main's blocksparse
+# (the shared biases included), where the rows without merged groups moved 0.82-1.03x.
+# Short runs (a window of 512: the union of four tiles is 1.6x their pairs) stay tile by tile.
+_MERGE_GAIN = 1.1
+
+
 def _plan(tile_class: torch.Tensor, block_q: int, block_k: int, Q: int, K: int, max_keys: int, max_rows: int):
-    """Groups of query tiles with identical key-tile lists, their contiguous key runs split at ``max_keys`` keys."""
+    """Groups of up to ``max_rows`` consecutive query rows sharing one list of key tiles, their contiguous key runs
+    split at ``max_keys`` keys.
+
+    Query tiles with identical classes form a group; consecutive groups then become one of exactly ``max_rows`` rows
+    when its union of key tiles computes at most ``_MERGE_GAIN`` times their pairs. A group's classes are the union
+    of its tiles' (FULL where FULL for every tile, NONE where NONE for every tile, PARTIAL otherwise: the mask decides
+    those pairs exactly).
+    """
     tc = tile_class.to("cpu", torch.int8).numpy()
+    n_k = tc.shape[2]
+    widths = torch.full((n_k,), block_k, dtype=torch.int64)
+    if n_k:
+        widths[-1] = K - (n_k - 1) * block_k
+    widths = widths.numpy()
     groups = []
     for b in range(tc.shape[0]):
-        prev, start = None, 0
-        n_q = tc.shape[1]
-        for i in range(n_q + 1):
-            row = tc[b, i] if i < n_q else None
-            same = (
-                row is not None and prev is not None and (row == prev).all() and (i - start + 1) * block_q <= max_rows
-            )
-            if same:
-                continue
-            if prev is not None and prev.any():
-                groups.append(_Group(b, start * block_q, min(i * block_q, Q), _runs(prev, block_k, K, max_keys)))
-            prev, start = row, i
+        same = _identical_tiles(tc[b], block_q, Q, max_rows)
+        i = 0
+        while i < len(same):
+            j, rows, own, union = i, 0, 0, same[i][2]
+            while j < len(same) and rows + same[j][1] - same[j][0] <= max_rows:
+                q0, q1, classes = same[j]
+                rows, own = rows + q1 - q0, own + (q1 - q0) * int(widths[classes != NONE].sum())
+                union = union.copy()
+                union[union != classes] = PARTIAL
+                j += 1
+            if j - i > 1 and rows == max_rows and rows * int(widths[union != NONE].sum()) <= _MERGE_GAIN * own:
+                merged = [(same[i][0], same[j - 1][1], union)]
+            else:
+                merged, j = [same[i]], i + 1
+            groups += [_Group(b, q0, q1, _runs(c, block_k, K, max_keys)) for q0, q1, c in merged if c.any()]
+            i = j
     return groups
+
+
+def _identical_tiles(classes, block_q: int, Q: int, max_rows: int) -> list:
+    """Runs of consecutive query tiles with identical classes ``(nQ, nK)``, at most ``max_rows`` rows each:
+    ``[(q0, q1, classes)]`` in query order."""
+    out = []
+    for i in range(classes.shape[0]):
+        q0, q1 = i * block_q, min((i + 1) * block_q, Q)
+        if out and (out[-1][2] == classes[i]).all() and q1 - out[-1][0] <= max_rows:
+            out[-1] = (out[-1][0], q1, out[-1][2])
+        else:
+            out.append((q0, q1, classes[i]))
+    return out
 
 
 def _runs(row, block_k: int, K: int, max_keys: int) -> tuple[_Run, ...]:
@@ -144,8 +183,9 @@ def blocksparse_attention(
     (e.g. ``spec_tile_mask(spec, q_pos, kv_pos)``). The layout must be sound: a NONE tile has no allowed pair, a FULL
     tile no masked pair.
 
-    Consecutive query tiles with the same key-tile list are processed together (up to ``max_rows`` rows); their
-    contiguous key tiles are read as one slice (no copy) in chunks of at most ``max_keys`` keys, combined by an online
+    Consecutive query tiles with the same key-tile list are processed together (up to ``max_rows`` rows), and so are
+    ``max_rows`` rows of tiles whose key tiles differ when their union wastes little (``_plan``); their contiguous key
+    tiles are read as one slice (no copy) in chunks of at most ``max_keys`` keys, combined by an online
     softmax (running max and sum, rescaled per chunk). All heads at once; GQA without repeating keys. Low-precision
     inputs are computed in float32 (float64 stays float64). On CPU in float32, each chunk runs through PyTorch's fused
     CPU flash-attention kernel (which returns the log-sum-exp) and chunks are merged by log-sum-exp; elsewhere, or
@@ -162,7 +202,7 @@ def blocksparse_attention(
     B, H, Q, D, Hkv, K = check_qkv(q, k, v)
     plan, masks = _tile_groups(B, Q, K, tile_class, block_size, tile_mask, max_keys, max_rows)
     scale = D**-0.5 if scale is None else float(scale)
-    return _BlockSparse.apply(q, k, v, plan, masks, scale)
+    return _BlockSparse.apply(q, k, v, plan, masks, scale, {})
 
 
 def _tile_groups(B: int, Q: int, K: int, tile_class, block_size, tile_mask: TileMask, max_keys: int, max_rows: int):
@@ -259,6 +299,44 @@ def _run_bias(spans, rows: int, n: int, rep: int, dtype: torch.dtype, device) ->
     return bias.repeat(rep, 1) if rep > 1 else bias
 
 
+_BIAS_BUDGET = 1 << 23  # elements of the biases a plan keeps (32 MiB of float32); past it they are built per call
+
+
+def _shared_biases(plan, masks: dict, rep: int) -> dict:
+    """The additive bias of every run with PARTIAL spans (``_run_bias``, float32, ``(rep·rows, n)``), built once
+    for a cached plan: ``{(group, run): bias}``.
+
+    Runs of the same rows whose spans sit at the same places counted from the run's end with the same denied pairs
+    (the diagonal tile of every causal group, a window's every inner group) share one template as wide as the widest;
+    each gets the view of its last ``n`` columns (the flash kernel reads a mask through its row stride), so the memory
+    is that of the distinct patterns, not O(Q·K). Example: ``causal()`` on rows of 1,024 in tiles of 128: 8 runs of
+    128 ... 1,024 keys, one ``(128, 1024)`` template. ``{}`` when the templates would pass ``_BIAS_BUDGET``.
+    """
+    members: dict[tuple, list] = {}
+    for (gi, ri), spans in masks.items():
+        g, r = plan[gi], plan[gi].runs[ri]
+        n = r.k1 - r.k0
+        pattern = tuple((start - n, denied.shape[1], denied.cpu().numpy().tobytes()) for start, denied in spans)
+        members.setdefault((g.q1 - g.q0, pattern), []).append(((gi, ri), n, spans))
+    if sum(rows * max(n for _, n, _ in runs) for (rows, _), runs in members.items()) * rep > _BIAS_BUDGET:
+        return {}
+    out = {}
+    for (rows, _), runs in members.items():
+        width = max(n for _, n, _ in runs)
+        _, n, spans = runs[0]
+        template = _run_bias(
+            [(start + width - n, denied) for start, denied in spans],
+            rows,
+            width,
+            rep,
+            torch.float32,
+            spans[0][1].device,
+        )
+        for key, n, _ in runs:
+            out[key] = template[:, width - n :]
+    return out
+
+
 def _run_empty_rows(spans, n: int, rep: int) -> torch.Tensor | None:
     """``(rep·rows,)`` bool: rows of a run whose every key is denied; None when the run has an unmasked key tile."""
     if not spans or sum(d.shape[1] for _, d in spans) < n:
@@ -272,14 +350,16 @@ def _run_empty_rows(spans, n: int, rep: int) -> torch.Tensor | None:
 def _flash_group_forward(qg, runs, rep, scale):
     """Group forward with the CPU flash kernel, one call per run, merged by log-sum-exp.
 
-    ``qg`` ``(1, Hkv, rep·rows, D)``; ``runs``: ``(k, v, spans)`` with ``k, v`` ``(1, Hkv, n, D)``. Returns the
-    output and the log-sum-exp (``+inf`` on rows with no allowed key).
+    ``qg`` ``(1, Hkv, rep·rows, D)``; ``runs``: ``(k, v, spans, bias)`` with ``k, v`` ``(1, Hkv, n, D)``, ``bias``
+    the run's ``_run_bias`` when the plan keeps it (else None: built here). Returns the output and the log-sum-exp
+    (``+inf`` on rows with no allowed key).
     """
     fwd, _ = _flash_cpu_ops()
     n_rows = qg.shape[2]
     outs, lses = [], []
-    for kt, vt, spans in runs:
-        bias = _run_bias(spans, n_rows // rep, kt.shape[2], rep, qg.dtype, qg.device)
+    for kt, vt, spans, bias in runs:
+        if bias is None:
+            bias = _run_bias(spans, n_rows // rep, kt.shape[2], rep, qg.dtype, qg.device)
         o, lse = fwd(qg, kt, vt, 0.0, False, attn_mask=bias, scale=scale)
         empty = _run_empty_rows(spans, kt.shape[2], rep)
         if empty is not None:
@@ -301,7 +381,7 @@ class _BlockSparse(torch.autograd.Function):
     """Block-sparse attention with recomputation in backward; see ``blocksparse_attention``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, masks, scale):
+    def forward(ctx, q, k, v, plan, masks, scale, biases):
         B, H, Q, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
         rep = H // Hkv
@@ -317,7 +397,10 @@ class _BlockSparse(torch.autograd.Function):
             rows = g.q1 - g.q0
             if flash:
                 qg = qf[g.b, :, g.q0 : g.q1].reshape(1, Hkv, rep * rows, D)
-                runs = [_run_kv(kf, vf, g, r, True) + (masks.get((gi, ri)),) for ri, r in enumerate(g.runs)]
+                runs = [
+                    _run_kv(kf, vf, g, r, True) + (masks.get((gi, ri)), biases.get((gi, ri)))
+                    for ri, r in enumerate(g.runs)
+                ]
                 o, g_lse = _flash_group_forward(qg, runs, rep, scale)
             else:
                 qg = (qf[g.b, :, g.q0 : g.q1] * scale).reshape(Hkv, rep * rows, D)
@@ -328,13 +411,13 @@ class _BlockSparse(torch.autograd.Function):
 
         parallel_map(group_forward, range(len(plan)), _group_weights(plan), device=q.device.type)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.masks, ctx.scale, ctx.flash = plan, masks, scale, flash
+        ctx.plan, ctx.masks, ctx.scale, ctx.flash, ctx.biases = plan, masks, scale, flash, biases
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out, lse = ctx.saved_tensors
-        plan, masks, scale = ctx.plan, ctx.masks, ctx.scale
+        plan, masks, scale, biases = ctx.plan, ctx.masks, ctx.scale, ctx.biases
         qf, kf, vf = (_unit_stride(t.to(out.dtype)) for t in (q, k, v))
         do = d_out.to(out.dtype)
         dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
@@ -342,11 +425,11 @@ class _BlockSparse(torch.autograd.Function):
         adding = threading.Lock()  # groups write their own rows of dq but may share keys: dk, dv add under it
 
         def one_group(gi: int) -> None:
-            spans = [masks.get((gi, ri)) for ri in range(len(plan[gi].runs))]
+            spans = [(masks.get((gi, ri)), biases.get((gi, ri))) for ri in range(len(plan[gi].runs))]
             group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, plan[gi], spans, scale, adding)
 
         parallel_map(one_group, range(len(plan)), _group_weights(plan), device=q.device.type)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def _run_kv(kf, vf, g: _Group, r: _Run, batched: bool):
@@ -378,9 +461,10 @@ def _flash_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale,
     qg, og, dog = (_group_views(t, g, Hkv, True) for t in (qf, out, do))
     lse_g = _group_views(lse, g, Hkv, True).float()
     dq_g = None
-    for r, run_spans in zip(g.runs, spans, strict=True):
+    for r, (run_spans, bias) in zip(g.runs, spans, strict=True):
         kt, vt = _run_kv(kf, vf, g, r, True)
-        bias = _run_bias(run_spans, rows, kt.shape[2], rep, qf.dtype, qf.device)
+        if bias is None:
+            bias = _run_bias(run_spans, rows, kt.shape[2], rep, qf.dtype, qf.device)
         gq, gk, gv = bwd(dog, qg, kt, vt, og, lse_g, 0.0, False, attn_mask=bias, scale=scale)
         dq_g = gq if dq_g is None else dq_g + gq
         with adding:
@@ -400,7 +484,7 @@ def _torch_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale,
     lse_g = _group_views(lse, g, Hkv, False).unsqueeze(-1)
     delta_g = (dog * _group_views(out, g, Hkv, False)).sum(-1, keepdim=True)
     dq_g = torch.zeros_like(qg)
-    for r, run_spans in zip(g.runs, spans, strict=True):
+    for r, (run_spans, _) in zip(g.runs, spans, strict=True):
         kt, vt = _run_kv(kf, vf, g, r, False)
         p = _apply_masks(torch.bmm(qg, kt.transpose(1, 2)), run_spans, rep).sub_(lse_g).exp_()
         gv = torch.bmm(p.transpose(1, 2), dog)
@@ -449,18 +533,32 @@ def cost(call) -> float:
 
 
 def _layout_groups(call):
-    """The layout's query groups and the element masks of its PARTIAL tiles, kept with the plans: O(partial tiles ·
-    block_size²) bools, which the forward keeps for the backward anyway."""
+    """The layout's query groups, the element masks of its PARTIAL tiles and, for the CPU flash kernel, their shared
+    additive biases (``_shared_biases``), kept with the plans: O(partial tiles · block_size²) bools, which the
+    forward keeps for the backward anyway, and at most ``_BIAS_BUDGET`` floats."""
     layout = cached(call, "layout", _layout)
     tile_mask = spec_tile_mask(layout.spec, layout.q_positions, layout.kv_positions)
-    return _tile_groups(
+    plan, masks = _tile_groups(
         call.batch, call.q_len, call.kv_len, layout.classes, layout.block_size, tile_mask, MAX_KEYS, MAX_ROWS
     )
+    flash = call.device_type == "cpu" and torch.promote_types(call.q.dtype, torch.float32) == torch.float32
+    biases = _shared_biases(plan, masks, call.heads // call.kv_heads) if flash else {}
+    return plan, masks, biases
+
+
+def cover(call) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The dense blocks ``run`` computes for a call: ``(b, q0, q1, k0, k1)``, queries ``[q0, q1)`` of batch row ``b``
+    against keys ``[k0, k1)``, one per key run of every query group (FULL and PARTIAL tiles together, split at
+    ``MAX_KEYS``). Every allowed pair lies in one block; ``benchmarks/bench_limit.py`` times unmasked SDPA on them
+    (the floor of this tiling). Example: ``causal()`` on rows of 256 (tiles of 64) gives ``((0, 0, 64, 0, 64),
+    (0, 64, 128, 0, 128), (0, 128, 192, 0, 192), (0, 192, 256, 0, 256))``."""
+    plan, _, _ = cached(call, "blocksparse", _layout_groups)
+    return tuple((g.b, g.q0, g.q1, r.k0, r.k1) for g in plan for r in g.runs)
 
 
 def run(call) -> torch.Tensor:
-    plan, masks = cached(call, "blocksparse", _layout_groups)
-    return _BlockSparse.apply(call.q, call.k, call.v, plan, masks, call.scale)
+    plan, masks, biases = cached(call, "blocksparse", _layout_groups)
+    return _BlockSparse.apply(call.q, call.k, call.v, plan, masks, call.scale, biases)
 
 
 def run_layout(q, k, v, layout, *, scale: float | None = None) -> torch.Tensor:

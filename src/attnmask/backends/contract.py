@@ -261,6 +261,10 @@ def _always_available() -> str | None:
     return None
 
 
+def _every_key(call: AttentionCall) -> slice:
+    return slice(None)
+
+
 @dataclass(frozen=True)
 class Backend:
     """An attention implementation and what it declares it supports.
@@ -283,6 +287,8 @@ class Backend:
     - ``reads_masked_keys``: whether its kernel may touch a key or value the mask denies (a dense matmul multiplies
       by probability 0, and 0 · NaN is NaN). ``attention`` then keeps non-finite keys and values from the queries that
       may not see them; a backend that never reads a denied key (``False``) skips that check.
+      ``masked_key_span(call)``: the slice of keys among which a denied one may be read (default: every key), so that
+      check scans only those (e.g. "sdpa"'s causal split reads denied keys only in its last ``Q``).
     - ``available()``: ``None`` when its environment serves it (a compiler, an optional package, a torch with the
       kernel), else why not; called on every dispatch, so it should cache its answer.
     """
@@ -299,6 +305,7 @@ class Backend:
     score_mods: frozenset[str] = frozenset()
     auto: bool | frozenset[str] = True
     reads_masked_keys: bool = True
+    masked_key_span: Callable[[AttentionCall], slice] = _every_key
     unsupported: Callable[[AttentionCall], str | None] = _no_reason
     available: Callable[[], str | None] = _always_available
 
