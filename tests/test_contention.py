@@ -4,6 +4,7 @@ thread settings alone. Correctness only; the timing is benchmarks/bench_limit.py
 
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -42,13 +43,13 @@ def serial(monkeypatch):
 
 
 def spy_threads(monkeypatch, module, names):
-    """Names of the threads that run ``module``'s functions ``names`` (wrapped in place)."""
+    """Intra-op thread counts with which ``module``'s functions ``names`` (wrapped in place) run."""
     seen = set()
     for name in names:
         original = getattr(module, name)
 
         def wrapped(*args, _original=original, **kwargs):
-            seen.add(threading.current_thread().name.startswith("attnmask-worker"))
+            seen.add(torch.get_num_threads())
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, wrapped)
@@ -72,13 +73,62 @@ def test_parallel_map_returns_every_result_in_input_order_from_single_threaded_w
     seen = []
 
     def fn(i):
+        time.sleep(0.02)  # long enough that the worker wakes up and takes tasks beside the caller
         seen.append((threading.current_thread().name, torch.get_num_threads()))
         return torch.full((3,), float(i)) * 2
 
     out = W.parallel_map(fn, list(range(7)), weights=[1, 7, 2, 6, 3, 5, 4])
     assert [o.tolist() for o in out] == [[2.0 * i] * 3 for i in range(7)]
-    assert {name.startswith("attnmask-worker") for name, _ in seen} == {True}
     assert {threads for _, threads in seen} == {1}
+    assert any(name.startswith("attnmask-worker") for name, _ in seen)
+    assert torch.get_num_threads() == 2
+
+
+def test_tasks_under_the_least_work_run_in_the_caller_with_one_thread(two_threads):
+    """Small tasks are not handed to a worker (a hand-over under a busy core costs more than they hold); each runs in
+    the caller without a parallel region. An item as large as ``min_work`` alone keeps every thread."""
+    where = {}
+
+    def fn(i):
+        where[i] = (threading.current_thread().name, torch.get_num_threads())
+        return i
+
+    here = threading.current_thread().name
+    assert W.parallel_map(fn, range(4), weights=[10, 20, 30, 40], min_work=100) == list(range(4))
+    assert set(where.values()) == {(here, 1)}
+    where.clear()
+    assert W.parallel_map(fn, [0], weights=[100], min_work=100) == [0]
+    assert where == {0: (here, 2)}
+    where.clear()
+    W.parallel_map(fn, [0], weights=[99], min_work=100)
+    assert where == {0: (here, 1)}
+    assert torch.get_num_threads() == 2
+
+
+def test_serial_steps_use_one_thread_and_all_threads_the_callers_count(two_threads):
+    with W.serial_steps():
+        assert torch.get_num_threads() == 1 and W.threads_available() == 2
+        with W.all_threads():
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+        W.parallel_map(lambda i: None, range(3))  # nested: the caller's count is restored afterwards
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2 and W.threads_available() == 2
+    with pytest.raises(RuntimeError), W.serial_steps():
+        raise RuntimeError
+    assert torch.get_num_threads() == 2
+    fresh = []
+    with W.serial_steps():
+        t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+    assert fresh == [2]  # other threads keep their count
+
+
+def test_serial_steps_change_nothing_with_the_workers_switched_off(two_threads, monkeypatch):
+    monkeypatch.setattr(W, "ENABLED", False)
+    with W.serial_steps():
+        assert torch.get_num_threads() == 2
 
 
 def test_items_too_large_to_share_out_run_in_the_caller_first(two_threads):
@@ -92,7 +142,7 @@ def test_items_too_large_to_share_out_run_in_the_caller_first(two_threads):
     assert W.parallel_map(fn, range(5), weights=[1, 6, 1, 3, 0]) == list(range(5))
     caller = (threading.current_thread().name, 2)
     assert where[1] == where[3] == caller
-    assert {where[i][1] for i in (0, 2, 4)} == {1} and caller not in {where[i] for i in (0, 2, 4)}
+    assert {where[i][1] for i in (0, 2, 4)} == {1}
     assert [W._too_big([0, 1], [5, 5], 2), W._too_big([0, 1, 2], [9, 4, 4], 2), W._too_big([0], [1], 2)] == [0, 1, 1]
 
 
@@ -167,12 +217,13 @@ def test_parallel_map_works_in_a_forked_child(two_threads):
 
 def check_parallel_path(q, k, v, spec, backend, serial, in_worker):
     """``backend``'s parallel path (outputs, gradients) equals its serial loop and the float64 naive reference, and
-    the spied kernels ran in workers for the one and in the caller for the other."""
+    the spied kernels ran with one intra-op thread (in a worker or the caller) for the one and with two (each call
+    split across the caller's threads) for the other."""
     out = am.attention(q, k, v, spec, backend=backend)
     got = grads(out, (q, k, v))
     want_out = serial(lambda: am.attention(q, k, v, spec, backend=backend))
     want = grads(want_out, (q, k, v))
-    assert in_worker == {True, False}
+    assert in_worker == {1, 2}
     torch.testing.assert_close(out, want_out, atol=1e-6, rtol=1e-5)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
@@ -192,7 +243,8 @@ VARLEN_SPECS = {
 
 @pytest.mark.parametrize("name", VARLEN_SPECS)
 def test_varlen_parallel_path_matches_the_serial_loop_and_the_reference(two_threads, serial, monkeypatch, name):
-    in_worker = spy_threads(monkeypatch, VL, ["_dense_segment", "_masked_rows"])
+    monkeypatch.setattr(VL, "MIN_TASK_WORK", 0.0)  # these small documents would otherwise all run in the caller
+    in_worker = spy_threads(monkeypatch, VL.F, ["scaled_dot_product_attention"])
     spec = VARLEN_SPECS[name]()
     L = 300
     q, k, v = qkv(L, heads=4, kv_heads=2, grad=True, batch=spec.batch_size or 1)
@@ -222,11 +274,12 @@ def test_blocksparse_parallel_path_matches_the_serial_loop_and_the_reference(
     check_parallel_path(q, k, v, spec, "blocksparse", serial, in_worker)
 
 
-def test_varlen_backward_differentiates_each_group_in_a_worker(two_threads, monkeypatch):
+def test_varlen_backward_differentiates_each_group_with_one_thread(two_threads, monkeypatch):
+    monkeypatch.setattr(VL, "MIN_TASK_WORK", 0.0)
     seen, original = set(), torch.autograd.grad
 
     def grad(*args, **kwargs):
-        seen.add(threading.current_thread().name.startswith("attnmask-worker"))
+        seen.add(torch.get_num_threads())
         return original(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", grad)
@@ -234,7 +287,7 @@ def test_varlen_backward_differentiates_each_group_in_a_worker(two_threads, monk
     q, k, v = qkv(300, grad=True)
     out = am.attention(q, k, v, spec, backend="varlen")
     (out * out).sum().backward(retain_graph=True)
-    assert seen == {True}
+    assert seen == {1}
     want, inputs = reference(q, k, v, spec)
     (want * want).sum().backward()
     for got, ref in zip((q, k, v), inputs, strict=True):
@@ -252,3 +305,107 @@ def test_varlen_with_dropout_stays_reproducible_under_threads(two_threads):
         torch.manual_seed(3)
         outs.append(am.attention(q, k, v, spec, backend="varlen", dropout_p=0.3))
     assert torch.equal(outs[0], outs[1])
+
+
+BANDED_SPECS = {
+    "tiny documents": lambda: am.causal() & am.document(seq_lens=[9, 30, 17, 4, 25, 31, 12, 22, 8, 19, 13, 10]),
+    "window": lambda: am.sliding_window(24),
+    "chunked": lambda: am.causal() & am.chunked(32),
+    "padded rows, window": lambda: (
+        am.sliding_window(16) & am.key_padding(torch.arange(200) >= torch.tensor([[0], [37]]))
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BANDED_SPECS)
+def test_banded_runs_its_small_ops_with_one_thread_and_its_sdpa_call_with_all(two_threads, monkeypatch, name):
+    """Under two threads "banded" opens one parallel region per row (its large SDPA call), the edge tiles, gathers
+    and assembly none; outputs and gradients (GQA, per-row specs) equal the workers-off path and the reference."""
+    from attnmask.backends import banded as BD
+
+    kernels = spy_threads(monkeypatch, BD, ["_edge_attention"])
+    sdpa = spy_threads(monkeypatch, BD.F, ["scaled_dot_product_attention"])
+    spec = BANDED_SPECS[name]()
+    q, k, v = qkv(200, heads=4, kv_heads=2, grad=True, batch=spec.batch_size or 1)
+    out = am.attention(q, k, v, spec, backend="banded")
+    differentiated = spy_threads(monkeypatch, torch.autograd, ["grad"])
+    got = grads(out, (q, k, v))
+    assert kernels == {1} and sdpa == {2} and torch.get_num_threads() == 2
+    assert differentiated == {1, 2}  # the backward of the small ops with one thread, SDPA's (and the caller's) with two
+    with monkeypatch.context() as m:
+        m.setattr(W, "ENABLED", False)
+        kernels.clear()
+        want_out = am.attention(q, k, v, spec, backend="banded")
+        assert kernels == {2}
+    torch.testing.assert_close(out, want_out, atol=1e-6, rtol=1e-5)
+    for g, w in zip(got, grads(want_out, (q, k, v)), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    ref, ref_inputs = reference(q, k, v, spec)
+    assert_matches_reference(out, ref)
+    for g, w in zip(got, grads(ref, ref_inputs), strict=True):
+        assert_matches_reference(g, w)
+
+
+def spy_where(monkeypatch, module, name):
+    """``(thread name, intra-op threads)`` of every call of ``module.name`` (wrapped in place)."""
+    seen, original = set(), getattr(module, name)
+
+    def spied(*args, **kwargs):
+        seen.add((threading.current_thread().name, torch.get_num_threads()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spied)
+    return seen
+
+
+def test_small_varlen_documents_run_in_the_caller_with_one_thread(two_threads, monkeypatch):
+    """Documents far under ``MIN_TASK_WORK`` each: every SDPA call and tiny-document product in the caller with one
+    intra-op thread (no parallel region, no hand-over); outputs and gradients those of the reference."""
+    sdpa = spy_where(monkeypatch, VL.F, "scaled_dot_product_attention")
+    small = spy_where(monkeypatch, VL, "_tiny_products")
+    spec = VARLEN_SPECS["documents"]()
+    q, k, v = qkv(300, heads=4, kv_heads=2, grad=True)
+    out = am.attention(q, k, v, spec, backend="varlen")
+    got = grads(out, (q, k, v))
+    here = (threading.current_thread().name, 1)
+    assert sdpa == {here} and small == {here}
+    ref, ref_inputs = reference(q, k, v, spec)
+    assert_matches_reference(out, ref)
+    for g, w in zip(got, grads(ref, ref_inputs), strict=True):
+        assert_matches_reference(g, w)
+
+
+def test_a_varlen_document_too_large_to_share_gets_every_thread_for_its_sdpa_call_only(two_threads, monkeypatch):
+    """A long document beside small ones runs its one SDPA call across both threads (as stock SDPA would), its
+    copies with one; the small documents' calls run with one."""
+    monkeypatch.setattr(VL, "MIN_TASK_WORK", 1e6)
+    sdpa = spy_where(monkeypatch, VL.F, "scaled_dot_product_attention")
+    copies = spy_where(monkeypatch, VL, "_stack_segments")
+    spec = am.causal() & am.document(seq_lens=[200, 40, 50, 10])
+    q, k, v = qkv(300, heads=4, kv_heads=2)
+    out = am.attention(q, k, v, spec, backend="varlen")
+    here = threading.current_thread().name
+    assert (here, 2) in sdpa and (here, 1) in sdpa  # the long document's call, and the small ones'
+    assert {threads for _, threads in copies} == {1}
+    assert_matches_reference(out, reference(q, k, v, spec)[0])
+
+
+def test_graph_in_differentiates_inside_its_block_and_equals_plain_autograd(two_threads):
+    counts = []
+
+    def fn(a, b):
+        counts.append(torch.get_num_threads())
+        return (a * b).sin().cumsum(-1)
+
+    x, y = torch.randn(3, 50, requires_grad=True), torch.randn(3, 50)
+    out = W.graph_in(W.serial_steps, fn, x, y)
+    assert counts == [1] and torch.get_num_threads() == 2 and not y.requires_grad
+    weight = torch.randn(3, 50)
+    (gx,) = torch.autograd.grad(out, x, weight, retain_graph=True)
+    torch.testing.assert_close(gx, torch.autograd.grad(fn(x, y), x, weight)[0], atol=0, rtol=0)
+    (out * weight).sum().backward()
+    (out * weight).sum().backward()  # the recorded graph is kept for a second backward
+    torch.testing.assert_close(x.grad, 2 * gx)
+    with torch.no_grad():
+        assert W.graph_in(W.serial_steps, fn, x, y).grad_fn is None
+    assert counts[-1] == 1

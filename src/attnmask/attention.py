@@ -53,6 +53,7 @@ import torch
 
 from attnmask.backends import REGISTRY
 from attnmask.backends._common import allowed_fraction, off_cpu
+from attnmask.backends._workers import serial_steps
 from attnmask.backends.contract import (
     AttentionCall,
     Backend,
@@ -381,10 +382,11 @@ def _all_finite(k: torch.Tensor, v: torch.Tensor) -> bool:
     are finite exactly when no element is NaN or infinite, or when the sum of finite ones overflows, which the exact
     elementwise check then settles. One vectorised pass over ``k`` and ``v`` (O(K·(D + Dv)), against attention's
     O(Q·K·(D + Dv))); ``isfinite(t).all()`` costs several times more."""
-    for t in (k, v):
-        total = t.sum(dtype=torch.promote_types(t.dtype, torch.float32))
-        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all()):
-            return False
+    with serial_steps():  # one intra-op thread: no parallel region to wait in under a busy core (issue 15)
+        for t in (k, v):
+            total = t.sum(dtype=torch.promote_types(t.dtype, torch.float32))
+            if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all()):
+                return False
     return True
 
 

@@ -6,10 +6,20 @@ Why: torch splits every operator across its intra-op threads (OpenMP), and each 
 for the slowest thread. A backend that makes hundreds of small calls (one SDPA per document, one flash call per tile
 group) then waits hundreds of times; when another process holds one of the cores (DataLoader workers beside a
 training loop) every wait lasts a scheduler time slice, and such a backend measured 4-15x slower against 1.5-2.5x for
-one large SDPA call (``benchmarks/RESULTS.md``, issue 15). Here the calls are dealt instead to
-``torch.get_num_threads()`` worker threads, each running its share with **one** intra-op thread, pulling the next
-task when done (largest first): no barrier between tasks, and a worker whose core is taken simply takes fewer tasks.
-torch releases the GIL inside its kernels, so the workers compute in parallel.
+one large SDPA call (``benchmarks/RESULTS.md``, issue 15). Here the calls are dealt instead to the caller and
+``torch.get_num_threads() - 1`` worker threads, each running its share with **one** intra-op thread, pulling the next
+task when done (largest first): no barrier between tasks, a worker whose core is taken simply takes fewer tasks, and
+the caller waits only for tasks a worker has started. torch releases the GIL inside its kernels, so the workers
+compute in parallel.
+
+Small calls (rows of ~1,000 tokens) need more: a task handed to another thread costs a wake-up and a GIL hand-over
+around every torch call, and with a core taken each can last a time slice, so tasks averaging under ``min_work``
+(``MIN_TASK_WORK`` multiply-adds, ~1 ms) run in the caller with one intra-op thread, and a backend's many small
+bookkeeping ops (gathers, masks, assembly) run in a :func:`serial_steps` block, with one intra-op thread too, only
+its large calls split across every thread (:func:`all_threads`, or a task too large to share). A call then opens
+about as many parallel regions as stock SDPA does: one per large kernel. Measured on rows of 1,024 tokens with one
+of 2 cores busy: "banded" 130-184 -> 12-14 ms, "varlen" 34-212 -> 13-30 ms (``benchmarks/RESULTS.md``, "Contention
+on small rows").
 
 How a worker gets one intra-op thread without touching the caller's setting: ``torch.set_num_threads`` is not
 per-thread (it also resets the default of threads started later and oneMKL's global count), so each worker sets its
@@ -18,7 +28,8 @@ own OpenMP thread count (``omp_set_num_threads`` is per thread) and oneMKL's thr
 Where that is not possible (another parallel backend than OpenMP, no such symbols, a torch without oneMKL symbols
 while it uses oneMKL) :func:`parallel_map` runs its tasks one after the other in the caller, as before.
 
-``ATTNMASK_WORKERS=0`` in the environment (or ``ENABLED = False`` here) keeps every task in the caller.
+``ATTNMASK_WORKERS=0`` in the environment (or ``ENABLED = False`` here) keeps every task in the caller, each split
+across every intra-op thread, and :func:`serial_steps` changes nothing: the code before issue 15's fix.
 
 Thread-local state travels with the tasks: grad mode and inference mode are set in the worker as in the caller, so
 autograd records the graph built in a worker (its backward runs wherever ``backward`` is called). Calls under
@@ -43,7 +54,16 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["parallel_map", "workers_active", "workers_available"]
+__all__ = [
+    "MIN_TASK_WORK",
+    "all_threads",
+    "graph_in",
+    "parallel_map",
+    "serial_steps",
+    "threads_available",
+    "workers_active",
+    "workers_available",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -54,12 +74,17 @@ _broken: list[str] = []  # why a worker did not end up with one intra-op thread 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+# Least average work (multiply-adds) of tasks worth dealing to workers (parallel_map's min_work for work in those
+# units): ~1 ms of one core's SDPA (~5e10 a second at 1,024 tokens), so that a scheduler time slice lost per
+# hand-over is small next to the work moved.
+MIN_TASK_WORK = 5e7
 
 
 @functools.cache
-def _single_thread_setters() -> tuple[Callable[[], None], ...] | str:
-    """The calls that give the calling thread one intra-op thread (OpenMP, and oneMKL when torch uses it), or why
-    there are none."""
+def _thread_count_setters() -> tuple[Callable[[int], int | None], ...] | str:
+    """The calls that set the calling thread's own intra-op thread count (OpenMP's, and oneMKL's thread-local one
+    when torch uses it; oneMKL's returns its previous local count, 0 meaning "the global one"), or why there are
+    none."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return "torch's intra-op threads are not OpenMP here"
     try:
@@ -67,7 +92,7 @@ def _single_thread_setters() -> tuple[Callable[[], None], ...] | str:
     except (AttributeError, OSError):
         return "no omp_set_num_threads symbol in this process"
     omp.argtypes, omp.restype = [ctypes.c_int], None
-    setters = [functools.partial(omp, 1)]
+    setters = [omp]
     if torch.backends.mkl.is_available():
         path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
         try:
@@ -75,22 +100,118 @@ def _single_thread_setters() -> tuple[Callable[[], None], ...] | str:
         except (AttributeError, OSError):
             return "torch uses oneMKL but its thread-local thread count is not reachable"
         mkl.argtypes, mkl.restype = [ctypes.c_int], ctypes.c_int
-        setters.append(functools.partial(mkl, 1))
+        setters.append(mkl)
     return tuple(setters)
 
 
 def _init_worker() -> None:
     torch.get_num_threads()  # torch's per-thread lazy set-up first (it would reset the count below)
-    for setter in _single_thread_setters():
-        setter()
+    for setter in _thread_count_setters():
+        setter(1)
     _local.worker = True
     if torch.get_num_threads() != 1:
         _broken.append(f"a worker thread still reads {torch.get_num_threads()} intra-op threads")
 
 
+class _thread_counts:  # noqa: N801 (used as a function: ``with _thread_counts(1, 2): ...``)
+    """Inside the block the calling thread computes with ``count`` intra-op threads (OpenMP's and oneMKL's
+    per-thread counts) and :func:`parallel_map` called from it uses ``budget`` threads; both restored on exit.
+    Other threads and threads started later keep theirs. Where the counts cannot be set per thread
+    (:func:`workers_available` says why) only the budget changes; while ``torch.compile`` traces, nothing.
+    (A class, not a generator: it is entered around every SDPA call of a backend, a few microseconds each.)"""
+
+    __slots__ = ("count", "budget", "before", "outer", "previous")
+
+    def __init__(self, count: int, budget: int):
+        self.count, self.budget, self.previous = count, budget, None
+
+    def __enter__(self) -> None:
+        self.outer = getattr(_local, "budget", None)
+        if torch.compiler.is_compiling():
+            self.outer = _UNSET
+            return
+        setters = _thread_count_setters()
+        self.before = torch.get_num_threads()
+        if self.count != self.before and not isinstance(setters, str) and not _broken:
+            self.previous = [setter(self.count) for setter in setters]
+        _local.budget = self.budget
+
+    def __exit__(self, *exc) -> None:
+        if self.outer is _UNSET:
+            return
+        _local.budget = self.outer
+        if self.previous is not None:
+            setters = _thread_count_setters()
+            setters[0](self.before)
+            for setter, was in zip(setters[1:], self.previous[1:], strict=True):
+                setter(was)
+
+
+_UNSET = object()
+
+
+def threads_available() -> int:
+    """Intra-op threads the calling thread's work may use: ``torch.get_num_threads()``, or what it was when the
+    innermost :func:`serial_steps` block began."""
+    budget = getattr(_local, "budget", None)
+    return torch.get_num_threads() if budget is None else budget
+
+
+def serial_steps():
+    """A block of many small torch calls (a backend's gathers, masks, assembly) computed with one intra-op thread:
+    none of them opens a parallel region, so none waits for a thread whose core another process holds (each such
+    wait lasts a scheduler time slice: issue 15). :func:`parallel_map` and :func:`all_threads` inside it still use
+    the threads the caller had. Changes nothing when the workers are switched off (``ATTNMASK_WORKERS=0``, the
+    code before issue 15's fix). ``with serial_steps(): ...``"""
+    budget = threads_available()
+    return _thread_counts(1 if ENABLED else budget, budget)
+
+
+def all_threads():
+    """Inside a :func:`serial_steps` block: one large call (an SDPA over the whole row) split across all the
+    caller's intra-op threads again, one parallel region as stock SDPA runs it. ``with all_threads(): ...``"""
+    budget = threads_available()
+    return _thread_counts(budget, budget)
+
+
+def graph_in(mode: Callable, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """``fn(*inputs)`` (one tensor) computed inside ``with mode():`` (:func:`serial_steps` or :func:`all_threads`),
+    and its backward too: autograd would run the backward of its ops on every intra-op thread, one parallel region
+    each, whatever block the forward ran in. Only where the workers could run (:func:`workers_active`: no functorch
+    transform, mode or tracing) and a gradient is being recorded; otherwise plain ``fn`` inside ``mode()``. The
+    result is not differentiable twice (a second-order gradient raises)."""
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if not recording or _in_caller({t.device.type for t in inputs}):
+        with mode():
+            return fn(*inputs)
+    return _GraphIn.apply(mode, fn, *inputs)
+
+
+class _GraphIn(torch.autograd.Function):
+    """:func:`graph_in`'s node: ``fn``'s graph recorded on detached copies of the inputs (leaves), differentiated
+    inside ``mode()`` by ``torch.autograd.grad`` (kept for a second backward, ``retain_graph=True``)."""
+
+    @staticmethod
+    def forward(ctx, mode, fn, *inputs):
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+        with torch.enable_grad(), mode():
+            out = fn(*leaves)
+        ctx.mode, ctx.graph = mode, (out, leaves)
+        return out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        out, leaves = ctx.graph
+        wanted = [t for t in leaves if t.requires_grad]
+        with ctx.mode():
+            got = iter(torch.autograd.grad(out, wanted, grad, retain_graph=True, allow_unused=True))
+        return (None, None, *(next(got) if t.requires_grad else None for t in leaves))
+
+
 def workers_available() -> str | None:
     """``None`` when worker threads with one intra-op thread each can be made here, else why not."""
-    setters = _single_thread_setters()
+    setters = _thread_count_setters()
     return setters if isinstance(setters, str) else _broken[0] if _broken else None
 
 
@@ -118,7 +239,7 @@ def _in_caller(device_types: set[str]) -> bool:
     """Whether tasks must run in the calling thread: switched off, one intra-op thread, already a worker, autocast,
     tracing, a dispatch or function mode or a functorch transform on (all thread-local), a device other than the CPU,
     or no way to make single-threaded workers."""
-    if not ENABLED or torch.get_num_threads() < 2 or getattr(_local, "worker", False) or device_types != {"cpu"}:
+    if not ENABLED or threads_available() < 2 or getattr(_local, "worker", False) or device_types != {"cpu"}:
         return True
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return True
@@ -149,51 +270,84 @@ def _too_big(order: list[int], weights: Sequence[float], threads: int) -> int:
 
 
 def parallel_map(
-    fn: Callable[[T], R], items: Sequence[T], weights: Sequence[float] | None = None, *, device: str = "cpu"
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    weights: Sequence[float] | None = None,
+    *,
+    device: str = "cpu",
+    min_work: float = 0.0,
 ) -> list[R]:
-    """``[fn(item) for item in items]``, computed by up to ``torch.get_num_threads()`` worker threads with one
-    intra-op thread each, items dealt largest ``weights`` first to whichever worker is free. Items too large to share
-    out (:func:`_too_big`) run first, in the caller, each split across all intra-op threads.
+    """``[fn(item) for item in items]``, computed by the caller and up to ``threads_available() - 1`` worker
+    threads, each with one intra-op thread, items dealt largest ``weights`` first to whichever is free.
+
+    ``weights``: each item's work (any unit). Items too large to share out (:func:`_too_big`) run first, in the
+    caller, each split across all intra-op threads. The rest go to the workers only when they average at least
+    ``min_work`` (same unit; ``MIN_TASK_WORK`` for work in multiply-adds); smaller ones run in the caller with one
+    intra-op thread: a task handed to another thread costs a wake-up and GIL hand-overs around every torch call, and
+    under a busy core each lasts up to a scheduler time slice (issue 15), more than such a task's work. The caller takes
+    tasks too and waits only for the tasks a worker has started: a worker slow to wake costs nothing.
 
     Runs in the caller instead (same results) where :func:`_in_caller` says so, or for fewer than two items. The
-    first exception raised by ``fn`` is raised here once every worker has stopped. ``fn`` must be safe to run
+    first exception raised by ``fn`` is raised here once every started task has stopped. ``fn`` must be safe to run
     concurrently: it may write to disjoint parts of shared tensors, not accumulate into the same ones.
     """
     n = len(items)
-    threads = torch.get_num_threads()
+    threads = threads_available()
+
+    def alone(i: int):
+        """Item ``i`` in the caller: split across every intra-op thread (one large call, as SDPA runs it), or with one
+        thread when its work is under ``min_work`` (the workers on)."""
+        count = threads if weights is None or weights[i] >= min_work or not ENABLED else 1
+        with _thread_counts(count, count):
+            return fn(items[i])
+
     if n < 2 or _in_caller({device}):
-        return [fn(item) for item in items]
+        return [alone(i) for i in range(n)]
     order = sorted(range(n), key=lambda i: -weights[i]) if weights is not None else list(range(n))
     results: list = [None] * n
     big = _too_big(order, weights, threads) if weights is not None else 0
-    for i in order[:big]:  # one large call each, split across every intra-op thread, as SDPA runs it
-        results[i] = fn(items[i])
+    for i in order[:big]:
+        results[i] = alone(i)
     order = order[big:]
-    if len(order) < 2:
+    if len(order) < 2 or (weights is not None and sum(weights[i] for i in order) < min_work * len(order)):
         for i in order:
-            results[i] = fn(items[i])
+            results[i] = alone(i)
         return results
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-    next_lock, state = threading.Lock(), {"at": 0, "error": None}
+    state = {"at": 0, "running": 0, "error": None}
+    changed = threading.Condition()
+
+    def take() -> int | None:
+        with changed:
+            if state["at"] >= len(order) or state["error"] is not None:
+                return None
+            state["at"] += 1
+            state["running"] += 1
+            return order[state["at"] - 1]
 
     def work() -> None:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            while True:
-                with next_lock:
-                    if state["at"] >= len(order) or state["error"] is not None:
-                        return
-                    i = order[state["at"]]
-                    state["at"] += 1
-                try:
-                    results[i] = fn(items[i])
-                except BaseException as err:  # re-raised in the caller
-                    with next_lock:
-                        state["error"] = state["error"] or err
-                    return
+        while (i := take()) is not None:
+            try:
+                results[i] = fn(items[i])
+            except BaseException as err:  # re-raised in the caller
+                with changed:
+                    state["error"] = state["error"] or err
+            finally:
+                with changed:
+                    state["running"] -= 1
+                    changed.notify_all()
 
-    futures = [_executor(threads).submit(work) for _ in range(min(threads, len(order)))]
-    for f in futures:
-        f.result()
+    def in_worker() -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            work()
+
+    pool = _executor(threads - 1)
+    for _ in range(min(threads - 1, len(order) - 1)):
+        pool.submit(in_worker)
+    with _thread_counts(1, 1):
+        work()
+    with changed:
+        changed.wait_for(lambda: state["running"] == 0)
     if state["error"] is not None:
         raise state["error"]
     return results

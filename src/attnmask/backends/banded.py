@@ -13,12 +13,17 @@ Worked example: ``L = 6``, documents ``[2, 3, 1]``, ``bs = 2``: query tiles ``[0
 of tokens 2-4 reaches back one tile from tile ``[4, 5]``, so ``W = 2`` and each query scores 4 keys (the band), of
 which the spec allows at most 3.
 
+Threads: the gathers, edge tiles, masks and assembly run with one intra-op thread (``_workers.serial_steps``), the
+one SDPA call per batch row with all of them: one parallel region per row, as stock SDPA opens, so that a core taken
+by another process costs one wait, not one per small op (issue 15). The backward is autograd's, on every thread.
+
 Memory: an O(B·L·W·bs) bool mask (no head dim) and float bias for the edge tiles; SDPA's own O(B·H·L·W·bs) work at
 most; one copy of the output (assembled from the tiles). No copy of q, k or v (the edge tiles gather O(W·bs) rows).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 
 from attnmask import masks as M
 from attnmask.backends._common import COPY_COST, cached, degenerate, off_cpu
+from attnmask.backends._workers import all_threads, graph_in, serial_steps
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.tiles import TileGrid
 
@@ -265,19 +271,28 @@ def banded_attention(
 
     The inner tiles (whose band lies inside the row) of each batch row take ONE fused SDPA call: the query tiles
     ``(nI, H, bs, D)`` and the key / value bands ``(nI, Hkv, W·bs, ·)`` are strided views of q, k and v (no copy;
-    GQA through SDPA's ``enable_gqa``) and the mask is the band's ``(nI, 1, bs, W·bs)`` bool. The at most ``W`` edge
-    tiles per head (the first ``W - 1`` and a short last one) are gathered and computed together, in float32.
+    GQA through SDPA's ``enable_gqa``) and the mask is the band's ``(nI, 1, bs, W·bs)``, additive (0 / -inf, what
+    SDPA makes of a bool one). The at most ``W`` edge tiles per head (the first ``W - 1`` and a short last one) are
+    gathered and computed together, in float32.
     ``masks``: ``band_masks(spec, L, block_size, width, work dtype, device)`` when the caller keeps them (the
     ``"banded"`` backend caches them with its plan); computed here otherwise.
     """
-    B, H, L, D = q.shape
-    Hkv, Dv, bs = k.shape[1], v.shape[3], block_size
+    L, D, bs = q.shape[2], q.shape[3], block_size
     scale = D**-0.5 if scale is None else scale
     q, k, v = (t.contiguous() for t in (q, k, v))
-    n_tiles, n_inner = -(-L // bs), L // bs  # n_inner: tiles with bs real queries
-    rows = spec.batch_size or 1
     if masks is None:
         masks = band_masks(spec, L, bs, width, torch.promote_types(q.dtype, torch.float32), q.device)
+    # The few dozen small ops with one intra-op thread, forward and backward (no parallel region each); the one
+    # large SDPA call per row with all of them.
+    return graph_in(serial_steps, functools.partial(_banded_rows, masks, bs, width, scale, L), q, k, v)
+
+
+def _banded_rows(masks: _BandMasks, bs: int, width: int, scale: float, L: int, q, k, v) -> torch.Tensor:
+    """``banded_attention``'s computation on contiguous ``q``, ``k``, ``v`` with the band's ``masks``."""
+    B, H, _, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    n_tiles, n_inner = -(-L // bs), L // bs  # n_inner: tiles with bs real queries
+    rows = masks.allowed.shape[0]
     allowed, has_key, keep = masks.allowed, masks.has_key, masks.keep
     out_edge = _edge_attention(q, k, v, masks.edges, bs, width, masks.edge_bias, masks.edge_keep, scale)
     out_edge = out_edge.to(q.dtype)
@@ -293,7 +308,9 @@ def banded_attention(
             mask = allowed[r, front:n_inner, None]
             if keep is not None:  # empty rows attend to every band key (finite), their output is zeroed below
                 mask = mask | ~has_key[r, front:n_inner, None]
-            mid = F.scaled_dot_product_attention(qt, kb, vb, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+            mask = _additive(mask, qt.dtype)
+            sdpa = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+            mid = graph_in(all_threads, sdpa, qt, kb, vb)  # one parallel region, as stock SDPA runs it
             if keep is not None:
                 mid = mid * keep[r, front:n_inner, None].to(mid.dtype)
             pieces.append(mid.transpose(0, 1))  # (H, n_mid, bs, Dv)
@@ -301,6 +318,13 @@ def banded_attention(
         per_row.append(torch.cat(pieces, dim=1))  # (H, nT, bs, Dv)
     out = per_row[0].unsqueeze(0) if B == 1 else torch.stack(per_row)
     return out.view(B, H, n_tiles * bs, Dv)[:, :, :L]
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as the float one SDPA would make of it (0 where True, -inf where False, in ``dtype``), built here
+    so that SDPA's own conversion (a parallel region of its own) does not run inside the large call."""
+    zero, blocked = torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype)
+    return torch.where(mask, zero, blocked)
 
 
 BACKEND = Backend(

@@ -34,7 +34,7 @@ from attnmask.backends._common import (
     segments_from_varlen,
     varlen_plan,
 )
-from attnmask.backends._workers import parallel_map, workers_active
+from attnmask.backends._workers import MIN_TASK_WORK, all_threads, parallel_map, serial_steps, workers_active
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend, check_dropout_p
 from attnmask.errors import BackendError, ShapeError, bad
 
@@ -82,8 +82,16 @@ def varlen_attention(
 
     Threads: with more than one intra-op thread and no dropout, the groups (and a long document's query blocks) are
     tasks for ``backends._workers.parallel_map``, each run with one intra-op thread, so that a busy core slows the
-    call as much as it slows one SDPA call, not once per small call; the backward runs where ``backward`` is called.
+    call as much as it slows one SDPA call, not once per small call; tasks averaging under ``MIN_TASK_WORK``
+    multiply-adds (at H=4, D=64: documents under ~300 tokens, query blocks of windows under ~220) run in the caller,
+    one after the other, and the gathers, masks and assembly run with one intra-op thread too (``serial_steps``):
+    only an SDPA call too large to share opens a parallel region. The backward runs where ``backward`` is called.
     """
+    with serial_steps():  # gathers, masks and assembly with one intra-op thread; see _map for the SDPA calls
+        return _varlen_attention(q, k, v, segments, causal, window, scale, small, dropout_p)
+
+
+def _varlen_attention(q, k, v, segments, causal, window, scale, small, dropout_p) -> torch.Tensor:
     B, H, Q, D, Hkv, K = check_qkv(q, k, v)
     if D == 0:
         raise bad(ShapeError, "q", "a head dim >= 1 (SDPA takes no empty head)", f"shape {tuple(q.shape)}")
@@ -105,7 +113,8 @@ def varlen_attention(
     # One task per group of stacked documents, dealt to single-threaded workers (see backends._workers); with dropout
     # in the caller, so that the probabilities drawn from the global RNG do not depend on the threads' timing.
     members_by_group = list(groups.values())
-    weights = [seg[2] * seg[4] * len(members) for members in members_by_group for seg in members[:1]]
+    per_pair = H * (D + v.shape[3])  # multiply-adds of one (query, key) pair, all heads
+    weights = [seg[2] * seg[4] * len(members) * per_pair for members in members_by_group for seg in members[:1]]
     records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if members_by_group and records_grad and dropout_p == 0 and workers_active(q.device.type):
         outs = _GroupsInWorkers.apply(members_by_group, weights, (causal, window, scale, gqa), q, k, v)
@@ -137,10 +146,24 @@ def varlen_attention(
 
 
 def _map(fn, items: list, weights: list, dropout_p: float, device_type: str) -> list:
-    """``[fn(item) for item in items]`` on the coarse-grained workers, or in the caller under dropout."""
+    """``[fn(item) for item in items]`` on the coarse-grained workers (``weights``: multiply-adds; tasks too small
+    to hand over run in the caller with one intra-op thread, one too large to share with all of them), or in the
+    caller under dropout, each call with every intra-op thread."""
     if dropout_p > 0:
-        return [fn(item) for item in items]
-    return parallel_map(fn, items, weights, device=device_type)
+        with all_threads():
+            return [fn(item) for item in items]
+    return parallel_map(_serially(fn), items, weights, device=device_type, min_work=MIN_TASK_WORK)
+
+
+def _serially(fn):
+    """``fn`` with its small ops in a ``serial_steps`` block: a task that gets every intra-op thread (one too large to
+    share) uses them only in its SDPA calls (``_sdpa``) and batched products (``_tiny_attention``)."""
+
+    def run(item):
+        with serial_steps():
+            return fn(item)
+
+    return run
 
 
 _STARTS = (1, 3, 3)  # where q's, k's and v's range starts in a segment (row, q_start, q_len, k_start, k_len, offset)
@@ -168,7 +191,9 @@ class _GroupsInWorkers(torch.autograd.Function):
                 qb, kb, vb = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in leaves)
                 return _dense_segment(qb, kb, vb, members[0][5], causal, window, scale, gqa), leaves
 
-        ctx.done = parallel_map(task, members_by_group, weights, device=q.device.type)
+        ctx.done = parallel_map(
+            _serially(task), members_by_group, weights, device=q.device.type, min_work=MIN_TASK_WORK
+        )
         ctx.members, ctx.weights = members_by_group, weights
         ctx.inputs = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
         return tuple(out.detach() for out, _ in ctx.done)
@@ -191,7 +216,7 @@ class _GroupsInWorkers(torch.autograd.Function):
                         if g is not None:
                             d[s[0] : s[0] + 1, :, s[at] : s[at] + s[at + 1]] += g
 
-        parallel_map(task, range(len(ctx.done)), ctx.weights, device=d_inputs[0].device.type)
+        parallel_map(task, range(len(ctx.done)), ctx.weights, device=d_inputs[0].device.type, min_work=MIN_TASK_WORK)
         return (None, None, None, *d_inputs)
 
 
@@ -230,9 +255,10 @@ def _stack_segments(parts: dict, members: list, idx: int) -> torch.Tensor:
 
 
 def _sdpa(q, k, v, mask, is_causal, scale, gqa, dropout_p=0.0):
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
-    )
+    with all_threads():  # the task's intra-op threads: all of them for a task too large to share, else one
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+        )
 
 
 def _dense_segment(q, k, v, off, causal, window, scale, gqa, dropout_p=0.0):
@@ -258,7 +284,8 @@ def _dense_segment(q, k, v, off, causal, window, scale, gqa, dropout_p=0.0):
         return _masked_rows(q[:, :, a:b_end], k[:, :, k0:k1], v[:, :, k0:k1], mask, scale, gqa, dropout_p)
 
     starts = list(range(0, ql, block))
-    outs = _map(band, starts, [min(block, ql - a) for a in starts], dropout_p, q.device.type)
+    per_row = q.shape[0] * q.shape[1] * min(block + window, kl) * (q.shape[3] + v.shape[3])  # multiply-adds
+    outs = _map(band, starts, [min(block, ql - a) * per_row for a in starts], dropout_p, q.device.type)
     return torch.cat(outs, dim=2)
 
 
@@ -303,7 +330,8 @@ def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list
         mask = _band_mask(0, ql, 0, kl, off, window, dev) if causal else None
         return _tiny_attention(qb, kb, vb, mask, scale, dropout_p).transpose(0, 1), members
 
-    weights = [len(members) * (members[0][2] + 8) * members[0][4] for members in groups.values()]
+    per_pair = q.shape[1] * (q.shape[3] + v.shape[3])
+    weights = [len(members) * (members[0][2] + 8) * members[0][4] * per_pair for members in groups.values()]
     return _map(tiny_group, list(groups.values()), weights, dropout_p, dev.type)
 
 
@@ -320,6 +348,11 @@ def _tiny_attention(q, k, v, mask, scale, dropout_p=0.0):
     in float64.
     Memory ``O(H·n·Lq·Lk)``: used for documents of few tokens.
     """
+    with all_threads():  # a handful of batched ops, each as large as the group
+        return _tiny_products(q, k, v, mask, scale, dropout_p)
+
+
+def _tiny_products(q, k, v, mask, scale, dropout_p):
     H, Hkv = q.shape[0], k.shape[0]
     work = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64
     qh = q.unflatten(0, (Hkv, H // Hkv))  # (Hkv, rep, n, Lq, D): query head h reads key head h // rep
