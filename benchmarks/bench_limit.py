@@ -438,13 +438,17 @@ def fit(paths: list[str], args) -> None:
     """Per backend, the constants of ``FITTED`` scaled by the median of measured time / estimate, in "sdpa"'s unit
     (ps per unit = median of sdpa's time / its pair work), and auto's picks on the measured rows before and after."""
     # forward cells only: the estimates do not yet tell a call that will be differentiated from one that will not
-    cells = [cell for p in paths for cell in parse_tables(p, args.length, args.decode_keys) if not cell[1]]
+    tables = [
+        (table_threads(p), [cell for cell in parse_tables(p, args.length, args.decode_keys) if not cell[1]])
+        for p in paths
+    ]
+    cells = [cell for _, table in tables for cell in table]
     sdpa = [t / features(c, g, d, n, args)[0] for c, g, d, n, t in cells if n == "sdpa"]
     unit = statistics.median(sdpa)
     print(
         f"{len(cells)} timed cells from {', '.join(paths)}; sdpa: {unit * 1e12:.1f} ps per unit (median of {len(sdpa)})"
     )
-    before = pick_quality(cells, args)
+    before = pick_quality(tables, args)
     print("| backend | constant | now | fitted | cells | median abs error now -> fitted |")
     print("|---|---|---|---|---|---|")
     fits = {}
@@ -473,7 +477,7 @@ def fit(paths: list[str], args) -> None:
         try:
             for c, value in values.items():
                 setattr(module, c, value)
-            alone = pick_quality(cells, args)
+            alone = pick_quality(tables, args)
         finally:
             for c, value in own.items():
                 setattr(module, c, value)
@@ -483,14 +487,15 @@ def fit(paths: list[str], args) -> None:
         for module, values in fits.items():
             for c, value in values.items():
                 setattr(module, c, value)
-        after = pick_quality(cells, args)
+        after = pick_quality(tables, args)
     finally:
         for (module, c), value in saved.items():
             setattr(module, c, value)
-    print("\n| structure | rows | auto / best now | with the fitted constants |")
-    print("|---|---|---|---|")
+    print("\n| structure | rows | threads | auto / best now | with the fitted constants |")
+    print("|---|---|---|---|---|")
     for key in before:
-        print(f"| {key[0]} | {key[1]} | {before[key][0]} {before[key][1]:.2f} | {after[key][0]} {after[key][1]:.2f} |")
+        now, fitted = before[key], after[key]
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {now[0]} {now[1]:.2f} | {fitted[0]} {fitted[1]:.2f} |")
     print(f"now: {summary(before)}\nall fitted: {summary(after)}")
 
 
@@ -503,17 +508,28 @@ def summary(result: dict) -> str:
     )
 
 
-def pick_quality(cells, args) -> dict:
-    """``(structure, row length) -> (auto's pick, its measured time / the fastest measured)`` under the constants
-    the backend modules hold now."""
-    groups: dict = {}
-    for case, _grad, dtype, name, seconds in cells:
-        groups.setdefault((case.name, case.kv_len, dtype), (case, {}))[1][name] = seconds
-    out = {}
-    for (title, kv_len, dtype), (case, times) in groups.items():
-        qkv = tuple(torch.zeros(s, dtype=dtype) for s in _shapes(case, args))
-        picked = am.explain(*qkv, case.spec).picked
-        out[title, kv_len] = (picked, times.get(picked, float("nan")) / min(times.values()))
+def table_threads(path: str) -> int:
+    """The intra-op thread count a saved table of this script was measured with (its first line says)."""
+    found = re.search(r"(\d+) thread\(s\)", open(path, encoding="utf-8").read())
+    return int(found.group(1)) if found else 1
+
+
+def pick_quality(tables, args) -> dict:
+    """``(structure, row length, threads) -> (auto's pick, its measured time / the fastest measured)`` under the
+    constants the backend modules hold now, per table ``(threads, cells)`` (auto decides at that thread count)."""
+    out, threads_now = {}, torch.get_num_threads()
+    try:
+        for threads, cells in tables:
+            groups: dict = {}
+            for case, _grad, dtype, name, seconds in cells:
+                groups.setdefault((case.name, case.kv_len, dtype), (case, {}))[1][name] = seconds
+            torch.set_num_threads(threads)
+            for (title, kv_len, dtype), (case, times) in groups.items():
+                qkv = tuple(torch.zeros(s, dtype=dtype) for s in _shapes(case, args))
+                picked = am.explain(*qkv, case.spec).picked
+                out[title, kv_len, threads] = (picked, times.get(picked, float("nan")) / min(times.values()))
+    finally:
+        torch.set_num_threads(threads_now)
     return out
 
 
