@@ -448,6 +448,7 @@ def fit(paths: list[str], args) -> None:
     print(
         f"{len(cells)} timed cells from {', '.join(paths)}; sdpa: {unit * 1e12:.1f} ps per unit (median of {len(sdpa)})"
     )
+    thread_gain(tables)
     before = pick_quality(tables, args)
     print("| backend | constant | now | fitted | cells | median abs error now -> fitted |")
     print("|---|---|---|---|---|---|")
@@ -506,6 +507,26 @@ def summary(result: dict) -> str:
     return (
         f"{within} of {len(ratios)} rows within 1.1x of the fastest, geometric mean {geo:.2f}, worst {max(ratios):.2f}"
     )
+
+
+def thread_gain(tables) -> None:
+    """Print how much more "sdpa" gains from T threads than the other backends, from tables of the same rows at 1 and
+    at T threads: per backend the median over rows of its 1-thread time / its T-thread time, and the excess gain per
+    added thread, ``(sdpa's / the others' median - 1) / (T - 1)``: the term a thread-aware "sdpa" estimate would take
+    (tried, RESULTS.md: it did not improve auto's picks, since at long rows the other backends gain from threads too)."""
+    one = {(c.name, c.kv_len, n): t for threads, cells in tables if threads == 1 for c, _, _, n, t in cells}
+    for threads in sorted({t for t, _ in tables if t > 1}):
+        speedups: dict[str, list[float]] = {}
+        for c, _, _, name, seconds in (cell for t, cells in tables if t == threads for cell in cells):
+            if (c.name, c.kv_len, name) in one:
+                speedups.setdefault(name, []).append(one[c.name, c.kv_len, name] / seconds)
+        if "sdpa" not in speedups or len(speedups) < 2:
+            continue
+        medians = {name: statistics.median(r) for name, r in speedups.items()}
+        others = statistics.median([m for name, m in medians.items() if name != "sdpa"])
+        gain = (medians["sdpa"] / others - 1) / (threads - 1)
+        listed = ", ".join(f"{name} {m:.2f}" for name, m in medians.items())
+        print(f"speed-up at {threads} threads over 1 (median over rows): {listed}; sdpa's excess gain per thread: {gain:.2f}")
 
 
 def table_threads(path: str) -> int:
