@@ -513,7 +513,7 @@ def thread_gain(tables) -> None:
     """Print how much more "sdpa" gains from T threads than the other backends, from tables of the same rows at 1 and
     at T threads: per backend the median over rows of its 1-thread time / its T-thread time, and the excess gain per
     added thread, ``(sdpa's / the others' median - 1) / (T - 1)``: the term a thread-aware "sdpa" estimate would take
-    (tried, RESULTS.md: it did not improve auto's picks, since at long rows the other backends gain from threads too)."""
+    (tried, RESULTS.md: it did not improve auto's picks; at long rows the other backends gain from threads too)."""
     one = {(c.name, c.kv_len, n): t for threads, cells in tables if threads == 1 for c, _, _, n, t in cells}
     for threads in sorted({t for t, _ in tables if t > 1}):
         speedups: dict[str, list[float]] = {}
@@ -526,7 +526,7 @@ def thread_gain(tables) -> None:
         others = statistics.median([m for name, m in medians.items() if name != "sdpa"])
         gain = (medians["sdpa"] / others - 1) / (threads - 1)
         listed = ", ".join(f"{name} {m:.2f}" for name, m in medians.items())
-        print(f"speed-up at {threads} threads over 1 (median over rows): {listed}; sdpa's excess gain per thread: {gain:.2f}")
+        print(f"speed-up at {threads} threads over 1 (median of rows): {listed}; sdpa's excess per thread: {gain:.2f}")
 
 
 def table_threads(path: str) -> int:
