@@ -548,7 +548,8 @@ def pick_quality(tables, args) -> dict:
             for (title, kv_len, dtype), (case, times) in groups.items():
                 qkv = tuple(torch.zeros(s, dtype=dtype) for s in _shapes(case, args))
                 picked = am.explain(*qkv, case.spec).picked
-                out[title, kv_len, threads] = (picked, times.get(picked, float("nan")) / min(times.values()))
+                label = f"{threads}" if dtype == torch.float32 else f"{threads}, {str(dtype).removeprefix('torch.')}"
+                out[title, kv_len, label] = (picked, times.get(picked, float("nan")) / min(times.values()))
     finally:
         torch.set_num_threads(threads_now)
     return out
