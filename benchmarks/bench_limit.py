@@ -452,7 +452,7 @@ def fit(paths: list[str], args) -> None:
     before = pick_quality(tables, args)
     print("| backend | constant | now | fitted | cells | median abs error now -> fitted |")
     print("|---|---|---|---|---|---|")
-    fits = {}
+    fits, singles = {}, {}
     for name, constants in FITTED.items():
         rows = [(features(c, g, d, n, args), t / unit) for c, g, d, n, t in cells if n == name]
         if not rows:
@@ -473,6 +473,7 @@ def fit(paths: list[str], args) -> None:
             errors = f"{err_now:.2f} -> {err_fit:.2f}" if j == 0 else ""
             print(f"| {name} | {c} | {now[j]:.3g} | {fitted[j]:.3g} | {len(rows)} | {errors} |")
         fits[module] = dict(zip(constants, fitted.tolist(), strict=True))
+        singles[module] = one_constant_fits(f, y, now, constants)
     for module, values in fits.items():  # each backend's factor alone: does it improve auto's picks?
         own = {c: getattr(module, c) for c in values}
         try:
@@ -483,6 +484,17 @@ def fit(paths: list[str], args) -> None:
             for c, value in own.items():
                 setattr(module, c, value)
         print(f"{module.__name__.rsplit('.', 1)[1]} factor alone: {summary(alone)}")
+    print("\n| backend | constant fitted alone | now | fitted | cells | auto's picks with it |")
+    print("|---|---|---|---|---|---|")
+    for module, values in singles.items():
+        for c, (value, count) in values.items():
+            own = getattr(module, c)
+            try:
+                setattr(module, c, value)
+                picks = summary(pick_quality(tables, args))
+            finally:
+                setattr(module, c, own)
+            print(f"| {module.__name__.rsplit('.', 1)[1]} | {c} | {own:.3g} | {value:.3g} | {count} | {picks} |")
     saved = {(module, c): getattr(module, c) for module, values in fits.items() for c in values}
     try:  # auto's picks under all the fitted constants, then the modules' own constants back
         for module, values in fits.items():
@@ -498,6 +510,22 @@ def fit(paths: list[str], args) -> None:
         now, fitted = before[key], after[key]
         print(f"| {key[0]} | {key[1]} | {key[2]} | {now[0]} {now[1]:.2f} | {fitted[0]} {fitted[1]:.2f} |")
     print(f"now: {summary(before)}\nall fitted: {summary(after)}")
+
+
+def one_constant_fits(f: torch.Tensor, y: torch.Tensor, now: torch.Tensor, constants) -> dict:
+    """Each constant refitted with the others held: per cell the value that makes the estimate equal the measured time
+    ``y`` (in sdpa's unit), over the cells where that constant carries at least a tenth of the estimate; the median.
+    ``{constant: (value, cells)}``; constants no cell depends on that much are left out."""
+    out = {}
+    estimate = f[:, 0] + f[:, 1:] @ now
+    for j, c in enumerate(constants):
+        share = f[:, 1 + j] * now[j] / estimate
+        used = share >= 0.1
+        if now[j] <= 0 or not bool(used.any()):
+            continue
+        implied = (y[used] - (estimate[used] - f[used, 1 + j] * now[j])) / f[used, 1 + j]
+        out[c] = (max(float(implied.median()), 0.0), int(used.sum()))
+    return out
 
 
 def summary(result: dict) -> str:
