@@ -329,12 +329,13 @@ def attention(
       not see the softcap, the ALiBi term nor the mask; a row with no allowed key still returns exactly 0 (and a zero
       gradient, the sink's included). Differentiable in ``sinks`` when it requires a gradient.
 
-    Memory: ``"sdpa"`` builds an O(B·Q·K) bool mask from a spec (none for ``None``, ``full()`` and a plain
-    ``causal()`` with ``Q == K``, which uses ``is_causal``); ``"reference"`` materialises O(B·H·Q·K) float32 scores;
-    ``"varlen"`` and ``"blocksparse"`` never build more than one document's or one tile group's mask; ``"banded"``
-    builds an O(B·L·W·bs) bool mask of its band; ``"native"`` builds no mask at all. With ``dropout_p > 0``, torch's
-    CPU SDPA runs its unfused kernel, which holds the O(B·H·Q·K) probabilities and dropout mask (``"varlen"``: one
-    document group's at a time).
+    Memory: ``"sdpa"`` builds an O(B·Q·K) bool mask from a spec (none for ``None``, ``full()``, a plain
+    ``causal()`` with ``Q == K``, which uses ``is_causal``, and, forward-only in float32 / float64 on CPU, a plain
+    ``causal()`` with ``Q < K``: an unmasked and an ``is_causal`` part merged by log-sum-exp); ``"reference"``
+    materialises O(B·H·Q·K) float32 scores; ``"varlen"`` and ``"blocksparse"`` never build more than one document's
+    or one tile group's mask; ``"banded"`` builds an O(B·L·W·bs) bool mask of its band; ``"native"`` builds no mask
+    at all. With ``dropout_p > 0``, torch's CPU SDPA runs its unfused kernel, which holds the O(B·H·Q·K)
+    probabilities and dropout mask (``"varlen"``: one document group's at a time).
 
     Masked keys never affect the output: a NaN or infinity in a key or value that a query may not see leaves that
     query's output untouched on every backend; a query that may see one gets NaN.
