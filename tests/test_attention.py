@@ -375,13 +375,14 @@ def test_a_decoding_step_skips_the_masked_key_scan_since_its_query_sees_every_ke
 @pytest.mark.parametrize("amx", [True, False])
 def test_sdpa_estimate_halves_bfloat16_pair_work_only_on_cpus_with_amx_bf16(monkeypatch, amx):
     """On a CPU with AMX bfloat16 tiles SDPA's bfloat16 kernel runs about twice the pairs per second of float32
-    (benchmarks/RESULTS.md); elsewhere, and for float16, the estimate is float32's."""
+    (benchmarks/RESULTS.md); elsewhere (another CPU, another device), and for float16, the estimate is float32's."""
     monkeypatch.setattr(sdpa_backend, "_cpu_has_amx_bf16", lambda: amx)
 
-    def estimate(dtype):
-        q = torch.zeros(1, 2, 64, 8, dtype=dtype)
+    def estimate(dtype, device="cpu"):
+        q = torch.zeros(1, 2, 64, 8, dtype=dtype, device=device)
         return sdpa_backend.cost(A._prepare_call(q, q, q, am.sliding_window(8), None, None, None))
 
     assert estimate(torch.float16) == estimate(torch.float32)
     pairs = 2 * 64 * 64 * 16
     assert estimate(torch.float32) - estimate(torch.bfloat16) == (pairs * 0.5 if amx else 0)
+    assert estimate(torch.bfloat16, "meta") == estimate(torch.float32, "meta")  # the CPU's flags say nothing there

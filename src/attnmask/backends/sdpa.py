@@ -188,7 +188,7 @@ def cost(call: AttentionCall) -> float:
     if call.q.device.type == "cuda":
         return cuda_costs.sdpa_cost(call)
     work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
-    if call.q.dtype == torch.bfloat16 and _cpu_has_amx_bf16():
+    if call.q.dtype == torch.bfloat16 and call.q.device.type == "cpu" and _cpu_has_amx_bf16():
         work *= _AMX_BF16_PAIR_FACTOR
     if call.masks_no_key:
         return float(work)
@@ -207,7 +207,7 @@ def _cpu_has_amx_bf16() -> bool:
     """Whether this CPU advertises AMX bfloat16 tiles (Linux's /proc/cpuinfo flags); False where that is unknown."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in info)
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in info)
     except OSError:
         return False
 
