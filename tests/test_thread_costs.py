@@ -1,0 +1,232 @@
+"""Thread-aware CPU cost estimates: ``_workers.expected_speedup`` mirrors what ``parallel_map`` does with the threads,
+each backend's estimate moves with ``_workers.threads_available()`` as its run path uses the threads, and ``"auto"``'s
+cached pick follows a change of the thread count."""
+
+import importlib
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnmask as am
+from attnmask.backends import _workers as W
+from attnmask.backends import banded as BD
+from attnmask.backends import blocksparse as BS
+from attnmask.backends import native as NT
+from attnmask.backends import sdpa as SD
+from attnmask.backends import varlen as VL
+
+A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """``set(n)``: the estimates (and ``choose_backend``) see ``n`` threads, through the patched module function."""
+
+    def set_threads(n: int) -> None:
+        monkeypatch.setattr(W, "threads_available", lambda: n)
+
+    return set_threads
+
+
+def call_for(spec, length=1024, heads=4, dim=64, batch=1, dtype=torch.float32):
+    q = torch.zeros(batch, heads, length, dim, dtype=dtype)
+    k = torch.zeros(batch, heads, length, dim, dtype=dtype)
+    return A._prepare_call(q, k, k, spec, None, None, None)
+
+
+def cost_at(backend, call, n: int, monkeypatch) -> float:
+    with monkeypatch.context() as m:
+        m.setattr(W, "threads_available", lambda: n)
+        return backend.BACKEND.cost(call)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# expected_speedup: worked examples
+
+
+def test_expected_speedup_worked_examples():
+    assert W.expected_speedup([6, 3, 1, 1], 2) == pytest.approx(2.0)  # 6, 3 split (4.5), the 1s one per thread (1)
+    assert W.expected_speedup([6, 3, 1, 1], 2, min_work=4) == pytest.approx(11 / 8)  # 3 and the 1s on one thread
+    assert W.expected_speedup([1, 1, 1, 1], 2) == pytest.approx(2.0)  # dealt two and two
+    assert W.expected_speedup([1, 1, 1, 1], 2, efficiency=0.5) == pytest.approx(1.5)
+    assert W.expected_speedup([5], 2, efficiency=0.25) == pytest.approx(1.25)  # one item: split across both
+    assert W.expected_speedup([5], 4, min_work=10) == 1.0  # one small item: one thread
+
+
+def test_expected_speedup_is_one_on_one_thread_or_no_work():
+    assert W.expected_speedup([3, 2, 1], 1) == 1.0
+    assert W.expected_speedup([], 4) == 1.0
+    assert W.expected_speedup([0, 0], 2) == 1.0
+
+
+def test_a_pool_that_never_splits_an_item_gains_nothing_on_one_item():
+    assert W.expected_speedup([8], 4, share_big=False) == 1.0  # the native kernel's first thread takes it all
+    assert W.expected_speedup([6, 3, 1, 1], 2, share_big=False) == pytest.approx(11 / 6)  # 6 | 3 + 1 + 1
+
+
+def test_handovers_can_make_small_dealt_tasks_slower_than_one_thread():
+    assert W.expected_speedup([1.0] * 8, 2, handover=1.0) == pytest.approx(8 / (4 + 8))
+    assert W.expected_speedup([100.0] * 8, 2, handover=1.0) == pytest.approx(800 / (400 + 8))
+    assert W.expected_speedup([6, 3], 2, handover=100.0) == pytest.approx(2.0)  # split in the caller: none dealt
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    weights=st.lists(st.floats(0.01, 100.0), min_size=1, max_size=12),
+    n=st.integers(2, 8),
+    min_work=st.sampled_from([0.0, 1.0, 20.0, 1e3]),
+)
+def test_expected_speedup_lies_between_one_and_the_thread_count(weights, n, min_work):
+    gain = W.expected_speedup(weights, n, min_work)
+    assert 1.0 - 1e-9 <= gain <= n + 1e-9
+    assert W.expected_speedup(weights, n, min_work, efficiency=0.0) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# expected_speedup agrees with what parallel_map does (which items run split in the caller, one-threaded, or dealt)
+
+needs_workers = pytest.mark.skipif(W.workers_available() is not None, reason=str(W.workers_available()))
+
+
+def recorded_speedup(weights, n: int, min_work: float) -> float:
+    """Run ``parallel_map`` on ``n`` intra-op threads with a recording task (each dealt item sleeps long enough that
+    a worker takes some) and compute, from what each item saw, the speed-up the model's arithmetic gives: items
+    that ran with ``n`` intra-op threads split (``w / n``), items of a call where a worker took any dealt as a
+    greedy deal over ``min(n, dealt)`` threads, the rest one after the other."""
+    caller = threading.get_ident()
+    seen = {}
+
+    def task(i):
+        seen[i] = (torch.get_num_threads(), threading.get_ident() != caller)
+        if torch.get_num_threads() == 1:
+            time.sleep(0.02)
+        return i
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        assert W.parallel_map(task, list(range(len(weights))), weights, min_work=min_work) == list(range(len(weights)))
+    finally:
+        torch.set_num_threads(before)
+    split = [w for i, w in enumerate(weights) if seen[i][0] == n]
+    one = [w for i, w in enumerate(weights) if seen[i][0] != n]
+    dealt = any(in_worker for _, in_worker in seen.values())
+    if not dealt:
+        time_taken = sum(split) / n + sum(one)
+    else:
+        loads = [0.0] * min(n, len(one))
+        for w in sorted(one, reverse=True):
+            loads[loads.index(min(loads))] += w
+        time_taken = sum(split) / n + max(loads)
+    return sum(weights) / time_taken
+
+
+@needs_workers
+@pytest.mark.parametrize(
+    "weights, min_work",
+    [
+        ([6.0, 3.0, 1.0, 1.0], 0.0),  # two too big to share, split; the 1s dealt
+        ([6.0, 3.0, 1.0, 1.0], 4.0),  # 6 split, 3 too big but small (one thread), the 1s too small to deal
+        ([2.0, 2.0, 2.0, 2.0], 0.0),  # none too big: all dealt
+        ([2.0, 2.0, 2.0, 2.0], 3.0),  # averaging under min_work: one thread each, in the caller
+        ([10.0, 1.0], 0.0),  # the large one split, then one left: in the caller
+        ([9.0], 0.0),  # one item: split
+    ],
+)
+def test_expected_speedup_agrees_with_what_parallel_map_does(weights, min_work):
+    assert W.expected_speedup(weights, 2, min_work) == pytest.approx(recorded_speedup(weights, 2, min_work))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Each backend's estimate at 1 and 2 threads
+
+
+def test_sdpa_estimate_divides_by_its_thread_gain(monkeypatch):
+    call = call_for(am.causal() & am.document(seq_lens=[512, 512]))
+    monkeypatch.setattr(SD, "_THREAD_EFFICIENCY", 0.5)
+    assert cost_at(SD, call, 2, monkeypatch) == pytest.approx(cost_at(SD, call, 1, monkeypatch) / 1.5)
+    assert cost_at(SD, call, 4, monkeypatch) == pytest.approx(cost_at(SD, call, 1, monkeypatch) / 2.5)
+
+
+def test_sdpa_one_query_uses_at_most_its_head_items(monkeypatch):
+    q, k = torch.zeros(1, 2, 1, 64), torch.zeros(1, 2, 4096, 64)
+    call = A._prepare_call(q, k, k, am.causal() & am.sliding_window(2048), None, None, None)
+    monkeypatch.setattr(SD, "_THREAD_EFFICIENCY", 1.0)
+    assert cost_at(SD, call, 8, monkeypatch) == pytest.approx(cost_at(SD, call, 1, monkeypatch) / 2)  # B·H = 2 items
+
+
+def test_native_single_segment_gains_nothing_many_documents_do(monkeypatch):
+    monkeypatch.setattr(NT, "_THREAD_EFFICIENCY", 1.0)
+    one = call_for(am.sliding_window(64))  # one segment x 4 heads: one pull of 8 items, one thread
+    assert cost_at(NT, one, 2, monkeypatch) == pytest.approx(cost_at(NT, one, 1, monkeypatch))
+    many = call_for(am.causal() & am.document(seq_lens=[32] * 32))  # 128 equal items, 16 pulls
+    one_thread, two = cost_at(NT, many, 1, monkeypatch), cost_at(NT, many, 2, monkeypatch)
+    assert two == pytest.approx(NT._CALL_COST + (one_thread - NT._CALL_COST) / 2)
+
+
+def test_varlen_small_tasks_stay_on_one_thread_large_ones_share(monkeypatch):
+    monkeypatch.setattr(VL, "_THREAD_EFFICIENCY", 1.0)
+    small = call_for(am.causal() & am.document(seq_lens=[64] * 16))  # tasks far under MIN_TASK_WORK
+    assert cost_at(VL, small, 2, monkeypatch) == pytest.approx(cost_at(VL, small, 1, monkeypatch))
+    lens = [1024, 1024, 1000, 1000, 1040, 1008]  # three groups of stacked documents, each >= MIN_TASK_WORK
+    large = call_for(am.causal() & am.document(seq_lens=lens), length=sum(lens))
+    assert cost_at(VL, large, 2, monkeypatch) < 0.8 * cost_at(VL, large, 1, monkeypatch)
+
+
+def test_blocksparse_estimate_mirrors_its_group_tasks(monkeypatch):
+    call = call_for(am.causal() & am.chunked(128))
+    weights = [w * 4 * 128 * BS._PAIR_COST for w in BS._task_weights(call)]
+    groups = len(weights)
+    monkeypatch.setattr(BS, "_THREAD_EFFICIENCY", 1.0)
+    monkeypatch.setattr(BS, "_HANDOVER_COST", 0.0)
+    serial = groups * BS.CALL_COST
+    one, two = cost_at(BS, call, 1, monkeypatch), cost_at(BS, call, 2, monkeypatch)
+    assert two == pytest.approx(serial + (one - serial) / W.expected_speedup(weights, 2))
+    assert two < one
+    monkeypatch.setattr(BS, "_THREAD_EFFICIENCY", 0.0)
+    monkeypatch.setattr(BS, "_HANDOVER_COST", 1e7)  # tiny dealt groups: two threads cost more than one
+    assert cost_at(BS, call, 2, monkeypatch) > cost_at(BS, call, 1, monkeypatch)
+
+
+def test_banded_only_its_sdpa_call_gains(monkeypatch):
+    call = call_for(am.causal() & am.document(seq_lens=[16] * 64))
+    plan = BD._cached_plan(call)
+    in_sdpa, serial = BD._parts(call, plan.block_size, plan.width)
+    monkeypatch.setattr(BD, "_THREAD_EFFICIENCY", 1.0)
+    assert cost_at(BD, call, 1, monkeypatch) == pytest.approx(in_sdpa + serial)
+    assert cost_at(BD, call, 2, monkeypatch) == pytest.approx(in_sdpa / 2 + serial)
+
+
+def test_estimates_read_the_threads_through_the_workers_module(monkeypatch):
+    """The contention-aware ``threads_available`` (patched here) is what the estimates see, not torch's setting."""
+    monkeypatch.setattr(SD, "_THREAD_EFFICIENCY", 0.5)
+    call = call_for(am.prefix_lm(256))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cost_at(SD, call, 2, monkeypatch) < cost_at(SD, call, 1, monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The cached "auto" pick follows the thread count
+
+
+def test_cached_auto_pick_follows_a_change_of_thread_count(monkeypatch, threads):
+    monkeypatch.setattr(SD, "_THREAD_EFFICIENCY", 1.0)  # SDPA twice as fast on two threads
+    monkeypatch.setattr(BS, "_THREAD_EFFICIENCY", 0.0)  # blocksparse no faster
+    spec = am.prefix_lm(256)
+    call = call_for(spec)
+    threads(1)
+    one = A.choose_backend(call).name
+    threads(2)
+    two = A.choose_backend(call_for(spec)).name  # same spec object and signature: the cached plans
+    assert (one, two) == ("blocksparse", "sdpa")
+    threads(1)
+    assert A.choose_backend(call_for(spec)).name == "blocksparse"
+    assert am.explain(torch.zeros(1, 4, 1024, 64), *[torch.zeros(1, 4, 1024, 64)] * 2, spec).picked == "blocksparse"
