@@ -30,6 +30,11 @@ own overhead: masks of PARTIAL tiles, Python, merges; below 1 where the pick is 
 
 ps/unit columns (``--units``): measured picoseconds per unit of each backend's cost estimate; a calibrated cost model
 has the same ps/unit across backends and rows (``auto`` compares estimates, so only their ratios matter).
+
+``--fit OUTPUT...`` (no timing): re-evaluates auto's picks offline on saved outputs of this script, each at its own
+thread count (``at_threads`` patches ``backends._workers.threads_available``), fits each backend's thread efficiency
+(and blocksparse's hand-over cost) from the 1- and T-thread tables of the same rows, and prints refits of the other
+constants. ``--held-out OUTPUT``: the thread constants fitted without that table, judged on it.
 """
 
 from __future__ import annotations
@@ -541,9 +546,17 @@ def summary(result: dict) -> str:
     )
 
 
-# The backends whose CPU estimate models what the intra-op threads gain (each module's ``_THREAD_EFFICIENCY``: the share
-# of a core each added thread contributes to the work the backend splits across threads; ``--fit`` fits it).
-THREADED = ("sdpa", "varlen", "blocksparse", "banded", "native")
+# The kinds of parallel work the CPU estimates model, and the backends doing each: one fused SDPA call split by torch
+# ("sdpa"), tasks of ``_workers.parallel_map`` dealt to single-threaded workers ("varlen", "blocksparse"), banded's one
+# SDPA call per row on small tiles, the native kernel's pthreads. Per kind, ``--fit`` fits one ``_THREAD_EFFICIENCY``
+# (the share of a core each added thread contributes), and for the tasks one ``_HANDOVER_COST`` per dealt task; each
+# backend module holds the values of its kind.
+KINDS = {
+    "fused SDPA": ("sdpa",),
+    "worker tasks": ("varlen", "blocksparse"),
+    "banded SDPA": ("banded",),
+    "native kernel": ("native",),
+}
 EFFICIENCY = "_THREAD_EFFICIENCY"
 HANDOVER = "_HANDOVER_COST"  # per task dealt to a worker ("varlen", "blocksparse"); fitted with the efficiency
 
@@ -618,31 +631,35 @@ def efficiency_error(pairs, name: str, args) -> float:
 
 
 def fit_efficiencies(tables, args) -> dict:
-    """Per backend of ``THREADED`` timed at 1 and at T threads on the same rows, the ``_THREAD_EFFICIENCY`` (0 to 1)
-    and, where the backend deals tasks to workers, the ``_HANDOVER_COST`` per dealt task (0, or 1e5 to 5e7 estimate
-    units) whose predicted gains (estimate at 1 thread / at T) come closest to the measured ones: least mean absolute
-    log error, on a coarse grid (steps of 0.1, handovers doubling), then efficiency steps of 0.01 and handover steps
-    of ~10% around the best. Prints them; returns ``{module: {constant: value}}`` (the modules keep their own)."""
+    """Per kind of parallel work (``KINDS``) timed at 1 and at T threads on the same rows, the ``_THREAD_EFFICIENCY``
+    (0 to 1) and, for worker tasks, the ``_HANDOVER_COST`` per dealt task (0, or 1e5 to 5e7 estimate units) whose
+    predicted gains (estimate at 1 thread / at T) come closest to the measured ones of its backends: least mean
+    absolute log error, on a coarse grid (steps of 0.1, handovers doubling), then efficiency steps of 0.01 and
+    handover steps of ~10% around the best. Prints them; returns ``{module: {constant: value}}`` (the modules keep
+    their own)."""
     pairs = thread_pairs(tables)
     fitted: dict = {}
-    print("| backend | constant | now | fitted | row pairs | mean abs log error of the gain now -> fitted |")
-    print("|---|---|---|---|---|---|")
-    for name in THREADED:
-        count = sum(p[2] == name for p in pairs)
-        if not count:
+    print("| kind | backends | constant | now | fitted | row pairs | mean abs log error of the gain now -> fitted |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, members in KINDS.items():
+        used = [p for p in pairs if p[2] in members]
+        if not used:
             continue
-        module = importlib.import_module(f"attnmask.backends.{name}")
-        names = (EFFICIENCY, HANDOVER) if hasattr(module, HANDOVER) else (EFFICIENCY,)
-        own = tuple(getattr(module, c) for c in names)
+        modules = [importlib.import_module(f"attnmask.backends.{name}") for name in members]
+        names = (EFFICIENCY, HANDOVER) if all(hasattr(m, HANDOVER) for m in modules) else (EFFICIENCY,)
+        own = {m: tuple(getattr(m, c) for c in names) for m in modules}
 
-        def error(values: tuple, module=module, name=name, names=names) -> float:
-            for c, value in zip(names, values, strict=True):
-                setattr(module, c, value)
-            return efficiency_error(pairs, name, args)
+        def error(values: tuple | None, modules=modules, names=names, used=used) -> float:
+            """The kind's mean error with ``values`` set on every member (None: as the modules hold them)."""
+            for module in modules if values is not None else ():
+                for c, value in zip(names, values, strict=True):
+                    setattr(module, c, value)
+            timed = {p[2] for p in used}
+            return sum(efficiency_error(used, n, args) * sum(p[2] == n for p in used) for n in timed) / len(used)
 
         handovers = [0.0] + [1e5 * 2**k for k in range(10)] if len(names) == 2 else [None]
         try:
-            now = error(own)
+            now = error(None)
             _, best = min((error(v[: len(names)]), v[: len(names)]) for v in _grid(handovers))
             near = [round(best[0] + i / 100, 2) for i in range(-9, 10)]
             _, best = min((error((e, *best[1:])), (e, *best[1:])) for e in near if 0 <= e <= 1)
@@ -651,12 +668,16 @@ def fit_efficiencies(tables, args) -> dict:
                 _, best = min((error((best[0], h)), (best[0], h)) for h in near)
             after = error(best)
         finally:
-            for c, value in zip(names, own, strict=True):
-                setattr(module, c, value)
-        fitted[module] = dict(zip(names, best, strict=True))
-        for c, was, value in zip(names, own, best, strict=True):
+            for module, values in own.items():
+                for c, value in zip(names, values, strict=True):
+                    setattr(module, c, value)
+        for module in modules:
+            fitted[module] = dict(zip(names, best, strict=True))
+        for j, c in enumerate(names):
             errors = f"{now:.3f} -> {after:.3f}" if c == EFFICIENCY else ""
-            print(f"| {name} | {c} | {was:.3g} | {value:.3g} | {count} | {errors} |")
+            was = " / ".join(f"{own[m][j]:.2f}" if c == EFFICIENCY else f"{own[m][j]:.2g}" for m in modules)
+            value = f"{best[j]:.2f}" if c == EFFICIENCY else f"{best[j]:.2g}"
+            print(f"| {kind} | {', '.join(members)} | {c} | {was} | {value} | {len(used)} | {errors} |")
     return fitted
 
 

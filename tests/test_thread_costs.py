@@ -3,8 +3,11 @@ each backend's estimate moves with ``_workers.threads_available()`` as its run p
 cached pick follows a change of the thread count."""
 
 import importlib
+import importlib.util
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +233,56 @@ def test_cached_auto_pick_follows_a_change_of_thread_count(monkeypatch, threads)
     threads(1)
     assert A.choose_backend(call_for(spec)).name == "blocksparse"
     assert am.explain(torch.zeros(1, 4, 1024, 64), *[torch.zeros(1, 4, 1024, 64)] * 2, spec).picked == "blocksparse"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bench_limit --fit: the efficiencies come from the 1- and 2-thread tables; the offline picks see the table's threads
+
+
+def bench_limit():
+    """``benchmarks/bench_limit.py`` as the module ``bench_limit`` (its dataclasses resolve through sys.modules)."""
+    if "bench_limit" not in sys.modules:
+        script = Path(__file__).parents[1] / "benchmarks" / "bench_limit.py"
+        spec = importlib.util.spec_from_file_location("bench_limit", script)
+        sys.modules["bench_limit"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["bench_limit"])
+    return sys.modules["bench_limit"]
+
+
+def synthetic_table(bench, threads: int, sdpa_ms: dict) -> str:
+    """A saved ``bench_limit`` table (its own format) of rows of 256 tokens timed at ``threads`` threads, with only
+    "sdpa" timed: ``sdpa_ms`` ``{structure: ms}``."""
+    lines = [
+        f"torch x, {threads} thread(s), rows of 256, decode against 512 keys, H=4, D=64, load 0",
+        "",
+        f"**forward, float32, {threads} thread(s)** (ms)",
+        "",
+        "| structure | allowed | ideal ms | covered | floor ms | sdpa | auto picks | auto / ideal |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {name} | 0.5 | 1.0 | - | - | {ms} | sdpa | 1.0 |" for name, ms in sdpa_ms.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_fit_recovers_the_efficiency_the_tables_were_made_with(tmp_path, capsys):
+    bench = bench_limit()
+    names = [c.name for c in bench.cases(256, 512) if c.name.startswith(("causal +", "prefix", "causal chunked"))]
+    one = {name: 10.0 + i for i, name in enumerate(names)}
+    paths = []
+    for threads, table in ((1, one), (2, {name: ms / 1.6 for name, ms in one.items()})):  # efficiency 0.6
+        paths.append(tmp_path / f"t{threads}.txt")
+        paths[-1].write_text(synthetic_table(bench, threads, table))
+    own = SD._THREAD_EFFICIENCY
+    bench.main(["--fit", *map(str, paths)])
+    out = capsys.readouterr().out
+    assert f"| sdpa | _THREAD_EFFICIENCY | {own:.2f} | 0.60 | {len(names)} |" in out
+    assert "sdpa 1.60 (estimates " in out  # the measured gain next to the estimated one
+    assert SD._THREAD_EFFICIENCY == own  # the modules keep their own constants
+
+
+def test_offline_picks_see_the_tables_thread_count_not_this_machines():
+    bench = bench_limit()
+    own, before = W.threads_available, torch.get_num_threads()
+    with bench.at_threads(3):
+        assert W.threads_available() == 3 and torch.get_num_threads() == 3
+    assert W.threads_available is own and torch.get_num_threads() == before

@@ -36,8 +36,9 @@ _PAIR_COST = 1.3  # one multiply-add of a pair of a FULL or PARTIAL tile (tile-s
 _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL tile
 # Threads: the query groups are tasks of ``_workers.parallel_map`` (no ``min_work``), each added thread contributing
 # this share of a core to their pairs and masks, and each group dealt to a worker costing ``_HANDOVER_COST`` more (its
-# wake-up and GIL hand-overs); the per-group charge (Python, dispatch) counts on one thread. Both fitted:
-# ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread tables (RESULTS.md, "Thread-aware estimates").
+# wake-up and GIL hand-overs); the per-group charge (Python, dispatch) counts on one thread. The values of every
+# backend dealing worker tasks (varlen's too), fitted with them: ``benchmarks/bench_limit.py --fit`` on the saved 1-
+# and 2-thread tables (RESULTS.md, "Thread-aware estimates").
 _THREAD_EFFICIENCY = 0.13
 _HANDOVER_COST = 3.2e6
 

@@ -46,12 +46,12 @@ _SDPA_ROW_COST = 40.0  # SDPA's fixed work per query row and head (per element o
 _SMALL_ROW_COST = 130.0  # the tiny-document path's unfused softmax, masking and casts, per query row element and head
 _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this many keys go through batched matmuls
 # Threads: the document groups (a long document's query blocks under a window) are tasks of ``_workers.parallel_map``,
-# each added thread contributing this share of a core to their SDPA calls and products; the per-call overhead and the
-# copies run on one thread (``serial_steps``). Fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and
-# 2-thread tables (RESULTS.md, "Thread-aware estimates"). A dealt task's hand-over cost (blocksparse's
-# ``_HANDOVER_COST``) is not modelled here: on the saved rows of 1,024 tokens only one row deals tasks (MIN_TASK_WORK),
-# too few to fit it.
-_THREAD_EFFICIENCY = 0.03
+# each added thread contributing this share of a core to their SDPA calls and products, and each task dealt to a
+# worker costing ``_HANDOVER_COST`` more (its wake-up and GIL hand-overs); the per-call overhead and the copies run on
+# one thread (``serial_steps``). The values of every backend dealing worker tasks (blocksparse's too), fitted with
+# them: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread tables (RESULTS.md, "Thread-aware estimates").
+_THREAD_EFFICIENCY = 0.13
+_HANDOVER_COST = 3.2e6
 
 
 def varlen_attention(
@@ -468,8 +468,10 @@ def cost(call) -> float:
     if call.dropout_p > 0:  # every call in the caller, split across every thread (_map)
         return serial + float(per_seg.sum()) / _workers.expected_speedup([1.0], threads, 0.0, _THREAD_EFFICIENCY)
     big_tasks, tiny_tasks = _task_weights(segs.tolist(), plan.window, call.heads * width)
-    big_gain = _workers.expected_speedup(big_tasks, threads, MIN_TASK_WORK, _THREAD_EFFICIENCY)
-    tiny_gain = _workers.expected_speedup(tiny_tasks, threads, MIN_TASK_WORK, _THREAD_EFFICIENCY)
+    big_gain, tiny_gain = (
+        _workers.expected_speedup(tasks, threads, MIN_TASK_WORK, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
+        for tasks in (big_tasks, tiny_tasks)
+    )
     return serial + float(per_seg[~small].sum()) / big_gain + float(per_seg[small].sum()) / tiny_gain
 
 
