@@ -28,8 +28,19 @@ own OpenMP thread count (``omp_set_num_threads`` is per thread) and oneMKL's thr
 Where that is not possible (another parallel backend than OpenMP, no such symbols, a torch without oneMKL symbols
 while it uses oneMKL) :func:`parallel_map` runs its tasks one after the other in the caller, as before.
 
+Cores other processes hold: a parallel region split across a core that another process keeps busy waits for it (a
+scheduler time slice per region, issue 15), while one thread on a free core does not wait at all. So the threads a
+call uses are :func:`threads_available`: ``torch.get_num_threads()``, or fewer when other processes held cores of
+this process's CPU set over the last 0.1-1 s (:func:`free_cores`, from ``/proc/stat`` less this process's own CPU
+time: one read of ~30 us at most every 0.1 s). With one of 2 cores taken, "varlen", "blocksparse", "banded" and
+"native" then compute on the free core with one intra-op thread, where stock SDPA keeps splitting its call across
+both. Not adapted: under ``torch.use_deterministic_algorithms(True)`` (a thread count may change a reduction's
+rounding), while ``torch.compile`` traces, where ``/proc/stat`` is unreadable (not Linux), or with
+``ATTNMASK_ADAPT_THREADS=0`` (or ``ADAPT = False`` here).
+
 ``ATTNMASK_WORKERS=0`` in the environment (or ``ENABLED = False`` here) keeps every task in the caller, each split
-across every intra-op thread, and :func:`serial_steps` changes nothing: the code before issue 15's fix.
+across every intra-op thread, and :func:`serial_steps` changes nothing: the code before issue 15's fix (and no
+adaptation to other processes' load).
 
 Thread-local state travels with the tasks: grad mode and inference mode are set in the worker as in the caller, so
 autograd records the graph built in a worker (its backward runs wherever ``backward`` is called). Calls under
@@ -46,10 +57,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -57,7 +71,10 @@ import torch
 __all__ = [
     "MIN_TASK_WORK",
     "all_threads",
+    "free_cores",
+    "configured_threads",
     "graph_in",
+    "on_free_cores",
     "parallel_map",
     "serial_steps",
     "threads_available",
@@ -69,6 +86,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 ENABLED = os.environ.get("ATTNMASK_WORKERS", "1") != "0"
+ADAPT = os.environ.get("ATTNMASK_ADAPT_THREADS", "1") != "0"  # threads_available() follows the free cores
 _local = threading.local()  # .worker: this thread is one of the pool's
 _broken: list[str] = []  # why a worker did not end up with one intra-op thread (then parallel_map stays serial)
 _pool_lock = threading.Lock()
@@ -120,13 +138,13 @@ class _thread_counts:  # noqa: N801 (used as a function: ``with _thread_counts(1
     (:func:`workers_available` says why) only the budget changes; while ``torch.compile`` traces, nothing.
     (A class, not a generator: it is entered around every SDPA call of a backend, a few microseconds each.)"""
 
-    __slots__ = ("count", "budget", "before", "outer", "previous")
+    __slots__ = ("count", "budget", "before", "outer", "previous")  # outer: (budget, configured) of the block around
 
     def __init__(self, count: int, budget: int):
         self.count, self.budget, self.previous = count, budget, None
 
     def __enter__(self) -> None:
-        self.outer = getattr(_local, "budget", None)
+        self.outer = (getattr(_local, "budget", None), getattr(_local, "configured", None))
         if torch.compiler.is_compiling():
             self.outer = _UNSET
             return
@@ -135,11 +153,13 @@ class _thread_counts:  # noqa: N801 (used as a function: ``with _thread_counts(1
         if self.count != self.before and not isinstance(setters, str) and not _broken:
             self.previous = [setter(self.count) for setter in setters]
         _local.budget = self.budget
+        if self.outer[1] is None:
+            _local.configured = self.before
 
     def __exit__(self, *exc) -> None:
         if self.outer is _UNSET:
             return
-        _local.budget = self.outer
+        _local.budget, _local.configured = self.outer
         if self.previous is not None:
             setters = _thread_count_setters()
             setters[0](self.before)
@@ -151,10 +171,99 @@ _UNSET = object()
 
 
 def threads_available() -> int:
-    """Intra-op threads the calling thread's work may use: ``torch.get_num_threads()``, or what it was when the
-    innermost :func:`serial_steps` block began."""
+    """Intra-op threads the calling thread's work may use: ``torch.get_num_threads()``, at most the cores other
+    processes left free (:func:`free_cores`, where adapted: see the module docstring), or what it was when the
+    innermost :func:`serial_steps` / :func:`all_threads` block began."""
     budget = getattr(_local, "budget", None)
-    return torch.get_num_threads() if budget is None else budget
+    if budget is not None:
+        return budget
+    threads = torch.get_num_threads()
+    if threads < 2 or not (ADAPT and ENABLED) or getattr(_local, "worker", False):
+        return threads
+    if torch.are_deterministic_algorithms_enabled() or torch.compiler.is_compiling():
+        return threads
+    free = free_cores()
+    return threads if free is None else max(1, min(threads, free))
+
+
+# How the load of other processes is measured (free_cores): over at least SAMPLE_SECONDS (/proc/stat counts in ticks
+# of 10 ms, so a shorter interval is mostly rounding), from a baseline at most STALE_SECONDS old (an older one is
+# replaced and the previous decision kept: the decision follows the last second, not an average since the last call).
+SAMPLE_SECONDS = 0.1
+STALE_SECONDS = 1.0
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_log = logging.getLogger("attnmask")
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    """One reading of the CPU counters: ``at`` (``time.monotonic()`` seconds), ``busy`` (seconds the CPUs of this
+    process's set spent not idle, since boot, all processes), ``ours`` (this process's CPU seconds, all its threads),
+    ``cpus`` (how many CPUs the set holds)."""
+
+    at: float
+    busy: float
+    ours: float
+    cpus: int
+
+
+def read_load() -> LoadSample | None:
+    """The counters now, or ``None`` where they cannot be read (no ``/proc/stat``, no CPU affinity: not Linux)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        with open("/proc/stat", "rb") as stat:
+            lines = stat.read().splitlines()
+    except (AttributeError, OSError):
+        return None
+    busy = 0
+    for line in lines:
+        if not line.startswith(b"cpu") or line[3:4] == b" ":
+            continue
+        fields = line.split()
+        if int(fields[0][3:]) in cpus:  # user nice system idle iowait irq softirq steal (guest: within user)
+            busy += sum(int(x) for x in fields[1:9]) - int(fields[4]) - int(fields[5])
+    return LoadSample(time.monotonic(), busy / _TICKS, time.process_time(), len(cpus))
+
+
+def free_from(before: LoadSample, after: LoadSample) -> int:
+    """Cores of the set other processes left free between two readings: the set's size less the cores they kept
+    busy (all busy time less this process's own), rounded to the nearest core (a core taken half the time or more
+    counts as taken). Example: 2 CPUs, 0.2 s apart, 0.35 s busy of which 0.15 s ours: others held 1.0 core -> 1."""
+    seconds = after.at - before.at
+    others = max(0.0, (after.busy - before.busy) - (after.ours - before.ours)) / seconds if seconds > 0 else 0.0
+    return max(0, int(after.cpus - others + 0.5))
+
+
+_load: list = [None, None]  # [the baseline LoadSample, the free cores decided last (None: not yet)]
+
+
+def free_cores() -> int | None:
+    """Cores of this process's CPU set that other processes left free over the last 0.1-1 s, or ``None`` before the
+    first decision or where that cannot be measured (:func:`read_load`). Reads ``/proc/stat`` at most every
+    ``SAMPLE_SECONDS``; between reads it returns the previous decision. Logged (logger ``attnmask``, INFO) when it
+    changes the thread count the backends use."""
+    baseline, decided = _load
+    now = time.monotonic()
+    if baseline is not None and now - baseline.at < SAMPLE_SECONDS:
+        return decided
+    sample = read_load()
+    if sample is None:
+        return None
+    if baseline is not None and sample.at - baseline.at <= STALE_SECONDS and sample.cpus == baseline.cpus:
+        free = free_from(baseline, sample)
+        threads = torch.get_num_threads()
+        if min(threads, max(1, free)) != min(threads, max(1, threads if decided is None else decided)):
+            use = min(threads, max(1, free))
+            _log.info(
+                "other processes held %d of %d CPUs: backends use %d of %d threads",
+                sample.cpus - free,
+                sample.cpus,
+                use,
+                threads,
+            )
+        decided = free
+    _load[:] = [sample, decided]
+    return decided
 
 
 def serial_steps():
@@ -169,9 +278,24 @@ def serial_steps():
 
 def all_threads():
     """Inside a :func:`serial_steps` block: one large call (an SDPA over the whole row) split across all the
-    caller's intra-op threads again, one parallel region as stock SDPA runs it. ``with all_threads(): ...``"""
+    caller's intra-op threads again, one parallel region as stock SDPA runs it. Outside one: a backend's whole call
+    computed with :func:`threads_available` threads (fewer than torch's count only while other processes hold cores).
+    ``with all_threads(): ...``"""
     budget = threads_available()
     return _thread_counts(budget, budget)
+
+
+def on_free_cores(fn: Callable[..., R]) -> Callable[..., R]:
+    """``fn`` (a backend's forward or backward) run inside :func:`all_threads`: its torch calls, and the
+    :func:`parallel_map` inside it, use :func:`threads_available` threads, fewer than torch's count only while
+    other processes hold cores (the backward is decided again when it runs)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with all_threads():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def graph_in(mode: Callable, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
@@ -181,7 +305,7 @@ def graph_in(mode: Callable, fn: Callable[..., torch.Tensor], *inputs: torch.Ten
     transform, mode or tracing) and a gradient is being recorded; otherwise plain ``fn`` inside ``mode()``. The
     result is not differentiable twice (a second-order gradient raises)."""
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if not recording or _in_caller({t.device.type for t in inputs}):
+    if not recording or _in_caller({t.device.type for t in inputs}, configured_threads()):
         with mode():
             return fn(*inputs)
     return _GraphIn.apply(mode, fn, *inputs)
@@ -235,11 +359,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _in_caller(device_types: set[str]) -> bool:
-    """Whether tasks must run in the calling thread: switched off, one intra-op thread, already a worker, autocast,
+def configured_threads() -> int:
+    """The intra-op threads set for the caller (``torch.get_num_threads()`` outside every block of this module), before
+    any block or the free cores lowered them: whether worker threads could take part in this call at all."""
+    configured = getattr(_local, "configured", None)
+    return torch.get_num_threads() if configured is None else configured
+
+
+def _in_caller(device_types: set[str], threads: int) -> bool:
+    """Whether tasks must run in the calling thread: switched off, ``threads`` under 2, already a worker, autocast,
     tracing, a dispatch or function mode or a functorch transform on (all thread-local), a device other than the CPU,
     or no way to make single-threaded workers."""
-    if not ENABLED or threads_available() < 2 or getattr(_local, "worker", False) or device_types != {"cpu"}:
+    if not ENABLED or threads < 2 or getattr(_local, "worker", False) or device_types != {"cpu"}:
         return True
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return True
@@ -252,8 +383,9 @@ def _in_caller(device_types: set[str]) -> bool:
 
 
 def workers_active(device: str = "cpu") -> bool:
-    """Whether :func:`parallel_map` would deal tasks to workers for a call on ``device`` now."""
-    return not _in_caller({device})
+    """Whether :func:`parallel_map` could deal tasks to workers for a call on ``device`` here (at the thread count set
+    for the caller: with cores taken by other processes it may still run them in the caller, :func:`free_cores`)."""
+    return not _in_caller({device}, configured_threads())
 
 
 def _too_big(order: list[int], weights: Sequence[float], threads: int) -> int:
@@ -301,7 +433,7 @@ def parallel_map(
         with _thread_counts(count, count):
             return fn(items[i])
 
-    if n < 2 or _in_caller({device}):
+    if n < 2 or _in_caller({device}, threads):
         return [alone(i) for i in range(n)]
     order = sorted(range(n), key=lambda i: -weights[i]) if weights is not None else list(range(n))
     results: list = [None] * n

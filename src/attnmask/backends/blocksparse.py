@@ -22,7 +22,7 @@ import torch
 
 from attnmask import masks as M
 from attnmask.backends._common import CALL_COST, cached, check_qkv, degenerate, off_cpu
-from attnmask.backends._workers import parallel_map
+from attnmask.backends._workers import on_free_cores, parallel_map
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.errors import ShapeError, bad
 from attnmask.lowering import block_layout
@@ -381,6 +381,7 @@ class _BlockSparse(torch.autograd.Function):
     """Block-sparse attention with recomputation in backward; see ``blocksparse_attention``."""
 
     @staticmethod
+    @on_free_cores
     def forward(ctx, q, k, v, plan, masks, scale, biases):
         B, H, Q, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
@@ -415,6 +416,7 @@ class _BlockSparse(torch.autograd.Function):
         return out.to(q.dtype)
 
     @staticmethod
+    @on_free_cores
     def backward(ctx, d_out):
         q, k, v, out, lse = ctx.saved_tensors
         plan, masks, scale, biases = ctx.plan, ctx.masks, ctx.scale, ctx.biases

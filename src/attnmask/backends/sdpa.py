@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import attnmask.backends.cuda_costs as cuda_costs
 from attnmask.backends._common import cached
+from attnmask.backends._workers import all_threads
 from attnmask.backends.contract import (
     ALL_DTYPES,
     TORCH_DEVICES,
@@ -49,7 +50,16 @@ _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept 
 
 
 def run(call: AttentionCall) -> torch.Tensor:
-    """SDPA with the call's dense bool mask (O(B·Q·K) for a spec), ``is_causal`` where it is exact."""
+    """SDPA with the call's dense bool mask (O(B·Q·K) for a spec), ``is_causal`` where it is exact. On CPU the forward
+    uses ``backends._workers.threads_available()`` intra-op threads: torch's count, fewer only while other processes
+    hold cores (then a call on the free cores does not wait for a taken one)."""
+    if call.q.device.type != "cpu":
+        return _run(call)
+    with all_threads():
+        return _run(call)
+
+
+def _run(call: AttentionCall) -> torch.Tensor:
     sdpa_kwargs = {"scale": call.scale}
     if call.heads != call.kv_heads:
         sdpa_kwargs["enable_gqa"] = True

@@ -34,7 +34,14 @@ from attnmask.backends._common import (
     segments_from_varlen,
     varlen_plan,
 )
-from attnmask.backends._workers import MIN_TASK_WORK, all_threads, parallel_map, serial_steps, workers_active
+from attnmask.backends._workers import (
+    MIN_TASK_WORK,
+    all_threads,
+    on_free_cores,
+    parallel_map,
+    serial_steps,
+    workers_active,
+)
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend, check_dropout_p
 from attnmask.errors import BackendError, ShapeError, bad
 
@@ -200,6 +207,7 @@ class _GroupsInWorkers(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @on_free_cores
     def backward(ctx, *grads):
         d_inputs = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.inputs]
         adding = threading.Lock()
