@@ -482,33 +482,52 @@ def test_free_cores_follows_the_load_of_the_last_interval(monkeypatch):
     assert W.free_cores() == 1
 
 
-def test_threads_available_is_at_most_the_free_cores(two_threads, monkeypatch, caplog):
+def test_small_regions_get_at_most_the_free_cores(two_threads, monkeypatch, caplog):
+    """While another process holds one of two cores, a parallel region under ``REGION_WORK`` gets one thread (the
+    free core), a larger one both; ``parallel_map`` keeps tasks averaging under ``busy_min_work`` in the caller, and
+    deals larger ones to the workers as before."""
     clock = ScriptedLoad(monkeypatch)
-    assert W.threads_available() == 2  # nothing measured yet
+    assert W.region_threads() == 2  # nothing measured yet
     clock.advance(0.2, 1.0)
     with caplog.at_level("INFO", logger="attnmask"):
-        assert W.threads_available() == 1
+        assert W.region_threads() == 1 and W.region_threads(W.REGION_WORK) == 2
     assert "other processes held 1 of 2 CPUs: backends use 1 of 2 threads" in caplog.text
+    assert W.threads_available() == 2
     with W.serial_steps():
-        assert torch.get_num_threads() == 1 and W.threads_available() == 1 and W.configured_threads() == 2
-        assert W.workers_active()  # the workers could run here; parallel_map keeps this call's tasks in the caller
-        with W.all_threads():
-            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1 and W.threads_available() == 2
+        with W.all_threads(1e6):
+            assert torch.get_num_threads() == 1 and W.threads_available() == 2
+        with W.all_threads(W.REGION_WORK):
+            assert torch.get_num_threads() == 2
     with W.all_threads():
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1 and W.threads_available() == 2
     assert torch.get_num_threads() == 2
+    where = {}
+
+    def fn(i):
+        time.sleep(0.02)
+        where[i] = (threading.current_thread().name, torch.get_num_threads())
+        return i
+
     here = threading.current_thread().name
-    assert set(W.parallel_map(lambda i: threading.current_thread().name, range(4), weights=[1e9] * 4)) == {here}
+    assert W.parallel_map(fn, range(4), weights=[1e7] * 4, busy_min_work=5e7) == list(range(4))
+    assert set(where.values()) == {(here, 1)}
+    where.clear()
+    W.parallel_map(fn, range(4), weights=[1e7] * 4)  # no busy_min_work: dealt as when idle
+    assert any(name.startswith("attnmask-worker") for name, _ in where.values())
+    where.clear()
+    W.parallel_map(fn, range(3), weights=[3e9, 1e8, 1e8], busy_min_work=5e7)  # a large item keeps both threads
+    assert where[0] == (here, 2) and {threads for _, threads in where.values()} == {1, 2}
     torch.use_deterministic_algorithms(True)
     try:
-        assert W.threads_available() == 2  # a thread count may change a reduction's rounding: not adapted
+        assert W.region_threads() == 2  # a thread count may change a reduction's rounding: not adapted
     finally:
         torch.use_deterministic_algorithms(False)
     monkeypatch.setattr(W, "ADAPT", False)
-    assert W.threads_available() == 2
+    assert W.region_threads() == 2
     clock.advance(0.2, 0.0)
     monkeypatch.setattr(W, "ADAPT", True)
-    assert W.threads_available() == 2
+    assert W.region_threads() == 2
 
 
 ADAPTED = {

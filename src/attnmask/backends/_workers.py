@@ -29,14 +29,16 @@ Where that is not possible (another parallel backend than OpenMP, no such symbol
 while it uses oneMKL) :func:`parallel_map` runs its tasks one after the other in the caller, as before.
 
 Cores other processes hold: a parallel region split across a core that another process keeps busy waits for it (a
-scheduler time slice per region, issue 15), while one thread on a free core does not wait at all. So the threads a
-call uses are :func:`threads_available`: ``torch.get_num_threads()``, or fewer when other processes held cores of
-this process's CPU set over the last 0.1-1 s (:func:`free_cores`, from ``/proc/stat`` less this process's own CPU
-time: one read of ~30 us at most every 0.1 s). With one of 2 cores taken, "varlen", "blocksparse", "banded" and
-"native" then compute on the free core with one intra-op thread, where stock SDPA keeps splitting its call across
-both. Not adapted: under ``torch.use_deterministic_algorithms(True)`` (a thread count may change a reduction's
-rounding), while ``torch.compile`` traces, where ``/proc/stat`` is unreadable (not Linux), or with
-``ATTNMASK_ADAPT_THREADS=0`` (or ``ADAPT = False`` here).
+scheduler time slice per region, issue 15), while one thread on a free core does not wait at all; but a large
+region still gains from every thread (three runnable threads on two cores: the call's two get 4/3 of a core). So while
+other processes held cores of this process's CPU set over the last 0.1-1 s (:func:`free_cores`, from ``/proc/stat``
+less this process's own CPU time: one read of ~30 us at most every 0.1 s), a parallel region of less than
+``REGION_WORK`` multiply-adds gets at most the free cores (:func:`region_threads`), and :func:`parallel_map` hands
+tasks to workers only when they average ``busy_min_work``. With one of 2 cores taken, a 1K row then computes on the
+free core with one intra-op thread, and an 8K row keeps both threads in few, large regions and tasks. Not adapted:
+under ``torch.use_deterministic_algorithms(True)`` (a thread count may change a reduction's rounding), while
+``torch.compile`` traces, where ``/proc/stat`` is unreadable (not Linux), or with ``ATTNMASK_ADAPT_THREADS=0`` (or
+``ADAPT = False`` here).
 
 ``ATTNMASK_WORKERS=0`` in the environment (or ``ENABLED = False`` here) keeps every task in the caller, each split
 across every intra-op thread, and :func:`serial_steps` changes nothing: the code before issue 15's fix (and no
@@ -86,7 +88,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 ENABLED = os.environ.get("ATTNMASK_WORKERS", "1") != "0"
-ADAPT = os.environ.get("ATTNMASK_ADAPT_THREADS", "1") != "0"  # threads_available() follows the free cores
+ADAPT = os.environ.get("ATTNMASK_ADAPT_THREADS", "1") != "0"  # small regions follow the free cores (free_cores)
 _local = threading.local()  # .worker: this thread is one of the pool's
 _broken: list[str] = []  # why a worker did not end up with one intra-op thread (then parallel_map stays serial)
 _pool_lock = threading.Lock()
@@ -171,16 +173,29 @@ _UNSET = object()
 
 
 def threads_available() -> int:
-    """Intra-op threads the calling thread's work may use: ``torch.get_num_threads()``, at most the cores other
-    processes left free (:func:`free_cores`, where adapted: see the module docstring), or what it was when the
-    innermost :func:`serial_steps` / :func:`all_threads` block began."""
+    """Intra-op threads the calling thread's work may use: ``torch.get_num_threads()``, or what it was when the
+    innermost :func:`serial_steps` block began."""
     budget = getattr(_local, "budget", None)
-    if budget is not None:
-        return budget
-    threads = torch.get_num_threads()
-    if threads < 2 or not (ADAPT and ENABLED) or getattr(_local, "worker", False):
+    return torch.get_num_threads() if budget is None else budget
+
+
+# Multiply-adds of a parallel region that, while other processes hold cores, still gains from every thread: below it a
+# region gets the free cores only (region_threads). Measured with one of 2 cores busy (RESULTS.md, issue 15, "cores
+# other processes hold"): unmasked SDPA with 2 threads against 1 on the free core, ~1.0x at 5e8 multiply-adds (rows of
+# 1,024), ~0.75-0.9x from ~5e9.
+REGION_WORK = 2e9
+
+
+def region_threads(work: float | None = None) -> int:
+    """Intra-op threads for one parallel region of ``work`` multiply-adds (``None``: unknown, taken as small):
+    :func:`threads_available`, but at most the cores other processes left free (:func:`free_cores`) when ``work`` is
+    under ``REGION_WORK`` (see the module docstring; not in a worker, under deterministic algorithms or tracing)."""
+    threads = threads_available()
+    if threads < 2 or (work is not None and work >= REGION_WORK) or not (ADAPT and ENABLED):
         return threads
-    if torch.are_deterministic_algorithms_enabled() or torch.compiler.is_compiling():
+    if getattr(_local, "worker", False) or torch.are_deterministic_algorithms_enabled():
+        return threads
+    if torch.compiler.is_compiling():
         return threads
     free = free_cores()
     return threads if free is None else max(1, min(threads, free))
@@ -276,19 +291,19 @@ def serial_steps():
     return _thread_counts(1 if ENABLED else budget, budget)
 
 
-def all_threads():
-    """Inside a :func:`serial_steps` block: one large call (an SDPA over the whole row) split across all the
-    caller's intra-op threads again, one parallel region as stock SDPA runs it. Outside one: a backend's whole call
-    computed with :func:`threads_available` threads (fewer than torch's count only while other processes hold cores).
-    ``with all_threads(): ...``"""
-    budget = threads_available()
-    return _thread_counts(budget, budget)
+def all_threads(work: float | None = None):
+    """Inside a :func:`serial_steps` block: one large call (an SDPA over the whole row, ``work`` multiply-adds)
+    split across all the caller's intra-op threads again, one parallel region as stock SDPA runs it; fewer while
+    other processes hold cores and ``work`` is under ``REGION_WORK`` (:func:`region_threads`). Outside one: a
+    backend's whole call, its small ops with those threads, a :func:`parallel_map` inside it with the caller's.
+    ``with all_threads(work): ...``"""
+    return _thread_counts(region_threads(work), threads_available())
 
 
 def on_free_cores(fn: Callable[..., R]) -> Callable[..., R]:
-    """``fn`` (a backend's forward or backward) run inside :func:`all_threads`: its torch calls, and the
-    :func:`parallel_map` inside it, use :func:`threads_available` threads, fewer than torch's count only while
-    other processes hold cores (the backward is decided again when it runs)."""
+    """``fn`` (a backend's forward or backward) run inside :func:`all_threads`: its small torch calls on the free
+    cores only while other processes hold cores, decided when it runs (the backward again when it runs); a
+    :func:`parallel_map` inside it deals its tasks as the caller's threads allow."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -408,6 +423,7 @@ def parallel_map(
     *,
     device: str = "cpu",
     min_work: float = 0.0,
+    busy_min_work: float | None = None,
 ) -> list[R]:
     """``[fn(item) for item in items]``, computed by the caller and up to ``threads_available() - 1`` worker
     threads, each with one intra-op thread, items dealt largest ``weights`` first to whichever is free.
@@ -419,17 +435,25 @@ def parallel_map(
     under a busy core each lasts up to a scheduler time slice (issue 15), more than such a task's work. The caller takes
     tasks too and waits only for the tasks a worker has started: a worker slow to wake costs nothing.
 
+    While other processes hold cores (:func:`free_cores`) the least average is ``busy_min_work`` where larger (the
+    weights are then multiply-adds), and an item run in the caller gets the threads :func:`region_threads` gives
+    its weight: the free cores only, unless it is a region of at least ``REGION_WORK``.
+
     Runs in the caller instead (same results) where :func:`_in_caller` says so, or for fewer than two items. The
     first exception raised by ``fn`` is raised here once every started task has stopped. ``fn`` must be safe to run
     concurrently: it may write to disjoint parts of shared tensors, not accumulate into the same ones.
     """
     n = len(items)
     threads = threads_available()
+    if busy_min_work is not None and region_threads() < threads:
+        min_work = max(min_work, busy_min_work)
 
     def alone(i: int):
-        """Item ``i`` in the caller: split across every intra-op thread (one large call, as SDPA runs it), or with one
-        thread when its work is under ``min_work`` (the workers on)."""
-        count = threads if weights is None or weights[i] >= min_work or not ENABLED else 1
+        """Item ``i`` in the caller: split across every intra-op thread (one large call, as SDPA runs it; the free
+        cores only, under ``REGION_WORK`` while others hold cores), or with one thread when its work is under
+        ``min_work`` (the workers on)."""
+        work = None if weights is None else weights[i]
+        count = region_threads(work) if work is None or work >= min_work or not ENABLED else 1
         with _thread_counts(count, count):
             return fn(items[i])
 

@@ -42,7 +42,7 @@ import torch
 
 from attnmask._dense import empty_buffer
 from attnmask.backends._common import COPY_COST, check_segments, varlen_plan
-from attnmask.backends._workers import threads_available
+from attnmask.backends._workers import region_threads
 from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
 
@@ -259,7 +259,7 @@ class _SegmentAttention(torch.autograd.Function):
             res.zero_()
             lse.fill_(-torch.inf)  # rows in no segment: no key (read by the sinks' gradient)
         rule = (causal, window, scale)
-        _call(False, qw, kw, vw, res, None, lse, None, segs, rule, mods, threads_available())
+        _call(False, qw, kw, vw, res, None, lse, None, segs, rule, mods, region_threads(_work(segs, H, qw, vw)))
         ctx.save_for_backward(qw, kw, vw, res, lse, segs)
         ctx.meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype)
         return res.to(q.dtype)
@@ -271,12 +271,18 @@ class _SegmentAttention(torch.autograd.Function):
         rule, mods, dtype, sinks_dtype = ctx.meta
         dout = _rows(grad, qw.dtype)
         grads = tuple(torch.zeros(t.shape, dtype=qw.dtype) for t in (qw, kw, vw))
-        threads = threads_available() if _keys_disjoint(segs) else 1
+        threads = region_threads(3 * _work(segs, qw.shape[1], qw, vw)) if _keys_disjoint(segs) else 1
         _call(True, qw, kw, vw, res, dout, lse, grads, segs, rule, mods, threads)
         dsinks = None
         if ctx.needs_input_grad[8]:
             dsinks = _sinks_grad(mods[1], lse, res, dout).to(sinks_dtype)
         return (*(g.to(dtype) for g in grads), None, None, None, None, None, dsinks, None)
+
+
+def _work(segs: torch.Tensor, heads: int, q: torch.Tensor, v: torch.Tensor) -> float:
+    """Multiply-adds of the segments at most (every query against every key of its segment), for the thread count
+    of the kernel's one parallel region (``backends._workers.region_threads``)."""
+    return float((segs[:, 2] * segs[:, 4]).sum()) * heads * (q.shape[-1] + v.shape[-1])
 
 
 def _sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:

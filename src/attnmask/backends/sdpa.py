@@ -51,11 +51,11 @@ _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept 
 
 def run(call: AttentionCall) -> torch.Tensor:
     """SDPA with the call's dense bool mask (O(B·Q·K) for a spec), ``is_causal`` where it is exact. On CPU the forward
-    uses ``backends._workers.threads_available()`` intra-op threads: torch's count, fewer only while other processes
-    hold cores (then a call on the free cores does not wait for a taken one)."""
+    uses ``backends._workers.region_threads`` intra-op threads: torch's count, fewer only while other processes hold
+    cores and the call is small (then it does not wait for a taken core)."""
     if call.q.device.type != "cpu":
         return _run(call)
-    with all_threads():
+    with all_threads(call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)):
         return _run(call)
 
 

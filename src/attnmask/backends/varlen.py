@@ -263,7 +263,8 @@ def _stack_segments(parts: dict, members: list, idx: int) -> torch.Tensor:
 
 
 def _sdpa(q, k, v, mask, is_causal, scale, gqa, dropout_p=0.0):
-    with all_threads():  # the task's intra-op threads: all of them for a task too large to share, else one
+    work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
+    with all_threads(work):  # the task's intra-op threads: all of them for a task too large to share, else one
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
@@ -356,7 +357,8 @@ def _tiny_attention(q, k, v, mask, scale, dropout_p=0.0):
     in float64.
     Memory ``O(H·n·Lq·Lk)``: used for documents of few tokens.
     """
-    with all_threads():  # a handful of batched ops, each as large as the group
+    work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
+    with all_threads(work):  # a handful of batched ops, each as large as the group
         return _tiny_products(q, k, v, mask, scale, dropout_p)
 
 
