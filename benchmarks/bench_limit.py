@@ -15,7 +15,8 @@ Timing: wall clock, median of ``--reps`` interleaved rounds (each round times ev
 order) after one warm-up call each; plans are cached per spec object, as across the layers of a model sharing one
 spec, so the times are of the steady state. ``auto``'s time is its pick's time. ``--busy``: in every round the
 backends are timed once idle and once while another process spins on a core (started before, killed after each busy
-phase; it also ends itself after 15 minutes): the table then shows each backend's slowdown next to stock SDPA's.
+phase; it also ends itself after 15 minutes): the table then shows each backend's slowdown (the median over rounds of
+busy / idle in the round) next to stock SDPA's.
 ``--serial``: also time "varlen" and "blocksparse" with their tasks run one by one in the caller (columns
 "... 1-by-1"), each call split across all intra-op threads as before the coarse-grained workers (``backends._workers``).
 
@@ -244,6 +245,7 @@ class Spinner:
     def __exit__(self, *exc):
         self.proc.kill()
         self.proc.wait()
+        time.sleep(0.3)  # the idle phase starts once the backends' thread budget has seen the core free again
 
 
 def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generator) -> dict:
@@ -284,11 +286,16 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
                 if spinner:
                     spinner.__exit__()
     med = {key: statistics.median(ts) for key, ts in times.items()}
+    # busy / idle per round (the two phases of a round are seconds apart, so a load change between rounds from other
+    # processes on the machine weighs on both), the median over rounds
+    pairs = {n: zip(times["busy", n], times["idle", n], strict=True) for n in fns} if args.busy else {}
+    slow = {n: statistics.median(b / i for b, i in rounds) for n, rounds in pairs.items()}
     covered = None if blocks is None else covered_fraction(blocks, case)
     return {
         "fraction": allowed_fraction(case),
         "covered": covered,
         "med": med,
+        "slow": slow,
         "costs": costs,
         "picked": explained.picked,
     }
@@ -341,7 +348,8 @@ def row(case: Case, m: dict, names: list[str], args, grad: bool) -> str:
 
 
 def busy_table(case_rows, names: list[str], grad: bool) -> list[str]:
-    """Slowdown busy / idle of stock unmasked SDPA and of every backend, and auto's pick against the best when busy."""
+    """Slowdown busy / idle (the median over rounds of each round's ratio) of stock unmasked SDPA and of every
+    backend, and auto's pick against the best when busy."""
     mode = "forward + backward" if grad else "forward"
     cols = ["(unmasked sdpa)", FLOOR, *names]
     lines = ["", f"**{mode}, one core busy: slowdown busy / idle (busy ms)**", ""]
@@ -349,7 +357,7 @@ def busy_table(case_rows, names: list[str], grad: bool) -> list[str]:
     lines.append("|---|" + "---|" * len(cols) + "---|---|---|")
     for case, m in case_rows:
         med = m["med"]
-        slow = {n: med["busy", n] / med["idle", n] for n in cols if ("busy", n) in med}
+        slow = m["slow"]
         busy = {n: med["busy", n] for n in m["costs"]}
         auto_busy = busy.get(m["picked"], float("nan")) / min(busy.values())
         worse = [n for n in m["costs"] if slow[n] > slow["(unmasked sdpa)"] * 1.1]

@@ -29,3 +29,11 @@ if os.environ.get("ATTNMASK_STRICT_DEPS") == "1":
 def tiny_llama():
     """The shared tiny random-weight Llama (tests/hf_models.py), with transformers' sdpa attention."""
     return pytest.importorskip("tests.hf_models").model("llama", "sdpa")
+
+
+# The backends use fewer intra-op threads while other processes hold cores (backends._workers.free_cores); the suite's
+# other xdist worker is such a process. Tests of thread counts must not depend on that: the adaptation is off here
+# and switched on, with a scripted load, by the tests of it (tests/test_contention.py).
+from attnmask.backends import _workers  # noqa: E402
+
+_workers.ADAPT = False

@@ -36,7 +36,7 @@ def serial(monkeypatch):
 
     def run(fn):
         with monkeypatch.context() as m:
-            m.setattr(W, "_in_caller", lambda device_types: True)
+            m.setattr(W, "_in_caller", lambda device_types, threads: True)
             return fn()
 
     return run
@@ -409,3 +409,167 @@ def test_graph_in_differentiates_inside_its_block_and_equals_plain_autograd(two_
     with torch.no_grad():
         assert W.graph_in(W.serial_steps, fn, x, y).grad_fn is None
     assert counts[-1] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cores other processes hold: free_cores / threads_available (adaptation is off in the suite: tests/conftest.py)
+
+
+def load(at, busy, ours, cpus=2):
+    return W.LoadSample(at=at, busy=busy, ours=ours, cpus=cpus)
+
+
+def test_free_from_counts_the_cores_other_processes_kept_busy():
+    before = load(10.0, 100.0, 5.0)
+    assert W.free_from(before, load(10.2, 100.35, 5.15)) == 1  # others: (0.35 - 0.15) / 0.2 = 1.0 core
+    assert W.free_from(before, load(10.2, 100.4, 5.32)) == 2  # others 0.4 core: a core counts taken from 0.5
+    assert W.free_from(before, load(10.2, 100.4, 5.28)) == 1  # others 0.6 core
+    assert W.free_from(before, load(10.2, 100.1, 5.3)) == 2  # our own time counted in ticks may exceed the total
+    assert W.free_from(before, load(10.2, 100.8, 5.0)) == 0  # both cores taken
+    assert W.free_from(before, load(10.0, 100.0, 5.0)) == 2  # no time passed: nothing known against the cores
+    assert W.free_from(load(0.0, 0.0, 0.0, cpus=8), load(0.5, 2.0, 0.5, cpus=8)) == 5  # 3 of 8 taken
+
+
+def test_read_load_reads_this_machine():
+    sample = W.read_load()
+    if sample is None:
+        pytest.skip("no /proc/stat or CPU affinity here")
+    assert sample.cpus == len(os.sched_getaffinity(0)) and sample.busy > 0 and sample.ours > 0
+    x = torch.randn(300, 300)
+    for _ in range(30):
+        x = (x @ x).tanh()
+    later = W.read_load()
+    assert later.at > sample.at and later.busy >= sample.busy and later.ours > sample.ours
+
+
+class ScriptedLoad:
+    """Stands in for ``time.monotonic`` and ``read_load`` in ``_workers``: readings from a script of
+    ``(seconds, other processes' busy cores over the step)``, this process idle."""
+
+    def __init__(self, monkeypatch, cpus=2):
+        self.now, self.busy, self.reads, self.cpus = 100.0, 0.0, 0, cpus
+        monkeypatch.setattr(W, "time", self)
+        monkeypatch.setattr(W, "read_load", self.read)
+        monkeypatch.setattr(W, "_load", [None, None])
+        monkeypatch.setattr(W, "ADAPT", True)
+
+    def monotonic(self):
+        return self.now
+
+    def advance(self, seconds, others):
+        self.now += seconds
+        self.busy += seconds * others
+
+    def read(self):
+        self.reads += 1
+        return W.LoadSample(self.now, self.busy, 0.0, self.cpus)
+
+
+def test_free_cores_follows_the_load_of_the_last_interval(monkeypatch):
+    clock = ScriptedLoad(monkeypatch)
+    assert W.free_cores() is None and clock.reads == 1  # the first reading is only a baseline
+    clock.advance(0.05, 1.0)
+    assert W.free_cores() is None and clock.reads == 1  # under SAMPLE_SECONDS since the baseline: not read again
+    clock.advance(0.1, 1.0)
+    assert W.free_cores() == 1 and clock.reads == 2
+    clock.advance(0.2, 0.0)
+    assert W.free_cores() == 2
+    clock.advance(0.3, 2.0)
+    assert W.free_cores() == 0
+    clock.advance(5.0, 0.0)  # a stale baseline: replaced, the previous decision kept until the next interval
+    assert W.free_cores() == 0
+    clock.advance(0.2, 1.0)
+    assert W.free_cores() == 1
+
+
+def test_small_regions_get_at_most_the_free_cores(two_threads, monkeypatch, caplog):
+    """While another process holds one of two cores, a parallel region under ``REGION_WORK`` gets one thread (the
+    free core), a larger one both; ``parallel_map`` keeps tasks averaging under ``busy_min_work`` in the caller, and
+    deals larger ones to the workers as before."""
+    clock = ScriptedLoad(monkeypatch)
+    assert W.region_threads() == 2  # nothing measured yet
+    clock.advance(0.2, 1.0)
+    with caplog.at_level("INFO", logger="attnmask"):
+        assert W.region_threads() == 1 and W.region_threads(W.REGION_WORK) == 2
+    assert "other processes held 1 of 2 CPUs: backends use 1 of 2 threads" in caplog.text
+    assert W.threads_available() == 2
+    with W.serial_steps():
+        assert torch.get_num_threads() == 1 and W.threads_available() == 2
+        with W.all_threads(1e6):
+            assert torch.get_num_threads() == 1 and W.threads_available() == 2
+        with W.all_threads(W.REGION_WORK):
+            assert torch.get_num_threads() == 2
+    with W.all_threads():
+        assert torch.get_num_threads() == 1 and W.threads_available() == 2
+    assert torch.get_num_threads() == 2
+    where = {}
+
+    def fn(i):
+        time.sleep(0.02)
+        where[i] = (threading.current_thread().name, torch.get_num_threads())
+        return i
+
+    here = threading.current_thread().name
+    assert W.parallel_map(fn, range(4), weights=[1e7] * 4, busy_min_work=5e7) == list(range(4))
+    assert set(where.values()) == {(here, 1)}
+    where.clear()
+    W.parallel_map(fn, range(4), weights=[1e7] * 4)  # no busy_min_work: dealt as when idle
+    assert any(name.startswith("attnmask-worker") for name, _ in where.values())
+    where.clear()
+    W.parallel_map(fn, range(3), weights=[3e9, 1e8, 1e8], busy_min_work=5e7)  # a large item keeps both threads
+    assert where[0] == (here, 2) and {threads for _, threads in where.values()} == {1, 2}
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert W.region_threads() == 2  # a thread count may change a reduction's rounding: not adapted
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setattr(W, "ADAPT", False)
+    assert W.region_threads() == 2
+    clock.advance(0.2, 0.0)
+    monkeypatch.setattr(W, "ADAPT", True)
+    assert W.region_threads() == 2
+
+
+ADAPTED = {
+    "sdpa": lambda: am.sliding_window(24),
+    "varlen": lambda: am.causal() & am.document(seq_lens=[170, 40, 90]),
+    "blocksparse": lambda: am.sliding_window(40),
+    "banded": lambda: am.causal() & am.document(seq_lens=[9, 30, 17, 4, 25, 31, 12, 22, 8, 19, 13, 10]),
+    "native": lambda: am.causal() & am.document(seq_lens=[9, 30, 17, 4, 25, 31, 12, 22, 8, 19, 13, 10]),
+}
+
+
+@pytest.mark.parametrize("backend", ADAPTED)
+def test_backends_compute_on_the_free_cores_only(two_threads, monkeypatch, backend):
+    """With one of two cores held by another process, a backend's kernels, forward and backward, run with one
+    intra-op thread (the free core: no parallel region waits for the taken one), and compute what they compute on
+    both cores, and what the reference computes."""
+    from attnmask.backends import banded as BD
+    from attnmask.backends import native as NT
+
+    if backend == "native" and NT.native_available() is not None:
+        pytest.skip(NT.native_available())
+    spec = ADAPTED[backend]()
+    q, k, v = qkv(200, heads=4, kv_heads=2, grad=True)
+    monkeypatch.setattr(VL, "MIN_TASK_WORK", 0.0)  # else these small documents run on one thread anyway
+    want_out = am.attention(q, k, v, spec, backend=backend)
+    want = grads(want_out, (q, k, v))
+    clock = ScriptedLoad(monkeypatch)
+    W.free_cores()
+    clock.advance(0.2, 1.0)  # another process held one core
+    spies = [
+        spy_threads(monkeypatch, torch.nn.functional, ["scaled_dot_product_attention"]),
+        spy_threads(monkeypatch, BS, ["_flash_group_forward", "_flash_group_backward", "_unit_stride"]),
+        spy_threads(monkeypatch, BD, ["_edge_attention"]),
+        set(),
+    ]
+    real = NT._call
+    monkeypatch.setattr(NT, "_call", lambda *args: spies[-1].add(args[-1]) or real(*args))
+    out = am.attention(q, k, v, spec, backend=backend)
+    got = grads(out, (q, k, v))
+    assert set().union(*spies) == {1} and torch.get_num_threads() == 2
+    torch.testing.assert_close(out, want_out, atol=1e-6, rtol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    ref, ref_inputs = reference(q, k, v, spec)
+    assert_matches_reference(out, ref)

@@ -28,8 +28,21 @@ own OpenMP thread count (``omp_set_num_threads`` is per thread) and oneMKL's thr
 Where that is not possible (another parallel backend than OpenMP, no such symbols, a torch without oneMKL symbols
 while it uses oneMKL) :func:`parallel_map` runs its tasks one after the other in the caller, as before.
 
+Cores other processes hold: a parallel region split across a core that another process keeps busy waits for it (a
+scheduler time slice per region, issue 15), while one thread on a free core does not wait at all; but a large
+region still gains from every thread (three runnable threads on two cores: the call's two get 4/3 of a core). So while
+other processes held cores of this process's CPU set over the last 0.1-1 s (:func:`free_cores`, from ``/proc/stat``
+less this process's own CPU time: one read of ~30 us at most every 0.1 s), a parallel region of less than
+``REGION_WORK`` multiply-adds gets at most the free cores (:func:`region_threads`), and :func:`parallel_map` hands
+tasks to workers only when they average ``busy_min_work``. With one of 2 cores taken, a 1K row then computes on the
+free core with one intra-op thread, and an 8K row keeps both threads in few, large regions and tasks. Not adapted:
+under ``torch.use_deterministic_algorithms(True)`` (a thread count may change a reduction's rounding), while
+``torch.compile`` traces, where ``/proc/stat`` is unreadable (not Linux), or with ``ATTNMASK_ADAPT_THREADS=0`` (or
+``ADAPT = False`` here).
+
 ``ATTNMASK_WORKERS=0`` in the environment (or ``ENABLED = False`` here) keeps every task in the caller, each split
-across every intra-op thread, and :func:`serial_steps` changes nothing: the code before issue 15's fix.
+across every intra-op thread, and :func:`serial_steps` changes nothing: the code before issue 15's fix (and no
+adaptation to other processes' load).
 
 Thread-local state travels with the tasks: grad mode and inference mode are set in the worker as in the caller, so
 autograd records the graph built in a worker (its backward runs wherever ``backward`` is called). Calls under
@@ -46,10 +59,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -57,7 +73,10 @@ import torch
 __all__ = [
     "MIN_TASK_WORK",
     "all_threads",
+    "free_cores",
+    "configured_threads",
     "graph_in",
+    "on_free_cores",
     "parallel_map",
     "serial_steps",
     "threads_available",
@@ -69,6 +88,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 ENABLED = os.environ.get("ATTNMASK_WORKERS", "1") != "0"
+ADAPT = os.environ.get("ATTNMASK_ADAPT_THREADS", "1") != "0"  # small regions follow the free cores (free_cores)
 _local = threading.local()  # .worker: this thread is one of the pool's
 _broken: list[str] = []  # why a worker did not end up with one intra-op thread (then parallel_map stays serial)
 _pool_lock = threading.Lock()
@@ -120,13 +140,13 @@ class _thread_counts:  # noqa: N801 (used as a function: ``with _thread_counts(1
     (:func:`workers_available` says why) only the budget changes; while ``torch.compile`` traces, nothing.
     (A class, not a generator: it is entered around every SDPA call of a backend, a few microseconds each.)"""
 
-    __slots__ = ("count", "budget", "before", "outer", "previous")
+    __slots__ = ("count", "budget", "before", "outer", "previous")  # outer: (budget, configured) of the block around
 
     def __init__(self, count: int, budget: int):
         self.count, self.budget, self.previous = count, budget, None
 
     def __enter__(self) -> None:
-        self.outer = getattr(_local, "budget", None)
+        self.outer = (getattr(_local, "budget", None), getattr(_local, "configured", None))
         if torch.compiler.is_compiling():
             self.outer = _UNSET
             return
@@ -135,11 +155,13 @@ class _thread_counts:  # noqa: N801 (used as a function: ``with _thread_counts(1
         if self.count != self.before and not isinstance(setters, str) and not _broken:
             self.previous = [setter(self.count) for setter in setters]
         _local.budget = self.budget
+        if self.outer[1] is None:
+            _local.configured = self.before
 
     def __exit__(self, *exc) -> None:
         if self.outer is _UNSET:
             return
-        _local.budget = self.outer
+        _local.budget, _local.configured = self.outer
         if self.previous is not None:
             setters = _thread_count_setters()
             setters[0](self.before)
@@ -157,6 +179,108 @@ def threads_available() -> int:
     return torch.get_num_threads() if budget is None else budget
 
 
+# Multiply-adds of a parallel region that, while other processes hold cores, still gains from every thread: below it a
+# region gets the free cores only (region_threads). Measured with one of 2 cores busy (RESULTS.md, issue 15, "cores
+# other processes hold"): unmasked SDPA with 2 threads against 1 on the free core, ~1.0x at 5e8 multiply-adds (rows of
+# 1,024), ~0.75-0.9x from ~5e9.
+REGION_WORK = 2e9
+
+
+def region_threads(work: float | None = None) -> int:
+    """Intra-op threads for one parallel region of ``work`` multiply-adds (``None``: unknown, taken as small):
+    :func:`threads_available`, but at most the cores other processes left free (:func:`free_cores`) when ``work`` is
+    under ``REGION_WORK`` (see the module docstring; not in a worker, under deterministic algorithms or tracing)."""
+    threads = threads_available()
+    if threads < 2 or (work is not None and work >= REGION_WORK) or not (ADAPT and ENABLED):
+        return threads
+    if getattr(_local, "worker", False) or torch.are_deterministic_algorithms_enabled():
+        return threads
+    if torch.compiler.is_compiling():
+        return threads
+    free = free_cores()
+    return threads if free is None else max(1, min(threads, free))
+
+
+# How the load of other processes is measured (free_cores): over at least SAMPLE_SECONDS (/proc/stat counts in ticks
+# of 10 ms, so a shorter interval is mostly rounding), from a baseline at most STALE_SECONDS old (an older one is
+# replaced and the previous decision kept: the decision follows the last second, not an average since the last call).
+SAMPLE_SECONDS = 0.1
+STALE_SECONDS = 1.0
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_log = logging.getLogger("attnmask")
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    """One reading of the CPU counters: ``at`` (``time.monotonic()`` seconds), ``busy`` (seconds the CPUs of this
+    process's set spent not idle, since boot, all processes), ``ours`` (this process's CPU seconds, all its threads),
+    ``cpus`` (how many CPUs the set holds)."""
+
+    at: float
+    busy: float
+    ours: float
+    cpus: int
+
+
+def read_load() -> LoadSample | None:
+    """The counters now, or ``None`` where they cannot be read (no ``/proc/stat``, no CPU affinity: not Linux)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        with open("/proc/stat", "rb") as stat:
+            lines = stat.read().splitlines()
+    except (AttributeError, OSError):
+        return None
+    busy = 0
+    for line in lines:
+        if not line.startswith(b"cpu") or line[3:4] == b" ":
+            continue
+        fields = line.split()
+        if int(fields[0][3:]) in cpus:  # user nice system idle iowait irq softirq steal (guest: within user)
+            busy += sum(int(x) for x in fields[1:9]) - int(fields[4]) - int(fields[5])
+    return LoadSample(time.monotonic(), busy / _TICKS, time.process_time(), len(cpus))
+
+
+def free_from(before: LoadSample, after: LoadSample) -> int:
+    """Cores of the set other processes left free between two readings: the set's size less the cores they kept
+    busy (all busy time less this process's own), rounded to the nearest core (a core taken half the time or more
+    counts as taken). Example: 2 CPUs, 0.2 s apart, 0.35 s busy of which 0.15 s ours: others held 1.0 core -> 1."""
+    seconds = after.at - before.at
+    others = max(0.0, (after.busy - before.busy) - (after.ours - before.ours)) / seconds if seconds > 0 else 0.0
+    return max(0, int(after.cpus - others + 0.5))
+
+
+_load: list = [None, None]  # [the baseline LoadSample, the free cores decided last (None: not yet)]
+
+
+def free_cores() -> int | None:
+    """Cores of this process's CPU set that other processes left free over the last 0.1-1 s, or ``None`` before the
+    first decision or where that cannot be measured (:func:`read_load`). Reads ``/proc/stat`` at most every
+    ``SAMPLE_SECONDS``; between reads it returns the previous decision. Logged (logger ``attnmask``, INFO) when it
+    changes the thread count the backends use."""
+    baseline, decided = _load
+    now = time.monotonic()
+    if baseline is not None and now - baseline.at < SAMPLE_SECONDS:
+        return decided
+    sample = read_load()
+    if sample is None:
+        return None
+    if baseline is not None and sample.at - baseline.at <= STALE_SECONDS and sample.cpus == baseline.cpus:
+        free = free_from(baseline, sample)
+        threads = torch.get_num_threads()
+        if min(threads, max(1, free)) != min(threads, max(1, threads if decided is None else decided)):
+            use = min(threads, max(1, free))
+            _log.info(
+                "other processes held %d of %d CPUs: backends use %d of %d threads",
+                sample.cpus - free,
+                sample.cpus,
+                use,
+                threads,
+            )
+        decided = free
+    _load[:] = [sample, decided]
+    return decided
+
+
 def serial_steps():
     """A block of many small torch calls (a backend's gathers, masks, assembly) computed with one intra-op thread:
     none of them opens a parallel region, so none waits for a thread whose core another process holds (each such
@@ -167,11 +291,26 @@ def serial_steps():
     return _thread_counts(1 if ENABLED else budget, budget)
 
 
-def all_threads():
-    """Inside a :func:`serial_steps` block: one large call (an SDPA over the whole row) split across all the
-    caller's intra-op threads again, one parallel region as stock SDPA runs it. ``with all_threads(): ...``"""
-    budget = threads_available()
-    return _thread_counts(budget, budget)
+def all_threads(work: float | None = None):
+    """Inside a :func:`serial_steps` block: one large call (an SDPA over the whole row, ``work`` multiply-adds)
+    split across all the caller's intra-op threads again, one parallel region as stock SDPA runs it; fewer while
+    other processes hold cores and ``work`` is under ``REGION_WORK`` (:func:`region_threads`). Outside one: a
+    backend's whole call, its small ops with those threads, a :func:`parallel_map` inside it with the caller's.
+    ``with all_threads(work): ...``"""
+    return _thread_counts(region_threads(work), threads_available())
+
+
+def on_free_cores(fn: Callable[..., R]) -> Callable[..., R]:
+    """``fn`` (a backend's forward or backward) run inside :func:`all_threads`: its small torch calls on the free
+    cores only while other processes hold cores, decided when it runs (the backward again when it runs); a
+    :func:`parallel_map` inside it deals its tasks as the caller's threads allow."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with all_threads():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def graph_in(mode: Callable, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
@@ -181,7 +320,7 @@ def graph_in(mode: Callable, fn: Callable[..., torch.Tensor], *inputs: torch.Ten
     transform, mode or tracing) and a gradient is being recorded; otherwise plain ``fn`` inside ``mode()``. The
     result is not differentiable twice (a second-order gradient raises)."""
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if not recording or _in_caller({t.device.type for t in inputs}):
+    if not recording or _in_caller({t.device.type for t in inputs}, configured_threads()):
         with mode():
             return fn(*inputs)
     return _GraphIn.apply(mode, fn, *inputs)
@@ -235,11 +374,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _in_caller(device_types: set[str]) -> bool:
-    """Whether tasks must run in the calling thread: switched off, one intra-op thread, already a worker, autocast,
+def configured_threads() -> int:
+    """The intra-op threads set for the caller (``torch.get_num_threads()`` outside every block of this module), before
+    any block or the free cores lowered them: whether worker threads could take part in this call at all."""
+    configured = getattr(_local, "configured", None)
+    return torch.get_num_threads() if configured is None else configured
+
+
+def _in_caller(device_types: set[str], threads: int) -> bool:
+    """Whether tasks must run in the calling thread: switched off, ``threads`` under 2, already a worker, autocast,
     tracing, a dispatch or function mode or a functorch transform on (all thread-local), a device other than the CPU,
     or no way to make single-threaded workers."""
-    if not ENABLED or threads_available() < 2 or getattr(_local, "worker", False) or device_types != {"cpu"}:
+    if not ENABLED or threads < 2 or getattr(_local, "worker", False) or device_types != {"cpu"}:
         return True
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return True
@@ -252,8 +398,9 @@ def _in_caller(device_types: set[str]) -> bool:
 
 
 def workers_active(device: str = "cpu") -> bool:
-    """Whether :func:`parallel_map` would deal tasks to workers for a call on ``device`` now."""
-    return not _in_caller({device})
+    """Whether :func:`parallel_map` could deal tasks to workers for a call on ``device`` here (at the thread count set
+    for the caller: with cores taken by other processes it may still run them in the caller, :func:`free_cores`)."""
+    return not _in_caller({device}, configured_threads())
 
 
 def _too_big(order: list[int], weights: Sequence[float], threads: int) -> int:
@@ -276,6 +423,7 @@ def parallel_map(
     *,
     device: str = "cpu",
     min_work: float = 0.0,
+    busy_min_work: float | None = None,
 ) -> list[R]:
     """``[fn(item) for item in items]``, computed by the caller and up to ``threads_available() - 1`` worker
     threads, each with one intra-op thread, items dealt largest ``weights`` first to whichever is free.
@@ -287,21 +435,29 @@ def parallel_map(
     under a busy core each lasts up to a scheduler time slice (issue 15), more than such a task's work. The caller takes
     tasks too and waits only for the tasks a worker has started: a worker slow to wake costs nothing.
 
+    While other processes hold cores (:func:`free_cores`) the least average is ``busy_min_work`` where larger (the
+    weights are then multiply-adds), and an item run in the caller gets the threads :func:`region_threads` gives
+    its weight: the free cores only, unless it is a region of at least ``REGION_WORK``.
+
     Runs in the caller instead (same results) where :func:`_in_caller` says so, or for fewer than two items. The
     first exception raised by ``fn`` is raised here once every started task has stopped. ``fn`` must be safe to run
     concurrently: it may write to disjoint parts of shared tensors, not accumulate into the same ones.
     """
     n = len(items)
     threads = threads_available()
+    if busy_min_work is not None and region_threads() < threads:
+        min_work = max(min_work, busy_min_work)
 
     def alone(i: int):
-        """Item ``i`` in the caller: split across every intra-op thread (one large call, as SDPA runs it), or with one
-        thread when its work is under ``min_work`` (the workers on)."""
-        count = threads if weights is None or weights[i] >= min_work or not ENABLED else 1
+        """Item ``i`` in the caller: split across every intra-op thread (one large call, as SDPA runs it; the free
+        cores only, under ``REGION_WORK`` while others hold cores), or with one thread when its work is under
+        ``min_work`` (the workers on)."""
+        work = None if weights is None else weights[i]
+        count = region_threads(work) if work is None or work >= min_work or not ENABLED else 1
         with _thread_counts(count, count):
             return fn(items[i])
 
-    if n < 2 or _in_caller({device}):
+    if n < 2 or _in_caller({device}, threads):
         return [alone(i) for i in range(n)]
     order = sorted(range(n), key=lambda i: -weights[i]) if weights is not None else list(range(n))
     results: list = [None] * n

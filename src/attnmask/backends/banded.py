@@ -326,7 +326,9 @@ def _banded_rows(masks: _BandMasks, bs: int, width: int, scale: float, L: int, q
                 mask = mask | ~has_key[r, front:n_inner, None]
             mask = _additive(mask, qt.dtype)
             sdpa = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
-            mid = graph_in(all_threads, sdpa, qt, kb, vb)  # one parallel region, as stock SDPA runs it
+            work = qt.shape[0] * H * bs * kb.shape[2] * (D + Dv)
+            region = functools.partial(all_threads, work)
+            mid = graph_in(region, sdpa, qt, kb, vb)  # one parallel region, as stock SDPA runs it
             if keep is not None:
                 mid = mid * keep[r, front:n_inner, None].to(mid.dtype)
             pieces.append(mid.transpose(0, 1))  # (H, n_mid, bs, Dv)

@@ -23,7 +23,7 @@ import torch
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
 from attnmask.backends._common import CALL_COST, cached, check_qkv, degenerate, off_cpu
-from attnmask.backends._workers import parallel_map
+from attnmask.backends._workers import MIN_TASK_WORK, on_free_cores, parallel_map
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.errors import ShapeError, bad
 from attnmask.lowering import block_layout
@@ -389,6 +389,7 @@ class _BlockSparse(torch.autograd.Function):
     """Block-sparse attention with recomputation in backward; see ``blocksparse_attention``."""
 
     @staticmethod
+    @on_free_cores
     def forward(ctx, q, k, v, plan, masks, scale, biases):
         B, H, Q, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
@@ -417,12 +418,14 @@ class _BlockSparse(torch.autograd.Function):
             out[g.b, :, g.q0 : g.q1] = o.view(H, rows, Dv)
             lse[g.b, :, g.q0 : g.q1] = g_lse.view(H, rows)
 
-        parallel_map(group_forward, range(len(plan)), _group_weights(plan), device=q.device.type)
+        weights = _group_weights(plan, q, v)
+        parallel_map(group_forward, range(len(plan)), weights, device=q.device.type, busy_min_work=MIN_TASK_WORK)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.masks, ctx.scale, ctx.flash, ctx.biases = plan, masks, scale, flash, biases
         return out.to(q.dtype)
 
     @staticmethod
+    @on_free_cores
     def backward(ctx, d_out):
         q, k, v, out, lse = ctx.saved_tensors
         plan, masks, scale, biases = ctx.plan, ctx.masks, ctx.scale, ctx.biases
@@ -436,7 +439,8 @@ class _BlockSparse(torch.autograd.Function):
             spans = [(masks.get((gi, ri)), biases.get((gi, ri))) for ri in range(len(plan[gi].runs))]
             group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, plan[gi], spans, scale, adding)
 
-        parallel_map(one_group, range(len(plan)), _group_weights(plan), device=q.device.type)
+        weights = _group_weights(plan, q, v)
+        parallel_map(one_group, range(len(plan)), weights, device=q.device.type, busy_min_work=MIN_TASK_WORK)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
@@ -454,9 +458,12 @@ def _group_views(t: torch.Tensor, g: _Group, heads: int, batched: bool) -> torch
     return x.unsqueeze(0) if batched else x
 
 
-def _group_weights(plan) -> list[float]:
-    """Work of each query group (rows times keys read), to deal the largest groups to the workers first."""
-    return [(g.q1 - g.q0) * sum(r.k1 - r.k0 for r in g.runs) for g in plan]
+def _group_weights(plan, q: torch.Tensor, v: torch.Tensor) -> list[float]:
+    """Multiply-adds of each query group's forward (rows times keys read times ``H·(D + Dv)``), to deal the largest
+    groups to the workers first (and, while other processes hold cores, to keep groups under ``MIN_TASK_WORK`` in
+    the caller: ``backends._workers``)."""
+    per_pair = q.shape[1] * (q.shape[3] + v.shape[3])
+    return [(g.q1 - g.q0) * sum(r.k1 - r.k0 for r in g.runs) * per_pair for g in plan]
 
 
 def _flash_group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, g, spans, scale, adding):

@@ -16,7 +16,8 @@ reports itself unsupported and ``"auto"`` uses the others.
 
 Semantics are those of every attnmask backend (``tests/naive.py::naive_attention``): CPU tensors, float32 and float64
 computed in their own precision, float16 / bfloat16 computed in float32; rows with no allowed key give exactly 0 and a
-zero gradient; grouped-query attention. Threads: ``torch.get_num_threads()``.
+zero gradient; grouped-query attention. Threads: ``torch.get_num_threads()``, fewer while other processes hold cores
+(``backends._workers.threads_available``).
 
 Worked example, three documents of lengths 2, 4, 3 in one row, causal inside each::
 
@@ -42,6 +43,7 @@ import torch
 import attnmask.backends._workers as _workers
 from attnmask._dense import empty_buffer
 from attnmask.backends._common import COPY_COST, check_segments, varlen_plan
+from attnmask.backends._workers import region_threads
 from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
 
@@ -258,7 +260,7 @@ class _SegmentAttention(torch.autograd.Function):
             res.zero_()
             lse.fill_(-torch.inf)  # rows in no segment: no key (read by the sinks' gradient)
         rule = (causal, window, scale)
-        _call(False, qw, kw, vw, res, None, lse, None, segs, rule, mods, torch.get_num_threads())
+        _call(False, qw, kw, vw, res, None, lse, None, segs, rule, mods, region_threads(_work(segs, H, qw, vw)))
         ctx.save_for_backward(qw, kw, vw, res, lse, segs)
         ctx.meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype)
         return res.to(q.dtype)
@@ -270,12 +272,18 @@ class _SegmentAttention(torch.autograd.Function):
         rule, mods, dtype, sinks_dtype = ctx.meta
         dout = _rows(grad, qw.dtype)
         grads = tuple(torch.zeros(t.shape, dtype=qw.dtype) for t in (qw, kw, vw))
-        threads = torch.get_num_threads() if _keys_disjoint(segs) else 1
+        threads = region_threads(3 * _work(segs, qw.shape[1], qw, vw)) if _keys_disjoint(segs) else 1
         _call(True, qw, kw, vw, res, dout, lse, grads, segs, rule, mods, threads)
         dsinks = None
         if ctx.needs_input_grad[8]:
             dsinks = _sinks_grad(mods[1], lse, res, dout).to(sinks_dtype)
         return (*(g.to(dtype) for g in grads), None, None, None, None, None, dsinks, None)
+
+
+def _work(segs: torch.Tensor, heads: int, q: torch.Tensor, v: torch.Tensor) -> float:
+    """Multiply-adds of the segments at most (every query against every key of its segment), for the thread count
+    of the kernel's one parallel region (``backends._workers.region_threads``)."""
+    return float((segs[:, 2] * segs[:, 4]).sum()) * heads * (q.shape[-1] + v.shape[-1])
 
 
 def _sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:

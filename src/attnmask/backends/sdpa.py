@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import attnmask.backends._workers as _workers
 import attnmask.backends.cuda_costs as cuda_costs
 from attnmask.backends._common import cached
+from attnmask.backends._workers import all_threads
 from attnmask.backends.contract import (
     ALL_DTYPES,
     TORCH_DEVICES,
@@ -54,7 +55,16 @@ _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept 
 
 
 def run(call: AttentionCall) -> torch.Tensor:
-    """SDPA with the call's dense bool mask (O(B·Q·K) for a spec), ``is_causal`` where it is exact."""
+    """SDPA with the call's dense bool mask (O(B·Q·K) for a spec), ``is_causal`` where it is exact. On CPU the forward
+    uses ``backends._workers.region_threads`` intra-op threads: torch's count, fewer only while other processes hold
+    cores and the call is small (then it does not wait for a taken core)."""
+    if call.q.device.type != "cpu":
+        return _run(call)
+    with all_threads(call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)):
+        return _run(call)
+
+
+def _run(call: AttentionCall) -> torch.Tensor:
     sdpa_kwargs = {"scale": call.scale}
     if call.heads != call.kv_heads:
         sdpa_kwargs["enable_gqa"] = True

@@ -35,7 +35,14 @@ from attnmask.backends._common import (
     segments_from_varlen,
     varlen_plan,
 )
-from attnmask.backends._workers import MIN_TASK_WORK, all_threads, parallel_map, serial_steps, workers_active
+from attnmask.backends._workers import (
+    MIN_TASK_WORK,
+    all_threads,
+    on_free_cores,
+    parallel_map,
+    serial_steps,
+    workers_active,
+)
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend, check_dropout_p
 from attnmask.errors import BackendError, ShapeError, bad
 
@@ -208,6 +215,7 @@ class _GroupsInWorkers(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @on_free_cores
     def backward(ctx, *grads):
         d_inputs = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.inputs]
         adding = threading.Lock()
@@ -263,7 +271,8 @@ def _stack_segments(parts: dict, members: list, idx: int) -> torch.Tensor:
 
 
 def _sdpa(q, k, v, mask, is_causal, scale, gqa, dropout_p=0.0):
-    with all_threads():  # the task's intra-op threads: all of them for a task too large to share, else one
+    work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
+    with all_threads(work):  # the task's intra-op threads: all of them for a task too large to share, else one
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
@@ -356,7 +365,8 @@ def _tiny_attention(q, k, v, mask, scale, dropout_p=0.0):
     in float64.
     Memory ``O(H·n·Lq·Lk)``: used for documents of few tokens.
     """
-    with all_threads():  # a handful of batched ops, each as large as the group
+    work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
+    with all_threads(work):  # a handful of batched ops, each as large as the group
         return _tiny_products(q, k, v, mask, scale, dropout_p)
 
 
