@@ -182,7 +182,7 @@ def test_varlen_small_tasks_stay_on_one_thread_large_ones_share(monkeypatch):
 
 def test_blocksparse_estimate_mirrors_its_group_tasks(monkeypatch):
     call = call_for(am.causal() & am.chunked(128))
-    weights = [w * 4 * 128 * BS._PAIR_COST for w in BS._task_weights(call)]
+    weights = [w * BS._PAIR_COST for w in BS._task_weights(call)]
     groups = len(weights)
     monkeypatch.setattr(BS, "_THREAD_EFFICIENCY", 1.0)
     monkeypatch.setattr(BS, "_HANDOVER_COST", 0.0)
@@ -193,6 +193,45 @@ def test_blocksparse_estimate_mirrors_its_group_tasks(monkeypatch):
     monkeypatch.setattr(BS, "_THREAD_EFFICIENCY", 0.0)
     monkeypatch.setattr(BS, "_HANDOVER_COST", 1e7)  # tiny dealt groups: two threads cost more than one
     assert cost_at(BS, call, 2, monkeypatch) > cost_at(BS, call, 1, monkeypatch)
+
+
+def spy_weights(monkeypatch, module) -> list:
+    """The ``weights`` of every ``parallel_map`` call ``module`` makes (the calls still run)."""
+    seen = []
+    original = module.parallel_map
+
+    def spy(fn, items, weights=None, **kwargs):
+        seen.append(sorted(weights))
+        return original(fn, items, weights, **kwargs)
+
+    monkeypatch.setattr(module, "parallel_map", spy)
+    return seen
+
+
+def test_blocksparse_estimate_deals_the_groups_its_run_deals(monkeypatch):
+    spec = am.causal() & am.chunked(128)
+    q = torch.randn(1, 4, 1024, 64)
+    seen = spy_weights(monkeypatch, BS)
+    with torch.no_grad():
+        am.attention(q, q, q, spec, backend="blocksparse")
+    assert seen == [sorted(BS._task_weights(call_for(spec)))]
+
+
+@pytest.mark.parametrize(
+    "spec, length",
+    [
+        (am.causal() & am.document(seq_lens=[300, 300, 200, 24, 24, 16, 160]), 1024),  # groups and tiny groups
+        (am.sliding_window(256), 2048),  # one document, a window shorter than it: query blocks
+    ],
+)
+def test_varlen_estimate_deals_the_tasks_its_run_deals(monkeypatch, spec, length):
+    q = torch.randn(1, 4, length, 64)
+    seen = spy_weights(monkeypatch, VL)
+    with torch.no_grad():
+        am.attention(q, q, q, spec, backend="varlen")
+    plan = VL.varlen_plan(call_for(spec, length=length))
+    big, tiny = VL._task_weights(plan.segments.tolist(), plan.window, 4 * 128)
+    assert sorted(big) in seen and (not tiny or sorted(tiny) in seen)
 
 
 def test_banded_only_its_sdpa_call_gains(monkeypatch):

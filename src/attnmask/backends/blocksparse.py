@@ -550,13 +550,13 @@ def cost(call) -> float:
     work = (counts["full"] + counts["partial"]) * rows * tile * per_pair
     groups = layout.batch_size * layout.n_q_tiles * rows
     in_tasks = _PAIR_COST * work + counts["partial"] * rows * tile * _MASK_COST
-    weights = [w * per_pair * _PAIR_COST for w in cached(call, "blocksparse_tasks", _task_weights)]  # estimate units
+    weights = [w * _PAIR_COST for w in cached(call, "blocksparse_tasks", _task_weights)]  # in estimate units
     gain = _workers.expected_speedup(weights, threads, 0.0, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
     return in_tasks / gain + groups * CALL_COST
 
 
-def _task_weights(call) -> tuple[int, ...]:
-    """The weights ``run`` gives ``parallel_map``: rows times keys of each query group of the layout (``_plan``;
+def _task_weights(call) -> tuple[float, ...]:
+    """The weights ``run`` gives ``parallel_map``: the multiply-adds of each query group of the layout (``_plan``;
     no element mask evaluated)."""
     layout = cached(call, "layout", _layout)
     classes = layout.classes
@@ -564,7 +564,7 @@ def _task_weights(call) -> tuple[int, ...]:
         classes = classes.expand(call.batch, *classes.shape[1:])
     bs = layout.block_size
     plan = _plan(classes, bs, bs, call.q_len, call.kv_len, max(MAX_KEYS, bs), max(MAX_ROWS, bs))
-    return tuple(_group_weights(plan))
+    return tuple(_group_weights(plan, call.q, call.v))
 
 
 def _layout_groups(call):
