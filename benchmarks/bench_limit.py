@@ -33,9 +33,10 @@ ps/unit columns (``--units``): measured picoseconds per unit of each backend's c
 has the same ps/unit across backends and rows (``auto`` compares estimates, so only their ratios matter).
 
 ``--fit OUTPUT...`` (no timing): re-evaluates auto's picks offline on saved outputs of this script, each at its own
-thread count (``at_threads`` patches ``backends._workers.threads_available``), fits each backend's thread efficiency
-(and blocksparse's hand-over cost) from the 1- and T-thread tables of the same rows, and prints refits of the other
-constants. ``--held-out OUTPUT``: the thread constants fitted without that table, judged on it.
+thread count (``at_threads`` patches ``backends._workers.threads_available``), fits the thread efficiency of each
+kind of parallel work (``KINDS``; and the worker tasks' hand-over cost) from the 1- and T-thread tables of the same
+rows, and prints refits of the other constants. ``--held-out OUTPUT``: the thread constants fitted without that
+table, judged on it.
 """
 
 from __future__ import annotations
