@@ -6,7 +6,6 @@ import importlib
 import importlib.util
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -95,18 +94,22 @@ def test_expected_speedup_lies_between_one_and_the_thread_count(weights, n, min_
 needs_workers = pytest.mark.skipif(W.workers_available() is not None, reason=str(W.workers_available()))
 
 
-def recorded_speedup(weights, n: int, min_work: float) -> float:
-    """Run ``parallel_map`` on ``n`` intra-op threads with a recording task (each dealt item sleeps long enough that
-    a worker takes some) and compute, from what each item saw, the speed-up the model's arithmetic gives: items
-    that ran with ``n`` intra-op threads split (``w / n``), items of a call where a worker took any dealt as a
-    greedy deal over ``min(n, dealt)`` threads, the rest one after the other."""
+def recorded_run(weights, n: int, min_work: float, dealt: bool) -> tuple[float, bool]:
+    """Run ``parallel_map`` on ``n`` intra-op threads with a recording task and compute, from what each item saw, the
+    speed-up the model's arithmetic gives: items that ran with ``n`` intra-op threads split (``w / n``), the others,
+    when a worker took any, as a greedy deal over ``min(n, their count)`` threads, else one after the other. Returns
+    it and whether a worker took any. ``dealt``: the items are expected to be dealt, so a one-threaded item in the
+    caller waits (up to 5 s) until a worker has taken one (a worker slow to wake does not change the record)."""
     caller = threading.get_ident()
-    seen = {}
+    seen, taken = {}, threading.Event()
 
     def task(i):
-        seen[i] = (torch.get_num_threads(), threading.get_ident() != caller)
-        if torch.get_num_threads() == 1:
-            time.sleep(0.02)
+        in_worker = threading.get_ident() != caller
+        seen[i] = (torch.get_num_threads(), in_worker)
+        if in_worker:
+            taken.set()
+        elif dealt and torch.get_num_threads() == 1:
+            taken.wait(5.0)
         return i
 
     before = torch.get_num_threads()
@@ -117,31 +120,33 @@ def recorded_speedup(weights, n: int, min_work: float) -> float:
         torch.set_num_threads(before)
     split = [w for i, w in enumerate(weights) if seen[i][0] == n]
     one = [w for i, w in enumerate(weights) if seen[i][0] != n]
-    dealt = any(in_worker for _, in_worker in seen.values())
-    if not dealt:
+    in_workers = any(in_worker for _, in_worker in seen.values())
+    if not in_workers:
         time_taken = sum(split) / n + sum(one)
     else:
         loads = [0.0] * min(n, len(one))
         for w in sorted(one, reverse=True):
             loads[loads.index(min(loads))] += w
         time_taken = sum(split) / n + max(loads)
-    return sum(weights) / time_taken
+    return sum(weights) / time_taken, in_workers
 
 
 @needs_workers
 @pytest.mark.parametrize(
-    "weights, min_work",
+    "weights, min_work, dealt",
     [
-        ([6.0, 3.0, 1.0, 1.0], 0.0),  # two too big to share, split; the 1s dealt
-        ([6.0, 3.0, 1.0, 1.0], 4.0),  # 6 split, 3 too big but small (one thread), the 1s too small to deal
-        ([2.0, 2.0, 2.0, 2.0], 0.0),  # none too big: all dealt
-        ([2.0, 2.0, 2.0, 2.0], 3.0),  # averaging under min_work: one thread each, in the caller
-        ([10.0, 1.0], 0.0),  # the large one split, then one left: in the caller
-        ([9.0], 0.0),  # one item: split
+        ([6.0, 3.0, 1.0, 1.0], 0.0, True),  # two too big to share, split; the 1s dealt
+        ([6.0, 3.0, 1.0, 1.0], 4.0, False),  # 6 split, 3 too big but small (one thread), the 1s too small to deal
+        ([2.0, 2.0, 2.0, 2.0], 0.0, True),  # none too big: all dealt
+        ([2.0, 2.0, 2.0, 2.0], 3.0, False),  # averaging under min_work: one thread each, in the caller
+        ([10.0, 1.0], 0.0, False),  # the large one split, then one left: in the caller
+        ([9.0], 0.0, False),  # one item: split
     ],
 )
-def test_expected_speedup_agrees_with_what_parallel_map_does(weights, min_work):
-    assert W.expected_speedup(weights, 2, min_work) == pytest.approx(recorded_speedup(weights, 2, min_work))
+def test_expected_speedup_agrees_with_what_parallel_map_does(weights, min_work, dealt):
+    speedup, in_workers = recorded_run(weights, 2, min_work, dealt)
+    assert in_workers == dealt
+    assert W.expected_speedup(weights, 2, min_work) == pytest.approx(speedup)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
