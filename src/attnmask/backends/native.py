@@ -42,7 +42,7 @@ import torch
 
 from attnmask._dense import empty_buffer
 from attnmask.backends._common import COPY_COST, check_segments, varlen_plan
-from attnmask.backends._workers import region_threads
+from attnmask.backends._workers import on_free_cores, region_threads
 from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
 
@@ -247,6 +247,7 @@ def _modifier(t: torch.Tensor | None, work: torch.dtype) -> torch.Tensor | None:
 
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
+    @on_free_cores
     def forward(ctx, q, k, v, segs, causal, window, scale, softcap=None, sinks=None, slopes=None):
         work = _work_dtype(q.dtype)
         qw, kw, vw = (_rows(t, work) for t in (q, k, v))
@@ -266,6 +267,7 @@ class _SegmentAttention(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @on_free_cores
     def backward(ctx, grad):
         qw, kw, vw, res, lse, segs = ctx.saved_tensors
         rule, mods, dtype, sinks_dtype = ctx.meta
