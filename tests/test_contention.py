@@ -573,3 +573,31 @@ def test_backends_compute_on_the_free_cores_only(two_threads, monkeypatch, backe
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     ref, ref_inputs = reference(q, k, v, spec)
     assert_matches_reference(out, ref)
+
+
+def test_varlen_backward_runs_its_small_ops_with_one_thread(two_threads):
+    """The backward of "varlen"'s gathers, masks and assembly runs in a ``serial_steps`` block as its forward does
+    (``graph_in``): no op of it opens a parallel region (each would wait for a core another process holds)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Threads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is not torch.ops.aten.detach.default:  # the engine's, storing each leaf's .grad (no compute)
+                self.seen.add(torch.get_num_threads())
+            return func(*args, **(kwargs or {}))
+
+    spec = VARLEN_SPECS["documents"]()
+    q, k, v = qkv(300, heads=4, kv_heads=2, grad=True)
+    out = am.attention(q, k, v, spec, backend="varlen")
+    grad = torch.ones_like(out)
+    with Threads() as mode:
+        out.backward(grad)
+    assert mode.seen == {1}
+    ref, ref_inputs = reference(q, k, v, spec)
+    ref.backward(torch.ones_like(ref))
+    for got, want in zip((q, k, v), ref_inputs, strict=True):
+        assert_matches_reference(got.grad, want.grad)

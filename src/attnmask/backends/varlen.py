@@ -38,7 +38,6 @@ from attnmask.backends._workers import (
     MIN_TASK_WORK,
     all_threads,
     graph_in,
-    on_free_cores,
     parallel_map,
     serial_steps,
     workers_active,
@@ -213,8 +212,7 @@ class _GroupsInWorkers(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    @on_free_cores
-    def backward(ctx, *grads):
+    def backward(ctx, *grads):  # inside varlen_attention's graph_in: a serial_steps block
         d_inputs = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.inputs]
         adding = threading.Lock()
 
