@@ -601,3 +601,17 @@ def test_varlen_backward_runs_its_small_ops_with_one_thread(two_threads):
     ref.backward(torch.ones_like(ref))
     for got, want in zip((q, k, v), ref_inputs, strict=True):
         assert_matches_reference(got.grad, want.grad)
+
+
+def test_read_load_gives_none_where_the_counters_cannot_be_read(monkeypatch):
+    import io
+
+    monkeypatch.setattr(W, "open", lambda *a, **k: io.BytesIO(b"cpu  1 2 3\ncpuX 1 2 3 4 5 6 7 8\n"), raising=False)
+    assert W.read_load() is None  # not the format it reads
+    monkeypatch.setattr(W, "open", lambda *a, **k: io.BytesIO(b"cpu  9 9 9 9\ncpu0 10 0 5 100 7 1 1 1 0 0\n"))
+    if hasattr(os, "sched_getaffinity") and 0 in os.sched_getaffinity(0):
+        assert W.read_load().busy == 18 / W._TICKS  # user + nice + system + irq + softirq + steal of cpu0
+    monkeypatch.delattr(W.os, "sched_getaffinity", raising=False)
+    assert W.read_load() is None  # not Linux
+    monkeypatch.setattr(W, "_load", [None, None])
+    assert W.free_cores() is None and W.free_cores() is None

@@ -206,7 +206,17 @@ def region_threads(work: float | None = None) -> int:
 # replaced and the previous decision kept: the decision follows the last second, not an average since the last call).
 SAMPLE_SECONDS = 0.1
 STALE_SECONDS = 1.0
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _clock_ticks() -> int:
+    """Ticks per second of ``/proc/stat``'s counters (``USER_HZ``, 100 on Linux)."""
+    try:
+        return int(os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, ValueError, OSError):
+        return 100
+
+
+_TICKS = _clock_ticks()
 _log = logging.getLogger("attnmask")
 
 
@@ -231,12 +241,15 @@ def read_load() -> LoadSample | None:
     except (AttributeError, OSError):
         return None
     busy = 0
-    for line in lines:
-        if not line.startswith(b"cpu") or line[3:4] == b" ":
-            continue
-        fields = line.split()
-        if int(fields[0][3:]) in cpus:  # user nice system idle iowait irq softirq steal (guest: within user)
-            busy += sum(int(x) for x in fields[1:9]) - int(fields[4]) - int(fields[5])
+    try:
+        for line in lines:
+            if not line.startswith(b"cpu") or line[3:4] == b" ":
+                continue
+            fields = line.split()
+            if int(fields[0][3:]) in cpus:  # user nice system idle iowait irq softirq steal (guest: within user)
+                busy += sum(int(x) for x in fields[1:9]) - int(fields[4]) - int(fields[5])
+    except (ValueError, IndexError):  # not the format this reads
+        return None
     return LoadSample(time.monotonic(), busy / _TICKS, time.process_time(), len(cpus))
 
 
