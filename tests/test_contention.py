@@ -516,7 +516,7 @@ def test_small_regions_get_at_most_the_free_cores(two_threads, monkeypatch, capl
     W.parallel_map(fn, range(4), weights=[1e7] * 4)  # no busy_min_work: dealt as when idle
     assert any(name.startswith("attnmask-worker") for name, _ in where.values())
     where.clear()
-    W.parallel_map(fn, range(3), weights=[1.5 * W.REGION_WORK, 1e8, 1e8], busy_min_work=5e7)  # a large item: both threads
+    W.parallel_map(fn, range(3), weights=[1.5 * W.REGION_WORK, 1e8, 1e8], busy_min_work=5e7)  # a large one: 2
     assert where[0] == (here, 2) and {threads for _, threads in where.values()} == {1, 2}
     torch.use_deterministic_algorithms(True)
     try:
