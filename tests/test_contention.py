@@ -531,7 +531,6 @@ def test_small_regions_get_at_most_the_free_cores(two_threads, monkeypatch, capl
 
 
 ADAPTED = {
-    "sdpa": lambda: am.sliding_window(24),
     "varlen": lambda: am.causal() & am.document(seq_lens=[170, 40, 90]),
     "blocksparse": lambda: am.sliding_window(40),
     "banded": lambda: am.causal() & am.document(seq_lens=[9, 30, 17, 4, 25, 31, 12, 22, 8, 19, 13, 10]),
@@ -601,6 +600,23 @@ def test_varlen_backward_runs_its_small_ops_with_one_thread(two_threads):
     ref.backward(torch.ones_like(ref))
     for got, want in zip((q, k, v), ref_inputs, strict=True):
         assert_matches_reference(got.grad, want.grad)
+
+
+def test_sdpa_forward_computes_on_the_free_cores_and_keeps_torchs_threads_with_a_gradient(two_threads, monkeypatch):
+    spec = am.sliding_window(24)
+    q, k, v = qkv(200, heads=4, kv_heads=2)
+    want = am.attention(q, k, v, spec, backend="sdpa")
+    clock = ScriptedLoad(monkeypatch)
+    W.free_cores()
+    clock.advance(0.2, 1.0)  # another process held one core
+    seen = spy_threads(monkeypatch, torch.nn.functional, ["scaled_dot_product_attention"])
+    torch.testing.assert_close(am.attention(q, k, v, spec, backend="sdpa"), want)
+    assert seen == {1}
+    seen.clear()
+    q.requires_grad_()
+    out = am.attention(q, k, v, spec, backend="sdpa")
+    assert seen == {2}
+    torch.testing.assert_close(out, want)
 
 
 def test_read_load_gives_none_where_the_counters_cannot_be_read(monkeypatch):
