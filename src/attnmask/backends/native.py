@@ -17,7 +17,7 @@ reports itself unsupported and ``"auto"`` uses the others.
 Semantics are those of every attnmask backend (``tests/naive.py::naive_attention``): CPU tensors, float32 and float64
 computed in their own precision, float16 / bfloat16 computed in float32; rows with no allowed key give exactly 0 and a
 zero gradient; grouped-query attention. Threads: ``torch.get_num_threads()``, fewer while other processes hold cores
-(``backends._workers.threads_available``).
+(``backends._workers.region_threads``).
 
 Worked example, three documents of lengths 2, 4, 3 in one row, causal inside each::
 

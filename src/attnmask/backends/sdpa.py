@@ -53,8 +53,9 @@ def run(call: AttentionCall) -> torch.Tensor:
     """SDPA with the call's dense bool mask (O(B·Q·K) for a spec), ``is_causal`` where it is exact. On CPU without a
     gradient it uses ``backends._workers.region_threads`` intra-op threads: torch's count, fewer only while other
     processes hold cores and the call is small (then it does not wait for a taken core). With a gradient the threads
-    are torch's, as stock SDPA's: its backward runs there too (autograd's), and a forward on fewer threads than the
-    backward measured slower under contention than both on all (the idle pool threads' wake-up)."""
+    are torch's, as stock SDPA's: autograd runs the backward on all of them anyway, and a forward on the free cores
+    before it measured slower under contention than both on all (rows of 1K, causal, forward + backward: 4.5x busy /
+    idle against stock SDPA's 2.3x; RESULTS.md, issue 15)."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
     if call.q.device.type != "cpu" or grad:
         return _run(call)
