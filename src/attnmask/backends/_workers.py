@@ -182,10 +182,11 @@ def threads_available() -> int:
 
 
 # Multiply-adds of a parallel region that, while other processes hold cores, still gains from every thread: below it a
-# region gets the free cores only (region_threads). Measured with one of 2 cores busy (RESULTS.md, issue 15, "Cores
-# other processes hold"), unmasked SDPA (B=1, H=4, D=64) on all threads against one thread on the free core, in one
-# process: 1.02-2.09x slower at 1.3e8-4.8e9 multiply-adds (rows of 512-3,072), 1.13x at 8.6e9 (4,096), 0.94x at
-# 1.9e10 (6,144) and 0.89x at 3.4e10 (8,192). The threshold sits between the last two sizes that disagree.
+# region gets the free cores only (region_threads). Measured with one of 2 cores busy
+# (benchmarks/bench_threads_busy.py; RESULTS.md, issue 15, "Cores other processes hold"), unmasked SDPA (B=1, H=4,
+# D=64) on all threads against one thread on the free core, in one process: 1.02-2.09x slower at 1.3e8-4.8e9
+# multiply-adds (rows of 512-3,072), 1.13x at 8.6e9 (4,096), 0.94x at 1.9e10 (6,144) and 0.89x at 3.4e10 (8,192).
+# The threshold sits between the last two sizes that disagree.
 REGION_WORK = 1.3e10
 
 
