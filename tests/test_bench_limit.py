@@ -103,3 +103,13 @@ def test_blocksparse_ab_times_this_checkout_against_a_revision(capsys):
     module.main(["--base", "HEAD", "--length", "256", "--reps", "1", "--only", "chunked", "--mode", "fwd,fwdbwd"])
     out = capsys.readouterr().out
     assert out.count("| causal chunked 32 |") == 2 and "reproduce: " in out
+
+
+def test_threads_busy_bench_prints_a_row_per_size(capsys):
+    load_bench()  # bench_threads_busy imports bench_limit's Spinner
+    spec = importlib.util.spec_from_file_location("bench_threads_busy", SCRIPT.with_name("bench_threads_busy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--rows", "64", "--rounds", "1", "--threads", "2"])
+    out = capsys.readouterr().out
+    assert "| 64 | 2.1e+06 |" in out and "reproduce: PYTHONPATH=src python benchmarks/bench_threads_busy.py" in out

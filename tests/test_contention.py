@@ -516,7 +516,7 @@ def test_small_regions_get_at_most_the_free_cores(two_threads, monkeypatch, capl
     W.parallel_map(fn, range(4), weights=[1e7] * 4)  # no busy_min_work: dealt as when idle
     assert any(name.startswith("attnmask-worker") for name, _ in where.values())
     where.clear()
-    W.parallel_map(fn, range(3), weights=[3e9, 1e8, 1e8], busy_min_work=5e7)  # a large item keeps both threads
+    W.parallel_map(fn, range(3), weights=[1.5 * W.REGION_WORK, 1e8, 1e8], busy_min_work=5e7)  # a large one: 2
     assert where[0] == (here, 2) and {threads for _, threads in where.values()} == {1, 2}
     torch.use_deterministic_algorithms(True)
     try:
@@ -531,7 +531,6 @@ def test_small_regions_get_at_most_the_free_cores(two_threads, monkeypatch, capl
 
 
 ADAPTED = {
-    "sdpa": lambda: am.sliding_window(24),
     "varlen": lambda: am.causal() & am.document(seq_lens=[170, 40, 90]),
     "blocksparse": lambda: am.sliding_window(40),
     "banded": lambda: am.causal() & am.document(seq_lens=[9, 30, 17, 4, 25, 31, 12, 22, 8, 19, 13, 10]),
@@ -573,3 +572,62 @@ def test_backends_compute_on_the_free_cores_only(two_threads, monkeypatch, backe
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     ref, ref_inputs = reference(q, k, v, spec)
     assert_matches_reference(out, ref)
+
+
+def test_varlen_backward_runs_its_small_ops_with_one_thread(two_threads):
+    """The backward of "varlen"'s gathers, masks and assembly runs in a ``serial_steps`` block as its forward does
+    (``graph_in``): no op of it opens a parallel region (each would wait for a core another process holds)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Threads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is not torch.ops.aten.detach.default:  # the engine's, storing each leaf's .grad (no compute)
+                self.seen.add(torch.get_num_threads())
+            return func(*args, **(kwargs or {}))
+
+    spec = VARLEN_SPECS["documents"]()
+    q, k, v = qkv(300, heads=4, kv_heads=2, grad=True)
+    out = am.attention(q, k, v, spec, backend="varlen")
+    grad = torch.ones_like(out)
+    with Threads() as mode:
+        out.backward(grad)
+    assert mode.seen == {1}
+    ref, ref_inputs = reference(q, k, v, spec)
+    ref.backward(torch.ones_like(ref))
+    for got, want in zip((q, k, v), ref_inputs, strict=True):
+        assert_matches_reference(got.grad, want.grad)
+
+
+def test_sdpa_forward_computes_on_the_free_cores_and_keeps_torchs_threads_with_a_gradient(two_threads, monkeypatch):
+    spec = am.sliding_window(24)
+    q, k, v = qkv(200, heads=4, kv_heads=2)
+    want = am.attention(q, k, v, spec, backend="sdpa")
+    clock = ScriptedLoad(monkeypatch)
+    W.free_cores()
+    clock.advance(0.2, 1.0)  # another process held one core
+    seen = spy_threads(monkeypatch, torch.nn.functional, ["scaled_dot_product_attention"])
+    torch.testing.assert_close(am.attention(q, k, v, spec, backend="sdpa"), want)
+    assert seen == {1}
+    seen.clear()
+    q.requires_grad_()
+    out = am.attention(q, k, v, spec, backend="sdpa")
+    assert seen == {2}
+    torch.testing.assert_close(out, want)
+
+
+def test_read_load_gives_none_where_the_counters_cannot_be_read(monkeypatch):
+    import io
+
+    monkeypatch.setattr(W, "open", lambda *a, **k: io.BytesIO(b"cpu  1 2 3\ncpuX 1 2 3 4 5 6 7 8\n"), raising=False)
+    assert W.read_load() is None  # not the format it reads
+    monkeypatch.setattr(W, "open", lambda *a, **k: io.BytesIO(b"cpu  9 9 9 9\ncpu0 10 0 5 100 7 1 1 1 0 0\n"))
+    if hasattr(os, "sched_getaffinity") and 0 in os.sched_getaffinity(0):
+        assert W.read_load().busy == 18 / W._TICKS  # user + nice + system + irq + softirq + steal of cpu0
+    monkeypatch.delattr(W.os, "sched_getaffinity", raising=False)
+    assert W.read_load() is None  # not Linux
+    monkeypatch.setattr(W, "_load", [None, None])
+    assert W.free_cores() is None and W.free_cores() is None

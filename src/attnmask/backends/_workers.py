@@ -29,13 +29,15 @@ Where that is not possible (another parallel backend than OpenMP, no such symbol
 while it uses oneMKL) :func:`parallel_map` runs its tasks one after the other in the caller, as before.
 
 Cores other processes hold: a parallel region split across a core that another process keeps busy waits for it (a
-scheduler time slice per region, issue 15), while one thread on a free core does not wait at all; but a large
-region still gains from every thread (three runnable threads on two cores: the call's two get 4/3 of a core). So while
-other processes held cores of this process's CPU set over the last 0.1-1 s (:func:`free_cores`, from ``/proc/stat``
-less this process's own CPU time: one read of ~30 us at most every 0.1 s), a parallel region of less than
+scheduler time slice per region, issue 15), and its share on that core advances at half speed, while one thread on
+a free core does not wait at all; only a very large region still gains from every thread (measured: the threshold
+``REGION_WORK``). So while other processes held cores of this process's CPU set over the last 0.1-1 s
+(:func:`free_cores`, from ``/proc/stat`` less this process's own CPU time: one read of ~30 us at most every 0.1 s),
+a parallel region of less than
 ``REGION_WORK`` multiply-adds gets at most the free cores (:func:`region_threads`), and :func:`parallel_map` hands
-tasks to workers only when they average ``busy_min_work``. With one of 2 cores taken, a 1K row then computes on the
-free core with one intra-op thread, and an 8K row keeps both threads in few, large regions and tasks. Not adapted:
+tasks to workers only when they average ``busy_min_work``: dealt tasks balance themselves (a worker whose core is
+taken takes fewer), where a region's equal shares wait for the slowest. With one of 2 cores taken, a 1K row then
+computes on the free core with one intra-op thread, and an 8K row keeps both threads in its large tasks. Not adapted:
 under ``torch.use_deterministic_algorithms(True)`` (a thread count may change a reduction's rounding), while
 ``torch.compile`` traces, where ``/proc/stat`` is unreadable (not Linux), or with ``ATTNMASK_ADAPT_THREADS=0`` (or
 ``ADAPT = False`` here).
@@ -180,10 +182,12 @@ def threads_available() -> int:
 
 
 # Multiply-adds of a parallel region that, while other processes hold cores, still gains from every thread: below it a
-# region gets the free cores only (region_threads). Measured with one of 2 cores busy (RESULTS.md, issue 15, "cores
-# other processes hold"): unmasked SDPA with 2 threads against 1 on the free core, ~1.0x at 5e8 multiply-adds (rows of
-# 1,024), ~0.75-0.9x from ~5e9.
-REGION_WORK = 2e9
+# region gets the free cores only (region_threads). Measured with one of 2 cores busy
+# (benchmarks/bench_threads_busy.py; RESULTS.md, issue 15, "Cores other processes hold"), unmasked SDPA (B=1, H=4,
+# D=64) on all threads against one thread on the free core, in one process: 1.02-2.09x slower at 1.3e8-4.8e9
+# multiply-adds (rows of 512-3,072), 1.13x at 8.6e9 (4,096), 0.94x at 1.9e10 (6,144) and 0.89x at 3.4e10 (8,192).
+# The threshold sits between the last two sizes that disagree.
+REGION_WORK = 1.3e10
 
 
 def region_threads(work: float | None = None) -> int:
@@ -206,7 +210,17 @@ def region_threads(work: float | None = None) -> int:
 # replaced and the previous decision kept: the decision follows the last second, not an average since the last call).
 SAMPLE_SECONDS = 0.1
 STALE_SECONDS = 1.0
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _clock_ticks() -> int:
+    """Ticks per second of ``/proc/stat``'s counters (``USER_HZ``, 100 on Linux)."""
+    try:
+        return int(os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, ValueError, OSError):
+        return 100
+
+
+_TICKS = _clock_ticks()
 _log = logging.getLogger("attnmask")
 
 
@@ -231,12 +245,15 @@ def read_load() -> LoadSample | None:
     except (AttributeError, OSError):
         return None
     busy = 0
-    for line in lines:
-        if not line.startswith(b"cpu") or line[3:4] == b" ":
-            continue
-        fields = line.split()
-        if int(fields[0][3:]) in cpus:  # user nice system idle iowait irq softirq steal (guest: within user)
-            busy += sum(int(x) for x in fields[1:9]) - int(fields[4]) - int(fields[5])
+    try:
+        for line in lines:
+            if not line.startswith(b"cpu") or line[3:4] == b" ":
+                continue
+            fields = line.split()
+            if int(fields[0][3:]) in cpus:  # user nice system idle iowait irq softirq steal (guest: within user)
+                busy += sum(int(x) for x in fields[1:9]) - int(fields[4]) - int(fields[5])
+    except (ValueError, IndexError):  # not the format this reads
+        return None
     return LoadSample(time.monotonic(), busy / _TICKS, time.process_time(), len(cpus))
 
 

@@ -17,7 +17,7 @@ reports itself unsupported and ``"auto"`` uses the others.
 Semantics are those of every attnmask backend (``tests/naive.py::naive_attention``): CPU tensors, float32 and float64
 computed in their own precision, float16 / bfloat16 computed in float32; rows with no allowed key give exactly 0 and a
 zero gradient; grouped-query attention. Threads: ``torch.get_num_threads()``, fewer while other processes hold cores
-(``backends._workers.threads_available``).
+(``backends._workers.region_threads``).
 
 Worked example, three documents of lengths 2, 4, 3 in one row, causal inside each::
 
@@ -43,7 +43,7 @@ import torch
 import attnmask.backends._workers as _workers
 from attnmask._dense import empty_buffer
 from attnmask.backends._common import COPY_COST, check_segments, varlen_plan
-from attnmask.backends._workers import region_threads
+from attnmask.backends._workers import on_free_cores, region_threads
 from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
 
@@ -248,6 +248,7 @@ def _modifier(t: torch.Tensor | None, work: torch.dtype) -> torch.Tensor | None:
 
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
+    @on_free_cores
     def forward(ctx, q, k, v, segs, causal, window, scale, softcap=None, sinks=None, slopes=None):
         work = _work_dtype(q.dtype)
         qw, kw, vw = (_rows(t, work) for t in (q, k, v))
@@ -267,6 +268,7 @@ class _SegmentAttention(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @on_free_cores
     def backward(ctx, grad):
         qw, kw, vw, res, lse, segs = ctx.saved_tensors
         rule, mods, dtype, sinks_dtype = ctx.meta

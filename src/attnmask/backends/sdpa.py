@@ -55,10 +55,14 @@ _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept 
 
 
 def run(call: AttentionCall) -> torch.Tensor:
-    """SDPA with the call's dense bool mask (O(B·Q·K) for a spec), ``is_causal`` where it is exact. On CPU the forward
-    uses ``backends._workers.region_threads`` intra-op threads: torch's count, fewer only while other processes hold
-    cores and the call is small (then it does not wait for a taken core)."""
-    if call.q.device.type != "cpu":
+    """SDPA with the call's dense bool mask (O(B·Q·K) for a spec), ``is_causal`` where it is exact. On CPU without a
+    gradient it uses ``backends._workers.region_threads`` intra-op threads: torch's count, fewer only while other
+    processes hold cores and the call is small (then it does not wait for a taken core). With a gradient the threads
+    are torch's, as stock SDPA's: autograd runs the backward on all of them anyway, and a forward on the free cores
+    before it measured slower under contention than both on all (rows of 1K, causal, forward + backward: 4.5x busy /
+    idle against stock SDPA's 2.3x; RESULTS.md, issue 15)."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+    if call.q.device.type != "cpu" or grad:
         return _run(call)
     with all_threads(call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)):
         return _run(call)

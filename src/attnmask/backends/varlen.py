@@ -38,7 +38,7 @@ from attnmask.backends._common import (
 from attnmask.backends._workers import (
     MIN_TASK_WORK,
     all_threads,
-    on_free_cores,
+    graph_in,
     parallel_map,
     serial_steps,
     workers_active,
@@ -100,10 +100,15 @@ def varlen_attention(
     call as much as it slows one SDPA call, not once per small call; tasks averaging under ``MIN_TASK_WORK``
     multiply-adds (at H=4, D=64: documents under ~300 tokens, query blocks of windows under ~220) run in the caller,
     one after the other, and the gathers, masks and assembly run with one intra-op thread too (``serial_steps``):
-    only an SDPA call too large to share opens a parallel region. The backward runs where ``backward`` is called.
+    only an SDPA call too large to share opens a parallel region. The backward runs where ``backward`` is called,
+    in the same kind of block (``_workers.graph_in``; not with dropout, which keeps plain autograd: differentiable
+    twice).
     """
-    with serial_steps():  # gathers, masks and assembly with one intra-op thread; see _map for the SDPA calls
-        return _varlen_attention(q, k, v, segments, causal, window, scale, small, dropout_p)
+    rest = (segments, causal, window, scale, small, dropout_p)
+    if dropout_p > 0:
+        with serial_steps():  # gathers, masks and assembly with one intra-op thread; see _map for the SDPA calls
+            return _varlen_attention(q, k, v, *rest)
+    return graph_in(serial_steps, lambda q, k, v: _varlen_attention(q, k, v, *rest), q, k, v)
 
 
 def _varlen_attention(q, k, v, segments, causal, window, scale, small, dropout_p) -> torch.Tensor:
@@ -215,8 +220,7 @@ class _GroupsInWorkers(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    @on_free_cores
-    def backward(ctx, *grads):
+    def backward(ctx, *grads):  # inside varlen_attention's graph_in: a serial_steps block
         d_inputs = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.inputs]
         adding = threading.Lock()
 
