@@ -31,6 +31,12 @@ own overhead: masks of PARTIAL tiles, Python, merges; below 1 where the pick is 
 
 ps/unit columns (``--units``): measured picoseconds per unit of each backend's cost estimate; a calibrated cost model
 has the same ps/unit across backends and rows (``auto`` compares estimates, so only their ratios matter).
+
+``--fit OUTPUT...`` (no timing): re-evaluates auto's picks offline on saved outputs of this script, each at its own
+thread count (``at_threads`` patches ``backends._workers.threads_available``), fits the thread efficiency of each
+kind of parallel work (``KINDS``; and the worker tasks' hand-over cost) from the 1- and T-thread tables of the same
+rows, and prints refits of the other constants. ``--held-out OUTPUT``: the thread constants fitted without that
+table, judged on it.
 """
 
 from __future__ import annotations
@@ -393,9 +399,10 @@ def parse_tables(path: str, length: int, decode_keys: int) -> list[tuple[Case, b
     return out
 
 
-def features(case: Case, grad: bool, dtype: torch.dtype, name: str, args) -> list[float]:
-    """``name``'s estimate for the case split by constant: ``[the rest, d estimate / d constant for FITTED[name]]``
-    (the estimate is linear in each constant), read through ``am.explain`` with the constants patched."""
+def features(case: Case, grad: bool, dtype: torch.dtype, name: str, args, threads: int = 1) -> list[float]:
+    """``name``'s estimate for the case at ``threads`` threads split by constant: ``[the rest, d estimate / d constant
+    for FITTED[name]]`` (the estimate is linear in each constant, nearly so where the threads' deal of its work
+    depends on them: "native"), read through ``am.explain`` with the constants patched."""
     qkv = tuple(torch.zeros(s).requires_grad_(grad) for s in _shapes(case, args))
     qkv = tuple(t.to(dtype) if dtype != torch.float32 else t for t in qkv)
     module = importlib.import_module(f"attnmask.backends.{name}")
@@ -412,8 +419,9 @@ def features(case: Case, grad: bool, dtype: torch.dtype, name: str, args) -> lis
         return explained.costs[at]
 
     try:
-        rest = estimate(set())
-        return [rest] + [estimate({c}) - rest for c in constants]
+        with at_threads(threads):
+            rest = estimate(set())
+            return [rest] + [estimate({c}) - rest for c in constants]
     finally:
         for c, value in saved.items():
             setattr(module, c, value)
@@ -450,19 +458,21 @@ def fit(paths: list[str], args) -> None:
         (table_threads(p), [cell for cell in parse_tables(p, args.length, args.decode_keys) if not cell[1]])
         for p in paths
     ]
-    cells = [cell for _, table in tables for cell in table]
-    sdpa = [t / features(c, g, d, n, args)[0] for c, g, d, n, t in cells if n == "sdpa"]
+    cells = [(threads, cell) for threads, table in tables for cell in table]
+    sdpa = [t / features(c, g, d, n, args, threads)[0] for threads, (c, g, d, n, t) in cells if n == "sdpa"]
     unit = statistics.median(sdpa)
     print(
         f"{len(cells)} timed cells from {', '.join(paths)}; sdpa: {unit * 1e12:.1f} ps per unit (median of {len(sdpa)})"
     )
-    thread_gain(tables)
+    thread_gain(tables, args)
     before = pick_quality(tables, args)
+    efficiencies = fit_efficiencies(tables, args)
+    print(f"with the fitted efficiencies: {summary(with_constants(efficiencies, pick_quality, tables, args))}\n")
     print("| backend | constant | now | fitted | cells | median abs error now -> fitted |")
     print("|---|---|---|---|---|---|")
     fits, singles = {}, {}
     for name, constants in FITTED.items():
-        rows = [(features(c, g, d, n, args), t / unit) for c, g, d, n, t in cells if n == name]
+        rows = [(features(c, g, d, n, args, threads), t / unit) for threads, (c, g, d, n, t) in cells if n == name]
         if not rows:
             continue
         module = importlib.import_module(f"attnmask.backends.{name}")
@@ -545,24 +555,172 @@ def summary(result: dict) -> str:
     )
 
 
-def thread_gain(tables) -> None:
-    """Print how much more "sdpa" gains from T threads than the other backends, from tables of the same rows at 1 and
-    at T threads: per backend the median over rows of its 1-thread time / its T-thread time, and the excess gain per
-    added thread, ``(sdpa's / the others' median - 1) / (T - 1)``: the term a thread-aware "sdpa" estimate would take
-    (tried, RESULTS.md: it did not improve auto's picks; at long rows the other backends gain from threads too)."""
-    one = {(c.name, c.kv_len, n): t for threads, cells in tables if threads == 1 for c, _, _, n, t in cells}
-    for threads in sorted({t for t, _ in tables if t > 1}):
-        speedups: dict[str, list[float]] = {}
-        for c, _, _, name, seconds in (cell for t, cells in tables if t == threads for cell in cells):
-            if (c.name, c.kv_len, name) in one:
-                speedups.setdefault(name, []).append(one[c.name, c.kv_len, name] / seconds)
-        if "sdpa" not in speedups or len(speedups) < 2:
+# The kinds of parallel work the CPU estimates model, and the backends doing each: one fused SDPA call split by torch
+# ("sdpa"), tasks of ``_workers.parallel_map`` dealt to single-threaded workers ("varlen", "blocksparse"), banded's one
+# SDPA call per row on small tiles, the native kernel's pthreads. Per kind, ``--fit`` fits one ``_THREAD_EFFICIENCY``
+# (the share of a core each added thread contributes), and for the tasks one ``_HANDOVER_COST`` per dealt task; each
+# backend module holds the values of its kind.
+KINDS = {
+    "fused SDPA": ("sdpa",),
+    "worker tasks": ("varlen", "blocksparse"),
+    "banded SDPA": ("banded",),
+    "native kernel": ("native",),
+}
+EFFICIENCY = "_THREAD_EFFICIENCY"
+HANDOVER = "_HANDOVER_COST"  # per task dealt to a worker ("varlen", "blocksparse"); fitted with the efficiency
+
+
+class at_threads:  # noqa: N801 (used as a function: ``with at_threads(2): ...``)
+    """Inside the block the estimates see ``threads`` threads: ``torch.set_num_threads`` and
+    ``backends._workers.threads_available`` patched (the estimates read it through the module), so that an offline
+    evaluation does not depend on this machine's load; both restored on exit."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def __enter__(self):
+        self.before, self.available = torch.get_num_threads(), workers.threads_available
+        torch.set_num_threads(self.threads)
+        workers.threads_available = lambda: self.threads
+        return self
+
+    def __exit__(self, *exc):
+        workers.threads_available = self.available
+        torch.set_num_threads(self.before)
+
+
+def estimate(case: Case, dtype: torch.dtype, name: str, threads: int, args) -> float:
+    """``name``'s CPU estimate for the case's forward call at ``threads`` threads, with the module constants as they
+    are (the call built as ``attention`` builds it; no other backend costed)."""
+    qkv = tuple(torch.zeros(s, dtype=dtype) for s in _shapes(case, args))
+    call = importlib.import_module("attnmask.attention")._prepare_call(*qkv, case.spec, None, None, None)
+    backend = next(b for b in REGISTRY if b.name == name)
+    with at_threads(threads):
+        return float(backend.cost(call))
+
+
+def thread_pairs(tables) -> list[tuple[Case, torch.dtype, str, int, float, float]]:
+    """``(case, dtype, backend, T, seconds at 1 thread, seconds at T threads)`` for every cell timed in a 1-thread
+    table and in a T-thread table (T > 1) of the same row, dtype and backend."""
+    one = {(c.name, c.kv_len, d, n): t for threads, cells in tables if threads == 1 for c, _, d, n, t in cells}
+    return [
+        (c, d, n, threads, one[c.name, c.kv_len, d, n], t)
+        for threads, cells in tables
+        if threads > 1
+        for c, _, d, n, t in cells
+        if (c.name, c.kv_len, d, n) in one
+    ]
+
+
+def thread_gain(tables, args) -> None:
+    """Print what T threads gain over 1 (the 1-thread time / the T-thread time, median over the rows timed at both),
+    measured and as the estimates predict it (estimate at 1 thread / estimate at T), per backend."""
+    pairs = thread_pairs(tables)
+    for threads in sorted({p[3] for p in pairs}):
+        listed = []
+        for name in dict.fromkeys(p[2] for p in pairs):
+            here = [p for p in pairs if p[2] == name and p[3] == threads]
+            measured = statistics.median(one / many for *_, one, many in here)
+            predicted = statistics.median(
+                estimate(c, d, name, 1, args) / estimate(c, d, name, threads, args) for c, d, *_ in here
+            )
+            listed.append(f"{name} {measured:.2f} (estimates {predicted:.2f})")
+        print(f"speed-up at {threads} threads over 1 (median of rows): {', '.join(listed)}")
+
+
+def efficiency_error(pairs, name: str, args) -> float:
+    """Mean |log(predicted gain / measured gain)| of ``name`` over ``pairs`` (``thread_pairs``) under the module's
+    constants as they are."""
+    errors = []
+    for case, dtype, n, threads, one, many in pairs:
+        if n == name:
+            predicted = estimate(case, dtype, name, 1, args) / estimate(case, dtype, name, threads, args)
+            errors.append(abs(math.log(predicted * many / one)))
+    return sum(errors) / len(errors)
+
+
+def fit_efficiencies(tables, args) -> dict:
+    """Per kind of parallel work (``KINDS``) timed at 1 and at T threads on the same rows, the ``_THREAD_EFFICIENCY``
+    (0 to 1) and, for worker tasks, the ``_HANDOVER_COST`` per dealt task (0, or 1e5 to 5e7 estimate units) whose
+    predicted gains (estimate at 1 thread / at T) come closest to the measured ones of its backends: least mean
+    absolute log error, on a coarse grid (steps of 0.1, handovers doubling), then efficiency steps of 0.01 and
+    handover steps of ~10% around the best. Prints them; returns ``{module: {constant: value}}`` (the modules keep
+    their own)."""
+    pairs = thread_pairs(tables)
+    fitted: dict = {}
+    print("| kind | backends | constant | now | fitted | row pairs | mean abs log error of the gain now -> fitted |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, members in KINDS.items():
+        used = [p for p in pairs if p[2] in members]
+        if not used:
             continue
-        medians = {name: statistics.median(r) for name, r in speedups.items()}
-        others = statistics.median([m for name, m in medians.items() if name != "sdpa"])
-        gain = (medians["sdpa"] / others - 1) / (threads - 1)
-        listed = ", ".join(f"{name} {m:.2f}" for name, m in medians.items())
-        print(f"speed-up at {threads} threads over 1 (median of rows): {listed}; sdpa's excess per thread: {gain:.2f}")
+        modules = [importlib.import_module(f"attnmask.backends.{name}") for name in members]
+        names = (EFFICIENCY, HANDOVER) if all(hasattr(m, HANDOVER) for m in modules) else (EFFICIENCY,)
+        own = {m: tuple(getattr(m, c) for c in names) for m in modules}
+
+        def error(values: tuple | None, modules=modules, names=names, used=used) -> float:
+            """The kind's mean error with ``values`` set on every member (None: as the modules hold them)."""
+            for module in modules if values is not None else ():
+                for c, value in zip(names, values, strict=True):
+                    setattr(module, c, value)
+            timed = {p[2] for p in used}
+            return sum(efficiency_error(used, n, args) * sum(p[2] == n for p in used) for n in timed) / len(used)
+
+        handovers = [0.0] + [1e5 * 2**k for k in range(10)] if len(names) == 2 else [None]
+        try:
+            now = error(None)
+            _, best = min((error(v[: len(names)]), v[: len(names)]) for v in _grid(handovers))
+            near = [round(best[0] + i / 100, 2) for i in range(-9, 10)]
+            _, best = min((error((e, *best[1:])), (e, *best[1:])) for e in near if 0 <= e <= 1)
+            if len(names) == 2 and best[1] > 0:
+                near = [float(f"{best[1] * 1.1**i:.2g}") for i in range(-7, 8)]
+                _, best = min((error((best[0], h)), (best[0], h)) for h in near)
+            after = error(best)
+        finally:
+            for module, values in own.items():
+                for c, value in zip(names, values, strict=True):
+                    setattr(module, c, value)
+        for module in modules:
+            fitted[module] = dict(zip(names, best, strict=True))
+        for j, c in enumerate(names):
+            errors = f"{now:.3f} -> {after:.3f}" if c == EFFICIENCY else ""
+            was = " / ".join(f"{own[m][j]:.2f}" if c == EFFICIENCY else f"{own[m][j]:.2g}" for m in modules)
+            value = f"{best[j]:.2f}" if c == EFFICIENCY else f"{best[j]:.2g}"
+            print(f"| {kind} | {', '.join(members)} | {c} | {was} | {value} | {len(used)} | {errors} |")
+    return fitted
+
+
+def _grid(handovers: list) -> list[tuple]:
+    """``(efficiency, handover)`` pairs of the coarse grid (``(efficiency, None)`` without handovers)."""
+    return [(i / 10, h) for i in range(11) for h in handovers]
+
+
+def with_constants(values: dict, fn, *fn_args):
+    """``fn(*fn_args)`` with the module constants ``values`` (``{module: {constant: value}}``) set, then put back."""
+    saved = {(module, c): getattr(module, c) for module, constants in values.items() for c in constants}
+    try:
+        for module, constants in values.items():
+            for c, value in constants.items():
+                setattr(module, c, value)
+        return fn(*fn_args)
+    finally:
+        for (module, c), value in saved.items():
+            setattr(module, c, value)
+
+
+def held_out(paths: list[str], held: str, args) -> None:
+    """The efficiencies fitted on ``paths`` only, then auto's picks on the table ``held`` (not in the fit) with them,
+    next to its picks with the modules' own constants (fitted on every table)."""
+    tables = [
+        (table_threads(p), [cell for cell in parse_tables(p, args.length, args.decode_keys) if not cell[1]])
+        for p in paths
+    ]
+    held_table = [(table_threads(held), [c for c in parse_tables(held, args.length, args.decode_keys) if not c[1]])]
+    print(f"held out: {held}; efficiencies fitted on {', '.join(paths)}")
+    fitted = fit_efficiencies(tables, args)
+    without = with_constants(fitted, pick_quality, held_table, args)
+    print(f"held-out picks, efficiencies fitted without it: {summary(without)}")
+    print(f"held-out picks, the modules' constants: {summary(pick_quality(held_table, args))}")
 
 
 def table_threads(path: str) -> int:
@@ -573,21 +731,19 @@ def table_threads(path: str) -> int:
 
 def pick_quality(tables, args) -> dict:
     """``(structure, row length, threads) -> (auto's pick, its measured time / the fastest measured)`` under the
-    constants the backend modules hold now, per table ``(threads, cells)`` (auto decides at that thread count)."""
-    out, threads_now = {}, torch.get_num_threads()
-    try:
-        for threads, cells in tables:
-            groups: dict = {}
-            for case, _grad, dtype, name, seconds in cells:
-                groups.setdefault((case.name, case.kv_len, dtype), (case, {}))[1][name] = seconds
-            torch.set_num_threads(threads)
+    constants the backend modules hold now, per table ``(threads, cells)`` (auto decides at that thread count:
+    ``at_threads``)."""
+    out = {}
+    for threads, cells in tables:
+        groups: dict = {}
+        for case, _grad, dtype, name, seconds in cells:
+            groups.setdefault((case.name, case.kv_len, dtype), (case, {}))[1][name] = seconds
+        with at_threads(threads):
             for (title, kv_len, dtype), (case, times) in groups.items():
                 qkv = tuple(torch.zeros(s, dtype=dtype) for s in _shapes(case, args))
                 picked = am.explain(*qkv, case.spec).picked
                 label = f"{threads}" if dtype == torch.float32 else f"{threads}, {str(dtype).removeprefix('torch.')}"
                 out[title, kv_len, label] = (picked, times.get(picked, float("nan")) / min(times.values()))
-    finally:
-        torch.set_num_threads(threads_now)
     return out
 
 
@@ -610,12 +766,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="rows of 1,024, decode against 4,096 keys")
     parser.add_argument("--dry-run", action="store_true", help="rows of 256, decode against 512 keys, one round")
     parser.add_argument("--fit", nargs="+", metavar="OUTPUT", help="fit the cost constants to saved outputs; no timing")
+    parser.add_argument(
+        "--held-out", metavar="OUTPUT", help="with --fit: fit the thread efficiencies without this table, judge on it"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.length, args.decode_keys = 1024, 4096
     if args.dry_run:
         args.length, args.decode_keys, args.reps = 256, 512, 1
     torch.set_num_threads(args.threads)
+    if args.fit and args.held_out:
+        held_out(args.fit, args.held_out, args)
+        return
     if args.fit:
         fit(args.fit, args)
         return

@@ -377,6 +377,7 @@ def test_sdpa_estimate_halves_bfloat16_pair_work_only_on_cpus_with_amx_bf16(monk
     """On a CPU with AMX bfloat16 tiles SDPA's bfloat16 kernel runs about twice the pairs per second of float32
     (benchmarks/RESULTS.md); elsewhere (another CPU, another device), and for float16, the estimate is float32's."""
     monkeypatch.setattr(sdpa_backend, "_cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(sdpa_backend._workers, "threads_available", lambda: 1)  # the one-thread estimate
 
     def estimate(dtype, device="cpu"):
         q = torch.zeros(1, 2, 64, 8, dtype=dtype, device=device)

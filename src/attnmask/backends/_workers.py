@@ -524,3 +524,53 @@ def parallel_map(
     if state["error"] is not None:
         raise state["error"]
     return results
+
+
+def expected_speedup(
+    weights: Sequence[float],
+    threads: int,
+    min_work: float = 0.0,
+    efficiency: float = 1.0,
+    *,
+    share_big: bool = True,
+    handover: float = 0.0,
+) -> float:
+    """How many times faster :func:`parallel_map` computes items of these ``weights`` (each item's time on one
+    thread) with ``threads`` intra-op threads than with one: the cost estimates' model of what it does with them.
+
+    Mirrors its policy: with ``share_big``, items too large to share (:func:`_too_big`) run alone in the caller, each
+    split across ``threads`` (one with less than ``min_work`` on one thread); the rest are dealt, largest first, to
+    ``min(threads, items)`` single-threaded workers (the caller among them) when they average at least ``min_work``,
+    else run alone too. Dealt items take the makespan of that greedy deal. ``share_big=False`` deals every item so,
+    whatever its size (``min_work`` unread): a pool that never splits an item, as the native kernel's threads.
+    ``efficiency`` (0 to 1): the share of a core each added thread contributes (memory bandwidth, GIL hand-overs,
+    OpenMP barriers); an ideal speed-up ``s`` counts ``1 + (s - 1) · efficiency``. ``handover`` (weight units): what
+    each dealt item costs on top (a wake-up and a GIL hand-over around each of its torch calls), counted in full: the
+    hand-overs queue on the one GIL, so small dealt items can make the result below 1. Pure; the workers are assumed
+    active (``workers_active``).
+
+    Worked example, 2 threads, weights 6, 3, 1, 1, no ``min_work``, efficiency 1: 6 and 3 are too big to share
+    (``_too_big``) and run split across both threads (4.5 time units), the two 1s go one to each thread (1 unit):
+    11 / 5.5 = 2.0. With ``min_work=4`` the 3 and the 1s run on one thread: 11 / (3 + 3 + 2) = 1.375.
+    """
+    total = float(sum(weights))
+    if total <= 0 or threads < 2 or not weights:
+        return 1.0
+
+    def alone(weight: float) -> float:
+        count = threads if weight >= min_work else 1
+        return weight / (1 + (count - 1) * efficiency)
+
+    if share_big and len(weights) < 2:
+        return total / alone(total)
+    order = sorted(range(len(weights)), key=lambda i: -weights[i])
+    big = _too_big(order, weights, threads) if share_big else 0
+    time = sum(alone(weights[i]) for i in order[:big])
+    rest = [float(weights[i]) for i in order[big:]]
+    if share_big and (len(rest) < 2 or sum(rest) < min_work * len(rest)):
+        return total / (time + sum(alone(w) for w in rest))
+    loads = [0.0] * min(threads, len(rest))
+    for w in rest:  # largest first to the least loaded: the thread that is free first takes the next
+        loads[loads.index(min(loads))] += w
+    ideal = sum(rest) / max(loads)
+    return total / (time + sum(rest) / (1 + (ideal - 1) * efficiency) + handover * len(rest))

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+import attnmask.backends._workers as _workers
 from attnmask import masks as M
 from attnmask.backends._common import COPY_COST, cached, degenerate, off_cpu
 from attnmask.backends._workers import all_threads, graph_in, serial_steps
@@ -44,6 +45,11 @@ _HEAD_COST = 1e5  # Python and dispatch overhead of one head's few kernel calls,
 _TILE_COST = 2.3e5
 _PAIR_COST = 1.0  # one multiply-add of a pair of the band (one SDPA call on small tiles)
 _MASK_COST = 20.0  # evaluating the spec on one (query, key) pair of the band, once for all heads
+# Threads: only the one SDPA call per batch row (its pairs and per-tile items) is split across the intra-op threads,
+# each added one contributing this share of a core; the masks, edge tiles, Python and the output copy run on one
+# (``serial_steps``). Fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread tables (RESULTS.md,
+# "Thread-aware estimates").
+_THREAD_EFFICIENCY = 0.0
 
 
 class _BandPlan(NamedTuple):
@@ -122,22 +128,32 @@ def unsupported(call) -> str | None:
 
 
 def cost(call) -> float:
-    """Pairs computed ``B·H·Lp·W·bs`` times ``D + Dv``, a charge per tile and head (SDPA item), the copy of the
-    output, the band's mask evaluations (once for all heads) and a charge per head
-    (comparable with the ``"varlen"`` backend's cost)."""
+    """Pairs computed ``B·H·Lp·W·bs`` times ``D + Dv`` and a charge per tile and head (SDPA item), divided by what
+    ``_workers.threads_available()`` threads gain on that one SDPA call per row; then, on one thread, the copy of the
+    output, the band's mask evaluations (once for all heads) and a charge per head (comparable with the ``"varlen"``
+    backend's cost)."""
     if off_cpu(call):
         return float("inf")
     plan = _cached_plan(call)
-    return _estimate(call, plan.block_size, plan.width)
+    parallel, serial = _parts(call, plan.block_size, plan.width)
+    gain = _workers.expected_speedup([parallel], _workers.threads_available(), 0.0, _THREAD_EFFICIENCY)
+    return serial + parallel / gain
 
 
 def _estimate(call, bs: int, width: int) -> float:
+    """The one-thread estimate of tiles of ``bs`` and a band of ``width`` tiles (``_plan`` picks the tile size by it:
+    the plan does not depend on the thread count)."""
+    return sum(_parts(call, bs, width))
+
+
+def _parts(call, bs: int, width: int) -> tuple[float, float]:
+    """``(work of the SDPA calls, work on one thread)`` of tiles of ``bs`` and a band of ``width`` tiles."""
     n_tiles = -(-call.q_len // bs)
     band = n_tiles * bs * width * bs
     heads = call.batch * call.heads
-    per_head = band * (call.head_dim + call.value_dim) * _PAIR_COST + n_tiles * _TILE_COST + _HEAD_COST
-    work = heads * (per_head + call.q_len * call.value_dim * COPY_COST)  # the output is assembled by one copy
-    return float(work + (call.mask.batch_size or 1) * band * _MASK_COST)
+    in_sdpa = heads * (band * (call.head_dim + call.value_dim) * _PAIR_COST + n_tiles * _TILE_COST)
+    serial = heads * (_HEAD_COST + call.q_len * call.value_dim * COPY_COST)  # the output is assembled by one copy
+    return float(in_sdpa), float(serial + (call.mask.batch_size or 1) * band * _MASK_COST)
 
 
 def run(call) -> torch.Tensor:

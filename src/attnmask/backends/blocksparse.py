@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+import attnmask.backends._workers as _workers
 from attnmask import masks as M
 from attnmask.backends._common import CALL_COST, cached, check_qkv, degenerate, off_cpu
 from attnmask.backends._workers import MIN_TASK_WORK, on_free_cores, parallel_map
@@ -33,6 +34,13 @@ __all__ = ["BACKEND", "MAX_KEYS", "MAX_ROWS", "blocksparse_attention", "cover", 
 TileMask = Callable[[int, int, int, int, int], torch.Tensor]
 _PAIR_COST = 1.3  # one multiply-add of a pair of a FULL or PARTIAL tile (tile-sized matmuls, online softmax)
 _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL tile
+# Threads: the query groups are tasks of ``_workers.parallel_map`` (no ``min_work``), each added thread contributing
+# this share of a core to their pairs and masks, and each group dealt to a worker costing ``_HANDOVER_COST`` more (its
+# wake-up and GIL hand-overs); the per-group charge (Python, dispatch) counts on one thread. The values of every
+# backend dealing worker tasks (varlen's too), fitted with them: ``benchmarks/bench_limit.py --fit`` on the saved 1-
+# and 2-thread tables (RESULTS.md, "Thread-aware estimates").
+_THREAD_EFFICIENCY = 0.13
+_HANDOVER_COST = 3.2e6
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -523,20 +531,40 @@ def unsupported(call) -> str | None:
 
 
 def cost(call) -> float:
-    """Pairs of the FULL and PARTIAL tiles, mask evaluations of the PARTIAL ones, a charge per query tile. A ``custom``
-    predicate is not laid out just to estimate (that evaluates every pair): it is charged as dense plus its mask."""
+    """Pairs of the FULL and PARTIAL tiles and mask evaluations of the PARTIAL ones, divided by what
+    ``_workers.threads_available()`` threads gain on the query groups (``parallel_map``'s tasks), and a charge per
+    query tile. A ``custom`` predicate is not laid out just to estimate (that evaluates every pair): it is charged as
+    dense plus its mask, in equal groups of query tiles."""
     if off_cpu(call):
         return float("inf")
     per_pair = call.heads * (call.head_dim + call.value_dim)
+    threads = _workers.threads_available()
     if call.mask is not None and not call.mask.is_structural:
-        return (_PAIR_COST * per_pair + _MASK_COST) * call.batch * call.q_len * call.kv_len
+        work = (_PAIR_COST * per_pair + _MASK_COST) * call.batch * call.q_len * call.kv_len
+        tiles = call.batch * -(-call.q_len // _block_size(call.q_len, call.kv_len))
+        return work / _workers.expected_speedup([1.0] * tiles, threads, 0.0, _THREAD_EFFICIENCY)
     layout = cached(call, "layout", _layout)
     counts = layout.counts()
     tile = layout.block_size**2
     rows = call.batch if layout.batch_size == 1 else 1
     work = (counts["full"] + counts["partial"]) * rows * tile * per_pair
     groups = layout.batch_size * layout.n_q_tiles * rows
-    return _PAIR_COST * work + counts["partial"] * rows * tile * _MASK_COST + groups * CALL_COST
+    in_tasks = _PAIR_COST * work + counts["partial"] * rows * tile * _MASK_COST
+    weights = [w * _PAIR_COST for w in cached(call, "blocksparse_tasks", _task_weights)]  # in estimate units
+    gain = _workers.expected_speedup(weights, threads, 0.0, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
+    return in_tasks / gain + groups * CALL_COST
+
+
+def _task_weights(call) -> tuple[float, ...]:
+    """The weights ``run`` gives ``parallel_map``: the multiply-adds of each query group of the layout (``_plan``;
+    no element mask evaluated)."""
+    layout = cached(call, "layout", _layout)
+    classes = layout.classes
+    if classes.shape[0] == 1 and call.batch > 1:
+        classes = classes.expand(call.batch, *classes.shape[1:])
+    bs = layout.block_size
+    plan = _plan(classes, bs, bs, call.q_len, call.kv_len, max(MAX_KEYS, bs), max(MAX_ROWS, bs))
+    return tuple(_group_weights(plan, call.q, call.v))
 
 
 def _layout_groups(call):

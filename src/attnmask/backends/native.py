@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+import attnmask.backends._workers as _workers
 from attnmask._dense import empty_buffer
 from attnmask.backends._common import COPY_COST, check_segments, varlen_plan
 from attnmask.backends._workers import on_free_cores, region_threads
@@ -356,6 +357,11 @@ _LONG_PAIR_COST = 3.4  # a pair of a longer run (1.8 x 1.9)
 _SHORT_RUN = 64
 _ROW_COST = 50.0  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
 _CALL_COST = 2e4  # one ctypes call and the output allocation
+# Threads: the kernel's pthreads pull its (segment, head) items, head-major, 8 at a time (segattn.c), each added
+# thread contributing this share of a core. Fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread
+# tables (RESULTS.md, "Thread-aware estimates").
+_THREAD_EFFICIENCY = 0.0
+_ITEMS_PER_PULL = 8  # segattn.c's worker loop
 
 
 def allowed_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> float:
@@ -393,20 +399,32 @@ def unsupported(call) -> str | None:
 
 def cost(call) -> float:
     """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each (``_LONG_PAIR_COST`` in runs of more than
-    ``_SHORT_RUN`` keys), each query row and head at ``_ROW_COST`` per element, and float32 copies of half-precision
-    inputs (comparable with the ``"varlen"`` backend's cost)."""
+    ``_SHORT_RUN`` keys) and each query row and head at ``_ROW_COST`` per element, divided by what the kernel's
+    threads gain on its items (``_workers.threads_available()`` threads pulling ``_ITEMS_PER_PULL`` items at a time),
+    then float32 copies of half-precision inputs (comparable with the ``"varlen"`` backend's cost)."""
     plan = varlen_plan(call)
     width = call.head_dim + call.value_dim
     segs = plan.segments
     per_segment = segment_pairs(segs, plan.causal or plan.window is not None, plan.window)
     run = segs[:, 4] if plan.window is None else segs[:, 4].clamp(max=plan.window)
-    long = run > _SHORT_RUN
-    pairs = float(per_segment[~long].sum()) * _PAIR_COST + float(per_segment[long].sum()) * _LONG_PAIR_COST
-    work = pairs * call.heads * width + call.batch * call.heads * call.q_len * width * _ROW_COST
+    per_pair = torch.full_like(per_segment, _PAIR_COST).masked_fill(run > _SHORT_RUN, _LONG_PAIR_COST)
+    item = (per_segment * per_pair + segs[:, 2].double() * _ROW_COST) * width  # one (segment, head) item
+    outside = call.batch * call.q_len - float(segs[:, 2].sum())  # query rows in no segment (zeroed, not walked)
+    serial = _CALL_COST + outside * call.heads * width * _ROW_COST
     if call.q.dtype not in (torch.float32, torch.float64):
         tokens = call.batch * (call.heads * call.q_len + 2 * call.kv_heads * call.kv_len)
-        work += tokens * width * 2 * COPY_COST
-    return work + _CALL_COST
+        serial += tokens * width * 2 * COPY_COST
+    return serial + float(item.sum()) * call.heads / _threads_gain(item, call.heads)
+
+
+def _threads_gain(item: torch.Tensor, heads: int) -> float:
+    """What the kernel's threads gain on items of work ``item`` ``(N,)`` per head: ``min(threads, items)`` pthreads
+    pulling runs of ``_ITEMS_PER_PULL`` items (head-major) until none is left."""
+    items = item.repeat(heads)
+    pad = -len(items) % _ITEMS_PER_PULL
+    pulls = torch.cat([items, items.new_zeros(pad)]).view(-1, _ITEMS_PER_PULL).sum(1)
+    threads = min(_workers.threads_available(), max(len(items), 1))
+    return _workers.expected_speedup(pulls.tolist(), threads, 0.0, _THREAD_EFFICIENCY, share_big=False)
 
 
 def run(call) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+import attnmask.backends._workers as _workers
 import attnmask.backends.cuda_costs as cuda_costs
 from attnmask.backends._common import cached
 from attnmask.backends._workers import all_threads
@@ -46,6 +47,10 @@ _CALL_COST = 0.0  # fixed cost of a call with a spec's mask (positions, to_dense
 # other CPU backends gained 0.6-1.6x (blocksparse and native compute half precision in float32; banded's and varlen's
 # small calls are bound by per-call work). float16 gained nothing there. Pair work of a bfloat16 call on such a CPU:
 _AMX_BF16_PAIR_FACTOR = 0.5
+# Threads: torch's fused CPU kernel splits one call into B·H·(query blocks) items across every intra-op thread, each
+# added thread contributing this share of a core (fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and
+# 2-thread tables, RESULTS.md "Thread-aware estimates"; the mask is built by element-wise ops split the same way).
+_THREAD_EFFICIENCY = 0.41
 _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept with its plans (the layers share it)
 
 
@@ -197,10 +202,15 @@ def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:
 
 
 def cost(call: AttentionCall) -> float:
-    """Pairs times ``D + Dv`` (half for ``is_causal``), plus building the dense mask of a spec; on CUDA
-    ``cuda_costs.sdpa_cost`` (comparable with the fused varlen and flex kernels)."""
+    """Pairs times ``D + Dv`` (half for ``is_causal``), plus building the dense mask of a spec, divided by what the
+    intra-op threads gain (``_threads_gain``); on CUDA ``cuda_costs.sdpa_cost`` (comparable with the fused varlen and
+    flex kernels)."""
     if call.q.device.type == "cuda":
         return cuda_costs.sdpa_cost(call)
+    return _one_thread_cost(call) / _threads_gain(call)
+
+
+def _one_thread_cost(call: AttentionCall) -> float:
     work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
     if call.q.dtype == torch.bfloat16 and call.q.device.type == "cpu" and _cpu_has_amx_bf16():
         work *= _AMX_BF16_PAIR_FACTOR
@@ -214,6 +224,16 @@ def cost(call: AttentionCall) -> float:
     bias = 4 * call.batch * call.heads * call.q_len * call.kv_len if call.score_mods else 0  # the float bias
     masked = _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0)
     return float(work + masked + bias)
+
+
+def _threads_gain(call: AttentionCall) -> float:
+    """What ``_workers.threads_available()`` threads gain on one fused call: its ``B·H·(query blocks)`` items (blocks
+    of 256 queries from 768 queries on, of 64 from 192, else 32, as torch's CPU flash kernel splits them) shared by
+    at most that many threads, each added one at ``_THREAD_EFFICIENCY``."""
+    block = 256 if call.q_len >= 768 else 64 if call.q_len >= 192 else 32
+    items = call.batch * call.heads * -(-call.q_len // block)
+    threads = min(_workers.threads_available(), max(items, 1))
+    return _workers.expected_speedup([1.0], threads, 0.0, _THREAD_EFFICIENCY)
 
 
 @functools.cache

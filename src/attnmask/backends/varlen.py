@@ -24,6 +24,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+import attnmask.backends._workers as _workers
 from attnmask.backends._common import (
     CALL_COST,
     COPY_COST,
@@ -51,6 +52,13 @@ _PAIR_COST = 1.0  # one multiply-add of a pair inside SDPA's blocked kernel: the
 _SDPA_ROW_COST = 40.0  # SDPA's fixed work per query row and head (per element of D + Dv): short documents pay it
 _SMALL_ROW_COST = 130.0  # the tiny-document path's unfused softmax, masking and casts, per query row element and head
 _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this many keys go through batched matmuls
+# Threads: the document groups (a long document's query blocks under a window) are tasks of ``_workers.parallel_map``,
+# each added thread contributing this share of a core to their SDPA calls and products, and each task dealt to a
+# worker costing ``_HANDOVER_COST`` more (its wake-up and GIL hand-overs); the per-call overhead and the copies run on
+# one thread (``serial_steps``). The values of every backend dealing worker tasks (blocksparse's too), fitted with
+# them: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread tables (RESULTS.md, "Thread-aware estimates").
+_THREAD_EFFICIENCY = 0.13
+_HANDOVER_COST = 3.2e6
 
 
 def varlen_attention(
@@ -445,9 +453,10 @@ def unsupported(call) -> str | None:
 
 
 def cost(call) -> float:
-    """Pairs SDPA computes (its CPU kernel's key blocks included), a charge per SDPA call, per query row for the
-    documents SDPA runs, and per element copied (stacked inputs, the assembled output); tiny documents pay per small
-    matrix product instead (see ``_SMALL_SEGMENT``)."""
+    """Pairs SDPA computes (its CPU kernel's key blocks included) and a charge per query row for the documents SDPA
+    runs, or per small matrix product and query row for tiny documents (see ``_SMALL_SEGMENT``), divided by what
+    ``_workers.threads_available()`` threads gain on the tasks ``varlen_attention`` makes of them (``_task_weights``);
+    then, on one thread, a charge per SDPA call and per element copied (stacked inputs, the assembled output)."""
     if off_cpu(call):
         return float("inf")
     plan = varlen_plan(call)
@@ -463,13 +472,42 @@ def cost(call) -> float:
         pairs = torch.minimum(pairs, ql * plan.window * 2)
     calls = len({(a, b, c) for a, b, c in segs[:, [2, 4, 5]].tolist()})
     width = call.head_dim + call.value_dim
-    work = float(pairs.sum()) * call.heads * width * _PAIR_COST
     small = segs[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
+    per_seg = pairs * call.heads * width * _PAIR_COST
+    per_seg += torch.where(small, _SMALL_ROW_COST, _SDPA_ROW_COST).double() * ql * call.heads * width
+    per_seg += small.double() * 2 * call.heads * SMALL_MATMUL_COST
     tokens = (segs[:, 2] * call.heads + segs[:, 4] * call.kv_heads).double() * width
-    overhead = int(small.sum()) * 2 * call.heads * SMALL_MATMUL_COST + float(tokens.sum()) * COPY_COST
-    overhead += float(segs[~small, 2].sum()) * call.heads * width * _SDPA_ROW_COST
-    overhead += float(segs[small, 2].sum()) * call.heads * width * _SMALL_ROW_COST
-    return work + calls * CALL_COST + overhead
+    serial = float(tokens.sum()) * COPY_COST + calls * CALL_COST
+    threads = _workers.threads_available()
+    if call.dropout_p > 0:  # every call in the caller, split across every thread (_map)
+        return serial + float(per_seg.sum()) / _workers.expected_speedup([1.0], threads, 0.0, _THREAD_EFFICIENCY)
+    big_tasks, tiny_tasks = _task_weights(segs.tolist(), plan.window, call.heads * width)
+    big_gain, tiny_gain = (
+        _workers.expected_speedup(tasks, threads, MIN_TASK_WORK, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
+        for tasks in (big_tasks, tiny_tasks)
+    )
+    return serial + float(per_seg[~small].sum()) / big_gain + float(per_seg[small].sum()) / tiny_gain
+
+
+def _task_weights(segs: list, window: int | None, per_pair: int) -> tuple[list[float], list[float]]:
+    """The weights ``varlen_attention`` gives ``parallel_map`` (multiply-adds): one per group of stacked documents,
+    or, for a single group under a window shorter than its documents that runs with every thread, one per query
+    block; and one per group of tiny documents (at most ``_SMALL_SEGMENT`` keys). ``per_pair``: ``H·(D + Dv)``."""
+    big: dict[tuple, int] = {}
+    tiny: dict[tuple, int] = {}
+    for _, _, q_len, _, k_len, off in segs:
+        if q_len > 0:
+            into = tiny if k_len <= _SMALL_SEGMENT else big
+            into[q_len, k_len, off] = into.get((q_len, k_len, off), 0) + 1
+    big_weights = [q * k * n * per_pair for (q, k, _), n in big.items()]
+    tiny_weights = [n * (q + 8) * k * per_pair for (q, k, _), n in tiny.items()]
+    if len(big) == 1 and big_weights[0] >= MIN_TASK_WORK:
+        (q_len, k_len, off), n = next(iter(big.items()))
+        if window is not None and window <= q_len - 1 + off:  # _dense_segment's query blocks over a key band
+            block = max(window, 64)
+            row = n * min(block + window, k_len) * per_pair
+            big_weights = [min(block, q_len - a) * row for a in range(0, q_len, block)]
+    return big_weights, tiny_weights
 
 
 def sdpa_pairs(q_len: torch.Tensor, kv_len: torch.Tensor, causal: bool) -> torch.Tensor:
