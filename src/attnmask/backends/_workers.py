@@ -73,13 +73,19 @@ from typing import TypeVar
 import torch
 
 __all__ = [
+    "LoadSample",
     "MIN_TASK_WORK",
+    "REGION_WORK",
     "all_threads",
-    "free_cores",
     "configured_threads",
+    "expected_speedup",
+    "free_cores",
+    "free_from",
     "graph_in",
     "on_free_cores",
     "parallel_map",
+    "read_load",
+    "region_threads",
     "serial_steps",
     "threads_available",
     "workers_active",
