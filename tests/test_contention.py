@@ -205,11 +205,13 @@ def test_parallel_map_carries_grad_and_inference_mode(two_threads):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_parallel_map_works_in_a_forked_child(two_threads):
+def test_parallel_map_works_in_a_forked_child(two_threads, monkeypatch):
     W.parallel_map(lambda i: i, range(3))  # the parent's pool exists
+    monkeypatch.setattr(W, "_load", [W.LoadSample(1.0, 1.0, 1.0, 2), 2])  # the parent's load baseline
     pid = os.fork()
-    if pid == 0:  # the child: a fresh pool, the same results
+    if pid == 0:  # the child: a fresh pool, the same results, no load baseline of the parent's
         ok = W.parallel_map(lambda i: torch.ones(2) * i, range(4))[3].tolist() == [3.0, 3.0]
+        ok = ok and W._load == [None, None]
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0

@@ -388,9 +388,11 @@ def _executor(size: int) -> ThreadPoolExecutor:
 
 
 def _forget_pool() -> None:
-    """In a forked child the pool's threads do not exist: start a new pool on first use."""
+    """In a forked child the pool's threads do not exist: start a new pool on first use. The load baseline is the
+    parent's (its CPU time is not the child's): measure afresh."""
     global _pool, _pool_size, _pool_lock
     _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+    _load[:] = [None, None]
 
 
 if hasattr(os, "register_at_fork"):
