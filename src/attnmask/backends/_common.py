@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from attnmask import masks as M
@@ -215,8 +216,8 @@ def _lowered_varlen(call) -> VarlenArgs | str:
 def allowed_fraction(call) -> float | None:
     """About the fraction of the call's ``B·Q·K`` (query, key) pairs its spec allows, for a spec of the varlen form
     (``[causal | full] & [sliding_window] & [document] & [key_padding]``) with ``Q == K`` at default positions;
-    ``None`` for any other call. A handful of vectorised O(B·K) operations and one host sync: cheap enough to decide
-    from before any backend plans.
+    ``None`` for any other call. A handful of vectorised O(B·K) operations on host copies (numpy): cheap enough to
+    decide from before any backend plans.
 
     Exact for documents (each id one contiguous run: a query sees the earlier keys of its run, at most ``w`` under a
     window, all of its run without ``causal``) and for padded rows (a query sees every real key up to it; under a
@@ -235,22 +236,24 @@ def allowed_fraction(call) -> float | None:
     if any(t.dim() != 2 or t.shape[1] < length for t in parts):
         return None  # the spec does not cover the row: the backend that runs says so
     window = length if form.window is None else form.window
+    # On host copies with numpy: a dozen operations on (B, K) arrays, each ~10x cheaper than a torch call's dispatch at
+    # these sizes (the planning of a small-row call: bench_small_rows.py).
     if form.document is not None:
-        ids = form.document.doc_ids[:, :length]
-        pos = torch.arange(length, device=ids.device)
-        change = torch.ones_like(ids, dtype=torch.bool)
+        ids = form.document.doc_ids[:, :length].cpu().long().numpy()
+        pos = np.arange(length)
+        change = np.ones(ids.shape, dtype=bool)
         change[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        within = pos - torch.where(change, pos, 0).cummax(1).values  # position inside its run of equal ids
-        seen = (within + 1).clamp(max=window) if form.causal else 2 * within + 1  # summed over a run: l² if full
-        pairs = torch.where(ids >= 0, seen, 0).sum()
+        within = pos - np.maximum.accumulate(np.where(change, pos, 0), axis=1)  # position inside its run of equal ids
+        seen = np.minimum(within + 1, window) if form.causal else 2 * within + 1  # summed over a run: l² if full
+        pairs = int(np.where(ids >= 0, seen, 0).sum())
     elif form.key_padding:
-        real = torch.stack([pad.attention_mask[:, :length] for pad in form.key_padding]).all(0)
-        counts = real.long().cumsum(1)
-        pairs = counts.clamp(max=window).sum() if form.causal else counts[:, -1].sum() * length
+        real = np.stack([pad.attention_mask[:, :length].cpu().bool().numpy() for pad in form.key_padding]).all(0)
+        counts = real.astype(np.int64).cumsum(1)
+        pairs = int(np.minimum(counts, window).sum()) if form.causal else int(counts[:, -1].sum()) * length
     else:
         return None  # causal() / full() / a window alone: no per-row data, and sdpa or the costs settle it
     rows = call.batch if (spec.batch_size or 1) == 1 else 1  # a spec without per-row data repeats per row
-    return float(pairs) * rows / (call.batch * call.q_len * call.kv_len)
+    return pairs * rows / (call.batch * call.q_len * call.kv_len)
 
 
 def _build_varlen_plan(call) -> VarlenPlan | str:
