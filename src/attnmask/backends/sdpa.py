@@ -1,8 +1,8 @@
 """The "sdpa" backend: ``torch.nn.functional.scaled_dot_product_attention`` with the mask as a dense tensor.
 
 Layer 3 (attention). No mask, ``full()`` and a plain ``causal()`` with ``Q == K`` (``is_causal``) build no mask;
-any other spec becomes an O(B·Q·K) additive mask in q's dtype (0 / ``finfo.min``: what SDPA's fused kernels turn a
-bool mask into on every call), a per-head spec an O(B·H·Q·K) one (SDPA takes ``(B, H, Q, K)``), kept with the spec's
+any other spec becomes an O(B·Q·K) additive mask in q's dtype (0 / ``-inf``: what SDPA's fused kernels turn a bool
+mask into on every call), a per-head spec an O(B·H·Q·K) one (SDPA takes ``(B, H, Q, K)``), kept with the spec's
 plans up to ``_CACHED_MASK_BYTES`` so that the layers of a model build it once per forward; a bool tensor mask is
 passed as given. Rows with no allowed key attend to every key inside the kernel (finite, NaN-free) and are zeroed
 afterwards, so their output and gradient are exactly 0.
@@ -143,7 +143,7 @@ def _split_causal(call: AttentionCall) -> torch.Tensor:
 
 class _SpecMask(NamedTuple):
     """A spec's mask as SDPA takes it: ``bias`` ``(B or 1, 1 or H, Q, K)`` additive in q's dtype (0 where allowed,
-    ``finfo.min`` elsewhere; every key 0 in a row with no allowed key), and ``empty`` ``(B or 1, 1 or H, Q, 1)`` bool,
+    ``-inf`` elsewhere; every key 0 in a row with no allowed key), and ``empty`` ``(B or 1, 1 or H, Q, 1)`` bool,
     the rows with no allowed key (``None`` when there is none)."""
 
     bias: torch.Tensor
@@ -154,9 +154,11 @@ def _spec_mask(call: AttentionCall) -> _SpecMask:
     """The call's ``_SpecMask``, cached with its plans (``_common.cached``: the layers of a model share it) when it
     takes at most ``_CACHED_MASK_BYTES``.
 
-    Additive, as SDPA's fused CPU and CUDA kernels take a mask (they turn a bool one into a float one per call): the
-    same scores, bit for bit, as the bool mask on every row with a key (``exp(finfo.min + s - max)`` is 0, as
-    ``exp(-inf)``), one conversion per spec instead of one per call and layer."""
+    Additive, as SDPA's fused CPU and CUDA kernels take a mask (they turn a bool one into a float one per call): 0 and
+    ``-inf``, exactly what they make of the bool mask, so the same output bit for bit, one conversion per spec instead
+    of one per call and layer. Rows with no allowed key see every key (0 everywhere: finite, no NaN) and their output
+    is zeroed. (``finfo.min`` instead of ``-inf`` gave the same bits but measured ~12% slower in torch's CPU kernel:
+    rows of 256 packed documents, 7.75 against 6.78 ms.)"""
     nbytes = (call.mask.batch_size or 1) * (call.mask_heads or 1) * call.q_len * call.kv_len * call.q.element_size()
     if nbytes <= _CACHED_MASK_BYTES:
         return cached(call, "sdpa_mask", _build_spec_mask)
@@ -169,7 +171,7 @@ def _build_spec_mask(call: AttentionCall) -> _SpecMask:
     empty = None if bool(has_key.all()) else ~has_key
     dtype, device = call.q.dtype, call.q.device
     zero = torch.zeros((), dtype=dtype, device=device)
-    denied = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+    denied = torch.full((), float("-inf"), dtype=dtype, device=device)
     if empty is not None:  # empty rows see every key (finite, NaN-free); their output (and gradient) is zeroed
         denied = torch.where(empty, zero, denied)  # (B or 1, 1, Q, 1)
     return _SpecMask(torch.where(allowed, zero, denied), empty)
