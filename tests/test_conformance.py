@@ -265,7 +265,13 @@ def test_every_backend_accepts_some_representative_cases(backend):
 
 def test_a_spec_of_one_row_serves_every_row_of_the_batch(backend):
     case = dict(
-        batch=3, heads=4, kv_heads=2, q_len=12, kv_len=12, head_dim=16, value_dim=16,
+        batch=3,
+        heads=4,
+        kv_heads=2,
+        q_len=12,
+        kv_len=12,
+        head_dim=16,
+        value_dim=16,
         mask=am.causal() & am.document(seq_lens=[5, 7]),
     )
     if not check(backend, case):

@@ -15,6 +15,7 @@ from attnmask import cli
 
 HUGE = [2**31, 2**62, 2**63 - 1, 2**63, 2**64, 10**30, -(10**30), 10**5000 - 1]
 
+
 def huge(i: int) -> int:
     """One of ``HUGE`` (drawn by index: hypothesis prints a strategy's values, and a 5,000-digit int cannot be)."""
     return HUGE[i]
