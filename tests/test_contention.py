@@ -453,6 +453,7 @@ class ScriptedLoad:
         monkeypatch.setattr(W, "time", self)
         monkeypatch.setattr(W, "read_load", self.read)
         monkeypatch.setattr(W, "_load", [None, None])
+        monkeypatch.setattr(W, "_told", [])
         monkeypatch.setattr(W, "ADAPT", True)
 
     def monotonic(self):
@@ -494,6 +495,18 @@ def test_small_regions_get_at_most_the_free_cores(two_threads, monkeypatch, capl
     with caplog.at_level("INFO", logger="attnmask"):
         assert W.region_threads() == 1 and W.region_threads(W.REGION_WORK) == 2
     assert "other processes held 1 of 2 CPUs: backends use 1 of 2 threads" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="attnmask"):  # later changes at DEBUG: a load that comes and goes is quiet
+        clock.advance(0.2, 0.0)
+        assert W.region_threads() == 2
+        clock.advance(0.2, 1.0)
+        assert W.region_threads() == 1
+    assert caplog.text == ""
+    with caplog.at_level("DEBUG", logger="attnmask"):
+        clock.advance(0.2, 0.0)
+        assert W.region_threads() == 2
+    assert "backends use 2 of 2 threads" in caplog.text
+    clock.advance(0.2, 1.0)
     assert W.threads_available() == 2
     with W.serial_steps():
         assert torch.get_num_threads() == 1 and W.threads_available() == 2

@@ -273,13 +273,15 @@ def free_from(before: LoadSample, after: LoadSample) -> int:
 
 
 _load: list = [None, None]  # [the baseline LoadSample, the free cores decided last (None: not yet)]
+_told: list = []  # the first drop of the thread count was logged at INFO (the later changes go to DEBUG)
 
 
 def free_cores() -> int | None:
     """Cores of this process's CPU set that other processes left free over the last 0.1-1 s, or ``None`` before the
     first decision or where that cannot be measured (:func:`read_load`). Reads ``/proc/stat`` at most every
-    ``SAMPLE_SECONDS``; between reads it returns the previous decision. Logged (logger ``attnmask``, INFO) when it
-    changes the thread count the backends use."""
+    ``SAMPLE_SECONDS``; between reads it returns the previous decision. Logged (logger ``attnmask``) when it changes
+    the thread count the backends use: the first drop at INFO, every later change at DEBUG (a load that comes and
+    goes would otherwise log up to ten lines a second)."""
     baseline, decided = _load
     now = time.monotonic()
     if baseline is not None and now - baseline.at < SAMPLE_SECONDS:
@@ -292,7 +294,10 @@ def free_cores() -> int | None:
         threads = torch.get_num_threads()
         if min(threads, max(1, free)) != min(threads, max(1, threads if decided is None else decided)):
             use = min(threads, max(1, free))
-            _log.info(
+            level = logging.INFO if use < threads and not _told else logging.DEBUG  # INFO once: loads come and go
+            _told.append(True)
+            _log.log(
+                level,
                 "other processes held %d of %d CPUs: backends use %d of %d threads",
                 sample.cpus - free,
                 sample.cpus,
