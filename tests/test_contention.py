@@ -506,6 +506,7 @@ def test_small_regions_get_at_most_the_free_cores(two_threads, monkeypatch, capl
         clock.advance(0.2, 0.0)
         assert W.region_threads() == 2
     assert "backends use 2 of 2 threads" in caplog.text
+    assert W._told == [True]  # one mark, however often the load comes and goes
     clock.advance(0.2, 1.0)
     assert W.threads_available() == 2
     with W.serial_steps():

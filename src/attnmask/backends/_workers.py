@@ -294,8 +294,10 @@ def free_cores() -> int | None:
         threads = torch.get_num_threads()
         if min(threads, max(1, free)) != min(threads, max(1, threads if decided is None else decided)):
             use = min(threads, max(1, free))
-            level = logging.INFO if use < threads and not _told else logging.DEBUG  # INFO once: loads come and go
-            _told.append(True)
+            level = logging.DEBUG  # after the first drop: a load that comes and goes is not news
+            if use < threads and not _told:
+                level = logging.INFO
+                _told.append(True)
             _log.log(
                 level,
                 "other processes held %d of %d CPUs: backends use %d of %d threads",

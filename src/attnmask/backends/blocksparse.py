@@ -556,15 +556,20 @@ def cost(call) -> float:
 
 
 def _task_weights(call) -> tuple[float, ...]:
-    """The weights ``run`` gives ``parallel_map``: the multiply-adds of each query group of the layout (``_plan``;
-    no element mask evaluated)."""
+    """The weights ``run`` gives ``parallel_map``: the multiply-adds of each query group of the layout (no element
+    mask evaluated)."""
+    return tuple(_group_weights(cached(call, "blocksparse_plan", _layout_plan), call.q, call.v))
+
+
+def _layout_plan(call):
+    """The query groups of the call's layout (``_plan``), kept with the plans: the estimate weighs them, ``run``
+    computes them (``_layout_groups``)."""
     layout = cached(call, "layout", _layout)
     classes = layout.classes
     if classes.shape[0] == 1 and call.batch > 1:
         classes = classes.expand(call.batch, *classes.shape[1:])
     bs = layout.block_size
-    plan = _plan(classes, bs, bs, call.q_len, call.kv_len, max(MAX_KEYS, bs), max(MAX_ROWS, bs))
-    return tuple(_group_weights(plan, call.q, call.v))
+    return _plan(classes, bs, bs, call.q_len, call.kv_len, max(MAX_KEYS, bs), max(MAX_ROWS, bs))
 
 
 def _layout_groups(call):
@@ -573,9 +578,8 @@ def _layout_groups(call):
     forward keeps for the backward anyway, and at most ``_BIAS_BUDGET`` floats."""
     layout = cached(call, "layout", _layout)
     tile_mask = spec_tile_mask(layout.spec, layout.q_positions, layout.kv_positions)
-    plan, masks = _tile_groups(
-        call.batch, call.q_len, call.kv_len, layout.classes, layout.block_size, tile_mask, MAX_KEYS, MAX_ROWS
-    )
+    plan = cached(call, "blocksparse_plan", _layout_plan)
+    masks = _group_masks(plan, tile_mask)
     flash = call.device_type == "cpu" and torch.promote_types(call.q.dtype, torch.float32) == torch.float32
     biases = _shared_biases(plan, masks, call.heads // call.kv_heads) if flash else {}
     return plan, masks, biases

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 import attnmask.backends._workers as _workers
 import attnmask.backends.cuda_costs as cuda_costs
 from attnmask.backends._common import cached
-from attnmask.backends._workers import all_threads
 from attnmask.backends.contract import (
     ALL_DTYPES,
     TORCH_DEVICES,
@@ -61,10 +60,9 @@ def run(call: AttentionCall) -> torch.Tensor:
     are torch's, as stock SDPA's: autograd runs the backward on all of them anyway, and a forward on the free cores
     before it measured slower under contention than both on all (rows of 1K, causal, forward + backward: 4.5x busy /
     idle against stock SDPA's 2.3x; RESULTS.md, issue 15)."""
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
-    if call.q.device.type != "cpu" or grad:
+    if call.q.device.type != "cpu" or call.needs_grad:
         return _run(call)
-    with all_threads(call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)):
+    with _workers.all_threads(call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)):
         return _run(call)
 
 
