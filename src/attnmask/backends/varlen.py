@@ -274,9 +274,14 @@ def _stack_segments(parts: dict, members: list, idx: int) -> torch.Tensor:
     return views[0] if len(views) == 1 else torch.cat(views)
 
 
+def _products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Multiply-adds of attention over stacked segments ``(n, H, Lq, D)`` (or heads-major ``(H, n, Lq, D)``) against
+    ``Lk`` keys: what decides the threads of its one parallel region (``_workers.region_threads``)."""
+    return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
+
+
 def _sdpa(q, k, v, mask, is_causal, scale, gqa, dropout_p=0.0):
-    work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
-    with all_threads(work):  # the task's intra-op threads: all of them for a task too large to share, else one
+    with all_threads(_products(q, k, v)):  # all threads for a task too large to share, else one
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
@@ -369,8 +374,7 @@ def _tiny_attention(q, k, v, mask, scale, dropout_p=0.0):
     in float64.
     Memory ``O(H·n·Lq·Lk)``: used for documents of few tokens.
     """
-    work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
-    with all_threads(work):  # a handful of batched ops, each as large as the group
+    with all_threads(_products(q, k, v)):  # a handful of batched ops, each as large as the group
         return _tiny_products(q, k, v, mask, scale, dropout_p)
 
 
