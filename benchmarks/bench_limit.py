@@ -59,6 +59,7 @@ import torch.nn.functional as F
 import attnmask as am
 from attnmask.backends import REGISTRY, blocksparse
 from attnmask.backends import _workers as workers
+from attnmask.backends._common import ModeFactors
 from attnmask.backends.contract import AttentionCall
 
 # The constants of each backend's CPU cost estimate that ``--fit`` refits (module attributes of
@@ -453,7 +454,7 @@ def nonnegative_fit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def fit(paths: list[str], args) -> None:
     """Per backend, the constants of ``FITTED`` scaled by the median of measured time / estimate, in "sdpa"'s unit
     (ps per unit = median of sdpa's time / its pair work), and auto's picks on the measured rows before and after."""
-    # forward cells only: the estimates do not yet tell a call that will be differentiated from one that will not
+    # forward cells only: the other modes scale these estimates by each backend's MODES (fitted by --fit ... --modes)
     tables = [
         (table_threads(p), [cell for cell in parse_tables(p, args.length, args.decode_keys) if not cell[1]])
         for p in paths
@@ -589,10 +590,11 @@ class at_threads:  # noqa: N801 (used as a function: ``with at_threads(2): ...``
         torch.set_num_threads(self.before)
 
 
-def estimate(case: Case, dtype: torch.dtype, name: str, threads: int, args) -> float:
-    """``name``'s CPU estimate for the case's forward call at ``threads`` threads, with the module constants as they
-    are (the call built as ``attention`` builds it; no other backend costed)."""
-    qkv = tuple(torch.zeros(s, dtype=dtype) for s in _shapes(case, args))
+def estimate(case: Case, dtype: torch.dtype, name: str, threads: int, args, grad: bool = False) -> float:
+    """``name``'s CPU estimate for the case's call at ``threads`` threads (forward, or with ``grad`` forward +
+    backward), with the module constants as they are (the call built as ``attention`` builds it; no other backend
+    costed)."""
+    qkv = tuple(torch.zeros(s, dtype=dtype).requires_grad_(grad) for s in _shapes(case, args))
     call = importlib.import_module("attnmask.attention")._prepare_call(*qkv, case.spec, None, None, None)
     backend = next(b for b in REGISTRY if b.name == name)
     with at_threads(threads):
@@ -736,15 +738,59 @@ def pick_quality(tables, args) -> dict:
     out = {}
     for threads, cells in tables:
         groups: dict = {}
-        for case, _grad, dtype, name, seconds in cells:
-            groups.setdefault((case.name, case.kv_len, dtype), (case, {}))[1][name] = seconds
+        for case, grad, dtype, name, seconds in cells:
+            groups.setdefault((case.name, case.kv_len, dtype, grad), (case, {}))[1][name] = seconds
         with at_threads(threads):
-            for (title, kv_len, dtype), (case, times) in groups.items():
-                qkv = tuple(torch.zeros(s, dtype=dtype) for s in _shapes(case, args))
+            for (title, kv_len, dtype, grad), (case, times) in groups.items():
+                qkv = tuple(torch.zeros(s, dtype=dtype).requires_grad_(grad) for s in _shapes(case, args))
                 picked = am.explain(*qkv, case.spec).picked
-                label = f"{threads}" if dtype == torch.float32 else f"{threads}, {str(dtype).removeprefix('torch.')}"
+                label = ", ".join(
+                    [f"{threads}"]
+                    + ([str(dtype).removeprefix("torch.")] if dtype != torch.float32 else [])
+                    + (["fwd+bwd"] if grad else [])
+                )
                 out[title, kv_len, label] = (picked, times.get(picked, float("nan")) / min(times.values()))
     return out
+
+
+MODES = ((torch.bfloat16, False, "bf16"), (torch.float32, True, "backward"), (torch.bfloat16, True, "bf16_backward"))
+
+
+def fit_modes(paths: list[str], args) -> None:
+    """Per backend, its ``MODES`` (``_common.ModeFactors``): for each other mode than a float32 forward, the median over
+    the rows timed in both of (measured time in that mode / in the float32 forward) / (the same ratio of its estimates
+    with the factors at 1); then auto's picks in every mode with the modules' factors and with the fitted ones."""
+    tables = [(table_threads(p), parse_tables(p, args.length, args.decode_keys)) for p in paths]
+    fitted = {}
+    print("| backend | now | fitted (bf16, backward, bf16_backward) | rows per mode |")
+    print("|---|---|---|---|")
+    for name in FITTED:
+        module = importlib.import_module(f"attnmask.backends.{name}")
+        ratios: dict[str, list[float]] = {label: [] for _, _, label in MODES}
+        for threads, cells in tables:
+            times = {(c.name, c.kv_len, g, d): (c, t) for c, g, d, n, t in cells if n == name}
+            for (title, kv_len, grad, dtype), (case, seconds) in times.items():
+                base = times.get((title, kv_len, False, torch.float32))
+                label = next((m[2] for m in MODES if m[:2] == (dtype, grad)), None)
+                if base is None or label is None:
+                    continue
+                identity = {module: {"MODES": ModeFactors()}}
+                est = with_constants(identity, estimate, case, dtype, name, threads, args, grad)
+                est_base = with_constants(identity, estimate, case, torch.float32, name, threads, args)
+                ratios[label].append((seconds / base[1]) / (est / est_base))
+        if not all(ratios.values()):
+            continue
+        fitted[module] = {"MODES": ModeFactors(**{k: round(statistics.median(v), 2) for k, v in ratios.items()})}
+        counts = ", ".join(str(len(v)) for v in ratios.values())
+        print(f"| {name} | {module.MODES} | {fitted[module]['MODES']} | {counts} |")
+    before = pick_quality(tables, args)
+    after = with_constants(fitted, pick_quality, tables, args)
+    print("\n| structure | rows | threads, mode | auto / best now | with the fitted factors |")
+    print("|---|---|---|---|---|")
+    for key in before:
+        now, new = before[key], after[key]
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {now[0]} {now[1]:.2f} | {new[0]} {new[1]:.2f} |")
+    print(f"now: {summary(before)}\nfitted: {summary(after)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -767,6 +813,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="rows of 256, decode against 512 keys, one round")
     parser.add_argument("--fit", nargs="+", metavar="OUTPUT", help="fit the cost constants to saved outputs; no timing")
     parser.add_argument(
+        "--modes", action="store_true", help="with --fit: fit each backend's bfloat16 and backward factors instead"
+    )
+    parser.add_argument(
         "--held-out", metavar="OUTPUT", help="with --fit: fit the thread efficiencies without this table, judge on it"
     )
     args = parser.parse_args(argv)
@@ -777,6 +826,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.fit and args.held_out:
         held_out(args.fit, args.held_out, args)
+        return
+    if args.fit and args.modes:
+        fit_modes(args.fit, args)
         return
     if args.fit:
         fit(args.fit, args)

@@ -3,6 +3,10 @@
 Test files import from here (and from ``naive.py`` and ``strategies.py``), never from one another.
 """
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -108,3 +112,13 @@ def tiny_documents(n_docs, seed=0, low=4, high=12):
 
 def spec_doc_ids(spec):
     return next(p for p in spec.walk() if isinstance(p, M.Document)).doc_ids
+
+
+def bench_limit():
+    """``benchmarks/bench_limit.py`` as the module ``bench_limit`` (its dataclasses resolve through sys.modules)."""
+    if "bench_limit" not in sys.modules:
+        script = Path(__file__).parents[1] / "benchmarks" / "bench_limit.py"
+        spec = importlib.util.spec_from_file_location("bench_limit", script)
+        sys.modules["bench_limit"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["bench_limit"])
+    return sys.modules["bench_limit"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,9 @@ import torch
 
 import attnmask as am
 import attnmask.backends.native as native
+from tests.helpers import bench_limit as load_bench
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_limit.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_limit", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_limit", module)  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_dry_run_prints_a_row_per_structure_and_the_command(capsys):

@@ -4,9 +4,7 @@ cached pick follows a change of the thread count."""
 
 import importlib
 import importlib.util
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from attnmask.backends import blocksparse as BS
 from attnmask.backends import native as NT
 from attnmask.backends import sdpa as SD
 from attnmask.backends import varlen as VL
+from tests.helpers import bench_limit
 
 A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
 
@@ -281,16 +280,6 @@ def test_cached_auto_pick_follows_a_change_of_thread_count(monkeypatch, threads)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # bench_limit --fit: the efficiencies come from the 1- and 2-thread tables; the offline picks see the table's threads
-
-
-def bench_limit():
-    """``benchmarks/bench_limit.py`` as the module ``bench_limit`` (its dataclasses resolve through sys.modules)."""
-    if "bench_limit" not in sys.modules:
-        script = Path(__file__).parents[1] / "benchmarks" / "bench_limit.py"
-        spec = importlib.util.spec_from_file_location("bench_limit", script)
-        sys.modules["bench_limit"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["bench_limit"])
-    return sys.modules["bench_limit"]
 
 
 def synthetic_table(bench, threads: int, sdpa_ms: dict) -> str:

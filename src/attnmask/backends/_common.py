@@ -15,6 +15,7 @@ k_start, k_len, offset)``. Example, one packed row of 3 documents of lengths 2, 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,12 +29,14 @@ from attnmask.plancache import call_plans
 __all__ = [
     "CALL_COST",
     "COPY_COST",
+    "ModeFactors",
     "SMALL_MATMUL_COST",
     "VarlenPlan",
     "allowed_fraction",
     "cached",
     "check_qkv",
     "check_segments",
+    "cpu_has_amx_bf16",
     "degenerate",
     "segments_from_varlen",
     "varlen_plan",
@@ -46,6 +49,47 @@ SMALL_MATMUL_COST = 2e4
 # Copying one element in a gather, scatter or into a fresh tensor: measured ~1 ns per float32 element on one core
 # here (page faults of the fresh allocation included), about thirty multiply-adds of SDPA's kernel.
 COPY_COST = 30.0
+
+
+@dataclass(frozen=True)
+class ModeFactors:
+    """What a backend's CPU estimate of a float32 forward is multiplied by in the other modes a call can run in:
+    ``bf16`` for a bfloat16 forward, ``backward`` for a float32 forward whose backward will run too (the whole
+    forward + backward against the forward alone), ``bf16_backward`` for both. Fitted per backend by
+    ``benchmarks/bench_limit.py --fit`` (median over the timed rows of measured time / estimate in that mode, against
+    the same rows' float32 forward).
+
+    The bfloat16 factors were measured on a CPU with AMX bfloat16 tiles, where torch's SDPA kernel runs bfloat16 about
+    twice as fast as float32 while the backends that compute in float32 pay for the casts; on any other CPU (and for
+    float16, which gains nothing there) a half-precision call uses the float32 factors.
+
+    Off the CPU (where these estimates are not used to choose) every factor is 1.
+
+        >>> ModeFactors(bf16=1.5, backward=3.0, bf16_backward=2.5).of(torch.float32, "cpu", needs_grad=True)
+        3.0
+    """
+
+    bf16: float = 1.0
+    backward: float = 1.0
+    bf16_backward: float = 1.0
+
+    def of(self, dtype: torch.dtype, device_type: str, needs_grad: bool) -> float:
+        """The factor for a call in ``dtype`` on ``device_type``, differentiated or not."""
+        if device_type != "cpu":
+            return 1.0
+        if dtype == torch.bfloat16 and cpu_has_amx_bf16():
+            return self.bf16_backward if needs_grad else self.bf16
+        return self.backward if needs_grad else 1.0
+
+
+@functools.cache
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU advertises AMX bfloat16 tiles (Linux's /proc/cpuinfo flags); False where that is unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in info)
+    except OSError:
+        return False
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:

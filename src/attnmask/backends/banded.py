@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
-from attnmask.backends._common import COPY_COST, cached, degenerate, off_cpu
+from attnmask.backends._common import COPY_COST, ModeFactors, cached, degenerate, off_cpu
 from attnmask.backends._workers import all_threads, graph_in, serial_steps
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.tiles import TileGrid
@@ -50,6 +50,9 @@ _MASK_COST = 20.0  # evaluating the spec on one (query, key) pair of the band, o
 # (``serial_steps``). Fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread tables (RESULTS.md,
 # "Thread-aware estimates").
 _THREAD_EFFICIENCY = 0.0
+# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the 1K tables
+# benchmarks/limit_tables/modes_q1.txt and modes_q2.txt (RESULTS.md, "bfloat16 and backward in the estimates").
+MODES = ModeFactors(bf16=1.22, backward=5.6, bf16_backward=5.75)
 
 
 class _BandPlan(NamedTuple):
@@ -137,7 +140,7 @@ def cost(call) -> float:
     plan = _cached_plan(call)
     parallel, serial = _parts(call, plan.block_size, plan.width)
     gain = _workers.expected_speedup([parallel], _workers.threads_available(), 0.0, _THREAD_EFFICIENCY)
-    return serial + parallel / gain
+    return (serial + parallel / gain) * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
 
 
 def _estimate(call, bs: int, width: int) -> float:

@@ -22,7 +22,7 @@ import torch
 
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
-from attnmask.backends._common import CALL_COST, cached, check_qkv, degenerate, off_cpu
+from attnmask.backends._common import CALL_COST, ModeFactors, cached, check_qkv, degenerate, off_cpu
 from attnmask.backends._workers import MIN_TASK_WORK, on_free_cores, parallel_map
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.errors import ShapeError, bad
@@ -41,6 +41,9 @@ _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL til
 # and 2-thread tables (RESULTS.md, "Thread-aware estimates").
 _THREAD_EFFICIENCY = 0.13
 _HANDOVER_COST = 3.2e6
+# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the 1K tables
+# benchmarks/limit_tables/modes_q1.txt and modes_q2.txt (RESULTS.md, "bfloat16 and backward in the estimates").
+MODES = ModeFactors(bf16=1.57, backward=3.75, bf16_backward=3.15)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -542,7 +545,8 @@ def cost(call) -> float:
     if call.mask is not None and not call.mask.is_structural:
         work = (_PAIR_COST * per_pair + _MASK_COST) * call.batch * call.q_len * call.kv_len
         tiles = call.batch * -(-call.q_len // _block_size(call.q_len, call.kv_len))
-        return work / _workers.expected_speedup([1.0] * tiles, threads, 0.0, _THREAD_EFFICIENCY)
+        gain = _workers.expected_speedup([1.0] * tiles, threads, 0.0, _THREAD_EFFICIENCY)
+        return work / gain * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
     layout = cached(call, "layout", _layout)
     counts = layout.counts()
     tile = layout.block_size**2
@@ -552,7 +556,7 @@ def cost(call) -> float:
     in_tasks = _PAIR_COST * work + counts["partial"] * rows * tile * _MASK_COST
     weights = [w * _PAIR_COST for w in cached(call, "blocksparse_tasks", _task_weights)]  # in estimate units
     gain = _workers.expected_speedup(weights, threads, 0.0, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
-    return in_tasks / gain + groups * CALL_COST
+    return (in_tasks / gain + groups * CALL_COST) * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
 
 
 def _task_weights(call) -> tuple[float, ...]:

@@ -42,7 +42,7 @@ import torch
 
 import attnmask.backends._workers as _workers
 from attnmask._dense import empty_buffer
-from attnmask.backends._common import COPY_COST, check_segments, varlen_plan
+from attnmask.backends._common import COPY_COST, ModeFactors, check_segments, varlen_plan
 from attnmask.backends._workers import on_free_cores, region_threads
 from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
@@ -361,6 +361,9 @@ _CALL_COST = 2e4  # one ctypes call and the output allocation
 # thread contributing this share of a core. Fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread
 # tables (RESULTS.md, "Thread-aware estimates").
 _THREAD_EFFICIENCY = 0.0
+# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the 1K tables
+# benchmarks/limit_tables/modes_q1.txt and modes_q2.txt (RESULTS.md, "bfloat16 and backward in the estimates").
+MODES = ModeFactors(bf16=0.63, backward=3.65, bf16_backward=1.42)
 _ITEMS_PER_PULL = 8  # segattn.c's worker loop
 
 
@@ -414,7 +417,8 @@ def cost(call) -> float:
     if call.q.dtype not in (torch.float32, torch.float64):
         tokens = call.batch * (call.heads * call.q_len + 2 * call.kv_heads * call.kv_len)
         serial += tokens * width * 2 * COPY_COST
-    return serial + float(item.sum()) * call.heads / _threads_gain(item, call.heads)
+    estimate = serial + float(item.sum()) * call.heads / _threads_gain(item, call.heads)
+    return estimate * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
 
 
 def _threads_gain(item: torch.Tensor, heads: int) -> float:

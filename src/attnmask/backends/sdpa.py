@@ -16,15 +16,15 @@ changes the scores inside the kernel, which SDPA cannot: not declared.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+import attnmask.backends._common as _common
 import attnmask.backends._workers as _workers
 import attnmask.backends.cuda_costs as cuda_costs
-from attnmask.backends._common import cached
+from attnmask.backends._common import ModeFactors, cached
 from attnmask.backends.contract import (
     ALL_DTYPES,
     TORCH_DEVICES,
@@ -50,6 +50,9 @@ _AMX_BF16_PAIR_FACTOR = 0.5
 # added thread contributing this share of a core (fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and
 # 2-thread tables, RESULTS.md "Thread-aware estimates"; the mask is built by element-wise ops split the same way).
 _THREAD_EFFICIENCY = 0.41
+# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the 1K tables
+# benchmarks/limit_tables/modes_q1.txt and modes_q2.txt (RESULTS.md, "bfloat16 and backward in the estimates").
+MODES = ModeFactors(bf16=1.2, backward=3.9, bf16_backward=4.4)
 _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept with its plans (the layers share it)
 
 
@@ -207,12 +210,12 @@ def cost(call: AttentionCall) -> float:
     flex kernels)."""
     if call.q.device.type == "cuda":
         return cuda_costs.sdpa_cost(call)
-    return _one_thread_cost(call) / _threads_gain(call)
+    return _one_thread_cost(call) / _threads_gain(call) * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
 
 
 def _one_thread_cost(call: AttentionCall) -> float:
     work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
-    if call.q.dtype == torch.bfloat16 and call.q.device.type == "cpu" and _cpu_has_amx_bf16():
+    if call.q.dtype == torch.bfloat16 and call.q.device.type == "cpu" and _common.cpu_has_amx_bf16():
         work *= _AMX_BF16_PAIR_FACTOR
     if call.masks_no_key:
         return float(work)
@@ -234,16 +237,6 @@ def _threads_gain(call: AttentionCall) -> float:
     items = call.batch * call.heads * -(-call.q_len // block)
     threads = min(_workers.threads_available(), max(items, 1))
     return _workers.expected_speedup([1.0], threads, 0.0, _THREAD_EFFICIENCY)
-
-
-@functools.cache
-def _cpu_has_amx_bf16() -> bool:
-    """Whether this CPU advertises AMX bfloat16 tiles (Linux's /proc/cpuinfo flags); False where that is unknown."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in info)
-    except OSError:
-        return False
 
 
 BACKEND = Backend(

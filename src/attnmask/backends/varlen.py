@@ -29,6 +29,7 @@ from attnmask.backends._common import (
     CALL_COST,
     COPY_COST,
     SMALL_MATMUL_COST,
+    ModeFactors,
     check_qkv,
     check_segments,
     off_cpu,
@@ -59,6 +60,9 @@ _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this man
 # them: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread tables (RESULTS.md, "Thread-aware estimates").
 _THREAD_EFFICIENCY = 0.13
 _HANDOVER_COST = 3.2e6
+# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the 1K tables
+# benchmarks/limit_tables/modes_q1.txt and modes_q2.txt (RESULTS.md, "bfloat16 and backward in the estimates").
+MODES = ModeFactors(bf16=1.05, backward=3.98, bf16_backward=3.53)
 
 
 def varlen_attention(
@@ -484,13 +488,15 @@ def cost(call) -> float:
     serial = float(tokens.sum()) * COPY_COST + calls * CALL_COST
     threads = _workers.threads_available()
     if call.dropout_p > 0:  # every call in the caller, split across every thread (_map)
-        return serial + float(per_seg.sum()) / _workers.expected_speedup([1.0], threads, 0.0, _THREAD_EFFICIENCY)
+        gain = _workers.expected_speedup([1.0], threads, 0.0, _THREAD_EFFICIENCY)
+        return (serial + float(per_seg.sum()) / gain) * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
     big_tasks, tiny_tasks = _task_weights(segs.tolist(), plan.window, call.heads * width)
     big_gain, tiny_gain = (
         _workers.expected_speedup(tasks, threads, MIN_TASK_WORK, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
         for tasks in (big_tasks, tiny_tasks)
     )
-    return serial + float(per_seg[~small].sum()) / big_gain + float(per_seg[small].sum()) / tiny_gain
+    estimate = serial + float(per_seg[~small].sum()) / big_gain + float(per_seg[small].sum()) / tiny_gain
+    return estimate * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
 
 
 def _task_weights(segs: list, window: int | None, per_pair: int) -> tuple[list[float], list[float]]:

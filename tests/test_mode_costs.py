@@ -1,0 +1,106 @@
+"""The CPU estimates in bfloat16 and with a backward: each backend's ``MODES`` (``_common.ModeFactors``) scale its
+float32 forward estimate (for bfloat16 only on CPUs with AMX bfloat16 tiles), and ``bench_limit --fit --modes``
+recovers them from its own tables."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import attnmask as am
+import attnmask.backends._common as C
+import attnmask.backends._workers as W
+import attnmask.backends.blocksparse as BS
+import attnmask.backends.native as N
+from attnmask.backends._common import ModeFactors
+from tests.helpers import bench_limit
+
+A = importlib.import_module("attnmask.attention")
+CPU_BACKENDS = ("sdpa", "varlen", "blocksparse", "banded", "native")
+
+
+def test_mode_factors_pick_the_factor_of_the_calls_mode(monkeypatch):
+    modes = ModeFactors(bf16=1.5, backward=3.0, bf16_backward=2.5)
+    monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: True)
+    assert modes.of(torch.float32, "cpu", False) == 1.0 and modes.of(torch.float32, "cpu", True) == 3.0
+    assert modes.of(torch.bfloat16, "cpu", False) == 1.5 and modes.of(torch.bfloat16, "cpu", True) == 2.5
+    assert modes.of(torch.float16, "cpu", False) == 1.0 and modes.of(torch.float64, "cpu", True) == 3.0
+    assert modes.of(torch.bfloat16, "meta", True) == 1.0 and modes.of(torch.float32, "cuda", True) == 1.0
+    monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: False)  # measured with AMX: elsewhere float32's factors
+    assert modes.of(torch.bfloat16, "cpu", False) == 1.0 and modes.of(torch.bfloat16, "cpu", True) == 3.0
+
+
+def call(dtype: torch.dtype, grad: bool):
+    q = torch.zeros(1, 4, 256, 16, dtype=dtype).requires_grad_(grad)
+    spec = am.causal() & am.document(seq_lens=[100, 60, 96])
+    return A._prepare_call(q, q, q, spec, None, None, None)
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+@pytest.mark.parametrize("amx", [True, False])
+def test_every_cpu_estimate_scales_by_its_mode_factor(monkeypatch, name, amx):
+    monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    module = importlib.import_module(f"attnmask.backends.{name}")
+    modes = module.MODES
+    assert min(modes.bf16, modes.backward, modes.bf16_backward) > 0
+    cost = module.BACKEND.cost
+    assert cost(call(torch.float32, True)) == pytest.approx(cost(call(torch.float32, False)) * modes.backward)
+    bf16_grad = modes.bf16_backward / modes.bf16 if amx else modes.backward
+    assert cost(call(torch.bfloat16, True)) == pytest.approx(cost(call(torch.bfloat16, False)) * bf16_grad)
+
+
+def test_auto_weighs_the_backward_it_will_run(monkeypatch):
+    """Two backends whose forward estimates tie: the one with the cheaper backward wins once a gradient is needed."""
+    monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    fwd, bwd = call(torch.float32, False), call(torch.float32, True)
+    scale = BS.BACKEND.cost(fwd) / N.BACKEND.cost(fwd)  # native's forward estimate made equal to blocksparse's
+    monkeypatch.setattr(N, "_CALL_COST", N._CALL_COST * scale)
+    monkeypatch.setattr(N, "_ROW_COST", N._ROW_COST * scale)
+    monkeypatch.setattr(N, "_PAIR_COST", N._PAIR_COST * scale)
+    monkeypatch.setattr(N, "_LONG_PAIR_COST", N._LONG_PAIR_COST * scale)
+    assert N.BACKEND.cost(fwd) == pytest.approx(BS.BACKEND.cost(fwd))
+    monkeypatch.setattr(N, "MODES", ModeFactors(backward=2.0))
+    monkeypatch.setattr(BS, "MODES", ModeFactors(backward=5.0))
+    assert N.BACKEND.cost(bwd) < BS.BACKEND.cost(bwd)
+    monkeypatch.setattr(BS, "MODES", ModeFactors(backward=1.5))
+    assert N.BACKEND.cost(bwd) > BS.BACKEND.cost(bwd)
+
+
+def mode_table(threads: int, blocks: dict) -> str:
+    """A saved ``bench_limit`` table (its own format) of rows of 256 tokens with only "blocksparse" timed, in the four
+    modes: ``blocks`` ``{(title, structure): ms}``, titles as the script prints them."""
+    lines = [f"torch x, {threads} thread(s), rows of 256, decode against 512 keys, H=4, D=64, load 0", ""]
+    for title in dict.fromkeys(t for t, _ in blocks):
+        lines += [
+            f"**{title}, {threads} thread(s)** (ms)",
+            "",
+            "| structure | allowed | ideal ms | covered | floor ms | blocksparse | auto picks | auto / ideal |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        rows = [(name, ms) for (t, name), ms in blocks.items() if t == title]
+        lines += [f"| {name} | 0.5 | 1.0 | - | - | {ms} | sdpa | 1.0 |" for name, ms in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def test_fit_modes_recovers_the_factors_the_tables_were_made_with(tmp_path, capsys):
+    """blocksparse's estimate does not otherwise depend on the dtype or the backward, so the table's ratios are the
+    factors themselves."""
+    bench = bench_limit()
+    names = [c.name for c in bench.cases(256, 512) if c.name.startswith(("causal +", "prefix", "causal chunked"))]
+    made = {"forward, float32": 1.0, "forward, bfloat16": 1.5, "forward + backward, float32": 4.0}
+    made["forward + backward, bfloat16"] = 3.0
+    blocks = {(title, name): (10.0 + i) * f for title, f in made.items() for i, name in enumerate(names)}
+    path = tmp_path / "modes.txt"
+    path.write_text(mode_table(1, blocks))
+    own = BS.MODES
+    bench.main(["--fit", str(path), "--modes"])
+    out = capsys.readouterr().out
+    fitted = "ModeFactors(bf16=1.5, backward=4.0, bf16_backward=3.0)"
+    assert f"| blocksparse | {own} | {fitted} | {len(names)}, {len(names)}, {len(names)} |" in out
+    assert "1, bfloat16, fwd+bwd" in out and "now: " in out and "fitted: " in out
+    assert BS.MODES == own  # the modules keep their own factors
