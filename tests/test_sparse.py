@@ -179,9 +179,15 @@ def test_blocksparse_with_merged_groups_and_shared_biases_matches_naive(
     )
     biases = BS._shared_biases(plan, masks, case["heads"] // case["kv_heads"])
     assert biases.keys() == masks.keys()
+    empties = BS._empty_rows(plan, masks, case["heads"] // case["kv_heads"])
+    one_head = BS._empty_rows(plan, masks, 1)  # kept only where a group or run has a row without any allowed key
+    dense = spec.to_dense(case["q_len"], case["kv_len"]).expand(case["batch"], -1, -1)
+    for gi, g in enumerate(plan):
+        keyless = ~dense[g.b, g.q0 : g.q1].any(-1)  # the group's runs cover every allowed key of its rows
+        assert torch.equal(one_head.get((gi, None), torch.zeros_like(keyless)), keyless), gi
 
     def run(q, k, v):
-        return BS._BlockSparse.apply(q, k, v, plan, masks, q.shape[-1] ** -0.5, biases)
+        return BS._BlockSparse.apply(q, k, v, plan, masks, q.shape[-1] ** -0.5, biases, empties)
 
     check_against_naive(run, case, spec, dtype)
 

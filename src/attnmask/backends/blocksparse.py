@@ -213,7 +213,7 @@ def blocksparse_attention(
     B, H, Q, D, Hkv, K = check_qkv(q, k, v)
     plan, masks = _tile_groups(B, Q, K, tile_class, block_size, tile_mask, max_keys, max_rows)
     scale = D**-0.5 if scale is None else float(scale)
-    return _BlockSparse.apply(q, k, v, plan, masks, scale, {})
+    return _BlockSparse.apply(q, k, v, plan, masks, scale, {}, None)
 
 
 def _tile_groups(B: int, Q: int, K: int, tile_class, block_size, tile_mask: TileMask, max_keys: int, max_rows: int):
@@ -358,21 +358,41 @@ def _run_empty_rows(spans, n: int, rep: int) -> torch.Tensor | None:
     return empty.repeat(rep) if rep > 1 else empty
 
 
-def _flash_group_forward(qg, runs, rep, scale):
+def _empty_rows(plan, masks: dict, rep: int) -> dict:
+    """The rows with no allowed key, kept only where there are some: ``{(group, run): (rep·rows,) bool}`` for a run
+    (the flash kernel reports a log-sum-exp of 0 there) and ``{(group, None): ...}`` for rows empty in every run of
+    their group (zeroed). Usually empty: a run with a FULL key tile, or a diagonal tile, leaves no row without a key.
+    O(partial tiles · block_size) work, once per cached plan."""
+    out = {}
+    for gi, g in enumerate(plan):
+        overall, some_run_has_none = None, False
+        for ri, r in enumerate(g.runs):
+            empty = _run_empty_rows(masks.get((gi, ri)), r.k1 - r.k0, rep)
+            if empty is None or not bool(empty.any()):
+                some_run_has_none = True
+                continue
+            out[gi, ri] = empty
+            overall = empty if overall is None else overall & empty
+        if not some_run_has_none and overall is not None and bool(overall.any()):
+            out[gi, None] = overall
+    return out
+
+
+def _flash_group_forward(qg, runs, rep, scale, empty_rows):
     """Group forward with the CPU flash kernel, one call per run, merged by log-sum-exp.
 
-    ``qg`` ``(1, Hkv, rep·rows, D)``; ``runs``: ``(k, v, spans, bias)`` with ``k, v`` ``(1, Hkv, n, D)``, ``bias``
-    the run's ``_run_bias`` when the plan keeps it (else None: built here). Returns the output and the log-sum-exp
-    (``+inf`` on rows with no allowed key).
+    ``qg`` ``(1, Hkv, rep·rows, D)``; ``runs``: ``(k, v, spans, bias, empty)`` with ``k, v`` ``(1, Hkv, n, D)``,
+    ``bias`` the run's ``_run_bias`` when the plan keeps it (else None: built here), ``empty`` the run's rows with no
+    allowed key or None (``_empty_rows``); ``empty_rows`` the group's, or None. Returns the output and the
+    log-sum-exp (``+inf`` on rows with no allowed key).
     """
     fwd, _ = _flash_cpu_ops()
     n_rows = qg.shape[2]
     outs, lses = [], []
-    for kt, vt, spans, bias in runs:
+    for kt, vt, spans, bias, empty in runs:
         if bias is None:
             bias = _run_bias(spans, n_rows // rep, kt.shape[2], rep, qg.dtype, qg.device)
         o, lse = fwd(qg, kt, vt, 0.0, False, attn_mask=bias, scale=scale)
-        empty = _run_empty_rows(spans, kt.shape[2], rep)
         if empty is not None:
             lse = lse.masked_fill(empty, float("-inf"))  # the kernel reports 0 for an empty row
         outs.append(o)
@@ -384,8 +404,9 @@ def _flash_group_forward(qg, runs, rep, scale):
         lse = torch.logsumexp(stacked, 0)
         weights = torch.exp(stacked - lse).nan_to_num_(0.0)
         out = sum(w.unsqueeze(-1) * o for w, o in zip(weights, outs, strict=True))
-    empty = torch.isneginf(lse)
-    return out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("inf"))
+    if empty_rows is None:
+        return out, lse
+    return out.masked_fill(empty_rows.unsqueeze(-1), 0.0), lse.masked_fill(empty_rows, float("inf"))
 
 
 class _BlockSparse(torch.autograd.Function):
@@ -393,7 +414,7 @@ class _BlockSparse(torch.autograd.Function):
 
     @staticmethod
     @on_free_cores
-    def forward(ctx, q, k, v, plan, masks, scale, biases):
+    def forward(ctx, q, k, v, plan, masks, scale, biases, empties):
         B, H, Q, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
         rep = H // Hkv
@@ -401,6 +422,8 @@ class _BlockSparse(torch.autograd.Function):
         flash = USE_CPU_FLASH and q.device.type == "cpu" and cdt == torch.float32 and D == Dv
         flash = flash and _flash_cpu_ops() is not None
         qf, kf, vf = (_unit_stride(t.to(cdt)) for t in (q, k, v))
+        if flash and empties is None:
+            empties = _empty_rows(plan, masks, rep)
         out = torch.zeros(B, H, Q, Dv, dtype=cdt, device=q.device)
         lse = torch.full((B, H, Q), float("inf"), dtype=cdt, device=q.device)
 
@@ -410,16 +433,17 @@ class _BlockSparse(torch.autograd.Function):
             if flash:
                 qg = qf[g.b, :, g.q0 : g.q1].reshape(1, Hkv, rep * rows, D)
                 runs = [
-                    _run_kv(kf, vf, g, r, True) + (masks.get((gi, ri)), biases.get((gi, ri)))
+                    _run_kv(kf, vf, g, r, True) + (masks.get((gi, ri)), biases.get((gi, ri)), empties.get((gi, ri)))
                     for ri, r in enumerate(g.runs)
                 ]
-                o, g_lse = _flash_group_forward(qg, runs, rep, scale)
+                o, g_lse = _flash_group_forward(qg, runs, rep, scale, empties.get((gi, None)))
             else:
                 qg = (qf[g.b, :, g.q0 : g.q1] * scale).reshape(Hkv, rep * rows, D)
                 runs = [_run_kv(kf, vf, g, r, False) + (masks.get((gi, ri)),) for ri, r in enumerate(g.runs)]
                 o, g_lse = _online_softmax(qg, runs, rep)
-            out[g.b, :, g.q0 : g.q1] = o.view(H, rows, Dv)
-            lse[g.b, :, g.q0 : g.q1] = g_lse.view(H, rows)
+            # (Hkv, rep·rows) in the kernel's layout (any strides) into heads h = hkv·rep + r: one copy (a view)
+            out[g.b, :, g.q0 : g.q1].unflatten(0, (Hkv, rep)).copy_(o.reshape(Hkv, rep, rows, Dv))
+            lse[g.b, :, g.q0 : g.q1].unflatten(0, (Hkv, rep)).copy_(g_lse.reshape(Hkv, rep, rows))
 
         weights = _group_weights(plan, q, v)
         parallel_map(group_forward, range(len(plan)), weights, device=q.device.type, busy_min_work=MIN_TASK_WORK)
@@ -444,7 +468,7 @@ class _BlockSparse(torch.autograd.Function):
 
         weights = _group_weights(plan, q, v)
         parallel_map(one_group, range(len(plan)), weights, device=q.device.type, busy_min_work=MIN_TASK_WORK)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def _run_kv(kf, vf, g: _Group, r: _Run, batched: bool):
@@ -578,15 +602,17 @@ def _layout_plan(call):
 
 def _layout_groups(call):
     """The layout's query groups, the element masks of its PARTIAL tiles and, for the CPU flash kernel, their shared
-    additive biases (``_shared_biases``), kept with the plans: O(partial tiles · block_size²) bools, which the
-    forward keeps for the backward anyway, and at most ``_BIAS_BUDGET`` floats."""
+    additive biases (``_shared_biases``) and rows with no allowed key (``_empty_rows``; None: the forward finds them),
+    kept with the plans: O(partial tiles · block_size²) bools, which the forward keeps for the backward anyway, and at
+    most ``_BIAS_BUDGET`` floats."""
     layout = cached(call, "layout", _layout)
     tile_mask = spec_tile_mask(layout.spec, layout.q_positions, layout.kv_positions)
     plan = cached(call, "blocksparse_plan", _layout_plan)
     masks = _group_masks(plan, tile_mask)
     flash = call.device_type == "cpu" and torch.promote_types(call.q.dtype, torch.float32) == torch.float32
-    biases = _shared_biases(plan, masks, call.heads // call.kv_heads) if flash else {}
-    return plan, masks, biases
+    rep = call.heads // call.kv_heads
+    biases = _shared_biases(plan, masks, rep) if flash else {}
+    return plan, masks, biases, _empty_rows(plan, masks, rep) if flash else None
 
 
 def cover(call) -> tuple[tuple[int, int, int, int, int], ...]:
@@ -595,13 +621,13 @@ def cover(call) -> tuple[tuple[int, int, int, int, int], ...]:
     ``MAX_KEYS``). Every allowed pair lies in one block; ``benchmarks/bench_limit.py`` times unmasked SDPA on them
     (the floor of this tiling). Example: ``causal()`` on rows of 256 (tiles of 64) gives ``((0, 0, 64, 0, 64),
     (0, 64, 128, 0, 128), (0, 128, 192, 0, 192), (0, 192, 256, 0, 256))``."""
-    plan, _, _ = cached(call, "blocksparse", _layout_groups)
+    plan = cached(call, "blocksparse", _layout_groups)[0]
     return tuple((g.b, g.q0, g.q1, r.k0, r.k1) for g in plan for r in g.runs)
 
 
 def run(call) -> torch.Tensor:
-    plan, masks, biases = cached(call, "blocksparse", _layout_groups)
-    return _BlockSparse.apply(call.q, call.k, call.v, plan, masks, call.scale, biases)
+    plan, masks, biases, empties = cached(call, "blocksparse", _layout_groups)
+    return _BlockSparse.apply(call.q, call.k, call.v, plan, masks, call.scale, biases, empties)
 
 
 def run_layout(q, k, v, layout, *, scale: float | None = None) -> torch.Tensor:
