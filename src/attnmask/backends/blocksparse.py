@@ -578,8 +578,10 @@ def cost(call) -> float:
     work = (counts["full"] + counts["partial"]) * rows * tile * per_pair
     groups = layout.batch_size * layout.n_q_tiles * rows
     in_tasks = _PAIR_COST * work + counts["partial"] * rows * tile * _MASK_COST
-    weights = [w * _PAIR_COST for w in cached(call, "blocksparse_tasks", _task_weights)]  # in estimate units
-    gain = _workers.expected_speedup(weights, threads, 0.0, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
+    gain = 1.0  # one thread: no need to plan the groups just to weigh them
+    if threads > 1:
+        weights = [w * _PAIR_COST for w in cached(call, "blocksparse_tasks", _task_weights)]  # in estimate units
+        gain = _workers.expected_speedup(weights, threads, 0.0, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
     return (in_tasks / gain + groups * CALL_COST) * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
 
 

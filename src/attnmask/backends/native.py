@@ -424,6 +424,8 @@ def cost(call) -> float:
 def _threads_gain(item: torch.Tensor, heads: int) -> float:
     """What the kernel's threads gain on items of work ``item`` ``(N,)`` per head: ``min(threads, items)`` pthreads
     pulling runs of ``_ITEMS_PER_PULL`` items (head-major) until none is left."""
+    if _workers.threads_available() < 2:
+        return 1.0
     items = item.repeat(heads)
     pad = -len(items) % _ITEMS_PER_PULL
     pulls = torch.cat([items, items.new_zeros(pad)]).view(-1, _ITEMS_PER_PULL).sum(1)

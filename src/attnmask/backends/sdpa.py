@@ -87,7 +87,10 @@ def _run(call: AttentionCall) -> torch.Tensor:
     if isinstance(call.mask, MaskSpec):
         bias, empty = _spec_mask(call)
         out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=bias, **sdpa_kwargs)
-        return out if empty is None else torch.where(empty, 0.0, out)  # exactly 0, whatever the row computed
+        if empty is None:
+            return out
+        # exactly 0, whatever the row computed; in place when no graph holds the output (no second (B, H, Q, Dv))
+        return out.masked_fill_(empty, 0.0) if not out.requires_grad else torch.where(empty, 0.0, out)
     allowed, _ = dense_mask(call)
     has_key = rows_with_keys(allowed)
     empty_rows = not bool(has_key.all())

@@ -490,11 +490,13 @@ def cost(call) -> float:
     if call.dropout_p > 0:  # every call in the caller, split across every thread (_map)
         gain = _workers.expected_speedup([1.0], threads, 0.0, _THREAD_EFFICIENCY)
         return (serial + float(per_seg.sum()) / gain) * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
-    big_tasks, tiny_tasks = _task_weights(segs.tolist(), plan.window, call.heads * width)
-    big_gain, tiny_gain = (
-        _workers.expected_speedup(tasks, threads, MIN_TASK_WORK, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
-        for tasks in (big_tasks, tiny_tasks)
-    )
+    big_gain = tiny_gain = 1.0  # one thread: no tasks to weigh
+    if threads > 1:
+        big_tasks, tiny_tasks = _task_weights(segs.tolist(), plan.window, call.heads * width)
+        big_gain, tiny_gain = (
+            _workers.expected_speedup(tasks, threads, MIN_TASK_WORK, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
+            for tasks in (big_tasks, tiny_tasks)
+        )
     estimate = serial + float(per_seg[~small].sum()) / big_gain + float(per_seg[small].sum()) / tiny_gain
     return estimate * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
 
