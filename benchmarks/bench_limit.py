@@ -67,7 +67,7 @@ from attnmask.backends.contract import AttentionCall
 FITTED = {
     "sdpa": ("_MASK_COST", "_CALL_COST"),
     "varlen": ("_PAIR_COST", "CALL_COST", "COPY_COST", "SMALL_MATMUL_COST", "_SDPA_ROW_COST", "_SMALL_ROW_COST"),
-    "blocksparse": ("_PAIR_COST", "_MASK_COST", "CALL_COST"),
+    "blocksparse": ("_PAIR_COST", "_MASK_COST", "_GROUP_COST"),
     "banded": ("_PAIR_COST", "_TILE_COST", "_HEAD_COST", "_MASK_COST", "COPY_COST"),
     "native": ("_PAIR_COST", "_LONG_PAIR_COST", "_ROW_COST", "_CALL_COST", "COPY_COST"),
 }
@@ -793,6 +793,30 @@ def fit_modes(paths: list[str], args) -> None:
     print(f"now: {summary(before)}\nfitted: {summary(after)}")
 
 
+def fit_groups(paths: list[str], args) -> None:
+    """blocksparse's ``_GROUP_COST`` implied by each table: per float32 forward row, (measured time in the table's unit
+    - the estimate without it) / the query tiles it is charged on, the table's unit being the median of sdpa's time /
+    its estimate there (so that a table's load or machine does not enter); the median per table and over all."""
+    everything = []
+    for path in paths:
+        threads = table_threads(path)
+        cells = [c for c in parse_tables(path, args.length, args.decode_keys) if not c[1] and c[2] == torch.float32]
+        unit = statistics.median(t / estimate(c, d, n, threads, args) for c, g, d, n, t in cells if n == "sdpa")
+        implied = []
+        for case, grad, dtype, name, seconds in cells:
+            if name != "blocksparse":
+                continue
+            f = features(case, grad, dtype, name, args, threads)
+            now = [getattr(blocksparse, c) for c in FITTED[name]]
+            at = FITTED[name].index("_GROUP_COST")
+            rest = f[0] + sum(v * x for j, (v, x) in enumerate(zip(now, f[1:], strict=True)) if j != at)
+            implied.append((seconds / unit - rest) / f[1 + at])
+        everything += implied
+        median = statistics.median(implied)
+        print(f"{path}: {threads} thread(s), {len(implied)} rows, implied _GROUP_COST median {median:.3g}")
+    print(f"all: median {statistics.median(everything):.3g} (now {blocksparse._GROUP_COST:.3g})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=8192)
@@ -812,6 +836,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="rows of 1,024, decode against 4,096 keys")
     parser.add_argument("--dry-run", action="store_true", help="rows of 256, decode against 512 keys, one round")
     parser.add_argument("--fit", nargs="+", metavar="OUTPUT", help="fit the cost constants to saved outputs; no timing")
+    parser.add_argument("--groups", action="store_true", help="with --fit: blocksparse's per-group charge per table")
     parser.add_argument(
         "--modes", action="store_true", help="with --fit: fit each backend's bfloat16 and backward factors instead"
     )
@@ -826,6 +851,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.fit and args.held_out:
         held_out(args.fit, args.held_out, args)
+        return
+    if args.fit and args.groups:
+        fit_groups(args.fit, args)
         return
     if args.fit and args.modes:
         fit_modes(args.fit, args)

@@ -4,6 +4,7 @@ recovers them from its own tables."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 
 import pytest
@@ -104,3 +105,28 @@ def test_fit_modes_recovers_the_factors_the_tables_were_made_with(tmp_path, caps
     assert f"| blocksparse | {own} | {fitted} | {len(names)}, {len(names)}, {len(names)} |" in out
     assert "1, bfloat16, fwd+bwd" in out and "now: " in out and "fitted: " in out
     assert BS.MODES == own  # the modules keep their own factors
+
+
+def test_fit_groups_recovers_the_per_tile_charge_the_table_was_made_with(tmp_path, capsys, monkeypatch):
+    """A table timed at 1 ps per unit (sdpa's estimate) whose blocksparse column was made with a per-tile charge of
+    7e6: ``--fit --groups`` reads 7e6 back, whatever the module holds."""
+    bench = bench_limit()
+    args = argparse.Namespace(heads=4, dim=64, length=256, decode_keys=512)
+    names = [c for c in bench.cases(256, 512) if c.name.startswith(("causal +", "prefix", "causal chunked"))]
+    monkeypatch.setattr(BS, "_GROUP_COST", 7e6)
+    rows = {}
+    for case in names:
+        times = [bench.estimate(case, torch.float32, n, 1, args) * 1e-9 for n in ("sdpa", "blocksparse")]  # ms
+        rows[case.name] = times
+    monkeypatch.setattr(BS, "_GROUP_COST", 1e5)
+    lines = ["torch x, 1 thread(s), rows of 256, decode against 512 keys, H=4, D=64, load 0", ""]
+    lines += ["**forward, float32, 1 thread(s)** (ms)", "", "| structure | allowed | ideal ms | covered | floor ms "]
+    lines[-1] += "| sdpa | blocksparse | auto picks | auto / ideal |"
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | 0.5 | 1.0 | - | - | {s!r} | {b!r} | sdpa | 1.0 |" for name, (s, b) in rows.items()]
+    path = tmp_path / "groups.txt"
+    path.write_text("\n".join(lines) + "\n")
+    bench.main(["--fit", str(path), "--groups"])
+    out = capsys.readouterr().out
+    assert f"1 thread(s), {len(names)} rows, implied _GROUP_COST median 7e+06" in out
+    assert "all: median 7e+06 (now 1e+05)" in out

@@ -190,7 +190,7 @@ def test_blocksparse_estimate_mirrors_its_group_tasks(monkeypatch):
     groups = len(weights)
     monkeypatch.setattr(BS, "_THREAD_EFFICIENCY", 1.0)
     monkeypatch.setattr(BS, "_HANDOVER_COST", 0.0)
-    serial = groups * BS.CALL_COST
+    serial = groups * BS._GROUP_COST
     one, two = cost_at(BS, call, 1, monkeypatch), cost_at(BS, call, 2, monkeypatch)
     assert two == pytest.approx(serial + (one - serial) / W.expected_speedup(weights, 2))
     assert two < one

@@ -22,7 +22,7 @@ import torch
 
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
-from attnmask.backends._common import CALL_COST, ModeFactors, cached, check_qkv, degenerate, off_cpu
+from attnmask.backends._common import ModeFactors, cached, check_qkv, degenerate, off_cpu
 from attnmask.backends._workers import MIN_TASK_WORK, on_free_cores, parallel_map
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.errors import ShapeError, bad
@@ -34,6 +34,12 @@ __all__ = ["BACKEND", "MAX_KEYS", "MAX_ROWS", "blocksparse_attention", "cover", 
 TileMask = Callable[[int, int, int, int, int], torch.Tensor]
 _PAIR_COST = 1.3  # one multiply-add of a pair of a FULL or PARTIAL tile (tile-sized matmuls, online softmax)
 _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL tile
+# One query tile's fixed work (its group's views, a kernel call per run, the copies into place: Python and dispatch):
+# the median over the one-thread float32 forward rows of 256 and 512 tokens of (measured time - the rest of the
+# estimate) / query tiles, in sdpa's unit per table (``benchmarks/bench_limit.py --fit ... --groups`` on
+# benchmarks/limit_tables/small_256_1.txt and small_512_1.txt: 3.6e6 and 4.4e6; the older 1K tables, timed before
+# the rows without keys were found once per plan, imply 6.5e6-6.8e6). RESULTS.md, "Per-tile charge".
+_GROUP_COST = 4e6
 # Threads: the query groups are tasks of ``_workers.parallel_map`` (no ``min_work``), each added thread contributing
 # this share of a core to their pairs and masks, and each group dealt to a worker costing ``_HANDOVER_COST`` more (its
 # wake-up and GIL hand-overs); the per-group charge (Python, dispatch) counts on one thread. The values of every
@@ -560,8 +566,8 @@ def unsupported(call) -> str | None:
 def cost(call) -> float:
     """Pairs of the FULL and PARTIAL tiles and mask evaluations of the PARTIAL ones, divided by what
     ``_workers.threads_available()`` threads gain on the query groups (``parallel_map``'s tasks), and a charge per
-    query tile. A ``custom`` predicate is not laid out just to estimate (that evaluates every pair): it is charged as
-    dense plus its mask, in equal groups of query tiles."""
+    query tile (``_GROUP_COST``). A ``custom`` predicate is not laid out just to estimate (that evaluates every
+    pair): it is charged as dense plus its mask, in equal groups of query tiles."""
     if off_cpu(call):
         return float("inf")
     per_pair = call.heads * (call.head_dim + call.value_dim)
@@ -582,7 +588,7 @@ def cost(call) -> float:
     if threads > 1:
         weights = [w * _PAIR_COST for w in cached(call, "blocksparse_tasks", _task_weights)]  # in estimate units
         gain = _workers.expected_speedup(weights, threads, 0.0, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
-    return (in_tasks / gain + groups * CALL_COST) * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
+    return (in_tasks / gain + groups * _GROUP_COST) * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
 
 
 def _task_weights(call) -> tuple[float, ...]:
