@@ -793,28 +793,33 @@ def fit_modes(paths: list[str], args) -> None:
     print(f"now: {summary(before)}\nfitted: {summary(after)}")
 
 
-def fit_groups(paths: list[str], args) -> None:
-    """blocksparse's ``_GROUP_COST`` implied by each table: per float32 forward row, (measured time in the table's unit
-    - the estimate without it) / the query tiles it is charged on, the table's unit being the median of sdpa's time /
-    its estimate there (so that a table's load or machine does not enter); the median per table and over all."""
+def fit_implied(paths: list[str], target: str, args) -> None:
+    """The value of one cost constant (``target``: ``backend.CONSTANT`` of ``FITTED``, e.g. ``blocksparse._GROUP_COST``)
+    that each table implies with the others held: per float32 forward row of that backend, (measured time in the
+    table's unit - the estimate without the constant) / the estimate's derivative in it, the table's unit being the
+    median of sdpa's time / its estimate there (so that a table's load or machine does not enter); the median per
+    table and over all."""
+    name, constant = target.split(".")
+    module = importlib.import_module(f"attnmask.backends.{name}")
+    at = FITTED[name].index(constant)
     everything = []
     for path in paths:
         threads = table_threads(path)
         cells = [c for c in parse_tables(path, args.length, args.decode_keys) if not c[1] and c[2] == torch.float32]
         unit = statistics.median(t / estimate(c, d, n, threads, args) for c, g, d, n, t in cells if n == "sdpa")
+        now = [getattr(module, c) for c in FITTED[name]]
         implied = []
-        for case, grad, dtype, name, seconds in cells:
-            if name != "blocksparse":
+        for case, grad, dtype, cell_name, seconds in cells:
+            if cell_name != name:
                 continue
             f = features(case, grad, dtype, name, args, threads)
-            now = [getattr(blocksparse, c) for c in FITTED[name]]
-            at = FITTED[name].index("_GROUP_COST")
             rest = f[0] + sum(v * x for j, (v, x) in enumerate(zip(now, f[1:], strict=True)) if j != at)
-            implied.append((seconds / unit - rest) / f[1 + at])
+            if f[1 + at] > 0:
+                implied.append((seconds / unit - rest) / f[1 + at])
         everything += implied
         median = statistics.median(implied)
-        print(f"{path}: {threads} thread(s), {len(implied)} rows, implied _GROUP_COST median {median:.3g}")
-    print(f"all: median {statistics.median(everything):.3g} (now {blocksparse._GROUP_COST:.3g})")
+        print(f"{path}: {threads} thread(s), {len(implied)} rows, implied {constant} median {median:.3g}")
+    print(f"all: median {statistics.median(everything):.3g} (now {getattr(module, constant):.3g})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -836,7 +841,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="rows of 1,024, decode against 4,096 keys")
     parser.add_argument("--dry-run", action="store_true", help="rows of 256, decode against 512 keys, one round")
     parser.add_argument("--fit", nargs="+", metavar="OUTPUT", help="fit the cost constants to saved outputs; no timing")
-    parser.add_argument("--groups", action="store_true", help="with --fit: blocksparse's per-group charge per table")
+    parser.add_argument(
+        "--implied", metavar="BACKEND.CONSTANT", help="with --fit: the value of one constant each table implies"
+    )
     parser.add_argument(
         "--modes", action="store_true", help="with --fit: fit each backend's bfloat16 and backward factors instead"
     )
@@ -852,8 +859,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.fit and args.held_out:
         held_out(args.fit, args.held_out, args)
         return
-    if args.fit and args.groups:
-        fit_groups(args.fit, args)
+    if args.fit and args.implied:
+        fit_implied(args.fit, args.implied, args)
         return
     if args.fit and args.modes:
         fit_modes(args.fit, args)

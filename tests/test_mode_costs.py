@@ -109,7 +109,7 @@ def test_fit_modes_recovers_the_factors_the_tables_were_made_with(tmp_path, caps
 
 def test_fit_groups_recovers_the_per_tile_charge_the_table_was_made_with(tmp_path, capsys, monkeypatch):
     """A table timed at 1 ps per unit (sdpa's estimate) whose blocksparse column was made with a per-tile charge of
-    7e6: ``--fit --groups`` reads 7e6 back, whatever the module holds."""
+    7e6: ``--fit --implied blocksparse._GROUP_COST`` reads 7e6 back, whatever the module holds."""
     bench = bench_limit()
     args = argparse.Namespace(heads=4, dim=64, length=256, decode_keys=512)
     names = [c for c in bench.cases(256, 512) if c.name.startswith(("causal +", "prefix", "causal chunked"))]
@@ -126,7 +126,7 @@ def test_fit_groups_recovers_the_per_tile_charge_the_table_was_made_with(tmp_pat
     lines += [f"| {name} | 0.5 | 1.0 | - | - | {s!r} | {b!r} | sdpa | 1.0 |" for name, (s, b) in rows.items()]
     path = tmp_path / "groups.txt"
     path.write_text("\n".join(lines) + "\n")
-    bench.main(["--fit", str(path), "--groups"])
+    bench.main(["--fit", str(path), "--implied", "blocksparse._GROUP_COST"])
     out = capsys.readouterr().out
     assert f"1 thread(s), {len(names)} rows, implied _GROUP_COST median 7e+06" in out
     assert "all: median 7e+06 (now 1e+05)" in out

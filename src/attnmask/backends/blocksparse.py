@@ -36,9 +36,9 @@ _PAIR_COST = 1.3  # one multiply-add of a pair of a FULL or PARTIAL tile (tile-s
 _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL tile
 # One query tile's fixed work (its group's views, a kernel call per run, the copies into place: Python and dispatch):
 # the median over the one-thread float32 forward rows of 256 and 512 tokens of (measured time - the rest of the
-# estimate) / query tiles, in sdpa's unit per table (``benchmarks/bench_limit.py --fit ... --groups`` on
-# benchmarks/limit_tables/small_256_1.txt and small_512_1.txt: 3.6e6 and 4.4e6; the older 1K tables, timed before
-# the rows without keys were found once per plan, imply 6.5e6-6.8e6). RESULTS.md, "Per-tile charge".
+# estimate) / query tiles, in sdpa's unit per table: ``benchmarks/bench_limit.py --fit ... --implied
+# blocksparse._GROUP_COST`` on benchmarks/limit_tables/small_256_1.txt and small_512_1.txt gives 3.6e6 and 4.4e6 (the
+# older 1K tables, timed before the rows without keys were found once per plan, 6.5e6-6.8e6). RESULTS.md, issue 15.
 _GROUP_COST = 4e6
 # Threads: the query groups are tasks of ``_workers.parallel_map`` (no ``min_work``), each added thread contributing
 # this share of a core to their pairs and masks, and each group dealt to a worker costing ``_HANDOVER_COST`` more (its
