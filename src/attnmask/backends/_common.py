@@ -73,11 +73,16 @@ class ModeFactors:
     backward: float = 1.0
     bf16_backward: float = 1.0
 
+    def covers(self, dtype: torch.dtype, device_type: str) -> bool:
+        """Whether a fitted factor stands for ``dtype`` on ``device_type`` (bfloat16 on a CPU with AMX tiles): then
+        it includes what the backend pays for casting to its compute dtype, which the estimate need not add."""
+        return device_type == "cpu" and dtype == torch.bfloat16 and cpu_has_amx_bf16()
+
     def of(self, dtype: torch.dtype, device_type: str, needs_grad: bool) -> float:
         """The factor for a call in ``dtype`` on ``device_type``, differentiated or not."""
         if device_type != "cpu":
             return 1.0
-        if dtype == torch.bfloat16 and cpu_has_amx_bf16():
+        if self.covers(dtype, device_type):
             return self.bf16_backward if needs_grad else self.bf16
         return self.backward if needs_grad else 1.0
 

@@ -50,9 +50,9 @@ _MASK_COST = 20.0  # evaluating the spec on one (query, key) pair of the band, o
 # (``serial_steps``). Fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread tables (RESULTS.md,
 # "Thread-aware estimates").
 _THREAD_EFFICIENCY = 0.0
-# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the 1K tables
-# benchmarks/limit_tables/modes_q1.txt and modes_q2.txt (RESULTS.md, "bfloat16 and backward in the estimates").
-MODES = ModeFactors(bf16=1.22, backward=5.6, bf16_backward=5.75)
+# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
+# tables benchmarks/limit_tables/modes_*.txt (RESULTS.md, issue 15, "bfloat16 and backward in the estimates").
+MODES = ModeFactors(bf16=0.94, backward=4.18, bf16_backward=5.64)
 
 
 class _BandPlan(NamedTuple):

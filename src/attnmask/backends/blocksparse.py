@@ -47,9 +47,9 @@ _GROUP_COST = 4e6
 # and 2-thread tables (RESULTS.md, "Thread-aware estimates").
 _THREAD_EFFICIENCY = 0.13
 _HANDOVER_COST = 3.2e6
-# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the 1K tables
-# benchmarks/limit_tables/modes_q1.txt and modes_q2.txt (RESULTS.md, "bfloat16 and backward in the estimates").
-MODES = ModeFactors(bf16=1.57, backward=3.75, bf16_backward=3.15)
+# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
+# tables benchmarks/limit_tables/modes_*.txt (RESULTS.md, issue 15, "bfloat16 and backward in the estimates").
+MODES = ModeFactors(bf16=1.31, backward=3.44, bf16_backward=3.2)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:

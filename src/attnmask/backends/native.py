@@ -361,9 +361,9 @@ _CALL_COST = 2e4  # one ctypes call and the output allocation
 # thread contributing this share of a core. Fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread
 # tables (RESULTS.md, "Thread-aware estimates").
 _THREAD_EFFICIENCY = 0.0
-# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the 1K tables
-# benchmarks/limit_tables/modes_q1.txt and modes_q2.txt (RESULTS.md, "bfloat16 and backward in the estimates").
-MODES = ModeFactors(bf16=0.63, backward=3.65, bf16_backward=1.42)
+# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
+# tables benchmarks/limit_tables/modes_*.txt (RESULTS.md, issue 15, "bfloat16 and backward in the estimates").
+MODES = ModeFactors(bf16=1.18, backward=3.51, bf16_backward=3.47)
 _ITEMS_PER_PULL = 8  # segattn.c's worker loop
 
 
@@ -404,7 +404,8 @@ def cost(call) -> float:
     """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each (``_LONG_PAIR_COST`` in runs of more than
     ``_SHORT_RUN`` keys) and each query row and head at ``_ROW_COST`` per element, divided by what the kernel's
     threads gain on its items (``_workers.threads_available()`` threads pulling ``_ITEMS_PER_PULL`` items at a time),
-    then float32 copies of half-precision inputs (comparable with the ``"varlen"`` backend's cost)."""
+    then float32 copies of half-precision inputs unless ``MODES`` covers their dtype (comparable with the ``"varlen"``
+    backend's cost)."""
     plan = varlen_plan(call)
     width = call.head_dim + call.value_dim
     segs = plan.segments
@@ -414,7 +415,7 @@ def cost(call) -> float:
     item = (per_segment * per_pair + segs[:, 2].double() * _ROW_COST) * width  # one (segment, head) item
     outside = call.batch * call.q_len - float(segs[:, 2].sum())  # query rows in no segment (zeroed, not walked)
     serial = _CALL_COST + outside * call.heads * width * _ROW_COST
-    if call.q.dtype not in (torch.float32, torch.float64):
+    if call.q.dtype not in (torch.float32, torch.float64) and not MODES.covers(call.q.dtype, call.q.device.type):
         tokens = call.batch * (call.heads * call.q_len + 2 * call.kv_heads * call.kv_len)
         serial += tokens * width * 2 * COPY_COST
     estimate = serial + float(item.sum()) * call.heads / _threads_gain(item, call.heads)

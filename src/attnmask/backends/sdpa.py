@@ -50,9 +50,9 @@ _AMX_BF16_PAIR_FACTOR = 0.5
 # added thread contributing this share of a core (fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and
 # 2-thread tables, RESULTS.md "Thread-aware estimates"; the mask is built by element-wise ops split the same way).
 _THREAD_EFFICIENCY = 0.41
-# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the 1K tables
-# benchmarks/limit_tables/modes_q1.txt and modes_q2.txt (RESULTS.md, "bfloat16 and backward in the estimates").
-MODES = ModeFactors(bf16=1.2, backward=3.9, bf16_backward=4.4)
+# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
+# tables benchmarks/limit_tables/modes_*.txt (RESULTS.md, issue 15, "bfloat16 and backward in the estimates").
+MODES = ModeFactors(bf16=0.98, backward=3.57, bf16_backward=4.47)
 _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept with its plans (the layers share it)
 
 

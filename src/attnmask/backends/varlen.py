@@ -60,9 +60,9 @@ _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this man
 # them: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread tables (RESULTS.md, "Thread-aware estimates").
 _THREAD_EFFICIENCY = 0.13
 _HANDOVER_COST = 3.2e6
-# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the 1K tables
-# benchmarks/limit_tables/modes_q1.txt and modes_q2.txt (RESULTS.md, "bfloat16 and backward in the estimates").
-MODES = ModeFactors(bf16=1.05, backward=3.98, bf16_backward=3.53)
+# Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
+# tables benchmarks/limit_tables/modes_*.txt (RESULTS.md, issue 15, "bfloat16 and backward in the estimates").
+MODES = ModeFactors(bf16=0.84, backward=3.17, bf16_backward=3.33)
 
 
 def varlen_attention(
