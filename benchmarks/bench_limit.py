@@ -42,6 +42,7 @@ table, judged on it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 import os
@@ -389,7 +390,9 @@ def parse_tables(path: str, length: int, decode_keys: int) -> list[tuple[Case, b
         if title:
             grad, dtype = title.group(1) != "forward", getattr(torch, title.group(2))
         cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
-        if cells[0] == "structure" and cells[1] == "allowed":
+        if cells[0] == "structure" and cells[1] != "allowed":  # a --busy table (parse_busy): not idle times
+            names = []
+        elif cells[0] == "structure" and cells[1] == "allowed":
             first = cells.index("ideal ms") + 1  # then the floor's columns (tables since branch floor), the backends
             first += sum(c in ("covered", "floor ms") for c in cells[first : first + 2])
             names = cells[first : cells.index("auto picks")]
@@ -780,12 +783,79 @@ def fit_modes(paths: list[str], args) -> None:
                 ratios[label].append((seconds / base[1]) / (est / est_base))
         if not all(ratios.values()):
             continue
-        fitted[module] = {"MODES": ModeFactors(**{k: round(statistics.median(v), 2) for k, v in ratios.items()})}
+        medians = {k: round(statistics.median(v), 2) for k, v in ratios.items()}
+        fitted[module] = {"MODES": dataclasses.replace(module.MODES, **medians)}
         counts = ", ".join(str(len(v)) for v in ratios.values())
         print(f"| {name} | {module.MODES} | {fitted[module]['MODES']} | {counts} |")
     before = pick_quality(tables, args)
     after = with_constants(fitted, pick_quality, tables, args)
     print("\n| structure | rows | threads, mode | auto / best now | with the fitted factors |")
+    print("|---|---|---|---|---|")
+    for key in before:
+        now, new = before[key], after[key]
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {now[0]} {now[1]:.2f} | {new[0]} {new[1]:.2f} |")
+    print(f"now: {summary(before)}\nfitted: {summary(after)}")
+
+
+def parse_busy(path: str, length: int, decode_keys: int) -> list[tuple[Case, bool, torch.dtype, str, float, float]]:
+    """``(case, grad, dtype, backend, slowdown busy / idle, busy seconds)`` of every cell of the ``--busy`` tables in
+    ``path`` (the dtype is the one of the idle table before each)."""
+    text = open(path, encoding="utf-8").read()
+    sizes = re.search(r"rows of (\d+), decode against (\d+) keys", text)
+    if sizes:
+        length, decode_keys = int(sizes.group(1)), int(sizes.group(2))
+    by_name = {c.name: c for c in cases(length, decode_keys)}
+    out, grad, dtype, names = [], False, torch.float32, []
+    for line in text.splitlines():
+        title = re.match(r"\*\*(forward \+ backward|forward), (\w+), ", line)
+        if title:
+            dtype = getattr(torch, title.group(2))
+        busy = re.match(r"\*\*(forward \+ backward|forward), one core busy", line)
+        if busy:
+            grad = busy.group(1) != "forward"
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if cells[0] == "structure":
+            names = cells[1 : cells.index("auto picks")] if cells[1] == "(unmasked sdpa)" else []
+        elif names and cells[0] in by_name and len(cells) > len(names):
+            for name, cell in zip(names, cells[1 : 1 + len(names)], strict=True):
+                found = re.match(r"([\d.]+) \(([\d.]+)\)", cell)
+                if found and not name.startswith("("):
+                    slow, ms = float(found.group(1)), float(found.group(2))
+                    out.append((by_name[cells[0]], grad, dtype, name, slow, ms / 1e3))
+    return out
+
+
+def fit_busy(paths: list[str], args) -> None:
+    """Per backend, ``MODES.busy`` and ``busy_backward``: the median slowdown busy / idle of its forward and forward +
+    backward cells in the ``--busy`` tables of ``paths``; then auto's picks while a core is taken
+    (``_workers.contended`` patched true, each table's thread count), judged on the busy times, with the modules'
+    factors and with the fitted ones."""
+    tables = [(table_threads(p), parse_busy(p, args.length, args.decode_keys)) for p in paths]
+    fitted = {}
+    print("| backend | busy now -> fitted | busy_backward now -> fitted | cells |")
+    print("|---|---|---|---|")
+    for name in FITTED:
+        module = importlib.import_module(f"attnmask.backends.{name}")
+        fwd = [slow for _, cells in tables for c, g, d, n, slow, _ in cells if n == name and not g]
+        bwd = [slow for _, cells in tables for c, g, d, n, slow, _ in cells if n == name and g]
+        if not fwd and not bwd:
+            continue
+        busy = round(statistics.median(fwd), 2) if fwd else module.MODES.busy
+        busy_backward = round(statistics.median(bwd), 2) if bwd else module.MODES.busy_backward
+        fitted[module] = {"MODES": dataclasses.replace(module.MODES, busy=busy, busy_backward=busy_backward)}
+        print(
+            f"| {name} | {module.MODES.busy} -> {busy} | {module.MODES.busy_backward} -> {busy_backward} | "
+            f"{len(fwd)}, {len(bwd)} |"
+        )
+    busy_times = [(threads, [(c, g, d, n, t) for c, g, d, n, _, t in cells]) for threads, cells in tables]
+    contended = workers.contended
+    try:
+        workers.contended = lambda: True
+        before = pick_quality(busy_times, args)
+        after = with_constants(fitted, pick_quality, busy_times, args)
+    finally:
+        workers.contended = contended
+    print("\n| structure | rows | threads, mode | auto busy / best busy now | with the fitted factors |")
     print("|---|---|---|---|---|")
     for key in before:
         now, new = before[key], after[key]
@@ -842,6 +912,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="rows of 256, decode against 512 keys, one round")
     parser.add_argument("--fit", nargs="+", metavar="OUTPUT", help="fit the cost constants to saved outputs; no timing")
     parser.add_argument(
+        "--busy-factors", action="store_true", help="with --fit: each backend's slowdowns from --busy tables"
+    )
+    parser.add_argument(
         "--implied", metavar="BACKEND.CONSTANT", help="with --fit: the value of one constant each table implies"
     )
     parser.add_argument(
@@ -858,6 +931,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.fit and args.held_out:
         held_out(args.fit, args.held_out, args)
+        return
+    if args.fit and args.busy_factors:
+        fit_busy(args.fit, args)
         return
     if args.fit and args.implied:
         fit_implied(args.fit, args.implied, args)

@@ -5,6 +5,7 @@ recovers them from its own tables."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 
 import pytest
@@ -101,7 +102,7 @@ def test_fit_modes_recovers_the_factors_the_tables_were_made_with(tmp_path, caps
     own = BS.MODES
     bench.main(["--fit", str(path), "--modes"])
     out = capsys.readouterr().out
-    fitted = "ModeFactors(bf16=1.5, backward=4.0, bf16_backward=3.0)"
+    fitted = dataclasses.replace(own, bf16=1.5, backward=4.0, bf16_backward=3.0)  # the busy factors kept
     assert f"| blocksparse | {own} | {fitted} | {len(names)}, {len(names)}, {len(names)} |" in out
     assert "1, bfloat16, fwd+bwd" in out and "now: " in out and "fitted: " in out
     assert BS.MODES == own  # the modules keep their own factors
@@ -130,3 +131,77 @@ def test_fit_groups_recovers_the_per_tile_charge_the_table_was_made_with(tmp_pat
     out = capsys.readouterr().out
     assert f"1 thread(s), {len(names)} rows, implied _GROUP_COST median 7e+06" in out
     assert "all: median 7e+06 (now 1e+05)" in out
+
+
+def test_busy_factors_apply_only_while_cores_are_taken(monkeypatch):
+    modes = ModeFactors(backward=3.0, busy=1.5, busy_backward=2.0)
+    assert modes.of(torch.float32, "cpu", False, contended=True) == 1.5
+    assert modes.of(torch.float32, "cpu", True, contended=True) == 6.0
+    assert modes.of(torch.float32, "cpu", True, contended=False) == 3.0
+    assert modes.of(torch.float32, "cuda", True, contended=True) == 1.0
+    fwd = call(torch.float32, False)
+    monkeypatch.setattr(W, "contended", lambda: True)
+    assert C.mode_factor(modes, fwd) == 1.5
+    monkeypatch.setattr(W, "contended", lambda: False)
+    assert C.mode_factor(modes, fwd) == 1.0
+
+
+def test_contended_follows_the_threads_small_regions_get(monkeypatch):
+    monkeypatch.setattr(W, "threads_available", lambda: 2)
+    monkeypatch.setattr(W, "region_threads", lambda work=None: 1)
+    assert W.contended()
+    monkeypatch.setattr(W, "region_threads", lambda work=None: 2)
+    assert not W.contended()
+
+
+def test_auto_chooses_again_when_cores_are_taken_or_freed(monkeypatch):
+    """The cached choice is keyed by the load: a backend that slows most while a core is taken loses the pick then,
+    and wins it back once the core is free, for the same spec object."""
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    fwd = call(torch.float32, False)
+    first = A.choose_backend(fwd)
+    module = importlib.import_module(f"attnmask.backends.{first.name}")
+    monkeypatch.setattr(module, "MODES", dataclasses.replace(module.MODES, busy=1e6))
+    monkeypatch.setattr(W, "contended", lambda: True)
+    busy = A.choose_backend(fwd)
+    assert busy is not first
+    monkeypatch.setattr(W, "contended", lambda: False)
+    assert A.choose_backend(fwd) is first
+
+
+def test_the_reference_estimate_scales_at_least_as_much_as_any_backend():
+    """The oracle is picked only where nothing else serves: in every mode its factor is the largest fitted."""
+    ref = importlib.import_module("attnmask.backends.reference").MODES
+    for name in CPU_BACKENDS:
+        modes = importlib.import_module(f"attnmask.backends.{name}").MODES
+        for field in ("bf16", "backward", "bf16_backward", "busy", "busy_backward"):
+            assert getattr(ref, field) >= getattr(modes, field), (name, field)
+
+
+def test_fit_busy_factors_reads_the_busy_tables_and_only_them(tmp_path, capsys):
+    bench = bench_limit()
+    names = [c.name for c in bench.cases(256, 512) if c.name.startswith(("causal +", "prefix", "causal chunked"))]
+    lines = ["torch x, 2 thread(s), rows of 256, decode against 512 keys, H=4, D=64, load 0", ""]
+    lines += ["**forward, float32, 2 thread(s)** (ms)", ""]
+    lines += ["| structure | allowed | ideal ms | covered | floor ms | blocksparse | auto picks | auto / ideal |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | 0.5 | 1.0 | - | - | 5.0 | blocksparse | 1.0 |" for name in names]
+    for title, slow in (("forward", 1.5), ("forward + backward", 2.5)):
+        lines += ["", f"**{title}, one core busy: slowdown busy / idle (busy ms)**", ""]
+        lines += ["| structure | (unmasked sdpa) | (floor) | blocksparse | auto picks | auto busy / best busy | x |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        spread = (-0.1, 0.0, 0.4, 0.1)  # median +0.05, mean +0.1
+        rows = zip(names, spread, strict=True)
+        lines += [f"| {n} | 2.00 (9.0) | - | {slow + d:.2f} (7.5) | blocksparse | 1.00 | - |" for n, d in rows]
+    path = tmp_path / "busy.txt"
+    path.write_text("\n".join(lines) + "\n")
+    cells = bench.parse_tables(str(path), 8192, 32768)
+    assert {seconds for *_, seconds in cells} == {0.005}  # the idle table only
+    busy = bench.parse_busy(str(path), 8192, 32768)
+    assert {(grad, name) for _, grad, _, name, _, _ in busy} == {(False, "blocksparse"), (True, "blocksparse")}
+    assert {seconds for *_, seconds in busy} == {0.0075}
+    own = BS.MODES
+    bench.main(["--fit", str(path), "--busy-factors"])
+    out = capsys.readouterr().out
+    assert f"| blocksparse | {own.busy} -> 1.55 | {own.busy_backward} -> 2.55 | 4, 4 |" in out
+    assert "now: " in out and BS.MODES == own

@@ -161,24 +161,26 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
     Ties go to the backend registered first; a backend whose ``auto`` excludes the call's device is only used by
     name. Raises ``BackendError`` for an unknown name, or for a call the named backend (or, for ``"auto"``, every
     backend) refuses, listing every reason. The ``"auto"`` choice is cached with the call's plans
-    (``attnmask.plancache``: per spec object and call signature) together with the registry it was made from and the
-    thread count the estimates saw (``_workers.threads_available()``), so a repeated spec and shape at the same thread
-    count skips every ``unsupported`` and ``cost``: these may depend only on the spec, the shapes, strides, dtype and
-    device of q, k, v, whether a gradient is needed, the call's scalar fields (the scale) and that thread count, never
-    on tensor values outside the spec.
+    (``attnmask.plancache``: per spec object and call signature) together with the registry it was made from, the
+    thread count the estimates saw (``_workers.threads_available()``) and whether other processes held cores then
+    (``_workers.contended()``: the estimates apply their busy factors), so a repeated spec and shape in the same
+    conditions skips every ``unsupported`` and ``cost``: these may depend only on the spec, the shapes, strides, dtype
+    and device of q, k, v, whether a gradient is needed, the call's scalar fields (the scale), that thread count and
+    that load, never on tensor values outside the spec.
     """
     if backend == "auto":
         plans = call_plans(call)
         registry, threads = tuple(_BACKENDS.values()), _workers.threads_available()
+        busy = call.q.device.type == "cpu" and _workers.contended()
         made = plans.get("auto")
-        if made is not None and made[:2] == (registry, threads):
-            return made[2]
+        if made is not None and made[:3] == (registry, threads, busy):
+            return made[3]
         chosen, refused = _pick(call, registry)
         if chosen is None:
             raise bad(
                 BackendError, "backend", "a registered backend that supports these inputs", _reasons_text(refused)
             )
-        plans["auto"] = (registry, threads, chosen)
+        plans["auto"] = (registry, threads, busy, chosen)
         return chosen
     if not isinstance(backend, str) or backend not in _BACKENDS:
         raise bad(BackendError, "backend", f"one of {['auto', *_BACKENDS]}", repr(backend))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import attnmask.backends._workers as _workers
 from attnmask import masks as M
 from attnmask.errors import BackendError, DTypeError, ShapeError, bad
 from attnmask.lowering import VarlenArgs, varlen_args, varlen_form
@@ -38,6 +39,7 @@ __all__ = [
     "check_segments",
     "cpu_has_amx_bf16",
     "degenerate",
+    "mode_factor",
     "segments_from_varlen",
     "varlen_plan",
 ]
@@ -56,8 +58,10 @@ class ModeFactors:
     """What a backend's CPU estimate of a float32 forward is multiplied by in the other modes a call can run in:
     ``bf16`` for a bfloat16 forward, ``backward`` for a float32 forward whose backward will run too (the whole
     forward + backward against the forward alone), ``bf16_backward`` for both. Fitted per backend by
-    ``benchmarks/bench_limit.py --fit`` (median over the timed rows of measured time / estimate in that mode, against
-    the same rows' float32 forward).
+    ``benchmarks/bench_limit.py --fit ... --modes`` (median over the timed rows of measured time / estimate in that
+    mode, against the same rows' float32 forward). While other processes hold cores (``_workers.contended``) the
+    factor is further multiplied by ``busy`` (a forward) or ``busy_backward`` (forward + backward): the backend's
+    median slowdown with one of two cores busy (``--fit ... --busy-factors`` on ``--busy`` tables).
 
     The bfloat16 factors were measured on a CPU with AMX bfloat16 tiles, where torch's SDPA kernel runs bfloat16 about
     twice as fast as float32 while the backends that compute in float32 pay for the casts; on any other CPU (and for
@@ -72,19 +76,30 @@ class ModeFactors:
     bf16: float = 1.0
     backward: float = 1.0
     bf16_backward: float = 1.0
+    busy: float = 1.0
+    busy_backward: float = 1.0
 
     def covers(self, dtype: torch.dtype, device_type: str) -> bool:
         """Whether a fitted factor stands for ``dtype`` on ``device_type`` (bfloat16 on a CPU with AMX tiles): then
         it includes what the backend pays for casting to its compute dtype, which the estimate need not add."""
         return device_type == "cpu" and dtype == torch.bfloat16 and cpu_has_amx_bf16()
 
-    def of(self, dtype: torch.dtype, device_type: str, needs_grad: bool) -> float:
-        """The factor for a call in ``dtype`` on ``device_type``, differentiated or not."""
+    def of(self, dtype: torch.dtype, device_type: str, needs_grad: bool, contended: bool = False) -> float:
+        """The factor for a call in ``dtype`` on ``device_type``, differentiated or not, with cores taken or not."""
         if device_type != "cpu":
             return 1.0
         if self.covers(dtype, device_type):
-            return self.bf16_backward if needs_grad else self.bf16
-        return self.backward if needs_grad else 1.0
+            factor = self.bf16_backward if needs_grad else self.bf16
+        else:
+            factor = self.backward if needs_grad else 1.0
+        return factor * ((self.busy_backward if needs_grad else self.busy) if contended else 1.0)
+
+
+def mode_factor(modes: ModeFactors, call) -> float:
+    """``modes.of`` for ``call`` as it runs now: its dtype, device, whether it needs a gradient, and whether other
+    processes hold cores (``_workers.contended``, read at most every 0.1 s)."""
+    contended = call.q.device.type == "cpu" and _workers.contended()
+    return modes.of(call.q.dtype, call.q.device.type, call.needs_grad, contended)
 
 
 @functools.cache

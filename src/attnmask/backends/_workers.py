@@ -211,6 +211,14 @@ def region_threads(work: float | None = None) -> int:
     return threads if free is None else max(1, min(threads, free))
 
 
+def contended() -> bool:
+    """Whether other processes hold cores this process's threads would use: :func:`region_threads` of a small region
+    gives fewer than :func:`threads_available` threads. The cost estimates then apply their backends' busy factors
+    (``_common.ModeFactors``), and ``"auto"`` keys its cached choice by it. ``False`` wherever the threads do not
+    follow the load (one thread, adaptation off, in a worker, deterministic algorithms, tracing, no /proc/stat)."""
+    return region_threads() < threads_available()
+
+
 # How the load of other processes is measured (free_cores): over at least SAMPLE_SECONDS (/proc/stat counts in ticks
 # of 10 ms, so a shorter interval is mostly rounding), from a baseline at most STALE_SECONDS old (an older one is
 # replaced and the previous decision kept: the decision follows the last second, not an average since the last call).

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
-from attnmask.backends._common import COPY_COST, ModeFactors, cached, degenerate, off_cpu
+from attnmask.backends._common import COPY_COST, ModeFactors, cached, degenerate, mode_factor, off_cpu
 from attnmask.backends._workers import all_threads, graph_in, serial_steps
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.tiles import TileGrid
@@ -51,8 +51,9 @@ _MASK_COST = 20.0  # evaluating the spec on one (query, key) pair of the band, o
 # "Thread-aware estimates").
 _THREAD_EFFICIENCY = 0.0
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
-# tables benchmarks/limit_tables/modes_*.txt (RESULTS.md, issue 15, "bfloat16 and backward in the estimates").
-MODES = ModeFactors(bf16=0.94, backward=4.18, bf16_backward=5.64)
+# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_*.txt
+# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
+MODES = ModeFactors(bf16=0.94, backward=4.18, bf16_backward=5.64, busy=1.11, busy_backward=1.57)
 
 
 class _BandPlan(NamedTuple):
@@ -140,7 +141,7 @@ def cost(call) -> float:
     plan = _cached_plan(call)
     parallel, serial = _parts(call, plan.block_size, plan.width)
     gain = _workers.expected_speedup([parallel], _workers.threads_available(), 0.0, _THREAD_EFFICIENCY)
-    return (serial + parallel / gain) * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
+    return (serial + parallel / gain) * mode_factor(MODES, call)
 
 
 def _estimate(call, bs: int, width: int) -> float:

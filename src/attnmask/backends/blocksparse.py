@@ -22,7 +22,7 @@ import torch
 
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
-from attnmask.backends._common import ModeFactors, cached, check_qkv, degenerate, off_cpu
+from attnmask.backends._common import ModeFactors, cached, check_qkv, degenerate, mode_factor, off_cpu
 from attnmask.backends._workers import MIN_TASK_WORK, on_free_cores, parallel_map
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.errors import ShapeError, bad
@@ -48,8 +48,9 @@ _GROUP_COST = 4e6
 _THREAD_EFFICIENCY = 0.13
 _HANDOVER_COST = 3.2e6
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
-# tables benchmarks/limit_tables/modes_*.txt (RESULTS.md, issue 15, "bfloat16 and backward in the estimates").
-MODES = ModeFactors(bf16=1.31, backward=3.44, bf16_backward=3.2)
+# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_*.txt
+# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
+MODES = ModeFactors(bf16=1.31, backward=3.44, bf16_backward=3.2, busy=1.04, busy_backward=1.42)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -576,7 +577,7 @@ def cost(call) -> float:
         work = (_PAIR_COST * per_pair + _MASK_COST) * call.batch * call.q_len * call.kv_len
         tiles = call.batch * -(-call.q_len // _block_size(call.q_len, call.kv_len))
         gain = _workers.expected_speedup([1.0] * tiles, threads, 0.0, _THREAD_EFFICIENCY)
-        return work / gain * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
+        return work / gain * mode_factor(MODES, call)
     layout = cached(call, "layout", _layout)
     counts = layout.counts()
     tile = layout.block_size**2
@@ -588,7 +589,7 @@ def cost(call) -> float:
     if threads > 1:
         weights = [w * _PAIR_COST for w in cached(call, "blocksparse_tasks", _task_weights)]  # in estimate units
         gain = _workers.expected_speedup(weights, threads, 0.0, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
-    return (in_tasks / gain + groups * _GROUP_COST) * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
+    return (in_tasks / gain + groups * _GROUP_COST) * mode_factor(MODES, call)
 
 
 def _task_weights(call) -> tuple[float, ...]:

@@ -42,7 +42,7 @@ import torch
 
 import attnmask.backends._workers as _workers
 from attnmask._dense import empty_buffer
-from attnmask.backends._common import COPY_COST, ModeFactors, check_segments, varlen_plan
+from attnmask.backends._common import COPY_COST, ModeFactors, check_segments, mode_factor, varlen_plan
 from attnmask.backends._workers import on_free_cores, region_threads
 from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
@@ -362,8 +362,9 @@ _CALL_COST = 2e4  # one ctypes call and the output allocation
 # tables (RESULTS.md, "Thread-aware estimates").
 _THREAD_EFFICIENCY = 0.0
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
-# tables benchmarks/limit_tables/modes_*.txt (RESULTS.md, issue 15, "bfloat16 and backward in the estimates").
-MODES = ModeFactors(bf16=1.18, backward=3.51, bf16_backward=3.47)
+# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_*.txt
+# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
+MODES = ModeFactors(bf16=1.18, backward=3.51, bf16_backward=3.47, busy=0.97, busy_backward=1.16)
 _ITEMS_PER_PULL = 8  # segattn.c's worker loop
 
 
@@ -419,7 +420,7 @@ def cost(call) -> float:
         tokens = call.batch * (call.heads * call.q_len + 2 * call.kv_heads * call.kv_len)
         serial += tokens * width * 2 * COPY_COST
     estimate = serial + float(item.sum()) * call.heads / _threads_gain(item, call.heads)
-    return estimate * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
+    return estimate * mode_factor(MODES, call)
 
 
 def _threads_gain(item: torch.Tensor, heads: int) -> float:

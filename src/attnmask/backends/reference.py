@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnmask.backends._common import ModeFactors, mode_factor
 from attnmask.backends.contract import (
     ALL_DTYPES,
     SCORE_MODS,
@@ -57,9 +58,16 @@ def run(call: AttentionCall) -> torch.Tensor:
     return torch.matmul(probs, v).to(call.q.dtype)
 
 
+# The oracle runs every mode with at least the work of the fused backends (unfused ops over materialised scores,
+# autograd's backward, every op split across all threads): each factor is the largest any CPU backend was fitted
+# (tests/test_mode_costs.py holds it so), so that "auto" picks it only where nothing else serves.
+MODES = ModeFactors(bf16=1.31, backward=4.18, bf16_backward=5.64, busy=1.68, busy_backward=2.54)
+
+
 def cost(call: AttentionCall) -> float:
-    """Unfused, upcast and with materialised scores: several passes over B·H·Q·K."""
-    return 4.0 * call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim + 8)
+    """Unfused, upcast and with materialised scores: several passes over B·H·Q·K, scaled by ``MODES``."""
+    work = 4.0 * call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim + 8)
+    return work * mode_factor(MODES, call)
 
 
 BACKEND = Backend(

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import attnmask.backends._common as _common
 import attnmask.backends._workers as _workers
 import attnmask.backends.cuda_costs as cuda_costs
-from attnmask.backends._common import ModeFactors, cached
+from attnmask.backends._common import ModeFactors, cached, mode_factor
 from attnmask.backends.contract import (
     ALL_DTYPES,
     TORCH_DEVICES,
@@ -51,8 +51,9 @@ _AMX_BF16_PAIR_FACTOR = 0.5
 # 2-thread tables, RESULTS.md "Thread-aware estimates"; the mask is built by element-wise ops split the same way).
 _THREAD_EFFICIENCY = 0.41
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
-# tables benchmarks/limit_tables/modes_*.txt (RESULTS.md, issue 15, "bfloat16 and backward in the estimates").
-MODES = ModeFactors(bf16=0.98, backward=3.57, bf16_backward=4.47)
+# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_*.txt
+# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
+MODES = ModeFactors(bf16=0.98, backward=3.57, bf16_backward=4.47, busy=1.68, busy_backward=2.54)
 _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept with its plans (the layers share it)
 
 
@@ -213,7 +214,7 @@ def cost(call: AttentionCall) -> float:
     flex kernels)."""
     if call.q.device.type == "cuda":
         return cuda_costs.sdpa_cost(call)
-    return _one_thread_cost(call) / _threads_gain(call) * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
+    return _one_thread_cost(call) / _threads_gain(call) * mode_factor(MODES, call)
 
 
 def _one_thread_cost(call: AttentionCall) -> float:

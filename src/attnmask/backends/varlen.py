@@ -32,6 +32,7 @@ from attnmask.backends._common import (
     ModeFactors,
     check_qkv,
     check_segments,
+    mode_factor,
     off_cpu,
     segments_from_varlen,
     varlen_plan,
@@ -61,8 +62,9 @@ _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this man
 _THREAD_EFFICIENCY = 0.13
 _HANDOVER_COST = 3.2e6
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
-# tables benchmarks/limit_tables/modes_*.txt (RESULTS.md, issue 15, "bfloat16 and backward in the estimates").
-MODES = ModeFactors(bf16=0.84, backward=3.17, bf16_backward=3.33)
+# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_*.txt
+# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
+MODES = ModeFactors(bf16=0.84, backward=3.17, bf16_backward=3.33, busy=0.98, busy_backward=1.53)
 
 
 def varlen_attention(
@@ -489,7 +491,7 @@ def cost(call) -> float:
     threads = _workers.threads_available()
     if call.dropout_p > 0:  # every call in the caller, split across every thread (_map)
         gain = _workers.expected_speedup([1.0], threads, 0.0, _THREAD_EFFICIENCY)
-        return (serial + float(per_seg.sum()) / gain) * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
+        return (serial + float(per_seg.sum()) / gain) * mode_factor(MODES, call)
     big_gain = tiny_gain = 1.0  # one thread: no tasks to weigh
     if threads > 1:
         big_tasks, tiny_tasks = _task_weights(segs.tolist(), plan.window, call.heads * width)
@@ -498,7 +500,7 @@ def cost(call) -> float:
             for tasks in (big_tasks, tiny_tasks)
         )
     estimate = serial + float(per_seg[~small].sum()) / big_gain + float(per_seg[small].sum()) / tiny_gain
-    return estimate * MODES.of(call.q.dtype, call.q.device.type, call.needs_grad)
+    return estimate * mode_factor(MODES, call)
 
 
 def _task_weights(segs: list, window: int | None, per_pair: int) -> tuple[list[float], list[float]]:
