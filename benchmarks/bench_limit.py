@@ -74,6 +74,7 @@ FITTED = {
 }
 TASKED = ("varlen", "blocksparse")  # the backends whose calls run as coarse-grained tasks (backends._workers)
 SERIAL = " 1-by-1"  # column suffix (--serial): the same backend with its tasks run one by one in the caller
+AUTO = "(auto)"  # --busy: auto itself, timed beside the backends it chooses from
 FLOOR = "(floor)"  # unmasked SDPA on blocksparse's dense blocks (cover_blocks), timed with the backends
 SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
@@ -266,6 +267,8 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
         fns[FLOOR] = floor_fn(blocks, qkv)
     for name in costs:
         fns[name] = lambda q, k, v, n=name: am.attention(q, k, v, case.spec, backend=n)
+    if args.busy:  # auto itself: while a core is taken it may choose another backend than idle
+        fns[AUTO] = lambda q, k, v: am.attention(q, k, v, case.spec)
     if args.serial:  # the same backends with their tasks run one by one in the caller (as before issue 15's fix)
         for name in [n for n in costs if n in TASKED]:
             fns[name + SERIAL] = lambda q, k, v, n=name: serially(am.attention, q, k, v, case.spec, backend=n)
@@ -273,7 +276,7 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
     times = {(p, n): [] for p in phases for n in fns}
     for fn in fns.values():
         step(fn, qkv, grad)  # warm-up: plans built and cached, kernel compiled
-    names = list(fns)
+    names, busy_picks = list(fns), []
     for r in range(args.reps):
         order = names[r % len(names) :] + names[: r % len(names)]
         for phase in phases:
@@ -285,6 +288,8 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
                     t0 = time.perf_counter()
                     step(fns[name], qkv, grad)
                     times[phase, name].append(time.perf_counter() - t0)
+                if spinner:  # what auto chose while the core was taken (the load is read at most every 0.1 s)
+                    busy_picks.append(am.explain(*qkv, case.spec).picked)
             finally:
                 if spinner:
                     spinner.__exit__()
@@ -301,6 +306,7 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
         "slow": slow,
         "costs": costs,
         "picked": explained.picked,
+        "busy_picked": max(set(busy_picks), key=busy_picks.count) if busy_picks else None,
     }
 
 
@@ -356,19 +362,21 @@ def busy_table(case_rows, names: list[str], grad: bool) -> list[str]:
     mode = "forward + backward" if grad else "forward"
     cols = ["(unmasked sdpa)", FLOOR, *names]
     lines = ["", f"**{mode}, one core busy: slowdown busy / idle (busy ms)**", ""]
-    lines.append("| structure | " + " | ".join(cols) + " | auto picks | auto busy / best busy | slows more than sdpa |")
+    lines.append(
+        "| structure | " + " | ".join(cols) + " | auto picks (busy) | auto busy / best busy | slows more than sdpa |"
+    )
     lines.append("|---|" + "---|" * len(cols) + "---|---|---|")
     for case, m in case_rows:
         med = m["med"]
         slow = m["slow"]
         busy = {n: med["busy", n] for n in m["costs"]}
-        auto_busy = busy.get(m["picked"], float("nan")) / min(busy.values())
+        auto_busy = med["busy", AUTO] / min(busy.values())
         worse = [n for n in m["costs"] if slow[n] > slow["(unmasked sdpa)"] * 1.1]
         cells = [f"{slow[n]:.2f} ({fmt_ms(med['busy', n])})" if n in slow else "-" for n in cols]
         lines.append(
             f"| {case.name} | "
             + " | ".join(cells)
-            + f" | {m['picked']} | {auto_busy:.2f} | {', '.join(worse) or '-'} |"
+            + f" | {m['busy_picked']} | {auto_busy:.2f} | {', '.join(worse) or '-'} |"
         )
     return lines
 
@@ -815,7 +823,8 @@ def parse_busy(path: str, length: int, decode_keys: int) -> list[tuple[Case, boo
             grad = busy.group(1) != "forward"
         cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
         if cells[0] == "structure":
-            names = cells[1 : cells.index("auto picks")] if cells[1] == "(unmasked sdpa)" else []
+            end = next((i for i, c in enumerate(cells) if c.startswith("auto picks")), len(cells))
+            names = cells[1:end] if cells[1] == "(unmasked sdpa)" else []
         elif names and cells[0] in by_name and len(cells) > len(names):
             for name, cell in zip(names, cells[1 : 1 + len(names)], strict=True):
                 found = re.match(r"([\d.]+) \(([\d.]+)\)", cell)
