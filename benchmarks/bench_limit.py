@@ -796,13 +796,7 @@ def fit_modes(paths: list[str], args) -> None:
         counts = ", ".join(str(len(v)) for v in ratios.values())
         print(f"| {name} | {module.MODES} | {fitted[module]['MODES']} | {counts} |")
     before = pick_quality(tables, args)
-    after = with_constants(fitted, pick_quality, tables, args)
-    print("\n| structure | rows | threads, mode | auto / best now | with the fitted factors |")
-    print("|---|---|---|---|---|")
-    for key in before:
-        now, new = before[key], after[key]
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {now[0]} {now[1]:.2f} | {new[0]} {new[1]:.2f} |")
-    print(f"now: {summary(before)}\nfitted: {summary(after)}")
+    compare_picks(before, with_constants(fitted, pick_quality, tables, args), "auto / best")
 
 
 def parse_busy(path: str, length: int, decode_keys: int) -> list[tuple[Case, bool, torch.dtype, str, float, float]]:
@@ -864,7 +858,13 @@ def fit_busy(paths: list[str], args) -> None:
         after = with_constants(fitted, pick_quality, busy_times, args)
     finally:
         workers.contended = contended
-    print("\n| structure | rows | threads, mode | auto busy / best busy now | with the fitted factors |")
+    compare_picks(before, after, "auto busy / best busy")
+
+
+def compare_picks(before: dict, after: dict, ratio: str) -> None:
+    """auto's pick and its time over the fastest per row (``pick_quality``), with the modules' constants and with the
+    fitted ones, and the summary of each."""
+    print(f"\n| structure | rows | threads, mode | {ratio} now | with the fitted factors |")
     print("|---|---|---|---|---|")
     for key in before:
         now, new = before[key], after[key]
