@@ -16,6 +16,7 @@ import attnmask.backends._common as C
 import attnmask.backends._workers as W
 import attnmask.backends.blocksparse as BS
 import attnmask.backends.native as N
+import attnmask.backends.varlen as VL
 from attnmask.backends._common import ModeFactors
 from tests.helpers import bench_limit
 
@@ -205,3 +206,20 @@ def test_fit_busy_factors_reads_the_busy_tables_and_only_them(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"| blocksparse | {own.busy} -> 1.55 | {own.busy_backward} -> 2.55 | 4, 4 |" in out
     assert "now: " in out and BS.MODES == own
+
+
+@pytest.mark.parametrize("length, window", [(512, 256), (512, 64), (300, 100), (256, 255)])
+def test_varlen_estimate_counts_the_key_bands_its_window_path_computes(monkeypatch, length, window):
+    """Under a window shorter than the document, varlen runs masked SDPA per query block over its whole key band:
+    ``band_pairs`` counts exactly the pairs those calls compute (a causal half undercounts large windows 2x)."""
+    seen = []
+    real = VL._masked_rows
+
+    def spy(q, k, v, mask, *args):
+        seen.append(q.shape[0] * q.shape[2] * k.shape[2])
+        return real(q, k, v, mask, *args)
+
+    monkeypatch.setattr(VL, "_masked_rows", spy)
+    q = torch.randn(1, 2, length, 8)
+    am.attention(q, q, q, am.causal() & am.sliding_window(window), backend="varlen")
+    assert sum(seen) == VL.band_pairs(length, length, 0, window) > 0
