@@ -304,7 +304,7 @@ def _dense_segment(q, k, v, off, causal, window, scale, gqa, dropout_p=0.0):
             return _sdpa(q, k, v, None, True, scale, gqa, dropout_p)
         return _masked_rows(q, k, v, _band_mask(0, ql, 0, kl, off, None, q.device), scale, gqa, dropout_p)
     # Window shorter than the document: query blocks over a key band, as tasks for the workers (one per block).
-    block = max(window, 64)
+    block = _band_block(window)
 
     def band(a: int) -> torch.Tensor:
         b_end, k0, k1 = _band(a, ql, kl, off, window)
@@ -319,11 +319,16 @@ def _dense_segment(q, k, v, off, causal, window, scale, gqa, dropout_p=0.0):
     return torch.cat(outs, dim=2)
 
 
+def _band_block(window: int) -> int:
+    """Queries per block of ``_dense_segment``'s windowed path."""
+    return max(window, 64)
+
+
 def _band(a: int, q_len: int, k_len: int, off: int, window: int) -> tuple[int, int, int]:
     """``(end, k0, k1)`` of the query block starting at ``a`` under a window shorter than its segment: queries
-    ``[a, end)`` (blocks of ``max(window, 64)``) against keys ``[k0, k1)``, every key some query of the block may
+    ``[a, end)`` (blocks of ``_band_block(window)``) against keys ``[k0, k1)``, every key some query of the block may
     see."""
-    end = min(a + max(window, 64), q_len)
+    end = min(a + _band_block(window), q_len)
     return end, max(0, a + off - window + 1), min(k_len, end + off)
 
 
@@ -332,7 +337,7 @@ def band_pairs(q_len: int, k_len: int, off: int, window: int) -> int:
     call of each query block reads its whole key band (``_band``). Example: 8,192 queries under a window of 4,096,
     blocks of 4,096: ``4096·4096 + 4096·8191`` pairs, not the 4,096·8,192 of a causal half."""
     total = 0
-    for a in range(0, q_len, max(window, 64)):
+    for a in range(0, q_len, _band_block(window)):
         end, k0, k1 = _band(a, q_len, k_len, off, window)
         total += (end - a) * max(0, k1 - k0)
     return total
@@ -494,6 +499,7 @@ def cost(call) -> float:
     if whole_rows and plan.window is None:
         return float("inf")  # one SDPA call per row, exactly what "sdpa" does without the lowering
     ql, kl = segs[:, 2].double(), segs[:, 4].double()
+    shapes = segs[:, [2, 4, 5]].tolist()  # (q_len, k_len, offset) per segment
     pairs = sdpa_pairs(ql, kl, plan.causal)
     if plan.window is not None:
         pairs = torch.minimum(pairs, ql * plan.window * 2)
@@ -502,11 +508,11 @@ def cost(call) -> float:
         # Below ql·2w (small windows) the bound is kept: the exact count alone moved rows of 1,024 under windows of 128
         # to varlen, measured 1.1-1.9x slower there (its per-block masks and calls are not in the estimate); above it
         # (a window of 4,096 on 8,192 tokens: 2x the causal half) the band is what runs.
-        shapes = {(q, k, o) for q, k, o in segs[:, [2, 4, 5]].tolist() if plan.window <= q - 1 + o}
-        banded = {shape: band_pairs(*shape, plan.window) for shape in shapes}
-        rows = zip(segs[:, [2, 4, 5]].tolist(), pairs.tolist(), strict=True)
-        pairs = torch.tensor([max(banded.get((q, k, o), 0), p) for (q, k, o), p in rows], dtype=torch.float64)
-    calls = len({(a, b, c) for a, b, c in segs[:, [2, 4, 5]].tolist()})
+        windowed = {(q, k, o) for q, k, o in shapes if plan.window <= q - 1 + o}
+        banded = {shape: band_pairs(*shape, plan.window) for shape in windowed}
+        rows = zip(shapes, pairs.tolist(), strict=True)
+        pairs = torch.tensor([max(banded.get(tuple(shape), 0), p) for shape, p in rows], dtype=torch.float64)
+    calls = len({tuple(shape) for shape in shapes})
     width = call.head_dim + call.value_dim
     small = segs[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
     per_seg = pairs * call.heads * width * _PAIR_COST
@@ -544,7 +550,7 @@ def _task_weights(segs: list, window: int | None, per_pair: int) -> tuple[list[f
     if len(big) == 1 and big_weights[0] >= MIN_TASK_WORK:
         (q_len, k_len, off), n = next(iter(big.items()))
         if window is not None and window <= q_len - 1 + off:  # _dense_segment's query blocks over a key band
-            block = max(window, 64)
+            block = _band_block(window)
             row = n * min(block + window, k_len) * per_pair
             big_weights = [min(block, q_len - a) * row for a in range(0, q_len, block)]
     return big_weights, tiny_weights
