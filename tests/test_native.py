@@ -75,6 +75,54 @@ def test_segment_attention_matches_naive_on_arbitrary_segments(data, rule, threa
         torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=f"d{name}")
 
 
+@settings(max_examples=80)
+@given(data=st.data(), heads=st.integers(1, 4), threads=st.integers(2, 4))
+def test_forward_items_cut_segments_into_query_blocks_that_cover_each_row_once(data, heads, threads):
+    """Every query row of every segment is in exactly one block, which keeps its segment's keys and the rule
+    ``query i sees key j when j <= i + offset`` (its offset minus its query start is the segment's)."""
+    batch, q_len = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 300))
+    segs = random_segments(data.draw, batch, q_len, data.draw(st.integers(1, 300)))
+    blocks = N.forward_items(segs, heads, threads)
+    assert blocks.dtype == torch.long and blocks.is_contiguous() and blocks.shape[1:] == (6,)
+    want = {(row, qs + i, ks, kl, off - qs) for row, qs, ql, ks, kl, off in segs.tolist() for i in range(ql)}
+    got = [(row, qs + i, ks, kl, off - qs) for row, qs, ql, ks, kl, off in blocks.tolist() for i in range(ql)]
+    assert len(got) == len(set(got)) and set(got) == want
+    if len(blocks) > len(segs):  # cut: blocks of equal rows (the last of a segment shorter), no more than needed
+        rows = int(blocks[:, 2].max())
+        assert rows >= N._MIN_BLOCK_ROWS and len(segs) * heads < threads * N._PULLS_PER_THREAD * N._ITEMS_PER_PULL
+
+
+@pytest.mark.parametrize(
+    "spec", [am.causal(), am.sliding_window(96), am.causal() & am.document(seq_lens=[300, 100, 112])]
+)
+def test_the_threaded_forward_equals_the_one_thread_forward_bit_for_bit(spec, monkeypatch):
+    """Cutting a segment into query blocks for the threads changes no output bit, and the gradient (whole segments)
+    equals the one-thread gradient."""
+    monkeypatch.setattr(N, "region_threads", lambda work=None: torch.get_num_threads())  # whatever the load
+    calls = []
+    real_call = N._call
+    monkeypatch.setattr(N, "_call", lambda *a: calls.append((a[0], len(a[8]), a[-1])) or real_call(*a))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 512, 32, requires_grad=True) for _ in range(3))
+    results = []
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            out = am.attention(q, k, v, spec, backend="native")
+            results.append((out, grads(out, (q, k, v))))
+        finally:
+            torch.set_num_threads(before)
+    forward = [c for c in calls if not c[0]]
+    assert forward[0][2] == 1 and forward[1][2] == 2 and forward[1][1] > forward[0][1]  # the threads got blocks
+    assert torch.equal(results[0][0], results[1][0])
+    for g1, g2 in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
+    allowed = spec.to_dense(512)[:, None]
+    want = naive_attention(q.double(), k.double(), v.double(), allowed)
+    torch.testing.assert_close(results[0][0].double(), want, atol=1e-5, rtol=1e-4)
+
+
 def test_native_reads_strided_inputs_without_copying_them():
     # (B, L, H, D) projections viewed as (B, H, L, D), as transformers hands them over.
     lens = [3, 5, 4]

@@ -166,13 +166,23 @@ def test_sdpa_one_query_uses_at_most_its_head_items(monkeypatch):
     assert cost_at(SD, call, 8, monkeypatch) == pytest.approx(cost_at(SD, call, 1, monkeypatch) / 2)  # B·H = 2 items
 
 
-def test_native_single_segment_gains_nothing_many_documents_do(monkeypatch):
+def test_native_forward_gains_on_query_blocks_its_backward_on_whole_segments(monkeypatch):
     monkeypatch.setattr(NT, "_THREAD_EFFICIENCY", 1.0)
-    one = call_for(am.sliding_window(64))  # one segment x 4 heads: one pull of 8 items, one thread
-    assert cost_at(NT, one, 2, monkeypatch) == pytest.approx(cost_at(NT, one, 1, monkeypatch))
-    many = call_for(am.causal() & am.document(seq_lens=[32] * 32))  # 128 equal items, 16 pulls
+    monkeypatch.setattr(W, "contended", lambda: False)  # no busy factor, whatever the machine's load
+    one = call_for(am.sliding_window(64))  # one segment: the forward cuts it into 32 blocks x 4 heads, 16 pulls
+    one_thread, two = cost_at(NT, one, 1, monkeypatch), cost_at(NT, one, 2, monkeypatch)
+    assert two == pytest.approx(NT._CALL_COST + (one_thread - NT._CALL_COST) / 2, rel=0.02)
+    many = call_for(am.causal() & am.document(seq_lens=[32] * 32))  # 128 equal items, 16 pulls: not cut
     one_thread, two = cost_at(NT, many, 1, monkeypatch), cost_at(NT, many, 2, monkeypatch)
     assert two == pytest.approx(NT._CALL_COST + (one_thread - NT._CALL_COST) / 2)
+    # with a gradient, the backward's items are whole segments, one a key/value head, taken one at a time when few:
+    # the 4 heads of one segment on 2 threads halve its backward too
+    q = torch.zeros(1, 4, 1024, 64, requires_grad=True)
+    graded = A._prepare_call(q, q.detach(), q.detach(), am.sliding_window(64), None, None, None)
+    factor = NT.MODES.of(torch.float32, "cpu", needs_grad=True)
+    one_thread, forward_two = cost_at(NT, one, 1, monkeypatch), cost_at(NT, one, 2, monkeypatch)
+    backward_two = NT._CALL_COST + (one_thread - NT._CALL_COST) / 2
+    assert cost_at(NT, graded, 2, monkeypatch) == pytest.approx(forward_two + backward_two * (factor - 1))
 
 
 def test_varlen_small_tasks_stay_on_one_thread_large_ones_share(monkeypatch):

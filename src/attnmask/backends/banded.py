@@ -51,9 +51,9 @@ _MASK_COST = 20.0  # evaluating the spec on one (query, key) pair of the band, o
 # "Thread-aware estimates").
 _THREAD_EFFICIENCY = 0.0
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
-# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_*.txt
+# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
-MODES = ModeFactors(bf16=0.94, backward=4.18, bf16_backward=5.64, busy=1.11, busy_backward=1.57)
+MODES = ModeFactors(bf16=0.94, backward=4.18, bf16_backward=5.64, busy=1.13, busy_backward=1.67)
 
 
 class _BandPlan(NamedTuple):

@@ -48,9 +48,9 @@ _GROUP_COST = 4e6
 _THREAD_EFFICIENCY = 0.13
 _HANDOVER_COST = 3.2e6
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
-# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_*.txt
+# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
-MODES = ModeFactors(bf16=1.31, backward=3.44, bf16_backward=3.2, busy=1.04, busy_backward=1.42)
+MODES = ModeFactors(bf16=1.31, backward=3.44, bf16_backward=3.2, busy=1.0, busy_backward=1.5)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,9 @@ reports itself unsupported and ``"auto"`` uses the others.
 Semantics are those of every attnmask backend (``tests/naive.py::naive_attention``): CPU tensors, float32 and float64
 computed in their own precision, float16 / bfloat16 computed in float32; rows with no allowed key give exactly 0 and a
 zero gradient; grouped-query attention. Threads: ``torch.get_num_threads()``, fewer while other processes hold cores
-(``backends._workers.region_threads``).
+(``backends._workers.region_threads``), as an OpenMP team (torch's own, with GCC's runtime), pulling the forward's
+(query block, head) items (``forward_items``: a long segment cut into blocks, so that one window or one long document
+uses every thread) and the backward's (segment, key/value head) items.
 
 Worked example, three documents of lengths 2, 4, 3 in one row, causal inside each::
 
@@ -38,11 +40,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import attnmask.backends._workers as _workers
 from attnmask._dense import empty_buffer
-from attnmask.backends._common import COPY_COST, ModeFactors, check_segments, mode_factor, varlen_plan
+from attnmask.backends._common import COPY_COST, ModeFactors, cached, check_segments, mode_factor, varlen_plan
 from attnmask.backends._workers import on_free_cores, region_threads
 from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
@@ -50,10 +53,16 @@ from attnmask.errors import BackendError, DeviceError, DTypeError, bad
 __all__ = ["BACKEND", "native_available", "segment_attention"]
 
 _SOURCE = Path(__file__).with_name("segattn.c")
+# The kernel's threads are an OpenMP team: with GCC's runtime, the one torch itself loaded (one libgomp.so.1 per
+# process), whose idle threads are already spinning after torch's last parallel region and take the items at once.
+# Private pthreads, started per call, measured 1.3-1.8x slower than the team right after a torch matmul or SDPA (the
+# team's threads, still spinning, held the cores; RESULTS.md, issue 15, "native's threads"). A compiler without
+# OpenMP (Apple clang) builds with "-fopenmp-simd" instead, and segattn.c starts pthreads.
+_OPENMP, _SIMD_ONLY = "-fopenmp", "-fopenmp-simd"
 _FLAGS = (
     "-O3",
     "-march=native",
-    "-fopenmp-simd",
+    _OPENMP,
     "-fno-trapping-math",
     "-fno-math-errno",
     "-fPIC",
@@ -63,7 +72,7 @@ _FLAGS = (
 # ATTNMASK_NATIVE_SANITIZE=1 (``make sanitize``): the kernel built with AddressSanitizer and UndefinedBehaviorSanitizer,
 # any finding fatal; the process must preload the ASan runtime (LD_PRELOAD=$(cc -print-file-name=libasan.so)).
 _SANITIZE = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
-_PORTABLE = "-march=native"  # dropped on a second try: some compilers (older Apple clang on arm64) refuse it
+_PORTABLE = "-march=native"  # dropped on a later try: some compilers (older Apple clang on arm64) refuse it
 _LIBS = ("-lm", "-lpthread")
 _COMPILE_TIMEOUT_S = 120
 # Windows wider than any query-key distance (positions and offsets stay within 2**41) all mean "no limit": clamped to
@@ -98,17 +107,19 @@ def _cpu_signature() -> str:
 
 def _build(compiler: str) -> Path:
     """Compile ``segattn.c`` once per source, flags, compiler and CPU; returns the shared library's path. A compiler
-    that refuses ``-march=native`` gets a second try without it."""
+    that refuses OpenMP or ``-march=native`` gets further tries without them (the first error is the one raised)."""
     flags = _FLAGS
     if os.environ.get("ATTNMASK_NATIVE_SANITIZE") == "1":
         flags = tuple(f for f in _FLAGS if f != "-O3") + _SANITIZE
-    try:
-        return _build_with(compiler, flags)
-    except OSError as first:
+    simd_only = tuple(_SIMD_ONLY if f == _OPENMP else f for f in flags)
+    tries = [flags, simd_only, tuple(f for f in simd_only if f != _PORTABLE)]
+    first = None
+    for attempt in tries:
         try:
-            return _build_with(compiler, tuple(f for f in flags if f != _PORTABLE))
-        except OSError:
-            raise first from None
+            return _build_with(compiler, attempt)
+        except OSError as err:
+            first = first or err
+    raise first
 
 
 def _build_with(compiler: str, flags: tuple[str, ...]) -> Path:
@@ -249,7 +260,7 @@ def _modifier(t: torch.Tensor | None, work: torch.dtype) -> torch.Tensor | None:
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     @on_free_cores
-    def forward(ctx, q, k, v, segs, causal, window, scale, softcap=None, sinks=None, slopes=None):
+    def forward(ctx, q, k, v, segs, causal, window, scale, softcap=None, sinks=None, slopes=None, blocks=None):
         work = _work_dtype(q.dtype)
         qw, kw, vw = (_rows(t, work) for t in (q, k, v))
         mods = (softcap or 0.0, _modifier(sinks, work), _modifier(slopes, work))
@@ -261,7 +272,12 @@ class _SegmentAttention(torch.autograd.Function):
             res.zero_()
             lse.fill_(-torch.inf)  # rows in no segment: no key (read by the sinks' gradient)
         rule = (causal, window, scale)
-        _call(False, qw, kw, vw, res, None, lse, None, segs, rule, mods, region_threads(_work(segs, H, qw, vw)))
+        threads = _kernel_threads(segs, H, qw.shape[3] + vw.shape[3], rule)
+        if threads < 2:
+            blocks = segs
+        elif blocks is None:  # else forward_items for threads_available(), cached with the plan
+            blocks = forward_items(segs, H, threads)
+        _call(False, qw, kw, vw, res, None, lse, None, blocks, rule, mods, threads)
         ctx.save_for_backward(qw, kw, vw, res, lse, segs)
         ctx.meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype)
         return res.to(q.dtype)
@@ -274,18 +290,74 @@ class _SegmentAttention(torch.autograd.Function):
         rule, mods, dtype, sinks_dtype = ctx.meta
         dout = _rows(grad, qw.dtype)
         grads = tuple(torch.zeros(t.shape, dtype=qw.dtype) for t in (qw, kw, vw))
-        threads = region_threads(3 * _work(segs, qw.shape[1], qw, vw)) if _keys_disjoint(segs) else 1
+        threads = 1
+        if _keys_disjoint(segs):  # else two items could add into one dk / dv row
+            threads = _kernel_threads(segs, qw.shape[1], qw.shape[3] + vw.shape[3], rule, passes=3)
+        if threads > 1:  # items are (segment, key/value head), segment-major: the heaviest segments first
+            segs = segs[_heaviest_first(segs, rule)]
         _call(True, qw, kw, vw, res, dout, lse, grads, segs, rule, mods, threads)
         dsinks = None
         if ctx.needs_input_grad[8]:
             dsinks = _sinks_grad(mods[1], lse, res, dout).to(sinks_dtype)
-        return (*(g.to(dtype) for g in grads), None, None, None, None, None, dsinks, None)
+        return (*(g.to(dtype) for g in grads), None, None, None, None, None, dsinks, None, None)
 
 
-def _work(segs: torch.Tensor, heads: int, q: torch.Tensor, v: torch.Tensor) -> float:
-    """Multiply-adds of the segments at most (every query against every key of its segment), for the thread count
-    of the kernel's one parallel region (``backends._workers.region_threads``)."""
-    return float((segs[:, 2] * segs[:, 4]).sum()) * heads * (q.shape[-1] + v.shape[-1])
+# The forward's items: segattn.c's threads pull (segment, head) items, 8 at a time, from a shared counter. A row of
+# one segment (a window, a chunk, a long document) on H=4 heads is 4 items: one pull, so one thread computed all of
+# it whatever the thread count. The forward writes each query row from that row alone, so a segment cut into blocks
+# of queries is the same computation (bit for bit): each block keeps the segment's keys and shifts its offset by the
+# block's start. Enough items that every thread makes several pulls (_PULLS_PER_THREAD), blocks of at least
+# _MIN_BLOCK_ROWS rows (a block's fixed work is a few pointer sums). The backward keeps whole segments: its items own
+# the dk / dv rows of their segment's keys, which blocks of one segment would share.
+_PULLS_PER_THREAD = 8
+_MIN_BLOCK_ROWS = 16
+
+
+def forward_items(segs: torch.Tensor, heads: int, threads: int) -> torch.Tensor:
+    """The segments ``(N, 6)`` the forward kernel walks with ``threads`` threads: ``segs`` itself when it already
+    gives each thread ``_PULLS_PER_THREAD`` pulls of ``_ITEMS_PER_PULL`` (segment, head) items (or one thread);
+    otherwise every segment of more than ``rows`` queries cut into blocks of ``rows`` (the last one shorter), the
+    heaviest first (a causal segment's last block sees the most keys), so the last pulls are the lightest.
+
+    Example: one causal segment ``(0, 0, 100, 0, 100, 0)``, H=1, 2 threads: 128 items are wanted, so blocks of 16
+    rows, ``(0, 0, 16, 0, 100, 0)``, ``(0, 16, 16, 0, 100, 16)``, ..., ``(0, 96, 4, 0, 100, 96)``, ordered by their
+    queries times the keys a causal block reaches (block 80-95 first, block 0-15 last). O(N log N) host work in numpy
+    (torch's own ops here would wake its intra-op threads, which then spin beside the kernel's)."""
+    want = threads * _PULLS_PER_THREAD * _ITEMS_PER_PULL
+    if threads < 2 or len(segs) * heads >= want or len(segs) == 0:
+        return segs
+    s = segs.numpy()
+    q_len = s[:, 2]
+    rows = max(_MIN_BLOCK_ROWS, -(-int(q_len.sum()) * heads // want))
+    blocks = np.maximum((q_len + rows - 1) // rows, 1)
+    if int(blocks.max()) == 1:
+        return segs
+    out = np.repeat(s, blocks, axis=0)
+    start = (np.arange(len(out)) - np.repeat(np.cumsum(blocks) - blocks, blocks)) * rows  # each block's first query
+    out[:, 1] += start
+    out[:, 2] = np.minimum(out[:, 2] - start, rows)
+    out[:, 5] += start
+    reach = np.maximum(np.minimum(out[:, 5] + out[:, 2], out[:, 4]), 1)  # keys a causal block's last query sees
+    return torch.from_numpy(np.ascontiguousarray(out[np.argsort(-(out[:, 2] * reach), kind="stable")]))
+
+
+def _kernel_threads(segs: torch.Tensor, heads: int, width: int, rule: tuple, passes: int = 1) -> int:
+    """Threads for a kernel call over ``segs`` on ``heads`` heads (``rule``: causal, window, scale):
+    ``backends._workers.region_threads`` of its allowed pairs' multiply-adds (``passes`` times the forward's: the
+    backward makes ~3): torch's count, fewer while other processes hold cores and the call is small."""
+    causal, window, _ = rule
+    return region_threads(passes * allowed_pairs(segs, causal, window) * heads * width)
+
+
+def _heaviest_first(segs: torch.Tensor, rule: tuple) -> torch.Tensor:
+    """The order of ``segs`` by allowed pairs, most first (stable): the backward's pulls then end on light items."""
+    causal, window, _ = rule
+    return torch.argsort(segment_pairs(segs, causal, window), descending=True, stable=True)
+
+
+def _chunk(items: int, threads: int) -> int:
+    """Items per pull in segattn.c: 8, or 1 when fewer than 64 per thread."""
+    return _ITEMS_PER_PULL if items >= 8 * _ITEMS_PER_PULL * threads else 1
 
 
 def _sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
@@ -357,15 +429,17 @@ _LONG_PAIR_COST = 3.4  # a pair of a longer run (1.8 x 1.9)
 _SHORT_RUN = 64
 _ROW_COST = 50.0  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
 _CALL_COST = 2e4  # one ctypes call and the output allocation
-# Threads: the kernel's pthreads pull its (segment, head) items, head-major, 8 at a time (segattn.c), each added
-# thread contributing this share of a core. Fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread
-# tables (RESULTS.md, "Thread-aware estimates").
-_THREAD_EFFICIENCY = 0.0
+# Threads: the kernel's threads pull its items (the forward's (query block, head), the backward's (segment, key/value
+# head)) 8 at a time, or 1 at a time when there are few (segattn.c), each added thread contributing this share of a
+# core. Fitted: ``benchmarks/bench_limit.py --fit`` on 1- and 2-thread tables of rows of 1,024 at low load, after the
+# kernel's threads became the OpenMP team torch uses (benchmarks/limit_tables/omp_q1.txt, omp_q2.txt; RESULTS.md,
+# issue 15, "native's threads"; before: 0.0, with pthreads started per call).
+_THREAD_EFFICIENCY = 0.76
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
-# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_*.txt
+# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
-MODES = ModeFactors(bf16=1.18, backward=3.51, bf16_backward=3.47, busy=0.97, busy_backward=1.16)
-_ITEMS_PER_PULL = 8  # segattn.c's worker loop
+MODES = ModeFactors(bf16=1.18, backward=3.51, bf16_backward=3.47, busy=1.61, busy_backward=2.09)
+_ITEMS_PER_PULL = 8  # segattn.c's worker loop, when there are enough items
 
 
 def allowed_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> float:
@@ -404,34 +478,55 @@ def unsupported(call) -> str | None:
 def cost(call) -> float:
     """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each (``_LONG_PAIR_COST`` in runs of more than
     ``_SHORT_RUN`` keys) and each query row and head at ``_ROW_COST`` per element, divided by what the kernel's
-    threads gain on its items (``_workers.threads_available()`` threads pulling ``_ITEMS_PER_PULL`` items at a time),
-    then float32 copies of half-precision inputs unless ``MODES`` covers their dtype (comparable with the ``"varlen"``
-    backend's cost)."""
+    threads gain on its items, then float32 copies of half-precision inputs unless ``MODES`` covers their dtype
+    (comparable with the ``"varlen"`` backend's cost). The threads' gain: ``_workers.threads_available()`` threads
+    pulling ``_ITEMS_PER_PULL`` items at a time, on the forward's query blocks (``forward_items``) and on the
+    backward's whole segments (one thread where segments share keys). With a
+    gradient, ``MODES``'s factor scales the whole call as one thread would run it, and the forward's share gains
+    what the forward's items allow."""
     plan = varlen_plan(call)
     width = call.head_dim + call.value_dim
     segs = plan.segments
-    per_segment = segment_pairs(segs, plan.causal or plan.window is not None, plan.window)
-    run = segs[:, 4] if plan.window is None else segs[:, 4].clamp(max=plan.window)
-    per_pair = torch.full_like(per_segment, _PAIR_COST).masked_fill(run > _SHORT_RUN, _LONG_PAIR_COST)
-    item = (per_segment * per_pair + segs[:, 2].double() * _ROW_COST) * width  # one (segment, head) item
+    causal, window = plan.causal or plan.window is not None, plan.window
+    item = _item_work(segs, causal, window, width)  # one (segment, head) item
     outside = call.batch * call.q_len - float(segs[:, 2].sum())  # query rows in no segment (zeroed, not walked)
     serial = _CALL_COST + outside * call.heads * width * _ROW_COST
     if call.q.dtype not in (torch.float32, torch.float64) and not MODES.covers(call.q.dtype, call.q.device.type):
         tokens = call.batch * (call.heads * call.q_len + 2 * call.kv_heads * call.kv_len)
         serial += tokens * width * 2 * COPY_COST
-    estimate = serial + float(item.sum()) * call.heads / _threads_gain(item, call.heads)
-    return estimate * mode_factor(MODES, call)
+    kernel = float(item.sum()) * call.heads  # on one thread
+    factor = mode_factor(MODES, call)
+    threads = _workers.threads_available()
+    if threads < 2:
+        return (serial + kernel) * factor
+    blocks = cached(call, f"native_blocks_{threads}", lambda c: forward_items(segs, c.heads, threads))
+    forward = serial + kernel / _threads_gain(_item_work(blocks, causal, window, width).repeat(call.heads))
+    if not call.needs_grad:
+        return forward * factor
+    gain = 1.0
+    if _keys_disjoint(segs):  # segment-major items, the heaviest segments first (as the backward orders them)
+        gain = _threads_gain(item.sort(descending=True).values.repeat_interleave(call.kv_heads))
+    return forward + (serial + kernel / gain) * (factor - 1)
 
 
-def _threads_gain(item: torch.Tensor, heads: int) -> float:
-    """What the kernel's threads gain on items of work ``item`` ``(N,)`` per head: ``min(threads, items)`` pthreads
-    pulling runs of ``_ITEMS_PER_PULL`` items (head-major) until none is left."""
-    if _workers.threads_available() < 2:
+def _item_work(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> torch.Tensor:
+    """``(N,)`` float64: the estimate of each segment's work on one head (its pairs, its query rows)."""
+    per_segment = segment_pairs(segs, causal, window)
+    run = segs[:, 4] if window is None else segs[:, 4].clamp(max=window)
+    per_pair = torch.full_like(per_segment, _PAIR_COST).masked_fill(run > _SHORT_RUN, _LONG_PAIR_COST)
+    return (per_segment * per_pair + segs[:, 2].double() * _ROW_COST) * width
+
+
+def _threads_gain(items: torch.Tensor) -> float:
+    """What the kernel's threads gain on items of work ``items`` ``(N,)``, in the order the kernel takes them:
+    ``min(threads, pulls)`` threads pulling runs of ``_chunk`` items until none is left."""
+    threads = _workers.threads_available()
+    if threads < 2:
         return 1.0
-    items = item.repeat(heads)
-    pad = -len(items) % _ITEMS_PER_PULL
-    pulls = torch.cat([items, items.new_zeros(pad)]).view(-1, _ITEMS_PER_PULL).sum(1)
-    threads = min(_workers.threads_available(), max(len(items), 1))
+    chunk = _chunk(len(items), threads)
+    pad = -len(items) % chunk
+    pulls = torch.cat([items, items.new_zeros(pad)]).view(-1, chunk).sum(1)
+    threads = min(threads, len(pulls))
     return _workers.expected_speedup(pulls.tolist(), threads, 0.0, _THREAD_EFFICIENCY, share_big=False)
 
 
@@ -439,8 +534,10 @@ def run(call) -> torch.Tensor:
     plan = varlen_plan(call)
     window = None if plan.window is None else min(plan.window, _WIDEST)
     rule = (plan.causal or window is not None, window, call.scale)
+    threads = _workers.threads_available()
+    blocks = cached(call, f"native_blocks_{threads}", lambda c: forward_items(plan.segments, c.heads, threads))
     return _SegmentAttention.apply(
-        call.q, call.k, call.v, plan.segments, *rule, call.softcap, call.sinks, call.alibi_slopes
+        call.q, call.k, call.v, plan.segments, *rule, call.softcap, call.sinks, call.alibi_slopes, blocks
     )
 
 

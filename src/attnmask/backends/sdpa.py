@@ -51,9 +51,9 @@ _AMX_BF16_PAIR_FACTOR = 0.5
 # 2-thread tables, RESULTS.md "Thread-aware estimates"; the mask is built by element-wise ops split the same way).
 _THREAD_EFFICIENCY = 0.41
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
-# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_*.txt
+# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
-MODES = ModeFactors(bf16=0.98, backward=3.57, bf16_backward=4.47, busy=1.68, busy_backward=2.54)
+MODES = ModeFactors(bf16=0.98, backward=3.57, bf16_backward=4.47, busy=1.95, busy_backward=3.07)
 _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept with its plans (the layers share it)
 
 

@@ -12,8 +12,10 @@
  *
  * Work is split into items (segment, head) in the forward and (segment, key/value head) in the backward, so that no
  * two items write the same output row: the backward's dk / dv rows belong to one segment only when the segments' key
- * ranges are disjoint, which the caller checks (else it passes threads = 1). Items are handed out to `threads` pthreads
- * through an atomic counter. Memory: two scratch vectors of max(k_len) scores and one of Dv per thread.
+ * ranges are disjoint, which the caller checks (else it passes threads = 1). Items are handed out to `threads` threads
+ * through an atomic counter, 8 at a time (1 when there are fewer than 64 per thread): an OpenMP team when built with -fopenmp (GCC's runtime is then the one torch
+ * loaded, one per process, whose threads are already awake after torch's last parallel region), else pthreads started
+ * for the call. Memory: two scratch vectors of max(k_len) scores and one of Dv per thread.
  *
  * Score modifiers, in this order on each score s = scale * q.k: softcap c > 0 (0: none): s -> c tanh(s / c); ALiBi
  * slopes (NULL: none), one per query head: s -> s - slope_h (i + offset - j), the query's minus the key's position;
@@ -37,7 +39,7 @@ typedef struct {
     int causal;
     double scale, softcap;
     const void *sinks, *slopes;        /* (H,) each in the kernel's dtype, or NULL */
-    int64_t n_items, next;             /* next: shared counter */
+    int64_t n_items, next, chunk;      /* next: shared counter; chunk: items per pull */
     int backward;
 } job_t;
 
@@ -227,9 +229,9 @@ static inline float tanh_f32(float x) {
             return (void *)1;                                                                                          \
         }                                                                                                              \
         for (;;) {                                                                                                     \
-            int64_t first = __atomic_fetch_add(&J->next, 8, __ATOMIC_RELAXED);                                         \
+            int64_t first = __atomic_fetch_add(&J->next, J->chunk, __ATOMIC_RELAXED);                                  \
             if (first >= J->n_items) break;                                                                            \
-            int64_t last = first + 8 < J->n_items ? first + 8 : J->n_items;                                            \
+            int64_t last = first + J->chunk < J->n_items ? first + J->chunk : J->n_items;                              \
             for (int64_t it = first; it < last; it++) {                                                                \
                 if (J->backward)                                                                                       \
                     backward_item_##SUF(J, it, s, s + J->kmax + 1);                                                    \
@@ -248,6 +250,17 @@ DEFINE_KERNELS(double, f64, exp, log, tanh)
 static int run(job_t *J, int threads, void *(*worker)(void *)) {
     if (threads < 1) threads = 1;
     if (threads > J->n_items) threads = J->n_items > 0 ? (int)J->n_items : 1;
+    /* 8 consecutive items a pull (one head's neighbouring segments: fewer atomics, warm rows); one at a time when
+       there are too few items for every thread to make 8 pulls of 8, so that they still balance */
+    J->chunk = J->n_items >= 64 * (int64_t)threads ? 8 : 1;
+#ifdef _OPENMP
+    if (threads > 1) {
+        int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+        failed |= worker(J) != NULL;
+        return failed ? 1 : 0;
+    }
+#endif
     pthread_t tid[64];
     if (threads > 64) threads = 64;
     int started = 0, failed = 0;

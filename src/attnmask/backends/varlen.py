@@ -62,9 +62,9 @@ _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this man
 _THREAD_EFFICIENCY = 0.13
 _HANDOVER_COST = 3.2e6
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
-# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_*.txt
+# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
-MODES = ModeFactors(bf16=0.84, backward=3.17, bf16_backward=3.33, busy=0.98, busy_backward=1.53)
+MODES = ModeFactors(bf16=0.84, backward=3.17, bf16_backward=3.33, busy=1.03, busy_backward=1.74)
 
 
 def varlen_attention(
