@@ -494,6 +494,7 @@ def test_small_regions_get_at_most_the_free_cores(two_threads, monkeypatch, capl
     clock.advance(0.2, 1.0)
     with caplog.at_level("INFO", logger="attnmask"):
         assert W.region_threads() == 1 and W.region_threads(W.REGION_WORK) == 2
+        assert W.region_threads(1e9) == 1 and W.region_threads(1e9, share_work=8e8) == 2  # a region pulling items
     assert "other processes held 1 of 2 CPUs: backends use 1 of 2 threads" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="attnmask"):  # later changes at DEBUG: a load that comes and goes is quiet

@@ -149,9 +149,9 @@ def test_busy_factors_apply_only_while_cores_are_taken(monkeypatch):
 
 def test_contended_follows_the_threads_small_regions_get(monkeypatch):
     monkeypatch.setattr(W, "threads_available", lambda: 2)
-    monkeypatch.setattr(W, "region_threads", lambda work=None: 1)
+    monkeypatch.setattr(W, "region_threads", lambda work=None, share_work=None: 1)
     assert W.contended()
-    monkeypatch.setattr(W, "region_threads", lambda work=None: 2)
+    monkeypatch.setattr(W, "region_threads", lambda work=None, share_work=None: 2)
     assert not W.contended()
 
 

@@ -196,12 +196,14 @@ def threads_available() -> int:
 REGION_WORK = 1.3e10
 
 
-def region_threads(work: float | None = None) -> int:
+def region_threads(work: float | None = None, share_work: float = REGION_WORK) -> int:
     """Intra-op threads for one parallel region of ``work`` multiply-adds (``None``: unknown, taken as small):
     :func:`threads_available`, but at most the cores other processes left free (:func:`free_cores`) when ``work`` is
-    under ``REGION_WORK`` (see the module docstring; not in a worker, under deterministic algorithms or tracing)."""
+    under ``share_work`` (``REGION_WORK``, SDPA's; a region whose threads pull their items, as the native kernel's,
+    gains from a shared core at less; see the module docstring; not in a worker, under deterministic algorithms or
+    tracing)."""
     threads = threads_available()
-    if threads < 2 or (work is not None and work >= REGION_WORK) or not (ADAPT and ENABLED):
+    if threads < 2 or (work is not None and work >= share_work) or not (ADAPT and ENABLED):
         return threads
     if getattr(_local, "worker", False) or torch.are_deterministic_algorithms_enabled():
         return threads

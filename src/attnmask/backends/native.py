@@ -341,12 +341,22 @@ def forward_items(segs: torch.Tensor, heads: int, threads: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out[np.argsort(-(out[:, 2] * reach), kind="stable")]))
 
 
+# While other processes hold cores, a call of at least this many multiply-adds of allowed pairs keeps every thread:
+# its threads pull items, so the one sharing a taken core takes fewer, and only the last pull waits for it. Measured
+# with one of 2 cores busy (the team against one thread on the free core, rows of 1,024-8,192 tokens; RESULTS.md,
+# issue 15, "native's threads"): the team slowed 1.3-1.6x where a call had ~1e9 and more (28-900 ms at two idle
+# threads), one thread 1.9-2.2x; under ~5e8 (1-20 ms) the team slowed 2-7x, one thread 1.6-1.9x.
+_BUSY_SHARE_WORK = 8e8
+
+
 def _kernel_threads(segs: torch.Tensor, heads: int, width: int, rule: tuple, passes: int = 1) -> int:
     """Threads for a kernel call over ``segs`` on ``heads`` heads (``rule``: causal, window, scale):
     ``backends._workers.region_threads`` of its allowed pairs' multiply-adds (``passes`` times the forward's: the
-    backward makes ~3): torch's count, fewer while other processes hold cores and the call is small."""
+    backward makes ~3): torch's count; the free cores only while other processes hold cores and the call has less
+    than ``_BUSY_SHARE_WORK``."""
     causal, window, _ = rule
-    return region_threads(passes * allowed_pairs(segs, causal, window) * heads * width)
+    work = passes * allowed_pairs(segs, causal, window) * heads * width
+    return region_threads(work, share_work=_BUSY_SHARE_WORK)
 
 
 def _heaviest_first(segs: torch.Tensor, rule: tuple) -> torch.Tensor:
