@@ -47,9 +47,9 @@ _PAIR_COST = 1.0  # one multiply-add of a pair of the band (one SDPA call on sma
 _MASK_COST = 20.0  # evaluating the spec on one (query, key) pair of the band, once for all heads
 # Threads: only the one SDPA call per batch row (its pairs and per-tile items) is split across the intra-op threads,
 # each added one contributing this share of a core; the masks, edge tiles, Python and the output copy run on one
-# (``serial_steps``). Fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread tables (RESULTS.md,
-# "Thread-aware estimates").
-_THREAD_EFFICIENCY = 0.0
+# (``serial_steps``). Fitted: ``benchmarks/bench_limit.py --fit`` on the 1- and 2-thread tables limit_tables/omp_*.txt
+# (RESULTS.md, "native's threads"; was 0.0).
+_THREAD_EFFICIENCY = 0.14
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").

@@ -42,10 +42,10 @@ _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL til
 _GROUP_COST = 4e6
 # Threads: the query groups are tasks of ``_workers.parallel_map`` (no ``min_work``), each added thread contributing
 # this share of a core to their pairs and masks, and each group dealt to a worker costing ``_HANDOVER_COST`` more (its
-# wake-up and GIL hand-overs); the per-group charge (Python, dispatch) counts on one thread. The values of every
-# backend dealing worker tasks (varlen's too), fitted with them: ``benchmarks/bench_limit.py --fit`` on the saved 1-
-# and 2-thread tables (RESULTS.md, "Thread-aware estimates").
-_THREAD_EFFICIENCY = 0.13
+# wake-up and GIL hand-overs); the per-group charge (Python, dispatch) counts on one thread. The values of every backend
+# dealing worker tasks (varlen's too), fitted with them: ``benchmarks/bench_limit.py --fit`` on the 1- and 2-thread
+# tables limit_tables/omp_*.txt (RESULTS.md, "native's threads"; was 0.13).
+_THREAD_EFFICIENCY = 0.85
 _HANDOVER_COST = 3.2e6
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt

@@ -442,9 +442,9 @@ _CALL_COST = 2e4  # one ctypes call and the output allocation
 # Threads: the kernel's threads pull its items (the forward's (query block, head), the backward's (segment, key/value
 # head)) 8 at a time, or 1 at a time when there are few (segattn.c), each added thread contributing this share of a
 # core. Fitted: ``benchmarks/bench_limit.py --fit`` on 1- and 2-thread tables of rows of 1,024 at low load, after the
-# kernel's threads became the OpenMP team torch uses (benchmarks/limit_tables/omp_q1.txt, omp_q2.txt; RESULTS.md,
+# kernel's threads became the OpenMP team torch uses, with rows of 8,192 (benchmarks/limit_tables/omp_*.txt; RESULTS.md,
 # issue 15, "native's threads"; before: 0.0, with pthreads started per call).
-_THREAD_EFFICIENCY = 0.76
+_THREAD_EFFICIENCY = 0.81
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").

@@ -47,9 +47,10 @@ _CALL_COST = 0.0  # fixed cost of a call with a spec's mask (positions, to_dense
 # small calls are bound by per-call work). float16 gained nothing there. Pair work of a bfloat16 call on such a CPU:
 _AMX_BF16_PAIR_FACTOR = 0.5
 # Threads: torch's fused CPU kernel splits one call into B·H·(query blocks) items across every intra-op thread, each
-# added thread contributing this share of a core (fitted: ``benchmarks/bench_limit.py --fit`` on the saved 1- and
-# 2-thread tables, RESULTS.md "Thread-aware estimates"; the mask is built by element-wise ops split the same way).
-_THREAD_EFFICIENCY = 0.41
+# added thread contributing this share of a core (fitted: ``benchmarks/bench_limit.py --fit`` on the 1- and 2-thread
+# tables limit_tables/omp_*.txt, rows of 1,024 and 8,192 at low load, RESULTS.md "native's threads"; was 0.41; the mask
+# is built by element-wise ops split the same way).
+_THREAD_EFFICIENCY = 0.74
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").

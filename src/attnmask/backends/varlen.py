@@ -55,11 +55,12 @@ _SDPA_ROW_COST = 40.0  # SDPA's fixed work per query row and head (per element o
 _SMALL_ROW_COST = 130.0  # the tiny-document path's unfused softmax, masking and casts, per query row element and head
 _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this many keys go through batched matmuls
 # Threads: the document groups (a long document's query blocks under a window) are tasks of ``_workers.parallel_map``,
-# each added thread contributing this share of a core to their SDPA calls and products, and each task dealt to a
-# worker costing ``_HANDOVER_COST`` more (its wake-up and GIL hand-overs); the per-call overhead and the copies run on
-# one thread (``serial_steps``). The values of every backend dealing worker tasks (blocksparse's too), fitted with
-# them: ``benchmarks/bench_limit.py --fit`` on the saved 1- and 2-thread tables (RESULTS.md, "Thread-aware estimates").
-_THREAD_EFFICIENCY = 0.13
+# each added thread contributing this share of a core to their SDPA calls and products, and each task dealt to a worker
+# costing ``_HANDOVER_COST`` more (its wake-up and GIL hand-overs); the per-call overhead and the copies run on one
+# thread (``serial_steps``). The values of every backend dealing worker tasks (blocksparse's too), fitted with them:
+# ``benchmarks/bench_limit.py --fit`` on the 1- and 2-thread tables limit_tables/omp_*.txt, rows of 1,024 and 8,192 at
+# low load (RESULTS.md, "native's threads"; was 0.13, fitted under load on rows of 1,024 only).
+_THREAD_EFFICIENCY = 0.85
 _HANDOVER_COST = 3.2e6
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
