@@ -132,8 +132,21 @@ def _thread_count_setters() -> tuple[Callable[[int], int | None], ...] | str:
     return tuple(setters)
 
 
+# A thread's first exp in torch's CPU kernels after the process forked (a DataLoader starting its workers) measured
+# off by up to 2e-4 relative (torch 2.13.0+cpu; the same call right after it is exact): a portable blocksparse forward
+# returned one query group wrong in 4-5 of 25 processes (RESULTS.md, issue 15, "native's threads"). Each worker
+# computes these once on a throw-away tensor before any task: 0 of 20 then.
+_WARM_UP_ELEMENTS = 16384
+
+
+def _warm_up() -> None:
+    scratch = torch.zeros(_WARM_UP_ELEMENTS)
+    scratch.exp_().log_()
+
+
 def _init_worker() -> None:
     torch.get_num_threads()  # torch's per-thread lazy set-up first (it would reset the count below)
+    _warm_up()
     for setter in _thread_count_setters():
         setter(1)
     _local.worker = True
