@@ -98,7 +98,8 @@ def test_forward_items_cut_segments_into_query_blocks_that_cover_each_row_once(d
 def test_the_threaded_forward_equals_the_one_thread_forward_bit_for_bit(spec, monkeypatch):
     """Cutting a segment into query blocks for the threads changes no output bit, and the gradient (whole segments)
     equals the one-thread gradient."""
-    monkeypatch.setattr(N, "region_threads", lambda work=None, share_work=None: torch.get_num_threads())  # whatever the load
+    every_thread = lambda work=None, share_work=None: torch.get_num_threads()  # noqa: E731 (whatever the load)
+    monkeypatch.setattr(N, "region_threads", every_thread)
     calls = []
     real_call = N._call
     monkeypatch.setattr(N, "_call", lambda *a: calls.append((a[0], len(a[8]), a[-1])) or real_call(*a))
