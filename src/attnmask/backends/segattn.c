@@ -13,9 +13,10 @@
  * Work is split into items (segment, head) in the forward and (segment, key/value head) in the backward, so that no
  * two items write the same output row: the backward's dk / dv rows belong to one segment only when the segments' key
  * ranges are disjoint, which the caller checks (else it passes threads = 1). Items are handed out to `threads` threads
- * through an atomic counter, 8 at a time (1 when there are fewer than 64 per thread): an OpenMP team when built with -fopenmp (GCC's runtime is then the one torch
- * loaded, one per process, whose threads are already awake after torch's last parallel region), else pthreads started
- * for the call. Memory: two scratch vectors of max(k_len) scores and one of Dv per thread.
+ * through an atomic counter, 8 at a time (1 when there are fewer than 64 per thread): an OpenMP team when built with
+ * -fopenmp (GCC's runtime is then the one torch loaded, one per process, whose threads are already awake after torch's
+ * last parallel region), else pthreads started for the call. Memory: two scratch vectors of max(k_len) scores and one
+ * of Dv per thread.
  *
  * Score modifiers, in this order on each score s = scale * q.k: softcap c > 0 (0: none): s -> c tanh(s / c); ALiBi
  * slopes (NULL: none), one per query head: s -> s - slope_h (i + offset - j), the query's minus the key's position;
