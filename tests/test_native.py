@@ -61,13 +61,16 @@ def test_segment_attention_matches_naive_on_arbitrary_segments(data, rule, threa
     q = torch.randn(batch, heads, q_len, 5, dtype=torch.float64, requires_grad=True)
     k = torch.randn(batch, kv_heads, kv_len, 5, dtype=torch.float64, requires_grad=True)
     v = torch.randn(batch, kv_heads, kv_len, 3, dtype=torch.float64, requires_grad=True)
-    before = torch.get_num_threads()
+    before, least_rows, region_threads = torch.get_num_threads(), N._MIN_BLOCK_ROWS, N.region_threads
     torch.set_num_threads(threads)
+    N._MIN_BLOCK_ROWS = 2  # at two threads the forward cuts these small segments into query blocks too
+    N.region_threads = lambda work=None, share_work=None: threads  # whatever the machine's load
     try:
         got = N.segment_attention(q, k, v, segs, causal=causal, window=window)
         got_grads = grads(got, (q, k, v))
     finally:
         torch.set_num_threads(before)
+        N._MIN_BLOCK_ROWS, N.region_threads = least_rows, region_threads
     allowed = segment_mask(segs, batch, q_len, kv_len, causal, window).unsqueeze(1)
     want = naive_attention(q, k, v, allowed)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
@@ -122,6 +125,30 @@ def test_the_threaded_forward_equals_the_one_thread_forward_bit_for_bit(spec, mo
     allowed = spec.to_dense(512)[:, None]
     want = naive_attention(q.double(), k.double(), v.double(), allowed)
     torch.testing.assert_close(results[0][0].double(), want, atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=40)
+@given(data=st.data(), rule=st.sampled_from(["causal", "window", "full"]))
+def test_the_forwards_query_blocks_match_naive_on_arbitrary_segments(data, rule):
+    """The forward at two threads, segments cut into blocks of 2-5 query rows (offsets shifted per block), equals the
+    naive reference on the kernel's general segment form."""
+    batch, q_len, kv_len = data.draw(st.integers(1, 2)), data.draw(st.integers(4, 40)), data.draw(st.integers(1, 40))
+    segs = random_segments(data.draw, batch, q_len, kv_len)
+    window = data.draw(st.integers(1, 9)) if rule == "window" else None
+    q = torch.randn(batch, 2, q_len, 5, dtype=torch.float64)
+    k = torch.randn(batch, 1, kv_len, 5, dtype=torch.float64)
+    v = torch.randn(batch, 1, kv_len, 3, dtype=torch.float64)
+    before, least_rows, region_threads = torch.get_num_threads(), N._MIN_BLOCK_ROWS, N.region_threads
+    torch.set_num_threads(2)
+    N._MIN_BLOCK_ROWS = data.draw(st.integers(2, 5))
+    N.region_threads = lambda work=None, share_work=None: 2
+    try:
+        got = N.segment_attention(q, k, v, segs, causal=rule != "full", window=window)
+    finally:
+        torch.set_num_threads(before)
+        N._MIN_BLOCK_ROWS, N.region_threads = least_rows, region_threads
+    allowed = segment_mask(segs, batch, q_len, kv_len, rule != "full", window).unsqueeze(1)
+    torch.testing.assert_close(got, naive_attention(q, k, v, allowed), atol=1e-12, rtol=1e-10)
 
 
 def test_native_reads_strided_inputs_without_copying_them():
