@@ -290,6 +290,46 @@ def test_a_compiler_that_refuses_march_native_gets_a_portable_build(fresh_librar
     torch.testing.assert_close(out, am.attention(q, q, q, am.causal(), backend="reference"))
 
 
+def test_a_compiler_without_openmp_gets_a_pthreads_build(fresh_library, tmp_path, monkeypatch):
+    """A compiler refusing -fopenmp builds with -fopenmp-simd (and -march=native); the kernel's threads are then
+    pthreads, and two of them give the reference's output."""
+    real = shutil.which("cc")
+    wrapper, seen = tmp_path / "no-openmp-cc", tmp_path / "flags"
+    wrapper.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\necho "$@" >> {seen}\nexec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setattr(N, "region_threads", lambda work=None, share_work=None: 2)
+    assert N.native_available() is None
+    assert "-fopenmp-simd" in seen.read_text() and "-march=native" in seen.read_text()
+    q = torch.randn(1, 2, 96, 8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = N.segment_attention(q, q, q, torch.tensor([[0, 0, 96, 0, 96, 0]]), causal=True)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, am.attention(q, q, q, am.causal(), backend="reference"))
+
+
+def test_while_a_core_is_taken_only_large_kernel_calls_keep_every_thread(monkeypatch):
+    """``_kernel_threads`` passes native's own threshold (``_BUSY_SHARE_WORK``, under SDPA's ``REGION_WORK``): with one
+    of two cores free, a call of fewer multiply-adds runs on one thread, a larger one on both."""
+    from attnmask.backends import _workers as W
+
+    monkeypatch.setattr(W, "ADAPT", True)  # the suite switches the adaptation off (tests/conftest.py)
+    monkeypatch.setattr(W, "threads_available", lambda: 2)
+    monkeypatch.setattr(W, "free_cores", lambda: 1)
+    rule, width, heads = (False, None, 1.0), 128, 4
+    rows = int((N._BUSY_SHARE_WORK / (heads * width)) ** 0.5) + 1  # one full segment just over the threshold
+    big = torch.tensor([[0, 0, rows, 0, rows, 0]])
+    small = torch.tensor([[0, 0, rows // 2, 0, rows // 2, 0]])
+    assert N._BUSY_SHARE_WORK < W.REGION_WORK
+    assert N._kernel_threads(big, heads, width, rule) == 2
+    assert N._kernel_threads(small, heads, width, rule) == 1
+
+
 def test_the_kernels_float32_exp_is_within_two_ulp_of_exp_and_zero_below_minus_87():
     import ctypes
 

@@ -112,7 +112,7 @@ def _build(compiler: str) -> Path:
     if os.environ.get("ATTNMASK_NATIVE_SANITIZE") == "1":
         flags = tuple(f for f in _FLAGS if f != "-O3") + _SANITIZE
     simd_only = tuple(_SIMD_ONLY if f == _OPENMP else f for f in flags)
-    tries = [flags, simd_only, tuple(f for f in simd_only if f != _PORTABLE)]
+    tries = [flags, tuple(f for f in flags if f != _PORTABLE), simd_only, tuple(f for f in simd_only if f != _PORTABLE)]
     first = None
     for attempt in tries:
         try:
@@ -509,7 +509,7 @@ def cost(call) -> float:
     threads = _workers.threads_available()
     if threads < 2:
         return (serial + kernel) * factor
-    blocks = cached(call, f"native_blocks_{threads}", lambda c: forward_items(segs, c.heads, threads))
+    blocks = _forward_blocks(call, segs)
     forward = serial + kernel / _threads_gain(_item_work(blocks, causal, window, width).repeat(call.heads))
     if not call.needs_grad:
         return forward * factor
@@ -517,6 +517,13 @@ def cost(call) -> float:
     if _keys_disjoint(segs):  # segment-major items, the heaviest segments first (as the backward orders them)
         gain = _threads_gain(item.sort(descending=True).values.repeat_interleave(call.kv_heads))
     return forward + (serial + kernel / gain) * (factor - 1)
+
+
+def _forward_blocks(call, segs: torch.Tensor) -> torch.Tensor:
+    """``forward_items`` of the call's segments for ``_workers.threads_available()`` threads, cached with the plan
+    (the estimate and the run read the same blocks)."""
+    threads = _workers.threads_available()
+    return cached(call, f"native_blocks_{threads}", lambda c: forward_items(segs, c.heads, threads))
 
 
 def _item_work(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> torch.Tensor:
@@ -544,8 +551,7 @@ def run(call) -> torch.Tensor:
     plan = varlen_plan(call)
     window = None if plan.window is None else min(plan.window, _WIDEST)
     rule = (plan.causal or window is not None, window, call.scale)
-    threads = _workers.threads_available()
-    blocks = cached(call, f"native_blocks_{threads}", lambda c: forward_items(plan.segments, c.heads, threads))
+    blocks = _forward_blocks(call, plan.segments)
     return _SegmentAttention.apply(
         call.q, call.k, call.v, plan.segments, *rule, call.softcap, call.sinks, call.alibi_slopes, blocks
     )
