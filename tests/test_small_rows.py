@@ -64,20 +64,20 @@ def documents_spec(draw):
 
 @st.composite
 def padded_spec(draw):
+    """Padding anywhere (left, right or scattered), under causal, full or a window; sometimes two padding masks."""
     length = draw(st.integers(1, 24))
     batch = draw(st.integers(1, 3))
-    mask = torch.zeros(batch, length, dtype=torch.long)
-    for b in range(batch):
-        n = draw(st.integers(0, length))
-        if draw(st.booleans()):
-            mask[b, :n] = 1
-        else:
-            mask[b, length - n :] = 1
-    base = am.causal() if draw(st.booleans()) else am.full()
-    return base & am.key_padding(mask), length
+    masks = []
+    for _ in range(draw(st.integers(1, 2))):
+        bits = draw(st.lists(st.lists(st.booleans(), min_size=length, max_size=length), min_size=batch, max_size=batch))
+        masks.append(am.key_padding(torch.tensor(bits, dtype=torch.long)))
+    base = draw(st.sampled_from([am.causal(), am.full(), *(am.sliding_window(w) for w in (1, 2, 5))]))
+    for m in masks:
+        base = base & m
+    return base, length
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.one_of(documents_spec(), padded_spec()))
 def test_allowed_fraction_equals_the_fraction_of_the_naive_dense_mask(case):
     spec, length = case
@@ -157,3 +157,31 @@ def test_sparse_masks_and_long_rows_are_left_to_the_costs(spec, length):
     assert not ex.stock
     costs = {n: c for n, c, e in zip(ex.backends, ex.costs, ex.auto_eligible, strict=True) if c is not None and e}
     assert ex.picked == min(costs, key=costs.get)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Default positions shared between calls
+
+
+def test_default_positions_are_shared_between_calls_and_rebuilt_after_a_write():
+    q, k, v = qkv(batch=2, length=16)
+    spec = packed([[5, 11], [16]], 16)
+    first = _prepare_call(q, k, v, spec, None, None, None)
+    second = _prepare_call(q[:, :, 4:], k, v, spec, None, None, None)
+    again = _prepare_call(q, k, v, spec, None, None, None)
+    assert again.q_positions is first.q_positions and again.kv_positions is first.kv_positions
+    assert second.q_positions.tolist() == list(range(4, 16)) and second.kv_positions.tolist() == list(range(16))
+    first.q_positions.add_(100)  # a caller wrote into the shared tensor: the next call must not see it
+    fresh = _prepare_call(q, k, v, spec, None, None, None)
+    assert fresh.q_positions.tolist() == list(range(16)) and fresh.kv_positions.tolist() == list(range(16))
+    out = am.attention(q, k, v, spec, backend="reference")
+    torch.testing.assert_close(out, am.attention(q, k, v, spec, backend="sdpa"))
+
+
+def test_default_positions_inside_inference_mode_are_not_shared_with_calls_outside():
+    q, k, v = qkv(batch=1, length=8)
+    with torch.inference_mode():
+        inside = _prepare_call(q, k, v, am.causal(), None, None, None)
+    outside = _prepare_call(q, k, v, am.causal(), None, None, None)
+    assert inside.q_positions.is_inference() and not outside.q_positions.is_inference()
+    assert outside.kv_positions.tolist() == list(range(8))

@@ -473,9 +473,33 @@ def _prepare_spec_call(q, k, v, spec, scale, q_positions, kv_positions, dropout_
                 raise bad(DeviceError, name, f"q's device {q.device}", pos.device)
             if pos.dim() == 2 and pos.shape[0] not in (1, B):
                 raise bad(ShapeError, name, f"1 or {B} rows (q's batch)", f"shape {tuple(pos.shape)}")
-    q_pos, kv_pos = resolve_positions(Q, K, q_positions=q_positions, kv_positions=kv_positions, device=q.device)
     given = q_positions is not None or kv_positions is not None
+    if given:
+        q_pos, kv_pos = resolve_positions(Q, K, q_positions=q_positions, kv_positions=kv_positions, device=q.device)
+    else:
+        q_pos, kv_pos = _default_positions(Q, K, q.device)
     return AttentionCall(q, k, v, spec, scale, q_pos, kv_pos, given, dropout_p)
+
+
+_POSITIONS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_POSITIONS_KEPT = 32
+
+
+def _default_positions(Q: int, K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``resolve_positions(Q, K, device=device)``: ``(Q,)`` and ``(K,)`` int64, shared by the calls of one ``(Q, K,
+    device)`` so that planning a small call does not pay two tensor allocations (each ~0.05 ms right after an
+    attention kernel has evicted the caches: ``bench_small_rows.py``). A pair that someone wrote into (its version
+    moved) is rebuilt; inside ``torch.inference_mode`` (tensors without a version) nothing is shared. At most
+    ``_POSITIONS_KEPT`` pairs are kept."""
+    if torch.is_inference_mode_enabled():
+        return resolve_positions(Q, K, device=device)
+    key = (Q, K, device)
+    pair = _POSITIONS.get(key)
+    if pair is None or pair[0]._version or pair[1]._version:
+        if len(_POSITIONS) >= _POSITIONS_KEPT:
+            _POSITIONS.clear()
+        pair = _POSITIONS[key] = resolve_positions(Q, K, device=device)
+    return pair
 
 
 def _check_tensor_mask(mask, target: tuple[int, int, int, int], device: torch.device) -> None:

@@ -280,13 +280,13 @@ def _lowered_varlen(call) -> VarlenArgs | str:
 def allowed_fraction(call) -> float | None:
     """About the fraction of the call's ``B·Q·K`` (query, key) pairs its spec allows, for a spec of the varlen form
     (``[causal | full] & [sliding_window] & [document] & [key_padding]``) with ``Q == K`` at default positions;
-    ``None`` for any other call. A handful of vectorised O(B·K) operations on host copies (numpy): cheap enough to
+    ``None`` for any other call. A handful of vectorised O(B·K) operations on host views (numpy): cheap enough to
     decide from before any backend plans.
 
     Exact for documents (each id one contiguous run: a query sees the earlier keys of its run, at most ``w`` under a
     window, all of its run without ``causal``) and for padded rows (a query sees every real key up to it; under a
-    window at most ``w``); padding inside a document is not subtracted. Example: ``causal() & document(seq_lens=[2,
-    2])`` on a row of 4 allows 3 + 3 of 16 pairs: 0.375."""
+    window, the real keys among the last ``w`` positions); padding inside a document is not subtracted. Example:
+    ``causal() & document(seq_lens=[2, 2])`` on a row of 4 allows 3 + 3 of 16 pairs: 0.375."""
     spec = call.mask
     if not isinstance(spec, M.MaskSpec) or call.positions_given or call.q_len != call.kv_len or degenerate(call):
         return None
@@ -300,10 +300,10 @@ def allowed_fraction(call) -> float | None:
     if any(t.dim() != 2 or t.shape[1] < length for t in parts):
         return None  # the spec does not cover the row: the backend that runs says so
     window = length if form.window is None else form.window
-    # On host copies with numpy: a dozen operations on (B, K) arrays, each ~10x cheaper than a torch call's dispatch at
-    # these sizes (the planning of a small-row call: bench_small_rows.py).
+    # On host views with numpy (no copy of a CPU tensor): a few operations on (B, K) arrays, each ~10x cheaper than a
+    # torch call's dispatch at these sizes (the planning of a small-row call: bench_small_rows.py).
     if form.document is not None:
-        ids = form.document.doc_ids[:, :length].cpu().long().numpy()
+        ids = _host(form.document.doc_ids)[:, :length]
         pos = np.arange(length)
         change = np.ones(ids.shape, dtype=bool)
         change[:, 1:] = ids[:, 1:] != ids[:, :-1]
@@ -311,13 +311,26 @@ def allowed_fraction(call) -> float | None:
         seen = np.minimum(within + 1, window) if form.causal else 2 * within + 1  # summed over a run: l² if full
         pairs = int(np.where(ids >= 0, seen, 0).sum())
     elif form.key_padding:
-        real = np.stack([pad.attention_mask[:, :length].cpu().bool().numpy() for pad in form.key_padding]).all(0)
-        counts = real.astype(np.int64).cumsum(1)
-        pairs = int(np.minimum(counts, window).sum()) if form.causal else int(counts[:, -1].sum()) * length
+        real = _host(form.key_padding[0].attention_mask)[:, :length]
+        for pad in form.key_padding[1:]:
+            real = real & _host(pad.attention_mask)[:, :length]
+        if not form.causal:
+            pairs = int(np.count_nonzero(real)) * length
+        elif window >= length:  # key j is seen by the queries j .. length - 1: one product instead of a cumsum
+            pairs = int((real @ np.arange(length, 0, -1)).sum())
+        else:  # query i sees the real keys in (i - window, i]: a difference of running counts
+            counts = np.zeros((real.shape[0], length + 1), dtype=np.int64)
+            np.cumsum(real, axis=1, out=counts[:, 1:])
+            pairs = int((counts[:, 1:] - counts[:, np.maximum(np.arange(1, length + 1) - window, 0)]).sum())
     else:
         return None  # causal() / full() / a window alone: no per-row data, and sdpa or the costs settle it
     rows = call.batch if (spec.batch_size or 1) == 1 else 1  # a spec without per-row data repeats per row
     return pairs * rows / (call.batch * call.q_len * call.kv_len)
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a numpy array: a view of a CPU tensor's memory (no copy, no torch call), else a host copy."""
+    return t.numpy() if t.device.type == "cpu" and not t.requires_grad else t.detach().cpu().numpy()
 
 
 def _build_varlen_plan(call) -> VarlenPlan | str:
