@@ -558,6 +558,42 @@ def test_small_regions_get_at_most_the_free_cores(two_threads, monkeypatch, capl
     assert W.region_threads() == 2
 
 
+def test_under_a_taken_core_the_largest_item_runs_beside_the_workers(two_threads, monkeypatch):
+    """With one of two cores taken, the largest item (more than a fair share: idle, it and every item after it would
+    run one by one in the caller) gets the free core in the caller while a worker takes the rest at the same time:
+    the largest item sees the others start before it ends. An error in it is raised once the workers stopped."""
+    clock = ScriptedLoad(monkeypatch)
+    W.free_cores()
+    clock.advance(0.2, 1.0)
+    here = threading.current_thread().name
+    started, where = threading.Event(), {}
+
+    def fn(i):
+        where[i] = (threading.current_thread().name, torch.get_num_threads())
+        if i == 0:
+            where["others started first"] = started.wait(timeout=10)
+        else:
+            started.set()
+        return i
+
+    weights = [8e9, 2e9, 1e9]
+    assert W._too_big([0, 1, 2], weights, 2) == 3  # idle: all three in the caller, one after the other
+    assert W.parallel_map(fn, range(3), weights=weights) == [0, 1, 2]
+    assert where[0] == (here, 1) and where["others started first"]
+    assert any(name.startswith("attnmask-worker") for name, _ in (where[1], where[2]))
+    finished = []
+
+    def failing(i):
+        if i == 0:
+            raise RuntimeError("largest")
+        time.sleep(0.05)
+        finished.append(i)
+
+    with pytest.raises(RuntimeError, match="largest"):
+        W.parallel_map(failing, range(3), weights=weights)
+    assert 1 in finished  # the worker's task had started and was waited for
+
+
 ADAPTED = {
     "varlen": lambda: am.causal() & am.document(seq_lens=[170, 40, 90]),
     "blocksparse": lambda: am.sliding_window(40),
