@@ -67,7 +67,15 @@ from attnmask.backends.contract import AttentionCall
 # ``attnmask.backends.<name>``; every estimate is linear in them). "sdpa"'s estimate (pairs times D + Dv) is the unit.
 FITTED = {
     "sdpa": ("_MASK_COST", "_CALL_COST"),
-    "varlen": ("_PAIR_COST", "CALL_COST", "COPY_COST", "SMALL_MATMUL_COST", "_SDPA_ROW_COST", "_SMALL_ROW_COST"),
+    "varlen": (
+        "_PAIR_COST",
+        "_MASKED_PAIR_COST",
+        "CALL_COST",
+        "COPY_COST",
+        "SMALL_MATMUL_COST",
+        "_SDPA_ROW_COST",
+        "_SMALL_ROW_COST",
+    ),
     "blocksparse": ("_PAIR_COST", "_MASK_COST", "_GROUP_COST"),
     "banded": ("_PAIR_COST", "_TILE_COST", "_HEAD_COST", "_MASK_COST", "COPY_COST"),
     "native": ("_PAIR_COST", "_LONG_PAIR_COST", "_ROW_COST", "_CALL_COST", "COPY_COST"),

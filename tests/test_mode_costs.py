@@ -213,13 +213,14 @@ def test_varlen_estimate_counts_the_key_bands_its_window_path_computes(monkeypat
     """Under a window shorter than the document, varlen runs masked SDPA per query block over its whole key band:
     ``band_pairs`` counts exactly the pairs those calls compute (a causal half undercounts large windows 2x)."""
     seen = []
-    real = VL._masked_rows
+    real = VL._sdpa
 
     def spy(q, k, v, mask, *args):
+        assert mask is not None and mask.shape == (q.shape[2], k.shape[2])  # one masked call per query block
         seen.append(q.shape[0] * q.shape[2] * k.shape[2])
         return real(q, k, v, mask, *args)
 
-    monkeypatch.setattr(VL, "_masked_rows", spy)
+    monkeypatch.setattr(VL, "_sdpa", spy)
     q = torch.randn(1, 2, length, 8)
     am.attention(q, q, q, am.causal() & am.sliding_window(window), backend="varlen")
     assert sum(seen) == VL.band_pairs(length, length, 0, window) > 0

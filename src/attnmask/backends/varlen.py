@@ -51,6 +51,10 @@ from attnmask.errors import BackendError, ShapeError, bad
 __all__ = ["BACKEND", "segments_from_varlen", "varlen_attention"]
 
 _PAIR_COST = 1.0  # one multiply-add of a pair inside SDPA's blocked kernel: the unit every CPU estimate is in
+# The same inside a call with a bool mask (a window's query block over its key band, _dense_segment): SDPA converts
+# the mask and adds it to every head's scores. Measured, one thread, q (1, 4, 512, 64) against 1,023 keys: 13.98 ms
+# with the window's mask, 11.83 ms without (benchmarks/RESULTS.md, issue 15, "varlen's window blocks").
+_MASKED_PAIR_COST = 1.18
 _SDPA_ROW_COST = 40.0  # SDPA's fixed work per query row and head (per element of D + Dv): short documents pay it
 _SMALL_ROW_COST = 130.0  # the tiny-document path's unfused softmax, masking and casts, per query row element and head
 _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this many keys go through batched matmuls
@@ -307,16 +311,21 @@ def _dense_segment(q, k, v, off, causal, window, scale, gqa, dropout_p=0.0):
     # Window shorter than the document: query blocks over a key band, as tasks for the workers (one per block).
     block = _band_block(window)
 
+    sees_itself = off >= 0 and ql + off <= kl  # every query's own position is a key of its band: no empty row
+
     def band(a: int) -> torch.Tensor:
         b_end, k0, k1 = _band(a, ql, kl, off, window)
         if k1 <= k0:
             return v.new_zeros(q.shape[0], q.shape[1], b_end - a, v.shape[3])
         mask = _band_mask(a, b_end, k0, k1, off, window, q.device)
-        return _masked_rows(q[:, :, a:b_end], k[:, :, k0:k1], v[:, :, k0:k1], mask, scale, gqa, dropout_p)
+        qkv = q[:, :, a:b_end], k[:, :, k0:k1], v[:, :, k0:k1]
+        if sees_itself:
+            return _sdpa(*qkv, mask, False, scale, gqa, dropout_p)
+        return _masked_rows(*qkv, mask, scale, gqa, dropout_p)
 
     starts = list(range(0, ql, block))
-    per_row = q.shape[0] * q.shape[1] * min(block + window, kl) * (q.shape[3] + v.shape[3])  # multiply-adds
-    outs = _map(band, starts, [min(block, ql - a) * per_row for a in starts], dropout_p, q.device.type)
+    per_pair = q.shape[0] * q.shape[1] * (q.shape[3] + v.shape[3])  # multiply-adds
+    outs = _map(band, starts, [per_pair * p for p in _band_sizes(ql, kl, off, window)], dropout_p, q.device.type)
     return torch.cat(outs, dim=2)
 
 
@@ -333,21 +342,30 @@ def _band(a: int, q_len: int, k_len: int, off: int, window: int) -> tuple[int, i
     return end, max(0, a + off - window + 1), min(k_len, end + off)
 
 
+def _band_sizes(q_len: int, k_len: int, off: int, window: int) -> list[int]:
+    """(query, key) pairs of each query block ``_dense_segment`` runs for a segment under a window shorter than it
+    (``_band``), in order: the first blocks' bands are shorter (fewer keys precede them)."""
+    sizes = []
+    for a in range(0, q_len, _band_block(window)):
+        end, k0, k1 = _band(a, q_len, k_len, off, window)
+        sizes.append((end - a) * max(0, k1 - k0))
+    return sizes
+
+
 def band_pairs(q_len: int, k_len: int, off: int, window: int) -> int:
     """(query, key) pairs ``_dense_segment`` computes for a segment under a window shorter than it: the masked SDPA
     call of each query block reads its whole key band (``_band``). Example: 8,192 queries under a window of 4,096,
     blocks of 4,096: ``4096·4096 + 4096·8191`` pairs, not the 4,096·8,192 of a causal half."""
-    total = 0
-    for a in range(0, q_len, _band_block(window)):
-        end, k0, k1 = _band(a, q_len, k_len, off, window)
-        total += (end - a) * max(0, k1 - k0)
-    return total
+    return sum(_band_sizes(q_len, k_len, off, window))
 
 
 def _band_mask(q0, q1, k0, k1, off, window, device):
-    """``(q1 - q0, k1 - k0)`` bool: ``0 <= i + off - j (< window)`` for segment query ``i`` and key ``j``."""
-    d = torch.arange(q0, q1, device=device).unsqueeze(1) + off - torch.arange(k0, k1, device=device)
-    return (d >= 0) & (d < window) if window is not None else d >= 0
+    """``(q1 - q0, k1 - k0)`` bool: ``0 <= i + off - j (< window)`` for segment query ``i`` and key ``j``: the
+    diagonals ``c - window < j' - i' <= c`` (``c = q0 + off - k0``, block-local indices) of a block of ones, two
+    triangle passes over it (5x cheaper than comparing index differences: 0.2 against 1.1 ms at 512 x 1,023)."""
+    c = q0 + off - k0
+    mask = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=device).tril_(c)
+    return mask if window is None else mask.triu_(c - window + 1)
 
 
 def _masked_rows(q, k, v, mask, scale, gqa, dropout_p=0.0):
@@ -513,10 +531,14 @@ def cost(call) -> float:
         banded = {shape: band_pairs(*shape, plan.window) for shape in windowed}
         rows = zip(shapes, pairs.tolist(), strict=True)
         pairs = torch.tensor([max(banded.get(tuple(shape), 0), p) for shape, p in rows], dtype=torch.float64)
-    calls = len({tuple(shape) for shape in shapes})
+        masked = torch.tensor([tuple(shape) in banded for shape in shapes])
+        blocks = sum(-(-q // _band_block(plan.window)) - 1 for q, _, _ in windowed)  # calls beyond one per group
+    else:
+        masked, blocks = torch.zeros(len(shapes), dtype=torch.bool), 0
+    calls = len({tuple(shape) for shape in shapes}) + blocks
     width = call.head_dim + call.value_dim
     small = segs[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
-    per_seg = pairs * call.heads * width * _PAIR_COST
+    per_seg = pairs * call.heads * width * torch.where(masked, _MASKED_PAIR_COST, _PAIR_COST).double()
     per_seg += torch.where(small, _SMALL_ROW_COST, _SDPA_ROW_COST).double() * ql * call.heads * width
     per_seg += small.double() * 2 * call.heads * SMALL_MATMUL_COST
     tokens = (segs[:, 2] * call.heads + segs[:, 4] * call.kv_heads).double() * width
@@ -551,9 +573,7 @@ def _task_weights(segs: list, window: int | None, per_pair: int) -> tuple[list[f
     if len(big) == 1 and big_weights[0] >= MIN_TASK_WORK:
         (q_len, k_len, off), n = next(iter(big.items()))
         if window is not None and window <= q_len - 1 + off:  # _dense_segment's query blocks over a key band
-            block = _band_block(window)
-            row = n * min(block + window, k_len) * per_pair
-            big_weights = [min(block, q_len - a) * row for a in range(0, q_len, block)]
+            big_weights = [n * per_pair * p for p in _band_sizes(q_len, k_len, off, window)]
     return big_weights, tiny_weights
 
 
