@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import attnmask as am
 from attnmask.backends import REGISTRY, blocksparse
 from attnmask.backends import _workers as workers
-from attnmask.backends._common import ModeFactors
+from attnmask.backends._common import ModeFactors, cpu_has_amx_bf16
 from attnmask.backends.contract import AttentionCall
 
 # The constants of each backend's CPU cost estimate that ``--fit`` refits (module attributes of
@@ -773,15 +773,29 @@ def pick_quality(tables, args) -> dict:
 
 
 MODES = ((torch.bfloat16, False, "bf16"), (torch.float32, True, "backward"), (torch.bfloat16, True, "bf16_backward"))
+NO_AMX = {"bf16": "bf16_no_amx", "bf16_backward": "bf16_backward_no_amx"}  # the fields of a CPU without AMX tiles
+
+
+def table_has_amx(path: str) -> bool:
+    """Whether a saved table was measured on a CPU with AMX bfloat16 tiles (its first line says since 2026-12-02;
+    older tables: this machine's flag)."""
+    found = re.search(r"bfloat16 tiles: (\w+)", open(path, encoding="utf-8").read())
+    return found.group(1) == "amx" if found else cpu_has_amx_bf16()
 
 
 def fit_modes(paths: list[str], args) -> None:
     """Per backend, its ``MODES`` (``_common.ModeFactors``): for each other mode than a float32 forward, the median over
     the rows timed in both of (measured time in that mode / in the float32 forward) / (the same ratio of its estimates
-    with the factors at 1); then auto's picks in every mode with the modules' factors and with the fitted ones."""
+    with the factors at 1); then auto's picks in every mode with the modules' factors and with the fitted ones.
+    Tables of a CPU without AMX tiles (``table_has_amx``) fit ``bf16_no_amx`` and ``bf16_backward_no_amx`` instead of
+    ``bf16`` and ``bf16_backward``; all the tables must agree, and their picks are judged on this machine's flag."""
+    amx = {table_has_amx(p) for p in paths}
+    if len(amx) > 1:
+        raise SystemExit("--modes: tables of CPUs with and without AMX tiles; fit them separately")
+    rename = {} if amx.pop() else NO_AMX
     tables = [(table_threads(p), parse_tables(p, args.length, args.decode_keys)) for p in paths]
     fitted = {}
-    print("| backend | now | fitted (bf16, backward, bf16_backward) | rows per mode |")
+    print(f"| backend | now | fitted ({', '.join(rename.get(m[2], m[2]) for m in MODES)}) | rows per mode |")
     print("|---|---|---|---|")
     for name in FITTED:
         module = importlib.import_module(f"attnmask.backends.{name}")
@@ -793,13 +807,13 @@ def fit_modes(paths: list[str], args) -> None:
                 label = next((m[2] for m in MODES if m[:2] == (dtype, grad)), None)
                 if base is None or label is None:
                     continue
-                identity = {module: {"MODES": ModeFactors()}}
+                identity = {module: {"MODES": ModeFactors(bf16_no_amx=1.0, bf16_backward_no_amx=1.0)}}
                 est = with_constants(identity, estimate, case, dtype, name, threads, args, grad)
                 est_base = with_constants(identity, estimate, case, torch.float32, name, threads, args)
                 ratios[label].append((seconds / base[1]) / (est / est_base))
         if not all(ratios.values()):
             continue
-        medians = {k: round(statistics.median(v), 2) for k, v in ratios.items()}
+        medians = {rename.get(k, k): round(statistics.median(v), 2) for k, v in ratios.items()}
         fitted[module] = {"MODES": dataclasses.replace(module.MODES, **medians)}
         counts = ", ".join(str(len(v)) for v in ratios.values())
         print(f"| {name} | {module.MODES} | {fitted[module]['MODES']} | {counts} |")
@@ -967,7 +981,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), rows of {args.length}, decode against "
-        f"{args.decode_keys} keys, H={args.heads}, D={args.dim}, load {_load()}"
+        f"{args.decode_keys} keys, H={args.heads}, D={args.dim}, load {_load()}, "
+        f"bfloat16 tiles: {'amx' if cpu_has_amx_bf16() else 'none'}"
     )
     for dtype_name in args.dtype.split(","):
         dtype = getattr(torch, dtype_name)

@@ -18,6 +18,7 @@ import attnmask.backends.blocksparse as BS
 import attnmask.backends.native as N
 import attnmask.backends.varlen as VL
 from attnmask.backends._common import ModeFactors
+from attnmask.errors import BackendError
 from tests.helpers import bench_limit
 
 A = importlib.import_module("attnmask.attention")
@@ -33,6 +34,15 @@ def test_mode_factors_pick_the_factor_of_the_calls_mode(monkeypatch):
     assert modes.of(torch.bfloat16, "meta", True) == 1.0 and modes.of(torch.float32, "cuda", True) == 1.0
     monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: False)  # measured with AMX: elsewhere float32's factors
     assert modes.of(torch.bfloat16, "cpu", False) == 1.0 and modes.of(torch.bfloat16, "cpu", True) == 3.0
+    assert not modes.covers(torch.bfloat16, "cpu")
+    soft = dataclasses.replace(modes, bf16_no_amx=2.0, bf16_backward_no_amx=7.0)  # ... unless fitted there too
+    assert soft.of(torch.bfloat16, "cpu", False) == 2.0 and soft.of(torch.bfloat16, "cpu", True) == 7.0
+    assert soft.of(torch.float16, "cpu", True) == 3.0 and soft.covers(torch.bfloat16, "cpu")
+    assert soft.of(torch.bfloat16, "cpu", True, contended=True) == 7.0  # busy factors 1 here
+    monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: True)
+    assert soft.of(torch.bfloat16, "cpu", False) == 1.5 and soft.of(torch.bfloat16, "cpu", True) == 2.5
+    with pytest.raises(BackendError, match="both bfloat16 factors"):
+        ModeFactors(bf16_no_amx=2.0)
 
 
 def call(dtype: torch.dtype, grad: bool):
@@ -51,7 +61,12 @@ def test_every_cpu_estimate_scales_by_its_mode_factor(monkeypatch, name, amx):
     assert min(modes.bf16, modes.backward, modes.bf16_backward) > 0
     cost = module.BACKEND.cost
     assert cost(call(torch.float32, True)) == pytest.approx(cost(call(torch.float32, False)) * modes.backward)
-    bf16_grad = modes.bf16_backward / modes.bf16 if amx else modes.backward
+    if amx:
+        bf16_grad = modes.bf16_backward / modes.bf16
+    elif modes.bf16_no_amx is not None:
+        bf16_grad = modes.bf16_backward_no_amx / modes.bf16_no_amx
+    else:
+        bf16_grad = modes.backward
     assert cost(call(torch.bfloat16, True)) == pytest.approx(cost(call(torch.bfloat16, False)) * bf16_grad)
 
 
@@ -73,10 +88,12 @@ def test_auto_weighs_the_backward_it_will_run(monkeypatch):
     assert N.BACKEND.cost(bwd) > BS.BACKEND.cost(bwd)
 
 
-def mode_table(threads: int, blocks: dict) -> str:
+def mode_table(threads: int, blocks: dict, tiles: str | None = None) -> str:
     """A saved ``bench_limit`` table (its own format) of rows of 256 tokens with only "blocksparse" timed, in the four
-    modes: ``blocks`` ``{(title, structure): ms}``, titles as the script prints them."""
-    lines = [f"torch x, {threads} thread(s), rows of 256, decode against 512 keys, H=4, D=64, load 0", ""]
+    modes: ``blocks`` ``{(title, structure): ms}``, titles as the script prints them; ``tiles``: what its first line
+    says of the CPU's bfloat16 tiles (``None``: nothing, as before 2026-12-02)."""
+    said = "" if tiles is None else f", bfloat16 tiles: {tiles}"
+    lines = [f"torch x, {threads} thread(s), rows of 256, decode against 512 keys, H=4, D=64, load 0{said}", ""]
     for title in dict.fromkeys(t for t, _ in blocks):
         lines += [
             f"**{title}, {threads} thread(s)** (ms)",
@@ -90,23 +107,31 @@ def mode_table(threads: int, blocks: dict) -> str:
     return "\n".join(lines)
 
 
-def test_fit_modes_recovers_the_factors_the_tables_were_made_with(tmp_path, capsys):
+@pytest.mark.parametrize("tiles", ["amx", "none"])
+def test_fit_modes_recovers_the_factors_the_tables_were_made_with(tmp_path, capsys, tiles):
     """blocksparse's estimate does not otherwise depend on the dtype or the backward, so the table's ratios are the
-    factors themselves."""
+    factors themselves; a table of a CPU without AMX tiles gives the ``_no_amx`` bfloat16 factors, the others kept."""
     bench = bench_limit()
     names = [c.name for c in bench.cases(256, 512) if c.name.startswith(("causal +", "prefix", "causal chunked"))]
     made = {"forward, float32": 1.0, "forward, bfloat16": 1.5, "forward + backward, float32": 4.0}
     made["forward + backward, bfloat16"] = 3.0
     blocks = {(title, name): (10.0 + i) * f for title, f in made.items() for i, name in enumerate(names)}
     path = tmp_path / "modes.txt"
-    path.write_text(mode_table(1, blocks))
+    path.write_text(mode_table(1, blocks, tiles))
     own = BS.MODES
     bench.main(["--fit", str(path), "--modes"])
     out = capsys.readouterr().out
-    fitted = dataclasses.replace(own, bf16=1.5, backward=4.0, bf16_backward=3.0)  # the busy factors kept
+    if tiles == "amx":  # the busy factors kept, and the other CPU's
+        fitted = dataclasses.replace(own, bf16=1.5, backward=4.0, bf16_backward=3.0)
+    else:
+        fitted = dataclasses.replace(own, bf16_no_amx=1.5, backward=4.0, bf16_backward_no_amx=3.0)
     assert f"| blocksparse | {own} | {fitted} | {len(names)}, {len(names)}, {len(names)} |" in out
     assert "1, bfloat16, fwd+bwd" in out and "now: " in out and "fitted: " in out
     assert BS.MODES == own  # the modules keep their own factors
+    other = tmp_path / "other.txt"
+    other.write_text(mode_table(1, blocks, "none" if tiles == "amx" else "amx"))
+    with pytest.raises(SystemExit, match="with and without AMX"):
+        bench.main(["--fit", str(path), str(other), "--modes"])
 
 
 def test_fit_groups_recovers_the_per_tile_charge_the_table_was_made_with(tmp_path, capsys, monkeypatch):
@@ -177,6 +202,9 @@ def test_the_reference_estimate_scales_at_least_as_much_as_any_backend():
         modes = importlib.import_module(f"attnmask.backends.{name}").MODES
         for field in ("bf16", "backward", "bf16_backward", "busy", "busy_backward"):
             assert getattr(ref, field) >= getattr(modes, field), (name, field)
+        for field in ("bf16_no_amx", "bf16_backward_no_amx"):
+            if getattr(modes, field) is not None:
+                assert getattr(ref, field) >= getattr(modes, field), (name, field)
 
 
 def test_fit_busy_factors_reads_the_busy_tables_and_only_them(tmp_path, capsys):

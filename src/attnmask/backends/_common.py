@@ -63,9 +63,13 @@ class ModeFactors:
     factor is further multiplied by ``busy`` (a forward) or ``busy_backward`` (forward + backward): the backend's
     median slowdown with one of two cores busy (``--fit ... --busy-factors`` on ``--busy`` tables).
 
-    The bfloat16 factors were measured on a CPU with AMX bfloat16 tiles, where torch's SDPA kernel runs bfloat16 about
-    twice as fast as float32 while the backends that compute in float32 pay for the casts; on any other CPU (and for
-    float16, which gains nothing there) a half-precision call uses the float32 factors.
+    ``bf16`` and ``bf16_backward`` were measured on a CPU with AMX bfloat16 tiles, where torch's SDPA kernel runs
+    bfloat16 about twice as fast as float32 while the backends that compute in float32 pay for the casts.
+    ``bf16_no_amx`` and ``bf16_backward_no_amx`` stand for bfloat16 on a CPU without them, where torch converts
+    bfloat16 in its kernels and SDPA's backward measured 5x its float32 time (an AMD EPYC without AMX or
+    AVX512-BF16: rows of 1,024, causal, 2 threads, 167 against 31.6 ms; RESULTS.md, issue 15, "bfloat16 on a CPU
+    without AMX"); set both or neither (``None``: that CPU's bfloat16 uses the float32 factors). float16 always uses
+    the float32 factors.
 
     Off the CPU (where these estimates are not used to choose) every factor is 1.
 
@@ -78,18 +82,30 @@ class ModeFactors:
     bf16_backward: float = 1.0
     busy: float = 1.0
     busy_backward: float = 1.0
+    bf16_no_amx: float | None = None
+    bf16_backward_no_amx: float | None = None
+
+    def __post_init__(self):
+        if (self.bf16_no_amx is None) != (self.bf16_backward_no_amx is None):
+            given = f"bf16_no_amx={self.bf16_no_amx}, bf16_backward_no_amx={self.bf16_backward_no_amx}"
+            raise bad(BackendError, "ModeFactors", "both bfloat16 factors of a CPU without AMX, or neither", given)
 
     def covers(self, dtype: torch.dtype, device_type: str) -> bool:
-        """Whether a fitted factor stands for ``dtype`` on ``device_type`` (bfloat16 on a CPU with AMX tiles): then
-        it includes what the backend pays for casting to its compute dtype, which the estimate need not add."""
-        return device_type == "cpu" and dtype == torch.bfloat16 and cpu_has_amx_bf16()
+        """Whether a fitted factor stands for ``dtype`` on ``device_type`` (bfloat16 on a CPU with AMX tiles, or on
+        one without where the ``_no_amx`` factors are set): then it includes what the backend pays for casting to its
+        compute dtype, which the estimate need not add."""
+        if device_type != "cpu" or dtype != torch.bfloat16:
+            return False
+        return cpu_has_amx_bf16() or self.bf16_no_amx is not None
 
     def of(self, dtype: torch.dtype, device_type: str, needs_grad: bool, contended: bool = False) -> float:
         """The factor for a call in ``dtype`` on ``device_type``, differentiated or not, with cores taken or not."""
         if device_type != "cpu":
             return 1.0
-        if self.covers(dtype, device_type):
+        if self.covers(dtype, device_type) and cpu_has_amx_bf16():
             factor = self.bf16_backward if needs_grad else self.bf16
+        elif self.covers(dtype, device_type):
+            factor = self.bf16_backward_no_amx if needs_grad else self.bf16_no_amx
         else:
             factor = self.backward if needs_grad else 1.0
         return factor * ((self.busy_backward if needs_grad else self.busy) if contended else 1.0)

@@ -52,8 +52,18 @@ _MASK_COST = 20.0  # evaluating the spec on one (query, key) pair of the band, o
 _THREAD_EFFICIENCY = 0.14
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
-# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
-MODES = ModeFactors(bf16=0.94, backward=4.18, bf16_backward=5.64, busy=1.13, busy_backward=1.67)
+# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
+# CPU without AMX tiles (the _no_amx factors): --fit ... --modes on limit_tables/s9_q1.txt and s9_q2.txt, an AMD EPYC
+# (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX").
+MODES = ModeFactors(
+    bf16=0.94,
+    backward=4.18,
+    bf16_backward=5.64,
+    busy=1.13,
+    busy_backward=1.67,
+    bf16_no_amx=0.9,
+    bf16_backward_no_amx=6.99,
+)
 
 
 class _BandPlan(NamedTuple):

@@ -49,8 +49,18 @@ _THREAD_EFFICIENCY = 0.85
 _HANDOVER_COST = 3.2e6
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
-# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
-MODES = ModeFactors(bf16=1.31, backward=3.44, bf16_backward=3.2, busy=1.0, busy_backward=1.5)
+# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
+# CPU without AMX tiles (the _no_amx factors): --fit ... --modes on limit_tables/s9_q1.txt and s9_q2.txt, an AMD EPYC
+# (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX").
+MODES = ModeFactors(
+    bf16=1.31,
+    backward=3.44,
+    bf16_backward=3.2,
+    busy=1.0,
+    busy_backward=1.5,
+    bf16_no_amx=1.05,
+    bf16_backward_no_amx=3.73,
+)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:

@@ -447,8 +447,18 @@ _CALL_COST = 2e4  # one ctypes call and the output allocation
 _THREAD_EFFICIENCY = 0.81
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
-# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
-MODES = ModeFactors(bf16=1.18, backward=3.51, bf16_backward=3.47, busy=1.61, busy_backward=2.09)
+# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
+# CPU without AMX tiles (the _no_amx factors): --fit ... --modes on limit_tables/s9_q1.txt and s9_q2.txt, an AMD EPYC
+# (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX").
+MODES = ModeFactors(
+    bf16=1.18,
+    backward=3.51,
+    bf16_backward=3.47,
+    busy=1.61,
+    busy_backward=2.09,
+    bf16_no_amx=1.0,
+    bf16_backward_no_amx=4.0,
+)
 _ITEMS_PER_PULL = 8  # segattn.c's worker loop, when there are enough items
 
 

@@ -61,7 +61,15 @@ def run(call: AttentionCall) -> torch.Tensor:
 # The oracle runs every mode with at least the work of the fused backends (unfused ops over materialised scores,
 # autograd's backward, every op split across all threads): each factor is the largest any CPU backend was fitted
 # (tests/test_mode_costs.py holds it so), so that "auto" picks it only where nothing else serves.
-MODES = ModeFactors(bf16=1.31, backward=4.18, bf16_backward=5.64, busy=1.95, busy_backward=3.07)
+MODES = ModeFactors(
+    bf16=1.31,
+    backward=4.18,
+    bf16_backward=5.64,
+    busy=1.95,
+    busy_backward=3.07,
+    bf16_no_amx=1.31,
+    bf16_backward_no_amx=16.9,
+)
 
 
 def cost(call: AttentionCall) -> float:

@@ -53,8 +53,18 @@ _AMX_BF16_PAIR_FACTOR = 0.5
 _THREAD_EFFICIENCY = 0.74
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
-# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
-MODES = ModeFactors(bf16=0.98, backward=3.57, bf16_backward=4.47, busy=1.95, busy_backward=3.07)
+# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
+# CPU without AMX tiles (the _no_amx factors): --fit ... --modes on limit_tables/s9_q1.txt and s9_q2.txt, an AMD EPYC
+# (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX").
+MODES = ModeFactors(
+    bf16=0.98,
+    backward=3.57,
+    bf16_backward=4.47,
+    busy=1.95,
+    busy_backward=3.07,
+    bf16_no_amx=1.0,
+    bf16_backward_no_amx=16.9,
+)
 _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept with its plans (the layers share it)
 
 

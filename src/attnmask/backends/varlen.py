@@ -68,8 +68,18 @@ _THREAD_EFFICIENCY = 0.85
 _HANDOVER_COST = 3.2e6
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
-# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core").
-MODES = ModeFactors(bf16=0.84, backward=3.17, bf16_backward=3.33, busy=1.03, busy_backward=1.74)
+# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
+# CPU without AMX tiles (the _no_amx factors): --fit ... --modes on limit_tables/s9_q1.txt and s9_q2.txt, an AMD EPYC
+# (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX").
+MODES = ModeFactors(
+    bf16=0.84,
+    backward=3.17,
+    bf16_backward=3.33,
+    busy=1.03,
+    busy_backward=1.74,
+    bf16_no_amx=0.88,
+    bf16_backward_no_amx=8.33,
+)
 
 
 def varlen_attention(
