@@ -101,10 +101,20 @@ def test_every_cpu_backend_that_accepts_a_local_window_equals_naive_attention(ba
 
 
 def test_flex_attention_runs_a_local_window_from_its_block_mask():
+    """Exact, or (where torch's compiled CPU kernel miscomputes this shape: an AVX2-only CPU) a typed refusal that
+    ``explain`` repeats; never a wrong result."""
     spec = local_problem(3)
     q, k, v = make_qkv(LOCAL_CASE)
     allowed = spec.to_dense(40).unsqueeze(1)
-    assert_matches_reference(am.attention(q, k, v, spec, backend="flex"), naive_attention(q, k, v, allowed))
+    try:
+        out = am.attention(q, k, v, spec, backend="flex")
+    except am.BackendError as err:
+        assert "compiled FlexAttention on this CPU computed this shape wrongly" in str(err)
+        explained = am.explain(q, k, v, spec)
+        reasons = dict(zip(explained.backends, explained.reasons, strict=True))["flex"]
+        assert any("computed this shape wrongly" in r for r in reasons)
+        return
+    assert_matches_reference(out, naive_attention(q, k, v, allowed))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

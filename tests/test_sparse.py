@@ -280,6 +280,34 @@ def test_auto_keeps_sdpa_for_custom_predicates_without_laying_them_out(monkeypat
     assert choose_backend(call_for(spec, 512)).name == "sdpa"
 
 
+def test_flex_on_cpu_refuses_a_shape_its_compiled_kernel_computes_wrongly(monkeypatch):
+    """The first CPU call of a shape is checked against uncompiled FlexAttention: a compiled kernel that disagrees (here
+    one that drops the last key) is refused with a typed error, and from then on by ``explain``; other shapes and a
+    kernel that agrees run as before."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from attnmask.backends import flex as FX
+
+    monkeypatch.setattr(FX, "_CPU_CHECKED", {})
+
+    def broken(q, k, v, **kwargs):
+        return flex_attention(q, k[:, :, :-1], v[:, :, :-1], **{**kwargs, "block_mask": None})
+
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    spec = am.causal()
+    monkeypatch.setattr(FX, "_flex", lambda: broken)
+    with pytest.raises(am.BackendError, match="computed this shape wrongly"):
+        am.attention(q, k, v, spec, backend="flex")
+    explained = am.explain(q, k, v, spec)
+    reasons = dict(zip(explained.backends, explained.reasons, strict=True))["flex"]
+    assert any("computed this shape wrongly" in r for r in reasons)
+    monkeypatch.setattr(FX, "_flex", lambda: FX._eager_flex())  # agrees with itself: runs
+    q2, k2, v2 = (torch.randn(1, 2, 24, 8, generator=torch.Generator().manual_seed(i)) for i in range(3, 6))
+    torch.testing.assert_close(am.attention(q2, k2, v2, spec, backend="flex"), am.attention(q2, k2, v2, spec))
+    with pytest.raises(am.BackendError, match="computed this shape wrongly"):  # the refused shape stays refused
+        am.attention(q, k, v, spec, backend="flex")
+
+
 def test_auto_never_picks_flex():
     with torch.no_grad():
         assert choose_backend(call_for(am.causal() & am.document(seq_lens=[4096, 4096]), 8192)).name != "flex"

@@ -11,7 +11,11 @@ comes back as exact 0 from FlexAttention itself (the tests and ``benchmarks/devi
 - On CUDA: forward and backward, float32, float16 and bfloat16, head dims of at least 16 (Triton's ``tl.dot``); a
   real candidate of ``"auto"``, costed by ``cuda_costs.flex_cost`` (the tiles it computes).
 - On CPU: forward only (compiled FlexAttention has no CPU backward: train with ``"blocksparse"``), and never chosen
-  by ``"auto"`` (cost ``inf``): named explicitly only.
+  by ``"auto"`` (cost ``inf``): named explicitly only. The first call of each shape and dtype is checked against
+  uncompiled FlexAttention on the same inputs and block mask (which materialises the ``(B, H, Q, K)`` scores once):
+  on an AVX2-only AMD EPYC, torch 2.13's compiled CPU kernel returned wrong values or NaN for some shapes (head dim
+  8 on rows of 40: errors of 0.7-2.9 where the uncompiled one matched the reference to 5e-7; RESULTS.md, issue 15).
+  A shape that disagrees raises ``BackendError`` and is refused from then on (``explain`` says why).
 
 Every new shape compiles (``torch.compile(flex_attention, dynamic=False)``, seconds; forward and backward on first use
 with a gradient), so rows of a fixed length suit it best; after torch's recompile limit torch falls back to an
@@ -20,11 +24,14 @@ uncompiled FlexAttention that materialises the scores.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 import attnmask.backends.cuda_costs as cuda_costs
 from attnmask.backends._common import cached, degenerate
 from attnmask.backends.contract import Backend
+from attnmask.errors import BackendError, bad
 from attnmask.lowering import block_layout
 from attnmask.masks import MaskSpec, full
 
@@ -34,6 +41,7 @@ BLOCK_SIZE = 128  # FlexAttention's CPU and GPU kernels are tuned for tiles of 1
 _DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})  # the CPU kernel refuses float64
 _MIN_CUDA_HEAD_DIM = 16
 _compiled_flex = None
+_CPU_CHECKED: dict[tuple, float | None] = {}  # CPU shapes and dtype -> None (agreed with eager) or the max difference
 
 
 def _flex():
@@ -70,6 +78,8 @@ def flex_unsupported(call) -> str | None:
     device = call.q.device.type
     if device == "cpu" and call.needs_grad:
         return "compiled FlexAttention on CPU has no backward (use 'blocksparse' to train)"
+    if device == "cpu" and (error := _CPU_CHECKED.get(_cpu_signature(call))) is not None:
+        return _miscompiled(error)
     if device == "cuda" and min(call.head_dim, call.value_dim) < _MIN_CUDA_HEAD_DIM:
         return (
             f"FlexAttention's CUDA kernel needs head dims >= {_MIN_CUDA_HEAD_DIM}, got D={call.head_dim}, "
@@ -98,10 +108,58 @@ def flex_cost(call) -> float:
 
 
 def flex_run(call) -> torch.Tensor:
-    """Compiled FlexAttention with the layout's ``BlockMask`` (kept with the call's plans)."""
+    """Compiled FlexAttention with the layout's ``BlockMask`` (kept with the call's plans); on CPU, checked against
+    uncompiled FlexAttention on the first call of each shape and dtype (see the module docstring)."""
     block_mask = cached(call, "flex", _block_mask)
-    gqa = call.heads != call.kv_heads
-    return _flex()(call.q, call.k, call.v, block_mask=block_mask, scale=call.scale, enable_gqa=gqa)
+    kwargs = dict(block_mask=block_mask, scale=call.scale, enable_gqa=call.heads != call.kv_heads)
+    out = _flex()(call.q, call.k, call.v, **kwargs)
+    if call.q.device.type != "cpu":
+        return out
+    signature = _cpu_signature(call)
+    if signature not in _CPU_CHECKED:
+        _CPU_CHECKED[signature] = _difference(out, _eager_flex()(call.q, call.k, call.v, **kwargs))
+    if (error := _CPU_CHECKED[signature]) is not None:
+        raise bad(
+            BackendError, "backend", "a backend whose kernel computes this call ('flex' cannot)", _miscompiled(error)
+        )
+    return out
+
+
+def _cpu_signature(call) -> tuple:
+    return tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.q.dtype
+
+
+def _eager_flex():
+    """Uncompiled FlexAttention (it materialises the scores), without its warning that it is unfused."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def run(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return flex_attention(*args, **kwargs)
+
+    return run
+
+
+def _difference(got: torch.Tensor, want: torch.Tensor) -> float | None:
+    """``None`` when ``got`` equals ``want`` up to the rounding of its dtype (NaN where ``want`` has NaN), else the
+    largest difference (``inf`` for a NaN or infinity ``want`` has not)."""
+    tol = 1e-4 if got.dtype in (torch.float32, torch.float64) else 2e-2
+    got, want = got.double(), want.double()
+    if not torch.equal(torch.isfinite(got), torch.isfinite(want)):
+        return float("inf")
+    finite = torch.isfinite(want)
+    diff = (got[finite] - want[finite]).abs()
+    if diff.numel() == 0 or bool((diff <= tol * (1 + want[finite].abs())).all()):
+        return None
+    return float(diff.max())
+
+
+def _miscompiled(error: float) -> str:
+    return (
+        f"compiled FlexAttention on this CPU computed this shape wrongly (largest difference {error:.3g} against "
+        "uncompiled FlexAttention on the same call); use 'blocksparse'"
+    )
 
 
 BACKEND = Backend(
