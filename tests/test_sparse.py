@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import attnmask as am
 from attnmask import lowering as L
 from attnmask import masks as M
-from attnmask.attention import AttentionCall, choose_backend
+from attnmask.attention import AttentionCall, _prepare_call, choose_backend
 from attnmask.backends import blocksparse as BS
 from attnmask.backends import varlen as VL
 from tests.helpers import DTYPES, assert_matches_reference, check_against_naive, spec_doc_ids
@@ -306,6 +306,9 @@ def test_flex_on_cpu_refuses_a_shape_its_compiled_kernel_computes_wrongly(monkey
     torch.testing.assert_close(am.attention(q2, k2, v2, spec, backend="flex"), am.attention(q2, k2, v2, spec))
     with pytest.raises(am.BackendError, match="computed this shape wrongly"):  # the refused shape stays refused
         am.attention(q, k, v, spec, backend="flex")
+    window = am.sliding_window(4)  # same shapes, another structure (another compiled kernel): checked on its own
+    torch.testing.assert_close(am.attention(q, k, v, window, backend="flex"), am.attention(q, k, v, window))
+    assert FX._cpu_signature(_prepare_call(q, k, v, window, None, None, None)) in FX._CPU_CHECKED
 
 
 def test_auto_never_picks_flex():

@@ -12,7 +12,8 @@ comes back as exact 0 from FlexAttention itself (the tests and ``benchmarks/devi
   real candidate of ``"auto"``, costed by ``cuda_costs.flex_cost`` (the tiles it computes).
 - On CPU: forward only (compiled FlexAttention has no CPU backward: train with ``"blocksparse"``), and never chosen
   by ``"auto"`` (cost ``inf``): named explicitly only. The first call of each shape and dtype is checked against
-  uncompiled FlexAttention on the same inputs and block mask (which materialises the ``(B, H, Q, K)`` scores once):
+  uncompiled FlexAttention on the same inputs and block mask (which materialises the ``(B, H, Q, K)`` scores once;
+  "shape" here includes the spec's structure, which picks the compiled kernel, not its tensors' values):
   on an AVX2-only AMD EPYC, torch 2.13's compiled CPU kernel returned wrong values or NaN for some shapes (head dim
   8 on rows of 40: errors of 0.7-2.9 where the uncompiled one matched the reference to 5e-7; RESULTS.md, issue 15).
   A shape that disagrees raises ``BackendError`` and is refused from then on (``explain`` says why).
@@ -24,6 +25,7 @@ uncompiled FlexAttention that materialises the scores.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -126,7 +128,25 @@ def flex_run(call) -> torch.Tensor:
 
 
 def _cpu_signature(call) -> tuple:
-    return tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.q.dtype
+    """What picks the compiled kernel: the shapes, the dtype and the spec's structure (each part's type and scalar
+    fields; a tensor field by its shape and dtype, a predicate by its qualified name), not the tensors' values."""
+    return tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.q.dtype, _structure(call.mask)
+
+
+def _structure(mask) -> tuple:
+    if not isinstance(mask, MaskSpec):
+        return (type(mask).__name__,)
+
+    def field(value):
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape), value.dtype
+        if callable(value):
+            return getattr(value, "__qualname__", type(value).__name__)
+        return value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+
+    return tuple(
+        (type(part).__name__, *(field(getattr(part, f.name)) for f in dataclasses.fields(part))) for part in mask.walk()
+    )
 
 
 def _eager_flex():
