@@ -31,6 +31,7 @@ __all__ = [
     "CALL_COST",
     "COPY_COST",
     "ModeFactors",
+    "SDPA_BACKWARD_KEY_COST",
     "SMALL_MATMUL_COST",
     "VarlenPlan",
     "allowed_fraction",
@@ -44,6 +45,13 @@ __all__ = [
     "varlen_plan",
 ]
 
+# SDPA's backward: its work per key, whatever the number of queries (the key and value gradients it zeroes,
+# accumulates and writes, per query head), in the estimate's unit: what makes a decoding step with a gradient cost
+# more than its pairs. Measured on bench_limit's decode rows (rows of 1K tables, AMD EPYC, 1 thread,
+# limit_tables/s9_q1.txt): forward + backward minus forward 6.0, 8.2 and 10.1 ms for 1, 8 and 16 queries against
+# 4,096 keys (H=4, D=Dv=64); the part that does not grow with the queries, 6.0 ms over 2.1M key elements at sdpa's
+# 52 ps per unit: ~55. No gain from a second thread (8.6 ms at 2 threads). RESULTS.md, issue 15, "A different CPU".
+SDPA_BACKWARD_KEY_COST = 55.0
 CALL_COST = 3e5  # one SDPA call or one tile group: tens of microseconds of overhead
 # One small matrix product inside a batched matmul (a tiny document's scores or output for one head): about a
 # microsecond of fixed cost on CPU whatever its size, which is what dominates rows of thousands of tiny documents.

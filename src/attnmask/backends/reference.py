@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnmask.backends._common import ModeFactors, mode_factor
+from attnmask.backends._common import SDPA_BACKWARD_KEY_COST, ModeFactors, mode_factor
 from attnmask.backends.contract import (
     ALL_DTYPES,
     SCORE_MODS,
@@ -73,9 +73,11 @@ MODES = ModeFactors(
 
 
 def cost(call: AttentionCall) -> float:
-    """Unfused, upcast and with materialised scores: several passes over B·H·Q·K, scaled by ``MODES``."""
+    """Unfused, upcast and with materialised scores: several passes over B·H·Q·K, scaled by ``MODES``; with a
+    gradient, at least what the fused kernel's backward pays per key (``_common.SDPA_BACKWARD_KEY_COST``)."""
     work = 4.0 * call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim + 8)
-    return work * mode_factor(MODES, call)
+    keys = call.batch * call.heads * call.kv_len * (call.head_dim + call.value_dim) if call.needs_grad else 0
+    return work * mode_factor(MODES, call) + keys * SDPA_BACKWARD_KEY_COST
 
 
 BACKEND = Backend(

@@ -221,11 +221,16 @@ def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:
 
 def cost(call: AttentionCall) -> float:
     """Pairs times ``D + Dv`` (half for ``is_causal``), plus building the dense mask of a spec, divided by what the
-    intra-op threads gain (``_threads_gain``); on CUDA ``cuda_costs.sdpa_cost`` (comparable with the fused varlen and
-    flex kernels)."""
+    intra-op threads gain (``_threads_gain``), plus with a gradient ``_common.SDPA_BACKWARD_KEY_COST`` per key, head and
+    ``D + Dv``; on CUDA ``cuda_costs.sdpa_cost`` (comparable with the fused varlen and flex kernels)."""
     if call.q.device.type == "cuda":
         return cuda_costs.sdpa_cost(call)
-    return _one_thread_cost(call) / _threads_gain(call) * mode_factor(MODES, call)
+    estimate = _one_thread_cost(call) / _threads_gain(call) * mode_factor(MODES, call)
+    if call.needs_grad:
+        estimate += (
+            _common.SDPA_BACKWARD_KEY_COST * call.batch * call.heads * call.kv_len * (call.head_dim + call.value_dim)
+        )
+    return estimate
 
 
 def _one_thread_cost(call: AttentionCall) -> float:
