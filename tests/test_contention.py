@@ -581,17 +581,19 @@ def test_under_a_taken_core_the_largest_item_runs_beside_the_workers(two_threads
     assert W.parallel_map(fn, range(3), weights=weights) == [0, 1, 2]
     assert where[0] == (here, 1) and where["others started first"]
     assert any(name.startswith("attnmask-worker") for name, _ in (where[1], where[2]))
-    finished = []
+    finished, begun = [], threading.Event()
 
     def failing(i):
         if i == 0:
+            begun.wait(timeout=10)  # a worker's task is running when the largest fails
             raise RuntimeError("largest")
-        time.sleep(0.05)
+        begun.set()
+        time.sleep(0.2)
         finished.append(i)
 
     with pytest.raises(RuntimeError, match="largest"):
         W.parallel_map(failing, range(3), weights=weights)
-    assert 1 in finished  # the worker's task had started and was waited for
+    assert finished == [1]  # the running task was waited for; none started after the error
 
 
 ADAPTED = {
