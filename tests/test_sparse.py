@@ -301,7 +301,7 @@ def test_flex_on_cpu_refuses_a_shape_its_compiled_kernel_computes_wrongly(monkey
     explained = am.explain(q, k, v, spec)
     reasons = dict(zip(explained.backends, explained.reasons, strict=True))["flex"]
     assert any("computed this shape wrongly" in r for r in reasons)
-    monkeypatch.setattr(FX, "_flex", lambda: FX._eager_flex())  # agrees with itself: runs
+    monkeypatch.setattr(FX, "_flex", lambda: FX._eager_flex)  # agrees with itself: runs
     q2, k2, v2 = (torch.randn(1, 2, 24, 8, generator=torch.Generator().manual_seed(i)) for i in range(3, 6))
     torch.testing.assert_close(am.attention(q2, k2, v2, spec, backend="flex"), am.attention(q2, k2, v2, spec))
     with pytest.raises(am.BackendError, match="computed this shape wrongly"):  # the refused shape stays refused
@@ -309,6 +309,28 @@ def test_flex_on_cpu_refuses_a_shape_its_compiled_kernel_computes_wrongly(monkey
     window = am.sliding_window(4)  # same shapes, another structure (another compiled kernel): checked on its own
     torch.testing.assert_close(am.attention(q, k, v, window, backend="flex"), am.attention(q, k, v, window))
     assert FX._cpu_signature(_prepare_call(q, k, v, window, None, None, None)) in FX._CPU_CHECKED
+
+
+def test_flex_checks_each_predicate_and_closure_on_its_own():
+    """Two predicates of the same shapes compile two kernels, and so does one closing over another window: each is
+    checked on its own (a kernel found right once is not trusted for another); the same predicate and window again is
+    the same kernel, whatever the tensors' values."""
+    from attnmask.backends import flex as FX
+
+    def within(w):
+        return lambda b, h, q, k: (q - k).abs() < w
+
+    q, k, v = (torch.zeros(1, 2, 16, 8) for _ in range(3))
+
+    def signature(spec):
+        return FX._cpu_signature(_prepare_call(q, k, v, spec, None, None, None))
+
+    pad = torch.ones(1, 16, dtype=torch.bool)
+    assert signature(am.custom(within(3))) == signature(am.custom(within(3)))
+    assert signature(am.custom(within(3))) != signature(am.custom(within(4)))
+    assert signature(am.custom(within(3))) != signature(am.custom(lambda b, h, q, k: q >= k))
+    assert signature(am.causal() & am.key_padding(pad)) == signature(am.causal() & am.key_padding(~pad))
+    assert signature(am.sliding_window(3)) != signature(am.sliding_window(4))
 
 
 def test_auto_never_picks_flex():

@@ -110,12 +110,12 @@ class ModeFactors:
         """The factor for a call in ``dtype`` on ``device_type``, differentiated or not, with cores taken or not."""
         if device_type != "cpu":
             return 1.0
-        if self.covers(dtype, device_type) and cpu_has_amx_bf16():
-            factor = self.bf16_backward if needs_grad else self.bf16
-        elif self.covers(dtype, device_type):
-            factor = self.bf16_backward_no_amx if needs_grad else self.bf16_no_amx
-        else:
+        if not self.covers(dtype, device_type):
             factor = self.backward if needs_grad else 1.0
+        elif cpu_has_amx_bf16():
+            factor = self.bf16_backward if needs_grad else self.bf16
+        else:
+            factor = self.bf16_backward_no_amx if needs_grad else self.bf16_no_amx
         return factor * ((self.busy_backward if needs_grad else self.busy) if contended else 1.0)
 
 

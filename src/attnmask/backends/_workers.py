@@ -566,13 +566,12 @@ def parallel_map(
     helpers = min(threads - beside, len(order)) if heads else min(threads - 1, len(order) - 1)
     for _ in range(helpers):
         pool.submit(in_worker)
-    for i in heads:
+    if heads:
         try:
-            results[i] = alone(i)
+            results[heads[0]] = alone(heads[0])
         except BaseException as err:  # raised below, once the workers' tasks have stopped
             with changed:
                 state["error"] = state["error"] or err
-            break
     with _thread_counts(1, 1):
         work()
     with changed:

@@ -119,7 +119,7 @@ def flex_run(call) -> torch.Tensor:
         return out
     signature = _cpu_signature(call)
     if signature not in _CPU_CHECKED:
-        _CPU_CHECKED[signature] = _difference(out, _eager_flex()(call.q, call.k, call.v, **kwargs))
+        _CPU_CHECKED[signature] = _difference(out, _eager_flex(call.q, call.k, call.v, **kwargs))
     if (error := _CPU_CHECKED[signature]) is not None:
         raise bad(
             BackendError, "backend", "a backend whose kernel computes this call ('flex' cannot)", _miscompiled(error)
@@ -128,37 +128,47 @@ def flex_run(call) -> torch.Tensor:
 
 
 def _cpu_signature(call) -> tuple:
-    """What picks the compiled kernel: the shapes, the dtype and the spec's structure (each part's type and scalar
-    fields; a tensor field by its shape and dtype, a predicate by its qualified name), not the tensors' values."""
-    return tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.q.dtype, _structure(call.mask)
+    """What picks the compiled kernel: the shapes, the dtype and the spec's structure (each part's type and fields; a
+    tensor by its shape and dtype, a predicate by its code and what its closure holds), not the tensors' values."""
+    if not isinstance(call.mask, MaskSpec):
+        structure = (type(call.mask).__name__,)
+    else:
+        structure = tuple(
+            (type(part).__name__, *(_kernel_key(getattr(part, f.name)) for f in dataclasses.fields(part)))
+            for part in call.mask.walk()
+        )
+    return tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.q.dtype, structure
 
 
-def _structure(mask) -> tuple:
-    if not isinstance(mask, MaskSpec):
-        return (type(mask).__name__,)
+def _kernel_key(value, depth: int = 0):
+    """A hashable stand-in for ``value`` as the compiler guards on it: scalars as they are, a tensor by its shape and
+    dtype, a function by its code and the keys of its closure's contents (two lambdas differ; so does one closing over
+    another window), anything else by its type."""
+    if isinstance(value, (int, float, str, bool, type(None), torch.dtype)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype
+    if isinstance(value, (tuple, list)) and depth < 4:
+        return tuple(_kernel_key(item, depth + 1) for item in value)
+    code = getattr(value, "__code__", None)
+    if code is not None and depth < 4:
+        cells = []
+        for cell in getattr(value, "__closure__", None) or ():
+            try:
+                cells.append(_kernel_key(cell.cell_contents, depth + 1))
+            except ValueError:  # an empty cell
+                cells.append(None)
+        return code, tuple(cells)
+    return type(value).__qualname__
 
-    def field(value):
-        if isinstance(value, torch.Tensor):
-            return tuple(value.shape), value.dtype
-        if callable(value):
-            return getattr(value, "__qualname__", type(value).__name__)
-        return value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
 
-    return tuple(
-        (type(part).__name__, *(field(getattr(part, f.name)) for f in dataclasses.fields(part))) for part in mask.walk()
-    )
-
-
-def _eager_flex():
+def _eager_flex(*args, **kwargs) -> torch.Tensor:
     """Uncompiled FlexAttention (it materialises the scores), without its warning that it is unfused."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    def run(*args, **kwargs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return flex_attention(*args, **kwargs)
-
-    return run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return flex_attention(*args, **kwargs)
 
 
 def _difference(got: torch.Tensor, want: torch.Tensor) -> float | None:
