@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
+from attnmask import tuning
 from attnmask.backends import REGISTRY, blocksparse
 from attnmask.backends import _workers as workers
 from attnmask.backends._common import ModeFactors, cpu_has_amx_bf16
@@ -301,6 +302,7 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
             finally:
                 if spinner:
                     spinner.__exit__()
+    tuned = tuned_pick(case, qkv, grad) if args.tuned else None
     med = {key: statistics.median(ts) for key, ts in times.items()}
     # busy / idle per round (the two phases of a round are seconds apart, so a load change between rounds from other
     # processes on the machine weighs on both), the median over rounds
@@ -315,7 +317,21 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
         "costs": costs,
         "picked": explained.picked,
         "busy_picked": max(set(busy_picks), key=busy_picks.count) if busy_picks else None,
+        "tuned": tuned,
     }
+
+
+def tuned_pick(case: Case, qkv, grad: bool) -> str | None:
+    """``"auto"``'s pick with measured tuning on (``attnmask.autotune``): the call twice (the second times the close
+    candidates), then what ``explain`` reports; tuning's results are forgotten before and after."""
+    tuning.clear()
+    try:
+        with am.autotune():
+            for _ in range(2):
+                step(lambda q, k, v: am.attention(q, k, v, case.spec), qkv, grad)
+            return am.explain(*qkv, case.spec).picked
+    finally:
+        tuning.clear()
 
 
 def fmt_ms(seconds: float) -> str:
@@ -331,8 +347,12 @@ def header(names: list[str], args, dtype, grad) -> list[str]:
         "",
         "| structure | allowed | ideal ms | covered | floor ms | "
         + " | ".join(names)
-        + " | auto picks | auto / ideal | floor / ideal | auto / floor | auto / best | bound | ok |",
-        "|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|---|---|",
+        + " | auto picks | auto / ideal | floor / ideal | auto / floor | auto / best | bound | ok |"
+        + (" tuned picks | tuned / best |" if args.tuned else ""),
+        "|---|---|---|---|---|"
+        + "---|" * len(names)
+        + "---|---|---|---|---|---|---|"
+        + ("---|---|" if args.tuned else ""),
     ]
 
 
@@ -361,6 +381,7 @@ def row(case: Case, m: dict, names: list[str], args, grad: bool) -> str:
         + " | ".join(cells)
         + f" | {m['picked']} | {auto / ideal:.2f} | {floor_cells[1]} | {floor_cells[2]} | {auto / best:.2f} "
         + f"| {bound:.2f} | {ok} |"
+        + (f" {m['tuned']} | {timed.get(m['tuned'], float('nan')) / best:.2f} |" if args.tuned else "")
     )
 
 
@@ -939,6 +960,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--serial", action="store_true", help="also time varlen and blocksparse with their tasks run one by one"
     )
+    parser.add_argument(
+        "--tuned", action="store_true", help="also report auto's pick with measured tuning on (attnmask.autotune)"
+    )
     parser.add_argument("--quick", action="store_true", help="rows of 1,024, decode against 4,096 keys")
     parser.add_argument("--dry-run", action="store_true", help="rows of 256, decode against 512 keys, one round")
     parser.add_argument("--fit", nargs="+", metavar="OUTPUT", help="fit the cost constants to saved outputs; no timing")
@@ -984,6 +1008,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.decode_keys} keys, H={args.heads}, D={args.dim}, load {_load()}, "
         f"bfloat16 tiles: {'amx' if cpu_has_amx_bf16() else 'none'}"
     )
+    tally = []
     for dtype_name in args.dtype.split(","):
         dtype = getattr(torch, dtype_name)
         for mode in args.mode.split(","):
@@ -997,11 +1022,25 @@ def main(argv: list[str] | None = None) -> None:
                 print(row(*rows[-1], names, args, grad), flush=True)
             if args.busy:
                 print("\n".join(busy_table(rows, names, grad)), flush=True)
-    print(f"\nload {_load()}; total {time.perf_counter() - t0:.0f} s")
+            tally.extend(m for _, m in rows)
+    print(
+        f"\nwithin 1.1x of the fastest: {within(tally, 'picked')}"
+        + (f"; tuned {within(tally, 'tuned')}" if args.tuned else "")
+    )
+    print(f"load {_load()}; total {time.perf_counter() - t0:.0f} s")
     print(
         "reproduce: PYTHONPATH=src python benchmarks/bench_limit.py "
         + shlex.join(sys.argv[1:] if argv is None else argv)
     )
+
+
+def within(measured: list[dict], which: str, factor: float = 1.1) -> str:
+    """How many rows' ``which`` pick (``"picked"``: auto, ``"tuned"``) took at most ``factor`` x the fastest time."""
+    good = 0
+    for m in measured:
+        timed = {n: m["med"]["idle", n] for n in m["costs"]}
+        good += timed.get(m[which], math.inf) <= factor * min(timed.values())
+    return f"{good} of {len(measured)} rows"
 
 
 def _load() -> str:

@@ -41,6 +41,7 @@ from attnmask.masks import (
 )
 from attnmask.pack import PackingCollator, PackPlan, PackStats, collate_rows, pack, pack_stream
 from attnmask.tokenizers import ByteTokenizer, get_tokenizer
+from attnmask.tuning import autotune
 from attnmask.viz import draw_mask
 
 __version__ = "0.1.0"
@@ -69,6 +70,7 @@ __all__ = [
     "ShapeError",
     "SpecError",
     "attention",
+    "autotune",
     "VarlenArgs",
     "block_layout",
     "causal",

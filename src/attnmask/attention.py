@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnmask import tuning
 from attnmask.backends import REGISTRY, _workers
 from attnmask.backends._common import allowed_fraction, off_cpu
 from attnmask.backends._workers import serial_steps
@@ -138,16 +139,22 @@ def _pick(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[Backend |
     stock = _stock(call, registry)
     if stock is not None:
         return stock, {}
-    refused, best, best_cost = {}, None, math.inf
+    ranked, refused = _ranked(call, registry)
+    return (ranked[0][0] if ranked else None), refused
+
+
+def _ranked(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[list[tuple[Backend, float]], dict]:
+    """The backends of ``registry`` that ``"auto"`` may pick for ``call`` with their estimated costs, cheapest first
+    (ties: the earlier), and the reasons of every backend that refused."""
+    refused, ranked = {}, []
     for b in registry:
         reasons = b.not_supported_reasons(call)
         if reasons:
             refused[b.name] = reasons
         elif b.auto_on(call.device_type):
-            cost = b.cost(call)
-            if best is None or cost < best_cost:
-                best, best_cost = b, cost
-    return best, refused
+            ranked.append((b, b.cost(call)))
+    ranked.sort(key=lambda item: item[1])  # stable: ties keep the registry's order
+    return ranked, refused
 
 
 def _reasons_text(refused: dict[str, list[str]]) -> str:
@@ -167,21 +174,28 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
     conditions skips every ``unsupported`` and ``cost``: these may depend only on the spec, the shapes, strides, dtype
     and device of q, k, v, whether a gradient is needed, the call's scalar fields (the scale), that thread count and
     that load, never on tensor values outside the spec.
+
+    With measured tuning on (:func:`attnmask.autotune`, ``ATTNMASK_AUTOTUNE=1``; ``attnmask.tuning``), ``"auto"``
+    runs, for a call with several close candidates, the one timed fastest on an earlier call of the same kind
+    (timing them on that kind's second call); the estimates decide until then.
     """
     if backend == "auto":
         plans = call_plans(call)
         registry, threads = tuple(_BACKENDS.values()), _workers.threads_available()
         busy = call.q.device.type == "cpu" and _workers.contended()
         made = plans.get("auto")
-        if made is not None and made[:3] == (registry, threads, busy):
-            return made[3]
-        chosen, refused = _pick(call, registry)
-        if chosen is None:
-            raise bad(
-                BackendError, "backend", "a registered backend that supports these inputs", _reasons_text(refused)
-            )
-        plans["auto"] = (registry, threads, busy, chosen)
-        return chosen
+        if made is None or made[:3] != (registry, threads, busy):
+            stock = _stock(call, registry)
+            ranked, refused = ([], {}) if stock is not None else _ranked(call, registry)
+            chosen = stock if stock is not None else (ranked[0][0] if ranked else None)
+            if chosen is None:
+                raise bad(
+                    BackendError, "backend", "a registered backend that supports these inputs", _reasons_text(refused)
+                )
+            made = plans["auto"] = (registry, threads, busy, chosen, ranked)
+        if len(made[4]) > 1 and tuning.settings().enabled:
+            return tuning.choose(call, made[4], threads, busy)
+        return made[3]
     if not isinstance(backend, str) or backend not in _BACKENDS:
         raise bad(BackendError, "backend", f"one of {['auto', *_BACKENDS]}", repr(backend))
     chosen = _BACKENDS[backend]
@@ -210,6 +224,8 @@ class Explanation:
     picked: str | None
     stock: bool = False
     """Whether ``"auto"`` took the small-rows shortcut to ``"sdpa"`` (``_stock``) instead of the lowest cost."""
+    measured: tuning.TunedChoice | None = None
+    """With tuning on, the measured choice for this kind of call when there is one (``picked`` follows it)."""
 
     @property
     def why_none(self) -> str | None:
@@ -234,6 +250,9 @@ class Explanation:
             lines.append("auto picks nothing: no backend serves this call")
         elif self.stock:
             lines.append(f"auto picks: {self.picked} (small rows that most pairs may attend: stock SDPA, not costed)")
+        elif self.measured is not None:
+            times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in self.measured.times_ms)
+            lines.append(f"auto picks: {self.picked} (measured: {times}; the estimates pick {self.measured.estimated})")
         else:
             lines.append(f"auto picks: {self.picked}")
         return "\n".join(lines)
@@ -273,7 +292,23 @@ def explain(
     eligible = tuple(b.auto_on(call.device_type) for b in registry)
     names = tuple(b.name for b in registry)
     stock = picked is not None and _stock(call, registry) is picked
-    return Explanation(names, costs, reasons, eligible, None if picked is None else picked.name, stock)
+    measured = None if stock or picked is None else _measured(call, registry)
+    if measured is not None:
+        picked = _BACKENDS.get(measured.picked, picked)
+    return Explanation(names, costs, reasons, eligible, None if picked is None else picked.name, stock, measured)
+
+
+def _measured(call: AttentionCall, registry: tuple[Backend, ...]) -> tuning.TunedChoice | None:
+    """The measured choice tuning holds for ``call``'s kind, if tuning is on and has timed it."""
+    settings = tuning.settings()
+    if not settings.enabled:
+        return None
+    ranked, _ = _ranked(call, registry)
+    close = tuning.candidates(ranked, settings.spread, settings.candidates)
+    if len(close) < 2:
+        return None
+    busy = call.q.device.type == "cpu" and _workers.contended()
+    return tuning.lookup(tuning.tuning_key(call, close, _workers.threads_available(), busy))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

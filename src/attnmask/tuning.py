@@ -1,0 +1,350 @@
+"""Measured choice of the ``"auto"`` backend (opt-in): time the close candidates once per kind of call, keep the
+fastest.
+
+Layer 3 (attention), under ``attention.py``, which consults it in ``choose_backend``; imports ``masks``, ``errors``
+and ``backends.contract``.
+
+``"auto"`` picks by estimated cost (each backend's ``cost``), a model whose constants were fitted on two CPUs
+(``benchmarks/bench_limit.py --fit``). On another CPU, or while other processes hold cores, the estimates can miss
+the fastest backend by 1.1-1.6x (``benchmarks/RESULTS.md``). With tuning on, ``"auto"`` times the backends whose
+estimates lie within ``spread`` of the cheapest, once per kind of call, and runs the fastest from then on. The
+result is the same (every backend computes the same attention); only the time changes.
+
+- **A kind of call** (the key): device, dtype, whether a gradient is needed, ``B``, ``H``, ``Hkv``, ``D``, ``Dv``;
+  ``Q`` and ``K`` rounded up to a power of two; the spec's structure (its parts' types and scalar fields, not the
+  data of its tensors); the candidates in the estimates' order, each with its estimate's ratio to the cheapest in
+  steps of a factor sqrt(2); the thread count the estimates saw and whether other processes held cores. The batches
+  of one training run (new documents each step, rows of one length) thus share a few keys, each tuned once.
+- **When.** A key's first call only records it, so a call that never recurs pays nothing; its second call is timed:
+  each candidate runs once to warm up (plans built, a kernel compiled), then ``rounds`` times, interleaved (more, up
+  to ``4 * rounds``, while a candidate has run less than 20 ms in all), and the median counts. A call that needs a
+  gradient is timed forward + backward, on detached copies of ``q``, ``k``, ``v`` (and ``sinks``) against a
+  constant upstream gradient: the caller's graph and ``.grad`` are untouched. The fastest wins if it beats the
+  estimates' pick by more than ``margin``; otherwise the estimates' pick stays.
+- **Not tuned** (the estimates decide): calls with ``dropout_p > 0`` (trial runs would draw from torch's RNG and
+  shift the caller's random stream), calls while ``torch.compile`` traces or a CUDA graph is captured, calls with a
+  single candidate, ``"auto"``'s small-rows shortcut to stock SDPA, and calls made from inside a trial.
+- **A candidate that raises** in a trial is dropped from that key and logged (logger ``attnmask``, warning).
+- **Cost:** once per key, ``1 + rounds`` to ``1 + 4 * rounds`` runs of each candidate (forward + backward with a
+  gradient) and their transient memory, as large as one such call's. Results live in this process only (at most
+  ``KEPT`` keys, the least recently used forgotten first); :func:`clear` forgets them, :func:`results` lists them.
+
+Switch it on with :func:`autotune` (a function and a context manager) or, for the whole process, the environment
+variable ``ATTNMASK_AUTOTUNE=1`` read at import (``0`` or unset: off). Example::
+
+    >>> with attnmask.autotune():
+    ...     for batch in loader:
+    ...         loss = model(**batch).loss   # the layers' attention calls: the first repeat of each kind is timed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import statistics
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from attnmask.backends.contract import AttentionCall, Backend
+from attnmask.errors import InputError, bad
+from attnmask.masks import MaskSpec
+
+__all__ = ["KEPT", "Settings", "TunedChoice", "autotune", "clear", "results", "settings"]
+
+KEPT = 256
+"""Keys whose measured choice is kept (and as many keys seen once), least recently used forgotten first."""
+
+_log = logging.getLogger("attnmask")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How ``"auto"`` tunes: ``enabled``; at most ``candidates`` backends, those whose estimate is at most ``spread``
+    times the cheapest; ``rounds`` timed runs after one warm-up (more, up to ``4 * rounds``, while a candidate has
+    run less than 20 ms in all); the fastest by median time replaces the estimates' pick when it is faster by more
+    than the fraction ``margin``."""
+
+    enabled: bool = False
+    candidates: int = 4
+    spread: float = 3.0
+    rounds: int = 3
+    margin: float = 0.03
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise bad(InputError, "enabled", "True or False", repr(self.enabled))
+        for name, low in (("candidates", 2), ("rounds", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise bad(InputError, name, f"an int >= {low}", repr(value))
+        if isinstance(self.spread, bool) or not isinstance(self.spread, (int, float)) or not 1 < self.spread < math.inf:
+            raise bad(InputError, "spread", "a finite number > 1", repr(self.spread))
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin < 1:
+            raise bad(InputError, "margin", "a number in [0, 1)", repr(self.margin))
+
+
+@dataclass(frozen=True)
+class TunedChoice:
+    """What tuning measured for one key: the estimates' pick, the backend that runs, and each candidate's median
+    time in milliseconds (forward, or forward + backward when the key needs a gradient), fastest first; a candidate
+    that raised is absent."""
+
+    key: tuple
+    estimated: str
+    picked: str
+    times_ms: tuple[tuple[str, float], ...]
+
+
+_ON = ("1", "true", "yes", "on")
+_OFF = ("", "0", "false", "no", "off")
+
+
+def _from_environment() -> Settings:
+    value = os.environ.get("ATTNMASK_AUTOTUNE", "")
+    if value.strip().lower() not in _ON + _OFF:
+        raise bad(InputError, "ATTNMASK_AUTOTUNE", f"one of {_ON + _OFF[1:]} or unset", repr(value))
+    return Settings(enabled=value.strip().lower() in _ON)
+
+
+_settings = _from_environment()
+_lock = threading.Lock()
+_seen: OrderedDict = OrderedDict()  # key -> None: seen once, not yet tuned
+_tuned: OrderedDict = OrderedDict()  # key -> TunedChoice
+_trial = threading.local()  # .active: a trial runs on this thread (its own attention calls are not tuned)
+
+
+def settings() -> Settings:
+    """The settings in force."""
+    return _settings
+
+
+class autotune:  # noqa: N801 (used like a function, as torch.no_grad)
+    """Turn measured tuning of ``"auto"`` on (or, with ``enabled=False``, off) for this process, from now on; used in
+    a ``with`` statement, the settings before it come back at its end. The settings are process-wide, not
+    per-thread. Arguments as :class:`Settings`; invalid ones raise ``InputError`` naming them."""
+
+    def __init__(
+        self, enabled: bool = True, *, candidates: int = 4, spread: float = 3.0, rounds: int = 3, margin: float = 0.03
+    ) -> None:
+        global _settings
+        new = Settings(enabled, candidates, spread, rounds, margin)
+        self._previous, _settings = _settings, new
+
+    def __enter__(self) -> Settings:
+        return _settings
+
+    def __exit__(self, *exc) -> None:
+        global _settings
+        _settings = self._previous
+
+
+def clear() -> None:
+    """Forget every measured choice and every key seen once."""
+    with _lock:
+        _seen.clear()
+        _tuned.clear()
+
+
+def results() -> tuple[TunedChoice, ...]:
+    """The measured choices held now, oldest first."""
+    with _lock:
+        return tuple(_tuned.values())
+
+
+def candidates(ranked: list[tuple[Backend, float]], spread: float, limit: int) -> list[tuple[Backend, float]]:
+    """The first ``limit`` of ``ranked`` (eligible backends and their estimates, cheapest first) whose estimate is at
+    most ``spread`` times the cheapest's."""
+    if not ranked:
+        return []
+    best = ranked[0][1]
+    return [(b, c) for b, c in ranked if c <= spread * best][:limit]
+
+
+def tuning_key(call: AttentionCall, close: list[tuple[Backend, float]], threads: int, busy: bool) -> tuple:
+    """The kind of ``call`` (module docstring): what a measured choice is shared by."""
+    q, k, v = call.q, call.k, call.v
+    best = close[0][1]
+    ratios = tuple((b.name, _half_octaves(c, best)) for b, c in close)
+    shape = (q.shape[0], q.shape[1], k.shape[1], _pow2(q.shape[2]), _pow2(k.shape[2]), q.shape[3], v.shape[3])
+    return (q.device.type, q.dtype, call.needs_grad, shape, _structure(call), ratios, threads, busy)
+
+
+def lookup(key: tuple) -> TunedChoice | None:
+    """The measured choice for ``key``, if any."""
+    with _lock:
+        choice = _tuned.get(key)
+        if choice is not None:
+            _tuned.move_to_end(key)
+        return choice
+
+
+def choose(call: AttentionCall, ranked: list[tuple[Backend, float]], threads: int, busy: bool) -> Backend:
+    """The backend to run ``call`` with, given ``ranked`` (the eligible backends and their estimates, cheapest first,
+    ties in registry order: the first is the estimates' pick): that pick when tuning is off or does not apply, the
+    measured choice of the call's key once it is known, after timing the candidates on the key's second call."""
+    settings_now = _settings
+    pick = ranked[0][0]
+    if not settings_now.enabled or not _tunable(call):
+        return pick
+    close = candidates(ranked, settings_now.spread, settings_now.candidates)
+    if len(close) < 2:
+        return pick
+    key = tuning_key(call, close, threads, busy)
+    choice = lookup(key)
+    if choice is not None:
+        return _by_name(close, choice.picked, pick)
+    with _lock:
+        first = key not in _seen
+        _seen[key] = None
+        _seen.move_to_end(key)
+        if len(_seen) > KEPT:
+            _seen.popitem(last=False)
+    if first:
+        return pick
+    choice = _measure(call, key, [b for b, _ in close], settings_now)
+    with _lock:
+        _seen.pop(key, None)
+        _tuned[key] = choice
+        if len(_tuned) > KEPT:
+            _tuned.popitem(last=False)
+    return _by_name(close, choice.picked, pick)
+
+
+def _by_name(close: list[tuple[Backend, float]], name: str, default: Backend) -> Backend:
+    return next((b for b, _ in close if b.name == name), default)
+
+
+def _tunable(call: AttentionCall) -> bool:
+    if call.dropout_p > 0 or getattr(_trial, "active", False):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not (call.q.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _measure(call: AttentionCall, key: tuple, backends: list[Backend], settings_now: Settings) -> TunedChoice:
+    """Time each of ``backends`` on ``call`` (module docstring) and return the choice; the first is the estimates'
+    pick."""
+    grad_out = None
+    if call.needs_grad:
+        grad_out = torch.full(
+            (call.batch, call.heads, call.q_len, call.value_dim), 0.5, dtype=call.q.dtype, device=call.q.device
+        )
+    timed: dict[str, list[float]] = {}
+    alive = list(backends)
+    _trial.active = True
+    try:
+        for b in list(alive):
+            if _timed(b, call, grad_out) is None:
+                alive.remove(b)
+        r = 0
+        while alive and (r < settings_now.rounds or (r < _MAX_ROUNDS * settings_now.rounds and _short(timed))):
+            for b in alive[r % len(alive) :] + alive[: r % len(alive)]:
+                seconds = _timed(b, call, grad_out)
+                if seconds is None:
+                    alive.remove(b)
+                    timed.pop(b.name, None)
+                else:
+                    timed.setdefault(b.name, []).append(seconds)
+            r += 1
+    finally:
+        _trial.active = False
+    median = {name: statistics.median(times) for name, times in timed.items()}
+    estimated = backends[0].name
+    picked = estimated
+    if median:
+        fastest = min(median, key=median.__getitem__)
+        if estimated not in median or median[fastest] < (1 - settings_now.margin) * median[estimated]:
+            picked = fastest
+    times = tuple(sorted(((n, s * 1e3) for n, s in median.items()), key=lambda item: item[1]))
+    choice = TunedChoice(key, estimated, picked, times)
+    _log.debug("attnmask.autotune: %s picks %s (estimates: %s), times %s", key[:5], picked, estimated, times)
+    return choice
+
+
+_MAX_ROUNDS = 4  # short calls: up to this many times ``rounds``, until each candidate has run _ENOUGH_S in all
+_ENOUGH_S = 0.02
+
+
+def _short(timed: dict[str, list[float]]) -> bool:
+    """Whether some candidate has run less than ``_ENOUGH_S`` in all (its median would rest on a few short runs)."""
+    return any(sum(times) < _ENOUGH_S for times in timed.values())
+
+
+def _timed(backend: Backend, call: AttentionCall, grad_out: torch.Tensor | None) -> float | None:
+    """Seconds of one run of ``backend`` on ``call`` (forward + backward when ``grad_out`` is given), or ``None``
+    when it raised (logged)."""
+    try:
+        _synchronize(call.q.device)
+        start = time.perf_counter()
+        if grad_out is None:
+            with torch.no_grad():
+                backend.run(call)
+        else:
+            trial = _detached(call)
+            with torch.enable_grad():
+                backend.run(trial).backward(grad_out)
+        _synchronize(call.q.device)
+        return time.perf_counter() - start
+    except Exception as error:  # a candidate's failure must not fail a call that tuning merely observes
+        _log.warning(
+            "attnmask.autotune: backend %r raised in a timed trial and is not a candidate: %r", backend.name, error
+        )
+        return None
+
+
+def _detached(call: AttentionCall) -> AttentionCall:
+    """``call`` on copies of its inputs that share storage but no graph, each requiring a gradient as before."""
+
+    def copy(t):
+        return None if t is None else t.detach().requires_grad_(t.requires_grad)
+
+    return dataclasses.replace(call, q=copy(call.q), k=copy(call.k), v=copy(call.v), sinks=copy(call.sinks))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _half_octaves(cost: float, best: float) -> int:
+    """``cost / best`` in steps of sqrt(2) (0 for the cheapest; costs are positive and finite)."""
+    if not (best > 0 and math.isfinite(cost) and math.isfinite(best)):
+        return 0
+    return round(2 * math.log2(cost / best))
+
+
+def _structure(call: AttentionCall) -> tuple:
+    """The mask's structure: per part of a spec its type and scalar fields (a tensor by its dtype and number of
+    dimensions, a function by its code), or a tensor mask's shape."""
+    mask = call.mask
+    if isinstance(mask, torch.Tensor):
+        return ("tensor", tuple(mask.shape))
+    if not isinstance(mask, MaskSpec):
+        return ("none",)
+    parts = []
+    for part in mask.walk():
+        fields = dataclasses.fields(part) if dataclasses.is_dataclass(part) else ()
+        parts.append((type(part).__name__, *(_field_key(getattr(part, f.name)) for f in fields)))
+    return (*parts, call.positions_given)
+
+
+def _field_key(value):
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.dim())
+    if isinstance(value, (tuple, list)):  # a combinator's parts (walked on their own) or data (documents' lengths)
+        return "sequence"
+    code = getattr(value, "__code__", None)
+    return code if code is not None else type(value).__qualname__

@@ -1,0 +1,242 @@
+"""Measured tuning of "auto" (attnmask.tuning): the fastest timed candidate runs, results stay exact, the caller's
+graph, gradients and random stream are untouched, and what cannot be tuned is left to the estimates."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+
+import pytest
+import torch
+
+import attnmask as am
+from attnmask import tuning
+from tests.naive import naive_attention
+
+A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    tuning.clear()
+    with am.autotune(False):
+        yield
+    tuning.clear()
+
+
+def _backend(name: str, cost: float, runs: list, delay: float = 0.0, fails: bool = False) -> A.Backend:
+    """A backend that computes the reference result (after ``delay`` seconds), estimated at ``cost``, logging its
+    runs into ``runs``."""
+    reference = A._BACKENDS["reference"]
+
+    def run(call):
+        runs.append(name)
+        if fails:
+            raise RuntimeError(f"{name} is broken")
+        time.sleep(delay)
+        return reference.run(call)
+
+    return A.Backend(name, run, lambda call: cost, dropout=True)
+
+
+def _registry(monkeypatch, *backends: A.Backend) -> None:
+    monkeypatch.setattr(A, "_BACKENDS", {b.name: b for b in backends})
+
+
+def _qkv(grad: bool = False, L: int = 6):
+    torch.manual_seed(0)
+    return tuple(torch.randn(1, 2, L, 4, requires_grad=grad) for _ in range(3))
+
+
+def _expected(q, k, v, spec):
+    return naive_attention(q, k, v, spec.to_dense(q.shape[2], k.shape[2]).unsqueeze(1)).to(q.dtype)
+
+
+def test_the_second_call_of_a_kind_times_the_candidates_and_later_calls_run_the_fastest(monkeypatch):
+    runs: list[str] = []
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.01), _backend("fast", 2.0, runs))
+    q, k, v = _qkv()
+    spec = am.causal() & am.sliding_window(3)
+    want = _expected(q, k, v, spec)
+    with am.autotune():
+        out = am.attention(q, k, v, spec)
+        assert runs == ["slow"]  # a key seen once: the estimates decide, nothing timed
+        runs.clear()
+        out2 = am.attention(q, k, v, spec)
+        assert runs.count("slow") >= 4 and runs.count("fast") >= 4 and runs[-1] == "fast"
+        runs.clear()
+        out3 = am.attention(q, k, v, spec)
+        assert runs == ["fast"]
+        (choice,) = tuning.results()
+        assert (choice.estimated, choice.picked) == ("slow", "fast")
+        assert [name for name, _ in choice.times_ms] == ["fast", "slow"]
+        explained = am.explain(q, k, v, spec)
+        assert explained.picked == "fast" and explained.measured == choice
+        assert "measured: fast" in str(explained) and "the estimates pick slow" in str(explained)
+    for got in (out, out2, out3):
+        torch.testing.assert_close(got, want)
+    runs.clear()
+    am.attention(q, k, v, spec)  # tuning off again: the estimates' pick
+    assert runs == ["slow"]
+
+
+def test_tuning_is_off_unless_asked(monkeypatch):
+    runs: list[str] = []
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.005), _backend("fast", 2.0, runs))
+    q, k, v = _qkv()
+    for _ in range(3):
+        am.attention(q, k, v, am.causal())
+    assert runs == ["slow"] * 3 and tuning.results() == ()
+    assert tuning.settings().enabled is False
+
+
+def test_a_gradient_call_is_timed_forward_and_backward_without_touching_the_callers_graph(monkeypatch):
+    runs: list[str] = []
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.01), _backend("fast", 2.0, runs))
+    spec = am.causal()
+    q, k, v = _qkv(grad=True)
+    q0, k0, v0 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    _expected(q0, k0, v0, spec).square().sum().backward()
+    with am.autotune():
+        for _ in range(2):
+            out = am.attention(q, k, v, spec)
+            assert q.grad is None and k.grad is None and v.grad is None  # trials ran on detached copies
+        out.square().sum().backward()
+    assert tuning.results()[0].picked == "fast"
+    for got, want in ((q.grad, q0.grad), (k.grad, k0.grad), (v.grad, v0.grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_tuning_leaves_the_random_stream_alone_and_does_not_tune_dropout(monkeypatch):
+    runs: list[str] = []
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.005), _backend("fast", 2.0, runs))
+    q, k, v = _qkv()
+    with am.autotune():
+        before = torch.get_rng_state()
+        for _ in range(2):
+            am.attention(q, k, v, am.causal())
+        assert torch.equal(torch.get_rng_state(), before)
+        tuning.clear()
+        runs.clear()
+        for _ in range(3):
+            am.attention(q, k, v, am.causal(), dropout_p=0.5)
+    assert runs == ["slow"] * 3 and tuning.results() == ()
+
+
+def test_a_candidate_that_raises_in_a_trial_is_dropped_and_logged(monkeypatch, caplog):
+    runs: list[str] = []
+    _registry(monkeypatch, _backend("ok", 1.0, runs), _backend("broken", 1.5, runs, fails=True))
+    q, k, v = _qkv()
+    with am.autotune(), caplog.at_level(logging.WARNING, logger="attnmask"):
+        for _ in range(3):
+            torch.testing.assert_close(am.attention(q, k, v, am.causal()), _expected(q, k, v, am.causal()))
+    assert runs.count("broken") == 1  # its warm-up; never timed again, never run for the caller
+    (choice,) = tuning.results()
+    assert choice.picked == "ok" and [name for name, _ in choice.times_ms] == ["ok"]
+    assert any("'broken' raised in a timed trial" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("fast_time, picked", [(0.99, "first"), (0.95, "second")])
+def test_the_estimates_pick_stays_unless_another_is_faster_by_the_margin(monkeypatch, fast_time, picked):
+    runs: list[str] = []
+    _registry(monkeypatch, _backend("first", 1.0, runs), _backend("second", 1.2, runs))
+    seconds = {"first": 1.0, "second": fast_time}
+    monkeypatch.setattr(tuning, "_timed", lambda backend, call, grad_out: seconds[backend.name])
+    q, k, v = _qkv()
+    with am.autotune(margin=0.03):
+        for _ in range(2):
+            am.attention(q, k, v, am.causal())
+    assert tuning.results()[0].picked == picked
+
+
+def test_one_kind_of_call_spans_batches_of_other_documents_and_lengths_but_not_other_structures(monkeypatch):
+    runs: list[str] = []
+    _registry(monkeypatch, _backend("a", 1.0, runs), _backend("b", 1.5, runs))
+    key = _keys_of(monkeypatch)
+    q6, q7 = _qkv(L=6), _qkv(L=7)
+    first = key(*q6, am.causal() & am.document(seq_lens=[2, 4]))
+    assert first == key(*q6, am.causal() & am.document(seq_lens=[3, 3]))  # new documents: the same kind
+    assert first == key(*q7, am.causal() & am.document(seq_lens=[3, 4]))  # 6 and 7 tokens: both round up to 8
+    assert first != key(*q6, am.causal() & am.sliding_window(2))
+    assert key(*q6, am.sliding_window(2)) != key(*q6, am.sliding_window(3))
+    assert first != key(*_qkv(L=9), am.causal() & am.document(seq_lens=[4, 5]))
+
+
+def _keys_of(monkeypatch):
+    def key(q, k, v, spec):
+        call = A._prepare_call(q, k, v, spec, None, None, None)
+        ranked, _ = A._ranked(call, tuple(A._BACKENDS.values()))
+        return tuning.tuning_key(call, ranked, 2, False)
+
+    return key
+
+
+def test_a_second_batch_of_the_same_kind_is_the_one_timed(monkeypatch):
+    runs: list[str] = []
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.01), _backend("fast", 2.0, runs))
+    q, k, v = _qkv()
+    with am.autotune():
+        am.attention(q, k, v, am.causal() & am.document(seq_lens=[2, 4]))
+        am.attention(q, k, v, am.causal() & am.document(seq_lens=[3, 3]))
+        runs.clear()
+        am.attention(q, k, v, am.causal() & am.document(seq_lens=[1, 5]))
+    assert runs == ["fast"]
+
+
+def test_settings_are_checked_and_restored():
+    before = tuning.settings()
+    with am.autotune(rounds=5) as now:
+        assert now.enabled and now.rounds == 5 and tuning.settings() == now
+    assert tuning.settings() == before
+    for kwargs, name in (
+        ({"candidates": 1}, "candidates"),
+        ({"rounds": 0}, "rounds"),
+        ({"spread": 1.0}, "spread"),
+        ({"margin": 1.5}, "margin"),
+        ({"enabled": "yes"}, "enabled"),
+    ):
+        with pytest.raises(am.InputError, match=name):
+            am.autotune(**kwargs)
+    assert tuning.settings() == before
+
+
+@pytest.mark.parametrize("value, enabled", [("1", True), ("on", True), ("0", False), ("", False), ("off", False)])
+def test_the_environment_switches_it_on(monkeypatch, value, enabled):
+    monkeypatch.setenv("ATTNMASK_AUTOTUNE", value)
+    assert tuning._from_environment().enabled is enabled
+
+
+def test_an_unknown_environment_value_is_an_error(monkeypatch):
+    monkeypatch.setenv("ATTNMASK_AUTOTUNE", "maybe")
+    with pytest.raises(am.InputError, match="ATTNMASK_AUTOTUNE.*'maybe'"):
+        tuning._from_environment()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        am.causal() & am.sliding_window(256),
+        am.causal() & am.document(seq_lens=[100, 300, 200, 424]),
+        am.causal() & am.chunked(128),
+    ],
+    ids=["window", "documents", "chunked"],
+)
+def test_the_built_in_backends_tuned_give_the_reference_result_and_gradients(spec):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 1024, 16, requires_grad=True) for _ in range(3))
+    dense = spec.to_dense(1024).unsqueeze(1)
+    q0, k0, v0 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    want = naive_attention(q0, k0, v0, dense).to(q.dtype)
+    want.square().sum().backward()
+    with am.autotune():
+        for _ in range(3):
+            for t in (q, k, v):
+                t.grad = None
+            out = am.attention(q, k, v, spec)
+            out.square().sum().backward()
+            torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+            for got, exp in ((q.grad, q0.grad), (k.grad, k0.grad), (v.grad, v0.grad)):
+                torch.testing.assert_close(got, exp, atol=2e-5, rtol=1e-4)
+    (choice,) = tuning.results()
+    assert len(choice.times_ms) >= 2  # several built-in backends were timed
