@@ -303,6 +303,10 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
                 if spinner:
                     spinner.__exit__()
     tuned = tuned_pick(case, qkv, grad) if args.tuned else None
+    tuned_busy = None
+    if args.tuned and args.busy:  # measured while the core is taken: the key knows the load, so it is tuned anew
+        with Spinner():
+            tuned_busy = tuned_pick(case, qkv, grad)
     med = {key: statistics.median(ts) for key, ts in times.items()}
     # busy / idle per round (the two phases of a round are seconds apart, so a load change between rounds from other
     # processes on the machine weighs on both), the median over rounds
@@ -318,6 +322,7 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
         "picked": explained.picked,
         "busy_picked": max(set(busy_picks), key=busy_picks.count) if busy_picks else None,
         "tuned": tuned,
+        "tuned_busy": tuned_busy,
     }
 
 
@@ -385,16 +390,19 @@ def row(case: Case, m: dict, names: list[str], args, grad: bool) -> str:
     )
 
 
-def busy_table(case_rows, names: list[str], grad: bool) -> list[str]:
+def busy_table(case_rows, names: list[str], grad: bool, tuned: bool = False) -> list[str]:
     """Slowdown busy / idle (the median over rounds of each round's ratio) of stock unmasked SDPA and of every
-    backend, and auto's pick against the best when busy."""
+    backend, and auto's pick against the best when busy (and, with ``tuned``, the pick tuning measured busy)."""
     mode = "forward + backward" if grad else "forward"
     cols = ["(unmasked sdpa)", FLOOR, *names]
     lines = ["", f"**{mode}, one core busy: slowdown busy / idle (busy ms)**", ""]
     lines.append(
-        "| structure | " + " | ".join(cols) + " | auto picks (busy) | auto busy / best busy | slows more than sdpa |"
+        "| structure | "
+        + " | ".join(cols)
+        + " | auto picks (busy) | auto busy / best busy | slows more than sdpa |"
+        + (" tuned picks (busy) | tuned busy / best busy |" if tuned else "")
     )
-    lines.append("|---|" + "---|" * len(cols) + "---|---|---|")
+    lines.append("|---|" + "---|" * len(cols) + "---|---|---|" + ("---|---|" if tuned else ""))
     for case, m in case_rows:
         med = m["med"]
         slow = m["slow"]
@@ -406,6 +414,11 @@ def busy_table(case_rows, names: list[str], grad: bool) -> list[str]:
             f"| {case.name} | "
             + " | ".join(cells)
             + f" | {m['busy_picked']} | {auto_busy:.2f} | {', '.join(worse) or '-'} |"
+            + (
+                f" {m['tuned_busy']} | {busy.get(m['tuned_busy'], math.nan) / min(busy.values()):.2f} |"
+                if tuned
+                else ""
+            )
         )
     return lines
 
@@ -1021,7 +1034,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append((case, measure(case, args, dtype, grad, gen)))
                 print(row(*rows[-1], names, args, grad), flush=True)
             if args.busy:
-                print("\n".join(busy_table(rows, names, grad)), flush=True)
+                print("\n".join(busy_table(rows, names, grad, args.tuned)), flush=True)
             tally.extend(m for _, m in rows)
     print(
         f"\nwithin 1.1x of the fastest: {within(tally, 'picked')}"
