@@ -27,6 +27,7 @@ LAYER = {
     "lowering": 2,
     # 3: attention and its backends
     "plancache": 3,
+    "tuning": 3,
     "backends": 3,
     "backends.contract": 3,
     "backends._common": 3,

@@ -18,7 +18,8 @@ A = importlib.import_module("attnmask.attention")  # the module; `attnmask.atten
 
 
 @pytest.fixture(autouse=True)
-def _fresh():
+def _fresh(monkeypatch):
+    monkeypatch.setattr(A._workers, "contended", lambda: False)  # the load joins the key: keep it from flipping
     tuning.clear()
     with am.autotune(False):
         yield
@@ -229,7 +230,7 @@ def test_the_built_in_backends_tuned_give_the_reference_result_and_gradients(spe
     q0, k0, v0 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     want = naive_attention(q0, k0, v0, dense).to(q.dtype)
     want.square().sum().backward()
-    with am.autotune():
+    with am.autotune(spread=10.0):  # a wide spread: several built-in backends are timed at any thread count
         for _ in range(3):
             for t in (q, k, v):
                 t.grad = None
