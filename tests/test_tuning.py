@@ -241,3 +241,39 @@ def test_the_built_in_backends_tuned_give_the_reference_result_and_gradients(spe
                 torch.testing.assert_close(got, exp, atol=2e-5, rtol=1e-4)
     (choice,) = tuning.results()
     assert len(choice.times_ms) >= 2  # several built-in backends were timed
+
+
+def test_a_transformers_model_tuned_gives_each_packed_document_its_logits_and_gradients_alone():
+    pytest.importorskip("transformers")
+    from tests.hf_models import alone, model, packed_batch, tokens
+
+    docs = [tokens(40 + 3 * i, 60 + i) for i in range(12)]  # 642 tokens: not small rows, so "auto" compares costs
+    batch = packed_batch([docs], length=660)
+    m = model("llama")
+    with am.autotune(spread=10.0):
+        for _ in range(2):  # layer 2 of the first forward is the first repeat of its kind: timed there
+            logits = m(**batch).logits
+            start = 0
+            for d in docs:
+                torch.testing.assert_close(logits[0, start : start + len(d)], alone("llama", d), atol=1e-4, rtol=0)
+                start += len(d)
+        assert tuning.results(), "no call was tuned"
+        m.train()
+        try:
+            m.zero_grad()
+            (m(**batch, labels=batch["input_ids"]).logits.square().mean()).backward()
+            tuned = [p.grad.clone() for p in m.parameters()]
+        finally:
+            m.eval()
+        assert any(choice.key[2] for choice in tuning.results()), "no call needing a gradient was tuned"
+    with am.autotune(False):
+        m.train()
+        try:
+            m.zero_grad()
+            (m(**batch, labels=batch["input_ids"]).logits.square().mean()).backward()
+            untuned = [p.grad.clone() for p in m.parameters()]
+        finally:
+            m.eval()
+            m.zero_grad()
+    for a, b in zip(tuned, untuned, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
