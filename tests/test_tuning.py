@@ -277,3 +277,18 @@ def test_a_transformers_model_tuned_gives_each_packed_document_its_logits_and_gr
             m.zero_grad()
     for a, b in zip(tuned, untuned, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_deterministic_algorithms_are_not_tuned(monkeypatch):
+    runs: list[str] = []
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.005), _backend("fast", 2.0, runs))
+    q, k, v = _qkv()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with am.autotune():
+            for _ in range(3):
+                am.attention(q, k, v, am.causal())
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert runs == ["slow"] * 3 and tuning.results() == ()

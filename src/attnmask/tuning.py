@@ -22,8 +22,12 @@ result is the same (every backend computes the same attention); only the time ch
   constant upstream gradient: the caller's graph and ``.grad`` are untouched. The fastest wins if it beats the
   estimates' pick by more than ``margin``; otherwise the estimates' pick stays.
 - **Not tuned** (the estimates decide): calls with ``dropout_p > 0`` (trial runs would draw from torch's RNG and
-  shift the caller's random stream), calls while ``torch.compile`` traces or a CUDA graph is captured, calls with a
-  single candidate, ``"auto"``'s small-rows shortcut to stock SDPA, and calls made from inside a trial.
+  shift the caller's random stream), calls under ``torch.use_deterministic_algorithms(True)`` (a choice by timing
+  could differ between runs, and backends differ in the last bits of their results), calls while ``torch.compile``
+  traces or a CUDA graph is captured, calls with a single candidate, ``"auto"``'s small-rows shortcut to stock
+  SDPA, and calls made from inside a trial.
+- **Off by default** for the same reason, as ``torch.backends.cudnn.benchmark``: two runs of one program may time
+  their candidates differently, pick different backends and so differ in the last bits.
 - **A candidate that raises** in a trial is dropped from that key and logged (logger ``attnmask``, warning).
 - **Cost:** once per key, ``1 + rounds`` to ``1 + 4 * rounds`` runs of each candidate (forward + backward with a
   gradient) and their transient memory, as large as one such call's. Results live in this process only (at most
@@ -221,7 +225,7 @@ def _by_name(close: list[tuple[Backend, float]], name: str, default: Backend) ->
 
 
 def _tunable(call: AttentionCall) -> bool:
-    if call.dropout_p > 0 or getattr(_trial, "active", False):
+    if call.dropout_p > 0 or getattr(_trial, "active", False) or torch.are_deterministic_algorithms_enabled():
         return False
     if torch.compiler.is_compiling():
         return False
