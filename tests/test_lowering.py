@@ -492,6 +492,31 @@ def test_attention_from_varlen_arguments_equals_attention_under_the_spec(data):
     torch.testing.assert_close(got, want)
 
 
+@given(st.data())
+def test_chunks_lower_to_one_sequence_per_chunk_and_document(data):
+    batch = data.draw(st.integers(1, 2))
+    kv_len = data.draw(st.integers(1, 12))
+    q_len = data.draw(st.integers(1, kv_len))
+    offsets = data.draw(st.none() | st.lists(st.integers(0, 6), min_size=batch, max_size=batch))
+    spec = am.chunked(data.draw(st.integers(1, 6)), offsets)
+    if data.draw(st.booleans()):
+        rows = [fit(data.draw(st.lists(st.integers(1, 5), max_size=4)), kv_len) for _ in range(batch)]
+        spec = spec & am.document(seq_lens=rows, length=kv_len)
+    base = data.draw(st.sampled_from(["causal", "full", "window"]))
+    if base == "causal":
+        spec = am.causal() & spec
+    elif base == "window":
+        spec = am.sliding_window(data.draw(st.integers(1, 4))) & spec
+    assert varlen_form(spec).chunked is not None
+    batch = spec.batch_size or 1  # a spec without per-row data lowers to one row (the backends repeat it)
+    torch.manual_seed(0)
+    q = torch.randn(batch, 2, q_len, 4, dtype=torch.float64)
+    k, v = torch.randn(batch, 2, kv_len, 4, dtype=torch.float64), torch.randn(batch, 2, kv_len, 4, dtype=torch.float64)
+    want = naive_attention(q, k, v, spec.to_dense(q_len, kv_len)[:, None])
+    got = varlen_reference(q, k, v, spec.varlen(q_len, kv_len))
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("left", [False, True])
 @pytest.mark.parametrize("base", ["causal", "window"])
 def test_padded_batch_varlen_matches_the_spec_on_real_queries(left, base):
@@ -525,7 +550,11 @@ def test_plain_causal_rows_are_one_sequence_each():
     "make, words",
     [
         (lambda: (am.causal() | am.document(seq_lens=[2, 2])).varlen(4), ["spec", "causal() | document"]),
-        (lambda: (am.causal() & am.chunked(4)).varlen(4), ["spec", "chunked(4)"]),
+        (
+            lambda: (am.causal() & am.chunked(2) & am.key_padding(torch.tensor([[1, 1, 1, 0]]))).varlen(4),
+            ["spec", "with a document", "no document"],
+        ),
+        (lambda: (am.chunked(2) & am.chunked(3)).varlen(4), ["spec", "at most one chunked"]),
         (lambda: (am.causal() & am.custom(lambda b, h, q, k: q >= k)).varlen(4), ["spec", "custom"]),
         (
             lambda: (am.document(seq_lens=[2, 2]) & am.key_padding(torch.tensor([[1, 0, 1, 1]]))).varlen(4),

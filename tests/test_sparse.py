@@ -100,7 +100,10 @@ def test_varlen_rejects_a_document_split_in_two_runs():
         am.attention(q, k, v, spec, backend="varlen")
 
 
-@pytest.mark.parametrize("spec", [am.chunked(4), am.causal() | am.prefix_lm(2), ~am.causal()])
+@pytest.mark.parametrize(
+    "spec",
+    [am.prefix_lm(2), am.causal() | am.prefix_lm(2), ~am.causal(), am.chunked(4) & am.key_padding([[1] * 6 + [0] * 2])],
+)
 def test_varlen_names_the_part_it_cannot_serve(spec):
     q = k = v = torch.randn(1, 1, 8, 4)
     with pytest.raises(am.BackendError, match="varlen"):
@@ -347,3 +350,15 @@ def test_auto_on_a_long_packed_row_builds_no_dense_mask_and_matches_naive(no_den
     pos = torch.arange(sum(lens))
     allowed = (ids[:, None] == ids[None, :]) & (pos[:, None] >= pos[None, :])
     assert_matches_reference(out, naive_attention(q, k, v, allowed))
+
+
+def test_chunks_run_as_segments_on_varlen_and_native_and_auto_leaves_varlen_to_its_name():
+    torch.manual_seed(3)
+    spec = am.causal() & am.chunked(48, [5, 17])
+    q, k, v = (torch.randn(2, 2, 200, 16, dtype=torch.float64) for _ in range(3))
+    want = naive_attention(q, k, v, spec.to_dense(200)[:, None])
+    for backend in ("varlen", "native"):
+        torch.testing.assert_close(am.attention(q, k, v, spec, backend=backend), want)
+    explained = am.explain(q, k, v, spec)
+    assert explained.costs[explained.backends.index("varlen")] == float("inf")
+    assert explained.costs[explained.backends.index("native")] < float("inf")

@@ -386,21 +386,24 @@ class VarlenArgs:
 
 
 _VARLEN_FORM = (
-    "[causal() or full()] & [sliding_window(w)] & document(...) & [key_padding(m) marking only positions outside "
-    "documents], or [causal() or full()] & [sliding_window(w)] & key_padding(m) with one run of real tokens per row"
+    "[causal() or full()] & [sliding_window(w)] & [chunked(c)] & document(...) & [key_padding(m) marking only "
+    "positions outside documents], [causal() or full()] & [sliding_window(w)] & key_padding(m) with one run of real "
+    "tokens per row, or [causal() or full()] & [sliding_window(w)] & chunked(c)"
 )
 
 
 @dataclass(frozen=True, eq=False)
 class VarlenForm:
     """A spec of the varlen form taken apart: ``causal`` (``causal()`` or a window present), the narrowest
-    ``window`` (``sliding_window(w)``, else ``None``), the ``document`` part (or ``None``) and the ``key_padding``
-    parts. Example: ``causal() & document(seq_lens=[2, 3])`` -> ``causal=True, window=None``, one document."""
+    ``window`` (``sliding_window(w)``, else ``None``), the ``document`` part (or ``None``), the ``key_padding``
+    parts and the ``chunked`` part (or ``None``: each chunk then runs as a sequence of its own, cut further by the
+    documents). Example: ``causal() & document(seq_lens=[2, 3])`` -> ``causal=True, window=None``, one document."""
 
     causal: bool
     window: int | None
     document: M.Document | None
     key_padding: tuple[M.KeyPadding, ...]
+    chunked: M.Chunked | None = None
 
 
 def varlen_form(spec: M.MaskSpec) -> VarlenForm:
@@ -408,7 +411,7 @@ def varlen_form(spec: M.MaskSpec) -> VarlenForm:
     raises ``BackendError`` naming the part that does not fit. O(number of parts)."""
     if not isinstance(spec, M.MaskSpec):
         raise bad(SpecError, "spec", "a MaskSpec", type(spec).__name__)
-    causal, window, docs, pads = False, None, [], []
+    causal, window, docs, pads, chunks = False, None, [], [], []
     for part in spec.parts if isinstance(spec, M.And) else (spec,):
         if isinstance(part, M.Causal):
             causal = True
@@ -418,11 +421,19 @@ def varlen_form(spec: M.MaskSpec) -> VarlenForm:
             docs.append(part)
         elif isinstance(part, M.KeyPadding):
             pads.append(part)
+        elif type(part) is M.Chunked:
+            chunks.append(part)
         elif not isinstance(part, M.Full):
             raise bad(BackendError, "spec", f"a spec of the form {_VARLEN_FORM}", f"{spec!r} (the part {part!r})")
     if len(docs) > 1:
         raise bad(BackendError, "spec", "at most one document(...)", f"{len(docs)} in {spec!r}")
-    return VarlenForm(causal, window, docs[0] if docs else None, tuple(pads))
+    if len(chunks) > 1:
+        raise bad(BackendError, "spec", "at most one chunked(...)", f"{len(chunks)} in {spec!r}")
+    if chunks and pads and not docs:
+        raise bad(
+            BackendError, "spec", "chunked(c) & key_padding(m) together with a document(...)", f"{spec!r} (no document)"
+        )
+    return VarlenForm(causal, window, docs[0] if docs else None, tuple(pads), chunks[0] if chunks else None)
 
 
 def varlen_args(spec: M.MaskSpec, q_len: int, kv_len: int | None = None) -> VarlenArgs:
@@ -438,7 +449,11 @@ def varlen_args(spec: M.MaskSpec, q_len: int, kv_len: int | None = None) -> Varl
       contiguous run (right or left padding).
     - ``causal()``, ``full()`` or ``sliding_window(w)`` alone: one row, one sequence of ``kv_len`` tokens.
 
-    Anything else (``|``, ``~``, ``chunked``, ``prefix_lm``, ``custom``, several ``document``) raises
+    - ``[causal() or full()] & [sliding_window(w)] & chunked(c)``, and ``chunked(c)`` with a ``document(...)`` in the
+      first form: one sequence per chunk (per document and chunk).
+
+    Anything else (``|``, ``~``, ``prefix_lm``, ``custom``, several ``document``, ``chunked`` with ``key_padding``
+    but no ``document``) raises
     ``BackendError`` naming the part. Explicit positions are not supported (use a block layout). O(B·K) time and
     memory.
     """
@@ -453,6 +468,8 @@ def varlen_args(spec: M.MaskSpec, q_len: int, kv_len: int | None = None) -> Varl
     first_query = kv_len - q_len
     if form.document is not None:
         ids = torch.broadcast_to(form.document.doc_ids[:, :kv_len], (n_rows, kv_len))
+        if form.chunked is not None:
+            ids = _within_chunks(ids, form.chunked, kv_len)
         inside_padded = int(((ids >= 0) & ~real).sum())
         if inside_padded:
             raise bad(
@@ -461,6 +478,9 @@ def varlen_args(spec: M.MaskSpec, q_len: int, kv_len: int | None = None) -> Varl
                 "padding only at positions outside documents for varlen arguments",
                 f"{inside_padded} padding positions inside documents",
             )
+        attend = False
+    elif form.chunked is not None:  # no key padding (varlen_form): every position real, one sequence per chunk
+        ids = _within_chunks(torch.zeros((n_rows, kv_len), dtype=torch.long, device=real.device), form.chunked, kv_len)
         attend = False
     else:
         ids = torch.where(real, 0, -1)
@@ -484,6 +504,18 @@ def varlen_args(spec: M.MaskSpec, q_len: int, kv_len: int | None = None) -> Varl
         indices_k=torch.nonzero(in_sequence.reshape(-1)).view(-1),
         padding_queries_attend=attend,
     )
+
+
+def _within_chunks(ids: torch.Tensor, chunks: M.Chunked, length: int) -> torch.Tensor:
+    """Document ids ``(R, L)`` (-1 outside documents) cut at the boundaries of ``chunks``: one id per (document,
+    chunk) pair, -1 kept. Positions ``0 .. length - 1`` (the default ones); each (document, chunk) pair is one run
+    when the documents are. O(R·L)."""
+    pos = torch.arange(length, device=ids.device)
+    shift = 0 if chunks.offsets is None else chunks.offsets.to(ids.device).view(-1, 1)
+    chunk = torch.div(pos - shift, chunks.size, rounding_mode="floor")  # (1 or R, L)
+    chunk = torch.broadcast_to(chunk - chunk.min(), ids.shape) if chunk.numel() else torch.zeros_like(ids)
+    count = int(chunk.max()) + 1 if chunk.numel() else 1
+    return torch.where(ids >= 0, ids * count + chunk, -1)
 
 
 def _offsets(lengths: torch.Tensor) -> torch.Tensor:

@@ -318,6 +318,8 @@ def allowed_fraction(call) -> float | None:
         form = varlen_form(spec)
     except BackendError:
         return None
+    if form.chunked is not None:
+        return None  # chunks: sdpa or the costs settle it
     length = call.kv_len
     parts = [form.document.doc_ids] if form.document is not None else []
     parts += [pad.attention_mask for pad in form.key_padding]

@@ -47,6 +47,7 @@ from attnmask.backends._workers import (
 )
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend, check_dropout_p
 from attnmask.errors import BackendError, ShapeError, bad
+from attnmask.lowering import varlen_form
 
 __all__ = ["BACKEND", "segments_from_varlen", "varlen_attention"]
 
@@ -527,6 +528,12 @@ def cost(call) -> float:
     whole_rows = len(segs) == call.batch and bool((segs[:, 2] == call.q_len).all() & (segs[:, 4] == call.kv_len).all())
     if whole_rows and plan.window is None:
         return float("inf")  # one SDPA call per row, exactly what "sdpa" does without the lowering
+    if varlen_form(call.mask).chunked is not None:
+        # Chunks as segments (one stacked SDPA call of many short rows): this estimate put them first, measured
+        # 1.6-1.7x slower than "native" on the same segments (rows of 1K, chunks of 128, 2 threads, forward and
+        # forward + backward) and 1.05x "blocksparse" on rows of 8K (chunks of 1,024): served when named, not by
+        # "auto" until the estimate is calibrated on such rows (RESULTS.md, issue 15, "Chunks as segments").
+        return float("inf")
     ql, kl = segs[:, 2].double(), segs[:, 4].double()
     shapes = segs[:, [2, 4, 5]].tolist()  # (q_len, k_len, offset) per segment
     pairs = sdpa_pairs(ql, kl, plan.causal)
