@@ -133,7 +133,10 @@ def test_specs_whose_padding_queries_see_keys_are_refused(spec):
     assert "padding queries attend" in plan_of(spec, 1, 5, 5)
 
 
-@pytest.mark.parametrize("spec", [am.chunked(4), am.prefix_lm([3]), am.causal() | am.sliding_window(2)])
+@pytest.mark.parametrize(
+    "spec",
+    [am.chunked(4) & am.key_padding([[1] * 6 + [0] * 2]), am.prefix_lm([3]), am.causal() | am.sliding_window(2)],
+)
 def test_specs_without_a_varlen_form_are_refused(spec):
     assert isinstance(plan_of(spec, 1, 8, 8), str)
 
@@ -156,7 +159,7 @@ def varlen_case(draw):
     q_len = draw(st.integers(1, kv_len))
     rule = draw(st.sampled_from(["causal", "full", "window"]))
     base = {"causal": am.causal(), "full": am.full()}.get(rule) or am.sliding_window(draw(st.integers(1, kv_len + 1)))
-    layout = draw(st.sampled_from(["documents", "left_padding", "right_padding", "one_sequence"]))
+    layout = draw(st.sampled_from(["documents", "left_padding", "right_padding", "one_sequence", "chunks"]))
     if layout == "documents":
         rows = []
         for _ in range(batch):
@@ -168,6 +171,9 @@ def varlen_case(draw):
         spec = base & am.document(seq_lens=rows, length=kv_len)
     elif layout == "one_sequence":
         spec = base
+    elif layout == "chunks":  # one sequence per chunk, rows shifted by their own offsets
+        offsets = [draw(st.integers(0, kv_len)) for _ in range(batch)]
+        spec = base & am.chunked(draw(st.integers(1, kv_len + 1)), offsets)
     else:
         real = [draw(st.integers(0, kv_len)) for _ in range(batch)]
         left = layout == "left_padding"
