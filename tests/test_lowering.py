@@ -478,12 +478,21 @@ def test_attention_from_varlen_arguments_equals_attention_under_the_spec(data):
     kv_len = data.draw(st.integers(1, 12))
     q_len = data.draw(st.integers(1, kv_len))
     rows = [fit(data.draw(st.lists(st.integers(1, 5), max_size=4)), kv_len) for _ in range(batch)]
-    spec = am.document(seq_lens=rows, length=kv_len)
+    spec = _with_rule(data, am.document(seq_lens=rows, length=kv_len))
+    _assert_varlen_equals_the_spec(spec, batch, q_len, kv_len)
+
+
+def _with_rule(data, spec):
+    """``spec`` alone (full), with ``causal()`` or with a drawn ``sliding_window``."""
     base = data.draw(st.sampled_from(["causal", "full", "window"]))
     if base == "causal":
-        spec = am.causal() & spec
-    elif base == "window":
-        spec = am.sliding_window(data.draw(st.integers(1, 4))) & spec
+        return am.causal() & spec
+    if base == "window":
+        return am.sliding_window(data.draw(st.integers(1, 4))) & spec
+    return spec
+
+
+def _assert_varlen_equals_the_spec(spec, batch: int, q_len: int, kv_len: int) -> None:
     torch.manual_seed(0)
     q = torch.randn(batch, 2, q_len, 4, dtype=torch.float64)
     k, v = torch.randn(batch, 2, kv_len, 4, dtype=torch.float64), torch.randn(batch, 2, kv_len, 4, dtype=torch.float64)
@@ -502,19 +511,10 @@ def test_chunks_lower_to_one_sequence_per_chunk_and_document(data):
     if data.draw(st.booleans()):
         rows = [fit(data.draw(st.lists(st.integers(1, 5), max_size=4)), kv_len) for _ in range(batch)]
         spec = spec & am.document(seq_lens=rows, length=kv_len)
-    base = data.draw(st.sampled_from(["causal", "full", "window"]))
-    if base == "causal":
-        spec = am.causal() & spec
-    elif base == "window":
-        spec = am.sliding_window(data.draw(st.integers(1, 4))) & spec
+    spec = _with_rule(data, spec)
     assert varlen_form(spec).chunked is not None
-    batch = spec.batch_size or 1  # a spec without per-row data lowers to one row (the backends repeat it)
-    torch.manual_seed(0)
-    q = torch.randn(batch, 2, q_len, 4, dtype=torch.float64)
-    k, v = torch.randn(batch, 2, kv_len, 4, dtype=torch.float64), torch.randn(batch, 2, kv_len, 4, dtype=torch.float64)
-    want = naive_attention(q, k, v, spec.to_dense(q_len, kv_len)[:, None])
-    got = varlen_reference(q, k, v, spec.varlen(q_len, kv_len))
-    torch.testing.assert_close(got, want)
+    # a spec without per-row data lowers to one row (the backends repeat it)
+    _assert_varlen_equals_the_spec(spec, spec.batch_size or 1, q_len, kv_len)
 
 
 @pytest.mark.parametrize("left", [False, True])

@@ -258,23 +258,10 @@ def test_a_transformers_model_tuned_gives_each_packed_document_its_logits_and_gr
                 torch.testing.assert_close(logits[0, start : start + len(d)], alone("llama", d), atol=1e-4, rtol=0)
                 start += len(d)
         assert tuning.results(), "no call was tuned"
-        m.train()
-        try:
-            m.zero_grad()
-            (m(**batch, labels=batch["input_ids"]).logits.square().mean()).backward()
-            tuned = [p.grad.clone() for p in m.parameters()]
-        finally:
-            m.eval()
+        tuned = _training_gradients(m, batch)
         assert any(choice.key[2] for choice in tuning.results()), "no call needing a gradient was tuned"
     with am.autotune(False):
-        m.train()
-        try:
-            m.zero_grad()
-            (m(**batch, labels=batch["input_ids"]).logits.square().mean()).backward()
-            untuned = [p.grad.clone() for p in m.parameters()]
-        finally:
-            m.eval()
-            m.zero_grad()
+        untuned = _training_gradients(m, batch)
     for a, b in zip(tuned, untuned, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
@@ -292,3 +279,15 @@ def test_deterministic_algorithms_are_not_tuned(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(before)
     assert runs == ["slow"] * 3 and tuning.results() == ()
+
+
+def _training_gradients(m, batch) -> list[torch.Tensor]:
+    """The parameters' gradients of one training-mode step on ``batch`` (the model left in eval mode, no grads)."""
+    m.train()
+    try:
+        m.zero_grad()
+        (m(**batch, labels=batch["input_ids"]).logits.square().mean()).backward()
+        return [p.grad.clone() for p in m.parameters()]
+    finally:
+        m.eval()
+        m.zero_grad()
