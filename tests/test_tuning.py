@@ -291,3 +291,16 @@ def _training_gradients(m, batch) -> list[torch.Tensor]:
     finally:
         m.eval()
         m.zero_grad()
+
+
+def test_calls_under_a_functorch_transform_are_not_tuned(monkeypatch, caplog):
+    runs: list[str] = []
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.005), _backend("fast", 2.0, runs))
+    _, k, v = _qkv()
+    spec = am.causal()
+    with am.autotune(), caplog.at_level(logging.WARNING, logger="attnmask"):
+        for _ in range(3):
+            batched = torch.func.vmap(lambda q: am.attention(q, k, v, spec), in_dims=0)
+            out = batched(torch.randn(2, 1, 2, 6, 4))
+    assert out.shape == (2, 1, 2, 6, 4)
+    assert set(runs) == {"slow"} and tuning.results() == () and not caplog.records

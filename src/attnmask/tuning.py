@@ -24,8 +24,9 @@ result is the same (every backend computes the same attention); only the time ch
 - **Not tuned** (the estimates decide): calls with ``dropout_p > 0`` (trial runs would draw from torch's RNG and
   shift the caller's random stream), calls under ``torch.use_deterministic_algorithms(True)`` (a choice by timing
   could differ between runs, and backends differ in the last bits of their results), calls while ``torch.compile``
-  traces or a CUDA graph is captured, calls with a single candidate, ``"auto"``'s small-rows shortcut to stock
-  SDPA, and calls made from inside a trial.
+  traces, a functorch transform (``vmap``, ``torch.func.grad``) or a dispatch or function mode is active, or a CUDA
+  graph is captured, calls with a single candidate, ``"auto"``'s small-rows shortcut to stock SDPA, and calls made
+  from inside a trial.
 - **Off by default** for the same reason, as ``torch.backends.cudnn.benchmark``: two runs of one program may time
   their candidates differently, pick different backends and so differ in the last bits.
 - **A candidate that raises** in a trial is dropped from that key and logged (logger ``attnmask``, warning).
@@ -227,8 +228,10 @@ def _by_name(close: list[tuple[Backend, float]], name: str, default: Backend) ->
 def _tunable(call: AttentionCall) -> bool:
     if call.dropout_p > 0 or getattr(_trial, "active", False) or torch.are_deterministic_algorithms_enabled():
         return False
-    if torch.compiler.is_compiling():
-        return False
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False  # traced, or transformed (vmap, torch.func.grad): a trial's time or backward means nothing there
+    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
+        return False  # a dispatch or function mode (fake tensors, a profiler's mode): not real kernels to time
     return not (call.q.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
