@@ -3,6 +3,7 @@ graph, gradients and random stream are untouched, and what cannot be tuned is le
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import time
@@ -304,3 +305,29 @@ def test_calls_under_a_functorch_transform_are_not_tuned(monkeypatch, caplog):
             out = batched(torch.randn(2, 1, 2, 6, 4))
     assert out.shape == (2, 1, 2, 6, 4)
     assert set(runs) == {"slow"} and tuning.results() == () and not caplog.records
+
+
+def test_a_candidate_whose_scratch_passes_the_picks_by_the_cap_is_not_timed(monkeypatch):
+    runs: list[str] = []
+    roomy = dataclasses.replace(_backend("roomy", 1.5, runs), scratch_bytes=lambda call: tuning.TRIAL_SCRATCH_BYTES + 1)
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.005), _backend("fast", 2.0, runs), roomy)
+    q, k, v = _qkv()
+    with am.autotune():
+        for _ in range(3):
+            am.attention(q, k, v, am.causal())
+    assert "roomy" not in runs
+    assert [name for name, _ in tuning.results()[0].times_ms] == ["fast", "slow"]
+
+
+@pytest.mark.parametrize("length, timed", [(1024, True), (32768, False)])
+def test_sdpa_with_a_dense_mask_is_timed_only_while_its_mask_is_small(length, timed):
+    from attnmask.backends import blocksparse, sdpa
+
+    q, k, v = (torch.zeros(1, 1, length, 8) for _ in range(3))
+    spec = am.causal() & am.key_padding(torch.ones(1, length, dtype=torch.long))
+    call = A._prepare_call(q, k, v, spec, None, None, None)
+    assert sdpa.BACKEND.scratch_bytes(call) == length * length  # one bool per pair
+    close = tuning.candidates(call, [(blocksparse.BACKEND, 1.0), (sdpa.BACKEND, 1.5)], 3.0, 4)
+    assert ("sdpa" in [b.name for b, _ in close]) is timed
+    plain = A._prepare_call(q, k, v, am.causal(), None, None, None)
+    assert sdpa.BACKEND.scratch_bytes(plain) == 0  # is_causal: no mask

@@ -304,7 +304,7 @@ def _measured(call: AttentionCall, registry: tuple[Backend, ...]) -> tuning.Tune
     if not settings.enabled:
         return None
     ranked, _ = _ranked(call, registry)
-    close = tuning.candidates(ranked, settings.spread, settings.candidates)
+    close = tuning.candidates(call, ranked, settings.spread, settings.candidates)
     if len(close) < 2:
         return None
     busy = call.q.device.type == "cpu" and _workers.contended()

@@ -29,6 +29,9 @@ result is the same (every backend computes the same attention); only the time ch
   from inside a trial.
 - **Off by default** for the same reason, as ``torch.backends.cudnn.benchmark``: two runs of one program may time
   their candidates differently, pick different backends and so differ in the last bits.
+- **Memory.** A candidate whose scratch (``Backend.scratch_bytes``: "sdpa"'s dense mask, "reference"'s scores)
+  passes the estimates' pick's by more than ``TRIAL_SCRATCH_BYTES`` (256 MiB) is not timed: on rows of 16K a
+  dense bool mask alone is 256 MiB per row.
 - **A candidate that raises** in a trial is dropped from that key and logged (logger ``attnmask``, warning).
 - **Cost:** once per key, ``1 + rounds`` to ``1 + 4 * rounds`` runs of each candidate (forward + backward with a
   gradient) and their transient memory, as large as one such call's. Results live in this process only (at most
@@ -60,10 +63,14 @@ from attnmask.backends.contract import AttentionCall, Backend
 from attnmask.errors import InputError, bad
 from attnmask.masks import MaskSpec
 
-__all__ = ["KEPT", "Settings", "TunedChoice", "autotune", "clear", "results", "settings"]
+__all__ = ["KEPT", "TRIAL_SCRATCH_BYTES", "Settings", "TunedChoice", "autotune", "clear", "results", "settings"]
 
 KEPT = 256
 """Keys whose measured choice is kept (and as many keys seen once), least recently used forgotten first."""
+
+TRIAL_SCRATCH_BYTES = 1 << 28
+"""A candidate whose ``Backend.scratch_bytes`` (a dense mask, materialised scores) passes the estimates' pick's by
+more than this (256 MiB) is not timed: a trial must not allocate what the call itself never would."""
 
 _log = logging.getLogger("attnmask")
 
@@ -162,13 +169,18 @@ def results() -> tuple[TunedChoice, ...]:
         return tuple(_tuned.values())
 
 
-def candidates(ranked: list[tuple[Backend, float]], spread: float, limit: int) -> list[tuple[Backend, float]]:
+def candidates(
+    call: AttentionCall, ranked: list[tuple[Backend, float]], spread: float, limit: int
+) -> list[tuple[Backend, float]]:
     """The first ``limit`` of ``ranked`` (eligible backends and their estimates, cheapest first) whose estimate is at
-    most ``spread`` times the cheapest's."""
+    most ``spread`` times the cheapest's and whose scratch memory passes the cheapest's by at most
+    ``TRIAL_SCRATCH_BYTES``."""
     if not ranked:
         return []
     best = ranked[0][1]
-    return [(b, c) for b, c in ranked if c <= spread * best][:limit]
+    room = ranked[0][0].scratch_bytes(call) + TRIAL_SCRATCH_BYTES
+    close = [(b, c) for b, c in ranked if c <= spread * best]
+    return [(b, c) for i, (b, c) in enumerate(close) if i == 0 or b.scratch_bytes(call) <= room][:limit]
 
 
 def tuning_key(call: AttentionCall, close: list[tuple[Backend, float]], threads: int, busy: bool) -> tuple:
@@ -197,7 +209,7 @@ def choose(call: AttentionCall, ranked: list[tuple[Backend, float]], threads: in
     pick = ranked[0][0]
     if not settings_now.enabled or not _tunable(call):
         return pick
-    close = candidates(ranked, settings_now.spread, settings_now.candidates)
+    close = candidates(call, ranked, settings_now.spread, settings_now.candidates)
     if len(close) < 2:
         return pick
     key = tuning_key(call, close, threads, busy)

@@ -265,6 +265,10 @@ def _every_key(call: AttentionCall) -> slice:
     return slice(None)
 
 
+def _no_scratch(call: AttentionCall) -> int:
+    return 0
+
+
 @dataclass(frozen=True)
 class Backend:
     """An attention implementation and what it declares it supports.
@@ -291,6 +295,9 @@ class Backend:
       check scans only those (e.g. "sdpa"'s causal split reads denied keys only in its last ``Q``).
     - ``available()``: ``None`` when its environment serves it (a compiler, an optional package, a torch with the
       kernel), else why not; called on every dispatch, so it should cache its answer.
+    - ``scratch_bytes(call)``: about the bytes a run allocates that grow with ``Q·K`` (a dense mask, materialised
+      scores), 0 when none do (the default). Measured tuning (``attnmask.tuning``) does not time a backend whose
+      scratch would pass ``tuning.TRIAL_SCRATCH_BYTES`` beyond what the estimates' pick allocates.
     """
 
     name: str
@@ -308,6 +315,7 @@ class Backend:
     masked_key_span: Callable[[AttentionCall], slice] = _every_key
     unsupported: Callable[[AttentionCall], str | None] = _no_reason
     available: Callable[[], str | None] = _always_available
+    scratch_bytes: Callable[[AttentionCall], int] = _no_scratch
 
     def auto_on(self, device_type: str) -> bool:
         """Whether ``"auto"`` may pick this backend for a call on ``device_type`` (if it supports the call)."""

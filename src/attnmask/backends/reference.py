@@ -80,6 +80,12 @@ def cost(call: AttentionCall) -> float:
     return work * mode_factor(MODES, call) + keys * SDPA_BACKWARD_KEY_COST
 
 
+def _scratch_bytes(call: AttentionCall) -> int:
+    """Bytes of the materialised scores and probabilities (float32 or float64) and the dense mask: O(B·H·Q·K)."""
+    pairs = call.batch * call.heads * call.q_len * call.kv_len
+    return pairs * (2 * (8 if call.q.dtype == torch.float64 else 4) + 1)
+
+
 BACKEND = Backend(
     "reference",
     run,
@@ -89,4 +95,5 @@ BACKEND = Backend(
     per_head=True,
     dropout=True,
     score_mods=SCORE_MODS,
+    scratch_bytes=_scratch_bytes,
 )

@@ -259,6 +259,16 @@ def _threads_gain(call: AttentionCall) -> float:
     return _workers.expected_speedup([1.0], threads, 0.0, _THREAD_EFFICIENCY)
 
 
+def _scratch_bytes(call: AttentionCall) -> int:
+    """Bytes of the O(B·Q·K) tensors ``run`` builds: the spec's or tensor's bool mask (a byte per pair and mask row),
+    the float bias of score modifiers; none for an unmasked, ``is_causal`` or split-causal call."""
+    pairs = call.batch * call.q_len * call.kv_len
+    bias = 4 * pairs * call.heads if call.score_mods else 0
+    if call.masks_no_key or call.is_plain_causal or _splits_causal(call):
+        return bias
+    return pairs * (call.mask_heads or 1) + bias
+
+
 BACKEND = Backend(
     "sdpa",
     run,
@@ -269,4 +279,5 @@ BACKEND = Backend(
     dropout=True,
     score_mods=frozenset({"sinks", "alibi"}),
     masked_key_span=_masked_key_span,
+    scratch_bytes=_scratch_bytes,
 )
