@@ -331,3 +331,17 @@ def test_sdpa_with_a_dense_mask_is_timed_only_while_its_mask_is_small(length, ti
     assert ("sdpa" in [b.name for b, _ in close]) is timed
     plain = A._prepare_call(q, k, v, am.causal(), None, None, None)
     assert sdpa.BACKEND.scratch_bytes(plain) == 0  # is_causal: no mask
+
+
+def test_a_repeated_spec_works_out_its_tuning_key_once(monkeypatch):
+    runs: list[str] = []
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.005), _backend("fast", 2.0, runs))
+    made = []
+    real_key = tuning.tuning_key
+    monkeypatch.setattr(tuning, "tuning_key", lambda *args: made.append(1) or real_key(*args))
+    q, k, v = _qkv()
+    spec = am.causal() & am.sliding_window(3)
+    with am.autotune():
+        for _ in range(5):
+            am.attention(q, k, v, spec)
+    assert len(made) == 1 and runs[-1] == "fast"

@@ -194,7 +194,7 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
                 )
             made = plans["auto"] = (registry, threads, busy, chosen, ranked)
         if len(made[4]) > 1 and tuning.settings().enabled:
-            return tuning.choose(call, made[4], threads, busy)
+            return tuning.choose(call, made[4], threads, busy, plans)
         return made[3]
     if not isinstance(backend, str) or backend not in _BACKENDS:
         raise bad(BackendError, "backend", f"one of {['auto', *_BACKENDS]}", repr(backend))

@@ -201,18 +201,28 @@ def lookup(key: tuple) -> TunedChoice | None:
         return choice
 
 
-def choose(call: AttentionCall, ranked: list[tuple[Backend, float]], threads: int, busy: bool) -> Backend:
+def choose(
+    call: AttentionCall, ranked: list[tuple[Backend, float]], threads: int, busy: bool, memo: dict | None = None
+) -> Backend:
     """The backend to run ``call`` with, given ``ranked`` (the eligible backends and their estimates, cheapest first,
     ties in registry order: the first is the estimates' pick): that pick when tuning is off or does not apply, the
-    measured choice of the call's key once it is known, after timing the candidates on the key's second call."""
+    measured choice of the call's key once it is known, after timing the candidates on the key's second call.
+    ``memo``: the call's plans (``plancache.call_plans``), where the candidates and the key are kept under
+    ``"tuning"`` so that a repeated spec and shape skip working them out."""
     settings_now = _settings
     pick = ranked[0][0]
     if not settings_now.enabled or not _tunable(call):
         return pick
-    close = candidates(call, ranked, settings_now.spread, settings_now.candidates)
-    if len(close) < 2:
+    kept = None if memo is None else memo.get("tuning")
+    if kept is not None and kept[0] is settings_now and kept[1] is ranked and kept[2:4] == (threads, busy):
+        close, key = kept[4], kept[5]
+    else:
+        close = candidates(call, ranked, settings_now.spread, settings_now.candidates)
+        key = tuning_key(call, close, threads, busy) if len(close) > 1 else None
+        if memo is not None:
+            memo["tuning"] = (settings_now, ranked, threads, busy, close, key)
+    if key is None:
         return pick
-    key = tuning_key(call, close, threads, busy)
     choice = lookup(key)
     if choice is not None:
         return _by_name(close, choice.picked, pick)
