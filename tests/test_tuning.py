@@ -345,3 +345,22 @@ def test_a_repeated_spec_works_out_its_tuning_key_once(monkeypatch):
         for _ in range(5):
             am.attention(q, k, v, spec)
     assert len(made) == 1 and runs[-1] == "fast"
+
+
+def test_the_trainer_example_trains_under_autotune_to_the_untuned_loss():
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    examples_dir = str(Path(__file__).resolve().parents[1] / "examples")
+    sys.path.insert(0, examples_dir)
+    try:
+        trainer_example = importlib.import_module("hf_trainer_packed")
+        argv = ["--steps", "4", "--micro-batch", "8", "--max-length", "640"]  # rows past the stock small-row path
+        untuned = trainer_example.main(argv)
+        with am.autotune(spread=10.0):
+            tuned = trainer_example.main(argv)
+            assert tuning.results(), "no attention call of the Trainer was tuned"
+    finally:
+        sys.path.remove(examples_dir)
+    assert tuned == pytest.approx(untuned, rel=1e-4)
