@@ -687,3 +687,47 @@ def test_demo_bad_max_length_is_a_usage_error(capsys):
     proc = call(capsys, "demo", "--max-length", "0")
     assert proc.returncode == 2
     assert "--max-length: expected an integer >= 1, got 0" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# explain: which backend "auto" picks for an expression and shapes
+
+
+def test_explain_prints_every_backends_estimate_and_the_pick(capsys):
+    proc = call(capsys, "explain", "causal & document([3, 5])", "--q-len", "8", "--heads", "4", "--kv-heads", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("causal() & document(seq_lens=[3, 5]): q (1, 4, 8, 64), k and v (1, 2, 8, 64)")
+    assert lines[1].split()[:3] == ["backend", "cost", "auto"]
+    assert any(line.startswith("varlen ") for line in lines) and lines[-1].startswith("auto picks: ")
+
+
+def test_explain_with_tune_times_the_close_candidates(capsys):
+    import torch
+
+    from attnmask import tuning
+
+    threads = torch.get_num_threads()
+    args = ("explain", "causal & sliding_window(64)", "--q-len", "1024", "--dim", "16", "--grad", "--tune")
+    proc = call(capsys, *args, "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert torch.get_num_threads() == threads and tuning.results() == ()  # in-process: nothing left behind
+    assert "forward + backward, 1 thread(s)" in proc.stdout.splitlines()[0]
+    assert "(measured: " in proc.stdout.splitlines()[-1] and " ms" in proc.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("causal", "--q-len", "8", "--kv-len", "4"), ["--q-len 8", "at most --kv-len 4"]),
+        (("causal", "--q-len", "8", "--heads", "4", "--kv-heads", "3"), ["--kv-heads 3", "divisor of --heads 4"]),
+        (("causal & document([[2, 2], [4]])", "--q-len", "4", "--batch", "3"), ["--batch 3", "2 rows"]),
+        (("document([3, 5])", "--q-len", "9"), ["--q-len 9", "[0, 8)"]),
+        (("causal", "--q-len", "8", "--dtype", "int8"), ["--dtype", "invalid choice"]),
+    ],
+)
+def test_explain_bad_input_is_a_usage_error(capsys, args, words):
+    proc = call(capsys, "explain", *args)
+    assert proc.returncode == 2
+    for word in words:
+        assert word in proc.stderr

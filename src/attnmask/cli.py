@@ -88,6 +88,79 @@ QUICK_NOTES: dict[str, tuple[tuple[str, str], ...]] = {
 # Subcommands
 
 
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+EXPLAIN_LIMIT = 1 << 20  # longest --q-len / --kv-len of `attnmask explain`
+
+
+def cmd_explain(args) -> int:
+    """Which backend ``"auto"`` picks for a mask expression on inputs of the given shapes (random values, this
+    machine's threads), every backend's estimate and refusal; with ``--tune``, each close candidate timed as
+    ``attnmask.autotune`` times it (two calls of the shape, forward + backward with ``--grad``)."""
+    import torch
+
+    from attnmask import tuning
+    from attnmask.expr import ExprError, parse_spec
+
+    try:
+        spec = parse_spec(args.expr)
+    except ExprError as e:
+        raise CliError(f"{e}\n{e.caret()}") from None
+    q_len, kv_len = args.q_len, args.kv_len or args.q_len
+    if q_len > kv_len:
+        raise CliError(f"--q-len {q_len}: expected at most --kv-len {kv_len} (queries are the last keys' positions)")
+    covered = spec.max_position()
+    if covered is not None and kv_len > covered:
+        flag = "--kv-len" if args.kv_len else "--q-len"
+        raise CliError(f"{flag} {kv_len}: the expression covers positions [0, {covered}) only; use {covered} or less")
+    kv_heads = args.kv_heads or args.heads
+    if args.heads % kv_heads:
+        raise CliError(f"--kv-heads {kv_heads}: expected a divisor of --heads {args.heads} (grouped-query attention)")
+    batch = spec.batch_size or args.batch
+    if args.batch not in (1, batch):
+        raise CliError(f"--batch {args.batch}: the expression has per-row data for {batch} rows")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        _print_explanation(args, spec, batch, kv_heads, q_len, kv_len)
+    finally:  # main() may run in-process: leave torch's threads and tuning's results as they were
+        torch.set_num_threads(threads)
+        if args.tune:
+            tuning.clear()
+    return EXIT_OK
+
+
+def _print_explanation(args, spec, batch: int, kv_heads: int, q_len: int, kv_len: int) -> None:
+    import torch
+
+    import attnmask as am
+    from attnmask import tuning
+
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(heads: int, length: int) -> torch.Tensor:
+        t = torch.randn(batch, heads, length, args.dim, generator=gen).to(dtype)
+        return t.requires_grad_(args.grad)
+
+    q, k, v = tensor(args.heads, q_len), tensor(kv_heads, kv_len), tensor(kv_heads, kv_len)
+    mode = "forward + backward" if args.grad else "forward"
+    print(
+        f"{spec!r}: q {tuple(q.shape)}, k and v {tuple(k.shape)}, {args.dtype}, {mode}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    if not args.tune:
+        print(am.explain(q, k, v, spec))
+        return
+    tuning.clear()
+    with am.autotune():
+        for _ in range(2):  # the first call of a kind is only recorded, the second times the close candidates
+            out = am.attention(q, k, v, spec)
+            if args.grad:
+                out.backward(torch.ones_like(out))
+        print(am.explain(q, k, v, spec))
+
+
 def cmd_show(args) -> int:
     from attnmask.expr import ExprError, parse_spec
     from attnmask.viz import draw_mask, draw_tiles, group_tiles, save_mask_png, save_tiles_png
@@ -480,6 +553,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="also write the mask as a PNG file (its folder must exist)")
     p.add_argument("--ascii", action="store_true", help="ASCII characters only (# and .)")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("explain", help="which attention backend 'auto' picks for a mask expression and shapes, and why")
+    p.add_argument("expr", help='mask expression, as for show: e.g. "causal & sliding_window(128)"')
+    p.add_argument("--q-len", type=_positive("--q-len", EXPLAIN_LIMIT), required=True, help="number of queries")
+    p.add_argument("--kv-len", type=_positive("--kv-len", EXPLAIN_LIMIT), help="number of keys (default: --q-len)")
+    p.add_argument("--batch", type=_positive("--batch"), default=1, help="rows (default 1, or the expression's)")
+    p.add_argument("--heads", type=_positive("--heads"), default=4, help="query heads (default 4)")
+    p.add_argument("--kv-heads", type=_positive("--kv-heads"), help="key/value heads (default: --heads)")
+    p.add_argument("--dim", type=_positive("--dim"), default=64, help="head dim (default 64)")
+    p.add_argument("--dtype", default="float32", choices=_DTYPES)
+    p.add_argument("--grad", action="store_true", help="the call needs a gradient (training)")
+    p.add_argument("--threads", type=_positive("--threads"), help="intra-op threads (default: torch's)")
+    p.add_argument("--tune", action="store_true", help="also time the close candidates, as attnmask.autotune does")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("pack", help="pack a JSONL or Parquet file of sequences into rows of --max-length tokens")
     p.add_argument("input", help="input file (.jsonl or .parquet, or - for JSONL on stdin), one sequence per record")
