@@ -179,3 +179,17 @@ def test_a_wrong_output_buffer_is_rejected_naming_out(out, words):
         am.causal().to_dense(4, out=out)
     for word in words:
         assert word in str(info.value)
+
+
+def test_structure_lists_the_parts_and_their_fields_as_the_key_function_reduces_them():
+    import torch
+
+    def shape_only(value):
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else value if isinstance(value, int) else "other"
+
+    a = am.causal() & am.document(doc_ids=[[0, 0, 1, 1]])
+    b = am.causal() & am.document(doc_ids=[[0, 1, 1, 1]])
+    assert a.structure(shape_only) == b.structure(shape_only)
+    assert [part[0] for part in a.structure(shape_only)] == ["And", "Causal", "Document"]
+    assert a.structure(shape_only) != (am.causal() & am.document(doc_ids=[[0, 0, 1, 1, 1]])).structure(shape_only)
+    assert am.sliding_window(4).structure(shape_only) == (("SlidingWindow", 4),)

@@ -133,14 +133,15 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
     return sdpa if fraction is not None and fraction >= _STOCK_MIN_FRACTION else None
 
 
-def _pick(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[Backend | None, dict[str, list[str]]]:
+def _pick(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[Backend | None, dict, list]:
     """The backend ``"auto"`` picks for ``call`` among ``registry``: ``_stock`` on small rows, else the cheapest that
-    supports it (ties: the earlier); and the reasons of every backend that refused (empty after ``_stock``)."""
+    supports it (ties: the earlier); the reasons of every backend that refused and the eligible backends with their
+    estimates, cheapest first (both empty after ``_stock``)."""
     stock = _stock(call, registry)
     if stock is not None:
-        return stock, {}
+        return stock, {}, []
     ranked, refused = _ranked(call, registry)
-    return (ranked[0][0] if ranked else None), refused
+    return (ranked[0][0] if ranked else None), refused, ranked
 
 
 def _ranked(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[list[tuple[Backend, float]], dict]:
@@ -185,9 +186,7 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
         busy = call.q.device.type == "cpu" and _workers.contended()
         made = plans.get("auto")
         if made is None or made[:3] != (registry, threads, busy):
-            stock = _stock(call, registry)
-            ranked, refused = ([], {}) if stock is not None else _ranked(call, registry)
-            chosen = stock if stock is not None else (ranked[0][0] if ranked else None)
+            chosen, refused, ranked = _pick(call, registry)
             if chosen is None:
                 raise bad(
                     BackendError, "backend", "a registered backend that supports these inputs", _reasons_text(refused)
@@ -286,24 +285,24 @@ def explain(
     q, k, v = autocast_inputs(q, k, v)  # the dtypes attention() would hand its backend under the active autocast
     call = _prepare_call(q, k, v, mask, scale, q_positions, kv_positions, dropout_p, **mods)
     registry = tuple(_BACKENDS.values())
-    picked, _ = _pick(call, registry)
+    picked, _, ranked = _pick(call, registry)
     reasons = tuple(tuple(b.not_supported_reasons(call)) for b in registry)
     costs = tuple(None if r else float(b.cost(call)) for b, r in zip(registry, reasons, strict=True))
     eligible = tuple(b.auto_on(call.device_type) for b in registry)
     names = tuple(b.name for b in registry)
-    stock = picked is not None and _stock(call, registry) is picked
-    measured = None if stock or picked is None else _measured(call, registry)
+    stock = picked is not None and not ranked  # _stock decided, without costing the others
+    measured = None if stock else _measured(call, ranked)
     if measured is not None:
         picked = _BACKENDS.get(measured.picked, picked)
     return Explanation(names, costs, reasons, eligible, None if picked is None else picked.name, stock, measured)
 
 
-def _measured(call: AttentionCall, registry: tuple[Backend, ...]) -> tuning.TunedChoice | None:
-    """The measured choice tuning holds for ``call``'s kind, if tuning is on and has timed it."""
+def _measured(call: AttentionCall, ranked: list[tuple[Backend, float]]) -> tuning.TunedChoice | None:
+    """The measured choice tuning holds for ``call``'s kind (``ranked``: ``_pick``'s), if tuning is on and has timed
+    it."""
     settings = tuning.settings()
     if not settings.enabled:
         return None
-    ranked, _ = _ranked(call, registry)
     close = tuning.candidates(call, ranked, settings.spread, settings.candidates)
     if len(close) < 2:
         return None

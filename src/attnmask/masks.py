@@ -187,6 +187,16 @@ class MaskSpec:
         for child in self.children:
             yield from child.walk()
 
+    def structure(self, field_key: Callable[[Any], Any]) -> tuple:
+        """What this spec is made of, as a hashable key: per part (``walk`` order) its type name and ``field_key`` of
+        each of its dataclass fields, so that the caller decides how much of the data counts (a tensor's shape, its
+        dtype, nothing). Example: ``(causal() & sliding_window(4)).structure(repr)`` ->
+        ``(('And', '(causal(), sliding_window(4))'), ('Causal',), ('SlidingWindow', '4'))``."""
+        return tuple(
+            (type(part).__name__, *(field_key(getattr(part, f.name)) for f in dataclasses.fields(part)))
+            for part in self.walk()
+        )
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Every tensor the spec and its parts hold (document ids, padding masks, offsets, prefix lengths), depth
         first. A ``custom`` predicate's captured data is not among them. Example: ``(causal() & key_padding(m))

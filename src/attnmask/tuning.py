@@ -361,11 +361,7 @@ def _structure(call: AttentionCall) -> tuple:
         return ("tensor", tuple(mask.shape))
     if not isinstance(mask, MaskSpec):
         return ("none",)
-    parts = []
-    for part in mask.walk():
-        fields = dataclasses.fields(part) if dataclasses.is_dataclass(part) else ()
-        parts.append((type(part).__name__, *(_field_key(getattr(part, f.name)) for f in fields)))
-    return (*parts, call.positions_given)
+    return (*mask.structure(_field_key), call.positions_given)
 
 
 def _field_key(value):

@@ -25,7 +25,6 @@ uncompiled FlexAttention that materialises the scores.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import torch
@@ -130,13 +129,7 @@ def flex_run(call) -> torch.Tensor:
 def _cpu_signature(call) -> tuple:
     """What picks the compiled kernel: the shapes, the dtype and the spec's structure (each part's type and fields; a
     tensor by its shape and dtype, a predicate by its code and what its closure holds), not the tensors' values."""
-    if not isinstance(call.mask, MaskSpec):
-        structure = (type(call.mask).__name__,)
-    else:
-        structure = tuple(
-            (type(part).__name__, *(_kernel_key(getattr(part, f.name)) for f in dataclasses.fields(part)))
-            for part in call.mask.walk()
-        )
+    structure = call.mask.structure(_kernel_key) if isinstance(call.mask, MaskSpec) else (type(call.mask).__name__,)
     return tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.q.dtype, structure
 
 
