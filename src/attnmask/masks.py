@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from attnmask._checks import check_allocation, check_int, short_repr
-from attnmask._dense import empty_buffer, fold, warn_if_large
+from attnmask._dense import and_into, compare, empty_buffer, fold, warn_if_large
 from attnmask.errors import DeviceError, DTypeError, ShapeError, SpecError, bad
 from attnmask.tiles import FULL, NONE, TileGrid, per_row, segment_min_max, tile_classes, tile_view
 
@@ -493,7 +493,7 @@ def _and_into(
         fits = torch.broadcast_shapes(left.shape, right.shape) == torch.Size(shape)
         if fits and left.numel() < out.numel() and right.numel() < out.numel():
             if out.dtype == torch.bool:
-                return torch.logical_and(left, right, out=out)
+                return and_into(left, right, out)
             return torch.where(left, torch.where(right, yes, no), no, out=out)
     allowed = torch.broadcast_to(fold(torch.logical_and, parts), shape)
     if out.dtype == torch.bool:
@@ -621,7 +621,7 @@ class Causal(MaskSpec):
     """A query attends to keys at its own position or earlier: ``k <= q``."""
 
     def evaluate(self, b, q, k):
-        return k <= q
+        return compare(torch.le, k, q)
 
     def __repr__(self) -> str:
         return "causal()"
@@ -648,8 +648,8 @@ class SlidingWindow(MaskSpec):
     window: int
 
     def evaluate(self, b, q, k):
-        d = q - k
-        return (d >= 0) & (d < self.window)
+        # k <= q and q - k < window, each a comparison of the (small) positions themselves
+        return fold(torch.logical_and, [compare(torch.le, k, q), compare(torch.gt, k, q - self.window)])
 
     def __repr__(self) -> str:
         return f"sliding_window({self.window})"
@@ -684,8 +684,8 @@ class LocalWindow(MaskSpec):
     after: int
 
     def evaluate(self, b, q, k):
-        d = q - k
-        return (d <= self.before) & (d >= -self.after)
+        # q - before <= k <= q + after
+        return fold(torch.logical_and, [compare(torch.ge, k, q - self.before), compare(torch.le, k, q + self.after)])
 
     def __repr__(self) -> str:
         return f"local_window({self.before}, {self.after})"
@@ -728,12 +728,9 @@ class Chunked(MaskSpec):
         return None if self.offsets is None else self.offsets.device
 
     def evaluate(self, b, q, k):
-        if self.offsets is None:
-            return torch.div(q, self.size, rounding_mode="floor") == torch.div(k, self.size, rounding_mode="floor")
-        off = self.offsets[b]
-        return torch.div(q - off, self.size, rounding_mode="floor") == torch.div(
-            k - off, self.size, rounding_mode="floor"
-        )
+        off = 0 if self.offsets is None else self.offsets[b]
+        chunk_q = torch.div(q - off, self.size, rounding_mode="floor")
+        return compare(torch.eq, chunk_q, torch.div(k - off, self.size, rounding_mode="floor"))
 
     def __repr__(self) -> str:
         if self.offsets is None:
@@ -788,7 +785,7 @@ class PrefixLM(MaskSpec):
         return self.prefix_lens.device
 
     def evaluate(self, b, q, k):
-        return (k <= q) | (k < self.prefix_lens[b])
+        return fold(torch.logical_or, [compare(torch.le, k, q), compare(torch.lt, k, self.prefix_lens[b])])
 
     def __repr__(self) -> str:
         return f"prefix_lm({self.prefix_lens.tolist()})"
@@ -834,7 +831,7 @@ class Document(MaskSpec):
 
     def evaluate(self, b, q, k):
         dq = self.doc_ids[b, q]
-        return (dq == self.doc_ids[b, k]) & (dq >= 0)
+        return fold(torch.logical_and, [compare(torch.eq, dq, self.doc_ids[b, k]), dq >= 0])
 
     def __repr__(self) -> str:
         if self.seq_lens is not None:
@@ -985,7 +982,7 @@ class PrefixKeys(MaskSpec):
         return self.visible_from.shape[1]
 
     def evaluate(self, b, q, k):
-        return q >= self.visible_from[b, k]
+        return compare(torch.ge, q, self.visible_from[b, k])
 
     def __repr__(self) -> str:
         n_open = int((self.visible_from < torch.arange(self.visible_from.shape[1], device=self.device)).sum())

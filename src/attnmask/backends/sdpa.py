@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import attnmask.backends._common as _common
 import attnmask.backends._workers as _workers
 import attnmask.backends.cuda_costs as cuda_costs
+from attnmask._dense import zero_rows
 from attnmask.backends._common import ModeFactors, cached, mode_factor
 from attnmask.backends.contract import (
     ALL_DTYPES,
@@ -102,7 +103,7 @@ def _run(call: AttentionCall) -> torch.Tensor:
         if empty is None:
             return out
         # exactly 0, whatever the row computed; in place when no graph holds the output (no second (B, H, Q, Dv))
-        return out.masked_fill_(empty, 0.0) if not out.requires_grad else torch.where(empty, 0.0, out)
+        return zero_rows(out, empty)
     allowed, _ = dense_mask(call)
     has_key = rows_with_keys(allowed)
     empty_rows = not bool(has_key.all())
@@ -110,7 +111,7 @@ def _run(call: AttentionCall) -> torch.Tensor:
         # Let empty rows attend to every key (finite, NaN-free), then zero their output: their gradient is then 0 too.
         allowed = allowed | ~has_key
     out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, **sdpa_kwargs)
-    return out.masked_fill(~has_key, 0.0) if empty_rows else out
+    return zero_rows(out, ~has_key) if empty_rows else out
 
 
 # Forward-only float32 / float64 on CPU: a bottom-right ``causal()`` with fewer queries than keys (a decoding step of
