@@ -257,6 +257,7 @@ VARLEN_SPECS = {
 @pytest.mark.parametrize("name", VARLEN_SPECS)
 def test_varlen_parallel_path_matches_the_serial_loop_and_the_reference(two_threads, serial, monkeypatch, name):
     monkeypatch.setattr(VL, "MIN_TASK_WORK", 0.0)  # these small documents would otherwise all run in the caller
+    monkeypatch.setattr(VL, "_IDLE_MIN_WORK", 0.0)
     in_worker = spy_threads(monkeypatch, VL.F, ["scaled_dot_product_attention"])
     spec = VARLEN_SPECS[name]()
     L = 300
@@ -392,6 +393,7 @@ def test_a_varlen_document_too_large_to_share_gets_every_thread_for_its_sdpa_cal
     """A long document beside small ones runs its one SDPA call across both threads (as stock SDPA would), its
     copies with one; the small documents' calls run with one."""
     monkeypatch.setattr(VL, "MIN_TASK_WORK", 1e6)
+    monkeypatch.setattr(VL, "_IDLE_MIN_WORK", 1e6)
     sdpa = spy_where(monkeypatch, VL.F, "scaled_dot_product_attention")
     copies = spy_where(monkeypatch, VL, "_stack_segments")
     spec = am.causal() & am.document(seq_lens=[200, 40, 50, 10])

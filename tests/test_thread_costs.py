@@ -187,7 +187,15 @@ def test_native_forward_gains_on_query_blocks_its_backward_on_whole_segments(mon
 
 def test_varlen_small_tasks_stay_on_one_thread_large_ones_share(monkeypatch):
     monkeypatch.setattr(VL, "_THREAD_EFFICIENCY", 1.0)
-    small = call_for(am.causal() & am.document(seq_lens=[64] * 16))  # tasks far under MIN_TASK_WORK
+    small = call_for(am.causal() & am.document(seq_lens=[40] * 4), length=160)  # a group under MIN_TASK_WORK / 8
+    assert cost_at(VL, small, 2, monkeypatch) == pytest.approx(cost_at(VL, small, 1, monkeypatch))
+    # idle, a group from MIN_TASK_WORK / 8 gets both threads; while another process holds a core, from MIN_TASK_WORK
+    mid = call_for(am.causal() & am.document(seq_lens=[64] * 16))  # one group of 16 x 64 x 64 pairs: 33.5M
+    assert cost_at(VL, mid, 2, monkeypatch) < 0.8 * cost_at(VL, mid, 1, monkeypatch)
+    monkeypatch.setattr(W, "contended", lambda: True)
+    monkeypatch.setattr(VL, "MODES", VL.ModeFactors())  # no busy factor: the threads alone
+    assert cost_at(VL, mid, 2, monkeypatch) == pytest.approx(cost_at(VL, mid, 1, monkeypatch))
+    monkeypatch.setattr(W, "contended", lambda: False)
     assert cost_at(VL, small, 2, monkeypatch) == pytest.approx(cost_at(VL, small, 1, monkeypatch))
     lens = [1024, 1024, 1000, 1000, 1040, 1008]  # three groups of stacked documents, each >= MIN_TASK_WORK
     large = call_for(am.causal() & am.document(seq_lens=lens), length=sum(lens))

@@ -67,6 +67,14 @@ _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this man
 # low load (RESULTS.md, "native's threads"; was 0.13, fitted under load on rows of 1,024 only).
 _THREAD_EFFICIENCY = 0.85
 _HANDOVER_COST = 3.2e6
+# Idle, groups of documents and a window's query blocks go to the workers from an eighth of ``MIN_TASK_WORK`` on
+# average (tiny documents' groups, and any task while other processes hold cores, from ``MIN_TASK_WORK``): rows of
+# 1,024 at 2 threads, same process, 9 rounds, two runs, forward / forward + backward in ms: few long documents
+# [512, 256, 128, 128] 7.9-8.2 -> 6.9-7.1 / 22.4-25.2 -> 20.1-22.4 (the 256 and 128 groups ran one after the other on
+# one core), window 128 7.7-11.1 -> 6.1-8.4 / 32.9-34.8 -> 30.8-31.0, window 128 + documents 11.0 -> 9.5 / 30.1 -> 28.7;
+# the other rows within 5%, tiny documents too; with one core busy no change (RESULTS.md, issue 15, "varlen's idle
+# tasks").
+_IDLE_MIN_WORK = MIN_TASK_WORK / 8
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
@@ -187,14 +195,22 @@ def _varlen_attention(q, k, v, segments, causal, window, scale, small, dropout_p
     return out.to(q.dtype)
 
 
-def _map(fn, items: list, weights: list, dropout_p: float, device_type: str) -> list:
+def _map(fn, items: list, weights: list, dropout_p: float, device_type: str, idle_min_work: float | None = None):
     """``[fn(item) for item in items]`` on the coarse-grained workers (``weights``: multiply-adds; tasks too small
-    to hand over run in the caller with one intra-op thread, one too large to share with all of them), or in the
-    caller under dropout, each call with every intra-op thread."""
+    to hand over, under ``idle_min_work`` on average, ``MIN_TASK_WORK`` while other processes hold cores, run in the
+    caller with one intra-op thread, one too large to share with all of them), or in the caller under dropout, each
+    call with every intra-op thread."""
     if dropout_p > 0:
         with all_threads():
             return [fn(item) for item in items]
-    return parallel_map(_serially(fn), items, weights, device=device_type, min_work=MIN_TASK_WORK)
+    least = _group_work() if idle_min_work is None else {"min_work": idle_min_work, "busy_min_work": MIN_TASK_WORK}
+    return parallel_map(_serially(fn), items, weights, device=device_type, **least)
+
+
+def _group_work() -> dict:
+    """``parallel_map``'s least average work for groups and query blocks: ``_IDLE_MIN_WORK``, ``MIN_TASK_WORK`` while
+    other processes hold cores."""
+    return {"min_work": _IDLE_MIN_WORK, "busy_min_work": MIN_TASK_WORK}
 
 
 def _serially(fn):
@@ -233,9 +249,7 @@ class _GroupsInWorkers(torch.autograd.Function):
                 qb, kb, vb = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in leaves)
                 return _dense_segment(qb, kb, vb, members[0][5], causal, window, scale, gqa), leaves
 
-        ctx.done = parallel_map(
-            _serially(task), members_by_group, weights, device=q.device.type, min_work=MIN_TASK_WORK
-        )
+        ctx.done = parallel_map(_serially(task), members_by_group, weights, device=q.device.type, **_group_work())
         ctx.members, ctx.weights = members_by_group, weights
         ctx.inputs = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
         return tuple(out.detach() for out, _ in ctx.done)
@@ -258,7 +272,7 @@ class _GroupsInWorkers(torch.autograd.Function):
                         if g is not None:
                             d[s[0] : s[0] + 1, :, s[at] : s[at] + s[at + 1]] += g
 
-        parallel_map(task, range(len(ctx.done)), ctx.weights, device=d_inputs[0].device.type, min_work=MIN_TASK_WORK)
+        parallel_map(task, range(len(ctx.done)), ctx.weights, device=d_inputs[0].device.type, **_group_work())
         return (None, None, None, *d_inputs)
 
 
@@ -416,7 +430,7 @@ def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list
 
     per_pair = q.shape[1] * (q.shape[3] + v.shape[3])
     weights = [len(members) * (members[0][2] + 8) * members[0][4] * per_pair for members in groups.values()]
-    return _map(tiny_group, list(groups.values()), weights, dropout_p, dev.type)
+    return _map(tiny_group, list(groups.values()), weights, dropout_p, dev.type, idle_min_work=MIN_TASK_WORK)
 
 
 def _heads_major(t: torch.Tensor) -> torch.Tensor:
@@ -567,9 +581,10 @@ def cost(call) -> float:
     big_gain = tiny_gain = 1.0  # one thread: no tasks to weigh
     if threads > 1:
         big_tasks, tiny_tasks = _task_weights(segs.tolist(), plan.window, call.heads * width)
+        big_min = MIN_TASK_WORK if _workers.contended() else _IDLE_MIN_WORK  # as parallel_map's busy_min_work
         big_gain, tiny_gain = (
-            _workers.expected_speedup(tasks, threads, MIN_TASK_WORK, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
-            for tasks in (big_tasks, tiny_tasks)
+            _workers.expected_speedup(tasks, threads, least, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
+            for tasks, least in ((big_tasks, big_min), (tiny_tasks, MIN_TASK_WORK))
         )
     estimate = serial + float(per_seg[~small].sum()) / big_gain + float(per_seg[small].sum()) / tiny_gain
     return estimate * mode_factor(MODES, call)
