@@ -4,7 +4,9 @@ Dense causal + left-padding mask ``(8, 1, 4096, 4096)``: attnmask (``to_dense`` 
 for eager) against transformers' ``create_causal_mask`` (``sdpa`` and ``eager`` Llama configs), in one process, runs
 interleaved, identical values asserted once. Also shown: attnmask writing into a reused buffer (``out=``, for a
 loop whose mask shape repeats, which transformers' API cannot do), and with its opt-in huge-page buffers
-(``ATTNMASK_HUGE_PAGES=1``), since page faults of the fresh output dominate on small machines. Then a small attention
+(``ATTNMASK_HUGE_PAGES=1``), since page faults of the fresh output dominate on small machines. The same for rows of
+packed documents (``causal() & document(seq_lens=...)`` against ``create_causal_mask`` from packed ``position_ids``
+without an attention mask, transformers' packed-sequence path). Then a small attention
 section: the ``reference`` and ``sdpa`` backends of ``attnmask.attention`` on the same kind of padded batch.
 """
 
@@ -30,7 +32,28 @@ def left_padded_attention_mask(batch: int, length: int) -> torch.Tensor:
     return mask
 
 
-def hf_mask_builder(attn_implementation: str, attention_mask: torch.Tensor, dtype: torch.dtype):
+def packed_position_ids(batch: int, length: int, seed: int = 0) -> tuple[torch.Tensor, list[list[int]]]:
+    """Rows of packed documents, 1/16 to 1/4 of the row long (the last one cut to fit): ``position_ids`` restarting at
+    0 for each document (what transformers reads packed sequences from) and the document lengths per row."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = []
+    for _ in range(batch):
+        row, left = [], length
+        while left > 0:
+            row.append(min(left, int(torch.randint(length // 16, length // 4 + 1, (1,), generator=gen))))
+            left -= row[-1]
+        lengths.append(row)
+    position_ids = torch.cat([torch.cat([torch.arange(n) for n in row]).view(1, -1) for row in lengths])
+    return position_ids, lengths
+
+
+def hf_mask_builder(
+    attn_implementation: str,
+    attention_mask: torch.Tensor | None,
+    dtype: torch.dtype,
+    position_ids: torch.Tensor | None = None,
+    shape: tuple[int, int] | None = None,
+):
     from transformers import LlamaConfig
     from transformers.masking_utils import create_causal_mask
 
@@ -38,9 +61,10 @@ def hf_mask_builder(attn_implementation: str, attention_mask: torch.Tensor, dtyp
         hidden_size=8, num_attention_heads=1, num_key_value_heads=1, intermediate_size=8, num_hidden_layers=1
     )
     cfg._attn_implementation = attn_implementation
-    batch, length = attention_mask.shape
+    batch, length = attention_mask.shape if attention_mask is not None else shape
     embeds = torch.zeros(batch, length, 8, dtype=dtype)
-    position_ids = torch.arange(length).expand(batch, length)
+    if position_ids is None:
+        position_ids = torch.arange(length).expand(batch, length)
 
     def build():
         return create_causal_mask(
@@ -86,9 +110,19 @@ def with_huge_pages(fn):
     return run
 
 
-def mask_section(batch: int, length: int, repeat: int) -> None:
-    attention_mask = left_padded_attention_mask(batch, length)
-    spec = am.causal() & am.key_padding(attention_mask)
+def mask_section(batch: int, length: int, repeat: int, packed: bool = False) -> None:
+    """Causal + left padding (transformers from the 2D attention mask), or with ``packed`` rows of packed documents
+    (transformers from packed ``position_ids``, no attention mask: ``causal() & document(seq_lens=...)``)."""
+    if packed:
+        position_ids, lengths = packed_position_ids(batch, length)
+        spec = am.causal() & am.document(seq_lens=lengths)
+        peer = dict(attention_mask=None, position_ids=position_ids, shape=(batch, length))
+        title = f"causal + packed documents ({sum(map(len, lengths))} documents of {length // 16}-{length // 4})"
+    else:
+        attention_mask = left_padded_attention_mask(batch, length)
+        spec = am.causal() & am.key_padding(attention_mask)
+        peer = dict(attention_mask=attention_mask)
+        title = "causal + left padding"
     shape = (batch, 1, length, length)
     forms = [
         ("sdpa bool", "sdpa", torch.float32, lambda out=None: spec.to_dense(length, out=out).unsqueeze(1)),
@@ -100,14 +134,14 @@ def mask_section(batch: int, length: int, repeat: int) -> None:
             lambda out=None: spec.to_additive(length, dtype=torch.bfloat16, out=out),
         ),
     ]
-    print(f"\n## mask ({batch}, 1, {length}, {length}), causal + left padding; median of {repeat} interleaved runs")
+    print(f"\n## mask ({batch}, 1, {length}, {length}), {title}; median of {repeat} interleaved runs")
     print("ms as wall / CPU; speed-up = transformers time / attnmask time (wall, CPU)")
     print("fresh: a new output every call (as transformers); reused: the caller's buffer via out= (a loop whose")
     print("mask shape repeats); huge pages: fresh output on opt-in huge pages")
     print("| form | transformers | attnmask fresh | speed-up | attnmask reused | speed-up | huge pages | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, impl, dtype, ours in forms:
-        theirs = hf_mask_builder(impl, attention_mask, dtype)
+        theirs = hf_mask_builder(impl, peer["attention_mask"], dtype, peer.get("position_ids"), peer.get("shape"))
         buffer = torch.empty(
             shape if impl == "eager" else shape[:1] + shape[2:], dtype=torch.bool if impl == "sdpa" else dtype
         )
@@ -179,6 +213,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     print(f"command: {__doc__.splitlines()[0]}")
     mask_section(args.batch, args.length, args.repeat)
+    mask_section(args.batch, args.length, args.repeat, packed=True)
     if not args.skip_attention:
         attention_section(max(3, args.repeat // 2))
 
