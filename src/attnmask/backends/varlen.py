@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import attnmask.backends._workers as _workers
+from attnmask._dense import fold, zero_rows
 from attnmask.backends._common import (
     CALL_COST,
     COPY_COST,
@@ -45,7 +46,7 @@ from attnmask.backends._workers import (
     serial_steps,
     workers_active,
 )
-from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend, check_dropout_p
+from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend, check_dropout_p, rows_with_keys
 from attnmask.errors import BackendError, ShapeError, bad
 from attnmask.lowering import varlen_form
 
@@ -398,10 +399,10 @@ def _masked_rows(q, k, v, mask, scale, gqa, dropout_p=0.0):
 
     Such rows attend to every key inside the kernel (finite on every device), then are zeroed: their gradient is 0.
     """
-    empty = ~mask.any(-1, keepdim=True)
+    empty = ~rows_with_keys(mask)
     if not bool(empty.any()):
         return _sdpa(q, k, v, mask, False, scale, gqa, dropout_p)
-    return _sdpa(q, k, v, mask | empty, False, scale, gqa, dropout_p).masked_fill(empty, 0.0)
+    return zero_rows(_sdpa(q, k, v, fold(torch.logical_or, [mask, empty]), False, scale, gqa, dropout_p), empty)
 
 
 def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list:
