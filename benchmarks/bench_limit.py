@@ -16,7 +16,10 @@ order) after one warm-up call each; plans are cached per spec object, as across 
 spec, so the times are of the steady state. ``auto``'s time is its pick's time. ``--busy``: in every round the
 backends are timed once idle and once while another process spins on a core (started before, killed after each busy
 phase; it also ends itself after 15 minutes): the table then shows each backend's slowdown (the median over rounds of
-busy / idle in the round) next to stock SDPA's.
+busy / idle in the round) next to stock unmasked SDPA's, and flags ("slows more than sdpa") every backend whose
+slowdown over unmasked SDPA's *in the same round* has a median above 1.1: a paired statistic, since the same SDPA
+call's own slowdown moved 0.76-2.12 between the rows of one table (other processes' load changes between rounds,
+weighing on every backend of the round alike).
 ``--serial``: also time "varlen" and "blocksparse" with their tasks run one by one in the caller (columns
 "... 1-by-1"), each call split across all intra-op threads as before the coarse-grained workers (``backends._workers``).
 
@@ -84,6 +87,7 @@ FITTED = {
 TASKED = ("varlen", "blocksparse")  # the backends whose calls run as coarse-grained tasks (backends._workers)
 SERIAL = " 1-by-1"  # column suffix (--serial): the same backend with its tasks run one by one in the caller
 AUTO = "(auto)"  # --busy: auto itself, timed beside the backends it chooses from
+REFERENCE = "(unmasked sdpa)"  # stock SDPA without a mask: the ideal's base, and the busy slowdowns' reference
 FLOOR = "(floor)"  # unmasked SDPA on blocksparse's dense blocks (cover_blocks), timed with the backends
 SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
@@ -270,7 +274,7 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
         for n, c, ok in zip(explained.backends, explained.costs, explained.auto_eligible, strict=True)
         if ok and c is not None and c != float("inf") and n != "reference"
     }
-    fns = {"(unmasked sdpa)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+    fns = {REFERENCE: lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
     blocks = cover_blocks(case, qkv)
     if blocks is not None:
         fns[FLOOR] = floor_fn(blocks, qkv)
@@ -312,12 +316,20 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
     # processes on the machine weighs on both), the median over rounds
     pairs = {n: zip(times["busy", n], times["idle", n], strict=True) for n in fns} if args.busy else {}
     slow = {n: statistics.median(b / i for b, i in rounds) for n, rounds in pairs.items()}
+    # each backend's slowdown over unmasked SDPA's in the same round (the phases of a round are adjacent, so a change
+    # of other processes' load between rounds weighs on both), the median over rounds
+    ref = [b / i for b, i in zip(times["busy", REFERENCE], times["idle", REFERENCE], strict=True)] if args.busy else []
+    relative = {
+        n: statistics.median(b / i / r for b, i, r in zip(times["busy", n], times["idle", n], ref, strict=True))
+        for n in (fns if args.busy else ())
+    }
     covered = None if blocks is None else covered_fraction(blocks, case)
     return {
         "fraction": allowed_fraction(case),
         "covered": covered,
         "med": med,
         "slow": slow,
+        "relative": relative,
         "costs": costs,
         "picked": explained.picked,
         "busy_picked": max(set(busy_picks), key=busy_picks.count) if busy_picks else None,
@@ -364,7 +376,7 @@ def header(names: list[str], args, dtype, grad) -> list[str]:
 def row(case: Case, m: dict, names: list[str], args, grad: bool) -> str:
     """One line of the idle table: times, auto's pick, its ratios to the ideal and the best, and the bound."""
     med = m["med"]
-    ideal = med["idle", "(unmasked sdpa)"] * m["fraction"]
+    ideal = med["idle", REFERENCE] * m["fraction"]
     timed = {n: med["idle", n] for n in m["costs"]}
     best = min(timed.values())
     auto = timed.get(m["picked"], float("nan"))
@@ -394,12 +406,12 @@ def busy_table(case_rows, names: list[str], grad: bool, tuned: bool = False) -> 
     """Slowdown busy / idle (the median over rounds of each round's ratio) of stock unmasked SDPA and of every
     backend, and auto's pick against the best when busy (and, with ``tuned``, the pick tuning measured busy)."""
     mode = "forward + backward" if grad else "forward"
-    cols = ["(unmasked sdpa)", FLOOR, *names]
+    cols = [REFERENCE, FLOOR, *names]
     lines = ["", f"**{mode}, one core busy: slowdown busy / idle (busy ms)**", ""]
     lines.append(
         "| structure | "
         + " | ".join(cols)
-        + " | auto picks (busy) | auto busy / best busy | slows more than sdpa |"
+        + " | auto picks (busy) | auto busy / best busy | slows more than sdpa (> 1.1x its slowdown, paired by round) |"
         + (" tuned picks (busy) | tuned busy / best busy |" if tuned else "")
     )
     lines.append("|---|" + "---|" * len(cols) + "---|---|---|" + ("---|---|" if tuned else ""))
@@ -408,7 +420,7 @@ def busy_table(case_rows, names: list[str], grad: bool, tuned: bool = False) -> 
         slow = m["slow"]
         busy = {n: med["busy", n] for n in m["costs"]}
         auto_busy = med["busy", AUTO] / min(busy.values())
-        worse = [n for n in m["costs"] if slow[n] > slow["(unmasked sdpa)"] * 1.1]
+        worse = [f"{n} {m['relative'][n]:.2f}" for n in m["costs"] if m["relative"][n] > 1.1]
         cells = [f"{slow[n]:.2f} ({fmt_ms(med['busy', n])})" if n in slow else "-" for n in cols]
         lines.append(
             f"| {case.name} | "
@@ -874,7 +886,7 @@ def parse_busy(path: str, length: int, decode_keys: int) -> list[tuple[Case, boo
         cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
         if cells[0] == "structure":
             end = next((i for i, c in enumerate(cells) if c.startswith("auto picks")), len(cells))
-            names = cells[1:end] if cells[1] == "(unmasked sdpa)" else []
+            names = cells[1:end] if cells[1] == REFERENCE else []
         elif names and cells[0] in by_name and len(cells) > len(names):
             for name, cell in zip(names, cells[1 : 1 + len(names)], strict=True):
                 found = re.match(r"([\d.]+) \(([\d.]+)\)", cell)
@@ -1040,6 +1052,12 @@ def main(argv: list[str] | None = None) -> None:
         f"\nwithin 1.1x of the fastest: {within(tally, 'picked')}"
         + (f"; tuned {within(tally, 'tuned')}" if args.tuned else "")
     )
+    if args.busy:
+        paired = [m["relative"][n] for m in tally for n in m["costs"]]
+        print(
+            f"one core busy: {sum(r <= 1.1 for r in paired)} of {len(paired)} backend cells slow no more than 1.1x "
+            "unmasked SDPA's slowdown (paired by round)"
+        )
     print(f"load {_load()}; total {time.perf_counter() - t0:.0f} s")
     print(
         "reproduce: PYTHONPATH=src python benchmarks/bench_limit.py "

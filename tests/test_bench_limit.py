@@ -31,6 +31,7 @@ def test_busy_serial_run_prints_slowdowns_of_both_paths(capsys):
     out = capsys.readouterr().out
     busy = out[out.index("one core busy") :]
     assert "blocksparse 1-by-1" in busy and busy.count("| causal chunked 32 |") == 1
+    assert "backend cells slow no more than 1.1x unmasked SDPA's slowdown (paired by round)" in busy
 
 
 def test_allowed_fraction_matches_dense_count():
