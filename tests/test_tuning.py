@@ -30,7 +30,7 @@ def _fresh(monkeypatch):
 def _backend(name: str, cost: float, runs: list, delay: float = 0.0, fails: bool = False) -> A.Backend:
     """A backend that computes the reference result (after ``delay`` seconds), estimated at ``cost``, logging its
     runs into ``runs``."""
-    reference = A._BACKENDS["reference"]
+    reference = next(b for b in A.REGISTRY if b.name == "reference")
 
     def run(call):
         runs.append(name)
@@ -197,6 +197,8 @@ def test_settings_are_checked_and_restored():
         ({"spread": 1.0}, "spread"),
         ({"margin": 1.5}, "margin"),
         ({"enabled": "yes"}, "enabled"),
+        ({"cache": 3}, "cache"),
+        ({"cache": ""}, "cache"),
     ):
         with pytest.raises(am.InputError, match=name):
             am.autotune(**kwargs)
@@ -207,6 +209,13 @@ def test_settings_are_checked_and_restored():
 def test_the_environment_switches_it_on(monkeypatch, value, enabled):
     monkeypatch.setenv("ATTNMASK_AUTOTUNE", value)
     assert tuning._from_environment().enabled is enabled
+
+
+def test_the_environment_names_the_cache_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNMASK_AUTOTUNE_CACHE", str(tmp_path / "tuning.json"))
+    assert tuning._from_environment().cache == str(tmp_path / "tuning.json")
+    monkeypatch.setenv("ATTNMASK_AUTOTUNE_CACHE", "")
+    assert tuning._from_environment().cache is None
 
 
 def test_an_unknown_environment_value_is_an_error(monkeypatch):
@@ -364,3 +373,112 @@ def test_the_trainer_example_trains_under_autotune_to_the_untuned_loss():
     finally:
         sys.path.remove(examples_dir)
     assert tuned == pytest.approx(untuned, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The cache file: measured choices kept across processes
+
+
+def _tune_once(monkeypatch, cache, runs):
+    """Register a slow estimates' pick and a fast rival, and make one kind of call twice (the second is timed)."""
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.01), _backend("fast", 2.0, runs))
+    q, k, v = _qkv()
+    spec = am.causal() & am.sliding_window(3)
+    with am.autotune(cache=cache):
+        am.attention(q, k, v, spec)
+        am.attention(q, k, v, spec)
+    return q, k, v, spec
+
+
+def test_a_cache_file_keeps_the_measured_choice_for_the_next_process(monkeypatch, tmp_path):
+    import json
+
+    cache, runs = tmp_path / "tuning.json", []
+    q, k, v, spec = _tune_once(monkeypatch, cache, runs)
+    data = json.loads(cache.read_text())
+    assert data["format"] == tuning.CACHE_FORMAT and data["machine"] == tuning._machine()
+    ((name, record),) = data["choices"].items()
+    assert record["picked"] == "fast" and record["estimated"] == "slow" and "SlidingWindow" in name
+    tuning.clear()  # what a new process holds: nothing but the file
+    runs.clear()
+    with am.autotune(cache=cache):
+        out = am.attention(q, k, v, spec)  # the kind's first call here: from the file, nothing timed
+        assert runs == ["fast"]
+        assert am.explain(q, k, v, spec).measured.picked == "fast"
+    torch.testing.assert_close(out, _expected(q, k, v, spec))
+    runs.clear()
+    with am.autotune():  # without the cache the process knows only what it measured (the file's choice is held now)
+        tuning.clear()
+        am.attention(q, k, v, spec)
+        assert runs == ["slow"]
+
+
+def test_a_cache_of_another_machine_or_version_is_not_used_and_is_rewritten(monkeypatch, tmp_path, caplog):
+    import json
+
+    cache, runs = tmp_path / "tuning.json", []
+    q, k, v, spec = _tune_once(monkeypatch, cache, runs)
+    data = json.loads(cache.read_text())
+    data["machine"] = {**data["machine"], "torch": "0.0"}
+    cache.write_text(json.dumps(data))
+    tuning.clear()
+    runs.clear()
+    with am.autotune(cache=cache), caplog.at_level(logging.INFO, logger="attnmask"):
+        am.attention(q, k, v, spec)
+        assert runs == ["slow"]  # not from the file: seen once, the estimates decide
+        assert "written on" in caplog.text
+        am.attention(q, k, v, spec)  # timed again, and the file rewritten for this machine
+    assert json.loads(cache.read_text())["machine"] == tuning._machine()
+
+
+def test_a_broken_cache_is_logged_and_replaced_never_fatal(monkeypatch, tmp_path, caplog):
+    import json
+
+    cache, runs = tmp_path / "tuning.json", []
+    cache.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="attnmask"):
+        _tune_once(monkeypatch, cache, runs)
+    assert "cannot read the tuning cache" in caplog.text
+    assert len(json.loads(cache.read_text())["choices"]) == 1
+    unwritable = tmp_path / "missing-folder" / "tuning.json"
+    tuning.clear()
+    with caplog.at_level(logging.WARNING, logger="attnmask"):
+        _tune_once(monkeypatch, unwritable, runs)  # still tuned in memory
+    assert "cannot write the tuning cache" in caplog.text and len(tuning.results()) == 1
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_choices_for_a_custom_predicate_are_not_written(monkeypatch, tmp_path):
+    cache, runs = tmp_path / "tuning.json", []
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.01), _backend("fast", 2.0, runs))
+    q, k, v = _qkv()
+    spec = am.causal() & am.custom(lambda b, h, qi, ki: (qi - ki) < 3)
+    with am.autotune(cache=cache):
+        am.attention(q, k, v, spec)
+        am.attention(q, k, v, spec)
+    assert len(tuning.results()) == 1 and not cache.exists()
+
+
+def test_a_second_process_runs_the_choice_the_first_measured(tmp_path):
+    """Two Python processes with ATTNMASK_AUTOTUNE=1 and one cache file: the second's first call of the kind uses the
+    choice the first measured (a single call of a new kind is never timed, so a choice held after it came from the
+    file)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, attnmask as am\n"
+        "from attnmask import tuning\n"
+        "torch.manual_seed(0)\n"
+        "q, k, v = (torch.randn(1, 4, 1024, 64) for _ in range(3))\n"
+        "spec = am.causal() & am.sliding_window(64)\n"
+        "for _ in range(int(__import__('sys').argv[1])):\n"
+        "    am.attention(q, k, v, spec)\n"
+        "print([c.picked for c in tuning.results()])\n"
+    )
+    env = {**os.environ, "ATTNMASK_AUTOTUNE": "1", "ATTNMASK_AUTOTUNE_CACHE": str(tmp_path / "tuning.json")}
+    first = subprocess.run([sys.executable, "-c", script, "2"], env=env, capture_output=True, text=True, check=True)
+    second = subprocess.run([sys.executable, "-c", script, "1"], env=env, capture_output=True, text=True, check=True)
+    measured = eval(first.stdout.strip().splitlines()[-1])
+    assert len(measured) == 1 and eval(second.stdout.strip().splitlines()[-1]) == measured

@@ -34,8 +34,15 @@ result is the same (every backend computes the same attention); only the time ch
   dense bool mask alone is 256 MiB per row.
 - **A candidate that raises** in a trial is dropped from that key and logged (logger ``attnmask``, warning).
 - **Cost:** once per key, ``1 + rounds`` to ``1 + 4 * rounds`` runs of each candidate (forward + backward with a
-  gradient) and their transient memory, as large as one such call's. Results live in this process only (at most
+  gradient) and their transient memory, as large as one such call's. Results live in this process (at most
   ``KEPT`` keys, the least recently used forgotten first); :func:`clear` forgets them, :func:`results` lists them.
+- **Kept across processes** with ``cache`` (``autotune(cache=path)``, ``ATTNMASK_AUTOTUNE_CACHE=path``): a JSON file
+  of the measured choices of CPU calls, read at the first tuned call and rewritten (merged with what other processes
+  wrote meanwhile, replaced atomically) after each measurement, so the next run (or the other ranks of a job on
+  the same machine) uses them without timing. A file written on another machine or by another version of attnmask
+  or torch (CPU model, core count, versions: recorded in it) is not used, and one that cannot be read is logged and
+  ignored, never fatal. Not kept: CUDA choices (the key names no GPU model), and keys whose spec holds a ``custom``
+  predicate (a function is known by its code object, which has no stable name across processes).
 
 Switch it on with :func:`autotune` (a function and a context manager) or, for the whole process, the environment
 variable ``ATTNMASK_AUTOTUNE=1`` read at import (``0`` or unset: off). Example::
@@ -48,10 +55,13 @@ variable ``ATTNMASK_AUTOTUNE=1`` read at import (``0`` or unset: off). Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import platform
 import statistics
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -87,10 +97,16 @@ class Settings:
     spread: float = 3.0
     rounds: int = 3
     margin: float = 0.03
+    cache: str | None = None
+    """A JSON file that keeps the measured choices of CPU calls across processes (module docstring), or ``None``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise bad(InputError, "enabled", "True or False", repr(self.enabled))
+        if self.cache is not None:
+            if not isinstance(self.cache, (str, os.PathLike)) or not os.fspath(self.cache):
+                raise bad(InputError, "cache", "None or a file path", repr(self.cache))
+            object.__setattr__(self, "cache", os.fspath(self.cache))
         for name, low in (("candidates", 2), ("rounds", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -121,7 +137,7 @@ def _from_environment() -> Settings:
     value = os.environ.get("ATTNMASK_AUTOTUNE", "")
     if value.strip().lower() not in _ON + _OFF:
         raise bad(InputError, "ATTNMASK_AUTOTUNE", f"one of {_ON + _OFF[1:]} or unset", repr(value))
-    return Settings(enabled=value.strip().lower() in _ON)
+    return Settings(enabled=value.strip().lower() in _ON, cache=os.environ.get("ATTNMASK_AUTOTUNE_CACHE") or None)
 
 
 _settings = _from_environment()
@@ -129,6 +145,7 @@ _lock = threading.Lock()
 _seen: OrderedDict = OrderedDict()  # key -> None: seen once, not yet tuned
 _tuned: OrderedDict = OrderedDict()  # key -> TunedChoice
 _trial = threading.local()  # .active: a trial runs on this thread (its own attention calls are not tuned)
+_stored: dict = {"path": None, "choices": {}}  # the cache file read last: repr(key) -> its record
 
 
 def settings() -> Settings:
@@ -142,10 +159,17 @@ class autotune:  # noqa: N801 (used like a function, as torch.no_grad)
     per-thread. Arguments as :class:`Settings`; invalid ones raise ``InputError`` naming them."""
 
     def __init__(
-        self, enabled: bool = True, *, candidates: int = 4, spread: float = 3.0, rounds: int = 3, margin: float = 0.03
+        self,
+        enabled: bool = True,
+        *,
+        candidates: int = 4,
+        spread: float = 3.0,
+        rounds: int = 3,
+        margin: float = 0.03,
+        cache: str | os.PathLike | None = None,
     ) -> None:
         global _settings
-        new = Settings(enabled, candidates, spread, rounds, margin)
+        new = Settings(enabled, candidates, spread, rounds, margin, cache)
         self._previous, _settings = _settings, new
 
     def __enter__(self) -> Settings:
@@ -157,10 +181,12 @@ class autotune:  # noqa: N801 (used like a function, as torch.no_grad)
 
 
 def clear() -> None:
-    """Forget every measured choice and every key seen once."""
+    """Forget every measured choice and every key seen once held in this process (a cache file's choices are read
+    again at the next tuned call: delete the file to forget them)."""
     with _lock:
         _seen.clear()
         _tuned.clear()
+        _stored.update(path=None, choices={})
 
 
 def results() -> tuple[TunedChoice, ...]:
@@ -193,12 +219,13 @@ def tuning_key(call: AttentionCall, close: list[tuple[Backend, float]], threads:
 
 
 def lookup(key: tuple) -> TunedChoice | None:
-    """The measured choice for ``key``, if any."""
+    """The measured choice for ``key``, if any: held in this process, or in the settings' cache file."""
     with _lock:
         choice = _tuned.get(key)
         if choice is not None:
             _tuned.move_to_end(key)
-        return choice
+            return choice
+    return _from_cache(key, _settings.cache)
 
 
 def choose(
@@ -237,10 +264,102 @@ def choose(
     choice = _measure(call, key, [b for b, _ in close], settings_now)
     with _lock:
         _seen.pop(key, None)
-        _tuned[key] = choice
-        if len(_tuned) > KEPT:
-            _tuned.popitem(last=False)
+        _remember(choice)
+        if settings_now.cache is not None:
+            _write_cache(settings_now.cache, choice)
     return _by_name(close, choice.picked, pick)
+
+
+def _remember(choice: TunedChoice) -> None:
+    """Hold ``choice`` (under ``_lock``), forgetting the least recently used beyond ``KEPT``."""
+    _tuned[choice.key] = choice
+    if len(_tuned) > KEPT:
+        _tuned.popitem(last=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The cache file: {"format": 1, "machine": {...}, "choices": {repr(key): {"estimated", "picked", "times_ms"}}}
+
+CACHE_FORMAT = 1
+
+
+def _machine() -> dict:
+    """What a cache file's choices were measured on: versions, CPU model, cores (a choice holds only there)."""
+    import attnmask  # the package, complete by the time a call is tuned
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"attnmask": attnmask.__version__, "torch": torch.__version__, "cpu": model, "cores": os.cpu_count()}
+
+
+def _cache_key(key: tuple) -> str | None:
+    """``key`` as the cache file names it, or ``None`` when it is not kept (module docstring)."""
+    text = repr(key)
+    return text if key[0] == "cpu" and " at 0x" not in text else None
+
+
+def _read_cache(path: str) -> dict:
+    """The choices a cache file holds for this machine (``{}`` when absent, unreadable or another machine's)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        _log.warning("attnmask.autotune: cannot read the tuning cache %s (%s); measuring anew", path, err)
+        return {}
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("choices"), dict):
+        _log.warning("attnmask.autotune: %s is not a tuning cache of format %d; measuring anew", path, CACHE_FORMAT)
+        return {}
+    if data.get("machine") != _machine():
+        _log.info("attnmask.autotune: the tuning cache %s was written on %s; measuring anew", path, data.get("machine"))
+        return {}
+    return data["choices"]
+
+
+def _from_cache(key: tuple, path: str | None) -> TunedChoice | None:
+    """The choice the cache file at ``path`` holds for ``key`` (read once per path), held from then on."""
+    name = _cache_key(key) if path is not None else None
+    if name is None:
+        return None
+    with _lock:
+        if _stored["path"] != path:
+            _stored.update(path=path, choices=_read_cache(path))
+        record = _stored["choices"].get(name)
+        try:
+            times = tuple((str(n), float(ms)) for n, ms in record["times_ms"])
+            choice = TunedChoice(key, str(record["estimated"]), str(record["picked"]), times)
+        except (TypeError, KeyError, ValueError):  # no record, or one this version does not read
+            return None
+        _remember(choice)
+        return choice
+
+
+def _write_cache(path: str, choice: TunedChoice) -> None:
+    """Add ``choice`` to the cache file (under ``_lock``): merged with what the file holds now (other processes may
+    have written), written to a temporary file beside it and moved over it in one step. A failure is logged."""
+    name = _cache_key(choice.key)
+    if name is None:
+        return
+    record = {"estimated": choice.estimated, "picked": choice.picked, "times_ms": [list(t) for t in choice.times_ms]}
+    choices = {**_read_cache(path), name: record}
+    _stored.update(path=path, choices=choices)
+    data = {"format": CACHE_FORMAT, "machine": _machine(), "choices": choices}
+    temporary = None
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as f:
+            temporary = f.name
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(temporary, path)
+    except OSError as err:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
+        _log.warning("attnmask.autotune: cannot write the tuning cache %s (%s)", path, err)
 
 
 def _by_name(close: list[tuple[Backend, float]], name: str, default: Backend) -> Backend:
