@@ -125,5 +125,7 @@ def test_large_specs_equal_the_per_element_predicate(seed, length, window, prefi
     for spec, want in cases.items():
         want = torch.broadcast_to(want, (rows if spec.batch_size else 1, length, length))
         assert torch.equal(spec.to_dense(length), want), spec
+        buffer = torch.ones(want.shape, dtype=torch.bool)  # the caller's buffer (out=): every element rewritten
+        assert spec.to_dense(length, out=buffer) is buffer and torch.equal(buffer, want), spec
         bias = spec.to_additive(length, dtype=torch.bfloat16)
         assert torch.equal(bias[:, 0] == 0, want), spec

@@ -482,7 +482,8 @@ def _and_into(
     """Write ``yes`` where ``spec`` allows and ``no`` elsewhere into ``out`` ``(B, Q, K)``, in one full-size pass.
 
     For ``shared & per_row`` parts (e.g. ``causal() & key_padding(m)``) the small ``(1, Q, K)`` and ``(B, 1, K)``
-    halves meet inside that pass, without a full-size bool temporary; otherwise the bool mask is built first.
+    halves meet inside that pass, without a full-size bool temporary; a bool ``out`` takes them so even when the
+    per-row half is full-size (``causal() & document(...)``); otherwise the bool mask is built first.
     """
     shape = tuple(out.shape)
     parts = [p.evaluate(b, q, k) for p in (spec.parts if isinstance(spec, And) else (spec,))]
@@ -491,9 +492,9 @@ def _and_into(
     if shared and per_row:
         left, right = fold(torch.logical_and, shared), fold(torch.logical_and, per_row)
         fits = torch.broadcast_shapes(left.shape, right.shape) == torch.Size(shape)
+        if fits and out.dtype == torch.bool:  # one pass into out, even when a half is full-size (documents' ids)
+            return and_into(left, right, out)
         if fits and left.numel() < out.numel() and right.numel() < out.numel():
-            if out.dtype == torch.bool:
-                return and_into(left, right, out)
             return torch.where(left, torch.where(right, yes, no), no, out=out)
     allowed = torch.broadcast_to(fold(torch.logical_and, parts), shape)
     if out.dtype == torch.bool:
