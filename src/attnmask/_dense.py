@@ -1,8 +1,11 @@
-"""Dense-mask plumbing below the spec algebra: fresh output buffers and folding broadcast bool parts into one.
+"""Dense-mask plumbing below the spec algebra: fresh output buffers, comparisons of positions and per-row data
+(``compare``), folding broadcast bool parts into one (``fold``, ``and_into``), and zeroing rows (``zero_rows``).
 
-A dense mask is O(B·Q·K) and written once, so two costs dominate building it: extra full-size temporaries, and the
-page faults of a fresh multi-MiB allocation (the CPU allocator returns new pages for every large tensor, faulted in
-4 KiB at a time). ``fold`` does one full-size operation. ``empty_buffer`` can place large CPU outputs on transparent
+A dense mask is O(B·Q·K) and written once, so three costs dominate building it: torch's CPU kernels that run
+element by element on bool (a comparison writing bool, a bool operation broadcast along the last axis: done as bytes
+here, see the comment above ``FAST_MIN_ELEMENTS``), extra full-size temporaries, and the page faults of a fresh
+multi-MiB allocation (the CPU allocator returns new pages for every large tensor, faulted in 4 KiB at a time).
+``fold`` does one full-size operation. ``empty_buffer`` can place large CPU outputs on transparent
 huge pages (512 times fewer faults): opt in with ``ATTNMASK_HUGE_PAGES=1`` or ``attnmask._dense.USE_HUGE_PAGES =
 True``. It is off by default because with the common kernel setting ``defrag=madvise`` a huge-page fault may compact
 memory synchronously: measured on a busy 2-core VM, typically 3-6x faster allocation but with occasional stalls 2-10x
