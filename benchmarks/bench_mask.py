@@ -49,10 +49,11 @@ def packed_position_ids(batch: int, length: int, seed: int = 0) -> tuple[torch.T
 
 def hf_mask_builder(
     attn_implementation: str,
-    attention_mask: torch.Tensor | None,
     dtype: torch.dtype,
+    batch: int,
+    length: int,
+    attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
-    shape: tuple[int, int] | None = None,
 ):
     from transformers import LlamaConfig
     from transformers.masking_utils import create_causal_mask
@@ -61,7 +62,6 @@ def hf_mask_builder(
         hidden_size=8, num_attention_heads=1, num_key_value_heads=1, intermediate_size=8, num_hidden_layers=1
     )
     cfg._attn_implementation = attn_implementation
-    batch, length = attention_mask.shape if attention_mask is not None else shape
     embeds = torch.zeros(batch, length, 8, dtype=dtype)
     if position_ids is None:
         position_ids = torch.arange(length).expand(batch, length)
@@ -116,7 +116,7 @@ def mask_section(batch: int, length: int, repeat: int, packed: bool = False) -> 
     if packed:
         position_ids, lengths = packed_position_ids(batch, length)
         spec = am.causal() & am.document(seq_lens=lengths)
-        peer = dict(attention_mask=None, position_ids=position_ids, shape=(batch, length))
+        peer = dict(position_ids=position_ids)
         title = f"causal + packed documents ({sum(map(len, lengths))} documents of {length // 16}-{length // 4})"
     else:
         attention_mask = left_padded_attention_mask(batch, length)
@@ -141,7 +141,7 @@ def mask_section(batch: int, length: int, repeat: int, packed: bool = False) -> 
     print("| form | transformers | attnmask fresh | speed-up | attnmask reused | speed-up | huge pages | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, impl, dtype, ours in forms:
-        theirs = hf_mask_builder(impl, peer["attention_mask"], dtype, peer.get("position_ids"), peer.get("shape"))
+        theirs = hf_mask_builder(impl, dtype, batch, length, **peer)
         buffer = torch.empty(
             shape if impl == "eager" else shape[:1] + shape[2:], dtype=torch.bool if impl == "sdpa" else dtype
         )

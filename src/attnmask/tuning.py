@@ -55,6 +55,7 @@ variable ``ATTNMASK_AUTOTUNE=1`` read at import (``0`` or unset: off). Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -283,6 +284,7 @@ def _remember(choice: TunedChoice) -> None:
 CACHE_FORMAT = 1
 
 
+@functools.cache
 def _machine() -> dict:
     """What a cache file's choices were measured on: versions, CPU model, cores (a choice holds only there)."""
     import attnmask  # the package, complete by the time a call is tuned

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import attnmask.backends._common as _common
 import attnmask.backends._workers as _workers
 import attnmask.backends.cuda_costs as cuda_costs
-from attnmask._dense import zero_rows
+from attnmask._dense import fold, zero_rows
 from attnmask.backends._common import ModeFactors, cached, mode_factor
 from attnmask.backends.contract import (
     ALL_DTYPES,
@@ -109,7 +109,7 @@ def _run(call: AttentionCall) -> torch.Tensor:
     empty_rows = not bool(has_key.all())
     if empty_rows:
         # Let empty rows attend to every key (finite, NaN-free), then zero their output: their gradient is then 0 too.
-        allowed = allowed | ~has_key
+        allowed = fold(torch.logical_or, [allowed, ~has_key])
     out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, **sdpa_kwargs)
     return zero_rows(out, ~has_key) if empty_rows else out
 
@@ -202,7 +202,7 @@ def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:
     allowed, _ = dense_mask(call)
     has_key = None if allowed is None else rows_with_keys(allowed)
     if has_key is not None:
-        allowed = allowed | ~has_key  # empty rows see every key (finite), zeroed afterwards
+        allowed = fold(torch.logical_or, [allowed, ~has_key])  # empty rows see every key (finite), zeroed afterwards
     bias = score_bias(call, work)
     if bias is None:
         bias = torch.zeros((1, 1, Q, K), dtype=work, device=q.device)
@@ -216,7 +216,7 @@ def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:
         v = torch.cat([v, v.new_zeros(B, call.kv_heads, 1, call.value_dim)], dim=2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, **sdpa_kwargs)
     if has_key is not None:
-        out = out.masked_fill(~has_key, 0.0)
+        out = zero_rows(out, ~has_key)
     return out.to(call.q.dtype)
 
 

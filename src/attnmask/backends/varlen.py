@@ -204,14 +204,8 @@ def _map(fn, items: list, weights: list, dropout_p: float, device_type: str, idl
     if dropout_p > 0:
         with all_threads():
             return [fn(item) for item in items]
-    least = _group_work() if idle_min_work is None else {"min_work": idle_min_work, "busy_min_work": MIN_TASK_WORK}
-    return parallel_map(_serially(fn), items, weights, device=device_type, **least)
-
-
-def _group_work() -> dict:
-    """``parallel_map``'s least average work for groups and query blocks: ``_IDLE_MIN_WORK``, ``MIN_TASK_WORK`` while
-    other processes hold cores."""
-    return {"min_work": _IDLE_MIN_WORK, "busy_min_work": MIN_TASK_WORK}
+    least = _IDLE_MIN_WORK if idle_min_work is None else idle_min_work
+    return parallel_map(_serially(fn), items, weights, device=device_type, min_work=least, busy_min_work=MIN_TASK_WORK)
 
 
 def _serially(fn):
@@ -250,7 +244,8 @@ class _GroupsInWorkers(torch.autograd.Function):
                 qb, kb, vb = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in leaves)
                 return _dense_segment(qb, kb, vb, members[0][5], causal, window, scale, gqa), leaves
 
-        ctx.done = parallel_map(_serially(task), members_by_group, weights, device=q.device.type, **_group_work())
+        least = {"min_work": _IDLE_MIN_WORK, "busy_min_work": MIN_TASK_WORK}
+        ctx.done = parallel_map(_serially(task), members_by_group, weights, device=q.device.type, **least)
         ctx.members, ctx.weights = members_by_group, weights
         ctx.inputs = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
         return tuple(out.detach() for out, _ in ctx.done)
@@ -273,7 +268,10 @@ class _GroupsInWorkers(torch.autograd.Function):
                         if g is not None:
                             d[s[0] : s[0] + 1, :, s[at] : s[at] + s[at + 1]] += g
 
-        parallel_map(task, range(len(ctx.done)), ctx.weights, device=d_inputs[0].device.type, **_group_work())
+        device = d_inputs[0].device.type
+        parallel_map(
+            task, range(len(ctx.done)), ctx.weights, device=device, min_work=_IDLE_MIN_WORK, busy_min_work=MIN_TASK_WORK
+        )
         return (None, None, None, *d_inputs)
 
 
