@@ -11,15 +11,21 @@ issue's bound for that row (runs of allowed keys >= 512: forward 1.25x, forward 
 Sizes (default): rows of 8,192 tokens, B=1 (B=2 for the padded rows), H=4, D=64; decode: Q of 1, 8, 16 against 32,768
 keys. ``--quick``: rows of 1,024 and 4,096 keys (under a minute); ``--dry-run``: rows of 256, one round (a smoke test).
 
-Timing: wall clock, median of ``--reps`` interleaved rounds (each round times every backend once, in a rotated
-order) after one warm-up call each; plans are cached per spec object, as across the layers of a model sharing one
+Timing: wall clock, median of ``--reps`` interleaved rounds (each round times every backend in a rotated order) after
+one warm-up call each; in a round a backend's time is the mean of as many consecutive calls as fill ``--min-ms``
+(default 100 ms, from the warm-up's time; at most 64 calls): a single call of a few milliseconds under a taken core is
+mostly the scheduler's time slice. Plans are cached per spec object, as across the layers of a model sharing one
 spec, so the times are of the steady state. ``auto``'s time is its pick's time. ``--busy``: in every round the
 backends are timed once idle and once while another process spins on a core (started before, killed after each busy
 phase; it also ends itself after 15 minutes): the table then shows each backend's slowdown (the median over rounds of
 busy / idle in the round) next to stock unmasked SDPA's, and flags ("slows more than sdpa") every backend whose
 slowdown over unmasked SDPA's *in the same round* has a median above 1.1: a paired statistic, since the same SDPA
 call's own slowdown moved 0.76-2.12 between the rows of one table (other processes' load changes between rounds,
-weighing on every backend of the round alike).
+weighing on every backend of the round alike). A short call slows more under a taken core than a long one (the
+other process holds the core for a time slice of milliseconds; on this machine unmasked SDPA's 12 ms decode call
+slowed 1.77x where its 550 ms call slowed 1.48x), so a second flag compares each backend with stock unmasked SDPA
+on a square call of about its own duration (``matched_length``: rows of 128 to 32,768 tokens, a factor of sqrt(2)
+apart, the idle time nearest the backend's), timed in the same rounds.
 ``--serial``: also time "varlen" and "blocksparse" with their tasks run one by one in the caller (columns
 "... 1-by-1"), each call split across all intra-op threads as before the coarse-grained workers (``backends._workers``).
 
@@ -89,6 +95,8 @@ SERIAL = " 1-by-1"  # column suffix (--serial): the same backend with its tasks 
 AUTO = "(auto)"  # --busy: auto itself, timed beside the backends it chooses from
 REFERENCE = "(unmasked sdpa)"  # stock SDPA without a mask: the ideal's base, and the busy slowdowns' reference
 FLOOR = "(floor)"  # unmasked SDPA on blocksparse's dense blocks (cover_blocks), timed with the backends
+MATCHED = "(sdpa {})"  # --busy: stock unmasked SDPA on B=1 rows of that many tokens, a call of about a backend's time
+MAX_CALLS = 64  # calls a timing averages at most (--min-ms)
 SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
 
@@ -203,6 +211,53 @@ def step(fn, qkv, grad: bool):
         out.backward(torch.ones_like(out))
 
 
+def timed(fn, qkv, grad: bool, calls: int) -> float:
+    """Seconds per call of ``step(fn, qkv, grad)``: the mean of ``calls`` consecutive calls."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        step(fn, qkv, grad)
+    return (time.perf_counter() - t0) / calls
+
+
+def square_sdpa(length: int, dtype: torch.dtype, grad: bool, args):
+    """A ``step``-able call of stock unmasked SDPA on its own ``(1, H, length, D)`` q, k, v (the arguments it is
+    given are ignored; with grad it runs its own backward and returns None)."""
+    gen = torch.Generator().manual_seed(length)
+    own = [torch.randn(1, args.heads, length, args.dim, generator=gen).to(dtype) for _ in range(3)]
+
+    def run(*_):
+        if not (torch.is_grad_enabled() and grad):
+            return F.scaled_dot_product_attention(*own)
+        parts = [t.detach().requires_grad_(True) for t in own]
+        out = F.scaled_dot_product_attention(*parts)
+        out.backward(torch.ones_like(out))
+        return None
+
+    return run
+
+
+_LADDER: dict[tuple, float] = {}  # (dtype, grad, heads, dim, length) -> idle seconds of square_sdpa
+
+
+def matched_length(seconds: float, dtype: torch.dtype, grad: bool, args) -> int:
+    """The rows (128 to 32,768 tokens, a factor of sqrt(2) apart) on which stock unmasked SDPA's call takes the time
+    nearest ``seconds`` (in ratio); each rung timed once per process (the best of 3 calls) and kept."""
+    best, best_gap = 128, math.inf
+    for i in range(19):
+        length = int(round(128 * 2 ** (i / 2) / 16)) * 16
+        key = (dtype, grad, args.heads, args.dim, length)
+        if key not in _LADDER:
+            fn = square_sdpa(length, dtype, grad, args)
+            step(fn, (), grad)
+            _LADDER[key] = min(timed(fn, (), grad, 1) for _ in range(3))
+        gap = abs(math.log(_LADDER[key] / max(seconds, 1e-9)))
+        if gap < best_gap:
+            best, best_gap = length, gap
+        if _LADDER[key] > seconds:
+            break
+    return best
+
+
 def cover_blocks(case: Case, qkv) -> tuple[tuple[int, int, int, int, int], ...] | None:
     """``blocksparse``'s dense blocks ``(b, q0, q1, k0, k1)`` for the case (``blocksparse.cover``), None when it has no
     layout (no spec, or a call it refuses)."""
@@ -286,9 +341,16 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
         for name in [n for n in costs if n in TASKED]:
             fns[name + SERIAL] = lambda q, k, v, n=name: serially(am.attention, q, k, v, case.spec, backend=n)
     phases = ("idle", "busy") if args.busy else ("idle",)
+    warm = {name: timed(fn, qkv, grad, 1) for name, fn in fns.items()}  # plans built and cached, kernel compiled
+    matched = {}  # --busy: backend -> the rows of its duration-matched unmasked SDPA call
+    if args.busy:
+        for name in [*costs, AUTO]:
+            matched[name] = matched_length(warm[name], dtype, grad, args)
+        for length in set(matched.values()):
+            fns[MATCHED.format(length)] = square_sdpa(length, dtype, grad, args)
+            warm[MATCHED.format(length)] = timed(fns[MATCHED.format(length)], qkv, grad, 1)
+    calls = {name: max(1, min(MAX_CALLS, math.ceil(args.min_ms / 1e3 / max(t, 1e-6)))) for name, t in warm.items()}
     times = {(p, n): [] for p in phases for n in fns}
-    for fn in fns.values():
-        step(fn, qkv, grad)  # warm-up: plans built and cached, kernel compiled
     names, busy_picks = list(fns), []
     for r in range(args.reps):
         order = names[r % len(names) :] + names[: r % len(names)]
@@ -298,9 +360,7 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
                 if spinner:
                     spinner.__enter__()
                 for name in order:
-                    t0 = time.perf_counter()
-                    step(fns[name], qkv, grad)
-                    times[phase, name].append(time.perf_counter() - t0)
+                    times[phase, name].append(timed(fns[name], qkv, grad, calls[name]))
                 if spinner:  # what auto chose while the core was taken (the load is read at most every 0.1 s)
                     busy_picks.append(am.explain(*qkv, case.spec).picked)
             finally:
@@ -323,6 +383,20 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
         n: statistics.median(b / i / r for b, i, r in zip(times["busy", n], times["idle", n], ref, strict=True))
         for n in (fns if args.busy else ())
     }
+    # the same against unmasked SDPA on a call of about the backend's own duration
+    relative_matched = {
+        n: statistics.median(
+            b / i / (rb / ri)
+            for b, i, rb, ri in zip(
+                times["busy", n],
+                times["idle", n],
+                times["busy", MATCHED.format(length)],
+                times["idle", MATCHED.format(length)],
+                strict=True,
+            )
+        )
+        for n, length in matched.items()
+    }
     covered = None if blocks is None else covered_fraction(blocks, case)
     return {
         "fraction": allowed_fraction(case),
@@ -330,6 +404,9 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
         "med": med,
         "slow": slow,
         "relative": relative,
+        "matched": matched,
+        "relative_matched": relative_matched,
+        "calls": calls,
         "costs": costs,
         "picked": explained.picked,
         "busy_picked": max(set(busy_picks), key=busy_picks.count) if busy_picks else None,
@@ -360,7 +437,8 @@ def header(names: list[str], args, dtype, grad) -> list[str]:
     return [
         "",
         f"**{mode}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} thread(s)** "
-        f"(ms, median of {args.reps}; auto = its pick's time{'; ps per cost unit in brackets' if args.units else ''})",
+        f"(ms, median of {args.reps} rounds, each the mean of calls filling {args.min_ms:g} ms; "
+        f"auto = its pick's time{'; ps per cost unit in brackets' if args.units else ''})",
         "",
         "| structure | allowed | ideal ms | covered | floor ms | "
         + " | ".join(names)
@@ -411,21 +489,25 @@ def busy_table(case_rows, names: list[str], grad: bool, tuned: bool = False) -> 
     lines.append(
         "| structure | "
         + " | ".join(cols)
-        + " | auto picks (busy) | auto busy / best busy | slows more than sdpa (> 1.1x its slowdown, paired by round) |"
+        + " | auto picks (busy) | auto busy / best busy | slows more than sdpa (> 1.1x its slowdown, paired by round) "
+        + "| slows more than sdpa of its duration (rows of that sdpa call) |"
         + (" tuned picks (busy) | tuned busy / best busy |" if tuned else "")
     )
-    lines.append("|---|" + "---|" * len(cols) + "---|---|---|" + ("---|---|" if tuned else ""))
+    lines.append("|---|" + "---|" * len(cols) + "---|---|---|---|" + ("---|---|" if tuned else ""))
     for case, m in case_rows:
         med = m["med"]
         slow = m["slow"]
         busy = {n: med["busy", n] for n in m["costs"]}
         auto_busy = med["busy", AUTO] / min(busy.values())
         worse = [f"{n} {m['relative'][n]:.2f}" for n in m["costs"] if m["relative"][n] > 1.1]
+        matched = m["relative_matched"]
+        worse_matched = [f"{n} {matched[n]:.2f} ({m['matched'][n]})" for n in m["costs"] if matched[n] > 1.1]
         cells = [f"{slow[n]:.2f} ({fmt_ms(med['busy', n])})" if n in slow else "-" for n in cols]
         lines.append(
             f"| {case.name} | "
             + " | ".join(cells)
-            + f" | {m['busy_picked']} | {auto_busy:.2f} | {', '.join(worse) or '-'} |"
+            + f" | {m['busy_picked']} | {auto_busy:.2f} | {', '.join(worse) or '-'}"
+            + f" | {', '.join(worse_matched) or '-'} |"
             + (
                 f" {m['tuned_busy']} | {busy.get(m['tuned_busy'], math.nan) / min(busy.values()):.2f} |"
                 if tuned
@@ -976,6 +1058,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--min-ms", type=float, default=100.0, help="a timing averages calls filling this long")
     parser.add_argument("--threads", type=int, default=1, choices=(1, 2))
     parser.add_argument("--mode", default="fwd", help="comma-separated: fwd, fwdbwd")
     parser.add_argument("--dtype", default="float32", help="comma-separated: float32, bfloat16")
@@ -1007,7 +1090,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.length, args.decode_keys = 1024, 4096
     if args.dry_run:
-        args.length, args.decode_keys, args.reps = 256, 512, 1
+        args.length, args.decode_keys, args.reps, args.min_ms = 256, 512, 1, 0.0
     torch.set_num_threads(args.threads)
     if args.fit and args.held_out:
         held_out(args.fit, args.held_out, args)
@@ -1057,6 +1140,11 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"one core busy: {sum(r <= 1.1 for r in paired)} of {len(paired)} backend cells slow no more than 1.1x "
             "unmasked SDPA's slowdown (paired by round)"
+        )
+        matched = [m["relative_matched"][n] for m in tally for n in m["costs"]]
+        print(
+            f"one core busy: {sum(r <= 1.1 for r in matched)} of {len(matched)} backend cells slow no more than 1.1x "
+            "the slowdown of unmasked SDPA on a call of their duration (paired by round)"
         )
     print(f"load {_load()}; total {time.perf_counter() - t0:.0f} s")
     print(
