@@ -59,11 +59,13 @@ def test_every_cpu_estimate_scales_by_its_mode_factor(monkeypatch, name, amx):
     module = importlib.import_module(f"attnmask.backends.{name}")
     modes = module.MODES
     assert min(modes.bf16, modes.backward, modes.bf16_backward) > 0
-    # sdpa adds a per-key charge to a call with a gradient, after its mode factor
+    # sdpa adds a per-key charge to a call with a gradient, after its mode factor; blocksparse takes off what its
+    # forward's stacks save, in the forward's factor
     keys = C.SDPA_BACKWARD_KEY_COST * 4 * 256 * 32 if name == "sdpa" else 0.0
 
     def cost(c):
-        return module.BACKEND.cost(c) - (keys if c.needs_grad else 0.0)
+        saved = module.stack_saving(c) if name == "blocksparse" else 0.0
+        return module.BACKEND.cost(c) - (keys if c.needs_grad else 0.0) + saved
 
     assert cost(call(torch.float32, True)) == pytest.approx(cost(call(torch.float32, False)) * modes.backward)
     if amx:

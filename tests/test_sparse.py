@@ -190,9 +190,70 @@ def test_blocksparse_with_merged_groups_and_shared_biases_matches_naive(
         assert torch.equal(one_head.get((gi, None), torch.zeros_like(keyless)), keyless), gi
 
     def run(q, k, v):
-        return BS._BlockSparse.apply(q, k, v, plan, masks, q.shape[-1] ** -0.5, biases, empties)
+        return BS._BlockSparse.apply(q, k, v, plan, masks, q.shape[-1] ** -0.5, biases, empties, None)
 
     check_against_naive(run, case, spec, dtype)
+
+
+def _window_stacks(spec, length: int, heads: int = 2, kv_heads: int = 2, batch: int = 1):
+    q = torch.randn(batch, heads, length, 8)
+    k, v = (torch.randn(batch, kv_heads, length, 8) for _ in range(2))
+    call = _prepare_call(q, k, v, spec, None, None, None)
+    return q, k, v, BS.cached(call, "blocksparse", BS._layout_groups)
+
+
+def test_blocksparse_stacks_the_inner_groups_of_a_window():
+    # rows of 4,096 in tiles of 128, window 256: each group from the third on reads the 384 keys from 256 before its
+    # first query, with the same diagonal and window-edge tiles
+    *_, (plan, _, _, _, stacks) = _window_stacks(am.sliding_window(256), 4096)
+    assert [(st.groups, st.q0, st.rows, st.keys, st.shift) for st in stacks] == [
+        (tuple(range(2, 32)), 256, 128, 384, -256)
+    ]
+    assert stacks[0].bias is not None and stacks[0].bias.shape == (128, 384)
+    assert all(plan[gi].q0 == 256 + 128 * i for i, gi in enumerate(stacks[0].groups))
+    # the estimate counts the same stack from the tile classes alone
+    q, k, v, _ = _window_stacks(am.sliding_window(256), 4096)
+    call = _prepare_call(q, k, v, am.sliding_window(256), None, None, None)
+    assert BS._stacks_apply(call) and BS._stack_count(call) == (30, 1)
+    assert BS.stack_saving(call) == pytest.approx(29 * BS._GROUP_COST)  # 30 groups charged as one (float32: factor 1)
+    # grouped-query heads (a group's rows of two query heads are not one strided view): no stack
+    assert _window_stacks(am.sliding_window(256), 4096, heads=4, kv_heads=2)[3][4] == ()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        am.sliding_window(256),
+        am.sliding_window(100),
+        am.sliding_window(384) & am.key_padding([[1] * 700 + [0] * 324, [1] * 1024]),
+        am.causal() & am.chunked(64),
+        am.sliding_window(200) & am.document(seq_lens=[300, 724]),
+    ],
+)
+def test_blocksparse_stacked_groups_equal_group_by_group_bit_for_bit(spec, monkeypatch):
+    """The output (and the backward, group by group in both, from it) the same, bit for bit, with and without
+    stacking: dk and dv within float rounding, since the backward's groups add into shared key rows in the order its
+    threads finish; both equal to the naive reference; at least one stack is taken on each spec."""
+    q, k, v, (*_, stacks) = _window_stacks(spec, 1024, batch=2)
+    assert stacks, "the case must exercise a stack"
+    results = []
+    for stack in (True, False):
+        monkeypatch.setattr(BS, "STACK_GROUPS", stack)
+        qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = am.attention(*qkv, spec, backend="blocksparse")  # the flag is read by each forward
+        out.backward(torch.ones_like(out))
+        results.append((out, *(t.grad for t in qkv)))
+    for name, got, want in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+        if name in ("out", "dq"):
+            assert torch.equal(got, want), name
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+    check_against_naive(
+        lambda q, k, v: am.attention(q, k, v, spec, backend="blocksparse"),
+        dict(batch=2, heads=2, kv_heads=2, q_len=1024, kv_len=1024, head_dim=8, value_dim=8),
+        spec,
+        torch.float32,
+    )
 
 
 def test_plan_merges_query_tiles_only_where_their_key_runs_are_long():
@@ -362,3 +423,17 @@ def test_chunks_run_as_segments_on_varlen_and_native_and_auto_leaves_varlen_to_i
     explained = am.explain(q, k, v, spec)
     assert explained.costs[explained.backends.index("varlen")] == float("inf")
     assert explained.costs[explained.backends.index("native")] < float("inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_blocksparse_stacks_in_half_precision_match_naive(dtype):
+    """Half-precision inputs run the float32 flash path, stacked: outputs and gradients against the naive reference."""
+    spec = am.sliding_window(96)
+    q, k, v, (*_, stacks) = _window_stacks(spec, 1024, batch=1)
+    assert stacks
+    check_against_naive(
+        lambda q, k, v: am.attention(q, k, v, spec, backend="blocksparse"),
+        dict(batch=1, heads=2, kv_heads=2, q_len=1024, kv_len=1024, head_dim=8, value_dim=8),
+        spec,
+        dtype,
+    )

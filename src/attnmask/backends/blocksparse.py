@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import attnmask.backends._workers as _workers
@@ -103,6 +104,77 @@ class _Group:
     q0: int
     q1: int
     runs: tuple[_Run, ...]
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """Consecutive query groups ``groups`` (plan indices) of batch row ``b`` that the CPU flash kernel computes in one
+    forward call, stacked along its batch dimension: group ``i`` holds queries ``[q0 + i·rows,
+    q0 + (i + 1)·rows)`` and one run of ``keys`` keys from ``q0 + i·rows + shift``, all with the same additive bias
+    (``bias``, ``(rows, keys)``, or None without PARTIAL tiles). The groups' q, k and v are strided views (the keys
+    of neighbouring groups overlap), so stacking copies nothing; the output is the same, bit for bit, as group by
+    group (the kernel computes each batch entry on its own, with the same query and key blocks). The backward runs
+    group by group."""
+
+    groups: tuple[int, ...]
+    b: int
+    q0: int
+    rows: int
+    keys: int
+    shift: int
+    bias: torch.Tensor | None
+
+
+# Stacking query groups (``_stacks``), read by each forward: set to False to run every group on its own (the tests
+# compare both).
+STACK_GROUPS = True
+
+
+def _stacks(plan, masks: dict, biases: dict, empties: dict, rep: int) -> tuple[_Stack, ...]:
+    """The runs of at least two consecutive groups of ``plan`` that one flash call can compute (``_Stack``): each
+    with one key run, the same rows, keys and key offset from its first query, no row without a key (``empties``)
+    and the same bias view (``biases``: the plan's shared templates; a group with PARTIAL tiles but no kept bias is
+    not stacked). Only without grouped-query heads (``rep == 1``: a group's rows of several query heads are not one
+    strided view). Example: ``sliding_window(256)`` on rows of 8,192 in tiles of 128: groups 2-63 (queries 256-8191,
+    each against the 384 keys from 256 before its first) form one stack; groups 0 and 1 run alone. O(groups)."""
+    if rep != 1:
+        return ()
+
+    def signature(gi: int):
+        g = plan[gi]
+        if len(g.runs) != 1 or (gi, 0) in empties or (gi, None) in empties:
+            return None
+        r, bias = g.runs[0], biases.get((gi, 0))
+        if (gi, 0) in masks and bias is None:
+            return None
+        view = None if bias is None else (bias.data_ptr(), tuple(bias.shape), bias.stride())
+        return (g.b, g.q1 - g.q0, r.k1 - r.k0, r.k0 - g.q0, view)
+
+    out, start = [], 0
+    signatures = [signature(gi) for gi in range(len(plan))]
+    for end in range(1, len(plan) + 1):
+        same = (
+            end < len(plan)
+            and signatures[end] is not None
+            and signatures[end] == signatures[start]
+            and plan[end].q0 == plan[end - 1].q1
+        )
+        if same:
+            continue
+        if signatures[start] is not None and end - start >= 2:
+            b, rows, keys, shift, _ = signatures[start]
+            bias = biases.get((start, 0))
+            out.append(_Stack(tuple(range(start, end)), b, plan[start].q0, rows, keys, shift, bias))
+        start = end
+    return tuple(out)
+
+
+def _stacked_view(t: torch.Tensor, b: int, first: int, rows: int, count: int, step: int) -> torch.Tensor:
+    """``(count, H, rows, X)`` view of ``t`` ``(B, H, L, X)``: entry ``i`` is rows ``[first + i·step, ... + rows)``
+    of batch row ``b`` (entries may overlap; no copy)."""
+    sb, sh, sl, sx = t.stride()
+    offset = t.storage_offset() + b * sb + first * sl
+    return t.as_strided((count, t.shape[1], rows, t.shape[3]), (step * sl, sh, sl, sx), offset)
 
 
 # Consecutive query groups whose key tiles differ are computed as one group of ``max_rows`` rows over the union of
@@ -230,7 +302,7 @@ def blocksparse_attention(
     B, H, Q, D, Hkv, K = check_qkv(q, k, v)
     plan, masks = _tile_groups(B, Q, K, tile_class, block_size, tile_mask, max_keys, max_rows)
     scale = D**-0.5 if scale is None else float(scale)
-    return _BlockSparse.apply(q, k, v, plan, masks, scale, {}, None)
+    return _BlockSparse.apply(q, k, v, plan, masks, scale, {}, None, None)
 
 
 def _tile_groups(B: int, Q: int, K: int, tile_class, block_size, tile_mask: TileMask, max_keys: int, max_rows: int):
@@ -431,7 +503,7 @@ class _BlockSparse(torch.autograd.Function):
 
     @staticmethod
     @on_free_cores
-    def forward(ctx, q, k, v, plan, masks, scale, biases, empties):
+    def forward(ctx, q, k, v, plan, masks, scale, biases, empties, stacks):
         B, H, Q, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
         rep = H // Hkv
@@ -441,10 +513,25 @@ class _BlockSparse(torch.autograd.Function):
         qf, kf, vf = (_unit_stride(t.to(cdt)) for t in (q, k, v))
         if flash and empties is None:
             empties = _empty_rows(plan, masks, rep)
+        if not (flash and STACK_GROUPS):
+            stacks = ()
+        elif stacks is None:
+            stacks = _stacks(plan, masks, biases, empties, rep)
         out = torch.zeros(B, H, Q, Dv, dtype=cdt, device=q.device)
         lse = torch.full((B, H, Q), float("inf"), dtype=cdt, device=q.device)
 
-        def group_forward(gi: int) -> None:  # writes only the group's own query rows of out and lse
+        def stack_forward(st: _Stack) -> None:  # writes only the stack's query rows
+            count, step = len(st.groups), st.rows
+            views = [_stacked_view(qf, st.b, st.q0, st.rows, count, step)]
+            views += [_stacked_view(t, st.b, st.q0 + st.shift, st.keys, count, step) for t in (kf, vf)]
+            o, s_lse = _flash_cpu_ops()[0](*views, 0.0, False, attn_mask=st.bias, scale=scale)
+            span = slice(st.q0, st.q0 + count * step)
+            out[st.b, :, span].unflatten(1, (count, step)).copy_(o.transpose(0, 1))
+            lse[st.b, :, span].unflatten(1, (count, step)).copy_(s_lse.transpose(0, 1))
+
+        def group_forward(gi) -> None:  # writes only the group's own query rows of out and lse
+            if isinstance(gi, _Stack):
+                return stack_forward(gi)
             g = plan[gi]
             rows = g.q1 - g.q0
             if flash:
@@ -462,8 +549,8 @@ class _BlockSparse(torch.autograd.Function):
             out[g.b, :, g.q0 : g.q1].unflatten(0, (Hkv, rep)).copy_(o.reshape(Hkv, rep, rows, Dv))
             lse[g.b, :, g.q0 : g.q1].unflatten(0, (Hkv, rep)).copy_(g_lse.reshape(Hkv, rep, rows))
 
-        weights = _group_weights(plan, q, v)
-        parallel_map(group_forward, range(len(plan)), weights, device=q.device.type, busy_min_work=MIN_TASK_WORK)
+        tasks, weights = _tasks(plan, stacks, q, v)
+        parallel_map(group_forward, tasks, weights, device=q.device.type, busy_min_work=MIN_TASK_WORK)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.masks, ctx.scale, ctx.flash, ctx.biases = plan, masks, scale, flash, biases
         return out.to(q.dtype)
@@ -483,9 +570,20 @@ class _BlockSparse(torch.autograd.Function):
             spans = [(masks.get((gi, ri)), biases.get((gi, ri))) for ri in range(len(plan[gi].runs))]
             group_backward(qf, kf, vf, out, lse, do, dq, dk, dv, plan[gi], spans, scale, adding)
 
+        # group by group: stacked, the backward measured 0.92-1.12x (rows of 8,192, windows of 256-1024, one thread;
+        # RESULTS.md, issue 15, "Stacked query groups")
         weights = _group_weights(plan, q, v)
         parallel_map(one_group, range(len(plan)), weights, device=q.device.type, busy_min_work=MIN_TASK_WORK)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def _tasks(plan, stacks: tuple[_Stack, ...], q: torch.Tensor, v: torch.Tensor) -> tuple[list, list[float]]:
+    """``parallel_map``'s tasks and weights: every stack (the sum of its groups' weights), then every group in no
+    stack (its plan index)."""
+    weights = _group_weights(plan, q, v)
+    stacked = {gi for st in stacks for gi in st.groups}
+    alone = [gi for gi in range(len(plan)) if gi not in stacked]
+    return [*stacks, *alone], [sum(weights[gi] for gi in st.groups) for st in stacks] + [weights[gi] for gi in alone]
 
 
 def _run_kv(kf, vf, g: _Group, r: _Run, batched: bool):
@@ -599,7 +697,63 @@ def cost(call) -> float:
     if threads > 1:
         weights = [w * _PAIR_COST for w in cached(call, "blocksparse_tasks", _task_weights)]  # in estimate units
         gain = _workers.expected_speedup(weights, threads, 0.0, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
-    return (in_tasks / gain + groups * _GROUP_COST) * mode_factor(MODES, call)
+    return (in_tasks / gain + groups * _GROUP_COST) * mode_factor(MODES, call) - stack_saving(call)
+
+
+def stack_saving(call) -> float:
+    """What the forward's stacks save of ``cost``'s per-group charge: a stack is charged as one group (one kernel call,
+    one copy into place), in the forward's mode factor whether or not a backward follows (the backward runs group by
+    group). 0 where ``run`` stacks nothing."""
+    if not _stacks_apply(call):
+        return 0.0
+    layout = cached(call, "layout", _layout)
+    rows = call.batch if layout.batch_size == 1 else 1
+    stacked, stacks = cached(call, "blocksparse_stack_count", _stack_count)
+    forward = MODES.of(call.q.dtype, call.device_type, False, call.device_type == "cpu" and _workers.contended())
+    return (stacked - stacks) * rows * _GROUP_COST * forward
+
+
+def _stacks_apply(call) -> bool:
+    """Whether ``run`` would stack query groups (``_stacks``): the CPU flash kernel in float32, D == Dv, no
+    grouped-query heads."""
+    return (
+        STACK_GROUPS
+        and USE_CPU_FLASH
+        and call.device_type == "cpu"
+        and torch.promote_types(call.q.dtype, torch.float32) == torch.float32
+        and call.head_dim == call.value_dim
+        and call.heads == call.kv_heads
+        and _flash_cpu_ops() is not None
+    )
+
+
+def _stack_count(call) -> tuple[int, int]:
+    """``(query tiles in stacks, stacks)`` of the call's layout as ``_stacks`` would form them, from the tile classes
+    alone (the estimate plans no group): runs of at least two consecutive query tiles of a batch row that compute one
+    contiguous run of key tiles (at most ``MAX_KEYS`` keys) with the same classes at the same offset from the tile
+    (which, for a spec the same along the diagonal such as a window or chunks, gives them the same PARTIAL masks).
+    O(B·nQ·nK) in numpy."""
+    layout = cached(call, "layout", _layout)
+    c = layout.classes.to("cpu", torch.int8).numpy()
+    batch, nq, nk = c.shape
+    if nq < 2 or nk == 0:
+        return 0, 0
+    # row i's classes placed from column nq - i: equal rows are the same pattern relative to the diagonal
+    relative = np.zeros((batch, nq, nq + nk), dtype=np.int8)
+    relative[:, np.arange(nq)[:, None], np.arange(nk)[None, :] - np.arange(nq)[:, None] + nq] = c
+    on = c != NONE
+    first, last = on.argmax(-1), nk - 1 - on[..., ::-1].argmax(-1)
+    span = last - first + 1  # a run longer than MAX_KEYS keys is split in two (_plan): not stacked
+    one_run = on.any(-1) & (on.sum(-1) == span) & (span * layout.block_size <= max(MAX_KEYS, layout.block_size))
+    same = one_run[:, 1:] & one_run[:, :-1] & (relative[:, 1:] == relative[:, :-1]).all(-1)  # (B, nq - 1)
+    stacked = stacks = 0
+    for row in same:
+        # a run of r consecutive True in ``same`` is a stack of r + 1 tiles
+        edges = np.diff(np.concatenate(([0], row.astype(np.int8), [0])))
+        lengths = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+        stacked += int((lengths + 1).sum())
+        stacks += len(lengths)
+    return stacked, stacks
 
 
 def _task_weights(call) -> tuple[float, ...]:
@@ -630,8 +784,10 @@ def _layout_groups(call):
     masks = _group_masks(plan, tile_mask)
     flash = call.device_type == "cpu" and torch.promote_types(call.q.dtype, torch.float32) == torch.float32
     rep = call.heads // call.kv_heads
-    biases = _shared_biases(plan, masks, rep) if flash else {}
-    return plan, masks, biases, _empty_rows(plan, masks, rep) if flash else None
+    if not flash:
+        return plan, masks, {}, None, ()
+    biases, empties = _shared_biases(plan, masks, rep), _empty_rows(plan, masks, rep)
+    return plan, masks, biases, empties, _stacks(plan, masks, biases, empties, rep)
 
 
 def cover(call) -> tuple[tuple[int, int, int, int, int], ...]:
@@ -645,8 +801,8 @@ def cover(call) -> tuple[tuple[int, int, int, int, int], ...]:
 
 
 def run(call) -> torch.Tensor:
-    plan, masks, biases, empties = cached(call, "blocksparse", _layout_groups)
-    return _BlockSparse.apply(call.q, call.k, call.v, plan, masks, call.scale, biases, empties)
+    plan, masks, biases, empties, stacks = cached(call, "blocksparse", _layout_groups)
+    return _BlockSparse.apply(call.q, call.k, call.v, plan, masks, call.scale, biases, empties, stacks)
 
 
 def run_layout(q, k, v, layout, *, scale: float | None = None) -> torch.Tensor:
