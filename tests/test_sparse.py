@@ -425,6 +425,20 @@ def test_chunks_run_as_segments_on_varlen_and_native_and_auto_leaves_varlen_to_i
     assert explained.costs[explained.backends.index("native")] < float("inf")
 
 
+def test_blocksparse_cuts_a_stack_into_pieces_the_threads_share(monkeypatch):
+    st = BS._Stack(tuple(range(2, 32)), 0, 256, 128, 384, -256, None)
+    pieces = BS._pieces(st, 8)
+    assert [len(p.groups) for p in pieces] == [7, 8, 7, 8]  # 30 groups: 4 pieces, sizes as equal as they can be
+    assert [p.q0 for p in pieces] == [256, 256 + 7 * 128, 256 + 15 * 128, 256 + 22 * 128]
+    assert sum((p.groups for p in pieces), ()) == st.groups
+    plan = [BS._Group(0, 128 * i, 128 * (i + 1), ()) for i in range(32)]
+    for threads, sizes in ((1, [7, 8, 7, 8]), (2, [7, 8, 7, 8]), (8, [3, 4, 4, 4, 3, 4, 4, 4])):
+        monkeypatch.setattr(BS._workers, "threads_available", lambda threads=threads: threads)
+        tasks, weights = BS._tasks(plan, (st,), torch.zeros(1, 1, 4096, 8), torch.zeros(1, 1, 4096, 8))
+        assert [len(t.groups) for t in tasks if isinstance(t, BS._Stack)] == sizes
+        assert [t for t in tasks if not isinstance(t, BS._Stack)] == [0, 1] and len(weights) == len(tasks)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_blocksparse_stacks_in_half_precision_match_naive(dtype):
     """Half-precision inputs run the float32 flash path, stacked: outputs and gradients against the naive reference."""

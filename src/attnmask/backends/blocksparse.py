@@ -14,6 +14,7 @@ tile 2 (queries 32-47) reads key tile 2 only (PARTIAL, the diagonal) and skips t
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,6 +126,10 @@ class _Stack:
     bias: torch.Tensor | None
 
 
+# The most groups one flash call of a stack computes (``_tasks``): pieces of 2, 4, 8 and whole stacks at two threads
+# on windows of 32-1,024 (rows of 1,024 and 8,192) measured 1.02-1.16x, 1.00-1.30x, 0.91-1.45x and 0.91-1.47x
+# group by group (RESULTS.md, issue 15, "Stacked query groups").
+STACK_PIECE = 8
 # Stacking query groups (``_stacks``), read by each forward: set to False to run every group on its own (the tests
 # compare both).
 STACK_GROUPS = True
@@ -577,10 +582,26 @@ class _BlockSparse(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
+def _pieces(st: _Stack, most: int) -> list[_Stack]:
+    """``st`` cut into consecutive stacks of at most ``most`` groups, of sizes as equal as they can be."""
+    count = len(st.groups)
+    n = -(-count // max(most, 1))
+    bounds = [count * i // n for i in range(n + 1)]
+    return [
+        dataclasses.replace(st, groups=st.groups[a:b], q0=st.q0 + (a * st.rows))
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
 def _tasks(plan, stacks: tuple[_Stack, ...], q: torch.Tensor, v: torch.Tensor) -> tuple[list, list[float]]:
-    """``parallel_map``'s tasks and weights: every stack (the sum of its groups' weights), then every group in no
-    stack (its plan index)."""
+    """``parallel_map``'s tasks and weights: every stack cut into pieces (the sum of their groups' weights), then
+    every group in no stack (its plan index). A piece has at most ``STACK_PIECE`` groups, and a stack gives every
+    thread (``_workers.threads_available``) a piece: one flash call over a whole stack, split across the intra-op
+    threads, measured 0.91x group by group on windows of 512 and 1,024 at two threads, where pieces the workers
+    share measured 1.03-1.10x (RESULTS.md, issue 15, "Stacked query groups")."""
     weights = _group_weights(plan, q, v)
+    threads = _workers.threads_available()
+    stacks = tuple(piece for st in stacks for piece in _pieces(st, min(STACK_PIECE, -(-len(st.groups) // threads))))
     stacked = {gi for st in stacks for gi in st.groups}
     alone = [gi for gi in range(len(plan)) if gi not in stacked]
     return [*stacks, *alone], [sum(weights[gi] for gi in st.groups) for st in stacks] + [weights[gi] for gi in alone]
