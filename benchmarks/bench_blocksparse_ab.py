@@ -1,9 +1,10 @@
 """PYTHONPATH=src python benchmarks/bench_blocksparse_ab.py [--base main] [--threads 1] [--mode fwd,fwdbwd]
-[--only window,prefix] [--reps 7] [--length 8192]
+[--only window,prefix] [--reps 7] [--length 8192] [--min-ms 100]
 
 Is this checkout's ``"blocksparse"`` faster than another revision's? Both versions of
 ``src/attnmask/backends/blocksparse.py`` (the other read with ``git show REV:...`` and imported beside this one) run
-the same calls in one process, in interleaved rounds (the order rotated each round), on the structures of
+the same calls in one process, in interleaved rounds (the order rotated each round; in a round each version's time is
+the mean of as many consecutive calls as fill ``--min-ms``), on the structures of
 ``bench_limit.py`` (rows of ``--length`` tokens, H=4, D=64, fp32). Each version plans once per spec object (a
 separate spec object each, so their cached plans do not mix) and is then timed in the steady state; the table gives
 the median milliseconds of each, this / base, and each plan's number of query groups and covered fraction (pairs
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mode", default="fwd", help="comma-separated: fwd, fwdbwd")
     parser.add_argument("--only", default="", help="comma-separated substrings of structure names")
+    parser.add_argument("--min-ms", type=float, default=100.0, help="a timing averages calls filling this long")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = load_revision(args.base)
@@ -89,25 +91,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     for mode in args.mode.split(","):
         grad = {"fwd": False, "fwdbwd": True}[mode]
-        print(f"\n**{'forward + backward' if grad else 'forward'}** (ms, median of {args.reps})\n")
+        print(
+            f"\n**{'forward + backward' if grad else 'forward'}** (ms, median of {args.reps} rounds, each the mean of "
+            f"calls filling {args.min_ms:g} ms; this / base: the median of the rounds' ratios)\n"
+        )
         print("| structure | base ms | this ms | this / base | groups / covered, base | this |")
         print("|---|---|---|---|---|---|")
         for case, base_case in pairs:
             qkv = bench_limit.inputs(case, 4, 64, torch.float32, grad, gen)
             fns = {"base": runner(base, base_case.spec), "this": runner(blocksparse, case.spec)}
             times = {n: [] for n in fns}
-            for fn in fns.values():
-                bench_limit.step(fn, qkv, grad)  # plans built and cached
+            warm = {n: bench_limit.timed(fn, qkv, grad, 1) for n, fn in fns.items()}  # plans built and cached
+            calls = max(1, min(bench_limit.MAX_CALLS, math.ceil(args.min_ms / 1e3 / max(min(warm.values()), 1e-6))))
             names = list(fns)
             for r in range(args.reps):
                 for name in names[r % 2 :] + names[: r % 2]:
-                    t0 = time.perf_counter()
-                    bench_limit.step(fns[name], qkv, grad)
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(bench_limit.timed(fns[name], qkv, grad, calls))
             med = {n: statistics.median(t) for n, t in times.items()}
+            ratio = statistics.median(t / b for t, b in zip(times["this"], times["base"], strict=True))
             plans = plan_summary(base, base_case.spec, qkv, case), plan_summary(blocksparse, case.spec, qkv, case)
             print(
-                f"| {case.name} | {med['base'] * 1e3:.0f} | {med['this'] * 1e3:.0f} | {med['this'] / med['base']:.2f} "
+                f"| {case.name} | {bench_limit.fmt_ms(med['base'])} | {bench_limit.fmt_ms(med['this'])} | {ratio:.2f} "
                 f"| {plans[0]} | {plans[1]} |",
                 flush=True,
             )

@@ -93,9 +93,29 @@ def test_blocksparse_ab_times_this_checkout_against_a_revision(capsys):
     spec = importlib.util.spec_from_file_location("bench_blocksparse_ab", SCRIPT.parent / "bench_blocksparse_ab.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(["--base", "HEAD", "--length", "256", "--reps", "1", "--only", "chunked", "--mode", "fwd,fwdbwd"])
+    args = ["--base", "HEAD", "--length", "256", "--reps", "1", "--only", "chunked", "--mode", "fwd,fwdbwd"]
+    module.main([*args, "--min-ms", "1"])
     out = capsys.readouterr().out
     assert out.count("| causal chunked 32 |") == 2 and "reproduce: " in out
+
+
+def test_stacks_bench_times_blocksparse_with_and_without_stacks_and_restores_the_flag(capsys, monkeypatch):
+    load_bench()  # bench_stacks imports bench_limit
+    from attnmask.backends import blocksparse
+
+    spec = importlib.util.spec_from_file_location("bench_stacks", SCRIPT.with_name("bench_stacks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seen = []
+    original = blocksparse._stacks
+    monkeypatch.setattr(blocksparse, "_stacks", lambda *a: seen.append(original(*a)) or seen[-1])
+    args = ["--length", "512", "--reps", "2", "--only", "sliding window 32", "--mode", "fwd,fwdbwd"]
+    module.main([*args, "--min-ms", "1"])
+    out = capsys.readouterr().out
+    assert out.count("| sliding window 32 |") == 2
+    assert "reproduce: PYTHONPATH=src python benchmarks/bench_stacks.py" in out
+    assert any(seen), "the window must be stacked"
+    assert blocksparse.STACK_GROUPS is True
 
 
 def test_threads_busy_bench_prints_a_row_per_size(capsys):
