@@ -451,3 +451,17 @@ def test_blocksparse_stacks_in_half_precision_match_naive(dtype):
         spec,
         dtype,
     )
+
+
+def test_blocksparse_stacks_read_q_k_v_in_the_layout_models_hand_over():
+    """q, k, v as a model makes them, ``(B, L, H, D)`` transposed to ``(B, H, L, D)`` (heads not outermost), and a
+    k, v broadcast over the batch (stride 0): the stacks' strided views follow the real strides."""
+    spec = am.sliding_window(96)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 1024, 2, 8, generator=gen).transpose(1, 2)
+    k, v = (torch.randn(1, 1024, 2, 8, generator=gen).transpose(1, 2).expand(2, -1, -1, -1) for _ in range(2))
+    call = _prepare_call(q, k, v, spec, None, None, None)
+    assert BS.cached(call, "blocksparse", BS._layout_groups)[4], "the case must exercise a stack"
+    got = am.attention(q, k, v, spec, backend="blocksparse")
+    want = naive_attention(q, k, v, spec.to_dense(1024, 1024).expand(2, -1, -1).unsqueeze(1))
+    assert_matches_reference(got, want)
