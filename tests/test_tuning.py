@@ -27,6 +27,11 @@ def _fresh(monkeypatch):
     tuning.clear()
 
 
+# The "slow" test backend's extra time per call: far above what a descheduled thread adds to the "fast" one's single
+# timed call on a busy 2-core CI machine (5 ms did not suffice once: "fast" timed slower).
+SLOW = 0.05
+
+
 def _backend(name: str, cost: float, runs: list, delay: float = 0.0, fails: bool = False) -> A.Backend:
     """A backend that computes the reference result (after ``delay`` seconds), estimated at ``cost``, logging its
     runs into ``runs``."""
@@ -57,7 +62,7 @@ def _expected(q, k, v, spec):
 
 def test_the_second_call_of_a_kind_times_the_candidates_and_later_calls_run_the_fastest(monkeypatch):
     runs: list[str] = []
-    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.01), _backend("fast", 2.0, runs))
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs))
     q, k, v = _qkv()
     spec = am.causal() & am.sliding_window(3)
     want = _expected(q, k, v, spec)
@@ -85,7 +90,7 @@ def test_the_second_call_of_a_kind_times_the_candidates_and_later_calls_run_the_
 
 def test_tuning_is_off_unless_asked(monkeypatch):
     runs: list[str] = []
-    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.005), _backend("fast", 2.0, runs))
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs))
     q, k, v = _qkv()
     for _ in range(3):
         am.attention(q, k, v, am.causal())
@@ -95,7 +100,7 @@ def test_tuning_is_off_unless_asked(monkeypatch):
 
 def test_a_gradient_call_is_timed_forward_and_backward_without_touching_the_callers_graph(monkeypatch):
     runs: list[str] = []
-    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.01), _backend("fast", 2.0, runs))
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs))
     spec = am.causal()
     q, k, v = _qkv(grad=True)
     q0, k0, v0 = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -112,7 +117,7 @@ def test_a_gradient_call_is_timed_forward_and_backward_without_touching_the_call
 
 def test_tuning_leaves_the_random_stream_alone_and_does_not_tune_dropout(monkeypatch):
     runs: list[str] = []
-    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.005), _backend("fast", 2.0, runs))
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs))
     q, k, v = _qkv()
     with am.autotune():
         before = torch.get_rng_state()
@@ -176,7 +181,7 @@ def _keys_of(monkeypatch):
 
 def test_a_second_batch_of_the_same_kind_is_the_one_timed(monkeypatch):
     runs: list[str] = []
-    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.01), _backend("fast", 2.0, runs))
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs))
     q, k, v = _qkv()
     with am.autotune():
         am.attention(q, k, v, am.causal() & am.document(seq_lens=[2, 4]))
@@ -278,7 +283,7 @@ def test_a_transformers_model_tuned_gives_each_packed_document_its_logits_and_gr
 
 def test_deterministic_algorithms_are_not_tuned(monkeypatch):
     runs: list[str] = []
-    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.005), _backend("fast", 2.0, runs))
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs))
     q, k, v = _qkv()
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -305,7 +310,7 @@ def _training_gradients(m, batch) -> list[torch.Tensor]:
 
 def test_calls_under_a_functorch_transform_are_not_tuned(monkeypatch, caplog):
     runs: list[str] = []
-    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.005), _backend("fast", 2.0, runs))
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs))
     _, k, v = _qkv()
     spec = am.causal()
     with am.autotune(), caplog.at_level(logging.WARNING, logger="attnmask"):
@@ -319,7 +324,7 @@ def test_calls_under_a_functorch_transform_are_not_tuned(monkeypatch, caplog):
 def test_a_candidate_whose_scratch_passes_the_picks_by_the_cap_is_not_timed(monkeypatch):
     runs: list[str] = []
     roomy = dataclasses.replace(_backend("roomy", 1.5, runs), scratch_bytes=lambda call: tuning.TRIAL_SCRATCH_BYTES + 1)
-    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.005), _backend("fast", 2.0, runs), roomy)
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs), roomy)
     q, k, v = _qkv()
     with am.autotune():
         for _ in range(3):
@@ -344,7 +349,7 @@ def test_sdpa_with_a_dense_mask_is_timed_only_while_its_mask_is_small(length, ti
 
 def test_a_repeated_spec_works_out_its_tuning_key_once(monkeypatch):
     runs: list[str] = []
-    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.005), _backend("fast", 2.0, runs))
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs))
     made = []
     real_key = tuning.tuning_key
     monkeypatch.setattr(tuning, "tuning_key", lambda *args: made.append(1) or real_key(*args))
@@ -381,7 +386,7 @@ def test_the_trainer_example_trains_under_autotune_to_the_untuned_loss():
 
 def _tune_once(monkeypatch, cache, runs):
     """Register a slow estimates' pick and a fast rival, and make one kind of call twice (the second is timed)."""
-    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.01), _backend("fast", 2.0, runs))
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs))
     q, k, v = _qkv()
     spec = am.causal() & am.sliding_window(3)
     with am.autotune(cache=cache):
@@ -450,7 +455,7 @@ def test_a_broken_cache_is_logged_and_replaced_never_fatal(monkeypatch, tmp_path
 
 def test_choices_for_a_custom_predicate_are_not_written(monkeypatch, tmp_path):
     cache, runs = tmp_path / "tuning.json", []
-    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=0.01), _backend("fast", 2.0, runs))
+    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs))
     q, k, v = _qkv()
     spec = am.causal() & am.custom(lambda b, h, qi, ki: (qi - ki) < 3)
     with am.autotune(cache=cache):
