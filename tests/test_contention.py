@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import attnmask as am
+from attnmask.attention import _prepare_call
 from attnmask.backends import _workers as W
 from attnmask.backends import blocksparse as BS
 from attnmask.backends import varlen as VL
@@ -278,6 +279,8 @@ def test_blocksparse_parallel_path_matches_the_serial_loop_and_the_reference(
     two_threads, serial, monkeypatch, name, flash
 ):
     monkeypatch.setattr(BS, "USE_CPU_FLASH", flash)
+    # group by group, so that every group's kernel is the spied one (stacks against groups: tests/test_sparse.py)
+    monkeypatch.setattr(BS, "STACK_GROUPS", False)
     kernels = ["_flash_group_forward", "_flash_group_backward"]
     if not flash:
         kernels = ["_online_softmax", "_torch_group_backward"]
@@ -285,6 +288,19 @@ def test_blocksparse_parallel_path_matches_the_serial_loop_and_the_reference(
     spec = BLOCK_SPECS[name]()
     L = 320
     q, k, v = qkv(L, heads=4, kv_heads=2, grad=True)
+    check_parallel_path(q, k, v, spec, "blocksparse", serial, in_worker)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_blocksparse_stacks_run_as_tasks_and_match_the_serial_loop_and_the_reference(
+    two_threads, serial, monkeypatch, kv_heads
+):
+    """The forward's stacks (pieces dealt as tasks) on the parallel path against the serial loop and the reference."""
+    in_worker = spy_threads(monkeypatch, BS, ["_stacked_view", "_flash_group_backward"])
+    q, k, v = qkv(640, heads=4, kv_heads=kv_heads, grad=True)
+    spec = am.sliding_window(40)
+    call = _prepare_call(q, k, v, spec, None, None, None)
+    assert BS.cached(call, "blocksparse", BS._layout_groups)[4], "the case must exercise a stack"
     check_parallel_path(q, k, v, spec, "blocksparse", serial, in_worker)
 
 

@@ -216,8 +216,9 @@ def test_blocksparse_stacks_the_inner_groups_of_a_window():
     call = _prepare_call(q, k, v, am.sliding_window(256), None, None, None)
     assert BS._stacks_apply(call) and BS._stack_count(call) == (30, 1)
     assert BS.stack_saving(call) == pytest.approx(29 * BS._GROUP_COST)  # 30 groups charged as one (float32: factor 1)
-    # grouped-query heads (a group's rows of two query heads are not one strided view): no stack
-    assert _window_stacks(am.sliding_window(256), 4096, heads=4, kv_heads=2)[3][4] == ()
+    # grouped-query heads: the same stack, its bias (rows of both query heads of a key head) twice as tall
+    gqa = _window_stacks(am.sliding_window(256), 4096, heads=4, kv_heads=2)[3][4]
+    assert [(st.groups, st.q0) for st in gqa] == [(tuple(range(2, 32)), 256)] and gqa[0].bias.shape == (256, 384)
 
 
 @pytest.mark.parametrize(
@@ -230,11 +231,12 @@ def test_blocksparse_stacks_the_inner_groups_of_a_window():
         am.sliding_window(200) & am.document(seq_lens=[300, 724]),
     ],
 )
-def test_blocksparse_stacked_groups_equal_group_by_group_bit_for_bit(spec, monkeypatch):
+@pytest.mark.parametrize("heads, kv_heads", [(2, 2), (4, 2)])
+def test_blocksparse_stacked_groups_equal_group_by_group_bit_for_bit(spec, heads, kv_heads, monkeypatch):
     """The output (and the backward, group by group in both, from it) the same, bit for bit, with and without
     stacking: dk and dv within float rounding, since the backward's groups add into shared key rows in the order its
     threads finish; both equal to the naive reference; at least one stack is taken on each spec."""
-    q, k, v, (*_, stacks) = _window_stacks(spec, 1024, batch=2)
+    q, k, v, (*_, stacks) = _window_stacks(spec, 1024, heads=heads, kv_heads=kv_heads, batch=2)
     assert stacks, "the case must exercise a stack"
     results = []
     for stack in (True, False):

@@ -114,8 +114,9 @@ class _Stack:
     q0 + (i + 1)·rows)`` and one run of ``keys`` keys from ``q0 + i·rows + shift``, all with the same additive bias
     (``bias``, ``(rows, keys)``, or None without PARTIAL tiles). The groups' q, k and v are strided views (the keys
     of neighbouring groups overlap), so stacking copies nothing; the output is the same, bit for bit, as group by
-    group (the kernel computes each batch entry on its own, with the same query and key blocks). The backward runs
-    group by group."""
+    group (the kernel computes each batch entry on its own, with the same query and key blocks). With grouped-query
+    heads the queries are copied into the kernel's layout (``(count, Hkv, rep·rows, D)``), as a group alone copies
+    its own. The backward runs group by group."""
 
     groups: tuple[int, ...]
     b: int
@@ -135,15 +136,14 @@ STACK_PIECE = 8
 STACK_GROUPS = True
 
 
-def _stacks(plan, masks: dict, biases: dict, empties: dict, rep: int) -> tuple[_Stack, ...]:
+def _stacks(plan, masks: dict, biases: dict, empties: dict) -> tuple[_Stack, ...]:
     """The runs of at least two consecutive groups of ``plan`` that one flash call can compute (``_Stack``): each
     with one key run, the same rows, keys and key offset from its first query, no row without a key (``empties``)
-    and the same bias view (``biases``: the plan's shared templates; a group with PARTIAL tiles but no kept bias is
-    not stacked). Only without grouped-query heads (``rep == 1``: a group's rows of several query heads are not one
-    strided view). Example: ``sliding_window(256)`` on rows of 8,192 in tiles of 128: groups 2-63 (queries 256-8191,
-    each against the 384 keys from 256 before its first) form one stack; groups 0 and 1 run alone. O(groups)."""
-    if rep != 1:
-        return ()
+    and the same bias view (``biases``: the plan's shared templates, ``(rep·rows, keys)``; a group with PARTIAL tiles
+    but no kept bias is not stacked). With grouped-query heads (``rep > 1``) a stack's queries are copied into the
+    kernel's layout, as each group's are when run alone. Example: ``sliding_window(256)`` on rows of 8,192 in tiles
+    of 128: groups 2-63 (queries 256-8191, each against the 384 keys from 256 before its first) form one stack;
+    groups 0 and 1 run alone. O(groups)."""
 
     def signature(gi: int):
         g = plan[gi]
@@ -521,18 +521,25 @@ class _BlockSparse(torch.autograd.Function):
         if not (flash and STACK_GROUPS):
             stacks = ()
         elif stacks is None:
-            stacks = _stacks(plan, masks, biases, empties, rep)
+            stacks = _stacks(plan, masks, biases, empties)
         out = torch.zeros(B, H, Q, Dv, dtype=cdt, device=q.device)
         lse = torch.full((B, H, Q), float("inf"), dtype=cdt, device=q.device)
 
         def stack_forward(st: _Stack) -> None:  # writes only the stack's query rows
-            count, step = len(st.groups), st.rows
-            views = [_stacked_view(qf, st.b, st.q0, st.rows, count, step)]
-            views += [_stacked_view(t, st.b, st.q0 + st.shift, st.keys, count, step) for t in (kf, vf)]
-            o, s_lse = _flash_cpu_ops()[0](*views, 0.0, False, attn_mask=st.bias, scale=scale)
-            span = slice(st.q0, st.q0 + count * step)
-            out[st.b, :, span].unflatten(1, (count, step)).copy_(o.transpose(0, 1))
-            lse[st.b, :, span].unflatten(1, (count, step)).copy_(s_lse.transpose(0, 1))
+            count, rows = len(st.groups), st.rows
+            span = slice(st.q0, st.q0 + count * rows)
+            if rep == 1:
+                qs = _stacked_view(qf, st.b, st.q0, rows, count, rows)
+            else:  # each group's rows of the rep query heads of a key head, one after the other: a copy
+                qs = qf[st.b, :, span].reshape(Hkv, rep, count, rows, D).permute(2, 0, 1, 3, 4)
+                qs = qs.reshape(count, Hkv, rep * rows, D)
+            ks, vs = (_stacked_view(t, st.b, st.q0 + st.shift, st.keys, count, rows) for t in (kf, vf))
+            o, s_lse = _flash_cpu_ops()[0](qs, ks, vs, 0.0, False, attn_mask=st.bias, scale=scale)
+            # (count, Hkv, rep·rows) into heads h = hkv·rep + r and rows q0 + i·rows + j: one copy each (views)
+            out[st.b, :, span].view(Hkv, rep, count, rows, Dv).copy_(
+                o.view(count, Hkv, rep, rows, Dv).permute(1, 2, 0, 3, 4)
+            )
+            lse[st.b, :, span].view(Hkv, rep, count, rows).copy_(s_lse.view(count, Hkv, rep, rows).permute(1, 2, 0, 3))
 
         def group_forward(gi) -> None:  # writes only the group's own query rows of out and lse
             if isinstance(gi, _Stack):
@@ -735,15 +742,13 @@ def stack_saving(call) -> float:
 
 
 def _stacks_apply(call) -> bool:
-    """Whether ``run`` would stack query groups (``_stacks``): the CPU flash kernel in float32, D == Dv, no
-    grouped-query heads."""
+    """Whether ``run`` would stack query groups (``_stacks``): the CPU flash kernel in float32, D == Dv."""
     return (
         STACK_GROUPS
         and USE_CPU_FLASH
         and call.device_type == "cpu"
         and torch.promote_types(call.q.dtype, torch.float32) == torch.float32
         and call.head_dim == call.value_dim
-        and call.heads == call.kv_heads
         and _flash_cpu_ops() is not None
     )
 
@@ -808,7 +813,7 @@ def _layout_groups(call):
     if not flash:
         return plan, masks, {}, None, ()
     biases, empties = _shared_biases(plan, masks, rep), _empty_rows(plan, masks, rep)
-    return plan, masks, biases, empties, _stacks(plan, masks, biases, empties, rep)
+    return plan, masks, biases, empties, _stacks(plan, masks, biases, empties)
 
 
 def cover(call) -> tuple[tuple[int, int, int, int, int], ...]:
