@@ -1,13 +1,13 @@
 """PYTHONPATH=src python benchmarks/bench_stacks.py [--length 8192] [--threads 2] [--reps 7] [--mode fwd,fwdbwd]
-[--only window,chunked] [--min-ms 150]
+[--only window,chunked] [--min-ms 150] [--heads 4] [--kv-heads 4]
 
 What do ``"blocksparse"``'s stacked query groups gain? The same backend with ``blocksparse.STACK_GROUPS`` off (every
 query group its own flash call, as before stacking) and on (consecutive groups of one shape and mask in one call on
 strided views, ``blocksparse._stacks``), in one process, in interleaved rounds (the order alternated), on the
-structures of ``bench_limit.py`` whose names contain one of ``--only`` (rows of ``--length`` tokens, H=4, D=64,
-fp32). In a round each setting's time is the mean of as many consecutive calls as fill ``--min-ms``; the ratio is the
-median over rounds of (off / on): above 1, stacking is faster. Rows without a stack (a chunk of tiles of another
-shape, a window whose key run is split) measure the noise.
+structures of ``bench_limit.py`` whose names contain one of ``--only`` (rows of ``--length`` tokens, ``--heads``
+query heads and ``--kv-heads`` key / value heads, D=64, fp32). In a round each setting's time is the mean of as many
+consecutive calls as fill ``--min-ms``; the ratio is the median over rounds of (off / on): above 1, stacking is
+faster. Rows without a stack (a chunk of tiles of another shape, a window whose key run is split) measure the noise.
 """
 
 from __future__ import annotations
@@ -36,11 +36,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="fwd", help="comma-separated: fwd, fwdbwd")
     parser.add_argument("--only", default="window,chunked", help="comma-separated substrings of structure names")
     parser.add_argument("--min-ms", type=float, default=150.0)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=4)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     wanted = [w for w in args.only.split(",") if w]
     gen = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), rows of {args.length}, load {bench_limit._load()}")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), rows of {args.length}, H={args.heads}, "
+        f"Hkv={args.kv_heads}, load {bench_limit._load()}"
+    )
     print("\n| structure | mode | group by group ms | stacked ms | group by group / stacked |")
     print("|---|---|---|---|---|")
     before = blocksparse.STACK_GROUPS
@@ -50,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             for mode in args.mode.split(","):
                 grad = {"fwd": False, "fwdbwd": True}[mode]
-                qkv = bench_limit.inputs(case, 4, 64, torch.float32, grad, gen)
+                q = torch.randn(case.batch, args.heads, case.q_len, 64, generator=gen)
+                k, v = (torch.randn(case.batch, args.kv_heads, case.kv_len, 64, generator=gen) for _ in range(2))
+                qkv = tuple(t.requires_grad_(grad) for t in (q, k, v))
 
                 def fn(q, k, v, spec=case.spec):
                     return am.attention(q, k, v, spec, backend="blocksparse")
