@@ -513,8 +513,7 @@ class _BlockSparse(torch.autograd.Function):
         Hkv, Dv = k.shape[1], v.shape[3]
         rep = H // Hkv
         cdt = torch.promote_types(q.dtype, torch.float32)
-        flash = USE_CPU_FLASH and q.device.type == "cpu" and cdt == torch.float32 and D == Dv
-        flash = flash and _flash_cpu_ops() is not None
+        flash = _runs_flash(q.dtype, q.device.type, D, Dv)
         qf, kf, vf = (_unit_stride(t.to(cdt)) for t in (q, k, v))
         if flash and empties is None:
             empties = _empty_rows(plan, masks, rep)
@@ -741,16 +740,21 @@ def stack_saving(call) -> float:
     return (stacked - stacks) * rows * _GROUP_COST * forward
 
 
-def _stacks_apply(call) -> bool:
-    """Whether ``run`` would stack query groups (``_stacks``): the CPU flash kernel in float32, D == Dv."""
+def _runs_flash(dtype: torch.dtype, device_type: str, head_dim: int, value_dim: int) -> bool:
+    """Whether the forward runs the CPU flash kernel (else the portable tile loop): on the CPU, computing in float32
+    (float16 / bfloat16 inputs are cast), D == Dv, and this torch has the kernel."""
     return (
-        STACK_GROUPS
-        and USE_CPU_FLASH
-        and call.device_type == "cpu"
-        and torch.promote_types(call.q.dtype, torch.float32) == torch.float32
-        and call.head_dim == call.value_dim
+        USE_CPU_FLASH
+        and device_type == "cpu"
+        and torch.promote_types(dtype, torch.float32) == torch.float32
+        and head_dim == value_dim
         and _flash_cpu_ops() is not None
     )
+
+
+def _stacks_apply(call) -> bool:
+    """Whether ``run`` would stack query groups (``_stacks``): only on the CPU flash kernel's path."""
+    return STACK_GROUPS and _runs_flash(call.q.dtype, call.device_type, call.head_dim, call.value_dim)
 
 
 def _stack_count(call) -> tuple[int, int]:
