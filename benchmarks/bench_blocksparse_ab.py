@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import shlex
 import statistics
 import subprocess
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             fns = {"base": runner(base, base_case.spec), "this": runner(blocksparse, case.spec)}
             times = {n: [] for n in fns}
             warm = {n: bench_limit.timed(fn, qkv, grad, 1) for n, fn in fns.items()}  # plans built and cached
-            calls = max(1, min(bench_limit.MAX_CALLS, math.ceil(args.min_ms / 1e3 / max(min(warm.values()), 1e-6))))
+            calls = bench_limit.calls_filling(args.min_ms, min(warm.values()))
             names = list(fns)
             for r in range(args.reps):
                 for name in names[r % 2 :] + names[: r % 2]:

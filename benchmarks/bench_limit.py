@@ -219,6 +219,17 @@ def timed(fn, qkv, grad: bool, calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
+def calls_filling(min_ms: float, seconds: float) -> int:
+    """How many calls of ``seconds`` each a timing averages to fill ``min_ms`` (1 to ``MAX_CALLS``)."""
+    return max(1, min(MAX_CALLS, math.ceil(min_ms / 1e3 / max(seconds, 1e-6))))
+
+
+def paired_slowdown(times: dict, name: str, ref: str) -> float:
+    """The median over rounds of ``name``'s slowdown (busy / idle in the round) over ``ref``'s in the same round."""
+    rounds = zip(times["busy", name], times["idle", name], times["busy", ref], times["idle", ref], strict=True)
+    return statistics.median(b / i / (rb / ri) for b, i, rb, ri in rounds)
+
+
 def square_sdpa(length: int, dtype: torch.dtype, grad: bool, args):
     """A ``step``-able call of stock unmasked SDPA on its own ``(1, H, length, D)`` q, k, v (the arguments it is
     given are ignored; with grad it runs its own backward and returns None)."""
@@ -344,12 +355,12 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
     warm = {name: timed(fn, qkv, grad, 1) for name, fn in fns.items()}  # plans built and cached, kernel compiled
     matched = {}  # --busy: backend -> the rows of its duration-matched unmasked SDPA call
     if args.busy:
-        for name in [*costs, AUTO]:
+        for name in costs:
             matched[name] = matched_length(warm[name], dtype, grad, args)
         for length in set(matched.values()):
             fns[MATCHED.format(length)] = square_sdpa(length, dtype, grad, args)
             warm[MATCHED.format(length)] = timed(fns[MATCHED.format(length)], qkv, grad, 1)
-    calls = {name: max(1, min(MAX_CALLS, math.ceil(args.min_ms / 1e3 / max(t, 1e-6)))) for name, t in warm.items()}
+    calls = {name: calls_filling(args.min_ms, t) for name, t in warm.items()}
     times = {(p, n): [] for p in phases for n in fns}
     names, busy_picks = list(fns), []
     for r in range(args.reps):
@@ -378,25 +389,9 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
     slow = {n: statistics.median(b / i for b, i in rounds) for n, rounds in pairs.items()}
     # each backend's slowdown over unmasked SDPA's in the same round (the phases of a round are adjacent, so a change
     # of other processes' load between rounds weighs on both), the median over rounds
-    ref = [b / i for b, i in zip(times["busy", REFERENCE], times["idle", REFERENCE], strict=True)] if args.busy else []
-    relative = {
-        n: statistics.median(b / i / r for b, i, r in zip(times["busy", n], times["idle", n], ref, strict=True))
-        for n in (fns if args.busy else ())
-    }
+    relative = {n: paired_slowdown(times, n, REFERENCE) for n in (fns if args.busy else ())}
     # the same against unmasked SDPA on a call of about the backend's own duration
-    relative_matched = {
-        n: statistics.median(
-            b / i / (rb / ri)
-            for b, i, rb, ri in zip(
-                times["busy", n],
-                times["idle", n],
-                times["busy", MATCHED.format(length)],
-                times["idle", MATCHED.format(length)],
-                strict=True,
-            )
-        )
-        for n, length in matched.items()
-    }
+    relative_matched = {n: paired_slowdown(times, n, MATCHED.format(length)) for n, length in matched.items()}
     covered = None if blocks is None else covered_fraction(blocks, case)
     return {
         "fraction": allowed_fraction(case),
@@ -406,7 +401,6 @@ def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generat
         "relative": relative,
         "matched": matched,
         "relative_matched": relative_matched,
-        "calls": calls,
         "costs": costs,
         "picked": explained.picked,
         "busy_picked": max(set(busy_picks), key=busy_picks.count) if busy_picks else None,

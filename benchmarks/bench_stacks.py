@@ -13,7 +13,6 @@ faster. Rows without a stack (a chunk of tiles of another shape, a window whose 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shlex
 import statistics
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
                     return bench_limit.timed(fn, qkv, grad, calls)
 
                 warm = min(timed(True, 1), timed(False, 1))
-                calls = max(1, min(bench_limit.MAX_CALLS, math.ceil(args.min_ms / 1e3 / max(warm, 1e-6))))
+                calls = bench_limit.calls_filling(args.min_ms, warm)
                 times: dict[bool, list[float]] = {False: [], True: []}
                 for r in range(args.reps):
                     for stack in (False, True) if r % 2 == 0 else (True, False):
