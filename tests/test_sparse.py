@@ -467,3 +467,17 @@ def test_blocksparse_stacks_read_q_k_v_in_the_layout_models_hand_over():
     got = am.attention(q, k, v, spec, backend="blocksparse")
     want = naive_attention(q, k, v, spec.to_dense(1024, 1024).expand(2, -1, -1).unsqueeze(1))
     assert_matches_reference(got, want)
+
+
+@pytest.mark.parametrize(
+    "q_len, kv_len, spec",
+    [(512, 1024, am.sliding_window(100)), (700, 1024, am.sliding_window(64)), (1024, 1536, am.local_window(64, 32))],
+)
+def test_blocksparse_stacks_with_fewer_queries_than_keys_match_naive(q_len, kv_len, spec):
+    """Queries bottom-right aligned against more keys (a cache; both-ways windows): each stack's key views start at
+    its queries' offset into the keys; outputs and gradients against the naive reference."""
+    case = dict(batch=2, heads=4, kv_heads=2, q_len=q_len, kv_len=kv_len, head_dim=16, value_dim=16)
+    q = torch.zeros(2, 4, q_len, 16)
+    k = torch.zeros(2, 2, kv_len, 16)
+    assert BS.cached(_prepare_call(q, k, k, spec, None, None, None), "blocksparse", BS._layout_groups)[4]
+    check_against_naive(lambda q, k, v: am.attention(q, k, v, spec, backend="blocksparse"), case, spec, torch.float32)
