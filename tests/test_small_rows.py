@@ -163,7 +163,9 @@ def test_sparse_masks_and_long_rows_are_left_to_the_costs(spec, length):
 # Default positions shared between calls
 
 
-def test_default_positions_are_shared_between_calls_and_rebuilt_after_a_write():
+def test_default_positions_are_shared_between_calls_and_rebuilt_after_a_write(monkeypatch):
+    # an empty cache: one filled to _POSITIONS_KEPT by earlier tests in this process is cleared between the calls
+    monkeypatch.setattr(A, "_POSITIONS", {})
     q, k, v = qkv(batch=2, length=16)
     spec = packed([[5, 11], [16]], 16)
     first = _prepare_call(q, k, v, spec, None, None, None)
