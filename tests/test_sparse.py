@@ -429,15 +429,17 @@ def test_chunks_run_as_segments_on_varlen_and_native_and_auto_leaves_varlen_to_i
 
 def test_blocksparse_cuts_a_stack_into_pieces_the_threads_share(monkeypatch):
     st = BS._Stack(tuple(range(2, 32)), 0, 256, 128, 384, -256, None)
-    pieces = BS._pieces(st, 8)
-    assert [len(p.groups) for p in pieces] == [7, 8, 7, 8]  # 30 groups: 4 pieces, sizes as equal as they can be
-    assert [p.q0 for p in pieces] == [256, 256 + 7 * 128, 256 + 15 * 128, 256 + 22 * 128]
-    assert sum((p.groups for p in pieces), ()) == st.groups
+    bounds = BS._piece_bounds(30, 1)
+    assert bounds == [(0, 7), (7, 15), (15, 22), (22, 30)]  # 30 groups: 4 pieces, sizes as equal as they can be
+    assert BS._piece_bounds(2, 8) == [(0, 1), (1, 2)] and BS._piece_bounds(1, 2) == [(0, 1)]
     plan = [BS._Group(0, 128 * i, 128 * (i + 1), ()) for i in range(32)]
     for threads, sizes in ((1, [7, 8, 7, 8]), (2, [7, 8, 7, 8]), (8, [3, 4, 4, 4, 3, 4, 4, 4])):
         monkeypatch.setattr(BS._workers, "threads_available", lambda threads=threads: threads)
         tasks, weights = BS._tasks(plan, (st,), torch.zeros(1, 1, 4096, 8), torch.zeros(1, 1, 4096, 8))
-        assert [len(t.groups) for t in tasks if isinstance(t, BS._Stack)] == sizes
+        pieces = [t for t in tasks if isinstance(t, BS._Stack)]
+        assert [len(p.groups) for p in pieces] == sizes
+        assert [p.q0 for p in pieces] == [256 + 128 * (p.groups[0] - 2) for p in pieces]
+        assert sum((p.groups for p in pieces), ()) == st.groups
         assert [t for t in tasks if not isinstance(t, BS._Stack)] == [0, 1] and len(weights) == len(tasks)
 
 

@@ -230,13 +230,28 @@ def spy_weights(monkeypatch, module) -> list:
     return seen
 
 
-def test_blocksparse_estimate_deals_the_groups_its_run_deals(monkeypatch):
-    spec = am.causal() & am.chunked(128)
+@pytest.mark.parametrize(
+    "spec, stacked",
+    [
+        (am.causal() & am.chunked(128), False),
+        (am.sliding_window(128), True),  # the stacks' pieces are the tasks, found from the plan alone
+        (am.sliding_window(512), True),
+        (am.local_window(100, 60), True),
+        (am.causal() & am.document(seq_lens=[40] * 25 + [24]), False),  # tiles alike by their classes, not by masks
+    ],
+    ids=["chunked", "window-128", "window-512", "both-ways", "documents"],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocksparse_estimate_deals_the_groups_its_run_deals(monkeypatch, spec, stacked, threads):
+    monkeypatch.setattr(W, "threads_available", lambda: threads)
     q = torch.randn(1, 4, 1024, 64)
     seen = spy_weights(monkeypatch, BS)
     with torch.no_grad():
         am.attention(q, q, q, spec, backend="blocksparse")
-    assert seen == [sorted(BS._task_weights(call_for(spec)))]
+    estimated = BS._task_weights(call_for(spec))
+    assert seen == [sorted(estimated)]
+    groups = len(BS._layout_plan(call_for(spec)))
+    assert (len(estimated) < groups) == stacked
 
 
 @pytest.mark.parametrize(

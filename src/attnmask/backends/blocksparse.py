@@ -37,11 +37,13 @@ TileMask = Callable[[int, int, int, int, int], torch.Tensor]
 _PAIR_COST = 1.3  # one multiply-add of a pair of a FULL or PARTIAL tile (tile-sized matmuls, online softmax)
 _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL tile
 # One query tile's fixed work (its group's views, a kernel call per run, the copies into place: Python and dispatch):
-# the median over the one-thread float32 forward rows of 256 and 512 tokens of (measured time - the rest of the
-# estimate) / query tiles, in sdpa's unit per table: ``benchmarks/bench_limit.py --fit ... --implied
-# blocksparse._GROUP_COST`` on benchmarks/limit_tables/small_256_1.txt and small_512_1.txt gives 3.6e6 and 4.4e6 (the
-# older 1K tables, timed before the rows without keys were found once per plan, 6.5e6-6.8e6). RESULTS.md, issue 15.
-_GROUP_COST = 4e6
+# the median over float32 forward rows of (measured time - the rest of the estimate) / query tiles, in sdpa's unit per
+# table: ``benchmarks/bench_limit.py --fit ... --implied blocksparse._GROUP_COST`` on benchmarks/limit_tables/
+# s12_q1_fwd.txt, s12_small_256_1.txt, s12_small_512_1.txt (one thread: 3.1e6, 4.4e6, 3.2e6), s12_q2.txt and
+# s13_q2.txt (two threads: 1.5e6, 3.1e6); median 3.0e6. The two-thread tables agree with the one-thread ones once the
+# estimate deals a stack's pieces, not its groups (``_task_weights``; dealt group by group they implied 2e5-2.6e5).
+# RESULTS.md, issue 15, "The estimate deals blocksparse's stacks as pieces".
+_GROUP_COST = 3e6
 # Threads: the query groups are tasks of ``_workers.parallel_map`` (no ``min_work``), each added thread contributing
 # this share of a core to their pairs and masks, and each group dealt to a worker costing ``_HANDOVER_COST`` more (its
 # wake-up and GIL hand-overs); the per-group charge (Python, dispatch) counts on one thread. The values of every backend
@@ -588,29 +590,31 @@ class _BlockSparse(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
-def _pieces(st: _Stack, most: int) -> list[_Stack]:
-    """``st`` cut into consecutive stacks of at most ``most`` groups, of sizes as equal as they can be."""
-    count = len(st.groups)
-    n = -(-count // max(most, 1))
+def _piece_bounds(count: int, threads: int) -> list[tuple[int, int]]:
+    """Where ``_tasks`` cuts a stack of ``count`` groups: consecutive pieces of at most ``STACK_PIECE`` groups, at
+    least one per thread (``threads``), of sizes as equal as they can be; ``[(start, end), ...]``."""
+    most = max(min(STACK_PIECE, -(-count // max(threads, 1))), 1)
+    n = -(-count // most)
     bounds = [count * i // n for i in range(n + 1)]
-    return [
-        dataclasses.replace(st, groups=st.groups[a:b], q0=st.q0 + (a * st.rows))
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _tasks(plan, stacks: tuple[_Stack, ...], q: torch.Tensor, v: torch.Tensor) -> tuple[list, list[float]]:
-    """``parallel_map``'s tasks and weights: every stack cut into pieces (the sum of their groups' weights), then
-    every group in no stack (its plan index). A piece has at most ``STACK_PIECE`` groups, and a stack gives every
-    thread (``_workers.threads_available``) a piece: one flash call over a whole stack, split across the intra-op
-    threads, measured 0.91x group by group on windows of 512 and 1,024 at two threads, where pieces the workers
-    share measured 1.03-1.10x (RESULTS.md, issue 15, "Stacked query groups")."""
+    """``parallel_map``'s tasks and weights: every stack cut into pieces (``_piece_bounds``; the sum of their groups'
+    weights), then every group in no stack (its plan index). A piece has at most ``STACK_PIECE`` groups, and a stack
+    gives every thread (``_workers.threads_available``) a piece: one flash call over a whole stack, split across the
+    intra-op threads, measured 0.91x group by group on windows of 512 and 1,024 at two threads, where pieces the
+    workers share measured 1.03-1.10x (RESULTS.md, issue 15, "Stacked query groups")."""
     weights = _group_weights(plan, q, v)
     threads = _workers.threads_available()
-    stacks = tuple(piece for st in stacks for piece in _pieces(st, min(STACK_PIECE, -(-len(st.groups) // threads))))
-    stacked = {gi for st in stacks for gi in st.groups}
+    pieces = tuple(
+        dataclasses.replace(st, groups=st.groups[a:b], q0=st.q0 + a * st.rows)
+        for st in stacks
+        for a, b in _piece_bounds(len(st.groups), threads)
+    )
+    stacked = {gi for st in pieces for gi in st.groups}
     alone = [gi for gi in range(len(plan)) if gi not in stacked]
-    return [*stacks, *alone], [sum(weights[gi] for gi in st.groups) for st in stacks] + [weights[gi] for gi in alone]
+    return [*pieces, *alone], [sum(weights[gi] for gi in st.groups) for st in pieces] + [weights[gi] for gi in alone]
 
 
 def _run_kv(kf, vf, g: _Group, r: _Run, batched: bool):
@@ -788,8 +792,54 @@ def _stack_count(call) -> tuple[int, int]:
 
 def _task_weights(call) -> tuple[float, ...]:
     """The weights ``run`` gives ``parallel_map``: the multiply-adds of each query group of the layout (no element
-    mask evaluated)."""
-    return tuple(_group_weights(cached(call, "blocksparse_plan", _layout_plan), call.q, call.v))
+    mask evaluated). Where the estimate can tell which groups ``run`` stacks without evaluating a mask
+    (``_plan_stacks``), those are summed per piece as ``_tasks`` cuts them: each dealt task costs a hand-over
+    (``_HANDOVER_COST``), so a stack's pieces, not its groups, are what the threads' gain counts."""
+    plan = cached(call, "blocksparse_plan", _layout_plan)
+    weights = _group_weights(plan, call.q, call.v)
+    if not _stacks_apply(call):
+        return tuple(weights)
+    stacks = _plan_stacks(plan, cached(call, "layout", _layout))
+    threads = _workers.threads_available()
+    stacked = {gi for groups in stacks for gi in groups}
+    pieces = [sum(weights[gi] for gi in g[a:b]) for g in stacks for a, b in _piece_bounds(len(g), threads)]
+    return tuple(pieces + [w for gi, w in enumerate(weights) if gi not in stacked])
+
+
+# Specs whose every part is a predicate of q - k alone: on contiguous positions, two tiles at the same offset from the
+# diagonal hold the same mask.
+_DIAGONAL_PARTS = (M.Full, M.Causal, M.SlidingWindow, M.LocalWindow, M.And, M.Or, M.Not)
+
+
+def _plan_stacks(plan, layout) -> tuple[tuple[int, ...], ...]:
+    """The groups of ``plan`` that ``_stacks`` stacks, found without an element mask: runs of at least two
+    consecutive groups of one batch row, each with one key run of the same length at the same offset from its first
+    query and the same PARTIAL key ranges relative to it. Only for specs of parts in ``_DIAGONAL_PARTS`` on contiguous
+    positions, whose PARTIAL masks then match as ``_stacks`` asks (``_stacks`` also leaves out a group with a row that
+    sees no key, which these specs have at most at the edges of the rows); other specs (documents, padding, chunks: a
+    boundary inside a tile changes its mask) get ``()``, every group its own task. O(groups + Q + K)."""
+    if not all(isinstance(part, _DIAGONAL_PARTS) for part in layout.spec.walk()):
+        return ()
+    for pos in (layout.q_positions, layout.kv_positions):
+        if pos.dim() != 1 or (pos.numel() > 1 and not bool((pos.diff() == 1).all())):
+            return ()
+
+    def signature(g: _Group):
+        if len(g.runs) != 1:
+            return None
+        r = g.runs[0]
+        return (g.b, g.q1 - g.q0, r.k1 - r.k0, r.k0 - g.q0, tuple((a - r.k0, b - r.k0) for a, b in r.partial))
+
+    signatures = [signature(g) for g in plan]
+    out, start = [], 0
+    for end in range(1, len(plan) + 1):
+        same = end < len(plan) and signatures[end] is not None and signatures[end] == signatures[start]
+        if same and plan[end].q0 == plan[end - 1].q1:
+            continue
+        if signatures[start] is not None and end - start >= 2:
+            out.append(tuple(range(start, end)))
+        start = end
+    return tuple(out)
 
 
 def _layout_plan(call):
