@@ -1045,6 +1045,51 @@ def fit_implied(paths: list[str], target: str, args) -> None:
     print(f"all: median {statistics.median(everything):.3g} (now {getattr(module, constant):.3g})")
 
 
+def fastest_per_row(cells) -> dict[tuple, dict[str, float]]:
+    """``{(structure, grad, dtype): {backend: seconds}}`` of ``parse_tables``'s cells."""
+    rows: dict[tuple, dict[str, float]] = {}
+    for case, grad, dtype, name, seconds in cells:
+        rows.setdefault((case.name, grad, dtype), {})[name] = seconds
+    return rows
+
+
+def agreement(first: dict, second: dict, factor: float = 1.1) -> tuple[int, int, int, list]:
+    """How two timings of the same rows (``fastest_per_row``) agree on the fastest backend: ``(rows in both, rows where
+    the first's fastest takes at most ``factor`` x the second's fastest time in the second, the same the other way,
+    [(row, first's fastest, second's fastest, the two ratios)] of the rows off either way)``. An oracle that knew one
+    run's times exactly would score the first count on the other: the resolution of "auto within 1.1x of the
+    fastest" on the machine (the same code timed twice differs only by noise)."""
+    rows = one_on_two = two_on_one = 0
+    off = []
+    for key in [key for key in first if key in second]:
+        a, b = first[key], second[key]
+        fa, fb = min(a, key=a.get), min(b, key=b.get)
+        if fa not in b or fb not in a:  # a backend timed in one run only: no verdict
+            continue
+        rows += 1
+        ra, rb = b[fa] / b[fb], a[fb] / a[fa]
+        one_on_two += ra <= factor
+        two_on_one += rb <= factor
+        if max(ra, rb) > factor:
+            off.append((key, fa, fb, ra, rb))
+    return rows, one_on_two, two_on_one, off
+
+
+def fit_agree(paths: list[str], args) -> None:
+    """``agreement`` of two saved outputs of the same rows, per row off and in total."""
+    first, second = (fastest_per_row(parse_tables(p, args.length, args.decode_keys)) for p in paths)
+    rows, one, two, off = agreement(first, second)
+    print(f"| structure | mode | fastest in {paths[0]} | in {paths[1]} | first's on second | second's on first |")
+    print("|---|---|---|---|---|---|")
+    for (name, grad, dtype), fa, fb, ra, rb in off:
+        mode = f"{'forward + backward' if grad else 'forward'}, {str(dtype).split('.')[-1]}"
+        print(f"| {name} | {mode} | {fa} | {fb} | {ra:.2f} | {rb:.2f} |")
+    print(
+        f"the fastest of {paths[0]} within 1.1x of the fastest of {paths[1]} there: {one} of {rows} rows; "
+        f"the other way: {two} of {rows}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=8192)
@@ -1078,6 +1123,11 @@ def main(argv: list[str] | None = None) -> None:
         "--modes", action="store_true", help="with --fit: fit each backend's bfloat16 and backward factors instead"
     )
     parser.add_argument(
+        "--agree",
+        action="store_true",
+        help="with --fit FIRST SECOND: how often one table's fastest backend is within 1.1x of the other's fastest",
+    )
+    parser.add_argument(
         "--held-out", metavar="OUTPUT", help="with --fit: fit the thread efficiencies without this table, judge on it"
     )
     args = parser.parse_args(argv)
@@ -1086,6 +1136,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         args.length, args.decode_keys, args.reps, args.min_ms = 256, 512, 1, 0.0
     torch.set_num_threads(args.threads)
+    if args.fit and args.agree:
+        if len(args.fit) != 2:
+            parser.error("--agree compares two saved outputs: --fit FIRST SECOND --agree")
+        fit_agree(args.fit, args)
+        return
     if args.fit and args.held_out:
         held_out(args.fit, args.held_out, args)
         return

@@ -66,6 +66,31 @@ def test_fit_reads_its_own_tables_and_replays_autos_choice(capsys, tmp_path):
     assert native._PAIR_COST == own  # the fit replays picks under its factors, then puts the modules' own back
 
 
+def test_agreement_counts_rows_whose_fastest_holds_in_the_other_run():
+    bench = load_bench()
+    first = {("a",): {"x": 1.0, "y": 1.05}, ("b",): {"x": 1.0, "y": 2.0}, ("c",): {"x": 1.0, "y": 1.5}}
+    second = {("a",): {"x": 1.2, "y": 1.0}, ("b",): {"x": 1.0, "y": 2.0}, ("c",): {"x": 1.5, "y": 1.0}}
+    rows, one, two, off = bench.agreement(first, second)
+    # a: x was fastest first, 1.2x the fastest second; y fastest second, 1.05x first. c: off both ways
+    assert (rows, one, two) == (3, 1, 2)
+    assert [(key, fa, fb) for key, fa, fb, *_ in off] == [(("a",), "x", "y"), (("c",), "x", "y")]
+    assert bench.agreement(first, {("b",): {"z": 1.0}})[0] == 0  # no backend timed in both: no verdict
+
+
+def test_agree_compares_two_saved_tables(capsys, tmp_path):
+    bench = load_bench()
+    paths = []
+    for i in range(2):
+        bench.main(["--dry-run", "--only", "tiny,window 8"])
+        paths.append(tmp_path / f"limit{i}.txt")
+        paths[-1].write_text(capsys.readouterr().out)
+    bench.main(["--fit", *map(str, paths), "--agree"])
+    out = capsys.readouterr().out
+    assert "within 1.1x of the fastest of" in out and "of 2 rows; the other way:" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--fit", str(paths[0]), "--agree"])
+
+
 def test_floor_blocks_hold_every_allowed_pair_and_are_timed(capsys):
     bench = load_bench()
     gen = torch.Generator().manual_seed(0)
