@@ -37,13 +37,15 @@ TileMask = Callable[[int, int, int, int, int], torch.Tensor]
 _PAIR_COST = 1.3  # one multiply-add of a pair of a FULL or PARTIAL tile (tile-sized matmuls, online softmax)
 _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL tile
 # One query tile's fixed work (its group's views, a kernel call per run, the copies into place: Python and dispatch):
-# the median over float32 forward rows of (measured time - the rest of the estimate) / query tiles, in sdpa's unit per
-# table: ``benchmarks/bench_limit.py --fit ... --implied blocksparse._GROUP_COST`` on benchmarks/limit_tables/
+# per table the median over float32 forward rows of (measured time - the rest of the estimate) / query tiles, in sdpa's
+# unit: ``benchmarks/bench_limit.py --fit ... --implied blocksparse._GROUP_COST`` on benchmarks/limit_tables/
 # s12_q1_fwd.txt, s12_small_256_1.txt, s12_small_512_1.txt (one thread: 3.1e6, 4.4e6, 3.2e6), s12_q2.txt and
-# s13_q2.txt (two threads: 1.5e6, 3.1e6); median 3.0e6. The two-thread tables agree with the one-thread ones once the
-# estimate deals a stack's pieces, not its groups (``_task_weights``; dealt group by group they implied 2e5-2.6e5).
-# RESULTS.md, issue 15, "The estimate deals blocksparse's stacks as pieces".
-_GROUP_COST = 3e6
+# s13_q2.txt (two threads: 1.5e6, 3.1e6). The two-thread tables agree with the one-thread ones once the estimate deals
+# a stack's pieces, not its groups (``_task_weights``; dealt group by group they implied 2e5-2.6e5). Their median,
+# 3.0e6, moved three small-row picks, one to a backend measured 1.29x slower (window 128 on rows of 256, forward +
+# backward, one thread); 4e6, inside the one-thread tables' range, moves none. RESULTS.md, issue 15, "The estimate
+# deals blocksparse's stacks as pieces".
+_GROUP_COST = 4e6
 # Threads: the query groups are tasks of ``_workers.parallel_map`` (no ``min_work``), each added thread contributing
 # this share of a core to their pairs and masks, and each group dealt to a worker costing ``_HANDOVER_COST`` more (its
 # wake-up and GIL hand-overs); the per-group charge (Python, dispatch) counts on one thread. The values of every backend
