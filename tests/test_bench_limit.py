@@ -151,3 +151,17 @@ def test_threads_busy_bench_prints_a_row_per_size(capsys):
     module.main(["--rows", "64", "--rounds", "1", "--threads", "2"])
     out = capsys.readouterr().out
     assert "| 64 | 2.1e+06 |" in out and "reproduce: PYTHONPATH=src python benchmarks/bench_threads_busy.py" in out
+
+
+def test_native_busy_bench_times_native_both_ways_and_restores_its_threshold(capsys):
+    load_bench()  # bench_native_busy imports bench_limit
+    spec = importlib.util.spec_from_file_location("bench_native_busy", SCRIPT.with_name("bench_native_busy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    own = native._BUSY_SHARE_WORK
+    module.main(["--length", "256", "--only", "documents: tiny", "--rounds", "1", "--min-ms", "0"])
+    out = capsys.readouterr().out
+    assert out.count("| documents: tiny (8-32) |") == 3
+    assert "| native, team kept |" in out and "unmasked sdpa, " in out
+    assert "reproduce: PYTHONPATH=src python benchmarks/bench_native_busy.py --length 256" in out
+    assert native._BUSY_SHARE_WORK == own
