@@ -87,6 +87,19 @@ def test_allowed_fraction_equals_the_fraction_of_the_naive_dense_mask(case):
     assert got == pytest.approx(want, abs=1e-12)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 39), st.booleans())
+def test_allowed_fraction_of_a_window_alone_equals_the_naive_dense_mask(length, window, with_causal):
+    spec = am.sliding_window(window)
+    spec = am.causal() & spec if with_causal else spec
+    got = _common.allowed_fraction(call(spec, batch=2, length=length))
+    if window >= length:  # the window reaches every earlier key: causal, which sdpa runs as is
+        assert got is None
+        return
+    want = naive_dense(spec, length, length, 1).double().mean().item()
+    assert got == pytest.approx(want, abs=1e-12)
+
+
 def test_allowed_fraction_is_none_for_specs_without_a_varlen_form_or_with_explicit_positions():
     assert _common.allowed_fraction(call(am.causal() & am.chunked(8), batch=1)) is None
     q, k, v = qkv(batch=1)
@@ -110,6 +123,19 @@ def test_auto_runs_stock_sdpa_on_small_rows_with_the_same_output_bit_for_bit():
     got = am.attention(q, k, v, spec)
     assert torch.equal(got, want.masked_fill(~has_key, 0.0))
     assert not bool(got[2, :, 50:].any())
+
+
+def test_auto_runs_stock_sdpa_on_a_small_row_with_a_wide_window():
+    """A window allowing at least a fifth of the pairs on rows of at most 512 keys takes the stock path (rows of 256,
+    window 128, one thread: the costs had picked banded, 2.65x slower than SDPA); a narrow one is left to the costs."""
+    q, k, v = qkv(length=256)
+    wide, narrow = am.sliding_window(128), am.sliding_window(16)
+    explanation = am.explain(q, k, v, wide)
+    assert explanation.picked == "sdpa" and explanation.stock
+    allowed = naive_dense(wide, 256, 256, 1).unsqueeze(1)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    assert torch.equal(am.attention(q, k, v, wide), want)
+    assert not am.explain(q, k, v, narrow).stock
 
 
 def test_stock_sdpa_gradients_match_sdpa_with_the_bool_mask():

@@ -310,7 +310,8 @@ def allowed_fraction(call) -> float | None:
     Exact for documents (each id one contiguous run: a query sees the earlier keys of its run, at most ``w`` under a
     window, all of its run without ``causal``) and for padded rows (a query sees every real key up to it; under a
     window, the real keys among the last ``w`` positions); padding inside a document is not subtracted. Example:
-    ``causal() & document(seq_lens=[2, 2])`` on a row of 4 allows 3 + 3 of 16 pairs: 0.375."""
+    ``causal() & document(seq_lens=[2, 2])`` on a row of 4 allows 3 + 3 of 16 pairs: 0.375; ``sliding_window(2)`` on a
+    row of 4, 1 + 2 + 2 + 2 of 16: 0.4375."""
     spec = call.mask
     if not isinstance(spec, M.MaskSpec) or call.positions_given or call.q_len != call.kv_len or degenerate(call):
         return None
@@ -348,8 +349,11 @@ def allowed_fraction(call) -> float | None:
             counts = np.zeros((real.shape[0], length + 1), dtype=np.int64)
             np.cumsum(real, axis=1, out=counts[:, 1:])
             pairs = int((counts[:, 1:] - counts[:, np.maximum(np.arange(1, length + 1) - window, 0)]).sum())
+    elif form.causal and form.window is not None and window < length:
+        # a causal window alone: query i sees min(i + 1, w) keys; summed, w(w + 1)/2 for the first w, w for the rest
+        pairs = window * (window + 1) // 2 + (length - window) * window
     else:
-        return None  # causal() / full() / a window alone: no per-row data, and sdpa or the costs settle it
+        return None  # causal() / full() alone: sdpa runs them as they are (is_causal, no mask)
     rows = call.batch if (spec.batch_size or 1) == 1 else 1  # a spec without per-row data repeats per row
     return pairs * rows / (call.batch * call.q_len * call.kv_len)
 
