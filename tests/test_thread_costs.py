@@ -230,6 +230,19 @@ def spy_weights(monkeypatch, module) -> list:
     return seen
 
 
+def test_blocksparse_estimate_cuts_its_stacks_for_the_threads_of_each_call(monkeypatch):
+    """The plan is kept with the spec; the pieces are cut for the threads at hand, not those of the first estimate."""
+    call = call_for(am.sliding_window(128))  # one stack of 14 groups: 2 pieces of at most 8, or one per thread
+    tasks = []
+    for threads in (1, 2, 4, 1):
+        monkeypatch.setattr(W, "threads_available", lambda threads=threads: threads)
+        tasks.append(len(BS._task_weights(call)))
+    assert tasks == [4, 4, 6, 4]  # two groups alone, and the stack in 2, 2, 4, 2 pieces
+    cost_at(BS, call, 4, monkeypatch)  # the spec's plans now kept
+    fresh = call_for(am.sliding_window(128))  # another spec object: nothing kept
+    assert cost_at(BS, call, 2, monkeypatch) == cost_at(BS, fresh, 2, monkeypatch)
+
+
 @pytest.mark.parametrize(
     "spec, stacked",
     [

@@ -728,7 +728,7 @@ def cost(call) -> float:
     in_tasks = _PAIR_COST * work + counts["partial"] * rows * tile * _MASK_COST
     gain = 1.0  # one thread: no need to plan the groups just to weigh them
     if threads > 1:
-        weights = [w * _PAIR_COST for w in cached(call, "blocksparse_tasks", _task_weights)]  # in estimate units
+        weights = [w * _PAIR_COST for w in _task_weights(call)]  # in estimate units
         gain = _workers.expected_speedup(weights, threads, 0.0, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
     return (in_tasks / gain + groups * _GROUP_COST) * mode_factor(MODES, call) - stack_saving(call)
 
@@ -797,15 +797,24 @@ def _task_weights(call) -> tuple[float, ...]:
     mask evaluated). Where the estimate can tell which groups ``run`` stacks without evaluating a mask
     (``_plan_stacks``), those are summed per piece as ``_tasks`` cuts them: each dealt task costs a hand-over
     (``_HANDOVER_COST``), so a stack's pieces, not its groups, are what the threads' gain counts."""
-    plan = cached(call, "blocksparse_plan", _layout_plan)
-    weights = _group_weights(plan, call.q, call.v)
+    weights = cached(call, "blocksparse_weights", _plan_weights)
     if not _stacks_apply(call):
-        return tuple(weights)
-    stacks = _plan_stacks(plan, cached(call, "layout", _layout))
+        return weights
+    stacks = cached(call, "blocksparse_plan_stacks", _call_plan_stacks)  # the pieces depend on the threads: not kept
     threads = _workers.threads_available()
     stacked = {gi for groups in stacks for gi in groups}
     pieces = [sum(weights[gi] for gi in g[a:b]) for g in stacks for a, b in _piece_bounds(len(g), threads)]
     return tuple(pieces + [w for gi, w in enumerate(weights) if gi not in stacked])
+
+
+def _plan_weights(call) -> tuple[float, ...]:
+    """``_group_weights`` of the call's plan (kept with the plans)."""
+    return tuple(_group_weights(cached(call, "blocksparse_plan", _layout_plan), call.q, call.v))
+
+
+def _call_plan_stacks(call) -> tuple[tuple[int, ...], ...]:
+    """``_plan_stacks`` of the call's plan and layout (kept with the plans)."""
+    return _plan_stacks(cached(call, "blocksparse_plan", _layout_plan), cached(call, "layout", _layout))
 
 
 # Specs whose every part is a predicate of q - k alone: on contiguous positions, two tiles at the same offset from the
