@@ -608,15 +608,21 @@ def _tasks(plan, stacks: tuple[_Stack, ...], q: torch.Tensor, v: torch.Tensor) -
     intra-op threads, measured 0.91x group by group on windows of 512 and 1,024 at two threads, where pieces the
     workers share measured 1.03-1.10x (RESULTS.md, issue 15, "Stacked query groups")."""
     weights = _group_weights(plan, q, v)
-    threads = _workers.threads_available()
-    pieces = tuple(
-        dataclasses.replace(st, groups=st.groups[a:b], q0=st.q0 + a * st.rows)
-        for st in stacks
-        for a, b in _piece_bounds(len(st.groups), threads)
-    )
-    stacked = {gi for st in pieces for gi in st.groups}
-    alone = [gi for gi in range(len(plan)) if gi not in stacked]
+    cuts, alone = _deal([st.groups for st in stacks], len(plan), _workers.threads_available())
+    pieces = [
+        dataclasses.replace(stacks[s], groups=stacks[s].groups[a:b], q0=stacks[s].q0 + a * stacks[s].rows)
+        for s, a, b in cuts
+    ]
     return [*pieces, *alone], [sum(weights[gi] for gi in st.groups) for st in pieces] + [weights[gi] for gi in alone]
+
+
+def _deal(stacks: list[tuple[int, ...]], groups: int, threads: int) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """What ``_tasks`` deals, for stacks given as their groups' plan indices: ``(stack, start, end)`` of every piece
+    (``_piece_bounds``), and the groups of ``range(groups)`` in no stack. The estimate deals the same
+    (``_task_weights``)."""
+    cuts = [(i, a, b) for i, members in enumerate(stacks) for a, b in _piece_bounds(len(members), threads)]
+    stacked = {gi for members in stacks for gi in members}
+    return cuts, [gi for gi in range(groups) if gi not in stacked]
 
 
 def _run_kv(kf, vf, g: _Group, r: _Run, batched: bool):
@@ -801,10 +807,8 @@ def _task_weights(call) -> tuple[float, ...]:
     if not _stacks_apply(call):
         return weights
     stacks = cached(call, "blocksparse_plan_stacks", _call_plan_stacks)  # the pieces depend on the threads: not kept
-    threads = _workers.threads_available()
-    stacked = {gi for groups in stacks for gi in groups}
-    pieces = [sum(weights[gi] for gi in g[a:b]) for g in stacks for a, b in _piece_bounds(len(g), threads)]
-    return tuple(pieces + [w for gi, w in enumerate(weights) if gi not in stacked])
+    cuts, alone = _deal(list(stacks), len(weights), _workers.threads_available())
+    return tuple([sum(weights[gi] for gi in stacks[i][a:b]) for i, a, b in cuts] + [weights[gi] for gi in alone])
 
 
 def _plan_weights(call) -> tuple[float, ...]:
