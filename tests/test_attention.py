@@ -43,6 +43,65 @@ def test_gradients_stay_finite_with_empty_rows_in_the_batch(dtype):
     assert (dk[0, :, 3:] != 0).any()
 
 
+def _packed_with_padding(dtype, gqa=False):
+    """8 rows of 96 tokens, 1-3 documents and some trailing padding each (padding queries see no key)."""
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.full((8, 96), -1)
+    for r in range(8):
+        used = int(torch.randint(40, 97, (), generator=gen))
+        cut = int(torch.randint(1, used, (), generator=gen))
+        ids[r, :cut], ids[r, cut:used] = 0, 1
+    q = torch.randn(8, 4, 96, 16, generator=gen).to(dtype).requires_grad_()
+    k, v = (torch.randn(8, 2 if gqa else 4, 96, 16, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+    return (q, k, v), am.causal() & am.document(doc_ids=ids), ids < 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW_PRECISION])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_sdpa_leaves_empty_rows_to_the_fused_kernel_where_it_zeroes_them(monkeypatch, dtype, gqa):
+    """Where torch's fused CPU kernel zeroes a row of -inf itself (probed once per dtype), the sdpa backend builds
+    no zeroing: the output and the query gradient equal the zeroing path's bit for bit, the key / value gradients up
+    to rounding, the empty rows and their gradient are exactly 0, and all match the naive reference."""
+    (q, k, v), spec, empty = _packed_with_padding(dtype, gqa)
+    grad = torch.randn(q.shape[:3] + (16,)).to(dtype)
+    runs = {}
+    for leaves in (True, False):
+        if not leaves:
+            monkeypatch.setattr(sdpa_backend, "_kernel_zeroes_empty_rows", lambda call: False)
+        inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        fresh = am.causal() & am.document(doc_ids=spec.parts[1].doc_ids.clone())
+        out = am.attention(*inputs, fresh, backend="sdpa")
+        runs[leaves] = (out, *torch.autograd.grad(out, inputs, grad))
+    monkeypatch.undo()
+    assert sdpa_backend._probe_empty_rows(dtype)
+    (out, dq, dk, dv), (out_z, dq_z, dk_z, dv_z) = runs[True], runs[False]
+    assert torch.equal(out, out_z) and torch.equal(dq, dq_z)
+    tolerance = {} if dtype in (torch.float32, torch.float64) else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(dk, dk_z, **tolerance)
+    torch.testing.assert_close(dv, dv_z, **tolerance)
+    rows = empty[:, None, :].expand(-1, 4, -1)
+    assert not out[rows].any() and not dq[rows].any()
+    assert_matches_reference(out.detach(), naive_attention(q.detach(), k.detach(), v.detach(), spec.to_dense(96)[:, None]))
+
+
+def test_sdpa_zeroes_empty_rows_itself_where_sdpa_runs_another_kernel(monkeypatch):
+    """Under ``sdpa_kernel(MATH)`` the same spec object is not served the mask that left its empty rows to the fused
+    kernel (cached beside it): the rows see every key and are zeroed, output and gradients finite."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    (q, k, v), spec, empty = _packed_with_padding(torch.float32)
+    fused = am.attention(q, k, v, spec, backend="sdpa")
+    assert sdpa_backend._kernel_zeroes_empty_rows(A._prepare_call(q, k, v, spec, None, None, None))
+    with sdpa_kernel(SDPBackend.MATH):
+        assert not sdpa_backend._kernel_zeroes_empty_rows(A._prepare_call(q, k, v, spec, None, None, None))
+        math = am.attention(q, k, v, spec, backend="sdpa")
+        grads = torch.autograd.grad(math.square().sum(), (q, k, v))
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    rows = empty[:, None, :].expand(-1, 4, -1)
+    assert not math[rows].any() and not grads[0][rows].any()
+    torch.testing.assert_close(math, fused)
+
+
 def test_empty_rows_of_a_bool_tensor_mask_return_zero():
     q, k, v = (torch.randn(2, 2, 3, 4) for _ in range(3))
     mask = torch.ones(2, 2, 3, 3, dtype=torch.bool)
@@ -342,6 +401,22 @@ def test_the_causal_split_scans_only_its_last_keys_and_still_contains_a_masked_n
         assert nan_rows.eq(torch.tensor(seen_by)).all()
         clean = naive_attention(q, k, poisoned.nan_to_num(0.0), allowed).float()
         torch.testing.assert_close(out[~nan_rows], clean[~nan_rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_finite_scan_finds_every_non_finite_value_and_settles_an_overflowing_sum(dtype):
+    """``_all_finite`` sums in the inputs' dtype where its range is float32's: a NaN, +inf or -inf anywhere is found;
+    finite values whose sum overflows (bfloat16 and float32 near their maximum, float16 beyond 65504) are finite."""
+    big = torch.finfo(dtype).max / 4
+    huge = torch.full((1, 1, 64, 8), big, dtype=dtype)
+    if dtype == torch.bfloat16:
+        assert bool(torch.isinf(huge.sum()))  # the cheap sum overflows: the exact check decides
+    assert A._all_finite(huge, huge)
+    for bad_value in (float("nan"), float("inf"), float("-inf")):
+        k = torch.randn(2, 2, 33, 4).to(dtype)
+        k[1, 0, 17, 2] = bad_value
+        assert not A._all_finite(k, torch.zeros_like(k)) and not A._all_finite(torch.zeros_like(k), k)
+    assert A._all_finite(torch.randn(2, 2, 33, 4).to(dtype), torch.randn(2, 2, 33, 4).to(dtype))
 
 
 def test_sdpa_keeps_the_masked_call_where_the_causal_split_does_not_apply(monkeypatch):

@@ -129,3 +129,44 @@ def test_large_specs_equal_the_per_element_predicate(seed, length, window, prefi
         assert spec.to_dense(length, out=buffer) is buffer and torch.equal(buffer, want), spec
         bias = spec.to_additive(length, dtype=torch.bfloat16)
         assert torch.equal(bias[:, 0] == 0, want), spec
+
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from(FLOATS),
+    denied=st.sampled_from((float("-inf"), "min", -1.0, -0.0, 3.5)),
+    shape=st.lists(st.integers(0, 9), min_size=1, max_size=4),
+    strided=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_additive_equals_where_bit_for_bit(dtype, denied, shape, strided, seed):
+    """``additive`` (integer bits on CPU) gives exactly ``torch.where(allowed, 0, denied)``: every float dtype, any
+    denied value (``finfo.min``, ``-0.0``, a positive one), empty, transposed and broadcast (stride 0) masks."""
+    gen = torch.Generator().manual_seed(seed)
+    denied = torch.finfo(dtype).min if denied == "min" else denied
+    allowed = torch.rand(shape, generator=gen) < 0.5
+    if strided and allowed.dim() >= 2:
+        allowed = allowed.transpose(0, -1)
+    elif strided and allowed.numel():
+        allowed = allowed[:1].expand(5)
+    want = torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), denied, dtype=dtype))
+    got = D.additive(allowed, dtype, denied)
+    assert got.dtype == dtype and got.shape == want.shape
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want.element_size()]  # -0.0 and 0.0 differ here
+    assert torch.equal(got.view(bits), want.view(bits))
+
+
+def test_additive_takes_the_integer_path_on_cpu_and_where_elsewhere(monkeypatch):
+    """On CPU the mask is built without ``torch.where`` (the slow bool-condition kernel); traced, it is ``where``."""
+    calls = []
+    real_where = torch.where
+    monkeypatch.setattr(torch, "where", lambda *a, **k: calls.append(1) or real_where(*a, **k))
+    allowed = torch.tensor([[True, False], [False, True]])
+    assert torch.equal(D.additive(allowed, torch.float32), real_where(allowed, 0.0, float("-inf")))
+    assert calls == []
+    monkeypatch.setattr(D, "_on_cpu", lambda parts: False)
+    assert torch.equal(D.additive(allowed, torch.bfloat16), real_where(allowed, 0.0, float("-inf")).bfloat16())
+    assert calls == [1]

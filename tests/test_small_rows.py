@@ -162,7 +162,7 @@ def test_auto_on_small_rows_plans_no_other_backend(monkeypatch):
 def test_the_dense_mask_of_a_spec_is_built_once_for_every_layer(monkeypatch):
     built = []
     original = sdpa._build_spec_mask
-    monkeypatch.setattr(sdpa, "_build_spec_mask", lambda call: built.append(1) or original(call))
+    monkeypatch.setattr(sdpa, "_build_spec_mask", lambda *args: built.append(1) or original(*args))
     spec = packed([[40, 24], [64], [30, 34]], 64)
     q, k, v = qkv()
     first = am.attention(q, k, v, spec)

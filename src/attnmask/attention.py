@@ -419,14 +419,19 @@ def autocast_inputs(q, k, v) -> tuple:
     return cast(q), cast(k), cast(v)
 
 
+_WIDE_RANGE = (torch.bfloat16, torch.float32, torch.float64)  # dtypes whose sums overflow no sooner than float32's
+
+
 def _all_finite(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether every key and value is finite: their sums (in float32 at least, so half precision does not overflow)
-    are finite exactly when no element is NaN or infinite, or when the sum of finite ones overflows, which the exact
-    elementwise check then settles. One vectorised pass over ``k`` and ``v`` (O(K·(D + Dv)), against attention's
-    O(Q·K·(D + Dv))); ``isfinite(t).all()`` costs several times more."""
+    """Whether every key and value is finite: their sums are finite exactly when no element is NaN or infinite, or
+    when the sum of finite ones overflows, which the exact elementwise check then settles. One vectorised pass over
+    ``k`` and ``v`` (O(K·(D + Dv)), against attention's O(Q·K·(D + Dv))); ``isfinite(t).all()`` costs several times
+    more. The sums are in the inputs' dtype where its range is float32's (bfloat16: (8, 4, 256, 64), one thread, 0.18
+    against 0.73 ms summed into float32), else in float32 at least (float16 would overflow on sums of ordinary
+    activations and fall back to the exact check)."""
     with serial_steps():  # one intra-op thread: no parallel region to wait in under a busy core (issue 15)
         for t in (k, v):
-            total = t.sum(dtype=torch.promote_types(t.dtype, torch.float32))
+            total = t.sum(dtype=t.dtype if t.dtype in _WIDE_RANGE else torch.promote_types(t.dtype, torch.float32))
             if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all()):
                 return False
     return True

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
+from attnmask._dense import additive
 from attnmask.backends._common import COPY_COST, ModeFactors, cached, degenerate, mode_factor, off_cpu
 from attnmask.backends._workers import all_threads, graph_in, serial_steps
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
@@ -338,7 +339,7 @@ def _banded_rows(masks: _BandMasks, bs: int, width: int, scale: float, L: int, q
             mask = allowed[r, front:n_inner, None]
             if keep is not None:  # empty rows attend to every band key (finite), their output is zeroed below
                 mask = mask | ~has_key[r, front:n_inner, None]
-            mask = _additive(mask, qt.dtype)
+            mask = additive(mask, qt.dtype)  # built here, not in SDPA's own parallel region inside the large call
             sdpa = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
             work = qt.shape[0] * H * bs * kb.shape[2] * (D + Dv)
             region = functools.partial(all_threads, work)
@@ -350,13 +351,6 @@ def _banded_rows(masks: _BandMasks, bs: int, width: int, scale: float, L: int, q
         per_row.append(torch.cat(pieces, dim=1))  # (H, nT, bs, Dv)
     out = per_row[0].unsqueeze(0) if B == 1 else torch.stack(per_row)
     return out.view(B, H, n_tiles * bs, Dv)[:, :, :L]
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask as the float one SDPA would make of it (0 where True, -inf where False, in ``dtype``), built here
-    so that SDPA's own conversion (a parallel region of its own) does not run inside the large call."""
-    zero, blocked = torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype)
-    return torch.where(mask, zero, blocked)
 
 
 BACKEND = Backend(

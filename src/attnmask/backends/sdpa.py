@@ -16,15 +16,17 @@ changes the scores inside the kernel, which SDPA cannot: not declared.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 import attnmask.backends._common as _common
 import attnmask.backends._workers as _workers
 import attnmask.backends.cuda_costs as cuda_costs
-from attnmask._dense import fold, zero_rows
+from attnmask._dense import additive, fold, zero_rows
 from attnmask.backends._common import ModeFactors, cached, mode_factor
 from attnmask.backends.contract import (
     ALL_DTYPES,
@@ -160,8 +162,9 @@ def _split_causal(call: AttentionCall) -> torch.Tensor:
 
 class _SpecMask(NamedTuple):
     """A spec's mask as SDPA takes it: ``bias`` ``(B or 1, 1 or H, Q, K)`` additive in q's dtype (0 where allowed,
-    ``-inf`` elsewhere; every key 0 in a row with no allowed key), and ``empty`` ``(B or 1, 1 or H, Q, 1)`` bool,
-    the rows with no allowed key (``None`` when there is none)."""
+    ``-inf`` elsewhere), and ``empty`` ``(B or 1, 1 or H, Q, 1)`` bool, the rows with no allowed key, which see every
+    key (0) and are zeroed after the call; ``None`` when there is none, or when the kernel gives such rows exactly 0
+    itself (``_kernel_zeroes_empty_rows``: their bias is ``-inf`` throughout)."""
 
     bias: torch.Tensor
     empty: torch.Tensor | None
@@ -173,25 +176,92 @@ def _spec_mask(call: AttentionCall) -> _SpecMask:
 
     Additive, as SDPA's fused CPU and CUDA kernels take a mask (they turn a bool one into a float one per call): 0 and
     ``-inf``, exactly what they make of the bool mask, so the same output bit for bit, one conversion per spec instead
-    of one per call and layer. Rows with no allowed key see every key (0 everywhere: finite, no NaN) and their output
-    is zeroed. (``finfo.min`` instead of ``-inf`` gave the same bits but measured ~12% slower in torch's CPU kernel:
+    of one per call and layer. Rows with no allowed key: left to the kernel where it zeroes them
+    (``_kernel_zeroes_empty_rows``), else they see every key (0 everywhere: finite, no NaN) and their output is
+    zeroed. (``finfo.min`` instead of ``-inf`` gave the same bits but measured ~12% slower in torch's CPU kernel:
     rows of 256 packed documents, 7.75 against 6.78 ms.)"""
+    kernel_zeroes = _kernel_zeroes_empty_rows(call)
     nbytes = (call.mask.batch_size or 1) * (call.mask_heads or 1) * call.q_len * call.kv_len * call.q.element_size()
     if nbytes <= _CACHED_MASK_BYTES:
-        return cached(call, "sdpa_mask", _build_spec_mask)
-    return _build_spec_mask(call)
+        return cached(call, f"sdpa_mask_{kernel_zeroes}", lambda c: _build_spec_mask(c, kernel_zeroes))
+    return _build_spec_mask(call, kernel_zeroes)
 
 
-def _build_spec_mask(call: AttentionCall) -> _SpecMask:
+def _build_spec_mask(call: AttentionCall, kernel_zeroes: bool = False) -> _SpecMask:
     allowed, _ = dense_mask(call)  # (B or 1, 1 or H, Q, K)
+    if kernel_zeroes:
+        return _SpecMask(additive(allowed, call.q.dtype), None)
     has_key = rows_with_keys(allowed)
     empty = None if bool(has_key.all()) else ~has_key
-    dtype, device = call.q.dtype, call.q.device
-    zero = torch.zeros((), dtype=dtype, device=device)
-    denied = torch.full((), float("-inf"), dtype=dtype, device=device)
     if empty is not None:  # empty rows see every key (finite, NaN-free); their output (and gradient) is zeroed
-        denied = torch.where(empty, zero, denied)  # (B or 1, 1, Q, 1)
-    return _SpecMask(torch.where(allowed, zero, denied), empty)
+        allowed = fold(torch.logical_or, [allowed, empty])
+    return _SpecMask(additive(allowed, call.q.dtype), empty)
+
+
+def _kernel_zeroes_empty_rows(call: AttentionCall) -> bool:
+    """Whether SDPA runs ``call`` (with its spec's additive mask) in torch's fused CPU kernel (``FLASH_ATTENTION`` by
+    ``torch._fused_sdp_choice``, which also follows ``torch.nn.attention.sdpa_kernel``) and that kernel, on this
+    torch and dtype, gives a row whose keys are all ``-inf`` an output of exactly 0 and a gradient of exactly 0
+    (``_probe_empty_rows``, once per dtype). Then no row needs to see every key and be zeroed afterwards: on rows of
+    256 packed documents with trailing padding (8 rows, one thread, forward + backward) that saved 4-10%. ``False``
+    off CPU, with dropout (the math kernel), under tracing, and wherever the choice cannot be asked."""
+    if call.q.device.type != "cpu" or call.dropout_p > 0 or torch.compiler.is_compiling():
+        return False
+    # The choice follows the call's signature (shapes, strides, dtype: the plans' key) and the flash-attention switch
+    # (``sdpa_kernel`` sets it), so it is kept with the plans under that switch's state.
+    return cached(call, f"sdpa_fused_{torch.backends.cuda.flash_sdp_enabled()}", _fused_zeroes_empty_rows)
+
+
+def _fused_zeroes_empty_rows(call: AttentionCall) -> bool:
+    choice = getattr(torch, "_fused_sdp_choice", None)
+    if choice is None:
+        return False
+    shape = (call.mask.batch_size or 1, call.mask_heads or 1, call.q_len, call.kv_len)
+    placeholder = torch.zeros((), dtype=call.q.dtype).expand(shape)  # the choice reads the mask's shape and dtype
+    gqa = call.heads != call.kv_heads
+    try:
+        picked = choice(call.q, call.k, call.v, placeholder, 0.0, False, scale=call.scale, enable_gqa=gqa)
+    except (RuntimeError, TypeError):  # an older signature, or inputs the choice refuses: keep the zeroing
+        return False
+    return picked == int(SDPBackend.FLASH_ATTENTION) and _probe_empty_rows(call.q.dtype)
+
+
+@functools.cache
+def _probe_empty_rows(dtype: torch.dtype) -> bool:
+    """Whether torch's fused CPU kernel gives rows whose keys are all ``-inf`` exactly 0, forward and backward, in
+    ``dtype``: a call of 600 queries and keys (two key blocks of the kernel) with such rows at the edges of its
+    blocks, whose other rows' outputs and query gradients must equal those of the same call with the rows left out, and
+    whose key / value gradients must too up to a few roundings (the empty rows' output gradient is 1000 times the
+    others', so any share of it would show). A few milliseconds, once per dtype and process."""
+    gen = torch.Generator().manual_seed(0)
+    n, empty_rows = 600, [0, 1, 255, 256, 511, 512, 599]
+    q, k, v, grad = (torch.randn(1, 2, n, 16, generator=gen).to(dtype) for _ in range(4))
+    grad[:, :, empty_rows] *= 1000  # a gradient leaking from the empty rows into dk, dv would stand out
+    allowed = torch.rand(1, 1, n, n, generator=gen) < 0.5
+    allowed[..., empty_rows, :] = False
+    kept = torch.ones(n, dtype=torch.bool)
+    kept[empty_rows] = False
+    runs = []
+    for rows in (slice(None), kept):
+        qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q[:, :, rows], k, v))
+        if torch._fused_sdp_choice(qr, kr, vr, additive(allowed[..., rows, :], dtype), 0.0, False) != int(
+            SDPBackend.FLASH_ATTENTION
+        ):
+            return False
+        out = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=additive(allowed[..., rows, :], dtype))
+        out.backward(grad[:, :, rows])
+        runs.append((out.detach(), qr.grad, kr.grad, vr.grad))
+    (out, dq, dk, dv), (out_kept, dq_kept, dk_kept, dv_kept) = runs
+    zeroed = not out[:, :, ~kept].any() and not dq[:, :, ~kept].any()
+    same = torch.equal(out[:, :, kept], out_kept) and torch.equal(dq[:, :, kept], dq_kept)
+    # dk, dv: summed over query blocks that differ between the two calls, so equal up to a few roundings
+    tolerance = 4 * torch.finfo(dtype).eps
+    close = all(
+        float((a.float() - b.float()).abs().max()) <= tolerance * float(b.float().abs().max())
+        for a, b in ((dk, dk_kept), (dv, dv_kept))
+    )
+    finite = all(bool(torch.isfinite(t).all()) for t in (out, dq, dk, dv))
+    return zeroed and same and close and finite
 
 
 def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:
