@@ -81,7 +81,29 @@ def test_sdpa_leaves_empty_rows_to_the_fused_kernel_where_it_zeroes_them(monkeyp
     torch.testing.assert_close(dv, dv_z, **tolerance)
     rows = empty[:, None, :].expand(-1, 4, -1)
     assert not out[rows].any() and not dq[rows].any()
-    assert_matches_reference(out.detach(), naive_attention(q.detach(), k.detach(), v.detach(), spec.to_dense(96)[:, None]))
+    want = naive_attention(q.detach(), k.detach(), v.detach(), spec.to_dense(96)[:, None])
+    assert_matches_reference(out.detach(), want)
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast"])
+def test_the_empty_row_probe_runs_its_backward_under_any_calling_context(context):
+    """The probe is first run by whichever call meets empty rows first, which may be an evaluation under ``no_grad``
+    or inference mode, or a model under bfloat16 autocast (that would cast the float32 probe)."""
+    enter = {
+        "no_grad": torch.no_grad,
+        "inference_mode": torch.inference_mode,
+        "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    }[context]
+    sdpa_backend._probe_empty_rows.cache_clear()
+    (q, k, v), spec, empty = _packed_with_padding(torch.float32)
+    try:
+        with enter():
+            out = am.attention(q.detach(), k.detach(), v.detach(), spec, backend="sdpa")
+        assert sdpa_backend._probe_empty_rows.cache_info().currsize == 1
+        assert sdpa_backend._probe_empty_rows(out.dtype)
+    finally:
+        sdpa_backend._probe_empty_rows.cache_clear()
+    assert not out[empty[:, None, :].expand(-1, 4, -1)].any()
 
 
 def test_sdpa_zeroes_empty_rows_itself_where_sdpa_runs_another_kernel(monkeypatch):

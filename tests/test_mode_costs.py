@@ -275,3 +275,34 @@ def test_varlen_estimate_counts_the_key_bands_its_window_path_computes(monkeypat
     q = torch.randn(1, 2, length, 8)
     am.attention(q, q, q, am.causal() & am.sliding_window(window), backend="varlen")
     assert sum(seen) == VL.band_pairs(length, length, 0, window) > 0
+
+
+def test_varlen_charges_the_documents_sdpa_runs_unmasked_at_the_amx_pair_factor(monkeypatch):
+    """On a CPU with AMX bfloat16 tiles, the pairs of documents that SDPA's fused kernel runs whole (is_causal) cost
+    ``AMX_BF16_PAIR_FACTOR`` of a float32 pair, as in sdpa's own estimate; tiny documents (batched matmuls) and
+    windowed ones (masked calls per query block) keep the plain pair cost; float32 and a CPU without the tiles see
+    no factor."""
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    monkeypatch.setattr(VL, "MODES", ModeFactors(bf16_no_amx=1.0, bf16_backward_no_amx=1.0))  # every factor 1
+    q = torch.zeros(1, 4, 512, 32, dtype=torch.bfloat16)
+    specs = {
+        "whole": am.causal() & am.document(seq_lens=[256, 256]),
+        "tiny": am.causal() & am.document(seq_lens=[16] * 32),
+        "windowed": am.causal() & am.sliding_window(64) & am.document(seq_lens=[256, 256]),
+    }
+
+    def pair_part(spec, amx, dtype=torch.bfloat16):
+        """The estimate with the pair cost at 1 minus at 0: the part that scales with the pairs."""
+        monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: amx)
+        estimates = []
+        for pair_cost in (1.0, 0.0):
+            monkeypatch.setattr(VL, "_PAIR_COST", pair_cost)
+            monkeypatch.setattr(VL, "_MASKED_PAIR_COST", pair_cost)
+            estimates.append(VL.cost(A._prepare_call(q.to(dtype), q.to(dtype), q.to(dtype), spec, None, None, None)))
+        return estimates[0] - estimates[1]
+
+    whole = pair_part(specs["whole"], True) / pair_part(specs["whole"], False)
+    assert whole == pytest.approx(C.AMX_BF16_PAIR_FACTOR)
+    for name in ("tiny", "windowed"):
+        assert pair_part(specs[name], True) == pytest.approx(pair_part(specs[name], False)), name
+    assert pair_part(specs["whole"], True, torch.float32) == pytest.approx(pair_part(specs["whole"], False))

@@ -30,11 +30,13 @@ from attnmask.plancache import call_plans
 __all__ = [
     "CALL_COST",
     "COPY_COST",
+    "AMX_BF16_PAIR_FACTOR",
     "ModeFactors",
     "SDPA_BACKWARD_KEY_COST",
     "SMALL_MATMUL_COST",
     "VarlenPlan",
     "allowed_fraction",
+    "amx_pair_factor",
     "cached",
     "check_qkv",
     "check_segments",
@@ -52,6 +54,12 @@ __all__ = [
 # 4,096 keys (H=4, D=Dv=64); the part that does not grow with the queries, 6.0 ms over 2.1M key elements at sdpa's
 # 52 ps per unit: ~55. No gain from a second thread (8.6 ms at 2 threads). RESULTS.md, issue 15, "A different CPU".
 SDPA_BACKWARD_KEY_COST = 55.0
+# torch's fused CPU kernel runs bfloat16 on AMX tiles where the CPU has them: in bench_limit's rows of 1,024 tokens
+# (2 threads, a Xeon with amx_bf16) SDPA took 1.5-2.3x less time in bfloat16 than in float32 (median 1.9x), while the
+# other CPU backends gained 0.6-1.6x (blocksparse and native compute half precision in float32; banded's and varlen's
+# small calls are bound by per-call work). float16 gained nothing there. Pair work of a bfloat16 SDPA call on such a
+# CPU (``amx_pair_factor``: sdpa's whole call, varlen's documents that SDPA runs):
+AMX_BF16_PAIR_FACTOR = 0.5
 CALL_COST = 3e5  # one SDPA call or one tile group: tens of microseconds of overhead
 # One small matrix product inside a batched matmul (a tiny document's scores or output for one head): about a
 # microsecond of fixed cost on CPU whatever its size, which is what dominates rows of thousands of tiny documents.
@@ -127,6 +135,13 @@ def mode_factor(modes: ModeFactors, call) -> float:
 
 
 @functools.cache
+def amx_pair_factor(call) -> float:
+    """``AMX_BF16_PAIR_FACTOR`` for a bfloat16 call on a CPU with AMX bfloat16 tiles (torch's fused SDPA kernel runs
+    its pairs there), else 1."""
+    amx = call.q.dtype == torch.bfloat16 and call.q.device.type == "cpu" and cpu_has_amx_bf16()
+    return AMX_BF16_PAIR_FACTOR if amx else 1.0
+
+
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU advertises AMX bfloat16 tiles (Linux's /proc/cpuinfo flags); False where that is unknown."""
     try:

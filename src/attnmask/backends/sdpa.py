@@ -44,11 +44,6 @@ __all__ = ["BACKEND"]
 # On CPU the estimate is in multiply-adds of SDPA's kernel (the unit of every CPU backend's estimate), plus:
 _MASK_COST = 2.0  # building and reading one element of a spec's dense bool mask
 _CALL_COST = 0.0  # fixed cost of a call with a spec's mask (positions, to_dense, the masked kernel's set-up)
-# torch's fused CPU kernel runs bfloat16 on AMX tiles where the CPU has them: in bench_limit's rows of 1,024 tokens
-# (2 threads, a Xeon with amx_bf16) SDPA took 1.5-2.3x less time in bfloat16 than in float32 (median 1.9x), while the
-# other CPU backends gained 0.6-1.6x (blocksparse and native compute half precision in float32; banded's and varlen's
-# small calls are bound by per-call work). float16 gained nothing there. Pair work of a bfloat16 call on such a CPU:
-_AMX_BF16_PAIR_FACTOR = 0.5
 # Threads: torch's fused CPU kernel splits one call into B·H·(query blocks) items across every intra-op thread, each
 # added thread contributing this share of a core (fitted: ``benchmarks/bench_limit.py --fit`` on the 1- and 2-thread
 # tables limit_tables/omp_*.txt, rows of 1,024 and 8,192 at low load, RESULTS.md "native's threads"; was 0.41; the mask
@@ -228,6 +223,13 @@ def _fused_zeroes_empty_rows(call: AttentionCall) -> bool:
 
 @functools.cache
 def _probe_empty_rows(dtype: torch.dtype) -> bool:
+    """See ``_probe``; the first call in a process may come under ``no_grad``, inference mode or autocast: the probe
+    runs outside all three."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        return _probe(dtype)
+
+
+def _probe(dtype: torch.dtype) -> bool:
     """Whether torch's fused CPU kernel gives rows whose keys are all ``-inf`` exactly 0, forward and backward, in
     ``dtype``: a call of 600 queries and keys (two key blocks of the kernel) with such rows at the edges of its
     blocks, whose other rows' outputs and query gradients must equal those of the same call with the rows left out, and
@@ -306,8 +308,7 @@ def cost(call: AttentionCall) -> float:
 
 def _one_thread_cost(call: AttentionCall) -> float:
     work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
-    if call.q.dtype == torch.bfloat16 and call.q.device.type == "cpu" and _common.cpu_has_amx_bf16():
-        work *= _AMX_BF16_PAIR_FACTOR
+    work *= _common.amx_pair_factor(call)
     if call.masks_no_key:
         return float(work)
     if call.is_plain_causal:

@@ -31,6 +31,7 @@ from attnmask.backends._common import (
     COPY_COST,
     SMALL_MATMUL_COST,
     ModeFactors,
+    amx_pair_factor,
     check_qkv,
     check_segments,
     mode_factor,
@@ -77,14 +78,17 @@ _HANDOVER_COST = 3.2e6
 # tasks").
 _IDLE_MIN_WORK = MIN_TASK_WORK / 8
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
-# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
+# tables benchmarks/limit_tables/modes_*.txt (bf16 and bf16_backward: refitted on those and s13_q*_final.txt once
+# documents got ``amx_pair_factor``, fitted with it on every document SDPA runs and kept with it on the unmasked ones
+# only, which scored best on nine sets of 1K tables; RESULTS.md, issue 15, "varlen's documents on AMX tiles"); with a
+# core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
 # CPU without AMX tiles (the _no_amx factors): --fit ... --modes on limit_tables/s9_q1.txt and s9_q2.txt, an AMD EPYC
 # (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX").
 MODES = ModeFactors(
-    bf16=0.84,
+    bf16=1.16,
     backward=3.17,
-    bf16_backward=3.33,
+    bf16_backward=5.06,
     busy=1.03,
     busy_backward=1.74,
     bf16_no_amx=0.88,
@@ -569,6 +573,7 @@ def cost(call) -> float:
     width = call.head_dim + call.value_dim
     small = segs[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
     per_seg = pairs * call.heads * width * torch.where(masked, _MASKED_PAIR_COST, _PAIR_COST).double()
+    per_seg[~small & ~masked] *= amx_pair_factor(call)  # documents in one fused SDPA call (not tiny ones: matmuls)
     per_seg += torch.where(small, _SMALL_ROW_COST, _SDPA_ROW_COST).double() * ql * call.heads * width
     per_seg += small.double() * 2 * call.heads * SMALL_MATMUL_COST
     tokens = (segs[:, 2] * call.heads + segs[:, 4] * call.kv_heads).double() * width
