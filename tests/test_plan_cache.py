@@ -249,6 +249,21 @@ def test_pickling_or_copying_a_spec_leaves_its_plans_behind():
         assert torch.equal(other.to_dense(24), spec.to_dense(24))
 
 
+def test_structural_properties_are_kept_on_a_composed_spec_and_left_behind_by_copies(monkeypatch):
+    """``is_structural`` and ``heads`` of a composed spec walk its parts once (attention asks several times a call);
+    pickles and copies carry only the fields, and a per-head or custom part still answers for itself."""
+    asked = []
+    real = am.masks._common_heads
+    spec = packed_spec()  # composing checks the parts' heads once
+    monkeypatch.setattr(am.masks, "_common_heads", lambda parts: asked.append(1) or real(parts))
+    assert spec.is_structural and spec.heads is None and spec.heads is None and len(asked) == 1
+    for other in (pickle.loads(pickle.dumps(spec)), copy.copy(spec), copy.deepcopy(spec)):
+        assert am.masks._MEMO_ATTRIBUTE not in other.__dict__ and other.is_structural
+    per_head = spec & am.custom(lambda b, h, q, k: q >= k, heads=3)
+    assert not per_head.is_structural and per_head.heads == 3 and (~per_head).heads == 3
+    assert (per_head | am.causal()).is_structural is False
+
+
 def test_spec_tensors_lists_every_tensor_of_every_part():
     mask, ids, prefix = torch.ones(2, 8, dtype=torch.bool), torch.zeros(2, 8, dtype=torch.long), torch.tensor([2, 3])
     spec = (am.causal() | am.prefix_lm(prefix)) & am.key_padding(mask) & ~am.document(doc_ids=ids)

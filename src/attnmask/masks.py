@@ -70,6 +70,19 @@ MAX_DEPTH = 100
 and Python's stack would give out (``RecursionError``) a few hundred levels down. Real masks have a handful."""
 
 PLANS_ATTRIBUTE = "_attnmask_plans"
+_MEMO_ATTRIBUTE = "_attnmask_memo"  # structural properties of a composed spec, computed once (``_memo``)
+
+
+def _memo(spec: MaskSpec, name: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept on the (frozen) spec object under ``name``: for properties that follow from the spec's
+    structure alone (its parts' types and heads, never tensor values), which attention asks several times a call
+    and which walk every part."""
+    memo = spec.__dict__.get(_MEMO_ATTRIBUTE)
+    if memo is None:
+        memo = spec.__dict__.setdefault(_MEMO_ATTRIBUTE, {})
+    if name not in memo:
+        memo[name] = compute()
+    return memo[name]
 """Name of the attribute ``attnmask.plancache`` stores a spec's cached attention plans under (not a field)."""
 
 
@@ -162,7 +175,7 @@ class MaskSpec:
     def heads(self) -> int | None:
         """Number of query heads of a per-head spec (one holding ``custom(fn, heads=H)``), else ``None``: the spec is
         then one mask for every head."""
-        return _common_heads(self.children)
+        return _memo(self, "heads", lambda: _common_heads(self.children))
 
     @property
     def children(self) -> tuple[MaskSpec, ...]:
@@ -179,7 +192,7 @@ class MaskSpec:
     @property
     def is_structural(self) -> bool:
         """True unless the spec contains a ``custom`` predicate (which can only be evaluated per element)."""
-        return all(child.is_structural for child in self.children)
+        return _memo(self, "is_structural", lambda: all(child.is_structural for child in self.children))
 
     def walk(self):
         """Yield this spec and every spec inside it, depth first."""
@@ -209,8 +222,9 @@ class MaskSpec:
         )
 
     def __getstate__(self) -> dict:
-        """Pickle and copy the spec's fields only, never the plans ``attention`` cached on the object."""
-        return {name: value for name, value in self.__dict__.items() if name != PLANS_ATTRIBUTE}
+        """Pickle and copy the spec's fields only, never the plans ``attention`` cached on the object nor the
+        properties kept on it (``_memo``)."""
+        return {name: value for name, value in self.__dict__.items() if name not in (PLANS_ATTRIBUTE, _MEMO_ATTRIBUTE)}
 
     def max_position(self) -> int | None:
         """Largest position the spec's per-row data describes plus one (``L``), or ``None`` if unbounded."""
