@@ -2,9 +2,11 @@
 [--threads 1]
 
 Per-call overhead of ``attnmask.attention`` on a batch of small rows (issue 15: under 5% of the attention call),
-against stock SDPA, in one process, interleaved. Two batches of ``--rows`` rows of ``--length`` tokens, fp32: packed
-documents (``causal() & document(...)``, 1-4 documents a row, some trailing padding) and right-padded rows
-(``causal() & key_padding(mask)``). Per batch, forward and forward + backward, medians of ``--reps`` rounds:
+against stock SDPA, in one process, interleaved. Three batches of ``--rows`` rows of ``--length`` tokens, fp32: packed
+documents (``causal() & document(...)``, 1-4 documents a row, some trailing padding), right-padded rows
+(``causal() & key_padding(mask)``), both of which ``auto`` sends to stock SDPA without planning the other backends
+(``stock``), and many documents (8-16 a row), where the costs decide and every backend is planned (``costs``). Per
+batch, forward and forward + backward, medians of ``--reps`` rounds:
 
 - ``stock``: ``F.scaled_dot_product_attention`` with the spec's dense bool mask, built in the call (a fresh spec each
   call, as transformers builds its mask each forward);
@@ -30,17 +32,23 @@ from attnmask import attention, causal, document, explain, key_padding
 from attnmask.attention import _prepare_call, choose_backend
 
 
-def packed_spec(rows: int, length: int, seed: int = 0):
-    """1-4 documents a row, filling 60-100% of it; positions after the last are padding (document -1)."""
+def packed_spec(rows: int, length: int, seed: int = 0, docs: tuple[int, int] = (1, 4)):
+    """``docs`` (least, most) documents a row, filling 60-100% of it; positions after the last are padding
+    (document -1)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.full((rows, length), -1, dtype=torch.long)
     for r in range(rows):
-        n_docs = int(torch.randint(1, 5, (), generator=gen))
+        n_docs = int(torch.randint(docs[0], docs[1] + 1, (), generator=gen))
         used = int(length * (0.6 + 0.4 * torch.rand((), generator=gen)))
         cuts = sorted(torch.randperm(used - 1, generator=gen)[: n_docs - 1].add(1).tolist())
         for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, used], strict=True)):
             ids[r, a:b] = i
     return causal() & document(doc_ids=ids)
+
+
+def many_docs_spec(rows: int, length: int, seed: int = 0):
+    """8-16 documents a row (a tenth of the pairs or less): the costs decide, so every backend is planned."""
+    return packed_spec(rows, length, seed, docs=(8, 16))
 
 
 def padded_spec(rows: int, length: int, seed: int = 0):
@@ -86,7 +94,7 @@ def case_fns(make_spec, q, k, v, grad: bool, reps: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
@@ -94,7 +102,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(args.rows, args.heads, args.length, args.dim, generator=gen) for _ in range(3))
@@ -107,8 +115,10 @@ def main() -> None:
         "| stock / auto fresh | stock / auto repeated |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, make_spec in (("packed documents", packed_spec), ("padded rows", padded_spec)):
-        picked = explain(q, k, v, make_spec(args.rows, args.length)).picked
+    batches = (("packed documents", packed_spec), ("padded rows", padded_spec), ("many documents", many_docs_spec))
+    for name, make_spec in batches:
+        seen = explain(q, k, v, make_spec(args.rows, args.length))
+        picked = f"{seen.picked} ({'stock' if seen.stock else 'costs'})"
         for grad in (False, True):
             ms = median_ms(case_fns(make_spec, q, k, v, grad, args.reps), args.reps)
             stock, fresh, repeated, planning = ms.values()
@@ -116,7 +126,8 @@ def main() -> None:
                 f"| {name} | {'fwd+bwd' if grad else 'fwd'} | {picked} | {stock:.2f} | {fresh:.2f} | {repeated:.2f} | "
                 f"{planning:.3f} | {planning / stock:.1%} | {stock / fresh:.2f}x | {stock / repeated:.2f}x |"
             )
-    print("\ncommand: PYTHONPATH=src python benchmarks/bench_small_rows.py " + " ".join(sys.argv[1:]))
+    shown = sys.argv[1:] if argv is None else argv
+    print("\ncommand: PYTHONPATH=src python benchmarks/bench_small_rows.py " + " ".join(shown))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 from pathlib import Path
 
@@ -165,3 +166,20 @@ def test_native_busy_bench_times_native_both_ways_and_restores_its_threshold(cap
     assert "| native, team kept |" in out and "unmasked sdpa, " in out
     assert "reproduce: PYTHONPATH=src python benchmarks/bench_native_busy.py --length 256" in out
     assert native._BUSY_SHARE_WORK == own
+
+
+def test_small_rows_bench_times_the_stock_and_the_costed_batches(capsys):
+    """bench_small_rows: the packed and padded batches take the stock path, many documents a row the costs."""
+    spec = importlib.util.spec_from_file_location("bench_small_rows", SCRIPT.with_name("bench_small_rows.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--rows", "2", "--length", "64", "--reps", "1", "--dim", "8"])
+    finally:
+        torch.set_num_threads(threads)  # the script sets its own
+    out = capsys.readouterr().out
+    for batch, path in (("packed documents", "stock"), ("padded rows", "stock"), ("many documents", "costs")):
+        assert out.count(f"| {batch} |") == 2, batch
+        assert re.search(rf"\| {batch} \| fwd \| \w+ \({path}\) \|", out), batch
+    assert "command: PYTHONPATH=src python benchmarks/bench_small_rows.py --rows 2" in out
