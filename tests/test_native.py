@@ -221,6 +221,10 @@ def test_segment_attention_rejects_bad_arguments():
         N.segment_attention(q, q, q, torch.tensor([[0, 0, 4, 0, 4, 0], [0, 2, 3, 2, 3, 0]]))
     with pytest.raises(ShapeError, match="inside rows"):
         N.segment_attention(q, q, q, torch.tensor([[0, 4, 4, 0, 4, 0]]))
+    for offset in (-(2**63), 2**40 + 1, -(2**40) - 1):  # the least int64 is its own absolute value
+        with pytest.raises(ShapeError, match="inside rows"):
+            N.segment_attention(q, q, q, torch.tensor([[0, 0, 6, 0, 6, offset]]))
+    N.segment_attention(q, q, q, torch.tensor([[0, 0, 6, 0, 6, 2**40]]))  # far, but in range: every key seen
     with pytest.raises(ShapeError, match=r"\(N, 6\)"):
         N.segment_attention(q, q, q, torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(BackendError, match="window"):
