@@ -93,6 +93,20 @@ def test_sdpa_charges_a_gradient_per_key_so_a_decoding_step_with_a_gradient_is_n
     assert ref.cost(with_grad) >= sdpa.cost(with_grad) and ref.cost(without) >= sdpa.cost(without)
 
 
+def test_sdpa_divides_its_backward_key_charge_by_its_threads_gain_too(monkeypatch):
+    """At two threads the whole estimate of a decoding step with a gradient, the per-key charge included, is the
+    one-thread estimate over what the threads gain on the call (measured on the Xeon: 1.6-2.0x)."""
+    sdpa = importlib.import_module("attnmask.backends.sdpa")
+    q = torch.zeros(1, 4, 8, 64, requires_grad=True)
+    k = torch.zeros(1, 4, 4096, 64, requires_grad=True)
+    with_grad = A._prepare_call(q, k, k, am.causal(), None, None, None)
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    one = sdpa.cost(with_grad)
+    monkeypatch.setattr(W, "threads_available", lambda: 2)
+    assert sdpa._threads_gain(with_grad) > 1.5
+    assert sdpa.cost(with_grad) == pytest.approx(one / sdpa._threads_gain(with_grad))
+
+
 def test_auto_weighs_the_backward_it_will_run(monkeypatch):
     """Two backends whose forward estimates tie: the one with the cheaper backward wins once a gradient is needed."""
     monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: False)

@@ -83,6 +83,8 @@ def _memo(spec: MaskSpec, name: str, compute: Callable[[], Any]) -> Any:
     if name not in memo:
         memo[name] = compute()
     return memo[name]
+
+
 """Name of the attribute ``attnmask.plancache`` stores a spec's cached attention plans under (not a field)."""
 
 

@@ -52,7 +52,10 @@ __all__ = [
 # more than its pairs. Measured on bench_limit's decode rows (rows of 1K tables, AMD EPYC, 1 thread,
 # limit_tables/s9_q1.txt): forward + backward minus forward 6.0, 8.2 and 10.1 ms for 1, 8 and 16 queries against
 # 4,096 keys (H=4, D=Dv=64); the part that does not grow with the queries, 6.0 ms over 2.1M key elements at sdpa's
-# 52 ps per unit: ~55. No gain from a second thread (8.6 ms at 2 threads). RESULTS.md, issue 15, "A different CPU".
+# 52 ps per unit: ~55. No gain from a second thread there (8.6 ms at 2 threads; RESULTS.md, issue 15, "A different
+# CPU"); on the Xeon with AMX tiles the same rows' forward + backward gained 1.6-2.0x from a second thread, and sdpa's
+# estimate divides this charge by its threads' gain like the rest: rows within 1.1x of the fastest 888 -> 905 over ten
+# sets of 1K tables there, the EPYC's tables' float32 rows one better (RESULTS.md, issue 15, "sdpa's backward keys").
 SDPA_BACKWARD_KEY_COST = 55.0
 # torch's fused CPU kernel runs bfloat16 on AMX tiles where the CPU has them: in bench_limit's rows of 1,024 tokens
 # (2 threads, a Xeon with amx_bf16) SDPA took 1.5-2.3x less time in bfloat16 than in float32 (median 1.9x), while the

@@ -298,11 +298,11 @@ def cost(call: AttentionCall) -> float:
     ``D + Dv``; on CUDA ``cuda_costs.sdpa_cost`` (comparable with the fused varlen and flex kernels)."""
     if call.q.device.type == "cuda":
         return cuda_costs.sdpa_cost(call)
-    estimate = _one_thread_cost(call) / _threads_gain(call) * mode_factor(MODES, call)
+    gain = _threads_gain(call)
+    estimate = _one_thread_cost(call) / gain * mode_factor(MODES, call)
     if call.needs_grad:
-        estimate += (
-            _common.SDPA_BACKWARD_KEY_COST * call.batch * call.heads * call.kv_len * (call.head_dim + call.value_dim)
-        )
+        keys = _common.SDPA_BACKWARD_KEY_COST * call.batch * call.heads * call.kv_len * (call.head_dim + call.value_dim)
+        estimate += keys / gain
     return estimate
 
 
