@@ -1,5 +1,6 @@
 """Sparse backends ("varlen", "blocksparse", "flex") and "auto" equal the naive reference in outputs and gradients."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -200,6 +201,27 @@ def _window_stacks(spec, length: int, heads: int = 2, kv_heads: int = 2, batch: 
     k, v = (torch.randn(batch, kv_heads, length, 8) for _ in range(2))
     call = _prepare_call(q, k, v, spec, None, None, None)
     return q, k, v, BS.cached(call, "blocksparse", BS._layout_groups)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.lists(st.booleans(), min_size=0, max_size=12), min_size=1, max_size=6).filter(
+        lambda rows: len({len(r) for r in rows}) == 1
+    )
+)
+def test_the_estimates_stack_count_finds_every_run_of_each_row(rows):
+    """``_true_runs`` (all rows at once) counts what a row-by-row scan counts: a run of r consecutive True in a row
+    is a stack of r + 1 tiles; runs never join across rows."""
+    same = np.array(rows, dtype=bool).reshape(len(rows), -1)
+    stacked = stacks = 0
+    for row in same.tolist():
+        run = 0
+        for flag in [*row, False]:
+            if flag:
+                run += 1
+            elif run:
+                stacked, stacks, run = stacked + run + 1, stacks + 1, 0
+    assert BS._true_runs(same) == (stacked, stacks)
 
 
 def test_blocksparse_stacks_the_inner_groups_of_a_window():

@@ -788,14 +788,15 @@ def _stack_count(call) -> tuple[int, int]:
     span = last - first + 1  # a run longer than MAX_KEYS keys is split in two (_plan): not stacked
     one_run = on.any(-1) & (on.sum(-1) == span) & (span * layout.block_size <= max(MAX_KEYS, layout.block_size))
     same = one_run[:, 1:] & one_run[:, :-1] & (relative[:, 1:] == relative[:, :-1]).all(-1)  # (B, nq - 1)
-    stacked = stacks = 0
-    for row in same:
-        # a run of r consecutive True in ``same`` is a stack of r + 1 tiles
-        edges = np.diff(np.concatenate(([0], row.astype(np.int8), [0])))
-        lengths = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
-        stacked += int((lengths + 1).sum())
-        stacks += len(lengths)
-    return stacked, stacks
+    return _true_runs(same)
+
+
+def _true_runs(same: np.ndarray) -> tuple[int, int]:
+    """``(tiles in stacks, stacks)`` of ``same`` ``(B, n)`` bool: a run of ``r`` consecutive True in a row is a stack
+    of ``r + 1`` tiles. All rows at once: a False column on each side of every row keeps runs inside their row."""
+    edges = np.diff(np.pad(same, ((0, 0), (1, 1))).astype(np.int8).reshape(-1))
+    lengths = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+    return int((lengths + 1).sum()), len(lengths)
 
 
 def _task_weights(call) -> tuple[float, ...]:
