@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,9 +76,10 @@ class _BandPlan(NamedTuple):
     rows: int
 
 
-def _first_keys(spec: M.MaskSpec, length: int, rows: int, device) -> torch.Tensor | str:
-    """Per query tile of ``_TILE_SIZES[0]`` tokens, the first key its band may hold (``(n,)`` int64, ``length`` for
-    a tile with no key), from ``spec.key_band``; or why the spec has no band ending at the query tile. O(n log n)."""
+def _first_keys(spec: M.MaskSpec, length: int, rows: int, device) -> np.ndarray | str:
+    """Per query tile of ``_TILE_SIZES[0]`` tokens, the first key its band may hold (``(n,)`` int64 on the host,
+    ``length`` for a tile with no key), from ``spec.key_band``; or why the spec has no band ending at the query tile.
+    O(n log n)."""
     bs = _TILE_SIZES[0]
     pos = torch.arange(length, device=device)
     grid = TileGrid.build(pos, pos, bs, rows, (0, 0))
@@ -88,21 +90,21 @@ def _first_keys(spec: M.MaskSpec, length: int, rows: int, device) -> torch.Tenso
     used = lo < hi
     if bool((used & (hi > torch.arange(grid.n_q_tiles, device=device) + 1)).any()):
         return "some query tile may see keys in later tiles (the band must end at the query tile: causal specs)"
-    return torch.where(used, lo * bs, length).amin(0)
+    return torch.where(used, lo * bs, length).amin(0).cpu().numpy()
 
 
-def _band_width(first_keys: torch.Tensor, bs: int) -> int:
+def _band_width(first_keys: np.ndarray, bs: int) -> int:
     """``W`` for tiles of ``bs`` (a multiple of the smallest size): key tiles of the widest band ending at its query
-    tile. A larger tile's band starts at the first key of the small tiles it holds (sound: it holds their bands)."""
+    tile. A larger tile's band starts at the first key of the small tiles it holds (sound: it holds their bands).
+    In numpy: ``_plan`` asks it for every tile size, a few operations on ``(n,)`` each."""
     per = bs // _TILE_SIZES[0]
-    n = -(-first_keys.shape[0] // per)
-    padded = torch.cat(
-        [first_keys, first_keys.new_full((n * per - first_keys.shape[0],), torch.iinfo(torch.int64).max)]
-    )
-    first = padded.view(n, per).amin(1)
-    tile = torch.arange(n, device=first.device)
+    n = -(-len(first_keys) // per)
+    padded = np.full(n * per, np.iinfo(np.int64).max, dtype=np.int64)
+    padded[: len(first_keys)] = first_keys
+    first = padded.reshape(n, per).min(1)
+    tile = np.arange(n)
     used = first < (tile + 1) * bs
-    return max(int(((tile + 1 - torch.div(first, bs, rounding_mode="floor")) * used).max()), 1) if n else 1
+    return max(int(((tile + 1 - first // bs) * used).max()), 1) if n else 1
 
 
 def _plan(call) -> _BandPlan | str:
