@@ -352,15 +352,12 @@ def allowed_fraction(call) -> float | None:
     # torch call's dispatch at these sizes (the planning of a small-row call: bench_small_rows.py).
     if form.document is not None:
         ids = _host(form.document.doc_ids)[:, :length]
+        pos = np.arange(length)
         change = np.ones(ids.shape, dtype=bool)
         change[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        starts = np.flatnonzero(change)  # every run of equal ids, row-major (each row starts one)
-        runs = np.diff(starts, append=ids.size)[ids.reshape(-1)[starts] >= 0]  # the documents' lengths
-        if form.causal:  # the i-th query of a run sees min(i + 1, w) keys: m(m + 1)/2 + (l - m)·m, m = min(l, w)
-            seen = np.minimum(runs, window)
-            pairs = int((seen * (seen + 1) // 2 + (runs - seen) * seen).sum())
-        else:
-            pairs = int((runs * runs).sum())
+        within = pos - np.maximum.accumulate(np.where(change, pos, 0), axis=1)  # position inside its run of equal ids
+        seen = np.minimum(within + 1, window) if form.causal else 2 * within + 1  # summed over a run: l² if full
+        pairs = int(np.where(ids >= 0, seen, 0).sum())
     elif form.key_padding:
         real = _host(form.key_padding[0].attention_mask)[:, :length]
         for pad in form.key_padding[1:]:
