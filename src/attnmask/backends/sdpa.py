@@ -246,11 +246,10 @@ def _probe(dtype: torch.dtype) -> bool:
     runs = []
     for rows in (slice(None), kept):
         qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q[:, :, rows], k, v))
-        if torch._fused_sdp_choice(qr, kr, vr, additive(allowed[..., rows, :], dtype), 0.0, False) != int(
-            SDPBackend.FLASH_ATTENTION
-        ):
+        bias = additive(allowed[..., rows, :], dtype)
+        if torch._fused_sdp_choice(qr, kr, vr, bias, 0.0, False) != int(SDPBackend.FLASH_ATTENTION):
             return False
-        out = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=additive(allowed[..., rows, :], dtype))
+        out = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=bias)
         out.backward(grad[:, :, rows])
         runs.append((out.detach(), qr.grad, kr.grad, vr.grad))
     (out, dq, dk, dv), (out_kept, dq_kept, dk_kept, dv_kept) = runs
