@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -320,3 +322,18 @@ def test_varlen_charges_the_documents_sdpa_runs_unmasked_at_the_amx_pair_factor(
     for name in ("tiny", "windowed"):
         assert pair_part(specs[name], True) == pytest.approx(pair_part(specs[name], False)), name
     assert pair_part(specs["whole"], True, torch.float32) == pytest.approx(pair_part(specs["whole"], False))
+
+
+def test_estimating_a_call_keeps_neither_the_call_nor_its_tensors_and_reads_the_cpu_flags_once():
+    """The estimates run on every new spec: nothing may hold the call (and with it q, k, v) after ``attention``
+    returns, and the AMX flag comes from /proc/cpuinfo once per process, not once per estimate."""
+    assert hasattr(C.cpu_has_amx_bf16, "cache_info")
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, 2, 64, 8).to(dtype)
+        spec = am.causal() & am.document(seq_lens=[8] * 8)  # few allowed pairs: the costs plan every backend
+        assert not am.explain(q, q, q, spec).stock
+        am.attention(q, q, q, spec)
+        alive = weakref.ref(q)
+        del q, spec
+        gc.collect()
+        assert alive() is None, dtype

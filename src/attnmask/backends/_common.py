@@ -137,7 +137,6 @@ def mode_factor(modes: ModeFactors, call) -> float:
     return modes.of(call.q.dtype, call.q.device.type, call.needs_grad, contended)
 
 
-@functools.cache
 def amx_pair_factor(call) -> float:
     """``AMX_BF16_PAIR_FACTOR`` for a bfloat16 call on a CPU with AMX bfloat16 tiles (torch's fused SDPA kernel runs
     its pairs there), else 1."""
@@ -145,6 +144,7 @@ def amx_pair_factor(call) -> float:
     return AMX_BF16_PAIR_FACTOR if amx else 1.0
 
 
+@functools.cache
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU advertises AMX bfloat16 tiles (Linux's /proc/cpuinfo flags); False where that is unknown."""
     try:
