@@ -185,9 +185,8 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype, denied: float = float("-
     ``(~allowed) * bits(denied)`` viewed as ``dtype`` is the same tensor bit for bit, in vectorised integer passes,
     where ``torch.where`` on a bool condition runs element by element (``(8, 1, 256, 256)``, one thread: 0.55 against
     3.3 ms). Otherwise ``torch.where``. Memory: the result (and a bool temporary of its size)."""
-    width = torch.empty((), dtype=dtype).element_size()
-    as_int = _SAME_WIDTH_INT.get(width)
-    if as_int is None or not _on_cpu((allowed,)) or dtype.is_complex:
+    as_int = None if dtype.is_complex else _SAME_WIDTH_INT.get(dtype.itemsize)
+    if as_int is None or not _on_cpu((allowed,)):
         zero = torch.zeros((), dtype=dtype, device=allowed.device)
         return torch.where(allowed, zero, torch.full((), denied, dtype=dtype, device=allowed.device))
     bits = int(torch.full((), denied, dtype=dtype).view(as_int))

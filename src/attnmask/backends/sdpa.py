@@ -157,9 +157,10 @@ def _split_causal(call: AttentionCall) -> torch.Tensor:
 
 class _SpecMask(NamedTuple):
     """A spec's mask as SDPA takes it: ``bias`` ``(B or 1, 1 or H, Q, K)`` additive in q's dtype (0 where allowed,
-    ``-inf`` elsewhere), and ``empty`` ``(B or 1, 1 or H, Q, 1)`` bool, the rows with no allowed key, which see every
-    key (0) and are zeroed after the call; ``None`` when there is none, or when the kernel gives such rows exactly 0
-    itself (``_kernel_zeroes_empty_rows``: their bias is ``-inf`` throughout)."""
+    ``-inf`` elsewhere), and ``empty`` ``(B or 1, 1 or H, Q, 1)`` bool, the rows with no allowed key (``None`` when
+    there is none, or when the kernel gives such rows exactly 0 itself: ``_kernel_zeroes_empty_rows``). Where
+    ``empty`` is given, its rows of ``bias`` are 0 (they see every key: finite, no NaN) and the output is zeroed
+    there after the call."""
 
     bias: torch.Tensor
     empty: torch.Tensor | None
@@ -172,25 +173,28 @@ def _spec_mask(call: AttentionCall) -> _SpecMask:
     Additive, as SDPA's fused CPU and CUDA kernels take a mask (they turn a bool one into a float one per call): 0 and
     ``-inf``, exactly what they make of the bool mask, so the same output bit for bit, one conversion per spec instead
     of one per call and layer. Rows with no allowed key: left to the kernel where it zeroes them
-    (``_kernel_zeroes_empty_rows``), else they see every key (0 everywhere: finite, no NaN) and their output is
-    zeroed. (``finfo.min`` instead of ``-inf`` gave the same bits but measured ~12% slower in torch's CPU kernel:
-    rows of 256 packed documents, 7.75 against 6.78 ms.)"""
-    kernel_zeroes = _kernel_zeroes_empty_rows(call)
+    (``_kernel_zeroes_empty_rows``, asked only when there are such rows), else a copy of the mask opens them to every
+    key and the output is zeroed there. (``finfo.min`` instead of ``-inf`` gave the same bits but measured ~12% slower
+    in torch's CPU kernel: rows of 256 packed documents, 7.75 against 6.78 ms.)"""
     nbytes = (call.mask.batch_size or 1) * (call.mask_heads or 1) * call.q_len * call.kv_len * call.q.element_size()
-    if nbytes <= _CACHED_MASK_BYTES:
-        return cached(call, f"sdpa_mask_{kernel_zeroes}", lambda c: _build_spec_mask(c, kernel_zeroes))
-    return _build_spec_mask(call, kernel_zeroes)
+    keep = nbytes <= _CACHED_MASK_BYTES
+    mask = cached(call, "sdpa_mask", _build_spec_mask) if keep else _build_spec_mask(call)
+    if mask.empty is None or _kernel_zeroes_empty_rows(call):
+        return _SpecMask(mask.bias, None)
+    return cached(call, "sdpa_mask_opened", lambda c: _opened(mask)) if keep else _opened(mask)
 
 
-def _build_spec_mask(call: AttentionCall, kernel_zeroes: bool = False) -> _SpecMask:
+def _build_spec_mask(call: AttentionCall) -> _SpecMask:
+    """The spec's additive mask, ``-inf`` across rows with no allowed key, and those rows (``None`` if none)."""
     allowed, _ = dense_mask(call)  # (B or 1, 1 or H, Q, K)
-    if kernel_zeroes:
-        return _SpecMask(additive(allowed, call.q.dtype), None)
     has_key = rows_with_keys(allowed)
-    empty = None if bool(has_key.all()) else ~has_key
-    if empty is not None:  # empty rows see every key (finite, NaN-free); their output (and gradient) is zeroed
-        allowed = fold(torch.logical_or, [allowed, empty])
-    return _SpecMask(additive(allowed, call.q.dtype), empty)
+    return _SpecMask(additive(allowed, call.q.dtype), None if bool(has_key.all()) else ~has_key)
+
+
+def _opened(mask: _SpecMask) -> _SpecMask:
+    """``mask`` with its empty rows at 0 (they see every key: finite, NaN-free; their output, and so their gradient,
+    is zeroed after the call), in a copy."""
+    return _SpecMask(zero_rows(mask.bias.clone(), mask.empty), mask.empty)
 
 
 def _kernel_zeroes_empty_rows(call: AttentionCall) -> bool:
