@@ -404,11 +404,12 @@ def test_sdpa_splits_bottom_right_causal_with_fewer_queries_than_keys_and_matche
 
 
 def test_the_causal_split_scans_only_its_last_keys_and_still_contains_a_masked_nan(monkeypatch):
-    """Every query sees the first K - Q keys, so only the last Q are scanned for non-finite values; a NaN there reaches
-    only the queries that may see it, and a NaN among the first keys reaches every query, as the semantics say."""
+    """Every query sees the first K - Q keys, so only the last Q are scanned for non-finite values (once the output
+    shows one); a NaN there reaches only the queries that may see it, and a NaN among the first keys reaches every
+    query, as the semantics say."""
     scanned = []
     scan = A._all_finite
-    monkeypatch.setattr(A, "_all_finite", lambda k, v: scanned.append(k.shape[2]) or scan(k, v))
+    monkeypatch.setattr(A, "_all_finite", lambda *ts: scanned.append(tuple(t.shape[2] for t in ts)) or scan(*ts))
     g = torch.Generator().manual_seed(5)
     q, k, v = torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 2, 30, 8)
     allowed = am.causal().to_dense(4, 30)
@@ -418,7 +419,7 @@ def test_the_causal_split_scans_only_its_last_keys_and_still_contains_a_masked_n
         poisoned[:, :, at] = float("nan")
         with torch.no_grad():
             out = am.attention(q, k, poisoned, am.causal(), backend="sdpa")
-        assert scanned[-1] == 4
+        assert scanned[-1] == (4, 4)  # after the output's scan found the NaN: the keys and values of the span
         nan_rows = out.isnan().any(-1)  # (1, 2, 4)
         assert nan_rows.eq(torch.tensor(seen_by)).all()
         clean = naive_attention(q, k, poisoned.nan_to_num(0.0), allowed).float()
@@ -441,6 +442,50 @@ def test_the_finite_scan_finds_every_non_finite_value_and_settles_an_overflowing
     assert A._all_finite(torch.randn(2, 2, 33, 4).to(dtype), torch.randn(2, 2, 33, 4).to(dtype))
 
 
+def test_which_tensors_the_finite_scan_reads(monkeypatch):
+    """Without a gradient, on a backend that declares ``propagates_nonfinite`` for the device, the output is scanned
+    after the run (fewer elements than k and v); with a gradient, dropout, grouped-query heads whose output outgrows
+    k and v, or a backend without the declaration, k and v before it; never for one that reads no denied key."""
+    scanned = []
+    scan = A._all_finite
+    monkeypatch.setattr(A, "_all_finite", lambda *ts: scanned.append([tuple(t.shape) for t in ts]) or scan(*ts))
+    spec = am.causal() & am.document(seq_lens=[10, 6])
+    q, k, v = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 16, 8), torch.randn(2, 4, 16, 6)
+    out, keys = [(2, 4, 16, 6)], [(2, 4, 16, 8), (2, 4, 16, 6)]
+
+    def scans(**kwargs):
+        scanned.clear()
+        am.attention(kwargs.pop("q", q), kwargs.pop("k", k), kwargs.pop("v", v), spec, **kwargs)
+        return scanned
+
+    assert scans(backend="sdpa") == [out]
+    assert scans(backend="varlen") == [out]
+    assert scans(backend="native") == []
+    assert scans(backend="sdpa", q=q.clone().requires_grad_()) == [keys]
+    with torch.no_grad():
+        assert scans(backend="sdpa", q=q.clone().requires_grad_()) == [out]
+    torch.manual_seed(0)
+    assert scans(backend="sdpa", dropout_p=0.1) == [keys]
+    assert scans(backend="sdpa", k=k[:, :1], v=v[:, :1]) == [[(2, 1, 16, 8), (2, 1, 16, 6)]]  # 4 x 6 > 8 + 6
+    monkeypatch.setitem(A._BACKENDS, "plain", A.Backend("plain", sdpa_backend.BACKEND.run, sdpa_backend.BACKEND.cost))
+    assert scans(backend="plain") == [keys]
+
+
+def test_a_non_finite_output_from_finite_keys_is_returned_as_computed(monkeypatch):
+    """A NaN query makes its row NaN with every key and value finite: after the output scan, the key scan clears them
+    and the output is returned as the backend computed it, without the cleaning runs."""
+    monkeypatch.setattr(A, "_contained", lambda *args: pytest.fail("ran the cleaning runs"))
+    spec = am.causal() & am.document(seq_lens=[10, 6])
+    q, k, v = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    q[0, 1, 4, 0] = float("nan")
+    out = am.attention(q, k, v, spec, backend="sdpa")
+    nan_rows = torch.zeros(1, 2, 16, dtype=torch.bool)
+    nan_rows[0, 1, 4] = True
+    assert torch.equal(out.isnan().any(-1), nan_rows)
+    want = naive_attention(q, k, v, spec.to_dense(16)[:, None]).float()
+    torch.testing.assert_close(out[~nan_rows], want[~nan_rows])
+
+
 def test_sdpa_keeps_the_masked_call_where_the_causal_split_does_not_apply(monkeypatch):
     """A gradient, half precision, explicit positions or Q == K do not take the split; all still match naive."""
     monkeypatch.setattr(sdpa_backend, "_split_causal", lambda call: pytest.fail("split"))
@@ -457,8 +502,8 @@ def test_sdpa_keeps_the_masked_call_where_the_causal_split_does_not_apply(monkey
 def test_a_decoding_step_skips_the_masked_key_scan_since_its_query_sees_every_key(monkeypatch):
     attention_module = sys.modules["attnmask.attention"]  # the package's ``attention`` names the function
 
-    def scanned(k, v):
-        raise AssertionError("scanned k and v for a call that masks no key")
+    def scanned(*tensors):
+        raise AssertionError("scanned for non-finite values a call that masks no key")
 
     monkeypatch.setattr(attention_module, "_all_finite", scanned)
     q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)

@@ -385,6 +385,55 @@ def test_a_nan_in_a_key_reaches_only_the_rows_that_may_see_it(auto_backend, wher
     assert ran, f"{auto_backend.name} refused every case"
 
 
+@st.composite
+def poisons(draw, case):
+    """1-3 non-finite entries of the case's keys or values: ``(tensor, b, kv_head, key, dim, value)``."""
+    found = []
+    for _ in range(draw(st.integers(1, 3))):
+        where = draw(st.sampled_from(["k", "v"]))
+        dims = case["head_dim"] if where == "k" else case["value_dim"]
+        spot = [draw(st.integers(0, n - 1)) for n in (case["batch"], case["kv_heads"], case["kv_len"], dims)]
+        found.append((where, *spot, draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))))
+    return found
+
+
+@pytest.mark.parametrize("backend", AUTO, ids=[b.name for b in AUTO])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@settings(max_examples=25)
+@given(case=conformance_case(dtypes=(torch.float32, torch.float64, torch.bfloat16)), data=st.data())
+def test_non_finite_keys_and_values_reach_only_the_queries_that_may_see_them(backend, grad, case, data):
+    """NaN and infinities at random keys and values: every query that may see none of them gets the reference output
+    of the clean inputs (and, with a gradient, the reference query gradient), whether ``attention`` scans the keys
+    before the run or, for a backend that declares ``propagates_nonfinite`` and a call without a gradient, the
+    output after it; a query that may see a NaN gets NaN."""
+    runnable(backend)
+    q, k, v = make_inputs(case)
+    mods = make_mods(case)
+    if backend.not_supported_reasons(_prepare_call(q, k, v, case["mask"], None, None, None, **mods)):
+        return
+    B, H, Hkv, K = case["batch"], case["heads"], case["kv_heads"], case["kv_len"]
+    dirty = {"k": k.clone(), "v": v.clone()}
+    bad, nan = torch.zeros(B, Hkv, K, dtype=torch.bool), torch.zeros(B, Hkv, K, dtype=torch.bool)
+    for where, b, h, key, dim, value in data.draw(poisons(case)):
+        dirty[where][b, h, key, dim] = value
+        bad[b, h, key] = True
+        nan[b, h, key] |= value != value
+    q.requires_grad_(grad)
+    got = am.attention(q, dirty["k"], dirty["v"], case["mask"], backend=backend.name, **mods)
+    dense = allowed(case)  # (B, 1 or H, Q, K)
+    sees, sees_nan = ((dense & m.repeat_interleave(H // Hkv, 1)[:, :, None, :]).any(-1) for m in (bad, nan))
+    assert got.isnan().any(-1)[sees_nan].all(), f"{backend.name}: a query that may see a NaN did not get NaN"
+    q64 = q.detach().double().requires_grad_(grad)
+    want = naive_attention(q64, k, v, dense, **{n: t.detach() if torch.is_tensor(t) else t for n, t in mods.items()})
+    atol, rtol = TOLERANCE[got.dtype]
+    torch.testing.assert_close(got[~sees].double(), want[~sees].detach(), atol=atol, rtol=rtol, msg=backend.name)
+    if grad:
+        got[~sees].float().sum().backward()
+        (want_dq,) = torch.autograd.grad(want[~sees].sum(), q64)
+        atol, rtol = GRAD_TOLERANCE[q.dtype]
+        torch.testing.assert_close(q.grad[~sees].double(), want_dq[~sees], atol=atol, rtol=rtol, msg=backend.name)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # A K-transposed cache (last-dimension stride != 1)
 

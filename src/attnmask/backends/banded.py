@@ -363,4 +363,5 @@ BACKEND = Backend(
     dtypes=ALL_DTYPES,
     masks=frozenset({"structural"}),
     unsupported=unsupported,
+    propagates_nonfinite=frozenset({"cpu"}),  # checked by tests/test_conformance.py
 )

@@ -914,5 +914,6 @@ BACKEND = Backend(
     devices=TORCH_DEVICES,
     dtypes=ALL_DTYPES,
     masks=frozenset({"structural", "custom"}),
+    propagates_nonfinite=frozenset({"cpu"}),  # checked by tests/test_conformance.py
     unsupported=unsupported,
 )

@@ -62,8 +62,8 @@ class AttentionCall:
 
     - ``q``, ``k``, ``v``: ``(B, H, Q, D)``, ``(B, Hkv, K, D)``, ``(B, Hkv, K, Dv)``, one floating dtype and one
       device, ``H % Hkv == 0``; not made contiguous (a backend that needs unit strides makes them so itself). Under a
-      mask, ``k`` and ``v`` reach ``run`` finite unless the backend declares ``reads_masked_keys=False``
-      (``attention`` contains non-finite ones around the backend).
+      mask, ``k`` and ``v`` reach ``run`` finite unless the backend declares ``reads_masked_keys=False`` or
+      ``propagates_nonfinite`` (``attention`` contains non-finite ones around the backend).
     - ``mask``: ``None``, the ``MaskSpec`` as given, or the bool tensor viewed as 4D (leading 1s added, not expanded).
     - ``scale``: the softmax scale as a float (``D ** -0.5`` unless given).
     - ``q_positions`` / ``kv_positions``: for a spec, the resolved int64 positions, ``(Q,)`` / ``(K,)`` or per row
@@ -293,6 +293,12 @@ class Backend:
       may not see them; a backend that never reads a denied key (``False``) skips that check.
       ``masked_key_span(call)``: the slice of keys among which a denied one may be read (default: every key), so that
       check scans only those (e.g. "sdpa"'s causal split reads denied keys only in its last ``Q``).
+      ``propagates_nonfinite``: the device types on which a non-finite denied key or value either leaves every
+      output element as it would be without it or makes some output element non-finite, never a different finite
+      value (a probability of exactly 0 times NaN: skipped, or NaN; a NaN score: NaN through the softmax). There,
+      ``attention`` may scan the output of a call without a gradient after the run instead of ``k`` and ``v``
+      before it, so ``run`` may receive non-finite denied keys and values (none by default: they reach ``run``
+      finite). The conformance tests check the declaration on CPU.
     - ``available()``: ``None`` when its environment serves it (a compiler, an optional package, a torch with the
       kernel), else why not; called on every dispatch, so it should cache its answer.
     - ``scratch_bytes(call)``: about the bytes a run allocates that grow with ``Q·K`` (a dense mask, materialised
@@ -312,6 +318,7 @@ class Backend:
     score_mods: frozenset[str] = frozenset()
     auto: bool | frozenset[str] = True
     reads_masked_keys: bool = True
+    propagates_nonfinite: frozenset[str] = frozenset()
     masked_key_span: Callable[[AttentionCall], slice] = _every_key
     unsupported: Callable[[AttentionCall], str | None] = _no_reason
     available: Callable[[], str | None] = _always_available

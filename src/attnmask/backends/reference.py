@@ -95,5 +95,6 @@ BACKEND = Backend(
     per_head=True,
     dropout=True,
     score_mods=SCORE_MODS,
+    propagates_nonfinite=frozenset({"cpu"}),  # checked by tests/test_conformance.py
     scratch_bytes=_scratch_bytes,
 )

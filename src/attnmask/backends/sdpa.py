@@ -354,5 +354,6 @@ BACKEND = Backend(
     dropout=True,
     score_mods=frozenset({"sinks", "alibi"}),
     masked_key_span=_masked_key_span,
+    propagates_nonfinite=frozenset({"cpu"}),  # checked by tests/test_conformance.py
     scratch_bytes=_scratch_bytes,
 )

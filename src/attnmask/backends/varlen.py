@@ -648,4 +648,5 @@ BACKEND = Backend(
     masks=frozenset({"structural"}),
     dropout=True,
     unsupported=unsupported,
+    propagates_nonfinite=frozenset({"cpu"}),  # checked by tests/test_conformance.py
 )
