@@ -324,6 +324,31 @@ def test_varlen_charges_the_documents_sdpa_runs_unmasked_at_the_amx_pair_factor(
     assert pair_part(specs["whole"], True, torch.float32) == pytest.approx(pair_part(specs["whole"], False))
 
 
+def test_banded_charges_its_band_pairs_at_the_amx_pair_factor(monkeypatch):
+    """banded runs one SDPA call on its band tiles: on a CPU with AMX bfloat16 tiles their pairs cost
+    ``AMX_BF16_PAIR_FACTOR`` of a float32 pair, the per-tile items and the serial work do not change; float32 and a
+    CPU without the tiles see no factor."""
+    BD = importlib.import_module("attnmask.backends.banded")
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    monkeypatch.setattr(BD, "MODES", ModeFactors(bf16_no_amx=1.0, bf16_backward_no_amx=1.0))  # every factor 1
+    spec = am.causal() & am.document(seq_lens=[16] * 32)
+
+    def pair_part(amx, dtype=torch.bfloat16):
+        """The estimate with the pair cost at 1 minus at 0: the part that scales with the pairs."""
+        monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: amx)
+        q = torch.zeros(1, 4, 512, 32, dtype=dtype)
+        estimates = []
+        for pair_cost in (1.0, 0.0):
+            monkeypatch.setattr(BD, "_PAIR_COST", pair_cost)
+            estimates.append(BD.cost(A._prepare_call(q, q, q, spec, None, None, None)))
+        return estimates[0] - estimates[1], estimates[1]
+
+    (amx_pairs, amx_rest), (plain_pairs, plain_rest) = pair_part(True), pair_part(False)
+    assert plain_pairs > 0 and amx_pairs == pytest.approx(C.AMX_BF16_PAIR_FACTOR * plain_pairs)
+    assert plain_rest > 0 and amx_rest == pytest.approx(plain_rest)
+    assert pair_part(True, torch.float32)[0] == pytest.approx(pair_part(False, torch.float32)[0])
+
+
 def test_estimating_a_call_keeps_neither_the_call_nor_its_tensors_and_reads_the_cpu_flags_once():
     """The estimates run on every new spec: nothing may hold the call (and with it q, k, v) after ``attention``
     returns, and the AMX flag comes from /proc/cpuinfo once per process, not once per estimate."""

@@ -33,7 +33,15 @@ import torch.nn.functional as F
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
 from attnmask._dense import additive
-from attnmask.backends._common import COPY_COST, ModeFactors, cached, degenerate, mode_factor, off_cpu
+from attnmask.backends._common import (
+    COPY_COST,
+    ModeFactors,
+    amx_pair_factor,
+    cached,
+    degenerate,
+    mode_factor,
+    off_cpu,
+)
 from attnmask.backends._workers import all_threads, graph_in, serial_steps
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.tiles import TileGrid
@@ -53,14 +61,16 @@ _MASK_COST = 20.0  # evaluating the spec on one (query, key) pair of the band, o
 # (RESULTS.md, "native's threads"; was 0.0).
 _THREAD_EFFICIENCY = 0.14
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
-# tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
-# (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
-# CPU without AMX tiles (the _no_amx factors): --fit ... --modes on limit_tables/s9_q1.txt and s9_q2.txt, an AMD EPYC
-# (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX").
+# tables benchmarks/limit_tables/modes_*.txt; bfloat16 on AMX tiles, since the band's pairs are charged at the AMX
+# pair factor (``cost``), refitted on the eight 1K tables modes_final_*, s10_*_final, s13_*_final, s14_q1 and
+# s14_q2_keys (RESULTS.md, issue 15, "banded's pairs on AMX tiles"); with a core taken (busy): ``--fit ...
+# --busy-factors`` on busy_omp_q2.txt (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates
+# that see a taken core"); bfloat16 on a CPU without AMX tiles (the _no_amx factors): --fit ... --modes on
+# limit_tables/s9_q1.txt and s9_q2.txt, an AMD EPYC (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX").
 MODES = ModeFactors(
-    bf16=0.94,
+    bf16=1.17,
     backward=4.18,
-    bf16_backward=5.64,
+    bf16_backward=8.16,
     busy=1.13,
     busy_backward=1.67,
     bf16_no_amx=0.9,
@@ -152,7 +162,8 @@ def cost(call) -> float:
     if off_cpu(call):
         return float("inf")
     plan = _cached_plan(call)
-    parallel, serial = _parts(call, plan.block_size, plan.width)
+    pairs, tiles, serial = _parts(call, plan.block_size, plan.width)
+    parallel = pairs * amx_pair_factor(call) + tiles  # bfloat16 pairs on AMX tiles: as SDPA's own estimate
     gain = _workers.expected_speedup([parallel], _workers.threads_available(), 0.0, _THREAD_EFFICIENCY)
     return (serial + parallel / gain) * mode_factor(MODES, call)
 
@@ -163,14 +174,19 @@ def _estimate(call, bs: int, width: int) -> float:
     return sum(_parts(call, bs, width))
 
 
-def _parts(call, bs: int, width: int) -> tuple[float, float]:
-    """``(work of the SDPA calls, work on one thread)`` of tiles of ``bs`` and a band of ``width`` tiles."""
+def _parts(call, bs: int, width: int) -> tuple[float, float, float]:
+    """``(work of the SDPA calls' pairs, of their per-tile items, work on one thread)`` of tiles of ``bs`` and a band
+    of ``width`` tiles."""
     n_tiles = -(-call.q_len // bs)
     band = n_tiles * bs * width * bs
     heads = call.batch * call.heads
-    in_sdpa = heads * (band * (call.head_dim + call.value_dim) * _PAIR_COST + n_tiles * _TILE_COST)
+    pairs = heads * band * (call.head_dim + call.value_dim) * _PAIR_COST
     serial = heads * (_HEAD_COST + call.q_len * call.value_dim * COPY_COST)  # the output is assembled by one copy
-    return float(in_sdpa), float(serial + (call.mask.batch_size or 1) * band * _MASK_COST)
+    return (
+        float(pairs),
+        float(heads * n_tiles * _TILE_COST),
+        float(serial + (call.mask.batch_size or 1) * band * _MASK_COST),
+    )
 
 
 def run(call) -> torch.Tensor:

@@ -64,7 +64,7 @@ def run(call: AttentionCall) -> torch.Tensor:
 MODES = ModeFactors(
     bf16=1.31,
     backward=4.18,
-    bf16_backward=5.64,
+    bf16_backward=8.16,
     busy=1.95,
     busy_backward=3.07,
     bf16_no_amx=1.31,
