@@ -713,21 +713,23 @@ HANDOVER = "_HANDOVER_COST"  # per task dealt to a worker ("varlen", "blockspars
 
 
 class at_threads:  # noqa: N801 (used as a function: ``with at_threads(2): ...``)
-    """Inside the block the estimates see ``threads`` threads: ``torch.set_num_threads`` and
-    ``backends._workers.threads_available`` patched (the estimates read it through the module), so that an offline
-    evaluation does not depend on this machine's load; both restored on exit."""
+    """Inside the block the estimates see ``threads`` threads and no other process holding a core:
+    ``torch.set_num_threads``, ``backends._workers.threads_available`` and ``free_cores`` patched (the estimates read
+    them through the module; ``contended()`` then says no unless a caller patched it, as ``fit_busy`` does), so that
+    an offline evaluation does not depend on this machine's load; all restored on exit."""
 
     def __init__(self, threads: int):
         self.threads = threads
 
     def __enter__(self):
-        self.before, self.available = torch.get_num_threads(), workers.threads_available
+        self.before, self.available, self.free = torch.get_num_threads(), workers.threads_available, workers.free_cores
         torch.set_num_threads(self.threads)
         workers.threads_available = lambda: self.threads
+        workers.free_cores = lambda: None
         return self
 
     def __exit__(self, *exc):
-        workers.threads_available = self.available
+        workers.threads_available, workers.free_cores = self.available, self.free
         torch.set_num_threads(self.before)
 
 

@@ -67,6 +67,20 @@ def test_fit_reads_its_own_tables_and_replays_autos_choice(capsys, tmp_path):
     assert native._PAIR_COST == own  # the fit replays picks under its factors, then puts the modules' own back
 
 
+def test_offline_estimates_do_not_see_this_machines_load(monkeypatch):
+    """Replayed picks must not change with the load of the machine replaying them: inside ``at_threads`` no core is
+    taken (the busy factors apply only where a caller says so), and the load reader is put back afterwards."""
+    bench = load_bench()
+    workers = importlib.import_module("attnmask.backends._workers")
+    monkeypatch.setattr(workers, "ADAPT", True)
+    case = next(c for c in bench.cases(256, 512) if c.name.startswith("sliding window"))
+    args = bench.argparse.Namespace(heads=4, dim=64)
+    idle = bench.estimate(case, torch.float32, "banded", 2, args, grad=True)
+    monkeypatch.setattr(workers, "free_cores", lambda: 1)  # another process holds one of the two cores
+    assert bench.estimate(case, torch.float32, "banded", 2, args, grad=True) == idle
+    assert workers.free_cores() == 1
+
+
 def test_agreement_counts_rows_whose_fastest_holds_in_the_other_run():
     bench = load_bench()
     first = {("a",): {"x": 1.0, "y": 1.05}, ("b",): {"x": 1.0, "y": 2.0}, ("c",): {"x": 1.0, "y": 1.5}}
