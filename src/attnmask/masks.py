@@ -70,6 +70,8 @@ MAX_DEPTH = 100
 and Python's stack would give out (``RecursionError``) a few hundred levels down. Real masks have a handful."""
 
 PLANS_ATTRIBUTE = "_attnmask_plans"
+"""Name of the attribute ``attnmask.plancache`` stores a spec's cached attention plans under (not a field)."""
+
 _MEMO_ATTRIBUTE = "_attnmask_memo"  # structural properties of a composed spec, computed once (``_memo``)
 
 
@@ -83,9 +85,6 @@ def _memo(spec: MaskSpec, name: str, compute: Callable[[], Any]) -> Any:
     if name not in memo:
         memo[name] = compute()
     return memo[name]
-
-
-"""Name of the attribute ``attnmask.plancache`` stores a spec's cached attention plans under (not a field)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------

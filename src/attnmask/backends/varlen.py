@@ -573,7 +573,8 @@ def cost(call) -> float:
     width = call.head_dim + call.value_dim
     small = segs[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
     per_seg = pairs * call.heads * width * torch.where(masked, _MASKED_PAIR_COST, _PAIR_COST).double()
-    per_seg[~small & ~masked] *= amx_pair_factor(call)  # documents in one fused SDPA call (not tiny ones: matmuls)
+    if (amx := amx_pair_factor(call)) != 1.0:
+        per_seg[~small & ~masked] *= amx  # documents in one fused SDPA call (not tiny ones: matmuls)
     per_seg += torch.where(small, _SMALL_ROW_COST, _SDPA_ROW_COST).double() * ql * call.heads * width
     per_seg += small.double() * 2 * call.heads * SMALL_MATMUL_COST
     tokens = (segs[:, 2] * call.heads + segs[:, 4] * call.kv_heads).double() * width
