@@ -124,6 +124,28 @@ def test_sdpa_zeroes_empty_rows_itself_where_sdpa_runs_another_kernel(monkeypatc
     torch.testing.assert_close(math, fused)
 
 
+def test_the_fused_kernel_question_is_asked_once_per_shape_and_strides(monkeypatch):
+    """A fresh spec of a shape already seen is not asked about again (the answer is kept per shapes, strides, dtype,
+    mask shape and flash switch, process-wide), while a key whose last dimension is strided, where SDPA cannot run
+    its fused kernel, gets its own answer: its empty rows are zeroed by attnmask, output exactly 0."""
+    asked = []
+    choice = torch._fused_sdp_choice
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **kw: asked.append(1) or choice(*a, **kw))
+    monkeypatch.setattr(sdpa_backend, "_FUSED_ANSWERS", {})
+    (q, k, v), spec, empty = _packed_with_padding(torch.float32)
+    q, k, v = (t.detach() for t in (q, k, v))
+    fresh = [am.causal() & am.document(doc_ids=spec.tensors()[0].clone()) for _ in range(3)]
+    outs = [am.attention(q, k, v, s, backend="sdpa") for s in fresh]
+    assert len(asked) == 1 and all(torch.equal(out, outs[0]) for out in outs)
+    strided_k = torch.stack([k, k], dim=-1)[..., 0]
+    assert strided_k.stride(-1) == 2
+    assert not sdpa_backend._kernel_zeroes_empty_rows(A._prepare_call(q, strided_k, v, fresh[0], None, None, None))
+    assert len(asked) == 2
+    out = am.attention(q, strided_k, v, fresh[0], backend="sdpa")
+    assert not out[empty[:, None, :].expand(-1, 4, -1)].any()
+    torch.testing.assert_close(out, outs[0])
+
+
 def test_empty_rows_of_a_bool_tensor_mask_return_zero():
     q, k, v = (torch.randn(2, 2, 3, 4) for _ in range(3))
     mask = torch.ones(2, 2, 3, 3, dtype=torch.bool)

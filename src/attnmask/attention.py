@@ -451,11 +451,12 @@ def _all_finite(*tensors: torch.Tensor) -> bool:
     vectorised pass over each (for keys and values O(K·(D + Dv)), against attention's O(Q·K·(D + Dv)));
     ``isfinite(t).all()`` costs several times more. The sums are in the inputs' dtype where its range is float32's
     (bfloat16: (8, 4, 256, 64), one thread, 0.18 against 0.73 ms summed into float32), else in float32 at least
-    (float16 would overflow on sums of ordinary activations and fall back to the exact check)."""
+    (float16 would overflow on sums of ordinary activations and fall back to the exact check), read as a Python float
+    (``item``: ~0.08 ms less than a ``torch.isfinite`` call on it, right after a kernel)."""
     with serial_steps():  # one intra-op thread: no parallel region to wait in under a busy core (issue 15)
         for t in tensors:
             total = t.sum(dtype=t.dtype if t.dtype in _WIDE_RANGE else torch.promote_types(t.dtype, torch.float32))
-            if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all()):
+            if not math.isfinite(total.item()) and not bool(torch.isfinite(t).all()):
                 return False
     return True
 
