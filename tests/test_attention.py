@@ -86,7 +86,7 @@ def test_sdpa_leaves_empty_rows_to_the_fused_kernel_where_it_zeroes_them(monkeyp
 
 
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast"])
-def test_the_empty_row_probe_runs_its_backward_under_any_calling_context(context):
+def test_the_empty_row_probe_runs_its_backward_under_any_calling_context(monkeypatch, context):
     """The probe is first run by whichever call meets empty rows first, which may be an evaluation under ``no_grad``
     or inference mode, or a model under bfloat16 autocast (that would cast the float32 probe)."""
     enter = {
@@ -95,6 +95,7 @@ def test_the_empty_row_probe_runs_its_backward_under_any_calling_context(context
         "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
     }[context]
     sdpa_backend._probe_empty_rows.cache_clear()
+    monkeypatch.setattr(sdpa_backend, "_FUSED_ANSWERS", {})  # the kernel question is asked again, and the probe run
     (q, k, v), spec, empty = _packed_with_padding(torch.float32)
     try:
         with enter():
@@ -129,8 +130,8 @@ def test_the_fused_kernel_question_is_asked_once_per_shape_and_strides(monkeypat
     mask shape and flash switch, process-wide), while a key whose last dimension is strided, where SDPA cannot run
     its fused kernel, gets its own answer: its empty rows are zeroed by attnmask, output exactly 0."""
     asked = []
-    choice = torch._fused_sdp_choice
-    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **kw: asked.append(1) or choice(*a, **kw))
+    ask = sdpa_backend._fused_zeroes_empty_rows
+    monkeypatch.setattr(sdpa_backend, "_fused_zeroes_empty_rows", lambda call: asked.append(1) or ask(call))
     monkeypatch.setattr(sdpa_backend, "_FUSED_ANSWERS", {})
     (q, k, v), spec, empty = _packed_with_padding(torch.float32)
     q, k, v = (t.detach() for t in (q, k, v))
