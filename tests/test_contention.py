@@ -3,6 +3,7 @@ with one intra-op thread each compute what the serial loop computes, outputs and
 thread settings alone. Correctness only; the timing is benchmarks/bench_limit.py --busy."""
 
 import os
+import sys
 import threading
 import time
 
@@ -495,6 +496,21 @@ class ScriptedLoad:
     def read(self):
         self.reads += 1
         return W.LoadSample(self.now, self.busy, 0.0, self.cpus)
+
+
+def test_the_finite_scan_runs_on_the_free_cores(two_threads, monkeypatch):
+    """``attention``'s finite scan (``_all_finite``) sums on torch's threads while no other process holds a core, on
+    the free ones while one does (a small region: ``all_threads``), and leaves the caller's count as it was."""
+    A = sys.modules["attnmask.attention"]  # the package's ``attention`` is the function
+    seen = []
+    monkeypatch.setattr(A, "math", type("M", (), {"isfinite": lambda x: seen.append(torch.get_num_threads()) or True}))
+    clock = ScriptedLoad(monkeypatch)
+    t = torch.ones(4, 4)
+    clock.advance(0.2, 0.0)
+    assert A._all_finite(t, t) and seen == [2, 2]
+    clock.advance(0.2, 1.0)
+    assert A._all_finite(t) and seen == [2, 2, 1]
+    assert torch.get_num_threads() == 2
 
 
 def test_free_cores_follows_the_load_of_the_last_interval(monkeypatch):
