@@ -215,6 +215,24 @@ def test_allowed_pairs_counts_every_pair_the_mask_allows():
         assert N.allowed_pairs(segs, causal, window) == want
 
 
+@pytest.mark.parametrize(
+    ("width", "run", "expected"),
+    [(128, 16, 1.8), (128, 32, 1.8), (128, 80, 2.6), (128, 128, 3.4), (128, 512, 3.4), (256, 16, 1.8), (256, 64, 3.4)],
+)
+def test_a_pair_is_charged_by_how_far_its_run_leaves_the_l1_cache(width, run, expected):
+    """native's estimate charges a pair ``_PAIR_COST`` while its run's keys and values (float32, ``width = D + Dv``)
+    take at most 16 KiB, ``_LONG_PAIR_COST`` from 64 KiB, linearly in between: at D = Dv = 64 from 32 to 128 keys,
+    at D = Dv = 128 from 16 to 64."""
+    segs = torch.tensor([[0, 0, 8, 0, run, 0]])  # 8 queries, each seeing all ``run`` keys (no rule)
+    item = float(N._item_work(segs, False, None, width)[0])
+    per_pair = (item / width - 8 * N._ROW_COST) / (8 * run)
+    assert per_pair == pytest.approx(expected)
+    long = torch.tensor([[0, 0, 1024, 0, 1024, 0]])  # a causal window narrower than the document is the run
+    pairs = float(N.segment_pairs(long, True, run).sum())
+    item = float(N._item_work(long, True, run, width)[0])
+    assert (item / width - 1024 * N._ROW_COST) / pairs == pytest.approx(expected)
+
+
 def test_segment_attention_rejects_bad_arguments():
     q = torch.randn(1, 2, 6, 4)
     with pytest.raises(ShapeError, match="non-overlapping query ranges"):

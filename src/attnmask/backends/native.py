@@ -433,10 +433,16 @@ def segment_attention(
 # A pair costs more once a query's run of keys no longer stays in the L1 cache (64 keys and values of D=64 floats are
 # 32 KiB): measured as native's ps per unit of this estimate against the other backends' on the same rows
 # (bench_backends.py --quick and bench_limit.py, RESULTS.md issue 15): about the same for documents of 8-32 tokens,
-# 1.5-2.1x (median ~1.9) for runs of 256 keys and more. A run is a document's keys, or the window when narrower.
-_PAIR_COST = 1.8  # a pair of a run of at most _SHORT_RUN keys
-_LONG_PAIR_COST = 3.4  # a pair of a longer run (1.8 x 1.9)
-_SHORT_RUN = 64
+# 1.5-2.1x (median ~1.9) for runs of 256 keys and more. A run is a document's keys, or the window when narrower. In
+# between, the charge rises linearly with the run's keys and values in float32 bytes, from _PAIR_COST at
+# _SHORT_RUN_BYTES (32 keys at D = Dv = 64: they stay in L1) to _LONG_PAIR_COST at _LONG_RUN_BYTES (128 keys): a step
+# at 64 keys had priced windows of 64 as runs in L1, and native was picked on them 1.15-1.33x slower than banded
+# (limit_tables/s15_*, s16_*); the ramp replays 1610 -> 1619 rows within 1.1x on the eighteen saved sets, ramps ending
+# at 96-128 keys 1619-1620, at 160 or 256 keys 1591 / 1568 (RESULTS.md, issue 15, "Fresh specs at two threads").
+_PAIR_COST = 1.8  # a pair of a run of at most _SHORT_RUN_BYTES
+_LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.8 x 1.9)
+_SHORT_RUN_BYTES = 16 << 10
+_LONG_RUN_BYTES = 64 << 10
 _ROW_COST = 50.0  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
 _CALL_COST = 2e4  # one ctypes call and the output allocation
 # Threads: the kernel's threads pull its items (the forward's (query block, head), the backward's (segment, key/value
@@ -496,8 +502,8 @@ def unsupported(call) -> str | None:
 
 
 def cost(call) -> float:
-    """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each (``_LONG_PAIR_COST`` in runs of more than
-    ``_SHORT_RUN`` keys) and each query row and head at ``_ROW_COST`` per element, divided by what the kernel's
+    """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each (up to ``_LONG_PAIR_COST`` in runs of keys that
+    leave the L1 cache: ``_item_work``) and each query row and head at ``_ROW_COST`` per element, divided by what the kernel's
     threads gain on its items, then float32 copies of half-precision inputs unless ``MODES`` covers their dtype
     (comparable with the ``"varlen"`` backend's cost). The threads' gain: ``_workers.threads_available()`` threads
     pulling ``_ITEMS_PER_PULL`` items at a time, on the forward's query blocks (``forward_items``) and on the
@@ -537,10 +543,14 @@ def _forward_blocks(call, segs: torch.Tensor) -> torch.Tensor:
 
 
 def _item_work(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> torch.Tensor:
-    """``(N,)`` float64: the estimate of each segment's work on one head (its pairs, its query rows)."""
+    """``(N,)`` float64: the estimate of each segment's work on one head (its pairs, its query rows). A pair costs
+    ``_PAIR_COST`` in a run (the segment's keys, or the window when narrower) whose keys and values take at most
+    ``_SHORT_RUN_BYTES`` in float32, ``_LONG_PAIR_COST`` from ``_LONG_RUN_BYTES``, linearly in between."""
     per_segment = segment_pairs(segs, causal, window)
     run = segs[:, 4] if window is None else segs[:, 4].clamp(max=window)
-    per_pair = torch.full_like(per_segment, _PAIR_COST).masked_fill(run > _SHORT_RUN, _LONG_PAIR_COST)
+    span = _LONG_RUN_BYTES - _SHORT_RUN_BYTES
+    share = ((run.double() * (width * 4) - _SHORT_RUN_BYTES) / span).clamp(0.0, 1.0)
+    per_pair = _PAIR_COST + (_LONG_PAIR_COST - _PAIR_COST) * share
     return (per_segment * per_pair + segs[:, 2].double() * _ROW_COST) * width
 
 
