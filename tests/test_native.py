@@ -233,6 +233,38 @@ def test_a_pair_is_charged_by_how_far_its_run_leaves_the_l1_cache(width, run, ex
     assert (item / width - 1024 * N._ROW_COST) / pairs == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "amx", "name"),
+    [
+        (torch.bfloat16, True, "_BF16_AMX_THREAD_EFFICIENCY"),
+        (torch.bfloat16, False, "_THREAD_EFFICIENCY"),
+        (torch.float32, True, "_THREAD_EFFICIENCY"),
+    ],
+)
+def test_the_bfloat16_forward_on_amx_tiles_gains_its_own_share_of_a_thread(monkeypatch, dtype, amx, name):
+    """At two threads native's estimate divides the forward's items by what the threads gain: each added thread
+    counts ``_BF16_AMX_THREAD_EFFICIENCY`` of a core in bfloat16 on a CPU with AMX tiles (fitted there), else
+    ``_THREAD_EFFICIENCY``; the bfloat16 forward on the tiles is then estimated dearer than it was."""
+    from attnmask.backends import _workers as W
+
+    seen = []
+    gain = N._threads_gain
+    monkeypatch.setattr(
+        N,
+        "_threads_gain",
+        lambda items, efficiency=N._THREAD_EFFICIENCY: seen.append(efficiency) or gain(items, efficiency),
+    )
+    monkeypatch.setattr(N, "cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(W, "threads_available", lambda: 2)
+    q = torch.randn(1, 4, 512, 64, dtype=dtype)
+    cost = N.BACKEND.cost(call_of(q, q, q, am.causal() & am.sliding_window(64)))
+    assert seen == [getattr(N, name)]
+    monkeypatch.setattr(N, "_BF16_AMX_THREAD_EFFICIENCY", N._THREAD_EFFICIENCY)
+    seen.clear()
+    same = N.BACKEND.cost(call_of(q, q, q, am.causal() & am.sliding_window(64)))
+    assert (cost > same) if name == "_BF16_AMX_THREAD_EFFICIENCY" else cost == same
+
+
 def test_segment_attention_rejects_bad_arguments():
     q = torch.randn(1, 2, 6, 4)
     with pytest.raises(ShapeError, match="non-overlapping query ranges"):

@@ -45,7 +45,15 @@ import torch
 
 import attnmask.backends._workers as _workers
 from attnmask._dense import empty_buffer
-from attnmask.backends._common import COPY_COST, ModeFactors, cached, check_segments, mode_factor, varlen_plan
+from attnmask.backends._common import (
+    COPY_COST,
+    ModeFactors,
+    cached,
+    check_segments,
+    cpu_has_amx_bf16,
+    mode_factor,
+    varlen_plan,
+)
 from attnmask.backends._workers import on_free_cores, region_threads
 from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
@@ -451,6 +459,13 @@ _CALL_COST = 2e4  # one ctypes call and the output allocation
 # kernel's threads became the OpenMP team torch uses, with rows of 8,192 (benchmarks/limit_tables/omp_*.txt; RESULTS.md,
 # issue 15, "native's threads"; before: 0.0, with pthreads started per call).
 _THREAD_EFFICIENCY = 0.81
+# The same for the forward's items in bfloat16 on a CPU with AMX bfloat16 tiles: the two-thread bfloat16 forward
+# rows there gain less than float32's (window 64 on rows of 1,024: 1.4-1.5x from one thread to two, where 0.81 makes
+# 1.8x, and native was picked 1.1-1.33x slower than banded in 9 of 14 sets of tables). Replayed on the nineteen saved
+# sets of that CPU: 1739 -> 1752 rows within 1.1x of the fastest anywhere from 0.3 to 0.5, no set lower (0.1: 1754,
+# the two-thread sets lower); RESULTS.md, issue 15, "Fresh specs at two threads". No table of a CPU without the tiles
+# measured it: there the float32 efficiency stays.
+_BF16_AMX_THREAD_EFFICIENCY = 0.4
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
@@ -503,13 +518,13 @@ def unsupported(call) -> str | None:
 
 def cost(call) -> float:
     """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each (up to ``_LONG_PAIR_COST`` in runs of keys that
-    leave the L1 cache: ``_item_work``) and each query row and head at ``_ROW_COST`` per element, divided by what the kernel's
-    threads gain on its items, then float32 copies of half-precision inputs unless ``MODES`` covers their dtype
-    (comparable with the ``"varlen"`` backend's cost). The threads' gain: ``_workers.threads_available()`` threads
-    pulling ``_ITEMS_PER_PULL`` items at a time, on the forward's query blocks (``forward_items``) and on the
-    backward's whole segments (one thread where segments share keys). With a
-    gradient, ``MODES``'s factor scales the whole call as one thread would run it, and the forward's share gains
-    what the forward's items allow."""
+    leave the L1 cache: ``_item_work``) and each query row and head at ``_ROW_COST`` per element, divided by what the
+    kernel's threads gain on its items, then float32 copies of half-precision inputs unless ``MODES`` covers their
+    dtype (comparable with the ``"varlen"`` backend's cost). The threads' gain: ``_workers.threads_available()``
+    threads pulling ``_ITEMS_PER_PULL`` items at a time, on the forward's query blocks (``forward_items``; in
+    bfloat16 on a CPU with AMX tiles at ``_BF16_AMX_THREAD_EFFICIENCY``) and on the backward's whole segments (one
+    thread where segments share keys). With a gradient, ``MODES``'s factor scales the whole call as one thread would
+    run it, and the forward's share gains what the forward's items allow."""
     plan = varlen_plan(call)
     width = call.head_dim + call.value_dim
     segs = plan.segments
@@ -526,7 +541,9 @@ def cost(call) -> float:
     if threads < 2:
         return (serial + kernel) * factor
     blocks = _forward_blocks(call, segs)
-    forward = serial + kernel / _threads_gain(_item_work(blocks, causal, window, width).repeat(call.heads))
+    amx = call.q.dtype == torch.bfloat16 and cpu_has_amx_bf16()
+    efficiency = _BF16_AMX_THREAD_EFFICIENCY if amx else _THREAD_EFFICIENCY
+    forward = serial + kernel / _threads_gain(_item_work(blocks, causal, window, width).repeat(call.heads), efficiency)
     if not call.needs_grad:
         return forward * factor
     gain = 1.0
@@ -554,9 +571,10 @@ def _item_work(segs: torch.Tensor, causal: bool, window: int | None, width: int)
     return (per_segment * per_pair + segs[:, 2].double() * _ROW_COST) * width
 
 
-def _threads_gain(items: torch.Tensor) -> float:
+def _threads_gain(items: torch.Tensor, efficiency: float = _THREAD_EFFICIENCY) -> float:
     """What the kernel's threads gain on items of work ``items`` ``(N,)``, in the order the kernel takes them:
-    ``min(threads, pulls)`` threads pulling runs of ``_chunk`` items until none is left."""
+    ``min(threads, pulls)`` threads pulling runs of ``_chunk`` items until none is left, each added thread
+    contributing ``efficiency`` of a core."""
     threads = _workers.threads_available()
     if threads < 2:
         return 1.0
@@ -564,7 +582,7 @@ def _threads_gain(items: torch.Tensor) -> float:
     pad = -len(items) % chunk
     pulls = torch.cat([items, items.new_zeros(pad)]).view(-1, chunk).sum(1)
     threads = min(threads, len(pulls))
-    return _workers.expected_speedup(pulls.tolist(), threads, 0.0, _THREAD_EFFICIENCY, share_big=False)
+    return _workers.expected_speedup(pulls.tolist(), threads, 0.0, efficiency, share_big=False)
 
 
 def run(call) -> torch.Tensor:
