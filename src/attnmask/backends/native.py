@@ -571,10 +571,10 @@ def _item_work(segs: torch.Tensor, causal: bool, window: int | None, width: int)
     return (per_segment * per_pair + segs[:, 2].double() * _ROW_COST) * width
 
 
-def _threads_gain(items: torch.Tensor, efficiency: float = _THREAD_EFFICIENCY) -> float:
+def _threads_gain(items: torch.Tensor, efficiency: float | None = None) -> float:
     """What the kernel's threads gain on items of work ``items`` ``(N,)``, in the order the kernel takes them:
     ``min(threads, pulls)`` threads pulling runs of ``_chunk`` items until none is left, each added thread
-    contributing ``efficiency`` of a core."""
+    contributing ``efficiency`` of a core (``None``: ``_THREAD_EFFICIENCY`` as the module holds it now)."""
     threads = _workers.threads_available()
     if threads < 2:
         return 1.0
@@ -582,7 +582,8 @@ def _threads_gain(items: torch.Tensor, efficiency: float = _THREAD_EFFICIENCY) -
     pad = -len(items) % chunk
     pulls = torch.cat([items, items.new_zeros(pad)]).view(-1, chunk).sum(1)
     threads = min(threads, len(pulls))
-    return _workers.expected_speedup(pulls.tolist(), threads, 0.0, efficiency, share_big=False)
+    share = _THREAD_EFFICIENCY if efficiency is None else efficiency
+    return _workers.expected_speedup(pulls.tolist(), threads, 0.0, share, share_big=False)
 
 
 def run(call) -> torch.Tensor:
