@@ -254,7 +254,7 @@ def test_the_bfloat16_forward_on_amx_tiles_gains_its_own_share_of_a_thread(monke
         "_threads_gain",
         lambda items, efficiency=None: seen.append(efficiency) or gain(items, efficiency),
     )
-    monkeypatch.setattr(N, "cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(N._common, "cpu_has_amx_bf16", lambda: amx)
     monkeypatch.setattr(W, "threads_available", lambda: 2)
     q = torch.randn(1, 4, 512, 64, dtype=dtype)
     cost = N.BACKEND.cost(call_of(q, q, q, am.causal() & am.sliding_window(64)))

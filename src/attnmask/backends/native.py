@@ -43,17 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import attnmask.backends._common as _common
 import attnmask.backends._workers as _workers
 from attnmask._dense import empty_buffer
-from attnmask.backends._common import (
-    COPY_COST,
-    ModeFactors,
-    cached,
-    check_segments,
-    cpu_has_amx_bf16,
-    mode_factor,
-    varlen_plan,
-)
+from attnmask.backends._common import COPY_COST, ModeFactors, cached, check_segments, mode_factor, varlen_plan
 from attnmask.backends._workers import on_free_cores, region_threads
 from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
@@ -541,7 +534,7 @@ def cost(call) -> float:
     if threads < 2:
         return (serial + kernel) * factor
     blocks = _forward_blocks(call, segs)
-    amx = call.q.dtype == torch.bfloat16 and cpu_has_amx_bf16()
+    amx = call.q.dtype == torch.bfloat16 and _common.cpu_has_amx_bf16()  # through the module: one place to patch
     efficiency = _BF16_AMX_THREAD_EFFICIENCY if amx else _THREAD_EFFICIENCY
     forward = serial + kernel / _threads_gain(_item_work(blocks, causal, window, width).repeat(call.heads), efficiency)
     if not call.needs_grad:
