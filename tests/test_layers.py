@@ -30,6 +30,7 @@ LAYER = {
     "tuning": 3,
     "backends": 3,
     "backends.contract": 3,
+    "backends._clib": 3,
     "backends._common": 3,
     "backends._workers": 3,
     "backends.reference": 3,

@@ -2,7 +2,9 @@
 planning the other backends where they cannot win, decides that from a cheap allowed-pair count that matches the
 mask, still costs every backend where the mask denies most pairs, and builds the dense mask once per spec."""
 
+import contextlib
 import importlib
+import os
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 
 import attnmask as am
 from attnmask.attention import _prepare_call
-from attnmask.backends import _common, banded, blocksparse, sdpa
+from attnmask.backends import _clib, _common, banded, blocksparse, sdpa
 from tests.naive import naive_dense
 
 A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
@@ -77,14 +79,66 @@ def padded_spec(draw):
     return base, length
 
 
-@settings(max_examples=120, deadline=None)
-@given(st.one_of(documents_spec(), padded_spec()))
-def test_allowed_fraction_equals_the_fraction_of_the_naive_dense_mask(case):
-    spec, length = case
-    batch = spec.batch_size
-    got = _common.allowed_fraction(call(spec, batch=batch, length=length))
-    want = naive_dense(spec, length, length, batch).double().mean().item()
-    assert got == pytest.approx(want, abs=1e-12)
+@contextlib.contextmanager
+def counted_in(where: str):
+    """The allowed-pair counts in C (``segattn.c``: the library must be built) or in numpy (the library reported
+    missing, as without a compiler or with ``ATTNMASK_NATIVE=0``)."""
+    if where == "c":
+        if isinstance(_clib.library(), str):
+            if os.environ.get("ATTNMASK_STRICT_DEPS") == "1":
+                raise RuntimeError(f"the C library is unavailable: {_clib.library()}")
+            pytest.skip(_clib.library())
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_common._clib, "library", lambda: "switched off by the test")
+        yield
+
+
+@pytest.mark.parametrize("where", ["c", "numpy"])
+def test_allowed_fraction_equals_the_fraction_of_the_naive_dense_mask(where):
+    @settings(max_examples=120, deadline=None)
+    @given(st.one_of(documents_spec(), padded_spec()))
+    def check(case):
+        spec, length = case
+        batch = spec.batch_size
+        got = _common.allowed_fraction(call(spec, batch=batch, length=length))
+        want = naive_dense(spec, length, length, batch).double().mean().item()
+        assert got == pytest.approx(want, abs=1e-12)
+
+    with counted_in(where):
+        check()
+
+
+@pytest.mark.parametrize("where", ["c", "numpy"])
+def test_allowed_fraction_reads_strided_ids_and_padding_through_their_strides(where):
+    """Views the C count walks through element strides: every other column of wider ids, a transposed padding mask,
+    rows broadcast from one (stride 0), and ids longer than the call's rows."""
+    wide = packed([[5, 9, 2], [16], [1, 1, 1, 3]], 32).parts[1].doc_ids  # (3, 32)
+    pad = torch.rand(16, 3, generator=torch.Generator().manual_seed(1)) < 0.6  # transposed below: (3, 16)
+    cases = [
+        am.causal() & am.document(doc_ids=wide[:, ::2]),
+        am.full() & am.document(doc_ids=wide[:, ::2]),
+        am.sliding_window(3) & am.document(doc_ids=wide[:, 16:]),
+        am.causal() & am.key_padding(pad.t()),
+        am.sliding_window(4) & am.key_padding(pad.t()),
+        am.causal() & am.key_padding(pad.t()[:1].expand(3, 16)),
+    ]
+    assert not cases[0].parts[1].doc_ids.is_contiguous() and not cases[3].parts[1].attention_mask.is_contiguous()
+    for spec in cases:
+        with counted_in(where):
+            got = _common.allowed_fraction(call(spec, batch=3, length=16))
+        want = naive_dense(spec, 16, 16, 3).double().mean().item()
+        assert got == pytest.approx(want, abs=1e-12), spec
+
+
+def test_with_the_library_the_counts_never_reach_numpy(monkeypatch):
+    with counted_in("c"):
+        monkeypatch.setattr(_common, "_run_pairs", None)  # calling either would raise
+        monkeypatch.setattr(_common, "_real_pairs", None)
+        assert _common.allowed_fraction(call(packed([[30, 34]], 64), batch=1)) == (30 * 31 + 34 * 35) / 2 / 64**2
+        spec = am.causal() & am.key_padding(torch.arange(64)[None] < 40)
+        assert _common.allowed_fraction(call(spec, batch=1)) == 40 * 41 / 2 / 64**2 + 40 * 24 / 64**2
 
 
 @settings(max_examples=60, deadline=None)

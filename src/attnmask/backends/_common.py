@@ -1,6 +1,7 @@
 """What several backends share: argument checks, document segments, the plan cache and the cost units.
 
-Layer 3 (attention); imports ``masks``, ``lowering``, ``plancache`` and ``errors``, never a backend.
+Layer 3 (attention); imports ``masks``, ``lowering``, ``plancache``, ``errors`` and the C library's loader
+(``_clib``), never a backend.
 
 Costs are estimates in element operations, comparable between backends: multiply-adds of the pairs actually computed,
 plus fixed charges per kernel call, tile group or copied element for Python and dispatch overhead (the constants
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import attnmask.backends._clib as _clib
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
 from attnmask.errors import BackendError, DTypeError, ShapeError, bad
@@ -325,8 +327,8 @@ def _lowered_varlen(call) -> VarlenArgs | str:
 def allowed_fraction(call) -> float | None:
     """About the fraction of the call's ``B·Q·K`` (query, key) pairs its spec allows, for a spec of the varlen form
     (``[causal | full] & [sliding_window] & [document] & [key_padding]``) with ``Q == K`` at default positions;
-    ``None`` for any other call. A handful of vectorised O(B·K) operations on host views (numpy): cheap enough to
-    decide from before any backend plans.
+    ``None`` for any other call. One O(B·K) pass in C (``segattn.c``, through ``_clib``), or without the library a
+    handful of vectorised numpy operations on host views: cheap enough to decide from before any backend plans.
 
     Exact for documents (each id one contiguous run: a query sees the earlier keys of its run, at most ``w`` under a
     window, all of its run without ``causal``) and for padded rows (a query sees every real key up to it; under a
@@ -348,28 +350,16 @@ def allowed_fraction(call) -> float | None:
     if any(t.dim() != 2 or t.shape[1] < length for t in parts):
         return None  # the spec does not cover the row: the backend that runs says so
     window = length if form.window is None else form.window
-    # On host views with numpy (no copy of a CPU tensor): a few operations on (B, K) arrays, each ~10x cheaper than a
-    # torch call's dispatch at these sizes (the planning of a small-row call: bench_small_rows.py).
     if form.document is not None:
-        ids = _host(form.document.doc_ids)[:, :length]
-        pos = np.arange(length)
-        change = np.ones(ids.shape, dtype=bool)
-        change[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        within = pos - np.maximum.accumulate(np.where(change, pos, 0), axis=1)  # position inside its run of equal ids
-        seen = np.minimum(within + 1, window) if form.causal else 2 * within + 1  # summed over a run: l² if full
-        pairs = int(np.where(ids >= 0, seen, 0).sum())
+        pairs = _counted("attnmask_run_pairs", form.document.doc_ids, torch.int64, length, window, form.causal)
+        if pairs is None:
+            pairs = _run_pairs(_host(form.document.doc_ids)[:, :length], window, form.causal)
     elif form.key_padding:
-        real = _host(form.key_padding[0].attention_mask)[:, :length]
-        for pad in form.key_padding[1:]:
-            real = real & _host(pad.attention_mask)[:, :length]
-        if not form.causal:
-            pairs = int(np.count_nonzero(real)) * length
-        elif window >= length:  # key j is seen by the queries j .. length - 1: one product instead of a cumsum
-            pairs = int((real @ np.arange(length, 0, -1)).sum())
-        else:  # query i sees the real keys in (i - window, i]: a difference of running counts
-            counts = np.zeros((real.shape[0], length + 1), dtype=np.int64)
-            np.cumsum(real, axis=1, out=counts[:, 1:])
-            pairs = int((counts[:, 1:] - counts[:, np.maximum(np.arange(1, length + 1) - window, 0)]).sum())
+        pads, pairs = [pad.attention_mask for pad in form.key_padding], None
+        if len(pads) == 1:
+            pairs = _counted("attnmask_real_pairs", pads[0], torch.bool, length, window, form.causal)
+        if pairs is None:
+            pairs = _real_pairs(pads, length, window, form.causal)
     elif form.causal and form.window is not None and window < length:
         # a causal window alone: query i sees min(i + 1, w) keys; summed, w(w + 1)/2 for the first w, w for the rest
         pairs = window * (window + 1) // 2 + (length - window) * window
@@ -377,6 +367,42 @@ def allowed_fraction(call) -> float | None:
         return None  # causal() / full() alone: sdpa runs them as they are (is_causal, no mask)
     rows = call.batch if (spec.batch_size or 1) == 1 else 1  # a spec without per-row data repeats per row
     return pairs * rows / (call.batch * call.q_len * call.kv_len)
+
+
+def _counted(name: str, t: torch.Tensor, dtype: torch.dtype, length: int, window: int, causal: bool) -> int | None:
+    """The pairs ``t[:, :length]`` allows, counted by the C function ``name`` of ``segattn.c`` in one pass over the
+    tensor's memory through its strides; ``None`` (count in numpy) when the library is not built or ``t`` is not a
+    CPU tensor of ``dtype``."""
+    lib = _clib.library()
+    if isinstance(lib, str) or t.device.type != "cpu" or t.dtype != dtype:
+        return None
+    rows_stride, col_stride = t.stride()
+    return getattr(lib, name)(t.data_ptr(), t.shape[0], length, rows_stride, col_stride, window, int(causal))
+
+
+def _run_pairs(ids: np.ndarray, window: int, causal: bool) -> int:
+    """``attnmask_run_pairs`` in numpy, on ``(B, K)`` document ids: a few vectorised operations on host views."""
+    pos = np.arange(ids.shape[1])
+    change = np.ones(ids.shape, dtype=bool)
+    change[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    within = pos - np.maximum.accumulate(np.where(change, pos, 0), axis=1)  # position inside its run of equal ids
+    seen = np.minimum(within + 1, window) if causal else 2 * within + 1  # summed over a run: l² if full
+    return int(np.where(ids >= 0, seen, 0).sum())
+
+
+def _real_pairs(pads: list[torch.Tensor], length: int, window: int, causal: bool) -> int:
+    """``attnmask_real_pairs`` in numpy, on the AND of the ``(B, K)`` padding masks ``pads``."""
+    real = _host(pads[0])[:, :length]
+    for pad in pads[1:]:
+        real = real & _host(pad)[:, :length]
+    if not causal:
+        return int(np.count_nonzero(real)) * length
+    if window >= length:  # key j is seen by the queries j .. length - 1: one product instead of a cumsum
+        return int((real @ np.arange(length, 0, -1)).sum())
+    # query i sees the real keys in (i - window, i]: a difference of running counts
+    counts = np.zeros((real.shape[0], length + 1), dtype=np.int64)
+    np.cumsum(real, axis=1, out=counts[:, 1:])
+    return int((counts[:, 1:] - counts[:, np.maximum(np.arange(1, length + 1) - window, 0)]).sum())
 
 
 def _host(t: torch.Tensor) -> np.ndarray:

@@ -8,11 +8,9 @@ thousands of documents of a few tokens need: there the per-document SDPA loop pa
 batched matmuls pay per tiny matrix. Long documents stay with ``"varlen"`` (SDPA's blocked matrix products are faster
 there); ``"auto"`` chooses by ``native_cost``.
 
-The C source is compiled on first use with the system C compiler (``$CC``, default ``cc``; about a second) into
-``$ATTNMASK_CACHE_DIR`` (default ``$XDG_CACHE_HOME/attnmask`` or ``~/.cache/attnmask``; a per-user folder in the
-temporary directory when that one is not writable), keyed by a hash of the source, the flags and the CPU, and loaded
-with ctypes; no Python or torch headers are involved. Without a compiler, or with ``ATTNMASK_NATIVE=0``, the backend
-reports itself unsupported and ``"auto"`` uses the others.
+The C source is compiled on first use with the system C compiler and loaded with ctypes (``backends._clib``).
+Without a compiler, or with ``ATTNMASK_NATIVE=0``, the backend reports itself unsupported and ``"auto"`` uses the
+others.
 
 Semantics are those of every attnmask backend (``tests/naive.py::naive_attention``): CPU tensors, float32 and float64
 computed in their own precision, float16 / bfloat16 computed in float32; rows with no allowed key give exactly 0 and a
@@ -29,23 +27,13 @@ Worked example, three documents of lengths 2, 4, 3 in one row, causal inside eac
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import torch
 
 import attnmask.backends._common as _common
 import attnmask.backends._workers as _workers
 from attnmask._dense import empty_buffer
+from attnmask.backends._clib import library as _library
 from attnmask.backends._common import COPY_COST, ModeFactors, cached, check_segments, mode_factor, varlen_plan
 from attnmask.backends._workers import on_free_cores, region_threads
 from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
@@ -53,135 +41,9 @@ from attnmask.errors import BackendError, DeviceError, DTypeError, bad
 
 __all__ = ["BACKEND", "native_available", "segment_attention"]
 
-_SOURCE = Path(__file__).with_name("segattn.c")
-# The kernel's threads are an OpenMP team: with GCC's runtime, the one torch itself loaded (one libgomp.so.1 per
-# process), whose idle threads are already spinning after torch's last parallel region and take the items at once.
-# Private pthreads, started per call, measured 1.3-1.8x slower than the team right after a torch matmul or SDPA (the
-# team's threads, still spinning, held the cores; RESULTS.md, issue 15, "native's threads"). A compiler without
-# OpenMP (Apple clang) builds with "-fopenmp-simd" instead, and segattn.c starts pthreads.
-_OPENMP, _SIMD_ONLY = "-fopenmp", "-fopenmp-simd"
-_FLAGS = (
-    "-O3",
-    "-march=native",
-    _OPENMP,
-    "-fno-trapping-math",
-    "-fno-math-errno",
-    "-fPIC",
-    "-shared",
-    "-std=gnu11",
-)
-# ATTNMASK_NATIVE_SANITIZE=1 (``make sanitize``): the kernel built with AddressSanitizer and UndefinedBehaviorSanitizer,
-# any finding fatal; the process must preload the ASan runtime (LD_PRELOAD=$(cc -print-file-name=libasan.so)).
-_SANITIZE = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
-_PORTABLE = "-march=native"  # dropped on a later try: some compilers (older Apple clang on arm64) refuse it
-_LIBS = ("-lm", "-lpthread")
-_COMPILE_TIMEOUT_S = 120
 # Windows wider than any query-key distance (positions and offsets stay within 2**41) all mean "no limit": clamped to
 # this, so that the kernel's int64 arithmetic never overflows.
 _WIDEST = 1 << 60
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Building and loading the kernel
-
-
-def _cache_dirs() -> list[Path]:
-    """Where the built kernel is kept: ``$ATTNMASK_CACHE_DIR``, else ``$XDG_CACHE_HOME/attnmask`` or
-    ``~/.cache/attnmask``; then a per-user folder in the temporary directory, for a read-only home."""
-    if os.environ.get("ATTNMASK_CACHE_DIR"):
-        first = Path(os.environ["ATTNMASK_CACHE_DIR"])
-    else:
-        first = Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")) / "attnmask"
-    user = os.getuid() if hasattr(os, "getuid") else "user"
-    return [first, Path(tempfile.gettempdir()) / f"attnmask-{user}"]
-
-
-def _cpu_signature() -> str:
-    """What ``-march=native`` depends on: the machine and its CPU flags (Linux), so a shared cache stays correct."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()}|{platform.system()}|{flags.strip()}"
-
-
-def _build(compiler: str) -> Path:
-    """Compile ``segattn.c`` once per source, flags, compiler and CPU; returns the shared library's path. A compiler
-    that refuses OpenMP or ``-march=native`` gets further tries without them (the first error is the one raised)."""
-    flags = _FLAGS
-    if os.environ.get("ATTNMASK_NATIVE_SANITIZE") == "1":
-        flags = tuple(f for f in _FLAGS if f != "-O3") + _SANITIZE
-    simd_only = tuple(_SIMD_ONLY if f == _OPENMP else f for f in flags)
-    tries = [flags, tuple(f for f in flags if f != _PORTABLE), simd_only, tuple(f for f in simd_only if f != _PORTABLE)]
-    first = None
-    for attempt in tries:
-        try:
-            return _build_with(compiler, attempt)
-        except OSError as err:
-            first = first or err
-    raise first
-
-
-def _build_with(compiler: str, flags: tuple[str, ...]) -> Path:
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(), _cpu_signature().encode()]))
-    name = f"segattn-{key.hexdigest()[:16]}.so"
-    for folder in _cache_dirs():
-        if (folder / name).exists():
-            return folder / name
-    for folder in _cache_dirs():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=Path(name).stem, suffix=".tmp.so", dir=folder)
-        except OSError:
-            continue  # not writable: try the next folder
-        os.close(fd)
-        return _compile(compiler, flags, tmp, folder / name)
-    raise OSError(f"no writable cache folder among {[str(f) for f in _cache_dirs()]}")
-
-
-def _compile(compiler: str, flags: tuple[str, ...], tmp: str, target: Path) -> Path:
-    try:
-        cmd = [compiler, *flags, "-o", tmp, str(_SOURCE), *_LIBS]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
-        if done.returncode != 0:
-            raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
-        os.replace(tmp, target)  # atomic: concurrent processes building the same key are harmless
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | str:
-    """The loaded kernel, or why there is none (disabled, not Linux/macOS, no compiler, compile error)."""
-    if os.environ.get("ATTNMASK_NATIVE", "1") == "0":
-        return "disabled by ATTNMASK_NATIVE=0"
-    if sys.platform not in ("linux", "darwin"):
-        return f"the C kernel is built on Linux and macOS only (this is {sys.platform})"
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        return f"no C compiler {compiler!r} on PATH (set CC) to build the kernel"
-    try:
-        lib = ctypes.CDLL(str(_build(shutil.which(compiler))))
-    except (OSError, subprocess.SubprocessError) as err:
-        return f"could not build the C kernel: {err}"
-    fn = lib.attnmask_segattn
-    fn.restype = ctypes.c_int
-    fn.argtypes = [
-        ctypes.c_int,
-        ctypes.c_int,
-        *[ctypes.c_void_p] * 12,
-        ctypes.c_int64,
-        ctypes.c_double,
-        ctypes.c_double,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int,
-    ]
-    return lib
 
 
 def native_available() -> str | None:

@@ -1,6 +1,7 @@
-/* Per-segment (per-document) attention on the CPU, forward and backward, for the "native" backend.
+/* Per-segment (per-document) attention on the CPU, forward and backward, for the "native" backend; at the end, the
+ * allowed-pair counts of planning.
  *
- * Built on first use by attnmask/backends/native.py (cc -O3 -march=native -fopenmp-simd -shared) and called through
+ * Built on first use by attnmask/backends/_clib.py (cc -O3 -march=native -fopenmp -shared) and called through
  * ctypes; no Python or torch headers. One segment is (row, q_start, q_len, k_start, k_len, offset), as
  * attnmask.backends._common.segments_from_varlen gives: inside it, query i may see key j when 0 <= j < k_len and, if
  * causal, j <= i + offset and, with a window w > 0, i + offset - j < w. Rows with no allowed key are written as 0 and get
@@ -300,4 +301,43 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
 /* The kernel's float32 exp over an array, for the tests (tests/test_native.py holds it to ~1 ulp of exp). */
 void attnmask_exp_f32(const float *x, float *y, int64_t n) {
     _Pragma("omp simd") for (int64_t i = 0; i < n; i++) y[i] = exp_f32(x[i]);
+}
+
+/* Allowed (query, key) pairs, for planning (attnmask.backends._common.allowed_fraction, which holds the numpy form of
+ * the same counts and the tests hold both to the naive dense mask): one pass over a (rows, length) array addressed
+ * through element strides, where numpy takes eight calls (each 20-90 us right after an attention kernel).
+ *
+ * attnmask_run_pairs: document ids (negative: no document). Inside a run of equal ids, the query `within` positions
+ * from the run's start sees min(within + 1, window) keys if causal, else the whole run: 2 within + 1 summed over a run
+ * of n gives n^2 (each run counted as a document of its own). attnmask_real_pairs: a key padding mask (bool bytes); a
+ * real key j is seen by min(window, length - j) queries if causal (query i sees the keys in (i - window, i]), by every
+ * query otherwise. window >= length means none. */
+int64_t attnmask_run_pairs(const int64_t *ids, int64_t rows, int64_t length, int64_t row_stride, int64_t col_stride,
+                           int64_t window, int causal) {
+    int64_t total = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t *row = ids + r * row_stride;
+        int64_t start = 0, prev = 0;
+        for (int64_t j = 0; j < length; j++) {
+            int64_t id = row[j * col_stride], within;
+            if (j == 0 || id != prev) start = j;
+            prev = id;
+            if (id < 0) continue;
+            within = j - start;
+            total += causal ? (within < window ? within + 1 : window) : 2 * within + 1;
+        }
+    }
+    return total;
+}
+
+int64_t attnmask_real_pairs(const uint8_t *real, int64_t rows, int64_t length, int64_t row_stride, int64_t col_stride,
+                            int64_t window, int causal) {
+    int64_t total = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *row = real + r * row_stride;
+        for (int64_t j = 0; j < length; j++) {
+            if (row[j * col_stride]) total += !causal ? length : (length - j < window ? length - j : window);
+        }
+    }
+    return total;
 }
