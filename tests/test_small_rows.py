@@ -132,7 +132,7 @@ def test_allowed_fraction_reads_strided_ids_and_padding_through_their_strides(wh
         assert got == pytest.approx(want, abs=1e-12), spec
 
 
-def test_with_the_library_the_counts_never_reach_numpy(monkeypatch):
+def test_allowed_fraction_with_the_library_never_reaches_numpy(monkeypatch):
     with counted_in("c"):
         monkeypatch.setattr(_common, "_run_pairs", None)  # calling either would raise
         monkeypatch.setattr(_common, "_real_pairs", None)
