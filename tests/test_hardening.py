@@ -7,6 +7,7 @@ a naive O(n^2) best fit) or, for refusals, that the error is a typed ``AttnmaskE
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,58 @@ def test_a_spec_with_zero_rows_of_data_is_refused_when_laid_out():
     spec = am.causal() & am.key_padding(torch.ones(0, 5, dtype=torch.bool))
     with pytest.raises(am.SpecError, match="0 rows"):
         spec.block_layout(5, block_size=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tensors that are not dense and strided
+
+
+def _nested(*rows):
+    with warnings.catch_warnings():  # torch warns once per process that nested tensors are a prototype
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.nested.nested_tensor(list(rows))
+
+
+@pytest.mark.parametrize("argument", ["q", "k", "v", "mask", "sinks"])
+@pytest.mark.parametrize("layout", ["sparse", "nested"])
+def test_attention_refuses_sparse_and_nested_inputs_with_a_typed_error(argument, layout):
+    q = torch.randn(1, 2, 6, 4)
+    args = {"q": q, "k": q, "v": q, "mask": torch.ones(6, 6, dtype=torch.bool).tril(), "sinks": torch.zeros(2)}
+    given = args[argument]
+    args[argument] = given.to_sparse() if layout == "sparse" else _nested(*given.unbind(0))
+    with pytest.raises(am.InputError, match=f"^{argument}: expected a dense \\(strided\\) tensor, got"):
+        am.attention(args["q"], args["k"], args["v"], args["mask"], sinks=args["sinks"])
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("sparse", [torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr])
+def test_sparse_spec_data_is_read_as_its_dense_values(sparse):
+    """Document ids, padding masks, prefix lengths, lengths and positions given as sparse tensors mean their values:
+    the same output as the dense spec, on every backend ``auto`` may pick."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 12, 8, generator=gen) for _ in range(3))
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, -1, -1, -1], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, -1]])
+    pad = torch.ones(2, 12, dtype=torch.long)
+    pad[1, :4] = 0
+    pairs = [
+        (lambda t: am.causal() & am.document(doc_ids=t), ids),
+        (lambda t: am.causal() & am.key_padding(t), pad),
+        (lambda t: am.prefix_lm(t), torch.tensor([3, 5])),
+        (lambda t: am.causal() & am.document(seq_lens=t, length=12), torch.tensor([4, 5, 3])),
+    ]
+    for make, data in pairs:
+        given = sparse(data) if data.dim() == 2 or sparse is torch.Tensor.to_sparse else data.to_sparse()
+        got = am.attention(q, k, v, make(given))
+        want = naive_attention(q.double(), k.double(), v.double(), make(data).to_dense(12).unsqueeze(1))
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    positions = torch.arange(12)
+    got = am.attention(q, k, v, am.causal(), q_positions=positions.to_sparse(), kv_positions=positions.to_sparse())
+    torch.testing.assert_close(got, am.attention(q, k, v, am.causal()), atol=1e-6, rtol=1e-6)
+
+
+def test_nested_spec_data_is_refused_with_a_typed_error():
+    ids = _nested(torch.tensor([0, 0, 1]), torch.tensor([0, 1]))
+    with pytest.raises(am.SpecError, match="^doc_ids: expected a dense tensor.*got a nested tensor"):
+        am.document(doc_ids=ids)
+    with pytest.raises(am.SpecError, match="^attention_mask: expected a dense tensor.*got a nested tensor"):
+        am.key_padding(ids)

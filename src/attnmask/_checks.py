@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 
 from attnmask.errors import AttnmaskError, InputError, bad
 
@@ -34,6 +35,13 @@ def check_int(
     if high is not None and value > high:
         raise bad(error, name, expected, short_repr(value))
     return value
+
+
+def check_strided(name: str, t: torch.Tensor, error: type[AttnmaskError] = InputError) -> None:
+    """Refuse, naming ``name`` and its layout, a tensor that is not dense and strided (sparse COO / CSR / ..., nested,
+    MKL-DNN): attention kernels read strided memory, and torch's own refuse such inputs with untyped errors."""
+    if t.is_nested or t.layout is not torch.strided:
+        raise bad(error, name, "a dense (strided) tensor", "a nested tensor" if t.is_nested else f"layout {t.layout}")
 
 
 def short_repr(value: Any) -> str:

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from attnmask import tuning
+from attnmask._checks import check_strided
 from attnmask.backends import REGISTRY, _workers
 from attnmask.backends._common import allowed_fraction, off_cpu
 from attnmask.backends._workers import all_threads
@@ -488,6 +489,7 @@ def _prepare_call(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise bad(InputError, name, "a torch.Tensor", type(t).__name__)
+        check_strided(name, t)
         if t.dim() != 4:
             layout = "(B, H, Q, D)" if name == "q" else f"(B, Hkv, K, {'D' if name == 'k' else 'Dv'})"
             raise bad(ShapeError, name, f"a 4D tensor {layout}", f"shape {tuple(t.shape)}")
@@ -574,6 +576,7 @@ def _default_positions(Q: int, K: int, device: torch.device) -> tuple[torch.Tens
 def _check_tensor_mask(mask, target: tuple[int, int, int, int], device: torch.device) -> None:
     if not isinstance(mask, torch.Tensor):
         raise bad(InputError, "mask", "None, a MaskSpec or a bool tensor", type(mask).__name__)
+    check_strided("mask", mask)
     if mask.dtype != torch.bool:
         raise bad(DTypeError, "mask", "a bool tensor (True = may attend) or a MaskSpec", mask.dtype)
     if mask.device != device:

@@ -134,8 +134,8 @@ def resolve_positions(
 
 
 def _check_positions(name: str, pos: torch.Tensor, length: int) -> torch.Tensor:
-    if not isinstance(pos, torch.Tensor):
-        pos = torch.as_tensor(pos)
+    if not isinstance(pos, torch.Tensor) or pos.layout is not torch.strided or pos.is_nested:
+        pos = _as_tensor(name, pos)
     if pos.dtype == torch.bool or pos.is_floating_point() or pos.is_complex():
         raise bad(SpecError, name, "an integer tensor", f"dtype {pos.dtype}")
     if pos.dim() not in (1, 2) or pos.shape[-1] != length:
@@ -1510,11 +1510,16 @@ def _check_size(name: str, value: Any) -> int:
 
 
 def _as_tensor(name: str, value: Any, device: torch.device | str | None = None) -> torch.Tensor:
-    """``torch.as_tensor(value)``, or a ``SpecError`` naming ``name`` for what torch cannot read (strings, ragged or
-    mixed lists, ints beyond int64)."""
+    """``torch.as_tensor(value)`` (a sparse tensor as its dense values), or a ``SpecError`` naming ``name`` for what
+    torch cannot read (strings, ragged or mixed lists, ints beyond int64, nested tensors, a sparse tensor whose dense
+    form does not fit in memory)."""
     if isinstance(value, (str, bytes)):
         raise bad(SpecError, name, "a tensor, an array or (nested) lists of numbers", type(value).__name__)
+    if isinstance(value, torch.Tensor) and value.is_nested:
+        raise bad(SpecError, name, "a dense tensor, an array or (nested) lists of numbers", "a nested tensor")
     try:
+        if isinstance(value, torch.Tensor) and value.layout is not torch.strided:
+            value = value.to_dense()  # sparse (COO, CSR, ...) or MKL-DNN data: its values, exactly
         return torch.as_tensor(value, device=device)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
@@ -1550,7 +1555,7 @@ def _as_row_vector(name: str, value: Any) -> torch.Tensor:
 
 def _seq_lens_rows(seq_lens: Any) -> list[list[int]]:
     if isinstance(seq_lens, torch.Tensor):
-        seq_lens = seq_lens.tolist()
+        seq_lens = _as_tensor("seq_lens", seq_lens).tolist()
     elif hasattr(seq_lens, "tolist"):
         seq_lens = seq_lens.tolist()
     if not isinstance(seq_lens, (list, tuple)):

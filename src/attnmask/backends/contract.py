@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnmask._checks import check_strided
 from attnmask.errors import DeviceError, DTypeError, InputError, ShapeError, bad
 from attnmask.masks import Causal, Full, MaskSpec
 
@@ -187,6 +188,7 @@ def check_score_mods(q: torch.Tensor, softcap, sinks, alibi_slopes) -> dict:
             continue
         if not isinstance(t, torch.Tensor):
             raise bad(InputError, name, f"None or a ({H},) tensor (one value per query head)", type(t).__name__)
+        check_strided(name, t)
         if tuple(t.shape) != (H,):
             raise bad(ShapeError, name, f"shape ({H},) (one value per query head)", f"shape {tuple(t.shape)}")
         if not t.is_floating_point():
