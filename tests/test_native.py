@@ -1,5 +1,6 @@
 """The "native" backend (a C kernel over document segments) equals the naive reference in outputs and gradients."""
 
+import logging
 import os
 import shutil
 import tempfile
@@ -313,12 +314,19 @@ def test_a_failed_build_is_reported_not_raised(fresh_library, monkeypatch):
     assert not list(fresh_library.iterdir())  # no half-written library left in the cache
 
 
-def test_the_kernel_is_built_once_into_the_cache(fresh_library):
-    assert N.native_available() is None
+def test_the_kernel_is_built_once_into_the_cache(fresh_library, caplog):
+    with caplog.at_level(logging.INFO, logger="attnmask"):
+        assert N.native_available() is None
     (built,) = fresh_library.glob("segattn-*.so")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"building segattn.c once for this machine into {fresh_library} (a few seconds)"
+    ]
     stamp = built.stat().st_mtime_ns
     N._library.cache_clear()
-    assert N.native_available() is None and built.stat().st_mtime_ns == stamp
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="attnmask"):
+        assert N.native_available() is None and built.stat().st_mtime_ns == stamp
+    assert not caplog.records  # loaded from the cache: nothing to say
 
 
 def test_rows_without_keys_are_zero_even_in_a_recycled_output_buffer():

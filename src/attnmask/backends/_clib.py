@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -27,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 __all__ = ["library"]
+
+_log = logging.getLogger("attnmask")
 
 _SOURCE = Path(__file__).with_name("segattn.c")
 # The kernel's threads are an OpenMP team: with GCC's runtime, the one torch itself loaded (one libgomp.so.1 per
@@ -112,6 +115,7 @@ def _build_with(compiler: str, flags: tuple[str, ...]) -> Path:
 def _compile(compiler: str, flags: tuple[str, ...], tmp: str, target: Path) -> Path:
     try:
         cmd = [compiler, *flags, "-o", tmp, str(_SOURCE), *_LIBS]
+        _log.info("building %s once for this machine into %s (a few seconds)", _SOURCE.name, target.parent)
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
         if done.returncode != 0:
             raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
