@@ -14,6 +14,8 @@ from attnmask.errors import AttnmaskError, InputError, bad
 INT64_MAX = 2**63 - 1
 """The largest token id or length a tensor of int64 holds."""
 
+_NESTED = "a nested tensor"
+
 
 def check_int(
     name: str, value: Any, *, low: int, high: int | None = None, error: type[AttnmaskError] = InputError
@@ -41,7 +43,39 @@ def check_strided(name: str, t: torch.Tensor, error: type[AttnmaskError] = Input
     """Refuse, naming ``name`` and its layout, a tensor that is not dense and strided (sparse COO / CSR / ..., nested,
     MKL-DNN): attention kernels read strided memory, and torch's own refuse such inputs with untyped errors."""
     if t.is_nested or t.layout is not torch.strided:
-        raise bad(error, name, "a dense (strided) tensor", "a nested tensor" if t.is_nested else f"layout {t.layout}")
+        raise bad(error, name, "a dense (strided) tensor", _NESTED if t.is_nested else f"layout {t.layout}")
+
+
+def dense_data(name: str, value: Any, error: type[AttnmaskError] = InputError) -> Any:
+    """``value`` with a sparse tensor (COO, CSR, ... or MKL-DNN) read as its dense values, exactly as if the dense
+    tensor had been given; a nested tensor refused with ``error`` naming ``name``. Anything else (a dense strided
+    tensor, an array, a list, an int) is returned as it is, without a copy: for a dense tensor the cost is two
+    attribute reads.
+
+    For data arguments (token ids, lengths, masks, labels, positions), which are read as values. A sparse tensor
+    whose dense form would take more than half the memory (`check_allocation`) is refused with ``error``.
+    """
+    if not isinstance(value, torch.Tensor) or (value.layout is torch.strided and not value.is_nested):
+        return value
+    if value.is_nested:
+        raise bad(error, name, "a dense tensor", _NESTED)
+    check_allocation(name, value.numel() * value.element_size(), error)  # numel counts the dense elements
+    try:
+        return value.to_dense()
+    except (RuntimeError, MemoryError, NotImplementedError) as e:  # the allocator refused it, or a layout torch lacks
+        reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise bad(
+            error, name, "a tensor whose dense values torch can build", f"layout {value.layout} ({reason})"
+        ) from None
+
+
+def sequences_data(name: str, value: Any, error: type[AttnmaskError] = InputError) -> Any:
+    """For an argument that is a list of sequences: a nested tensor as the list of its rows (``value.unbind(0)``,
+    the same as passing its component tensors), else `dense_data`: a sparse tensor as its dense values (a 2D one
+    is then read as its rows), anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.is_nested:
+        return list(value.unbind(0))
+    return dense_data(name, value, error)
 
 
 def short_repr(value: Any) -> str:

@@ -1,8 +1,9 @@
 """Span masks on the host, the ignore index and the label hints: the label helpers ``batch``, ``pack``, ``labels``
 and the collators share.
 
-A leaf module below every layer that uses it (numpy, torch and ``attnmask.errors`` only), so that ``batch`` (layer 4)
-and ``pack`` (layer 5) need not import ``labels`` (layer 6); ``attnmask.labels`` re-exports the public names.
+A leaf module below every layer that uses it (numpy, torch, ``attnmask.errors`` and ``attnmask._checks`` only), so
+that ``batch`` (layer 4) and ``pack`` (layer 5) need not import ``labels`` (layer 6); ``attnmask.labels`` re-exports
+the public names. Tensors given sparse are read as their dense values (``_checks.dense_data``).
 
 **The label convention** (every collator: `pad` / `Collator`, `PackPlan.collate` / `PackingCollator`, and the
 transformers ``DataCollatorForCausalLM``). An example dict may carry these hints, each in every example of a batch
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnmask._checks import dense_data
 from attnmask.errors import InputError, LabelError, NoTargetError, ShapeError, bad
 
 __all__ = ["IGNORE_INDEX", "LABEL_HINTS", "check_targets", "example_labels", "int_vector", "label_hints", "span_mask"]
@@ -71,6 +73,9 @@ def span_mask(shape: tuple[int, int], rows: Any, starts: Any, lengths: Any) -> n
 
 
 def int_vector(name: str, value: Any) -> np.ndarray:
+    """``value`` (an int, a list, an array or a tensor, a sparse one read as its dense values) as a ``(N,)`` int64
+    numpy array, else `InputError` / `ShapeError` naming ``name``."""
+    value = dense_data(name, value)
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     a = np.asarray(value)
@@ -142,7 +147,7 @@ def example_labels(
     ``where`` names the example in errors, e.g. ``"examples[3]"``.
     """
     n = len(ids)
-    labels = example[labels_key] if labels_key in hints else None
+    labels = dense_data(f"{where}[{labels_key!r}]", example[labels_key], LabelError) if labels_key in hints else None
     masks = [k for k in hints if k in MASK_HINTS]
     if masks:
         base = labels if labels is not None else ids
@@ -162,7 +167,7 @@ def check_targets(labels: torch.Tensor, *, allow_empty: bool, hints: tuple[str, 
     were applied, named in the message."""
     if allow_empty:
         return
-    targets = labels[:, 1:]
+    targets = dense_data("labels", labels, LabelError)[:, 1:]
     if targets.device.type == "cpu":  # numpy: one thread, no intra-op pool to wake for a collator-sized check
         targets = targets.detach().numpy()
     if bool((targets != IGNORE_INDEX).any()):
@@ -178,6 +183,7 @@ def check_targets(labels: torch.Tensor, *, allow_empty: bool, hints: tuple[str, 
 
 def _keep_row(name: str, value: Any, n: int, like: Any) -> Any:
     """A 0/1 mask hint as bool: a tensor on ``like``'s device when ``like`` is a tensor, else a numpy array."""
+    value = dense_data(name, value, LabelError)
     if isinstance(like, torch.Tensor):
         m = torch.as_tensor(value, device=like.device)
         ok_dtype = m.dtype == torch.bool or not (m.is_floating_point() or m.is_complex())
@@ -206,6 +212,7 @@ def _fold(base: Any, keep: list) -> Any:
 
 
 def _prompt_length(name: str, value: Any, n: int) -> int:
+    value = dense_data(name, value, LabelError)
     if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
         value = value.item()
     if isinstance(value, (bool, np.bool_, float, np.floating)):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnmask._checks import INT64_MAX, check_int
+from attnmask._checks import INT64_MAX, check_int, dense_data, sequences_data
 from attnmask._spans import (
     IGNORE_INDEX,
     LABEL_HINTS,
@@ -45,6 +45,8 @@ __all__ = ["Batch", "pad", "Collator"]
 _SIDES = ("left", "right")
 # Keys of an example dict that `pad` reads; every other key is passed through in `Batch.extras`.
 _EXAMPLE_KEYS = ("input_ids", "attention_mask", *LABEL_HINTS)
+# Fields of a `Batch` that hold tensors of data, read as dense values.
+_TENSOR_FIELDS = ("input_ids", "attention_mask", "position_ids", "labels", "cu_seqlens")
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +62,8 @@ class Batch:
       FlashAttention's varlen functions take them; ``max_seqlen`` the longest document.
     - ``num_truncated_tokens``: tokens cut by opt-in truncation (0 when nothing was cut).
     - ``extras``: per-example values `pad` does not interpret (other keys of example dicts), key -> list.
+
+    Tensors given sparse are stored as their dense values; a nested tensor is refused (`InputError`).
     """
 
     input_ids: torch.Tensor
@@ -72,6 +76,13 @@ class Batch:
     max_seqlen: int = 0
     num_truncated_tokens: int = 0
     extras: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in _TENSOR_FIELDS:
+            value = getattr(self, name)
+            dense = dense_data(name, value)
+            if dense is not value:
+                object.__setattr__(self, name, dense)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -163,6 +174,8 @@ def pad(
     interpreted and come back per example in ``batch.extras``.
     Token ids must be integers >= 0; a zero-length sequence is allowed: its row is all padding (attention gives 0
     on rows with nothing to attend), its ``seq_lens`` entry is ``()`` and it has no ``cu_seqlens`` entry.
+    Tensors given sparse (ids, masks, labels, prompt lengths) are read as their dense values; a nested tensor is read
+    as its rows where a list of sequences is expected (``sequences``, ``labels``, a column), else refused.
 
     - ``side``: ``"right"`` (training) or ``"left"`` (generation). Position ids count the real tokens from 0 and are
       0 on padding: for left padding ``cumsum(attention_mask) - 1`` with 0 on padding.
@@ -336,7 +349,7 @@ class Collator:
         return {k: getattr(self, k) for k in names}
 
     def __call__(self, examples: Sequence[Any]) -> Batch | dict[str, Any]:
-        examples = list(examples)
+        examples = list(sequences_data("examples", examples))
         hints = label_hints(examples, completion_only=self.completion_only)
         batch = pad(examples, **self._options())
         check_targets(batch.labels, allow_empty=self.allow_empty, hints=hints)
@@ -359,6 +372,7 @@ class _Rows:
 
 
 def _read_sequences(sequences: Any) -> _Rows:
+    sequences = sequences_data("sequences", sequences)
     if isinstance(sequences, Mapping):
         return _read_examples(_columns_to_examples(sequences))
     if isinstance(sequences, (torch.Tensor, np.ndarray)):
@@ -378,6 +392,7 @@ def _columns_to_examples(columns: Mapping) -> list[dict]:
     """``{"input_ids": [[..], [..]], "labels": ...}`` (a tokenizer's output) -> one dict per example."""
     if "input_ids" not in columns:
         raise bad(InputError, "sequences", "a dict of columns with an 'input_ids' key", sorted(columns))
+    columns = {key: sequences_data(f"sequences[{key!r}]", col) for key, col in columns.items()}
     n = len(columns["input_ids"])
     for key, col in columns.items():
         if len(col) != n:
@@ -437,6 +452,7 @@ def _take(x: Any, keep: Any) -> Any:
 
 
 def _read_labels(labels: Any, ids: list) -> list:
+    labels = sequences_data("labels", labels)
     if isinstance(labels, (torch.Tensor, np.ndarray)) and labels.ndim == 2:
         labels = list(labels)
     if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
@@ -451,6 +467,7 @@ def _read_labels(labels: Any, ids: list) -> list:
 
 
 def _read_prompt_lengths(prompt_lengths: Any, n: int) -> list[int]:
+    prompt_lengths = dense_data("prompt_lengths", prompt_lengths)
     if isinstance(prompt_lengths, (torch.Tensor, np.ndarray)):
         if prompt_lengths.ndim != 1:
             raise bad(ShapeError, "prompt_lengths", f"a ({n},) vector", tuple(prompt_lengths.shape))
@@ -471,7 +488,9 @@ def _check_prompts_fit(prompts: list[int], lens: list[int]) -> None:
 
 
 def _as_row(name: str, value: Any) -> Any:
-    """One sequence as a 1D integer tensor (kept on its device) or a 1D int64 numpy array."""
+    """One sequence as a 1D integer tensor (kept on its device; a sparse one as its dense values) or a 1D int64 numpy
+    array."""
+    value = dense_data(name, value)
     if isinstance(value, torch.Tensor):
         if value.dim() != 1:
             raise bad(ShapeError, name, "a 1D sequence of token ids", f"shape {tuple(value.shape)}")

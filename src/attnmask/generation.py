@@ -9,7 +9,8 @@ Prompts of different lengths are padded on the **left** so that every row's next
 Each decoding step appends one column: the mask grows by a 1, the new token's position is the row's last position
 plus one, and the ``Q`` new queries attend to the cached keys through ``causal() & key_padding(mask)`` evaluated
 bottom-right (the queries are the last ``Q`` of the ``K`` keys). Nothing here imports transformers: the loop runs any
-model with the Hugging Face call convention.
+model with the Hugging Face call convention. Masks and token ids given as sparse tensors are read as their dense
+values; prompts given as a nested tensor are its rows.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from attnmask._checks import dense_data, sequences_data
 from attnmask.batch import pad
 from attnmask.errors import InputError, ShapeError, bad
 from attnmask.masks import MaskSpec, causal, key_padding
@@ -38,14 +40,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     ``attention_mask`` ``(B, L)``, 1 = real. Left padding ``[0, 0, 1, 1, 1]`` gives ``[0, 0, 0, 1, 2]``. The same
     rule as transformers' ``generate``, so a padded row gets the positions of its prompt alone.
     """
-    _check_mask(attention_mask)
-    mask = attention_mask.long()
+    mask = _check_mask(attention_mask).long()
     return (mask.cumsum(dim=-1) - 1).clamp_(min=0).masked_fill_(mask == 0, 0)
 
 
 def extend_attention_mask(attention_mask: torch.Tensor, num_new: int = 1) -> torch.Tensor:
     """The mask ``(B, L + num_new)`` after appending ``num_new`` real tokens to every row."""
-    _check_mask(attention_mask)
+    attention_mask = _check_mask(attention_mask)
     ones = attention_mask.new_ones((attention_mask.shape[0], num_new))
     return torch.cat([attention_mask, ones], dim=-1)
 
@@ -58,16 +59,17 @@ def decode_spec(attention_mask: torch.Tensor) -> MaskSpec:
     ``attnmask.attention(q, k, v, spec)``. Example: mask ``[[0, 1, 1, 1]]``, ``Q = 1``: the query at position 3 sees
     keys 1, 2 and 3. Nothing O(Q·K) is built until a backend needs it.
     """
-    _check_mask(attention_mask)
-    return causal() & key_padding(attention_mask)
+    return causal() & key_padding(_check_mask(attention_mask))
 
 
 def left_pad_prompts(prompts: Sequence[Any], *, pad_id: int, device: torch.device | str | None = None):
     """Pad token-id prompts on the left into ``(input_ids, attention_mask, position_ids)``, each ``(B, L)`` int64.
 
-    ``prompts``: lists, arrays or 1D tensors of token ids (at least one token each). Example: ``[[5, 6, 7], [8, 9]]``
-    with ``pad_id=0`` gives ``[[5, 6, 7], [0, 8, 9]]``. Built by ``attnmask.pad(..., side="left")``; O(B·L).
+    ``prompts``: lists, arrays or 1D tensors of token ids (at least one token each), or a 2D or nested tensor (its
+    rows). Example: ``[[5, 6, 7], [8, 9]]`` with ``pad_id=0`` gives ``[[5, 6, 7], [0, 8, 9]]``. Built by
+    ``attnmask.pad(..., side="left")``; O(B·L).
     """
+    prompts = sequences_data("prompts", prompts)
     if not len(prompts):
         raise bad(InputError, "prompts", "at least one prompt", "none")
     lengths = [len(p) for p in prompts]
@@ -98,10 +100,12 @@ def greedy_generate(
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise bad(InputError, "max_new_tokens", "an int >= 0", repr(max_new_tokens))
+    input_ids = dense_data("input_ids", input_ids)
     if input_ids.dim() != 2:
         raise bad(ShapeError, "input_ids", "shape (B, L)", tuple(input_ids.shape))
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    attention_mask = dense_data("attention_mask", attention_mask)
     if attention_mask.shape != input_ids.shape:
         raise bad(ShapeError, "attention_mask", f"shape {tuple(input_ids.shape)} like input_ids", attention_mask.shape)
     if bool((attention_mask[:, -1] == 0).any()):
@@ -135,11 +139,15 @@ def greedy_generate(
 def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
     if eos_token_id is None:
         return None
+    eos_token_id = dense_data("eos_token_id", eos_token_id)
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def _check_mask(attention_mask: torch.Tensor) -> None:
+def _check_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``attention_mask`` (a sparse one as its dense values), or `ShapeError` when it is not a ``(B, L)`` tensor."""
+    attention_mask = dense_data("attention_mask", attention_mask)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
         raise bad(ShapeError, "attention_mask", "a (B, L) tensor, 1 = real token", shape)
+    return attention_mask

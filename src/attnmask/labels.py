@@ -15,11 +15,12 @@ Worked example, right padding, prompt of 2 tokens in row 0::
 The functions are pure (they return new arrays) and O(B·L). Span masks are built on the host with numpy from
 lengths, which collators know there (``pad`` and the packer both use `span_mask`); `mask_spans`, `mask_padding` and
 `mask_document_starts` apply masks to label tensors on their own device.
-This module depends only on ``torch``, ``numpy``, ``attnmask.errors`` and ``attnmask._spans`` (where ``IGNORE_INDEX``,
-`span_mask` and the label hints live, below ``batch`` and ``pack``, which use them too). The label convention every
-collator follows (hints ``labels``, ``assistant_masks``, ``completion_mask``, ``prompt_length(s)``: a token is a
-target unless a hint excludes it) is described in ``attnmask._spans`` and applied by `label_hints` and
-`example_labels`; `check_targets` refuses a batch with no target token.
+This module depends only on ``torch``, ``numpy``, ``attnmask.errors``, ``attnmask._checks`` and ``attnmask._spans``
+(where ``IGNORE_INDEX``, `span_mask` and the label hints live, below ``batch`` and ``pack``, which use them too). The
+label convention every collator follows (hints ``labels``, ``assistant_masks``, ``completion_mask``,
+``prompt_length(s)``: a token is a target unless a hint excludes it) is described in ``attnmask._spans`` and applied
+by `label_hints` and `example_labels`; `check_targets` refuses a batch with no target token. Tensors given sparse
+(labels, masks, spans) are read as their dense values; nested ones are refused (`InputError`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnmask._checks import dense_data
 from attnmask._spans import IGNORE_INDEX, LABEL_HINTS, check_targets, example_labels, int_vector, label_hints, span_mask
 from attnmask.errors import InputError, ShapeError, bad
 
@@ -48,7 +50,7 @@ __all__ = [
 
 def labels_from_input_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Causal-LM labels: a copy of ``input_ids`` ``(B, L)`` with ``IGNORE_INDEX`` where ``attention_mask`` is 0."""
-    return mask_padding(input_ids, attention_mask)
+    return mask_padding(_check_2d("input_ids", input_ids), attention_mask)
 
 
 def mask_padding(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,8 @@ def mask_padding(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
 
     ``[[4, 5, 6]]`` with mask ``[[0, 1, 1]]`` gives ``[[-100, 5, 6]]``.
     """
-    _check_2d("labels", labels)
+    labels = _check_2d("labels", labels)
+    attention_mask = dense_data("attention_mask", attention_mask)
     if tuple(attention_mask.shape) != tuple(labels.shape):
         raise bad(
             ShapeError, "attention_mask", f"the shape of labels {tuple(labels.shape)}", tuple(attention_mask.shape)
@@ -70,7 +73,7 @@ def mask_spans(labels: torch.Tensor, rows: Any, starts: Any, lengths: Any) -> to
 
     ``mask_spans([[1, 2, 3, 4]], rows=[0], starts=[1], lengths=[2])`` gives ``[[1, -100, -100, 4]]``.
     """
-    _check_2d("labels", labels)
+    labels = _check_2d("labels", labels)
     ignore = torch.from_numpy(span_mask(tuple(labels.shape), rows, starts, lengths)).to(labels.device)
     return labels.long().masked_fill(ignore, IGNORE_INDEX)
 
@@ -83,8 +86,11 @@ def mask_document_starts(labels: torch.Tensor, rows: Any, starts: Any) -> torch.
     return mask_spans(labels, rows, starts, np.ones_like(int_vector("starts", starts)))
 
 
-def _check_2d(name: str, t: torch.Tensor) -> None:
+def _check_2d(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a sparse tensor as its dense values) if it is a ``(B, L)`` tensor, else a typed error naming ``name``."""
+    t = dense_data(name, t)
     if not isinstance(t, torch.Tensor):
         raise bad(InputError, name, "a torch.Tensor", type(t).__name__)
     if t.dim() != 2:
         raise bad(ShapeError, name, "shape (B, L)", tuple(t.shape))
+    return t

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from attnmask._checks import check_strided, dense_data
 from attnmask.errors import DTypeError, InputError, NoTargetError, ShapeError, bad
 from attnmask.labels import IGNORE_INDEX
 
@@ -44,7 +45,12 @@ def masked_cross_entropy(
 
     Returns a 0-dim float32 tensor. Memory: one float32 copy of ``logits`` (as transformers). Label values are checked
     against the vocabulary when ``labels`` is on the CPU (on an accelerator that check would cost a synchronisation).
+    ``labels`` and ``num_items`` given sparse are read as their dense values (nested ones raise `InputError`);
+    ``logits`` must be dense and strided (`InputError` naming the layout otherwise).
     """
+    if isinstance(logits, torch.Tensor):
+        check_strided("logits", logits)
+    labels = dense_data("labels", labels)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise bad(ShapeError, "logits", "a (B, L, V) tensor", _shape(logits))
     if not logits.is_floating_point():
@@ -81,6 +87,7 @@ def count_target_tokens(labels: torch.Tensor | Any | Iterable[Any]) -> torch.Ten
 
     ``labels``: a ``(B, L)`` tensor, a `Batch`, or an iterable of them (the micro-batches of one optimizer step).
     The result stays on the labels' device without a synchronisation, ready for ``all_reduce`` and ``num_items``.
+    Sparse labels are read as their dense values; nested ones are refused (`InputError`).
     ``count_target_tokens(torch.tensor([[5, 6, -100], [7, -100, -100]]))`` is 1 + 0 = 1.
     """
     if isinstance(labels, torch.Tensor) or hasattr(labels, "labels"):
@@ -95,12 +102,14 @@ def count_target_tokens(labels: torch.Tensor | Any | Iterable[Any]) -> torch.Ten
 
 def _count_one(labels: Any) -> torch.Tensor:
     t = labels.labels if hasattr(labels, "labels") and not isinstance(labels, torch.Tensor) else labels
+    t = dense_data("labels", t)
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
         raise bad(ShapeError, "labels", "a (B, L) tensor", _shape(t))
     return (t[:, 1:] != IGNORE_INDEX).sum()
 
 
 def _check_num_items(num_items: int | torch.Tensor) -> torch.Tensor:
+    num_items = dense_data("num_items", num_items)
     if isinstance(num_items, torch.Tensor):
         if num_items.numel() != 1 or num_items.is_complex():
             raise bad(InputError, "num_items", "a 0-dim tensor or an int >= 0", f"shape {tuple(num_items.shape)}")

@@ -28,6 +28,10 @@ each its own document; ``"truncate"`` keeps the first ``max_length`` tokens and 
 ``"error"`` raises `InputError` naming how many sequences are too long and the longest.
 
 Zero-length sequences hold no tokens: they are placed in no row and counted in ``stats.empty_sequences``.
+
+Tensors given sparse (lengths, token ids, labels, masks) are read as their dense values; a nested tensor is read as
+its rows where a list of sequences is expected (``pack``'s input, ``collate``'s sequences and labels, a collator's
+examples, ``pack_stream``'s iterable), else refused.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnmask._checks import INT64_MAX, check_int
+from attnmask._checks import INT64_MAX, check_int, dense_data, sequences_data
 from attnmask._draw import ASCII, plan_bar
 from attnmask._spans import IGNORE_INDEX, MASK_HINTS, check_targets, example_labels, label_hints, span_mask
 from attnmask.batch import Batch
@@ -189,6 +193,8 @@ class PackPlan:
         check_int("pad_id", pad_id, low=0, high=INT64_MAX)
         idx, start, stop, row_offsets = self.segments(rows)
         needed = np.unique(idx)
+        sequences = sequences_data("sequences", sequences)
+        labels = sequences_data("labels", labels)
         if len(sequences) and isinstance(sequences[0], Mapping):
             if labels is not None or prompt_lengths is not None:
                 raise bad(LabelError, "labels, prompt_lengths", "None when sequences are example dicts", "given")
@@ -620,7 +626,7 @@ def _flatten(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Concatenate ``seqs[i]`` for ``i`` in ``needed`` into one int64 tensor; check lengths (as planned) and ids."""
     _check_same_len(name, seqs, lengths.shape[0])
-    picked = [seqs[i] for i in needed.tolist()]
+    picked = [dense_data(f"{name}[{i}]", seqs[i]) for i in needed.tolist()]
     got = np.fromiter((len(s) for s in picked), dtype=np.int64, count=len(picked))
     want = lengths[needed]
     if not np.array_equal(got, want):
@@ -646,6 +652,7 @@ def _flatten(
 
 
 def _prompt_lengths(prompt_lengths, lengths: np.ndarray) -> np.ndarray:
+    prompt_lengths = dense_data("prompt_lengths", prompt_lengths)
     if isinstance(prompt_lengths, (torch.Tensor, np.ndarray)):
         prompt_lengths = prompt_lengths.tolist()
     p = np.asarray([x.item() if hasattr(x, "item") else x for x in prompt_lengths])
@@ -666,7 +673,9 @@ def _check_same_len(name: str, seqs, n: int) -> None:
 
 
 def _lengths_of(x: Any) -> np.ndarray:
-    """int64 lengths from lengths (1D int array / tensor / list of ints) or from a list of sequences."""
+    """int64 lengths from lengths (1D int array / tensor / list of ints) or from a list of sequences (a nested tensor:
+    its rows)."""
+    x = sequences_data("lengths", x)
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     if isinstance(x, np.ndarray):
@@ -739,6 +748,7 @@ class PackingCollator:
                 raise bad(InputError, name, "a bool", repr(getattr(self, name)))
 
     def __call__(self, examples: Sequence[Any]) -> Batch:
+        examples = sequences_data("examples", examples)
         if not len(examples):
             raise bad(InputError, "examples", "at least one example", "an empty list")
         seqs, labels, prompts, hints = examples, None, None, ()
@@ -780,7 +790,9 @@ def _read_hints(
             raise bad(InputError, f"examples[{i}]", f"a mapping with key {input_key!r}", got)
     hints = label_hints(examples, labels_key=labels_key, prompt_key=prompt_key, completion_only=completion_only)
     read = set(needed.tolist())
-    ids = [ex[input_key] if i in read else [] for i, ex in enumerate(examples)]
+    ids = [
+        dense_data(f"examples[{i}][{input_key!r}]", ex[input_key]) if i in read else [] for i, ex in enumerate(examples)
+    ]
     with_labels = bool(set(hints) & {labels_key, *MASK_HINTS})
     with_prompt = bool(set(hints) - {labels_key, *MASK_HINTS})
     labels = [None] * len(examples) if with_labels else None
@@ -801,6 +813,7 @@ def _check_unpadded(i: int, example: Mapping, n: int) -> None:
     if mask is None:
         return
     name = f"examples[{i}]['attention_mask']"
+    mask = dense_data(name, mask)
     m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     if m.shape != (n,):
         raise bad(ShapeError, name, f"{n} entries like its input_ids", m.shape)
@@ -868,7 +881,7 @@ def pack_stream(
         raise bad(InputError, "strategy", f"one of {STRATEGIES}", repr(strategy))
     if overflow not in OVERFLOWS:
         raise bad(InputError, "overflow", f"one of {OVERFLOWS}", repr(overflow))
-    return _stream(iter(iterable), max_length, buffer_size, strategy, overflow)
+    return _stream(iter(sequences_data("iterable", iterable)), max_length, buffer_size, strategy, overflow)
 
 
 def collate_rows(
@@ -972,6 +985,7 @@ def _rows_to_carry(plan: PackPlan, frags: list[_Fragment], budget: int) -> set[i
 
 
 def _token_list(seq: Any, position: int) -> list:
+    seq = dense_data(f"sequence {position} of the stream", seq)
     if isinstance(seq, (str, bytes)) or not hasattr(seq, "__len__"):
         raise bad(InputError, f"sequence {position} of the stream", "a sequence of token ids", type(seq).__name__)
     return seq.tolist() if hasattr(seq, "tolist") else list(seq)

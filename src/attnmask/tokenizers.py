@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from attnmask._checks import dense_data
 from attnmask.errors import InputError, bad
 
 __all__ = ["ByteTokenizer", "HFTokenizer", "get_tokenizer"]
@@ -43,6 +44,7 @@ def _check_texts(texts: Any) -> list[str]:
 
 
 def _ids_list(ids: Any) -> list[int]:
+    ids = dense_data("ids", ids)
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
     if not isinstance(ids, Iterable) or isinstance(ids, (str, bytes)):

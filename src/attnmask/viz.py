@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from attnmask._checks import dense_data
 from attnmask._draw import ASCII, UNICODE, group_tiles, marks, plan_bar, tile_symbols
 from attnmask.errors import InputError, ShapeError, SpecError, bad
 from attnmask.masks import MaskSpec
@@ -68,7 +69,7 @@ def dense_row(
 ) -> torch.Tensor:
     """The ``(Q, K)`` bool mask of one batch row, from a spec or a bool tensor ``(Q, K)`` / ``(B, Q, K)`` /
     ``(B, 1, Q, K)``. A spec with per-row data is lowered for all its ``B`` rows, so memory is O(B·Q·K); ``Q·K``
-    above ``MAX_DRAW_ELEMENTS`` is refused."""
+    above ``MAX_DRAW_ELEMENTS`` is refused. A sparse tensor is read as its dense values, a nested one refused."""
     if isinstance(mask, MaskSpec):
         if q_len is None:
             raise bad(SpecError, "q_len", "an int when drawing a spec", None)
@@ -84,6 +85,7 @@ def dense_row(
         return mask.to_dense(q_len, kv_len)[row].cpu()
     if not isinstance(mask, torch.Tensor):
         raise bad(SpecError, "mask", "a MaskSpec or a bool tensor", type(mask).__name__)
+    mask = dense_data("mask", mask, SpecError)
     if mask.dtype != torch.bool:
         raise bad(SpecError, "mask", "a bool tensor (True = may attend)", f"dtype {mask.dtype}")
     if mask.dim() == 4 and mask.shape[1] == 1:
@@ -101,8 +103,9 @@ def mask_tiles(dense: torch.Tensor, block_q: int, block_k: int | None = None) ->
     """Tile states of a ``(Q, K)`` bool mask: int8 ``(ceil(Q/bq), ceil(K/bk))`` with 2 = every pair allowed,
     1 = some, 0 = none. Edge tiles hold only the positions that exist.
 
-    Example: causal over 4 positions, tiles of 2: ``[[1, 0], [2, 1]]``.
+    Example: causal over 4 positions, tiles of 2: ``[[1, 0], [2, 1]]``. A sparse ``dense`` is read as its values.
     """
+    dense = dense_data("dense", dense)
     block_k = block_q if block_k is None else block_k
     q_len, kv_len = dense.shape
     nq, nk = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
@@ -156,7 +159,9 @@ def draw_tiles(
 ) -> str:
     """Draw tile classes ``(nQ, nK)`` (2 = every pair allowed, 1 = some, 0 = none; as ``mask_tiles`` or a
     ``BlockLayout``'s ``classes[b]``) of a ``(q_len, kv_len)`` mask cut in tiles of ``block``. Query labels start
-    at ``q_offset``. With ``block=1`` the tiles are the elements and the picture is the mask itself."""
+    at ``q_offset``. With ``block=1`` the tiles are the elements and the picture is the mask itself. Sparse ``tiles``
+    are read as their dense values."""
+    tiles = dense_data("tiles", tiles)
     m = marks(ascii_only)
     q_labels = [str(q_offset + i * block) for i in range(tiles.shape[0])]
     k_labels = [i * block for i in range(tiles.shape[1])]
@@ -309,7 +314,7 @@ class FillReport:
 
 def histogram(lengths: Sequence[int], bins: int = 10) -> list[tuple[int, int, int]]:
     """Equal-width integer bins over ``[min, max]``: a list of ``(low, high, count)`` with ``low <= n < high``."""
-    values = [int(n) for n in lengths]
+    values = [int(n) for n in dense_data("lengths", lengths)]
     if not values:
         return []
     lo, hi = min(values), max(values) + 1
@@ -396,6 +401,7 @@ def save_tiles_png(
 ) -> Path:
     """Write tile classes ``(nQ, nK)`` (2 all, 1 some, 0 none may attend; e.g. a ``BlockLayout``'s ``classes[b]``)
     as a PNG of exactly ``size`` pixels: black = FULL, grey = PARTIAL, white = NONE. Memory O(nQ·nK)."""
+    tiles = dense_data("tiles", tiles)
     n_q, n_k = tiles.shape
     extent = (0, min(n_k * block, kv_len), q_offset + min(n_q * block, q_len), q_offset)
     default = f"tiles of {block}: black all, grey some, white none may attend"
@@ -422,8 +428,9 @@ def save_histogram_png(
     dpi: int = 96,
 ) -> Path:
     """Write a histogram of sequence lengths as a PNG of exactly ``size = (width, height)`` pixels."""
+    values = [int(n) for n in dense_data("lengths", lengths)]
     with _figure(path, size, dpi) as ax:
-        ax.hist([int(n) for n in lengths], bins=bins, color="#4c72b0", edgecolor="white")
+        ax.hist(values, bins=bins, color="#4c72b0", edgecolor="white")
         ax.yaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("tokens")
         ax.set_ylabel("sequences")

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from attnmask._checks import check_strided, dense_data
 from attnmask.attention import attention
 from attnmask.errors import BackendError, InputError, ShapeError, bad
 from attnmask.integrations.ranks import _check_int, resolve_world, world
@@ -93,6 +94,7 @@ def _layout_sizes(seq_len: int, world_size: int, seq_lens: tuple[int, ...] | Non
 def _check_seq_lens(seq_lens: Any, seq_len: int) -> tuple[int, ...] | None:
     if seq_lens is None:
         return None
+    seq_lens = dense_data("seq_lens", seq_lens)
     lens = tuple(seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens)
     for n in lens:
         _check_int("seq_lens", n, 0)
@@ -145,10 +147,12 @@ def shard_for_context_parallel(
     Use it on every per-token tensor of a row: ``input_ids`` / ``labels`` / ``position_ids`` ``(B, L)`` with ``dim=1``,
     ``q`` / ``k`` / ``v`` ``(B, H, L, D)`` with ``dim=2``. Returns a copy of ``L_local`` positions along ``dim``
     (``context_parallel_positions`` lists them). ``world_size`` / ``rank`` default to ``group``'s. ``seq_lens``: the
-    per-document layout (see ``context_parallel_positions``).
+    per-document layout (see ``context_parallel_positions``). A sparse ``x`` is read as its dense values (the shard
+    is dense); a nested one is refused (`InputError`).
     """
     if not isinstance(x, torch.Tensor):
         raise bad(InputError, "x", "a torch.Tensor", type(x).__name__)
+    x = dense_data("x", x)
     if not -x.dim() <= dim < x.dim():
         raise bad(ShapeError, "dim", f"a dimension of a {x.dim()}D tensor", dim)
     world_size, rank = resolve_world(world_size, rank, group)
@@ -522,6 +526,7 @@ def _check_attention_inputs(q, k, v, spec) -> None:
     for name, t in (("q_local", q), ("k_local", k), ("v_local", v)):
         if not isinstance(t, torch.Tensor):
             raise bad(InputError, name, "a torch.Tensor", type(t).__name__)
+        check_strided(name, t)
         if t.dim() != 4:
             raise bad(ShapeError, name, "a 4D tensor (B, H, L_local, D)", f"shape {tuple(t.shape)}")
     if not (q.shape[2] == k.shape[2] == v.shape[2]):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from attnmask._checks import dense_data
 from attnmask.batch import Batch
 from attnmask.errors import InputError, bad
 from attnmask.integrations.ranks import _check_int, resolve_world
@@ -336,6 +337,7 @@ class DistributedPackedSampler(Sampler):
 
 
 def _lengths_list(lengths: Any) -> list[int]:
+    lengths = dense_data("lengths", lengths)
     if isinstance(lengths, torch.Tensor):
         lengths = lengths.tolist()
     elif isinstance(lengths, np.ndarray):
