@@ -292,6 +292,7 @@ def test_sparse_spec_data_is_read_as_its_dense_values(sparse):
         (lambda t: am.causal() & am.key_padding(t), pad),
         (lambda t: am.prefix_lm(t), torch.tensor([3, 5])),
         (lambda t: am.causal() & am.document(seq_lens=t, length=12), torch.tensor([4, 5, 3])),
+        (lambda t: am.causal() & am.key_filter(t, [7]), torch.randint(0, 9, (2, 12), generator=gen)),
     ]
     for make, data in pairs:
         given = sparse(data) if data.dim() == 2 or sparse is torch.Tensor.to_sparse else data.to_sparse()
@@ -309,3 +310,5 @@ def test_nested_spec_data_is_refused_with_a_typed_error():
         am.document(doc_ids=ids)
     with pytest.raises(am.SpecError, match="^attention_mask: expected a dense tensor.*got a nested tensor"):
         am.key_padding(ids)
+    with pytest.raises(am.SpecError, match="^input_ids: expected a dense tensor.*got a nested tensor"):
+        am.key_filter(ids, [0])

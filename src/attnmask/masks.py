@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from attnmask._checks import check_allocation, check_int, short_repr
+from attnmask._checks import check_allocation, check_int, dense_data, short_repr
 from attnmask._dense import and_into, compare, empty_buffer, fold, warn_if_large
 from attnmask.errors import DeviceError, DTypeError, ShapeError, SpecError, bad
 from attnmask.tiles import FULL, NONE, TileGrid, per_row, segment_min_max, tile_classes, tile_view
@@ -1398,7 +1398,7 @@ def key_filter(input_ids: Any, ignored_ids: Any) -> MaskSpec:
     ``input_ids``: ``(L,)`` or ``(B, L)`` ints; ``ignored_ids``: an int or a sequence of ints. Example:
     ``causal() & key_filter(ids, [tokenizer.bos_token_id])``. O(B·L) to build.
     """
-    ids = torch.as_tensor(input_ids)
+    ids = _as_tensor("input_ids", input_ids)
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise bad(SpecError, "input_ids", "an integer tensor", f"dtype {ids.dtype}")
     if ids.dim() == 1:
@@ -1515,11 +1515,8 @@ def _as_tensor(name: str, value: Any, device: torch.device | str | None = None) 
     form does not fit in memory)."""
     if isinstance(value, (str, bytes)):
         raise bad(SpecError, name, "a tensor, an array or (nested) lists of numbers", type(value).__name__)
-    if isinstance(value, torch.Tensor) and value.is_nested:
-        raise bad(SpecError, name, "a dense tensor, an array or (nested) lists of numbers", "a nested tensor")
+    value = dense_data(name, value, SpecError)  # a sparse tensor as its values, exactly; a nested one refused
     try:
-        if isinstance(value, torch.Tensor) and value.layout is not torch.strided:
-            value = value.to_dense()  # sparse (COO, CSR, ...) or MKL-DNN data: its values, exactly
         return torch.as_tensor(value, device=device)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
