@@ -110,6 +110,31 @@ def test_allowed_fraction_equals_the_fraction_of_the_naive_dense_mask(where):
         check()
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(1, 700),
+    st.integers(1, 800),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_allowed_fraction_counts_the_same_in_c_and_in_numpy_on_long_rows(rows, length, window, causal, seed):
+    """Rows of up to 700 tokens (the naive dense comparison above stops at 24): random runs of ids, some negative,
+    some repeated apart, and random padding, every window; the two forms of each count agree exactly."""
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-1, 6, (rows, length), generator=gen).repeat_interleave(7, dim=1)[:, :length]
+    real = torch.rand(rows, length, generator=gen) < 0.7
+    window = min(window, length)
+    assert _common._counted("attnmask_run_pairs", ids, torch.int64, length, window, causal) == _common._run_pairs(
+        ids.numpy(), window, causal
+    )
+    assert _common._counted("attnmask_real_pairs", real, torch.bool, length, window, causal) == _common._real_pairs(
+        [real], length, window, causal
+    )
+
+
 @pytest.mark.parametrize("where", ["c", "numpy"])
 def test_allowed_fraction_reads_strided_ids_and_padding_through_their_strides(where):
     """Views the C count walks through element strides: every other column of wider ids, a transposed padding mask,
