@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -312,3 +313,37 @@ def test_nested_spec_data_is_refused_with_a_typed_error():
         am.key_padding(ids)
     with pytest.raises(am.SpecError, match="^input_ids: expected a dense tensor.*got a nested tensor"):
         am.key_filter(ids, [0])
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: am.greedy_generate(None, [[1, 2]], max_new_tokens=1, pad_token_id=0), "^input_ids: expected a"),
+        (
+            lambda: am.greedy_generate(
+                None, torch.ones(1, 2, dtype=torch.long), [[1, 1]], max_new_tokens=1, pad_token_id=0
+            ),
+            "^attention_mask: expected None or a",
+        ),
+        (lambda: _eos(2.5), "^eos_token_id: expected None, a token id"),
+        (lambda: _eos("2"), "^eos_token_id: expected None, a token id"),
+        (lambda: _eos([1, -1]), "^eos_token_id: expected an int >= 0, got -1"),
+        (lambda: am.viz.draw_histogram(torch.ones(2, 3)), r"^lengths: expected a flat sequence.*shape \(2, 3\)"),
+        (lambda: am.viz.draw_histogram(5), "^lengths: expected a flat sequence of integer lengths, got 5"),
+    ],
+)
+def test_generation_and_histogram_arguments_of_the_wrong_kind_give_typed_errors(build, message):
+    with pytest.raises(am.InputError, match=message):
+        build()
+
+
+def _eos(eos_token_id):
+    from attnmask.generation import _eos_tensor
+
+    return _eos_tensor(eos_token_id, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("eos", [3, torch.tensor(3), np.int64(3), [3, 5], torch.tensor([3, 5]), (3,), np.array(3)])
+def test_eos_token_id_is_read_from_ints_tensors_and_arrays(eos):
+    want = [3, 5] if len(np.atleast_1d(np.asarray(eos))) == 2 else [3]
+    assert _eos(eos).tolist() == want

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from attnmask._checks import dense_data, sequences_data
+from attnmask._checks import check_int, dense_data, sequences_data, short_repr
 from attnmask.batch import pad
 from attnmask.errors import InputError, ShapeError, bad
 from attnmask.masks import MaskSpec, causal, key_padding
@@ -101,11 +101,16 @@ def greedy_generate(
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise bad(InputError, "max_new_tokens", "an int >= 0", repr(max_new_tokens))
     input_ids = dense_data("input_ids", input_ids)
+    if not isinstance(input_ids, torch.Tensor):
+        raise bad(InputError, "input_ids", "a (B, L) tensor of token ids", type(input_ids).__name__)
     if input_ids.dim() != 2:
         raise bad(ShapeError, "input_ids", "shape (B, L)", tuple(input_ids.shape))
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = dense_data("attention_mask", attention_mask)
+    if not isinstance(attention_mask, torch.Tensor):
+        expected = "None or a (B, L) tensor, 1 = real token"
+        raise bad(InputError, "attention_mask", expected, type(attention_mask).__name__)
     if attention_mask.shape != input_ids.shape:
         raise bad(ShapeError, "attention_mask", f"shape {tuple(input_ids.shape)} like input_ids", attention_mask.shape)
     if bool((attention_mask[:, -1] == 0).any()):
@@ -140,7 +145,16 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) 
     if eos_token_id is None:
         return None
     eos_token_id = dense_data("eos_token_id", eos_token_id)
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    expected = "None, a token id or a sequence of token ids"
+    if isinstance(eos_token_id, (str, bytes)):
+        raise bad(InputError, "eos_token_id", expected, repr(eos_token_id))
+    if isinstance(eos_token_id, int) or getattr(eos_token_id, "ndim", None) == 0:  # an int, a 0-dim tensor or array
+        eos_token_id = [eos_token_id]
+    try:
+        values = list(eos_token_id)
+    except TypeError:
+        raise bad(InputError, "eos_token_id", expected, short_repr(eos_token_id)) from None
+    ids = [check_int("eos_token_id", x, low=0) for x in values]
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from attnmask._checks import dense_data
+from attnmask._checks import dense_data, short_repr
 from attnmask._draw import ASCII, UNICODE, group_tiles, marks, plan_bar, tile_symbols
 from attnmask.errors import InputError, ShapeError, SpecError, bad
 from attnmask.masks import MaskSpec
@@ -314,7 +314,12 @@ class FillReport:
 
 def histogram(lengths: Sequence[int], bins: int = 10) -> list[tuple[int, int, int]]:
     """Equal-width integer bins over ``[min, max]``: a list of ``(low, high, count)`` with ``low <= n < high``."""
-    values = [int(n) for n in dense_data("lengths", lengths)]
+    lengths = dense_data("lengths", lengths)
+    try:
+        values = [int(n) for n in lengths]
+    except (TypeError, ValueError, RuntimeError):  # not iterable, or an item that is no single number (a 2D row)
+        shown = f"shape {tuple(lengths.shape)}" if hasattr(lengths, "shape") else short_repr(lengths)
+        raise bad(InputError, "lengths", "a flat sequence of integer lengths", shown) from None
     if not values:
         return []
     lo, hi = min(values), max(values) + 1
@@ -428,7 +433,12 @@ def save_histogram_png(
     dpi: int = 96,
 ) -> Path:
     """Write a histogram of sequence lengths as a PNG of exactly ``size = (width, height)`` pixels."""
-    values = [int(n) for n in dense_data("lengths", lengths)]
+    lengths = dense_data("lengths", lengths)
+    try:
+        values = [int(n) for n in lengths]
+    except (TypeError, ValueError, RuntimeError):  # not iterable, or an item that is no single number (a 2D row)
+        shown = f"shape {tuple(lengths.shape)}" if hasattr(lengths, "shape") else short_repr(lengths)
+        raise bad(InputError, "lengths", "a flat sequence of integer lengths", shown) from None
     with _figure(path, size, dpi) as ax:
         ax.hist(values, bins=bins, color="#4c72b0", edgecolor="white")
         ax.yaxis.get_major_locator().set_params(integer=True)
