@@ -312,14 +312,19 @@ class FillReport:
 # Length histograms
 
 
-def histogram(lengths: Sequence[int], bins: int = 10) -> list[tuple[int, int, int]]:
-    """Equal-width integer bins over ``[min, max]``: a list of ``(low, high, count)`` with ``low <= n < high``."""
+def _length_values(lengths: Any) -> list[int]:
+    """``lengths`` (a list, an array or a tensor; a sparse one as its values) as Python ints, else `InputError`."""
     lengths = dense_data("lengths", lengths)
     try:
-        values = [int(n) for n in lengths]
+        return [int(n) for n in lengths]
     except (TypeError, ValueError, RuntimeError):  # not iterable, or an item that is no single number (a 2D row)
         shown = f"shape {tuple(lengths.shape)}" if hasattr(lengths, "shape") else short_repr(lengths)
         raise bad(InputError, "lengths", "a flat sequence of integer lengths", shown) from None
+
+
+def histogram(lengths: Sequence[int], bins: int = 10) -> list[tuple[int, int, int]]:
+    """Equal-width integer bins over ``[min, max]``: a list of ``(low, high, count)`` with ``low <= n < high``."""
+    values = _length_values(lengths)
     if not values:
         return []
     lo, hi = min(values), max(values) + 1
@@ -433,12 +438,7 @@ def save_histogram_png(
     dpi: int = 96,
 ) -> Path:
     """Write a histogram of sequence lengths as a PNG of exactly ``size = (width, height)`` pixels."""
-    lengths = dense_data("lengths", lengths)
-    try:
-        values = [int(n) for n in lengths]
-    except (TypeError, ValueError, RuntimeError):  # not iterable, or an item that is no single number (a 2D row)
-        shown = f"shape {tuple(lengths.shape)}" if hasattr(lengths, "shape") else short_repr(lengths)
-        raise bad(InputError, "lengths", "a flat sequence of integer lengths", shown) from None
+    values = _length_values(lengths)
     with _figure(path, size, dpi) as ax:
         ax.hist(values, bins=bins, color="#4c72b0", edgecolor="white")
         ax.yaxis.get_major_locator().set_params(integer=True)
