@@ -238,6 +238,30 @@ def test_auto_on_small_rows_plans_no_other_backend(monkeypatch):
     am.attention(q, k, v, packed([[40, 24], [64], [30, 34]], 64))
 
 
+def test_a_stock_choice_asks_neither_the_load_nor_the_rule_again_when_the_threads_change(monkeypatch):
+    """The stock rule reads neither the thread count nor the load: its choice asks for neither (the load check costs
+    ~30 us right after a kernel) and holds when the threads change, where a choice of the costs asks for the load and
+    is remade."""
+    asked, ruled = [], []
+    monkeypatch.setattr(A._workers, "contended", lambda: asked.append(1) or False)
+    stock = A._stock
+    monkeypatch.setattr(A, "_stock", lambda *args: ruled.append(1) or stock(*args))
+    before = torch.get_num_threads()
+    stock_call, costs_call = call(packed([[40, 24], [64], [30, 34]], 64)), call(packed([[4] * 16] * 3, 64))
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            assert A.choose_backend(stock_call).name == "sdpa"
+        assert ruled == [1] and not asked
+        picks = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            picks.append(A.choose_backend(costs_call).name)
+        assert len(ruled) == 3 and len(asked) >= 2  # decided at each thread count, the load asked each time
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_dense_mask_of_a_spec_is_built_once_for_every_layer(monkeypatch):
     built = []
     original = sdpa._build_spec_mask

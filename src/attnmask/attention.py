@@ -167,6 +167,11 @@ def _ranked(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[list[tu
     return ranked, refused
 
 
+def _busy(call: AttentionCall) -> bool:
+    """Whether other processes hold cores a CPU call's threads would use (``_workers.contended``; False off the CPU)."""
+    return call.q.device.type == "cpu" and _workers.contended()
+
+
 def _reasons_text(refused: dict[str, list[str]]) -> str:
     return "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in refused.items())
 
@@ -183,7 +188,8 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
     (``_workers.contended()``: the estimates apply their busy factors), so a repeated spec and shape in the same
     conditions skips every ``unsupported`` and ``cost``: these may depend only on the spec, the shapes, strides, dtype
     and device of q, k, v, whether a gradient is needed, the call's scalar fields (the scale), that thread count and
-    that load, never on tensor values outside the spec.
+    that load, never on tensor values outside the spec. A choice ``_stock`` made holds whatever the thread count and
+    the load (it reads neither), so it asks for neither: the load check is ~30 us right after a kernel.
 
     With measured tuning on (:func:`attnmask.autotune`, ``ATTNMASK_AUTOTUNE=1``; ``attnmask.tuning``), ``"auto"``
     runs, for a call with several close candidates, the one timed fastest on an earlier call of the same kind
@@ -192,17 +198,22 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
     if backend == "auto":
         plans = call_plans(call)
         registry, threads = tuple(_BACKENDS.values()), _workers.threads_available()
-        busy = call.q.device.type == "cpu" and _workers.contended()
         made = plans.get("auto")
-        if made is None or made[:3] != (registry, threads, busy):
-            chosen, refused, ranked = _pick(call, registry)
-            if chosen is None:
-                raise bad(
-                    BackendError, "backend", "a registered backend that supports these inputs", _reasons_text(refused)
-                )
-            made = plans["auto"] = (registry, threads, busy, chosen, ranked)
+        # (registry, threads, busy, chosen, ranked); a choice _stock made reads neither the threads nor the load (None)
+        valid = made is not None and made[0] == registry and (made[1] is None or made[1:3] == (threads, _busy(call)))
+        if not valid:
+            stock = _stock(call, registry)
+            if stock is not None:
+                made = plans["auto"] = (registry, None, None, stock, [])
+            else:
+                busy = _busy(call)
+                ranked, refused = _ranked(call, registry)
+                if not ranked:
+                    expected = "a registered backend that supports these inputs"
+                    raise bad(BackendError, "backend", expected, _reasons_text(refused))
+                made = plans["auto"] = (registry, threads, busy, ranked[0][0], ranked)
         if len(made[4]) > 1 and tuning.settings().enabled:
-            return tuning.choose(call, made[4], threads, busy, plans)
+            return tuning.choose(call, made[4], threads, made[2], plans)
         return made[3]
     if not isinstance(backend, str) or backend not in _BACKENDS:
         raise bad(BackendError, "backend", f"one of {['auto', *_BACKENDS]}", repr(backend))
@@ -315,8 +326,7 @@ def _measured(call: AttentionCall, ranked: list[tuple[Backend, float]]) -> tunin
     close = tuning.candidates(call, ranked, settings.spread, settings.candidates)
     if len(close) < 2:
         return None
-    busy = call.q.device.type == "cpu" and _workers.contended()
-    return tuning.lookup(tuning.tuning_key(call, close, _workers.threads_available(), busy))
+    return tuning.lookup(tuning.tuning_key(call, close, _workers.threads_available(), _busy(call)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

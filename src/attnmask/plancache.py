@@ -9,8 +9,9 @@ What an entry holds: a dict ``{key: plan}``, where each backend stores what its 
 ``_VarlenPlan``, a ``BlockLayout`` and its tile groups with the element masks of their PARTIAL tiles, a band plan,
 or the reason it cannot serve the call), and ``"auto"`` holds the ``"auto"`` choice with the registry it was made
 from, the intra-op thread count its estimates saw (``backends._workers.threads_available()``) and whether other
-processes held cores then (``backends._workers.contended()``), with every eligible backend's estimate; with measured
-tuning on, ``"tuning"`` holds the call's candidates and tuning key (``attnmask.tuning``).
+processes held cores then (``backends._workers.contended()``), with every eligible backend's estimate (neither count
+nor load for a choice of the stock rule, which reads neither); with measured tuning on, ``"tuning"`` holds the call's
+candidates and tuning key (``attnmask.tuning``).
 
 Key: the spec OBJECT, then the call's signature. The spec's entries live in an attribute of the spec itself
 (``masks.PLANS_ATTRIBUTE``), so they die with it: at once, or at the next garbage collection when a plan refers back
