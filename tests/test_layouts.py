@@ -358,3 +358,29 @@ def test_context_parallel_attention_refuses_sparse_and_nested_inputs(argument, m
         args = {"q_local": x, "k_local": x, "v_local": x, argument: given}
         with pytest.raises(am.InputError, match=f"^{argument}: expected a dense \\(strided\\) tensor, got {got}$"):
             distributed.context_parallel_attention(**args, spec=am.causal(), seq_len=4, method=method)
+
+
+def test_sparse_or_nested_tells_tensors_of_every_layout_and_plain_values_apart():
+    from attnmask._checks import dense_items, sparse_or_nested
+
+    dense = torch.arange(4)
+    plain = [
+        [1, 2],
+        (3,),
+        5,
+        None,
+        "ids",
+        {"a": 1},
+        range(3),
+        dense.numpy(),
+        dense,
+        dense[::2],
+        torch.nn.Parameter(dense.float()),
+    ]
+    assert not any(sparse_or_nested(x) for x in plain)
+    assert all(sparse_or_nested(x) for x in (dense.to_sparse(), _nested(dense, dense[:2])))
+    assert dense_items(plain, str) is plain  # nothing to read: the same list, no name built
+    got = dense_items([dense, dense.to_sparse()], lambda j: f"seqs[{j}]")
+    assert torch.equal(got[1], dense) and got[1].layout is torch.strided and got[0] is dense
+    with pytest.raises(am.InputError, match=r"^seqs\[1\]: expected a dense tensor, got a nested tensor"):
+        dense_items([dense, _nested(dense)], lambda j: f"seqs[{j}]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,7 @@ def dense_data(name: str, value: Any, error: type[AttnmaskError] = InputError) -
     For data arguments (token ids, lengths, masks, labels, positions), which are read as values. A sparse tensor
     whose dense form would take more than half the memory (`check_allocation`) is refused with ``error``.
     """
-    if not isinstance(value, torch.Tensor) or (value.layout is torch.strided and not value.is_nested):
+    if not sparse_or_nested(value):
         return value
     if value.is_nested:
         raise bad(error, name, "a dense tensor", _NESTED)
@@ -67,6 +68,35 @@ def dense_data(name: str, value: Any, error: type[AttnmaskError] = InputError) -
         raise bad(
             error, name, "a tensor whose dense values torch can build", f"layout {value.layout} ({reason})"
         ) from None
+
+
+# Types that are never tensors, told apart by one type lookup (~0.04 us): isinstance(x, torch.Tensor) costs ~0.24 us
+# for anything that is not a tensor (torch's metaclass hook), per item of a loop over many sequences.
+_NOT_TENSORS = frozenset({list, tuple, int, np.ndarray, range, str, bytes, dict, type(None)})
+
+
+def sparse_or_nested(value: Any) -> bool:
+    """Whether `dense_data` would change or refuse ``value``: a tensor that is sparse (or otherwise not strided) or
+    nested. About 0.05 us for a list or a dense tensor, so that loops over many items pay little and build an
+    item's name only when it is needed."""
+    return (
+        type(value) not in _NOT_TENSORS
+        and isinstance(value, torch.Tensor)
+        and (value.is_nested or value.layout is not torch.strided)
+    )
+
+
+def dense_items(items: list, name_of: Callable[[int], str]) -> list:
+    """``items`` with `dense_data` applied to each sparse or nested tensor among them, the ``j``-th named
+    ``name_of(j)``; ``items`` itself when it holds none: a loop over many sequences pays one type check per item
+    (~0.05 us) and builds no names."""
+    odd = [j for j, x in enumerate(items) if type(x) not in _NOT_TENSORS and sparse_or_nested(x)]
+    if not odd:
+        return items
+    items = list(items)
+    for j in odd:
+        items[j] = dense_data(name_of(j), items[j])
+    return items
 
 
 def sequences_data(name: str, value: Any, error: type[AttnmaskError] = InputError) -> Any:

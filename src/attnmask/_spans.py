@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnmask._checks import dense_data
+from attnmask._checks import dense_data, sparse_or_nested
 from attnmask.errors import InputError, LabelError, NoTargetError, ShapeError, bad
 
 __all__ = ["IGNORE_INDEX", "LABEL_HINTS", "check_targets", "example_labels", "int_vector", "label_hints", "span_mask"]
@@ -147,7 +147,9 @@ def example_labels(
     ``where`` names the example in errors, e.g. ``"examples[3]"``.
     """
     n = len(ids)
-    labels = dense_data(f"{where}[{labels_key!r}]", example[labels_key], LabelError) if labels_key in hints else None
+    labels = example[labels_key] if labels_key in hints else None
+    if sparse_or_nested(labels):
+        labels = dense_data(f"{where}[{labels_key!r}]", labels, LabelError)
     masks = [k for k in hints if k in MASK_HINTS]
     if masks:
         base = labels if labels is not None else ids

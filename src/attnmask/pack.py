@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnmask._checks import INT64_MAX, check_int, dense_data, sequences_data
+from attnmask._checks import INT64_MAX, check_int, dense_data, dense_items, sequences_data, sparse_or_nested
 from attnmask._draw import ASCII, plan_bar
 from attnmask._spans import IGNORE_INDEX, MASK_HINTS, check_targets, example_labels, label_hints, span_mask
 from attnmask.batch import Batch
@@ -626,7 +626,8 @@ def _flatten(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Concatenate ``seqs[i]`` for ``i`` in ``needed`` into one int64 tensor; check lengths (as planned) and ids."""
     _check_same_len(name, seqs, lengths.shape[0])
-    picked = [dense_data(f"{name}[{i}]", seqs[i]) for i in needed.tolist()]
+    positions = needed.tolist()
+    picked = dense_items([seqs[i] for i in positions], lambda j: f"{name}[{positions[j]}]")
     got = np.fromiter((len(s) for s in picked), dtype=np.int64, count=len(picked))
     want = lengths[needed]
     if not np.array_equal(got, want):
@@ -790,9 +791,8 @@ def _read_hints(
             raise bad(InputError, f"examples[{i}]", f"a mapping with key {input_key!r}", got)
     hints = label_hints(examples, labels_key=labels_key, prompt_key=prompt_key, completion_only=completion_only)
     read = set(needed.tolist())
-    ids = [
-        dense_data(f"examples[{i}][{input_key!r}]", ex[input_key]) if i in read else [] for i, ex in enumerate(examples)
-    ]
+    ids = [ex[input_key] if i in read else [] for i, ex in enumerate(examples)]
+    ids = dense_items(ids, lambda i: f"examples[{i}][{input_key!r}]")
     with_labels = bool(set(hints) & {labels_key, *MASK_HINTS})
     with_prompt = bool(set(hints) - {labels_key, *MASK_HINTS})
     labels = [None] * len(examples) if with_labels else None
@@ -985,7 +985,8 @@ def _rows_to_carry(plan: PackPlan, frags: list[_Fragment], budget: int) -> set[i
 
 
 def _token_list(seq: Any, position: int) -> list:
-    seq = dense_data(f"sequence {position} of the stream", seq)
+    if sparse_or_nested(seq):
+        seq = dense_data(f"sequence {position} of the stream", seq)
     if isinstance(seq, (str, bytes)) or not hasattr(seq, "__len__"):
         raise bad(InputError, f"sequence {position} of the stream", "a sequence of token ids", type(seq).__name__)
     return seq.tolist() if hasattr(seq, "tolist") else list(seq)
