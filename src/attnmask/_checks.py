@@ -43,7 +43,7 @@ def check_int(
 def check_strided(name: str, t: torch.Tensor, error: type[AttnmaskError] = InputError) -> None:
     """Refuse, naming ``name`` and its layout, a tensor that is not dense and strided (sparse COO / CSR / ..., nested,
     MKL-DNN): attention kernels read strided memory, and torch's own refuse such inputs with untyped errors."""
-    if t.is_nested or t.layout is not torch.strided:
+    if sparse_or_nested(t):
         raise bad(error, name, "a dense (strided) tensor", _NESTED if t.is_nested else f"layout {t.layout}")
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from attnmask._checks import check_allocation, check_int, dense_data, short_repr
+from attnmask._checks import check_allocation, check_int, dense_data, short_repr, sparse_or_nested
 from attnmask._dense import and_into, compare, empty_buffer, fold, warn_if_large
 from attnmask.errors import DeviceError, DTypeError, ShapeError, SpecError, bad
 from attnmask.tiles import FULL, NONE, TileGrid, per_row, segment_min_max, tile_classes, tile_view
@@ -134,7 +134,7 @@ def resolve_positions(
 
 
 def _check_positions(name: str, pos: torch.Tensor, length: int) -> torch.Tensor:
-    if not isinstance(pos, torch.Tensor) or pos.layout is not torch.strided or pos.is_nested:
+    if not isinstance(pos, torch.Tensor) or sparse_or_nested(pos):
         pos = _as_tensor(name, pos)
     if pos.dtype == torch.bool or pos.is_floating_point() or pos.is_complex():
         raise bad(SpecError, name, "an integer tensor", f"dtype {pos.dtype}")
