@@ -350,14 +350,19 @@ def segment_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> t
     Causal: query ``i`` of a segment sees ``clamp(a, 0, k_len) - clamp(a - w, 0, k_len)`` keys with
     ``a = i + offset + 1`` (the second term only with a window ``w``), summed through ``F(x) = sum_{a=1..x}
     clamp(a, 0, k_len)``. Example: one segment of 4 queries and 4 keys, offset 0, causal: 1 + 2 + 3 + 4 = 10."""
-    seg = segments.double()
-    ql, kl, off = seg[:, 2], seg[:, 4], seg[:, 5]
+    return torch.from_numpy(_pairs(segments.numpy(), causal, window))
+
+
+def _pairs(segs: np.ndarray, causal: bool, window: int | None) -> np.ndarray:
+    """:func:`segment_pairs` on the segments' numpy view (the estimate's form: a numpy operation costs several times
+    less than a torch one on these few hundred rows)."""
+    ql, kl, off = (segs[:, i].astype(np.float64) for i in (2, 4, 5))
     if not causal:
         return ql * kl
 
-    def F(x: torch.Tensor) -> torch.Tensor:  # sum_{a=1..x} clamp(a, 0, kl), 0 for x <= 0
-        x = x.clamp(min=0)
-        inside = torch.minimum(x, kl)
+    def F(x: np.ndarray) -> np.ndarray:  # sum_{a=1..x} clamp(a, 0, kl), 0 for x <= 0
+        x = np.maximum(x, 0.0)
+        inside = np.minimum(x, kl)
         return inside * (inside + 1) / 2 + (x - inside) * kl
 
     pairs = F(off + ql) - F(off)
@@ -385,7 +390,7 @@ def cost(call) -> float:
     segs = plan.segments
     causal, window = plan.causal or plan.window is not None, plan.window
     item = _item_work(segs, causal, window, width)  # one (segment, head) item
-    outside = call.batch * call.q_len - float(segs[:, 2].sum())  # query rows in no segment (zeroed, not walked)
+    outside = call.batch * call.q_len - float(segs.numpy()[:, 2].sum())  # query rows in no segment (not walked)
     serial = _CALL_COST + outside * call.heads * width * _ROW_COST
     if call.q.dtype not in (torch.float32, torch.float64) and not MODES.covers(call.q.dtype, call.q.device.type):
         tokens = call.batch * (call.heads * call.q_len + 2 * call.kv_heads * call.kv_len)
@@ -398,12 +403,14 @@ def cost(call) -> float:
     blocks = _forward_blocks(call, segs)
     amx = call.q.dtype == torch.bfloat16 and _common.cpu_has_amx_bf16()  # through the module: one place to patch
     efficiency = _BF16_AMX_THREAD_EFFICIENCY if amx else _THREAD_EFFICIENCY
-    forward = serial + kernel / _threads_gain(_item_work(blocks, causal, window, width).repeat(call.heads), efficiency)
+    forward = serial + kernel / _threads_gain(
+        np.tile(_item_work(blocks, causal, window, width), call.heads), efficiency
+    )
     if not call.needs_grad:
         return forward * factor
     gain = 1.0
     if _keys_disjoint(segs):  # segment-major items, the heaviest segments first (as the backward orders them)
-        gain = _threads_gain(item.sort(descending=True).values.repeat_interleave(call.kv_heads))
+        gain = _threads_gain(np.repeat(np.sort(item)[::-1], call.kv_heads))
     return forward + (serial + kernel / gain) * (factor - 1)
 
 
@@ -414,19 +421,20 @@ def _forward_blocks(call, segs: torch.Tensor) -> torch.Tensor:
     return cached(call, f"native_blocks_{threads}", lambda c: forward_items(segs, c.heads, threads))
 
 
-def _item_work(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> torch.Tensor:
+def _item_work(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> np.ndarray:
     """``(N,)`` float64: the estimate of each segment's work on one head (its pairs, its query rows). A pair costs
     ``_PAIR_COST`` in a run (the segment's keys, or the window when narrower) whose keys and values take at most
-    ``_SHORT_RUN_BYTES`` in float32, ``_LONG_PAIR_COST`` from ``_LONG_RUN_BYTES``, linearly in between."""
-    per_segment = segment_pairs(segs, causal, window)
-    run = segs[:, 4] if window is None else segs[:, 4].clamp(max=window)
+    ``_SHORT_RUN_BYTES`` in float32, ``_LONG_PAIR_COST`` from ``_LONG_RUN_BYTES``, linearly in between. In numpy, on
+    the segments' view."""
+    s = segs.numpy()
+    run = s[:, 4] if window is None else np.minimum(s[:, 4], window)
     span = _LONG_RUN_BYTES - _SHORT_RUN_BYTES
-    share = ((run.double() * (width * 4) - _SHORT_RUN_BYTES) / span).clamp(0.0, 1.0)
+    share = np.clip((run * (width * 4.0) - _SHORT_RUN_BYTES) / span, 0.0, 1.0)
     per_pair = _PAIR_COST + (_LONG_PAIR_COST - _PAIR_COST) * share
-    return (per_segment * per_pair + segs[:, 2].double() * _ROW_COST) * width
+    return (_pairs(s, causal, window) * per_pair + s[:, 2] * _ROW_COST) * width
 
 
-def _threads_gain(items: torch.Tensor, efficiency: float | None = None) -> float:
+def _threads_gain(items: np.ndarray, efficiency: float | None = None) -> float:
     """What the kernel's threads gain on items of work ``items`` ``(N,)``, in the order the kernel takes them:
     ``min(threads, pulls)`` threads pulling runs of ``_chunk`` items until none is left, each added thread
     contributing ``efficiency`` of a core (``None``: ``_THREAD_EFFICIENCY`` as the module holds it now)."""
@@ -434,8 +442,9 @@ def _threads_gain(items: torch.Tensor, efficiency: float | None = None) -> float
     if threads < 2:
         return 1.0
     chunk = _chunk(len(items), threads)
-    pad = -len(items) % chunk
-    pulls = torch.cat([items, items.new_zeros(pad)]).view(-1, chunk).sum(1)
+    pulls = np.zeros(-(-len(items) // chunk) * chunk)
+    pulls[: len(items)] = items
+    pulls = pulls.reshape(-1, chunk).sum(1)
     threads = min(threads, len(pulls))
     share = _THREAD_EFFICIENCY if efficiency is None else efficiency
     return _workers.expected_speedup(pulls.tolist(), threads, 0.0, share, share_big=False)
