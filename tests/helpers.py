@@ -3,7 +3,9 @@
 Test files import from here (and from ``naive.py`` and ``strategies.py``), never from one another.
 """
 
+import contextlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 import attnmask as am
 from attnmask import masks as M
 from attnmask.attention import AttentionCall
-from attnmask.backends import REGISTRY
+from attnmask.backends import REGISTRY, _clib
 from tests.naive import naive_attention
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
@@ -122,3 +124,19 @@ def bench_limit():
         sys.modules["bench_limit"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["bench_limit"])
     return sys.modules["bench_limit"]
+
+
+@contextlib.contextmanager
+def counted_in(where: str):
+    """Planning's counts and packed rows' segments in C (``segattn.c``: the library must be built) or in their
+    numpy / torch forms (the library reported missing, as without a compiler or with ``ATTNMASK_NATIVE=0``)."""
+    if where == "c":
+        if isinstance(_clib.library(), str):
+            if os.environ.get("ATTNMASK_STRICT_DEPS") == "1":
+                raise RuntimeError(f"the C library is unavailable: {_clib.library()}")
+            pytest.skip(_clib.library())
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_clib, "library", lambda: "switched off by the test")
+        yield

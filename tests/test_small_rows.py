@@ -2,9 +2,7 @@
 planning the other backends where they cannot win, decides that from a cheap allowed-pair count that matches the
 mask, still costs every backend where the mask denies most pairs, and builds the dense mask once per spec."""
 
-import contextlib
 import importlib
-import os
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from hypothesis import strategies as st
 import attnmask as am
 from attnmask.attention import _prepare_call
 from attnmask.backends import _clib, _common, banded, blocksparse, sdpa
+from tests.helpers import counted_in
 from tests.naive import naive_dense
 
 A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
@@ -77,22 +76,6 @@ def padded_spec(draw):
     for m in masks:
         base = base & m
     return base, length
-
-
-@contextlib.contextmanager
-def counted_in(where: str):
-    """The allowed-pair counts in C (``segattn.c``: the library must be built) or in numpy (the library reported
-    missing, as without a compiler or with ``ATTNMASK_NATIVE=0``)."""
-    if where == "c":
-        if isinstance(_clib.library(), str):
-            if os.environ.get("ATTNMASK_STRICT_DEPS") == "1":
-                raise RuntimeError(f"the C library is unavailable: {_clib.library()}")
-            pytest.skip(_clib.library())
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_common._clib, "library", lambda: "switched off by the test")
-        yield
 
 
 @pytest.mark.parametrize("where", ["c", "numpy"])

@@ -66,6 +66,7 @@ from attnmask.backends.contract import (
     check_dropout_p,
     check_score_mods,
     dense_mask,
+    no_floor,
     rows_with_keys,
 )
 from attnmask.errors import BackendError, DeviceError, DTypeError, InputError, ShapeError, bad
@@ -153,18 +154,34 @@ def _pick(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[Backend |
     return (ranked[0][0] if ranked else None), refused, ranked
 
 
-def _ranked(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[list[tuple[Backend, float]], dict]:
+def _ranked(
+    call: AttentionCall, registry: tuple[Backend, ...], margin: float | None = None
+) -> tuple[list[tuple[Backend, float]], dict]:
     """The backends of ``registry`` that ``"auto"`` may pick for ``call`` with their estimated costs, cheapest first
-    (ties: the earlier), and the reasons of every backend that refused."""
-    refused, ranked = {}, []
-    for b in registry:
+    (ties: the earlier in ``registry``), and the reasons of every backend that refused.
+
+    With ``margin``, the backends without a floor (``Backend.floor``) are asked first, and a backend whose floor
+    passes ``margin`` times the cheapest estimate in hand is left out of both: its estimate would too, so it could
+    not be picked (``margin`` 1) nor be a tuning candidate (``margin``: tuning's ``spread``), and neither its plan
+    nor its ``unsupported`` is built. On small rows of many documents this skips the layouts and band plans of the
+    backends that cost several times the cheapest (RESULTS.md, issue 15, "Floors")."""
+    order = range(len(registry))
+    if margin is not None:
+        order = sorted(order, key=lambda i: registry[i].floor is not no_floor)  # stable
+    refused, ranked, best = {}, [], math.inf
+    for i in order:
+        b = registry[i]
+        if margin is not None and best < math.inf and b.floor is not no_floor and b.floor(call) > margin * best:
+            continue
         reasons = b.not_supported_reasons(call)
         if reasons:
             refused[b.name] = reasons
         elif b.auto_on(call.device_type):
-            ranked.append((b, b.cost(call)))
-    ranked.sort(key=lambda item: item[1])  # stable: ties keep the registry's order
-    return ranked, refused
+            cost = b.cost(call)
+            ranked.append((cost, i, b))
+            best = min(best, cost)
+    ranked.sort(key=lambda item: item[:2])
+    return [(b, cost) for cost, _, b in ranked], refused
 
 
 def _busy(call: AttentionCall) -> bool:
@@ -199,20 +216,24 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
         plans = call_plans(call)
         registry, threads = tuple(_BACKENDS.values()), _workers.threads_available()
         made = plans.get("auto")
-        # (registry, threads, busy, chosen, ranked); a choice _stock made reads neither the threads nor the load (None)
-        valid = made is not None and made[0] == registry and (made[1] is None or made[1:3] == (threads, _busy(call)))
+        # (registry, threads, busy, chosen, ranked, margin); a choice _stock made reads neither the threads nor the
+        # load (None); ranked holds every backend within margin of the cheapest (_ranked), enough for tuning's spread
+        settings = tuning.settings()
+        margin = settings.spread if settings.enabled else 1.0
+        valid = made is not None and made[0] == registry and made[5] >= margin
+        valid = valid and (made[1] is None or made[1:3] == (threads, _busy(call)))
         if not valid:
             stock = _stock(call, registry)
             if stock is not None:
-                made = plans["auto"] = (registry, None, None, stock, [])
+                made = plans["auto"] = (registry, None, None, stock, [], math.inf)
             else:
                 busy = _busy(call)
-                ranked, refused = _ranked(call, registry)
+                ranked, refused = _ranked(call, registry, margin)
                 if not ranked:
                     expected = "a registered backend that supports these inputs"
                     raise bad(BackendError, "backend", expected, _reasons_text(refused))
-                made = plans["auto"] = (registry, threads, busy, ranked[0][0], ranked)
-        if len(made[4]) > 1 and tuning.settings().enabled:
+                made = plans["auto"] = (registry, threads, busy, ranked[0][0], ranked, margin)
+        if len(made[4]) > 1 and settings.enabled:
             return tuning.choose(call, made[4], threads, made[2], plans)
         return made[3]
     if not isinstance(backend, str) or backend not in _BACKENDS:

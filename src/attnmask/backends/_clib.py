@@ -3,7 +3,8 @@
 Layer 3 (attention), under every backend module: imports nothing of attnmask. ``native`` runs the kernel
 (``attnmask_segattn``); ``_common.allowed_fraction`` counts the pairs a spec allows with ``attnmask_run_pairs`` /
 ``attnmask_real_pairs`` (one C call in place of eight numpy ones, each 20-90 us right after an attention kernel has
-evicted the caches: planning a small call, ``benchmarks/bench_small_rows.py``).
+evicted the caches: planning a small call, ``benchmarks/bench_small_rows.py``), and ``_common.varlen_plan`` cuts
+packed rows into documents with ``attnmask_doc_segments`` (two C calls in place of ~40 torch ones).
 
 The C source is compiled on first use with the system C compiler (``$CC``, default ``cc``; about two seconds) into
 ``$ATTNMASK_CACHE_DIR`` (default ``$XDG_CACHE_HOME/attnmask`` or ``~/.cache/attnmask``; a per-user folder in the
@@ -157,4 +158,6 @@ def library() -> ctypes.CDLL | str:
     for name in ("attnmask_run_pairs", "attnmask_real_pairs"):
         getattr(lib, name).restype = ctypes.c_int64
         getattr(lib, name).argtypes = counts
+    lib.attnmask_doc_segments.restype = ctypes.c_int64
+    lib.attnmask_doc_segments.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_void_p, ctypes.c_int64]
     return lib

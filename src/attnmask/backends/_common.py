@@ -45,7 +45,10 @@ __all__ = [
     "cpu_has_amx_bf16",
     "degenerate",
     "mode_factor",
+    "rows_seeing_themselves",
+    "seeing_themselves",
     "segments_from_varlen",
+    "tiles_seeing_themselves",
     "varlen_plan",
 ]
 
@@ -405,6 +408,62 @@ def _real_pairs(pads: list[torch.Tensor], length: int, window: int, causal: bool
     return int((counts[:, 1:] - counts[:, np.maximum(np.arange(1, length + 1) - window, 0)]).sum())
 
 
+def seeing_themselves(call) -> np.ndarray | None:
+    """``(R, Q)`` bool on the host (``R``: the spec's rows, 1 or ``B``): the query rows certain to see a key, their
+    own position. A spec of the varlen form (``lowering.varlen_form``, chunks included) at default positions with
+    ``Q == K`` allows the pair ``(i, i)`` wherever position ``i`` lies in a document (an id >= 0, or no document part)
+    and no key padding marks it: causal masks and windows keep the diagonal, a document or a chunk holds each of its
+    positions. A subset of the rows that see a key, so the counts of :func:`rows_seeing_themselves` and
+    :func:`tiles_seeing_themselves` are lower bounds for the estimates' floors (``Backend.floor``). ``None`` for any
+    other call, and off the CPU. Kept with the plans; O(R·K) on host views."""
+    return cached(call, "seeing_themselves", _seeing_themselves)
+
+
+def _seeing_themselves(call) -> np.ndarray | None:
+    spec = call.mask
+    if not isinstance(spec, M.MaskSpec) or off_cpu(call) or call.positions_given or call.q_len != call.kv_len:
+        return None
+    if degenerate(call) is not None:
+        return None
+    try:
+        form = varlen_form(spec)
+    except BackendError:
+        return None
+    length = call.kv_len
+    parts = [form.document.doc_ids] if form.document is not None else []
+    parts += [pad.attention_mask for pad in form.key_padding]
+    if (form.window is not None and form.window < 1) or any(t.dim() != 2 or t.shape[1] < length for t in parts):
+        return None
+    seen = np.ones((1, length), dtype=bool)
+    if form.document is not None:
+        seen = _host(form.document.doc_ids)[:, :length] >= 0
+    for pad in form.key_padding:
+        seen = seen & (_host(pad.attention_mask)[:, :length] != 0)
+    return seen
+
+
+def rows_seeing_themselves(call) -> int:
+    """Query rows of the whole batch in :func:`seeing_themselves` (0 where it is ``None``)."""
+    seen = seeing_themselves(call)
+    if seen is None:
+        return 0
+    return int(np.count_nonzero(seen)) * (call.batch if seen.shape[0] == 1 else 1)
+
+
+def tiles_seeing_themselves(call, block: int) -> int:
+    """Query tiles of ``block`` rows (per batch row, ``ceil(Q / block)`` of them) holding a row of
+    :func:`seeing_themselves`, over the whole batch (0 where it is ``None``): a tiled backend computes at least one
+    tile of keys for each."""
+    seen = seeing_themselves(call)
+    if seen is None:
+        return 0
+    rows, length = seen.shape
+    padded = np.zeros((rows, -(-length // block) * block), dtype=bool)
+    padded[:, :length] = seen
+    tiles = int(np.count_nonzero(padded.reshape(rows, -1, block).any(-1)))
+    return tiles * (call.batch if rows == 1 else 1)
+
+
 def _host(t: torch.Tensor) -> np.ndarray:
     """``t`` as a numpy array: a view of a CPU tensor's memory (no copy, no torch call), else a host copy."""
     return t.numpy() if t.device.type == "cpu" and not t.requires_grad else t.detach().cpu().numpy()
@@ -413,6 +472,8 @@ def _host(t: torch.Tensor) -> np.ndarray:
 def _build_varlen_plan(call) -> VarlenPlan | str:
     if (empty := degenerate(call)) is not None:
         return empty
+    if (fast := _document_plan(call)) is not None:
+        return fast
     args = call_varlen_args(call)
     if isinstance(args, str):
         return args
@@ -420,3 +481,42 @@ def _build_varlen_plan(call) -> VarlenPlan | str:
     window = None if args.window_size[0] < 0 else args.window_size[0] + 1
     segs = segments_from_varlen(args, call.batch, call.q_len, call.kv_len, spec.batch_size or 1)
     return VarlenPlan(check_segments(segs, call.q, call.k, call.v), args.causal, window)
+
+
+def _document_plan(call) -> VarlenPlan | None:
+    """The plan of ``[causal() | full()] & [sliding_window(w)] & document(...) & [key_padding(m)]`` (packed rows:
+    what ``pack`` and the training integrations build) with ``Q == K`` at default positions on CPU int64 ids, cut by
+    ``attnmask_doc_segments`` in two C calls (count and check, then write) instead of ``lowering.varlen_args`` and
+    ``segments_from_varlen`` (~40 torch calls, 1-2 ms right after an attention kernel on rows of 8 x 256). The same
+    segments in the same order (tested); ``None`` for any other call, without the library, for ids that are not one
+    run per document and for padding inside a document (the general path then says why)."""
+    spec = call.mask
+    lib = _clib.library()
+    if isinstance(lib, str) or not isinstance(spec, M.MaskSpec) or call.positions_given or call.q_len != call.kv_len:
+        return None
+    try:
+        form = varlen_form(spec)
+    except BackendError:
+        return None
+    docs = form.document
+    if docs is None or form.chunked is not None or (form.window is not None and form.window < 1):
+        return None
+    ids, length = docs.doc_ids, call.kv_len
+    if ids.device.type != "cpu" or ids.dtype != torch.int64 or ids.dim() != 2 or ids.shape[1] < length:
+        return None
+    if ids.shape[0] not in (1, call.batch):
+        return None
+    for pad in form.key_padding:  # padding outside the documents (a packed row's tail) leaves the segments as they are
+        real = pad.attention_mask
+        if real.device.type != "cpu" or real.dim() != 2 or real.shape[1] < length:
+            return None
+        if ((_host(ids)[:, :length] >= 0) & (_host(real)[:, :length] == 0)).any():
+            return None
+    args = (ids.data_ptr(), ids.shape[0], length, *ids.stride(), call.batch)
+    count = lib.attnmask_doc_segments(*args, None, 0)
+    if count < 0:
+        return None
+    segs = torch.empty((count, 6), dtype=torch.int64)
+    if count:
+        lib.attnmask_doc_segments(*args, segs.data_ptr(), count)
+    return VarlenPlan(segs, form.causal, form.window)

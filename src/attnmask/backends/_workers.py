@@ -87,6 +87,7 @@ __all__ = [
     "read_load",
     "region_threads",
     "serial_steps",
+    "speedup_bound",
     "threads_available",
     "workers_active",
     "workers_available",
@@ -629,3 +630,10 @@ def expected_speedup(
         loads[loads.index(min(loads))] += w
     ideal = sum(rest) / max(loads)
     return total / (time + sum(rest) / (1 + (ideal - 1) * efficiency) + handover * len(rest))
+
+
+def speedup_bound(threads: int, efficiency: float = 1.0) -> float:
+    """The most :func:`expected_speedup` returns for ``threads`` and ``efficiency``, whatever the weights, ``min_work``
+    and ``handover``: no item runs more than ``1 + (threads - 1) · efficiency`` times faster (1 below two threads).
+    The estimates' floors (``Backend.floor``) divide by it."""
+    return 1.0 + (threads - 1) * efficiency if threads >= 2 else 1.0

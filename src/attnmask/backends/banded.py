@@ -172,6 +172,20 @@ def cost(call) -> float:
     return (serial + parallel / gain) * mode_factor(MODES, call)
 
 
+def floor(call) -> float:
+    """A lower bound of ``cost`` without the plan's key bands (``Backend.floor``): ``_parts`` with the fewest tiles
+    (the largest tile size), the fewest pairs (the smallest, one tile wide) and no mask, divided by the most the
+    threads gain. 0 for a call ``cost`` would not estimate. O(1)."""
+    if off_cpu(call) or not isinstance(call.mask, M.MaskSpec) or not call.mask.is_structural or degenerate(call):
+        return 0.0
+    heads = call.batch * call.heads
+    pairs = heads * call.q_len * min(_TILE_SIZES) * (call.head_dim + call.value_dim) * _PAIR_COST
+    tiles = heads * -(-call.q_len // max(_TILE_SIZES)) * _TILE_COST
+    serial = heads * (_HEAD_COST + call.q_len * call.value_dim * COPY_COST)
+    gain = _workers.speedup_bound(_workers.threads_available(), _THREAD_EFFICIENCY)
+    return (serial + (pairs * amx_pair_factor(call) + tiles) / gain) * mode_factor(MODES, call)
+
+
 def _estimate(call, bs: int, width: int) -> float:
     """The one-thread estimate of tiles of ``bs`` and a band of ``width`` tiles (``_plan`` picks the tile size by it:
     the plan does not depend on the thread count)."""
@@ -384,4 +398,5 @@ BACKEND = Backend(
     masks=frozenset({"structural"}),
     unsupported=unsupported,
     propagates_nonfinite=frozenset({"cpu"}),  # checked by tests/test_conformance.py
+    floor=floor,
 )

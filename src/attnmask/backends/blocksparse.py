@@ -24,7 +24,15 @@ import torch
 
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
-from attnmask.backends._common import ModeFactors, cached, check_qkv, degenerate, mode_factor, off_cpu
+from attnmask.backends._common import (
+    ModeFactors,
+    cached,
+    check_qkv,
+    degenerate,
+    mode_factor,
+    off_cpu,
+    tiles_seeing_themselves,
+)
 from attnmask.backends._workers import MIN_TASK_WORK, on_free_cores, parallel_map
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
 from attnmask.errors import ShapeError, bad
@@ -739,6 +747,26 @@ def cost(call) -> float:
     return (in_tasks / gain + groups * _GROUP_COST) * mode_factor(MODES, call) - stack_saving(call)
 
 
+def floor(call) -> float:
+    """A lower bound of ``cost`` without the layout (``Backend.floor``): each query tile holding a row certain to see
+    a key (``_common.tiles_seeing_themselves``) computes at least one tile of pairs, divided by the most the threads
+    gain (``_workers.speedup_bound``); every query tile is a group; the forward's stacks save at most all but one group
+    of each batch row. 0 where the rows are unknown. O(B·K) on host views."""
+    bs = _block_size(call.q_len, call.kv_len)
+    tiles = tiles_seeing_themselves(call, bs)
+    if tiles == 0:
+        return 0.0
+    per_pair = call.heads * (call.head_dim + call.value_dim)
+    n_q = -(-call.q_len // bs)
+    gain = _workers.speedup_bound(_workers.threads_available(), _THREAD_EFFICIENCY)
+    work = _PAIR_COST * tiles * bs * bs * per_pair / gain + call.batch * n_q * _GROUP_COST
+    estimate = work * mode_factor(MODES, call)
+    if _stacks_apply(call):
+        busy = call.device_type == "cpu" and _workers.contended()
+        estimate -= call.batch * (n_q - 1) * _GROUP_COST * MODES.of(call.q.dtype, call.device_type, False, busy)
+    return estimate
+
+
 def stack_saving(call) -> float:
     """What the forward's stacks save of ``cost``'s per-group charge: a stack is charged as one group (one kernel call,
     one copy into place), in the forward's mode factor whether or not a backward follows (the backward runs group by
@@ -916,4 +944,5 @@ BACKEND = Backend(
     masks=frozenset({"structural", "custom"}),
     propagates_nonfinite=frozenset({"cpu"}),  # checked by tests/test_conformance.py
     unsupported=unsupported,
+    floor=floor,
 )

@@ -38,6 +38,7 @@ __all__ = [
     "check_score_mods",
     "dense_mask",
     "mask_kind",
+    "no_floor",
     "rows_with_keys",
     "score_bias",
     "score_positions",
@@ -271,6 +272,11 @@ def _no_scratch(call: AttentionCall) -> int:
     return 0
 
 
+def no_floor(call: AttentionCall) -> float:
+    """The default ``Backend.floor``: no bound, so ``"auto"`` always asks such a backend's ``cost``."""
+    return 0.0
+
+
 @dataclass(frozen=True)
 class Backend:
     """An attention implementation and what it declares it supports.
@@ -306,6 +312,12 @@ class Backend:
     - ``scratch_bytes(call)``: about the bytes a run allocates that grow with ``Q·K`` (a dense mask, materialised
       scores), 0 when none do (the default). Measured tuning (``attnmask.tuning``) does not time a backend whose
       scratch would pass ``tuning.TRIAL_SCRATCH_BYTES`` beyond what the estimates' pick allocates.
+    - ``floor(call)``: a lower bound of ``cost(call)`` that builds no plan (a few counts on the spec's host data),
+      ``0.0`` when it knows none (the default, :func:`no_floor`). ``"auto"`` first asks the backends without a floor
+      for their estimates, then skips a backend whose floor passes the cheapest estimate in hand: it could not be
+      picked, so neither its plan nor its ``unsupported`` is built. It must never exceed ``cost(call)``
+      (``tests/test_floors.py`` holds the built-in ones to it on random specs), else ``"auto"`` could miss the
+      cheapest backend.
     """
 
     name: str
@@ -325,6 +337,7 @@ class Backend:
     unsupported: Callable[[AttentionCall], str | None] = _no_reason
     available: Callable[[], str | None] = _always_available
     scratch_bytes: Callable[[AttentionCall], int] = _no_scratch
+    floor: Callable[[AttentionCall], float] = no_floor
 
     def auto_on(self, device_type: str) -> bool:
         """Whether ``"auto"`` may pick this backend for a call on ``device_type`` (if it supports the call)."""

@@ -1,5 +1,5 @@
 /* Per-segment (per-document) attention on the CPU, forward and backward, for the "native" backend; at the end, the
- * allowed-pair counts of planning.
+ * allowed-pair counts and the document segments of planning.
  *
  * Built on first use by attnmask/backends/_clib.py (cc -O3 -march=native -fopenmp -shared) and called through
  * ctypes; no Python or torch headers. One segment is (row, q_start, q_len, k_start, k_len, offset), as
@@ -340,4 +340,52 @@ int64_t attnmask_real_pairs(const uint8_t *real, int64_t rows, int64_t length, i
         }
     }
     return total;
+}
+
+/* Document segments, for planning (attnmask.backends._common.varlen_plan, whose general form, through
+ * lowering.varlen_args, the tests hold this one to): the runs of equal non-negative ids of a (rows, length) array
+ * addressed through element strides, as segments (b, start, n, start, n, 0) of `batch` rows, row-major; a spec of one
+ * row (rows == 1) serves every batch row. With out == NULL it only counts them and checks that no id forms two runs
+ * of a row (sorting each row's run ids in a scratch array); else it writes at most `cap` of them. Returns the number of
+ * segments, -1 for an id in several runs of a row, -2 when the scratch array cannot be allocated. */
+static int cmp_int64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+int64_t attnmask_doc_segments(const int64_t *ids, int64_t rows, int64_t length, int64_t row_stride,
+                              int64_t col_stride, int64_t batch, int64_t *out, int64_t cap) {
+    int64_t count = 0;
+    int64_t *seen = NULL;
+    if (out == NULL && length > 0) {
+        seen = malloc((size_t)length * sizeof(int64_t));
+        if (seen == NULL) return -2;
+    }
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t *row = ids + (rows == 1 ? 0 : b) * row_stride;
+        int64_t runs = 0;
+        int check = seen != NULL && (rows != 1 || b == 0); /* one spec row serves every batch row: checked once */
+        for (int64_t j = 0; j < length;) {
+            int64_t id = row[j * col_stride], start = j;
+            while (j < length && row[j * col_stride] == id) j++;
+            if (id < 0) continue;
+            if (check) seen[runs++] = id;
+            if (out != NULL && count < cap) {
+                int64_t *s = out + 6 * count;
+                s[0] = b, s[1] = start, s[2] = j - start, s[3] = start, s[4] = j - start, s[5] = 0;
+            }
+            count++;
+        }
+        if (check && runs > 1) {
+            qsort(seen, (size_t)runs, sizeof(int64_t), cmp_int64);
+            for (int64_t i = 1; i < runs; i++) {
+                if (seen[i] == seen[i - 1]) {
+                    free(seen);
+                    return -1;
+                }
+            }
+        }
+    }
+    free(seen);
+    return count;
 }

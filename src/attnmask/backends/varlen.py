@@ -36,6 +36,7 @@ from attnmask.backends._common import (
     check_segments,
     mode_factor,
     off_cpu,
+    rows_seeing_themselves,
     segments_from_varlen,
     varlen_plan,
 )
@@ -597,6 +598,21 @@ def cost(call) -> float:
     return estimate * mode_factor(MODES, call)
 
 
+def floor(call) -> float:
+    """A lower bound of ``cost`` without the lowering (``Backend.floor``), from the query rows certain to see a key
+    (``_common.rows_seeing_themselves``): each such row and its own key lie in a document SDPA runs, so each is copied
+    at least once and charged at least the cheaper row charge, and there is at least one call; the pairs are left
+    out. 0 where the rows are unknown. O(B·K) on host views, kept with the plans."""
+    rows = rows_seeing_themselves(call)
+    if rows == 0:
+        return 0.0
+    width = call.head_dim + call.value_dim
+    serial = rows * (call.heads + call.kv_heads) * width * COPY_COST + CALL_COST
+    row_work = rows * call.heads * width * min(_SMALL_ROW_COST, _SDPA_ROW_COST)
+    gain = _workers.speedup_bound(_workers.threads_available(), _THREAD_EFFICIENCY)
+    return (serial + row_work / gain) * mode_factor(MODES, call)
+
+
 def _task_weights(segs: list, window: int | None, per_pair: int) -> tuple[list[float], list[float]]:
     """The weights ``varlen_attention`` gives ``parallel_map`` (multiply-adds): one per group of stacked documents,
     or, for a single group under a window shorter than its documents that runs with every thread, one per query
@@ -652,4 +668,5 @@ BACKEND = Backend(
     dropout=True,
     unsupported=unsupported,
     propagates_nonfinite=frozenset({"cpu"}),  # checked by tests/test_conformance.py
+    floor=floor,
 )

@@ -1,0 +1,215 @@
+"""The estimates' floors and packed rows' segments in C: ``"auto"`` skips a backend whose cheap lower bound
+(``Backend.floor``) passes the cheapest estimate in hand, which must never change what it picks, and cuts packed
+rows into documents in C exactly as the general lowering does."""
+
+import contextlib
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnmask as am
+from attnmask.attention import _prepare_call
+from attnmask.backends import REGISTRY, _clib, _common, _workers
+from attnmask.backends.contract import no_floor
+from tests.helpers import counted_in
+
+A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
+FLOORED = [b for b in REGISTRY if b.floor is not no_floor]
+
+
+def test_the_per_document_and_tiled_backends_declare_floors():
+    assert sorted(b.name for b in FLOORED) == ["banded", "blocksparse", "varlen"]
+
+
+def _doc_ids(draw, rows: int, length: int) -> torch.Tensor:
+    """Runs of ids with gaps of -1, sometimes an id repeated apart (not one run: the lowering refuses it)."""
+    out = []
+    for _ in range(rows):
+        row, doc = [], 0
+        while len(row) < length:
+            n = draw(st.integers(1, max(1, length // 3)))
+            gap = draw(st.sampled_from([False, False, True]))
+            row += [-1 if gap else doc] * n
+            doc += 0 if gap else 1
+        out.append(row[:length])
+    ids = torch.tensor(out, dtype=torch.long)
+    if draw(st.integers(0, 9)) == 0 and length > 2:
+        ids[0, -1] = ids[0, 0] if ids[0, 0] >= 0 else 0
+    return ids
+
+
+@st.composite
+def varlen_calls(draw):
+    """Calls of the varlen form (documents, padding, windows, chunks, causal or not) on rows of up to 600 tokens (the
+    tiled backend's three tile sizes), a spec of one row or one per batch row, several head layouts, float32 or
+    bfloat16, with or without a gradient."""
+    length = draw(st.integers(1, 600))
+    batch = draw(st.integers(1, 3))
+    rows = draw(st.sampled_from([1, batch]))
+    spec = draw(st.sampled_from([am.causal(), am.full()]))
+    if draw(st.booleans()):
+        spec = spec & am.sliding_window(draw(st.integers(1, length)))
+    docs = draw(st.booleans())
+    if docs:
+        spec = spec & am.document(doc_ids=_doc_ids(draw, rows, length))
+    if draw(st.integers(0, 3)) == 0:
+        spec = spec & am.chunked(draw(st.integers(1, length)))
+    if draw(st.booleans()):
+        real = torch.ones(rows, length, dtype=torch.bool)
+        for r in range(rows):
+            cut = draw(st.integers(0, length))
+            kind = draw(st.sampled_from(["right", "left", "scattered"]))
+            if kind == "scattered":
+                real[r] = torch.tensor(draw(st.lists(st.booleans(), min_size=length, max_size=length)))
+            else:
+                real[r, cut:] = kind == "left"
+                real[r, :cut] = kind == "right"
+        spec = spec & am.key_padding(real)
+    heads, kv_heads = draw(st.sampled_from([(1, 1), (4, 2), (4, 4)]))
+    dim = draw(st.sampled_from([8, 64]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    grad = draw(st.booleans())
+    q = torch.randn(batch, heads, length, dim, dtype=dtype, requires_grad=grad)
+    k, v = (torch.randn(batch, kv_heads, length, dim, dtype=dtype, requires_grad=grad) for _ in range(2))
+    return _prepare_call(q, k, v, spec, None, None, None)
+
+
+@contextlib.contextmanager
+def conditions(threads: int, busy: bool):
+    """The thread count and the load the estimates read, set for the block."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_workers, "threads_available", lambda: threads)
+        mp.setattr(_workers, "contended", lambda: busy)
+        yield
+
+
+@settings(max_examples=150, deadline=None)
+@given(varlen_calls(), st.sampled_from([1, 2, 4]), st.booleans())
+def test_no_floor_exceeds_its_backends_estimate(call, threads, busy):
+    with conditions(threads, busy):
+        for b in FLOORED:
+            if b.not_supported_reasons(call):
+                continue
+            floor, cost = b.floor(call), b.cost(call)
+            assert 0.0 <= floor <= cost * (1 + 1e-12), (b.name, floor, cost)
+
+
+@settings(max_examples=100, deadline=None)
+@given(varlen_calls(), st.sampled_from([1, 2]), st.sampled_from([1.0, 3.0]))
+def test_skipping_by_floors_keeps_the_pick_and_every_candidate_within_the_margin(call, threads, margin):
+    registry = tuple(A._BACKENDS.values())
+    with conditions(threads, False):
+        full, _ = A._ranked(call, registry)
+        fast, _ = A._ranked(call, registry, margin)
+    assert fast[0][0] is full[0][0]
+    best = full[0][1]
+    assert [b.name for b, c in fast if c <= margin * best] == [b.name for b, c in full if c <= margin * best]
+    assert set(fast) <= set(full)
+
+
+def many_documents(batch=8, length=256, seed=0):
+    """8-16 documents a row (bench_small_rows' costs batch): the other backends cost several times native."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.full((batch, length), -1, dtype=torch.long)
+    for r in range(batch):
+        cuts = torch.randperm(length - 1, generator=gen)[:11].add(1).sort().values.tolist()
+        for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, length - 20], strict=False)):
+            ids[r, a:b] = i
+    return am.causal() & am.document(doc_ids=ids)
+
+
+def test_auto_builds_no_layout_or_band_for_a_backend_its_floor_rules_out():
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    q = torch.randn(8, 4, 256, 64)
+    call = _prepare_call(q, q, q, many_documents(), None, None, None)
+    with conditions(2, False):
+        picked = A.choose_backend(call)
+    plans = A.call_plans(call)
+    assert picked.name == "native"
+    assert {"layout", "blocksparse_plan", "banded"}.isdisjoint(plans)
+    ranked = [b.name for b, _ in plans["auto"][4]]
+    assert ranked[0] == "native" and {"varlen", "blocksparse", "banded"}.isdisjoint(ranked)  # ruled out unplanned
+    assert am.explain(q, q, q, many_documents()).picked == "native"  # explain still costs every backend
+
+
+def test_turning_tuning_on_re_ranks_a_choice_made_with_the_narrow_margin():
+    q = torch.randn(8, 4, 256, 64)
+    call = _prepare_call(q, q, q, many_documents(), None, None, None)
+    with conditions(2, False):
+        A.choose_backend(call)
+        narrow = A.call_plans(call)["auto"]
+        with am.autotune(spread=3.0):
+            A.choose_backend(call)
+            wide = A.call_plans(call)["auto"]
+    assert narrow[5] == 1.0 and wide[5] == 3.0
+    assert len(wide[4]) >= len(narrow[4])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packed rows' segments in C
+
+
+def general_plan(call):
+    """The general path: ``lowering.varlen_args`` and ``segments_from_varlen``, checked: ``(segments, causal,
+    window)`` or why not."""
+    args = _common.call_varlen_args(call)
+    if isinstance(args, str):
+        return args
+    segs = _common.segments_from_varlen(args, call.batch, call.q_len, call.kv_len, call.mask.batch_size or 1)
+    window = None if args.window_size[0] < 0 else args.window_size[0] + 1
+    return _common.check_segments(segs, call.q, call.k, call.v).tolist(), args.causal, window
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.data(),
+    st.integers(1, 300),
+    st.integers(1, 3),
+    st.booleans(),
+    st.sampled_from(["plain", "every other", "t"]),
+    st.sampled_from([None, "outside", "anywhere"]),
+)
+def test_packed_rows_are_cut_in_c_exactly_as_the_general_lowering_cuts_them(
+    data, length, batch, one_row, layout, padding
+):
+    """Random runs with gaps, an id sometimes repeated apart (both refuse it), one spec row for the batch or one per
+    row, ids read through strides (every other column of a wider tensor, a transposed one); with a padding mask
+    outside the documents (as ``pack`` builds) or anywhere (padding inside a document: both refuse it)."""
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    rows = 1 if one_row else batch
+    ids = _doc_ids(data.draw, rows, length)
+    if layout == "every other":
+        wide = torch.full((rows, 2 * length), 7, dtype=torch.long)
+        wide[:, ::2] = ids
+        ids = wide[:, ::2]
+    elif layout == "t":
+        ids = ids.t().contiguous().t()
+    base = data.draw(st.sampled_from([am.causal(), am.full(), am.sliding_window(3)]))
+    spec = base & am.document(doc_ids=ids)
+    if padding is not None:
+        real = (ids >= 0).expand(batch, -1).clone()
+        if padding == "anywhere":
+            real &= torch.rand(batch, length, generator=torch.Generator().manual_seed(length)) < 0.9
+        spec = spec & am.key_padding(real)
+    q = torch.randn(batch, 2, length, 8)
+    call = _prepare_call(q, q, q, spec, None, None, None)
+    fast, general = _common._document_plan(call), general_plan(call)
+    if isinstance(general, str):
+        assert fast is None
+        assert _common.varlen_plan(call) == general  # the general path names the fault
+    else:
+        assert fast is not None and (fast.segments.tolist(), fast.causal, fast.window) == general
+
+
+def test_without_the_library_packed_rows_take_the_general_path():
+    with counted_in("numpy"):
+        q = torch.randn(2, 2, 16, 8)
+        call = _prepare_call(q, q, q, am.causal() & am.document(seq_lens=[5, 11]), None, None, None)
+        assert _common._document_plan(call) is None
+        want = [[0, 0, 5, 0, 5, 0], [0, 5, 11, 5, 11, 0], [1, 0, 5, 0, 5, 0], [1, 5, 11, 5, 11, 0]]
+        assert _common.varlen_plan(call).segments.tolist() == want
