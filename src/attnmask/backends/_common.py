@@ -39,12 +39,14 @@ __all__ = [
     "VarlenPlan",
     "allowed_fraction",
     "amx_pair_factor",
+    "built_varlen_plan",
     "cached",
     "check_qkv",
     "check_segments",
     "cpu_has_amx_bf16",
     "degenerate",
     "mode_factor",
+    "most_keys_seen",
     "rows_seeing_themselves",
     "seeing_themselves",
     "segments_from_varlen",
@@ -462,6 +464,25 @@ def tiles_seeing_themselves(call, block: int) -> int:
     padded[:, :length] = seen
     tiles = int(np.count_nonzero(padded.reshape(rows, -1, block).any(-1)))
     return tiles * (call.batch if rows == 1 else 1)
+
+
+def built_varlen_plan(call) -> VarlenPlan | None:
+    """The call's varlen plan when one is already built (``"native"``, asked before the backends with floors, builds
+    it), else ``None``: a floor reads it without building one."""
+    plan = call_plans(call).get("varlen")
+    return plan if isinstance(plan, VarlenPlan) else None
+
+
+def most_keys_seen(plan: VarlenPlan) -> int:
+    """The most keys any query of ``plan`` sees (exact: the plan's segments and rule are the call's mask): per
+    segment, its last query's keys, ``min(k_len, q_len + offset)`` when causal (at least 0), capped by the window.
+    O(N) on the segments' view."""
+    s = plan.segments.numpy()
+    if not len(s):
+        return 0
+    seen = np.clip(s[:, 2] + s[:, 5], 0, s[:, 4]) if plan.causal or plan.window is not None else s[:, 4]
+    most = int(seen.max(initial=0))
+    return most if plan.window is None else min(most, plan.window)
 
 
 def _host(t: torch.Tensor) -> np.ndarray:

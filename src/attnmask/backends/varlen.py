@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +33,7 @@ from attnmask.backends._common import (
     SMALL_MATMUL_COST,
     ModeFactors,
     amx_pair_factor,
+    built_varlen_plan,
     check_qkv,
     check_segments,
     mode_factor,
@@ -599,18 +601,42 @@ def cost(call) -> float:
 
 
 def floor(call) -> float:
-    """A lower bound of ``cost`` without the lowering (``Backend.floor``), from the query rows certain to see a key
-    (``_common.rows_seeing_themselves``): each such row and its own key lie in a document SDPA runs, so each is copied
-    at least once and charged at least the cheaper row charge, and there is at least one call; the pairs are left
-    out. 0 where the rows are unknown. O(B·K) on host views, kept with the plans."""
-    rows = rows_seeing_themselves(call)
-    if rows == 0:
-        return 0.0
+    """A lower bound of ``cost`` (``Backend.floor``). From a varlen plan already built (``"native"`` builds the same
+    one): ``cost``'s charges per segment (its rows, its tiny-document products, its copies, one call at least) with
+    SDPA's pairs before the band's and each pair at the cheapest charge it may take, all divided by the most the
+    threads gain (no deal is weighed). Without one, from the query rows certain to see a key
+    (``_common.rows_seeing_themselves``): each such row and its own key lie in a segment, so each is copied at least
+    once and charged at least the cheaper row charge. 0 where neither is known. O(N) on the segments' view, or O(B·K)
+    on host views."""
     width = call.head_dim + call.value_dim
-    serial = rows * (call.heads + call.kv_heads) * width * COPY_COST + CALL_COST
-    row_work = rows * call.heads * width * min(_SMALL_ROW_COST, _SDPA_ROW_COST)
     gain = _workers.speedup_bound(_workers.threads_available(), _THREAD_EFFICIENCY)
-    return (serial + row_work / gain) * mode_factor(MODES, call)
+    built = built_varlen_plan(call)
+    if built is None:
+        rows = rows_seeing_themselves(call)
+        if rows == 0:
+            return 0.0
+        serial = rows * (call.heads + call.kv_heads) * width * COPY_COST + CALL_COST
+        row_work = rows * call.heads * width * min(_SMALL_ROW_COST, _SDPA_ROW_COST)
+        return (serial + row_work / gain) * mode_factor(MODES, call)
+    s = built.segments.numpy()
+    if not len(s):
+        return 0.0
+    ql, kl = s[:, 2].astype(np.float64), s[:, 4].astype(np.float64)
+    pairs = ql * kl
+    if built.causal:
+        pairs = np.where(kl <= 512, pairs, np.minimum(pairs, ql * (kl + 1) / 2 + ql * 256.0))  # sdpa_pairs
+    if built.window is not None:
+        pairs = np.minimum(pairs, ql * built.window * 2)
+    small = kl <= _SMALL_SEGMENT
+    per_pair = np.where(
+        small, min(_PAIR_COST, _MASKED_PAIR_COST), min(_PAIR_COST * amx_pair_factor(call), _MASKED_PAIR_COST)
+    )
+    per_row = np.where(small, _SMALL_ROW_COST, _SDPA_ROW_COST)
+    work = (
+        (pairs * per_pair + ql * per_row) * call.heads * width
+    ).sum() + small.sum() * 2 * call.heads * SMALL_MATMUL_COST
+    tokens = (ql.sum() * call.heads + kl.sum() * call.kv_heads) * width
+    return float(tokens * COPY_COST + CALL_COST + work / gain) * mode_factor(MODES, call)
 
 
 def _task_weights(segs: list, window: int | None, per_pair: int) -> tuple[list[float], list[float]]:
