@@ -1,10 +1,11 @@
-"""The estimates' floors and packed rows' segments in C: ``"auto"`` skips a backend whose cheap lower bound
-(``Backend.floor``) passes the cheapest estimate in hand, which must never change what it picks, and cuts packed
-rows into documents in C exactly as the general lowering does."""
+"""Planning on the costs path: ``"auto"`` skips a backend whose cheap lower bound (``Backend.floor``) passes the
+cheapest estimate in hand, which must never change what it picks; packed rows are cut into documents in C exactly as
+the general lowering does; blocksparse merges its query groups as its group-by-group form did."""
 
 import contextlib
 import importlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,7 +14,9 @@ from hypothesis import strategies as st
 import attnmask as am
 from attnmask.attention import _prepare_call
 from attnmask.backends import REGISTRY, _clib, _common, _workers
+from attnmask.backends import blocksparse as BS
 from attnmask.backends.contract import no_floor
+from attnmask.tiles import NONE, PARTIAL
 from tests.helpers import counted_in
 
 A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
@@ -213,3 +216,95 @@ def test_without_the_library_packed_rows_take_the_general_path():
         assert _common._document_plan(call) is None
         want = [[0, 0, 5, 0, 5, 0], [0, 5, 11, 5, 11, 0], [1, 0, 5, 0, 5, 0], [1, 5, 11, 5, 11, 0]]
         assert _common.varlen_plan(call).segments.tolist() == want
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# blocksparse's plan: vectorised merging against the group-by-group form it replaced
+
+
+def plan_group_by_group(tile_class, block_q, block_k, Q, K, max_keys, max_rows):
+    """The plan as first written (before the session of 2026-12-03 evening): query tiles with identical classes
+    grouped one by one, then, from each group,
+    consecutive groups added while their rows fit and merged where the union of their key tiles computes at most
+    ``_MERGE_GAIN`` times their own pairs."""
+    tc = tile_class.numpy()
+    n_k = tc.shape[2]
+    widths = np.full(n_k, block_k, dtype=np.int64)
+    if n_k:
+        widths[-1] = K - (n_k - 1) * block_k
+    groups = []
+    for b in range(tc.shape[0]):
+        same = []
+        for i in range(tc.shape[1]):
+            q0, q1 = i * block_q, min((i + 1) * block_q, Q)
+            if same and (same[-1][2] == tc[b, i]).all() and q1 - same[-1][0] <= max_rows:
+                same[-1] = (same[-1][0], q1, same[-1][2])
+            else:
+                same.append((q0, q1, tc[b, i]))
+        i = 0
+        while i < len(same):
+            j, rows, own, union = i, 0, 0, same[i][2]
+            while j < len(same) and rows + same[j][1] - same[j][0] <= max_rows:
+                q0, q1, classes = same[j]
+                rows, own = rows + q1 - q0, own + (q1 - q0) * int(widths[classes != NONE].sum())
+                union = union.copy()
+                union[union != classes] = PARTIAL
+                j += 1
+            if j - i > 1 and rows == max_rows and rows * int(widths[union != NONE].sum()) <= BS._MERGE_GAIN * own:
+                merged = [(same[i][0], same[j - 1][1], union)]
+            else:
+                merged, j = [same[i]], i + 1
+            groups += [
+                BS._Group(b, q0, q1, runs_tile_by_tile(c, block_k, K, max_keys)) for q0, q1, c in merged if c.any()
+            ]
+            i = j
+    return groups
+
+
+def runs_tile_by_tile(row, block_k, K, max_keys):
+    """A group's key runs as first written: the non-NONE tiles cut into runs, then each run's PARTIAL spans."""
+    runs, cur = [], []
+    for j in row.nonzero()[0].tolist():
+        if cur and (j != cur[-1] + 1 or len(cur) >= max(1, max_keys // block_k)):
+            runs.append(cur)
+            cur = []
+        cur.append(j)
+    if cur:
+        runs.append(cur)
+    out = []
+    for tiles in runs:
+        partial = []
+        for j in tiles:
+            if row[j] == PARTIAL:
+                if partial and partial[-1][1] == j:
+                    partial[-1][1] = j + 1
+                else:
+                    partial.append([j, j + 1])
+        spans = tuple((a * block_k, min(e * block_k, K)) for a, e in partial)
+        out.append(BS._Run(tiles[0] * block_k, min((tiles[-1] + 1) * block_k, K), spans))
+    return tuple(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 2),
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.sampled_from([(16, 16), (64, 64), (32, 64)]),
+    st.sampled_from([64, 128, 512]),
+    st.sampled_from([64, 256, 4096]),
+    st.integers(0, 2**31 - 1),
+)
+def test_blocksparse_plans_groups_as_the_group_by_group_form_did(batch, n_q, n_k, block, max_rows, max_keys, seed):
+    """Random classes, mostly repeating along the diagonal (runs of identical query tiles to merge), some rows of
+    NONE; lengths not multiples of the tiles."""
+    bq, bk = block
+    gen = np.random.default_rng(seed)
+    base = gen.integers(0, 3, size=(batch, 1, n_k))
+    classes = np.where(gen.random((batch, n_q, 1)) < 0.6, base, gen.integers(0, 3, size=(batch, n_q, n_k)))
+    classes[:, gen.random(n_q) < 0.1] = NONE
+    Q, K = n_q * bq - int(gen.integers(0, bq)), n_k * bk - int(gen.integers(0, bk))
+    tile_class = torch.from_numpy(classes.astype(np.int8))
+    max_rows, max_keys = max(max_rows, bq), max(max_keys, bk)
+    got = BS._plan(tile_class, bq, bk, Q, K, max_keys, max_rows)
+    assert got == plan_group_by_group(tile_class, bq, bk, Q, K, max_keys, max_rows)

@@ -211,70 +211,96 @@ def _plan(tile_class: torch.Tensor, block_q: int, block_k: int, Q: int, K: int, 
     Query tiles with identical classes form a group; consecutive groups then become one of exactly ``max_rows`` rows
     when its union of key tiles computes at most ``_MERGE_GAIN`` times their pairs. A group's classes are the union
     of its tiles' (FULL where FULL for every tile, NONE where NONE for every tile, PARTIAL otherwise: the mask decides
-    those pairs exactly).
+    those pairs exactly). Per batch row a few numpy operations on the ``(nQ, nK)`` classes and one pass in Python
+    over the groups (``tests/test_floors.py`` holds it to the group-by-group form it replaced).
     """
     tc = tile_class.to("cpu", torch.int8).numpy()
     n_k = tc.shape[2]
-    widths = torch.full((n_k,), block_k, dtype=torch.int64)
+    widths = np.full(n_k, block_k, dtype=np.int64)
     if n_k:
         widths[-1] = K - (n_k - 1) * block_k
-    widths = widths.numpy()
     groups = []
     for b in range(tc.shape[0]):
-        same = _identical_tiles(tc[b], block_q, Q, max_rows)
-        i = 0
-        while i < len(same):
-            j, rows, own, union = i, 0, 0, same[i][2]
-            while j < len(same) and rows + same[j][1] - same[j][0] <= max_rows:
-                q0, q1, classes = same[j]
-                rows, own = rows + q1 - q0, own + (q1 - q0) * int(widths[classes != NONE].sum())
-                union = union.copy()
-                union[union != classes] = PARTIAL
-                j += 1
-            if j - i > 1 and rows == max_rows and rows * int(widths[union != NONE].sum()) <= _MERGE_GAIN * own:
-                merged = [(same[i][0], same[j - 1][1], union)]
-            else:
-                merged, j = [same[i]], i + 1
-            groups += [_Group(b, q0, q1, _runs(c, block_k, K, max_keys)) for q0, q1, c in merged if c.any()]
-            i = j
+        for q0, q1, c in _merged(_identical_tiles(tc[b], block_q, Q, max_rows), widths, max_rows):
+            if c.any():
+                groups.append(_Group(b, q0, q1, _runs(c, block_k, K, max_keys)))
     return groups
 
 
-def _identical_tiles(classes, block_q: int, Q: int, max_rows: int) -> list:
+def _identical_tiles(classes: np.ndarray, block_q: int, Q: int, max_rows: int) -> list:
     """Runs of consecutive query tiles with identical classes ``(nQ, nK)``, at most ``max_rows`` rows each:
     ``[(q0, q1, classes)]`` in query order."""
+    same = (classes[1:] == classes[:-1]).all(1).tolist() if len(classes) > 1 else []
     out = []
     for i in range(classes.shape[0]):
         q0, q1 = i * block_q, min((i + 1) * block_q, Q)
-        if out and (out[-1][2] == classes[i]).all() and q1 - out[-1][0] <= max_rows:
+        if out and same[i - 1] and q1 - out[-1][0] <= max_rows:
             out[-1] = (out[-1][0], q1, out[-1][2])
         else:
             out.append((q0, q1, classes[i]))
     return out
 
 
+def _merged(same: list, widths: np.ndarray, max_rows: int) -> list:
+    """``same`` (``_identical_tiles``) with runs of consecutive entries merged where ``_plan`` merges them: from each
+    entry not yet merged, the longest run whose rows fit in ``max_rows`` becomes one entry when it holds at least two,
+    exactly ``max_rows`` rows, and its union of key tiles computes at most ``_MERGE_GAIN`` times their own pairs.
+    The windows' rows, own pairs and any-tile masks come from prefix sums over the entries."""
+    n = len(same)
+    if n < 2:
+        return same
+    classes = np.stack([c for _, _, c in same])  # (n, nK)
+    rows = np.array([q1 - q0 for q0, q1, _ in same], dtype=np.int64)
+    on = classes != NONE
+    first = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(rows, out=first[1:])
+    own = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(rows * (on @ widths), out=own[1:])
+    seen = np.zeros((n + 1, on.shape[1]), dtype=np.int64)
+    np.cumsum(on, axis=0, out=seen[1:])
+    start = np.arange(n)
+    end = np.searchsorted(first, first[:-1] + max_rows, side="right") - 1  # entries [i, end) fit
+    span = first[end] - first[:-1]
+    union = ((seen[end] - seen[:-1]) > 0) @ widths
+    merge = ((end - start) > 1) & (span == max_rows) & (span * union <= _MERGE_GAIN * (own[end] - own[:-1]))
+    out, i = [], 0
+    merge, end = merge.tolist(), end.tolist()
+    while i < n:
+        if merge[i]:
+            block = classes[i : end[i]]
+            out.append((same[i][0], same[end[i] - 1][1], np.where((block == block[0]).all(0), block[0], PARTIAL)))
+            i = end[i]
+        else:
+            out.append(same[i])
+            i += 1
+    return out
+
+
 def _runs(row, block_k: int, K: int, max_keys: int) -> tuple[_Run, ...]:
-    runs, cur = [], []
+    """The key runs of one group's classes ``row`` ``(nK,)``: contiguous non-NONE key tiles, at most ``max_keys``
+    keys each (whole tiles), with the key ranges of their PARTIAL tiles. One pass over the row as Python ints."""
     tiles_per_run = max(1, max_keys // block_k)
-    for j in row.nonzero()[0].tolist():
-        if cur and (j != cur[-1] + 1 or len(cur) >= tiles_per_run):
-            runs.append(cur)
-            cur = []
-        cur.append(j)
-    if cur:
-        runs.append(cur)
-    out = []
-    for tiles in runs:
-        partial: list[list[int]] = []
-        for j in tiles:
-            if row[j] == PARTIAL:
-                if partial and partial[-1][1] == j:
-                    partial[-1][1] = j + 1
-                else:
-                    partial.append([j, j + 1])
-        spans = tuple((a * block_k, min(e * block_k, K)) for a, e in partial)
-        out.append(_Run(tiles[0] * block_k, min((tiles[-1] + 1) * block_k, K), spans))
+    out, tiles, partial = [], [], []
+    for j, c in enumerate(row.tolist()):
+        if c == NONE:
+            continue
+        if tiles and (j != tiles[-1] + 1 or len(tiles) >= tiles_per_run):
+            out.append(_run(tiles, partial, block_k, K))
+            tiles, partial = [], []
+        tiles.append(j)
+        if c == PARTIAL:
+            if partial and partial[-1][1] == j:
+                partial[-1][1] = j + 1
+            else:
+                partial.append([j, j + 1])
+    if tiles:
+        out.append(_run(tiles, partial, block_k, K))
     return tuple(out)
+
+
+def _run(tiles: list, partial: list, block_k: int, K: int) -> _Run:
+    spans = tuple((a * block_k, min(e * block_k, K)) for a, e in partial)
+    return _Run(tiles[0] * block_k, min((tiles[-1] + 1) * block_k, K), spans)
 
 
 MAX_KEYS, MAX_ROWS = 4096, 512  # blocksparse_attention's defaults: keys per chunk, query rows per group
