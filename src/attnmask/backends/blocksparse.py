@@ -26,6 +26,7 @@ import attnmask.backends._workers as _workers
 from attnmask import masks as M
 from attnmask.backends._common import (
     ModeFactors,
+    built_varlen_plan,
     cached,
     check_qkv,
     degenerate,
@@ -774,12 +775,14 @@ def cost(call) -> float:
 
 
 def floor(call) -> float:
-    """A lower bound of ``cost`` without the layout (``Backend.floor``): each query tile holding a row certain to see
-    a key (``_common.tiles_seeing_themselves``) computes at least one tile of pairs, divided by the most the threads
-    gain (``_workers.speedup_bound``); every query tile is a group; the forward's stacks save at most all but one group
-    of each batch row. 0 where the rows are unknown. O(B·K) on host views."""
+    """A lower bound of ``cost`` without the layout (``Backend.floor``): each query tile computes at least the key
+    tiles one segment of a varlen plan already built needs there (``_segment_tiles``), else one where it holds a
+    row certain to see a key (``_common.tiles_seeing_themselves``), divided by the most the threads gain
+    (``_workers.speedup_bound``); every query tile is a group; the forward's stacks save at most all but one group
+    of each batch row. 0 where the rows are unknown. O(B·K) on host views, or O(N + tiles) on a plan's segments."""
     bs = _block_size(call.q_len, call.kv_len)
-    tiles = tiles_seeing_themselves(call, bs)
+    built = built_varlen_plan(call)
+    tiles = tiles_seeing_themselves(call, bs) if built is None else _segment_tiles(built, bs, call.batch, call.q_len)
     if tiles == 0:
         return 0.0
     per_pair = call.heads * (call.head_dim + call.value_dim)
@@ -791,6 +794,34 @@ def floor(call) -> float:
         busy = call.device_type == "cpu" and _workers.contended()
         estimate -= call.batch * (n_q - 1) * _GROUP_COST * MODES.of(call.q.dtype, call.device_type, False, busy)
     return estimate
+
+
+def _segment_tiles(plan, bs: int, batch: int, q_len: int) -> int:
+    """Over the query tiles of ``bs`` rows, the sum of the most key tiles of ``bs`` that one segment of ``plan``
+    needs there: its queries in the tile see one contiguous range of keys (under the plan's rule: causal, a window,
+    or every key), and each key tile that range touches holds an allowed pair, so the layout computes it. A lower
+    bound of the layout's FULL and PARTIAL tiles. Example: one causal segment of 256 tokens in tiles of 64: 1 + 2 +
+    3 + 4 = 10. O(N + tiles) in numpy."""
+    s = plan.segments.numpy()
+    s = s[s[:, 2] > 0]
+    if not len(s):
+        return 0
+    b, qs, ql, ks, kl, off = s.T
+    first, last = qs // bs, (qs + ql - 1) // bs
+    n = last - first + 1
+    seg = np.repeat(np.arange(len(s)), n)
+    tile = first[seg] + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    a = np.maximum(qs[seg], tile * bs) - qs[seg]  # the segment's first and last query in the tile (its own indices)
+    e = np.minimum(qs[seg] + ql[seg], (tile + 1) * bs) - qs[seg] - 1
+    lo, hi = np.zeros_like(a), kl[seg]
+    if plan.causal or plan.window is not None:
+        hi = np.clip(e + off[seg] + 1, 0, kl[seg])  # the last query's keys: [0, hi)
+        if plan.window is not None:
+            lo = np.clip(a + off[seg] + 1 - plan.window, 0, kl[seg])  # the first query's first key
+    count = np.where(hi > lo, (ks[seg] + hi - 1) // bs - (ks[seg] + lo) // bs + 1, 0)
+    most = np.zeros(batch * -(-q_len // bs), dtype=np.int64)
+    np.maximum.at(most, b[seg] * -(-q_len // bs) + tile, count)
+    return int(most.sum())
 
 
 def stack_saving(call) -> float:
