@@ -223,15 +223,11 @@ def test_without_the_library_packed_rows_take_the_general_path():
 
 
 def plan_group_by_group(tile_class, block_q, block_k, Q, K, max_keys, max_rows):
-    """The plan as first written (before the session of 2026-12-03 evening): query tiles with identical classes
-    grouped one by one, then, from each group,
+    """The plan as first written: query tiles with identical classes grouped one by one, then, from each group,
     consecutive groups added while their rows fit and merged where the union of their key tiles computes at most
     ``_MERGE_GAIN`` times their own pairs."""
     tc = tile_class.numpy()
-    n_k = tc.shape[2]
-    widths = np.full(n_k, block_k, dtype=np.int64)
-    if n_k:
-        widths[-1] = K - (n_k - 1) * block_k
+    widths = np.array([min(block_k, K - j * block_k) for j in range(tc.shape[2])], dtype=np.int64)  # the last short
     groups = []
     for b in range(tc.shape[0]):
         same = []
