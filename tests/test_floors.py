@@ -18,6 +18,7 @@ from attnmask.backends import blocksparse as BS
 from attnmask.backends.contract import no_floor
 from attnmask.tiles import NONE, PARTIAL
 from tests.helpers import counted_in
+from tests.naive import naive_dense
 
 A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
 FLOORED = [b for b in REGISTRY if b.floor is not no_floor]
@@ -111,6 +112,29 @@ def test_skipping_by_floors_keeps_the_pick_and_every_candidate_within_the_margin
     best = full[0][1]
     assert [b.name for b, c in fast if c <= margin * best] == [b.name for b, c in full if c <= margin * best]
     assert set(fast) <= set(full)
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.data(), st.integers(1, 20), st.integers(1, 3), st.booleans(), st.booleans())
+def test_the_most_keys_a_query_sees_is_read_exactly_from_a_plan_or_padded_rows(data, length, batch, docs, causal):
+    """``most_keys_floor`` (what banded's floor widens its band to): from a built varlen plan, or on padded rows
+    without one, the naive dense mask's most keys of one query; 0 for anything else."""
+    base = am.causal() if causal else am.full()
+    if docs:
+        spec = base & am.document(doc_ids=_doc_ids(data.draw, batch, length))
+        if data.draw(st.booleans()):
+            spec = spec & am.sliding_window(data.draw(st.integers(1, length)))
+    else:
+        real = torch.tensor(data.draw(st.lists(st.booleans(), min_size=batch * length, max_size=batch * length)))
+        spec = base & am.key_padding(real.view(batch, length))
+    q = torch.randn(batch, 2, length, 8)
+    call = _prepare_call(q, q, q, spec, None, None, None)
+    most = int(naive_dense(spec, length, length, batch).sum(-1).max())
+    if docs:
+        assert _common.most_keys_floor(call) == 0  # no plan built yet, and not padded rows
+        if isinstance(_common.varlen_plan(call), str):
+            return  # an id in two runs: no plan
+    assert _common.most_keys_floor(call) == most
 
 
 def many_documents(batch=8, length=256, seed=0):

@@ -46,6 +46,7 @@ __all__ = [
     "cpu_has_amx_bf16",
     "degenerate",
     "mode_factor",
+    "most_keys_floor",
     "most_keys_seen",
     "rows_seeing_themselves",
     "seeing_themselves",
@@ -471,6 +472,33 @@ def built_varlen_plan(call) -> VarlenPlan | None:
     it), else ``None``: a floor reads it without building one."""
     plan = call_plans(call).get("varlen")
     return plan if isinstance(plan, VarlenPlan) else None
+
+
+def most_keys_floor(call) -> int:
+    """At most how many keys some query of the call sees, from below, without building a plan: a varlen plan already
+    built (:func:`most_keys_seen`, exact), else for padded rows (``[causal() | full()] & key_padding(m)``, no window,
+    no document, no chunks, ``Q == K`` at default positions) the most real keys of a row, all of which the row's last
+    query sees; 0 where neither applies. O(N) on a plan's segments or O(R·K) on the padding's host view."""
+    built = built_varlen_plan(call)
+    if built is not None:
+        return most_keys_seen(built)
+    spec = call.mask
+    if not isinstance(spec, M.MaskSpec) or off_cpu(call) or call.positions_given or call.q_len != call.kv_len:
+        return 0
+    try:
+        form = varlen_form(spec)
+    except BackendError:
+        return 0
+    if form.window is not None or form.document is not None or form.chunked is not None or not form.key_padding:
+        return 0
+    length = call.kv_len
+    pads = [pad.attention_mask for pad in form.key_padding]
+    if any(t.dim() != 2 or t.shape[1] < length for t in pads):
+        return 0
+    real = _host(pads[0])[:, :length] != 0
+    for pad in pads[1:]:
+        real = real & (_host(pad)[:, :length] != 0)
+    return int(np.count_nonzero(real, axis=1).max(initial=0))
 
 
 def most_keys_seen(plan: VarlenPlan) -> int:

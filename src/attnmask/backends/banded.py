@@ -37,11 +37,10 @@ from attnmask.backends._common import (
     COPY_COST,
     ModeFactors,
     amx_pair_factor,
-    built_varlen_plan,
     cached,
     degenerate,
     mode_factor,
-    most_keys_seen,
+    most_keys_floor,
     off_cpu,
 )
 from attnmask.backends._workers import all_threads, graph_in, serial_steps
@@ -176,14 +175,14 @@ def cost(call) -> float:
 
 def floor(call) -> float:
     """A lower bound of ``cost`` without the plan's key bands (``Backend.floor``): ``_parts`` with the fewest tiles
-    (the largest tile size), the fewest pairs (a band as wide as the most keys a query sees, from a varlen plan
-    already built, else one tile of the smallest size: every query's keys lie in its band) and no mask, divided by
-    the most the threads gain. 0 for a call ``cost`` would not estimate. O(1), or O(N) on a plan's segments."""
+    (the largest tile size), the fewest pairs (a band as wide as the most keys a query sees,
+    ``_common.most_keys_floor``, and at least one tile of the smallest size: every query's keys lie in its band) and
+    no mask, divided by the most the threads gain. 0 for a call ``cost`` would not estimate. O(1), or O(N) on a
+    plan's segments, or O(B·K) on padding."""
     if off_cpu(call) or not isinstance(call.mask, M.MaskSpec) or not call.mask.is_structural or degenerate(call):
         return 0.0
     heads = call.batch * call.heads
-    built = built_varlen_plan(call)
-    band = max(min(_TILE_SIZES), 0 if built is None else most_keys_seen(built))
+    band = max(min(_TILE_SIZES), most_keys_floor(call))
     pairs = heads * call.q_len * band * (call.head_dim + call.value_dim) * _PAIR_COST
     tiles = heads * -(-call.q_len // max(_TILE_SIZES)) * _TILE_COST
     serial = heads * (_HEAD_COST + call.q_len * call.value_dim * COPY_COST)
