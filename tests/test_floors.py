@@ -233,6 +233,40 @@ def test_packed_rows_are_cut_in_c_exactly_as_the_general_lowering_cuts_them(
         assert fast is not None and (fast.segments.tolist(), fast.causal, fast.window) == general
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.data(),
+    st.integers(1, 40),
+    st.integers(1, 3),
+    st.booleans(),
+    st.sampled_from([am.causal(), am.full(), am.sliding_window(1), am.sliding_window(4)]),
+)
+def test_padded_rows_are_planned_in_numpy_exactly_as_the_general_lowering_plans_them(data, length, batch, one_row, base):
+    """Real tokens as one run at the left, the right, the middle or nowhere, or with holes (the general path refuses
+    them), one spec row or one per batch row, sometimes two padding masks; the plan, or the refusal where padding
+    queries see real keys, is the general path's."""
+    rows = 1 if one_row else batch
+    real = torch.zeros(rows, length, dtype=torch.bool)
+    for r in range(rows):
+        a = data.draw(st.integers(0, length))
+        b = data.draw(st.integers(a, length))
+        real[r, a:b] = True
+        if data.draw(st.integers(0, 5)) == 0:
+            real[r, data.draw(st.integers(0, length - 1))] ^= True  # sometimes a hole (or one more token)
+    spec = base & am.key_padding(real.long() if data.draw(st.booleans()) else real)
+    if data.draw(st.integers(0, 3)) == 0:
+        spec = spec & am.key_padding(torch.ones(batch, length, dtype=torch.bool))
+    q = torch.randn(batch, 2, length, 8)
+    call = _prepare_call(q, q, q, spec, None, None, None)
+    fast, general = _common._padded_plan(call), general_plan(call)
+    if fast is None:  # holes: the general path says why
+        assert isinstance(general, str) and "contiguous" in general
+    elif isinstance(fast, str):
+        assert fast == general
+    else:
+        assert (fast.segments.tolist(), fast.causal, fast.window) == general
+
+
 def test_without_the_library_packed_rows_take_the_general_path():
     with counted_in("numpy"):
         q = torch.randn(2, 2, 16, 8)
