@@ -163,25 +163,32 @@ def _ranked(
     With ``margin``, the backends without a floor (``Backend.floor``) are asked first, and a backend whose floor
     passes ``margin`` times the cheapest estimate in hand is left out of both: its estimate would too, so it could
     not be picked (``margin`` 1) nor be a tuning candidate (``margin``: tuning's ``spread``), and neither its plan
-    nor its ``unsupported`` is built. On small rows of many documents this skips the layouts and band plans of the
-    backends that cost several times the cheapest (RESULTS.md, issue 15, "Floors")."""
+    nor its ``unsupported`` is built. A backend ``"auto"`` may not pick on the call's device (not declared there, or
+    ``auto`` excludes it) is asked for its reasons only when no backend serves the call. On small rows of many
+    documents this skips the layouts and band plans of the backends that cost several times the cheapest
+    (RESULTS.md, issue 15, "Floors")."""
     order = range(len(registry))
     if margin is not None:
         order = sorted(order, key=lambda i: registry[i].floor is not no_floor)  # stable
-    refused, ranked, best = {}, [], math.inf
+    refused, ranked, best, idle = {}, [], math.inf, []
     for i in order:
         b = registry[i]
+        if margin is not None and not (call.device_type in b.devices and b.auto_on(call.device_type)):
+            idle.append(i)  # cannot be picked here: its reasons only matter when nothing else serves
+            continue
         if margin is not None and best < math.inf and b.floor is not no_floor and b.floor(call) > margin * best:
             continue
         reasons = b.not_supported_reasons(call)
         if reasons:
-            refused[b.name] = reasons
+            refused[i] = reasons
         elif b.auto_on(call.device_type):
             cost = b.cost(call)
             ranked.append((cost, i, b))
             best = min(best, cost)
+    if not ranked:
+        refused.update((i, reasons) for i in idle if (reasons := registry[i].not_supported_reasons(call)))
     ranked.sort(key=lambda item: item[:2])
-    return [(b, cost) for cost, _, b in ranked], refused
+    return [(b, cost) for cost, _, b in ranked], {registry[i].name: refused[i] for i in sorted(refused)}
 
 
 def _busy(call: AttentionCall) -> bool:
