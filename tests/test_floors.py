@@ -241,7 +241,9 @@ def test_packed_rows_are_cut_in_c_exactly_as_the_general_lowering_cuts_them(
     st.booleans(),
     st.sampled_from([am.causal(), am.full(), am.sliding_window(1), am.sliding_window(4)]),
 )
-def test_padded_rows_are_planned_in_numpy_exactly_as_the_general_lowering_plans_them(data, length, batch, one_row, base):
+def test_padded_rows_are_planned_in_numpy_exactly_as_the_general_lowering_plans_them(
+    data, length, batch, one_row, base
+):
     """Real tokens as one run at the left, the right, the middle or nowhere, or with holes (the general path refuses
     them), one spec row or one per batch row, sometimes two padding masks; the plan, or the refusal where padding
     queries see real keys, is the general path's."""
