@@ -25,7 +25,7 @@ FLOORED = [b for b in REGISTRY if b.floor is not no_floor]
 
 
 def test_the_per_document_and_tiled_backends_declare_floors():
-    assert sorted(b.name for b in FLOORED) == ["banded", "blocksparse", "varlen"]
+    assert sorted(b.name for b in FLOORED) == ["banded", "blocksparse", "reference", "varlen"]
 
 
 def _doc_ids(draw, rows: int, length: int) -> torch.Tensor:

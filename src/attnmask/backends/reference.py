@@ -97,4 +97,5 @@ BACKEND = Backend(
     score_mods=SCORE_MODS,
     propagates_nonfinite=frozenset({"cpu"}),  # checked by tests/test_conformance.py
     scratch_bytes=_scratch_bytes,
+    floor=cost,  # a closed form: asked after the backends without a floor, skipped when one is cheaper
 )
