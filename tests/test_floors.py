@@ -163,6 +163,24 @@ def test_auto_builds_no_layout_or_band_for_a_backend_its_floor_rules_out():
     assert am.explain(q, q, q, many_documents()).picked == "native"  # explain still costs every backend
 
 
+def test_a_choice_reads_the_load_once_and_every_estimate_sees_that_reading(monkeypatch):
+    """``load_as_read``: the estimates and floors of one choice all see the load ``"auto"`` read (here: one core
+    taken), and the load is not asked again for each of them."""
+    asked = []
+    monkeypatch.setattr(_workers, "threads_available", lambda: 2)
+    monkeypatch.setattr(_workers, "region_threads", lambda work=None, share_work=None: asked.append(work) or 1)
+    q = torch.randn(8, 4, 256, 64)
+    call = _prepare_call(q, q, q, many_documents(), None, None, None)
+    A.choose_backend(call)
+    assert len(asked) == 1 and A.call_plans(call)["auto"][2] is True
+    native = A._BACKENDS["native"]
+    with _workers.load_as_read(True):
+        busy = native.cost(call)
+    with _workers.load_as_read(False):
+        idle = native.cost(call)
+    assert busy > idle and _workers.contended() is True  # outside the blocks: asked again (one core taken)
+
+
 def test_turning_tuning_on_re_ranks_a_choice_made_with_the_narrow_margin():
     q = torch.randn(8, 4, 256, 64)
     call = _prepare_call(q, q, q, many_documents(), None, None, None)

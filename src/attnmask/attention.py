@@ -235,7 +235,8 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
                 made = plans["auto"] = (registry, None, None, stock, [], math.inf)
             else:
                 busy = _busy(call)
-                ranked, refused = _ranked(call, registry, margin)
+                with _workers.load_as_read(busy):  # every estimate of this choice sees the load read once
+                    ranked, refused = _ranked(call, registry, margin)
                 if not ranked:
                     expected = "a registered backend that supports these inputs"
                     raise bad(BackendError, "backend", expected, _reasons_text(refused))

@@ -59,6 +59,7 @@ Worked example::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -82,6 +83,7 @@ __all__ = [
     "free_cores",
     "free_from",
     "graph_in",
+    "load_as_read",
     "on_free_cores",
     "parallel_map",
     "read_load",
@@ -231,8 +233,25 @@ def contended() -> bool:
     """Whether other processes hold cores this process's threads would use: :func:`region_threads` of a small region
     gives fewer than :func:`threads_available` threads. The cost estimates then apply their backends' busy factors
     (``_common.ModeFactors``), and ``"auto"`` keys its cached choice by it. ``False`` wherever the threads do not
-    follow the load (one thread, adaptation off, in a worker, deterministic algorithms, tracing, no /proc/stat)."""
+    follow the load (one thread, adaptation off, in a worker, deterministic algorithms, tracing, no /proc/stat).
+    Inside :func:`load_as_read`, the answer read once for the block."""
+    fixed = getattr(_local, "contended", None)
+    if fixed is not None:
+        return fixed
     return region_threads() < threads_available()
+
+
+@contextlib.contextmanager
+def load_as_read(busy: bool):
+    """Within the block, this thread's :func:`contended` answers ``busy``: ``"auto"`` reads the load once per choice,
+    so that every estimate it compares (and every floor) sees the same load, and the dozen estimates of a choice do
+    not each ask again (~5-10 us a question, more right after a kernel). ``with load_as_read(busy): ...``"""
+    previous = getattr(_local, "contended", None)
+    _local.contended = busy
+    try:
+        yield
+    finally:
+        _local.contended = previous
 
 
 # How the load of other processes is measured (free_cores): over at least SAMPLE_SECONDS (/proc/stat counts in ticks
