@@ -94,7 +94,7 @@ def test_a_repeated_auto_call_asks_no_backend_for_support_or_cost(monkeypatch):
     first = choose_backend(_prepare_call(q, k, v, spec, None, None, None))
     n_asked = len(asked)
     assert choose_backend(_prepare_call(q, k, v, spec, None, None, None)) is first
-    assert n_asked >= 3 and len(asked) == n_asked
+    assert n_asked >= 1 and len(asked) == n_asked  # the first call asked (floors rule out the rest unasked)
 
 
 def test_a_backend_registered_after_a_call_is_considered_by_the_next_auto_call(monkeypatch):
