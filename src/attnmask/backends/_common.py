@@ -26,7 +26,7 @@ import attnmask.backends._clib as _clib
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
 from attnmask.errors import BackendError, DTypeError, ShapeError, bad
-from attnmask.lowering import VarlenArgs, varlen_args, varlen_form
+from attnmask.lowering import VarlenArgs, VarlenForm, varlen_args, varlen_form
 from attnmask.plancache import call_plans
 
 __all__ = [
@@ -428,26 +428,14 @@ def seeing_themselves(call) -> np.ndarray | None:
 
 
 def _seeing_themselves(call) -> np.ndarray | None:
-    spec = call.mask
-    if not isinstance(spec, M.MaskSpec) or off_cpu(call) or call.positions_given or call.q_len != call.kv_len:
+    form = _host_form(call)
+    real = None if form is None else _real_keys(form, call.kv_len)
+    if real is None or form.document is None:
+        return real
+    ids = form.document.doc_ids
+    if ids.dim() != 2 or ids.shape[1] < call.kv_len:
         return None
-    if degenerate(call) is not None:
-        return None
-    try:
-        form = varlen_form(spec)
-    except BackendError:
-        return None
-    length = call.kv_len
-    parts = [form.document.doc_ids] if form.document is not None else []
-    parts += [pad.attention_mask for pad in form.key_padding]
-    if (form.window is not None and form.window < 1) or any(t.dim() != 2 or t.shape[1] < length for t in parts):
-        return None
-    seen = np.ones((1, length), dtype=bool)
-    if form.document is not None:
-        seen = _host(form.document.doc_ids)[:, :length] >= 0
-    for pad in form.key_padding:
-        seen = seen & (_host(pad.attention_mask)[:, :length] != 0)
-    return seen
+    return real & (_host(ids)[:, : call.kv_len] >= 0)
 
 
 def rows_seeing_themselves(call) -> int:
@@ -487,23 +475,11 @@ def most_keys_floor(call) -> int:
     built = built_varlen_plan(call)
     if built is not None:
         return most_keys_seen(built)
-    spec = call.mask
-    if not isinstance(spec, M.MaskSpec) or off_cpu(call) or call.positions_given or call.q_len != call.kv_len:
+    form = _host_form(call)
+    if form is None or form.window is not None or form.document is not None or form.chunked is not None:
         return 0
-    try:
-        form = varlen_form(spec)
-    except BackendError:
-        return 0
-    if form.window is not None or form.document is not None or form.chunked is not None or not form.key_padding:
-        return 0
-    length = call.kv_len
-    pads = [pad.attention_mask for pad in form.key_padding]
-    if any(t.dim() != 2 or t.shape[1] < length for t in pads):
-        return 0
-    real = _host(pads[0])[:, :length] != 0
-    for pad in pads[1:]:
-        real = real & (_host(pad)[:, :length] != 0)
-    return int(np.count_nonzero(real, axis=1).max(initial=0))
+    real = _real_keys(form, call.kv_len) if form.key_padding else None
+    return 0 if real is None else int(np.count_nonzero(real, axis=1).max(initial=0))
 
 
 def most_keys_seen(plan: VarlenPlan) -> int:
@@ -516,6 +492,33 @@ def most_keys_seen(plan: VarlenPlan) -> int:
     seen = np.clip(s[:, 2] + s[:, 5], 0, s[:, 4]) if plan.causal or plan.window is not None else s[:, 4]
     most = int(seen.max(initial=0))
     return most if plan.window is None else min(most, plan.window)
+
+
+def _host_form(call) -> VarlenForm | None:
+    """The varlen form (``lowering.varlen_form``) of a CPU call's spec where the host-side counts and plans here read
+    it: default positions, ``Q == K``, pairs to compute, any window at least one position wide; else ``None``."""
+    spec = call.mask
+    if not isinstance(spec, M.MaskSpec) or off_cpu(call) or call.positions_given or call.q_len != call.kv_len:
+        return None
+    if degenerate(call) is not None:
+        return None
+    try:
+        form = varlen_form(spec)
+    except BackendError:
+        return None
+    return None if form.window is not None and form.window < 1 else form
+
+
+def _real_keys(form: VarlenForm, length: int) -> np.ndarray | None:
+    """``(R, length)`` bool on the host: the AND of ``form``'s padding masks over the first ``length`` positions
+    (``(1, length)`` True without one); ``None`` when a mask does not cover them."""
+    real = np.ones((1, length), dtype=bool)
+    for pad in form.key_padding:
+        mask = pad.attention_mask
+        if mask.dim() != 2 or mask.shape[1] < length:
+            return None
+        real = real & (_host(mask)[:, :length] != 0)
+    return real
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -544,27 +547,18 @@ def _document_plan(call) -> VarlenPlan | None:
     ``segments_from_varlen`` (~40 torch calls, 1-2 ms right after an attention kernel on rows of 8 x 256). The same
     segments in the same order (tested); ``None`` for any other call, without the library, for ids that are not one
     run per document and for padding inside a document (the general path then says why)."""
-    spec = call.mask
     lib = _clib.library()
-    if isinstance(lib, str) or not isinstance(spec, M.MaskSpec) or call.positions_given or call.q_len != call.kv_len:
+    form = None if isinstance(lib, str) else _host_form(call)
+    if form is None or form.document is None or form.chunked is not None:
         return None
-    try:
-        form = varlen_form(spec)
-    except BackendError:
-        return None
-    docs = form.document
-    if docs is None or form.chunked is not None or (form.window is not None and form.window < 1):
-        return None
-    ids, length = docs.doc_ids, call.kv_len
+    ids, length = form.document.doc_ids, call.kv_len
     if ids.device.type != "cpu" or ids.dtype != torch.int64 or ids.dim() != 2 or ids.shape[1] < length:
         return None
     if ids.shape[0] not in (1, call.batch):
         return None
-    for pad in form.key_padding:  # padding outside the documents (a packed row's tail) leaves the segments as they are
-        real = pad.attention_mask
-        if real.device.type != "cpu" or real.dim() != 2 or real.shape[1] < length:
-            return None
-        if ((_host(ids)[:, :length] >= 0) & (_host(real)[:, :length] == 0)).any():
+    if form.key_padding:  # padding outside the documents (a packed row's tail) leaves the segments as they are
+        real = _real_keys(form, length)
+        if real is None or ((_host(ids)[:, :length] >= 0) & ~real).any():
             return None
     args = (ids.data_ptr(), ids.shape[0], length, *ids.stride(), call.batch)
     count = lib.attnmask_doc_segments(*args, None, 0)
@@ -583,24 +577,12 @@ def _padded_plan(call) -> VarlenPlan | str | None:
     segment per row with real tokens, or the general path's refusal where a padding query sees a real key (right
     padding under a causal mask). The same plan or refusal (tested); ``None`` for any other call and for rows whose
     real tokens are not one run (the general path then says so). O(R·K)."""
-    spec = call.mask
-    if not isinstance(spec, M.MaskSpec) or off_cpu(call) or call.positions_given or call.q_len != call.kv_len:
+    form = _host_form(call)
+    if form is None or form.document is not None or form.chunked is not None or not form.key_padding:
         return None
-    try:
-        form = varlen_form(spec)
-    except BackendError:
-        return None
-    if form.document is not None or form.chunked is not None or not form.key_padding:
-        return None
-    if form.window is not None and form.window < 1:
-        return None
-    length, pads = call.kv_len, [pad.attention_mask for pad in form.key_padding]
-    if any(t.device.type != "cpu" or t.dim() != 2 or t.shape[1] < length for t in pads):
-        return None
-    real = _host(pads[0])[:, :length] != 0
-    for pad in pads[1:]:
-        real = real & (_host(pad)[:, :length] != 0)
-    if real.shape[0] not in (1, call.batch):
+    length = call.kv_len
+    real = _real_keys(form, length)
+    if real is None or real.shape[0] not in (1, call.batch):
         return None
     n_real = np.count_nonzero(real, axis=1)
     first = np.where(n_real > 0, real.argmax(axis=1), 0)

@@ -622,9 +622,7 @@ def floor(call) -> float:
     if not len(s):
         return 0.0
     ql, kl = s[:, 2].astype(np.float64), s[:, 4].astype(np.float64)
-    pairs = ql * kl
-    if built.causal:
-        pairs = np.where(kl <= 512, pairs, np.minimum(pairs, ql * (kl + 1) / 2 + ql * 256.0))  # sdpa_pairs
+    pairs = _sdpa_pairs(ql, kl, built.causal)
     if built.window is not None:
         pairs = np.minimum(pairs, ql * built.window * 2)
     small = kl <= _SMALL_SEGMENT
@@ -664,10 +662,15 @@ def sdpa_pairs(q_len: torch.Tensor, kv_len: torch.Tensor, causal: bool) -> torch
     It walks keys in blocks of 512 (or all keys when fewer than 512) and, when causal, stops after the block that
     holds the end of the query block: up to 512 keys beyond the diagonal. So a causal document of 256 tokens costs
     all 256·256 pairs, and one of 4096 about half of its pairs plus 256 per query."""
+    return torch.from_numpy(_sdpa_pairs(q_len.numpy(), kv_len.numpy(), causal))
+
+
+def _sdpa_pairs(q_len: np.ndarray, kv_len: np.ndarray, causal: bool) -> np.ndarray:
+    """:func:`sdpa_pairs` on float64 numpy arrays (the floor's form)."""
     if not causal:
         return q_len * kv_len
     half = q_len * (kv_len + 1) / 2 + q_len * 256.0
-    return torch.where(kv_len <= 512, q_len * kv_len, torch.minimum(half, q_len * kv_len))
+    return np.where(kv_len <= 512, q_len * kv_len, np.minimum(half, q_len * kv_len))
 
 
 def run(call) -> torch.Tensor:
