@@ -61,7 +61,11 @@ def _packed_with_padding(dtype, gqa=False):
 def test_sdpa_leaves_empty_rows_to_the_fused_kernel_where_it_zeroes_them(monkeypatch, dtype, gqa):
     """Where torch's fused CPU kernel zeroes a row of -inf itself (probed once per dtype), the sdpa backend builds
     no zeroing: the output and the query gradient equal the zeroing path's bit for bit, the key / value gradients up
-    to rounding, the empty rows and their gradient are exactly 0, and all match the naive reference."""
+    to rounding, the empty rows and their gradient are exactly 0, and all match the naive reference. Where the probe
+    finds the kernel does not (float64 on an AMD EPYC: the kept rows' outputs moved by an ulp when rows were left out,
+    so the probe cannot tell), the backend zeroes the rows itself and there is nothing to compare."""
+    if not sdpa_backend._probe_empty_rows(dtype):
+        pytest.skip(f"the probe finds torch's fused CPU kernel does not zero empty rows exactly in {dtype} here")
     (q, k, v), spec, empty = _packed_with_padding(dtype, gqa)
     grad = torch.randn(q.shape[:3] + (16,)).to(dtype)
     runs = {}
@@ -73,7 +77,6 @@ def test_sdpa_leaves_empty_rows_to_the_fused_kernel_where_it_zeroes_them(monkeyp
         out = am.attention(*inputs, fresh, backend="sdpa")
         runs[leaves] = (out, *torch.autograd.grad(out, inputs, grad))
     monkeypatch.undo()
-    assert sdpa_backend._probe_empty_rows(dtype)
     (out, dq, dk, dv), (out_z, dq_z, dk_z, dv_z) = runs[True], runs[False]
     assert torch.equal(out, out_z) and torch.equal(dq, dq_z)
     tolerance = {} if dtype in (torch.float32, torch.float64) else {"atol": 2e-2, "rtol": 2e-2}
