@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import attnmask as am
 from attnmask.backends import sdpa as sdpa_backend
+from attnmask.backends._common import pair_width
 from tests.helpers import LOW_PRECISION, allowed_of, assert_matches_reference, left_padded_problem, make_qkv
 from tests.naive import naive_attention
 from tests.strategies import attention_case
@@ -552,7 +553,7 @@ def test_sdpa_estimate_halves_bfloat16_pair_work_only_on_cpus_with_amx_bf16(monk
         return sdpa_backend.cost(A._prepare_call(q, q, q, am.sliding_window(8), None, None, None))
 
     assert estimate(torch.float16) == estimate(torch.float32)
-    pairs = 2 * 64 * 64 * 16
+    pairs = 2 * 64 * 64 * pair_width(16, sdpa_backend._EXTRA_PAIR_WIDTH)  # B·H·Q·K at the charged width of D + Dv
     bf16 = (estimate(torch.float32) - pairs * 0.5) * sdpa_backend.MODES.bf16  # the rest: bench_limit --fit --modes
     assert estimate(torch.bfloat16) == pytest.approx(bf16 if amx else estimate(torch.float32))
     assert estimate(torch.bfloat16, "meta") == estimate(torch.float32, "meta")  # the CPU's flags say nothing there

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import attnmask as am
 from attnmask.attention import choose_backend
 from attnmask.backends import native as N
+from attnmask.backends._common import pair_width
 from attnmask.backends.varlen import segments_from_varlen, varlen_attention
 from attnmask.errors import BackendError, DeviceError, DTypeError, ShapeError
 from tests.helpers import call_of, grads, tiny_documents
@@ -223,15 +224,16 @@ def test_allowed_pairs_counts_every_pair_the_mask_allows():
 def test_a_pair_is_charged_by_how_far_its_run_leaves_the_l1_cache(width, run, expected):
     """native's estimate charges a pair ``_PAIR_COST`` while its run's keys and values (float32, ``width = D + Dv``)
     take at most 16 KiB, ``_LONG_PAIR_COST`` from 64 KiB, linearly in between: at D = Dv = 64 from 32 to 128 keys,
-    at D = Dv = 128 from 16 to 64."""
+    at D = Dv = 128 from 16 to 64; each pair at ``pair_width`` of the width, each query row at the width."""
+    charged = pair_width(width, N._EXTRA_PAIR_WIDTH)
     segs = torch.tensor([[0, 0, 8, 0, run, 0]])  # 8 queries, each seeing all ``run`` keys (no rule)
     item = float(N._item_work(segs, False, None, width)[0])
-    per_pair = (item / width - 8 * N._ROW_COST) / (8 * run)
+    per_pair = (item - 8 * N._ROW_COST * width) / (8 * run * charged)
     assert per_pair == pytest.approx(expected)
     long = torch.tensor([[0, 0, 1024, 0, 1024, 0]])  # a causal window narrower than the document is the run
     pairs = float(N.segment_pairs(long, True, run).sum())
     item = float(N._item_work(long, True, run, width)[0])
-    assert (item / width - 1024 * N._ROW_COST) / pairs == pytest.approx(expected)
+    assert (item - 1024 * N._ROW_COST * width) / (pairs * charged) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(

@@ -188,7 +188,7 @@ def test_auto_runs_stock_sdpa_on_small_rows_with_the_same_output_bit_for_bit():
 
 
 def test_auto_runs_stock_sdpa_on_a_small_row_with_a_wide_window():
-    """A window allowing at least a fifth of the pairs on rows of at most 512 keys takes the stock path (rows of 256,
+    """A window allowing at least a fifth of the pairs on rows of at most 256 keys takes the stock path (rows of 256,
     window 128, one thread: the costs had picked banded, 2.65x slower than SDPA); a narrow one is left to the costs."""
     q, k, v = qkv(length=256)
     wide, narrow = am.sliding_window(128), am.sliding_window(16)
@@ -259,7 +259,7 @@ def test_the_dense_mask_of_a_spec_is_built_once_for_every_layer(monkeypatch):
     "spec, length",
     [
         (packed([[4] * 16, [8] * 8, [4] * 16], 64), 64),  # tiny documents: a sixth of the pairs at most
-        (packed([[300, 300], [600], [200, 400]], 600), 600),  # rows over 512 keys
+        (packed([[300, 300], [600], [200, 400]], 600), 600),  # rows over 256 keys
     ],
     ids=["tiny-documents", "long-rows"],
 )

@@ -110,16 +110,19 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-# Small rows on CPU: where torch's SDPA kernel holds a row's keys in one block (it walks keys in blocks of 512), its
-# one fused call beats every built-in structural backend unless the mask denies most pairs: their per-document and
-# per-tile calls (and their backward) cost more than the pairs they skip. Measured with benchmarks/bench_hf_train.py
-# (benchmarks/RESULTS.md, "Small rows"): on rows of 128 to 512 keys allowing 0.23-0.43 of the pairs, "sdpa" was the
-# fastest forward + backward (by 1.0-3x); at 0.13 and below the per-document backends won (by 1.2-6x).
-# A causal window alone (allowed_fraction counts it too): windows of half the row on rows of 256 and 512, 1 and 2
-# threads, float32 and bfloat16, forward and forward + backward, SDPA within 1.1x of the fastest in 15 of 16 cells
-# (RESULTS.md, issue 15, "Small windows take the stock path"; the miss: blocksparse 1.32x faster on rows of 512, one
-# thread, forward); the costs had picked banded, 2.65x slower than SDPA, on rows of 256 (one thread, forward).
-_STOCK_MAX_KEYS = 512
+# Small rows on CPU: where torch's SDPA kernel holds a row's keys in one block, its one fused call beats every built-in
+# structural backend unless the mask denies most pairs: their per-document and per-tile calls (and their backward)
+# cost more than the pairs they skip. Measured with benchmarks/bench_hf_train.py (benchmarks/RESULTS.md, "Small
+# rows", 2026-11): on rows of 128 to 512 keys allowing 0.23-0.43 of the pairs, "sdpa" was the fastest forward +
+# backward (by 1.0-3x); at 0.13 and below the per-document backends won (by 1.2-6x). Rows of 257-512 keys are left
+# to the costs since: with the backends of 2026-12, allowing 0.24-0.32 of the pairs (packed documents of 180 and 400
+# tokens, windows of half the row), SDPA ran 1.07-1.84x slower than the fastest backend in all 24 such cells at
+# D = 16-128 (benchmarks/bench_head_dim.py, an AMD EPYC, 2 threads; RESULTS.md, issue 15, "Head sizes").
+# A causal window alone (allowed_fraction counts it too): windows of half the row on rows of 256, 1 and 2 threads,
+# float32 and bfloat16, forward and forward + backward, SDPA within 1.1x of the fastest (RESULTS.md, issue 15, "Small
+# windows take the stock path"); the costs had picked banded, 2.65x slower than SDPA, on rows of 256 (one thread,
+# forward).
+_STOCK_MAX_KEYS = 256
 _STOCK_MIN_FRACTION = 0.2
 _BUILT_IN = frozenset(id(b) for b in REGISTRY)
 
@@ -390,7 +393,7 @@ def attention(
       ``q`` with exactly ``H`` heads (per *query* head under grouped-query attention; else a ``ShapeError`` naming
       both) and runs on the backends that declare ``per_head``: ``"reference"``, ``"sdpa"`` (an O(B·H·Q·K) mask)
       and ``"flex"``; the others refuse it.
-    - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost; on CPU rows of at most 512 keys
+    - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost; on CPU rows of at most 256 keys
       whose spec allows at least a fifth of the pairs, ``"sdpa"``, decided without planning the others), ``"sdpa"``,
       ``"reference"``, ``"varlen"`` (per document), ``"blocksparse"`` (tiles of a block layout) or ``"flex"`` (compiled
       FlexAttention, opt-in; ``attnmask.backends.flex``), ``"banded"`` (rows of many short documents: one SDPA call on

@@ -17,6 +17,7 @@ k_start, k_len, offset)``. Example, one packed row of 3 documents of lengths 2, 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,23 @@ SDPA_BACKWARD_KEY_COST = 55.0
 # small calls are bound by per-call work). float16 gained nothing there. Pair work of a bfloat16 SDPA call on such a
 # CPU (``amx_pair_factor``: sdpa's whole call, varlen's documents that SDPA runs):
 AMX_BF16_PAIR_FACTOR = 0.5
+# The estimates' per-pair charges were calibrated at D = Dv = 64 (bench_limit.py) and scale with ``D + Dv``. The dot
+# products and the value sums do, but the exponential and the bookkeeping of each pair do not, so at small heads a
+# kernel's time per pair falls less than its width: on packed rows (bench_head_dim.py; RESULTS.md, issue 15, "Head
+# sizes") SDPA's time per unit of ``D + Dv`` rose ~1.5x from D = 64 to D = 16 and stayed within a few percent at 128,
+# the native kernel's time hardly moved from D = 16 to 64. ``pair_width`` charges a pair ``hypot(D + Dv, extra)``,
+# flat below ``extra`` and ``D + Dv`` well above it, scaled to equal ``D + Dv`` at the calibrated width; each backend
+# fits its own ``extra``.
+CALIBRATED_WIDTH = 128
+
+
+def pair_width(width: int, extra: float) -> float:
+    """The width a pair is charged at: ``hypot(width, extra)`` (``width``: ``D + Dv``) scaled so that
+    ``CALIBRATED_WIDTH`` maps to itself. ``extra`` 0: ``width``. Example: ``pair_width(40, 96)`` is
+    104 · 128 / 160 = 83.2."""
+    return math.hypot(width, extra) * CALIBRATED_WIDTH / math.hypot(CALIBRATED_WIDTH, extra)
+
+
 CALL_COST = 3e5  # one SDPA call or one tile group: tens of microseconds of overhead
 # One small matrix product inside a batched matmul (a tiny document's scores or output for one head): about a
 # microsecond of fixed cost on CPU whatever its size, which is what dominates rows of thousands of tiny documents.

@@ -34,7 +34,15 @@ import attnmask.backends._common as _common
 import attnmask.backends._workers as _workers
 from attnmask._dense import empty_buffer
 from attnmask.backends._clib import library as _library
-from attnmask.backends._common import COPY_COST, ModeFactors, cached, check_segments, mode_factor, varlen_plan
+from attnmask.backends._common import (
+    COPY_COST,
+    ModeFactors,
+    cached,
+    check_segments,
+    mode_factor,
+    pair_width,
+    varlen_plan,
+)
 from attnmask.backends._workers import on_free_cores, region_threads
 from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
 from attnmask.errors import BackendError, DeviceError, DTypeError, bad
@@ -306,6 +314,9 @@ _PAIR_COST = 1.8  # a pair of a run of at most _SHORT_RUN_BYTES
 _LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.8 x 1.9)
 _SHORT_RUN_BYTES = 16 << 10
 _LONG_RUN_BYTES = 64 << 10
+# What a pair costs beyond its D + Dv (``_common.pair_width``): its exponential and the online softmax's bookkeeping;
+# fitted by benchmarks/bench_head_dim.py --fit.
+_EXTRA_PAIR_WIDTH = 192.0
 _ROW_COST = 50.0  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
 _CALL_COST = 2e4  # one ctypes call and the output allocation
 # Threads: the kernel's threads pull its items (the forward's (query block, head), the backward's (segment, key/value
@@ -431,7 +442,7 @@ def _item_work(segs: torch.Tensor, causal: bool, window: int | None, width: int)
     span = _LONG_RUN_BYTES - _SHORT_RUN_BYTES
     share = np.clip((run * (width * 4.0) - _SHORT_RUN_BYTES) / span, 0.0, 1.0)
     per_pair = _PAIR_COST + (_LONG_PAIR_COST - _PAIR_COST) * share
-    return (_pairs(s, causal, window) * per_pair + s[:, 2] * _ROW_COST) * width
+    return _pairs(s, causal, window) * per_pair * pair_width(width, _EXTRA_PAIR_WIDTH) + s[:, 2] * _ROW_COST * width
 
 
 def _threads_gain(items: np.ndarray, efficiency: float | None = None) -> float:

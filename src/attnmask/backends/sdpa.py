@@ -43,6 +43,8 @@ __all__ = ["BACKEND"]
 
 # On CPU the estimate is in multiply-adds of SDPA's kernel (the unit of every CPU backend's estimate), plus:
 _MASK_COST = 2.0  # building and reading one element of a spec's dense bool mask
+# What a pair costs beyond its D + Dv (``_common.pair_width``), fitted by benchmarks/bench_head_dim.py --fit.
+_EXTRA_PAIR_WIDTH = 48.0
 _CALL_COST = 0.0  # fixed cost of a call with a spec's mask (positions, to_dense, the masked kernel's set-up)
 # Threads: torch's fused CPU kernel splits one call into B·H·(query blocks) items across every intra-op thread, each
 # added thread contributing this share of a core (fitted: ``benchmarks/bench_limit.py --fit`` on the 1- and 2-thread
@@ -323,8 +325,8 @@ def cost(call: AttentionCall) -> float:
 
 
 def _one_thread_cost(call: AttentionCall) -> float:
-    work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
-    work *= _common.amx_pair_factor(call)
+    width = _common.pair_width(call.head_dim + call.value_dim, _EXTRA_PAIR_WIDTH)
+    work = call.batch * call.heads * call.q_len * call.kv_len * width * _common.amx_pair_factor(call)
     if call.masks_no_key:
         return float(work)
     if call.is_plain_causal:

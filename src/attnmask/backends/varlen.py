@@ -38,6 +38,7 @@ from attnmask.backends._common import (
     check_segments,
     mode_factor,
     off_cpu,
+    pair_width,
     rows_seeing_themselves,
     segments_from_varlen,
     varlen_plan,
@@ -56,6 +57,10 @@ from attnmask.lowering import varlen_form
 
 __all__ = ["BACKEND", "segments_from_varlen", "varlen_attention"]
 
+# What a pair and a query row cost beyond their D + Dv (``_common.pair_width``) in a document SDPA runs and in a tiny
+# one (batched matmuls, an unfused softmax), fitted by benchmarks/bench_head_dim.py --fit.
+_EXTRA_PAIR_WIDTH = 48.0
+_EXTRA_SMALL_WIDTH = 1536.0
 _PAIR_COST = 1.0  # one multiply-add of a pair inside SDPA's blocked kernel: the unit every CPU estimate is in
 # The same inside a call with a bool mask (a window's query block over its key band, _dense_segment): SDPA converts
 # the mask and adds it to every head's scores. Measured, one thread, q (1, 4, 512, 64) against 1,023 keys: 13.98 ms
@@ -577,10 +582,12 @@ def cost(call) -> float:
     calls = len({tuple(shape) for shape in shapes}) + blocks
     width = call.head_dim + call.value_dim
     small = segs[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
-    per_seg = pairs * call.heads * width * torch.where(masked, _MASKED_PAIR_COST, _PAIR_COST).double()
+    small_width, sdpa_width = _charged_widths(width)  # a pair's and a query row's width (float64: as the floor's)
+    charged = torch.full(small.shape, sdpa_width, dtype=torch.float64).masked_fill_(small, small_width)
+    per_seg = pairs * call.heads * charged * torch.where(masked, _MASKED_PAIR_COST, _PAIR_COST).double()
     if (amx := amx_pair_factor(call)) != 1.0:
         per_seg[~small & ~masked] *= amx  # documents in one fused SDPA call (not tiny ones: matmuls)
-    per_seg += torch.where(small, _SMALL_ROW_COST, _SDPA_ROW_COST).double() * ql * call.heads * width
+    per_seg += torch.where(small, _SMALL_ROW_COST, _SDPA_ROW_COST).double() * ql * call.heads * charged
     per_seg += small.double() * 2 * call.heads * SMALL_MATMUL_COST
     tokens = (segs[:, 2] * call.heads + segs[:, 4] * call.kv_heads).double() * width
     serial = float(tokens.sum()) * COPY_COST + calls * CALL_COST
@@ -609,6 +616,7 @@ def floor(call) -> float:
     once and charged at least the cheaper row charge. 0 where neither is known. O(N) on the segments' view, or O(B·K)
     on host views."""
     width = call.head_dim + call.value_dim
+    small_width, sdpa_width = _charged_widths(width)
     gain = _workers.speedup_bound(_workers.threads_available(), _THREAD_EFFICIENCY)
     built = built_varlen_plan(call)
     if built is None:
@@ -616,7 +624,7 @@ def floor(call) -> float:
         if rows == 0:
             return 0.0
         serial = rows * (call.heads + call.kv_heads) * width * COPY_COST + CALL_COST
-        row_work = rows * call.heads * width * min(_SMALL_ROW_COST, _SDPA_ROW_COST)
+        row_work = rows * call.heads * min(_SMALL_ROW_COST * small_width, _SDPA_ROW_COST * sdpa_width)
         return (serial + row_work / gain) * mode_factor(MODES, call)
     s = built.segments.numpy()
     if not len(s):
@@ -630,11 +638,18 @@ def floor(call) -> float:
         small, min(_PAIR_COST, _MASKED_PAIR_COST), min(_PAIR_COST * amx_pair_factor(call), _MASKED_PAIR_COST)
     )
     per_row = np.where(small, _SMALL_ROW_COST, _SDPA_ROW_COST)
+    charged = np.where(small, small_width, sdpa_width)
     work = (
-        (pairs * per_pair + ql * per_row) * call.heads * width
+        (pairs * per_pair + ql * per_row) * call.heads * charged
     ).sum() + small.sum() * 2 * call.heads * SMALL_MATMUL_COST
     tokens = (ql.sum() * call.heads + kl.sum() * call.kv_heads) * width
     return float(tokens * COPY_COST + CALL_COST + work / gain) * mode_factor(MODES, call)
+
+
+def _charged_widths(width: int) -> tuple[float, float]:
+    """The widths (``_common.pair_width`` of ``D + Dv``) a pair and a query row are charged at in a tiny document (the
+    batched matmuls) and in a document SDPA runs."""
+    return pair_width(width, _EXTRA_SMALL_WIDTH), pair_width(width, _EXTRA_PAIR_WIDTH)
 
 
 def _task_weights(segs: list, window: int | None, per_pair: int) -> tuple[list[float], list[float]]:
