@@ -60,7 +60,7 @@ __all__ = ["BACKEND", "segments_from_varlen", "varlen_attention"]
 # What a pair and a query row cost beyond their D + Dv (``_common.pair_width``) in a document SDPA runs and in a tiny
 # one (batched matmuls, an unfused softmax), fitted by benchmarks/bench_head_dim.py --fit.
 _EXTRA_PAIR_WIDTH = 48.0
-_EXTRA_SMALL_WIDTH = 1536.0
+_EXTRA_SMALL_WIDTH = 128.0
 _PAIR_COST = 1.0  # one multiply-add of a pair inside SDPA's blocked kernel: the unit every CPU estimate is in
 # The same inside a call with a bool mask (a window's query block over its key band, _dense_segment): SDPA converts
 # the mask and adds it to every head's scores. Measured, one thread, q (1, 4, 512, 64) against 1,023 keys: 13.98 ms
