@@ -116,7 +116,7 @@ def available_backends() -> tuple[str, ...]:
 # rows", 2026-11): on rows of 128 to 512 keys allowing 0.23-0.43 of the pairs, "sdpa" was the fastest forward +
 # backward (by 1.0-3x); at 0.13 and below the per-document backends won (by 1.2-6x). Rows of 257-512 keys are left
 # to the costs since: with the backends of 2026-12, allowing 0.24-0.32 of the pairs (packed documents of 180 and 400
-# tokens, windows of half the row), SDPA ran 1.07-1.84x slower than the fastest backend in all 24 such cells at
+# tokens, windows of half the row), SDPA ran 1.07-1.82x slower than the fastest backend in all 24 such cells at
 # D = 16-128 (benchmarks/bench_head_dim.py, an AMD EPYC, 2 threads; RESULTS.md, issue 15, "Head sizes").
 # A causal window alone (allowed_fraction counts it too): windows of half the row on rows of 256, 1 and 2 threads,
 # float32 and bfloat16, forward and forward + backward, SDPA within 1.1x of the fastest (RESULTS.md, issue 15, "Small
