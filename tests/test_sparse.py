@@ -62,6 +62,36 @@ def test_many_tiny_documents_run_in_one_call_per_length(monkeypatch):
     assert_matches_reference(out, naive_attention(q, k, v, spec.to_dense(q.shape[2]).unsqueeze(1)))
 
 
+@pytest.mark.parametrize("broadcast", [True, False], ids=["sum-loss", "dense-gradient"])
+def test_varlen_gradients_of_many_documents_match_naive(broadcast):
+    """Over 64 documents (the output assembled by row index, ``_ScatterRows``), tiny ones (one gather per tensor for
+    every group, split into the groups) and ones SDPA runs, with grouped-query heads: every gradient equals the naive
+    reference's, for the broadcast output gradient of ``out.sum()`` (stride 0) and a dense one."""
+    gen = torch.Generator().manual_seed(0)
+    rows, length, cycle = 6, 256, [5, 40, 12, 3, 33, 8, 21, 17, 6, 15, 2, 4, 9, 64]
+    ids = torch.full((rows, length), -1)
+    n_docs = 0
+    for r in range(rows):
+        at, i = 0, r
+        while at + cycle[i % len(cycle)] <= length - 8:  # the last 8+ positions of a row: padding, no document
+            ids[r, at : at + cycle[i % len(cycle)]] = i
+            at, i, n_docs = at + cycle[i % len(cycle)], i + 1, n_docs + 1
+    spec = am.causal() & am.document(doc_ids=ids)
+    q = torch.randn(rows, 4, length, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(rows, 2, length, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert n_docs > 64
+    out = am.attention(q, k, v, spec, backend="varlen")
+    want = naive_attention(q, k, v, spec.to_dense(length).unsqueeze(1))
+    if broadcast:
+        grad = torch.ones((), dtype=out.dtype).expand(out.shape)
+    else:
+        grad = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    got, expected = (torch.autograd.grad(o, (q, k, v), grad) for o in (out, want))
+    torch.testing.assert_close(out, want)
+    for g, w in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def test_segments_of_a_packed_row_follow_its_documents():
     args = (am.causal() & am.document(seq_lens=[2, 3], length=6)).varlen(6)
     segs = VL.segments_from_varlen(args, batch=2, q_len=6, kv_len=6)  # a one-row spec applied to two rows
