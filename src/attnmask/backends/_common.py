@@ -75,10 +75,10 @@ AMX_BF16_PAIR_FACTOR = 0.5
 # The estimates' per-pair charges were calibrated at D = Dv = 64 (bench_limit.py) and scale with ``D + Dv``. The dot
 # products and the value sums do, but the exponential and the bookkeeping of each pair do not, so at small heads a
 # kernel's time per pair falls less than its width: on packed rows (bench_head_dim.py; RESULTS.md, issue 15, "Head
-# sizes") SDPA's time per unit of ``D + Dv`` rose ~1.5x from D = 64 to D = 16 and stayed within a few percent at 128,
-# the native kernel's time hardly moved from D = 16 to 64. ``pair_width`` charges a pair ``hypot(D + Dv, extra)``,
-# flat below ``extra`` and ``D + Dv`` well above it, scaled to equal ``D + Dv`` at the calibrated width; each backend
-# fits its own ``extra``.
+# sizes") SDPA's time per unit of ``D + Dv`` rose ~1.5x from D = 64 to D = 16 and stayed within a few percent at 128;
+# the native kernel's time fell by a quarter (0.62-1.01x) from D = 64 to 16, where ``D + Dv`` fell by three quarters.
+# ``pair_width`` charges a pair ``hypot(D + Dv, extra)``, flat below ``extra`` and ``D + Dv`` well above it, scaled
+# to equal ``D + Dv`` at the calibrated width; each backend fits its own ``extra``.
 CALIBRATED_WIDTH = 128
 
 

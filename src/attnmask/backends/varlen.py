@@ -451,7 +451,8 @@ def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list
 
     per_pair = q.shape[1] * (q.shape[3] + v.shape[3])
     weights = [len(members) * (members[0][2] + 8) * members[0][4] * per_pair for members in members_by_group]
-    return _map(tiny_group, list(range(len(members_by_group))), weights, dropout_p, dev.type, MIN_TASK_WORK)
+    groups_at = list(range(len(members_by_group)))
+    return _map(tiny_group, groups_at, weights, dropout_p, dev.type, idle_min_work=MIN_TASK_WORK)
 
 
 def _heads_major(t: torch.Tensor) -> torch.Tensor:
