@@ -382,3 +382,19 @@ def test_blocksparse_plans_groups_as_the_group_by_group_form_did(batch, n_q, n_k
     max_rows, max_keys = max(max_rows, bq), max(max_keys, bk)
     got = BS._plan(tile_class, bq, bk, Q, K, max_keys, max_rows)
     assert got == plan_group_by_group(tile_class, bq, bk, Q, K, max_keys, max_rows)
+
+
+def test_blocksparse_keeps_a_rows_groups_per_classes_and_sizes_only():
+    """The groups of a batch row are kept per (classes, sizes): the same classes under another key length or block
+    size plan as the group-by-group form says for those sizes, and a row of more than ``_KEPT_ROW_BYTES`` classes is
+    planned without being kept."""
+    classes = torch.tensor([[[1, 0, 2], [1, 1, 2], [2, 1, 1]]] * 2, dtype=torch.int8)
+    for bq, bk, Q, K in [(16, 16, 48, 48), (16, 16, 48, 40), (16, 32, 40, 80), (16, 16, 48, 48)]:
+        got = BS._plan(classes, bq, bk, Q, K, 4096, 512)
+        assert got == plan_group_by_group(classes, bq, bk, Q, K, 4096, 512)
+    n = int(np.sqrt(BS._KEPT_ROW_BYTES)) + 1
+    wide = torch.ones(1, n, n, dtype=torch.int8)
+    before = BS._kept_row_groups.cache_info().currsize
+    got = BS._plan(wide, 16, 16, 16 * n, 16 * n, 4096, 512)
+    assert got == plan_group_by_group(wide, 16, 16, 16 * n, 16 * n, 4096, 512)
+    assert BS._kept_row_groups.cache_info().currsize == before
