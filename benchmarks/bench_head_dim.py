@@ -1,5 +1,6 @@
 """PYTHONPATH=src python benchmarks/bench_head_dim.py [--dims 16,32,64,128] [--lengths 256,512,1024]
-[--means 60,180,400] [--mode fwd,fwdbwd] [--threads 2] [--reps 5] [--save FILE.json] | --fit FILE.json...
+[--structures docs60,docs180,docs400,window] [--mode fwd,fwdbwd] [--threads 2] [--reps 5] [--save FILE.json]
+[--quick] | --fit FILE.json...
 
 Does ``"auto"`` pick well at every head size? ``bench_limit.py`` calibrates the estimates at D=64; a model with a
 smaller or larger head (transformers' tiny test models: 16; Llama: 128) runs the same pairs at other costs per pair:
@@ -214,12 +215,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="fwd,fwdbwd")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: documents of ~180 tokens on rows of 512, D = 16 and 64"
+    )
     parser.add_argument("--save", help="write the timed cells to this JSON file (for --fit)")
     parser.add_argument("--fit", nargs="+", metavar="FILE", help="fit _EXTRA_PAIR_WIDTH to saved cells; no timing")
     args = parser.parse_args(argv)
     if args.fit:
         fit(args.fit)
         return
+    if args.quick:
+        args.structures, args.lengths, args.dims, args.reps = "docs180", "512", "16,64", 3
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, H=4 / 2 key-value heads, "
