@@ -83,7 +83,7 @@ QUICK_NOTES: dict[str, tuple[tuple[str, str], ...]] = {
         (
             "training step, tiny Llama, rows of 4096 | padded + sdpa / packed + dense-mask sdpa | 1.6-2.0x / 3.4-5.3x",
             "quick: 16 sequences in rows of 256, where `auto` runs what stock attention runs (one SDPA call with the "
-            "dense mask): expect about 0.99-1.2x against packed + dense-mask sdpa (two rounds: the spread of a shared "
+            "dense mask): expect about 0.95-1.2x against packed + dense-mask sdpa (two rounds: the spread of a shared "
             "machine) and more against padded + sdpa",
         ),
     ),
