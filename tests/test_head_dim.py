@@ -5,6 +5,7 @@ was, and rows of 257-512 keys are left to the costs."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 import pytest

@@ -214,7 +214,8 @@ def _plan(tile_class: torch.Tensor, block_q: int, block_k: int, Q: int, K: int, 
     when its union of key tiles computes at most ``_MERGE_GAIN`` times their pairs. A group's classes are the union
     of its tiles' (FULL where FULL for every tile, NONE where NONE for every tile, PARTIAL otherwise: the mask decides
     those pairs exactly). Per batch row a few numpy operations on the ``(nQ, nK)`` classes and one pass in Python
-    over the groups (``tests/test_floors.py`` holds it to the group-by-group form it replaced).
+    over the groups (``tests/test_floors.py`` holds it to the group-by-group form it replaced), kept per pattern of
+    classes and sizes for rows of at most ``_KEPT_ROW_BYTES`` classes (``_kept_row_groups``).
     """
     tc = tile_class.to("cpu", torch.int8).numpy()
     sizes = (block_q, block_k, Q, K, max_keys, max_rows)
