@@ -18,6 +18,9 @@ The CUDA backends on a GPU, in one run (under 6 minutes on one H200, FlexAttenti
     milliseconds, the ratio of each to auto's pick, and each backend's picoseconds per estimated cost unit (how far
     ``attnmask.backends.cuda_costs`` is from the clock: a good model has similar figures across backends).
 
+``--fit F.json...``: ``attnmask.backends.cuda_costs.VARLEN_PAIR`` refitted from saved runs: the value they ran with
+(``constants`` in the JSON; 1.0 for runs saved before it was recorded) times the geometric mean, over the scenarios
+timed with both, of the varlen kernels' picoseconds per unit over FlexAttention's (pairs dominate both estimates).
 ``--quick``: the 16K scenarios only. ``--budget``: seconds after which remaining timings are skipped (and said so).
 ``--out``: write the results as JSON there and as markdown next to it (``.md``).
 ``--dry-run``: everything except the CUDA kernels, on the CPU, in well under a minute: the same checks and timing
@@ -32,6 +35,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import platform
 import statistics
 import sys
@@ -455,6 +459,25 @@ def machine(device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}), dry run"
 
 
+def fit_varlen_pair(reports: list[dict]) -> str:
+    """``VARLEN_PAIR`` from saved runs (see the module docstring), with the ratios it comes from."""
+    logs = []
+    lines = []
+    for report in reports:
+        then = report.get("constants", {}).get("VARLEN_PAIR", 1.0)
+        for row in report["timings"]:
+            units = row["ps_per_unit"]
+            for name in ("cuda_varlen", "flash"):
+                if name in units and "flex" in units:
+                    ratio = units[name] / units["flex"]
+                    logs.append(math.log(then * ratio))
+                    lines.append(f"{report['date']} {row['scenario']}: {name} / flex {ratio:.3f} (ran with {then})")
+    if not logs:
+        return "no scenario timed both a varlen kernel and flex"
+    fitted = math.exp(sum(logs) / len(logs))
+    return "\n".join([*lines, f"VARLEN_PAIR = {fitted:.3g} (now {cuda_costs.VARLEN_PAIR})"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the 16K timing scenarios only")
@@ -462,7 +485,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write JSON here and markdown next to it")
     parser.add_argument("--budget", type=float, default=270.0, help="seconds after which timings are skipped")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--fit", type=Path, nargs="+", default=None, help="refit VARLEN_PAIR from saved JSON runs")
     args = parser.parse_args()
+    if args.fit:
+        print(fit_varlen_pair([json.loads(p.read_text()) for p in args.fit]))
+        return 0
     started = time.perf_counter()
     command = "PYTHONPATH=src:. python benchmarks/device_check.py " + " ".join(sys.argv[1:])
 
@@ -511,6 +538,7 @@ def main() -> int:
             "timings": rows,
             "skipped": skipped,
             "seconds": time.perf_counter() - started,
+            "constants": {"VARLEN_PAIR": cuda_costs.VARLEN_PAIR, "FLEX_PAIR": cuda_costs.FLEX_PAIR},
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1, default=str))

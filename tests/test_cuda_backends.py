@@ -11,6 +11,7 @@
 
 import contextlib
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -390,6 +391,58 @@ def test_flex_forward_on_cpu_decodes_with_gqa_a_custom_predicate_and_empty_rows(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# torch's varlen_attn across versions
+
+
+def test_cuda_varlen_names_the_keywords_an_older_varlen_attn_lacks():
+    def first_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        raise AssertionError("never called")
+
+    def wrapped(*args, **kwargs):
+        raise AssertionError("never called")
+
+    assert cuda_varlen.missing_keywords(first_varlen_attn) == ("scale", "window_size", "enable_gqa")
+    assert cuda_varlen.missing_keywords(wrapped) == ()
+    from torch.nn.attention.varlen import varlen_attn  # this torch's, which takes all three
+
+    assert cuda_varlen.missing_keywords(varlen_attn) == ()
+    fake = SimpleNamespace(varlen_attn=first_varlen_attn)
+    cuda_varlen.cuda_varlen_available.cache_clear()
+    try:
+        with mock.patch.dict(sys.modules, {"torch.nn.attention.varlen": fake}):
+            reason = cuda_varlen.cuda_varlen_available()
+    finally:
+        cuda_varlen.cuda_varlen_available.cache_clear()
+    assert reason == f"torch {torch.__version__}'s varlen_attn has no scale, window_size keyword"
+
+
+def varlen_attn_without_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch 2.11's ``varlen_attn`` signature (no ``enable_gqa``): equal key and query heads only."""
+    assert query.shape[1] == key.shape[1] == value.shape[1], "no enable_gqa: heads must match"
+    return kernel_emulators.varlen_attn(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size
+    )
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_cuda_varlen_repeats_key_heads_for_a_varlen_attn_without_enable_gqa(kv_heads):
+    case = dict(batch=2, heads=4, kv_heads=kv_heads, q_len=40, kv_len=48, head_dim=8, value_dim=6)
+    q, k, v = random_qkv(case)
+    spec = am.causal() & am.document(seq_lens=[[10, 30, 8], [48]])
+    call = make_call(q, k, v, spec)
+    with mock.patch.object(cuda_varlen, "_varlen_attn", lambda: varlen_attn_without_gqa):
+        got = cuda_varlen.BACKEND.run(call)
+    allowed = naive_dense(spec, 40, 48, 2).unsqueeze(1)
+    want = naive_attention(q, k, v, allowed, scale=call.scale)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    weight = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got_grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want * weight).sum(), (q, k, v))
+    for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The device check's dry run
 
 
@@ -407,3 +460,27 @@ def test_device_check_dry_run_passes(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "FAIL" not in done.stdout and "PASS" in done.stdout
     assert out.exists() and out.with_suffix(".md").exists()
+
+
+def test_device_check_fits_varlen_pair_from_saved_runs(tmp_path):
+    def report(constants, ratios):
+        rows = [{"scenario": f"s{i}", "ps_per_unit": {"cuda_varlen": r, "flex": 1.0}} for i, r in enumerate(ratios)]
+        rows.append({"scenario": "no flex", "ps_per_unit": {"cuda_varlen": 9.0}})  # not a ratio: left out
+        return {"date": "d", "timings": rows, **({"constants": constants} if constants else {})}
+
+    files = []
+    for n, (constants, ratios) in enumerate([({"VARLEN_PAIR": 0.5}, [2.0, 8.0]), (None, [2.0])]):
+        files.append(tmp_path / f"run{n}.json")
+        files[-1].write_text(json.dumps(report(constants, ratios)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--fit", *map(str, files)],
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 0.5 * 2, 0.5 * 8 and 1.0 * 2 (no constants saved): geometric mean of 1, 4 and 2
+    assert f"VARLEN_PAIR = 2 (now {cuda_costs.VARLEN_PAIR})" in done.stdout

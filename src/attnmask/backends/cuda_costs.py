@@ -3,9 +3,10 @@
 Layer 3 (attention); imports only ``masks``.
 
 Unit: one multiply-add of one (query, key) pair, for one head and one element of ``D + Dv``, inside a fused
-FlashAttention-2 class kernel in half precision (about 4e-15 s on an H100/H200-class GPU). Every constant below is an
-ESTIMATE from public kernel characteristics, not measured here (this project's machines have no GPU):
-``benchmarks/device_check.py`` times the backends on a GPU and prints how far these estimates are from the clock.
+FlashAttention-2 class kernel in half precision (about 4e-15 s on an H100/H200-class GPU). The constants below are
+ESTIMATES from public kernel characteristics, except ``VARLEN_PAIR``, fitted to timings on one H200
+(``benchmarks/device_check.py``, which times the backends on a GPU and prints how far these estimates are from the
+clock; ``--fit`` refits it from saved runs).
 
 - Fused kernels compute whole tiles: a sequence of ``lq`` queries costs at least one ``TILE_Q x TILE_K`` tile per
   block of ``TILE_Q`` queries, so rows of thousands of tiny documents pay for padding inside their tiles.
@@ -33,13 +34,18 @@ __all__ = [
     "MASKED_SDPA_PAIR",
     "TILE_K",
     "TILE_Q",
+    "VARLEN_PAIR",
     "flex_cost",
     "sdpa_cost",
     "sequence_pairs",
     "varlen_cost",
 ]
 
-FUSED_PAIR = 1.0  # FlashAttention-2's kernel: torch's varlen_attn, flash-attn, SDPA's flash path (the unit itself)
+FUSED_PAIR = 1.0  # FlashAttention-2's kernel, SDPA's flash path (the unit itself)
+# The variable-length kernels (torch's varlen_attn, flash-attn's varlen function) per pair, relative to FLEX_PAIR as
+# measured: the geometric mean over benchmarks/device_check.py's scenarios of their picoseconds per unit over flex's
+# (``device_check.py --fit benchmarks/device/s20_h200_*.json``: H200, torch 2.11, 8 timings in two runs).
+VARLEN_PAIR = 1.33
 MASKED_SDPA_PAIR = 2.0  # SDPA with an attn_mask has no flash path: the memory-efficient kernel, reading a bias tile
 FLEX_PAIR = 1.15  # FlexAttention's Triton kernel: ~90% of FlashAttention-2 forward, ~85% backward (PyTorch's blog)
 FLEX_MASK_PAIR = 16.0  # mask_mod evaluated on one pair of a PARTIAL tile, per head (a few gathers and compares)
@@ -77,16 +83,26 @@ def _window_prefix(n: torch.Tensor, w: int) -> torch.Tensor:
 
 
 def varlen_cost(
-    call, lens_q: torch.Tensor, lens_k: torch.Tensor, causal: bool, window: int | None, width: int, scattered: bool
+    call,
+    lens_q: torch.Tensor,
+    lens_k: torch.Tensor,
+    causal: bool,
+    window: int | None,
+    width: int,
+    scattered: bool,
+    repeated_kv: bool = False,
 ) -> float:
     """A FlashAttention varlen kernel over sequences of ``lens_q`` / ``lens_k`` tokens with heads padded to ``width``,
-    plus the copies into the packed layout and, when some query is in no sequence (``scattered``), out of it."""
+    plus the copies into the packed layout and, when some query is in no sequence (``scattered``), out of it, and,
+    for a kernel without grouped-query heads (``repeated_kv``), the keys and values repeated to every query head."""
     pairs = sequence_pairs(lens_q, lens_k, causal, window)
     tokens_q, tokens_k = float(lens_q.sum()), float(lens_k.sum())
     copies = tokens_q * call.heads * width + tokens_k * call.kv_heads * 2 * width
     if scattered:  # a zero row put in front of the output, then a gather of every query
         copies += (tokens_q + call.batch * call.q_len) * call.heads * call.value_dim
-    return pairs * call.heads * 2 * width * FUSED_PAIR + copies * COPY + 2 * CALL
+    if repeated_kv:
+        copies += tokens_k * call.heads * 2 * width
+    return pairs * call.heads * 2 * width * VARLEN_PAIR + copies * COPY + 2 * CALL
 
 
 def sdpa_cost(call) -> float:

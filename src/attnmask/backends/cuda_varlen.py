@@ -2,7 +2,9 @@
 
 Layer 3 (attention). Packed documents, padded rows (only the real tokens are computed), causal, sliding windows,
 grouped-query attention and ``Q < K`` (bottom-right), forward and backward, in float16 and bfloat16 on an NVIDIA GPU
-of compute capability 8.0 or newer. No attention dropout (``varlen_attn`` has none).
+of compute capability 8.0 or newer. No attention dropout (``varlen_attn`` has none). A torch whose ``varlen_attn``
+has no ``enable_gqa`` (2.11) gets grouped-query keys and values repeated to the query heads; one without ``scale``
+and ``window_size`` is refused by name.
 
 The spec goes through ``attnmask.backends.packed`` (``varlen_args`` -> ``cu_seqlens``, a gather into ``(total, H,
 D)``, a scatter back with exact zeros where a query sees no key). ``varlen_attn`` has no ``causal`` flag: causality is
@@ -13,6 +15,7 @@ included), ``(-1, -1)`` for none; it treats the call as causal only when ``windo
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -39,7 +42,7 @@ def varlen_attn_kwargs(plan: packed.PackedPlan, scale: float, enable_gqa: bool) 
         "max_k": args.max_seqlen_k,
         "scale": scale,
         "window_size": varlen_window(args.causal, args.window_size),
-        "enable_gqa": enable_gqa,
+        **({"enable_gqa": True} if enable_gqa else {}),  # left out otherwise: a torch without the keyword runs too
     }
 
 
@@ -51,16 +54,49 @@ def _varlen_attn():
 
 
 def _kernel(q, k, v, plan, scale, dropout_p):
-    return _varlen_attn()(q, k, v, **varlen_attn_kwargs(plan, scale, q.shape[1] != k.shape[1]))
+    """``q (T_q, H, D)``, ``k (T_k, Hkv, D)``, ``v (T_k, Hkv, Dv)``. Grouped-query heads go to the kernel's
+    ``enable_gqa``; a ``varlen_attn`` without that keyword (torch 2.11's) gets ``k`` and ``v`` repeated to ``H`` heads
+    (query head ``h`` reads key head ``h // (H // Hkv)``, as ``enable_gqa`` does): O(T_k·H·(D + Dv)) more memory,
+    gradients summed back by autograd."""
+    kernel = _varlen_attn()
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and "enable_gqa" in missing_keywords(kernel):
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        gqa = False
+    return kernel(q, k, v, **varlen_attn_kwargs(plan, scale, gqa))
+
+
+# The keywords ``varlen_attn_kwargs`` passes: torch's first ``varlen_attn`` took ``is_causal`` and none of these, so a
+# torch without the first two is refused by name rather than failing inside the call; one without ``enable_gqa``
+# (torch 2.11) runs with the key heads repeated (``_kernel``).
+_KEYWORDS = ("scale", "window_size", "enable_gqa")
+_REQUIRED = ("scale", "window_size")
+
+
+@functools.cache
+def missing_keywords(kernel) -> tuple[str, ...]:
+    """Which of ``_KEYWORDS`` the kernel's signature lacks (none when it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(kernel).parameters
+    except (TypeError, ValueError):  # no introspectable signature: let the call itself decide
+        return ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return ()
+    return tuple(name for name in _KEYWORDS if name not in params)
 
 
 @functools.cache
 def cuda_varlen_available() -> str | None:
-    """``None`` when this torch has ``varlen_attn`` and a CUDA GPU of compute capability >= 8.0, else why not."""
+    """``None`` when this torch has a ``varlen_attn`` taking ``scale`` and ``window_size`` and a CUDA GPU of compute
+    capability >= 8.0, else why not."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
+    missing = tuple(name for name in missing_keywords(varlen_attn) if name in _REQUIRED)
+    if missing:
+        return f"torch {torch.__version__}'s varlen_attn has no {', '.join(missing)} keyword"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     major, minor = torch.cuda.get_device_capability()
@@ -69,4 +105,10 @@ def cuda_varlen_available() -> str | None:
     return None
 
 
-BACKEND = packed.packed_backend("cuda_varlen", _kernel, dropout=False, available=cuda_varlen_available)
+def _cost(call) -> float:
+    """``packed.packed_cost``, charging the repeated key heads where ``_kernel`` repeats them."""
+    repeats = call.heads != call.kv_heads and "enable_gqa" in missing_keywords(_varlen_attn())
+    return packed.packed_cost(call, repeated_kv=repeats)
+
+
+BACKEND = packed.packed_backend("cuda_varlen", _kernel, dropout=False, available=cuda_varlen_available, cost=_cost)

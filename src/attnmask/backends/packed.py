@@ -140,14 +140,16 @@ def packed_unsupported(call) -> str | None:
     return None
 
 
-def packed_cost(call) -> float:
-    """``cuda_costs.varlen_cost`` of the call's sequences (see ``attnmask.backends.cuda_costs``)."""
+def packed_cost(call, repeated_kv: bool = False) -> float:
+    """``cuda_costs.varlen_cost`` of the call's sequences (see ``attnmask.backends.cuda_costs``); ``repeated_kv``: the
+    kernel gets the key and value heads repeated to the query heads."""
     plan = _cached_plan(call)
     args = plan.args
     left = args.window_size[0]
     window = None if left < 0 else left + 1
     lens_q, lens_k = args.cu_seqlens_q.diff(), args.cu_seqlens_k.diff()
-    return cuda_costs.varlen_cost(call, lens_q, lens_k, args.causal, window, head_width(call), not plan.every_query)
+    scattered = not plan.every_query
+    return cuda_costs.varlen_cost(call, lens_q, lens_k, args.causal, window, head_width(call), scattered, repeated_kv)
 
 
 def gather(t: torch.Tensor, index: torch.Tensor, every: bool, width: int) -> torch.Tensor:
@@ -188,13 +190,20 @@ def packed_attention(call, kernel: Kernel) -> torch.Tensor:
     return scatter(out, plan, call.batch, call.q_len, call.value_dim).to(call.q.dtype)
 
 
-def packed_backend(name: str, kernel: Kernel, *, dropout: bool, available: Callable[[], str | None]) -> Backend:
+def packed_backend(
+    name: str,
+    kernel: Kernel,
+    *,
+    dropout: bool,
+    available: Callable[[], str | None],
+    cost: Callable[..., float] = packed_cost,
+) -> Backend:
     """A CUDA backend running ``kernel`` on the packed layout: float16 / bfloat16, structural specs of the varlen
-    form, backward, ``dropout`` as the kernel has it, ``available`` its environment check."""
+    form, backward, ``dropout`` as the kernel has it, ``available`` its environment check, ``cost`` its estimate."""
     return Backend(
         name,
         lambda call: packed_attention(call, kernel),
-        packed_cost,
+        cost,
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16}),
         masks=frozenset({"structural"}),
