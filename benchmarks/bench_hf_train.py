@@ -1,5 +1,5 @@
 """PYTHONPATH=src python benchmarks/bench_hf_train.py [--rows 128,256,512,1024,4096] [--tokens 8192] [--repeats 5]
-[--backend auto] [--log-mean 5.0] [--seqs N] [--threads N] [--clock wall|cpu] [--quick]
+[--backend auto] [--log-mean 5.0] [--seqs N] [--threads N] [--clock wall|cpu] [--device cpu|cuda] [--quick]
 
 Training-step time of a tiny random-weight Llama on the same sequences, three ways, in the same process:
 
@@ -21,7 +21,8 @@ tokens, same targets: equal up to float rounding). Per size, the three runs alte
 order rotated each round). The speed-up of packed + attnmask over a peer (> 1: attnmask is faster) is the median over
 rounds of the peer's step time over attnmask's in the same round: the two steps ran seconds apart, so load on a shared
 machine that comes and goes between rounds cancels in the ratio; the best step time of each run is printed beside it.
-A table of every size follows, with the command that made it.
+A table of every size follows, with the command that made it. ``--device cuda``: models and batches on the GPU (each
+step ends in the loss's read-back, so wall time covers its kernels; not run on a GPU yet).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def sequences_for(tokens: int, max_length: int, seed: int, log_mean: float) -> l
     return [rng.integers(1, 1000, m).tolist() for m in lens]
 
 
-def tiny_llama(impl: str, state: dict | None):
+def tiny_llama(impl: str, state: dict | None, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(
@@ -71,13 +72,14 @@ def tiny_llama(impl: str, state: dict | None):
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
     if state is not None:
         model.load_state_dict(state)
-    return model.train()
+    return model.to(device).train()
 
 
 def step(model, optimizer, inputs: dict, labels: torch.Tensor) -> float:
     mask = inputs.get("attention_mask")
     if isinstance(mask, MaskSpec):  # the dense peer: lower the batch's spec to a (B, 1, L, L) bool mask, O(B·L^2)
-        inputs = dict(inputs, attention_mask=mask.to_dense(inputs["input_ids"].shape[1])[:, None])
+        ids = inputs["input_ids"]
+        inputs = dict(inputs, attention_mask=mask.to_dense(ids.shape[1]).to(ids.device)[:, None])
     logits = model(**inputs, use_cache=False).logits
     loss = masked_cross_entropy(logits, labels)
     loss.backward()
@@ -86,7 +88,9 @@ def step(model, optimizer, inputs: dict, labels: torch.Tensor) -> float:
     return loss.item()
 
 
-def measure(seqs: list[list[int]], row_length: int, repeats: int, state: dict, clock=time.perf_counter) -> dict:
+def measure(
+    seqs: list[list[int]], row_length: int, repeats: int, state: dict, clock=time.perf_counter, device: str = "cpu"
+) -> dict:
     """Best step time (seconds) of each of ``RUNS`` on ``seqs`` over ``repeats`` interleaved rounds, the median over
     rounds of each run's time over packed + attnmask's in the same round (``ratio``), the batches' shapes and the first
     step's losses."""
@@ -102,16 +106,21 @@ def measure(seqs: list[list[int]], row_length: int, repeats: int, state: dict, c
             packed,
         ),
     }
-    models = {name: tiny_llama(impl, state) for name, (impl, _, _) in runs.items()}
+    runs = {  # on the device (the dense peer's spec stays where it is: step lowers it there)
+        name: (impl, {k: t.to(device) if torch.is_tensor(t) else t for k, t in inputs.items()}, batch)
+        for name, (impl, inputs, batch) in runs.items()
+    }
+    labels = {name: batch.labels.to(device) for name, (_, _, batch) in runs.items()}
+    models = {name: tiny_llama(impl, state, device) for name, (impl, _, _) in runs.items()}
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-    losses = {name: step(models[name], optims[name], inputs, batch.labels) for name, (_, inputs, batch) in runs.items()}
+    losses = {name: step(models[name], optims[name], inputs, labels[name]) for name, (_, inputs, _) in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     order = list(runs)
     for r in range(repeats):
         for name in order[r % len(order) :] + order[: r % len(order)]:
-            _, inputs, batch = runs[name]
+            _, inputs, _ = runs[name]
             t = clock()
-            step(models[name], optims[name], inputs, batch.labels)
+            step(models[name], optims[name], inputs, labels[name])
             times[name].append(clock() - t)
     ours = times[RUNS[0]]
     return {
@@ -143,6 +152,7 @@ def main() -> None:
         help="wall time, or this process's CPU time (with --threads 1: the step's own work, not the time other "
         "processes of a shared machine held the core)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, a smoke run: 16 sequences, rows of 256, 2 rounds"
     )
@@ -157,8 +167,8 @@ def main() -> None:
     hf.register(backend=args.backend)
     state = tiny_llama("sdpa", None).state_dict()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, attnmask backend "
-        f"{args.backend!r}, "
+        f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} threads, {args.clock} clock, "
+        f"attnmask backend {args.backend!r}, "
         f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     summary = []
@@ -167,7 +177,7 @@ def main() -> None:
             seqs = make_sequences(args.seqs, length, args.seed, args.log_mean)
         else:
             seqs = sequences_for(args.tokens, length, args.seed, args.log_mean)
-        result = measure(seqs, length, args.repeats, state, clock)
+        result = measure(seqs, length, args.repeats, state, clock, args.device)
         best, real = result["best"], sum(map(len, seqs))
         print(
             f"\nrows of {length}: {len(seqs)} sequences, {real} real tokens (mean {real / len(seqs):.0f}, longest "
