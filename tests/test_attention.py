@@ -453,20 +453,33 @@ def test_the_causal_split_scans_only_its_last_keys_and_still_contains_a_masked_n
         torch.testing.assert_close(out[~nan_rows], clean[~nan_rows])
 
 
+@pytest.mark.parametrize("scan", ["per_tensor", "read_once"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_the_finite_scan_finds_every_non_finite_value_and_settles_an_overflowing_sum(dtype):
+def test_the_finite_scan_finds_every_non_finite_value_and_settles_an_overflowing_sum(dtype, scan):
     """``_all_finite`` sums in the inputs' dtype where its range is float32's: a NaN, +inf or -inf anywhere is found;
-    finite values whose sum overflows (bfloat16 and float32 near their maximum, float16 beyond 65504) are finite."""
+    finite values whose sum overflows (bfloat16 and float32 near their maximum, float16 beyond 65504) are finite. Off
+    the CPU (``read_once``, run here on CPU tensors) the sums are added and read back once, and +inf in one tensor
+    beside -inf in the other (a NaN sum) is found too."""
+    finite = A._all_finite if scan == "per_tensor" else lambda *ts: A._all_finite_read_once(ts)
     big = torch.finfo(dtype).max / 4
     huge = torch.full((1, 1, 64, 8), big, dtype=dtype)
     if dtype == torch.bfloat16:
         assert bool(torch.isinf(huge.sum()))  # the cheap sum overflows: the exact check decides
-    assert A._all_finite(huge, huge)
+    assert finite(huge, huge) and finite(huge, -huge)
     for bad_value in (float("nan"), float("inf"), float("-inf")):
         k = torch.randn(2, 2, 33, 4).to(dtype)
         k[1, 0, 17, 2] = bad_value
-        assert not A._all_finite(k, torch.zeros_like(k)) and not A._all_finite(torch.zeros_like(k), k)
-    assert A._all_finite(torch.randn(2, 2, 33, 4).to(dtype), torch.randn(2, 2, 33, 4).to(dtype))
+        assert not finite(k, torch.zeros_like(k)) and not finite(torch.zeros_like(k), k)
+        assert not finite(k, -k) and not finite(k)
+    assert finite(torch.randn(2, 2, 33, 4).to(dtype), torch.randn(2, 2, 33, 4).to(dtype))
+
+
+def test_off_the_cpu_the_finite_scan_reads_back_once(monkeypatch):
+    reads = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or real_item(self))
+    k, v = torch.randn(2, 2, 33, 4), torch.randn(2, 2, 33, 6)
+    assert A._all_finite_read_once((k, v)) and len(reads) == 1
 
 
 def test_which_tensors_the_finite_scan_reads(monkeypatch):
