@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 import attnmask as am
+from attnmask import tuning
 from attnmask.attention import _BACKENDS, _prepare_call, _ranked, _stock
-from attnmask.backends import _workers
+from attnmask.backends import _common, _workers
 
 BACKENDS = ("sdpa", "native", "varlen", "blocksparse", "banded")
 FITTED = (  # the constants --fit fits: (backend, name)
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, H=4 / 2 key-value heads, "
         f"8,192 tokens a batch; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
+    cpu = f"{tuning._machine()['cpu']}, AMX bfloat16 tiles: {_common.cpu_has_amx_bf16()}"
     print("| structure | L | D | mode | fastest | auto / fastest | costs / fastest | ms |")
     print("|---|---:|---:|---|---|---|---|---|")
     cells = []
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(describe(cell, cell["ms"]), flush=True)
                     if args.save:  # after every cell: a long run interrupted keeps what it measured
                         with open(args.save, "w") as f:
-                            json.dump({"argv": sys.argv[1:], "load": os.getloadavg(), "cells": cells}, f)
+                            json.dump({"argv": sys.argv[1:], "load": os.getloadavg(), "cpu": cpu, "cells": cells}, f)
     costs_ok, auto_ok = picks_within(cells)
     print(f"\nwithin 1.1x of the fastest: estimates {costs_ok} of {len(cells)}, auto {auto_ok} of {len(cells)}")
     shown = sys.argv[1:] if argv is None else argv
