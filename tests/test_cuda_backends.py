@@ -462,6 +462,24 @@ def test_device_check_dry_run_passes(tmp_path):
     assert out.exists() and out.with_suffix(".md").exists()
 
 
+def test_bench_flex_cuda_dry_run_runs(tmp_path):
+    """The GPU benchmark's harness on the CPU (forward only, tiny shapes): every method timed, the NaN check passes."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    out = tmp_path / "flex.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_flex_cuda.py"), "--dry-run", "--rounds", "1", "--reps", "1"]
+        + ["--out", str(out)],
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "attention" in line]
+    assert len(rows) == 6 and all(line.endswith("| ok |") for line in rows), out.read_text()
+
+
 def test_device_check_fits_varlen_pair_from_saved_runs(tmp_path):
     def report(constants, ratios):
         rows = [{"scenario": f"s{i}", "ps_per_unit": {"cuda_varlen": r, "flex": 1.0}} for i, r in enumerate(ratios)]
