@@ -148,6 +148,8 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, forward only, tiny shapes")
     args = parser.parse_args()
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+    torch._dynamo.config.recompile_limit = 64  # every scenario's variants stay compiled (flex refuses past the limit)
+    torch._dynamo.config.accumulated_recompile_limit = 512
     backward = device.type == "cuda"
     H, Hkv, D = TIMING_HEADS[device.type]
     head = (

@@ -502,3 +502,40 @@ def test_device_check_fits_varlen_pair_from_saved_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     # 0.5 * 2, 0.5 * 8 and 1.0 * 2 (no constants saved): geometric mean of 1, 4 and 2
     assert f"VARLEN_PAIR = 2 (now {cuda_costs.VARLEN_PAIR})" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FlexAttention at torch's recompile limit
+
+
+def test_flex_refuses_a_new_shape_once_torch_holds_its_recompile_limit_of_variants(monkeypatch):
+    """Past ``torch._dynamo.config.recompile_limit`` compiled variants torch would run a new shape uncompiled
+    (materialising the scores): a signature flex has not run is refused then, one it ran is not, and ``"auto"``
+    takes another CUDA backend."""
+    monkeypatch.setattr(flex, "_RAN", set())
+    call = cuda_call(am.sliding_window(1024), 16384)
+    assert auto_pick(call) == "flex"
+    monkeypatch.setattr(flex, "_compiled_variants", lambda: torch._dynamo.config.recompile_limit - 1)
+    assert flex.flex_unsupported(call) is None
+    monkeypatch.setattr(flex, "_compiled_variants", lambda: torch._dynamo.config.recompile_limit)
+    reason = flex.flex_unsupported(call)
+    assert reason is not None and "recompile limit" in reason and "materialising" in reason
+    assert auto_pick(call) == "cuda_varlen"
+    flex._RAN.add(flex._compile_signature(call))  # as flex_run records a signature it ran
+    assert flex.flex_unsupported(call) is None
+    other = cuda_call(am.sliding_window(1024), 8192)  # another shape: still refused
+    assert "recompile limit" in flex.flex_unsupported(other)
+    monkeypatch.setattr(flex, "_compiled_variants", lambda: None)  # a torch that does not say: not refused
+    assert flex.flex_unsupported(other) is None
+
+
+def test_flex_counts_torchs_compiled_variants_and_records_what_it_ran(monkeypatch):
+    held = flex._compiled_variants()
+    assert isinstance(held, int) and held >= 0
+    monkeypatch.setattr(flex, "_RAN", set())
+    monkeypatch.setattr(flex, "_flex", lambda: flex._eager_flex)  # no compile: the bookkeeping only
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    call = make_call(q, k, v, am.causal())
+    flex.flex_run(call)
+    assert flex._RAN == {flex._compile_signature(call)}
+    assert flex._compiled_variants() == held  # nothing compiled

@@ -19,8 +19,11 @@ comes back as exact 0 from FlexAttention itself (the tests and ``benchmarks/devi
   A shape that disagrees raises ``BackendError`` and is refused from then on (``explain`` says why).
 
 Every new shape compiles (``torch.compile(flex_attention, dynamic=False)``, seconds; forward and backward on first use
-with a gradient), so rows of a fixed length suit it best; after torch's recompile limit torch falls back to an
-uncompiled FlexAttention that materialises the scores.
+with a gradient), so rows of a fixed length suit it best. Torch keeps at most ``torch._dynamo.config.recompile_limit``
+compiled variants of ``flex_attention`` (8 by default) and runs any further one uncompiled, materialising the
+``(B, H, Q, K)`` scores (seen on torch 2.13: the ninth row length). So once torch holds that many, a call whose
+signature (shapes, dtype, spec structure, gradient, scale) has not run here is refused with the reason: ``"auto"``
+takes another backend, and ``backend="flex"`` raises ``BackendError`` instead of falling back silently.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ _DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})  # the CPU k
 _MIN_CUDA_HEAD_DIM = 16
 _compiled_flex = None
 _CPU_CHECKED: dict[tuple, float | None] = {}  # CPU shapes and dtype -> None (agreed with eager) or the max difference
+_RAN: set[tuple] = set()  # the signatures (_compile_signature) compiled FlexAttention has run in this process
 
 
 def _flex():
@@ -86,7 +90,38 @@ def flex_unsupported(call) -> str | None:
             f"FlexAttention's CUDA kernel needs head dims >= {_MIN_CUDA_HEAD_DIM}, got D={call.head_dim}, "
             f"Dv={call.value_dim}"
         )
+    if _compile_signature(call) not in _RAN:
+        held, limit = _compiled_variants(), _recompile_limit()
+        if held is not None and held >= limit:
+            return (
+                f"torch holds {held} compiled FlexAttention variants, its recompile limit "
+                f"(torch._dynamo.config.recompile_limit = {limit}): a new shape would run uncompiled, materialising "
+                "the (B, H, Q, K) scores"
+            )
     return None
+
+
+def _compile_signature(call) -> tuple:
+    """What a compiled variant is kept for, as far as this module knows: ``_cpu_signature``, whether a gradient is
+    needed and the scale (a Python float the compiler specialises on)."""
+    return _cpu_signature(call), call.needs_grad, call.scale
+
+
+def _compiled_variants() -> int | None:
+    """How many compiled variants of ``flex_attention`` torch holds (its cache entries on the function's code), or
+    ``None`` where this torch does not say."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return len(_debug_get_cache_entry_list(flex_attention.__code__))
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        return None
+
+
+def _recompile_limit() -> int:
+    config = torch._dynamo.config
+    return int(getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8)))
 
 
 def flex_available() -> str | None:
@@ -114,6 +149,7 @@ def flex_run(call) -> torch.Tensor:
     block_mask = cached(call, "flex", _block_mask)
     kwargs = dict(block_mask=block_mask, scale=call.scale, enable_gqa=call.heads != call.kv_heads)
     out = _flex()(call.q, call.k, call.v, **kwargs)
+    _RAN.add(_compile_signature(call))
     if call.q.device.type != "cpu":
         return out
     signature = _cpu_signature(call)
