@@ -191,6 +191,21 @@ def random_qkv(case, dtype=torch.float64, seed=0):
     return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
 
 
+def assert_equals_naive(got, call, spec, q_len, kv_len, batch):
+    """``got`` (float64, from ``call``'s q, k, v) equals float64 textbook attention, and so do its gradients in q, k
+    and v against one random upstream gradient; returns the allowed pairs ``(B, 1, Q, K)`` and ``got``'s gradients."""
+    q, k, v = call.q, call.k, call.v
+    allowed = naive_dense(spec, q_len, kv_len, batch).unsqueeze(1)
+    want = naive_attention(q, k, v, allowed, scale=call.scale)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    weight = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got_grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want * weight).sum(), (q, k, v))
+    for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+    return allowed, got_grads
+
+
 @pytest.mark.parametrize("name", PACKED_BACKENDS)
 @given(case=varlen_case())
 def test_packed_backends_around_the_emulated_kernel_equal_naive_attention(name, case):
@@ -203,14 +218,7 @@ def test_packed_backends_around_the_emulated_kernel_equal_naive_attention(name, 
         return
     with emulated_kernels():
         got = backend.run(call)
-    allowed = naive_dense(case["spec"], case["q_len"], case["kv_len"], case["batch"]).unsqueeze(1)
-    want = naive_attention(q, k, v, allowed, scale=call.scale)
-    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-    weight = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got_grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
-    want_grads = torch.autograd.grad((want * weight).sum(), (q, k, v))
-    for name_, g, w in zip("qkv", got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10, msg=f"d{name_}")
+    allowed, got_grads = assert_equals_naive(got, call, case["spec"], case["q_len"], case["kv_len"], case["batch"])
     empty = ~allowed.any(-1)  # (B, 1, Q)
     assert bool((got.masked_select(empty[..., None]) == 0).all())
     assert bool((got_grads[0].masked_select(empty[..., None]) == 0).all())
@@ -432,14 +440,7 @@ def test_cuda_varlen_repeats_key_heads_for_a_varlen_attn_without_enable_gqa(kv_h
     call = make_call(q, k, v, spec)
     with mock.patch.object(cuda_varlen, "_varlen_attn", lambda: varlen_attn_without_gqa):
         got = cuda_varlen.BACKEND.run(call)
-    allowed = naive_dense(spec, 40, 48, 2).unsqueeze(1)
-    want = naive_attention(q, k, v, allowed, scale=call.scale)
-    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-    weight = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got_grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
-    want_grads = torch.autograd.grad((want * weight).sum(), (q, k, v))
-    for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+    assert_equals_naive(got, call, spec, 40, 48, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
