@@ -447,17 +447,16 @@ def test_cuda_varlen_repeats_key_heads_for_a_varlen_attn_without_enable_gqa(kv_h
 # The device check's dry run
 
 
-def test_device_check_dry_run_passes(tmp_path):
+def run_benchmark(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> args...`` in a fresh interpreter with this checkout's ``src`` and tests importable."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    return subprocess.run(command, env=env, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
+
+
+def test_device_check_dry_run_passes(tmp_path):
     out = tmp_path / "device_check.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--dry-run", "--out", str(out)],
-        env=env,
-        cwd=ROOT,
-        timeout=240,
-        capture_output=True,
-        text=True,
-    )
+    done = run_benchmark("device_check.py", "--dry-run", "--out", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "FAIL" not in done.stdout and "PASS" in done.stdout
     assert out.exists() and out.with_suffix(".md").exists()
@@ -465,17 +464,9 @@ def test_device_check_dry_run_passes(tmp_path):
 
 def test_bench_flex_cuda_dry_run_runs(tmp_path):
     """The GPU benchmark's harness on the CPU (forward only, tiny shapes): every method timed, the NaN check passes."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
     out = tmp_path / "flex.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_flex_cuda.py"), "--dry-run", "--rounds", "1", "--reps", "1"]
-        + ["--out", str(out)],
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-        capture_output=True,
-        text=True,
-    )
+    args = ("--dry-run", "--rounds", "1", "--reps", "1", "--out", str(out))
+    done = run_benchmark("bench_flex_cuda.py", *args, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "attention" in line]
     assert len(rows) == 6 and all(line.endswith("| ok |") for line in rows), out.read_text()
@@ -491,15 +482,7 @@ def test_device_check_fits_varlen_pair_from_saved_runs(tmp_path):
     for n, (constants, ratios) in enumerate([({"VARLEN_PAIR": 0.5}, [2.0, 8.0]), (None, [2.0])]):
         files.append(tmp_path / f"run{n}.json")
         files[-1].write_text(json.dumps(report(constants, ratios)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--fit", *map(str, files)],
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-        capture_output=True,
-        text=True,
-    )
+    done = run_benchmark("device_check.py", "--fit", *map(str, files), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     # 0.5 * 2, 0.5 * 8 and 1.0 * 2 (no constants saved): geometric mean of 1, 4 and 2
     assert f"VARLEN_PAIR = 2 (now {cuda_costs.VARLEN_PAIR})" in done.stdout
