@@ -295,7 +295,7 @@ def cuda_call(spec, length, q_len=None, heads=8, kv_heads=2, dim=128, dtype=torc
         k = torch.empty(1, kv_heads, length, dim, device="cuda", dtype=dtype)
     call = make_call(q, k, k, spec, dropout_p=dropout)
     if grad:  # autograd on fake CUDA tensors needs a CUDA build: a stand-in carries the metadata the checks read
-        meta = SimpleNamespace(shape=q.shape, dtype=q.dtype, device=q.device, requires_grad=True)
+        meta = SimpleNamespace(shape=q.shape, dtype=q.dtype, device=q.device, requires_grad=True, stride=q.stride)
         return dataclasses.replace(call, q=meta)
     return call
 

@@ -83,7 +83,7 @@ def flex_unsupported(call) -> str | None:
     device = call.q.device.type
     if device == "cpu" and call.needs_grad:
         return "compiled FlexAttention on CPU has no backward (use 'blocksparse' to train)"
-    if device == "cpu" and (error := _CPU_CHECKED.get(_cpu_signature(call))) is not None:
+    if device == "cpu" and (error := _CPU_CHECKED.get(_compile_signature(call)[0])) is not None:
         return _miscompiled(error)
     if device == "cuda" and min(call.head_dim, call.value_dim) < _MIN_CUDA_HEAD_DIM:
         return (
@@ -103,8 +103,9 @@ def flex_unsupported(call) -> str | None:
 
 def _compile_signature(call) -> tuple:
     """What a compiled variant is kept for, as far as this module knows: ``_cpu_signature``, whether a gradient is
-    needed and the scale (a Python float the compiler specialises on)."""
-    return _cpu_signature(call), call.needs_grad, call.scale
+    needed and the scale (a Python float the compiler specialises on). Kept with the call's plans, whose key holds
+    all three (walking the spec's structure costs ~20 us, and both ``flex_unsupported`` and ``flex_run`` ask)."""
+    return cached(call, "flex_signature", lambda c: (_cpu_signature(c), c.needs_grad, c.scale))
 
 
 def _compiled_variants() -> int | None:
@@ -152,7 +153,7 @@ def flex_run(call) -> torch.Tensor:
     _RAN.add(_compile_signature(call))
     if call.q.device.type != "cpu":
         return out
-    signature = _cpu_signature(call)
+    signature = _compile_signature(call)[0]
     if signature not in _CPU_CHECKED:
         _CPU_CHECKED[signature] = _difference(out, _eager_flex(call.q, call.k, call.v, **kwargs))
     if (error := _CPU_CHECKED[signature]) is not None:
