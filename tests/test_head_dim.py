@@ -100,6 +100,34 @@ def test_a_tiny_llamas_rows_of_512_train_on_varlen(monkeypatch, threads):
     assert am.explain(q, k, v, spec).picked == "native"
 
 
+# bench_hf_train's rows of 512 as its packing collator makes them (seed 0): documents per row, then padding, which
+# the packed position_ids (0 at every padding token) make one-token documents.
+HF_ROWS_512 = (
+    (428, 77), (422, 90), (411, 101), (386, 119), (380, 132), (369, 135), (307, 197), (287, 216), (279, 232),
+    (256, 256), (191, 190, 128), (189, 178, 135), (173, 172, 162), (159, 158, 152), (135, 127, 118, 107),
+    (102, 95, 93, 93, 88, 29), (88, 73, 62, 61, 61),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_rows_with_trailing_padding_train_on_varlen(monkeypatch, threads):
+    """The tiny Llama's rows of 512 with the collator's padding (305 one-token documents), forward + backward: varlen
+    measured 35.6 ms, SDPA 49.0, blocksparse 37.8, native 55.4 at 2 threads (54.7 vs SDPA's 87.5 at one; AMD EPYC,
+    RESULTS.md "Hand-overs in the units of the tasks"). A hand-over counted in the tasks' units at D = 16 (weights of
+    H·(D + Dv) a pair, against the estimate's wider charge) had put varlen's two threads below one and sent the call
+    to SDPA."""
+    monkeypatch.setattr(_workers, "threads_available", lambda: threads)
+    monkeypatch.setattr(_workers, "contended", lambda: False)
+    ids = torch.empty(len(HF_ROWS_512), 512, dtype=torch.long)
+    for r, docs in enumerate(HF_ROWS_512):
+        body = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor(docs))
+        ids[r] = torch.cat([body, len(docs) + torch.arange(512 - len(body))])
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(len(ids), 4, 512, 16, generator=gen).requires_grad_()
+    k, v = (torch.randn(len(ids), 2, 512, 16, generator=gen).requires_grad_() for _ in range(2))
+    assert am.explain(q, k, v, am.causal() & am.document(doc_ids=ids)).picked == "varlen"
+
+
 def test_rows_over_256_keys_are_left_to_the_costs():
     """SDPA without costing only on rows of at most 256 keys: on rows of 512 allowing 0.24-0.32 of the pairs it ran
     1.1-1.8x slower than the fastest backend at every head size (bench_head_dim.py, AMD EPYC, 2 threads)."""

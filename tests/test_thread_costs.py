@@ -202,6 +202,35 @@ def test_varlen_small_tasks_stay_on_one_thread_large_ones_share(monkeypatch):
     assert cost_at(VL, large, 2, monkeypatch) < 0.8 * cost_at(VL, large, 1, monkeypatch)
 
 
+@pytest.mark.parametrize("dim", [16, 64, 128])
+def test_varlen_charges_a_hand_over_in_estimate_units_at_every_head_size(monkeypatch, dim):
+    """A hand-over is a fixed time: in the tasks' weights (H·(D + Dv) a pair) it weighs ``_HANDOVER_COST`` times the
+    width over the width a pair is charged at, so at D = 64 (the calibration) as before, at D = 16 more tasks' worth."""
+    lens = [400, 100, 300, 200, 250, 260, 190, 12, 12, 20]  # groups SDPA runs and tiny ones
+    call = call_for(am.causal() & am.document(seq_lens=lens), length=sum(lens), dim=dim)
+    plan = VL.varlen_plan(call)
+    width = 2 * dim
+    big, tiny = VL._task_weights(plan.segments.tolist(), plan.window, 4 * width)
+    small_width, sdpa_width = VL._charged_widths(width)
+    seen = []
+    original = W.expected_speedup
+
+    def spy(weights, threads, min_work=0.0, efficiency=1.0, **kwargs):
+        seen.append((sorted(weights), kwargs.get("handover")))
+        return original(weights, threads, min_work, efficiency, **kwargs)
+
+    monkeypatch.setattr(W, "expected_speedup", spy)
+    monkeypatch.setattr(W, "contended", lambda: False)
+    cost_at(VL, call, 2, monkeypatch)
+    expected = [(sorted(big), VL._HANDOVER_COST * width / sdpa_width)]
+    expected += [(sorted(tiny), VL._HANDOVER_COST * width / small_width)]
+    assert seen == [(w, pytest.approx(h)) for w, h in expected]
+    if dim == 64:
+        assert [h for _, h in seen] == pytest.approx([VL._HANDOVER_COST] * 2)
+    else:
+        assert all((h < VL._HANDOVER_COST) == (dim < 64) for _, h in seen)
+
+
 def test_blocksparse_estimate_mirrors_its_group_tasks(monkeypatch):
     call = call_for(am.causal() & am.chunked(128))
     weights = [w * BS._PAIR_COST for w in BS._task_weights(call)]

@@ -74,7 +74,9 @@ _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this man
 # costing ``_HANDOVER_COST`` more (its wake-up and GIL hand-overs); the per-call overhead and the copies run on one
 # thread (``serial_steps``). The values of every backend dealing worker tasks (blocksparse's too), fitted with them:
 # ``benchmarks/bench_limit.py --fit`` on the 1- and 2-thread tables limit_tables/omp_*.txt, rows of 1,024 and 8,192 at
-# low load (RESULTS.md, "native's threads"; was 0.13, fitted under load on rows of 1,024 only).
+# low load (RESULTS.md, "native's threads"; was 0.13, fitted under load on rows of 1,024 only). The hand-over is a
+# fixed time in estimate units: the tasks weigh H·(D + Dv) a pair, the estimate a pair_width, equal at D = 64 where it
+# was fitted; at D = 16 it had counted 1.7x too much (RESULTS.md, issue 15, "Hand-overs in the units of the tasks").
 _THREAD_EFFICIENCY = 0.85
 _HANDOVER_COST = 3.2e6
 # Idle, groups of documents and a window's query blocks go to the workers from an eighth of ``MIN_TASK_WORK`` on
@@ -611,9 +613,16 @@ def cost(call) -> float:
     if threads > 1:
         big_tasks, tiny_tasks = _task_weights(segs.tolist(), plan.window, call.heads * width)
         big_min = MIN_TASK_WORK if _workers.contended() else _IDLE_MIN_WORK  # as parallel_map's busy_min_work
+        # The tasks weigh H·(D + Dv) a pair (what parallel_map reads), the estimate charges a pair its pair_width: a
+        # hand-over (a fixed time, in estimate units) weighs width / charged width of a task's units.
         big_gain, tiny_gain = (
-            _workers.expected_speedup(tasks, threads, least, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
-            for tasks, least in ((big_tasks, big_min), (tiny_tasks, MIN_TASK_WORK))
+            _workers.expected_speedup(
+                tasks, threads, least, _THREAD_EFFICIENCY, handover=_HANDOVER_COST * width / charged_width
+            )
+            for tasks, least, charged_width in (
+                (big_tasks, big_min, sdpa_width),
+                (tiny_tasks, MIN_TASK_WORK, small_width),
+            )
         )
     estimate = serial + float(per_seg[~small].sum()) / big_gain + float(per_seg[small].sum()) / tiny_gain
     return estimate * mode_factor(MODES, call)
