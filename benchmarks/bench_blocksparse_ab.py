@@ -1,5 +1,5 @@
 """PYTHONPATH=src python benchmarks/bench_blocksparse_ab.py [--base main] [--threads 1] [--mode fwd,fwdbwd]
-[--only window,prefix] [--reps 7] [--length 8192] [--min-ms 100]
+[--only window,prefix] [--reps 7] [--length 8192] [--min-ms 100] [--quick]
 
 Is this checkout's ``"blocksparse"`` faster than another revision's? Both versions of
 ``src/attnmask/backends/blocksparse.py`` (the other read with ``git show REV:...`` and imported beside this one) run
@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="fwd", help="comma-separated: fwd, fwdbwd")
     parser.add_argument("--only", default="", help="comma-separated substrings of structure names")
     parser.add_argument("--min-ms", type=float, default=100.0, help="a timing averages calls filling this long")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: rows of 2,048, 3 rounds, 20 ms timings")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.length, args.reps, args.min_ms = 2048, 3, 20.0
     torch.set_num_threads(args.threads)
     base = load_revision(args.base)
     wanted = [s for s in args.only.split(",") if s]

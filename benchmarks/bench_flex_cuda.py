@@ -1,4 +1,4 @@
-"""PYTHONPATH=src:. python benchmarks/bench_flex_cuda.py [--rounds 5] [--reps 10] [--out F.md] [--dry-run]
+"""PYTHONPATH=src:. python benchmarks/bench_flex_cuda.py [--rounds 5] [--reps 10] [--out F.md] [--dry-run] [--quick]
 
 Where the time of ``attention(..., backend="flex")`` goes on a GPU, against the stock FlexAttention call, in one
 process with the methods interleaved round by round (the scenarios of ``benchmarks/device_check.py``: packed
@@ -146,7 +146,10 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, forward only, tiny shapes")
+    parser.add_argument("--quick", action="store_true", help="2 rounds x 3 calls; without a GPU, the dry run")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.reps, args.dry_run = 2, 3, args.dry_run or not torch.cuda.is_available()
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     torch._dynamo.config.recompile_limit = 64  # every scenario's variants stay compiled (flex refuses past the limit)
     torch._dynamo.config.accumulated_recompile_limit = 512

@@ -1,4 +1,4 @@
-"""PYTHONPATH=src:. python benchmarks/bench_hf_overhead.py [--threads 1] [--repeats 200] [--layers 8]
+"""PYTHONPATH=src:. python benchmarks/bench_hf_overhead.py [--threads 1] [--repeats 200] [--layers 8] [--quick]
 
 The per-call cost of attnmask's transformers attention function (``hf.attention_forward``, run once per layer)
 against transformers' own sdpa attention, on a tiny random-weight Llama whose attention itself costs almost nothing
@@ -62,7 +62,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 layers, 20 forwards each")
     args = parser.parse_args()
+    if args.quick:
+        args.layers, args.repeats = 2, 20
     torch.set_num_threads(args.threads)
 
     from attnmask.integrations import hf

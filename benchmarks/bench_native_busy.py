@@ -1,4 +1,5 @@
 """PYTHONPATH=src python benchmarks/bench_native_busy.py [--length 8192] [--only "documents: tiny,..."] [--rounds 9]
+[--quick]
 
 With one of the cores taken, does the ``native`` kernel slow more than stock SDPA on a call of the same duration, and
 would it do better keeping its whole OpenMP team? For each of ``bench_limit``'s structures named by ``--only``
@@ -49,7 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-ms", type=float, default=100.0)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: rows of 2,048, 3 rounds, 20 ms timings")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.length, args.rounds, args.min_ms = 2048, 3, 20.0
     wanted = [w for w in args.only.split(",") if w]
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} thread(s), rows of {args.length}, load {os.getloadavg()}")

@@ -1,5 +1,5 @@
 """PYTHONPATH=src python benchmarks/bench_small_rows.py [--rows 8] [--length 256] [--heads 4] [--dim 64] [--reps 30]
-[--threads 1]
+[--threads 1] [--quick]
 
 Per-call overhead of ``attnmask.attention`` on a batch of small rows (issue 15: under 5% of the attention call),
 against stock SDPA, in one process, interleaved. Three batches of ``--rows`` rows of ``--length`` tokens, fp32: packed
@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 5 rounds")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.reps = 5
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(args.rows, args.heads, args.length, args.dim, generator=gen) for _ in range(3))

@@ -1,5 +1,5 @@
 """PYTHONPATH=src python benchmarks/bench_stacks.py [--length 8192] [--threads 2] [--reps 7] [--mode fwd,fwdbwd]
-[--only window,chunked] [--min-ms 150] [--heads 4] [--kv-heads 4]
+[--only window,chunked] [--min-ms 150] [--heads 4] [--kv-heads 4] [--quick]
 
 What do ``"blocksparse"``'s stacked query groups gain? The same backend with ``blocksparse.STACK_GROUPS`` off (every
 query group its own flash call, as before stacking) and on (consecutive groups of one shape and mask in one call on
@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-ms", type=float, default=150.0)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: rows of 2,048, 3 rounds, 20 ms timings")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.length, args.reps, args.min_ms = 2048, 3, 20.0
     torch.set_num_threads(args.threads)
     wanted = [w for w in args.only.split(",") if w]
     gen = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""PYTHONPATH=src python benchmarks/bench_threads_busy.py [--rows 512,1024,2048,4096,8192] [--rounds 3]
+"""PYTHONPATH=src python benchmarks/bench_threads_busy.py [--rows 512,1024,2048,4096,8192] [--rounds 3] [--quick]
 
 Does a parallel region still gain from every intra-op thread when another process holds one of the cores? Stock
 unmasked SDPA (B=1, H=4, D=64) on rows of each length, timed with one thread and with all of ``--threads`` (default:
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: rows of 512 and 1,024, one round")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.rounds = "512,1024", 1
     many = args.threads
     print(f"torch {torch.__version__}, 1 vs {many} threads, H={args.heads}, D={args.dim}, load {os.getloadavg()}")
     print(

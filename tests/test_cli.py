@@ -520,6 +520,14 @@ def test_bench_reports_a_failing_script(tmp_path, capsys):
     assert "bench_alpha.py   ok" in proc.stdout
 
 
+def test_every_benchmark_script_has_a_quick_size():
+    """`attnmask bench --quick` runs a script without the flag at full size (minutes to tens of minutes each)."""
+    scripts = sorted((ROOT / "benchmarks").glob("bench_*.py"))
+    assert len(scripts) >= 20
+    missing = [p.name for p in scripts if '"--quick"' not in p.read_text(encoding="utf-8")]
+    assert not missing, f"no --quick size: {missing}"
+
+
 def test_quick_notes_quote_the_readme_headlines_word_for_word():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for script, notes in cli.QUICK_NOTES.items():
