@@ -1,4 +1,5 @@
 """PYTHONPATH=src:. python benchmarks/bench_flex_cuda.py [--rounds 5] [--reps 10] [--out F.md] [--dry-run] [--quick]
+[--profile CALLS]
 
 Where the time of ``attention(..., backend="flex")`` goes on a GPU, against the stock FlexAttention call, in one
 process with the methods interleaved round by round (the scenarios of ``benchmarks/device_check.py``: packed
@@ -22,6 +23,9 @@ counts the host synchronisations torch reported for one call (forward + backward
 of the scenario's middle: each ``attention`` method must return NaN at exactly the queries that may see that key
 (``spec.to_dense``) and the output of the clean inputs elsewhere (``nan check``).
 ``--dry-run``: on the CPU, forward only, tiny shapes (checks the harness; no sync counts there).
+``--profile CALLS``: after each scenario's timings, ``CALLS`` calls of ``attention flex`` under ``cProfile``, and a
+table of the host functions with the most own time per call (where the host's milliseconds over the kernel's go:
+validation, the plan cache, the finite scan's read-back, autograd).
 """
 
 from __future__ import annotations
@@ -120,6 +124,28 @@ def count_syncs(fn, q, k, v, dout, backward: bool, device) -> int | None:
     return len(found)
 
 
+def profile_host(fn, q, k, v, dout, backward: bool, calls: int, device, top: int = 15) -> list[str]:
+    """Markdown rows: the ``top`` functions by own host time over ``calls`` calls of ``fn`` under ``cProfile`` (after
+    a synchronisation; one more at the end, so the queued kernels do not spill into the next table), per call."""
+    import cProfile
+    import pstats
+
+    _sync(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        one_call(fn, q, k, v, dout, backward)
+    _sync(device)
+    profiler.disable()
+    entries = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, _)
+    rows = sorted(entries.items(), key=lambda item: -item[1][2])[:top]
+    lines = ["| function | calls per call | own µs per call | cumulative µs per call |", "|---|---:|---:|---:|"]
+    for (file, line, name), (_, count, own, total, _) in rows:
+        where = f"{Path(file).name}:{line}({name})" if line else name
+        lines.append(f"| `{where}` | {count / calls:g} | {own / calls * 1e6:.1f} | {total / calls * 1e6:.1f} |")
+    return lines
+
+
 def nan_check(name, fn, q, k, v, spec, length) -> str:
     """``ok`` when a NaN in key ``length // 2 + 1`` gives NaN at exactly the queries that may see it and the clean
     output elsewhere, else what differed; ``-`` for the kernels called directly (not ``attention``)."""
@@ -147,6 +173,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, forward only, tiny shapes")
     parser.add_argument("--quick", action="store_true", help="2 rounds x 3 calls; without a GPU, the dry run")
+    parser.add_argument("--profile", type=int, default=0, metavar="CALLS", help="cProfile attention flex's host time")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.reps, args.dry_run = 2, 3, args.dry_run or not torch.cuda.is_available()
@@ -167,6 +194,7 @@ def main() -> int:
         head,
         "|---|---|---|---|---|---|---|---|",
     ]
+    profiles: list[str] = []
     for s in scenarios(quick=True, dry_run=args.dry_run):
         gen = torch.Generator(device=device).manual_seed(1)
         shapes = [(1, H, s.length, D), (1, Hkv, s.length, D), (1, Hkv, s.length, D)]
@@ -195,7 +223,13 @@ def main() -> int:
             )
             lines.append(line)
             print(line, flush=True)
-    lines += ["", f"`PYTHONPATH=src:. python benchmarks/bench_flex_cuda.py --rounds {args.rounds} --reps {args.reps}`"]
+        if args.profile > 0:
+            title = f"host profile, {s.title}, attention flex, {args.profile} calls:"
+            table = profile_host(methods["attention flex"], q, k, v, dout, backward, args.profile, device)
+            profiles += ["", title, "", *table]
+            print("\n".join(["", title, *table]), flush=True)
+    shown = f"--rounds {args.rounds} --reps {args.reps}" + (f" --profile {args.profile}" if args.profile else "")
+    lines += [*profiles, "", f"`PYTHONPATH=src:. python benchmarks/bench_flex_cuda.py {shown}`"]
     text = "\n".join(lines)
     print(text)
     if args.out is not None:

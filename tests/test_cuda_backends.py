@@ -465,11 +465,15 @@ def test_device_check_dry_run_passes(tmp_path):
 def test_bench_flex_cuda_dry_run_runs(tmp_path):
     """The GPU benchmark's harness on the CPU (forward only, tiny shapes): every method timed, the NaN check passes."""
     out = tmp_path / "flex.md"
-    args = ("--dry-run", "--rounds", "1", "--reps", "1", "--out", str(out))
+    args = ("--dry-run", "--rounds", "1", "--reps", "1", "--profile", "2", "--out", str(out))
     done = run_benchmark("bench_flex_cuda.py", *args, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "attention" in line]
-    assert len(rows) == 6 and all(line.endswith("| ok |") for line in rows), out.read_text()
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "| attention " in line]
+    assert len(rows) == 6 and all(line.endswith("| ok |") for line in rows), text
+    # --profile: per scenario, the host functions of attention(backend="flex"), attnmask's own among them
+    assert text.count("host profile, ") == 3 and text.count("| function | calls per call |") == 3, text
+    assert "attention.py:" in text and "--profile 2`" in text, text
 
 
 def test_device_check_fits_varlen_pair_from_saved_runs(tmp_path):
