@@ -205,7 +205,8 @@ def test_varlen_small_tasks_stay_on_one_thread_large_ones_share(monkeypatch):
 @pytest.mark.parametrize("dim", [16, 64, 128])
 def test_varlen_charges_a_hand_over_in_estimate_units_at_every_head_size(monkeypatch, dim):
     """A hand-over is a fixed time: in the tasks' weights (H·(D + Dv) a pair) it weighs ``_HANDOVER_COST`` times the
-    width over the width a pair is charged at, so at D = 64 (the calibration) as before, at D = 16 more tasks' worth."""
+    width over the width a pair is charged at: at D = 64 (the calibration) the constant itself, at D = 16 less (a pair
+    is charged more than its width there), at D = 128 more."""
     lens = [400, 100, 300, 200, 250, 260, 190, 12, 12, 20]  # groups SDPA runs and tiny ones
     call = call_for(am.causal() & am.document(seq_lens=lens), length=sum(lens), dim=dim)
     plan = VL.varlen_plan(call)
