@@ -1,12 +1,13 @@
 """PYTHONPATH=src python benchmarks/bench_head_dim.py [--dims 16,32,64,128] [--lengths 256,512,1024]
-[--structures docs60,docs180,docs400,window] [--mode fwd,fwdbwd] [--threads 2] [--reps 5] [--save FILE.json]
-[--quick] | --fit FILE.json...
+[--structures docs60,docs180,docs400,window] [--mode fwd,fwdbwd] [--threads 2] [--reps 5] [--dtype float32]
+[--save FILE.json] [--quick] | --fit FILE.json...
 
 Does ``"auto"`` pick well at every head size? ``bench_limit.py`` calibrates the estimates at D=64; a model with a
 smaller or larger head (transformers' tiny test models: 16; Llama: 128) runs the same pairs at other costs per pair:
 the dot products and the value sums scale with D, the exponential and the bookkeeping of each pair do not. Each cell
 is a batch of packed rows (``causal() & document(...)``, lognormal documents of mean ``--means`` tokens, clipped to
-8..L) or of causal windows of half the row, H=4 query heads against 2 key / value heads, float32, at every D of
+8..L) or of causal windows of half the row, H=4 query heads against 2 key / value heads, ``--dtype`` (float32 or
+bfloat16: a bfloat16 cell's estimates carry the backends' bfloat16 factors, fitted at D = 64), at every D of
 ``--dims``: every backend ``"auto"`` may pick is timed (median of ``--reps`` interleaved rounds, after one warm-up
 call each; forward, and forward + backward), next to its estimate (``backend.cost``). Printed per cell: the fastest
 backend, ``"auto"``'s pick (after its stock rule: ``stock`` when it took SDPA without costing), the pick of the
@@ -72,7 +73,12 @@ def make_call(cell: dict, values: bool = True):
     length, dim, grad = cell["length"], cell["dim"], cell["mode"] == "fwdbwd"
     rows = 8192 // length
     gen = torch.Generator().manual_seed(0)
-    make = functools.partial(torch.randn, generator=gen) if values else torch.empty
+    dtype = getattr(torch, cell.get("dtype", "float32"))  # tables saved before --dtype: float32
+    make = (
+        functools.partial(torch.randn, generator=gen, dtype=dtype)
+        if values
+        else functools.partial(torch.empty, dtype=dtype)
+    )
     q = make(rows, 4, length, dim).requires_grad_(grad)
     k, v = (make(rows, 2, length, dim).requires_grad_(grad) for _ in range(2))
     return q, k, v, _spec(rows, length, cell["structure"])
@@ -175,7 +181,7 @@ def width_error(cells: list[dict], name: str) -> float:
     for cell in cells:
         if name in cell["ms"]:
             est, _, _ = estimates(cell)
-            key = (cell["structure"], cell["length"], cell["mode"], cell["threads"])
+            key = (cell["structure"], cell["length"], cell["mode"], cell["threads"], cell.get("dtype", "float32"))
             per_unit.setdefault(key, {})[cell["dim"]] = cell["ms"][name] / est[name]
     errors = [abs(math.log(u / d[64])) for d in per_unit.values() if 64 in d for dim, u in d.items() if dim != 64]
     return statistics.median(errors) if errors else math.inf
@@ -216,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="fwd,fwdbwd")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: documents of ~180 tokens on rows of 512, D = 16 and 64"
     )
@@ -229,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         args.structures, args.lengths, args.dims, args.reps = "docs180", "512", "16,64", 3
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, H=4 / 2 key-value heads, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, H=4 / 2 key-value heads, "
         f"8,192 tokens a batch; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     cpu = f"{tuning._machine()['cpu']}, AMX bfloat16 tiles: {_common.cpu_has_amx_bf16()}"
@@ -240,7 +247,9 @@ def main(argv: list[str] | None = None) -> None:
         for length in map(int, args.lengths.split(",")):
             for dim in map(int, args.dims.split(",")):
                 for mode in args.mode.split(","):
-                    cell = dict(structure=structure, length=length, dim=dim, mode=mode, threads=args.threads)
+                    cell = dict(
+                        structure=structure, length=length, dim=dim, mode=mode, threads=args.threads, dtype=args.dtype
+                    )
                     cell["ms"] = time_cell(cell, args.reps)
                     cells.append(cell)
                     print(describe(cell, cell["ms"]), flush=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,29 @@ def test_the_head_dim_benchmark_runs_and_fits_its_own_cells(capsys, tmp_path):
         lines = [x for x in fit.splitlines() if x.startswith(f"{key}: ")]
         assert len(lines) == 2 and "inf" not in "".join(lines)  # two passes; each D = 16 cell against its D = 64 one
     assert fit.splitlines()[-1].startswith("fitted: native._EXTRA_PAIR_WIDTH = ")
+
+
+def test_the_head_dim_benchmark_times_bfloat16_cells(capsys, tmp_path):
+    """``--dtype bfloat16``: the cells run and are estimated in bfloat16 (saved with their dtype), and a table of both
+    dtypes fits each D against the same dtype's D = 64 only."""
+    spec_ = importlib.util.spec_from_file_location(
+        "bench_head_dim", Path(__file__).parents[1] / "benchmarks" / "bench_head_dim.py"
+    )
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    saved = tmp_path / "bf16.json"
+    args = ["--lengths", "256", "--dims", "16,64", "--structures", "docs60", "--mode", "fwd", "--reps", "1"]
+    bench.main([*args, "--threads", "1", "--dtype", "bfloat16", "--save", str(saved)])
+    out = capsys.readouterr().out
+    assert ", bfloat16, H=4" in out and out.count("| docs60 | 256 |") == 2
+    cells = json.loads(saved.read_text())["cells"]
+    assert [c["dtype"] for c in cells] == ["bfloat16", "bfloat16"]
+    q, _, _, _ = bench.make_call(cells[0])
+    assert q.dtype == torch.bfloat16
+    est_bf16, _, _ = bench.estimates(cells[0])
+    est_fp32, _, _ = bench.estimates({k: v for k, v in cells[0].items() if k != "dtype"})  # saved before --dtype
+    assert est_bf16 != est_fp32  # the bfloat16 factors apply
+    assert bench.width_error(cells, "sdpa") < math.inf  # the D = 16 cell against the D = 64 one
+    by_dim = {c["dim"]: c for c in cells}
+    mixed = [by_dim[16], {**by_dim[64], "dtype": "float32"}]  # no dtype holds both sizes: nothing to compare
+    assert bench.width_error(mixed, "sdpa") == math.inf
