@@ -141,14 +141,23 @@ def test_rows_over_256_keys_are_left_to_the_costs():
     assert am.explain(q, k, v, spec).stock
 
 
-def test_the_head_dim_benchmark_runs_and_fits_its_own_cells(capsys, tmp_path):
+SMALL_TABLE = ["--lengths", "256", "--dims", "16,64", "--structures", "docs60", "--mode", "fwd", "--reps", "1"]
+
+
+def load_benchmark():
+    """``benchmarks/bench_head_dim.py`` as a module."""
     spec_ = importlib.util.spec_from_file_location(
         "bench_head_dim", Path(__file__).parents[1] / "benchmarks" / "bench_head_dim.py"
     )
     bench = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(bench)
+    return bench
+
+
+def test_the_head_dim_benchmark_runs_and_fits_its_own_cells(capsys, tmp_path):
+    bench = load_benchmark()
     saved = tmp_path / "cells.json"
-    args = ["--lengths", "256", "--dims", "16,64", "--structures", "docs60", "--mode", "fwd", "--reps", "1"]
+    args = SMALL_TABLE
     bench.main([*args, "--threads", str(torch.get_num_threads()), "--save", str(saved)])
     out = capsys.readouterr().out
     assert out.count("| docs60 | 256 |") == 2 and "within 1.1x of the fastest" in out
@@ -163,13 +172,9 @@ def test_the_head_dim_benchmark_runs_and_fits_its_own_cells(capsys, tmp_path):
 def test_the_head_dim_benchmark_times_bfloat16_cells(capsys, tmp_path):
     """``--dtype bfloat16``: the cells run and are estimated in bfloat16 (saved with their dtype), and a table of both
     dtypes fits each D against the same dtype's D = 64 only."""
-    spec_ = importlib.util.spec_from_file_location(
-        "bench_head_dim", Path(__file__).parents[1] / "benchmarks" / "bench_head_dim.py"
-    )
-    bench = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(bench)
+    bench = load_benchmark()
     saved = tmp_path / "bf16.json"
-    args = ["--lengths", "256", "--dims", "16,64", "--structures", "docs60", "--mode", "fwd", "--reps", "1"]
+    args = SMALL_TABLE
     bench.main([*args, "--threads", "1", "--dtype", "bfloat16", "--save", str(saved)])
     out = capsys.readouterr().out
     assert ", bfloat16, H=4" in out and out.count("| docs60 | 256 |") == 2
