@@ -12,9 +12,13 @@ batch, forward and forward + backward, medians of ``--reps`` rounds:
   call, as transformers builds its mask each forward);
 - ``auto, fresh spec``: ``attention(q, k, v, spec)`` on a new spec object each call (planning included);
 - ``auto, repeated spec``: the same spec object every call (the layers of a model after the first);
-- ``planning``: ``choose_backend`` alone on a fresh spec (validation, the plan cache, the choice), no attention.
+- ``planning``: ``choose_backend`` alone on a fresh spec (validation, the plan cache, the choice), no attention;
+- ``picked, fresh spec``: ``attention(q, k, v, spec, backend=P)`` on a new spec object each call, ``P`` the backend
+  ``auto`` picks: the same run and the plans it needs itself, without costing the others.
 
-``overhead`` = planning / stock; the ratios are stock / auto (> 1: attnmask faster).
+``overhead`` = planning / stock (planning includes the plans the picked backend needs anyway, e.g. the document
+segments ``native`` runs on); ``choice`` = auto fresh - picked fresh, what choosing adds to naming the backend, and
+``choice / stock``; the ratios are stock / auto (> 1: attnmask faster).
 """
 
 from __future__ import annotations
@@ -70,11 +74,13 @@ def median_ms(fns: dict, reps: int) -> dict:
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
-def case_fns(make_spec, q, k, v, grad: bool, reps: int) -> dict:
-    """The four timed functions of one batch; fresh specs are made beforehand (their construction is not timed)."""
+def case_fns(make_spec, q, k, v, grad: bool, reps: int, picked: str) -> dict:
+    """The five timed functions of one batch (``picked``: the backend ``auto`` picks); fresh specs are made
+    beforehand (their construction is not timed)."""
     rows, length = q.shape[0], q.shape[2]
     spec = make_spec(rows, length)
-    fresh = {name: iter([make_spec(rows, length) for _ in range(reps + 1)]) for name in ("stock", "auto", "plan")}
+    names = ("stock", "auto", "plan", "picked")
+    fresh = {name: iter([make_spec(rows, length) for _ in range(reps + 1)]) for name in names}
     gqa = q.shape[1] != k.shape[1]
     inputs = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
 
@@ -91,6 +97,7 @@ def case_fns(make_spec, q, k, v, grad: bool, reps: int) -> dict:
         "auto, fresh spec": lambda: finish(attention(*inputs, next(fresh["auto"]))),
         "auto, repeated spec": lambda: finish(attention(*inputs, spec)),
         "planning": lambda: choose_backend(_prepare_call(*inputs, next(fresh["plan"]), None, None, None)),
+        "picked, fresh spec": lambda: finish(attention(*inputs, next(fresh["picked"]), backend=picked)),
     }
 
 
@@ -115,19 +122,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         "| batch | mode | auto picks | stock ms | auto fresh ms | auto repeated ms | planning ms | overhead "
-        "| stock / auto fresh | stock / auto repeated |"
+        "| picked fresh ms | choice ms | choice / stock | stock / auto fresh | stock / auto repeated |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     batches = (("packed documents", packed_spec), ("padded rows", padded_spec), ("many documents", many_docs_spec))
     for name, make_spec in batches:
         seen = explain(q, k, v, make_spec(args.rows, args.length))
         picked = f"{seen.picked} ({'stock' if seen.stock else 'costs'})"
         for grad in (False, True):
-            ms = median_ms(case_fns(make_spec, q, k, v, grad, args.reps), args.reps)
-            stock, fresh, repeated, planning = ms.values()
+            ms = median_ms(case_fns(make_spec, q, k, v, grad, args.reps, seen.picked), args.reps)
+            stock, fresh, repeated, planning, named = ms.values()
             print(
                 f"| {name} | {'fwd+bwd' if grad else 'fwd'} | {picked} | {stock:.2f} | {fresh:.2f} | {repeated:.2f} | "
-                f"{planning:.3f} | {planning / stock:.1%} | {stock / fresh:.2f}x | {stock / repeated:.2f}x |"
+                f"{planning:.3f} | {planning / stock:.1%} | {named:.2f} | {fresh - named:.3f} | "
+                f"{(fresh - named) / stock:.1%} | {stock / fresh:.2f}x | {stock / repeated:.2f}x |"
             )
     shown = sys.argv[1:] if argv is None else argv
     print("\ncommand: PYTHONPATH=src python benchmarks/bench_small_rows.py " + " ".join(shown))

@@ -196,4 +196,8 @@ def test_small_rows_bench_times_the_stock_and_the_costed_batches(capsys):
     for batch, path in (("packed documents", "stock"), ("padded rows", "stock"), ("many documents", "costs")):
         assert out.count(f"| {batch} |") == 2, batch
         assert re.search(rf"\| {batch} \| fwd \| \w+ \({path}\) \|", out), batch
+    row = next(line for line in out.splitlines() if line.startswith("| many documents | fwd |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 13  # ... planning, overhead, picked fresh, choice, choice / stock, two ratios
+    assert abs(float(cells[4]) - float(cells[8]) - float(cells[9])) <= 0.011  # choice = auto fresh - picked fresh
     assert "command: PYTHONPATH=src python benchmarks/bench_small_rows.py --rows 2" in out
