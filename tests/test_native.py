@@ -427,3 +427,17 @@ def test_an_unwritable_cache_folder_falls_back_to_the_temporary_directory(fresh_
     (tmp_path / "tmp").mkdir()
     assert N.native_available() is None
     assert list((tmp_path / "tmp").glob("attnmask-*/segattn-*.so"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40), st.integers(1, 12)), max_size=12))
+def test_keys_disjoint_agrees_with_every_pair_of_segments(rows):
+    """``_keys_disjoint`` (sorted by row and first key) against a check of every pair of segments of a row (each
+    segment with at least one key; an empty one at another's first key may read as shared: the safe answer)."""
+    segs = torch.tensor([(b, 0, 1, k0, kl, 0) for b, k0, kl in rows], dtype=torch.long).reshape(-1, 6)
+    overlap = any(
+        b1 == b2 and max(a1, a2) < min(a1 + l1, a2 + l2)
+        for i, (b1, a1, l1) in enumerate(rows)
+        for b2, a2, l2 in rows[i + 1 :]
+    )
+    assert N._keys_disjoint(segs) == (not overlap)
