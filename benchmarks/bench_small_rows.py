@@ -2,11 +2,11 @@
 [--threads 1] [--quick]
 
 Per-call overhead of ``attnmask.attention`` on a batch of small rows (issue 15: under 5% of the attention call),
-against stock SDPA, in one process, interleaved. Three batches of ``--rows`` rows of ``--length`` tokens, fp32: packed
-documents (``causal() & document(...)``, 1-4 documents a row, some trailing padding), right-padded rows
-(``causal() & key_padding(mask)``), both of which ``auto`` sends to stock SDPA without planning the other backends
-(``stock``), and many documents (8-16 a row), where the costs decide and every backend is planned (``costs``). Per
-batch, forward and forward + backward, medians of ``--reps`` rounds:
+against stock SDPA, in one process, interleaved (the order rotated each round). Three batches of ``--rows`` rows of
+``--length`` tokens, fp32: packed documents (``causal() & document(...)``, 1-4 documents a row, some trailing
+padding), right-padded rows (``causal() & key_padding(mask)``), both of which ``auto`` sends to stock SDPA without
+planning the other backends (``stock``), and many documents (8-16 a row), where the costs decide and every backend
+is planned (``costs``). Per batch, forward and forward + backward, medians of ``--reps`` rounds:
 
 - ``stock``: ``F.scaled_dot_product_attention`` with the spec's dense bool mask, built in the call (a fresh spec each
   call, as transformers builds its mask each forward);
@@ -63,13 +63,16 @@ def padded_spec(rows: int, length: int, seed: int = 0):
 
 
 def median_ms(fns: dict, reps: int) -> dict:
+    """Median ms of each function over ``reps`` rounds, the order rotated each round (a call right after another's
+    large allocations, e.g. the stock call's dense mask, runs slower: fixed, that order biased the differences)."""
     for f in fns.values():
         f()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, f in fns.items():
+    names = list(fns)
+    for r in range(reps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t = time.perf_counter()
-            f()
+            fns[name]()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
