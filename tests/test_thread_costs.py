@@ -87,6 +87,51 @@ def test_expected_speedup_lies_between_one_and_the_thread_count(weights, n, min_
     assert W.expected_speedup(weights, n, min_work, efficiency=0.0) == pytest.approx(1.0)
 
 
+def greedy_makespan_speedup(weights, threads, min_work, efficiency, share_big, handover):
+    """The model of ``expected_speedup`` restated item by item: the largest items that hold more than a fair share of
+    the work left run split (``share_big``), the rest averaging under ``min_work`` run one after another, else each
+    goes to the least loaded of ``min(threads, count)`` threads (the first on a tie) plus a hand-over each."""
+    total = sum(weights)
+    if total <= 0 or threads < 2:
+        return 1.0
+
+    def alone(w):
+        return w / (1 + ((threads if w >= min_work else 1) - 1) * efficiency)
+
+    if share_big and len(weights) < 2:
+        return total / alone(total)
+    left, split, rest = total, [], sorted(weights, reverse=True)
+    while share_big and rest and rest[0] * threads > left:
+        left -= rest[0]
+        split.append(rest.pop(0))
+    time = sum(alone(w) for w in split)
+    if share_big and (len(rest) < 2 or sum(rest) < min_work * len(rest)):
+        return total / (time + sum(alone(w) for w in rest))
+    loads = [0.0] * min(threads, len(rest))
+    for w in rest:
+        least = min(range(len(loads)), key=lambda i: (loads[i], i))
+        loads[least] += w
+    ideal = sum(rest) / max(loads)
+    return total / (time + sum(rest) / (1 + (ideal - 1) * efficiency) + handover * len(rest))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    weights=st.lists(st.one_of(st.floats(0.01, 100.0), st.sampled_from([1.0, 2.0, 5.0])), min_size=1, max_size=40),
+    n=st.integers(2, 5),
+    min_work=st.sampled_from([0.0, 1.0, 20.0]),
+    efficiency=st.sampled_from([1.0, 0.85, 0.3]),
+    share_big=st.booleans(),
+    handover=st.sampled_from([0.0, 0.5]),
+)
+def test_expected_speedup_is_the_greedy_deal_item_by_item(weights, n, min_work, efficiency, share_big, handover):
+    """Ties included (repeated weights): the deal by sorted values and the two-thread shortcut give the model's
+    makespan exactly."""
+    expected = greedy_makespan_speedup(weights, n, min_work, efficiency, share_big, handover)
+    got = W.expected_speedup(weights, n, min_work, efficiency, share_big=share_big, handover=handover)
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # expected_speedup agrees with what parallel_map does (which items run split in the caller, one-threaded, or dealt)
 

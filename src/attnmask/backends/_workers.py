@@ -478,7 +478,7 @@ def workers_active(device: str = "cpu") -> bool:
     return not _in_caller({device}, configured_threads())
 
 
-def _too_big(order: list[int], weights: Sequence[float], threads: int) -> int:
+def _too_big(order: Sequence[int], weights: Sequence[float], threads: int) -> int:
     """How many of the largest items (``order``: largest first) hold more than a fair share (``1 / threads``) of the
     work left with them: one worker holding such an item alone would finish last, every other one idle, so they run
     in the caller with all intra-op threads. Example, 2 threads and weights 6, 3, 1, 1: 6 > 11 / 2, then 3 <= 5 / 2
@@ -638,15 +638,24 @@ def expected_speedup(
 
     if share_big and len(weights) < 2:
         return total / alone(total)
-    order = sorted(range(len(weights)), key=lambda i: -weights[i])
-    big = _too_big(order, weights, threads) if share_big else 0
-    time = sum(alone(weights[i]) for i in order[:big])
-    rest = [float(weights[i]) for i in order[big:]]
+    ordered = sorted(map(float, weights), reverse=True)  # the values largest first, as parallel_map deals them
+    big = _too_big(range(len(ordered)), ordered, threads) if share_big else 0
+    time = sum(alone(w) for w in ordered[:big])
+    rest = ordered[big:]
     if share_big and (len(rest) < 2 or sum(rest) < min_work * len(rest)):
         return total / (time + sum(alone(w) for w in rest))
-    loads = [0.0] * min(threads, len(rest))
-    for w in rest:  # largest first to the least loaded: the thread that is free first takes the next
-        loads[loads.index(min(loads))] += w
+    if min(threads, len(rest)) == 2:  # the same deal, without a list search per item (the estimates' common case)
+        first = second = 0.0
+        for w in rest:
+            if first <= second:
+                first += w
+            else:
+                second += w
+        loads = [first, second]
+    else:
+        loads = [0.0] * min(threads, len(rest))
+        for w in rest:  # largest first to the least loaded: the thread that is free first takes the next
+            loads[loads.index(min(loads))] += w
     ideal = sum(rest) / max(loads)
     return total / (time + sum(rest) / (1 + (ideal - 1) * efficiency) + handover * len(rest))
 
