@@ -101,6 +101,87 @@ def test_no_floor_exceeds_its_backends_estimate(call, threads, busy):
             assert 0.0 <= floor <= cost * (1 + 1e-12), (b.name, floor, cost)
 
 
+@st.composite
+def cache_calls(draw):
+    """Queries at the end of a longer row of keys (a decoding step, a chunk of a prompt against its cache): causal,
+    with or without a window, or every key; ``Q`` of 1-300 against ``K`` of ``Q`` to ``Q + 3000`` (all three tile
+    sizes, lengths that are and are not multiples of them)."""
+    q_len = draw(st.integers(1, 300))
+    kv_len = q_len + draw(st.sampled_from([0, draw(st.integers(1, 3000))]))
+    spec = draw(st.sampled_from([am.causal(), am.full()]))
+    if draw(st.booleans()):
+        spec = spec & am.sliding_window(draw(st.integers(1, kv_len)))
+    batch = draw(st.integers(1, 2))
+    grad = draw(st.booleans())
+    q = torch.randn(batch, 2, q_len, 8, requires_grad=grad)
+    k, v = (torch.randn(batch, 2, kv_len, 8, requires_grad=grad) for _ in range(2))
+    return _prepare_call(q, k, v, spec, None, None, None)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(varlen_calls(), cache_calls()), st.sampled_from([1, 2]))
+def test_no_floor_exceeds_its_estimate_once_a_varlen_plan_is_built(call, threads):
+    """``"native"``, asked before the floors, builds the varlen plan the floors then read (``built_varlen_plan``):
+    their bounds from its segments, on rows and on queries against a longer cache."""
+    if isinstance(_common.varlen_plan(call), str):
+        return
+    assert _common.built_varlen_plan(call) is not None
+    with conditions(threads, False):
+        for b in FLOORED:
+            if b.not_supported_reasons(call):
+                continue
+            floor, cost = b.floor(call), b.cost(call)
+            assert 0.0 <= floor <= cost * (1 + 1e-12), (b.name, floor, cost)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(varlen_calls(), cache_calls()))
+def test_blocksparse_counts_each_tile_with_its_own_rows_and_keys(call):
+    """The pairs of the computed tiles (FULL and PARTIAL) and of the PARTIAL ones, tile by tile from the layout's
+    own query and key ranges: the last query tile and the last key tile of a length that is not a multiple of the
+    tile size hold fewer rows and keys."""
+    layout = BS._layout(call)
+    classes = layout.classes.tolist()
+    computed = partial = 0
+    for row in classes:
+        for i, tiles in enumerate(row):
+            q0, q1 = layout.q_range(i)
+            for j, kind in enumerate(tiles):
+                k0, k1 = layout.kv_range(j)
+                computed += (q1 - q0) * (k1 - k0) if kind != NONE else 0
+                partial += (q1 - q0) * (k1 - k0) if kind == PARTIAL else 0
+    assert BS._tile_pairs(layout) == (computed, partial)
+
+
+def test_a_decoding_step_is_estimated_by_its_own_rows_not_a_whole_tile():
+    """8 queries against 4,096 keys are one tile row of 8 rows (tiles of 128): its pairs cost 8/128 of 128 queries'
+    (counted as a whole tile they had cost 16x their pairs, and a decoding step with a gradient went to SDPA while
+    blocksparse ran 1.15-1.18x faster: RESULTS.md, issue 15, "Decoding steps in blocksparse's estimate")."""
+    k = torch.randn(1, 4, 4096, 64)
+    calls = [_prepare_call(torch.randn(1, 4, n, 64), k, k, am.causal(), None, None, None) for n in (8, 128)]
+    with conditions(1, False):
+        costs = [BS.cost(call) for call in calls]
+    pairs = [c - BS._GROUP_COST for c in costs]  # one query group each
+    assert pairs[0] * 16 == pytest.approx(pairs[1], rel=1e-9)
+
+
+def test_a_query_group_with_a_gradient_is_charged_at_least_the_backward_s_rows():
+    """With a gradient the last query tile counts at least ``_BACKWARD_ROWS`` rows (the keys' gradients cost what
+    they cost whatever the queries): 2, 8 and that many queries against one cache (the last key tile PARTIAL for
+    each) cost the same, more cost more; without a gradient each counts its own rows."""
+    least = BS._BACKWARD_ROWS
+    assert 16 < least < 128
+
+    def cost(n, grad):
+        q = torch.randn(1, 4, n, 64, requires_grad=grad)
+        k = torch.randn(1, 4, 4096, 64, requires_grad=grad)
+        with conditions(1, False):
+            return BS.cost(_prepare_call(q, k, k, am.causal(), None, None, None))
+
+    assert cost(2, True) == cost(8, True) == cost(least, True) < cost(least + 1, True) < cost(128, True)
+    assert cost(2, False) < cost(8, False) < cost(least, False)
+
+
 @settings(max_examples=100, deadline=None)
 @given(varlen_calls(), st.sampled_from([1, 2]), st.sampled_from([1.0, 3.0]))
 def test_skipping_by_floors_keeps_the_pick_and_every_candidate_within_the_margin(call, threads, margin):

@@ -52,7 +52,7 @@ __all__ = [
     "rows_seeing_themselves",
     "seeing_themselves",
     "segments_from_varlen",
-    "tiles_seeing_themselves",
+    "diagonal_pairs_seeing_themselves",
     "varlen_plan",
 ]
 
@@ -440,8 +440,8 @@ def seeing_themselves(call) -> np.ndarray | None:
     ``Q == K`` allows the pair ``(i, i)`` wherever position ``i`` lies in a document (an id >= 0, or no document part)
     and no key padding marks it: causal masks and windows keep the diagonal, a document or a chunk holds each of its
     positions. A subset of the rows that see a key, so the counts of :func:`rows_seeing_themselves` and
-    :func:`tiles_seeing_themselves` are lower bounds for the estimates' floors (``Backend.floor``). ``None`` for any
-    other call, and off the CPU. Kept with the plans; O(R·K) on host views."""
+    :func:`diagonal_pairs_seeing_themselves` are lower bounds for the estimates' floors (``Backend.floor``). ``None``
+    for any other call, and off the CPU. Kept with the plans; O(R·K) on host views."""
     return cached(call, "seeing_themselves", _seeing_themselves)
 
 
@@ -464,18 +464,21 @@ def rows_seeing_themselves(call) -> int:
     return int(np.count_nonzero(seen)) * (call.batch if seen.shape[0] == 1 else 1)
 
 
-def tiles_seeing_themselves(call, block: int) -> int:
-    """Query tiles of ``block`` rows (per batch row, ``ceil(Q / block)`` of them) holding a row of
-    :func:`seeing_themselves`, over the whole batch (0 where it is ``None``): a tiled backend computes at least one
-    tile of keys for each."""
+def diagonal_pairs_seeing_themselves(call, block: int) -> int:
+    """Pairs of the diagonal tiles (query tile ``i`` of ``block`` rows against key tile ``i``; ``Q == K``, the last
+    tile ``Q - (ceil(Q / block) - 1)·block`` square) whose query tile holds a row of :func:`seeing_themselves`, over
+    the whole batch (0 where it is ``None``): a tiled backend computes at least that tile for each, the one holding
+    the row's own key."""
     seen = seeing_themselves(call)
     if seen is None:
         return 0
     rows, length = seen.shape
     padded = np.zeros((rows, -(-length // block) * block), dtype=bool)
     padded[:, :length] = seen
-    tiles = int(np.count_nonzero(padded.reshape(rows, -1, block).any(-1)))
-    return tiles * (call.batch if rows == 1 else 1)
+    held = padded.reshape(rows, -1, block).any(-1)
+    sides = np.full(held.shape[1], block, dtype=np.int64)
+    sides[-1:] = length - (held.shape[1] - 1) * block
+    return int((held * sides**2).sum()) * (call.batch if rows == 1 else 1)
 
 
 def built_varlen_plan(call) -> VarlenPlan | None:

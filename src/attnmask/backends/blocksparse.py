@@ -31,9 +31,9 @@ from attnmask.backends._common import (
     cached,
     check_qkv,
     degenerate,
+    diagonal_pairs_seeing_themselves,
     mode_factor,
     off_cpu,
-    tiles_seeing_themselves,
 )
 from attnmask.backends._workers import MIN_TASK_WORK, on_free_cores, parallel_map
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
@@ -56,6 +56,15 @@ _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL til
 # backward, one thread); 4e6, inside the one-thread tables' range, moves none. RESULTS.md, issue 15, "The estimate
 # deals blocksparse's stacks as pieces".
 _GROUP_COST = 4e6
+# A query group's backward costs at least what this many rows' pairs cost (fewer rows, as in a decoding step with a
+# gradient, still zero, accumulate and write the gradients of every key the group reads, and read its keys and
+# values in the kernel's passes): the last query tile of a call with a gradient is charged at least these rows (at
+# most the tile's). Per forward + backward decoding row (1, 8 and 16 queries against 4,096 or 32,768 keys) of every
+# saved table in benchmarks/limit_tables, the rows that make the estimate equal the measured time in the table's
+# unit: float32 median 45 (quartiles 35-55, 177 cells, both CPUs, 1 and 2 threads), bfloat16 64 (52-78, 141 cells).
+# Counted with its own rows, a decoding step with a gradient was estimated 3.2-9.8x under its time (quartiles of those
+# float32 cells; RESULTS.md, issue 15, "Decoding steps in blocksparse's estimate").
+_BACKWARD_ROWS = 45
 # Threads: the query groups are tasks of ``_workers.parallel_map`` (no ``min_work``), each added thread contributing
 # this share of a core to their pairs and masks, and each group dealt to a worker costing ``_HANDOVER_COST`` more (its
 # wake-up and GIL hand-overs); the per-group charge (Python, dispatch) counts on one thread. The values of every backend
@@ -787,12 +796,10 @@ def cost(call) -> float:
         gain = _workers.expected_speedup([1.0] * tiles, threads, 0.0, _THREAD_EFFICIENCY)
         return work / gain * mode_factor(MODES, call)
     layout = cached(call, "layout", _layout)
-    counts = layout.counts()
-    tile = layout.block_size**2
+    computed, partial = _tile_pairs(layout, _BACKWARD_ROWS if call.needs_grad else 0)
     rows = call.batch if layout.batch_size == 1 else 1
-    work = (counts["full"] + counts["partial"]) * rows * tile * per_pair
     groups = layout.batch_size * layout.n_q_tiles * rows
-    in_tasks = _PAIR_COST * work + counts["partial"] * rows * tile * _MASK_COST
+    in_tasks = (_PAIR_COST * computed * per_pair + partial * _MASK_COST) * rows
     gain = 1.0  # one thread: no need to plan the groups just to weigh them
     if threads > 1:
         weights = [w * _PAIR_COST for w in _task_weights(call)]  # in estimate units
@@ -800,21 +807,52 @@ def cost(call) -> float:
     return (in_tasks / gain + groups * _GROUP_COST) * mode_factor(MODES, call) - stack_saving(call)
 
 
+def _tile_pairs(layout, least_rows: int = 0) -> tuple[int, int]:
+    """(query, key) pairs in the layout's FULL and PARTIAL tiles, and in its PARTIAL ones, per spec row: a tile holds
+    its own rows times its own keys (``run`` slices them exactly), so the last query tile and the last key tile of a
+    row whose length is not a multiple of the tile size hold fewer (a decoding step's 8 queries against 32,768 keys:
+    one tile row of 8 rows, not 128; counted as 128 it had been estimated 16x its pairs). The last query tile counts
+    at least ``least_rows`` rows (at most the tile's; ``_BACKWARD_ROWS``). O(tiles)."""
+    bs = layout.block_size
+    short_rows = layout.n_q_tiles * bs - layout.q_len  # rows missing from the last query tile, keys from the last
+    short_keys = layout.n_kv_tiles * bs - layout.kv_len  # key tile
+    short_rows = min(short_rows, max(bs - least_rows, 0))
+    counts = layout.counts()
+    computed, partial = counts["full"] + counts["partial"], counts["partial"]
+    if not (short_rows or short_keys) or not layout.classes.numel():
+        return computed * bs * bs, partial * bs * bs
+    return _exact_pairs(layout.classes != NONE, bs, short_rows, short_keys), _exact_pairs(
+        layout.classes == PARTIAL, bs, short_rows, short_keys
+    )
+
+
+def _exact_pairs(tiles: torch.Tensor, bs: int, short_rows: int, short_keys: int) -> int:
+    """Pairs of the ``(R, nQ, nK)`` bool ``tiles`` when each is ``bs`` square but for the last tile row, ``short_rows``
+    rows short, and the last tile column, ``short_keys`` keys short."""
+    total = int(tiles.sum()) * bs * bs
+    total -= int(tiles[:, -1, :].sum()) * short_rows * bs + int(tiles[:, :, -1].sum()) * short_keys * bs
+    return total + int(tiles[:, -1, -1].sum()) * short_rows * short_keys
+
+
 def floor(call) -> float:
     """A lower bound of ``cost`` without the layout (``Backend.floor``): each query tile computes at least the key
-    tiles one segment of a varlen plan already built needs there (``_segment_tiles``), else one where it holds a
-    row certain to see a key (``_common.tiles_seeing_themselves``), divided by the most the threads gain
+    tiles one segment of a varlen plan already built needs there (``_segment_pairs``), else its diagonal tile where
+    it holds a row certain to see a key (``_common.diagonal_pairs_seeing_themselves``), each tile counted with its
+    own rows and keys as ``cost`` counts them (``_tile_pairs``), divided by the most the threads gain
     (``_workers.speedup_bound``); every query tile is a group; the forward's stacks save at most all but one group
     of each batch row. 0 where the rows are unknown. O(B·K) on host views, or O(N + tiles) on a plan's segments."""
     bs = _block_size(call.q_len, call.kv_len)
     built = built_varlen_plan(call)
-    tiles = tiles_seeing_themselves(call, bs) if built is None else _segment_tiles(built, bs, call.batch, call.q_len)
-    if tiles == 0:
+    if built is None:
+        pairs = diagonal_pairs_seeing_themselves(call, bs)
+    else:
+        pairs = _segment_pairs(built, bs, call.batch, call.q_len, call.kv_len)
+    if pairs == 0:
         return 0.0
     per_pair = call.heads * (call.head_dim + call.value_dim)
     n_q = -(-call.q_len // bs)
     gain = _workers.speedup_bound(_workers.threads_available(), _THREAD_EFFICIENCY)
-    work = _PAIR_COST * tiles * bs * bs * per_pair / gain + call.batch * n_q * _GROUP_COST
+    work = _PAIR_COST * pairs * per_pair / gain + call.batch * n_q * _GROUP_COST
     estimate = work * mode_factor(MODES, call)
     if _stacks_apply(call):
         busy = call.device_type == "cpu" and _workers.contended()
@@ -822,12 +860,13 @@ def floor(call) -> float:
     return estimate
 
 
-def _segment_tiles(plan, bs: int, batch: int, q_len: int) -> int:
-    """Over the query tiles of ``bs`` rows, the sum of the most key tiles of ``bs`` that one segment of ``plan``
+def _segment_pairs(plan, bs: int, batch: int, q_len: int, kv_len: int) -> int:
+    """Over the query tiles of ``bs`` rows, the pairs of the most key tiles of ``bs`` that one segment of ``plan``
     needs there: its queries in the tile see one contiguous range of keys (under the plan's rule: causal, a window,
-    or every key), and each key tile that range touches holds an allowed pair, so the layout computes it. A lower
-    bound of the layout's FULL and PARTIAL tiles. Example: one causal segment of 256 tokens in tiles of 64: 1 + 2 +
-    3 + 4 = 10. O(N + tiles) in numpy."""
+    or every key), and each key tile that range touches holds an allowed pair, so the layout computes it. Each tile
+    counts its own rows (the last query tile may hold fewer than ``bs``), and a range may end in the last key tile,
+    which may hold fewer keys: a lower bound of ``_tile_pairs``'s FULL and PARTIAL pairs. Example: one causal
+    segment of 256 tokens in tiles of 64: (1 + 2 + 3 + 4) tiles of 64 x 64. O(N + tiles) in numpy."""
     s = plan.segments.numpy()
     s = s[s[:, 2] > 0]
     if not len(s):
@@ -845,9 +884,13 @@ def _segment_tiles(plan, bs: int, batch: int, q_len: int) -> int:
         if plan.window is not None:
             lo = np.clip(a + off[seg] + 1 - plan.window, 0, kl[seg])  # the first query's first key
     count = np.where(hi > lo, (ks[seg] + hi - 1) // bs - (ks[seg] + lo) // bs + 1, 0)
-    most = np.zeros(batch * -(-q_len // bs), dtype=np.int64)
-    np.maximum.at(most, b[seg] * -(-q_len // bs) + tile, count)
-    return int(most.sum())
+    n_q = -(-q_len // bs)
+    most = np.zeros(batch * n_q, dtype=np.int64)
+    np.maximum.at(most, b[seg] * n_q + tile, count)
+    rows = np.full(n_q, bs, dtype=np.int64)
+    rows[-1] = q_len - (n_q - 1) * bs
+    keys = most * bs - np.where(most > 0, -(-kv_len // bs) * bs - kv_len, 0)  # at most one is the short last tile
+    return int((np.tile(rows, batch) * keys).sum())
 
 
 def stack_saving(call) -> float:
