@@ -239,7 +239,10 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, H=4 / 2 key-value heads, "
         f"8,192 tokens a batch; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
-    cpu = f"{tuning._machine()['cpu']}, AMX bfloat16 tiles: {_common.cpu_has_amx_bf16()}"
+    cpu = (
+        f"{tuning._machine()['cpu']}, AMX bfloat16 tiles: {_common.cpu_has_amx_bf16()}, "
+        f"AVX512-BF16: {_common.cpu_has_avx512_bf16()}"
+    )
     print("| structure | L | D | mode | fastest | auto / fastest | costs / fastest | ms |")
     print("|---|---:|---:|---|---|---|---|---|")
     cells = []

@@ -70,7 +70,7 @@ import attnmask as am
 from attnmask import tuning
 from attnmask.backends import REGISTRY, blocksparse
 from attnmask.backends import _workers as workers
-from attnmask.backends._common import ModeFactors, cpu_has_amx_bf16
+from attnmask.backends._common import ModeFactors, cpu_has_amx_bf16, cpu_has_avx512_bf16
 from attnmask.backends.contract import AttentionCall
 
 # The constants of each backend's CPU cost estimate that ``--fit`` refits (module attributes of
@@ -907,16 +907,29 @@ def table_has_amx(path: str) -> bool:
     return found.group(1) == "amx" if found else cpu_has_amx_bf16()
 
 
+def table_has_avx512_bf16(path: str) -> bool:
+    """Whether a saved table was measured on a CPU with the AVX512-BF16 instructions (its first line says since
+    2026-12-04; the AMD EPYC tables s19-s22 were marked by hand, from that day's flags and their bfloat16 times at
+    float32's; older tables: no)."""
+    found = re.search(r"AVX512-BF16: (\w+)", open(path, encoding="utf-8").readline())
+    return bool(found) and found.group(1) == "yes"
+
+
 def fit_modes(paths: list[str], args) -> None:
     """Per backend, its ``MODES`` (``_common.ModeFactors``): for each other mode than a float32 forward, the median over
     the rows timed in both of (measured time in that mode / in the float32 forward) / (the same ratio of its estimates
     with the factors at 1); then auto's picks in every mode with the modules' factors and with the fitted ones.
-    Tables of a CPU without AMX tiles (``table_has_amx``) fit ``bf16_no_amx`` and ``bf16_backward_no_amx`` instead of
-    ``bf16`` and ``bf16_backward``; all the tables must agree, and their picks are judged on this machine's flag."""
+    Tables of a CPU with AVX512-BF16 and no AMX tiles (``table_has_avx512_bf16``) fit ``backward`` only (such a CPU's
+    bfloat16 uses the float32 factors); tables of a CPU with neither fit ``bf16_no_amx`` and ``bf16_backward_no_amx``
+    instead of ``bf16`` and ``bf16_backward``; all the tables must agree, and their picks are judged on this machine's
+    flags."""
     amx = {table_has_amx(p) for p in paths}
     if len(amx) > 1:
         raise SystemExit("--modes: tables of CPUs with and without AMX tiles; fit them separately")
-    rename = {} if amx.pop() else NO_AMX
+    # a CPU with AVX512-BF16 and no AMX tiles: its bfloat16 uses the float32 factors (_common.ModeFactors), so only
+    # "backward" is fitted; the bfloat16 ratios are printed (near 1 there) but not kept
+    float32_only = not any(amx) and any(table_has_avx512_bf16(p) for p in paths)
+    rename = {} if amx.pop() or float32_only else NO_AMX
     tables = [(table_threads(p), parse_tables(p, args.length, args.decode_keys)) for p in paths]
     fitted = {}
     print(f"| backend | now | fitted ({', '.join(rename.get(m[2], m[2]) for m in MODES)}) | rows per mode |")
@@ -938,9 +951,11 @@ def fit_modes(paths: list[str], args) -> None:
         if not all(ratios.values()):
             continue
         medians = {rename.get(k, k): round(statistics.median(v), 2) for k, v in ratios.items()}
-        fitted[module] = {"MODES": dataclasses.replace(module.MODES, **medians)}
         counts = ", ".join(str(len(v)) for v in ratios.values())
-        print(f"| {name} | {module.MODES} | {fitted[module]['MODES']} | {counts} |")
+        kept = {"backward": medians["backward"]} if float32_only else medians
+        fitted[module] = {"MODES": dataclasses.replace(module.MODES, **kept)}
+        shown = f"{medians} (bfloat16 ones not kept)" if float32_only else fitted[module]["MODES"]
+        print(f"| {name} | {module.MODES} | {shown} | {counts} |")
     before = pick_quality(tables, args)
     compare_picks(before, with_constants(fitted, pick_quality, tables, args), "auto / best")
 
@@ -1165,7 +1180,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), rows of {args.length}, decode against "
         f"{args.decode_keys} keys, H={args.heads}, D={args.dim}, load {_load()}, "
-        f"bfloat16 tiles: {'amx' if cpu_has_amx_bf16() else 'none'}"
+        f"bfloat16 tiles: {'amx' if cpu_has_amx_bf16() else 'none'}, AVX512-BF16: "
+        f"{'yes' if cpu_has_avx512_bf16() else 'no'}"
     )
     tally = []
     for dtype_name in args.dtype.split(","):

@@ -169,9 +169,10 @@ def test_the_head_dim_benchmark_runs_and_fits_its_own_cells(capsys, tmp_path):
     assert fit.splitlines()[-1].startswith("fitted: native._EXTRA_PAIR_WIDTH = ")
 
 
-def test_the_head_dim_benchmark_times_bfloat16_cells(capsys, tmp_path):
-    """``--dtype bfloat16``: the cells run and are estimated in bfloat16 (saved with their dtype), and a table of both
-    dtypes fits each D against the same dtype's D = 64 only."""
+def test_the_head_dim_benchmark_times_bfloat16_cells(capsys, tmp_path, monkeypatch):
+    """``--dtype bfloat16``: the cells run and are estimated in bfloat16 (saved with their dtype; on a CPU with
+    neither AMX tiles nor AVX512-BF16, where bfloat16 has factors of its own), and a table of both dtypes fits each D
+    against the same dtype's D = 64 only."""
     bench = load_benchmark()
     saved = tmp_path / "bf16.json"
     args = SMALL_TABLE
@@ -182,6 +183,8 @@ def test_the_head_dim_benchmark_times_bfloat16_cells(capsys, tmp_path):
     assert [c["dtype"] for c in cells] == ["bfloat16", "bfloat16"]
     q, _, _, _ = bench.make_call(cells[0])
     assert q.dtype == torch.bfloat16
+    monkeypatch.setattr(_common, "cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr(_common, "cpu_has_avx512_bf16", lambda: False)
     est_bf16, _, _ = bench.estimates(cells[0])
     est_fp32, _, _ = bench.estimates({k: v for k, v in cells[0].items() if k != "dtype"})  # saved before --dtype
     assert est_bf16 != est_fp32  # the bfloat16 factors apply

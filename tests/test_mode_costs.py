@@ -35,12 +35,17 @@ def test_mode_factors_pick_the_factor_of_the_calls_mode(monkeypatch):
     assert modes.of(torch.float16, "cpu", False) == 1.0 and modes.of(torch.float64, "cpu", True) == 3.0
     assert modes.of(torch.bfloat16, "meta", True) == 1.0 and modes.of(torch.float32, "cuda", True) == 1.0
     monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: False)  # measured with AMX: elsewhere float32's factors
+    monkeypatch.setattr(C, "cpu_has_avx512_bf16", lambda: False)
     assert modes.of(torch.bfloat16, "cpu", False) == 1.0 and modes.of(torch.bfloat16, "cpu", True) == 3.0
     assert not modes.covers(torch.bfloat16, "cpu")
     soft = dataclasses.replace(modes, bf16_no_amx=2.0, bf16_backward_no_amx=7.0)  # ... unless fitted there too
     assert soft.of(torch.bfloat16, "cpu", False) == 2.0 and soft.of(torch.bfloat16, "cpu", True) == 7.0
     assert soft.of(torch.float16, "cpu", True) == 3.0 and soft.covers(torch.bfloat16, "cpu")
     assert soft.of(torch.bfloat16, "cpu", True, contended=True) == 7.0  # busy factors 1 here
+    monkeypatch.setattr(C, "cpu_has_avx512_bf16", lambda: True)  # bfloat16 instructions, no tiles: float32's factors
+    for factors in (modes, soft):
+        assert factors.of(torch.bfloat16, "cpu", False) == 1.0 and factors.of(torch.bfloat16, "cpu", True) == 3.0
+        assert factors.covers(torch.bfloat16, "cpu")  # measured at float32's time there, casts included
     monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: True)
     assert soft.of(torch.bfloat16, "cpu", False) == 1.5 and soft.of(torch.bfloat16, "cpu", True) == 2.5
     with pytest.raises(BackendError, match="both bfloat16 factors"):
@@ -54,9 +59,11 @@ def call(dtype: torch.dtype, grad: bool):
 
 
 @pytest.mark.parametrize("name", CPU_BACKENDS)
-@pytest.mark.parametrize("amx", [True, False])
-def test_every_cpu_estimate_scales_by_its_mode_factor(monkeypatch, name, amx):
+@pytest.mark.parametrize("cpu", ["amx", "avx512_bf16", "neither"])
+def test_every_cpu_estimate_scales_by_its_mode_factor(monkeypatch, name, cpu):
+    amx = cpu == "amx"
     monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(C, "cpu_has_avx512_bf16", lambda: cpu != "neither")
     monkeypatch.setattr(W, "threads_available", lambda: 1)
     module = importlib.import_module(f"attnmask.backends.{name}")
     modes = module.MODES
@@ -72,11 +79,30 @@ def test_every_cpu_estimate_scales_by_its_mode_factor(monkeypatch, name, amx):
     assert cost(call(torch.float32, True)) == pytest.approx(cost(call(torch.float32, False)) * modes.backward)
     if amx:
         bf16_grad = modes.bf16_backward / modes.bf16
-    elif modes.bf16_no_amx is not None:
+    elif modes.bf16_no_amx is not None and cpu == "neither":
         bf16_grad = modes.bf16_backward_no_amx / modes.bf16_no_amx
     else:
         bf16_grad = modes.backward
     assert cost(call(torch.bfloat16, True)) == pytest.approx(cost(call(torch.bfloat16, False)) * bf16_grad)
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+def test_a_cpu_with_avx512_bf16_and_no_amx_tiles_prices_bfloat16_as_float32(monkeypatch, name):
+    """There every backend ran bfloat16 at about its float32 time, casts included (RESULTS.md, issue 15, "bfloat16 on a
+    CPU with AVX512-BF16"): the whole estimate is float32's, forward and with a backward (blocksparse's forward stacks
+    run on the float32 flash kernel only, so what they save is set aside)."""
+    monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr(C, "cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    module = importlib.import_module(f"attnmask.backends.{name}")
+
+    def cost(c):
+        return module.BACKEND.cost(c) + (module.stack_saving(c) if name == "blocksparse" else 0.0)
+
+    for grad in (False, True):
+        assert cost(call(torch.bfloat16, grad)) == pytest.approx(cost(call(torch.float32, grad)))
+    monkeypatch.setattr(C, "cpu_has_avx512_bf16", lambda: False)  # neither: the factors fitted there differ
+    assert cost(call(torch.bfloat16, True)) != pytest.approx(cost(call(torch.float32, True)))
 
 
 def test_sdpa_charges_a_gradient_per_key_so_a_decoding_step_with_a_gradient_is_not_priced_by_its_pairs(monkeypatch):
@@ -146,10 +172,11 @@ def mode_table(threads: int, blocks: dict, tiles: str | None = None) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("tiles", ["amx", "none"])
+@pytest.mark.parametrize("tiles", ["amx", "none", "none, AVX512-BF16: yes"])
 def test_fit_modes_recovers_the_factors_the_tables_were_made_with(tmp_path, capsys, tiles):
     """blocksparse's estimate does not otherwise depend on the dtype or the backward, so the table's ratios are the
-    factors themselves; a table of a CPU without AMX tiles gives the ``_no_amx`` bfloat16 factors, the others kept."""
+    factors themselves; a table of a CPU without AMX tiles gives the ``_no_amx`` bfloat16 factors, the others kept;
+    one of a CPU with AVX512-BF16 and no tiles, whose bfloat16 uses the float32 factors, only ``backward``."""
     bench = bench_limit()
     names = [c.name for c in bench.cases(256, 512) if c.name.startswith(("causal +", "prefix", "causal chunked"))]
     made = {"forward, float32": 1.0, "forward, bfloat16": 1.5, "forward + backward, float32": 4.0}
@@ -160,11 +187,16 @@ def test_fit_modes_recovers_the_factors_the_tables_were_made_with(tmp_path, caps
     own = BS.MODES
     bench.main(["--fit", str(path), "--modes"])
     out = capsys.readouterr().out
+    counts = f"{len(names)}, {len(names)}, {len(names)}"
     if tiles == "amx":  # the busy factors kept, and the other CPU's
         fitted = dataclasses.replace(own, bf16=1.5, backward=4.0, bf16_backward=3.0)
-    else:
+    elif tiles == "none":
         fitted = dataclasses.replace(own, bf16_no_amx=1.5, backward=4.0, bf16_backward_no_amx=3.0)
-    assert f"| blocksparse | {own} | {fitted} | {len(names)}, {len(names)}, {len(names)} |" in out
+    if tiles.endswith("yes"):
+        ratios = {"bf16": 1.5, "backward": 4.0, "bf16_backward": 3.0}
+        assert f"| blocksparse | {own} | {ratios} (bfloat16 ones not kept) | {counts} |" in out
+    else:
+        assert f"| blocksparse | {own} | {fitted} | {counts} |" in out
     assert "1, bfloat16, fwd+bwd" in out and "now: " in out and "fitted: " in out
     assert BS.MODES == own  # the modules keep their own factors
     other = tmp_path / "other.txt"

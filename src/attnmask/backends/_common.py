@@ -45,6 +45,7 @@ __all__ = [
     "check_qkv",
     "check_segments",
     "cpu_has_amx_bf16",
+    "cpu_has_avx512_bf16",
     "degenerate",
     "mode_factor",
     "most_keys_floor",
@@ -110,11 +111,14 @@ class ModeFactors:
 
     ``bf16`` and ``bf16_backward`` were measured on a CPU with AMX bfloat16 tiles, where torch's SDPA kernel runs
     bfloat16 about twice as fast as float32 while the backends that compute in float32 pay for the casts.
-    ``bf16_no_amx`` and ``bf16_backward_no_amx`` stand for bfloat16 on a CPU without them, where torch converts
-    bfloat16 in its kernels and SDPA's backward measured 5x its float32 time (an AMD EPYC without AMX or
-    AVX512-BF16: rows of 1,024, causal, 2 threads, 167 against 31.6 ms; RESULTS.md, issue 15, "bfloat16 on a CPU
-    without AMX"); set both or neither (``None``: that CPU's bfloat16 uses the float32 factors). float16 always uses
-    the float32 factors.
+    ``bf16_no_amx`` and ``bf16_backward_no_amx`` stand for bfloat16 on a CPU with no bfloat16 instructions at all
+    (neither AMX tiles nor AVX512-BF16), where torch converts bfloat16 in its kernels and SDPA's backward measured 5x
+    its float32 time (an AMD EPYC without either: rows of 1,024, causal, 2 threads, 167 against 31.6 ms; RESULTS.md,
+    issue 15, "bfloat16 on a CPU without AMX"); set both or neither (``None``: that CPU's bfloat16 uses the float32
+    factors). A CPU with AVX512-BF16 but no AMX tiles (an AMD EPYC of family 25) runs each backend's bfloat16 at about
+    its float32 time, casts included, forward and backward (median bfloat16 / float32 time per backend 0.82-1.26 on
+    the 1K tables there), so it uses the float32 factors, which cover its bfloat16 (RESULTS.md, issue 15, "bfloat16
+    on a CPU with AVX512-BF16"). float16 always uses the float32 factors.
 
     Off the CPU (where these estimates are not used to choose) every factor is 1.
 
@@ -136,19 +140,19 @@ class ModeFactors:
             raise bad(BackendError, "ModeFactors", "both bfloat16 factors of a CPU without AMX, or neither", given)
 
     def covers(self, dtype: torch.dtype, device_type: str) -> bool:
-        """Whether a fitted factor stands for ``dtype`` on ``device_type`` (bfloat16 on a CPU with AMX tiles, or on
-        one without where the ``_no_amx`` factors are set): then it includes what the backend pays for casting to its
-        compute dtype, which the estimate need not add."""
+        """Whether a fitted factor stands for ``dtype`` on ``device_type`` (bfloat16 on a CPU with AMX tiles or
+        AVX512-BF16, or on one with neither where the ``_no_amx`` factors are set): then it includes what the backend
+        pays for casting to its compute dtype, which the estimate need not add."""
         if device_type != "cpu" or dtype != torch.bfloat16:
             return False
-        return cpu_has_amx_bf16() or self.bf16_no_amx is not None
+        return cpu_has_amx_bf16() or cpu_has_avx512_bf16() or self.bf16_no_amx is not None
 
     def of(self, dtype: torch.dtype, device_type: str, needs_grad: bool, contended: bool = False) -> float:
         """The factor for a call in ``dtype`` on ``device_type``, differentiated or not, with cores taken or not."""
         if device_type != "cpu":
             return 1.0
-        if not self.covers(dtype, device_type):
-            factor = self.backward if needs_grad else 1.0
+        if not self.covers(dtype, device_type) or not cpu_has_amx_bf16() and cpu_has_avx512_bf16():
+            factor = self.backward if needs_grad else 1.0  # float32's (also bfloat16 measured at float32's time)
         elif cpu_has_amx_bf16():
             factor = self.bf16_backward if needs_grad else self.bf16
         else:
@@ -173,11 +177,23 @@ def amx_pair_factor(call) -> float:
 @functools.cache
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU advertises AMX bfloat16 tiles (Linux's /proc/cpuinfo flags); False where that is unknown."""
+    return "amx_bf16" in _cpu_flags()
+
+
+@functools.cache
+def cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU advertises the AVX512-BF16 instructions (/proc/cpuinfo flags); False where that is unknown."""
+    return "avx512_bf16" in _cpu_flags()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The flags of the first processor in Linux's /proc/cpuinfo (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in info)
+            return frozenset(next((line.split() for line in info if line.startswith("flags")), ()))
     except OSError:
-        return False
+        return frozenset()
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
