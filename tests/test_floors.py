@@ -90,15 +90,19 @@ def conditions(threads: int, busy: bool):
         yield
 
 
-@settings(max_examples=150, deadline=None)
-@given(varlen_calls(), st.sampled_from([1, 2, 4]), st.booleans())
-def test_no_floor_exceeds_its_backends_estimate(call, threads, busy):
+def assert_floors_under_estimates(call, threads: int, busy: bool) -> None:
     with conditions(threads, busy):
         for b in FLOORED:
             if b.not_supported_reasons(call):
                 continue
             floor, cost = b.floor(call), b.cost(call)
             assert 0.0 <= floor <= cost * (1 + 1e-12), (b.name, floor, cost)
+
+
+@settings(max_examples=150, deadline=None)
+@given(varlen_calls(), st.sampled_from([1, 2, 4]), st.booleans())
+def test_no_floor_exceeds_its_backends_estimate(call, threads, busy):
+    assert_floors_under_estimates(call, threads, busy)
 
 
 @st.composite
@@ -126,12 +130,7 @@ def test_no_floor_exceeds_its_estimate_once_a_varlen_plan_is_built(call, threads
     if isinstance(_common.varlen_plan(call), str):
         return
     assert _common.built_varlen_plan(call) is not None
-    with conditions(threads, False):
-        for b in FLOORED:
-            if b.not_supported_reasons(call):
-                continue
-            floor, cost = b.floor(call), b.cost(call)
-            assert 0.0 <= floor <= cost * (1 + 1e-12), (b.name, floor, cost)
+    assert_floors_under_estimates(call, threads, False)
 
 
 @settings(max_examples=150, deadline=None)
