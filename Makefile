@@ -25,9 +25,9 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory sanitize
 
 # The native backend's C kernel built with AddressSanitizer and UndefinedBehaviorSanitizer (any finding fails), under
-# its tests, the conformance cases, and planning's allowed-pair counts and packed rows' segments, which run in the same
-# library (--capture=sys: a sanitizer's report, written by C to fd 2, is shown); one line and success where the
-# compiler has no sanitizers.
+# its tests, the conformance cases, and planning's allowed-pair counts, packed rows' segments and blocksparse's segment
+# tiles, which run in the same library (--capture=sys: a sanitizer's report, written by C to fd 2, is shown); one line
+# and success where the compiler has no sanitizers.
 # `make test` ends with it.
 CC ?= cc
 sanitize: $(STAMP)
@@ -36,7 +36,7 @@ sanitize: $(STAMP)
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 ATTNMASK_NATIVE_SANITIZE=1 ATTNMASK_STRICT_DEPS=1 \
 	ATTNMASK_CACHE_DIR="$$(mktemp -d)" LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" \
 	$(PY) -m pytest -q -p no:cacheprovider --capture=sys tests/test_native.py tests/test_conformance.py \
-		tests/test_small_rows.py tests/test_floors.py -k "native or allowed_fraction or packed_rows"
+		tests/test_small_rows.py tests/test_floors.py -k "native or allowed_fraction or packed_rows or in_c_as_numpy"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -134,6 +134,20 @@ def test_no_floor_exceeds_its_estimate_once_a_varlen_plan_is_built(call, threads
 
 
 @settings(max_examples=150, deadline=None)
+@given(st.one_of(varlen_calls(), cache_calls()), st.sampled_from([16, 64, 128]))
+def test_blocksparse_floor_counts_segment_tiles_in_c_as_numpy_does(call, bs):
+    """``_segment_pairs`` runs in C where the kernel is built: the same count as its numpy form, on document rows,
+    windows, chunks, padding and queries against a longer cache, at every tile size."""
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    plan = _common.varlen_plan(call)
+    if isinstance(plan, str):
+        return
+    args = (plan, bs, call.batch, call.q_len, call.kv_len)
+    assert BS._segment_pairs(*args) == BS._segment_pairs_numpy(*args)
+
+
+@settings(max_examples=150, deadline=None)
 @given(st.one_of(varlen_calls(), cache_calls()))
 def test_blocksparse_counts_each_tile_with_its_own_rows_and_keys(call):
     """The pairs of the computed tiles (FULL and PARTIAL) and of the PARTIAL ones, tile by tile from the layout's

@@ -160,4 +160,12 @@ def library() -> ctypes.CDLL | str:
         getattr(lib, name).argtypes = counts
     lib.attnmask_doc_segments.restype = ctypes.c_int64
     lib.attnmask_doc_segments.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_void_p, ctypes.c_int64]
+    lib.attnmask_segment_tile_pairs.restype = ctypes.c_int64
+    lib.attnmask_segment_tile_pairs.argtypes = [
+        ctypes.c_void_p,
+        *[ctypes.c_int64] * 5,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     return lib
