@@ -5,6 +5,7 @@ cached pick follows a change of the thread count."""
 import importlib
 import importlib.util
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -441,3 +442,32 @@ def test_offline_picks_see_the_tables_thread_count_not_this_machines():
     with bench.at_threads(3):
         assert W.threads_available() == 3 and torch.get_num_threads() == 3
     assert W.threads_available is own and torch.get_num_threads() == before
+
+
+def test_the_handover_benchmark_deals_its_tasks_and_prints_the_cost_per_task(capsys, monkeypatch):
+    """``benchmarks/bench_handover.py``: the dealt run goes through ``parallel_map`` with every task, the serial one
+    does not, and each row gives the time per task beyond a perfect split in microseconds and estimate units."""
+    if W.workers_available() is not None:
+        pytest.skip(W.workers_available())
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_handover.py"
+    script = importlib.util.spec_from_file_location("bench_handover", path)
+    bench = importlib.util.module_from_spec(script)
+    script.loader.exec_module(bench)
+    dealt = []
+    deal = W.parallel_map
+
+    def counting(fn, items, *args, **kwargs):
+        dealt.append(len(items))
+        return deal(fn, items, *args, **kwargs)
+
+    monkeypatch.setattr(W, "parallel_map", counting)
+    before = torch.get_num_threads()
+    try:
+        bench.main(["--rows", "1,32", "--tasks", "3", "--rounds", "2"])
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| 1 |", "| 32 |"))]
+    assert [r[2].strip() for r in rows] == ["3", "3"] and set(dealt) == {3}
+    assert all(float(r[6]) == float(r[6]) and float(r[7]) == float(r[7]) for r in rows)  # numbers, not NaN
+    assert f"_HANDOVER_COST = {BS._HANDOVER_COST:.3g}" in out and "reproduce: " in out
