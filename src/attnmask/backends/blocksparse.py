@@ -70,7 +70,9 @@ _BACKWARD_ROWS = 45
 # this share of a core to their pairs and masks, and each group dealt to a worker costing ``_HANDOVER_COST`` more (its
 # wake-up and GIL hand-overs); the per-group charge (Python, dispatch) counts on one thread. The values of every backend
 # dealing worker tasks (varlen's too), fitted with them: ``benchmarks/bench_limit.py --fit`` on the 1- and 2-thread
-# tables limit_tables/omp_*.txt (RESULTS.md, "native's threads"; was 0.13).
+# tables limit_tables/omp_*.txt (RESULTS.md, "native's threads"; was 0.13). ``benchmarks/bench_handover.py`` times what
+# a dealt task costs on a machine: 4.5-8.3 us (1.8-3.3e5 units) on an AMD EPYC, whose tables fit 0.75 and no
+# hand-over (RESULTS.md, issue 15, "What a dealt task costs"); not changed without the Xeon's figure.
 _THREAD_EFFICIENCY = 0.85
 _HANDOVER_COST = 3.2e6
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
