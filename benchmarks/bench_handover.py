@@ -31,11 +31,12 @@ from attnmask.backends import blocksparse as BS
 
 
 def task_units(q: torch.Tensor) -> float:
-    """SDPA's one-thread estimate of one task (unmasked, ``q`` against itself), in estimate units."""
+    """SDPA's one-thread estimate of one task (unmasked, ``q`` against itself), in estimate units, idle."""
     call = importlib.import_module("attnmask.attention")._prepare_call(q, q, q, None, None, None, None)
     threads, _workers.threads_available = _workers.threads_available, lambda: 1
     try:
-        return sdpa.cost(call)
+        with _workers.load_as_read(False):
+            return sdpa.cost(call)
     finally:
         _workers.threads_available = threads
 
