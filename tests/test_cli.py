@@ -710,6 +710,22 @@ def test_explain_prints_every_backends_estimate_and_the_pick(capsys):
     assert any(line.startswith("varlen ") for line in lines) and lines[-1].startswith("auto picks: ")
 
 
+@pytest.mark.parametrize(
+    "amx, avx512, kind", [(True, True, "amx"), (False, True, "avx512_bf16"), (False, False, "none")]
+)
+def test_explain_says_which_bfloat16_factors_this_cpu_gets(capsys, monkeypatch, amx, avx512, kind):
+    """The estimates price bfloat16 by the CPU's kind (``ModeFactors``): explain names it for a bfloat16 call."""
+    from attnmask.backends import _common
+
+    monkeypatch.setattr(_common, "cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(_common, "cpu_has_avx512_bf16", lambda: avx512)
+    proc = call(capsys, "explain", "causal", "--q-len", "16", "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1] == f"bfloat16 on this CPU: {cli._BF16_ESTIMATES[kind]}"
+    proc = call(capsys, "explain", "causal", "--q-len", "16")
+    assert "bfloat16 on this CPU" not in proc.stdout
+
+
 def test_explain_with_tune_times_the_close_candidates(capsys):
     import torch
 

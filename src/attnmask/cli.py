@@ -156,6 +156,8 @@ def _print_explanation(args, spec, batch: int, kv_heads: int, q_len: int, kv_len
         f"{spec!r}: q {tuple(q.shape)}, k and v {tuple(k.shape)}, {args.dtype}, {mode}, "
         f"{torch.get_num_threads()} thread(s)"
     )
+    if dtype == torch.bfloat16:
+        print(f"bfloat16 on this CPU: {_BF16_ESTIMATES[_bf16_kind()]}")
     if not args.tune:
         print(am.explain(q, k, v, spec))
         return
@@ -166,6 +168,21 @@ def _print_explanation(args, spec, batch: int, kv_heads: int, q_len: int, kv_len
             if args.grad:
                 out.backward(torch.ones_like(out))
         print(am.explain(q, k, v, spec))
+
+
+# What the CPU estimates assume of bfloat16 on each kind of CPU (backends._common.ModeFactors).
+_BF16_ESTIMATES = {
+    "amx": "AMX tiles; the estimates use the bfloat16 factors measured on such a CPU",
+    "avx512_bf16": "AVX512-BF16, no AMX tiles; the estimates use the float32 factors (measured at float32's time)",
+    "none": "no bfloat16 instructions; the estimates use the factors of such a CPU (SDPA's backward ~5x float32's)",
+}
+
+
+def _bf16_kind() -> str:
+    """``"amx"``, ``"avx512_bf16"`` or ``"none"``: which of ``ModeFactors``' three kinds of CPU this is."""
+    from attnmask.backends import _common
+
+    return "amx" if _common.cpu_has_amx_bf16() else "avx512_bf16" if _common.cpu_has_avx512_bf16() else "none"
 
 
 def cmd_show(args) -> int:
