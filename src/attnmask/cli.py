@@ -157,7 +157,9 @@ def _print_explanation(args, spec, batch: int, kv_heads: int, q_len: int, kv_len
         f"{torch.get_num_threads()} thread(s)"
     )
     if dtype == torch.bfloat16:
-        print(f"bfloat16 on this CPU: {_BF16_ESTIMATES[_bf16_kind()]}")
+        from attnmask.backends._common import cpu_bf16_kind
+
+        print(f"bfloat16 on this CPU: {_BF16_ESTIMATES[cpu_bf16_kind()]}")
     if not args.tune:
         print(am.explain(q, k, v, spec))
         return
@@ -176,13 +178,6 @@ _BF16_ESTIMATES = {
     "avx512_bf16": "AVX512-BF16, no AMX tiles; the estimates use the float32 factors (measured at float32's time)",
     "none": "no bfloat16 instructions; the estimates use the factors of such a CPU (SDPA's backward ~5x float32's)",
 }
-
-
-def _bf16_kind() -> str:
-    """``"amx"``, ``"avx512_bf16"`` or ``"none"``: which of ``ModeFactors``' three kinds of CPU this is."""
-    from attnmask.backends import _common
-
-    return "amx" if _common.cpu_has_amx_bf16() else "avx512_bf16" if _common.cpu_has_avx512_bf16() else "none"
 
 
 def cmd_show(args) -> int:

@@ -44,6 +44,7 @@ __all__ = [
     "cached",
     "check_qkv",
     "check_segments",
+    "cpu_bf16_kind",
     "cpu_has_amx_bf16",
     "cpu_has_avx512_bf16",
     "degenerate",
@@ -145,15 +146,16 @@ class ModeFactors:
         pays for casting to its compute dtype, which the estimate need not add."""
         if device_type != "cpu" or dtype != torch.bfloat16:
             return False
-        return cpu_has_amx_bf16() or cpu_has_avx512_bf16() or self.bf16_no_amx is not None
+        return cpu_bf16_kind() != "none" or self.bf16_no_amx is not None
 
     def of(self, dtype: torch.dtype, device_type: str, needs_grad: bool, contended: bool = False) -> float:
         """The factor for a call in ``dtype`` on ``device_type``, differentiated or not, with cores taken or not."""
         if device_type != "cpu":
             return 1.0
-        if not self.covers(dtype, device_type) or not cpu_has_amx_bf16() and cpu_has_avx512_bf16():
-            factor = self.backward if needs_grad else 1.0  # float32's (also bfloat16 measured at float32's time)
-        elif cpu_has_amx_bf16():
+        kind = cpu_bf16_kind() if self.covers(dtype, device_type) else "float32"
+        if kind in ("float32", "avx512_bf16"):  # bfloat16 with AVX512-BF16 measured at float32's time
+            factor = self.backward if needs_grad else 1.0
+        elif kind == "amx":
             factor = self.bf16_backward if needs_grad else self.bf16
         else:
             factor = self.bf16_backward_no_amx if needs_grad else self.bf16_no_amx
@@ -178,6 +180,12 @@ def amx_pair_factor(call) -> float:
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU advertises AMX bfloat16 tiles (Linux's /proc/cpuinfo flags); False where that is unknown."""
     return "amx_bf16" in _cpu_flags()
+
+
+def cpu_bf16_kind() -> str:
+    """Which of ``ModeFactors``' three kinds of CPU this is for bfloat16: ``"amx"`` (AMX tiles), ``"avx512_bf16"``
+    (AVX512-BF16 without tiles) or ``"none"``."""
+    return "amx" if cpu_has_amx_bf16() else "avx512_bf16" if cpu_has_avx512_bf16() else "none"
 
 
 @functools.cache
