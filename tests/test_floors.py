@@ -15,6 +15,8 @@ import attnmask as am
 from attnmask.attention import _prepare_call
 from attnmask.backends import REGISTRY, _clib, _common, _workers
 from attnmask.backends import blocksparse as BS
+from attnmask.backends import native as NV
+from attnmask.backends import varlen as VL
 from attnmask.backends.contract import no_floor
 from attnmask.tiles import NONE, PARTIAL
 from tests.helpers import counted_in
@@ -145,6 +147,75 @@ def test_blocksparse_floor_counts_segment_tiles_in_c_as_numpy_does(call, bs):
         return
     args = (plan, bs, call.batch, call.q_len, call.kv_len)
     assert BS._segment_pairs(*args) == BS._segment_pairs_numpy(*args)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(varlen_calls(), cache_calls()), st.sampled_from([8, 64, 128, 192, 512]), st.sampled_from([1, 2, 4]))
+def test_native_item_work_in_c_as_numpy_does(call, width, threads):
+    """native's estimate charges each segment (and each forward block) its pairs and rows in C where the kernel is
+    built (``attnmask_item_work``): the numpy form's figures up to rounding, with and without causal rules and
+    windows, on rows and on queries against a longer cache, at widths on both sides of the L1 runs; and the works'
+    sum and the query rows the same pass adds up."""
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    plan = _common.varlen_plan(call)
+    if isinstance(plan, str):
+        return
+    for segs in (plan.segments, NV.forward_items(plan.segments, call.heads, threads)):
+        for causal in {plan.causal or plan.window is not None, False}:
+            c_form, total, rows = NV._item_work_sums(segs, causal, plan.window, width)
+            numpy_form = NV._item_work_numpy(segs, causal, plan.window, width)
+            np.testing.assert_allclose(c_form, numpy_form, rtol=1e-12)
+            assert total == pytest.approx(float(numpy_form.sum()), rel=1e-12)
+            assert rows == int(segs[:, 2].sum())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(varlen_calls(), cache_calls()))
+def test_varlen_floor_sums_segments_in_c_as_numpy_does(call):
+    """varlen's floor sums its charges over the plan's segments in C where the kernel is built
+    (``attnmask_varlen_floor_sums``): the numpy form's sums up to rounding, tiny documents and SDPA's apart, with
+    causal rules, windows and documents past SDPA's 512-key block."""
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    plan = _common.varlen_plan(call)
+    if isinstance(plan, str):
+        return
+    np.testing.assert_allclose(VL._floor_sums(plan), VL._floor_sums_numpy(plan), rtol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 7, 300])
+def test_varlen_floor_sums_at_the_class_edges_in_c_as_numpy_does(causal, window):
+    """Documents of 32 and 33 keys (the tiny class's edge) and of 512 and 513 (SDPA's key block), one query and a
+    full row each: the C sums are the numpy form's, and the tiny class holds exactly the documents of <= 32 keys."""
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    lengths = [32, 33, 512, 513]
+    rows = [[0, 0, n, 0, n, 0] for n in lengths] + [[0, 0, 1, 0, n, n - 1] for n in lengths]
+    plan = _common.VarlenPlan(torch.tensor(rows, dtype=torch.long), causal, window)
+    sums = VL._floor_sums(plan)
+    np.testing.assert_allclose(sums, VL._floor_sums_numpy(plan), rtol=1e-12)
+    assert sums[2] == 32 + 1 and sums[4] == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0, 1e9, allow_subnormal=False), min_size=0, max_size=300),
+    st.integers(1, 8),
+    st.integers(2, 9),
+    st.sampled_from([0.5, 0.85, 1.0]),
+)
+def test_native_threads_gain_in_c_as_numpy_does(work, repeat, threads, share):
+    """native's threads' gain deals its pulls in C where the kernel is built (``attnmask_pull_makespan``): the gain
+    ``_workers.expected_speedup`` gives the same pulls (repeated per head, summed in runs of ``_chunk``), for any
+    item weights (zeros, ties, fewer pulls than threads) and thread counts."""
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    work = np.asarray(work, dtype=np.float64)
+    chunk = NV._chunk(len(work) * repeat, threads)
+    python_form = NV._pulls_gain_python(np.tile(work, repeat), chunk, threads, share)
+    assert NV._pulls_gain(work, repeat, threads, share) == pytest.approx(python_form, rel=1e-12)
 
 
 @settings(max_examples=150, deadline=None)

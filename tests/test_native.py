@@ -251,11 +251,9 @@ def test_the_bfloat16_forward_on_amx_tiles_gains_its_own_share_of_a_thread(monke
     from attnmask.backends import _workers as W
 
     seen = []
-    gain = N._threads_gain
+    gain = N._pulls_gain
     monkeypatch.setattr(
-        N,
-        "_threads_gain",
-        lambda items, efficiency=None: seen.append(efficiency) or gain(items, efficiency),
+        N, "_pulls_gain", lambda work, repeat, threads, share: seen.append(share) or gain(work, repeat, threads, share)
     )
     monkeypatch.setattr(N._common, "cpu_has_amx_bf16", lambda: amx)
     monkeypatch.setattr(W, "threads_available", lambda: 2)

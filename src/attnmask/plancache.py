@@ -82,14 +82,34 @@ class _SpecPlans:
 _UNCACHEABLE = _SpecPlans((), ())  # stored on specs that can never be cached (custom predicate, inference tensors)
 
 
+# Where a call object keeps what call_plans found for it: (grad mode, spec record, its tensors' versions, the dict).
+# One choice asks 7-10 times (each estimate and floor reads its plans); the signature is the costly part.
+_FOUND = "_attnmask_plans"
+
+
 def call_plans(call) -> dict:
     """The dict of plans of ``call`` (an ``AttentionCall``): shared by every call with the same spec object and
-    signature while the spec's tensors are unchanged, else private to this call object."""
+    signature while the spec's tensors are unchanged, else private to this call object. Remembered on the call
+    object for as long as the grad mode and the spec's tensors' versions are those it was found under (a frozen
+    dataclass's ``__dict__``, as ``functools.cached_property`` uses it)."""
+    grad = torch.is_grad_enabled()
+    found = call.__dict__.get(_FOUND)
+    if found is not None and found[0] == grad:
+        record = found[1]
+        if record is _UNCACHEABLE or tuple(t._version for t in record.tensors) == found[2]:
+            return found[3]
+    entry, record, versions = _lookup(call)
+    call.__dict__[_FOUND] = (grad, record, versions, entry)
+    return entry
+
+
+def _lookup(call) -> tuple[dict, _SpecPlans, tuple[int, ...] | None]:
+    """``call_plans``' dict for ``call``, with the spec's record and its tensors' versions (``None`` uncached)."""
     signature = _signature(call)
     record = _record(call.mask) if signature is not None else _UNCACHEABLE
     if record is _UNCACHEABLE:
         with _lock:
-            return _per_call.setdefault(call, {})
+            return _per_call.setdefault(call, {}), _UNCACHEABLE, None
     versions = tuple(t._version for t in record.tensors)
     with _lock:
         if versions != record.versions:
@@ -102,7 +122,7 @@ def call_plans(call) -> dict:
                 record.entries.popitem(last=False)
         else:
             record.entries.move_to_end(signature)
-        return entry
+        return entry, record, versions
 
 
 def cached_signatures(spec: MaskSpec) -> int:

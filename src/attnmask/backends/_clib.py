@@ -4,7 +4,9 @@ Layer 3 (attention), under every backend module: imports nothing of attnmask. ``
 (``attnmask_segattn``); ``_common.allowed_fraction`` counts the pairs a spec allows with ``attnmask_run_pairs`` /
 ``attnmask_real_pairs`` (one C call in place of eight numpy ones, each 20-90 us right after an attention kernel has
 evicted the caches: planning a small call, ``benchmarks/bench_small_rows.py``), and ``_common.varlen_plan`` cuts
-packed rows into documents with ``attnmask_doc_segments`` (two C calls in place of ~40 torch ones).
+packed rows into documents with ``attnmask_doc_segments`` (two C calls in place of ~40 torch ones). The estimates of
+the costs path sum over those documents in C too (``blocksparse``'s floor, ``native``'s items and its threads' deal,
+``varlen``'s floor), each with its numpy form kept for a machine without the library.
 
 The C source is compiled on first use with the system C compiler (``$CC``, default ``cc``; about two seconds) into
 ``$ATTNMASK_CACHE_DIR`` (default ``$XDG_CACHE_HOME/attnmask`` or ``~/.cache/attnmask``; a per-user folder in the
@@ -166,6 +168,28 @@ def library() -> ctypes.CDLL | str:
         *[ctypes.c_int64] * 5,
         ctypes.c_int,
         ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
+    lib.attnmask_item_work.restype = None
+    lib.attnmask_item_work.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_int64,
+        *[ctypes.c_double] * 7,
+        ctypes.c_void_p,
+    ]
+    lib.attnmask_pull_makespan.restype = ctypes.c_double
+    lib.attnmask_pull_makespan.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p]
+    lib.attnmask_varlen_floor_sums.restype = None
+    lib.attnmask_varlen_floor_sums.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_double,
+        ctypes.c_double,
         ctypes.c_void_p,
     ]
     return lib

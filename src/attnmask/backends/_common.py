@@ -534,7 +534,8 @@ def most_keys_seen(plan: VarlenPlan) -> int:
     s = plan.segments.numpy()
     if not len(s):
         return 0
-    seen = np.clip(s[:, 2] + s[:, 5], 0, s[:, 4]) if plan.causal or plan.window is not None else s[:, 4]
+    # np.minimum / np.maximum, not np.clip: its Python wrapper costs several times the arithmetic on ~100 segments
+    seen = np.minimum(np.maximum(s[:, 2] + s[:, 5], 0), s[:, 4]) if plan.causal or plan.window is not None else s[:, 4]
     most = int(seen.max(initial=0))
     return most if plan.window is None else min(most, plan.window)
 

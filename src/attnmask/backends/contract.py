@@ -17,6 +17,7 @@ Worked example, a backend that only runs float32 CUDA calls without dropout::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +78,10 @@ class AttentionCall:
       ``s -> s - slope_h · (q_pos - k_pos)`` at the call's positions (bottom-right by default); ``sinks`` ``(H,)``
       (q's dtype or float32/float64): one logit per head added to the softmax denominator only (a virtual key whose
       value is 0), so a row's weights sum to less than 1; a row with no allowed key still gives exactly 0.
+
+    The sizes and kinds derived from these (``batch`` ... ``masks_no_key``) are computed once per call object and kept
+    in its ``__dict__`` (``functools.cached_property``: planning reads them ~100 times a choice); ``needs_grad``
+    follows the grad mode at each read.
     """
 
     q: torch.Tensor
@@ -92,35 +97,35 @@ class AttentionCall:
     sinks: torch.Tensor | None = None
     alibi_slopes: torch.Tensor | None = None
 
-    @property
+    @functools.cached_property
     def batch(self) -> int:
         return self.q.shape[0]
 
-    @property
+    @functools.cached_property
     def heads(self) -> int:
         return self.q.shape[1]
 
-    @property
+    @functools.cached_property
     def kv_heads(self) -> int:
         return self.k.shape[1]
 
-    @property
+    @functools.cached_property
     def q_len(self) -> int:
         return self.q.shape[2]
 
-    @property
+    @functools.cached_property
     def kv_len(self) -> int:
         return self.k.shape[2]
 
-    @property
+    @functools.cached_property
     def head_dim(self) -> int:
         return self.q.shape[3]
 
-    @property
+    @functools.cached_property
     def value_dim(self) -> int:
         return self.v.shape[3]
 
-    @property
+    @functools.cached_property
     def device_type(self) -> str:
         return self.q.device.type
 
@@ -130,28 +135,28 @@ class AttentionCall:
         tensors = (self.q, self.k, self.v) if self.sinks is None else (self.q, self.k, self.v, self.sinks)
         return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
-    @property
+    @functools.cached_property
     def score_mods(self) -> frozenset[str]:
         """Names of the score modifiers the call carries, among :data:`SCORE_MODS`."""
         present = (("softcap", self.softcap), ("sinks", self.sinks), ("alibi", self.alibi_slopes))
         return frozenset(name for name, value in present if value is not None)
 
-    @property
+    @functools.cached_property
     def mask_heads(self) -> int | None:
         """The head count of a per-head spec (``mask.heads``, equal to :attr:`heads`), else ``None``."""
         return self.mask.heads if isinstance(self.mask, MaskSpec) else None
 
-    @property
+    @functools.cached_property
     def is_plain_causal(self) -> bool:
         """The mask is exactly ``causal()`` with ``Q == K`` and default positions (SDPA's top-left ``is_causal``)."""
         return type(self.mask) is Causal and self.q_len == self.kv_len and not self.positions_given
 
-    @property
+    @functools.cached_property
     def is_full(self) -> bool:
         """No key is ever masked: no mask, or exactly ``full()``."""
         return self.mask is None or type(self.mask) is Full
 
-    @property
+    @functools.cached_property
     def masks_no_key(self) -> bool:
         """Every query may see every key: :attr:`is_full`, or ``causal()`` with one query at the default
         (bottom-right) position, the last one, which sees every key (a decoding step)."""

@@ -401,13 +401,13 @@ def cost(call) -> float:
     width = call.head_dim + call.value_dim
     segs = plan.segments
     causal, window = plan.causal or plan.window is not None, plan.window
-    item = _item_work(segs, causal, window, width)  # one (segment, head) item
-    outside = call.batch * call.q_len - float(segs.numpy()[:, 2].sum())  # query rows in no segment (not walked)
+    item, item_sum, rows = _item_work_sums(segs, causal, window, width)  # one (segment, head) item each
+    outside = call.batch * call.q_len - rows  # query rows in no segment (not walked)
     serial = _CALL_COST + outside * call.heads * width * _ROW_COST
     if call.q.dtype not in (torch.float32, torch.float64) and not MODES.covers(call.q.dtype, call.q.device.type):
         tokens = call.batch * (call.heads * call.q_len + 2 * call.kv_heads * call.kv_len)
         serial += tokens * width * 2 * COPY_COST
-    kernel = float(item.sum()) * call.heads  # on one thread
+    kernel = item_sum * call.heads  # on one thread
     factor = mode_factor(MODES, call)
     threads = _workers.threads_available()
     if threads < 2:
@@ -415,9 +415,8 @@ def cost(call) -> float:
     blocks = _forward_blocks(call, segs)
     amx = call.q.dtype == torch.bfloat16 and _common.cpu_has_amx_bf16()  # through the module: one place to patch
     efficiency = _BF16_AMX_THREAD_EFFICIENCY if amx else _THREAD_EFFICIENCY
-    forward = serial + kernel / _threads_gain(
-        np.tile(_item_work(blocks, causal, window, width), call.heads), efficiency
-    )
+    block_work = item if blocks is segs else _item_work(blocks, causal, window, width)  # no cut: the same items
+    forward = serial + kernel / _pulls_gain(block_work, call.heads, threads, efficiency)
     if not call.needs_grad:
         return forward * factor
     gain = 1.0
@@ -436,8 +435,29 @@ def _forward_blocks(call, segs: torch.Tensor) -> torch.Tensor:
 def _item_work(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> np.ndarray:
     """``(N,)`` float64: the estimate of each segment's work on one head (its pairs, its query rows). A pair costs
     ``_PAIR_COST`` in a run (the segment's keys, or the window when narrower) whose keys and values take at most
-    ``_SHORT_RUN_BYTES`` in float32, ``_LONG_PAIR_COST`` from ``_LONG_RUN_BYTES``, linearly in between. In numpy, on
-    the segments' view."""
+    ``_SHORT_RUN_BYTES`` in float32, ``_LONG_PAIR_COST`` from ``_LONG_RUN_BYTES``, linearly in between. One pass in
+    C (``attnmask_item_work``: ~2 us on 106 segments, where the numpy form below, ~15 operations, took 20-36 us), or
+    that form where the kernel is not built."""
+    return _item_work_sums(segs, causal, window, width)[0]
+
+
+def _item_work_sums(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> tuple[np.ndarray, float, int]:
+    """:func:`_item_work`, with the works' sum and the segments' query rows (the C pass adds them up as it goes)."""
+    lib = _library()
+    if isinstance(lib, str):
+        work = _item_work_numpy(segs, causal, window, width)
+        return work, float(work.sum()), int(segs.numpy()[:, 2].sum())
+    s = np.ascontiguousarray(segs.numpy(), dtype=np.int64)
+    out = np.empty(len(s) + 2)
+    charges = (_PAIR_COST, _LONG_PAIR_COST, _SHORT_RUN_BYTES, _LONG_RUN_BYTES, pair_width(width, _EXTRA_PAIR_WIDTH))
+    args = (len(s), int(causal), -1 if window is None else window, float(width), *charges, _ROW_COST)
+    lib.attnmask_item_work(s.ctypes.data, *args, out.ctypes.data)
+    total, rows = out[len(s) :].tolist()
+    return out[: len(s)], total, int(rows)
+
+
+def _item_work_numpy(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> np.ndarray:
+    """:func:`_item_work` in numpy, on the segments' view."""
     s = segs.numpy()
     run = s[:, 4] if window is None else np.minimum(s[:, 4], window)
     span = _LONG_RUN_BYTES - _SHORT_RUN_BYTES
@@ -453,12 +473,35 @@ def _threads_gain(items: np.ndarray, efficiency: float | None = None) -> float:
     threads = _workers.threads_available()
     if threads < 2:
         return 1.0
-    chunk = _chunk(len(items), threads)
+    share = _THREAD_EFFICIENCY if efficiency is None else efficiency
+    return _pulls_gain(np.asarray(items, dtype=np.float64), 1, threads, share)
+
+
+def _pulls_gain(work: np.ndarray, repeat: int, threads: int, share: float) -> float:
+    """``_threads_gain`` of ``work`` ``(N,)`` repeated ``repeat`` times end to end (one run per head), for ``threads``
+    >= 2 threads each contributing ``share`` of a core: one pass in C (``attnmask_pull_makespan``, the deal of
+    ``_workers.expected_speedup`` with ``share_big=False``), or that function on the pulls where the kernel is not
+    built."""
+    chunk = _chunk(len(work) * repeat, threads)
+    lib = _library()
+    if isinstance(lib, str) or not len(work):
+        return _pulls_gain_python(np.tile(work, repeat), chunk, threads, share)
+    work = np.ascontiguousarray(work)
+    pulls = -(-len(work) * repeat // chunk)
+    scratch = np.empty(pulls + threads + 1)
+    most = lib.attnmask_pull_makespan(work.ctypes.data, len(work), repeat, chunk, threads, scratch.ctypes.data)
+    total = float(scratch[-1])
+    if total <= 0 or most <= 0 or min(threads, pulls) < 2:
+        return 1.0
+    return 1 + (total / most - 1) * share
+
+
+def _pulls_gain_python(items: np.ndarray, chunk: int, threads: int, share: float) -> float:
+    """:func:`_pulls_gain` on the items in full (``np.tile`` done), through ``_workers.expected_speedup``."""
     pulls = np.zeros(-(-len(items) // chunk) * chunk)
     pulls[: len(items)] = items
     pulls = pulls.reshape(-1, chunk).sum(1)
     threads = min(threads, len(pulls))
-    share = _THREAD_EFFICIENCY if efficiency is None else efficiency
     return _workers.expected_speedup(pulls.tolist(), threads, 0.0, share, share_big=False)
 
 

@@ -425,3 +425,95 @@ int64_t attnmask_segment_tile_pairs(const int64_t *segs, int64_t n, int64_t bs, 
     }
     return total;
 }
+
+/* The "native" estimate's work of each segment on one head (native._item_work, whose numpy form this equals up to
+ * rounding): its allowed pairs in closed form (causal: query i sees clamp(i + offset + 1, 0, k_len) keys, less those
+ * before a window), each at a charge rising linearly from pair_cost to long_pair_cost as its run of keys (the
+ * segment's keys, or the window when narrower) grows from short_bytes to long_bytes of float32 keys and values of
+ * `width` elements, times pair_w; plus its query rows at row_cost per element. window < 0: none. out: n + 2
+ * doubles, the n works, then their sum and the segments' query rows. */
+static double attnmask_sum_clamped(double x, double kl) { /* sum_{a=1..x} clamp(a, 0, kl), 0 for x <= 0 */
+    double inside;
+    x = x > 0.0 ? x : 0.0;
+    inside = x < kl ? x : kl;
+    return inside * (inside + 1.0) / 2.0 + (x - inside) * kl;
+}
+
+void attnmask_item_work(const int64_t *segs, int64_t n, int causal, int64_t window, double width, double pair_cost,
+                        double long_pair_cost, double short_bytes, double long_bytes, double pair_w, double row_cost,
+                        double *out) {
+    double total = 0.0, rows = 0.0;
+    for (int64_t s = 0; s < n; s++) {
+        const int64_t *g = segs + 6 * s;
+        double ql = (double)g[2], kl = (double)g[4], off = (double)g[5], pairs, run, share;
+        if (!causal) {
+            pairs = ql * kl;
+        } else {
+            pairs = attnmask_sum_clamped(off + ql, kl) - attnmask_sum_clamped(off, kl);
+            if (window >= 0)
+                pairs -= attnmask_sum_clamped(off + ql - (double)window, kl) -
+                         attnmask_sum_clamped(off - (double)window, kl);
+        }
+        run = window >= 0 && (double)window < kl ? (double)window : kl;
+        share = (run * (width * 4.0) - short_bytes) / (long_bytes - short_bytes);
+        share = share < 0.0 ? 0.0 : share > 1.0 ? 1.0 : share;
+        out[s] = pairs * (pair_cost + (long_pair_cost - pair_cost) * share) * pair_w + ql * row_cost * width;
+        total += out[s];
+        rows += ql;
+    }
+    out[n] = total;
+    out[n + 1] = rows;
+}
+
+static int attnmask_descending(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x < y) - (x > y);
+}
+
+/* The longest of `threads` loads when the items `items` (n doubles), repeated `repeat` times end to end and summed
+ * in runs of `chunk` (the last run short), are dealt largest run first to the least loaded thread (the first such on
+ * ties): native._threads_gain's deal, as _workers.expected_speedup makes it. `scratch`: ceil(n * repeat / chunk)
+ * + threads + 1 doubles, the last of which receives the runs' sum. threads >= 1, chunk >= 1. */
+double attnmask_pull_makespan(const double *items, int64_t n, int64_t repeat, int64_t chunk, int64_t threads,
+                              double *scratch) {
+    int64_t count = n * repeat, n_pulls = (count + chunk - 1) / chunk, i;
+    double *pulls = scratch, *loads = scratch + n_pulls, *total = scratch + n_pulls + threads, most = 0.0;
+    for (i = 0; i <= n_pulls + threads; i++) scratch[i] = 0.0;
+    for (i = 0; i < count; i++) pulls[i / chunk] += items[i % n];
+    for (i = 0; i < n_pulls; i++) *total += pulls[i];
+    qsort(pulls, (size_t)n_pulls, sizeof(double), attnmask_descending);
+    if (threads > n_pulls) threads = n_pulls;
+    for (i = 0; i < n_pulls; i++) {
+        int64_t least = 0;
+        for (int64_t t = 1; t < threads; t++)
+            if (loads[t] < loads[least]) least = t;
+        loads[least] += pulls[i];
+    }
+    for (i = 0; i < threads; i++) most = loads[i] > most ? loads[i] : most;
+    return most;
+}
+
+/* The sums the "varlen" floor charges (varlen._floor_sums, whose numpy form this equals up to rounding), per class
+ * of segment: out[0] / out[1] the pairs torch's SDPA kernel computes in the tiny ones (k_len <= small_max) / the
+ * others (every q_len * k_len pair up to `block` keys; past that, causal: about half plus `extra` keys per query,
+ * never more than q_len * k_len), each capped at 2 * window per query under a window (window < 0: none); out[2] /
+ * out[3] their query rows; out[4] the tiny segments; out[5] / out[6] every segment's query rows / keys. */
+void attnmask_varlen_floor_sums(const int64_t *segs, int64_t n, int causal, int64_t window, int64_t small_max,
+                                double block, double extra, double *out) {
+    for (int i = 0; i < 7; i++) out[i] = 0.0;
+    for (int64_t s = 0; s < n; s++) {
+        const int64_t *g = segs + 6 * s;
+        double ql = (double)g[2], kl = (double)g[4], pairs = ql * kl;
+        int tiny = g[4] <= small_max;
+        if (causal && kl > block) {
+            double half = ql * (kl + 1.0) / 2.0 + ql * extra;
+            pairs = half < pairs ? half : pairs;
+        }
+        if (window >= 0 && ql * (double)window * 2.0 < pairs) pairs = ql * (double)window * 2.0;
+        out[tiny ? 0 : 1] += pairs;
+        out[tiny ? 2 : 3] += ql;
+        out[4] += tiny;
+        out[5] += ql;
+        out[6] += kl;
+    }
+}
