@@ -78,6 +78,26 @@ def test_a_cache_hit_returns_the_same_plan_object():
     assert _common.cached(second, "varlen", lambda call: pytest.fail("planned again")) is plan
 
 
+def test_one_call_object_finds_its_plans_again_until_the_grad_mode_or_the_spec_changes():
+    """``call_plans`` remembers its answer on the call object (a choice asks 7-10 times): the same dict while the grad
+    mode and the spec's tensors are as they were; under ``no_grad`` the entry of a call that needs no gradient; after
+    an in-place write to the spec's document ids a fresh, empty dict, as for a new call object."""
+    q, k, v = qkv(requires_grad=True)
+    spec = am.causal() & am.document(doc_ids=torch.tensor([[0] * 10 + [1] * 14]))
+    call = _prepare_call(q, k, v, spec, None, None, None)
+    plans = plancache.call_plans(call)
+    plans["marker"] = 1
+    assert plancache.call_plans(call) is plans
+    with torch.no_grad():
+        without_grad = plancache.call_plans(call)
+        assert without_grad is not plans and "marker" not in without_grad
+        assert without_grad is plancache.call_plans(_prepare_call(q, k, v, spec, None, None, None))
+    assert plancache.call_plans(call) is plans
+    spec.parts[1].doc_ids[0, 0] = 1
+    assert "marker" not in plancache.call_plans(call)
+    assert plancache.call_plans(call) is plancache.call_plans(_prepare_call(q, k, v, spec, None, None, None))
+
+
 def test_a_repeated_auto_call_asks_no_backend_for_support_or_cost(monkeypatch):
     asked = []
 

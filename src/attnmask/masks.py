@@ -87,6 +87,18 @@ def _memo(spec: MaskSpec, name: str, compute: Callable[[], Any]) -> Any:
     return memo[name]
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(spec_type: type) -> tuple[str, ...]:
+    """The dataclass field names of a spec type, asked once per type (``dataclasses.fields`` rebuilds its tuple on
+    every call, and planning a fresh spec asks for its tensors each time)."""
+    names = _FIELD_NAMES.get(spec_type)
+    if names is None:
+        names = _FIELD_NAMES[spec_type] = tuple(f.name for f in dataclasses.fields(spec_type))
+    return names
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Positions
 
@@ -218,8 +230,8 @@ class MaskSpec:
         return tuple(
             value
             for spec in self.walk()
-            for field in dataclasses.fields(spec)
-            if isinstance(value := getattr(spec, field.name), torch.Tensor)
+            for name in _field_names(type(spec))
+            if isinstance(value := getattr(spec, name), torch.Tensor)
         )
 
     def __getstate__(self) -> dict:
