@@ -129,6 +129,19 @@ def _compile(compiler: str, flags: tuple[str, ...], tmp: str, target: Path) -> P
     return target
 
 
+_PTR, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+# segattn.c's planning helpers (everything but the kernel): name -> (return type, argument types).
+_HELPERS = {
+    "attnmask_run_pairs": (_I64, [_PTR, *[_I64] * 5, _INT]),
+    "attnmask_real_pairs": (_I64, [_PTR, *[_I64] * 5, _INT]),
+    "attnmask_doc_segments": (_I64, [_PTR, *[_I64] * 5, _PTR, _I64]),
+    "attnmask_segment_tile_pairs": (_I64, [_PTR, *[_I64] * 5, _INT, _I64, _PTR]),
+    "attnmask_item_work": (None, [_PTR, _I64, _INT, _I64, *[_F64] * 7, _PTR]),
+    "attnmask_pull_makespan": (_F64, [_PTR, *[_I64] * 4, _PTR]),
+    "attnmask_varlen_floor_sums": (None, [_PTR, _I64, _INT, _I64, _I64, _F64, _F64, _PTR]),
+}
+
+
 @functools.cache
 def library() -> ctypes.CDLL | str:
     """The loaded kernel, or why there is none (disabled, not Linux/macOS, no compiler, compile error)."""
@@ -156,40 +169,7 @@ def library() -> ctypes.CDLL | str:
         ctypes.c_void_p,
         ctypes.c_int,
     ]
-    counts = [ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_int]
-    for name in ("attnmask_run_pairs", "attnmask_real_pairs"):
-        getattr(lib, name).restype = ctypes.c_int64
-        getattr(lib, name).argtypes = counts
-    lib.attnmask_doc_segments.restype = ctypes.c_int64
-    lib.attnmask_doc_segments.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_void_p, ctypes.c_int64]
-    lib.attnmask_segment_tile_pairs.restype = ctypes.c_int64
-    lib.attnmask_segment_tile_pairs.argtypes = [
-        ctypes.c_void_p,
-        *[ctypes.c_int64] * 5,
-        ctypes.c_int,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-    ]
-    lib.attnmask_item_work.restype = None
-    lib.attnmask_item_work.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int,
-        ctypes.c_int64,
-        *[ctypes.c_double] * 7,
-        ctypes.c_void_p,
-    ]
-    lib.attnmask_pull_makespan.restype = ctypes.c_double
-    lib.attnmask_pull_makespan.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p]
-    lib.attnmask_varlen_floor_sums.restype = None
-    lib.attnmask_varlen_floor_sums.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_double,
-        ctypes.c_double,
-        ctypes.c_void_p,
-    ]
+    for name, (restype, argtypes) in _HELPERS.items():
+        getattr(lib, name).restype = restype
+        getattr(lib, name).argtypes = argtypes
     return lib
