@@ -199,6 +199,26 @@ def test_varlen_floor_sums_at_the_class_edges_in_c_as_numpy_does(causal, window)
     assert sums[2] == 32 + 1 and sums[4] == 2
 
 
+def test_the_c_sums_read_strided_or_int32_segments_through_a_copy():
+    """``segments_address`` hands C the plan's own memory when it is contiguous int64 and a contiguous int64 copy
+    otherwise: column-major and int32 segments give the same sums as the plan's."""
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    q = torch.randn(2, 2, 300, 8)
+    ids = torch.arange(300).div(37, rounding_mode="floor").expand(2, 300).contiguous()
+    plan = _common.varlen_plan(_prepare_call(q, q, q, am.causal() & am.document(doc_ids=ids), None, None, None))
+    segs = plan.segments
+    assert segs.is_contiguous() and _common.segments_address(segs)[1] is segs
+    for other in (segs.t().contiguous().t(), segs.to(torch.int32)):
+        assert _common.segments_address(other)[1] is not other
+        twin = _common.VarlenPlan(other, plan.causal, plan.window)
+        assert VL._floor_sums(twin) == VL._floor_sums(plan)
+        assert BS._segment_pairs(twin, 64, 2, 300, 300) == BS._segment_pairs(plan, 64, 2, 300, 300)
+        work, total, rows = NV._item_work_sums(other, True, None, 16)
+        np.testing.assert_array_equal(work, NV._item_work(segs, True, None, 16))
+        assert (total, rows) == NV._item_work_sums(segs, True, None, 16)[1:]
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.floats(0, 1e9, allow_subnormal=False), min_size=0, max_size=300),

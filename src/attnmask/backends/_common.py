@@ -51,6 +51,7 @@ __all__ = [
     "mode_factor",
     "most_keys_floor",
     "most_keys_seen",
+    "segments_address",
     "rows_seeing_themselves",
     "seeing_themselves",
     "segments_from_varlen",
@@ -271,6 +272,17 @@ def segments_from_varlen(args, batch: int, q_len: int, kv_len: int, spec_rows: i
         segs = segs.repeat(batch, 1)
         segs[:, 0] = torch.arange(batch).repeat_interleave(len(lens_k))
     return segs
+
+
+def segments_address(segs: torch.Tensor) -> tuple[int, object]:
+    """The address of ``segs`` ``(N, 6)`` as contiguous int64 host memory for ``segattn.c``'s planning helpers, and the
+    object that must stay alive while C reads it: the tensor itself when it already is such memory (what the plans
+    hold), else a contiguous int64 numpy copy. ``data_ptr`` costs a few us right after an attention kernel, where a
+    numpy view's ``ctypes.data`` costs ~25 (RESULTS.md, issue 15, "Planning on the costs path")."""
+    if segs.device.type == "cpu" and segs.dtype == torch.int64 and segs.is_contiguous():
+        return segs.data_ptr(), segs
+    copy = np.ascontiguousarray(segs.cpu().numpy(), dtype=np.int64)
+    return copy.ctypes.data, copy
 
 
 def check_segments(segments, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

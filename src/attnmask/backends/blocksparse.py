@@ -14,6 +14,7 @@ tile 2 (queries 32-47) reads key tile 2 only (PARTIAL, the diagonal) and skips t
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import threading
@@ -35,6 +36,7 @@ from attnmask.backends._common import (
     diagonal_pairs_seeing_themselves,
     mode_factor,
     off_cpu,
+    segments_address,
 )
 from attnmask.backends._workers import MIN_TASK_WORK, on_free_cores, parallel_map
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
@@ -875,11 +877,11 @@ def _segment_pairs(plan, bs: int, batch: int, q_len: int, kv_len: int) -> int:
     lib = _clib.library()
     if isinstance(lib, str):
         return _segment_pairs_numpy(plan, bs, batch, q_len, kv_len)
-    segments = np.ascontiguousarray(plan.segments.numpy(), dtype=np.int64)
-    most = np.zeros(batch * -(-q_len // bs), dtype=np.int64)
+    address, _held = segments_address(plan.segments)
+    most = (ctypes.c_int64 * (batch * -(-q_len // bs)))()  # zeroed
     window = -1 if plan.window is None else plan.window
-    args = (len(segments), bs, batch, q_len, kv_len, int(plan.causal), window)
-    return int(lib.attnmask_segment_tile_pairs(segments.ctypes.data, *args, most.ctypes.data))
+    args = (len(plan.segments), bs, batch, q_len, kv_len, int(plan.causal), window)
+    return int(lib.attnmask_segment_tile_pairs(address, *args, most))
 
 
 def _segment_pairs_numpy(plan, bs: int, batch: int, q_len: int, kv_len: int) -> int:

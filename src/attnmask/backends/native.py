@@ -27,6 +27,8 @@ Worked example, three documents of lengths 2, 4, 3 in one row, causal inside eac
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import torch
 
@@ -41,6 +43,7 @@ from attnmask.backends._common import (
     check_segments,
     mode_factor,
     pair_width,
+    segments_address,
     varlen_plan,
 )
 from attnmask.backends._workers import on_free_cores, region_threads
@@ -447,13 +450,13 @@ def _item_work_sums(segs: torch.Tensor, causal: bool, window: int | None, width:
     if isinstance(lib, str):
         work = _item_work_numpy(segs, causal, window, width)
         return work, float(work.sum()), int(segs.numpy()[:, 2].sum())
-    s = np.ascontiguousarray(segs.numpy(), dtype=np.int64)
-    out = np.empty(len(s) + 2)
+    address, _held = segments_address(segs)
+    n = len(segs)
+    out = (ctypes.c_double * (n + 2))()  # a ctypes array: its address costs less than a numpy array's after a kernel
     charges = (_PAIR_COST, _LONG_PAIR_COST, _SHORT_RUN_BYTES, _LONG_RUN_BYTES, pair_width(width, _EXTRA_PAIR_WIDTH))
-    args = (len(s), int(causal), -1 if window is None else window, float(width), *charges, _ROW_COST)
-    lib.attnmask_item_work(s.ctypes.data, *args, out.ctypes.data)
-    total, rows = out[len(s) :].tolist()
-    return out[: len(s)], total, int(rows)
+    args = (n, int(causal), -1 if window is None else window, float(width), *charges, _ROW_COST)
+    lib.attnmask_item_work(address, *args, out)
+    return np.frombuffer(out, dtype=np.float64, count=n), out[n], int(out[n + 1])
 
 
 def _item_work_numpy(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> np.ndarray:
@@ -486,11 +489,11 @@ def _pulls_gain(work: np.ndarray, repeat: int, threads: int, share: float) -> fl
     lib = _library()
     if isinstance(lib, str) or not len(work):
         return _pulls_gain_python(np.tile(work, repeat), chunk, threads, share)
-    work = np.ascontiguousarray(work)
+    work = np.ascontiguousarray(work, dtype=np.float64)
     pulls = -(-len(work) * repeat // chunk)
-    scratch = np.empty(pulls + threads + 1)
-    most = lib.attnmask_pull_makespan(work.ctypes.data, len(work), repeat, chunk, threads, scratch.ctypes.data)
-    total = float(scratch[-1])
+    scratch = (ctypes.c_double * (pulls + threads + 1))()
+    most = lib.attnmask_pull_makespan(work.ctypes.data, len(work), repeat, chunk, threads, scratch)
+    total = scratch[pulls + threads]
     if total <= 0 or most <= 0 or min(threads, pulls) < 2:
         return 1.0
     return 1 + (total / most - 1) * share

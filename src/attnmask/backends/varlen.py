@@ -19,6 +19,7 @@ causal inside each document::
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
@@ -41,6 +42,7 @@ from attnmask.backends._common import (
     off_cpu,
     pair_width,
     rows_seeing_themselves,
+    segments_address,
     segments_from_varlen,
     varlen_plan,
 )
@@ -669,13 +671,12 @@ def _floor_sums(plan) -> tuple[float, ...]:
     lib = _library()
     if isinstance(lib, str):
         return _floor_sums_numpy(plan)
-    segs = np.ascontiguousarray(plan.segments.numpy(), dtype=np.int64)
-    out = np.empty(7)
+    address, _held = segments_address(plan.segments)
+    out = (ctypes.c_double * 7)()
     window = -1 if plan.window is None else plan.window
-    lib.attnmask_varlen_floor_sums(
-        segs.ctypes.data, len(segs), int(plan.causal), window, _SMALL_SEGMENT, *_SDPA_BLOCKS, out.ctypes.data
-    )
-    return tuple(out.tolist())
+    n = len(plan.segments)
+    lib.attnmask_varlen_floor_sums(address, n, int(plan.causal), window, _SMALL_SEGMENT, *_SDPA_BLOCKS, out)
+    return tuple(out)
 
 
 def _floor_sums_numpy(plan) -> tuple[float, ...]:
