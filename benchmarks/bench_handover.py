@@ -2,12 +2,13 @@
 
 What a task dealt to a worker thread costs on this machine. ``backends._workers.parallel_map`` deals the query
 groups of "blocksparse" and the document groups of "varlen" to the caller and ``threads - 1`` workers; their
-estimates charge each dealt task ``_HANDOVER_COST`` estimate units on top of its work, serially (3.2e6, fitted on a
-Xeon's 1K limit tables, tasks 16-64 a call). Here ``N`` equal tasks, each one unmasked SDPA call on ``R`` queries
-against ``R`` keys (B=1, H=4, D=64), run one after the other in the caller with one intra-op thread (``serial``) and
-through ``parallel_map`` with two threads (``dealt``), interleaved in rounds in one process, idle. Per task:
-``(dealt - serial / 2) / N``, the time dealing takes beyond a perfect split of the work (the hand-over, plus the
-second thread's shortfall from a whole core: an upper bound of the hand-over), in microseconds and in estimate units
+estimates charge each dealt task ``_HANDOVER_COST`` estimate units on top of its work, serially: the value of this
+CPU's kind (``_common.handover_cost``: 3.2e6 with AMX tiles, fitted on a Xeon's 1K limit tables, tasks 16-64 a call;
+2.6e5 otherwise, this script's median on an AMD EPYC). Here ``N`` equal tasks, each one unmasked SDPA call on
+``R`` queries against ``R`` keys (B=1, H=4, D=64), run one after the other in the caller with one intra-op thread
+(``serial``) and through ``parallel_map`` with two threads (``dealt``), interleaved in rounds in one process, idle.
+Per task: ``(dealt - serial / 2) / N``, the time dealing takes beyond a perfect split of the work (the hand-over, plus
+the second thread's shortfall from a whole core: an upper bound of the hand-over), in microseconds and in estimate units
 (one unit: this machine's time per unit of SDPA's one-thread estimate, ``sdpa.cost``, on the largest ``R``'s tasks,
 where the work, not the call, sets the time). Compare the last column with ``_HANDOVER_COST``; rows of ``R = 1``
 (one query, a few microseconds of work) are almost pure hand-over, those of large ``R`` mostly the second thread's

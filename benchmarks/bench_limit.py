@@ -51,6 +51,7 @@ table, judged on it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -68,7 +69,7 @@ import torch.nn.functional as F
 
 import attnmask as am
 from attnmask import tuning
-from attnmask.backends import REGISTRY, blocksparse
+from attnmask.backends import REGISTRY, _common, blocksparse
 from attnmask.backends import _workers as workers
 from attnmask.backends._common import ModeFactors, cpu_has_amx_bf16, cpu_has_avx512_bf16
 from attnmask.backends.contract import AttentionCall
@@ -901,10 +902,38 @@ NO_AMX = {"bf16": "bf16_no_amx", "bf16_backward": "bf16_backward_no_amx"}  # the
 
 
 def table_has_amx(path: str) -> bool:
-    """Whether a saved table was measured on a CPU with AMX bfloat16 tiles (its first line says since 2026-12-02;
-    older tables: this machine's flag)."""
+    """Whether a saved table was measured on a CPU with AMX bfloat16 tiles (its first line says: written since
+    2026-12-02, added by hand on 2026-12-05 to the older tables of limit_tables/ from RESULTS.md's record of the
+    machines, the Xeon's before 2026-12-02 16:00 UTC and s13's, the AMD EPYC's s9_*; a table without it: this
+    machine's flag)."""
     found = re.search(r"bfloat16 tiles: (\w+)", open(path, encoding="utf-8").read())
     return found.group(1) == "amx" if found else cpu_has_amx_bf16()
+
+
+@contextlib.contextmanager
+def as_measured_on(paths: list[str]):
+    """Within the block the estimates see the CPU the tables ``paths`` were measured on, when they agree on it: its
+    AMX tiles and AVX512-BF16 (``_common.cpu_has_amx_bf16`` / ``cpu_has_avx512_bf16``, which choose the bfloat16
+    factors) and the hand-over of its kind (``_HANDOVER_COST`` of the modules dealing worker tasks,
+    ``_common.handover_cost``); so a replay of another CPU's table on this one picks as that CPU's estimates would.
+    Tables of both kinds together: this machine's, with a note."""
+    kinds = {(table_has_amx(p), table_has_avx512_bf16(p)) for p in paths}
+    if len(kinds) != 1:
+        print("(tables of several CPU kinds: evaluated with this machine's flags and hand-over)")
+        yield
+        return
+    amx, avx512_bf16 = kinds.pop()
+    dealing = [importlib.import_module(f"attnmask.backends.{name}") for name in KINDS["worker tasks"]]
+    saved = (_common.cpu_has_amx_bf16, _common.cpu_has_avx512_bf16, [m._HANDOVER_COST for m in dealing])
+    _common.cpu_has_amx_bf16, _common.cpu_has_avx512_bf16 = (lambda: amx), (lambda: avx512_bf16)
+    for module in dealing:
+        module._HANDOVER_COST = _common.HANDOVER_COST_AMX if amx else _common.HANDOVER_COST_OTHER
+    try:
+        yield
+    finally:
+        _common.cpu_has_amx_bf16, _common.cpu_has_avx512_bf16 = saved[:2]
+        for module, value in zip(dealing, saved[2], strict=True):
+            module._HANDOVER_COST = value
 
 
 def table_has_avx512_bf16(path: str) -> bool:
@@ -1153,25 +1182,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         args.length, args.decode_keys, args.reps, args.min_ms = 256, 512, 1, 0.0
     torch.set_num_threads(args.threads)
-    if args.fit and args.agree:
-        if len(args.fit) != 2:
-            parser.error("--agree compares two saved outputs: --fit FIRST SECOND --agree")
-        fit_agree(args.fit, args)
-        return
-    if args.fit and args.held_out:
-        held_out(args.fit, args.held_out, args)
-        return
-    if args.fit and args.busy_factors:
-        fit_busy(args.fit, args)
-        return
-    if args.fit and args.implied:
-        fit_implied(args.fit, args.implied, args)
-        return
-    if args.fit and args.modes:
-        fit_modes(args.fit, args)
-        return
+    if args.fit and args.agree and len(args.fit) != 2:
+        parser.error("--agree compares two saved outputs: --fit FIRST SECOND --agree")
     if args.fit:
-        fit(args.fit, args)
+        with as_measured_on(args.fit + ([args.held_out] if args.held_out else [])):
+            if args.agree:
+                fit_agree(args.fit, args)
+            elif args.held_out:
+                held_out(args.fit, args.held_out, args)
+            elif args.busy_factors:
+                fit_busy(args.fit, args)
+            elif args.implied:
+                fit_implied(args.fit, args.implied, args)
+            elif args.modes:
+                fit_modes(args.fit, args)
+            else:
+                fit(args.fit, args)
         return
     gen = torch.Generator().manual_seed(0)
     wanted = [s for s in args.only.split(",") if s]

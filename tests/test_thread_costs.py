@@ -471,3 +471,15 @@ def test_the_handover_benchmark_deals_its_tasks_and_prints_the_cost_per_task(cap
     assert [r[2].strip() for r in rows] == ["3", "3"] and set(dealt) == {3}
     assert all(float(r[6]) == float(r[6]) and float(r[7]) == float(r[7]) for r in rows)  # numbers, not NaN
     assert f"_HANDOVER_COST = {BS._HANDOVER_COST:.3g}" in out and "reproduce: " in out
+
+
+def test_the_hand_over_of_a_dealt_task_follows_the_cpu_kind(monkeypatch):
+    """A task dealt to a worker costs the Xeon's fitted 3.2e6 units on a CPU with AMX tiles and the AMD EPYC's
+    measured 2.6e5 otherwise (``_common.handover_cost``); both modules dealing worker tasks hold this CPU's."""
+    from attnmask.backends import _common
+
+    assert BS._HANDOVER_COST == VL._HANDOVER_COST == _common.handover_cost()
+    monkeypatch.setattr(_common, "cpu_has_amx_bf16", lambda: True)
+    assert _common.handover_cost() == _common.HANDOVER_COST_AMX == 3.2e6
+    monkeypatch.setattr(_common, "cpu_has_amx_bf16", lambda: False)
+    assert _common.handover_cost() == _common.HANDOVER_COST_OTHER == 2.6e5

@@ -33,6 +33,8 @@ from attnmask.plancache import call_plans
 __all__ = [
     "CALL_COST",
     "COPY_COST",
+    "HANDOVER_COST_AMX",
+    "HANDOVER_COST_OTHER",
     "AMX_BF16_PAIR_FACTOR",
     "ModeFactors",
     "SDPA_BACKWARD_KEY_COST",
@@ -50,6 +52,7 @@ __all__ = [
     "degenerate",
     "mode_factor",
     "most_keys_floor",
+    "handover_cost",
     "most_keys_seen",
     "segments_address",
     "rows_seeing_themselves",
@@ -181,6 +184,24 @@ def amx_pair_factor(call) -> float:
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU advertises AMX bfloat16 tiles (Linux's /proc/cpuinfo flags); False where that is unknown."""
     return "amx_bf16" in _cpu_flags()
+
+
+# What one task dealt to a worker thread (``_workers.parallel_map``: ``varlen``'s document groups, ``blocksparse``'s
+# query groups) costs on top of its work, in estimate units: its wake-up and the GIL hand-overs around its torch calls.
+# The two CPUs measured differ tenfold. The Xeon with AMX tiles: 3.2e6, fitted jointly with the added thread's share
+# of a core (0.85) on its 1K limit tables (16-64 tasks a call; RESULTS.md, "native's threads"). The AMD EPYC without
+# them: 2.6e5, timed directly (benchmarks/bench_handover.py, tasks of one query: 4.5-8.3 us, 1.8-3.3e5 units, median
+# 2.6e5; RESULTS.md, issue 15, "What a dealt task costs"), where the Xeon's value priced its 2-thread blocksparse
+# about 1.7x too high on batches of 8-32 rows (~100 tasks). A CPU takes the value of its kind, AMX tiles or not, until
+# it is measured: bench_handover.py prints its own.
+HANDOVER_COST_AMX = 3.2e6
+HANDOVER_COST_OTHER = 2.6e5
+
+
+def handover_cost() -> float:
+    """``HANDOVER_COST_AMX`` on a CPU with AMX bfloat16 tiles, else ``HANDOVER_COST_OTHER``: the ``_HANDOVER_COST``
+    the modules dealing worker tasks hold (``varlen``, ``blocksparse``; set when they are imported)."""
+    return HANDOVER_COST_AMX if cpu_has_amx_bf16() else HANDOVER_COST_OTHER
 
 
 def cpu_bf16_kind() -> str:

@@ -34,6 +34,7 @@ from attnmask.backends._common import (
     check_qkv,
     degenerate,
     diagonal_pairs_seeing_themselves,
+    handover_cost,
     mode_factor,
     off_cpu,
     segments_address,
@@ -72,11 +73,11 @@ _BACKWARD_ROWS = 45
 # this share of a core to their pairs and masks, and each group dealt to a worker costing ``_HANDOVER_COST`` more (its
 # wake-up and GIL hand-overs); the per-group charge (Python, dispatch) counts on one thread. The values of every backend
 # dealing worker tasks (varlen's too), fitted with them: ``benchmarks/bench_limit.py --fit`` on the 1- and 2-thread
-# tables limit_tables/omp_*.txt (RESULTS.md, "native's threads"; was 0.13). ``benchmarks/bench_handover.py`` times what
-# a dealt task costs on a machine: 4.5-8.3 us (1.8-3.3e5 units) on an AMD EPYC, whose tables fit 0.75 and no
-# hand-over (RESULTS.md, issue 15, "What a dealt task costs"); not changed without the Xeon's figure.
+# tables limit_tables/omp_*.txt (RESULTS.md, "native's threads"; was 0.13). The hand-over is this CPU's kind's
+# (``_common.handover_cost``: 3.2e6 with AMX tiles, where it was fitted; 2.6e5 otherwise, as
+# ``benchmarks/bench_handover.py`` timed it on an AMD EPYC; RESULTS.md, issue 15, "What a dealt task costs").
 _THREAD_EFFICIENCY = 0.85
-_HANDOVER_COST = 3.2e6
+_HANDOVER_COST = handover_cost()
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a

@@ -38,6 +38,7 @@ from attnmask.backends._common import (
     built_varlen_plan,
     check_qkv,
     check_segments,
+    handover_cost,
     mode_factor,
     off_cpu,
     pair_width,
@@ -81,8 +82,9 @@ _SDPA_BLOCKS = (512.0, 256.0)  # torch's CPU SDPA kernel: its key blocks, and th
 # low load (RESULTS.md, "native's threads"; was 0.13, fitted under load on rows of 1,024 only). The hand-over is a
 # fixed time in estimate units: the tasks weigh H·(D + Dv) a pair, the estimate a pair_width, equal at D = 64 where it
 # was fitted; at D = 16 it had counted 1.7x too much (RESULTS.md, issue 15, "Hand-overs in the units of the tasks").
+# The hand-over is this CPU's kind's (``_common.handover_cost``: 3.2e6 with AMX tiles, where it was fitted).
 _THREAD_EFFICIENCY = 0.85
-_HANDOVER_COST = 3.2e6
+_HANDOVER_COST = handover_cost()
 # Idle, groups of documents and a window's query blocks go to the workers from an eighth of ``MIN_TASK_WORK`` on
 # average (tiny documents' groups, and any task while other processes hold cores, from ``MIN_TASK_WORK``): rows of
 # 1,024 at 2 threads, same process, 9 rounds, two runs, forward / forward + backward in ms: few long documents
