@@ -28,6 +28,7 @@ import importlib
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -117,12 +118,13 @@ def time_cell(cell: dict, reps: int) -> dict:
         if grad:
             out.sum().backward()
 
-    names = list(est)
+    names, order = list(est), random.Random(0)
     for name in names:
         run(name)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(reps):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    for _ in range(reps):
+        order.shuffle(names)  # a new order each round: a rotated one keeps each backend's predecessor
+        for name in names:
             t = time.perf_counter()
             run(name)
             times[name].append(time.perf_counter() - t)

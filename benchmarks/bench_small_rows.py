@@ -2,7 +2,7 @@
 [--threads 1] [--quick]
 
 Per-call overhead of ``attnmask.attention`` on a batch of small rows (issue 15: under 5% of the attention call),
-against stock SDPA, in one process, interleaved (the order rotated each round). Three batches of ``--rows`` rows of
+against stock SDPA, in one process, interleaved (a new random order each round). Three batches of ``--rows`` rows of
 ``--length`` tokens, fp32: packed documents (``causal() & document(...)``, 1-4 documents a row, some trailing
 padding), right-padded rows (``causal() & key_padding(mask)``), both of which ``auto`` sends to stock SDPA without
 planning the other backends (``stock``), and many documents (8-16 a row), where the costs decide and every backend
