@@ -96,6 +96,11 @@ def test_one_call_object_finds_its_plans_again_until_the_grad_mode_or_the_spec_c
     spec.parts[1].doc_ids[0, 0] = 1
     assert "marker" not in plancache.call_plans(call)
     assert plancache.call_plans(call) is plancache.call_plans(_prepare_call(q, k, v, spec, None, None, None))
+    private = _prepare_call(q, k, v, am.custom(lambda b, h, i, j: i >= j), None, None, None)  # never shared
+    mine = plancache.call_plans(private)
+    with torch.no_grad():
+        assert plancache.call_plans(private) is mine
+    assert mine is not plancache.call_plans(_prepare_call(q, k, v, private.mask, None, None, None))
 
 
 def test_a_repeated_auto_call_asks_no_backend_for_support_or_cost(monkeypatch):

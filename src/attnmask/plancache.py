@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import weakref
 from collections import OrderedDict
 
 import torch
@@ -66,7 +65,6 @@ _MODIFIER_TENSORS = ("sinks", "alibi_slopes")  # by presence (and the sinks' gra
 _KNOWN_FIELDS = frozenset({"q", "k", "v", "mask", "q_positions", "kv_positions", "positions_given", *_MODIFIER_TENSORS})
 _SCALARS = (bool, int, float, str)
 
-_per_call: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # uncacheable calls: plans die with the call
 _lock = threading.Lock()
 
 
@@ -82,34 +80,34 @@ class _SpecPlans:
 _UNCACHEABLE = _SpecPlans((), ())  # stored on specs that can never be cached (custom predicate, inference tensors)
 
 
-# Where a call object keeps what call_plans found for it: (grad mode, spec record, its tensors' versions, the dict).
-# One choice asks 7-10 times (each estimate and floor reads its plans); the signature is the costly part.
-_FOUND = "_attnmask_plans"
+# Where a call object keeps what call_plans found for it (a frozen dataclass's ``__dict__``, as
+# ``functools.cached_property`` uses it): (grad mode, spec record, its tensors' versions, the dict). One choice asks
+# 7-10 times (each estimate and floor reads its plans); the signature is the costly part.
+_FOUND = "_attnmask_found_plans"
 
 
 def call_plans(call) -> dict:
     """The dict of plans of ``call`` (an ``AttentionCall``): shared by every call with the same spec object and
-    signature while the spec's tensors are unchanged, else private to this call object. Remembered on the call
-    object for as long as the grad mode and the spec's tensors' versions are those it was found under (a frozen
-    dataclass's ``__dict__``, as ``functools.cached_property`` uses it)."""
+    signature while the spec's tensors are unchanged, else private to this call object (kept on it, dying with it).
+    A shared one is remembered on the call object for as long as the grad mode and the spec's tensors' versions are
+    those it was found under."""
     grad = torch.is_grad_enabled()
     found = call.__dict__.get(_FOUND)
-    if found is not None and found[0] == grad:
-        record = found[1]
-        if record is _UNCACHEABLE or tuple(t._version for t in record.tensors) == found[2]:
-            return found[3]
-    entry, record, versions = _lookup(call)
+    if found is not None:
+        grad_then, record, versions, entry = found
+        if record is _UNCACHEABLE or (grad_then == grad and tuple(t._version for t in record.tensors) == versions):
+            return entry
+    signature = _signature(call)
+    record = _record(call.mask) if signature is not None else _UNCACHEABLE
+    if record is _UNCACHEABLE:  # setdefault: concurrent first asks get one dict
+        return call.__dict__.setdefault(_FOUND, (grad, _UNCACHEABLE, None, {}))[3]
+    entry, versions = _shared_entry(record, signature)
     call.__dict__[_FOUND] = (grad, record, versions, entry)
     return entry
 
 
-def _lookup(call) -> tuple[dict, _SpecPlans, tuple[int, ...] | None]:
-    """``call_plans``' dict for ``call``, with the spec's record and its tensors' versions (``None`` uncached)."""
-    signature = _signature(call)
-    record = _record(call.mask) if signature is not None else _UNCACHEABLE
-    if record is _UNCACHEABLE:
-        with _lock:
-            return _per_call.setdefault(call, {}), _UNCACHEABLE, None
+def _shared_entry(record: _SpecPlans, signature: tuple) -> tuple[dict, tuple[int, ...]]:
+    """The spec's entry for ``signature`` (made, or moved to the LRU's end) and its tensors' versions now."""
     versions = tuple(t._version for t in record.tensors)
     with _lock:
         if versions != record.versions:
@@ -122,7 +120,7 @@ def _lookup(call) -> tuple[dict, _SpecPlans, tuple[int, ...] | None]:
                 record.entries.popitem(last=False)
         else:
             record.entries.move_to_end(signature)
-        return entry, record, versions
+        return entry, versions
 
 
 def cached_signatures(spec: MaskSpec) -> int:
