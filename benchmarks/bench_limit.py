@@ -87,7 +87,7 @@ FITTED = {
         "_SDPA_ROW_COST",
         "_SMALL_ROW_COST",
     ),
-    "blocksparse": ("_PAIR_COST", "_MASK_COST", "_GROUP_COST"),
+    "blocksparse": ("_PAIR_COST", "_MASK_COST", "_GROUP_COST", "_CALL_COST"),
     "banded": ("_PAIR_COST", "_TILE_COST", "_HEAD_COST", "_MASK_COST", "COPY_COST"),
     "native": ("_PAIR_COST", "_LONG_PAIR_COST", "_ROW_COST", "_CALL_COST", "COPY_COST"),
 }
@@ -914,26 +914,37 @@ def table_has_amx(path: str) -> bool:
 def as_measured_on(paths: list[str]):
     """Within the block the estimates see the CPU the tables ``paths`` were measured on, when they agree on it: its
     AMX tiles and AVX512-BF16 (``_common.cpu_has_amx_bf16`` / ``cpu_has_avx512_bf16``, which choose the bfloat16
-    factors) and the hand-over of its kind (``_HANDOVER_COST`` of the modules dealing worker tasks,
-    ``_common.handover_cost``); so a replay of another CPU's table on this one picks as that CPU's estimates would.
-    Tables of both kinds together: this machine's, with a note."""
+    factors) and the constants of its kind (``_common.per_cpu_kind``: ``kind_constants``); so a replay of another
+    CPU's table on this one picks as that CPU's estimates would. Tables of both kinds together: this machine's, with a
+    note."""
     kinds = {(table_has_amx(p), table_has_avx512_bf16(p)) for p in paths}
     if len(kinds) != 1:
-        print("(tables of several CPU kinds: evaluated with this machine's flags and hand-over)")
+        print("(tables of several CPU kinds: evaluated with this machine's flags and constants)")
         yield
         return
     amx, avx512_bf16 = kinds.pop()
-    dealing = [importlib.import_module(f"attnmask.backends.{name}") for name in KINDS["worker tasks"]]
-    saved = (_common.cpu_has_amx_bf16, _common.cpu_has_avx512_bf16, [m._HANDOVER_COST for m in dealing])
+    held = [(importlib.import_module(f"attnmask.backends.{m}"), name, values) for m, name, values in kind_constants()]
+    saved = (_common.cpu_has_amx_bf16, _common.cpu_has_avx512_bf16, [getattr(m, name) for m, name, _ in held])
     _common.cpu_has_amx_bf16, _common.cpu_has_avx512_bf16 = (lambda: amx), (lambda: avx512_bf16)
-    for module in dealing:
-        module._HANDOVER_COST = _common.HANDOVER_COST_AMX if amx else _common.HANDOVER_COST_OTHER
+    for module, name, values in held:
+        setattr(module, name, values[0] if amx else values[1])
     try:
         yield
     finally:
         _common.cpu_has_amx_bf16, _common.cpu_has_avx512_bf16 = saved[:2]
-        for module, value in zip(dealing, saved[2], strict=True):
-            module._HANDOVER_COST = value
+        for (module, name, _), value in zip(held, saved[2], strict=True):
+            setattr(module, name, value)
+
+
+def kind_constants() -> list[tuple[str, str, tuple[float, float]]]:
+    """``(backend module, constant, (with AMX tiles, other))`` of every estimate constant set by the CPU's kind
+    (``_common.per_cpu_kind``): the hand-over of the modules dealing worker tasks, ``blocksparse``'s charges per tile
+    and per call."""
+    pair = (_common.HANDOVER_COST_AMX, _common.HANDOVER_COST_OTHER)
+    return [(name, "_HANDOVER_COST", pair) for name in KINDS["worker tasks"]] + [
+        ("blocksparse", "_GROUP_COST", blocksparse._GROUP_COSTS),
+        ("blocksparse", "_CALL_COST", blocksparse._CALL_COSTS),
+    ]
 
 
 def table_has_avx512_bf16(path: str) -> bool:

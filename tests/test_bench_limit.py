@@ -69,9 +69,9 @@ def test_fit_reads_its_own_tables_and_replays_autos_choice(capsys, tmp_path):
 
 @pytest.mark.parametrize("kind", ["amx", "none"])
 def test_a_replay_sees_the_cpu_its_tables_were_measured_on(tmp_path, kind):
-    """``--fit`` evaluates tables under their own CPU's flags and hand-over (``as_measured_on``): a table of a CPU
-    with AMX tiles replays with the Xeon's fitted hand-over whatever this machine is, one without with the measured
-    one; tables of both kinds together keep this machine's; everything is restored after the block."""
+    """``--fit`` evaluates tables under their own CPU's flags and constants (``as_measured_on``): a table of a CPU
+    with AMX tiles replays with the Xeon's fitted hand-over and blocksparse charges whatever this machine is, one
+    without with the EPYC's; tables of both kinds together keep this machine's; everything is restored after."""
     from attnmask.backends import _common, blocksparse, varlen
 
     bench = load_bench()
@@ -81,14 +81,20 @@ def test_a_replay_sees_the_cpu_its_tables_were_measured_on(tmp_path, kind):
         paths[name] = tmp_path / f"{name}.txt"
         paths[name].write_text(f"{first}, bfloat16 tiles: {name}, AVX512-BF16: {'yes' if name == 'amx' else 'no'}\n")
     before = (_common.cpu_has_amx_bf16(), _common.cpu_has_avx512_bf16(), blocksparse._HANDOVER_COST)
+    charges = (blocksparse._GROUP_COST, blocksparse._CALL_COST)
     with bench.as_measured_on([str(paths[kind])]):
         assert _common.cpu_has_amx_bf16() is (kind == "amx") and _common.cpu_has_avx512_bf16() is (kind == "amx")
         expected = _common.HANDOVER_COST_AMX if kind == "amx" else _common.HANDOVER_COST_OTHER
         assert blocksparse._HANDOVER_COST == varlen._HANDOVER_COST == expected
+        at = 0 if kind == "amx" else 1
+        assert (blocksparse._GROUP_COST, blocksparse._CALL_COST) == (
+            blocksparse._GROUP_COSTS[at],
+            blocksparse._CALL_COSTS[at],
+        )
     with bench.as_measured_on([str(paths["amx"]), str(paths["none"])]):
         assert (_common.cpu_has_amx_bf16(), _common.cpu_has_avx512_bf16(), blocksparse._HANDOVER_COST) == before
     assert (_common.cpu_has_amx_bf16(), _common.cpu_has_avx512_bf16(), blocksparse._HANDOVER_COST) == before
-    assert varlen._HANDOVER_COST == before[2]
+    assert varlen._HANDOVER_COST == before[2] and (blocksparse._GROUP_COST, blocksparse._CALL_COST) == charges
 
 
 def test_offline_estimates_do_not_see_this_machines_load(monkeypatch):

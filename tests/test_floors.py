@@ -265,7 +265,7 @@ def test_a_decoding_step_is_estimated_by_its_own_rows_not_a_whole_tile():
     calls = [_prepare_call(torch.randn(1, 4, n, 64), k, k, am.causal(), None, None, None) for n in (8, 128)]
     with conditions(1, False):
         costs = [BS.cost(call) for call in calls]
-    pairs = [c - BS._GROUP_COST for c in costs]  # one query group each
+    pairs = [c - BS._GROUP_COST - BS._CALL_COST for c in costs]  # one query group each, one call
     assert pairs[0] * 16 == pytest.approx(pairs[1], rel=1e-9)
 
 

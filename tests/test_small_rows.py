@@ -200,6 +200,20 @@ def test_auto_runs_stock_sdpa_on_a_small_row_with_a_wide_window():
     assert not am.explain(q, k, v, narrow).stock
 
 
+def test_the_stock_rule_leaves_wide_heads_to_the_costs():
+    """Heads of ``D + Dv`` over ``_STOCK_MAX_WIDTH`` (128) on a masked small row are costed, not sent to stock SDPA (at
+    D = 128 SDPA ran over 1.1x the fastest in 44 of 48 such head-size cells); D = 64 keeps the rule, as do plain
+    ``causal()`` and no mask at any width (stock SDPA runs those with ``is_causal`` or nothing)."""
+    spec = packed([[180, 76], [256], [100, 100, 56]], 256)
+    for dim, stock in ((16, True), (64, True), (65, False), (128, False)):
+        q, k, v = qkv(length=256, dim=dim)
+        assert am.explain(q, k, v, spec).stock is stock, dim
+        assert am.explain(q, k, v, am.causal()).stock and am.explain(q, k, v).stock
+    q, k, v = qkv(length=256, dim=64)
+    wide_values = torch.randn(3, 2, 256, 65)  # D + Dv = 129
+    assert not am.explain(q, k, wide_values, spec).stock
+
+
 def test_stock_sdpa_gradients_match_sdpa_with_the_bool_mask():
     spec = packed([[40, 24], [64], [20, 44]], 64)
     q, k, v = qkv(requires_grad=True)

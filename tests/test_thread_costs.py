@@ -284,7 +284,7 @@ def test_blocksparse_estimate_mirrors_its_group_tasks(monkeypatch):
     groups = len(weights)
     monkeypatch.setattr(BS, "_THREAD_EFFICIENCY", 1.0)
     monkeypatch.setattr(BS, "_HANDOVER_COST", 0.0)
-    serial = groups * BS._GROUP_COST
+    serial = groups * BS._GROUP_COST + BS._CALL_COST
     one, two = cost_at(BS, call, 1, monkeypatch), cost_at(BS, call, 2, monkeypatch)
     assert two == pytest.approx(serial + (one - serial) / W.expected_speedup(weights, 2))
     assert two < one
@@ -471,6 +471,37 @@ def test_the_handover_benchmark_deals_its_tasks_and_prints_the_cost_per_task(cap
     assert [r[2].strip() for r in rows] == ["3", "3"] and set(dealt) == {3}
     assert all(float(r[6]) == float(r[6]) and float(r[7]) == float(r[7]) for r in rows)  # numbers, not NaN
     assert f"_HANDOVER_COST = {BS._HANDOVER_COST:.3g}" in out and "reproduce: " in out
+
+
+def test_blocksparse_charges_per_tile_and_per_call_follow_the_cpu_kind(monkeypatch):
+    """``blocksparse``'s charge per query tile and per call are its CPU kind's (``_common.per_cpu_kind``: 4e6 and none
+    with AMX tiles, 2e6 and 2e7 without), and the call's charge counts once a call in both the estimate and its floor,
+    in the call's mode factor (forward + backward: the backward's too)."""
+    from attnmask.backends import _common
+
+    assert (BS._GROUP_COST, BS._CALL_COST) == (
+        _common.per_cpu_kind(BS._GROUP_COSTS),
+        _common.per_cpu_kind(BS._CALL_COSTS),
+    )
+    assert BS._GROUP_COSTS == (4e6, 2e6) and BS._CALL_COSTS == (0.0, 2e7)
+    monkeypatch.setattr(_common, "cpu_has_amx_bf16", lambda: True)
+    assert _common.per_cpu_kind((1.0, 2.0)) == 1.0
+    monkeypatch.setattr(_common, "cpu_has_amx_bf16", lambda: False)
+    assert _common.per_cpu_kind((1.0, 2.0)) == 2.0
+    spec = am.causal() & am.document(seq_lens=[[300, 212], [512]])
+    for grad in (False, True):
+        q, k, v = (torch.randn(2, 4, 512, 32, requires_grad=grad) for _ in range(3))
+        with torch.set_grad_enabled(grad), W.load_as_read(False):  # idle: no busy factor
+            factor = BS.mode_factor(BS.MODES, A._prepare_call(q, k, v, spec, None, None, None))
+            seen = []
+            for charge in (0.0, 5e7):
+                monkeypatch.setattr(BS, "_CALL_COST", charge)
+                call = A._prepare_call(q, k, v, spec, None, None, None)  # a new call: nothing cached
+                seen.append((BS.cost(call), BS.floor(call)))
+        assert factor > 1.0 if grad else factor == 1.0
+        assert seen[1][0] - seen[0][0] == pytest.approx(5e7 * factor)
+        assert seen[1][1] - seen[0][1] == pytest.approx(5e7 * factor)
+        assert all(floor <= cost for cost, floor in seen)
 
 
 def test_the_hand_over_of_a_dealt_task_follows_the_cpu_kind(monkeypatch):

@@ -122,14 +122,21 @@ def available_backends() -> tuple[str, ...]:
 # float32 and bfloat16, forward and forward + backward, SDPA within 1.1x of the fastest (RESULTS.md, issue 15, "Small
 # windows take the stock path"); the costs had picked banded, 2.65x slower than SDPA, on rows of 256 (one thread,
 # forward).
+# Head sizes: the rule was measured at D = 16 (the tiny Llama of bench_hf_train.py); where D + Dv passes 128 a pair's
+# products outweigh the per-call work the rule saves. On rows of 256 at D = 128, SDPA ran over 1.1x the fastest
+# backend's time in 44 of 48 rule cells (1.10-1.42x; documents of 180 and 400 tokens, windows of half the row, forward
+# and forward + backward, the eight float32 tables of benchmarks/head_dim at 1 and 2 threads), at D = 64 in 16 of 48
+# (1.10-1.34x), at D = 16-32 in none (RESULTS.md, issue 15, "A charge per blocksparse call").
 _STOCK_MAX_KEYS = 256
 _STOCK_MIN_FRACTION = 0.2
+_STOCK_MAX_WIDTH = 128
 _BUILT_IN = frozenset(id(b) for b in REGISTRY)
 
 
 def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None:
     """``"sdpa"`` (what stock attention runs: one SDPA call with the dense mask, or ``is_causal``) for a CPU call on
-    rows of at most ``_STOCK_MAX_KEYS`` keys whose spec allows at least ``_STOCK_MIN_FRACTION`` of the pairs
+    rows of at most ``_STOCK_MAX_KEYS`` keys without a mask or with plain ``causal()``, or with heads of ``D + Dv`` at
+    most ``_STOCK_MAX_WIDTH`` and a spec allowing at least ``_STOCK_MIN_FRACTION`` of the pairs
     (``_common.allowed_fraction``: a few O(B·K) operations), decided without planning or costing the other backends.
     ``None`` for any other call (the costs decide), and whenever ``registry`` holds a backend registered at run time
     (the crossover was measured against the built-in ones only)."""
@@ -142,6 +149,8 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
         return None
     if call.is_full or call.is_plain_causal:
         return sdpa
+    if call.head_dim + call.value_dim > _STOCK_MAX_WIDTH:
+        return None
     fraction = allowed_fraction(call) if isinstance(call.mask, MaskSpec) and call.mask.is_structural else None
     return sdpa if fraction is not None and fraction >= _STOCK_MIN_FRACTION else None
 

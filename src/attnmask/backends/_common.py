@@ -35,6 +35,7 @@ __all__ = [
     "COPY_COST",
     "HANDOVER_COST_AMX",
     "HANDOVER_COST_OTHER",
+    "per_cpu_kind",
     "AMX_BF16_PAIR_FACTOR",
     "ModeFactors",
     "SDPA_BACKWARD_KEY_COST",
@@ -201,7 +202,14 @@ HANDOVER_COST_OTHER = 2.6e5
 def handover_cost() -> float:
     """``HANDOVER_COST_AMX`` on a CPU with AMX bfloat16 tiles, else ``HANDOVER_COST_OTHER``: the ``_HANDOVER_COST``
     the modules dealing worker tasks hold (``varlen``, ``blocksparse``; set when they are imported)."""
-    return HANDOVER_COST_AMX if cpu_has_amx_bf16() else HANDOVER_COST_OTHER
+    return per_cpu_kind((HANDOVER_COST_AMX, HANDOVER_COST_OTHER))
+
+
+def per_cpu_kind(values: tuple[float, float]) -> float:
+    """The first of ``values`` (fitted on the Xeon with AMX tiles) on a CPU with AMX bfloat16 tiles, else the second
+    (fitted on the AMD EPYC without them): a constant the two CPUs measured disagree on. A module holds it set when
+    it is imported; ``benchmarks/bench_limit.py``'s replays set each table's kind."""
+    return values[0] if cpu_has_amx_bf16() else values[1]
 
 
 def cpu_bf16_kind() -> str:

@@ -37,6 +37,7 @@ from attnmask.backends._common import (
     handover_cost,
     mode_factor,
     off_cpu,
+    per_cpu_kind,
     segments_address,
 )
 from attnmask.backends._workers import MIN_TASK_WORK, on_free_cores, parallel_map
@@ -59,7 +60,18 @@ _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL til
 # 3.0e6, moved three small-row picks, one to a backend measured 1.29x slower (window 128 on rows of 256, forward +
 # backward, one thread); 4e6, inside the one-thread tables' range, moves none. RESULTS.md, issue 15, "The estimate
 # deals blocksparse's stacks as pieces".
-_GROUP_COST = 4e6
+# Per CPU kind (``_common.per_cpu_kind``: with AMX tiles, other), with a charge per call (``_CALL_COST``: the plan's
+# look-up, the deal, the output; once a call, not per tile): the Xeon's tables (B = 1-2 rows a call, few tiles) fit
+# 4e6 and no call charge best, which they cannot tell apart; on the AMD EPYC a blocksparse call of 4 tiles (B = 1,
+# 256 tokens) takes 0.7 ms, 2.5x the estimate without one, and on its head-size tables (batches of 8-32 rows, up to
+# 512 tiles a call) the tiles imply 0.5-2.7e6 each (median 1.5e6). A grid over both on every saved table (``auto``'s
+# picks within 1.1x of the fastest): the EPYC's 1K / 8K limit tables 668 -> 682 of 739 at (2e6, 2e7), its head-size
+# tables 368 -> 420 of 480; the same values on the Xeon's tables lost 20 of 3,389 (RESULTS.md, issue 15, "A charge
+# per blocksparse call").
+_GROUP_COSTS = (4e6, 2e6)
+_CALL_COSTS = (0.0, 2e7)
+_GROUP_COST = per_cpu_kind(_GROUP_COSTS)
+_CALL_COST = per_cpu_kind(_CALL_COSTS)
 # A query group's backward costs at least what this many rows' pairs cost (fewer rows, as in a decoding step with a
 # gradient, still zero, accumulate and write the gradients of every key the group reads, and read its keys and
 # values in the kernel's passes): the last query tile of a call with a gradient is charged at least these rows (at
@@ -800,7 +812,7 @@ def cost(call) -> float:
         work = (_PAIR_COST * per_pair + _MASK_COST) * call.batch * call.q_len * call.kv_len
         tiles = call.batch * -(-call.q_len // _block_size(call.q_len, call.kv_len))
         gain = _workers.expected_speedup([1.0] * tiles, threads, 0.0, _THREAD_EFFICIENCY)
-        return work / gain * mode_factor(MODES, call)
+        return (work / gain + _CALL_COST) * mode_factor(MODES, call)
     layout = cached(call, "layout", _layout)
     computed, partial = _tile_pairs(layout, _BACKWARD_ROWS if call.needs_grad else 0)
     rows = call.batch if layout.batch_size == 1 else 1
@@ -810,7 +822,7 @@ def cost(call) -> float:
     if threads > 1:
         weights = [w * _PAIR_COST for w in _task_weights(call)]  # in estimate units
         gain = _workers.expected_speedup(weights, threads, 0.0, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
-    return (in_tasks / gain + groups * _GROUP_COST) * mode_factor(MODES, call) - stack_saving(call)
+    return (in_tasks / gain + groups * _GROUP_COST + _CALL_COST) * mode_factor(MODES, call) - stack_saving(call)
 
 
 def _tile_pairs(layout, least_rows: int = 0) -> tuple[int, int]:
@@ -858,7 +870,7 @@ def floor(call) -> float:
     per_pair = call.heads * (call.head_dim + call.value_dim)
     n_q = -(-call.q_len // bs)
     gain = _workers.speedup_bound(_workers.threads_available(), _THREAD_EFFICIENCY)
-    work = _PAIR_COST * pairs * per_pair / gain + call.batch * n_q * _GROUP_COST
+    work = _PAIR_COST * pairs * per_pair / gain + call.batch * n_q * _GROUP_COST + _CALL_COST
     estimate = work * mode_factor(MODES, call)
     if _stacks_apply(call):
         busy = call.device_type == "cpu" and _workers.contended()
