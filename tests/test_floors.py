@@ -184,6 +184,25 @@ def test_varlen_floor_sums_segments_in_c_as_numpy_does(call):
     np.testing.assert_allclose(VL._floor_sums(plan), VL._floor_sums_numpy(plan), rtol=1e-12)
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(varlen_calls(), cache_calls()), st.booleans(), st.sampled_from([None, 1, 5, 300]))
+def test_most_keys_seen_in_c_as_numpy_does(call, causal, window):
+    """``most_keys_seen`` (banded's floor widens its band to it) runs in C where the kernel is built
+    (``attnmask_most_keys_seen``): the numpy form's count, with and without a causal rule and a window, on document
+    rows, padding and queries against a longer cache (offsets that put a segment's last query before its keys: 0)."""
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    plan = _common.varlen_plan(call)
+    if isinstance(plan, str):
+        return
+    for rule in (plan, _common.VarlenPlan(plan.segments, causal, window)):
+        assert _common.most_keys_seen(rule) == _common._most_keys_seen_numpy(rule)
+    negative = _common.VarlenPlan(torch.tensor([[0, 0, 3, 10, 20, -8], [0, 3, 2, 0, 4, 9]]), True, None)
+    assert _common.most_keys_seen(negative) == _common._most_keys_seen_numpy(negative) == 4
+    empty = _common.VarlenPlan(torch.zeros(0, 6, dtype=torch.long), True, 3)
+    assert _common.most_keys_seen(empty) == _common._most_keys_seen_numpy(empty) == 0
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window", [None, 7, 300])
 def test_varlen_floor_sums_at_the_class_edges_in_c_as_numpy_does(causal, window):

@@ -571,7 +571,18 @@ def most_keys_floor(call) -> int:
 def most_keys_seen(plan: VarlenPlan) -> int:
     """The most keys any query of ``plan`` sees (exact: the plan's segments and rule are the call's mask): per
     segment, its last query's keys, ``min(k_len, q_len + offset)`` when causal (at least 0), capped by the window.
-    O(N) on the segments' view."""
+    O(N): one pass in C (``attnmask_most_keys_seen``; three numpy operations cost ~25-50 us right after a kernel), or
+    :func:`_most_keys_seen_numpy` where the kernel is not built."""
+    lib = _clib.library()
+    if isinstance(lib, str):
+        return _most_keys_seen_numpy(plan)
+    address, _held = segments_address(plan.segments)
+    window = -1 if plan.window is None else plan.window
+    return int(lib.attnmask_most_keys_seen(address, len(plan.segments), int(plan.causal), window))
+
+
+def _most_keys_seen_numpy(plan: VarlenPlan) -> int:
+    """:func:`most_keys_seen` in numpy, on the segments' view."""
     s = plan.segments.numpy()
     if not len(s):
         return 0
