@@ -26,9 +26,9 @@ test: $(STAMP)
 
 # The native backend's C kernel built with AddressSanitizer and UndefinedBehaviorSanitizer (any finding fails), under
 # its tests, the conformance cases, and planning's allowed-pair counts, packed rows' segments and the estimates' sums
-# over segments (blocksparse's tiles, native's items and deal, varlen's floor), which run in the same library
-# (--capture=sys: a sanitizer's report, written by C to fd 2, is shown); one line and success where the compiler has
-# no sanitizers.
+# over segments (blocksparse's tiles, native's items and deal, varlen's floor, the most keys a query sees), which run
+# in the same library (--capture=sys: a sanitizer's report, written by C to fd 2, is shown); one line and success
+# where the compiler has no sanitizers.
 # `make test` ends with it.
 CC ?= cc
 sanitize: $(STAMP)
