@@ -205,7 +205,7 @@ def _ranked(
 
 def _busy(call: AttentionCall) -> bool:
     """Whether other processes hold cores a CPU call's threads would use (``_workers.contended``; False off the CPU)."""
-    return call.q.device.type == "cpu" and _workers.contended()
+    return call.device_type == "cpu" and _workers.contended()
 
 
 def _reasons_text(refused: dict[str, list[str]]) -> str:

@@ -262,7 +262,7 @@ def off_cpu(call) -> bool:
     """The call runs on an accelerator, where the CPU-calibrated estimates of ``varlen``, ``blocksparse`` and
     ``banded`` (many SDPA calls, tuned for torch's CPU kernels) are not comparable with ``cuda_costs``: they cost
     ``inf`` there, so ``"auto"`` chooses among the fused kernels (still runnable when named)."""
-    return call.q.device.type != "cpu"
+    return call.device_type != "cpu"
 
 
 def cached(call, key: str, build):
