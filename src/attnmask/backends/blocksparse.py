@@ -801,9 +801,9 @@ def unsupported(call) -> str | None:
 
 def cost(call) -> float:
     """Pairs of the FULL and PARTIAL tiles and mask evaluations of the PARTIAL ones, divided by what
-    ``_workers.threads_available()`` threads gain on the query groups (``parallel_map``'s tasks), and a charge per
-    query tile (``_GROUP_COST``). A ``custom`` predicate is not laid out just to estimate (that evaluates every
-    pair): it is charged as dense plus its mask, in equal groups of query tiles."""
+    ``_workers.threads_available()`` threads gain on the query groups (``parallel_map``'s tasks), a charge per
+    query tile (``_GROUP_COST``) and one per call (``_CALL_COST``). A ``custom`` predicate is not laid out just to
+    estimate (that evaluates every pair): it is charged as dense plus its mask, in equal groups of query tiles."""
     if off_cpu(call):
         return float("inf")
     per_pair = call.heads * (call.head_dim + call.value_dim)
@@ -857,8 +857,9 @@ def floor(call) -> float:
     tiles one segment of a varlen plan already built needs there (``_segment_pairs``), else its diagonal tile where
     it holds a row certain to see a key (``_common.diagonal_pairs_seeing_themselves``), each tile counted with its
     own rows and keys as ``cost`` counts them (``_tile_pairs``), divided by the most the threads gain
-    (``_workers.speedup_bound``); every query tile is a group; the forward's stacks save at most all but one group
-    of each batch row. 0 where the rows are unknown. O(B·K) on host views, or O(N + tiles) on a plan's segments."""
+    (``_workers.speedup_bound``); every query tile is a group, and the call is charged once; the forward's stacks
+    save at most all but one group of each batch row. 0 where the rows are unknown. O(B·K) on host views, or O(N +
+    tiles) on a plan's segments."""
     bs = _block_size(call.q_len, call.kv_len)
     built = built_varlen_plan(call)
     if built is None:
