@@ -87,9 +87,10 @@ def test_a_replay_sees_the_cpu_its_tables_were_measured_on(tmp_path, kind):
         expected = _common.HANDOVER_COST_AMX if kind == "amx" else _common.HANDOVER_COST_OTHER
         assert blocksparse._HANDOVER_COST == varlen._HANDOVER_COST == expected
         at = 0 if kind == "amx" else 1
-        assert (blocksparse._GROUP_COST, blocksparse._CALL_COST) == (
+        assert (blocksparse._GROUP_COST, blocksparse._CALL_COST, blocksparse._BACKWARD_OVERHEAD_SHARE) == (
             blocksparse._GROUP_COSTS[at],
             blocksparse._CALL_COSTS[at],
+            blocksparse._BACKWARD_OVERHEAD_SHARES[at],
         )
     with bench.as_measured_on([str(paths["amx"]), str(paths["none"])]):
         assert (_common.cpu_has_amx_bf16(), _common.cpu_has_avx512_bf16(), blocksparse._HANDOVER_COST) == before

@@ -474,16 +474,20 @@ def test_the_handover_benchmark_deals_its_tasks_and_prints_the_cost_per_task(cap
 
 
 def test_blocksparse_charges_per_tile_and_per_call_follow_the_cpu_kind(monkeypatch):
-    """``blocksparse``'s charge per query tile and per call are its CPU kind's (``_common.per_cpu_kind``: 4e6 and none
-    with AMX tiles, 2e6 and 2e7 without), and the call's charge counts once a call in both the estimate and its floor,
-    in the call's mode factor (forward + backward: the backward's too)."""
+    """``blocksparse``'s charge per query tile and per call and their backward's share are its CPU kind's
+    (``_common.per_cpu_kind``: 4e6, none and all of it with AMX tiles; 2e6, 2e7 and 0.4 without), and the call's
+    charge counts once a call in both the estimate and its floor: in the forward's mode factor, and with a gradient
+    that factor plus the share of what the backward adds."""
     from attnmask.backends import _common
 
-    assert (BS._GROUP_COST, BS._CALL_COST) == (
+    assert (BS._GROUP_COST, BS._CALL_COST, BS._BACKWARD_OVERHEAD_SHARE) == (
         _common.per_cpu_kind(BS._GROUP_COSTS),
         _common.per_cpu_kind(BS._CALL_COSTS),
+        _common.per_cpu_kind(BS._BACKWARD_OVERHEAD_SHARES),
     )
     assert BS._GROUP_COSTS == (4e6, 2e6) and BS._CALL_COSTS == (0.0, 2e7)
+    assert BS._BACKWARD_OVERHEAD_SHARES == (1.0, 0.4)
+    monkeypatch.setattr(BS, "_BACKWARD_OVERHEAD_SHARE", 0.25)
     monkeypatch.setattr(_common, "cpu_has_amx_bf16", lambda: True)
     assert _common.per_cpu_kind((1.0, 2.0)) == 1.0
     monkeypatch.setattr(_common, "cpu_has_amx_bf16", lambda: False)
@@ -492,13 +496,14 @@ def test_blocksparse_charges_per_tile_and_per_call_follow_the_cpu_kind(monkeypat
     for grad in (False, True):
         q, k, v = (torch.randn(2, 4, 512, 32, requires_grad=grad) for _ in range(3))
         with torch.set_grad_enabled(grad), W.load_as_read(False):  # idle: no busy factor
-            factor = BS.mode_factor(BS.MODES, A._prepare_call(q, k, v, spec, None, None, None))
+            full = BS.mode_factor(BS.MODES, A._prepare_call(q, k, v, spec, None, None, None))
+            factor = 1.0 + (full - 1.0) * 0.25  # the float32 forward's factor is 1
             seen = []
             for charge in (0.0, 5e7):
                 monkeypatch.setattr(BS, "_CALL_COST", charge)
                 call = A._prepare_call(q, k, v, spec, None, None, None)  # a new call: nothing cached
                 seen.append((BS.cost(call), BS.floor(call)))
-        assert factor > 1.0 if grad else factor == 1.0
+        assert 1.0 < factor < full if grad else factor == full == 1.0
         assert seen[1][0] - seen[0][0] == pytest.approx(5e7 * factor)
         assert seen[1][1] - seen[0][1] == pytest.approx(5e7 * factor)
         assert all(floor <= cost for cost, floor in seen)

@@ -72,6 +72,14 @@ _GROUP_COSTS = (4e6, 2e6)
 _CALL_COSTS = (0.0, 2e7)
 _GROUP_COST = per_cpu_kind(_GROUP_COSTS)
 _CALL_COST = per_cpu_kind(_CALL_COSTS)
+# With a gradient the backward runs the groups once more (one kernel call, one copy each), so these two charges grow
+# by this share of what the backward factor (``MODES``) adds to the forward's, not by all of it
+# (``_overhead_factor``); per CPU kind, as the charges. The Xeon's tables fit the whole factor (a share of 0.7 / 0.5
+# / 0.3 there: 3076 -> 3066 / 3053 / 3008 of 3,389 rows within 1.1x of the fastest); on the AMD EPYC a share of 0.4:
+# its limit tables 803 -> 806 of 867, its eight head-size tables 653 -> 670 of 768 (0.3: 804, 673; 0.5: 806, 664;
+# RESULTS.md, issue 15, "A charge per blocksparse call").
+_BACKWARD_OVERHEAD_SHARES = (1.0, 0.4)
+_BACKWARD_OVERHEAD_SHARE = per_cpu_kind(_BACKWARD_OVERHEAD_SHARES)
 # A query group's backward costs at least what this many rows' pairs cost (fewer rows, as in a decoding step with a
 # gradient, still zero, accumulate and write the gradients of every key the group reads, and read its keys and
 # values in the kernel's passes): the last query tile of a call with a gradient is charged at least these rows (at
@@ -812,7 +820,7 @@ def cost(call) -> float:
         work = (_PAIR_COST * per_pair + _MASK_COST) * call.batch * call.q_len * call.kv_len
         tiles = call.batch * -(-call.q_len // _block_size(call.q_len, call.kv_len))
         gain = _workers.expected_speedup([1.0] * tiles, threads, 0.0, _THREAD_EFFICIENCY)
-        return (work / gain + _CALL_COST) * mode_factor(MODES, call)
+        return work / gain * mode_factor(MODES, call) + _CALL_COST * _overhead_factor(call)
     layout = cached(call, "layout", _layout)
     computed, partial = _tile_pairs(layout, _BACKWARD_ROWS if call.needs_grad else 0)
     rows = call.batch if layout.batch_size == 1 else 1
@@ -822,7 +830,19 @@ def cost(call) -> float:
     if threads > 1:
         weights = [w * _PAIR_COST for w in _task_weights(call)]  # in estimate units
         gain = _workers.expected_speedup(weights, threads, 0.0, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
-    return (in_tasks / gain + groups * _GROUP_COST + _CALL_COST) * mode_factor(MODES, call) - stack_saving(call)
+    overhead = (groups * _GROUP_COST + _CALL_COST) * _overhead_factor(call)
+    return in_tasks / gain * mode_factor(MODES, call) + overhead - stack_saving(call)
+
+
+def _overhead_factor(call) -> float:
+    """The mode factor of the per-tile and per-call charges: the call's (``mode_factor``) without a gradient; with
+    one, the forward's plus ``_BACKWARD_OVERHEAD_SHARE`` of what the backward adds to it."""
+    full = mode_factor(MODES, call)
+    if not call.needs_grad:
+        return full
+    busy = call.device_type == "cpu" and _workers.contended()
+    forward = MODES.of(call.q.dtype, call.device_type, False, busy)
+    return forward + (full - forward) * _BACKWARD_OVERHEAD_SHARE
 
 
 def _tile_pairs(layout, least_rows: int = 0) -> tuple[int, int]:
@@ -871,8 +891,8 @@ def floor(call) -> float:
     per_pair = call.heads * (call.head_dim + call.value_dim)
     n_q = -(-call.q_len // bs)
     gain = _workers.speedup_bound(_workers.threads_available(), _THREAD_EFFICIENCY)
-    work = _PAIR_COST * pairs * per_pair / gain + call.batch * n_q * _GROUP_COST + _CALL_COST
-    estimate = work * mode_factor(MODES, call)
+    estimate = _PAIR_COST * pairs * per_pair / gain * mode_factor(MODES, call)
+    estimate += (call.batch * n_q * _GROUP_COST + _CALL_COST) * _overhead_factor(call)
     if _stacks_apply(call):
         busy = call.device_type == "cpu" and _workers.contended()
         estimate -= call.batch * (n_q - 1) * _GROUP_COST * MODES.of(call.q.dtype, call.device_type, False, busy)
