@@ -23,12 +23,14 @@ constants now and fitted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -40,6 +42,9 @@ import attnmask as am
 from attnmask import tuning
 from attnmask.attention import _BACKENDS, _prepare_call, _ranked, _stock
 from attnmask.backends import _common, _workers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_limit  # noqa: E402  (same folder: its replays' CPU kinds)
 
 BACKENDS = ("sdpa", "native", "varlen", "blocksparse", "banded")
 FITTED = (  # the constants --fit fits: (backend, name)
@@ -189,9 +194,31 @@ def width_error(cells: list[dict], name: str) -> float:
     return statistics.median(errors) if errors else math.inf
 
 
+def cpu_kind(path: str) -> tuple[bool, bool] | None:
+    """``(AMX bfloat16 tiles, AVX512-BF16)`` of the CPU a saved file was timed on (its ``cpu`` entry, written since
+    2026-12-04), or ``None`` for an older file."""
+    found = re.search(r"AMX bfloat16 tiles: (\w+), AVX512-BF16: (\w+)", json.load(open(path)).get("cpu", ""))
+    return None if found is None else (found.group(1) == "True", found.group(2) == "True")
+
+
+def on_files_cpu(paths: list[str]):
+    """The estimates as the CPU the files were timed on makes them (``bench_limit.on_cpu_kind``) when they all
+    name the same kind; else this machine's, with a note."""
+    kinds = {cpu_kind(p) for p in paths}
+    if len(kinds) == 1 and None not in kinds:
+        return bench_limit.on_cpu_kind(*kinds.pop())
+    print("(files of several or unrecorded CPU kinds: evaluated with this machine's flags and constants)")
+    return contextlib.nullcontext()
+
+
 def fit(paths: list[str], rounds: int = 2) -> None:
     """Each constant of ``FITTED`` in turn, on a grid, the others held (``rounds`` passes: a backend's constants
-    share its cells)."""
+    share its cells), under the files' CPU kind (``on_files_cpu``)."""
+    with on_files_cpu(paths):
+        _fit(paths, rounds)
+
+
+def _fit(paths: list[str], rounds: int) -> None:
     cells = [cell for path in paths for cell in json.load(open(path))["cells"]]
     print(f"{len(cells)} cells from {', '.join(paths)}")
     print(f"picks within 1.1x of the fastest now (estimates / auto): {picks_within(cells)} of {len(cells)}")

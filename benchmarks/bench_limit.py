@@ -922,7 +922,15 @@ def as_measured_on(paths: list[str]):
         print("(tables of several CPU kinds: evaluated with this machine's flags and constants)")
         yield
         return
-    amx, avx512_bf16 = kinds.pop()
+    with on_cpu_kind(*kinds.pop()):
+        yield
+
+
+@contextlib.contextmanager
+def on_cpu_kind(amx: bool, avx512_bf16: bool):
+    """Within the block the estimates see a CPU with (or without) AMX bfloat16 tiles and AVX512-BF16: those flags
+    (``_common.cpu_has_amx_bf16`` / ``cpu_has_avx512_bf16``) and the constants of that kind (``kind_constants``);
+    everything is put back after it."""
     held = [(importlib.import_module(f"attnmask.backends.{m}"), name, values) for m, name, values in kind_constants()]
     saved = (_common.cpu_has_amx_bf16, _common.cpu_has_avx512_bf16, [getattr(m, name) for m, name, _ in held])
     _common.cpu_has_amx_bf16, _common.cpu_has_avx512_bf16 = (lambda: amx), (lambda: avx512_bf16)

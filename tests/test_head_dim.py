@@ -170,6 +170,31 @@ def test_the_head_dim_benchmark_runs_and_fits_its_own_cells(capsys, tmp_path):
     assert fit.splitlines()[-1].startswith("fitted: native._EXTRA_PAIR_WIDTH = ")
 
 
+def test_the_head_dim_fit_replays_the_cpu_its_files_were_timed_on(tmp_path):
+    """``--fit`` evaluates saved cells under the CPU kind they record (``bench_limit.on_cpu_kind``: the AMX flags and
+    blocksparse's per-kind charges), whatever this machine is; files of several or unrecorded kinds keep this
+    machine's; everything is put back after."""
+    from attnmask.backends import blocksparse
+
+    bench = load_benchmark()
+    paths = {}
+    for name, amx in (("xeon", True), ("epyc", False), ("old", None)):
+        paths[name] = tmp_path / f"{name}.json"
+        cpu = {} if amx is None else {"cpu": f"Some CPU, AMX bfloat16 tiles: {amx}, AVX512-BF16: True"}
+        paths[name].write_text(json.dumps({**cpu, "cells": []}))
+    assert bench.cpu_kind(str(paths["xeon"])) == (True, True) and bench.cpu_kind(str(paths["old"])) is None
+    before = (_common.cpu_has_amx_bf16(), blocksparse._GROUP_COST, blocksparse._BACKWARD_OVERHEAD_SHARE)
+    for name, at in (("xeon", 0), ("epyc", 1)):
+        with bench.on_files_cpu([str(paths[name])]):
+            assert _common.cpu_has_amx_bf16() is (at == 0)
+            assert blocksparse._GROUP_COST == blocksparse._GROUP_COSTS[at]
+            assert blocksparse._BACKWARD_OVERHEAD_SHARE == blocksparse._BACKWARD_OVERHEAD_SHARES[at]
+        assert (_common.cpu_has_amx_bf16(), blocksparse._GROUP_COST, blocksparse._BACKWARD_OVERHEAD_SHARE) == before
+    for mixed in (["xeon", "epyc"], ["xeon", "old"]):
+        with bench.on_files_cpu([str(paths[n]) for n in mixed]):
+            assert (_common.cpu_has_amx_bf16(), blocksparse._GROUP_COST) == before[:2]
+
+
 def test_the_head_dim_benchmark_times_bfloat16_cells(capsys, tmp_path, monkeypatch):
     """``--dtype bfloat16``: the cells run and are estimated in bfloat16 (saved with their dtype; on a CPU with
     neither AMX tiles nor AVX512-BF16, where bfloat16 has factors of its own), and a table of both dtypes fits each D
