@@ -45,7 +45,9 @@ has the same ps/unit across backends and rows (``auto`` compares estimates, so o
 thread count (``at_threads`` patches ``backends._workers.threads_available``), fits the thread efficiency of each
 kind of parallel work (``KINDS``; and the worker tasks' hand-over cost) from the 1- and T-thread tables of the same
 rows, and prints refits of the other constants. ``--held-out OUTPUT``: the thread constants fitted without that
-table, judged on it.
+table, judged on it. ``--grid BACKEND.CONSTANT=V1,V2... [...]``: how many rows ``auto`` puts within 1.1x of the
+fastest at every combination of those values, each table replayed on its own CPU kind (``as_measured_on``) with the
+values on top, totals per kind (how the per-kind constants of ``kind_constants`` were chosen).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import itertools
 import math
 import os
 import re
@@ -1156,6 +1159,48 @@ def fit_agree(paths: list[str], args) -> None:
     )
 
 
+def parse_grid(items: list[str]) -> list[tuple[object, str, list[float]]]:
+    """``(module, constant, values)`` of each ``backend.CONSTANT=V1,V2`` (a constant the module holds)."""
+    axes = []
+    for item in items:
+        key, _, values = item.partition("=")
+        name, _, constant = key.partition(".")
+        module = importlib.import_module(f"attnmask.backends.{name}")
+        if not constant or not hasattr(module, constant) or not values:
+            raise SystemExit(f"--grid: expected backend.CONSTANT=V1,V2 naming a constant of a backend, got {item!r}")
+        axes.append((module, constant, [float(v) for v in values.split(",")]))
+    return axes
+
+
+def fit_grid(paths: list[str], items: list[str], args) -> None:
+    """Rows within 1.1x of the fastest at each combination of the ``--grid`` values, summed over the tables of each
+    CPU kind (AMX tiles or not), each table replayed on its kind with the values set on top of its constants."""
+    axes = parse_grid(items)
+    combos = list(itertools.product(*(values for _, _, values in axes)))
+    totals = {combo: {True: [0, 0], False: [0, 0]} for combo in combos}
+    for path in paths:
+        threads, amx = table_threads(path), table_has_amx(path)
+        cells = parse_tables(path, args.length, args.decode_keys)
+        with as_measured_on([path]):
+            held = [getattr(module, constant) for module, constant, _ in axes]
+            try:
+                for combo in combos:
+                    for (module, constant, _), value in zip(axes, combo, strict=True):
+                        setattr(module, constant, value)
+                    picks = pick_quality([(threads, cells)], args)
+                    totals[combo][amx][0] += sum(ratio <= 1.1 for _, ratio in picks.values())
+                    totals[combo][amx][1] += len(picks)
+            finally:
+                for (module, constant, _), value in zip(axes, held, strict=True):
+                    setattr(module, constant, value)
+    names = [f"{module.__name__.rsplit('.', 1)[-1]}.{constant}" for module, constant, _ in axes]
+    print("| " + " | ".join(names) + " | tables with AMX tiles | other tables |")
+    print("|" + "---|" * (len(names) + 2))
+    for combo, kinds in totals.items():
+        counts = [f"{ok} of {n}" if n else "-" for ok, n in (kinds[True], kinds[False])]
+        print("| " + " | ".join(f"{v:g}" for v in combo) + " | " + " | ".join(counts) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=8192)
@@ -1196,6 +1241,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--held-out", metavar="OUTPUT", help="with --fit: fit the thread efficiencies without this table, judge on it"
     )
+    parser.add_argument(
+        "--grid",
+        nargs="+",
+        metavar="BACKEND.CONSTANT=V1,V2",
+        help="with --fit: rows within 1.1x of the fastest at every combination of these values, per CPU kind",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.length, args.decode_keys = 1024, 4096
@@ -1204,6 +1255,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.fit and args.agree and len(args.fit) != 2:
         parser.error("--agree compares two saved outputs: --fit FIRST SECOND --agree")
+    if args.fit and args.grid:
+        fit_grid(args.fit, args.grid, args)
+        return
     if args.fit:
         with as_measured_on(args.fit + ([args.held_out] if args.held_out else [])):
             if args.agree:

@@ -208,6 +208,45 @@ def test_fit_modes_recovers_the_factors_the_tables_were_made_with(tmp_path, caps
         bench.main(["--fit", str(path), str(other), "--modes"])
 
 
+def test_fit_grid_counts_the_picks_at_every_combination(tmp_path, capsys, monkeypatch):
+    """``--fit ... --grid``: a table of a CPU without AMX tiles whose columns are every CPU backend's estimate with a
+    per-tile charge of 7e6 (no call charge), at 1 ps per unit: at those values each pick is the fastest, so every row
+    counts; at 1e9 blocksparse is never picked, so the rows it was fastest on do not. One line per combination,
+    counted under the table's kind; a constant no backend holds is refused."""
+    bench = bench_limit()
+    args = argparse.Namespace(heads=4, dim=64, length=1024, decode_keys=4096)
+    columns = ("sdpa", "varlen", "blocksparse", "banded", "native")
+    monkeypatch.setattr(BS, "_GROUP_COST", 7e6)
+    monkeypatch.setattr(BS, "_CALL_COST", 0.0)
+    rows, fastest = {}, []
+    for case in bench.cases(1024, 4096)[:10]:
+        qkv = tuple(torch.zeros(shape) for shape in bench._shapes(case, args))
+        with bench.at_threads(1):
+            explained = am.explain(*qkv, case.spec)
+        costs = dict(zip(explained.backends, explained.costs, strict=True))
+        rows[case.name] = [costs.get(n) if costs.get(n) not in (None, float("inf")) else None for n in columns]
+        fastest.append(min((c, n) for c, n in zip(rows[case.name], columns, strict=True) if c is not None)[1])
+    assert "blocksparse" in fastest and len(set(fastest)) > 1  # the grid's second value moves some picks
+    lines = ["torch x, 1 thread(s), rows of 1024, decode against 4096 keys, H=4, D=64, load 0, bfloat16 tiles: none"]
+    lines += ["", "**forward, float32, 1 thread(s)** (ms)", ""]
+    header = ["structure", "allowed", "ideal ms", "covered", "floor ms", *columns, "auto picks", "auto / ideal"]
+    lines += ["| " + " | ".join(header) + " |"]
+    lines += ["|" + "---|" * (len(columns) + 7)]
+    for name, times in rows.items():
+        cells = " | ".join("-" if t is None else repr(t * 1e-9) for t in times)
+        lines.append(f"| {name} | 0.5 | 1.0 | - | - | {cells} | sdpa | 1.0 |")
+    path = tmp_path / "grid.txt"
+    path.write_text("\n".join(lines) + "\n")
+    bench.main(["--fit", str(path), "--grid", "blocksparse._GROUP_COST=7e6,1e9", "blocksparse._CALL_COST=0"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| blocksparse._GROUP_COST | blocksparse._CALL_COST | tables with AMX tiles | other tables |"
+    assert out[2] == f"| 7e+06 | 0 | - | {len(rows)} of {len(rows)} |"
+    kept = len(rows) - fastest.count("blocksparse")
+    assert out[3] == f"| 1e+09 | 0 | - | {kept} of {len(rows)} |" and len(out) == 4
+    with pytest.raises(SystemExit, match="--grid: expected backend.CONSTANT"):
+        bench.main(["--fit", str(path), "--grid", "blocksparse._NO_SUCH=1"])
+
+
 def test_fit_groups_recovers_the_per_tile_charge_the_table_was_made_with(tmp_path, capsys, monkeypatch):
     """A table of a CPU without AMX tiles timed at 1 ps per unit (sdpa's estimate) whose blocksparse column was made
     with a per-tile charge of 7e6 (and that kind's per-call charge): ``--fit --implied blocksparse._GROUP_COST`` reads
