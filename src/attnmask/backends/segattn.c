@@ -498,23 +498,6 @@ double attnmask_pull_makespan(const double *items, int64_t n, int64_t repeat, in
  * others (every q_len * k_len pair up to `block` keys; past that, causal: about half plus `extra` keys per query,
  * never more than q_len * k_len), each capped at 2 * window per query under a window (window < 0: none); out[2] /
  * out[3] their query rows; out[4] the tiny segments; out[5] / out[6] every segment's query rows / keys. */
-/* The most keys any query of a varlen plan's segments (N, 6) sees: per segment its last query's keys,
- * min(k_len, max(q_len + offset, 0)) where causal (or under a window), else k_len; capped by the window (>= 0). */
-int64_t attnmask_most_keys_seen(const int64_t *segs, int64_t n, int causal, int64_t window) {
-    int64_t most = 0;
-    for (int64_t s = 0; s < n; s++) {
-        const int64_t *g = segs + 6 * s;
-        int64_t seen = g[4];
-        if (causal || window >= 0) {
-            int64_t last = g[2] + g[5];
-            last = last > 0 ? last : 0;
-            seen = last < seen ? last : seen;
-        }
-        most = seen > most ? seen : most;
-    }
-    return window >= 0 && window < most ? window : most;
-}
-
 void attnmask_varlen_floor_sums(const int64_t *segs, int64_t n, int causal, int64_t window, int64_t small_max,
                                 double block, double extra, double *out) {
     for (int i = 0; i < 7; i++) out[i] = 0.0;
@@ -533,4 +516,22 @@ void attnmask_varlen_floor_sums(const int64_t *segs, int64_t n, int causal, int6
         out[5] += ql;
         out[6] += kl;
     }
+}
+
+/* Planning (attnmask.backends._common.most_keys_seen, whose numpy form the tests hold this one to): the most keys
+ * any query of a varlen plan's segments (N, 6) sees: per segment its last query's keys,
+ * min(k_len, max(q_len + offset, 0)) where causal (or under a window), else k_len; capped by the window (>= 0). */
+int64_t attnmask_most_keys_seen(const int64_t *segs, int64_t n, int causal, int64_t window) {
+    int64_t most = 0;
+    for (int64_t s = 0; s < n; s++) {
+        const int64_t *g = segs + 6 * s;
+        int64_t seen = g[4];
+        if (causal || window >= 0) {
+            int64_t last = g[2] + g[5];
+            last = last > 0 ? last : 0;
+            seen = last < seen ? last : seen;
+        }
+        most = seen > most ? seen : most;
+    }
+    return window >= 0 && window < most ? window : most;
 }
