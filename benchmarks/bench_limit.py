@@ -948,15 +948,13 @@ def on_cpu_kind(amx: bool, avx512_bf16: bool):
 
 
 def kind_constants() -> list[tuple[str, str, tuple[float, float]]]:
-    """``(backend module, constant, (with AMX tiles, other))`` of every estimate constant set by the CPU's kind
-    (``_common.per_cpu_kind``): the hand-over of the modules dealing worker tasks, ``blocksparse``'s charges per tile
-    and per call and their backward's share."""
-    pair = (_common.HANDOVER_COST_AMX, _common.HANDOVER_COST_OTHER)
-    return [(name, "_HANDOVER_COST", pair) for name in KINDS["worker tasks"]] + [
-        ("blocksparse", "_GROUP_COST", blocksparse._GROUP_COSTS),
-        ("blocksparse", "_CALL_COST", blocksparse._CALL_COSTS),
-        ("blocksparse", "_BACKWARD_OVERHEAD_SHARE", blocksparse._BACKWARD_OVERHEAD_SHARES),
-    ]
+    """``(backend module, constant, (with AMX tiles, other))`` of every estimate constant set by the CPU's kind, as
+    the CPU estimate modules (``FITTED``) declare them in their ``CPU_KIND_VALUES`` (``_common.per_cpu_kind``)."""
+    found = []
+    for name in FITTED:
+        declared = getattr(importlib.import_module(f"attnmask.backends.{name}"), "CPU_KIND_VALUES", {})
+        found += [(name, constant, values) for constant, values in declared.items()]
+    return found
 
 
 def table_has_avx512_bf16(path: str) -> bool:

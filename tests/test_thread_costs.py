@@ -509,6 +509,19 @@ def test_blocksparse_charges_per_tile_and_per_call_follow_the_cpu_kind(monkeypat
         assert all(floor <= cost for cost, floor in seen)
 
 
+def test_every_declared_cpu_kind_constant_holds_its_kinds_value():
+    """Each CPU estimate module's ``CPU_KIND_VALUES`` names constants it holds at this CPU's kind's value
+    (``_common.per_cpu_kind``): the declaration the replays set per table is the one the estimates read."""
+    from attnmask.backends import _common
+
+    declared = 0
+    for module in (SD, NT, VL, BS, BD):
+        for name, values in getattr(module, "CPU_KIND_VALUES", {}).items():
+            assert len(values) == 2 and getattr(module, name) == _common.per_cpu_kind(values), (module.__name__, name)
+            declared += 1
+    assert declared == 5 and VL.CPU_KIND_VALUES["_HANDOVER_COST"] == BS.CPU_KIND_VALUES["_HANDOVER_COST"]
+
+
 def test_the_hand_over_of_a_dealt_task_follows_the_cpu_kind(monkeypatch):
     """A task dealt to a worker costs the Xeon's fitted 3.2e6 units on a CPU with AMX tiles and the AMD EPYC's
     measured 2.6e5 otherwise (``_common.handover_cost``); both modules dealing worker tasks hold this CPU's."""

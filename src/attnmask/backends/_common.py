@@ -35,7 +35,7 @@ __all__ = [
     "COPY_COST",
     "HANDOVER_COST_AMX",
     "HANDOVER_COST_OTHER",
-    "per_cpu_kind",
+    "HANDOVER_COSTS",
     "AMX_BF16_PAIR_FACTOR",
     "ModeFactors",
     "SDPA_BACKWARD_KEY_COST",
@@ -53,6 +53,7 @@ __all__ = [
     "degenerate",
     "mode_factor",
     "handover_cost",
+    "per_cpu_kind",
     "most_keys_floor",
     "most_keys_seen",
     "segments_address",
@@ -197,18 +198,20 @@ def cpu_has_amx_bf16() -> bool:
 # it is measured: bench_handover.py prints its own.
 HANDOVER_COST_AMX = 3.2e6
 HANDOVER_COST_OTHER = 2.6e5
+HANDOVER_COSTS = (HANDOVER_COST_AMX, HANDOVER_COST_OTHER)  # (with AMX tiles, other): per_cpu_kind
 
 
 def handover_cost() -> float:
     """``HANDOVER_COST_AMX`` on a CPU with AMX bfloat16 tiles, else ``HANDOVER_COST_OTHER``: the ``_HANDOVER_COST``
     the modules dealing worker tasks hold (``varlen``, ``blocksparse``; set when they are imported)."""
-    return per_cpu_kind((HANDOVER_COST_AMX, HANDOVER_COST_OTHER))
+    return per_cpu_kind(HANDOVER_COSTS)
 
 
 def per_cpu_kind(values: tuple[float, float]) -> float:
     """The first of ``values`` (fitted on the Xeon with AMX tiles) on a CPU with AMX bfloat16 tiles, else the second
     (fitted on the AMD EPYC without them): a constant the two CPUs measured disagree on. A module holds it set when
-    it is imported; ``benchmarks/bench_limit.py``'s replays set each table's kind."""
+    it is imported and declares it, with its two values, in its ``CPU_KIND_VALUES`` (``{name: values}``), from which
+    ``benchmarks/bench_limit.py``'s replays set each table's kind."""
     return values[0] if cpu_has_amx_bf16() else values[1]
 
 

@@ -28,6 +28,7 @@ import attnmask.backends._clib as _clib
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
 from attnmask.backends._common import (
+    HANDOVER_COSTS,
     ModeFactors,
     built_varlen_plan,
     cached,
@@ -98,6 +99,13 @@ _BACKWARD_ROWS = 45
 # ``benchmarks/bench_handover.py`` timed it on an AMD EPYC; RESULTS.md, issue 15, "What a dealt task costs").
 _THREAD_EFFICIENCY = 0.85
 _HANDOVER_COST = handover_cost()
+# Every constant above set by the CPU's kind, with its values (``_common.per_cpu_kind``).
+CPU_KIND_VALUES = {
+    "_HANDOVER_COST": HANDOVER_COSTS,
+    "_GROUP_COST": _GROUP_COSTS,
+    "_CALL_COST": _CALL_COSTS,
+    "_BACKWARD_OVERHEAD_SHARE": _BACKWARD_OVERHEAD_SHARES,
+}
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a

@@ -32,6 +32,7 @@ from attnmask.backends._clib import library as _library
 from attnmask.backends._common import (
     CALL_COST,
     COPY_COST,
+    HANDOVER_COSTS,
     SMALL_MATMUL_COST,
     ModeFactors,
     amx_pair_factor,
@@ -85,6 +86,7 @@ _SDPA_BLOCKS = (512.0, 256.0)  # torch's CPU SDPA kernel: its key blocks, and th
 # The hand-over is this CPU's kind's (``_common.handover_cost``: 3.2e6 with AMX tiles, where it was fitted).
 _THREAD_EFFICIENCY = 0.85
 _HANDOVER_COST = handover_cost()
+CPU_KIND_VALUES = {"_HANDOVER_COST": HANDOVER_COSTS}  # the constants set by the CPU's kind (_common.per_cpu_kind)
 # Idle, groups of documents and a window's query blocks go to the workers from an eighth of ``MIN_TASK_WORK`` on
 # average (tiny documents' groups, and any task while other processes hold cores, from ``MIN_TASK_WORK``): rows of
 # 1,024 at 2 threads, same process, 9 rounds, two runs, forward / forward + backward in ms: few long documents
