@@ -15,7 +15,7 @@ import torch
 import attnmask as am
 from attnmask import masks as M
 from attnmask.attention import AttentionCall
-from attnmask.backends import REGISTRY, _clib
+from attnmask.backends import REGISTRY, _clib, _common
 from tests.naive import naive_attention
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
@@ -140,3 +140,14 @@ def counted_in(where: str):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_clib, "library", lambda: "switched off by the test")
         yield
+
+
+def general_plan(call):
+    """The general path: ``lowering.varlen_args`` and ``segments_from_varlen``, checked: ``(segments, causal,
+    window)`` or why not."""
+    args = _common.call_varlen_args(call)
+    if isinstance(args, str):
+        return args
+    segs = _common.segments_from_varlen(args, call.batch, call.q_len, call.kv_len, call.mask.batch_size or 1)
+    window = None if args.window_size[0] < 0 else args.window_size[0] + 1
+    return _common.check_segments(segs, call.q, call.k, call.v).tolist(), args.causal, window

@@ -19,7 +19,7 @@ from attnmask.backends import native as NV
 from attnmask.backends import varlen as VL
 from attnmask.backends.contract import no_floor
 from attnmask.tiles import NONE, PARTIAL
-from tests.helpers import counted_in
+from tests.helpers import counted_in, general_plan
 from tests.naive import naive_dense
 
 A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
@@ -400,17 +400,6 @@ def test_turning_tuning_on_re_ranks_a_choice_made_with_the_narrow_margin():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Packed rows' segments in C
-
-
-def general_plan(call):
-    """The general path: ``lowering.varlen_args`` and ``segments_from_varlen``, checked: ``(segments, causal,
-    window)`` or why not."""
-    args = _common.call_varlen_args(call)
-    if isinstance(args, str):
-        return args
-    segs = _common.segments_from_varlen(args, call.batch, call.q_len, call.kv_len, call.mask.batch_size or 1)
-    window = None if args.window_size[0] < 0 else args.window_size[0] + 1
-    return _common.check_segments(segs, call.q, call.k, call.v).tolist(), args.causal, window
 
 
 @settings(max_examples=150, deadline=None)

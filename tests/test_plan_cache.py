@@ -275,13 +275,17 @@ def test_pickling_or_copying_a_spec_leaves_its_plans_behind():
 
 
 def test_structural_properties_are_kept_on_a_composed_spec_and_left_behind_by_copies(monkeypatch):
-    """``is_structural`` and ``heads`` of a composed spec walk its parts once (attention asks several times a call);
+    """``is_structural`` and ``heads`` of a composed spec walk its parts at most once (attention asks several times
+    a call): ``&`` keeps the heads it checked, a spec built from its parts directly walks them on the first ask;
     pickles and copies carry only the fields, and a per-head or custom part still answers for itself."""
     asked = []
     real = am.masks._common_heads
-    spec = packed_spec()  # composing checks the parts' heads once
+    spec = packed_spec()  # composing checks the parts' heads once, and keeps the answer
+    direct = am.masks.And(spec.parts)
     monkeypatch.setattr(am.masks, "_common_heads", lambda parts: asked.append(1) or real(parts))
-    assert spec.is_structural and spec.heads is None and spec.heads is None and len(asked) == 1
+    assert spec.is_structural and spec.heads is None and spec.heads is None and not asked
+    assert direct.heads is None and direct.heads is None and len(asked) == 1
+    assert direct.batch_size == spec.batch_size == 1
     for other in (pickle.loads(pickle.dumps(spec)), copy.copy(spec), copy.deepcopy(spec)):
         assert am.masks._MEMO_ATTRIBUTE not in other.__dict__ and other.is_structural
     per_head = spec & am.custom(lambda b, h, q, k: q >= k, heads=3)

@@ -139,20 +139,22 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
     most ``_STOCK_MAX_WIDTH`` and a spec allowing at least ``_STOCK_MIN_FRACTION`` of the pairs
     (``_common.allowed_fraction``: a few O(B·K) operations), decided without planning or costing the other backends.
     ``None`` for any other call (the costs decide), and whenever ``registry`` holds a backend registered at run time
-    (the crossover was measured against the built-in ones only)."""
-    sdpa = _BACKENDS.get("sdpa")
-    if sdpa is None or off_cpu(call) or call.kv_len > _STOCK_MAX_KEYS:
+    (the crossover was measured against the built-in ones only). The call's own conditions come first: on the costs
+    path (masked rows, few pairs) the fraction alone refuses, and SDPA's support is not asked twice."""
+    if off_cpu(call) or call.kv_len > _STOCK_MAX_KEYS:
         return None
-    if any(id(b) not in _BUILT_IN for b in registry) or not any(b is sdpa for b in registry):
+    if not (call.is_full or call.is_plain_causal):
+        if call.head_dim + call.value_dim > _STOCK_MAX_WIDTH:
+            return None
+        fraction = allowed_fraction(call) if isinstance(call.mask, MaskSpec) and call.mask.is_structural else None
+        if fraction is None or fraction < _STOCK_MIN_FRACTION:
+            return None
+    sdpa = _BACKENDS.get("sdpa")
+    if sdpa is None or any(id(b) not in _BUILT_IN for b in registry) or not any(b is sdpa for b in registry):
         return None
     if not sdpa.auto_on(call.device_type) or sdpa.not_supported_reasons(call):
         return None
-    if call.is_full or call.is_plain_causal:
-        return sdpa
-    if call.head_dim + call.value_dim > _STOCK_MAX_WIDTH:
-        return None
-    fraction = allowed_fraction(call) if isinstance(call.mask, MaskSpec) and call.mask.is_structural else None
-    return sdpa if fraction is not None and fraction >= _STOCK_MIN_FRACTION else None
+    return sdpa
 
 
 def _pick(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[Backend | None, dict, list]:
@@ -179,9 +181,7 @@ def _ranked(
     ``auto`` excludes it) is asked for its reasons only when no backend serves the call. On small rows of many
     documents this skips the layouts and band plans of the backends that cost several times the cheapest
     (RESULTS.md, issue 15, "Floors")."""
-    order = range(len(registry))
-    if margin is not None:
-        order = sorted(order, key=lambda i: registry[i].floor is not no_floor)  # stable
+    order = range(len(registry)) if margin is None else _floors_last(registry)
     refused, ranked, best, idle = {}, [], math.inf, []
     for i in order:
         b = registry[i]
@@ -201,6 +201,18 @@ def _ranked(
         refused.update((i, reasons) for i in idle if (reasons := registry[i].not_supported_reasons(call)))
     ranked.sort(key=lambda item: item[:2])
     return [(b, cost) for cost, _, b in ranked], {registry[i].name: refused[i] for i in sorted(refused)}
+
+
+_floors_last_made: list = [(), []]  # (registry, its order): the registry changes only when a backend is registered
+
+
+def _floors_last(registry: tuple[Backend, ...]) -> list[int]:
+    """The indices of ``registry``, those of the backends without a floor first (stable)."""
+    made_for, order = _floors_last_made
+    if made_for != registry:  # compares identities first: a few ns for the same backends
+        order = sorted(range(len(registry)), key=lambda i: registry[i].floor is not no_floor)
+        _floors_last_made[:] = [registry, order]
+    return order
 
 
 def _busy(call: AttentionCall) -> bool:

@@ -408,9 +408,25 @@ class VarlenForm:
 
 def varlen_form(spec: M.MaskSpec) -> VarlenForm:
     """Take ``[causal() or full()] & [sliding_window(w)] & [document(...)] & [key_padding(m)]`` apart; any other spec
-    raises ``BackendError`` naming the part that does not fit. O(number of parts)."""
+    raises ``BackendError`` naming the part that does not fit. O(number of parts), once per spec object (kept with
+    its structural properties, ``masks.memo``: planning one call asks several times)."""
     if not isinstance(spec, M.MaskSpec):
         raise bad(SpecError, "spec", "a MaskSpec", type(spec).__name__)
+    form = M.memo(spec, "varlen_form", lambda: _form_or_refusal(spec))
+    if isinstance(form, str):
+        raise BackendError(form)  # a fresh error each time: a kept one would keep its traceback's frames alive
+    return form
+
+
+def _form_or_refusal(spec: M.MaskSpec) -> VarlenForm | str:
+    """``_take_apart(spec)``, or the message of the ``BackendError`` it raises."""
+    try:
+        return _take_apart(spec)
+    except BackendError as err:
+        return str(err)
+
+
+def _take_apart(spec: M.MaskSpec) -> VarlenForm:
     causal, window, docs, pads, chunks = False, None, [], [], []
     for part in spec.parts if isinstance(spec, M.And) else (spec,):
         if isinstance(part, M.Causal):

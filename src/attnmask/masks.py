@@ -72,19 +72,20 @@ and Python's stack would give out (``RecursionError``) a few hundred levels down
 PLANS_ATTRIBUTE = "_attnmask_plans"
 """Name of the attribute ``attnmask.plancache`` stores a spec's cached attention plans under (not a field)."""
 
-_MEMO_ATTRIBUTE = "_attnmask_memo"  # structural properties of a composed spec, computed once (``_memo``)
+_MEMO_ATTRIBUTE = "_attnmask_memo"  # structural properties of a composed spec, computed once (``memo``)
 
 
-def _memo(spec: MaskSpec, name: str, compute: Callable[[], Any]) -> Any:
+def memo(spec: MaskSpec, name: str, compute: Callable[[], Any]) -> Any:
     """``compute()``, kept on the (frozen) spec object under ``name``: for properties that follow from the spec's
-    structure alone (its parts' types and heads, never tensor values), which attention asks several times a call
-    and which walk every part."""
-    memo = spec.__dict__.get(_MEMO_ATTRIBUTE)
-    if memo is None:
-        memo = spec.__dict__.setdefault(_MEMO_ATTRIBUTE, {})
-    if name not in memo:
-        memo[name] = compute()
-    return memo[name]
+    structure alone (its parts' types, heads and rows of per-row data, never tensor values), which attention asks
+    several times a call and which walk every part (here, and ``lowering.varlen_form``). Not pickled
+    (``__getstate__``)."""
+    kept = spec.__dict__.get(_MEMO_ATTRIBUTE)
+    if kept is None:
+        kept = spec.__dict__.setdefault(_MEMO_ATTRIBUTE, {})
+    if name not in kept:
+        kept[name] = compute()
+    return kept[name]
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
@@ -188,7 +189,8 @@ class MaskSpec:
     def heads(self) -> int | None:
         """Number of query heads of a per-head spec (one holding ``custom(fn, heads=H)``), else ``None``: the spec is
         then one mask for every head."""
-        return _memo(self, "heads", lambda: _common_heads(self.children))
+        children = self.children
+        return None if not children else memo(self, "heads", lambda: _common_heads(children))
 
     @property
     def children(self) -> tuple[MaskSpec, ...]:
@@ -205,7 +207,8 @@ class MaskSpec:
     @property
     def is_structural(self) -> bool:
         """True unless the spec contains a ``custom`` predicate (which can only be evaluated per element)."""
-        return _memo(self, "is_structural", lambda: all(child.is_structural for child in self.children))
+        children = self.children
+        return not children or memo(self, "is_structural", lambda: all(child.is_structural for child in children))
 
     def walk(self):
         """Yield this spec and every spec inside it, depth first."""
@@ -236,7 +239,7 @@ class MaskSpec:
 
     def __getstate__(self) -> dict:
         """Pickle and copy the spec's fields only, never the plans ``attention`` cached on the object nor the
-        properties kept on it (``_memo``)."""
+        properties kept on it (``memo``)."""
         return {name: value for name, value in self.__dict__.items() if name not in (PLANS_ATTRIBUTE, _MEMO_ATTRIBUTE)}
 
     def max_position(self) -> int | None:
@@ -564,10 +567,12 @@ def _combine(cls: type, left: MaskSpec, right: MaskSpec) -> MaskSpec:
     for side in (left, right):
         parts.extend(side.parts if isinstance(side, cls) else (side,))
     rows = _common_batch_size(parts)
-    _common_heads(parts)
+    heads = _common_heads(parts)
     if rows is not None and rows != 1:
         parts = [_with_rows(p, rows) if p.batch_size == 1 else p for p in parts]
-    return _nested(cls(tuple(parts)), tuple(parts))
+    spec = _nested(cls(tuple(parts)), tuple(parts))
+    memo(spec, "heads", lambda: heads)  # checked above: kept rather than walked again at each call
+    return spec
 
 
 def _common_batch_size(parts: Sequence[MaskSpec]) -> int | None:
@@ -1124,7 +1129,7 @@ class And(MaskSpec):
 
     @property
     def batch_size(self):
-        return _common_batch_size(self.parts)
+        return memo(self, "batch_size", lambda: _common_batch_size(self.parts))
 
     def evaluate(self, b, q, k):
         return self.evaluate_heads(b, None, q, k)
@@ -1167,7 +1172,7 @@ class Or(MaskSpec):
 
     @property
     def batch_size(self):
-        return _common_batch_size(self.parts)
+        return memo(self, "batch_size", lambda: _common_batch_size(self.parts))
 
     def evaluate(self, b, q, k):
         return self.evaluate_heads(b, None, q, k)

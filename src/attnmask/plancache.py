@@ -73,11 +73,11 @@ class _SpecPlans:
     """A spec's cached plans: the tensors it holds, their versions when the entries were made, the LRU of entries."""
 
     tensors: tuple[torch.Tensor, ...]
-    versions: tuple[int, ...]
+    versions: list[int]  # lists throughout: a list comprehension costs less than tuple() of a generator
     entries: OrderedDict = dataclasses.field(default_factory=OrderedDict)
 
 
-_UNCACHEABLE = _SpecPlans((), ())  # stored on specs that can never be cached (custom predicate, inference tensors)
+_UNCACHEABLE = _SpecPlans((), [])  # stored on specs that can never be cached (custom predicate, inference tensors)
 
 
 # Where a call object keeps what call_plans found for it (a frozen dataclass's ``__dict__``, as
@@ -95,7 +95,7 @@ def call_plans(call) -> dict:
     found = call.__dict__.get(_FOUND)
     if found is not None:
         grad_then, record, versions, entry = found
-        if record is _UNCACHEABLE or (grad_then == grad and tuple(t._version for t in record.tensors) == versions):
+        if record is _UNCACHEABLE or (grad_then == grad and [t._version for t in record.tensors] == versions):
             return entry
     signature = _signature(call)
     record = _record(call.mask) if signature is not None else _UNCACHEABLE
@@ -106,9 +106,9 @@ def call_plans(call) -> dict:
     return entry
 
 
-def _shared_entry(record: _SpecPlans, signature: tuple) -> tuple[dict, tuple[int, ...]]:
+def _shared_entry(record: _SpecPlans, signature: tuple) -> tuple[dict, list[int]]:
     """The spec's entry for ``signature`` (made, or moved to the LRU's end) and its tensors' versions now."""
-    versions = tuple(t._version for t in record.tensors)
+    versions = [t._version for t in record.tensors]
     with _lock:
         if versions != record.versions:
             record.entries.clear()
@@ -169,7 +169,7 @@ def _record(spec: MaskSpec) -> _SpecPlans:
         if not spec.is_structural or any(t.is_inference() for t in tensors):
             record = _UNCACHEABLE
         else:
-            record = _SpecPlans(tensors, tuple(t._version for t in tensors))
+            record = _SpecPlans(tensors, [t._version for t in tensors])
         with _lock:
             record = spec.__dict__.setdefault(PLANS_ATTRIBUTE, record)
     return record

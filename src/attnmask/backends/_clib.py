@@ -4,7 +4,7 @@ Layer 3 (attention), under every backend module: imports nothing of attnmask. ``
 (``attnmask_segattn``); ``_common.allowed_fraction`` counts the pairs a spec allows with ``attnmask_run_pairs`` /
 ``attnmask_real_pairs`` (one C call in place of eight numpy ones, each 20-90 us right after an attention kernel has
 evicted the caches: planning a small call, ``benchmarks/bench_small_rows.py``), and ``_common.varlen_plan`` cuts
-packed rows into documents with ``attnmask_doc_segments`` (two C calls in place of ~40 torch ones). The estimates of
+packed rows into documents with ``attnmask_doc_segments`` (one C call in place of ~40 torch ones). The estimates of
 the costs path sum over those documents in C too (``blocksparse``'s floor, ``native``'s items and its threads' deal,
 ``varlen``'s floor), each with its numpy form kept for a machine without the library.
 
@@ -134,7 +134,7 @@ _PTR, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c
 _HELPERS = {
     "attnmask_run_pairs": (_I64, [_PTR, *[_I64] * 5, _INT]),
     "attnmask_real_pairs": (_I64, [_PTR, *[_I64] * 5, _INT]),
-    "attnmask_doc_segments": (_I64, [_PTR, *[_I64] * 5, _PTR, _I64]),
+    "attnmask_doc_segments": (_I64, [_PTR, *[_I64] * 6, _INT, _PTR, _I64, _PTR]),
     "attnmask_segment_tile_pairs": (_I64, [_PTR, *[_I64] * 5, _INT, _I64, _PTR]),
     "attnmask_item_work": (None, [_PTR, _I64, _INT, _I64, *[_F64] * 7, _PTR]),
     "attnmask_pull_makespan": (_F64, [_PTR, *[_I64] * 4, _PTR]),

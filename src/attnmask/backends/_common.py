@@ -16,6 +16,7 @@ k_start, k_len, offset)``. Example, one packed row of 3 documents of lengths 2, 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ __all__ = [
     "cpu_has_amx_bf16",
     "cpu_has_avx512_bf16",
     "degenerate",
+    "document_plan",
+    "float64_address",
     "mode_factor",
     "handover_cost",
     "per_cpu_kind",
@@ -171,14 +174,15 @@ class ModeFactors:
 def mode_factor(modes: ModeFactors, call) -> float:
     """``modes.of`` for ``call`` as it runs now: its dtype, device, whether it needs a gradient, and whether other
     processes hold cores (``_workers.contended``, read at most every 0.1 s)."""
-    contended = call.q.device.type == "cpu" and _workers.contended()
-    return modes.of(call.q.dtype, call.q.device.type, call.needs_grad, contended)
+    device_type = call.device_type
+    contended = device_type == "cpu" and _workers.contended()
+    return modes.of(call.q.dtype, device_type, call.needs_grad, contended)
 
 
 def amx_pair_factor(call) -> float:
     """``AMX_BF16_PAIR_FACTOR`` for a bfloat16 call on a CPU with AMX bfloat16 tiles (torch's fused SDPA kernel runs
     its pairs there), else 1."""
-    amx = call.q.dtype == torch.bfloat16 and call.q.device.type == "cpu" and cpu_has_amx_bf16()
+    amx = call.q.dtype == torch.bfloat16 and call.device_type == "cpu" and cpu_has_amx_bf16()
     return AMX_BF16_PAIR_FACTOR if amx else 1.0
 
 
@@ -256,6 +260,8 @@ def degenerate(call) -> str | None:
     """Why the call has no pair to compute (an empty batch, no query, no key or no head), or ``None``: the backends
     that plan per document or per tile refuse such calls (``"sdpa"`` and ``"reference"`` return the empty or zero
     output)."""
+    if call.batch and call.heads and call.q_len and call.kv_len:  # the usual answer without building the message
+        return None
     sizes = {"B": call.batch, "H": call.heads, "Q": call.q_len, "K": call.kv_len}
     empty = [f"{name}=0" for name, n in sizes.items() if n == 0]
     return f"has nothing to plan with {', '.join(empty)} (sdpa returns the empty or zero output)" if empty else None
@@ -314,6 +320,17 @@ def segments_address(segs: torch.Tensor) -> tuple[int, object]:
     if segs.device.type == "cpu" and segs.dtype == torch.int64 and segs.is_contiguous():
         return segs.data_ptr(), segs
     copy = np.ascontiguousarray(segs.cpu().numpy(), dtype=np.int64)
+    return copy.ctypes.data, copy
+
+
+def float64_address(values: np.ndarray) -> tuple[int, object]:
+    """The address of ``values`` as contiguous float64 host memory for ``segattn.c``, and the object that must stay
+    alive while C reads it: a ``ctypes`` view of a writable contiguous float64 array (~0.5 us, where numpy's
+    ``ctypes.data`` costs ~2 us and many times that right after an attention kernel), else a contiguous copy's."""
+    if values.dtype == np.float64 and values.flags.c_contiguous and values.flags.writeable:
+        view = ctypes.c_char.from_buffer(values)  # holds the array's buffer
+        return ctypes.addressof(view), view
+    copy = np.ascontiguousarray(values, dtype=np.float64)
     return copy.ctypes.data, copy
 
 
@@ -381,11 +398,14 @@ def _as_int64(segments) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class VarlenPlan:
-    """Lowered form of a varlen-able spec: segments ``(N, 6)`` and the causal / window rule inside them."""
+    """Lowered form of a varlen-able spec: segments ``(N, 6)`` and the causal / window rule inside them; ``pairs``, the
+    (query, key) pairs the segments allow over the whole batch where the plan's builder counted them (packed rows:
+    ``_document_plan``), else ``None``."""
 
     segments: torch.Tensor
     causal: bool
     window: int | None
+    pairs: int | None = None
 
 
 def varlen_plan(call) -> VarlenPlan | str:
@@ -425,7 +445,8 @@ def allowed_fraction(call) -> float | None:
     """About the fraction of the call's ``B·Q·K`` (query, key) pairs its spec allows, for a spec of the varlen form
     (``[causal | full] & [sliding_window] & [document] & [key_padding]``) with ``Q == K`` at default positions;
     ``None`` for any other call. One O(B·K) pass in C (``segattn.c``, through ``_clib``), or without the library a
-    handful of vectorised numpy operations on host views: cheap enough to decide from before any backend plans.
+    handful of vectorised numpy operations on host views: cheap enough to decide from before any backend plans. Packed
+    rows (:func:`document_plan`) are counted as their segments are cut, and those are kept for the backends.
 
     Exact for documents (each id one contiguous run: a query sees the earlier keys of its run, at most ``w`` under a
     window, all of its run without ``causal``) and for padded rows (a query sees every real key up to it; under a
@@ -448,6 +469,9 @@ def allowed_fraction(call) -> float | None:
         return None  # the spec does not cover the row: the backend that runs says so
     window = length if form.window is None else form.window
     if form.document is not None:
+        planned = document_plan(call)  # packed rows: their segments count the pairs, and "native" reuses them
+        if planned is not None:
+            return planned.pairs / (call.batch * call.q_len * call.kv_len)
         pairs = _counted("attnmask_run_pairs", form.document.doc_ids, torch.int64, length, window, form.causal)
         if pairs is None:
             pairs = _run_pairs(_host(form.document.doc_ids)[:, :length], window, form.causal)
@@ -581,7 +605,7 @@ def most_keys_seen(plan: VarlenPlan) -> int:
         return _most_keys_seen_numpy(plan)
     address, _held = segments_address(plan.segments)
     window = -1 if plan.window is None else plan.window
-    return int(lib.attnmask_most_keys_seen(address, len(plan.segments), int(plan.causal), window))
+    return int(lib.attnmask_most_keys_seen(address, plan.segments.shape[0], int(plan.causal), window))
 
 
 def _most_keys_seen_numpy(plan: VarlenPlan) -> int:
@@ -630,7 +654,7 @@ def _host(t: torch.Tensor) -> np.ndarray:
 def _build_varlen_plan(call) -> VarlenPlan | str:
     if (empty := degenerate(call)) is not None:
         return empty
-    if (fast := _document_plan(call)) is not None or (fast := _padded_plan(call)) is not None:
+    if (fast := document_plan(call)) is not None or (fast := _padded_plan(call)) is not None:
         return fast
     args = call_varlen_args(call)
     if isinstance(args, str):
@@ -641,10 +665,23 @@ def _build_varlen_plan(call) -> VarlenPlan | str:
     return VarlenPlan(check_segments(segs, call.q, call.k, call.v), args.causal, window)
 
 
+def document_plan(call) -> VarlenPlan | None:
+    """:func:`_document_plan`, cached with the call's plans (``allowed_fraction`` asks before any backend, and
+    :func:`varlen_plan` takes it)."""
+    return cached(call, "document_plan", _document_plan)
+
+
+# Segments a batch row is planned for before they are counted: one C call cuts and counts the rows of up to this many
+# documents each (many short documents: 8-16 a row of 256 in bench_small_rows.py), a second one writes the segments
+# of rows that hold more. The tensor then holds this many rows a batch row (768 bytes).
+_SEGMENTS_GUESS = 16
+
+
 def _document_plan(call) -> VarlenPlan | None:
     """The plan of ``[causal() | full()] & [sliding_window(w)] & document(...) & [key_padding(m)]`` (packed rows:
     what ``pack`` and the training integrations build) with ``Q == K`` at default positions on CPU int64 ids, cut by
-    ``attnmask_doc_segments`` in two C calls (count and check, then write) instead of ``lowering.varlen_args`` and
+    ``attnmask_doc_segments`` in one C call (check, write, count; a second when a row holds more than
+    ``_SEGMENTS_GUESS`` documents) instead of ``lowering.varlen_args`` and
     ``segments_from_varlen`` (~40 torch calls, 1-2 ms right after an attention kernel on rows of 8 x 256). The same
     segments in the same order (tested); ``None`` for any other call, without the library, for ids that are not one
     run per document and for padding inside a document (the general path then says why)."""
@@ -661,14 +698,17 @@ def _document_plan(call) -> VarlenPlan | None:
         real = _real_keys(form, length)
         if real is None or ((_host(ids)[:, :length] >= 0) & ~real).any():
             return None
-    args = (ids.data_ptr(), ids.shape[0], length, *ids.stride(), call.batch)
-    count = lib.attnmask_doc_segments(*args, None, 0)
+    window = -1 if form.window is None else form.window
+    args = (ids.data_ptr(), ids.shape[0], length, *ids.stride(), call.batch, window, int(form.causal))
+    cap = _SEGMENTS_GUESS * call.batch
+    segs, pairs = torch.empty((cap, 6), dtype=torch.int64), (ctypes.c_int64 * 1)()
+    count = lib.attnmask_doc_segments(*args, segs.data_ptr(), cap, pairs)
     if count < 0:
         return None
-    segs = torch.empty((count, 6), dtype=torch.int64)
-    if count:
-        lib.attnmask_doc_segments(*args, segs.data_ptr(), count)
-    return VarlenPlan(segs, form.causal, form.window)
+    if count > cap:  # more documents than guessed: written again, in full
+        segs = torch.empty((count, 6), dtype=torch.int64)
+        lib.attnmask_doc_segments(*args, segs.data_ptr(), count, None)
+    return VarlenPlan(segs[:count], form.causal, form.window, pairs[0])
 
 
 def _padded_plan(call) -> VarlenPlan | str | None:

@@ -922,7 +922,7 @@ def _segment_pairs(plan, bs: int, batch: int, q_len: int, kv_len: int) -> int:
     address, _held = segments_address(plan.segments)
     most = (ctypes.c_int64 * (batch * -(-q_len // bs)))()  # zeroed
     window = -1 if plan.window is None else plan.window
-    args = (len(plan.segments), bs, batch, q_len, kv_len, int(plan.causal), window)
+    args = (plan.segments.shape[0], bs, batch, q_len, kv_len, int(plan.causal), window)
     return int(lib.attnmask_segment_tile_pairs(address, *args, most))
 
 
@@ -973,10 +973,17 @@ def _runs_flash(dtype: torch.dtype, device_type: str, head_dim: int, value_dim: 
     return (
         USE_CPU_FLASH
         and device_type == "cpu"
-        and torch.promote_types(dtype, torch.float32) == torch.float32
+        and _computes_in_float32(dtype)
         and head_dim == value_dim
         and _flash_cpu_ops() is not None
     )
+
+
+@functools.cache
+def _computes_in_float32(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` promotes to float32 (float32 and the half types), asked once per dtype: a torch call,
+    several us right after a kernel, which the floor and the estimate asked on every choice."""
+    return torch.promote_types(dtype, torch.float32) == torch.float32
 
 
 def _stacks_apply(call) -> bool:

@@ -80,7 +80,7 @@ def flex_unsupported(call) -> str | None:
     Triton's smallest head dim on CUDA."""
     if (empty := degenerate(call)) is not None or call.head_dim == 0:
         return empty or "needs a head dim >= 1"  # the compiled kernel dies on a division by zero otherwise
-    device = call.q.device.type
+    device = call.device_type
     if device == "cpu" and call.needs_grad:
         return "compiled FlexAttention on CPU has no backward (use 'blocksparse' to train)"
     if device == "cpu" and (error := _CPU_CHECKED.get(_compile_signature(call)[0])) is not None:
@@ -136,7 +136,7 @@ def flex_available() -> str | None:
 def flex_cost(call) -> float:
     """``inf`` on CPU (compiles per shape: named explicitly only); on CUDA ``cuda_costs.flex_cost`` of the tiles the
     layout computes. A ``custom`` predicate is not laid out just to estimate (that evaluates every pair)."""
-    if call.q.device.type != "cuda":
+    if call.device_type != "cuda":
         return float("inf")
     if isinstance(call.mask, MaskSpec) and not call.mask.is_structural:
         return cuda_costs.flex_cost(call, None, BLOCK_SIZE, 1)
@@ -151,7 +151,7 @@ def flex_run(call) -> torch.Tensor:
     kwargs = dict(block_mask=block_mask, scale=call.scale, enable_gqa=call.heads != call.kv_heads)
     out = _flex()(call.q, call.k, call.v, **kwargs)
     _RAN.add(_compile_signature(call))
-    if call.q.device.type != "cpu":
+    if call.device_type != "cpu":
         return out
     signature = _compile_signature(call)[0]
     if signature not in _CPU_CHECKED:

@@ -41,6 +41,7 @@ from attnmask.backends._common import (
     ModeFactors,
     cached,
     check_segments,
+    float64_address,
     mode_factor,
     pair_width,
     segments_address,
@@ -199,7 +200,7 @@ def forward_items(segs: torch.Tensor, heads: int, threads: int) -> torch.Tensor:
     queries times the keys a causal block reaches (block 80-95 first, block 0-15 last). O(N log N) host work in numpy
     (torch's own ops here would wake its intra-op threads, which then spin beside the kernel's)."""
     want = threads * _PULLS_PER_THREAD * _ITEMS_PER_PULL
-    if threads < 2 or len(segs) * heads >= want or len(segs) == 0:
+    if threads < 2 or segs.shape[0] * heads >= want or segs.shape[0] == 0:
         return segs
     s = segs.numpy()
     q_len = s[:, 2]
@@ -407,7 +408,7 @@ def cost(call) -> float:
     item, item_sum, rows = _item_work_sums(segs, causal, window, width)  # one (segment, head) item each
     outside = call.batch * call.q_len - rows  # query rows in no segment (not walked)
     serial = _CALL_COST + outside * call.heads * width * _ROW_COST
-    if call.q.dtype not in (torch.float32, torch.float64) and not MODES.covers(call.q.dtype, call.q.device.type):
+    if call.q.dtype not in (torch.float32, torch.float64) and not MODES.covers(call.q.dtype, call.device_type):
         tokens = call.batch * (call.heads * call.q_len + 2 * call.kv_heads * call.kv_len)
         serial += tokens * width * 2 * COPY_COST
     kernel = item_sum * call.heads  # on one thread
@@ -451,7 +452,7 @@ def _item_work_sums(segs: torch.Tensor, causal: bool, window: int | None, width:
         work = _item_work_numpy(segs, causal, window, width)
         return work, float(work.sum()), int(segs.numpy()[:, 2].sum())
     address, _held = segments_address(segs)
-    n = len(segs)
+    n = segs.shape[0]
     out = (ctypes.c_double * (n + 2))()  # a ctypes array: its address costs less than a numpy array's after a kernel
     charges = (_PAIR_COST, _LONG_PAIR_COST, _SHORT_RUN_BYTES, _LONG_RUN_BYTES, pair_width(width, _EXTRA_PAIR_WIDTH))
     args = (n, int(causal), -1 if window is None else window, float(width), *charges, _ROW_COST)
@@ -489,10 +490,10 @@ def _pulls_gain(work: np.ndarray, repeat: int, threads: int, share: float) -> fl
     lib = _library()
     if isinstance(lib, str) or not len(work):
         return _pulls_gain_python(np.tile(work, repeat), chunk, threads, share)
-    work = np.ascontiguousarray(work, dtype=np.float64)
+    address, _held = float64_address(work)
     pulls = -(-len(work) * repeat // chunk)
     scratch = (ctypes.c_double * (pulls + threads + 1))()
-    most = lib.attnmask_pull_makespan(work.ctypes.data, len(work), repeat, chunk, threads, scratch)
+    most = lib.attnmask_pull_makespan(address, len(work), repeat, chunk, threads, scratch)
     total = scratch[pulls + threads]
     if total <= 0 or most <= 0 or min(threads, pulls) < 2:
         return 1.0

@@ -75,7 +75,7 @@ def run(call: AttentionCall) -> torch.Tensor:
     are torch's, as stock SDPA's: autograd runs the backward on all of them anyway, and a forward on the free cores
     before it measured slower under contention than both on all (rows of 1K, causal, forward + backward: 4.5x busy /
     idle against stock SDPA's 2.3x; RESULTS.md, issue 15)."""
-    if call.q.device.type != "cpu" or call.needs_grad:
+    if call.device_type != "cpu" or call.needs_grad:
         return _run(call)
     with _workers.all_threads(call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)):
         return _run(call)
@@ -132,7 +132,7 @@ def _splits_causal(call: AttentionCall) -> bool:
     """Whether ``run`` takes ``_split_causal`` for ``call`` (see the comment above ``_SPLIT_DTYPES``)."""
     if type(call.mask) is not Causal or call.positions_given or not 1 < call.q_len < call.kv_len:
         return False
-    if call.q.device.type != "cpu" or call.q.dtype not in _SPLIT_DTYPES or call.dropout_p or call.score_mods:
+    if call.device_type != "cpu" or call.q.dtype not in _SPLIT_DTYPES or call.dropout_p or call.score_mods:
         return False
     if call.batch == 0 or not call.head_dim == call.value_dim > 0:  # the fused op takes one head size, no empty batch
         return False
@@ -206,7 +206,7 @@ def _kernel_zeroes_empty_rows(call: AttentionCall) -> bool:
     (``_probe_empty_rows``, once per dtype). Then no row needs to see every key and be zeroed afterwards: on rows of
     256 packed documents with trailing padding (8 rows, one thread, forward + backward) that saved 4-10%. ``False``
     off CPU, with dropout (the math kernel), under tracing, and wherever the choice cannot be asked."""
-    if call.q.device.type != "cpu" or call.dropout_p > 0 or torch.compiler.is_compiling():
+    if call.device_type != "cpu" or call.dropout_p > 0 or torch.compiler.is_compiling():
         return False
     # The choice reads the shapes, strides and dtype of q, k, v and the mask's shape, and follows the flash-attention
     # switch (``sdpa_kernel`` sets it), never a value: one answer per such key for the whole process, so that a fresh
@@ -314,7 +314,7 @@ def cost(call: AttentionCall) -> float:
     """Pairs times ``D + Dv`` (half for ``is_causal``), plus building the dense mask of a spec, divided by what the
     intra-op threads gain (``_threads_gain``), plus with a gradient ``_common.SDPA_BACKWARD_KEY_COST`` per key, head and
     ``D + Dv``; on CUDA ``cuda_costs.sdpa_cost`` (comparable with the fused varlen and flex kernels)."""
-    if call.q.device.type == "cuda":
+    if call.device_type == "cuda":
         return cuda_costs.sdpa_cost(call)
     gain = _threads_gain(call)
     estimate = _one_thread_cost(call) / gain * mode_factor(MODES, call)

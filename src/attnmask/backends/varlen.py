@@ -655,7 +655,7 @@ def floor(call) -> float:
         serial = rows * (call.heads + call.kv_heads) * width * COPY_COST + CALL_COST
         row_work = rows * call.heads * min(_SMALL_ROW_COST * small_width, _SDPA_ROW_COST * sdpa_width)
         return (serial + row_work / gain) * mode_factor(MODES, call)
-    if not len(built.segments):
+    if not built.segments.shape[0]:
         return 0.0
     tiny_pairs, pairs, tiny_rows, rows, tiny, all_rows, keys = _floor_sums(built)
     tiny_work = (tiny_pairs * min(_PAIR_COST, _MASKED_PAIR_COST) + tiny_rows * _SMALL_ROW_COST) * small_width
@@ -678,7 +678,7 @@ def _floor_sums(plan) -> tuple[float, ...]:
     address, _held = segments_address(plan.segments)
     out = (ctypes.c_double * 7)()
     window = -1 if plan.window is None else plan.window
-    n = len(plan.segments)
+    n = plan.segments.shape[0]
     lib.attnmask_varlen_floor_sums(address, n, int(plan.causal), window, _SMALL_SEGMENT, *_SDPA_BLOCKS, out)
     return tuple(out)
 
