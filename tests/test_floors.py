@@ -444,6 +444,31 @@ def test_packed_rows_are_cut_in_c_exactly_as_the_general_lowering_cuts_them(
         assert fast is not None and (fast.segments.tolist(), fast.causal, fast.window) == general
 
 
+@pytest.mark.parametrize("docs", [1, 15, 16, 17, 40])
+@pytest.mark.parametrize("base", [am.causal(), am.full(), am.sliding_window(3)])
+def test_packed_rows_are_cut_in_one_c_call_or_two_past_its_guess(docs, base):
+    """Packed rows are cut in one C call writing up to ``_SEGMENTS_GUESS`` documents a row, and once more, in full,
+    where a row holds more: below, at and past that size (one spec row for the batch, or one per row), the segments
+    are the general lowering's, contiguous, and what ``varlen_plan`` keeps."""
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    assert _common._SEGMENTS_GUESS == 16
+    length = 2 * docs + 3
+    for rows in ([[2] * docs], [[2] * docs, [1, 2] * (docs // 2) + [3], [length]]):
+        ids = torch.full((len(rows), length), -1, dtype=torch.long)
+        for r, lens in enumerate(rows):
+            starts = [sum(lens[:i]) for i in range(len(lens))]
+            for i, (a, n) in enumerate(zip(starts, lens, strict=True)):
+                ids[r, a : a + n] = i
+        q = torch.randn(3, 2, length, 8)
+        call = _prepare_call(q, q, q, base & am.document(doc_ids=ids), None, None, None)
+        plan = _common._document_plan(call)
+        assert (plan.segments.tolist(), plan.causal, plan.window) == general_plan(call)
+        want = 3 * len(rows[0]) if len(rows) == 1 else sum(map(len, rows))
+        assert plan.segments.is_contiguous() and len(plan.segments) == want
+        assert torch.equal(_common.varlen_plan(call).segments, plan.segments)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.data(),

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import attnmask as am
 from attnmask.attention import _prepare_call
 from attnmask.backends import _clib, _common, banded, blocksparse, sdpa
-from tests.helpers import counted_in, general_plan
+from tests.helpers import counted_in
 from tests.naive import naive_dense
 
 A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
@@ -147,27 +147,6 @@ def test_allowed_fraction_with_the_library_never_reaches_numpy(monkeypatch):
         assert _common.allowed_fraction(call(packed([[30, 34]], 64), batch=1)) == (30 * 31 + 34 * 35) / 2 / 64**2
         spec = am.causal() & am.key_padding(torch.arange(64)[None] < 40)
         assert _common.allowed_fraction(call(spec, batch=1)) == 40 * 41 / 2 / 64**2 + 40 * 24 / 64**2
-
-
-@pytest.mark.parametrize("docs", [1, 15, 16, 17, 40])
-@pytest.mark.parametrize("base", [am.causal(), am.full(), am.sliding_window(2), am.sliding_window(3)])
-def test_packed_rows_counted_as_they_are_cut_around_the_first_calls_size(docs, base):
-    """Packed rows are cut and counted in one C call sized for ``_SEGMENTS_GUESS`` documents a row, and written again
-    where a row holds more: below, at and past that size (one spec row for the batch, or one per row), the plan's
-    pairs are the naive dense mask's, its segments the general lowering's, and ``allowed_fraction`` reads them."""
-    if isinstance(_clib.library(), str):
-        pytest.skip(_clib.library())
-    assert _common._SEGMENTS_GUESS == 16
-    length = 2 * docs + 3
-    for rows in ([[2] * docs], [[2] * docs, [1, 2] * (docs // 2) + [3], [length]]):
-        spec = base & packed(rows, length).parts[1]
-        c = call(spec, batch=3, length=length)
-        plan = _common.document_plan(c)
-        want = int(naive_dense(spec, length, length, 3).sum())
-        assert plan.pairs == want, (docs, rows)
-        assert (plan.segments.tolist(), plan.causal, plan.window) == general_plan(c)
-        assert plan.segments.is_contiguous() and _common.varlen_plan(c) is plan
-        assert _common.allowed_fraction(c) == want / (3 * length * length)
 
 
 @settings(max_examples=60, deadline=None)

@@ -134,7 +134,7 @@ _PTR, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c
 _HELPERS = {
     "attnmask_run_pairs": (_I64, [_PTR, *[_I64] * 5, _INT]),
     "attnmask_real_pairs": (_I64, [_PTR, *[_I64] * 5, _INT]),
-    "attnmask_doc_segments": (_I64, [_PTR, *[_I64] * 6, _INT, _PTR, _I64, _PTR]),
+    "attnmask_doc_segments": (_I64, [_PTR, *[_I64] * 5, _PTR, _I64]),
     "attnmask_segment_tile_pairs": (_I64, [_PTR, *[_I64] * 5, _INT, _I64, _PTR]),
     "attnmask_item_work": (None, [_PTR, _I64, _INT, _I64, *[_F64] * 7, _PTR]),
     "attnmask_pull_makespan": (_F64, [_PTR, *[_I64] * 4, _PTR]),

@@ -52,7 +52,6 @@ __all__ = [
     "cpu_has_amx_bf16",
     "cpu_has_avx512_bf16",
     "degenerate",
-    "document_plan",
     "float64_address",
     "mode_factor",
     "handover_cost",
@@ -398,14 +397,11 @@ def _as_int64(segments) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class VarlenPlan:
-    """Lowered form of a varlen-able spec: segments ``(N, 6)`` and the causal / window rule inside them; ``pairs``, the
-    (query, key) pairs the segments allow over the whole batch where the plan's builder counted them (packed rows:
-    ``_document_plan``), else ``None``."""
+    """Lowered form of a varlen-able spec: segments ``(N, 6)`` and the causal / window rule inside them."""
 
     segments: torch.Tensor
     causal: bool
     window: int | None
-    pairs: int | None = None
 
 
 def varlen_plan(call) -> VarlenPlan | str:
@@ -445,8 +441,7 @@ def allowed_fraction(call) -> float | None:
     """About the fraction of the call's ``B·Q·K`` (query, key) pairs its spec allows, for a spec of the varlen form
     (``[causal | full] & [sliding_window] & [document] & [key_padding]``) with ``Q == K`` at default positions;
     ``None`` for any other call. One O(B·K) pass in C (``segattn.c``, through ``_clib``), or without the library a
-    handful of vectorised numpy operations on host views: cheap enough to decide from before any backend plans. Packed
-    rows (:func:`document_plan`) are counted as their segments are cut, and those are kept for the backends.
+    handful of vectorised numpy operations on host views: cheap enough to decide from before any backend plans.
 
     Exact for documents (each id one contiguous run: a query sees the earlier keys of its run, at most ``w`` under a
     window, all of its run without ``causal``) and for padded rows (a query sees every real key up to it; under a
@@ -469,9 +464,6 @@ def allowed_fraction(call) -> float | None:
         return None  # the spec does not cover the row: the backend that runs says so
     window = length if form.window is None else form.window
     if form.document is not None:
-        planned = document_plan(call)  # packed rows: their segments count the pairs, and "native" reuses them
-        if planned is not None:
-            return planned.pairs / (call.batch * call.q_len * call.kv_len)
         pairs = _counted("attnmask_run_pairs", form.document.doc_ids, torch.int64, length, window, form.causal)
         if pairs is None:
             pairs = _run_pairs(_host(form.document.doc_ids)[:, :length], window, form.causal)
@@ -654,7 +646,7 @@ def _host(t: torch.Tensor) -> np.ndarray:
 def _build_varlen_plan(call) -> VarlenPlan | str:
     if (empty := degenerate(call)) is not None:
         return empty
-    if (fast := document_plan(call)) is not None or (fast := _padded_plan(call)) is not None:
+    if (fast := _document_plan(call)) is not None or (fast := _padded_plan(call)) is not None:
         return fast
     args = call_varlen_args(call)
     if isinstance(args, str):
@@ -663,12 +655,6 @@ def _build_varlen_plan(call) -> VarlenPlan | str:
     window = None if args.window_size[0] < 0 else args.window_size[0] + 1
     segs = segments_from_varlen(args, call.batch, call.q_len, call.kv_len, spec.batch_size or 1)
     return VarlenPlan(check_segments(segs, call.q, call.k, call.v), args.causal, window)
-
-
-def document_plan(call) -> VarlenPlan | None:
-    """:func:`_document_plan`, cached with the call's plans (``allowed_fraction`` asks before any backend, and
-    :func:`varlen_plan` takes it)."""
-    return cached(call, "document_plan", _document_plan)
 
 
 # Segments a batch row is planned for before they are counted: one C call cuts and counts the rows of up to this many
@@ -698,17 +684,16 @@ def _document_plan(call) -> VarlenPlan | None:
         real = _real_keys(form, length)
         if real is None or ((_host(ids)[:, :length] >= 0) & ~real).any():
             return None
-    window = -1 if form.window is None else form.window
-    args = (ids.data_ptr(), ids.shape[0], length, *ids.stride(), call.batch, window, int(form.causal))
+    args = (ids.data_ptr(), ids.shape[0], length, *ids.stride(), call.batch)
     cap = _SEGMENTS_GUESS * call.batch
-    segs, pairs = torch.empty((cap, 6), dtype=torch.int64), (ctypes.c_int64 * 1)()
-    count = lib.attnmask_doc_segments(*args, segs.data_ptr(), cap, pairs)
+    segs = torch.empty((cap, 6), dtype=torch.int64)
+    count = lib.attnmask_doc_segments(*args, segs.data_ptr(), cap)
     if count < 0:
         return None
     if count > cap:  # more documents than guessed: written again, in full
         segs = torch.empty((count, 6), dtype=torch.int64)
-        lib.attnmask_doc_segments(*args, segs.data_ptr(), count, None)
-    return VarlenPlan(segs[:count], form.causal, form.window, pairs[0])
+        lib.attnmask_doc_segments(*args, segs.data_ptr(), count)
+    return VarlenPlan(segs[:count], form.causal, form.window)
 
 
 def _padded_plan(call) -> VarlenPlan | str | None:

@@ -346,26 +346,17 @@ int64_t attnmask_real_pairs(const uint8_t *real, int64_t rows, int64_t length, i
  * lowering.varlen_args, the tests hold this one to): the runs of equal non-negative ids of a (rows, length) array
  * addressed through element strides, as segments (b, start, n, start, n, 0) of `batch` rows, row-major; a spec of one
  * row (rows == 1) serves every batch row. It checks that no id forms two runs of a row (sorting each row's run ids in
- * a scratch array), writes the first `cap` segments to `out` (none with out == NULL), and adds to `*pairs` (unless
- * NULL) the (query, key) pairs the segments allow: a query `within` positions from its segment's start sees
- * min(within + 1, window) keys if causal, else the whole segment (attnmask_run_pairs's count; window < 0: none).
- * Returns the number of segments (the caller calls again with a larger `out` when it passes `cap`), -1 for an id in
- * several runs of a row, -2 when the scratch array cannot be allocated. */
-static int64_t run_pairs_of(int64_t n, int64_t window, int causal) {
-    if (!causal) return n * n;
-    if (window < 0 || n <= window) return n * (n + 1) / 2;
-    return window * (window + 1) / 2 + (n - window) * window;
-}
-
+ * a scratch array) and writes the first `cap` segments to `out`. Returns the number of segments (the caller calls
+ * again with a larger `out` when it passes `cap`), -1 for an id in several runs of a row, -2 when the scratch array
+ * cannot be allocated. */
 static int cmp_int64(const void *a, const void *b) {
     int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
     return (x > y) - (x < y);
 }
 
 int64_t attnmask_doc_segments(const int64_t *ids, int64_t rows, int64_t length, int64_t row_stride,
-                              int64_t col_stride, int64_t batch, int64_t window, int causal, int64_t *out, int64_t cap,
-                              int64_t *pairs) {
-    int64_t count = 0, total = 0;
+                              int64_t col_stride, int64_t batch, int64_t *out, int64_t cap) {
+    int64_t count = 0;
     int64_t *seen = NULL;
     if (length > 0) {
         seen = malloc((size_t)length * sizeof(int64_t));
@@ -380,11 +371,10 @@ int64_t attnmask_doc_segments(const int64_t *ids, int64_t rows, int64_t length, 
             while (j < length && row[j * col_stride] == id) j++;
             if (id < 0) continue;
             if (check) seen[runs++] = id;
-            if (out != NULL && count < cap) {
+            if (count < cap) {
                 int64_t *s = out + 6 * count;
                 s[0] = b, s[1] = start, s[2] = j - start, s[3] = start, s[4] = j - start, s[5] = 0;
             }
-            total += run_pairs_of(j - start, window, causal);
             count++;
         }
         if (check && runs > 1) {
@@ -398,7 +388,6 @@ int64_t attnmask_doc_segments(const int64_t *ids, int64_t rows, int64_t length, 
         }
     }
     free(seen);
-    if (pairs != NULL) *pairs += total;
     return count;
 }
 
