@@ -171,6 +171,33 @@ def test_native_item_work_in_c_as_numpy_does(call, width, threads):
 
 
 @settings(max_examples=150, deadline=None)
+@given(
+    st.one_of(varlen_calls(), cache_calls()),
+    st.sampled_from([8, 128, 512]),
+    st.integers(1, 8),
+    st.integers(2, 9),
+    st.sampled_from([0.5, 0.85]),
+)
+def test_native_item_work_and_its_deal_in_one_c_call_as_in_two(call, width, repeat, threads, share):
+    """Where native's forward deals the segments themselves, its estimate asks for their works and their deal in one
+    C call (``attnmask_item_work_makespan``): the same works, sums and gain as ``_item_work_sums`` then
+    ``_pulls_gain``, exactly (empty plans and fewer pulls than threads included); without the library, those two."""
+    plan = _common.varlen_plan(call)
+    if isinstance(plan, str):
+        return
+    causal = plan.causal or plan.window is not None
+    work, total, rows = NV._item_work_sums(plan.segments, causal, plan.window, width)
+    want = (work.tolist(), total, rows, NV._pulls_gain(work, repeat, threads, share))
+    got = NV._item_work_gain(plan.segments, causal, plan.window, width, repeat, threads, share)
+    assert (got[0].tolist(), *got[1:]) == want
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(NV, "_library", lambda: "switched off by the test")
+        got = NV._item_work_gain(plan.segments, causal, plan.window, width, repeat, threads, share)
+    np.testing.assert_allclose(got[0], work, rtol=1e-12)
+    assert got[2] == rows and got[1] == pytest.approx(total, rel=1e-12) and got[3] == pytest.approx(want[3], rel=1e-12)
+
+
+@settings(max_examples=150, deadline=None)
 @given(st.one_of(varlen_calls(), cache_calls()))
 def test_varlen_floor_sums_segments_in_c_as_numpy_does(call):
     """varlen's floor sums its charges over the plan's segments in C where the kernel is built

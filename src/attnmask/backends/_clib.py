@@ -138,6 +138,7 @@ _HELPERS = {
     "attnmask_segment_tile_pairs": (_I64, [_PTR, *[_I64] * 5, _INT, _I64, _PTR]),
     "attnmask_item_work": (None, [_PTR, _I64, _INT, _I64, *[_F64] * 7, _PTR]),
     "attnmask_pull_makespan": (_F64, [_PTR, *[_I64] * 4, _PTR]),
+    "attnmask_item_work_makespan": (_F64, [_PTR, _I64, _INT, _I64, *[_F64] * 7, _PTR, *[_I64] * 3, _PTR]),
     "attnmask_varlen_floor_sums": (None, [_PTR, _I64, _INT, _I64, _I64, _F64, _F64, _PTR]),
     "attnmask_most_keys_seen": (_I64, [_PTR, _I64, _INT, _I64]),
 }

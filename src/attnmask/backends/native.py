@@ -405,7 +405,17 @@ def cost(call) -> float:
     width = call.head_dim + call.value_dim
     segs = plan.segments
     causal, window = plan.causal or plan.window is not None, plan.window
-    item, item_sum, rows = _item_work_sums(segs, causal, window, width)  # one (segment, head) item each
+    threads = _workers.threads_available()
+    blocks = segs if threads < 2 else _forward_blocks(call, segs)
+    amx = call.q.dtype == torch.bfloat16 and _common.cpu_has_amx_bf16()  # through the module: one place to patch
+    efficiency = _BF16_AMX_THREAD_EFFICIENCY if amx else _THREAD_EFFICIENCY
+    forward_gain = None
+    if blocks is segs and threads >= 2:  # the forward deals the segments themselves: their works and deal in one pass
+        item, item_sum, rows, forward_gain = _item_work_gain(
+            segs, causal, window, width, call.heads, threads, efficiency
+        )
+    else:
+        item, item_sum, rows = _item_work_sums(segs, causal, window, width)  # one (segment, head) item each
     outside = call.batch * call.q_len - rows  # query rows in no segment (not walked)
     serial = _CALL_COST + outside * call.heads * width * _ROW_COST
     if call.q.dtype not in (torch.float32, torch.float64) and not MODES.covers(call.q.dtype, call.device_type):
@@ -413,14 +423,11 @@ def cost(call) -> float:
         serial += tokens * width * 2 * COPY_COST
     kernel = item_sum * call.heads  # on one thread
     factor = mode_factor(MODES, call)
-    threads = _workers.threads_available()
     if threads < 2:
         return (serial + kernel) * factor
-    blocks = _forward_blocks(call, segs)
-    amx = call.q.dtype == torch.bfloat16 and _common.cpu_has_amx_bf16()  # through the module: one place to patch
-    efficiency = _BF16_AMX_THREAD_EFFICIENCY if amx else _THREAD_EFFICIENCY
-    block_work = item if blocks is segs else _item_work(blocks, causal, window, width)  # no cut: the same items
-    forward = serial + kernel / _pulls_gain(block_work, call.heads, threads, efficiency)
+    if forward_gain is None:  # the forward's blocks cut the segments
+        forward_gain = _pulls_gain(_item_work(blocks, causal, window, width), call.heads, threads, efficiency)
+    forward = serial + kernel / forward_gain
     if not call.needs_grad:
         return forward * factor
     gain = 1.0
@@ -454,10 +461,35 @@ def _item_work_sums(segs: torch.Tensor, causal: bool, window: int | None, width:
     address, _held = segments_address(segs)
     n = segs.shape[0]
     out = (ctypes.c_double * (n + 2))()  # a ctypes array: its address costs less than a numpy array's after a kernel
-    charges = (_PAIR_COST, _LONG_PAIR_COST, _SHORT_RUN_BYTES, _LONG_RUN_BYTES, pair_width(width, _EXTRA_PAIR_WIDTH))
-    args = (n, int(causal), -1 if window is None else window, float(width), *charges, _ROW_COST)
-    lib.attnmask_item_work(address, *args, out)
+    lib.attnmask_item_work(address, *_item_work_args(n, causal, window, width), out)
     return np.frombuffer(out, dtype=np.float64, count=n), out[n], int(out[n + 1])
+
+
+def _item_work_args(n: int, causal: bool, window: int | None, width: int) -> tuple:
+    """``attnmask_item_work``'s arguments after the segments' address, up to its output."""
+    charges = (_PAIR_COST, _LONG_PAIR_COST, _SHORT_RUN_BYTES, _LONG_RUN_BYTES, pair_width(width, _EXTRA_PAIR_WIDTH))
+    return (n, int(causal), -1 if window is None else window, float(width), *charges, _ROW_COST)
+
+
+def _item_work_gain(
+    segs: torch.Tensor, causal: bool, window: int | None, width: int, repeat: int, threads: int, share: float
+) -> tuple[np.ndarray, float, int, float]:
+    """:func:`_item_work_sums` and :func:`_pulls_gain` of those works (``repeat`` times, ``threads`` >= 2 threads at
+    ``share`` of a core) in one C call (``attnmask_item_work_makespan``), or the two functions where the kernel is
+    not built."""
+    lib = _library()
+    n = segs.shape[0]
+    if isinstance(lib, str) or not n:
+        work, total, rows = _item_work_sums(segs, causal, window, width)
+        return work, total, rows, _pulls_gain(work, repeat, threads, share)
+    address, _held = segments_address(segs)
+    chunk = _chunk(n * repeat, threads)
+    pulls = -(-n * repeat // chunk)
+    out, scratch = (ctypes.c_double * (n + 2))(), (ctypes.c_double * (pulls + threads + 1))()
+    args = (*_item_work_args(n, causal, window, width), out, repeat, chunk, threads, scratch)
+    most = lib.attnmask_item_work_makespan(address, *args)
+    gain = _dealt_gain(scratch[pulls + threads], most, min(threads, pulls), share)
+    return np.frombuffer(out, dtype=np.float64, count=n), out[n], int(out[n + 1]), gain
 
 
 def _item_work_numpy(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> np.ndarray:
@@ -494,8 +526,13 @@ def _pulls_gain(work: np.ndarray, repeat: int, threads: int, share: float) -> fl
     pulls = -(-len(work) * repeat // chunk)
     scratch = (ctypes.c_double * (pulls + threads + 1))()
     most = lib.attnmask_pull_makespan(address, len(work), repeat, chunk, threads, scratch)
-    total = scratch[pulls + threads]
-    if total <= 0 or most <= 0 or min(threads, pulls) < 2:
+    return _dealt_gain(scratch[pulls + threads], most, min(threads, pulls), share)
+
+
+def _dealt_gain(total: float, most: float, dealt: int, share: float) -> float:
+    """What ``dealt`` threads gain on pulls of work ``total`` whose most loaded thread got ``most``, each added
+    thread at ``share`` of a core: ``1 + (total / most - 1) · share`` (1 below two threads or without work)."""
+    if total <= 0 or most <= 0 or dealt < 2:
         return 1.0
     return 1 + (total / most - 1) * share
 

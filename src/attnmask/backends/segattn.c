@@ -494,6 +494,17 @@ double attnmask_pull_makespan(const double *items, int64_t n, int64_t repeat, in
     return most;
 }
 
+/* attnmask_item_work, then attnmask_pull_makespan over the n works it wrote (native.cost where the forward deals the
+ * segments themselves, uncut): one call in place of two. Returns the makespan; out and scratch as theirs. */
+double attnmask_item_work_makespan(const int64_t *segs, int64_t n, int causal, int64_t window, double width,
+                                   double pair_cost, double long_pair_cost, double short_bytes, double long_bytes,
+                                   double pair_w, double row_cost, double *out, int64_t repeat, int64_t chunk,
+                                   int64_t threads, double *scratch) {
+    attnmask_item_work(segs, n, causal, window, width, pair_cost, long_pair_cost, short_bytes, long_bytes, pair_w,
+                       row_cost, out);
+    return attnmask_pull_makespan(out, n, repeat, chunk, threads, scratch);
+}
+
 /* The sums the "varlen" floor charges (varlen._floor_sums, whose numpy form this equals up to rounding), per class
  * of segment: out[0] / out[1] the pairs torch's SDPA kernel computes in the tiny ones (k_len <= small_max) / the
  * others (every q_len * k_len pair up to `block` keys; past that, causal: about half plus `extra` keys per query,
