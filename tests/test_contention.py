@@ -350,11 +350,11 @@ BANDED_SPECS = {
 
 @pytest.mark.parametrize("name", BANDED_SPECS)
 def test_banded_runs_its_small_ops_with_one_thread_and_its_sdpa_call_with_all(two_threads, monkeypatch, name):
-    """Under two threads "banded" opens one parallel region per row (its large SDPA call), the edge tiles, gathers
-    and assembly none; outputs and gradients (GQA, per-row specs) equal the workers-off path and the reference."""
+    """Under two threads "banded" opens one parallel region per row (its large SDPA call), the padding, masks and
+    assembly none; outputs and gradients (GQA, per-row specs) equal the workers-off path and the reference."""
     from attnmask.backends import banded as BD
 
-    kernels = spy_threads(monkeypatch, BD, ["_edge_attention"])
+    kernels = spy_threads(monkeypatch, BD, ["_padded"])
     sdpa = spy_threads(monkeypatch, BD.F, ["scaled_dot_product_attention"])
     spec = BANDED_SPECS[name]()
     q, k, v = qkv(200, heads=4, kv_heads=2, grad=True, batch=spec.batch_size or 1)
@@ -659,7 +659,7 @@ def test_backends_compute_on_the_free_cores_only(two_threads, monkeypatch, backe
     spies = [
         spy_threads(monkeypatch, torch.nn.functional, ["scaled_dot_product_attention"]),
         spy_threads(monkeypatch, BS, ["_flash_group_forward", "_flash_group_backward", "_unit_stride"]),
-        spy_threads(monkeypatch, BD, ["_edge_attention"]),
+        spy_threads(monkeypatch, BD, ["_padded"]),
         set(),
     ]
     real = NT._call

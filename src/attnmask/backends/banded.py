@@ -3,22 +3,23 @@
 When every query tile of ``bs`` tokens may only see the ``W`` key tiles ending at itself (causal specs whose
 ``key_band`` is narrow: packed rows of short documents, small sliding windows), attention is computed for all query
 tiles of a batch row in ONE fused SDPA call: the query tiles ``(nT, H, bs, D)`` and the key / value bands of tiles
-``t - W + 1 .. t`` ``(nT, Hkv, W·bs, ·)`` are strided views of q, k and v (overlapping windows: no gather, no
-per-document call), and the mask is evaluated from the spec on just those pairs. The first ``W - 1`` tiles (whose
-band starts before the row) and a short last tile are gathered and computed apart. Rows with no allowed key give
-exactly 0 and a zero gradient; the band views have a hand-written gradient (``W`` shifted adds).
+``t - W + 1 .. t`` ``(nT, Hkv, W·bs, ·)`` are strided views of q, k and v, padded with ``W - 1`` tiles of zeros in
+front of the row (overlapping windows: no gather, no per-document call), and the mask is evaluated from the spec on
+just those pairs (the padding blocked). Rows with no allowed key give exactly 0 and a zero gradient; the band views
+have a hand-written gradient (``W`` shifted adds).
 No attention dropout (declared: ``"auto"`` runs such a call elsewhere).
 
 Worked example: ``L = 6``, documents ``[2, 3, 1]``, ``bs = 2``: query tiles ``[0, 1], [2, 3], [4, 5]``; the document
 of tokens 2-4 reaches back one tile from tile ``[4, 5]``, so ``W = 2`` and each query scores 4 keys (the band), of
 which the spec allows at most 3.
 
-Threads: the gathers, edge tiles, masks and assembly run with one intra-op thread (``_workers.serial_steps``), the
-one SDPA call per batch row with all of them: one parallel region per row, as stock SDPA opens, so that a core taken
-by another process costs one wait, not one per small op (issue 15). The backward is autograd's, on every thread.
+Threads: the padding, masks and assembly run with one intra-op thread (``_workers.serial_steps``), the one SDPA
+call per batch row with all of them: one parallel region per row, as stock SDPA opens, so that a core taken by another
+process costs one wait, not one per small op (issue 15). The backward is autograd's, on every thread.
 
-Memory: an O(B·L·W·bs) bool mask (no head dim) and float bias for the edge tiles; SDPA's own O(B·H·L·W·bs) work at
-most; one copy of the output (assembled from the tiles). No copy of q, k or v (the edge tiles gather O(W·bs) rows).
+Memory: an O(B·L·W·bs) bool mask (no head dim) and its float form per row; SDPA's own O(B·H·L·W·bs) work at most; one
+padded copy of k and v (``W - 1`` tiles longer) and of q when L is not a multiple of bs; one copy of the output
+(assembled from the tiles).
 """
 
 from __future__ import annotations
@@ -52,12 +53,13 @@ __all__ = ["BACKEND", "MAX_BAND_KEYS", "band_mask", "banded_attention"]
 _TILE_SIZES = (8, 16, 32, 64)  # candidate tile sizes; the cheapest by banded_cost wins (ties: the smaller)
 MAX_BAND_KEYS = 256  # wider bands go to sdpa / varlen / blocksparse
 _HEAD_COST = 1e5  # Python and dispatch overhead of one head's few kernel calls, in element operations
-# Per (tile, head) item of the SDPA batch: measured 4-7 us with the mask and edge tiles, whatever the tile size.
+# Per (tile, head) item of the SDPA batch: measured 4-7 us with the mask and (then) the edge tiles, whatever the tile
+# size.
 _TILE_COST = 2.3e5
 _PAIR_COST = 1.0  # one multiply-add of a pair of the band (one SDPA call on small tiles)
 _MASK_COST = 20.0  # evaluating the spec on one (query, key) pair of the band, once for all heads
 # Threads: only the one SDPA call per batch row (its pairs and per-tile items) is split across the intra-op threads,
-# each added one contributing this share of a core; the masks, edge tiles, Python and the output copy run on one
+# each added one contributing this share of a core; the masks, padding, Python and the output copy run on one
 # (``serial_steps``). Fitted: ``benchmarks/bench_limit.py --fit`` on the 1- and 2-thread tables limit_tables/omp_*.txt
 # (RESULTS.md, "native's threads"; was 0.0).
 _THREAD_EFFICIENCY = 0.14
@@ -221,8 +223,7 @@ def run(call) -> torch.Tensor:
 
 def _call_band_masks(call) -> _BandMasks:
     plan = _cached_plan(call)
-    work = torch.promote_types(call.q.dtype, torch.float32)
-    return band_masks(call.mask, call.q_len, plan.block_size, plan.width, work, call.q.device)
+    return band_masks(call.mask, call.q_len, plan.block_size, plan.width, call.q.device)
 
 
 def band_mask(spec: M.MaskSpec, length: int, bs: int, width: int, rows: int, device) -> torch.Tensor:
@@ -244,7 +245,8 @@ def band_mask(spec: M.MaskSpec, length: int, bs: int, width: int, rows: int, dev
 def _band_view(t: torch.Tensor, first: int, n: int, bs: int, width: int) -> torch.Tensor:
     """Keys of one batch row ``(Hkv, L, X)`` (contiguous) -> the key bands of query tiles ``first .. first + n - 1``
     as ``(n, Hkv, W·bs, X)``: ONE overlapping strided view (tile ``t``'s band starts at key ``(t - W + 1)·bs``, so
-    ``first >= W - 1``), no copy. Its gradient is the sum of ``W`` shifted slices (autograd's generic backward of
+    ``first >= W - 1``: on keys padded with ``W - 1`` tiles in front, ``first = W - 1`` is the row's first tile), no
+    copy. Its gradient is the sum of ``W`` shifted slices (autograd's generic backward of
     an overlapping ``as_strided`` is several times slower)."""
     return _BandView.apply(t, first, n, bs, width)
 
@@ -269,56 +271,34 @@ class _BandView(torch.autograd.Function):
 
 
 class _BandMasks(NamedTuple):
-    """What ``banded_attention`` derives from the spec alone (``band_masks``): the band's mask ``allowed``
-    ``(R, nT, bs, W·bs)``, ``has_key`` ``(R, nT, bs, 1)``, ``keep`` (``has_key``, or None when every real query has
-    a key), the edge tiles ``(E,)``, and their additive bias ``(R, E, bs, W·bs)`` and ``keep`` in the work dtype."""
+    """What ``banded_attention`` derives from the spec alone (``band_masks``): ``attend`` ``(R, nT, bs, W·bs)``, the
+    band's mask with every query row that has no allowed key opened to its whole band (finite scores: its output is
+    zeroed or, past the row, dropped), and ``keep`` ``(R, nT, bs, 1)``, whether each query has a key, or None when
+    every query of the row does."""
 
-    allowed: torch.Tensor
-    has_key: torch.Tensor
+    attend: torch.Tensor
     keep: torch.Tensor | None
-    edges: torch.Tensor
-    edge_bias: torch.Tensor
-    edge_keep: torch.Tensor | None
 
 
-def band_masks(spec: M.MaskSpec, length: int, bs: int, width: int, work: torch.dtype, device) -> _BandMasks:
+def band_masks(spec: M.MaskSpec, length: int, bs: int, width: int, device) -> _BandMasks:
     """The spec's masks on the band of a row of ``length`` (see ``_BandMasks``), for ``banded_attention``'s
-    ``masks=``; ``work`` is the float dtype its edge tiles are computed in. O(R·L·W·bs) bools and O(R·W·bs²) floats
-    for the at most ``W`` edge tiles."""
+    ``masks=``. O(R·L·W·bs) bools."""
     rows = spec.batch_size or 1
     allowed = band_mask(spec, length, bs, width, rows, device)  # (R, nT, bs, W·bs)
     has_key = allowed.any(-1, keepdim=True)  # (R, nT, bs, 1); the padding queries past L have none
     keep = None if bool(has_key.view(rows, -1)[:, :length].all()) else has_key
-    edges = _edge_tiles(allowed.shape[1], length // bs, width, device)
-    # Additive 0 / finfo.min for the edge tiles, added once to scores of finite inputs (never two minima).
-    edge_allowed = allowed[:, edges]
-    edge_bias = torch.zeros(edge_allowed.shape, dtype=work, device=device)
-    edge_bias.masked_fill_(~edge_allowed, torch.finfo(work).min)
-    edge_keep = None if keep is None else keep[:, edges].to(work)
-    return _BandMasks(allowed, has_key, keep, edges, edge_bias, edge_keep)
+    attend = allowed if bool(has_key.all()) else allowed | ~has_key
+    return _BandMasks(attend, keep)
 
 
-def _edge_tiles(n_tiles: int, n_inner: int, width: int, device) -> torch.Tensor:
-    """Query tiles whose band leaves the row: the first ``W - 1`` and a short last one. ``(E,)`` int64."""
-    front = torch.arange(min(width - 1, n_tiles), device=device)
-    back = torch.arange(max(n_inner, width - 1), n_tiles, device=device)
-    return torch.cat([front, back])
-
-
-def _edge_attention(q, k, v, tiles, bs, width, bias, keep, scale):
-    """Attention of the query tiles ``tiles`` ``(E,)`` of every row and head, their bands gathered (clamped indices:
-    the bias ``(R, E, bs, W·bs)`` blocks keys outside the row; ``keep`` ``(R, E, bs, 1)`` or None zeroes rows with
-    no key): ``(B, H, E, bs, Dv)`` in float32 (float64 stays). A small copy."""
-    work = torch.promote_types(q.dtype, torch.float32)
-    rep, L = q.shape[1] // k.shape[1], q.shape[2]
-    q_rows = (tiles[:, None] * bs + torch.arange(bs, device=q.device)).clamp(max=L - 1)
-    k_rows = ((tiles[:, None] - width + 1) * bs + torch.arange(width * bs, device=q.device)).clamp(0, L - 1)
-    k_band, v_band = (t[:, :, k_rows].to(work).repeat_interleave(rep, dim=1) for t in (k, v))
-    s = torch.matmul(q[:, :, q_rows].to(work), k_band.transpose(-1, -2)).mul_(scale).add_(bias[:, None])
-    p = torch.softmax(s, dim=-1)
-    if keep is not None:  # rows with no allowed key: a softmax over blocked keys, zeroed (and so its gradient)
-        p = p * keep[:, None]
-    return torch.matmul(p, v_band)
+def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bs: int, width: int) -> tuple[torch.Tensor, ...]:
+    """``q`` with zero rows up to a whole last tile, and ``k``, ``v`` with ``W - 1`` tiles of zero rows before the
+    row and the same tail after it: every query tile's band is then inside the padded row (masked where it leaves
+    the real one). Copies: O(B·(H·L·D + Hkv·(L + W·bs)·(D + Dv)))."""
+    L = q.shape[2]
+    tail = -(-L // bs) * bs - L
+    q = F.pad(q, (0, 0, 0, tail)) if tail else q
+    return (q, *(F.pad(t, (0, 0, (width - 1) * bs, tail)) for t in (k, v)))
 
 
 def banded_attention(
@@ -340,21 +320,22 @@ def banded_attention(
     padded buffer when ``L`` is not a multiple of ``block_size``); rows with no allowed key are exactly 0 with zero
     gradient.
 
-    The inner tiles (whose band lies inside the row) of each batch row take ONE fused SDPA call: the query tiles
-    ``(nI, H, bs, D)`` and the key / value bands ``(nI, Hkv, W·bs, ·)`` are strided views of q, k and v (no copy;
-    GQA through SDPA's ``enable_gqa``) and the mask is the band's ``(nI, 1, bs, W·bs)``, additive (0 / -inf, what
-    SDPA makes of a bool one). The at most ``W`` edge tiles per head (the first ``W - 1`` and a short last one) are
-    gathered and computed together, in float32.
-    ``masks``: ``band_masks(spec, L, block_size, width, work dtype, device)`` when the caller keeps them (the
-    ``"banded"`` backend caches them with its plan); computed here otherwise.
+    Every query tile of each batch row takes ONE fused SDPA call: ``k`` and ``v`` are padded with ``W - 1`` tiles of
+    zeros before the row (and ``q``, ``k``, ``v`` to a whole last tile, ``_padded``), so that the query tiles
+    ``(nT, H, bs, D)`` and the key / value bands ``(nT, Hkv, W·bs, ·)`` are strided views of the padded tensors (GQA
+    through SDPA's ``enable_gqa``) and the mask is the band's ``(nT, 1, bs, W·bs)``, additive (0 / -inf, what SDPA
+    makes of a bool one), blocking the padding. (The first ``W - 1`` tiles and a short last one had been gathered and
+    computed apart, in float32: half of the work of a row of 8 tiles at ``W = 5``, at 2-3x the time per pair.)
+    ``masks``: ``band_masks(spec, L, block_size, width, device)`` when the caller keeps them (the ``"banded"``
+    backend caches them with its plan); computed here otherwise.
     """
     L, D, bs = q.shape[2], q.shape[3], block_size
     scale = D**-0.5 if scale is None else scale
     q, k, v = (t.contiguous() for t in (q, k, v))
     if masks is None:
-        masks = band_masks(spec, L, bs, width, torch.promote_types(q.dtype, torch.float32), q.device)
-    # The few dozen small ops with one intra-op thread, forward and backward (no parallel region each); the one
-    # large SDPA call per row with all of them.
+        masks = band_masks(spec, L, bs, width, q.device)
+    # The few small ops with one intra-op thread, forward and backward (no parallel region each); the one large SDPA
+    # call per row with all of them.
     return graph_in(serial_steps, functools.partial(_banded_rows, masks, bs, width, scale, L), q, k, v)
 
 
@@ -362,35 +343,23 @@ def _banded_rows(masks: _BandMasks, bs: int, width: int, scale: float, L: int, q
     """``banded_attention``'s computation on contiguous ``q``, ``k``, ``v`` with the band's ``masks``."""
     B, H, _, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
-    n_tiles, n_inner = -(-L // bs), L // bs  # n_inner: tiles with bs real queries
-    rows = masks.allowed.shape[0]
-    allowed, has_key, keep = masks.allowed, masks.has_key, masks.keep
-    out_edge = _edge_attention(q, k, v, masks.edges, bs, width, masks.edge_bias, masks.edge_keep, scale)
-    out_edge = out_edge.to(q.dtype)
-    front = min(width - 1, n_tiles)
-    n_mid = max(n_inner - front, 0)
+    n_tiles = -(-L // bs)
+    rows = masks.attend.shape[0]
+    q, k, v = _padded(q, k, v, bs, width)
     per_row = []
     for b in range(B):
         r = b if rows > 1 else 0
-        pieces = [out_edge[b, :, :front]]
-        if n_mid:
-            qt = q[b, :, front * bs : n_inner * bs].view(H, n_mid, bs, D).transpose(0, 1)
-            kb, vb = (_band_view(t[b], front, n_mid, bs, width) for t in (k, v))
-            mask = allowed[r, front:n_inner, None]
-            if keep is not None:  # empty rows attend to every band key (finite), their output is zeroed below
-                mask = mask | ~has_key[r, front:n_inner, None]
-            mask = additive(mask, qt.dtype)  # built here, not in SDPA's own parallel region inside the large call
-            sdpa = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
-            work = qt.shape[0] * H * bs * kb.shape[2] * (D + Dv)
-            region = functools.partial(all_threads, work)
-            mid = graph_in(region, sdpa, qt, kb, vb)  # one parallel region, as stock SDPA runs it
-            if keep is not None:
-                mid = mid * keep[r, front:n_inner, None].to(mid.dtype)
-            pieces.append(mid.transpose(0, 1))  # (H, n_mid, bs, Dv)
-        pieces.append(out_edge[b, :, front:])
-        per_row.append(torch.cat(pieces, dim=1))  # (H, nT, bs, Dv)
-    out = per_row[0].unsqueeze(0) if B == 1 else torch.stack(per_row)
-    return out.view(B, H, n_tiles * bs, Dv)[:, :, :L]
+        qt = q[b].view(H, n_tiles, bs, D).transpose(0, 1)
+        kb, vb = (_band_view(t[b], width - 1, n_tiles, bs, width) for t in (k, v))
+        mask = additive(masks.attend[r, :, None], qt.dtype)  # built here, not in SDPA's own parallel region
+        sdpa = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+        region = functools.partial(all_threads, n_tiles * H * bs * kb.shape[2] * (D + Dv))
+        out = graph_in(region, sdpa, qt, kb, vb)  # one parallel region, as stock SDPA runs it
+        if masks.keep is not None:
+            out = out * masks.keep[r, :, None].to(out.dtype)
+        per_row.append(out.transpose(0, 1))  # (H, nT, bs, Dv)
+    out = per_row[0].unsqueeze(0) if B == 1 else torch.stack(per_row)  # one copy either way (reshape below for B = 1)
+    return out.reshape(B, H, n_tiles * bs, Dv)[:, :, :L]
 
 
 BACKEND = Backend(
