@@ -44,6 +44,7 @@ from attnmask.backends._common import (
     float64_address,
     mode_factor,
     pair_width,
+    per_cpu_kind,
     segments_address,
     varlen_plan,
 )
@@ -315,14 +316,22 @@ def segment_attention(
 # at 64 keys had priced windows of 64 as runs in L1, and native was picked on them 1.15-1.33x slower than banded
 # (limit_tables/s15_*, s16_*); the ramp replays 1610 -> 1619 rows within 1.1x on the eighteen saved sets, ramps ending
 # at 96-128 keys 1619-1620, at 160 or 256 keys 1591 / 1568 (RESULTS.md, issue 15, "Fresh specs at two threads").
-_PAIR_COST = 1.8  # a pair of a run of at most _SHORT_RUN_BYTES
-_LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.8 x 1.9)
+# Per CPU kind (``_common.per_cpu_kind``: with AMX tiles, other), as the query rows' charge below: on the AMD EPYC
+# without the tiles, charges 0.85x the Xeon's (fitted there by a grid on every saved table of that CPU, each replayed on
+# its kind: picks within 1.1x of the fastest, 25 limit tables 865 -> 863 of 931, 14 head-size tables 1194 -> 1236 of
+# 1,344, +8-9 on each one-thread table, where varlen had been picked on documents of ~60 tokens 1.13-1.78x slower than
+# native; 0.8 / 0.9 / 0.95: 1222 / 1220 / 1206; RESULTS.md, issue 15, "native's charges on the AMD EPYC").
+_PAIR_COSTS = (1.8, 1.53)  # a pair of a run of at most _SHORT_RUN_BYTES
+_LONG_PAIR_COSTS = (3.4, 2.89)  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the short one's)
+_PAIR_COST = per_cpu_kind(_PAIR_COSTS)
+_LONG_PAIR_COST = per_cpu_kind(_LONG_PAIR_COSTS)
 _SHORT_RUN_BYTES = 16 << 10
 _LONG_RUN_BYTES = 64 << 10
 # What a pair costs beyond its D + Dv (``_common.pair_width``): its exponential and the online softmax's bookkeeping;
 # fitted by benchmarks/bench_head_dim.py --fit.
 _EXTRA_PAIR_WIDTH = 192.0
-_ROW_COST = 50.0  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
+_ROW_COSTS = (50.0, 42.5)  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
+_ROW_COST = per_cpu_kind(_ROW_COSTS)
 _CALL_COST = 2e4  # one ctypes call and the output allocation
 # Threads: the kernel's threads pull its items (the forward's (query block, head), the backward's (segment, key/value
 # head)) 8 at a time, or 1 at a time when there are few (segattn.c), each added thread contributing this share of a
@@ -337,6 +346,8 @@ _THREAD_EFFICIENCY = 0.81
 # the two-thread sets lower); RESULTS.md, issue 15, "Fresh specs at two threads". No table of a CPU without the tiles
 # measured it: there the float32 efficiency stays.
 _BF16_AMX_THREAD_EFFICIENCY = 0.4
+# Every constant above set by the CPU's kind, with its values (``_common.per_cpu_kind``).
+CPU_KIND_VALUES = {"_PAIR_COST": _PAIR_COSTS, "_LONG_PAIR_COST": _LONG_PAIR_COSTS, "_ROW_COST": _ROW_COSTS}
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
