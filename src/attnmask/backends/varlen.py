@@ -71,7 +71,13 @@ _PAIR_COST = 1.0  # one multiply-add of a pair inside SDPA's blocked kernel: the
 # the mask and adds it to every head's scores. Measured, one thread, q (1, 4, 512, 64) against 1,023 keys: 13.98 ms
 # with the window's mask, 11.83 ms without (benchmarks/RESULTS.md, issue 15, "varlen's window blocks").
 _MASKED_PAIR_COST = 1.18
-_SDPA_ROW_COST = 40.0  # SDPA's fixed work per query row and head (per element of D + Dv): short documents pay it
+# SDPA's fixed work per query row and head (per element of D + Dv): short documents pay it. 40 until a grid on every
+# saved table, each replayed on its CPU's kind (picks within 1.1x of the fastest): x1.3 / 1.4 / 1.5 / 1.6 / 2 read the
+# AMD EPYC's 14 head-size tables 1250 / 1261 / 1258 / 1258 / 1247 of 1,344 (1236 at 40), its 25 limit tables 863 of 931
+# throughout (857 at 2), the Xeon's 86 limit tables 3076 / 3076 / 3077 / 3070 of 3,389 (3076 at 40): `varlen` had been
+# picked on packed rows of 256-1,024 where `native` or `blocksparse` ran faster (RESULTS.md, issue 15, "native's
+# charges on the AMD EPYC").
+_SDPA_ROW_COST = 56.0
 _SMALL_ROW_COST = 130.0  # the tiny-document path's unfused softmax, masking and casts, per query row element and head
 _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this many keys go through batched matmuls
 _SDPA_BLOCKS = (512.0, 256.0)  # torch's CPU SDPA kernel: its key blocks, and the keys past the diagonal (sdpa_pairs)
