@@ -317,14 +317,15 @@ def segment_attention(
 # (limit_tables/s15_*, s16_*); the ramp replays 1610 -> 1619 rows within 1.1x on the eighteen saved sets, ramps ending
 # at 96-128 keys 1619-1620, at 160 or 256 keys 1591 / 1568 (RESULTS.md, issue 15, "Fresh specs at two threads").
 # Per CPU kind (``_common.per_cpu_kind``: with AMX tiles, other), as the query rows' charge below: on the AMD EPYC
-# without the tiles, charges 0.85x the Xeon's (fitted there by a grid on every saved table of that CPU, each replayed on
-# its kind: picks within 1.1x of the fastest, 25 limit tables 865 -> 863 of 931, 14 head-size tables 1194 -> 1236 of
-# 1,344, +8-9 on each one-thread table, where varlen had been picked on documents of ~60 tokens 1.13-1.78x slower than
-# native; 0.8 / 0.9 / 0.95: 1222 / 1220 / 1206; RESULTS.md, issue 15, "native's charges on the AMD EPYC").
+# without the tiles a pair whose run stays in L1 costs 0.85x the Xeon's, one past it the same. Fitted there by a grid on
+# every saved table of that CPU, each replayed on its kind (picks within 1.1x of the fastest; RESULTS.md, issue 15,
+# "native's charges on the AMD EPYC"): with the row charge at 0.85x too, 26 limit tables 926 of 995 as at the Xeon's
+# values, 16 head-size tables 1400 -> 1416 of 1,536 (varlen had been picked on documents of ~60 tokens 1.13-1.78x
+# slower than native at one thread); the long runs' charge at 0.85x too read 1439 but 921 (windows of 64 and a decoding
+# row went to native, 1.30-1.38x slower), at 0.94x 1426 and 924.
 _PAIR_COSTS = (1.8, 1.53)  # a pair of a run of at most _SHORT_RUN_BYTES
-_LONG_PAIR_COSTS = (3.4, 2.89)  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the short one's)
 _PAIR_COST = per_cpu_kind(_PAIR_COSTS)
-_LONG_PAIR_COST = per_cpu_kind(_LONG_PAIR_COSTS)
+_LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the Xeon's short one)
 _SHORT_RUN_BYTES = 16 << 10
 _LONG_RUN_BYTES = 64 << 10
 # What a pair costs beyond its D + Dv (``_common.pair_width``): its exponential and the online softmax's bookkeeping;
@@ -347,7 +348,7 @@ _THREAD_EFFICIENCY = 0.81
 # measured it: there the float32 efficiency stays.
 _BF16_AMX_THREAD_EFFICIENCY = 0.4
 # Every constant above set by the CPU's kind, with its values (``_common.per_cpu_kind``).
-CPU_KIND_VALUES = {"_PAIR_COST": _PAIR_COSTS, "_LONG_PAIR_COST": _LONG_PAIR_COSTS, "_ROW_COST": _ROW_COSTS}
+CPU_KIND_VALUES = {"_PAIR_COST": _PAIR_COSTS, "_ROW_COST": _ROW_COSTS}
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
