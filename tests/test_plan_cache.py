@@ -383,3 +383,21 @@ def test_a_transformers_forward_in_inference_mode_with_packed_position_ids_runs(
     with torch.inference_mode():
         got = model("llama")(ids.clone(), position_ids=pos.clone()).logits  # inference tensors: no version counter
     torch.testing.assert_close(got, want)
+
+
+def test_a_single_part_spec_dies_with_its_last_reference_after_planning():
+    """Planning keeps a composed spec's varlen form on it (its parts, never the spec itself); a spec of one part is
+    taken apart each time, so that no kept form refers back to it: it is freed at once, without a garbage collection."""
+    import weakref
+
+    gc.disable()
+    try:
+        ids = torch.tensor([[0, 0, 1, 1, 1, -1]])
+        for make in (lambda: am.document(doc_ids=ids), lambda: am.causal() & am.document(doc_ids=ids)):
+            spec = make()
+            am.attention(*qkv(length=6), spec)
+            ref = weakref.ref(spec)
+            del spec
+            assert ref() is None
+    finally:
+        gc.enable()

@@ -408,11 +408,15 @@ class VarlenForm:
 
 def varlen_form(spec: M.MaskSpec) -> VarlenForm:
     """Take ``[causal() or full()] & [sliding_window(w)] & [document(...)] & [key_padding(m)]`` apart; any other spec
-    raises ``BackendError`` naming the part that does not fit. O(number of parts), once per spec object (kept with
-    its structural properties, ``masks.memo``: planning one call asks several times)."""
+    raises ``BackendError`` naming the part that does not fit. O(number of parts), once per composed spec object (kept
+    with its structural properties, ``masks.memo``: planning one call asks several times; a single part is taken
+    apart each time, since its form would hold the spec itself and keep it alive until a garbage collection)."""
     if not isinstance(spec, M.MaskSpec):
         raise bad(SpecError, "spec", "a MaskSpec", type(spec).__name__)
-    form = M.memo(spec, "varlen_form", lambda: _form_or_refusal(spec))
+    if isinstance(spec, M.And):
+        form = M.memo(spec, "varlen_form", lambda: _form_or_refusal(spec))
+    else:
+        form = _form_or_refusal(spec)
     if isinstance(form, str):
         raise BackendError(form)  # a fresh error each time: a kept one would keep its traceback's frames alive
     return form
