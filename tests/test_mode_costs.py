@@ -138,6 +138,28 @@ def test_sdpa_divides_its_backward_key_charge_by_its_threads_gain_too(monkeypatc
     assert sdpa.cost(with_grad) == pytest.approx(one / sdpa._threads_gain(with_grad))
 
 
+def test_sdpa_charges_each_key_of_a_single_bfloat16_query_by_cpu_kind(monkeypatch):
+    """A decoding step's forward with one bfloat16 query pays ``_BF16_ONE_QUERY_KEY_COST`` per key and head on top of
+    its pairs (4-7x float32's time on the AMD EPYC; nothing on the Xeon with AMX tiles); 8 queries, float32 and a call
+    with a gradient do not; the constant is declared per CPU kind."""
+    sdpa = importlib.import_module("attnmask.backends.sdpa")
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    assert sdpa.CPU_KIND_VALUES["_BF16_ONE_QUERY_KEY_COST"] == (0.0, 2500.0)
+    assert sdpa._BF16_ONE_QUERY_KEY_COST == C.per_cpu_kind((0.0, 2500.0))
+
+    def one_thread(queries, dtype, grad=False):
+        q = torch.zeros(2, 4, queries, 64, dtype=dtype, requires_grad=grad)
+        k = torch.zeros(2, 2, 4096, 64, dtype=dtype, requires_grad=grad)
+        return sdpa._one_thread_cost(A._prepare_call(q, k, k, None, None, None, None))
+
+    monkeypatch.setattr(sdpa, "_BF16_ONE_QUERY_KEY_COST", 0.0)
+    plain = {(n, d, g): one_thread(n, d, g) for n in (1, 8) for d in (torch.float32, torch.bfloat16) for g in (False, True)}
+    monkeypatch.setattr(sdpa, "_BF16_ONE_QUERY_KEY_COST", 2500.0)
+    for (n, dtype, grad), before in plain.items():
+        extra = 2 * 4 * 4096 * 2500.0 if (n, dtype, grad) == (1, torch.bfloat16, False) else 0.0
+        assert one_thread(n, dtype, grad) == pytest.approx(before + extra), (n, dtype, grad)
+
+
 def test_auto_weighs_the_backward_it_will_run(monkeypatch):
     """Two backends whose forward estimates tie: the one with the cheaper backward wins once a gradient is needed."""
     monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: False)
