@@ -153,7 +153,8 @@ def test_sdpa_charges_each_key_of_a_single_bfloat16_query_by_cpu_kind(monkeypatc
         return sdpa._one_thread_cost(A._prepare_call(q, k, k, None, None, None, None))
 
     monkeypatch.setattr(sdpa, "_BF16_ONE_QUERY_KEY_COST", 0.0)
-    plain = {(n, d, g): one_thread(n, d, g) for n in (1, 8) for d in (torch.float32, torch.bfloat16) for g in (False, True)}
+    cases = [(n, d, g) for n in (1, 8) for d in (torch.float32, torch.bfloat16) for g in (False, True)]
+    plain = {case: one_thread(*case) for case in cases}
     monkeypatch.setattr(sdpa, "_BF16_ONE_QUERY_KEY_COST", 2500.0)
     for (n, dtype, grad), before in plain.items():
         extra = 2 * 4 * 4096 * 2500.0 if (n, dtype, grad) == (1, torch.bfloat16, False) else 0.0
