@@ -68,8 +68,9 @@ MODES = ModeFactors(
 # bfloat16 with ONE query (a decoding step's forward) on a CPU without AMX tiles: torch's CPU kernel takes 4-7x its
 # float32 time there at 4,096 keys (1.0-2.0 ms against 0.2-0.4 ms, H = 4: the AMD EPYC's 1K tables s19-s25) and 2.6x at
 # 32,768 (s22_8k2_bf16), while 8 or 16 queries run at float32's time; the Xeon's tables read that bfloat16 call at
-# float32's time or less. A charge per key and head of such a call, per CPU kind (``_common.per_cpu_kind``), fitted by
-# a grid on the EPYC's saved tables (RESULTS.md, issue 15, "SDPA's single bfloat16 query").
+# float32's time or less. A charge per key and head of such a call on the CPU (not measured on other devices), per CPU
+# kind (``_common.per_cpu_kind``), fitted by a grid on the EPYC's saved tables (RESULTS.md, issue 15, "SDPA's single
+# bfloat16 query").
 _BF16_ONE_QUERY_KEY_COSTS = (0.0, 2500.0)
 _BF16_ONE_QUERY_KEY_COST = per_cpu_kind(_BF16_ONE_QUERY_KEY_COSTS)
 CPU_KIND_VALUES = {"_BF16_ONE_QUERY_KEY_COST": _BF16_ONE_QUERY_KEY_COSTS}  # set by the CPU's kind (per_cpu_kind)
@@ -335,7 +336,7 @@ def cost(call: AttentionCall) -> float:
 def _one_thread_cost(call: AttentionCall) -> float:
     width = _common.pair_width(call.head_dim + call.value_dim, _EXTRA_PAIR_WIDTH)
     work = call.batch * call.heads * call.q_len * call.kv_len * width * _common.amx_pair_factor(call)
-    if call.q_len == 1 and call.q.dtype == torch.bfloat16 and not call.needs_grad:
+    if call.q_len == 1 and call.q.dtype == torch.bfloat16 and not call.needs_grad and call.device_type == "cpu":
         work += call.batch * call.heads * call.kv_len * _BF16_ONE_QUERY_KEY_COST
     if call.masks_no_key:
         return float(work)
