@@ -226,6 +226,36 @@ def test_blocksparse_with_merged_groups_and_shared_biases_matches_naive(
     check_against_naive(run, case, spec, dtype)
 
 
+@settings(max_examples=60, suppress_health_check=FIXTURE_OK)
+@given(
+    tiled=tiled_case(),
+    max_keys=st.integers(1, 12),
+    tiles=st.integers(1, 4),
+    gain=st.sampled_from([1.0, 9.0]),
+    shifted=st.booleans(),
+)
+def test_spec_group_masks_equal_the_tile_by_tile_masks(tiled, max_keys, tiles, gain, shifted, monkeypatch):
+    """The backend's masks, evaluated once per tile shape on stacked tiles, are the masks of ``spec_tile_mask`` span by
+    span: the same keys, starts and denied pairs, on any spec tree (custom predicates too), merged groups, key runs cut
+    at ``max_keys``, short last tiles, and per-row positions (``shifted``: each row's rotated)."""
+    spec, case, block = tiled
+    monkeypatch.setattr(BS, "_MERGE_GAIN", gain)
+    batch, q_len, kv_len = case["batch"], case["q_len"], case["kv_len"]
+    positions = {}
+    if shifted:  # row r's positions rotated by r (within the row, where per-row data covers them)
+        kv_pos = (torch.arange(kv_len) + torch.arange(batch)[:, None]) % kv_len
+        positions = dict(q_positions=kv_pos[:, kv_len - q_len :], kv_positions=kv_pos)
+    layout = spec.block_layout(q_len, kv_len, block, **positions)
+    tile_mask = BS.spec_tile_mask(spec, layout.q_positions, layout.kv_positions)
+    plan, masks = BS._tile_groups(batch, q_len, kv_len, layout.classes, block, tile_mask, max_keys, tiles * block)
+    stacked = BS._spec_group_masks(plan, spec, layout.q_positions, layout.kv_positions, block)
+    assert stacked.keys() == masks.keys()
+    for key, spans in masks.items():
+        assert [start for start, _ in stacked[key]] == [start for start, _ in spans], key
+        for (_, got), (_, want) in zip(stacked[key], spans, strict=True):
+            assert got.dtype == torch.bool and torch.equal(got, want), key
+
+
 def _window_stacks(spec, length: int, heads: int = 2, kv_heads: int = 2, batch: int = 1):
     q = torch.randn(batch, heads, length, 8)
     k, v = (torch.randn(batch, kv_heads, length, 8) for _ in range(2))

@@ -449,6 +449,45 @@ def _group_masks(plan, tile_mask) -> dict:
     return masks
 
 
+def _spec_group_masks(plan, spec, q_pos: torch.Tensor, kv_pos: torch.Tensor, block_k: int) -> dict:
+    """``_group_masks(plan, spec_tile_mask(spec, q_pos, kv_pos))``, the spec evaluated once per shape of tile instead
+    of once per span: every PARTIAL span is cut into its key tiles of ``block_k`` keys, the tiles of ``rows`` queries
+    and ``keys`` keys are stacked, their batch rows ``(T, 1, 1)``, query positions ``(T, rows, 1)`` and key positions
+    ``(T, 1, keys)`` broadcast as ``MaskSpec.evaluate`` allows, and a span's mask is its tiles' slices of the ``(T,
+    rows, keys)`` results side by side. The same masks (the predicate is elementwise) in a few torch calls per shape
+    (usually one or two shapes) where each span took ~10: ~4 ms of a fresh spec's plan on 8 rows of 512 tokens.
+    O(PARTIAL pairs) time and memory, as span by span."""
+    one_row = spec.batch_size in (None, 1)
+    device = q_pos.device
+    shapes: dict[tuple[int, int], list] = {}
+    for g in plan:
+        for r in g.runs:
+            for p0, p1 in r.partial:
+                for t0 in range(p0, p1, block_k):
+                    shapes.setdefault((g.q1 - g.q0, min(t0 + block_k, p1) - t0), []).append((g.b, g.q0, t0))
+    tiles = {}
+    for (rows, keys), at in shapes.items():
+        where = torch.tensor(at, dtype=torch.int64, device=device)  # (T, 3): batch row, first query, first key
+        b = where[:, 0:1]
+        q_idx = where[:, 1:2] + torch.arange(rows, device=device)  # (T, rows)
+        k_idx = where[:, 2:3] + torch.arange(keys, device=device)  # (T, keys)
+        qp = q_pos[q_idx] if q_pos.dim() == 1 else q_pos[b if q_pos.shape[0] > 1 else 0, q_idx]
+        kp = kv_pos[k_idx] if kv_pos.dim() == 1 else kv_pos[b if kv_pos.shape[0] > 1 else 0, k_idx]
+        allowed = spec.evaluate((torch.zeros_like(b) if one_row else b).view(-1, 1, 1), qp[:, :, None], kp[:, None])
+        denied = ~torch.broadcast_to(allowed, (len(at), rows, keys))
+        tiles.update(zip(at, denied.unbind(0), strict=True))
+    masks = {}
+    for gi, g in enumerate(plan):
+        for ri, r in enumerate(g.runs):
+            if r.partial:
+                spans = []
+                for p0, p1 in r.partial:
+                    parts = [tiles[g.b, g.q0, t0] for t0 in range(p0, p1, block_k)]
+                    spans.append((p0 - r.k0, parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)))
+                masks[(gi, ri)] = spans
+    return masks
+
+
 def _apply_masks(s: torch.Tensor, spans, rep: int) -> torch.Tensor:
     """Set denied pairs of scores ``s`` ``(Hkv, rep·rows, n)`` to ``-inf`` in place, span by span."""
     if spans:
@@ -1097,9 +1136,8 @@ def _layout_groups(call):
     kept with the plans: O(partial tiles · block_size²) bools, which the forward keeps for the backward anyway, and at
     most ``_BIAS_BUDGET`` floats."""
     layout = cached(call, "layout", _layout)
-    tile_mask = spec_tile_mask(layout.spec, layout.q_positions, layout.kv_positions)
     plan = cached(call, "blocksparse_plan", _layout_plan)
-    masks = _group_masks(plan, tile_mask)
+    masks = _spec_group_masks(plan, layout.spec, layout.q_positions, layout.kv_positions, layout.block_size)
     flash = call.device_type == "cpu" and torch.promote_types(call.q.dtype, torch.float32) == torch.float32
     rep = call.heads // call.kv_heads
     if not flash:
