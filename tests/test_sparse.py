@@ -233,13 +233,16 @@ def test_blocksparse_with_merged_groups_and_shared_biases_matches_naive(
     tiles=st.integers(1, 4),
     gain=st.sampled_from([1.0, 9.0]),
     shifted=st.booleans(),
+    budget=st.sampled_from([1, 37, BS._STACKED_PAIRS]),
 )
-def test_spec_group_masks_equal_the_tile_by_tile_masks(tiled, max_keys, tiles, gain, shifted, monkeypatch):
+def test_spec_group_masks_equal_the_tile_by_tile_masks(tiled, max_keys, tiles, gain, shifted, budget, monkeypatch):
     """The backend's masks, evaluated once per tile shape on stacked tiles, are the masks of ``spec_tile_mask`` span by
     span: the same keys, starts and denied pairs, on any spec tree (custom predicates too), merged groups, key runs cut
-    at ``max_keys``, short last tiles, and per-row positions (``shifted``: each row's rotated)."""
+    at ``max_keys``, short last tiles, stacks cut by the pair budget, and per-row positions (``shifted``: each row's
+    rotated)."""
     spec, case, block = tiled
     monkeypatch.setattr(BS, "_MERGE_GAIN", gain)
+    monkeypatch.setattr(BS, "_STACKED_PAIRS", budget)  # 1: a tile per evaluation; 37: a few small tiles
     batch, q_len, kv_len = case["batch"], case["q_len"], case["kv_len"]
     positions = {}
     if shifted:  # row r's positions rotated by r (within the row, where per-row data covers them)

@@ -456,9 +456,9 @@ def _spec_group_masks(plan, spec, q_pos: torch.Tensor, kv_pos: torch.Tensor, blo
     ``(T, 1, keys)`` broadcast as ``MaskSpec.evaluate`` allows, and a span's mask is its tiles' slices of the ``(T,
     rows, keys)`` results side by side. The same masks (the predicate is elementwise) in a few torch calls per shape
     (usually one or two shapes) where each span took ~10: ~4 ms of a fresh spec's plan on 8 rows of 512 tokens.
-    O(PARTIAL pairs) time and memory, as span by span."""
+    O(PARTIAL pairs) time and memory, as span by span (a span of several tiles is a copy; the tiles of one call hold
+    at most ``_STACKED_PAIRS`` pairs, which bounds what the spec's own temporaries take)."""
     one_row = spec.batch_size in (None, 1)
-    device = q_pos.device
     shapes: dict[tuple[int, int], list] = {}
     for g in plan:
         for r in g.runs:
@@ -466,16 +466,10 @@ def _spec_group_masks(plan, spec, q_pos: torch.Tensor, kv_pos: torch.Tensor, blo
                 for t0 in range(p0, p1, block_k):
                     shapes.setdefault((g.q1 - g.q0, min(t0 + block_k, p1) - t0), []).append((g.b, g.q0, t0))
     tiles = {}
-    for (rows, keys), at in shapes.items():
-        where = torch.tensor(at, dtype=torch.int64, device=device)  # (T, 3): batch row, first query, first key
-        b = where[:, 0:1]
-        q_idx = where[:, 1:2] + torch.arange(rows, device=device)  # (T, rows)
-        k_idx = where[:, 2:3] + torch.arange(keys, device=device)  # (T, keys)
-        qp = q_pos[q_idx] if q_pos.dim() == 1 else q_pos[b if q_pos.shape[0] > 1 else 0, q_idx]
-        kp = kv_pos[k_idx] if kv_pos.dim() == 1 else kv_pos[b if kv_pos.shape[0] > 1 else 0, k_idx]
-        allowed = spec.evaluate((torch.zeros_like(b) if one_row else b).view(-1, 1, 1), qp[:, :, None], kp[:, None])
-        denied = ~torch.broadcast_to(allowed, (len(at), rows, keys))
-        tiles.update(zip(at, denied.unbind(0), strict=True))
+    for (rows, keys), corners in shapes.items():
+        step = max(1, _STACKED_PAIRS // (rows * keys))
+        for at in (corners[i : i + step] for i in range(0, len(corners), step)):
+            tiles.update(_stacked_tile_masks(spec, q_pos, kv_pos, at, rows, keys, one_row))
     masks = {}
     for gi, g in enumerate(plan):
         for ri, r in enumerate(g.runs):
@@ -486,6 +480,25 @@ def _spec_group_masks(plan, spec, q_pos: torch.Tensor, kv_pos: torch.Tensor, blo
                     spans.append((p0 - r.k0, parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)))
                 masks[(gi, ri)] = spans
     return masks
+
+
+# The most (query, key) pairs of one stacked evaluation (``_spec_group_masks``): 32 MiB for an int64 temporary of a
+# ``custom`` predicate, 4 MiB of bool masks.
+_STACKED_PAIRS = 1 << 22
+
+
+def _stacked_tile_masks(spec, q_pos, kv_pos, at: list, rows: int, keys: int, one_row: bool) -> zip:
+    """``(b, q0, k0) -> (rows, keys)`` bool denied mask, for the tiles ``at`` ``[(b, q0, k0), ...]`` of one shape, from
+    one ``spec.evaluate`` on their stacked positions."""
+    device = q_pos.device
+    where = torch.tensor(at, dtype=torch.int64, device=device)  # (T, 3): batch row, first query, first key
+    b = where[:, 0:1]
+    q_idx = where[:, 1:2] + torch.arange(rows, device=device)  # (T, rows)
+    k_idx = where[:, 2:3] + torch.arange(keys, device=device)  # (T, keys)
+    qp = q_pos[q_idx] if q_pos.dim() == 1 else q_pos[b if q_pos.shape[0] > 1 else 0, q_idx]
+    kp = kv_pos[k_idx] if kv_pos.dim() == 1 else kv_pos[b if kv_pos.shape[0] > 1 else 0, k_idx]
+    allowed = spec.evaluate((torch.zeros_like(b) if one_row else b).view(-1, 1, 1), qp[:, :, None], kp[:, None])
+    return zip(at, (~torch.broadcast_to(allowed, (len(at), rows, keys))).unbind(0), strict=True)
 
 
 def _apply_masks(s: torch.Tensor, spans, rep: int) -> torch.Tensor:
