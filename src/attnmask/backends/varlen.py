@@ -580,7 +580,9 @@ def cost(call) -> float:
     segs = plan.segments
     if not len(segs):
         return CALL_COST
-    whole_rows = len(segs) == call.batch and bool((segs[:, 2] == call.q_len).all() & (segs[:, 4] == call.kv_len).all())
+    s = segs.numpy()  # per segment in numpy on this view: ~30 torch calls on a few dozen segments took ~0.4 ms right
+    # after an attention kernel (a fresh spec's choice on rows of 512, bench_small_rows.py --length 512)
+    whole_rows = len(s) == call.batch and bool((s[:, 2] == call.q_len).all() and (s[:, 4] == call.kv_len).all())
     if whole_rows and plan.window is None:
         return float("inf")  # one SDPA call per row, exactly what "sdpa" does without the lowering
     if varlen_form(call.mask).chunked is not None:
@@ -589,11 +591,11 @@ def cost(call) -> float:
         # forward + backward) and 1.05x "blocksparse" on rows of 8K (chunks of 1,024): served when named, not by
         # "auto" until the estimate is calibrated on such rows (RESULTS.md, issue 15, "Chunks as segments").
         return float("inf")
-    ql, kl = segs[:, 2].double(), segs[:, 4].double()
-    shapes = segs[:, [2, 4, 5]].tolist()  # (q_len, k_len, offset) per segment
-    pairs = sdpa_pairs(ql, kl, plan.causal)
+    ql, kl = s[:, 2].astype(np.float64), s[:, 4].astype(np.float64)
+    shapes = s[:, [2, 4, 5]].tolist()  # (q_len, k_len, offset) per segment
+    pairs = _sdpa_pairs(ql, kl, plan.causal)
     if plan.window is not None:
-        pairs = torch.minimum(pairs, ql * plan.window * 2)
+        pairs = np.minimum(pairs, ql * plan.window * 2)
     if plan.window is not None and plan.causal:
         # Windows shorter than their document run as query blocks over key bands (band_pairs): at least those pairs.
         # Below ql·2w (small windows) the bound is kept: the exact count alone moved rows of 1,024 under windows of 128
@@ -602,22 +604,22 @@ def cost(call) -> float:
         windowed = {(q, k, o) for q, k, o in shapes if plan.window <= q - 1 + o}
         banded = {shape: band_pairs(*shape, plan.window) for shape in windowed}
         rows = zip(shapes, pairs.tolist(), strict=True)
-        pairs = torch.tensor([max(banded.get(tuple(shape), 0), p) for shape, p in rows], dtype=torch.float64)
-        masked = torch.tensor([tuple(shape) in banded for shape in shapes])
+        pairs = np.array([max(banded.get(tuple(shape), 0), p) for shape, p in rows], dtype=np.float64)
+        masked = np.array([tuple(shape) in banded for shape in shapes], dtype=bool)
         blocks = sum(-(-q // _band_block(plan.window)) - 1 for q, _, _ in windowed)  # calls beyond one per group
     else:
-        masked, blocks = torch.zeros(len(shapes), dtype=torch.bool), 0
+        masked, blocks = np.zeros(len(shapes), dtype=bool), 0
     calls = len({tuple(shape) for shape in shapes}) + blocks
     width = call.head_dim + call.value_dim
-    small = segs[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
+    small = s[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
     small_width, sdpa_width = _charged_widths(width)  # a pair's and a query row's width (float64: as the floor's)
-    charged = torch.full(small.shape, sdpa_width, dtype=torch.float64).masked_fill_(small, small_width)
-    per_seg = pairs * call.heads * charged * torch.where(masked, _MASKED_PAIR_COST, _PAIR_COST).double()
+    charged = np.where(small, small_width, sdpa_width)
+    per_seg = pairs * call.heads * charged * np.where(masked, _MASKED_PAIR_COST, _PAIR_COST)
     if (amx := amx_pair_factor(call)) != 1.0:
         per_seg[~small & ~masked] *= amx  # documents in one fused SDPA call (not tiny ones: matmuls)
-    per_seg += torch.where(small, _SMALL_ROW_COST, _SDPA_ROW_COST).double() * ql * call.heads * charged
-    per_seg += small.double() * 2 * call.heads * SMALL_MATMUL_COST
-    tokens = (segs[:, 2] * call.heads + segs[:, 4] * call.kv_heads).double() * width
+    per_seg += np.where(small, _SMALL_ROW_COST, _SDPA_ROW_COST) * ql * call.heads * charged
+    per_seg += small * (2.0 * call.heads * SMALL_MATMUL_COST)
+    tokens = (s[:, 2] * call.heads + s[:, 4] * call.kv_heads).astype(np.float64) * width
     serial = float(tokens.sum()) * COPY_COST + calls * CALL_COST
     threads = _workers.threads_available()
     if call.dropout_p > 0:  # every call in the caller, split across every thread (_map)
