@@ -8,7 +8,7 @@ import importlib
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import attnmask as am
@@ -18,7 +18,8 @@ from attnmask.backends import blocksparse as BS
 from attnmask.backends import native as NV
 from attnmask.backends import varlen as VL
 from attnmask.backends.contract import no_floor
-from attnmask.tiles import NONE, PARTIAL
+from attnmask.lowering import block_layout
+from attnmask.tiles import FULL, NONE, PARTIAL
 from tests.helpers import counted_in, general_plan
 from tests.naive import naive_dense
 
@@ -643,3 +644,43 @@ def test_blocksparse_keeps_a_rows_groups_per_classes_and_sizes_only():
     got = BS._plan(wide, 16, 16, 16 * n, 16 * n, 4096, 512)
     assert got == plan_group_by_group(wide, 16, 16, 16 * n, 16 * n, 4096, 512)
     assert BS._kept_row_groups.cache_info().currsize == before
+
+
+@settings(max_examples=300, deadline=None)
+@given(call=varlen_calls(), bs=st.sampled_from([1, 3, 16, 64, 128]))
+def test_tile_classes_cut_from_the_segments_are_the_layouts(call, bs):
+    """Where the varlen plan is cheap (packed documents, padded rows), ``blocksparse`` cuts its layout's classes from
+    the plan's segments in C: the same classes as ``lowering.block_layout`` (one spec row broadcast to the batch), and
+    sound on the dense mask: a FULL tile allows every pair, a NONE tile none (short last tiles included)."""
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    segmented = BS._segment_layout(call, bs)
+    assume(segmented is not None)
+    generic = block_layout(call.mask, call.q_len, call.kv_len, bs)
+    assert torch.equal(segmented.classes, generic.classes.expand(call.batch, -1, -1))
+    dense = call.mask.to_dense(call.q_len, call.kv_len).expand(call.batch, -1, -1)
+    n_q, n_k = segmented.classes.shape[1:]
+    pad = (0, n_k * bs - call.kv_len, 0, n_q * bs - call.q_len)
+    for fill, reduce, cls in ((True, torch.all, FULL), (False, torch.any, NONE)):
+        tiles = torch.nn.functional.pad(dense, pad, value=fill).reshape(call.batch, n_q, bs, n_k, bs)
+        held = reduce(reduce(tiles, dim=4), dim=2)  # (B, nQ, nK): every / some pair of the tile allowed
+        assert torch.equal(segmented.classes == cls, held if cls == FULL else ~held)
+
+
+def test_tile_classes_are_cut_from_segments_only_where_the_plan_is_cheap():
+    """Packed documents and padded rows (the plans of one C call or a few numpy ones) take the C cut; explicit
+    positions, chunks and a window alone (whose plan would take the general lowering) keep ``block_layout``."""
+    if isinstance(_clib.library(), str):
+        pytest.skip(_clib.library())
+    q = torch.randn(2, 2, 64, 8)
+    packed = am.causal() & am.document(seq_lens=[[20, 44], [64]])
+    padded = am.causal() & am.key_padding(torch.arange(64)[None] >= torch.tensor([[0], [9]]))  # left padding
+    for spec in (packed, padded):
+        assert BS._segment_layout(_prepare_call(q, q, q, spec, None, None, None), 16) is not None
+    positions = torch.arange(64)
+    for call in (
+        _prepare_call(q, q, q, packed, None, positions, positions),
+        _prepare_call(q, q, q, packed & am.chunked(16), None, None, None),
+        _prepare_call(q, q, q, am.causal() & am.sliding_window(8), None, None, None),
+    ):
+        assert BS._segment_layout(call, 16) is None

@@ -141,6 +141,7 @@ _HELPERS = {
     "attnmask_item_work_makespan": (_F64, [_PTR, _I64, _INT, _I64, *[_F64] * 7, _PTR, *[_I64] * 3, _PTR]),
     "attnmask_varlen_floor_sums": (None, [_PTR, _I64, _INT, _I64, _I64, _F64, _F64, _PTR]),
     "attnmask_most_keys_seen": (_I64, [_PTR, _I64, _INT, _I64]),
+    "attnmask_segment_tile_classes": (None, [_PTR, *[_I64] * 4, _INT, _I64, _PTR]),
 }
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "amx_pair_factor",
     "built_varlen_plan",
     "cached",
+    "cheap_varlen_plan",
     "check_qkv",
     "check_segments",
     "cpu_bf16_kind",
@@ -569,6 +570,20 @@ def built_varlen_plan(call) -> VarlenPlan | None:
     """The call's varlen plan when one is already built (``"native"``, asked before the backends with floors, builds
     it), else ``None``: a floor reads it without building one."""
     plan = call_plans(call).get("varlen")
+    return plan if isinstance(plan, VarlenPlan) else None
+
+
+def cheap_varlen_plan(call) -> VarlenPlan | None:
+    """The call's varlen plan (:func:`varlen_plan`) where it is built in one C call or a few numpy ones (packed
+    documents, padded rows: ``_document_plan``, ``_padded_plan``; CPU, default positions, ``Q == K``) or is already
+    built; ``None`` for any other call, whose plan would take the general lowering (~40 torch calls)."""
+    built = built_varlen_plan(call)
+    if built is not None:
+        return built
+    form = _host_form(call)
+    if form is None or form.chunked is not None or (form.document is None and not form.key_padding):
+        return None
+    plan = varlen_plan(call)
     return plan if isinstance(plan, VarlenPlan) else None
 
 

@@ -427,6 +427,43 @@ int64_t attnmask_segment_tile_pairs(const int64_t *segs, int64_t n, int64_t bs, 
     return total;
 }
 
+/* Planning (attnmask.backends.blocksparse._layout, whose generic form, lowering.block_layout, the tests hold this one
+ * to): the classes (NONE 0, PARTIAL 1, FULL 2) of the (batch, n_q, n_k) tiles of bs x bs of a call whose allowed pairs
+ * are exactly those of the segments (b, q_start, q_len, k_start, k_len, offset) under their rule: local key j of
+ * local query i when j <= i + offset (causal or window >= 0) and i + offset - j < window (window >= 0). The keys row i
+ * of a segment sees are [lo(i), hi(i)), both non-decreasing in i, with lo(i + 1) <= lo(i) + 1 <= hi(i) for a row that
+ * sees any: in a query tile (rows a..e of the segment) the rows together see every key of [lo(a), hi(e)), and a key
+ * tile sees all of its keys (FULL for the segment) iff the tile's rows and keys are all the segment's, lo(e) is at most
+ * its first key and hi(a) at least its end (so a tile that two segments reach is PARTIAL from each). `out` is
+ * caller-zeroed (NONE). */
+static int64_t seg_clamp(int64_t x, int64_t hi) { return x < 0 ? 0 : x > hi ? hi : x; }
+
+void attnmask_segment_tile_classes(const int64_t *segs, int64_t n, int64_t bs, int64_t q_len, int64_t kv_len,
+                                   int causal, int64_t window, int8_t *out) {
+    int64_t n_q = (q_len + bs - 1) / bs, n_k = (kv_len + bs - 1) / bs;
+    int ruled = causal || window >= 0;
+    for (int64_t s = 0; s < n; s++) {
+        const int64_t *g = segs + 6 * s;
+        int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];
+        if (ql <= 0 || kl <= 0) continue;
+        for (int64_t t = qs / bs; t <= (qs + ql - 1) / bs; t++) {
+            int64_t t_first = t * bs, t_end = t_first + bs < q_len ? t_first + bs : q_len;
+            int64_t a = (t_first > qs ? t_first : qs) - qs, e = (t_end < qs + ql ? t_end : qs + ql) - qs - 1;
+            int all_rows = t_first >= qs && t_end <= qs + ql;
+            int64_t lo_a = window >= 0 ? seg_clamp(a + off + 1 - window, kl) : 0;
+            int64_t lo_e = window >= 0 ? seg_clamp(e + off + 1 - window, kl) : 0;
+            int64_t hi_a = ruled ? seg_clamp(a + off + 1, kl) : kl, hi_e = ruled ? seg_clamp(e + off + 1, kl) : kl;
+            if (hi_e <= lo_a) continue; /* no row of the tile sees a key */
+            for (int64_t j = (ks + lo_a) / bs; j <= (ks + hi_e - 1) / bs && j < n_k; j++) {
+                int64_t k_first = j * bs, k_end = k_first + bs < kv_len ? k_first + bs : kv_len;
+                int64_t c0 = (k_first > ks ? k_first : ks) - ks, c1 = (k_end < ks + kl ? k_end : ks + kl) - ks;
+                int full = all_rows && k_first >= ks && k_end <= ks + kl && lo_e <= c0 && hi_a >= c1;
+                out[(b * n_q + t) * n_k + j] = (int8_t)(full ? 2 : 1);
+            }
+        }
+    }
+}
+
 /* The "native" estimate's work of each segment on one head (native._item_work, whose numpy form this equals up to
  * rounding): its allowed pairs in closed form (causal: query i sees clamp(i + offset + 1, 0, k_len) keys, less those
  * before a window), each at a charge rising linearly from pair_cost to long_pair_cost as its run of keys (the
