@@ -647,17 +647,22 @@ def test_blocksparse_keeps_a_rows_groups_per_classes_and_sizes_only():
 
 
 @settings(max_examples=300, deadline=None)
-@given(call=varlen_calls(), bs=st.sampled_from([1, 3, 16, 64, 128]))
-def test_tile_classes_cut_from_the_segments_are_the_layouts(call, bs):
-    """Where the varlen plan is cheap (packed documents, padded rows), ``blocksparse`` cuts its layout's classes from
-    the plan's segments in C: the same classes as ``lowering.block_layout`` (one spec row broadcast to the batch), and
-    sound on the dense mask: a FULL tile allows every pair, a NONE tile none (short last tiles included)."""
+@given(call=varlen_calls(), bs=st.sampled_from([1, 3, 16, 64, 128]), queries=st.integers(0, 3))
+def test_tile_classes_cut_from_the_segments_are_the_layouts(call, bs, queries):
+    """Where the varlen plan is cheap (packed documents, padded rows) or already built, ``blocksparse`` cuts its
+    layout's classes from the plan's segments in C: exact on the dense mask (FULL where a tile allows every pair, NONE
+    where it allows none, short last tiles included), and never coarser than ``lowering.block_layout``'s (one spec
+    row broadcast to the batch), whose interval arithmetic may leave PARTIAL a tile that two parts empty together
+    (chunks with documents, a decoding row past its document). ``queries`` > 0: the last ``queries`` rows only
+    (decoding steps, ``Q < K``), planned first as ``"native"`` does in ``auto``."""
     if isinstance(_clib.library(), str):
         pytest.skip(_clib.library())
+    if queries and queries < call.q_len:
+        q = call.q[:, :, -queries:]
+        call = _prepare_call(q, call.k, call.v, call.mask, None, None, None)
+        _common.varlen_plan(call)
     segmented = BS._segment_layout(call, bs)
     assume(segmented is not None)
-    generic = block_layout(call.mask, call.q_len, call.kv_len, bs)
-    assert torch.equal(segmented.classes, generic.classes.expand(call.batch, -1, -1))
     dense = call.mask.to_dense(call.q_len, call.kv_len).expand(call.batch, -1, -1)
     n_q, n_k = segmented.classes.shape[1:]
     pad = (0, n_k * bs - call.kv_len, 0, n_q * bs - call.q_len)
@@ -665,6 +670,8 @@ def test_tile_classes_cut_from_the_segments_are_the_layouts(call, bs):
         tiles = torch.nn.functional.pad(dense, pad, value=fill).reshape(call.batch, n_q, bs, n_k, bs)
         held = reduce(reduce(tiles, dim=4), dim=2)  # (B, nQ, nK): every / some pair of the tile allowed
         assert torch.equal(segmented.classes == cls, held if cls == FULL else ~held)
+    generic = block_layout(call.mask, call.q_len, call.kv_len, bs).classes.expand(call.batch, -1, -1)
+    assert bool(((generic == segmented.classes) | (generic == PARTIAL)).all())  # never coarser
 
 
 def test_tile_classes_are_cut_from_segments_only_where_the_plan_is_cheap():
@@ -676,7 +683,8 @@ def test_tile_classes_are_cut_from_segments_only_where_the_plan_is_cheap():
     packed = am.causal() & am.document(seq_lens=[[20, 44], [64]])
     padded = am.causal() & am.key_padding(torch.arange(64)[None] >= torch.tensor([[0], [9]]))  # left padding
     for spec in (packed, padded):
-        assert BS._segment_layout(_prepare_call(q, q, q, spec, None, None, None), 16) is not None
+        segmented = BS._segment_layout(_prepare_call(q, q, q, spec, None, None, None), 16)
+        assert torch.equal(segmented.classes, block_layout(spec, 64, 64, 16).classes)
     positions = torch.arange(64)
     for call in (
         _prepare_call(q, q, q, packed, None, positions, positions),

@@ -870,8 +870,10 @@ def _segment_layout(call, bs: int) -> BlockLayout | None:
     its classes ``(B, nQ, nK)`` cut from the plan's segments in one C pass (``attnmask_segment_tile_classes``: O(tiles
     the segments reach)) where ``lowering.block_layout`` classifies every spec part with ~50 torch calls (0.4 ms, 0.8
     right after an attention kernel, on 8 rows of 512). The plan's segments are the call's allowed pairs exactly (the
-    ``"varlen"`` and ``"native"`` backends compute only them), so the classes are exact; the same as
-    ``block_layout``'s on these specs (tested). ``None`` for any other call and without the library."""
+    ``"varlen"`` and ``"native"`` backends compute only them), so the classes are exact: ``block_layout``'s on packed
+    documents and padded rows, finer where its interval arithmetic leaves PARTIAL a tile that two parts empty together
+    (chunks with documents, a decoding row past its document; tested). ``None`` for any other call and without the
+    library."""
     lib = _clib.library()
     plan = None if isinstance(lib, str) else cheap_varlen_plan(call)
     if plan is None:
