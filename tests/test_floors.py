@@ -647,19 +647,20 @@ def test_blocksparse_keeps_a_rows_groups_per_classes_and_sizes_only():
 
 
 @settings(max_examples=300, deadline=None)
-@given(call=varlen_calls(), bs=st.sampled_from([1, 3, 16, 64, 128]), queries=st.integers(0, 3))
-def test_tile_classes_cut_from_the_segments_are_the_layouts(call, bs, queries):
+@given(call=varlen_calls(), bs=st.sampled_from([1, 3, 16, 64, 128]), queries=st.integers(0, 3), planned=st.booleans())
+def test_tile_classes_cut_from_the_segments_are_the_layouts(call, bs, queries, planned):
     """Where the varlen plan is cheap (packed documents, padded rows) or already built, ``blocksparse`` cuts its
     layout's classes from the plan's segments in C: exact on the dense mask (FULL where a tile allows every pair, NONE
     where it allows none, short last tiles included), and never coarser than ``lowering.block_layout``'s (one spec
     row broadcast to the batch), whose interval arithmetic may leave PARTIAL a tile that two parts empty together
     (chunks with documents, a decoding row past its document). ``queries`` > 0: the last ``queries`` rows only
-    (decoding steps, ``Q < K``), planned first as ``"native"`` does in ``auto``."""
+    (decoding steps, ``Q < K``); ``planned``: the varlen plan built first, whatever its cost, as ``"native"`` does in
+    ``auto`` (chunks, windows alone)."""
     if isinstance(_clib.library(), str):
         pytest.skip(_clib.library())
     if queries and queries < call.q_len:
-        q = call.q[:, :, -queries:]
-        call = _prepare_call(q, call.k, call.v, call.mask, None, None, None)
+        call = _prepare_call(call.q[:, :, -queries:], call.k, call.v, call.mask, None, None, None)
+    if planned:
         _common.varlen_plan(call)
     segmented = BS._segment_layout(call, bs)
     assume(segmented is not None)
