@@ -872,10 +872,10 @@ def _segment_layout(call, bs: int) -> BlockLayout | None:
     right after an attention kernel, on 8 rows of 512). The plan's segments are the call's allowed pairs exactly (the
     ``"varlen"`` and ``"native"`` backends compute only them), so the classes are exact: ``block_layout``'s on packed
     documents and padded rows, finer where its interval arithmetic leaves PARTIAL a tile that two parts empty together
-    (chunks with documents, a decoding row past its document; tested). ``None`` for any other call and without the
-    library."""
+    (chunks with documents, a decoding row past its document; tested). ``None`` for any other call, off the CPU (a
+    plan another backend built there: the generic layout stays on the call's device) and without the library."""
     lib = _clib.library()
-    plan = None if isinstance(lib, str) else cheap_varlen_plan(call)
+    plan = None if isinstance(lib, str) or off_cpu(call) else cheap_varlen_plan(call)
     if plan is None:
         return None
     n_q, n_k = -(-call.q_len // bs), -(-call.kv_len // bs)
