@@ -13,6 +13,11 @@ Training-step time of a tiny random-weight Llama on the same sequences, three wa
   an all-ones 2D mask would attend across documents, transformers PR #46634). Building that mask is part of its
   timed step, as the other two build theirs inside the forward.
 
+Each step gets fresh copies of its input tensors, as a training loop's next batch does: attnmask's integration keeps
+a batch's spec (and the plans made on it) while its tensors live unchanged, which a loop that fed the same tensors
+again would reuse from the second step on; fresh tensors make each step build its spec and plan once, for all the
+layers and the backward (a new batch per step costs that too).
+
 A step is forward + backward + AdamW over all the sequences, loss normalised over their target tokens. Lengths are
 lognormal (``--log-mean 5.0``: mean about 180 tokens before clipping), clipped to the row length. Per row length of
 ``--rows``, sequences are drawn until they hold ``--tokens`` real tokens (or ``--seqs`` of them, when given), so every
@@ -76,6 +81,7 @@ def tiny_llama(impl: str, state: dict | None, device: str = "cpu"):
 
 
 def step(model, optimizer, inputs: dict, labels: torch.Tensor) -> float:
+    inputs = {k: t.clone() if torch.is_tensor(t) else t for k, t in inputs.items()}  # a new batch's tensors
     mask = inputs.get("attention_mask")
     if isinstance(mask, MaskSpec):  # the dense peer: lower the batch's spec to a (B, 1, L, L) bool mask, O(B·L^2)
         ids = inputs["input_ids"]

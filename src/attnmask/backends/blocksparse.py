@@ -556,13 +556,16 @@ USE_CPU_FLASH = True
 
 
 def _run_bias(spans, rows: int, n: int, rep: int, dtype: torch.dtype, device) -> torch.Tensor | None:
-    """Additive ``(rep·rows, n)`` bias of one run: ``-inf`` on denied pairs of its PARTIAL spans, None if none."""
+    """Additive ``(rep·rows, n)`` bias of one run: ``-inf`` on denied pairs of its PARTIAL spans, None if none. The
+    ``rep`` copies are filled together through a ``(rep, rows, n)`` view (each span's mask broadcast over them), not
+    built once and repeated."""
     if not spans:
         return None
-    bias = torch.zeros(rows, n, dtype=dtype, device=device)
+    bias = torch.zeros(rep * rows, n, dtype=dtype, device=device)
+    copies = bias.view(rep, rows, n)
     for start, denied in spans:
-        bias[:, start : start + denied.shape[1]].masked_fill_(denied, float("-inf"))
-    return bias.repeat(rep, 1) if rep > 1 else bias
+        copies[:, :, start : start + denied.shape[1]].masked_fill_(denied, float("-inf"))
+    return bias
 
 
 _BIAS_BUDGET = 1 << 23  # elements of the biases a plan keeps (32 MiB of float32); past it they are built per call
