@@ -52,6 +52,8 @@ FITTED = (  # the constants --fit fits: (backend, name)
     ("sdpa", "_EXTRA_PAIR_WIDTH"),
     ("varlen", "_EXTRA_PAIR_WIDTH"),
     ("varlen", "_EXTRA_SMALL_WIDTH"),
+    ("varlen", "_EXTRA_BF16_PAIR_WIDTH"),
+    ("blocksparse", "_EXTRA_PAIR_WIDTH"),
 )
 
 

@@ -15,16 +15,18 @@ import torch
 
 import attnmask as am
 from attnmask.attention import _prepare_call
-from attnmask.backends import _common, _workers, native, sdpa, varlen
+from attnmask.backends import _common, _workers, blocksparse, native, sdpa, varlen
 from attnmask.backends._common import CALIBRATED_WIDTH, pair_width
 
 A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
-FITTED = (native, sdpa, varlen)
+FITTED = (native, sdpa, varlen, blocksparse)
 EXTRAS = (
     (native, "_EXTRA_PAIR_WIDTH"),
     (sdpa, "_EXTRA_PAIR_WIDTH"),
     (varlen, "_EXTRA_PAIR_WIDTH"),
     (varlen, "_EXTRA_SMALL_WIDTH"),
+    (varlen, "_EXTRA_BF16_PAIR_WIDTH"),
+    (blocksparse, "_EXTRA_PAIR_WIDTH"),
 )
 DOCS = [180, 150, 20, 200, 12, 40]  # documents SDPA runs in varlen and tiny ones (<= 32 keys: batched matmuls)
 
@@ -85,7 +87,7 @@ def test_small_heads_charge_a_pair_more_than_its_width(monkeypatch, grad):
     assert all(fitted[name] > linear[name] for name in fitted)
     # the native kernel's time falls least with D (0.62-1.01x from D = 64 to 16): its charge rises the most
     rise = {name: fitted[name] / linear[name] for name in fitted}
-    assert rise["native"] > max(rise["sdpa"], rise["varlen"])
+    assert rise["native"] > max(rise["sdpa"], rise["varlen"], rise["blocksparse"])
 
 
 @pytest.mark.parametrize("threads", [1, 2])

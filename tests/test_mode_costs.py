@@ -52,8 +52,8 @@ def test_mode_factors_pick_the_factor_of_the_calls_mode(monkeypatch):
         ModeFactors(bf16_no_amx=2.0)
 
 
-def call(dtype: torch.dtype, grad: bool):
-    q = torch.zeros(1, 4, 256, 16, dtype=dtype).requires_grad_(grad)
+def call(dtype: torch.dtype, grad: bool, dim: int = 16):
+    q = torch.zeros(1, 4, 256, dim, dtype=dtype).requires_grad_(grad)
     spec = am.causal() & am.document(seq_lens=[100, 60, 96])
     return A._prepare_call(q, q, q, spec, None, None, None)
 
@@ -91,21 +91,39 @@ def test_every_cpu_estimate_scales_by_its_mode_factor(monkeypatch, name, cpu):
 
 @pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_a_cpu_with_avx512_bf16_and_no_amx_tiles_prices_bfloat16_as_float32(monkeypatch, name):
-    """There every backend ran bfloat16 at about its float32 time, casts included (RESULTS.md, issue 15, "bfloat16 on a
-    CPU with AVX512-BF16"): the whole estimate is float32's, forward and with a backward (blocksparse's forward stacks
-    run on the float32 flash kernel only, so what they save is set aside)."""
-    monkeypatch.setattr(C, "cpu_has_amx_bf16", lambda: False)
-    monkeypatch.setattr(C, "cpu_has_avx512_bf16", lambda: True)
+    """There every backend ran bfloat16 at about its float32 time at D = 64, casts included (RESULTS.md, issue 15,
+    "bfloat16 on a CPU with AVX512-BF16"): the whole estimate is float32's there, forward and with a backward
+    (blocksparse's forward stacks run on the float32 flash kernel only, so what they save is set aside)."""
     monkeypatch.setattr(W, "threads_available", lambda: 1)
     module = importlib.import_module(f"attnmask.backends.{name}")
 
     def cost(c):
         return module.BACKEND.cost(c) + (module.stack_saving(c) if name == "blocksparse" else 0.0)
 
-    for grad in (False, True):
-        assert cost(call(torch.bfloat16, grad)) == pytest.approx(cost(call(torch.float32, grad)))
-    monkeypatch.setattr(C, "cpu_has_avx512_bf16", lambda: False)  # neither: the factors fitted there differ
-    assert cost(call(torch.bfloat16, True)) != pytest.approx(cost(call(torch.float32, True)))
+    with bench_limit().on_cpu_kind(False, True):
+        for grad in (False, True):
+            assert cost(call(torch.bfloat16, grad, 64)) == pytest.approx(cost(call(torch.float32, grad, 64)))
+    with bench_limit().on_cpu_kind(False, False):  # neither: the factors fitted there differ
+        assert cost(call(torch.bfloat16, True, 64)) != pytest.approx(cost(call(torch.float32, True, 64)))
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_varlen_charges_a_bfloat16_pair_its_own_width_on_a_cpu_without_amx_tiles(monkeypatch, amx):
+    """Without AMX tiles (the AMD EPYC), torch's SDPA kernel on bfloat16 documents ran dearer per pair than float32's at
+    small heads and cheaper at D = 128 (RESULTS.md, issue 15, "A fresh spec's plan": the bfloat16 head-size tables):
+    ``varlen`` charges a bfloat16 pair ``pair_width(D + Dv, _EXTRA_BF16_PAIR_WIDTH)``: against float32's width, more
+    at D = 16, the same at D = 64, less at D = 128; with AMX tiles (not measured) float32's width itself."""
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    with bench_limit().on_cpu_kind(amx, True):
+        own = {d: VL.cost(call(torch.bfloat16, False, d)) for d in (16, 64, 128)}
+        monkeypatch.setattr(VL, "_EXTRA_BF16_PAIR_WIDTH", VL._EXTRA_PAIR_WIDTH)
+        as_float32 = {d: VL.cost(call(torch.bfloat16, False, d)) for d in (16, 64, 128)}
+    ratio = {d: own[d] / as_float32[d] for d in own}
+    assert ratio[64] == pytest.approx(1.0)
+    if amx:
+        assert ratio[16] == pytest.approx(1.0) and ratio[128] == pytest.approx(1.0)
+    else:
+        assert ratio[16] > 1.2 and ratio[128] < 0.95
 
 
 def test_sdpa_charges_a_gradient_per_key_so_a_decoding_step_with_a_gradient_is_not_priced_by_its_pairs(monkeypatch):
@@ -399,6 +417,7 @@ def test_varlen_charges_the_documents_sdpa_runs_unmasked_at_the_amx_pair_factor(
     no factor."""
     monkeypatch.setattr(W, "threads_available", lambda: 1)
     monkeypatch.setattr(VL, "MODES", ModeFactors(bf16_no_amx=1.0, bf16_backward_no_amx=1.0))  # every factor 1
+    monkeypatch.setattr(VL, "_EXTRA_BF16_PAIR_WIDTH", VL._EXTRA_PAIR_WIDTH)  # one width: the kinds' pair factor alone
     q = torch.zeros(1, 4, 512, 32, dtype=torch.bfloat16)
     specs = {
         "whole": am.causal() & am.document(seq_lens=[256, 256]),

@@ -39,6 +39,7 @@ from attnmask.backends._common import (
     handover_cost,
     mode_factor,
     off_cpu,
+    pair_width,
     per_cpu_kind,
     segments_address,
 )
@@ -53,6 +54,10 @@ __all__ = ["BACKEND", "MAX_KEYS", "MAX_ROWS", "blocksparse_attention", "cover", 
 TileMask = Callable[[int, int, int, int, int], torch.Tensor]
 _PAIR_COST = 1.3  # one multiply-add of a pair of a FULL or PARTIAL tile (tile-sized matmuls, online softmax)
 _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL tile
+# What a pair costs beyond its D + Dv (``_common.pair_width``: the tiles' softmax and bookkeeping, as in sdpa's kernel,
+# which runs them): fitted by benchmarks/bench_head_dim.py --fit on the fifteen head-size tables (median abs log error
+# 0.137 -> 0.060); with it the threads' hand-over weighs the tasks' multiply-adds at the charged width (as varlen's).
+_EXTRA_PAIR_WIDTH = 48.0
 # One query tile's fixed work (its group's views, a kernel call per run, the copies into place: Python and dispatch):
 # per table the median over float32 forward rows of (measured time - the rest of the estimate) / query tiles, in sdpa's
 # unit: ``benchmarks/bench_limit.py --fit ... --implied blocksparse._GROUP_COST`` on benchmarks/limit_tables/
@@ -902,7 +907,9 @@ def cost(call) -> float:
     estimate (that evaluates every pair): it is charged as dense plus its mask, in equal groups of query tiles."""
     if off_cpu(call):
         return float("inf")
-    per_pair = call.heads * (call.head_dim + call.value_dim)
+    width = call.head_dim + call.value_dim
+    charged = pair_width(width, _EXTRA_PAIR_WIDTH)
+    per_pair = call.heads * charged
     threads = _workers.threads_available()
     if call.mask is not None and not call.mask.is_structural:
         work = (_PAIR_COST * per_pair + _MASK_COST) * call.batch * call.q_len * call.kv_len
@@ -916,7 +923,7 @@ def cost(call) -> float:
     in_tasks = (_PAIR_COST * computed * per_pair + partial * _MASK_COST) * rows
     gain = 1.0  # one thread: no need to plan the groups just to weigh them
     if threads > 1:
-        weights = [w * _PAIR_COST for w in _task_weights(call)]  # in estimate units
+        weights = [w * _PAIR_COST * charged / width for w in _task_weights(call)]  # in estimate units
         gain = _workers.expected_speedup(weights, threads, 0.0, _THREAD_EFFICIENCY, handover=_HANDOVER_COST)
     overhead = (groups * _GROUP_COST + _CALL_COST) * _overhead_factor(call)
     return in_tasks / gain * mode_factor(MODES, call) + overhead - stack_saving(call)
@@ -976,7 +983,7 @@ def floor(call) -> float:
         pairs = _segment_pairs(built, bs, call.batch, call.q_len, call.kv_len)
     if pairs == 0:
         return 0.0
-    per_pair = call.heads * (call.head_dim + call.value_dim)
+    per_pair = call.heads * pair_width(call.head_dim + call.value_dim, _EXTRA_PAIR_WIDTH)
     n_q = -(-call.q_len // bs)
     gain = _workers.speedup_bound(_workers.threads_available(), _THREAD_EFFICIENCY)
     estimate = _PAIR_COST * pairs * per_pair / gain * mode_factor(MODES, call)

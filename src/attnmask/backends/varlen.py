@@ -43,6 +43,7 @@ from attnmask.backends._common import (
     mode_factor,
     off_cpu,
     pair_width,
+    per_cpu_kind,
     rows_seeing_themselves,
     segments_address,
     segments_from_varlen,
@@ -92,7 +93,15 @@ _SDPA_BLOCKS = (512.0, 256.0)  # torch's CPU SDPA kernel: its key blocks, and th
 # The hand-over is this CPU's kind's (``_common.handover_cost``: 3.2e6 with AMX tiles, where it was fitted).
 _THREAD_EFFICIENCY = 0.85
 _HANDOVER_COST = handover_cost()
-CPU_KIND_VALUES = {"_HANDOVER_COST": HANDOVER_COSTS}  # the constants set by the CPU's kind (_common.per_cpu_kind)
+# A bfloat16 pair of a document SDPA runs, per CPU kind: on the AMD EPYC (AVX512-BF16, no AMX tiles) torch's kernel
+# on bfloat16 documents ran dearer per pair than float32's at small heads and cheaper at D = 128 (bench_head_dim.py
+# --dtype bfloat16: up to 1.67x slower than blocksparse at D = 16 with a backward, 2x faster than the pick at D = 128);
+# --fit on the fifteen head-size tables fits 128 (median abs log error 0.150 -> 0.094; RESULTS.md, issue 15, "A fresh
+# spec's plan"). With AMX tiles (not measured at other heads) float32's width.
+_EXTRA_BF16_PAIR_WIDTHS = (48.0, 128.0)
+_EXTRA_BF16_PAIR_WIDTH = per_cpu_kind(_EXTRA_BF16_PAIR_WIDTHS)
+# The constants set by the CPU's kind (_common.per_cpu_kind).
+CPU_KIND_VALUES = {"_HANDOVER_COST": HANDOVER_COSTS, "_EXTRA_BF16_PAIR_WIDTH": _EXTRA_BF16_PAIR_WIDTHS}
 # Idle, groups of documents and a window's query blocks go to the workers from an eighth of ``MIN_TASK_WORK`` on
 # average (tiny documents' groups, and any task while other processes hold cores, from ``MIN_TASK_WORK``): rows of
 # 1,024 at 2 threads, same process, 9 rounds, two runs, forward / forward + backward in ms: few long documents
@@ -612,7 +621,7 @@ def cost(call) -> float:
     calls = len({tuple(shape) for shape in shapes}) + blocks
     width = call.head_dim + call.value_dim
     small = s[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
-    small_width, sdpa_width = _charged_widths(width)  # a pair's and a query row's width (float64: as the floor's)
+    small_width, sdpa_width = _charged_widths(width, call.q.dtype)  # a pair's and a row's width (as the floor's)
     charged = np.where(small, small_width, sdpa_width)
     per_seg = pairs * call.heads * charged * np.where(masked, _MASKED_PAIR_COST, _PAIR_COST)
     if (amx := amx_pair_factor(call)) != 1.0:
@@ -653,7 +662,7 @@ def floor(call) -> float:
     once and charged at least the cheaper row charge. 0 where neither is known. O(N) on the segments' view, or O(B·K)
     on host views."""
     width = call.head_dim + call.value_dim
-    small_width, sdpa_width = _charged_widths(width)
+    small_width, sdpa_width = _charged_widths(width, call.q.dtype)
     gain = _workers.speedup_bound(_workers.threads_available(), _THREAD_EFFICIENCY)
     built = built_varlen_plan(call)
     if built is None:
@@ -703,10 +712,11 @@ def _floor_sums_numpy(plan) -> tuple[float, ...]:
     return tuple(float(x) for x in sums)
 
 
-def _charged_widths(width: int) -> tuple[float, float]:
+def _charged_widths(width: int, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
     """The widths (``_common.pair_width`` of ``D + Dv``) a pair and a query row are charged at in a tiny document (the
-    batched matmuls) and in a document SDPA runs."""
-    return pair_width(width, _EXTRA_SMALL_WIDTH), pair_width(width, _EXTRA_PAIR_WIDTH)
+    batched matmuls) and in a document SDPA runs (in bfloat16 at ``_EXTRA_BF16_PAIR_WIDTH``)."""
+    extra = _EXTRA_BF16_PAIR_WIDTH if dtype == torch.bfloat16 else _EXTRA_PAIR_WIDTH
+    return pair_width(width, _EXTRA_SMALL_WIDTH), pair_width(width, extra)
 
 
 def _task_weights(segs: list, window: int | None, per_pair: int) -> tuple[list[float], list[float]]:
