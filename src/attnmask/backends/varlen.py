@@ -93,12 +93,12 @@ _SDPA_BLOCKS = (512.0, 256.0)  # torch's CPU SDPA kernel: its key blocks, and th
 # The hand-over is this CPU's kind's (``_common.handover_cost``: 3.2e6 with AMX tiles, where it was fitted).
 _THREAD_EFFICIENCY = 0.85
 _HANDOVER_COST = handover_cost()
-# A bfloat16 pair of a document SDPA runs, per CPU kind: on the AMD EPYC (AVX512-BF16, no AMX tiles) torch's kernel
-# on bfloat16 documents ran dearer per pair than float32's at small heads and cheaper at D = 128 (bench_head_dim.py
-# --dtype bfloat16: up to 1.67x slower than blocksparse at D = 16 with a backward, 2x faster than the pick at D = 128);
-# --fit on the fifteen head-size tables fits 128 (median abs log error 0.150 -> 0.094; RESULTS.md, issue 15, "A fresh
-# spec's plan"). With AMX tiles (not measured at other heads) float32's width.
-_EXTRA_BF16_PAIR_WIDTHS = (48.0, 128.0)
+# A bfloat16 pair of a document SDPA runs, in the backward's share of the estimate, per CPU kind: on the AMD EPYC
+# (AVX512-BF16, no AMX tiles) a bfloat16 forward + backward of varlen took 2.0-2.1x / 1.6x its float32 time at D = 16
+# / 32, ~1.0x at D = 64 and 0.8-0.95x at D = 128, the forward ~1.0x throughout (bench_head_dim.py --dtype bfloat16
+# against float32, three pairs of tables): fitted by --fit on the sixteen head-size tables, 192 (median abs log error
+# 0.135 -> 0.102; RESULTS.md, issue 15, "A fresh spec's plan"). With AMX tiles (not measured at other heads) float32's.
+_EXTRA_BF16_PAIR_WIDTHS = (48.0, 192.0)
 _EXTRA_BF16_PAIR_WIDTH = per_cpu_kind(_EXTRA_BF16_PAIR_WIDTHS)
 # The constants set by the CPU's kind (_common.per_cpu_kind).
 CPU_KIND_VALUES = {"_HANDOVER_COST": HANDOVER_COSTS, "_EXTRA_BF16_PAIR_WIDTH": _EXTRA_BF16_PAIR_WIDTHS}
@@ -619,9 +619,35 @@ def cost(call) -> float:
     else:
         masked, blocks = np.zeros(len(shapes), dtype=bool), 0
     calls = len({tuple(shape) for shape in shapes}) + blocks
+    priced = (segs, s, pairs, masked, ql, calls)
+    factor = mode_factor(MODES, call)
+    estimate = _priced(call, plan, priced, _charged_widths(call.head_dim + call.value_dim))
+    if not _bf16_backward_width(call):
+        return estimate * factor
+    # bfloat16 with a backward: the forward's share at float32's widths, the backward's at the bfloat16 pair width
+    forward = MODES.of(call.q.dtype, call.device_type, False, call.device_type == "cpu" and _workers.contended())
+    backward = _priced(call, plan, priced, _charged_widths(call.head_dim + call.value_dim, torch.bfloat16))
+    return estimate * forward + backward * (factor - forward)
+
+
+def _bf16_backward_width(call) -> bool:
+    """Whether the call's backward is charged at the bfloat16 pair width (``_EXTRA_BF16_PAIR_WIDTH``, where it differs
+    from float32's): bfloat16 with a gradient, no dropout."""
+    return (
+        call.q.dtype == torch.bfloat16
+        and call.needs_grad
+        and not call.dropout_p
+        and _EXTRA_BF16_PAIR_WIDTH != _EXTRA_PAIR_WIDTH
+    )
+
+
+def _priced(call, plan, priced: tuple, widths: tuple[float, float]) -> float:
+    """``cost``'s estimate of the segments before the mode factor, with tiny documents' pairs and rows charged at
+    ``widths[0]`` and SDPA's at ``widths[1]`` (``_charged_widths``)."""
+    segs, s, pairs, masked, ql, calls = priced
     width = call.head_dim + call.value_dim
     small = s[:, 4] <= _SMALL_SEGMENT  # gathered (q, k, v) and scattered back (output); two matmuls per head
-    small_width, sdpa_width = _charged_widths(width, call.q.dtype)  # a pair's and a row's width (as the floor's)
+    small_width, sdpa_width = widths  # a pair's and a row's width (as the floor's)
     charged = np.where(small, small_width, sdpa_width)
     per_seg = pairs * call.heads * charged * np.where(masked, _MASKED_PAIR_COST, _PAIR_COST)
     if (amx := amx_pair_factor(call)) != 1.0:
@@ -633,7 +659,7 @@ def cost(call) -> float:
     threads = _workers.threads_available()
     if call.dropout_p > 0:  # every call in the caller, split across every thread (_map)
         gain = _workers.expected_speedup([1.0], threads, 0.0, _THREAD_EFFICIENCY)
-        return (serial + float(per_seg.sum()) / gain) * mode_factor(MODES, call)
+        return serial + float(per_seg.sum()) / gain
     big_gain = tiny_gain = 1.0  # one thread: no tasks to weigh
     if threads > 1:
         big_tasks, tiny_tasks = _task_weights(segs.tolist(), plan.window, call.heads * width)
@@ -649,8 +675,7 @@ def cost(call) -> float:
                 (tiny_tasks, MIN_TASK_WORK, small_width),
             )
         )
-    estimate = serial + float(per_seg[~small].sum()) / big_gain + float(per_seg[small].sum()) / tiny_gain
-    return estimate * mode_factor(MODES, call)
+    return serial + float(per_seg[~small].sum()) / big_gain + float(per_seg[small].sum()) / tiny_gain
 
 
 def floor(call) -> float:
@@ -662,7 +687,10 @@ def floor(call) -> float:
     once and charged at least the cheaper row charge. 0 where neither is known. O(N) on the segments' view, or O(B·K)
     on host views."""
     width = call.head_dim + call.value_dim
-    small_width, sdpa_width = _charged_widths(width, call.q.dtype)
+    widths = _charged_widths(width)
+    if _bf16_backward_width(call):  # cost charges the backward's share at the bfloat16 widths: the smaller bounds both
+        widths = tuple(map(min, widths, _charged_widths(width, torch.bfloat16)))
+    small_width, sdpa_width = widths
     gain = _workers.speedup_bound(_workers.threads_available(), _THREAD_EFFICIENCY)
     built = built_varlen_plan(call)
     if built is None:
@@ -714,7 +742,7 @@ def _floor_sums_numpy(plan) -> tuple[float, ...]:
 
 def _charged_widths(width: int, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
     """The widths (``_common.pair_width`` of ``D + Dv``) a pair and a query row are charged at in a tiny document (the
-    batched matmuls) and in a document SDPA runs (in bfloat16 at ``_EXTRA_BF16_PAIR_WIDTH``)."""
+    batched matmuls) and in a document SDPA runs (a bfloat16 backward's at ``_EXTRA_BF16_PAIR_WIDTH``)."""
     extra = _EXTRA_BF16_PAIR_WIDTH if dtype == torch.bfloat16 else _EXTRA_PAIR_WIDTH
     return pair_width(width, _EXTRA_SMALL_WIDTH), pair_width(width, extra)
 
