@@ -81,7 +81,7 @@ _MASKED_PAIR_COST = 1.18
 _SDPA_ROW_COST = 56.0
 _SMALL_ROW_COST = 130.0  # the tiny-document path's unfused softmax, masking and casts, per query row element and head
 _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this many keys go through batched matmuls
-_SDPA_BLOCKS = (512.0, 256.0)  # torch's CPU SDPA kernel: its key blocks, and the keys past the diagonal (sdpa_pairs)
+_SDPA_BLOCKS = (512.0, 256.0)  # torch's CPU SDPA kernel: its key blocks, and the keys past the diagonal (_sdpa_pairs)
 # Threads: the document groups (a long document's query blocks under a window) are tasks of ``_workers.parallel_map``,
 # each added thread contributing this share of a core to their SDPA calls and products, and each task dealt to a worker
 # costing ``_HANDOVER_COST`` more (its wake-up and GIL hand-overs); the per-call overhead and the copies run on one
@@ -713,7 +713,7 @@ def floor(call) -> float:
 
 def _floor_sums(plan) -> tuple[float, ...]:
     """What ``floor`` charges of a varlen plan's segments, summed per class: the pairs torch's SDPA kernel computes
-    (``sdpa_pairs``, at most two windows a query under a window) in the tiny documents (at most ``_SMALL_SEGMENT``
+    (``_sdpa_pairs``, at most two windows a query under a window) in the tiny documents (at most ``_SMALL_SEGMENT``
     keys) and in the others, their query rows likewise, the tiny documents' count, and every segment's query rows
     and keys. One pass in C (``attnmask_varlen_floor_sums``: ~2 us on 106 segments, where the numpy form below, ~20
     operations, took ~25 us), or that form where the kernel is not built."""
@@ -766,17 +766,13 @@ def _task_weights(segs: list, window: int | None, per_pair: int) -> tuple[list[f
     return big_weights, tiny_weights
 
 
-def sdpa_pairs(q_len: torch.Tensor, kv_len: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(query, key) pairs torch's CPU SDPA kernel computes per segment (float64, elementwise over the lengths).
+def _sdpa_pairs(q_len: np.ndarray, kv_len: np.ndarray, causal: bool) -> np.ndarray:
+    """(query, key) pairs torch's CPU SDPA kernel computes per segment (float64 numpy arrays, elementwise over the
+    lengths; ``cost`` and the floor's numpy form).
 
     It walks keys in blocks of 512 (or all keys when fewer than 512) and, when causal, stops after the block that
     holds the end of the query block: up to 512 keys beyond the diagonal. So a causal document of 256 tokens costs
     all 256·256 pairs, and one of 4096 about half of its pairs plus 256 per query."""
-    return torch.from_numpy(_sdpa_pairs(q_len.numpy(), kv_len.numpy(), causal))
-
-
-def _sdpa_pairs(q_len: np.ndarray, kv_len: np.ndarray, causal: bool) -> np.ndarray:
-    """:func:`sdpa_pairs` on float64 numpy arrays (the floor's form)."""
     if not causal:
         return q_len * kv_len
     block, extra = _SDPA_BLOCKS
