@@ -75,6 +75,8 @@ def test_every_cpu_estimate_scales_by_its_mode_factor(monkeypatch, name, cpu):
         monkeypatch.setattr(module, "_BACKWARD_OVERHEAD_SHARE", 1.0)
     if name == "varlen":  # the factor alone (its bfloat16 backward's own pair width: the test below)
         monkeypatch.setattr(module, "_EXTRA_BF16_PAIR_WIDTH", module._EXTRA_PAIR_WIDTH)
+    if name == "native":  # the factor alone (its backward's runs at their own bytes per key: test_native.py)
+        monkeypatch.setattr(module, "_BACKWARD_KEY_BYTES", module._FORWARD_KEY_BYTES)
     keys = C.SDPA_BACKWARD_KEY_COST * 4 * 256 * 32 if name == "sdpa" else 0.0
 
     def cost(c):

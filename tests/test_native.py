@@ -233,10 +233,55 @@ def test_a_pair_is_charged_by_how_far_its_run_leaves_the_l1_cache(width, run, sh
     item = float(N._item_work(segs, False, None, width)[0])
     per_pair = (item - 8 * N._ROW_COST * width) / (8 * run * charged)
     assert per_pair == pytest.approx(expected)
-    long = torch.tensor([[0, 0, 1024, 0, 1024, 0]])  # a causal window narrower than the document is the run
-    pairs = float(N.segment_pairs(long, True, run).sum())
-    item = float(N._item_work(long, True, run, width)[0])
-    assert (item - 1024 * N._ROW_COST * width) / (pairs * charged) == pytest.approx(expected)
+    # 8 queries past a causal window's first ``run`` rows: each walks ``run`` keys, however long the document
+    past = torch.tensor([[0, 0, 8, 0, 1024, 1000]])
+    assert float(N.segment_pairs(past, True, run).sum()) == 8 * run
+    item = float(N._item_work(past, True, run, width)[0])
+    assert (item - 8 * N._ROW_COST * width) / (8 * run * charged) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("width", "length", "offset", "window"), [(128, 200, 0, None), (64, 700, 37, 300), (256, 90, -5, 40)]
+)
+def test_each_query_of_a_causal_document_is_charged_by_its_own_run(width, length, offset, window):
+    """A causal query walks only the keys up to its own (and within its window): query ``i`` of a segment walks
+    ``r = clamp(i + offset + 1, 0, k_len) - clamp(i + offset + 1 - window, 0, k_len)`` keys, each pair at the charge of
+    a run of ``r`` keys (the forward reads 4 bytes per element of a key's k and v rows, the backward 8: it also
+    accumulates dk and dv), so a document's first queries cost ``_PAIR_COST`` a pair even when its last ones leave
+    the L1 cache. Summed query by query here, against the estimate's closed form (C) and its numpy form."""
+
+    def charge(r, key_bytes):
+        share = (r * key_bytes * width - N._SHORT_RUN_BYTES) / (N._LONG_RUN_BYTES - N._SHORT_RUN_BYTES)
+        return N._PAIR_COST + (N._LONG_PAIR_COST - N._PAIR_COST) * min(max(share, 0.0), 1.0)
+
+    segs = torch.tensor([[0, 0, length, 0, length, offset]])
+    for key_bytes in (N._FORWARD_KEY_BYTES, N._BACKWARD_KEY_BYTES):
+        want = 0.0
+        for i in range(length):
+            a = i + offset + 1
+            r = min(max(a, 0), length) - (0 if window is None else min(max(a - window, 0), length))
+            want += r * charge(r, key_bytes)
+        want = want * pair_width(width, N._EXTRA_PAIR_WIDTH) + length * N._ROW_COST * width
+        assert float(N._item_work(segs, True, window, width, key_bytes)[0]) == pytest.approx(want, rel=1e-12)
+        assert float(N._item_work_numpy(segs, True, window, width, key_bytes)[0]) == pytest.approx(want, rel=1e-12)
+    assert N._FORWARD_KEY_BYTES == 4.0 and N._BACKWARD_KEY_BYTES == 8.0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_backward_share_is_charged_at_the_backwards_bytes_per_key(monkeypatch, threads):
+    """With a gradient, native's estimate prices the backward's pairs at runs of ``_BACKWARD_KEY_BYTES`` a key
+    element (dearer than the forward's on documents whose runs leave the L1 cache), the forward's at
+    ``_FORWARD_KEY_BYTES``; without a gradient the backward's bytes do not matter."""
+    from attnmask.backends import _workers as W
+
+    monkeypatch.setattr(W, "threads_available", lambda: threads)
+    q = torch.randn(2, 4, 512, 64)
+    spec = am.causal() & am.document(seq_lens=[[100, 150, 262], [300, 212]])
+    graded = q.clone().requires_grad_()
+    with_grad, without = N.BACKEND.cost(call_of(graded, q, q, spec)), N.BACKEND.cost(call_of(q, q, q, spec))
+    monkeypatch.setattr(N, "_BACKWARD_KEY_BYTES", N._FORWARD_KEY_BYTES)
+    assert N.BACKEND.cost(call_of(graded, q, q, spec)) < with_grad
+    assert N.BACKEND.cost(call_of(q, q, q, spec)) == without
 
 
 @pytest.mark.parametrize(

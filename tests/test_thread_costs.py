@@ -222,7 +222,9 @@ def test_native_forward_gains_on_query_blocks_its_backward_on_whole_segments(mon
     one_thread, two = cost_at(NT, many, 1, monkeypatch), cost_at(NT, many, 2, monkeypatch)
     assert two == pytest.approx(NT._CALL_COST + (one_thread - NT._CALL_COST) / 2)
     # with a gradient, the backward's items are whole segments, one a key/value head, taken one at a time when few:
-    # the 4 heads of one segment on 2 threads halve its backward too
+    # the 4 heads of one segment on 2 threads halve its backward too (its runs at the forward's bytes here: the
+    # backward's own bytes per key are test_native.py's)
+    monkeypatch.setattr(NT, "_BACKWARD_KEY_BYTES", NT._FORWARD_KEY_BYTES)
     q = torch.zeros(1, 4, 1024, 64, requires_grad=True)
     graded = A._prepare_call(q, q.detach(), q.detach(), am.sliding_window(64), None, None, None)
     factor = NT.MODES.of(torch.float32, "cpu", needs_grad=True)

@@ -310,7 +310,7 @@ def segment_attention(
 # A pair costs more once a query's run of keys no longer stays in the L1 cache (64 keys and values of D=64 floats are
 # 32 KiB): measured as native's ps per unit of this estimate against the other backends' on the same rows
 # (bench_backends.py --quick and bench_limit.py, RESULTS.md issue 15): about the same for documents of 8-32 tokens,
-# 1.5-2.1x (median ~1.9) for runs of 256 keys and more. A run is a document's keys, or the window when narrower. In
+# 1.5-2.1x (median ~1.9) for runs of 256 keys and more. A run is the keys one query walks (_FORWARD_KEY_BYTES). In
 # between, the charge rises linearly with the run's keys and values in float32 bytes, from _PAIR_COST at
 # _SHORT_RUN_BYTES (32 keys at D = Dv = 64: they stay in L1) to _LONG_PAIR_COST at _LONG_RUN_BYTES (128 keys): a step
 # at 64 keys had priced windows of 64 as runs in L1, and native was picked on them 1.15-1.33x slower than banded
@@ -328,6 +328,13 @@ _PAIR_COST = per_cpu_kind(_PAIR_COSTS)
 _LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the Xeon's short one)
 _SHORT_RUN_BYTES = 16 << 10
 _LONG_RUN_BYTES = 64 << 10
+# Bytes per element of D + Dv that a run reads for each of its keys: the forward's k and v rows in float32; the
+# backward's k and v rows and the dk and dv rows it accumulates into, twice as many. A run is one query's keys (each
+# query of a causal document walks the keys up to its own), not the whole document's: with the backward's runs at
+# the forward's bytes, or the document as every query's run, replays of the saved tables read fewer picks within 1.1x
+# of the fastest (RESULTS.md, issue 15, "native's runs per query").
+_FORWARD_KEY_BYTES = 4.0
+_BACKWARD_KEY_BYTES = 8.0
 # What a pair costs beyond its D + Dv (``_common.pair_width``): its exponential and the online softmax's bookkeeping;
 # fitted by benchmarks/bench_head_dim.py --fit.
 _EXTRA_PAIR_WIDTH = 192.0
@@ -408,7 +415,9 @@ def cost(call) -> float:
     """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each (up to ``_LONG_PAIR_COST`` in runs of keys that
     leave the L1 cache: ``_item_work``) and each query row and head at ``_ROW_COST`` per element, divided by what the
     kernel's threads gain on its items, then float32 copies of half-precision inputs unless ``MODES`` covers their
-    dtype (comparable with the ``"varlen"`` backend's cost). The threads' gain: ``_workers.threads_available()``
+    dtype (comparable with the ``"varlen"`` backend's cost). With a gradient, the backward's share charges its pairs
+    as runs of ``_BACKWARD_KEY_BYTES`` per key element (it also accumulates into each key's dk and dv rows). The
+    threads' gain: ``_workers.threads_available()``
     threads pulling ``_ITEMS_PER_PULL`` items at a time, on the forward's query blocks (``forward_items``; in
     bfloat16 on a CPU with AMX tiles at ``_BF16_AMX_THREAD_EFFICIENCY``) and on the backward's whole segments (one
     thread where segments share keys). With a gradient, ``MODES``'s factor scales the whole call as one thread would
@@ -435,8 +444,11 @@ def cost(call) -> float:
         serial += tokens * width * 2 * COPY_COST
     kernel = item_sum * call.heads  # on one thread
     factor = mode_factor(MODES, call)
+    if call.needs_grad:  # the backward's runs read and write twice the bytes per key: their own charges
+        item, back_sum, _ = _item_work_sums(segs, causal, window, width, _BACKWARD_KEY_BYTES)
+        back = back_sum * call.heads
     if threads < 2:
-        return (serial + kernel) * factor
+        return (serial + kernel) * factor if not call.needs_grad else serial * factor + kernel + back * (factor - 1)
     if forward_gain is None:  # the forward's blocks cut the segments
         forward_gain = _pulls_gain(_item_work(blocks, causal, window, width), call.heads, threads, efficiency)
     forward = serial + kernel / forward_gain
@@ -445,7 +457,7 @@ def cost(call) -> float:
     gain = 1.0
     if _keys_disjoint(segs):  # segment-major items, the heaviest segments first (as the backward orders them)
         gain = _threads_gain(np.repeat(np.sort(item)[::-1], call.kv_heads))
-    return forward + (serial + kernel / gain) * (factor - 1)
+    return forward + (serial + back / gain) * (factor - 1)
 
 
 def _forward_blocks(call, segs: torch.Tensor) -> torch.Tensor:
@@ -455,40 +467,50 @@ def _forward_blocks(call, segs: torch.Tensor) -> torch.Tensor:
     return cached(call, f"native_blocks_{threads}", lambda c: forward_items(segs, c.heads, threads))
 
 
-def _item_work(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> np.ndarray:
-    """``(N,)`` float64: the estimate of each segment's work on one head (its pairs, its query rows). A pair costs
-    ``_PAIR_COST`` in a run (the segment's keys, or the window when narrower) whose keys and values take at most
-    ``_SHORT_RUN_BYTES`` in float32, ``_LONG_PAIR_COST`` from ``_LONG_RUN_BYTES``, linearly in between. One pass in
-    C (``attnmask_item_work``: ~2 us on 106 segments, where the numpy form below, ~15 operations, took 20-36 us), or
-    that form where the kernel is not built."""
-    return _item_work_sums(segs, causal, window, width)[0]
+def _item_work(
+    segs: torch.Tensor, causal: bool, window: int | None, width: int, key_bytes: float = _FORWARD_KEY_BYTES
+) -> np.ndarray:
+    """``(N,)`` float64: the estimate of each segment's work on one head (its pairs, its query rows). Each query walks
+    its own run of keys (causal: query ``i`` of a segment sees ``clamp(i + offset + 1, 0, k_len)`` keys, less those
+    before a window; otherwise all ``k_len``), and each pair of a run costs ``_PAIR_COST`` while the run takes at most
+    ``_SHORT_RUN_BYTES`` (``key_bytes`` per element of ``width`` per key), ``_LONG_PAIR_COST`` from
+    ``_LONG_RUN_BYTES``, linearly in between, times ``pair_width``; each query row ``_ROW_COST`` per element. One
+    pass in C (``attnmask_item_work``, in closed form per segment: ~2 us on 106 segments), or the per-query numpy
+    form below where the kernel is not built.
+
+    Example: a causal document of 100 keys at ``D = Dv = 64`` (512 bytes a key in the forward): its first 32
+    queries' runs stay within 16 KiB, at ``_PAIR_COST``; its last ones (up to 50 KiB) most of the way to
+    ``_LONG_PAIR_COST``."""
+    return _item_work_sums(segs, causal, window, width, key_bytes)[0]
 
 
-def _item_work_sums(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> tuple[np.ndarray, float, int]:
+def _item_work_sums(
+    segs: torch.Tensor, causal: bool, window: int | None, width: int, key_bytes: float = _FORWARD_KEY_BYTES
+) -> tuple[np.ndarray, float, int]:
     """:func:`_item_work`, with the works' sum and the segments' query rows (the C pass adds them up as it goes)."""
     lib = _library()
     if isinstance(lib, str):
-        work = _item_work_numpy(segs, causal, window, width)
+        work = _item_work_numpy(segs, causal, window, width, key_bytes)
         return work, float(work.sum()), int(segs.numpy()[:, 2].sum())
     address, _held = segments_address(segs)
     n = segs.shape[0]
     out = (ctypes.c_double * (n + 2))()  # a ctypes array: its address costs less than a numpy array's after a kernel
-    lib.attnmask_item_work(address, *_item_work_args(n, causal, window, width), out)
+    lib.attnmask_item_work(address, *_item_work_args(n, causal, window, width, key_bytes), out)
     return np.frombuffer(out, dtype=np.float64, count=n), out[n], int(out[n + 1])
 
 
-def _item_work_args(n: int, causal: bool, window: int | None, width: int) -> tuple:
+def _item_work_args(n: int, causal: bool, window: int | None, width: int, key_bytes: float) -> tuple:
     """``attnmask_item_work``'s arguments after the segments' address, up to its output."""
     charges = (_PAIR_COST, _LONG_PAIR_COST, _SHORT_RUN_BYTES, _LONG_RUN_BYTES, pair_width(width, _EXTRA_PAIR_WIDTH))
-    return (n, int(causal), -1 if window is None else window, float(width), *charges, _ROW_COST)
+    return (n, int(causal), -1 if window is None else window, float(width), key_bytes * width, *charges, _ROW_COST)
 
 
 def _item_work_gain(
     segs: torch.Tensor, causal: bool, window: int | None, width: int, repeat: int, threads: int, share: float
 ) -> tuple[np.ndarray, float, int, float]:
-    """:func:`_item_work_sums` and :func:`_pulls_gain` of those works (``repeat`` times, ``threads`` >= 2 threads at
-    ``share`` of a core) in one C call (``attnmask_item_work_makespan``), or the two functions where the kernel is
-    not built."""
+    """:func:`_item_work_sums` (the forward's runs) and :func:`_pulls_gain` of those works (``repeat`` times,
+    ``threads`` >= 2 threads at ``share`` of a core) in one C call (``attnmask_item_work_makespan``), or the two
+    functions where the kernel is not built."""
     lib = _library()
     n = segs.shape[0]
     if isinstance(lib, str) or not n:
@@ -498,20 +520,33 @@ def _item_work_gain(
     chunk = _chunk(n * repeat, threads)
     pulls = -(-n * repeat // chunk)
     out, scratch = (ctypes.c_double * (n + 2))(), (ctypes.c_double * (pulls + threads + 1))()
-    args = (*_item_work_args(n, causal, window, width), out, repeat, chunk, threads, scratch)
+    args = (*_item_work_args(n, causal, window, width, _FORWARD_KEY_BYTES), out, repeat, chunk, threads, scratch)
     most = lib.attnmask_item_work_makespan(address, *args)
     gain = _dealt_gain(scratch[pulls + threads], most, min(threads, pulls), share)
     return np.frombuffer(out, dtype=np.float64, count=n), out[n], int(out[n + 1]), gain
 
 
-def _item_work_numpy(segs: torch.Tensor, causal: bool, window: int | None, width: int) -> np.ndarray:
-    """:func:`_item_work` in numpy, on the segments' view."""
-    s = segs.numpy()
-    run = s[:, 4] if window is None else np.minimum(s[:, 4], window)
-    span = _LONG_RUN_BYTES - _SHORT_RUN_BYTES
-    share = np.clip((run * (width * 4.0) - _SHORT_RUN_BYTES) / span, 0.0, 1.0)
-    per_pair = _PAIR_COST + (_LONG_PAIR_COST - _PAIR_COST) * share
-    return _pairs(s, causal, window) * per_pair * pair_width(width, _EXTRA_PAIR_WIDTH) + s[:, 2] * _ROW_COST * width
+def _item_work_numpy(
+    segs: torch.Tensor, causal: bool, window: int | None, width: int, key_bytes: float = _FORWARD_KEY_BYTES
+) -> np.ndarray:
+    """:func:`_item_work` in numpy, on the segments' view, query by query (O(B·Q) memory: the form the C pass's
+    closed form is held to, and the estimate where the kernel is not built)."""
+    s = segs.numpy().astype(np.float64)
+    q_len, k_len, offset = s[:, 2], s[:, 4], s[:, 5]
+    if causal:
+        seg = np.repeat(np.arange(len(s)), s[:, 2].astype(np.int64))
+        a = np.arange(len(seg)) - np.repeat(np.cumsum(q_len) - q_len, q_len.astype(np.int64)) + offset[seg] + 1
+        run = np.clip(a, 0, k_len[seg])
+        if window is not None:
+            run = run - np.clip(a - window, 0, k_len[seg])
+    else:
+        seg, run = np.arange(len(s)), k_len
+    share = np.clip((run * (key_bytes * width) - _SHORT_RUN_BYTES) / (_LONG_RUN_BYTES - _SHORT_RUN_BYTES), 0.0, 1.0)
+    charged = run * (_PAIR_COST + (_LONG_PAIR_COST - _PAIR_COST) * share)
+    if not causal:
+        charged = charged * q_len
+    pairs = np.bincount(seg, weights=charged, minlength=len(s)) if len(s) else np.zeros(0)
+    return pairs * pair_width(width, _EXTRA_PAIR_WIDTH) + q_len * _ROW_COST * width
 
 
 def _threads_gain(items: np.ndarray, efficiency: float | None = None) -> float:

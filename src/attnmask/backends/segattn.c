@@ -464,38 +464,64 @@ void attnmask_segment_tile_classes(const int64_t *segs, int64_t n, int64_t bs, i
     }
 }
 
-/* The "native" estimate's work of each segment on one head (native._item_work, whose numpy form this equals up to
- * rounding): its allowed pairs in closed form (causal: query i sees clamp(i + offset + 1, 0, k_len) keys, less those
- * before a window), each at a charge rising linearly from pair_cost to long_pair_cost as its run of keys (the
- * segment's keys, or the window when narrower) grows from short_bytes to long_bytes of float32 keys and values of
- * `width` elements, times pair_w; plus its query rows at row_cost per element. window < 0: none. out: n + 2
- * doubles, the n works, then their sum and the segments' query rows. */
-static double attnmask_sum_clamped(double x, double kl) { /* sum_{a=1..x} clamp(a, 0, kl), 0 for x <= 0 */
-    double inside;
-    x = x > 0.0 ? x : 0.0;
-    inside = x < kl ? x : kl;
-    return inside * (inside + 1.0) / 2.0 + (x - inside) * kl;
+/* The "native" estimate's work of each segment on one head (native._item_work, whose per-query numpy form this equals
+ * up to rounding). Query i of a segment walks its run of keys, r = clamp(a, 0, k_len) - clamp(a - window, 0, k_len)
+ * with a = i + offset + 1 where causal (the second term only under a window), else all k_len; each pair of a run of r
+ * keys is charged c(r), rising linearly from pair_cost to long_pair_cost as the run's key_bytes per key grow from
+ * short_bytes to long_bytes, times pair_w; plus the segment's query rows at row_cost per element of `width`. The sum
+ * over queries of r * c(r) is in closed form (run_charge_sum: c is linear in r between two breakpoints; the runs of
+ * a segment's queries rise by one, stay flat, and fall by one). window < 0: none. out: n + 2 doubles, the n works,
+ * then their sum and the segments' query rows. */
+typedef struct {
+    double pair_cost, long_pair_cost, first, last, base, slope;
+} run_charge_t;
+
+static double attnmask_sum_to(double n) { return n * (n + 1.0) / 2.0; }             /* sum_{r=1..n} r */
+static double attnmask_squares_to(double n) { return n * (n + 1.0) * (2.0 * n + 1.0) / 6.0; } /* sum r^2 */
+
+static double run_charge(const run_charge_t *c, double r) { /* c(r) */
+    return r <= c->first ? c->pair_cost : r > c->last ? c->long_pair_cost : c->base + c->slope * r;
 }
 
-void attnmask_item_work(const int64_t *segs, int64_t n, int causal, int64_t window, double width, double pair_cost,
-                        double long_pair_cost, double short_bytes, double long_bytes, double pair_w, double row_cost,
-                        double *out) {
-    double total = 0.0, rows = 0.0;
+static double run_charge_sum(const run_charge_t *c, double x) { /* sum_{r=1..x} r * c(r), x a whole number */
+    double n1, n2;
+    if (x <= 0.0) return 0.0;
+    n1 = c->first < x ? c->first : x;
+    n2 = c->last < x ? c->last : x;
+    n2 = n2 > n1 ? n2 : n1;
+    return c->pair_cost * attnmask_sum_to(n1) + c->base * (attnmask_sum_to(n2) - attnmask_sum_to(n1)) +
+           c->slope * (attnmask_squares_to(n2) - attnmask_squares_to(n1)) +
+           c->long_pair_cost * (attnmask_sum_to(x) - attnmask_sum_to(n2));
+}
+
+/* sum over a = 1..x of r(a) * c(r(a)), r(a) rising 1..m, then m up to a = top, then falling m - 1, m - 2, ..., 1 */
+static double run_sums_to(const run_charge_t *c, double x, double m, double top) {
+    double rise, flat;
+    if (x <= 0.0) return 0.0;
+    if (x <= m) return run_charge_sum(c, x);
+    rise = run_charge_sum(c, m);
+    flat = m * run_charge(c, m);
+    if (x <= top) return rise + (x - m) * flat;
+    if (x < top + m) return rise + (top - m) * flat + run_charge_sum(c, m - 1.0) - run_charge_sum(c, top + m - 1.0 - x);
+    return rise + (top - m) * flat + run_charge_sum(c, m - 1.0);
+}
+
+void attnmask_item_work(const int64_t *segs, int64_t n, int causal, int64_t window, double width, double key_bytes,
+                        double pair_cost, double long_pair_cost, double short_bytes, double long_bytes, double pair_w,
+                        double row_cost, double *out) {
+    double total = 0.0, rows = 0.0, slope = (long_pair_cost - pair_cost) * key_bytes / (long_bytes - short_bytes);
+    run_charge_t c = {pair_cost, long_pair_cost, floor(short_bytes / key_bytes), floor(long_bytes / key_bytes),
+                      pair_cost - slope * short_bytes / key_bytes, slope};
     for (int64_t s = 0; s < n; s++) {
         const int64_t *g = segs + 6 * s;
-        double ql = (double)g[2], kl = (double)g[4], off = (double)g[5], pairs, run, share;
+        double ql = (double)g[2], kl = (double)g[4], off = (double)g[5], charged;
         if (!causal) {
-            pairs = ql * kl;
+            charged = ql * kl * run_charge(&c, kl);
         } else {
-            pairs = attnmask_sum_clamped(off + ql, kl) - attnmask_sum_clamped(off, kl);
-            if (window >= 0)
-                pairs -= attnmask_sum_clamped(off + ql - (double)window, kl) -
-                         attnmask_sum_clamped(off - (double)window, kl);
+            double w = window >= 0 ? (double)window : INFINITY, m = w < kl ? w : kl, top = w < kl ? kl : w;
+            charged = run_sums_to(&c, off + ql, m, top) - run_sums_to(&c, off, m, top);
         }
-        run = window >= 0 && (double)window < kl ? (double)window : kl;
-        share = (run * (width * 4.0) - short_bytes) / (long_bytes - short_bytes);
-        share = share < 0.0 ? 0.0 : share > 1.0 ? 1.0 : share;
-        out[s] = pairs * (pair_cost + (long_pair_cost - pair_cost) * share) * pair_w + ql * row_cost * width;
+        out[s] = charged * pair_w + ql * row_cost * width;
         total += out[s];
         rows += ql;
     }
@@ -534,11 +560,11 @@ double attnmask_pull_makespan(const double *items, int64_t n, int64_t repeat, in
 /* attnmask_item_work, then attnmask_pull_makespan over the n works it wrote (native.cost where the forward deals the
  * segments themselves, uncut): one call in place of two. Returns the makespan; out and scratch as theirs. */
 double attnmask_item_work_makespan(const int64_t *segs, int64_t n, int causal, int64_t window, double width,
-                                   double pair_cost, double long_pair_cost, double short_bytes, double long_bytes,
-                                   double pair_w, double row_cost, double *out, int64_t repeat, int64_t chunk,
-                                   int64_t threads, double *scratch) {
-    attnmask_item_work(segs, n, causal, window, width, pair_cost, long_pair_cost, short_bytes, long_bytes, pair_w,
-                       row_cost, out);
+                                   double key_bytes, double pair_cost, double long_pair_cost, double short_bytes,
+                                   double long_bytes, double pair_w, double row_cost, double *out, int64_t repeat,
+                                   int64_t chunk, int64_t threads, double *scratch) {
+    attnmask_item_work(segs, n, causal, window, width, key_bytes, pair_cost, long_pair_cost, short_bytes, long_bytes,
+                       pair_w, row_cost, out);
     return attnmask_pull_makespan(out, n, repeat, chunk, threads, scratch);
 }
 
