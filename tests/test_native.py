@@ -487,3 +487,51 @@ def test_keys_disjoint_agrees_with_every_pair_of_segments(rows):
         for b2, a2, l2 in rows[i + 1 :]
     )
     assert N._keys_disjoint(segs) == (not overlap)
+
+
+@pytest.mark.parametrize(
+    ("q_len", "k_len", "spec", "as_stored"),
+    [
+        (1, 300, am.causal(), True),  # a decoding step: each key read by one query
+        (2, 300, am.causal(), True),
+        (64, 300, am.causal(), False),  # a prefill chunk: keys read by up to 64 queries
+        (256, 256, am.causal() & am.document(seq_lens=[[40, 100, 116], [256]]), False),
+        (256, 256, am.causal() & am.sliding_window(2), True),  # a window of 2: each key read by at most 2 queries
+    ],
+)
+def test_bfloat16_is_read_as_stored_where_few_queries_read_each_key(monkeypatch, q_len, k_len, spec, as_stored):
+    """The native forward reads bfloat16 q, k, v as stored (the kernel widens each element as it loads it) where each
+    key is read by at most ``_AS_STORED_MAX_READS`` queries, else it runs on float32 copies; either way it computes in
+    float32 from the same values, so the outputs agree to bfloat16's rounding, and the backward (on float32 copies)
+    gives the gradients of the copies' path."""
+    seen = []
+    call = N._call
+    monkeypatch.setattr(
+        N, "_call", lambda backward, q, *rest: seen.append((backward, q.dtype)) or call(backward, q, *rest)
+    )
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, q_len, 32, generator=gen).bfloat16()
+    k, v = (torch.randn(2, 2, k_len, 32, generator=gen).bfloat16() for _ in range(2))
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = am.attention(*inputs, spec, backend="native")
+    out.float().square().sum().backward()
+    assert seen == [(False, torch.bfloat16 if as_stored else torch.float32), (True, torch.float32)]
+    copies = [t.float().requires_grad_() for t in (q, k, v)]
+    want = am.attention(*copies, spec, backend="native")
+    want.square().sum().backward()
+    torch.testing.assert_close(out.float(), want.bfloat16().float(), atol=2**-7, rtol=2**-7)
+    for got, ref in zip(inputs, copies, strict=True):
+        torch.testing.assert_close(got.grad.float(), ref.grad.bfloat16().float(), atol=2e-2, rtol=2e-2)
+
+
+def test_large_bfloat16_caches_are_read_as_stored_up_to_more_queries(monkeypatch):
+    """Where the float32 copies of k and v would take ``_FRESH_COPY_BYTES`` or more (fresh pages on every call), keys
+    read by up to ``_AS_STORED_MAX_READS_FRESH`` queries are read as stored; below that size, up to
+    ``_AS_STORED_MAX_READS``."""
+    segs = torch.tensor([[0, 0, 8, 0, 1000, 992]])  # 8 decoding queries at the end of 1,000 keys: ~8 reads a key
+    q, small = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 1000, 16, dtype=torch.bfloat16)
+    assert not N._reads_as_stored(q, small, small, segs, (True, None))
+    monkeypatch.setattr(N, "_FRESH_COPY_BYTES", small.numel() * 8)
+    assert N._reads_as_stored(q, small, small, segs, (True, None))
+    assert not N._reads_as_stored(q.float(), small.float(), small.float(), segs, (True, None))
+    assert not N._reads_as_stored(q.half(), small.half(), small.half(), segs, (True, None))

@@ -98,7 +98,7 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, threads) -
     dims = torch.tensor(
         [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], kmax, window or 0, int(causal)], dtype=torch.int64
     )
-    bits = 64 if q.dtype == torch.float64 else 32
+    bits = {torch.float64: 64, torch.bfloat16: 16}.get(q.dtype, 32)  # 16: bfloat16 q, k, v, a forward only
     status = lib.attnmask_segattn(
         bits,
         int(backward),
@@ -110,8 +110,10 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, threads) -
         _ptr(slopes),
         threads,
     )
-    if status != 0:
-        raise MemoryError(f"attnmask native kernel: status {status} (scratch allocation failed)")
+    if status == 1:
+        raise MemoryError("attnmask native kernel: a thread's scratch allocation failed")
+    if status != 0:  # a dtype or pass the kernel was not built for: a caller's bug, never a user's input
+        raise RuntimeError(f"attnmask native kernel: status {status} for {q.dtype}, backward={backward}")
 
 
 def _covers_all(segs: torch.Tensor, B: int, Q: int) -> bool:
@@ -130,6 +132,31 @@ def _keys_disjoint(segs: torch.Tensor) -> bool:
     return not bool((same_row & (s[1:, 3] < s[:-1, 3] + s[:-1, 4])).any())
 
 
+# bfloat16 inputs: the forward either makes float32 copies of q, k and v and runs on them, or reads them as stored,
+# widening each element as it loads it (segattn.c, dtype_bits 16). Widening costs on every pair, so it pays only
+# where each key is read by few queries, above all a decoding step, whose copies would be of the whole cache; and the
+# copies cost most when they are large enough that glibc maps them anew on every call (from 32 MiB, its largest
+# mmap threshold: fresh pages to fault in). Measured at 2 threads on an AMD EPYC VM, H = 4, Hkv = 2, D = 64, one
+# process (RESULTS.md, issue 15, "bfloat16 read as stored"): 4,096 keys, copies / as stored 1.24x at 1 query, 1.04x at
+# 2, 0.84x at 16; 32,768 keys 2.37x at 1, 1.14x at 16, 1.03x at 32; documents of ~60-180 tokens and windows (tens to
+# hundreds of queries a key) 0.71-0.90x.
+_AS_STORED_MAX_READS = 2.0  # queries reading a key (allowed pairs / segment keys) up to which bfloat16 is read as is
+_AS_STORED_MAX_READS_FRESH = 16.0  # the same where the float32 copies of k and v would take _FRESH_COPY_BYTES or more
+_FRESH_COPY_BYTES = 32 << 20
+
+
+def _reads_as_stored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: torch.Tensor, rule: tuple) -> bool:
+    """Whether the forward reads bfloat16 ``q``, ``k``, ``v`` as stored (no float32 copies): where the segments'
+    keys are each read by at most ``_AS_STORED_MAX_READS`` queries on average (``_AS_STORED_MAX_READS_FRESH`` when
+    the copies of k and v would take ``_FRESH_COPY_BYTES`` or more). Other dtypes: no (float16 is always copied)."""
+    if q.dtype != torch.bfloat16 or not len(segs):
+        return False
+    keys = float(segs[:, 4].sum())
+    reads = allowed_pairs(segs, *rule) / keys if keys else 0.0
+    fresh = (k.numel() + v.numel()) * 4 >= _FRESH_COPY_BYTES
+    return reads <= (_AS_STORED_MAX_READS_FRESH if fresh else _AS_STORED_MAX_READS)
+
+
 def _modifier(t: torch.Tensor | None, work: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.detach().to(work).contiguous()
 
@@ -139,7 +166,8 @@ class _SegmentAttention(torch.autograd.Function):
     @on_free_cores
     def forward(ctx, q, k, v, segs, causal, window, scale, softcap=None, sinks=None, slopes=None, blocks=None):
         work = _work_dtype(q.dtype)
-        qw, kw, vw = (_rows(t, work) for t in (q, k, v))
+        stored = q.dtype if _reads_as_stored(q, k, v, segs, (causal, window)) else work
+        qw, kw, vw = (_rows(t, stored) for t in (q, k, v))
         mods = (softcap or 0.0, _modifier(sinks, work), _modifier(slopes, work))
         B, H, Q, _ = q.shape
         shape = (B, H, Q, v.shape[3])
@@ -165,6 +193,7 @@ class _SegmentAttention(torch.autograd.Function):
     def backward(ctx, grad):
         qw, kw, vw, res, lse, segs = ctx.saved_tensors
         rule, mods, dtype, sinks_dtype = ctx.meta
+        qw, kw, vw = (_rows(t, res.dtype) for t in (qw, kw, vw))  # bfloat16 inputs: float32 copies for the backward
         dout = _rows(grad, qw.dtype)
         grads = tuple(torch.zeros(t.shape, dtype=qw.dtype) for t in (qw, kw, vw))
         threads = 1
@@ -278,8 +307,8 @@ def segment_attention(
     dtype; differentiable in ``q``, ``k``, ``v`` (once).
 
     Work: the allowed pairs only, ``O(pairs · (D + Dv))``. Memory: the output, a ``(B, H, Q)`` log-sum-exp saved for
-    the backward, the gradients; float32 copies of float16 / bfloat16 inputs; no mask and no copy of float32 inputs
-    whose last dimension is contiguous.
+    the backward, the gradients; float32 copies of float16 inputs, and of bfloat16 ones in the backward only (the
+    forward reads bfloat16 as stored); no mask and no copy of float32 inputs whose last dimension is contiguous.
 
     Score modifiers as ``attnmask.attention`` defines them and checks them (``softcap``, ``sinks`` and
     ``alibi_slopes``, ``(H,)``, the ALiBi distance being ``i + offset - j``); differentiable in ``sinks`` too.

@@ -8,8 +8,10 @@
  * lse = -inf, which the backward skips: their gradient is exactly 0. Query rows in no segment are not touched.
  *
  * Layouts: q, k, v, out, dout are (B, H, L, D) arrays addressed through element strides for B, H and L; the last
- * dimension must be contiguous. lse is (B, H, Q) contiguous float32 / float64. The gradients dq, dk, dv are contiguous
- * (B, H, L, D) and must be zero on entry. Grouped-query attention: query head h reads key/value head h / (H / Hkv).
+ * dimension must be contiguous. lse is (B, H, Q) contiguous float32 / float64. A forward may take q, k, v in bfloat16
+ * (dtype_bits 16; widened to float32 as each element is loaded) with out and lse in float32. The gradients dq, dk, dv
+ * are contiguous (B, H, L, D) and must be zero on entry. Grouped-query attention: query head h reads key/value head h /
+ * (H / Hkv).
  *
  * Work is split into items (segment, head) in the forward and (segment, key/value head) in the backward, so that no
  * two items write the same output row: the backward's dk / dv rows belong to one segment only when the segments' key
@@ -17,7 +19,7 @@
  * through an atomic counter, 8 at a time (1 when there are fewer than 64 per thread): an OpenMP team when built with
  * -fopenmp (GCC's runtime is then the one torch loaded, one per process, whose threads are already awake after torch's
  * last parallel region), else pthreads started for the call. Memory: two scratch vectors of max(k_len) scores and one
- * of Dv per thread.
+ * of Dv + D per thread.
  *
  * Score modifiers, in this order on each score s = scale * q.k: softcap c > 0 (0: none): s -> c tanh(s / c); ALiBi
  * slopes (NULL: none), one per query head: s -> s - slope_h (i + offset - j), the query's minus the key's position;
@@ -90,44 +92,65 @@ static inline float tanh_f32(float x) {
     return (e - 1.0f) / (e + 1.0f);
 }
 
-#define DEFINE_KERNELS(T, SUF, EXP, LOG, TANH)                                                                              \
-    static inline T dot_##SUF(const T *restrict a, const T *restrict b, int64_t n) {                                   \
+/* bfloat16 to float32: the 16 bits are the float's upper half (exact). */
+#pragma omp declare simd notinbranch
+static inline float bf16_f32(uint16_t x) {
+    union {
+        uint32_t u;
+        float f;
+    } c = {.u = (uint32_t)x << 16};
+    return c.f;
+}
+#define SAME(x) (x)
+
+/* The vector helpers and the forward item for compute type T reading q, k and v stored as KV (loaded through LD, a
+   conversion to T): KV = T for float32 / float64, uint16_t bfloat16 (bf16_f32) for the forward of bfloat16 inputs,
+   which then needs no float32 copies of them (the query row is converted into the thread's scratch). */
+#define DEFINE_FORWARD(T, SUF, KV, LD, EXP, LOG, TANH)                                                                 \
+    static inline const T *row_##SUF(const KV *restrict x, T *restrict buf, int64_t n) {                               \
+        if (sizeof(KV) == sizeof(T)) return (const T *)(const void *)x; /* stored as computed: no copy */              \
+        _Pragma("omp simd") for (int64_t d = 0; d < n; d++) buf[d] = LD(x[d]);                                         \
+        return buf;                                                                                                    \
+    }                                                                                                                  \
+    static inline T dot_##SUF(const T *restrict a, const KV *restrict b, int64_t n) {                                  \
         T acc = 0;                                                                                                     \
-        _Pragma("omp simd reduction(+ : acc)") for (int64_t d = 0; d < n; d++) acc += a[d] * b[d];                     \
+        _Pragma("omp simd reduction(+ : acc)") for (int64_t d = 0; d < n; d++) acc += a[d] * LD(b[d]);                 \
         return acc;                                                                                                    \
     }                                                                                                                  \
-    static inline void axpy_##SUF(T *restrict y, T a, const T *restrict x, int64_t n) {                                \
-        _Pragma("omp simd") for (int64_t d = 0; d < n; d++) y[d] += a * x[d];                                          \
+    static inline void axpy_##SUF(T *restrict y, T a, const KV *restrict x, int64_t n) {                               \
+        _Pragma("omp simd") for (int64_t d = 0; d < n; d++) y[d] += a * LD(x[d]);                                      \
     }                                                                                                                  \
     /* Four keys at once (rows b, b + ld, b + 2 ld, b + 3 ld): four independent accumulators keep the FMA units busy   \
        where one dot product is a chain of dependent adds. */                                                          \
-    static inline void dot4_##SUF(const T *restrict a, const T *restrict b, int64_t ld, int64_t n, T *out) {           \
-        const T *b0 = b, *b1 = b + ld, *b2 = b + 2 * ld, *b3 = b + 3 * ld;                                             \
+    static inline void dot4_##SUF(const T *restrict a, const KV *restrict b, int64_t ld, int64_t n, T *out) {          \
+        const KV *b0 = b, *b1 = b + ld, *b2 = b + 2 * ld, *b3 = b + 3 * ld;                                            \
         T s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                                              \
         _Pragma("omp simd reduction(+ : s0, s1, s2, s3)") for (int64_t d = 0; d < n; d++) {                            \
             T x = a[d];                                                                                                \
-            s0 += x * b0[d];                                                                                           \
-            s1 += x * b1[d];                                                                                           \
-            s2 += x * b2[d];                                                                                           \
-            s3 += x * b3[d];                                                                                           \
+            s0 += x * LD(b0[d]);                                                                                       \
+            s1 += x * LD(b1[d]);                                                                                       \
+            s2 += x * LD(b2[d]);                                                                                       \
+            s3 += x * LD(b3[d]);                                                                                       \
         }                                                                                                              \
         out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;                                                            \
     }                                                                                                                  \
-    static inline void axpy4_##SUF(T *restrict y, const T *p, const T *restrict x, int64_t ld, int64_t n) {            \
-        const T *x0 = x, *x1 = x + ld, *x2 = x + 2 * ld, *x3 = x + 3 * ld, p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];\
-        _Pragma("omp simd") for (int64_t d = 0; d < n; d++) y[d] += p0 * x0[d] + p1 * x1[d] + p2 * x2[d] + p3 * x3[d]; \
+    static inline void axpy4_##SUF(T *restrict y, const T *p, const KV *restrict x, int64_t ld, int64_t n) {           \
+        const KV *x0 = x, *x1 = x + ld, *x2 = x + 2 * ld, *x3 = x + 3 * ld;                                            \
+        const T p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];                                                            \
+        _Pragma("omp simd") for (int64_t d = 0; d < n; d++)                                                            \
+            y[d] += p0 * LD(x0[d]) + p1 * LD(x1[d]) + p2 * LD(x2[d]) + p3 * LD(x3[d]);                                 \
     }                                                                                                                  \
-    static void forward_item_##SUF(const job_t *J, int64_t item, T *s, T *acc) {                                       \
+    static void forward_item_##SUF(const job_t *J, int64_t item, T *s, T *acc, T *qrow) {                              \
         /* head-major order: a thread walks one head's rows of q, k, v and the output front to back */                 \
         const int64_t *st = J->st, *g = J->segs + 6 * (item % J->nseg);                                                \
         int64_t h = item / J->nseg, kvh = h / (J->H / J->Hkv);                                                         \
         int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];                                      \
-        const T *q = (const T *)J->q + b * st[0] + h * st[1] + qs * st[2];                                             \
-        const T *k = (const T *)J->k + b * st[3] + kvh * st[4] + ks * st[5];                                           \
-        const T *v = (const T *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                           \
+        const KV *q = (const KV *)J->q + b * st[0] + h * st[1] + qs * st[2];                                           \
+        const KV *k = (const KV *)J->k + b * st[3] + kvh * st[4] + ks * st[5];                                         \
+        const KV *v = (const KV *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                         \
         T *o = (T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                                     \
         T *lse = (T *)J->lse + (b * J->H + h) * J->Q + qs;                                                             \
-        const T scale = (T)J->scale, cap = (T)J->softcap, inv_cap = J->softcap > 0 ? (T)(1 / J->softcap) : 0;         \
+        const T scale = (T)J->scale, cap = (T)J->softcap, inv_cap = J->softcap > 0 ? (T)(1 / J->softcap) : 0;          \
         const T slope = J->slopes ? ((const T *)J->slopes)[h] : 0;                                                     \
         const int sunk = J->sinks != NULL;                                                                             \
         const T sink = sunk ? ((const T *)J->sinks)[h] : 0;                                                            \
@@ -140,7 +163,7 @@ static inline float tanh_f32(float x) {
                 lse[i] = -INFINITY;                                                                                    \
                 continue;                                                                                              \
             }                                                                                                          \
-            const T *qi = q + i * st[2];                                                                               \
+            const T *qi = row_##SUF(q + i * st[2], qrow, J->D);                                                        \
             int64_t j = lo;                                                                                            \
             for (; j + 4 <= hi; j += 4) dot4_##SUF(qi, k + j * st[5], st[5], J->D, s + j);                             \
             for (; j < hi; j++) s[j] = dot_##SUF(qi, k + j * st[5], J->D);                                             \
@@ -166,6 +189,36 @@ static inline float tanh_f32(float x) {
             lse[i] = m + LOG(sum);                                                                                     \
         }                                                                                                              \
     }                                                                                                                  \
+
+#define DEFINE_WORKER(T, SUF, BACKWARD)                                                                                \
+    static void *worker_##SUF(void *arg) {                                                                             \
+        job_t *J = (job_t *)arg;                                                                                       \
+        T *s = (T *)malloc(sizeof(T) * 2 * (J->kmax + 1));                                                             \
+        T *acc = (T *)malloc(sizeof(T) * (J->Dv + J->D + 2));                                                          \
+        if (!s || !acc) {                                                                                              \
+            free(s);                                                                                                   \
+            free(acc);                                                                                                 \
+            return (void *)1;                                                                                          \
+        }                                                                                                              \
+        for (;;) {                                                                                                     \
+            int64_t first = __atomic_fetch_add(&J->next, J->chunk, __ATOMIC_RELAXED);                                  \
+            if (first >= J->n_items) break;                                                                            \
+            int64_t last = first + J->chunk < J->n_items ? first + J->chunk : J->n_items;                              \
+            for (int64_t it = first; it < last; it++) {                                                                \
+                if (J->backward)                                                                                       \
+                    BACKWARD(J, it, s, s + J->kmax + 1);                                                               \
+                else                                                                                                   \
+                    forward_item_##SUF(J, it, s, acc, acc + J->Dv + 1);                                                \
+            }                                                                                                          \
+        }                                                                                                              \
+        free(s);                                                                                                       \
+        free(acc);                                                                                                     \
+        return NULL;                                                                                                   \
+    }
+
+
+#define DEFINE_KERNELS(T, SUF, EXP, LOG, TANH)                                                                         \
+    DEFINE_FORWARD(T, SUF, T, SAME, EXP, LOG, TANH)                                                                    \
     static void backward_item_##SUF(const job_t *J, int64_t item, T *s, T *dp) {                                       \
         const int64_t *st = J->st, *g = J->segs + 6 * (item / J->Hkv);                                                 \
         int64_t kvh = item % J->Hkv, rep = J->H / J->Hkv, D = J->D, Dv = J->Dv, K = st[15];                            \
@@ -174,7 +227,7 @@ static inline float tanh_f32(float x) {
         const T *v = (const T *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                           \
         T *dk = (T *)J->dk + ((b * J->Hkv + kvh) * K + ks) * D;                                                        \
         T *dv = (T *)J->dv + ((b * J->Hkv + kvh) * K + ks) * Dv;                                                       \
-        const T scale = (T)J->scale, cap = (T)J->softcap, inv_cap = J->softcap > 0 ? (T)(1 / J->softcap) : 0;         \
+        const T scale = (T)J->scale, cap = (T)J->softcap, inv_cap = J->softcap > 0 ? (T)(1 / J->softcap) : 0;          \
         for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++) {                                                        \
             const T slope = J->slopes ? ((const T *)J->slopes)[h] : 0;                                                 \
             const T *q = (const T *)J->q + b * st[0] + h * st[1] + qs * st[2];                                         \
@@ -221,33 +274,16 @@ static inline float tanh_f32(float x) {
             }                                                                                                          \
         }                                                                                                              \
     }                                                                                                                  \
-    static void *worker_##SUF(void *arg) {                                                                             \
-        job_t *J = (job_t *)arg;                                                                                       \
-        T *s = (T *)malloc(sizeof(T) * 2 * (J->kmax + 1));                                                             \
-        T *acc = (T *)malloc(sizeof(T) * (J->Dv + 1));                                                                 \
-        if (!s || !acc) {                                                                                              \
-            free(s);                                                                                                   \
-            free(acc);                                                                                                 \
-            return (void *)1;                                                                                          \
-        }                                                                                                              \
-        for (;;) {                                                                                                     \
-            int64_t first = __atomic_fetch_add(&J->next, J->chunk, __ATOMIC_RELAXED);                                  \
-            if (first >= J->n_items) break;                                                                            \
-            int64_t last = first + J->chunk < J->n_items ? first + J->chunk : J->n_items;                              \
-            for (int64_t it = first; it < last; it++) {                                                                \
-                if (J->backward)                                                                                       \
-                    backward_item_##SUF(J, it, s, s + J->kmax + 1);                                                    \
-                else                                                                                                   \
-                    forward_item_##SUF(J, it, s, acc);                                                                 \
-            }                                                                                                          \
-        }                                                                                                              \
-        free(s);                                                                                                       \
-        free(acc);                                                                                                     \
-        return NULL;                                                                                                   \
-    }
+    DEFINE_WORKER(T, SUF, backward_item_##SUF)
 
 DEFINE_KERNELS(float, f32, exp_f32, logf, tanh_f32)
 DEFINE_KERNELS(double, f64, exp, log, tanh)
+DEFINE_FORWARD(float, bf16, uint16_t, bf16_f32, exp_f32, logf, tanh_f32)
+/* bfloat16 has no backward here: the caller runs it on float32 copies (attnmask_segattn refuses backward = 1). */
+static void backward_item_none(const job_t *J, int64_t item, float *s, float *dp) {
+    (void)J, (void)item, (void)s, (void)dp;
+}
+DEFINE_WORKER(float, bf16, backward_item_none)
 
 static int run(job_t *J, int threads, void *(*worker)(void *)) {
     if (threads < 1) threads = 1;
@@ -295,6 +331,7 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
     J.next = 0;
     if (dtype_bits == 32) return run(&J, threads, worker_f32);
     if (dtype_bits == 64) return run(&J, threads, worker_f64);
+    if (dtype_bits == 16 && !backward) return run(&J, threads, worker_bf16); /* bfloat16 q, k, v; float32 out, lse */
     return 2;
 }
 
