@@ -535,3 +535,57 @@ def test_large_bfloat16_caches_are_read_as_stored_up_to_more_queries(monkeypatch
     assert N._reads_as_stored(q, small, small, segs, (True, None))
     assert not N._reads_as_stored(q.float(), small.float(), small.float(), segs, (True, None))
     assert not N._reads_as_stored(q.half(), small.half(), small.half(), segs, (True, None))
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    q_len=st.integers(1, 40),
+    extra=st.integers(0, 300),
+    docs=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 50)),
+    causal=st.booleans(),
+    heads=st.sampled_from([(1, 1), (4, 2), (2, 2)]),
+    dim=st.sampled_from([8, 24, 64]),
+    mods=st.sampled_from(["none", "softcap", "sinks", "alibi"]),
+    strided=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bfloat16_read_as_stored_equals_the_copies_path(
+    q_len, extra, docs, window, causal, heads, dim, mods, strided, seed
+):
+    """Any call the native kernel takes in bfloat16 gives, read as stored, what it gives on float32 copies (both
+    compute in float32 from the same values; only the order of float32 sums may differ, so to bfloat16's rounding):
+    queries against a longer cache or rows of documents, windows, grouped-query heads, head sizes off the vector
+    width, each score modifier, inputs strided in every dimension but the last."""
+    kv_len = q_len + extra
+    docs = docs and q_len == kv_len
+    spec = am.causal() if causal or window or not docs else am.full()  # native takes no call without a mask
+    if window:
+        spec = spec & am.sliding_window(window)
+    if docs:
+        gen = torch.Generator().manual_seed(seed)
+        spec = spec & am.document(doc_ids=torch.randint(0, 3, (1, kv_len), generator=gen).sort().values)
+    h, hkv = heads
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(n_heads, length):
+        if strided:  # (B, L, H, D) storage seen as (B, H, L, D)
+            return torch.randn(2, length, n_heads, dim, generator=gen).bfloat16().transpose(1, 2)
+        return torch.randn(2, n_heads, length, dim, generator=gen).bfloat16()
+
+    q, k, v = make(h, q_len), make(hkv, kv_len), make(hkv, kv_len)
+    kwargs = {
+        "none": {},
+        "softcap": {"softcap": 5.0},
+        "sinks": {"sinks": torch.randn(h, generator=gen)},
+        "alibi": {"alibi_slopes": torch.rand(h, generator=gen)},
+    }[mods]
+    outs = []
+    for reads in (float("inf"), -1.0):  # read as stored, then on copies
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(N, "_AS_STORED_MAX_READS", reads)
+            mp.setattr(N, "_AS_STORED_MAX_READS_FRESH", reads)
+            outs.append(am.attention(q, k, v, spec, backend="native", **kwargs).float())
+    torch.testing.assert_close(outs[0], outs[1], atol=2**-7, rtol=2**-7)
+    want = am.attention(q.float(), k.float(), v.float(), spec, backend="reference", **kwargs)
+    torch.testing.assert_close(outs[0], want, atol=2e-2, rtol=2e-2)
