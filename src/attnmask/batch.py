@@ -37,7 +37,7 @@ from attnmask._spans import (
     label_hints,
     span_mask,
 )
-from attnmask.errors import DeviceError, InputError, LabelError, ShapeError, bad
+from attnmask.errors import DeviceError, InputError, LabelError, ShapeError, bad, shown
 from attnmask.masks import MaskSpec, causal, key_padding
 
 __all__ = ["Batch", "pad", "Collator"]
@@ -510,7 +510,7 @@ def _as_row(name: str, value: Any) -> Any:
     if arr.dtype.kind not in "iu":
         if arr.size == 0:
             return np.empty(0, dtype=np.int64)
-        raise bad(InputError, name, "integer token ids", f"dtype {arr.dtype} (e.g. {arr[0]!r})")
+        raise bad(InputError, name, "integer token ids", f"dtype {arr.dtype} (e.g. {shown(arr[0], limit=80)})")
     return arr if arr.dtype == np.int64 else arr.astype(np.int64)
 
 

@@ -77,8 +77,20 @@ class CliError(AttnmaskError):
 
 
 def bad(cls: type[AttnmaskError], arg: str, expected: str, actual: object) -> AttnmaskError:
-    """Build ``cls("<arg>: expected <expected>, got <actual>")``; the caller raises it."""
-    return cls(f"{arg}: expected {expected}, got {actual}")
+    """Build ``cls("<arg>: expected <expected>, got <actual>")``; the caller raises it. ``actual`` as ``str`` gives it,
+    or, where that fails (an int past Python's 4,300-digit limit), its type (``shown``)."""
+    return cls(f"{arg}: expected {expected}, got {shown(actual, str)}")
+
+
+def shown(value: object, form=repr, limit: int | None = None) -> str:
+    """``form(value)`` (``repr`` or ``str``), cut to ``limit`` characters when given, for an error message that must
+    not fail itself: a value ``form`` cannot print (an int past Python's 4,300-digit limit) shows as ``<int that
+    cannot be printed>``."""
+    try:
+        text = form(value)
+    except ValueError:
+        return f"<{type(value).__name__} that cannot be printed>"
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ChatTemplateError(InputError):
