@@ -434,6 +434,107 @@ def test_non_finite_keys_and_values_reach_only_the_queries_that_may_see_them(bac
         torch.testing.assert_close(q.grad[~sees].double(), want_dq[~sees], atol=atol, rtol=rtol, msg=backend.name)
 
 
+@pytest.mark.parametrize("backend", AUTO, ids=[b.name for b in AUTO])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@settings(max_examples=25)
+@given(case=conformance_case(dtypes=(torch.float32, torch.float64, torch.bfloat16)), data=st.data())
+def test_a_nan_in_a_query_makes_exactly_its_row_nan(backend, grad, case, data):
+    """NaN at random entries of q: a query row holding one gets NaN wherever it has an allowed key (every score it
+    computes is NaN; torch's fused CPU kernel, run without a mask on fewer than 16 keys, gave such rows 0) and exactly
+    0 where it has none; every other row gets the reference output (and, with a gradient, query gradient)."""
+    runnable(backend)
+    q, k, v = make_inputs(case)
+    mods = make_mods(case)
+    if backend.not_supported_reasons(_prepare_call(q, k, v, case["mask"], None, None, None, **mods)):
+        return
+    dims = (case["batch"], case["heads"], case["q_len"], case["head_dim"])
+    dirty = q.detach().clone()
+    for _ in range(data.draw(st.integers(1, 3))):
+        dirty[tuple(data.draw(st.integers(0, n - 1)) for n in dims)] = float("nan")
+    dirty.requires_grad_(grad)
+    got = am.attention(dirty, k, v, case["mask"], backend=backend.name, **mods)
+    has_key = allowed(case).any(-1).expand(got.shape[:3])  # (B, H, Q)
+    poisoned = dirty.detach().isnan().any(-1)
+    assert got[poisoned & has_key].isnan().all(-1).all(), f"{backend.name}: a query row with a NaN did not get NaN"
+    assert not got[poisoned & ~has_key].any(), f"{backend.name}: a NaN query row with no allowed key is not 0"
+    q64 = q.detach().double().requires_grad_(grad)
+    want = naive_attention(
+        q64, k, v, allowed(case), **{n: t.detach() if torch.is_tensor(t) else t for n, t in mods.items()}
+    )
+    atol, rtol = TOLERANCE[got.dtype]
+    clean = ~poisoned
+    torch.testing.assert_close(got[clean].double(), want[clean].detach(), atol=atol, rtol=rtol, msg=backend.name)
+    if grad:
+        got[clean].float().sum().backward()
+        (want_dq,) = torch.autograd.grad(want[clean].sum(), q64)
+        atol, rtol = GRAD_TOLERANCE[q.dtype]
+        torch.testing.assert_close(dirty.grad[clean].double(), want_dq[clean], atol=atol, rtol=rtol, msg=backend.name)
+
+
+def _nan_scenario(name):
+    """``(q, k, v, mask)`` of a call where a row's every score is NaN (found by the tests above at more examples)."""
+    gen = torch.Generator().manual_seed(1)
+    nan = float("nan")
+    if name == "one key, a NaN key":  # Q = K = 1: torch's fused kernel on fewer than 16 keys reads the row as empty
+        q, k, v = (torch.randn(1, 1, 1, 4, generator=gen) for _ in range(3))
+        k[..., 0] = nan
+        return q, k, v, am.causal()
+    if name == "causal, a NaN query":
+        q, k, v = (torch.randn(1, 2, 8, 8, generator=gen) for _ in range(3))
+        q[0, 1, 7, 3] = nan
+        return q, k, v, am.causal()
+    if name == "decoding, NaN new keys":  # sdpa's causal split: the tail part of 2 keys, every score NaN
+        q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for n in (2, 40, 40))
+        k[0, :, 38:, 3] = nan
+        return q, k, v, am.causal()
+    if name == "a last document of 10 keys":  # blocksparse: a FULL run of 10 keys at the row's end
+        q, k, v = (torch.randn(1, 2, 138, 8, generator=gen) for _ in range(3))
+        q[0, 0, 135, 1] = nan
+        k[0, 1, 128:, 2] = nan
+        return q, k, v, am.full() & am.document(seq_lens=[128, 10])
+    if name == "a NaN query in a padding row":  # no allowed key: exactly 0, whatever the query
+        q, k, v = (torch.randn(2, 2, 40, 8, generator=gen) for _ in range(3))
+        ids = torch.zeros(2, 40, dtype=torch.long)
+        ids[:, 30:] = -1
+        q[:, :, 35, 0] = nan
+        return q, k, v, am.causal() & am.document(doc_ids=ids)
+    raise ValueError(name)
+
+
+NAN_SCENARIOS = [
+    "one key, a NaN key",
+    "causal, a NaN query",
+    "decoding, NaN new keys",
+    "a last document of 10 keys",
+    "a NaN query in a padding row",
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", NAN_SCENARIOS)
+def test_rows_whose_every_score_is_nan_get_nan(auto_backend, name, dtype):
+    """A row with an allowed key gets NaN where its query holds a NaN or it may see a key or value that does, and 0
+    where it has no allowed key; every other row the reference output; without a gradient (where ``attention`` trusts
+    a finite output). The fused CPU kernel gives a row whose every score is NaN 0 on fewer than 16 keys, which a
+    merge of parts or that finite-output check then kept."""
+    q, k, v, mask = _nan_scenario(name)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if auto_backend.not_supported_reasons(_prepare_call(q, k, v, mask, None, None, None)):
+        pytest.skip(f"{auto_backend.name} refuses the case")
+    got = am.attention(q, k, v, mask, backend=auto_backend.name).double()
+    H, Hkv = q.shape[1], k.shape[1]
+    dense = allowed(dict(batch=q.shape[0], q_len=q.shape[2], kv_len=k.shape[2], mask=mask))  # (B, 1, Q, K)
+    bad_keys = (k.isnan().any(-1) | v.isnan().any(-1)).repeat_interleave(H // Hkv, 1)[:, :, None, :]  # (B, H, 1, K)
+    has_key, sees_nan = dense.any(-1).expand(-1, H, -1), (dense & bad_keys).any(-1)  # (B, H, Q)
+    nan_rows = has_key & (q.isnan().any(-1) | sees_nan)
+    assert torch.equal(got.isnan().all(-1), nan_rows), f"{auto_backend.name}: NaN rows differ from the semantics"
+    assert not got.isnan().any(-1)[~nan_rows].any(), f"{auto_backend.name}: a NaN outside those rows"
+    assert not got[~has_key].any(), f"{auto_backend.name}: a row with no allowed key is not 0"
+    want = naive_attention(q, k, v, dense)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(got[~nan_rows], want[~nan_rows], atol=atol, rtol=rtol)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # A K-transposed cache (last-dimension stride != 1)
 

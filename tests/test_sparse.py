@@ -568,3 +568,38 @@ def test_blocksparse_stacks_with_fewer_queries_than_keys_match_naive(q_len, kv_l
     k = torch.zeros(2, 2, kv_len, 16)
     assert BS.cached(_prepare_call(q, k, k, spec, None, None, None), "blocksparse", BS._layout_groups)[4]
     check_against_naive(lambda q, k, v: am.attention(q, k, v, spec, backend="blocksparse"), case, spec, torch.float32)
+
+
+@pytest.mark.parametrize("block", [4, 8])
+@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "group_by_group"])
+def test_tiles_of_few_keys_keep_a_nan_query_rows_nan(monkeypatch, block, stack):
+    """Tiles narrower than the fused CPU kernel's vector (``_common.FUSED_NAN_KEYS``): a FULL run of ``block`` keys,
+    stacked or alone, whose row has a NaN query gets NaN (the kernel reports such a row as one with no key, 0), and
+    the other rows the reference output."""
+    monkeypatch.setattr(BS, "STACK_GROUPS", stack)
+    L, row = 64, 2 * block + 1
+    spec = am.full() & am.chunked(block)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, L, 8, generator=gen) for _ in range(3))
+    q[0, 0, row, 0] = float("nan")
+    out = BS.run_layout(q, k, v, spec.block_layout(L, block_size=block))
+    assert out[0, 0, row].isnan().all()
+    want = naive_attention(q, k, v, spec.to_dense(L, L))
+    clean = ~q.isnan().any(-1)
+    torch.testing.assert_close(out[clean].double(), want[clean], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_documents_of_few_keys_through_sdpa_keep_a_nan_query_rows_nan(causal):
+    """``varlen_attention(small=0)`` sends documents of 10 keys to SDPA without a mask: a row with a NaN query gets
+    NaN there (the fused CPU kernel gives it 0 on fewer than 16 keys), the other rows the reference output."""
+    L = 40
+    spec = (am.causal() if causal else am.full()) & am.document(seq_lens=[10, 10, 20])
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, L, 8, generator=gen) for _ in range(3))
+    q[0, 0, 13, 0] = float("nan")
+    out = VL.varlen_attention(q, k, v, VL.segments_from_varlen(spec.varlen(L), 1, L, L), causal=causal, small=0)
+    assert out[0, 0, 13].isnan().all()
+    clean = ~q.isnan().any(-1)
+    want = naive_attention(q, k, v, spec.to_dense(L, L))
+    torch.testing.assert_close(out[clean].double(), want[clean], atol=2e-5, rtol=1e-4)

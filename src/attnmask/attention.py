@@ -26,7 +26,8 @@ Semantics every backend obeys (the tests hold each one to ``tests/naive.py::naiv
 Masked keys never affect the output: a query's result reads only the keys and values its mask allows, so a NaN or
 an infinity in a key or value it may not see leaves it untouched, on every backend. A query that may see one gets NaN
 (always, for a NaN), or what float arithmetic makes of it (an infinite value, an infinite output; a key whose score is
-``-inf``, a weight of 0), by backend and by whether a gradient is recorded. (For a backend that may read denied keys,
+``-inf``, a weight of 0), by backend and by whether a gradient is recorded. A NaN in a query makes its row NaN where
+it has an allowed key; a row with no allowed key gives 0 whatever its query. (For a backend that may read denied keys,
 ``attention`` checks for non-finite values in one pass: over the output, after the run, on a call without a gradient
 where the backend declares that a denied non-finite value can only show there (``propagates_nonfinite``); else over
 the keys and values before it. When they are not finite, the backend runs on cleaned keys and values and a second,

@@ -34,6 +34,7 @@ from attnmask.plancache import call_plans
 __all__ = [
     "CALL_COST",
     "COPY_COST",
+    "FUSED_NAN_KEYS",
     "HANDOVER_COST_AMX",
     "HANDOVER_COST_OTHER",
     "HANDOVER_COSTS",
@@ -42,6 +43,7 @@ __all__ = [
     "SDPA_BACKWARD_KEY_COST",
     "SMALL_MATMUL_COST",
     "VarlenPlan",
+    "all_nan_rows",
     "allowed_fraction",
     "amx_pair_factor",
     "built_varlen_plan",
@@ -55,6 +57,7 @@ __all__ = [
     "degenerate",
     "float64_address",
     "mode_factor",
+    "nan_rows_restored",
     "handover_cost",
     "per_cpu_kind",
     "most_keys_floor",
@@ -272,6 +275,47 @@ def off_cpu(call) -> bool:
     ``banded`` (many SDPA calls, tuned for torch's CPU kernels) are not comparable with ``cuda_costs``: they cost
     ``inf`` there, so ``"auto"`` chooses among the fused kernels (still runnable when named)."""
     return call.device_type != "cpu"
+
+
+# torch's fused CPU attention kernel, on a call without a mask (or with ``is_causal``) whose keys all fit in its
+# vector's tail (fewer than 16 at float32, bfloat16 and float16 under AVX-512, 8 at float64), reads a row whose every
+# score is NaN (a NaN in its query, or in each key it may see) as a row with no key: output 0 and log-sum-exp 0, where
+# the reference, and the same kernel on 16 keys or more, give NaN (torch 2.13). Calls on fewer keys than this are
+# checked after the run (``all_nan_rows``); the margin covers vectors twice as wide.
+FUSED_NAN_KEYS = 32
+
+
+def all_nan_rows(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor | None:
+    """``(B, H, Q, 1)`` bool, the rows of an SDPA call on ``q`` ``(B, H, Q, D)`` and ``k`` ``(B, Hkv, K, D)`` without
+    a mask (``causal``: with ``is_causal``, query ``i`` seeing keys ``j <= i``) whose every allowed score is NaN, or
+    ``None`` when there is none or the call needs no check (see ``FUSED_NAN_KEYS``): off the CPU, from
+    ``FUSED_NAN_KEYS`` keys, and where ``q`` and ``k`` are finite (two sums, O(B·H·Q·D + B·Hkv·K·D)). Otherwise the
+    scores are computed again in float32 (O(B·H·Q·K) memory, K < ``FUSED_NAN_KEYS``)."""
+    if q.device.type != "cpu" or k.shape[2] >= FUSED_NAN_KEYS or not q.numel() or not k.numel():
+        return None
+    if all(math.isfinite(t.sum(dtype=torch.float32).item()) for t in (q, k)):
+        return None
+    with torch.no_grad():
+        B, H, Q, D = q.shape
+        Hkv, K = k.shape[1], k.shape[2]
+        scores = q.detach().float().unflatten(1, (Hkv, H // Hkv)) @ k.detach().float().unsqueeze(2).transpose(-1, -2)
+        nan = (scores.flatten(1, 2) * (D**-0.5 if scale is None else scale)).isnan()  # (B, H, Q, K)
+        if causal:
+            nan |= torch.ones(Q, K, dtype=torch.bool).triu(1)
+        lost = nan.all(-1, keepdim=True)
+    return lost if bool(lost.any()) else None
+
+
+def nan_rows_restored(
+    out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None
+) -> torch.Tensor:
+    """``out`` ``(B, H, Q, Dv)``, the result of torch's SDPA on ``q`` and ``k`` without a mask (``causal``: with
+    ``is_causal``), with NaN on ``all_nan_rows``: in place when no graph records ``out``, else a new tensor (those
+    rows' gradient 0)."""
+    lost = all_nan_rows(q, k, causal, scale)
+    if lost is None:
+        return out
+    return out.masked_fill(lost, math.nan) if out.requires_grad else out.masked_fill_(lost, math.nan)
 
 
 def cached(call, key: str, build):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
-from attnmask._dense import additive
+from attnmask._dense import additive, zero_rows
 from attnmask.backends._common import (
     COPY_COST,
     ModeFactors,
@@ -355,8 +355,8 @@ def _banded_rows(masks: _BandMasks, bs: int, width: int, scale: float, L: int, q
         sdpa = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
         region = functools.partial(all_threads, n_tiles * H * bs * kb.shape[2] * (D + Dv))
         out = graph_in(region, sdpa, qt, kb, vb)  # one parallel region, as stock SDPA runs it
-        if masks.keep is not None:
-            out = out * masks.keep[r, :, None].to(out.dtype)
+        if masks.keep is not None:  # rows with no allowed key: exactly 0 (a multiply would keep a NaN query's NaN)
+            out = zero_rows(out, ~masks.keep[r, :, None])
         per_row.append(out.transpose(0, 1))  # (H, nT, bs, Dv)
     out = per_row[0].unsqueeze(0) if B == 1 else torch.stack(per_row)  # one copy either way (reshape below for B = 1)
     return out.reshape(B, H, n_tiles * bs, Dv)[:, :, :L]

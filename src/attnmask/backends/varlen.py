@@ -41,6 +41,7 @@ from attnmask.backends._common import (
     check_segments,
     handover_cost,
     mode_factor,
+    nan_rows_restored,
     off_cpu,
     pair_width,
     per_cpu_kind,
@@ -356,9 +357,11 @@ def _products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
 
 def _sdpa(q, k, v, mask, is_causal, scale, gqa, dropout_p=0.0):
     with all_threads(_products(q, k, v)):  # all threads for a task too large to share, else one
-        return F.scaled_dot_product_attention(
+        out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
+    # without a mask on few keys (documents under ``small`` keys go to _tiny_attention, unless ``small`` is lowered)
+    return out if mask is not None else nan_rows_restored(out, q, k, is_causal, scale)
 
 
 def _dense_segment(q, k, v, off, causal, window, scale, gqa, dropout_p=0.0):
