@@ -5,7 +5,8 @@ The CUDA backends on a GPU, in one run (under 6 minutes on one H200, FlexAttenti
 (a) Checks. Every CUDA backend ("sdpa", "flex", "cuda_varlen", "flash" when flash-attn is installed) against the
     float64 textbook attention on the GPU (``tests/naive.py``), forward and backward, in bfloat16, float16 and float32
     where the backend declares them: packed documents, left padding, documents with trailing padding, right padding,
-    a sliding window, ``Q < K`` decoding; every case has grouped-query heads (H = 4, Hkv = 2). Rows with no allowed
+    a sliding window, ``Q < K`` decoding; every case has grouped-query heads (H = 4, Hkv = 2). First, NaN in queries
+    (forward): such a row NaN where it has a key, 0 where it has none. Rows with no allowed
     key must be exactly 0, with exactly 0 gradient. One line per case: PASS / FAIL / SKIP (with the declared reason)
     and the largest error as a share of the tolerance. FlexAttention compiles per shape, dtype and mask structure:
     it is checked in bfloat16 (right padding left out: left padding has its structure) and in float16 / float32 on
@@ -191,8 +192,55 @@ def check(backend: Backend, name: str, spec, q_len: int, kv_len: int, dtype, dev
     return result
 
 
+def nan_query_check(backend: Backend, dtype, device) -> dict:
+    """A NaN in a query: its row NaN where it has an allowed key (a document of 10 keys, under the 16 keys where torch's
+    fused CPU kernel read such a row as empty), exactly 0 where it has none (a padding row), every other row as the
+    float64 reference. The backend's own run: ``attention`` scans keys and values, never queries."""
+    L, gen = 40, torch.Generator(device=device).manual_seed(2)
+    spec = am.causal() & am.document(seq_lens=[[30, 10], [20, 15]], length=L, device=device)
+    q, k, v = (
+        torch.randn(s, generator=gen, device=device).to(dtype) for s in [(2, 4, L, 64), (2, 2, L, 64), (2, 2, L, 64)]
+    )
+    clean = q.clone()
+    q[0, 1, 33, 5] = q[1, 0, 3, 0] = q[1, 2, 37, 0] = float("nan")  # in the document of 10, in the first, in padding
+    result = {
+        "backend": backend.name,
+        "case": "NaN queries",
+        "dtype": str(dtype).removeprefix("torch."),
+        "Q": L,
+        "K": L,
+    }
+    call = make_call(q, k, v, spec)
+    reasons = backend.not_supported_reasons(call)
+    if reasons:
+        return result | {"status": "SKIP", "why": "; ".join(reasons)}
+    try:
+        out = backend.run(call)
+        allowed = spec.to_dense(L, L, device=device).unsqueeze(1)
+        has_key = allowed.any(-1).expand(2, 4, L)
+        nan_rows = q.isnan().any(-1) & has_key
+        want = naive_attention(*(t.double() for t in (clean, k, v)), allowed, scale=call.scale)
+        ratio, err = _max_ratio(out[~nan_rows], want[~nan_rows], OUT_TOL[dtype])
+        wrong = int((out.isnan().any(-1) != nan_rows).sum())
+        result |= {"out_err": err, "out_ratio": ratio, "empty_rows": int((~has_key).sum()) // 4}
+        result["empty_rows_exact"] = bool((out[~has_key] == 0).all())
+        result["note"] = f"rows whose NaN differs from the semantics: {wrong}"
+        ok = ratio <= 1 and wrong == 0 and result["empty_rows_exact"]
+        result["status"] = "PASS" if ok else "FAIL"
+    except am.errors.AttnmaskError as err:  # refused when run (compiled FlexAttention on a CPU checks its result)
+        result |= {"status": "SKIP", "why": f"refused: {str(err)[:200]}"}
+    except Exception as err:
+        result |= {"status": "FAIL", "why": f"{type(err).__name__}: {str(err)[:300]}"}
+    return result
+
+
 def run_checks(backends: dict[str, Backend], device, length: int, dtypes, log) -> list[dict]:
     results = []
+    for backend in backends.values():
+        for dtype in dtypes:
+            if dtype in backend.dtypes and (backend.name != "flex" or dtype == FLEX_DTYPE):
+                results.append(nan_query_check(backend, dtype, device))
+                log(_check_line(results[-1]))
     for name, spec, q_len, kv_len in check_cases(length, device):
         for backend in backends.values():
             for dtype in dtypes:

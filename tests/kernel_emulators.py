@@ -67,7 +67,7 @@ def flash_attn_varlen_func(
         ks = k[k0:k1].double().transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
         vs = v[k0:k1].double().transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
         scores = (qs @ ks.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees no key: 0
+        probs = torch.softmax(scores, dim=-1).masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # no key: 0 (NaN stays)
         if dropout_p > 0:
             probs = torch.nn.functional.dropout(probs, dropout_p)
         outs.append((probs @ vs).transpose(0, 1))
@@ -117,7 +117,8 @@ def flex_attention(query, key, value, block_mask=None, scale=None, enable_gqa=Fa
     v = value.double().repeat_interleave(H // Hkv, dim=1)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     scores = (query.double() @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-    return (torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v).to(query.dtype)
+    probs = torch.softmax(scores, dim=-1).masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # no pair: 0 (NaN stays)
+    return (probs @ v).to(query.dtype)
 
 
 def _listed(num, indices):

@@ -462,6 +462,34 @@ def test_flex_on_cpu_refuses_a_shape_its_compiled_kernel_computes_wrongly(monkey
     assert FX._cpu_signature(_prepare_call(q, k, v, window, None, None, None)) in FX._CPU_CHECKED
 
 
+def test_flex_on_cpu_judges_a_shape_on_finite_inputs_when_its_first_call_holds_a_nan(monkeypatch):
+    """A NaN in the first CPU call of a shape: the compiled kernel is judged against uncompiled FlexAttention on the
+    inputs with it at 0 (a kernel that puts NaN rows elsewhere than the uncompiled one had the shape refused for good),
+    and a kernel that is wrong is still refused."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from attnmask.backends import flex as FX
+
+    def zero_nan_rows(q, k, v, **kwargs):  # right on finite rows, 0 where a query holds a NaN
+        out = flex_attention(q, k, v, **kwargs)
+        return out.masked_fill(q.isnan().any(-1, keepdim=True), 0.0)
+
+    def broken(q, k, v, **kwargs):
+        return flex_attention(q, k[:, :, :-1], v[:, :, :-1], **{**kwargs, "block_mask": None})
+
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    q[0, 1, 5, 2] = float("nan")
+    for kernel, refused in ((zero_nan_rows, False), (broken, True)):
+        monkeypatch.setattr(FX, "_CPU_CHECKED", {})
+        monkeypatch.setattr(FX, "_flex", lambda kernel=kernel: kernel)
+        if refused:
+            with pytest.raises(am.BackendError, match="computed this shape wrongly"):
+                am.attention(q, k, v, am.causal(), backend="flex")
+        else:
+            out = am.attention(q, k, v, am.causal(), backend="flex")
+            assert not out[0, 1, 5].any() and FX._CPU_CHECKED and None in FX._CPU_CHECKED.values()
+
+
 def test_flex_checks_each_predicate_and_closure_on_its_own():
     """Two predicates of the same shapes compile two kernels, and so does one closing over another window: each is
     checked on its own (a kernel found right once is not trusted for another); the same predicate and window again is
