@@ -510,7 +510,7 @@ NAN_SCENARIOS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", NAN_SCENARIOS)
 def test_rows_whose_every_score_is_nan_get_nan(auto_backend, name, dtype):
     """A row with an allowed key gets NaN where its query holds a NaN or it may see a key or value that does, and 0
