@@ -290,15 +290,17 @@ def all_nan_rows(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | 
     a mask (``causal``: with ``is_causal``, query ``i`` seeing keys ``j <= i``) whose every allowed score is NaN, or
     ``None`` when there is none or the call needs no check (see ``FUSED_NAN_KEYS``): off the CPU, from
     ``FUSED_NAN_KEYS`` keys, and where ``q`` and ``k`` are finite (two sums, O(B·H·Q·D + B·Hkv·K·D)). Otherwise the
-    scores are computed again in float32 (O(B·H·Q·K) memory, K < ``FUSED_NAN_KEYS``)."""
+    scores are computed again in float32 (float64 for float64; O(B·H·Q·K) memory, K < ``FUSED_NAN_KEYS``)."""
     if q.device.type != "cpu" or k.shape[2] >= FUSED_NAN_KEYS or not q.numel() or not k.numel():
         return None
-    if all(math.isfinite(t.sum(dtype=torch.float32).item()) for t in (q, k)):
+    wide = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64: its range
+    if all(math.isfinite(t.sum(dtype=wide).item()) for t in (q, k)):
         return None
     with torch.no_grad():
         B, H, Q, D = q.shape
         Hkv, K = k.shape[1], k.shape[2]
-        scores = q.detach().float().unflatten(1, (Hkv, H // Hkv)) @ k.detach().float().unsqueeze(2).transpose(-1, -2)
+        qw, kw = q.detach().to(wide), k.detach().to(wide)
+        scores = qw.unflatten(1, (Hkv, H // Hkv)) @ kw.unsqueeze(2).transpose(-1, -2)
         nan = (scores.flatten(1, 2) * (D**-0.5 if scale is None else scale)).isnan()  # (B, H, Q, K)
         if causal:
             nan |= torch.ones(Q, K, dtype=torch.bool).triu(1)
