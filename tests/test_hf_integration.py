@@ -170,6 +170,25 @@ def test_left_padded_batch_matches_unpadded_and_is_finite(family):
         torch.testing.assert_close(logits[r, -len(s) :], alone(family, s), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nan_embeddings_at_padding_never_reach_the_real_positions(family, side):
+    """NaN at every padding position's embedding (their keys and values turn NaN in every layer): the real positions'
+    logits are those of the clean batch, bit for bit; masked keys never affect the output. (transformers' own sdpa
+    and eager attention let the NaN through a probability of 0 into every real row here, transformers 5.23.)"""
+    seqs = [tokens(10, 71), tokens(3, 72), tokens(6, 73)]
+    ids, mask = padded_batch(seqs, side)
+    m = model(family)
+    clean = m.get_input_embeddings()(ids).detach()
+    dirty = clean.masked_fill(~mask.bool()[..., None], float("nan"))
+    with torch.no_grad():
+        want = m(inputs_embeds=clean, attention_mask=mask).logits
+        got = m(inputs_embeds=dirty, attention_mask=mask).logits
+    real = mask.bool()
+    assert got[~real].isnan().any()  # the padding itself carries the NaN: the keys the real rows must not read
+    assert torch.equal(got[real], want[real])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation with a KV cache
 
