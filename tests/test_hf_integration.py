@@ -175,7 +175,8 @@ def test_left_padded_batch_matches_unpadded_and_is_finite(family):
 def test_nan_embeddings_at_padding_never_reach_the_real_positions(family, side):
     """NaN at every padding position's embedding (their keys and values turn NaN in every layer): the real positions'
     logits are those of the clean batch, bit for bit; masked keys never affect the output. (transformers' own sdpa
-    and eager attention let the NaN through a probability of 0 into every real row here, transformers 5.23.)"""
+    and eager attention let the NaN through a probability of 0 into the real rows of every padded sequence,
+    transformers 5.23.)"""
     seqs = [tokens(10, 71), tokens(3, 72), tokens(6, 73)]
     ids, mask = padded_batch(seqs, side)
     m = model(family)
