@@ -190,6 +190,24 @@ def test_nan_embeddings_at_padding_never_reach_the_real_positions(family, side):
     assert torch.equal(got[real], want[real])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_nan_document_in_a_packed_row_leaves_the_other_documents_exact(family):
+    """Packed rows (documents from ``position_ids``): NaN embeddings for one document make its own logits NaN and
+    leave every other document's, in its row and the next, equal to the clean batch's bit for bit."""
+    m = model(family)
+    batch = packed_batch([[tokens(5, 81), tokens(7, 82), tokens(4, 83)], [tokens(9, 84), tokens(3, 85)]], 18)
+    clean = m.get_input_embeddings()(batch["input_ids"]).detach()
+    dirty = clean.clone()
+    dirty[0, 5:12] = float("nan")  # row 0's second document
+    with torch.no_grad():
+        want = m(inputs_embeds=clean, position_ids=batch["position_ids"]).logits
+        got = m(inputs_embeds=dirty, position_ids=batch["position_ids"]).logits
+    others = batch["attention_mask"].bool()
+    others[0, 5:12] = False
+    assert got[0, 5:12].isnan().all()
+    assert torch.equal(got[others], want[others])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation with a KV cache
 
