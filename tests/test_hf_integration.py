@@ -208,6 +208,28 @@ def test_a_nan_document_in_a_packed_row_leaves_the_other_documents_exact(family)
     assert torch.equal(got[others], want[others])
 
 
+def test_nan_at_encoder_padding_never_reaches_the_decoder():
+    """An encoder-decoder model (a tiny BART): NaN embeddings at the encoder's padding positions leave every decoder
+    logit equal to the clean batch's (the padding is masked in the encoder's self-attention and in the decoder's
+    cross-attention); transformers' own sdpa turned them NaN here (5.23)."""
+    hf.register()
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+    )  # fmt: skip
+    m = transformers.AutoModelForSeq2SeqLM.from_config(config, attn_implementation="attnmask").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
+    clean = m.get_input_embeddings()(ids).detach()
+    dirty = clean.masked_fill(~mask.bool()[..., None], float("nan"))
+    decoder = dict(decoder_input_ids=torch.tensor([[3, 4, 5], [3, 7, 8]]))
+    with torch.no_grad():
+        want = m(inputs_embeds=clean, attention_mask=mask, **decoder).logits
+        got = m(inputs_embeds=dirty, attention_mask=mask, **decoder).logits
+    assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation with a KV cache
 
