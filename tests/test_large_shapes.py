@@ -6,8 +6,9 @@ documents from 1 to 900 tokens, padding on either side; decoding steps with fewe
 float64 and bfloat16, with a gradient one time in three, and NaN at random entries of q, k or v one time in three
 without one (a row with an allowed key is NaN exactly where its query, or a key or value it may see, holds one)."""
 
+import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnmask as am
@@ -81,9 +82,21 @@ def large_case(draw):
     return q, k, v, clean, draw(structure(B, Q, K)), grad
 
 
-@settings(max_examples=200, deadline=None)
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    """One intra-op thread (the suite's default under xdist), or two: the backends' parallel paths (``native``'s
+    query blocks, ``blocksparse``'s and ``varlen``'s workers) on the same cases."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(before)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=large_case())
-def test_every_backend_equals_the_reference_on_large_rows(case):
+def test_every_backend_equals_the_reference_on_large_rows(threads, case):
     q, k, v, clean, spec, grad = case
     B, H, Q, _ = q.shape
     Hkv, K = k.shape[1], k.shape[2]
