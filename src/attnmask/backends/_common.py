@@ -58,6 +58,7 @@ __all__ = [
     "float64_address",
     "mode_factor",
     "nan_rows_restored",
+    "nan_rows_restored_lse",
     "handover_cost",
     "per_cpu_kind",
     "most_keys_floor",
@@ -318,6 +319,18 @@ def nan_rows_restored(
     if lost is None:
         return out
     return out.masked_fill(lost, math.nan) if out.requires_grad else out.masked_fill_(lost, math.nan)
+
+
+def nan_rows_restored_lse(
+    out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and log-sum-exp ``(B, H, Q)`` of torch's fused CPU kernel on ``q`` and ``k`` without a mask, both
+    NaN on ``all_nan_rows`` (the kernel gives those rows 0 and 0, which a merge of parts by log-sum-exp would then
+    weigh as a real part): new tensors where there are such rows."""
+    lost = all_nan_rows(q, k, causal, scale)
+    if lost is None:
+        return out, lse
+    return out.masked_fill(lost, math.nan), lse.masked_fill(lost.squeeze(-1), math.nan)
 
 
 def cached(call, key: str, build):

@@ -30,7 +30,6 @@ from attnmask import masks as M
 from attnmask.backends._common import (
     HANDOVER_COSTS,
     ModeFactors,
-    all_nan_rows,
     built_varlen_plan,
     cached,
     cheap_varlen_plan,
@@ -39,6 +38,7 @@ from attnmask.backends._common import (
     diagonal_pairs_seeing_themselves,
     handover_cost,
     mode_factor,
+    nan_rows_restored_lse,
     off_cpu,
     pair_width,
     per_cpu_kind,
@@ -642,16 +642,6 @@ def _empty_rows(plan, masks: dict, rep: int) -> dict:
     return out
 
 
-def _nan_lost(o, lse, q, k, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU flash kernel's output ``o`` and log-sum-exp ``lse`` of a call without a mask, NaN on the rows whose
-    every score is NaN (``_common.all_nan_rows``: on few keys the kernel gives them 0 and 0, as to a row with no key,
-    and the merge of runs would then drop the NaN the reference gives)."""
-    lost = all_nan_rows(q, k, False, scale)
-    if lost is None:
-        return o, lse
-    return o.masked_fill(lost, float("nan")), lse.masked_fill(lost.squeeze(-1), float("nan"))
-
-
 def _flash_group_forward(qg, runs, rep, scale, empty_rows):
     """Group forward with the CPU flash kernel, one call per run, merged by log-sum-exp.
 
@@ -667,8 +657,8 @@ def _flash_group_forward(qg, runs, rep, scale, empty_rows):
         if bias is None:
             bias = _run_bias(spans, n_rows // rep, kt.shape[2], rep, qg.dtype, qg.device)
         o, lse = fwd(qg, kt, vt, 0.0, False, attn_mask=bias, scale=scale)
-        if bias is None:  # no mask: a row whose every score is NaN reads as empty on few keys (NaN: _nan_lost)
-            o, lse = _nan_lost(o, lse, qg, kt, scale)
+        if bias is None:  # no mask: a row whose every score is NaN reads as empty on few keys (_common.all_nan_rows)
+            o, lse = nan_rows_restored_lse(o, lse, qg, kt, False, scale)
         if empty is not None:
             lse = lse.masked_fill(empty, float("-inf"))  # the kernel reports 0 for an empty row
         outs.append(o)
@@ -717,7 +707,7 @@ class _BlockSparse(torch.autograd.Function):
             ks, vs = (_stacked_view(t, st.b, st.q0 + st.shift, st.keys, count, rows) for t in (kf, vf))
             o, s_lse = _flash_cpu_ops()[0](qs, ks, vs, 0.0, False, attn_mask=st.bias, scale=scale)
             if st.bias is None:
-                o, s_lse = _nan_lost(o, s_lse, qs, ks, scale)
+                o, s_lse = nan_rows_restored_lse(o, s_lse, qs, ks, False, scale)
             # (count, Hkv, rep·rows) into heads h = hkv·rep + r and rows q0 + i·rows + j: one copy each (views)
             out[st.b, :, span].view(Hkv, rep, count, rows, Dv).copy_(
                 o.view(count, Hkv, rep, rows, Dv).permute(1, 2, 0, 3, 4)

@@ -30,10 +30,10 @@ import attnmask.backends.cuda_costs as cuda_costs
 from attnmask._dense import additive, fold, zero_rows
 from attnmask.backends._common import (
     ModeFactors,
-    all_nan_rows,
     cached,
     mode_factor,
     nan_rows_restored,
+    nan_rows_restored_lse,
     per_cpu_kind,
 )
 from attnmask.backends.contract import (
@@ -168,20 +168,15 @@ def _split_causal(call: AttentionCall) -> torch.Tensor:
     """Bottom-right causal attention of ``Q < K`` queries as an unmasked part (keys ``[0, K - Q)``, seen by every
     query) and an ``is_causal`` part (keys ``[K - Q, K)``: query ``i`` sees ``K - Q + j`` for ``j <= i``), merged by
     log-sum-exp. ``(B, H, Q, Dv)``; O(B·H·Q·Dv) memory beyond the output, no mask."""
-    cut, k, v = call.kv_len - call.q_len, call.k, call.v
-    parts = ((k[:, :, :cut], v[:, :, :cut], False), (k[:, :, cut:], v[:, :, cut:], True))
-    (head, head_lse), (tail, tail_lse) = (_lse_part(call.q, kp, vp, causal, call.scale) for kp, vp, causal in parts)
+    flash, cut, k, v = _flash_cpu(), call.kv_len - call.q_len, call.k, call.v
+    parts = []
+    for keys, values, causal in ((k[:, :, :cut], v[:, :, :cut], False), (k[:, :, cut:], v[:, :, cut:], True)):
+        out, lse = flash(call.q, keys, values, is_causal=causal, scale=call.scale)
+        # a row whose every score in the part is NaN: NaN there (_common.all_nan_rows), which the merge carries
+        parts.append(nan_rows_restored_lse(out, lse, call.q, keys, causal, call.scale))
+    (head, head_lse), (tail, tail_lse) = parts
     # weights exp(lse_part - lse_all): the tail's is sigmoid(tail_lse - head_lse), the head's 1 minus it
     return torch.lerp(head, tail, torch.sigmoid(tail_lse - head_lse).unsqueeze(-1))
-
-
-def _lse_part(q, k, v, causal: bool, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused CPU kernel's output and log-sum-exp ``(B, H, Q)`` on one part of ``_split_causal``, the log-sum-exp
-    NaN on the rows whose every score is NaN (``_common.all_nan_rows``: on a part of few keys the kernel reports such
-    a row as one with no key, 0 and 0), which the merge then carries to the output, as the reference gives it."""
-    out, lse = _flash_cpu()(q, k, v, is_causal=causal, scale=scale)
-    lost = all_nan_rows(q, k, causal, scale)
-    return out, lse if lost is None else lse.masked_fill(lost.squeeze(-1), math.nan)
 
 
 class _SpecMask(NamedTuple):
