@@ -214,6 +214,25 @@ def test_the_stock_rule_leaves_wide_heads_to_the_costs():
     assert not am.explain(q, k, wide_values, spec).stock
 
 
+def test_the_stock_rule_with_a_backward_leaves_heads_over_64_to_the_costs():
+    """With a backward, heads of ``D + Dv`` over ``_STOCK_MAX_WIDTH_BACKWARD`` (64) on a masked small row are costed
+    (at D = 64 SDPA ran over 1.1x the fastest in 19 of 48 such cells with a backward, the costs' pick in 5); the same
+    call without a gradient, or under ``no_grad``, keeps the rule up to 128, and plain ``causal()`` keeps it at any
+    width."""
+    spec = packed([[180, 76], [256], [100, 100, 56]], 256)
+    for dim, stock in ((16, True), (32, True), (33, False), (64, False)):
+        q, k, v = qkv(length=256, dim=dim, requires_grad=True)
+        assert am.explain(q, k, v, spec).stock is stock, dim
+        assert am.explain(q, k, v, am.causal()).stock
+        with torch.no_grad():
+            assert am.explain(q, k, v, spec).stock is (dim <= 64), dim
+    q, k, v = qkv(length=256, dim=64, requires_grad=True)
+    first = am.attention(q, k, v, spec)  # the choice is cached per spec and call signature, the gradient included
+    with torch.no_grad():
+        assert am.explain(q, k, v, spec).stock
+        torch.testing.assert_close(am.attention(q, k, v, spec), first.detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_stock_sdpa_gradients_match_sdpa_with_the_bool_mask():
     spec = packed([[40, 24], [64], [20, 44]], 64)
     q, k, v = qkv(requires_grad=True)

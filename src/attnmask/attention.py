@@ -128,16 +128,21 @@ def available_backends() -> tuple[str, ...]:
 # backend's time in 44 of 48 rule cells (1.10-1.42x; documents of 180 and 400 tokens, windows of half the row, forward
 # and forward + backward, the eight float32 tables of benchmarks/head_dim at 1 and 2 threads), at D = 64 in 16 of 48
 # (1.10-1.34x), at D = 16-32 in none (RESULTS.md, issue 15, "A charge per blocksparse call").
+# With a backward the products weigh more: at D = 64 SDPA ran over 1.1x the fastest in 19 of the 48 float32 rule
+# cells of the AMD EPYC's tables with a backward (1.10-1.19x) where the costs' pick did in 5, in bfloat16 12 of 18
+# against 2; at D = 32 in none (RESULTS.md, issue 15, "Rows sliced one by one in the backward").
 _STOCK_MAX_KEYS = 256
 _STOCK_MIN_FRACTION = 0.2
 _STOCK_MAX_WIDTH = 128
+_STOCK_MAX_WIDTH_BACKWARD = 64
 _BUILT_IN = frozenset(id(b) for b in REGISTRY)
 
 
 def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None:
     """``"sdpa"`` (what stock attention runs: one SDPA call with the dense mask, or ``is_causal``) for a CPU call on
     rows of at most ``_STOCK_MAX_KEYS`` keys without a mask or with plain ``causal()``, or with heads of ``D + Dv`` at
-    most ``_STOCK_MAX_WIDTH`` and a spec allowing at least ``_STOCK_MIN_FRACTION`` of the pairs
+    most ``_STOCK_MAX_WIDTH`` (``_STOCK_MAX_WIDTH_BACKWARD`` when the call records a backward) and a spec allowing at
+    least ``_STOCK_MIN_FRACTION`` of the pairs
     (``_common.allowed_fraction``: a few O(B·K) operations), decided without planning or costing the other backends.
     ``None`` for any other call (the costs decide), and whenever ``registry`` holds a backend registered at run time
     (the crossover was measured against the built-in ones only). The call's own conditions come first: on the costs
@@ -145,7 +150,7 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
     if off_cpu(call) or call.kv_len > _STOCK_MAX_KEYS:
         return None
     if not (call.is_full or call.is_plain_causal):
-        if call.head_dim + call.value_dim > _STOCK_MAX_WIDTH:
+        if call.head_dim + call.value_dim > (_STOCK_MAX_WIDTH_BACKWARD if call.needs_grad else _STOCK_MAX_WIDTH):
             return None
         fraction = allowed_fraction(call) if isinstance(call.mask, MaskSpec) and call.mask.is_structural else None
         if fraction is None or fraction < _STOCK_MIN_FRACTION:
