@@ -381,21 +381,46 @@ def _dense_segment(q, k, v, off, causal, window, scale, gqa, dropout_p=0.0):
     block = _band_block(window)
 
     sees_itself = off >= 0 and ql + off <= kl  # every query's own position is a key of its band: no empty row
+    starts = list(range(0, ql, block))
+    bands = [_band(a, ql, kl, off, window) for a in starts]
+    q_blocks = q.split(block, dim=2)
+    k_bands, v_bands = (_Slices.apply(t, tuple((k0, max(k0, k1)) for _, k0, k1 in bands)) for t in (k, v))
 
-    def band(a: int) -> torch.Tensor:
-        b_end, k0, k1 = _band(a, ql, kl, off, window)
+    def band(i: int) -> torch.Tensor:
+        a, (b_end, k0, k1) = starts[i], bands[i]
         if k1 <= k0:
             return v.new_zeros(q.shape[0], q.shape[1], b_end - a, v.shape[3])
         mask = _band_mask(a, b_end, k0, k1, off, window, q.device)
-        qkv = q[:, :, a:b_end], k[:, :, k0:k1], v[:, :, k0:k1]
+        qkv = q_blocks[i], k_bands[i], v_bands[i]
         if sees_itself:
             return _sdpa(*qkv, mask, False, scale, gqa, dropout_p)
         return _masked_rows(*qkv, mask, scale, gqa, dropout_p)
 
-    starts = list(range(0, ql, block))
     per_pair = q.shape[0] * q.shape[1] * (q.shape[3] + v.shape[3])  # multiply-adds
-    outs = _map(band, starts, [per_pair * p for p in _band_sizes(ql, kl, off, window)], dropout_p, q.device.type)
+    sizes = [per_pair * p for p in _band_sizes(ql, kl, off, window)]
+    outs = _map(band, list(range(len(starts))), sizes, dropout_p, q.device.type)
     return torch.cat(outs, dim=2)
+
+
+class _Slices(torch.autograd.Function):
+    """Views ``t[:, :, a:b]`` of ``t`` ``(n, H, L, X)`` for each ``(a, b)`` of ``ranges`` (they may overlap: a window's
+    key bands); the backward adds every view's gradient into one zero tensor of ``t``'s shape, where autograd's own
+    slice backward allocates one per slice (16 of a 1,024-key row per backward under a window of 64: 21 of 33 ms at
+    one thread)."""
+
+    @staticmethod
+    def forward(ctx, t, ranges):
+        ctx.shape, ctx.ranges = t.shape, ranges
+        return tuple(t[:, :, a:b] for a, b in ranges)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        grad = next(g for g in grads if g is not None).new_zeros(ctx.shape)
+        for (a, b), g in zip(ctx.ranges, grads, strict=True):
+            if g is not None and b > a:
+                grad[:, :, a:b] += g
+        return grad, None
 
 
 def _band_block(window: int) -> int:
