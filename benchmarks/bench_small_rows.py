@@ -5,8 +5,9 @@ Per-call overhead of ``attnmask.attention`` on a batch of small rows (issue 15: 
 against stock SDPA, in one process, interleaved (a new random order each round). Three batches of ``--rows`` rows of
 ``--length`` tokens, fp32: packed documents (``causal() & document(...)``, 1-4 documents a row, some trailing
 padding), right-padded rows (``causal() & key_padding(mask)``), both of which ``auto`` sends to stock SDPA without
-planning the other backends (``stock``), and many documents (8-16 a row), where the costs decide and every backend
-is planned (``costs``). Per batch, forward and forward + backward, medians of ``--reps`` rounds:
+planning the other backends (``stock``; with a backward only where D + Dv <= 64, else the costs decide), and many
+documents (8-16 a row), where the costs decide and every backend is planned (``costs``). Per batch, forward and
+forward + backward (the pick shown per mode), medians of ``--reps`` rounds:
 
 - ``stock``: ``F.scaled_dot_product_attention`` with the spec's dense bool mask, built in the call (a fresh spec each
   call, as transformers builds its mask each forward);
@@ -135,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     batches = (("packed documents", packed_spec), ("padded rows", padded_spec), ("many documents", many_docs_spec))
     for name, make_spec in batches:
-        seen = explain(q, k, v, make_spec(args.rows, args.length))
-        picked = f"{seen.picked} ({'stock' if seen.stock else 'costs'})"
-        for grad in (False, True):
+        for grad in (False, True):  # the pick of each mode: with a backward the stock rule ends at D + Dv <= 64
+            seen = explain(*(t.detach().requires_grad_(grad) for t in (q, k, v)), make_spec(args.rows, args.length))
+            picked = f"{seen.picked} ({'stock' if seen.stock else 'costs'})"
             ms = median_ms(case_fns(make_spec, q, k, v, grad, args.reps, seen.picked), args.reps)
             stock, fresh, repeated, planning, named = ms.values()
             print(
