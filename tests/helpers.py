@@ -3,6 +3,7 @@
 Test files import from here (and from ``naive.py`` and ``strategies.py``), never from one another.
 """
 
+import collections
 import contextlib
 import importlib.util
 import os
@@ -151,3 +152,31 @@ def general_plan(call):
     segs = _common.segments_from_varlen(args, call.batch, call.q_len, call.kv_len, call.mask.batch_size or 1)
     window = None if args.window_size[0] < 0 else args.window_size[0] + 1
     return _common.check_segments(segs, call.q, call.k, call.v).tolist(), args.causal, window
+
+
+def graph_nodes(out: torch.Tensor) -> collections.Counter:
+    """How many autograd nodes of each kind (``node.name()``) ``out``'s backward runs, each node once."""
+    seen, stack, names = set(), [out.grad_fn], collections.Counter()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names[node.name()] += 1
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def row_cuts(backend: str, spec_of_rows, rows: int) -> int:
+    """The slice and select nodes in the backward of ``backend`` on ``rows`` batch rows of ``spec_of_rows(rows)``
+    (one thread): each such node allocates a zero tensor of its whole source for the gradient of its piece."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spec = spec_of_rows(rows)
+        q = torch.randn(rows, 4, 256, 16, requires_grad=True)
+        k, v = (torch.randn(rows, 2, 256, 16, requires_grad=True) for _ in range(2))
+        nodes = graph_nodes(am.attention(q, k, v, spec, backend=backend))
+    finally:
+        torch.set_num_threads(before)
+    return nodes["SliceBackward0"] + nodes["SelectBackward0"]

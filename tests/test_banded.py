@@ -8,7 +8,7 @@ import torch
 import attnmask as am
 from attnmask.attention import AttentionCall, choose_backend
 from attnmask.backends.banded import MAX_BAND_KEYS, _band_width, _first_keys, band_mask, banded_attention, unsupported
-from tests.helpers import call_of, check_against_naive, tiny_documents
+from tests.helpers import call_of, check_against_naive, row_cuts, tiny_documents
 from tests.naive import naive_dense
 
 
@@ -95,3 +95,10 @@ def test_every_tile_size_matches_naive_with_its_band_width(block_size):
     width = _band_width(_first_keys(spec, case["q_len"], 1, torch.device("cpu")), block_size)
     run = lambda q, k, v: banded_attention(q, k, v, spec, block_size, width)  # noqa: E731
     check_against_naive(run, case, spec, torch.float32)
+
+
+def test_banded_backward_cuts_no_more_pieces_with_more_rows():
+    """``banded`` takes its batch rows by one ``unbind`` per tensor, not one select per row (each select's backward
+    allocates a zero tensor of the whole padded input: a third of the call on rows of 8 x 1,024)."""
+    spec_of_rows = lambda rows: am.causal() & am.document(seq_lens=[7, 30, 12, 50, 9, 20] * 8)  # noqa: E731
+    assert row_cuts("banded", spec_of_rows, 2) == row_cuts("banded", spec_of_rows, 6)
