@@ -647,3 +647,34 @@ def test_varlen_backward_cuts_no_more_pieces_with_more_rows(spec_of_rows):
     gradient buffer per band set, never a slice or select per piece: autograd's backward of each of those allocates a
     zero tensor of the whole source (64 equal documents of 128 tokens: 64 of 8 MB per backward, 1.5-1.9x the call)."""
     assert row_cuts("varlen", spec_of_rows, 2) == row_cuts("varlen", spec_of_rows, 6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        am.causal() & am.document(seq_lens=[16, 16, 8, 16, 8, 16, 16]),  # groups of equal documents, <= 64 segments
+        am.document(seq_lens=[24, 24, 24, 24]),  # bidirectional, one group per batch
+        am.sliding_window(20) & am.document(seq_lens=[50, 46]),  # key bands inside documents
+    ],
+    ids=["causal-equal", "full-equal", "window-documents"],
+)
+def test_varlen_gradients_of_equal_documents_on_several_rows_match_naive(spec, threads):
+    """Equal documents across 4 batch rows (one group each shape, assembled piece by piece) and windows inside
+    documents: the output and every gradient equal the naive reference's, at one thread (the split path) and two
+    (the worker tasks)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        q = torch.randn(4, 4, 96, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+        k, v = (torch.randn(4, 2, 96, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        out = am.attention(q, k, v, spec, backend="varlen")
+        want = naive_attention(q, k, v, spec.to_dense(96).unsqueeze(1))
+        grad = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        torch.testing.assert_close(out, want)
+        got, expected = (torch.autograd.grad(o, (q, k, v), grad) for o in (out, want))
+        for g, w in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, w)
+    finally:
+        torch.set_num_threads(before)
