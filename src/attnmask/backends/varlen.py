@@ -410,13 +410,14 @@ class _Slices(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, ranges):
-        ctx.shape, ctx.ranges = t.shape, ranges
+        ctx.like, ctx.ranges = (t.shape, t.dtype, t.device), ranges
         return tuple(t[:, :, a:b] for a, b in ranges)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        grad = next(g for g in grads if g is not None).new_zeros(ctx.shape)
+        shape, dtype, device = ctx.like
+        grad = torch.zeros(shape, dtype=dtype, device=device)
         for (a, b), g in zip(ctx.ranges, grads, strict=True):
             if g is not None and b > a:
                 grad[:, :, a:b] += g
