@@ -1108,7 +1108,9 @@ def _stack_count(call) -> tuple[int, int]:
 def _true_runs(same: np.ndarray) -> tuple[int, int]:
     """``(tiles in stacks, stacks)`` of ``same`` ``(B, n)`` bool: a run of ``r`` consecutive True in a row is a stack
     of ``r + 1`` tiles. All rows at once: a False column on each side of every row keeps runs inside their row."""
-    edges = np.diff(np.pad(same, ((0, 0), (1, 1))).astype(np.int8).reshape(-1))
+    framed = np.zeros((same.shape[0], same.shape[1] + 2), dtype=np.int8)  # np.pad: ~10x the time of these two lines
+    framed[:, 1:-1] = same
+    edges = np.diff(framed.reshape(-1))
     lengths = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
     return int((lengths + 1).sum()), len(lengths)
 
