@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnmask as am
+from tests.helpers import graph_nodes
 
 ForCausalLMLoss = pytest.importorskip("transformers.loss.loss_utils").ForCausalLMLoss
 
@@ -28,6 +29,21 @@ def test_equals_transformers_loss_without_num_items(case):
     ours = am.masked_cross_entropy(logits, labels)
     theirs = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+@given(logits_and_labels())
+def test_gradient_equals_transformers_loss_gradient_without_slicing_the_logits(case):
+    """The logits' gradient equals that of transformers' loss, and the shift is on the labels: a slice of the logits
+    costs a copy of them forward and a zero tensor of their size backward (1.7x the loss on 9 x 1,024 x 1,000)."""
+    logits, labels = case
+    if int((labels[:, 1:] != -100).sum()) == 0:
+        return
+    logits = logits.requires_grad_()
+    ours = am.masked_cross_entropy(logits, labels)
+    theirs = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
+    got, want = (torch.autograd.grad(loss, logits)[0] for loss in (ours, theirs))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not graph_nodes(ours)["SliceBackward0"]
 
 
 @given(logits_and_labels(), st.integers(1, 50), st.booleans())

@@ -43,8 +43,9 @@ def masked_cross_entropy(
       check reads the count on the host: it is made for an int and for CPU tensors, and skipped for a count on an
       accelerator (it would cost a synchronisation).
 
-    Returns a 0-dim float32 tensor. Memory: one float32 copy of ``logits`` (as transformers). Label values are checked
-    against the vocabulary when ``labels`` is on the CPU (on an accelerator that check would cost a synchronisation).
+    Returns a 0-dim float32 tensor. Memory: a float32 copy of half-precision ``logits`` (as transformers), none of
+    contiguous float32 ones (the shift is on the labels). Label values are checked against the vocabulary when
+    ``labels`` is on the CPU (on an accelerator that check would cost a synchronisation).
     ``labels`` and ``num_items`` given sparse are read as their dense values (nested ones raise `InputError`);
     ``logits`` must be dense and strided (`InputError` naming the layout otherwise).
     """
@@ -65,8 +66,11 @@ def masked_cross_entropy(
         wrong = targets[(targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))]
         if wrong.numel():
             raise bad(InputError, "labels", f"ids in [0, {vocab}) or {IGNORE_INDEX}", f"{int(wrong[0])}")
+    # The labels shifted, not the logits: position t's target is label t + 1, the last position's none. A slice of
+    # the logits cost a copy of them (the reshape of a non-contiguous view) and a zero tensor of their size backward.
+    shifted = F.pad(targets, (0, 1), value=IGNORE_INDEX) if logits.shape[1] else targets
     total = F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.reshape(-1, vocab).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     if num_items is None:
         denominator = (targets != IGNORE_INDEX).sum()
