@@ -517,8 +517,8 @@ def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list
             allowed &= ahead >= 0 if window is None else (ahead >= 0) & (ahead < window)
         masks.append(allowed.to(dev))
     q_sizes, k_sizes = [len(i) for i in q_idx], [len(i) for i in k_idx]
-    q_parts = _padded_rows(q, torch.cat(q_idx).to(dev), torch.cat(q_in).to(dev)).split(q_sizes, dim=1)
-    k_at, k_real = torch.cat(k_idx).to(dev), torch.cat(k_in).to(dev)
+    q_parts = _padded_rows(q, torch.cat(q_idx), torch.cat(q_in)).split(q_sizes, dim=1)
+    k_at, k_real = torch.cat(k_idx), torch.cat(k_in)
     k_parts, v_parts = (_padded_rows(t, k_at, k_real).split(k_sizes, dim=1) for t in (k, v))
 
     def tiny_group(i: int) -> tuple[torch.Tensor, list]:
@@ -534,9 +534,10 @@ def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list
 
 def _padded_rows(t: torch.Tensor, at: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """``_heads_major_rows(t, at)`` with the slots where ``real`` ``(N,)`` is False set to 0 (a padding slot reads a
-    real token: 0 keeps a non-finite one from reaching another row's products, forward or backward)."""
-    rows = _heads_major_rows(t, at)
-    return rows if bool(real.all()) else torch.where(real[None, :, None], rows, 0)
+    real token: 0 keeps a non-finite one from reaching another row's products, forward or backward). ``at`` and
+    ``real`` on the host (moved to ``t``'s device here: whether any slot is padding is read without a sync)."""
+    rows = _heads_major_rows(t, at.to(t.device))
+    return rows if bool(real.all()) else torch.where(real.to(t.device)[None, :, None], rows, 0)
 
 
 def _heads_major_rows(t: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -587,9 +588,14 @@ def _per_segment(res: torch.Tensor, members: list) -> list[tuple[tuple, torch.Te
         return list(zip(members, res.unbind(0), strict=True))
     # padded tiny documents (_small_segments): their real rows in one index, then one split
     lengths = [seg[2] for seg in members]
-    real = torch.arange(lq, device=res.device) < torch.tensor(lengths, device=res.device)[:, None]
-    rows = res.transpose(0, 1).reshape(res.shape[1], -1, res.shape[3])[:, real.reshape(-1)]
+    rows = res.transpose(0, 1).reshape(res.shape[1], -1, res.shape[3]).index_select(1, _real_rows(members, lq, res))
     return list(zip(members, rows.split(lengths, dim=1), strict=True))
+
+
+def _real_rows(members: list, lq: int, like: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` int64 on ``like``'s device: the rows ``i · lq + r`` (``r < q_len``) of a padded group's output
+    flattened ``(n · lq)``, made on the host (no device sync)."""
+    return torch.tensor([i * lq + r for i, seg in enumerate(members) for r in range(seg[2])]).to(like.device)
 
 
 def _assemble(q: torch.Tensor, v: torch.Tensor, pieces: dict) -> torch.Tensor:
@@ -622,12 +628,12 @@ def _assemble_by_index(q: torch.Tensor, v: torch.Tensor, results: list) -> torch
     indices, sources = [], []
     for res, members in results:
         n, _, lq, _ = res.shape
-        row, qs, ql = torch.tensor(members, dtype=torch.long, device=dev)[:, :3].unbind(1)
+        row, qs = torch.tensor(members, dtype=torch.long, device=dev)[:, :2].unbind(1)
         at = ((row * Q + qs)[:, None] + torch.arange(lq, device=dev)).reshape(-1)
         rows = res.transpose(0, 1).reshape(H, n * lq, Dv)
         if any(seg[2] < lq for seg in members):  # padded tiny documents (_small_segments): their real rows only
-            real = (torch.arange(lq, device=dev) < ql[:, None]).reshape(-1)
-            at, rows = at[real], rows[:, real]
+            real = _real_rows(members, lq, rows)
+            at, rows = at.index_select(0, real), rows.index_select(1, real)
         indices.append(at)
         sources.append(rows)
     return _ScatterRows.apply((H, B, Q, Dv), indices, *sources)
