@@ -51,15 +51,14 @@ def test_equal_length_documents_share_one_sdpa_call(monkeypatch):
     assert_matches_reference(out, naive_attention(q, k, v, spec.to_dense(q.shape[2]).unsqueeze(1)))
 
 
-def test_many_tiny_documents_run_in_one_call_per_bucket_of_lengths(monkeypatch):
+def test_many_tiny_documents_run_in_one_call_per_length(monkeypatch):
     calls, original = [], VL._tiny_attention
-    monkeypatch.setattr(VL, "_tiny_attention", lambda q, *a: calls.append(tuple(q.shape[1:3])) or original(q, *a))
+    monkeypatch.setattr(VL, "_tiny_attention", lambda q, *a: calls.append(q.shape[1]) or original(q, *a))
     lens = [1 + i % 9 for i in range(300)]
     q, k, v = (torch.randn(1, 2, sum(lens), 8) for _ in range(3))
     spec = am.causal() & am.document(seq_lens=lens)
     out = am.attention(q, k, v, spec, backend="varlen")
-    # lengths 1-8 padded to 8 (34 documents each of lengths 1-3, 33 of 4-8), length 9 to 16: two batched calls
-    assert sorted(calls) == [(33, 16), (267, 8)]
+    assert sorted(calls) == [33] * 6 + [34] * 3  # lengths 1-9: one batched call per length
     assert_matches_reference(out, naive_attention(q, k, v, spec.to_dense(q.shape[2]).unsqueeze(1)))
 
 
@@ -683,10 +682,9 @@ def test_varlen_gradients_of_equal_documents_on_several_rows_match_naive(spec, t
 
 @pytest.mark.parametrize("q_len", [96, 40, 7])
 @pytest.mark.parametrize("window", [None, 3, 20])
-def test_varlen_padded_tiny_documents_match_naive(q_len, window):
-    """Tiny documents of 1-32 tokens, padded to their group's multiple of ``_TINY_BUCKET`` and masked to their own
-    lengths and offsets (fewer queries than keys: the queries of a document start mid-way), with a window or without,
-    on 3 rows: the output and every gradient equal the naive reference's."""
+def test_varlen_tiny_documents_with_offsets_and_windows_match_naive(q_len, window):
+    """Tiny documents of 1-32 tokens on 3 rows, with fewer queries than keys (the queries of a document start
+    mid-way: offsets) and with a window or without: the output and every gradient equal the naive reference's."""
     gen = torch.Generator().manual_seed(5)
     lens = [1, 32, 9, 16, 3, 8, 17, 2, 8]  # 96 tokens
     spec = am.causal() & am.document(seq_lens=lens)

@@ -474,70 +474,42 @@ def _masked_rows(q, k, v, mask, scale, gqa, dropout_p=0.0):
     return zero_rows(_sdpa(q, k, v, fold(torch.logical_or, [mask, empty]), False, scale, gqa, dropout_p), empty)
 
 
-# Tiny documents share a batched attention when their query counts and their key counts round up to the same multiple
-# of this: documents of up to 32 keys fall in at most 16 groups (4 for causal ones), where grouping by exact shape made
-# one group per length (13 of ~8 ops each, forward and backward, 2.4-3.2 ms of a 15-19 ms forward on rows of 8 x 1,024
-# with documents of ~60 tokens). The padding costs at most (1 + 7 / L)^2 of a document's products.
-_TINY_BUCKET = 8
-
-
-def _bucket(n: int) -> int:
-    return -(-n // _TINY_BUCKET) * _TINY_BUCKET
-
-
 def _small_segments(q, k, v, segs, causal, window, scale, dropout_p=0.0) -> list:
-    """Tiny documents, grouped by their query and key counts rounded up to a multiple of ``_TINY_BUCKET``: each padded
-    to its group's ``(Lq, Lk)`` (the padding read as 0) and masked to its own lengths, offset, causal rule and window;
-    one gather per tensor for every group and one batched attention per group, in a heads-major layout
-    ``(H, n, L, D)``.
+    """Tiny documents, grouped by exact shape ``(q_len, k_len, offset)`` (at most a few dozen groups): one gather per
+    tensor and one batched attention per group, computed in a heads-major layout ``(H, n, L, D)`` without copies.
 
-    Returns ``[(output (n, H, Lq, Dv), the group's n segments)]``: a document's rows past its own ``q_len`` are
-    padding (0), which the assembly leaves out.
+    Returns ``[(output (n, H, q_len, Dv), the group's n segments)]``.
     """
     dev = q.device
-    groups: dict[tuple[int, int], list] = {}
+    groups: dict[tuple[int, int, int], list] = {}
     for seg in segs:
-        groups.setdefault((_bucket(seg[2]), _bucket(seg[4])), []).append(seg)
+        groups.setdefault((seg[2], seg[4], seg[5]), []).append(seg)
     members_by_group = list(groups.values())
     # Every group's rows in one gather per tensor, then split into the groups: the backward of a gather allocates a
     # zero tensor of its whole source, once here instead of once per group (a few dozen groups of 16 rows of 512:
-    # hundreds of MB of fresh pages per backward). A padding slot reads its document's first token, then 0.
-    q_idx, k_idx, q_in, k_in, masks = [], [], [], [], []
-    for (lq, lk), members in groups.items():
-        row, qs, ql, ks, kl, off = torch.tensor(members, dtype=torch.long).unbind(1)
-        i, j = torch.arange(lq), torch.arange(lk)
-        q_real, k_real = i < ql[:, None], j < kl[:, None]  # (n, Lq), (n, Lk)
-        q_idx.append(((row * q.shape[2] + qs)[:, None] + torch.where(q_real, i, 0)).reshape(-1))
-        k_idx.append(((row * k.shape[2] + ks)[:, None] + torch.where(k_real, j, 0)).reshape(-1))
-        q_in.append(q_real.reshape(-1))
-        k_in.append(k_real.reshape(-1))
-        allowed = q_real[:, :, None] & k_real[:, None, :]  # (n, Lq, Lk)
-        if causal:  # key j of a document is seen by its query i where 0 <= i + offset - j (< window)
-            ahead = i[None, :, None] + off[:, None, None] - j[None, None, :]
-            allowed &= ahead >= 0 if window is None else (ahead >= 0) & (ahead < window)
-        masks.append(allowed.to(dev))
+    # hundreds of MB of fresh pages per backward).
+    q_idx, k_idx = [], []
+    for members in members_by_group:
+        _, ql, _, kl, _ = members[0][1:]
+        row, qs, _, ks, _, _ = torch.tensor(members, dtype=torch.long, device=dev).unbind(1)
+        q_idx.append(((row * q.shape[2] + qs)[:, None] + torch.arange(ql, device=dev)).reshape(-1))
+        k_idx.append(((row * k.shape[2] + ks)[:, None] + torch.arange(kl, device=dev)).reshape(-1))
     q_sizes, k_sizes = [len(i) for i in q_idx], [len(i) for i in k_idx]
-    q_parts = _padded_rows(q, torch.cat(q_idx), torch.cat(q_in)).split(q_sizes, dim=1)
-    k_at, k_real = torch.cat(k_idx), torch.cat(k_in)
-    k_parts, v_parts = (_padded_rows(t, k_at, k_real).split(k_sizes, dim=1) for t in (k, v))
+    q_parts = _heads_major_rows(q, torch.cat(q_idx)).split(q_sizes, dim=1)
+    k_at = torch.cat(k_idx)
+    k_parts, v_parts = (_heads_major_rows(t, k_at).split(k_sizes, dim=1) for t in (k, v))
 
     def tiny_group(i: int) -> tuple[torch.Tensor, list]:
         members = members_by_group[i]
+        _, ql, _, kl, off = members[0][1:]
         qb, kb, vb = (parts[i].unflatten(1, (len(members), -1)) for parts in (q_parts, k_parts, v_parts))
-        return _tiny_attention(qb, kb, vb, masks[i], scale, dropout_p).transpose(0, 1), members
+        mask = _band_mask(0, ql, 0, kl, off, window, dev) if causal else None
+        return _tiny_attention(qb, kb, vb, mask, scale, dropout_p).transpose(0, 1), members
 
     per_pair = q.shape[1] * (q.shape[3] + v.shape[3])
-    weights = [len(members) * (lq + 8) * lk * per_pair for (lq, lk), members in groups.items()]
+    weights = [len(members) * (members[0][2] + 8) * members[0][4] * per_pair for members in members_by_group]
     groups_at = list(range(len(members_by_group)))
     return _map(tiny_group, groups_at, weights, dropout_p, dev.type, idle_min_work=MIN_TASK_WORK)
-
-
-def _padded_rows(t: torch.Tensor, at: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """``_heads_major_rows(t, at)`` with the slots where ``real`` ``(N,)`` is False set to 0 (a padding slot reads a
-    real token: 0 keeps a non-finite one from reaching another row's products, forward or backward). ``at`` and
-    ``real`` on the host (moved to ``t``'s device here: whether any slot is padding is read without a sync)."""
-    rows = _heads_major_rows(t, at.to(t.device))
-    return rows if bool(real.all()) else torch.where(real.to(t.device)[None, :, None], rows, 0)
 
 
 def _heads_major_rows(t: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -579,23 +551,12 @@ def _tiny_products(q, k, v, mask, scale, dropout_p):
 
 
 def _per_segment(res: torch.Tensor, members: list) -> list[tuple[tuple, torch.Tensor]]:
-    """``(segment, its output (H, q_len, Dv))`` for each of a group's ``members`` from ``res`` ``(n, H, L, Dv)``: views
-    by one ``unbind`` (or, for padded tiny documents, one index of the real rows and one ``split``), whose backward
-    writes the pieces' gradients into one tensor, where indexing each segment allocated a zero tensor of the whole
-    group per segment (64 documents of 128 tokens in one group: 64 of 8 MB per backward)."""
-    lq = res.shape[2]
-    if all(seg[2] == lq for seg in members):
-        return list(zip(members, res.unbind(0), strict=True))
-    # padded tiny documents (_small_segments): their real rows in one index, then one split
-    lengths = [seg[2] for seg in members]
-    rows = res.transpose(0, 1).reshape(res.shape[1], -1, res.shape[3]).index_select(1, _real_rows(members, lq, res))
-    return list(zip(members, rows.split(lengths, dim=1), strict=True))
-
-
-def _real_rows(members: list, lq: int, like: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` int64 on ``like``'s device: the rows ``i · lq + r`` (``r < q_len``) of a padded group's output
-    flattened ``(n · lq)``, made on the host (no device sync)."""
-    return torch.tensor([i * lq + r for i, seg in enumerate(members) for r in range(seg[2])]).to(like.device)
+    """``(segment, its output (H, q_len, Dv))`` for each of a group's ``members``, views of ``res`` ``(n, H, L, Dv)``
+    by one ``unbind``: its backward stacks the pieces' gradients into one tensor, where indexing each segment
+    allocated a zero tensor of the whole group per segment (64 documents of 128 tokens in one group: 64 of 8 MB per
+    backward)."""
+    rows = res.unbind(0)
+    return [(seg, row if row.shape[1] == seg[2] else row[:, : seg[2]]) for seg, row in zip(members, rows, strict=True)]
 
 
 def _assemble(q: torch.Tensor, v: torch.Tensor, pieces: dict) -> torch.Tensor:
@@ -629,13 +590,8 @@ def _assemble_by_index(q: torch.Tensor, v: torch.Tensor, results: list) -> torch
     for res, members in results:
         n, _, lq, _ = res.shape
         row, qs = torch.tensor(members, dtype=torch.long, device=dev)[:, :2].unbind(1)
-        at = ((row * Q + qs)[:, None] + torch.arange(lq, device=dev)).reshape(-1)
-        rows = res.transpose(0, 1).reshape(H, n * lq, Dv)
-        if any(seg[2] < lq for seg in members):  # padded tiny documents (_small_segments): their real rows only
-            real = _real_rows(members, lq, rows)
-            at, rows = at.index_select(0, real), rows.index_select(1, real)
-        indices.append(at)
-        sources.append(rows)
+        indices.append(((row * Q + qs)[:, None] + torch.arange(lq, device=dev)).reshape(-1))
+        sources.append(res.transpose(0, 1).reshape(H, n * lq, Dv))
     return _ScatterRows.apply((H, B, Q, Dv), indices, *sources)
 
 
