@@ -37,3 +37,25 @@ def tiny_llama():
 from attnmask.backends import _workers  # noqa: E402
 
 _workers.ADAPT = False
+
+
+_KIND_MODULES = ("sdpa", "native", "varlen", "blocksparse", "banded")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kind_constants_put_back():
+    """After every test, each constant a backend module sets by the CPU's kind (its ``CPU_KIND_VALUES``) holds this
+    CPU's value again: a test that patches one inside a block that sets another kind's (``bench_limit.on_cpu_kind``)
+    must put it back inside that block, or every later test in the worker runs with the other CPU's estimates."""
+    yield
+    from attnmask.backends import _common
+
+    left = []
+    for name in _KIND_MODULES:
+        module = importlib.import_module(f"attnmask.backends.{name}")
+        for constant, values in getattr(module, "CPU_KIND_VALUES", {}).items():
+            held, expected = getattr(module, constant), _common.per_cpu_kind(values)
+            if held != expected:
+                left.append(f"{name}.{constant} left at {held!r} (this CPU's: {expected!r})")
+                setattr(module, constant, expected)  # put back: the failure is this test's, not the next ones'
+    assert not left, "; ".join(left)

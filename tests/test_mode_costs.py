@@ -119,9 +119,11 @@ def test_varlen_charges_a_bfloat16_pair_its_own_width_on_a_cpu_without_amx_tiles
     against float32's width more at D = 16, the same at D = 64, less at D = 128; the forward, and everything with AMX
     tiles (not measured at other heads), float32's width."""
     monkeypatch.setattr(W, "threads_available", lambda: 1)
-    with bench_limit().on_cpu_kind(amx, True):
+    # the width patched inside the kind's block and put back before the block puts the kind's constants back (the
+    # test's own monkeypatch would restore, after the block, the value the block had set: another kind's)
+    with bench_limit().on_cpu_kind(amx, True), pytest.MonkeyPatch.context() as inside:
         own = {(d, g): VL.cost(call(torch.bfloat16, g, d)) for d in (16, 64, 128) for g in (False, True)}
-        monkeypatch.setattr(VL, "_EXTRA_BF16_PAIR_WIDTH", VL._EXTRA_PAIR_WIDTH)
+        inside.setattr(VL, "_EXTRA_BF16_PAIR_WIDTH", VL._EXTRA_PAIR_WIDTH)
         as_float32 = {(d, g): VL.cost(call(torch.bfloat16, g, d)) for d in (16, 64, 128) for g in (False, True)}
     ratio = {key: own[key] / as_float32[key] for key in own}
     assert all(ratio[d, False] == pytest.approx(1.0) for d in (16, 64, 128))  # the forward: float32's width
