@@ -304,6 +304,32 @@ def test_blocksparse_counts_each_tile_with_its_own_rows_and_keys(call):
     assert BS._tile_pairs(layout) == (computed, partial)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.integers(1, 70), st.integers(1, 3), st.sampled_from([8, 16, 64]), st.booleans())
+def test_padded_rows_tile_pairs_are_the_tiles_holding_an_allowed_pair(data, length, batch, block, causal):
+    """``padded_tile_pairs`` (blocksparse's floor on padded rows) counts exactly the pairs of the tiles, each with
+    its own rows and keys, that hold a pair the naive mask allows (padding queries see the real keys), and nothing
+    for a spec it does not read (a window, documents)."""
+    rows = data.draw(st.sampled_from([1, batch]))
+    real = torch.tensor(
+        data.draw(st.lists(st.lists(st.booleans(), min_size=length, max_size=length), min_size=rows, max_size=rows))
+    )
+    spec = (am.causal() if causal else am.full()) & am.key_padding(real)
+    q = torch.randn(batch, 2, length, 8)
+    call = _prepare_call(q, q, q, spec, None, None, None)
+    allowed = naive_dense(spec, length, length, rows)
+    expected = 0
+    for r in range(rows):
+        for q0 in range(0, length, block):
+            for k0 in range(0, length, block):
+                tile = allowed[r, q0 : q0 + block, k0 : k0 + block]
+                expected += tile.numel() if bool(tile.any()) else 0
+    expected *= batch if rows == 1 else 1
+    assert _common.padded_tile_pairs(call, block) == expected
+    for other in (spec & am.sliding_window(length + 1), spec & am.document(seq_lens=[length])):
+        assert _common.padded_tile_pairs(_prepare_call(q, q, q, other, None, None, None), block) == 0
+
+
 def test_a_decoding_step_is_estimated_by_its_own_rows_not_a_whole_tile():
     """8 queries against 4,096 keys are one tile row of 8 rows (tiles of 128): its pairs cost 8/128 of 128 queries'
     (counted as a whole tile they had cost 16x their pairs, and a decoding step with a gradient went to SDPA while

@@ -68,6 +68,7 @@ __all__ = [
     "seeing_themselves",
     "segments_from_varlen",
     "diagonal_pairs_seeing_themselves",
+    "padded_tile_pairs",
     "varlen_plan",
 ]
 
@@ -623,6 +624,33 @@ def diagonal_pairs_seeing_themselves(call, block: int) -> int:
     sides = np.full(held.shape[1], block, dtype=np.int64)
     sides[-1:] = length - (held.shape[1] - 1) * block
     return int((held * sides**2).sum()) * (call.batch if rows == 1 else 1)
+
+
+def padded_tile_pairs(call, block: int) -> int:
+    """Pairs of the tiles (``block`` square but for the last tile row and column, as
+    :func:`diagonal_pairs_seeing_themselves` counts them) that hold an allowed pair, over the whole batch, for padded
+    rows: ``[causal() | full()] & key_padding(m)`` (no window, document or chunks; ``Q == K`` at default positions;
+    ``_host_form``), where every query, padding included, sees every real key at or before it (causal) or every real
+    key (full). Query tile ``t`` then needs key tile ``u`` exactly where ``u`` holds a real key and, when causal,
+    ``u <= t``: the tiles any tiled backend computes. 0 for any other call. O(R·K) on the padding's host view."""
+    form = _host_form(call)
+    if form is None or form.window is not None or form.document is not None or form.chunked is not None:
+        return 0
+    real = _real_keys(form, call.kv_len)
+    if real is None:
+        return 0
+    rows, length = real.shape
+    n = -(-length // block)
+    padded = np.zeros((rows, n * block), dtype=bool)
+    padded[:, :length] = real
+    sides = np.full(n, block, dtype=np.int64)
+    sides[-1] = length - (n - 1) * block
+    keys = padded.reshape(rows, n, block).any(-1) * sides  # (R, n): the keys of each key tile holding a real one
+    if form.causal:
+        pairs = int((np.cumsum(keys, axis=1) @ sides).sum())  # query tile t: its rows times the keys of tiles <= t
+    else:
+        pairs = int(keys.sum()) * length
+    return pairs * (call.batch if rows == 1 else 1)
 
 
 def built_varlen_plan(call) -> VarlenPlan | None:
