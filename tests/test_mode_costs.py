@@ -134,6 +134,38 @@ def test_varlen_charges_a_bfloat16_pair_its_own_width_on_a_cpu_without_amx_tiles
         assert ratio[16, True] > 1.2 and ratio[128, True] < 0.95
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_native_charges_its_bfloat16_copies_on_a_cpu_with_amx_tiles(monkeypatch, grad):
+    """With AMX tiles ``native``'s bfloat16 estimate holds the float32 copies of q, k, v and the output's conversion
+    back, at ``COPY_COST`` an element over the threads' gain, under the mode factor (the backward copies anew); where
+    the forward reads bfloat16 as stored (a decoding step) only the backward's; on other CPUs nothing (there bfloat16
+    is priced as float32 or by its own factors)."""
+    monkeypatch.setattr(W, "threads_available", lambda: 2)
+    gain = 1.0 + N._THREAD_EFFICIENCY
+
+    def both(c):
+        with pytest.MonkeyPatch.context() as inside:
+            charged = N.cost(c)
+            inside.setattr(N, "_BF16_COPY_COST", 0.0)
+            return charged, N.cost(c)
+
+    with bench_limit().on_cpu_kind(True, True):
+        assert N._BF16_COPY_COST == C.COPY_COST
+        c = call(torch.bfloat16, grad, 64)
+        charged, without = both(c)
+        elements = 1 * (4 * 256 + 4 * 256) * 128
+        factor = N.MODES.of(torch.bfloat16, "cpu", grad)
+        assert charged - without == pytest.approx(elements * C.COPY_COST / gain * factor, rel=1e-9)
+        q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16).requires_grad_(grad)  # one query: read as stored
+        k = torch.zeros(1, 4, 4096, 64, dtype=torch.bfloat16).requires_grad_(grad)
+        decode = A._prepare_call(q, k, k, am.causal(), None, None, None)
+        charged, without = both(decode)
+        copies = 1 * (4 * 1 + 4 * 4096) * 128 * C.COPY_COST / gain
+        assert charged - without == pytest.approx(copies if grad else 0.0, rel=1e-9)
+    with bench_limit().on_cpu_kind(False, True):
+        assert N._BF16_COPY_COST == 0.0
+
+
 def test_sdpa_charges_a_gradient_per_key_so_a_decoding_step_with_a_gradient_is_not_priced_by_its_pairs(monkeypatch):
     """One query against 4,096 keys with a gradient: SDPA's backward pays per key (RESULTS.md: 6.0 ms of 7.3 at one
     thread), so its estimate holds that charge, and the oracle's holds at least as much."""

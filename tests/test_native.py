@@ -530,11 +530,12 @@ def test_large_bfloat16_caches_are_read_as_stored_up_to_more_queries(monkeypatch
     ``_AS_STORED_MAX_READS``."""
     segs = torch.tensor([[0, 0, 8, 0, 1000, 992]])  # 8 decoding queries at the end of 1,000 keys: ~8 reads a key
     q, small = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 1000, 16, dtype=torch.bfloat16)
-    assert not N._reads_as_stored(q, small, small, segs, (True, None))
+    kv = 2 * small.numel()
+    assert not N._reads_as_stored(q.dtype, kv, segs, (True, None))
     monkeypatch.setattr(N, "_FRESH_COPY_BYTES", small.numel() * 8)
-    assert N._reads_as_stored(q, small, small, segs, (True, None))
-    assert not N._reads_as_stored(q.float(), small.float(), small.float(), segs, (True, None))
-    assert not N._reads_as_stored(q.half(), small.half(), small.half(), segs, (True, None))
+    assert N._reads_as_stored(q.dtype, kv, segs, (True, None))
+    assert not N._reads_as_stored(torch.float32, kv, segs, (True, None))
+    assert not N._reads_as_stored(torch.float16, kv, segs, (True, None))
 
 
 @settings(max_examples=120, deadline=None)

@@ -145,15 +145,16 @@ _AS_STORED_MAX_READS_FRESH = 16.0  # the same where the float32 copies of k and 
 _FRESH_COPY_BYTES = 32 << 20
 
 
-def _reads_as_stored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: torch.Tensor, rule: tuple) -> bool:
+def _reads_as_stored(dtype: torch.dtype, kv_elements: int, segs: torch.Tensor, rule: tuple) -> bool:
     """Whether the forward reads bfloat16 ``q``, ``k``, ``v`` as stored (no float32 copies): where the segments'
     keys are each read by at most ``_AS_STORED_MAX_READS`` queries on average (``_AS_STORED_MAX_READS_FRESH`` when
-    the copies of k and v would take ``_FRESH_COPY_BYTES`` or more). Other dtypes: no (float16 is always copied)."""
-    if q.dtype != torch.bfloat16 or not len(segs):
+    the copies of k and v, ``kv_elements`` in all, would take ``_FRESH_COPY_BYTES`` or more). Other dtypes: no
+    (float16 is always copied). Read from shapes and the plan only: the estimate asks it too."""
+    if dtype != torch.bfloat16 or not len(segs):
         return False
     keys = float(segs[:, 4].sum())
     reads = allowed_pairs(segs, *rule) / keys if keys else 0.0
-    fresh = (k.numel() + v.numel()) * 4 >= _FRESH_COPY_BYTES
+    fresh = kv_elements * 4 >= _FRESH_COPY_BYTES
     return reads <= (_AS_STORED_MAX_READS_FRESH if fresh else _AS_STORED_MAX_READS)
 
 
@@ -166,7 +167,7 @@ class _SegmentAttention(torch.autograd.Function):
     @on_free_cores
     def forward(ctx, q, k, v, segs, causal, window, scale, softcap=None, sinks=None, slopes=None, blocks=None):
         work = _work_dtype(q.dtype)
-        stored = q.dtype if _reads_as_stored(q, k, v, segs, (causal, window)) else work
+        stored = q.dtype if _reads_as_stored(q.dtype, k.numel() + v.numel(), segs, (causal, window)) else work
         qw, kw, vw = (_rows(t, stored) for t in (q, k, v))
         mods = (softcap or 0.0, _modifier(sinks, work), _modifier(slopes, work))
         B, H, Q, _ = q.shape
@@ -383,17 +384,28 @@ _THREAD_EFFICIENCY = 0.81
 # the two-thread sets lower); RESULTS.md, issue 15, "Fresh specs at two threads". No table of a CPU without the tiles
 # measured it: there the float32 efficiency stays.
 _BF16_AMX_THREAD_EFFICIENCY = 0.4
+# bfloat16 inputs on a CPU with AMX tiles: the forward's float32 copies of q, k and v and the output's conversion back
+# cost their elements at ``COPY_COST`` each, divided by the threads' gain (torch's conversions use them), on top of the
+# float32 estimate (and again, through the mode factor, in the backward, which copies them anew). Measured on the
+# Xeon VM (RESULTS.md, issue 15, "native's bfloat16 copies"): native's bfloat16 forward is its float32 time plus
+# about the time of those copies on every row (rows of 1,024, B = 1 and 4, causal, documents of ~46 tokens, a
+# window of 32, one and two threads), where a factor on the whole estimate had priced short rows at a fraction of it.
+# Elsewhere 0: there the bfloat16 estimate is float32's (AVX512-BF16) or has its own factors.
+_BF16_COPY_COSTS = (COPY_COST, 0.0)
+_BF16_COPY_COST = per_cpu_kind(_BF16_COPY_COSTS)
 # Every constant above set by the CPU's kind, with its values (``_common.per_cpu_kind``).
-CPU_KIND_VALUES = {"_PAIR_COST": _PAIR_COSTS, "_ROW_COST": _ROW_COSTS}
+CPU_KIND_VALUES = {"_PAIR_COST": _PAIR_COSTS, "_ROW_COST": _ROW_COSTS, "_BF16_COPY_COST": _BF16_COPY_COSTS}
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
 # CPU without AMX tiles (the _no_amx factors): --fit ... --modes on limit_tables/s9_q1.txt and s9_q2.txt, an AMD EPYC
-# (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX").
+# (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX"). The AMX bfloat16 factors since the copies are charged on
+# their own (``_BF16_COPY_COST``; were 1.18 and 3.47): a grid replay of the Xeon's saved 1K tables (RESULTS.md, issue
+# 15, "native's bfloat16 copies").
 MODES = ModeFactors(
-    bf16=1.18,
+    bf16=1.05,
     backward=3.51,
-    bf16_backward=3.47,
+    bf16_backward=3.0,
     busy=1.61,
     busy_backward=2.09,
     bf16_no_amx=1.0,
@@ -471,13 +483,23 @@ def cost(call) -> float:
     if call.q.dtype not in (torch.float32, torch.float64) and not MODES.covers(call.q.dtype, call.device_type):
         tokens = call.batch * (call.heads * call.q_len + 2 * call.kv_heads * call.kv_len)
         serial += tokens * width * 2 * COPY_COST
+    stored_copies = 0.0  # the backward's copies where the forward reads bfloat16 as stored (else in serial)
+    if call.q.dtype == torch.bfloat16 and _BF16_COPY_COST:
+        elements = call.batch * (call.heads * call.q_len + call.kv_heads * call.kv_len) * width  # q, k, v, the output
+        copies = elements * _BF16_COPY_COST / (1.0 + (threads - 1) * _THREAD_EFFICIENCY)
+        if not _reads_as_stored(call.q.dtype, call.batch * call.kv_heads * call.kv_len * width, segs, (causal, window)):
+            serial += copies
+        elif call.needs_grad:
+            stored_copies = copies
     kernel = item_sum * call.heads  # on one thread
     factor = mode_factor(MODES, call)
     if call.needs_grad:  # the backward's runs read and write twice the bytes per key: their own charges
         item, back_sum, _ = _item_work_sums(segs, causal, window, width, _BACKWARD_KEY_BYTES)
         back = back_sum * call.heads
     if threads < 2:
-        return (serial + kernel) * factor if not call.needs_grad else serial * factor + kernel + back * (factor - 1)
+        if not call.needs_grad:
+            return (serial + kernel) * factor
+        return serial * factor + kernel + back * (factor - 1) + stored_copies
     if forward_gain is None:  # the forward's blocks cut the segments
         forward_gain = _pulls_gain(_item_work(blocks, causal, window, width), call.heads, threads, efficiency)
     forward = serial + kernel / forward_gain
@@ -486,7 +508,7 @@ def cost(call) -> float:
     gain = 1.0
     if _keys_disjoint(segs):  # segment-major items, the heaviest segments first (as the backward orders them)
         gain = _threads_gain(np.repeat(np.sort(item)[::-1], call.kv_heads))
-    return forward + (serial + back / gain) * (factor - 1)
+    return forward + (serial + back / gain) * (factor - 1) + stored_copies
 
 
 def _forward_blocks(call, segs: torch.Tensor) -> torch.Tensor:
