@@ -59,7 +59,12 @@ _MASK_COST = 40.0  # evaluating a spec on one (query, key) pair of a PARTIAL til
 # What a pair costs beyond its D + Dv (``_common.pair_width``: the tiles' softmax and bookkeeping, as in sdpa's kernel,
 # which runs them): fitted by benchmarks/bench_head_dim.py --fit on the fifteen head-size tables (median abs log error
 # 0.137 -> 0.060); with it the threads' hand-over weighs the tasks' multiply-adds at the charged width (as varlen's).
-_EXTRA_PAIR_WIDTH = 48.0
+# Per CPU kind (``_common.per_cpu_kind``: with AMX tiles, other): fitted on each CPU's own head-size tables; the
+# Xeon's four (benchmarks/head_dim/s30_*.json, two runs at one and two threads) put 0-16 (median abs log error 0.073 /
+# 0.076 / 0.074 at 0 / 8 / 16, 0.112 at 48) where the AMD EPYC's put 48 (RESULTS.md, issue 15, "Head sizes on the
+# Xeon"): 16, a pair's softmax still costs something beyond its width.
+_EXTRA_PAIR_WIDTHS = (16.0, 48.0)
+_EXTRA_PAIR_WIDTH = per_cpu_kind(_EXTRA_PAIR_WIDTHS)
 # One query tile's fixed work (its group's views, a kernel call per run, the copies into place: Python and dispatch):
 # per table the median over float32 forward rows of (measured time - the rest of the estimate) / query tiles, in sdpa's
 # unit: ``benchmarks/bench_limit.py --fit ... --implied blocksparse._GROUP_COST`` on benchmarks/limit_tables/
@@ -113,6 +118,7 @@ CPU_KIND_VALUES = {
     "_GROUP_COST": _GROUP_COSTS,
     "_CALL_COST": _CALL_COSTS,
     "_BACKWARD_OVERHEAD_SHARE": _BACKWARD_OVERHEAD_SHARES,
+    "_EXTRA_PAIR_WIDTH": _EXTRA_PAIR_WIDTHS,
 }
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt

@@ -367,7 +367,11 @@ _FORWARD_KEY_BYTES = 4.0
 _BACKWARD_KEY_BYTES = 8.0
 # What a pair costs beyond its D + Dv (``_common.pair_width``): its exponential and the online softmax's bookkeeping;
 # fitted by benchmarks/bench_head_dim.py --fit.
-_EXTRA_PAIR_WIDTH = 192.0
+# Per CPU kind (``_common.per_cpu_kind``: with AMX tiles, other): fitted on each CPU's own head-size tables; the
+# Xeon's four (benchmarks/head_dim/s30_*.json, two runs at one and two threads) put 128 where the AMD EPYC's put
+# 192 (RESULTS.md, issue 15, "Head sizes on the Xeon").
+_EXTRA_PAIR_WIDTHS = (128.0, 192.0)
+_EXTRA_PAIR_WIDTH = per_cpu_kind(_EXTRA_PAIR_WIDTHS)
 _ROW_COSTS = (50.0, 42.5)  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
 _ROW_COST = per_cpu_kind(_ROW_COSTS)
 _CALL_COST = 2e4  # one ctypes call and the output allocation
@@ -394,7 +398,12 @@ _BF16_AMX_THREAD_EFFICIENCY = 0.4
 _BF16_COPY_COSTS = (COPY_COST, 0.0)
 _BF16_COPY_COST = per_cpu_kind(_BF16_COPY_COSTS)
 # Every constant above set by the CPU's kind, with its values (``_common.per_cpu_kind``).
-CPU_KIND_VALUES = {"_PAIR_COST": _PAIR_COSTS, "_ROW_COST": _ROW_COSTS, "_BF16_COPY_COST": _BF16_COPY_COSTS}
+CPU_KIND_VALUES = {
+    "_PAIR_COST": _PAIR_COSTS,
+    "_ROW_COST": _ROW_COSTS,
+    "_BF16_COPY_COST": _BF16_COPY_COSTS,
+    "_EXTRA_PAIR_WIDTH": _EXTRA_PAIR_WIDTHS,
+}
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a

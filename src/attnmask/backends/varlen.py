@@ -66,7 +66,11 @@ __all__ = ["BACKEND", "segments_from_varlen", "varlen_attention"]
 
 # What a pair and a query row cost beyond their D + Dv (``_common.pair_width``) in a document SDPA runs and in a tiny
 # one (batched matmuls, an unfused softmax), fitted by benchmarks/bench_head_dim.py --fit.
-_EXTRA_PAIR_WIDTH = 48.0
+# The pair's per CPU kind (``_common.per_cpu_kind``: with AMX tiles, other), fitted on each CPU's own head-size
+# tables: the Xeon's four (benchmarks/head_dim/s30_*.json, two runs at one and two threads) put 64 where the AMD
+# EPYC's put 48 (RESULTS.md, issue 15, "Head sizes on the Xeon"); the tiny documents' width fits flat there.
+_EXTRA_PAIR_WIDTHS = (64.0, 48.0)
+_EXTRA_PAIR_WIDTH = per_cpu_kind(_EXTRA_PAIR_WIDTHS)
 _EXTRA_SMALL_WIDTH = 128.0
 _PAIR_COST = 1.0  # one multiply-add of a pair inside SDPA's blocked kernel: the unit every CPU estimate is in
 # The same inside a call with a bool mask (a window's query block over its key band, _dense_segment): SDPA converts
@@ -99,10 +103,14 @@ _HANDOVER_COST = handover_cost()
 # / 32, ~1.0x at D = 64 and 0.8-0.95x at D = 128, the forward ~1.0x throughout (bench_head_dim.py --dtype bfloat16
 # against float32, three pairs of tables): fitted by --fit on the sixteen head-size tables, 192 (median abs log error
 # 0.135 -> 0.102; RESULTS.md, issue 15, "A fresh spec's plan"). With AMX tiles (not measured at other heads) float32's.
-_EXTRA_BF16_PAIR_WIDTHS = (48.0, 192.0)
+_EXTRA_BF16_PAIR_WIDTHS = (_EXTRA_PAIR_WIDTHS[0], 192.0)
 _EXTRA_BF16_PAIR_WIDTH = per_cpu_kind(_EXTRA_BF16_PAIR_WIDTHS)
 # The constants set by the CPU's kind (_common.per_cpu_kind).
-CPU_KIND_VALUES = {"_HANDOVER_COST": HANDOVER_COSTS, "_EXTRA_BF16_PAIR_WIDTH": _EXTRA_BF16_PAIR_WIDTHS}
+CPU_KIND_VALUES = {
+    "_HANDOVER_COST": HANDOVER_COSTS,
+    "_EXTRA_PAIR_WIDTH": _EXTRA_PAIR_WIDTHS,
+    "_EXTRA_BF16_PAIR_WIDTH": _EXTRA_BF16_PAIR_WIDTHS,
+}
 # Idle, groups of documents and a window's query blocks go to the workers from an eighth of ``MIN_TASK_WORK`` on
 # average (tiny documents' groups, and any task while other processes hold cores, from ``MIN_TASK_WORK``): rows of
 # 1,024 at 2 threads, same process, 9 rounds, two runs, forward / forward + backward in ms: few long documents
