@@ -637,7 +637,7 @@ def padded_tile_pairs(call, block: int) -> int:
     if form is None or form.window is not None or form.document is not None or form.chunked is not None:
         return 0
     real = _real_keys(form, call.kv_len)
-    if real is None:
+    if real is None or real.shape[0] not in (1, call.batch):
         return 0
     rows, length = real.shape
     n = -(-length // block)
