@@ -985,9 +985,8 @@ def floor(call) -> float:
     key tiles holding a real key it sees (``_common.padded_tile_pairs``: there the floor is within the thread gain and
     the stacks of the estimate, and planning skips the layout, 0.5 of 0.76 ms on 8 rows of 256 with a backward), else
     its diagonal tile where it holds a row certain to see a key (``_common.diagonal_pairs_seeing_themselves``), each
-    tile counted with its
-    own rows and keys as ``cost`` counts them (``_tile_pairs``), divided by the most the threads gain
-    (``_workers.speedup_bound``); every query tile is a group, and the call is charged once; the forward's stacks
+    tile counted with its own rows and keys as ``cost`` counts them (``_tile_pairs``), divided by the most the threads
+    gain (``_workers.speedup_bound``); every query tile is a group, and the call is charged once; the forward's stacks
     save at most all but one group of each batch row. 0 where the rows are unknown. O(B·K) on host views, or O(N +
     tiles) on a plan's segments."""
     bs = _block_size(call.q_len, call.kv_len)
