@@ -50,6 +50,7 @@ BACKENDS = ("sdpa", "native", "varlen", "blocksparse", "banded")
 FITTED = (  # the constants --fit fits: (backend, name)
     ("native", "_EXTRA_PAIR_WIDTH"),
     ("sdpa", "_EXTRA_PAIR_WIDTH"),
+    ("sdpa", "_EXTRA_BF16_PAIR_WIDTH"),
     ("varlen", "_EXTRA_PAIR_WIDTH"),
     ("varlen", "_EXTRA_SMALL_WIDTH"),
     ("varlen", "_EXTRA_BF16_PAIR_WIDTH"),

@@ -23,6 +23,7 @@ FITTED = (native, sdpa, varlen, blocksparse)
 EXTRAS = (
     (native, "_EXTRA_PAIR_WIDTH"),
     (sdpa, "_EXTRA_PAIR_WIDTH"),
+    (sdpa, "_EXTRA_BF16_PAIR_WIDTH"),
     (varlen, "_EXTRA_PAIR_WIDTH"),
     (varlen, "_EXTRA_SMALL_WIDTH"),
     (varlen, "_EXTRA_BF16_PAIR_WIDTH"),

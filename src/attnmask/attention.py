@@ -131,6 +131,9 @@ def available_backends() -> tuple[str, ...]:
 # With a backward the products weigh more: at D = 64 SDPA ran over 1.1x the fastest in 19 of the 48 float32 rule
 # cells of the AMD EPYC's tables with a backward (1.10-1.19x) where the costs' pick did in 5, in bfloat16 12 of 18
 # against 2; at D = 32 in none (RESULTS.md, issue 15, "Rows sliced one by one in the backward").
+# bfloat16 with a backward is left to the costs at every head size: torch's bfloat16 SDPA backward at small heads ran
+# 1.16-1.22x the fastest backend's time in the Xeon's rule cells at D = 16 (RESULTS.md, issue 15, "SDPA's bfloat16
+# backward at small heads"), and its estimate now prices that backward at its own width.
 _STOCK_MAX_KEYS = 256
 _STOCK_MIN_FRACTION = 0.2
 _STOCK_MAX_WIDTH = 128
@@ -151,6 +154,8 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
         return None
     if not (call.is_full or call.is_plain_causal):
         if call.head_dim + call.value_dim > (_STOCK_MAX_WIDTH_BACKWARD if call.needs_grad else _STOCK_MAX_WIDTH):
+            return None
+        if call.needs_grad and call.q.dtype == torch.bfloat16:
             return None
         fraction = allowed_fraction(call) if isinstance(call.mask, MaskSpec) and call.mask.is_structural else None
         if fraction is None or fraction < _STOCK_MIN_FRACTION:

@@ -81,7 +81,17 @@ MODES = ModeFactors(
 # bfloat16 query").
 _BF16_ONE_QUERY_KEY_COSTS = (0.0, 2500.0)
 _BF16_ONE_QUERY_KEY_COST = per_cpu_kind(_BF16_ONE_QUERY_KEY_COSTS)
-CPU_KIND_VALUES = {"_BF16_ONE_QUERY_KEY_COST": _BF16_ONE_QUERY_KEY_COSTS}  # set by the CPU's kind (per_cpu_kind)
+# A bfloat16 pair in the backward's share of the estimate (``_common.pair_width``; the forward's share and float32 at
+# ``_EXTRA_PAIR_WIDTH``), per CPU kind: torch's bfloat16 SDPA backward at small heads costs more per pair than
+# float32's shape of the width says (at D = 16 on rows of 256, documents of ~60 tokens: 34.9 ms against `native`'s
+# 19.3 on the Xeon), fitted by benchmarks/bench_head_dim.py --fit on each CPU's bfloat16 head-size tables (RESULTS.md,
+# issue 15, "SDPA's bfloat16 backward at small heads").
+_EXTRA_BF16_PAIR_WIDTHS = (192.0, 128.0)
+_EXTRA_BF16_PAIR_WIDTH = per_cpu_kind(_EXTRA_BF16_PAIR_WIDTHS)
+CPU_KIND_VALUES = {  # set by the CPU's kind (per_cpu_kind)
+    "_BF16_ONE_QUERY_KEY_COST": _BF16_ONE_QUERY_KEY_COSTS,
+    "_EXTRA_BF16_PAIR_WIDTH": _EXTRA_BF16_PAIR_WIDTHS,
+}
 _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept with its plans (the layers share it)
 
 
@@ -363,15 +373,23 @@ def cost(call: AttentionCall) -> float:
     if call.device_type == "cuda":
         return cuda_costs.sdpa_cost(call)
     gain = _threads_gain(call)
-    estimate = _one_thread_cost(call) / gain * mode_factor(MODES, call)
+    factor = mode_factor(MODES, call)
+    estimate = _one_thread_cost(call) / gain * factor
+    if call.needs_grad and call.q.dtype == torch.bfloat16 and _EXTRA_BF16_PAIR_WIDTH != _EXTRA_PAIR_WIDTH:
+        # the forward's share at float32's width, the backward's at the bfloat16 pair width
+        busy = call.device_type == "cpu" and _workers.contended()
+        forward = MODES.of(call.q.dtype, call.device_type, False, busy)
+        backward = _one_thread_cost(call, _EXTRA_BF16_PAIR_WIDTH) / gain * (factor - forward)
+        estimate = _one_thread_cost(call) / gain * forward + backward
     if call.needs_grad:
         keys = _common.SDPA_BACKWARD_KEY_COST * call.batch * call.heads * call.kv_len * (call.head_dim + call.value_dim)
         estimate += keys / gain
     return estimate
 
 
-def _one_thread_cost(call: AttentionCall) -> float:
-    width = _common.pair_width(call.head_dim + call.value_dim, _EXTRA_PAIR_WIDTH)
+def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
+    """The call on one thread, its pairs at ``pair_width(D + Dv, extra)`` (``None``: ``_EXTRA_PAIR_WIDTH``)."""
+    width = _common.pair_width(call.head_dim + call.value_dim, _EXTRA_PAIR_WIDTH if extra is None else extra)
     work = call.batch * call.heads * call.q_len * call.kv_len * width * _common.amx_pair_factor(call)
     if call.q_len == 1 and call.q.dtype == torch.bfloat16 and not call.needs_grad and call.device_type == "cpu":
         work += call.batch * call.heads * call.kv_len * _BF16_ONE_QUERY_KEY_COST
