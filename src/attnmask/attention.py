@@ -144,9 +144,9 @@ _BUILT_IN = frozenset(id(b) for b in REGISTRY)
 def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None:
     """``"sdpa"`` (what stock attention runs: one SDPA call with the dense mask, or ``is_causal``) for a CPU call on
     rows of at most ``_STOCK_MAX_KEYS`` keys without a mask or with plain ``causal()``, or with heads of ``D + Dv`` at
-    most ``_STOCK_MAX_WIDTH`` (``_STOCK_MAX_WIDTH_BACKWARD`` when the call records a backward) and a spec allowing at
-    least ``_STOCK_MIN_FRACTION`` of the pairs
-    (``_common.allowed_fraction``: a few O(B·K) operations), decided without planning or costing the other backends.
+    most ``_STOCK_MAX_WIDTH`` (``_STOCK_MAX_WIDTH_BACKWARD`` when the call records a backward, which must not be in
+    bfloat16) and a spec allowing at least ``_STOCK_MIN_FRACTION`` of the pairs (``_common.allowed_fraction``: a few
+    O(B·K) operations), decided without planning or costing the other backends.
     ``None`` for any other call (the costs decide), and whenever ``registry`` holds a backend registered at run time
     (the crossover was measured against the built-in ones only). The call's own conditions come first: on the costs
     path (masked rows, few pairs) the fraction alone refuses, and SDPA's support is not asked twice."""
