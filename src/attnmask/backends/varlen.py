@@ -102,10 +102,11 @@ _HANDOVER_COST = handover_cost()
 # (AVX512-BF16, no AMX tiles) a bfloat16 forward + backward of varlen took 2.0-2.1x / 1.6x its float32 time at D = 16
 # / 32, ~1.0x at D = 64 and 0.8-0.95x at D = 128, the forward ~1.0x throughout (bench_head_dim.py --dtype bfloat16
 # against float32, three pairs of tables): fitted by --fit on the sixteen head-size tables, 192 (median abs log error
-# 0.135 -> 0.102; RESULTS.md, issue 15, "A fresh spec's plan"). With AMX tiles: 256, fitted on the Xeon's two bfloat16
-# head-size tables with `sdpa`'s own bfloat16 backward width (median abs log error 0.169 -> 0.088; RESULTS.md, issue
-# 15, "SDPA's bfloat16 backward at small heads"; float32's width before, unmeasured).
-_EXTRA_BF16_PAIR_WIDTHS = (256.0, 192.0)
+# 0.135 -> 0.102; RESULTS.md, issue 15, "A fresh spec's plan"). With AMX tiles: 384, fitted on the Xeon's two bfloat16
+# head-size tables with `sdpa`'s own bfloat16 backward width (median abs log error 0.169 -> 0.069; the picks of its
+# three tables 264 -> 267 of 288 against 256; RESULTS.md, issue 15, "SDPA's bfloat16 backward at small heads";
+# float32's width before, unmeasured).
+_EXTRA_BF16_PAIR_WIDTHS = (384.0, 192.0)
 _EXTRA_BF16_PAIR_WIDTH = per_cpu_kind(_EXTRA_BF16_PAIR_WIDTHS)
 # The constants set by the CPU's kind (_common.per_cpu_kind).
 CPU_KIND_VALUES = {
