@@ -176,12 +176,13 @@ class ModeFactors:
         return factor * ((self.busy_backward if needs_grad else self.busy) if contended else 1.0)
 
 
-def mode_factor(modes: ModeFactors, call) -> float:
-    """``modes.of`` for ``call`` as it runs now: its dtype, device, whether it needs a gradient, and whether other
-    processes hold cores (``_workers.contended``, read at most every 0.1 s)."""
+def mode_factor(modes: ModeFactors, call, forward: bool = False) -> float:
+    """``modes.of`` for ``call`` as it runs now: its dtype, device, whether it needs a gradient (``forward``: as if it
+    did not, the factor of the forward's share of an estimate with a backward), and whether other processes hold cores
+    (``_workers.contended``, read at most every 0.1 s)."""
     device_type = call.device_type
     contended = device_type == "cpu" and _workers.contended()
-    return modes.of(call.q.dtype, device_type, call.needs_grad, contended)
+    return modes.of(call.q.dtype, device_type, call.needs_grad and not forward, contended)
 
 
 def amx_pair_factor(call) -> float:
@@ -617,13 +618,20 @@ def diagonal_pairs_seeing_themselves(call, block: int) -> int:
     seen = seeing_themselves(call)
     if seen is None:
         return 0
-    rows, length = seen.shape
-    padded = np.zeros((rows, -(-length // block) * block), dtype=bool)
-    padded[:, :length] = seen
-    held = padded.reshape(rows, -1, block).any(-1)
-    sides = np.full(held.shape[1], block, dtype=np.int64)
-    sides[-1:] = length - (held.shape[1] - 1) * block
-    return int((held * sides**2).sum()) * (call.batch if rows == 1 else 1)
+    held, sides = _tiles_holding(seen, block)
+    return int((held * sides**2).sum()) * (call.batch if seen.shape[0] == 1 else 1)
+
+
+def _tiles_holding(marks: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(R, n)`` bool, whether each tile of ``block`` positions of the ``(R, L)`` bool ``marks`` holds a marked one,
+    and ``(n,)`` int64, each tile's positions (``block``, the last ``L - (n - 1)·block``)."""
+    rows, length = marks.shape
+    n = -(-length // block)
+    padded = np.zeros((rows, n * block), dtype=bool)
+    padded[:, :length] = marks
+    sides = np.full(n, block, dtype=np.int64)
+    sides[-1:] = length - (n - 1) * block
+    return padded.reshape(rows, n, block).any(-1), sides
 
 
 def padded_tile_pairs(call, block: int) -> int:
@@ -639,18 +647,13 @@ def padded_tile_pairs(call, block: int) -> int:
     real = _real_keys(form, call.kv_len)
     if real is None or real.shape[0] not in (1, call.batch):
         return 0
-    rows, length = real.shape
-    n = -(-length // block)
-    padded = np.zeros((rows, n * block), dtype=bool)
-    padded[:, :length] = real
-    sides = np.full(n, block, dtype=np.int64)
-    sides[-1] = length - (n - 1) * block
-    keys = padded.reshape(rows, n, block).any(-1) * sides  # (R, n): the keys of each key tile holding a real one
+    held, sides = _tiles_holding(real, block)
+    keys = held * sides  # (R, n): the keys of each key tile holding a real one
     if form.causal:
         pairs = int((np.cumsum(keys, axis=1) @ sides).sum())  # query tile t: its rows times the keys of tiles <= t
     else:
-        pairs = int(keys.sum()) * length
-    return pairs * (call.batch if rows == 1 else 1)
+        pairs = int(keys.sum()) * real.shape[1]
+    return pairs * (call.batch if real.shape[0] == 1 else 1)
 
 
 def built_varlen_plan(call) -> VarlenPlan | None:

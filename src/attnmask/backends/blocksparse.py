@@ -947,8 +947,7 @@ def _overhead_factor(call) -> float:
     full = mode_factor(MODES, call)
     if not call.needs_grad:
         return full
-    busy = call.device_type == "cpu" and _workers.contended()
-    forward = MODES.of(call.q.dtype, call.device_type, False, busy)
+    forward = mode_factor(MODES, call, forward=True)
     return forward + (full - forward) * _BACKWARD_OVERHEAD_SHARE
 
 
@@ -1003,8 +1002,7 @@ def floor(call) -> float:
     estimate = _PAIR_COST * pairs * per_pair / gain * mode_factor(MODES, call)
     estimate += (call.batch * n_q * _GROUP_COST + _CALL_COST) * _overhead_factor(call)
     if _stacks_apply(call):
-        busy = call.device_type == "cpu" and _workers.contended()
-        estimate -= call.batch * (n_q - 1) * _GROUP_COST * MODES.of(call.q.dtype, call.device_type, False, busy)
+        estimate -= call.batch * (n_q - 1) * _GROUP_COST * mode_factor(MODES, call, forward=True)
     return estimate
 
 
@@ -1064,7 +1062,7 @@ def stack_saving(call) -> float:
     layout = cached(call, "layout", _layout)
     rows = call.batch if layout.batch_size == 1 else 1
     stacked, stacks = cached(call, "blocksparse_stack_count", _stack_count)
-    forward = MODES.of(call.q.dtype, call.device_type, False, call.device_type == "cpu" and _workers.contended())
+    forward = mode_factor(MODES, call, forward=True)
     return (stacked - stacks) * rows * _GROUP_COST * forward
 
 

@@ -374,13 +374,13 @@ def cost(call: AttentionCall) -> float:
         return cuda_costs.sdpa_cost(call)
     gain = _threads_gain(call)
     factor = mode_factor(MODES, call)
-    estimate = _one_thread_cost(call) / gain * factor
+    work = _one_thread_cost(call)
     if call.needs_grad and call.q.dtype == torch.bfloat16 and _EXTRA_BF16_PAIR_WIDTH != _EXTRA_PAIR_WIDTH:
         # the forward's share at float32's width, the backward's at the bfloat16 pair width
-        busy = call.device_type == "cpu" and _workers.contended()
-        forward = MODES.of(call.q.dtype, call.device_type, False, busy)
-        backward = _one_thread_cost(call, _EXTRA_BF16_PAIR_WIDTH) / gain * (factor - forward)
-        estimate = _one_thread_cost(call) / gain * forward + backward
+        forward = mode_factor(MODES, call, forward=True)
+        estimate = (work * forward + _one_thread_cost(call, _EXTRA_BF16_PAIR_WIDTH) * (factor - forward)) / gain
+    else:
+        estimate = work / gain * factor
     if call.needs_grad:
         keys = _common.SDPA_BACKWARD_KEY_COST * call.batch * call.heads * call.kv_len * (call.head_dim + call.value_dim)
         estimate += keys / gain

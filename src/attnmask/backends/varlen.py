@@ -682,7 +682,7 @@ def cost(call) -> float:
     if not _bf16_backward_width(call):
         return estimate * factor
     # bfloat16 with a backward: the forward's share at float32's widths, the backward's at the bfloat16 pair width
-    forward = MODES.of(call.q.dtype, call.device_type, False, call.device_type == "cpu" and _workers.contended())
+    forward = mode_factor(MODES, call, forward=True)
     backward = _priced(call, plan, priced, _charged_widths(call.head_dim + call.value_dim, torch.bfloat16))
     return estimate * forward + backward * (factor - forward)
 
