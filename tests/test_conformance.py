@@ -471,6 +471,68 @@ def test_a_nan_in_a_query_makes_exactly_its_row_nan(backend, grad, case, data):
         torch.testing.assert_close(dirty.grad[clean].double(), want_dq[clean], atol=atol, rtol=rtol, msg=backend.name)
 
 
+@pytest.mark.parametrize("backend", AUTO, ids=[b.name for b in AUTO])
+@settings(max_examples=25)
+@given(case=conformance_case(dtypes=(torch.float32, torch.float64, torch.bfloat16)), data=st.data())
+def test_a_non_finite_query_in_a_row_with_no_key_has_no_gradient(backend, case, data):
+    """NaN or an infinity in the query of a row with no allowed key: that row's output is 0 whatever its query
+    (DESIGN: exactly 0 and a zero gradient), so the exact gradients of q, k and v are those of the call with that
+    query at 0, the row's own query gradient exactly 0. A backend that lets the row's scores into its backward gets
+    ``0 · NaN`` in them."""
+    runnable(backend)
+    case = dict(case, mods={n: m for n, m in case["mods"].items() if n != "sinks"})  # sinks give every row a key
+    q, k, v = make_inputs(case)
+    mods = make_mods(case)
+    if backend.not_supported_reasons(_prepare_call(q, k, v, case["mask"], None, None, None, **mods)):
+        return
+    has_key = allowed(case).any(-1).expand(case["batch"], case["heads"], case["q_len"])  # (B, H, Q)
+    empty = (~has_key).nonzero().tolist()
+    if not empty:
+        return
+    dirty = q.detach().clone()
+    for _ in range(data.draw(st.integers(1, 3))):
+        b, h, i = data.draw(st.sampled_from(empty))
+        d = data.draw(st.integers(0, case["head_dim"] - 1))
+        dirty[b, h, i, d] = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    clean = q.detach().masked_fill(~has_key.unsqueeze(-1), 0.0)
+    inputs = [t.detach().clone().requires_grad_() for t in (dirty, k, v)]
+    got = am.attention(*inputs, case["mask"], backend=backend.name, **mods)
+    assert not got[~has_key].any(), f"{backend.name}: a row with no allowed key is not 0"
+    got_grads = grads(got, inputs)
+    wanted = [t.detach().double().requires_grad_() for t in (clean, k, v)]
+    want = naive_attention(*wanted, allowed(case), **mods)
+    atol, rtol = GRAD_TOLERANCE[q.dtype]
+    for name, g, w in zip("qkv", got_grads, grads(want, wanted), strict=True):
+        assert torch.isfinite(g).all(), f"{backend.name}: a non-finite d{name}"
+        torch.testing.assert_close(g.double(), w, atol=atol, rtol=rtol, msg=f"{backend.name}: d{name}")
+    assert not got_grads[0][~has_key].any(), f"{backend.name}: the gradient of a query with no allowed key is not 0"
+
+
+@pytest.mark.parametrize("structure", ["causal", "full", "window"])
+def test_a_nan_query_in_padding_rows_of_a_larger_call_has_no_gradient(auto_backend, structure):
+    """The same at 300 tokens, two rows padded from 250 (the tiled kernels' paths), every dtype of the kernels."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.zeros(2, 300, dtype=torch.long)
+    ids[:, 250:] = -1
+    base = {"causal": am.causal(), "full": am.full(), "window": am.causal() & am.sliding_window(64)}[structure]
+    mask = base & am.document(doc_ids=ids)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(2, 2, 300, 16, generator=gen).to(dtype) for _ in range(3))
+        if auto_backend.not_supported_reasons(_prepare_call(q, k, v, mask, None, None, None)):
+            continue
+        dirty = q.clone()
+        dirty[:, :, 270, 0] = float("nan")
+        dirty[1, 0, 299, 5] = float("inf")
+        clean = q.clone()
+        clean[:, :, 250:] = 0
+        runs = []
+        for query in (dirty, clean):
+            inputs = [t.clone().requires_grad_() for t in (query, k, v)]
+            runs.append(grads(am.attention(*inputs, mask, backend=auto_backend.name), inputs))
+        for name, g, w in zip("qkv", *runs, strict=True):
+            torch.testing.assert_close(g, w, msg=f"{auto_backend.name} {dtype}: d{name}")
+
+
 def _nan_scenario(name):
     """``(q, k, v, mask)`` of a call where a row's every score is NaN (found by the tests above at more examples)."""
     gen = torch.Generator().manual_seed(1)

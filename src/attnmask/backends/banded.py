@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
-from attnmask._dense import additive, zero_rows
+from attnmask._dense import additive, zero_query_rows, zero_rows
 from attnmask.backends._common import (
     COPY_COST,
     ModeFactors,
@@ -345,6 +345,10 @@ def _banded_rows(masks: _BandMasks, bs: int, width: int, scale: float, L: int, q
     Hkv, Dv = k.shape[1], v.shape[3]
     n_tiles = -(-L // bs)
     rows = masks.attend.shape[0]
+    if masks.keep is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        # SDPA's backward reads the scores of rows with no key although their output is zeroed: a NaN query there
+        # would reach dk and dv (0 · NaN), so such a query is 0 (_dense.zero_query_rows)
+        q = zero_query_rows(q, ~masks.keep.reshape(rows, 1, n_tiles * bs, 1)[:, :, :L])
     # Rows by one unbind per tensor: its backward stacks the rows' gradients into one tensor, where indexing each
     # row allocated a zero tensor of the whole padded input per row (a third of the call on rows of 8 x 1,024).
     q_rows, k_rows, v_rows = (t.unbind(0) for t in _padded(q, k, v, bs, width))

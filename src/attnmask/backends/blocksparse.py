@@ -27,6 +27,7 @@ import torch
 import attnmask.backends._clib as _clib
 import attnmask.backends._workers as _workers
 from attnmask import masks as M
+from attnmask._dense import zero_query_rows
 from attnmask.backends._common import (
     HANDOVER_COSTS,
     ModeFactors,
@@ -753,6 +754,9 @@ class _BlockSparse(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         plan, masks, scale, biases = ctx.plan, ctx.masks, ctx.scale, ctx.biases
         qf, kf, vf = (_unit_stride(t.to(out.dtype)) for t in (q, k, v))
+        # rows with no allowed key (log-sum-exp +inf): their probabilities exp(s - inf) are 0 unless a query there
+        # holds a NaN or an infinity, which would reach dq, dk and dv; their output does not depend on it (exactly 0)
+        qf = zero_query_rows(qf, torch.isposinf(lse).unsqueeze(-1))
         do = d_out.to(out.dtype)
         dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
         group_backward = _flash_group_backward if ctx.flash else _torch_group_backward

@@ -30,7 +30,11 @@ def run(call: AttentionCall) -> torch.Tensor:
     """Textbook attention in float32 (float64 stays float64), scores materialised: O(B·H·Q·K) memory."""
     work = torch.promote_types(call.q.dtype, torch.float32)
     rep = call.heads // call.kv_heads
+    allowed, _ = dense_mask(call)
+    has_key = None if allowed is None else rows_with_keys(allowed)
     q = call.q.to(work)
+    if has_key is not None:
+        q = q.masked_fill(~has_key, 0.0)  # their output is 0 whatever the query: a NaN there must not reach dk
     k = call.k.to(work).repeat_interleave(rep, dim=1)
     v = call.v.to(work).repeat_interleave(rep, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
@@ -39,10 +43,7 @@ def run(call: AttentionCall) -> torch.Tensor:
     bias = score_bias(call, work)
     if bias is not None:
         scores = scores + bias
-    allowed, _ = dense_mask(call)
-    has_key = None
     if allowed is not None:
-        has_key = rows_with_keys(allowed)
         # Empty rows get finite scores (a harmless uniform softmax) and are then zeroed: no NaN forward or backward.
         scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
     if call.sinks is not None:

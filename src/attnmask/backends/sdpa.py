@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend
 import attnmask.backends._common as _common
 import attnmask.backends._workers as _workers
 import attnmask.backends.cuda_costs as cuda_costs
-from attnmask._dense import additive, fold, zero_rows
+from attnmask._dense import additive, fold, zero_query_rows, zero_rows
 from attnmask.backends._common import (
     ModeFactors,
     cached,
@@ -125,7 +125,8 @@ def _run(call: AttentionCall) -> torch.Tensor:
         return _split_causal(call)
     if isinstance(call.mask, MaskSpec):
         bias, empty, left = _spec_mask(call)
-        out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=bias, **sdpa_kwargs)
+        q = _query(call, empty if left is None else left[0])
+        out = F.scaled_dot_product_attention(q, call.k, call.v, attn_mask=bias, **sdpa_kwargs)
         if left is not None:
             return _zeroed_if_nan(out, left)
         if empty is None:
@@ -138,8 +139,16 @@ def _run(call: AttentionCall) -> torch.Tensor:
     if empty_rows:
         # Let empty rows attend to every key (finite, NaN-free), then zero their output: their gradient is then 0 too.
         allowed = fold(torch.logical_or, [allowed, ~has_key])
-    out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, **sdpa_kwargs)
+    q = _query(call, ~has_key if empty_rows else None)
+    out = F.scaled_dot_product_attention(q, call.k, call.v, attn_mask=allowed, **sdpa_kwargs)
     return zero_rows(out, ~has_key) if empty_rows else out
+
+
+def _query(call: AttentionCall, empty: torch.Tensor | None) -> torch.Tensor:
+    """The query the kernel reads: with a gradient and rows with no allowed key (``empty``), those rows at 0 where
+    ``q`` holds a non-finite value (``_dense.zero_query_rows``): the kernel's backward reads their scores even where
+    their output is zeroed, and a NaN there would reach every key and value gradient."""
+    return zero_query_rows(call.q, empty) if empty is not None and call.needs_grad else call.q
 
 
 # Forward-only float32 / float64 on CPU: a bottom-right ``causal()`` with fewer queries than keys (a decoding step of
@@ -343,10 +352,11 @@ def _probe(dtype: torch.dtype) -> bool:
 def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:
     """SDPA with a float bias carrying the mask, the ALiBi term and the sink key (see the module docstring)."""
     work = torch.promote_types(call.q.dtype, torch.float32)
-    q, k, v = call.q.to(work), call.k.to(work), call.v.to(work)
     B, H, Q, K = call.batch, call.heads, call.q_len, call.kv_len
     allowed, _ = dense_mask(call)
     has_key = None if allowed is None else rows_with_keys(allowed)
+    q = _query(call, None if has_key is None or bool(has_key.all()) else ~has_key).to(work)
+    k, v = call.k.to(work), call.v.to(work)
     if has_key is not None:
         allowed = fold(torch.logical_or, [allowed, ~has_key])  # empty rows see every key (finite), zeroed afterwards
     bias = score_bias(call, work)
