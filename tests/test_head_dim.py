@@ -17,6 +17,7 @@ import attnmask as am
 from attnmask.attention import _prepare_call
 from attnmask.backends import _common, _workers, blocksparse, native, sdpa, varlen
 from attnmask.backends._common import CALIBRATED_WIDTH, pair_width
+from tests.helpers import bench_limit
 
 A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
 FITTED = (native, sdpa, varlen, blocksparse)
@@ -114,24 +115,31 @@ HF_ROWS_512 = (
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_packed_rows_with_trailing_padding_train_on_varlen_or_blocksparse(monkeypatch, threads):
-    """The tiny Llama's rows of 512 with the collator's padding (305 one-token documents), forward + backward: varlen
-    measured 35.6 ms, SDPA 49.0, blocksparse 37.8, native 55.4 at 2 threads (54.7 vs SDPA's 87.5 at one; AMD EPYC,
-    RESULTS.md "Hand-overs in the units of the tasks"); on 2026-12-05 varlen 36.0 / 50.3, blocksparse 35.9 / 53.0,
-    SDPA 51.1 / 85.9 at 2 / 1 threads ("A charge per blocksparse call"). A hand-over counted in the tasks' units at
-    D = 16 (weights of H·(D + Dv) a pair, against the estimate's wider charge) had put varlen's two threads below one
-    and sent the call to SDPA. The pick is one of the two within 1.1x of the fastest, never SDPA or native."""
-    monkeypatch.setattr(_workers, "threads_available", lambda: threads)
-    monkeypatch.setattr(_workers, "contended", lambda: False)
-    ids = torch.empty(len(HF_ROWS_512), 512, dtype=torch.long)
-    for r, docs in enumerate(HF_ROWS_512):
-        body = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor(docs))
-        ids[r] = torch.cat([body, len(docs) + torch.arange(512 - len(body))])
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(len(ids), 4, 512, 16, generator=gen).requires_grad_()
-    k, v = (torch.randn(len(ids), 2, 512, 16, generator=gen).requires_grad_() for _ in range(2))
-    assert am.explain(q, k, v, am.causal() & am.document(doc_ids=ids)).picked in ("varlen", "blocksparse")
+@pytest.mark.parametrize(
+    ("amx", "threads", "fastest"),
+    [(False, 1, ("varlen", "blocksparse")), (False, 2, ("varlen", "blocksparse")), (True, 2, ("native", "sdpa"))],
+    ids=["epyc-1", "epyc-2", "xeon-2"],
+)
+def test_packed_rows_with_trailing_padding_train_on_the_fastest(monkeypatch, amx, threads, fastest):
+    """The tiny Llama's rows of 512 with the collator's padding (305 one-token documents), forward + backward, on each
+    CPU kind as measured there. AMD EPYC: varlen measured 35.6 ms, SDPA 49.0, blocksparse 37.8, native 55.4 at 2
+    threads (54.7 vs SDPA's 87.5 at one; RESULTS.md "Hand-overs in the units of the tasks"); on 2026-12-05 varlen
+    36.0 / 50.3, blocksparse 35.9 / 53.0, SDPA 51.1 / 85.9 at 2 / 1 threads ("A charge per blocksparse call"). A
+    hand-over counted in the tasks' units at D = 16 (weights of H·(D + Dv) a pair, against the estimate's wider
+    charge) had put varlen's two threads below one and sent the call to SDPA. Xeon with AMX tiles, 2 threads
+    (2026-12-06, two runs): native 35.2 / 36.0, SDPA 35.0 / 38.0, varlen 39.8 / 40.4, blocksparse 51.1 / 53.5 ("varlen's
+    threads on the Xeon"). The pick is one within 1.1x of the fastest on that kind."""
+    with bench_limit().on_cpu_kind(amx, True):
+        monkeypatch.setattr(_workers, "threads_available", lambda: threads)
+        monkeypatch.setattr(_workers, "contended", lambda: False)
+        ids = torch.empty(len(HF_ROWS_512), 512, dtype=torch.long)
+        for r, docs in enumerate(HF_ROWS_512):
+            body = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor(docs))
+            ids[r] = torch.cat([body, len(docs) + torch.arange(512 - len(body))])
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(len(ids), 4, 512, 16, generator=gen).requires_grad_()
+        k, v = (torch.randn(len(ids), 2, 512, 16, generator=gen).requires_grad_() for _ in range(2))
+        assert am.explain(q, k, v, am.causal() & am.document(doc_ids=ids)).picked in fastest
 
 
 def test_rows_over_256_keys_are_left_to_the_costs():

@@ -96,7 +96,15 @@ _SDPA_BLOCKS = (512.0, 256.0)  # torch's CPU SDPA kernel: its key blocks, and th
 # fixed time in estimate units: the tasks weigh H·(D + Dv) a pair, the estimate a pair_width, equal at D = 64 where it
 # was fitted; at D = 16 it had counted 1.7x too much (RESULTS.md, issue 15, "Hand-overs in the units of the tasks").
 # The hand-over is this CPU's kind's (``_common.handover_cost``: 3.2e6 with AMX tiles, where it was fitted).
-_THREAD_EFFICIENCY = 0.85
+# The efficiency with AMX tiles 0.78: the Xeon's two-thread head-size tables (D = 16-128, rows of 256-1,024, 8,192
+# tokens a batch) put varlen's picks on documents of ~400 and windows 1.2-1.4x behind blocksparse at 0.85; replayed,
+# 0.78 put 3 more cells of each of its six float32 and bfloat16 tables within 1.1x of the fastest (342 -> 350 and
+# 327 -> 330 with their 1K limit tables, which did not change; 0.74 and 0.82 lower; a fresh table timed after, 92 ->
+# 93 of 96), and changed no pick in the Xeon's eight older two-thread 1K and seven 8K limit tables; on the AMD EPYC
+# 0.78 changed nothing but one 8K bfloat16 cell (16 -> 15 of 16), so it keeps 0.85 (RESULTS.md, issue 15, "varlen's
+# threads on the Xeon").
+_THREAD_EFFICIENCIES = (0.78, 0.85)
+_THREAD_EFFICIENCY = per_cpu_kind(_THREAD_EFFICIENCIES)
 _HANDOVER_COST = handover_cost()
 # A bfloat16 pair of a document SDPA runs, in the backward's share of the estimate, per CPU kind: on the AMD EPYC
 # (AVX512-BF16, no AMX tiles) a bfloat16 forward + backward of varlen took 2.0-2.1x / 1.6x its float32 time at D = 16
@@ -111,6 +119,7 @@ _EXTRA_BF16_PAIR_WIDTH = per_cpu_kind(_EXTRA_BF16_PAIR_WIDTHS)
 # The constants set by the CPU's kind (_common.per_cpu_kind).
 CPU_KIND_VALUES = {
     "_HANDOVER_COST": HANDOVER_COSTS,
+    "_THREAD_EFFICIENCY": _THREAD_EFFICIENCIES,
     "_EXTRA_PAIR_WIDTH": _EXTRA_PAIR_WIDTHS,
     "_EXTRA_BF16_PAIR_WIDTH": _EXTRA_BF16_PAIR_WIDTHS,
 }
