@@ -98,11 +98,11 @@ _SDPA_BLOCKS = (512.0, 256.0)  # torch's CPU SDPA kernel: its key blocks, and th
 # The hand-over is this CPU's kind's (``_common.handover_cost``: 3.2e6 with AMX tiles, where it was fitted).
 # The efficiency with AMX tiles 0.78: the Xeon's two-thread head-size tables (D = 16-128, rows of 256-1,024, 8,192
 # tokens a batch) put varlen's picks on documents of ~400 and windows 1.2-1.4x behind blocksparse at 0.85; replayed,
-# 0.78 put 3 more cells of each of its six float32 and bfloat16 tables within 1.1x of the fastest (342 -> 350 and
-# 327 -> 330 with their 1K limit tables, which did not change; 0.74 and 0.82 lower; a fresh table timed after, 92 ->
-# 93 of 96), and changed no pick in the Xeon's eight older two-thread 1K and seven 8K limit tables; on the AMD EPYC
-# 0.78 changed nothing but one 8K bfloat16 cell (16 -> 15 of 16), so it keeps 0.85 (RESULTS.md, issue 15, "varlen's
-# threads on the Xeon").
+# 0.78 put 2-3 more cells of each of its three float32 tables and one of each bfloat16 one within 1.1x of the fastest
+# (342 -> 350 and 327 -> 330 with their 1K limit tables, which did not change; 0.74 and 0.82 lower; a fresh table
+# timed after, 92 -> 93 of 96), and changed no pick in the Xeon's eight older two-thread 1K and seven 8K limit
+# tables; on the AMD EPYC 0.78 changed nothing but one 8K bfloat16 cell (16 -> 15 of 16), so it keeps 0.85
+# (RESULTS.md, issue 15, "varlen's threads on the Xeon").
 _THREAD_EFFICIENCIES = (0.78, 0.85)
 _THREAD_EFFICIENCY = per_cpu_kind(_THREAD_EFFICIENCIES)
 _HANDOVER_COST = handover_cost()
