@@ -435,6 +435,48 @@ def test_non_finite_keys_and_values_reach_only_the_queries_that_may_see_them(bac
 
 
 @pytest.mark.parametrize("backend", AUTO, ids=[b.name for b in AUTO])
+@settings(max_examples=25)
+@given(case=conformance_case(dtypes=(torch.float32, torch.float64, torch.bfloat16)), data=st.data())
+def test_non_finite_keys_no_query_may_see_leave_every_gradient_exact(backend, case, data):
+    """NaN and infinities in keys and values that no query may see (a padding key, say): the output and the
+    gradients of q, k and v over every row are those of the call with those keys and values at 0, and those keys'
+    and values' own gradients exactly 0."""
+    runnable(backend)
+    case = dict(case, mods={n: m for n, m in case["mods"].items() if n != "sinks"})  # no gradient of sinks here
+    q, k, v = make_inputs(case)
+    mods = make_mods(case)
+    if backend.not_supported_reasons(_prepare_call(q, k, v, case["mask"], None, None, None, **mods)):
+        return
+    H, Hkv = case["heads"], case["kv_heads"]
+    dense = allowed(case)  # (B, 1 or H, Q, K)
+    unseen = ~dense.any(-2)  # (B, 1 or H, K): no query of the head may see the key
+    unseen = unseen.expand(case["batch"], H, case["kv_len"]).unflatten(1, (Hkv, H // Hkv)).all(2)  # (B, Hkv, K)
+    spots = unseen.nonzero().tolist()
+    if not spots:
+        return
+    dirty = {"k": k.detach().clone(), "v": v.detach().clone()}
+    for _ in range(data.draw(st.integers(1, 3))):
+        b, h, key = data.draw(st.sampled_from(spots))
+        where = data.draw(st.sampled_from(["k", "v"]))
+        dim = data.draw(st.integers(0, dirty[where].shape[-1] - 1))
+        dirty[where][b, h, key, dim] = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    inputs = [t.detach().clone().requires_grad_() for t in (q, dirty["k"], dirty["v"])]
+    got = am.attention(*inputs, case["mask"], backend=backend.name, **mods)
+    got_grads = grads(got, inputs)
+    clean = [q.detach()] + [t.detach().masked_fill(unseen.unsqueeze(-1), 0.0) for t in (k, v)]
+    wanted = [t.double().requires_grad_() for t in clean]
+    want = naive_attention(*wanted, dense, **mods)
+    atol, rtol = TOLERANCE[got.dtype]
+    torch.testing.assert_close(got.double(), want.detach(), atol=atol, rtol=rtol, msg=backend.name)
+    atol, rtol = GRAD_TOLERANCE[q.dtype]
+    for name, g, w in zip("qkv", got_grads, grads(want, wanted), strict=True):
+        assert torch.isfinite(g).all(), f"{backend.name}: a non-finite d{name}"
+        torch.testing.assert_close(g.double(), w, atol=atol, rtol=rtol, msg=f"{backend.name}: d{name}")
+    for name, g in zip("kv", got_grads[1:], strict=True):
+        assert not g[unseen].any(), f"{backend.name}: a key no query may see got a d{name}"
+
+
+@pytest.mark.parametrize("backend", AUTO, ids=[b.name for b in AUTO])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @settings(max_examples=25)
 @given(case=conformance_case(dtypes=(torch.float32, torch.float64, torch.bfloat16)), data=st.data())
