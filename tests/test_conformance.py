@@ -522,7 +522,6 @@ def test_a_non_finite_query_in_a_row_with_no_key_has_no_gradient(backend, case, 
     query at 0, the row's own query gradient exactly 0. A backend that lets the row's scores into its backward gets
     ``0 · NaN`` in them."""
     runnable(backend)
-    case = dict(case, mods={n: m for n, m in case["mods"].items() if n != "sinks"})  # sinks give every row a key
     q, k, v = make_inputs(case)
     mods = make_mods(case)
     if backend.not_supported_reasons(_prepare_call(q, k, v, case["mask"], None, None, None, **mods)):
@@ -537,14 +536,19 @@ def test_a_non_finite_query_in_a_row_with_no_key_has_no_gradient(backend, case, 
         d = data.draw(st.integers(0, case["head_dim"] - 1))
         dirty[b, h, i, d] = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
     clean = q.detach().masked_fill(~has_key.unsqueeze(-1), 0.0)
-    inputs = [t.detach().clone().requires_grad_() for t in (dirty, k, v)]
-    got = am.attention(*inputs, case["mask"], backend=backend.name, **mods)
+    sinks = [mods.pop("sinks")] if "sinks" in mods else []  # a gradient of the sinks too, passed as leaves below
+
+    def with_sinks(leaves: list) -> dict:
+        return dict(mods, sinks=leaves[3]) if sinks else mods
+
+    inputs = [t.detach().clone().requires_grad_() for t in (dirty, k, v, *sinks)]
+    got = am.attention(*inputs[:3], case["mask"], backend=backend.name, **with_sinks(inputs))
     assert not got[~has_key].any(), f"{backend.name}: a row with no allowed key is not 0"
     got_grads = grads(got, inputs)
-    wanted = [t.detach().double().requires_grad_() for t in (clean, k, v)]
-    want = naive_attention(*wanted, allowed(case), **mods)
+    wanted = [t.detach().double().requires_grad_() for t in (clean, k, v, *sinks)]
+    want = naive_attention(*wanted[:3], allowed(case), **with_sinks(wanted))
     atol, rtol = GRAD_TOLERANCE[q.dtype]
-    for name, g, w in zip("qkv", got_grads, grads(want, wanted), strict=True):
+    for name, g, w in zip(["q", "k", "v", "sinks"][: len(inputs)], got_grads, grads(want, wanted), strict=True):
         assert torch.isfinite(g).all(), f"{backend.name}: a non-finite d{name}"
         torch.testing.assert_close(g.double(), w, atol=atol, rtol=rtol, msg=f"{backend.name}: d{name}")
     assert not got_grads[0][~has_key].any(), f"{backend.name}: the gradient of a query with no allowed key is not 0"
