@@ -310,7 +310,9 @@ def _training_gradients(m, batch) -> list[torch.Tensor]:
 
 def test_calls_under_a_functorch_transform_are_not_tuned(monkeypatch, caplog):
     runs: list[str] = []
-    _registry(monkeypatch, _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs))
+    under_vmap = {"transforms": frozenset({"vmap"})}  # declared: run inside torch.func.vmap (Backend.transforms)
+    slow, fast = _backend("slow", 1.0, runs, delay=SLOW), _backend("fast", 2.0, runs)
+    _registry(monkeypatch, dataclasses.replace(slow, **under_vmap), dataclasses.replace(fast, **under_vmap))
     _, k, v = _qkv()
     spec = am.causal()
     with am.autotune(), caplog.at_level(logging.WARNING, logger="attnmask"):

@@ -64,6 +64,7 @@ from attnmask.backends._workers import all_threads
 from attnmask.backends.contract import (
     AttentionCall,
     Backend,
+    active_transforms,
     check_dropout_p,
     check_score_mods,
     dense_mask,
@@ -194,9 +195,11 @@ def _ranked(
     (RESULTS.md, issue 15, "Floors")."""
     order = range(len(registry)) if margin is None else _floors_last(registry)
     refused, ranked, best, idle = {}, [], math.inf, []
+    transforms = active_transforms()  # a backend that does not run under them builds no plan (they read host data)
     for i in order:
         b = registry[i]
-        if margin is not None and not (call.device_type in b.devices and b.auto_on(call.device_type)):
+        here = call.device_type in b.devices and b.auto_on(call.device_type) and transforms <= b.transforms
+        if margin is not None and not here:
             idle.append(i)  # cannot be picked here: its reasons only matter when nothing else serves
             continue
         if margin is not None and best < math.inf and b.floor is not no_floor and b.floor(call) > margin * best:
@@ -257,7 +260,9 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
     if backend == "auto":
         plans = call_plans(call)
         registry, threads = tuple(_BACKENDS.values()), _workers.threads_available()
-        made = plans.get("auto")
+        # under a functorch transform the backends it allows differ: chosen afresh, and not kept for later calls
+        transformed = bool(active_transforms())
+        made = None if transformed else plans.get("auto")
         # (registry, threads, busy, chosen, ranked, margin); a choice _stock made reads neither the threads nor the
         # load (None); ranked holds every backend within margin of the cheapest (_ranked), enough for tuning's spread
         settings = tuning.settings()
@@ -267,7 +272,7 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
         if not valid:
             stock = _stock(call, registry)
             if stock is not None:
-                made = plans["auto"] = (registry, None, None, stock, [], math.inf)
+                made = (registry, None, None, stock, [], math.inf)
             else:
                 busy = _busy(call)
                 with _workers.load_as_read(busy):  # every estimate of this choice sees the load read once
@@ -275,7 +280,9 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> Backend:
                 if not ranked:
                     expected = "a registered backend that supports these inputs"
                     raise bad(BackendError, "backend", expected, _reasons_text(refused))
-                made = plans["auto"] = (registry, threads, busy, ranked[0][0], ranked, margin)
+                made = (registry, threads, busy, ranked[0][0], ranked, margin)
+            if not transformed:
+                plans["auto"] = made
         if len(made[4]) > 1 and settings.enabled:
             return tuning.choose(call, made[4], threads, made[2], plans)
         return made[3]
@@ -457,6 +464,10 @@ def attention(
     at all. With ``dropout_p > 0``, torch's CPU SDPA runs its unfused kernel, which holds the O(B·H·Q·K)
     probabilities and dropout mask (``"varlen"``: one document group's at a time).
 
+    Inside functorch transforms only the backends that declare them run (``Backend.transforms``): under
+    ``torch.func.grad`` (``vjp``, ``jacrev``) ``"reference"`` and ``"sdpa"``, which ``"auto"`` then chooses between;
+    any other backend, and every call inside ``torch.func.vmap``, raises a ``BackendError`` naming the transform.
+
     Masked keys never affect the output: a NaN or infinity in a key or value that a query may not see leaves that
     query's output untouched on every backend; a query that may see one gets NaN (always, for a NaN), or what float
     arithmetic makes of it (see the module docstring).
@@ -464,6 +475,8 @@ def attention(
     Example: ``attention(q, k, v, causal() & key_padding(batch.attention_mask))`` on a left-padded batch gives 0 at
     the padding queries, which see no key.
     """
+    if transforms := active_transforms():
+        _check_transforms(transforms, backend)
     q, k, v = autocast_inputs(q, k, v)
     with torch.autocast(q.device.type, enabled=False) if _autocasting(q) else contextlib.nullcontext():
         mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
@@ -477,6 +490,18 @@ def attention(
             out = chosen.run(call)
             return out if _all_finite(out) or _all_finite(k, v) else _contained(chosen, call)
         return chosen.run(call) if _all_finite(k, v) else _contained(chosen, call)
+
+
+def _check_transforms(transforms: frozenset[str], backend: str) -> None:
+    """Under functorch transforms (``contract.active_transforms``), a ``BackendError`` unless ``backend`` (or, for
+    ``"auto"``, some registered backend) declares every one of them (``Backend.transforms``): raised before the
+    call is validated, whose checks read values a transform such as ``vmap`` cannot give."""
+    able = [b.name for b in _BACKENDS.values() if transforms <= b.transforms]
+    if backend == "auto" and not able or backend != "auto" and backend in _BACKENDS and backend not in able:
+        which = "a registered backend" if backend == "auto" else f"backend {backend!r}"
+        declared, names = ", ".join(able) if able else "none", ", ".join(sorted(transforms))
+        expected = f"{which} that runs under torch.func transforms {names} (declared: {declared})"
+        raise bad(BackendError, "backend", expected, "called inside " + ", ".join(sorted(transforms)))
 
 
 def _autocasting(t: torch.Tensor) -> bool:

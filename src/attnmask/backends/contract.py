@@ -32,7 +32,9 @@ __all__ = [
     "MASK_KINDS",
     "SCORE_MODS",
     "TORCH_DEVICES",
+    "TRANSFORMS",
     "AttentionCall",
+    "active_transforms",
     "Backend",
     "check_dropout_p",
     "check_score_mods",
@@ -52,6 +54,23 @@ SCORE_MODS = frozenset({"softcap", "sinks", "alibi"})
 MASK_KINDS = frozenset({"none", "tensor", "structural", "custom"})
 """What ``mask`` holds: ``None`` (or ``full()``), a bool tensor, a spec built from structural primitives, or a spec
 holding a ``custom`` predicate (evaluated per pair, no structure to lower)."""
+TRANSFORMS = frozenset({"grad", "vmap", "jvp", "functionalize"})
+"""functorch transforms a call may run under and a backend may declare: ``torch.func.grad`` / ``vjp`` / ``jacrev``
+(``"grad"``), ``torch.func.vmap``, ``torch.func.jvp`` / ``jacfwd`` (``"jvp"``) and ``functionalize``."""
+_TRANSFORM_NAMES = {"Grad": "grad", "Vmap": "vmap", "Jvp": "jvp", "Functionalize": "functionalize"}
+
+
+def active_transforms() -> frozenset[str]:
+    """The functorch transforms active on this thread (``TRANSFORMS``' names; empty outside any), read from
+    functorch's interpreter stack; every name of ``TRANSFORMS`` where that stack cannot be read but one is active."""
+    if not torch._C._are_functorch_transforms_active():
+        return frozenset()
+    stack = getattr(torch._C._functorch, "get_interpreter_stack", None)
+    try:
+        found = frozenset(_TRANSFORM_NAMES.get(i.key().name, i.key().name.lower()) for i in (stack() or ()))
+    except (AttributeError, RuntimeError, TypeError):  # another torch's functorch: assume the worst
+        return TRANSFORMS
+    return found or TRANSFORMS
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -338,6 +357,9 @@ class Backend:
       ``attention`` may scan the output of a call without a gradient after the run instead of ``k`` and ``v``
       before it, so ``run`` may receive non-finite denied keys and values (none by default: they reach ``run``
       finite). The conformance tests check the declaration on CPU.
+    - ``transforms``: the functorch transforms (:data:`TRANSFORMS`) under which it computes the call exactly
+      (``torch.func.grad`` through plain torch operators, say); none by default, so a backend whose kernel reads data
+      pointers, starts threads or reads values back is refused under a transform instead of failing inside it.
     - ``available()``: ``None`` when its environment serves it (a compiler, an optional package, a torch with the
       kernel), else why not; called on every dispatch, so it should cache its answer.
     - ``scratch_bytes(call)``: about the bytes a run allocates that grow with ``Q·K`` (a dense mask, materialised
@@ -369,6 +391,7 @@ class Backend:
     available: Callable[[], str | None] = _always_available
     scratch_bytes: Callable[[AttentionCall], int] = _no_scratch
     floor: Callable[[AttentionCall], float] = no_floor
+    transforms: frozenset[str] = frozenset()
 
     def auto_on(self, device_type: str) -> bool:
         """Whether ``"auto"`` may pick this backend for a call on ``device_type`` (if it supports the call)."""
@@ -394,6 +417,10 @@ class Backend:
         missing = call.score_mods - self.score_mods
         if missing:
             reasons.append(f"does not honour score modifiers {', '.join(sorted(missing))}")
+        outside = active_transforms() - self.transforms
+        if outside:
+            runs = f"runs under {', '.join(sorted(self.transforms))}" if self.transforms else "runs under no transform"
+            reasons.append(f"{runs}, not inside torch.func transforms {', '.join(sorted(outside))}")
         if reasons:
             return reasons
         environment = self.available()

@@ -99,4 +99,5 @@ BACKEND = Backend(
     propagates_nonfinite=frozenset({"cpu"}),  # checked by tests/test_conformance.py
     scratch_bytes=_scratch_bytes,
     floor=cost,  # a closed form: asked after the backends without a floor, skipped when one is cheaper
+    transforms=frozenset({"grad"}),  # plain torch operators (tests/test_transforms.py)
 )

@@ -270,8 +270,11 @@ def _kernel_zeroes_empty_rows(call: AttentionCall) -> bool:
     torch and dtype, gives a row whose keys are all ``-inf`` an output of exactly 0 and a gradient of exactly 0
     (``_probe_empty_rows``, once per dtype). Then no row needs to see every key and be zeroed afterwards: on rows of
     256 packed documents with trailing padding (8 rows, one thread, forward + backward) that saved 4-10%. ``False``
-    off CPU, with dropout (the math kernel), under tracing, and wherever the choice cannot be asked."""
+    off CPU, with dropout (the math kernel), under tracing or a functorch transform, and wherever the choice cannot
+    be asked."""
     if call.device_type != "cpu" or call.dropout_p > 0 or torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():  # the probe records its own gradients: not inside torch.func
         return False
     # The choice reads the shapes, strides and dtype of q, k, v and the mask's shape, and follows the flash-attention
     # switch (``sdpa_kernel`` sets it), never a value: one answer per such key for the whole process, so that a fresh
@@ -447,4 +450,5 @@ BACKEND = Backend(
     masked_key_span=_masked_key_span,
     propagates_nonfinite=frozenset({"cpu"}),  # checked by tests/test_conformance.py
     scratch_bytes=_scratch_bytes,
+    transforms=frozenset({"grad"}),  # torch's SDPA and plain operators (tests/test_transforms.py)
 )
