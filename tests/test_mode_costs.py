@@ -425,6 +425,19 @@ def test_auto_chooses_again_when_cores_are_taken_or_freed(monkeypatch):
     assert A.choose_backend(fwd) is first
 
 
+@pytest.mark.parametrize("amx", [True, False], ids=["xeon", "epyc"])
+def test_under_a_taken_core_a_long_causal_row_goes_to_sdpa(monkeypatch, amx):
+    """One core of two taken, a causal row of 8,192 (forward, H = 4, D = 64): SDPA's ``is_causal`` call measured 252
+    ms busy against blocksparse's 303 (Xeon, limit_tables/s31_busy_8k2_fwd.txt; the EPYC's s22_busy_8k2_fwd.txt the
+    same order); with blocksparse's busy factor at 1.0 and SDPA's at 1.95 the estimates had picked blocksparse
+    (RESULTS.md, issue 15, "Busy factors from every busy table")."""
+    monkeypatch.setattr(W, "contended", lambda: True)
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    q, k, v = (torch.randn(1, 4, 8192, 64) for _ in range(3))
+    with bench_limit().on_cpu_kind(amx, True):
+        assert am.explain(q, k, v, am.causal()).picked == "sdpa"
+
+
 def test_the_reference_estimate_scales_at_least_as_much_as_any_backend():
     """The oracle is picked only where nothing else serves: in every mode its factor is the largest fitted."""
     ref = importlib.import_module("attnmask.backends.reference").MODES

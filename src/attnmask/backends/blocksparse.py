@@ -126,12 +126,17 @@ CPU_KIND_VALUES = {
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
 # CPU without AMX tiles (the _no_amx factors): --fit ... --modes on limit_tables/s9_q1.txt and s9_q2.txt, an AMD EPYC
 # (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX").
+# The busy factors refitted on every saved --busy table of both CPUs, each replayed on its own kind (auto's pick under
+# a taken core within 1.1x of the best busy backend): busy 1.0 -> 1.3, busy_backward 1.5 -> 1.7 with sdpa's busy
+# 1.95 -> 1.52, the seven Xeon tables (1K and 8K) 143 -> 159 rows, the five AMD EPYC ones 124 -> 132 (a plateau over
+# sdpa's 1.45-1.6; RESULTS.md, issue 15, "Busy factors from every busy table"). blocksparse had been picked under a
+# taken core 1.15-1.46x slower than SDPA or native on causal rows, decoding steps and small windows.
 MODES = ModeFactors(
     bf16=1.31,
     backward=3.44,
     bf16_backward=3.2,
-    busy=1.0,
-    busy_backward=1.5,
+    busy=1.3,
+    busy_backward=1.7,
     bf16_no_amx=1.05,
     bf16_backward_no_amx=3.73,
 )
