@@ -162,6 +162,52 @@ def test_allowed_fraction_of_a_window_alone_equals_the_naive_dense_mask(length, 
     assert got == pytest.approx(want, abs=1e-12)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 3),
+    kv_len=st.integers(1, 40),
+    data=st.data(),
+    base=st.sampled_from(["causal", "full", "causal window 3", "full window 5"]),
+)
+def test_allowed_fraction_of_a_decoding_step_equals_the_naive_dense_mask(rows, kv_len, data, base):
+    """The last ``Q < K`` positions of padded rows (a decoding step against a cache, a chunk of a prefill): the pairs
+    the bottom-right queries allow, as the naive mask counts them."""
+    q_len = data.draw(st.integers(1, kv_len))
+    seed = data.draw(st.integers(0, 2**16))
+    real = (torch.rand(rows, kv_len, generator=torch.Generator().manual_seed(seed)) > 0.3).long()
+    structure = {
+        "causal": am.causal(),
+        "full": am.full(),
+        "causal window 3": am.causal() & am.sliding_window(3),
+        "full window 5": am.full() & am.sliding_window(5),
+    }[base]
+    spec = structure & am.key_padding(real)
+    q = torch.randn(rows, 2, q_len, 4)
+    k = torch.randn(rows, 2, kv_len, 4)
+    got = _common.allowed_fraction(_prepare_call(q, k, k, spec, None, None, None))
+    want = naive_dense(spec, q_len, kv_len, rows).double().mean().item()
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_a_decoding_step_on_a_short_cache_takes_the_stock_path():
+    """One new token against a cache of 128 left-padded keys (what ``generate`` calls every step): stock SDPA's one
+    call, decided without planning the other backends (the costs had planned every backend each step: a tiny Llama's
+    generation 2.71 -> 1.99 ms a token, RESULTS.md, issue 15, "Decoding steps take the stock path")."""
+    real = torch.ones(8, 128, dtype=torch.long)
+    real[:, :10] = 0
+    spec = am.causal() & am.key_padding(real)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(8, 4, 1, 16, generator=gen)
+    k, v = (torch.randn(8, 2, 128, 16, generator=gen) for _ in range(2))
+    explanation = am.explain(q, k, v, spec)
+    assert explanation.picked == "sdpa" and explanation.stock
+    allowed = naive_dense(spec, 1, 128, 8).unsqueeze(1)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    assert torch.equal(am.attention(q, k, v, spec), want)
+    documents = am.causal() & am.document(doc_ids=torch.arange(128).div(16, rounding_mode="floor").expand(8, 128))
+    assert not am.explain(q, k, v, documents).stock  # documents with fewer queries than keys: the costs decide
+
+
 def test_allowed_fraction_is_none_for_specs_without_a_varlen_form_or_with_explicit_positions():
     assert _common.allowed_fraction(call(am.causal() & am.chunked(8), batch=1)) is None
     q, k, v = qkv(batch=1)

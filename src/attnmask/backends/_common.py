@@ -501,8 +501,9 @@ def _lowered_varlen(call) -> VarlenArgs | str:
 
 def allowed_fraction(call) -> float | None:
     """About the fraction of the call's ``B·Q·K`` (query, key) pairs its spec allows, for a spec of the varlen form
-    (``[causal | full] & [sliding_window] & [document] & [key_padding]``) with ``Q == K`` at default positions;
-    ``None`` for any other call. One O(B·K) pass in C (``segattn.c``, through ``_clib``), or without the library a
+    (``[causal | full] & [sliding_window] & [document] & [key_padding]``) with ``Q == K`` at default positions, or
+    ``Q < K`` (the last ``Q`` positions: a decoding step) for padded rows without documents; ``None`` for any other
+    call. One O(B·K) pass in C (``segattn.c``, through ``_clib``), or without the library a
     handful of vectorised numpy operations on host views: cheap enough to decide from before any backend plans.
 
     Exact for documents (each id one contiguous run: a query sees the earlier keys of its run, at most ``w`` under a
@@ -511,7 +512,7 @@ def allowed_fraction(call) -> float | None:
     ``causal() & document(seq_lens=[2, 2])`` on a row of 4 allows 3 + 3 of 16 pairs: 0.375; ``sliding_window(2)`` on a
     row of 4, 1 + 2 + 2 + 2 of 16: 0.4375."""
     spec = call.mask
-    if not isinstance(spec, M.MaskSpec) or call.positions_given or call.q_len != call.kv_len or degenerate(call):
+    if not isinstance(spec, M.MaskSpec) or call.positions_given or call.q_len > call.kv_len or degenerate(call):
         return None
     try:
         form = varlen_form(spec)
@@ -519,6 +520,14 @@ def allowed_fraction(call) -> float | None:
         return None
     if form.chunked is not None:
         return None  # chunks: sdpa or the costs settle it
+    if call.q_len < call.kv_len:  # the last Q positions (a decoding step): padded rows only
+        if form.document is not None or not form.key_padding or not _covers(form, call.kv_len):
+            return None
+        pads = [pad.attention_mask for pad in form.key_padding]
+        window = call.kv_len if form.window is None else form.window
+        pairs = _real_pairs_of_last(pads, call.q_len, call.kv_len, window, form.causal or form.window is not None)
+        rows = call.batch if (spec.batch_size or 1) == 1 else 1
+        return pairs * rows / (call.batch * call.q_len * call.kv_len)
     length = call.kv_len
     parts = [form.document.doc_ids] if form.document is not None else []
     parts += [pad.attention_mask for pad in form.key_padding]
@@ -563,6 +572,28 @@ def _run_pairs(ids: np.ndarray, window: int, causal: bool) -> int:
     within = pos - np.maximum.accumulate(np.where(change, pos, 0), axis=1)  # position inside its run of equal ids
     seen = np.minimum(within + 1, window) if causal else 2 * within + 1  # summed over a run: l² if full
     return int(np.where(ids >= 0, seen, 0).sum())
+
+
+def _covers(form, length: int) -> bool:
+    """Whether every per-row tensor of the varlen ``form`` is ``(R, >= length)``."""
+    parts = [form.document.doc_ids] if form.document is not None else []
+    parts += [pad.attention_mask for pad in form.key_padding]
+    return all(t.dim() == 2 and t.shape[1] >= length for t in parts)
+
+
+def _real_pairs_of_last(pads: list[torch.Tensor], q_len: int, kv_len: int, window: int, causal: bool) -> int:
+    """Pairs the last ``q_len`` of ``kv_len`` positions allow under the AND of the ``(B, K)`` padding masks ``pads``:
+    query ``p`` sees the real keys in ``(p - window, p]`` (``causal``; a window implies it), else every real key.
+    O(B·K) on host views. Example: one query after keys ``[0, 1, 1]`` (padding first) sees 2 keys."""
+    real = _host(pads[0])[:, :kv_len] != 0
+    for pad in pads[1:]:
+        real = real & (_host(pad)[:, :kv_len] != 0)
+    if not causal:
+        return int(np.count_nonzero(real)) * q_len
+    counts = np.zeros((real.shape[0], kv_len + 1), dtype=np.int64)
+    np.cumsum(real, axis=1, out=counts[:, 1:])
+    last = np.arange(kv_len - q_len, kv_len) + 1  # one past each query's position
+    return int((counts[:, last] - counts[:, np.maximum(last - window, 0)]).sum())
 
 
 def _real_pairs(pads: list[torch.Tensor], length: int, window: int, causal: bool) -> int:
