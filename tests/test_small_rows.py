@@ -14,7 +14,7 @@ import attnmask as am
 from attnmask.attention import _prepare_call
 from attnmask.backends import _clib, _common, banded, blocksparse, sdpa
 from tests.helpers import counted_in
-from tests.naive import naive_dense
+from tests.naive import naive_attention, naive_dense
 
 A = importlib.import_module("attnmask.attention")  # the module; `attnmask.attention` is the function
 
@@ -206,6 +206,58 @@ def test_a_decoding_step_on_a_short_cache_takes_the_stock_path():
     assert torch.equal(am.attention(q, k, v, spec), want)
     documents = am.causal() & am.document(doc_ids=torch.arange(128).div(16, rounding_mode="floor").expand(8, 128))
     assert not am.explain(q, k, v, documents).stock  # documents with fewer queries than keys: the costs decide
+
+
+@pytest.mark.parametrize("q_len", [1, 4, 16, 17])
+@pytest.mark.parametrize("mask", ["none", "padding", "bool per row", "bool per head"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("K", [300, 256])
+def test_sdpa_folds_grouped_query_heads_into_the_queries_of_a_short_call(monkeypatch, q_len, mask, grad, K):
+    """Grouped-query attention with at most 16 queries against more than 256 keys: one SDPA call of
+    ``(B, Hkv, rep·Q, D)`` queries without ``enable_gqa`` (which reads every key once per query head), equal to the
+    float64 reference, outputs and gradients; more queries, a mask per head, or rows of at most 256 keys (the stock
+    rule's, stock SDPA bit for bit) keep ``enable_gqa``."""
+    B, H, Hkv, D = 3, 8, 2, 16
+    gen = torch.Generator().manual_seed(q_len)
+    real = torch.ones(B, K, dtype=torch.long)
+    real[0, :7] = 0
+    real[2, : K - 3] = 0  # its first queries see no key when Q > 3
+    spec = {
+        "none": None,
+        "padding": am.causal() & am.key_padding(real),
+        "bool per row": torch.rand(B, 1, q_len, K, generator=gen) > 0.4,
+        "bool per head": torch.rand(B, H, q_len, K, generator=gen) > 0.4,
+    }[mask]
+    q = torch.randn(B, H, q_len, D, generator=gen).requires_grad_(grad)
+    k, v = (torch.randn(B, Hkv, K, D, generator=gen).requires_grad_(grad) for _ in range(2))
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def recording(query, *args, **kwargs):
+        calls.append((tuple(query.shape), kwargs.get("enable_gqa", False)))
+        return real_sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", recording)
+    got = am.attention(q, k, v, spec, backend="sdpa")
+    folded = q_len <= sdpa._FOLD_MAX_QUERIES and mask != "bool per head" and K > 256
+    assert calls[-1] == (((B, Hkv, 4 * q_len, D), False) if folded else ((B, H, q_len, D), True))
+    if spec is None:
+        allowed = torch.ones(B, 1, q_len, K, dtype=torch.bool)
+    elif isinstance(spec, torch.Tensor):
+        allowed = spec
+    else:
+        allowed = naive_dense(spec, q_len, K, B).unsqueeze(1)
+    inputs = [t.detach().double().requires_grad_(grad) for t in (q, k, v)]
+    want = naive_attention(*inputs, allowed)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+    if grad:
+        weight = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+        for g, w in zip(
+            torch.autograd.grad((got.double() * weight).sum(), (q, k, v)),
+            torch.autograd.grad((want * weight).sum(), inputs),
+            strict=True,
+        ):
+            torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-3)
 
 
 def test_allowed_fraction_is_none_for_specs_without_a_varlen_form_or_with_explicit_positions():

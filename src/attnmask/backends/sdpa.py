@@ -122,14 +122,17 @@ def _run(call: AttentionCall) -> torch.Tensor:
     if call.masks_no_key or call.is_plain_causal:
         # is_causal is top-left aligned: only used when Q == K, where both alignments agree.
         causal = not call.masks_no_key
-        out = F.scaled_dot_product_attention(call.q, call.k, call.v, is_causal=causal, **sdpa_kwargs)
+        if causal:
+            out = F.scaled_dot_product_attention(call.q, call.k, call.v, is_causal=True, **sdpa_kwargs)
+        else:
+            out = _grouped(call, call.q, None, sdpa_kwargs)
         return nan_rows_restored(out, call.q, call.k, causal, call.scale)
     if _splits_causal(call):
         return _split_causal(call)
     if isinstance(call.mask, MaskSpec):
         bias, empty, left = _spec_mask(call)
         q = _query(call, empty if left is None else left[0])
-        out = F.scaled_dot_product_attention(q, call.k, call.v, attn_mask=bias, **sdpa_kwargs)
+        out = _grouped(call, q, bias, sdpa_kwargs)
         if left is not None:
             return _zeroed_if_nan(out, left)
         if empty is None:
@@ -143,8 +146,41 @@ def _run(call: AttentionCall) -> torch.Tensor:
         # Let empty rows attend to every key (finite, NaN-free), then zero their output: their gradient is then 0 too.
         allowed = fold(torch.logical_or, [allowed, ~has_key])
     q = _query(call, ~has_key if empty_rows else None)
-    out = F.scaled_dot_product_attention(q, call.k, call.v, attn_mask=allowed, **sdpa_kwargs)
+    out = _grouped(call, q, allowed, sdpa_kwargs)
     return zero_rows(out, ~has_key) if empty_rows else out
+
+
+# Grouped-query attention with few queries (a decoding step, a short chunk) on CPU: torch's kernel with enable_gqa
+# reads each key and value once per QUERY head, so a step is memory-bound H / Hkv times over (B = 8, K = 4,096,
+# H = 32, Hkv = 8, D = 128, two threads: 31 ms, where the same heads without GQA, H = Hkv = 8, took 11.9 ms). Folding
+# each key head's query heads into its queries, ``(B, Hkv, rep·Q, D)`` against ``(B, Hkv, K, D)``, reads them once:
+# the same scores and softmax per (query head, query) in one call (RESULTS.md, issue 15, "Grouped queries in one
+# call"). Up to this many queries per head, where a mask repeated per query head stays small, and past this many keys:
+# on rows of at most 256 keys "auto"'s stock rule runs this backend as stock SDPA, bit for bit, and a fold there saves
+# little (its rounding differs in the last bits).
+_FOLD_MAX_QUERIES = 16
+_FOLD_MIN_KEYS = 257
+
+
+def _grouped(call: AttentionCall, q: torch.Tensor, mask: torch.Tensor | None, sdpa_kwargs: dict) -> torch.Tensor:
+    """SDPA of ``q`` ``(B, H, Q, D)`` against the call's keys and values with ``mask`` (bool or additive,
+    ``(B or 1, 1 or H, Q, K)``, or None), ``(B, H, Q, Dv)``: on CPU with grouped query heads, at most
+    ``_FOLD_MAX_QUERIES`` queries against at least ``_FOLD_MIN_KEYS`` keys, one mask for every head and no dropout,
+    as one call of ``(B, Hkv, rep·Q, D)``
+    queries without ``enable_gqa`` (the mask repeated per query head: O(B·rep·Q·K)); else SDPA as given."""
+    rep = call.heads // call.kv_heads
+    fold = rep > 1 and call.device_type == "cpu" and call.q_len <= _FOLD_MAX_QUERIES and not call.dropout_p
+    fold = fold and call.kv_len >= _FOLD_MIN_KEYS
+    if not fold or (mask is not None and mask.shape[1] != 1):
+        return F.scaled_dot_product_attention(q, call.k, call.v, attn_mask=mask, **sdpa_kwargs)
+    B, _, Q, D = q.shape
+    folded = q.reshape(B, call.kv_heads, rep * Q, D)  # query head h = key head (h // rep), slot h % rep
+    if mask is not None:
+        rows = mask.shape[0]
+        mask = mask.unsqueeze(2).expand(rows, 1, rep, Q, call.kv_len).reshape(rows, 1, rep * Q, call.kv_len)
+    kwargs = {name: value for name, value in sdpa_kwargs.items() if name != "enable_gqa"}
+    out = F.scaled_dot_product_attention(folded, call.k, call.v, attn_mask=mask, **kwargs)
+    return out.reshape(B, call.heads, Q, call.value_dim)
 
 
 def _query(call: AttentionCall, empty: torch.Tensor | None) -> torch.Tensor:
