@@ -203,7 +203,28 @@ def test_explicit_positions_are_never_served_a_plan_made_for_other_positions():
     torch.testing.assert_close(got, am.attention(q, k, v, spec, backend="reference", **kw))
 
 
-def test_a_spec_of_inference_mode_tensors_is_not_cached_and_still_correct():
+@pytest.mark.parametrize("backend", ["auto", "blocksparse", "sdpa"])
+def test_a_spec_of_inference_mode_tensors_is_cached_by_its_contents(backend):
+    """Inference-mode tensors have no version counter: the spec keeps a copy of their contents and compares it on
+    every call, so the plans are shared while the contents hold and remade after an in-place write (which the
+    output then follows, never the old plans)."""
+    with torch.inference_mode():
+        mask = torch.arange(24).expand(2, 24) < torch.tensor([[24], [13]])
+        spec = am.causal() & am.key_padding(mask)
+        q, k, v = qkv(batch=2)
+        got = [am.attention(q, k, v, spec, backend=backend) for _ in range(2)]
+        assert plancache.cached_signatures(spec) == 1
+        want = naive_attention(q, k, v, naive_dense(spec, 24, 24).unsqueeze(1))
+        for out in got:
+            assert_matches_reference(out, want)
+        mask[0, 6:] = False  # in place, no version counter to see it
+        after = am.attention(q, k, v, spec, backend=backend)
+    assert_matches_reference(after, naive_attention(q, k, v, naive_dense(spec, 24, 24).unsqueeze(1)))
+    assert not torch.allclose(after, got[0])
+
+
+def test_a_spec_of_large_inference_mode_tensors_is_not_cached_and_still_correct(monkeypatch):
+    monkeypatch.setattr(plancache, "SNAPSHOT_MAX_BYTES", 16)  # the mask below takes 48 bytes
     with torch.inference_mode():
         mask = torch.arange(24).expand(2, 24) < torch.tensor([[24], [13]])
         spec = am.causal() & am.key_padding(mask)
@@ -383,6 +404,57 @@ def test_a_transformers_forward_in_inference_mode_with_packed_position_ids_runs(
     with torch.inference_mode():
         got = model("llama")(ids.clone(), position_ids=pos.clone()).logits  # inference tensors: no version counter
     torch.testing.assert_close(got, want)
+
+
+def test_every_layer_in_inference_mode_gets_one_spec_and_an_in_place_write_a_new_one(monkeypatch):
+    """Under ``torch.inference_mode`` (generation, evaluation) the padding mask has no version counter: its contents,
+    compared, let every layer share one spec (and so one plan); an in-place write to the mask makes a new one, and
+    the logits follow it."""
+    pytest.importorskip("transformers")
+    from attnmask.integrations import hf
+    from tests.hf_models import model
+
+    specs = spy_on_specs(monkeypatch, hf)
+    ids = torch.randint(1, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    written = mask.clone()
+    written[0, :3] = 0
+    with torch.no_grad():
+        want = model("llama")(ids, attention_mask=mask).logits
+        want_written = model("llama")(ids, attention_mask=written).logits
+    del specs[:]
+    with torch.inference_mode():
+        ids_i, mask_i = ids.clone(), mask.clone()
+        got = model("llama")(ids_i, attention_mask=mask_i).logits
+        layers = len(specs)
+        mask_i[0, :3] = 0  # in place: no version counter sees it
+        again = model("llama")(ids_i, attention_mask=mask_i).logits
+    assert layers == 2 and specs[0] is specs[1]
+    assert specs[layers] is not specs[0] and specs[layers] is specs[layers + 1]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(again[0, 3:], want_written[0, 3:])
+    torch.testing.assert_close(again[1], want_written[1])
+
+
+def test_recent_specs_compare_inference_tensors_by_their_contents():
+    """The same inference-mode tensor object again: its spec is reused while its contents hold, rebuilt after an
+    in-place write (which no version counter records)."""
+    pytest.importorskip("transformers")
+    from attnmask.integrations import hf
+
+    recent, built = hf._RecentSpecs(), []
+
+    def build():
+        built.append(am.causal() & am.key_padding(mask.clone()))
+        return built[-1]
+
+    with torch.inference_mode():
+        mask = torch.ones(2, 8, dtype=torch.long)
+        first, second = recent.get(("s",), (mask,), build), recent.get(("s",), (mask,), build)
+        mask[0, :2] = 0
+        third = recent.get(("s",), (mask,), build)
+    assert first is second and third is not first and len(built) == 2
 
 
 def test_a_single_part_spec_dies_with_its_last_reference_after_planning():

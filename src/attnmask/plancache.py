@@ -25,13 +25,15 @@ slope, and the ``"auto"`` choice only on which modifiers are present (a backend 
 model whose layers pass their own sinks still plans once per spec. ``softcap`` is a scalar and joins by value.
 
 Validity: the ``_version`` counter of every tensor the spec holds (``MaskSpec.tensors()``), checked on every call; an
-in-place write to any of them (``spec_mask[0, 3] = False``) drops all of that spec's entries.
+in-place write to any of them (``spec_mask[0, 3] = False``) drops all of that spec's entries. Inference-mode tensors
+have no version counter: a spec holding them keeps copies of their contents (up to ``SNAPSHOT_MAX_BYTES`` in all),
+compared on every call, so that the layers of a model generating under ``torch.inference_mode`` plan once per step.
 
 Not cached (a dict per call object, as before this module): no mask or a tensor mask; a spec with a ``custom``
 predicate (its function may read data the spec cannot list); explicit ``q_positions`` / ``kv_positions``; a spec
-holding inference-mode tensors (they have no version counter); an AttentionCall field that is not a scalar (other than
-the modifier tensors above). Writes
-that bypass the version counter (``t.data[...] = x``, through numpy or DLPack) are not seen: build a new spec then.
+holding inference-mode tensors of more than ``SNAPSHOT_MAX_BYTES``; an AttentionCall field that is not a scalar
+(other than the modifier tensors above). Writes that bypass the version counter (``t.data[...] = x``, through numpy
+or DLPack) are not seen: build a new spec then.
 
 Memory: at most ``ENTRIES_PER_SPEC`` entries per live spec, each the size of its plans: O(documents) for varlen
 segments, O(B·nQ·nK) bytes for a block layout plus O(partial tiles · block_size²) bools for its PARTIAL tiles' masks
@@ -54,7 +56,7 @@ import torch
 
 from attnmask.masks import PLANS_ATTRIBUTE, MaskSpec
 
-__all__ = ["ENTRIES_PER_SPEC", "cached_signatures", "call_plans"]
+__all__ = ["ENTRIES_PER_SPEC", "SNAPSHOT_MAX_BYTES", "cached_signatures", "call_plans"]
 
 ENTRIES_PER_SPEC = 8
 """Call signatures (shapes, dtype, device, grad) kept per spec, least recently used dropped first."""
@@ -70,11 +72,36 @@ _lock = threading.Lock()
 
 @dataclasses.dataclass(eq=False)
 class _SpecPlans:
-    """A spec's cached plans: the tensors it holds, their versions when the entries were made, the LRU of entries."""
+    """A spec's cached plans: the tensors it holds, their versions when the entries were made (or, for inference-mode
+    tensors, which have no version counter, copies of their contents then: ``snapshots``), the LRU of entries."""
 
     tensors: tuple[torch.Tensor, ...]
     versions: list[int]  # lists throughout: a list comprehension costs less than tuple() of a generator
     entries: OrderedDict = dataclasses.field(default_factory=OrderedDict)
+    snapshots: list[torch.Tensor] | None = None
+
+    def state(self) -> list:
+        """What must be unchanged for the entries to hold: the versions, or the tensors' current contents compared
+        with the snapshots (one ``torch.equal`` each; ``[False]`` once one differs)."""
+        if self.snapshots is None:
+            return [t._version for t in self.tensors]
+        same = all(torch.equal(t, s) for t, s in zip(self.tensors, self.snapshots, strict=True))
+        return self.versions if same else [False]
+
+    def renew(self) -> None:
+        """Drop the entries and record the tensors' state now."""
+        self.entries.clear()
+        if self.snapshots is None:
+            self.versions = [t._version for t in self.tensors]
+        else:
+            self.snapshots = [t.clone() for t in self.tensors]
+
+
+# A spec holding inference-mode tensors (``torch.inference_mode``: generation, evaluation) is cached by the contents
+# of those tensors, copied when its plans are made and compared on every call, where they take at most this many
+# bytes (a padding mask of 8 x 16K int64 is 1 MiB; comparing it ~0.1 ms, where planning a call takes 0.3-1 ms and a
+# model replans it at every layer without the cache); larger ones are not cached.
+SNAPSHOT_MAX_BYTES = 2 << 20
 
 
 _UNCACHEABLE = _SpecPlans((), [])  # stored on specs that can never be cached (custom predicate, inference tensors)
@@ -95,7 +122,9 @@ def call_plans(call) -> dict:
     found = call.__dict__.get(_FOUND)
     if found is not None:
         grad_then, record, versions, entry = found
-        if record is _UNCACHEABLE or (grad_then == grad and [t._version for t in record.tensors] == versions):
+        if record is _UNCACHEABLE or record.snapshots is not None and grad_then == grad:
+            return entry  # (contents compared once per call object: nothing runs between its asks)
+        if grad_then == grad and [t._version for t in record.tensors] == versions:
             return entry
     signature = _signature(call)
     record = _record(call.mask) if signature is not None else _UNCACHEABLE
@@ -108,11 +137,11 @@ def call_plans(call) -> dict:
 
 def _shared_entry(record: _SpecPlans, signature: tuple) -> tuple[dict, list[int]]:
     """The spec's entry for ``signature`` (made, or moved to the LRU's end) and its tensors' versions now."""
-    versions = [t._version for t in record.tensors]
     with _lock:
+        versions = record.state()
         if versions != record.versions:
-            record.entries.clear()
-            record.versions = versions
+            record.renew()
+            versions = record.versions
         entry = record.entries.get(signature)
         if entry is None:
             entry = record.entries[signature] = {}
@@ -166,8 +195,11 @@ def _record(spec: MaskSpec) -> _SpecPlans:
     record = spec.__dict__.get(PLANS_ATTRIBUTE)
     if record is None:
         tensors = spec.tensors()
-        if not spec.is_structural or any(t.is_inference() for t in tensors):
+        if not spec.is_structural:
             record = _UNCACHEABLE
+        elif any(t.is_inference() for t in tensors):  # no version counters: the contents, where they are small
+            small = sum(t.numel() * t.element_size() for t in tensors) <= SNAPSHOT_MAX_BYTES
+            record = _SpecPlans(tensors, [], snapshots=[t.clone() for t in tensors]) if small else _UNCACHEABLE
         else:
             record = _SpecPlans(tensors, [t._version for t in tensors])
         with _lock:

@@ -73,6 +73,7 @@ from typing import Any
 
 import torch
 
+from attnmask import plancache
 from attnmask._checks import short_repr
 from attnmask.attention import attention
 from attnmask.batch import Batch, Collator
@@ -467,8 +468,10 @@ class _RecentSpecs:
 
     A spec is reused when the call's settings are equal and its input tensors are the same objects, unchanged
     (``_version``; held weakly, since a freed tensor's id can be reused). Inference-mode tensors have no version
-    counter: those calls build their spec every time. Keeps ``size`` specs (full-attention and sliding-window layers
-    make two per forward) and through them their padding masks and document ids, O(B·L) each.
+    counter: there the entry keeps copies of their contents and compares them, where they take at most
+    ``plancache.SNAPSHOT_MAX_BYTES`` (generation under ``torch.inference_mode``: one spec, and one plan, per step for
+    every layer); larger ones build their spec every time. Keeps ``size`` specs (full-attention and sliding-window
+    layers make two per forward) and through them their padding masks and document ids, O(B·L) each.
     """
 
     def __init__(self, size: int = 4) -> None:
@@ -478,17 +481,24 @@ class _RecentSpecs:
 
     def get(self, settings: tuple, tensors: tuple, build: Callable[[], MaskSpec]) -> MaskSpec:
         present = [t for t in tensors if t is not None]
-        if any(t.is_inference() for t in present):
-            return build()
-        key = (settings, tuple(None if t is None else (id(t), t._version) for t in tensors))
+        snapshots = None
+        if any(t.is_inference() for t in present):  # no version counters: compared by contents, where small
+            if sum(t.numel() * t.element_size() for t in present) > plancache.SNAPSHOT_MAX_BYTES:
+                return build()
+            key = (settings, tuple(None if t is None else (id(t), "contents") for t in tensors))
+        else:
+            key = (settings, tuple(None if t is None else (id(t), t._version) for t in tensors))
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None and all(ref() is t for ref, t in zip(hit[0], present, strict=True)):
-                self._entries.move_to_end(key)
-                return hit[1]
+                if hit[2] is None or all(torch.equal(t, c) for t, c in zip(present, hit[2], strict=True)):
+                    self._entries.move_to_end(key)
+                    return hit[1]
+        if any(t.is_inference() for t in present):
+            snapshots = tuple(t.clone() for t in present)
         spec = build()
         with self._lock:
-            self._entries[key] = (tuple(weakref.ref(t) for t in present), spec)
+            self._entries[key] = (tuple(weakref.ref(t) for t in present), spec, snapshots)
             self._entries.move_to_end(key)
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
