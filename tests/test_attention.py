@@ -411,10 +411,16 @@ def test_sdpa_decode_step_under_causal_is_the_unmasked_kernel():
     torch.testing.assert_close(first, v[:, :, :1].repeat_interleave(2, dim=1))
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 4, 2, 3), (2, 4, 2, 8, 37), (1, 2, 1, 40, 41), (2, 4, 2, 30, 100)])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 4, 4, 2, 3), (2, 4, 2, 8, 37), (1, 2, 1, 40, 41), (2, 4, 2, 30, 100), (2, 8, 2, 8, 300), (1, 4, 1, 16, 257)]
+    + [(1, 4, 2, 17, 300)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sdpa_splits_bottom_right_causal_with_fewer_queries_than_keys_and_matches_naive(monkeypatch, shape, dtype):
-    """Q < K under causal(), no gradient: an unmasked part and an is_causal part merged by log-sum-exp, no mask."""
+    """Q < K under causal(), no gradient: an unmasked part and an is_causal part merged by log-sum-exp, no mask
+    (grouped query heads with at most 16 queries against more than 256 keys: folded into the queries, the last part
+    under a small causal mask of its own)."""
     B, H, Hkv, Q, K = shape
     g = torch.Generator().manual_seed(Q)
     q = torch.randn(B, H, Q, 8, generator=g, dtype=dtype)
@@ -428,6 +434,35 @@ def test_sdpa_splits_bottom_right_causal_with_fewer_queries_than_keys_and_matche
     assert len(calls) == 1 and out.dtype == dtype
     want = naive_attention(q, k, v, am.causal().to_dense(Q, K)).to(dtype)
     torch.testing.assert_close(out, want, **({"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {}))
+
+
+@pytest.mark.parametrize("poison", ["none", "last key", "early key", "query", "last value inf", "early value -inf"])
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "causal+padding"])
+def test_folded_grouped_heads_equal_the_grouped_kernel_nan_and_infinities_included(monkeypatch, poison, padded):
+    """A decoding chunk (Q = 4 < K = 300, 8 query heads on 2 key heads): the folded call (``sdpa._grouped``, the
+    split's ``_split_causal_grouped``) gives what the kernel with ``enable_gqa`` gives, NaN and infinities where
+    they reach included."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 8, 4, 8, generator=g)
+    k, v = torch.randn(2, 2, 300, 8, generator=g), torch.randn(2, 2, 300, 8, generator=g)
+    spots = {
+        "last key": (k, (0, 1, 298, 3), float("nan")),
+        "early key": (k, (1, 0, 10, 0), float("nan")),
+        "query": (q, (0, 5, 1, 2), float("nan")),
+        "last value inf": (v, (1, 1, 299, 0), float("inf")),
+        "early value -inf": (v, (0, 0, 3, 1), float("-inf")),
+    }
+    if poison in spots:
+        t, at, value = spots[poison]
+        t[at] = value
+    real = torch.ones(2, 300, dtype=torch.long)
+    real[1, :20] = 0
+    spec = am.causal() & am.key_padding(real) if padded else am.causal()
+    with torch.no_grad():
+        folded = am.attention(q, k, v, spec, backend="sdpa")
+        monkeypatch.setattr(sdpa_backend, "_FOLD_MIN_KEYS", 10**9)
+        grouped = am.attention(q, k, v, spec, backend="sdpa")
+    torch.testing.assert_close(folded, grouped, atol=1e-6, rtol=1e-5, equal_nan=True)
 
 
 def test_the_causal_split_scans_only_its_last_keys_and_still_contains_a_masked_nan(monkeypatch):

@@ -162,17 +162,23 @@ _FOLD_MAX_QUERIES = 16
 _FOLD_MIN_KEYS = 257
 
 
+def _folds(call: AttentionCall, mask: torch.Tensor | None) -> bool:
+    """Whether ``_grouped`` folds the query heads of ``call`` (with ``mask``, ``None`` for none)."""
+    if call.heads == call.kv_heads or call.device_type != "cpu" or call.dropout_p:
+        return False
+    short = call.q_len <= _FOLD_MAX_QUERIES and call.kv_len >= _FOLD_MIN_KEYS
+    return short and (mask is None or mask.shape[1] == 1)
+
+
 def _grouped(call: AttentionCall, q: torch.Tensor, mask: torch.Tensor | None, sdpa_kwargs: dict) -> torch.Tensor:
     """SDPA of ``q`` ``(B, H, Q, D)`` against the call's keys and values with ``mask`` (bool or additive,
     ``(B or 1, 1 or H, Q, K)``, or None), ``(B, H, Q, Dv)``: on CPU with grouped query heads, at most
     ``_FOLD_MAX_QUERIES`` queries against at least ``_FOLD_MIN_KEYS`` keys, one mask for every head and no dropout,
     as one call of ``(B, Hkv, rep·Q, D)``
     queries without ``enable_gqa`` (the mask repeated per query head: O(B·rep·Q·K)); else SDPA as given."""
-    rep = call.heads // call.kv_heads
-    fold = rep > 1 and call.device_type == "cpu" and call.q_len <= _FOLD_MAX_QUERIES and not call.dropout_p
-    fold = fold and call.kv_len >= _FOLD_MIN_KEYS
-    if not fold or (mask is not None and mask.shape[1] != 1):
+    if not _folds(call, mask):
         return F.scaled_dot_product_attention(q, call.k, call.v, attn_mask=mask, **sdpa_kwargs)
+    rep = call.heads // call.kv_heads
     B, _, Q, D = q.shape
     folded = q.reshape(B, call.kv_heads, rep * Q, D)  # query head h = key head (h // rep), slot h % rep
     if mask is not None:
@@ -227,6 +233,8 @@ def _split_causal(call: AttentionCall) -> torch.Tensor:
     query) and an ``is_causal`` part (keys ``[K - Q, K)``: query ``i`` sees ``K - Q + j`` for ``j <= i``), merged by
     log-sum-exp. ``(B, H, Q, Dv)``; O(B·H·Q·Dv) memory beyond the output, no mask."""
     flash, cut, k, v = _flash_cpu(), call.kv_len - call.q_len, call.k, call.v
+    if _folds(call, None):
+        return _split_causal_grouped(call, flash, cut)
     parts = []
     for keys, values, causal in ((k[:, :, :cut], v[:, :, :cut], False), (k[:, :, cut:], v[:, :, cut:], True)):
         out, lse = flash(call.q, keys, values, is_causal=causal, scale=call.scale)
@@ -235,6 +243,22 @@ def _split_causal(call: AttentionCall) -> torch.Tensor:
     (head, head_lse), (tail, tail_lse) = parts
     # weights exp(lse_part - lse_all): the tail's is sigmoid(tail_lse - head_lse), the head's 1 minus it
     return torch.lerp(head, tail, torch.sigmoid(tail_lse - head_lse).unsqueeze(-1))
+
+
+def _split_causal_grouped(call: AttentionCall, flash, cut: int) -> torch.Tensor:
+    """``_split_causal`` with each key head's query heads folded into its queries (see ``_grouped``): the unmasked
+    part as it is, the last ``Q`` keys under a ``(rep·Q, Q)`` additive causal mask (``is_causal`` would read the
+    folded rows as later queries), merged by log-sum-exp, then unfolded. O(B·H·Q·Dv) beyond the output."""
+    rep, Q = call.heads // call.kv_heads, call.q_len
+    q = call.q.reshape(call.batch, call.kv_heads, rep * Q, call.head_dim)
+    k, v = call.k, call.v
+    head, head_lse = flash(q, k[:, :, :cut], v[:, :, :cut], is_causal=False, scale=call.scale)
+    head, head_lse = nan_rows_restored_lse(head, head_lse, q, k[:, :, :cut], False, call.scale)
+    later = torch.ones(Q, Q, dtype=torch.bool, device=q.device).triu(1).repeat(rep, 1)  # (rep·Q, Q)
+    bias = torch.zeros(rep * Q, Q, dtype=q.dtype, device=q.device).masked_fill(later, float("-inf"))
+    tail, tail_lse = flash(q, k[:, :, cut:], v[:, :, cut:], is_causal=False, attn_mask=bias, scale=call.scale)
+    out = torch.lerp(head, tail, torch.sigmoid(tail_lse - head_lse).unsqueeze(-1))
+    return out.reshape(call.batch, call.heads, Q, call.value_dim)
 
 
 class _SpecMask(NamedTuple):
