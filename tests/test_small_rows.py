@@ -260,6 +260,30 @@ def test_sdpa_folds_grouped_query_heads_into_the_queries_of_a_short_call(monkeyp
             torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-3)
 
 
+def test_sdpa_folds_a_mask_repeated_per_query_head_only_within_its_memory_bound(monkeypatch):
+    """The fold repeats the mask per query head: a copy of rep times its size for several queries, kept under
+    ``_FOLD_MAX_MASK_BYTES`` (past it the grouped kernel runs as given); one query's repeat is a view, always folded."""
+    monkeypatch.setattr(sdpa, "_FOLD_MAX_MASK_BYTES", 1024)
+    real = torch.ones(2, 300, dtype=torch.long)
+    real[0, :9] = 0
+    spec = am.causal() & am.key_padding(real)
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def recording(query, *args, **kwargs):
+        calls.append(kwargs.get("enable_gqa", False))
+        return real_sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", recording)
+    for q_len, folded in ((1, True), (4, False)):
+        q = torch.randn(2, 8, q_len, 16)
+        k, v = torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+        got = am.attention(q, k, v, spec, backend="sdpa")
+        assert calls[-1] is not folded
+        want = naive_attention(q.double(), k, v, naive_dense(spec, q_len, 300, 2).unsqueeze(1))
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+
+
 def test_allowed_fraction_is_none_for_specs_without_a_varlen_form_or_with_explicit_positions():
     assert _common.allowed_fraction(call(am.causal() & am.chunked(8), batch=1)) is None
     q, k, v = qkv(batch=1)

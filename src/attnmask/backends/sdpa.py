@@ -160,6 +160,7 @@ def _run(call: AttentionCall) -> torch.Tensor:
 # little (its rounding differs in the last bits).
 _FOLD_MAX_QUERIES = 16
 _FOLD_MIN_KEYS = 257
+_FOLD_MAX_MASK_BYTES = 64 << 20  # a mask repeated per query head beyond this: not folded (rep times the memory)
 
 
 def _folds(call: AttentionCall, mask: torch.Tensor | None) -> bool:
@@ -167,7 +168,10 @@ def _folds(call: AttentionCall, mask: torch.Tensor | None) -> bool:
     if call.heads == call.kv_heads or call.device_type != "cpu" or call.dropout_p:
         return False
     short = call.q_len <= _FOLD_MAX_QUERIES and call.kv_len >= _FOLD_MIN_KEYS
-    return short and (mask is None or mask.shape[1] == 1)
+    if not short or mask is None:
+        return short
+    repeated = mask.shape[0] * call.heads * call.q_len * call.kv_len * mask.element_size()
+    return mask.shape[1] == 1 and (call.q_len == 1 or repeated <= _FOLD_MAX_MASK_BYTES)
 
 
 def _grouped(call: AttentionCall, q: torch.Tensor, mask: torch.Tensor | None, sdpa_kwargs: dict) -> torch.Tensor:
@@ -181,7 +185,7 @@ def _grouped(call: AttentionCall, q: torch.Tensor, mask: torch.Tensor | None, sd
     rep = call.heads // call.kv_heads
     B, _, Q, D = q.shape
     folded = q.reshape(B, call.kv_heads, rep * Q, D)  # query head h = key head (h // rep), slot h % rep
-    if mask is not None:
+    if mask is not None:  # one query: a view (stride 0 across the query heads); more: a copy (_FOLD_MAX_MASK_BYTES)
         rows = mask.shape[0]
         mask = mask.unsqueeze(2).expand(rows, 1, rep, Q, call.kv_len).reshape(rows, 1, rep * Q, call.kv_len)
     kwargs = {name: value for name, value in sdpa_kwargs.items() if name != "enable_gqa"}
