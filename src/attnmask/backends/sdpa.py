@@ -154,10 +154,10 @@ def _run(call: AttentionCall) -> torch.Tensor:
 # reads each key and value once per QUERY head, so a step is memory-bound H / Hkv times over (B = 8, K = 4,096,
 # H = 32, Hkv = 8, D = 128, two threads: 31 ms, where the same heads without GQA, H = Hkv = 8, took 11.9 ms). Folding
 # each key head's query heads into its queries, ``(B, Hkv, rep·Q, D)`` against ``(B, Hkv, K, D)``, reads them once:
-# the same scores and softmax per (query head, query) in one call (RESULTS.md, issue 15, "Grouped queries in one
-# call"). Up to this many queries per head, where a mask repeated per query head stays small, and past this many keys:
-# on rows of at most 256 keys "auto"'s stock rule runs this backend as stock SDPA, bit for bit, and a fold there saves
-# little (its rounding differs in the last bits).
+# the same scores and softmax per (query head, query) in one call (RESULTS.md, issue 15, "Decoding steps take the
+# stock path, and grouped queries in one call"). Up to this many queries per head, where a mask repeated per query
+# head stays small, and past this many keys: on rows of at most 256 keys "auto"'s stock rule runs this backend as
+# stock SDPA, bit for bit, and a fold there saves little (its rounding differs in the last bits).
 _FOLD_MAX_QUERIES = 16
 _FOLD_MIN_KEYS = 257
 _FOLD_MAX_MASK_BYTES = 64 << 20  # a mask repeated per query head beyond this: not folded (rep times the memory)
@@ -177,9 +177,9 @@ def _folds(call: AttentionCall, mask: torch.Tensor | None) -> bool:
 def _grouped(call: AttentionCall, q: torch.Tensor, mask: torch.Tensor | None, sdpa_kwargs: dict) -> torch.Tensor:
     """SDPA of ``q`` ``(B, H, Q, D)`` against the call's keys and values with ``mask`` (bool or additive,
     ``(B or 1, 1 or H, Q, K)``, or None), ``(B, H, Q, Dv)``: on CPU with grouped query heads, at most
-    ``_FOLD_MAX_QUERIES`` queries against at least ``_FOLD_MIN_KEYS`` keys, one mask for every head and no dropout,
-    as one call of ``(B, Hkv, rep·Q, D)``
-    queries without ``enable_gqa`` (the mask repeated per query head: O(B·rep·Q·K)); else SDPA as given."""
+    ``_FOLD_MAX_QUERIES`` queries against at least ``_FOLD_MIN_KEYS`` keys, one mask for every head and no dropout
+    (``_folds``), as one call of ``(B, Hkv, rep·Q, D)`` queries without ``enable_gqa`` (the mask repeated per query
+    head: a view for one query, else O(B·rep·Q·K)); else SDPA as given."""
     if not _folds(call, mask):
         return F.scaled_dot_product_attention(q, call.k, call.v, attn_mask=mask, **sdpa_kwargs)
     rep = call.heads // call.kv_heads
