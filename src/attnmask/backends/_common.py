@@ -521,11 +521,11 @@ def allowed_fraction(call) -> float | None:
     if form.chunked is not None:
         return None  # chunks: sdpa or the costs settle it
     if call.q_len < call.kv_len:  # the last Q positions (a decoding step): padded rows only
-        if form.document is not None or not form.key_padding or not _covers(form, call.kv_len):
+        real = None if form.document is not None or not form.key_padding else _real_keys(form, call.kv_len)
+        if real is None:
             return None
-        pads = [pad.attention_mask for pad in form.key_padding]
         window = call.kv_len if form.window is None else form.window
-        pairs = _real_pairs_of_last(pads, call.q_len, call.kv_len, window, form.causal or form.window is not None)
+        pairs = _pairs_of_last(real, call.q_len, window, form.causal or form.window is not None)
         rows = call.batch if (spec.batch_size or 1) == 1 else 1
         return pairs * rows / (call.batch * call.q_len * call.kv_len)
     length = call.kv_len
@@ -574,41 +574,28 @@ def _run_pairs(ids: np.ndarray, window: int, causal: bool) -> int:
     return int(np.where(ids >= 0, seen, 0).sum())
 
 
-def _covers(form, length: int) -> bool:
-    """Whether every per-row tensor of the varlen ``form`` is ``(R, >= length)``."""
-    parts = [form.document.doc_ids] if form.document is not None else []
-    parts += [pad.attention_mask for pad in form.key_padding]
-    return all(t.dim() == 2 and t.shape[1] >= length for t in parts)
-
-
-def _real_pairs_of_last(pads: list[torch.Tensor], q_len: int, kv_len: int, window: int, causal: bool) -> int:
-    """Pairs the last ``q_len`` of ``kv_len`` positions allow under the AND of the ``(B, K)`` padding masks ``pads``:
-    query ``p`` sees the real keys in ``(p - window, p]`` (``causal``; a window implies it), else every real key.
-    O(B·K) on host views. Example: one query after keys ``[0, 1, 1]`` (padding first) sees 2 keys."""
-    real = _host(pads[0])[:, :kv_len] != 0
-    for pad in pads[1:]:
-        real = real & (_host(pad)[:, :kv_len] != 0)
-    if not causal:
-        return int(np.count_nonzero(real)) * q_len
-    counts = np.zeros((real.shape[0], kv_len + 1), dtype=np.int64)
-    np.cumsum(real, axis=1, out=counts[:, 1:])
-    last = np.arange(kv_len - q_len, kv_len) + 1  # one past each query's position
-    return int((counts[:, last] - counts[:, np.maximum(last - window, 0)]).sum())
-
-
 def _real_pairs(pads: list[torch.Tensor], length: int, window: int, causal: bool) -> int:
     """``attnmask_real_pairs`` in numpy, on the AND of the ``(B, K)`` padding masks ``pads``."""
     real = _host(pads[0])[:, :length]
     for pad in pads[1:]:
         real = real & _host(pad)[:, :length]
+    return _pairs_of_last(real, length, window, causal)
+
+
+def _pairs_of_last(real: np.ndarray, q_len: int, window: int, causal: bool) -> int:
+    """Pairs the last ``q_len`` of the ``K`` positions of the ``(R, K)`` host bool ``real`` (the real keys) allow:
+    query ``p`` sees the real keys in ``(p - window, p]`` (``causal``; a window implies it), else every real key.
+    O(R·K). Example: one query after keys ``[0, 1, 1]`` (padding first) sees 2 keys."""
+    length = real.shape[1]
     if not causal:
-        return int(np.count_nonzero(real)) * length
-    if window >= length:  # key j is seen by the queries j .. length - 1: one product instead of a cumsum
+        return int(np.count_nonzero(real)) * q_len
+    if q_len == length and window >= length:  # key j is seen by the queries j .. length - 1: one product
         return int((real @ np.arange(length, 0, -1)).sum())
-    # query i sees the real keys in (i - window, i]: a difference of running counts
+    # query p sees the real keys in (p - window, p]: a difference of running counts
     counts = np.zeros((real.shape[0], length + 1), dtype=np.int64)
     np.cumsum(real, axis=1, out=counts[:, 1:])
-    return int((counts[:, 1:] - counts[:, np.maximum(np.arange(1, length + 1) - window, 0)]).sum())
+    last = np.arange(length - q_len, length) + 1  # one past each query's position
+    return int((counts[:, last] - counts[:, np.maximum(last - window, 0)]).sum())
 
 
 def seeing_themselves(call) -> np.ndarray | None:
