@@ -56,7 +56,7 @@ import torch
 
 from attnmask.masks import PLANS_ATTRIBUTE, MaskSpec
 
-__all__ = ["ENTRIES_PER_SPEC", "SNAPSHOT_MAX_BYTES", "cached_signatures", "call_plans"]
+__all__ = ["ENTRIES_PER_SPEC", "SNAPSHOT_MAX_BYTES", "cached_signatures", "call_plans", "snapshot", "unchanged"]
 
 ENTRIES_PER_SPEC = 8
 """Call signatures (shapes, dtype, device, grad) kept per spec, least recently used dropped first."""
@@ -82,11 +82,10 @@ class _SpecPlans:
 
     def state(self) -> list:
         """What must be unchanged for the entries to hold: the versions, or the tensors' current contents compared
-        with the snapshots (one ``torch.equal`` each; ``[False]`` once one differs)."""
+        with the snapshots (``unchanged``; ``[False]`` once one differs)."""
         if self.snapshots is None:
             return [t._version for t in self.tensors]
-        same = all(torch.equal(t, s) for t, s in zip(self.tensors, self.snapshots, strict=True))
-        return self.versions if same else [False]
+        return self.versions if unchanged(self.tensors, self.snapshots) else [False]
 
     def renew(self) -> None:
         """Drop the entries and record the tensors' state now."""
@@ -94,7 +93,7 @@ class _SpecPlans:
         if self.snapshots is None:
             self.versions = [t._version for t in self.tensors]
         else:
-            self.snapshots = [t.clone() for t in self.tensors]
+            self.snapshots = snapshot(self.tensors)
 
 
 # A spec holding inference-mode tensors (``torch.inference_mode``: generation, evaluation) is cached by the contents
@@ -104,7 +103,21 @@ class _SpecPlans:
 SNAPSHOT_MAX_BYTES = 2 << 20
 
 
-_UNCACHEABLE = _SpecPlans((), [])  # stored on specs that can never be cached (custom predicate, inference tensors)
+def snapshot(tensors) -> list[torch.Tensor] | None:
+    """Copies of ``tensors``' contents, to tell later whether inference-mode tensors (no version counter) changed in
+    place (``unchanged``); ``None`` where they take more than ``SNAPSHOT_MAX_BYTES`` in all. Also the integration's
+    spec memo (``integrations.hf``) keys its inference-mode inputs by them."""
+    if sum(t.numel() * t.element_size() for t in tensors) > SNAPSHOT_MAX_BYTES:
+        return None
+    return [t.clone() for t in tensors]
+
+
+def unchanged(tensors, snapshots: list[torch.Tensor]) -> bool:
+    """Whether ``tensors`` still hold the contents of their ``snapshot`` (one ``torch.equal`` each)."""
+    return all(torch.equal(t, s) for t, s in zip(tensors, snapshots, strict=True))
+
+
+_UNCACHEABLE = _SpecPlans((), [])  # stored on specs never cached (custom predicate, large inference-mode tensors)
 
 
 # Where a call object keeps what call_plans found for it (a frozen dataclass's ``__dict__``, as
@@ -198,8 +211,8 @@ def _record(spec: MaskSpec) -> _SpecPlans:
         if not spec.is_structural:
             record = _UNCACHEABLE
         elif any(t.is_inference() for t in tensors):  # no version counters: the contents, where they are small
-            small = sum(t.numel() * t.element_size() for t in tensors) <= SNAPSHOT_MAX_BYTES
-            record = _SpecPlans(tensors, [], snapshots=[t.clone() for t in tensors]) if small else _UNCACHEABLE
+            copies = snapshot(tensors)
+            record = _UNCACHEABLE if copies is None else _SpecPlans(tensors, [], snapshots=copies)
         else:
             record = _SpecPlans(tensors, [t._version for t in tensors])
         with _lock:

@@ -481,21 +481,18 @@ class _RecentSpecs:
 
     def get(self, settings: tuple, tensors: tuple, build: Callable[[], MaskSpec]) -> MaskSpec:
         present = [t for t in tensors if t is not None]
-        snapshots = None
-        if any(t.is_inference() for t in present):  # no version counters: compared by contents, where small
-            if sum(t.numel() * t.element_size() for t in present) > plancache.SNAPSHOT_MAX_BYTES:
-                return build()
-            key = (settings, tuple(None if t is None else (id(t), "contents") for t in tensors))
-        else:
-            key = (settings, tuple(None if t is None else (id(t), t._version) for t in tensors))
+        inference = any(t.is_inference() for t in present)  # no version counters: compared by contents, where small
+        mark = (lambda t: (id(t), "contents")) if inference else (lambda t: (id(t), t._version))
+        key = (settings, tuple(None if t is None else mark(t) for t in tensors))
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None and all(ref() is t for ref, t in zip(hit[0], present, strict=True)):
-                if hit[2] is None or all(torch.equal(t, c) for t, c in zip(present, hit[2], strict=True)):
+                if hit[2] is None or plancache.unchanged(present, hit[2]):
                     self._entries.move_to_end(key)
                     return hit[1]
-        if any(t.is_inference() for t in present):
-            snapshots = tuple(t.clone() for t in present)
+        snapshots = plancache.snapshot(present) if inference else None
+        if inference and snapshots is None:
+            return build()
         spec = build()
         with self._lock:
             self._entries[key] = (tuple(weakref.ref(t) for t in present), spec, snapshots)
