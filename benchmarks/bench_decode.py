@@ -1,0 +1,147 @@
+"""PYTHONPATH=src python benchmarks/bench_decode.py [--threads 2] [--reps 7] [--quick] [--no-generate]
+
+Decoding with grouped-query heads, in one process, interleaved (a new random order each round):
+
+1. One decoding step's attention, ``attention(q, k, v, causal() & key_padding(mask))`` under ``"auto"`` against stock
+   SDPA as transformers calls it (the dense bool mask, grouped heads through ``enable_gqa``), on left-padded batches
+   (row ``b`` padded by ``b / 2B`` of the cache); the ratio is stock / attnmask (> 1: attnmask faster).
+2. Greedy generation of a random-weight Llama through ``attn_implementation="attnmask"`` against ``"sdpa"`` (same
+   weights, same tokens checked): the time a new token takes, ``(t(new + 1) - t(1)) / new`` (the prefill cancels),
+   and the prefill with the first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import attnmask as am
+
+STEPS = [  # (B, K, H, Hkv, D): a decoding step against a cache of K keys
+    (8, 1024, 32, 8, 128),
+    (8, 4096, 32, 8, 128),
+    (8, 4096, 8, 8, 64),  # no grouping: the same call either way
+]
+QUICK_STEPS = [(4, 1024, 16, 4, 64)]
+
+
+def left_padded(batch: int, length: int) -> torch.Tensor:
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(batch):
+        mask[b, : b * length // (2 * batch)] = 0
+    return mask
+
+
+def median_ms(fns: dict, reps: int) -> dict:
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names, order = list(fns), random.Random(0)
+    for _ in range(reps):
+        order.shuffle(names)
+        for name in names:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def step_fns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: am.MaskSpec) -> dict:
+    """The two timed calls of a step: stock SDPA with the dense mask transformers would build, and ``auto``."""
+    dense = spec.to_dense(q.shape[2], k.shape[2])[:, None]
+    grouped = q.shape[1] != k.shape[1]
+    return {
+        "stock": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=grouped),
+        "attnmask": lambda: am.attention(q, k, v, spec),
+    }
+
+
+def steps_table(steps: list, reps: int) -> None:
+    print("| B | K | heads | D | auto picks | stock SDPA ms | attnmask ms | stock / attnmask |")
+    print("|---:|---:|---|---:|---|---:|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    for B, K, H, Hkv, D in steps:
+        spec = am.causal() & am.key_padding(left_padded(B, K))
+        q = torch.randn(B, H, 1, D, generator=gen)
+        k, v = (torch.randn(B, Hkv, K, D, generator=gen) for _ in range(2))
+        with torch.no_grad():
+            ms = median_ms(step_fns(q, k, v, spec), reps)
+        picked = am.explain(q, k, v, spec).picked
+        print(
+            f"| {B} | {K:,} | {H} / {Hkv} | {D} | {picked} | {ms['stock']:.2f} | {ms['attnmask']:.2f} | "
+            f"{ms['stock'] / ms['attnmask']:.2f}x |"
+        )
+
+
+def generation(config: tuple, reps: int) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from attnmask.integrations import hf
+
+    hidden, heads, kv_heads, layers, batch, prompt, new = config
+    hf.register()
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=layers,
+        vocab_size=1000,
+        max_position_embeddings=prompt + new + 1,
+    )
+    models = {}
+    for impl in ("sdpa", "attnmask"):
+        torch.manual_seed(0)
+        models[impl] = AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+    ids = torch.randint(1, 1000, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    inputs = dict(input_ids=ids, attention_mask=left_padded(batch, prompt), do_sample=False, pad_token_id=0)
+
+    def run(impl: str, tokens: int):
+        return models[impl].generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens)
+
+    with torch.no_grad():
+        same = torch.equal(run("sdpa", new + 1), run("attnmask", new + 1))
+        ms = median_ms({(impl, n): (lambda i=impl, n=n: run(i, n)) for impl in models for n in (1, new + 1)}, reps)
+    print(
+        f"\ngeneration: Llama hidden {hidden}, {heads} / {kv_heads} heads of D = {hidden // heads}, {layers} layers, "
+        f"{batch} left-padded prompts of {prompt} tokens, {new} new tokens; same tokens: {same}"
+    )
+    print("| run | prefill + first token ms | ms a new token |")
+    print("|---|---:|---:|")
+    per_token = {}
+    for impl in models:
+        per_token[impl] = (ms[(impl, new + 1)] - ms[(impl, 1)]) / new
+        print(f"| {impl} | {ms[(impl, 1)]:.0f} | {per_token[impl]:.2f} |")
+    print(f"decoding, sdpa / attnmask: {per_token['sdpa'] / per_token['attnmask']:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one small step, a tiny model, 2 rounds")
+    parser.add_argument("--no-generate", action="store_true", help="the decoding steps only")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    reps = 2 if args.quick else args.reps
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    steps_table(QUICK_STEPS if args.quick else STEPS, reps)
+    if not args.no_generate:
+        generation((128, 4, 2, 2, 2, 300, 4) if args.quick else (1024, 8, 2, 2, 8, 2048, 32), 1 if args.quick else 3)
+    shown = sys.argv[1:] if argv is None else argv
+    print("\ncommand: PYTHONPATH=src python benchmarks/bench_decode.py " + " ".join(shown))
+
+
+if __name__ == "__main__":
+    main()
