@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import attnmask as am
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_small_rows import median_ms  # noqa: E402  (same folder: medians of rounds in a new random order each)
 
 STEPS = [  # (B, K, H, Hkv, D): a decoding step against a cache of K keys
     (8, 1024, 32, 8, 128),
@@ -38,20 +38,6 @@ def left_padded(batch: int, length: int) -> torch.Tensor:
     for b in range(batch):
         mask[b, : b * length // (2 * batch)] = 0
     return mask
-
-
-def median_ms(fns: dict, reps: int) -> dict:
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names, order = list(fns), random.Random(0)
-    for _ in range(reps):
-        order.shuffle(names)
-        for name in names:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def step_fns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: am.MaskSpec) -> dict:
