@@ -12,6 +12,7 @@ import weakref
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnmask as am
 from attnmask import plancache
@@ -338,6 +339,148 @@ def test_outputs_and_gradients_across_cache_hits_equal_the_reference_backend(bac
         for g, w in zip(grads(got, (q, k, v)), grads(want, (q, k, v)), strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     assert plancache.cached_signatures(spec) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Repeated calls: a call of the same kind on the same spec object skips the input checks
+
+
+@pytest.fixture
+def prepared(monkeypatch):
+    """How many calls ran the full input checks (``_prepare_call``)."""
+    counts = {"prepared": 0}
+    original = A._prepare_call
+
+    def counted(*args, **kwargs):
+        counts["prepared"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(A, "_prepare_call", counted)
+    return counts
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", *SPARSE])
+def test_a_repeated_call_skips_the_checks_and_gives_what_a_new_spec_gives(prepared, backend):
+    spec = packed_spec()
+    for seed in range(3):
+        q, k, v = qkv(seed=seed)
+        got = am.attention(q, k, v, spec, backend=backend)
+        assert torch.equal(got, am.attention(q, k, v, packed_spec(), backend=backend))  # a new spec: checked
+    assert prepared["prepared"] == 1 + 3
+
+
+BAD_SECOND_CALLS = [  # second calls that the checks refuse, each with the error a new spec's call raises
+    (lambda q, k, v: ((q, k.double(), v), {}), am.DTypeError),
+    (lambda q, k, v: ((q, k, v[..., :-1, :]), {}), am.ShapeError),
+    (lambda q, k, v: ((q, k, v.to("meta")), {}), am.DeviceError),
+    (lambda q, k, v: ((q[0], k, v), {}), am.ShapeError),
+    (lambda q, k, v: ((q.to_sparse(), k, v), {}), am.AttnmaskError),
+    (lambda q, k, v: ((torch.nested.as_nested_tensor([q[0], q[0]], layout=torch.jagged), k, v), {}), am.AttnmaskError),
+    (lambda q, k, v: ((q.int(), k.int(), v.int()), {}), am.DTypeError),
+    (lambda q, k, v: ((q, k, v), {"scale": float("nan")}), am.InputError),
+    (lambda q, k, v: ((q, k, v), {"scale": True}), am.InputError),
+    (lambda q, k, v: ((q, k, v), {"dropout_p": 1.0}), am.InputError),
+    (lambda q, k, v: ((q, k, v), {"backend": "no such backend"}), am.BackendError),
+    (lambda q, k, v: ((q.expand(3, -1, -1, -1), k, v), {}), am.ShapeError),  # k and v keep a batch of 1
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_SECOND_CALLS)))
+def test_a_repeated_spec_still_refuses_bad_inputs(case):
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    spec = am.causal() & am.document(doc_ids=ids)
+    q, k, v = qkv(length=8)
+    am.attention(q, k, v, spec)
+    am.attention(q, k, v, spec)  # now remembered
+    make, error = BAD_SECOND_CALLS[case]
+    args, kwargs = make(q, k, v)
+    with pytest.raises(error):
+        am.attention(*args, spec, **kwargs)
+    with pytest.raises(error):  # the same error on a spec never used
+        am.attention(*args, am.causal() & am.document(doc_ids=ids.clone()), **kwargs)
+
+
+def test_a_repeated_call_with_a_gradient_after_calls_without_one_gets_exact_gradients():
+    spec = packed_spec()
+    q, k, v = qkv(requires_grad=True)
+    with torch.no_grad():
+        am.attention(q, k, v, spec)
+        am.attention(q, k, v, spec)
+    got = am.attention(q, k, v, spec)
+    want = am.attention(q, k, v, spec, backend="reference")
+    torch.testing.assert_close(got, want)
+    for g, w in zip(grads(got, (q, k, v)), grads(want, (q, k, v)), strict=True):
+        torch.testing.assert_close(g, w)
+    assert plancache.cached_signatures(spec) == 2  # with and without a gradient: two signatures
+
+
+def test_a_repeated_spec_written_in_place_is_checked_and_planned_again(prepared, planning_counts):
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2]])
+    spec = am.causal() & am.document(doc_ids=ids)
+    q, k, v = qkv(length=8)
+    am.attention(q, k, v, spec, backend="varlen")
+    am.attention(q, k, v, spec, backend="varlen")
+    ids[0, 3:] = 1  # two documents now
+    got = am.attention(q, k, v, spec, backend="varlen")
+    assert prepared["prepared"] == 2 and planning_counts["varlen"] == 2
+    torch.testing.assert_close(got, am.attention(q, k, v, spec, backend="reference"))
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        lambda q, k, v: (q.transpose(1, 2).contiguous().transpose(1, 2), k, v),  # other strides
+        lambda q, k, v: (q, k, v, {"scale": 0.3}),
+        lambda q, k, v: (q, k, v, {"scale": 1}),  # an int: its own key, applied as 1.0
+        lambda q, k, v: (torch.nn.Parameter(q), k, v),  # a subclass: always checked
+        lambda q, k, v: (q.double(), k.double(), v.double()),
+        lambda q, k, v: (q[:, :2], k[:, :1], v[:, :1]),
+    ],
+)
+def test_a_call_of_another_kind_on_a_repeated_spec_is_computed_as_on_a_new_spec(second):
+    spec = packed_spec()
+    q, k, v = qkv()
+    for _ in range(2):
+        am.attention(q, k, v, spec, backend="sdpa")
+    args = second(q, k, v)
+    kwargs = args[3] if len(args) == 4 else {}
+    got = am.attention(*args[:3], spec, backend="sdpa", **kwargs)
+    assert torch.equal(got, am.attention(*args[:3], packed_spec(), backend="sdpa", **kwargs))
+    again = am.attention(*args[:3], spec, backend="sdpa", **kwargs)  # and remembered as its own kind
+    assert torch.equal(again, got)
+
+
+def test_a_scale_equal_to_a_remembered_one_but_of_another_type_is_checked_again():
+    spec = packed_spec()
+    q, k, v = qkv()
+    for _ in range(2):
+        am.attention(q, k, v, spec, scale=1)
+    with pytest.raises(am.InputError):  # True == 1, and hashes alike: the key holds the type too
+        am.attention(q, k, v, spec, scale=True)
+
+
+VARIANTS = {  # inputs of one kind each, from the same values
+    "plain": lambda q, k, v: (q, k, v, {}),
+    "float64": lambda q, k, v: (q.double(), k.double(), v.double(), {}),
+    "strided": lambda q, k, v: (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, {}),
+    "scaled": lambda q, k, v: (q, k, v, {"scale": 0.25}),
+    "grad": lambda q, k, v: (q.detach().requires_grad_(), k, v, {}),
+    "one head group": lambda q, k, v: (q[:, :2], k[:, :1], v[:, :1], {}),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(order=st.lists(st.sampled_from(sorted(VARIANTS)), min_size=2, max_size=10))
+def test_any_sequence_of_call_kinds_on_one_spec_equals_each_call_on_a_new_spec(order):
+    spec = packed_spec()
+    q, k, v = qkv()
+    for name in order:
+        q2, k2, v2, kwargs = VARIANTS[name](q, k, v)
+        got = am.attention(q2, k2, v2, spec, backend="sdpa", **kwargs)
+        want = am.attention(q2, k2, v2, packed_spec(), backend="sdpa", **kwargs)
+        assert torch.equal(got, want), name
+        if q2.requires_grad:
+            assert torch.equal(grads(got, (q2,))[0], grads(want, (q2,))[0]), name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
