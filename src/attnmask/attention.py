@@ -477,8 +477,10 @@ def attention(
     """
     if transforms := active_transforms():
         _check_transforms(transforms, backend)
-    q, k, v = autocast_inputs(q, k, v)
-    with torch.autocast(q.device.type, enabled=False) if _autocasting(q) else contextlib.nullcontext():
+    autocasting = _autocasting(q)
+    if autocasting:
+        q, k, v = autocast_inputs(q, k, v)
+    with torch.autocast(q.device.type, enabled=False) if autocasting else contextlib.nullcontext():
         plain = q_positions is None and kv_positions is None and not transforms
         plain = plain and softcap is None and sinks is None and alibi_slopes is None
         key = _repeat_key(q, k, v, mask, scale, dropout_p) if plain else None
@@ -624,12 +626,23 @@ def _all_finite(*tensors: torch.Tensor) -> bool:
     if not tensors[0].is_cpu:
         return _all_finite_read_once(tensors)
     # torch's threads while no other process holds a core, else the free ones only (issue 15): on (8, 4, 256, 64)
-    # float32 at two threads, right after SDPA, 0.32-0.35 against 0.40-0.41 ms on one thread (serial_steps)
-    with all_threads(sum(t.numel() for t in tensors)):
-        for t in tensors:
-            total = t.sum(dtype=t.dtype if t.dtype in _WIDE_RANGE else torch.promote_types(t.dtype, torch.float32))
-            if not math.isfinite(total.item()) and not bool(torch.isfinite(t).all()):
-                return False
+    # float32 at two threads, right after SDPA, 0.32-0.35 against 0.40-0.41 ms on one thread (serial_steps). Sums
+    # below torch's grain size run on the calling thread anyway: no thread count to set.
+    elements = sum(t.numel() for t in tensors)
+    if elements < _ONE_THREAD_ELEMENTS:
+        return _sums_finite(tensors)
+    with all_threads(elements):
+        return _sums_finite(tensors)
+
+
+_ONE_THREAD_ELEMENTS = 32768  # torch's CPU grain size (at::internal::GRAIN_SIZE): a smaller reduction is not split
+
+
+def _sums_finite(tensors) -> bool:
+    for t in tensors:
+        total = t.sum(dtype=t.dtype if t.dtype in _WIDE_RANGE else torch.promote_types(t.dtype, torch.float32))
+        if not math.isfinite(total.item()) and not bool(torch.isfinite(t).all()):
+            return False
     return True
 
 

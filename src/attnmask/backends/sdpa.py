@@ -320,9 +320,20 @@ def _zeroed_if_nan(out: torch.Tensor, left: tuple[torch.Tensor, torch.Tensor]) -
     another kernel, 37-39 us where a weighted sum of the whole first column (O(B·H·Q)) took 73-77 us. In place when
     no graph records ``out``, else a new tensor (those rows' gradient 0)."""
     empty, rows = left
-    if not out.shape[-1] or math.isfinite(float(out.detach()[..., 0].reshape(-1).take(rows).sum())):
+    if not out.shape[-1]:
+        return out
+    read = out.detach() if out.requires_grad else out
+    if read.numel() <= _WHOLE_SUM_MAX and math.isfinite(float(read.sum())):
+        return out  # no NaN anywhere (a non-finite sum may still come from other rows: the rows' own check then)
+    if math.isfinite(float(read[..., 0].reshape(-1).take(rows).sum())):
         return out
     return zero_rows(out, empty)
+
+
+# Outputs of at most this many elements are checked by one sum of the whole output first: one call instead of the
+# five of the take above (one row of 16 tokens padded after 10 beside a full one, H = 4, D = 8, one thread: the
+# backend's repeated call 68 -> 56 us, the kernel alone 19-24 us).
+_WHOLE_SUM_MAX = 1 << 16
 
 
 def _opened(mask: _SpecMask) -> _SpecMask:
@@ -345,9 +356,15 @@ def _kernel_zeroes_empty_rows(call: AttentionCall) -> bool:
         return False
     # The choice reads the shapes, strides and dtype of q, k, v and the mask's shape, and follows the flash-attention
     # switch (``sdpa_kernel`` sets it), never a value: one answer per such key for the whole process, so that a fresh
-    # spec of a known shape does not ask again (~0.15 ms a call on rows of 8 x 256, bench_small_rows.py).
-    inputs = tuple((t.shape, t.stride()) for t in (call.q, call.k, call.v))
+    # spec of a known shape does not ask again (~0.15 ms a call on rows of 8 x 256, bench_small_rows.py), and with the
+    # spec's plans per switch, so that a repeated call does not build that key (~4 us).
     flash = torch.backends.cuda.flash_sdp_enabled()
+    return cached(call, ("sdpa_kernel_zeroes", flash), lambda c: _known_answer(c, flash))
+
+
+def _known_answer(call: AttentionCall, flash: bool) -> bool:
+    """``_kernel_zeroes_empty_rows``' answer for ``call`` under the flash switch ``flash``, asked once per key."""
+    inputs = tuple((t.shape, t.stride()) for t in (call.q, call.k, call.v))
     key = (inputs, call.q.dtype, call.mask.batch_size, call.mask_heads, call.needs_grad, flash)
     answer = _FUSED_ANSWERS.get(key)
     if answer is None:
