@@ -500,17 +500,19 @@ class ScriptedLoad:
 
 def test_the_finite_scan_runs_on_the_free_cores(two_threads, monkeypatch):
     """``attention``'s finite scan (``_all_finite``) sums on torch's threads while no other process holds a core, on
-    the free ones while one does (a small region: ``all_threads``), and leaves the caller's count as it was."""
+    the free ones while one does (a small region: ``all_threads``), and leaves the caller's count as it was; a sum
+    below torch's grain size, which no thread count splits, sets none."""
     A = sys.modules["attnmask.attention"]  # the package's ``attention`` is the function
     seen = []
     monkeypatch.setattr(A, "math", type("M", (), {"isfinite": lambda x: seen.append(torch.get_num_threads()) or True}))
     clock = ScriptedLoad(monkeypatch)
-    t = torch.ones(4, 4)
+    t = torch.ones(256, A._ONE_THREAD_ELEMENTS // 256)
     clock.advance(0.2, 0.0)
     assert A._all_finite(t, t) and seen == [2, 2]
     clock.advance(0.2, 1.0)
     assert A._all_finite(t) and seen == [2, 2, 1]
     assert torch.get_num_threads() == 2
+    assert A._all_finite(torch.ones(4, 4)) and seen == [2, 2, 1, 2]  # under the same load, small: the caller's
 
 
 def test_free_cores_follows_the_load_of_the_last_interval(monkeypatch):
