@@ -220,7 +220,7 @@ def test_small_rows_bench_times_the_stock_and_the_costed_batches(capsys):
     spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     try:
-        module.main(["--rows", "2", "--length", "64", "--reps", "1", "--dim", "8"])
+        module.main(["--rows", "2", "--length", "128", "--reps", "1", "--dim", "16"])  # past _STOCK_TINY_WORK
     finally:
         torch.set_num_threads(threads)  # the script sets its own
     out = capsys.readouterr().out

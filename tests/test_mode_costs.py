@@ -559,8 +559,8 @@ def test_estimating_a_call_keeps_neither_the_call_nor_its_tensors_and_reads_the_
     returns, and the AMX flag comes from /proc/cpuinfo once per process, not once per estimate."""
     assert hasattr(C.cpu_has_amx_bf16, "cache_info")
     for dtype in (torch.float32, torch.bfloat16):
-        q = torch.randn(1, 2, 64, 8).to(dtype)
-        spec = am.causal() & am.document(seq_lens=[8] * 8)  # few allowed pairs: the costs plan every backend
+        q = torch.randn(1, 2, 256, 16).to(dtype)  # past _STOCK_TINY_WORK, and few allowed pairs: the costs plan
+        spec = am.causal() & am.document(seq_lens=[8] * 32)  # every backend
         assert not am.explain(q, q, q, spec).stock
         am.attention(q, q, q, spec)
         alive = weakref.ref(q)

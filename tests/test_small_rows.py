@@ -167,7 +167,7 @@ def test_allowed_fraction_of_a_window_alone_equals_the_naive_dense_mask(length, 
     rows=st.integers(1, 3),
     kv_len=st.integers(1, 40),
     data=st.data(),
-    base=st.sampled_from(["causal", "full", "causal window 3", "full window 5"]),
+    base=st.sampled_from(["causal", "full", "causal window 3", "full window 5", "causal, two paddings"]),
 )
 def test_allowed_fraction_of_a_decoding_step_equals_the_naive_dense_mask(rows, kv_len, data, base):
     """The last ``Q < K`` positions of padded rows (a decoding step against a cache, a chunk of a prefill): the pairs
@@ -180,6 +180,7 @@ def test_allowed_fraction_of_a_decoding_step_equals_the_naive_dense_mask(rows, k
         "full": am.full(),
         "causal window 3": am.causal() & am.sliding_window(3),
         "full window 5": am.full() & am.sliding_window(5),
+        "causal, two paddings": am.causal() & am.key_padding(real.flip(0)),
     }[base]
     spec = structure & am.key_padding(real)
     q = torch.randn(rows, 2, q_len, 4)
@@ -204,8 +205,51 @@ def test_a_decoding_step_on_a_short_cache_takes_the_stock_path():
     allowed = naive_dense(spec, 1, 128, 8).unsqueeze(1)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
     assert torch.equal(am.attention(q, k, v, spec), want)
-    documents = am.causal() & am.document(doc_ids=torch.arange(128).div(16, rounding_mode="floor").expand(8, 128))
-    assert not am.explain(q, k, v, documents).stock  # documents with fewer queries than keys: the costs decide
+    ids = torch.arange(256).div(16, rounding_mode="floor").expand(8, 256)
+    q, k, v = torch.randn(8, 8, 1, 64), torch.randn(8, 8, 256, 64), torch.randn(8, 8, 256, 64)
+    assert not am.explain(q, k, v, am.causal() & am.document(doc_ids=ids)).stock  # documents, Q < K: the costs decide
+    tiny = [t[:, :4, :, :16] for t in (q, k, v)]  # 8·4·1·256·32 = 262,144 multiply-adds: not counted, stock
+    assert am.explain(*tiny, am.causal() & am.document(doc_ids=ids)).stock
+    assert A._STOCK_TINY_WORK >= 8 * 4 * 1 * 256 * 32
+
+
+@pytest.mark.parametrize(
+    "case, stock",
+    [
+        ("left padding, one query", True),
+        ("left padding, 16 queries", True),
+        ("plain causal, 8 queries", True),
+        ("no mask, one query", True),
+        ("left padding, 17 queries", False),  # not a decoding step: the costs decide
+        ("padding over a quarter of the keys", False),  # under _STOCK_DECODE_MIN_FRACTION
+        ("sliding window 64", False),  # a narrow band of a long row: the costs decide
+        ("heads of 128", False),  # D + Dv over _STOCK_MAX_WIDTH
+        ("bfloat16", False),  # one half-precision query: slow in torch's kernel without AMX tiles
+    ],
+)
+def test_a_decoding_step_on_a_long_cache_takes_the_stock_path_where_it_sees_most_keys(case, stock):
+    """A decoding step (at most 16 queries) against a cache of 1,000 keys takes stock SDPA without planning the others
+    where its spec allows at least 0.8 of the pairs; the result is the dense mask's either way."""
+    B, K = 4, 1000
+    real = torch.ones(B, K, dtype=torch.long)
+    real[:, : 300 if "quarter" in case else 50] = 0
+    q_len = {"16 queries": 16, "17 queries": 17, "8 queries": 8}.get(case.split(", ")[-1], 1)
+    D = 128 if "128" in case else 16
+    spec = {
+        "plain causal, 8 queries": am.causal(),
+        "no mask, one query": None,
+        "sliding window 64": am.sliding_window(64) & am.key_padding(real),
+    }.get(case, am.causal() & am.key_padding(real))
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    q = torch.randn(B, 4, q_len, D, generator=gen).to(dtype)
+    k, v = (torch.randn(B, 2, K, D, generator=gen).to(dtype) for _ in range(2))
+    explanation = am.explain(q, k, v, spec)
+    assert explanation.stock == stock and (not stock or explanation.picked == "sdpa")
+    allowed = torch.ones(B, 1, q_len, K, dtype=torch.bool) if spec is None else naive_dense(spec, q_len, K, B)[:, None]
+    want = naive_attention(q.double(), k.double(), v.double(), allowed)
+    tolerance = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(am.attention(q, k, v, spec).double(), want, **tolerance)
 
 
 @pytest.mark.parametrize("q_len", [1, 4, 16, 17])

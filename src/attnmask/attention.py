@@ -72,7 +72,7 @@ from attnmask.backends.contract import (
     rows_with_keys,
 )
 from attnmask.errors import BackendError, DeviceError, DTypeError, InputError, ShapeError, bad
-from attnmask.masks import MaskSpec, resolve_positions
+from attnmask.masks import Causal, MaskSpec, resolve_positions
 from attnmask.plancache import adopt_plans, call_plans, remember_call, repeated_call
 
 __all__ = [
@@ -139,34 +139,70 @@ _STOCK_MAX_KEYS = 256
 _STOCK_MIN_FRACTION = 0.2
 _STOCK_MAX_WIDTH = 128
 _STOCK_MAX_WIDTH_BACKWARD = 64
+# Decoding steps (at most _STOCK_DECODE_QUERIES queries, fewer than the keys) on rows of any length whose spec allows
+# at least _STOCK_DECODE_MIN_FRACTION of the pairs (padded rows, plain causal): each query sees nearly every key, which
+# SDPA reads in one pass (grouped heads folded into one call, sdpa._folds), where the others read the same keys in
+# more calls. A fresh spec each step (a cache that grows by one) had every backend planned and costed at every step's
+# first layer: B = 8, H = 4 / 2, D = 16, 1,000 keys, one query: 2.5 ms a call against stock SDPA's 0.22 ms, the costs
+# picking sdpa all the same (RESULTS.md, issue 15, "Repeated calls and decoding steps").
+# Float32 and float64 only: one bfloat16 query on a CPU without AMX tiles takes torch's kernel 4-7x its float32 time
+# (sdpa._BF16_ONE_QUERY_KEY_COSTS), where `native` ran such a step 2.5-5.8x faster (limit_tables/s27_8k2_bf16.txt,
+# s29_q2.txt); half precision is left to the costs.
+_STOCK_DECODE_QUERIES = 16
+_STOCK_DECODE_MIN_FRACTION = 0.8
+_STOCK_DECODE_DTYPES = (torch.float32, torch.float64)
+# Calls of at most this many multiply-adds (B·H·Q·K·(D + Dv)) on rows of at most _STOCK_MAX_KEYS keys take the rule
+# without counting their pairs: SDPA runs them in tens of microseconds, less than counting (~0.1 ms of numpy on a
+# decoding step's padded rows) and far less than planning the others.
+_STOCK_TINY_WORK = 1 << 20
 _BUILT_IN = frozenset(id(b) for b in REGISTRY)
 
 
 def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None:
     """``"sdpa"`` (what stock attention runs: one SDPA call with the dense mask, or ``is_causal``) for a CPU call on
-    rows of at most ``_STOCK_MAX_KEYS`` keys without a mask or with plain ``causal()``, or with heads of ``D + Dv`` at
-    most ``_STOCK_MAX_WIDTH`` (``_STOCK_MAX_WIDTH_BACKWARD`` when the call records a backward, which must not be in
-    bfloat16) and a spec allowing at least ``_STOCK_MIN_FRACTION`` of the pairs (``_common.allowed_fraction``: a few
-    O(B·K) operations), decided without planning or costing the other backends.
+    rows of at most ``_STOCK_MAX_KEYS`` keys, or a decoding step (at most ``_STOCK_DECODE_QUERIES`` queries, fewer
+    than the keys) on rows of any length, without a mask or with plain ``causal()`` (``Q == K``), or with heads of
+    ``D + Dv`` at most ``_STOCK_MAX_WIDTH`` (``_STOCK_MAX_WIDTH_BACKWARD`` when the call records a backward, which
+    must not be in bfloat16) and a spec allowing at least ``_STOCK_MIN_FRACTION`` of the pairs
+    (``_STOCK_DECODE_MIN_FRACTION`` on rows past ``_STOCK_MAX_KEYS``; ``_stock_fraction``: a few O(B·K) operations,
+    not counted for a call of at most ``_STOCK_TINY_WORK`` multiply-adds on short rows), decided without planning or
+    costing the other backends.
     ``None`` for any other call (the costs decide), and whenever ``registry`` holds a backend registered at run time
     (the crossover was measured against the built-in ones only). The call's own conditions come first: on the costs
     path (masked rows, few pairs) the fraction alone refuses, and SDPA's support is not asked twice."""
-    if off_cpu(call) or call.kv_len > _STOCK_MAX_KEYS:
+    if off_cpu(call):
+        return None
+    short = call.kv_len <= _STOCK_MAX_KEYS
+    decoding = call.q_len <= min(_STOCK_DECODE_QUERIES, call.kv_len - 1) and call.q.dtype in _STOCK_DECODE_DTYPES
+    if not short and not decoding:
         return None
     if not (call.is_full or call.is_plain_causal):
         if call.head_dim + call.value_dim > (_STOCK_MAX_WIDTH_BACKWARD if call.needs_grad else _STOCK_MAX_WIDTH):
             return None
         if call.needs_grad and call.q.dtype == torch.bfloat16:
             return None
-        fraction = allowed_fraction(call) if isinstance(call.mask, MaskSpec) and call.mask.is_structural else None
-        if fraction is None or fraction < _STOCK_MIN_FRACTION:
-            return None
+        work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
+        if not short or work > _STOCK_TINY_WORK:
+            fraction = _stock_fraction(call)
+            if fraction is None or fraction < (_STOCK_MIN_FRACTION if short else _STOCK_DECODE_MIN_FRACTION):
+                return None
     sdpa = _BACKENDS.get("sdpa")
     if sdpa is None or any(id(b) not in _BUILT_IN for b in registry) or not any(b is sdpa for b in registry):
         return None
     if not sdpa.auto_on(call.device_type) or sdpa.not_supported_reasons(call):
         return None
     return sdpa
+
+
+def _stock_fraction(call: AttentionCall) -> float | None:
+    """``_common.allowed_fraction``, and for a plain ``causal()`` with fewer queries than keys at the default
+    positions (query ``i`` of ``Q`` sees ``K - Q + 1 + i`` keys) its exact fraction; ``None`` for a custom spec."""
+    if not isinstance(call.mask, MaskSpec) or not call.mask.is_structural:
+        return None
+    if type(call.mask) is Causal and not call.positions_given and 0 < call.q_len <= call.kv_len:
+        Q, K = call.q_len, call.kv_len
+        return (Q * (K - Q + 1) + Q * (Q - 1) // 2) / (Q * K)
+    return allowed_fraction(call)
 
 
 def _pick(call: AttentionCall, registry: tuple[Backend, ...]) -> tuple[Backend | None, dict, list]:

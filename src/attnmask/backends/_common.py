@@ -591,6 +591,10 @@ def _pairs_of_last(real: np.ndarray, q_len: int, window: int, causal: bool) -> i
         return int(np.count_nonzero(real)) * q_len
     if q_len == length and window >= length:  # key j is seen by the queries j .. length - 1: one product
         return int((real @ np.arange(length, 0, -1)).sum())
+    if window >= length and 2 * q_len <= length:  # a few last queries (a decoding step): the keys before them counted
+        first = length - q_len  # once, then the running count over the last q_len keys only
+        before = int(np.count_nonzero(real[:, :first]))
+        return before * q_len + int(np.cumsum(real[:, first:], axis=1).sum())
     # query p sees the real keys in (p - window, p]: a difference of running counts
     counts = np.zeros((real.shape[0], length + 1), dtype=np.int64)
     np.cumsum(real, axis=1, out=counts[:, 1:])
@@ -752,13 +756,13 @@ def _host_form(call) -> VarlenForm | None:
 def _real_keys(form: VarlenForm, length: int) -> np.ndarray | None:
     """``(R, length)`` bool on the host: the AND of ``form``'s padding masks over the first ``length`` positions
     (``(1, length)`` True without one); ``None`` when a mask does not cover them."""
-    real = np.ones((1, length), dtype=bool)
+    real = None
     for pad in form.key_padding:
         mask = pad.attention_mask
         if mask.dim() != 2 or mask.shape[1] < length:
             return None
-        real = real & (_host(mask)[:, :length] != 0)
-    return real
+        real = _host(mask)[:, :length] != 0 if real is None else real & (_host(mask)[:, :length] != 0)
+    return np.ones((1, length), dtype=bool) if real is None else real
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
