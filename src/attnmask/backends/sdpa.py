@@ -317,8 +317,9 @@ def _zeroed_if_nan(out: torch.Tensor, left: tuple[torch.Tensor, torch.Tensor]) -
     """``out`` with the rows ``left`` (see ``_SpecMask``), which the kernel zeroed itself unless their query held a
     NaN (then the whole row is NaN), exactly 0 again where one is NaN. Found by the sum of those rows' first elements
     (``take`` at their flat indices, O(empty rows)): on rows of 8 x 256 with a seventh of them empty, right after
-    another kernel, 37-39 us where a weighted sum of the whole first column (O(B·H·Q)) took 73-77 us. In place when
-    no graph records ``out``, else a new tensor (those rows' gradient 0)."""
+    another kernel, 37-39 us where a weighted sum of the whole first column (O(B·H·Q)) took 73-77 us. An output of
+    at most ``_WHOLE_SUM_MAX`` elements is summed whole first (one call): finite, no row is NaN. In place when no
+    graph records ``out``, else a new tensor (those rows' gradient 0)."""
     empty, rows = left
     if not out.shape[-1]:
         return out
