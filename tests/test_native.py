@@ -54,7 +54,8 @@ def segment_mask(segs, batch, q_len, kv_len, causal, window):
 @settings(max_examples=60)
 @given(data=st.data(), rule=st.sampled_from(["full", "causal", "window"]), threads=st.sampled_from([1, 2]))
 def test_segment_attention_matches_naive_on_arbitrary_segments(data, rule, threads):
-    batch, q_len, kv_len = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 14)), data.draw(st.integers(1, 14))
+    batch, kv_len = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 14))
+    q_len = data.draw(st.one_of(st.integers(1, 15), st.integers(N.BLOCK_MIN_QUERIES, 24)))  # both forms of the kernel
     kv_heads = data.draw(st.integers(1, 2))
     heads = kv_heads * data.draw(st.sampled_from([1, 3]))
     segs = random_segments(data.draw, batch, q_len, kv_len)
@@ -78,6 +79,89 @@ def test_segment_attention_matches_naive_on_arbitrary_segments(data, rule, threa
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
     for name, g, w in zip("qkv", got_grads, grads(want, (q, k, v)), strict=True):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=f"d{name}")
+
+
+@settings(max_examples=40)
+@given(
+    data=st.data(),
+    rule=st.sampled_from(["full", "causal", "window"]),
+    softcap=st.sampled_from([None, 2.5]),
+    sinks=st.booleans(),
+    threads=st.sampled_from([1, 2]),
+)
+def test_the_blocked_kernel_matches_naive_with_score_modifiers(data, rule, softcap, sinks, threads):
+    """From ``BLOCK_MIN_QUERIES`` queries a call the kernel computes four query rows at a time against transposed
+    keys, and the backward adds each key's gradient once for the rows of a block that see it: on arbitrary segments
+    (offsets, overlapping and empty key ranges, rows in no segment), with a softcap and sinks, outputs and the
+    gradients of q, k, v and the sinks equal the naive reference."""
+    batch, q_len = data.draw(st.integers(1, 2)), data.draw(st.integers(N.BLOCK_MIN_QUERIES, 40))
+    kv_len = data.draw(st.integers(1, 40))
+    heads, kv_heads = data.draw(st.sampled_from([(1, 1), (2, 1), (4, 2)]))
+    segs = random_segments(data.draw, batch, q_len, kv_len)
+    window = data.draw(st.integers(1, 9)) if rule == "window" else None
+    causal = rule != "full"
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    q = torch.randn(batch, heads, q_len, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(batch, kv_heads, kv_len, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(batch, kv_heads, kv_len, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    sink = torch.randn(heads, generator=g, dtype=torch.float64, requires_grad=True) if sinks else None
+    inputs = (q, k, v) if sink is None else (q, k, v, sink)
+    before, region_threads = torch.get_num_threads(), N.region_threads
+    torch.set_num_threads(threads)
+    N.region_threads = lambda work=None, share_work=None: threads
+    try:
+        got = N.segment_attention(q, k, v, segs, causal=causal, window=window, softcap=softcap, sinks=sink)
+        got_grads = grads(got, inputs)
+    finally:
+        torch.set_num_threads(before)
+        N.region_threads = region_threads
+    allowed = segment_mask(segs, batch, q_len, kv_len, causal, window).unsqueeze(1)
+    want = naive_attention(q, k, v, allowed, softcap=softcap, sinks=sink)
+    covered = torch.zeros(batch, q_len, dtype=torch.bool)  # rows in no segment: the kernel leaves them 0
+    for row, qs, ql, *_ in segs.tolist():
+        covered[row, qs : qs + ql] = True
+    want = want * covered[:, None, :, None]
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    for name, g_, w in zip(["q", "k", "v", "sinks"], got_grads, grads(want, inputs), strict=False):
+        torch.testing.assert_close(g_, w, atol=1e-12, rtol=1e-10, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("q_len", [15, 16, 37])
+def test_alibi_on_documents_equals_naive_in_either_form_of_the_kernel(q_len):
+    """ALiBi's distance inside the blocked kernel (from ``BLOCK_MIN_QUERIES`` queries) and the row form, with GQA,
+    on causal documents, forward and backward, against the naive reference."""
+    torch.manual_seed(q_len)
+    lens = [q_len // 3, q_len - q_len // 3]
+    q = torch.randn(2, 4, q_len, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, q_len, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+    spec = am.causal() & am.document(seq_lens=lens)
+    got = am.attention(q, k, v, spec, backend="native", alibi_slopes=slopes)
+    want = naive_attention(q, k, v, spec.to_dense(q_len)[:, None], alibi_slopes=slopes)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    for g_, w in zip(grads(got, (q, k, v)), grads(want, (q, k, v)), strict=True):
+        torch.testing.assert_close(g_, w, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("q_len", [15, 32])
+def test_a_query_row_adds_to_the_gradients_of_the_keys_it_sees_only(q_len):
+    """An infinite query element makes its own row NaN and the gradients of the keys that row sees; the keys after
+    it, which only later rows of its block of four see, keep the gradient of those rows (the blocked backward sums
+    such keys row by row, not as the block's common range): as the naive reference with that row's query at 0."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, q_len, 8, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, q_len, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    bad = q.clone()
+    bad[0, :, 5, 3] = torch.inf
+    got = N.segment_attention(bad.requires_grad_(), k, v, torch.tensor([[0, 0, q_len, 0, q_len, 0]]), causal=True)
+    dk, dv = grads(got, (k, v))
+    assert dk[0, :, :6].isnan().any() and dk[0, :, 6:].isfinite().all() and dv[0, :, 6:].isfinite().all()
+    clean = q.clone()
+    clean[0, :, 5] = 0
+    want = naive_attention(clean, k, v, am.causal().to_dense(q_len)[:, None])
+    want_dk, want_dv = grads(want, (k, v))
+    torch.testing.assert_close(dk[0, :, 6:], want_dk[0, :, 6:], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(dv[0, :, 6:], want_dv[0, :, 6:], atol=1e-12, rtol=1e-10)
 
 
 @settings(max_examples=80)

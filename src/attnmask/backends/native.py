@@ -79,6 +79,15 @@ def _rows(t: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+# From this many queries a call (a whole call's, so that the threads' query blocks of one segment compute alike) the
+# kernel takes its blocked form: each item's keys (and in the backward its values) copied once transposed, then four
+# query rows at a time scored against them without a horizontal sum per score, and in the backward each key's dk and
+# dv rows updated once for the four. Fewer queries (a decoding step) keep the row form: there each key is read by a
+# few queries and its copy would cost more than it saves. Measured on the Xeon VM (RESULTS.md, issue 15, "native's
+# blocked form"): packed rows of 256 tokens, D = 16, forward 6.0 -> 3.4 ms, forward + backward 20.7 -> 15.1 ms.
+BLOCK_MIN_QUERIES = 16
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -95,9 +104,9 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, threads) -
     strided = (q, k, v, res, dout if dout is not None else res)
     strides = torch.tensor([s for t in strided for s in t.stride()[:3]] + [k.shape[2]], dtype=torch.int64)
     kmax = int(segs[:, 4].max()) if len(segs) else 0
-    dims = torch.tensor(
-        [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], kmax, window or 0, int(causal)], dtype=torch.int64
-    )
+    blocked = q.shape[2] >= BLOCK_MIN_QUERIES
+    dims = [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], kmax, window or 0, int(causal), int(blocked)]
+    dims = torch.tensor(dims, dtype=torch.int64)
     bits = {torch.float64: 64, torch.bfloat16: 16}.get(q.dtype, 32)  # 16: bfloat16 q, k, v, a forward only
     status = lib.attnmask_segattn(
         bits,

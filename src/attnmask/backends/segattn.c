@@ -19,7 +19,9 @@
  * through an atomic counter, 8 at a time (1 when there are fewer than 64 per thread): an OpenMP team when built with
  * -fopenmp (GCC's runtime is then the one torch loaded, one per process, whose threads are already awake after torch's
  * last parallel region), else pthreads started for the call. Memory: two scratch vectors of max(k_len) scores and one
- * of Dv + D per thread.
+ * of Dv + D per thread; in the blocked form (below) also the item's keys transposed, in the backward its values too,
+ * and four rows of scores (two in the backward): (D [+ Dv] + 4 [8]) x (the item's keys + 2 LANES) elements per thread,
+ * grown to the largest item (a causal segment of 8,192 keys at D = Dv = 64 in float32: 4.3 MiB in the backward).
  *
  * Score modifiers, in this order on each score s = scale * q.k: softcap c > 0 (0: none): s -> c tanh(s / c); ALiBi
  * slopes (NULL: none), one per query head: s -> s - slope_h (i + offset - j), the query's minus the key's position;
@@ -40,7 +42,7 @@ typedef struct {
     const int64_t *st;                 /* (b, h, l) strides of q, k, v, out, dout; then K */
     const int64_t *segs;
     int64_t nseg, H, Hkv, Q, D, Dv, kmax, window;
-    int causal;
+    int causal, blocked;
     double scale, softcap;
     const void *sinks, *slopes;        /* (H,) each in the kernel's dtype, or NULL */
     int64_t n_items, next, chunk;      /* next: shared counter; chunk: items per pull */
@@ -103,6 +105,32 @@ static inline float bf16_f32(uint16_t x) {
 }
 #define SAME(x) (x)
 
+/* The blocked form (dims[8] = 1; the caller sets it from a few queries a call up, never for a decoding step, whose keys
+ * are each read by a few queries, where copying them would cost more than it saves): an item's keys (and in the
+ * backward its values) are transposed once into a (D, keys) copy and four query rows at a time take their scores from
+ * it, one vector of LANES keys per step, accumulated over d: no horizontal sum per score, and each key element loaded
+ * once for four queries. Scratch per thread, grown to the largest item: D (+ Dv) + 8 rows of the item's keys (rounded
+ * up to LANES, plus LANES) and four query rows. */
+#define BLOCK_KEYS 16
+#define LANES(T) ((int64_t)(64 / sizeof(T)))
+typedef float vec_float __attribute__((vector_size(64)));
+typedef double vec_double __attribute__((vector_size(64)));
+#define VEC(T) vec_##T
+
+typedef struct {
+    void *kt, *vt, *s4, *p4, *q4;
+    size_t kt_size, vt_size, s4_size, p4_size, q4_size;
+} scratch_t;
+
+/* *buf holding at least `bytes` (kept between items; NULL when the allocation fails, the old buffer then freed). */
+static void *grow(void **buf, size_t *size, size_t bytes) {
+    if (bytes <= *size && *buf) return *buf;
+    free(*buf);
+    *buf = malloc(bytes ? bytes : 1);
+    *size = *buf ? bytes : 0;
+    return *buf;
+}
+
 /* The vector helpers and the forward item for compute type T reading q, k and v stored as KV (loaded through LD, a
    conversion to T): KV = T for float32 / float64, uint16_t bfloat16 (bf16_f32) for the forward of bfloat16 inputs,
    which then needs no float32 copies of them (the query row is converted into the thread's scratch). */
@@ -140,7 +168,66 @@ static inline float bf16_f32(uint16_t x) {
         _Pragma("omp simd") for (int64_t d = 0; d < n; d++)                                                            \
             y[d] += p0 * LD(x0[d]) + p1 * LD(x1[d]) + p2 * LD(x2[d]) + p3 * LD(x3[d]);                                 \
     }                                                                                                                  \
-    static void forward_item_##SUF(const job_t *J, int64_t item, T *s, T *acc, T *qrow) {                              \
+    /* The end of one query row once its scores s[0 .. n) are in (keys lo .. hi of the segment; rel = lo - a, a the    \
+       query's position minus the segment's first key): the modifiers, the softmax and the weighted sum of the     \
+       value rows v (from key lo, ld apart) into oi, and the row's log-sum-exp. */                                     \
+    static inline void finish_row_##SUF(T *restrict s, int64_t n, int64_t rel, const KV *v, int64_t ld, int64_t Dv,    \
+                                        T *restrict oi, T *lse_i, T *restrict acc, const T *mod) {                     \
+        const T scale = mod[0], cap = mod[1], inv_cap = mod[2], slope = mod[3], sink = mod[4];                         \
+        const int sunk = mod[5] != 0;                                                                                  \
+        int64_t j;                                                                                                     \
+        T m = sunk ? sink : -INFINITY, sum = 0;                                                                        \
+        if (cap > 0) {                                                                                                 \
+            _Pragma("omp simd") for (j = 0; j < n; j++) s[j] = cap * TANH(s[j] * scale * inv_cap);                     \
+        } else {                                                                                                       \
+            _Pragma("omp simd") for (j = 0; j < n; j++) s[j] *= scale;                                                 \
+        }                                                                                                              \
+        if (slope != 0) {                                                                                              \
+            _Pragma("omp simd") for (j = 0; j < n; j++) s[j] += slope * (T)(j + rel);                                  \
+        }                                                                                                              \
+        _Pragma("omp simd reduction(max : m)") for (j = 0; j < n; j++) m = s[j] > m ? s[j] : m;                        \
+        _Pragma("omp simd") for (j = 0; j < n; j++) s[j] = EXP(s[j] - m);                                              \
+        _Pragma("omp simd reduction(+ : sum)") for (j = 0; j < n; j++) sum += s[j];                                    \
+        if (sunk) sum += EXP(sink - m);                                                                                \
+        for (int64_t d = 0; d < Dv; d++) acc[d] = 0;                                                                   \
+        for (j = 0; j + 4 <= n; j += 4) axpy4_##SUF(acc, s + j, v + j * ld, ld, Dv);                                   \
+        for (; j < n; j++) axpy_##SUF(acc, s[j], v + j * ld, Dv);                                                      \
+        T inv = 1 / sum;                                                                                               \
+        for (int64_t d = 0; d < Dv; d++) oi[d] = acc[d] * inv;                                                         \
+        *lse_i = m + LOG(sum);                                                                                         \
+    }                                                                                                                  \
+    /* kt (D, ld): the n key rows k[0 .. n) (src apart) transposed and widened to T, zero up to column ld. */          \
+    static void transpose_##SUF(T *restrict kt, int64_t ld, const KV *restrict k, int64_t src, int64_t n, int64_t D) { \
+        int64_t j = 0;                                                                                                 \
+        for (; j + BLOCK_KEYS <= n; j += BLOCK_KEYS)                                                                   \
+            for (int64_t d = 0; d < D; d++) {                                                                          \
+                _Pragma("omp simd") for (int64_t c = 0; c < BLOCK_KEYS; c++)                                           \
+                    kt[d * ld + j + c] = LD(k[(j + c) * src + d]);                                                     \
+            }                                                                                                          \
+        for (int64_t d = 0; d < D; d++) {                                                                              \
+            for (int64_t c = j; c < n; c++) kt[d * ld + c] = LD(k[c * src + d]);                                       \
+            for (int64_t c = n; c < ld; c++) kt[d * ld + c] = 0;                                                       \
+        }                                                                                                              \
+    }                                                                                                                  \
+    /* S (4, lds): the scores q_r . k_j of four query rows (D elements each, q[r]) against the keys j0 .. j1 of kt     \
+       (D, ld; readable up to the multiple of LANES past j1), at S[r * lds + j]. Each score is summed over d in        \
+       order in its own lane, whichever rows share the block: a row's scores are the same in any grouping. */          \
+    static void scores4_##SUF(const T *const *q, const T *kt, int64_t ld, int64_t D, int64_t j0, int64_t j1, T *S,     \
+                              int64_t lds) {                                                                           \
+        for (int64_t j = j0; j < j1; j += LANES(T)) {                                                                  \
+            VEC(T) a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                             \
+            for (int64_t d = 0; d < D; d++) {                                                                          \
+                VEC(T) kv;                                                                                             \
+                __builtin_memcpy(&kv, kt + d * ld + j, sizeof kv);                                                     \
+                a0 += q[0][d] * kv, a1 += q[1][d] * kv, a2 += q[2][d] * kv, a3 += q[3][d] * kv;                        \
+            }                                                                                                          \
+            __builtin_memcpy(S + j, &a0, sizeof a0);                                                                   \
+            __builtin_memcpy(S + lds + j, &a1, sizeof a1);                                                             \
+            __builtin_memcpy(S + 2 * lds + j, &a2, sizeof a2);                                                         \
+            __builtin_memcpy(S + 3 * lds + j, &a3, sizeof a3);                                                         \
+        }                                                                                                              \
+    }                                                                                                                  \
+    static int forward_item_##SUF(const job_t *J, int64_t item, T *s, T *acc, T *qrow, scratch_t *X) {                 \
         /* head-major order: a thread walks one head's rows of q, k, v and the output front to back */                 \
         const int64_t *st = J->st, *g = J->segs + 6 * (item % J->nseg);                                                \
         int64_t h = item / J->nseg, kvh = h / (J->H / J->Hkv);                                                         \
@@ -150,76 +237,203 @@ static inline float bf16_f32(uint16_t x) {
         const KV *v = (const KV *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                         \
         T *o = (T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                                     \
         T *lse = (T *)J->lse + (b * J->H + h) * J->Q + qs;                                                             \
-        const T scale = (T)J->scale, cap = (T)J->softcap, inv_cap = J->softcap > 0 ? (T)(1 / J->softcap) : 0;          \
-        const T slope = J->slopes ? ((const T *)J->slopes)[h] : 0;                                                     \
-        const int sunk = J->sinks != NULL;                                                                             \
-        const T sink = sunk ? ((const T *)J->sinks)[h] : 0;                                                            \
-        for (int64_t i = 0; i < ql; i++) {                                                                             \
-            int64_t lo, hi;                                                                                            \
-            key_range(J, i, off, kl, &lo, &hi);                                                                        \
-            T *oi = o + i * st[11];                                                                                    \
-            if (hi <= lo) { /* no allowed key: exactly 0, and the backward skips the row */                            \
-                for (int64_t d = 0; d < J->Dv; d++) oi[d] = 0;                                                         \
-                lse[i] = -INFINITY;                                                                                    \
-                continue;                                                                                              \
+        const T mod[6] = {(T)J->scale, (T)J->softcap, J->softcap > 0 ? (T)(1 / J->softcap) : 0,                        \
+                          J->slopes ? ((const T *)J->slopes)[h] : 0, J->sinks ? ((const T *)J->sinks)[h] : 0,          \
+                          J->sinks != NULL};                                                                           \
+        const int64_t D = J->D;                                                                                        \
+        if (ql <= 0) return 0;                                                                                         \
+        if (!J->blocked) { /* the row form: one dot product per pair, no copy of k */                                  \
+            for (int64_t i = 0; i < ql; i++) {                                                                         \
+                int64_t lo, hi;                                                                                        \
+                key_range(J, i, off, kl, &lo, &hi);                                                                    \
+                T *oi = o + i * st[11];                                                                                \
+                if (hi <= lo) { /* no allowed key: exactly 0, and the backward skips the row */                        \
+                    for (int64_t d = 0; d < J->Dv; d++) oi[d] = 0;                                                     \
+                    lse[i] = -INFINITY;                                                                                \
+                    continue;                                                                                          \
+                }                                                                                                      \
+                const T *qi = row_##SUF(q + i * st[2], qrow, D);                                                       \
+                int64_t j = lo;                                                                                        \
+                for (; j + 4 <= hi; j += 4) dot4_##SUF(qi, k + j * st[5], st[5], D, s + j);                            \
+                for (; j < hi; j++) s[j] = dot_##SUF(qi, k + j * st[5], D);                                            \
+                finish_row_##SUF(s + lo, hi - lo, lo - i - off, v + lo * st[8], st[8], J->Dv, oi, lse + i, acc, mod);  \
             }                                                                                                          \
-            const T *qi = row_##SUF(q + i * st[2], qrow, J->D);                                                        \
-            int64_t j = lo;                                                                                            \
-            for (; j + 4 <= hi; j += 4) dot4_##SUF(qi, k + j * st[5], st[5], J->D, s + j);                             \
-            for (; j < hi; j++) s[j] = dot_##SUF(qi, k + j * st[5], J->D);                                             \
-            T m = sunk ? sink : -INFINITY, sum = 0;                                                                    \
-            const int64_t a = i + off;                                                                                 \
-            if (cap > 0) {                                                                                             \
-                _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] = cap * TANH(s[j] * scale * inv_cap);               \
-            } else {                                                                                                   \
-                _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] *= scale;                                           \
-            }                                                                                                          \
-            if (slope != 0) {                                                                                          \
-                _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] += slope * (T)(j - a);                              \
-            }                                                                                                          \
-            for (j = lo; j < hi; j++) m = s[j] > m ? s[j] : m;                                                         \
-            _Pragma("omp simd") for (j = lo; j < hi; j++) s[j] = EXP(s[j] - m);                                        \
-            _Pragma("omp simd reduction(+ : sum)") for (j = lo; j < hi; j++) sum += s[j];                              \
-            if (sunk) sum += EXP(sink - m);                                                                            \
-            for (int64_t d = 0; d < J->Dv; d++) acc[d] = 0;                                                            \
-            for (j = lo; j + 4 <= hi; j += 4) axpy4_##SUF(acc, s + j, v + j * st[8], st[8], J->Dv);                    \
-            for (; j < hi; j++) axpy_##SUF(acc, s[j], v + j * st[8], J->Dv);                                           \
-            T inv = 1 / sum;                                                                                           \
-            for (int64_t d = 0; d < J->Dv; d++) oi[d] = acc[d] * inv;                                                  \
-            lse[i] = m + LOG(sum);                                                                                     \
+            return 0;                                                                                                  \
         }                                                                                                              \
-    }                                                                                                                  \
+        /* blocks of four query rows against the keys transposed once per item: klo .. khi, every key a row of the     \
+           item may see (the ranges only move forward with the query) */                                               \
+        int64_t klo, khi, lo, hi;                                                                                      \
+        key_range(J, 0, off, kl, &klo, &hi);                                                                           \
+        key_range(J, ql - 1, off, kl, &lo, &khi);                                                                      \
+        const int64_t n = khi > klo ? khi - klo : 0;                                                                   \
+        const int64_t ld = (n + LANES(T) - 1) / LANES(T) * LANES(T) + LANES(T);                                        \
+        T *kt = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * D * ld);                                                    \
+        T *S = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 4 * ld);                                                     \
+        T *q4 = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * 4 * D);                                                     \
+        if (!kt || !S || !q4) return 1;                                                                                \
+        transpose_##SUF(kt, ld, k + klo * st[5], st[5], n, D);                                                         \
+        for (int64_t i0 = 0; i0 < ql; i0 += 4) {                                                                       \
+            const int64_t R = ql - i0 < 4 ? ql - i0 : 4;                                                               \
+            const T *qr[4];                                                                                            \
+            for (int64_t r = 0; r < 4; r++) /* rows past the item's last: its first row again, scores unused */        \
+                qr[r] = row_##SUF(q + (i0 + (r < R ? r : 0)) * st[2], q4 + r * D, D);                                  \
+            int64_t ulo, uhi;                                                                                          \
+            key_range(J, i0, off, kl, &ulo, &hi);                                                                      \
+            key_range(J, i0 + R - 1, off, kl, &lo, &uhi);                                                              \
+            if (uhi > ulo) scores4_##SUF(qr, kt, ld, D, ulo - klo, uhi - klo, S, ld);                                  \
+            for (int64_t r = 0; r < R; r++) {                                                                          \
+                const int64_t i = i0 + r;                                                                              \
+                key_range(J, i, off, kl, &lo, &hi);                                                                    \
+                T *oi = o + i * st[11];                                                                                \
+                if (hi <= lo) {                                                                                        \
+                    for (int64_t d = 0; d < J->Dv; d++) oi[d] = 0;                                                     \
+                    lse[i] = -INFINITY;                                                                                \
+                    continue;                                                                                          \
+                }                                                                                                      \
+                finish_row_##SUF(S + r * ld + lo - klo, hi - lo, lo - i - off, v + lo * st[8], st[8], J->Dv, oi,       \
+                                 lse + i, acc, mod);                                                                   \
+            }                                                                                                          \
+        }                                                                                                              \
+        return 0;                                                                                                      \
+    }
 
 #define DEFINE_WORKER(T, SUF, BACKWARD)                                                                                \
     static void *worker_##SUF(void *arg) {                                                                             \
         job_t *J = (job_t *)arg;                                                                                       \
+        scratch_t X = {0};                                                                                             \
         T *s = (T *)malloc(sizeof(T) * 2 * (J->kmax + 1));                                                             \
         T *acc = (T *)malloc(sizeof(T) * (J->Dv + J->D + 2));                                                          \
-        if (!s || !acc) {                                                                                              \
-            free(s);                                                                                                   \
-            free(acc);                                                                                                 \
-            return (void *)1;                                                                                          \
-        }                                                                                                              \
-        for (;;) {                                                                                                     \
+        int failed = !s || !acc;                                                                                       \
+        while (!failed) {                                                                                              \
             int64_t first = __atomic_fetch_add(&J->next, J->chunk, __ATOMIC_RELAXED);                                  \
             if (first >= J->n_items) break;                                                                            \
             int64_t last = first + J->chunk < J->n_items ? first + J->chunk : J->n_items;                              \
-            for (int64_t it = first; it < last; it++) {                                                                \
+            for (int64_t it = first; it < last && !failed; it++) {                                                     \
                 if (J->backward)                                                                                       \
-                    BACKWARD(J, it, s, s + J->kmax + 1);                                                               \
+                    failed = BACKWARD(J, it, s, s + J->kmax + 1, &X);                                                  \
                 else                                                                                                   \
-                    forward_item_##SUF(J, it, s, acc, acc + J->Dv + 1);                                                \
+                    failed = forward_item_##SUF(J, it, s, acc, acc + J->Dv + 1, &X);                                   \
             }                                                                                                          \
         }                                                                                                              \
         free(s);                                                                                                       \
         free(acc);                                                                                                     \
-        return NULL;                                                                                                   \
+        free(X.kt), free(X.vt), free(X.s4), free(X.p4), free(X.q4);                                                    \
+        return failed ? (void *)1 : NULL;                                                                              \
     }
 
 
 #define DEFINE_KERNELS(T, SUF, EXP, LOG, TANH)                                                                         \
     DEFINE_FORWARD(T, SUF, T, SAME, EXP, LOG, TANH)                                                                    \
-    static void backward_item_##SUF(const job_t *J, int64_t item, T *s, T *dp) {                                       \
+    /* y += c0 x0 + c1 x1 + c2 x2 + c3 x3 over n elements: four query rows' share of one key's gradient row. */        \
+    static inline void axpy4r_##SUF(T *restrict y, const T *c, const T *const *x, int64_t n) {                         \
+        const T *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];                                                        \
+        const T c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];                                                            \
+        _Pragma("omp simd") for (int64_t d = 0; d < n; d++) y[d] += c0 * x0[d] + c1 * x1[d] + c2 * x2[d] + c3 * x3[d]; \
+    }                                                                                                                  \
+    /* The backward of one item in blocks of four query rows (the blocked form): k and v transposed once for the       \
+       item's heads, the scores and dO . v of four rows at a time (scores4), then dv and dk of each key in the rows'   \
+       common range once for the four rows; a key only some of the rows see (at most three at each end of the block)   \
+       takes each such row's share alone, so a row adds to exactly the keys it sees, as in the row form. */            \
+    static int backward_block_##SUF(const job_t *J, int64_t item, scratch_t *X) {                                      \
+        const int64_t *st = J->st, *g = J->segs + 6 * (item / J->Hkv);                                                 \
+        int64_t kvh = item % J->Hkv, rep = J->H / J->Hkv, D = J->D, Dv = J->Dv, K = st[15];                            \
+        int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];                                      \
+        if (ql <= 0) return 0;                                                                                         \
+        const T *k = (const T *)J->k + b * st[3] + kvh * st[4] + ks * st[5];                                           \
+        const T *v = (const T *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                           \
+        T *dk = (T *)J->dk + ((b * J->Hkv + kvh) * K + ks) * D;                                                        \
+        T *dv = (T *)J->dv + ((b * J->Hkv + kvh) * K + ks) * Dv;                                                       \
+        const T scale = (T)J->scale, cap = (T)J->softcap, inv_cap = J->softcap > 0 ? (T)(1 / J->softcap) : 0;          \
+        int64_t klo, khi, lo, hi;                                                                                      \
+        key_range(J, 0, off, kl, &klo, &hi);                                                                           \
+        key_range(J, ql - 1, off, kl, &lo, &khi);                                                                      \
+        if (khi <= klo) return 0;                                                                                      \
+        const int64_t n = khi - klo, ld = (n + LANES(T) - 1) / LANES(T) * LANES(T) + LANES(T);                         \
+        const int64_t width = D > Dv ? D : Dv;                                                                         \
+        T *kt = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * D * ld);                                                    \
+        T *vt = (T *)grow(&X->vt, &X->vt_size, sizeof(T) * Dv * ld);                                                   \
+        T *P = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 4 * ld);                                                     \
+        T *dS = (T *)grow(&X->p4, &X->p4_size, sizeof(T) * 4 * ld);                                                    \
+        T *zero = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * width);                                                   \
+        if (!kt || !vt || !P || !dS || !zero) return 1;                                                                \
+        for (int64_t d = 0; d < width; d++) zero[d] = 0;                                                               \
+        transpose_##SUF(kt, ld, k + klo * st[5], st[5], n, D);                                                         \
+        transpose_##SUF(vt, ld, v + klo * st[8], st[8], n, Dv);                                                        \
+        for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++) {                                                        \
+            const T slope = J->slopes ? ((const T *)J->slopes)[h] : 0;                                                 \
+            const T *q = (const T *)J->q + b * st[0] + h * st[1] + qs * st[2];                                         \
+            const T *o = (const T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                     \
+            const T *dO = (const T *)J->dout + b * st[12] + h * st[13] + qs * st[14];                                  \
+            const T *lse = (const T *)J->lse + (b * J->H + h) * J->Q + qs;                                             \
+            T *dq = (T *)J->dq + ((b * J->H + h) * J->Q + qs) * D;                                                     \
+            for (int64_t i0 = 0; i0 < ql; i0 += 4) {                                                                   \
+                const T *qr[4], *dr[4];                                                                                \
+                int64_t rlo[4], rhi[4], ulo = khi, uhi = klo, clo = klo, chi = khi;                                    \
+                for (int64_t r = 0; r < 4; r++) {                                                                      \
+                    const int64_t i = i0 + r;                                                                          \
+                    rlo[r] = rhi[r] = 0;                                                                               \
+                    if (i < ql) key_range(J, i, off, kl, &rlo[r], &rhi[r]);                                            \
+                    if (i >= ql || rhi[r] <= rlo[r] || isinf(lse[i])) { /* no share: zero rows in the sums */          \
+                        rlo[r] = rhi[r] = 0, qr[r] = dr[r] = zero;                                                     \
+                        continue;                                                                                      \
+                    }                                                                                                  \
+                    qr[r] = q + i * st[2], dr[r] = dO + i * st[14];                                                    \
+                    ulo = rlo[r] < ulo ? rlo[r] : ulo, uhi = rhi[r] > uhi ? rhi[r] : uhi;                              \
+                    clo = rlo[r] > clo ? rlo[r] : clo, chi = rhi[r] < chi ? rhi[r] : chi;                              \
+                }                                                                                                      \
+                if (uhi <= ulo) continue; /* no row of the block sees a key */                                         \
+                scores4_##SUF(qr, kt, ld, D, ulo - klo, uhi - klo, P, ld);                                             \
+                scores4_##SUF(dr, vt, ld, Dv, ulo - klo, uhi - klo, dS, ld);                                           \
+                for (int64_t r = 0; r < 4; r++) {                                                                      \
+                    T *pr = P + r * ld, *sr = dS + r * ld; /* key j at j - klo */                                      \
+                    int64_t j;                                                                                         \
+                    if (rhi[r] <= rlo[r]) {                                                                            \
+                        for (j = ulo - klo; j < uhi - klo; j++) pr[j] = sr[j] = 0;                                     \
+                        continue;                                                                                      \
+                    }                                                                                                  \
+                    const int64_t i = i0 + r, a = i + off;                                                             \
+                    const T di = dot_##SUF(dr[r], o + i * st[11], Dv), lse_i = lse[i];                                 \
+                    lo = rlo[r], hi = rhi[r];                                                                          \
+                    for (j = ulo - klo; j < lo - klo; j++) pr[j] = sr[j] = 0;                                          \
+                    for (j = hi - klo; j < uhi - klo; j++) pr[j] = sr[j] = 0;                                          \
+                    if (cap > 0) { /* d(c tanh(x / c)) / dx = 1 - tanh^2, folded into dP - di */                       \
+                        _Pragma("omp simd") for (j = lo; j < hi; j++) {                                                \
+                            T t = TANH(scale * pr[j - klo] * inv_cap);                                                 \
+                            pr[j - klo] = EXP(cap * t + slope * (T)(j - a) - lse_i);                                   \
+                            sr[j - klo] = pr[j - klo] * ((sr[j - klo] - di) * (1 - t * t)) * scale;                    \
+                        }                                                                                              \
+                    } else {                                                                                           \
+                        _Pragma("omp simd") for (j = lo; j < hi; j++) {                                                \
+                            pr[j - klo] = EXP(scale * pr[j - klo] + slope * (T)(j - a) - lse_i);                       \
+                            sr[j - klo] = pr[j - klo] * (sr[j - klo] - di) * scale;                                    \
+                        }                                                                                              \
+                    }                                                                                                  \
+                    T *dqi = dq + i * D;                                                                               \
+                    for (j = lo; j + 4 <= hi; j += 4) axpy4_##SUF(dqi, sr + j - klo, k + j * st[5], st[5], D);         \
+                    for (; j < hi; j++) axpy_##SUF(dqi, sr[j - klo], k + j * st[5], D);                                \
+                }                                                                                                      \
+                T c[4];                                                                                                \
+                for (int64_t j = ulo; j < uhi; j++) {                                                                  \
+                    const int64_t u = j - klo;                                                                         \
+                    if (j >= clo && j < chi) { /* every row of the block with a share sees key j */                    \
+                        for (int64_t r = 0; r < 4; r++) c[r] = P[r * ld + u];                                          \
+                        axpy4r_##SUF(dv + j * Dv, c, dr, Dv);                                                          \
+                        for (int64_t r = 0; r < 4; r++) c[r] = dS[r * ld + u];                                         \
+                        axpy4r_##SUF(dk + j * D, c, qr, D);                                                            \
+                        continue;                                                                                      \
+                    }                                                                                                  \
+                    for (int64_t r = 0; r < 4; r++) {                                                                  \
+                        if (j < rlo[r] || j >= rhi[r]) continue;                                                       \
+                        axpy_##SUF(dv + j * Dv, P[r * ld + u], dr[r], Dv);                                             \
+                        axpy_##SUF(dk + j * D, dS[r * ld + u], qr[r], D);                                              \
+                    }                                                                                                  \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
+        return 0;                                                                                                      \
+    }                                                                                                                  \
+    static int backward_item_##SUF(const job_t *J, int64_t item, T *s, T *dp, scratch_t *X) {                          \
+        if (J->blocked) return backward_block_##SUF(J, item, X);                                                       \
         const int64_t *st = J->st, *g = J->segs + 6 * (item / J->Hkv);                                                 \
         int64_t kvh = item % J->Hkv, rep = J->H / J->Hkv, D = J->D, Dv = J->Dv, K = st[15];                            \
         int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];                                      \
@@ -273,6 +487,7 @@ static inline float bf16_f32(uint16_t x) {
                 for (; j < hi; j++) axpy_##SUF(dqi, s[j], k + j * st[5], D);                                           \
             }                                                                                                          \
         }                                                                                                              \
+        return 0;                                                                                                      \
     }                                                                                                                  \
     DEFINE_WORKER(T, SUF, backward_item_##SUF)
 
@@ -280,8 +495,9 @@ DEFINE_KERNELS(float, f32, exp_f32, logf, tanh_f32)
 DEFINE_KERNELS(double, f64, exp, log, tanh)
 DEFINE_FORWARD(float, bf16, uint16_t, bf16_f32, exp_f32, logf, tanh_f32)
 /* bfloat16 has no backward here: the caller runs it on float32 copies (attnmask_segattn refuses backward = 1). */
-static void backward_item_none(const job_t *J, int64_t item, float *s, float *dp) {
-    (void)J, (void)item, (void)s, (void)dp;
+static int backward_item_none(const job_t *J, int64_t item, float *s, float *dp, scratch_t *X) {
+    (void)J, (void)item, (void)s, (void)dp, (void)X;
+    return 0;
 }
 DEFINE_WORKER(float, bf16, backward_item_none)
 
@@ -314,9 +530,10 @@ static int run(job_t *J, int threads, void *(*worker)(void *)) {
     return failed ? 1 : 0;
 }
 
-/* dims: H, Hkv, Q, D, Dv, kmax, window, causal; strides: 16 int64, the (b, h, l) element strides of q, k, v, out and
- * dout, then K (the key length of the contiguous dk / dv); softcap (0: none), sinks and slopes ((H,) or NULL): the
- * score modifiers. Returns 0, or 1 when a thread's scratch allocation failed, 2 for an unknown dtype. */
+/* dims: H, Hkv, Q, D, Dv, kmax, window, causal, blocked (see the blocked form above); strides: 16 int64, the (b, h, l)
+ * element strides of q, k, v, out and dout, then K (the key length of the contiguous dk / dv); softcap (0: none),
+ * sinks and slopes ((H,) or NULL): the score modifiers. Returns 0, or 1 when a thread's scratch allocation failed, 2
+ * for an unknown dtype. */
 int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k, const void *v, void *res,
                      const void *dout, void *lse, void *dq, void *dk, void *dv, const int64_t *strides,
                      const int64_t *dims, const int64_t *segs, int64_t nseg, double scale, double softcap,
@@ -326,7 +543,7 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
     J.st = strides, J.segs = segs, J.nseg = nseg, J.scale = scale, J.backward = backward;
     J.softcap = softcap, J.sinks = sinks, J.slopes = slopes;
     J.H = dims[0], J.Hkv = dims[1], J.Q = dims[2], J.D = dims[3], J.Dv = dims[4], J.kmax = dims[5];
-    J.window = dims[6], J.causal = (int)dims[7];
+    J.window = dims[6], J.causal = (int)dims[7], J.blocked = (int)dims[8];
     J.n_items = nseg * (backward ? J.Hkv : J.H);
     J.next = 0;
     if (dtype_bits == 32) return run(&J, threads, worker_f32);
