@@ -151,12 +151,18 @@ def test_blocksparse_floor_counts_segment_tiles_in_c_as_numpy_does(call, bs):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.one_of(varlen_calls(), cache_calls()), st.sampled_from([8, 64, 128, 192, 512]), st.sampled_from([1, 2, 4]))
-def test_native_item_work_in_c_as_numpy_does(call, width, threads):
+@given(
+    st.one_of(varlen_calls(), cache_calls()),
+    st.sampled_from([8, 64, 128, 192, 512]),
+    st.sampled_from([1, 2, 4]),
+    st.sampled_from([0, 5, NV.BLOCK_MIN_KEYS, NV._NEVER]),
+)
+def test_native_item_work_in_c_as_numpy_does(call, width, threads, block_keys):
     """native's estimate charges each segment (and each forward block) its pairs and rows in C where the kernel is
     built (``attnmask_item_work``): the numpy form's figures up to rounding, with and without causal rules and
-    windows, on rows and on queries against a longer cache, at widths on both sides of the L1 runs; and the works'
-    sum and the query rows the same pass adds up."""
+    windows, on rows and on queries against a longer cache, at widths on both sides of the L1 runs, each segment of
+    at least ``block_keys`` keys at the blocked form's charges; and the works' sum and the query rows the same pass
+    adds up."""
     if isinstance(_clib.library(), str):
         pytest.skip(_clib.library())
     plan = _common.varlen_plan(call)
@@ -164,8 +170,8 @@ def test_native_item_work_in_c_as_numpy_does(call, width, threads):
         return
     for segs in (plan.segments, NV.forward_items(plan.segments, call.heads, threads)):
         for causal in {plan.causal or plan.window is not None, False}:
-            c_form, total, rows = NV._item_work_sums(segs, causal, plan.window, width)
-            numpy_form = NV._item_work_numpy(segs, causal, plan.window, width)
+            c_form, total, rows = NV._item_work_sums(segs, causal, plan.window, width, block_keys=block_keys)
+            numpy_form = NV._item_work_numpy(segs, causal, plan.window, width, block_keys=block_keys)
             np.testing.assert_allclose(c_form, numpy_form, rtol=1e-12)
             assert total == pytest.approx(float(numpy_form.sum()), rel=1e-12)
             assert rows == int(segs[:, 2].sum())

@@ -86,6 +86,18 @@ def _rows(t: torch.Tensor, work: torch.dtype) -> torch.Tensor:
 # few queries and its copy would cost more than it saves. Measured on the Xeon VM (RESULTS.md, issue 15, "native's
 # blocked form"): packed rows of 256 tokens, D = 16, forward 6.0 -> 3.4 ms, forward + backward 20.7 -> 15.1 ms.
 BLOCK_MIN_QUERIES = 16
+# ... and only on a segment of at least this many keys (a segment's keys stay whole in the threads' query blocks, so
+# its rows compute alike whatever the cut): on shorter ones the copy and the blocks of four cost what they save.
+# Causal documents of one length on rows of 1,024 tokens, D = 64, one thread, the two forms interleaved (RESULTS.md,
+# issue 15, "native's blocked form"): the blocked form 1.05-1.2x slower on documents of 8-24 tokens, even at 32,
+# 1.0-1.1x faster at 48, 1.2-1.3x at 64 and 1.15-1.35x at 96 (forward + backward).
+BLOCK_MIN_KEYS = 32
+_NEVER = 1 << 62
+
+
+def _block_keys(q_len: int) -> int:
+    """The fewest keys a segment needs for the blocked form in a call of ``q_len`` queries (``_NEVER``: none)."""
+    return BLOCK_MIN_KEYS if q_len >= BLOCK_MIN_QUERIES else _NEVER
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -104,8 +116,8 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, threads) -
     strided = (q, k, v, res, dout if dout is not None else res)
     strides = torch.tensor([s for t in strided for s in t.stride()[:3]] + [k.shape[2]], dtype=torch.int64)
     kmax = int(segs[:, 4].max()) if len(segs) else 0
-    blocked = q.shape[2] >= BLOCK_MIN_QUERIES
-    dims = [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], kmax, window or 0, int(causal), int(blocked)]
+    block_keys = _block_keys(q.shape[2])
+    dims = [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], kmax, window or 0, int(causal), block_keys]
     dims = torch.tensor(dims, dtype=torch.int64)
     bits = {torch.float64: 64, torch.bfloat16: 16}.get(q.dtype, 32)  # 16: bfloat16 q, k, v, a forward only
     status = lib.attnmask_segattn(
@@ -365,6 +377,13 @@ def segment_attention(
 _PAIR_COSTS = (1.8, 1.53)  # a pair of a run of at most _SHORT_RUN_BYTES
 _PAIR_COST = per_cpu_kind(_PAIR_COSTS)
 _LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the Xeon's short one)
+# The blocked form (BLOCK_MIN_QUERIES) loads each key once for four queries from its transposed copy and sums no
+# score across a vector: its pairs cost these shares of the row form's charges above, a run that stays in L1 and one
+# past _LONG_RUN_BYTES. Fitted (``bench_limit.py --fit ... --grid``) on the Xeon's tables of rows of 1,024 at one and
+# two threads after the change (limit_tables/s33_*; RESULTS.md, issue 15, "native's blocked form"); no table of a CPU
+# without AMX tiles measured the blocked form, so both kinds take these shares of their own row charges.
+_BLOCKED_SHORT_SCALE = 0.8
+_BLOCKED_LONG_SCALE = 0.6
 _SHORT_RUN_BYTES = 16 << 10
 _LONG_RUN_BYTES = 64 << 10
 # Bytes per element of D + Dv that a run reads for each of its keys: the forward's k and v rows in float32; the
@@ -489,13 +508,16 @@ def cost(call) -> float:
     blocks = segs if threads < 2 else _forward_blocks(call, segs)
     amx = call.q.dtype == torch.bfloat16 and _common.cpu_has_amx_bf16()  # through the module: one place to patch
     efficiency = _BF16_AMX_THREAD_EFFICIENCY if amx else _THREAD_EFFICIENCY
+    block_keys = _block_keys(call.q_len)
     forward_gain = None
     if blocks is segs and threads >= 2:  # the forward deals the segments themselves: their works and deal in one pass
         item, item_sum, rows, forward_gain = _item_work_gain(
-            segs, causal, window, width, call.heads, threads, efficiency
+            segs, causal, window, width, call.heads, threads, efficiency, block_keys
         )
     else:
-        item, item_sum, rows = _item_work_sums(segs, causal, window, width)  # one (segment, head) item each
+        item, item_sum, rows = _item_work_sums(
+            segs, causal, window, width, block_keys=block_keys
+        )  # a (segment, head) item
     outside = call.batch * call.q_len - rows  # query rows in no segment (not walked)
     serial = _CALL_COST + outside * call.heads * width * _ROW_COST
     if call.q.dtype not in (torch.float32, torch.float64) and not MODES.covers(call.q.dtype, call.device_type):
@@ -512,14 +534,15 @@ def cost(call) -> float:
     kernel = item_sum * call.heads  # on one thread
     factor = mode_factor(MODES, call)
     if call.needs_grad:  # the backward's runs read and write twice the bytes per key: their own charges
-        item, back_sum, _ = _item_work_sums(segs, causal, window, width, _BACKWARD_KEY_BYTES)
+        item, back_sum, _ = _item_work_sums(segs, causal, window, width, _BACKWARD_KEY_BYTES, block_keys)
         back = back_sum * call.heads
     if threads < 2:
         if not call.needs_grad:
             return (serial + kernel) * factor
         return serial * factor + kernel + back * (factor - 1) + stored_copies
     if forward_gain is None:  # the forward's blocks cut the segments
-        forward_gain = _pulls_gain(_item_work(blocks, causal, window, width), call.heads, threads, efficiency)
+        work = _item_work(blocks, causal, window, width, block_keys=block_keys)
+        forward_gain = _pulls_gain(work, call.heads, threads, efficiency)
     forward = serial + kernel / forward_gain
     if not call.needs_grad:
         return forward * factor
@@ -537,7 +560,12 @@ def _forward_blocks(call, segs: torch.Tensor) -> torch.Tensor:
 
 
 def _item_work(
-    segs: torch.Tensor, causal: bool, window: int | None, width: int, key_bytes: float = _FORWARD_KEY_BYTES
+    segs: torch.Tensor,
+    causal: bool,
+    window: int | None,
+    width: int,
+    key_bytes: float = _FORWARD_KEY_BYTES,
+    block_keys: int = _NEVER,
 ) -> np.ndarray:
     """``(N,)`` float64: the estimate of each segment's work on one head (its pairs, its query rows). Each query walks
     its own run of keys (causal: query ``i`` of a segment sees ``clamp(i + offset + 1, 0, k_len)`` keys, less those
@@ -547,35 +575,69 @@ def _item_work(
     pass in C (``attnmask_item_work``, in closed form per segment: ~2 us on 106 segments), or the per-query numpy
     form below where the kernel is not built.
 
+    A segment of at least ``block_keys`` keys (``_block_keys``) runs in the kernel's blocked form, whose two charges
+    are ``_BLOCKED_SHORT_SCALE`` and ``_BLOCKED_LONG_SCALE`` of those (``_pair_charges``).
+
     Example: a causal document of 100 keys at ``D = Dv = 64`` (512 bytes a key in the forward): its first 32
     queries' runs stay within 16 KiB, at ``_PAIR_COST``; its last ones (up to 50 KiB) most of the way to
     ``_LONG_PAIR_COST``."""
-    return _item_work_sums(segs, causal, window, width, key_bytes)[0]
+    return _item_work_sums(segs, causal, window, width, key_bytes, block_keys)[0]
+
+
+def _pair_charges(blocked: bool) -> tuple[float, float]:
+    """A pair's charge in a run of keys that stays in L1 and in one past ``_LONG_RUN_BYTES``: the row form's, or
+    the blocked form's shares of them."""
+    if blocked:
+        return _PAIR_COST * _BLOCKED_SHORT_SCALE, _LONG_PAIR_COST * _BLOCKED_LONG_SCALE
+    return _PAIR_COST, _LONG_PAIR_COST
 
 
 def _item_work_sums(
-    segs: torch.Tensor, causal: bool, window: int | None, width: int, key_bytes: float = _FORWARD_KEY_BYTES
+    segs: torch.Tensor,
+    causal: bool,
+    window: int | None,
+    width: int,
+    key_bytes: float = _FORWARD_KEY_BYTES,
+    block_keys: int = _NEVER,
 ) -> tuple[np.ndarray, float, int]:
     """:func:`_item_work`, with the works' sum and the segments' query rows (the C pass adds them up as it goes)."""
     lib = _library()
     if isinstance(lib, str):
-        work = _item_work_numpy(segs, causal, window, width, key_bytes)
+        work = _item_work_numpy(segs, causal, window, width, key_bytes, block_keys)
         return work, float(work.sum()), int(segs.numpy()[:, 2].sum())
     address, _held = segments_address(segs)
     n = segs.shape[0]
     out = (ctypes.c_double * (n + 2))()  # a ctypes array: its address costs less than a numpy array's after a kernel
-    lib.attnmask_item_work(address, *_item_work_args(n, causal, window, width, key_bytes), out)
+    lib.attnmask_item_work(address, *_item_work_args(n, causal, window, width, key_bytes, block_keys), out)
     return np.frombuffer(out, dtype=np.float64, count=n), out[n], int(out[n + 1])
 
 
-def _item_work_args(n: int, causal: bool, window: int | None, width: int, key_bytes: float) -> tuple:
+def _item_work_args(n: int, causal: bool, window: int | None, width: int, key_bytes: float, block_keys: int) -> tuple:
     """``attnmask_item_work``'s arguments after the segments' address, up to its output."""
-    charges = (_PAIR_COST, _LONG_PAIR_COST, _SHORT_RUN_BYTES, _LONG_RUN_BYTES, pair_width(width, _EXTRA_PAIR_WIDTH))
-    return (n, int(causal), -1 if window is None else window, float(width), key_bytes * width, *charges, _ROW_COST)
+    charges = (*_pair_charges(False), _SHORT_RUN_BYTES, _LONG_RUN_BYTES, pair_width(width, _EXTRA_PAIR_WIDTH))
+    window = -1 if window is None else window
+    return (
+        n,
+        int(causal),
+        window,
+        float(width),
+        key_bytes * width,
+        *charges,
+        _ROW_COST,
+        *_pair_charges(True),
+        block_keys,
+    )
 
 
 def _item_work_gain(
-    segs: torch.Tensor, causal: bool, window: int | None, width: int, repeat: int, threads: int, share: float
+    segs: torch.Tensor,
+    causal: bool,
+    window: int | None,
+    width: int,
+    repeat: int,
+    threads: int,
+    share: float,
+    block_keys: int = _NEVER,
 ) -> tuple[np.ndarray, float, int, float]:
     """:func:`_item_work_sums` (the forward's runs) and :func:`_pulls_gain` of those works (``repeat`` times,
     ``threads`` >= 2 threads at ``share`` of a core) in one C call (``attnmask_item_work_makespan``), or the two
@@ -583,20 +645,32 @@ def _item_work_gain(
     lib = _library()
     n = segs.shape[0]
     if isinstance(lib, str) or not n:
-        work, total, rows = _item_work_sums(segs, causal, window, width)
+        work, total, rows = _item_work_sums(segs, causal, window, width, block_keys=block_keys)
         return work, total, rows, _pulls_gain(work, repeat, threads, share)
     address, _held = segments_address(segs)
     chunk = _chunk(n * repeat, threads)
     pulls = -(-n * repeat // chunk)
     out, scratch = (ctypes.c_double * (n + 2))(), (ctypes.c_double * (pulls + threads + 1))()
-    args = (*_item_work_args(n, causal, window, width, _FORWARD_KEY_BYTES), out, repeat, chunk, threads, scratch)
+    args = (
+        *_item_work_args(n, causal, window, width, _FORWARD_KEY_BYTES, block_keys),
+        out,
+        repeat,
+        chunk,
+        threads,
+        scratch,
+    )
     most = lib.attnmask_item_work_makespan(address, *args)
     gain = _dealt_gain(scratch[pulls + threads], most, min(threads, pulls), share)
     return np.frombuffer(out, dtype=np.float64, count=n), out[n], int(out[n + 1]), gain
 
 
 def _item_work_numpy(
-    segs: torch.Tensor, causal: bool, window: int | None, width: int, key_bytes: float = _FORWARD_KEY_BYTES
+    segs: torch.Tensor,
+    causal: bool,
+    window: int | None,
+    width: int,
+    key_bytes: float = _FORWARD_KEY_BYTES,
+    block_keys: int = _NEVER,
 ) -> np.ndarray:
     """:func:`_item_work` in numpy, on the segments' view, query by query (O(B·Q) memory: the form the C pass's
     closed form is held to, and the estimate where the kernel is not built)."""
@@ -611,7 +685,9 @@ def _item_work_numpy(
     else:
         seg, run = np.arange(len(s)), k_len
     share = np.clip((run * (key_bytes * width) - _SHORT_RUN_BYTES) / (_LONG_RUN_BYTES - _SHORT_RUN_BYTES), 0.0, 1.0)
-    charged = run * (_PAIR_COST + (_LONG_PAIR_COST - _PAIR_COST) * share)
+    blocked = k_len[seg] >= block_keys
+    (short, long), (block_short, block_long) = _pair_charges(False), _pair_charges(True)
+    charged = run * np.where(blocked, block_short + (block_long - block_short) * share, short + (long - short) * share)
     if not causal:
         charged = charged * q_len
     pairs = np.bincount(seg, weights=charged, minlength=len(s)) if len(s) else np.zeros(0)

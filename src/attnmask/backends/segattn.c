@@ -42,7 +42,8 @@ typedef struct {
     const int64_t *st;                 /* (b, h, l) strides of q, k, v, out, dout; then K */
     const int64_t *segs;
     int64_t nseg, H, Hkv, Q, D, Dv, kmax, window;
-    int causal, blocked;
+    int causal;
+    int64_t block_keys; /* segments of at least this many keys take the blocked form */
     double scale, softcap;
     const void *sinks, *slopes;        /* (H,) each in the kernel's dtype, or NULL */
     int64_t n_items, next, chunk;      /* next: shared counter; chunk: items per pull */
@@ -242,7 +243,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                           J->sinks != NULL};                                                                           \
         const int64_t D = J->D;                                                                                        \
         if (ql <= 0) return 0;                                                                                         \
-        if (!J->blocked) { /* the row form: one dot product per pair, no copy of k */                                  \
+        if (kl < J->block_keys) { /* the row form: one dot product per pair, no copy of k */                           \
             for (int64_t i = 0; i < ql; i++) {                                                                         \
                 int64_t lo, hi;                                                                                        \
                 key_range(J, i, off, kl, &lo, &hi);                                                                    \
@@ -433,7 +434,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         return 0;                                                                                                      \
     }                                                                                                                  \
     static int backward_item_##SUF(const job_t *J, int64_t item, T *s, T *dp, scratch_t *X) {                          \
-        if (J->blocked) return backward_block_##SUF(J, item, X);                                                       \
+        if (J->segs[6 * (item / J->Hkv) + 4] >= J->block_keys) return backward_block_##SUF(J, item, X);                \
         const int64_t *st = J->st, *g = J->segs + 6 * (item / J->Hkv);                                                 \
         int64_t kvh = item % J->Hkv, rep = J->H / J->Hkv, D = J->D, Dv = J->Dv, K = st[15];                            \
         int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];                                      \
@@ -530,7 +531,7 @@ static int run(job_t *J, int threads, void *(*worker)(void *)) {
     return failed ? 1 : 0;
 }
 
-/* dims: H, Hkv, Q, D, Dv, kmax, window, causal, blocked (see the blocked form above); strides: 16 int64, the (b, h, l)
+/* dims: H, Hkv, Q, D, Dv, kmax, window, causal, block_keys (see the blocked form above); strides: 16 int64, the (b, h, l)
  * element strides of q, k, v, out and dout, then K (the key length of the contiguous dk / dv); softcap (0: none),
  * sinks and slopes ((H,) or NULL): the score modifiers. Returns 0, or 1 when a thread's scratch allocation failed, 2
  * for an unknown dtype. */
@@ -543,7 +544,7 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
     J.st = strides, J.segs = segs, J.nseg = nseg, J.scale = scale, J.backward = backward;
     J.softcap = softcap, J.sinks = sinks, J.slopes = slopes;
     J.H = dims[0], J.Hkv = dims[1], J.Q = dims[2], J.D = dims[3], J.Dv = dims[4], J.kmax = dims[5];
-    J.window = dims[6], J.causal = (int)dims[7], J.blocked = (int)dims[8];
+    J.window = dims[6], J.causal = (int)dims[7], J.block_keys = dims[8];
     J.n_items = nseg * (backward ? J.Hkv : J.H);
     J.next = 0;
     if (dtype_bits == 32) return run(&J, threads, worker_f32);
@@ -760,20 +761,32 @@ static double run_sums_to(const run_charge_t *c, double x, double m, double top)
     return rise + (top - m) * flat + run_charge_sum(c, m - 1.0);
 }
 
-void attnmask_item_work(const int64_t *segs, int64_t n, int causal, int64_t window, double width, double key_bytes,
-                        double pair_cost, double long_pair_cost, double short_bytes, double long_bytes, double pair_w,
-                        double row_cost, double *out) {
-    double total = 0.0, rows = 0.0, slope = (long_pair_cost - pair_cost) * key_bytes / (long_bytes - short_bytes);
+static run_charge_t run_charges(double pair_cost, double long_pair_cost, double short_bytes, double long_bytes,
+                                double key_bytes) {
+    double slope = (long_pair_cost - pair_cost) * key_bytes / (long_bytes - short_bytes);
     run_charge_t c = {pair_cost, long_pair_cost, floor(short_bytes / key_bytes), floor(long_bytes / key_bytes),
                       pair_cost - slope * short_bytes / key_bytes, slope};
+    return c;
+}
+
+/* block_pair_cost / block_long_pair_cost: the two charges of a segment of at least block_keys keys (the kernel's
+ * blocked form) in place of pair_cost / long_pair_cost. */
+void attnmask_item_work(const int64_t *segs, int64_t n, int causal, int64_t window, double width, double key_bytes,
+                        double pair_cost, double long_pair_cost, double short_bytes, double long_bytes, double pair_w,
+                        double row_cost, double block_pair_cost, double block_long_pair_cost, int64_t block_keys,
+                        double *out) {
+    double total = 0.0, rows = 0.0;
+    const run_charge_t row_form = run_charges(pair_cost, long_pair_cost, short_bytes, long_bytes, key_bytes);
+    const run_charge_t blocked = run_charges(block_pair_cost, block_long_pair_cost, short_bytes, long_bytes, key_bytes);
     for (int64_t s = 0; s < n; s++) {
         const int64_t *g = segs + 6 * s;
+        const run_charge_t *c = g[4] >= block_keys ? &blocked : &row_form;
         double ql = (double)g[2], kl = (double)g[4], off = (double)g[5], charged;
         if (!causal) {
-            charged = ql * kl * run_charge(&c, kl);
+            charged = ql * kl * run_charge(c, kl);
         } else {
             double w = window >= 0 ? (double)window : INFINITY, m = w < kl ? w : kl, top = w < kl ? kl : w;
-            charged = run_sums_to(&c, off + ql, m, top) - run_sums_to(&c, off, m, top);
+            charged = run_sums_to(c, off + ql, m, top) - run_sums_to(c, off, m, top);
         }
         out[s] = charged * pair_w + ql * row_cost * width;
         total += out[s];
@@ -815,10 +828,11 @@ double attnmask_pull_makespan(const double *items, int64_t n, int64_t repeat, in
  * segments themselves, uncut): one call in place of two. Returns the makespan; out and scratch as theirs. */
 double attnmask_item_work_makespan(const int64_t *segs, int64_t n, int causal, int64_t window, double width,
                                    double key_bytes, double pair_cost, double long_pair_cost, double short_bytes,
-                                   double long_bytes, double pair_w, double row_cost, double *out, int64_t repeat,
+                                   double long_bytes, double pair_w, double row_cost, double block_pair_cost,
+                                   double block_long_pair_cost, int64_t block_keys, double *out, int64_t repeat,
                                    int64_t chunk, int64_t threads, double *scratch) {
     attnmask_item_work(segs, n, causal, window, width, key_bytes, pair_cost, long_pair_cost, short_bytes, long_bytes,
-                       pair_w, row_cost, out);
+                       pair_w, row_cost, block_pair_cost, block_long_pair_cost, block_keys, out);
     return attnmask_pull_makespan(out, n, repeat, chunk, threads, scratch);
 }
 
