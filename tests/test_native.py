@@ -354,7 +354,8 @@ def test_each_query_of_a_causal_document_is_charged_by_its_own_run(width, length
 def test_segments_in_the_blocked_form_are_charged_its_shares_of_the_pair_charges(monkeypatch):
     """From ``BLOCK_MIN_QUERIES`` queries a call, a segment of at least ``BLOCK_MIN_KEYS`` keys runs (and is priced)
     in the blocked form: its pairs at ``_BLOCKED_SHORT_SCALE`` / ``_BLOCKED_LONG_SCALE`` of the row form's charges,
-    its rows as before; a shorter segment, and every segment of a decoding-sized call, at the row form's."""
+    its keys' copy at ``_BLOCKED_KEY_COST``, its rows as before; a shorter segment, and every segment of a
+    decoding-sized call, at the row form's."""
     assert N._block_keys(N.BLOCK_MIN_QUERIES - 1) == N._NEVER and N._block_keys(N.BLOCK_MIN_QUERIES) == N.BLOCK_MIN_KEYS
     keys = N.BLOCK_MIN_KEYS
     segs = torch.tensor([[0, 0, 300, 0, 300, 0], [0, 300, keys - 1, 300, keys - 1, 0]])
@@ -363,7 +364,8 @@ def test_segments_in_the_blocked_form_are_charged_its_shares_of_the_pair_charges
     monkeypatch.setattr(N, "_PAIR_COST", N._PAIR_COST * N._BLOCKED_SHORT_SCALE)
     monkeypatch.setattr(N, "_LONG_PAIR_COST", N._LONG_PAIR_COST * N._BLOCKED_LONG_SCALE)
     scaled = N._item_work(segs, True, None, 128)
-    assert blocked[0] == pytest.approx(scaled[0], rel=1e-12) and blocked[0] < row_form[0]
+    copy = 300 * 128 * N._BLOCKED_KEY_COST  # the segment's keys transposed, per element of D + Dv
+    assert copy > 0 and blocked[0] == pytest.approx(scaled[0] + copy, rel=1e-12) and blocked[0] < row_form[0]
     assert blocked[1] == pytest.approx(row_form[1], rel=1e-12)
 
 

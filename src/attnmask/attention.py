@@ -135,7 +135,12 @@ def available_backends() -> tuple[str, ...]:
 # bfloat16 with a backward is left to the costs at every head size: torch's bfloat16 SDPA backward at small heads ran
 # 1.16-1.22x the fastest backend's time in the Xeon's rule cells at D = 16 (RESULTS.md, issue 15, "SDPA's bfloat16
 # backward at small heads"), and its estimate now prices that backward at its own width.
-_STOCK_MAX_KEYS = 256
+# Rows of 129-256 keys are left to the costs since native's blocked form (2026-12-06, Xeon, 2 threads): on rows of 256
+# at D = 16-64 native ran 1.03-1.32x faster than SDPA on documents of ~180 and ~400 tokens and windows of half the row
+# (benchmarks/bench_head_dim.py), and the tiny Llama's training step on rows of 256 read 1.06-1.08x packed + dense-mask
+# SDPA with the costs deciding against 1.00-1.04x with the rule (bench_hf_train.py; rows of 128: 1.00-1.02x against
+# 1.04-1.05x, so they keep it; RESULTS.md, issue 15, "native's blocked form").
+_STOCK_MAX_KEYS = 128
 _STOCK_MIN_FRACTION = 0.2
 _STOCK_MAX_WIDTH = 128
 _STOCK_MAX_WIDTH_BACKWARD = 64
@@ -468,7 +473,7 @@ def attention(
       ``q`` with exactly ``H`` heads (per *query* head under grouped-query attention; else a ``ShapeError`` naming
       both) and runs on the backends that declare ``per_head``: ``"reference"``, ``"sdpa"`` (an O(B·H·Q·K) mask)
       and ``"flex"``; the others refuse it.
-    - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost; on CPU rows of at most 256 keys
+    - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost; on CPU rows of at most 128 keys
       whose spec allows at least a fifth of the pairs, ``"sdpa"``, decided without planning the others), ``"sdpa"``,
       ``"reference"``, ``"varlen"`` (per document), ``"blocksparse"`` (tiles of a block layout) or ``"flex"`` (compiled
       FlexAttention, opt-in; ``attnmask.backends.flex``), ``"banded"`` (rows of many short documents: one SDPA call on

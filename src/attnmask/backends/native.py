@@ -5,8 +5,10 @@ gives them) and head, the kernel in ``segattn.c`` walks the queries and, for eac
 softmax and the weighted sum of values in one pass, forward and backward (a hand-written gradient through the saved
 log-sum-exp). It computes exactly the useful pairs with no per-document call, no gather and no mask, which is what
 thousands of documents of a few tokens need: there the per-document SDPA loop pays tens of microseconds per call and
-batched matmuls pay per tiny matrix. Long documents stay with ``"varlen"`` (SDPA's blocked matrix products are faster
-there); ``"auto"`` chooses by ``native_cost``.
+batched matmuls pay per tiny matrix. From ``BLOCK_MIN_QUERIES`` queries a call, a document of ``BLOCK_MIN_KEYS`` keys
+or more takes the kernel's blocked form (its keys transposed once, four query rows scored per step, each key's
+gradient added once per four rows), which made documents of hundreds of tokens, windows and chunks its ground too
+(RESULTS.md, issue 15, "native's blocked form"); ``"auto"`` chooses by ``cost``.
 
 The C source is compiled on first use with the system C compiler and loaded with ctypes (``backends._clib``).
 Without a compiler, or with ``ATTNMASK_NATIVE=0``, the backend reports itself unsupported and ``"auto"`` uses the
@@ -384,6 +386,9 @@ _LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the X
 # without AMX tiles measured the blocked form, so both kinds take these shares of their own row charges.
 _BLOCKED_SHORT_SCALE = 0.8
 _BLOCKED_LONG_SCALE = 0.6
+# ... and each key of such a segment, per element of D + Dv, for its transposed copy (made once per item: where few
+# queries read each key, a decoding step of 16 queries, it weighs).
+_BLOCKED_KEY_COST = 10.0
 _SHORT_RUN_BYTES = 16 << 10
 _LONG_RUN_BYTES = 64 << 10
 # Bytes per element of D + Dv that a run reads for each of its keys: the forward's k and v rows in float32; the
@@ -397,8 +402,10 @@ _BACKWARD_KEY_BYTES = 8.0
 # fitted by benchmarks/bench_head_dim.py --fit.
 # Per CPU kind (``_common.per_cpu_kind``: with AMX tiles, other): fitted on each CPU's own head-size tables; the
 # Xeon's four (benchmarks/head_dim/s30_*.json, two runs at one and two threads) put 128 where the AMD EPYC's put
-# 192 (RESULTS.md, issue 15, "Head sizes on the Xeon").
-_EXTRA_PAIR_WIDTHS = (128.0, 192.0)
+# 192 (RESULTS.md, issue 15, "Head sizes on the Xeon"). Since the kernel's blocked form the Xeon's fit reads 96 (its
+# two-thread head-size table of 2026-12-06, benchmarks/head_dim/s33_t2.json: the estimates' picks 72 -> 87 of 96 within
+# 1.1x of the fastest; RESULTS.md, issue 15, "native's blocked form").
+_EXTRA_PAIR_WIDTHS = (96.0, 192.0)
 _EXTRA_PAIR_WIDTH = per_cpu_kind(_EXTRA_PAIR_WIDTHS)
 _ROW_COSTS = (50.0, 42.5)  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
 _ROW_COST = per_cpu_kind(_ROW_COSTS)
@@ -616,17 +623,8 @@ def _item_work_args(n: int, causal: bool, window: int | None, width: int, key_by
     """``attnmask_item_work``'s arguments after the segments' address, up to its output."""
     charges = (*_pair_charges(False), _SHORT_RUN_BYTES, _LONG_RUN_BYTES, pair_width(width, _EXTRA_PAIR_WIDTH))
     window = -1 if window is None else window
-    return (
-        n,
-        int(causal),
-        window,
-        float(width),
-        key_bytes * width,
-        *charges,
-        _ROW_COST,
-        *_pair_charges(True),
-        block_keys,
-    )
+    blocked = (*_pair_charges(True), _BLOCKED_KEY_COST, block_keys)
+    return (n, int(causal), window, float(width), key_bytes * width, *charges, _ROW_COST, *blocked)
 
 
 def _item_work_gain(
@@ -691,7 +689,8 @@ def _item_work_numpy(
     if not causal:
         charged = charged * q_len
     pairs = np.bincount(seg, weights=charged, minlength=len(s)) if len(s) else np.zeros(0)
-    return pairs * pair_width(width, _EXTRA_PAIR_WIDTH) + q_len * _ROW_COST * width
+    copies = np.where(k_len >= block_keys, k_len * width * _BLOCKED_KEY_COST, 0.0)
+    return pairs * pair_width(width, _EXTRA_PAIR_WIDTH) + q_len * _ROW_COST * width + copies
 
 
 def _threads_gain(items: np.ndarray, efficiency: float | None = None) -> float:
