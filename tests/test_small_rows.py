@@ -369,6 +369,24 @@ def test_auto_runs_stock_sdpa_on_a_small_row_with_a_wide_window():
     assert not am.explain(q, k, v, narrow).stock
 
 
+def test_rows_past_128_keys_keep_the_stock_rule_only_where_native_cannot_run_the_call():
+    """On rows of 129-256 keys a masked call goes to the costs where ``"native"`` can run it (its blocked form beat
+    SDPA there), and keeps the stock rule where it cannot (right padding: the padding queries see real keys, and the
+    costs picked SDPA after 1-2 ms of planning) and for a decoding step; rows of at most 128 keys keep it either way."""
+    real = (torch.arange(256)[None] < torch.tensor([[256], [200], [150]])).long()
+    right_padded = am.causal() & am.key_padding(real)
+    documents = packed([[180, 76], [256], [100, 100, 56]], 256)
+    q, k, v = qkv(length=256)
+    assert A._native_runs(A._prepare_call(q, k, v, documents, None, None, None), tuple(A._BACKENDS.values()))
+    assert not am.explain(q, k, v, documents).stock
+    padded = am.explain(q, k, v, right_padded)
+    assert padded.stock and padded.picked == "sdpa"
+    assert "padding queries" in str(dict(zip(padded.backends, padded.reasons, strict=True))["native"])
+    left = am.causal() & am.key_padding(real.flip(1))
+    assert am.explain(q[:, :, -1:], k, v, left).stock  # a decoding step (one query) that native could run
+    assert not am.explain(q, k, v, left).stock  # the whole rows: native runs left padding
+
+
 def test_the_stock_rule_leaves_wide_heads_to_the_costs():
     """Heads of ``D + Dv`` over ``_STOCK_MAX_WIDTH`` (128) on a masked small row are costed, not sent to stock SDPA (at
     D = 128 SDPA ran over 1.1x the fastest in 44 of 48 such head-size cells); D = 64 keeps the rule, as do plain

@@ -135,12 +135,15 @@ def available_backends() -> tuple[str, ...]:
 # bfloat16 with a backward is left to the costs at every head size: torch's bfloat16 SDPA backward at small heads ran
 # 1.16-1.22x the fastest backend's time in the Xeon's rule cells at D = 16 (RESULTS.md, issue 15, "SDPA's bfloat16
 # backward at small heads"), and its estimate now prices that backward at its own width.
-# Rows of 129-256 keys are left to the costs since native's blocked form (2026-12-06, Xeon, 2 threads): on rows of 256
-# at D = 16-64 native ran 1.03-1.32x faster than SDPA on documents of ~180 and ~400 tokens and windows of half the row
-# (benchmarks/bench_head_dim.py), and the tiny Llama's training step on rows of 256 read 1.06-1.08x packed + dense-mask
-# SDPA with the costs deciding against 1.00-1.04x with the rule (bench_hf_train.py; rows of 128: 1.00-1.02x against
-# 1.04-1.05x, so they keep it; RESULTS.md, issue 15, "native's blocked form").
-_STOCK_MAX_KEYS = 128
+# A masked call on rows of more than _STOCK_NATIVE_KEYS keys that "native" can run is left to the costs since native's
+# blocked form (2026-12-06, Xeon, 2 threads): on rows of 256 at D = 16-64 native ran 1.03-1.32x faster than SDPA on
+# documents of ~180 and ~400 tokens and windows of half the row (benchmarks/bench_head_dim.py), and the tiny Llama's
+# training step on rows of 256 read 1.06-1.08x packed + dense-mask SDPA with the costs deciding against 1.00-1.04x
+# with the rule (bench_hf_train.py; rows of 128: 1.00-1.02x against 1.04-1.05x, so they keep it). Where native cannot
+# run the call (right padding: padding queries see real keys) the costs picked SDPA after 1-2 ms of planning on 8 rows
+# of 256 (bench_small_rows.py), so the rule holds there (RESULTS.md, issue 15, "native's blocked form").
+_STOCK_MAX_KEYS = 256
+_STOCK_NATIVE_KEYS = 128
 _STOCK_MIN_FRACTION = 0.2
 _STOCK_MAX_WIDTH = 128
 _STOCK_MAX_WIDTH_BACKWARD = 64
@@ -171,7 +174,8 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
     must not be in bfloat16) and a spec allowing at least ``_STOCK_MIN_FRACTION`` of the pairs
     (``_STOCK_DECODE_MIN_FRACTION`` on rows past ``_STOCK_MAX_KEYS``; ``_stock_fraction``: a few O(B·K) operations,
     not counted for a call of at most ``_STOCK_TINY_WORK`` multiply-adds on short rows), decided without planning or
-    costing the other backends.
+    costing the other backends; on rows of more than ``_STOCK_NATIVE_KEYS`` keys such a masked call (not a decoding
+    step) only where ``"native"`` cannot run it (``_native_runs``: its plan, which the costs would build anyway).
     ``None`` for any other call (the costs decide), and whenever ``registry`` holds a backend registered at run time
     (the crossover was measured against the built-in ones only). The call's own conditions come first: on the costs
     path (masked rows, few pairs) the fraction alone refuses, and SDPA's support is not asked twice."""
@@ -191,12 +195,22 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
             fraction = _stock_fraction(call)
             if fraction is None or fraction < (_STOCK_MIN_FRACTION if short else _STOCK_DECODE_MIN_FRACTION):
                 return None
+        if call.kv_len > _STOCK_NATIVE_KEYS and not decoding and _native_runs(call, registry):
+            return None
     sdpa = _BACKENDS.get("sdpa")
     if sdpa is None or any(id(b) not in _BUILT_IN for b in registry) or not any(b is sdpa for b in registry):
         return None
     if not sdpa.auto_on(call.device_type) or sdpa.not_supported_reasons(call):
         return None
     return sdpa
+
+
+def _native_runs(call: AttentionCall, registry: tuple[Backend, ...]) -> bool:
+    """Whether the registered ``"native"`` backend may run ``call`` under ``"auto"``."""
+    native = _BACKENDS.get("native")
+    if native is None or not any(b is native for b in registry) or not native.auto_on(call.device_type):
+        return False
+    return not native.not_supported_reasons(call)
 
 
 def _stock_fraction(call: AttentionCall) -> float | None:
@@ -473,7 +487,7 @@ def attention(
       ``q`` with exactly ``H`` heads (per *query* head under grouped-query attention; else a ``ShapeError`` naming
       both) and runs on the backends that declare ``per_head``: ``"reference"``, ``"sdpa"`` (an O(B·H·Q·K) mask)
       and ``"flex"``; the others refuse it.
-    - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost; on CPU rows of at most 128 keys
+    - ``backend``: ``"auto"`` (cheapest that supports the inputs, by estimated cost; on CPU rows of at most 256 keys
       whose spec allows at least a fifth of the pairs, ``"sdpa"``, decided without planning the others), ``"sdpa"``,
       ``"reference"``, ``"varlen"`` (per document), ``"blocksparse"`` (tiles of a block layout) or ``"flex"`` (compiled
       FlexAttention, opt-in; ``attnmask.backends.flex``), ``"banded"`` (rows of many short documents: one SDPA call on
