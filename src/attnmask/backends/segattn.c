@@ -170,7 +170,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             y[d] += p0 * LD(x0[d]) + p1 * LD(x1[d]) + p2 * LD(x2[d]) + p3 * LD(x3[d]);                                 \
     }                                                                                                                  \
     /* The end of one query row once its scores s[0 .. n) are in (keys lo .. hi of the segment; rel = lo - a, a the    \
-       query's position minus the segment's first key): the modifiers, the softmax and the weighted sum of the     \
+       query's position minus the segment's first key): the modifiers, the softmax and the weighted sum of the         \
        value rows v (from key lo, ld apart) into oi, and the row's log-sum-exp. */                                     \
     static inline void finish_row_##SUF(T *restrict s, int64_t n, int64_t rel, const KV *v, int64_t ld, int64_t Dv,    \
                                         T *restrict oi, T *lse_i, T *restrict acc, const T *mod) {                     \
@@ -325,6 +325,23 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
 
 #define DEFINE_KERNELS(T, SUF, EXP, LOG, TANH)                                                                         \
     DEFINE_FORWARD(T, SUF, T, SAME, EXP, LOG, TANH)                                                                    \
+    /* What the backward of an item of segment g reads and writes of query head h: its rows of q, the output, dO,      \
+       lse and dq, and its ALiBi slope. */                                                                             \
+    typedef struct {                                                                                                   \
+        const T *q, *o, *dO, *lse;                                                                                     \
+        T *dq, slope;                                                                                                  \
+    } head_##SUF;                                                                                                      \
+    static inline head_##SUF head_rows_##SUF(const job_t *J, const int64_t *g, int64_t h) {                            \
+        const int64_t *st = J->st, b = g[0], qs = g[1];                                                                \
+        head_##SUF r;                                                                                                  \
+        r.q = (const T *)J->q + b * st[0] + h * st[1] + qs * st[2];                                                    \
+        r.o = (const T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                                \
+        r.dO = (const T *)J->dout + b * st[12] + h * st[13] + qs * st[14];                                             \
+        r.lse = (const T *)J->lse + (b * J->H + h) * J->Q + qs;                                                        \
+        r.dq = (T *)J->dq + ((b * J->H + h) * J->Q + qs) * J->D;                                                       \
+        r.slope = J->slopes ? ((const T *)J->slopes)[h] : 0;                                                           \
+        return r;                                                                                                      \
+    }                                                                                                                  \
     /* y += c0 x0 + c1 x1 + c2 x2 + c3 x3 over n elements: four query rows' share of one key's gradient row. */        \
     static inline void axpy4r_##SUF(T *restrict y, const T *c, const T *const *x, int64_t n) {                         \
         const T *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];                                                        \
@@ -338,7 +355,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
     static int backward_block_##SUF(const job_t *J, int64_t item, scratch_t *X) {                                      \
         const int64_t *st = J->st, *g = J->segs + 6 * (item / J->Hkv);                                                 \
         int64_t kvh = item % J->Hkv, rep = J->H / J->Hkv, D = J->D, Dv = J->Dv, K = st[15];                            \
-        int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];                                      \
+        int64_t b = g[0], ql = g[2], ks = g[3], kl = g[4], off = g[5];                                                 \
         if (ql <= 0) return 0;                                                                                         \
         const T *k = (const T *)J->k + b * st[3] + kvh * st[4] + ks * st[5];                                           \
         const T *v = (const T *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                           \
@@ -361,12 +378,9 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         transpose_##SUF(kt, ld, k + klo * st[5], st[5], n, D);                                                         \
         transpose_##SUF(vt, ld, v + klo * st[8], st[8], n, Dv);                                                        \
         for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++) {                                                        \
-            const T slope = J->slopes ? ((const T *)J->slopes)[h] : 0;                                                 \
-            const T *q = (const T *)J->q + b * st[0] + h * st[1] + qs * st[2];                                         \
-            const T *o = (const T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                     \
-            const T *dO = (const T *)J->dout + b * st[12] + h * st[13] + qs * st[14];                                  \
-            const T *lse = (const T *)J->lse + (b * J->H + h) * J->Q + qs;                                             \
-            T *dq = (T *)J->dq + ((b * J->H + h) * J->Q + qs) * D;                                                     \
+            const head_##SUF hd = head_rows_##SUF(J, g, h);                                                            \
+            const T slope = hd.slope, *q = hd.q, *o = hd.o, *dO = hd.dO, *lse = hd.lse;                                \
+            T *dq = hd.dq;                                                                                             \
             for (int64_t i0 = 0; i0 < ql; i0 += 4) {                                                                   \
                 const T *qr[4], *dr[4];                                                                                \
                 int64_t rlo[4], rhi[4], ulo = khi, uhi = klo, clo = klo, chi = khi;                                    \
@@ -437,19 +451,16 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         if (J->segs[6 * (item / J->Hkv) + 4] >= J->block_keys) return backward_block_##SUF(J, item, X);                \
         const int64_t *st = J->st, *g = J->segs + 6 * (item / J->Hkv);                                                 \
         int64_t kvh = item % J->Hkv, rep = J->H / J->Hkv, D = J->D, Dv = J->Dv, K = st[15];                            \
-        int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];                                      \
+        int64_t b = g[0], ql = g[2], ks = g[3], kl = g[4], off = g[5];                                                 \
         const T *k = (const T *)J->k + b * st[3] + kvh * st[4] + ks * st[5];                                           \
         const T *v = (const T *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                           \
         T *dk = (T *)J->dk + ((b * J->Hkv + kvh) * K + ks) * D;                                                        \
         T *dv = (T *)J->dv + ((b * J->Hkv + kvh) * K + ks) * Dv;                                                       \
         const T scale = (T)J->scale, cap = (T)J->softcap, inv_cap = J->softcap > 0 ? (T)(1 / J->softcap) : 0;          \
         for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++) {                                                        \
-            const T slope = J->slopes ? ((const T *)J->slopes)[h] : 0;                                                 \
-            const T *q = (const T *)J->q + b * st[0] + h * st[1] + qs * st[2];                                         \
-            const T *o = (const T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                     \
-            const T *dO = (const T *)J->dout + b * st[12] + h * st[13] + qs * st[14];                                  \
-            const T *lse = (const T *)J->lse + (b * J->H + h) * J->Q + qs;                                             \
-            T *dq = (T *)J->dq + ((b * J->H + h) * J->Q + qs) * D;                                                     \
+            const head_##SUF hd = head_rows_##SUF(J, g, h);                                                            \
+            const T slope = hd.slope, *q = hd.q, *o = hd.o, *dO = hd.dO, *lse = hd.lse;                                \
+            T *dq = hd.dq;                                                                                             \
             for (int64_t i = 0; i < ql; i++) {                                                                         \
                 int64_t lo, hi;                                                                                        \
                 key_range(J, i, off, kl, &lo, &hi);                                                                    \
@@ -531,10 +542,10 @@ static int run(job_t *J, int threads, void *(*worker)(void *)) {
     return failed ? 1 : 0;
 }
 
-/* dims: H, Hkv, Q, D, Dv, kmax, window, causal, block_keys (see the blocked form above); strides: 16 int64, the (b, h, l)
- * element strides of q, k, v, out and dout, then K (the key length of the contiguous dk / dv); softcap (0: none),
- * sinks and slopes ((H,) or NULL): the score modifiers. Returns 0, or 1 when a thread's scratch allocation failed, 2
- * for an unknown dtype. */
+/* dims: H, Hkv, Q, D, Dv, kmax, window, causal, block_keys (see the blocked form above); strides: 16 int64, the
+ * (b, h, l) element strides of q, k, v, out and dout, then K (the key length of the contiguous dk / dv); softcap (0:
+ * none), sinks and slopes ((H,) or NULL): the score modifiers. Returns 0, or 1 when a thread's scratch allocation
+ * failed, 2 for an unknown dtype. */
 int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k, const void *v, void *res,
                      const void *dout, void *lse, void *dq, void *dk, void *dv, const int64_t *strides,
                      const int64_t *dims, const int64_t *segs, int64_t nseg, double scale, double softcap,
