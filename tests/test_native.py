@@ -144,6 +144,21 @@ def test_alibi_on_documents_equals_naive_in_either_form_of_the_kernel(q_len):
 
 
 @pytest.mark.parametrize("q_len", [15, 32])
+def test_a_query_row_reads_the_values_of_the_keys_it_sees_only(q_len):
+    """A NaN in the value row of key 6 reaches the rows that see it (6 and later, causal) and no earlier one, though
+    the blocked forward sums four rows' values at once (rows 4-7 share a block: their common keys 0-4 together, keys
+    5-7 row by row); the other rows equal the naive reference."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, q_len, 8, dtype=torch.float64) for _ in range(3))
+    bad = v.clone()
+    bad[0, :, 6, 2] = torch.nan
+    got = N.segment_attention(q, k, bad, torch.tensor([[0, 0, q_len, 0, q_len, 0]]), causal=True)
+    assert got[0, :, :6].isfinite().all() and got[0, :, 6:, 2].isnan().all()
+    want = naive_attention(q, k, v, am.causal().to_dense(q_len)[:, None])  # the rows before 6 never read key 6
+    torch.testing.assert_close(got[0, :, :6], want[0, :, :6], atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("q_len", [15, 32])
 def test_a_query_row_adds_to_the_gradients_of_the_keys_it_sees_only(q_len):
     """An infinite query element makes its own row NaN and the gradients of the keys that row sees; the keys after
     it, which only later rows of its block of four see, keep the gradient of those rows (the blocked backward sums

@@ -259,6 +259,7 @@ def forward_items(segs: torch.Tensor, heads: int, threads: int) -> torch.Tensor:
     s = segs.numpy()
     q_len = s[:, 2]
     rows = max(_MIN_BLOCK_ROWS, -(-int(q_len.sum()) * heads // want))
+    rows = -(-rows // 4) * 4  # the kernel's blocks of four query rows then fall alike in a cut segment and a whole one
     blocks = np.maximum((q_len + rows - 1) // rows, 1)
     if int(blocks.max()) == 1:
         return segs

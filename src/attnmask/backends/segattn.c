@@ -106,12 +106,15 @@ static inline float bf16_f32(uint16_t x) {
 }
 #define SAME(x) (x)
 
-/* The blocked form (dims[8] = 1; the caller sets it from a few queries a call up, never for a decoding step, whose keys
- * are each read by a few queries, where copying them would cost more than it saves): an item's keys (and in the
- * backward its values) are transposed once into a (D, keys) copy and four query rows at a time take their scores from
- * it, one vector of LANES keys per step, accumulated over d: no horizontal sum per score, and each key element loaded
- * once for four queries. Scratch per thread, grown to the largest item: D (+ Dv) + 8 rows of the item's keys (rounded
- * up to LANES, plus LANES) and four query rows. */
+/* The blocked form, on segments of at least dims[8] keys (the caller sets it from a few queries a call up, and never
+ * for a decoding step, whose keys are each read by a few queries, where copying them would cost more than it saves):
+ * an item's keys (and in the backward its values) are transposed once into a (D, keys) copy and four query rows at a
+ * time take their scores from it, one vector of LANES keys per step, accumulated over d: no horizontal sum per score,
+ * and each key element loaded once for four queries; the forward then sums the value rows of the four rows' common
+ * keys once for the four (axpy4x4), and the backward adds each such key's dk and dv once for them. A block's rows are
+ * the item's rows 0-3, 4-7, ...: the caller cuts a segment for the threads at multiples of four rows, so a row has
+ * the same partners, and the same sums, whatever the cut. Scratch per thread, grown to the largest item: D (+ Dv) + 8
+ * rows of the item's keys (rounded up to LANES, plus LANES), four query rows and four value rows. */
 #define BLOCK_KEYS 16
 #define LANES(T) ((int64_t)(64 / sizeof(T)))
 typedef float vec_float __attribute__((vector_size(64)));
@@ -172,8 +175,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
     /* The end of one query row once its scores s[0 .. n) are in (keys lo .. hi of the segment; rel = lo - a, a the    \
        query's position minus the segment's first key): the modifiers, the softmax and the weighted sum of the         \
        value rows v (from key lo, ld apart) into oi, and the row's log-sum-exp. */                                     \
-    static inline void finish_row_##SUF(T *restrict s, int64_t n, int64_t rel, const KV *v, int64_t ld, int64_t Dv,    \
-                                        T *restrict oi, T *lse_i, T *restrict acc, const T *mod) {                     \
+    static inline T softmax_row_##SUF(T *restrict s, int64_t n, int64_t rel, const T *mod, T *m_out) {                 \
         const T scale = mod[0], cap = mod[1], inv_cap = mod[2], slope = mod[3], sink = mod[4];                         \
         const int sunk = mod[5] != 0;                                                                                  \
         int64_t j;                                                                                                     \
@@ -190,12 +192,38 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         _Pragma("omp simd") for (j = 0; j < n; j++) s[j] = EXP(s[j] - m);                                              \
         _Pragma("omp simd reduction(+ : sum)") for (j = 0; j < n; j++) sum += s[j];                                    \
         if (sunk) sum += EXP(sink - m);                                                                                \
+        *m_out = m;                                                                                                    \
+        return sum;                                                                                                    \
+    }                                                                                                                  \
+    /* acc[0 .. Dv) += the n value rows v (ld apart) weighted by p. */                                                 \
+    static inline void weigh_values_##SUF(T *restrict acc, const T *p, int64_t n, const KV *v, int64_t ld,             \
+                                          int64_t Dv) {                                                                \
+        int64_t j = 0;                                                                                                 \
+        for (; j + 4 <= n; j += 4) axpy4_##SUF(acc, p + j, v + j * ld, ld, Dv);                                        \
+        for (; j < n; j++) axpy_##SUF(acc, p[j], v + j * ld, Dv);                                                      \
+    }                                                                                                                  \
+    static inline void finish_row_##SUF(T *restrict s, int64_t n, int64_t rel, const KV *v, int64_t ld, int64_t Dv,    \
+                                        T *restrict oi, T *lse_i, T *restrict acc, const T *mod) {                     \
+        T m, sum = softmax_row_##SUF(s, n, rel, mod, &m);                                                              \
         for (int64_t d = 0; d < Dv; d++) acc[d] = 0;                                                                   \
-        for (j = 0; j + 4 <= n; j += 4) axpy4_##SUF(acc, s + j, v + j * ld, ld, Dv);                                   \
-        for (; j < n; j++) axpy_##SUF(acc, s[j], v + j * ld, Dv);                                                      \
+        weigh_values_##SUF(acc, s, n, v, ld, Dv);                                                                      \
         T inv = 1 / sum;                                                                                               \
         for (int64_t d = 0; d < Dv; d++) oi[d] = acc[d] * inv;                                                         \
         *lse_i = m + LOG(sum);                                                                                         \
+    }                                                                                                                  \
+    /* Four rows' accumulators y[r] += their weights p[r][0 .. 4) times four value rows x (ld apart): each value       \
+       element loaded once for the four rows. */                                                                       \
+    static inline void axpy4x4_##SUF(T *const *y, const T *const *p, const KV *restrict x, int64_t ld, int64_t n) {    \
+        T *restrict y0 = y[0], *restrict y1 = y[1], *restrict y2 = y[2], *restrict y3 = y[3];                          \
+        const T *p0 = p[0], *p1 = p[1], *p2 = p[2], *p3 = p[3];                                                        \
+        const KV *x0 = x, *x1 = x + ld, *x2 = x + 2 * ld, *x3 = x + 3 * ld;                                            \
+        _Pragma("omp simd") for (int64_t d = 0; d < n; d++) {                                                          \
+            const T v0 = LD(x0[d]), v1 = LD(x1[d]), v2 = LD(x2[d]), v3 = LD(x3[d]);                                    \
+            y0[d] += p0[0] * v0 + p0[1] * v1 + p0[2] * v2 + p0[3] * v3;                                                \
+            y1[d] += p1[0] * v0 + p1[1] * v1 + p1[2] * v2 + p1[3] * v3;                                                \
+            y2[d] += p2[0] * v0 + p2[1] * v1 + p2[2] * v2 + p2[3] * v3;                                                \
+            y3[d] += p3[0] * v0 + p3[1] * v1 + p3[2] * v2 + p3[3] * v3;                                                \
+        }                                                                                                              \
     }                                                                                                                  \
     /* kt (D, ld): the n key rows k[0 .. n) (src apart) transposed and widened to T, zero up to column ld. */          \
     static void transpose_##SUF(T *restrict kt, int64_t ld, const KV *restrict k, int64_t src, int64_t n, int64_t D) { \
@@ -271,7 +299,8 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         T *kt = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * D * ld);                                                    \
         T *S = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 4 * ld);                                                     \
         T *q4 = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * 4 * D);                                                     \
-        if (!kt || !S || !q4) return 1;                                                                                \
+        T *A = (T *)grow(&X->p4, &X->p4_size, sizeof(T) * 4 * J->Dv); /* four rows' weighted values */                 \
+        if (!kt || !S || !q4 || !A) return 1;                                                                          \
         transpose_##SUF(kt, ld, k + klo * st[5], st[5], n, D);                                                         \
         for (int64_t i0 = 0; i0 < ql; i0 += 4) {                                                                       \
             const int64_t R = ql - i0 < 4 ? ql - i0 : 4;                                                               \
@@ -282,17 +311,45 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             key_range(J, i0, off, kl, &ulo, &hi);                                                                      \
             key_range(J, i0 + R - 1, off, kl, &lo, &uhi);                                                              \
             if (uhi > ulo) scores4_##SUF(qr, kt, ld, D, ulo - klo, uhi - klo, S, ld);                                  \
+            int64_t rlo[4], rhi[4], clo = klo, chi = khi, full = R == 4;                                               \
             for (int64_t r = 0; r < R; r++) {                                                                          \
-                const int64_t i = i0 + r;                                                                              \
-                key_range(J, i, off, kl, &lo, &hi);                                                                    \
-                T *oi = o + i * st[11];                                                                                \
-                if (hi <= lo) {                                                                                        \
-                    for (int64_t d = 0; d < J->Dv; d++) oi[d] = 0;                                                     \
-                    lse[i] = -INFINITY;                                                                                \
-                    continue;                                                                                          \
-                }                                                                                                      \
-                finish_row_##SUF(S + r * ld + lo - klo, hi - lo, lo - i - off, v + lo * st[8], st[8], J->Dv, oi,       \
-                                 lse + i, acc, mod);                                                                   \
+                key_range(J, i0 + r, off, kl, &rlo[r], &rhi[r]);                                                       \
+                clo = rlo[r] > clo ? rlo[r] : clo, chi = rhi[r] < chi ? rhi[r] : chi;                                  \
+                if (rhi[r] > rlo[r]) continue;                                                                         \
+                T *oi = o + (i0 + r) * st[11]; /* no allowed key: exactly 0, and the backward skips the row */         \
+                for (int64_t d = 0; d < J->Dv; d++) oi[d] = 0;                                                         \
+                lse[i0 + r] = -INFINITY;                                                                               \
+                full = 0;                                                                                              \
+            }                                                                                                          \
+            if (!full || chi - clo < 4) { /* a row at a time */                                                        \
+                for (int64_t r = 0; r < R; r++)                                                                        \
+                    if (rhi[r] > rlo[r])                                                                               \
+                        finish_row_##SUF(S + r * ld + rlo[r] - klo, rhi[r] - rlo[r], rlo[r] - i0 - r - off,            \
+                                         v + rlo[r] * st[8], st[8], J->Dv, o + (i0 + r) * st[11], lse + i0 + r,        \
+                                         acc, mod);                                                                    \
+                continue;                                                                                              \
+            }                                                                                                          \
+            /* four rows with a common range of keys clo .. chi: their weights, then each value row of that range      \
+               loaded once for the four (the keys only some rows see, at most three at each end: row by row) */        \
+            T m[4], sum[4], *y[4];                                                                                     \
+            const T *p[4];                                                                                             \
+            for (int64_t r = 0; r < 4; r++) {                                                                          \
+                T *pr = S + r * ld + rlo[r] - klo; /* the row's weights from key rlo[r] */                             \
+                sum[r] = softmax_row_##SUF(pr, rhi[r] - rlo[r], rlo[r] - i0 - r - off, mod, &m[r]);                    \
+                y[r] = A + r * J->Dv;                                                                                  \
+                for (int64_t d = 0; d < J->Dv; d++) y[r][d] = 0;                                                       \
+                weigh_values_##SUF(y[r], pr, clo - rlo[r], v + rlo[r] * st[8], st[8], J->Dv);                          \
+            }                                                                                                          \
+            int64_t j = clo;                                                                                           \
+            for (; j + 4 <= chi; j += 4) {                                                                             \
+                for (int64_t r = 0; r < 4; r++) p[r] = S + r * ld + j - klo;                                           \
+                axpy4x4_##SUF(y, p, v + j * st[8], st[8], J->Dv);                                                      \
+            }                                                                                                          \
+            for (int64_t r = 0; r < 4; r++) {                                                                          \
+                weigh_values_##SUF(y[r], S + r * ld + j - klo, rhi[r] - j, v + j * st[8], st[8], J->Dv);               \
+                T inv = 1 / sum[r], *oi = o + (i0 + r) * st[11];                                                       \
+                for (int64_t d = 0; d < J->Dv; d++) oi[d] = y[r][d] * inv;                                             \
+                lse[i0 + r] = m[r] + LOG(sum[r]);                                                                      \
             }                                                                                                          \
         }                                                                                                              \
         return 0;                                                                                                      \
