@@ -372,7 +372,8 @@ def test_auto_runs_stock_sdpa_on_a_small_row_with_a_wide_window():
 def test_rows_past_128_keys_keep_the_stock_rule_only_where_native_cannot_run_the_call():
     """On rows of 129-256 keys a masked call goes to the costs where ``"native"`` can run it (its blocked form beat
     SDPA there), and keeps the stock rule where it cannot (right padding: the padding queries see real keys, and the
-    costs picked SDPA after 1-2 ms of planning) and for a decoding step; rows of at most 128 keys keep it either way."""
+    costs picked SDPA after 1-2 ms of planning), for a decoding step and for a call too small to plan (at most
+    ``_STOCK_TINY_WORK`` multiply-adds); rows of at most 128 keys keep it either way."""
     real = (torch.arange(256)[None] < torch.tensor([[256], [200], [150]])).long()
     right_padded = am.causal() & am.key_padding(real)
     documents = packed([[180, 76], [256], [100, 100, 56]], 256)
@@ -385,6 +386,8 @@ def test_rows_past_128_keys_keep_the_stock_rule_only_where_native_cannot_run_the
     left = am.causal() & am.key_padding(real.flip(1))
     assert am.explain(q[:, :, -1:], k, v, left).stock  # a decoding step (one query) that native could run
     assert not am.explain(q, k, v, left).stock  # the whole rows: native runs left padding
+    tiny = [t[:, :1, :, :2] for t in (q, k, v)]  # 3·1·256·256·4 = 786,432 multiply-adds: no pair count, no plan
+    assert 3 * 256 * 256 * 4 <= A._STOCK_TINY_WORK and am.explain(*tiny, documents).stock
 
 
 def test_the_stock_rule_leaves_wide_heads_to_the_costs():

@@ -175,7 +175,8 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
     (``_STOCK_DECODE_MIN_FRACTION`` on rows past ``_STOCK_MAX_KEYS``; ``_stock_fraction``: a few O(B·K) operations,
     not counted for a call of at most ``_STOCK_TINY_WORK`` multiply-adds on short rows), decided without planning or
     costing the other backends; on rows of more than ``_STOCK_NATIVE_KEYS`` keys such a masked call (not a decoding
-    step) only where ``"native"`` cannot run it (``_native_runs``: its plan, which the costs would build anyway).
+    step, nor a call of at most ``_STOCK_TINY_WORK``) only where ``"native"`` cannot run it (``_native_runs``: its
+    plan, which the costs would build anyway).
     ``None`` for any other call (the costs decide), and whenever ``registry`` holds a backend registered at run time
     (the crossover was measured against the built-in ones only). The call's own conditions come first: on the costs
     path (masked rows, few pairs) the fraction alone refuses, and SDPA's support is not asked twice."""
@@ -195,8 +196,8 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
             fraction = _stock_fraction(call)
             if fraction is None or fraction < (_STOCK_MIN_FRACTION if short else _STOCK_DECODE_MIN_FRACTION):
                 return None
-        if call.kv_len > _STOCK_NATIVE_KEYS and not decoding and _native_runs(call, registry):
-            return None
+            if call.kv_len > _STOCK_NATIVE_KEYS and not decoding and _native_runs(call, registry):
+                return None
     sdpa = _BACKENDS.get("sdpa")
     if sdpa is None or any(id(b) not in _BUILT_IN for b in registry) or not any(b is sdpa for b in registry):
         return None
