@@ -6,9 +6,10 @@ softmax and the weighted sum of values in one pass, forward and backward (a hand
 log-sum-exp). It computes exactly the useful pairs with no per-document call, no gather and no mask, which is what
 thousands of documents of a few tokens need: there the per-document SDPA loop pays tens of microseconds per call and
 batched matmuls pay per tiny matrix. From ``BLOCK_MIN_QUERIES`` queries a call, a document of ``BLOCK_MIN_KEYS`` keys
-or more takes the kernel's blocked form (its keys transposed once, four query rows scored per step, each key's
-gradient added once per four rows), which made documents of hundreds of tokens, windows and chunks its ground too
-(RESULTS.md, issue 15, "native's blocked form"); ``"auto"`` chooses by ``cost``.
+or more takes the kernel's blocked form (its keys transposed once, four query rows scored per step, the rows in
+panels that walk their keys in cache-sized tiles with an online softmax, four rows' or four keys' sums held in
+registers), which made documents of hundreds of tokens, windows, chunks and long causal rows its ground too (RESULTS.md,
+issue 15, "native's blocked form", "native's tiles"); ``"auto"`` chooses by ``cost``.
 
 The C source is compiled on first use with the system C compiler and loaded with ctypes (``backends._clib``).
 Without a compiler, or with ``ATTNMASK_NATIVE=0``, the backend reports itself unsupported and ``"auto"`` uses the

@@ -19,9 +19,11 @@
  * through an atomic counter, 8 at a time (1 when there are fewer than 64 per thread): an OpenMP team when built with
  * -fopenmp (GCC's runtime is then the one torch loaded, one per process, whose threads are already awake after torch's
  * last parallel region), else pthreads started for the call. Memory: two scratch vectors of max(k_len) scores and one
- * of Dv + D per thread; in the blocked form (below) also the item's keys transposed, in the backward its values too,
- * and four rows of scores (two in the backward): (D [+ Dv] + 4 [8]) x (the item's keys + 2 LANES) elements per thread,
- * grown to the largest item (a causal segment of 8,192 keys at D = Dv = 64 in float32: 4.3 MiB in the backward).
+ * of Dv + D per thread; in the blocked form (below) also the item's keys transposed, in the backward its values too
+ * ((D [+ Dv]) x the item's keys, rounded up to LANES plus LANES, elements), and a panel's tile of scores and rows:
+ * forward 4 x (TILE_KEYS + 2 LANES) + PANEL_ROWS x (Dv + 2), backward 2 PANEL_ROWS x (TILE_KEYS + 2 LANES) +
+ * PANEL_ROWS x (D + Dv + 1) elements per thread, grown to the largest item (a causal segment of 8,192 keys at D = Dv =
+ * 64 in float32: 4.2 MiB in the backward, 2.0 MiB in the forward).
  *
  * Score modifiers, in this order on each score s = scale * q.k: softcap c > 0 (0: none): s -> c tanh(s / c); ALiBi
  * slopes (NULL: none), one per query head: s -> s - slope_h (i + offset - j), the query's minus the key's position;
@@ -108,18 +110,45 @@ static inline float bf16_f32(uint16_t x) {
 
 /* The blocked form, on segments of at least dims[8] keys (the caller sets it from a few queries a call up, and never
  * for a decoding step, whose keys are each read by a few queries, where copying them would cost more than it saves):
- * an item's keys (and in the backward its values) are transposed once into a (D, keys) copy and four query rows at a
- * time take their scores from it, one vector of LANES keys per step, accumulated over d: no horizontal sum per score,
- * and each key element loaded once for four queries; the forward then sums the value rows of the four rows' common
- * keys once for the four (axpy4x4), and the backward adds each such key's dk and dv once for them. A block's rows are
- * the item's rows 0-3, 4-7, ...: the caller cuts a segment for the threads at multiples of four rows, so a row has
- * the same partners, and the same sums, whatever the cut. Scratch per thread, grown to the largest item: D (+ Dv) + 8
- * rows of the item's keys (rounded up to LANES, plus LANES), four query rows and four value rows. */
-#define BLOCK_KEYS 16
+ * an item's keys (and in the backward its values) are transposed once into blocks of LANES keys and four query rows
+ * at a time take their scores from them, two vectors of keys per step, accumulated over d: no horizontal sum per
+ * score, and each key element loaded once for four queries. The rows go in panels of PANEL_ROWS and a panel walks
+ * its keys in tiles of TILE_KEYS, so that a tile's keys and values (and in the backward their dk and dv rows) stay in
+ * cache while the panel's rows use them: the forward keeps an online softmax per row across its tiles (running max,
+ * sum and weighted values, rescaled when the max grows), the backward recomputes P from the saved lse. Sums over the
+ * four rows' common keys keep a slice of four rows' outputs in registers (pv4): the forward's weighted values and the
+ * backward's dq, and the backward's dk and dv of four keys over the rows all four see. A block's rows are the item's
+ * rows 0-3, 4-7, ..., and tiles start at multiples of TILE_KEYS of the segment's keys: the caller cuts a segment for
+ * the threads at multiples of four rows, so a row has the same partners and tiles, and the same sums, whatever the
+ * cut. */
+#define PANEL_ROWS 64
+#define TILE_KEYS 256
 #define LANES(T) ((int64_t)(64 / sizeof(T)))
 typedef float vec_float __attribute__((vector_size(64)));
 typedef double vec_double __attribute__((vector_size(64)));
 #define VEC(T) vec_##T
+
+/* One vector of LANES elements from x (unaligned), widened to float32 for bfloat16. */
+static inline vec_float ldv_f32(const float *x) {
+    vec_float r;
+    __builtin_memcpy(&r, x, sizeof r);
+    return r;
+}
+static inline vec_double ldv_f64(const double *x) {
+    vec_double r;
+    __builtin_memcpy(&r, x, sizeof r);
+    return r;
+}
+typedef uint16_t vec_half __attribute__((vector_size(32)));
+typedef uint32_t vec_word __attribute__((vector_size(64)));
+static inline vec_float ldv_bf16(const uint16_t *x) {
+    vec_half h;
+    vec_float r;
+    __builtin_memcpy(&h, x, sizeof h);
+    vec_word w = __builtin_convertvector(h, vec_word) << 16;
+    __builtin_memcpy(&r, &w, sizeof r);
+    return r;
+}
 
 typedef struct {
     void *kt, *vt, *s4, *p4, *q4;
@@ -202,6 +231,34 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         for (; j + 4 <= n; j += 4) axpy4_##SUF(acc, p + j, v + j * ld, ld, Dv);                                        \
         for (; j < n; j++) axpy_##SUF(acc, p[j], v + j * ld, Dv);                                                      \
     }                                                                                                                  \
+    /* One row's scores s[0 .. n) of a key tile (keys from rel relative to the query's position, as in softmax_row):   \
+       the modifiers, then a step of the row's online softmax: its running max *m and sum *l (its weighted values y    \
+       rescaled when the max grows; a max starts at -inf, or at the sink's logit with *l = 1) and the tile's weights   \
+       exp(s - max) in place. Comparisons skip a NaN score, whose weight is then NaN, as in softmax_row. */            \
+    static inline void tile_row_##SUF(T *restrict s, int64_t n, int64_t rel, const T *mod, T *m, T *l, T *restrict y,  \
+                                      int64_t Dv) {                                                                    \
+        const T scale = mod[0], cap = mod[1], inv_cap = mod[2], slope = mod[3];                                        \
+        int64_t j;                                                                                                     \
+        T top = *m, sum = 0;                                                                                           \
+        if (cap > 0) {                                                                                                 \
+            _Pragma("omp simd simdlen(16)") for (j = 0; j < n; j++) s[j] = cap * TANH(s[j] * scale * inv_cap);         \
+        } else {                                                                                                       \
+            _Pragma("omp simd simdlen(16)") for (j = 0; j < n; j++) s[j] *= scale;                                     \
+        }                                                                                                              \
+        if (slope != 0) {                                                                                              \
+            _Pragma("omp simd simdlen(16)") for (j = 0; j < n; j++) s[j] += slope * (T)(j + rel);                      \
+        }                                                                                                              \
+        _Pragma("omp simd simdlen(16) reduction(max : top)") for (j = 0; j < n; j++) top = s[j] > top ? s[j] : top;    \
+        if (top != *m) {                                                                                               \
+            const T alpha = EXP(*m - top);                                                                             \
+            *l *= alpha;                                                                                               \
+            for (int64_t d = 0; d < Dv; d++) y[d] *= alpha;                                                            \
+            *m = top;                                                                                                  \
+        }                                                                                                              \
+        _Pragma("omp simd simdlen(16)") for (j = 0; j < n; j++) s[j] = EXP(s[j] - top);                                \
+        _Pragma("omp simd simdlen(16) reduction(+ : sum)") for (j = 0; j < n; j++) sum += s[j];                        \
+        *l += sum;                                                                                                     \
+    }                                                                                                                  \
     static inline void finish_row_##SUF(T *restrict s, int64_t n, int64_t rel, const KV *v, int64_t ld, int64_t Dv,    \
                                         T *restrict oi, T *lse_i, T *restrict acc, const T *mod) {                     \
         T m, sum = softmax_row_##SUF(s, n, rel, mod, &m);                                                              \
@@ -211,49 +268,111 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         for (int64_t d = 0; d < Dv; d++) oi[d] = acc[d] * inv;                                                         \
         *lse_i = m + LOG(sum);                                                                                         \
     }                                                                                                                  \
-    /* Four rows' accumulators y[r] += their weights p[r][0 .. 4) times four value rows x (ld apart): each value       \
-       element loaded once for the four rows. */                                                                       \
-    static inline void axpy4x4_##SUF(T *const *y, const T *const *p, const KV *restrict x, int64_t ld, int64_t n) {    \
-        T *restrict y0 = y[0], *restrict y1 = y[1], *restrict y2 = y[2], *restrict y3 = y[3];                          \
-        const T *p0 = p[0], *p1 = p[1], *p2 = p[2], *p3 = p[3];                                                        \
-        const KV *x0 = x, *x1 = x + ld, *x2 = x + 2 * ld, *x3 = x + 3 * ld;                                            \
-        _Pragma("omp simd") for (int64_t d = 0; d < n; d++) {                                                          \
-            const T v0 = LD(x0[d]), v1 = LD(x1[d]), v2 = LD(x2[d]), v3 = LD(x3[d]);                                    \
-            y0[d] += p0[0] * v0 + p0[1] * v1 + p0[2] * v2 + p0[3] * v3;                                                \
-            y1[d] += p1[0] * v0 + p1[1] * v1 + p1[2] * v2 + p1[3] * v3;                                                \
-            y2[d] += p2[0] * v0 + p2[1] * v1 + p2[2] * v2 + p2[3] * v3;                                                \
-            y3[d] += p3[0] * v0 + p3[1] * v1 + p3[2] * v2 + p3[3] * v3;                                                \
-        }                                                                                                              \
-    }                                                                                                                  \
-    /* kt (D, ld): the n key rows k[0 .. n) (src apart) transposed and widened to T, zero up to column ld. */          \
-    static void transpose_##SUF(T *restrict kt, int64_t ld, const KV *restrict k, int64_t src, int64_t n, int64_t D) { \
-        int64_t j = 0;                                                                                                 \
-        for (; j + BLOCK_KEYS <= n; j += BLOCK_KEYS)                                                                   \
-            for (int64_t d = 0; d < D; d++) {                                                                          \
-                _Pragma("omp simd") for (int64_t c = 0; c < BLOCK_KEYS; c++)                                           \
-                    kt[d * ld + j + c] = LD(k[(j + c) * src + d]);                                                     \
+    /* y[r][0 .. Dv) += the sum over the n keys j of p[r][j * ps] times value row j (v, ld apart), for four rows: a    \
+       slice of up to 4 LANES elements of the four rows' sums stays in registers across the keys, each value element   \
+       loaded once for the four rows. Each row's sum runs in key order, whatever its partners. (The backward also sums \
+       the rows of q into four keys' dk rows with it, the weights then a column of dS: ps its row length.) */          \
+    static inline void pv4_##SUF(T *const *y, const T *const *p, int64_t ps, const KV *v, int64_t ld, int64_t n,       \
+                                 int64_t Dv) {                                                                         \
+        const int64_t W = LANES(T);                                                                                    \
+        int64_t d0 = 0;                                                                                                \
+        for (; d0 + 4 * W <= Dv; d0 += 4 * W) {                                                                        \
+            VEC(T) a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};             \
+            VEC(T) a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};             \
+            for (int64_t j = 0; j < n; j++) {                                                                          \
+                const KV *x = v + j * ld + d0;                                                                         \
+                const VEC(T) x0 = ldv_##SUF(x), x1 = ldv_##SUF(x + W);                                                 \
+                const VEC(T) x2 = ldv_##SUF(x + 2 * W), x3 = ldv_##SUF(x + 3 * W);                                     \
+                const T c0 = p[0][j * ps], c1 = p[1][j * ps], c2 = p[2][j * ps], c3 = p[3][j * ps];                    \
+                a00 += c0 * x0, a01 += c0 * x1, a02 += c0 * x2, a03 += c0 * x3;                                        \
+                a10 += c1 * x0, a11 += c1 * x1, a12 += c1 * x2, a13 += c1 * x3;                                        \
+                a20 += c2 * x0, a21 += c2 * x1, a22 += c2 * x2, a23 += c2 * x3;                                        \
+                a30 += c3 * x0, a31 += c3 * x1, a32 += c3 * x2, a33 += c3 * x3;                                        \
             }                                                                                                          \
-        for (int64_t d = 0; d < D; d++) {                                                                              \
-            for (int64_t c = j; c < n; c++) kt[d * ld + c] = LD(k[c * src + d]);                                       \
-            for (int64_t c = n; c < ld; c++) kt[d * ld + c] = 0;                                                       \
+            const VEC(T) sums[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23},               \
+                                       {a30, a31, a32, a33}};                                                          \
+            for (int r = 0; r < 4; r++)                                                                                \
+                for (int c = 0; c < 4; c++) {                                                                          \
+                    VEC(T) t;                                                                                          \
+                    __builtin_memcpy(&t, y[r] + d0 + c * W, sizeof t);                                                 \
+                    t += sums[r][c];                                                                                   \
+                    __builtin_memcpy(y[r] + d0 + c * W, &t, sizeof t);                                                 \
+                }                                                                                                      \
+        }                                                                                                              \
+        for (; d0 + W <= Dv; d0 += W) {                                                                                \
+            VEC(T) a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                             \
+            for (int64_t j = 0; j < n; j++) {                                                                          \
+                const VEC(T) x0 = ldv_##SUF(v + j * ld + d0);                                                          \
+                a0 += p[0][j * ps] * x0, a1 += p[1][j * ps] * x0, a2 += p[2][j * ps] * x0, a3 += p[3][j * ps] * x0;    \
+            }                                                                                                          \
+            const VEC(T) sums[4] = {a0, a1, a2, a3};                                                                   \
+            for (int r = 0; r < 4; r++) {                                                                              \
+                VEC(T) t;                                                                                              \
+                __builtin_memcpy(&t, y[r] + d0, sizeof t);                                                             \
+                t += sums[r];                                                                                          \
+                __builtin_memcpy(y[r] + d0, &t, sizeof t);                                                             \
+            }                                                                                                          \
+        }                                                                                                              \
+        for (; d0 < Dv; d0++) /* the last Dv % LANES elements */                                                       \
+            for (int r = 0; r < 4; r++) {                                                                              \
+                T t = 0;                                                                                               \
+                for (int64_t j = 0; j < n; j++) t += p[r][j * ps] * LD(v[j * ld + d0]);                                \
+                y[r][d0] += t;                                                                                         \
+            }                                                                                                          \
+    }                                                                                                                  \
+    /* kt: the n key rows k[0 .. n) (src apart) widened to T in blocks of LANES keys, each block (D, LANES): key j's   \
+       element d at kt[(j / LANES) * D * LANES + d * LANES + j % LANES], so that a vector of keys at one d is one load \
+       and the next d is the next one; zero up to key ld (a multiple of LANES). */                                     \
+    static void transpose_##SUF(T *restrict kt, int64_t ld, const KV *restrict k, int64_t src, int64_t n, int64_t D) { \
+        const int64_t W = LANES(T);                                                                                    \
+        for (int64_t j = 0; j < ld; j += W) {                                                                          \
+            T *restrict blk = kt + j * D;                                                                              \
+            const int64_t m = n - j >= W ? W : n - j > 0 ? n - j : 0;                                                  \
+            if (m == W) {                                                                                              \
+                for (int64_t d = 0; d < D; d++) {                                                                      \
+                    _Pragma("omp simd") for (int64_t c = 0; c < W; c++) blk[d * W + c] = LD(k[(j + c) * src + d]);     \
+                }                                                                                                      \
+            } else {                                                                                                   \
+                for (int64_t d = 0; d < D; d++)                                                                        \
+                    for (int64_t c = 0; c < W; c++) blk[d * W + c] = c < m ? LD(k[(j + c) * src + d]) : 0;             \
+            }                                                                                                          \
         }                                                                                                              \
     }                                                                                                                  \
-    /* S (4, lds): the scores q_r . k_j of four query rows (D elements each, q[r]) against the keys j0 .. j1 of kt     \
-       (D, ld; readable up to the multiple of LANES past j1), at S[r * lds + j]. Each score is summed over d in        \
-       order in its own lane, whichever rows share the block: a row's scores are the same in any grouping. */          \
-    static void scores4_##SUF(const T *const *q, const T *kt, int64_t ld, int64_t D, int64_t j0, int64_t j1, T *S,     \
-                              int64_t lds) {                                                                           \
-        for (int64_t j = j0; j < j1; j += LANES(T)) {                                                                  \
+    /* S (4, lds): the scores q_r . k_j of four query rows (D elements each, q[r]) against the keys j0 .. j1 of kt (as \
+       transpose writes it; j0 a multiple of LANES), at S[r * lds + j - j0], whole vectors up to the multiple of LANES \
+       past j1. Each score is summed over d in order in its own lane, whichever rows share the block: a row's scores   \
+       are the same in any grouping. */                                                                                \
+    static void scores4_##SUF(const T *const *q, const T *kt, int64_t D, int64_t j0, int64_t j1, T *S, int64_t lds) {  \
+        const int64_t W = LANES(T);                                                                                    \
+        int64_t j = j0;                                                                                                \
+        for (; j + W < j1; j += 2 * W) { /* two vectors of keys a step: each row's element of q loaded once for both */\
+            const T *b0 = kt + j * D, *b1 = b0 + W * D;                                                                \
+            VEC(T) a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0};                     \
+            for (int64_t d = 0; d < D; d++) {                                                                          \
+                VEC(T) k0, k1;                                                                                         \
+                __builtin_memcpy(&k0, b0 + d * W, sizeof k0);                                                          \
+                __builtin_memcpy(&k1, b1 + d * W, sizeof k1);                                                          \
+                const T c0 = q[0][d], c1 = q[1][d], c2 = q[2][d], c3 = q[3][d];                                        \
+                a0 += c0 * k0, a1 += c1 * k0, a2 += c2 * k0, a3 += c3 * k0;                                            \
+                e0 += c0 * k1, e1 += c1 * k1, e2 += c2 * k1, e3 += c3 * k1;                                            \
+            }                                                                                                          \
+            T *s = S + j - j0;                                                                                         \
+            __builtin_memcpy(s, &a0, sizeof a0), __builtin_memcpy(s + W, &e0, sizeof e0);                              \
+            __builtin_memcpy(s + lds, &a1, sizeof a1), __builtin_memcpy(s + lds + W, &e1, sizeof e1);                  \
+            __builtin_memcpy(s + 2 * lds, &a2, sizeof a2), __builtin_memcpy(s + 2 * lds + W, &e2, sizeof e2);          \
+            __builtin_memcpy(s + 3 * lds, &a3, sizeof a3), __builtin_memcpy(s + 3 * lds + W, &e3, sizeof e3);          \
+        }                                                                                                              \
+        for (; j < j1; j += W) {                                                                                       \
+            const T *b0 = kt + j * D;                                                                                  \
             VEC(T) a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                             \
             for (int64_t d = 0; d < D; d++) {                                                                          \
                 VEC(T) kv;                                                                                             \
-                __builtin_memcpy(&kv, kt + d * ld + j, sizeof kv);                                                     \
+                __builtin_memcpy(&kv, b0 + d * W, sizeof kv);                                                          \
                 a0 += q[0][d] * kv, a1 += q[1][d] * kv, a2 += q[2][d] * kv, a3 += q[3][d] * kv;                        \
             }                                                                                                          \
-            __builtin_memcpy(S + j, &a0, sizeof a0);                                                                   \
-            __builtin_memcpy(S + lds + j, &a1, sizeof a1);                                                             \
-            __builtin_memcpy(S + 2 * lds + j, &a2, sizeof a2);                                                         \
-            __builtin_memcpy(S + 3 * lds + j, &a3, sizeof a3);                                                         \
+            T *s = S + j - j0;                                                                                         \
+            __builtin_memcpy(s, &a0, sizeof a0), __builtin_memcpy(s + lds, &a1, sizeof a1);                            \
+            __builtin_memcpy(s + 2 * lds, &a2, sizeof a2), __builtin_memcpy(s + 3 * lds, &a3, sizeof a3);              \
         }                                                                                                              \
     }                                                                                                                  \
     static int forward_item_##SUF(const job_t *J, int64_t item, T *s, T *acc, T *qrow, scratch_t *X) {                 \
@@ -289,67 +408,91 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             }                                                                                                          \
             return 0;                                                                                                  \
         }                                                                                                              \
-        /* blocks of four query rows against the keys transposed once per item: klo .. khi, every key a row of the     \
-           item may see (the ranges only move forward with the query) */                                               \
+        /* the blocked form: panels of PANEL_ROWS query rows; a panel walks the keys its rows see in tiles of TILE_KEYS\
+           (from multiples of TILE_KEYS of the segment's keys), each four rows at a time against the tile's keys in the\
+           item's transposed copy, so that the tile stays in cache for the panel's rows; each row keeps an online      \
+           softmax (its running max, sum and weighted values) across its tiles */                                      \
         int64_t klo, khi, lo, hi;                                                                                      \
         key_range(J, 0, off, kl, &klo, &hi);                                                                           \
         key_range(J, ql - 1, off, kl, &lo, &khi);                                                                      \
-        const int64_t n = khi > klo ? khi - klo : 0;                                                                   \
-        const int64_t ld = (n + LANES(T) - 1) / LANES(T) * LANES(T) + LANES(T);                                        \
+        const int64_t n = khi > klo ? khi - klo : 0, Dv = J->Dv;                                                       \
+        const int64_t ld = (n + LANES(T) - 1) / LANES(T) * LANES(T) + LANES(T), lds = TILE_KEYS + 2 * LANES(T);        \
         T *kt = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * D * ld);                                                    \
-        T *S = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 4 * ld);                                                     \
+        T *S = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 4 * lds);                                                    \
         T *q4 = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * 4 * D);                                                     \
-        T *A = (T *)grow(&X->p4, &X->p4_size, sizeof(T) * 4 * J->Dv); /* four rows' weighted values */                 \
+        /* the panel's rows: their weighted values, max and sum */                                                     \
+        T *A = (T *)grow(&X->p4, &X->p4_size, sizeof(T) * PANEL_ROWS * (Dv + 2));                                      \
         if (!kt || !S || !q4 || !A) return 1;                                                                          \
+        T *M = A + PANEL_ROWS * Dv, *Lsum = M + PANEL_ROWS;                                                            \
         transpose_##SUF(kt, ld, k + klo * st[5], st[5], n, D);                                                         \
-        for (int64_t i0 = 0; i0 < ql; i0 += 4) {                                                                       \
-            const int64_t R = ql - i0 < 4 ? ql - i0 : 4;                                                               \
-            const T *qr[4];                                                                                            \
-            for (int64_t r = 0; r < 4; r++) /* rows past the item's last: its first row again, scores unused */        \
-                qr[r] = row_##SUF(q + (i0 + (r < R ? r : 0)) * st[2], q4 + r * D, D);                                  \
-            int64_t ulo, uhi;                                                                                          \
-            key_range(J, i0, off, kl, &ulo, &hi);                                                                      \
-            key_range(J, i0 + R - 1, off, kl, &lo, &uhi);                                                              \
-            if (uhi > ulo) scores4_##SUF(qr, kt, ld, D, ulo - klo, uhi - klo, S, ld);                                  \
-            int64_t rlo[4], rhi[4], clo = klo, chi = khi, full = R == 4;                                               \
-            for (int64_t r = 0; r < R; r++) {                                                                          \
-                key_range(J, i0 + r, off, kl, &rlo[r], &rhi[r]);                                                       \
-                clo = rlo[r] > clo ? rlo[r] : clo, chi = rhi[r] < chi ? rhi[r] : chi;                                  \
-                if (rhi[r] > rlo[r]) continue;                                                                         \
-                T *oi = o + (i0 + r) * st[11]; /* no allowed key: exactly 0, and the backward skips the row */         \
-                for (int64_t d = 0; d < J->Dv; d++) oi[d] = 0;                                                         \
-                lse[i0 + r] = -INFINITY;                                                                               \
-                full = 0;                                                                                              \
+        for (int64_t p0 = 0; p0 < ql; p0 += PANEL_ROWS) {                                                              \
+            const int64_t pn = ql - p0 < PANEL_ROWS ? ql - p0 : PANEL_ROWS;                                            \
+            int64_t plo, phi;                                                                                          \
+            key_range(J, p0, off, kl, &plo, &hi);                                                                      \
+            key_range(J, p0 + pn - 1, off, kl, &lo, &phi);                                                             \
+            for (int64_t r = 0; r < pn; r++) {                                                                         \
+                M[r] = mod[5] != 0 ? mod[4] : -INFINITY, Lsum[r] = mod[5] != 0 ? 1 : 0;                                \
+                for (int64_t d = 0; d < Dv; d++) A[r * Dv + d] = 0;                                                    \
             }                                                                                                          \
-            if (!full || chi - clo < 4) { /* a row at a time */                                                        \
-                for (int64_t r = 0; r < R; r++)                                                                        \
-                    if (rhi[r] > rlo[r])                                                                               \
-                        finish_row_##SUF(S + r * ld + rlo[r] - klo, rhi[r] - rlo[r], rlo[r] - i0 - r - off,            \
-                                         v + rlo[r] * st[8], st[8], J->Dv, o + (i0 + r) * st[11], lse + i0 + r,        \
-                                         acc, mod);                                                                    \
-                continue;                                                                                              \
+            for (int64_t t0 = plo / TILE_KEYS * TILE_KEYS; t0 < phi; t0 += TILE_KEYS) {                                \
+                const int64_t t1 = t0 + TILE_KEYS < phi ? t0 + TILE_KEYS : phi;                                        \
+                for (int64_t i0 = p0; i0 < p0 + pn; i0 += 4) {                                                         \
+                    const int64_t R = p0 + pn - i0 < 4 ? p0 + pn - i0 : 4;                                             \
+                    int64_t x0[4], x1[4], u0, u1;                                                                      \
+                    key_range(J, i0, off, kl, &u0, &hi);                                                               \
+                    key_range(J, i0 + R - 1, off, kl, &lo, &u1);                                                       \
+                    u0 = u0 > t0 ? u0 : t0, u1 = u1 < t1 ? u1 : t1;                                                    \
+                    if (u1 <= u0) continue; /* no row of the four sees a key of the tile */                            \
+                    const T *qr[4];                                                                                    \
+                    T *y[4];                                                                                           \
+                    for (int64_t r = 0; r < 4; r++) /* rows past the item's last: its first row again, scores unused */\
+                        qr[r] = row_##SUF(q + (i0 + (r < R ? r : 0)) * st[2], q4 + r * D, D);                          \
+                    const int64_t a0 = klo + (u0 - klo) / LANES(T) * LANES(T); /* the key of S's column 0 */           \
+                    scores4_##SUF(qr, kt, D, a0 - klo, u1 - klo, S, lds);                                              \
+                    int64_t clo = u0, chi = u1, full = R == 4;                                                         \
+                    for (int64_t r = 0; r < R; r++) {                                                                  \
+                        const int64_t w = i0 + r - p0;                                                                 \
+                        key_range(J, i0 + r, off, kl, &x0[r], &x1[r]);                                                 \
+                        x0[r] = x0[r] > u0 ? x0[r] : u0, x1[r] = x1[r] < u1 ? x1[r] : u1;                              \
+                        y[r] = A + w * Dv;                                                                             \
+                        if (x1[r] <= x0[r]) {                                                                          \
+                            full = 0;                                                                                  \
+                            continue;                                                                                  \
+                        }                                                                                              \
+                        clo = x0[r] > clo ? x0[r] : clo, chi = x1[r] < chi ? x1[r] : chi;                              \
+                        tile_row_##SUF(S + r * lds + x0[r] - a0, x1[r] - x0[r], x0[r] - i0 - r - off, mod, M + w,      \
+                                       Lsum + w, y[r], Dv);                                                            \
+                    }                                                                                                  \
+                    if (!full || chi - clo < 4) { /* a row at a time */                                                \
+                        for (int64_t r = 0; r < R; r++)                                                                \
+                            if (x1[r] > x0[r])                                                                         \
+                                weigh_values_##SUF(y[r], S + r * lds + x0[r] - a0, x1[r] - x0[r], v + x0[r] * st[8],   \
+                                                   st[8], Dv);                                                         \
+                        continue;                                                                                      \
+                    }                                                                                                  \
+                    /* the four rows' common keys clo .. chi: each value row loaded once for the four (the keys only   \
+                       some rows see, at most three at each end: row by row) */                                        \
+                    const T *p[4];                                                                                     \
+                    for (int64_t r = 0; r < 4; r++)                                                                    \
+                        weigh_values_##SUF(y[r], S + r * lds + x0[r] - a0, clo - x0[r], v + x0[r] * st[8], st[8], Dv); \
+                    for (int64_t r = 0; r < 4; r++) p[r] = S + r * lds + clo - a0;                                     \
+                    pv4_##SUF(y, p, 1, v + clo * st[8], st[8], chi - clo, Dv);                                         \
+                    const int64_t j = chi;                                                                             \
+                    for (int64_t r = 0; r < 4; r++)                                                                    \
+                        weigh_values_##SUF(y[r], S + r * lds + j - a0, x1[r] - j, v + j * st[8], st[8], Dv);           \
+                }                                                                                                      \
             }                                                                                                          \
-            /* four rows with a common range of keys clo .. chi: their weights, then each value row of that range      \
-               loaded once for the four (the keys only some rows see, at most three at each end: row by row) */        \
-            T m[4], sum[4], *y[4];                                                                                     \
-            const T *p[4];                                                                                             \
-            for (int64_t r = 0; r < 4; r++) {                                                                          \
-                T *pr = S + r * ld + rlo[r] - klo; /* the row's weights from key rlo[r] */                             \
-                sum[r] = softmax_row_##SUF(pr, rhi[r] - rlo[r], rlo[r] - i0 - r - off, mod, &m[r]);                    \
-                y[r] = A + r * J->Dv;                                                                                  \
-                for (int64_t d = 0; d < J->Dv; d++) y[r][d] = 0;                                                       \
-                weigh_values_##SUF(y[r], pr, clo - rlo[r], v + rlo[r] * st[8], st[8], J->Dv);                          \
-            }                                                                                                          \
-            int64_t j = clo;                                                                                           \
-            for (; j + 4 <= chi; j += 4) {                                                                             \
-                for (int64_t r = 0; r < 4; r++) p[r] = S + r * ld + j - klo;                                           \
-                axpy4x4_##SUF(y, p, v + j * st[8], st[8], J->Dv);                                                      \
-            }                                                                                                          \
-            for (int64_t r = 0; r < 4; r++) {                                                                          \
-                weigh_values_##SUF(y[r], S + r * ld + j - klo, rhi[r] - j, v + j * st[8], st[8], J->Dv);               \
-                T inv = 1 / sum[r], *oi = o + (i0 + r) * st[11];                                                       \
-                for (int64_t d = 0; d < J->Dv; d++) oi[d] = y[r][d] * inv;                                             \
-                lse[i0 + r] = m[r] + LOG(sum[r]);                                                                      \
+            for (int64_t r = 0; r < pn; r++) {                                                                         \
+                T *oi = o + (p0 + r) * st[11];                                                                         \
+                key_range(J, p0 + r, off, kl, &lo, &hi);                                                               \
+                if (hi <= lo) { /* no allowed key: exactly 0, and the backward skips the row */                        \
+                    for (int64_t d = 0; d < Dv; d++) oi[d] = 0;                                                        \
+                    lse[p0 + r] = -INFINITY;                                                                           \
+                    continue;                                                                                          \
+                }                                                                                                      \
+                const T inv = 1 / Lsum[r];                                                                             \
+                for (int64_t d = 0; d < Dv; d++) oi[d] = A[r * Dv + d] * inv;                                          \
+                lse[p0 + r] = M[r] + LOG(Lsum[r]);                                                                     \
             }                                                                                                          \
         }                                                                                                              \
         return 0;                                                                                                      \
@@ -399,16 +542,14 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         r.slope = J->slopes ? ((const T *)J->slopes)[h] : 0;                                                           \
         return r;                                                                                                      \
     }                                                                                                                  \
-    /* y += c0 x0 + c1 x1 + c2 x2 + c3 x3 over n elements: four query rows' share of one key's gradient row. */        \
-    static inline void axpy4r_##SUF(T *restrict y, const T *c, const T *const *x, int64_t n) {                         \
-        const T *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];                                                        \
-        const T c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];                                                            \
-        _Pragma("omp simd") for (int64_t d = 0; d < n; d++) y[d] += c0 * x0[d] + c1 * x1[d] + c2 * x2[d] + c3 * x3[d]; \
-    }                                                                                                                  \
-    /* The backward of one item in blocks of four query rows (the blocked form): k and v transposed once for the       \
-       item's heads, the scores and dO . v of four rows at a time (scores4), then dv and dk of each key in the rows'   \
-       common range once for the four rows; a key only some of the rows see (at most three at each end of the block)   \
-       takes each such row's share alone, so a row adds to exactly the keys it sees, as in the row form. */            \
+    /* The backward of one item in the blocked form: k and v transposed once for the item's heads; per head, panels of \
+       PANEL_ROWS query rows (their q and dO rows copied, zero for a row without a share: no allowed key, or an        \
+       infinite lse), and in each panel the keys its rows see in tiles of TILE_KEYS (from multiples of TILE_KEYS of the\
+       segment's keys). In a tile: first the probabilities P and dS = P (dP - di) of four rows at a time (scores4 on   \
+       the tile's keys) and their dq (the four rows' common keys through pv4, a key only some rows see row by row);    \
+       then each key's dk and dv from the panel's rows that see it, four keys at a time over the rows all four see (pv4\
+       on a column of dS and P), the others key by key. A row adds to exactly the keys it sees, and a key's sums run in\
+       row order. */                                                                                                   \
     static int backward_block_##SUF(const job_t *J, int64_t item, scratch_t *X) {                                      \
         const int64_t *st = J->st, *g = J->segs + 6 * (item / J->Hkv);                                                 \
         int64_t kvh = item % J->Hkv, rep = J->H / J->Hkv, D = J->D, Dv = J->Dv, K = st[15];                            \
@@ -419,85 +560,136 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         T *dk = (T *)J->dk + ((b * J->Hkv + kvh) * K + ks) * D;                                                        \
         T *dv = (T *)J->dv + ((b * J->Hkv + kvh) * K + ks) * Dv;                                                       \
         const T scale = (T)J->scale, cap = (T)J->softcap, inv_cap = J->softcap > 0 ? (T)(1 / J->softcap) : 0;          \
+        const int64_t W = LANES(T);                                                                                    \
         int64_t klo, khi, lo, hi;                                                                                      \
         key_range(J, 0, off, kl, &klo, &hi);                                                                           \
         key_range(J, ql - 1, off, kl, &lo, &khi);                                                                      \
         if (khi <= klo) return 0;                                                                                      \
-        const int64_t n = khi - klo, ld = (n + LANES(T) - 1) / LANES(T) * LANES(T) + LANES(T);                         \
-        const int64_t width = D > Dv ? D : Dv;                                                                         \
+        const int64_t n = khi - klo, ld = (n + W - 1) / W * W + W, lds = TILE_KEYS + 2 * W;                            \
         T *kt = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * D * ld);                                                    \
         T *vt = (T *)grow(&X->vt, &X->vt_size, sizeof(T) * Dv * ld);                                                   \
-        T *P = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 4 * ld);                                                     \
-        T *dS = (T *)grow(&X->p4, &X->p4_size, sizeof(T) * 4 * ld);                                                    \
-        T *zero = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * width);                                                   \
-        if (!kt || !vt || !P || !dS || !zero) return 1;                                                                \
-        for (int64_t d = 0; d < width; d++) zero[d] = 0;                                                               \
+        T *PP = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 2 * PANEL_ROWS * lds);                                      \
+        T *Qp = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * PANEL_ROWS * (D + Dv + 1));                                 \
+        if (!kt || !vt || !PP || !Qp) return 1;                                                                        \
+        T *DS = PP + PANEL_ROWS * lds, *dOp = Qp + PANEL_ROWS * D, *di = dOp + PANEL_ROWS * Dv;                        \
+        int64_t rlo[PANEL_ROWS], rhi[PANEL_ROWS];                                                                      \
+        char share[PANEL_ROWS];                                                                                        \
         transpose_##SUF(kt, ld, k + klo * st[5], st[5], n, D);                                                         \
         transpose_##SUF(vt, ld, v + klo * st[8], st[8], n, Dv);                                                        \
         for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++) {                                                        \
             const head_##SUF hd = head_rows_##SUF(J, g, h);                                                            \
-            const T slope = hd.slope, *q = hd.q, *o = hd.o, *dO = hd.dO, *lse = hd.lse;                                \
-            T *dq = hd.dq;                                                                                             \
-            for (int64_t i0 = 0; i0 < ql; i0 += 4) {                                                                   \
-                const T *qr[4], *dr[4];                                                                                \
-                int64_t rlo[4], rhi[4], ulo = khi, uhi = klo, clo = klo, chi = khi;                                    \
-                for (int64_t r = 0; r < 4; r++) {                                                                      \
-                    const int64_t i = i0 + r;                                                                          \
-                    rlo[r] = rhi[r] = 0;                                                                               \
-                    if (i < ql) key_range(J, i, off, kl, &rlo[r], &rhi[r]);                                            \
-                    if (i >= ql || rhi[r] <= rlo[r] || isinf(lse[i])) { /* no share: zero rows in the sums */          \
-                        rlo[r] = rhi[r] = 0, qr[r] = dr[r] = zero;                                                     \
-                        continue;                                                                                      \
-                    }                                                                                                  \
-                    qr[r] = q + i * st[2], dr[r] = dO + i * st[14];                                                    \
-                    ulo = rlo[r] < ulo ? rlo[r] : ulo, uhi = rhi[r] > uhi ? rhi[r] : uhi;                              \
-                    clo = rlo[r] > clo ? rlo[r] : clo, chi = rhi[r] < chi ? rhi[r] : chi;                              \
+            const T slope = hd.slope, *lse = hd.lse;                                                                   \
+            for (int64_t p0 = 0; p0 < ql; p0 += PANEL_ROWS) {                                                          \
+                const int64_t pn = ql - p0 < PANEL_ROWS ? ql - p0 : PANEL_ROWS;                                        \
+                int64_t plo = khi, phi = klo;                                                                          \
+                for (int64_t w = 0; w < pn; w++) {                                                                     \
+                    const int64_t i = p0 + w;                                                                          \
+                    key_range(J, i, off, kl, &rlo[w], &rhi[w]);                                                        \
+                    share[w] = rhi[w] > rlo[w] && !isinf(lse[i]);                                                      \
+                    di[w] = share[w] ? dot_##SUF(hd.dO + i * st[14], hd.o + i * st[11], Dv) : 0;                       \
+                    for (int64_t d = 0; d < D; d++) Qp[w * D + d] = share[w] ? hd.q[i * st[2] + d] : 0;                \
+                    for (int64_t d = 0; d < Dv; d++) dOp[w * Dv + d] = share[w] ? hd.dO[i * st[14] + d] : 0;           \
+                    if (!share[w]) continue;                                                                           \
+                    plo = rlo[w] < plo ? rlo[w] : plo, phi = rhi[w] > phi ? rhi[w] : phi;                              \
                 }                                                                                                      \
-                if (uhi <= ulo) continue; /* no row of the block sees a key */                                         \
-                scores4_##SUF(qr, kt, ld, D, ulo - klo, uhi - klo, P, ld);                                             \
-                scores4_##SUF(dr, vt, ld, Dv, ulo - klo, uhi - klo, dS, ld);                                           \
-                for (int64_t r = 0; r < 4; r++) {                                                                      \
-                    T *pr = P + r * ld, *sr = dS + r * ld; /* key j at j - klo */                                      \
-                    int64_t j;                                                                                         \
-                    if (rhi[r] <= rlo[r]) {                                                                            \
-                        for (j = ulo - klo; j < uhi - klo; j++) pr[j] = sr[j] = 0;                                     \
-                        continue;                                                                                      \
-                    }                                                                                                  \
-                    const int64_t i = i0 + r, a = i + off;                                                             \
-                    const T di = dot_##SUF(dr[r], o + i * st[11], Dv), lse_i = lse[i];                                 \
-                    lo = rlo[r], hi = rhi[r];                                                                          \
-                    for (j = ulo - klo; j < lo - klo; j++) pr[j] = sr[j] = 0;                                          \
-                    for (j = hi - klo; j < uhi - klo; j++) pr[j] = sr[j] = 0;                                          \
-                    if (cap > 0) { /* d(c tanh(x / c)) / dx = 1 - tanh^2, folded into dP - di */                       \
-                        _Pragma("omp simd") for (j = lo; j < hi; j++) {                                                \
-                            T t = TANH(scale * pr[j - klo] * inv_cap);                                                 \
-                            pr[j - klo] = EXP(cap * t + slope * (T)(j - a) - lse_i);                                   \
-                            sr[j - klo] = pr[j - klo] * ((sr[j - klo] - di) * (1 - t * t)) * scale;                    \
+                for (int64_t t0 = plo / TILE_KEYS * TILE_KEYS; t0 < phi; t0 += TILE_KEYS) {                            \
+                    const int64_t ta = t0 > plo ? t0 : plo, t1 = t0 + TILE_KEYS < phi ? t0 + TILE_KEYS : phi;          \
+                    const int64_t a0 = klo + (ta - klo) / W * W; /* the key of PP's and DS's column 0 */               \
+                    for (int64_t g0 = 0; g0 < pn; g0 += 4) { /* P, dS and dq of four rows */                           \
+                        const int64_t G = pn - g0 < 4 ? pn - g0 : 4;                                                   \
+                        int64_t x0[4], x1[4], u0 = rlo[g0] > ta ? rlo[g0] : ta, u1 = rhi[g0 + G - 1];                  \
+                        u1 = u1 < t1 ? u1 : t1;                                                                        \
+                        if (u1 <= u0) continue;                                                                        \
+                        const int64_t ga = klo + (u0 - klo) / W * W;                                                   \
+                        const T *qr[4], *dr[4];                                                                        \
+                        T *dqr[4], *ps[4];                                                                             \
+                        for (int64_t r = 0; r < 4; r++) {                                                              \
+                            /* rows past the panel's last: its row again, unused */                                    \
+                            const int64_t w = g0 + (r < G ? r : 0);                                                    \
+                            qr[r] = Qp + w * D, dr[r] = dOp + w * Dv, dqr[r] = hd.dq + (p0 + w) * D;                   \
                         }                                                                                              \
-                    } else {                                                                                           \
-                        _Pragma("omp simd") for (j = lo; j < hi; j++) {                                                \
-                            pr[j - klo] = EXP(scale * pr[j - klo] + slope * (T)(j - a) - lse_i);                       \
-                            sr[j - klo] = pr[j - klo] * (sr[j - klo] - di) * scale;                                    \
+                        scores4_##SUF(qr, kt, D, ga - klo, u1 - klo, PP + g0 * lds + ga - a0, lds);                    \
+                        scores4_##SUF(dr, vt, Dv, ga - klo, u1 - klo, DS + g0 * lds + ga - a0, lds);                   \
+                        int64_t clo = u0, chi = u1, full = G == 4;                                                     \
+                        for (int64_t r = 0; r < G; r++) {                                                              \
+                            const int64_t w = g0 + r, i = p0 + w, a = i + off;                                         \
+                            T *pr = PP + w * lds - a0, *sr = DS + w * lds - a0; /* key j at pr[j] */                   \
+                            int64_t j;                                                                                 \
+                            x0[r] = rlo[w] > u0 ? rlo[w] : u0, x1[r] = rhi[w] < u1 ? rhi[w] : u1;                      \
+                            if (x1[r] <= x0[r] || !share[w]) {                                                         \
+                                for (j = x0[r]; j < x1[r]; j++) pr[j] = sr[j] = 0; /* no share: zero weights */        \
+                                full = 0;                                                                              \
+                                continue;                                                                              \
+                            }                                                                                          \
+                            clo = x0[r] > clo ? x0[r] : clo, chi = x1[r] < chi ? x1[r] : chi;                          \
+                            const T lse_i = lse[i], d_i = di[w];                                                       \
+                            if (cap > 0) { /* d(c tanh(x / c)) / dx = 1 - tanh^2, folded into dP - di */               \
+                                _Pragma("omp simd") for (j = x0[r]; j < x1[r]; j++) {                                  \
+                                    T t = TANH(scale * pr[j] * inv_cap);                                               \
+                                    pr[j] = EXP(cap * t + slope * (T)(j - a) - lse_i);                                 \
+                                    sr[j] = pr[j] * ((sr[j] - d_i) * (1 - t * t)) * scale;                             \
+                                }                                                                                      \
+                            } else {                                                                                   \
+                                _Pragma("omp simd") for (j = x0[r]; j < x1[r]; j++) {                                  \
+                                    pr[j] = EXP(scale * pr[j] + slope * (T)(j - a) - lse_i);                           \
+                                    sr[j] = pr[j] * (sr[j] - d_i) * scale;                                             \
+                                }                                                                                      \
+                            }                                                                                          \
                         }                                                                                              \
+                        if (!full || chi - clo < 4) { /* a row at a time */                                            \
+                            for (int64_t r = 0; r < G; r++)                                                            \
+                                if (x1[r] > x0[r] && share[g0 + r])                                                    \
+                                    weigh_values_##SUF(dqr[r], DS + (g0 + r) * lds + x0[r] - a0, x1[r] - x0[r],        \
+                                               k + x0[r] * st[5], st[5], D);                                           \
+                            continue;                                                                                  \
+                        }                                                                                              \
+                        for (int64_t r = 0; r < 4; r++) {                                                              \
+                            T *sr = DS + (g0 + r) * lds - a0;                                                          \
+                            weigh_values_##SUF(dqr[r], sr + x0[r], clo - x0[r], k + x0[r] * st[5], st[5], D);          \
+                            ps[r] = sr + clo;                                                                          \
+                        }                                                                                              \
+                        pv4_##SUF(dqr, (const T *const *)ps, 1, k + clo * st[5], st[5], chi - clo, D);                 \
+                        for (int64_t r = 0; r < 4; r++)                                                                \
+                            weigh_values_##SUF(dqr[r], DS + (g0 + r) * lds + chi - a0, x1[r] - chi, k + chi * st[5],   \
+                                               st[5], D);                                                              \
                     }                                                                                                  \
-                    T *dqi = dq + i * D;                                                                               \
-                    for (j = lo; j + 4 <= hi; j += 4) axpy4_##SUF(dqi, sr + j - klo, k + j * st[5], st[5], D);         \
-                    for (; j < hi; j++) axpy_##SUF(dqi, sr[j - klo], k + j * st[5], D);                                \
-                }                                                                                                      \
-                T c[4];                                                                                                \
-                for (int64_t j = ulo; j < uhi; j++) {                                                                  \
-                    const int64_t u = j - klo;                                                                         \
-                    if (j >= clo && j < chi) { /* every row of the block with a share sees key j */                    \
-                        for (int64_t r = 0; r < 4; r++) c[r] = P[r * ld + u];                                          \
-                        axpy4r_##SUF(dv + j * Dv, c, dr, Dv);                                                          \
-                        for (int64_t r = 0; r < 4; r++) c[r] = dS[r * ld + u];                                         \
-                        axpy4r_##SUF(dk + j * D, c, qr, D);                                                            \
-                        continue;                                                                                      \
-                    }                                                                                                  \
-                    for (int64_t r = 0; r < 4; r++) {                                                                  \
-                        if (j < rlo[r] || j >= rhi[r]) continue;                                                       \
-                        axpy_##SUF(dv + j * Dv, P[r * ld + u], dr[r], Dv);                                             \
-                        axpy_##SUF(dk + j * D, dS[r * ld + u], qr[r], D);                                              \
+                    /* dk and dv of the tile's keys: the panel's rows [A, B) see key j, A the first whose keys end     \
+                       after j, B the first whose keys start after it (both ends only move forward with the row) */    \
+                    int64_t ra = 0, rb = 0;                                                                            \
+                    for (int64_t j = ta; j < t1; j += 4) {                                                             \
+                        const int64_t nk = t1 - j < 4 ? t1 - j : 4;                                                    \
+                        int64_t A[4], B[4];                                                                            \
+                        for (int64_t c = 0; c < nk; c++) {                                                             \
+                            while (ra < pn && rhi[ra] <= j + c) ra++;                                                  \
+                            while (rb < pn && rlo[rb] <= j + c) rb++;                                                  \
+                            A[c] = ra, B[c] = rb;                                                                      \
+                        }                                                                                              \
+                        const int64_t col = j - a0;                                                                    \
+                        if (nk == 4 && B[0] - A[3] >= 4) { /* rows A[3] .. B[0] see all four keys */                   \
+                            T *yk[4], *yv[4];                                                                          \
+                            const T *wk[4], *wv[4];                                                                    \
+                            for (int64_t c = 0; c < 4; c++) {                                                          \
+                                yk[c] = dk + (j + c) * D, yv[c] = dv + (j + c) * Dv;                                   \
+                                for (int64_t w = A[c]; w < A[3]; w++) {                                                \
+                                    axpy_##SUF(yk[c], DS[w * lds + col + c], Qp + w * D, D);                           \
+                                    axpy_##SUF(yv[c], PP[w * lds + col + c], dOp + w * Dv, Dv);                        \
+                                }                                                                                      \
+                                wk[c] = DS + A[3] * lds + col + c, wv[c] = PP + A[3] * lds + col + c;                  \
+                            }                                                                                          \
+                            pv4_##SUF(yk, wk, lds, Qp + A[3] * D, D, B[0] - A[3], D);                                  \
+                            pv4_##SUF(yv, wv, lds, dOp + A[3] * Dv, Dv, B[0] - A[3], Dv);                              \
+                            for (int64_t c = 0; c < 4; c++)                                                            \
+                                for (int64_t w = B[0]; w < B[c]; w++) {                                                \
+                                    axpy_##SUF(yk[c], DS[w * lds + col + c], Qp + w * D, D);                           \
+                                    axpy_##SUF(yv[c], PP[w * lds + col + c], dOp + w * Dv, Dv);                        \
+                                }                                                                                      \
+                            continue;                                                                                  \
+                        }                                                                                              \
+                        for (int64_t c = 0; c < nk; c++)                                                               \
+                            for (int64_t w = A[c]; w < B[c]; w++) {                                                    \
+                                axpy_##SUF(dk + (j + c) * D, DS[w * lds + col + c], Qp + w * D, D);                    \
+                                axpy_##SUF(dv + (j + c) * Dv, PP[w * lds + col + c], dOp + w * Dv, Dv);                \
+                            }                                                                                          \
                     }                                                                                                  \
                 }                                                                                                      \
             }                                                                                                          \
