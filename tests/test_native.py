@@ -126,6 +126,86 @@ def test_the_blocked_kernel_matches_naive_with_score_modifiers(data, rule, softc
         torch.testing.assert_close(g_, w, atol=1e-12, rtol=1e-10, msg=f"d{name}")
 
 
+@settings(max_examples=50)
+@given(
+    data=st.data(),
+    rule=st.sampled_from(["full", "causal", "window"]),
+    softcap=st.sampled_from([None, 2.5]),
+    sinks=st.booleans(),
+    threads=st.sampled_from([1, 2]),
+    tile=st.sampled_from([1, 3, 8, 16]),
+    panel=st.sampled_from([4, 8, 12]),
+    dims=st.sampled_from([(6, 3), (19, 17), (40, 33)]),
+)
+def test_the_blocked_kernel_across_tiles_and_panels_matches_naive(
+    data, rule, softcap, sinks, threads, tile, panel, dims
+):
+    """The blocked form walks panels of ``PANEL_ROWS`` rows over tiles of ``TILE_KEYS`` keys: the forward's online
+    softmax rescales a row's sums whenever a later tile raises its max, and the backward sums dk and dv of four keys
+    over the rows all four see. With tiles and panels far smaller than the segments (every row crossing several
+    tiles, segments crossing several panels) and head sizes that take every width of the register sums (float64: a
+    slice of 32 elements, of 8, and the last few one by one), outputs and gradients equal the naive reference."""
+    batch, q_len = data.draw(st.integers(1, 2)), data.draw(st.integers(N.BLOCK_MIN_QUERIES, 70))
+    kv_len = data.draw(st.integers(1, 90))
+    heads, kv_heads = data.draw(st.sampled_from([(1, 1), (2, 1), (4, 2)]))
+    if data.draw(st.booleans()):  # arbitrary segments
+        segs = random_segments(data.draw, batch, q_len, kv_len)
+    else:  # a segment of every query and key of each row: long runs shared by many rows, in every tile and panel
+        off = data.draw(st.integers(-4, 8))
+        segs = torch.tensor([[row, 0, q_len, 0, kv_len, off] for row in range(batch)], dtype=torch.long)
+    window = data.draw(st.integers(1, 30)) if rule == "window" else None
+    causal = rule != "full"
+    D, Dv = dims
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    q = torch.randn(batch, heads, q_len, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(batch, kv_heads, kv_len, D, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(batch, kv_heads, kv_len, Dv, generator=g, dtype=torch.float64, requires_grad=True)
+    # keys that grow along the segment: later tiles raise a row's max, so the forward rescales what it summed
+    k = (k.detach() * torch.linspace(0.2, 3.0, kv_len, dtype=torch.float64)[:, None]).requires_grad_()
+    sink = torch.randn(heads, generator=g, dtype=torch.float64, requires_grad=True) if sinks else None
+    inputs = (q, k, v) if sink is None else (q, k, v, sink)
+    before = torch.get_num_threads(), N.region_threads, N.TILE_KEYS, N.PANEL_ROWS
+    torch.set_num_threads(threads)
+    N.region_threads = lambda work=None, share_work=None: threads
+    N.TILE_KEYS, N.PANEL_ROWS = tile, panel
+    try:
+        got = N.segment_attention(q, k, v, segs, causal=causal, window=window, softcap=softcap, sinks=sink)
+        got_grads = grads(got, inputs)
+    finally:
+        torch.set_num_threads(before[0])
+        N.region_threads, N.TILE_KEYS, N.PANEL_ROWS = before[1:]
+    allowed = segment_mask(segs, batch, q_len, kv_len, causal, window).unsqueeze(1)
+    want = naive_attention(q, k, v, allowed, softcap=softcap, sinks=sink)
+    covered = torch.zeros(batch, q_len, dtype=torch.bool)  # rows in no segment: the kernel leaves them 0
+    for row, qs, ql, *_ in segs.tolist():
+        covered[row, qs : qs + ql] = True
+    want = want * covered[:, None, :, None]
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    for name, g_, w in zip(["q", "k", "v", "sinks"], got_grads, grads(want, inputs), strict=False):
+        torch.testing.assert_close(g_, w, atol=1e-12, rtol=1e-10, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("rule", ["causal", "window", "document"])
+def test_float32_rows_of_many_tiles_match_float64_naive(rule):
+    """Rows of 700 keys at D = 64 in float32 with the kernel's own tiles (several per row, the forward's rescaling
+    in float32, every slice of the register sums at full width), forward and backward, against the float64
+    reference."""
+    torch.manual_seed(3)
+    L, window = 700, (300 if rule == "window" else None)
+    specs = {"causal": am.causal(), "window": am.causal() & am.sliding_window(300)}
+    spec = specs.get(rule, am.document(seq_lens=[L]))
+    q, k, v = (torch.randn(1, 4, L, 64) for _ in range(3))
+    k = k * torch.linspace(0.2, 2.0, L)[:, None]
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = am.attention(*ins, spec, backend="native")
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    want = naive_attention(*ref, spec.to_dense(L)[:, None])
+    assert window is None or L > 2 * window
+    torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
+    for name, g_, w in zip("qkv", grads(got, ins), grads(want, ref), strict=True):
+        torch.testing.assert_close(g_, w.float(), atol=5e-5, rtol=1e-4, msg=f"d{name}")
+
+
 @pytest.mark.parametrize("q_len", [15, 16, 37])
 def test_alibi_on_documents_equals_naive_in_either_form_of_the_kernel(q_len):
     """ALiBi's distance inside the blocked kernel (from ``BLOCK_MIN_QUERIES`` queries) and the row form, with GQA,

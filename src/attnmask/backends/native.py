@@ -96,6 +96,12 @@ BLOCK_MIN_QUERIES = 16
 # 1.0-1.1x faster at 48, 1.2-1.3x at 64 and 1.15-1.35x at 96 (forward + backward).
 BLOCK_MIN_KEYS = 32
 _NEVER = 1 << 62
+# The blocked form's rows go in panels of PANEL_ROWS (a multiple of four) that walk their keys in tiles of TILE_KEYS,
+# so that a tile's keys and values (in the backward also their dk and dv rows) stay in cache while the panel's rows
+# use them (segattn.c). Before the tiles every block of four rows read its whole run of keys again: causal rows of
+# 8,192 tokens streamed megabytes per block (RESULTS.md, issue 15, "native's tiles").
+TILE_KEYS = 256
+PANEL_ROWS = 64
 
 
 def _block_keys(q_len: int) -> int:
@@ -121,6 +127,7 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, threads) -
     kmax = int(segs[:, 4].max()) if len(segs) else 0
     block_keys = _block_keys(q.shape[2])
     dims = [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], kmax, window or 0, int(causal), block_keys]
+    dims += [TILE_KEYS, PANEL_ROWS]
     dims = torch.tensor(dims, dtype=torch.int64)
     bits = {torch.float64: 64, torch.bfloat16: 16}.get(q.dtype, 32)  # 16: bfloat16 q, k, v, a forward only
     status = lib.attnmask_segattn(

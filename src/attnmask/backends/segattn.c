@@ -46,6 +46,7 @@ typedef struct {
     int64_t nseg, H, Hkv, Q, D, Dv, kmax, window;
     int causal;
     int64_t block_keys; /* segments of at least this many keys take the blocked form */
+    int64_t tile_keys, panel_rows; /* the blocked form's tiles of keys and panels of rows (a multiple of 4) */
     double scale, softcap;
     const void *sinks, *slopes;        /* (H,) each in the kernel's dtype, or NULL */
     int64_t n_items, next, chunk;      /* next: shared counter; chunk: items per pull */
@@ -110,19 +111,17 @@ static inline float bf16_f32(uint16_t x) {
 
 /* The blocked form, on segments of at least dims[8] keys (the caller sets it from a few queries a call up, and never
  * for a decoding step, whose keys are each read by a few queries, where copying them would cost more than it saves):
- * an item's keys (and in the backward its values) are transposed once into blocks of LANES keys and four query rows
- * at a time take their scores from them, two vectors of keys per step, accumulated over d: no horizontal sum per
- * score, and each key element loaded once for four queries. The rows go in panels of PANEL_ROWS and a panel walks
- * its keys in tiles of TILE_KEYS, so that a tile's keys and values (and in the backward their dk and dv rows) stay in
- * cache while the panel's rows use them: the forward keeps an online softmax per row across its tiles (running max,
- * sum and weighted values, rescaled when the max grows), the backward recomputes P from the saved lse. Sums over the
- * four rows' common keys keep a slice of four rows' outputs in registers (pv4): the forward's weighted values and the
- * backward's dq, and the backward's dk and dv of four keys over the rows all four see. A block's rows are the item's
- * rows 0-3, 4-7, ..., and tiles start at multiples of TILE_KEYS of the segment's keys: the caller cuts a segment for
- * the threads at multiples of four rows, so a row has the same partners and tiles, and the same sums, whatever the
- * cut. */
-#define PANEL_ROWS 64
-#define TILE_KEYS 256
+ * an item's keys (and in the backward its values) are transposed once into blocks of LANES keys and four query rows at
+ * a time take their scores from them, two vectors of keys per step, accumulated over d: no horizontal sum per score,
+ * and each key element loaded once for four queries. The rows go in panels of PANEL_ROWS (dims[10], a multiple of
+ * four) and a panel walks its keys in tiles of TILE_KEYS (dims[9]), so that a tile's keys and values (and in the
+ * backward their dk and dv rows) stay in cache while the panel's rows use them: the forward keeps an online softmax
+ * per row across its tiles (running max, sum and weighted values, rescaled when the max grows), the backward
+ * recomputes P from the saved lse. Sums over the four rows' common keys keep a slice of four rows' outputs in
+ * registers (pv4): the forward's weighted values and the backward's dq, and the backward's dk and dv of four keys over
+ * the rows all four see. A block's rows are the item's rows 0-3, 4-7, ..., and tiles start at multiples of TILE_KEYS
+ * of the segment's keys: the caller cuts a segment for the threads at multiples of four rows, so a row has the same
+ * partners and tiles, and the same sums, whatever the cut. */
 #define LANES(T) ((int64_t)(64 / sizeof(T)))
 typedef float vec_float __attribute__((vector_size(64)));
 typedef double vec_double __attribute__((vector_size(64)));
@@ -151,8 +150,8 @@ static inline vec_float ldv_bf16(const uint16_t *x) {
 }
 
 typedef struct {
-    void *kt, *vt, *s4, *p4, *q4;
-    size_t kt_size, vt_size, s4_size, p4_size, q4_size;
+    void *kt, *vt, *s4, *p4, *q4, *rows;
+    size_t kt_size, vt_size, s4_size, p4_size, q4_size, rows_size;
 } scratch_t;
 
 /* *buf holding at least `bytes` (kept between items; NULL when the allocation fails, the old buffer then freed). */
@@ -408,25 +407,25 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             }                                                                                                          \
             return 0;                                                                                                  \
         }                                                                                                              \
-        /* the blocked form: panels of PANEL_ROWS query rows; a panel walks the keys its rows see in tiles of TILE_KEYS\
-           (from multiples of TILE_KEYS of the segment's keys), each four rows at a time against the tile's keys in the\
+        /* the blocked form: panels of PANEL_ROWS query rows; a panel walks the keys its rows see in tiles of TILE_KEYS \
+           (from multiples of TILE_KEYS of the segment's keys), each four rows at a time against the tile's keys in the \
            item's transposed copy, so that the tile stays in cache for the panel's rows; each row keeps an online      \
            softmax (its running max, sum and weighted values) across its tiles */                                      \
         int64_t klo, khi, lo, hi;                                                                                      \
         key_range(J, 0, off, kl, &klo, &hi);                                                                           \
         key_range(J, ql - 1, off, kl, &lo, &khi);                                                                      \
         const int64_t n = khi > klo ? khi - klo : 0, Dv = J->Dv;                                                       \
-        const int64_t ld = (n + LANES(T) - 1) / LANES(T) * LANES(T) + LANES(T), lds = TILE_KEYS + 2 * LANES(T);        \
+        const int64_t ld = (n + LANES(T) - 1) / LANES(T) * LANES(T) + LANES(T), lds = J->tile_keys + 2 * LANES(T);     \
         T *kt = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * D * ld);                                                    \
         T *S = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 4 * lds);                                                    \
         T *q4 = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * 4 * D);                                                     \
         /* the panel's rows: their weighted values, max and sum */                                                     \
-        T *A = (T *)grow(&X->p4, &X->p4_size, sizeof(T) * PANEL_ROWS * (Dv + 2));                                      \
+        T *A = (T *)grow(&X->p4, &X->p4_size, sizeof(T) * J->panel_rows * (Dv + 2));                                   \
         if (!kt || !S || !q4 || !A) return 1;                                                                          \
-        T *M = A + PANEL_ROWS * Dv, *Lsum = M + PANEL_ROWS;                                                            \
+        T *M = A + J->panel_rows * Dv, *Lsum = M + J->panel_rows;                                                      \
         transpose_##SUF(kt, ld, k + klo * st[5], st[5], n, D);                                                         \
-        for (int64_t p0 = 0; p0 < ql; p0 += PANEL_ROWS) {                                                              \
-            const int64_t pn = ql - p0 < PANEL_ROWS ? ql - p0 : PANEL_ROWS;                                            \
+        for (int64_t p0 = 0; p0 < ql; p0 += J->panel_rows) {                                                           \
+            const int64_t pn = ql - p0 < J->panel_rows ? ql - p0 : J->panel_rows;                                      \
             int64_t plo, phi;                                                                                          \
             key_range(J, p0, off, kl, &plo, &hi);                                                                      \
             key_range(J, p0 + pn - 1, off, kl, &lo, &phi);                                                             \
@@ -434,8 +433,8 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                 M[r] = mod[5] != 0 ? mod[4] : -INFINITY, Lsum[r] = mod[5] != 0 ? 1 : 0;                                \
                 for (int64_t d = 0; d < Dv; d++) A[r * Dv + d] = 0;                                                    \
             }                                                                                                          \
-            for (int64_t t0 = plo / TILE_KEYS * TILE_KEYS; t0 < phi; t0 += TILE_KEYS) {                                \
-                const int64_t t1 = t0 + TILE_KEYS < phi ? t0 + TILE_KEYS : phi;                                        \
+            for (int64_t t0 = plo / J->tile_keys * J->tile_keys; t0 < phi; t0 += J->tile_keys) {                       \
+                const int64_t t1 = t0 + J->tile_keys < phi ? t0 + J->tile_keys : phi;                                  \
                 for (int64_t i0 = p0; i0 < p0 + pn; i0 += 4) {                                                         \
                     const int64_t R = p0 + pn - i0 < 4 ? p0 + pn - i0 : 4;                                             \
                     int64_t x0[4], x1[4], u0, u1;                                                                      \
@@ -518,7 +517,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         }                                                                                                              \
         free(s);                                                                                                       \
         free(acc);                                                                                                     \
-        free(X.kt), free(X.vt), free(X.s4), free(X.p4), free(X.q4);                                                    \
+        free(X.kt), free(X.vt), free(X.s4), free(X.p4), free(X.q4), free(X.rows);                                      \
         return failed ? (void *)1 : NULL;                                                                              \
     }
 
@@ -565,22 +564,22 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         key_range(J, 0, off, kl, &klo, &hi);                                                                           \
         key_range(J, ql - 1, off, kl, &lo, &khi);                                                                      \
         if (khi <= klo) return 0;                                                                                      \
-        const int64_t n = khi - klo, ld = (n + W - 1) / W * W + W, lds = TILE_KEYS + 2 * W;                            \
+        const int64_t n = khi - klo, ld = (n + W - 1) / W * W + W, lds = J->tile_keys + 2 * W, panel = J->panel_rows;  \
         T *kt = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * D * ld);                                                    \
         T *vt = (T *)grow(&X->vt, &X->vt_size, sizeof(T) * Dv * ld);                                                   \
-        T *PP = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 2 * PANEL_ROWS * lds);                                      \
-        T *Qp = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * PANEL_ROWS * (D + Dv + 1));                                 \
-        if (!kt || !vt || !PP || !Qp) return 1;                                                                        \
-        T *DS = PP + PANEL_ROWS * lds, *dOp = Qp + PANEL_ROWS * D, *di = dOp + PANEL_ROWS * Dv;                        \
-        int64_t rlo[PANEL_ROWS], rhi[PANEL_ROWS];                                                                      \
-        char share[PANEL_ROWS];                                                                                        \
+        T *PP = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 2 * panel * lds);                                           \
+        T *Qp = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * panel * (D + Dv + 1));                                      \
+        int64_t *rlo = (int64_t *)grow(&X->rows, &X->rows_size, sizeof(int64_t) * 3 * panel);                          \
+        if (!kt || !vt || !PP || !Qp || !rlo) return 1;                                                                \
+        T *DS = PP + panel * lds, *dOp = Qp + panel * D, *di = dOp + panel * Dv;                                       \
+        int64_t *rhi = rlo + panel, *share = rhi + panel; /* the panel's rows: their keys, whether they have a share */\
         transpose_##SUF(kt, ld, k + klo * st[5], st[5], n, D);                                                         \
         transpose_##SUF(vt, ld, v + klo * st[8], st[8], n, Dv);                                                        \
         for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++) {                                                        \
             const head_##SUF hd = head_rows_##SUF(J, g, h);                                                            \
             const T slope = hd.slope, *lse = hd.lse;                                                                   \
-            for (int64_t p0 = 0; p0 < ql; p0 += PANEL_ROWS) {                                                          \
-                const int64_t pn = ql - p0 < PANEL_ROWS ? ql - p0 : PANEL_ROWS;                                        \
+            for (int64_t p0 = 0; p0 < ql; p0 += panel) {                                                               \
+                const int64_t pn = ql - p0 < panel ? ql - p0 : panel;                                                  \
                 int64_t plo = khi, phi = klo;                                                                          \
                 for (int64_t w = 0; w < pn; w++) {                                                                     \
                     const int64_t i = p0 + w;                                                                          \
@@ -592,8 +591,8 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                     if (!share[w]) continue;                                                                           \
                     plo = rlo[w] < plo ? rlo[w] : plo, phi = rhi[w] > phi ? rhi[w] : phi;                              \
                 }                                                                                                      \
-                for (int64_t t0 = plo / TILE_KEYS * TILE_KEYS; t0 < phi; t0 += TILE_KEYS) {                            \
-                    const int64_t ta = t0 > plo ? t0 : plo, t1 = t0 + TILE_KEYS < phi ? t0 + TILE_KEYS : phi;          \
+                for (int64_t t0 = plo / J->tile_keys * J->tile_keys; t0 < phi; t0 += J->tile_keys) {                   \
+                    const int64_t ta = t0 > plo ? t0 : plo, t1 = t0 + J->tile_keys < phi ? t0 + J->tile_keys : phi;    \
                     const int64_t a0 = klo + (ta - klo) / W * W; /* the key of PP's and DS's column 0 */               \
                     for (int64_t g0 = 0; g0 < pn; g0 += 4) { /* P, dS and dq of four rows */                           \
                         const int64_t G = pn - g0 < 4 ? pn - g0 : 4;                                                   \
@@ -804,7 +803,8 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
     J.st = strides, J.segs = segs, J.nseg = nseg, J.scale = scale, J.backward = backward;
     J.softcap = softcap, J.sinks = sinks, J.slopes = slopes;
     J.H = dims[0], J.Hkv = dims[1], J.Q = dims[2], J.D = dims[3], J.Dv = dims[4], J.kmax = dims[5];
-    J.window = dims[6], J.causal = (int)dims[7], J.block_keys = dims[8];
+    J.window = dims[6], J.causal = (int)dims[7], J.block_keys = dims[8], J.tile_keys = dims[9];
+    J.panel_rows = dims[10];
     J.n_items = nseg * (backward ? J.Hkv : J.H);
     J.next = 0;
     if (dtype_bits == 32) return run(&J, threads, worker_f32);
