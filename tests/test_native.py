@@ -376,12 +376,20 @@ def test_native_equals_varlen_on_decoding_queries_against_a_cache():
     )
 
 
-def test_auto_picks_native_for_thousands_of_tiny_documents_and_varlen_for_long_ones():
+def test_auto_picks_native_for_tiny_documents_and_documents_of_thousands_and_not_for_one_of_8k(monkeypatch):
+    """Measured on the Xeon VM at two threads, forward, D = 64 (RESULTS.md, issue 15, "native's tiles"): thousands of
+    tiny documents and two documents of 2,048 run fastest on native (25 ms against varlen's 31), one causal document
+    of 8,192 on SDPA's own kernel (varlen 147 ms, native 181)."""
+    from attnmask.backends import _workers as W
+
+    monkeypatch.setattr(W, "threads_available", lambda: 2)
     tiny = tiny_documents(500)
     q = torch.randn(1, 4, sum(tiny), 16)
     assert choose_backend(call_of(q, q, q, am.causal() & am.document(seq_lens=tiny))).name == "native"
     q = torch.randn(1, 4, 4096, 64)
-    assert choose_backend(call_of(q, q, q, am.causal() & am.document(seq_lens=[2048, 2048]))).name == "varlen"
+    assert choose_backend(call_of(q, q, q, am.causal() & am.document(seq_lens=[2048, 2048]))).name == "native"
+    q = torch.randn(1, 4, 8192, 64)
+    assert choose_backend(call_of(q, q, q, am.causal() & am.document(seq_lens=[8192]))).name != "native"
 
 
 def test_allowed_pairs_counts_every_pair_the_mask_allows():
@@ -467,13 +475,15 @@ def test_segments_in_the_blocked_form_are_charged_its_shares_of_the_pair_charges
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_backward_share_is_charged_at_the_backwards_bytes_per_key(monkeypatch, threads):
     """With a gradient, native's estimate prices the backward's pairs at runs of ``_BACKWARD_KEY_BYTES`` a key
-    element (dearer than the forward's on documents whose runs leave the L1 cache), the forward's at
+    element (dearer than the forward's in the row form on documents whose runs leave the L1 cache), the forward's at
     ``_FORWARD_KEY_BYTES``; without a gradient the backward's bytes do not matter."""
     from attnmask.backends import _workers as W
 
     monkeypatch.setattr(W, "threads_available", lambda: threads)
     q = torch.randn(2, 4, 512, 64)
-    spec = am.causal() & am.document(seq_lens=[[100, 150, 262], [300, 212]])
+    # documents under BLOCK_MIN_KEYS: the row form, whose runs of 31 keys fit the L1 cache at the forward's bytes and
+    # not at the backward's (the blocked form's tiles keep a long run's keys in cache: there bytes matter little)
+    spec = am.causal() & am.document(seq_lens=[[31] * 16 + [16], [30] * 17 + [2]])
     graded = q.clone().requires_grad_()
     with_grad, without = N.BACKEND.cost(call_of(graded, q, q, spec)), N.BACKEND.cost(call_of(q, q, q, spec))
     monkeypatch.setattr(N, "_BACKWARD_KEY_BYTES", N._FORWARD_KEY_BYTES)

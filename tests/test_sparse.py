@@ -411,8 +411,11 @@ def no_dense_masks(monkeypatch):
 
 
 def test_auto_runs_packed_documents_per_document(no_dense_masks):
+    """Each document alone: varlen (SDPA per document) or native (its kernel per document), whichever the CPU's
+    estimates put first (on the Xeon with AMX, forward, H = 8: native 42 ms, varlen 47, blocksparse 54 at two
+    threads; 75 / 83 / 104 at one; RESULTS.md, issue 15, "native's tiles")."""
     lens = [700, 1300, 20, 2076]
-    assert choose_backend(call_for(am.causal() & am.document(seq_lens=lens), sum(lens))).name == "varlen"
+    assert choose_backend(call_for(am.causal() & am.document(seq_lens=lens), sum(lens))).name in ("varlen", "native")
 
 
 def test_auto_runs_a_sliding_window_with_prefix_block_sparse(no_dense_masks):

@@ -392,9 +392,13 @@ _LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the X
 # score across a vector: its pairs cost these shares of the row form's charges above, a run that stays in L1 and one
 # past _LONG_RUN_BYTES. Fitted (``bench_limit.py --fit ... --grid``) on the Xeon's tables of rows of 1,024 at one and
 # two threads after the change (limit_tables/s33_*; RESULTS.md, issue 15, "native's blocked form"); no table of a CPU
-# without AMX tiles measured the blocked form, so both kinds take these shares of their own row charges.
+# without AMX tiles measured the blocked form, so both kinds take the short share of their own row charges. The long
+# share since the kernel's tiles (a long run's keys no longer leave the cache): refitted on the Xeon's tables of rows
+# of 1,024 and 8,192 (limit_tables/s34_*; 0.35-0.42 read 93 of 96 rows within 1.1x of the fastest, 0.6 87, 0.45 89;
+# RESULTS.md, issue 15, "native's tiles"). The other kind keeps the share it had (no table of the tiles there).
 _BLOCKED_SHORT_SCALE = 0.8
-_BLOCKED_LONG_SCALE = 0.6
+_BLOCKED_LONG_SCALES = (0.4, 0.6)
+_BLOCKED_LONG_SCALE = per_cpu_kind(_BLOCKED_LONG_SCALES)
 # ... and each key of such a segment, per element of D + Dv, for its transposed copy (made once per item: where few
 # queries read each key, a decoding step of 16 queries, it weighs).
 _BLOCKED_KEY_COST = 10.0
@@ -447,6 +451,7 @@ CPU_KIND_VALUES = {
     "_ROW_COST": _ROW_COSTS,
     "_BF16_COPY_COST": _BF16_COPY_COSTS,
     "_EXTRA_PAIR_WIDTH": _EXTRA_PAIR_WIDTHS,
+    "_BLOCKED_LONG_SCALE": _BLOCKED_LONG_SCALES,
 }
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt

@@ -230,33 +230,45 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         for (; j + 4 <= n; j += 4) axpy4_##SUF(acc, p + j, v + j * ld, ld, Dv);                                        \
         for (; j < n; j++) axpy_##SUF(acc, p[j], v + j * ld, Dv);                                                      \
     }                                                                                                                  \
-    /* One row's scores s[0 .. n) of a key tile (keys from rel relative to the query's position, as in softmax_row):   \
-       the modifiers, then a step of the row's online softmax: its running max *m and sum *l (its weighted values y    \
-       rescaled when the max grows; a max starts at -inf, or at the sink's logit with *l = 1) and the tile's weights   \
-       exp(s - max) in place. Comparisons skip a NaN score, whose weight is then NaN, as in softmax_row. */            \
+    /* One row's scores s[0 .. n) of a key tile (keys from rel relative to the query's position, as in softmax_row), s \
+       readable and writable up to the multiple of LANES past n: the modifiers, then a step of the row's online        \
+       softmax: its running max *m, its sum kept as LANES partial sums l[0 .. LANES) (and its weighted values y)       \
+       rescaled when the max grows (a max starts at -inf, or at the sink's logit with one partial sum at 1), the tile's\
+       weights exp(s - max) in place, and 0 past n. Whole vectors throughout: no scalar remainder, and no sum across   \
+       lanes per tile. Comparisons skip a NaN score, whose weight is then NaN, as in softmax_row. */                   \
     static inline void tile_row_##SUF(T *restrict s, int64_t n, int64_t rel, const T *mod, T *m, T *l, T *restrict y,  \
                                       int64_t Dv) {                                                                    \
         const T scale = mod[0], cap = mod[1], inv_cap = mod[2], slope = mod[3];                                        \
+        const int64_t W = LANES(T), nv = (n + W - 1) / W * W;                                                          \
         int64_t j;                                                                                                     \
-        T top = *m, sum = 0;                                                                                           \
+        T top = *m;                                                                                                    \
         if (cap > 0) {                                                                                                 \
-            _Pragma("omp simd simdlen(16)") for (j = 0; j < n; j++) s[j] = cap * TANH(s[j] * scale * inv_cap);         \
+            _Pragma("omp simd simdlen(16)") for (j = 0; j < nv; j++) s[j] = cap * TANH(s[j] * scale * inv_cap);        \
         } else {                                                                                                       \
-            _Pragma("omp simd simdlen(16)") for (j = 0; j < n; j++) s[j] *= scale;                                     \
+            _Pragma("omp simd simdlen(16)") for (j = 0; j < nv; j++) s[j] *= scale;                                    \
         }                                                                                                              \
         if (slope != 0) {                                                                                              \
-            _Pragma("omp simd simdlen(16)") for (j = 0; j < n; j++) s[j] += slope * (T)(j + rel);                      \
+            _Pragma("omp simd simdlen(16)") for (j = 0; j < nv; j++) s[j] += slope * (T)(j + rel);                     \
         }                                                                                                              \
-        _Pragma("omp simd simdlen(16) reduction(max : top)") for (j = 0; j < n; j++) top = s[j] > top ? s[j] : top;    \
+        _Pragma("omp simd simdlen(16) reduction(max : top)") for (j = 0; j < nv; j++) {                                \
+            const T x = j < n ? s[j] : -INFINITY;                                                                      \
+            top = x > top ? x : top;                                                                                   \
+        }                                                                                                              \
         if (top != *m) {                                                                                               \
             const T alpha = EXP(*m - top);                                                                             \
-            *l *= alpha;                                                                                               \
+            for (int64_t c = 0; c < W; c++) l[c] *= alpha;                                                             \
             for (int64_t d = 0; d < Dv; d++) y[d] *= alpha;                                                            \
             *m = top;                                                                                                  \
         }                                                                                                              \
-        _Pragma("omp simd simdlen(16)") for (j = 0; j < n; j++) s[j] = EXP(s[j] - top);                                \
-        _Pragma("omp simd simdlen(16) reduction(+ : sum)") for (j = 0; j < n; j++) sum += s[j];                        \
-        *l += sum;                                                                                                     \
+        _Pragma("omp simd simdlen(16)") for (j = 0; j < nv; j++) s[j] = j < n ? EXP(s[j] - top) : 0;                   \
+        VEC(T) sum;                                                                                                    \
+        __builtin_memcpy(&sum, l, sizeof sum);                                                                         \
+        for (j = 0; j < nv; j += W) {                                                                                  \
+            VEC(T) x;                                                                                                  \
+            __builtin_memcpy(&x, s + j, sizeof x);                                                                     \
+            sum += x;                                                                                                  \
+        }                                                                                                              \
+        __builtin_memcpy(l, &sum, sizeof sum);                                                                         \
     }                                                                                                                  \
     static inline void finish_row_##SUF(T *restrict s, int64_t n, int64_t rel, const KV *v, int64_t ld, int64_t Dv,    \
                                         T *restrict oi, T *lse_i, T *restrict acc, const T *mod) {                     \
@@ -407,8 +419,8 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             }                                                                                                          \
             return 0;                                                                                                  \
         }                                                                                                              \
-        /* the blocked form: panels of PANEL_ROWS query rows; a panel walks the keys its rows see in tiles of TILE_KEYS \
-           (from multiples of TILE_KEYS of the segment's keys), each four rows at a time against the tile's keys in the \
+        /* the blocked form: panels of PANEL_ROWS query rows; a panel walks the keys its rows see in tiles of TILE_KEYS\
+           (from multiples of TILE_KEYS of the segment's keys), each four rows at a time against the tile's keys in the\
            item's transposed copy, so that the tile stays in cache for the panel's rows; each row keeps an online      \
            softmax (its running max, sum and weighted values) across its tiles */                                      \
         int64_t klo, khi, lo, hi;                                                                                      \
@@ -419,9 +431,10 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         T *kt = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * D * ld);                                                    \
         T *S = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 4 * lds);                                                    \
         T *q4 = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * 4 * D);                                                     \
-        /* the panel's rows: their weighted values, max and sum */                                                     \
-        T *A = (T *)grow(&X->p4, &X->p4_size, sizeof(T) * J->panel_rows * (Dv + 2));                                   \
+        /* the panel's rows: their weighted values, max and LANES partial sums */                                      \
+        T *A = (T *)grow(&X->p4, &X->p4_size, sizeof(T) * J->panel_rows * (Dv + 1 + LANES(T)));                        \
         if (!kt || !S || !q4 || !A) return 1;                                                                          \
+        for (int64_t c = 0; c < 4 * lds; c++) S[c] = 0; /* tile_row reads whole vectors past a row's scores */         \
         T *M = A + J->panel_rows * Dv, *Lsum = M + J->panel_rows;                                                      \
         transpose_##SUF(kt, ld, k + klo * st[5], st[5], n, D);                                                         \
         for (int64_t p0 = 0; p0 < ql; p0 += J->panel_rows) {                                                           \
@@ -430,7 +443,8 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             key_range(J, p0, off, kl, &plo, &hi);                                                                      \
             key_range(J, p0 + pn - 1, off, kl, &lo, &phi);                                                             \
             for (int64_t r = 0; r < pn; r++) {                                                                         \
-                M[r] = mod[5] != 0 ? mod[4] : -INFINITY, Lsum[r] = mod[5] != 0 ? 1 : 0;                                \
+                M[r] = mod[5] != 0 ? mod[4] : -INFINITY;                                                               \
+                for (int64_t c = 0; c < LANES(T); c++) Lsum[r * LANES(T) + c] = c == 0 && mod[5] != 0 ? 1 : 0;         \
                 for (int64_t d = 0; d < Dv; d++) A[r * Dv + d] = 0;                                                    \
             }                                                                                                          \
             for (int64_t t0 = plo / J->tile_keys * J->tile_keys; t0 < phi; t0 += J->tile_keys) {                       \
@@ -460,7 +474,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                         }                                                                                              \
                         clo = x0[r] > clo ? x0[r] : clo, chi = x1[r] < chi ? x1[r] : chi;                              \
                         tile_row_##SUF(S + r * lds + x0[r] - a0, x1[r] - x0[r], x0[r] - i0 - r - off, mod, M + w,      \
-                                       Lsum + w, y[r], Dv);                                                            \
+                                       Lsum + w * LANES(T), y[r], Dv);                                                 \
                     }                                                                                                  \
                     if (!full || chi - clo < 4) { /* a row at a time */                                                \
                         for (int64_t r = 0; r < R; r++)                                                                \
@@ -489,9 +503,11 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                     lse[p0 + r] = -INFINITY;                                                                           \
                     continue;                                                                                          \
                 }                                                                                                      \
-                const T inv = 1 / Lsum[r];                                                                             \
+                T sum = 0;                                                                                             \
+                for (int64_t c = 0; c < LANES(T); c++) sum += Lsum[r * LANES(T) + c];                                  \
+                const T inv = 1 / sum;                                                                                 \
                 for (int64_t d = 0; d < Dv; d++) oi[d] = A[r * Dv + d] * inv;                                          \
-                lse[p0 + r] = M[r] + LOG(Lsum[r]);                                                                     \
+                lse[p0 + r] = M[r] + LOG(sum);                                                                         \
             }                                                                                                          \
         }                                                                                                              \
         return 0;                                                                                                      \
