@@ -1,5 +1,6 @@
 """The "native" backend (a C kernel over document segments) equals the naive reference in outputs and gradients."""
 
+import contextlib
 import logging
 import os
 import shutil
@@ -51,6 +52,41 @@ def segment_mask(segs, batch, q_len, kv_len, causal, window):
     return allowed
 
 
+@contextlib.contextmanager
+def kernel_settings(threads, **constants):
+    """Within the block torch and the kernel run ``threads`` threads (whatever the machine's load) and ``native``'s
+    module constants ``constants`` (``TILE_KEYS=8``, ...) are set; everything is put back after it (hypothesis tests
+    cannot take the ``monkeypatch`` fixture)."""
+    saved = torch.get_num_threads(), {name: getattr(N, name) for name in ("region_threads", *constants)}
+    torch.set_num_threads(threads)
+    N.region_threads = lambda work=None, share_work=None: threads
+    for name, value in constants.items():
+        setattr(N, name, value)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        for name, value in saved[1].items():
+            setattr(N, name, value)
+
+
+def assert_segments_match_naive(got, got_grads, inputs, segs, causal, window, softcap=None):
+    """The kernel's output and the gradients of ``inputs`` (q, k, v and the sinks, if any) against the naive
+    reference on the mask ``segs`` describes; rows in no segment are 0 (the kernel leaves them)."""
+    q, k, v, *rest = inputs
+    sink = rest[0] if rest else None
+    (batch, _, q_len, _), kv_len = q.shape, k.shape[2]
+    allowed = segment_mask(segs, batch, q_len, kv_len, causal, window).unsqueeze(1)
+    want = naive_attention(q, k, v, allowed, softcap=softcap, sinks=sink)
+    covered = torch.zeros(batch, q_len, dtype=torch.bool)
+    for row, qs, ql, *_ in segs.tolist():
+        covered[row, qs : qs + ql] = True
+    want = want * covered[:, None, :, None]
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    for name, g_, w in zip(["q", "k", "v", "sinks"], got_grads, grads(want, inputs), strict=False):
+        torch.testing.assert_close(g_, w, atol=1e-12, rtol=1e-10, msg=f"d{name}")
+
+
 @settings(max_examples=60)
 @given(data=st.data(), rule=st.sampled_from(["full", "causal", "window"]), threads=st.sampled_from([1, 2]))
 def test_segment_attention_matches_naive_on_arbitrary_segments(data, rule, threads):
@@ -64,87 +100,35 @@ def test_segment_attention_matches_naive_on_arbitrary_segments(data, rule, threa
     q = torch.randn(batch, heads, q_len, 5, dtype=torch.float64, requires_grad=True)
     k = torch.randn(batch, kv_heads, kv_len, 5, dtype=torch.float64, requires_grad=True)
     v = torch.randn(batch, kv_heads, kv_len, 3, dtype=torch.float64, requires_grad=True)
-    before, least_rows, region_threads = torch.get_num_threads(), N._MIN_BLOCK_ROWS, N.region_threads
-    torch.set_num_threads(threads)
-    N._MIN_BLOCK_ROWS = 2  # at two threads the forward cuts these small segments into query blocks too
-    N.region_threads = lambda work=None, share_work=None: threads  # whatever the machine's load
-    try:
+    # at two threads the forward cuts these small segments into query blocks too
+    with kernel_settings(threads, _MIN_BLOCK_ROWS=2):
         got = N.segment_attention(q, k, v, segs, causal=causal, window=window)
         got_grads = grads(got, (q, k, v))
-    finally:
-        torch.set_num_threads(before)
-        N._MIN_BLOCK_ROWS, N.region_threads = least_rows, region_threads
-    allowed = segment_mask(segs, batch, q_len, kv_len, causal, window).unsqueeze(1)
-    want = naive_attention(q, k, v, allowed)
-    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
-    for name, g, w in zip("qkv", got_grads, grads(want, (q, k, v)), strict=True):
-        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=f"d{name}")
+    assert_segments_match_naive(got, got_grads, (q, k, v), segs, causal, window)
 
 
-@settings(max_examples=40)
+@settings(max_examples=70)
 @given(
     data=st.data(),
     rule=st.sampled_from(["full", "causal", "window"]),
     softcap=st.sampled_from([None, 2.5]),
     sinks=st.booleans(),
     threads=st.sampled_from([1, 2]),
-)
-def test_the_blocked_kernel_matches_naive_with_score_modifiers(data, rule, softcap, sinks, threads):
-    """From ``BLOCK_MIN_QUERIES`` queries a call the kernel computes four query rows at a time against transposed
-    keys, and the backward adds each key's gradient once for the rows of a block that see it: on arbitrary segments
-    (offsets, overlapping and empty key ranges, rows in no segment), with a softcap and sinks, outputs and the
-    gradients of q, k, v and the sinks equal the naive reference."""
-    batch, q_len = data.draw(st.integers(1, 2)), data.draw(st.integers(N.BLOCK_MIN_QUERIES, 40))
-    kv_len = data.draw(st.integers(1, 40))
-    heads, kv_heads = data.draw(st.sampled_from([(1, 1), (2, 1), (4, 2)]))
-    segs = random_segments(data.draw, batch, q_len, kv_len)
-    window = data.draw(st.integers(1, 9)) if rule == "window" else None
-    causal = rule != "full"
-    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
-    q = torch.randn(batch, heads, q_len, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(batch, kv_heads, kv_len, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(batch, kv_heads, kv_len, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    sink = torch.randn(heads, generator=g, dtype=torch.float64, requires_grad=True) if sinks else None
-    inputs = (q, k, v) if sink is None else (q, k, v, sink)
-    before, region_threads = torch.get_num_threads(), N.region_threads
-    torch.set_num_threads(threads)
-    N.region_threads = lambda work=None, share_work=None: threads
-    try:
-        got = N.segment_attention(q, k, v, segs, causal=causal, window=window, softcap=softcap, sinks=sink)
-        got_grads = grads(got, inputs)
-    finally:
-        torch.set_num_threads(before)
-        N.region_threads = region_threads
-    allowed = segment_mask(segs, batch, q_len, kv_len, causal, window).unsqueeze(1)
-    want = naive_attention(q, k, v, allowed, softcap=softcap, sinks=sink)
-    covered = torch.zeros(batch, q_len, dtype=torch.bool)  # rows in no segment: the kernel leaves them 0
-    for row, qs, ql, *_ in segs.tolist():
-        covered[row, qs : qs + ql] = True
-    want = want * covered[:, None, :, None]
-    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
-    for name, g_, w in zip(["q", "k", "v", "sinks"], got_grads, grads(want, inputs), strict=False):
-        torch.testing.assert_close(g_, w, atol=1e-12, rtol=1e-10, msg=f"d{name}")
-
-
-@settings(max_examples=50)
-@given(
-    data=st.data(),
-    rule=st.sampled_from(["full", "causal", "window"]),
-    softcap=st.sampled_from([None, 2.5]),
-    sinks=st.booleans(),
-    threads=st.sampled_from([1, 2]),
-    tile=st.sampled_from([1, 3, 8, 16]),
-    panel=st.sampled_from([4, 8, 12]),
+    tile=st.sampled_from([1, 3, 8, 16, N.TILE_KEYS]),
+    panel=st.sampled_from([4, 8, 12, N.PANEL_ROWS]),
     dims=st.sampled_from([(6, 3), (19, 17), (40, 33)]),
 )
 def test_the_blocked_kernel_across_tiles_and_panels_matches_naive(
     data, rule, softcap, sinks, threads, tile, panel, dims
 ):
-    """The blocked form walks panels of ``PANEL_ROWS`` rows over tiles of ``TILE_KEYS`` keys: the forward's online
-    softmax rescales a row's sums whenever a later tile raises its max, and the backward sums dk and dv of four keys
-    over the rows all four see. With tiles and panels far smaller than the segments (every row crossing several
-    tiles, segments crossing several panels) and head sizes that take every width of the register sums (float64: a
-    slice of 32 elements, of 8, and the last few one by one), outputs and gradients equal the naive reference."""
+    """From ``BLOCK_MIN_QUERIES`` queries a call the kernel computes four query rows at a time against transposed
+    keys, in panels of ``PANEL_ROWS`` rows over tiles of ``TILE_KEYS`` keys: the forward's online softmax rescales a
+    row's sums whenever a later tile raises its max, and the backward sums dk and dv of four keys over the rows all
+    four see. On arbitrary segments (offsets, overlapping and empty key ranges, rows in no segment) and on whole rows,
+    with a softcap and sinks, with tiles and panels from far smaller than the segments (every row crossing several
+    tiles, segments crossing several panels) to the kernel's own, and head sizes that take every width of the
+    register sums (float64: a slice of 32 elements, of 8, and the last few one by one), outputs and the gradients of
+    q, k, v and the sinks equal the naive reference."""
     batch, q_len = data.draw(st.integers(1, 2)), data.draw(st.integers(N.BLOCK_MIN_QUERIES, 70))
     kv_len = data.draw(st.integers(1, 90))
     heads, kv_heads = data.draw(st.sampled_from([(1, 1), (2, 1), (4, 2)]))
@@ -164,25 +148,10 @@ def test_the_blocked_kernel_across_tiles_and_panels_matches_naive(
     k = (k.detach() * torch.linspace(0.2, 3.0, kv_len, dtype=torch.float64)[:, None]).requires_grad_()
     sink = torch.randn(heads, generator=g, dtype=torch.float64, requires_grad=True) if sinks else None
     inputs = (q, k, v) if sink is None else (q, k, v, sink)
-    before = torch.get_num_threads(), N.region_threads, N.TILE_KEYS, N.PANEL_ROWS
-    torch.set_num_threads(threads)
-    N.region_threads = lambda work=None, share_work=None: threads
-    N.TILE_KEYS, N.PANEL_ROWS = tile, panel
-    try:
+    with kernel_settings(threads, TILE_KEYS=tile, PANEL_ROWS=panel):
         got = N.segment_attention(q, k, v, segs, causal=causal, window=window, softcap=softcap, sinks=sink)
         got_grads = grads(got, inputs)
-    finally:
-        torch.set_num_threads(before[0])
-        N.region_threads, N.TILE_KEYS, N.PANEL_ROWS = before[1:]
-    allowed = segment_mask(segs, batch, q_len, kv_len, causal, window).unsqueeze(1)
-    want = naive_attention(q, k, v, allowed, softcap=softcap, sinks=sink)
-    covered = torch.zeros(batch, q_len, dtype=torch.bool)  # rows in no segment: the kernel leaves them 0
-    for row, qs, ql, *_ in segs.tolist():
-        covered[row, qs : qs + ql] = True
-    want = want * covered[:, None, :, None]
-    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
-    for name, g_, w in zip(["q", "k", "v", "sinks"], got_grads, grads(want, inputs), strict=False):
-        torch.testing.assert_close(g_, w, atol=1e-12, rtol=1e-10, msg=f"d{name}")
+    assert_segments_match_naive(got, got_grads, inputs, segs, causal, window, softcap)
 
 
 @pytest.mark.parametrize("rule", ["causal", "window", "document"])

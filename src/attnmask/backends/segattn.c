@@ -200,22 +200,29 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         _Pragma("omp simd") for (int64_t d = 0; d < n; d++)                                                            \
             y[d] += p0 * LD(x0[d]) + p1 * LD(x1[d]) + p2 * LD(x2[d]) + p3 * LD(x3[d]);                                 \
     }                                                                                                                  \
+    /* The score modifiers on n scores s of one row (keys from rel relative to the query's position): the scale, or the\
+       softcap c tanh(scale s / c), then the row's ALiBi slope times the key's distance. */                            \
+    static inline void modify_##SUF(T *restrict s, int64_t n, int64_t rel, const T *mod) {                             \
+        const T scale = mod[0], cap = mod[1], inv_cap = mod[2], slope = mod[3];                                        \
+        int64_t j;                                                                                                     \
+        if (cap > 0) {                                                                                                 \
+            _Pragma("omp simd simdlen(16)") for (j = 0; j < n; j++) s[j] = cap * TANH(s[j] * scale * inv_cap);         \
+        } else {                                                                                                       \
+            _Pragma("omp simd simdlen(16)") for (j = 0; j < n; j++) s[j] *= scale;                                     \
+        }                                                                                                              \
+        if (slope != 0) {                                                                                              \
+            _Pragma("omp simd simdlen(16)") for (j = 0; j < n; j++) s[j] += slope * (T)(j + rel);                      \
+        }                                                                                                              \
+    }                                                                                                                  \
     /* The end of one query row once its scores s[0 .. n) are in (keys lo .. hi of the segment; rel = lo - a, a the    \
        query's position minus the segment's first key): the modifiers, the softmax and the weighted sum of the         \
        value rows v (from key lo, ld apart) into oi, and the row's log-sum-exp. */                                     \
     static inline T softmax_row_##SUF(T *restrict s, int64_t n, int64_t rel, const T *mod, T *m_out) {                 \
-        const T scale = mod[0], cap = mod[1], inv_cap = mod[2], slope = mod[3], sink = mod[4];                         \
+        const T sink = mod[4];                                                                                         \
         const int sunk = mod[5] != 0;                                                                                  \
         int64_t j;                                                                                                     \
         T m = sunk ? sink : -INFINITY, sum = 0;                                                                        \
-        if (cap > 0) {                                                                                                 \
-            _Pragma("omp simd") for (j = 0; j < n; j++) s[j] = cap * TANH(s[j] * scale * inv_cap);                     \
-        } else {                                                                                                       \
-            _Pragma("omp simd") for (j = 0; j < n; j++) s[j] *= scale;                                                 \
-        }                                                                                                              \
-        if (slope != 0) {                                                                                              \
-            _Pragma("omp simd") for (j = 0; j < n; j++) s[j] += slope * (T)(j + rel);                                  \
-        }                                                                                                              \
+        modify_##SUF(s, n, rel, mod);                                                                                  \
         _Pragma("omp simd reduction(max : m)") for (j = 0; j < n; j++) m = s[j] > m ? s[j] : m;                        \
         _Pragma("omp simd") for (j = 0; j < n; j++) s[j] = EXP(s[j] - m);                                              \
         _Pragma("omp simd reduction(+ : sum)") for (j = 0; j < n; j++) sum += s[j];                                    \
@@ -238,18 +245,10 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
        lanes per tile. Comparisons skip a NaN score, whose weight is then NaN, as in softmax_row. */                   \
     static inline void tile_row_##SUF(T *restrict s, int64_t n, int64_t rel, const T *mod, T *m, T *l, T *restrict y,  \
                                       int64_t Dv) {                                                                    \
-        const T scale = mod[0], cap = mod[1], inv_cap = mod[2], slope = mod[3];                                        \
         const int64_t W = LANES(T), nv = (n + W - 1) / W * W;                                                          \
         int64_t j;                                                                                                     \
         T top = *m;                                                                                                    \
-        if (cap > 0) {                                                                                                 \
-            _Pragma("omp simd simdlen(16)") for (j = 0; j < nv; j++) s[j] = cap * TANH(s[j] * scale * inv_cap);        \
-        } else {                                                                                                       \
-            _Pragma("omp simd simdlen(16)") for (j = 0; j < nv; j++) s[j] *= scale;                                    \
-        }                                                                                                              \
-        if (slope != 0) {                                                                                              \
-            _Pragma("omp simd simdlen(16)") for (j = 0; j < nv; j++) s[j] += slope * (T)(j + rel);                     \
-        }                                                                                                              \
+        modify_##SUF(s, nv, rel, mod);                                                                                 \
         _Pragma("omp simd simdlen(16) reduction(max : top)") for (j = 0; j < nv; j++) {                                \
             const T x = j < n ? s[j] : -INFINITY;                                                                      \
             top = x > top ? x : top;                                                                                   \
