@@ -87,9 +87,11 @@ def test_small_heads_charge_a_pair_more_than_its_width(monkeypatch, grad):
         monkeypatch.setattr(module, name, 0.0)
     linear = costs(*problem, grad)
     assert all(fitted[name] > linear[name] for name in fitted)
-    # the native kernel's time falls least with D (0.62-1.01x from D = 64 to 16): its charge rises the most
+    # since the native kernel's tiles its time falls with D as SDPA's and varlen's do (0.43-0.44x from D = 64 to 16
+    # against their 0.42-0.46x, the Xeon's head-size tables head_dim/s34_t1, s34_t2; before the tiles it fell least,
+    # 0.62-1.01x): its charge rises about as theirs
     rise = {name: fitted[name] / linear[name] for name in fitted}
-    assert rise["native"] > max(rise["sdpa"], rise["varlen"], rise["blocksparse"])
+    assert all(1 / 1.2 < rise["native"] / rise[name] < 1.2 for name in ("sdpa", "varlen"))
 
 
 @pytest.mark.parametrize("threads", [1, 2])

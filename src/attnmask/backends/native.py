@@ -341,7 +341,10 @@ def segment_attention(
 
     Work: the allowed pairs only, ``O(pairs · (D + Dv))``. Memory: the output, a ``(B, H, Q)`` log-sum-exp saved for
     the backward, the gradients; float32 copies of float16 inputs, and of bfloat16 ones in the backward only (the
-    forward reads bfloat16 as stored); no mask and no copy of float32 inputs whose last dimension is contiguous.
+    forward reads bfloat16 as stored); no mask and no copy of float32 inputs whose last dimension is contiguous. Per
+    thread, the kernel's scratch: a segment's keys transposed (and its values, in the backward), O(k_len · (D + Dv)),
+    and a panel's tile of scores, O(PANEL_ROWS · TILE_KEYS) (4.2 MiB for a causal segment of 8,192 keys at D = Dv = 64
+    in float32 with a backward).
 
     Score modifiers as ``attnmask.attention`` defines them and checks them (``softcap``, ``sinks`` and
     ``alibi_slopes``, ``(H,)``, the ALiBi distance being ``i + offset - j``); differentiable in ``sinks`` too.
@@ -417,8 +420,10 @@ _BACKWARD_KEY_BYTES = 8.0
 # Xeon's four (benchmarks/head_dim/s30_*.json, two runs at one and two threads) put 128 where the AMD EPYC's put
 # 192 (RESULTS.md, issue 15, "Head sizes on the Xeon"). Since the kernel's blocked form the Xeon's fit reads 96 (its
 # two-thread head-size table of 2026-12-06, benchmarks/head_dim/s33_t2.json: the estimates' picks 72 -> 87 of 96 within
-# 1.1x of the fastest; RESULTS.md, issue 15, "native's blocked form").
-_EXTRA_PAIR_WIDTHS = (96.0, 192.0)
+# 1.1x of the fastest; RESULTS.md, issue 15, "native's blocked form"), and since its tiles 64 (fresh one- and
+# two-thread tables, head_dim/s34_t1.json, s34_t2.json: 181 -> 189 of 192 with only this value changed; the 1K and 8K
+# limit tables 93 of 96 at 48-96 alike; RESULTS.md, issue 15, "native's tiles").
+_EXTRA_PAIR_WIDTHS = (64.0, 192.0)
 _EXTRA_PAIR_WIDTH = per_cpu_kind(_EXTRA_PAIR_WIDTHS)
 _ROW_COSTS = (50.0, 42.5)  # per element of a query row (D + Dv) and head: loading q, the output row, its lse
 _ROW_COST = per_cpu_kind(_ROW_COSTS)
