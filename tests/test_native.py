@@ -157,15 +157,18 @@ def test_the_blocked_kernel_across_tiles_and_panels_matches_naive(
 @pytest.mark.parametrize("rule", ["causal", "window", "document"])
 def test_float32_rows_of_many_tiles_match_float64_naive(rule):
     """Rows of 700 keys at D = 64 in float32 with the kernel's own tiles (several per row, the forward's rescaling
-    in float32, every slice of the register sums at full width), forward and backward, against the float64
-    reference."""
+    in float32, every slice of the register sums at full width), grouped queries (4 heads on 2) and keys and values
+    read through strides (views of one interleaved buffer, rows 128 elements apart), forward and backward, against
+    the float64 reference."""
     torch.manual_seed(3)
     L, window = 700, (300 if rule == "window" else None)
     specs = {"causal": am.causal(), "window": am.causal() & am.sliding_window(300)}
     spec = specs.get(rule, am.document(seq_lens=[L]))
-    q, k, v = (torch.randn(1, 4, L, 64) for _ in range(3))
-    k = k * torch.linspace(0.2, 2.0, L)[:, None]
-    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    q, kv = torch.randn(1, 4, L, 64), torch.randn(1, 2, L, 2, 64)
+    k, v = kv[..., 0, :] * torch.linspace(0.2, 2.0, L)[:, None], kv[..., 1, :]
+    leaf = [q.clone().requires_grad_(), torch.stack([k, v], dim=3).requires_grad_()]
+    ins = [leaf[0], leaf[1][..., 0, :], leaf[1][..., 1, :]]
+    assert ins[1].stride(2) == 128 and not ins[1].is_contiguous()
     got = am.attention(*ins, spec, backend="native")
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     want = naive_attention(*ref, spec.to_dense(L)[:, None])
