@@ -154,6 +154,20 @@ def test_the_blocked_kernel_across_tiles_and_panels_matches_naive(
     assert_segments_match_naive(got, got_grads, inputs, segs, causal, window, softcap)
 
 
+@pytest.mark.parametrize(("tile", "panel"), [(0, 6), (-3, 0), (5, 3)])
+def test_tiles_and_panels_the_kernel_cannot_use_are_rounded_to_ones_it_can(tile, panel):
+    """The kernel sizes its scratch from the tile and the panel: a tile under one key becomes one key and a panel
+    becomes whole blocks of four rows (at least one), so odd settings still compute exactly (against the naive
+    reference) instead of writing past a buffer."""
+    segs = torch.tensor([[0, 0, 37, 0, 37, 0], [1, 2, 30, 0, 35, 3]])
+    q = torch.randn(2, 2, 37, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 37, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    with kernel_settings(1, TILE_KEYS=tile, PANEL_ROWS=panel):
+        got = N.segment_attention(q, k, v, segs, causal=True, window=9)
+        got_grads = grads(got, (q, k, v))
+    assert_segments_match_naive(got, got_grads, (q, k, v), segs, True, 9)
+
+
 @pytest.mark.parametrize("rule", ["causal", "window", "document"])
 def test_float32_rows_of_many_tiles_match_float64_naive(rule):
     """Rows of 700 keys at D = 64 in float32 with the kernel's own tiles (several per row, the forward's rescaling

@@ -489,9 +489,8 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                         weigh_values_##SUF(y[r], S + r * lds + x0[r] - a0, clo - x0[r], v + x0[r] * st[8], st[8], Dv); \
                     for (int64_t r = 0; r < 4; r++) p[r] = S + r * lds + clo - a0;                                     \
                     pv4_##SUF(y, p, 1, v + clo * st[8], st[8], chi - clo, Dv);                                         \
-                    const int64_t j = chi;                                                                             \
                     for (int64_t r = 0; r < 4; r++)                                                                    \
-                        weigh_values_##SUF(y[r], S + r * lds + j - a0, x1[r] - j, v + j * st[8], st[8], Dv);           \
+                        weigh_values_##SUF(y[r], S + r * lds + chi - a0, x1[r] - chi, v + chi * st[8], st[8], Dv);     \
                 }                                                                                                      \
             }                                                                                                          \
             for (int64_t r = 0; r < pn; r++) {                                                                         \
@@ -818,8 +817,9 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
     J.st = strides, J.segs = segs, J.nseg = nseg, J.scale = scale, J.backward = backward;
     J.softcap = softcap, J.sinks = sinks, J.slopes = slopes;
     J.H = dims[0], J.Hkv = dims[1], J.Q = dims[2], J.D = dims[3], J.Dv = dims[4], J.kmax = dims[5];
-    J.window = dims[6], J.causal = (int)dims[7], J.block_keys = dims[8], J.tile_keys = dims[9];
-    J.panel_rows = dims[10];
+    J.window = dims[6], J.causal = (int)dims[7], J.block_keys = dims[8];
+    /* scratch is sized from these: a tile of at least one key, panels of whole blocks of four rows */
+    J.tile_keys = dims[9] > 0 ? dims[9] : 1, J.panel_rows = dims[10] >= 4 ? dims[10] / 4 * 4 : 4;
     J.n_items = nseg * (backward ? J.Hkv : J.H);
     J.next = 0;
     if (dtype_bits == 32) return run(&J, threads, worker_f32);
