@@ -633,16 +633,17 @@ def test_while_a_core_is_taken_only_large_kernel_calls_keep_every_thread(monkeyp
     assert N._kernel_threads(small, heads, width, rule) == 1
 
 
-def test_the_kernels_float32_exp_is_within_two_ulp_of_exp_and_zero_below_minus_87():
+def test_the_kernels_float32_exp_is_within_two_ulp_of_exp_zero_below_minus_87_and_nan_for_nan():
     import ctypes
 
-    x = torch.cat([torch.linspace(-87.0, 0.0, 200_001), torch.tensor([-87.5, -100.0, -1e4, float("-inf")])])
+    tail = torch.tensor([-87.5, -100.0, -1e4, float("-inf"), float("nan")])
+    x = torch.cat([torch.linspace(-87.0, 0.0, 200_001), tail])
     y = torch.empty_like(x)
     N._library().attnmask_exp_f32(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(len(x)))
-    want = torch.exp(x[:-4].double())
-    rel = ((y[:-4].double() - want) / want).abs().max().item()
+    want = torch.exp(x[: -len(tail)].double())
+    rel = ((y[: -len(tail)].double() - want) / want).abs().max().item()
     assert rel < 2 * 2**-23, rel
-    assert torch.equal(y[-4:], torch.zeros(4))
+    assert torch.equal(y[-5:-1], torch.zeros(4)) and y[-1].isnan()
 
 
 @pytest.mark.parametrize("spread", [1.0, 30.0])

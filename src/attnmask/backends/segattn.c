@@ -64,17 +64,21 @@ static void key_range(const job_t *J, int64_t i, int64_t off, int64_t kl, int64_
 
 /* exp(x) for float32 in a form the compiler vectorises (libm's expf is one scalar call per value; this made documents
  * of 128-512 tokens 1.4x faster, tiny ones unchanged). Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, a
- * degree-6 polynomial for exp(r) (relative error ~2e-7, about 1 ulp), and 2^n assembled in the exponent bits. Inputs
- * below -87 give 0; the softmax only passes x <= 0 (clamped at 88 all the same, so 2^n stays a normal float); a NaN
- * (a NaN score: a NaN in a key the query may see) comes back as NaN, without converting NaN to an integer. */
+ * degree-6 polynomial for exp(r) (relative error ~2e-7, about 1 ulp), and 2^n assembled in the exponent bits. n is
+ * rounded by adding 1.5 * 2^23, after which t's low bits hold n itself: the exponent is built from t's bits, with no
+ * conversion to an integer (none of a NaN either) and no blend per lane for the cases below, ~15 vector instructions
+ * where the clamps and blends of the form before took ~35 (rows of 8K with a window of 512 ~5% faster, RESULTS.md,
+ * issue 15, "native's softmax step"). Inputs below -87 give 0 (-inf too); the softmax only passes x <= 0 (clamped at
+ * 88 all the same, so 2^n stays a normal float); a NaN (a NaN score: a NaN in a key the query may see) comes back as
+ * NaN, carried through the polynomial. */
 #pragma omp declare simd notinbranch
 static inline float exp_f32(float x) {
-    const float lo = -87.0f, hi = 88.0f;
-    int tiny = x < lo, nan = x != x;
-    float given = x;
-    x = tiny || nan ? lo : (x > hi ? hi : x);
-    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float c = x < -87.0f ? -87.0f : x; /* a NaN stays NaN */
+    c = c > 88.0f ? 88.0f : c;
+    const float shift = 12582912.0f; /* 1.5 * 2^23: t = shift + n, n = round(c / ln2) */
+    float t = c * 1.44269504088896341f + shift;
+    float n = t - shift;
+    float r = c - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
@@ -83,10 +87,11 @@ static inline float exp_f32(float x) {
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
     union {
-        int32_t i;
         float f;
-    } scale = {.i = ((int32_t)n + 127) << 23};
-    return nan ? given : (tiny ? 0.0f : p * scale.f);
+        uint32_t u;
+    } bits = {.f = t}, scale;
+    scale.u = (bits.u + 127u) << 23; /* t's bits are 0x4B400000 + n: the shift drops the upper ones, (n + 127) << 23 */
+    return x < -87.0f ? 0.0f : p * scale.f;
 }
 
 /* tanh(x) for float32 through exp_f32, so that the softcap loop vectorises: (e^2x - 1) / (e^2x + 1) with x clamped to
@@ -241,17 +246,27 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
        readable and writable up to the multiple of LANES past n: the modifiers, then a step of the row's online        \
        softmax: its running max *m, its sum kept as LANES partial sums l[0 .. LANES) (and its weighted values y)       \
        rescaled when the max grows (a max starts at -inf, or at the sink's logit with one partial sum at 1), the tile's\
-       weights exp(s - max) in place, and 0 past n. Whole vectors throughout: no scalar remainder, and no sum across   \
+       weights exp(s - max) in place, and 0 past n. Two passes over s (the scale with the max, the weights with their \
+       sums: four before, ~5% of a window row's time), whole vectors throughout: no scalar remainder, and no sum across\
        lanes per tile. Comparisons skip a NaN score, whose weight is then NaN, as in softmax_row. */                   \
     static inline void tile_row_##SUF(T *restrict s, int64_t n, int64_t rel, const T *mod, T *m, T *l, T *restrict y,  \
                                       int64_t Dv) {                                                                    \
         const int64_t W = LANES(T), nv = (n + W - 1) / W * W;                                                          \
         int64_t j;                                                                                                     \
         T top = *m;                                                                                                    \
-        modify_##SUF(s, nv, rel, mod);                                                                                 \
-        _Pragma("omp simd simdlen(16) reduction(max : top)") for (j = 0; j < nv; j++) {                                \
-            const T x = j < n ? s[j] : -INFINITY;                                                                      \
-            top = x > top ? x : top;                                                                                   \
+        if (mod[1] > 0 || mod[3] != 0) {                                                                               \
+            modify_##SUF(s, nv, rel, mod);                                                                             \
+            _Pragma("omp simd simdlen(16) reduction(max : top)") for (j = 0; j < nv; j++) {                            \
+                const T x = j < n ? s[j] : -INFINITY;                                                                  \
+                top = x > top ? x : top;                                                                               \
+            }                                                                                                          \
+        } else { /* the scale alone: scaled and the max taken in one pass */                                           \
+            const T scale = mod[0];                                                                                    \
+            _Pragma("omp simd simdlen(16) reduction(max : top)") for (j = 0; j < nv; j++) {                            \
+                const T x = s[j] * scale;                                                                              \
+                s[j] = x;                                                                                              \
+                top = j < n && x > top ? x : top;                                                                      \
+            }                                                                                                          \
         }                                                                                                              \
         if (top != *m) {                                                                                               \
             const T alpha = EXP(*m - top);                                                                             \
@@ -259,13 +274,15 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             for (int64_t d = 0; d < Dv; d++) y[d] *= alpha;                                                            \
             *m = top;                                                                                                  \
         }                                                                                                              \
-        _Pragma("omp simd simdlen(16)") for (j = 0; j < nv; j++) s[j] = j < n ? EXP(s[j] - top) : 0;                   \
         VEC(T) sum;                                                                                                    \
         __builtin_memcpy(&sum, l, sizeof sum);                                                                         \
-        for (j = 0; j < nv; j += W) {                                                                                  \
-            VEC(T) x;                                                                                                  \
-            __builtin_memcpy(&x, s + j, sizeof x);                                                                     \
-            sum += x;                                                                                                  \
+        for (j = 0; j < nv; j += W) { /* the weights and their per-lane sums in one pass */                            \
+            T *restrict x = s + j;                                                                                     \
+            const int64_t left = n - j;                                                                                \
+            _Pragma("omp simd simdlen(16)") for (int64_t c = 0; c < W; c++) x[c] = c < left ? EXP(x[c] - top) : 0;     \
+            VEC(T) e;                                                                                                  \
+            __builtin_memcpy(&e, x, sizeof e);                                                                         \
+            sum += e;                                                                                                  \
         }                                                                                                              \
         __builtin_memcpy(l, &sum, sizeof sum);                                                                         \
     }                                                                                                                  \
