@@ -654,13 +654,13 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                             clo = x0[r] > clo ? x0[r] : clo, chi = x1[r] < chi ? x1[r] : chi;                          \
                             const T lse_i = lse[i], d_i = di[w];                                                       \
                             if (cap > 0) { /* d(c tanh(x / c)) / dx = 1 - tanh^2, folded into dP - di */               \
-                                _Pragma("omp simd") for (j = x0[r]; j < x1[r]; j++) {                                  \
+                                _Pragma("omp simd simdlen(16)") for (j = x0[r]; j < x1[r]; j++) {                      \
                                     T t = TANH(scale * pr[j] * inv_cap);                                               \
                                     pr[j] = EXP(cap * t + slope * (T)(j - a) - lse_i);                                 \
                                     sr[j] = pr[j] * ((sr[j] - d_i) * (1 - t * t)) * scale;                             \
                                 }                                                                                      \
                             } else {                                                                                   \
-                                _Pragma("omp simd") for (j = x0[r]; j < x1[r]; j++) {                                  \
+                                _Pragma("omp simd simdlen(16)") for (j = x0[r]; j < x1[r]; j++) {                      \
                                     pr[j] = EXP(scale * pr[j] + slope * (T)(j - a) - lse_i);                           \
                                     sr[j] = pr[j] * (sr[j] - d_i) * scale;                                             \
                                 }                                                                                      \
