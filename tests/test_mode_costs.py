@@ -200,6 +200,20 @@ def test_bfloat16_with_a_backward_is_left_to_the_costs_on_small_rows():
         assert (A._stock(c, tuple(A._BACKENDS.values())) is not None) is stock, (dtype, grad)
 
 
+@pytest.mark.parametrize(("length", "share"), [(256, 1.0), (512, 1.0), (1024, 0.75), (2048, 0.625), (8192, 0.53125)])
+def test_sdpa_prices_a_causal_row_at_the_pairs_its_key_blocks_compute(monkeypatch, length, share):
+    """torch's fused kernel computes every pair of a causal row up to 512 keys and about half of them plus 256 keys a
+    query past that (timed at one thread: is_causal over half the unmasked time 2.05 at 512, 1.51 at 1,024, 1.28 at
+    2,048; RESULTS.md, issue 15, "SDPA's causal rows"): its estimate is the unmasked one times that share, not half."""
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    sdpa = importlib.import_module("attnmask.backends.sdpa")
+    q = torch.zeros(1, 4, length, 64)
+    causal = A._prepare_call(q, q, q, am.causal(), None, None, None)
+    unmasked = A._prepare_call(q, q, q, None, None, None, None)
+    want = share + (0.5 / length if length > 512 else 0.0)  # half of (L + 1) / L past 512 keys
+    assert sdpa.cost(causal) == pytest.approx(sdpa.cost(unmasked) * want)
+
+
 def test_sdpa_charges_a_gradient_per_key_so_a_decoding_step_with_a_gradient_is_not_priced_by_its_pairs(monkeypatch):
     """One query against 4,096 keys with a gradient: SDPA's backward pays per key (RESULTS.md: 6.0 ms of 7.3 at one
     thread), so its estimate holds that charge, and the oracle's holds at least as much."""

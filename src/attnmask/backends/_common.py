@@ -105,6 +105,26 @@ def pair_width(width: int, extra: float) -> float:
     return math.hypot(width, extra) * CALIBRATED_WIDTH / math.hypot(CALIBRATED_WIDTH, extra)
 
 
+# torch's fused CPU SDPA kernel walks a query block's keys in blocks of 512 (all of them when fewer) and, with
+# is_causal, stops after the key block that holds the block's last query: every pair up to 512 keys, and about half
+# the pairs plus 256 per query past that (``sdpa_pairs``). Timed against unmasked SDPA at one thread (B·L = 8,192,
+# H = 4, D = 64; RESULTS.md, issue 15, "SDPA's causal rows"): is_causal over half the unmasked time 1.93 / 2.05 / 1.65 /
+# 1.51 / 1.28 / 1.15 at rows of 256 / 512 / 768 / 1,024 / 2,048 / 4,096, where this model reads 2.0 / 2.0 / 1.67 /
+# 1.50 / 1.25 / 1.12.
+SDPA_BLOCKS = (512.0, 256.0)  # the key block, and the keys a causal query computes past the diagonal on average
+
+
+def sdpa_pairs(q_len, kv_len, causal: bool):
+    """(query, key) pairs torch's CPU SDPA kernel computes for ``q_len`` queries against ``kv_len`` keys (floats or
+    float64 numpy arrays, elementwise), with ``is_causal`` when ``causal`` (see ``SDPA_BLOCKS``). Example: a causal row
+    of 1,024 computes 1,024 · 1,025 / 2 + 1,024 · 256 = 786,944 pairs, 1.5x the 524,800 it needs."""
+    if not causal:
+        return q_len * kv_len
+    block, extra = SDPA_BLOCKS
+    half = q_len * (kv_len + 1) / 2 + q_len * extra
+    return np.where(kv_len <= block, q_len * kv_len, np.minimum(half, q_len * kv_len))
+
+
 CALL_COST = 3e5  # one SDPA call or one tile group: tens of microseconds of overhead
 # One small matrix product inside a batched matmul (a tiny document's scores or output for one head): about a
 # microsecond of fixed cost on CPU whatever its size, which is what dominates rows of thousands of tiny documents.

@@ -465,9 +465,10 @@ def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:
 
 
 def cost(call: AttentionCall) -> float:
-    """Pairs times ``D + Dv`` (half for ``is_causal``), plus building the dense mask of a spec, divided by what the
-    intra-op threads gain (``_threads_gain``), plus with a gradient ``_common.SDPA_BACKWARD_KEY_COST`` per key, head and
-    ``D + Dv``; on CUDA ``cuda_costs.sdpa_cost`` (comparable with the fused varlen and flex kernels)."""
+    """Pairs times ``D + Dv`` (for ``is_causal`` the pairs its key blocks compute, ``_common.sdpa_pairs``: all of them
+    up to 512 keys, about half past that), plus building the dense mask of a spec, divided by what the intra-op threads
+    gain (``_threads_gain``), plus with a gradient ``_common.SDPA_BACKWARD_KEY_COST`` per key, head and ``D + Dv``; on
+    CUDA ``cuda_costs.sdpa_cost`` (comparable with the fused varlen and flex kernels)."""
     if call.device_type == "cuda":
         return cuda_costs.sdpa_cost(call)
     gain = _threads_gain(call)
@@ -493,8 +494,8 @@ def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
         work += call.batch * call.heads * call.kv_len * _BF16_ONE_QUERY_KEY_COST
     if call.masks_no_key:
         return float(work)
-    if call.is_plain_causal:
-        return work / 2  # the fused kernel skips the tiles above the diagonal
+    if call.is_plain_causal:  # the fused kernel skips the key blocks past the diagonal's (_common.sdpa_pairs)
+        return float(work * _common.sdpa_pairs(call.q_len, call.kv_len, True) / (call.q_len * call.kv_len))
     if _splits_causal(call):
         return work * (call.kv_len - call.q_len / 2) / call.kv_len  # no mask; the last Q keys' triangle is skipped
     mask_rows = call.batch * (call.mask_heads or 1) if isinstance(call.mask, MaskSpec) else 0

@@ -33,6 +33,7 @@ from attnmask.backends._common import (
     CALL_COST,
     COPY_COST,
     HANDOVER_COSTS,
+    SDPA_BLOCKS,
     SMALL_MATMUL_COST,
     ModeFactors,
     amx_pair_factor,
@@ -46,6 +47,7 @@ from attnmask.backends._common import (
     pair_width,
     per_cpu_kind,
     rows_seeing_themselves,
+    sdpa_pairs,
     segments_address,
     segments_from_varlen,
     varlen_plan,
@@ -86,7 +88,6 @@ _MASKED_PAIR_COST = 1.18
 _SDPA_ROW_COST = 56.0
 _SMALL_ROW_COST = 130.0  # the tiny-document path's unfused softmax, masking and casts, per query row element and head
 _SMALL_SEGMENT = 32  # varlen_attention's default: documents of at most this many keys go through batched matmuls
-_SDPA_BLOCKS = (512.0, 256.0)  # torch's CPU SDPA kernel: its key blocks, and the keys past the diagonal (_sdpa_pairs)
 # Threads: the document groups (a long document's query blocks under a window) are tasks of ``_workers.parallel_map``,
 # each added thread contributing this share of a core to their SDPA calls and products, and each task dealt to a worker
 # costing ``_HANDOVER_COST`` more (its wake-up and GIL hand-overs); the per-call overhead and the copies run on one
@@ -668,7 +669,7 @@ def cost(call) -> float:
         return float("inf")
     ql, kl = s[:, 2].astype(np.float64), s[:, 4].astype(np.float64)
     shapes = s[:, [2, 4, 5]].tolist()  # (q_len, k_len, offset) per segment
-    pairs = _sdpa_pairs(ql, kl, plan.causal)
+    pairs = sdpa_pairs(ql, kl, plan.causal)
     if plan.window is not None:
         pairs = np.minimum(pairs, ql * plan.window * 2)
     if plan.window is not None and plan.causal:
@@ -779,7 +780,7 @@ def floor(call) -> float:
 
 def _floor_sums(plan) -> tuple[float, ...]:
     """What ``floor`` charges of a varlen plan's segments, summed per class: the pairs torch's SDPA kernel computes
-    (``_sdpa_pairs``, at most two windows a query under a window) in the tiny documents (at most ``_SMALL_SEGMENT``
+    (``sdpa_pairs``, at most two windows a query under a window) in the tiny documents (at most ``_SMALL_SEGMENT``
     keys) and in the others, their query rows likewise, the tiny documents' count, and every segment's query rows
     and keys. One pass in C (``attnmask_varlen_floor_sums``: ~2 us on 106 segments, where the numpy form below, ~20
     operations, took ~25 us), or that form where the kernel is not built."""
@@ -790,7 +791,7 @@ def _floor_sums(plan) -> tuple[float, ...]:
     out = (ctypes.c_double * 7)()
     window = -1 if plan.window is None else plan.window
     n = plan.segments.shape[0]
-    lib.attnmask_varlen_floor_sums(address, n, int(plan.causal), window, _SMALL_SEGMENT, *_SDPA_BLOCKS, out)
+    lib.attnmask_varlen_floor_sums(address, n, int(plan.causal), window, _SMALL_SEGMENT, *SDPA_BLOCKS, out)
     return tuple(out)
 
 
@@ -798,7 +799,7 @@ def _floor_sums_numpy(plan) -> tuple[float, ...]:
     """:func:`_floor_sums` in numpy, on the segments' view."""
     s = plan.segments.numpy()
     ql, kl = s[:, 2].astype(np.float64), s[:, 4].astype(np.float64)
-    pairs = _sdpa_pairs(ql, kl, plan.causal)
+    pairs = sdpa_pairs(ql, kl, plan.causal)
     if plan.window is not None:
         pairs = np.minimum(pairs, ql * plan.window * 2)
     tiny = kl <= _SMALL_SEGMENT
@@ -830,20 +831,6 @@ def _task_weights(segs: list, window: int | None, per_pair: int) -> tuple[list[f
         if window is not None and window <= q_len - 1 + off:  # _dense_segment's query blocks over a key band
             big_weights = [n * per_pair * p for p in _band_sizes(q_len, k_len, off, window)]
     return big_weights, tiny_weights
-
-
-def _sdpa_pairs(q_len: np.ndarray, kv_len: np.ndarray, causal: bool) -> np.ndarray:
-    """(query, key) pairs torch's CPU SDPA kernel computes per segment (float64 numpy arrays, elementwise over the
-    lengths; ``cost`` and the floor's numpy form).
-
-    It walks keys in blocks of 512 (or all keys when fewer than 512) and, when causal, stops after the block that
-    holds the end of the query block: up to 512 keys beyond the diagonal. So a causal document of 256 tokens costs
-    all 256·256 pairs, and one of 4096 about half of its pairs plus 256 per query."""
-    if not causal:
-        return q_len * kv_len
-    block, extra = _SDPA_BLOCKS
-    half = q_len * (kv_len + 1) / 2 + q_len * extra
-    return np.where(kv_len <= block, q_len * kv_len, np.minimum(half, q_len * kv_len))
 
 
 def run(call) -> torch.Tensor:
