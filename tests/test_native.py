@@ -784,3 +784,61 @@ def test_bfloat16_read_as_stored_equals_the_copies_path(
     torch.testing.assert_close(outs[0], outs[1], atol=2**-7, rtol=2**-7)
     want = am.attention(q.float(), k.float(), v.float(), spec, backend="reference", **kwargs)
     torch.testing.assert_close(outs[0], want, atol=2e-2, rtol=2e-2)
+
+
+@st.composite
+def _padded_rows(draw):
+    """Rows of one contiguous run of real tokens each (possibly none), and a rule: causal, full or a causal window."""
+    length = draw(st.integers(2, 70))
+    rows = draw(st.integers(1, 3))
+    real = torch.zeros(rows, length, dtype=torch.bool)
+    for r in range(rows):
+        first = draw(st.integers(0, length))
+        real[r, first : draw(st.integers(first, length))] = True
+    rule = draw(st.sampled_from(["causal", "full", "window"]))
+    base = {
+        "causal": am.causal(),
+        "full": am.full(),
+        "window": am.causal() & am.sliding_window(draw(st.integers(1, 9))),
+    }
+    return real, base[rule]
+
+
+@settings(max_examples=60, deadline=None)
+@given(_padded_rows(), st.booleans())
+def test_padding_queries_that_see_real_keys_run_on_native_as_the_naive_reference(case, one_spec_row):
+    """Right padding under causal() (either side under full()): the padding queries attend the row's real keys, which
+    a varlen kernel has no form for; native takes them as segments of their own over those keys (shared with the
+    run's segment: the backward then runs them on one thread), forward and backward equal to the naive reference."""
+    real, rule = case
+    if one_spec_row:  # one spec row applied to a batch of 2
+        real = real[:1]
+    spec = rule & am.key_padding(real)
+    batch, length = (2 if one_spec_row else real.shape[0]), real.shape[1]
+    gen = torch.Generator().manual_seed(int(real.sum()))
+    q, k, v = (torch.randn(batch, 2, length, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    got = am.attention(*inputs, spec, backend="native")
+    want = naive_attention(*inputs, spec.to_dense(length).expand(batch, -1, -1)[:, None])
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads(got, inputs), grads(want, inputs), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_right_padded_causal_row_is_two_segments_and_varlen_still_refuses():
+    """The padding queries after a row's 4 real tokens get their own segment over those keys at an offset of 4 (each
+    sees all four); varlen, whose kernels compute only the sequences, still refuses the call."""
+    from attnmask.backends._common import native_plan, varlen_plan
+
+    real = torch.tensor([[True] * 4 + [False] * 2])
+    q = torch.randn(1, 2, 6, 8)
+    call = call_of(q, q, q, am.causal() & am.key_padding(real))
+    assert native_plan(call).segments.tolist() == [[0, 0, 4, 0, 4, 0], [0, 4, 2, 0, 4, 4]]
+    assert "padding queries attend to real keys" in varlen_plan(call)
+    big = torch.randn(1, 2, 300, 64)
+    real = torch.ones(1, 300, dtype=torch.bool)
+    real[0, 170:] = False
+    spec = am.causal() & am.key_padding(real)  # the blocked form, its tiles and panels, on both segments
+    got = am.attention(big, big, big, spec, backend="native")
+    want = naive_attention(big.double(), big.double(), big.double(), spec.to_dense(300)[:, None])
+    torch.testing.assert_close(got, want.float())

@@ -69,6 +69,7 @@ __all__ = [
     "segments_from_varlen",
     "diagonal_pairs_seeing_themselves",
     "padded_tile_pairs",
+    "native_plan",
     "varlen_plan",
 ]
 
@@ -843,13 +844,19 @@ def _document_plan(call) -> VarlenPlan | None:
     return VarlenPlan(segs[:count], form.causal, form.window)
 
 
-def _padded_plan(call) -> VarlenPlan | str | None:
+def _padded_plan(call, padding_queries: bool = False) -> VarlenPlan | str | None:
     """The plan of padded rows, ``[causal() | full()] & [sliding_window(w)] & key_padding(m)...`` with ``Q == K`` at
     default positions on CPU masks, from a few numpy operations on the padding's host view instead of
     ``lowering.varlen_args`` (~40 torch calls, 1.5 ms on rows of 8 x 1,024 right after an attention kernel): one
     segment per row with real tokens, or the general path's refusal where a padding query sees a real key (right
     padding under a causal mask). The same plan or refusal (tested); ``None`` for any other call and for rows whose
-    real tokens are not one run (the general path then says so). O(R·K)."""
+    real tokens are not one run (the general path then says so). O(R·K).
+
+    ``padding_queries``: instead of that refusal, one more segment per such row for its padding queries, over the
+    row's real keys (``native_plan``; the keys are then shared, which a kernel writing dk / dv per segment must
+    know). Under a causal mask or a window those are the queries after the run, at an offset of the run's length (a
+    window may still leave a far query none); otherwise the queries before and after it, which see all of it.
+    Example: a causal row of 6 with 4 real tokens first gives ``[0, 0, 4, 0, 4, 0]`` and ``[0, 4, 2, 0, 4, 4]``."""
     form = _host_form(call)
     if form is None or form.document is not None or form.chunked is not None or not form.key_padding:
         return None
@@ -864,15 +871,45 @@ def _padded_plan(call) -> VarlenPlan | str | None:
     if not np.array_equal((pos >= first[:, None]) & (pos < end[:, None]), real):
         return None  # holes in a row's real tokens
     right = (n_real > 0) & (end < length)  # padding queries after the run
-    if form.causal:  # the first one sees the run's last keys unless a window of one position keeps it to itself
+    left = (n_real > 0) & (first > 0)  # ... and before it
+    banded = form.causal or form.window is not None  # the kernels' rule: no key after the query
+    if banded:  # the first one after the run sees the run's last keys unless a window of one position keeps it alone
         attends = right & (form.window is None or form.window > 1)
     else:
-        attends = right | ((n_real > 0) & (first > 0))
-    if attends.any():
+        attends = right | left
+    if attends.any() and not padding_queries:
         return _PADDING_QUERIES_ATTEND
     rows = np.flatnonzero(n_real > 0)
-    segs = np.stack([rows, first[rows], n_real[rows], first[rows], n_real[rows], np.zeros_like(rows)], axis=1)
+    zero = np.zeros_like(rows)
+    parts = [np.stack([rows, first[rows], n_real[rows], first[rows], n_real[rows], zero], axis=1)]
+    if attends.any():
+        after = np.flatnonzero(attends & right)
+        parts.append(np.stack([after, end[after], length - end[after], first[after], n_real[after], n_real[after]], 1))
+        if not banded:
+            before = np.flatnonzero(attends & left)
+            parts.append(
+                np.stack([before, 0 * before, first[before], first[before], n_real[before], -first[before]], 1)
+            )
+    segs = np.concatenate(parts)
+    segs = segs[np.lexsort((segs[:, 1], segs[:, 0]))]  # by row, then first query
     if real.shape[0] == 1 and call.batch != 1:  # one spec row for the batch: its segments for every row
+        per_row = len(segs)
         segs = np.tile(segs, (call.batch, 1))
-        segs[:, 0] = np.repeat(np.arange(call.batch), len(rows))
+        segs[:, 0] = np.repeat(np.arange(call.batch), per_row)
     return VarlenPlan(torch.from_numpy(segs.astype(np.int64)), form.causal, form.window)
+
+
+def native_plan(call) -> VarlenPlan | str:
+    """``varlen_plan``, and for padded rows whose padding queries see real keys (right padding under ``causal()``,
+    either side under ``full()``), where a varlen kernel has no form, the same segments plus those queries' own
+    (``_padded_plan(call, padding_queries=True)``): a kernel that takes each segment's offset computes them exactly.
+    Cached per spec and signature under ``"native"``."""
+    return cached(call, "native", _build_native_plan)
+
+
+def _build_native_plan(call) -> VarlenPlan | str:
+    plan = varlen_plan(call)
+    if not (isinstance(plan, str) and plan == _PADDING_QUERIES_ATTEND):
+        return plan
+    with_queries = _padded_plan(call, padding_queries=True)
+    return plan if with_queries is None else with_queries

@@ -9,7 +9,11 @@ batched matmuls pay per tiny matrix. From ``BLOCK_MIN_QUERIES`` queries a call, 
 or more takes the kernel's blocked form (its keys transposed once, four query rows scored per step, the rows in
 panels that walk their keys in cache-sized tiles with an online softmax, four rows' or four keys' sums held in
 registers), which made documents of hundreds of tokens, windows, chunks and long causal rows its ground too (RESULTS.md,
-issue 15, "native's blocked form", "native's tiles"); ``"auto"`` chooses by ``cost``.
+issue 15, "native's blocked form", "native's tiles"); ``"auto"`` chooses by ``cost``. Its plan is
+``_common.native_plan``: the varlen segments, and for padded rows whose padding queries see real keys (right padding
+under ``causal()``), a segment of their own over the row's real keys at the offset that lets each see all of them,
+which a varlen kernel (computing only the sequences) cannot express; those rows' segments then share keys, so their
+backward runs on one thread.
 
 The C source is compiled on first use with the system C compiler and loaded with ctypes (``backends._clib``).
 Without a compiler, or with ``ATTNMASK_NATIVE=0``, the backend reports itself unsupported and ``"auto"`` uses the
@@ -46,10 +50,10 @@ from attnmask.backends._common import (
     check_segments,
     float64_address,
     mode_factor,
+    native_plan,
     pair_width,
     per_cpu_kind,
     segments_address,
-    varlen_plan,
 )
 from attnmask.backends._workers import on_free_cores, region_threads
 from attnmask.backends.contract import ALL_DTYPES, SCORE_MODS, Backend, check_score_mods
@@ -511,7 +515,7 @@ def _pairs(segs: np.ndarray, causal: bool, window: int | None) -> np.ndarray:
 
 
 def unsupported(call) -> str | None:
-    plan = varlen_plan(call)
+    plan = native_plan(call)
     return plan if isinstance(plan, str) else None
 
 
@@ -526,7 +530,7 @@ def cost(call) -> float:
     bfloat16 on a CPU with AMX tiles at ``_BF16_AMX_THREAD_EFFICIENCY``) and on the backward's whole segments (one
     thread where segments share keys). With a gradient, ``MODES``'s factor scales the whole call as one thread would
     run it, and the forward's share gains what the forward's items allow."""
-    plan = varlen_plan(call)
+    plan = native_plan(call)
     width = call.head_dim + call.value_dim
     segs = plan.segments
     causal, window = plan.causal or plan.window is not None, plan.window
@@ -757,7 +761,7 @@ def _pulls_gain_python(items: np.ndarray, chunk: int, threads: int, share: float
 
 
 def run(call) -> torch.Tensor:
-    plan = varlen_plan(call)
+    plan = native_plan(call)
     window = None if plan.window is None else min(plan.window, _WIDEST)
     rule = (plan.causal or window is not None, window, call.scale)
     blocks = _forward_blocks(call, plan.segments)
