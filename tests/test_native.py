@@ -808,8 +808,8 @@ def _padded_rows(draw):
 @given(_padded_rows(), st.booleans())
 def test_padding_queries_that_see_real_keys_run_on_native_as_the_naive_reference(case, one_spec_row):
     """Right padding under causal() (either side under full()): the padding queries attend the row's real keys, which
-    a varlen kernel has no form for; native takes them as segments of their own over those keys (shared with the
-    run's segment: the backward then runs them on one thread), forward and backward equal to the naive reference."""
+    a varlen kernel has no form for; native's segment of the row takes them in (more queries than keys), forward and
+    backward equal to the naive reference."""
     real, rule = case
     if one_spec_row:  # one spec row applied to a batch of 2
         real = real[:1]
@@ -825,15 +825,15 @@ def test_padding_queries_that_see_real_keys_run_on_native_as_the_naive_reference
         torch.testing.assert_close(a, b)
 
 
-def test_a_right_padded_causal_row_is_two_segments_and_varlen_still_refuses():
-    """The padding queries after a row's 4 real tokens get their own segment over those keys at an offset of 4 (each
-    sees all four); varlen, whose kernels compute only the sequences, still refuses the call."""
+def test_a_right_padded_causal_row_is_one_segment_of_every_query_from_its_first_and_varlen_still_refuses():
+    """The padding queries after a row's 4 real tokens join its segment (6 queries over the 4 keys: the last two see
+    all four); varlen, whose kernels compute only the sequences, still refuses the call."""
     from attnmask.backends._common import native_plan, varlen_plan
 
     real = torch.tensor([[True] * 4 + [False] * 2])
     q = torch.randn(1, 2, 6, 8)
     call = call_of(q, q, q, am.causal() & am.key_padding(real))
-    assert native_plan(call).segments.tolist() == [[0, 0, 4, 0, 4, 0], [0, 4, 2, 0, 4, 4]]
+    assert native_plan(call).segments.tolist() == [[0, 0, 6, 0, 4, 0]]  # queries 4 and 5 see keys 0-3
     assert "padding queries attend to real keys" in varlen_plan(call)
     big = torch.randn(1, 2, 300, 64)
     real = torch.ones(1, 300, dtype=torch.bool)

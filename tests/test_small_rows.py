@@ -371,7 +371,7 @@ def test_auto_runs_stock_sdpa_on_a_small_row_with_a_wide_window():
 
 def test_rows_past_128_keys_keep_the_stock_rule_only_where_native_cannot_run_the_call():
     """On rows of 129-256 keys a masked call goes to the costs where ``"native"`` can run it (its blocked form beat
-    SDPA there; right padding too since its padding queries are a segment of their own: 1.32x stock's forward on 8
+    SDPA there; right padding too since its padding queries join the row's segment: 1.39x stock's forward on 8
     rows of 256), and keeps the stock rule where it cannot (padding with a hole inside a row), for a decoding step and
     for a call too small to plan (at most ``_STOCK_TINY_WORK`` multiply-adds); rows of at most 128 keys keep it either
     way."""

@@ -141,10 +141,10 @@ def available_backends() -> tuple[str, ...]:
 # training step on rows of 256 read 1.06-1.08x packed + dense-mask SDPA with the costs deciding against 1.00-1.04x
 # with the rule (bench_hf_train.py; rows of 128: 1.00-1.02x against 1.04-1.05x, so they keep it). Where native cannot
 # run the call the rule holds. Right padding under causal() (padding queries that see real keys) it runs since its
-# plan gives those queries a segment of their own: on 8 right-padded rows of 256 at two threads a fresh spec's forward
-# then ran 1.32x stock SDPA's speed with the costs picking native (0.86x under the rule, planning 0.68 ms included) and
-# 1.71x repeated; with a backward the costs keep SDPA, 0.90x fresh and 1.00x repeated (0.92x / 1.01x under the rule;
-# bench_small_rows.py; RESULTS.md, issue 15, "native's blocked form", "Right padding on native").
+# plan puts those queries in the row's segment: on 8 right-padded rows of 256 at two threads a fresh spec then ran
+# 1.39x stock SDPA's speed forward and 1.31x with a backward, the costs picking native (0.86x / 0.92x under the rule;
+# planning included), 1.78x / 1.46x repeated (bench_small_rows.py; RESULTS.md, issue 15, "native's blocked form",
+# "Right padding on native").
 _STOCK_MAX_KEYS = 256
 _STOCK_NATIVE_KEYS = 128
 _STOCK_MIN_FRACTION = 0.2

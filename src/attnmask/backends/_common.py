@@ -852,11 +852,11 @@ def _padded_plan(call, padding_queries: bool = False) -> VarlenPlan | str | None
     padding under a causal mask). The same plan or refusal (tested); ``None`` for any other call and for rows whose
     real tokens are not one run (the general path then says so). O(R·K).
 
-    ``padding_queries``: instead of that refusal, one more segment per such row for its padding queries, over the
-    row's real keys (``native_plan``; the keys are then shared, which a kernel writing dk / dv per segment must
-    know). Under a causal mask or a window those are the queries after the run, at an offset of the run's length (a
-    window may still leave a far query none); otherwise the queries before and after it, which see all of it.
-    Example: a causal row of 6 with 4 real tokens first gives ``[0, 0, 4, 0, 4, 0]`` and ``[0, 4, 2, 0, 4, 4]``."""
+    ``padding_queries``: instead of that refusal, such a row's segment takes its padding queries too, over the same
+    keys (``native_plan``): under a causal mask or a window the queries from the run's first to the row's end (one
+    after the run, at position ``p``, sees the run's keys up to ``p``: all of them, unless a window leaves it fewer);
+    otherwise every query of the row, each seeing the whole run. One segment per row still, so no two share a key.
+    Example: a causal row of 6 with 4 real tokens first gives ``[0, 0, 6, 0, 4, 0]`` (queries 4 and 5 see keys 0-3)."""
     form = _host_form(call)
     if form is None or form.document is not None or form.chunked is not None or not form.key_padding:
         return None
@@ -880,30 +880,25 @@ def _padded_plan(call, padding_queries: bool = False) -> VarlenPlan | str | None
     if attends.any() and not padding_queries:
         return _PADDING_QUERIES_ATTEND
     rows = np.flatnonzero(n_real > 0)
-    zero = np.zeros_like(rows)
-    parts = [np.stack([rows, first[rows], n_real[rows], first[rows], n_real[rows], zero], axis=1)]
-    if attends.any():
-        after = np.flatnonzero(attends & right)
-        parts.append(np.stack([after, end[after], length - end[after], first[after], n_real[after], n_real[after]], 1))
-        if not banded:
-            before = np.flatnonzero(attends & left)
-            parts.append(
-                np.stack([before, 0 * before, first[before], first[before], n_real[before], -first[before]], 1)
-            )
-    segs = np.concatenate(parts)
-    segs = segs[np.lexsort((segs[:, 1], segs[:, 0]))]  # by row, then first query
+    q_start, q_len, offset = first[rows], n_real[rows], np.zeros_like(rows)
+    wide = attends[rows]  # rows whose padding queries join the segment
+    if banded:
+        q_len = np.where(wide, length - q_start, q_len)
+    else:
+        q_start, offset = np.where(wide, 0, q_start), np.where(wide, -first[rows], offset)
+        q_len = np.where(wide, length, q_len)
+    segs = np.stack([rows, q_start, q_len, first[rows], n_real[rows], offset], axis=1)
     if real.shape[0] == 1 and call.batch != 1:  # one spec row for the batch: its segments for every row
-        per_row = len(segs)
         segs = np.tile(segs, (call.batch, 1))
-        segs[:, 0] = np.repeat(np.arange(call.batch), per_row)
+        segs[:, 0] = np.repeat(np.arange(call.batch), len(rows))
     return VarlenPlan(torch.from_numpy(segs.astype(np.int64)), form.causal, form.window)
 
 
 def native_plan(call) -> VarlenPlan | str:
     """``varlen_plan``, and for padded rows whose padding queries see real keys (right padding under ``causal()``,
-    either side under ``full()``), where a varlen kernel has no form, the same segments plus those queries' own
-    (``_padded_plan(call, padding_queries=True)``): a kernel that takes each segment's offset computes them exactly.
-    Cached per spec and signature under ``"native"``."""
+    either side under ``full()``), where a varlen kernel has no form, the same segments with those queries in them
+    (``_padded_plan(call, padding_queries=True)``): a segment may hold more queries than keys, each query seeing the
+    keys its rule allows. Cached per spec and signature under ``"native"``."""
     return cached(call, "native", _build_native_plan)
 
 

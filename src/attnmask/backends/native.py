@@ -11,9 +11,8 @@ panels that walk their keys in cache-sized tiles with an online softmax, four ro
 registers), which made documents of hundreds of tokens, windows, chunks and long causal rows its ground too (RESULTS.md,
 issue 15, "native's blocked form", "native's tiles"); ``"auto"`` chooses by ``cost``. Its plan is
 ``_common.native_plan``: the varlen segments, and for padded rows whose padding queries see real keys (right padding
-under ``causal()``), a segment of their own over the row's real keys at the offset that lets each see all of them,
-which a varlen kernel (computing only the sequences) cannot express; those rows' segments then share keys, so their
-backward runs on one thread.
+under ``causal()``), those queries in the row's segment too (more queries than keys: each sees the keys its rule
+allows), which a varlen kernel, computing only the sequences, cannot express.
 
 The C source is compiled on first use with the system C compiler and loaded with ctypes (``backends._clib``).
 Without a compiler, or with ``ATTNMASK_NATIVE=0``, the backend reports itself unsupported and ``"auto"`` uses the
