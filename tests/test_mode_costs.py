@@ -214,6 +214,21 @@ def test_sdpa_prices_a_causal_row_at_the_pairs_its_key_blocks_compute(monkeypatc
     assert sdpa.cost(causal) == pytest.approx(sdpa.cost(unmasked) * want)
 
 
+@pytest.mark.parametrize(("queries", "share"), [(8, 1.0), (512, 1.0), (1024, 0.75 + 0.5 / 1024)])
+def test_sdpa_prices_a_split_causal_call_by_the_same_key_blocks(monkeypatch, queries, share):
+    """A bottom-right causal chunk of Q queries against 2,048 keys runs as an unmasked call over the first K - Q keys
+    and an is_causal block of Q x Q, which computes every pair up to 512 keys (``_common.sdpa_pairs``): at Q <= 512
+    the whole chunk's pairs, at Q = 1,024 the first half's plus 0.75 of the block's."""
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    sdpa = importlib.import_module("attnmask.backends.sdpa")
+    q, k = torch.zeros(1, 4, queries, 64), torch.zeros(1, 4, 2048, 64)
+    causal = A._prepare_call(q, k, k, am.causal(), None, None, None)
+    unmasked = A._prepare_call(q, k, k, None, None, None, None)
+    assert sdpa._splits_causal(causal)
+    block = queries / 2048  # the block's share of the call's pairs
+    assert sdpa.cost(causal) == pytest.approx(sdpa.cost(unmasked) * (1 - block + block * share))
+
+
 def test_sdpa_charges_a_gradient_per_key_so_a_decoding_step_with_a_gradient_is_not_priced_by_its_pairs(monkeypatch):
     """One query against 4,096 keys with a gradient: SDPA's backward pays per key (RESULTS.md: 6.0 ms of 7.3 at one
     thread), so its estimate holds that charge, and the oracle's holds at least as much."""

@@ -494,10 +494,11 @@ def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
         work += call.batch * call.heads * call.kv_len * _BF16_ONE_QUERY_KEY_COST
     if call.masks_no_key:
         return float(work)
+    Q, K = call.q_len, call.kv_len
     if call.is_plain_causal:  # the fused kernel skips the key blocks past the diagonal's (_common.sdpa_pairs)
-        return float(work * _common.sdpa_pairs(call.q_len, call.kv_len, True) / (call.q_len * call.kv_len))
-    if _splits_causal(call):
-        return work * (call.kv_len - call.q_len / 2) / call.kv_len  # no mask; the last Q keys' triangle is skipped
+        return float(work * _common.sdpa_pairs(Q, K, True) / (Q * K))
+    if _splits_causal(call):  # no mask: every pair of the first K - Q keys, then an is_causal block of Q x Q
+        return float(work * ((K - Q) * Q + _common.sdpa_pairs(Q, Q, True)) / (Q * K))
     mask_rows = call.batch * (call.mask_heads or 1) if isinstance(call.mask, MaskSpec) else 0
     bias = 4 * call.batch * call.heads * call.q_len * call.kv_len if call.score_mods else 0  # the float bias
     masked = _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0)
