@@ -67,10 +67,10 @@ static void key_range(const job_t *J, int64_t i, int64_t off, int64_t kl, int64_
  * degree-6 polynomial for exp(r) (relative error ~2e-7, about 1 ulp), and 2^n assembled in the exponent bits. n is
  * rounded by adding 1.5 * 2^23, after which t's low bits hold n itself: the exponent is built from t's bits, with no
  * conversion to an integer (none of a NaN either) and no blend per lane for the cases below, ~15 vector instructions
- * where the clamps and blends of the form before took ~35 (rows of 8K with a window of 512 ~5% faster, RESULTS.md,
- * issue 15, "native's softmax step"). Inputs below -87 give 0 (-inf too); the softmax only passes x <= 0 (clamped at
- * 88 all the same, so 2^n stays a normal float); a NaN (a NaN score: a NaN in a key the query may see) comes back as
- * NaN, carried through the polynomial. */
+ * where the clamps and blends of the form before took ~35 (rows of 8K with a window of 512 ~5% faster; RESULTS.md,
+ * issue 15, "native's softmax step and exponential"). Inputs below -87 give 0 (-inf too); the softmax only passes
+ * x <= 0 (clamped at 88 all the same, so 2^n stays a normal float); a NaN (a NaN score: a NaN in a key the query may
+ * see) comes back as NaN, carried through the polynomial. */
 #pragma omp declare simd notinbranch
 static inline float exp_f32(float x) {
     float c = x < -87.0f ? -87.0f : x; /* a NaN stays NaN */
@@ -254,19 +254,14 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         const int64_t W = LANES(T), nv = (n + W - 1) / W * W;                                                          \
         int64_t j;                                                                                                     \
         T top = *m;                                                                                                    \
-        if (mod[1] > 0 || mod[3] != 0) {                                                                               \
-            modify_##SUF(s, nv, rel, mod);                                                                             \
-            _Pragma("omp simd simdlen(16) reduction(max : top)") for (j = 0; j < nv; j++) {                            \
-                const T x = j < n ? s[j] : -INFINITY;                                                                  \
-                top = x > top ? x : top;                                                                               \
-            }                                                                                                          \
-        } else { /* the scale alone: scaled and the max taken in one pass */                                           \
-            const T scale = mod[0];                                                                                    \
-            _Pragma("omp simd simdlen(16) reduction(max : top)") for (j = 0; j < nv; j++) {                            \
-                const T x = s[j] * scale;                                                                              \
-                s[j] = x;                                                                                              \
-                top = j < n && x > top ? x : top;                                                                      \
-            }                                                                                                          \
+        /* the modifiers, if any, then the scale (1 after them: exact) with the max in one pass */                     \
+        const int modified = mod[1] > 0 || mod[3] != 0;                                                                \
+        if (modified) modify_##SUF(s, nv, rel, mod);                                                                   \
+        const T scale = modified ? 1 : mod[0];                                                                         \
+        _Pragma("omp simd simdlen(16) reduction(max : top)") for (j = 0; j < nv; j++) {                                \
+            const T x = s[j] * scale;                                                                                  \
+            s[j] = x;                                                                                                  \
+            top = j < n && x > top ? x : top;                                                                          \
         }                                                                                                              \
         if (top != *m) {                                                                                               \
             const T alpha = EXP(*m - top);                                                                             \
