@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import attnmask as am
 from attnmask.attention import choose_backend
 from attnmask.backends import native as N
-from attnmask.backends._common import pair_width
+from attnmask.backends._common import native_plan, pair_width, varlen_plan
 from attnmask.backends.varlen import segments_from_varlen, varlen_attention
 from attnmask.errors import BackendError, DeviceError, DTypeError, ShapeError
 from tests.helpers import call_of, grads, tiny_documents
@@ -828,8 +828,6 @@ def test_padding_queries_that_see_real_keys_run_on_native_as_the_naive_reference
 def test_a_right_padded_causal_row_is_one_segment_of_every_query_from_its_first_and_varlen_still_refuses():
     """The padding queries after a row's 4 real tokens join its segment (6 queries over the 4 keys: the last two see
     all four); varlen, whose kernels compute only the sequences, still refuses the call."""
-    from attnmask.backends._common import native_plan, varlen_plan
-
     real = torch.tensor([[True] * 4 + [False] * 2])
     q = torch.randn(1, 2, 6, 8)
     call = call_of(q, q, q, am.causal() & am.key_padding(real))
