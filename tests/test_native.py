@@ -805,11 +805,11 @@ def _padded_rows(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(_padded_rows(), st.booleans())
-def test_padding_queries_that_see_real_keys_run_on_native_as_the_naive_reference(case, one_spec_row):
+@given(_padded_rows(), st.booleans(), st.booleans())
+def test_padding_queries_that_see_real_keys_run_on_native_as_the_naive_reference(case, one_spec_row, alibi):
     """Right padding under causal() (either side under full()): the padding queries attend the row's real keys, which
     a varlen kernel has no form for; native's segment of the row takes them in (more queries than keys), forward and
-    backward equal to the naive reference."""
+    backward equal to the naive reference, with ALiBi slopes too (a query's distance to a key is its true one)."""
     real, rule = case
     if one_spec_row:  # one spec row applied to a batch of 2
         real = real[:1]
@@ -818,8 +818,9 @@ def test_padding_queries_that_see_real_keys_run_on_native_as_the_naive_reference
     gen = torch.Generator().manual_seed(int(real.sum()))
     q, k, v = (torch.randn(batch, 2, length, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     inputs = [t.requires_grad_() for t in (q, k, v)]
-    got = am.attention(*inputs, spec, backend="native")
-    want = naive_attention(*inputs, spec.to_dense(length).expand(batch, -1, -1)[:, None])
+    slopes = torch.rand(2, generator=gen, dtype=torch.float64) if alibi else None
+    got = am.attention(*inputs, spec, backend="native", alibi_slopes=slopes)
+    want = naive_attention(*inputs, spec.to_dense(length).expand(batch, -1, -1)[:, None], alibi_slopes=slopes)
     torch.testing.assert_close(got, want)
     for a, b in zip(grads(got, inputs), grads(want, inputs), strict=True):
         torch.testing.assert_close(a, b)
