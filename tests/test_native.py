@@ -154,6 +154,33 @@ def test_the_blocked_kernel_across_tiles_and_panels_matches_naive(
     assert_segments_match_naive(got, got_grads, inputs, segs, causal, window, softcap)
 
 
+@pytest.mark.parametrize("scale", [-0.7, 0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_any_finite_scale_weighs_the_blocked_rows_as_the_naive_reference(scale, dtype):
+    """The blocked forward takes a tile's max of the raw scores and scales it, which is the max of the scaled scores
+    only for a positive scale: a negative or zero one (legal: any finite number) is applied to the scores first. Rows
+    crossing several tiles of 8 keys, causal with a window, and scores spread over hundreds, so that a weight taken
+    against anything but the row's max overflows; outputs and gradients against the naive reference in float64."""
+    segs = torch.tensor([[0, 0, 40, 0, 40, 0], [1, 3, 30, 0, 36, 2]])
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=g, dtype=dtype) for _ in range(3))
+    q = (q * 12).requires_grad_()
+    k, v = k.requires_grad_(), v.requires_grad_()
+    with kernel_settings(1, TILE_KEYS=8, PANEL_ROWS=8):
+        got = N.segment_attention(q, k, v, segs, causal=True, window=21, scale=scale)
+        got_grads = grads(got, (q, k, v))
+    allowed = segment_mask(segs, 2, 40, 40, True, 21).unsqueeze(1)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    covered = torch.zeros(2, 40, dtype=torch.bool)
+    for row, qs, ql, *_ in segs.tolist():
+        covered[row, qs : qs + ql] = True
+    want = naive_attention(*wide, allowed, scale=scale) * covered[:, None, :, None]
+    tol = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-4, "rtol": 1e-4}  # q of ~12
+    torch.testing.assert_close(got.double(), want, **tol)
+    for name, g_, w in zip("qkv", got_grads, grads(want, wide), strict=True):
+        torch.testing.assert_close(g_.double(), w, **tol, msg=f"d{name}")
+
+
 @pytest.mark.parametrize(("tile", "panel"), [(0, 6), (-3, 0), (5, 3)])
 def test_tiles_and_panels_the_kernel_cannot_use_are_rounded_to_ones_it_can(tile, panel):
     """The kernel sizes its scratch from the tile and the panel: a tile under one key becomes one key and a panel

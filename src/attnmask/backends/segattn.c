@@ -68,13 +68,14 @@ static void key_range(const job_t *J, int64_t i, int64_t off, int64_t kl, int64_
  * rounded by adding 1.5 * 2^23, after which t's low bits hold n itself: the exponent is built from t's bits, with no
  * conversion to an integer (none of a NaN either) and no blend per lane for the cases below, ~15 vector instructions
  * where the clamps and blends of the form before took ~35 (rows of 8K with a window of 512 ~5% faster; RESULTS.md,
- * issue 15, "native's softmax step and exponential"). Inputs below -87 give 0 (-inf too); the softmax only passes
- * x <= 0 (clamped at 88 all the same, so 2^n stays a normal float); a NaN (a NaN score: a NaN in a key the query may
- * see) comes back as NaN, carried through the polynomial. */
+ * issue 15, "native's softmax step and exponential"). Inputs below -87 give 0 (-inf too) through the select at the
+ * end alone: whatever the lanes below -87 compute before it is dropped, so they need no clamp (a quarter of the
+ * vectorised loop's time; the values are the same bit for bit); the softmax only passes x <= 0 (clamped at 88 all the
+ * same, so 2^n stays a normal float); a NaN (a NaN score: a NaN in a key the query may see) comes back as NaN, carried
+ * through the polynomial. */
 #pragma omp declare simd notinbranch
 static inline float exp_f32(float x) {
-    float c = x < -87.0f ? -87.0f : x; /* a NaN stays NaN */
-    c = c > 88.0f ? 88.0f : c;
+    const float c = x > 88.0f ? 88.0f : x; /* a NaN stays NaN; below -87 the select at the end gives 0 */
     const float shift = 12582912.0f; /* 1.5 * 2^23: t = shift + n, n = round(c / ln2) */
     float t = c * 1.44269504088896341f + shift;
     float n = t - shift;
@@ -242,27 +243,38 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         for (; j + 4 <= n; j += 4) axpy4_##SUF(acc, p + j, v + j * ld, ld, Dv);                                        \
         for (; j < n; j++) axpy_##SUF(acc, p[j], v + j * ld, Dv);                                                      \
     }                                                                                                                  \
-    /* One row's scores s[0 .. n) of a key tile (keys from rel relative to the query's position, as in softmax_row), s \
-       readable and writable up to the multiple of LANES past n: the modifiers, then a step of the row's online        \
+    /* One row's scores s[0 .. n) of a key tile (keys from rel relative to the query's position, as in softmax_row),   \
+       s readable and writable up to the multiple of LANES past n: the modifiers, then a step of the row's online      \
        softmax: its running max *m, its sum kept as LANES partial sums l[0 .. LANES) (and its weighted values y)       \
-       rescaled when the max grows (a max starts at -inf, or at the sink's logit with one partial sum at 1), the tile's\
-       weights exp(s - max) in place, and 0 past n. Two passes over s (the scale with the max, the weights with their \
-       sums: four before, ~5% of a window row's time), whole vectors throughout: no scalar remainder, and no sum across\
-       lanes per tile. Comparisons skip a NaN score, whose weight is then NaN, as in softmax_row. */                   \
+       rescaled when the max grows (a max starts at -inf, or at the sink's logit with one partial sum at 1), the       \
+       tile's weights exp(scale s - max) in place, and 0 past n. With a positive scale and no modifier, the max of     \
+       scale s is scale times the max of s (rounding keeps the order), so the first pass only reads s and the scale    \
+       goes into the weights' pass (one multiply-add). Whole vectors throughout, their lanes checked against n on the  \
+       last vector only: no scalar remainder, and no sum across lanes per tile. Comparisons skip a NaN score, whose    \
+       weight is then NaN, as in softmax_row. (Before: a pass that stored the scaled scores, and a lane check on       \
+       every vector; RESULTS.md, issue 15, "native's weights".) */                                                     \
     static inline void tile_row_##SUF(T *restrict s, int64_t n, int64_t rel, const T *mod, T *m, T *l, T *restrict y,  \
                                       int64_t Dv) {                                                                    \
-        const int64_t W = LANES(T), nv = (n + W - 1) / W * W;                                                          \
+        const int64_t W = LANES(T), nf = n / W * W, nv = (n + W - 1) / W * W;                                          \
+        const int rem = (int)(n - nf); /* scores in the last, partial vector (0: none) */                              \
         int64_t j;                                                                                                     \
-        T top = *m;                                                                                                    \
-        /* the modifiers, if any, then the scale (1 after them: exact) with the max in one pass */                     \
-        const int modified = mod[1] > 0 || mod[3] != 0;                                                                \
-        if (modified) modify_##SUF(s, nv, rel, mod);                                                                   \
-        const T scale = modified ? 1 : mod[0];                                                                         \
-        _Pragma("omp simd simdlen(16) reduction(max : top)") for (j = 0; j < nv; j++) {                                \
-            const T x = s[j] * scale;                                                                                  \
-            s[j] = x;                                                                                                  \
-            top = j < n && x > top ? x : top;                                                                          \
+        /* the modifiers, if any, or a scale that is not positive, applied in place first (the scale then 1: exact) */ \
+        T scale = mod[0];                                                                                              \
+        if (mod[1] > 0 || mod[3] != 0) {                                                                               \
+            modify_##SUF(s, nv, rel, mod);                                                                             \
+            scale = 1;                                                                                                 \
+        } else if (!(scale > 0)) {                                                                                     \
+            _Pragma("omp simd simdlen(16)") for (j = 0; j < nv; j++) s[j] *= scale;                                    \
+            scale = 1;                                                                                                 \
         }                                                                                                              \
+        T raw = -INFINITY; /* the tile's largest score before the scale */                                             \
+        _Pragma("omp simd simdlen(16) reduction(max : raw)") for (j = 0; j < nf; j++) raw = s[j] > raw ? s[j] : raw;   \
+        if (rem) {                                                                                                     \
+            const T *restrict x = s + nf;                                                                              \
+            _Pragma("omp simd simdlen(16) reduction(max : raw)") for (int c = 0; c < (int)W; c++)                      \
+                raw = c < rem && x[c] > raw ? x[c] : raw;                                                              \
+        }                                                                                                              \
+        const T top = raw * scale > *m ? raw * scale : *m;                                                             \
         if (top != *m) {                                                                                               \
             const T alpha = EXP(*m - top);                                                                             \
             for (int64_t c = 0; c < W; c++) l[c] *= alpha;                                                             \
@@ -273,8 +285,12 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         __builtin_memcpy(&sum, l, sizeof sum);                                                                         \
         for (j = 0; j < nv; j += W) { /* the weights and their per-lane sums in one pass */                            \
             T *restrict x = s + j;                                                                                     \
-            const int64_t left = n - j;                                                                                \
-            _Pragma("omp simd simdlen(16)") for (int64_t c = 0; c < W; c++) x[c] = c < left ? EXP(x[c] - top) : 0;     \
+            if (j < nf) {                                                                                              \
+                _Pragma("omp simd simdlen(16)") for (int c = 0; c < (int)W; c++) x[c] = EXP(x[c] * scale - top);       \
+            } else {                                                                                                   \
+                _Pragma("omp simd simdlen(16)") for (int c = 0; c < (int)W; c++)                                       \
+                    x[c] = c < rem ? EXP(x[c] * scale - top) : 0;                                                      \
+            }                                                                                                          \
             VEC(T) e;                                                                                                  \
             __builtin_memcpy(&e, x, sizeof e);                                                                         \
             sum += e;                                                                                                  \
