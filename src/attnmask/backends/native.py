@@ -401,9 +401,12 @@ _LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the X
 # without AMX tiles measured the blocked form, so both kinds take the short share of their own row charges. The long
 # share since the kernel's tiles (a long run's keys no longer leave the cache): refitted on the Xeon's tables of rows
 # of 1,024 and 8,192 (limit_tables/s34_*; 0.35-0.42 read 93 of 96 rows within 1.1x of the fastest, 0.6 87, 0.45 89;
-# RESULTS.md, issue 15, "native's tiles"). The other kind keeps the share it had (no table of the tiles there).
+# RESULTS.md, issue 15, "native's tiles"), and after the tile's softmax step lost its stores (limit_tables/s36_*:
+# 0.28-0.38 read 95 of 96, 0.4 93, where native had become the faster on windows of 4,096 at 8K; the older kernel's
+# s35_* tables 212 of 224 at 0.36, 213 at 0.4; RESULTS.md, issue 15, "native's weights"). The other kind keeps the
+# share it had (no table of the tiles there).
 _BLOCKED_SHORT_SCALE = 0.8
-_BLOCKED_LONG_SCALES = (0.4, 0.6)
+_BLOCKED_LONG_SCALES = (0.36, 0.6)
 _BLOCKED_LONG_SCALE = per_cpu_kind(_BLOCKED_LONG_SCALES)
 # ... and each key of such a segment, per element of D + Dv, for its transposed copy (made once per item: where few
 # queries read each key, a decoding step of 16 queries, it weighs).
