@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 import attnmask as am
 from attnmask.backends import sdpa as sdpa_backend
 from attnmask.backends._common import pair_width
-from tests.helpers import LOW_PRECISION, allowed_of, assert_matches_reference, left_padded_problem, make_qkv
+from tests.helpers import (
+    LOW_PRECISION,
+    allowed_of,
+    assert_matches_reference,
+    call_of,
+    left_padded_problem,
+    make_qkv,
+)
 from tests.naive import naive_attention
 from tests.strategies import attention_case
 
@@ -213,6 +220,58 @@ def test_sdpa_is_causal_is_used_only_when_queries_equal_keys(monkeypatch, q_len,
     assert seen and seen[0].get("is_causal", False) == expect_is_causal
     assert (seen[0].get("attn_mask") is not None) == expect_mask
     assert_matches_reference(out, naive_attention(q, k, v, am.causal().to_dense(q_len, kv_len)))
+
+
+@pytest.mark.parametrize(
+    ("name", "expect_is_causal", "expect_mask"),
+    [
+        ("one document a row", True, False),
+        ("padding that pads nothing", True, False),
+        ("full, one document a row", False, False),
+        ("a row of two documents", False, True),
+        ("a row with one padding key", False, True),
+        ("a window as wide as the row", False, True),
+    ],
+)
+def test_sdpa_runs_whole_row_specs_as_is_causal_or_unmasked(monkeypatch, name, expect_is_causal, expect_mask):
+    """A spec that allows, at the call's shape, exactly what ``causal()`` or ``full()`` would (each row one document
+    of all its tokens; a padding mask of ones) runs SDPA's own ``is_causal`` / unmasked call, builds no mask and is
+    priced as that call; one document short of that, or a padding key, keeps the masked call (a window, even one as
+    wide as the row, is not read as whole rows). Values and gradients against the naive reference."""
+    L = 300
+    ones, holed = torch.ones(2, L, dtype=torch.long), torch.ones(2, L, dtype=torch.long)
+    holed[1, 0] = 0  # left padding: a varlen plan (its padding query sees no key) whose row 1 is not whole
+    specs = {
+        "one document a row": am.causal() & am.document(doc_ids=torch.zeros(2, L, dtype=torch.long)),
+        "padding that pads nothing": am.causal() & am.key_padding(ones),
+        "full, one document a row": am.full() & am.document(doc_ids=torch.zeros(2, L, dtype=torch.long)),
+        "a row of two documents": am.causal() & am.document(doc_ids=(torch.arange(L) >= 7).long().expand(2, L)),
+        "a row with one padding key": am.causal() & am.key_padding(holed),
+        "a window as wide as the row": am.causal() & am.sliding_window(L),
+    }
+    seen, original = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa_backend.F, "scaled_dot_product_attention", spy)
+    spec = specs[name]
+    q, k, v = (torch.randn(2, 2, L, 8, requires_grad=True) for _ in range(3))
+    out = am.attention(q, k, v, spec, backend="sdpa")
+    assert seen and seen[0].get("is_causal", False) == expect_is_causal
+    assert (seen[0].get("attn_mask") is not None) == expect_mask
+    want = naive_attention(q, k, v, spec.to_dense(L, L).expand(2, L, L).unsqueeze(1))
+    assert_matches_reference(out, want)
+    for got_grad, want_grad in zip(
+        torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v)), strict=True
+    ):
+        torch.testing.assert_close(got_grad, want_grad.to(got_grad.dtype), atol=1e-4, rtol=1e-4)
+    # the estimate: the is_causal / unmasked call's, not a dense mask's
+    plain = am.causal() if expect_is_causal else am.full()
+    q0 = q.detach()
+    costs = [sdpa_backend.cost(call_of(q0, q0, q0, s)) for s in (spec, plain)]
+    assert (costs[0] == costs[1]) == (not expect_mask)
 
 
 def test_explicit_positions_place_the_spec_like_to_dense():

@@ -340,7 +340,9 @@ def test_sdpa_with_a_dense_mask_is_timed_only_while_its_mask_is_small(length, ti
     from attnmask.backends import blocksparse, sdpa
 
     q, k, v = (torch.zeros(1, 1, length, 8) for _ in range(3))
-    spec = am.causal() & am.key_padding(torch.ones(1, length, dtype=torch.long))
+    padding = torch.ones(1, length, dtype=torch.long)
+    padding[0, 0] = 0  # one padding key: a mask (padding that pads nothing runs is_causal)
+    spec = am.causal() & am.key_padding(padding)
     call = A._prepare_call(q, k, v, spec, None, None, None)
     assert sdpa.BACKEND.scratch_bytes(call) == length * length  # one bool per pair
     close = tuning.candidates(call, [(blocksparse.BACKEND, 1.0), (sdpa.BACKEND, 1.5)], 3.0, 4)

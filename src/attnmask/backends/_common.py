@@ -720,6 +720,28 @@ def cheap_varlen_plan(call) -> VarlenPlan | None:
     return plan if isinstance(plan, VarlenPlan) else None
 
 
+def whole_row_rule(call) -> str | None:
+    """``"causal"`` or ``"full"`` where the call's spec allows, at its shape, exactly what ``causal()`` (``Q == K``) or
+    ``full()`` would: its varlen plan, already built or cheap to build (:func:`cheap_varlen_plan`), holds one segment
+    per batch row with every query and every key of the row at offset 0, and no window (``causal() &
+    document(seq_lens=[L])``, padding that pads nothing); ``None`` for any other call. Cached with the call's plans
+    under ``"whole_rows"``; O(B) past the plan."""
+    return cached(call, "whole_rows", _whole_row_rule)
+
+
+def _whole_row_rule(call) -> str | None:
+    plan = cheap_varlen_plan(call) if call.batch else None
+    if plan is None or plan.window is not None or plan.segments.shape[0] != call.batch:
+        return None
+    if plan.causal and call.q_len != call.kv_len:
+        return None
+    s = plan.segments.numpy()
+    whole = (s[:, 1] == 0) & (s[:, 2] == call.q_len) & (s[:, 3] == 0) & (s[:, 4] == call.kv_len) & (s[:, 5] == 0)
+    if not whole.all() or not np.array_equal(np.sort(s[:, 0]), np.arange(call.batch)):
+        return None
+    return "causal" if plan.causal else "full"
+
+
 def most_keys_floor(call) -> int:
     """At most how many keys some query of the call sees, from below, without building a plan: a varlen plan already
     built (:func:`most_keys_seen`, exact), else for padded rows (``[causal() | full()] & key_padding(m)``, no window,

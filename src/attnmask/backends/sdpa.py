@@ -1,11 +1,12 @@
 """The "sdpa" backend: ``torch.nn.functional.scaled_dot_product_attention`` with the mask as a dense tensor.
 
-Layer 3 (attention). No mask, ``full()`` and a plain ``causal()`` with ``Q == K`` (``is_causal``) build no mask;
-any other spec becomes an O(B·Q·K) additive mask in q's dtype (0 / ``-inf``: what SDPA's fused kernels turn a bool
-mask into on every call), a per-head spec an O(B·H·Q·K) one (SDPA takes ``(B, H, Q, K)``), kept with the spec's
-plans up to ``_CACHED_MASK_BYTES`` so that the layers of a model build it once per forward; a bool tensor mask is
-passed as given. Rows with no allowed key attend to every key inside the kernel (finite, NaN-free) and are zeroed
-afterwards, so their output and gradient are exactly 0.
+Layer 3 (attention). No mask, ``full()`` and a plain ``causal()`` with ``Q == K`` (``is_causal``) build no mask, nor
+does a spec that allows what one of them would at the call's shape (every row one whole document, say); any other spec
+becomes an O(B·Q·K) additive mask in q's dtype (0 / ``-inf``: what SDPA's fused kernels turn a bool mask into on every
+call), a per-head spec an O(B·H·Q·K) one (SDPA takes ``(B, H, Q, K)``), kept with the spec's plans up to
+``_CACHED_MASK_BYTES`` so that the layers of a model build it once per forward; a bool tensor mask is passed as given.
+Rows with no allowed key attend to every key inside the kernel (finite, NaN-free) and are zeroed afterwards, so their
+output and gradient are exactly 0.
 
 Score modifiers: attention sinks and ALiBi slopes, as one float additive bias ``(B or 1, H, Q, K + 1)`` built from the
 dense mask (O(B·H·Q·K), as dense as SDPA itself): the ALiBi term where allowed, ``finfo.min`` where not, and the
@@ -41,6 +42,7 @@ from attnmask.backends.contract import (
     TORCH_DEVICES,
     AttentionCall,
     Backend,
+    active_transforms,
     dense_mask,
     rows_with_keys,
     score_bias,
@@ -111,6 +113,31 @@ def run(call: AttentionCall) -> torch.Tensor:
         return _run(call)
 
 
+# Whole rows are read from a spec only past this many keys: up to it SDPA's causal call computes every pair anyway
+# (``_common.sdpa_pairs``), a row's dense mask is small, and "auto"'s stock rule, which runs this backend on such rows
+# as stock SDPA without planning, would pay for the plan.
+_WHOLE_ROWS_MIN_KEYS = 256
+
+
+def _unmasked_rule(call: AttentionCall) -> str | None:
+    """How SDPA runs the call without a mask: ``"none"`` (every query sees every key: no mask, ``full()``, a decoding
+    step's one causal query), ``"causal"`` (``is_causal``: a plain ``causal()`` with ``Q == K``), or ``None`` (it needs
+    one). Also a spec that allows, at the call's shape, what ``causal()`` or ``full()`` would
+    (``_common.whole_row_rule``: every row one document of all its tokens, padding that pads nothing), read from its
+    varlen plan where that is built or cheap to build: without it one causal document of 8,192 tokens built a dense
+    mask and ran 471 ms where ``is_causal`` took 138 (two threads, H = 4, D = 64)."""
+    if call.masks_no_key:
+        return "none"
+    if call.is_plain_causal:
+        return "causal"
+    if not isinstance(call.mask, MaskSpec) or call.positions_given or call.kv_len <= _WHOLE_ROWS_MIN_KEYS:
+        return None
+    if active_transforms():  # the plan reads host data, which a functorch transform's tensors do not hold
+        return None
+    rule = _common.whole_row_rule(call)
+    return "none" if rule == "full" else rule
+
+
 def _run(call: AttentionCall) -> torch.Tensor:
     sdpa_kwargs = {"scale": call.scale}
     if call.heads != call.kv_heads:
@@ -119,9 +146,9 @@ def _run(call: AttentionCall) -> torch.Tensor:
         sdpa_kwargs["dropout_p"] = call.dropout_p
     if call.score_mods:
         return _run_with_bias(call, sdpa_kwargs)
-    if call.masks_no_key or call.is_plain_causal:
+    if (rule := _unmasked_rule(call)) is not None:
         # is_causal is top-left aligned: only used when Q == K, where both alignments agree.
-        causal = not call.masks_no_key
+        causal = rule == "causal"
         if causal:
             out = F.scaled_dot_product_attention(call.q, call.k, call.v, is_causal=True, **sdpa_kwargs)
         else:
@@ -492,10 +519,11 @@ def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
     work = call.batch * call.heads * call.q_len * call.kv_len * width * _common.amx_pair_factor(call)
     if call.q_len == 1 and call.q.dtype == torch.bfloat16 and not call.needs_grad and call.device_type == "cpu":
         work += call.batch * call.heads * call.kv_len * _BF16_ONE_QUERY_KEY_COST
-    if call.masks_no_key:
+    rule = _unmasked_rule(call)
+    if rule == "none":
         return float(work)
     Q, K = call.q_len, call.kv_len
-    if call.is_plain_causal:  # the fused kernel skips the key blocks past the diagonal's (_common.sdpa_pairs)
+    if rule == "causal":  # the fused kernel skips the key blocks past the diagonal's (_common.sdpa_pairs)
         return float(work * _common.sdpa_pairs(Q, K, True) / (Q * K))
     if _splits_causal(call):  # no mask: every pair of the first K - Q keys, then an is_causal block of Q x Q
         return float(work * ((K - Q) * Q + _common.sdpa_pairs(Q, Q, True)) / (Q * K))
@@ -520,7 +548,7 @@ def _scratch_bytes(call: AttentionCall) -> int:
     the float bias of score modifiers; none for an unmasked, ``is_causal`` or split-causal call."""
     pairs = call.batch * call.q_len * call.kv_len
     bias = 4 * pairs * call.heads if call.score_mods else 0
-    if call.masks_no_key or call.is_plain_causal or _splits_causal(call):
+    if _unmasked_rule(call) is not None or _splits_causal(call):
         return bias
     return pairs * (call.mask_heads or 1) + bias
 
