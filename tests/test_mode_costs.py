@@ -214,6 +214,23 @@ def test_sdpa_prices_a_causal_row_at_the_pairs_its_key_blocks_compute(monkeypatc
     assert sdpa.cost(causal) == pytest.approx(sdpa.cost(unmasked) * want)
 
 
+def test_sdpa_prices_a_causal_row_with_score_modifiers_as_the_biased_call_it_runs(monkeypatch):
+    """With ALiBi slopes (or sinks) ``run`` takes no ``is_causal`` shortcut: it builds the dense mask into a float
+    bias and SDPA computes every pair (``_run_with_bias``). The estimate and the scratch follow: above the unmasked
+    call's pairs by the mask and the bias, not the causal share of them (a plain ``causal()`` and a whole-row document
+    alike)."""
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    sdpa = importlib.import_module("attnmask.backends.sdpa")
+    q, slopes = torch.zeros(2, 4, 1024, 64), torch.full((4,), 0.5)
+    unmasked = A._prepare_call(q, q, q, None, None, None, None)
+    for spec in (am.causal(), am.causal() & am.document(seq_lens=[1024])):
+        plain = A._prepare_call(q, q, q, spec, None, None, None)
+        biased = A._prepare_call(q, q, q, spec, None, None, None, alibi_slopes=slopes)
+        assert sdpa.cost(plain) < sdpa.cost(unmasked) < sdpa.cost(biased)
+        assert sdpa._scratch_bytes(plain) == 0
+        assert sdpa._scratch_bytes(biased) == 2 * 1024 * 1024 * (1 + 4 * 4)  # the bool mask and the float bias
+
+
 @pytest.mark.parametrize(("queries", "share"), [(8, 1.0), (512, 1.0), (1024, 0.75 + 0.5 / 1024)])
 def test_sdpa_prices_a_split_causal_call_by_the_same_key_blocks(monkeypatch, queries, share):
     """A bottom-right causal chunk of Q queries against 2,048 keys runs as an unmasked call over the first K - Q keys

@@ -125,7 +125,10 @@ def _unmasked_rule(call: AttentionCall) -> str | None:
     one). Also a spec that allows, at the call's shape, what ``causal()`` or ``full()`` would
     (``_common.whole_row_rule``: every row one document of all its tokens, padding that pads nothing), read from its
     varlen plan where that is built or cheap to build: without it one causal document of 8,192 tokens built a dense
-    mask and ran 471 ms where ``is_causal`` took 138 (two threads, H = 4, D = 64)."""
+    mask and ran 471 ms where ``is_causal`` took 138 (two threads, H = 4, D = 64). ``None`` with score modifiers:
+    ``run`` then passes the mask in their float bias (``_run_with_bias``), and the estimate and the scratch say so."""
+    if call.score_mods:
+        return None
     if call.masks_no_key:
         return "none"
     if call.is_plain_causal:
