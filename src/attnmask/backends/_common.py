@@ -542,7 +542,7 @@ def allowed_fraction(call) -> float | None:
     if form.chunked is not None:
         return None  # chunks: sdpa or the costs settle it
     if call.q_len < call.kv_len:  # the last Q positions (a decoding step): padded rows only
-        real = None if form.document is not None or not form.key_padding else _real_keys(form, call.kv_len)
+        real = None if form.document is not None or not form.key_padding else _call_real_keys(call, form)
         if real is None:
             return None
         window = call.kv_len if form.window is None else form.window
@@ -636,7 +636,7 @@ def seeing_themselves(call) -> np.ndarray | None:
 
 def _seeing_themselves(call) -> np.ndarray | None:
     form = _host_form(call)
-    real = None if form is None else _real_keys(form, call.kv_len)
+    real = None if form is None else _call_real_keys(call, form)
     if real is None or form.document is None:
         return real
     ids = form.document.doc_ids
@@ -687,7 +687,7 @@ def padded_tile_pairs(call, block: int) -> int:
     form = _host_form(call)
     if form is None or form.window is not None or form.document is not None or form.chunked is not None:
         return 0
-    real = _real_keys(form, call.kv_len)
+    real = _call_real_keys(call, form)
     if real is None or real.shape[0] not in (1, call.batch):
         return 0
     held, sides = _tiles_holding(real, block)
@@ -753,7 +753,7 @@ def most_keys_floor(call) -> int:
     form = _host_form(call)
     if form is None or form.window is not None or form.document is not None or form.chunked is not None:
         return 0
-    real = _real_keys(form, call.kv_len) if form.key_padding else None
+    real = _call_real_keys(call, form) if form.key_padding else None
     return 0 if real is None else int(np.count_nonzero(real, axis=1).max(initial=0))
 
 
@@ -794,6 +794,13 @@ def _host_form(call) -> VarlenForm | None:
     except BackendError:
         return None
     return None if form.window is not None and form.window < 1 else form
+
+
+def _call_real_keys(call, form: VarlenForm) -> np.ndarray | None:
+    """``_real_keys(form, call.kv_len)`` for the form of the call's spec, read once per spec and signature (kept with
+    the plans under ``"real_keys"``): choosing for a padded batch asks for it from its fraction, floors and plans (five
+    reads of the padding before). Read-only."""
+    return cached(call, "real_keys", lambda c: _real_keys(form, c.kv_len))
 
 
 def _real_keys(form: VarlenForm, length: int) -> np.ndarray | None:
@@ -879,26 +886,11 @@ def _padded_plan(call, padding_queries: bool = False) -> VarlenPlan | str | None
     after the run, at position ``p``, sees the run's keys up to ``p``: all of them, unless a window leaves it fewer);
     otherwise every query of the row, each seeing the whole run. One segment per row still, so no two share a key.
     Example: a causal row of 6 with 4 real tokens first gives ``[0, 0, 6, 0, 4, 0]`` (queries 4 and 5 see keys 0-3)."""
-    form = _host_form(call)
-    if form is None or form.document is not None or form.chunked is not None or not form.key_padding:
+    runs = cached(call, "padded_runs", _padded_runs)  # varlen's plan and native's both ask
+    if runs is None:
         return None
-    length = call.kv_len
-    real = _real_keys(form, length)
-    if real is None or real.shape[0] not in (1, call.batch):
-        return None
-    n_real = np.count_nonzero(real, axis=1)
-    first = np.where(n_real > 0, real.argmax(axis=1), 0)
-    end = first + n_real
-    pos = np.arange(length)
-    if not np.array_equal((pos >= first[:, None]) & (pos < end[:, None]), real):
-        return None  # holes in a row's real tokens
-    right = (n_real > 0) & (end < length)  # padding queries after the run
-    left = (n_real > 0) & (first > 0)  # ... and before it
-    banded = form.causal or form.window is not None  # the kernels' rule: no key after the query
-    if banded:  # the first one after the run sees the run's last keys unless a window of one position keeps it alone
-        attends = right & (form.window is None or form.window > 1)
-    else:
-        attends = right | left
+    form, real, first, n_real, attends = runs
+    length, banded = call.kv_len, form.causal or form.window is not None
     if attends.any() and not padding_queries:
         return _PADDING_QUERIES_ATTEND
     rows = np.flatnonzero(n_real > 0)
@@ -914,6 +906,33 @@ def _padded_plan(call, padding_queries: bool = False) -> VarlenPlan | str | None
         segs = np.tile(segs, (call.batch, 1))
         segs[:, 0] = np.repeat(np.arange(call.batch), len(rows))
     return VarlenPlan(torch.from_numpy(segs.astype(np.int64)), form.causal, form.window)
+
+
+def _padded_runs(call) -> tuple | None:
+    """For ``_padded_plan``: ``(form, real, first, n_real, attends)``, the call's padded form, its real keys ``(R, K)``,
+    each row's first real position and count of real tokens, and whether its padding queries see a real key; ``None``
+    where ``_padded_plan`` has no plan (another form, rows whose real tokens are not one run). O(R·K)."""
+    form = _host_form(call)
+    if form is None or form.document is not None or form.chunked is not None or not form.key_padding:
+        return None
+    length = call.kv_len
+    real = _call_real_keys(call, form)
+    if real is None or real.shape[0] not in (1, call.batch):
+        return None
+    n_real = np.count_nonzero(real, axis=1)
+    first = np.where(n_real > 0, real.argmax(axis=1), 0)
+    end = first + n_real
+    pos = np.arange(length)
+    if not np.array_equal((pos >= first[:, None]) & (pos < end[:, None]), real):
+        return None  # holes in a row's real tokens
+    right = (n_real > 0) & (end < length)  # padding queries after the run
+    left = (n_real > 0) & (first > 0)  # ... and before it
+    if form.causal or form.window is not None:  # the kernels' rule: no key after the query; the first one after the
+        # run sees the run's last keys unless a window of one position keeps it alone
+        attends = right & (form.window is None or form.window > 1)
+    else:
+        attends = right | left
+    return form, real, first, n_real, attends
 
 
 def native_plan(call) -> VarlenPlan | str:
