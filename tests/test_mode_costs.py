@@ -229,6 +229,10 @@ def test_sdpa_prices_a_causal_row_with_score_modifiers_as_the_biased_call_it_run
         assert sdpa.cost(plain) < sdpa.cost(unmasked) < sdpa.cost(biased)
         assert sdpa._scratch_bytes(plain) == 0
         assert sdpa._scratch_bytes(biased) == 2 * 1024 * 1024 * (1 + 4 * 4)  # the bool mask and the float bias
+    # full() builds no bool mask under modifiers either (the bias alone), and is priced as no mask at all
+    none, full = (A._prepare_call(q, q, q, m, None, None, None, alibi_slopes=slopes) for m in (None, am.full()))
+    assert sdpa._scratch_bytes(full) == sdpa._scratch_bytes(none) == 2 * 1024 * 1024 * 4 * 4
+    assert sdpa.cost(full) == sdpa.cost(none)
 
 
 @pytest.mark.parametrize(("queries", "share"), [(8, 1.0), (512, 1.0), (1024, 0.75 + 0.5 / 1024)])

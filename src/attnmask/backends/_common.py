@@ -71,6 +71,7 @@ __all__ = [
     "padded_tile_pairs",
     "native_plan",
     "varlen_plan",
+    "whole_row_rule",
 ]
 
 # SDPA's backward: its work per key, whatever the number of queries (the key and value gradients it zeroes,

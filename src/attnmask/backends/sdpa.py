@@ -530,7 +530,7 @@ def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
         return float(work * _common.sdpa_pairs(Q, K, True) / (Q * K))
     if _splits_causal(call):  # no mask: every pair of the first K - Q keys, then an is_causal block of Q x Q
         return float(work * ((K - Q) * Q + _common.sdpa_pairs(Q, Q, True)) / (Q * K))
-    mask_rows = call.batch * (call.mask_heads or 1) if isinstance(call.mask, MaskSpec) else 0
+    mask_rows = call.batch * (call.mask_heads or 1) if isinstance(call.mask, MaskSpec) and not call.is_full else 0
     bias = 4 * call.batch * call.heads * call.q_len * call.kv_len if call.score_mods else 0  # the float bias
     masked = _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0)
     return float(work + masked + bias)
@@ -548,10 +548,10 @@ def _threads_gain(call: AttentionCall) -> float:
 
 def _scratch_bytes(call: AttentionCall) -> int:
     """Bytes of the O(B·Q·K) tensors ``run`` builds: the spec's or tensor's bool mask (a byte per pair and mask row),
-    the float bias of score modifiers; none for an unmasked, ``is_causal`` or split-causal call."""
+    the float bias of score modifiers; no mask for an unmasked (``full()`` too), ``is_causal`` or split-causal call."""
     pairs = call.batch * call.q_len * call.kv_len
     bias = 4 * pairs * call.heads if call.score_mods else 0
-    if _unmasked_rule(call) is not None or _splits_causal(call):
+    if _unmasked_rule(call) is not None or _splits_causal(call) or call.is_full:
         return bias
     return pairs * (call.mask_heads or 1) + bias
 

@@ -51,6 +51,7 @@ from attnmask.backends._common import (
     segments_address,
     segments_from_varlen,
     varlen_plan,
+    whole_row_rule,
 )
 from attnmask.backends._workers import (
     MIN_TASK_WORK,
@@ -656,11 +657,10 @@ def cost(call) -> float:
     segs = plan.segments
     if not len(segs):
         return CALL_COST
+    if whole_row_rule(call) is not None:
+        return float("inf")  # one whole row a segment: what "sdpa" runs as is_causal or unmasked, without the lowering
     s = segs.numpy()  # per segment in numpy on this view: ~30 torch calls on a few dozen segments took ~0.4 ms right
     # after an attention kernel (a fresh spec's choice on rows of 512, bench_small_rows.py --length 512)
-    whole_rows = len(s) == call.batch and bool((s[:, 2] == call.q_len).all() and (s[:, 4] == call.kv_len).all())
-    if whole_rows and plan.window is None:
-        return float("inf")  # one SDPA call per row, exactly what "sdpa" does without the lowering
     if varlen_form(call.mask).chunked is not None:
         # Chunks as segments (one stacked SDPA call of many short rows): this estimate put them first, measured
         # 1.6-1.7x slower than "native" on the same segments (rows of 1K, chunks of 128, 2 threads, forward and
