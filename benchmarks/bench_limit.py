@@ -1039,28 +1039,48 @@ def parse_busy(path: str, length: int, decode_keys: int) -> list[tuple[Case, boo
     return out
 
 
+def cell_work(case: Case, args) -> float:
+    """Multiply-adds of the pairs ``case`` allows at the benchmark's heads and head size: ``_common.busy_work``, the
+    size that picks a call's busy factor (which takes a spec it cannot count, e.g. prefix-LM, as all pairs)."""
+    dense = case.batch * args.heads * case.q_len * case.kv_len * 2 * args.dim
+    return dense * allowed_fraction(case)
+
+
 def fit_busy(paths: list[str], args) -> None:
     """Per backend, ``MODES.busy`` and ``busy_backward``: the median slowdown busy / idle of its forward and forward +
-    backward cells in the ``--busy`` tables of ``paths``; then auto's picks while a core is taken
-    (``_workers.contended`` patched true, each table's thread count), judged on the busy times, with the modules'
-    factors and with the fitted ones."""
+    backward cells in the ``--busy`` tables of ``paths``; for a backend with small calls' factors (``busy_small``,
+    ``busy_backward_small``) those from its cells of at most ``_common.BUSY_SMALL_WORK`` multiply-adds of allowed
+    pairs and the others from its cells of at least ``BUSY_LARGE_WORK`` (``cell_work``); then auto's picks while a
+    core is taken (``_workers.contended`` patched true, each table's thread count), judged on the busy times, with the
+    modules' factors and with the fitted ones."""
     tables = [(table_threads(p), parse_busy(p, args.length, args.decode_keys)) for p in paths]
     fitted = {}
     print("| backend | busy now -> fitted | busy_backward now -> fitted | cells |")
     print("|---|---|---|---|")
     for name in FITTED:
         module = importlib.import_module(f"attnmask.backends.{name}")
-        fwd = [slow for _, cells in tables for c, g, d, n, slow, _ in cells if n == name and not g]
-        bwd = [slow for _, cells in tables for c, g, d, n, slow, _ in cells if n == name and g]
-        if not fwd and not bwd:
+        modes, changes, counts = module.MODES, {}, []
+        for grad, large, small in ((False, "busy", "busy_small"), (True, "busy_backward", "busy_backward_small")):
+            cells = [(c, slow) for _, cells in tables for c, g, d, n, slow, _ in cells if n == name and g == grad]
+            if getattr(modes, small) is None:
+                groups = {large: [slow for _, slow in cells]}
+            else:
+                sized = [(cell_work(c, args), slow) for c, slow in cells]
+                groups = {
+                    small: [slow for w, slow in sized if w <= _common.BUSY_SMALL_WORK],
+                    large: [slow for w, slow in sized if w >= _common.BUSY_LARGE_WORK],
+                }
+            for field, slows in groups.items():
+                counts.append(f"{field} {len(slows)}")
+                if slows:
+                    changes[field] = round(statistics.median(slows), 2)
+        if not changes:
             continue
-        busy = round(statistics.median(fwd), 2) if fwd else module.MODES.busy
-        busy_backward = round(statistics.median(bwd), 2) if bwd else module.MODES.busy_backward
-        fitted[module] = {"MODES": dataclasses.replace(module.MODES, busy=busy, busy_backward=busy_backward)}
-        print(
-            f"| {name} | {module.MODES.busy} -> {busy} | {module.MODES.busy_backward} -> {busy_backward} | "
-            f"{len(fwd)}, {len(bwd)} |"
-        )
+        fitted[module] = {"MODES": dataclasses.replace(modes, **changes)}
+        shown = {f: f"{getattr(modes, f)} -> {changes.get(f, getattr(modes, f))}" for f in changes}
+        forward = ", ".join(v for f, v in shown.items() if "backward" not in f) or "-"
+        backward = ", ".join(v for f, v in shown.items() if "backward" in f) or "-"
+        print(f"| {name} | {forward} | {backward} | {', '.join(counts)} |")
     busy_times = [(threads, [(c, g, d, n, t) for c, g, d, n, _, t in cells]) for threads, cells in tables]
     contended = workers.contended
     try:

@@ -18,6 +18,7 @@ import attnmask.backends._common as C
 import attnmask.backends._workers as W
 import attnmask.backends.blocksparse as BS
 import attnmask.backends.native as N
+import attnmask.backends.sdpa as S
 import attnmask.backends.varlen as VL
 from attnmask.backends._common import ModeFactors
 from attnmask.errors import BackendError
@@ -452,6 +453,72 @@ def test_busy_factors_apply_only_while_cores_are_taken(monkeypatch):
     assert C.mode_factor(modes, fwd) == 1.0
 
 
+def test_busy_factors_follow_the_calls_size(monkeypatch):
+    """Small calls take ``busy_small``, large ones ``busy``, a geometric step between; without a small factor the
+    large one throughout; the size is the multiply-adds of the pairs the spec allows (``_common.busy_work``)."""
+    modes = ModeFactors(busy=1.6, busy_small=1.1, busy_backward=2.0)
+    small, large = C.BUSY_SMALL_WORK, C.BUSY_LARGE_WORK
+    assert modes.busy_at(False, small / 10) == modes.busy_at(False, small) == 1.1
+    assert modes.busy_at(False, large) == modes.busy_at(False, large * 10) == modes.busy_at(False, None) == 1.6
+    middle = (small * large) ** 0.5
+    assert modes.busy_at(False, middle) == pytest.approx((1.1 * 1.6) ** 0.5)
+    assert 1.1 < modes.busy_at(False, middle * 1.5) < 1.6
+    assert modes.busy_at(True, small) == 2.0  # no small backward factor: the large one
+    assert ModeFactors(busy=1.6).busy_at(False, small) == 1.6
+
+    def made(spec, batch=1, length=1024, dim=64):
+        q = torch.zeros(batch, 4, length, dim)
+        return A._prepare_call(q, q, q, spec, None, None, None)
+
+    dense = 4 * 1024 * 1024 * 128
+    assert C.busy_work(made(am.full())) == dense
+    assert C.busy_work(made(am.causal())) == pytest.approx(dense * 1025 / 2048)
+    assert C.busy_work(made(am.causal() & am.chunked(128))) == pytest.approx(dense / 16)
+    assert C.busy_work(made(am.causal() & am.document(seq_lens=[512, 512]))) == pytest.approx(dense * 1026 / 4096)
+    pad = torch.ones(2, 1024, dtype=torch.bool)
+    pad[1, :512] = False  # one row of 1,024 real tokens, one of 512: 1,024·1,025 / 2 + 512·513 / 2 pairs
+    expected = 4 * 128 * (1024 * 1025 + 512 * 513) / 2
+    assert C.busy_work(made(am.causal() & am.key_padding(pad), batch=2)) == pytest.approx(expected)
+    assert C.busy_work(made(am.prefix_lm(256))) == dense  # not counted: all pairs
+
+    monkeypatch.setattr(W, "contended", lambda: True)
+    assert C.mode_factor(modes, made(am.causal() & am.chunked(16), length=256, dim=16)) == 1.1
+    assert C.mode_factor(modes, made(am.causal(), batch=8, length=4096)) == 1.6
+
+
+@pytest.mark.parametrize(
+    "length, name, slower",
+    [
+        (1024, "causal + left padding", "varlen"),
+        (8192, "documents: few long", "varlen"),
+        (8192, "sliding window 1024", "blocksparse"),
+        (8192, "sliding window 4096", "blocksparse"),
+    ],
+)
+def test_under_a_taken_core_native_keeps_the_rows_it_runs_fastest(monkeypatch, length, name, slower):
+    """One core of two taken, forward, the Xeon kind, H = 4, D = 64: ``native`` ran these rows fastest busy in every
+    current busy table of that CPU where ``auto`` picked ``varlen`` or ``blocksparse`` with one busy factor per
+    backend (left padding on rows of 1K: varlen 1.18-1.46x slower in s34, s35, s35b and s36_busy_q2; few long
+    documents on rows of 8K: varlen 1.17-1.34x in s36 and s37_busy_8k2_fwd; windows of 1,024 and 4,096 there:
+    blocksparse 1.10-1.29x and 1.17-1.38x, in s37b too). Large calls' factors (varlen 1.55, native 1.5, blocksparse
+    1.45) since RESULTS.md, issue 15, "Busy factors by the call's size"."""
+    monkeypatch.setattr(W, "contended", lambda: True)
+    monkeypatch.setattr(W, "threads_available", lambda: 2)
+    bench = bench_limit()
+    case = next(c for c in bench.cases(length, 4096) if c.name.startswith(name))
+    q = torch.zeros(case.batch, 4, case.q_len, 64)
+    k = torch.zeros(case.batch, 4, case.kv_len, 64)
+    with bench.on_cpu_kind(True, True):
+        assert am.explain(q, k, k, case.spec).picked == "native"
+    old = {VL: dataclasses.replace(VL.MODES, busy=1.03, busy_small=None)}
+    old[N] = dataclasses.replace(N.MODES, busy=1.61, busy_small=None)
+    old[BS] = dataclasses.replace(BS.MODES, busy=1.3, busy_small=None)
+    for module, modes in old.items():
+        monkeypatch.setattr(module, "MODES", modes)
+    with bench.on_cpu_kind(True, True):  # one factor per backend picked the slower one
+        assert am.explain(q, k, k, case.spec).picked == slower
+
+
 def test_contended_follows_the_threads_small_regions_get(monkeypatch):
     monkeypatch.setattr(W, "threads_available", lambda: 2)
     monkeypatch.setattr(W, "region_threads", lambda work=None, share_work=None: 1)
@@ -467,7 +534,7 @@ def test_auto_chooses_again_when_cores_are_taken_or_freed(monkeypatch):
     fwd = call(torch.float32, False)
     first = A.choose_backend(fwd)
     module = importlib.import_module(f"attnmask.backends.{first.name}")
-    monkeypatch.setattr(module, "MODES", dataclasses.replace(module.MODES, busy=1e6))
+    monkeypatch.setattr(module, "MODES", dataclasses.replace(module.MODES, busy=1e6, busy_small=None))
     monkeypatch.setattr(W, "contended", lambda: True)
     busy = A.choose_backend(fwd)
     assert busy is not first
@@ -495,38 +562,51 @@ def test_the_reference_estimate_scales_at_least_as_much_as_any_backend():
         modes = importlib.import_module(f"attnmask.backends.{name}").MODES
         for field in ("bf16", "backward", "bf16_backward", "busy", "busy_backward"):
             assert getattr(ref, field) >= getattr(modes, field), (name, field)
+        for field, large in (("busy_small", "busy"), ("busy_backward_small", "busy_backward")):
+            if getattr(modes, field) is not None:  # the oracle has none: its large factor covers them
+                assert getattr(ref, large) >= getattr(modes, field), (name, field)
         for field in ("bf16_no_amx", "bf16_backward_no_amx"):
             if getattr(modes, field) is not None:
                 assert getattr(ref, field) >= getattr(modes, field), (name, field)
 
 
 def test_fit_busy_factors_reads_the_busy_tables_and_only_them(tmp_path, capsys):
+    """Medians of the busy tables' slowdowns per backend and mode; a backend with small calls' factors (native) fits
+    them on its small cells (rows of 256: ~1e7 multiply-adds) and keeps its large ones where no cell is large, one
+    without them (sdpa) fits its only ones on every cell."""
     bench = bench_limit()
     names = [c.name for c in bench.cases(256, 512) if c.name.startswith(("causal +", "prefix", "causal chunked"))]
     lines = ["torch x, 2 thread(s), rows of 256, decode against 512 keys, H=4, D=64, load 0", ""]
     lines += ["**forward, float32, 2 thread(s)** (ms)", ""]
-    lines += ["| structure | allowed | ideal ms | covered | floor ms | blocksparse | auto picks | auto / ideal |"]
-    lines += ["|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | 0.5 | 1.0 | - | - | 5.0 | blocksparse | 1.0 |" for name in names]
+    lines += ["| structure | allowed | ideal ms | covered | floor ms | sdpa | native | auto picks | auto / ideal |"]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | 0.5 | 1.0 | - | - | 5.0 | 5.0 | sdpa | 1.0 |" for name in names]
     for title, slow in (("forward", 1.5), ("forward + backward", 2.5)):
         lines += ["", f"**{title}, one core busy: slowdown busy / idle (busy ms)**", ""]
-        lines += ["| structure | (unmasked sdpa) | (floor) | blocksparse | auto picks | auto busy / best busy | x |"]
-        lines += ["|---|---|---|---|---|---|---|"]
+        lines += ["| structure | (unmasked sdpa) | (floor) | sdpa | native | auto picks | auto busy / best busy | x |"]
+        lines += ["|---|---|---|---|---|---|---|---|"]
         spread = (-0.1, 0.0, 0.4, 0.1)  # median +0.05, mean +0.1
         rows = zip(names, spread, strict=True)
-        lines += [f"| {n} | 2.00 (9.0) | - | {slow + d:.2f} (7.5) | blocksparse | 1.00 | - |" for n, d in rows]
+        lines += [
+            f"| {n} | 2.00 (9.0) | - | {slow + d:.2f} (7.5) | {slow - 0.3 + d:.2f} (6.0) | sdpa | 1.00 | - |"
+            for n, d in rows
+        ]
     path = tmp_path / "busy.txt"
     path.write_text("\n".join(lines) + "\n")
     cells = bench.parse_tables(str(path), 8192, 32768)
     assert {seconds for *_, seconds in cells} == {0.005}  # the idle table only
     busy = bench.parse_busy(str(path), 8192, 32768)
-    assert {(grad, name) for _, grad, _, name, _, _ in busy} == {(False, "blocksparse"), (True, "blocksparse")}
-    assert {seconds for *_, seconds in busy} == {0.0075}
-    own = BS.MODES
+    expected = {(g, n) for g in (False, True) for n in ("sdpa", "native")}
+    assert {(grad, name) for _, grad, _, name, _, _ in busy} == expected
+    assert {seconds for *_, seconds in busy} == {0.0075, 0.006}
+    own, native = S.MODES, N.MODES
+    assert native.busy_small is not None and native.busy_backward_small is None and own.busy_small is None
     bench.main(["--fit", str(path), "--busy-factors"])
     out = capsys.readouterr().out
-    assert f"| blocksparse | {own.busy} -> 1.55 | {own.busy_backward} -> 2.55 | 4, 4 |" in out
-    assert "now: " in out and BS.MODES == own
+    assert f"| sdpa | {own.busy} -> 1.55 | {own.busy_backward} -> 2.55 | busy 4, busy_backward 4 |" in out
+    line = f"| native | {native.busy_small} -> 1.25 | {native.busy_backward} -> 2.25 | busy_small 4, busy 0, "
+    assert line + "busy_backward 4 |" in out
+    assert "now: " in out and S.MODES == own and N.MODES == native
 
 
 @pytest.mark.parametrize("length, window", [(512, 256), (512, 64), (300, 100), (256, 255)])

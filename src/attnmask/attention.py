@@ -59,7 +59,7 @@ import torch
 from attnmask import tuning
 from attnmask._checks import check_strided
 from attnmask.backends import REGISTRY, _workers
-from attnmask.backends._common import allowed_fraction, off_cpu
+from attnmask.backends._common import allowed_fraction, causal_fraction, off_cpu
 from attnmask.backends._workers import all_threads
 from attnmask.backends.contract import (
     AttentionCall,
@@ -223,8 +223,7 @@ def _stock_fraction(call: AttentionCall) -> float | None:
     if not isinstance(call.mask, MaskSpec) or not call.mask.is_structural:
         return None
     if type(call.mask) is Causal and not call.positions_given and 0 < call.q_len <= call.kv_len:
-        Q, K = call.q_len, call.kv_len
-        return (Q * (K - Q + 1) + Q * (Q - 1) // 2) / (Q * K)
+        return causal_fraction(call.q_len, call.kv_len)
     return allowed_fraction(call)
 
 

@@ -32,6 +32,8 @@ from attnmask.lowering import VarlenArgs, VarlenForm, varlen_args, varlen_form
 from attnmask.plancache import call_plans
 
 __all__ = [
+    "BUSY_LARGE_WORK",
+    "BUSY_SMALL_WORK",
     "CALL_COST",
     "COPY_COST",
     "FUSED_NAN_KEYS",
@@ -47,7 +49,9 @@ __all__ = [
     "allowed_fraction",
     "amx_pair_factor",
     "built_varlen_plan",
+    "busy_work",
     "cached",
+    "causal_fraction",
     "cheap_varlen_plan",
     "check_qkv",
     "check_segments",
@@ -144,7 +148,11 @@ class ModeFactors:
     ``benchmarks/bench_limit.py --fit ... --modes`` (median over the timed rows of measured time / estimate in that
     mode, against the same rows' float32 forward). While other processes hold cores (``_workers.contended``) the
     factor is further multiplied by ``busy`` (a forward) or ``busy_backward`` (forward + backward): the backend's
-    median slowdown with one of two cores busy (``--fit ... --busy-factors`` on ``--busy`` tables).
+    median slowdown with one of two cores busy (``--fit ... --busy-factors`` on ``--busy`` tables). A backend whose
+    small calls slow less than its large ones (their parallel regions and tasks go to the free cores only, or a
+    short call ends before the scheduler shares the taken core) also sets ``busy_small`` and ``busy_backward_small``:
+    they apply to calls of at most ``BUSY_SMALL_WORK`` multiply-adds of allowed pairs (``busy_work``), ``busy`` and
+    ``busy_backward`` from ``BUSY_LARGE_WORK``, and the geometric mean weighted by ``log(work)`` between (``busy_at``).
 
     ``bf16`` and ``bf16_backward`` were measured on a CPU with AMX bfloat16 tiles, where torch's SDPA kernel runs
     bfloat16 about twice as fast as float32 while the backends that compute in float32 pay for the casts.
@@ -170,6 +178,8 @@ class ModeFactors:
     busy_backward: float = 1.0
     bf16_no_amx: float | None = None
     bf16_backward_no_amx: float | None = None
+    busy_small: float | None = None
+    busy_backward_small: float | None = None
 
     def __post_init__(self):
         if (self.bf16_no_amx is None) != (self.bf16_backward_no_amx is None):
@@ -184,8 +194,34 @@ class ModeFactors:
             return False
         return cpu_bf16_kind() != "none" or self.bf16_no_amx is not None
 
-    def of(self, dtype: torch.dtype, device_type: str, needs_grad: bool, contended: bool = False) -> float:
-        """The factor for a call in ``dtype`` on ``device_type``, differentiated or not, with cores taken or not."""
+    def busy_at(self, needs_grad: bool, work: float | None) -> float:
+        """The busy factor of a call of ``work`` multiply-adds of allowed pairs (``None``: unknown, taken as large),
+        with a backward or not: ``busy_small`` / ``busy_backward_small`` up to ``BUSY_SMALL_WORK``, ``busy`` /
+        ``busy_backward`` from ``BUSY_LARGE_WORK``, interpolated on ``log(work)`` between (``None`` small factors:
+        the large ones throughout).
+
+            >>> ModeFactors(busy=1.6, busy_small=1.1).busy_at(False, BUSY_SMALL_WORK)
+            1.1
+        """
+        large = self.busy_backward if needs_grad else self.busy
+        small = self.busy_backward_small if needs_grad else self.busy_small
+        if small is None or work is None or work >= BUSY_LARGE_WORK:
+            return large
+        if work <= BUSY_SMALL_WORK:
+            return small
+        t = math.log(work / BUSY_SMALL_WORK) / math.log(BUSY_LARGE_WORK / BUSY_SMALL_WORK)
+        return small * (large / small) ** t
+
+    def of(
+        self,
+        dtype: torch.dtype,
+        device_type: str,
+        needs_grad: bool,
+        contended: bool = False,
+        work: float | None = None,
+    ) -> float:
+        """The factor for a call in ``dtype`` on ``device_type``, differentiated or not, with cores taken or not
+        (then ``busy_at(needs_grad, work)``: ``work`` the call's multiply-adds of allowed pairs, ``busy_work``)."""
         if device_type != "cpu":
             return 1.0
         kind = cpu_bf16_kind() if self.covers(dtype, device_type) else "float32"
@@ -195,16 +231,59 @@ class ModeFactors:
             factor = self.bf16_backward if needs_grad else self.bf16
         else:
             factor = self.bf16_backward_no_amx if needs_grad else self.bf16_no_amx
-        return factor * ((self.busy_backward if needs_grad else self.busy) if contended else 1.0)
+        return factor * (self.busy_at(needs_grad, work) if contended else 1.0)
+
+
+# Where the busy factors change from a backend's small calls' to its large ones' (``ModeFactors.busy_at``), in
+# multiply-adds of allowed pairs (``busy_work``). With one of two cores busy, on the Xeon's busy tables of
+# 2026-12-05/06, the forwards of "blocksparse", "native" and "varlen" slowed 1.0-1.5x (median per backend) under
+# 1e8 (calls of ~0.1-2 ms at two idle threads) and 1.5-1.8x, as SDPA does, from 3e8 (RESULTS.md, issue 15, "Busy
+# factors by the call's size"; the bounds and factors chosen by replaying auto's busy picks on the saved tables).
+BUSY_SMALL_WORK = 1e8
+BUSY_LARGE_WORK = 5e8
 
 
 def mode_factor(modes: ModeFactors, call, forward: bool = False) -> float:
     """``modes.of`` for ``call`` as it runs now: its dtype, device, whether it needs a gradient (``forward``: as if it
     did not, the factor of the forward's share of an estimate with a backward), and whether other processes hold cores
-    (``_workers.contended``, read at most every 0.1 s)."""
+    (``_workers.contended``, read at most every 0.1 s; then, for a backend with small calls' factors, the call's size,
+    ``busy_work``, picks the busy factor)."""
     device_type = call.device_type
     contended = device_type == "cpu" and _workers.contended()
-    return modes.of(call.q.dtype, device_type, call.needs_grad and not forward, contended)
+    needs_grad = call.needs_grad and not forward
+    if not contended:
+        return modes.of(call.q.dtype, device_type, needs_grad)
+    small = modes.busy_backward_small if needs_grad else modes.busy_small
+    return modes.of(call.q.dtype, device_type, needs_grad, True, None if small is None else busy_work(call))
+
+
+def busy_work(call) -> float:
+    """Multiply-adds of the (query, key) pairs the call's spec allows, one pass: ``B·H·Q·K·(D + Dv)`` times its
+    allowed fraction (``allowed_fraction``; a plain ``causal()`` its exact share, chunks of ``c`` about ``c / K`` of
+    the pairs, half of that under ``causal()``; any other spec all of them). What sets how much a call slows while
+    other processes hold cores (``ModeFactors.busy_at``). Kept with the call's plans under ``"busy_work"``."""
+    return cached(call, "busy_work", _busy_work)
+
+
+def _busy_work(call) -> float:
+    dense = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
+    fraction = allowed_fraction(call)
+    if fraction is None and call.is_plain_causal and 0 < call.q_len <= call.kv_len:
+        fraction = causal_fraction(call.q_len, call.kv_len)
+    if fraction is None and isinstance(call.mask, M.MaskSpec) and call.kv_len > 0:
+        try:
+            form = varlen_form(call.mask)
+        except BackendError:
+            form = None
+        if form is not None and form.chunked is not None:
+            fraction = min(1.0, form.chunked.size / call.kv_len) * (0.5 if form.causal else 1.0)
+    return float(dense * (1.0 if fraction is None else fraction))
+
+
+def causal_fraction(q_len: int, kv_len: int) -> float:
+    """The fraction of the ``Q·K`` pairs a plain ``causal()`` allows the last ``Q`` of ``K`` positions (``0 < Q <= K``;
+    query ``i`` sees ``K - Q + 1 + i`` keys). Example: ``causal_fraction(4, 4)`` is 10 / 16 = 0.625."""
+    return (q_len * (kv_len - q_len + 1) + q_len * (q_len - 1) // 2) / (q_len * kv_len)
 
 
 def amx_pair_factor(call) -> float:

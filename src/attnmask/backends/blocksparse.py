@@ -130,13 +130,17 @@ CPU_KIND_VALUES = {
 # a taken core within 1.1x of the best busy backend): busy 1.0 -> 1.3, busy_backward 1.5 -> 1.7 with sdpa's busy
 # 1.95 -> 1.52, the seven Xeon tables (1K and 8K) 143 -> 159 rows, the five AMD EPYC ones 124 -> 132 (a plateau over
 # sdpa's 1.45-1.6; RESULTS.md, issue 15, "Busy factors from every busy table"). blocksparse had been picked under a
-# taken core 1.15-1.46x slower than SDPA or native on causal rows, decoding steps and small windows.
+# taken core 1.15-1.46x slower than SDPA or native on causal rows, decoding steps and small windows. Its forward's
+# busy factor by the call's size (``_common.BUSY_SMALL_WORK``): 1.3 for small calls, 1.45 for large ones, whose
+# SDPA calls use every thread (measured 1.5-1.8 from 3e8 multiply-adds; the replay of the current busy tables chose
+# 1.45 over 1.3-1.7; RESULTS.md, issue 15, "Busy factors by the call's size").
 MODES = ModeFactors(
     bf16=1.31,
     backward=3.44,
     bf16_backward=3.2,
-    busy=1.3,
+    busy=1.45,
     busy_backward=1.7,
+    busy_small=1.3,
     bf16_no_amx=1.05,
     bf16_backward_no_amx=3.73,
 )

@@ -470,13 +470,16 @@ CPU_KIND_VALUES = {
 # CPU without AMX tiles (the _no_amx factors): --fit ... --modes on limit_tables/s9_q1.txt and s9_q2.txt, an AMD EPYC
 # (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX"). The AMX bfloat16 factors since the copies are charged on
 # their own (``_BF16_COPY_COST``; were 1.18 and 3.47): a grid replay of the Xeon's saved 1K tables (RESULTS.md, issue
-# 15, "native's bfloat16 copies").
+# 15, "native's bfloat16 copies"). Its forward's busy factor by the call's size (``_common.BUSY_SMALL_WORK``): 1.61
+# for small calls (on the free core alone under ``_BUSY_SHARE_WORK``), 1.5 for large ones (RESULTS.md, issue 15, "Busy
+# factors by the call's size").
 MODES = ModeFactors(
     bf16=1.05,
     backward=3.51,
     bf16_backward=3.0,
-    busy=1.61,
+    busy=1.5,
     busy_backward=2.09,
+    busy_small=1.61,
     bf16_no_amx=1.0,
     bf16_backward_no_amx=4.0,
 )

@@ -142,13 +142,17 @@ _IDLE_MIN_WORK = MIN_TASK_WORK / 8
 # specs at two threads"); with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
 # (RESULTS.md, issue 15, "bfloat16 and backward in the estimates", "Estimates that see a taken core"); bfloat16 on a
 # CPU without AMX tiles (the _no_amx factors): --fit ... --modes on limit_tables/s9_q1.txt and s9_q2.txt, an AMD EPYC
-# (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX").
+# (RESULTS.md, issue 15, "bfloat16 on a CPU without AMX"). Its forward's busy factor by the call's size
+# (``_common.BUSY_SMALL_WORK``): 1.03 for small calls (each document group a task on one intra-op thread, the free
+# core taking the most), 1.55 for large ones, whose SDPA calls use every thread (measured 1.5-1.6 from 1e8
+# multiply-adds; RESULTS.md, issue 15, "Busy factors by the call's size").
 MODES = ModeFactors(
     bf16=1.16,
     backward=3.17,
     bf16_backward=4.24,
-    busy=1.03,
+    busy=1.55,
     busy_backward=1.74,
+    busy_small=1.03,
     bf16_no_amx=0.88,
     bf16_backward_no_amx=8.33,
 )
