@@ -424,7 +424,7 @@ def explain(
     cost and why each other one refuses; computes no attention. Arguments as :func:`attention` (and validated the
     same way). Example::
 
-        >>> print(attnmask.explain(q, k, v, causal() & document(seq_lens=[3, 5])))
+        print(attnmask.explain(q, k, v, causal() & document(seq_lens=[3, 5])))
         backend      cost     auto        why not
         reference    1.2e+04  yes
         sdpa         2.3e+03  <- picked

@@ -325,7 +325,7 @@ class Collator:
     ``allow_empty=True``. ``return_dict=True`` returns ``batch.model_inputs()`` instead (the dict a Hugging Face
     ``Trainer`` passes to the model).
 
-    >>> loader = DataLoader(dataset, batch_size=8, collate_fn=Collator(pad_id=tok.pad_id))
+    Example: ``DataLoader(dataset, batch_size=8, collate_fn=Collator(pad_id=tok.pad_id))``.
     """
 
     pad_id: int

@@ -51,8 +51,10 @@ segments, O(B·nQ·nK) bytes for a block layout plus O(partial tiles · block_si
 Example: the second call finds the plans of the first, keyed by this spec object::
 
     >>> spec = causal() & document(seq_lens=[3, 5])
-    >>> attention(q, k, v, spec)   # plans, picks a backend, caches both on ``spec``
-    >>> attention(q, k, v, spec)   # one dict lookup and a version check, then runs
+    >>> q = k = v = torch.randn(1, 2, 8, 16)
+    >>> first = attention(q, k, v, spec)   # plans, picks a backend, caches both on ``spec``
+    >>> torch.equal(attention(q, k, v, spec), first)   # one dict lookup and a version check, then runs
+    True
 """
 
 from __future__ import annotations

@@ -47,9 +47,9 @@ result is the same (every backend computes the same attention); only the time ch
 Switch it on with :func:`autotune` (a function and a context manager) or, for the whole process, the environment
 variable ``ATTNMASK_AUTOTUNE=1`` read at import (``0`` or unset: off). Example::
 
-    >>> with attnmask.autotune():
-    ...     for batch in loader:
-    ...         loss = model(**batch).loss   # the layers' attention calls: the first repeat of each kind is timed
+    with attnmask.autotune():
+        for batch in loader:
+            loss = model(**batch).loss   # the layers' attention calls: the first repeat of each kind is timed
 """
 
 from __future__ import annotations

@@ -10,9 +10,8 @@ Layer 3 (attention); imports only ``masks`` and ``errors``.
 
 Worked example, a backend that only runs float32 CUDA calls without dropout::
 
-    >>> Backend("mine", run, cost, devices=frozenset({"cuda"}), dtypes=frozenset({torch.float32}))
-    >>> backend.not_supported_reasons(call_on_cpu)
-    ["runs on cuda, not cpu"]
+    backend = Backend("mine", run, cost, devices=frozenset({"cuda"}), dtypes=frozenset({torch.float32}))
+    backend.not_supported_reasons(call_on_cpu)   # ["runs on cuda, not cpu"]
 """
 
 from __future__ import annotations

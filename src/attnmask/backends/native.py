@@ -27,8 +27,10 @@ uses every thread) and the backward's (segment, key/value head) items.
 
 Worked example, three documents of lengths 2, 4, 3 in one row, causal inside each::
 
-    >>> segs = segments_from_varlen((causal() & document(seq_lens=[2, 4, 3])).varlen(9), 1, 9, 9)
-    >>> out = segment_attention(q, k, v, segs, causal=True)    # (1, H, 9, Dv); query 3 sees keys 2 and 3
+    >>> segs = _common.segments_from_varlen((causal() & document(seq_lens=[2, 4, 3])).varlen(9), 1, 9, 9)
+    >>> q = k = v = torch.randn(1, 2, 9, 8)
+    >>> segment_attention(q, k, v, segs, causal=True).shape    # (B, H, Q, Dv); query 3 sees keys 2 and 3
+    torch.Size([1, 2, 9, 8])
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ causal inside each document::
     >>> segs = segments_from_varlen((causal() & document(seq_lens=[2, 4, 3])).varlen(9), 1, 9, 9)
     >>> segs.tolist()   # (row, q_start, q_len, k_start, k_len, offset)
     [[0, 0, 2, 0, 2, 0], [0, 2, 4, 2, 4, 0], [0, 6, 3, 6, 3, 0]]
-    >>> out = varlen_attention(q, k, v, segs, causal=True)   # one SDPA per distinct document length
+    >>> q = k = v = torch.randn(1, 2, 9, 8)
+    >>> varlen_attention(q, k, v, segs, causal=True).shape   # one SDPA per distinct document length
+    torch.Size([1, 2, 9, 8])
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 ``pack_dataset(ds, 2048)`` plans on the lengths of the ``input_ids`` column (read from the Arrow list offsets, no
 Python per example), then builds every packed row with Arrow ``take``s on contiguous pieces (no per-token Python):
 
+    >>> from datasets import Dataset
     >>> ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]})
     >>> pack_dataset(ds, 5)[:]
     {'input_ids': [[6, 7, 8, 9, 10], [1, 2, 3, 4, 5]], 'position_ids': [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]],
