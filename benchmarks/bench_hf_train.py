@@ -1,5 +1,5 @@
 """PYTHONPATH=src python benchmarks/bench_hf_train.py [--rows 128,256,512,1024,4096] [--tokens 8192] [--repeats 5]
-[--backend auto] [--log-mean 5.0] [--seqs N] [--threads N] [--clock wall|cpu] [--device cpu|cuda] [--quick]
+[--backend auto] [--log-mean 5.0] [--seqs N] [--threads N] [--clock wall|cpu] [--device cpu|cuda] [--busy] [--quick]
 
 Training-step time of a tiny random-weight Llama on the same sequences, three ways, in the same process:
 
@@ -28,8 +28,10 @@ rounds of the peer's step time over attnmask's in the same round: the two steps 
 machine that comes and goes between rounds cancels in the ratio; the best step time of each run is printed beside it.
 Per size, the share of attnmask's step spent preparing its calls and choosing their backends (``ChoiceClock``: the
 per-call overhead as a training step pays it, once per batch and layer) is printed too. A table of every size
-follows, with the command that made it. ``--device cuda``: models and batches on the GPU (each
-step ends in the loss's read-back, so wall time covers its kernels; not run on a GPU yet).
+follows, with the command that made it. ``--busy``: every size is measured while another process spins on one
+core (``bench_limit.Spinner``, as a DataLoader worker beside a training loop does), all three runs alike.
+``--device cuda``: models and batches on the GPU (each step ends in the loss's read-back, so wall time covers its
+kernels; not run on a GPU yet).
 """
 
 from __future__ import annotations
@@ -182,6 +184,13 @@ def measure(
     }
 
 
+def _busy_core():
+    """``bench_limit.Spinner``: another process spinning on one core for the block (same folder)."""
+    import bench_limit  # noqa: PLC0415  (only with --busy: it imports the whole limit benchmark)
+
+    return bench_limit.Spinner()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default=None, help="comma-separated row lengths (packed rows), e.g. 128,256,4096")
@@ -203,6 +212,7 @@ def main() -> None:
         "processes of a shared machine held the core)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--busy", action="store_true", help="measure while another process spins on one core")
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, a smoke run: 16 sequences, rows of 256, 2 rounds"
     )
@@ -218,7 +228,7 @@ def main() -> None:
     state = tiny_llama("sdpa", None).state_dict()
     print(
         f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} threads, {args.clock} clock, "
-        f"attnmask backend {args.backend!r}, "
+        f"attnmask backend {args.backend!r}, {'one core busy (another process spinning), ' if args.busy else ''}"
         f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     summary = []
@@ -227,7 +237,8 @@ def main() -> None:
             seqs = make_sequences(args.seqs, length, args.seed, args.log_mean)
         else:
             seqs = sequences_for(args.tokens, length, args.seed, args.log_mean)
-        result = measure(seqs, length, args.repeats, state, clock, args.device)
+        with _busy_core() if args.busy else contextlib.nullcontext():
+            result = measure(seqs, length, args.repeats, state, clock, args.device)
         best, real = result["best"], sum(map(len, seqs))
         print(
             f"\nrows of {length}: {len(seqs)} sequences, {real} real tokens (mean {real / len(seqs):.0f}, longest "
