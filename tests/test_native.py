@@ -57,6 +57,8 @@ def kernel_settings(threads, **constants):
     """Within the block torch and the kernel run ``threads`` threads (whatever the machine's load) and ``native``'s
     module constants ``constants`` (``TILE_KEYS=8``, ...) are set; everything is put back after it (hypothesis tests
     cannot take the ``monkeypatch`` fixture)."""
+    if "TILE_KEYS" in constants:  # the forward's tiles too, unless named
+        constants.setdefault("FORWARD_TILE_KEYS", constants["TILE_KEYS"])
     saved = torch.get_num_threads(), {name: getattr(N, name) for name in ("region_threads", *constants)}
     torch.set_num_threads(threads)
     N.region_threads = lambda work=None, share_work=None: threads
@@ -114,7 +116,7 @@ def test_segment_attention_matches_naive_on_arbitrary_segments(data, rule, threa
     softcap=st.sampled_from([None, 2.5]),
     sinks=st.booleans(),
     threads=st.sampled_from([1, 2]),
-    tile=st.sampled_from([1, 3, 8, 16, N.TILE_KEYS]),
+    tile=st.sampled_from([1, 3, 8, 16, N.TILE_KEYS, N.FORWARD_TILE_KEYS]),
     panel=st.sampled_from([4, 8, 12, N.PANEL_ROWS]),
     dims=st.sampled_from([(6, 3), (19, 17), (40, 33)]),
 )
@@ -217,6 +219,32 @@ def test_float32_rows_of_many_tiles_match_float64_naive(rule):
     torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
     for name, g_, w in zip("qkv", grads(got, ins), grads(want, ref), strict=True):
         torch.testing.assert_close(g_, w.float(), atol=5e-5, rtol=1e-4, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("dim", [16, 40, 64, 72])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_blocked_forwards_key_copy_holds_every_element_at_every_head_size(monkeypatch, dtype, dim):
+    """The blocked form copies an item's keys into blocks of 16 keys (float32 lanes) by 16 x 16 register transposes,
+    element by element past the last whole 16 of a head and for a last block of fewer than 16 keys: head sizes of one
+    such slice, of two and a remainder, of four and of four and a remainder, keys read through a row stride wider than
+    the head (a view of a wider buffer), 53 keys (three whole blocks and 5), bfloat16 read as stored (widened as it is
+    copied) and float32; causal with a window of 20, so rows see keys of two blocks. Against the float64 reference
+    on the same values."""
+    monkeypatch.setattr(N, "_reads_as_stored", lambda *a: True)
+    g = torch.Generator().manual_seed(dim)
+    L = 53
+    q = torch.randn(2, 2, L, dim, generator=g).to(dtype)
+    wide = torch.randn(2, 2, L, dim + 24, generator=g).to(dtype)
+    k, v = wide[..., 3 : 3 + dim], torch.randn(2, 2, L, 24, generator=g).to(dtype)
+    assert k.stride(2) == dim + 24
+    segs = torch.tensor([[0, 0, L, 0, L, 0], [1, 5, 48, 0, 50, 2]])
+    got = N.segment_attention(q, k, v, segs, causal=True, window=20)
+    want = naive_attention(*(t.double() for t in (q, k, v)), segment_mask(segs, 2, L, L, True, 20).unsqueeze(1))
+    covered = torch.ones(2, 1, L, 1, dtype=torch.bool)
+    covered[1, :, :5] = False
+    want = want * covered
+    tol = {"atol": 2e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2**-8, "rtol": 2**-7}
+    torch.testing.assert_close(got.double(), want.to(dtype).double(), **tol)
 
 
 @pytest.mark.parametrize("q_len", [15, 16, 37])

@@ -104,8 +104,13 @@ _NEVER = 1 << 62
 # The blocked form's rows go in panels of PANEL_ROWS (a multiple of four) that walk their keys in tiles of TILE_KEYS,
 # so that a tile's keys and values (in the backward also their dk and dv rows) stay in cache while the panel's rows
 # use them (segattn.c). Before the tiles every block of four rows read its whole run of keys again: causal rows of
-# 8,192 tokens streamed megabytes per block (RESULTS.md, issue 15, "native's tiles").
+# 8,192 tokens streamed megabytes per block (RESULTS.md, issue 15, "native's tiles"). The forward walks tiles of
+# FORWARD_TILE_KEYS: twice as many keys per tile halve a row's online-softmax steps and rescales; rows of 8,192 tokens,
+# two threads, interleaved in one process, 512 against 256: windows of 512-4,096 and chunks of 1,024 2-6% faster,
+# causal rows of 1,024 1-3%; the backward (dk and dv rows too) kept 256, where 512-1,024 read 0-3% slower (RESULTS.md,
+# issue 15, "native's key copies, tiles and pulls").
 TILE_KEYS = 256
+FORWARD_TILE_KEYS = 512
 PANEL_ROWS = 64
 
 
@@ -132,7 +137,7 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, threads) -
     kmax = int(segs[:, 4].max()) if len(segs) else 0
     block_keys = _block_keys(q.shape[2])
     dims = [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], kmax, window or 0, int(causal), block_keys]
-    dims += [TILE_KEYS, PANEL_ROWS]
+    dims += [TILE_KEYS if backward else FORWARD_TILE_KEYS, PANEL_ROWS]
     dims = torch.tensor(dims, dtype=torch.int64)
     bits = {torch.float64: 64, torch.bfloat16: 16}.get(q.dtype, 32)  # 16: bfloat16 q, k, v, a forward only
     status = lib.attnmask_segattn(
@@ -250,9 +255,13 @@ class _SegmentAttention(torch.autograd.Function):
 # it whatever the thread count. The forward writes each query row from that row alone, so a segment cut into blocks
 # of queries is the same computation (bit for bit): each block keeps the segment's keys and shifts its offset by the
 # block's start. Enough items that every thread makes several pulls (_PULLS_PER_THREAD), blocks of at least
-# _MIN_BLOCK_ROWS rows (a block's fixed work is a few pointer sums). The backward keeps whole segments: its items own
-# the dk / dv rows of their segment's keys, which blocks of one segment would share.
-_PULLS_PER_THREAD = 8
+# _MIN_BLOCK_ROWS rows. Each block copies the keys its rows see (a window's block of r rows copies r + window - 1), so
+# blocks cost more than pointer sums: 4 pulls a thread instead of 8 (blocks twice as tall) made windows of 512-4,096
+# and chunks of 1,024 on rows of 8,192 3-10% faster at two threads, rows of 1,024 (causal, left padding, windows of
+# 128 and 512, documents of 128) 2-10%, and with one of the two cores busy no slower (0-4% faster at 8,192; RESULTS.md,
+# issue 15, "native's key copies, tiles and pulls"). The backward keeps whole segments: its items own the dk / dv rows
+# of their segment's keys, which blocks of one segment would share.
+_PULLS_PER_THREAD = 4
 _MIN_BLOCK_ROWS = 16
 
 
@@ -348,8 +357,8 @@ def segment_attention(
     the backward, the gradients; float32 copies of float16 inputs, and of bfloat16 ones in the backward only (the
     forward reads bfloat16 as stored); no mask and no copy of float32 inputs whose last dimension is contiguous. Per
     thread, the kernel's scratch: a segment's keys transposed (and its values, in the backward), O(k_len · (D + Dv)),
-    and a panel's tile of scores, O(PANEL_ROWS · TILE_KEYS) (4.2 MiB for a causal segment of 8,192 keys at D = Dv = 64
-    in float32 with a backward).
+    and a tile of scores, four rows' O(FORWARD_TILE_KEYS) in the forward and a panel's O(PANEL_ROWS · TILE_KEYS) in
+    the backward (4.2 MiB for a causal segment of 8,192 keys at D = Dv = 64 in float32 with a backward).
 
     Score modifiers as ``attnmask.attention`` defines them and checks them (``softcap``, ``sinks`` and
     ``alibi_slopes``, ``(H,)``, the ALiBi distance being ``i + offset - j``); differentiable in ``sinks`` too.

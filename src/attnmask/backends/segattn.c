@@ -116,18 +116,18 @@ static inline float bf16_f32(uint16_t x) {
 #define SAME(x) (x)
 
 /* The blocked form, on segments of at least dims[8] keys (the caller sets it from a few queries a call up, and never
- * for a decoding step, whose keys are each read by a few queries, where copying them would cost more than it saves):
- * an item's keys (and in the backward its values) are transposed once into blocks of LANES keys and four query rows at
- * a time take their scores from them, two vectors of keys per step, accumulated over d: no horizontal sum per score,
- * and each key element loaded once for four queries. The rows go in panels of PANEL_ROWS (dims[10], a multiple of
- * four) and a panel walks its keys in tiles of TILE_KEYS (dims[9]), so that a tile's keys and values (and in the
- * backward their dk and dv rows) stay in cache while the panel's rows use them: the forward keeps an online softmax
- * per row across its tiles (running max, sum and weighted values, rescaled when the max grows), the backward
- * recomputes P from the saved lse. Sums over the four rows' common keys keep a slice of four rows' outputs in
- * registers (pv4): the forward's weighted values and the backward's dq, and the backward's dk and dv of four keys over
- * the rows all four see. A block's rows are the item's rows 0-3, 4-7, ..., and tiles start at multiples of TILE_KEYS
- * of the segment's keys: the caller cuts a segment for the threads at multiples of four rows, so a row has the same
- * partners and tiles, and the same sums, whatever the cut. */
+ * for a decoding step, whose keys are each read by a few queries, where copying them would cost more than it saves): an
+ * item's keys (and in the backward its values) are transposed once into blocks of LANES keys and four query rows at a
+ * time take their scores from them, four vectors of keys per step (sixteen sums in flight), accumulated over d: no
+ * horizontal sum per score, and each key element loaded once for four queries. The rows go in panels of PANEL_ROWS
+ * (dims[10], a multiple of four) and a panel walks its keys in tiles of TILE_KEYS (dims[9]; the caller passes larger
+ * ones for the forward), so that a tile's keys and values (and in the backward their dk and dv rows) stay in cache
+ * while the panel's rows use them: the forward keeps an online softmax per row across its tiles (running max, sum and
+ * weighted values, rescaled when the max grows), the backward recomputes P from the saved lse. Sums over the four rows'
+ * common keys keep a slice of four rows' outputs in registers (pv4): the forward's weighted values and the backward's
+ * dq, and the backward's dk and dv of four keys over the rows all four see. A block's rows are the item's rows 0-3,
+ * 4-7, ..., and tiles start at multiples of TILE_KEYS of the segment's keys: the caller cuts a segment for the threads
+ * at multiples of four rows, so a row has the same partners and tiles, and the same sums, whatever the cut. */
 #define LANES(T) ((int64_t)(64 / sizeof(T)))
 typedef float vec_float __attribute__((vector_size(64)));
 typedef double vec_double __attribute__((vector_size(64)));
@@ -154,6 +154,47 @@ static inline vec_float ldv_bf16(const uint16_t *x) {
     __builtin_memcpy(&r, &w, sizeof r);
     return r;
 }
+
+/* dst[d * 16 + c] = r[c][d] for 16 rows r of 16 floats: a 16 x 16 transpose in four rounds of two-vector shuffles
+ * (interleave pairs of rows, then pairs of pairs, then 128-bit quarters twice), where element-wise copies took ~150
+ * cycles a key, a twentieth of a window's forward and more once the threads cut a segment into blocks that each copy
+ * their keys (RESULTS.md, issue 15, "native's key copies, tiles and pulls"). Compilers without __builtin_shufflevector
+ * copy element by element. */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define TRANSPOSE16 1
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+static inline void transpose16(float *dst, const vec_float *r) {
+    vec_float t[16], u[16];
+    for (int i = 0; i < 16; i += 2) { /* t[i] lane m: r[i][4m], r[i+1][4m], r[i][4m+1], r[i+1][4m+1]; t[i+1]: +2 */
+        t[i] = SHUF(r[i], r[i + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29);
+        t[i + 1] = SHUF(r[i], r[i + 1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+    }
+    for (int g = 0; g < 16; g += 4) { /* u[g + c] lane m: column 4m + c of rows g .. g + 3 */
+        u[g] = SHUF(t[g], t[g + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+        u[g + 1] = SHUF(t[g], t[g + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+        u[g + 2] = SHUF(t[g + 1], t[g + 3], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+        u[g + 3] = SHUF(t[g + 1], t[g + 3], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    }
+    for (int c = 0; c < 4; c++) { /* column 4m + c: lane m of u[c], u[4 + c], u[8 + c], u[12 + c] */
+        const vec_float xl = SHUF(u[c], u[4 + c], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+        const vec_float xh = SHUF(u[c], u[4 + c], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+        const vec_float yl = SHUF(u[8 + c], u[12 + c], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+        const vec_float yh = SHUF(u[8 + c], u[12 + c], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+        const vec_float out[4] = {SHUF(xl, yl, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+                                  SHUF(xl, yl, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31),
+                                  SHUF(xh, yh, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+                                  SHUF(xh, yh, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31)};
+        for (int m = 0; m < 4; m++) __builtin_memcpy(dst + (4 * m + c) * 16, &out[m], sizeof out[m]);
+    }
+}
+#undef SHUF
+#else
+#define TRANSPOSE16 0
+static inline void transpose16(float *dst, const vec_float *r) {
+    for (int c = 0; c < 16; c++)
+        for (int d = 0; d < 16; d++) dst[d * 16 + c] = r[c][d];
+}
+#endif
 
 typedef struct {
     void *kt, *vt, *s4, *p4, *q4, *rows;
@@ -367,7 +408,17 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             T *restrict blk = kt + j * D;                                                                              \
             const int64_t m = n - j >= W ? W : n - j > 0 ? n - j : 0;                                                  \
             if (m == W) {                                                                                              \
-                for (int64_t d = 0; d < D; d++) {                                                                      \
+                int64_t d0 = 0;                                                                                        \
+                if (TRANSPOSE16 && W == 16) /* float32 blocks: 16 keys x 16 elements at a time, in registers */        \
+                    for (; d0 + 16 <= D; d0 += 16) {                                                                   \
+                        vec_float rows[16];                                                                            \
+                        for (int c = 0; c < 16; c++) {                                                                 \
+                            const VEC(T) x = ldv_##SUF(k + (j + c) * src + d0);                                        \
+                            __builtin_memcpy(&rows[c], &x, sizeof x);                                                  \
+                        }                                                                                              \
+                        transpose16((float *)(void *)(blk + d0 * W), rows);                                            \
+                    }                                                                                                  \
+                for (int64_t d = d0; d < D; d++) {                                                                     \
                     _Pragma("omp simd") for (int64_t c = 0; c < W; c++) blk[d * W + c] = LD(k[(j + c) * src + d]);     \
                 }                                                                                                      \
             } else {                                                                                                   \
@@ -383,6 +434,21 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
     static void scores4_##SUF(const T *const *q, const T *kt, int64_t D, int64_t j0, int64_t j1, T *S, int64_t lds) {  \
         const int64_t W = LANES(T);                                                                                    \
         int64_t j = j0;                                                                                                \
+        for (; j + 3 * W < j1; j += 4 * W) { /* four vectors of keys (rows of 8K 3-6% faster than two) */              \
+            const T *b0 = kt + j * D, *b1 = b0 + W * D, *b2 = b1 + W * D, *b3 = b2 + W * D;                            \
+            VEC(T) a[4][4] = {{{0}}};                                                                                  \
+            for (int64_t d = 0; d < D; d++) {                                                                          \
+                VEC(T) k0, k1, k2, k3;                                                                                 \
+                __builtin_memcpy(&k0, b0 + d * W, sizeof k0), __builtin_memcpy(&k1, b1 + d * W, sizeof k1);            \
+                __builtin_memcpy(&k2, b2 + d * W, sizeof k2), __builtin_memcpy(&k3, b3 + d * W, sizeof k3);            \
+                for (int r = 0; r < 4; r++) {                                                                          \
+                    const T c = q[r][d];                                                                               \
+                    a[r][0] += c * k0, a[r][1] += c * k1, a[r][2] += c * k2, a[r][3] += c * k3;                        \
+                }                                                                                                      \
+            }                                                                                                          \
+            for (int r = 0; r < 4; r++)                                                                                \
+                for (int c = 0; c < 4; c++) __builtin_memcpy(S + r * lds + j - j0 + c * W, &a[r][c], sizeof a[r][c]);  \
+        }                                                                                                              \
         for (; j + W < j1; j += 2 * W) { /* two vectors of keys a step: each row's element of q loaded once for both */\
             const T *b0 = kt + j * D, *b1 = b0 + W * D;                                                                \
             VEC(T) a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0};                     \
