@@ -414,10 +414,14 @@ _LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the X
 # of 1,024 and 8,192 (limit_tables/s34_*; 0.35-0.42 read 93 of 96 rows within 1.1x of the fastest, 0.6 87, 0.45 89;
 # RESULTS.md, issue 15, "native's tiles"), and after the tile's softmax step lost its stores (limit_tables/s36_*:
 # 0.28-0.38 read 95 of 96, 0.4 93, where native had become the faster on windows of 4,096 at 8K; the older kernel's
-# s35_* tables 212 of 224 at 0.36, 213 at 0.4; RESULTS.md, issue 15, "native's weights"). The other kind keeps the
-# share it had (no table of the tiles there).
+# s35_* tables 212 of 224 at 0.36, 213 at 0.4; RESULTS.md, issue 15, "native's weights"), and after the forward's
+# four-vector scores, key transposes, tiles of 512 and fewer pulls (the forward 5-15% faster; limit_tables/s38*_*:
+# 0.24-0.33 read 109 of 112 rows within 1.1x of the fastest, 0.34-0.36 108, 0.4 102): 0.33, the plateau's end nearest
+# the value before, where plain causal rows of 8,192 stay on SDPA's own kernel (native measured 1.02-1.07x slower
+# there; at 0.32 they went to native; RESULTS.md, issue 15, "native's key copies, tiles and pulls"). The other kind
+# keeps the share it had (no table of the tiles there).
 _BLOCKED_SHORT_SCALE = 0.8
-_BLOCKED_LONG_SCALES = (0.36, 0.6)
+_BLOCKED_LONG_SCALES = (0.33, 0.6)
 _BLOCKED_LONG_SCALE = per_cpu_kind(_BLOCKED_LONG_SCALES)
 # ... and each key of such a segment, per element of D + Dv, for its transposed copy (made once per item: where few
 # queries read each key, a decoding step of 16 queries, it weighs).
