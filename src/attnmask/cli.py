@@ -82,10 +82,10 @@ QUICK_NOTES: dict[str, tuple[tuple[str, str], ...]] = {
     "bench_hf_train.py": (
         (
             "training step, tiny Llama, rows of 4096 | padded + sdpa / packed + dense-mask sdpa | 1.8-2.4x / 4.4-6.2x "
-            "(rows of 128-1,024: 1.0-3.5x against both; a new batch each step: 0.98-3.5x)",
+            "(rows of 128-1,024: 1.0-3.8x against both; a new batch each step: 0.98-3.8x)",
             "quick: 16 sequences in rows of 256, where `auto` chooses by its estimates between what stock attention "
-            "runs (one SDPA call with the dense mask) and the C kernel `native` (1.12-1.13x at rows of 256 in the full "
-            "run): expect about 0.95-1.2x against packed + dense-mask sdpa (two rounds: the spread of a shared "
+            "runs (one SDPA call with the dense mask) and the C kernel `native` (1.12-1.19x at rows of 256 in the full "
+            "runs): expect about 0.95-1.2x against packed + dense-mask sdpa (two rounds: the spread of a shared "
             "machine) and more against padded + sdpa",
         ),
     ),
