@@ -4,10 +4,10 @@
 Per-call overhead of ``attnmask.attention`` on a batch of small rows (issue 15: under 5% of the attention call),
 against stock SDPA, in one process, interleaved (a new random order each round). Three batches of ``--rows`` rows of
 ``--length`` tokens, fp32: packed documents (``causal() & document(...)``, 1-4 documents a row, some trailing
-padding), right-padded rows (``causal() & key_padding(mask)``), which ``auto`` sends to stock SDPA without planning
-the other backends on rows of at most 256 keys (``stock``; with a backward only where D + Dv <= 64, else the costs
-decide), as it does the packed documents on rows of at most 128 keys (past 128 the costs decide where ``native`` can
-run the call), and many documents (8-16 a row), where the costs decide and every backend is planned (``costs``). Per
+padding), right-padded rows (``causal() & key_padding(mask)``), and many documents (8-16 a row). On rows of at most
+128 keys ``auto`` sends the first two to stock SDPA without planning the other backends (``stock``; with a backward
+only where D + Dv <= 64, else the costs decide); past 128 keys, and for many documents, the costs decide where
+``native`` can run the call (it runs right padding too), and every backend is planned (``costs``). Per
 batch, forward and forward + backward (the pick shown per mode), medians of ``--reps`` rounds:
 
 - ``stock``: ``F.scaled_dot_product_attention`` with the spec's dense bool mask, built in the call (a fresh spec each
