@@ -254,24 +254,25 @@ class _SegmentAttention(torch.autograd.Function):
 # one segment (a window, a chunk, a long document) on H=4 heads is 4 items: one pull, so one thread computed all of
 # it whatever the thread count. The forward writes each query row from that row alone, so a segment cut into blocks
 # of queries is the same computation (bit for bit): each block keeps the segment's keys and shifts its offset by the
-# block's start. Enough items that every thread makes several pulls (_PULLS_PER_THREAD), blocks of at least
-# _MIN_BLOCK_ROWS rows. Each block copies the keys its rows see (a window's block of r rows copies r + window - 1), so
-# blocks cost more than pointer sums: 4 pulls a thread instead of 8 (blocks twice as tall) made windows of 512-4,096
-# and chunks of 1,024 on rows of 8,192 3-10% faster at two threads, rows of 1,024 (causal, left padding, windows of
-# 128 and 512, documents of 128) 2-10%, and with one of the two cores busy no slower (0-4% faster at 8,192; RESULTS.md,
-# issue 15, "native's key copies, tiles and pulls"). The backward keeps whole segments: its items own the dk / dv rows
-# of their segment's keys, which blocks of one segment would share.
+# block's start. Enough items for _PULLS_PER_THREAD pulls of _ITEMS_PER_PULL a thread (segattn.c pulls them one at a
+# time below 64 items a thread, as it then does here), blocks of at least _MIN_BLOCK_ROWS rows. Each block copies the
+# keys its rows see (a window's block of r rows copies r + window - 1) and walks its own panels: items for 4 pulls a
+# thread instead of 8 (blocks twice as tall) made windows of 512-4,096 and chunks of 1,024 on rows of 8,192 3-10%
+# faster at two threads, rows of 1,024 (causal, left padding, windows of 128 and 512, documents of 128) 2-10%, and
+# with one of the two cores busy no slower (0-4% faster at 8,192; RESULTS.md, issue 15, "native's key copies, tiles
+# and pulls"). The backward keeps whole segments: its items own the dk / dv rows of their segment's keys, which blocks
+# of one segment would share.
 _PULLS_PER_THREAD = 4
 _MIN_BLOCK_ROWS = 16
 
 
 def forward_items(segs: torch.Tensor, heads: int, threads: int) -> torch.Tensor:
     """The segments ``(N, 6)`` the forward kernel walks with ``threads`` threads: ``segs`` itself when it already
-    gives each thread ``_PULLS_PER_THREAD`` pulls of ``_ITEMS_PER_PULL`` (segment, head) items (or one thread);
+    gives the threads ``threads * _PULLS_PER_THREAD * _ITEMS_PER_PULL`` (segment, head) items (or one thread);
     otherwise every segment of more than ``rows`` queries cut into blocks of ``rows`` (the last one shorter), the
     heaviest first (a causal segment's last block sees the most keys), so the last pulls are the lightest.
 
-    Example: one causal segment ``(0, 0, 100, 0, 100, 0)``, H=1, 2 threads: 128 items are wanted, so blocks of 16
+    Example: one causal segment ``(0, 0, 100, 0, 100, 0)``, H=1, 2 threads: 64 items are wanted, so blocks of 16
     rows, ``(0, 0, 16, 0, 100, 0)``, ``(0, 16, 16, 0, 100, 16)``, ..., ``(0, 96, 4, 0, 100, 96)``, ordered by their
     queries times the keys a causal block reaches (block 80-95 first, block 0-15 last). O(N log N) host work in numpy
     (torch's own ops here would wake its intra-op threads, which then spin beside the kernel's)."""
