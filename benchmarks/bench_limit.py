@@ -1040,10 +1040,12 @@ def parse_busy(path: str, length: int, decode_keys: int) -> list[tuple[Case, boo
 
 
 def cell_work(case: Case, args) -> float:
-    """Multiply-adds of the pairs ``case`` allows at the benchmark's heads and head size: ``_common.busy_work``, the
-    size that picks a call's busy factor (which takes a spec it cannot count, e.g. prefix-LM, as all pairs)."""
-    dense = case.batch * args.heads * case.q_len * case.kv_len * 2 * args.dim
-    return dense * allowed_fraction(case)
+    """``_common.busy_work`` of the case's call at the benchmark's heads and head size: the size by which a call
+    picks its busy factor at run time (a spec it cannot count, e.g. prefix-LM, as all pairs), so that the fit bins a
+    cell as ``auto`` will. The call is built on empty tensors, as ``estimate`` builds it."""
+    qkv = tuple(torch.empty(s) for s in _shapes(case, args))
+    call = importlib.import_module("attnmask.attention")._prepare_call(*qkv, case.spec, None, None, None)
+    return _common.busy_work(call)
 
 
 def fit_busy(paths: list[str], args) -> None:
