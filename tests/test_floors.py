@@ -537,12 +537,13 @@ def test_packed_rows_are_cut_in_one_c_call_or_two_past_its_guess(docs, base):
     st.booleans(),
     st.sampled_from([am.causal(), am.full(), am.sliding_window(1), am.sliding_window(4)]),
 )
-def test_padded_rows_are_planned_in_numpy_exactly_as_the_general_lowering_plans_them(
+def test_padded_rows_are_planned_on_the_host_exactly_as_the_general_lowering_plans_them(
     data, length, batch, one_row, base
 ):
     """Real tokens as one run at the left, the right, the middle or nowhere, or with holes (the general path refuses
     them), one spec row or one per batch row, sometimes two padding masks; the plan, or the refusal where padding
-    queries see real keys, is the general path's."""
+    queries see real keys, is the general path's, cut in C (``attnmask_padded_segments``) or in numpy; with the
+    padding queries taken in (``native``'s plan) the two cuts agree segment for segment."""
     rows = 1 if one_row else batch
     real = torch.zeros(rows, length, dtype=torch.bool)
     for r in range(rows):
@@ -555,14 +556,21 @@ def test_padded_rows_are_planned_in_numpy_exactly_as_the_general_lowering_plans_
     if data.draw(st.integers(0, 3)) == 0:
         spec = spec & am.key_padding(torch.ones(batch, length, dtype=torch.bool))
     q = torch.randn(batch, 2, length, 8)
-    call = _prepare_call(q, q, q, spec, None, None, None)
-    fast, general = _common._padded_plan(call), general_plan(call)
-    if fast is None:  # holes: the general path says why
-        assert isinstance(general, str) and "contiguous" in general
-    elif isinstance(fast, str):
-        assert fast == general
-    else:
-        assert (fast.segments.tolist(), fast.causal, fast.window) == general
+    general = general_plan(_prepare_call(q, q, q, spec, None, None, None))
+    cuts = {}
+    for where in ("numpy", "c"):
+        with counted_in(where):
+            call = _prepare_call(q, q, q, spec, None, None, None)  # a new call object: plans of its own
+            fast, wide = _common._padded_plan(call), _common._padded_plan(call, padding_queries=True)
+        if fast is None:  # holes: the general path says why
+            assert isinstance(general, str) and "contiguous" in general
+            assert wide is None
+        elif isinstance(fast, str):
+            assert fast == general
+        else:
+            assert (fast.segments.tolist(), fast.causal, fast.window) == general
+        cuts[where] = None if wide is None else (wide.segments.tolist(), wide.causal, wide.window)
+    assert cuts["c"] == cuts["numpy"]
 
 
 def test_without_the_library_packed_rows_take_the_general_path():

@@ -6,9 +6,10 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import attnmask as am
@@ -17,7 +18,7 @@ from attnmask.backends import native as N
 from attnmask.backends._common import native_plan, pair_width, varlen_plan
 from attnmask.backends.varlen import segments_from_varlen, varlen_attention
 from attnmask.errors import BackendError, DeviceError, DTypeError, ShapeError
-from tests.helpers import call_of, grads, tiny_documents
+from tests.helpers import call_of, counted_in, grads, tiny_documents
 from tests.naive import naive_attention
 
 if N.native_available() is not None:
@@ -304,10 +305,15 @@ def test_a_query_row_adds_to_the_gradients_of_the_keys_it_sees_only(q_len):
 @given(data=st.data(), heads=st.integers(1, 4), threads=st.integers(2, 4))
 def test_forward_items_cut_segments_into_query_blocks_that_cover_each_row_once(data, heads, threads):
     """Every query row of every segment is in exactly one block, which keeps its segment's keys and the rule
-    ``query i sees key j when j <= i + offset`` (its offset minus its query start is the segment's)."""
+    ``query i sees key j when j <= i + offset`` (its offset minus its query start is the segment's); the C cut
+    (``attnmask_forward_items``) gives the numpy form's blocks in the numpy form's order."""
     batch, q_len = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 300))
     segs = random_segments(data.draw, batch, q_len, data.draw(st.integers(1, 300)))
-    blocks = N.forward_items(segs, heads, threads)
+    with counted_in("c"):
+        blocks = N.forward_items(segs, heads, threads)
+    want_items = threads * N._PULLS_PER_THREAD * N._ITEMS_PER_PULL
+    if len(segs) and len(segs) * heads < want_items:
+        assert torch.equal(N._forward_items_numpy(segs, heads, want_items), blocks)
     assert blocks.dtype == torch.long and blocks.is_contiguous() and blocks.shape[1:] == (6,)
     want = {(row, qs + i, ks, kl, off - qs) for row, qs, ql, ks, kl, off in segs.tolist() for i in range(ql)}
     got = [(row, qs + i, ks, kl, off - qs) for row, qs, ql, ks, kl, off in blocks.tolist() for i in range(ql)]
@@ -315,6 +321,20 @@ def test_forward_items_cut_segments_into_query_blocks_that_cover_each_row_once(d
     if len(blocks) > len(segs):  # cut: blocks of equal rows (the last of a segment shorter), no more than needed
         rows = int(blocks[:, 2].max())
         assert rows >= N._MIN_BLOCK_ROWS and len(segs) * heads < threads * N._PULLS_PER_THREAD * N._ITEMS_PER_PULL
+
+
+@pytest.mark.parametrize("where", ["c", "numpy"])
+def test_forward_items_are_blocks_of_a_multiple_of_four_rows_heaviest_first(where):
+    """One causal segment of 1,050 queries on 4 heads at two threads wants 64 items: blocks of ceil(4,200 / 64) = 66
+    rows rounded up to 68, the last one 30 rows; ordered by rows times the keys the block's last query reaches."""
+    segs = torch.tensor([[0, 0, 1050, 0, 1050, 0]])
+    with counted_in("c"):
+        blocks = N.forward_items(segs, 4, 2) if where == "c" else N._forward_items_numpy(segs, 4, 64)
+    starts = list(range(0, 1050, 68))
+    by_weight = sorted(starts, key=lambda a: -min(68, 1050 - a) * min(a + 68, 1050))
+    assert blocks[:, 1].tolist() == by_weight and blocks[:, 5].tolist() == by_weight
+    assert blocks[:, 2].tolist() == [min(68, 1050 - a) for a in by_weight]
+    assert (blocks[:, 3] == 0).all() and (blocks[:, 4] == 1050).all() and blocks.is_contiguous()
 
 
 @pytest.mark.parametrize(
@@ -738,6 +758,20 @@ def test_keys_disjoint_agrees_with_every_pair_of_segments(rows):
         for b2, a2, l2 in rows[i + 1 :]
     )
     assert N._keys_disjoint(segs) == (not overlap)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40), st.integers(0, 12)), min_size=2, max_size=12))
+@example([(0, 9, 1), (0, 5, 3), (0, 5, 0)])  # unsorted, and a tie whose order decides (the empty one after: shared)
+def test_keys_disjoint_in_c_answers_as_the_numpy_form(rows):
+    """The C pass (``attnmask_keys_disjoint``: one pass over segments sorted by row and first key, else a sort with
+    ties in their order) gives the numpy form's answer, empty segments and unsorted rows included; sorted once more,
+    the same."""
+    segs = torch.tensor([(b, 0, 1, k0, kl, 0) for b, k0, kl in rows], dtype=torch.long)
+    ordered = segs[torch.from_numpy(np.lexsort((segs[:, 3].numpy(), segs[:, 0].numpy())))]
+    with counted_in("c"):
+        for s in (segs, ordered):
+            assert N._keys_disjoint(s) == N._keys_disjoint_numpy(s)
 
 
 @pytest.mark.parametrize(

@@ -196,10 +196,12 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
             return None
         work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
         if not short or work > _STOCK_TINY_WORK:
+            # native's plan first: where it runs the call the fraction cannot keep the rule, and the costs build
+            # that plan anyway (the fraction's count was 30-36 us of a fresh spec's choice right after a kernel)
+            if call.kv_len > _STOCK_NATIVE_KEYS and not decoding and _native_runs(call, registry):
+                return None
             fraction = _stock_fraction(call)
             if fraction is None or fraction < (_STOCK_MIN_FRACTION if short else _STOCK_DECODE_MIN_FRACTION):
-                return None
-            if call.kv_len > _STOCK_NATIVE_KEYS and not decoding and _native_runs(call, registry):
                 return None
     sdpa = _BACKENDS.get("sdpa")
     if sdpa is None or any(id(b) not in _BUILT_IN for b in registry) or not any(b is sdpa for b in registry):

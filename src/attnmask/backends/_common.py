@@ -955,24 +955,68 @@ def _document_plan(call) -> VarlenPlan | None:
 
 def _padded_plan(call, padding_queries: bool = False) -> VarlenPlan | str | None:
     """The plan of padded rows, ``[causal() | full()] & [sliding_window(w)] & key_padding(m)...`` with ``Q == K`` at
-    default positions on CPU masks, from a few numpy operations on the padding's host view instead of
-    ``lowering.varlen_args`` (~40 torch calls, 1.5 ms on rows of 8 x 1,024 right after an attention kernel): one
-    segment per row with real tokens, or the general path's refusal where a padding query sees a real key (right
-    padding under a causal mask). The same plan or refusal (tested); ``None`` for any other call and for rows whose
-    real tokens are not one run (the general path then says so). O(R·K).
+    default positions on CPU masks, from the padding's host view instead of ``lowering.varlen_args`` (~40 torch calls,
+    1.5 ms on rows of 8 x 1,024 right after an attention kernel): one segment per row with real tokens, or the general
+    path's refusal where a padding query sees a real key (right padding under a causal mask). The same plan or refusal
+    (tested); ``None`` for any other call and for rows whose real tokens are not one run (the general path then says
+    so). O(R·K): ``_padded_cut``, one pass in C (``attnmask_padded_segments``) that both plans read, or its numpy
+    form where the library is not built (~15 operations, run twice: ~110 us of a fresh spec's choice on 8 right-padded
+    rows of 256 right after a kernel, where the C cut takes ~60).
 
     ``padding_queries``: instead of that refusal, such a row's segment takes its padding queries too, over the same
     keys (``native_plan``): under a causal mask or a window the queries from the run's first to the row's end (one
     after the run, at position ``p``, sees the run's keys up to ``p``: all of them, unless a window leaves it fewer);
     otherwise every query of the row, each seeing the whole run. One segment per row still, so no two share a key.
     Example: a causal row of 6 with 4 real tokens first gives ``[0, 0, 6, 0, 4, 0]`` (queries 4 and 5 see keys 0-3)."""
-    runs = cached(call, "padded_runs", _padded_runs)  # varlen's plan and native's both ask
-    if runs is None:
+    cut = cached(call, "padded_cut", _padded_cut)  # varlen's plan and native's both ask: one cut serves both
+    if cut is None:
         return None
-    form, real, first, n_real, attends = runs
-    length, banded = call.kv_len, form.causal or form.window is not None
-    if attends.any() and not padding_queries:
+    form, segs, attends = cut
+    if attends and not padding_queries:
         return _PADDING_QUERIES_ATTEND
+    return VarlenPlan(segs, form.causal, form.window)
+
+
+def _padded_cut(call) -> tuple[VarlenForm, torch.Tensor, bool] | None:
+    """For ``_padded_plan``: the call's padded form, its segments with the padding queries that see real keys taken
+    in, and whether there are such queries; ``None`` where it has no plan (another form, a mask that does not cover
+    the row, a row whose real tokens are not one run)."""
+    form = _host_form(call)
+    if form is None or form.document is not None or form.chunked is not None or not form.key_padding:
+        return None
+    real = _call_real_keys(call, form)
+    if real is None or real.shape[0] not in (1, call.batch):
+        return None
+    lib = _clib.library()
+    if isinstance(lib, str) or real.dtype != np.bool_ or not (real.flags.c_contiguous and real.flags.writeable):
+        return _padded_cut_numpy(call, form, real)
+    held = ctypes.c_char.from_buffer(real)  # the address of a writable array's buffer (see float64_address)
+    banded, window = form.causal or form.window is not None, -1 if form.window is None else form.window
+    segs = torch.empty((call.batch, 6), dtype=torch.int64)
+    args = (real.shape[0], call.kv_len, real.strides[0], call.batch, banded, window)
+    found = lib.attnmask_padded_segments(ctypes.addressof(held), *args, segs.data_ptr())
+    if found < 0:
+        return None  # holes in a row's real tokens
+    count, attends = divmod(found, 2)
+    return form, segs[:count], bool(attends)
+
+
+def _padded_cut_numpy(call, form: VarlenForm, real: np.ndarray) -> tuple[VarlenForm, torch.Tensor, bool] | None:
+    """:func:`_padded_cut` in numpy, on the real keys' host view (a few vectorised operations)."""
+    length, banded = call.kv_len, form.causal or form.window is not None
+    n_real = np.count_nonzero(real, axis=1)
+    first = np.where(n_real > 0, real.argmax(axis=1), 0)
+    end = first + n_real
+    pos = np.arange(length)
+    if not np.array_equal((pos >= first[:, None]) & (pos < end[:, None]), real):
+        return None  # holes in a row's real tokens
+    right = (n_real > 0) & (end < length)  # padding queries after the run
+    left = (n_real > 0) & (first > 0)  # ... and before it
+    if banded:  # the kernels' rule: no key after the query; the first one after the run sees the run's last keys
+        # unless a window of one position keeps it alone
+        attends = right & (form.window is None or form.window > 1)
+    else:
+        attends = right | left
     rows = np.flatnonzero(n_real > 0)
     q_start, q_len, offset = first[rows], n_real[rows], np.zeros_like(rows)
     wide = attends[rows]  # rows whose padding queries join the segment
@@ -985,34 +1029,7 @@ def _padded_plan(call, padding_queries: bool = False) -> VarlenPlan | str | None
     if real.shape[0] == 1 and call.batch != 1:  # one spec row for the batch: its segments for every row
         segs = np.tile(segs, (call.batch, 1))
         segs[:, 0] = np.repeat(np.arange(call.batch), len(rows))
-    return VarlenPlan(torch.from_numpy(segs.astype(np.int64)), form.causal, form.window)
-
-
-def _padded_runs(call) -> tuple | None:
-    """For ``_padded_plan``: ``(form, real, first, n_real, attends)``, the call's padded form, its real keys ``(R, K)``,
-    each row's first real position and count of real tokens, and whether its padding queries see a real key; ``None``
-    where ``_padded_plan`` has no plan (another form, rows whose real tokens are not one run). O(R·K)."""
-    form = _host_form(call)
-    if form is None or form.document is not None or form.chunked is not None or not form.key_padding:
-        return None
-    length = call.kv_len
-    real = _call_real_keys(call, form)
-    if real is None or real.shape[0] not in (1, call.batch):
-        return None
-    n_real = np.count_nonzero(real, axis=1)
-    first = np.where(n_real > 0, real.argmax(axis=1), 0)
-    end = first + n_real
-    pos = np.arange(length)
-    if not np.array_equal((pos >= first[:, None]) & (pos < end[:, None]), real):
-        return None  # holes in a row's real tokens
-    right = (n_real > 0) & (end < length)  # padding queries after the run
-    left = (n_real > 0) & (first > 0)  # ... and before it
-    if form.causal or form.window is not None:  # the kernels' rule: no key after the query; the first one after the
-        # run sees the run's last keys unless a window of one position keeps it alone
-        attends = right & (form.window is None or form.window > 1)
-    else:
-        attends = right | left
-    return form, real, first, n_real, attends
+    return form, torch.from_numpy(segs.astype(np.int64)), bool(attends.any())
 
 
 def native_plan(call) -> VarlenPlan | str:

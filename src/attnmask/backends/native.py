@@ -164,9 +164,22 @@ def _covers_all(segs: torch.Tensor, B: int, Q: int) -> bool:
 
 def _keys_disjoint(segs: torch.Tensor) -> bool:
     """Whether no two segments of a row share a key (then each thread owns the dk / dv rows it writes). ``segs``
-    ``(N, 6)`` on the CPU; in numpy on its view (a few hundred segments: ~4x cheaper than the torch ops)."""
+    ``(N, 6)`` on the CPU: one pass in C (``attnmask_keys_disjoint``; the numpy form, ``_keys_disjoint_numpy``,
+    a sort and two comparisons, took 40-70 us of a fresh spec's choice with a backward on 8 rows of 256 right after a
+    kernel), or that form where the library is not built."""
     if len(segs) < 2:
         return True
+    lib = _library()
+    if not isinstance(lib, str):
+        address, _held = segments_address(segs)
+        disjoint = lib.attnmask_keys_disjoint(address, segs.shape[0])
+        if disjoint >= 0:
+            return bool(disjoint)
+    return _keys_disjoint_numpy(segs)
+
+
+def _keys_disjoint_numpy(segs: torch.Tensor) -> bool:
+    """:func:`_keys_disjoint` in numpy on the segments' view (a few hundred segments: ~4x cheaper than torch ops)."""
     s = segs.numpy()
     s = s[np.lexsort((s[:, 3], s[:, 0]))]  # by row, then first key
     same_row = s[1:, 0] == s[:-1, 0]
@@ -274,11 +287,26 @@ def forward_items(segs: torch.Tensor, heads: int, threads: int) -> torch.Tensor:
 
     Example: one causal segment ``(0, 0, 100, 0, 100, 0)``, H=1, 2 threads: 64 items are wanted, so blocks of 16
     rows, ``(0, 0, 16, 0, 100, 0)``, ``(0, 16, 16, 0, 100, 16)``, ..., ``(0, 96, 4, 0, 100, 96)``, ordered by their
-    queries times the keys a causal block reaches (block 80-95 first, block 0-15 last). O(N log N) host work in numpy
+    queries times the keys a causal block reaches (block 80-95 first, block 0-15 last). O(N log N) host work in one
+    C call (``attnmask_forward_items``; its numpy form, ``_forward_items_numpy``, took ~15 operations, ~50-70 us of a
+    fresh spec's choice on 8 padded rows of 256 right after a kernel), or that form where the library is not built
     (torch's own ops here would wake its intra-op threads, which then spin beside the kernel's)."""
     want = threads * _PULLS_PER_THREAD * _ITEMS_PER_PULL
     if threads < 2 or segs.shape[0] * heads >= want or segs.shape[0] == 0:
         return segs
+    lib = _library()
+    if not isinstance(lib, str):
+        address, _held = segments_address(segs)
+        cap = segs.shape[0] + want  # blocks of rows >= sum(q_len) * heads / want: at most one more per segment
+        out = torch.empty((cap, 6), dtype=torch.int64)
+        count = lib.attnmask_forward_items(address, segs.shape[0], heads, want, _MIN_BLOCK_ROWS, out.data_ptr(), cap)
+        if count >= 0:
+            return segs if count == 0 else out[:count]
+    return _forward_items_numpy(segs, heads, want)
+
+
+def _forward_items_numpy(segs: torch.Tensor, heads: int, want: int) -> torch.Tensor:
+    """:func:`forward_items` in numpy, for ``want`` items."""
     s = segs.numpy()
     q_len = s[:, 2]
     rows = max(_MIN_BLOCK_ROWS, -(-int(q_len.sum()) * heads // want))

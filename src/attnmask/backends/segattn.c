@@ -966,6 +966,155 @@ int64_t attnmask_real_pairs(const uint8_t *real, int64_t rows, int64_t length, i
     return total;
 }
 
+/* Whether no two segments of a row share a key, for planning (attnmask.backends.native._keys_disjoint, whose numpy
+ * form the tests hold this one to): the segments (b, q_start, q_len, k_start, k_len, offset) taken by row, then first
+ * key, ties in their order (already so for the plans of packed and padded rows: one pass), each against the next of
+ * its row: 1 when none starts inside the one before it, else 0; -2 when the scratch array cannot be allocated. */
+typedef struct {
+    int64_t row, first, index;
+} row_first;
+
+static int cmp_row_first(const void *a, const void *b) {
+    const row_first *x = a, *y = b;
+    if (x->row != y->row) return x->row < y->row ? -1 : 1;
+    if (x->first != y->first) return x->first < y->first ? -1 : 1;
+    return (x->index > y->index) - (x->index < y->index);
+}
+
+int attnmask_keys_disjoint(const int64_t *segs, int64_t n) {
+    int64_t s = 1;
+    for (; s < n; s++) {
+        const int64_t *a = segs + 6 * (s - 1), *g = segs + 6 * s;
+        if (g[0] < a[0] || (g[0] == a[0] && g[3] < a[3])) break;
+        if (g[0] == a[0] && g[3] < a[3] + a[4]) return 0;
+    }
+    if (s >= n) return 1;
+    row_first *order = malloc((size_t)n * sizeof(row_first));
+    if (order == NULL) return -2;
+    for (int64_t i = 0; i < n; i++) order[i] = (row_first){segs[6 * i], segs[6 * i + 3], i};
+    qsort(order, (size_t)n, sizeof(row_first), cmp_row_first);
+    int disjoint = 1;
+    for (int64_t i = 1; i < n && disjoint; i++) {
+        const int64_t *a = segs + 6 * order[i - 1].index;
+        disjoint = !(order[i].row == order[i - 1].row && order[i].first < a[3] + a[4]);
+    }
+    free(order);
+    return disjoint;
+}
+
+/* The forward's items, for planning and the run (attnmask.backends.native.forward_items, whose numpy form the tests
+ * hold this one to): each of the n segments (b, q_start, q_len, k_start, k_len, offset) cut into blocks of `rows`
+ * queries (the last shorter; rows = the most of `min_rows` and ceil(sum of q_len * heads / want), rounded up to a
+ * multiple of 4), each block keeping its segment's keys and shifting its query start and offset by its first query,
+ * then ordered by q_len times the keys a causal block's last query reaches (at least 1), most first, ties in cut
+ * order. Writes at most `cap` blocks to `out`; returns their count, 0 when no segment is cut (the caller keeps the
+ * segments), -2 when the scratch array cannot be allocated, -3 when `cap` is too small. */
+typedef struct {
+    int64_t key, index;
+} keyed_block;
+
+static int cmp_heaviest_first(const void *a, const void *b) {
+    const keyed_block *x = a, *y = b;
+    if (x->key != y->key) return x->key < y->key ? 1 : -1;
+    return (x->index > y->index) - (x->index < y->index);
+}
+
+int64_t attnmask_forward_items(const int64_t *segs, int64_t n, int64_t heads, int64_t want, int64_t min_rows,
+                               int64_t *out, int64_t cap) {
+    int64_t total = 0, count = 0, cut = 0;
+    for (int64_t s = 0; s < n; s++) total += segs[6 * s + 2];
+    int64_t rows = (total * heads + want - 1) / want;
+    rows = rows > min_rows ? rows : min_rows;
+    rows = (rows + 3) / 4 * 4;
+    for (int64_t s = 0; s < n; s++) {
+        int64_t q_len = segs[6 * s + 2], blocks = q_len > 0 ? (q_len + rows - 1) / rows : 1;
+        cut |= blocks > 1;
+        count += blocks;
+    }
+    if (!cut) return 0;
+    if (count > cap) return -3;
+    keyed_block *order = malloc((size_t)count * sizeof(keyed_block));
+    int64_t *made = malloc((size_t)count * 6 * sizeof(int64_t));
+    if (order == NULL || made == NULL) {
+        free(order);
+        free(made);
+        return -2;
+    }
+    int64_t i = 0;
+    for (int64_t s = 0; s < n; s++) {
+        const int64_t *g = segs + 6 * s;
+        int64_t blocks = g[2] > 0 ? (g[2] + rows - 1) / rows : 1;
+        for (int64_t t = 0; t < blocks; t++, i++) {
+            int64_t start = t * rows, *m = made + 6 * i;
+            int64_t q_len = g[2] - start < rows ? g[2] - start : rows;
+            m[0] = g[0], m[1] = g[1] + start, m[2] = q_len, m[3] = g[3], m[4] = g[4], m[5] = g[5] + start;
+            int64_t reach = m[5] + q_len < m[4] ? m[5] + q_len : m[4];
+            order[i].key = q_len * (reach > 1 ? reach : 1);
+            order[i].index = i;
+        }
+    }
+    qsort(order, (size_t)count, sizeof(keyed_block), cmp_heaviest_first);
+    for (int64_t j = 0; j < count; j++) {
+        for (int c = 0; c < 6; c++) out[6 * j + c] = made[6 * order[j].index + c];
+    }
+    free(order);
+    free(made);
+    return count;
+}
+
+/* Padded rows' segments, for planning (attnmask.backends._common._padded_cut, whose numpy form the tests hold this one
+ * to): from the real keys `real` of `rows` rows (1 or `batch`) of `length` bytes (0 or 1, a row every `row_stride`
+ * bytes, one byte apart), one segment (b, first, n, first, n, 0) per batch row with n > 0 real keys, row-major, into
+ * `out` (`batch` rows); a spec of one row serves every batch row. A row's padding queries that see a real key
+ * (`banded`, a causal mask or a window: those after the run, unless the window is 1; otherwise those on either side)
+ * join its segment: banded, queries first .. length - 1; otherwise all `length` queries at offset -first. Returns
+ * 2 * count + (1 if any padding query sees a real key, else 0), or -1 when some row's real keys are not one run.
+ * window < 0: none. */
+int64_t attnmask_padded_segments(const uint8_t *real, int64_t rows, int64_t length, int64_t row_stride, int64_t batch,
+                                 int banded, int64_t window, int64_t *out) {
+    int attends = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *row = real + r * row_stride;
+        int64_t first = 0, end;
+        while (first < length && !row[first]) first++;
+        end = first;
+        while (end < length && row[end]) end++;
+        for (int64_t j = end; j < length; j++) {
+            if (row[j]) return -1;
+        }
+        int64_t n = end - first;
+        int right = n > 0 && end < length, left = n > 0 && first > 0;
+        int wide = banded ? right && (window < 0 || window > 1) : right || left;
+        attends |= wide;
+        int64_t *s = out + 6 * r; /* rows <= batch: row r's segment (n first), moved or repeated below */
+        s[0] = n, s[1] = first, s[2] = n, s[3] = first, s[4] = n, s[5] = 0;
+        if (wide) {
+            if (banded) {
+                s[2] = length - first;
+            } else {
+                s[1] = 0, s[2] = length, s[5] = -first;
+            }
+        }
+    }
+    int64_t count = 0;
+    if (rows == 1) {
+        if (out[0] == 0) return attends;
+        for (int64_t b = batch - 1; b >= 0; b--) { /* the last first: row 0 holds the template until the end */
+            for (int i = 1; i < 6; i++) out[6 * b + i] = out[i];
+            out[6 * b] = b;
+        }
+        return 2 * batch + attends;
+    }
+    for (int64_t r = 0; r < rows; r++) { /* the rows with real keys to the front, in order (count <= r) */
+        const int64_t *s = out + 6 * r;
+        if (s[0] == 0) continue;
+        int64_t *t = out + 6 * count++;
+        int64_t keep[6] = {r, s[1], s[2], s[3], s[4], s[5]};
+        for (int i = 0; i < 6; i++) t[i] = keep[i];
+    }
+    return 2 * count + attends;
+}
+
 /* Document segments, for planning (attnmask.backends._common.varlen_plan, whose general form, through
  * lowering.varlen_args, the tests hold this one to): the runs of equal non-negative ids of a (rows, length) array
  * addressed through element strides, as segments (b, start, n, start, n, 0) of `batch` rows, row-major; a spec of one
