@@ -127,12 +127,13 @@ def cache_calls(draw):
 
 @settings(max_examples=150, deadline=None)
 @given(st.one_of(varlen_calls(), cache_calls()), st.sampled_from([1, 2]))
-def test_no_floor_exceeds_its_estimate_once_a_varlen_plan_is_built(call, threads):
-    """``"native"``, asked before the floors, builds the varlen plan the floors then read (``built_varlen_plan``):
-    their bounds from its segments, on rows and on queries against a longer cache."""
-    if isinstance(_common.varlen_plan(call), str):
+def test_no_floor_exceeds_its_estimate_once_a_plan_is_built(call, threads):
+    """``"native"``, asked before the floors, builds its plan (varlen's, or for right padding under a causal mask its
+    own, the padding queries in their row's segment) that the floors then read (``built_exact_plan``): their bounds
+    from its segments, on rows and on queries against a longer cache."""
+    if isinstance(_common.native_plan(call), str):
         return
-    assert _common.built_varlen_plan(call) is not None
+    assert _common.built_exact_plan(call) is not None
     assert_floors_under_estimates(call, threads, False)
 
 
@@ -320,6 +321,10 @@ def test_padded_rows_tile_pairs_are_the_tiles_holding_an_allowed_pair(data, leng
     real = torch.tensor(
         data.draw(st.lists(st.lists(st.booleans(), min_size=length, max_size=length), min_size=rows, max_size=rows))
     )
+    if data.draw(st.booleans()):  # each row's real tokens one run (left, right or both sides padded): native plans it
+        for r in range(rows):
+            a = data.draw(st.integers(0, length))
+            real[r] = (torch.arange(length) >= a) & (torch.arange(length) < data.draw(st.integers(a, length)))
     spec = (am.causal() if causal else am.full()) & am.key_padding(real)
     q = torch.randn(batch, 2, length, 8)
     call = _prepare_call(q, q, q, spec, None, None, None)
@@ -332,6 +337,9 @@ def test_padded_rows_tile_pairs_are_the_tiles_holding_an_allowed_pair(data, leng
                 expected += tile.numel() if bool(tile.any()) else 0
     expected *= batch if rows == 1 else 1
     assert _common.padded_tile_pairs(call, block) == expected
+    plan = _common.native_plan(call)  # what blocksparse's floor reads once native has planned (real keys in one run)
+    if not isinstance(plan, str):
+        assert BS._segment_pairs(_common.built_exact_plan(call), block, batch, length, length) == expected
     for other in (spec & am.sliding_window(length + 1), spec & am.document(seq_lens=[length])):
         assert _common.padded_tile_pairs(_prepare_call(q, q, q, other, None, None, None), block) == 0
 
@@ -399,6 +407,8 @@ def test_the_most_keys_a_query_sees_is_read_exactly_from_a_plan_or_padded_rows(d
         if isinstance(_common.varlen_plan(call), str):
             return  # an id in two runs: no plan
     assert _common.most_keys_floor(call) == most
+    if not docs and not isinstance(_common.native_plan(call), str):  # native's plan read instead of the padding
+        assert _common.built_exact_plan(call) is not None and _common.most_keys_floor(call) == most
 
 
 def many_documents(batch=8, length=256, seed=0):
@@ -552,15 +562,18 @@ def test_padded_rows_are_planned_on_the_host_exactly_as_the_general_lowering_pla
         real[r, a:b] = True
         if data.draw(st.integers(0, 5)) == 0:
             real[r, data.draw(st.integers(0, length - 1))] ^= True  # sometimes a hole (or one more token)
-    spec = base & am.key_padding(real.long() if data.draw(st.booleans()) else real)
-    if data.draw(st.integers(0, 3)) == 0:
-        spec = spec & am.key_padding(torch.ones(batch, length, dtype=torch.bool))
+    mask, second = real.long() if data.draw(st.booleans()) else real, data.draw(st.integers(0, 3)) == 0
+
+    def make_spec():  # a new spec object each time: plans of its own (call_plans shares them per spec object)
+        spec = base & am.key_padding(mask)
+        return spec & am.key_padding(torch.ones(batch, length, dtype=torch.bool)) if second else spec
+
     q = torch.randn(batch, 2, length, 8)
-    general = general_plan(_prepare_call(q, q, q, spec, None, None, None))
+    general = general_plan(_prepare_call(q, q, q, make_spec(), None, None, None))
     cuts = {}
     for where in ("numpy", "c"):
         with counted_in(where):
-            call = _prepare_call(q, q, q, spec, None, None, None)  # a new call object: plans of its own
+            call = _prepare_call(q, q, q, make_spec(), None, None, None)
             fast, wide = _common._padded_plan(call), _common._padded_plan(call, padding_queries=True)
         if fast is None:  # holes: the general path says why
             assert isinstance(general, str) and "contiguous" in general

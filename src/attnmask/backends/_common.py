@@ -48,6 +48,7 @@ __all__ = [
     "all_nan_rows",
     "allowed_fraction",
     "amx_pair_factor",
+    "built_exact_plan",
     "built_varlen_plan",
     "busy_work",
     "cached",
@@ -786,6 +787,18 @@ def built_varlen_plan(call) -> VarlenPlan | None:
     return plan if isinstance(plan, VarlenPlan) else None
 
 
+def built_exact_plan(call) -> VarlenPlan | None:
+    """:func:`built_varlen_plan`, else ``"native"``'s plan when it is built (:func:`native_plan`: right padding under
+    a causal mask, where varlen's refuses, with the padding queries that see real keys in their row's segment), else
+    ``None``. Either plan's segments and rule allow exactly the call's pairs, so the bounds a floor reads from them
+    (the key tiles a segment needs, the most keys a query sees) hold for any backend."""
+    built = built_varlen_plan(call)
+    if built is not None:
+        return built
+    plan = call_plans(call).get("native")
+    return plan if isinstance(plan, VarlenPlan) else None
+
+
 def cheap_varlen_plan(call) -> VarlenPlan | None:
     """The call's varlen plan (:func:`varlen_plan`) where it is built in one C call or a few numpy ones (packed
     documents, padded rows: ``_document_plan``, ``_padded_plan``; CPU, default positions, ``Q == K``) or is already
@@ -823,11 +836,12 @@ def _whole_row_rule(call) -> str | None:
 
 
 def most_keys_floor(call) -> int:
-    """At most how many keys some query of the call sees, from below, without building a plan: a varlen plan already
-    built (:func:`most_keys_seen`, exact), else for padded rows (``[causal() | full()] & key_padding(m)``, no window,
-    no document, no chunks, ``Q == K`` at default positions) the most real keys of a row, all of which the row's last
-    query sees; 0 where neither applies. O(N) on a plan's segments or O(R·K) on the padding's host view."""
-    built = built_varlen_plan(call)
+    """At most how many keys some query of the call sees, from below, without building a plan: a plan already built
+    (:func:`built_exact_plan`; :func:`most_keys_seen`, exact), else for padded rows (``[causal() | full()] &
+    key_padding(m)``, no window, no document, no chunks, ``Q == K`` at default positions) the most real keys of a row,
+    all of which the row's last query sees; 0 where neither applies. O(N) on a plan's segments or O(R·K) on the
+    padding's host view."""
+    built = built_exact_plan(call)
     if built is not None:
         return most_keys_seen(built)
     form = _host_form(call)

@@ -31,7 +31,7 @@ from attnmask._dense import zero_query_rows
 from attnmask.backends._common import (
     HANDOVER_COSTS,
     ModeFactors,
-    built_varlen_plan,
+    built_exact_plan,
     cached,
     cheap_varlen_plan,
     check_qkv,
@@ -993,7 +993,9 @@ def _exact_pairs(tiles: torch.Tensor, bs: int, short_rows: int, short_keys: int)
 
 def floor(call) -> float:
     """A lower bound of ``cost`` without the layout (``Backend.floor``): each query tile computes at least the key
-    tiles one segment of a varlen plan already built needs there (``_segment_pairs``), on padded rows exactly the
+    tiles one segment of a plan already built (``built_exact_plan``: varlen's, else native's, built before the floors
+    are asked; on 8 right-padded rows of 256 the C pass over native's segments took ~10 us where the padding's tiles
+    in numpy took ~40 right after a kernel) needs there (``_segment_pairs``), on padded rows exactly the
     key tiles holding a real key it sees (``_common.padded_tile_pairs``: there the floor is within the thread gain and
     the stacks of the estimate, and planning skips the layout, 0.5 of 0.76 ms on 8 rows of 256 with a backward), else
     its diagonal tile where it holds a row certain to see a key (``_common.diagonal_pairs_seeing_themselves``), each
@@ -1002,7 +1004,7 @@ def floor(call) -> float:
     save at most all but one group of each batch row. 0 where the rows are unknown. O(B·K) on host views, or O(N +
     tiles) on a plan's segments."""
     bs = _block_size(call.q_len, call.kv_len)
-    built = built_varlen_plan(call)
+    built = built_exact_plan(call)
     if built is None:
         pairs = padded_tile_pairs(call, bs) or diagonal_pairs_seeing_themselves(call, bs)
     else:
@@ -1023,8 +1025,9 @@ def _segment_pairs(plan, bs: int, batch: int, q_len: int, kv_len: int) -> int:
     """Over the query tiles of ``bs`` rows, the pairs of the most key tiles of ``bs`` that one segment of ``plan``
     needs there: its queries in the tile see one contiguous range of keys (under the plan's rule: causal, a window,
     or every key), and each key tile that range touches holds an allowed pair, so the layout computes it. Each tile
-    counts its own rows (the last query tile may hold fewer than ``bs``), and a range may end in the last key tile,
-    which may hold fewer keys: a lower bound of ``_tile_pairs``'s FULL and PARTIAL pairs. Example: one causal
+    counts its own rows (the last query tile may hold fewer than ``bs``) and keys (the last key tile, where a range
+    ends in it, may hold fewer): a lower bound of ``_tile_pairs``'s FULL and PARTIAL pairs, exact where each query
+    tile's pairs come from one segment (padded rows). Example: one causal
     segment of 256 tokens in tiles of 64: (1 + 2 + 3 + 4) tiles of 64 x 64. O(N + tiles): one pass in C
     (``segattn.c``: 6.5 us on 106 segments, where the numpy form below took 53 us), or that numpy form where the C
     kernel is not built."""
@@ -1056,14 +1059,17 @@ def _segment_pairs_numpy(plan, bs: int, batch: int, q_len: int, kv_len: int) -> 
         hi = np.clip(e + off[seg] + 1, 0, kl[seg])  # the last query's keys: [0, hi)
         if plan.window is not None:
             lo = np.clip(a + off[seg] + 1 - plan.window, 0, kl[seg])  # the first query's first key
-    count = np.where(hi > lo, (ks[seg] + hi - 1) // bs - (ks[seg] + lo) // bs + 1, 0)
+    end_tile = (ks[seg] + hi - 1) // bs
+    count = np.where(hi > lo, end_tile - (ks[seg] + lo) // bs + 1, 0)
+    n_k = -(-kv_len // bs)
+    # the keys of the tiles the range touches: the last key tile, the only short one, with its own keys
+    keys = count * bs - np.where((count > 0) & (end_tile == n_k - 1), n_k * bs - kv_len, 0)
     n_q = -(-q_len // bs)
     most = np.zeros(batch * n_q, dtype=np.int64)
-    np.maximum.at(most, b[seg] * n_q + tile, count)
+    np.maximum.at(most, b[seg] * n_q + tile, keys)
     rows = np.full(n_q, bs, dtype=np.int64)
     rows[-1] = q_len - (n_q - 1) * bs
-    keys = most * bs - np.where(most > 0, -(-kv_len // bs) * bs - kv_len, 0)  # at most one is the short last tile
-    return int((np.tile(rows, batch) * keys).sum())
+    return int((np.tile(rows, batch) * most).sum())
 
 
 def stack_saving(call) -> float:

@@ -1168,11 +1168,11 @@ int64_t attnmask_doc_segments(const int64_t *ids, int64_t rows, int64_t length, 
  * tiles of `bs` rows of `batch` rows of `q_len` queries, the pairs of the most key tiles of `bs` one segment
  * (b, q_start, q_len, k_start, k_len, offset) needs in the tile: its queries there see one contiguous key range
  * (causal: up to the last query's own key; a window: from the first query's first key), each tile counted with its
- * own rows and keys (the last query and key tiles may be short; at most one tile of a range is the last key tile).
- * `most` is caller-zeroed scratch of batch * ceil(q_len / bs) counts. window < 0: none. */
+ * own rows and keys (the last query and key tiles may be short: the last key tile counts its own keys where a range
+ * ends in it). `most` is caller-zeroed scratch of batch * ceil(q_len / bs) key counts. window < 0: none. */
 int64_t attnmask_segment_tile_pairs(const int64_t *segs, int64_t n, int64_t bs, int64_t batch, int64_t q_len,
                                     int64_t kv_len, int causal, int64_t window, int64_t *most) {
-    int64_t n_q = (q_len + bs - 1) / bs, short_keys = ((kv_len + bs - 1) / bs) * bs - kv_len, total = 0;
+    int64_t n_q = (q_len + bs - 1) / bs, n_k = (kv_len + bs - 1) / bs, short_keys = n_k * bs - kv_len, total = 0;
     for (int64_t s = 0; s < n; s++) {
         const int64_t *g = segs + 6 * s;
         int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];
@@ -1180,7 +1180,7 @@ int64_t attnmask_segment_tile_pairs(const int64_t *segs, int64_t n, int64_t bs, 
         for (int64_t t = qs / bs; t <= (qs + ql - 1) / bs; t++) {
             int64_t a = (t * bs > qs ? t * bs : qs) - qs;
             int64_t e = ((t + 1) * bs < qs + ql ? (t + 1) * bs : qs + ql) - qs - 1;
-            int64_t lo = 0, hi = kl, count;
+            int64_t lo = 0, hi = kl, count, keys;
             if (causal || window >= 0) {
                 hi = e + off + 1;
                 hi = hi < 0 ? 0 : hi > kl ? kl : hi;
@@ -1190,12 +1190,13 @@ int64_t attnmask_segment_tile_pairs(const int64_t *segs, int64_t n, int64_t bs, 
                 }
             }
             count = hi > lo ? (ks + hi - 1) / bs - (ks + lo) / bs + 1 : 0;
-            if (count > most[b * n_q + t]) most[b * n_q + t] = count;
+            keys = count * bs - (count > 0 && (ks + hi - 1) / bs == n_k - 1 ? short_keys : 0);
+            if (keys > most[b * n_q + t]) most[b * n_q + t] = keys;
         }
     }
     for (int64_t i = 0; i < batch * n_q; i++) {
         int64_t t = i % n_q, rows = t == n_q - 1 ? q_len - t * bs : bs;
-        if (most[i] > 0) total += rows * (most[i] * bs - short_keys);
+        total += rows * most[i];
     }
     return total;
 }
