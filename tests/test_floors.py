@@ -562,7 +562,12 @@ def test_padded_rows_are_planned_on_the_host_exactly_as_the_general_lowering_pla
         real[r, a:b] = True
         if data.draw(st.integers(0, 5)) == 0:
             real[r, data.draw(st.integers(0, length - 1))] ^= True  # sometimes a hole (or one more token)
-    mask, second = real.long() if data.draw(st.booleans()) else real, data.draw(st.integers(0, 3)) == 0
+    mask = real.long() if data.draw(st.booleans()) else real  # key_padding holds either as bool
+    if data.draw(st.booleans()):  # a strided bool view (every other column of a wider tensor), read through its strides
+        wide = torch.zeros(rows, 2 * length, dtype=mask.dtype)
+        wide[:, ::2] = mask
+        mask = wide[:, ::2]
+    second = data.draw(st.integers(0, 3)) == 0
 
     def make_spec():  # a new spec object each time: plans of its own (call_plans shares them per spec object)
         spec = base & am.key_padding(mask)

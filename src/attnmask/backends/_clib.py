@@ -135,7 +135,7 @@ _HELPERS = {
     "attnmask_run_pairs": (_I64, [_PTR, *[_I64] * 5, _INT]),
     "attnmask_real_pairs": (_I64, [_PTR, *[_I64] * 5, _INT]),
     "attnmask_doc_segments": (_I64, [_PTR, *[_I64] * 5, _PTR, _I64]),
-    "attnmask_padded_segments": (_I64, [_PTR, *[_I64] * 4, _INT, _I64, _PTR]),
+    "attnmask_padded_segments": (_I64, [_PTR, *[_I64] * 5, _INT, _I64, _PTR]),
     "attnmask_forward_items": (_I64, [_PTR, *[_I64] * 4, _PTR, _I64]),
     "attnmask_keys_disjoint": (_INT, [_PTR, _I64]),
     "attnmask_segment_tile_pairs": (_I64, [_PTR, *[_I64] * 5, _INT, _I64, _PTR]),

@@ -1063,24 +1063,24 @@ int64_t attnmask_forward_items(const int64_t *segs, int64_t n, int64_t heads, in
 }
 
 /* Padded rows' segments, for planning (attnmask.backends._common._padded_cut, whose numpy form the tests hold this one
- * to): from the real keys `real` of `rows` rows (1 or `batch`) of `length` bytes (0 or 1, a row every `row_stride`
- * bytes, one byte apart), one segment (b, first, n, first, n, 0) per batch row with n > 0 real keys, row-major, into
- * `out` (`batch` rows); a spec of one row serves every batch row. A row's padding queries that see a real key
- * (`banded`, a causal mask or a window: those after the run, unless the window is 1; otherwise those on either side)
- * join its segment: banded, queries first .. length - 1; otherwise all `length` queries at offset -first. Returns
- * 2 * count + (1 if any padding query sees a real key, else 0), or -1 when some row's real keys are not one run.
- * window < 0: none. */
-int64_t attnmask_padded_segments(const uint8_t *real, int64_t rows, int64_t length, int64_t row_stride, int64_t batch,
-                                 int banded, int64_t window, int64_t *out) {
+ * to): from the padding mask `mask` of `rows` rows (1 or `batch`), bytes (bool) addressed through element strides,
+ * whose first `length` columns are read (a position is real where its byte is not 0), one segment
+ * (b, first, n, first, n, 0) per batch row with n > 0 real keys, row-major, into `out` (`batch` rows); a spec of one
+ * row serves every batch row. A row's padding queries that see a real key (`banded`, a causal mask or a window: those
+ * after the run, unless the window is 1; otherwise those on either side) join its segment: banded, queries first ..
+ * length - 1; otherwise all `length` queries at offset -first. Returns 2 * count + (1 if any padding query sees a
+ * real key, else 0), or -1 when some row's real keys are not one run. window < 0: none. */
+int64_t attnmask_padded_segments(const uint8_t *mask, int64_t rows, int64_t length, int64_t row_stride,
+                                 int64_t col_stride, int64_t batch, int banded, int64_t window, int64_t *out) {
     int attends = 0;
     for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *row = real + r * row_stride;
+        const uint8_t *row = mask + r * row_stride;
         int64_t first = 0, end;
-        while (first < length && !row[first]) first++;
+        while (first < length && !row[first * col_stride]) first++;
         end = first;
-        while (end < length && row[end]) end++;
+        while (end < length && row[end * col_stride]) end++;
         for (int64_t j = end; j < length; j++) {
-            if (row[j]) return -1;
+            if (row[j * col_stride]) return -1;
         }
         int64_t n = end - first;
         int right = n > 0 && end < length, left = n > 0 && first > 0;

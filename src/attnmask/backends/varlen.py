@@ -39,7 +39,7 @@ from attnmask.backends._common import (
     SMALL_MATMUL_COST,
     ModeFactors,
     amx_pair_factor,
-    built_varlen_plan,
+    built_exact_plan,
     check_qkv,
     check_segments,
     handover_cost,
@@ -752,20 +752,21 @@ def _priced(call, plan, priced: tuple, widths: tuple[float, float]) -> float:
 
 
 def floor(call) -> float:
-    """A lower bound of ``cost`` (``Backend.floor``). From a varlen plan already built (``"native"`` builds the same
-    one): ``cost``'s charges per segment (its rows, its tiny-document products, its copies, one call at least) with
-    SDPA's pairs before the band's and each pair at the cheapest charge it may take, all divided by the most the
-    threads gain (no deal is weighed). Without one, from the query rows certain to see a key
-    (``_common.rows_seeing_themselves``): each such row and its own key lie in a segment, so each is copied at least
-    once and charged at least the cheaper row charge. 0 where neither is known. O(N) on the segments' view, or O(B·K)
-    on host views."""
+    """A lower bound of ``cost`` (``Backend.floor``). From a plan already built (``_common.built_exact_plan``:
+    ``"native"`` builds varlen's, and where varlen refuses its own, whose bound then only decides whether varlen is
+    asked why): ``cost``'s charges
+    per segment (its rows, its tiny-document products, its copies, one call at least) with SDPA's pairs before the
+    band's and each pair at the cheapest charge it may take, all divided by the most the threads gain (no deal is
+    weighed). Without one, from the query rows certain to see a key (``_common.rows_seeing_themselves``): each such
+    row and its own key lie in a segment, so each is copied at least once and charged at least the cheaper row
+    charge. 0 where neither is known. O(N) on the segments' view, or O(B·K) on host views."""
     width = call.head_dim + call.value_dim
     widths = _charged_widths(width)
     if _bf16_backward_width(call):  # cost charges the backward's share at the bfloat16 widths: the smaller bounds both
         widths = tuple(map(min, widths, _charged_widths(width, torch.bfloat16)))
     small_width, sdpa_width = widths
     gain = _workers.speedup_bound(_workers.threads_available(), _THREAD_EFFICIENCY)
-    built = built_varlen_plan(call)
+    built = built_exact_plan(call)
     if built is None:
         rows = rows_seeing_themselves(call)
         if rows == 0:
