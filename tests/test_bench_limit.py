@@ -158,6 +158,44 @@ def test_floor_blocks_hold_every_allowed_pair_and_are_timed(capsys):
     assert float(line.split("|")[4]) > 0 and float(line.split("|")[5]) > 0  # covered, floor ms: measured, not "-"
 
 
+def test_traffic_moves_the_calls_bytes_and_holds_a_row_its_bound_cannot_pass(capsys):
+    """The traffic call reads q, k, v (with a backward also two output-sized tensors) and writes the output (and dq,
+    dk, dv); a row whose traffic alone passes its bound is held to the bound over the traffic, still within 1.1x of
+    the fastest backend; any other row is judged as before."""
+    bench = load_bench()
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    for grad in (False, True):
+        run, reads, writes = bench.traffic_fn((q, k, v), grad), [], []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.Tensor, "sum", lambda t, *a, seen=reads, **kw: seen.append(tuple(t.shape)))
+            mp.setattr(torch.Tensor, "fill_", lambda t, x, seen=writes: seen.append(tuple(t.shape)))
+            assert run(q, k, v) is None
+        assert reads == [(1, 2, 16, 8)] * (5 if grad else 3) and writes == [(1, 2, 16, 8)] * (4 if grad else 1)
+    case = bench.Case("tiny", am.causal(), 1, 64, 64, 8)  # a run of 8: bound 2.0
+
+    def ok(auto, best, traffic):
+        med = {("idle", bench.REFERENCE): 1.0, ("idle", "native"): auto, ("idle", "varlen"): best}
+        if traffic is not None:
+            med["idle", bench.TRAFFIC] = traffic
+        m = {"med": med, "fraction": 0.01, "costs": {"native": 1.0, "varlen": 1.0}, "picked": "native", "covered": None}
+        args = bench.argparse.Namespace(units=False, tuned=False)
+        return bench.row(case, m, ["native", "varlen"], args, False).rstrip(" |").rsplit("|", 1)[1].strip()
+
+    assert ok(0.019, 0.019, 0.03) == "yes"  # within the bound of the ideal (0.01 x 2)
+    assert ok(0.05, 0.05, 0.03) == "yes (traffic)"  # traffic 3x the ideal, auto 1.67x the traffic
+    assert ok(0.07, 0.07, 0.03) == "**no** (traffic)"  # auto 2.33x the traffic
+    assert ok(0.05, 0.04, 0.03) == "**no**"  # 1.25x the fastest: not excused by the traffic
+    assert ok(0.05, 0.05, 0.015) == "**no**"  # traffic 1.5x the ideal: the bound is reachable
+    assert ok(0.05, 0.05, None) == "**no**"
+    bench.main(["--dry-run", "--only", "tiny"])
+    out = capsys.readouterr().out
+    assert "| traffic / ideal | auto / traffic |" in out
+    line = next(x for x in out.splitlines() if x.startswith("| documents: tiny"))
+    header = next(x for x in out.splitlines() if x.startswith("| structure | allowed"))
+    at = [c.strip() for c in header.split("|")].index("traffic / ideal")
+    assert float(line.split("|")[at]) > 0  # timed, not "-"
+
+
 def test_blocksparse_ab_times_this_checkout_against_a_revision(capsys):
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=SCRIPT.parents[1], capture_output=True).returncode:
         pytest.skip("not a git checkout: no revision to compare with")
