@@ -25,10 +25,10 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory sanitize
 
 # The native backend's C kernel built with AddressSanitizer and UndefinedBehaviorSanitizer (any finding fails), under
-# its tests, the conformance cases, and planning's allowed-pair counts, packed rows' segments and the estimates' sums
-# over segments (blocksparse's tiles, native's items and deal, varlen's floor, the most keys a query sees), which run
-# in the same library (--capture=sys: a sanitizer's report, written by C to fd 2, is shown); one line and success
-# where the compiler has no sanitizers.
+# its tests, the conformance cases, and planning's allowed-pair counts, packed and padded rows' segments and the
+# estimates' sums over segments (blocksparse's tiles, native's items and deal, varlen's floor, the most keys a query
+# sees), which run in the same library (--capture=sys: a sanitizer's report, written by C to fd 2, is shown); one line
+# and success where the compiler has no sanitizers.
 # `make test` ends with it.
 CC ?= cc
 sanitize: $(STAMP)
@@ -37,7 +37,7 @@ sanitize: $(STAMP)
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 ATTNMASK_NATIVE_SANITIZE=1 ATTNMASK_STRICT_DEPS=1 \
 	ATTNMASK_CACHE_DIR="$$(mktemp -d)" LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" \
 	$(PY) -m pytest -q -p no:cacheprovider --capture=sys tests/test_native.py tests/test_conformance.py \
-		tests/test_small_rows.py tests/test_floors.py -k "native or allowed_fraction or packed_rows or in_c_as_numpy"
+		tests/test_small_rows.py tests/test_floors.py -k "native or allowed_fraction or packed_rows or padded_rows or in_c_as_numpy"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -520,7 +520,8 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         key_range(J, 0, off, kl, &klo, &hi);                                                                           \
         key_range(J, ql - 1, off, kl, &lo, &khi);                                                                      \
         const int64_t n = khi > klo ? khi - klo : 0, Dv = J->Dv;                                                       \
-        const int64_t ld = (n + LANES(T) - 1) / LANES(T) * LANES(T) + LANES(T), lds = J->tile_keys + 2 * LANES(T);     \
+        const int64_t ld = (n + LANES(T) - 1) / LANES(T) * LANES(T) + LANES(T);                                        \
+        const int64_t lds = ((J->tile_keys < n ? J->tile_keys : n) + LANES(T) - 1) / LANES(T) * LANES(T) + 2 * LANES(T);\
         T *kt = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * D * ld);                                                    \
         T *S = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 4 * lds);                                                    \
         T *q4 = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * 4 * D);                                                     \
