@@ -196,6 +196,43 @@ static inline void transpose16(float *dst, const vec_float *r) {
 }
 #endif
 
+/* The sums of the lanes of each of four vectors, into out[0 .. 4): one tree of shuffles and adds for the four (pairs
+ * of vectors folded into one, then halves of lanes into each other), where a horizontal sum per vector takes about
+ * four times the instructions (the row form sums four dot products at a time: dot4). */
+#if TRANSPOSE16
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+static inline void sum4_float(vec_float v0, vec_float v1, vec_float v2, vec_float v3, float *out) {
+    const vec_float a = SHUF(v0, v1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                        SHUF(v0, v1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31); /* v0 | v1 */
+    const vec_float b = SHUF(v2, v3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                        SHUF(v2, v3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31); /* v2 | v3 */
+    const vec_float c = SHUF(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                        SHUF(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31); /* 4 lanes each */
+    const vec_float e = SHUF(c, c, 0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13) +
+                        SHUF(c, c, 2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15); /* 2 lanes each */
+    const vec_float f = SHUF(e, e, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6) +
+                        SHUF(e, e, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7);
+    out[0] = f[0], out[1] = f[1], out[2] = f[2], out[3] = f[3];
+}
+static inline void sum4_double(vec_double v0, vec_double v1, vec_double v2, vec_double v3, double *out) {
+    const vec_double a = SHUF(v0, v1, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(v0, v1, 4, 5, 6, 7, 12, 13, 14, 15);
+    const vec_double b = SHUF(v2, v3, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(v2, v3, 4, 5, 6, 7, 12, 13, 14, 15);
+    const vec_double c = SHUF(a, b, 0, 1, 4, 5, 8, 9, 12, 13) + SHUF(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
+    const vec_double f = SHUF(c, c, 0, 2, 4, 6, 0, 2, 4, 6) + SHUF(c, c, 1, 3, 5, 7, 1, 3, 5, 7);
+    out[0] = f[0], out[1] = f[1], out[2] = f[2], out[3] = f[3];
+}
+#undef SHUF
+#else
+static inline void sum4_float(vec_float v0, vec_float v1, vec_float v2, vec_float v3, float *out) {
+    out[0] = out[1] = out[2] = out[3] = 0;
+    for (int c = 0; c < 16; c++) out[0] += v0[c], out[1] += v1[c], out[2] += v2[c], out[3] += v3[c];
+}
+static inline void sum4_double(vec_double v0, vec_double v1, vec_double v2, vec_double v3, double *out) {
+    out[0] = out[1] = out[2] = out[3] = 0;
+    for (int c = 0; c < 8; c++) out[0] += v0[c], out[1] += v1[c], out[2] += v2[c], out[3] += v3[c];
+}
+#endif
+
 typedef struct {
     void *kt, *vt, *s4, *p4, *q4, *rows;
     size_t kt_size, vt_size, s4_size, p4_size, q4_size, rows_size;
@@ -227,19 +264,24 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
     static inline void axpy_##SUF(T *restrict y, T a, const KV *restrict x, int64_t n) {                               \
         _Pragma("omp simd") for (int64_t d = 0; d < n; d++) y[d] += a * LD(x[d]);                                      \
     }                                                                                                                  \
-    /* Four keys at once (rows b, b + ld, b + 2 ld, b + 3 ld): four independent accumulators keep the FMA units busy   \
-       where one dot product is a chain of dependent adds. */                                                          \
+    /* Four keys at once (rows b, b + ld, b + 2 ld, b + 3 ld): four vectors of products over whole vectors of d (four  \
+       independent chains keep the FMA units busy), their lanes summed together (sum4), then the elements of n past    \
+       the last whole vector one by one. */                                                                            \
     static inline void dot4_##SUF(const T *restrict a, const KV *restrict b, int64_t ld, int64_t n, T *out) {          \
         const KV *b0 = b, *b1 = b + ld, *b2 = b + 2 * ld, *b3 = b + 3 * ld;                                            \
-        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                                              \
-        _Pragma("omp simd reduction(+ : s0, s1, s2, s3)") for (int64_t d = 0; d < n; d++) {                            \
-            T x = a[d];                                                                                                \
-            s0 += x * LD(b0[d]);                                                                                       \
-            s1 += x * LD(b1[d]);                                                                                       \
-            s2 += x * LD(b2[d]);                                                                                       \
-            s3 += x * LD(b3[d]);                                                                                       \
+        VEC(T) v0 = {0}, v1 = {0}, v2 = {0}, v3 = {0};                                                                 \
+        int64_t d = 0;                                                                                                 \
+        for (; d + LANES(T) <= n; d += LANES(T)) {                                                                     \
+            VEC(T) x;                                                                                                  \
+            __builtin_memcpy(&x, a + d, sizeof x);                                                                     \
+            v0 += x * ldv_##SUF(b0 + d), v1 += x * ldv_##SUF(b1 + d);                                                  \
+            v2 += x * ldv_##SUF(b2 + d), v3 += x * ldv_##SUF(b3 + d);                                                  \
         }                                                                                                              \
-        out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;                                                            \
+        sum4_##T(v0, v1, v2, v3, out);                                                                                 \
+        for (; d < n; d++) {                                                                                           \
+            const T x = a[d];                                                                                          \
+            out[0] += x * LD(b0[d]), out[1] += x * LD(b1[d]), out[2] += x * LD(b2[d]), out[3] += x * LD(b3[d]);        \
+        }                                                                                                              \
     }                                                                                                                  \
     static inline void axpy4_##SUF(T *restrict y, const T *p, const KV *restrict x, int64_t ld, int64_t n) {           \
         const KV *x0 = x, *x1 = x + ld, *x2 = x + 2 * ld, *x3 = x + 3 * ld;                                            \
