@@ -85,8 +85,8 @@ QUICK_NOTES: dict[str, tuple[tuple[str, str], ...]] = {
             "(rows of 128-1,024: 1.0-3.8x against both; a new batch each step: 0.98-3.8x)",
             "quick: 16 sequences in rows of 256, where `auto` chooses by its estimates between what stock attention "
             "runs (one SDPA call with the dense mask) and the C kernel `native` (1.12-1.19x at rows of 256 in the full "
-            "runs): expect about 0.95-1.2x against packed + dense-mask sdpa (two rounds: the spread of a shared "
-            "machine) and more against padded + sdpa",
+            "runs): expect about 0.95-1.3x against packed + dense-mask sdpa (two rounds of a small batch: the spread "
+            "of a shared machine; 1.01-1.29x over today's quick runs) and more against padded + sdpa",
         ),
     ),
 }
