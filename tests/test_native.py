@@ -184,6 +184,22 @@ def test_any_finite_scale_weighs_the_blocked_rows_as_the_naive_reference(scale, 
         torch.testing.assert_close(g_.double(), w, **tol, msg=f"d{name}")
 
 
+@pytest.mark.parametrize(("window", "tile"), [(32, 32), (30, 32), (64, 32), (40, 16)])
+def test_forward_tiles_from_a_blocks_first_key_with_a_short_last_piece_joined(window, tile):
+    """The blocked forward walks each four rows' keys in tiles of FORWARD_TILE_KEYS from their first key, and a last
+    piece under a tile's eighth joins the tile before it: a window of 32 on tiles of 32 gives each block 35 keys (one
+    tile of 35, the piece of 3 joined), 30 gives 33 (one key joined), 64 gives 67 (tiles of 32 and 35), and 40 on
+    tiles of 16 gives 43 (16, 16 and a piece of 11, over the eighth: a tile of its own). Rows over several blocks and
+    panels, a segment starting mid-row (offset 5), float64 against the naive reference, forward and backward."""
+    segs = torch.tensor([[0, 0, 150, 0, 150, 0], [1, 7, 120, 2, 130, 5]])
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, 150, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    with kernel_settings(1, TILE_KEYS=8, FORWARD_TILE_KEYS=tile, PANEL_ROWS=8):
+        got = N.segment_attention(q, k, v, segs, causal=True, window=window)
+        got_grads = grads(got, (q, k, v))
+    assert_segments_match_naive(got, got_grads, (q, k, v), segs, True, window)
+
+
 @pytest.mark.parametrize(("tile", "panel"), [(0, 6), (-3, 0), (5, 3)])
 def test_tiles_and_panels_the_kernel_cannot_use_are_rounded_to_ones_it_can(tile, panel):
     """The kernel sizes its scratch from the tile and the panel: a tile under one key becomes one key and a panel

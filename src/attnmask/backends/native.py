@@ -108,7 +108,9 @@ _NEVER = 1 << 62
 # FORWARD_TILE_KEYS: twice as many keys per tile halve a row's online-softmax steps and rescales; rows of 8,192 tokens,
 # two threads, interleaved in one process, 512 against 256: windows of 512-4,096 and chunks of 1,024 2-6% faster,
 # causal rows of 1,024 1-3%; the backward (dk and dv rows too) kept 256, where 512-1,024 read 0-3% slower (RESULTS.md,
-# issue 15, "native's key copies, tiles and pulls").
+# issue 15, "native's key copies, tiles and pulls"). The forward's tiles start at each four rows' first key, a last
+# piece under an eighth of a tile joining the one before, so a window of 512 walks one tile a row, not two (windows of
+# 256-512 4-5% faster; RESULTS.md, issue 15, "Tiles from a block's first key").
 TILE_KEYS = 256
 FORWARD_TILE_KEYS = 512
 PANEL_ROWS = 64

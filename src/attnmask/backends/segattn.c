@@ -21,7 +21,7 @@
  * last parallel region), else pthreads started for the call. Memory: two scratch vectors of max(k_len) scores and one
  * of Dv + D per thread; in the blocked form (below) also the item's keys transposed, in the backward its values too
  * ((D [+ Dv]) x the item's keys, rounded up to LANES plus LANES, elements), and a panel's tile of scores and rows:
- * forward 4 x (TILE_KEYS + 2 LANES) + PANEL_ROWS x (Dv + 2), backward 2 PANEL_ROWS x (TILE_KEYS + 2 LANES) +
+ * forward 4 x (9 / 8 TILE_KEYS + 3 LANES) + PANEL_ROWS x (Dv + 2), backward 2 PANEL_ROWS x (TILE_KEYS + 2 LANES) +
  * PANEL_ROWS x (D + Dv + 1) elements per thread, grown to the largest item (a causal segment of 8,192 keys at D = Dv =
  * 64 in float32: 4.2 MiB in the backward, 2.0 MiB in the forward).
  *
@@ -126,8 +126,10 @@ static inline float bf16_f32(uint16_t x) {
  * weighted values, rescaled when the max grows), the backward recomputes P from the saved lse. Sums over the four rows'
  * common keys keep a slice of four rows' outputs in registers (pv4): the forward's weighted values and the backward's
  * dq, and the backward's dk and dv of four keys over the rows all four see. A block's rows are the item's rows 0-3,
- * 4-7, ..., and tiles start at multiples of TILE_KEYS of the segment's keys: the caller cuts a segment for the threads
- * at multiples of four rows, so a row has the same partners and tiles, and the same sums, whatever the cut. */
+ * 4-7, ...; the backward's tiles start at multiples of TILE_KEYS of the segment's keys, the forward's at the block's
+ * first key, a last piece under TILE_KEYS / 8 keys joining the tile before it (a window's block then walks one tile,
+ * not two: RESULTS.md, issue 15, "Tiles from a block's first key"). The caller cuts a segment for the threads at
+ * multiples of four rows, so a row has the same partners and tiles, and the same sums, whatever the cut. */
 #define LANES(T) ((int64_t)(64 / sizeof(T)))
 typedef float vec_float __attribute__((vector_size(64)));
 typedef double vec_double __attribute__((vector_size(64)));
@@ -554,16 +556,18 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             }                                                                                                          \
             return 0;                                                                                                  \
         }                                                                                                              \
-        /* the blocked form: panels of PANEL_ROWS query rows; a panel walks the keys its rows see in tiles of TILE_KEYS\
-           (from multiples of TILE_KEYS of the segment's keys), each four rows at a time against the tile's keys in the\
-           item's transposed copy, so that the tile stays in cache for the panel's rows; each row keeps an online      \
-           softmax (its running max, sum and weighted values) across its tiles */                                      \
+        /* the blocked form: panels of PANEL_ROWS query rows; each four rows of a panel walk the keys they see in    \
+           tiles of TILE_KEYS from their first key (a last piece under TILE_KEYS / 8 joins the tile before: merge),    \
+           against the item's transposed copy, the panel's rows taking their t-th tiles in turn, so that the keys the  \
+           panel's t-th tiles share stay in cache; each row keeps an online softmax (its running max, sum and weighted \
+           values) across its tiles */                                                                                 \
         int64_t klo, khi, lo, hi;                                                                                      \
         key_range(J, 0, off, kl, &klo, &hi);                                                                           \
         key_range(J, ql - 1, off, kl, &lo, &khi);                                                                      \
         const int64_t n = khi > klo ? khi - klo : 0, Dv = J->Dv;                                                       \
         const int64_t ld = (n + LANES(T) - 1) / LANES(T) * LANES(T) + LANES(T);                                        \
-        const int64_t lds = ((J->tile_keys < n ? J->tile_keys : n) + LANES(T) - 1) / LANES(T) * LANES(T) + 2 * LANES(T);\
+        const int64_t merge = J->tile_keys / 8, tk = J->tile_keys + merge < n ? J->tile_keys + merge : n;              \
+        const int64_t lds = (tk + LANES(T) - 1) / LANES(T) * LANES(T) + 2 * LANES(T);                                  \
         T *kt = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * D * ld);                                                    \
         T *S = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 4 * lds);                                                    \
         T *q4 = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * 4 * D);                                                     \
@@ -575,23 +579,22 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         transpose_##SUF(kt, ld, k + klo * st[5], st[5], n, D);                                                         \
         for (int64_t p0 = 0; p0 < ql; p0 += J->panel_rows) {                                                           \
             const int64_t pn = ql - p0 < J->panel_rows ? ql - p0 : J->panel_rows;                                      \
-            int64_t plo, phi;                                                                                          \
-            key_range(J, p0, off, kl, &plo, &hi);                                                                      \
-            key_range(J, p0 + pn - 1, off, kl, &lo, &phi);                                                             \
             for (int64_t r = 0; r < pn; r++) {                                                                         \
                 M[r] = mod[5] != 0 ? mod[4] : -INFINITY;                                                               \
                 for (int64_t c = 0; c < LANES(T); c++) Lsum[r * LANES(T) + c] = c == 0 && mod[5] != 0 ? 1 : 0;         \
                 for (int64_t d = 0; d < Dv; d++) A[r * Dv + d] = 0;                                                    \
             }                                                                                                          \
-            for (int64_t t0 = plo / J->tile_keys * J->tile_keys; t0 < phi; t0 += J->tile_keys) {                       \
-                const int64_t t1 = t0 + J->tile_keys < phi ? t0 + J->tile_keys : phi;                                  \
+            for (int64_t t = 0, more = 1; more; t++) {                                                                 \
+                more = 0;                                                                                              \
                 for (int64_t i0 = p0; i0 < p0 + pn; i0 += 4) {                                                         \
                     const int64_t R = p0 + pn - i0 < 4 ? p0 + pn - i0 : 4;                                             \
-                    int64_t x0[4], x1[4], u0, u1;                                                                      \
-                    key_range(J, i0, off, kl, &u0, &hi);                                                               \
-                    key_range(J, i0 + R - 1, off, kl, &lo, &u1);                                                       \
-                    u0 = u0 > t0 ? u0 : t0, u1 = u1 < t1 ? u1 : t1;                                                    \
-                    if (u1 <= u0) continue; /* no row of the four sees a key of the tile */                            \
+                    int64_t x0[4], x1[4], g0, g1;                                                                      \
+                    key_range(J, i0, off, kl, &g0, &hi);                                                               \
+                    key_range(J, i0 + R - 1, off, kl, &lo, &g1);                                                       \
+                    const int64_t u0 = g0 + t * J->tile_keys;                                                          \
+                    if (u0 >= g1 || (t > 0 && g1 - u0 < merge)) continue; /* the group's tiles are done */             \
+                    more = 1;                                                                                          \
+                    const int64_t u1 = g1 - (u0 + J->tile_keys) < merge ? g1 : u0 + J->tile_keys;                      \
                     const T *qr[4];                                                                                    \
                     T *y[4];                                                                                           \
                     for (int64_t r = 0; r < 4; r++) /* rows past the item's last: its first row again, scores unused */\
