@@ -388,7 +388,7 @@ def segment_attention(
     the backward, the gradients; float32 copies of float16 inputs, and of bfloat16 ones in the backward only (the
     forward reads bfloat16 as stored); no mask and no copy of float32 inputs whose last dimension is contiguous. Per
     thread, the kernel's scratch: a segment's keys transposed (and its values, in the backward), O(k_len · (D + Dv)),
-    and a tile of scores, four rows' O(FORWARD_TILE_KEYS) in the forward and a panel's O(PANEL_ROWS · TILE_KEYS) in
+    and a panel's tile of scores, O(PANEL_ROWS · FORWARD_TILE_KEYS) in the forward and O(PANEL_ROWS · TILE_KEYS) in
     the backward (4.2 MiB for a causal segment of 8,192 keys at D = Dv = 64 in float32 with a backward).
 
     Score modifiers as ``attnmask.attention`` defines them and checks them (``softcap``, ``sinks`` and

@@ -21,9 +21,9 @@
  * last parallel region), else pthreads started for the call. Memory: two scratch vectors of max(k_len) scores and one
  * of Dv + D per thread; in the blocked form (below) also the item's keys transposed, in the backward its values too
  * ((D [+ Dv]) x the item's keys, rounded up to LANES plus LANES, elements), and a panel's tile of scores and rows:
- * forward 4 x (9 / 8 TILE_KEYS + 3 LANES) + PANEL_ROWS x (Dv + 2), backward 2 PANEL_ROWS x (TILE_KEYS + 2 LANES) +
- * PANEL_ROWS x (D + Dv + 1) elements per thread, grown to the largest item (a causal segment of 8,192 keys at D = Dv =
- * 64 in float32: 4.2 MiB in the backward, 2.0 MiB in the forward).
+ * forward PANEL_ROWS x (9 / 8 TILE_KEYS + 3 LANES + D + Dv + LANES + 1) plus 16 int64 per four rows, backward
+ * 2 PANEL_ROWS x (TILE_KEYS + 2 LANES) + PANEL_ROWS x (D + Dv + 1) elements per thread, grown to the largest item (a
+ * causal segment of 8,192 keys at D = Dv = 64 in float32: 4.2 MiB in the backward, 2.2 MiB in the forward).
  *
  * Score modifiers, in this order on each score s = scale * q.k: softcap c > 0 (0: none): s -> c tanh(s / c); ALiBi
  * slopes (NULL: none), one per query head: s -> s - slope_h (i + offset - j), the query's minus the key's position;
@@ -131,6 +131,13 @@ static inline float bf16_f32(uint16_t x) {
  * not two: RESULTS.md, issue 15, "Tiles from a block's first key"). The caller cuts a segment for the threads at
  * multiples of four rows, so a row has the same partners and tiles, and the same sums, whatever the cut. */
 #define LANES(T) ((int64_t)(64 / sizeof(T)))
+/* The blocked forward takes its scores and its value sums SUB_KEYS keys at a time for every four rows of a panel, so
+ * that those keys (16 KiB at D = 64 in float32 for the scores, the values likewise) stay in L1 while the panel's rows
+ * use them; each four rows' scores of a tile wait in their own rows of the scratch until their softmax step. Rows of
+ * 8,192, two threads: windows of 512-1,024 and chunks 4-10% faster, causal rows 6-8%; 64 keys at a time read 2-3%
+ * slower, 256 2-8% (RESULTS.md, issue 15, "Scores and values a sub-tile at a time"). A multiple of four LANES of float
+ * and of double. */
+#define SUB_KEYS 128
 typedef float vec_float __attribute__((vector_size(64)));
 typedef double vec_double __attribute__((vector_size(64)));
 #define VEC(T) vec_##T
@@ -556,11 +563,11 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             }                                                                                                          \
             return 0;                                                                                                  \
         }                                                                                                              \
-        /* the blocked form: panels of PANEL_ROWS query rows; each four rows of a panel walk the keys they see in    \
+        /* the blocked form: panels of PANEL_ROWS query rows; each four rows of a panel walk the keys they see in      \
            tiles of TILE_KEYS from their first key (a last piece under TILE_KEYS / 8 joins the tile before: merge),    \
-           against the item's transposed copy, the panel's rows taking their t-th tiles in turn, so that the keys the  \
-           panel's t-th tiles share stay in cache; each row keeps an online softmax (its running max, sum and weighted \
-           values) across its tiles */                                                                                 \
+           against the item's transposed copy; the panel takes its groups' t-th tiles together, scores and value       \
+           sums SUB_KEYS keys at a time for every group, so that those keys stay in L1; each row keeps an online       \
+           softmax (its running max, sum and weighted values) across its tiles */                                      \
         int64_t klo, khi, lo, hi;                                                                                      \
         key_range(J, 0, off, kl, &klo, &hi);                                                                           \
         key_range(J, ql - 1, off, kl, &lo, &khi);                                                                      \
@@ -568,69 +575,128 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         const int64_t ld = (n + LANES(T) - 1) / LANES(T) * LANES(T) + LANES(T);                                        \
         const int64_t merge = J->tile_keys / 8, tk = J->tile_keys + merge < n ? J->tile_keys + merge : n;              \
         const int64_t lds = (tk + LANES(T) - 1) / LANES(T) * LANES(T) + 2 * LANES(T);                                  \
+        const int64_t panel = J->panel_rows, groups = (panel + 3) / 4;                                                 \
         T *kt = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * D * ld);                                                    \
-        T *S = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 4 * lds);                                                    \
-        T *q4 = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * 4 * D);                                                     \
+        const int fresh = !(X->s4 && sizeof(T) * 4 * groups * lds <= X->s4_size); /* a new buffer: zeroed below */     \
+        T *S = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 4 * groups * lds);                                           \
+        T *q4 = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * panel * D);                                                 \
         /* the panel's rows: their weighted values, max and LANES partial sums */                                      \
-        T *A = (T *)grow(&X->p4, &X->p4_size, sizeof(T) * J->panel_rows * (Dv + 1 + LANES(T)));                        \
-        if (!kt || !S || !q4 || !A) return 1;                                                                          \
-        for (int64_t c = 0; c < 4 * lds; c++) S[c] = 0; /* tile_row reads whole vectors past a row's scores */         \
-        T *M = A + J->panel_rows * Dv, *Lsum = M + J->panel_rows;                                                      \
+        T *A = (T *)grow(&X->p4, &X->p4_size, sizeof(T) * panel * (Dv + 1 + LANES(T)));                                \
+        /* each group of four rows: its tile's keys u0 .. u1, S's column 0 (a0), the four rows' common keys, whether   \
+           all four see a key of the tile, and each row's keys in the tile */                                          \
+        int64_t *G = (int64_t *)grow(&X->rows, &X->rows_size, sizeof(int64_t) * groups * 16);                          \
+        if (!kt || !S || !q4 || !A || !G) return 1;                                                                    \
+        /* tile_row reads whole vectors past a row's scores and masks them: a new buffer is zeroed once; what later    \
+           items leave there is masked alike */                                                                        \
+        if (fresh)                                                                                                     \
+            for (int64_t c = 0; c < 4 * groups * lds; c++) S[c] = 0;                                                   \
+        T *M = A + panel * Dv, *Lsum = M + panel;                                                                      \
         transpose_##SUF(kt, ld, k + klo * st[5], st[5], n, D);                                                         \
-        for (int64_t p0 = 0; p0 < ql; p0 += J->panel_rows) {                                                           \
-            const int64_t pn = ql - p0 < J->panel_rows ? ql - p0 : J->panel_rows;                                      \
+        for (int64_t p0 = 0; p0 < ql; p0 += panel) {                                                                   \
+            const int64_t pn = ql - p0 < panel ? ql - p0 : panel, ng = (pn + 3) / 4;                                   \
             for (int64_t r = 0; r < pn; r++) {                                                                         \
                 M[r] = mod[5] != 0 ? mod[4] : -INFINITY;                                                               \
                 for (int64_t c = 0; c < LANES(T); c++) Lsum[r * LANES(T) + c] = c == 0 && mod[5] != 0 ? 1 : 0;         \
                 for (int64_t d = 0; d < Dv; d++) A[r * Dv + d] = 0;                                                    \
             }                                                                                                          \
+            const T *qp = sizeof(KV) == sizeof(T) ? (const T *)(const void *)(q + p0 * st[2]) : q4;                    \
+            const int64_t qld = sizeof(KV) == sizeof(T) ? st[2] : D;                                                   \
+            if (sizeof(KV) != sizeof(T))                                                                               \
+                for (int64_t r = 0; r < pn; r++) row_##SUF(q + (p0 + r) * st[2], q4 + r * D, D);                       \
             for (int64_t t = 0, more = 1; more; t++) {                                                                 \
                 more = 0;                                                                                              \
-                for (int64_t i0 = p0; i0 < p0 + pn; i0 += 4) {                                                         \
-                    const int64_t R = p0 + pn - i0 < 4 ? p0 + pn - i0 : 4;                                             \
-                    int64_t x0[4], x1[4], g0, g1;                                                                      \
+                int64_t span0 = khi, span1 = klo; /* the keys of the groups' t-th tiles */                             \
+                for (int64_t m = 0; m < ng; m++) {                                                                     \
+                    int64_t *gm = G + 16 * m, g0, g1;                                                                  \
+                    const int64_t i0 = p0 + 4 * m, R = p0 + pn - i0 < 4 ? p0 + pn - i0 : 4;                            \
                     key_range(J, i0, off, kl, &g0, &hi);                                                               \
                     key_range(J, i0 + R - 1, off, kl, &lo, &g1);                                                       \
                     const int64_t u0 = g0 + t * J->tile_keys;                                                          \
+                    gm[0] = gm[1] = gm[5] = 0;                                                                         \
                     if (u0 >= g1 || (t > 0 && g1 - u0 < merge)) continue; /* the group's tiles are done */             \
                     more = 1;                                                                                          \
-                    const int64_t u1 = g1 - (u0 + J->tile_keys) < merge ? g1 : u0 + J->tile_keys;                      \
-                    const T *qr[4];                                                                                    \
-                    T *y[4];                                                                                           \
-                    for (int64_t r = 0; r < 4; r++) /* rows past the item's last: its first row again, scores unused */\
-                        qr[r] = row_##SUF(q + (i0 + (r < R ? r : 0)) * st[2], q4 + r * D, D);                          \
-                    const int64_t a0 = klo + (u0 - klo) / LANES(T) * LANES(T); /* the key of S's column 0 */           \
-                    scores4_##SUF(qr, kt, D, a0 - klo, u1 - klo, S, lds);                                              \
-                    int64_t clo = u0, chi = u1, full = R == 4;                                                         \
-                    for (int64_t r = 0; r < R; r++) {                                                                  \
-                        const int64_t w = i0 + r - p0;                                                                 \
-                        key_range(J, i0 + r, off, kl, &x0[r], &x1[r]);                                                 \
-                        x0[r] = x0[r] > u0 ? x0[r] : u0, x1[r] = x1[r] < u1 ? x1[r] : u1;                              \
-                        y[r] = A + w * Dv;                                                                             \
-                        if (x1[r] <= x0[r]) {                                                                          \
-                            full = 0;                                                                                  \
+                    gm[0] = u0, gm[1] = g1 - (u0 + J->tile_keys) < merge ? g1 : u0 + J->tile_keys;                     \
+                    gm[2] = klo + (u0 - klo) / LANES(T) * LANES(T); /* the key of S's column 0 */                      \
+                    span0 = gm[2] < span0 ? gm[2] : span0, span1 = gm[1] > span1 ? gm[1] : span1;                      \
+                }                                                                                                      \
+                if (!more) break;                                                                                      \
+                /* a panel whose groups' keys span at most SUB_KEYS takes its groups one at a time (the L1 holds       \
+                   their keys either way), a wider one all of them in each step */                                     \
+                const int64_t step = span1 - span0 <= SUB_KEYS ? 1 : ng;                                               \
+                for (int64_t mb = 0; mb < ng; mb += step) {                                                            \
+                    const int64_t me = mb + step < ng ? mb + step : ng;                                                \
+                    /* the scores, SUB_KEYS keys at a time for every group, so that those keys stay in L1 */           \
+                    for (int64_t s0 = span0; s0 < span1; s0 += SUB_KEYS) {                                             \
+                        for (int64_t m = mb; m < me; m++) {                                                            \
+                            const int64_t *gm = G + 16 * m;                                                            \
+                            if (gm[1] <= gm[0]) continue;                                                              \
+                            const int64_t j0 = s0 > gm[2] ? s0 : gm[2];                                                \
+                            const int64_t j1 = s0 + SUB_KEYS < gm[1] ? s0 + SUB_KEYS : gm[1];                          \
+                            if (j1 <= j0) continue;                                                                    \
+                            const int64_t i0 = p0 + 4 * m, R = p0 + pn - i0 < 4 ? p0 + pn - i0 : 4;                    \
+                            const T *qr[4];                                                                            \
+                            for (int64_t r = 0; r < 4; r++) /* past the item's last row: its first again */            \
+                                qr[r] = qp + (4 * m + (r < R ? r : 0)) * qld;                                          \
+                            scores4_##SUF(qr, kt, D, j0 - klo, j1 - klo, S + 4 * lds * (m - mb) + j0 - gm[2],          \
+                                          lds);                                                                        \
+                        }                                                                                              \
+                    }                                                                                                  \
+                    /* each row's softmax step, and the values its group's rows do not all see */                      \
+                    for (int64_t m = mb; m < me; m++) {                                                                \
+                        int64_t *gm = G + 16 * m, *x0 = gm + 6, *x1 = gm + 10;                                         \
+                        if (gm[1] <= gm[0]) continue;                                                                  \
+                        const int64_t i0 = p0 + 4 * m, R = p0 + pn - i0 < 4 ? p0 + pn - i0 : 4, u0 = gm[0], u1 = gm[1];\
+                        const int64_t a0 = gm[2];                                                                      \
+                        T *Sm = S + 4 * lds * (m - mb);                                                                \
+                        int64_t clo = u0, chi = u1, full = R == 4;                                                     \
+                        for (int64_t r = 0; r < R; r++) {                                                              \
+                            const int64_t w = i0 + r - p0;                                                             \
+                            key_range(J, i0 + r, off, kl, &x0[r], &x1[r]);                                             \
+                            x0[r] = x0[r] > u0 ? x0[r] : u0, x1[r] = x1[r] < u1 ? x1[r] : u1;                          \
+                            if (x1[r] <= x0[r]) {                                                                      \
+                                full = 0;                                                                              \
+                                continue;                                                                              \
+                            }                                                                                          \
+                            clo = x0[r] > clo ? x0[r] : clo, chi = x1[r] < chi ? x1[r] : chi;                          \
+                            tile_row_##SUF(Sm + r * lds + x0[r] - a0, x1[r] - x0[r], x0[r] - i0 - r - off, mod, M + w, \
+                                           Lsum + w * LANES(T), A + w * Dv, Dv);                                       \
+                        }                                                                                              \
+                        if (!full || chi - clo < 4) { /* a row at a time */                                            \
+                            for (int64_t r = 0; r < R; r++)                                                            \
+                                if (x1[r] > x0[r])                                                                     \
+                                    weigh_values_##SUF(A + (i0 + r - p0) * Dv, Sm + r * lds + x0[r] - a0,              \
+                                                       x1[r] - x0[r], v + x0[r] * st[8], st[8], Dv);                   \
+                            gm[3] = gm[4] = 0, gm[5] = 0;                                                              \
                             continue;                                                                                  \
                         }                                                                                              \
-                        clo = x0[r] > clo ? x0[r] : clo, chi = x1[r] < chi ? x1[r] : chi;                              \
-                        tile_row_##SUF(S + r * lds + x0[r] - a0, x1[r] - x0[r], x0[r] - i0 - r - off, mod, M + w,      \
-                                       Lsum + w * LANES(T), y[r], Dv);                                                 \
+                        for (int64_t r = 0; r < 4; r++) /* the keys only some rows see, at most three at each end */   \
+                            weigh_values_##SUF(A + (i0 + r - p0) * Dv, Sm + r * lds + x0[r] - a0, clo - x0[r],         \
+                                               v + x0[r] * st[8], st[8], Dv);                                          \
+                        gm[3] = clo, gm[4] = chi, gm[5] = 1;                                                           \
                     }                                                                                                  \
-                    if (!full || chi - clo < 4) { /* a row at a time */                                                \
-                        for (int64_t r = 0; r < R; r++)                                                                \
-                            if (x1[r] > x0[r])                                                                         \
-                                weigh_values_##SUF(y[r], S + r * lds + x0[r] - a0, x1[r] - x0[r], v + x0[r] * st[8],   \
-                                                   st[8], Dv);                                                         \
-                        continue;                                                                                      \
+                    /* the four rows' common keys: each value row loaded once for the four, SUB_KEYS keys at a time for\
+                       every group (from multiples of SUB_KEYS of the segment's keys, whatever the threads' cut) */    \
+                    for (int64_t s0 = span0 / SUB_KEYS * SUB_KEYS; s0 < span1; s0 += SUB_KEYS) {                       \
+                        for (int64_t m = mb; m < me; m++) {                                                            \
+                            const int64_t *gm = G + 16 * m;                                                            \
+                            if (!gm[5]) continue;                                                                      \
+                            const int64_t c0 = s0 > gm[3] ? s0 : gm[3];                                                \
+                            const int64_t c1 = s0 + SUB_KEYS < gm[4] ? s0 + SUB_KEYS : gm[4];                          \
+                            if (c1 <= c0) continue;                                                                    \
+                            T *y[4];                                                                                   \
+                            const T *p[4];                                                                             \
+                            for (int64_t r = 0; r < 4; r++)                                                            \
+                                y[r] = A + (4 * m + r) * Dv, p[r] = S + (4 * (m - mb) + r) * lds + c0 - gm[2];         \
+                            pv4_##SUF(y, p, 1, v + c0 * st[8], st[8], c1 - c0, Dv);                                    \
+                        }                                                                                              \
                     }                                                                                                  \
-                    /* the four rows' common keys clo .. chi: each value row loaded once for the four (the keys only   \
-                       some rows see, at most three at each end: row by row) */                                        \
-                    const T *p[4];                                                                                     \
-                    for (int64_t r = 0; r < 4; r++)                                                                    \
-                        weigh_values_##SUF(y[r], S + r * lds + x0[r] - a0, clo - x0[r], v + x0[r] * st[8], st[8], Dv); \
-                    for (int64_t r = 0; r < 4; r++) p[r] = S + r * lds + clo - a0;                                     \
-                    pv4_##SUF(y, p, 1, v + clo * st[8], st[8], chi - clo, Dv);                                         \
-                    for (int64_t r = 0; r < 4; r++)                                                                    \
-                        weigh_values_##SUF(y[r], S + r * lds + chi - a0, x1[r] - chi, v + chi * st[8], st[8], Dv);     \
+                    for (int64_t m = mb; m < me; m++) {                                                                \
+                        const int64_t *gm = G + 16 * m, *x1 = gm + 10;                                                 \
+                        if (!gm[5]) continue;                                                                          \
+                        for (int64_t r = 0; r < 4; r++)                                                                \
+                            weigh_values_##SUF(A + (4 * m + r) * Dv, S + (4 * (m - mb) + r) * lds + gm[4] - gm[2],     \
+                                               x1[r] - gm[4], v + gm[4] * st[8], st[8], Dv);                           \
+                    }                                                                                                  \
                 }                                                                                                      \
             }                                                                                                          \
             for (int64_t r = 0; r < pn; r++) {                                                                         \
