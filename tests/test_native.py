@@ -457,7 +457,8 @@ def test_auto_picks_native_for_tiny_documents_and_documents_of_thousands_and_not
     """Measured on the Xeon VM at two threads, forward, D = 64 (RESULTS.md, issue 15, "native's tiles"): thousands of
     tiny documents and two documents of 2,048 run fastest on native (25 ms against varlen's 31), one causal document
     of 8,192 on SDPA's own kernel (varlen 147 ms, native 181 then; since native's faster forward 146-150 against
-    stock's 138-158: RESULTS.md, issue 15, "native's key copies, tiles and pulls")."""
+    stock's 138-158: RESULTS.md, issue 15, "native's key copies, tiles and pulls"; since its sub-tiles a tie, 146.5
+    against 145.5 ms interleaved, where the stock kernel is kept: "Scores and values a sub-tile at a time")."""
     from attnmask.backends import _workers as W
 
     monkeypatch.setattr(W, "threads_available", lambda: 2)

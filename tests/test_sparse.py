@@ -430,7 +430,9 @@ def test_auto_runs_a_sliding_window_with_prefix_block_sparse(no_dense_masks):
 )
 def test_auto_keeps_sdpa_for_small_or_dense_problems(monkeypatch, spec, length, threads):
     """Plain causal rows of 8,192 (native measured 1.02-1.07x slower than SDPA's own kernel there at two threads; at
-    4,096 the two tie, RESULTS.md, issue 15, "native's key copies, tiles and pulls"), unmasked rows, tiny rows."""
+    4,096 the two tie, RESULTS.md, issue 15, "native's key copies, tiles and pulls"; since native's sub-tiles they tie
+    at 8,192 too, 1.00x at two threads and 1.02x at one, and the stock kernel is kept: "Scores and values a sub-tile at
+    a time"), unmasked rows, tiny rows."""
     monkeypatch.setattr(W, "threads_available", lambda: threads)
     monkeypatch.setattr(W, "contended", lambda: False)
     assert choose_backend(call_for(spec, length)).name == "sdpa"

@@ -449,10 +449,15 @@ _LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the X
 # four-vector scores, key transposes, tiles of 512 and fewer pulls (the forward 5-15% faster; limit_tables/s38*_*:
 # 0.24-0.33 read 109 of 112 rows within 1.1x of the fastest, 0.34-0.36 108, 0.4 102): 0.33, the plateau's end nearest
 # the value before, where plain causal rows of 8,192 stay on SDPA's own kernel (native measured 1.02-1.07x slower
-# there; at 0.32 they went to native; RESULTS.md, issue 15, "native's key copies, tiles and pulls"). The other kind
-# keeps the share it had (no table of the tiles there).
+# there; at 0.32 they went to native; RESULTS.md, issue 15, "native's key copies, tiles and pulls"), and after the
+# forward took its scores and values a sub-tile at a time (3-7% faster on long runs; limit_tables/s40c_*: 0.26-0.325
+# read 110 of 112 rows within 1.1x of the fastest, 0.328-0.33 109, 0.36 107; from 0.328 left-padded rows of 8,192 stay
+# on varlen, measured 1.12x slower than native): 0.325, the plateau's end nearest the value before, where plain causal
+# rows of 8,192 stay on SDPA's own kernel (native/SDPA measured 1.00x at two threads, 1.02x at one, interleaved; at
+# 0.32 they go to native; RESULTS.md, issue 15, "Scores and values a sub-tile at a time"). The other kind keeps the
+# share it had (no table of the tiles there).
 _BLOCKED_SHORT_SCALE = 0.8
-_BLOCKED_LONG_SCALES = (0.33, 0.6)
+_BLOCKED_LONG_SCALES = (0.325, 0.6)
 _BLOCKED_LONG_SCALE = per_cpu_kind(_BLOCKED_LONG_SCALES)
 # ... and each key of such a segment, per element of D + Dv, for its transposed copy (made once per item: where few
 # queries read each key, a decoding step of 16 queries, it weighs).
