@@ -134,9 +134,9 @@ static inline float bf16_f32(uint16_t x) {
 /* The blocked forward takes its scores and its value sums SUB_KEYS keys at a time for every four rows of a panel, so
  * that those keys (16 KiB at D = 64 in float32 for the scores, the values likewise) stay in L1 while the panel's rows
  * use them; each four rows' scores of a tile wait in their own rows of the scratch until their softmax step. Rows of
- * 8,192, two threads: windows of 512-1,024 and chunks 4-10% faster, causal rows 6-8%; 64 keys at a time read 2-3%
- * slower, 256 2-8% (RESULTS.md, issue 15, "Scores and values a sub-tile at a time"). A multiple of four LANES of float
- * and of double. */
+ * 8,192, two threads: windows of 512-4,096, chunks, causal rows and long documents 3-7% faster, documents of 40-64
+ * keys 2% slower; 64 keys at a time read 2-3% slower than 128, 256 2-8% (RESULTS.md, issue 15, "Scores and values a
+ * sub-tile at a time"). A multiple of four LANES of float and of double. */
 #define SUB_KEYS 128
 typedef float vec_float __attribute__((vector_size(64)));
 typedef double vec_double __attribute__((vector_size(64)));
