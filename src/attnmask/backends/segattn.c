@@ -132,7 +132,7 @@ static inline float bf16_f32(uint16_t x) {
  * multiples of four rows, so a row has the same partners and tiles, and the same sums, whatever the cut. */
 #define LANES(T) ((int64_t)(64 / sizeof(T)))
 /* The blocked forward takes its scores and its value sums SUB_KEYS keys at a time for every four rows of a panel, so
- * that those keys (16 KiB at D = 64 in float32 for the scores, the values likewise) stay in L1 while the panel's rows
+ * that those keys (32 KiB at D = 64 in float32 for the scores, the values likewise) stay in L1 while the panel's rows
  * use them; each four rows' scores of a tile wait in their own rows of the scratch until their softmax step. Rows of
  * 8,192, two threads: windows of 512-4,096, chunks, causal rows and long documents 3-7% faster, documents of 40-64
  * keys 2% slower; 64 keys at a time read 2-3% slower than 128, 256 2-8% (RESULTS.md, issue 15, "Scores and values a
