@@ -495,6 +495,126 @@ def test_sdpa_splits_bottom_right_causal_with_fewer_queries_than_keys_and_matche
     torch.testing.assert_close(out, want, **({"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {}))
 
 
+@settings(max_examples=12, deadline=None)
+@given(
+    prefixes=st.lists(st.sampled_from([0, 1, 2, 40, 257, 299, 300, 301, 400]), min_size=1, max_size=3),
+    float64=st.booleans(),
+    layout=st.sampled_from(["contiguous", "tokens first", "sliced"]),
+)
+def test_sdpa_splits_prefix_lm_into_unmasked_calls_and_matches_naive_with_gradients(prefixes, float64, layout):
+    """Prefix-LM rows of 300 tokens (past ``_WHOLE_ROWS_MIN_KEYS``), one prefix per row or one for the batch (0, 1,
+    inside, at and past the row's end): the split (every query against the prefix, then ``is_causal`` over the rest,
+    merged by log-sum-exp; rows of the same prefix together) builds no mask, and its output and q / k / v gradients
+    match naive float64 attention, with inputs contiguous, tokens-first as models hold them, or sliced."""
+    dtype = torch.float64 if float64 else torch.float32
+    B, H, L, D = max(len(prefixes), 2), 2, 300, 8
+    g = torch.Generator().manual_seed(sum(prefixes) + len(prefixes))
+    if layout == "tokens first":
+        base = [torch.randn(B, L, H, D, generator=g, dtype=dtype).transpose(1, 2) for _ in range(3)]
+    elif layout == "sliced":
+        base = [torch.randn(B, H, L, 2 * D, generator=g, dtype=dtype)[..., ::2] for _ in range(3)]
+    else:
+        base = [torch.randn(B, H, L, D, generator=g, dtype=dtype) for _ in range(3)]
+    grad = torch.randn(B, H, L, D, generator=g, dtype=dtype)
+    spec = am.prefix_lm(prefixes if len(prefixes) == B else prefixes[0])
+    calls = []
+    split = sdpa_backend._split_prefix
+    q, k, v = (t.clone().requires_grad_() for t in base)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sdpa_backend, "_split_prefix", lambda call: calls.append(call) or split(call))
+        patch.setattr(sdpa_backend, "dense_mask", lambda call: pytest.fail("built a mask"))
+        out = am.attention(q, k, v, spec, backend="sdpa")
+        out.backward(grad)
+    assert len(calls) == 1 and out.dtype == dtype  # prefixes 0 and 1 as one is_causal call, >= L as no mask
+    ref = [t.detach().double().requires_grad_() for t in base]
+    want = naive_attention(*ref, spec.to_dense(L)[:, None])
+    want.backward(grad.double())
+    tol = {"atol": 1e-12, "rtol": 1e-10} if float64 else {"atol": 2e-5, "rtol": 1e-4}
+    for got, expected in ((out, want), (q.grad, ref[0].grad), (k.grad, ref[1].grad), (v.grad, ref[2].grad)):
+        torch.testing.assert_close(got.double(), expected.detach(), **tol)
+
+
+@pytest.mark.parametrize("poison", ["none", "prefix key", "later key", "query", "later value inf"])
+def test_the_prefix_split_gives_what_the_masked_call_gives_nan_and_infinities_included(monkeypatch, poison):
+    """A prefix of 100 on rows of 300: a NaN or infinity in a prefix key, a later key or value, or a query reaches
+    the rows it reaches under the masked call (the denied later keys are scanned, ``_masked_key_span``); the
+    gradients agree where the masked call's are finite, and are NaN nowhere else (a NaN query's row: the masked
+    call's value gradient is NaN on every key, the split's only on the keys that query sees). A NaN in a prefix key,
+    which every query of its row and head sees, is not scanned for: there, as in an unmasked or ``is_causal`` call,
+    the kernel's NaN reaches that head's gradients (the masked call's cleaning run gives them 0), and every other
+    head's agree."""
+    g = torch.Generator().manual_seed(11)
+    base = [torch.randn(2, 2, 300, 8, generator=g) for _ in range(3)]
+    spots = {"prefix key": (1, (0, 1, 40, 3)), "later key": (1, (1, 0, 200, 0)), "query": (0, (0, 0, 150, 2))}
+    spots["later value inf"] = (2, (1, 1, 250, 1))
+    if poison in spots:
+        which, at = spots[poison]
+        base[which][at] = float("inf") if "inf" in poison else float("nan")
+    spec = am.prefix_lm(100)
+    assert sdpa_backend._masked_key_span(A._prepare_call(*base, spec, None, None, None)) == slice(100, None)
+    runs = []
+    for split in (True, False):
+        if not split:
+            monkeypatch.setattr(sdpa_backend, "_splits_prefix", lambda call: False)
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out = am.attention(q, k, v, spec, backend="sdpa")
+        out.backward(torch.ones_like(out))
+        runs.append((out.detach(), q.grad, k.grad, v.grad))
+    torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-5, rtol=1e-4, equal_nan=True)
+    for got, want in zip(runs[0][1:], runs[1][1:], strict=True):
+        if poison == "prefix key":
+            assert got[0, 1].isnan().all() and not got[0, 0].isnan().any() and not got[1].isnan().any()
+            got, want = got[1], want[1]
+        assert not (got.isnan() & ~want.isnan()).any()
+        finite = ~want.isnan()
+        torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_prefix_split_in_half_precision_is_as_close_to_float64_as_the_masked_call(monkeypatch, dtype):
+    """Half precision merges the parts in float32 and rounds once: its output and gradients are within 1.5x the
+    masked call's error against float64 attention (largest and mean), per row of two prefixes."""
+    g = torch.Generator().manual_seed(4)
+    base = [torch.randn(2, 4, 600, 32, generator=g) for _ in range(3)]
+    grad = torch.randn(2, 4, 600, 32, generator=g)
+    spec = am.prefix_lm([150, 420])
+    runs = []
+    for split in (True, False, None):
+        if split is False:
+            monkeypatch.setattr(sdpa_backend, "_splits_prefix", lambda call: False)
+        q, k, v = (t.to(torch.float64 if split is None else dtype).requires_grad_() for t in base)
+        if split is None:
+            out = naive_attention(q, k, v, spec.to_dense(600)[:, None])
+        else:
+            out = am.attention(q, k, v, spec, backend="sdpa")
+            assert out.dtype == dtype
+        out.backward(grad.to(out.dtype))
+        runs.append([t.double() for t in (out.detach(), q.grad, k.grad, v.grad)])
+    for got, masked, want in zip(*runs, strict=True):
+        for reduce in (torch.amax, torch.mean):
+            assert reduce((got - want).abs()) <= 1.5 * reduce((masked - want).abs())
+
+
+def test_sdpa_keeps_the_masked_call_where_the_prefix_split_does_not_apply(monkeypatch):
+    """Grouped query heads, explicit positions, Q != K, rows of at most 256 keys and dropout keep the masked call;
+    all still match naive."""
+    monkeypatch.setattr(sdpa_backend, "_split_prefix", lambda call: pytest.fail("split"))
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 300, 8, generator=g) for _ in range(3))
+    spec = am.prefix_lm(100)
+    want = naive_attention(q, k, v, spec.to_dense(300)).float()
+    grouped = am.attention(q.repeat(1, 2, 1, 1), k, v, spec, backend="sdpa")
+    torch.testing.assert_close(grouped, naive_attention(q.repeat(1, 2, 1, 1), k, v, spec.to_dense(300)).float())
+    at = torch.arange(300)
+    torch.testing.assert_close(am.attention(q, k, v, spec, backend="sdpa", q_positions=at, kv_positions=at), want)
+    short = am.attention(q[:, :, :256], k[:, :, :256], v[:, :, :256], spec, backend="sdpa")
+    torch.testing.assert_close(short, naive_attention(*(t[:, :, :256] for t in (q, k, v)), spec.to_dense(256)).float())
+    chunk = am.attention(q[:, :, 200:], k, v, spec, backend="sdpa")  # the last 100 queries against every key
+    torch.testing.assert_close(chunk, want[:, :, 200:])
+    torch.manual_seed(0)
+    assert am.attention(q, k, v, spec, backend="sdpa", dropout_p=0.5).shape == want.shape
+
+
 @pytest.mark.parametrize("poison", ["none", "last key", "early key", "query", "last value inf", "early value -inf"])
 @pytest.mark.parametrize("padded", [False, True], ids=["causal", "causal+padding"])
 def test_folded_grouped_heads_equal_the_grouped_kernel_nan_and_infinities_included(monkeypatch, poison, padded):

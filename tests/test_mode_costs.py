@@ -251,6 +251,35 @@ def test_sdpa_prices_a_split_causal_call_by_the_same_key_blocks(monkeypatch, que
     assert sdpa.cost(causal) == pytest.approx(sdpa.cost(unmasked) * (1 - block + block * share))
 
 
+@pytest.mark.parametrize(("prefixes", "computed"), [([2048], 2048 * 8192 + 6144 * 6145 / 2 + 6144 * 256)])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_sdpa_prices_a_split_prefix_lm_call_by_the_pairs_its_calls_compute(monkeypatch, prefixes, computed, rows):
+    """A prefix-LM row of 8,192 with a prefix of 2,048 runs as every query against the prefix (8,192 x 2,048) and an
+    is_causal block of 6,144 (``_common.sdpa_pairs``: half its pairs plus a key block of 256 per query): the estimate
+    is the unmasked call's times that share of the row's pairs; rows of prefixes 0 and 8,192 (``causal()``, every
+    key) beside it are priced as those."""
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    sdpa = importlib.import_module("attnmask.backends.sdpa")
+    q = torch.zeros(rows, 4, 8192, 64)
+    call = A._prepare_call(q, q, q, am.prefix_lm(prefixes * rows), None, None, None)
+    unmasked = A._prepare_call(q, q, q, None, None, None, None)
+    assert sdpa._splits_prefix(call)
+    assert sdpa.cost(call) == pytest.approx(sdpa.cost(unmasked) * computed / 8192**2)
+    mixed = A._prepare_call(
+        q[:1].expand(3, -1, -1, -1),
+        q[:1].expand(3, -1, -1, -1),
+        q[:1].expand(3, -1, -1, -1),
+        am.prefix_lm([0, 2048, 8192]),
+        None,
+        None,
+        None,
+    )
+    causal = C.sdpa_pairs(8192, 8192, True)
+    share = (causal + computed + 8192**2) / (3 * 8192**2)
+    unmasked3 = A._prepare_call(*(q[:1].expand(3, -1, -1, -1),) * 3, None, None, None, None)
+    assert sdpa.cost(mixed) == pytest.approx(sdpa.cost(unmasked3) * share)
+
+
 def test_sdpa_charges_a_gradient_per_key_so_a_decoding_step_with_a_gradient_is_not_priced_by_its_pairs(monkeypatch):
     """One query against 4,096 keys with a gradient: SDPA's backward pays per key (RESULTS.md: 6.0 ms of 7.3 at one
     thread), so its estimate holds that charge, and the oracle's holds at least as much."""

@@ -391,7 +391,9 @@ def test_estimates_read_the_threads_through_the_workers_module(monkeypatch):
 def test_cached_auto_pick_follows_a_change_of_thread_count(monkeypatch, threads):
     monkeypatch.setattr(SD, "_THREAD_EFFICIENCY", 1.0)  # SDPA twice as fast on two threads
     monkeypatch.setattr(BS, "_THREAD_EFFICIENCY", 0.0)  # blocksparse no faster
-    spec = am.prefix_lm(256)
+    real = torch.ones(1, 1024, dtype=torch.long)
+    real[:, -64:] = 0
+    spec = am.prefix_lm(256) & am.key_padding(real)  # SDPA's masked call (no prefix split past the padding)
     call = call_for(spec)
     threads(1)
     one = A.choose_backend(call).name
