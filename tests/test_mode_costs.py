@@ -280,6 +280,30 @@ def test_sdpa_prices_a_split_prefix_lm_call_by_the_pairs_its_calls_compute(monke
     assert sdpa.cost(mixed) == pytest.approx(sdpa.cost(unmasked3) * share)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_sdpa_charges_a_mask_it_builds_on_every_call_once_per_element_outside_the_mode_factor(monkeypatch, grad):
+    """A spec mask over ``_CACHED_MASK_BYTES`` (rows of 8,192 in bfloat16: 128 MiB) is built and read on every call:
+    ``_UNKEPT_MASK_COST`` per element, not multiplied by the backward's factor; rows of 1,024 (2 MiB, kept with the
+    plans) and a split prefix-LM call (no mask) pay nothing. Without the charge a bfloat16 window of 4,096 on rows of
+    8,192 was priced cheaper on SDPA than on native, where SDPA ran 2.4x slower (RESULTS.md, "Masks built on every
+    call")."""
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    sdpa = importlib.import_module("attnmask.backends.sdpa")
+
+    def costs(length, spec, charge):
+        q = torch.zeros(1, 4, length, 64, dtype=torch.bfloat16, requires_grad=grad)
+        monkeypatch.setattr(sdpa, "_UNKEPT_MASK_COST", charge)
+        return sdpa.cost(A._prepare_call(q, q, q, spec, None, None, None))
+
+    window = am.sliding_window(4096)
+    assert costs(8192, window, 370.0) - costs(8192, window, 0.0) == pytest.approx(370.0 * 8192**2)
+    assert costs(1024, window, 370.0) == costs(1024, window, 0.0)
+    assert costs(8192, am.prefix_lm(2048), 370.0) == costs(8192, am.prefix_lm(2048), 0.0)
+    monkeypatch.undo()
+    q = torch.zeros(1, 4, 8192, 64, dtype=torch.bfloat16)
+    assert am.explain(q, q, q, window).picked != "sdpa"
+
+
 def test_sdpa_charges_a_gradient_per_key_so_a_decoding_step_with_a_gradient_is_not_priced_by_its_pairs(monkeypatch):
     """One query against 4,096 keys with a gradient: SDPA's backward pays per key (RESULTS.md: 6.0 ms of 7.3 at one
     thread), so its estimate holds that charge, and the oracle's holds at least as much."""

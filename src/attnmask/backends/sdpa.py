@@ -56,6 +56,14 @@ _MASK_COST = 2.0  # building and reading one element of a spec's dense bool mask
 # What a pair costs beyond its D + Dv (``_common.pair_width``), fitted by benchmarks/bench_head_dim.py --fit.
 _EXTRA_PAIR_WIDTH = 48.0
 _CALL_COST = 0.0  # fixed cost of a call with a spec's mask (positions, to_dense, the masked kernel's set-up)
+# A spec's mask over ``_CACHED_MASK_BYTES`` is not kept with its plans: every call builds it and the masked kernel
+# reads it from memory per head, per element of the mask, charged once per call (outside the mode factors: the
+# backward reads the mask the forward built). Fitted on the rows of 8,192 (RESULTS.md, issue 15, "Masks built on
+# every call"): masked / unmasked SDPA on the same rows implies 352-413 per element in the forward tables at one and
+# two threads, float32 and bfloat16 (medians; 450 with a backward); without it SDPA's masked bfloat16 call was
+# estimated cheaper than native on windows of 4,096 and right-padded rows, where it ran 1.7-2.4x slower. Kept masks
+# (up to 32 MiB: rows of 1,024) are not charged: a charge per head and pair there lost picks in the grid.
+_UNKEPT_MASK_COST = 370.0
 # Threads: torch's fused CPU kernel splits one call into B·H·(query blocks) items across every intra-op thread, each
 # added thread contributing this share of a core (fitted: ``benchmarks/bench_limit.py --fit`` on the 1- and 2-thread
 # tables limit_tables/omp_*.txt, rows of 1,024 and 8,192 at low load, RESULTS.md "native's threads"; was 0.41; the mask
@@ -444,14 +452,19 @@ def _spec_mask(call: AttentionCall) -> _SpecMask:
     (``_kernel_zeroes_empty_rows``, asked only when there are such rows), else a copy of the mask opens them to every
     key and the output is zeroed there. (``finfo.min`` instead of ``-inf`` gave the same bits but measured ~12% slower
     in torch's CPU kernel: rows of 256 packed documents, 7.75 against 6.78 ms.)"""
-    nbytes = (call.mask.batch_size or 1) * (call.mask_heads or 1) * call.q_len * call.kv_len * call.q.element_size()
-    keep = nbytes <= _CACHED_MASK_BYTES
+    keep = _spec_mask_bytes(call) <= _CACHED_MASK_BYTES
     mask = cached(call, "sdpa_mask", _build_spec_mask) if keep else _build_spec_mask(call)
     if mask.empty is None:
         return mask
     if _kernel_zeroes_empty_rows(call):
         return cached(call, "sdpa_mask_left", lambda c: _left(mask, c)) if keep else _left(mask, call)
     return cached(call, "sdpa_mask_opened", lambda c: _opened(mask)) if keep else _opened(mask)
+
+
+def _spec_mask_bytes(call: AttentionCall) -> int:
+    """Bytes of the call's additive spec mask, ``(B or 1, 1 or H, Q, K)`` in q's dtype."""
+    rows = (call.mask.batch_size or 1) * (call.mask_heads or 1)
+    return rows * call.q_len * call.kv_len * call.q.element_size()
 
 
 def _build_spec_mask(call: AttentionCall) -> _SpecMask:
@@ -638,7 +651,18 @@ def cost(call: AttentionCall) -> float:
     if call.needs_grad:
         keys = _common.SDPA_BACKWARD_KEY_COST * call.batch * call.heads * call.kv_len * (call.head_dim + call.value_dim)
         estimate += keys / gain
-    return estimate
+    return estimate + _unkept_mask_cost(call) / gain
+
+
+def _unkept_mask_cost(call: AttentionCall) -> float:
+    """``_UNKEPT_MASK_COST`` per element of a spec mask the call builds and reads whole (one not kept with the plans);
+    0 for a call without one (no mask, ``is_causal``, a split, score modifiers' bias, a tensor mask)."""
+    if not isinstance(call.mask, MaskSpec) or call.is_full or call.score_mods:
+        return 0.0
+    nbytes = _spec_mask_bytes(call)
+    if nbytes <= _CACHED_MASK_BYTES or _unmasked_rule(call) is not None or _splits_causal(call):
+        return 0.0
+    return 0.0 if _splits_prefix(call) else _UNKEPT_MASK_COST * nbytes / call.q.element_size()
 
 
 def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
