@@ -634,9 +634,11 @@ def _run_with_bias(call: AttentionCall, sdpa_kwargs: dict) -> torch.Tensor:
 
 def cost(call: AttentionCall) -> float:
     """Pairs times ``D + Dv`` (for ``is_causal`` the pairs its key blocks compute, ``_common.sdpa_pairs``: all of them
-    up to 512 keys, about half past that), plus building the dense mask of a spec, divided by what the intra-op threads
-    gain (``_threads_gain``), plus with a gradient ``_common.SDPA_BACKWARD_KEY_COST`` per key, head and ``D + Dv``; on
-    CUDA ``cuda_costs.sdpa_cost`` (comparable with the fused varlen and flex kernels)."""
+    up to 512 keys, about half past that; for a split the pairs its calls compute), plus building the dense mask of a
+    spec, divided by what the intra-op threads gain (``_threads_gain``), plus with a gradient
+    ``_common.SDPA_BACKWARD_KEY_COST`` per key, head and ``D + Dv``, plus a mask over the kept size built and read on
+    every call (``_unkept_mask_cost``, outside the mode factors); on CUDA ``cuda_costs.sdpa_cost`` (comparable with the
+    fused varlen and flex kernels)."""
     if call.device_type == "cuda":
         return cuda_costs.sdpa_cost(call)
     gain = _threads_gain(call)
