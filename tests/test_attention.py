@@ -615,6 +615,100 @@ def test_sdpa_keeps_the_masked_call_where_the_prefix_split_does_not_apply(monkey
     assert am.attention(q, k, v, spec, backend="sdpa", dropout_p=0.5).shape == want.shape
 
 
+@settings(max_examples=12, deadline=None)
+@given(
+    size=st.sampled_from([512, 700]),
+    length=st.sampled_from([1030, 1300]),
+    batch=st.integers(1, 2),
+    grouped=st.booleans(),
+    float64=st.booleans(),
+    tokens_first=st.booleans(),
+)
+def test_sdpa_runs_causal_chunks_as_stacked_is_causal_calls_and_matches_naive_with_gradients(
+    size, length, batch, grouped, float64, tokens_first
+):
+    """``causal() & chunked(c)`` in chunks of at least 512 keys: ``is_causal`` over each row's whole chunks stacked as
+    views, and over the last, shorter one; no mask built; output and q / k / v gradients match naive float64
+    attention, with grouped query heads and tokens-first inputs too."""
+    dtype = torch.float64 if float64 else torch.float32
+    H, Hkv, D = 4, 2 if grouped else 4, 8
+    g = torch.Generator().manual_seed(size + length + batch)
+
+    def make(heads):
+        if tokens_first:
+            return torch.randn(batch, length, heads, D, generator=g, dtype=dtype).transpose(1, 2)
+        return torch.randn(batch, heads, length, D, generator=g, dtype=dtype)
+
+    base = [make(H), make(Hkv), make(Hkv)]
+    grad = torch.randn(batch, H, length, D, generator=g, dtype=dtype)
+    spec = am.causal() & am.chunked(size)
+    calls = []
+    split = sdpa_backend._split_chunks
+    q, k, v = (t.clone().requires_grad_() for t in base)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sdpa_backend, "_split_chunks", lambda *args: calls.append(args) or split(*args))
+        patch.setattr(sdpa_backend, "dense_mask", lambda call: pytest.fail("built a mask"))
+        out = am.attention(q, k, v, spec, backend="sdpa")
+        out.backward(grad)
+    assert len(calls) == 1 and out.dtype == dtype
+    ref = [t.detach().double().requires_grad_() for t in base]
+    want = naive_attention(*ref, spec.to_dense(length)[:, None])
+    want.backward(grad.double())
+    tol = {"atol": 1e-12, "rtol": 1e-10} if float64 else {"atol": 2e-5, "rtol": 1e-4}
+    for got, expected in ((out, want), (q.grad, ref[0].grad), (k.grad, ref[1].grad), (v.grad, ref[2].grad)):
+        torch.testing.assert_close(got.double(), expected.detach(), **tol)
+
+
+@pytest.mark.parametrize("poison", ["none", "later key", "earlier chunk's value", "query"])
+def test_the_chunk_split_gives_what_the_masked_call_gives_nan_included(monkeypatch, poison):
+    """Chunks of 512 on rows of 1,100: a NaN in a key later in its chunk, a value of an earlier chunk, or a query
+    reaches exactly the rows it reaches under the masked call, forward; with a gradient the finite gradients agree."""
+    g = torch.Generator().manual_seed(13)
+    base = [torch.randn(1, 2, 1100, 8, generator=g) for _ in range(3)]
+    spots = {
+        "later key": (1, (0, 1, 600, 3)),
+        "earlier chunk's value": (2, (0, 0, 50, 1)),
+        "query": (0, (0, 1, 800, 0)),
+    }
+    if poison in spots:
+        which, at = spots[poison]
+        base[which][at] = float("nan")
+    spec = am.causal() & am.chunked(512)
+    runs = []
+    for split in (True, False):
+        if not split:
+            monkeypatch.setattr(sdpa_backend, "_chunk_split", lambda call: None)
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out = am.attention(q, k, v, spec, backend="sdpa")
+        out.backward(torch.ones_like(out))
+        runs.append((out.detach(), q.grad, k.grad, v.grad))
+    torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-5, rtol=1e-4, equal_nan=True)
+    for got, want in zip(runs[0][1:], runs[1][1:], strict=True):
+        finite = got.isfinite() & want.isfinite()
+        torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_keeps_the_masked_call_where_the_chunk_split_does_not_apply(monkeypatch):
+    """Chunk offsets, chunks of fewer than 512 keys, explicit positions, Q != K and a third part keep the masked call;
+    all still match naive."""
+    monkeypatch.setattr(sdpa_backend, "_split_chunks", lambda *args: pytest.fail("split"))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 1100, 8, generator=g) for _ in range(3))
+    real = torch.ones(2, 1100, dtype=torch.long)
+    real[1, :7] = 0
+    at = torch.arange(1100)
+    for spec, kwargs, rows in [
+        (am.causal() & am.chunked(512, offsets=[0, 5]), {}, slice(None)),
+        (am.causal() & am.chunked(500), {}, slice(None)),
+        (am.causal() & am.chunked(512), {"q_positions": at, "kv_positions": at}, slice(None)),
+        (am.causal() & am.chunked(512), {}, slice(100, None)),
+        (am.causal() & am.chunked(512) & am.key_padding(real), {}, slice(None)),
+    ]:
+        want = naive_attention(q, k, v, spec.to_dense(1100)[:, None]).float()
+        got = am.attention(q[:, :, rows], k, v, spec, backend="sdpa", **kwargs)
+        torch.testing.assert_close(got, want[:, :, rows])
+
+
 @pytest.mark.parametrize("poison", ["none", "last key", "early key", "query", "last value inf", "early value -inf"])
 @pytest.mark.parametrize("padded", [False, True], ids=["causal", "causal+padding"])
 def test_folded_grouped_heads_equal_the_grouped_kernel_nan_and_infinities_included(monkeypatch, poison, padded):

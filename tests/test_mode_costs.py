@@ -280,6 +280,21 @@ def test_sdpa_prices_a_split_prefix_lm_call_by_the_pairs_its_calls_compute(monke
     assert sdpa.cost(mixed) == pytest.approx(sdpa.cost(unmasked3) * share)
 
 
+@pytest.mark.parametrize(("length", "size"), [(8192, 1024), (1300, 512)])
+def test_sdpa_prices_stacked_chunks_by_the_pairs_their_causal_calls_compute(monkeypatch, length, size):
+    """``causal() & chunked(c)`` runs as one is_causal call per chunk (the last one shorter): the estimate is the
+    unmasked call's times the share of pairs those calls compute (``_common.sdpa_pairs`` of each chunk)."""
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    sdpa = importlib.import_module("attnmask.backends.sdpa")
+    q = torch.zeros(1, 4, length, 64)
+    call = A._prepare_call(q, q, q, am.causal() & am.chunked(size), None, None, None)
+    unmasked = A._prepare_call(q, q, q, None, None, None, None)
+    assert sdpa._chunk_split(call) == size
+    whole, last = length // size, length % size
+    pairs = whole * C.sdpa_pairs(size, size, True) + C.sdpa_pairs(last, last, True)
+    assert sdpa.cost(call) == pytest.approx(sdpa.cost(unmasked) * pairs / length**2)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_sdpa_charges_a_mask_it_builds_on_every_call_once_per_element_outside_the_mode_factor(monkeypatch, grad):
     """A spec mask over ``_CACHED_MASK_BYTES`` (rows of 8,192 in bfloat16: 128 MiB) is built and read on every call:

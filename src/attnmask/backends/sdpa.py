@@ -47,7 +47,7 @@ from attnmask.backends.contract import (
     rows_with_keys,
     score_bias,
 )
-from attnmask.masks import Causal, MaskSpec, PrefixLM
+from attnmask.masks import And, Causal, Chunked, MaskSpec, PrefixLM
 
 __all__ = ["BACKEND"]
 
@@ -169,6 +169,8 @@ def _run(call: AttentionCall) -> torch.Tensor:
         return _split_causal(call)
     if _splits_prefix(call):
         return _split_prefix(call)
+    if (size := _chunk_split(call)) is not None:
+        return _split_chunks(call, size, sdpa_kwargs)
     if isinstance(call.mask, MaskSpec):
         bias, empty, left = _spec_mask(call)
         q = _query(call, empty if left is None else left[0])
@@ -428,6 +430,58 @@ def _prefix_backward(grad, q, k, v, out, lse, prefix: int, scale: float | None):
     return dq, torch.cat([dk_head, dk_tail], 2), torch.cat([dv_head, dv_tail], 2)
 
 
+# On CPU, Q == K past ``_WHOLE_ROWS_MIN_KEYS`` keys at the default positions: ``causal() & chunked(c)`` (no offsets)
+# as ``is_causal`` over each chunk, the chunks of a batch row stacked as views ``(Q // c, H, c, D)`` in one call (the
+# last, shorter chunk in one more), no mask; forward and backward through SDPA's own autograd. SDPA's causal call on
+# a chunk of 1,024 computes 1.5x its pairs (``_common.sdpa_pairs``) at the fused kernel's rate: in bfloat16 on AMX
+# tiles, where the kernel runs 2.8x float32's speed, rows of 8,192 in chunks of 1,024 ran 1.9-2.2x the ideal forward
+# against native's 4.2-4.6x (1.78x / 1.99x with a backward); in float32 native stays faster (1.16-1.24x against
+# 1.37-1.62x) and the estimates keep it (RESULTS.md, issue 15, "Chunks as stacked causal calls"). Chunks of fewer than
+# ``_CHUNK_MIN`` keys keep the masked call: up to 512 keys the causal call computes every pair, and on rows of 1,024 in
+# chunks of 128 the stacked calls ran 1.6x native's time forward in float32 and 2.0x with a backward in bfloat16 where
+# the estimates picked them.
+_CHUNK_MIN = 512
+
+
+def _chunk_split(call: AttentionCall) -> int | None:
+    """The chunk size ``c`` where ``run`` takes ``_split_chunks`` for ``call`` (see the comment above), else None."""
+    spec = call.mask
+    if type(spec) is not And or len(spec.parts) != 2 or {type(p) for p in spec.parts} != {Causal, Chunked}:
+        return None
+    size = next(p for p in spec.parts if type(p) is Chunked).size
+    if any(type(p) is Chunked and p.offsets is not None for p in spec.parts) or not _CHUNK_MIN <= size < call.q_len:
+        return None
+    if call.positions_given or call.q_len != call.kv_len or call.kv_len <= _WHOLE_ROWS_MIN_KEYS:
+        return None
+    if call.device_type != "cpu" or call.dropout_p or call.score_mods or call.batch == 0:
+        return None
+    return None if active_transforms() else size
+
+
+def _split_chunks(call: AttentionCall, size: int, sdpa_kwargs: dict) -> torch.Tensor:
+    """``causal() & chunked(size)`` as ``is_causal`` SDPA on each chunk, one call per batch row over its whole chunks
+    stacked as views and one over the last, shorter chunk (see the comment above ``_chunk_split``). ``(B, H, Q, Dv)``;
+    no mask, one copy of the output to assemble it."""
+    H, L, Dv = call.heads, call.q_len, call.value_dim
+    whole = L // size * size
+    rows = []
+    for b in range(call.batch):
+        parts = []
+        if whole:
+            n = whole // size
+            q = call.q[b, :, :whole].unflatten(1, (n, size)).transpose(0, 1)  # (n, H, size, D): views
+            k = call.k[b, :, :whole].unflatten(1, (n, size)).transpose(0, 1)
+            v = call.v[b, :, :whole].unflatten(1, (n, size)).transpose(0, 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa_kwargs)  # (n, H, size, Dv)
+            parts.append(out.transpose(0, 1).reshape(H, whole, Dv))
+        if whole < L:
+            q, k, v = call.q[b : b + 1, :, whole:], call.k[b : b + 1, :, whole:], call.v[b : b + 1, :, whole:]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa_kwargs)
+            parts.append(nan_rows_restored(out, q, k, True, call.scale)[0])
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    return torch.stack(rows)
+
+
 class _SpecMask(NamedTuple):
     """A spec's mask as SDPA takes it: ``bias`` ``(B or 1, 1 or H, Q, K)`` additive in q's dtype (0 where allowed,
     ``-inf`` elsewhere), and ``empty`` ``(B or 1, 1 or H, Q, 1)`` bool, the rows with no allowed key (``None`` when
@@ -664,7 +718,9 @@ def _unkept_mask_cost(call: AttentionCall) -> float:
     nbytes = _spec_mask_bytes(call)
     if nbytes <= _CACHED_MASK_BYTES or _unmasked_rule(call) is not None or _splits_causal(call):
         return 0.0
-    return 0.0 if _splits_prefix(call) else _UNKEPT_MASK_COST * nbytes / call.q.element_size()
+    if _splits_prefix(call) or _chunk_split(call) is not None:
+        return 0.0
+    return _UNKEPT_MASK_COST * nbytes / call.q.element_size()
 
 
 def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
@@ -683,6 +739,10 @@ def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
         return float(work * ((K - Q) * Q + _common.sdpa_pairs(Q, Q, True)) / (Q * K))
     if _splits_prefix(call):  # no mask: per row every query against the prefix, the rest an is_causal block
         return float(work * _prefix_share(call))
+    if (size := _chunk_split(call)) is not None:  # no mask: an is_causal block per chunk
+        whole = Q // size * size
+        pairs = whole // size * _common.sdpa_pairs(size, size, True) + _common.sdpa_pairs(Q - whole, Q - whole, True)
+        return float(work * pairs / (Q * K))
     mask_rows = call.batch * (call.mask_heads or 1) if isinstance(call.mask, MaskSpec) and not call.is_full else 0
     bias = 4 * call.batch * call.heads * call.q_len * call.kv_len if call.score_mods else 0  # the float bias
     masked = _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0)
@@ -712,11 +772,13 @@ def _threads_gain(call: AttentionCall) -> float:
 
 def _scratch_bytes(call: AttentionCall) -> int:
     """Bytes of the O(B·Q·K) tensors ``run`` builds: the spec's or tensor's bool mask (a byte per pair and mask row),
-    the float bias of score modifiers; no mask for an unmasked (``full()`` too), ``is_causal``, split-causal or
-    split prefix-LM call."""
+    the float bias of score modifiers; no mask for an unmasked (``full()`` too), ``is_causal``, split-causal, split
+    prefix-LM or stacked-chunks call."""
     pairs = call.batch * call.q_len * call.kv_len
     bias = 4 * pairs * call.heads if call.score_mods else 0
     if _unmasked_rule(call) is not None or _splits_causal(call) or _splits_prefix(call) or call.is_full:
+        return bias
+    if _chunk_split(call) is not None:
         return bias
     return pairs * (call.mask_heads or 1) + bias
 
