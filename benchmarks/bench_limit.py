@@ -1371,10 +1371,21 @@ def main(argv: list[str] | None = None) -> None:
             "the slowdown of unmasked SDPA on a call of their duration (paired by round)"
         )
     print(f"load {_load()}; total {time.perf_counter() - t0:.0f} s")
+    if args.length != 8192:
+        print(QUICK_NOTE.format(length=args.length))
     print(
         "reproduce: PYTHONPATH=src python benchmarks/bench_limit.py "
         + shlex.join(sys.argv[1:] if argv is None else argv)
     )
+
+
+# Printed under a table of other rows than the README's (rows of 8,192): ``attnmask bench --quick`` runs rows of 1,024.
+QUICK_NOTE = (
+    "note: the README's limit figures (rows within the bound, auto within 1.1x of the fastest) are for rows of 8,192 "
+    "tokens, the issue's size; on rows of {length} the windows, chunks and documents shrink with the row, so a call's "
+    "fixed costs and the traffic of its tensors weigh more against a small ideal and many rows pass their bound "
+    "(RESULTS.md, issue 15); auto within 1.1x of the fastest should hold"
+)
 
 
 def within(measured: list[dict], which: str, factor: float = 1.1) -> str:

@@ -24,6 +24,8 @@ def test_dry_run_prints_a_row_per_structure_and_the_command(capsys):
     for name in ("| causal |", "| causal + left padding |", "| documents: tiny (8-32) |", "| decode Q=8, K=512 |"):
         assert out.count(name) == 2, name  # forward, forward + backward
     assert "auto / ideal" in out and "reproduce: PYTHONPATH=src python benchmarks/bench_limit.py --dry-run" in out
+    # rows of another size than the README's say so (``attnmask bench --quick`` runs rows of 1,024)
+    assert "note: the README's limit figures (rows within the bound, auto within 1.1x of the fastest) are for" in out
 
 
 def test_busy_serial_run_prints_slowdowns_of_both_paths(capsys):
