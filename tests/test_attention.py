@@ -495,6 +495,18 @@ def test_sdpa_splits_bottom_right_causal_with_fewer_queries_than_keys_and_matche
     torch.testing.assert_close(out, want, **({"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {}))
 
 
+def assert_matches_naive_with_gradients(got: tuple, base: list, grad: torch.Tensor, spec) -> None:
+    """``got`` (output, dq, dk, dv of attention on ``base`` = q, k, v under ``spec``, backward of ``grad``) equals
+    naive float64 attention's, to float64's or float32's rounding as ``base`` is."""
+    ref = [t.detach().double().requires_grad_() for t in base]
+    want = naive_attention(*ref, spec.to_dense(base[0].shape[2])[:, None])
+    want.backward(grad.double())
+    float64 = base[0].dtype == torch.float64
+    tol = {"atol": 1e-12, "rtol": 1e-10} if float64 else {"atol": 2e-5, "rtol": 1e-4}
+    for actual, expected in zip(got, (want, *(t.grad for t in ref)), strict=True):
+        torch.testing.assert_close(actual.double(), expected.detach(), **tol)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     prefixes=st.lists(st.sampled_from([0, 1, 2, 40, 257, 299, 300, 301, 400]), min_size=1, max_size=3),
@@ -526,12 +538,21 @@ def test_sdpa_splits_prefix_lm_into_unmasked_calls_and_matches_naive_with_gradie
         out = am.attention(q, k, v, spec, backend="sdpa")
         out.backward(grad)
     assert len(calls) == 1 and out.dtype == dtype  # prefixes 0 and 1 as one is_causal call, >= L as no mask
-    ref = [t.detach().double().requires_grad_() for t in base]
-    want = naive_attention(*ref, spec.to_dense(L)[:, None])
-    want.backward(grad.double())
-    tol = {"atol": 1e-12, "rtol": 1e-10} if float64 else {"atol": 2e-5, "rtol": 1e-4}
-    for got, expected in ((out, want), (q.grad, ref[0].grad), (k.grad, ref[1].grad), (v.grad, ref[2].grad)):
-        torch.testing.assert_close(got.double(), expected.detach(), **tol)
+    assert_matches_naive_with_gradients((out, q.grad, k.grad, v.grad), base, grad, spec)
+
+
+def split_then_masked(monkeypatch, base, spec, switch: str, off) -> list[tuple]:
+    """``sdpa``'s output and q / k / v gradients (of the sum) on ``base`` under ``spec``: first as it runs, then with
+    its ``switch`` (a split's test) patched to return ``off`` (the masked call)."""
+    runs = []
+    for split in (True, False):
+        if not split:
+            monkeypatch.setattr(sdpa_backend, switch, lambda call: off)
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out = am.attention(q, k, v, spec, backend="sdpa")
+        out.backward(torch.ones_like(out))
+        runs.append((out.detach(), q.grad, k.grad, v.grad))
+    return runs
 
 
 @pytest.mark.parametrize("poison", ["none", "prefix key", "later key", "query", "later value inf"])
@@ -552,14 +573,7 @@ def test_the_prefix_split_gives_what_the_masked_call_gives_nan_and_infinities_in
         base[which][at] = float("inf") if "inf" in poison else float("nan")
     spec = am.prefix_lm(100)
     assert sdpa_backend._masked_key_span(A._prepare_call(*base, spec, None, None, None)) == slice(100, None)
-    runs = []
-    for split in (True, False):
-        if not split:
-            monkeypatch.setattr(sdpa_backend, "_splits_prefix", lambda call: False)
-        q, k, v = (t.clone().requires_grad_() for t in base)
-        out = am.attention(q, k, v, spec, backend="sdpa")
-        out.backward(torch.ones_like(out))
-        runs.append((out.detach(), q.grad, k.grad, v.grad))
+    runs = split_then_masked(monkeypatch, base, spec, "_splits_prefix", False)
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-5, rtol=1e-4, equal_nan=True)
     for got, want in zip(runs[0][1:], runs[1][1:], strict=True):
         if poison == "prefix key":
@@ -651,12 +665,7 @@ def test_sdpa_runs_causal_chunks_as_stacked_is_causal_calls_and_matches_naive_wi
         out = am.attention(q, k, v, spec, backend="sdpa")
         out.backward(grad)
     assert len(calls) == 1 and out.dtype == dtype
-    ref = [t.detach().double().requires_grad_() for t in base]
-    want = naive_attention(*ref, spec.to_dense(length)[:, None])
-    want.backward(grad.double())
-    tol = {"atol": 1e-12, "rtol": 1e-10} if float64 else {"atol": 2e-5, "rtol": 1e-4}
-    for got, expected in ((out, want), (q.grad, ref[0].grad), (k.grad, ref[1].grad), (v.grad, ref[2].grad)):
-        torch.testing.assert_close(got.double(), expected.detach(), **tol)
+    assert_matches_naive_with_gradients((out, q.grad, k.grad, v.grad), base, grad, spec)
 
 
 @pytest.mark.parametrize("poison", ["none", "later key", "earlier chunk's value", "query"])
@@ -674,14 +683,7 @@ def test_the_chunk_split_gives_what_the_masked_call_gives_nan_included(monkeypat
         which, at = spots[poison]
         base[which][at] = float("nan")
     spec = am.causal() & am.chunked(512)
-    runs = []
-    for split in (True, False):
-        if not split:
-            monkeypatch.setattr(sdpa_backend, "_chunk_split", lambda call: None)
-        q, k, v = (t.clone().requires_grad_() for t in base)
-        out = am.attention(q, k, v, spec, backend="sdpa")
-        out.backward(torch.ones_like(out))
-        runs.append((out.detach(), q.grad, k.grad, v.grad))
+    runs = split_then_masked(monkeypatch, base, spec, "_chunk_split", None)
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-5, rtol=1e-4, equal_nan=True)
     for got, want in zip(runs[0][1:], runs[1][1:], strict=True):
         finite = got.isfinite() & want.isfinite()
