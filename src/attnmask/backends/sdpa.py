@@ -715,14 +715,20 @@ def cost(call: AttentionCall) -> float:
 def _unkept_mask_cost(call: AttentionCall) -> float:
     """``_UNKEPT_MASK_COST`` per element of a spec mask the call builds and reads whole (one not kept with the plans);
     0 for a call without one (no mask, ``is_causal``, a split, score modifiers' bias, a tensor mask)."""
-    if not isinstance(call.mask, MaskSpec) or call.is_full or call.score_mods:
+    if not isinstance(call.mask, MaskSpec) or call.score_mods:
         return 0.0
     nbytes = _spec_mask_bytes(call)
-    if nbytes <= _CACHED_MASK_BYTES or _unmasked_rule(call) is not None or _splits_causal(call):
-        return 0.0
-    if _splits_prefix(call) or _chunk_split(call) is not None:
+    if nbytes <= _CACHED_MASK_BYTES or _mask_free(call):
         return 0.0
     return _UNKEPT_MASK_COST * nbytes / call.q.element_size()
+
+
+def _mask_free(call: AttentionCall) -> bool:
+    """Whether ``run`` builds no mask for ``call``: no mask or ``full()``, ``is_causal`` or unmasked by
+    ``_unmasked_rule``, or a split into unmasked and ``is_causal`` calls."""
+    if call.is_full or _unmasked_rule(call) is not None or _splits_causal(call) or _splits_prefix(call):
+        return True
+    return _chunk_split(call) is not None
 
 
 def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
@@ -778,11 +784,7 @@ def _scratch_bytes(call: AttentionCall) -> int:
     prefix-LM or stacked-chunks call."""
     pairs = call.batch * call.q_len * call.kv_len
     bias = 4 * pairs * call.heads if call.score_mods else 0
-    if _unmasked_rule(call) is not None or _splits_causal(call) or _splits_prefix(call) or call.is_full:
-        return bias
-    if _chunk_split(call) is not None:
-        return bias
-    return pairs * (call.mask_heads or 1) + bias
+    return bias if _mask_free(call) else pairs * (call.mask_heads or 1) + bias
 
 
 BACKEND = Backend(
