@@ -161,9 +161,14 @@ def _warm_up() -> None:
 
 def _init_worker() -> None:
     torch.get_num_threads()  # torch's per-thread lazy set-up first (it would reset the count below)
-    _warm_up()
     for setter in _thread_count_setters():
         setter(1)
+    # Warmed up on its one thread, which runs the tasks: on the caller's count the worker started a second OpenMP
+    # team, and with more OpenMP threads than CPUs the runtime (GNU libgomp) stops spinning between parallel regions,
+    # so every small parallel op of the whole process then paid a futex wake-up: copying 0.5 MB in the main thread
+    # took 0.65-0.77 ms instead of 0.08 for as long as the process lived (RESULTS.md, issue 15, "A worker's
+    # warm-up slowed every small op").
+    _warm_up()
     _local.worker = True
     if torch.get_num_threads() != 1:
         _broken.append(f"a worker thread still reads {torch.get_num_threads()} intra-op threads")
