@@ -1,4 +1,4 @@
-"""PYTHONPATH=src python benchmarks/bench_worker_start.py [--threads 2] [--reps 200]
+"""PYTHONPATH=src python benchmarks/bench_worker_start.py [--threads 2] [--reps 200] [--quick]
 
 What starting attnmask's worker threads does to the rest of the process (issue 15): small torch ops in the main
 thread (a 0.5 MB copy, a layer norm over 1,024 x 256, an unmasked SDPA call on 1,024 tokens in bfloat16) timed
@@ -99,8 +99,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="30 runs of each op")
     parser.add_argument("--child", choices=ORDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.reps = 30
     torch.set_num_threads(args.threads)
     if args.child:
         child(args.child, args.reps)
