@@ -341,7 +341,9 @@ def test_sdpa_with_a_dense_mask_is_timed_only_while_its_mask_is_small(length, ti
 
     q, k, v = (torch.zeros(1, 1, length, 8) for _ in range(3))
     padding = torch.ones(1, length, dtype=torch.long)
-    padding[0, 0] = 0  # one padding key: a mask (padding that pads nothing runs is_causal)
+    padding[0, 5] = (
+        0  # a padding key inside the row: a mask (padding that pads nothing, or only at an end, runs without)
+    )
     spec = am.causal() & am.key_padding(padding)
     call = A._prepare_call(q, k, v, spec, None, None, None)
     assert sdpa.BACKEND.scratch_bytes(call) == length * length  # one bool per pair

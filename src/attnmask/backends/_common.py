@@ -982,13 +982,19 @@ def _padded_plan(call, padding_queries: bool = False) -> VarlenPlan | str | None
     after the run, at position ``p``, sees the run's keys up to ``p``: all of them, unless a window leaves it fewer);
     otherwise every query of the row, each seeing the whole run. One segment per row still, so no two share a key.
     Example: a causal row of 6 with 4 real tokens first gives ``[0, 0, 6, 0, 4, 0]`` (queries 4 and 5 see keys 0-3)."""
-    cut = cached(call, "padded_cut", _padded_cut)  # varlen's plan and native's both ask: one cut serves both
+    cut = padded_cut(call)
     if cut is None:
         return None
     form, segs, attends = cut
     if attends and not padding_queries:
         return _PADDING_QUERIES_ATTEND
     return VarlenPlan(segs, form.causal, form.window)
+
+
+def padded_cut(call) -> tuple[VarlenForm, torch.Tensor, bool] | None:
+    """:func:`_padded_cut` of the call, kept with its plans under ``"padded_cut"``: varlen's plan, native's and
+    "sdpa"'s padded split all read it, so one cut serves them all."""
+    return cached(call, "padded_cut", _padded_cut)
 
 
 def _padded_cut(call) -> tuple[VarlenForm, torch.Tensor, bool] | None:

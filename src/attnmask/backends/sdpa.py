@@ -49,7 +49,7 @@ from attnmask.backends.contract import (
     rows_with_keys,
     score_bias,
 )
-from attnmask.masks import And, Causal, Chunked, MaskSpec, PrefixLM
+from attnmask.masks import And, Causal, Chunked, MaskSpec, PrefixLM, SlidingWindow
 
 __all__ = ["BACKEND"]
 
@@ -173,6 +173,10 @@ def _run(call: AttentionCall) -> torch.Tensor:
         return _split_prefix(call)
     if (size := _chunk_split(call)) is not None:
         return _split_chunks(call, size, sdpa_kwargs)
+    if (runs := _padded_runs(call)) is not None:
+        return _split_padded(call, runs, sdpa_kwargs)
+    if (window := _window_split(call)) is not None:
+        return _split_window(call, window)
     if isinstance(call.mask, MaskSpec):
         bias, empty, left = _spec_mask(call)
         q = _query(call, empty if left is None else left[0])
@@ -278,6 +282,10 @@ def _masked_key_span(call: AttentionCall) -> slice:
         return slice(call.kv_len - call.q_len, None)
     if _splits_prefix(call):
         return slice(min(prefix for _, _, prefix in _prefix_runs(call)), None)
+    if (runs := _padded_runs(call)) is not None:  # only the is_causal blocks read a denied key: none under full()
+        if not _common.padded_cut(call)[0].causal:
+            return slice(0, 0)
+        return slice(min(run[4] for run in runs), max(run[4] + run[5] for run in runs))
     return slice(None)
 
 
@@ -482,6 +490,285 @@ def _split_chunks(call: AttentionCall, size: int, sdpa_kwargs: dict) -> torch.Te
             parts.append(nan_rows_restored(out, q, k, True, call.scale)[0])
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
     return torch.stack(rows)
+
+
+# On CPU, Q == K past ``_WHOLE_ROWS_MIN_KEYS`` keys at the default positions, one key head per query head: a causal
+# sliding window of ``W`` keys (``sliding_window(W)``, alone or with ``causal()``) as calls of the fused CPU kernel
+# without a mask. The row is cut into blocks of ``W`` from its end (a shorter first block at its start); a query sees
+# its own block's keys up to itself (an ``is_causal`` call over each row's blocks stacked as views) and the previous
+# block's keys after its own offset there (a strictly upper triangle: ``is_causal`` with the query's offset shifted
+# by one, on q, k and v reversed along the tokens, the previous blocks stacked as views); the two parts are merged by
+# their log-sum-exp (in float32 for half precision, rounded once), and the backward is each part's fused backward
+# given the merged output and log-sum-exp (as ``_PrefixSplit``'s). Every block computes about twice its window's
+# pairs in blocks of ``W`` (``_common.sdpa_pairs``), at the kernel's rate: on AMX tiles in bfloat16, where `native`
+# computes in float32 and ran windows of 512-4,096 on rows of 8,192 at 3.1-4.2x the pair-proportional ideal forward
+# (RESULTS.md, issue 15, "Windows as unmasked calls"). From ``_WINDOW_MIN`` keys: below it a causal call computes every
+# pair. The reversed copies of q, k, v and of the second part's output are O(B·H·L·D) each.
+_WINDOW_MIN = 512
+_WINDOW_COPIES = 8  # elements copied per query row element: q, k, v and the second part reversed, the merge
+
+
+def _window_split(call: AttentionCall) -> int | None:
+    """The window ``W`` where ``run`` takes ``_split_window`` for ``call`` (see the comment above), else None."""
+    spec = call.mask
+    parts = spec.parts if type(spec) is And else (spec,)
+    windows = [p.window for p in parts if type(p) is SlidingWindow]
+    if len(windows) != 1 or any(type(p) not in (Causal, SlidingWindow) for p in parts):
+        return None
+    if not _WINDOW_MIN <= windows[0] < call.q_len or call.positions_given or call.q_len != call.kv_len:
+        return None
+    if call.device_type != "cpu" or call.q.dtype not in _PREFIX_DTYPES or call.dropout_p or call.score_mods:
+        return None
+    if call.heads != call.kv_heads or not call.head_dim == call.value_dim > 0 or call.batch == 0:
+        return None
+    return None if active_transforms() or _flash_cpu() is None else windows[0]
+
+
+def _split_window(call: AttentionCall, window: int) -> torch.Tensor:
+    """A causal sliding window as unmasked fused calls merged by log-sum-exp (see the comment above
+    ``_window_split``). ``(B, H, L, Dv)``."""
+    if call.needs_grad:
+        return _WindowSplit.apply(call.q, call.k, call.v, window, call.scale)
+    return _window_forward(call.q, call.k, call.v, window, call.scale)[0]
+
+
+def _stacked(t: torch.Tensor, start: int, count: int, size: int, step: int, row: int) -> torch.Tensor:
+    """Row ``row`` of ``t`` ``(B, H, L, D)``: ``count`` blocks of ``size`` tokens, the first at ``start``, one every
+    ``step``, as a view ``(count, H, size, D)``."""
+    return t[row, :, start : start + count * step].unflatten(1, (count, step))[:, :, :size].transpose(0, 1)
+
+
+def _window_blocks(length: int, window: int) -> tuple[int, int]:
+    """``(first, n)``: the shorter first block's length (0 for none) and how many whole blocks of ``window`` follow."""
+    return length % window, length // window
+
+
+def _window_forward(q, k, v, window: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output ``(B, H, L, Dv)`` and log-sum-exp ``(B, H, L)`` of a causal window of ``window`` keys: the own
+    block's ``is_causal`` part, the previous block's on the reversed rows, merged (see ``_window_split``)."""
+    flash, (B, H, L, _), W = _flash_cpu(), q.shape, window
+    first, n = _window_blocks(L, W)
+    out = q.new_empty(B, H, L, v.shape[-1])
+    lse = q.new_empty(B, H, L, dtype=torch.promote_types(q.dtype, torch.float32))  # the kernel's log-sum-exp dtype
+    if first:
+        part = flash(q[:, :, :first], k[:, :, :first], v[:, :, :first], is_causal=True, scale=scale)
+        out[:, :, :first], lse[:, :, :first] = nan_rows_restored_lse(
+            *part, q[:, :, :first], k[:, :, :first], True, scale
+        )
+    for b in range(B):
+        qs, ks, vs = (_stacked(t, first, n, W, W, b) for t in (q, k, v))
+        part = nan_rows_restored_lse(*flash(qs, ks, vs, is_causal=True, scale=scale), qs, ks, True, scale)
+        out[b, :, first:] = part[0].transpose(0, 1).flatten(1, 2)
+        lse[b, :, first:] = part[1].transpose(0, 1).flatten(1, 2)
+    back, back_lse = _window_previous(q, k, v, W, scale)
+    weight = torch.sigmoid(back_lse - lse).unsqueeze(-1)
+    if out.dtype == weight.dtype:
+        out.lerp_(back, weight)
+    else:  # half precision: the merge in float32 (the log-sum-exp's dtype), rounded once
+        out.copy_(out.float().lerp_(back.float(), weight))
+    torch.logaddexp(lse, back_lse, out=lse)
+    return out, lse
+
+
+def _window_previous(q, k, v, window: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query against the keys of the previous block after its own offset there, ``(B, H, L, Dv)`` and its
+    log-sum-exp (``-inf`` and 0 output where there is none: the first block, each block's last query). On the rows
+    reversed, block ``j`` (from the end) holds those queries at offsets ``1 .. W - 1`` and block ``j + 1`` their keys
+    at offsets ``0 .. W - 2``, query offset ``r + 1`` seeing key offsets ``<= r``: ``is_causal``."""
+    flash, (B, H, L, _), W = _flash_cpu(), q.shape, window
+    first, n = _window_blocks(L, W)
+    qr, kr, vr = (t.flip(2) for t in (q, k, v))
+    out = q.new_zeros(B, H, L, v.shape[-1])
+    lse = q.new_full((B, H, L), -math.inf, dtype=torch.promote_types(q.dtype, torch.float32))
+    for b in range(B):
+        if n > 1:
+            qs, ks, vs = (
+                _stacked(qr, 1, n - 1, W - 1, W, b),
+                _stacked(kr, W, n - 1, W - 1, W, b),
+                _stacked(vr, W, n - 1, W - 1, W, b),
+            )
+            part = nan_rows_restored_lse(*flash(qs, ks, vs, is_causal=True, scale=scale), qs, ks, True, scale)
+            _stacked(out, 1, n - 1, W - 1, W, b).copy_(part[0])
+            lse[b, :, 1 : 1 + (n - 1) * W].unflatten(1, (n - 1, W))[:, :, : W - 1].copy_(part[1].transpose(0, 1))
+    if first:  # the last reversed whole block against the first, shorter block
+        at = slice((n - 1) * W + 1, n * W)
+        qs, ks, vs = qr[:, :, at], kr[:, :, n * W :], vr[:, :, n * W :]
+        part = nan_rows_restored_lse(*flash(qs, ks, vs, is_causal=True, scale=scale), qs, ks, True, scale)
+        out[:, :, at], lse[:, :, at] = part
+    return out.flip(2), lse.flip(2)
+
+
+class _WindowSplit(torch.autograd.Function):
+    """``_split_window`` with a gradient: each part's backward given the merged output and log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, scale):
+        out, lse = _window_forward(q, k, v, window, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window, ctx.scale = window, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return (*_window_backward(grad, *ctx.saved_tensors, ctx.window, ctx.scale), None, None)
+
+
+def _window_backward(grad, q, k, v, out, lse, window: int, scale: float | None):
+    """``(dq, dk, dv)`` of ``_window_forward`` from the merged ``out`` and ``lse``: the own block's and the previous
+    block's fused backward (see ``_splits_prefix`` for why the merged output serves each part)."""
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    B, L, W = q.shape[0], q.shape[2], window
+    first, n = _window_blocks(L, W)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if first:
+        at = (slice(None), slice(None), slice(None, first))
+        parts = backward(grad[at], q[at], k[at], v[at], out[at], lse[at], 0.0, True, scale=scale)
+        for whole, part in zip((dq, dk, dv), parts, strict=True):
+            whole[at] = part
+    for b in range(B):
+        args = [_stacked(t, first, n, W, W, b) for t in (grad, q, k, v, out)]
+        lse_b = lse[b, :, first:].unflatten(1, (n, W)).transpose(0, 1)
+        parts = backward(*args, lse_b, 0.0, True, scale=scale)
+        for whole, part in zip((dq, dk, dv), parts, strict=True):
+            whole[b, :, first:] = part.transpose(0, 1).flatten(1, 2)
+    reversed_ = [t.flip(2) for t in (grad, q, k, v, out, lse)]
+    dqr, dkr, dvr = (torch.zeros_like(t) for t in reversed_[1:4])
+    for b in range(B):
+        if n > 1:
+            queries = [_stacked(t, 1, n - 1, W - 1, W, b) for t in (reversed_[0], reversed_[1])]
+            keys = [_stacked(t, W, n - 1, W - 1, W, b) for t in (reversed_[2], reversed_[3])]
+            lse_b = reversed_[5][b, :, 1 : 1 + (n - 1) * W].unflatten(1, (n - 1, W))[:, :, : W - 1].transpose(0, 1)
+            out_b = _stacked(reversed_[4], 1, n - 1, W - 1, W, b)
+            parts = backward(*queries, *keys, out_b, lse_b, 0.0, True, scale=scale)
+            _stacked(dqr, 1, n - 1, W - 1, W, b).copy_(parts[0])
+            _stacked(dkr, W, n - 1, W - 1, W, b).copy_(parts[1])
+            _stacked(dvr, W, n - 1, W - 1, W, b).copy_(parts[2])
+    if first:
+        at, tail = slice((n - 1) * W + 1, n * W), slice(n * W, None)
+        g, qq, kk, vv, oo, ll = reversed_
+        parts = backward(
+            g[:, :, at],
+            qq[:, :, at],
+            kk[:, :, tail],
+            vv[:, :, tail],
+            oo[:, :, at],
+            ll[:, :, at],
+            0.0,
+            True,
+            scale=scale,
+        )
+        dqr[:, :, at], dkr[:, :, tail], dvr[:, :, tail] = parts
+    return dq + dqr.flip(2), dk + dkr.flip(2), dv + dvr.flip(2)
+
+
+# On CPU, Q == K past ``_WHOLE_ROWS_MIN_KEYS`` keys at the default positions: padded rows, ``[causal() | full()] &
+# key_padding(m)`` whose real tokens are one run per row (left, right or both sides padded), as SDPA calls without a
+# mask on that run: under ``causal()`` the run's queries are one ``is_causal`` block over its keys and the padding
+# queries after it see every key of the run (one unmasked call), under ``full()`` every query of the row sees the run
+# (one unmasked call); the padding queries before the run see no key (exactly 0). The parts are disjoint in their
+# queries, so nothing is merged: any dtype, grouped query heads through ``enable_gqa``, forward and backward through
+# SDPA's own autograd. Consecutive batch rows with the same run share each call (views). The masked call computes
+# every pair and builds or reads an O(B·Q·K) mask; `native` computes in float32 what SDPA computes on bfloat16 tiles
+# where a CPU has them (right-padded rows of 8,192 in bfloat16: `native` 3.2x the pair-proportional ideal, 1.7x with a
+# backward; RESULTS.md, issue 15, "Padded rows as unmasked calls").
+
+
+def _padded_runs(call: AttentionCall) -> tuple[tuple[int, int, int, int, int, int], ...] | None:
+    """``(first row, end row, first query, queries, first key, keys)`` of each run of consecutive batch rows with the
+    same real run where ``run`` takes ``_split_padded`` (see the comment above), else ``None``: the row's queries that
+    see a key and the run's keys (under ``causal()`` the first key is the first query, and the first ``keys`` queries
+    are the ``is_causal`` block). Rows with no real token are in no run (a batch with none keeps the masked call, which
+    keeps the graph). Cached with the spec's plans; O(B) past the padding's cut (``_common.padded_cut``, O(R·K) once
+    per spec and shape)."""
+    if not isinstance(call.mask, MaskSpec) or call.positions_given or call.q_len != call.kv_len:
+        return None
+    if call.kv_len <= _WHOLE_ROWS_MIN_KEYS or call.device_type != "cpu" or call.batch == 0:
+        return None
+    if call.dropout_p or call.score_mods or call.mask_heads or active_transforms():
+        return None
+    return cached(call, "sdpa_padded_runs", _build_padded_runs)
+
+
+def _build_padded_runs(call: AttentionCall) -> tuple[tuple[int, int, int, int, int, int], ...] | None:
+    cut = _common.padded_cut(call)
+    if cut is None or cut[0].window is not None:
+        return None
+    segs = cut[1].tolist()  # (row, q_start, q_len, k_start, k_len, offset), at most one a row, rows in order
+    if not segs or len({seg[0] for seg in segs}) != len(segs):  # no real token: the masked call keeps the graph
+        return None
+    found: list[tuple[int, int, int, int, int, int]] = []
+    for row, q_start, q_len, k_start, k_len, _ in segs:
+        if cut[0].causal and k_start != q_start:  # not the padded cut's form: leave it to the masked call
+            return None
+        key = (q_start, q_len, k_start, k_len)
+        if found and found[-1][1] == row and found[-1][2:] == key:
+            found[-1] = (found[-1][0], row + 1, *key)
+        else:
+            found.append((row, row + 1, *key))
+    return tuple(found)
+
+
+def _split_padded(call: AttentionCall, runs, sdpa_kwargs: dict) -> torch.Tensor:
+    """Padded rows as SDPA calls without a mask on each row's real run (see the comment above ``_padded_runs``).
+    ``(B, H, Q, Dv)``; no mask, one copy of each part's output into the zeroed output. With a gradient and one key
+    head per query head, the fused kernel's forward and backward on each part, writing into whole gradients
+    (``_PaddedSplit``: slices of q, k and v through autograd would each add a whole zeroed gradient)."""
+    parts = _padded_parts(runs, _common.padded_cut(call)[0].causal)
+    if call.needs_grad and call.heads == call.kv_heads and call.head_dim == call.value_dim and _flash_cpu():
+        return _PaddedSplit.apply(call.q, call.k, call.v, parts, call.scale)
+    out = call.q.new_zeros(call.batch, call.heads, call.q_len, call.value_dim)
+    for rows, queries, keys, causal in parts:
+        q, k, v = call.q[rows, :, queries], call.k[rows, :, keys], call.v[rows, :, keys]
+        part = F.scaled_dot_product_attention(q, k, v, is_causal=causal, **sdpa_kwargs)
+        out[rows, :, queries] = nan_rows_restored(part, q, k, causal, call.scale)
+    return out
+
+
+def _padded_parts(runs, causal: bool) -> tuple[tuple[slice, slice, slice, bool], ...]:
+    """``(rows, queries, keys, is_causal)`` of each call of ``_split_padded`` over ``runs`` (``_padded_runs``)."""
+    parts = []
+    for a, b, q_start, q_len, k_start, k_len in runs:
+        rows, keys = slice(a, b), slice(k_start, k_start + k_len)
+        if not causal:
+            parts.append((rows, slice(q_start, q_start + q_len), keys, False))
+            continue
+        parts.append((rows, slice(q_start, q_start + k_len), keys, True))
+        if q_len > k_len:
+            parts.append((rows, slice(q_start + k_len, q_start + q_len), keys, False))
+    return tuple(parts)
+
+
+class _PaddedSplit(torch.autograd.Function):
+    """``_split_padded`` with a gradient: the fused kernel's forward and backward on each part (disjoint queries)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, parts, scale):
+        flash = _flash_cpu()
+        out = q.new_zeros(*q.shape[:3], v.shape[-1])
+        lse = q.new_zeros(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
+        for rows, queries, keys, causal in parts:
+            qp, kp = q[rows, :, queries], k[rows, :, keys]
+            part = flash(qp, kp, v[rows, :, keys], is_causal=causal, scale=scale)
+            out[rows, :, queries], lse[rows, :, queries] = nan_rows_restored_lse(*part, qp, kp, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.parts, ctx.scale = parts, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for rows, queries, keys, causal in ctx.parts:
+            at = (rows, slice(None), queries)
+            kp, vp = k[rows, :, keys], v[rows, :, keys]
+            part = backward(grad[at], q[at], kp, vp, out[at], lse[at], 0.0, causal, scale=ctx.scale)
+            dq[at] = part[0]
+            dk[rows, :, keys] += part[1]
+            dv[rows, :, keys] += part[2]
+        return dq, dk, dv, None, None
 
 
 class _SpecMask(NamedTuple):
@@ -728,7 +1015,7 @@ def _mask_free(call: AttentionCall) -> bool:
     ``_unmasked_rule``, or a split into unmasked and ``is_causal`` calls."""
     if call.is_full or _unmasked_rule(call) is not None or _splits_causal(call) or _splits_prefix(call):
         return True
-    return _chunk_split(call) is not None
+    return _chunk_split(call) is not None or _padded_runs(call) is not None or _window_split(call) is not None
 
 
 def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
@@ -751,10 +1038,35 @@ def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
         whole = Q // size * size
         pairs = whole // size * _common.sdpa_pairs(size, size, True) + _common.sdpa_pairs(Q - whole, Q - whole, True)
         return float(work * pairs / (Q * K))
+    if (runs := _padded_runs(call)) is not None:  # no mask: an is_causal block and an unmasked call per run of rows
+        pairs, calls = _padded_pairs(runs, _common.padded_cut(call)[0].causal)
+        return float(work * pairs / (call.batch * Q * K) + _common.CALL_COST * calls)
+    if (window := _window_split(call)) is not None:  # no mask: two is_causal calls a row over blocks of the window
+        copies = _WINDOW_COPIES * call.batch * call.heads * Q * call.head_dim * _common.COPY_COST
+        return float(work * _window_pairs(Q, window) / (Q * K) + _common.CALL_COST * (2 * call.batch + 2) + copies)
     mask_rows = call.batch * (call.mask_heads or 1) if isinstance(call.mask, MaskSpec) and not call.is_full else 0
     bias = 4 * call.batch * call.heads * call.q_len * call.kv_len if call.score_mods else 0  # the float bias
     masked = _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0)
     return float(work + masked + bias)
+
+
+def _window_pairs(length: int, window: int) -> float:
+    """The pairs ``_split_window``'s calls compute on one row of ``length`` tokens: per block its own ``is_causal``
+    block and the previous block's shifted one (``_common.sdpa_pairs``)."""
+    first, n = _window_blocks(length, window)
+    own = n * _common.sdpa_pairs(window, window, True) + _common.sdpa_pairs(first, first, True)
+    previous = (n - 1) * _common.sdpa_pairs(window - 1, window - 1, True)
+    return float(own + previous + (_common.sdpa_pairs(window - 1, first, True) if first else 0))
+
+
+def _padded_pairs(runs, causal: bool) -> tuple[float, int]:
+    """The pairs the calls of ``_split_padded`` compute over its ``runs`` (``_padded_runs``), and how many calls."""
+    parts = _padded_parts(runs, causal)
+    pairs = sum(
+        (rows.stop - rows.start) * _common.sdpa_pairs(queries.stop - queries.start, keys.stop - keys.start, block)
+        for rows, queries, keys, block in parts
+    )
+    return float(pairs), len(parts)
 
 
 def _prefix_share(call: AttentionCall) -> float:
