@@ -2,8 +2,10 @@
 
 Layer 3 (attention). No mask, ``full()`` and a plain ``causal()`` with ``Q == K`` (``is_causal``) build no mask, nor
 does a spec that allows what one of them would at the call's shape (every row one whole document, say), nor on CPU a
-bottom-right ``causal()`` chunk without a gradient, a ``prefix_lm`` row or ``causal() & chunked(c)`` (split into
-unmasked and ``is_causal`` calls: ``_split_causal``, ``_split_prefix``, ``_split_chunks``); any other spec
+bottom-right ``causal()`` chunk without a gradient, a ``prefix_lm`` row, ``causal() & chunked(c)``, padded rows
+(``[causal() | full()] & key_padding(m)``, one run of real tokens a row) or a causal ``sliding_window(w)`` (split
+into unmasked and ``is_causal`` calls: ``_split_causal``, ``_split_prefix``, ``_split_chunks``, ``_split_padded``,
+``_split_window``); any other spec
 becomes an O(B·Q·K) additive mask in q's dtype (0 / ``-inf``: what SDPA's fused kernels turn a bool mask into on every
 call), a per-head spec an O(B·H·Q·K) one (SDPA takes ``(B, H, Q, K)``), kept with the spec's plans up to
 ``_CACHED_MASK_BYTES`` so that the layers of a model build it once per forward; a bool tensor mask is passed as given.
