@@ -770,3 +770,23 @@ def test_estimating_a_call_keeps_neither_the_call_nor_its_tensors_and_reads_the_
         del q, spec
         gc.collect()
         assert alive() is None, dtype
+
+
+def test_a_split_sdpa_call_takes_its_own_busy_factor_and_right_padding_leaves_it_under_a_taken_core(monkeypatch):
+    """Under a taken core a call run as several unmasked calls (here right-padded rows of 8,192: an ``is_causal``
+    block and an unmasked call) slowed 1.69-2.51x, one SDPA call 1.52-1.60x (limit_tables/s42_busy_8k2_fwd.txt): its
+    forward's busy factor is ``_SPLIT_BUSY``, a plain causal call keeps ``MODES.busy``, and "auto" then leaves the
+    padded rows to another backend (it had kept the split at 1.22x native's busy time)."""
+    monkeypatch.setattr(W, "threads_available", lambda: 2)
+    real = torch.ones(2, 8192, dtype=torch.bool)
+    real[1, 4096:] = False
+    q = torch.zeros(2, 4, 8192, 64)
+    padded = A._prepare_call(q, q, q, am.causal() & am.key_padding(real), None, None, None)
+    plain = A._prepare_call(q, q, q, am.causal(), None, None, None)
+    assert S._padded_runs(padded) is not None and not S._runs_split(plain)
+    idle = [S.cost(c) for c in (padded, plain)]
+    monkeypatch.setattr(W, "contended", lambda: True)
+    busy = [S.cost(c) for c in (padded, plain)]
+    assert busy[0] / idle[0] == pytest.approx(S._SPLIT_BUSY)
+    assert busy[1] / idle[1] == pytest.approx(S.MODES.busy)
+    assert am.explain(q, q, q, am.causal() & am.key_padding(real)).picked != "sdpa"

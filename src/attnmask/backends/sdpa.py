@@ -21,6 +21,7 @@ changes the scores inside the kernel, which SDPA cannot: not declared.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -90,6 +91,14 @@ MODES = ModeFactors(
     bf16_no_amx=1.0,
     bf16_backward_no_amx=16.9,
 )
+# A call run as several calls without a mask (``_split_prefix``, ``_split_chunks``, ``_split_padded``,
+# ``_split_window``) while other processes hold cores: each of its calls waits at its end for the thread on the taken
+# core, and its small ops (reversals, merges, copies) run on every thread too. The forward's busy factor of such a
+# call: the median busy / idle slowdown of the seven split cells of limit_tables/s42_busy_8k2_fwd.txt (rows of 8,192,
+# float32, two threads, 1.69-2.51 against 1.52-1.60 for one SDPA call; RESULTS.md, issue 15, "Tables after the worker
+# fix and the padded and window splits"): without it "auto" kept right-padded rows on the padded split under a taken
+# core, 1.22x native's busy time.
+_SPLIT_BUSY = 2.12
 # bfloat16 with ONE query (a decoding step's forward) on a CPU without AMX tiles: torch's CPU kernel takes 4-7x its
 # float32 time there at 4,096 keys (1.0-2.0 ms against 0.2-0.4 ms, H = 4: the AMD EPYC's 1K tables s19-s25) and 2.6x at
 # 32,768 (s22_8k2_bf16), while 8 or 16 queries run at float32's time; the Xeon's tables read that bfloat16 call at
@@ -987,11 +996,12 @@ def cost(call: AttentionCall) -> float:
     if call.device_type == "cuda":
         return cuda_costs.sdpa_cost(call)
     gain = _threads_gain(call)
-    factor = mode_factor(MODES, call)
+    modes = _modes(call)
+    factor = mode_factor(modes, call)
     work = _one_thread_cost(call)
     if call.needs_grad and call.q.dtype == torch.bfloat16 and _EXTRA_BF16_PAIR_WIDTH != _EXTRA_PAIR_WIDTH:
         # the forward's share at float32's width, the backward's at the bfloat16 pair width
-        forward = mode_factor(MODES, call, forward=True)
+        forward = mode_factor(modes, call, forward=True)
         estimate = (work * forward + _one_thread_cost(call, _EXTRA_BF16_PAIR_WIDTH) * (factor - forward)) / gain
     else:
         estimate = work / gain * factor
@@ -999,6 +1009,21 @@ def cost(call: AttentionCall) -> float:
         keys = _common.SDPA_BACKWARD_KEY_COST * call.batch * call.heads * call.kv_len * (call.head_dim + call.value_dim)
         estimate += keys / gain
     return estimate + _unkept_mask_cost(call) / gain
+
+
+def _modes(call: AttentionCall) -> ModeFactors:
+    """``MODES``, with the forward's busy factor at least ``_SPLIT_BUSY`` for a call run as several calls without a
+    mask (a prefix-LM, chunked, padded or window split)."""
+    if _SPLIT_BUSY <= MODES.busy or not _runs_split(call):
+        return MODES
+    return dataclasses.replace(MODES, busy=_SPLIT_BUSY)
+
+
+def _runs_split(call: AttentionCall) -> bool:
+    """Whether ``run`` takes one of the splits into several calls without a mask (not the two-call causal one)."""
+    if _splits_prefix(call) or _chunk_split(call) is not None:
+        return True
+    return _padded_runs(call) is not None or _window_split(call) is not None
 
 
 def _unkept_mask_cost(call: AttentionCall) -> float:
@@ -1015,9 +1040,9 @@ def _unkept_mask_cost(call: AttentionCall) -> float:
 def _mask_free(call: AttentionCall) -> bool:
     """Whether ``run`` builds no mask for ``call``: no mask or ``full()``, ``is_causal`` or unmasked by
     ``_unmasked_rule``, or a split into unmasked and ``is_causal`` calls."""
-    if call.is_full or _unmasked_rule(call) is not None or _splits_causal(call) or _splits_prefix(call):
+    if call.is_full or _unmasked_rule(call) is not None or _splits_causal(call):
         return True
-    return _chunk_split(call) is not None or _padded_runs(call) is not None or _window_split(call) is not None
+    return _runs_split(call)
 
 
 def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
