@@ -773,23 +773,33 @@ def test_the_window_split_gives_what_the_masked_call_gives_nan_and_infinities_in
         torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-4)
 
 
+_RIGHT_PADDED = torch.arange(1300) < torch.tensor([[900], [1300]])  # one row right-padded, one whole
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_window_split_in_half_precision_is_as_close_to_float64_as_the_masked_call(monkeypatch, dtype):
-    """Half precision merges the parts in float32 and rounds once: its output and gradients are within 1.5x the
-    masked call's error against float64 attention (largest and mean), on rows of 1,300 in windows of 512; a key's
-    and value's gradients within 2x at the largest (measured 1.1x and 1.5x in bfloat16): each is the sum of two
+@pytest.mark.parametrize(
+    ("switch", "spec"),
+    [("_window_split", am.sliding_window(512)), ("_padded_runs", am.causal() & am.key_padding(_RIGHT_PADDED))],
+    ids=["window", "padded"],
+)
+def test_the_window_and_padded_splits_in_half_precision_are_as_close_to_float64_as_the_masked_call(
+    monkeypatch, dtype, switch, spec
+):
+    """Half precision: the window split merges its parts in float32 and rounds once, the padded split's parts are
+    disjoint in their queries; output and gradients within 1.5x the masked call's error against float64 attention
+    (largest and mean) on rows of 1,300 (windows of 512; one row right-padded to 900 tokens); a key's and value's
+    gradients within 2x at the largest (the window's measured 1.1x and 1.5x in bfloat16): each is the sum of two
     parts', each rounded to the input's dtype by the fused backward."""
     g = torch.Generator().manual_seed(6)
     base = [torch.randn(2, 2, 1300, 32, generator=g) for _ in range(3)]
     grad = torch.randn(2, 2, 1300, 32, generator=g)
-    spec = am.sliding_window(512)
     runs = []
     for split in (True, False, None):
         if split is False:
-            monkeypatch.setattr(sdpa_backend, "_window_split", lambda call: None)
+            monkeypatch.setattr(sdpa_backend, switch, lambda call: None)
         q, k, v = (t.to(torch.float64 if split is None else dtype).requires_grad_() for t in base)
         if split is None:
-            out = naive_attention(q, k, v, spec.to_dense(1300))
+            out = naive_attention(q, k, v, spec.to_dense(1300)[:, None])
         else:
             out = am.attention(q, k, v, spec, backend="sdpa")
             assert out.dtype == dtype
