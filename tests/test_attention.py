@@ -507,6 +507,22 @@ def assert_matches_naive_with_gradients(got: tuple, base: list, grad: torch.Tens
         torch.testing.assert_close(actual.double(), expected.detach(), **tol)
 
 
+def split_with_gradients(name: str, base: list, grad: torch.Tensor, spec, masked: bool = False) -> tuple[int, tuple]:
+    """``sdpa`` on ``base`` (q, k, v) under ``spec``, backward of ``grad``, with its split function ``name`` counted
+    and (unless ``masked``) a dense mask failing the test: how many times the split ran, and the output and q / k / v
+    gradients."""
+    calls = []
+    split = getattr(sdpa_backend, name)
+    q, k, v = (t.clone().requires_grad_() for t in base)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sdpa_backend, name, lambda *args: calls.append(args) or split(*args))
+        if not masked:
+            patch.setattr(sdpa_backend, "dense_mask", lambda call: pytest.fail("built a mask"))
+        out = am.attention(q, k, v, spec, backend="sdpa")
+        out.backward(grad)
+    return len(calls), (out, q.grad, k.grad, v.grad)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     prefixes=st.lists(st.sampled_from([0, 1, 2, 40, 257, 299, 300, 301, 400]), min_size=1, max_size=3),
@@ -529,16 +545,9 @@ def test_sdpa_splits_prefix_lm_into_unmasked_calls_and_matches_naive_with_gradie
         base = [torch.randn(B, H, L, D, generator=g, dtype=dtype) for _ in range(3)]
     grad = torch.randn(B, H, L, D, generator=g, dtype=dtype)
     spec = am.prefix_lm(prefixes if len(prefixes) == B else prefixes[0])
-    calls = []
-    split = sdpa_backend._split_prefix
-    q, k, v = (t.clone().requires_grad_() for t in base)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sdpa_backend, "_split_prefix", lambda call: calls.append(call) or split(call))
-        patch.setattr(sdpa_backend, "dense_mask", lambda call: pytest.fail("built a mask"))
-        out = am.attention(q, k, v, spec, backend="sdpa")
-        out.backward(grad)
-    assert len(calls) == 1 and out.dtype == dtype  # prefixes 0 and 1 as one is_causal call, >= L as no mask
-    assert_matches_naive_with_gradients((out, q.grad, k.grad, v.grad), base, grad, spec)
+    calls, got = split_with_gradients("_split_prefix", base, grad, spec)
+    assert calls == 1 and got[0].dtype == dtype  # prefixes 0 and 1 as one is_causal call, >= L as no mask
+    assert_matches_naive_with_gradients(got, base, grad, spec)
 
 
 def split_then_masked(monkeypatch, base, spec, switch: str, off) -> list[tuple]:
@@ -555,6 +564,24 @@ def split_then_masked(monkeypatch, base, spec, switch: str, off) -> list[tuple]:
     return runs
 
 
+def poison_inputs(base: list, spots: dict, poison: str) -> None:
+    """Set ``base[which][at]`` (``spots[poison]`` = ``(which, at)``) to infinity if ``poison`` names one, else NaN; no
+    change for a name not in ``spots``."""
+    if poison in spots:
+        which, at = spots[poison]
+        base[which][at] = float("inf") if "inf" in poison else float("nan")
+
+
+def assert_finite_gradients_agree(runs: list[tuple], row: int | None = None) -> None:
+    """The q / k / v gradients of ``split_then_masked``'s two runs agree wherever both are finite (only batch row
+    ``row`` where given)."""
+    for got, want in zip(runs[0][1:], runs[1][1:], strict=True):
+        if row is not None:
+            got, want = got[row], want[row]
+        finite = got.isfinite() & want.isfinite()
+        torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("poison", ["none", "prefix key", "later key", "query", "later value inf"])
 def test_the_prefix_split_gives_what_the_masked_call_gives_nan_and_infinities_included(monkeypatch, poison):
     """A prefix of 100 on rows of 300: a NaN or infinity in a prefix key, a later key or value, or a query reaches
@@ -568,9 +595,7 @@ def test_the_prefix_split_gives_what_the_masked_call_gives_nan_and_infinities_in
     base = [torch.randn(2, 2, 300, 8, generator=g) for _ in range(3)]
     spots = {"prefix key": (1, (0, 1, 40, 3)), "later key": (1, (1, 0, 200, 0)), "query": (0, (0, 0, 150, 2))}
     spots["later value inf"] = (2, (1, 1, 250, 1))
-    if poison in spots:
-        which, at = spots[poison]
-        base[which][at] = float("inf") if "inf" in poison else float("nan")
+    poison_inputs(base, spots, poison)
     spec = am.prefix_lm(100)
     assert sdpa_backend._masked_key_span(A._prepare_call(*base, spec, None, None, None)) == slice(100, None)
     runs = split_then_masked(monkeypatch, base, spec, "_splits_prefix", False)
@@ -582,31 +607,6 @@ def test_the_prefix_split_gives_what_the_masked_call_gives_nan_and_infinities_in
         assert not (got.isnan() & ~want.isnan()).any()
         finite = ~want.isnan()
         torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_prefix_split_in_half_precision_is_as_close_to_float64_as_the_masked_call(monkeypatch, dtype):
-    """Half precision merges the parts in float32 and rounds once: its output and gradients are within 1.5x the
-    masked call's error against float64 attention (largest and mean), per row of two prefixes."""
-    g = torch.Generator().manual_seed(4)
-    base = [torch.randn(2, 4, 600, 32, generator=g) for _ in range(3)]
-    grad = torch.randn(2, 4, 600, 32, generator=g)
-    spec = am.prefix_lm([150, 420])
-    runs = []
-    for split in (True, False, None):
-        if split is False:
-            monkeypatch.setattr(sdpa_backend, "_splits_prefix", lambda call: False)
-        q, k, v = (t.to(torch.float64 if split is None else dtype).requires_grad_() for t in base)
-        if split is None:
-            out = naive_attention(q, k, v, spec.to_dense(600)[:, None])
-        else:
-            out = am.attention(q, k, v, spec, backend="sdpa")
-            assert out.dtype == dtype
-        out.backward(grad.to(out.dtype))
-        runs.append([t.double() for t in (out.detach(), q.grad, k.grad, v.grad)])
-    for got, masked, want in zip(*runs, strict=True):
-        for reduce in (torch.amax, torch.mean):
-            assert reduce((got - want).abs()) <= 1.5 * reduce((masked - want).abs())
 
 
 def test_sdpa_keeps_the_masked_call_where_the_prefix_split_does_not_apply(monkeypatch):
@@ -656,16 +656,9 @@ def test_sdpa_runs_causal_chunks_as_stacked_is_causal_calls_and_matches_naive_wi
     base = [make(H), make(Hkv), make(Hkv)]
     grad = torch.randn(batch, H, length, D, generator=g, dtype=dtype)
     spec = am.causal() & am.chunked(size)
-    calls = []
-    split = sdpa_backend._split_chunks
-    q, k, v = (t.clone().requires_grad_() for t in base)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sdpa_backend, "_split_chunks", lambda *args: calls.append(args) or split(*args))
-        patch.setattr(sdpa_backend, "dense_mask", lambda call: pytest.fail("built a mask"))
-        out = am.attention(q, k, v, spec, backend="sdpa")
-        out.backward(grad)
-    assert len(calls) == 1 and out.dtype == dtype
-    assert_matches_naive_with_gradients((out, q.grad, k.grad, v.grad), base, grad, spec)
+    calls, got = split_with_gradients("_split_chunks", base, grad, spec)
+    assert calls == 1 and got[0].dtype == dtype
+    assert_matches_naive_with_gradients(got, base, grad, spec)
 
 
 @pytest.mark.parametrize("poison", ["none", "later key", "earlier chunk's value", "query"])
@@ -679,15 +672,11 @@ def test_the_chunk_split_gives_what_the_masked_call_gives_nan_included(monkeypat
         "earlier chunk's value": (2, (0, 0, 50, 1)),
         "query": (0, (0, 1, 800, 0)),
     }
-    if poison in spots:
-        which, at = spots[poison]
-        base[which][at] = float("nan")
+    poison_inputs(base, spots, poison)
     spec = am.causal() & am.chunked(512)
     runs = split_then_masked(monkeypatch, base, spec, "_chunk_split", None)
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-5, rtol=1e-4, equal_nan=True)
-    for got, want in zip(runs[0][1:], runs[1][1:], strict=True):
-        finite = got.isfinite() & want.isfinite()
-        torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-4)
+    assert_finite_gradients_agree(runs)
 
 
 def test_sdpa_keeps_the_masked_call_where_the_chunk_split_does_not_apply(monkeypatch):
@@ -738,16 +727,9 @@ def test_sdpa_runs_sliding_windows_as_unmasked_calls_and_matches_naive_with_grad
     base = [make() for _ in range(3)]
     grad = torch.randn(batch, H, length, D, generator=g, dtype=dtype)
     spec = am.causal() & am.sliding_window(window) if with_causal else am.sliding_window(window)
-    calls = []
-    split = sdpa_backend._split_window
-    q, k, v = (t.clone().requires_grad_() for t in base)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sdpa_backend, "_split_window", lambda *args: calls.append(args) or split(*args))
-        patch.setattr(sdpa_backend, "dense_mask", lambda call: pytest.fail("built a mask"))
-        out = am.attention(q, k, v, spec, backend="sdpa")
-        out.backward(grad)
-    assert len(calls) == 1 and out.dtype == dtype
-    assert_matches_naive_with_gradients((out, q.grad, k.grad, v.grad), base, grad, spec)
+    calls, got = split_with_gradients("_split_window", base, grad, spec)
+    assert calls == 1 and got[0].dtype == dtype
+    assert_matches_naive_with_gradients(got, base, grad, spec)
 
 
 @pytest.mark.parametrize("poison", ["none", "later key", "earlier key", "query", "value inf"])
@@ -763,14 +745,10 @@ def test_the_window_split_gives_what_the_masked_call_gives_nan_and_infinities_in
         "query": (0, (0, 1, 900, 0)),
         "value inf": (2, (0, 0, 500, 1)),
     }
-    if poison in spots:
-        which, at = spots[poison]
-        base[which][at] = float("inf") if "inf" in poison else float("nan")
+    poison_inputs(base, spots, poison)
     runs = split_then_masked(monkeypatch, base, am.sliding_window(512), "_window_split", None)
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-5, rtol=1e-4, equal_nan=True)
-    for got, want in zip(runs[0][1:], runs[1][1:], strict=True):
-        finite = got.isfinite() & want.isfinite()
-        torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-4)
+    assert_finite_gradients_agree(runs)
 
 
 _RIGHT_PADDED = torch.arange(1300) < torch.tensor([[900], [1300]])  # one row right-padded, one whole
@@ -778,25 +756,30 @@ _RIGHT_PADDED = torch.arange(1300) < torch.tensor([[900], [1300]])  # one row ri
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    ("switch", "spec"),
-    [("_window_split", am.sliding_window(512)), ("_padded_runs", am.causal() & am.key_padding(_RIGHT_PADDED))],
-    ids=["window", "padded"],
+    ("switch", "off", "spec", "key_bound"),
+    [
+        ("_splits_prefix", False, am.prefix_lm([150, 420]), 1.5),
+        ("_window_split", None, am.sliding_window(512), 2.0),
+        ("_padded_runs", None, am.causal() & am.key_padding(_RIGHT_PADDED), 2.0),
+    ],
+    ids=["prefix", "window", "padded"],
 )
-def test_the_window_and_padded_splits_in_half_precision_are_as_close_to_float64_as_the_masked_call(
-    monkeypatch, dtype, switch, spec
+def test_the_splits_in_half_precision_are_as_close_to_float64_as_the_masked_call(
+    monkeypatch, dtype, switch, off, spec, key_bound
 ):
-    """Half precision: the window split merges its parts in float32 and rounds once, the padded split's parts are
-    disjoint in their queries; output and gradients within 1.5x the masked call's error against float64 attention
-    (largest and mean) on rows of 1,300 (windows of 512; one row right-padded to 900 tokens); a key's and value's
-    gradients within 2x at the largest (the window's measured 1.1x and 1.5x in bfloat16): each is the sum of two
-    parts', each rounded to the input's dtype by the fused backward."""
+    """Half precision on rows of 1,300 (prefixes of 150 and 420, windows of 512, one row right-padded to 900 tokens):
+    the prefix and window splits merge their parts in float32 and round once, the padded split's parts are disjoint
+    in their queries; output and gradients within 1.5x the masked call's error against float64 attention (largest
+    and mean). Where a key's gradient is the sum of two parts' (windows, padded rows: each rounded to the input's
+    dtype by the fused backward), the key's and value's gradients within 2x at the largest (the window's measured
+    1.1x and 1.5x in bfloat16)."""
     g = torch.Generator().manual_seed(6)
     base = [torch.randn(2, 2, 1300, 32, generator=g) for _ in range(3)]
     grad = torch.randn(2, 2, 1300, 32, generator=g)
     runs = []
     for split in (True, False, None):
         if split is False:
-            monkeypatch.setattr(sdpa_backend, switch, lambda call: None)
+            monkeypatch.setattr(sdpa_backend, switch, lambda call: off)
         q, k, v = (t.to(torch.float64 if split is None else dtype).requires_grad_() for t in base)
         if split is None:
             out = naive_attention(q, k, v, spec.to_dense(1300)[:, None])
@@ -807,7 +790,7 @@ def test_the_window_and_padded_splits_in_half_precision_are_as_close_to_float64_
         runs.append([t.double() for t in (out.detach(), q.grad, k.grad, v.grad)])
     for i, (got, masked, want) in enumerate(zip(*runs, strict=True)):
         for reduce in (torch.amax, torch.mean):
-            bound = 2.0 if i >= 2 and reduce is torch.amax else 1.5
+            bound = key_bound if i >= 2 and reduce is torch.amax else 1.5
             assert reduce((got - want).abs()) <= bound * reduce((masked - want).abs())
 
 
@@ -867,17 +850,9 @@ def test_sdpa_runs_padded_rows_as_unmasked_calls_and_matches_naive_with_gradient
     base = [make(H), make(Hkv), make(Hkv)]
     grad = torch.randn(max(B, 2), H, L, D, generator=g, dtype=dtype)
     spec = (am.causal() if causal else am.full()) & am.key_padding(real)
-    calls = []
-    split = sdpa_backend._split_padded
-    q, k, v = (t.clone().requires_grad_() for t in base)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sdpa_backend, "_split_padded", lambda *args: calls.append(args) or split(*args))
-        if real.any():  # a batch all padding keeps the masked call
-            patch.setattr(sdpa_backend, "dense_mask", lambda call: pytest.fail("built a mask"))
-        out = am.attention(q, k, v, spec, backend="sdpa")
-        out.backward(grad)
-    assert len(calls) == (0 if real.all() or not real.any() else 1) and out.dtype == dtype  # no padding: no mask
-    assert_matches_naive_with_gradients((out, q.grad, k.grad, v.grad), base, grad, spec)
+    calls, got = split_with_gradients("_split_padded", base, grad, spec, masked=not real.any())  # all padding: masked
+    assert calls == (0 if real.all() or not real.any() else 1) and got[0].dtype == dtype  # no padding: no mask
+    assert_matches_naive_with_gradients(got, base, grad, spec)
 
 
 @pytest.mark.parametrize("poison", ["none", "padding key", "later key", "padding query", "query", "value inf"])
@@ -901,9 +876,7 @@ def test_the_padded_split_gives_what_the_masked_call_gives_nan_and_infinities_in
         "query": (0, (0, 0, 150, 2)),
         "value inf": (2, (0, 1, 120, 1)),
     }
-    if poison in spots:
-        which, at = spots[poison]
-        base[which][at] = float("inf") if "inf" in poison else float("nan")
+    poison_inputs(base, spots, poison)
     spec = (am.causal() if causal else am.full()) & am.key_padding(real)
     span = sdpa_backend._masked_key_span(A._prepare_call(*base, spec, None, None, None))
     assert span == (slice(0, 300) if causal else slice(0, 0))
@@ -911,11 +884,7 @@ def test_the_padded_split_gives_what_the_masked_call_gives_nan_and_infinities_in
     (split, masked), finite = (run[0] for run in runs), runs[1][0].isfinite()
     assert torch.equal(split.isfinite().all(-1), finite.all(-1))
     torch.testing.assert_close(split[finite], masked[finite], atol=1e-5, rtol=1e-4)
-    for got, want in zip(runs[0][1:], runs[1][1:], strict=True):
-        if poison == "value inf":
-            got, want = got[1], want[1]
-        finite = got.isfinite() & want.isfinite()
-        torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-4)
+    assert_finite_gradients_agree(runs, 1 if poison == "value inf" else None)
 
 
 def test_sdpa_keeps_the_masked_call_where_the_padded_split_does_not_apply(monkeypatch):

@@ -382,11 +382,11 @@ def _prefix_runs(call: AttentionCall) -> tuple[tuple[int, int, int], ...]:
 def _split_prefix(call: AttentionCall) -> torch.Tensor:
     """Prefix-LM attention of ``call`` as unmasked and ``is_causal`` parts merged by log-sum-exp (see the comment
     above ``_splits_prefix``). ``(B, H, Q, Dv)``; O(B·H·Q·Dv) memory beyond the output, no mask."""
-    runs = _prefix_runs(call)
+    forward = functools.partial(_prefix_rows_forward, runs=_prefix_runs(call), scale=call.scale)
     if call.needs_grad:
-        return _PrefixSplit.apply(call.q, call.k, call.v, runs, call.scale)
-    outs = [_prefix_forward(call.q[a:b], call.k[a:b], call.v[a:b], prefix, call.scale)[0] for a, b, prefix in runs]
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+        backward = functools.partial(_prefix_rows_backward, runs=_prefix_runs(call), scale=call.scale)
+        return _FusedParts.apply(call.q, call.k, call.v, forward, backward)
+    return forward(call.q, call.k, call.v)[0]
 
 
 def _prefix_forward(
@@ -404,39 +404,59 @@ def _prefix_forward(
     tail, tail_lse = nan_rows_restored_lse(
         *flash(later, keys, values, is_causal=True, scale=scale), later, keys, True, scale
     )
-    head, head_lse = out[:, :, prefix:], lse[:, :, prefix:]  # views: the merge writes into out and lse (fresh tensors)
-    weight = torch.sigmoid(tail_lse - head_lse).unsqueeze(-1)
-    if head.dtype == weight.dtype:
-        head.lerp_(tail, weight)
-    else:  # half precision: the merge in float32 (the log-sum-exp's dtype), rounded once
-        head.copy_(head.float().lerp_(tail.float(), weight))
-    torch.logaddexp(head_lse, tail_lse, out=head_lse)
+    # views: the merge writes into out and lse (fresh tensors)
+    _merged_into(out[:, :, prefix:], lse[:, :, prefix:], tail, tail_lse)
     return out, lse
 
 
-class _PrefixSplit(torch.autograd.Function):
-    """``_split_prefix`` with a gradient: each part's backward given the merged output and log-sum-exp."""
+def _merged_into(out: torch.Tensor, lse: torch.Tensor, other: torch.Tensor, other_lse: torch.Tensor) -> None:
+    """Merge a second part's output ``other`` ``(..., Q, Dv)`` and log-sum-exp ``other_lse`` ``(..., Q)`` into ``out``
+    and ``lse`` in place: the softmax over the union of both parts' keys (weights ``exp(lse_part - lse_all)``; the
+    second's is ``sigmoid(other_lse - lse)``; ``-inf`` for a part with no key gives it weight 0). Half precision
+    merges in float32 (the log-sum-exp's dtype) and rounds once."""
+    weight = torch.sigmoid(other_lse - lse).unsqueeze(-1)
+    if out.dtype == weight.dtype:
+        out.lerp_(other, weight)
+    else:
+        out.copy_(out.float().lerp_(other.float(), weight))
+    torch.logaddexp(lse, other_lse, out=lse)
+
+
+class _FusedParts(torch.autograd.Function):
+    """A split into fused-kernel calls with a gradient: ``forward(q, k, v)`` gives the output and its log-sum-exp
+    (merged where parts share queries), ``backward(grad, q, k, v, out, lse)`` the q / k / v gradients from each
+    part's fused backward given them (a merged softmax's score gradient is what each part's backward computes from
+    the merged output and log-sum-exp: see the comment above ``_splits_prefix``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, runs, scale):
-        parts = [_prefix_forward(q[a:b], k[a:b], v[a:b], prefix, scale) for a, b, prefix in runs]
-        out = parts[0][0] if len(parts) == 1 else torch.cat([part[0] for part in parts])
-        lse = parts[0][1] if len(parts) == 1 else torch.cat([part[1] for part in parts])
+    def forward(ctx, q, k, v, forward, backward):
+        out, lse = forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.runs, ctx.scale = runs, scale
+        ctx.backward = backward
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        parts = [
-            _prefix_backward(grad[a:b], q[a:b], k[a:b], v[a:b], out[a:b], lse[a:b], prefix, ctx.scale)
-            for a, b, prefix in ctx.runs
-        ]
-        if len(parts) == 1:
-            return (*parts[0], None, None)
-        return (*(torch.cat([part[i] for part in parts]) for i in range(3)), None, None)
+        return (*ctx.backward(grad, *ctx.saved_tensors), None, None)
+
+
+def _prefix_rows_forward(q, k, v, runs, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_prefix_forward`` of each run of rows (``_prefix_runs``), the outputs and log-sum-exps joined."""
+    parts = [_prefix_forward(q[a:b], k[a:b], v[a:b], prefix, scale) for a, b, prefix in runs]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+
+
+def _prefix_rows_backward(grad, q, k, v, out, lse, runs, scale: float | None):
+    """``_prefix_backward`` of each run of rows, the gradients joined."""
+    parts = [
+        _prefix_backward(grad[a:b], q[a:b], k[a:b], v[a:b], out[a:b], lse[a:b], prefix, scale) for a, b, prefix in runs
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat([part[i] for part in parts]) for i in range(3))
 
 
 def _prefix_backward(grad, q, k, v, out, lse, prefix: int, scale: float | None):
@@ -510,11 +530,12 @@ def _split_chunks(call: AttentionCall, size: int, sdpa_kwargs: dict) -> torch.Te
 # block's keys after its own offset there (a strictly upper triangle: ``is_causal`` with the query's offset shifted
 # by one, on q, k and v reversed along the tokens, the previous blocks stacked as views); the two parts are merged by
 # their log-sum-exp (in float32 for half precision, rounded once), and the backward is each part's fused backward
-# given the merged output and log-sum-exp (as ``_PrefixSplit``'s). Every block computes about twice its window's
-# pairs in blocks of ``W`` (``_common.sdpa_pairs``), at the kernel's rate: on AMX tiles in bfloat16, where `native`
-# computes in float32 and ran windows of 512-4,096 on rows of 8,192 at 3.1-4.2x the pair-proportional ideal forward
-# (RESULTS.md, issue 15, "Windows as unmasked calls"). From ``_WINDOW_MIN`` keys: below it a causal call computes every
-# pair. The reversed copies of q, k, v and of the second part's output are O(B·H·L·D) each.
+# given the merged output and log-sum-exp (``_FusedParts``, as for prefix-LM). Every block computes about twice its
+# window's pairs in blocks of ``W`` (``_common.sdpa_pairs``), at the kernel's rate: on AMX tiles in bfloat16, where
+# `native` computes in float32 and ran windows of 512-4,096 on rows of 8,192 at 3.1-4.2x the pair-proportional ideal
+# forward, the split ran a window of 4,096 at 1.34x and one of 1,024 at 2.46x (RESULTS.md, issue 15, "Padded rows and
+# windows as unmasked calls"). From ``_WINDOW_MIN`` keys: below it a causal call computes every pair. The reversed
+# copies of q, k, v and of the second part's output are O(B·H·L·D) each.
 _WINDOW_MIN = 512
 _WINDOW_COPIES = 8  # elements copied per query row element: q, k, v and the second part reversed, the merge
 
@@ -538,9 +559,11 @@ def _window_split(call: AttentionCall) -> int | None:
 def _split_window(call: AttentionCall, window: int) -> torch.Tensor:
     """A causal sliding window as unmasked fused calls merged by log-sum-exp (see the comment above
     ``_window_split``). ``(B, H, L, Dv)``."""
+    forward = functools.partial(_window_forward, window=window, scale=call.scale)
     if call.needs_grad:
-        return _WindowSplit.apply(call.q, call.k, call.v, window, call.scale)
-    return _window_forward(call.q, call.k, call.v, window, call.scale)[0]
+        backward = functools.partial(_window_backward, window=window, scale=call.scale)
+        return _FusedParts.apply(call.q, call.k, call.v, forward, backward)
+    return forward(call.q, call.k, call.v)[0]
 
 
 def _stacked(t: torch.Tensor, start: int, count: int, size: int, step: int, row: int) -> torch.Tensor:
@@ -571,13 +594,7 @@ def _window_forward(q, k, v, window: int, scale: float | None) -> tuple[torch.Te
         part = nan_rows_restored_lse(*flash(qs, ks, vs, is_causal=True, scale=scale), qs, ks, True, scale)
         out[b, :, first:] = part[0].transpose(0, 1).flatten(1, 2)
         lse[b, :, first:] = part[1].transpose(0, 1).flatten(1, 2)
-    back, back_lse = _window_previous(q, k, v, W, scale)
-    weight = torch.sigmoid(back_lse - lse).unsqueeze(-1)
-    if out.dtype == weight.dtype:
-        out.lerp_(back, weight)
-    else:  # half precision: the merge in float32 (the log-sum-exp's dtype), rounded once
-        out.copy_(out.float().lerp_(back.float(), weight))
-    torch.logaddexp(lse, back_lse, out=lse)
+    _merged_into(out, lse, *_window_previous(q, k, v, W, scale))
     return out, lse
 
 
@@ -607,22 +624,6 @@ def _window_previous(q, k, v, window: int, scale: float | None) -> tuple[torch.T
         part = nan_rows_restored_lse(*flash(qs, ks, vs, is_causal=True, scale=scale), qs, ks, True, scale)
         out[:, :, at], lse[:, :, at] = part
     return out.flip(2), lse.flip(2)
-
-
-class _WindowSplit(torch.autograd.Function):
-    """``_split_window`` with a gradient: each part's backward given the merged output and log-sum-exp."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, window, scale):
-        out, lse = _window_forward(q, k, v, window, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.window, ctx.scale = window, scale
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        return (*_window_backward(grad, *ctx.saved_tensors, ctx.window, ctx.scale), None, None)
 
 
 def _window_backward(grad, q, k, v, out, lse, window: int, scale: float | None):
@@ -682,7 +683,7 @@ def _window_backward(grad, q, k, v, out, lse, window: int, scale: float | None):
 # SDPA's own autograd. Consecutive batch rows with the same run share each call (views). The masked call computes
 # every pair and builds or reads an O(B·Q·K) mask; `native` computes in float32 what SDPA computes on bfloat16 tiles
 # where a CPU has them (right-padded rows of 8,192 in bfloat16: `native` 3.2x the pair-proportional ideal, 1.7x with a
-# backward; RESULTS.md, issue 15, "Padded rows as unmasked calls").
+# backward; the split 1.15x and 1.05x; RESULTS.md, issue 15, "Padded rows and windows as unmasked calls").
 
 
 def _padded_runs(call: AttentionCall) -> tuple[tuple[int, int, int, int, int, int], ...] | None:
@@ -724,10 +725,12 @@ def _split_padded(call: AttentionCall, runs, sdpa_kwargs: dict) -> torch.Tensor:
     """Padded rows as SDPA calls without a mask on each row's real run (see the comment above ``_padded_runs``).
     ``(B, H, Q, Dv)``; no mask, one copy of each part's output into the zeroed output. With a gradient and one key
     head per query head, the fused kernel's forward and backward on each part, writing into whole gradients
-    (``_PaddedSplit``: slices of q, k and v through autograd would each add a whole zeroed gradient)."""
+    (``_FusedParts``: slices of q, k and v through autograd would each add a whole zeroed gradient)."""
     parts = _padded_parts(runs, _common.padded_cut(call)[0].causal)
     if call.needs_grad and call.heads == call.kv_heads and call.head_dim == call.value_dim and _flash_cpu():
-        return _PaddedSplit.apply(call.q, call.k, call.v, parts, call.scale)
+        forward = functools.partial(_padded_forward, parts=parts, scale=call.scale)
+        backward = functools.partial(_padded_backward, parts=parts, scale=call.scale)
+        return _FusedParts.apply(call.q, call.k, call.v, forward, backward)
     out = call.q.new_zeros(call.batch, call.heads, call.q_len, call.value_dim)
     for rows, queries, keys, causal in parts:
         q, k, v = call.q[rows, :, queries], call.k[rows, :, keys], call.v[rows, :, keys]
@@ -750,36 +753,31 @@ def _padded_parts(runs, causal: bool) -> tuple[tuple[slice, slice, slice, bool],
     return tuple(parts)
 
 
-class _PaddedSplit(torch.autograd.Function):
-    """``_split_padded`` with a gradient: the fused kernel's forward and backward on each part (disjoint queries)."""
+def _padded_forward(q, k, v, parts, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel on each of ``parts`` (``_padded_parts``): the output (0 where no part has the query) and
+    log-sum-exp."""
+    flash = _flash_cpu()
+    out = q.new_zeros(*q.shape[:3], v.shape[-1])
+    lse = q.new_zeros(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
+    for rows, queries, keys, causal in parts:
+        qp, kp = q[rows, :, queries], k[rows, :, keys]
+        part = flash(qp, kp, v[rows, :, keys], is_causal=causal, scale=scale)
+        out[rows, :, queries], lse[rows, :, queries] = nan_rows_restored_lse(*part, qp, kp, causal, scale)
+    return out, lse
 
-    @staticmethod
-    def forward(ctx, q, k, v, parts, scale):
-        flash = _flash_cpu()
-        out = q.new_zeros(*q.shape[:3], v.shape[-1])
-        lse = q.new_zeros(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
-        for rows, queries, keys, causal in parts:
-            qp, kp = q[rows, :, queries], k[rows, :, keys]
-            part = flash(qp, kp, v[rows, :, keys], is_causal=causal, scale=scale)
-            out[rows, :, queries], lse[rows, :, queries] = nan_rows_restored_lse(*part, qp, kp, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.parts, ctx.scale = parts, scale
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for rows, queries, keys, causal in ctx.parts:
-            at = (rows, slice(None), queries)
-            kp, vp = k[rows, :, keys], v[rows, :, keys]
-            part = backward(grad[at], q[at], kp, vp, out[at], lse[at], 0.0, causal, scale=ctx.scale)
-            dq[at] = part[0]
-            dk[rows, :, keys] += part[1]
-            dv[rows, :, keys] += part[2]
-        return dq, dk, dv, None, None
+def _padded_backward(grad, q, k, v, out, lse, parts, scale: float | None):
+    """``(dq, dk, dv)`` of ``_padded_forward``: each part's fused backward, written into whole gradients."""
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for rows, queries, keys, causal in parts:
+        at = (rows, slice(None), queries)
+        kp, vp = k[rows, :, keys], v[rows, :, keys]
+        part = backward(grad[at], q[at], kp, vp, out[at], lse[at], 0.0, causal, scale=scale)
+        dq[at] = part[0]
+        dk[rows, :, keys] += part[1]
+        dv[rows, :, keys] += part[2]
+    return dq, dk, dv
 
 
 class _SpecMask(NamedTuple):
