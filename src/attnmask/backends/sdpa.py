@@ -594,33 +594,54 @@ def _window_forward(q, k, v, window: int, scale: float | None) -> tuple[torch.Te
         part = nan_rows_restored_lse(*flash(qs, ks, vs, is_causal=True, scale=scale), qs, ks, True, scale)
         out[b, :, first:] = part[0].transpose(0, 1).flatten(1, 2)
         lse[b, :, first:] = part[1].transpose(0, 1).flatten(1, 2)
-    _merged_into(out, lse, *_window_previous(q, k, v, W, scale))
+    begin = _window_previous_start(L, W)  # the queries that have a previous block: merged there only
+    _merged_into(out[:, :, begin:], lse[:, :, begin:], *_window_previous(q, k, v, W, scale))
     return out, lse
 
 
+def _window_previous_start(length: int, window: int) -> int:
+    """The first query with a previous block: the second block's first (the first block's, when it is shorter)."""
+    first, _ = _window_blocks(length, window)
+    return first if first else window
+
+
+def _window_reversed(q, k, v, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries from ``_window_previous_start`` on and the keys and values before the last block, each reversed
+    along the tokens (copies, O(B·H·L·D)): reversed query block ``j`` (offsets ``0 .. W - 1``) is
+    ``q[..., j * W : (j + 1) * W]`` of the first, its previous block's keys the same range of the others (the last
+    one ``first`` long where the row's first block is shorter)."""
+    L, W = q.shape[2], window
+    begin = _window_previous_start(L, W)
+    return q[:, :, begin:].flip(2), k[:, :, : L - W].flip(2), v[:, :, : L - W].flip(2)
+
+
+def _previous_queries(t: torch.Tensor, n: int, window: int, row: int) -> torch.Tensor:
+    """Row ``row`` of reversed queries (or their output, gradient) ``t``: the first ``n - 1`` blocks of ``window`` at
+    offsets ``1 .. window - 1`` (those whose previous block is whole), as a view ``(n - 1, H, window - 1, D)``."""
+    return _stacked(t, 0, n - 1, window, window, row)[:, :, 1:]
+
+
 def _window_previous(q, k, v, window: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query against the keys of the previous block after its own offset there, ``(B, H, L, Dv)`` and its
-    log-sum-exp (``-inf`` and 0 output where there is none: the first block, each block's last query). On the rows
-    reversed, block ``j`` (from the end) holds those queries at offsets ``1 .. W - 1`` and block ``j + 1`` their keys
-    at offsets ``0 .. W - 2``, query offset ``r + 1`` seeing key offsets ``<= r``: ``is_causal``."""
+    """Each query from ``_window_previous_start`` on against the keys of its previous block after its own offset
+    there: ``(B, H, L - start, Dv)`` and its log-sum-exp (0 and ``-inf`` for each block's last query, which sees
+    none). On the rows reversed (``_window_reversed``) a block holds those queries at offsets ``1 .. W - 1`` and the
+    previous block their keys at offsets ``0 .. W - 2``, query offset ``r + 1`` seeing key offsets ``<= r``:
+    ``is_causal``."""
     flash, (B, H, L, _), W = _flash_cpu(), q.shape, window
     first, n = _window_blocks(L, W)
-    qr, kr, vr = (t.flip(2) for t in (q, k, v))
-    out = q.new_zeros(B, H, L, v.shape[-1])
-    lse = q.new_full((B, H, L), -math.inf, dtype=torch.promote_types(q.dtype, torch.float32))
+    qr, kr, vr = _window_reversed(q, k, v, W)
+    out = q.new_empty(B, H, qr.shape[2], v.shape[-1])
+    lse = q.new_empty(B, H, qr.shape[2], dtype=torch.promote_types(q.dtype, torch.float32))
+    out[:, :, ::W], lse[:, :, ::W] = 0.0, -math.inf  # each block's offset 0: no key
     for b in range(B):
         if n > 1:
-            qs, ks, vs = (
-                _stacked(qr, 1, n - 1, W - 1, W, b),
-                _stacked(kr, W, n - 1, W - 1, W, b),
-                _stacked(vr, W, n - 1, W - 1, W, b),
-            )
+            qs, ks, vs = _previous_queries(qr, n, W, b), *(_stacked(t, 0, n - 1, W - 1, W, b) for t in (kr, vr))
             part = nan_rows_restored_lse(*flash(qs, ks, vs, is_causal=True, scale=scale), qs, ks, True, scale)
-            _stacked(out, 1, n - 1, W - 1, W, b).copy_(part[0])
-            lse[b, :, 1 : 1 + (n - 1) * W].unflatten(1, (n - 1, W))[:, :, : W - 1].copy_(part[1].transpose(0, 1))
-    if first:  # the last reversed whole block against the first, shorter block
+            _previous_queries(out, n, W, b).copy_(part[0])
+            lse[b, :, : (n - 1) * W].unflatten(1, (n - 1, W))[:, :, 1:].copy_(part[1].transpose(0, 1))
+    if first:  # the last reversed block against the row's first, shorter block
         at = slice((n - 1) * W + 1, n * W)
-        qs, ks, vs = qr[:, :, at], kr[:, :, n * W :], vr[:, :, n * W :]
+        qs, ks, vs = qr[:, :, at], kr[:, :, (n - 1) * W :], vr[:, :, (n - 1) * W :]
         part = nan_rows_restored_lse(*flash(qs, ks, vs, is_causal=True, scale=scale), qs, ks, True, scale)
         out[:, :, at], lse[:, :, at] = part
     return out.flip(2), lse.flip(2)
@@ -644,34 +665,38 @@ def _window_backward(grad, q, k, v, out, lse, window: int, scale: float | None):
         parts = backward(*args, lse_b, 0.0, True, scale=scale)
         for whole, part in zip((dq, dk, dv), parts, strict=True):
             whole[b, :, first:] = part.transpose(0, 1).flatten(1, 2)
-    reversed_ = [t.flip(2) for t in (grad, q, k, v, out, lse)]
-    dqr, dkr, dvr = (torch.zeros_like(t) for t in reversed_[1:4])
+    begin = _window_previous_start(L, W)
+    qr, kr, vr = _window_reversed(q, k, v, W)
+    gr, outr, lser = (t[:, :, begin:].flip(2) for t in (grad, out, lse))
+    dqr, dkr, dvr = torch.empty_like(qr), torch.zeros_like(kr), torch.zeros_like(vr)
+    dqr[:, :, ::W] = 0.0  # each block's last query sees no key of the previous block
     for b in range(B):
         if n > 1:
-            queries = [_stacked(t, 1, n - 1, W - 1, W, b) for t in (reversed_[0], reversed_[1])]
-            keys = [_stacked(t, W, n - 1, W - 1, W, b) for t in (reversed_[2], reversed_[3])]
-            lse_b = reversed_[5][b, :, 1 : 1 + (n - 1) * W].unflatten(1, (n - 1, W))[:, :, : W - 1].transpose(0, 1)
-            out_b = _stacked(reversed_[4], 1, n - 1, W - 1, W, b)
-            parts = backward(*queries, *keys, out_b, lse_b, 0.0, True, scale=scale)
-            _stacked(dqr, 1, n - 1, W - 1, W, b).copy_(parts[0])
-            _stacked(dkr, W, n - 1, W - 1, W, b).copy_(parts[1])
-            _stacked(dvr, W, n - 1, W - 1, W, b).copy_(parts[2])
+            queries = [_previous_queries(t, n, W, b) for t in (gr, qr)]
+            keys = [_stacked(t, 0, n - 1, W - 1, W, b) for t in (kr, vr)]
+            lse_b = lser[b, :, : (n - 1) * W].unflatten(1, (n - 1, W))[:, :, 1:].transpose(0, 1)
+            parts = backward(*queries, *keys, _previous_queries(outr, n, W, b), lse_b, 0.0, True, scale=scale)
+            _previous_queries(dqr, n, W, b).copy_(parts[0])
+            _stacked(dkr, 0, n - 1, W - 1, W, b).copy_(parts[1])
+            _stacked(dvr, 0, n - 1, W - 1, W, b).copy_(parts[2])
     if first:
-        at, tail = slice((n - 1) * W + 1, n * W), slice(n * W, None)
-        g, qq, kk, vv, oo, ll = reversed_
+        at, tail = slice((n - 1) * W + 1, n * W), slice((n - 1) * W, None)
         parts = backward(
-            g[:, :, at],
-            qq[:, :, at],
-            kk[:, :, tail],
-            vv[:, :, tail],
-            oo[:, :, at],
-            ll[:, :, at],
+            gr[:, :, at],
+            qr[:, :, at],
+            kr[:, :, tail],
+            vr[:, :, tail],
+            outr[:, :, at],
+            lser[:, :, at],
             0.0,
             True,
             scale=scale,
         )
         dqr[:, :, at], dkr[:, :, tail], dvr[:, :, tail] = parts
-    return dq + dqr.flip(2), dk + dkr.flip(2), dv + dvr.flip(2)
+    dq[:, :, begin:] += dqr.flip(2)
+    dk[:, :, : L - W] += dkr.flip(2)
+    dv[:, :, : L - W] += dvr.flip(2)
+    return dq, dk, dv
 
 
 # On CPU, Q == K past ``_WHOLE_ROWS_MIN_KEYS`` keys at the default positions: padded rows, ``[causal() | full()] &
