@@ -794,6 +794,45 @@ def test_the_splits_in_half_precision_are_as_close_to_float64_as_the_masked_call
             assert reduce((got - want).abs()) <= bound * reduce((masked - want).abs())
 
 
+@pytest.mark.parametrize(
+    ("spec", "length", "switch"),
+    [
+        (am.sliding_window(512), 1300, "_window_split"),
+        (am.sliding_window(512), 1536, "_window_split"),
+        (am.causal() & am.key_padding(torch.arange(700) < torch.tensor([[450], [700], [700]])), 700, "_padded_runs"),
+        (am.full() & am.key_padding(torch.arange(700) >= torch.tensor([[0], [120], [120]])), 700, "_padded_runs"),
+    ],
+    ids=["window, a short first block", "window, whole blocks", "causal padded", "full padded"],
+)
+def test_the_splits_estimate_prices_the_pairs_their_calls_compute(monkeypatch, spec, length, switch):
+    """The estimate of a window or padded split counts the pairs of the fused calls the run makes (each call's
+    ``sdpa_pairs`` for its shape and ``is_causal``, seen by spying on the calls) and one ``CALL_COST`` per call (the
+    copies of the window split aside): what the run does and what "auto" prices are the same calls."""
+    from attnmask.backends import _common
+
+    monkeypatch.setattr(sdpa_backend, "_WINDOW_COPIES", 0)
+    q = torch.randn(3, 2, length, 8)
+    call = A._prepare_call(q, q, q, spec, None, None, None)
+    assert getattr(sdpa_backend, switch)(call) is not None
+    seen = []
+    flash, sdpa = sdpa_backend._flash_cpu(), F.scaled_dot_product_attention
+
+    def spy(kernel):
+        def run(q, k, v, *args, is_causal=False, **kwargs):
+            seen.append((q.shape[0] * q.shape[1], q.shape[2], k.shape[2], is_causal))
+            return kernel(q, k, v, *args, is_causal=is_causal, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(sdpa_backend, "_flash_cpu", lambda: spy(flash))
+    monkeypatch.setattr(sdpa_backend.F, "scaled_dot_product_attention", spy(sdpa))
+    sdpa_backend.run(call)
+    pairs = sum(n * float(_common.sdpa_pairs(Q, K, causal)) for n, Q, K, causal in seen)  # n: batch x heads
+    width = _common.pair_width(16, sdpa_backend._EXTRA_PAIR_WIDTH) * _common.amx_pair_factor(call)
+    want = pairs * width + _common.CALL_COST * len(seen)
+    assert sdpa_backend._one_thread_cost(call) == pytest.approx(want, rel=1e-9)
+
+
 def test_sdpa_keeps_the_masked_call_where_the_window_split_does_not_apply(monkeypatch):
     """Grouped query heads, windows of fewer than 512 keys or of the whole row, explicit positions, Q != K, a window
     with documents and dropout keep the masked call; all still match naive."""

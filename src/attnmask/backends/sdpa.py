@@ -1093,7 +1093,8 @@ def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
         return float(work * pairs / (call.batch * Q * K) + _common.CALL_COST * calls)
     if (window := _window_split(call)) is not None:  # no mask: two is_causal calls a row over blocks of the window
         copies = _WINDOW_COPIES * call.batch * call.heads * Q * call.head_dim * _common.COPY_COST
-        return float(work * _window_pairs(Q, window) / (Q * K) + _common.CALL_COST * (2 * call.batch + 2) + copies)
+        calls = 2 * call.batch + (2 if Q % window else 0)  # a row's two stacked calls, the shorter first block's two
+        return float(work * _window_pairs(Q, window) / (Q * K) + _common.CALL_COST * calls + copies)
     mask_rows = call.batch * (call.mask_heads or 1) if isinstance(call.mask, MaskSpec) and not call.is_full else 0
     bias = 4 * call.batch * call.heads * call.q_len * call.kv_len if call.score_mods else 0  # the float bias
     masked = _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0)
