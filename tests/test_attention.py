@@ -801,19 +801,31 @@ def test_the_splits_in_half_precision_are_as_close_to_float64_as_the_masked_call
         (am.sliding_window(512), 1536, "_window_split"),
         (am.causal() & am.key_padding(torch.arange(700) < torch.tensor([[450], [700], [700]])), 700, "_padded_runs"),
         (am.full() & am.key_padding(torch.arange(700) >= torch.tensor([[0], [120], [120]])), 700, "_padded_runs"),
+        (am.causal() & am.chunked(512), 1100, "_chunk_split"),
+        (am.causal() & am.chunked(512), 1024, "_chunk_split"),
+        (am.prefix_lm([300, 300, 0]), 700, "_splits_prefix"),
     ],
-    ids=["window, a short first block", "window, whole blocks", "causal padded", "full padded"],
+    ids=[
+        "window, a short first block",
+        "window, whole blocks",
+        "causal padded",
+        "full padded",
+        "chunks, a short last chunk",
+        "whole chunks",
+        "prefix-LM",
+    ],
 )
 def test_the_splits_estimate_prices_the_pairs_their_calls_compute(monkeypatch, spec, length, switch):
-    """The estimate of a window or padded split counts the pairs of the fused calls the run makes (each call's
-    ``sdpa_pairs`` for its shape and ``is_causal``, seen by spying on the calls) and one ``CALL_COST`` per call (the
-    copies of the window split aside): what the run does and what "auto" prices are the same calls."""
+    """The estimate of a split into fused calls without a mask (windows, padded rows, chunks, prefix-LM) counts the
+    pairs of the calls the run makes (each call's ``sdpa_pairs`` for its shape and ``is_causal``, seen by spying on
+    the calls) and one ``CALL_COST`` per call (the copies of the window split aside): what the run does and what
+    "auto" prices are the same calls."""
     from attnmask.backends import _common
 
     monkeypatch.setattr(sdpa_backend, "_WINDOW_COPIES", 0)
     q = torch.randn(3, 2, length, 8)
     call = A._prepare_call(q, q, q, spec, None, None, None)
-    assert getattr(sdpa_backend, switch)(call) is not None
+    assert getattr(sdpa_backend, switch)(call) not in (None, False)
     seen = []
     flash, sdpa = sdpa_backend._flash_cpu(), F.scaled_dot_product_attention
 

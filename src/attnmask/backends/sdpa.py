@@ -1083,11 +1083,13 @@ def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
     if _splits_causal(call):  # no mask: every pair of the first K - Q keys, then an is_causal block of Q x Q
         return float(work * ((K - Q) * Q + _common.sdpa_pairs(Q, Q, True)) / (Q * K))
     if _splits_prefix(call):  # no mask: per row every query against the prefix, the rest an is_causal block
-        return float(work * _prefix_share(call))
+        calls = sum(1 if prefix in (0, K) else 2 for _, _, prefix in _prefix_runs(call))
+        return float(work * _prefix_share(call) + _common.CALL_COST * calls)
     if (size := _chunk_split(call)) is not None:  # no mask: an is_causal block per chunk
         whole = Q // size * size
         pairs = whole // size * _common.sdpa_pairs(size, size, True) + _common.sdpa_pairs(Q - whole, Q - whole, True)
-        return float(work * pairs / (Q * K))
+        calls = call.batch * ((whole > 0) + (whole < Q))  # a row's stacked whole chunks, its shorter last chunk
+        return float(work * pairs / (Q * K) + _common.CALL_COST * calls)
     if (runs := _padded_runs(call)) is not None:  # no mask: an is_causal block and an unmasked call per run of rows
         pairs, calls = _padded_pairs(runs, _common.padded_cut(call)[0].causal)
         return float(work * pairs / (call.batch * Q * K) + _common.CALL_COST * calls)
