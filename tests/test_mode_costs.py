@@ -256,15 +256,15 @@ def test_sdpa_prices_a_split_causal_call_by_the_same_key_blocks(monkeypatch, que
 def test_sdpa_prices_a_split_prefix_lm_call_by_the_pairs_its_calls_compute(monkeypatch, prefixes, computed, rows):
     """A prefix-LM row of 8,192 with a prefix of 2,048 runs as every query against the prefix (8,192 x 2,048) and an
     is_causal block of 6,144 (``_common.sdpa_pairs``: half its pairs plus a key block of 256 per query): the estimate
-    is the unmasked call's times that share of the row's pairs; rows of prefixes 0 and 8,192 (``causal()``, every
-    key) beside it are priced as those."""
+    is the unmasked call's times that share of the row's pairs, plus ``CALL_COST`` per call (two for the run of
+    rows); rows of prefixes 0 and 8,192 (``causal()``, every key: one call each) beside it are priced as those."""
     monkeypatch.setattr(W, "threads_available", lambda: 1)
     sdpa = importlib.import_module("attnmask.backends.sdpa")
     q = torch.zeros(rows, 4, 8192, 64)
     call = A._prepare_call(q, q, q, am.prefix_lm(prefixes * rows), None, None, None)
     unmasked = A._prepare_call(q, q, q, None, None, None, None)
     assert sdpa._splits_prefix(call)
-    assert sdpa.cost(call) == pytest.approx(sdpa.cost(unmasked) * computed / 8192**2)
+    assert sdpa.cost(call) == pytest.approx(sdpa.cost(unmasked) * computed / 8192**2 + 2 * C.CALL_COST)
     mixed = A._prepare_call(
         q[:1].expand(3, -1, -1, -1),
         q[:1].expand(3, -1, -1, -1),
@@ -277,13 +277,14 @@ def test_sdpa_prices_a_split_prefix_lm_call_by_the_pairs_its_calls_compute(monke
     causal = C.sdpa_pairs(8192, 8192, True)
     share = (causal + computed + 8192**2) / (3 * 8192**2)
     unmasked3 = A._prepare_call(*(q[:1].expand(3, -1, -1, -1),) * 3, None, None, None, None)
-    assert sdpa.cost(mixed) == pytest.approx(sdpa.cost(unmasked3) * share)
+    assert sdpa.cost(mixed) == pytest.approx(sdpa.cost(unmasked3) * share + 4 * C.CALL_COST)
 
 
 @pytest.mark.parametrize(("length", "size"), [(8192, 1024), (1300, 512)])
 def test_sdpa_prices_stacked_chunks_by_the_pairs_their_causal_calls_compute(monkeypatch, length, size):
     """``causal() & chunked(c)`` runs as one is_causal call per chunk (the last one shorter): the estimate is the
-    unmasked call's times the share of pairs those calls compute (``_common.sdpa_pairs`` of each chunk)."""
+    unmasked call's times the share of pairs those calls compute (``_common.sdpa_pairs`` of each chunk), plus
+    ``CALL_COST`` per call (the row's stacked whole chunks, its shorter last chunk)."""
     monkeypatch.setattr(W, "threads_available", lambda: 1)
     sdpa = importlib.import_module("attnmask.backends.sdpa")
     q = torch.zeros(1, 4, length, 64)
@@ -292,7 +293,8 @@ def test_sdpa_prices_stacked_chunks_by_the_pairs_their_causal_calls_compute(monk
     assert sdpa._chunk_split(call) == size
     whole, last = length // size, length % size
     pairs = whole * C.sdpa_pairs(size, size, True) + C.sdpa_pairs(last, last, True)
-    assert sdpa.cost(call) == pytest.approx(sdpa.cost(unmasked) * pairs / length**2)
+    calls = 1 + (last > 0)
+    assert sdpa.cost(call) == pytest.approx(sdpa.cost(unmasked) * pairs / length**2 + calls * C.CALL_COST)
 
 
 @pytest.mark.parametrize("grad", [False, True])
