@@ -533,9 +533,10 @@ def _split_chunks(call: AttentionCall, size: int, sdpa_kwargs: dict) -> torch.Te
 # given the merged output and log-sum-exp (``_FusedParts``, as for prefix-LM). Every block computes about twice its
 # window's pairs in blocks of ``W`` (``_common.sdpa_pairs``), at the kernel's rate: on AMX tiles in bfloat16, where
 # `native` computes in float32 and ran windows of 512-4,096 on rows of 8,192 at 3.1-4.2x the pair-proportional ideal
-# forward, the split ran a window of 4,096 at 1.34x and one of 1,024 at 2.46x (RESULTS.md, issue 15, "Padded rows and
-# windows as unmasked calls"). From ``_WINDOW_MIN`` keys: below it a causal call computes every pair. The reversed
-# copies of q, k, v and of the second part's output are O(B·H·L·D) each.
+# forward, the split ran a window of 4,096 at 1.24-1.34x and one of 1,024 at 2.46x (RESULTS.md, issue 15, "Padded
+# rows and windows as unmasked calls"). From ``_WINDOW_MIN`` keys: below it a causal call computes every pair. The
+# reversed copies of the queries that have a previous block, of the keys and values before the last block and of the
+# second part's output are O(B·H·L·D) each.
 _WINDOW_MIN = 512
 _WINDOW_COPIES = 8  # elements copied per query row element: q, k, v and the second part reversed, the merge
 
