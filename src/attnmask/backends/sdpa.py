@@ -346,14 +346,14 @@ def _split_causal_grouped(call: AttentionCall, flash, cut: int) -> torch.Tensor:
 # parts' keys has the score gradient ``p_ij (dO_i·v_j - dO_i·O_i)`` with ``p_ij = exp(s_ij - lse_i)`` over the union,
 # which is what each part's backward computes from the merged ``O`` and ``lse``; the query gradient is the sum of the
 # parts'. Grouped query heads keep the masked call (the fused op takes no ``enable_gqa``).
-_PREFIX_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_FUSED_SPLIT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # the prefix and window splits
 
 
 def _splits_prefix(call: AttentionCall) -> bool:
     """Whether ``run`` takes ``_split_prefix`` for ``call`` (see the comment above)."""
     if type(call.mask) is not PrefixLM or call.positions_given or call.q_len != call.kv_len:
         return False
-    if call.kv_len <= _WHOLE_ROWS_MIN_KEYS or call.device_type != "cpu" or call.q.dtype not in _PREFIX_DTYPES:
+    if call.kv_len <= _WHOLE_ROWS_MIN_KEYS or call.device_type != "cpu" or call.q.dtype not in _FUSED_SPLIT_DTYPES:
         return False
     if call.dropout_p or call.score_mods or call.heads != call.kv_heads or not call.head_dim == call.value_dim > 0:
         return False
@@ -499,6 +499,12 @@ def _chunk_split(call: AttentionCall) -> int | None:
     return None if active_transforms() else size
 
 
+def _stacked(t: torch.Tensor, start: int, count: int, size: int, step: int, row: int) -> torch.Tensor:
+    """Row ``row`` of ``t`` ``(B, H, L, D)``: ``count`` blocks of ``size`` tokens, the first at ``start``, one every
+    ``step``, as a view ``(count, H, size, D)``."""
+    return t[row, :, start : start + count * step].unflatten(1, (count, step))[:, :, :size].transpose(0, 1)
+
+
 def _split_chunks(call: AttentionCall, size: int, sdpa_kwargs: dict) -> torch.Tensor:
     """``causal() & chunked(size)`` as ``is_causal`` SDPA on each chunk, one call per batch row over its whole chunks
     stacked as views and one over the last, shorter chunk (see the comment above ``_chunk_split``). ``(B, H, Q, Dv)``;
@@ -509,10 +515,7 @@ def _split_chunks(call: AttentionCall, size: int, sdpa_kwargs: dict) -> torch.Te
     for b in range(call.batch):
         parts = []
         if whole:
-            n = whole // size
-            q = call.q[b, :, :whole].unflatten(1, (n, size)).transpose(0, 1)  # (n, H, size, D): views
-            k = call.k[b, :, :whole].unflatten(1, (n, size)).transpose(0, 1)
-            v = call.v[b, :, :whole].unflatten(1, (n, size)).transpose(0, 1)
+            q, k, v = (_stacked(t, 0, whole // size, size, size, b) for t in (call.q, call.k, call.v))  # views
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa_kwargs)  # (n, H, size, Dv)
             parts.append(out.transpose(0, 1).reshape(H, whole, Dv))
         if whole < L:
@@ -550,7 +553,7 @@ def _window_split(call: AttentionCall) -> int | None:
         return None
     if not _WINDOW_MIN <= windows[0] < call.q_len or call.positions_given or call.q_len != call.kv_len:
         return None
-    if call.device_type != "cpu" or call.q.dtype not in _PREFIX_DTYPES or call.dropout_p or call.score_mods:
+    if call.device_type != "cpu" or call.q.dtype not in _FUSED_SPLIT_DTYPES or call.dropout_p or call.score_mods:
         return None
     if call.heads != call.kv_heads or not call.head_dim == call.value_dim > 0 or call.batch == 0:
         return None
@@ -565,12 +568,6 @@ def _split_window(call: AttentionCall, window: int) -> torch.Tensor:
         backward = functools.partial(_window_backward, window=window, scale=call.scale)
         return _FusedParts.apply(call.q, call.k, call.v, forward, backward)
     return forward(call.q, call.k, call.v)[0]
-
-
-def _stacked(t: torch.Tensor, start: int, count: int, size: int, step: int, row: int) -> torch.Tensor:
-    """Row ``row`` of ``t`` ``(B, H, L, D)``: ``count`` blocks of ``size`` tokens, the first at ``start``, one every
-    ``step``, as a view ``(count, H, size, D)``."""
-    return t[row, :, start : start + count * step].unflatten(1, (count, step))[:, :, :size].transpose(0, 1)
 
 
 def _window_blocks(length: int, window: int) -> tuple[int, int]:
