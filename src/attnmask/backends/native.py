@@ -93,7 +93,13 @@ def _rows(t: torch.Tensor, work: torch.dtype) -> torch.Tensor:
 # dv rows updated once for the four. Fewer queries (a decoding step) keep the row form: there each key is read by a
 # few queries and its copy would cost more than it saves. Measured on the Xeon VM (RESULTS.md, issue 15, "native's
 # blocked form"): packed rows of 256 tokens, D = 16, forward 6.0 -> 3.4 ms, forward + backward 20.7 -> 15.1 ms.
-BLOCK_MIN_QUERIES = 16
+# From 8 queries (was 16): the row form walks every key once per query, so 8-15 queries against a long cache streamed
+# it 8-15 times. Decoding against 32,768 keys, H = 4, D = 64, the two settings interleaved in one process (RESULTS.md,
+# issue 15, "Decoding steps of 8-15 queries in native's blocked form"): 8 queries float32 forward 13.7 -> 8.5 ms at
+# two threads (31.6 -> 16.1 at one), with a backward 70 -> 52; 12 queries 21.5 -> 8.5 ms; bfloat16 8 queries 8.2 ->
+# 6.7 ms. At 4 queries float32 gained too (7.8 -> 6.8 ms) but bfloat16, read as stored by the row form, lost (5.1-5.4
+# -> 7.3), and at 2 the row form is faster in both.
+BLOCK_MIN_QUERIES = 8
 # ... and only on a segment of at least this many keys (a segment's keys stay whole in the threads' query blocks, so
 # its rows compute alike whatever the cut): on shorter ones the copy and the blocks of four cost what they save.
 # Causal documents of one length on rows of 1,024 tokens, D = 64, one thread, the two forms interleaved (RESULTS.md,
