@@ -513,6 +513,13 @@ _BF16_AMX_THREAD_EFFICIENCY = 0.4
 # Elsewhere 0: there the bfloat16 estimate is float32's (AVX512-BF16) or has its own factors.
 _BF16_COPY_COSTS = (COPY_COST, 0.0)
 _BF16_COPY_COST = per_cpu_kind(_BF16_COPY_COSTS)
+# Where the forward reads bfloat16 as stored (``_reads_as_stored``: a decoding step), the backward's passes over the
+# call's elements at that cost: float32 copies of q, k and v, float32 gradients zeroed, and the gradients converted
+# back, each a fresh buffer of the cache's size (was 1: the copies alone). A grid replay of the saved tables after the
+# worker fix (limit_tables/s42_* and s43_dec_*, AMX tiles): 1 and 1.5 266 of 276 rows within 1.1x of the fastest, 2
+# to 4 267. The rows it moves, bfloat16 decoding with a backward, are near ties whose winner changes between runs
+# (RESULTS.md, issue 15, "Decoding steps of 8-15 queries in native's blocked form").
+_BF16_BACKWARD_PASSES = 3.0
 # Every constant above set by the CPU's kind, with its values (``_common.per_cpu_kind``).
 CPU_KIND_VALUES = {
     "_PAIR_COST": _PAIR_COSTS,
@@ -622,7 +629,7 @@ def cost(call) -> float:
         if not _reads_as_stored(call.q.dtype, call.batch * call.kv_heads * call.kv_len * width, segs, (causal, window)):
             serial += copies
         elif call.needs_grad:
-            stored_copies = copies
+            stored_copies = copies * _BF16_BACKWARD_PASSES
     kernel = item_sum * call.heads  # on one thread
     factor = mode_factor(MODES, call)
     if call.needs_grad:  # the backward's runs read and write twice the bytes per key: their own charges
