@@ -90,16 +90,18 @@ def _rows(t: torch.Tensor, work: torch.dtype) -> torch.Tensor:
 # From this many queries a call (a whole call's, so that the threads' query blocks of one segment compute alike) the
 # kernel takes its blocked form: each item's keys (and in the backward its values) copied once transposed, then four
 # query rows at a time scored against them without a horizontal sum per score, and in the backward each key's dk and
-# dv rows updated once for the four. Fewer queries (a decoding step) keep the row form: there each key is read by a
+# dv rows updated once for the four. Fewer queries (a decoding step of 1-3) keep the row form: each key is read by a
 # few queries and its copy would cost more than it saves. Measured on the Xeon VM (RESULTS.md, issue 15, "native's
 # blocked form"): packed rows of 256 tokens, D = 16, forward 6.0 -> 3.4 ms, forward + backward 20.7 -> 15.1 ms.
-# From 8 queries (was 16): the row form walks every key once per query, so 8-15 queries against a long cache streamed
-# it 8-15 times. Decoding against 32,768 keys, H = 4, D = 64, the two settings interleaved in one process (RESULTS.md,
-# issue 15, "Decoding steps of 8-15 queries in native's blocked form"): 8 queries float32 forward 13.7 -> 8.5 ms at
-# two threads (31.6 -> 16.1 at one), with a backward 70 -> 52; 12 queries 21.5 -> 8.5 ms; bfloat16 8 queries 8.2 ->
-# 6.7 ms. At 4 queries float32 gained too (7.8 -> 6.8 ms) but bfloat16, read as stored by the row form, lost (5.1-5.4
-# -> 7.3), and at 2 the row form is faster in both.
-BLOCK_MIN_QUERIES = 8
+# From 4 queries (was 16): the row form walks every key once per query, so 4-15 queries against a long cache streamed
+# it 4-15 times. Decoding against 32,768 keys, H = 4, D = 64, the two forms interleaved in one process (RESULTS.md,
+# issue 15, "Decoding steps of 4-15 queries in native's blocked form"), blocked against row: float32 forward 8
+# queries 13.7 -> 8.5 ms at two threads (31.6 -> 16.1 at one), with a backward 70 -> 52; 12 queries 21.5 -> 8.5 ms;
+# 4-7 queries 1.11-1.45x faster forward at two threads (1.33-1.75x at one) and 1.08-1.30x with a backward (1.22-1.49x),
+# against 4,096 keys 1.12-1.32x at one thread; bfloat16, whose row form reads the cache as stored, 0.89-1.10x forward
+# and 1.13-1.28x with a backward at 4-7 queries, 8 queries 8.2 -> 6.7 ms. At 3 queries the row form is as fast or
+# faster (blocked 0.67-1.08x), and at 1-2 (a decoding step) it is the faster.
+BLOCK_MIN_QUERIES = 4
 # ... and only on a segment of at least this many keys (a segment's keys stay whole in the threads' query blocks, so
 # its rows compute alike whatever the cut): on shorter ones the copy and the blocks of four cost what they save.
 # Causal documents of one length on rows of 1,024 tokens, D = 64, one thread, the two forms interleaved (RESULTS.md,
@@ -518,7 +520,7 @@ _BF16_COPY_COST = per_cpu_kind(_BF16_COPY_COSTS)
 # back, each a fresh buffer of the cache's size (was 1: the copies alone). A grid replay of the saved tables after the
 # worker fix (limit_tables/s42_* and s43_dec_*, AMX tiles): 1 and 1.5 266 of 276 rows within 1.1x of the fastest, 2
 # to 4 267. The rows it moves, bfloat16 decoding with a backward, are near ties whose winner changes between runs
-# (RESULTS.md, issue 15, "Decoding steps of 8-15 queries in native's blocked form").
+# (RESULTS.md, issue 15, "Decoding steps of 4-15 queries in native's blocked form").
 _BF16_BACKWARD_PASSES = 3.0
 # Every constant above set by the CPU's kind, with its values (``_common.per_cpu_kind``).
 CPU_KIND_VALUES = {
