@@ -726,6 +726,34 @@ def test_sdpa_forward_computes_on_the_free_cores_and_keeps_torchs_threads_with_a
     torch.testing.assert_close(out, want)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [am.sliding_window(512), am.causal() & am.chunked(512), am.prefix_lm(300)],
+    ids=["window", "chunks", "prefix-LM"],
+)
+def test_sdpa_sizes_a_splits_region_by_the_work_of_its_calls(monkeypatch, spec):
+    """A call ``sdpa`` runs as several calls without a mask asks for its threads with the work those calls compute
+    together (``_split_parts``), not the dense call's: a window of 512 on a row of 8,192 computes a tenth of the
+    dense pairs, so under contention its calls take the free cores (RESULTS.md, issue 15, "A split's calls on the free
+    cores"). A call that is no split asks with its dense work."""
+    import contextlib
+
+    from attnmask.backends import sdpa as SD
+
+    asked = []
+    monkeypatch.setattr(SD._workers, "all_threads", lambda work=None: asked.append(work) or contextlib.nullcontext())
+    monkeypatch.setattr(SD, "_run", lambda call: None)
+    q = torch.zeros(1, 2, 2048, 16)
+    dense = 2 * 2048 * 2048 * 32
+    call = _prepare_call(q, q, q, spec, None, None, None)
+    share, calls = SD._split_parts(call)
+    SD.run(call)
+    assert asked == [pytest.approx(dense * share)] and share < 0.7 and calls >= 1
+    asked.clear()
+    SD.run(_prepare_call(q, q, q, am.causal() & am.document(seq_lens=[1000, 1048]), None, None, None))
+    assert asked == [dense]
+
+
 def test_read_load_gives_none_where_the_counters_cannot_be_read(monkeypatch):
     import io
 

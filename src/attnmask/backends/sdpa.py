@@ -124,13 +124,19 @@ _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept 
 def run(call: AttentionCall) -> torch.Tensor:
     """SDPA with the call's dense bool mask (O(B·Q·K) for a spec), ``is_causal`` where it is exact. On CPU without a
     gradient it uses ``backends._workers.region_threads`` intra-op threads: torch's count, fewer only while other
-    processes hold cores and the call is small (then it does not wait for a taken core). With a gradient the threads
-    are torch's, as stock SDPA's: autograd runs the backward on all of them anyway, and a forward on the free cores
-    before it measured slower under contention than both on all (rows of 1K, causal, forward + backward: 4.5x busy /
-    idle against stock SDPA's 2.3x; RESULTS.md, issue 15)."""
+    processes hold cores and the call is small (then it does not wait for a taken core). For a split
+    (``_split_parts``) that size is the work its calls compute together, not the dense call's: with one of two cores
+    busy, windows of 512 and 1,024 on rows of 8,192 slowed 1.74-1.77x, where on both threads they had slowed
+    2.06-2.15x and unmasked causal SDPA on the row 1.60x (RESULTS.md, issue 15, "A split's calls on the free cores").
+    With a gradient the threads are torch's, as stock SDPA's: autograd runs the backward on all of them anyway, and a
+    forward on the free cores before it measured slower under contention than both on all (rows of 1K, causal,
+    forward + backward: 4.5x busy / idle against stock SDPA's 2.3x; RESULTS.md, issue 15)."""
     if call.device_type != "cpu" or call.needs_grad:
         return _run(call)
-    with _workers.all_threads(call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)):
+    work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
+    if (split := _split_parts(call)) is not None:  # its calls' work together, not the dense call's
+        work *= split[0]
+    with _workers.all_threads(work):
         return _run(call)
 
 
@@ -1080,25 +1086,38 @@ def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
         return float(work * _common.sdpa_pairs(Q, K, True) / (Q * K))
     if _splits_causal(call):  # no mask: every pair of the first K - Q keys, then an is_causal block of Q x Q
         return float(work * ((K - Q) * Q + _common.sdpa_pairs(Q, Q, True)) / (Q * K))
-    if _splits_prefix(call):  # no mask: per row every query against the prefix, the rest an is_causal block
-        calls = sum(1 if prefix in (0, K) else 2 for _, _, prefix in _prefix_runs(call))
-        return float(work * _prefix_share(call) + _common.CALL_COST * calls)
-    if (size := _chunk_split(call)) is not None:  # no mask: an is_causal block per chunk
-        whole = Q // size * size
-        pairs = whole // size * _common.sdpa_pairs(size, size, True) + _common.sdpa_pairs(Q - whole, Q - whole, True)
-        calls = call.batch * ((whole > 0) + (whole < Q))  # a row's stacked whole chunks, its shorter last chunk
-        return float(work * pairs / (Q * K) + _common.CALL_COST * calls)
-    if (runs := _padded_runs(call)) is not None:  # no mask: an is_causal block and an unmasked call per run of rows
-        pairs, calls = _padded_pairs(runs, _common.padded_cut(call)[0].causal)
-        return float(work * pairs / (call.batch * Q * K) + _common.CALL_COST * calls)
-    if (window := _window_split(call)) is not None:  # no mask: two is_causal calls a row over blocks of the window
-        copies = _WINDOW_COPIES * call.batch * call.heads * Q * call.head_dim * _common.COPY_COST
-        calls = 2 * call.batch + (2 if Q % window else 0)  # a row's two stacked calls, the shorter first block's two
-        return float(work * _window_pairs(Q, window) / (Q * K) + _common.CALL_COST * calls + copies)
+    if (split := _split_parts(call)) is not None:
+        share, calls = split
+        copies = 0.0
+        if _window_split(call) is not None:  # the reversed queries, keys and values of the previous blocks
+            copies = _WINDOW_COPIES * call.batch * call.heads * Q * call.head_dim * _common.COPY_COST
+        return float(work * share + _common.CALL_COST * calls + copies)
     mask_rows = call.batch * (call.mask_heads or 1) if isinstance(call.mask, MaskSpec) and not call.is_full else 0
     bias = 4 * call.batch * call.heads * call.q_len * call.kv_len if call.score_mods else 0  # the float bias
     masked = _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0)
     return float(work + masked + bias)
+
+
+def _split_parts(call: AttentionCall) -> tuple[float, int] | None:
+    """For a call ``run`` takes as several calls without a mask (``_runs_split``: a prefix-LM, chunked, padded or
+    window split), the share of the dense ``B·Q·K`` pairs its calls compute together and how many calls it makes;
+    ``None`` for any other call."""
+    Q, K = call.q_len, call.kv_len
+    if _splits_prefix(call):  # per row every query against the prefix, the rest an is_causal block
+        calls = sum(1 if prefix in (0, K) else 2 for _, _, prefix in _prefix_runs(call))
+        return _prefix_share(call), calls
+    if (size := _chunk_split(call)) is not None:  # an is_causal block per chunk
+        whole = Q // size * size
+        pairs = whole // size * _common.sdpa_pairs(size, size, True) + _common.sdpa_pairs(Q - whole, Q - whole, True)
+        calls = call.batch * ((whole > 0) + (whole < Q))  # a row's stacked whole chunks, its shorter last chunk
+        return float(pairs / (Q * K)), calls
+    if (runs := _padded_runs(call)) is not None:  # an is_causal block and an unmasked call per run of rows
+        pairs, calls = _padded_pairs(runs, _common.padded_cut(call)[0].causal)
+        return float(pairs / (call.batch * Q * K)), calls
+    if (window := _window_split(call)) is not None:  # two is_causal calls a row over blocks of the window
+        calls = 2 * call.batch + (2 if Q % window else 0)  # a row's two stacked calls, the shorter first block's two
+        return float(_window_pairs(Q, window) / (Q * K)), calls
+    return None
 
 
 def _window_pairs(length: int, window: int) -> float:
