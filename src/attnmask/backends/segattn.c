@@ -292,12 +292,6 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             out[0] += x * LD(b0[d]), out[1] += x * LD(b1[d]), out[2] += x * LD(b2[d]), out[3] += x * LD(b3[d]);        \
         }                                                                                                              \
     }                                                                                                                  \
-    static inline void axpy4_##SUF(T *restrict y, const T *p, const KV *restrict x, int64_t ld, int64_t n) {           \
-        const KV *x0 = x, *x1 = x + ld, *x2 = x + 2 * ld, *x3 = x + 3 * ld;                                            \
-        const T p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];                                                            \
-        _Pragma("omp simd") for (int64_t d = 0; d < n; d++)                                                            \
-            y[d] += p0 * LD(x0[d]) + p1 * LD(x1[d]) + p2 * LD(x2[d]) + p3 * LD(x3[d]);                                 \
-    }                                                                                                                  \
     /* The score modifiers on n scores s of one row (keys from rel relative to the query's position): the scale, or the\
        softcap c tanh(scale s / c), then the row's ALiBi slope times the key's distance. */                            \
     static inline void modify_##SUF(T *restrict s, int64_t n, int64_t rel, const T *mod) {                             \
@@ -324,8 +318,8 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         modify_##SUF(s, n, rel, mod);                                                                                  \
         /* whole vectors: the scores past n up to the multiple of LANES are -inf, whose weights are exactly 0, so no   \
            pass has a scalar remainder (documents of 8-32 tokens on a row of 8,192, D = 64, processes alternated       \
-           four times: one thread 5.9-7.2 -> 5.7-6.9 ms, two 3.3-3.7 -> 3.2-3.5 ms; RESULTS.md, issue 15, "The row     \
-           form's softmax on whole vectors") */                                                                        \
+           four times: one thread 5.9-7.2 -> 5.7-6.9 ms, two 3.3-3.7 -> 3.2-3.5 ms; RESULTS.md, issue 15, "native's    \
+           row form: softmax on whole vectors, values summed in registers") */                                         \
         for (j = n; j < nv; j++) s[j] = -INFINITY;                                                                     \
         _Pragma("omp simd simdlen(16) reduction(max : m)") for (j = 0; j < nv; j++) m = s[j] > m ? s[j] : m;           \
         _Pragma("omp simd simdlen(16)") for (j = 0; j < nv; j++) s[j] = EXP(s[j] - m);                                 \
@@ -334,12 +328,35 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         *m_out = m;                                                                                                    \
         return sum;                                                                                                    \
     }                                                                                                                  \
-    /* acc[0 .. Dv) += the n value rows v (ld apart) weighted by p. */                                                 \
+    /* acc[0 .. Dv) += the n value rows v (ld apart) weighted by p, each element's sum in key order. A slice of up to  \
+       4 LANES elements stays in registers across all n keys and is stored once: axpys of four keys and then of one    \
+       loaded and stored the row again for every four keys and every key past them (most of a row's time on            \
+       documents of 8-32 tokens). */                                                                                   \
     static inline void weigh_values_##SUF(T *restrict acc, const T *p, int64_t n, const KV *v, int64_t ld,             \
                                           int64_t Dv) {                                                                \
-        int64_t j = 0;                                                                                                 \
-        for (; j + 4 <= n; j += 4) axpy4_##SUF(acc, p + j, v + j * ld, ld, Dv);                                        \
-        for (; j < n; j++) axpy_##SUF(acc, p[j], v + j * ld, Dv);                                                      \
+        const int64_t W = LANES(T);                                                                                    \
+        int64_t d0 = 0;                                                                                                \
+        for (; d0 + 4 * W <= Dv; d0 += 4 * W) {                                                                        \
+            VEC(T) a0, a1, a2, a3;                                                                                     \
+            __builtin_memcpy(&a0, acc + d0, sizeof a0), __builtin_memcpy(&a1, acc + d0 + W, sizeof a1);                \
+            __builtin_memcpy(&a2, acc + d0 + 2 * W, sizeof a2), __builtin_memcpy(&a3, acc + d0 + 3 * W, sizeof a3);    \
+            for (int64_t j = 0; j < n; j++) {                                                                          \
+                const KV *x = v + j * ld + d0;                                                                         \
+                const T c = p[j];                                                                                      \
+                a0 += c * ldv_##SUF(x), a1 += c * ldv_##SUF(x + W);                                                    \
+                a2 += c * ldv_##SUF(x + 2 * W), a3 += c * ldv_##SUF(x + 3 * W);                                        \
+            }                                                                                                          \
+            __builtin_memcpy(acc + d0, &a0, sizeof a0), __builtin_memcpy(acc + d0 + W, &a1, sizeof a1);                \
+            __builtin_memcpy(acc + d0 + 2 * W, &a2, sizeof a2), __builtin_memcpy(acc + d0 + 3 * W, &a3, sizeof a3);    \
+        }                                                                                                              \
+        for (; d0 + W <= Dv; d0 += W) {                                                                                \
+            VEC(T) a;                                                                                                  \
+            __builtin_memcpy(&a, acc + d0, sizeof a);                                                                  \
+            for (int64_t j = 0; j < n; j++) a += p[j] * ldv_##SUF(v + j * ld + d0);                                    \
+            __builtin_memcpy(acc + d0, &a, sizeof a);                                                                  \
+        }                                                                                                              \
+        for (; d0 < Dv; d0++) /* the last Dv % LANES elements */                                                       \
+            for (int64_t j = 0; j < n; j++) acc[d0] += p[j] * LD(v[j * ld + d0]);                                      \
     }                                                                                                                  \
     /* One row's scores s[0 .. n) of a key tile (keys from rel relative to the query's position, as in softmax_row),   \
        s readable and writable up to the multiple of LANES past n: the modifiers, then a step of the row's online      \
@@ -969,8 +986,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                     s[j] = s[j] * dp[j] * scale; /* dS */                                                              \
                     axpy_##SUF(dk + j * D, s[j], qi, D);                                                               \
                 }                                                                                                      \
-                for (j = lo; j + 4 <= hi; j += 4) axpy4_##SUF(dqi, s + j, k + j * st[5], st[5], D);                    \
-                for (; j < hi; j++) axpy_##SUF(dqi, s[j], k + j * st[5], D);                                           \
+                weigh_values_##SUF(dqi, s + lo, hi - lo, k + lo * st[5], st[5], D);                                    \
             }                                                                                                          \
         }                                                                                                              \
         return 0;                                                                                                      \
