@@ -357,12 +357,27 @@ class Spinner:
     def __enter__(self):
         self.proc = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=900)])
         time.sleep(0.3)  # let it take a core
+        settle_load()
         return self
 
     def __exit__(self, *exc):
         self.proc.kill()
         self.proc.wait()
         time.sleep(0.3)  # the idle phase starts once the backends' thread budget has seen the core free again
+        settle_load()
+
+
+def settle_load() -> None:
+    """Two readings of the load ``SAMPLE_SECONDS`` and a half apart (``_workers.free_cores``), so that the backends'
+    thread budget is decided from the new phase's load alone before its first timed call. Without them the first
+    reading of a phase spanned back into the phase before (or was only a baseline, the last one being over a second
+    old), and the first calls timed in a busy phase ran on both cores: a window of 512 on a row of 8,192 under `sdpa`
+    took 215 ms, then 141, then 113 ms a call from the third on (RESULTS.md, issue 15, "A split's calls on the free
+    cores"). The phases are meant to time the steady state of a load that stays."""
+    workers = importlib.import_module("attnmask.backends._workers")
+    workers.free_cores()
+    time.sleep(1.5 * workers.SAMPLE_SECONDS)
+    workers.free_cores()
 
 
 def measure(case: Case, args, dtype: torch.dtype, grad: bool, gen: torch.Generator) -> dict:

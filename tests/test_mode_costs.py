@@ -778,7 +778,7 @@ def test_estimating_a_call_keeps_neither_the_call_nor_its_tensors_and_reads_the_
 
 def test_a_split_sdpa_call_takes_its_own_busy_factor_and_right_padding_leaves_it_under_a_taken_core(monkeypatch):
     """Under a taken core a call run as several unmasked calls (here right-padded rows of 8,192: an ``is_causal``
-    block and an unmasked call) slowed 1.69-2.51x, one SDPA call 1.52-1.60x (limit_tables/s42_busy_8k2_fwd.txt): its
+    block and an unmasked call) slowed 1.60-1.97x, one SDPA call 1.53-1.73x (limit_tables/s43b_busy_8k2_fwd.txt): its
     forward's busy factor is ``_SPLIT_BUSY``, a plain causal call keeps ``MODES.busy``, and "auto" then leaves the
     padded rows to another backend (it had kept the split at 1.22x native's busy time)."""
     monkeypatch.setattr(W, "threads_available", lambda: 2)

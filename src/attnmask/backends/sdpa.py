@@ -92,13 +92,14 @@ MODES = ModeFactors(
     bf16_backward_no_amx=16.9,
 )
 # A call run as several calls without a mask (``_split_prefix``, ``_split_chunks``, ``_split_padded``,
-# ``_split_window``) while other processes hold cores: each of its calls waits at its end for the thread on the taken
-# core, and its small ops (reversals, merges, copies) run on every thread too. The forward's busy factor of such a
-# call: the median busy / idle slowdown of the seven split cells of limit_tables/s42_busy_8k2_fwd.txt (rows of 8,192,
-# float32, two threads, 1.69-2.51 against 1.52-1.60 for one SDPA call; RESULTS.md, issue 15, "Tables after the worker
-# fix and the padded and window splits"): without it "auto" kept right-padded rows on the padded split under a taken
-# core, 1.22x native's busy time.
-_SPLIT_BUSY = 2.12
+# ``_split_window``) while other processes hold cores: each of its calls ends in a wait for its threads, and its small
+# ops (reversals, merges, copies) run on every thread too. The forward's busy factor of such a call: the median busy /
+# idle slowdown of the seven split cells of limit_tables/s43b_busy_8k2_fwd.txt (rows of 8,192, float32, two threads,
+# busy phases timed once the load reading has settled, splits on the free cores: 1.60-1.97 against 1.53-1.73 for one
+# SDPA call; RESULTS.md, issue 15, "A split's calls on the free cores"). Was 2.12, the same median of
+# s42_busy_8k2_fwd.txt, whose busy phases ran their first calls on both cores; without a factor "auto" had kept
+# right-padded rows on the padded split under a taken core, 1.22x native's busy time.
+_SPLIT_BUSY = 1.80
 # bfloat16 with ONE query (a decoding step's forward) on a CPU without AMX tiles: torch's CPU kernel takes 4-7x its
 # float32 time there at 4,096 keys (1.0-2.0 ms against 0.2-0.4 ms, H = 4: the AMD EPYC's 1K tables s19-s25) and 2.6x at
 # 32,768 (s22_8k2_bf16), while 8 or 16 queries run at float32's time; the Xeon's tables read that bfloat16 call at
