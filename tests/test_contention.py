@@ -754,6 +754,34 @@ def test_sdpa_sizes_a_splits_region_by_the_work_of_its_calls(monkeypatch, spec):
     assert asked == [dense]
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [am.sliding_window(512), am.causal() & am.key_padding(torch.arange(2048) < 1500), am.prefix_lm(300)],
+    ids=["window", "padding", "prefix-LM"],
+)
+def test_sdpa_runs_a_split_with_a_gradient_in_a_region_of_its_own_work(monkeypatch, spec):
+    """With a gradient, the fused splits' forward and their own backward each run inside ``all_threads`` of the work
+    their calls compute together, so that under a busy core they take the free cores (rows of 1,024 with a backward:
+    `sdpa` on padded rows, a window of 512 and prefix-LM slowed 4.6-6.7x, now 2.0-2.6x, unmasked SDPA 2.5-4.0x;
+    RESULTS.md, issue 15, "A split's calls on the free cores"), and compute what they computed before."""
+
+    from attnmask.backends import sdpa as SD
+
+    q, k, v = (torch.randn(1, 2, 2048, 16, requires_grad=True) for _ in range(3))
+    want = am.attention(q, k, v, spec, backend="sdpa")
+    want_grads = grads(want, (q, k, v))
+    asked = []
+    real = SD._workers.all_threads
+    monkeypatch.setattr(SD._workers, "all_threads", lambda work=None: asked.append(work) or real(work))
+    out = am.attention(q, k, v, spec, backend="sdpa")
+    got = grads(out, (q, k, v))
+    work = SD._split_work(_prepare_call(q, k, v, spec, None, None, None))
+    assert work < 2 * 2048 * 2048 * 32 and asked.count(pytest.approx(work)) == 2
+    torch.testing.assert_close(out, want)
+    for g, w in zip(got, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def test_read_load_gives_none_where_the_counters_cannot_be_read(monkeypatch):
     import io
 

@@ -131,13 +131,14 @@ def run(call: AttentionCall) -> torch.Tensor:
     2.06-2.15x and unmasked causal SDPA on the row 1.60x (RESULTS.md, issue 15, "A split's calls on the free cores").
     With a gradient the threads are torch's, as stock SDPA's: autograd runs the backward on all of them anyway, and a
     forward on the free cores before it measured slower under contention than both on all (rows of 1K, causal,
-    forward + backward: 4.5x busy / idle against stock SDPA's 2.3x; RESULTS.md, issue 15)."""
+    forward + backward: 4.5x busy / idle against stock SDPA's 2.3x; RESULTS.md, issue 15). The fused splits
+    (``_FusedParts``) are the exception: they run their own backward, so both it and their forward take the region
+    of the split's work (rows of 1,024 with a backward under a busy core: padded rows, a window of 512 and prefix-LM
+    4.6-6.7x -> 2.0-2.6x, unmasked SDPA 2.5-4.0x)."""
     if call.device_type != "cpu" or call.needs_grad:
         return _run(call)
     work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
-    if (split := _split_parts(call)) is not None:  # its calls' work together, not the dense call's
-        work *= split[0]
-    with _workers.all_threads(work):
+    with _workers.all_threads(_split_work(call) if _runs_split(call) else work):
         return _run(call)
 
 
@@ -392,7 +393,7 @@ def _split_prefix(call: AttentionCall) -> torch.Tensor:
     forward = functools.partial(_prefix_rows_forward, runs=_prefix_runs(call), scale=call.scale)
     if call.needs_grad:
         backward = functools.partial(_prefix_rows_backward, runs=_prefix_runs(call), scale=call.scale)
-        return _FusedParts.apply(call.q, call.k, call.v, forward, backward)
+        return _FusedParts.apply(call.q, call.k, call.v, forward, backward, _split_work(call))
     return forward(call.q, call.k, call.v)[0]
 
 
@@ -433,19 +434,22 @@ class _FusedParts(torch.autograd.Function):
     """A split into fused-kernel calls with a gradient: ``forward(q, k, v)`` gives the output and its log-sum-exp
     (merged where parts share queries), ``backward(grad, q, k, v, out, lse)`` the q / k / v gradients from each
     part's fused backward given them (a merged softmax's score gradient is what each part's backward computes from
-    the merged output and log-sum-exp: see the comment above ``_splits_prefix``)."""
+    the merged output and log-sum-exp: see the comment above ``_splits_prefix``). Both run inside
+    ``_workers.all_threads(work)``, ``work`` the multiply-adds of the split's calls (``_split_work``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, forward, backward):
-        out, lse = forward(q, k, v)
+    def forward(ctx, q, k, v, forward, backward, work):
+        with _workers.all_threads(work):
+            out, lse = forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.backward = backward
+        ctx.backward, ctx.work = backward, work
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        return (*ctx.backward(grad, *ctx.saved_tensors), None, None)
+        with _workers.all_threads(ctx.work):
+            return (*ctx.backward(grad, *ctx.saved_tensors), None, None, None)
 
 
 def _prefix_rows_forward(q, k, v, runs, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -573,7 +577,7 @@ def _split_window(call: AttentionCall, window: int) -> torch.Tensor:
     forward = functools.partial(_window_forward, window=window, scale=call.scale)
     if call.needs_grad:
         backward = functools.partial(_window_backward, window=window, scale=call.scale)
-        return _FusedParts.apply(call.q, call.k, call.v, forward, backward)
+        return _FusedParts.apply(call.q, call.k, call.v, forward, backward, _split_work(call))
     return forward(call.q, call.k, call.v)[0]
 
 
@@ -760,7 +764,7 @@ def _split_padded(call: AttentionCall, runs, sdpa_kwargs: dict) -> torch.Tensor:
     if call.needs_grad and call.heads == call.kv_heads and call.head_dim == call.value_dim and _flash_cpu():
         forward = functools.partial(_padded_forward, parts=parts, scale=call.scale)
         backward = functools.partial(_padded_backward, parts=parts, scale=call.scale)
-        return _FusedParts.apply(call.q, call.k, call.v, forward, backward)
+        return _FusedParts.apply(call.q, call.k, call.v, forward, backward, _split_work(call))
     out = call.q.new_zeros(call.batch, call.heads, call.q_len, call.value_dim)
     for rows, queries, keys, causal in parts:
         q, k, v = call.q[rows, :, queries], call.k[rows, :, keys], call.v[rows, :, keys]
@@ -1097,6 +1101,12 @@ def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
     bias = 4 * call.batch * call.heads * call.q_len * call.kv_len if call.score_mods else 0  # the float bias
     masked = _MASK_COST * mask_rows * call.q_len * call.kv_len + (_CALL_COST if mask_rows else 0.0)
     return float(work + masked + bias)
+
+
+def _split_work(call: AttentionCall) -> float:
+    """The multiply-adds a split's calls compute together (``_split_parts``), what sizes their parallel regions."""
+    share = _split_parts(call)[0]
+    return share * call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
 
 
 def _split_parts(call: AttentionCall) -> tuple[float, int] | None:
