@@ -374,7 +374,6 @@ def settle_load() -> None:
     old), and the first calls timed in a busy phase ran on both cores: a window of 512 on a row of 8,192 under `sdpa`
     took 215 ms, then 141, then 113 ms a call from the third on (RESULTS.md, issue 15, "A split's calls on the free
     cores"). The phases are meant to time the steady state of a load that stays."""
-    workers = importlib.import_module("attnmask.backends._workers")
     workers.free_cores()
     time.sleep(1.5 * workers.SAMPLE_SECONDS)
     workers.free_cores()

@@ -137,8 +137,7 @@ def run(call: AttentionCall) -> torch.Tensor:
     4.6-6.7x -> 2.0-2.6x, unmasked SDPA 2.5-4.0x)."""
     if call.device_type != "cpu" or call.needs_grad:
         return _run(call)
-    work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
-    with _workers.all_threads(_split_work(call) if _runs_split(call) else work):
+    with _workers.all_threads(_split_work(call)):
         return _run(call)
 
 
@@ -1104,8 +1103,10 @@ def _one_thread_cost(call: AttentionCall, extra: float | None = None) -> float:
 
 
 def _split_work(call: AttentionCall) -> float:
-    """The multiply-adds a split's calls compute together (``_split_parts``), what sizes their parallel regions."""
-    share = _split_parts(call)[0]
+    """The multiply-adds ``run``'s calls compute together, what sizes their parallel region: a split's
+    (``_split_parts``), else the dense call's ``B·H·Q·K·(D + Dv)``."""
+    split = _split_parts(call)
+    share = 1.0 if split is None else split[0]
     return share * call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
 
 
