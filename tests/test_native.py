@@ -574,19 +574,23 @@ def test_the_backward_share_is_charged_at_the_backwards_bytes_per_key(monkeypatc
 
 
 @pytest.mark.parametrize(
-    ("dtype", "amx", "name"),
+    ("dtype", "amx", "tiles", "name"),
     [
-        (torch.bfloat16, True, "_BF16_AMX_THREAD_EFFICIENCY"),
-        (torch.bfloat16, False, "_THREAD_EFFICIENCY"),
-        (torch.float32, True, "_THREAD_EFFICIENCY"),
+        (torch.bfloat16, True, False, "_BF16_AMX_THREAD_EFFICIENCY"),
+        (torch.bfloat16, True, True, "_THREAD_EFFICIENCY"),
+        (torch.bfloat16, False, False, "_THREAD_EFFICIENCY"),
+        (torch.float32, True, False, "_THREAD_EFFICIENCY"),
     ],
 )
-def test_the_bfloat16_forward_on_amx_tiles_gains_its_own_share_of_a_thread(monkeypatch, dtype, amx, name):
+def test_the_bfloat16_forward_on_amx_tiles_gains_its_own_share_of_a_thread(monkeypatch, dtype, amx, tiles, name):
     """At two threads native's estimate divides the forward's items by what the threads gain: each added thread
-    counts ``_BF16_AMX_THREAD_EFFICIENCY`` of a core in bfloat16 on a CPU with AMX tiles (fitted there), else
-    ``_THREAD_EFFICIENCY``; the bfloat16 forward on the tiles is then estimated dearer than it was."""
+    counts ``_BF16_AMX_THREAD_EFFICIENCY`` of a core in bfloat16 on a CPU with AMX tiles where the forward does not
+    run on them (its float32 arithmetic on copies; fitted there), else ``_THREAD_EFFICIENCY`` (on the tiles too: a
+    second thread measured 1.8-1.95x the first's speed there); the float32 arithmetic's bfloat16 forward is then
+    estimated dearer than it was."""
     from attnmask.backends import _workers as W
 
+    monkeypatch.setattr(N, "amx_ready", lambda: tiles)
     seen = []
     gain = N._pulls_gain
     monkeypatch.setattr(
@@ -807,7 +811,9 @@ def test_bfloat16_is_read_as_stored_where_few_queries_read_each_key(monkeypatch,
     """The native forward reads bfloat16 q, k, v as stored (the kernel widens each element as it loads it) where each
     key is read by at most ``_AS_STORED_MAX_READS`` queries, else it runs on float32 copies; either way it computes in
     float32 from the same values, so the outputs agree to bfloat16's rounding, and the backward (on float32 copies)
-    gives the gradients of the copies' path."""
+    gives the gradients of the copies' path. (The forward on AMX tiles, which reads bfloat16 as stored wherever it runs,
+    is turned off here: ``test_the_bfloat16_forward_on_amx_tiles...``.)"""
+    monkeypatch.setattr(N, "amx_ready", lambda: False)
     seen = []
     call = N._call
     monkeypatch.setattr(
@@ -951,3 +957,128 @@ def test_a_right_padded_causal_row_is_one_segment_of_every_query_from_its_first_
     got = am.attention(big, big, big, spec, backend="native")
     want = naive_attention(big.double(), big.double(), big.double(), spec.to_dense(300)[:, None])
     torch.testing.assert_close(got, want.float())
+
+
+needs_tiles = pytest.mark.skipif(not N.amx_ready(), reason="no AMX-BF16 tiles on this CPU (or ATTNMASK_NATIVE_AMX=0)")
+
+
+def _tiles_seen(monkeypatch) -> list:
+    """The ``tiles`` flag of every forward kernel call from now on."""
+    seen = []
+    call = N._call
+    monkeypatch.setattr(N, "_call", lambda *a: (None if a[0] else seen.append(a[11])) or call(*a))
+    return seen
+
+
+@needs_tiles
+@pytest.mark.parametrize(
+    ("spec", "dims", "kv_heads", "strided"),
+    [
+        (am.causal(), (64, 64), 2, False),
+        (am.causal() & am.sliding_window(40), (32, 48), 4, True),  # windows shorter than a step; Dv of 3 tiles
+        (am.full() & am.document(seq_lens=[[20, 100, 140], [260]]), (64, 128), 1, False),  # Dv past 4 tiles
+        (am.causal() & am.document(seq_lens=[[5, 30, 225], [70, 190]]), (32, 32), 2, False),  # row form's too
+        (am.causal() & am.key_padding(torch.arange(260) >= 37), (64, 64), 2, True),  # rows with no key
+    ],
+)
+def test_the_bfloat16_forward_on_amx_tiles_matches_float64(monkeypatch, spec, dims, kv_heads, strided):
+    """On a CPU with AMX-BF16 the bfloat16 forward runs on the tiles (bfloat16 products, float32 sums, the weights
+    rounded to bfloat16 for the values' product) wherever most pairs are in segments of ``BLOCK_MIN_KEYS`` keys or
+    more: its output is float64 attention on the same bfloat16 values to bfloat16's rounding and the weights' (the
+    same tolerance the float32 path's bfloat16 output meets), rows with no key exactly 0, and the backward (on float32
+    copies, from the tiles' log-sum-exp) gives float64's gradients to bfloat16's rounding."""
+    seen = _tiles_seen(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    D, Dv = dims
+    L = 260
+
+    def make(heads, width):
+        if strided:  # (B, L, H, D) memory, as a model's projections give
+            return torch.randn(2, L, heads, width, generator=gen).bfloat16().transpose(1, 2)
+        return torch.randn(2, heads, L, width, generator=gen).bfloat16()
+
+    q, k, v = make(4, D), make(kv_heads, D), make(kv_heads, Dv)
+    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = am.attention(*inputs, spec, backend="native")
+    assert seen == [True]
+    allowed = spec.to_dense(L)[:, None]
+    wide = [t.double().requires_grad_() for t in (q, k, v)]
+    want = naive_attention(*wide, allowed)
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    empty = ~allowed.any(-1)
+    assert (out.float()[empty.expand(2, 4, L)] == 0).all()
+    out.float().square().sum().backward()
+    want.square().sum().backward()
+    for got, ref in zip(inputs, wide, strict=True):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=6e-2, rtol=6e-2)
+
+
+@needs_tiles
+def test_the_tiles_agree_with_the_float32_path_and_are_off_where_they_would_not_pay(monkeypatch):
+    """The tiles' output equals the float32 path's (the same bfloat16 values computed in float32) to bfloat16's
+    rounding; ``ATTNMASK_NATIVE_AMX=0`` turns them off (``amx_ready`` is read once per process); and they do not run
+    on tiny documents (every segment under ``BLOCK_MIN_KEYS`` keys), a decoding step, a head size that is not a
+    multiple of 32, or with a score modifier."""
+    seen = _tiles_seen(monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 300, 64, generator=gen).bfloat16() for _ in range(3))
+    spec = am.causal() & am.sliding_window(100)
+    tiles = am.attention(q, k, v, spec, backend="native")
+    monkeypatch.setattr(N, "amx_ready", lambda: False)
+    plain = am.attention(q, k, v, spec, backend="native")
+    torch.testing.assert_close(tiles.float(), plain.float(), atol=2**-6, rtol=2**-6)
+    assert seen == [True, False]
+    monkeypatch.undo()
+    seen = _tiles_seen(monkeypatch)
+    am.attention(q, k, v, am.causal() & am.document(seq_lens=[10] * 30), backend="native")
+    am.attention(q[:, :, -2:], k, v, am.causal(), backend="native")
+    am.attention(q[..., :48], k[..., :48], v, spec, backend="native")
+    am.attention(q, k, v, spec, backend="native", softcap=30.0)
+    assert seen == [False] * 4
+    N.amx_ready.cache_clear()
+    try:
+        monkeypatch.setenv("ATTNMASK_NATIVE_AMX", "0")
+        assert not N.amx_ready()
+    finally:
+        monkeypatch.delenv("ATTNMASK_NATIVE_AMX")
+        N.amx_ready.cache_clear()
+    assert N.amx_ready()
+
+
+@needs_tiles
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("spec", [am.causal(), am.causal() & am.sliding_window(40)])
+def test_the_tiles_never_read_a_value_or_key_a_row_may_not_see(bad, spec):
+    """A tile multiplies every value of its keys, the weight 0 included: a value that is not finite goes into the
+    tiles as 0, and each row that sees it is computed again by the row form, which multiplies it as it is. So a NaN
+    or an infinity in a key's value or key leaves every row that may not see that key exactly as it was, bit for bit,
+    and the rows that see such a value are not finite, as on every path (the float32 path's rows, to rounding)."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 200, 32, generator=gen).bfloat16() for _ in range(3))
+    clean = am.attention(q, k, v, spec, backend="native")
+    sees = spec.to_dense(200)[0, :, 150]
+    for t in (k, v):
+        poisoned = t.clone()
+        poisoned[:, :, 150] = bad
+        args = (q, poisoned, v) if t is k else (q, k, poisoned)
+        out = am.attention(*args, spec, backend="native")
+        assert torch.equal(out[:, :, ~sees], clean[:, :, ~sees])
+        if t is v:  # every row that sees the key weighs that value
+            assert not torch.isfinite(out[:, :, sees]).all(-1).any()
+            with kernel_settings(2), pytest.MonkeyPatch.context() as off:
+                off.setattr(N, "amx_ready", lambda: False)
+                plain = am.attention(*args, spec, backend="native")
+            torch.testing.assert_close(out[:, :, sees], plain[:, :, sees], equal_nan=True)
+
+
+@needs_tiles
+def test_the_tiles_give_the_same_rows_at_one_and_two_threads():
+    """Two threads cut a segment into query blocks; a row's keys and steps do not change, only when its block's tile
+    sums are added into float32 memory, so the outputs agree to float32 rounding (before the output's bfloat16)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 700, 64, generator=gen).bfloat16() for _ in range(3))
+    outs = []
+    for threads in (1, 2):
+        with kernel_settings(threads):
+            outs.append(am.attention(q, k, v, am.causal() & am.sliding_window(300), backend="native").float())
+    torch.testing.assert_close(outs[0], outs[1], atol=2**-7, rtol=2**-7)

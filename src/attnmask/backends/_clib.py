@@ -145,6 +145,7 @@ _HELPERS = {
     "attnmask_varlen_floor_sums": (None, [_PTR, _I64, _INT, _I64, _I64, _F64, _F64, _PTR]),
     "attnmask_most_keys_seen": (_I64, [_PTR, _I64, _INT, _I64]),
     "attnmask_segment_tile_classes": (None, [_PTR, *[_I64] * 4, _INT, _I64, _PTR]),
+    "attnmask_amx_ready": (_INT, []),
 }
 
 

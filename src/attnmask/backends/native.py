@@ -12,7 +12,10 @@ registers), which made documents of hundreds of tokens, windows, chunks and long
 issue 15, "native's blocked form", "native's tiles"); ``"auto"`` chooses by ``cost``. Its plan is
 ``_common.native_plan``: the varlen segments, and for padded rows whose padding queries see real keys (right padding
 under ``causal()``), those queries in the row's segment too (more queries than keys: each sees the keys its rule
-allows), which a varlen kernel, computing only the sequences, cannot express.
+allows), which a varlen kernel, computing only the sequences, cannot express. In bfloat16 on a CPU with AMX-BF16 tiles
+the forward of those blocked segments runs on the tiles (``_on_tiles``: products of bfloat16 with float32 sums, the
+softmax in float32, q, k and v read as stored): 2.1-3.0x the float32 arithmetic's speed on rows of 8,192, causal rows
+at their pair-proportional ideal (RESULTS.md, issue 15, "native's bfloat16 forward on AMX tiles").
 
 The C source is compiled on first use with the system C compiler and loaded with ctypes (``backends._clib``).
 Without a compiler, or with ``ATTNMASK_NATIVE=0``, the backend reports itself unsupported and ``"auto"`` uses the
@@ -36,6 +39,8 @@ Worked example, three documents of lengths 2, 4, 3 in one row, causal inside eac
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
 
 import numpy as np
 import torch
@@ -133,9 +138,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, threads) -> None:
+def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, tiles, threads) -> None:
     """One kernel call. ``rule``: ``(causal, window, scale)``; ``mods``: ``(softcap or 0, sinks, slopes)``, the
-    tensors ``(H,)`` contiguous in the kernel's dtype or ``None``."""
+    tensors ``(H,)`` contiguous in the kernel's dtype or ``None``; ``tiles``: a bfloat16 forward on AMX tiles
+    (``_on_tiles``)."""
     causal, window, scale = rule
     softcap, sinks, slopes = mods
     lib = _library()
@@ -149,7 +155,7 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, threads) -
     dims = [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], kmax, window or 0, int(causal), block_keys]
     dims += [TILE_KEYS if backward else FORWARD_TILE_KEYS, PANEL_ROWS]
     dims = torch.tensor(dims, dtype=torch.int64)
-    bits = {torch.float64: 64, torch.bfloat16: 16}.get(q.dtype, 32)  # 16: bfloat16 q, k, v, a forward only
+    bits = {torch.float64: 64, torch.bfloat16: 17 if tiles else 16}.get(q.dtype, 32)  # 16, 17: a forward only
     status = lib.attnmask_segattn(
         bits,
         int(backward),
@@ -222,6 +228,41 @@ def _reads_as_stored(dtype: torch.dtype, kv_elements: int, segs: torch.Tensor, r
     return reads <= (_AS_STORED_MAX_READS_FRESH if fresh else _AS_STORED_MAX_READS)
 
 
+# The bfloat16 forward on AMX tiles (segattn.c, dtype_bits 17): q . k and p . v as tile products of bfloat16 with
+# float32 sums (the weights rounded to bfloat16 for p . v, as torch's own bfloat16 kernels do), the softmax in float32;
+# q, k and v read as stored. It runs a segment of at least BLOCK_MIN_KEYS keys in a call of at least
+# BLOCK_MIN_QUERIES queries (the blocked form's ground); the kernel's row form keeps the rest. Taken where most of the
+# call's pairs are on that ground (_TILES_MIN_SHARE), with no score modifier, D a multiple of 32 and Dv of 16, on a
+# CPU with AMX-BF16 whose kernel was built with it, Linux granting the tiles' state; ATTNMASK_NATIVE_AMX=0 turns it
+# off. The backward is unchanged (float32 copies).
+_TILES_MIN_SHARE = 0.5
+# The forward's pairs on the tiles cost this share of the float32 kernel's charges (``_item_work``), its threads
+# gaining as float32's (_THREAD_EFFICIENCY), with no float32 copies in the forward (the backward's are charged once).
+_TILES_PAIR_SCALE = 0.35
+
+
+@functools.cache
+def amx_ready() -> bool:
+    """Whether the kernel's bfloat16 forward may run on AMX tiles here (once per process: it asks Linux for them)."""
+    if os.environ.get("ATTNMASK_NATIVE_AMX", "1") == "0":
+        return False
+    lib = _library()
+    return not isinstance(lib, str) and bool(lib.attnmask_amx_ready())
+
+
+def _on_tiles(dtype: torch.dtype, q_len: int, dims: tuple[int, int], segs: torch.Tensor, rule: tuple, mods) -> bool:
+    """Whether the forward of a call of ``q_len`` queries, heads of ``dims`` (D, Dv), runs on AMX tiles: bfloat16,
+    no score modifier (``mods``: softcap or 0, sinks, slopes), and at least ``_TILES_MIN_SHARE`` of the segments'
+    pairs in segments of ``BLOCK_MIN_KEYS`` keys or more (read from shapes and the plan: the estimate asks it too)."""
+    if dtype != torch.bfloat16 or dims[0] % 32 or dims[1] % 16 or q_len < BLOCK_MIN_QUERIES or not len(segs):
+        return False
+    if mods[0] or mods[1] is not None or mods[2] is not None or not amx_ready():
+        return False
+    pairs = segment_pairs(segs, *rule).numpy()
+    total = float(pairs.sum())
+    return total > 0 and float(pairs[segs[:, 4].numpy() >= BLOCK_MIN_KEYS].sum()) >= _TILES_MIN_SHARE * total
+
+
 def _modifier(t: torch.Tensor | None, work: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.detach().to(work).contiguous()
 
@@ -231,9 +272,10 @@ class _SegmentAttention(torch.autograd.Function):
     @on_free_cores
     def forward(ctx, q, k, v, segs, causal, window, scale, softcap=None, sinks=None, slopes=None, blocks=None):
         work = _work_dtype(q.dtype)
-        stored = q.dtype if _reads_as_stored(q.dtype, k.numel() + v.numel(), segs, (causal, window)) else work
-        qw, kw, vw = (_rows(t, stored) for t in (q, k, v))
         mods = (softcap or 0.0, _modifier(sinks, work), _modifier(slopes, work))
+        tiles = _on_tiles(q.dtype, q.shape[2], (q.shape[3], v.shape[3]), segs, (causal, window), mods)
+        stored = q.dtype if tiles or _reads_as_stored(q.dtype, k.numel() + v.numel(), segs, (causal, window)) else work
+        qw, kw, vw = (_rows(t, stored) for t in (q, k, v))
         B, H, Q, _ = q.shape
         shape = (B, H, Q, v.shape[3])
         res = empty_buffer(shape, work)  # huge pages when opted in (ATTNMASK_HUGE_PAGES=1): far fewer page faults
@@ -247,7 +289,7 @@ class _SegmentAttention(torch.autograd.Function):
             blocks = segs
         elif blocks is None:  # else forward_items for threads_available(), cached with the plan
             blocks = forward_items(segs, H, threads)
-        _call(False, qw, kw, vw, res, None, lse, None, blocks, rule, mods, threads)
+        _call(False, qw, kw, vw, res, None, lse, None, blocks, rule, mods, tiles, threads)
         ctx.save_for_backward(qw, kw, vw, res, lse, segs)
         ctx.meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype)
         return res.to(q.dtype)
@@ -266,7 +308,7 @@ class _SegmentAttention(torch.autograd.Function):
             threads = _kernel_threads(segs, qw.shape[1], qw.shape[3] + vw.shape[3], rule, passes=3)
         if threads > 1:  # items are (segment, key/value head), segment-major: the heaviest segments first
             segs = segs[_heaviest_first(segs, rule)]
-        _call(True, qw, kw, vw, res, dout, lse, grads, segs, rule, mods, threads)
+        _call(True, qw, kw, vw, res, dout, lse, grads, segs, rule, mods, False, threads)
         dsinks = None
         if ctx.needs_input_grad[8]:
             dsinks = _sinks_grad(mods[1], lse, res, dout).to(sinks_dtype)
@@ -608,7 +650,9 @@ def cost(call) -> float:
     threads = _workers.threads_available()
     blocks = segs if threads < 2 else _forward_blocks(call, segs)
     amx = call.q.dtype == torch.bfloat16 and _common.cpu_has_amx_bf16()  # through the module: one place to patch
-    efficiency = _BF16_AMX_THREAD_EFFICIENCY if amx else _THREAD_EFFICIENCY
+    mods = (call.softcap or 0.0, call.sinks, call.alibi_slopes)
+    tiles = amx and _on_tiles(call.q.dtype, call.q_len, (call.head_dim, call.value_dim), segs, (causal, window), mods)
+    efficiency = _BF16_AMX_THREAD_EFFICIENCY if amx and not tiles else _THREAD_EFFICIENCY
     block_keys = _block_keys(call.q_len)
     forward_gain = None
     if blocks is segs and threads >= 2:  # the forward deals the segments themselves: their works and deal in one pass
@@ -628,11 +672,14 @@ def cost(call) -> float:
     if call.q.dtype == torch.bfloat16 and _BF16_COPY_COST:
         elements = call.batch * (call.heads * call.q_len + call.kv_heads * call.kv_len) * width  # q, k, v, the output
         copies = elements * _BF16_COPY_COST / (1.0 + (threads - 1) * _THREAD_EFFICIENCY)
-        if not _reads_as_stored(call.q.dtype, call.batch * call.kv_heads * call.kv_len * width, segs, (causal, window)):
+        stored = tiles or _reads_as_stored(
+            call.q.dtype, call.batch * call.kv_heads * call.kv_len * width, segs, (causal, window)
+        )
+        if not stored:
             serial += copies
         elif call.needs_grad:
             stored_copies = copies * _BF16_BACKWARD_PASSES
-    kernel = item_sum * call.heads  # on one thread
+    kernel = item_sum * call.heads * (_TILES_PAIR_SCALE if tiles else 1.0)  # the forward's, on one thread
     factor = mode_factor(MODES, call)
     if call.needs_grad:  # the backward's runs read and write twice the bytes per key: their own charges
         item, back_sum, _ = _item_work_sums(segs, causal, window, width, _BACKWARD_KEY_BYTES, block_keys)

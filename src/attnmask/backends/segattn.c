@@ -1003,6 +1003,352 @@ static int backward_item_none(const job_t *J, int64_t item, float *s, float *dp,
 }
 DEFINE_WORKER(float, bf16, backward_item_none)
 
+/* The bfloat16 forward on AMX tiles (dtype_bits 17: CPUs with AMX-BF16, built with -march=native there; Linux, which
+ * must grant the process the tiles' state first: attnmask_amx_ready). q, k and v are read as stored; out and lse are
+ * float32. An item's segment of at least block_keys keys (the blocked form's ground) takes the tiles; any other item
+ * takes the bfloat16 forward above, as does one with score modifiers, D not a multiple of 32 or Dv not of 16, or a
+ * value the item may read that is not finite (a tile multiplies every value of its keys, and 0 times an infinite or
+ * NaN value of a key a row may not see would reach that row).
+ *
+ * Transposed, so that the softmax runs across the rows, one vector lane per query row, with no sum across lanes:
+ * per block of 16 query rows and step of AMX_STEP keys, S^T = k . q^T in two tiles (16 keys x 16 rows, float32 sums of
+ * exact bfloat16 products), each key's scores one vector; the scores outside a row's keys -inf; a step of each row's
+ * online softmax (max, sum, and the weighted values rescaled when the max grows); the weights rounded to bfloat16 (to
+ * nearest even, as torch's bfloat16 kernels round theirs) into P^T with each two keys' weights interleaved, and
+ * O^T += v^T . P^T, 16 value elements x 16 rows a tile. An item's keys are copied once (k as stored, from the first
+ * multiple of AMX_STEP of the segment's keys at or before its first row's first key; v transposed into 16 x 32
+ * blocks); a block's q once (transposed by pairs of elements). Rows go in panels of AMX_PANEL blocks that walk the
+ * keys together, AMX_STEP at a time from multiples of AMX_STEP, so a step's keys serve the panel from L1; a row's
+ * steps are the same whatever block or thread holds it, so its result does not depend on the cut. Scratch per thread:
+ * the item's keys x (D + Dv) bfloat16, and per panel AMX_PANEL x 16 x (D / 2 + Dv + 2 AMX_STEP + 8) words. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+#define AMX_BUILT 1
+#include <immintrin.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_STEP 32
+#define AMX_PANEL 4
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config_t;
+
+/* Every tile 16 rows of 64 bytes (32 bfloat16 or 16 float32 a row). */
+static void amx_configure(void) {
+    amx_config_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = 16;
+    _tile_loadconfig(&c);
+}
+
+/* exp_f32 on 16 lanes, the same steps, in the lanes of `keep` (0 in the others, and where x < -87). No clamp at 88:
+   every x here is at most AMX_SLACK (a weight's score minus its row's max) or below 0 (a rescale); a NaN stays NaN. */
+static inline __m512 exp16(__m512 x, __mmask16 keep) {
+    const __m512 shift = _mm512_set1_ps(12582912.0f);
+    const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift);
+    const __m512 n = _mm512_sub_ps(t, shift);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127)), 23);
+    const __mmask16 low = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    return _mm512_maskz_mul_ps(keep & (__mmask16)~low, p, _mm512_castsi512_ps(bits));
+}
+
+/* Two vectors of weights (keys 2r and 2r + 1, one lane per row) as bfloat16 pairs: lane m holds row m's weight of
+   key 2r in its low half and of key 2r + 1 in its high half (rounded to nearest even). */
+static inline __m512i pair16(__m512 a, __m512 b) {
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    __m512i x = _mm512_castps_si512(a), y = _mm512_castps_si512(b);
+    x = _mm512_add_epi32(x, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(x, 16), one)));
+    y = _mm512_add_epi32(y, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(y, 16), one)));
+    return _mm512_or_si512(_mm512_srli_epi32(x, 16), _mm512_and_si512(y, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* v rows [0, n) (src apart, Dv elements) into blocks of AMX_STEP keys x 16 elements, transposed: step p, chunk e
+   (elements 16e ..) at vt + (p * Dv / 16 + e) * 512, its row d the step's keys' element 16e + d; keys past n zero up
+   to np steps. Two keys' elements interleaved into words, then 16 x 16 words transposed (transpose16: bits as they
+   are). A value that is not finite (its exponent all ones) is written as 0 and its key counted: seen[j] is the number
+   of such keys before key j (j = 0 .. n). Returns their number. */
+static int64_t amx_values(uint16_t *restrict vt, const uint16_t *restrict v, int64_t src, int64_t n, int64_t np,
+                          int64_t Dv, int32_t *restrict seen) {
+    const int64_t chunks = Dv / 16;
+    const __m512i low = _mm512_set1_epi32(0x7f80), high = _mm512_set1_epi32(0x7f800000);
+    const __m512i keep_low = _mm512_set1_epi32(0xffff), keep_high = _mm512_set1_epi32((int)0xffff0000u);
+    int64_t count = 0;
+    for (int64_t j = 0; j <= n; j++) seen[j] = 0; /* first the bad keys themselves, then their running count */
+    for (int64_t p = 0; p < np; p++)
+        for (int64_t e = 0; e < chunks; e++) {
+            vec_float rows[16];
+            for (int64_t r = 0; r < 16; r++) {
+                const int64_t k0 = p * AMX_STEP + 2 * r;
+                const uint16_t *x0 = v + k0 * src + 16 * e, *x1 = x0 + src;
+                const __m256i zero = _mm256_setzero_si256();
+                const __m256i a = k0 < n ? _mm256_loadu_si256((const void *)x0) : zero;
+                const __m256i c = k0 + 1 < n ? _mm256_loadu_si256((const void *)x1) : zero;
+                __m512i x = _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(c), 16));
+                const __mmask16 bad0 = _mm512_cmpeq_epi32_mask(_mm512_and_si512(x, low), low);
+                const __mmask16 bad1 = _mm512_cmpeq_epi32_mask(_mm512_and_si512(x, high), high);
+                if (bad0 | bad1) {
+                    x = _mm512_mask_and_epi32(x, bad0, x, keep_high);
+                    x = _mm512_mask_and_epi32(x, bad1, x, keep_low);
+                    if (bad0) seen[k0] = 1;
+                    if (bad1) seen[k0 + 1] = 1;
+                }
+                memcpy(&rows[r], &x, sizeof x);
+            }
+            transpose16((float *)(void *)(vt + (p * chunks + e) * 512), rows);
+        }
+    for (int64_t j = 0; j < n; j++) { /* running count: keys [a, b) hold seen[b] - seen[a] of them */
+        const int32_t here = seen[j];
+        seen[j] = (int32_t)count;
+        count += here;
+    }
+    seen[n] = (int32_t)count;
+    return count;
+}
+
+/* 32 weights (keys 2r and 2r + 1 of each row: e0, e1) as bfloat16 pairs, lane m row m's (low: key 2r). */
+static inline __m512i pairs16(__m512 e0, __m512 e1) {
+#ifdef __AVX512BF16__
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+#else
+    return pair16(e0, e1);
+#endif
+}
+
+/* The block's weighted values so far (tiles 4 .. 4 + n - 1, 16 elements x 16 rows each) added into O^T, all of it
+   then times alpha (one lane per row); the tiles zeroed. */
+static inline void amx_flush(float *restrict OT, float *restrict CT, int64_t n, __m512 alpha) {
+    _tile_stored(4, CT, 64);
+    if (n > 1) _tile_stored(5, CT + 256, 64);
+    if (n > 2) _tile_stored(6, CT + 512, 64);
+    if (n > 3) _tile_stored(7, CT + 768, 64);
+    for (int64_t d = 0; d < 16 * n; d++) {
+        const __m512 sum = _mm512_add_ps(_mm512_loadu_ps(OT + 16 * d), _mm512_loadu_ps(CT + 16 * d));
+        _mm512_storeu_ps(OT + 16 * d, _mm512_mul_ps(sum, alpha));
+    }
+    _tile_zero(4);
+    if (n > 1) _tile_zero(5);
+    if (n > 2) _tile_zero(6);
+    if (n > 3) _tile_zero(7);
+}
+
+/* v^T . P^T for value chunks e .. e + n - 1 (n <= 4) into tiles 4 .. 4 + n - 1 (P^T in tile 0). */
+static inline void amx_weigh(const uint16_t *vs, int64_t e, int64_t n) {
+    _tile_loadd(1, vs + e * 512, 64);
+    _tile_dpbf16ps(4, 1, 0);
+    if (n > 1) {
+        _tile_loadd(2, vs + (e + 1) * 512, 64);
+        _tile_dpbf16ps(5, 2, 0);
+    }
+    if (n > 2) {
+        _tile_loadd(3, vs + (e + 2) * 512, 64);
+        _tile_dpbf16ps(6, 3, 0);
+    }
+    if (n > 3) {
+        _tile_loadd(1, vs + (e + 3) * 512, 64);
+        _tile_dpbf16ps(7, 1, 0);
+    }
+}
+
+/* A row's running max is moved only when a step's max passes it by more than AMX_SLACK (the weights exp(s - max) then
+   stay below e^8, which float32 sums and bfloat16 hold with the same relative rounding): the weighted values, which
+   the tiles hold across steps, are rescaled only then, not at almost every step (16 rows a block, each growing its
+   max about ln(steps) times). The log-sum-exp is max + log(sum) whichever max the row keeps. */
+#define AMX_SLACK 8.0f
+
+static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, float *qrow, scratch_t *X) {
+    const int64_t *st = J->st, *g = J->segs + 6 * (item % J->nseg);
+    const int64_t h = item / J->nseg, kvh = h / (J->H / J->Hkv), D = J->D, Dv = J->Dv;
+    const int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];
+    if (ql <= 0) return 0;
+    if (kl < J->block_keys || D % 32 || Dv % 16 || kl >= (1LL << 30) || !(J->scale > 0) || J->softcap > 0 ||
+        J->slopes || J->sinks)
+        return forward_item_bf16(J, item, s, acc, qrow, X);
+    const uint16_t *q = (const uint16_t *)J->q + b * st[0] + h * st[1] + qs * st[2];
+    const uint16_t *k = (const uint16_t *)J->k + b * st[3] + kvh * st[4] + ks * st[5];
+    const uint16_t *v = (const uint16_t *)J->v + b * st[6] + kvh * st[7] + ks * st[8];
+    float *o = (float *)J->res + b * st[9] + h * st[10] + qs * st[11];
+    float *lse = (float *)J->lse + (b * J->H + h) * J->Q + qs;
+    int64_t klo, khi, lo, hi;
+    key_range(J, 0, off, kl, &klo, &hi);
+    key_range(J, ql - 1, off, kl, &lo, &khi);
+    const int64_t k0 = klo / AMX_STEP * AMX_STEP; /* the copies' first key */
+    const int64_t n = khi > k0 ? khi - k0 : 0, steps = (n + AMX_STEP - 1) / AMX_STEP, keys = steps * AMX_STEP;
+    const int64_t chunks = D / 32, vchunks = Dv / 16, resident = vchunks <= 4;
+    uint16_t *kc = (uint16_t *)grow(&X->kt, &X->kt_size, sizeof(uint16_t) * (keys * D + 1));
+    uint16_t *vt = (uint16_t *)grow(&X->vt, &X->vt_size, sizeof(uint16_t) * (keys * Dv + 1));
+    /* q^T by pairs (chunks x 256 words), O^T and the products (Dv x 16 each), max, sum, S^T (AMX_STEP x 16), P^T
+       (AMX_STEP / 2 x 16 words) */
+    const int64_t words = chunks * 256 + 2 * Dv * 16 + 32 + AMX_STEP * 16 + AMX_STEP * 8;
+    uint32_t *W = (uint32_t *)grow(&X->p4, &X->p4_size, sizeof(uint32_t) * words);
+    int32_t *bad = (int32_t *)grow(&X->rows, &X->rows_size, sizeof(int32_t) * (n + 1));
+    if (!kc || !vt || !W || !bad) return 1;
+    /* values that are not finite go in as 0, so that no row reads them through a weight of 0; a row that sees one
+       is computed again below by the row form, which multiplies them as they are (NaN or infinite results, as on
+       every path) */
+    const int64_t poisoned = amx_values(vt, v + k0 * st[8], st[8], n, steps, Dv, bad);
+    for (int64_t j = 0; j < keys; j++) {
+        if (j < n)
+            memcpy(kc + j * D, k + (k0 + j) * st[5], sizeof(uint16_t) * D);
+        else
+            memset(kc + j * D, 0, sizeof(uint16_t) * D);
+    }
+    uint32_t *QT = W;
+    float *OT = (float *)(W + chunks * 256), *CT = OT + Dv * 16, *M = CT + Dv * 16, *L = M + 16, *ST = L + 16;
+    uint32_t *PT = (uint32_t *)(ST + AMX_STEP * 16);
+    const __m512 scale = _mm512_set1_ps((float)J->scale), ninf = _mm512_set1_ps(-INFINITY), one = _mm512_set1_ps(1);
+    const float mod[6] = {(float)J->scale, 0, 0, 0, 0, 0}; /* the row form's: the scale, no modifier */
+    amx_configure();
+    for (int64_t i0 = 0; i0 < ql; i0 += 16) {
+        int32_t LO[16], HI[16];
+        int64_t span0 = khi, span1 = k0;
+        for (int64_t r = 0; r < 16; r++) {
+            int64_t a = 0, z = 0;
+            if (i0 + r < ql) key_range(J, i0 + r, off, kl, &a, &z);
+            if (z <= a)
+                a = z = k0;
+            else
+                span0 = a < span0 ? a : span0, span1 = z > span1 ? z : span1;
+            LO[r] = (int32_t)(a - k0), HI[r] = (int32_t)(z - k0);
+        }
+        for (int64_t c = 0; c < chunks; c++) { /* q^T by pairs: row r of a chunk holds each row's elements 2r, 2r + 1 */
+            vec_float rows[16];
+            for (int64_t r = 0; r < 16; r++) {
+                if (i0 + r < ql)
+                    memcpy(&rows[r], q + (i0 + r) * st[2] + 32 * c, 64);
+                else
+                    memset(&rows[r], 0, 64);
+            }
+            transpose16((float *)(void *)(QT + c * 256), rows);
+        }
+        for (int64_t d = 0; d < Dv * 16; d++) OT[d] = 0;
+        __m512 m = ninf, l = _mm512_setzero_ps();
+        const __m512i lov = _mm512_loadu_si512(LO), hiv = _mm512_loadu_si512(HI);
+        if (resident) {
+            _tile_zero(4);
+            if (vchunks > 1) _tile_zero(5);
+            if (vchunks > 2) _tile_zero(6);
+            if (vchunks > 3) _tile_zero(7);
+        }
+        for (int64_t j0 = span0 / AMX_STEP * AMX_STEP; j0 < span1; j0 += AMX_STEP) {
+            const int64_t rel = j0 - k0;
+            /* S^T: keys 0-15 and 16-31 of the step against the block's rows, over chunks of 32 elements */
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t c = 0; c < chunks; c++) {
+                _tile_loadd(0, QT + c * 256, 64);
+                _tile_loadd(1, kc + rel * D + 32 * c, D * 2);
+                _tile_dpbf16ps(2, 1, 0);
+                _tile_loadd(1, kc + (rel + 16) * D + 32 * c, D * 2);
+                _tile_dpbf16ps(3, 1, 0);
+            }
+            _tile_stored(2, ST, 64);
+            _tile_stored(3, ST + 256, 64);
+            /* one lane per row: the keys each row sees, and the step's largest score among them */
+            __mmask16 seen[AMX_STEP];
+            __m512 raw = ninf;
+            const __m512i first = _mm512_set1_epi32((int32_t)rel), end = _mm512_set1_epi32((int32_t)(rel + AMX_STEP));
+            const __mmask16 whole =
+                _mm512_cmp_epi32_mask(lov, first, _MM_CMPINT_LE) & _mm512_cmp_epi32_mask(hiv, end, _MM_CMPINT_NLT);
+            if (whole == 0xffff) {
+                for (int64_t j = 0; j < AMX_STEP; j++) {
+                    seen[j] = 0xffff;
+                    raw = _mm512_max_ps(raw, _mm512_loadu_ps(ST + 16 * j));
+                }
+            } else {
+                for (int64_t j = 0; j < AMX_STEP; j++) {
+                    const __m512i key = _mm512_set1_epi32((int32_t)(rel + j));
+                    seen[j] = _mm512_cmp_epi32_mask(lov, key, _MM_CMPINT_LE) &
+                              _mm512_cmp_epi32_mask(hiv, key, _MM_CMPINT_NLE);
+                    raw = _mm512_mask_max_ps(raw, seen[j], raw, _mm512_loadu_ps(ST + 16 * j));
+                }
+            }
+            /* a row's max moves when the step's passes it by AMX_SLACK (never for a NaN score, whose weight is NaN) */
+            const __m512 top = _mm512_mul_ps(raw, scale);
+            const __mmask16 grew = _mm512_cmp_ps_mask(top, _mm512_add_ps(m, _mm512_set1_ps(AMX_SLACK)), _CMP_GT_OQ);
+            if (grew) {
+                const __m512 moved = _mm512_mask_mov_ps(m, grew, top);
+                const __m512 alpha = _mm512_mask_blend_ps(grew, one, exp16(_mm512_sub_ps(m, moved), grew));
+                if (resident)
+                    amx_flush(OT, CT, vchunks, alpha);
+                else
+                    for (int64_t d = 0; d < Dv; d++)
+                        _mm512_storeu_ps(OT + 16 * d, _mm512_mul_ps(_mm512_loadu_ps(OT + 16 * d), alpha));
+                l = _mm512_mul_ps(l, alpha);
+                m = moved;
+            }
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < AMX_STEP; j += 2) {
+                const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j), scale, m);
+                const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j + 16), scale, m);
+                const __m512 e0 = exp16(x0, seen[j]), e1 = exp16(x1, seen[j + 1]);
+                sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+                _mm512_storeu_si512(PT + 8 * j, pairs16(e0, e1));
+            }
+            l = _mm512_add_ps(l, sum);
+            /* O^T += v^T . P^T: in the tiles across steps, or (Dv > 64) four chunks at a time through memory */
+            _tile_loadd(0, PT, 64);
+            const uint16_t *vs = vt + (rel / AMX_STEP) * vchunks * 512;
+            if (resident) {
+                amx_weigh(vs, 0, vchunks);
+            } else {
+                for (int64_t e = 0; e < vchunks; e += 4) {
+                    const int64_t ne = vchunks - e < 4 ? vchunks - e : 4;
+                    _tile_zero(4);
+                    if (ne > 1) _tile_zero(5);
+                    if (ne > 2) _tile_zero(6);
+                    if (ne > 3) _tile_zero(7);
+                    amx_weigh(vs, e, ne);
+                    float *Oe = OT + e * 256;
+                    amx_flush(Oe, CT, ne, one);
+                }
+            }
+        }
+        if (resident) amx_flush(OT, CT, vchunks, one);
+        _mm512_storeu_ps(M, m);
+        _mm512_storeu_ps(L, l);
+        for (int64_t r = 0; r < 16 && i0 + r < ql; r++) {
+            float *oi = o + (i0 + r) * st[11];
+            if (HI[r] <= LO[r]) { /* no allowed key: exactly 0, and the backward skips the row */
+                for (int64_t d = 0; d < Dv; d++) oi[d] = 0;
+                lse[i0 + r] = -INFINITY;
+                continue;
+            }
+            if (poisoned && bad[HI[r]] > bad[LO[r]]) { /* the row sees a value that is not finite */
+                const int64_t i = i0 + r, a = LO[r] + k0, z = HI[r] + k0;
+                const float *qi = row_bf16(q + i * st[2], qrow, D);
+                int64_t j = a;
+                for (; j + 4 <= z; j += 4) dot4_bf16(qi, k + j * st[5], st[5], D, s + j);
+                for (; j < z; j++) s[j] = dot_bf16(qi, k + j * st[5], D);
+                finish_row_bf16(s + a, z - a, a - i - off, v + a * st[8], st[8], Dv, oi, lse + i, acc, mod);
+                continue;
+            }
+            const float inv = 1 / L[r];
+            for (int64_t d = 0; d < Dv; d++) oi[d] = OT[16 * d + r] * inv;
+            lse[i0 + r] = M[r] + logf(L[r]);
+        }
+    }
+    _tile_release();
+    return 0;
+}
+DEFINE_WORKER(float, amx, backward_item_none)
+#else
+#define AMX_BUILT 0
+#endif
+
 static int run(job_t *J, int threads, void *(*worker)(void *)) {
     if (threads < 1) threads = 1;
     if (threads > J->n_items) threads = J->n_items > 0 ? (int)J->n_items : 1;
@@ -1053,7 +1399,21 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
     if (dtype_bits == 32) return run(&J, threads, worker_f32);
     if (dtype_bits == 64) return run(&J, threads, worker_f64);
     if (dtype_bits == 16 && !backward) return run(&J, threads, worker_bf16); /* bfloat16 q, k, v; float32 out, lse */
+#if AMX_BUILT
+    if (dtype_bits == 17 && !backward) return run(&J, threads, worker_amx); /* the same on AMX tiles */
+#endif
     return 2;
+}
+
+/* 1 when the bfloat16 forward may run on AMX tiles (dtype_bits 17): the kernel was built with them and Linux granted
+ * this process their state (ARCH_REQ_XCOMP_PERM, 0x1023, for XFEATURE_XTILEDATA, 18; once per process, for every
+ * thread), else 0. */
+int attnmask_amx_ready(void) {
+#if AMX_BUILT
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return 0;
+#endif
 }
 
 /* The kernel's float32 exp over an array, for the tests (tests/test_native.py holds it to ~1 ulp of exp). */
