@@ -1082,3 +1082,71 @@ def test_the_tiles_give_the_same_rows_at_one_and_two_threads():
         with kernel_settings(threads):
             outs.append(am.attention(q, k, v, am.causal() & am.sliding_window(300), backend="native").float())
     torch.testing.assert_close(outs[0], outs[1], atol=2**-7, rtol=2**-7)
+
+
+def _backward_tiles_seen(monkeypatch) -> list:
+    """The ``tiles`` flag of every backward kernel call from now on."""
+    seen = []
+    call = N._call
+    monkeypatch.setattr(N, "_call", lambda *a: (seen.append(a[11]) if a[0] else None) or call(*a))
+    return seen
+
+
+@needs_tiles
+@pytest.mark.parametrize(
+    ("spec", "dims", "kv_heads"),
+    [
+        (am.causal(), (64, 64), 2),
+        (am.causal() & am.sliding_window(40), (32, 32), 4),
+        (am.causal() & am.document(seq_lens=[[5, 30, 225], [70, 190]]), (64, 128), 1),  # ends inside 16 keys
+        (am.full() & am.document(seq_lens=[[20, 100, 140], [260]]), (128, 64), 2),
+        (am.causal() & am.key_padding(torch.arange(260) >= 37), (64, 64), 2),  # rows with no key
+    ],
+)
+def test_the_bfloat16_backward_on_amx_tiles_matches_float64(monkeypatch, spec, dims, kv_heads):
+    """After a forward on the tiles, the backward runs on them too where Dv is a multiple of 32 and q, k and dout are
+    finite: P and dS from the forward's log-sum-exp in float32, rounded to bfloat16 for the tile products (dV, dK, dQ)
+    with float32 sums. Its gradients are float64's on the same bfloat16 values to bfloat16's rounding, with a second
+    thread too (segments whose keys are disjoint are its items), and rows with no key get exactly 0."""
+    seen = _backward_tiles_seen(monkeypatch)
+    gen = torch.Generator().manual_seed(4)
+    D, Dv = dims
+    L = 260
+    q = torch.randn(2, 4, L, D, generator=gen).bfloat16()
+    k = torch.randn(2, kv_heads, L, D, generator=gen).bfloat16()
+    v = torch.randn(2, kv_heads, L, Dv, generator=gen).bfloat16()
+    dout = torch.randn(2, 4, L, Dv, generator=gen).bfloat16()
+    allowed = spec.to_dense(L)[:, None]
+    wide = [t.double().requires_grad_() for t in (q, k, v)]
+    naive_attention(*wide, allowed).backward(dout.double())
+    for threads in (1, 2):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        with kernel_settings(threads):
+            am.attention(*inputs, spec, backend="native").backward(dout)
+        for got, ref in zip(inputs, wide, strict=True):
+            torch.testing.assert_close(got.grad.double(), ref.grad, atol=6e-2, rtol=6e-2)
+        empty = ~allowed.any(-1).expand(2, 4, L)
+        assert (inputs[0].grad[empty] == 0).all()
+    assert seen == [True, True]
+
+
+@needs_tiles
+@pytest.mark.parametrize("where", ["q", "k", "dout"])
+def test_the_tiles_backward_leaves_non_finite_inputs_to_the_float32_copies(monkeypatch, where):
+    """A NaN in q, k or dout (a row or key that others may not meet) sends the backward to the float32 copies, which
+    multiply only the pairs that meet: the gradients of every key and row that never meets it stay finite and equal
+    to what that path gives."""
+    seen = _backward_tiles_seen(monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(1, 2, 200, 64, generator=gen).bfloat16() for _ in range(4))
+    tensors = {"q": q, "k": k, "dout": dout}
+    tensors[where] = tensors[where].clone()
+    tensors[where][:, :, 150] = float("nan")
+    inputs = [t.clone().requires_grad_() for t in (tensors["q"], tensors["k"], v)]
+    am.attention(*inputs, am.causal(), backend="native").backward(tensors["dout"])
+    assert seen == [False]
+    if where == "k":  # key 150 is met by rows 150 on: rows before it, and the other keys' dk and dv, stay finite
+        assert torch.isfinite(inputs[0].grad[:, :, :150]).all()
+    else:  # row 150 meets keys up to 150: the later keys' dk and dv, and the other rows' dq, stay finite
+        assert torch.isfinite(inputs[1].grad[:, :, 151:]).all() and torch.isfinite(inputs[2].grad[:, :, 151:]).all()
+        assert torch.isfinite(inputs[0].grad[:, :, :150]).all()

@@ -13,9 +13,9 @@ issue 15, "native's blocked form", "native's tiles"); ``"auto"`` chooses by ``co
 ``_common.native_plan``: the varlen segments, and for padded rows whose padding queries see real keys (right padding
 under ``causal()``), those queries in the row's segment too (more queries than keys: each sees the keys its rule
 allows), which a varlen kernel, computing only the sequences, cannot express. In bfloat16 on a CPU with AMX-BF16 tiles
-the forward of those blocked segments runs on the tiles (``_on_tiles``: products of bfloat16 with float32 sums, the
-softmax in float32, q, k and v read as stored): 2.1-3.0x the float32 arithmetic's speed on rows of 8,192, causal rows
-at their pair-proportional ideal (RESULTS.md, issue 15, "native's bfloat16 forward on AMX tiles").
+the forward of those blocked segments and its backward run on the tiles (``_on_tiles``, ``_tiles_backward``: products
+of bfloat16 with float32 sums, the softmax in float32, q, k and v read as stored): 2.1-3.0x the float32 arithmetic's
+speed forward on rows of 8,192 and 1.2-2.0x with a backward (RESULTS.md, issue 15, "native's bfloat16 on AMX tiles").
 
 The C source is compiled on first use with the system C compiler and loaded with ctypes (``backends._clib``).
 Without a compiler, or with ``ATTNMASK_NATIVE=0``, the backend reports itself unsupported and ``"auto"`` uses the
@@ -234,11 +234,33 @@ def _reads_as_stored(dtype: torch.dtype, kv_elements: int, segs: torch.Tensor, r
 # BLOCK_MIN_QUERIES queries (the blocked form's ground); the kernel's row form keeps the rest. Taken where most of the
 # call's pairs are on that ground (_TILES_MIN_SHARE), with no score modifier, D a multiple of 32 and Dv of 16, on a
 # CPU with AMX-BF16 whose kernel was built with it, Linux granting the tiles' state; ATTNMASK_NATIVE_AMX=0 turns it
-# off. The backward is unchanged (float32 copies).
+# off. Its backward runs on the tiles too where Dv is a multiple of 32 and q, k and dout are finite
+# (``_tiles_backward``), else on float32 copies. Rows of 8,192, two threads, against the float32 arithmetic on
+# copies: forward 2.1-3.0x faster, with a backward 1.2-2.0x (RESULTS.md, issue 15, "native's bfloat16 on AMX tiles").
 _TILES_MIN_SHARE = 0.5
 # The forward's pairs on the tiles cost this share of the float32 kernel's charges (``_item_work``), its threads
-# gaining as float32's (_THREAD_EFFICIENCY), with no float32 copies in the forward (the backward's are charged once).
+# gaining as float32's (_THREAD_EFFICIENCY: a second thread measured 1.8-1.95x the first's speed there), with no
+# float32 copies in the forward; after it the backward on the tiles (Dv a multiple of 32; ``_tiles_backward``), its
+# pairs at _TILES_BACKWARD_SCALE of the float32 backward's charges and its passes over the call's elements (gradients
+# zeroed in float32 and converted back; no float32 copies of q, k, v) _TILES_BACKWARD_PASSES times at ``COPY_COST``.
+# Fitted by a grid (``bench_limit.py --fit ... --grid``) on the Xeon's bfloat16 tables after both (rows of 8,192 at
+# two threads, of 1,024 at one and two; limit_tables/s44b_*): 0.3-0.4 x 0.5-0.7 read 95 of 96 rows within 1.1x of the
+# fastest, 0.25 or 0.5 for the forward 90-93, 0.3-0.4 for the backward 92-93 (RESULTS.md, issue 15, "native's
+# bfloat16 on AMX tiles"); the middle of the plateau.
 _TILES_PAIR_SCALE = 0.35
+_TILES_BACKWARD_SCALE = 0.6
+_TILES_BACKWARD_PASSES = 2.0
+
+
+def _tiles_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor) -> bool:
+    """Whether the backward of a forward that ran on the tiles runs on them too (segattn.c's backward_item_amx): Dv a
+    multiple of 32, and q, k and dout finite. A tile multiplies every element of its operands, the weight 0 of a
+    pair that may not meet included, and 0 times an infinite or NaN element would reach rows and keys that never
+    meet it; such a call takes the float32 copies' backward, which multiplies only the pairs that meet (one pass
+    over each of the three tensors decides)."""
+    if v.shape[3] % 32:
+        return False
+    return all(bool(torch.isfinite(t).all()) for t in (q, k, dout))
 
 
 @functools.cache
@@ -291,7 +313,7 @@ class _SegmentAttention(torch.autograd.Function):
             blocks = forward_items(segs, H, threads)
         _call(False, qw, kw, vw, res, None, lse, None, blocks, rule, mods, tiles, threads)
         ctx.save_for_backward(qw, kw, vw, res, lse, segs)
-        ctx.meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype)
+        ctx.meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype, tiles)
         return res.to(q.dtype)
 
     @staticmethod
@@ -299,16 +321,18 @@ class _SegmentAttention(torch.autograd.Function):
     @on_free_cores
     def backward(ctx, grad):
         qw, kw, vw, res, lse, segs = ctx.saved_tensors
-        rule, mods, dtype, sinks_dtype = ctx.meta
-        qw, kw, vw = (_rows(t, res.dtype) for t in (qw, kw, vw))  # bfloat16 inputs: float32 copies for the backward
+        rule, mods, dtype, sinks_dtype, tiles = ctx.meta
+        tiles = tiles and _tiles_backward(qw, kw, vw, grad)
+        if not tiles:  # bfloat16 inputs: float32 copies for the backward
+            qw, kw, vw = (_rows(t, res.dtype) for t in (qw, kw, vw))
         dout = _rows(grad, qw.dtype)
-        grads = tuple(torch.zeros(t.shape, dtype=qw.dtype) for t in (qw, kw, vw))
+        grads = tuple(torch.zeros(t.shape, dtype=res.dtype) for t in (qw, kw, vw))
         threads = 1
         if _keys_disjoint(segs):  # else two items could add into one dk / dv row
             threads = _kernel_threads(segs, qw.shape[1], qw.shape[3] + vw.shape[3], rule, passes=3)
         if threads > 1:  # items are (segment, key/value head), segment-major: the heaviest segments first
             segs = segs[_heaviest_first(segs, rule)]
-        _call(True, qw, kw, vw, res, dout, lse, grads, segs, rule, mods, False, threads)
+        _call(True, qw, kw, vw, res, dout, lse, grads, segs, rule, mods, tiles, threads)
         dsinks = None
         if ctx.needs_input_grad[8]:
             dsinks = _sinks_grad(mods[1], lse, res, dout).to(sinks_dtype)
@@ -435,8 +459,9 @@ def segment_attention(
     dtype; differentiable in ``q``, ``k``, ``v`` (once).
 
     Work: the allowed pairs only, ``O(pairs · (D + Dv))``. Memory: the output, a ``(B, H, Q)`` log-sum-exp saved for
-    the backward, the gradients; float32 copies of float16 inputs, and of bfloat16 ones in the backward only (the
-    forward reads bfloat16 as stored); no mask and no copy of float32 inputs whose last dimension is contiguous. Per
+    the backward, the gradients (float32 for half-precision inputs); float32 copies of float16 inputs, and of
+    bfloat16 ones unless they are read as stored (a decoding step's forward; forward and backward on AMX tiles); no
+    mask and no copy of float32 inputs whose last dimension is contiguous. Per
     thread, the kernel's scratch: a segment's keys transposed (and its values, in the backward), O(k_len · (D + Dv)),
     and a panel's tile of scores, O(PANEL_ROWS · FORWARD_TILE_KEYS) in the forward and O(PANEL_ROWS · TILE_KEYS) in
     the backward (4.2 MiB for a causal segment of 8,192 keys at D = Dv = 64 in float32 with a backward).
@@ -653,6 +678,7 @@ def cost(call) -> float:
     mods = (call.softcap or 0.0, call.sinks, call.alibi_slopes)
     tiles = amx and _on_tiles(call.q.dtype, call.q_len, (call.head_dim, call.value_dim), segs, (causal, window), mods)
     efficiency = _BF16_AMX_THREAD_EFFICIENCY if amx and not tiles else _THREAD_EFFICIENCY
+    tiles_back = tiles and call.value_dim % 32 == 0  # the backward on the tiles too (finite inputs assumed)
     block_keys = _block_keys(call.q_len)
     forward_gain = None
     if blocks is segs and threads >= 2:  # the forward deals the segments themselves: their works and deal in one pass
@@ -678,12 +704,12 @@ def cost(call) -> float:
         if not stored:
             serial += copies
         elif call.needs_grad:
-            stored_copies = copies * _BF16_BACKWARD_PASSES
+            stored_copies = copies * (_TILES_BACKWARD_PASSES if tiles_back else _BF16_BACKWARD_PASSES)
     kernel = item_sum * call.heads * (_TILES_PAIR_SCALE if tiles else 1.0)  # the forward's, on one thread
     factor = mode_factor(MODES, call)
     if call.needs_grad:  # the backward's runs read and write twice the bytes per key: their own charges
         item, back_sum, _ = _item_work_sums(segs, causal, window, width, _BACKWARD_KEY_BYTES, block_keys)
-        back = back_sum * call.heads
+        back = back_sum * call.heads * (_TILES_BACKWARD_SCALE if tiles_back else 1.0)
     if threads < 2:
         if not call.needs_grad:
             return (serial + kernel) * factor

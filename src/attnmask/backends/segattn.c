@@ -1320,6 +1320,13 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
         if (resident) amx_flush(OT, CT, vchunks, one);
         _mm512_storeu_ps(M, m);
         _mm512_storeu_ps(L, l);
+        for (int64_t e = 0; e < vchunks; e++) { /* O^T back to rows: CT (16, Dv), 16 x 16 at a time */
+            vec_float cols[16];
+            float rows[256];
+            memcpy(cols, OT + 256 * e, sizeof cols);
+            transpose16(rows, cols);
+            for (int64_t r = 0; r < 16; r++) memcpy(CT + r * Dv + 16 * e, rows + 16 * r, 64);
+        }
         for (int64_t r = 0; r < 16 && i0 + r < ql; r++) {
             float *oi = o + (i0 + r) * st[11];
             if (HI[r] <= LO[r]) { /* no allowed key: exactly 0, and the backward skips the row */
@@ -1336,15 +1343,246 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
                 finish_row_bf16(s + a, z - a, a - i - off, v + a * st[8], st[8], Dv, oi, lse + i, acc, mod);
                 continue;
             }
-            const float inv = 1 / L[r];
-            for (int64_t d = 0; d < Dv; d++) oi[d] = OT[16 * d + r] * inv;
+            const float inv = 1 / L[r], *y = CT + r * Dv;
+            _Pragma("omp simd") for (int64_t d = 0; d < Dv; d++) oi[d] = y[d] * inv;
             lse[i0 + r] = M[r] + logf(L[r]);
         }
     }
     _tile_release();
     return 0;
 }
-DEFINE_WORKER(float, amx, backward_item_none)
+/* The bfloat16 backward on AMX tiles (dtype_bits 17, backward 1): q, k, v and dout read as stored (bfloat16), out and
+ * lse float32 (the forward's), dq, dk, dv float32 (zero on entry). The caller takes it only where q, k and dout are
+ * finite (a tile multiplies every element of its operands, and 0 times an infinite or NaN element of a key or row
+ * that may not meet would reach the other), with D and Dv multiples of 32 and no score modifier. One item is a
+ * segment and key/value head (as the float32 backward's: its dk and dv rows are its own). Per query head of the group
+ * and block of 16 rows, per step of AMX_STEP keys: S^T = k . q^T and dP^T = v . dO^T in tiles (one vector lane per
+ * row), then per key P = exp(scale s - lse) and dS = P (dP - di) on the keys each row sees (0 elsewhere), rounded to
+ * bfloat16, and three tile products: dV += P^T . dO and dK += dS^T . q on 16 keys at a time (the rows as the inner
+ * dimension: tiles 6 and 7 hold 16 x 16 and 8 x (16 pairs)), dQ^T += k^T . dS^T (pairs of keys). dq and dk are
+ * scaled in dS. Scratch per thread: the item's keys x (2 D + Dv) bfloat16 and a block's rows. */
+static void amx_configure_backward(void) {
+    amx_config_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 6; t++) c.colsb[t] = 64, c.rows[t] = 16;
+    c.colsb[6] = 32, c.rows[6] = 16; /* A: 16 keys x 16 rows of P^T or dS^T */
+    c.colsb[7] = 64, c.rows[7] = 8;  /* B: 8 pairs of rows x 16 elements of dO or q */
+    _tile_loadconfig(&c);
+}
+
+/* Rows x[0 .. 16) (ld apart, `width` bfloat16 each; those at or past n zero) by pairs of rows: chunk e (elements
+   16e ..) at out + e * 128 words, its word r, d the elements d of rows 2r and 2r + 1 (low: 2r). */
+static void amx_row_pairs(uint32_t *restrict out, const uint16_t *x, int64_t ld, int64_t n, int64_t width) {
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t e = 0; e < width / 16; e++)
+        for (int64_t r = 0; r < 8; r++) {
+            const __m256i a = 2 * r < n ? _mm256_loadu_si256((const void *)(x + 2 * r * ld + 16 * e)) : zero;
+            const __m256i c = 2 * r + 1 < n ? _mm256_loadu_si256((const void *)(x + (2 * r + 1) * ld + 16 * e)) : zero;
+            const __m512i w =
+                _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(c), 16));
+            _mm512_storeu_si512(out + e * 128 + r * 16, w);
+        }
+}
+
+/* Rows x[0 .. 16) (ld apart; those at or past n zero) transposed by pairs of elements: chunk c (elements 32c ..) at
+   out + c * 256 words, its row r the rows' elements 2r, 2r + 1 (one word a row): the B operand of k . x^T. */
+static void amx_pairs_t(uint32_t *restrict out, const uint16_t *x, int64_t ld, int64_t n, int64_t width) {
+    for (int64_t c = 0; c < width / 32; c++) {
+        vec_float rows[16];
+        for (int64_t r = 0; r < 16; r++) {
+            if (r < n)
+                memcpy(&rows[r], x + r * ld + 32 * c, 64);
+            else
+                memset(&rows[r], 0, 64);
+        }
+        transpose16((float *)(void *)(out + c * 256), rows);
+    }
+}
+
+static int backward_item_amx(const job_t *J, int64_t item, float *s, float *dp, scratch_t *X) {
+    (void)s, (void)dp;
+    const int64_t *st = J->st, *g = J->segs + 6 * (item / J->Hkv);
+    const int64_t kvh = item % J->Hkv, rep = J->H / J->Hkv, D = J->D, Dv = J->Dv, K = st[15];
+    const int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];
+    if (ql <= 0) return 0;
+    const uint16_t *k = (const uint16_t *)J->k + b * st[3] + kvh * st[4] + ks * st[5];
+    const uint16_t *v = (const uint16_t *)J->v + b * st[6] + kvh * st[7] + ks * st[8];
+    float *dk = (float *)J->dk + ((b * J->Hkv + kvh) * K + ks) * D;
+    float *dv = (float *)J->dv + ((b * J->Hkv + kvh) * K + ks) * Dv;
+    int64_t klo, khi, lo, hi;
+    key_range(J, 0, off, kl, &klo, &hi);
+    key_range(J, ql - 1, off, kl, &lo, &khi);
+    const int64_t k0 = klo / AMX_STEP * AMX_STEP;
+    const int64_t n = khi > k0 ? khi - k0 : 0, steps = (n + AMX_STEP - 1) / AMX_STEP, keys = steps * AMX_STEP;
+    if (!n) return 0;
+    const int64_t dch = D / 16, vch = Dv / 16;
+    uint16_t *kc = (uint16_t *)grow(&X->kt, &X->kt_size, sizeof(uint16_t) * (keys * (2 * D + Dv) + 1));
+    /* per block: q^T and dO^T by pairs of elements, q and dO by pairs of rows, dQ^T, lse, di, S^T, dP^T, P^T and
+       dS^T in bfloat16 (keys x rows), dS^T by pairs of keys */
+    const int64_t words =
+        D * 8 + Dv * 8 + D * 8 + Dv * 8 + D * 16 + 32 + 2 * AMX_STEP * 16 + AMX_STEP * 16 + 256 + 16 * (D + Dv);
+    uint32_t *W = (uint32_t *)grow(&X->p4, &X->p4_size, sizeof(uint32_t) * words);
+    if (!kc || !W) return 1;
+    uint16_t *vc = kc + keys * D, *kt = vc + keys * Dv;
+    for (int64_t j = 0; j < keys; j++) {
+        if (j < n) {
+            memcpy(kc + j * D, k + (k0 + j) * st[5], sizeof(uint16_t) * D);
+            memcpy(vc + j * Dv, v + (k0 + j) * st[8], sizeof(uint16_t) * Dv);
+        } else {
+            memset(kc + j * D, 0, sizeof(uint16_t) * D);
+            memset(vc + j * Dv, 0, sizeof(uint16_t) * Dv);
+        }
+    }
+    {   /* k^T in blocks of AMX_STEP keys x 16 elements (as amx_values lays out v; k is finite) */
+        for (int64_t p = 0; p < steps; p++)
+            for (int64_t e = 0; e < dch; e++) {
+                vec_float rows[16];
+                for (int64_t r = 0; r < 16; r++) {
+                    const uint16_t *x0 = kc + (p * AMX_STEP + 2 * r) * D + 16 * e, *x1 = x0 + D;
+                    const __m512i w = _mm512_or_si512(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)x0)),
+                        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)x1)), 16));
+                    memcpy(&rows[r], &w, sizeof w);
+                }
+                transpose16((float *)(void *)(kt + (p * dch + e) * 512), rows);
+            }
+    }
+    uint32_t *QT = W, *OT = QT + D * 8, *QV = OT + Dv * 8, *OV = QV + D * 8;
+    float *DQ = (float *)(OV + Dv * 8), *LS = DQ + D * 16, *DI = LS + 16, *ST = DI + 16, *DP = ST + AMX_STEP * 16;
+    uint16_t *P16 = (uint16_t *)(DP + AMX_STEP * 16), *S16 = P16 + AMX_STEP * 16;
+    uint32_t *DSP = (uint32_t *)(S16 + AMX_STEP * 16);
+    float *TAIL = (float *)(DSP + 256); /* 16 keys' dv and dk rows past a segment's end */
+    const __m512 scale = _mm512_set1_ps((float)J->scale);
+    amx_configure_backward();
+    for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++) {
+        const uint16_t *q = (const uint16_t *)J->q + b * st[0] + h * st[1] + qs * st[2];
+        const uint16_t *dO = (const uint16_t *)J->dout + b * st[12] + h * st[13] + qs * st[14];
+        const float *o = (const float *)J->res + b * st[9] + h * st[10] + qs * st[11];
+        const float *lse = (const float *)J->lse + (b * J->H + h) * J->Q + qs;
+        float *dq = (float *)J->dq + ((b * J->H + h) * J->Q + qs) * D;
+        for (int64_t i0 = 0; i0 < ql; i0 += 16) {
+            const int64_t rows = ql - i0 < 16 ? ql - i0 : 16;
+            int32_t LO[16], HI[16];
+            int64_t span0 = khi, span1 = k0;
+            for (int64_t r = 0; r < 16; r++) {
+                int64_t a = 0, z = 0;
+                if (r < rows) key_range(J, i0 + r, off, kl, &a, &z);
+                if (z <= a || isinf(lse[i0 + (r < rows ? r : 0)]))
+                    a = z = k0; /* no share: no key, or an infinite lse */
+                else
+                    span0 = a < span0 ? a : span0, span1 = z > span1 ? z : span1;
+                LO[r] = (int32_t)(a - k0), HI[r] = (int32_t)(z - k0);
+                float di = 0;
+                if (r < rows && z > a)
+                    for (int64_t d = 0; d < Dv; d++)
+                        di += bf16_f32(dO[(i0 + r) * st[14] + d]) * o[(i0 + r) * st[11] + d];
+                DI[r] = di, LS[r] = r < rows ? lse[i0 + r] : 0;
+            }
+            if (span1 <= span0) continue;
+            amx_pairs_t(QT, q + i0 * st[2], st[2], rows, D);
+            amx_pairs_t(OT, dO + i0 * st[14], st[14], rows, Dv);
+            amx_row_pairs(QV, q + i0 * st[2], st[2], rows, D);
+            amx_row_pairs(OV, dO + i0 * st[14], st[14], rows, Dv);
+            for (int64_t d = 0; d < D * 16; d++) DQ[d] = 0;
+            const __m512i lov = _mm512_loadu_si512(LO), hiv = _mm512_loadu_si512(HI);
+            const __m512 lsv = _mm512_loadu_ps(LS), div = _mm512_loadu_ps(DI);
+            for (int64_t j0 = span0 / AMX_STEP * AMX_STEP; j0 < span1; j0 += AMX_STEP) {
+                const int64_t rel = j0 - k0;
+                /* S^T and dP^T, 32 keys x 16 rows each */
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t c = 0; c < D / 32; c++) {
+                    _tile_loadd(0, QT + c * 256, 64);
+                    _tile_loadd(1, kc + rel * D + 32 * c, D * 2);
+                    _tile_dpbf16ps(2, 1, 0);
+                    _tile_loadd(1, kc + (rel + 16) * D + 32 * c, D * 2);
+                    _tile_dpbf16ps(3, 1, 0);
+                }
+                _tile_stored(2, ST, 64);
+                _tile_stored(3, ST + 256, 64);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t c = 0; c < Dv / 32; c++) {
+                    _tile_loadd(0, OT + c * 256, 64);
+                    _tile_loadd(1, vc + rel * Dv + 32 * c, Dv * 2);
+                    _tile_dpbf16ps(2, 1, 0);
+                    _tile_loadd(1, vc + (rel + 16) * Dv + 32 * c, Dv * 2);
+                    _tile_dpbf16ps(3, 1, 0);
+                }
+                _tile_stored(2, DP, 64);
+                _tile_stored(3, DP + 256, 64);
+                /* P and dS on the keys each row sees, 0 elsewhere */
+                __m512 ds_prev = _mm512_setzero_ps();
+                for (int64_t j = 0; j < AMX_STEP; j++) {
+                    const __m512i key = _mm512_set1_epi32((int32_t)(rel + j));
+                    const __mmask16 seen =
+                        _mm512_cmp_epi32_mask(lov, key, _MM_CMPINT_LE) &
+                        _mm512_cmp_epi32_mask(hiv, key, _MM_CMPINT_NLE);
+                    const __m512 p = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j), scale, lsv), seen);
+                    const __m512 dd = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(DP + 16 * j), div), scale);
+                    const __m512 ds = _mm512_maskz_mul_ps(seen, p, dd); /* scale dS: what dq and dk take */
+                    _mm256_storeu_si256((void *)(P16 + 16 * j), (__m256i)_mm512_cvtneps_pbh(p));
+                    _mm256_storeu_si256((void *)(S16 + 16 * j), (__m256i)_mm512_cvtneps_pbh(ds));
+                    if (j & 1) _mm512_storeu_si512(DSP + 8 * (j - 1), pairs16(ds_prev, ds));
+                    ds_prev = ds;
+                }
+                /* dV and dK of the step's keys, 16 keys x 16 elements a tile, added in memory: the item's own rows,
+                   or for a last 16 keys that pass the segment's end a copy of those it has (no row of another
+                   segment is touched) */
+                for (int64_t half = 0; half < 2; half++) {
+                    const int64_t key = k0 + rel + 16 * half, have = kl - key < 16 ? kl - key : 16;
+                    if (have <= 0) break;
+                    float *gv = dv + key * Dv, *gk = dk + key * D;
+                    int64_t ldv = Dv, ldk = D;
+                    if (have < 16) {
+                        memset(TAIL, 0, sizeof(float) * 16 * (D + Dv));
+                        memcpy(TAIL, gv, sizeof(float) * have * Dv);
+                        memcpy(TAIL + 16 * Dv, gk, sizeof(float) * have * D);
+                        gv = TAIL, gk = TAIL + 16 * Dv;
+                    }
+                    _tile_loadd(6, P16 + 256 * half, 32);
+                    for (int64_t e = 0; e < vch; e++) {
+                        _tile_loadd(4, gv + 16 * e, ldv * 4);
+                        _tile_loadd(7, OV + e * 128, 64);
+                        _tile_dpbf16ps(4, 6, 7);
+                        _tile_stored(4, gv + 16 * e, ldv * 4);
+                    }
+                    _tile_loadd(6, S16 + 256 * half, 32);
+                    for (int64_t e = 0; e < dch; e++) {
+                        _tile_loadd(5, gk + 16 * e, ldk * 4);
+                        _tile_loadd(7, QV + e * 128, 64);
+                        _tile_dpbf16ps(5, 6, 7);
+                        _tile_stored(5, gk + 16 * e, ldk * 4);
+                    }
+                    if (have < 16) {
+                        memcpy(dv + key * Dv, TAIL, sizeof(float) * have * Dv);
+                        memcpy(dk + key * D, TAIL + 16 * Dv, sizeof(float) * have * D);
+                    }
+                }
+                /* dQ^T += k^T . dS^T */
+                _tile_loadd(0, DSP, 64);
+                for (int64_t e = 0; e < dch; e++) {
+                    _tile_loadd(4, DQ + e * 256, 64);
+                    _tile_loadd(1, kt + ((rel / AMX_STEP) * dch + e) * 512, 64);
+                    _tile_dpbf16ps(4, 1, 0);
+                    _tile_stored(4, DQ + e * 256, 64);
+                }
+            }
+            for (int64_t e = 0; e < dch; e++) { /* dq rows += scale dQ^T, 16 x 16 at a time */
+                vec_float cols[16];
+                float out[256];
+                memcpy(cols, DQ + 256 * e, sizeof cols);
+                transpose16(out, cols);
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t d = 0; d < 16; d++) dq[(i0 + r) * D + 16 * e + d] += out[16 * r + d];
+            }
+        }
+    }
+    _tile_release();
+    return 0;
+}
+DEFINE_WORKER(float, amx, backward_item_amx)
 #else
 #define AMX_BUILT 0
 #endif
@@ -1400,7 +1638,7 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
     if (dtype_bits == 64) return run(&J, threads, worker_f64);
     if (dtype_bits == 16 && !backward) return run(&J, threads, worker_bf16); /* bfloat16 q, k, v; float32 out, lse */
 #if AMX_BUILT
-    if (dtype_bits == 17 && !backward) return run(&J, threads, worker_amx); /* the same on AMX tiles */
+    if (dtype_bits == 17) return run(&J, threads, worker_amx); /* bfloat16 on AMX tiles; float32 out, lse, grads */
 #endif
     return 2;
 }
