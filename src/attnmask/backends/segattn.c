@@ -9,9 +9,10 @@
  *
  * Layouts: q, k, v, out, dout are (B, H, L, D) arrays addressed through element strides for B, H and L; the last
  * dimension must be contiguous. lse is (B, H, Q) contiguous float32 / float64. A forward may take q, k, v in bfloat16
- * (dtype_bits 16; widened to float32 as each element is loaded) with out and lse in float32. The gradients dq, dk, dv
- * are contiguous (B, H, L, D) and must be zero on entry. Grouped-query attention: query head h reads key/value head h /
- * (H / Hkv).
+ * (dtype_bits 16; widened to float32 as each element is loaded) with out and lse in float32; on AMX tiles (dtype_bits
+ * 17, at the end) forward and backward take them so, the backward with dout in bfloat16 and float32 gradients. The
+ * gradients dq, dk, dv are contiguous (B, H, L, D) and must be zero on entry. Grouped-query attention: query head h
+ * reads key/value head h / (H / Hkv).
  *
  * Work is split into items (segment, head) in the forward and (segment, key/value head) in the backward, so that no
  * two items write the same output row: the backward's dk / dv rows belong to one segment only when the segments' key
@@ -1163,6 +1164,37 @@ static inline void amx_weigh(const uint16_t *vs, int64_t e, int64_t n) {
     }
 }
 
+/* S^T of the 32 rows from x (`width` bfloat16 each, contiguous: keys, or values) against a block's 16 rows given by
+   pairs of elements (XT, as amx_pairs_t writes them), over chunks of 32 elements, into S (32 vectors of 16). */
+static inline void amx_scores(float *S, const uint32_t *XT, const uint16_t *x, int64_t width) {
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < width / 32; c++) {
+        _tile_loadd(0, XT + c * 256, 64);
+        _tile_loadd(1, x + 32 * c, width * 2);
+        _tile_dpbf16ps(2, 1, 0);
+        _tile_loadd(1, x + 16 * width + 32 * c, width * 2);
+        _tile_dpbf16ps(3, 1, 0);
+    }
+    _tile_stored(2, S, 64);
+    _tile_stored(3, S + 256, 64);
+}
+
+/* Rows x[0 .. 16) (ld apart; those at or past n zero) transposed by pairs of elements: chunk c (elements 32c ..) at
+   out + c * 256 words, its row r the rows' elements 2r, 2r + 1 (one word a row): the B operand of k . x^T. */
+static void amx_pairs_t(uint32_t *restrict out, const uint16_t *x, int64_t ld, int64_t n, int64_t width) {
+    for (int64_t c = 0; c < width / 32; c++) {
+        vec_float rows[16];
+        for (int64_t r = 0; r < 16; r++) {
+            if (r < n)
+                memcpy(&rows[r], x + r * ld + 32 * c, 64);
+            else
+                memset(&rows[r], 0, 64);
+        }
+        transpose16((float *)(void *)(out + c * 256), rows);
+    }
+}
+
 /* A row's running max is moved only when a step's max passes it by more than AMX_SLACK (the weights exp(s - max) then
    stay below e^8, which float32 sums and bfloat16 hold with the same relative rounding): the weighted values, which
    the tiles hold across steps, are rescaled only then, not at almost every step (16 rows a block, each growing its
@@ -1224,16 +1256,7 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
                 span0 = a < span0 ? a : span0, span1 = z > span1 ? z : span1;
             LO[r] = (int32_t)(a - k0), HI[r] = (int32_t)(z - k0);
         }
-        for (int64_t c = 0; c < chunks; c++) { /* q^T by pairs: row r of a chunk holds each row's elements 2r, 2r + 1 */
-            vec_float rows[16];
-            for (int64_t r = 0; r < 16; r++) {
-                if (i0 + r < ql)
-                    memcpy(&rows[r], q + (i0 + r) * st[2] + 32 * c, 64);
-                else
-                    memset(&rows[r], 0, 64);
-            }
-            transpose16((float *)(void *)(QT + c * 256), rows);
-        }
+        amx_pairs_t(QT, q + i0 * st[2], st[2], ql - i0, D); /* q^T by pairs of elements */
         for (int64_t d = 0; d < Dv * 16; d++) OT[d] = 0;
         __m512 m = ninf, l = _mm512_setzero_ps();
         const __m512i lov = _mm512_loadu_si512(LO), hiv = _mm512_loadu_si512(HI);
@@ -1245,18 +1268,7 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
         }
         for (int64_t j0 = span0 / AMX_STEP * AMX_STEP; j0 < span1; j0 += AMX_STEP) {
             const int64_t rel = j0 - k0;
-            /* S^T: keys 0-15 and 16-31 of the step against the block's rows, over chunks of 32 elements */
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t c = 0; c < chunks; c++) {
-                _tile_loadd(0, QT + c * 256, 64);
-                _tile_loadd(1, kc + rel * D + 32 * c, D * 2);
-                _tile_dpbf16ps(2, 1, 0);
-                _tile_loadd(1, kc + (rel + 16) * D + 32 * c, D * 2);
-                _tile_dpbf16ps(3, 1, 0);
-            }
-            _tile_stored(2, ST, 64);
-            _tile_stored(3, ST + 256, 64);
+            amx_scores(ST, QT, kc + rel * D, D); /* S^T: the step's 32 keys against the block's rows */
             /* one lane per row: the keys each row sees, and the step's largest score among them */
             __mmask16 seen[AMX_STEP];
             __m512 raw = ninf;
@@ -1385,18 +1397,15 @@ static void amx_row_pairs(uint32_t *restrict out, const uint16_t *x, int64_t ld,
         }
 }
 
-/* Rows x[0 .. 16) (ld apart; those at or past n zero) transposed by pairs of elements: chunk c (elements 32c ..) at
-   out + c * 256 words, its row r the rows' elements 2r, 2r + 1 (one word a row): the B operand of k . x^T. */
-static void amx_pairs_t(uint32_t *restrict out, const uint16_t *x, int64_t ld, int64_t n, int64_t width) {
-    for (int64_t c = 0; c < width / 32; c++) {
-        vec_float rows[16];
-        for (int64_t r = 0; r < 16; r++) {
-            if (r < n)
-                memcpy(&rows[r], x + r * ld + 32 * c, 64);
-            else
-                memset(&rows[r], 0, 64);
-        }
-        transpose16((float *)(void *)(out + c * 256), rows);
+/* y (16 keys' rows, `width` float32 each, contiguous) += a . b: a the 16 keys' weights over a block's 16 rows in
+   bfloat16 (16 x 16), b those rows' elements by pairs of rows (amx_row_pairs), 16 elements a tile. */
+static inline void amx_add_keys(float *y, int64_t width, const uint16_t *a, const uint32_t *b) {
+    _tile_loadd(6, a, 32);
+    for (int64_t e = 0; e < width / 16; e++) {
+        _tile_loadd(4, y + 16 * e, width * 4);
+        _tile_loadd(7, b + e * 128, 64);
+        _tile_dpbf16ps(4, 6, 7);
+        _tile_stored(4, y + 16 * e, width * 4);
     }
 }
 
@@ -1416,7 +1425,7 @@ static int backward_item_amx(const job_t *J, int64_t item, float *s, float *dp, 
     const int64_t k0 = klo / AMX_STEP * AMX_STEP;
     const int64_t n = khi > k0 ? khi - k0 : 0, steps = (n + AMX_STEP - 1) / AMX_STEP, keys = steps * AMX_STEP;
     if (!n) return 0;
-    const int64_t dch = D / 16, vch = Dv / 16;
+    const int64_t dch = D / 16;
     uint16_t *kc = (uint16_t *)grow(&X->kt, &X->kt_size, sizeof(uint16_t) * (keys * (2 * D + Dv) + 1));
     /* per block: q^T and dO^T by pairs of elements, q and dO by pairs of rows, dQ^T, lse, di, S^T, dP^T, P^T and
        dS^T in bfloat16 (keys x rows), dS^T by pairs of keys */
@@ -1489,29 +1498,8 @@ static int backward_item_amx(const job_t *J, int64_t item, float *s, float *dp, 
             const __m512 lsv = _mm512_loadu_ps(LS), div = _mm512_loadu_ps(DI);
             for (int64_t j0 = span0 / AMX_STEP * AMX_STEP; j0 < span1; j0 += AMX_STEP) {
                 const int64_t rel = j0 - k0;
-                /* S^T and dP^T, 32 keys x 16 rows each */
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t c = 0; c < D / 32; c++) {
-                    _tile_loadd(0, QT + c * 256, 64);
-                    _tile_loadd(1, kc + rel * D + 32 * c, D * 2);
-                    _tile_dpbf16ps(2, 1, 0);
-                    _tile_loadd(1, kc + (rel + 16) * D + 32 * c, D * 2);
-                    _tile_dpbf16ps(3, 1, 0);
-                }
-                _tile_stored(2, ST, 64);
-                _tile_stored(3, ST + 256, 64);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t c = 0; c < Dv / 32; c++) {
-                    _tile_loadd(0, OT + c * 256, 64);
-                    _tile_loadd(1, vc + rel * Dv + 32 * c, Dv * 2);
-                    _tile_dpbf16ps(2, 1, 0);
-                    _tile_loadd(1, vc + (rel + 16) * Dv + 32 * c, Dv * 2);
-                    _tile_dpbf16ps(3, 1, 0);
-                }
-                _tile_stored(2, DP, 64);
-                _tile_stored(3, DP + 256, 64);
+                amx_scores(ST, QT, kc + rel * D, D);   /* S^T, 32 keys x 16 rows */
+                amx_scores(DP, OT, vc + rel * Dv, Dv); /* dP^T */
                 /* P and dS on the keys each row sees, 0 elsewhere */
                 __m512 ds_prev = _mm512_setzero_ps();
                 for (int64_t j = 0; j < AMX_STEP; j++) {
@@ -1534,27 +1522,14 @@ static int backward_item_amx(const job_t *J, int64_t item, float *s, float *dp, 
                     const int64_t key = k0 + rel + 16 * half, have = kl - key < 16 ? kl - key : 16;
                     if (have <= 0) break;
                     float *gv = dv + key * Dv, *gk = dk + key * D;
-                    int64_t ldv = Dv, ldk = D;
                     if (have < 16) {
                         memset(TAIL, 0, sizeof(float) * 16 * (D + Dv));
                         memcpy(TAIL, gv, sizeof(float) * have * Dv);
                         memcpy(TAIL + 16 * Dv, gk, sizeof(float) * have * D);
                         gv = TAIL, gk = TAIL + 16 * Dv;
                     }
-                    _tile_loadd(6, P16 + 256 * half, 32);
-                    for (int64_t e = 0; e < vch; e++) {
-                        _tile_loadd(4, gv + 16 * e, ldv * 4);
-                        _tile_loadd(7, OV + e * 128, 64);
-                        _tile_dpbf16ps(4, 6, 7);
-                        _tile_stored(4, gv + 16 * e, ldv * 4);
-                    }
-                    _tile_loadd(6, S16 + 256 * half, 32);
-                    for (int64_t e = 0; e < dch; e++) {
-                        _tile_loadd(5, gk + 16 * e, ldk * 4);
-                        _tile_loadd(7, QV + e * 128, 64);
-                        _tile_dpbf16ps(5, 6, 7);
-                        _tile_stored(5, gk + 16 * e, ldk * 4);
-                    }
+                    amx_add_keys(gv, Dv, P16 + 256 * half, OV); /* dV += P^T . dO */
+                    amx_add_keys(gk, D, S16 + 256 * half, QV);  /* dK += dS^T . q */
                     if (have < 16) {
                         memcpy(dv + key * Dv, TAIL, sizeof(float) * have * Dv);
                         memcpy(dk + key * D, TAIL + 16 * Dv, sizeof(float) * have * D);
