@@ -1304,6 +1304,10 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
             }
             __m512 sum = _mm512_setzero_ps();
             for (int64_t j = 0; j < AMX_STEP; j += 2) {
+                if (!(seen[j] | seen[j + 1])) { /* two keys no row of the block sees (a window's or a diagonal's edge) */
+                    _mm512_storeu_si512(PT + 8 * j, _mm512_setzero_si512());
+                    continue;
+                }
                 const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j), scale, m);
                 const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j + 16), scale, m);
                 const __m512 e0 = exp16(x0, seen[j]), e1 = exp16(x1, seen[j + 1]);
