@@ -1022,7 +1022,10 @@ DEFINE_WORKER(float, bf16, backward_item_none)
  * keys together, AMX_STEP at a time from multiples of AMX_STEP, so a step's keys serve the panel from L1; a row's
  * steps are the same whatever block or thread holds it, so its result does not depend on the cut. Scratch per thread:
  * the item's keys x (D + Dv) bfloat16, and per panel AMX_PANEL x 16 x (D / 2 + Dv + 2 AMX_STEP + 8) words. */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+/* (AVX512-BF16 converts the weights: every CPU with AMX-BF16 has it, but a compiler or VM may hide one without the
+   other, and the kernel must build either way.) */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__AVX512BF16__) && \
+    defined(__linux__)
 #define AMX_BUILT 1
 #include <immintrin.h>
 #include <string.h>
@@ -1063,16 +1066,6 @@ static inline __m512 exp16(__m512 x, __mmask16 keep) {
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127)), 23);
     const __mmask16 low = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
     return _mm512_maskz_mul_ps(keep & (__mmask16)~low, p, _mm512_castsi512_ps(bits));
-}
-
-/* Two vectors of weights (keys 2r and 2r + 1, one lane per row) as bfloat16 pairs: lane m holds row m's weight of
-   key 2r in its low half and of key 2r + 1 in its high half (rounded to nearest even). */
-static inline __m512i pair16(__m512 a, __m512 b) {
-    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-    __m512i x = _mm512_castps_si512(a), y = _mm512_castps_si512(b);
-    x = _mm512_add_epi32(x, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(x, 16), one)));
-    y = _mm512_add_epi32(y, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(y, 16), one)));
-    return _mm512_or_si512(_mm512_srli_epi32(x, 16), _mm512_and_si512(y, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
 /* v rows [0, n) (src apart, Dv elements) into blocks of AMX_STEP keys x 16 elements, transposed: step p, chunk e
@@ -1119,14 +1112,10 @@ static int64_t amx_values(uint16_t *restrict vt, const uint16_t *restrict v, int
 }
 
 /* 32 weights (keys 2r and 2r + 1 of each row: e0, e1) as bfloat16 pairs, lane m row m's (low: key 2r). */
-static inline __m512i pairs16(__m512 e0, __m512 e1) {
-#ifdef __AVX512BF16__
+static inline __m512i pairs16(__m512 e0, __m512 e1) { /* rounded to nearest even */
     const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                            21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-#else
-    return pair16(e0, e1);
-#endif
 }
 
 /* The block's weighted values so far (tiles 4 .. 4 + n - 1, 16 elements x 16 rows each) added into O^T, all of it
