@@ -1150,3 +1150,49 @@ def test_the_tiles_backward_leaves_non_finite_inputs_to_the_float32_copies(monke
     else:  # row 150 meets keys up to 150: the later keys' dk and dv, and the other rows' dq, stay finite
         assert torch.isfinite(inputs[1].grad[:, :, 151:]).all() and torch.isfinite(inputs[2].grad[:, :, 151:]).all()
         assert torch.isfinite(inputs[0].grad[:, :, :150]).all()
+
+
+@needs_tiles
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.data(),
+    rule=st.sampled_from(["full", "causal", "window"]),
+    threads=st.sampled_from([1, 2]),
+    dims=st.sampled_from([(32, 32), (64, 32), (32, 64), (64, 48)]),
+)
+def test_the_tiles_match_naive_on_arbitrary_segments(data, rule, threads, dims):
+    """The tiles' forward and backward on arbitrary segments (offsets, overlapping and empty key ranges, rows in no
+    segment, segments shorter than a step or than a block of 16 rows, which the forward leaves to the row form) and on
+    whole rows, at one and two threads (the forward's query blocks, the backward's segments), with Dv that keeps the
+    backward on float32 copies (48): outputs and gradients equal float64 attention on the same bfloat16 values to
+    bfloat16's rounding, rows in no segment 0."""
+    batch, q_len = data.draw(st.integers(1, 2)), data.draw(st.integers(N.BLOCK_MIN_QUERIES, 70))
+    kv_len = data.draw(st.integers(1, 90))
+    heads, kv_heads = data.draw(st.sampled_from([(1, 1), (2, 1), (4, 2)]))
+    if data.draw(st.booleans()):
+        segs = random_segments(data.draw, batch, q_len, kv_len)
+    else:
+        off = data.draw(st.integers(-4, 8))
+        segs = torch.tensor([[row, 0, q_len, 0, kv_len, off] for row in range(batch)], dtype=torch.long)
+    window = data.draw(st.integers(1, 30)) if rule == "window" else None
+    causal = rule != "full"
+    D, Dv = dims
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    q = torch.randn(batch, heads, q_len, D, generator=g).bfloat16()
+    k = torch.randn(batch, kv_heads, kv_len, D, generator=g).bfloat16()
+    v = torch.randn(batch, kv_heads, kv_len, Dv, generator=g).bfloat16()
+    dout = torch.randn(batch, heads, q_len, Dv, generator=g).bfloat16()
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    with kernel_settings(threads, _MIN_BLOCK_ROWS=4, _TILES_MIN_SHARE=0.0):  # the tiles wherever they may run
+        got = N.segment_attention(*inputs, segs, causal=causal, window=window)
+        got.backward(dout)
+    allowed = segment_mask(segs, batch, q_len, kv_len, causal, window).unsqueeze(1)
+    wide = [t.double().requires_grad_() for t in (q, k, v)]
+    covered = torch.zeros(batch, q_len, dtype=torch.bool)
+    for row, qs, ql, *_ in segs.tolist():
+        covered[row, qs : qs + ql] = True
+    want = naive_attention(*wide, allowed) * covered[:, None, :, None]
+    want.backward(dout.double())
+    torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=3e-2)
+    for name, t, w in zip("qkv", inputs, wide, strict=True):
+        torch.testing.assert_close(t.grad.double(), w.grad, atol=8e-2, rtol=8e-2, msg=f"d{name}")
