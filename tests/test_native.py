@@ -112,6 +112,22 @@ def test_segment_attention_matches_naive_on_arbitrary_segments(data, rule, threa
     assert_segments_match_naive(got, got_grads, (q, k, v), segs, causal, window)
 
 
+def draw_blocked_case(data, rule: str):
+    """A call for the blocked form and the tiles: ``(batch, q_len, kv_len, heads, kv_heads, segments, window)``, from
+    ``BLOCK_MIN_QUERIES`` queries, on arbitrary segments or on a segment of every query and key of each row (long runs
+    shared by many rows, in every tile and panel), a window only under ``rule == "window"``."""
+    batch, q_len = data.draw(st.integers(1, 2)), data.draw(st.integers(N.BLOCK_MIN_QUERIES, 70))
+    kv_len = data.draw(st.integers(1, 90))
+    heads, kv_heads = data.draw(st.sampled_from([(1, 1), (2, 1), (4, 2)]))
+    if data.draw(st.booleans()):  # arbitrary segments
+        segs = random_segments(data.draw, batch, q_len, kv_len)
+    else:
+        off = data.draw(st.integers(-4, 8))
+        segs = torch.tensor([[row, 0, q_len, 0, kv_len, off] for row in range(batch)], dtype=torch.long)
+    window = data.draw(st.integers(1, 30)) if rule == "window" else None
+    return batch, q_len, kv_len, heads, kv_heads, segs, window
+
+
 @settings(max_examples=70)
 @given(
     data=st.data(),
@@ -134,15 +150,7 @@ def test_the_blocked_kernel_across_tiles_and_panels_matches_naive(
     tiles, segments crossing several panels) to the kernel's own, and head sizes that take every width of the
     register sums (float64: a slice of 32 elements, of 8, and the last few one by one), outputs and the gradients of
     q, k, v and the sinks equal the naive reference."""
-    batch, q_len = data.draw(st.integers(1, 2)), data.draw(st.integers(N.BLOCK_MIN_QUERIES, 70))
-    kv_len = data.draw(st.integers(1, 90))
-    heads, kv_heads = data.draw(st.sampled_from([(1, 1), (2, 1), (4, 2)]))
-    if data.draw(st.booleans()):  # arbitrary segments
-        segs = random_segments(data.draw, batch, q_len, kv_len)
-    else:  # a segment of every query and key of each row: long runs shared by many rows, in every tile and panel
-        off = data.draw(st.integers(-4, 8))
-        segs = torch.tensor([[row, 0, q_len, 0, kv_len, off] for row in range(batch)], dtype=torch.long)
-    window = data.draw(st.integers(1, 30)) if rule == "window" else None
+    batch, q_len, kv_len, heads, kv_heads, segs, window = draw_blocked_case(data, rule)
     causal = rule != "full"
     D, Dv = dims
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
@@ -1166,15 +1174,7 @@ def test_the_tiles_match_naive_on_arbitrary_segments(data, rule, threads, dims):
     whole rows, at one and two threads (the forward's query blocks, the backward's segments), with Dv that keeps the
     backward on float32 copies (48): outputs and gradients equal float64 attention on the same bfloat16 values to
     bfloat16's rounding, rows in no segment 0."""
-    batch, q_len = data.draw(st.integers(1, 2)), data.draw(st.integers(N.BLOCK_MIN_QUERIES, 70))
-    kv_len = data.draw(st.integers(1, 90))
-    heads, kv_heads = data.draw(st.sampled_from([(1, 1), (2, 1), (4, 2)]))
-    if data.draw(st.booleans()):
-        segs = random_segments(data.draw, batch, q_len, kv_len)
-    else:
-        off = data.draw(st.integers(-4, 8))
-        segs = torch.tensor([[row, 0, q_len, 0, kv_len, off] for row in range(batch)], dtype=torch.long)
-    window = data.draw(st.integers(1, 30)) if rule == "window" else None
+    batch, q_len, kv_len, heads, kv_heads, segs, window = draw_blocked_case(data, rule)
     causal = rule != "full"
     D, Dv = dims
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
