@@ -714,14 +714,18 @@ def test_explain_prints_every_backends_estimate_and_the_pick(capsys):
     "amx, avx512, kind", [(True, True, "amx"), (False, True, "avx512_bf16"), (False, False, "none")]
 )
 def test_explain_says_which_bfloat16_factors_this_cpu_gets(capsys, monkeypatch, amx, avx512, kind):
-    """The estimates price bfloat16 by the CPU's kind (``ModeFactors``): explain names it for a bfloat16 call."""
-    from attnmask.backends import _common
+    """The estimates price bfloat16 by the CPU's kind (``ModeFactors``): explain names it for a bfloat16 call, and
+    on a CPU with AMX tiles says whether ``native`` computes on them (``native.amx_ready``)."""
+    from attnmask.backends import _common, native
 
     monkeypatch.setattr(_common, "cpu_has_amx_bf16", lambda: amx)
     monkeypatch.setattr(_common, "cpu_has_avx512_bf16", lambda: avx512)
-    proc = call(capsys, "explain", "causal", "--q-len", "16", "--dtype", "bfloat16")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[1] == f"bfloat16 on this CPU: {cli._BF16_ESTIMATES[kind]}"
+    for ready in (True, False):
+        monkeypatch.setattr(native, "amx_ready", lambda ready=ready: ready)
+        proc = call(capsys, "explain", "causal", "--q-len", "16", "--dtype", "bfloat16")
+        assert proc.returncode == 0, proc.stderr
+        note = cli._TILES_NOTE if amx and ready else ""
+        assert proc.stdout.splitlines()[1] == f"bfloat16 on this CPU: {cli._BF16_ESTIMATES[kind]}{note}"
     proc = call(capsys, "explain", "causal", "--q-len", "16")
     assert "bfloat16 on this CPU" not in proc.stdout
 

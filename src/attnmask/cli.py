@@ -160,8 +160,10 @@ def _print_explanation(args, spec, batch: int, kv_heads: int, q_len: int, kv_len
     )
     if dtype == torch.bfloat16:
         from attnmask.backends._common import cpu_bf16_kind
+        from attnmask.backends.native import amx_ready
 
-        print(f"bfloat16 on this CPU: {_BF16_ESTIMATES[cpu_bf16_kind()]}")
+        kind = cpu_bf16_kind()
+        print(f"bfloat16 on this CPU: {_BF16_ESTIMATES[kind]}{_TILES_NOTE if kind == 'amx' and amx_ready() else ''}")
     if not args.tune:
         print(am.explain(q, k, v, spec))
         return
@@ -174,6 +176,8 @@ def _print_explanation(args, spec, batch: int, kv_heads: int, q_len: int, kv_len
         print(am.explain(q, k, v, spec))
 
 
+# Where native's bfloat16 runs on the tiles (backends.native.amx_ready: built with them, granted by Linux).
+_TILES_NOTE = "; native computes on the tiles (ATTNMASK_NATIVE_AMX=0 turns that off)"
 # What the CPU estimates assume of bfloat16 on each kind of CPU (backends._common.ModeFactors).
 _BF16_ESTIMATES = {
     "amx": "AMX tiles; the estimates use the bfloat16 factors measured on such a CPU",
