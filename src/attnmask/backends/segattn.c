@@ -1007,21 +1007,23 @@ DEFINE_WORKER(float, bf16, backward_item_none)
 /* The bfloat16 forward on AMX tiles (dtype_bits 17: CPUs with AMX-BF16, built with -march=native there; Linux, which
  * must grant the process the tiles' state first: attnmask_amx_ready). q, k and v are read as stored; out and lse are
  * float32. An item's segment of at least block_keys keys (the blocked form's ground) takes the tiles; any other item
- * takes the bfloat16 forward above, as does one with score modifiers, D not a multiple of 32 or Dv not of 16, or a
- * value the item may read that is not finite (a tile multiplies every value of its keys, and 0 times an infinite or
- * NaN value of a key a row may not see would reach that row).
+ * takes the bfloat16 forward above, as does one with score modifiers, or D not a multiple of 32 or Dv not of 16. A
+ * value that is not finite goes into the tiles as 0 (a tile multiplies every value of its keys, and 0 times an
+ * infinite or NaN value of a key a row may not see would reach that row) and each row that sees one is computed again
+ * by the row form, which multiplies it as it is.
  *
  * Transposed, so that the softmax runs across the rows, one vector lane per query row, with no sum across lanes:
  * per block of 16 query rows and step of AMX_STEP keys, S^T = k . q^T in two tiles (16 keys x 16 rows, float32 sums of
  * exact bfloat16 products), each key's scores one vector; the scores outside a row's keys -inf; a step of each row's
- * online softmax (max, sum, and the weighted values rescaled when the max grows); the weights rounded to bfloat16 (to
- * nearest even, as torch's bfloat16 kernels round theirs) into P^T with each two keys' weights interleaved, and
- * O^T += v^T . P^T, 16 value elements x 16 rows a tile. An item's keys are copied once (k as stored, from the first
- * multiple of AMX_STEP of the segment's keys at or before its first row's first key; v transposed into 16 x 32
- * blocks); a block's q once (transposed by pairs of elements). Rows go in panels of AMX_PANEL blocks that walk the
- * keys together, AMX_STEP at a time from multiples of AMX_STEP, so a step's keys serve the panel from L1; a row's
- * steps are the same whatever block or thread holds it, so its result does not depend on the cut. Scratch per thread:
- * the item's keys x (D + Dv) bfloat16, and per panel AMX_PANEL x 16 x (D / 2 + Dv + 2 AMX_STEP + 8) words. */
+ * online softmax (max, sum, and the weighted values rescaled when the max moves: AMX_SLACK); the weights rounded to
+ * bfloat16 (to nearest even, as torch's bfloat16 kernels round theirs) into P^T with each two keys' weights
+ * interleaved, and O^T += v^T . P^T, 16 value elements x 16 rows a tile, held in tiles across the steps. An item's keys
+ * are copied once (k as stored, from the first multiple of AMX_STEP of the segment's keys at or before its first
+ * row's first key; v transposed into 16 x 32 blocks); a block's q once (transposed by pairs of elements). A block walks
+ * its rows' keys AMX_STEP at a time from multiples of AMX_STEP. A row's keys and steps do not depend on the block or
+ * thread that holds it, but when its tile sums are added into float32 memory does (a rescale any row of its block
+ * needs), so threads that cut a segment differently agree to float32 rounding, not bit for bit. Scratch per thread:
+ * the item's keys x (D + Dv) bfloat16, and a block's 16 x (D / 2 + 2 Dv + 2 AMX_STEP + 2) words. */
 /* (AVX512-BF16 converts the weights: every CPU with AMX-BF16 has it, but a compiler or VM may hide one without the
    other, and the kernel must build either way.) */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__AVX512BF16__) && \
@@ -1032,7 +1034,6 @@ DEFINE_WORKER(float, bf16, backward_item_none)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define AMX_STEP 32
-#define AMX_PANEL 4
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -1293,7 +1294,7 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
             }
             __m512 sum = _mm512_setzero_ps();
             for (int64_t j = 0; j < AMX_STEP; j += 2) {
-                if (!(seen[j] | seen[j + 1])) { /* two keys no row of the block sees (a window's or a diagonal's edge) */
+                if (!(seen[j] | seen[j + 1])) { /* two keys no row of the block sees (a window or diagonal edge) */
                     _mm512_storeu_si512(PT + 8 * j, _mm512_setzero_si512());
                     continue;
                 }
