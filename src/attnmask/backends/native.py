@@ -140,8 +140,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, tiles, threads) -> None:
     """One kernel call. ``rule``: ``(causal, window, scale)``; ``mods``: ``(softcap or 0, sinks, slopes)``, the
-    tensors ``(H,)`` contiguous in the kernel's dtype or ``None``; ``tiles``: a bfloat16 forward on AMX tiles
-    (``_on_tiles``)."""
+    tensors ``(H,)`` contiguous in the kernel's dtype or ``None``; ``tiles``: bfloat16 on AMX tiles (``_on_tiles``,
+    ``_tiles_backward``)."""
     causal, window, scale = rule
     softcap, sinks, slopes = mods
     lib = _library()
@@ -155,7 +155,7 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, tiles, thr
     dims = [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], kmax, window or 0, int(causal), block_keys]
     dims += [TILE_KEYS if backward else FORWARD_TILE_KEYS, PANEL_ROWS]
     dims = torch.tensor(dims, dtype=torch.int64)
-    bits = {torch.float64: 64, torch.bfloat16: 17 if tiles else 16}.get(q.dtype, 32)  # 16, 17: a forward only
+    bits = {torch.float64: 64, torch.bfloat16: 17 if tiles else 16}.get(q.dtype, 32)  # 16: a forward only
     status = lib.attnmask_segattn(
         bits,
         int(backward),

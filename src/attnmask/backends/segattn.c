@@ -1023,7 +1023,7 @@ DEFINE_WORKER(float, bf16, backward_item_none)
  * its rows' keys AMX_STEP at a time from multiples of AMX_STEP. A row's keys and steps do not depend on the block or
  * thread that holds it, but when its tile sums are added into float32 memory does (a rescale any row of its block
  * needs), so threads that cut a segment differently agree to float32 rounding, not bit for bit. Scratch per thread:
- * the item's keys x (D + Dv) bfloat16, and a block's 16 x (D / 2 + 2 Dv + 2 AMX_STEP + 2) words. */
+ * the item's keys x (D + Dv) bfloat16, and a block's 16 x (D / 2 + 2 Dv + 3 AMX_STEP / 2 + 2) words. */
 /* (AVX512-BF16 converts the weights: every CPU with AMX-BF16 has it, but a compiler or VM may hide one without the
    other, and the kernel must build either way.) */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__AVX512BF16__) && \
@@ -1072,15 +1072,17 @@ static inline __m512 exp16(__m512 x, __mmask16 keep) {
 /* v rows [0, n) (src apart, Dv elements) into blocks of AMX_STEP keys x 16 elements, transposed: step p, chunk e
    (elements 16e ..) at vt + (p * Dv / 16 + e) * 512, its row d the step's keys' element 16e + d; keys past n zero up
    to np steps. Two keys' elements interleaved into words, then 16 x 16 words transposed (transpose16: bits as they
-   are). A value that is not finite (its exponent all ones) is written as 0 and its key counted: seen[j] is the number
-   of such keys before key j (j = 0 .. n). Returns their number. */
+   are). With `bad`, a value that is not finite (its exponent all ones) is written as 0 and its key counted: bad[j] is
+   the number of such keys before key j (j = 0 .. n); returns their number. Without (NULL: the caller knows the rows
+   finite, as the backward's k) the bits go as they are and it returns 0. */
 static int64_t amx_values(uint16_t *restrict vt, const uint16_t *restrict v, int64_t src, int64_t n, int64_t np,
-                          int64_t Dv, int32_t *restrict seen) {
+                          int64_t Dv, int32_t *restrict bad) {
     const int64_t chunks = Dv / 16;
     const __m512i low = _mm512_set1_epi32(0x7f80), high = _mm512_set1_epi32(0x7f800000);
     const __m512i keep_low = _mm512_set1_epi32(0xffff), keep_high = _mm512_set1_epi32((int)0xffff0000u);
     int64_t count = 0;
-    for (int64_t j = 0; j <= n; j++) seen[j] = 0; /* first the bad keys themselves, then their running count */
+    if (bad) /* first the bad keys themselves, then their running count */
+        for (int64_t j = 0; j <= n; j++) bad[j] = 0;
     for (int64_t p = 0; p < np; p++)
         for (int64_t e = 0; e < chunks; e++) {
             vec_float rows[16];
@@ -1093,22 +1095,23 @@ static int64_t amx_values(uint16_t *restrict vt, const uint16_t *restrict v, int
                 __m512i x = _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(c), 16));
                 const __mmask16 bad0 = _mm512_cmpeq_epi32_mask(_mm512_and_si512(x, low), low);
                 const __mmask16 bad1 = _mm512_cmpeq_epi32_mask(_mm512_and_si512(x, high), high);
-                if (bad0 | bad1) {
+                if (bad && (bad0 | bad1)) {
                     x = _mm512_mask_and_epi32(x, bad0, x, keep_high);
                     x = _mm512_mask_and_epi32(x, bad1, x, keep_low);
-                    if (bad0) seen[k0] = 1;
-                    if (bad1) seen[k0 + 1] = 1;
+                    if (bad0) bad[k0] = 1;
+                    if (bad1) bad[k0 + 1] = 1;
                 }
                 memcpy(&rows[r], &x, sizeof x);
             }
             transpose16((float *)(void *)(vt + (p * chunks + e) * 512), rows);
         }
-    for (int64_t j = 0; j < n; j++) { /* running count: keys [a, b) hold seen[b] - seen[a] of them */
-        const int32_t here = seen[j];
-        seen[j] = (int32_t)count;
+    if (!bad) return 0;
+    for (int64_t j = 0; j < n; j++) { /* running count: keys [a, b) hold bad[b] - bad[a] of them */
+        const int32_t here = bad[j];
+        bad[j] = (int32_t)count;
         count += here;
     }
-    seen[n] = (int32_t)count;
+    bad[n] = (int32_t)count;
     return count;
 }
 
@@ -1437,20 +1440,7 @@ static int backward_item_amx(const job_t *J, int64_t item, float *s, float *dp, 
             memset(vc + j * Dv, 0, sizeof(uint16_t) * Dv);
         }
     }
-    {   /* k^T in blocks of AMX_STEP keys x 16 elements (as amx_values lays out v; k is finite) */
-        for (int64_t p = 0; p < steps; p++)
-            for (int64_t e = 0; e < dch; e++) {
-                vec_float rows[16];
-                for (int64_t r = 0; r < 16; r++) {
-                    const uint16_t *x0 = kc + (p * AMX_STEP + 2 * r) * D + 16 * e, *x1 = x0 + D;
-                    const __m512i w = _mm512_or_si512(
-                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)x0)),
-                        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)x1)), 16));
-                    memcpy(&rows[r], &w, sizeof w);
-                }
-                transpose16((float *)(void *)(kt + (p * dch + e) * 512), rows);
-            }
-    }
+    amx_values(kt, kc, D, n, steps, D, NULL); /* k^T in blocks of AMX_STEP keys x 16 elements, as v's (k is finite) */
     uint32_t *QT = W, *OT = QT + D * 8, *QV = OT + Dv * 8, *OV = QV + D * 8;
     float *DQ = (float *)(OV + Dv * 8), *LS = DQ + D * 16, *DI = LS + 16, *ST = DI + 16, *DP = ST + AMX_STEP * 16;
     uint16_t *P16 = (uint16_t *)(DP + AMX_STEP * 16), *S16 = P16 + AMX_STEP * 16;
