@@ -140,7 +140,8 @@ def test_native_charges_its_bfloat16_copies_on_a_cpu_with_amx_tiles(monkeypatch,
     the forward reads bfloat16 as stored (a decoding step) only the backward's, ``_BF16_BACKWARD_PASSES`` of them
     (copies, zeroed gradients, their conversions); on other CPUs nothing (there bfloat16 is priced as float32 or by
     its own factors). Where the forward runs on AMX tiles (``native._on_tiles``) it reads bfloat16 as stored too, and
-    only the backward's passes are charged: ``_TILES_BACKWARD_PASSES`` where the backward runs on the tiles too."""
+    only the backward's passes are charged: ``_TILES_BACKWARD_PASSES`` where the backward runs on the tiles too (most
+    pairs in segments of ``_TILES_BACKWARD_MIN_KEYS`` keys or more), else ``_BF16_BACKWARD_PASSES``."""
     monkeypatch.setattr(W, "threads_available", lambda: 2)
     monkeypatch.setattr(N, "amx_ready", lambda: False)  # the float32 arithmetic's copies first
     gain = 1.0 + N._THREAD_EFFICIENCY
@@ -168,8 +169,13 @@ def test_native_charges_its_bfloat16_copies_on_a_cpu_with_amx_tiles(monkeypatch,
         monkeypatch.setattr(N, "amx_ready", lambda: True)
         c = call(torch.bfloat16, grad, 64)
         assert N._on_tiles(torch.bfloat16, 256, (64, 64), N.native_plan(c).segments, (True, None), (0.0, None, None))
-        charged, without = both(c)
-        copies = elements * C.COPY_COST / gain * N._TILES_BACKWARD_PASSES  # its backward on the tiles (Dv = 64)
+        charged, without = both(c)  # documents of 60-100 keys: the backward on the float32 copies
+        copies = elements * C.COPY_COST / gain * N._BF16_BACKWARD_PASSES
+        assert charged - without == pytest.approx(copies if grad else 0.0, rel=1e-9)
+        q = torch.zeros(1, 4, 256, 64, dtype=torch.bfloat16).requires_grad_(grad)
+        long = A._prepare_call(q, q, q, am.causal() & am.document(seq_lens=[200, 56]), None, None, None)
+        charged, without = both(long)  # most pairs in a document of 200 keys: the backward on the tiles too
+        copies = elements * C.COPY_COST / gain * N._TILES_BACKWARD_PASSES
         assert charged - without == pytest.approx(copies if grad else 0.0, rel=1e-9)
     with bench_limit().on_cpu_kind(False, True):
         assert N._BF16_COPY_COST == 0.0

@@ -1196,3 +1196,23 @@ def test_the_tiles_match_naive_on_arbitrary_segments(data, rule, threads, dims):
     torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=3e-2)
     for name, t, w in zip("qkv", inputs, wide, strict=True):
         torch.testing.assert_close(t.grad.double(), w.grad, atol=8e-2, rtol=8e-2, msg=f"d{name}")
+
+
+@needs_tiles
+@pytest.mark.parametrize(("lengths", "tiles"), [([40] * 7, False), ([200, 80], True)])
+def test_the_tiles_backward_takes_long_documents_only(monkeypatch, lengths, tiles):
+    """The tiles' backward walks blocks of 16 rows and steps of 32 keys, which cost more than they save on short
+    documents: it runs where most pairs are in segments of ``_TILES_BACKWARD_MIN_KEYS`` keys or more (documents of
+    ~40 tokens: the float32 copies' backward, after a forward on the tiles), with the same gradients either way."""
+    seen = _backward_tiles_seen(monkeypatch)
+    gen = torch.Generator().manual_seed(6)
+    spec = am.causal() & am.document(seq_lens=lengths)
+    L = sum(lengths)
+    q, k, v, dout = (torch.randn(1, 4, L, 64, generator=gen).bfloat16() for _ in range(4))
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    am.attention(*inputs, spec, backend="native").backward(dout)
+    assert seen == [tiles]
+    wide = [t.double().requires_grad_() for t in (q, k, v)]
+    naive_attention(*wide, spec.to_dense(L)[:, None]).backward(dout.double())
+    for got, ref in zip(inputs, wide, strict=True):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=6e-2, rtol=6e-2)

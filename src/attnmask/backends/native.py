@@ -234,8 +234,9 @@ def _reads_as_stored(dtype: torch.dtype, kv_elements: int, segs: torch.Tensor, r
 # BLOCK_MIN_QUERIES queries (the blocked form's ground); the kernel's row form keeps the rest. Taken where most of the
 # call's pairs are on that ground (_TILES_MIN_SHARE), with no score modifier, D a multiple of 32 and Dv of 16, on a
 # CPU with AMX-BF16 whose kernel was built with it, Linux granting the tiles' state; ATTNMASK_NATIVE_AMX=0 turns it
-# off. Its backward runs on the tiles too where Dv is a multiple of 32 and q, k and dout are finite
-# (``_tiles_backward``), else on float32 copies. Rows of 8,192, two threads, against the float32 arithmetic on
+# off. Its backward runs on the tiles too where Dv is a multiple of 32, most pairs are in segments of
+# _TILES_BACKWARD_MIN_KEYS keys or more, and q, k and dout are finite (``_tiles_backward``, ``_finite``), else on
+# float32 copies. Rows of 8,192, two threads, against the float32 arithmetic on
 # copies: forward 2.1-3.0x faster, with a backward 1.2-2.0x (RESULTS.md, issue 15, "native's bfloat16 on AMX tiles").
 _TILES_MIN_SHARE = 0.5
 # The forward's pairs on the tiles cost this share of the float32 kernel's charges (``_item_work``), its threads
@@ -252,15 +253,35 @@ _TILES_BACKWARD_SCALE = 0.6
 _TILES_BACKWARD_PASSES = 2.0
 
 
-def _tiles_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor) -> bool:
-    """Whether the backward of a forward that ran on the tiles runs on them too (segattn.c's backward_item_amx): Dv a
-    multiple of 32, and q, k and dout finite. A tile multiplies every element of its operands, the weight 0 of a
-    pair that may not meet included, and 0 times an infinite or NaN element would reach rows and keys that never
-    meet it; such a call takes the float32 copies' backward, which multiplies only the pairs that meet (one pass
-    over each of the three tensors decides)."""
-    if v.shape[3] % 32:
-        return False
-    return all(bool(torch.isfinite(t).all()) for t in (q, k, dout))
+# The backward takes the tiles where at least _TILES_MIN_SHARE of the pairs are in segments of this many keys or more:
+# its blocks of 16 rows and steps of 32 keys cost more than they save on short documents (rows of 8 x 1,024,
+# bfloat16, two threads, against the float32 copies' backward, interleaved: documents of ~24-40 tokens 1.26-1.42x
+# slower, ~64-96 0.99-1.06x, ~160 0.89x; windows and documents of ~400 tokens on rows of 8,192 1.2-2.0x faster;
+# RESULTS.md, issue 15, "native's bfloat16 on AMX tiles").
+_TILES_BACKWARD_MIN_KEYS = 128
+
+
+def _long_share(segs: torch.Tensor, rule: tuple, keys: int) -> bool:
+    """Whether at least ``_TILES_MIN_SHARE`` of the segments' pairs (``rule``: causal, window) are in segments of
+    ``keys`` keys or more (none: False). O(segments), on the plan's host tensor."""
+    pairs = segment_pairs(segs, *rule).numpy()
+    total = float(pairs.sum())
+    return total > 0 and float(pairs[segs[:, 4].numpy() >= keys].sum()) >= _TILES_MIN_SHARE * total
+
+
+def _tiles_backward(segs: torch.Tensor, rule: tuple, dims: tuple[int, int]) -> bool:
+    """Whether the backward of a forward that ran on the tiles may run on them too (segattn.c's backward_item_amx),
+    from the plan and shapes (the estimate asks it too): Dv (``dims``: D, Dv) a multiple of 32 and most pairs in
+    segments of ``_TILES_BACKWARD_MIN_KEYS`` keys or more. ``_finite`` decides the rest at run time."""
+    return dims[1] % 32 == 0 and _long_share(segs, rule, _TILES_BACKWARD_MIN_KEYS)
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    """Whether every element of ``tensors`` is finite (one pass over each). The tiles' backward needs q, k and dout
+    so: a tile multiplies every element of its operands, the weight 0 of a pair that may not meet included, and 0
+    times an infinite or NaN element would reach rows and keys that never meet it; otherwise the float32 copies'
+    backward runs, which multiplies only the pairs that meet."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 @functools.cache
@@ -280,9 +301,7 @@ def _on_tiles(dtype: torch.dtype, q_len: int, dims: tuple[int, int], segs: torch
         return False
     if mods[0] or mods[1] is not None or mods[2] is not None or not amx_ready():
         return False
-    pairs = segment_pairs(segs, *rule).numpy()
-    total = float(pairs.sum())
-    return total > 0 and float(pairs[segs[:, 4].numpy() >= BLOCK_MIN_KEYS].sum()) >= _TILES_MIN_SHARE * total
+    return _long_share(segs, rule, BLOCK_MIN_KEYS)
 
 
 def _modifier(t: torch.Tensor | None, work: torch.dtype) -> torch.Tensor | None:
@@ -322,7 +341,7 @@ class _SegmentAttention(torch.autograd.Function):
     def backward(ctx, grad):
         qw, kw, vw, res, lse, segs = ctx.saved_tensors
         rule, mods, dtype, sinks_dtype, tiles = ctx.meta
-        tiles = tiles and _tiles_backward(qw, kw, vw, grad)
+        tiles = tiles and _tiles_backward(segs, rule[:2], (qw.shape[3], vw.shape[3])) and _finite(qw, kw, grad)
         if not tiles:  # bfloat16 inputs: float32 copies for the backward
             qw, kw, vw = (_rows(t, res.dtype) for t in (qw, kw, vw))
         dout = _rows(grad, qw.dtype)
@@ -678,7 +697,8 @@ def cost(call) -> float:
     mods = (call.softcap or 0.0, call.sinks, call.alibi_slopes)
     tiles = amx and _on_tiles(call.q.dtype, call.q_len, (call.head_dim, call.value_dim), segs, (causal, window), mods)
     efficiency = _BF16_AMX_THREAD_EFFICIENCY if amx and not tiles else _THREAD_EFFICIENCY
-    tiles_back = tiles and call.value_dim % 32 == 0  # the backward on the tiles too (finite inputs assumed)
+    # the backward on the tiles too (finite inputs assumed)
+    tiles_back = tiles and call.needs_grad and _tiles_backward(segs, (causal, window), (call.head_dim, call.value_dim))
     block_keys = _block_keys(call.q_len)
     forward_gain = None
     if blocks is segs and threads >= 2:  # the forward deals the segments themselves: their works and deal in one pass
