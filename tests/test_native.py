@@ -1105,7 +1105,7 @@ def _backward_tiles_seen(monkeypatch) -> list:
     ("spec", "dims", "kv_heads"),
     [
         (am.causal(), (64, 64), 2),
-        (am.causal() & am.sliding_window(40), (32, 32), 4),
+        (am.causal() & am.sliding_window(140), (32, 32), 4),
         (am.causal() & am.document(seq_lens=[[5, 30, 225], [70, 190]]), (64, 128), 1),  # ends inside 16 keys
         (am.full() & am.document(seq_lens=[[20, 100, 140], [260]]), (128, 64), 2),
         (am.causal() & am.key_padding(torch.arange(260) >= 37), (64, 64), 2),  # rows with no key
@@ -1183,7 +1183,8 @@ def test_the_tiles_match_naive_on_arbitrary_segments(data, rule, threads, dims):
     v = torch.randn(batch, kv_heads, kv_len, Dv, generator=g).bfloat16()
     dout = torch.randn(batch, heads, q_len, Dv, generator=g).bfloat16()
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    with kernel_settings(threads, _MIN_BLOCK_ROWS=4, _TILES_MIN_SHARE=0.0):  # the tiles wherever they may run
+    # the tiles wherever they may run, the backward on short runs of keys too
+    with kernel_settings(threads, _MIN_BLOCK_ROWS=4, _TILES_MIN_SHARE=0.0, _TILES_BACKWARD_MIN_KEYS=1):
         got = N.segment_attention(*inputs, segs, causal=causal, window=window)
         got.backward(dout)
     allowed = segment_mask(segs, batch, q_len, kv_len, causal, window).unsqueeze(1)
@@ -1199,15 +1200,22 @@ def test_the_tiles_match_naive_on_arbitrary_segments(data, rule, threads, dims):
 
 
 @needs_tiles
-@pytest.mark.parametrize(("lengths", "tiles"), [([40] * 7, False), ([200, 80], True)])
-def test_the_tiles_backward_takes_long_documents_only(monkeypatch, lengths, tiles):
-    """The tiles' backward walks blocks of 16 rows and steps of 32 keys, which cost more than they save on short
-    documents: it runs where most pairs are in segments of ``_TILES_BACKWARD_MIN_KEYS`` keys or more (documents of
-    ~40 tokens: the float32 copies' backward, after a forward on the tiles), with the same gradients either way."""
+@pytest.mark.parametrize(
+    ("spec", "L", "tiles"),
+    [
+        (am.causal() & am.document(seq_lens=[40] * 7), 280, False),
+        (am.causal() & am.document(seq_lens=[200, 80]), 280, True),
+        (am.causal() & am.sliding_window(64), 300, False),
+        (am.causal() & am.sliding_window(128), 300, True),
+    ],
+)
+def test_the_tiles_backward_takes_long_runs_of_keys_only(monkeypatch, spec, L, tiles):
+    """The tiles' backward walks blocks of 16 rows and steps of 32 keys, which cost more than they save where rows
+    see few keys: it runs where most pairs are in segments of ``_TILES_BACKWARD_MIN_KEYS`` keys or more, under no
+    window shorter than that (documents of 40 tokens, a window of 64: the float32 copies' backward, after a forward
+    on the tiles), with the same gradients either way."""
     seen = _backward_tiles_seen(monkeypatch)
     gen = torch.Generator().manual_seed(6)
-    spec = am.causal() & am.document(seq_lens=lengths)
-    L = sum(lengths)
     q, k, v, dout = (torch.randn(1, 4, L, 64, generator=gen).bfloat16() for _ in range(4))
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     am.attention(*inputs, spec, backend="native").backward(dout)

@@ -272,8 +272,13 @@ def _long_share(segs: torch.Tensor, rule: tuple, keys: int) -> bool:
 def _tiles_backward(segs: torch.Tensor, rule: tuple, dims: tuple[int, int]) -> bool:
     """Whether the backward of a forward that ran on the tiles may run on them too (segattn.c's backward_item_amx),
     from the plan and shapes (the estimate asks it too): Dv (``dims``: D, Dv) a multiple of 32 and most pairs in
-    segments of ``_TILES_BACKWARD_MIN_KEYS`` keys or more. ``_finite`` decides the rest at run time."""
-    return dims[1] % 32 == 0 and _long_share(segs, rule, _TILES_BACKWARD_MIN_KEYS)
+    segments of ``_TILES_BACKWARD_MIN_KEYS`` keys or more, under a window of at least as many (a window's rows see
+    that many keys of a long segment: rows of 1,024, windows of 32 / 64 / 128, the tiles' backward 0.83x / 1.01x /
+    1.12x the float32 copies'; ``bench_tiles.py --quick``). ``_finite`` decides the rest at run time."""
+    window = rule[1]
+    if dims[1] % 32 or (window is not None and window < _TILES_BACKWARD_MIN_KEYS):
+        return False
+    return _long_share(segs, rule, _TILES_BACKWARD_MIN_KEYS)
 
 
 def _finite(*tensors: torch.Tensor) -> bool:
