@@ -14,8 +14,8 @@ issue 15, "native's blocked form", "native's tiles"); ``"auto"`` chooses by ``co
 under ``causal()``), those queries in the row's segment too (more queries than keys: each sees the keys its rule
 allows), which a varlen kernel, computing only the sequences, cannot express. In bfloat16 on a CPU with AMX-BF16 tiles
 the forward of those blocked segments and its backward run on the tiles (``_on_tiles``, ``_tiles_backward``: products
-of bfloat16 with float32 sums, the softmax in float32, q, k and v read as stored): 2.1-3.0x the float32 arithmetic's
-speed forward on rows of 8,192 and 1.2-2.0x with a backward (RESULTS.md, issue 15, "native's bfloat16 on AMX tiles").
+of bfloat16 with float32 sums, the softmax in float32, q, k and v read as stored): 2.4-3.4x the float32 arithmetic's
+speed forward on rows of 8,192 and 1.3-2.2x with a backward (RESULTS.md, issue 15, "native's bfloat16 on AMX tiles").
 
 The C source is compiled on first use with the system C compiler and loaded with ctypes (``backends._clib``).
 Without a compiler, or with ``ATTNMASK_NATIVE=0``, the backend reports itself unsupported and ``"auto"`` uses the
@@ -237,7 +237,7 @@ def _reads_as_stored(dtype: torch.dtype, kv_elements: int, segs: torch.Tensor, r
 # off. Its backward runs on the tiles too where Dv is a multiple of 32, most pairs are in segments of
 # _TILES_BACKWARD_MIN_KEYS keys or more, and q, k and dout are finite (``_tiles_backward``, ``_finite``), else on
 # float32 copies. Rows of 8,192, two threads, against the float32 arithmetic on
-# copies: forward 2.1-3.0x faster, with a backward 1.2-2.0x (RESULTS.md, issue 15, "native's bfloat16 on AMX tiles").
+# copies: forward 2.4-3.4x faster, with a backward 1.3-2.2x (RESULTS.md, issue 15, "native's bfloat16 on AMX tiles").
 _TILES_MIN_SHARE = 0.5
 # The forward's pairs on the tiles cost this share of the float32 kernel's charges (``_item_work``), its threads
 # gaining as float32's (_THREAD_EFFICIENCY: a second thread measured 1.8-1.95x the first's speed there), with no
@@ -255,8 +255,8 @@ _TILES_BACKWARD_PASSES = 2.0
 
 # The backward takes the tiles where at least _TILES_MIN_SHARE of the pairs are in segments of this many keys or more:
 # its blocks of 16 rows and steps of 32 keys cost more than they save on short documents (rows of 8 x 1,024,
-# bfloat16, two threads, against the float32 copies' backward, interleaved: documents of ~24-40 tokens 1.26-1.42x
-# slower, ~64-96 0.99-1.06x, ~160 0.89x; windows and documents of ~400 tokens on rows of 8,192 1.2-2.0x faster;
+# bfloat16, two threads, interleaved, the tiles' backward's time over the float32 copies': documents of ~24-40 tokens
+# 1.26-1.42, ~64-96 0.99-1.06, ~160 0.89; windows and documents of ~400 tokens on rows of 8,192 run 1.3-2.2x faster;
 # RESULTS.md, issue 15, "native's bfloat16 on AMX tiles").
 _TILES_BACKWARD_MIN_KEYS = 128
 
@@ -273,8 +273,9 @@ def _tiles_backward(segs: torch.Tensor, rule: tuple, dims: tuple[int, int]) -> b
     """Whether the backward of a forward that ran on the tiles may run on them too (segattn.c's backward_item_amx),
     from the plan and shapes (the estimate asks it too): Dv (``dims``: D, Dv) a multiple of 32 and most pairs in
     segments of ``_TILES_BACKWARD_MIN_KEYS`` keys or more, under a window of at least as many (a window's rows see
-    that many keys of a long segment: rows of 1,024, windows of 32 / 64 / 128, the tiles' backward 0.83x / 1.01x /
-    1.12x the float32 copies'; ``bench_tiles.py --quick``). ``_finite`` decides the rest at run time."""
+    that many keys of a long segment: rows of 1,024, windows of 32 / 64 / 128, forward + backward on the tiles at
+    0.83x / 1.01x / 1.12x the float32 arithmetic's speed; ``bench_tiles.py --quick``). ``_finite`` decides the rest
+    at run time."""
     window = rule[1]
     if dims[1] % 32 or (window is not None and window < _TILES_BACKWARD_MIN_KEYS):
         return False
