@@ -1022,6 +1022,28 @@ def test_the_bfloat16_forward_on_amx_tiles_matches_float64(monkeypatch, spec, di
 
 
 @needs_tiles
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("Dv", [80, 128, 256])
+def test_the_tiles_weigh_values_wider_than_their_tiles_in_groups_of_steps(monkeypatch, Dv, threads):
+    """With Dv over 64 the values' sums need more tiles than there are: each group of ``AMX_GROUP`` steps weighs the
+    first four chunks of 16 elements as its softmax goes, and the later chunks (one, four, twelve here) from the
+    group's kept weights and rescales. Keys that grow along the row move each row's max many times, at a group's
+    first step and inside it: the output is float64's on the same bfloat16 values to bfloat16's rounding, causal over
+    rows of 600 (19 steps, three groups) at one and two threads."""
+    seen = _tiles_seen(monkeypatch)
+    gen = torch.Generator().manual_seed(Dv)
+    L = 600
+    q = torch.randn(1, 2, L, 32, generator=gen).bfloat16()
+    k = (torch.randn(1, 1, L, 32, generator=gen) * (1 + torch.arange(L) / 12)[:, None]).bfloat16()
+    v = torch.randn(1, 1, L, Dv, generator=gen).bfloat16()
+    with kernel_settings(threads):
+        out = am.attention(q, k, v, am.causal(), backend="native")
+    assert seen == [True]
+    want = naive_attention(q.double(), k.double(), v.double(), am.causal().to_dense(L)[:, None])
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+
+
+@needs_tiles
 def test_the_tiles_agree_with_the_float32_path_and_are_off_where_they_would_not_pay(monkeypatch):
     """The tiles' output equals the float32 path's (the same bfloat16 values computed in float32) to bfloat16's
     rounding; ``ATTNMASK_NATIVE_AMX=0`` turns them off (``amx_ready`` is read once per process); and they do not run
@@ -1166,7 +1188,7 @@ def test_the_tiles_backward_leaves_non_finite_inputs_to_the_float32_copies(monke
     data=st.data(),
     rule=st.sampled_from(["full", "causal", "window"]),
     threads=st.sampled_from([1, 2]),
-    dims=st.sampled_from([(32, 32), (64, 32), (32, 64), (64, 48)]),
+    dims=st.sampled_from([(32, 32), (64, 32), (32, 64), (64, 48), (32, 80), (32, 128)]),
 )
 def test_the_tiles_match_naive_on_arbitrary_segments(data, rule, threads, dims):
     """The tiles' forward and backward on arbitrary segments (offsets, overlapping and empty key ranges, rows in no

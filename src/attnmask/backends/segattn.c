@@ -1017,13 +1017,14 @@ DEFINE_WORKER(float, bf16, backward_item_none)
  * exact bfloat16 products), each key's scores one vector; the scores outside a row's keys -inf; a step of each row's
  * online softmax (max, sum, and the weighted values rescaled when the max moves: AMX_SLACK); the weights rounded to
  * bfloat16 (to nearest even, as torch's bfloat16 kernels round theirs) into P^T with each two keys' weights
- * interleaved, and O^T += v^T . P^T, 16 value elements x 16 rows a tile, held in tiles across the steps. An item's keys
- * are copied once (k as stored, from the first multiple of AMX_STEP of the segment's keys at or before its first
- * row's first key; v transposed into 16 x 32 blocks); a block's q once (transposed by pairs of elements). A block walks
- * its rows' keys AMX_STEP at a time from multiples of AMX_STEP. A row's keys and steps do not depend on the block or
- * thread that holds it, but when its tile sums are added into float32 memory does (a rescale any row of its block
- * needs), so threads that cut a segment differently agree to float32 rounding, not bit for bit. Scratch per thread:
- * the item's keys x (D + Dv) bfloat16, and a block's 16 x (D / 2 + 2 Dv + 3 AMX_STEP / 2 + 2) words. */
+ * interleaved, and O^T += v^T . P^T, 16 value elements x 16 rows a tile, held in tiles across the steps (over four
+ * tiles' worth, Dv > 64: AMX_GROUP). An item's keys are copied once (k as stored, from the first multiple of
+ * AMX_STEP of the segment's keys at or before its first row's first key; v transposed into 16 x 32 blocks); a
+ * block's q once (transposed by pairs of elements). A block walks its rows' keys AMX_STEP at a time from multiples of
+ * AMX_STEP. A row's keys and steps do not depend on the block or thread that holds it, but when its tile sums are
+ * added into float32 memory does (a rescale any row of its block needs), so threads that cut a segment differently
+ * agree to float32 rounding, not bit for bit. Scratch per thread: the item's keys x (D + Dv) bfloat16, and a block's
+ * 16 x (D / 2 + 2 Dv + (AMX_GROUP + 2) AMX_STEP / 2 + 2) words. */
 /* (AVX512-BF16 converts the weights: every CPU with AMX-BF16 has it, but a compiler or VM may hide one without the
    other, and the kernel must build either way.) */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__AVX512BF16__) && \
@@ -1193,6 +1194,11 @@ static void amx_pairs_t(uint32_t *restrict out, const uint16_t *x, int64_t ld, i
    the tiles hold across steps, are rescaled only then, not at almost every step (16 rows a block, each growing its
    max about ln(steps) times). The log-sum-exp is max + log(sum) whichever max the row keeps. */
 #define AMX_SLACK 8.0f
+/* With Dv over 64 the weighted values take more than the four tiles there are: a block's steps go in groups of
+   AMX_GROUP, each group's softmax weighs the first four chunks of 16 value elements (their sums in the tiles across the
+   group), and the group's weights (P^T) and rescales, kept, weigh each next four chunks in turn, their sums moved to
+   memory once a group, not once a step. */
+#define AMX_GROUP 8
 
 static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, float *qrow, scratch_t *X) {
     const int64_t *st = J->st, *g = J->segs + 6 * (item % J->nseg);
@@ -1212,12 +1218,12 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
     key_range(J, ql - 1, off, kl, &lo, &khi);
     const int64_t k0 = klo / AMX_STEP * AMX_STEP; /* the copies' first key */
     const int64_t n = khi > k0 ? khi - k0 : 0, steps = (n + AMX_STEP - 1) / AMX_STEP, keys = steps * AMX_STEP;
-    const int64_t chunks = D / 32, vchunks = Dv / 16, resident = vchunks <= 4;
+    const int64_t chunks = D / 32, vchunks = Dv / 16, resident = vchunks <= 4, lead = resident ? vchunks : 4;
     uint16_t *kc = (uint16_t *)grow(&X->kt, &X->kt_size, sizeof(uint16_t) * (keys * D + 1));
     uint16_t *vt = (uint16_t *)grow(&X->vt, &X->vt_size, sizeof(uint16_t) * (keys * Dv + 1));
     /* q^T by pairs (chunks x 256 words), O^T and the products (Dv x 16 each), max, sum, S^T (AMX_STEP x 16), P^T
-       (AMX_STEP / 2 x 16 words) */
-    const int64_t words = chunks * 256 + 2 * Dv * 16 + 32 + AMX_STEP * 16 + AMX_STEP * 8;
+       of a group's steps (AMX_GROUP x AMX_STEP / 2 x 16 words) */
+    const int64_t words = chunks * 256 + 2 * Dv * 16 + 32 + AMX_STEP * 16 + AMX_GROUP * AMX_STEP * 8;
     uint32_t *W = (uint32_t *)grow(&X->p4, &X->p4_size, sizeof(uint32_t) * words);
     int32_t *bad = (int32_t *)grow(&X->rows, &X->rows_size, sizeof(int32_t) * (n + 1));
     if (!kc || !vt || !W || !bad) return 1;
@@ -1233,7 +1239,7 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
     }
     uint32_t *QT = W;
     float *OT = (float *)(W + chunks * 256), *CT = OT + Dv * 16, *M = CT + Dv * 16, *L = M + 16, *ST = L + 16;
-    uint32_t *PT = (uint32_t *)(ST + AMX_STEP * 16);
+    uint32_t *PTs = (uint32_t *)(ST + AMX_STEP * 16);
     const __m512 scale = _mm512_set1_ps((float)J->scale), ninf = _mm512_set1_ps(-INFINITY), one = _mm512_set1_ps(1);
     const float mod[6] = {(float)J->scale, 0, 0, 0, 0, 0}; /* the row form's: the scale, no modifier */
     amx_configure();
@@ -1253,76 +1259,78 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
         for (int64_t d = 0; d < Dv * 16; d++) OT[d] = 0;
         __m512 m = ninf, l = _mm512_setzero_ps();
         const __m512i lov = _mm512_loadu_si512(LO), hiv = _mm512_loadu_si512(HI);
-        if (resident) {
-            _tile_zero(4);
-            if (vchunks > 1) _tile_zero(5);
-            if (vchunks > 2) _tile_zero(6);
-            if (vchunks > 3) _tile_zero(7);
-        }
-        for (int64_t j0 = span0 / AMX_STEP * AMX_STEP; j0 < span1; j0 += AMX_STEP) {
-            const int64_t rel = j0 - k0;
-            amx_scores(ST, QT, kc + rel * D, D); /* S^T: the step's 32 keys against the block's rows */
-            /* one lane per row: the keys each row sees, and the step's largest score among them */
-            __mmask16 seen[AMX_STEP];
-            __m512 raw = ninf;
-            const __m512i first = _mm512_set1_epi32((int32_t)rel), end = _mm512_set1_epi32((int32_t)(rel + AMX_STEP));
-            const __mmask16 whole =
-                _mm512_cmp_epi32_mask(lov, first, _MM_CMPINT_LE) & _mm512_cmp_epi32_mask(hiv, end, _MM_CMPINT_NLT);
-            if (whole == 0xffff) {
-                for (int64_t j = 0; j < AMX_STEP; j++) {
-                    seen[j] = 0xffff;
-                    raw = _mm512_max_ps(raw, _mm512_loadu_ps(ST + 16 * j));
+        _tile_zero(4);
+        if (lead > 1) _tile_zero(5);
+        if (lead > 2) _tile_zero(6);
+        if (lead > 3) _tile_zero(7);
+        for (int64_t g0 = span0 / AMX_STEP * AMX_STEP; g0 < span1; g0 += AMX_GROUP * AMX_STEP) {
+            const int64_t g1 = g0 + AMX_GROUP * AMX_STEP < span1 ? g0 + AMX_GROUP * AMX_STEP : span1;
+            __m512 rescale[AMX_GROUP]; /* the group's steps' rescales, for the later chunks */
+            __mmask16 grown[AMX_GROUP];
+            for (int64_t j0 = g0; j0 < g1; j0 += AMX_STEP) {
+                const int64_t rel = j0 - k0, step = (j0 - g0) / AMX_STEP;
+                uint32_t *PT = PTs + step * AMX_STEP * 8;
+                grown[step] = 0;
+                amx_scores(ST, QT, kc + rel * D, D); /* S^T: the step's 32 keys against the block's rows */
+                /* one lane per row: the keys each row sees, and the step's largest score among them */
+                __mmask16 seen[AMX_STEP];
+                __m512 raw = ninf;
+                const __m512i first = _mm512_set1_epi32((int32_t)rel);
+                const __m512i end = _mm512_set1_epi32((int32_t)(rel + AMX_STEP));
+                const __mmask16 whole =
+                    _mm512_cmp_epi32_mask(lov, first, _MM_CMPINT_LE) & _mm512_cmp_epi32_mask(hiv, end, _MM_CMPINT_NLT);
+                if (whole == 0xffff) {
+                    for (int64_t j = 0; j < AMX_STEP; j++) {
+                        seen[j] = 0xffff;
+                        raw = _mm512_max_ps(raw, _mm512_loadu_ps(ST + 16 * j));
+                    }
+                } else {
+                    for (int64_t j = 0; j < AMX_STEP; j++) {
+                        const __m512i key = _mm512_set1_epi32((int32_t)(rel + j));
+                        seen[j] = _mm512_cmp_epi32_mask(lov, key, _MM_CMPINT_LE) &
+                                  _mm512_cmp_epi32_mask(hiv, key, _MM_CMPINT_NLE);
+                        raw = _mm512_mask_max_ps(raw, seen[j], raw, _mm512_loadu_ps(ST + 16 * j));
+                    }
                 }
-            } else {
-                for (int64_t j = 0; j < AMX_STEP; j++) {
-                    const __m512i key = _mm512_set1_epi32((int32_t)(rel + j));
-                    seen[j] = _mm512_cmp_epi32_mask(lov, key, _MM_CMPINT_LE) &
-                              _mm512_cmp_epi32_mask(hiv, key, _MM_CMPINT_NLE);
-                    raw = _mm512_mask_max_ps(raw, seen[j], raw, _mm512_loadu_ps(ST + 16 * j));
+                /* a row's max moves when the step's passes it by AMX_SLACK (never for a NaN score, its weight NaN) */
+                const __m512 top = _mm512_mul_ps(raw, scale);
+                const __mmask16 grew = _mm512_cmp_ps_mask(top, _mm512_add_ps(m, _mm512_set1_ps(AMX_SLACK)), _CMP_GT_OQ);
+                if (grew) {
+                    const __m512 moved = _mm512_mask_mov_ps(m, grew, top);
+                    const __m512 alpha = _mm512_mask_blend_ps(grew, one, exp16(_mm512_sub_ps(m, moved), grew));
+                    amx_flush(OT, CT, lead, alpha);
+                    rescale[step] = alpha, grown[step] = grew;
+                    l = _mm512_mul_ps(l, alpha);
+                    m = moved;
                 }
-            }
-            /* a row's max moves when the step's passes it by AMX_SLACK (never for a NaN score, whose weight is NaN) */
-            const __m512 top = _mm512_mul_ps(raw, scale);
-            const __mmask16 grew = _mm512_cmp_ps_mask(top, _mm512_add_ps(m, _mm512_set1_ps(AMX_SLACK)), _CMP_GT_OQ);
-            if (grew) {
-                const __m512 moved = _mm512_mask_mov_ps(m, grew, top);
-                const __m512 alpha = _mm512_mask_blend_ps(grew, one, exp16(_mm512_sub_ps(m, moved), grew));
-                if (resident)
-                    amx_flush(OT, CT, vchunks, alpha);
-                else
-                    for (int64_t d = 0; d < Dv; d++)
-                        _mm512_storeu_ps(OT + 16 * d, _mm512_mul_ps(_mm512_loadu_ps(OT + 16 * d), alpha));
-                l = _mm512_mul_ps(l, alpha);
-                m = moved;
-            }
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t j = 0; j < AMX_STEP; j += 2) {
-                if (!(seen[j] | seen[j + 1])) { /* two keys no row of the block sees (a window or diagonal edge) */
-                    _mm512_storeu_si512(PT + 8 * j, _mm512_setzero_si512());
-                    continue;
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t j = 0; j < AMX_STEP; j += 2) {
+                    if (!(seen[j] | seen[j + 1])) { /* two keys no row of the block sees (a window or diagonal edge) */
+                        _mm512_storeu_si512(PT + 8 * j, _mm512_setzero_si512());
+                        continue;
+                    }
+                    const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j), scale, m);
+                    const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j + 16), scale, m);
+                    const __m512 e0 = exp16(x0, seen[j]), e1 = exp16(x1, seen[j + 1]);
+                    sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+                    _mm512_storeu_si512(PT + 8 * j, pairs16(e0, e1));
                 }
-                const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j), scale, m);
-                const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j + 16), scale, m);
-                const __m512 e0 = exp16(x0, seen[j]), e1 = exp16(x1, seen[j + 1]);
-                sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-                _mm512_storeu_si512(PT + 8 * j, pairs16(e0, e1));
+                l = _mm512_add_ps(l, sum);
+                /* O^T += v^T . P^T for the first four chunks, in the tiles across steps */
+                _tile_loadd(0, PT, 64);
+                amx_weigh(vt + (rel / AMX_STEP) * vchunks * 512, 0, lead);
             }
-            l = _mm512_add_ps(l, sum);
-            /* O^T += v^T . P^T: in the tiles across steps, or (Dv > 64) four chunks at a time through memory */
-            _tile_loadd(0, PT, 64);
-            const uint16_t *vs = vt + (rel / AMX_STEP) * vchunks * 512;
-            if (resident) {
-                amx_weigh(vs, 0, vchunks);
-            } else {
-                for (int64_t e = 0; e < vchunks; e += 4) {
+            if (!resident) { /* Dv > 64: the group's steps again for each next four chunks, from its P^T and rescales */
+                amx_flush(OT, CT, lead, one);
+                for (int64_t e = 4; e < vchunks; e += 4) {
                     const int64_t ne = vchunks - e < 4 ? vchunks - e : 4;
-                    _tile_zero(4);
-                    if (ne > 1) _tile_zero(5);
-                    if (ne > 2) _tile_zero(6);
-                    if (ne > 3) _tile_zero(7);
-                    amx_weigh(vs, e, ne);
-                    float *Oe = OT + e * 256;
-                    amx_flush(Oe, CT, ne, one);
+                    for (int64_t j0 = g0; j0 < g1; j0 += AMX_STEP) {
+                        const int64_t step = (j0 - g0) / AMX_STEP;
+                        if (grown[step]) amx_flush(OT + e * 256, CT, ne, rescale[step]); /* as the first chunks did */
+                        _tile_loadd(0, PTs + step * AMX_STEP * 8, 64);
+                        amx_weigh(vt + ((j0 - k0) / AMX_STEP) * vchunks * 512, e, ne);
+                    }
+                    amx_flush(OT + e * 256, CT, ne, one);
                 }
             }
         }
