@@ -49,7 +49,9 @@ import bench_limit  # noqa: E402  (same folder: its replays' CPU kinds)
 BACKENDS = ("sdpa", "native", "varlen", "blocksparse", "banded")
 FITTED = (  # the constants --fit fits: (backend, name)
     ("native", "_EXTRA_PAIR_WIDTH"),
+    ("native", "_TILES_EXTRA_PAIR_WIDTH"),
     ("sdpa", "_EXTRA_PAIR_WIDTH"),
+    ("sdpa", "_EXTRA_BF16_FORWARD_PAIR_WIDTH"),
     ("sdpa", "_EXTRA_BF16_PAIR_WIDTH"),
     ("varlen", "_EXTRA_PAIR_WIDTH"),
     ("varlen", "_EXTRA_SMALL_WIDTH"),

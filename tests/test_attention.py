@@ -1124,6 +1124,8 @@ def test_sdpa_estimate_halves_bfloat16_pair_work_only_on_cpus_with_amx_bf16(monk
     (benchmarks/RESULTS.md); elsewhere (another CPU, another device), and for float16, the estimate is float32's."""
     monkeypatch.setattr(sdpa_backend._common, "cpu_has_amx_bf16", lambda: amx)
     monkeypatch.setattr(sdpa_backend._workers, "threads_available", lambda: 1)  # the one-thread estimate
+    # the halving alone (a bfloat16 forward pair's own width on such a CPU: test_mode_costs.py)
+    monkeypatch.setattr(sdpa_backend, "_EXTRA_BF16_FORWARD_PAIR_WIDTH", sdpa_backend._EXTRA_PAIR_WIDTH)
 
     def estimate(dtype, device="cpu"):
         q = torch.zeros(1, 2, 64, 8, dtype=dtype, device=device)

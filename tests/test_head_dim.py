@@ -23,7 +23,9 @@ A = importlib.import_module("attnmask.attention")  # the module; `attnmask.atten
 FITTED = (native, sdpa, varlen, blocksparse)
 EXTRAS = (
     (native, "_EXTRA_PAIR_WIDTH"),
+    (native, "_TILES_EXTRA_PAIR_WIDTH"),
     (sdpa, "_EXTRA_PAIR_WIDTH"),
+    (sdpa, "_EXTRA_BF16_FORWARD_PAIR_WIDTH"),
     (sdpa, "_EXTRA_BF16_PAIR_WIDTH"),
     (varlen, "_EXTRA_PAIR_WIDTH"),
     (varlen, "_EXTRA_SMALL_WIDTH"),
@@ -67,11 +69,14 @@ def costs(q, k, v, spec, grad: bool) -> dict[str, float]:
         return {m.BACKEND.name: m.BACKEND.cost(call) for m in FITTED}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("grad", [False, True])
-def test_estimates_at_the_calibrated_width_do_not_depend_on_the_extra_widths(monkeypatch, threads, grad):
+def test_estimates_at_the_calibrated_width_do_not_depend_on_the_extra_widths(monkeypatch, threads, grad, dtype):
+    """(bfloat16 on this machine's CPU kind: with AMX tiles, native on them and SDPA's own bfloat16 widths.)"""
     monkeypatch.setattr(_workers, "threads_available", lambda: threads)
-    problem = packed_rows(4, 512, DOCS, 64, grad)
+    q, k, v, spec = packed_rows(4, 512, DOCS, 64, False)
+    problem = (*(t.to(dtype).requires_grad_(grad) for t in (q, k, v)), spec)
     fitted = costs(*problem, grad)
     for module, name in EXTRAS:
         monkeypatch.setattr(module, name, 0.0)

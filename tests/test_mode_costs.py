@@ -74,8 +74,10 @@ def test_every_cpu_estimate_scales_by_its_mode_factor(monkeypatch, name, cpu):
     # share of what the backward adds (test_thread_costs.py): here all of it
     if name == "blocksparse":
         monkeypatch.setattr(module, "_BACKWARD_OVERHEAD_SHARE", 1.0)
-    if name in ("varlen", "sdpa"):  # the factor alone (their bfloat16 backward's own pair width: the tests below)
+    if name == "varlen":  # the factor alone (their bfloat16 backward's own pair width: the tests below)
         monkeypatch.setattr(module, "_EXTRA_BF16_PAIR_WIDTH", module._EXTRA_PAIR_WIDTH)
+    if name == "sdpa":  # its bfloat16 forward's own pair width too
+        monkeypatch.setattr(module, "_EXTRA_BF16_PAIR_WIDTH", module._EXTRA_BF16_FORWARD_PAIR_WIDTH)
     if name == "native":  # the factor alone (its backward's runs at their own bytes per key: test_native.py)
         monkeypatch.setattr(module, "_BACKWARD_KEY_BYTES", module._FORWARD_KEY_BYTES)
     keys = C.SDPA_BACKWARD_KEY_COST * 4 * 256 * 32 if name == "sdpa" else 0.0
@@ -186,12 +188,13 @@ def test_sdpa_charges_a_bfloat16_backward_pair_its_own_width(monkeypatch, amx):
     """torch's bfloat16 SDPA backward at small heads costs more per pair than float32's width says (RESULTS.md, issue
     15, "SDPA's bfloat16 backward at small heads"): with a gradient the backward's share of a bfloat16 estimate is
     charged at ``_EXTRA_BF16_PAIR_WIDTH`` (more than float32's width at D = 16, the same at the calibrated D = 64, less
-    at D = 128); the forward, and float32 with a gradient, at float32's width."""
+    at D = 128); the forward at ``_EXTRA_BF16_FORWARD_PAIR_WIDTH``, float32 at float32's width."""
     import attnmask.backends.sdpa as SD
 
     monkeypatch.setattr(W, "threads_available", lambda: 1)
     with bench_limit().on_cpu_kind(amx, True), pytest.MonkeyPatch.context() as inside:
         assert SD._EXTRA_BF16_PAIR_WIDTH > SD._EXTRA_PAIR_WIDTH
+        inside.setattr(SD, "_EXTRA_BF16_FORWARD_PAIR_WIDTH", SD._EXTRA_PAIR_WIDTH)  # the backward's width alone
         own = {(d, g, t): SD.cost(call(t, g, d)) for d in (16, 64, 128) for g in (False, True) for t in BOTH}
         inside.setattr(SD, "_EXTRA_BF16_PAIR_WIDTH", SD._EXTRA_PAIR_WIDTH)
         flat = {(d, g, t): SD.cost(call(t, g, d)) for d in (16, 64, 128) for g in (False, True) for t in BOTH}
@@ -199,6 +202,26 @@ def test_sdpa_charges_a_bfloat16_backward_pair_its_own_width(monkeypatch, amx):
     assert all(ratio[d, g, t] == pytest.approx(1.0) for d in (16, 64, 128) for g, t in NOT_BF16_BACKWARD)
     assert ratio[64, True, torch.bfloat16] == pytest.approx(1.0)
     assert ratio[16, True, torch.bfloat16] > 1.2 and ratio[128, True, torch.bfloat16] < 0.97
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_sdpa_charges_a_bfloat16_forward_pair_its_own_width_on_amx_tiles(monkeypatch, amx):
+    """On a CPU with AMX tiles torch's bfloat16 SDPA forward grows less with the head than float32's (1.25-1.6x from
+    D = 64 to 128 on the Xeon; RESULTS.md, issue 15, "Head sizes on the tiles"): a bfloat16 forward's pairs are charged
+    at ``_EXTRA_BF16_FORWARD_PAIR_WIDTH``, wider than float32's there (more at D = 16, the same at D = 64, less at
+    D = 128), and at float32's on other CPUs."""
+    import attnmask.backends.sdpa as SD
+
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    with bench_limit().on_cpu_kind(amx, True):
+        assert (SD._EXTRA_BF16_FORWARD_PAIR_WIDTH > SD._EXTRA_PAIR_WIDTH) == amx
+        ratio = {
+            d: SD.cost(call(torch.bfloat16, False, d)) / SD.cost(call(torch.float32, False, d)) for d in (16, 64, 128)
+        }
+    if amx:
+        assert ratio[16] > ratio[64] * 1.2 and ratio[128] < ratio[64] * 0.9
+    else:
+        assert ratio[16] == pytest.approx(ratio[64]) and ratio[128] == pytest.approx(ratio[64])
 
 
 BOTH = (torch.float32, torch.bfloat16)

@@ -562,6 +562,27 @@ def test_segments_in_the_blocked_form_are_charged_its_shares_of_the_pair_charges
     assert blocked[1] == pytest.approx(row_form[1], rel=1e-12)
 
 
+@pytest.mark.parametrize("width", [64, 128, 256])
+def test_on_the_tiles_only_the_blocked_forms_segments_take_the_tiles_charges(monkeypatch, width):
+    """A bfloat16 forward on AMX tiles runs the blocked form's segments there and leaves the shorter ones to the row
+    form (segattn.c ``forward_item_amx``): the estimate charges the first's pairs and key copies at ``_tiles_share``
+    of the blocked form's (``_TILES_PAIR_SCALE``, its width scaled with ``_TILES_EXTRA_PAIR_WIDTH``) and its rows
+    ``_TILES_ROW_COST`` more, the shorter ones as without the tiles, in C as in numpy."""
+    monkeypatch.setattr(N, "_TILES_ROW_COST", 30.0)  # whatever it is fitted to
+    keys = N.BLOCK_MIN_KEYS
+    segs = torch.tensor([[0, 0, 300, 0, 300, 0], [0, 300, keys - 1, 300, keys - 1, 0]])
+    plain = N._item_work(segs, True, None, width, block_keys=keys)
+    tiles = N._item_work(segs, True, None, width, block_keys=keys, tiles=True)
+    share = N._tiles_share(width)
+    rows = 300 * N._ROW_COST * width
+    assert tiles[1] == pytest.approx(plain[1], rel=1e-12)
+    assert tiles[0] - rows - 300 * 30.0 * width == pytest.approx((plain[0] - rows) * share, rel=1e-12)
+    np.testing.assert_allclose(N._item_work_numpy(segs, True, None, width, block_keys=keys, tiles=True), tiles)
+    wide, narrow = pair_width(width, N._TILES_EXTRA_PAIR_WIDTH), pair_width(width, N._EXTRA_PAIR_WIDTH)
+    assert share == pytest.approx(N._TILES_PAIR_SCALE * wide / narrow, rel=1e-12)
+    assert N._tiles_share(128) == pytest.approx(N._TILES_PAIR_SCALE, rel=1e-12)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_backward_share_is_charged_at_the_backwards_bytes_per_key(monkeypatch, threads):
     """With a gradient, native's estimate prices the backward's pairs at runs of ``_BACKWARD_KEY_BYTES`` a key

@@ -239,16 +239,26 @@ def _reads_as_stored(dtype: torch.dtype, kv_elements: int, segs: torch.Tensor, r
 # float32 copies. Rows of 8,192, two threads, against the float32 arithmetic on
 # copies: forward 2.4-3.4x faster, with a backward 1.3-2.2x (RESULTS.md, issue 15, "native's bfloat16 on AMX tiles").
 _TILES_MIN_SHARE = 0.5
-# The forward's pairs on the tiles cost this share of the float32 kernel's charges (``_item_work``), its threads
-# gaining as float32's (_THREAD_EFFICIENCY: a second thread measured 1.8-1.95x the first's speed there), with no
-# float32 copies in the forward; after it the backward on the tiles (Dv a multiple of 32; ``_tiles_backward``), its
+# The forward's pairs and key copies in the blocked form's segments, which the tiles run, cost this share of the
+# blocked form's float32 charges (``_tiles_share``; the shorter segments stay on the row form and its charges), its
+# threads gaining as float32's (_THREAD_EFFICIENCY: a second thread measured 1.8-1.95x the first's speed there), with
+# no float32 copies in the forward; after it the backward on the tiles (Dv a multiple of 32; ``_tiles_backward``), its
 # pairs at _TILES_BACKWARD_SCALE of the float32 backward's charges and its passes over the call's elements (gradients
 # zeroed in float32 and converted back; no float32 copies of q, k, v) _TILES_BACKWARD_PASSES times at ``COPY_COST``.
 # Fitted by a grid (``bench_limit.py --fit ... --grid``) on the Xeon's bfloat16 tables after both (rows of 8,192 at
 # two threads, of 1,024 at one and two; limit_tables/s44b_*): 0.3-0.4 x 0.5-0.7 read 95 of 96 rows within 1.1x of the
 # fastest, 0.25 or 0.5 for the forward 90-93, 0.3-0.4 for the backward 92-93 (RESULTS.md, issue 15, "native's
-# bfloat16 on AMX tiles"); the middle of the plateau.
+# bfloat16 on AMX tiles"); the middle of the plateau. Until 2026-12-07 06:00 the share scaled the whole forward, the
+# row form's segments and every row included: documents of ~60 tokens on rows of 256 and 1,024 read at a third of
+# their time next to SDPA's (RESULTS.md, issue 15, "Head sizes on the tiles").
 _TILES_PAIR_SCALE = 0.35
+# A tiles' pair's width (``_common.pair_width``; the share above holds at ``CALIBRATED_WIDTH``), and each query row of
+# the tiles' segments this much more per element than ``_ROW_COST`` (its q transposed by pairs, its block's sums
+# zeroed, moved out of the tiles and transposed back, the steps' last keys past its own): fitted on the Xeon's
+# bfloat16 head-size tables at one and two threads (bench_head_dim.py --fit; RESULTS.md, issue 15, "Head sizes on the
+# tiles").
+_TILES_EXTRA_PAIR_WIDTH = 128.0
+_TILES_ROW_COST = 25.0
 _TILES_BACKWARD_SCALE = 0.6
 _TILES_BACKWARD_PASSES = 2.0
 
@@ -684,7 +694,8 @@ def unsupported(call) -> str | None:
 
 def cost(call) -> float:
     """Allowed pairs times ``H·(D + Dv)`` at ``_PAIR_COST`` each (up to ``_LONG_PAIR_COST`` in runs of keys that
-    leave the L1 cache: ``_item_work``) and each query row and head at ``_ROW_COST`` per element, divided by what the
+    leave the L1 cache: ``_item_work``; on AMX tiles the blocked form's segments at ``_tiles_share`` of those, their
+    rows ``_TILES_ROW_COST`` more) and each query row and head at ``_ROW_COST`` per element, divided by what the
     kernel's threads gain on its items, then float32 copies of half-precision inputs unless ``MODES`` covers their
     dtype (comparable with the ``"varlen"`` backend's cost). With a gradient, the backward's share charges its pairs
     as runs of ``_BACKWARD_KEY_BYTES`` per key element (it also accumulates into each key's dk and dv rows). The
@@ -709,11 +720,11 @@ def cost(call) -> float:
     forward_gain = None
     if blocks is segs and threads >= 2:  # the forward deals the segments themselves: their works and deal in one pass
         item, item_sum, rows, forward_gain = _item_work_gain(
-            segs, causal, window, width, call.heads, threads, efficiency, block_keys
+            segs, causal, window, width, call.heads, threads, efficiency, block_keys, tiles
         )
     else:
         item, item_sum, rows = _item_work_sums(
-            segs, causal, window, width, block_keys=block_keys
+            segs, causal, window, width, block_keys=block_keys, tiles=tiles
         )  # a (segment, head) item
     outside = call.batch * call.q_len - rows  # query rows in no segment (not walked)
     serial = _CALL_COST + outside * call.heads * width * _ROW_COST
@@ -731,7 +742,7 @@ def cost(call) -> float:
             serial += copies
         elif call.needs_grad:
             stored_copies = copies * (_TILES_BACKWARD_PASSES if tiles_back else _BF16_BACKWARD_PASSES)
-    kernel = item_sum * call.heads * (_TILES_PAIR_SCALE if tiles else 1.0)  # the forward's, on one thread
+    kernel = item_sum * call.heads  # the forward's, on one thread
     factor = mode_factor(MODES, call)
     if call.needs_grad:  # the backward's runs read and write twice the bytes per key: their own charges
         item, back_sum, _ = _item_work_sums(segs, causal, window, width, _BACKWARD_KEY_BYTES, block_keys)
@@ -741,7 +752,7 @@ def cost(call) -> float:
             return (serial + kernel) * factor
         return serial * factor + kernel + back * (factor - 1) + stored_copies
     if forward_gain is None:  # the forward's blocks cut the segments
-        work = _item_work(blocks, causal, window, width, block_keys=block_keys)
+        work = _item_work(blocks, causal, window, width, block_keys=block_keys, tiles=tiles)
         forward_gain = _pulls_gain(work, call.heads, threads, efficiency)
     forward = serial + kernel / forward_gain
     if not call.needs_grad:
@@ -766,6 +777,7 @@ def _item_work(
     width: int,
     key_bytes: float = _FORWARD_KEY_BYTES,
     block_keys: int = _NEVER,
+    tiles: bool = False,
 ) -> np.ndarray:
     """``(N,)`` float64: the estimate of each segment's work on one head (its pairs, its query rows). Each query walks
     its own run of keys (causal: query ``i`` of a segment sees ``clamp(i + offset + 1, 0, k_len)`` keys, less those
@@ -781,15 +793,23 @@ def _item_work(
     Example: a causal document of 100 keys at ``D = Dv = 64`` (512 bytes a key in the forward): its first 32
     queries' runs stay within 16 KiB, at ``_PAIR_COST``; its last ones (up to 50 KiB) most of the way to
     ``_LONG_PAIR_COST``."""
-    return _item_work_sums(segs, causal, window, width, key_bytes, block_keys)[0]
+    return _item_work_sums(segs, causal, window, width, key_bytes, block_keys, tiles)[0]
 
 
-def _pair_charges(blocked: bool) -> tuple[float, float]:
+def _pair_charges(blocked: bool, tiles: float = 1.0) -> tuple[float, float]:
     """A pair's charge in a run of keys that stays in L1 and in one past ``_LONG_RUN_BYTES``: the row form's, or
-    the blocked form's shares of them."""
+    the blocked form's shares of them, times ``tiles`` (``_tiles_share``: the same segments on AMX tiles)."""
     if blocked:
-        return _PAIR_COST * _BLOCKED_SHORT_SCALE, _LONG_PAIR_COST * _BLOCKED_LONG_SCALE
+        return _PAIR_COST * _BLOCKED_SHORT_SCALE * tiles, _LONG_PAIR_COST * _BLOCKED_LONG_SCALE * tiles
     return _PAIR_COST, _LONG_PAIR_COST
+
+
+def _tiles_share(width: int) -> float:
+    """What a pair on the tiles costs over the blocked form's charge at a head of ``width`` (D + Dv):
+    ``_TILES_PAIR_SCALE``, its width scaled as ``pair_width`` with ``_TILES_EXTRA_PAIR_WIDTH`` where the float32
+    charges' scale with ``_EXTRA_PAIR_WIDTH`` (1 at ``CALIBRATED_WIDTH``)."""
+    own = pair_width(width, _TILES_EXTRA_PAIR_WIDTH) / pair_width(width, _EXTRA_PAIR_WIDTH)
+    return _TILES_PAIR_SCALE * own
 
 
 def _item_work_sums(
@@ -799,24 +819,30 @@ def _item_work_sums(
     width: int,
     key_bytes: float = _FORWARD_KEY_BYTES,
     block_keys: int = _NEVER,
+    tiles: bool = False,
 ) -> tuple[np.ndarray, float, int]:
     """:func:`_item_work`, with the works' sum and the segments' query rows (the C pass adds them up as it goes)."""
     lib = _library()
     if isinstance(lib, str):
-        work = _item_work_numpy(segs, causal, window, width, key_bytes, block_keys)
+        work = _item_work_numpy(segs, causal, window, width, key_bytes, block_keys, tiles)
         return work, float(work.sum()), int(segs.numpy()[:, 2].sum())
     address, _held = segments_address(segs)
     n = segs.shape[0]
     out = (ctypes.c_double * (n + 2))()  # a ctypes array: its address costs less than a numpy array's after a kernel
-    lib.attnmask_item_work(address, *_item_work_args(n, causal, window, width, key_bytes, block_keys), out)
+    lib.attnmask_item_work(address, *_item_work_args(n, causal, window, width, key_bytes, block_keys, tiles), out)
     return np.frombuffer(out, dtype=np.float64, count=n), out[n], int(out[n + 1])
 
 
-def _item_work_args(n: int, causal: bool, window: int | None, width: int, key_bytes: float, block_keys: int) -> tuple:
-    """``attnmask_item_work``'s arguments after the segments' address, up to its output."""
+def _item_work_args(
+    n: int, causal: bool, window: int | None, width: int, key_bytes: float, block_keys: int, tiles: bool = False
+) -> tuple:
+    """``attnmask_item_work``'s arguments after the segments' address, up to its output (``tiles``: the blocked
+    form's segments on AMX tiles, their pairs and key copies at ``_tiles_share``)."""
     charges = (*_pair_charges(False), _SHORT_RUN_BYTES, _LONG_RUN_BYTES, pair_width(width, _EXTRA_PAIR_WIDTH))
     window = -1 if window is None else window
-    blocked = (*_pair_charges(True), _BLOCKED_KEY_COST, block_keys)
+    share = _tiles_share(width) if tiles else 1.0
+    row_cost = _ROW_COST + (_TILES_ROW_COST if tiles else 0.0)
+    blocked = (*_pair_charges(True, share), _BLOCKED_KEY_COST * share, row_cost, block_keys)
     return (n, int(causal), window, float(width), key_bytes * width, *charges, _ROW_COST, *blocked)
 
 
@@ -829,6 +855,7 @@ def _item_work_gain(
     threads: int,
     share: float,
     block_keys: int = _NEVER,
+    tiles: bool = False,
 ) -> tuple[np.ndarray, float, int, float]:
     """:func:`_item_work_sums` (the forward's runs) and :func:`_pulls_gain` of those works (``repeat`` times,
     ``threads`` >= 2 threads at ``share`` of a core) in one C call (``attnmask_item_work_makespan``), or the two
@@ -836,14 +863,14 @@ def _item_work_gain(
     lib = _library()
     n = segs.shape[0]
     if isinstance(lib, str) or not n:
-        work, total, rows = _item_work_sums(segs, causal, window, width, block_keys=block_keys)
+        work, total, rows = _item_work_sums(segs, causal, window, width, block_keys=block_keys, tiles=tiles)
         return work, total, rows, _pulls_gain(work, repeat, threads, share)
     address, _held = segments_address(segs)
     chunk = _chunk(n * repeat, threads)
     pulls = -(-n * repeat // chunk)
     out, scratch = (ctypes.c_double * (n + 2))(), (ctypes.c_double * (pulls + threads + 1))()
     args = (
-        *_item_work_args(n, causal, window, width, _FORWARD_KEY_BYTES, block_keys),
+        *_item_work_args(n, causal, window, width, _FORWARD_KEY_BYTES, block_keys, tiles),
         out,
         repeat,
         chunk,
@@ -862,6 +889,7 @@ def _item_work_numpy(
     width: int,
     key_bytes: float = _FORWARD_KEY_BYTES,
     block_keys: int = _NEVER,
+    tiles: bool = False,
 ) -> np.ndarray:
     """:func:`_item_work` in numpy, on the segments' view, query by query (O(B·Q) memory: the form the C pass's
     closed form is held to, and the estimate where the kernel is not built)."""
@@ -877,13 +905,15 @@ def _item_work_numpy(
         seg, run = np.arange(len(s)), k_len
     share = np.clip((run * (key_bytes * width) - _SHORT_RUN_BYTES) / (_LONG_RUN_BYTES - _SHORT_RUN_BYTES), 0.0, 1.0)
     blocked = k_len[seg] >= block_keys
-    (short, long), (block_short, block_long) = _pair_charges(False), _pair_charges(True)
+    on_tiles = _tiles_share(width) if tiles else 1.0
+    (short, long), (block_short, block_long) = _pair_charges(False), _pair_charges(True, on_tiles)
     charged = run * np.where(blocked, block_short + (block_long - block_short) * share, short + (long - short) * share)
     if not causal:
         charged = charged * q_len
     pairs = np.bincount(seg, weights=charged, minlength=len(s)) if len(s) else np.zeros(0)
-    copies = np.where(k_len >= block_keys, k_len * width * _BLOCKED_KEY_COST, 0.0)
-    return pairs * pair_width(width, _EXTRA_PAIR_WIDTH) + q_len * _ROW_COST * width + copies
+    copies = np.where(k_len >= block_keys, k_len * width * _BLOCKED_KEY_COST * on_tiles, 0.0)
+    row_cost = _ROW_COST + np.where(k_len >= block_keys, _TILES_ROW_COST if tiles else 0.0, 0.0)
+    return pairs * pair_width(width, _EXTRA_PAIR_WIDTH) + q_len * row_cost * width + copies
 
 
 def _threads_gain(items: np.ndarray, efficiency: float | None = None) -> float:

@@ -115,9 +115,16 @@ _BF16_ONE_QUERY_KEY_COST = per_cpu_kind(_BF16_ONE_QUERY_KEY_COSTS)
 # issue 15, "SDPA's bfloat16 backward at small heads").
 _EXTRA_BF16_PAIR_WIDTHS = (192.0, 128.0)
 _EXTRA_BF16_PAIR_WIDTH = per_cpu_kind(_EXTRA_BF16_PAIR_WIDTHS)
+# The same for the forward's bfloat16 pairs: on a CPU with AMX tiles torch's bfloat16 forward runs its products on
+# them, and its time grows less with the head than float32's (rows of 256 and 1,024, H = 4: 1.25-1.6x from D = 64 to
+# 128, where _EXTRA_PAIR_WIDTH makes 1.9x); elsewhere float32's. Fitted by benchmarks/bench_head_dim.py --fit on the
+# Xeon's bfloat16 head-size table (RESULTS.md, issue 15, "Head sizes on the tiles").
+_EXTRA_BF16_FORWARD_PAIR_WIDTHS = (192.0, _EXTRA_PAIR_WIDTH)
+_EXTRA_BF16_FORWARD_PAIR_WIDTH = per_cpu_kind(_EXTRA_BF16_FORWARD_PAIR_WIDTHS)
 CPU_KIND_VALUES = {  # set by the CPU's kind (per_cpu_kind)
     "_BF16_ONE_QUERY_KEY_COST": _BF16_ONE_QUERY_KEY_COSTS,
     "_EXTRA_BF16_PAIR_WIDTH": _EXTRA_BF16_PAIR_WIDTHS,
+    "_EXTRA_BF16_FORWARD_PAIR_WIDTH": _EXTRA_BF16_FORWARD_PAIR_WIDTHS,
 }
 _CACHED_MASK_BYTES = 32 << 20  # a spec's additive mask up to this size is kept with its plans (the layers share it)
 
@@ -1029,9 +1036,10 @@ def cost(call: AttentionCall) -> float:
     gain = _threads_gain(call)
     modes = _modes(call)
     factor = mode_factor(modes, call)
-    work = _one_thread_cost(call)
-    if call.needs_grad and call.q.dtype == torch.bfloat16 and _EXTRA_BF16_PAIR_WIDTH != _EXTRA_PAIR_WIDTH:
-        # the forward's share at float32's width, the backward's at the bfloat16 pair width
+    bf16 = call.q.dtype == torch.bfloat16
+    work = _one_thread_cost(call, _EXTRA_BF16_FORWARD_PAIR_WIDTH if bf16 else None)
+    if call.needs_grad and bf16 and _EXTRA_BF16_PAIR_WIDTH != _EXTRA_BF16_FORWARD_PAIR_WIDTH:
+        # the forward's share at its bfloat16 width, the backward's at the backward's
         forward = mode_factor(modes, call, forward=True)
         estimate = (work * forward + _one_thread_cost(call, _EXTRA_BF16_PAIR_WIDTH) * (factor - forward)) / gain
     else:

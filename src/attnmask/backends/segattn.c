@@ -1988,12 +1988,12 @@ static run_charge_t run_charges(double pair_cost, double long_pair_cost, double 
 }
 
 /* block_pair_cost / block_long_pair_cost: the two charges of a segment of at least block_keys keys (the kernel's
- * blocked form) in place of pair_cost / long_pair_cost, and block_key_cost per element of width of each of its keys
- * (their transposed copy). */
+ * blocked form) in place of pair_cost / long_pair_cost, block_row_cost in place of row_cost, and block_key_cost per
+ * element of width of each of its keys (their transposed copy). */
 void attnmask_item_work(const int64_t *segs, int64_t n, int causal, int64_t window, double width, double key_bytes,
                         double pair_cost, double long_pair_cost, double short_bytes, double long_bytes, double pair_w,
                         double row_cost, double block_pair_cost, double block_long_pair_cost, double block_key_cost,
-                        int64_t block_keys, double *out) {
+                        double block_row_cost, int64_t block_keys, double *out) {
     double total = 0.0, rows = 0.0;
     const run_charge_t row_form = run_charges(pair_cost, long_pair_cost, short_bytes, long_bytes, key_bytes);
     const run_charge_t blocked = run_charges(block_pair_cost, block_long_pair_cost, short_bytes, long_bytes, key_bytes);
@@ -2007,7 +2007,8 @@ void attnmask_item_work(const int64_t *segs, int64_t n, int causal, int64_t wind
             double w = window >= 0 ? (double)window : INFINITY, m = w < kl ? w : kl, top = w < kl ? kl : w;
             charged = run_sums_to(c, off + ql, m, top) - run_sums_to(c, off, m, top);
         }
-        out[s] = charged * pair_w + ql * row_cost * width + (c == &blocked ? kl * width * block_key_cost : 0.0);
+        out[s] = charged * pair_w + (c == &blocked ? ql * block_row_cost * width + kl * width * block_key_cost
+                                                    : ql * row_cost * width);
         total += out[s];
         rows += ql;
     }
@@ -2048,10 +2049,12 @@ double attnmask_pull_makespan(const double *items, int64_t n, int64_t repeat, in
 double attnmask_item_work_makespan(const int64_t *segs, int64_t n, int causal, int64_t window, double width,
                                    double key_bytes, double pair_cost, double long_pair_cost, double short_bytes,
                                    double long_bytes, double pair_w, double row_cost, double block_pair_cost,
-                                   double block_long_pair_cost, double block_key_cost, int64_t block_keys, double *out,
-                                   int64_t repeat, int64_t chunk, int64_t threads, double *scratch) {
+                                   double block_long_pair_cost, double block_key_cost, double block_row_cost,
+                                   int64_t block_keys, double *out, int64_t repeat, int64_t chunk, int64_t threads,
+                                   double *scratch) {
     attnmask_item_work(segs, n, causal, window, width, key_bytes, pair_cost, long_pair_cost, short_bytes, long_bytes,
-                       pair_w, row_cost, block_pair_cost, block_long_pair_cost, block_key_cost, block_keys, out);
+                       pair_w, row_cost, block_pair_cost, block_long_pair_cost, block_key_cost, block_row_cost,
+                       block_keys, out);
     return attnmask_pull_makespan(out, n, repeat, chunk, threads, scratch);
 }
 
