@@ -1070,6 +1070,23 @@ static inline __m512 exp16(__m512 x, __mmask16 keep) {
     return _mm512_maskz_mul_ps(keep & (__mmask16)~low, p, _mm512_castsi512_ps(bits));
 }
 
+/* exp16 for weights rounded to bfloat16 next (8 bits): one constant for ln 2 (|n| <= 126: under 3e-7 of error) and
+   a degree-4 polynomial on [-ln 2 / 2, ln 2 / 2] (fitted to the least largest relative error: under 3e-6, where
+   bfloat16's rounding is up to 2e-3). Four instructions fewer than exp16 on every pair; the same lanes and limits. */
+static inline __m512 exp16_weight(__m512 x, __mmask16 keep) {
+    const __m512 shift = _mm512_set1_ps(12582912.0f);
+    const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift);
+    const __m512 n = _mm512_sub_ps(t, shift);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), x);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0414841175f), r, _mm512_set1_ps(0.167910516f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.500040591f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.999963284f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.999999285f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127)), 23);
+    const __mmask16 low = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    return _mm512_maskz_mul_ps(keep & (__mmask16)~low, p, _mm512_castsi512_ps(bits));
+}
+
 /* v rows [0, n) (src apart, Dv elements) into blocks of AMX_STEP keys x 16 elements, transposed: step p, chunk e
    (elements 16e ..) at vt + (p * Dv / 16 + e) * 512, its row d the step's keys' element 16e + d; keys past n zero up
    to np steps. Two keys' elements interleaved into words, then 16 x 16 words transposed (transpose16: bits as they
@@ -1311,7 +1328,7 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
                     }
                     const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j), scale, m);
                     const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j + 16), scale, m);
-                    const __m512 e0 = exp16(x0, seen[j]), e1 = exp16(x1, seen[j + 1]);
+                    const __m512 e0 = exp16_weight(x0, seen[j]), e1 = exp16_weight(x1, seen[j + 1]);
                     sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
                     _mm512_storeu_si512(PT + 8 * j, pairs16(e0, e1));
                 }
@@ -1499,7 +1516,7 @@ static int backward_item_amx(const job_t *J, int64_t item, float *s, float *dp, 
                     const __mmask16 seen =
                         _mm512_cmp_epi32_mask(lov, key, _MM_CMPINT_LE) &
                         _mm512_cmp_epi32_mask(hiv, key, _MM_CMPINT_NLE);
-                    const __m512 p = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j), scale, lsv), seen);
+                    const __m512 p = exp16_weight(_mm512_fmsub_ps(_mm512_loadu_ps(ST + 16 * j), scale, lsv), seen);
                     const __m512 dd = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(DP + 16 * j), div), scale);
                     const __m512 ds = _mm512_maskz_mul_ps(seen, p, dd); /* scale dS: what dq and dk take */
                     _mm256_storeu_si256((void *)(P16 + 16 * j), (__m256i)_mm512_cvtneps_pbh(p));
