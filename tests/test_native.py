@@ -1065,6 +1065,36 @@ def test_the_tiles_weigh_values_wider_than_their_tiles_in_groups_of_steps(monkey
 
 
 @needs_tiles
+@pytest.mark.parametrize(
+    ("spec", "direct"),
+    [
+        (am.causal() & am.sliding_window(100), True),
+        (am.causal() & am.key_padding(torch.arange(300) >= 37), True),  # rows with no key: exactly 0
+        (am.causal() & am.document(seq_lens=[[100, 200], [40, 260]]), True),
+        (am.causal() & am.document(seq_lens=[[10, 290], [300]]), False),  # a segment the row form runs
+    ],
+)
+def test_the_tiles_write_bfloat16_where_no_gradient_needs_their_float32_output(monkeypatch, spec, direct):
+    """With no gradient to keep the float32 output for, a forward whose every segment runs on the tiles writes its
+    output in bfloat16 itself (``_writes_bfloat16``), rounded as torch rounds the float32 output: the same bits as
+    with a gradient, a value that is not finite included, and where a segment is left to the row form the float32
+    output converted as before."""
+    buffers = []
+    call = N._call
+    monkeypatch.setattr(N, "_call", lambda *a: (None if a[0] else buffers.append(a[4].dtype)) or call(*a))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 300, 64, generator=gen).bfloat16() for _ in range(3))
+    v[1, :, 250, 3] = float("nan")  # the rows that see it: NaN on both paths
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = am.attention(q, k, v, spec, backend="native")
+    want = am.attention(*inputs, spec, backend="native").detach()
+    assert buffers == [torch.bfloat16 if direct else torch.float32, torch.float32]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert got[1].isnan().any() and not got[0].isnan().any()
+
+
+@needs_tiles
 def test_the_tiles_agree_with_the_float32_path_and_are_off_where_they_would_not_pay(monkeypatch):
     """The tiles' output equals the float32 path's (the same bfloat16 values computed in float32) to bfloat16's
     rounding; ``ATTNMASK_NATIVE_AMX=0`` turns them off (``amx_ready`` is read once per process); and they do not run

@@ -52,6 +52,7 @@ typedef struct {
     const void *sinks, *slopes;        /* (H,) each in the kernel's dtype, or NULL */
     int64_t n_items, next, chunk;      /* next: shared counter; chunk: items per pull */
     int backward;
+    int out_bf16; /* the forward on AMX tiles writes res in bfloat16 (dtype_bits 18), else float32 */
 } job_t;
 
 /* Keys [lo, hi) of query i. The caller keeps |off| <= 2^40 and window <= 2^60, so a = i + off never overflows, and
@@ -1224,11 +1225,12 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
     if (ql <= 0) return 0;
     if (kl < J->block_keys || D % 32 || Dv % 16 || kl >= (1LL << 30) || !(J->scale > 0) || J->softcap > 0 ||
         J->slopes || J->sinks)
-        return forward_item_bf16(J, item, s, acc, qrow, X);
+        return J->out_bf16 ? 1 : forward_item_bf16(J, item, s, acc, qrow, X); /* the row form writes float32 */
     const uint16_t *q = (const uint16_t *)J->q + b * st[0] + h * st[1] + qs * st[2];
     const uint16_t *k = (const uint16_t *)J->k + b * st[3] + kvh * st[4] + ks * st[5];
     const uint16_t *v = (const uint16_t *)J->v + b * st[6] + kvh * st[7] + ks * st[8];
-    float *o = (float *)J->res + b * st[9] + h * st[10] + qs * st[11];
+    float *o = J->out_bf16 ? NULL : (float *)J->res + b * st[9] + h * st[10] + qs * st[11];
+    uint16_t *ob = J->out_bf16 ? (uint16_t *)J->res + b * st[9] + h * st[10] + qs * st[11] : NULL;
     float *lse = (float *)J->lse + (b * J->H + h) * J->Q + qs;
     int64_t klo, khi, lo, hi;
     key_range(J, 0, off, kl, &klo, &hi);
@@ -1362,24 +1364,26 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
             for (int64_t r = 0; r < 16; r++) memcpy(CT + r * Dv + 16 * e, rows + 16 * r, 64);
         }
         for (int64_t r = 0; r < 16 && i0 + r < ql; r++) {
-            float *oi = o + (i0 + r) * st[11];
+            float *oi = ob ? CT + r * Dv : o + (i0 + r) * st[11]; /* bfloat16 out: the row in float32 first */
             if (HI[r] <= LO[r]) { /* no allowed key: exactly 0, and the backward skips the row */
                 for (int64_t d = 0; d < Dv; d++) oi[d] = 0;
                 lse[i0 + r] = -INFINITY;
-                continue;
-            }
-            if (poisoned && bad[HI[r]] > bad[LO[r]]) { /* the row sees a value that is not finite */
+            } else if (poisoned && bad[HI[r]] > bad[LO[r]]) { /* the row sees a value that is not finite */
                 const int64_t i = i0 + r, a = LO[r] + k0, z = HI[r] + k0;
                 const float *qi = row_bf16(q + i * st[2], qrow, D);
                 int64_t j = a;
                 for (; j + 4 <= z; j += 4) dot4_bf16(qi, k + j * st[5], st[5], D, s + j);
                 for (; j < z; j++) s[j] = dot_bf16(qi, k + j * st[5], D);
                 finish_row_bf16(s + a, z - a, a - i - off, v + a * st[8], st[8], Dv, oi, lse + i, acc, mod);
-                continue;
+            } else {
+                const float inv = 1 / L[r], *y = CT + r * Dv;
+                _Pragma("omp simd") for (int64_t d = 0; d < Dv; d++) oi[d] = y[d] * inv;
+                lse[i0 + r] = M[r] + logf(L[r]);
             }
-            const float inv = 1 / L[r], *y = CT + r * Dv;
-            _Pragma("omp simd") for (int64_t d = 0; d < Dv; d++) oi[d] = y[d] * inv;
-            lse[i0 + r] = M[r] + logf(L[r]);
+            if (ob) /* rounded to nearest even, as torch rounds float32 to bfloat16 */
+                for (int64_t d = 0; d < Dv; d += 16)
+                    _mm256_storeu_si256((void *)(ob + (i0 + r) * st[11] + d),
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(oi + d)));
         }
     }
     _tile_release();
@@ -1623,6 +1627,10 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
     if (dtype_bits == 16 && !backward) return run(&J, threads, worker_bf16); /* bfloat16 q, k, v; float32 out, lse */
 #if AMX_BUILT
     if (dtype_bits == 17) return run(&J, threads, worker_amx); /* bfloat16 on AMX tiles; float32 out, lse, grads */
+    if (dtype_bits == 18 && !backward) { /* the same forward writing out in bfloat16 (every item on the tiles) */
+        J.out_bf16 = 1;
+        return run(&J, threads, worker_amx);
+    }
 #endif
     return 2;
 }
