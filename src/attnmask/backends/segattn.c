@@ -1007,8 +1007,10 @@ DEFINE_WORKER(float, bf16, backward_item_none)
 
 /* The bfloat16 forward on AMX tiles (dtype_bits 17: CPUs with AMX-BF16, built with -march=native there; Linux, which
  * must grant the process the tiles' state first: attnmask_amx_ready). q, k and v are read as stored; out and lse are
- * float32. An item's segment of at least block_keys keys (the blocked form's ground) takes the tiles; any other item
- * takes the bfloat16 forward above, as does one with score modifiers, or D not a multiple of 32 or Dv not of 16. A
+ * float32 (dtype_bits 18: out in bfloat16, rounded to nearest even, where the caller knows every item takes the
+ * tiles; one that cannot returns 1). An item's segment of at least block_keys keys (the blocked form's ground) takes
+ * the tiles; any other item takes the bfloat16 forward above, as does one with score modifiers, or D not a multiple of
+ * 32 or Dv not of 16. A
  * value that is not finite goes into the tiles as 0 (a tile multiplies every value of its keys, and 0 times an
  * infinite or NaN value of a key a row may not see would reach that row) and each row that sees one is computed again
  * by the row form, which multiplies it as it is.
