@@ -1233,6 +1233,32 @@ def test_the_tiles_backward_leaves_non_finite_inputs_to_the_float32_copies(monke
         assert torch.isfinite(inputs[0].grad[:, :, :150]).all()
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(st.integers(0, 3), st.integers(1, 3), st.integers(0, 40), st.integers(1, 70)),
+    bad=st.lists(
+        st.tuples(st.integers(0, 10**6), st.sampled_from(["inf", "-inf", "nan", "3e38", "-1e-40"])), max_size=3
+    ),
+    layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+)
+def test_the_finiteness_check_is_torchs(shape, bad, layout, dtype):
+    """``_finite`` (the kernel's one read of a bfloat16 tensor with contiguous rows, torch's ``isfinite`` otherwise)
+    answers as ``torch.isfinite(t).all()`` on any shape, an empty one included, with infinities, NaN, the largest
+    finite values and subnormals anywhere, on contiguous, transposed and sliced views."""
+    B, H, L, D = shape
+    base = {"contiguous": (B, H, L, D), "transposed": (B, L, H, D), "sliced": (B, L, H, D + 3)}[layout]
+    base = torch.randn(base)
+    for where, value in bad:
+        if base.numel():
+            base.view(-1)[where % base.numel()] = float(value)
+    t = base.to(dtype)
+    if layout != "contiguous":  # (B, L, H, D) memory, as a model's projections give, or a slice of each row
+        t = t[..., :D].transpose(1, 2)
+    assert t.shape == (B, H, L, D)
+    assert N._finite(t) == bool(torch.isfinite(t).all())
+
+
 @needs_tiles
 @settings(max_examples=40, deadline=None)
 @given(

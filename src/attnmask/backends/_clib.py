@@ -146,6 +146,7 @@ _HELPERS = {
     "attnmask_most_keys_seen": (_I64, [_PTR, _I64, _INT, _I64]),
     "attnmask_segment_tile_classes": (None, [_PTR, *[_I64] * 4, _INT, _I64, _PTR]),
     "attnmask_amx_ready": (_INT, []),
+    "attnmask_finite_bf16": (_INT, [_PTR, *[_I64] * 7]),
 }
 
 

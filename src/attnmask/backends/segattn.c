@@ -1648,6 +1648,25 @@ int attnmask_amx_ready(void) {
 #endif
 }
 
+/* 1 when every element of a bfloat16 tensor of shape (B, H, L, D) is finite (its exponent not all ones), else 0: its
+ * (b, h, l) strides sb, sh, sl in elements, each row of D contiguous. One read of each element, stopping at the first
+ * row that holds one that is not (native._finite: where torch's isfinite on bfloat16 makes five passes, 3.5 ms for
+ * 2M elements at two threads). */
+int attnmask_finite_bf16(const uint16_t *x, int64_t B, int64_t H, int64_t L, int64_t D, int64_t sb, int64_t sh,
+                         int64_t sl) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t l = 0; l < L; l++) {
+                const uint16_t *row = x + b * sb + h * sh + l * sl;
+                uint16_t seen = 0; /* (exponent bits) + 0x80 reaches 0x8000 only from all ones */
+                _Pragma("omp simd reduction(|:seen)") for (int64_t d = 0; d < D; d++) {
+                    seen |= (uint16_t)((row[d] & 0x7f80) + 0x80);
+                }
+                if (seen & 0x8000) return 0;
+            }
+    return 1;
+}
+
 /* The kernel's float32 exp over an array, for the tests (tests/test_native.py holds it to ~1 ulp of exp). */
 void attnmask_exp_f32(const float *x, float *y, int64_t n) {
     _Pragma("omp simd") for (int64_t i = 0; i < n; i++) y[i] = exp_f32(x[i]);
