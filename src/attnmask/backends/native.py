@@ -14,9 +14,9 @@ issue 15, "native's blocked form", "native's tiles"); ``"auto"`` chooses by ``co
 under ``causal()``), those queries in the row's segment too (more queries than keys: each sees the keys its rule
 allows), which a varlen kernel, computing only the sequences, cannot express. In bfloat16 on a CPU with AMX-BF16 tiles
 the forward of those blocked segments and its backward run on the tiles (``_on_tiles``, ``_tiles_backward``: products
-of bfloat16 with float32 sums, the softmax in float32, q, k and v read as stored): 3.0-3.7x the float32 arithmetic's
-speed forward on rows of 8,192 and 1.5-2.5x with a backward (``benchmarks/bench_tiles.py``; RESULTS.md, issue 15,
-"native's bfloat16 on AMX tiles", "The tiles' exponential and bfloat16 output").
+of bfloat16 with float32 sums, the softmax in float32, q, k and v read as stored): 2.9-3.8x the float32 arithmetic's
+speed forward on rows of 8,192 and 1.8-2.8x with a backward (``benchmarks/bench_tiles.py``; RESULTS.md, issue 15,
+"native's bfloat16 on AMX tiles", "The tiles' backward's finiteness check").
 
 The C source is compiled on first use with the system C compiler and loaded with ctypes (``backends._clib``).
 Without a compiler, or with ``ATTNMASK_NATIVE=0``, the backend reports itself unsupported and ``"auto"`` uses the
@@ -239,8 +239,8 @@ def _reads_as_stored(dtype: torch.dtype, kv_elements: int, segs: torch.Tensor, r
 # CPU with AMX-BF16 whose kernel was built with it, Linux granting the tiles' state; ATTNMASK_NATIVE_AMX=0 turns it
 # off. Its backward runs on the tiles too where Dv is a multiple of 32, most pairs are in segments of
 # _TILES_BACKWARD_MIN_KEYS keys or more, and q, k and dout are finite (``_tiles_backward``, ``_finite``), else on
-# float32 copies. Rows of 8,192, two threads, against the float32 arithmetic on copies: forward 3.0-3.7x faster,
-# with a backward 1.5-2.5x (RESULTS.md, issue 15, "The tiles' exponential and bfloat16 output").
+# float32 copies. Rows of 8,192, two threads, against the float32 arithmetic on copies: forward 2.9-3.8x faster,
+# with a backward 1.8-2.8x (RESULTS.md, issue 15, "The tiles' backward's finiteness check").
 _TILES_MIN_SHARE = 0.5
 # The forward's pairs and key copies in the blocked form's segments, which the tiles run, cost this share of the
 # blocked form's float32 charges (``_tiles_share``; the shorter segments stay on the row form and its charges), its
