@@ -335,8 +335,9 @@ def _on_tiles(dtype: torch.dtype, q_len: int, dims: tuple[int, int], segs: torch
 
 def _writes_bfloat16(segs: torch.Tensor, q_len: int) -> bool:
     """Whether a forward on the tiles with no gradient to keep its float32 output for writes its output in bfloat16
-    (segattn.c, dtype_bits 18; one pass over it fewer, where torch would convert it: 8% of a window of 512's time
-    at one thread): where every segment runs on the tiles, none left to the row form, which writes float32."""
+    (segattn.c, dtype_bits 18; no second pass over a fresh float32 output: windows and chunks on rows of 8,192 in
+    0.69-0.90x the time; RESULTS.md, issue 15, "The tiles' exponential and bfloat16 output"): where every segment runs
+    on the tiles, none left to the row form, which writes float32."""
     keys = segs[:, 4]
     return bool(len(segs)) and int(keys.min()) >= _block_keys(q_len) and int(keys.max()) < (1 << 30)
 
