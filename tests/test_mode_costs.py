@@ -183,6 +183,33 @@ def test_native_charges_its_bfloat16_copies_on_a_cpu_with_amx_tiles(monkeypatch,
         assert N._BF16_COPY_COST == 0.0
 
 
+def test_the_tiles_backward_charges_key_copies_that_leave_the_l2_cache(monkeypatch):
+    """The tiles' backward copies each item's keys (k, v and k^T: 2 D + Dv bfloat16 a key); past ``_TILES_L2_BYTES``
+    those copies leave the L2 cache, and its time grew 16-17x from 4K to 32K keys where SDPA's grew 9-10x (RESULTS.md,
+    issue 15, "The tiles' backward's finiteness check"): such a segment's keys are charged ``_TILES_SPILL_COST`` an
+    element and key/value head (``_tiles_spill``), with a gradient on the tiles only; a segment whose copies fit, and a
+    forward, not at all."""
+    monkeypatch.setattr(W, "threads_available", lambda: 1)
+    monkeypatch.setattr(N, "amx_ready", lambda: True)
+    assert N._TILES_SPILL_COST > 0
+
+    def spill(q_len: int, kv_len: int, grad: bool) -> float:
+        q = torch.zeros(1, 4, q_len, 64, dtype=torch.bfloat16).requires_grad_(grad)
+        k = torch.zeros(1, 2, kv_len, 64, dtype=torch.bfloat16).requires_grad_(grad)
+        c = A._prepare_call(q, k, k, am.causal(), None, None, None)
+        with pytest.MonkeyPatch.context() as inside:
+            charged = N.cost(c)
+            inside.setattr(N, "_TILES_SPILL_COST", 0.0)
+            return charged - N.cost(c)
+
+    with bench_limit().on_cpu_kind(True, True):
+        fits = N._TILES_L2_BYTES // (2 * (2 * 64 + 64))  # the most keys whose copies fit: 5,461
+        assert spill(8, fits, True) == 0.0
+        assert spill(8, 8192, True) == pytest.approx(8192 * (2 * 64 + 64) * 2 * N._TILES_SPILL_COST, rel=1e-12)
+        assert spill(8, 8192, False) == 0.0
+        assert spill(2, 8192, True) == 0.0  # two queries: the forward's row form, so no tiles' backward
+
+
 @pytest.mark.parametrize("amx", [True, False])
 def test_sdpa_charges_a_bfloat16_backward_pair_its_own_width(monkeypatch, amx):
     """torch's bfloat16 SDPA backward at small heads costs more per pair than float32's width says (RESULTS.md, issue

@@ -247,7 +247,8 @@ _TILES_MIN_SHARE = 0.5
 # threads gaining as float32's (_THREAD_EFFICIENCY: a second thread measured 1.8-1.95x the first's speed there), with
 # no float32 copies in the forward; after it the backward on the tiles (Dv a multiple of 32; ``_tiles_backward``), its
 # pairs at _TILES_BACKWARD_SCALE of the float32 backward's charges and its passes over the call's elements (gradients
-# zeroed in float32 and converted back; no float32 copies of q, k, v) _TILES_BACKWARD_PASSES times at ``COPY_COST``.
+# zeroed in float32 and converted back; no float32 copies of q, k, v) _TILES_BACKWARD_PASSES times at ``COPY_COST``
+# (below).
 # Fitted by a grid (``bench_limit.py --fit ... --grid``) on the Xeon's bfloat16 tables after both (rows of 8,192 at
 # two threads, of 1,024 at one and two; limit_tables/s44b_*): 0.3-0.4 x 0.5-0.7 read 95 of 96 rows within 1.1x of the
 # fastest, 0.25 or 0.5 for the forward 90-93, 0.3-0.4 for the backward 92-93 (RESULTS.md, issue 15, "native's
@@ -263,7 +264,17 @@ _TILES_PAIR_SCALE = 0.35
 _TILES_EXTRA_PAIR_WIDTH = 128.0
 _TILES_ROW_COST = 25.0
 _TILES_BACKWARD_SCALE = 0.6
-_TILES_BACKWARD_PASSES = 2.0
+# The backward's passes over the call's elements, and its key copies where they leave the L2 cache
+# (``_tiles_spill``: an item's k, v and k^T copies past _TILES_L2_BYTES, the 2 MiB of L2 a core of every CPU with AMX
+# tiles has, each element at _TILES_SPILL_COST). After the finiteness check moved to C a decoding step's backward
+# against 4,096 keys ran 1.1-1.55x faster than SDPA's while against 32,768 it stayed 1.25-1.29x slower: from 4K to
+# 32K keys its time grew 16-17x, SDPA's 9-10x, its copies then 12 MiB. Fitted by a grid on the fresh bfloat16 tables
+# (limit_tables/s45*_8k*_bf16*, s45b_q*_bf16): passes 2 and no spill charge 140 of 144 rows within 1.1x of the
+# fastest; passes 1 and 20-80 all 144 (0.5 and 40-80 too); the head-size tables 164 of 168 either way (RESULTS.md,
+# issue 15, "The tiles' backward's finiteness check").
+_TILES_BACKWARD_PASSES = 1.0
+_TILES_L2_BYTES = 2 << 20
+_TILES_SPILL_COST = 40.0
 
 
 # The backward takes the tiles where at least _TILES_MIN_SHARE of the pairs are in segments of this many keys or more:
@@ -331,6 +342,15 @@ def _on_tiles(dtype: torch.dtype, q_len: int, dims: tuple[int, int], segs: torch
     if mods[0] or mods[1] is not None or mods[2] is not None or not amx_ready():
         return False
     return _long_share(segs, rule, BLOCK_MIN_KEYS)
+
+
+def _tiles_spill(segs: torch.Tensor, call) -> float:
+    """The tiles' backward's key copies that leave the L2 cache: per segment and key/value head whose copies (k, v and
+    k^T, (2 D + Dv) bfloat16 a key) pass ``_TILES_L2_BYTES``, its keys' elements at ``_TILES_SPILL_COST``."""
+    per_key = 2 * call.head_dim + call.value_dim
+    keys = segs[:, 4].numpy()
+    spilled = keys[keys * per_key * 2 > _TILES_L2_BYTES]
+    return float(spilled.sum()) * per_key * call.kv_heads * _TILES_SPILL_COST
 
 
 def _writes_bfloat16(segs: torch.Tensor, q_len: int) -> bool:
@@ -765,6 +785,8 @@ def cost(call) -> float:
             serial += copies
         elif call.needs_grad:
             stored_copies = copies * (_TILES_BACKWARD_PASSES if tiles_back else _BF16_BACKWARD_PASSES)
+    if tiles_back:
+        stored_copies += _tiles_spill(segs, call) / (1.0 + (threads - 1) * _THREAD_EFFICIENCY)
     kernel = item_sum * call.heads  # the forward's, on one thread
     factor = mode_factor(MODES, call)
     if call.needs_grad:  # the backward's runs read and write twice the bytes per key: their own charges
