@@ -236,8 +236,12 @@ def test_sdpa_charges_a_bfloat16_forward_pair_its_own_width_on_amx_tiles(monkeyp
     """On a CPU with AMX tiles torch's bfloat16 SDPA forward grows less with the head than float32's (1.25-1.6x from
     D = 64 to 128 on the Xeon; RESULTS.md, issue 15, "Head sizes on the tiles"): a bfloat16 forward's pairs are charged
     at ``_EXTRA_BF16_FORWARD_PAIR_WIDTH``, wider than float32's there (more at D = 16, the same at D = 64, less at
-    D = 128), and at float32's on other CPUs."""
+    D = 128), and at float32's on other CPUs and off the CPU (a meta tensor: this CPU's tiles say nothing there)."""
     import attnmask.backends.sdpa as SD
+
+    def meta(dtype, dim):
+        q = torch.zeros(1, 4, 256, dim, dtype=dtype, device="meta")
+        return SD.cost(A._prepare_call(q, q, q, am.causal() & am.sliding_window(64), None, None, None))
 
     monkeypatch.setattr(W, "threads_available", lambda: 1)
     with bench_limit().on_cpu_kind(amx, True):
@@ -245,6 +249,7 @@ def test_sdpa_charges_a_bfloat16_forward_pair_its_own_width_on_amx_tiles(monkeyp
         ratio = {
             d: SD.cost(call(torch.bfloat16, False, d)) / SD.cost(call(torch.float32, False, d)) for d in (16, 64, 128)
         }
+        assert all(meta(torch.bfloat16, d) == meta(torch.float32, d) for d in (16, 64, 128))
     if amx:
         assert ratio[16] > ratio[64] * 1.2 and ratio[128] < ratio[64] * 0.9
     else:

@@ -1037,8 +1037,10 @@ def cost(call: AttentionCall) -> float:
     modes = _modes(call)
     factor = mode_factor(modes, call)
     bf16 = call.q.dtype == torch.bfloat16
-    work = _one_thread_cost(call, _EXTRA_BF16_FORWARD_PAIR_WIDTH if bf16 else None)
-    if call.needs_grad and bf16 and _EXTRA_BF16_PAIR_WIDTH != _EXTRA_BF16_FORWARD_PAIR_WIDTH:
+    # the forward's own bfloat16 width where torch runs it on this CPU's tiles (as ``_common.amx_pair_factor``)
+    forward_width = _EXTRA_BF16_FORWARD_PAIR_WIDTH if bf16 and call.device_type == "cpu" else _EXTRA_PAIR_WIDTH
+    work = _one_thread_cost(call, forward_width)
+    if call.needs_grad and bf16 and _EXTRA_BF16_PAIR_WIDTH != forward_width:
         # the forward's share at its bfloat16 width, the backward's at the backward's
         forward = mode_factor(modes, call, forward=True)
         estimate = (work * forward + _one_thread_cost(call, _EXTRA_BF16_PAIR_WIDTH) * (factor - forward)) / gain
