@@ -1323,3 +1323,67 @@ def test_the_tiles_backward_takes_long_runs_of_keys_only(monkeypatch, spec, L, t
     naive_attention(*wide, spec.to_dense(L)[:, None]).backward(dout.double())
     for got, ref in zip(inputs, wide, strict=True):
         torch.testing.assert_close(got.grad.double(), ref.grad, atol=6e-2, rtol=6e-2)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.integers(1, 3),
+    q_len=st.integers(1, 30),
+    pieces=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), st.integers(0, 6)), max_size=12),
+    shuffle=st.randoms(use_true_random=False),
+)
+def test_the_query_ranges_in_no_segment_cover_each_uncovered_query_once(rows, q_len, pieces, shuffle):
+    """``_uncovered`` (C, and its numpy form): with the segments, every query of every row in exactly one range, each
+    gap non-empty, of no key (the kernel writes its rows 0); segments in any order, empty ones, rows with none."""
+    segs, at = [], [0] * rows
+    for row, gap, length in pieces:
+        row %= rows
+        start = at[row] + gap
+        length = min(length, q_len - start)
+        if length < 0:
+            continue
+        segs.append((row, start, length, 0, 1, 0))
+        at[row] = start + length
+    shuffle.shuffle(segs)
+    tensor = torch.tensor(segs, dtype=torch.int64).reshape(-1, 6)
+    gaps = N._uncovered(tensor, rows, q_len)
+    assert torch.equal(gaps, N._uncovered_numpy(tensor, rows, q_len))  # the C pass as the numpy form
+    covered = np.zeros((rows, q_len), dtype=int)
+    for row, start, length, *_ in [*segs, *gaps.tolist()]:
+        covered[row, start : start + length] += 1
+    assert (covered == 1).all()
+    assert gaps.dtype == torch.int64 and gaps.shape[1:] == (6,)
+    assert (gaps[:, 2] > 0).all() and (gaps[:, 3:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_in_no_document_are_written_zero_by_the_kernel(dtype, threads):
+    """Leading and trailing padding, and a row in no document, around documents long enough for the blocked form
+    (in bfloat16 on a CPU with AMX tiles: the tiles, writing bfloat16 without a gradient): the kernel writes those
+    rows 0 (and the sinks' gradient, which reads their log-sum-exp, matches the reference), whatever the output
+    buffer held before; the other rows match the naive reference."""
+    B, L = 3, 640
+    ids = torch.full((B, L), -1)
+    ids[0, :300], ids[0, 300:520] = 0, 1
+    ids[1, 40:400], ids[1, 400:600] = 0, 1
+    spec = am.causal() & am.document(doc_ids=ids)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, 4, L, 64, generator=gen).to(dtype) for _ in range(3))
+    padding = (ids < 0)[:, None, :, None].expand(B, 4, L, 64)
+    reference = naive_attention(q.double(), k.double(), v.double(), spec.to_dense(L)[:, None])
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    with kernel_settings(threads):
+        for _ in range(3):  # a freed tensor of NaN first: an output buffer that reuses it must still be written
+            torch.full((B, 4, L, 64), float("nan"), dtype=dtype)
+            out = am.attention(q, k, v, spec, backend="native")
+            assert out.dtype == dtype
+            assert (out[padding] == 0).all()
+            assert (out.double() - reference).abs().max() < tolerance
+        sinks = torch.randn(4, generator=gen).to(dtype).requires_grad_()
+        got = am.attention(q, k, v, spec, backend="native", sinks=sinks)
+        want = am.attention(q.double(), k.double(), v.double(), spec, backend="reference", sinks=sinks.double())
+        assert (got[padding] == 0).all()
+        (got_grad,) = torch.autograd.grad(got.double().sum(), sinks)
+        (want_grad,) = torch.autograd.grad(want.sum(), sinks)
+        assert torch.allclose(got_grad.double(), want_grad.double(), atol=tolerance * 10, rtol=tolerance)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -150,19 +151,22 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, tiles, thr
         raise bad(BackendError, "backend", "a built C kernel for 'native'", lib)
     dq, dk, dv = grads if grads is not None else (None, None, None)
     strided = (q, k, v, res, dout if dout is not None else res)
-    strides = torch.tensor([s for t in strided for s in t.stride()[:3]] + [k.shape[2]], dtype=torch.int64)
-    kmax = int(segs[:, 4].max()) if len(segs) else 0
+    # ctypes arrays, not tensors, and the longest segment found by the kernel: two small torch ops and a reduction
+    # took ~45 us of a call right after a kernel (8 rows of 256, float32)
+    strides = _int64s([s for t in strided for s in t.stride()[:3]] + [k.shape[2]])
     block_keys = _block_keys(q.shape[2])
-    dims = [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], kmax, window or 0, int(causal), block_keys]
-    dims += [TILE_KEYS if backward else FORWARD_TILE_KEYS, PANEL_ROWS]
-    dims = torch.tensor(dims, dtype=torch.int64)
+    dims = [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], 0, window or 0, int(causal), block_keys]
+    dims = _int64s(dims + [TILE_KEYS if backward else FORWARD_TILE_KEYS, PANEL_ROWS])
     # 16: a forward only; 17 on the tiles; 18 on the tiles writing bfloat16 (``_writes_bfloat16``)
     tiled = 18 if res.dtype == torch.bfloat16 else 17
     bits = {torch.float64: 64, torch.bfloat16: tiled if tiles else 16}.get(q.dtype, 32)
     status = lib.attnmask_segattn(
         bits,
         int(backward),
-        *(_ptr(t) for t in (q, k, v, res, dout, lse, dq, dk, dv, strides, dims, segs)),
+        *(_ptr(t) for t in (q, k, v, res, dout, lse, dq, dk, dv)),
+        ctypes.addressof(strides),
+        ctypes.addressof(dims),
+        _ptr(segs),
         len(segs),
         float(scale),
         float(softcap),
@@ -176,9 +180,54 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, tiles, thr
         raise RuntimeError(f"attnmask native kernel: status {status} for {q.dtype}, backward={backward}")
 
 
-def _covers_all(segs: torch.Tensor, B: int, Q: int) -> bool:
-    """Whether the (disjoint) query ranges cover every query of every row."""
-    return int(segs[:, 2].sum()) == B * Q
+def _int64s(values: list[int]) -> ctypes.Array:
+    """``values`` as a C array of int64 (alive while the caller holds it)."""
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _uncovered(segs: torch.Tensor, B: int, Q: int) -> torch.Tensor:
+    """The query ranges of the ``B`` rows of ``Q`` queries in none of ``segs``' (disjoint) ranges, as segments of no
+    key ``(row, q_start, q_len, 0, 0, 0)``, ``(G, 6)`` int64 by row and start: the forward runs them as items, whose
+    rows the kernel writes 0 (log-sum-exp -inf) as it writes a row that sees no key, so that the output is written
+    once, not zeroed whole first (8 rows of 256 with trailing padding, float32, two threads: zeroing the 2 MiB output
+    took ~0.1 ms of a 1.2 ms call). One pass in C (``attnmask_uncovered``; a sort where the segments are not by row
+    and start), or the numpy form (``_uncovered_numpy``, ~15 operations: ~160 us right after a kernel) where the
+    library is not built. O(N) in the segments (O(N log N) unsorted), nothing per query."""
+    lib = _library()
+    if not isinstance(lib, str):
+        address, _held = segments_address(segs)
+        out = torch.empty((len(segs) + B, 6), dtype=torch.int64)  # data_ptr: a numpy array's ctypes.data costs more
+        count = lib.attnmask_uncovered(address, len(segs), B, Q, out.data_ptr())
+        if count >= 0:
+            return out[:count]
+    return _uncovered_numpy(segs, B, Q)
+
+
+def _uncovered_numpy(segs: torch.Tensor, B: int, Q: int) -> torch.Tensor:
+    s = segs.numpy()
+    if int(s[:, 2].sum()) == B * Q:
+        return torch.empty((0, 6), dtype=torch.int64)
+    s = s[s[:, 2] > 0]
+    s = s[np.lexsort((s[:, 1], s[:, 0]))]
+    rows, starts, ends = s[:, 0], s[:, 1], s[:, 1] + s[:, 2]
+    first = np.ones(len(s), dtype=bool)
+    first[1:] = rows[1:] != rows[:-1]
+    last = np.ones(len(s), dtype=bool)
+    last[:-1] = first[1:]
+    before = np.where(first, 0, np.roll(ends, 1))  # where the range before a segment's starts (0: the row's start)
+    empty = np.setdiff1d(np.arange(B), rows)  # rows in no segment
+    gap_rows = np.concatenate((rows, rows[last], empty))
+    gap_starts = np.concatenate((before, ends[last], np.zeros(len(empty), dtype=np.int64)))
+    gap_ends = np.concatenate((starts, np.full(int(last.sum()), Q), np.full(len(empty), Q)))
+    keep = gap_ends > gap_starts
+    order = np.lexsort((gap_starts[keep], gap_rows[keep]))
+    gaps = np.zeros((int(keep.sum()), 6), dtype=np.int64)
+    gaps[:, 0], gaps[:, 1], gaps[:, 2] = (
+        gap_rows[keep][order],
+        gap_starts[keep][order],
+        (gap_ends - gap_starts)[keep][order],
+    )
+    return torch.from_numpy(gaps)
 
 
 def _keys_disjoint(segs: torch.Tensor) -> bool:
@@ -366,10 +415,36 @@ def _modifier(t: torch.Tensor | None, work: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.detach().to(work).contiguous()
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What the forward derives from the segments alone, kept with the plan by ``run`` (each ~5-60 us of numpy or torch
+    right after a kernel, on every layer otherwise): ``gaps``, ``_uncovered``'s query ranges in no segment ``(G,
+    6)``; the kernel's items on one thread, ``whole`` (the segments, then the gaps), and on more, ``cut``
+    (``forward_items`` for ``threads_available()`` threads, then the gaps; ``None``: cut when the kernel takes two
+    threads or more); ``pairs``, ``allowed_pairs``."""
+
+    gaps: torch.Tensor
+    whole: torch.Tensor
+    cut: torch.Tensor | None
+    pairs: float
+
+
+def _prepared(segs: torch.Tensor, B: int, Q: int, causal: bool, window: int | None, cut=None) -> _Prepared:
+    """``_Prepared`` of ``segs`` on ``B`` rows of ``Q`` queries (``cut``: ``forward_items`` of them, or ``None``)."""
+    gaps = _uncovered(segs, B, Q)
+
+    def then_gaps(items: torch.Tensor) -> torch.Tensor:
+        return torch.cat((items, gaps)) if len(gaps) else items
+
+    return _Prepared(
+        gaps, then_gaps(segs), None if cut is None else then_gaps(cut), allowed_pairs(segs, causal, window)
+    )
+
+
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     @on_free_cores
-    def forward(ctx, q, k, v, segs, causal, window, scale, softcap=None, sinks=None, slopes=None, blocks=None):
+    def forward(ctx, q, k, v, segs, causal, window, scale, softcap=None, sinks=None, slopes=None, prepared=None):
         work = _work_dtype(q.dtype)
         mods = (softcap or 0.0, _modifier(sinks, work), _modifier(slopes, work))
         tiles = _on_tiles(q.dtype, q.shape[2], (q.shape[3], v.shape[3]), segs, (causal, window), mods)
@@ -380,18 +455,19 @@ class _SegmentAttention(torch.autograd.Function):
         out = q.dtype if tiles and not any(ctx.needs_input_grad) and _writes_bfloat16(segs, Q) else work
         res = empty_buffer(shape, out)  # huge pages when opted in (ATTNMASK_HUGE_PAGES=1): far fewer page faults
         lse = torch.empty((B, H, Q), dtype=work)
-        if not _covers_all(segs, B, Q):
-            res.zero_()
-            lse.fill_(-torch.inf)  # rows in no segment: no key (read by the sinks' gradient)
         rule = (causal, window, scale)
-        threads = _kernel_threads(segs, H, qw.shape[3] + vw.shape[3], rule)
-        if threads < 2:
-            blocks = segs
-        elif blocks is None:  # else forward_items for threads_available(), cached with the plan
-            blocks = forward_items(segs, H, threads)
-        _call(False, qw, kw, vw, res, None, lse, None, blocks, rule, mods, tiles, threads)
+        # the rows in no segment are items too: the kernel writes them 0 and lse -inf (read by the sinks' gradient)
+        prepared = _prepared(segs, B, Q, causal, window) if prepared is None else prepared
+        threads = _kernel_threads(segs, H, qw.shape[3] + vw.shape[3], rule, pairs=prepared.pairs)
+        items = prepared.whole
+        if threads >= 2:  # forward_items for threads_available(), cached with the plan by run
+            items = prepared.cut
+            if items is None:
+                items = forward_items(segs, H, threads)
+                items = torch.cat((items, prepared.gaps)) if len(prepared.gaps) else items
+        _call(False, qw, kw, vw, res, None, lse, None, items, rule, mods, tiles, threads)
         ctx.save_for_backward(qw, kw, vw, res, lse, segs)
-        ctx.meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype, tiles)
+        ctx.meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype, tiles, prepared.pairs)
         return res.to(q.dtype)
 
     @staticmethod
@@ -399,7 +475,7 @@ class _SegmentAttention(torch.autograd.Function):
     @on_free_cores
     def backward(ctx, grad):
         qw, kw, vw, res, lse, segs = ctx.saved_tensors
-        rule, mods, dtype, sinks_dtype, tiles = ctx.meta
+        rule, mods, dtype, sinks_dtype, tiles, pairs = ctx.meta
         tiles = tiles and _tiles_backward(segs, rule[:2], (qw.shape[3], vw.shape[3])) and _finite(qw, kw, grad)
         if not tiles:  # bfloat16 inputs: float32 copies for the backward
             qw, kw, vw = (_rows(t, res.dtype) for t in (qw, kw, vw))
@@ -407,7 +483,7 @@ class _SegmentAttention(torch.autograd.Function):
         grads = tuple(torch.zeros(t.shape, dtype=res.dtype) for t in (qw, kw, vw))
         threads = 1
         if _keys_disjoint(segs):  # else two items could add into one dk / dv row
-            threads = _kernel_threads(segs, qw.shape[1], qw.shape[3] + vw.shape[3], rule, passes=3)
+            threads = _kernel_threads(segs, qw.shape[1], qw.shape[3] + vw.shape[3], rule, passes=3, pairs=pairs)
         if threads > 1:  # items are (segment, key/value head), segment-major: the heaviest segments first
             segs = segs[_heaviest_first(segs, rule)]
         _call(True, qw, kw, vw, res, dout, lse, grads, segs, rule, mods, tiles, threads)
@@ -485,13 +561,16 @@ def _forward_items_numpy(segs: torch.Tensor, heads: int, want: int) -> torch.Ten
 _BUSY_SHARE_WORK = 8e8
 
 
-def _kernel_threads(segs: torch.Tensor, heads: int, width: int, rule: tuple, passes: int = 1) -> int:
+def _kernel_threads(
+    segs: torch.Tensor, heads: int, width: int, rule: tuple, passes: int = 1, pairs: float | None = None
+) -> int:
     """Threads for a kernel call over ``segs`` on ``heads`` heads (``rule``: causal, window, scale):
-    ``backends._workers.region_threads`` of its allowed pairs' multiply-adds (``passes`` times the forward's: the
-    backward makes ~3): torch's count; the free cores only while other processes hold cores and the call has less
-    than ``_BUSY_SHARE_WORK``."""
+    ``backends._workers.region_threads`` of its allowed pairs' multiply-adds (``pairs``: ``allowed_pairs`` of
+    ``segs``, counted here when not given; ``passes`` times the forward's: the backward makes ~3): torch's count; the
+    free cores only while other processes hold cores and the call has less than ``_BUSY_SHARE_WORK``."""
     causal, window, _ = rule
-    work = passes * allowed_pairs(segs, causal, window) * heads * width
+    pairs = allowed_pairs(segs, causal, window) if pairs is None else pairs
+    work = passes * pairs * heads * width
     return region_threads(work, share_work=_BUSY_SHARE_WORK)
 
 
@@ -1009,9 +1088,14 @@ def run(call) -> torch.Tensor:
     plan = native_plan(call)
     window = None if plan.window is None else min(plan.window, _WIDEST)
     rule = (plan.causal or window is not None, window, call.scale)
-    blocks = _forward_blocks(call, plan.segments)
+    segs, threads = plan.segments, _workers.threads_available()
+    prepared = cached(
+        call,
+        f"native_run_{threads}",
+        lambda c: _prepared(segs, c.batch, c.q_len, *rule[:2], cut=_forward_blocks(c, segs)),
+    )
     return _SegmentAttention.apply(
-        call.q, call.k, call.v, plan.segments, *rule, call.softcap, call.sinks, call.alibi_slopes, blocks
+        call.q, call.k, call.v, segs, *rule, call.softcap, call.sinks, call.alibi_slopes, prepared
     )
 
 

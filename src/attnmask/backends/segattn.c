@@ -1225,6 +1225,18 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
     const int64_t h = item / J->nseg, kvh = h / (J->H / J->Hkv), D = J->D, Dv = J->Dv;
     const int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];
     if (ql <= 0) return 0;
+    if (kl <= 0) { /* a query range in no segment: its rows 0 and lse -inf, as the row form writes a row with no key */
+        float *lse0 = (float *)J->lse + (b * J->H + h) * J->Q + qs;
+        for (int64_t i = 0; i < ql; i++) {
+            const int64_t at = b * st[9] + h * st[10] + (qs + i) * st[11];
+            if (J->out_bf16)
+                memset((uint16_t *)J->res + at, 0, sizeof(uint16_t) * Dv);
+            else
+                memset((float *)J->res + at, 0, sizeof(float) * Dv);
+            lse0[i] = -INFINITY;
+        }
+        return 0;
+    }
     if (kl < J->block_keys || D % 32 || Dv % 16 || kl >= (1LL << 30) || !(J->scale > 0) || J->softcap > 0 ||
         J->slopes || J->sinks)
         return J->out_bf16 ? 1 : forward_item_bf16(J, item, s, acc, qrow, X); /* the row form writes float32 */
@@ -1606,7 +1618,8 @@ static int run(job_t *J, int threads, void *(*worker)(void *)) {
     return failed ? 1 : 0;
 }
 
-/* dims: H, Hkv, Q, D, Dv, kmax, window, causal, block_keys (see the blocked form above); strides: 16 int64, the
+/* dims: H, Hkv, Q, D, Dv, (unused: the longest segment's keys are found here), window, causal, block_keys (see the
+ * blocked form above); strides: 16 int64, the
  * (b, h, l) element strides of q, k, v, out and dout, then K (the key length of the contiguous dk / dv); softcap (0:
  * none), sinks and slopes ((H,) or NULL): the score modifiers. Returns 0, or 1 when a thread's scratch allocation
  * failed, 2 for an unknown dtype. */
@@ -1618,7 +1631,8 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
     J.q = q, J.k = k, J.v = v, J.res = res, J.dout = dout, J.lse = lse, J.dq = dq, J.dk = dk, J.dv = dv;
     J.st = strides, J.segs = segs, J.nseg = nseg, J.scale = scale, J.backward = backward;
     J.softcap = softcap, J.sinks = sinks, J.slopes = slopes;
-    J.H = dims[0], J.Hkv = dims[1], J.Q = dims[2], J.D = dims[3], J.Dv = dims[4], J.kmax = dims[5];
+    J.H = dims[0], J.Hkv = dims[1], J.Q = dims[2], J.D = dims[3], J.Dv = dims[4], J.kmax = 0;
+    for (int64_t i = 0; i < nseg; i++) J.kmax = segs[6 * i + 4] > J.kmax ? segs[6 * i + 4] : J.kmax;
     J.window = dims[6], J.causal = (int)dims[7], J.block_keys = dims[8];
     /* scratch is sized from these: a tile of at least one key, panels of whole blocks of four rows */
     J.tile_keys = dims[9] > 0 ? dims[9] : 1, J.panel_rows = dims[10] >= 4 ? dims[10] / 4 * 4 : 4;
@@ -1745,6 +1759,53 @@ int attnmask_keys_disjoint(const int64_t *segs, int64_t n) {
     }
     free(order);
     return disjoint;
+}
+
+/* The query ranges in none of the n segments (b, q_start, q_len, ...; their non-empty query ranges disjoint) on B rows
+ * of Q queries, for the run (attnmask.backends.native._uncovered, whose numpy form the tests hold this one to): each as
+ * a segment of no key (b, start, length, 0, 0, 0) written to `out` (room for n + B), by row, then start; returns
+ * their count, -2 when the scratch array cannot be allocated. The segments taken by row, then query start (one pass
+ * where they are so already, as the plans' are), else sorted. */
+static int cmp_row_start(const void *a, const void *b) {
+    const row_first *x = a, *y = b;
+    if (x->row != y->row) return x->row < y->row ? -1 : 1;
+    return (x->first > y->first) - (x->first < y->first);
+}
+
+int64_t attnmask_uncovered(const int64_t *segs, int64_t n, int64_t B, int64_t Q, int64_t *out) {
+    int64_t sorted = 1, covered = 0;
+    for (int64_t i = 0; i < n; i++) {
+        covered += segs[6 * i + 2];
+        if (i && (segs[6 * i] < segs[6 * i - 6] || (segs[6 * i] == segs[6 * i - 6] && segs[6 * i + 1] < segs[6 * i - 5])))
+            sorted = 0;
+    }
+    if (covered == B * Q) return 0;
+    row_first *order = NULL;
+    if (!sorted) {
+        order = malloc((size_t)(n ? n : 1) * sizeof(row_first));
+        if (order == NULL) return -2;
+        for (int64_t i = 0; i < n; i++) order[i] = (row_first){segs[6 * i], segs[6 * i + 1], i};
+        qsort(order, (size_t)n, sizeof(row_first), cmp_row_start);
+    }
+    int64_t count = 0, row = 0, at = 0; /* the next query not yet covered: (row, at) */
+    for (int64_t i = 0; i <= n; i++) {
+        const int64_t *g = i < n ? segs + 6 * (order ? order[i].index : i) : NULL;
+        if (g && g[2] <= 0) continue;
+        const int64_t r = g ? g[0] : B, start = g ? g[1] : 0;
+        for (; row < r; row++, at = 0) /* the rest of each row before this segment's */
+            if (at < Q) {
+                int64_t *o = out + 6 * count++;
+                o[0] = row, o[1] = at, o[2] = Q - at, o[3] = o[4] = o[5] = 0;
+            }
+        if (!g) break;
+        if (start > at) {
+            int64_t *o = out + 6 * count++;
+            o[0] = row, o[1] = at, o[2] = start - at, o[3] = o[4] = o[5] = 0;
+        }
+        at = start + g[2];
+    }
+    free(order);
+    return count;
 }
 
 /* The forward's items, for planning and the run (attnmask.backends.native.forward_items, whose numpy form the tests
