@@ -1,4 +1,4 @@
-"""PYTHONPATH=src python benchmarks/bench_planning_cold.py [--threads 2] [--specs 400] [--quick]
+"""PYTHONPATH=src python benchmarks/bench_planning_cold.py [--threads 2] [--specs 400] [--layers 16] [--quick]
 
 What planning a fresh spec costs right after a kernel against back to back (issue 15's per-call overhead). For
 ``bench_small_rows.py``'s three batches (B=8 rows of 256 tokens, H=4, D=64, float32), ``_prepare_call`` and
@@ -7,6 +7,13 @@ masked call on the batch ("after a kernel", as between the layers of a model); t
 of a few steps run before every planning does to it: nothing, the SDPA call on two threads and on one, a ``fill_`` of
 a buffer larger than the core's L2 cache and of one smaller, and a 3 ms sleep. Percentages are of the SDPA call alone
 (without building its mask). Medians over the specs after the first quarter.
+
+Then what a model pays per attention call: ``attention(q, k, v, spec)`` called back to back, each call right after the
+one before's kernel, timed whole and inside ``native``'s C kernel (the backend ``auto`` picks on these batches; a
+call that picks another backend is reported, not counted); "outside the kernel" is the difference: validation, the
+plan cache, the choice, ``native``'s plan and its Python before and after the kernel. On a fresh spec each call (the
+first layer of a model's forward, the spec built before the forward as a collator does) and on one spec repeated
+(the layers after the first, which find the plans on the spec), and their mean over a model of ``--layers`` layers.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+import attnmask.backends.native as native
+from attnmask import attention
 from attnmask.attention import _prepare_call, choose_backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -41,10 +50,46 @@ def planning_ms(make, before, q, k, v, specs: int, seed: int) -> float:
     return statistics.median(times[specs // 4 :]) * 1e3
 
 
+class _TimedKernel:
+    """``native``'s library with its kernel entry timed: ``spent`` accumulates the seconds inside it."""
+
+    def __init__(self, lib):
+        self.lib, self.spent = lib, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.lib, name)
+
+    def attnmask_segattn(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return self.lib.attnmask_segattn(*args)
+        finally:
+            self.spent += time.perf_counter() - t0
+
+
+def outside_kernel_ms(specs, q, k, v, timed: _TimedKernel) -> tuple[float, float, int]:
+    """Medians (after the first quarter) of ``attention``'s whole time and of its time outside ``native``'s kernel
+    over ``specs`` called back to back, and how many calls ran no kernel (another backend picked)."""
+    whole, outside, elsewhere = [], [], 0
+    for spec in specs:
+        timed.spent = 0.0
+        t0 = time.perf_counter()
+        attention(q, k, v, spec)
+        t = time.perf_counter() - t0
+        if timed.spent == 0.0:
+            elsewhere += 1
+            continue
+        whole.append(t)
+        outside.append(t - timed.spent)
+    skip = len(whole) // 4
+    return statistics.median(whole[skip:]) * 1e3, statistics.median(outside[skip:]) * 1e3, elsewhere
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--specs", type=int, default=400)
+    parser.add_argument("--layers", type=int, default=16, help="layers of the model the per-call mean assumes")
     parser.add_argument("--quick", action="store_true", help="100 specs a run")
     args = parser.parse_args()
     specs = 100 if args.quick else args.specs
@@ -110,7 +155,60 @@ def main() -> None:
     for name, ms in runs.items():
         print(f"| {name} | {min(ms):.3f}-{max(ms):.3f} ms |")
     print()
-    print(f"command: PYTHONPATH=src python benchmarks/bench_planning_cold.py --threads {args.threads} --specs {specs}")
+    lib = native._library()
+    if isinstance(lib, str):
+        print(f"no per-call table: native's kernel is not built ({lib})")
+    else:
+        timed = _TimedKernel(lib)
+        native._library = lambda: timed
+        try:
+            per_call_table(q, k, v, specs, args.layers, timed)
+        finally:
+            native._library = lambda: lib
+    print()
+    command = f"PYTHONPATH=src python benchmarks/bench_planning_cold.py --threads {args.threads} --specs {specs}"
+    print(f"command: {command} --layers {args.layers}")
+
+
+def per_call_table(q, k, v, specs: int, layers: int, timed: _TimedKernel) -> None:
+    """The table of ``attention``'s time outside ``native``'s kernel, per batch (see the module docstring)."""
+    B, _, L, _ = q.shape
+    print(f"per attention call, back to back (each right after the one before's kernel); model of {layers} layers")
+    print("| batch | fresh spec: whole | outside the kernel | repeated spec: whole | outside the kernel | model mean |")
+    print("|---|---:|---:|---:|---:|---:|")
+    seed = 10**7
+    for name, make in BATCHES.items():
+        dense = make(B, L, seed=10**6).to_dense(L)[:, None]
+        sdpa = statistics.median(_timed(lambda d=dense: F.scaled_dot_product_attention(q, k, v, attn_mask=d), 30))
+        fresh_runs, repeated_runs, elsewhere = [], [], 0
+        for _ in range(2):
+            seed += 10 * specs
+            fresh = outside_kernel_ms([make(B, L, seed=seed + i) for i in range(specs)], q, k, v, timed)
+            one = make(B, L, seed=seed - 1)
+            repeated = outside_kernel_ms([one] * specs, q, k, v, timed)
+            fresh_runs.append(fresh[:2])
+            repeated_runs.append(repeated[:2])
+            elsewhere += fresh[2] + repeated[2]
+        fw, fo = (statistics.median(run[i] for run in fresh_runs) for i in (0, 1))
+        rw, ro = (statistics.median(run[i] for run in repeated_runs) for i in (0, 1))
+        mean = (fo + (layers - 1) * ro) / layers
+
+        def pct(ms, sdpa=sdpa):
+            return f"{ms:.3f} ms ({100 * ms / sdpa:.1f}%)"
+
+        note = f" ({elsewhere} calls ran another backend)" if elsewhere else ""
+        print(f"| {name}{note} | {fw:.2f} ms | {pct(fo)} | {rw:.2f} ms | {pct(ro)} | {pct(mean)} |")
+    print("(percentages of stock SDPA's masked call on the batch, as above)")
+
+
+def _timed(fn, n: int) -> list[float]:
+    """``n`` timings of ``fn()`` in ms."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 if __name__ == "__main__":
