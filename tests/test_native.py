@@ -491,7 +491,20 @@ def test_allowed_pairs_counts_every_pair_the_mask_allows():
         want = 0
         for seg in segs:
             want += int(segment_mask(seg[None], 1, 20, 20, causal, window).sum())
-        assert N.allowed_pairs(segs, causal, window) == want
+        assert N.allowed_pairs(segs, causal, window) == want  # the C pass
+        assert float(N.segment_pairs(segs, causal, window).sum()) == want  # the numpy form
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 400), st.integers(0, 400), st.integers(-500, 500)), max_size=20),
+    st.booleans(),
+    st.sampled_from([None, 1, 7, 64, 1000]),
+)
+def test_allowed_pairs_in_c_as_numpy(rows, causal, window):
+    """``attnmask_allowed_pairs`` (the run's and planning's count) equals ``segment_pairs``' numpy sum exactly."""
+    segs = torch.tensor([(0, 0, ql, 0, kl, off) for ql, kl, off in rows], dtype=torch.int64).reshape(-1, 6)
+    assert N.allowed_pairs(segs, causal, window) == float(N.segment_pairs(segs, causal, window).sum())
 
 
 @pytest.mark.parametrize(

@@ -139,6 +139,7 @@ _HELPERS = {
     "attnmask_forward_items": (_I64, [_PTR, *[_I64] * 4, _PTR, _I64]),
     "attnmask_keys_disjoint": (_INT, [_PTR, _I64]),
     "attnmask_uncovered": (_I64, [_PTR, *[_I64] * 3, _PTR]),
+    "attnmask_allowed_pairs": (_F64, [_PTR, _I64, _INT, _I64]),
     "attnmask_segment_tile_pairs": (_I64, [_PTR, *[_I64] * 5, _INT, _I64, _PTR]),
     "attnmask_item_work": (None, [_PTR, _I64, _INT, _I64, *[_F64] * 12, _I64, _PTR]),
     "attnmask_pull_makespan": (_F64, [_PTR, *[_I64] * 4, _PTR]),

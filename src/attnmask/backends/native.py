@@ -778,7 +778,12 @@ _ITEMS_PER_PULL = 8  # segattn.c's worker loop, when there are enough items
 
 def allowed_pairs(segments: torch.Tensor, causal: bool, window: int | None) -> float:
     """Number of (query, key) pairs the segments allow, in closed form (no per-query loop). ``segments`` ``(N, 6)``.
-    The sum of :func:`segment_pairs`."""
+    The sum of :func:`segment_pairs`: one pass in C (``attnmask_allowed_pairs``; numpy's ~12 operations took ~50 us
+    of a fresh spec's call right after a kernel), else in numpy."""
+    lib = _library()
+    if not isinstance(lib, str):
+        address, _held = segments_address(segments)
+        return lib.attnmask_allowed_pairs(address, len(segments), int(causal), window or 0)
     return float(segment_pairs(segments, causal, window).sum())
 
 

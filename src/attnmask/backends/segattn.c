@@ -1761,6 +1761,31 @@ int attnmask_keys_disjoint(const int64_t *segs, int64_t n) {
     return disjoint;
 }
 
+/* The (query, key) pairs the n segments (b, q_start, q_len, k_start, k_len, offset) allow, for the run and planning
+ * (attnmask.backends.native.allowed_pairs, whose numpy form the tests hold this one to): q_len * k_len each if not
+ * causal; else, F(x) = sum_{a=1..x} clamp(a, 0, k_len), F(offset + q_len) - F(offset), less the same shifted by the
+ * window where window > 0. In double, as the numpy form sums. */
+static double pairs_upto(double x, double kl) {
+    if (x <= 0) return 0;
+    const double inside = x < kl ? x : kl;
+    return inside * (inside + 1) / 2 + (x - inside) * kl;
+}
+
+double attnmask_allowed_pairs(const int64_t *segs, int64_t n, int causal, int64_t window) {
+    double total = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const double ql = (double)segs[6 * i + 2], kl = (double)segs[6 * i + 4], off = (double)segs[6 * i + 5];
+        if (!causal) {
+            total += ql * kl;
+            continue;
+        }
+        double pairs = pairs_upto(off + ql, kl) - pairs_upto(off, kl);
+        if (window > 0) pairs -= pairs_upto(off + ql - (double)window, kl) - pairs_upto(off - (double)window, kl);
+        total += pairs;
+    }
+    return total;
+}
+
 /* The query ranges in none of the n segments (b, q_start, q_len, ...; their non-empty query ranges disjoint) on B rows
  * of Q queries, for the run (attnmask.backends.native._uncovered, whose numpy form the tests hold this one to): each as
  * a segment of no key (b, start, length, 0, 0, 0) written to `out` (room for n + B), by row, then start; returns
