@@ -883,11 +883,37 @@ def test_large_bfloat16_caches_are_read_as_stored_up_to_more_queries(monkeypatch
     segs = torch.tensor([[0, 0, 8, 0, 1000, 992]])  # 8 decoding queries at the end of 1,000 keys: ~8 reads a key
     q, small = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 1000, 16, dtype=torch.bfloat16)
     kv = 2 * small.numel()
-    assert not N._reads_as_stored(q.dtype, kv, segs, (True, None))
+    monkeypatch.setattr(N, "_AS_STORED_MAX_READS_NO_GRAD", 2.0)  # the rule without a backward: the test below
+    for grad in (True, False):
+        assert not N._reads_as_stored(q.dtype, kv, segs, (True, None), grad)
     monkeypatch.setattr(N, "_FRESH_COPY_BYTES", small.numel() * 8)
-    assert N._reads_as_stored(q.dtype, kv, segs, (True, None))
-    assert not N._reads_as_stored(torch.float32, kv, segs, (True, None))
-    assert not N._reads_as_stored(torch.float16, kv, segs, (True, None))
+    for grad in (True, False):
+        assert N._reads_as_stored(q.dtype, kv, segs, (True, None), grad)
+        assert not N._reads_as_stored(torch.float32, kv, segs, (True, None), grad)
+        assert not N._reads_as_stored(torch.float16, kv, segs, (True, None), grad)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_forward_no_backward_follows_reads_bfloat16_as_stored_up_to_its_own_reads(monkeypatch, grad):
+    """Without a backward to follow (inference, ``torch.no_grad``, inputs that need no gradient) the forward reads
+    bfloat16 as stored up to ``_AS_STORED_MAX_READS_NO_GRAD`` queries a key (16 on a CPU with AMX tiles, where
+    widening is one instruction; else the copies' rule); with one, up to ``_AS_STORED_MAX_READS``: documents of 8-16
+    tokens (~4.5-8.5 reads a key, the row form) with the tiles off, as stored or on copies, equal to the copies' path
+    to bfloat16's rounding."""
+    monkeypatch.setattr(N, "amx_ready", lambda: False)
+    monkeypatch.setattr(N, "_AS_STORED_MAX_READS_NO_GRAD", 16.0)
+    seen = []
+    call = N._call
+    monkeypatch.setattr(
+        N, "_call", lambda backward, q, *rest: seen.append((backward, q.dtype)) or call(backward, q, *rest)
+    )
+    spec = am.causal() & am.document(seq_lens=[[8, 16, 8, 16, 16], [16, 16, 16, 16]])
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 32, generator=gen).bfloat16().requires_grad_(grad) for _ in range(3))
+    out = am.attention(q, k, v, spec, backend="native")
+    assert seen[0] == (False, torch.float32 if grad else torch.bfloat16)
+    want = am.attention(q.detach().float(), k.detach().float(), v.detach().float(), spec, backend="native")
+    torch.testing.assert_close(out.detach().float(), want.bfloat16().float(), atol=2**-7, rtol=2**-7)
 
 
 @settings(max_examples=120, deadline=None)
@@ -936,8 +962,8 @@ def test_bfloat16_read_as_stored_equals_the_copies_path(
     outs = []
     for reads in (float("inf"), -1.0):  # read as stored, then on copies
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(N, "_AS_STORED_MAX_READS", reads)
-            mp.setattr(N, "_AS_STORED_MAX_READS_FRESH", reads)
+            for name in ("_AS_STORED_MAX_READS", "_AS_STORED_MAX_READS_FRESH", "_AS_STORED_MAX_READS_NO_GRAD"):
+                mp.setattr(N, name, reads)
             outs.append(am.attention(q, k, v, spec, backend="native", **kwargs).float())
     torch.testing.assert_close(outs[0], outs[1], atol=2**-7, rtol=2**-7)
     want = am.attention(q.float(), k.float(), v.float(), spec, backend="reference", **kwargs)

@@ -265,19 +265,31 @@ def _keys_disjoint_numpy(segs: torch.Tensor) -> bool:
 _AS_STORED_MAX_READS = 2.0  # queries reading a key (allowed pairs / segment keys) up to which bfloat16 is read as is
 _AS_STORED_MAX_READS_FRESH = 16.0  # the same where the float32 copies of k and v would take _FRESH_COPY_BYTES or more
 _FRESH_COPY_BYTES = 32 << 20
+# The same for a forward that no backward follows (whose copies no backward would reuse), on a CPU with AMX tiles
+# (AVX512-BF16 widens a vector of bfloat16 in one instruction): rows of 8,192 in documents of 8 and 16 tokens (4.5 and
+# 8.5 queries a key, the kernel's row form), as stored over copies 0.61-0.64x the time at two threads and 0.39-0.88x
+# at one, documents of 8-32 tokens 0.50-0.63x and 0.73-0.90x (rows of 1,024: 0.63x and 0.82x); with a backward, which
+# then makes the copies itself, 1.01-1.13x, so that keeps _AS_STORED_MAX_READS (RESULTS.md, issue 15, "The layers
+# after the first"). Longer segments (32 keys or more, 16.5 reads and up) take the tiles, which read as stored anyway.
+# Elsewhere the AMD EPYC's copies' rule above.
+_AS_STORED_MAX_READS_NO_GRADS = (16.0, 2.0)
+_AS_STORED_MAX_READS_NO_GRAD = per_cpu_kind(_AS_STORED_MAX_READS_NO_GRADS)
 
 
-def _reads_as_stored(dtype: torch.dtype, kv_elements: int, segs: torch.Tensor, rule: tuple) -> bool:
+def _reads_as_stored(dtype: torch.dtype, kv_elements: int, segs: torch.Tensor, rule: tuple, grad: bool) -> bool:
     """Whether the forward reads bfloat16 ``q``, ``k``, ``v`` as stored (no float32 copies): where the segments'
-    keys are each read by at most ``_AS_STORED_MAX_READS`` queries on average (``_AS_STORED_MAX_READS_FRESH`` when
-    the copies of k and v, ``kv_elements`` in all, would take ``_FRESH_COPY_BYTES`` or more). Other dtypes: no
-    (float16 is always copied). Read from shapes and the plan only: the estimate asks it too."""
+    keys are each read by at most ``_AS_STORED_MAX_READS`` queries on average (``_AS_STORED_MAX_READS_NO_GRAD``
+    without ``grad``, a backward to follow; at least ``_AS_STORED_MAX_READS_FRESH`` when the copies of k and v,
+    ``kv_elements`` in all, would take ``_FRESH_COPY_BYTES`` or more). Other dtypes: no (float16 is always copied).
+    Read from shapes and the plan only: the estimate asks it too."""
     if dtype != torch.bfloat16 or not len(segs):
         return False
     keys = float(segs[:, 4].sum())
     reads = allowed_pairs(segs, *rule) / keys if keys else 0.0
-    fresh = kv_elements * 4 >= _FRESH_COPY_BYTES
-    return reads <= (_AS_STORED_MAX_READS_FRESH if fresh else _AS_STORED_MAX_READS)
+    most = _AS_STORED_MAX_READS if grad else _AS_STORED_MAX_READS_NO_GRAD
+    if kv_elements * 4 >= _FRESH_COPY_BYTES:
+        most = max(most, _AS_STORED_MAX_READS_FRESH)
+    return reads <= most
 
 
 # The bfloat16 forward on AMX tiles (segattn.c, dtype_bits 17): q . k and p . v as tile products of bfloat16 with
@@ -448,7 +460,9 @@ class _SegmentAttention(torch.autograd.Function):
         work = _work_dtype(q.dtype)
         mods = (softcap or 0.0, _modifier(sinks, work), _modifier(slopes, work))
         tiles = _on_tiles(q.dtype, q.shape[2], (q.shape[3], v.shape[3]), segs, (causal, window), mods)
-        stored = q.dtype if tiles or _reads_as_stored(q.dtype, k.numel() + v.numel(), segs, (causal, window)) else work
+        grad = any(ctx.needs_input_grad)
+        stored = _reads_as_stored(q.dtype, k.numel() + v.numel(), segs, (causal, window), grad)
+        stored = q.dtype if tiles or stored else work
         qw, kw, vw = (_rows(t, stored) for t in (q, k, v))
         B, H, Q, _ = q.shape
         shape = (B, H, Q, v.shape[3])
@@ -753,6 +767,7 @@ CPU_KIND_VALUES = {
     "_BF16_COPY_COST": _BF16_COPY_COSTS,
     "_EXTRA_PAIR_WIDTH": _EXTRA_PAIR_WIDTHS,
     "_BLOCKED_LONG_SCALE": _BLOCKED_LONG_SCALES,
+    "_AS_STORED_MAX_READS_NO_GRAD": _AS_STORED_MAX_READS_NO_GRADS,
 }
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
 # tables benchmarks/limit_tables/modes_*.txt; with a core taken (busy): ``--fit ... --busy-factors`` on busy_omp_q2.txt
@@ -863,7 +878,7 @@ def cost(call) -> float:
         elements = call.batch * (call.heads * call.q_len + call.kv_heads * call.kv_len) * width  # q, k, v, the output
         copies = elements * _BF16_COPY_COST / (1.0 + (threads - 1) * _THREAD_EFFICIENCY)
         stored = tiles or _reads_as_stored(
-            call.q.dtype, call.batch * call.kv_heads * call.kv_len * width, segs, (causal, window)
+            call.q.dtype, call.batch * call.kv_heads * call.kv_len * width, segs, (causal, window), call.needs_grad
         )
         if not stored:
             serial += copies
