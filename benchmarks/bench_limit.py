@@ -109,7 +109,12 @@ FLOOR = "(floor)"  # unmasked SDPA on blocksparse's dense blocks (cover_blocks),
 TRAFFIC = "(traffic)"  # the bytes any implementation moves (traffic_fn), timed with the backends
 MATCHED = "(sdpa {})"  # --busy: stock unmasked SDPA on B=1 rows of that many tokens, a call of about a backend's time
 MAX_CALLS = 64  # calls a timing averages at most (--min-ms)
-SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+# The spinner's loop, which also ends when the process that started it does (its parent changes): an interrupted run
+# had left one spinning for its whole 15 minutes, under every timing made after it.
+SPIN = (
+    "import os, time\nparent, end = {parent}, time.time() + {seconds}\n"
+    "while time.time() < end and os.getppid() == parent:\n    for _ in range(100000):\n        pass\n"
+)
 
 
 @dataclass(frozen=True)
@@ -352,10 +357,11 @@ def traffic_fn(qkv, grad: bool):
 
 
 class Spinner:
-    """Another process spinning on one core while in the ``with`` block (ended on exit, and by itself in 15 min)."""
+    """Another process spinning on one core while in the ``with`` block (ended on exit, when this process ends, and by
+    itself in 15 min)."""
 
     def __enter__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=900)])
+        self.proc = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=900, parent=os.getpid())])
         time.sleep(0.3)  # let it take a core
         settle_load()
         return self
