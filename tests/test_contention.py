@@ -670,7 +670,7 @@ def test_backends_compute_on_the_free_cores_only(two_threads, monkeypatch, backe
         set(),
     ]
     real = NT._call
-    monkeypatch.setattr(NT, "_call", lambda *args: spies[-1].add(args[-1]) or real(*args))
+    monkeypatch.setattr(NT, "_call", lambda *args, **kw: spies[-1].add(args[-1]) or real(*args, **kw))
     out = am.attention(q, k, v, spec, backend=backend)
     got = grads(out, (q, k, v))
     assert set().union(*spies) == {1} and torch.get_num_threads() == 2

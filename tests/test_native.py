@@ -373,7 +373,7 @@ def test_the_threaded_forward_equals_the_one_thread_forward_bit_for_bit(spec, mo
     monkeypatch.setattr(N, "region_threads", every_thread)
     calls = []
     real_call = N._call
-    monkeypatch.setattr(N, "_call", lambda *a: calls.append((a[0], len(a[8]), a[-1])) or real_call(*a))
+    monkeypatch.setattr(N, "_call", lambda *a, **kw: calls.append((a[0], len(a[8]), a[-1])) or real_call(*a, **kw))
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 512, 32, requires_grad=True) for _ in range(3))
     results = []
@@ -859,7 +859,7 @@ def test_bfloat16_is_read_as_stored_where_few_queries_read_each_key(monkeypatch,
     seen = []
     call = N._call
     monkeypatch.setattr(
-        N, "_call", lambda backward, q, *rest: seen.append((backward, q.dtype)) or call(backward, q, *rest)
+        N, "_call", lambda backward, q, *rest, **kw: seen.append((backward, q.dtype)) or call(backward, q, *rest, **kw)
     )
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, q_len, 32, generator=gen).bfloat16()
@@ -905,7 +905,7 @@ def test_a_forward_no_backward_follows_reads_bfloat16_as_stored_up_to_its_own_re
     seen = []
     call = N._call
     monkeypatch.setattr(
-        N, "_call", lambda backward, q, *rest: seen.append((backward, q.dtype)) or call(backward, q, *rest)
+        N, "_call", lambda backward, q, *rest, **kw: seen.append((backward, q.dtype)) or call(backward, q, *rest, **kw)
     )
     spec = am.causal() & am.document(seq_lens=[[8, 16, 8, 16, 16], [16, 16, 16, 16]])
     gen = torch.Generator().manual_seed(0)
@@ -1034,7 +1034,7 @@ def _tiles_seen(monkeypatch) -> list:
     """The ``tiles`` flag of every forward kernel call from now on."""
     seen = []
     call = N._call
-    monkeypatch.setattr(N, "_call", lambda *a: (None if a[0] else seen.append(a[11])) or call(*a))
+    monkeypatch.setattr(N, "_call", lambda *a, **kw: (None if a[0] else seen.append(a[11])) or call(*a, **kw))
     return seen
 
 
@@ -1120,7 +1120,7 @@ def test_the_tiles_write_bfloat16_where_no_gradient_needs_their_float32_output(m
     output converted as before."""
     buffers = []
     call = N._call
-    monkeypatch.setattr(N, "_call", lambda *a: (None if a[0] else buffers.append(a[4].dtype)) or call(*a))
+    monkeypatch.setattr(N, "_call", lambda *a, **kw: (None if a[0] else buffers.append(a[4].dtype)) or call(*a, **kw))
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 300, 64, generator=gen).bfloat16() for _ in range(3))
     v[1, :, 250, 3] = float("nan")  # the rows that see it: NaN on both paths
@@ -1208,7 +1208,7 @@ def _backward_tiles_seen(monkeypatch) -> list:
     """The ``tiles`` flag of every backward kernel call from now on."""
     seen = []
     call = N._call
-    monkeypatch.setattr(N, "_call", lambda *a: (seen.append(a[11]) if a[0] else None) or call(*a))
+    monkeypatch.setattr(N, "_call", lambda *a, **kw: (seen.append(a[11]) if a[0] else None) or call(*a, **kw))
     return seen
 
 
@@ -1426,3 +1426,43 @@ def test_rows_in_no_document_are_written_zero_by_the_kernel(dtype, threads):
         (got_grad,) = torch.autograd.grad(got.double().sum(), sinks)
         (want_grad,) = torch.autograd.grad(want.sum(), sinks)
         assert torch.allclose(got_grad.double(), want_grad.double(), atol=tolerance * 10, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_backward_zeroes_every_gradient_row_itself(dtype, threads, monkeypatch):
+    """The backward allocates its gradients empty and each item zeroes the rows it owns, the query and key rows in no
+    document through items of no key or no query: with freed tensors of NaN before each call (which the gradients'
+    buffers may reuse), padding rows get exactly 0 in dq, dk and dv, and every other row the reference's gradient.
+    Documents of 5-31 tokens (the row form's key-major sums), of 200 (the blocked form) and grouped key/value heads."""
+    B, L, H, Hkv = 2, 400, 4, 2
+    ids = torch.full((B, L), -1)
+    ids[0, 10:210] = 0
+    at, doc = 210, 1
+    for n in (5, 31, 7, 16, 12, 29):
+        ids[0, at : at + n], at, doc = doc, at + n, doc + 1
+    ids[1, :120], ids[1, 150:350] = 0, 1  # padding between the documents and after them
+    spec = am.causal() & am.document(doc_ids=ids)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(B, H, L, 64, generator=gen).to(dtype)
+    k, v = (torch.randn(B, Hkv, L, 64, generator=gen).to(dtype) for _ in range(2))
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    want = am.attention(*ref_inputs, spec, backend="reference")
+    dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    want_grads = torch.autograd.grad(want, ref_inputs, dout)
+    empty = ids < 0  # (B, L): rows of no query and keys of no document
+    seen = []
+    real_call = N._call
+    monkeypatch.setattr(N, "_call", lambda *a, **kw: seen.append(kw.get("zero_grads", False)) or real_call(*a, **kw))
+    tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
+    with kernel_settings(threads):
+        for _ in range(3):
+            for t in inputs:  # NaN in freed blocks of every gradient's size
+                torch.full(t.shape, float("nan"), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+            got = am.attention(*inputs, spec, backend="native")
+            got_grads = torch.autograd.grad(got, inputs, dout.to(dtype))
+            for got_g, want_g in zip(got_grads, want_grads, strict=True):
+                assert (got_g[empty[:, None, :, None].expand_as(got_g)] == 0).all()
+                assert (got_g.double() - want_g).abs().max() < tolerance * max(1.0, want_g.abs().max().item())
+    assert seen and seen[1] is True  # the backward's call: the kernel zeroed the gradients

@@ -140,10 +140,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, tiles, threads) -> None:
+def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, tiles, threads, zero_grads=False) -> None:
     """One kernel call. ``rule``: ``(causal, window, scale)``; ``mods``: ``(softcap or 0, sinks, slopes)``, the
     tensors ``(H,)`` contiguous in the kernel's dtype or ``None``; ``tiles``: bfloat16 on AMX tiles (``_on_tiles``,
-    ``_tiles_backward``)."""
+    ``_tiles_backward``); ``zero_grads``: the backward's items zero their gradient rows first (``grads`` then
+    ``torch.empty``, ``segs`` with ``_gradient_gaps``' items: see ``_SegmentAttention.backward``)."""
     causal, window, scale = rule
     softcap, sinks, slopes = mods
     lib = _library()
@@ -155,7 +156,8 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, tiles, thr
     # took ~45 us of a call right after a kernel (8 rows of 256, float32)
     strides = _int64s([s for t in strided for s in t.stride()[:3]] + [k.shape[2]])
     block_keys = _block_keys(q.shape[2])
-    dims = [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], 0, window or 0, int(causal), block_keys]
+    dims = [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], int(zero_grads), window or 0, int(causal)]
+    dims.append(block_keys)
     dims = _int64s(dims + [TILE_KEYS if backward else FORWARD_TILE_KEYS, PANEL_ROWS])
     # 16: a forward only; 17 on the tiles; 18 on the tiles writing bfloat16 (``_writes_bfloat16``)
     tiled = 18 if res.dtype == torch.bfloat16 else 17
@@ -228,6 +230,35 @@ def _uncovered_numpy(segs: torch.Tensor, B: int, Q: int) -> torch.Tensor:
         (gap_ends - gap_starts)[keep][order],
     )
     return torch.from_numpy(gaps)
+
+
+# The backward's gradients are zeroed where they are written: each item zeroes the dq, dk and dv rows it owns right
+# before adding into them (segattn.c, zero_grads), instead of three torch.zeros passes over the whole gradients first,
+# where every item's rows fit in cache; an item whose rows are larger would evict them before it adds into most of them.
+_ZERO_IN_KERNEL_BYTES = 1 << 20
+
+
+def _item_rows_bytes(segs: torch.Tensor, q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> int:
+    """An upper bound on the gradient bytes one backward item owns: the longest segment's queries on the query heads
+    of a key/value head (dq) and its keys (dk, dv)."""
+    if not len(segs):
+        return 0
+    rows = segs[:, 2:5:2].amax(0).tolist()  # the most queries, the most keys
+    rep = q.shape[1] // v.shape[1]
+    return (rows[0] * rep * q.shape[3] + rows[1] * (q.shape[3] + v.shape[3])) * dtype.itemsize
+
+
+def _gradient_gaps(segs: torch.Tensor, gaps: torch.Tensor, B: int, K: int) -> torch.Tensor:
+    """Items of the backward for the gradient rows in no segment of ``segs`` (``(N, 6)``, key ranges disjoint) on
+    ``B`` rows of ``K`` keys: ``gaps``, the query rows in none (``_uncovered``'s, ``(b, q_start, q_len, 0, 0, 0)``),
+    then the key rows in none as ``(b, 0, 0, k_start, k_len, 0)``: items of no key or no query, whose rows the kernel
+    only zeroes. O(N) in the segments (one C pass), nothing per row."""
+    keys = _uncovered(segs[:, [0, 3, 4, 3, 4, 5]], B, K)
+    if not len(keys):
+        return gaps
+    items = torch.zeros_like(keys)
+    items[:, 0], items[:, 3], items[:, 4] = keys[:, 0], keys[:, 1], keys[:, 2]
+    return torch.cat((gaps, items)) if len(gaps) else items
 
 
 def _keys_disjoint(segs: torch.Tensor) -> bool:
@@ -481,7 +512,7 @@ class _SegmentAttention(torch.autograd.Function):
                 items = torch.cat((items, prepared.gaps)) if len(prepared.gaps) else items
         _call(False, qw, kw, vw, res, None, lse, None, items, rule, mods, tiles, threads)
         ctx.save_for_backward(qw, kw, vw, res, lse, segs)
-        ctx.meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype, tiles, prepared.pairs)
+        ctx.meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype, tiles, prepared)
         return res.to(q.dtype)
 
     @staticmethod
@@ -489,18 +520,24 @@ class _SegmentAttention(torch.autograd.Function):
     @on_free_cores
     def backward(ctx, grad):
         qw, kw, vw, res, lse, segs = ctx.saved_tensors
-        rule, mods, dtype, sinks_dtype, tiles, pairs = ctx.meta
+        rule, mods, dtype, sinks_dtype, tiles, prepared = ctx.meta
         tiles = tiles and _tiles_backward(segs, rule[:2], (qw.shape[3], vw.shape[3])) and _finite(qw, kw, grad)
         if not tiles:  # bfloat16 inputs: float32 copies for the backward
             qw, kw, vw = (_rows(t, res.dtype) for t in (qw, kw, vw))
         dout = _rows(grad, qw.dtype)
-        grads = tuple(torch.zeros(t.shape, dtype=res.dtype) for t in (qw, kw, vw))
-        threads = 1
-        if _keys_disjoint(segs):  # else two items could add into one dk / dv row
-            threads = _kernel_threads(segs, qw.shape[1], qw.shape[3] + vw.shape[3], rule, passes=3, pairs=pairs)
+        threads, disjoint = 1, _keys_disjoint(segs)
+        if disjoint:  # else two items could add into one dk / dv row
+            width = qw.shape[3] + vw.shape[3]
+            threads = _kernel_threads(segs, qw.shape[1], width, rule, passes=3, pairs=prepared.pairs)
         if threads > 1:  # items are (segment, key/value head), segment-major: the heaviest segments first
             segs = segs[_heaviest_first(segs, rule)]
-        _call(True, qw, kw, vw, res, dout, lse, grads, segs, rule, mods, tiles, threads)
+        zeroed = disjoint and _item_rows_bytes(segs, qw, vw, res.dtype) <= _ZERO_IN_KERNEL_BYTES
+        if zeroed:  # each item zeroes the gradient rows it owns (the rows in no segment: items of their own)
+            grads = tuple(torch.empty(t.shape, dtype=res.dtype) for t in (qw, kw, vw))
+            segs = torch.cat((segs, _gradient_gaps(segs, prepared.gaps, qw.shape[0], kw.shape[2])))
+        else:
+            grads = tuple(torch.zeros(t.shape, dtype=res.dtype) for t in (qw, kw, vw))
+        _call(True, qw, kw, vw, res, dout, lse, grads, segs, rule, mods, tiles, threads, zero_grads=zeroed)
         dsinks = None
         if ctx.needs_input_grad[8]:
             dsinks = _sinks_grad(mods[1], lse, res, dout).to(sinks_dtype)

@@ -37,6 +37,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct {
     const void *q, *k, *v, *dout;
@@ -52,6 +53,7 @@ typedef struct {
     const void *sinks, *slopes;        /* (H,) each in the kernel's dtype, or NULL */
     int64_t n_items, next, chunk;      /* next: shared counter; chunk: items per pull */
     int backward;
+    int zero_grads; /* the backward zeroes each item's gradient rows before adding into them (dims[5] = 1) */
     int out_bf16; /* the forward on AMX tiles writes res in bfloat16 (dtype_bits 18), else float32 */
 } job_t;
 
@@ -140,6 +142,11 @@ static inline float bf16_f32(uint16_t x) {
  * keys 2% slower; 64 keys at a time read 2-3% slower than 128, 256 2-8% (RESULTS.md, issue 15, "Scores and values a
  * sub-tile at a time"). A multiple of four LANES of float and of double. */
 #define SUB_KEYS 128
+/* The row form's backward on segments of at most SMALL_KEYS keys (documents of 8-32 tokens) keeps the P and dS of
+ * SMALL_ROWS rows at a time and sums each key's dk and dv over them key-major (keyed_sums): 2 x SMALL_ROWS x SMALL_KEYS
+ * elements of scratch a thread. */
+#define SMALL_KEYS 64
+#define SMALL_ROWS 32
 typedef float vec_float __attribute__((vector_size(64)));
 typedef double vec_double __attribute__((vector_size(64)));
 #define VEC(T) vec_##T
@@ -232,8 +239,31 @@ static inline void sum4_double(vec_double v0, vec_double v1, vec_double v2, vec_
     const vec_double f = SHUF(c, c, 0, 2, 4, 6, 0, 2, 4, 6) + SHUF(c, c, 1, 3, 5, 7, 1, 3, 5, 7);
     out[0] = f[0], out[1] = f[1], out[2] = f[2], out[3] = f[3];
 }
+/* The sum of one vector's lanes, halves folded into each other (a reduction in lane order is a chain of one scalar
+ * add a lane: ~64 cycles at 16 lanes, a fifth of a row of a tiny document). */
+static inline float sum1_float(vec_float v) {
+    v += SHUF(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += SHUF(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+    return v[0] + v[1];
+}
+static inline double sum1_double(vec_double v) {
+    v += SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += SHUF(v, v, 2, 3, 0, 1, 2, 3, 0, 1);
+    return v[0] + v[1];
+}
 #undef SHUF
 #else
+static inline float sum1_float(vec_float v) {
+    float out = 0;
+    for (int c = 0; c < 16; c++) out += v[c];
+    return out;
+}
+static inline double sum1_double(vec_double v) {
+    double out = 0;
+    for (int c = 0; c < 8; c++) out += v[c];
+    return out;
+}
 static inline void sum4_float(vec_float v0, vec_float v1, vec_float v2, vec_float v3, float *out) {
     out[0] = out[1] = out[2] = out[3] = 0;
     for (int c = 0; c < 16; c++) out[0] += v0[c], out[1] += v1[c], out[2] += v2[c], out[3] += v3[c];
@@ -248,6 +278,23 @@ typedef struct {
     void *kt, *vt, *s4, *p4, *q4, *rows;
     size_t kt_size, vt_size, s4_size, p4_size, q4_size, rows_size;
 } scratch_t;
+
+/* The gradient rows item `it` of the backward owns, zeroed before it adds into them (zero_grads; elements of `elem`
+ * bytes): its segment's dq rows for the query heads of its key/value head and its keys' dk and dv rows. The caller
+ * passes zero_grads only when no two segments share a key (nor, as always, a query row), and adds items for the
+ * query and key rows in no segment (q_len or k_len 0), so that every gradient row is zeroed once, by the thread that
+ * then writes it, in cache, and not by a pass over the whole gradients first. */
+static void zero_grads(const job_t *J, int64_t it, size_t elem) {
+    const int64_t *g = J->segs + 6 * (it / J->Hkv), kvh = it % J->Hkv, rep = J->H / J->Hkv, K = J->st[15];
+    const int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4];
+    if (ql > 0)
+        for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++)
+            memset((char *)J->dq + ((b * J->H + h) * J->Q + qs) * J->D * elem, 0, (size_t)(ql * J->D) * elem);
+    if (kl > 0) {
+        memset((char *)J->dk + ((b * J->Hkv + kvh) * K + ks) * J->D * elem, 0, (size_t)(kl * J->D) * elem);
+        memset((char *)J->dv + ((b * J->Hkv + kvh) * K + ks) * J->Dv * elem, 0, (size_t)(kl * J->Dv) * elem);
+    }
+}
 
 /* *buf holding at least `bytes` (kept between items; NULL when the allocation fails, the old buffer then freed). */
 static void *grow(void **buf, size_t *size, size_t bytes) {
@@ -267,9 +314,18 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         _Pragma("omp simd") for (int64_t d = 0; d < n; d++) buf[d] = LD(x[d]);                                         \
         return buf;                                                                                                    \
     }                                                                                                                  \
+    /* Products over whole vectors of d, their lanes summed in a tree (sum1), then the elements past them one by one \
+       (an omp simd reduction summed the lanes in order: 16 dependent adds a dot product). */                          \
     static inline T dot_##SUF(const T *restrict a, const KV *restrict b, int64_t n) {                                  \
-        T acc = 0;                                                                                                     \
-        _Pragma("omp simd reduction(+ : acc)") for (int64_t d = 0; d < n; d++) acc += a[d] * LD(b[d]);                 \
+        VEC(T) v = {0};                                                                                                \
+        int64_t d = 0;                                                                                                 \
+        for (; d + LANES(T) <= n; d += LANES(T)) {                                                                     \
+            VEC(T) x;                                                                                                  \
+            __builtin_memcpy(&x, a + d, sizeof x);                                                                     \
+            v += x * ldv_##SUF(b + d);                                                                                 \
+        }                                                                                                              \
+        T acc = sum1_##T(v);                                                                                           \
+        for (; d < n; d++) acc += a[d] * LD(b[d]);                                                                     \
         return acc;                                                                                                    \
     }                                                                                                                  \
     static inline void axpy_##SUF(T *restrict y, T a, const KV *restrict x, int64_t n) {                               \
@@ -314,18 +370,33 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
     static inline T softmax_row_##SUF(T *restrict s, int64_t n, int64_t rel, const T *mod, T *m_out) {                 \
         const T sink = mod[4];                                                                                         \
         const int sunk = mod[5] != 0;                                                                                  \
-        const int64_t nv = (n + LANES(T) - 1) / LANES(T) * LANES(T);                                                   \
+        const int64_t W = LANES(T), nv = (n + W - 1) / W * W;                                                          \
         int64_t j;                                                                                                     \
-        T m = sunk ? sink : -INFINITY, sum = 0;                                                                        \
-        modify_##SUF(s, n, rel, mod);                                                                                  \
+        /* a modifier, or a scale that is not positive, applied first (the scale then 1: exact); else the scale goes   \
+           into the weights' pass, as in tile_row (the max of scale s is scale times the max of s) */                  \
+        T scale = mod[0];                                                                                              \
+        if (mod[1] > 0 || mod[3] != 0 || !(scale > 0)) {                                                               \
+            modify_##SUF(s, n, rel, mod);                                                                              \
+            scale = 1;                                                                                                 \
+        }                                                                                                              \
         /* whole vectors: the scores past n up to the multiple of LANES are -inf, whose weights are exactly 0, so no   \
            pass has a scalar remainder (documents of 8-32 tokens on a row of 8,192, D = 64, processes alternated       \
            four times: one thread 5.9-7.2 -> 5.7-6.9 ms, two 3.3-3.7 -> 3.2-3.5 ms; RESULTS.md, issue 15, "native's    \
            row form: softmax on whole vectors, values summed in registers") */                                         \
         for (j = n; j < nv; j++) s[j] = -INFINITY;                                                                     \
-        _Pragma("omp simd simdlen(16) reduction(max : m)") for (j = 0; j < nv; j++) m = s[j] > m ? s[j] : m;           \
-        _Pragma("omp simd simdlen(16)") for (j = 0; j < nv; j++) s[j] = EXP(s[j] - m);                                 \
-        _Pragma("omp simd simdlen(16) reduction(+ : sum)") for (j = 0; j < nv; j++) sum += s[j];                       \
+        T raw = -INFINITY; /* the largest score before the scale (a NaN score skipped, its weight then NaN) */         \
+        _Pragma("omp simd simdlen(16) reduction(max : raw)") for (j = 0; j < nv; j++) raw = s[j] > raw ? s[j] : raw;   \
+        const T m = sunk && !(raw * scale >= sink) ? sink : raw * scale;                                               \
+        /* the weights and their per-lane sums in one pass, the lanes summed once in a tree (sum1) */                  \
+        VEC(T) sums = {0};                                                                                             \
+        for (j = 0; j < nv; j += W) {                                                                                  \
+            T *restrict x = s + j;                                                                                     \
+            _Pragma("omp simd simdlen(16)") for (int c = 0; c < (int)W; c++) x[c] = EXP(x[c] * scale - m);             \
+            VEC(T) e;                                                                                                  \
+            __builtin_memcpy(&e, x, sizeof e);                                                                         \
+            sums += e;                                                                                                 \
+        }                                                                                                              \
+        T sum = sum1_##T(sums);                                                                                        \
         if (sunk) sum += EXP(sink - m);                                                                                \
         *m_out = m;                                                                                                    \
         return sum;                                                                                                    \
@@ -754,9 +825,12 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             if (first >= J->n_items) break;                                                                            \
             int64_t last = first + J->chunk < J->n_items ? first + J->chunk : J->n_items;                              \
             for (int64_t it = first; it < last && !failed; it++) {                                                     \
-                if (J->backward)                                                                                       \
-                    failed = BACKWARD(J, it, s, s + J->kmax + 1, &X);                                                  \
-                else                                                                                                   \
+                if (J->backward) {                                                                                     \
+                    const int64_t *g = J->segs + 6 * (it / J->Hkv);                                                    \
+                    if (J->zero_grads) zero_grads(J, it, sizeof(T));                                                   \
+                    if (g[2] > 0 && g[4] > 0) /* an item of no query or no key adds nothing */                         \
+                        failed = BACKWARD(J, it, s, s + J->kmax + 1, &X);                                              \
+                } else                                                                                                 \
                     failed = forward_item_##SUF(J, it, s, acc, acc + J->Dv + 1, &X);                                   \
             }                                                                                                          \
         }                                                                                                              \
@@ -940,6 +1014,42 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         }                                                                                                              \
         return 0;                                                                                                      \
     }                                                                                                                  \
+    /* dk and dv of the keys of a segment of at most SMALL_KEYS keys from a chunk of its rows r0 .. r0 + n (query      \
+       rows of head hd; their P and dS in rows of P and S, ps apart, indexed by key; [rlo, rhi): a row's keys, empty   \
+       for a row that adds to none), key-major: four keys at a time, each run of consecutive rows that see all four    \
+       through pv4 (each key element loaded and stored once a run, where a key took a load-add-store of its dk and dv  \
+       rows for every pair), a row that sees some of the four key by key. A row adds to exactly the keys it sees, each \
+       key's sums in row order. */                                                                                     \
+    static void keyed_sums_##SUF(const job_t *J, const head_##SUF *hd, int64_t r0, int64_t n, const int64_t *rlo,      \
+                                 const int64_t *rhi, const T *P, const T *S, int64_t ps, int64_t kl, T *dk, T *dv) {   \
+        const int64_t *st = J->st, D = J->D, Dv = J->Dv;                                                               \
+        for (int64_t jb = 0; jb < kl; jb += 4) {                                                                       \
+            const int64_t je = jb + 4;                                                                                 \
+            T *yv[4], *yk[4];                                                                                          \
+            for (int c = 0; c < 4; c++) yv[c] = dv + (jb + c) * Dv, yk[c] = dk + (jb + c) * D;                         \
+            int64_t run = -1; /* the first row of the current run of rows that see all four keys (-1: none) */         \
+            for (int64_t r = 0; r <= n; r++) {                                                                         \
+                const int full = r < n && rlo[r] <= jb && rhi[r] >= je;                                                \
+                if (run >= 0 && !full) { /* the run r_run .. r - 1 */                                                  \
+                    const T *pv[4], *pk[4];                                                                            \
+                    for (int c = 0; c < 4; c++) pv[c] = P + run * ps + jb + c, pk[c] = S + run * ps + jb + c;          \
+                    pv4_##SUF(yv, pv, ps, hd->dO + (r0 + run) * st[14], st[14], r - run, Dv);                          \
+                    pv4_##SUF(yk, pk, ps, hd->q + (r0 + run) * st[2], st[2], r - run, D);                              \
+                    run = -1;                                                                                          \
+                }                                                                                                      \
+                if (r == n) break;                                                                                     \
+                if (full) {                                                                                            \
+                    if (run < 0) run = r;                                                                              \
+                    continue;                                                                                          \
+                }                                                                                                      \
+                const int64_t a = rlo[r] > jb ? rlo[r] : jb, z = rhi[r] < je ? rhi[r] : je;                            \
+                for (int64_t j = a; j < z; j++) {                                                                      \
+                    axpy_##SUF(dv + j * Dv, P[r * ps + j], hd->dO + (r0 + r) * st[14], Dv);                            \
+                    axpy_##SUF(dk + j * D, S[r * ps + j], hd->q + (r0 + r) * st[2], D);                                \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
+    }                                                                                                                  \
     static int backward_item_##SUF(const job_t *J, int64_t item, T *s, T *dp, scratch_t *X) {                          \
         if (J->segs[6 * (item / J->Hkv) + 4] >= J->block_keys) return backward_block_##SUF(J, item, X);                \
         const int64_t *st = J->st, *g = J->segs + 6 * (item / J->Hkv);                                                 \
@@ -950,45 +1060,69 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         T *dk = (T *)J->dk + ((b * J->Hkv + kvh) * K + ks) * D;                                                        \
         T *dv = (T *)J->dv + ((b * J->Hkv + kvh) * K + ks) * Dv;                                                       \
         const T scale = (T)J->scale, cap = (T)J->softcap, inv_cap = J->softcap > 0 ? (T)(1 / J->softcap) : 0;          \
+        /* a segment of at most SMALL_KEYS keys keeps its rows' P and dS a chunk of SMALL_ROWS rows at a time for      \
+           keyed_sums; a longer one adds each pair into dk and dv as it goes */                                        \
+        const int keyed = kl <= SMALL_KEYS;                                                                            \
+        const int64_t ps = keyed ? (kl + LANES(T) - 1) / LANES(T) * LANES(T) : 0, chunk = keyed ? SMALL_ROWS : 1;      \
+        int64_t rlo[SMALL_ROWS], rhi[SMALL_ROWS];                                                                      \
+        T *P = s, *S = dp;                                                                                             \
+        if (keyed) {                                                                                                   \
+            P = (T *)grow(&X->s4, &X->s4_size, sizeof(T) * 2 * SMALL_ROWS * ps);                                       \
+            if (!P) return 1;                                                                                          \
+            S = P + SMALL_ROWS * ps;                                                                                   \
+        }                                                                                                              \
         for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++) {                                                        \
             const head_##SUF hd = head_rows_##SUF(J, g, h);                                                            \
             const T slope = hd.slope, *q = hd.q, *o = hd.o, *dO = hd.dO, *lse = hd.lse;                                \
             T *dq = hd.dq;                                                                                             \
-            for (int64_t i = 0; i < ql; i++) {                                                                         \
-                int64_t lo, hi;                                                                                        \
-                key_range(J, i, off, kl, &lo, &hi);                                                                    \
-                if (hi <= lo || isinf(lse[i])) continue;                                                               \
-                const T *qi = q + i * st[2], *doi = dO + i * st[14];                                                   \
-                T di = dot_##SUF(doi, o + i * st[11], Dv), *dqi = dq + i * D;                                          \
-                int64_t j = lo;                                                                                        \
-                for (; j + 4 <= hi; j += 4) {                                                                          \
-                    dot4_##SUF(qi, k + j * st[5], st[5], D, s + j);                                                    \
-                    dot4_##SUF(doi, v + j * st[8], st[8], Dv, dp + j);                                                 \
-                }                                                                                                      \
-                for (; j < hi; j++) {                                                                                  \
-                    s[j] = dot_##SUF(qi, k + j * st[5], D);                                                            \
-                    dp[j] = dot_##SUF(doi, v + j * st[8], Dv);                                                         \
-                }                                                                                                      \
-                const T lse_i = lse[i];                                                                                \
-                const int64_t a = i + off;                                                                             \
-                if (cap > 0) { /* d(c tanh(x / c)) / dx = 1 - tanh^2, folded into dP - di */                           \
-                    _Pragma("omp simd") for (j = lo; j < hi; j++) {                                                    \
-                        T t = TANH(scale * s[j] * inv_cap);                                                            \
-                        s[j] = EXP(cap * t + slope * (T)(j - a) - lse_i); /* P */                                      \
-                        dp[j] = (dp[j] - di) * (1 - t * t);                                                            \
+            for (int64_t i0 = 0; i0 < ql; i0 += chunk) {                                                               \
+                const int64_t n = ql - i0 < chunk ? ql - i0 : chunk;                                                   \
+                for (int64_t r = 0; r < n; r++) {                                                                      \
+                    const int64_t i = i0 + r;                                                                          \
+                    int64_t lo, hi;                                                                                    \
+                    key_range(J, i, off, kl, &lo, &hi);                                                                \
+                    rlo[r] = rhi[r] = 0; /* a row that adds to no key */                                               \
+                    if (hi <= lo || isinf(lse[i])) continue;                                                           \
+                    rlo[r] = lo, rhi[r] = hi;                                                                          \
+                    T *si = P + r * ps, *dpi = S + r * ps;                                                             \
+                    const T *qi = q + i * st[2], *doi = dO + i * st[14];                                               \
+                    T di = dot_##SUF(doi, o + i * st[11], Dv), *dqi = dq + i * D;                                      \
+                    int64_t j = lo;                                                                                    \
+                    for (; j + 4 <= hi; j += 4) {                                                                      \
+                        dot4_##SUF(qi, k + j * st[5], st[5], D, si + j);                                               \
+                        dot4_##SUF(doi, v + j * st[8], st[8], Dv, dpi + j);                                            \
                     }                                                                                                  \
-                } else {                                                                                               \
-                    _Pragma("omp simd") for (j = lo; j < hi; j++) {                                                    \
-                        s[j] = EXP(scale * s[j] + slope * (T)(j - a) - lse_i); /* P */                                 \
-                        dp[j] -= di;                                                                                   \
+                    for (; j < hi; j++) {                                                                              \
+                        si[j] = dot_##SUF(qi, k + j * st[5], D);                                                       \
+                        dpi[j] = dot_##SUF(doi, v + j * st[8], Dv);                                                    \
                     }                                                                                                  \
+                    const T lse_i = lse[i];                                                                            \
+                    const int64_t a = i + off;                                                                         \
+                    if (cap > 0) { /* d(c tanh(x / c)) / dx = 1 - tanh^2, folded into dP - di */                       \
+                        _Pragma("omp simd") for (j = lo; j < hi; j++) {                                                \
+                            T t = TANH(scale * si[j] * inv_cap);                                                       \
+                            si[j] = EXP(cap * t + slope * (T)(j - a) - lse_i); /* P */                                 \
+                            dpi[j] = (dpi[j] - di) * (1 - t * t);                                                      \
+                        }                                                                                              \
+                    } else {                                                                                           \
+                        _Pragma("omp simd") for (j = lo; j < hi; j++) {                                                \
+                            si[j] = EXP(scale * si[j] + slope * (T)(j - a) - lse_i); /* P */                           \
+                            dpi[j] -= di;                                                                              \
+                        }                                                                                              \
+                    }                                                                                                  \
+                    if (keyed) {                                                                                       \
+                        _Pragma("omp simd") for (j = lo; j < hi; j++) dpi[j] = si[j] * dpi[j] * scale; /* dS */        \
+                        weigh_values_##SUF(dqi, dpi + lo, hi - lo, k + lo * st[5], st[5], D);                          \
+                        continue;                                                                                      \
+                    }                                                                                                  \
+                    for (j = lo; j < hi; j++) {                                                                        \
+                        axpy_##SUF(dv + j * Dv, si[j], doi, Dv);                                                       \
+                        si[j] = si[j] * dpi[j] * scale; /* dS */                                                       \
+                        axpy_##SUF(dk + j * D, si[j], qi, D);                                                          \
+                    }                                                                                                  \
+                    weigh_values_##SUF(dqi, si + lo, hi - lo, k + lo * st[5], st[5], D);                               \
                 }                                                                                                      \
-                for (j = lo; j < hi; j++) {                                                                            \
-                    axpy_##SUF(dv + j * Dv, s[j], doi, Dv);                                                            \
-                    s[j] = s[j] * dp[j] * scale; /* dS */                                                              \
-                    axpy_##SUF(dk + j * D, s[j], qi, D);                                                               \
-                }                                                                                                      \
-                weigh_values_##SUF(dqi, s + lo, hi - lo, k + lo * st[5], st[5], D);                                    \
+                if (keyed) keyed_sums_##SUF(J, &hd, i0, n, rlo, rhi, P, S, ps, kl, dk, dv);                            \
             }                                                                                                          \
         }                                                                                                              \
         return 0;                                                                                                      \
@@ -1618,8 +1752,8 @@ static int run(job_t *J, int threads, void *(*worker)(void *)) {
     return failed ? 1 : 0;
 }
 
-/* dims: H, Hkv, Q, D, Dv, (unused: the longest segment's keys are found here), window, causal, block_keys (see the
- * blocked form above); strides: 16 int64, the
+/* dims: H, Hkv, Q, D, Dv, zero_grads (the backward zeroes the gradients, see zero_grads; the longest segment's keys
+ * are found here), window, causal, block_keys (see the blocked form above); strides: 16 int64, the
  * (b, h, l) element strides of q, k, v, out and dout, then K (the key length of the contiguous dk / dv); softcap (0:
  * none), sinks and slopes ((H,) or NULL): the score modifiers. Returns 0, or 1 when a thread's scratch allocation
  * failed, 2 for an unknown dtype. */
@@ -1632,7 +1766,9 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
     J.st = strides, J.segs = segs, J.nseg = nseg, J.scale = scale, J.backward = backward;
     J.softcap = softcap, J.sinks = sinks, J.slopes = slopes;
     J.H = dims[0], J.Hkv = dims[1], J.Q = dims[2], J.D = dims[3], J.Dv = dims[4], J.kmax = 0;
-    for (int64_t i = 0; i < nseg; i++) J.kmax = segs[6 * i + 4] > J.kmax ? segs[6 * i + 4] : J.kmax;
+    for (int64_t i = 0; i < nseg; i++) /* over the items with queries (one of no query only zeroes rows) */
+        if (segs[6 * i + 2] > 0 && segs[6 * i + 4] > J.kmax) J.kmax = segs[6 * i + 4];
+    J.zero_grads = backward && dims[5] != 0;
     J.window = dims[6], J.causal = (int)dims[7], J.block_keys = dims[8];
     /* scratch is sized from these: a tile of at least one key, panels of whole blocks of four rows */
     J.tile_keys = dims[9] > 0 ? dims[9] : 1, J.panel_rows = dims[10] >= 4 ? dims[10] / 4 * 4 : 4;
