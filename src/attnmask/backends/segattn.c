@@ -164,6 +164,18 @@ static inline vec_double ldv_f64(const double *x) {
 }
 typedef uint16_t vec_half __attribute__((vector_size(32)));
 typedef uint32_t vec_word __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* one 256-bit load widened to 512 bits in one instruction: the generic form below compiles, under GCC's preference
+ * for 256-bit vectors, to two half-width widenings and a shuffle (bfloat16 documents of 8-32 tokens read as stored:
+ * a fifth of the row form's time) */
+static inline vec_float ldv_bf16(const uint16_t *x) {
+    const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16);
+    vec_float r;
+    __builtin_memcpy(&r, &w, sizeof r);
+    return r;
+}
+#else
 static inline vec_float ldv_bf16(const uint16_t *x) {
     vec_half h;
     vec_float r;
@@ -172,6 +184,7 @@ static inline vec_float ldv_bf16(const uint16_t *x) {
     __builtin_memcpy(&r, &w, sizeof r);
     return r;
 }
+#endif
 
 /* dst[d * 16 + c] = r[c][d] for 16 rows r of 16 floats: a 16 x 16 transpose in four rounds of two-vector shuffles
  * (interleave pairs of rows, then pairs of pairs, then 128-bit quarters twice), where element-wise copies took ~150
