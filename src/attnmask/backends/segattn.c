@@ -236,7 +236,7 @@ static inline void transpose16(float *dst, const vec_float *r) {
  * four times the instructions (the row form sums four dot products at a time: dot4). */
 #if TRANSPOSE16
 #define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-static inline void sum4_float(vec_float v0, vec_float v1, vec_float v2, vec_float v3, float *out) {
+static inline vec_float sum4v_float(vec_float v0, vec_float v1, vec_float v2, vec_float v3) {
     const vec_float a = SHUF(v0, v1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
                         SHUF(v0, v1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31); /* v0 | v1 */
     const vec_float b = SHUF(v2, v3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -245,10 +245,55 @@ static inline void sum4_float(vec_float v0, vec_float v1, vec_float v2, vec_floa
                         SHUF(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31); /* 4 lanes each */
     const vec_float e = SHUF(c, c, 0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13) +
                         SHUF(c, c, 2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15); /* 2 lanes each */
-    const vec_float f = SHUF(e, e, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6) +
-                        SHUF(e, e, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7);
+    return SHUF(e, e, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6) +
+           SHUF(e, e, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7);
+}
+static inline void sum4_float(vec_float v0, vec_float v1, vec_float v2, vec_float v3, float *out) {
+    const vec_float f = sum4v_float(v0, v1, v2, v3);
     out[0] = f[0], out[1] = f[1], out[2] = f[2], out[3] = f[3];
 }
+typedef int32_t vec_int __attribute__((vector_size(64)));
+/* The scores of query q (D elements, a multiple of 16) against the n <= 16 keys from k (ld apart), four at a time as
+ * dot4 takes them (a last group of fewer repeats its last key), gathered in the lanes of one vector, the lanes past n
+ * -inf, and stored to s in one store: the softmax's whole-vector loads of s then read that one store, where scores
+ * stored four at a time and a fill of -inf past n made each wait for the stores to drain (store forwarding fails
+ * on a load wider than the store). */
+#define DEFINE_SCORES16(SUF, KV)                                                                                       \
+    static inline void scores16_##SUF(const float *q, const KV *k, int64_t ld, int64_t D, int64_t n, float *s) {       \
+        vec_float S = {0};                                                                                             \
+        for (int64_t g = 0; g < n; g += 4) {                                                                           \
+            const KV *b0 = k + g * ld, *b1 = k + (g + 1 < n ? g + 1 : n - 1) * ld;                                     \
+            const KV *b2 = k + (g + 2 < n ? g + 2 : n - 1) * ld, *b3 = k + (g + 3 < n ? g + 3 : n - 1) * ld;           \
+            vec_float v0 = {0}, v1 = {0}, v2 = {0}, v3 = {0};                                                          \
+            for (int64_t d = 0; d < D; d += 16) {                                                                      \
+                vec_float x;                                                                                           \
+                __builtin_memcpy(&x, q + d, sizeof x);                                                                 \
+                v0 += x * ldv_##SUF(b0 + d), v1 += x * ldv_##SUF(b1 + d);                                              \
+                v2 += x * ldv_##SUF(b2 + d), v3 += x * ldv_##SUF(b3 + d);                                              \
+            }                                                                                                          \
+            const vec_float f = sum4v_float(v0, v1, v2, v3);                                                           \
+            if (g == 0)                                                                                                \
+                S = SHUF(S, f, 16, 17, 18, 19, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);                              \
+            else if (g == 4)                                                                                           \
+                S = SHUF(S, f, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 12, 13, 14, 15);                              \
+            else if (g == 8)                                                                                           \
+                S = SHUF(S, f, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15);                                \
+            else                                                                                                       \
+                S = SHUF(S, f, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19);                                  \
+        }                                                                                                              \
+        const vec_int lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};                                   \
+        const vec_int keep = lane < (int32_t)n;                                                                        \
+        const vec_float none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY,           \
+                                -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY,           \
+                                -INFINITY, -INFINITY};                                                                 \
+        vec_int bits, inf;                                                                                             \
+        __builtin_memcpy(&bits, &S, sizeof bits), __builtin_memcpy(&inf, &none, sizeof inf);                           \
+        bits = (bits & keep) | (inf & ~keep);                                                                          \
+        __builtin_memcpy(s, &bits, sizeof bits);                                                                       \
+    }
+DEFINE_SCORES16(f32, float)
+DEFINE_SCORES16(bf16, uint16_t)
+#define SCORES16 1
 static inline void sum4_double(vec_double v0, vec_double v1, vec_double v2, vec_double v3, double *out) {
     const vec_double a = SHUF(v0, v1, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(v0, v1, 4, 5, 6, 7, 12, 13, 14, 15);
     const vec_double b = SHUF(v2, v3, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(v2, v3, 4, 5, 6, 7, 12, 13, 14, 15);
@@ -281,6 +326,13 @@ static inline double sum1_double(vec_double v) {
     for (int c = 0; c < 8; c++) out += v[c];
     return out;
 }
+#define SCORES16 0
+static inline void scores16_f32(const float *q, const float *k, int64_t ld, int64_t D, int64_t n, float *s) {
+    (void)q, (void)k, (void)ld, (void)D, (void)n, (void)s;
+}
+static inline void scores16_bf16(const float *q, const uint16_t *k, int64_t ld, int64_t D, int64_t n, float *s) {
+    (void)q, (void)k, (void)ld, (void)D, (void)n, (void)s;
+}
 static inline void sum4_float(vec_float v0, vec_float v1, vec_float v2, vec_float v3, float *out) {
     out[0] = out[1] = out[2] = out[3] = 0;
     for (int c = 0; c < 16; c++) out[0] += v0[c], out[1] += v1[c], out[2] += v2[c], out[3] += v3[c];
@@ -290,6 +342,11 @@ static inline void sum4_double(vec_double v0, vec_double v1, vec_double v2, vec_
     for (int c = 0; c < 8; c++) out[0] += v0[c], out[1] += v1[c], out[2] += v2[c], out[3] += v3[c];
 }
 #endif
+
+/* never called (the row form takes scores16 for float32 compute only) */
+static inline void scores16_f64(const double *q, const double *k, int64_t ld, int64_t D, int64_t n, double *s) {
+    (void)q, (void)k, (void)ld, (void)D, (void)n, (void)s;
+}
 
 typedef struct {
     void *kt, *vt, *s4, *p4, *q4, *rows;
@@ -384,7 +441,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
     /* The end of one query row once its scores s[0 .. n) are in (keys lo .. hi of the segment; rel = lo - a, a the    \
        query's position minus the segment's first key): the modifiers, the softmax and the weighted sum of the         \
        value rows v (from key lo, ld apart) into oi, and the row's log-sum-exp. */                                     \
-    static inline T softmax_row_##SUF(T *restrict s, int64_t n, int64_t rel, const T *mod, T *m_out) {                 \
+    static inline T softmax_row_##SUF(T *restrict s, int64_t n, int64_t rel, const T *mod, T *m_out, int padded) {     \
         const T sink = mod[4];                                                                                         \
         const int sunk = mod[5] != 0;                                                                                  \
         const int64_t W = LANES(T), nv = (n + W - 1) / W * W;                                                          \
@@ -400,7 +457,8 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
            pass has a scalar remainder (documents of 8-32 tokens on a row of 8,192, D = 64, processes alternated       \
            four times: one thread 5.9-7.2 -> 5.7-6.9 ms, two 3.3-3.7 -> 3.2-3.5 ms; RESULTS.md, issue 15, "native's    \
            row form: softmax on whole vectors, values summed in registers") */                                         \
-        for (j = n; j < nv; j++) s[j] = -INFINITY;                                                                     \
+        if (!padded) /* (scores16 stored them so: -inf again here would be stores its loads wait on) */                \
+            for (j = n; j < nv; j++) s[j] = -INFINITY;                                                                 \
         T raw = -INFINITY; /* the largest score before the scale (a NaN score skipped, its weight then NaN) */         \
         _Pragma("omp simd simdlen(16) reduction(max : raw)") for (j = 0; j < nv; j++) raw = s[j] > raw ? s[j] : raw;   \
         const T m = sunk && !(raw * scale >= sink) ? sink : raw * scale;                                               \
@@ -503,8 +561,8 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         __builtin_memcpy(l, &sum, sizeof sum);                                                                         \
     }                                                                                                                  \
     static inline void finish_row_##SUF(T *restrict s, int64_t n, int64_t rel, const KV *v, int64_t ld, int64_t Dv,    \
-                                        T *restrict oi, T *lse_i, T *restrict acc, const T *mod) {                     \
-        T m, sum = softmax_row_##SUF(s, n, rel, mod, &m);                                                              \
+                                        T *restrict oi, T *lse_i, T *restrict acc, const T *mod, int padded) {         \
+        T m, sum = softmax_row_##SUF(s, n, rel, mod, &m, padded);                                                      \
         for (int64_t d = 0; d < Dv; d++) acc[d] = 0;                                                                   \
         weigh_values_##SUF(acc, s, n, v, ld, Dv);                                                                      \
         T inv = 1 / sum;                                                                                               \
@@ -669,10 +727,16 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                     continue;                                                                                          \
                 }                                                                                                      \
                 const T *qi = row_##SUF(q + i * st[2], qrow, D);                                                       \
-                int64_t j = lo;                                                                                        \
-                for (; j + 4 <= hi; j += 4) dot4_##SUF(qi, k + j * st[5], st[5], D, s + j);                            \
-                for (; j < hi; j++) s[j] = dot_##SUF(qi, k + j * st[5], D);                                            \
-                finish_row_##SUF(s + lo, hi - lo, lo - i - off, v + lo * st[8], st[8], J->Dv, oi, lse + i, acc, mod);  \
+                const int padded = SCORES16 && sizeof(T) == 4 && hi - lo <= 16 && D % 16 == 0;                         \
+                if (padded) { /* the scores in one vector, -inf past hi, one store */                                  \
+                    scores16_##SUF(qi, k + lo * st[5], st[5], D, hi - lo, s + lo);                                     \
+                } else {                                                                                               \
+                    int64_t j = lo;                                                                                    \
+                    for (; j + 4 <= hi; j += 4) dot4_##SUF(qi, k + j * st[5], st[5], D, s + j);                        \
+                    for (; j < hi; j++) s[j] = dot_##SUF(qi, k + j * st[5], D);                                        \
+                }                                                                                                      \
+                finish_row_##SUF(s + lo, hi - lo, lo - i - off, v + lo * st[8], st[8], J->Dv, oi, lse + i, acc, mod,   \
+                                 padded);                                                                              \
             }                                                                                                          \
             return 0;                                                                                                  \
         }                                                                                                              \
@@ -1545,7 +1609,7 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
                 int64_t j = a;
                 for (; j + 4 <= z; j += 4) dot4_bf16(qi, k + j * st[5], st[5], D, s + j);
                 for (; j < z; j++) s[j] = dot_bf16(qi, k + j * st[5], D);
-                finish_row_bf16(s + a, z - a, a - i - off, v + a * st[8], st[8], Dv, oi, lse + i, acc, mod);
+                finish_row_bf16(s + a, z - a, a - i - off, v + a * st[8], st[8], Dv, oi, lse + i, acc, mod, 0);
             } else {
                 const float inv = 1 / L[r], *y = CT + r * Dv;
                 _Pragma("omp simd") for (int64_t d = 0; d < Dv; d++) oi[d] = y[d] * inv;
