@@ -879,29 +879,33 @@ def test_bfloat16_is_read_as_stored_where_few_queries_read_each_key(monkeypatch,
 def test_large_bfloat16_caches_are_read_as_stored_up_to_more_queries(monkeypatch):
     """Where the float32 copies of k and v would take ``_FRESH_COPY_BYTES`` or more (fresh pages on every call), keys
     read by up to ``_AS_STORED_MAX_READS_FRESH`` queries are read as stored; below that size, up to
-    ``_AS_STORED_MAX_READS``."""
+    ``_AS_STORED_MAX_READS``; with no backward to follow, a call the row form takes whole (3 decoding queries: no
+    blocked form) whatever its reads."""
     segs = torch.tensor([[0, 0, 8, 0, 1000, 992]])  # 8 decoding queries at the end of 1,000 keys: ~8 reads a key
     q, small = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 1000, 16, dtype=torch.bfloat16)
-    kv = 2 * small.numel()
+    kv, blocked = 2 * small.numel(), N.BLOCK_MIN_QUERIES  # a call of as many queries may take the blocked form
     monkeypatch.setattr(N, "_AS_STORED_MAX_READS_NO_GRAD", 2.0)  # the rule without a backward: the test below
     for grad in (True, False):
-        assert not N._reads_as_stored(q.dtype, kv, segs, (True, None), grad)
+        assert not N._reads_as_stored(q.dtype, kv, segs, (True, None), grad, blocked)
+    three = torch.tensor([[0, 0, 3, 0, 1000, 997]])  # 3 reads a key, over _AS_STORED_MAX_READS
+    assert N.BLOCK_MIN_QUERIES > 3
+    assert N._reads_as_stored(q.dtype, kv, three, (True, None), False, 3)
+    assert not N._reads_as_stored(q.dtype, kv, three, (True, None), True, 3)
     monkeypatch.setattr(N, "_FRESH_COPY_BYTES", small.numel() * 8)
     for grad in (True, False):
-        assert N._reads_as_stored(q.dtype, kv, segs, (True, None), grad)
-        assert not N._reads_as_stored(torch.float32, kv, segs, (True, None), grad)
-        assert not N._reads_as_stored(torch.float16, kv, segs, (True, None), grad)
+        assert N._reads_as_stored(q.dtype, kv, segs, (True, None), grad, blocked)
+        assert not N._reads_as_stored(torch.float32, kv, segs, (True, None), grad, 8)
+        assert not N._reads_as_stored(torch.float16, kv, segs, (True, None), grad, 8)
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_a_forward_no_backward_follows_reads_bfloat16_as_stored_up_to_its_own_reads(monkeypatch, grad):
-    """Without a backward to follow (inference, ``torch.no_grad``, inputs that need no gradient) the forward reads
-    bfloat16 as stored up to ``_AS_STORED_MAX_READS_NO_GRAD`` queries a key (16 on a CPU with AMX tiles, where
-    widening is one instruction; else the copies' rule); with one, up to ``_AS_STORED_MAX_READS``: documents of 8-16
-    tokens (~4.5-8.5 reads a key, the row form) with the tiles off, as stored or on copies, equal to the copies' path
-    to bfloat16's rounding."""
+def test_a_forward_no_backward_follows_reads_bfloat16_as_stored_in_the_row_form(monkeypatch, grad):
+    """Without a backward to follow (inference, ``torch.no_grad``, inputs that need no gradient) a forward the row form
+    takes whole reads bfloat16 as stored whatever its reads (``_AS_STORED_MAX_READS_NO_GRAD`` 0 here); with one, up
+    to ``_AS_STORED_MAX_READS``: documents of 8-16 tokens (~4.5-8.5 reads a key) with the tiles off, as stored or on
+    copies, equal to the copies' path to bfloat16's rounding."""
     monkeypatch.setattr(N, "amx_ready", lambda: False)
-    monkeypatch.setattr(N, "_AS_STORED_MAX_READS_NO_GRAD", 16.0)
+    monkeypatch.setattr(N, "_AS_STORED_MAX_READS_NO_GRAD", 0.0)
     seen = []
     call = N._call
     monkeypatch.setattr(
@@ -1103,31 +1107,34 @@ def test_the_tiles_weigh_values_wider_than_their_tiles_in_groups_of_steps(monkey
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
 
 
-@needs_tiles
 @pytest.mark.parametrize(
-    ("spec", "direct"),
+    ("spec", "q_len"),
     [
-        (am.causal() & am.sliding_window(100), True),
-        (am.causal() & am.key_padding(torch.arange(300) >= 37), True),  # rows with no key: exactly 0
-        (am.causal() & am.document(seq_lens=[[100, 200], [40, 260]]), True),
-        (am.causal() & am.document(seq_lens=[[10, 290], [300]]), False),  # a segment the row form runs
+        (am.causal() & am.sliding_window(100), 300),  # on the tiles where there are tiles, else the blocked form
+        (am.causal() & am.key_padding(torch.arange(300) >= 37), 300),  # rows with no key: exactly 0
+        (am.causal() & am.document(seq_lens=[[100, 200], [40, 260]]), 300),
+        (am.causal() & am.document(seq_lens=[[10, 290], [300]]), 300),  # a segment the row form runs
+        (am.causal() & am.document(seq_lens=[[8, 12, 20, 30, 230], [17] * 17 + [11]]), 300),  # the row form's copies
+        (am.causal(), 1),  # a decoding step: one query row an item
     ],
 )
-def test_the_tiles_write_bfloat16_where_no_gradient_needs_their_float32_output(monkeypatch, spec, direct):
-    """With no gradient to keep the float32 output for, a forward whose every segment runs on the tiles writes its
-    output in bfloat16 itself (``_writes_bfloat16``), rounded as torch rounds the float32 output: the same bits as
-    with a gradient, a value that is not finite included, and where a segment is left to the row form the float32
-    output converted as before."""
+def test_bfloat16_read_as_stored_is_written_in_bfloat16_where_no_gradient_needs_float32(monkeypatch, spec, q_len):
+    """With no gradient to keep the float32 output for, a forward reading bfloat16 as stored (on the tiles or not;
+    every such forward here) writes its output in bfloat16 itself (``_out_dtype``), rounded as torch rounds the
+    float32 output: the same bits as with a gradient (float32 out, converted by torch), a value that is not finite
+    included."""
+    monkeypatch.setattr(N, "_AS_STORED_MAX_READS_NO_GRAD", float("inf"))
     buffers = []
     call = N._call
     monkeypatch.setattr(N, "_call", lambda *a, **kw: (None if a[0] else buffers.append(a[4].dtype)) or call(*a, **kw))
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 300, 64, generator=gen).bfloat16() for _ in range(3))
+    q = torch.randn(2, 4, q_len, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(2, 4, 300, 64, generator=gen).bfloat16() for _ in range(2))
     v[1, :, 250, 3] = float("nan")  # the rows that see it: NaN on both paths
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     got = am.attention(q, k, v, spec, backend="native")
     want = am.attention(*inputs, spec, backend="native").detach()
-    assert buffers == [torch.bfloat16 if direct else torch.float32, torch.float32]
+    assert buffers == [torch.bfloat16, torch.float32]
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert got[1].isnan().any() and not got[0].isnan().any()

@@ -159,9 +159,9 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, tiles, thr
     dims = [q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], int(zero_grads), window or 0, int(causal)]
     dims.append(block_keys)
     dims = _int64s(dims + [TILE_KEYS if backward else FORWARD_TILE_KEYS, PANEL_ROWS])
-    # 16: a forward only; 17 on the tiles; 18 on the tiles writing bfloat16 (``_writes_bfloat16``)
-    tiled = 18 if res.dtype == torch.bfloat16 else 17
-    bits = {torch.float64: 64, torch.bfloat16: tiled if tiles else 16}.get(q.dtype, 32)
+    # bfloat16 read as stored: 16 a forward only, 17 on the tiles; 19 and 18 the same writing bfloat16 (``_out_dtype``)
+    read = (18 if tiles else 19) if res.dtype == torch.bfloat16 else (17 if tiles else 16)
+    bits = {torch.float64: 64, torch.bfloat16: read}.get(q.dtype, 32)
     status = lib.attnmask_segattn(
         bits,
         int(backward),
@@ -302,19 +302,29 @@ _FRESH_COPY_BYTES = 32 << 20
 # at one, documents of 8-32 tokens 0.50-0.63x and 0.73-0.90x (rows of 1,024: 0.63x and 0.82x); with a backward, which
 # then makes the copies itself, 1.01-1.13x, so that keeps _AS_STORED_MAX_READS (RESULTS.md, issue 15, "The layers
 # after the first"). Longer segments (32 keys or more, 16.5 reads and up) take the tiles, which read as stored anyway.
-# Elsewhere the AMD EPYC's copies' rule above.
+# Elsewhere the AMD EPYC's copies' rule above. Since 2026-12-07 the row form widens an item's q, k and v to float32
+# once (in cache, no more conversions than the copies make) and a forward with no backward writes bfloat16 itself, so a
+# call whose every segment runs in the row form reads as stored whatever its reads, on every CPU: documents of 8-32,
+# 16 and 24 tokens on rows of 8,192 (D = 64 and 48), one thread, as stored over copies 0.65-0.83x the time (RESULTS.md,
+# issue 15, "bfloat16 rows widened once and written as bfloat16").
 _AS_STORED_MAX_READS_NO_GRADS = (16.0, 2.0)
 _AS_STORED_MAX_READS_NO_GRAD = per_cpu_kind(_AS_STORED_MAX_READS_NO_GRADS)
 
 
-def _reads_as_stored(dtype: torch.dtype, kv_elements: int, segs: torch.Tensor, rule: tuple, grad: bool) -> bool:
-    """Whether the forward reads bfloat16 ``q``, ``k``, ``v`` as stored (no float32 copies): where the segments'
-    keys are each read by at most ``_AS_STORED_MAX_READS`` queries on average (``_AS_STORED_MAX_READS_NO_GRAD``
-    without ``grad``, a backward to follow; at least ``_AS_STORED_MAX_READS_FRESH`` when the copies of k and v,
-    ``kv_elements`` in all, would take ``_FRESH_COPY_BYTES`` or more). Other dtypes: no (float16 is always copied).
-    Read from shapes and the plan only: the estimate asks it too."""
+def _reads_as_stored(
+    dtype: torch.dtype, kv_elements: int, segs: torch.Tensor, rule: tuple, grad: bool, q_len: int
+) -> bool:
+    """Whether the forward of ``q_len`` queries reads bfloat16 ``q``, ``k``, ``v`` as stored (no float32 copies):
+    with no backward to follow (``grad`` false) where every segment runs in the kernel's row form (under
+    ``_block_keys``), which widens each item once; else where the segments' keys are each read by at most
+    ``_AS_STORED_MAX_READS`` queries on average (``_AS_STORED_MAX_READS_NO_GRAD`` without ``grad``; at least
+    ``_AS_STORED_MAX_READS_FRESH`` when the copies of k and v, ``kv_elements`` in all, would take ``_FRESH_COPY_BYTES``
+    or more). Other dtypes: no (float16 is always copied). Read from shapes and the plan only: the estimate asks it
+    too."""
     if dtype != torch.bfloat16 or not len(segs):
         return False
+    if not grad and int(segs[:, 4].max()) < _block_keys(q_len):
+        return True
     keys = float(segs[:, 4].sum())
     reads = allowed_pairs(segs, *rule) / keys if keys else 0.0
     most = _AS_STORED_MAX_READS if grad else _AS_STORED_MAX_READS_NO_GRAD
@@ -445,13 +455,12 @@ def _tiles_spill(segs: torch.Tensor, call) -> float:
     return float(spilled.sum()) * per_key * call.kv_heads * _TILES_SPILL_COST
 
 
-def _writes_bfloat16(segs: torch.Tensor, q_len: int) -> bool:
-    """Whether a forward on the tiles with no gradient to keep its float32 output for writes its output in bfloat16
-    (segattn.c, dtype_bits 18; no second pass over a fresh float32 output: windows and chunks on rows of 8,192 in
-    0.69-0.90x the time; RESULTS.md, issue 15, "The tiles' exponential and bfloat16 output"): where every segment runs
-    on the tiles, none left to the row form, which writes float32."""
-    keys = segs[:, 4]
-    return bool(len(segs)) and int(keys.min()) >= _block_keys(q_len) and int(keys.max()) < (1 << 30)
+def _out_dtype(read: torch.dtype, work: torch.dtype, grad: bool) -> torch.dtype:
+    """The forward's output dtype: bfloat16 where the kernel reads bfloat16 as stored (``read``) and no gradient keeps
+    the float32 output, which the kernel then rounds row by row as torch rounds it (segattn.c, dtype_bits 18 and 19:
+    no fresh float32 output and no second pass over it; on the tiles, windows and chunks on rows of 8,192 in 0.69-0.90x
+    the time, RESULTS.md, issue 15, "The tiles' exponential and bfloat16 output"); else ``work``."""
+    return read if read == torch.bfloat16 and not grad else work
 
 
 def _modifier(t: torch.Tensor | None, work: torch.dtype) -> torch.Tensor | None:
@@ -492,13 +501,13 @@ class _SegmentAttention(torch.autograd.Function):
         mods = (softcap or 0.0, _modifier(sinks, work), _modifier(slopes, work))
         tiles = _on_tiles(q.dtype, q.shape[2], (q.shape[3], v.shape[3]), segs, (causal, window), mods)
         grad = any(ctx.needs_input_grad)
-        stored = _reads_as_stored(q.dtype, k.numel() + v.numel(), segs, (causal, window), grad)
+        stored = _reads_as_stored(q.dtype, k.numel() + v.numel(), segs, (causal, window), grad, q.shape[2])
         stored = q.dtype if tiles or stored else work
         qw, kw, vw = (_rows(t, stored) for t in (q, k, v))
         B, H, Q, _ = q.shape
         shape = (B, H, Q, v.shape[3])
-        out = q.dtype if tiles and not any(ctx.needs_input_grad) and _writes_bfloat16(segs, Q) else work
-        res = empty_buffer(shape, out)  # huge pages when opted in (ATTNMASK_HUGE_PAGES=1): far fewer page faults
+        # huge pages when opted in (ATTNMASK_HUGE_PAGES=1): far fewer page faults
+        res = empty_buffer(shape, _out_dtype(stored, work, grad))
         lse = torch.empty((B, H, Q), dtype=work)
         rule = (causal, window, scale)
         # the rows in no segment are items too: the kernel writes them 0 and lse -inf (read by the sinks' gradient)
@@ -914,8 +923,9 @@ def cost(call) -> float:
     if call.q.dtype == torch.bfloat16 and _BF16_COPY_COST:
         elements = call.batch * (call.heads * call.q_len + call.kv_heads * call.kv_len) * width  # q, k, v, the output
         copies = elements * _BF16_COPY_COST / (1.0 + (threads - 1) * _THREAD_EFFICIENCY)
+        kv_elements = call.batch * call.kv_heads * call.kv_len * width
         stored = tiles or _reads_as_stored(
-            call.q.dtype, call.batch * call.kv_heads * call.kv_len * width, segs, (causal, window), call.needs_grad
+            call.q.dtype, kv_elements, segs, (causal, window), call.needs_grad, call.q_len
         )
         if not stored:
             serial += copies

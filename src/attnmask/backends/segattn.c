@@ -9,10 +9,11 @@
  *
  * Layouts: q, k, v, out, dout are (B, H, L, D) arrays addressed through element strides for B, H and L; the last
  * dimension must be contiguous. lse is (B, H, Q) contiguous float32 / float64. A forward may take q, k, v in bfloat16
- * (dtype_bits 16; widened to float32 as each element is loaded) with out and lse in float32; on AMX tiles (dtype_bits
- * 17, at the end) forward and backward take them so, the backward with dout in bfloat16 and float32 gradients. The
- * gradients dq, dk, dv are contiguous (B, H, L, D) and must be zero on entry. Grouped-query attention: query head h
- * reads key/value head h / (H / Hkv).
+ * (dtype_bits 16; a row form's item widened to float32 once, else each element as it is loaded) with out and lse in
+ * float32, or out in bfloat16 (dtype_bits 19, rounded to nearest even); on AMX tiles (dtype_bits 17, at the end)
+ * forward and backward take them so, the backward with dout in bfloat16 and float32 gradients. The gradients dq, dk,
+ * dv are contiguous (B, H, L, D) and zero on entry, or zeroed by the items that own them (dims[5]: zero_grads).
+ * Grouped-query attention: query head h reads key/value head h / (H / Hkv).
  *
  * Work is split into items (segment, head) in the forward and (segment, key/value head) in the backward, so that no
  * two items write the same output row: the backward's dk / dv rows belong to one segment only when the segments' key
@@ -54,7 +55,7 @@ typedef struct {
     int64_t n_items, next, chunk;      /* next: shared counter; chunk: items per pull */
     int backward;
     int zero_grads; /* the backward zeroes each item's gradient rows before adding into them (dims[5] = 1) */
-    int out_bf16; /* the forward on AMX tiles writes res in bfloat16 (dtype_bits 18), else float32 */
+    int out_bf16; /* the bfloat16 forward writes res in bfloat16 (dtype_bits 18 and 19), else float32 */
 } job_t;
 
 /* Keys [lo, hi) of query i. The caller keeps |off| <= 2^40 and window <= 2^60, so a = i + off never overflows, and
@@ -118,6 +119,21 @@ static inline float bf16_f32(uint16_t x) {
     return c.f;
 }
 #define SAME(x) (x)
+
+/* n float32 values to bfloat16, rounded to nearest even, a NaN as 0x7fc0: as torch converts one (c10::BFloat16). */
+static inline void put_bf16(uint16_t *restrict dst, const float *restrict x, int64_t n) {
+    _Pragma("omp simd") for (int64_t d = 0; d < n; d++) {
+        uint32_t u;
+        __builtin_memcpy(&u, x + d, sizeof u);
+        const uint16_t r = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        dst[d] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : r;
+    }
+}
+/* never called: a float64 forward writes float64 (the macros below call it only where the output is bfloat16) */
+static inline void put_bf16_f64(uint16_t *restrict dst, const double *restrict x, int64_t n) {
+    (void)dst, (void)x, (void)n;
+}
+#define PUT_BF16(dst, x, n) _Generic((x), float *: put_bf16, double *: put_bf16_f64)(dst, x, n)
 
 /* The blocked form, on segments of at least dims[8] keys (the caller sets it from a few queries a call up, and never
  * for a decoding step, whose keys are each read by a few queries, where copying them would cost more than it saves): an
@@ -382,13 +398,13 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
 /* The vector helpers and the forward item for compute type T reading q, k and v stored as KV (loaded through LD, a
    conversion to T): KV = T for float32 / float64, uint16_t bfloat16 (bf16_f32) for the forward of bfloat16 inputs,
    which then needs no float32 copies of them (the query row is converted into the thread's scratch). */
-#define DEFINE_FORWARD(T, SUF, KV, LD, EXP, LOG, TANH)                                                                 \
+#define DEFINE_FORWARD(T, SUF, KV, LD, EXP, LOG, TANH, WIDE)                                                           \
     static inline const T *row_##SUF(const KV *restrict x, T *restrict buf, int64_t n) {                               \
         if (sizeof(KV) == sizeof(T)) return (const T *)(const void *)x; /* stored as computed: no copy */              \
         _Pragma("omp simd") for (int64_t d = 0; d < n; d++) buf[d] = LD(x[d]);                                         \
         return buf;                                                                                                    \
     }                                                                                                                  \
-    /* Products over whole vectors of d, their lanes summed in a tree (sum1), then the elements past them one by one \
+    /* Products over whole vectors of d, their lanes summed in a tree (sum1), then the elements past them one by one   \
        (an omp simd reduction summed the lanes in order: 16 dependent adds a dot product). */                          \
     static inline T dot_##SUF(const T *restrict a, const KV *restrict b, int64_t n) {                                  \
         VEC(T) v = {0};                                                                                                \
@@ -701,6 +717,38 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             __builtin_memcpy(s + 2 * lds, &a2, sizeof a2), __builtin_memcpy(s + 3 * lds, &a3, sizeof a3);              \
         }                                                                                                              \
     }                                                                                                                  \
+    /* The row form of an item's ql query rows (q, k, v: rows ldq, ldk, ldv apart, k and v from the segment's key      \
+       k0): one dot product per pair, no copy of k. Rows written to o, or where ob is not NULL in bfloat16 to ob       \
+       (through tmp, Dv elements). */                                                                                  \
+    static void rows_##SUF(const job_t *J, const KV *q, int64_t ldq, const KV *k, int64_t ldk, const KV *v,            \
+                           int64_t ldv, int64_t k0, T *o, uint16_t *ob, T *lse, int64_t ql, int64_t kl, int64_t off,   \
+                           const T *mod, T *s, T *acc, T *qrow, T *tmp) {                                              \
+        const int64_t D = J->D, Dv = J->Dv, ldo = J->st[11];                                                           \
+        for (int64_t i = 0; i < ql; i++) {                                                                             \
+            int64_t lo, hi;                                                                                            \
+            key_range(J, i, off, kl, &lo, &hi);                                                                        \
+            T *oi = ob ? tmp : o + i * ldo;                                                                            \
+            if (hi <= lo) { /* no allowed key: exactly 0, and the backward skips the row */                            \
+                for (int64_t d = 0; d < Dv; d++) oi[d] = 0;                                                            \
+                if (ob) PUT_BF16(ob + i * ldo, oi, Dv);                                                                \
+                lse[i] = -INFINITY;                                                                                    \
+                continue;                                                                                              \
+            }                                                                                                          \
+            const T *qi = row_##SUF(q + i * ldq, qrow, D);                                                             \
+            const KV *kl0 = k + (lo - k0) * ldk;                                                                       \
+            const int padded = SCORES16 && sizeof(T) == 4 && hi - lo <= 16 && D % 16 == 0;                             \
+            if (padded) { /* the scores in one vector, -inf past hi, one store */                                      \
+                scores16_##SUF(qi, kl0, ldk, D, hi - lo, s + lo);                                                      \
+            } else {                                                                                                   \
+                int64_t j = 0;                                                                                         \
+                for (; j + 4 <= hi - lo; j += 4) dot4_##SUF(qi, kl0 + j * ldk, ldk, D, s + lo + j);                    \
+                for (; j < hi - lo; j++) s[lo + j] = dot_##SUF(qi, kl0 + j * ldk, D);                                  \
+            }                                                                                                          \
+            finish_row_##SUF(s + lo, hi - lo, lo - i - off, v + (lo - k0) * ldv, ldv, Dv, oi, lse + i, acc, mod,       \
+                             padded);                                                                                  \
+            if (ob) PUT_BF16(ob + i * ldo, oi, Dv);                                                                    \
+        }                                                                                                              \
+    }                                                                                                                  \
     static int forward_item_##SUF(const job_t *J, int64_t item, T *s, T *acc, T *qrow, scratch_t *X) {                 \
         /* head-major order: a thread walks one head's rows of q, k, v and the output front to back */                 \
         const int64_t *st = J->st, *g = J->segs + 6 * (item % J->nseg);                                                \
@@ -709,35 +757,38 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         const KV *q = (const KV *)J->q + b * st[0] + h * st[1] + qs * st[2];                                           \
         const KV *k = (const KV *)J->k + b * st[3] + kvh * st[4] + ks * st[5];                                         \
         const KV *v = (const KV *)J->v + b * st[6] + kvh * st[7] + ks * st[8];                                         \
-        T *o = (T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                                     \
+        /* the output in T, or in bfloat16 (J->out_bf16: each row through tmp, Dv elements of T) */                    \
+        T *o = J->out_bf16 ? NULL : (T *)J->res + b * st[9] + h * st[10] + qs * st[11];                                \
+        uint16_t *ob = J->out_bf16 ? (uint16_t *)J->res + b * st[9] + h * st[10] + qs * st[11] : NULL;                 \
         T *lse = (T *)J->lse + (b * J->H + h) * J->Q + qs;                                                             \
         const T mod[6] = {(T)J->scale, (T)J->softcap, J->softcap > 0 ? (T)(1 / J->softcap) : 0,                        \
                           J->slopes ? ((const T *)J->slopes)[h] : 0, J->sinks ? ((const T *)J->sinks)[h] : 0,          \
                           J->sinks != NULL};                                                                           \
         const int64_t D = J->D;                                                                                        \
         if (ql <= 0) return 0;                                                                                         \
-        if (kl < J->block_keys) { /* the row form: one dot product per pair, no copy of k */                           \
-            for (int64_t i = 0; i < ql; i++) {                                                                         \
-                int64_t lo, hi;                                                                                        \
-                key_range(J, i, off, kl, &lo, &hi);                                                                    \
-                T *oi = o + i * st[11];                                                                                \
-                if (hi <= lo) { /* no allowed key: exactly 0, and the backward skips the row */                        \
-                    for (int64_t d = 0; d < J->Dv; d++) oi[d] = 0;                                                     \
-                    lse[i] = -INFINITY;                                                                                \
-                    continue;                                                                                          \
-                }                                                                                                      \
-                const T *qi = row_##SUF(q + i * st[2], qrow, D);                                                       \
-                const int padded = SCORES16 && sizeof(T) == 4 && hi - lo <= 16 && D % 16 == 0;                         \
-                if (padded) { /* the scores in one vector, -inf past hi, one store */                                  \
-                    scores16_##SUF(qi, k + lo * st[5], st[5], D, hi - lo, s + lo);                                     \
-                } else {                                                                                               \
-                    int64_t j = lo;                                                                                    \
-                    for (; j + 4 <= hi; j += 4) dot4_##SUF(qi, k + j * st[5], st[5], D, s + j);                        \
-                    for (; j < hi; j++) s[j] = dot_##SUF(qi, k + j * st[5], D);                                        \
-                }                                                                                                      \
-                finish_row_##SUF(s + lo, hi - lo, lo - i - off, v + lo * st[8], st[8], J->Dv, oi, lse + i, acc, mod,   \
-                                 padded);                                                                              \
+        if (kl < J->block_keys) { /* the row form */                                                                   \
+            T *tmp = ob ? (T *)grow(&X->p4, &X->p4_size, sizeof(T) * (J->Dv + 1)) : NULL;                              \
+            if (ob && !tmp) return 1;                                                                                  \
+            if (sizeof(KV) == sizeof(T) || ql < 2) {                                                                   \
+                rows_##SUF(J, q, st[2], k, st[5], v, st[8], 0, o, ob, lse, ql, kl, off, mod, s, acc, qrow, tmp);       \
+                return 0;                                                                                              \
             }                                                                                                          \
+            /* bfloat16 read as stored: the item's q, k and v widened to T once, each key then read by its rows in T   \
+               (widened as each pair loaded it, a key row was converted once for every row that sees it) */            \
+            int64_t klo, khi, lo, hi;                                                                                  \
+            key_range(J, 0, off, kl, &klo, &hi);                                                                       \
+            key_range(J, ql - 1, off, kl, &lo, &khi);                                                                  \
+            const int64_t n = khi > klo ? khi - klo : 0, Dv = J->Dv;                                                   \
+            T *qw = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * ql * D);                                                \
+            T *kw = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * (n * D + 1));                                           \
+            T *vw = (T *)grow(&X->vt, &X->vt_size, sizeof(T) * (n * Dv + 1));                                          \
+            if (!qw || !kw || !vw) return 1;                                                                           \
+            for (int64_t i = 0; i < ql; i++) row_##SUF(q + i * st[2], qw + i * D, D);                                  \
+            for (int64_t j = 0; j < n; j++) {                                                                          \
+                row_##SUF(k + (klo + j) * st[5], kw + j * D, D);                                                       \
+                row_##SUF(v + (klo + j) * st[8], vw + j * Dv, Dv);                                                     \
+            }                                                                                                          \
+            rows_##WIDE(J, qw, D, kw, D, vw, Dv, klo, o, ob, lse, ql, kl, off, mod, s, acc, qrow, tmp);                \
             return 0;                                                                                                  \
         }                                                                                                              \
         /* the blocked form: panels of PANEL_ROWS query rows; each four rows of a panel walk the keys they see in      \
@@ -877,10 +928,11 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                 }                                                                                                      \
             }                                                                                                          \
             for (int64_t r = 0; r < pn; r++) {                                                                         \
-                T *oi = o + (p0 + r) * st[11];                                                                         \
+                T *oi = ob ? A + r * Dv : o + (p0 + r) * st[11]; /* bfloat16 out: the row in place in A first */       \
                 key_range(J, p0 + r, off, kl, &lo, &hi);                                                               \
                 if (hi <= lo) { /* no allowed key: exactly 0, and the backward skips the row */                        \
                     for (int64_t d = 0; d < Dv; d++) oi[d] = 0;                                                        \
+                    if (ob) PUT_BF16(ob + (p0 + r) * st[11], oi, Dv);                                                  \
                     lse[p0 + r] = -INFINITY;                                                                           \
                     continue;                                                                                          \
                 }                                                                                                      \
@@ -888,6 +940,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                 for (int64_t c = 0; c < LANES(T); c++) sum += Lsum[r * LANES(T) + c];                                  \
                 const T inv = 1 / sum;                                                                                 \
                 for (int64_t d = 0; d < Dv; d++) oi[d] = A[r * Dv + d] * inv;                                          \
+                if (ob) PUT_BF16(ob + (p0 + r) * st[11], oi, Dv);                                                      \
                 lse[p0 + r] = M[r] + LOG(sum);                                                                         \
             }                                                                                                          \
         }                                                                                                              \
@@ -923,7 +976,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
 
 
 #define DEFINE_KERNELS(T, SUF, EXP, LOG, TANH)                                                                         \
-    DEFINE_FORWARD(T, SUF, T, SAME, EXP, LOG, TANH)                                                                    \
+    DEFINE_FORWARD(T, SUF, T, SAME, EXP, LOG, TANH, SUF)                                                               \
     /* What the backward of an item of segment g reads and writes of query head h: its rows of q, the output, dO,      \
        lse and dq, and its ALiBi slope. */                                                                             \
     typedef struct {                                                                                                   \
@@ -1218,7 +1271,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
 
 DEFINE_KERNELS(float, f32, exp_f32, logf, tanh_f32)
 DEFINE_KERNELS(double, f64, exp, log, tanh)
-DEFINE_FORWARD(float, bf16, uint16_t, bf16_f32, exp_f32, logf, tanh_f32)
+DEFINE_FORWARD(float, bf16, uint16_t, bf16_f32, exp_f32, logf, tanh_f32, f32)
 /* bfloat16 has no backward here: the caller runs it on float32 copies (attnmask_segattn refuses backward = 1). */
 static int backward_item_none(const job_t *J, int64_t item, float *s, float *dp, scratch_t *X) {
     (void)J, (void)item, (void)s, (void)dp, (void)X;
@@ -1228,13 +1281,12 @@ DEFINE_WORKER(float, bf16, backward_item_none)
 
 /* The bfloat16 forward on AMX tiles (dtype_bits 17: CPUs with AMX-BF16, built with -march=native there; Linux, which
  * must grant the process the tiles' state first: attnmask_amx_ready). q, k and v are read as stored; out and lse are
- * float32 (dtype_bits 18: out in bfloat16, rounded to nearest even, where the caller knows every item takes the
- * tiles; one that cannot returns 1). An item's segment of at least block_keys keys (the blocked form's ground) takes
- * the tiles; any other item takes the bfloat16 forward above, as does one with score modifiers, or D not a multiple of
- * 32 or Dv not of 16. A
- * value that is not finite goes into the tiles as 0 (a tile multiplies every value of its keys, and 0 times an
- * infinite or NaN value of a key a row may not see would reach that row) and each row that sees one is computed again
- * by the row form, which multiplies it as it is.
+ * float32 (dtype_bits 18: out in bfloat16, rounded to nearest even, as the row form then writes it too). An item's
+ * segment of at least block_keys keys (the blocked form's ground) takes the tiles; any other item takes the bfloat16
+ * forward above, as does one with score modifiers, or D not a multiple of 32 or Dv not of 16. A value that is not
+ * finite goes into the tiles as 0 (a tile multiplies every value of its keys, and 0 times an infinite or NaN value of
+ * a key a row may not see would reach that row) and each row that sees one is computed again by the row form, which
+ * multiplies it as it is.
  *
  * Transposed, so that the softmax runs across the rows, one vector lane per query row, with no sum across lanes:
  * per block of 16 query rows and step of AMX_STEP keys, S^T = k . q^T in two tiles (16 keys x 16 rows, float32 sums of
@@ -1251,7 +1303,7 @@ DEFINE_WORKER(float, bf16, backward_item_none)
  * 16 x (D / 2 + 2 Dv + (AMX_GROUP + 2) AMX_STEP / 2 + 2) words. */
 /* (AVX512-BF16 converts the weights: every CPU with AMX-BF16 has it, but a compiler or VM may hide one without the
    other, and the kernel must build either way.) */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__AVX512BF16__) && \
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__AVX512BF16__) &&               \
     defined(__linux__)
 #define AMX_BUILT 1
 #include <immintrin.h>
@@ -1460,7 +1512,7 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
     }
     if (kl < J->block_keys || D % 32 || Dv % 16 || kl >= (1LL << 30) || !(J->scale > 0) || J->softcap > 0 ||
         J->slopes || J->sinks)
-        return J->out_bf16 ? 1 : forward_item_bf16(J, item, s, acc, qrow, X); /* the row form writes float32 */
+        return forward_item_bf16(J, item, s, acc, qrow, X); /* the row form, its output as the tiles' */
     const uint16_t *q = (const uint16_t *)J->q + b * st[0] + h * st[1] + qs * st[2];
     const uint16_t *k = (const uint16_t *)J->k + b * st[3] + kvh * st[4] + ks * st[5];
     const uint16_t *v = (const uint16_t *)J->v + b * st[6] + kvh * st[7] + ks * st[8];
@@ -1864,9 +1916,13 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
     if (dtype_bits == 32) return run(&J, threads, worker_f32);
     if (dtype_bits == 64) return run(&J, threads, worker_f64);
     if (dtype_bits == 16 && !backward) return run(&J, threads, worker_bf16); /* bfloat16 q, k, v; float32 out, lse */
+    if (dtype_bits == 19 && !backward) { /* the same forward writing out in bfloat16 */
+        J.out_bf16 = 1;
+        return run(&J, threads, worker_bf16);
+    }
 #if AMX_BUILT
     if (dtype_bits == 17) return run(&J, threads, worker_amx); /* bfloat16 on AMX tiles; float32 out, lse, grads */
-    if (dtype_bits == 18 && !backward) { /* the same forward writing out in bfloat16 (every item on the tiles) */
+    if (dtype_bits == 18 && !backward) { /* the same forward writing out in bfloat16 */
         J.out_bf16 = 1;
         return run(&J, threads, worker_amx);
     }
