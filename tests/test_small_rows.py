@@ -527,3 +527,45 @@ def test_default_positions_inside_inference_mode_are_not_shared_with_calls_outsi
     outside = _prepare_call(q, k, v, am.causal(), None, None, None)
     assert inside.q_positions.is_inference() and not outside.q_positions.is_inference()
     assert outside.kv_positions.tolist() == list(range(8))
+
+
+def test_c_arrays_are_long_enough_zeroed_and_keep_their_types():
+    """``_clib.c_array``: at least the count asked for (by powers of two), the values first and zeros after, and the
+    same type for every count up to the same power of two, kept (a type made anew per call became cyclic garbage)."""
+    import ctypes
+    import gc
+
+    a = _clib.c_array(ctypes.c_int64, 5, [7, 8, 9])
+    assert len(a) == 8 and list(a) == [7, 8, 9, 0, 0, 0, 0, 0]
+    assert type(_clib.c_array(ctypes.c_int64, 6)) is type(a) and len(_clib.c_array(ctypes.c_double, 9)) == 16
+    assert len(_clib.c_array(ctypes.c_double, 0)) == 1 and len(_clib.c_array(ctypes.c_double, 1)) == 1
+    del a
+    gc.collect()
+    assert len(_clib.c_array(ctypes.c_int64, 7)) == 8 and gc.collect() == 0
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "varlen", "blocksparse", "banded", "sdpa"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_calls_leave_no_cyclic_garbage(backend, grad):
+    """A call, planned anew or not, with or without a backward, leaves nothing for the cycle collector: garbage
+    that only it frees (ctypes array types made per call did) costs its collections on every later call, and keeps
+    what the cycles hold until one runs."""
+    import gc
+
+    specs = [packed([[40, 24, 64]] * 2, 128), packed([[100, 28]] * 2, 128), am.causal() & am.sliding_window(16)]
+    q, k, v = qkv(batch=2, length=128, requires_grad=grad)
+    for spec in specs:  # every backend's first call: its library, compiled code and caches
+        out = am.attention(q, k, v, spec, backend=backend)
+        if grad:
+            out.sum().backward()
+    gc.collect()
+    gc.disable()
+    try:
+        for spec in [*specs, packed([[12, 50, 66]] * 2, 128)]:
+            out = am.attention(q, k, v, spec, backend=backend)
+            if grad:
+                out.sum().backward()
+        del out
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

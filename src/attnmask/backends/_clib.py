@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["library"]
+__all__ = ["c_array", "library"]
 
 _log = logging.getLogger("attnmask")
 
@@ -183,3 +183,16 @@ def library() -> ctypes.CDLL | str:
         getattr(lib, name).restype = restype
         getattr(lib, name).argtypes = argtypes
     return lib
+
+
+@functools.cache
+def _array_type(ctype: type, size: int) -> type:
+    return ctype * size
+
+
+def c_array(ctype: type, n: int, values: tuple | list = ()) -> ctypes.Array:
+    """A C array of at least ``n`` elements of ``ctype``, ``values`` first and zeros after. Its type is kept, by ``n``
+    rounded up to a power of two (at most ~60 types per element type): a ctypes array type made anew took ~16 us, and
+    ctypes keeps it only weakly, so each one went as cyclic garbage with its last array and came back on a later
+    call (two to four a kernel call, at every new count of segments in the estimates)."""
+    return _array_type(ctype, 1 << max(n - 1, 0).bit_length())(*values)

@@ -1035,7 +1035,7 @@ def _segment_pairs(plan, bs: int, batch: int, q_len: int, kv_len: int) -> int:
     if isinstance(lib, str):
         return _segment_pairs_numpy(plan, bs, batch, q_len, kv_len)
     address, _held = segments_address(plan.segments)
-    most = (ctypes.c_int64 * (batch * -(-q_len // bs)))()  # zeroed
+    most = _clib.c_array(ctypes.c_int64, batch * -(-q_len // bs))  # zeroed
     window = -1 if plan.window is None else plan.window
     args = (plan.segments.shape[0], bs, batch, q_len, kv_len, int(plan.causal), window)
     return int(lib.attnmask_segment_tile_pairs(address, *args, most))

@@ -50,6 +50,7 @@ import torch
 import attnmask.backends._common as _common
 import attnmask.backends._workers as _workers
 from attnmask._dense import empty_buffer
+from attnmask.backends._clib import c_array
 from attnmask.backends._clib import library as _library
 from attnmask.backends._common import (
     COPY_COST,
@@ -184,7 +185,7 @@ def _call(backward, q, k, v, res, dout, lse, grads, segs, rule, mods, tiles, thr
 
 def _int64s(values: list[int]) -> ctypes.Array:
     """``values`` as a C array of int64 (alive while the caller holds it)."""
-    return (ctypes.c_int64 * len(values))(*values)
+    return c_array(ctypes.c_int64, len(values), values)
 
 
 def _uncovered(segs: torch.Tensor, B: int, Q: int) -> torch.Tensor:
@@ -1019,7 +1020,7 @@ def _item_work_sums(
         return work, float(work.sum()), int(segs.numpy()[:, 2].sum())
     address, _held = segments_address(segs)
     n = segs.shape[0]
-    out = (ctypes.c_double * (n + 2))()  # a ctypes array: its address costs less than a numpy array's after a kernel
+    out = c_array(ctypes.c_double, n + 2)  # a ctypes array: its address costs less than a numpy array's after a kernel
     lib.attnmask_item_work(address, *_item_work_args(n, causal, window, width, key_bytes, block_keys, tiles), out)
     return np.frombuffer(out, dtype=np.float64, count=n), out[n], int(out[n + 1])
 
@@ -1059,7 +1060,7 @@ def _item_work_gain(
     address, _held = segments_address(segs)
     chunk = _chunk(n * repeat, threads)
     pulls = -(-n * repeat // chunk)
-    out, scratch = (ctypes.c_double * (n + 2))(), (ctypes.c_double * (pulls + threads + 1))()
+    out, scratch = c_array(ctypes.c_double, n + 2), c_array(ctypes.c_double, pulls + threads + 1)
     args = (
         *_item_work_args(n, causal, window, width, _FORWARD_KEY_BYTES, block_keys, tiles),
         out,
@@ -1129,7 +1130,7 @@ def _pulls_gain(work: np.ndarray, repeat: int, threads: int, share: float) -> fl
         return _pulls_gain_python(np.tile(work, repeat), chunk, threads, share)
     address, _held = float64_address(work)
     pulls = -(-len(work) * repeat // chunk)
-    scratch = (ctypes.c_double * (pulls + threads + 1))()
+    scratch = c_array(ctypes.c_double, pulls + threads + 1)
     most = lib.attnmask_pull_makespan(address, len(work), repeat, chunk, threads, scratch)
     return _dealt_gain(scratch[pulls + threads], most, min(threads, pulls), share)
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import attnmask.backends._workers as _workers
 from attnmask._dense import fold, zero_rows
+from attnmask.backends._clib import c_array
 from attnmask.backends._clib import library as _library
 from attnmask.backends._common import (
     CALL_COST,
@@ -795,11 +796,11 @@ def _floor_sums(plan) -> tuple[float, ...]:
     if isinstance(lib, str):
         return _floor_sums_numpy(plan)
     address, _held = segments_address(plan.segments)
-    out = (ctypes.c_double * 7)()
+    out = c_array(ctypes.c_double, 7)
     window = -1 if plan.window is None else plan.window
     n = plan.segments.shape[0]
     lib.attnmask_varlen_floor_sums(address, n, int(plan.causal), window, _SMALL_SEGMENT, *SDPA_BLOCKS, out)
-    return tuple(out)
+    return tuple(out[:7])
 
 
 def _floor_sums_numpy(plan) -> tuple[float, ...]:
