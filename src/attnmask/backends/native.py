@@ -306,7 +306,7 @@ _FRESH_COPY_BYTES = 32 << 20
 # Elsewhere the AMD EPYC's copies' rule above. Since 2026-12-07 the row form widens an item's q, k and v to float32
 # once (in cache, no more conversions than the copies make) and a forward with no backward writes bfloat16 itself, so a
 # call whose every segment runs in the row form reads as stored whatever its reads, on every CPU: documents of 8-32,
-# 16 and 24 tokens on rows of 8,192 (D = 64 and 48), one thread, as stored over copies 0.65-0.83x the time (RESULTS.md,
+# 16 and 24 tokens on rows of 8,192 (D = 64 and 48), one and two threads, as stored over copies 0.60-0.77x (RESULTS.md,
 # issue 15, "bfloat16 rows widened once and written as bfloat16").
 _AS_STORED_MAX_READS_NO_GRADS = (16.0, 2.0)
 _AS_STORED_MAX_READS_NO_GRAD = per_cpu_kind(_AS_STORED_MAX_READS_NO_GRADS)

@@ -397,7 +397,10 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
 
 /* The vector helpers and the forward item for compute type T reading q, k and v stored as KV (loaded through LD, a
    conversion to T): KV = T for float32 / float64, uint16_t bfloat16 (bf16_f32) for the forward of bfloat16 inputs,
-   which then needs no float32 copies of them (the query row is converted into the thread's scratch). */
+   which then needs no float32 copies of them (a row-form item of two rows or more widened into the thread's scratch
+   once and run by WIDE's functions, the ones on T stored as T; a single row converts as it loads; the blocked form
+   widens k into its transposed copy and v as it loads; RESULTS.md, issue 15, "bfloat16 rows widened once and written
+   as bfloat16"). */
 #define DEFINE_FORWARD(T, SUF, KV, LD, EXP, LOG, TANH, WIDE)                                                           \
     static inline const T *row_##SUF(const KV *restrict x, T *restrict buf, int64_t n) {                               \
         if (sizeof(KV) == sizeof(T)) return (const T *)(const void *)x; /* stored as computed: no copy */              \
