@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import attnmask as am
 from attnmask.attention import _BACKENDS, _prepare_call
+from attnmask.backends import sdpa as sdpa_module
 from tests.helpers import GRAD_TOLERANCE, TOLERANCE, grads
 from tests.naive import naive_attention
 from tests.strategies import (
@@ -654,6 +655,40 @@ def test_keys_of_a_transposed_cache_give_the_reference_output_and_gradients(auto
     case.update(mask=am.causal() & am.chunked(64), layout="keys_transposed")
     assert make_inputs(case)[1].stride(-1) == L
     check(auto_backend, case, with_grads=True)
+
+
+# Inputs whose last dimension is strided on each of sdpa's splits, which call torch's fused CPU op directly: that op
+# reads rows as vectors without checking the stride (a transposed cache gave garbage there, ~1e34 off, with no error)
+STRIDED_SPLITS = {
+    "causal, Q < K": ("_split_causal", dict(q_len=4, kv_len=300, heads=2, kv_heads=2), lambda: am.causal()),
+    "causal, Q < K, grouped": ("_split_causal", dict(q_len=4, kv_len=300, heads=4, kv_heads=2), lambda: am.causal()),
+    "prefix-LM": ("_split_prefix", dict(q_len=300, kv_len=300, heads=2, kv_heads=2), lambda: am.prefix_lm(100)),
+    "window": ("_split_window", dict(q_len=700, kv_len=700, heads=2, kv_heads=2), lambda: am.sliding_window(512)),
+    "padded rows": (
+        "_split_padded",
+        dict(q_len=300, kv_len=300, heads=2, kv_heads=2),
+        lambda: am.causal() & am.key_padding(torch.arange(300) < torch.tensor([[300], [260]])),
+    ),
+}
+
+
+@pytest.mark.parametrize("split", list(STRIDED_SPLITS))
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_strided_last_dimensions_give_the_reference_on_every_split(monkeypatch, auto_backend, split, grad):
+    """q, k and v with a last-dimension stride of L (a K-transposed cache) on each structure ``sdpa`` splits into
+    calls of torch's fused CPU op (``sdpa._flash_forward`` / ``_flash_backward`` give it unit strides): every backend
+    matches the reference in output and gradients, and ``sdpa`` takes the split (without a gradient; with one where
+    the split keeps its own backward)."""
+    taken, sizes, spec = STRIDED_SPLITS[split]
+    case = dict(batch=2, head_dim=16, value_dim=16, **sizes, mask=spec(), layout="keys_transposed")
+    assert make_inputs(case)[0].stride(-1) == case["q_len"]
+    seen = []
+    if auto_backend.name == "sdpa":
+        real = getattr(sdpa_module, taken)
+        monkeypatch.setattr(sdpa_module, taken, lambda *a, **kw: seen.append(taken) or real(*a, **kw))
+    check(auto_backend, case, with_grads=grad)
+    if auto_backend.name == "sdpa" and not (grad and taken == "_split_causal"):  # that split is forward-only
+        assert seen, f"sdpa did not take {taken}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

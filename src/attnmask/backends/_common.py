@@ -77,6 +77,7 @@ __all__ = [
     "native_plan",
     "varlen_plan",
     "whole_row_rule",
+    "unit_stride",
 ]
 
 # SDPA's backward: its work per key, whatever the number of queries (the key and value gradients it zeroes,
@@ -423,6 +424,14 @@ def nan_rows_restored(
     if lost is None:
         return out
     return out.masked_fill(lost, math.nan) if out.requires_grad else out.masked_fill_(lost, math.nan)
+
+
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a contiguous last dimension, copied only where it has none. torch's fused CPU flash-attention ops
+    (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward), called directly, read each row as a
+    vector without checking that stride: a query, key, value or output whose last dimension is strided gave garbage
+    (``F.scaled_dot_product_attention`` copies it first)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def nan_rows_restored_lse(

@@ -45,6 +45,7 @@ from attnmask.backends._common import (
     pair_width,
     per_cpu_kind,
     segments_address,
+    unit_stride,
 )
 from attnmask.backends._workers import MIN_TASK_WORK, on_free_cores, parallel_map
 from attnmask.backends.contract import ALL_DTYPES, TORCH_DEVICES, Backend
@@ -144,11 +145,6 @@ MODES = ModeFactors(
     bf16_no_amx=1.05,
     bf16_backward_no_amx=3.73,
 )
-
-
-def _unit_stride(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with a contiguous last dimension (the CPU flash kernel reads rows as vectors): no copy when it has one."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def spec_tile_mask(spec, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> TileMask:
@@ -703,7 +699,7 @@ class _BlockSparse(torch.autograd.Function):
         rep = H // Hkv
         cdt = torch.promote_types(q.dtype, torch.float32)
         flash = _runs_flash(q.dtype, q.device.type, D, Dv)
-        qf, kf, vf = (_unit_stride(t.to(cdt)) for t in (q, k, v))
+        qf, kf, vf = (unit_stride(t.to(cdt)) for t in (q, k, v))
         if flash and empties is None:
             empties = _empty_rows(plan, masks, rep)
         if not (flash and STACK_GROUPS):
@@ -762,11 +758,11 @@ class _BlockSparse(torch.autograd.Function):
     def backward(ctx, d_out):
         q, k, v, out, lse = ctx.saved_tensors
         plan, masks, scale, biases = ctx.plan, ctx.masks, ctx.scale, ctx.biases
-        qf, kf, vf = (_unit_stride(t.to(out.dtype)) for t in (q, k, v))
+        qf, kf, vf = (unit_stride(t.to(out.dtype)) for t in (q, k, v))
         # rows with no allowed key (log-sum-exp +inf): their probabilities exp(s - inf) are 0 unless a query there
         # holds a NaN or an infinity, which would reach dq, dk and dv; their output does not depend on it (exactly 0)
         qf = zero_query_rows(qf, torch.isposinf(lse).unsqueeze(-1))
-        do = d_out.to(out.dtype)
+        do = unit_stride(d_out.to(out.dtype))
         dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
         group_backward = _flash_group_backward if ctx.flash else _torch_group_backward
         adding = threading.Lock()  # groups write their own rows of dq but may share keys: dk, dv add under it

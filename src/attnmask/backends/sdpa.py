@@ -41,6 +41,7 @@ from attnmask.backends._common import (
     nan_rows_restored,
     nan_rows_restored_lse,
     per_cpu_kind,
+    unit_stride,
 )
 from attnmask.backends.contract import (
     ALL_DTYPES,
@@ -284,8 +285,20 @@ _SPLIT_DTYPES = (torch.float32, torch.float64)
 
 
 def _flash_cpu():
-    """PyTorch's fused CPU flash-attention op, returning ``(output, logsumexp)``, or ``None`` where absent."""
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    """PyTorch's fused CPU flash-attention op, returning ``(output, logsumexp)``, or ``None`` where absent; called
+    through ``_flash_forward``, which gives it q, k and v with a contiguous last dimension (``unit_stride``)."""
+    return _flash_forward if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") else None
+
+
+def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused CPU op on ``q``, ``k``, ``v`` (each copied only where its last dimension is strided)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*map(unit_stride, (q, k, v)), **kwargs)
+
+
+def _flash_backward(grad, q, k, v, out, lse, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused CPU op's backward, its tensors with a contiguous last dimension (``unit_stride``)."""
+    tensors = map(unit_stride, (grad, q, k, v, out, lse))
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(*tensors, *args, **kwargs)
 
 
 def _splits_causal(call: AttentionCall) -> bool:
@@ -478,7 +491,7 @@ def _prefix_rows_backward(grad, q, k, v, out, lse, runs, scale: float | None):
 
 def _prefix_backward(grad, q, k, v, out, lse, prefix: int, scale: float | None):
     """``(dq, dk, dv)`` of rows sharing ``prefix``, from the merged ``out`` and ``lse`` (see ``_splits_prefix``)."""
-    backward, K = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, k.shape[2]
+    backward, K = _flash_backward, k.shape[2]
     if prefix in (0, K):
         return backward(grad, q, k, v, out, lse, 0.0, not prefix, scale=scale)
     dq, dk_head, dv_head = backward(grad, q, k[:, :, :prefix], v[:, :, :prefix], out, lse, 0.0, False, scale=scale)
@@ -665,7 +678,7 @@ def _window_previous(q, k, v, window: int, scale: float | None) -> tuple[torch.T
 def _window_backward(grad, q, k, v, out, lse, window: int, scale: float | None):
     """``(dq, dk, dv)`` of ``_window_forward`` from the merged ``out`` and ``lse``: the own block's and the previous
     block's fused backward (see ``_splits_prefix`` for why the merged output serves each part)."""
-    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    backward = _flash_backward
     B, L, W = q.shape[0], q.shape[2], window
     first, n = _window_blocks(L, W)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -808,7 +821,7 @@ def _padded_forward(q, k, v, parts, scale: float | None) -> tuple[torch.Tensor, 
 
 def _padded_backward(grad, q, k, v, out, lse, parts, scale: float | None):
     """``(dq, dk, dv)`` of ``_padded_forward``: each part's fused backward, written into whole gradients."""
-    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    backward = _flash_backward
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for rows, queries, keys, causal in parts:
         at = (rows, slice(None), queries)
