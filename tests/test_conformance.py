@@ -602,6 +602,11 @@ def _nan_scenario(name):
         q[0, 0, 135, 1] = nan
         k[0, 1, 128:, 2] = nan
         return q, k, v, am.full() & am.document(seq_lens=[128, 10])
+    if name == "no mask, a NaN key beside an infinite one":  # scores NaN and -inf: the kernel's max is -inf, as empty
+        q, k, v = torch.randn(1, 2, 1, 4, generator=gen), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4)
+        q[0, :, 0, 0] = torch.tensor([1.0, -1.0])  # the infinite key's score +inf in head 0, -inf in head 1
+        k[0, 0, 0, 0], k[0, 0, 1, 0] = nan, float("inf")
+        return q, k, v, am.full()
     if name == "a NaN query in a padding row":  # no allowed key: exactly 0, whatever the query
         q, k, v = (torch.randn(2, 2, 40, 8, generator=gen) for _ in range(3))
         ids = torch.zeros(2, 40, dtype=torch.long)
@@ -617,6 +622,7 @@ NAN_SCENARIOS = [
     "decoding, NaN new keys",
     "a last document of 10 keys",
     "a NaN query in a padding row",
+    "no mask, a NaN key beside an infinite one",
 ]
 
 
@@ -625,8 +631,8 @@ NAN_SCENARIOS = [
 def test_rows_whose_every_score_is_nan_get_nan(auto_backend, name, dtype):
     """A row with an allowed key gets NaN where its query holds a NaN or it may see a key or value that does, and 0
     where it has no allowed key; every other row the reference output; without a gradient (where ``attention`` trusts
-    a finite output). The fused CPU kernel gives a row whose every score is NaN 0 on fewer than 16 keys, which a
-    merge of parts or that finite-output check then kept."""
+    a finite output). The fused CPU kernel gives a row whose every score is NaN, or NaN and ``-inf``, 0 on fewer than
+    16 keys, which a merge of parts or that finite-output check then kept."""
     q, k, v, mask = _nan_scenario(name)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     if auto_backend.not_supported_reasons(_prepare_call(q, k, v, mask, None, None, None)):

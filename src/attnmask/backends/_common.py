@@ -385,18 +385,21 @@ def off_cpu(call) -> bool:
 
 # torch's fused CPU attention kernel, on a call without a mask (or with ``is_causal``) whose keys all fit in its
 # vector's tail (fewer than 16 at float32, bfloat16 and float16 under AVX-512, 8 at float64), reads a row whose every
-# score is NaN (a NaN in its query, or in each key it may see) as a row with no key: output 0 and log-sum-exp 0, where
-# the reference, and the same kernel on 16 keys or more, give NaN (torch 2.13). Calls on fewer keys than this are
+# score is NaN (a NaN in its query, or in each key it may see), or NaN and ``-inf`` (a NaN key beside keys with an
+# infinite element), as a row with no key: output 0 and log-sum-exp 0, where the reference, and the same kernel on 16
+# keys or more, give NaN (torch 2.13). Calls on fewer keys than this are
 # checked after the run (``all_nan_rows``); the margin covers vectors twice as wide.
 FUSED_NAN_KEYS = 32
 
 
 def all_nan_rows(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor | None:
     """``(B, H, Q, 1)`` bool, the rows of an SDPA call on ``q`` ``(B, H, Q, D)`` and ``k`` ``(B, Hkv, K, D)`` without
-    a mask (``causal``: with ``is_causal``, query ``i`` seeing keys ``j <= i``) whose every allowed score is NaN, or
-    ``None`` when there is none or the call needs no check (see ``FUSED_NAN_KEYS``): off the CPU, from
-    ``FUSED_NAN_KEYS`` keys, and where ``q`` and ``k`` are finite (two sums, O(B·H·Q·D + B·Hkv·K·D)). Otherwise the
-    scores are computed again in float32 (float64 for float64; O(B·H·Q·K) memory, K < ``FUSED_NAN_KEYS``)."""
+    a mask (``causal``: with ``is_causal``, query ``i`` seeing keys ``j <= i``) whose allowed scores are all NaN or
+    ``-inf`` with one NaN at least (the kernel's maximum skips a NaN, so its row's maximum is ``-inf``, as an empty
+    row's: an infinite key element gives ``-inf``), or ``None`` when there is none or the call needs no check (see
+    ``FUSED_NAN_KEYS``): off the CPU, from ``FUSED_NAN_KEYS`` keys, and where ``q`` and ``k`` are finite (two sums,
+    O(B·H·Q·D + B·Hkv·K·D)). Otherwise the scores are computed again in float32 (float64 for float64; O(B·H·Q·K)
+    memory, K < ``FUSED_NAN_KEYS``)."""
     if q.device.type != "cpu" or k.shape[2] >= FUSED_NAN_KEYS or not q.numel() or not k.numel():
         return None
     wide = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64: its range
@@ -407,10 +410,13 @@ def all_nan_rows(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | 
         Hkv, K = k.shape[1], k.shape[2]
         qw, kw = q.detach().to(wide), k.detach().to(wide)
         scores = qw.unflatten(1, (Hkv, H // Hkv)) @ kw.unsqueeze(2).transpose(-1, -2)
-        nan = (scores.flatten(1, 2) * (D**-0.5 if scale is None else scale)).isnan()  # (B, H, Q, K)
+        scores = scores.flatten(1, 2) * (D**-0.5 if scale is None else scale)  # (B, H, Q, K)
+        nan = scores.isnan()
+        empty = nan | (scores == -math.inf)  # what the kernel's maximum reads as no key
         if causal:
-            nan |= torch.ones(Q, K, dtype=torch.bool).triu(1)
-        lost = nan.all(-1, keepdim=True)
+            later = torch.ones(Q, K, dtype=torch.bool).triu(1)
+            empty, nan = empty | later, nan & ~later
+        lost = empty.all(-1, keepdim=True) & nan.any(-1, keepdim=True)
     return lost if bool(lost.any()) else None
 
 
