@@ -386,6 +386,8 @@ static void zero_grads(const job_t *J, int64_t it, size_t elem) {
     }
 }
 
+#define WIDEN_MAX_KEYS 256 /* the most keys a row-form item widens (in a call of 4 queries or more: under 32 a segment) */
+
 /* *buf holding at least `bytes` (kept between items; NULL when the allocation fails, the old buffer then freed). */
 static void *grow(void **buf, size_t *size, size_t bytes) {
     if (bytes <= *size && *buf) return *buf;
@@ -772,12 +774,14 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         if (kl < J->block_keys) { /* the row form */                                                                   \
             T *tmp = ob ? (T *)grow(&X->p4, &X->p4_size, sizeof(T) * (J->Dv + 1)) : NULL;                              \
             if (ob && !tmp) return 1;                                                                                  \
-            if (sizeof(KV) == sizeof(T) || ql < 2) {                                                                   \
+            if (sizeof(KV) == sizeof(T) || ql < 2 || kl > WIDEN_MAX_KEYS) {                                            \
                 rows_##SUF(J, q, st[2], k, st[5], v, st[8], 0, o, ob, lse, ql, kl, off, mod, s, acc, qrow, tmp);       \
                 return 0;                                                                                              \
             }                                                                                                          \
             /* bfloat16 read as stored: the item's q, k and v widened to T once, each key then read by its rows in T   \
-               (widened as each pair loaded it, a key row was converted once for every row that sees it) */            \
+               (widened as each pair loaded it, a key row was converted once for every row that sees it); not a        \
+               decoding step's long cache (a row form of one to three queries against any number of keys), whose       \
+               float32 copy would leave the cache for fewer reads than it took to write */                             \
             int64_t klo, khi, lo, hi;                                                                                  \
             key_range(J, 0, off, kl, &klo, &hi);                                                                       \
             key_range(J, ql - 1, off, kl, &lo, &khi);                                                                  \
