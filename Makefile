@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test sanitize lint bench clean
+.PHONY: demo test sanitize deep lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ sanitize: $(STAMP)
 	ATTNMASK_CACHE_DIR="$$(mktemp -d)" LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" \
 	$(PY) -m pytest -q -p no:cacheprovider --capture=sys tests/test_native.py tests/test_conformance.py \
 		tests/test_small_rows.py tests/test_floors.py -k "native or allowed_fraction or packed_rows or padded_rows or in_c_as_numpy"
+
+# The property tests of attention (backends against the reference, non-finite inputs, the native kernel, masks) with
+# four times their examples from random seeds, on both cores: tens of minutes, not part of `make test`.
+deep: $(STAMP)
+	ATTNMASK_DEEP=4 ATTNMASK_STRICT_DEPS=1 $(PY) -m pytest -q -n 2 -p no:cacheprovider tests/test_conformance.py \
+		tests/test_native.py tests/test_attention.py tests/test_sparse.py tests/test_per_head.py tests/test_fuzz.py \
+		tests/test_masks.py tests/test_lowering.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
