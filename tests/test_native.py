@@ -1140,6 +1140,22 @@ def test_bfloat16_read_as_stored_is_written_in_bfloat16_where_no_gradient_needs_
     assert got[1].isnan().any() and not got[0].isnan().any()
 
 
+@pytest.mark.parametrize("base", [am.full(), am.causal()], ids=["full", "causal"])
+def test_bfloat16_rows_widened_by_chunks_equal_the_float32_path(monkeypatch, base):
+    """A row-form item of many query rows against few keys (300 queries and the first 20 of 300 keys: a padded
+    encoder's keys; under causal() query i sees keys 0 .. min(i, 19)) widens its q rows 64 at a time (``WIDEN_ROWS``):
+    the output, read as stored with no gradient, is the float32 path's rounded to bfloat16, bit for bit. One thread:
+    the items are whole segments, not blocks of rows."""
+    monkeypatch.setattr(N, "_kernel_threads", lambda *a, **kw: 1)
+    spec = base & am.key_padding(torch.arange(300) < 20)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 300, 64, generator=gen).bfloat16() for _ in range(3))
+    got = am.attention(q, k, v, spec, backend="native")
+    want = am.attention(q.float(), k.float(), v.float(), spec, backend="native").bfloat16()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @needs_tiles
 def test_the_tiles_agree_with_the_float32_path_and_are_off_where_they_would_not_pay(monkeypatch):
     """The tiles' output equals the float32 path's (the same bfloat16 values computed in float32) to bfloat16's

@@ -386,7 +386,8 @@ static void zero_grads(const job_t *J, int64_t it, size_t elem) {
     }
 }
 
-#define WIDEN_MAX_KEYS 256 /* the most keys a row-form item widens (in a call of 4 queries or more: under 32 a segment) */
+#define WIDEN_MAX_KEYS 256 /* the most keys a row-form item widens (a call of 4 queries or more: segments under 32) */
+#define WIDEN_ROWS 64       /* the query rows it widens at a time */
 
 /* *buf holding at least `bytes` (kept between items; NULL when the allocation fails, the old buffer then freed). */
 static void *grow(void **buf, size_t *size, size_t bytes) {
@@ -786,16 +787,20 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             key_range(J, 0, off, kl, &klo, &hi);                                                                       \
             key_range(J, ql - 1, off, kl, &lo, &khi);                                                                  \
             const int64_t n = khi > klo ? khi - klo : 0, Dv = J->Dv;                                                   \
-            T *qw = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * ql * D);                                                \
+            T *qw = (T *)grow(&X->q4, &X->q4_size, sizeof(T) * (ql < WIDEN_ROWS ? ql : WIDEN_ROWS) * D);               \
             T *kw = (T *)grow(&X->kt, &X->kt_size, sizeof(T) * (n * D + 1));                                           \
             T *vw = (T *)grow(&X->vt, &X->vt_size, sizeof(T) * (n * Dv + 1));                                          \
             if (!qw || !kw || !vw) return 1;                                                                           \
-            for (int64_t i = 0; i < ql; i++) row_##SUF(q + i * st[2], qw + i * D, D);                                  \
             for (int64_t j = 0; j < n; j++) {                                                                          \
                 row_##SUF(k + (klo + j) * st[5], kw + j * D, D);                                                       \
                 row_##SUF(v + (klo + j) * st[8], vw + j * Dv, Dv);                                                     \
             }                                                                                                          \
-            rows_##WIDE(J, qw, D, kw, D, vw, Dv, klo, o, ob, lse, ql, kl, off, mod, s, acc, qrow, tmp);                \
+            for (int64_t c0 = 0; c0 < ql; c0 += WIDEN_ROWS) { /* q by chunks of rows: each row is read once */         \
+                const int64_t c = ql - c0 < WIDEN_ROWS ? ql - c0 : WIDEN_ROWS, at = c0 * st[11];                       \
+                for (int64_t i = 0; i < c; i++) row_##SUF(q + (c0 + i) * st[2], qw + i * D, D);                        \
+                rows_##WIDE(J, qw, D, kw, D, vw, Dv, klo, o ? o + at : NULL, ob ? ob + at : NULL, lse + c0, c, kl,     \
+                            off + c0, mod, s, acc, qrow, tmp);                                                         \
+            }                                                                                                          \
             return 0;                                                                                                  \
         }                                                                                                              \
         /* the blocked form: panels of PANEL_ROWS query rows; each four rows of a panel walk the keys they see in      \
