@@ -494,36 +494,47 @@ def _prepared(segs: torch.Tensor, B: int, Q: int, causal: bool, window: int | No
     )
 
 
+def _forward(q, k, v, segs, causal, window, scale, softcap, sinks, slopes, prepared, grad: bool):
+    """The kernel's forward of a call: its output in ``q``'s dtype, and what a backward needs (``grad``: a gradient
+    follows; else the output may be written in bfloat16 by the kernel, ``_out_dtype``): the tensors it saves and
+    ``ctx.meta``."""
+    work = _work_dtype(q.dtype)
+    mods = (softcap or 0.0, _modifier(sinks, work), _modifier(slopes, work))
+    tiles = _on_tiles(q.dtype, q.shape[2], (q.shape[3], v.shape[3]), segs, (causal, window), mods)
+    stored = _reads_as_stored(q.dtype, k.numel() + v.numel(), segs, (causal, window), grad, q.shape[2])
+    stored = q.dtype if tiles or stored else work
+    qw, kw, vw = (_rows(t, stored) for t in (q, k, v))
+    B, H, Q, _ = q.shape
+    shape = (B, H, Q, v.shape[3])
+    # huge pages when opted in (ATTNMASK_HUGE_PAGES=1): far fewer page faults
+    res = empty_buffer(shape, _out_dtype(stored, work, grad))
+    lse = torch.empty((B, H, Q), dtype=work)
+    rule = (causal, window, scale)
+    # the rows in no segment are items too: the kernel writes them 0 and lse -inf (read by the sinks' gradient)
+    prepared = _prepared(segs, B, Q, causal, window) if prepared is None else prepared
+    threads = _kernel_threads(segs, H, qw.shape[3] + vw.shape[3], rule, pairs=prepared.pairs)
+    items = prepared.whole
+    if threads >= 2:  # forward_items for threads_available(), cached with the plan by run
+        items = prepared.cut
+        if items is None:
+            items = forward_items(segs, H, threads)
+            items = torch.cat((items, prepared.gaps)) if len(prepared.gaps) else items
+    _call(False, qw, kw, vw, res, None, lse, None, items, rule, mods, tiles, threads)
+    meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype, tiles, prepared)
+    return res.to(q.dtype), (qw, kw, vw, res, lse, segs), meta
+
+
+_forward_on_free_cores = on_free_cores(_forward)
+
+
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     @on_free_cores
     def forward(ctx, q, k, v, segs, causal, window, scale, softcap=None, sinks=None, slopes=None, prepared=None):
-        work = _work_dtype(q.dtype)
-        mods = (softcap or 0.0, _modifier(sinks, work), _modifier(slopes, work))
-        tiles = _on_tiles(q.dtype, q.shape[2], (q.shape[3], v.shape[3]), segs, (causal, window), mods)
-        grad = any(ctx.needs_input_grad)
-        stored = _reads_as_stored(q.dtype, k.numel() + v.numel(), segs, (causal, window), grad, q.shape[2])
-        stored = q.dtype if tiles or stored else work
-        qw, kw, vw = (_rows(t, stored) for t in (q, k, v))
-        B, H, Q, _ = q.shape
-        shape = (B, H, Q, v.shape[3])
-        # huge pages when opted in (ATTNMASK_HUGE_PAGES=1): far fewer page faults
-        res = empty_buffer(shape, _out_dtype(stored, work, grad))
-        lse = torch.empty((B, H, Q), dtype=work)
-        rule = (causal, window, scale)
-        # the rows in no segment are items too: the kernel writes them 0 and lse -inf (read by the sinks' gradient)
-        prepared = _prepared(segs, B, Q, causal, window) if prepared is None else prepared
-        threads = _kernel_threads(segs, H, qw.shape[3] + vw.shape[3], rule, pairs=prepared.pairs)
-        items = prepared.whole
-        if threads >= 2:  # forward_items for threads_available(), cached with the plan by run
-            items = prepared.cut
-            if items is None:
-                items = forward_items(segs, H, threads)
-                items = torch.cat((items, prepared.gaps)) if len(prepared.gaps) else items
-        _call(False, qw, kw, vw, res, None, lse, None, items, rule, mods, tiles, threads)
-        ctx.save_for_backward(qw, kw, vw, res, lse, segs)
-        ctx.meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype, tiles, prepared)
-        return res.to(q.dtype)
+        args = (q, k, v, segs, causal, window, scale, softcap, sinks, slopes, prepared)
+        out, saved, ctx.meta = _forward(*args, any(ctx.needs_input_grad))
+        ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -1162,9 +1173,11 @@ def run(call) -> torch.Tensor:
         f"native_run_{threads}",
         lambda c: _prepared(segs, c.batch, c.q_len, *rule[:2], cut=_forward_blocks(c, segs)),
     )
-    return _SegmentAttention.apply(
-        call.q, call.k, call.v, segs, *rule, call.softcap, call.sinks, call.alibi_slopes, prepared
-    )
+    args = (call.q, call.k, call.v, segs, *rule, call.softcap, call.sinks, call.alibi_slopes, prepared)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (call.q, call.k, call.v, call.sinks)):
+        return _SegmentAttention.apply(*args)
+    # no gradient recorded: the forward alone, without autograd.Function's dispatch (~10 us of a repeated call)
+    return _forward_on_free_cores(*args, False)[0]
 
 
 BACKEND = Backend(
