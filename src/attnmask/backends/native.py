@@ -91,7 +91,8 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _rows(t: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     """``t`` in ``work`` dtype with a contiguous last dimension (strided otherwise: no copy when it already is)."""
-    t = t.to(work)
+    if t.dtype != work:
+        t = t.to(work)
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
@@ -521,7 +522,7 @@ def _forward(q, k, v, segs, causal, window, scale, softcap, sinks, slopes, prepa
             items = torch.cat((items, prepared.gaps)) if len(prepared.gaps) else items
     _call(False, qw, kw, vw, res, None, lse, None, items, rule, mods, tiles, threads)
     meta = (rule, mods, q.dtype, None if sinks is None else sinks.dtype, tiles, prepared)
-    return res.to(q.dtype), (qw, kw, vw, res, lse, segs), meta
+    return (res if res.dtype == q.dtype else res.to(q.dtype)), (qw, kw, vw, res, lse, segs), meta
 
 
 _forward_on_free_cores = on_free_cores(_forward)
