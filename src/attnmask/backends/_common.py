@@ -75,9 +75,9 @@ __all__ = [
     "diagonal_pairs_seeing_themselves",
     "padded_tile_pairs",
     "native_plan",
+    "unit_stride",
     "varlen_plan",
     "whole_row_rule",
-    "unit_stride",
 ]
 
 # SDPA's backward: its work per key, whatever the number of queries (the key and value gradients it zeroes,
@@ -387,8 +387,8 @@ def off_cpu(call) -> bool:
 # vector's tail (fewer than 16 at float32, bfloat16 and float16 under AVX-512, 8 at float64), reads a row whose every
 # score is NaN (a NaN in its query, or in each key it may see), or NaN and ``-inf`` (a NaN key beside keys with an
 # infinite element), as a row with no key: output 0 and log-sum-exp 0, where the reference, and the same kernel on 16
-# keys or more, give NaN (torch 2.13). Calls on fewer keys than this are
-# checked after the run (``all_nan_rows``); the margin covers vectors twice as wide.
+# keys or more, give NaN (torch 2.13). Calls on fewer keys than this are checked after the run (``all_nan_rows``);
+# the margin covers vectors twice as wide.
 FUSED_NAN_KEYS = 32
 
 
