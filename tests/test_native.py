@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import attnmask as am
 from attnmask.attention import choose_backend
+from attnmask.backends import _clib
 from attnmask.backends import native as N
 from attnmask.backends._common import native_plan, pair_width, varlen_plan
 from attnmask.backends.varlen import segments_from_varlen, varlen_attention
@@ -879,18 +880,22 @@ def test_bfloat16_is_read_as_stored_where_few_queries_read_each_key(monkeypatch,
 def test_large_bfloat16_caches_are_read_as_stored_up_to_more_queries(monkeypatch):
     """Where the float32 copies of k and v would take ``_FRESH_COPY_BYTES`` or more (fresh pages on every call), keys
     read by up to ``_AS_STORED_MAX_READS_FRESH`` queries are read as stored; below that size, up to
-    ``_AS_STORED_MAX_READS``; with no backward to follow, a call the row form takes whole (3 decoding queries: no
-    blocked form) whatever its reads."""
+    ``_AS_STORED_MAX_READS``; with no backward to follow, a call the row form takes whole and widens (3 decoding
+    queries: no blocked form; at most ``_WIDEN_MAX_KEYS`` keys) whatever its reads, and a longer cache by its reads."""
     segs = torch.tensor([[0, 0, 8, 0, 1000, 992]])  # 8 decoding queries at the end of 1,000 keys: ~8 reads a key
     q, small = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 1000, 16, dtype=torch.bfloat16)
     kv, blocked = 2 * small.numel(), N.BLOCK_MIN_QUERIES  # a call of as many queries may take the blocked form
     monkeypatch.setattr(N, "_AS_STORED_MAX_READS_NO_GRAD", 2.0)  # the rule without a backward: the test below
     for grad in (True, False):
         assert not N._reads_as_stored(q.dtype, kv, segs, (True, None), grad, blocked)
-    three = torch.tensor([[0, 0, 3, 0, 1000, 997]])  # 3 reads a key, over _AS_STORED_MAX_READS
-    assert N.BLOCK_MIN_QUERIES > 3
+    three = torch.tensor([[0, 0, 3, 0, 200, 197]])  # 3 reads a key, over _AS_STORED_MAX_READS
+    assert N.BLOCK_MIN_QUERIES > 3 and N._WIDEN_MAX_KEYS >= 200
     assert N._reads_as_stored(q.dtype, kv, three, (True, None), False, 3)
     assert not N._reads_as_stored(q.dtype, kv, three, (True, None), True, 3)
+    long_cache = torch.tensor([[0, 0, 3, 0, 1000, 997]])  # converted as loaded in the kernel: the rule by reads
+    assert not N._reads_as_stored(q.dtype, kv, long_cache, (True, None), False, 3)
+    source = _clib._SOURCE.read_text()  # the kernel's bound, which the rule mirrors
+    assert f"#define WIDEN_MAX_KEYS {N._WIDEN_MAX_KEYS} " in source
     monkeypatch.setattr(N, "_FRESH_COPY_BYTES", small.numel() * 8)
     for grad in (True, False):
         assert N._reads_as_stored(q.dtype, kv, segs, (True, None), grad, blocked)
@@ -1118,12 +1123,17 @@ def test_the_tiles_weigh_values_wider_than_their_tiles_in_groups_of_steps(monkey
         (am.causal(), 1),  # a decoding step: one query row an item
     ],
 )
-def test_bfloat16_read_as_stored_is_written_in_bfloat16_where_no_gradient_needs_float32(monkeypatch, spec, q_len):
-    """With no gradient to keep the float32 output for, a forward reading bfloat16 as stored (on the tiles or not;
-    every such forward here) writes its output in bfloat16 itself (``_out_dtype``), rounded as torch rounds the
-    float32 output: the same bits as with a gradient (float32 out, converted by torch), a value that is not finite
-    included."""
+@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "no_tiles"])
+def test_bfloat16_read_as_stored_is_written_in_bfloat16_where_no_gradient_needs_float32(
+    monkeypatch, spec, q_len, tiles
+):
+    """With no gradient to keep the float32 output for, a forward reading bfloat16 as stored (on the tiles where the
+    CPU has them, or with them off: the blocked form and the row form; every such forward here) writes its output in
+    bfloat16 itself (``_out_dtype``), rounded as torch rounds the float32 output: the same bits as with a gradient
+    (float32 out, converted by torch), a value that is not finite included."""
     monkeypatch.setattr(N, "_AS_STORED_MAX_READS_NO_GRAD", float("inf"))
+    if not tiles:
+        monkeypatch.setattr(N, "amx_ready", lambda: False)
     buffers = []
     call = N._call
     monkeypatch.setattr(N, "_call", lambda *a, **kw: (None if a[0] else buffers.append(a[4].dtype)) or call(*a, **kw))

@@ -306,11 +306,14 @@ _FRESH_COPY_BYTES = 32 << 20
 # after the first"). Longer segments (32 keys or more, 16.5 reads and up) take the tiles, which read as stored anyway.
 # Elsewhere the AMD EPYC's copies' rule above. Since 2026-12-07 the row form widens an item's q, k and v to float32
 # once (in cache, no more conversions than the copies make) and a forward with no backward writes bfloat16 itself, so a
-# call whose every segment runs in the row form reads as stored whatever its reads, on every CPU: documents of 8-32,
-# 16 and 24 tokens on rows of 8,192 (D = 64 and 48), one and two threads, as stored over copies 0.60-0.77x (RESULTS.md,
-# issue 15, "bfloat16 rows widened once and written as bfloat16").
+# call whose every segment runs in the row form and is widened there reads as stored whatever its reads, on every CPU:
+# documents of 8-32, 16 and 24 tokens on rows of 8,192 (D = 64 and 48), one and two threads, as stored over copies
+# 0.60-0.77x (RESULTS.md, issue 15, "bfloat16 rows widened once and written as bfloat16"). The kernel widens segments
+# of at most _WIDEN_MAX_KEYS keys (segattn.c's WIDEN_MAX_KEYS); a decoding step's longer cache converts as it loads,
+# and keeps the rule by reads.
 _AS_STORED_MAX_READS_NO_GRADS = (16.0, 2.0)
 _AS_STORED_MAX_READS_NO_GRAD = per_cpu_kind(_AS_STORED_MAX_READS_NO_GRADS)
+_WIDEN_MAX_KEYS = 256
 
 
 def _reads_as_stored(
@@ -318,14 +321,14 @@ def _reads_as_stored(
 ) -> bool:
     """Whether the forward of ``q_len`` queries reads bfloat16 ``q``, ``k``, ``v`` as stored (no float32 copies):
     with no backward to follow (``grad`` false) where every segment runs in the kernel's row form (under
-    ``_block_keys``), which widens each item once; else where the segments' keys are each read by at most
-    ``_AS_STORED_MAX_READS`` queries on average (``_AS_STORED_MAX_READS_NO_GRAD`` without ``grad``; at least
-    ``_AS_STORED_MAX_READS_FRESH`` when the copies of k and v, ``kv_elements`` in all, would take ``_FRESH_COPY_BYTES``
-    or more). Other dtypes: no (float16 is always copied). Read from shapes and the plan only: the estimate asks it
-    too."""
+    ``_block_keys``) and is widened there once (at most ``_WIDEN_MAX_KEYS`` keys); else where the segments' keys are
+    each read by at most ``_AS_STORED_MAX_READS`` queries on average (``_AS_STORED_MAX_READS_NO_GRAD`` without
+    ``grad``; at least ``_AS_STORED_MAX_READS_FRESH`` when the copies of k and v, ``kv_elements`` in all, would take
+    ``_FRESH_COPY_BYTES`` or more). Other dtypes: no (float16 is always copied). Read from shapes and the plan only:
+    the estimate asks it too."""
     if dtype != torch.bfloat16 or not len(segs):
         return False
-    if not grad and int(segs[:, 4].max()) < _block_keys(q_len):
+    if not grad and int(segs[:, 4].max()) < min(_block_keys(q_len), _WIDEN_MAX_KEYS + 1):
         return True
     keys = float(segs[:, 4].sum())
     reads = allowed_pairs(segs, *rule) / keys if keys else 0.0
