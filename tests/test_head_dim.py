@@ -84,13 +84,16 @@ def test_estimates_at_the_calibrated_width_do_not_depend_on_the_extra_widths(mon
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_small_heads_charge_a_pair_more_than_its_width(monkeypatch, grad):
+def test_small_heads_charge_a_pair_more_than_its_width(grad):
+    """The Xeon's estimates (its kind's constants, ``bench_limit.on_cpu_kind``), whatever CPU runs the test: the
+    figures below are its tables'."""
     problem = packed_rows(4, 512, DOCS, 16, grad)
-    fitted = costs(*problem, grad)
-    for module, name in EXTRAS:
-        assert getattr(module, name) > 0
-        monkeypatch.setattr(module, name, 0.0)
-    linear = costs(*problem, grad)
+    with bench_limit().on_cpu_kind(True, True), pytest.MonkeyPatch.context() as inside:
+        fitted = costs(*problem, grad)
+        for module, name in EXTRAS:
+            assert getattr(module, name) > 0
+            inside.setattr(module, name, 0.0)
+        linear = costs(*problem, grad)
     assert all(fitted[name] > linear[name] for name in fitted)
     # since the native kernel's tiles its time falls with D as SDPA's and varlen's do (0.43-0.44x from D = 64 to 16
     # against their 0.42-0.46x, the Xeon's head-size tables head_dim/s34_t1, s34_t2; before the tiles it fell least,
