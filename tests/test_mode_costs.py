@@ -143,7 +143,9 @@ def test_native_charges_its_bfloat16_copies_on_a_cpu_with_amx_tiles(monkeypatch,
     (copies, zeroed gradients, their conversions); on other CPUs nothing (there bfloat16 is priced as float32 or by
     its own factors). Where the forward runs on AMX tiles (``native._on_tiles``) it reads bfloat16 as stored too, and
     only the backward's passes are charged: ``_TILES_BACKWARD_PASSES`` where the backward runs on the tiles too (most
-    pairs in segments of ``_TILES_BACKWARD_MIN_KEYS`` keys or more), else ``_BF16_BACKWARD_PASSES``."""
+    pairs in segments of ``_TILES_BACKWARD_MIN_KEYS`` keys or more), else ``_BF16_BACKWARD_PASSES``. Where the
+    backward reads bfloat16 as stored (``native._backward_reads_as_stored``: segments that share no key, of at most
+    ``_WIDEN_MAX_KEYS`` keys), so does the forward before it, and nothing is charged."""
     monkeypatch.setattr(W, "threads_available", lambda: 2)
     monkeypatch.setattr(N, "amx_ready", lambda: False)  # the float32 arithmetic's copies first
     gain = 1.0 + N._THREAD_EFFICIENCY
@@ -157,9 +159,13 @@ def test_native_charges_its_bfloat16_copies_on_a_cpu_with_amx_tiles(monkeypatch,
     with bench_limit().on_cpu_kind(True, True):
         assert N._BF16_COPY_COST == C.COPY_COST
         c = call(torch.bfloat16, grad, 64)
-        charged, without = both(c)
         elements = 1 * (4 * 256 + 4 * 256) * 128
         factor = N.MODES.of(torch.bfloat16, "cpu", grad)
+        charged, without = both(c)  # documents of 60-100 keys: with a gradient, read as stored forward and backward
+        assert charged - without == pytest.approx(0.0 if grad else elements * C.COPY_COST / gain * factor, rel=1e-9)
+        with pytest.MonkeyPatch.context() as inside:  # a backward on float32 copies: the forward's copies too
+            inside.setattr(N, "_backward_reads_as_stored", lambda segs: False)
+            charged, without = both(c)
         assert charged - without == pytest.approx(elements * C.COPY_COST / gain * factor, rel=1e-9)
         q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16).requires_grad_(grad)  # one query: read as stored
         k = torch.zeros(1, 4, 4096, 64, dtype=torch.bfloat16).requires_grad_(grad)
@@ -171,7 +177,11 @@ def test_native_charges_its_bfloat16_copies_on_a_cpu_with_amx_tiles(monkeypatch,
         monkeypatch.setattr(N, "amx_ready", lambda: True)
         c = call(torch.bfloat16, grad, 64)
         assert N._on_tiles(torch.bfloat16, 256, (64, 64), N.native_plan(c).segments, (True, None), (0.0, None, None))
-        charged, without = both(c)  # documents of 60-100 keys: the backward on the float32 copies
+        charged, without = both(c)  # documents of 60-100 keys: the backward reads them as stored
+        assert charged - without == 0.0
+        with pytest.MonkeyPatch.context() as inside:  # ... or on float32 copies
+            inside.setattr(N, "_backward_reads_as_stored", lambda segs: False)
+            charged, without = both(c)
         copies = elements * C.COPY_COST / gain * N._BF16_BACKWARD_PASSES
         assert charged - without == pytest.approx(copies if grad else 0.0, rel=1e-9)
         q = torch.zeros(1, 4, 256, 64, dtype=torch.bfloat16).requires_grad_(grad)

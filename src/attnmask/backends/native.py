@@ -310,10 +310,25 @@ _FRESH_COPY_BYTES = 32 << 20
 # documents of 8-32, 16 and 24 tokens on rows of 8,192 (D = 64 and 48), one and two threads, as stored over copies
 # 0.60-0.77x (RESULTS.md, issue 15, "bfloat16 rows widened once and written as bfloat16"). The kernel widens segments
 # of at most _WIDEN_MAX_KEYS keys (segattn.c's WIDEN_MAX_KEYS); a decoding step's longer cache converts as it loads,
-# and keeps the rule by reads.
-_AS_STORED_MAX_READS_NO_GRADS = (16.0, 2.0)
+# and keeps the rule by reads. On the AMD EPYC (AVX512-BF16, no tiles) a forward with no backward reads as stored
+# whatever its reads: one process per run, runs alternating, rows of 8,192, H = 4, D = 64, one and two threads, as
+# stored over copies 0.70-0.83x on documents of 8-32 tokens (a 32-token one takes the blocked form, so the row-form
+# rule above left the call on copies), 0.29-0.88x on documents of 32-512 (the copies' fresh buffers faulted in on most
+# calls), 0.67-0.91x on documents of 512-3,000 and 0.84-0.99x on a causal row of 8,192 (RESULTS.md, issue 15,
+# "bfloat16 as stored on the AMD EPYC"); before, 2.0.
+_AS_STORED_MAX_READS_NO_GRADS = (16.0, float("inf"))
 _AS_STORED_MAX_READS_NO_GRAD = per_cpu_kind(_AS_STORED_MAX_READS_NO_GRADS)
 _WIDEN_MAX_KEYS = 256
+
+
+def _backward_reads_as_stored(segs: torch.Tensor) -> bool:
+    """Whether the kernel's backward takes bfloat16 ``q``, ``k``, ``v`` and ``dout`` as stored and writes bfloat16
+    gradients (segattn.c's ``backward_item_bf16``, dtype_bits 16): no two segments share a key and each has at most
+    ``_WIDEN_MAX_KEYS`` keys, which each item widens once. Where it does, the forward with a gradient to follow reads
+    them as stored too (its float32 copies would serve no backward): documents of 8-256 tokens in bfloat16, forward
+    and backward, in 0.74-0.95x the time on the AMD EPYC, tiny ones 0.74-0.80x (RESULTS.md, issue 15, "bfloat16
+    training read as stored")."""
+    return bool(len(segs)) and int(segs[:, 4].max()) <= _WIDEN_MAX_KEYS and _keys_disjoint(segs)
 
 
 def _reads_as_stored(
@@ -321,7 +336,8 @@ def _reads_as_stored(
 ) -> bool:
     """Whether the forward of ``q_len`` queries reads bfloat16 ``q``, ``k``, ``v`` as stored (no float32 copies):
     with no backward to follow (``grad`` false) where every segment runs in the kernel's row form (under
-    ``_block_keys``) and is widened there once (at most ``_WIDEN_MAX_KEYS`` keys); else where the segments' keys are
+    ``_block_keys``) and is widened there once (at most ``_WIDEN_MAX_KEYS`` keys); with one, where the backward
+    reads them as stored too (``_backward_reads_as_stored``); else where the segments' keys are
     each read by at most ``_AS_STORED_MAX_READS`` queries on average (``_AS_STORED_MAX_READS_NO_GRAD`` without
     ``grad``; at least ``_AS_STORED_MAX_READS_FRESH`` when the copies of k and v, ``kv_elements`` in all, would take
     ``_FRESH_COPY_BYTES`` or more). Other dtypes: no (float16 is always copied). Read from shapes and the plan only:
@@ -329,6 +345,8 @@ def _reads_as_stored(
     if dtype != torch.bfloat16 or not len(segs):
         return False
     if not grad and int(segs[:, 4].max()) < min(_block_keys(q_len), _WIDEN_MAX_KEYS + 1):
+        return True
+    if grad and _backward_reads_as_stored(segs):
         return True
     keys = float(segs[:, 4].sum())
     reads = allowed_pairs(segs, *rule) / keys if keys else 0.0
@@ -547,21 +565,24 @@ class _SegmentAttention(torch.autograd.Function):
         qw, kw, vw, res, lse, segs = ctx.saved_tensors
         rule, mods, dtype, sinks_dtype, tiles, prepared = ctx.meta
         tiles = tiles and _tiles_backward(segs, rule[:2], (qw.shape[3], vw.shape[3])) and _finite(qw, kw, grad)
-        if not tiles:  # bfloat16 inputs: float32 copies for the backward
+        # bfloat16 inputs: read as stored, the gradients written in bfloat16; else float32 copies for the backward
+        stored = not tiles and qw.dtype == torch.bfloat16 and _backward_reads_as_stored(segs)
+        if not tiles and not stored:
             qw, kw, vw = (_rows(t, res.dtype) for t in (qw, kw, vw))
         dout = _rows(grad, qw.dtype)
+        written = qw.dtype if stored else res.dtype  # the gradients' dtype
         threads, disjoint = 1, _keys_disjoint(segs)
         if disjoint:  # else two items could add into one dk / dv row
             width = qw.shape[3] + vw.shape[3]
             threads = _kernel_threads(segs, qw.shape[1], width, rule, passes=3, pairs=prepared.pairs)
         if threads > 1:  # items are (segment, key/value head), segment-major: the heaviest segments first
             segs = segs[_heaviest_first(segs, rule)]
-        zeroed = disjoint and _item_rows_bytes(segs, qw, vw, res.dtype) <= _ZERO_IN_KERNEL_BYTES
+        zeroed = disjoint and _item_rows_bytes(segs, qw, vw, written) <= _ZERO_IN_KERNEL_BYTES
         if zeroed:  # each item zeroes the gradient rows it owns (the rows in no segment: items of their own)
-            grads = tuple(torch.empty(t.shape, dtype=res.dtype) for t in (qw, kw, vw))
+            grads = tuple(torch.empty(t.shape, dtype=written) for t in (qw, kw, vw))
             segs = torch.cat((segs, _gradient_gaps(segs, prepared.gaps, qw.shape[0], kw.shape[2])))
         else:
-            grads = tuple(torch.zeros(t.shape, dtype=res.dtype) for t in (qw, kw, vw))
+            grads = tuple(torch.zeros(t.shape, dtype=written) for t in (qw, kw, vw))
         _call(True, qw, kw, vw, res, dout, lse, grads, segs, rule, mods, tiles, threads, zero_grads=zeroed)
         dsinks = None
         if ctx.needs_input_grad[8]:
@@ -945,7 +966,7 @@ def cost(call) -> float:
         )
         if not stored:
             serial += copies
-        elif call.needs_grad:
+        elif call.needs_grad and (tiles_back or not _backward_reads_as_stored(segs)):
             stored_copies = copies * (_TILES_BACKWARD_PASSES if tiles_back else _BF16_BACKWARD_PASSES)
     if tiles_back:
         stored_copies += _tiles_spill(segs, call) / (1.0 + (threads - 1) * _THREAD_EFFICIENCY)

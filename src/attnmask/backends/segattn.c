@@ -11,8 +11,10 @@
  * dimension must be contiguous. lse is (B, H, Q) contiguous float32 / float64. A forward may take q, k, v in bfloat16
  * (dtype_bits 16; a row form's item widened to float32 once, else each element as it is loaded) with out and lse in
  * float32, or out in bfloat16 (dtype_bits 19, rounded to nearest even); on AMX tiles (dtype_bits 17, at the end)
- * forward and backward take them so, the backward with dout in bfloat16 and float32 gradients. The gradients dq, dk,
- * dv are contiguous (B, H, L, D) and zero on entry, or zeroed by the items that own them (dims[5]: zero_grads).
+ * forward and backward take them so, the backward with dout in bfloat16 and float32 gradients. The backward of
+ * dtype_bits 16 takes q, k, v and dout in bfloat16 and out in float32 and writes bfloat16 gradients, each item's
+ * rows whole (backward_item_bf16). The gradients dq, dk, dv are contiguous (B, H, L, D) and zero on entry, or zeroed
+ * by the items that own them (dims[5]: zero_grads).
  * Grouped-query attention: query head h reads key/value head h / (H / Hkv).
  *
  * Work is split into items (segment, head) in the forward and (segment, key/value head) in the backward, so that no
@@ -367,6 +369,8 @@ static inline void scores16_f64(const double *q, const double *k, int64_t ld, in
 typedef struct {
     void *kt, *vt, *s4, *p4, *q4, *rows;
     size_t kt_size, vt_size, s4_size, p4_size, q4_size, rows_size;
+    void *wk, *wq; /* a bfloat16 backward item's keys and query rows widened to float32 (backward_item_bf16) */
+    size_t wk_size, wq_size;
 } scratch_t;
 
 /* The gradient rows item `it` of the backward owns, zeroed before it adds into them (zero_grads; elements of `elem`
@@ -959,7 +963,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         return 0;                                                                                                      \
     }
 
-#define DEFINE_WORKER(T, SUF, BACKWARD)                                                                                \
+#define DEFINE_WORKER(T, SUF, BACKWARD, GRAD)                                                                          \
     static void *worker_##SUF(void *arg) {                                                                             \
         job_t *J = (job_t *)arg;                                                                                       \
         scratch_t X = {0};                                                                                             \
@@ -973,7 +977,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             for (int64_t it = first; it < last && !failed; it++) {                                                     \
                 if (J->backward) {                                                                                     \
                     const int64_t *g = J->segs + 6 * (it / J->Hkv);                                                    \
-                    if (J->zero_grads) zero_grads(J, it, sizeof(T));                                                   \
+                    if (J->zero_grads) zero_grads(J, it, sizeof(GRAD));                                                \
                     if (g[2] > 0 && g[4] > 0) /* an item of no query or no key adds nothing */                         \
                         failed = BACKWARD(J, it, s, s + J->kmax + 1, &X);                                              \
                 } else                                                                                                 \
@@ -982,7 +986,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         }                                                                                                              \
         free(s);                                                                                                       \
         free(acc);                                                                                                     \
-        free(X.kt), free(X.vt), free(X.s4), free(X.p4), free(X.q4), free(X.rows);                                      \
+        free(X.kt), free(X.vt), free(X.s4), free(X.p4), free(X.q4), free(X.rows), free(X.wk), free(X.wq);              \
         return failed ? (void *)1 : NULL;                                                                              \
     }
 
@@ -1279,17 +1283,69 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         }                                                                                                              \
         return 0;                                                                                                      \
     }                                                                                                                  \
-    DEFINE_WORKER(T, SUF, backward_item_##SUF)
+    DEFINE_WORKER(T, SUF, backward_item_##SUF, T)
 
 DEFINE_KERNELS(float, f32, exp_f32, logf, tanh_f32)
 DEFINE_KERNELS(double, f64, exp, log, tanh)
 DEFINE_FORWARD(float, bf16, uint16_t, bf16_f32, exp_f32, logf, tanh_f32, f32)
-/* bfloat16 has no backward here: the caller runs it on float32 copies (attnmask_segattn refuses backward = 1). */
-static int backward_item_none(const job_t *J, int64_t item, float *s, float *dp, scratch_t *X) {
-    (void)J, (void)item, (void)s, (void)dp, (void)X;
+/* The backward of bfloat16 inputs read as stored (dtype_bits 16, backward = 1: q, k, v and dout in bfloat16, out and
+ * lse in float32, dq, dk and dv written in bfloat16, rounded to nearest even as torch rounds them). An item's keys and
+ * values are widened to float32 in the thread's scratch once, and each of its query heads' q and dO rows WIDEN_ROWS
+ * at a time (the blocked form's panel); the float32 backward item (row form or blocked form) runs on them as a
+ * segment of its own, a head and a chunk of rows at a time; its gradients, summed in float32 scratch, are rounded
+ * once into the item's rows, which it owns: the caller passes segments that share no key, each of at most
+ * WIDEN_MAX_KEYS keys (attnmask_segattn checks both). The float32 copies' backward's arithmetic, bit for bit (each
+ * pair's products and each sum in the same order, grouped heads included), without the five conversions of the
+ * inputs and three of the gradients around it (RESULTS.md, issue 15, "bfloat16 training read as stored"). Scratch
+ * per thread: the item's keys x 2 (D + Dv) and WIDEN_ROWS x (2 D + Dv + 1) floats. */
+static int backward_item_bf16(const job_t *J, int64_t item, float *s, float *dp, scratch_t *X) {
+    const int64_t *st = J->st, *g = J->segs + 6 * (item / J->Hkv);
+    const int64_t kvh = item % J->Hkv, rep = J->H / J->Hkv, D = J->D, Dv = J->Dv, K = st[15];
+    const int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];
+    const int64_t rows = ql < WIDEN_ROWS ? ql : WIDEN_ROWS; /* the query rows in scratch */
+    float *kw = (float *)grow(&X->wk, &X->wk_size, sizeof(float) * (size_t)(kl * 2 * (D + Dv)));
+    float *qw = (float *)grow(&X->wq, &X->wq_size, sizeof(float) * (size_t)(rows * (2 * D + Dv + 1)));
+    if (!kw || !qw) return 1;
+    float *vw = kw + kl * D, *dkw = vw + kl * Dv, *dvw = dkw + kl * D; /* dk and dv together, zeroed at once */
+    float *dow = qw + rows * D, *dqw = dow + rows * Dv, *lw = dqw + rows * D;
+    const uint16_t *k = (const uint16_t *)J->k + b * st[3] + kvh * st[4] + ks * st[5];
+    const uint16_t *v = (const uint16_t *)J->v + b * st[6] + kvh * st[7] + ks * st[8];
+    for (int64_t j = 0; j < kl; j++) {
+        row_bf16(k + j * st[5], kw + j * D, D);
+        row_bf16(v + j * st[8], vw + j * Dv, Dv);
+    }
+    memset(dkw, 0, sizeof(float) * (size_t)(kl * (D + Dv)));
+    /* a head's chunk of rows as a job of its own: one segment (row 0, its queries and keys from 0) of one head; the
+       heads outermost and each head's rows in order, as the float32 item sums them into dk and dv */
+    const int64_t lst[16] = {0, 0, D, 0, 0, D, 0, 0, Dv, 0, 0, st[11], 0, 0, Dv, kl};
+    int64_t seg[6] = {0, 0, 0, 0, kl, 0};
+    job_t L = *J;
+    L.q = qw, L.k = kw, L.v = vw, L.dout = dow, L.lse = lw, L.dq = dqw, L.dk = dkw, L.dv = dvw;
+    L.st = lst, L.segs = seg, L.nseg = 1, L.H = 1, L.Hkv = 1, L.Q = rows, L.zero_grads = 0;
+    for (int64_t h = kvh * rep; h < (kvh + 1) * rep; h++) {
+        L.slopes = J->slopes ? (const float *)J->slopes + h : NULL;
+        for (int64_t c0 = 0; c0 < ql; c0 += WIDEN_ROWS) {
+            const int64_t c = ql - c0 < WIDEN_ROWS ? ql - c0 : WIDEN_ROWS, at = qs + c0;
+            const uint16_t *q = (const uint16_t *)J->q + b * st[0] + h * st[1] + at * st[2];
+            const uint16_t *dO = (const uint16_t *)J->dout + b * st[12] + h * st[13] + at * st[14];
+            const float *lse = (const float *)J->lse + (b * J->H + h) * J->Q + at;
+            for (int64_t i = 0; i < c; i++) {
+                row_bf16(q + i * st[2], qw + i * D, D);
+                row_bf16(dO + i * st[14], dow + i * Dv, Dv);
+                lw[i] = lse[i];
+            }
+            memset(dqw, 0, sizeof(float) * (size_t)(c * D));
+            L.res = (float *)J->res + b * st[9] + h * st[10] + at * st[11];
+            seg[2] = c, seg[5] = off + c0;
+            if (backward_item_f32(&L, 0, s, dp, X)) return 1;
+            put_bf16((uint16_t *)J->dq + ((b * J->H + h) * J->Q + at) * D, dqw, c * D);
+        }
+    }
+    put_bf16((uint16_t *)J->dk + ((b * J->Hkv + kvh) * K + ks) * D, dkw, kl * D);
+    put_bf16((uint16_t *)J->dv + ((b * J->Hkv + kvh) * K + ks) * Dv, dvw, kl * Dv);
     return 0;
 }
-DEFINE_WORKER(float, bf16, backward_item_none)
+DEFINE_WORKER(float, bf16, backward_item_bf16, uint16_t)
 
 /* The bfloat16 forward on AMX tiles (dtype_bits 17: CPUs with AMX-BF16, built with -march=native there; Linux, which
  * must grant the process the tiles' state first: attnmask_amx_ready). q, k and v are read as stored; out and lse are
@@ -1869,7 +1925,7 @@ static int backward_item_amx(const job_t *J, int64_t item, float *s, float *dp, 
     _tile_release();
     return 0;
 }
-DEFINE_WORKER(float, amx, backward_item_amx)
+DEFINE_WORKER(float, amx, backward_item_amx, float)
 #else
 #define AMX_BUILT 0
 #endif
@@ -1907,7 +1963,8 @@ static int run(job_t *J, int threads, void *(*worker)(void *)) {
  * are found here), window, causal, block_keys (see the blocked form above); strides: 16 int64, the
  * (b, h, l) element strides of q, k, v, out and dout, then K (the key length of the contiguous dk / dv); softcap (0:
  * none), sinks and slopes ((H,) or NULL): the score modifiers. Returns 0, or 1 when a thread's scratch allocation
- * failed, 2 for an unknown dtype. */
+ * failed, 2 for an unknown dtype or pass, or segments the bfloat16 backward does not take. */
+int attnmask_keys_disjoint(const int64_t *segs, int64_t n);
 int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k, const void *v, void *res,
                      const void *dout, void *lse, void *dq, void *dk, void *dv, const int64_t *strides,
                      const int64_t *dims, const int64_t *segs, int64_t nseg, double scale, double softcap,
@@ -1928,6 +1985,16 @@ int attnmask_segattn(int dtype_bits, int backward, const void *q, const void *k,
     if (dtype_bits == 32) return run(&J, threads, worker_f32);
     if (dtype_bits == 64) return run(&J, threads, worker_f64);
     if (dtype_bits == 16 && !backward) return run(&J, threads, worker_bf16); /* bfloat16 q, k, v; float32 out, lse */
+    if (dtype_bits == 16) { /* the backward reading them as stored: segments that share no key, each widened whole */
+        int64_t *walked = malloc(sizeof(int64_t) * 6 * (size_t)(nseg ? nseg : 1)), n = 0;
+        if (walked == NULL) return 1;
+        for (int64_t i = 0; i < nseg; i++) /* the items that add (the others only zero rows) */
+            if (segs[6 * i + 2] > 0 && segs[6 * i + 4] > 0) memcpy(walked + 6 * n++, segs + 6 * i, 6 * sizeof(int64_t));
+        int taken = attnmask_keys_disjoint(walked, n) == 1;
+        for (int64_t i = 0; i < n && taken; i++) taken = walked[6 * i + 4] <= WIDEN_MAX_KEYS;
+        free(walked);
+        return taken ? run(&J, threads, worker_bf16) : 2;
+    }
     if (dtype_bits == 19 && !backward) { /* the same forward writing out in bfloat16 */
         J.out_bf16 = 1;
         return run(&J, threads, worker_bf16);
