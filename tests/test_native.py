@@ -1522,8 +1522,9 @@ def test_the_bfloat16_backward_reads_its_inputs_as_stored_bit_for_bit(threads, m
     gradient to follow and its backward read q, k, v and dO as stored (the kernel's ``backward_item_bf16``: each item
     widened in scratch, the float32 backward item on it, the gradients rounded once) and write bfloat16 gradients:
     bit for bit the float32 copies' path rounded to bfloat16, on documents of 1-31 tokens (the row form) and 32-256
-    (the blocked form, chunks of rows within them), grouped key/value heads, rows in no document, score modifiers,
-    inputs stored (B, L, H, D), one and two threads; and within bfloat16's rounding of the float64 reference."""
+    (the blocked form, chunks of rows within them), grouped key/value heads, rows in no document, score modifiers
+    (the sinks' own gradient too), inputs stored (B, L, H, D), one and two threads; and within bfloat16's rounding of
+    the float64 reference."""
     monkeypatch.setattr(N, "amx_ready", lambda: False)  # the tiles' own backward elsewhere
     B, L, H, Hkv, D = 2, 420, 4, 2, 64
     ids = torch.full((B, L), -1)
@@ -1545,29 +1546,30 @@ def test_the_bfloat16_backward_reads_its_inputs_as_stored_bit_for_bit(threads, m
         "none": {},
         "softcap": {"softcap": 3.0},
         "alibi": {"alibi_slopes": torch.rand(H, generator=gen)},
-        "sinks": {"sinks": torch.randn(H, generator=gen)},
+        "sinks": {"sinks": torch.randn(H, generator=gen).requires_grad_()},
     }[mods]
+    wrt = inputs + ([kwargs["sinks"]] if mods == "sinks" else [])  # the sinks' gradient from dO and the output
     seen = []
     real_call = N._call
     monkeypatch.setattr(N, "_call", lambda b, q, *rest, **kw: seen.append((b, q.dtype)) or real_call(b, q, *rest, **kw))
     with kernel_settings(threads):
         got = am.attention(*inputs, spec, backend="native", **kwargs)
-        got_grads = torch.autograd.grad(got, inputs, dout)
+        got_grads = torch.autograd.grad(got, wrt, dout)
         assert seen == [(False, torch.bfloat16), (True, torch.bfloat16)]
         with pytest.MonkeyPatch.context() as inside:  # the float32 copies' path
             inside.setattr(N, "_backward_reads_as_stored", lambda segs: False)
             copies = am.attention(*inputs, spec, backend="native", **kwargs)
-            copies_grads = torch.autograd.grad(copies, inputs, dout)
+            copies_grads = torch.autograd.grad(copies, wrt, dout)
         assert seen[2:] == [(False, torch.float32), (True, torch.float32)]
-    assert all(g.dtype == torch.bfloat16 for g in got_grads)
+    assert all(g.dtype == torch.bfloat16 for g in got_grads[:3])
     assert torch.equal(got, copies)
     for got_g, copies_g in zip(got_grads, copies_grads, strict=True):
         assert torch.equal(got_g, copies_g)
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    ref_kwargs = {name: (t.double() if torch.is_tensor(t) else t) for name, t in kwargs.items()}
+    ref_kwargs = {name: (t.detach().double() if torch.is_tensor(t) else t) for name, t in kwargs.items()}
     want = am.attention(*ref_inputs, spec, backend="reference", **ref_kwargs)
     want_grads = torch.autograd.grad(want, ref_inputs, dout.double())
-    for got_g, want_g in zip(got_grads, want_grads, strict=True):
+    for got_g, want_g in zip(got_grads[:3], want_grads, strict=True):
         assert (got_g.double() - want_g).abs().max() < 5e-2 * max(1.0, want_g.abs().max().item())
 
 
