@@ -530,9 +530,10 @@ def test_fit_modes_recovers_the_factors_the_tables_were_made_with(tmp_path, caps
 
 def test_fit_grid_counts_the_picks_at_every_combination(tmp_path, capsys, monkeypatch):
     """``--fit ... --grid``: a table of a CPU without AMX tiles whose columns are every CPU backend's estimate with a
-    per-tile charge of 7e6 (no call charge), at 1 ps per unit: at those values each pick is the fastest, so every row
-    counts; at 1e9 blocksparse is never picked, so the rows it was fastest on do not. One line per combination,
-    counted under the table's kind; a constant no backend holds is refused."""
+    per-tile charge of 7e6 (no call charge) and native's blocked long share at 0.6 (that kind's before 2026-12-07,
+    where blocksparse is the cheapest on some rows), at 1 ps per unit: at those values each pick is the fastest, so
+    every row counts; at 1e9 blocksparse is never picked, so the rows it was fastest on do not. One line per
+    combination, counted under the table's kind; a constant no backend holds is refused."""
     bench = bench_limit()
     args = argparse.Namespace(heads=4, dim=64, length=1024, decode_keys=4096)
     columns = ("sdpa", "varlen", "blocksparse", "banded", "native")
@@ -540,7 +541,8 @@ def test_fit_grid_counts_the_picks_at_every_combination(tmp_path, capsys, monkey
     for case in bench.cases(1024, 4096)[:10]:
         qkv = tuple(torch.zeros(shape) for shape in bench._shapes(case, args))
         with bench.at_threads(1), bench.on_cpu_kind(False, False):  # the kind the table's header names
-            BS._GROUP_COST, BS._CALL_COST = 7e6, 0.0  # on top of that kind's constants (both its own: put back)
+            BS._GROUP_COST, BS._CALL_COST = 7e6, 0.0  # on top of that kind's constants (all its own: put back)
+            N._BLOCKED_LONG_SCALE = 0.6
             explained = am.explain(*qkv, case.spec)
         costs = dict(zip(explained.backends, explained.costs, strict=True))
         rows[case.name] = [costs.get(n) if costs.get(n) not in (None, float("inf")) else None for n in columns]
@@ -556,12 +558,14 @@ def test_fit_grid_counts_the_picks_at_every_combination(tmp_path, capsys, monkey
         lines.append(f"| {name} | 0.5 | 1.0 | - | - | {cells} | sdpa | 1.0 |")
     path = tmp_path / "grid.txt"
     path.write_text("\n".join(lines) + "\n")
-    bench.main(["--fit", str(path), "--grid", "blocksparse._GROUP_COST=7e6,1e9", "blocksparse._CALL_COST=0"])
+    grid = ["blocksparse._GROUP_COST=7e6,1e9", "blocksparse._CALL_COST=0", "native._BLOCKED_LONG_SCALE=0.6"]
+    bench.main(["--fit", str(path), "--grid", *grid])
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "| blocksparse._GROUP_COST | blocksparse._CALL_COST | tables with AMX tiles | other tables |"
-    assert out[2] == f"| 7e+06 | 0 | - | {len(rows)} of {len(rows)} |"
+    names = "| blocksparse._GROUP_COST | blocksparse._CALL_COST | native._BLOCKED_LONG_SCALE |"
+    assert out[0] == f"{names} tables with AMX tiles | other tables |"
+    assert out[2] == f"| 7e+06 | 0 | 0.6 | - | {len(rows)} of {len(rows)} |"
     kept = len(rows) - fastest.count("blocksparse")
-    assert out[3] == f"| 1e+09 | 0 | - | {kept} of {len(rows)} |" and len(out) == 4
+    assert out[3] == f"| 1e+09 | 0 | 0.6 | - | {kept} of {len(rows)} |" and len(out) == 4
     with pytest.raises(SystemExit, match="--grid: expected backend.CONSTANT"):
         bench.main(["--fit", str(path), "--grid", "blocksparse._NO_SUCH=1"])
 

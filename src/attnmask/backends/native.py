@@ -783,10 +783,13 @@ _LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the X
 # read 110 of 112 rows within 1.1x of the fastest, 0.328-0.33 109, 0.36 107; from 0.328 left-padded rows of 8,192 stay
 # on varlen, measured 1.12x slower than native): 0.325, the plateau's end nearest the value before, where plain causal
 # rows of 8,192 stay on SDPA's own kernel (native/SDPA measured 1.00x at two threads, 1.02x at one, interleaved; at
-# 0.32 they go to native; RESULTS.md, issue 15, "Scores and values a sub-tile at a time"). The other kind keeps the
-# share it had (no table of the tiles there).
+# 0.32 they go to native; RESULTS.md, issue 15, "Scores and values a sub-tile at a time"). The AMD EPYC's share (0.6
+# until 2026-12-07, from before the blocked form's tiles) by a grid on its fresh tables of rows of 1,024 and 8,192,
+# float32 and bfloat16, forward and with a backward, one and two threads (limit_tables/s49_*: 0.34-0.38 read 166-167
+# of 192 rows within 1.1x of the fastest, 0.325 163, 0.4 162, 0.6 108; native had become the fastest on windows,
+# chunks and causal rows of 1,024 there and was picked on none; RESULTS.md, issue 15, "The AMD EPYC's tables").
 _BLOCKED_SHORT_SCALE = 0.8
-_BLOCKED_LONG_SCALES = (0.325, 0.6)
+_BLOCKED_LONG_SCALES = (0.325, 0.36)
 _BLOCKED_LONG_SCALE = per_cpu_kind(_BLOCKED_LONG_SCALES)
 # ... and each key of such a segment, per element of D + Dv, for its transposed copy (made once per item: where few
 # queries read each key, a decoding step of 16 queries, it weighs).
