@@ -836,8 +836,12 @@ _BF16_AMX_THREAD_EFFICIENCY = 0.4
 # Xeon VM (RESULTS.md, issue 15, "native's bfloat16 copies"): native's bfloat16 forward is its float32 time plus
 # about the time of those copies on every row (rows of 1,024, B = 1 and 4, causal, documents of ~46 tokens, a
 # window of 32, one and two threads), where a factor on the whole estimate had priced short rows at a fraction of it.
-# Elsewhere 0: there the bfloat16 estimate is float32's (AVX512-BF16) or has its own factors.
-_BF16_COPY_COSTS = (COPY_COST, 0.0)
+# Elsewhere 0 until 2026-12-07 (there the bfloat16 estimate was float32's or had its own factors); since then 10, a
+# third of COPY_COST: a grid on the AMD EPYC's fresh limit tables (limit_tables/s49b_*, after its blocked long share's
+# refit; s49_* before it) read 180 of 192 rows within 1.1x of the fastest at 7.5-15 against 174 at 0 (172 against 167
+# before the refit), 163 at 60: its bfloat16 decoding steps with a backward, whose float32 copies of the cache no
+# charge held, had gone to native 1.19-1.72x slower than SDPA (RESULTS.md, issue 15, "The AMD EPYC's tables").
+_BF16_COPY_COSTS = (COPY_COST, 10.0)
 _BF16_COPY_COST = per_cpu_kind(_BF16_COPY_COSTS)
 # Where the forward reads bfloat16 as stored (``_reads_as_stored``: a decoding step), the backward's passes over the
 # call's elements at that cost: float32 copies of q, k and v, float32 gradients zeroed, and the gradients converted
