@@ -164,7 +164,7 @@ def test_native_charges_its_bfloat16_copies_on_a_cpu_with_amx_tiles(monkeypatch,
         charged, without = both(c)  # documents of 60-100 keys: with a gradient, read as stored forward and backward
         assert charged - without == pytest.approx(0.0 if grad else elements * C.COPY_COST / gain * factor, rel=1e-9)
         with pytest.MonkeyPatch.context() as inside:  # a backward on float32 copies: the forward's copies too
-            inside.setattr(N, "_backward_reads_as_stored", lambda segs: False)
+            inside.setattr(N, "_backward_reads_as_stored", lambda segs, disjoint=None: False)
             charged, without = both(c)
         assert charged - without == pytest.approx(elements * C.COPY_COST / gain * factor, rel=1e-9)
         q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16).requires_grad_(grad)  # one query: read as stored
@@ -180,7 +180,7 @@ def test_native_charges_its_bfloat16_copies_on_a_cpu_with_amx_tiles(monkeypatch,
         charged, without = both(c)  # documents of 60-100 keys: the backward reads them as stored
         assert charged - without == 0.0
         with pytest.MonkeyPatch.context() as inside:  # ... or on float32 copies
-            inside.setattr(N, "_backward_reads_as_stored", lambda segs: False)
+            inside.setattr(N, "_backward_reads_as_stored", lambda segs, disjoint=None: False)
             charged, without = both(c)
         copies = elements * C.COPY_COST / gain * N._BF16_BACKWARD_PASSES
         assert charged - without == pytest.approx(copies if grad else 0.0, rel=1e-9)

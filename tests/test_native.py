@@ -862,7 +862,7 @@ def test_bfloat16_is_read_as_stored_where_few_queries_read_each_key(monkeypatch,
     is turned off here: ``test_the_bfloat16_forward_on_amx_tiles...``; so is the backward that reads as stored, with
     the forward before it: ``test_the_bfloat16_backward_reads_its_inputs_as_stored_bit_for_bit``.)"""
     monkeypatch.setattr(N, "amx_ready", lambda: False)
-    monkeypatch.setattr(N, "_backward_reads_as_stored", lambda segs: False)
+    monkeypatch.setattr(N, "_backward_reads_as_stored", lambda segs, disjoint=None: False)
     seen = []
     call = N._call
     monkeypatch.setattr(
@@ -901,7 +901,7 @@ def test_large_bfloat16_caches_are_read_as_stored_up_to_more_queries(monkeypatch
     assert N._reads_as_stored(q.dtype, kv, three, (True, None), False, 3)
     assert N._reads_as_stored(q.dtype, kv, three, (True, None), True, 3)  # the backward takes it as stored
     with monkeypatch.context() as inside:
-        inside.setattr(N, "_backward_reads_as_stored", lambda segs: False)
+        inside.setattr(N, "_backward_reads_as_stored", lambda segs, disjoint=None: False)
         assert not N._reads_as_stored(q.dtype, kv, three, (True, None), True, 3)
     long_cache = torch.tensor([[0, 0, 3, 0, 1000, 997]])  # converted as loaded in the kernel: the rule by reads
     assert not N._reads_as_stored(q.dtype, kv, long_cache, (True, None), False, 3)
@@ -923,7 +923,7 @@ def test_a_forward_no_backward_follows_reads_bfloat16_as_stored_in_the_row_form(
     bfloat16's rounding."""
     monkeypatch.setattr(N, "amx_ready", lambda: False)
     monkeypatch.setattr(N, "_AS_STORED_MAX_READS_NO_GRAD", 0.0)
-    monkeypatch.setattr(N, "_backward_reads_as_stored", lambda segs: False)
+    monkeypatch.setattr(N, "_backward_reads_as_stored", lambda segs, disjoint=None: False)
     seen = []
     call = N._call
     monkeypatch.setattr(
@@ -1557,7 +1557,7 @@ def test_the_bfloat16_backward_reads_its_inputs_as_stored_bit_for_bit(threads, m
         got_grads = torch.autograd.grad(got, wrt, dout)
         assert seen == [(False, torch.bfloat16), (True, torch.bfloat16)]
         with pytest.MonkeyPatch.context() as inside:  # the float32 copies' path
-            inside.setattr(N, "_backward_reads_as_stored", lambda segs: False)
+            inside.setattr(N, "_backward_reads_as_stored", lambda segs, disjoint=None: False)
             copies = am.attention(*inputs, spec, backend="native", **kwargs)
             copies_grads = torch.autograd.grad(copies, wrt, dout)
         assert seen[2:] == [(False, torch.float32), (True, torch.float32)]

@@ -321,14 +321,17 @@ _AS_STORED_MAX_READS_NO_GRAD = per_cpu_kind(_AS_STORED_MAX_READS_NO_GRADS)
 _WIDEN_MAX_KEYS = 256
 
 
-def _backward_reads_as_stored(segs: torch.Tensor) -> bool:
+def _backward_reads_as_stored(segs: torch.Tensor, disjoint: bool | None = None) -> bool:
     """Whether the kernel's backward takes bfloat16 ``q``, ``k``, ``v`` and ``dout`` as stored and writes bfloat16
-    gradients (segattn.c's ``backward_item_bf16``, dtype_bits 16): no two segments share a key and each has at most
-    ``_WIDEN_MAX_KEYS`` keys, which each item widens once. Where it does, the forward with a gradient to follow reads
+    gradients (segattn.c's ``backward_item_bf16``, dtype_bits 16): no two segments share a key (``disjoint``, when
+    the caller has ``_keys_disjoint(segs)`` already) and each has at most ``_WIDEN_MAX_KEYS`` keys, which each item
+    widens once. Where it does, the forward with a gradient to follow reads
     them as stored too (its float32 copies would serve no backward): documents of 8-256 tokens in bfloat16, forward
     and backward, in 0.74-0.95x the time on the AMD EPYC, tiny ones 0.74-0.80x (RESULTS.md, issue 15, "bfloat16
     training read as stored")."""
-    return bool(len(segs)) and int(segs[:, 4].max()) <= _WIDEN_MAX_KEYS and _keys_disjoint(segs)
+    if not len(segs) or int(segs[:, 4].max()) > _WIDEN_MAX_KEYS:
+        return False
+    return _keys_disjoint(segs) if disjoint is None else disjoint
 
 
 def _reads_as_stored(
@@ -565,13 +568,13 @@ class _SegmentAttention(torch.autograd.Function):
         qw, kw, vw, res, lse, segs = ctx.saved_tensors
         rule, mods, dtype, sinks_dtype, tiles, prepared = ctx.meta
         tiles = tiles and _tiles_backward(segs, rule[:2], (qw.shape[3], vw.shape[3])) and _finite(qw, kw, grad)
+        threads, disjoint = 1, _keys_disjoint(segs)
         # bfloat16 inputs: read as stored, the gradients written in bfloat16; else float32 copies for the backward
-        stored = not tiles and qw.dtype == torch.bfloat16 and _backward_reads_as_stored(segs)
+        stored = not tiles and qw.dtype == torch.bfloat16 and _backward_reads_as_stored(segs, disjoint)
         if not tiles and not stored:
             qw, kw, vw = (_rows(t, res.dtype) for t in (qw, kw, vw))
         dout = _rows(grad, qw.dtype)
         written = qw.dtype if stored else res.dtype  # the gradients' dtype
-        threads, disjoint = 1, _keys_disjoint(segs)
         if disjoint:  # else two items could add into one dk / dv row
             width = qw.shape[3] + vw.shape[3]
             threads = _kernel_threads(segs, qw.shape[1], width, rule, passes=3, pairs=prepared.pairs)
