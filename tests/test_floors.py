@@ -591,6 +591,72 @@ def test_padded_rows_are_planned_on_the_host_exactly_as_the_general_lowering_pla
     assert cuts["c"] == cuts["numpy"]
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.data(),
+    st.integers(2, 40),
+    st.integers(1, 3),
+    st.booleans(),
+    st.sampled_from([am.causal(), am.full(), am.sliding_window(1), am.sliding_window(4)]),
+    st.sampled_from(["none", "one", "two"]),
+)
+def test_decoding_steps_are_planned_on_the_host_exactly_as_the_general_lowering_plans_them(
+    data, length, batch, one_row, base, padding
+):
+    """Fewer queries than keys (the last ``Q`` positions): real keys as one run anywhere, or with holes (the general
+    path refuses them), one spec row or one per batch row, a strided mask, no padding at all or two masks; the plan,
+    or the refusal where padding queries see real keys, is the general path's, cut in C or in numpy."""
+    q_len = data.draw(st.integers(1, length - 1))
+    rows = 1 if one_row else batch
+    real = torch.zeros(rows, length, dtype=torch.bool)
+    for r in range(rows):
+        a = data.draw(st.integers(0, length))
+        b = data.draw(st.integers(a, length))
+        real[r, a:b] = True
+        if data.draw(st.integers(0, 5)) == 0:
+            real[r, data.draw(st.integers(0, length - 1))] ^= True
+    if data.draw(st.booleans()):
+        wide = torch.zeros(rows, 2 * length, dtype=torch.bool)
+        wide[:, ::2] = real
+        real = wide[:, ::2]
+
+    def make_spec():
+        if padding == "none":
+            return base & am.full() if data.draw(st.booleans()) else base
+        spec = base & am.key_padding(real)
+        return spec & am.key_padding(torch.ones(batch, length, dtype=torch.bool)) if padding == "two" else spec
+
+    q, k = torch.randn(batch, 2, q_len, 8), torch.randn(batch, 2, length, 8)
+    general = general_plan(_prepare_call(q, k, k, make_spec(), None, None, None))
+    for where in ("numpy", "c"):
+        with counted_in(where):
+            call = _prepare_call(q, k, k, make_spec(), None, None, None)
+            fast = _common._decode_plan(call)
+        if fast is None:  # holes: the general path says why
+            assert isinstance(general, str) and "contiguous" in general
+        elif isinstance(fast, str):
+            assert fast == general
+        else:
+            assert (fast.segments.tolist(), fast.causal, fast.window) == general
+            assert fast.segments.dtype == torch.int64 and fast.segments.is_contiguous()
+
+
+def test_decoding_steps_plan_without_the_general_lowering():
+    """A left-padded decoding step and a plain causal one never reach ``lowering.varlen_args`` (the fast plan is the
+    one ``varlen_plan`` keeps), and an example's segments by hand."""
+    q, k = torch.randn(2, 2, 2, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_common, "varlen_args", None)  # the general path would call it
+        for spec, want in (
+            (am.causal() & am.key_padding(mask), [[0, 0, 2, 2, 3, 1], [1, 0, 2, 0, 5, 3]]),
+            (am.causal(), [[0, 0, 2, 0, 5, 3], [1, 0, 2, 0, 5, 3]]),
+            (am.sliding_window(2) & am.key_padding(mask[:1]), [[0, 0, 2, 2, 3, 1], [1, 0, 2, 2, 3, 1]]),
+        ):
+            call = _prepare_call(q, k, k, spec, None, None, None)
+            assert _common.varlen_plan(call).segments.tolist() == want
+
+
 def test_without_the_library_packed_rows_take_the_general_path():
     with counted_in("numpy"):
         q = torch.randn(2, 2, 16, 8)
