@@ -20,7 +20,7 @@ from attnmask.backends._common import native_plan, pair_width, varlen_plan
 from attnmask.backends.varlen import segments_from_varlen, varlen_attention
 from attnmask.errors import BackendError, DeviceError, DTypeError, ShapeError
 from tests.helpers import bench_limit, call_of, counted_in, grads, tiny_documents
-from tests.naive import naive_attention
+from tests.naive import naive_allowed, naive_attention
 
 if N.native_available() is not None:
     if os.environ.get("ATTNMASK_STRICT_DEPS") == "1":  # `make test`: a C compiler is part of the set-up
@@ -1608,3 +1608,85 @@ def test_a_call_that_records_no_gradient_skips_the_autograd_function(monkeypatch
     assert applied == [1] and recorded.grad_fn is not None
     torch.testing.assert_close(plain, recorded.detach(), rtol=0, atol=0)
     torch.testing.assert_close(quiet, plain, rtol=0, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.data(),
+    st.integers(1, 3),
+    st.integers(2, 70),
+    st.sampled_from([(2, 1), (4, 1), (3, 2), (2, 2)]),
+    st.sampled_from(["causal", "full", "window", "causal window"]),
+    st.sampled_from([1, 2]),
+    st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_a_decoding_step_folds_grouped_heads_into_rows_of_their_key_head(data, B, K, heads, base, threads, dtype):
+    """One query with grouped heads (``G`` query heads a key head) and no per-head modifier runs as ``G`` query rows
+    of each key head's segment over the keys the query sees, where that gives the threads an item each: the output is
+    the unfolded kernel's to float rounding and the textbook formula's; left padding (a row all padding too), a window
+    that cuts the cache, a softcap, the query laid out as transformers hands it over ``(B, 1, H, D)`` transposed."""
+    from attnmask.backends import _workers as W
+
+    G, Hkv = heads
+    window = data.draw(st.integers(1, K + 2))
+    spec = {
+        "causal": am.causal(),
+        "full": am.full(),
+        "window": am.sliding_window(window),
+        "causal window": am.causal() & am.sliding_window(window),
+    }[base]
+    real = torch.ones(B, K, dtype=torch.bool)
+    for b in range(B):
+        real[b, : data.draw(st.integers(0, K))] = False
+    if base == "full" or data.draw(st.booleans()):  # full() alone has no structure for native
+        spec = spec & am.key_padding(real)
+    softcap = data.draw(st.sampled_from([None, 3.0]))
+    D = data.draw(st.sampled_from([8, 16]))
+    gen = torch.Generator().manual_seed(K * 7 + B)
+    q = torch.randn(B, 1, G * Hkv, D, generator=gen).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(B, Hkv, K, D, generator=gen).to(dtype) for _ in range(2))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(W, "threads_available", lambda: threads)
+        taken = []
+        fold = N._folded_step
+        mp.setattr(N, "_folded_step", lambda *a: taken.append(fold(*a)) or taken[-1])
+        got = am.attention(q, k, v, spec, backend="native", softcap=softcap)
+        segments = native_plan(call_of(q, k, v, spec)).segments
+        assert (taken[0] is not None) == (len(segments) * Hkv >= threads)
+        mp.setattr(N, "_folded_step", lambda *a: None)
+        unfolded = am.attention(q, k, v, spec, backend="native", softcap=softcap)
+    assert got.shape == (B, G * Hkv, 1, D) and got.dtype == dtype
+    close = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.double(), unfolded.double(), **close)
+    allowed = torch.tensor(
+        [[[[naive_allowed(spec, b, K - 1, j) for j in range(K)]]] for b in range(B)], dtype=torch.bool
+    )
+    want = naive_attention(q, k, v, allowed, softcap=softcap)
+    torch.testing.assert_close(got.double(), want, **close)
+
+
+def test_a_decoding_step_with_per_head_modifiers_or_a_gradient_is_not_folded(monkeypatch):
+    """ALiBi slopes and sinks differ between the query heads of a key head, and a gradient needs the unfolded
+    forward's saved tensors: those steps run unfolded, and give the textbook formula's output and gradient."""
+    from attnmask.backends import _workers as W
+
+    monkeypatch.setattr(W, "threads_available", lambda: 2)
+    folds = []
+    fold = N._folded_step
+    monkeypatch.setattr(N, "_folded_step", lambda *a: folds.append(fold(*a)) or folds[-1])
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 4, 1, 8, generator=gen), torch.randn(2, 2, 30, 8, generator=gen), torch.randn(2, 2, 30, 8)
+    allowed = torch.ones(1, 1, 1, 30, dtype=torch.bool)
+    for kwargs in ({"alibi_slopes": torch.rand(4, generator=gen)}, {"sinks": torch.rand(4, generator=gen)}):
+        got = am.attention(q, k, v, am.causal(), backend="native", **kwargs)
+        torch.testing.assert_close(got.double(), naive_attention(q, k, v, allowed, **kwargs), atol=1e-5, rtol=1e-5)
+    assert folds == [None, None]
+    graded = q.clone().requires_grad_()
+    am.attention(graded, k, v, am.causal(), backend="native").sum().backward()
+    assert len(folds) == 2  # not asked with a gradient
+    ref = q.double().requires_grad_()
+    naive_attention(ref, k, v, allowed).sum().backward()
+    torch.testing.assert_close(graded.grad.double(), ref.grad, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        am.attention(q, k, v, am.causal(), backend="native")
+    assert folds[-1] is not None  # the same step without a gradient folds

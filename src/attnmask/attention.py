@@ -58,7 +58,7 @@ import torch
 
 from attnmask import tuning
 from attnmask._checks import check_strided
-from attnmask.backends import REGISTRY, _workers
+from attnmask.backends import REGISTRY, _common, _workers
 from attnmask.backends._common import allowed_fraction, causal_fraction, off_cpu
 from attnmask.backends._workers import all_threads
 from attnmask.backends.contract import (
@@ -162,6 +162,16 @@ _STOCK_MAX_WIDTH_BACKWARD = 64
 _STOCK_DECODE_QUERIES = 16
 _STOCK_DECODE_MIN_FRACTION = 0.8
 _STOCK_DECODE_DTYPES = (torch.float32, torch.float64)
+# ... except, on a CPU without AMX tiles, a step of more than _STOCK_DECODE_WORKS[1] multiply-adds (B·H·Q·K·(D + Dv))
+# that "native" runs: its estimates decide (native's own charge for a decoding step, native._DECODE_SCALES; and a
+# step of one query with grouped heads runs folded, native._folded_step). On the AMD EPYC, repeated calls, native ran
+# such steps 1.3-2.0x faster than SDPA (float32, 1 and 8 rows, 4,096-32,768 keys), and the replayed limit tables read
+# 189 of 192 rows within 1.1x of the fastest (181 under the rule; RESULTS.md, issue 15, "Decoding steps by their
+# estimates"). The bound: the costs' choice on a fresh spec takes ~0.15 ms more than the rule's, more than native saves
+# on a step of 0.2-0.5M multiply-adds (SDPA 0.1-0.3 ms) and less than it saves from ~8M (0.4 ms and more); a
+# generation step's spec is fresh at its first layer. The Xeon with AMX tiles keeps the rule: its decoding steps'
+# charge was not measured after the fold (its float32 tables replay the same picks either way).
+_STOCK_DECODE_WORKS = (math.inf, float(1 << 22))
 # Calls of at most this many multiply-adds (B·H·Q·K·(D + Dv)) on rows of at most _STOCK_MAX_KEYS keys take the rule
 # without counting their pairs: SDPA runs them in tens of microseconds, less than counting (~0.1 ms of numpy on a
 # decoding step's padded rows) and far less than planning the others.
@@ -179,7 +189,8 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
     not counted for a call of at most ``_STOCK_TINY_WORK`` multiply-adds on short rows), decided without planning or
     costing the other backends; on rows of more than ``_STOCK_NATIVE_KEYS`` keys such a masked call (not a decoding
     step, nor a call of at most ``_STOCK_TINY_WORK``) only where ``"native"`` cannot run it (``_native_runs``: its
-    plan, which the costs would build anyway).
+    plan, which the costs would build anyway). A decoding step of more than ``_STOCK_DECODE_WORKS`` multiply-adds
+    (per CPU kind) that ``"native"`` runs is left to the costs.
     ``None`` for any other call (the costs decide), and whenever ``registry`` holds a backend registered at run time
     (the crossover was measured against the built-in ones only). The call's own conditions come first: on the costs
     path (masked rows, few pairs) the fraction alone refuses, and SDPA's support is not asked twice."""
@@ -189,13 +200,15 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
     decoding = call.q_len <= min(_STOCK_DECODE_QUERIES, call.kv_len - 1) and call.q.dtype in _STOCK_DECODE_DTYPES
     if not short and not decoding:
         return None
+    if decoding and not short and _work(call) > _STOCK_DECODE_WORKS[not _common.cpu_has_amx_bf16()]:
+        if _native_runs(call, registry):
+            return None
     if not (call.is_full or call.is_plain_causal):
         if call.head_dim + call.value_dim > (_STOCK_MAX_WIDTH_BACKWARD if call.needs_grad else _STOCK_MAX_WIDTH):
             return None
         if call.needs_grad and call.q.dtype == torch.bfloat16:
             return None
-        work = call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
-        if not short or work > _STOCK_TINY_WORK:
+        if not short or _work(call) > _STOCK_TINY_WORK:
             # native's plan first: where it runs the call the fraction cannot keep the rule, and the costs build
             # that plan anyway (the fraction's count was 30-36 us of a fresh spec's choice right after a kernel)
             if call.kv_len > _STOCK_NATIVE_KEYS and not decoding and _native_runs(call, registry):
@@ -209,6 +222,11 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
     if not sdpa.auto_on(call.device_type) or sdpa.not_supported_reasons(call):
         return None
     return sdpa
+
+
+def _work(call: AttentionCall) -> int:
+    """The call's multiply-adds as one dense call computes them: ``B·H·Q·K·(D + Dv)``."""
+    return call.batch * call.heads * call.q_len * call.kv_len * (call.head_dim + call.value_dim)
 
 
 def _native_runs(call: AttentionCall, registry: tuple[Backend, ...]) -> bool:

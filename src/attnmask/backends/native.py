@@ -792,6 +792,20 @@ _LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the X
 # of 192 rows within 1.1x of the fastest, 0.325 163, 0.4 162, 0.6 108; native had become the fastest on windows,
 # chunks and causal rows of 1,024 there and was picked on none; RESULTS.md, issue 15, "The AMD EPYC's tables").
 _BLOCKED_SHORT_SCALE = 0.8
+# A decoding step's forward (at most _DECODE_QUERIES queries, fewer than the keys; no gradient): each key is read by a
+# few queries, not again and again by a run of neighbouring queries from beyond L1 as the long charges above assume,
+# and the charges priced such a step 1.8-3.3x SDPA's estimate where native ran it in 0.63-0.96x SDPA's time (AMD
+# EPYC, float32, 1-8 rows, 1,024-32,768 keys): its pairs take this share of them. Fitted per CPU kind by a grid on the
+# AMD EPYC's limit tables (limit_tables/s49b_*, s49c_q2: rows of 1,024 and 8,192, float32 and bfloat16, forward and
+# with a backward, one and two threads, replayed with the stock rule's bound on decoding steps, attention.py's
+# _STOCK_DECODE_WORKS): 1.0-0.6 read 181 of 192 rows within 1.1x of the fastest, 0.5 184, 0.4 188, 0.3 down to 0.05
+# 189 (35 of the 36 decoding rows; the last, one query against 4,096 keys at one thread, under the rule's bound); 0.3,
+# the plateau's end nearest the value before, where the grouped steps of 4-8 queries with D = 128 that SDPA runs
+# 1.0-1.1x faster stay nearest their measured ratio (RESULTS.md, issue 15, "Decoding steps by their estimates"). The
+# Xeon with AMX tiles keeps 1.0 (its decoding steps stay on the stock rule there).
+_DECODE_QUERIES = 16
+_DECODE_SCALES = (1.0, 0.3)
+_DECODE_SCALE = per_cpu_kind(_DECODE_SCALES)
 _BLOCKED_LONG_SCALES = (0.325, 0.36)
 _BLOCKED_LONG_SCALE = per_cpu_kind(_BLOCKED_LONG_SCALES)
 # ... and each key of such a segment, per element of D + Dv, for its transposed copy (made once per item: where few
@@ -860,6 +874,7 @@ CPU_KIND_VALUES = {
     "_BF16_COPY_COST": _BF16_COPY_COSTS,
     "_EXTRA_PAIR_WIDTH": _EXTRA_PAIR_WIDTHS,
     "_BLOCKED_LONG_SCALE": _BLOCKED_LONG_SCALES,
+    "_DECODE_SCALE": _DECODE_SCALES,
     "_AS_STORED_MAX_READS_NO_GRAD": _AS_STORED_MAX_READS_NO_GRADS,
 }
 # Other modes than a float32 forward (bfloat16, with a backward): ``bench_limit.py --fit ... --modes`` on the six 1K
@@ -981,6 +996,8 @@ def cost(call) -> float:
     if tiles_back:
         stored_copies += _tiles_spill(segs, call) / (1.0 + (threads - 1) * _THREAD_EFFICIENCY)
     kernel = item_sum * call.heads  # the forward's, on one thread
+    if not call.needs_grad and call.q_len <= _DECODE_QUERIES and call.q_len < call.kv_len:  # a decoding step
+        kernel *= _DECODE_SCALE
     factor = mode_factor(MODES, call)
     if call.needs_grad:  # the backward's runs read and write twice the bytes per key: their own charges
         item, back_sum, _ = _item_work_sums(segs, causal, window, width, _BACKWARD_KEY_BYTES, block_keys)
@@ -1203,16 +1220,53 @@ def run(call) -> torch.Tensor:
     window = None if plan.window is None else min(plan.window, _WIDEST)
     rule = (plan.causal or window is not None, window, call.scale)
     segs, threads = plan.segments, _workers.threads_available()
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (call.q, call.k, call.v, call.sinks)
+    )
+    folded = None if grad else cached(call, f"native_folded_{threads}", lambda c: _folded_step(c, segs, rule, threads))
+    if folded is not None:  # a decoding step's grouped query heads as the rows of their key head
+        fsegs, fprepared = folded
+        B, H, _, D = call.q.shape
+        q = call.q.reshape(B, call.kv_heads, H // call.kv_heads, D)
+        mods = (call.softcap, None, None)
+        out = _forward_on_free_cores(q, call.k, call.v, fsegs, False, None, call.scale, *mods, fprepared, False)[0]
+        return out.reshape(B, H, 1, call.value_dim)
     prepared = cached(
         call,
         f"native_run_{threads}",
         lambda c: _prepared(segs, c.batch, c.q_len, *rule[:2], cut=_forward_blocks(c, segs)),
     )
     args = (call.q, call.k, call.v, segs, *rule, call.softcap, call.sinks, call.alibi_slopes, prepared)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (call.q, call.k, call.v, call.sinks)):
+    if grad:
         return _SegmentAttention.apply(*args)
     # no gradient recorded: the forward alone, without autograd.Function's dispatch (~10 us of a repeated call)
     return _forward_on_free_cores(*args, False)[0]
+
+
+def _folded_step(call, segs: torch.Tensor, rule: tuple, threads: int) -> tuple[torch.Tensor, _Prepared] | None:
+    """For a decoding step of one query with grouped heads (``H = G·Hkv``, ``G > 1``) and no per-head modifier (ALiBi
+    slopes, sinks), its segments with the ``G`` query heads of each key head as ``G`` query rows of one segment over
+    the keys the query sees (no rule left: every row sees them all) and their ``_Prepared``; ``None`` for any other
+    call, and where the folded call has fewer (segment, key head) items than ``threads`` (one item runs on one
+    thread). Each key is then read once per key head, not once per query head, as SDPA's folded call reads it
+    (``sdpa._folds``): B = 8, K = 4,096, 32 / 8 heads of D = 128, two threads on the AMD EPYC, 39.8 -> 15.3 ms against
+    SDPA's 21.5 (RESULTS.md, issue 15, "Decoding steps with grouped heads"). ``(N, 6)`` segments, O(N)."""
+    heads, kv_heads = call.heads, call.kv_heads
+    if call.q_len != 1 or heads == kv_heads or heads % kv_heads or call.alibi_slopes is not None:
+        return None
+    if call.sinks is not None or len(segs) * kv_heads < threads:
+        return None
+    causal, window, _ = rule
+    s = segs.numpy()
+    a = s[:, 5]  # the query's position minus its segment's first key (segattn.c's key_range with query 0)
+    hi = np.where(a >= s[:, 4], s[:, 4], np.maximum(a + 1, 0)) if causal else s[:, 4]
+    lo = np.where(a >= window, a - window + 1, 0) if window else np.zeros_like(a)
+    keys = np.maximum(hi - lo, 0)
+    groups = heads // kv_heads
+    fsegs = np.stack([s[:, 0], np.zeros_like(a), np.full_like(a, groups), s[:, 3] + lo, keys, np.zeros_like(a)], 1)
+    fsegs = torch.from_numpy(np.ascontiguousarray(fsegs[keys > 0], dtype=np.int64))
+    cut = forward_items(fsegs, kv_heads, threads) if threads >= 2 else None
+    return fsegs, _prepared(fsegs, call.batch, groups, False, None, cut=cut)
 
 
 BACKEND = Backend(
