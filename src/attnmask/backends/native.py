@@ -1250,7 +1250,7 @@ def _folded_step(call, segs: torch.Tensor, rule: tuple, threads: int) -> tuple[t
     call, and where the folded call has fewer (segment, key head) items than ``threads`` (one item runs on one
     thread). Each key is then read once per key head, not once per query head, as SDPA's folded call reads it
     (``sdpa._folds``): B = 8, K = 4,096, 32 / 8 heads of D = 128, two threads on the AMD EPYC, 39.8 -> 15.3 ms against
-    SDPA's 21.5 (RESULTS.md, issue 15, "Decoding steps with grouped heads"). ``(N, 6)`` segments, O(N)."""
+    SDPA's 21.5 (RESULTS.md, issue 15, "Decoding steps by their estimates"). ``(N, 6)`` segments, O(N)."""
     heads, kv_heads = call.heads, call.kv_heads
     if call.q_len != 1 or heads == kv_heads or heads % kv_heads or call.alibi_slopes is not None:
         return None
