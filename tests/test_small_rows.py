@@ -596,3 +596,55 @@ def test_calls_leave_no_cyclic_garbage(backend, grad):
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.data(),
+    st.integers(1, 3),
+    st.integers(1, 40),
+    st.sampled_from(["causal", "full", "window", "causal window", "two windows"]),
+    st.integers(0, 2),
+)
+def test_a_padded_spec_is_made_dense_as_the_general_evaluation_makes_it(data, batch, kv_len, base, paddings):
+    """``contract.dense_mask``'s direct form of ``[causal() | full()] & [sliding_window(w)] & [key_padding(m)...]``
+    (the stock rule's decoding steps and padded rows): the last ``Q <= K`` positions, padding masks of one row or one
+    per batch row, bool or int, strided, ANDed: bit for bit the general evaluation's (``MaskSpec.to_dense``) and the
+    textbook rule's; explicit positions, a document or a longer query than keys take the general path."""
+    from attnmask.backends import contract
+
+    q_len = data.draw(st.integers(1, kv_len))
+    w1, w2 = data.draw(st.integers(1, kv_len + 2)), data.draw(st.integers(1, kv_len + 2))
+    spec = {
+        "causal": am.causal(),
+        "full": am.full(),
+        "window": am.sliding_window(w1),
+        "causal window": am.causal() & am.sliding_window(w1),
+        "two windows": am.sliding_window(w1) & am.sliding_window(w2),
+    }[base]
+    for _ in range(paddings):
+        rows = data.draw(st.sampled_from([1, batch]))
+        real = torch.tensor(data.draw(st.lists(st.booleans(), min_size=rows * kv_len, max_size=rows * kv_len)))
+        real = real.view(rows, kv_len)
+        if data.draw(st.booleans()):
+            real = real.long()
+        if data.draw(st.booleans()):  # every other column of a wider tensor
+            wide = torch.zeros(rows, 2 * kv_len, dtype=real.dtype)
+            wide[:, ::2] = real
+            real = wide[:, ::2]
+        spec = spec & am.key_padding(real)
+    if base == "full" and paddings == 0:
+        spec = am.full() & am.full()
+    q, k = torch.randn(batch, 2, q_len, 4), torch.randn(batch, 2, kv_len, 4)
+    call = _prepare_call(q, k, k, spec, None, None, None)
+    fast = contract._padded_band(call)
+    assert fast is not None and fast.dtype == torch.bool
+    general = spec.to_dense(q_len, kv_len).unsqueeze(1)
+    assert fast.shape == general.shape and torch.equal(fast, general)
+    assert torch.equal(contract.dense_mask(call)[0], fast)
+    assert torch.equal(fast.expand(batch, 1, q_len, kv_len), naive_dense(spec, q_len, kv_len, batch)[:, None])
+    positions = torch.arange(kv_len)
+    explicit = _prepare_call(q, k, k, spec, None, positions[-q_len:], positions)
+    assert contract._padded_band(explicit) is None
+    docs = _prepare_call(q, k, k, spec & am.document(seq_lens=[kv_len]), None, None, None)
+    assert contract._padded_band(docs) is None
