@@ -246,6 +246,33 @@ def test_generate_left_padded_batch_yields_each_prompt_generated_alone(family, c
         assert out[r, ids.shape[1] :].tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_on_native_folds_grouped_heads_and_yields_each_prompt_generated_alone(family, monkeypatch):
+    """Greedy generation through ``native`` (4 query heads on 2 key heads): its decoding steps run each key head's
+    query heads as rows of one segment (``native._folded_step``; transformers keeps a sliding-window layer's cache at
+    the window, so the window's cut is left to tests/test_native.py), and every prompt of a left-padded batch
+    generates what it generates alone under eager attention."""
+    from attnmask.backends import native
+
+    folds = []
+    fold = native._folded_step
+    monkeypatch.setattr(native, "_folded_step", lambda *a: folds.append(fold(*a)) or folds[-1])
+    name = hf.register("attnmask_native_fold_test", backend="native")
+    m = model(family, "eager")
+    m.config._attn_implementation = name
+    prompts = [tokens(9, 74), tokens(3, 75), tokens(6, 76)]
+    ids, mask = padded_batch(prompts, "left")
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    try:
+        out = m.generate(ids, attention_mask=mask, **kw)
+    finally:
+        m.config._attn_implementation = "eager"
+    assert any(f is not None for f in folds)
+    for r, p in enumerate(prompts):
+        expected = m.generate(torch.tensor([p]), **kw)[0, len(p) :]
+        assert out[r, ids.shape[1] :].tolist() == expected.tolist()
+
+
 def test_decoding_step_by_step_matches_one_forward_over_the_whole_sequence():
     m = model("mistral")
     seq = torch.tensor([tokens(12, 81)])
