@@ -539,6 +539,25 @@ def test_packed_rows_are_cut_in_one_c_call_or_two_past_its_guess(docs, base):
         assert torch.equal(_common.varlen_plan(call).segments, plan.segments)
 
 
+def _padding_rows(data, rows: int, length: int, long: bool = False) -> torch.Tensor:
+    """``(rows, length)`` padding: each row's real tokens one run at the left, the right, the middle or nowhere,
+    sometimes with a hole (or one more token); as int64 with ``long`` (``key_padding`` holds either as bool); sometimes
+    a strided view (every other column of a wider tensor), read through its strides."""
+    real = torch.zeros(rows, length, dtype=torch.bool)
+    for r in range(rows):
+        a = data.draw(st.integers(0, length))
+        b = data.draw(st.integers(a, length))
+        real[r, a:b] = True
+        if data.draw(st.integers(0, 5)) == 0:
+            real[r, data.draw(st.integers(0, length - 1))] ^= True
+    mask = real.long() if long else real
+    if data.draw(st.booleans()):
+        wide = torch.zeros(rows, 2 * length, dtype=mask.dtype)
+        wide[:, ::2] = mask
+        mask = wide[:, ::2]
+    return mask
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.data(),
@@ -554,19 +573,7 @@ def test_padded_rows_are_planned_on_the_host_exactly_as_the_general_lowering_pla
     them), one spec row or one per batch row, sometimes two padding masks; the plan, or the refusal where padding
     queries see real keys, is the general path's, cut in C (``attnmask_padded_segments``) or in numpy; with the
     padding queries taken in (``native``'s plan) the two cuts agree segment for segment."""
-    rows = 1 if one_row else batch
-    real = torch.zeros(rows, length, dtype=torch.bool)
-    for r in range(rows):
-        a = data.draw(st.integers(0, length))
-        b = data.draw(st.integers(a, length))
-        real[r, a:b] = True
-        if data.draw(st.integers(0, 5)) == 0:
-            real[r, data.draw(st.integers(0, length - 1))] ^= True  # sometimes a hole (or one more token)
-    mask = real.long() if data.draw(st.booleans()) else real  # key_padding holds either as bool
-    if data.draw(st.booleans()):  # a strided bool view (every other column of a wider tensor), read through its strides
-        wide = torch.zeros(rows, 2 * length, dtype=mask.dtype)
-        wide[:, ::2] = mask
-        mask = wide[:, ::2]
+    mask = _padding_rows(data, 1 if one_row else batch, length, long=data.draw(st.booleans()))
     second = data.draw(st.integers(0, 3)) == 0
 
     def make_spec():  # a new spec object each time: plans of its own (call_plans shares them per spec object)
@@ -607,18 +614,7 @@ def test_decoding_steps_are_planned_on_the_host_exactly_as_the_general_lowering_
     path refuses them), one spec row or one per batch row, a strided mask, no padding at all or two masks; the plan,
     or the refusal where padding queries see real keys, is the general path's, cut in C or in numpy."""
     q_len = data.draw(st.integers(1, length - 1))
-    rows = 1 if one_row else batch
-    real = torch.zeros(rows, length, dtype=torch.bool)
-    for r in range(rows):
-        a = data.draw(st.integers(0, length))
-        b = data.draw(st.integers(a, length))
-        real[r, a:b] = True
-        if data.draw(st.integers(0, 5)) == 0:
-            real[r, data.draw(st.integers(0, length - 1))] ^= True
-    if data.draw(st.booleans()):
-        wide = torch.zeros(rows, 2 * length, dtype=torch.bool)
-        wide[:, ::2] = real
-        real = wide[:, ::2]
+    real = _padding_rows(data, 1 if one_row else batch, length)
 
     def make_spec():
         if padding == "none":

@@ -792,6 +792,11 @@ _LONG_PAIR_COST = 3.4  # a pair of a run of at least _LONG_RUN_BYTES (1.9x the X
 # of 192 rows within 1.1x of the fastest, 0.325 163, 0.4 162, 0.6 108; native had become the fastest on windows,
 # chunks and causal rows of 1,024 there and was picked on none; RESULTS.md, issue 15, "The AMD EPYC's tables").
 _BLOCKED_SHORT_SCALE = 0.8
+_BLOCKED_LONG_SCALES = (0.325, 0.36)
+_BLOCKED_LONG_SCALE = per_cpu_kind(_BLOCKED_LONG_SCALES)
+# ... and each key of such a segment, per element of D + Dv, for its transposed copy (made once per item: where few
+# queries read each key, a decoding step of 16 queries, it weighs).
+_BLOCKED_KEY_COST = 10.0
 # A decoding step's forward (at most _DECODE_QUERIES queries, fewer than the keys; no gradient): each key is read by a
 # few queries, not again and again by a run of neighbouring queries from beyond L1 as the long charges above assume,
 # and the charges priced such a step 1.8-3.3x SDPA's estimate where native ran it in 0.63-0.96x SDPA's time (AMD
@@ -806,11 +811,6 @@ _BLOCKED_SHORT_SCALE = 0.8
 _DECODE_QUERIES = 16
 _DECODE_SCALES = (1.0, 0.3)
 _DECODE_SCALE = per_cpu_kind(_DECODE_SCALES)
-_BLOCKED_LONG_SCALES = (0.325, 0.36)
-_BLOCKED_LONG_SCALE = per_cpu_kind(_BLOCKED_LONG_SCALES)
-# ... and each key of such a segment, per element of D + Dv, for its transposed copy (made once per item: where few
-# queries read each key, a decoding step of 16 queries, it weighs).
-_BLOCKED_KEY_COST = 10.0
 _SHORT_RUN_BYTES = 16 << 10
 _LONG_RUN_BYTES = 64 << 10
 # Bytes per element of D + Dv that a run reads for each of its keys: the forward's k and v rows in float32; the
