@@ -1624,7 +1624,8 @@ def test_a_decoding_step_folds_grouped_heads_into_rows_of_their_key_head(data, B
     """One query with grouped heads (``G`` query heads a key head) and no per-head modifier runs as ``G`` query rows
     of each key head's segment over the keys the query sees, where that gives the threads an item each: the output is
     the unfolded kernel's to float rounding and the textbook formula's; left padding (a row all padding too), a window
-    that cuts the cache, a softcap, the query laid out as transformers hands it over ``(B, 1, H, D)`` transposed."""
+    that cuts the cache, a softcap, values wider than the keys, a cache sliced from a longer buffer, the query laid out
+    as transformers hands it over ``(B, 1, H, D)`` transposed."""
     from attnmask.backends import _workers as W
 
     G, Hkv = heads
@@ -1641,10 +1642,12 @@ def test_a_decoding_step_folds_grouped_heads_into_rows_of_their_key_head(data, B
     if base == "full" or data.draw(st.booleans()):  # full() alone has no structure for native
         spec = spec & am.key_padding(real)
     softcap = data.draw(st.sampled_from([None, 3.0]))
-    D = data.draw(st.sampled_from([8, 16]))
+    D, Dv = data.draw(st.sampled_from([8, 16])), data.draw(st.sampled_from([8, 24]))
     gen = torch.Generator().manual_seed(K * 7 + B)
     q = torch.randn(B, 1, G * Hkv, D, generator=gen).to(dtype).transpose(1, 2)
-    k, v = (torch.randn(B, Hkv, K, D, generator=gen).to(dtype) for _ in range(2))
+    extra = data.draw(st.sampled_from([0, 5]))  # a cache's first K keys of a longer buffer: strided k and v
+    k = torch.randn(B, Hkv, K + extra, D, generator=gen).to(dtype)[:, :, :K]
+    v = torch.randn(B, Hkv, K + extra, Dv, generator=gen).to(dtype)[:, :, :K]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(W, "threads_available", lambda: threads)
         taken = []
@@ -1655,7 +1658,7 @@ def test_a_decoding_step_folds_grouped_heads_into_rows_of_their_key_head(data, B
         assert (taken[0] is not None) == (len(segments) * Hkv >= threads)
         mp.setattr(N, "_folded_step", lambda *a: None)
         unfolded = am.attention(q, k, v, spec, backend="native", softcap=softcap)
-    assert got.shape == (B, G * Hkv, 1, D) and got.dtype == dtype
+    assert got.shape == (B, G * Hkv, 1, Dv) and got.dtype == dtype
     close = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.double(), unfolded.double(), **close)
     allowed = torch.tensor(
