@@ -37,6 +37,16 @@ def test_a_dense_mask_above_the_limit_is_logged_before_it_is_allocated(caplog, m
     assert len(caplog.records) == 2 and all(r.levelno == logging.WARNING for r in caplog.records)
     assert "(1, 18, 18) (torch.bool" in caplog.records[0].getMessage()
     assert "(1, 16, 16) (torch.float16" in caplog.records[1].getMessage()
+    caplog.clear()
+    # the dense mask a backend builds from a padded spec directly (contract._padded_band) is logged as to_dense logs it
+    from attnmask.attention import _prepare_call
+    from attnmask.backends import contract
+
+    q = torch.zeros(2, 1, 18, 4)
+    with caplog.at_level(logging.WARNING, logger="attnmask"):
+        call = _prepare_call(q, q, q, am.causal() & am.key_padding(torch.ones(2, 18)), None, None, None)
+        assert contract._padded_band(call) is not None
+    assert len(caplog.records) == 1 and "(2, 18, 18) (torch.bool" in caplog.records[0].getMessage()
 
 
 def test_the_library_never_prints_outside_the_command_line_and_the_demo():

@@ -6,7 +6,7 @@ capabilities (devices, dtypes, mask kinds, dropout, backward, score modifiers, w
 :meth:`Backend.not_supported_reasons` turns the declarations into reasons, and the same reasons drive ``"auto"``'s
 choice, the message of a refused explicit ``backend=``, ``attnmask.explain`` and the conformance tests.
 
-Layer 3 (attention); imports only ``masks`` and ``errors``.
+Layer 3 (attention); imports only ``masks``, ``errors`` and their helpers (``_checks``, ``_dense``).
 
 Worked example, a backend that only runs float32 CUDA calls without dropout::
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from attnmask._checks import check_strided
+from attnmask._dense import warn_if_large
 from attnmask.errors import DeviceError, DTypeError, InputError, ShapeError, bad
 from attnmask.masks import And, Causal, Full, KeyPadding, MaskSpec, SlidingWindow
 
@@ -304,6 +305,7 @@ def _padded_band(call: AttentionCall) -> torch.Tensor | None:
             return None
     if real is None:
         real = torch.ones((1, K), dtype=torch.bool)
+    warn_if_large((real.shape[0], Q, K), torch.bool)  # as to_dense logs it, before the allocation
     if not causal:
         return real[:, None, None, :].expand(real.shape[0], 1, Q, K).clone()
     keys, queries = torch.arange(K), torch.arange(K - Q, K)
