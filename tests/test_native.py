@@ -1694,3 +1694,41 @@ def test_a_decoding_step_with_per_head_modifiers_or_a_gradient_is_not_folded(mon
     with torch.no_grad():
         am.attention(q, k, v, am.causal(), backend="native")
     assert folds[-1] is not None  # the same step without a gradient folds
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 31), min_size=1, max_size=6),
+    dims=st.sampled_from([(16, 16), (32, 48), (64, 64), (64, 24), (48, 128)]),
+    threads=st.sampled_from([1, 2]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    mods=st.sampled_from(["none", "scale", "sinks", "softcap"]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_documents_rows_taken_four_at_a_time_are_each_row_alone_bit_for_bit(lens, dims, threads, dtype, mods, seed):
+    """The row form takes four rows of at most 16 keys each at once (segattn.c's ``rows4``, float32 compute with no
+    modifier but a scale, or sinks): every row's output is bit for bit the same row attended alone (one query against
+    its document's keys up to it: the row form one row at a time), on documents of 1-31 tokens, head sizes 16-64
+    with value heads of 16-128, bfloat16 (widened once) and float32, one and two threads; a softcap takes the rows
+    one at a time either way."""
+    (D, Dv), H, L = dims, 2, sum(lens)
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, H, L, D, generator=gen).to(dtype) for _ in range(2))
+    v = torch.randn(1, H, L, Dv, generator=gen).to(dtype)
+    kwargs = {
+        "none": {},
+        "scale": {"scale": 0.3},
+        "sinks": {"sinks": torch.randn(H, generator=gen).to(dtype)},
+        "softcap": {"softcap": 2.0},
+    }[mods]
+    with kernel_settings(threads):
+        got = am.attention(q, k, v, am.causal() & am.document(seq_lens=lens), backend="native", **kwargs)
+        start = 0
+        for n in lens:
+            for p in range(start, start + n):
+                keys = slice(start, p + 1)
+                alone = am.attention(
+                    q[:, :, p : p + 1], k[:, :, keys], v[:, :, keys], am.causal(), backend="native", **kwargs
+                )
+                assert torch.equal(alone[:, :, 0], got[:, :, p]), (n, p - start)
+            start += n

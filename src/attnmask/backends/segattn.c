@@ -502,35 +502,47 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         *m_out = m;                                                                                                    \
         return sum;                                                                                                    \
     }                                                                                                                  \
-    /* acc[0 .. Dv) += the n value rows v (ld apart) weighted by p, each element's sum in key order. A slice of up to  \
-       4 LANES elements stays in registers across all n keys and is stored once: axpys of four keys and then of one    \
-       loaded and stored the row again for every four keys and every key past them (most of a row's time on            \
-       documents of 8-32 tokens). */                                                                                   \
-    static inline void weigh_values_##SUF(T *restrict acc, const T *p, int64_t n, const KV *v, int64_t ld,             \
-                                          int64_t Dv) {                                                                \
+    /* y[0 .. Dv) += the n value rows v (ld apart) weighted by p, each element's sum in key order; or, fresh, y = that \
+       sum times inv, from registers at zero (a row's end: no zeroed accumulator to store and load back, and its       \
+       scaled copy written once). A slice of up to 4 LANES elements stays in registers across all n keys and is stored \
+       once: axpys of four keys and then of one loaded and stored the row again for every four keys and every key past \
+       them (most of a row's time on documents of 8-32 tokens). */                                                     \
+    static inline __attribute__((always_inline)) void weigh_##SUF(T *restrict y, const T *p, int64_t n, const KV *v,   \
+                                                                  int64_t ld, int64_t Dv, int fresh, T inv) {          \
         const int64_t W = LANES(T);                                                                                    \
         int64_t d0 = 0;                                                                                                \
         for (; d0 + 4 * W <= Dv; d0 += 4 * W) {                                                                        \
-            VEC(T) a0, a1, a2, a3;                                                                                     \
-            __builtin_memcpy(&a0, acc + d0, sizeof a0), __builtin_memcpy(&a1, acc + d0 + W, sizeof a1);                \
-            __builtin_memcpy(&a2, acc + d0 + 2 * W, sizeof a2), __builtin_memcpy(&a3, acc + d0 + 3 * W, sizeof a3);    \
+            VEC(T) a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                             \
+            if (!fresh) {                                                                                              \
+                __builtin_memcpy(&a0, y + d0, sizeof a0), __builtin_memcpy(&a1, y + d0 + W, sizeof a1);                \
+                __builtin_memcpy(&a2, y + d0 + 2 * W, sizeof a2), __builtin_memcpy(&a3, y + d0 + 3 * W, sizeof a3);    \
+            }                                                                                                          \
             for (int64_t j = 0; j < n; j++) {                                                                          \
                 const KV *x = v + j * ld + d0;                                                                         \
                 const T c = p[j];                                                                                      \
                 a0 += c * ldv_##SUF(x), a1 += c * ldv_##SUF(x + W);                                                    \
                 a2 += c * ldv_##SUF(x + 2 * W), a3 += c * ldv_##SUF(x + 3 * W);                                        \
             }                                                                                                          \
-            __builtin_memcpy(acc + d0, &a0, sizeof a0), __builtin_memcpy(acc + d0 + W, &a1, sizeof a1);                \
-            __builtin_memcpy(acc + d0 + 2 * W, &a2, sizeof a2), __builtin_memcpy(acc + d0 + 3 * W, &a3, sizeof a3);    \
+            if (fresh) a0 *= inv, a1 *= inv, a2 *= inv, a3 *= inv;                                                     \
+            __builtin_memcpy(y + d0, &a0, sizeof a0), __builtin_memcpy(y + d0 + W, &a1, sizeof a1);                    \
+            __builtin_memcpy(y + d0 + 2 * W, &a2, sizeof a2), __builtin_memcpy(y + d0 + 3 * W, &a3, sizeof a3);        \
         }                                                                                                              \
         for (; d0 + W <= Dv; d0 += W) {                                                                                \
-            VEC(T) a;                                                                                                  \
-            __builtin_memcpy(&a, acc + d0, sizeof a);                                                                  \
+            VEC(T) a = {0};                                                                                            \
+            if (!fresh) __builtin_memcpy(&a, y + d0, sizeof a);                                                        \
             for (int64_t j = 0; j < n; j++) a += p[j] * ldv_##SUF(v + j * ld + d0);                                    \
-            __builtin_memcpy(acc + d0, &a, sizeof a);                                                                  \
+            if (fresh) a *= inv;                                                                                       \
+            __builtin_memcpy(y + d0, &a, sizeof a);                                                                    \
         }                                                                                                              \
-        for (; d0 < Dv; d0++) /* the last Dv % LANES elements */                                                       \
-            for (int64_t j = 0; j < n; j++) acc[d0] += p[j] * LD(v[j * ld + d0]);                                      \
+        for (; d0 < Dv; d0++) { /* the last Dv % LANES elements */                                                     \
+            T t = fresh ? 0 : y[d0];                                                                                   \
+            for (int64_t j = 0; j < n; j++) t += p[j] * LD(v[j * ld + d0]);                                            \
+            y[d0] = fresh ? t * inv : t;                                                                               \
+        }                                                                                                              \
+    }                                                                                                                  \
+    static inline void weigh_values_##SUF(T *restrict acc, const T *p, int64_t n, const KV *v, int64_t ld,             \
+                                          int64_t Dv) {                                                                \
+        weigh_##SUF(acc, p, n, v, ld, Dv, 0, 1);                                                                       \
     }                                                                                                                  \
     /* One row's scores s[0 .. n) of a key tile (keys from rel relative to the query's position, as in softmax_row),   \
        s readable and writable up to the multiple of LANES past n: the modifiers, then a step of the row's online      \
@@ -587,13 +599,42 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         __builtin_memcpy(l, &sum, sizeof sum);                                                                         \
     }                                                                                                                  \
     static inline void finish_row_##SUF(T *restrict s, int64_t n, int64_t rel, const KV *v, int64_t ld, int64_t Dv,    \
-                                        T *restrict oi, T *lse_i, T *restrict acc, const T *mod, int padded) {         \
+                                        T *restrict oi, T *lse_i, const T *mod, int padded) {                          \
         T m, sum = softmax_row_##SUF(s, n, rel, mod, &m, padded);                                                      \
-        for (int64_t d = 0; d < Dv; d++) acc[d] = 0;                                                                   \
-        weigh_values_##SUF(acc, s, n, v, ld, Dv);                                                                      \
-        T inv = 1 / sum;                                                                                               \
-        for (int64_t d = 0; d < Dv; d++) oi[d] = acc[d] * inv;                                                         \
+        weigh_##SUF(oi, s, n, v, ld, Dv, 1, 1 / sum);                                                                  \
         *lse_i = m + LOG(sum);                                                                                         \
+    }                                                                                                                  \
+    /* Four query rows (qi: D elements each, D a multiple of 16) of 1 to 16 keys each (n; from kr, ldk apart, values   \
+       vr, ldv apart), float32 compute, no modifier but a positive scale (sinks too): finish_row's steps for the four  \
+       at once, one step for all four before the next, so that their chains overlap (scores, max, exponentials, sum,   \
+       division and value sums each wait on the one before; a row at a time left the core waiting on them: documents   \
+       of 8-32 tokens: with weigh's fresh sums 0.80-0.89x the forward's time; RESULTS.md, issue 15, "Rows four at a    \
+       time"). Each row's operations and their order are softmax_row's and weigh's: its results bit for bit. */        \
+    static inline void rows4_##SUF(const T *const *qi, const KV *const *kr, const int64_t *n, const KV *const *vr,     \
+                                   int64_t ldk, int64_t ldv, int64_t D, int64_t Dv, T *const *oi, T *lse,              \
+                                   const T *mod) {                                                                     \
+        const int64_t W = LANES(T);                                                                                    \
+        const T scale = mod[0], sink = mod[4];                                                                         \
+        const int sunk = mod[5] != 0;                                                                                  \
+        T sc[4][64 / sizeof(T)] __attribute__((aligned(64))), m[4], sum[4];                                            \
+        for (int r = 0; r < 4; r++) scores16_##SUF(qi[r], kr[r], ldk, D, n[r], sc[r]);                                 \
+        for (int r = 0; r < 4; r++) {                                                                                  \
+            T raw = -INFINITY;                                                                                         \
+            _Pragma("omp simd simdlen(16) reduction(max : raw)") for (int64_t j = 0; j < W; j++)                       \
+                raw = sc[r][j] > raw ? sc[r][j] : raw;                                                                 \
+            m[r] = sunk && !(raw * scale >= sink) ? sink : raw * scale;                                                \
+        }                                                                                                              \
+        for (int r = 0; r < 4; r++) {                                                                                  \
+            T *restrict x = sc[r];                                                                                     \
+            const T top = m[r];                                                                                        \
+            _Pragma("omp simd simdlen(16)") for (int c = 0; c < (int)W; c++) x[c] = EXP(x[c] * scale - top);           \
+            VEC(T) e;                                                                                                  \
+            __builtin_memcpy(&e, x, sizeof e);                                                                         \
+            sum[r] = sum1_##T(e);                                                                                      \
+            if (sunk) sum[r] += EXP(sink - top);                                                                       \
+        }                                                                                                              \
+        for (int r = 0; r < 4; r++) weigh_##SUF(oi[r], sc[r], n[r], vr[r], ldv, Dv, 1, 1 / sum[r]);                    \
+        for (int r = 0; r < 4; r++) lse[r] = m[r] + LOG(sum[r]);                                                       \
     }                                                                                                                  \
     /* y[r][0 .. Dv) += the sum over the n keys j of p[r][j * ps] times value row j (v, ld apart), for four rows: a    \
        slice of up to 4 LANES elements of the four rows' sums stays in registers across the keys, each value element   \
@@ -729,13 +770,38 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
     }                                                                                                                  \
     /* The row form of an item's ql query rows (q, k, v: rows ldq, ldk, ldv apart, k and v from the segment's key      \
        k0): one dot product per pair, no copy of k. Rows written to o, or where ob is not NULL in bfloat16 to ob       \
-       (through tmp, Dv elements). */                                                                                  \
+       (through tmp, 4 Dv elements). */                                                                                \
     static void rows_##SUF(const job_t *J, const KV *q, int64_t ldq, const KV *k, int64_t ldk, const KV *v,            \
                            int64_t ldv, int64_t k0, T *o, uint16_t *ob, T *lse, int64_t ql, int64_t kl, int64_t off,   \
-                           const T *mod, T *s, T *acc, T *qrow, T *tmp) {                                              \
+                           const T *mod, T *s, T *qrow, T *tmp) {                                                      \
         const int64_t D = J->D, Dv = J->Dv, ldo = J->st[11];                                                           \
+        /* rows4's case: float32 stored as computed, no modifier but a positive scale */                               \
+        const int plain = SCORES16 && sizeof(T) == 4 && sizeof(KV) == sizeof(T) && D % 16 == 0 && mod[0] > 0 &&        \
+                          !(mod[1] > 0) && mod[3] == 0;                                                                \
         for (int64_t i = 0; i < ql; i++) {                                                                             \
             int64_t lo, hi;                                                                                            \
+            if (plain && i + 4 <= ql) { /* four rows of 1 to 16 keys each at once */                                   \
+                int64_t lo4[4], n4[4], fit = 1;                                                                        \
+                for (int r = 0; r < 4; r++) {                                                                          \
+                    key_range(J, i + r, off, kl, &lo4[r], &hi);                                                        \
+                    n4[r] = hi - lo4[r], fit &= n4[r] >= 1 && n4[r] <= 16;                                             \
+                }                                                                                                      \
+                if (fit) {                                                                                             \
+                    const T *q4[4];                                                                                    \
+                    const KV *k4[4], *v4[4];                                                                           \
+                    T *o4[4];                                                                                          \
+                    for (int r = 0; r < 4; r++) {                                                                      \
+                        q4[r] = (const T *)(const void *)(q + (i + r) * ldq);                                          \
+                        k4[r] = k + (lo4[r] - k0) * ldk, v4[r] = v + (lo4[r] - k0) * ldv;                              \
+                        o4[r] = ob ? tmp + r * Dv : o + (i + r) * ldo;                                                 \
+                    }                                                                                                  \
+                    rows4_##SUF(q4, k4, n4, v4, ldk, ldv, D, Dv, o4, lse + i, mod);                                    \
+                    if (ob)                                                                                            \
+                        for (int r = 0; r < 4; r++) PUT_BF16(ob + (i + r) * ldo, o4[r], Dv);                           \
+                    i += 3;                                                                                            \
+                    continue;                                                                                          \
+                }                                                                                                      \
+            }                                                                                                          \
             key_range(J, i, off, kl, &lo, &hi);                                                                        \
             T *oi = ob ? tmp : o + i * ldo;                                                                            \
             if (hi <= lo) { /* no allowed key: exactly 0, and the backward skips the row */                            \
@@ -746,20 +812,21 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             }                                                                                                          \
             const T *qi = row_##SUF(q + i * ldq, qrow, D);                                                             \
             const KV *kl0 = k + (lo - k0) * ldk;                                                                       \
-            const int padded = SCORES16 && sizeof(T) == 4 && hi - lo <= 16 && D % 16 == 0;                             \
-            if (padded) { /* the scores in one vector, -inf past hi, one store */                                      \
-                scores16_##SUF(qi, kl0, ldk, D, hi - lo, s + lo);                                                      \
+            const int padded = SCORES16 && sizeof(T) == 4 && hi - lo <= 32 && D % 16 == 0;                             \
+            if (padded) { /* the scores in one vector or two, -inf past hi, one store each */                          \
+                scores16_##SUF(qi, kl0, ldk, D, hi - lo < 16 ? hi - lo : 16, s + lo);                                  \
+                if (hi - lo > 16) scores16_##SUF(qi, kl0 + 16 * ldk, ldk, D, hi - lo - 16, s + lo + 16);               \
             } else {                                                                                                   \
                 int64_t j = 0;                                                                                         \
                 for (; j + 4 <= hi - lo; j += 4) dot4_##SUF(qi, kl0 + j * ldk, ldk, D, s + lo + j);                    \
                 for (; j < hi - lo; j++) s[lo + j] = dot_##SUF(qi, kl0 + j * ldk, D);                                  \
             }                                                                                                          \
-            finish_row_##SUF(s + lo, hi - lo, lo - i - off, v + (lo - k0) * ldv, ldv, Dv, oi, lse + i, acc, mod,       \
+            finish_row_##SUF(s + lo, hi - lo, lo - i - off, v + (lo - k0) * ldv, ldv, Dv, oi, lse + i, mod,            \
                              padded);                                                                                  \
             if (ob) PUT_BF16(ob + i * ldo, oi, Dv);                                                                    \
         }                                                                                                              \
     }                                                                                                                  \
-    static int forward_item_##SUF(const job_t *J, int64_t item, T *s, T *acc, T *qrow, scratch_t *X) {                 \
+    static int forward_item_##SUF(const job_t *J, int64_t item, T *s, T *qrow, scratch_t *X) {                         \
         /* head-major order: a thread walks one head's rows of q, k, v and the output front to back */                 \
         const int64_t *st = J->st, *g = J->segs + 6 * (item % J->nseg);                                                \
         int64_t h = item / J->nseg, kvh = h / (J->H / J->Hkv);                                                         \
@@ -777,10 +844,10 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
         const int64_t D = J->D;                                                                                        \
         if (ql <= 0) return 0;                                                                                         \
         if (kl < J->block_keys) { /* the row form */                                                                   \
-            T *tmp = ob ? (T *)grow(&X->p4, &X->p4_size, sizeof(T) * (J->Dv + 1)) : NULL;                              \
+            T *tmp = ob ? (T *)grow(&X->p4, &X->p4_size, sizeof(T) * (4 * J->Dv + 1)) : NULL;                          \
             if (ob && !tmp) return 1;                                                                                  \
             if (sizeof(KV) == sizeof(T) || ql < 2 || kl > WIDEN_MAX_KEYS) {                                            \
-                rows_##SUF(J, q, st[2], k, st[5], v, st[8], 0, o, ob, lse, ql, kl, off, mod, s, acc, qrow, tmp);       \
+                rows_##SUF(J, q, st[2], k, st[5], v, st[8], 0, o, ob, lse, ql, kl, off, mod, s, qrow, tmp);            \
                 return 0;                                                                                              \
             }                                                                                                          \
             /* bfloat16 read as stored: the item's q, k and v widened to T once, each key then read by its rows in T   \
@@ -803,7 +870,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                 const int64_t c = ql - c0 < WIDEN_ROWS ? ql - c0 : WIDEN_ROWS, at = c0 * st[11];                       \
                 for (int64_t i = 0; i < c; i++) row_##SUF(q + (c0 + i) * st[2], qw + i * D, D);                        \
                 rows_##WIDE(J, qw, D, kw, D, vw, Dv, klo, o ? o + at : NULL, ob ? ob + at : NULL, lse + c0, c, kl,     \
-                            off + c0, mod, s, acc, qrow, tmp);                                                         \
+                            off + c0, mod, s, qrow, tmp);                                                              \
             }                                                                                                          \
             return 0;                                                                                                  \
         }                                                                                                              \
@@ -967,9 +1034,10 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
     static void *worker_##SUF(void *arg) {                                                                             \
         job_t *J = (job_t *)arg;                                                                                       \
         scratch_t X = {0};                                                                                             \
-        T *s = (T *)malloc(sizeof(T) * (2 * (J->kmax + 1) + LANES(T))); /* softmax_row pads a row's scores to LANES */ \
-        T *acc = (T *)malloc(sizeof(T) * (J->Dv + J->D + 2));                                                          \
-        int failed = !s || !acc;                                                                                       \
+        T *s = NULL; /* softmax_row pads a row's scores to LANES; on a line, as scores16 stores them at s + lo */      \
+        if (posix_memalign((void **)&s, 64, sizeof(T) * (2 * (J->kmax + 1) + LANES(T)))) s = NULL;                     \
+        T *qrow = (T *)malloc(sizeof(T) * (J->D + 1)); /* a bfloat16 query row widened (row_) */                       \
+        int failed = !s || !qrow;                                                                                      \
         while (!failed) {                                                                                              \
             int64_t first = __atomic_fetch_add(&J->next, J->chunk, __ATOMIC_RELAXED);                                  \
             if (first >= J->n_items) break;                                                                            \
@@ -981,11 +1049,11 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
                     if (g[2] > 0 && g[4] > 0) /* an item of no query or no key adds nothing */                         \
                         failed = BACKWARD(J, it, s, s + J->kmax + 1, &X);                                              \
                 } else                                                                                                 \
-                    failed = forward_item_##SUF(J, it, s, acc, acc + J->Dv + 1, &X);                                   \
+                    failed = forward_item_##SUF(J, it, s, qrow, &X);                                                   \
             }                                                                                                          \
         }                                                                                                              \
         free(s);                                                                                                       \
-        free(acc);                                                                                                     \
+        free(qrow);                                                                                                    \
         free(X.kt), free(X.vt), free(X.s4), free(X.p4), free(X.q4), free(X.rows), free(X.wk), free(X.wq);              \
         return failed ? (void *)1 : NULL;                                                                              \
     }
@@ -1561,7 +1629,7 @@ static void amx_pairs_t(uint32_t *restrict out, const uint16_t *x, int64_t ld, i
    memory once a group, not once a step. */
 #define AMX_GROUP 8
 
-static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, float *qrow, scratch_t *X) {
+static int forward_item_amx(const job_t *J, int64_t item, float *s, float *qrow, scratch_t *X) {
     const int64_t *st = J->st, *g = J->segs + 6 * (item % J->nseg);
     const int64_t h = item / J->nseg, kvh = h / (J->H / J->Hkv), D = J->D, Dv = J->Dv;
     const int64_t b = g[0], qs = g[1], ql = g[2], ks = g[3], kl = g[4], off = g[5];
@@ -1580,7 +1648,7 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
     }
     if (kl < J->block_keys || D % 32 || Dv % 16 || kl >= (1LL << 30) || !(J->scale > 0) || J->softcap > 0 ||
         J->slopes || J->sinks)
-        return forward_item_bf16(J, item, s, acc, qrow, X); /* the row form, its output as the tiles' */
+        return forward_item_bf16(J, item, s, qrow, X); /* the row form, its output as the tiles' */
     const uint16_t *q = (const uint16_t *)J->q + b * st[0] + h * st[1] + qs * st[2];
     const uint16_t *k = (const uint16_t *)J->k + b * st[3] + kvh * st[4] + ks * st[5];
     const uint16_t *v = (const uint16_t *)J->v + b * st[6] + kvh * st[7] + ks * st[8];
@@ -1729,7 +1797,7 @@ static int forward_item_amx(const job_t *J, int64_t item, float *s, float *acc, 
                 int64_t j = a;
                 for (; j + 4 <= z; j += 4) dot4_bf16(qi, k + j * st[5], st[5], D, s + j);
                 for (; j < z; j++) s[j] = dot_bf16(qi, k + j * st[5], D);
-                finish_row_bf16(s + a, z - a, a - i - off, v + a * st[8], st[8], Dv, oi, lse + i, acc, mod, 0);
+                finish_row_bf16(s + a, z - a, a - i - off, v + a * st[8], st[8], Dv, oi, lse + i, mod, 0);
             } else {
                 const float inv = 1 / L[r], *y = CT + r * Dv;
                 _Pragma("omp simd") for (int64_t d = 0; d < Dv; d++) oi[d] = y[d] * inv;
