@@ -392,6 +392,13 @@ static void zero_grads(const job_t *J, int64_t it, size_t elem) {
 
 #define WIDEN_MAX_KEYS 256 /* the most keys a row-form item widens (a call of 4 queries or more: segments under 32) */
 #define WIDEN_ROWS 64       /* the query rows it widens at a time */
+#define WIDEN_AHEAD 8 /* rows the widening asks for ahead of the one it converts (past the item: the next one's) */
+/* Asks for the cache lines of the row `on` rows (stride bytes apart) past row x, bytes long: a hint, which never faults
+ * whatever the address (past the tensor's end too: the address is computed as an integer). */
+static inline void ahead(const void *x, int64_t on, int64_t stride, size_t bytes) {
+    const uintptr_t at = (uintptr_t)x + (uintptr_t)(on * stride);
+    for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch((const void *)(at + b));
+}
 
 /* *buf holding at least `bytes` (kept between items; NULL when the allocation fails, the old buffer then freed). */
 static void *grow(void **buf, size_t *size, size_t bytes) {
@@ -863,12 +870,17 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
             T *vw = (T *)grow(&X->vt, &X->vt_size, sizeof(T) * (n * Dv + 1));                                          \
             if (!qw || !kw || !vw) return 1;                                                                           \
             for (int64_t j = 0; j < n; j++) {                                                                          \
+                ahead(k + (klo + j) * st[5], WIDEN_AHEAD, st[5] * sizeof(KV), D * sizeof(KV));                         \
+                ahead(v + (klo + j) * st[8], WIDEN_AHEAD, st[8] * sizeof(KV), Dv * sizeof(KV));                        \
                 row_##SUF(k + (klo + j) * st[5], kw + j * D, D);                                                       \
                 row_##SUF(v + (klo + j) * st[8], vw + j * Dv, Dv);                                                     \
             }                                                                                                          \
             for (int64_t c0 = 0; c0 < ql; c0 += WIDEN_ROWS) { /* q by chunks of rows: each row is read once */         \
                 const int64_t c = ql - c0 < WIDEN_ROWS ? ql - c0 : WIDEN_ROWS, at = c0 * st[11];                       \
-                for (int64_t i = 0; i < c; i++) row_##SUF(q + (c0 + i) * st[2], qw + i * D, D);                        \
+                for (int64_t i = 0; i < c; i++) {                                                                      \
+                    ahead(q + (c0 + i) * st[2], WIDEN_AHEAD, st[2] * sizeof(KV), D * sizeof(KV));                      \
+                    row_##SUF(q + (c0 + i) * st[2], qw + i * D, D);                                                    \
+                }                                                                                                      \
                 rows_##WIDE(J, qw, D, kw, D, vw, Dv, klo, o ? o + at : NULL, ob ? ob + at : NULL, lse + c0, c, kl,     \
                             off + c0, mod, s, qrow, tmp);                                                              \
             }                                                                                                          \
