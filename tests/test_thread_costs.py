@@ -523,7 +523,7 @@ def test_every_declared_cpu_kind_constant_holds_its_kinds_value():
         for name, values in getattr(module, "CPU_KIND_VALUES", {}).items():
             assert len(values) == 2 and getattr(module, name) == _common.per_cpu_kind(values), (module.__name__, name)
             declared += 1
-    assert declared == 19 and VL.CPU_KIND_VALUES["_HANDOVER_COST"] == BS.CPU_KIND_VALUES["_HANDOVER_COST"]
+    assert declared == 20 and VL.CPU_KIND_VALUES["_HANDOVER_COST"] == BS.CPU_KIND_VALUES["_HANDOVER_COST"]
 
 
 def test_the_hand_over_of_a_dealt_task_follows_the_cpu_kind(monkeypatch):

@@ -115,8 +115,14 @@ BLOCK_MIN_QUERIES = 4
 # its rows compute alike whatever the cut): on shorter ones the copy and the blocks of four cost what they save.
 # Causal documents of one length on rows of 1,024 tokens, D = 64, one thread, the two forms interleaved (RESULTS.md,
 # issue 15, "native's blocked form"): the blocked form 1.05-1.2x slower on documents of 8-24 tokens, even at 32,
-# 1.0-1.1x faster at 48, 1.2-1.3x at 64 and 1.15-1.35x at 96 (forward + backward).
-BLOCK_MIN_KEYS = 32
+# 1.0-1.1x faster at 48, 1.2-1.3x at 64 and 1.15-1.35x at 96 (forward + backward). Per CPU kind
+# (``_common.per_cpu_kind``: with AMX tiles, other): on the AMD EPYC, once the row form took four short rows at once,
+# the row form ran documents of 24-64 tokens in 0.61-0.92x the blocked form's time (float32 and bfloat16, forward and
+# with a backward, one and two threads; 48-96 tokens 0.91-1.03x), tiny ones (8-32) in 0.80-0.98x; from 64 keys there:
+# a threshold of 96-160 cost documents of 64-160 tokens up to 1.34x in bfloat16 with a backward (RESULTS.md, issue 15,
+# "Rows four at a time"). The Xeon's 32 was measured before that.
+_BLOCK_MIN_KEYS = (32, 64)
+BLOCK_MIN_KEYS = per_cpu_kind(_BLOCK_MIN_KEYS)
 _NEVER = 1 << 62
 # The blocked form's rows go in panels of PANEL_ROWS (a multiple of four) that walk their keys in tiles of TILE_KEYS,
 # so that a tile's keys and values (in the backward also their dk and dv rows) stay in cache while the panel's rows
@@ -869,6 +875,7 @@ _BF16_COPY_COST = per_cpu_kind(_BF16_COPY_COSTS)
 _BF16_BACKWARD_PASSES = 3.0
 # Every constant above set by the CPU's kind, with its values (``_common.per_cpu_kind``).
 CPU_KIND_VALUES = {
+    "BLOCK_MIN_KEYS": _BLOCK_MIN_KEYS,
     "_PAIR_COST": _PAIR_COSTS,
     "_ROW_COST": _ROW_COSTS,
     "_BF16_COPY_COST": _BF16_COPY_COSTS,
