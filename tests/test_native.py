@@ -1703,18 +1703,23 @@ def test_a_decoding_step_with_per_head_modifiers_or_a_gradient_is_not_folded(mon
     threads=st.sampled_from([1, 2]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     mods=st.sampled_from(["none", "scale", "sinks", "softcap"]),
+    bad=st.sampled_from([None, float("nan"), float("inf"), float("-inf")]),
     seed=st.integers(0, 2**16),
 )
-def test_a_documents_rows_taken_four_at_a_time_are_each_row_alone_bit_for_bit(lens, dims, threads, dtype, mods, seed):
+def test_a_documents_rows_taken_four_at_a_time_are_each_row_alone_bit_for_bit(
+    lens, dims, threads, dtype, mods, bad, seed
+):
     """The row form takes four rows of at most 16 keys each at once (segattn.c's ``rows4``, float32 compute with no
     modifier but a scale, or sinks): every row's output is bit for bit the same row attended alone (one query against
     its document's keys up to it: the row form one row at a time), on documents of 1-31 tokens, head sizes 16-64
     with value heads of 16-128, bfloat16 (widened once) and float32, one and two threads; a softcap takes the rows
-    one at a time either way."""
+    one at a time either way. A NaN or an infinity in one key element (``bad``) gives the same NaN or value in both."""
     (D, Dv), H, L = dims, 2, sum(lens)
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(1, H, L, D, generator=gen).to(dtype) for _ in range(2))
     v = torch.randn(1, H, L, Dv, generator=gen).to(dtype)
+    if bad is not None:
+        k[0, int(torch.randint(H, (1,), generator=gen)), int(torch.randint(L, (1,), generator=gen)), 0] = bad
     kwargs = {
         "none": {},
         "scale": {"scale": 0.3},
@@ -1730,5 +1735,5 @@ def test_a_documents_rows_taken_four_at_a_time_are_each_row_alone_bit_for_bit(le
                 alone = am.attention(
                     q[:, :, p : p + 1], k[:, :, keys], v[:, :, keys], am.causal(), backend="native", **kwargs
                 )
-                assert torch.equal(alone[:, :, 0], got[:, :, p]), (n, p - start)
+                torch.testing.assert_close(alone[:, :, 0], got[:, :, p], rtol=0, atol=0, equal_nan=True)
             start += n
