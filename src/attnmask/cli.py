@@ -81,9 +81,9 @@ QUICK_NOTES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "bench_hf_train.py": (
         (
-            "training step, tiny Llama, rows of 4096 | padded + sdpa / packed + dense-mask sdpa | 1.8-2.5x / 4.4-6.2x "
-            "(rows of 128-1,024: 0.96-3.8x against both, rows of 128 running stock SDPA's own call; a new batch each "
-            "step: 0.98-3.8x)",
+            "training step, tiny Llama, rows of 4096 | padded + sdpa / packed + dense-mask sdpa | 2.5-2.8x / 6.0-8.3x "
+            "(2026-12-07, five runs on the Xeon and the AMD EPYC; rows of 128-1,024: 0.99-4.4x against both, rows of "
+            "128 running stock SDPA's own call; a new batch each step: 0.98-3.8x)",
             "quick: 16 sequences in rows of 256, where `auto` chooses by its estimates between what stock attention "
             "runs (one SDPA call with the dense mask) and the C kernel `native` (1.12-1.19x at rows of 256 in the full "
             "runs): expect about 0.95-1.3x against packed + dense-mask sdpa (two rounds of a small batch: the spread "
