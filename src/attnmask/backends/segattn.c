@@ -1046,8 +1046,8 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
     static void *worker_##SUF(void *arg) {                                                                             \
         job_t *J = (job_t *)arg;                                                                                       \
         scratch_t X = {0};                                                                                             \
-        T *s = NULL; /* softmax_row pads a row's scores to LANES; on a line, as scores16 stores them at s + lo */      \
-        if (posix_memalign((void **)&s, 64, sizeof(T) * (2 * (J->kmax + 1) + LANES(T)))) s = NULL;                     \
+        /* (malloc's placement: a cache-line-aligned buffer made a window of 256 at two threads 1.06-1.08x slower) */  \
+        T *s = (T *)malloc(sizeof(T) * (2 * (J->kmax + 1) + LANES(T))); /* softmax_row pads a row to LANES */          \
         T *qrow = (T *)malloc(sizeof(T) * (J->D + 1)); /* a bfloat16 query row widened (row_) */                       \
         int failed = !s || !qrow;                                                                                      \
         while (!failed) {                                                                                              \
