@@ -200,7 +200,7 @@ def _stock(call: AttentionCall, registry: tuple[Backend, ...]) -> Backend | None
     decoding = call.q_len <= min(_STOCK_DECODE_QUERIES, call.kv_len - 1) and call.q.dtype in _STOCK_DECODE_DTYPES
     if not short and not decoding:
         return None
-    if decoding and not short and _work(call) > _STOCK_DECODE_WORKS[not _common.cpu_has_amx_bf16()]:
+    if decoding and not short and _work(call) > _common.per_cpu_kind(_STOCK_DECODE_WORKS):
         if _native_runs(call, registry):
             return None
     if not (call.is_full or call.is_plain_causal):

@@ -1046,7 +1046,7 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
     static void *worker_##SUF(void *arg) {                                                                             \
         job_t *J = (job_t *)arg;                                                                                       \
         scratch_t X = {0};                                                                                             \
-        /* (malloc's placement: a cache-line-aligned buffer made a window of 256 at two threads 1.06-1.08x slower) */  \
+        /* (malloc's placement: a cache-line-aligned buffer made a window of 256 at two threads 1.06-1.16x slower) */  \
         T *s = (T *)malloc(sizeof(T) * (2 * (J->kmax + 1) + LANES(T))); /* softmax_row pads a row to LANES */          \
         T *qrow = (T *)malloc(sizeof(T) * (J->D + 1)); /* a bfloat16 query row widened (row_) */                       \
         int failed = !s || !qrow;                                                                                      \
